@@ -1,0 +1,18 @@
+"""Generation job: `python jobs/generate.py key=value ...` (same overrides as `memex generate`).
+
+From a laptop against a cluster:
+    ray job submit --address http://<head>:8265 --working-dir . -- \
+        python jobs/generate.py model=sd14 prompts=captions sampling.samples_per_prompt=500 storage=s3
+"""
+
+import sys
+from pathlib import Path
+
+# Import memex from this checkout (the Ray working_dir), not an older copy installed in the image.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memex.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.argv.insert(1, "generate")
+    main()

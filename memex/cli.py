@@ -1,0 +1,74 @@
+"""Command line: `memex <stage> key=value ...`, with the same Hydra overrides as `python jobs/<stage>.py`.
+
+This is where Hydra stops: the composed config is turned into the typed dataclasses of
+`memex.config` (which also validates types and enum choices) and handed to the stage's `run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from memex import config as C
+
+# conf/ at the top of a checkout (editable install, Ray working_dir) or memex/conf in a wheel.
+_HERE = Path(__file__).resolve().parent
+CONF_DIR = next((p for p in (_HERE.parent / "conf", _HERE / "conf") if (p / "generate.yaml").exists()), _HERE.parent / "conf")
+
+# ${memex_home:} in YAML: the checkout holding conf/ (where the demo model and data live).
+OmegaConf.register_new_resolver("memex_home", lambda: str(CONF_DIR.parent), replace=True)
+
+# Schema: every group's YAML is merged onto its dataclass field, so unknown keys and bad types fail.
+_cs = ConfigStore.instance()
+_cs.store(name="generate_schema", node=C.GenerateConfig)
+
+
+def to_generate_config(cfg: DictConfig) -> C.GenerateConfig:
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, C.GenerateConfig), type(obj)
+    C.validate_generate(obj)
+    return obj
+
+
+def _report_errors(fn):
+    """Known user errors print one line naming the fix and exit 1 (Hydra would print a traceback)."""
+
+    def wrapper(cfg: DictConfig) -> None:
+        try:
+            fn(cfg)
+        except C.MemexError as e:
+            print(f"memex: error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+@_report_errors
+def _generate(cfg: DictConfig) -> None:
+    from memex.stages import generate
+
+    summary = generate.run(to_generate_config(cfg))
+    print(f"memex generate: {summary['rows']} samples in {summary['shards']} shards "
+          f"({summary['generated_shards']} generated now) -> {summary['run']}")
+
+
+generate_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="generate")(_generate)
+
+STAGES = {"generate": generate_main}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in STAGES:
+        print(f"usage: memex {{{','.join(STAGES)}}} [key=value ...]   (Hydra overrides; --help for a stage's config)",
+              file=sys.stderr)
+        sys.exit(2)
+    stage = sys.argv.pop(1)
+    sys.argv[0] = f"memex {stage}"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    STAGES[stage]()

@@ -1,0 +1,211 @@
+"""Storage layout of a run: the one place that defines paths, shard names, schemas and markers.
+
+    <storage.root>/<run name>/
+        run.json                     generation settings; a rerun must match them
+        prompts.parquet              prompt_id, prompt (PROMPTS_SCHEMA)
+        samples/shard-000000.parquet SAMPLES_SCHEMA rows, one file per shard
+        samples/_markers/shard-000000.json   written last: the shard is complete
+        samples/_SUCCESS.json        the whole stage is complete
+        candidates/ index/ matches/ report/  filled by later stages
+
+A shard is written to samples/_tmp/ and moved into place, then its marker is written; only a
+shard with a marker counts, so a run killed at any point resumes by regenerating unmarked shards
+(deterministic seeds make the redone shard identical). Parquet readers skip `_`-prefixed paths,
+so `pyarrow.dataset.dataset(".../samples")` never sees temp files or markers.
+Any fsspec URI works (local paths, s3:// through s3fs, memory:// in tests).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memex.config import MemexError
+
+STAGES = ("samples", "candidates", "index", "matches", "report")
+SHARD_DIGITS = 6  # up to 1M shards: 175M samples at 175 per shard
+
+PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())])
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),  # "<prompt_id>/<sample_index>"
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("sample_index", pa.int32()),
+        ("seed", pa.int64()),  # memex.sampling.sample_seed(run seed, prompt id, index)
+        ("image", pa.binary()),  # PNG bytes
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("model_id", pa.string()),
+        ("scheduler", pa.string()),
+        ("num_inference_steps", pa.int32()),
+        ("guidance_scale", pa.float32()),
+        ("dtype", pa.string()),
+    ]
+)
+
+
+class StorageError(MemexError, RuntimeError):
+    """Storage is unreachable, or holds something that conflicts with this run."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:0{SHARD_DIGITS}d}.parquet"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Shard `index` holds work units [start, stop); unit u is (prompt u // n, sample u % n)."""
+
+    index: int
+    start: int
+    stop: int
+
+
+def plan_shards(n_prompts: int, samples_per_prompt: int, shard_size: int) -> list[ShardPlan]:
+    total = n_prompts * samples_per_prompt
+    return [
+        ShardPlan(i, start, min(start + shard_size, total))
+        for i, start in enumerate(range(0, total, shard_size))
+    ]
+
+
+def iter_units(plan: ShardPlan, samples_per_prompt: int) -> Iterator[tuple[int, int]]:
+    """(prompt row, sample index) for each unit of a shard, prompt-major."""
+    for u in range(plan.start, plan.stop):
+        yield divmod(u, samples_per_prompt)
+
+
+class RunLayout:
+    """Paths and atomic reads/writes for one run folder on any fsspec filesystem."""
+
+    def __init__(self, root: str, run_name: str, storage_options: dict[str, Any] | None = None):
+        self.storage_options = dict(storage_options or {})
+        self.fs, base = fsspec.core.url_to_fs(root, **self.storage_options)
+        self.protocol = root.split("://", 1)[0] if "://" in root else "file"
+        self.path = posixpath.join(base.rstrip("/"), run_name)  # filesystem path, no protocol
+        self.root_uri = root
+        self.run_name = run_name
+
+    # ---- paths -------------------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        """The run folder as a URI a user can paste (s3://bucket/runs/name or /abs/path)."""
+        return self.path if self.protocol == "file" else f"{self.protocol}://{self.path}"
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def stage_dir(self, stage: str) -> str:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+        return self.join(stage)
+
+    def shard_path(self, stage: str, index: int) -> str:
+        return posixpath.join(self.stage_dir(stage), shard_name(index))
+
+    def marker_path(self, stage: str, index: int) -> str:
+        return posixpath.join(self.stage_dir(stage), "_markers", shard_name(index).replace(".parquet", ".json"))
+
+    @property
+    def run_json(self) -> str:
+        return self.join("run.json")
+
+    @property
+    def prompts_path(self) -> str:
+        return self.join("prompts.parquet")
+
+    # ---- run folder --------------------------------------------------------------------
+    def create(self) -> None:
+        """Create the run folder and stage folders; fail early, naming the URI, if storage is unreachable."""
+        try:
+            for stage in STAGES:
+                self.fs.makedirs(self.stage_dir(stage), exist_ok=True)
+            probe = self.join(f"_tmp-probe-{uuid.uuid4().hex}")
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix
+            raise StorageError(
+                f"cannot write to run folder {self.uri}: {type(e).__name__}: {e}. "
+                "Check storage.root (bucket name, folder permissions) and storage.options "
+                "(endpoint_url, credentials)."
+            ) from e
+
+    def read_json(self, path: str) -> dict | None:
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            return json.loads(f.read())
+
+    def write_json(self, path: str, obj: dict) -> None:
+        self._atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def claim_run(self, settings: dict) -> None:
+        """Record the generation settings, or check that an existing run folder used the same ones.
+
+        Resuming with different settings would mix two experiments in one dataset, so it is refused.
+        """
+        existing = self.read_json(self.run_json)
+        if existing is None:
+            self.write_json(self.run_json, settings)
+            return
+        diff = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
+        if diff:
+            detail = "; ".join(f"{k}: was {existing.get(k)!r}, now {settings.get(k)!r}" for k in diff)
+            raise StorageError(
+                f"run folder {self.uri} was written with different settings ({detail}). "
+                "Nothing was changed. Use another run.name (or storage.root) for a new experiment."
+            )
+
+    # ---- shards ------------------------------------------------------------------------
+    def is_complete(self, stage: str, index: int) -> bool:
+        return self.fs.exists(self.marker_path(stage, index))
+
+    def complete_shards(self, stage: str) -> list[int]:
+        markers = self.fs.glob(posixpath.join(self.stage_dir(stage), "_markers", "shard-*.json"))
+        return sorted(int(posixpath.basename(m)[6 : 6 + SHARD_DIGITS]) for m in markers)
+
+    def write_shard(self, stage: str, index: int, table: pa.Table, meta: dict | None = None) -> None:
+        """Write one shard atomically: temp file, move into place, then the completion marker."""
+        final = self.shard_path(stage, index)
+        tmp = posixpath.join(self.stage_dir(stage), "_tmp", f"{uuid.uuid4().hex}-{shard_name(index)}")
+        self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
+        self.fs.mv(tmp, final)
+        self.write_json(self.marker_path(stage, index), {"rows": table.num_rows, "file": shard_name(index), **(meta or {})})
+
+    def read_stage(self, stage: str, columns: list[str] | None = None) -> pa.Table:
+        """All complete shards of a stage as one table (shards without a marker are ignored)."""
+        paths = [self.shard_path(stage, i) for i in self.complete_shards(stage)]
+        if not paths:
+            return SAMPLES_SCHEMA.empty_table() if stage == "samples" else pa.table({})
+        return pq.ParquetDataset(paths, filesystem=self.fs).read(columns=columns)
+
+    def write_prompts(self, prompts: pa.Table) -> None:
+        self._atomic_write_table(self.prompts_path, prompts.cast(PROMPTS_SCHEMA))
+
+    def read_prompts(self) -> pa.Table:
+        return pq.read_table(self.prompts_path, filesystem=self.fs, schema=PROMPTS_SCHEMA)
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _tmp_path(self, final: str) -> str:
+        return posixpath.join(posixpath.dirname(final), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
+
+    def _atomic_write(self, path: str, data: bytes) -> None:
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = self._tmp_path(path)
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, path)
+
+    def _atomic_write_table(self, path: str, table: pa.Table) -> None:
+        tmp = self._tmp_path(path)
+        pq.write_table(table, tmp, filesystem=self.fs)
+        self.fs.mv(tmp, path)

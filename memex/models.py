@@ -1,0 +1,132 @@
+"""Load a diffusion checkpoint with diffusers' own `DiffusionPipeline.from_pretrained`.
+
+A local folder is checked first, so a missing or malformed checkpoint fails with a message that
+names the missing piece instead of a deep diffusers traceback. Hub ids go straight to diffusers.
+The model family decides how `memex.sampling` drives the components:
+
+    unconditional  UNet2DModel                       (DDPMPipeline layout)
+    latent_text    UNet2DConditionModel + VAE        (StableDiffusionPipeline layout)
+    pixel_text     UNet2DConditionModel, no VAE      (IFPipeline layout)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from memex.config import MemexError, ModelKind, SchedulerKind
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+NEEDED = {
+    ModelKind.unconditional: ("unet", "scheduler"),
+    ModelKind.latent_text: ("unet", "scheduler", "vae", "text_encoder", "tokenizer"),
+    ModelKind.pixel_text: ("unet", "scheduler", "text_encoder", "tokenizer"),
+}
+
+
+class ModelError(MemexError, ValueError):
+    """The checkpoint is missing, malformed or not the configured kind."""
+
+
+@dataclass
+class LoadedModel:
+    pipe: Any  # a diffusers DiffusionPipeline
+    kind: ModelKind
+    model_id: str  # the path or hub id it was loaded from
+
+
+def check_local_checkpoint(path: str) -> dict:
+    """Validate a local diffusers folder without loading weights; return its model_index.json."""
+    if not os.path.isdir(path):
+        raise ModelError(
+            f"model.path={path}: no such folder"
+            + ("" if not HUB_ID.match(path) else " (and not found as a hub id either)")
+        )
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_file):
+        raise ModelError(
+            f"model.path={path} has no model_index.json: not a diffusers pipeline folder "
+            "(save one with pipeline.save_pretrained(path))"
+        )
+    try:
+        with open(index_file) as f:
+            index = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{index_file} is not valid JSON: {e}") from e
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = os.path.join(path, name)
+        if not os.path.isdir(sub):
+            raise ModelError(f"model.path={path}: model_index.json lists component {name!r} but folder {sub} is missing")
+        files = os.listdir(sub)
+        if name in ("unet", "vae", "text_encoder"):
+            if not any(f.endswith(".json") for f in files):
+                raise ModelError(f"component {name!r} in {sub} has no config.json")
+            if not any(f.endswith(WEIGHT_SUFFIXES) for f in files):
+                raise ModelError(f"component {name!r} in {sub} has no weights (*.safetensors)")
+    return index
+
+
+def _detect_kind(pipe: Any) -> ModelKind:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    unet = getattr(pipe, "unet", None)
+    if isinstance(unet, UNet2DModel):
+        return ModelKind.unconditional
+    if isinstance(unet, UNet2DConditionModel):
+        return ModelKind.latent_text if getattr(pipe, "vae", None) is not None else ModelKind.pixel_text
+    raise ModelError(f"{type(pipe).__name__} has no UNet2DModel/UNet2DConditionModel 'unet' component")
+
+
+SCHEDULERS = {
+    SchedulerKind.ddim: "DDIMScheduler",
+    SchedulerKind.ddpm: "DDPMScheduler",
+    SchedulerKind.pndm: "PNDMScheduler",
+    SchedulerKind.euler: "EulerDiscreteScheduler",
+    SchedulerKind.euler_ancestral: "EulerAncestralDiscreteScheduler",
+    SchedulerKind.dpm_multistep: "DPMSolverMultistepScheduler",
+}
+
+
+def make_scheduler(base_config: Any, kind: SchedulerKind) -> Any:
+    """A fresh scheduler of `kind` built from the checkpoint's scheduler config."""
+    import diffusers
+
+    if kind == SchedulerKind.default:
+        cls = getattr(diffusers, base_config["_class_name"])
+    else:
+        cls = getattr(diffusers, SCHEDULERS[kind])
+    return cls.from_config(base_config)
+
+
+def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float32",
+               device: str = "cpu", revision: str | None = None) -> LoadedModel:
+    """Load with `DiffusionPipeline.from_pretrained` from a local folder or a hub id."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    local = os.path.isdir(path) or not HUB_ID.match(path)
+    if local:
+        check_local_checkpoint(path)
+    kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype)}
+    if not local and revision:
+        kwargs["revision"] = revision
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path and the likely fix
+        where = "local folder" if local else "hub id (needs network access and, if gated, HF_TOKEN)"
+        raise ModelError(f"could not load model.path={path} as a {where}: {type(e).__name__}: {e}") from e
+    found = _detect_kind(pipe)
+    if kind != ModelKind.auto and kind != found:
+        raise ModelError(f"model.kind={kind.value} but {path} holds a {found.value} model ({type(pipe).__name__})")
+    missing = [c for c in NEEDED[found] if getattr(pipe, c, None) is None]
+    if missing:
+        raise ModelError(f"{path} is a {found.value} model but lacks components {missing}")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return LoadedModel(pipe=pipe, kind=found, model_id=path)

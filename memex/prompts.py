@@ -1,0 +1,110 @@
+"""Prompt sources. Every prompt gets a stable id so a sample's seed and row can be found again.
+
+    file      .txt (one prompt per line), .jsonl or .parquet (field `prompts.column`)
+    captions  a training manifest (Parquet, caption column): captions ranked by how often the
+              exact caption repeats, most duplicated first (the paper's prompt choice; near-
+              duplicate image counts replace this once the membership index exists)
+    none      unconditional models: one prompt with id "uncond" and empty text
+
+Output: a pyarrow table (prompt_id, prompt) in generation order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from memex.config import MemexError, PromptsConfig, PromptSource
+from memex.layout import PROMPTS_SCHEMA
+
+UNCONDITIONAL_ID = "uncond"
+
+
+class PromptError(MemexError, ValueError):
+    """The prompt source is missing, unreadable or empty; the message names the file."""
+
+
+def prompt_id(text: str) -> str:
+    """Stable 16-hex id from the prompt text (same text, same id, on every machine)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _open_table(path: str, storage_options: dict[str, Any]) -> pa.Table:
+    fs, p = fsspec.core.url_to_fs(path, **storage_options)
+    if not fs.exists(p):
+        raise PromptError(f"prompts.path={path} does not exist")
+    ext = posixpath.splitext(p)[1].lower()
+    try:
+        if ext == ".parquet" or fs.isdir(p):
+            return pq.read_table(p, filesystem=fs)
+        with fs.open(p, "rb") as f:
+            raw = f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"prompts.path={path} is not UTF-8 text: {e}") from e
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise PromptError(f"cannot read prompts.path={path}: {type(e).__name__}: {e}") from e
+    if ext == ".jsonl":
+        rows = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PromptError(f"{path} line {n} is not valid JSON: {e}") from e
+        return pa.Table.from_pylist(rows) if rows else pa.table({})
+    if ext in (".txt", ""):
+        lines = [ln.strip() for ln in raw.splitlines()]
+        return pa.table({"prompt": [ln for ln in lines if ln]})
+    raise PromptError(f"prompts.path={path}: unsupported extension {ext!r}; use .txt, .jsonl or .parquet")
+
+
+def _column(table: pa.Table, name: str, path: str, key: str) -> list:
+    if name not in table.column_names:
+        raise PromptError(f"{path} has no column {name!r} (columns: {table.column_names}); set {key}=<column>")
+    return table.column(name).to_pylist()
+
+
+def rank_captions(captions: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """Distinct captions with their exact-duplicate counts, most duplicated first (ties: by text)."""
+    counts = pa.table({"caption": captions}).group_by("caption").aggregate([("caption", "count")])
+    counts = counts.filter(pc.invert(pc.is_null(counts["caption"])))
+    return counts.sort_by([("caption_count", "descending"), ("caption", "ascending")])
+
+
+def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    opts = storage_options or {}
+    if cfg.source == PromptSource.none:
+        return pa.table({"prompt_id": [UNCONDITIONAL_ID], "prompt": [""]}, schema=PROMPTS_SCHEMA)
+
+    table = _open_table(cfg.path, opts)
+    if cfg.source == PromptSource.captions:
+        col = _column(table, cfg.caption_column, cfg.path, "prompts.caption_column")
+        ranked = rank_captions(pa.array([c.strip() if isinstance(c, str) else None for c in col]))
+        texts = [t for t in ranked["caption"].to_pylist() if t]
+        ids = [prompt_id(t) for t in texts]
+    else:
+        if table.num_rows == 0:
+            raise PromptError(f"prompts.path={cfg.path} holds no prompts")
+        texts = [str(t).strip() if t is not None else "" for t in _column(table, cfg.column, cfg.path, "prompts.column")]
+        if cfg.id_column:
+            ids = [str(i) for i in _column(table, cfg.id_column, cfg.path, "prompts.id_column")]
+        else:
+            ids = [prompt_id(t) for t in texts]
+        keep = [i for i, t in enumerate(texts) if t]
+        texts, ids = [texts[i] for i in keep], [ids[i] for i in keep]
+
+    # Same id twice (repeated text): keep the first; generating it twice would duplicate rows.
+    seen: set[str] = set()
+    rows = [(i, t) for i, t in zip(ids, texts) if not (i in seen or seen.add(i))]
+    if cfg.limit is not None:
+        rows = rows[: cfg.limit]
+    if not rows:
+        raise PromptError(f"prompts.path={cfg.path} holds no prompts (after dropping empty lines)")
+    return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows]}, schema=PROMPTS_SCHEMA)

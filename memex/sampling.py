@@ -1,0 +1,145 @@
+"""Batched, seed-exact sampling: the only module that runs the networks (and touches the GPU).
+
+Why not call `pipeline(prompt, ...)` per prompt? The attack generates ~500 samples per prompt:
+  * one UNet batch mixes samples of several prompts, so small prompt counts never waste a batch;
+  * text embeddings are computed once per prompt (and the empty prompt once per sampler),
+    then reused for every sample and batch;
+  * every sample draws all its noise (initial latents and any ancestral step noise) from its own
+    CPU generator seeded with `sample_seed(run seed, prompt id, sample index)`, so one sample
+    regenerated alone equals the same sample generated inside any batch, on any device.
+The loop is the standard diffusers one (scale_model_input -> UNet -> classifier-free guidance ->
+scheduler.step) over the loaded pipeline's own components.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from memex.config import ModelKind, SchedulerKind
+from memex.models import LoadedModel, make_scheduler
+
+EMBED_CACHE = 1024  # prompts; SD-1.x embeddings are 77x768 fp32 = 236 KB, so <= ~240 MB
+
+
+def sample_seed(run_seed: int, prompt_id: str, sample_index: int) -> int:
+    """63-bit seed from (run seed, prompt id, sample index): independent of batching and sharding."""
+    h = hashlib.blake2b(f"{run_seed}\x1f{prompt_id}\x1f{sample_index}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def to_png(image: np.ndarray, compress_level: int = 1) -> bytes:
+    """uint8 HxWx3 -> PNG bytes (zlib is deterministic: same pixels, same bytes)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    scheduler: SchedulerKind = SchedulerKind.default
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+
+
+class Sampler:
+    """Generates uint8 images for (prompt id, prompt, seed) triples with one model."""
+
+    def __init__(self, model: LoadedModel, settings: SamplerSettings):
+        pipe = model.pipe
+        self.kind = model.kind
+        self.unet = pipe.unet
+        self.vae = getattr(pipe, "vae", None) if self.kind == ModelKind.latent_text else None
+        self.text_encoder = getattr(pipe, "text_encoder", None)
+        self.tokenizer = getattr(pipe, "tokenizer", None)
+        self.scheduler = make_scheduler(pipe.scheduler.config, settings.scheduler)
+        self.settings = settings
+        self.device, self.dtype = self.unet.device, self.unet.dtype
+        self.scheduler_name = type(self.scheduler).__name__
+
+        native = self.unet.config.sample_size
+        native = native if isinstance(native, int) else native[0]
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.height = settings.height or native * self.vae_scale
+        self.width = settings.width or native * self.vae_scale
+        if self.height % self.vae_scale or self.width % self.vae_scale:
+            raise ValueError(f"image size {self.height}x{self.width} must be a multiple of {self.vae_scale} for this VAE")
+        self.channels = self.unet.config.in_channels
+        self.conditional = self.kind != ModelKind.unconditional
+        self.cfg = self.conditional and settings.guidance_scale > 1.0
+        self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.prompts_encoded = 0  # text-encoder rows computed: once per distinct prompt (+1 empty)
+        self._uncond = self._encode([""]) if self.cfg else None
+
+    # 1. text embeddings, cached per prompt id ------------------------------------------
+    @torch.no_grad()
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        mask = tok.attention_mask.to(self.device) if self.text_encoder.config.model_type == "t5" else None
+        out = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
+        self.prompts_encoded += len(texts)
+        return out.to(self.dtype)
+
+    def embeddings(self, prompt_ids: list[str], prompts: list[str]) -> torch.Tensor:
+        """(B, L, D) conditional embeddings; each distinct prompt is encoded at most once."""
+        todo = {pid: p for pid, p in zip(prompt_ids, prompts) if pid not in self._embeds}
+        if todo:
+            enc = self._encode(list(todo.values()))
+            for pid, e in zip(todo, enc):
+                self._embeds[pid] = e
+                if len(self._embeds) > EMBED_CACHE:
+                    self._embeds.popitem(last=False)
+        for pid in prompt_ids:
+            self._embeds.move_to_end(pid)
+        return torch.stack([self._embeds[pid] for pid in prompt_ids])
+
+    # 2. per-sample noise -----------------------------------------------------------------
+    def _generators(self, seeds: list[int]) -> list[torch.Generator]:
+        return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+    def _initial_noise(self, gens: list[torch.Generator]) -> torch.Tensor:
+        shape = (1, self.channels, self.height // self.vae_scale, self.width // self.vae_scale)
+        x = torch.cat([torch.randn(shape, generator=g) for g in gens])  # drawn on CPU: device-independent
+        return x.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+
+    # 3. denoising loop -------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[str], prompts: list[str], seeds: list[int]) -> np.ndarray:
+        """Images as uint8 (B, H, W, 3) for B samples (any mix of prompts) in one batched pass."""
+        # set_timesteps first: init_noise_sigma (Euler, DPM) depends on the timestep schedule
+        self.scheduler.set_timesteps(self.settings.num_inference_steps, device=self.device)
+        gens = self._generators(seeds)
+        x = self._initial_noise(gens)
+        cond = self.embeddings(prompt_ids, prompts) if self.conditional else None
+        if self.cfg:
+            cond = torch.cat([self._uncond.expand(len(seeds), -1, -1), cond])
+        for t in self.scheduler.timesteps:
+            eps = self._predict_noise(x, t, cond)
+            x = self.scheduler.step(eps, t, x, generator=gens).prev_sample
+        return self._decode(x)
+
+    def _predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if not self.conditional:
+            eps = self.unet(self.scheduler.scale_model_input(x, t), t).sample
+        else:
+            inp = torch.cat([x, x]) if self.cfg else x
+            eps = self.unet(self.scheduler.scale_model_input(inp, t), t, encoder_hidden_states=cond).sample
+            if self.cfg:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + self.settings.guidance_scale * (eps_text - eps_uncond)
+        return eps[:, : self.channels]  # drop a learned-variance half (IF-style UNets)
+
+    def _decode(self, x: torch.Tensor) -> np.ndarray:
+        if self.vae is not None:
+            x = self.vae.decode(x / self.vae.config.scaling_factor).sample
+        x = (x.float() / 2 + 0.5).clamp(0, 1)
+        return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)

@@ -1,0 +1,91 @@
+"""Shared fixtures: one local Ray head per test session, tiny models, a moto S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    address: str  # GCS address for ray.init / resources.address
+    dashboard: str  # HTTP address for `ray job submit`
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """`ray start --head` on 127.0.0.1 once per session; this process connects as a driver."""
+    import ray
+
+    port, dash = free_port(), free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+           "--num-cpus=4", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--min-worker-port={free_port()}",
+           "--max-worker-port=0"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=180)
+    head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
+    ray.init(address=head.address, log_to_driver=False)
+    yield head
+    ray.shutdown()
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """The three model families, built from configs in code and saved as diffusers folders."""
+    from memex import tiny
+
+    root = tmp_path_factory.mktemp("models")
+    return {kind: str(tiny.build(kind, root / kind)) for kind in tiny.KINDS}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 in server mode on 127.0.0.1; yields fsspec/s3fs storage options."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"}}
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    import boto3
+
+    name = "memex-" + request.node.name.lower().replace("_", "-")[:40]
+    boto3.client("s3", endpoint_url=s3_server["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=name)
+    return name
+
+
+def compose(overrides: list[str], config_name: str = "generate"):
+    """Compose the real conf/ with Hydra and convert it to the typed config the stages take."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from memex.cli import CONF_DIR, to_generate_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    return to_generate_config(cfg)

@@ -1,0 +1,120 @@
+"""cluster.yaml must be a config the Ray cluster launcher accepts, and docker/Dockerfile
+must build on the rayproject/ray image of the exact ray version installed here.
+
+Validation goes through the same offline steps `ray up` runs before touching AWS
+(ray.autoscaler._private.commands._bootstrap_config): prepare_config() merges the AWS
+defaults.yaml, then validate_config() checks the result against ray/autoscaler/ray-schema.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    with open(CLUSTER_YAML) as f:
+        return yaml.safe_load(f)
+
+
+def _validate(config: dict) -> dict:
+    """What `ray up` does offline: fill in provider defaults, then schema + sanity checks."""
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def test_validates_against_ray_schema(raw):
+    prepared = _validate(raw)
+    assert prepared["cluster_name"] == "memex"
+    assert prepared["provider"]["type"] == "aws"
+
+
+def test_no_setup_commands_leak_from_ray_defaults(raw):
+    # defaults.yaml for AWS carries pip installs (a dev ray wheel, boto3); the image holds
+    # everything, so the merged config must not run any setup command.
+    prepared = _validate(raw)
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert prepared[key] == [], key
+
+
+def test_head_is_cpu_only(raw):
+    head = raw["available_node_types"][raw["head_node_type"]]
+    assert head["resources"]["GPU"] == 0
+
+
+def test_gpu_worker_autoscales(raw):
+    workers = {
+        name: t
+        for name, t in raw["available_node_types"].items()
+        if name != raw["head_node_type"] and t["resources"].get("GPU", 0) >= 1
+    }
+    assert workers, "no worker node type declares a GPU"
+    for name, t in workers.items():
+        assert t["max_workers"] > t.get("min_workers", 0), name
+        assert t["max_workers"] <= raw["max_workers"], name
+
+
+def test_docker_image_named(raw):
+    docker = raw["docker"]
+    image = docker.get("image") or docker.get("worker_image")
+    assert isinstance(image, str) and image.strip()
+    assert docker["container_name"]
+
+
+def test_dockerfile_base_matches_installed_ray():
+    froms = [
+        line.split()[1]
+        for line in DOCKERFILE.read_text().splitlines()
+        if line.strip().upper().startswith("FROM ")
+    ]
+    assert len(froms) == 1, froms
+    m = re.fullmatch(r"rayproject/ray:(?P<tag>\S+)", froms[0])
+    assert m, f"base image is not rayproject/ray: {froms[0]}"
+    tag = m["tag"]
+    assert tag.split("-")[0] == ray.__version__, (
+        f"Dockerfile base {froms[0]} does not match installed ray {ray.__version__}"
+    )
+    assert tag.endswith("-gpu"), tag
+
+
+def test_every_key_is_commented():
+    # Each key line needs a comment on the line above or inline (the file documents itself).
+    lines = CLUSTER_YAML.read_text().splitlines()
+    key = re.compile(r"^\s*(- )?[A-Za-z_][\w.]*:")
+    missing = [
+        f"{i + 1}: {line.strip()}"
+        for i, line in enumerate(lines)
+        if key.match(line) and "#" not in line and not lines[i - 1].strip().startswith("#")
+    ]
+    assert not missing, "uncommented keys:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda c: c.__setitem__("max_worker", c.pop("max_workers")), id="top-level-typo"),
+        pytest.param(
+            lambda c: c["available_node_types"]["ray.worker.gpu"]["resources"].__setitem__("GPU", -1),
+            id="negative-gpu",
+        ),
+        pytest.param(lambda c: c["docker"].__setitem__("imagee", "x"), id="docker-typo"),
+    ],
+)
+def test_validator_rejects_broken_copies(raw, mutate):
+    broken = copy.deepcopy(raw)
+    mutate(broken)
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(broken)

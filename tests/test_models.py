@@ -1,0 +1,81 @@
+import json
+import os
+import shutil
+
+import pytest
+
+from memex import tiny
+from memex.config import ModelKind
+from memex.models import ModelError, check_local_checkpoint, load_model
+
+
+@pytest.mark.parametrize("kind", tiny.KINDS)
+def test_tiny_model_round_trips_through_from_pretrained(tiny_models, kind):
+    m = load_model(tiny_models[kind])
+    assert m.kind == ModelKind(kind)
+    assert m.model_id == tiny_models[kind]
+    files = {f for _, _, fs in os.walk(tiny_models[kind]) for f in fs}
+    assert any(f.endswith(".safetensors") for f in files)
+    assert not any(f.endswith((".bin", ".pkl", ".pt")) for f in files)  # never pickle
+
+
+def test_declared_kind_must_match(tiny_models):
+    with pytest.raises(ModelError, match="model.kind=latent_text but .* holds a pixel_text model"):
+        load_model(tiny_models["pixel_text"], ModelKind.latent_text)
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(ModelError, match=r"model.path=.*nowhere: no such folder"):
+        load_model(str(tmp_path / "nowhere"))
+
+
+def test_folder_without_model_index(tmp_path):
+    with pytest.raises(ModelError, match="has no model_index.json"):
+        check_local_checkpoint(str(tmp_path))
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_missing_component_folder_is_named(tiny_models, tmp_path):
+    path = _copy(tiny_models["latent_text"], tmp_path / "m")
+    shutil.rmtree(os.path.join(path, "vae"))
+    with pytest.raises(ModelError, match="lists component 'vae' but folder .*vae is missing"):
+        load_model(path)
+
+
+def test_missing_weights_are_named(tiny_models, tmp_path):
+    path = _copy(tiny_models["unconditional"], tmp_path / "m")
+    os.remove(os.path.join(path, "unet", "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ModelError, match="component 'unet' .* has no weights"):
+        load_model(path)
+
+
+def test_corrupt_model_index_is_named(tiny_models, tmp_path):
+    path = _copy(tiny_models["unconditional"], tmp_path / "m")
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ModelError, match="model_index.json is not valid JSON"):
+        load_model(path)
+
+
+def test_truncated_weights_fail_with_the_path(tiny_models, tmp_path):
+    path = _copy(tiny_models["pixel_text"], tmp_path / "m")
+    w = os.path.join(path, "unet", "diffusion_pytorch_model.safetensors")
+    with open(w, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ModelError, match=r"could not load model.path=.*m as a local folder"):
+        load_model(path)
+
+
+def test_tokenizer_saves_and_loads_offline(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tiny.build_tokenizer(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    ids = tok("a red apple").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == "aredapple"
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == 16

@@ -1,0 +1,85 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from memex import tiny
+from memex.config import SchedulerKind
+from memex.models import load_model
+from memex.sampling import Sampler, SamplerSettings, sample_seed, to_png
+
+PROMPTS = {"p1": "a red apple", "p2": "a lighthouse at dusk", "p3": "blue logo"}
+
+
+def _sampler(path, **kw):
+    settings = dict(num_inference_steps=4, guidance_scale=3.0)
+    settings.update(kw)
+    return Sampler(load_model(path), SamplerSettings(**settings))
+
+
+def _batch(n_per_prompt=3, run_seed=0):
+    ids = [pid for pid in PROMPTS for _ in range(n_per_prompt)]
+    idx = [i for _ in PROMPTS for i in range(n_per_prompt)]
+    return ids, [PROMPTS[p] for p in ids], [sample_seed(run_seed, p, i) for p, i in zip(ids, idx)]
+
+
+def test_sample_seed_is_stable_and_distinct():
+    assert sample_seed(0, "p1", 0) == sample_seed(0, "p1", 0)
+    seeds = {sample_seed(r, p, i) for r in range(3) for p in PROMPTS for i in range(50)}
+    assert len(seeds) == 3 * len(PROMPTS) * 50
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+# DDPM adds fresh noise at every step, so it also checks the per-sample step noise.
+@pytest.mark.parametrize("kind,scheduler", [("unconditional", "ddpm"), ("latent_text", "default"),
+                                            ("pixel_text", "ddpm"), ("pixel_text", "euler_ancestral")])
+def test_a_sample_regenerated_alone_is_byte_identical(tiny_models, kind, scheduler):
+    s = _sampler(tiny_models[kind], scheduler=SchedulerKind(scheduler))
+    ids, texts, seeds = _batch()
+    batch = s.generate(ids, texts, seeds)
+    assert batch.shape == (len(ids), 16, 16, 3) and batch.dtype == np.uint8
+    fresh = _sampler(tiny_models[kind], scheduler=SchedulerKind(scheduler))  # new process state
+    for j in (0, 4, len(ids) - 1):
+        alone = fresh.generate(ids[j : j + 1], texts[j : j + 1], seeds[j : j + 1])[0]
+        assert to_png(alone) == to_png(batch[j])
+    # different seeds of one prompt give different images
+    assert not np.array_equal(batch[0], batch[1])
+
+
+def test_png_decodes_to_the_same_pixels(tiny_models):
+    img = _sampler(tiny_models["unconditional"]).generate(["uncond"], [""], [7])[0]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(to_png(img)))), img)
+
+
+def test_text_is_encoded_once_per_prompt(tiny_models):
+    s = _sampler(tiny_models["latent_text"])
+    assert s.prompts_encoded == 1  # the empty prompt, for classifier-free guidance
+    ids, texts, seeds = _batch(n_per_prompt=4)
+    s.generate(ids, texts, seeds)
+    s.generate(ids[:5], texts[:5], seeds[:5])  # a second batch of the same prompts
+    assert s.prompts_encoded == 1 + len(PROMPTS)
+
+
+def test_prompt_changes_the_image(tiny_models):
+    s = _sampler(tiny_models["pixel_text"], guidance_scale=7.5)
+    a = s.generate(["p1"], [PROMPTS["p1"]], [5])[0]
+    b = s.generate(["p2"], [PROMPTS["p2"]], [5])[0]
+    assert not np.array_equal(a, b)
+
+
+def test_guidance_off_skips_the_unconditional_pass(tiny_models):
+    s = _sampler(tiny_models["pixel_text"], guidance_scale=1.0)
+    assert not s.cfg and s.prompts_encoded == 0
+    assert s.generate(["p1"], [PROMPTS["p1"]], [1]).shape == (1, 16, 16, 3)
+
+
+def test_image_size_from_config(tiny_models):
+    s = _sampler(tiny_models["latent_text"], height=24, width=32)
+    assert s.generate(["p1"], [PROMPTS["p1"]], [1]).shape == (1, 24, 32, 3)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        _sampler(tiny_models["latent_text"], height=25)
+
+
+def test_all_three_families_exist():
+    assert set(tiny.KINDS) == {"unconditional", "latent_text", "pixel_text"}
