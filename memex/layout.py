@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -49,6 +50,7 @@ SAMPLES_SCHEMA = pa.schema(
         ("num_inference_steps", pa.int32()),
         ("guidance_scale", pa.float32()),
         ("dtype", pa.string()),
+        ("batch_size", pa.int32()),  # the fixed UNet batch shape: needed to regenerate bit-exactly
     ]
 )
 
@@ -128,7 +130,7 @@ class RunLayout:
         """Create the run folder and stage folders; fail early, naming the URI, if storage is unreachable."""
         try:
             for stage in STAGES:
-                self.fs.makedirs(self.stage_dir(stage), exist_ok=True)
+                self._mkdirs(self.stage_dir(stage))
             probe = self.join(f"_tmp-probe-{uuid.uuid4().hex}")
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm_file(probe)
@@ -177,7 +179,7 @@ class RunLayout:
         """Write one shard atomically: temp file, move into place, then the completion marker."""
         final = self.shard_path(stage, index)
         tmp = posixpath.join(self.stage_dir(stage), "_tmp", f"{uuid.uuid4().hex}-{shard_name(index)}")
-        self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+        self._mkdirs(posixpath.dirname(tmp))
         pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
         self.fs.mv(tmp, final)
         self.write_json(self.marker_path(stage, index), {"rows": table.num_rows, "file": shard_name(index), **(meta or {})})
@@ -196,11 +198,17 @@ class RunLayout:
         return pq.read_table(self.prompts_path, filesystem=self.fs, schema=PROMPTS_SCHEMA)
 
     # ---- helpers -----------------------------------------------------------------------
+    def _mkdirs(self, path: str) -> None:
+        # Object stores have no folders, and s3fs.makedirs *creates a missing bucket*: a typo in
+        # storage.root would silently make a new bucket. Only local filesystems get folders.
+        if isinstance(self.fs, LocalFileSystem):
+            self.fs.makedirs(path, exist_ok=True)
+
     def _tmp_path(self, final: str) -> str:
         return posixpath.join(posixpath.dirname(final), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
 
     def _atomic_write(self, path: str, data: bytes) -> None:
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self._mkdirs(posixpath.dirname(path))
         tmp = self._tmp_path(path)
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, path)

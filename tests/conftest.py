@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Set before anything imports ray: Ray reads the auth mode once per process (see ray_head).
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex + uuid.uuid4().hex
+os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 
 
 def free_port() -> int:
@@ -30,7 +35,13 @@ class RayHead:
 
 @pytest.fixture(scope="session")
 def ray_head():
-    """`ray start --head` on 127.0.0.1 once per session; this process connects as a driver."""
+    """`ray start --head` once per session; this process connects as a driver.
+
+    Ray turns 127.0.0.1 into this host's own interface address (services.resolve_ip_for_localhost),
+    so traffic stays on this machine. Token authentication is switched on with a fresh token for
+    the session (the cluster default when ~/.ray/auth_token exists), so the tests run the same way
+    on a machine with or without a token file, and subprocesses and `ray job submit` inherit it.
+    """
     import ray
 
     port, dash = free_port(), free_port()
@@ -41,10 +52,12 @@ def ray_head():
            "--max-worker-port=0"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=180)
     head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
-    ray.init(address=head.address, log_to_driver=False)
-    yield head
-    ray.shutdown()
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    try:
+        ray.init(address=head.address, log_to_driver=False)
+        yield head
+    finally:
+        ray.shutdown()
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ PROMPTS = {"p1": "a red apple", "p2": "a lighthouse at dusk", "p3": "blue logo"}
 
 
 def _sampler(path, **kw):
-    settings = dict(num_inference_steps=4, guidance_scale=3.0)
+    settings = dict(num_inference_steps=4, guidance_scale=3.0, batch_size=4)
     settings.update(kw)
     return Sampler(load_model(path), SamplerSettings(**settings))
 

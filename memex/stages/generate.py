@@ -39,9 +39,9 @@ def _plain(obj: Any) -> Any:
 
 def run_settings(cfg: GenerateConfig, prompts: pa.Table) -> dict:
     """Everything that decides the rows of a run; a rerun of the same run must match it exactly."""
+    # batch_size stays in: it fixes the UNet batch shape, which decides the last float bit
+    # (memex.sampling), so a resumed run must keep it to reproduce its rows byte for byte.
     s = _plain(cfg.sampling)
-    for irrelevant in ("batch_size",):  # throughput knobs: they do not change any row
-        s.pop(irrelevant)
     digest = hashlib.sha256()
     for pid, p in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist()):
         digest.update(f"{pid}\x1f{p}\x1e".encode())
@@ -77,7 +77,8 @@ class GenerateShards:
         if model.kind == ModelKind.unconditional and any(self.prompts):
             raise ConfigError(f"{cfg.model.path} is an unconditional model and takes no prompts: set prompts=none")
         s = cfg.sampling
-        self.sampler = Sampler(model, SamplerSettings(s.scheduler, s.num_inference_steps, s.guidance_scale, s.height, s.width))
+        self.sampler = Sampler(model, SamplerSettings(s.scheduler, s.num_inference_steps, s.guidance_scale, s.height, s.width,
+                                                         s.batch_size))
         self.model_id = model.model_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -100,7 +101,7 @@ class GenerateShards:
         s, sampler = self.cfg.sampling, self.sampler
         units = list(iter_units(plan, s.samples_per_prompt))
         cols: dict[str, list] = {f.name: [] for f in SAMPLES_SCHEMA}
-        for b in range(0, len(units), s.batch_size):
+        for b in range(0, len(units), s.batch_size):  # one UNet batch at a time: bounded memory
             chunk = units[b : b + s.batch_size]
             pids = [self.prompt_ids[p] for p, _ in chunk]
             texts = [self.prompts[p] for p, _ in chunk]
@@ -121,6 +122,7 @@ class GenerateShards:
         cols["num_inference_steps"] = [s.num_inference_steps] * n
         cols["guidance_scale"] = [s.guidance_scale if sampler.conditional else 0.0] * n
         cols["dtype"] = [s.dtype.value] * n
+        cols["batch_size"] = [s.batch_size] * n
         return pa.table(cols, schema=SAMPLES_SCHEMA)
 
 

@@ -1,0 +1,162 @@
+"""The generation stage on a real local Ray head: rows, resume, S3, a killed run, `ray job submit`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pds
+import pytest
+from PIL import Image
+
+from conftest import REPO, compose
+from memex.layout import SAMPLES_SCHEMA, RunLayout
+from memex.models import load_model
+from memex.prompts import prompt_id
+from memex.sampling import Sampler, SamplerSettings, sample_seed, to_png
+from memex.stages import generate
+
+PROMPTS = ["a red apple", "a lighthouse at dusk", "blue logo"]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(PROMPTS) + "\n")
+    return p
+
+
+def _overrides(tiny_models, prompt_file, root, *extra):
+    return ["model=local", f"model.path={tiny_models['pixel_text']}", "prompts=file", f"prompts.path={prompt_file}",
+            f"storage.root={root}", "sampling.num_inference_steps=3", "sampling.batch_size=4",
+            "sampling.samples_per_prompt=5", "sampling.shard_size=4", *extra]
+
+
+def _check_rows(table, n_per_prompt=5, run_seed=0):
+    """Exactly one row per (prompt, sample index), with the derived seed and a decodable PNG."""
+    expected = {(prompt_id(p), i) for p in PROMPTS for i in range(n_per_prompt)}
+    keys = list(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()))
+    assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected
+    for row in table.slice(0, 4).to_pylist():
+        assert row["seed"] == sample_seed(run_seed, row["prompt_id"], row["sample_index"])
+        assert row["sample_id"] == f"{row['prompt_id']}/{row['sample_index']}"
+        img = np.asarray(Image.open(io.BytesIO(row["image"])))
+        assert img.shape == (row["height"], row["width"], 3) == (16, 16, 3)
+
+
+def test_local_run_writes_expected_rows_and_resumes(ray_head, tiny_models, prompt_file, tmp_path):
+    cfg = compose(_overrides(tiny_models, prompt_file, tmp_path / "runs", "run.name=r1"))
+    s = generate.run(cfg)
+    assert (s["shards"], s["generated_shards"], s["rows"]) == (4, 4, 15)  # 15 samples, 4 per shard
+
+    # a readable Parquet dataset with pyarrow's own reader (markers and _tmp are ignored)
+    table = pds.dataset(str(tmp_path / "runs" / "r1" / "samples"), format="parquet").to_table()
+    assert table.schema.equals(SAMPLES_SCHEMA)
+    _check_rows(table)
+    assert sorted(os.listdir(tmp_path / "runs" / "r1" / "samples" / "_markers")) == [
+        f"shard-{i:06d}.json" for i in range(4)]
+
+    # the same run again: nothing regenerated, nothing duplicated
+    again = generate.run(cfg)
+    assert again["generated_shards"] == 0
+    _check_rows(RunLayout(str(tmp_path / "runs"), "r1").read_stage("samples"))
+
+    # any single sample regenerated alone is byte-identical to the stored PNG
+    row = table.filter(pds.field("sample_index") == 3).slice(1, 1).to_pylist()[0]
+    model = load_model(tiny_models["pixel_text"])
+    sampler = Sampler(model, SamplerSettings(num_inference_steps=3, guidance_scale=cfg.sampling.guidance_scale,
+                                             batch_size=row["batch_size"]))
+    alone = sampler.generate([row["prompt_id"]], [row["prompt"]], [row["seed"]])[0]
+    assert to_png(alone, cfg.sampling.png_compress_level) == row["image"]
+
+
+def test_other_settings_in_the_same_run_are_refused(ray_head, tiny_models, prompt_file, tmp_path):
+    generate.run(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r", "sampling.samples_per_prompt=1")))
+    from memex.layout import StorageError
+    with pytest.raises(StorageError, match="samples_per_prompt"):
+        generate.run(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r", "sampling.samples_per_prompt=2")))
+    assert RunLayout(str(tmp_path), "r").read_stage("samples").num_rows == len(PROMPTS)
+
+
+def test_run_to_moto_s3(ray_head, tiny_models, prompt_file, s3_server, bucket):
+    url = s3_server["client_kwargs"]["endpoint_url"]
+    cfg = compose(_overrides(tiny_models, prompt_file, f"s3://{bucket}/runs", "storage=s3", "run.name=r1",
+                             f"storage.root=s3://{bucket}/runs", f"+storage.options.key=testing",
+                             "+storage.options.secret=testing", f"storage.options.client_kwargs.endpoint_url={url}"))
+    s = generate.run(cfg)
+    assert s["run"] == f"s3://{bucket}/runs/r1"
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    assert fs.exists(f"{bucket}/runs/r1/samples/_SUCCESS.json")
+    table = pds.dataset(f"{bucket}/runs/r1/samples", filesystem=fs, format="parquet").to_table()
+    _check_rows(table)
+
+
+def _cli(tiny_models, prompt_file, root, address, *extra):
+    return [sys.executable, str(REPO / "jobs" / "generate.py"),
+            *_overrides(tiny_models, prompt_file, root, f"resources.address={address}", *extra)]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_missing_or_duplicate_rows(ray_head, tiny_models, prompt_file, tmp_path):
+    extra = ["run.name=k", "sampling.samples_per_prompt=8", "sampling.shard_size=2", "sampling.num_inference_steps=12"]
+    markers = tmp_path / "k" / "samples" / "_markers"
+    proc = subprocess.Popen(_cli(tiny_models, prompt_file, tmp_path, ray_head.address, *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if markers.is_dir() and len(os.listdir(markers)) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed:\n" + proc.stdout.read().decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # driver and its process group die mid-run
+    proc.wait(30)
+    done_before = len(os.listdir(markers))
+    assert 2 <= done_before < 12
+
+    r = subprocess.run(_cli(tiny_models, prompt_file, tmp_path, ray_head.address, *extra),
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"({12 - done_before} generated now)" in r.stdout
+    _check_rows(RunLayout(str(tmp_path), "k").read_stage("samples"), n_per_prompt=8)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_with_working_dir(ray_head, tiny_models, prompt_file, tmp_path):
+    """The used-by path: `ray job submit --working-dir <repo> -- python jobs/generate.py overrides`."""
+    sid = f"memex-test-{uuid.uuid4().hex[:8]}"
+    entry = " ".join(["python", "jobs/generate.py",
+                      *_overrides(tiny_models, prompt_file, tmp_path / "runs", "run.name=job")])
+    ray = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run([ray, "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO),
+                        "--submission-id", sid, "--", *entry.split()], capture_output=True, text=True,
+                       timeout=500, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    assert JobSubmissionClient(ray_head.dashboard).get_job_status(sid) == JobStatus.SUCCEEDED
+    _check_rows(RunLayout(str(tmp_path / "runs"), "job").read_stage("samples"))
+    assert json.loads((tmp_path / "runs" / "job" / "samples" / "_SUCCESS.json").read_text())["rows"] == 15
+
+
+def test_bad_input_fails_before_work(ray_head, tiny_models, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    from memex.models import ModelError
+    from memex.prompts import PromptError
+
+    with pytest.raises(ModelError, match="model_index.json"):
+        generate.run(compose(_overrides({"pixel_text": str(tmp_path)}, empty, tmp_path / "runs")))
+    with pytest.raises(PromptError, match="holds no prompts"):
+        generate.run(compose(_overrides(tiny_models, empty, tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()  # nothing was written

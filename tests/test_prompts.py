@@ -1,0 +1,72 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from memex.config import PromptsConfig, PromptSource
+from memex.prompts import UNCONDITIONAL_ID, PromptError, load_prompts, prompt_id, rank_captions
+
+
+def test_prompt_id_is_stable_and_text_dependent():
+    assert prompt_id("a cat") == prompt_id("a cat")
+    assert prompt_id("a cat") != prompt_id("a cat ")
+    assert len(prompt_id("x")) == 16
+
+
+def test_txt_drops_blank_lines_and_duplicates(tmp_path):
+    p = tmp_path / "p.txt"
+    p.write_text("a cat\n\n  a dog  \na cat\n")
+    t = load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))
+    assert t["prompt"].to_pylist() == ["a cat", "a dog"]
+    assert t["prompt_id"].to_pylist() == [prompt_id("a cat"), prompt_id("a dog")]
+
+
+def test_jsonl_with_id_column_and_limit(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join(json.dumps({"id": f"x{i}", "text": f"prompt {i}"}) for i in range(5)))
+    t = load_prompts(PromptsConfig(source=PromptSource.file, path=str(p), column="text", id_column="id", limit=3))
+    assert t["prompt_id"].to_pylist() == ["x0", "x1", "x2"]
+
+
+def test_parquet_prompts(tmp_path):
+    p = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["one", "two"]}), p)
+    assert load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))["prompt"].to_pylist() == ["one", "two"]
+
+
+def test_captions_ranked_by_duplicate_count(tmp_path):
+    p = tmp_path / "train.parquet"
+    caps = ["rare"] + ["logo"] * 5 + ["face"] * 3 + [None, "  logo "]
+    pq.write_table(pa.table({"caption": caps}), p)
+    t = load_prompts(PromptsConfig(source=PromptSource.captions, path=str(p)))
+    assert t["prompt"].to_pylist() == ["logo", "face", "rare"]
+    ranked = rank_captions(pa.array(["b", "a", "b"]))
+    assert ranked.to_pylist() == [{"caption": "b", "caption_count": 2}, {"caption": "a", "caption_count": 1}]
+
+
+def test_none_source_is_one_empty_prompt():
+    t = load_prompts(PromptsConfig(source=PromptSource.none))
+    assert t.to_pylist() == [{"prompt_id": UNCONDITIONAL_ID, "prompt": ""}]
+
+
+@pytest.mark.parametrize("content,ext,match", [
+    ("\n \n", ".txt", "holds no prompts"),
+    ('{"prompt": "a"}\n{oops', ".jsonl", "line 2 is not valid JSON"),
+    ("x", ".csv", "unsupported extension"),
+])
+def test_bad_prompt_files_are_named(tmp_path, content, ext, match):
+    p = tmp_path / f"p{ext}"
+    p.write_text(content)
+    with pytest.raises(PromptError, match=match) as e:
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))
+    assert str(p) in str(e.value)
+
+
+def test_missing_file_and_missing_column(tmp_path):
+    with pytest.raises(PromptError, match="does not exist"):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(tmp_path / "nope.txt")))
+    p = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": ["a"]}), p)
+    with pytest.raises(PromptError, match="set prompts.column"):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))
