@@ -8,7 +8,7 @@
         samples/_SUCCESS.json        the whole stage is complete
         candidates/ index/ matches/ report/  filled by later stages
 
-A shard is written to samples/_tmp/ and moved into place, then its marker is written; only a
+A shard is written to a `_tmp-<uuid>-` file beside its final name and moved into place, then its marker is written; only a
 shard with a marker counts, so a run killed at any point resumes by regenerating unmarked shards
 (deterministic seeds make the redone shard identical). Parquet readers skip `_`-prefixed paths,
 so `pyarrow.dataset.dataset(".../samples")` never sees temp files or markers.
@@ -177,11 +177,7 @@ class RunLayout:
 
     def write_shard(self, stage: str, index: int, table: pa.Table, meta: dict | None = None) -> None:
         """Write one shard atomically: temp file, move into place, then the completion marker."""
-        final = self.shard_path(stage, index)
-        tmp = posixpath.join(self.stage_dir(stage), "_tmp", f"{uuid.uuid4().hex}-{shard_name(index)}")
-        self._mkdirs(posixpath.dirname(tmp))
-        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
-        self.fs.mv(tmp, final)
+        self._atomic_write_table(self.shard_path(stage, index), table)
         self.write_json(self.marker_path(stage, index), {"rows": table.num_rows, "file": shard_name(index), **(meta or {})})
 
     def read_stage(self, stage: str, columns: list[str] | None = None) -> pa.Table:
@@ -214,6 +210,7 @@ class RunLayout:
         self.fs.mv(tmp, path)
 
     def _atomic_write_table(self, path: str, table: pa.Table) -> None:
+        self._mkdirs(posixpath.dirname(path))
         tmp = self._tmp_path(path)
-        pq.write_table(table, tmp, filesystem=self.fs)
+        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
         self.fs.mv(tmp, path)

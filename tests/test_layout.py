@@ -34,7 +34,7 @@ def test_only_marked_shards_count(tmp_path):
     (tmp_path / "r1" / "samples" / shard_name(1)).write_bytes(b"partial")
     assert lay.complete_shards("samples") == [0]
     assert lay.read_stage("samples").num_rows == 3
-    assert not list((tmp_path / "r1" / "samples" / "_tmp").iterdir())
+    assert not list((tmp_path / "r1" / "samples").glob("_tmp-*"))  # temp files were moved into place
 
 
 def test_claim_run_refuses_other_settings_and_changes_nothing(tmp_path):
