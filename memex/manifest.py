@@ -1,0 +1,116 @@
+"""Training-set manifests: the one format memex reads training images from (train and audit).
+
+A manifest is a Parquet file (or folder of Parquet files) on any fsspec URI with columns
+    id       string, unique per row
+    image    binary, encoded PNG/JPEG/WebP bytes      (either image ...
+    uri      string, fsspec URI of the image file      ... or uri per row)
+    caption  string, optional (text-conditional models and caption-ranked prompts)
+LAION-style duplicates are simply several rows (different ids) holding the same picture.
+
+`expand_duplicates` applies a duplication schedule (e.g. 8 images x 32 copies, the rest once) to a
+manifest of distinct images, the way the paper's small models were trained on duplicated data.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from memex.config import MemexError
+
+MANIFEST_COLUMNS = ("id", "image", "uri", "caption")
+
+
+class ManifestError(MemexError, ValueError):
+    """The manifest is missing, empty or malformed, or one of its images cannot be read."""
+
+
+@dataclass
+class DuplicationGroup:
+    copies: int  # rows per image in the expanded manifest (1 = not duplicated)
+    count: int = 0  # how many images get this many copies (picked by the schedule's seed) ...
+    ids: list[str] = field(default_factory=list)  # ... or exactly these ids
+
+
+def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Read and check a manifest: an `id` column with unique values and an `image` or `uri` column."""
+    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if not fs.exists(p):
+        raise ManifestError(f"training manifest {path} does not exist")
+    try:
+        table = pq.read_table(p, filesystem=fs)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise ManifestError(f"training manifest {path} is not readable Parquet: {type(e).__name__}: {e}") from e
+    if table.num_rows == 0:
+        raise ManifestError(f"training manifest {path} holds no rows")
+    if "id" not in table.column_names or not ({"image", "uri"} & set(table.column_names)):
+        raise ManifestError(f"training manifest {path} needs an 'id' column and an 'image' or 'uri' column; "
+                            f"it has {table.column_names}")
+    table = table.set_column(table.column_names.index("id"), "id", pc.cast(table["id"], pa.string()))
+    if pc.count_distinct(table["id"]).as_py() != table.num_rows:
+        raise ManifestError(f"training manifest {path}: ids are not unique")
+    return table
+
+
+def load_image(row: dict, size: int | None = None, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """Decode one manifest row to uint8 HxWx3 RGB, resized to size x size (bicubic) when given."""
+    data = row.get("image")
+    try:
+        if data is None:
+            if not row.get("uri"):
+                raise ManifestError(f"image {row['id']!r} has neither image bytes nor a uri")
+            with fsspec.open(row["uri"], "rb", **(storage_options or {})) as f:
+                data = f.read()
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ManifestError(f"image {row['id']!r} cannot be decoded: {type(e).__name__}: {e}") from e
+    img = img.convert("RGB")
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return np.asarray(img)
+
+
+def expand_duplicates(table: pa.Table, schedule: list[DuplicationGroup], seed: int = 0) -> pa.Table:
+    """One row per training example: scheduled images repeated, the rest once.
+
+    Copies keep the source row's columns; copy k > 0 gets id "<id>#<k>". Added columns:
+    source_id (the original id) and copies (how many rows that image has).
+    """
+    ids = table["id"].to_pylist()
+    copies = {i: 1 for i in ids}
+    free = [i for i in ids]
+    random.Random(seed).shuffle(free)
+    for g in schedule:
+        if g.copies < 1:
+            raise ManifestError(f"duplication copies must be >= 1, got {g.copies}")
+        unknown = [i for i in g.ids if i not in copies]
+        if unknown:
+            raise ManifestError(f"duplication ids not in the manifest: {unknown[:5]}")
+        chosen = list(g.ids)
+        free = [i for i in free if i not in set(chosen)]
+        if g.count > len(free):
+            raise ManifestError(f"duplication asks for {g.count} more images but only {len(free)} are left")
+        chosen += free[: g.count]
+        free = free[g.count :]
+        for i in chosen:
+            copies[i] = g.copies
+    take, new_ids, src = [], [], []
+    for row, i in enumerate(ids):
+        for k in range(copies[i]):
+            take.append(row)
+            new_ids.append(i if k == 0 else f"{i}#{k}")
+            src.append(i)
+    out = table.take(pa.array(take))
+    out = out.set_column(out.column_names.index("id"), "id", pa.array(new_ids, pa.string()))
+    n = pa.array([copies[i] for i in src], pa.int32())
+    return out.append_column("source_id", pa.array(src, pa.string())).append_column("copies", n)

@@ -1,0 +1,97 @@
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from memex.manifest import DuplicationGroup, ManifestError, expand_duplicates, load_image, read_manifest
+from memex.synth import logo, png
+
+
+def _manifest(tmp_path, n=12):
+    rows = [logo(i, 32) for i in range(n)]
+    t = pa.table({"id": [f"i{k}" for k in range(n)], "image": [png(img) for img, _ in rows],
+                  "caption": [c for _, c in rows]})
+    pq.write_table(t, tmp_path / "m.parquet")
+    return tmp_path / "m.parquet", rows
+
+
+def test_read_and_decode(tmp_path):
+    path, rows = _manifest(tmp_path)
+    t = read_manifest(str(path))
+    assert t.num_rows == 12
+    row = t.slice(3, 1).to_pylist()[0]
+    assert np.array_equal(load_image(row), rows[3][0])
+    assert load_image(row, size=16).shape == (16, 16, 3)
+
+
+def test_image_by_uri(tmp_path):
+    img = logo(0, 32)[0]
+    Image.fromarray(img).save(tmp_path / "a.png")
+    assert np.array_equal(load_image({"id": "a", "uri": str(tmp_path / "a.png")}), img)
+
+
+def test_bad_manifests_are_named(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(str(tmp_path / "none.parquet"))
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "image": pa.array([], pa.binary())}), tmp_path / "e.parquet")
+    with pytest.raises(ManifestError, match="holds no rows"):
+        read_manifest(str(tmp_path / "e.parquet"))
+    pq.write_table(pa.table({"name": ["a"]}), tmp_path / "c.parquet")
+    with pytest.raises(ManifestError, match="needs an 'id' column"):
+        read_manifest(str(tmp_path / "c.parquet"))
+    pq.write_table(pa.table({"id": ["a", "a"], "image": [b"x", b"y"]}), tmp_path / "d.parquet")
+    with pytest.raises(ManifestError, match="not unique"):
+        read_manifest(str(tmp_path / "d.parquet"))
+    (tmp_path / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ManifestError, match="not readable Parquet"):
+        read_manifest(str(tmp_path / "x.parquet"))
+
+
+def test_corrupt_image_names_its_id():
+    good = png(logo(0, 32)[0])
+    with pytest.raises(ManifestError, match="'bad' cannot be decoded"):
+        load_image({"id": "bad", "image": good[:40]})
+    with pytest.raises(ManifestError, match="neither image bytes nor a uri"):
+        load_image({"id": "none", "image": None})
+
+
+def test_duplication_schedule_gives_the_stated_counts(tmp_path):
+    t = read_manifest(str(_manifest(tmp_path)[0]))
+    out = expand_duplicates(t, [DuplicationGroup(copies=5, ids=["i0"]), DuplicationGroup(copies=4, count=3)], seed=1)
+    counts = {}
+    for s in out["source_id"].to_pylist():
+        counts[s] = counts.get(s, 0) + 1
+    assert counts["i0"] == 5
+    assert sorted(counts.values()) == [1] * 8 + [4] * 3 + [5]
+    assert out.num_rows == 8 + 12 + 5
+    assert len(set(out["id"].to_pylist())) == out.num_rows  # ids stay unique
+    assert out["copies"].to_pylist() == [counts[s] for s in out["source_id"].to_pylist()]
+    # copies hold the same bytes and caption as their source
+    by_id = {r["id"]: r for r in out.to_pylist()}
+    assert by_id["i0#4"]["image"] == by_id["i0"]["image"] and by_id["i0#4"]["caption"] == by_id["i0"]["caption"]
+    # the schedule's seed decides which images: same seed, same choice
+    again = expand_duplicates(t, [DuplicationGroup(copies=5, ids=["i0"]), DuplicationGroup(copies=4, count=3)], seed=1)
+    assert again.equals(out)
+    with pytest.raises(ManifestError, match="only 11 are left"):
+        expand_duplicates(t, [DuplicationGroup(copies=2, ids=["i0"]), DuplicationGroup(copies=2, count=20)])
+
+
+def test_synthetic_logos_are_deterministic_and_varied():
+    a, cap = logo(5, 32)
+    b, cap2 = logo(5, 32)
+    assert np.array_equal(a, b) and cap == cap2 and a.shape == (32, 32, 3)
+    imgs = [logo(i, 32)[0].astype(float) / 255 for i in range(40)]
+    # no two logos are pixel copies of each other (min RMS distance well above the paper's 0.15)
+    d = min(np.sqrt(((imgs[i] - imgs[j]) ** 2).mean()) for i in range(40) for j in range(i))
+    assert d > 0.05
+
+
+def test_shipped_demo_data_matches_its_generator(tmp_path):
+    t = read_manifest(str(REPO / "demo" / "data" / "logos.parquet"))
+    assert t.num_rows == 256
+    row = t.slice(7, 1).to_pylist()[0]
+    img, cap = logo(7, 32, 0)
+    assert row["caption"] == cap and np.array_equal(load_image(row), img)
