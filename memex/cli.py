@@ -26,6 +26,7 @@ OmegaConf.register_new_resolver("memex_home", lambda: str(CONF_DIR.parent), repl
 # Schema: every group's YAML is merged onto its dataclass field, so unknown keys and bad types fail.
 _cs = ConfigStore.instance()
 _cs.store(name="generate_schema", node=C.GenerateConfig)
+_cs.store(name="train_schema", node=C.TrainConfig)
 
 
 def to_generate_config(cfg: DictConfig) -> C.GenerateConfig:
@@ -60,7 +61,26 @@ def _generate(cfg: DictConfig) -> None:
 
 generate_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="generate")(_generate)
 
-STAGES = {"generate": generate_main}
+
+
+def to_train_config(cfg: DictConfig) -> C.TrainConfig:
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, C.TrainConfig), type(obj)
+    C.validate_train(obj)
+    return obj
+
+
+@_report_errors
+def _train(cfg: DictConfig) -> None:
+    from memex.training import train
+
+    out = train(to_train_config(cfg))
+    print(f"memex train: model saved to {out}")
+
+
+train_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")(_train)
+
+STAGES = {"generate": generate_main, "train": train_main}
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 class MemexError(Exception):
@@ -151,3 +151,85 @@ def validate_generate(cfg: GenerateConfig) -> None:
         raise ConfigError("storage.root is empty: give a folder or URI (storage.root=s3://bucket/runs)")
     if cfg.run.name is not None and ("/" in cfg.run.name or not cfg.run.name.strip()):
         raise ConfigError(f"run.name must be a plain folder name, got {cfg.run.name!r}")
+
+
+# ---- memex train -------------------------------------------------------------------------
+class ArchKind(str, Enum):
+    unconditional = "unconditional"  # UNet2DModel + DDPM (the paper's CIFAR-10 models)
+    pixel_text = "pixel_text"  # UNet2DConditionModel on pixels + frozen text encoder (IF layout)
+
+
+@dataclass
+class ArchConfig:
+    kind: ArchKind = ArchKind.pixel_text
+    resolution: int = 32  # training images are resized to resolution x resolution
+    block_out_channels: List[int] = field(default_factory=lambda: [16, 32, 64])
+    layers_per_block: int = 1
+    attention_levels: int = 1  # (cross-)attention in the lowest N resolutions only: 8x8 at 32 px
+    text_hidden: int = 64  # frozen CLIP-style text encoder width
+    text_layers: int = 2
+    max_length: int = 48  # tokens; the demo tokenizer is character level
+    num_train_timesteps: int = 1000
+
+
+@dataclass
+class DuplicationGroup:
+    copies: int = 1  # rows per image in the training set
+    count: int = 0  # how many images get this many copies (chosen by data.duplication_seed) ...
+    ids: List[str] = field(default_factory=list)  # ... or exactly these ids
+
+
+@dataclass
+class DataConfig:
+    path: str = "???"  # training manifest (memex/manifest.py), any fsspec URI
+    caption_column: str = "caption"
+    duplication: List[DuplicationGroup] = field(default_factory=list)
+    duplication_seed: int = 0
+    resize: bool = True  # False: every image must already be resolution x resolution
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 1000
+    batch_size: int = 32  # per process
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    cond_dropout: float = 0.1  # captions dropped to "" so classifier-free guidance works
+    checkpoint_every: int = 500  # steps; resumable state under <output>/checkpoints/
+    keep_checkpoints: int = 2
+    mixed_precision: str = "no"  # accelerate: no | fp16 | bf16
+    seed: int = 0
+    log_every: int = 50
+
+
+@dataclass
+class TrainConfig:
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output: str = "???"  # the diffusers folder written at the end (+ checkpoints/ while training)
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    a, t = cfg.arch, cfg.trainer
+    if not cfg.output or cfg.output == "???":
+        raise ConfigError("output is not set: give the folder to write the trained model to (output=...)")
+    if not cfg.data.path or cfg.data.path == "???":
+        raise ConfigError("data.path is not set: give a training manifest (data.path=...)")
+    _at_least("arch.layers_per_block", a.layers_per_block, 1)
+    if not a.block_out_channels or any(c % 8 for c in a.block_out_channels):
+        raise ConfigError(f"arch.block_out_channels must be multiples of 8 (GroupNorm groups), got {a.block_out_channels}")
+    if not 0 <= a.attention_levels <= len(a.block_out_channels):
+        raise ConfigError(f"arch.attention_levels must be 0..{len(a.block_out_channels)}, got {a.attention_levels}")
+    factor = 2 ** (len(a.block_out_channels) - 1)
+    if a.resolution < factor or a.resolution % factor:
+        raise ConfigError(f"arch.resolution={a.resolution} cannot pass {len(a.block_out_channels)} UNet levels: "
+                          f"it must be a multiple of {factor}")
+    for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+        _at_least(f"trainer.{key}", getattr(t, key), 1)
+    _at_least("trainer.warmup_steps", t.warmup_steps, 0)
+    if t.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"trainer.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
+    for g in cfg.data.duplication:
+        _at_least("data.duplication[].copies", g.copies, 1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -25,20 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from memex.config import MemexError
+from memex.config import DuplicationGroup, MemexError
 
 MANIFEST_COLUMNS = ("id", "image", "uri", "caption")
 
 
 class ManifestError(MemexError, ValueError):
     """The manifest is missing, empty or malformed, or one of its images cannot be read."""
-
-
-@dataclass
-class DuplicationGroup:
-    copies: int  # rows per image in the expanded manifest (1 = not duplicated)
-    count: int = 0  # how many images get this many copies (picked by the schedule's seed) ...
-    ids: list[str] = field(default_factory=list)  # ... or exactly these ids
 
 
 def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> pa.Table:

@@ -44,7 +44,7 @@ def build_tokenizer(folder: str | Path, max_length: int = 16):
     return tok
 
 
-def _text_encoder(vocab_size: int, max_length: int, hidden: int = 32, seed: int = 0):
+def build_text_encoder(vocab_size: int, max_length: int, hidden: int = 32, seed: int = 0, layers: int = 2):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -52,7 +52,7 @@ def _text_encoder(vocab_size: int, max_length: int, hidden: int = 32, seed: int 
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         max_position_embeddings=max_length,
         bos_token_id=vocab_size - 2,
@@ -112,7 +112,7 @@ def build(kind: str, folder: str | Path, image_size: int = 16, seed: int = 0) ->
         return folder
 
     tokenizer = build_tokenizer(folder / "_tok_tmp")
-    text_encoder = _text_encoder(len(tokenizer), tokenizer.model_max_length, seed=seed)
+    text_encoder = build_text_encoder(len(tokenizer), tokenizer.model_max_length, seed=seed)
     if kind == "latent_text":
         torch.manual_seed(seed)
         vae = AutoencoderKL(

@@ -1,0 +1,220 @@
+"""`memex train`: small diffusion models trained on a manifest with a duplication schedule.
+
+The paper trains many small models to see what makes them memorize (duplication, quality); this
+module does the same with accelerate, so one code path runs on this CPU and on several GPUs
+(`accelerate launch jobs/train.py ...`).
+
+    1. check inputs (config ranges, manifest, every image decodable at the model's resolution)
+    2. expand the manifest by the duplication schedule -> the exact training set, saved with the model
+    3. build the model from config: UNet2DModel, or UNet2DConditionModel + frozen text encoder
+    4. train (epsilon prediction, DDPM noise schedule), checkpointing every N steps; resume from
+       the newest checkpoint
+    5. save a standard diffusers folder (DDPMPipeline or IFPipeline layout, safetensors) that
+       `memex generate` loads like any other model
+
+Why no DataLoader: the training sets this is for (thousands of 32 px images) fit in memory, and
+drawing each step's batch from a generator seeded by (seed, step, process) makes a resumed run
+draw exactly the batches the uninterrupted run would have. Why not accelerate.save_state:
+it pickles the optimizer and RNG state; memex checkpoints are safetensors + JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from memex import tiny
+from memex.config import ArchConfig, ArchKind, ConfigError, TrainConfig, validate_train
+from memex.manifest import ManifestError, expand_duplicates, load_image, read_manifest
+
+log = logging.getLogger("memex.train")
+MANIFEST_FILE = "training_manifest.parquet"  # the exact training set, one row per example
+INFO_FILE = "memex_train.json"  # seed, steps, seconds, config
+
+
+# 1-2. data ---------------------------------------------------------------------------------
+def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[str], torch.Tensor]:
+    """(expanded manifest, distinct images (N, 3, R, R) in [-1, 1], their captions, example -> image)."""
+    d, r = cfg.data, cfg.arch.resolution
+    table = read_manifest(d.path, d.storage_options)
+    images, captions = [], []
+    for row in table.to_pylist():
+        img = load_image(row, None, d.storage_options)
+        if img.shape[:2] != (r, r) and not d.resize:
+            raise ManifestError(f"image {row['id']!r} is {img.shape[1]}x{img.shape[0]}, the model takes {r}x{r}: "
+                                "set data.resize=true or arch.resolution")
+        images.append(load_image(row, r, d.storage_options) if img.shape[:2] != (r, r) else img)
+        cap = row.get(d.caption_column)
+        if cfg.arch.kind == ArchKind.pixel_text and cap is None:
+            raise ManifestError(f"image {row['id']!r} has no {d.caption_column!r}: a text-conditional model needs "
+                                "captions (set data.caption_column, or arch=uncond_small)")
+        captions.append(cap or "")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    expanded = expand_duplicates(table, d.duplication, d.duplication_seed)
+    index = {i: k for k, i in enumerate(table["id"].to_pylist())}
+    return expanded, x, captions, torch.tensor([index[s] for s in expanded["source_id"].to_pylist()])
+
+
+# 3. model ----------------------------------------------------------------------------------
+def build_unet(a: ArchConfig, cross_dim: int | None):
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    n = len(a.block_out_channels)
+    attn = [i >= n - a.attention_levels for i in range(n)]
+    common = dict(sample_size=a.resolution, in_channels=3, out_channels=3, layers_per_block=a.layers_per_block,
+                  block_out_channels=tuple(a.block_out_channels), norm_num_groups=8)
+    if a.kind == ArchKind.unconditional:
+        down = tuple("AttnDownBlock2D" if at else "DownBlock2D" for at in attn)
+        return UNet2DModel(down_block_types=down, up_block_types=tuple(reversed([b.replace("Down", "Up") for b in down])),
+                           **common)
+    down = tuple("CrossAttnDownBlock2D" if at else "DownBlock2D" for at in attn)
+    return UNet2DConditionModel(down_block_types=down, up_block_types=tuple(reversed([b.replace("Down", "Up") for b in down])),
+                                cross_attention_dim=cross_dim, attention_head_dim=8, **common)
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    t = cfg.trainer
+    return t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))  # linear warm-up, then constant
+
+
+# 4. checkpoints: safetensors + JSON, never pickle -----------------------------------------
+def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, keep: int) -> None:
+    from safetensors.torch import save_file
+
+    tmp = folder / f"_tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()
+               if torch.is_tensor(v)}
+    save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "step": step}))
+    tmp.rename(folder / f"checkpoint-{step}")  # complete only once renamed
+    for old in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return done[-1] if done else None
+
+
+def _load_checkpoint(path: Path, unet, opt: torch.optim.Optimizer) -> int:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+    from safetensors.torch import load_file
+
+    cls = UNet2DModel if isinstance(unet, UNet2DModel) else UNet2DConditionModel
+    unet.load_state_dict(cls.from_pretrained(path / "unet").state_dict())
+    meta = json.loads((path / "optimizer.json").read_text())
+    state: dict[int, dict] = {}
+    for key, v in load_file(path / "optimizer.safetensors").items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"])
+
+
+# the whole job -----------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> Path:
+    """Train and save a diffusers folder at cfg.output; returns its path. Resumes if interrupted."""
+    from accelerate import Accelerator
+    from diffusers import DDPMPipeline, DDPMScheduler, IFPipeline
+
+    # 1. check inputs before any training
+    validate_train(cfg)
+    a, t = cfg.arch, cfg.trainer
+    out = Path(cfg.output)
+    if (out / "model_index.json").exists() and (out / INFO_FILE).exists():
+        raise ConfigError(f"output={out} already holds a trained model; choose another output folder")
+    manifest, images, captions, example_image = load_training_set(cfg)
+
+    accel = Accelerator(mixed_precision=t.mixed_precision)
+    torch.manual_seed(t.seed)
+
+    # 3. model (+ frozen text encoder: embeddings computed once per distinct caption)
+    tokenizer = encoder = emb = empty = None
+    if a.kind == ArchKind.pixel_text:
+        tokenizer = tiny.build_tokenizer(out / "_tokenizer", max_length=a.max_length)
+        encoder = tiny.build_text_encoder(len(tokenizer), a.max_length, hidden=a.text_hidden, seed=t.seed,
+                                          layers=a.text_layers)
+        with torch.no_grad():
+            tok = tokenizer(captions + [""], padding="max_length", max_length=a.max_length, truncation=True,
+                            return_tensors="pt")
+            all_emb = encoder(tok.input_ids)[0]
+        emb, empty = all_emb[:-1].to(accel.device), all_emb[-1:].to(accel.device)
+    unet = build_unet(a, a.text_hidden if a.kind == ArchKind.pixel_text else None)
+    noise_sched = DDPMScheduler(num_train_timesteps=a.num_train_timesteps, variance_type="fixed_small")
+    opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=0.0)
+    ckpts = out / "checkpoints"
+    start = 0
+    if (ck := latest_checkpoint(ckpts)) is not None:
+        start = _load_checkpoint(ck, unet, opt)
+        log.info("resuming from %s (step %d)", ck, start)
+    unet, opt = accel.prepare(unet, opt)
+    images = images.to(accel.device)
+    log.info("training %s: %d examples (%d distinct images), %.2fM params, steps %d..%d", a.kind.value,
+             manifest.num_rows, len(images), sum(p.numel() for p in unet.parameters()) / 1e6, start, t.steps)
+
+    # 4. train
+    t0 = time.perf_counter()
+    unet.train()
+    for step in range(start, t.steps):
+        g = torch.Generator().manual_seed(t.seed * 1_000_003 + step * 101 + accel.process_index)
+        rows = example_image[torch.randint(len(example_image), (t.batch_size,), generator=g)]
+        x0 = images[rows]
+        noise = torch.randn(x0.shape, generator=g).to(accel.device)
+        ts = torch.randint(0, a.num_train_timesteps, (t.batch_size,), generator=g).to(accel.device)
+        xt = noise_sched.add_noise(x0, noise, ts)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        with accel.autocast():
+            if emb is None:
+                pred = unet(xt, ts).sample
+            else:
+                cond = emb[rows.to(accel.device)].clone()
+                cond[(torch.rand(t.batch_size, generator=g) < t.cond_dropout).to(accel.device)] = empty
+                pred = unet(xt, ts, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred.float(), noise)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"loss is {loss.item()} at step {step}; lower trainer.lr (now {t.lr})")
+        opt.zero_grad(set_to_none=True)
+        accel.backward(loss)
+        opt.step()
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            log.info("step %d/%d loss %.4f (%.2f s/step)", done, t.steps, loss.item(),
+                     (time.perf_counter() - t0) / (done - start))
+        if accel.is_main_process and (done % t.checkpoint_every == 0 or done == t.steps):
+            _save_checkpoint(ckpts, done, accel.unwrap_model(unet), opt, t.keep_checkpoints)
+    seconds = time.perf_counter() - t0
+
+    # 5. save the diffusers folder, the exact training set and how it was made
+    if accel.is_main_process:
+        unet = accel.unwrap_model(unet).eval()
+        if a.kind == ArchKind.unconditional:
+            pipe = DDPMPipeline(unet=unet, scheduler=noise_sched)
+        else:
+            pipe = IFPipeline(tokenizer=tokenizer, text_encoder=encoder, unet=unet, scheduler=noise_sched,
+                              safety_checker=None, feature_extractor=None, watermarker=None,
+                              requires_safety_checker=False)
+        pipe.save_pretrained(out, safe_serialization=True)
+        pq.write_table(manifest, out / MANIFEST_FILE, compression="zstd")
+        from dataclasses import asdict
+
+        info = {"steps": t.steps, "resumed_from": start, "train_seconds_this_run": round(seconds, 1),
+                "seed": t.seed, "examples": manifest.num_rows, "distinct_images": len(images),
+                "config": json.loads(json.dumps(asdict(cfg), default=lambda v: getattr(v, "value", str(v))))}
+        (out / INFO_FILE).write_text(json.dumps(info, indent=2))
+        shutil.rmtree(out / "_tokenizer", ignore_errors=True)
+    return out
