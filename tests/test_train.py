@@ -1,0 +1,99 @@
+"""`memex train`: short real runs on a few synthetic logos, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import BIN, REPO
+from memex.config import ConfigError, DuplicationGroup
+from memex.manifest import ManifestError
+from memex.models import load_model
+from memex.sampling import Sampler, SamplerSettings
+from memex.synth import logo, png
+from memex.training import INFO_FILE, MANIFEST_FILE, latest_checkpoint, train
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from memex.cli import CONF_DIR, to_train_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return to_train_config(compose(config_name="train", overrides=overrides))
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    rows = [logo(i, 16) for i in range(6)]
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": [f"i{k}" for k in range(6)], "image": [png(im) for im, _ in rows],
+                             "caption": [c for _, c in rows]}), path)
+    return path
+
+
+def _cfg(manifest, out, *extra):
+    return _compose([f"data.path={manifest}", f"output={out}", "trainer=quick", "trainer.steps=6",
+                     "trainer.checkpoint_every=3", "arch.resolution=16", "arch.block_out_channels=[8,16]",
+                     "arch.max_length=24", "data.duplication=[{copies: 4, count: 2}]", *extra])
+
+
+@pytest.mark.parametrize("arch", ["text_small", "uncond_small"])
+def test_short_run_saves_a_loadable_diffusers_folder(manifest, tmp_path, arch):
+    out = train(_cfg(manifest, tmp_path / "model", f"arch={arch}"))
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["steps"] == 6 and info["examples"] == 2 * 4 + 4 and info["distinct_images"] == 6
+    used = pq.read_table(out / MANIFEST_FILE)
+    assert used.num_rows == 12 and sorted(used["copies"].to_pylist()).count(4) == 8
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
+    model = load_model(str(out))  # the same loader `memex generate` uses
+    assert model.kind.value == ("pixel_text" if arch == "text_small" else "unconditional")
+    s = Sampler(model, SamplerSettings(num_inference_steps=2, guidance_scale=2.0, batch_size=2))
+    img = s.generate(["p"], ["" if arch == "uncond_small" else "a red circle logo"], [0])
+    assert img.shape == (1, 16, 16, 3)
+
+
+def test_resume_continues_from_the_checkpoint(manifest, tmp_path):
+    full = train(_cfg(manifest, tmp_path / "full"))
+    # an interrupted run: stops after 3 steps, leaving checkpoint-3 and no final model
+    part = _cfg(manifest, tmp_path / "resumed", "trainer.steps=3")
+    train(part)
+    (tmp_path / "resumed" / INFO_FILE).unlink()  # as if killed before the final save
+    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "checkpoint-3"
+    resumed = train(_cfg(manifest, tmp_path / "resumed"))
+    assert json.loads((resumed / INFO_FILE).read_text())["resumed_from"] == 3
+    # per-step seeded batches + restored optimizer state: the resumed weights equal the uninterrupted ones
+    a = load_model(str(full)).pipe.unet.state_dict()
+    b = load_model(str(resumed)).pipe.unet.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bad_training_input_is_named(tmp_path, manifest):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "image": pa.array([], pa.binary())}), empty)
+    with pytest.raises(ManifestError, match="holds no rows"):
+        train(_cfg(empty, tmp_path / "o1"))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ["ok", "broken"], "image": [png(logo(0, 16)[0]), b"\x89PNG garbage"],
+                             "caption": ["a", "b"]}), bad)
+    with pytest.raises(ManifestError, match="'broken' cannot be decoded"):
+        train(_cfg(bad, tmp_path / "o2"))
+    with pytest.raises(ManifestError, match="'i0' is 16x16, the model takes 32x32"):
+        train(_cfg(manifest, tmp_path / "o3", "arch.resolution=32", "data.resize=false"))
+    with pytest.raises(ConfigError, match="arch.resolution=18 cannot pass 3 UNet levels"):
+        _cfg(manifest, tmp_path / "o4", "arch.resolution=18", "arch.block_out_channels=[8,16,32]")
+    assert not (tmp_path / "o2" / "unet").exists()  # nothing trained, nothing written
+
+
+def test_cli_wrong_override_fails_before_training(tmp_path):
+    r = subprocess.run([str(BIN / "memex"), "train", f"output={tmp_path}/m", "trainer.stepz=3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "stepz" in r.stderr
+    assert not (tmp_path / "m").exists()
