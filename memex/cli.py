@@ -27,13 +27,26 @@ OmegaConf.register_new_resolver("memex_home", lambda: str(CONF_DIR.parent), repl
 _cs = ConfigStore.instance()
 _cs.store(name="generate_schema", node=C.GenerateConfig)
 _cs.store(name="train_schema", node=C.TrainConfig)
+_cs.store(name="audit_schema", node=C.AuditConfig)
+
+
+def _typed(cfg: DictConfig, cls: type, validate):
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, cls), type(obj)
+    validate(obj)
+    return obj
 
 
 def to_generate_config(cfg: DictConfig) -> C.GenerateConfig:
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, C.GenerateConfig), type(obj)
-    C.validate_generate(obj)
-    return obj
+    return _typed(cfg, C.GenerateConfig, C.validate_generate)
+
+
+def to_train_config(cfg: DictConfig) -> C.TrainConfig:
+    return _typed(cfg, C.TrainConfig, C.validate_train)
+
+
+def to_audit_config(cfg: DictConfig) -> C.AuditConfig:
+    return _typed(cfg, C.AuditConfig, C.validate_audit)
 
 
 def _report_errors(fn):
@@ -63,13 +76,6 @@ generate_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_
 
 
 
-def to_train_config(cfg: DictConfig) -> C.TrainConfig:
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, C.TrainConfig), type(obj)
-    C.validate_train(obj)
-    return obj
-
-
 @_report_errors
 def _train(cfg: DictConfig) -> None:
     from memex.training import train
@@ -80,7 +86,18 @@ def _train(cfg: DictConfig) -> None:
 
 train_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")(_train)
 
-STAGES = {"generate": generate_main, "train": train_main}
+
+@_report_errors
+def _audit(cfg: DictConfig) -> None:
+    from memex.stages import audit
+
+    summary = audit.run(to_audit_config(cfg))
+    print(audit.format_summary(summary))
+
+
+audit_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="audit")(_audit)
+
+STAGES = {"audit": audit_main, "generate": generate_main, "train": train_main}
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ class PromptSource(str, Enum):
     file = "file"  # .txt (one per line), .jsonl or .parquet
     captions = "captions"  # training manifest captions, most duplicated first
     none = "none"  # unconditional models: one empty prompt
+    near_duplicates = "near_duplicates"  # memex audit: captions of data.path ranked by its index's near-dup counts
 
 
 @dataclass
@@ -136,6 +137,9 @@ def validate_generate(cfg: GenerateConfig) -> None:
         if v is not None and (v < 8 or v % 8):
             raise ConfigError(f"sampling.{key} must be a multiple of 8 and >= 8, got {v}")
     p = cfg.prompts
+    if p.source == PromptSource.near_duplicates and not isinstance(cfg, AuditConfig):
+        raise ConfigError("prompts.source=near_duplicates needs the membership index: use `memex audit`, "
+                          "or prompts=captions prompts.path=<manifest> with `memex generate`")
     if p.source in (PromptSource.file, PromptSource.captions) and not p.path:
         raise ConfigError(f"prompts.path is required when prompts.source={p.source.value}")
     if p.limit is not None:
@@ -233,3 +237,109 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError(f"trainer.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
     for g in cfg.data.duplication:
         _at_least("data.duplication[].copies", g.copies, 1)
+
+
+# ---- memex audit: filter, index, match ---------------------------------------------------
+class EmbedderKind(str, Enum):
+    pixels = "pixels"  # resized, normalised pixels: weight-free, enough for pixel-level copies
+    sscd = "sscd"  # SSCD copy-detection descriptor (TorchScript file), cosine similarity
+    clip = "clip"  # CLIP image tower (transformers folder or hub id), cosine similarity
+
+
+class IndexKind(str, Enum):
+    flat = "flat"  # exact; fine up to a few million vectors per shard
+    ivfpq = "ivfpq"  # IVF-PQ with exact re-ranking of the top k x refine_k
+
+
+class DistanceKind(str, Enum):
+    tiled_l2 = "tiled_l2"  # the paper's Stable Diffusion / Imagen distance (delta = 0.15)
+    relative_l2 = "relative_l2"  # the paper's CIFAR-10 distance for small unconditional models (<= 1)
+
+
+class CandidateSource(str, Enum):
+    cliques = "cliques"  # the samples in each flagged prompt's largest clique (text models)
+    all = "all"  # every sample (the paper's unconditional setting: no prompts to filter by)
+
+
+@dataclass
+class FilterConfig:
+    edge_threshold: float = 0.15  # tiled l2 below which two generations are "the same image"
+    min_clique: int = 10  # the paper's 10
+    max_expansions: int = 200_000  # branch-and-bound budget per prompt (memex/cliques.py)
+    prompts_per_task: int = 16  # prompts handled by one Ray task
+
+
+@dataclass
+class TrainingDataConfig:
+    path: str = "???"  # Parquet manifest (memex/manifest.py) or folder of images, any fsspec URI
+    caption_column: str = "caption"
+
+
+@dataclass
+class EmbedderConfig:
+    kind: EmbedderKind = EmbedderKind.pixels
+    path: Optional[str] = None  # sscd: TorchScript file; clip: folder or hub id
+    size: int = 32  # pixels: side after resize (3*size^2 dims); sscd/clip: model input side
+    batch_size: int = 64
+
+
+@dataclass
+class IndexConfig:
+    kind: IndexKind = IndexKind.flat
+    shards: int = 4  # FAISS shards, one Ray task each for build and search
+    nlist: int = 1024
+    pq_m: int = 16
+    pq_nbits: int = 8
+    nprobe: int = 32
+    refine_k: int = 4
+    decode_batch: int = 512  # training images decoded per step inside a shard task
+    dup_threshold: float = 0.05  # near-duplicate: embedding distance below this (pixels: RMS in [0, 1])
+    dup_k: int = 64  # near-duplicate counts saturate at dup_k - 1
+    root: Optional[str] = None  # None: <storage.root>/_index (shared by runs on the same data)
+
+
+@dataclass
+class MatchConfig:
+    candidates: CandidateSource = CandidateSource.cliques
+    distance: DistanceKind = DistanceKind.tiled_l2
+    threshold: float = 0.15  # tiled l2: 0.15 (paper); relative l2: 1.0
+    k: int = 10  # nearest training images (by embedding) verified on pixels per candidate
+    alpha: float = 0.5  # relative l2 only
+    n_neighbors: int = 50  # relative l2 only: size of the reference set S
+
+
+@dataclass
+class AuditConfig(GenerateConfig):
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    trainset: TrainingDataConfig = field(default_factory=TrainingDataConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
+
+
+def validate_audit(cfg: AuditConfig) -> None:
+    validate_generate(cfg)
+    f, i, m = cfg.filter, cfg.index, cfg.match
+    if not 0 < f.edge_threshold < 1:
+        raise ConfigError(f"filter.edge_threshold must be in (0, 1) (tiled l2 of [0, 1] images), got {f.edge_threshold}")
+    _at_least("filter.min_clique", f.min_clique, 2)
+    _at_least("filter.prompts_per_task", f.prompts_per_task, 1)
+    if m.candidates == CandidateSource.cliques and cfg.sampling.samples_per_prompt < f.min_clique:
+        raise ConfigError(f"sampling.samples_per_prompt={cfg.sampling.samples_per_prompt} is below "
+                          f"filter.min_clique={f.min_clique}: no prompt could ever be flagged; raise one or lower the other")
+    if not cfg.trainset.path or cfg.trainset.path == "???":
+        raise ConfigError("trainset.path is not set: give the training set (Parquet manifest or image folder) to match against")
+    if cfg.embedder.kind != EmbedderKind.pixels and not cfg.embedder.path:
+        raise ConfigError(f"embedder.kind={cfg.embedder.kind.value} needs embedder.path (a local file/folder or hub id)")
+    _at_least("embedder.size", cfg.embedder.size, 4)
+    _at_least("embedder.batch_size", cfg.embedder.batch_size, 1)
+    for key in ("shards", "nlist", "pq_m", "nprobe", "refine_k", "decode_batch", "dup_k"):
+        _at_least(f"index.{key}", getattr(i, key), 1)
+    _at_least("match.k", m.k, 1)
+    if m.distance == DistanceKind.relative_l2:
+        _at_least("match.n_neighbors", m.n_neighbors, 2)
+        if m.threshold < 0.5:
+            raise ConfigError(f"match.threshold={m.threshold} with relative_l2: the paper's threshold is 1.0 "
+                              "(set match=relative or match.threshold=1.0)")
+    elif not 0 < m.threshold < 1:
+        raise ConfigError(f"match.threshold must be in (0, 1) for tiled_l2 (paper: 0.15), got {m.threshold}")

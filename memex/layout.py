@@ -6,7 +6,19 @@
         samples/shard-000000.parquet SAMPLES_SCHEMA rows, one file per shard
         samples/_markers/shard-000000.json   written last: the shard is complete
         samples/_SUCCESS.json        the whole stage is complete
-        candidates/ index/ matches/ report/  filled by later stages
+        candidates/shard-000000.parquet  CANDIDATES_SCHEMA: one row per prompt (filter stage)
+        candidates/_settings.json    filter settings; a rerun must match them
+        matches/shard-000000.parquet MATCHES_SCHEMA: one row per verified candidate (match stage)
+        matches/summary.json         headline numbers, per-prompt results, thresholds, config
+        report/                      filled by the report stage
+
+    <index root>/<index key>/        the membership index of one training set (IndexLayout);
+        index.json                   shared by every run on the same data, embedder and index settings
+        train.parquet                TRAIN_SCHEMA: the ingested training set, gid = row number
+        shard-000000.faiss           FAISS shard (global ids), emb-shard-000000.npy its vectors
+        quarantine-shard-000000.parquet  QUARANTINE rows: unreadable training images and why
+        dups-shard-000000.parquet    DUPS_SCHEMA: near-duplicate count per training image
+        _markers/shard-000000.json, _markers/dups-000000.json, _SUCCESS.json
 
 A shard is written to a `_tmp-<uuid>-` file beside its final name and moved into place, then its marker is written; only a
 shard with a marker counts, so a run killed at any point resumes by regenerating unmarked shards
@@ -53,6 +65,43 @@ SAMPLES_SCHEMA = pa.schema(
         ("batch_size", pa.int32()),  # the fixed UNet batch shape: needed to regenerate bit-exactly
     ]
 )
+
+
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("n_samples", pa.int32()),
+        ("clique_size", pa.int32()),  # a real clique: lower bound of the maximum (memex/cliques.py)
+        ("clique_upper_bound", pa.int32()),  # proven bound on the maximum clique
+        ("clique_exact", pa.bool_()),  # size == maximum clique size
+        ("flagged", pa.bool_()),  # clique_size >= filter.min_clique
+        ("sample_ids", pa.list_(pa.string())),  # the clique's members
+        ("representative", pa.string()),  # the clique's medoid sample
+    ]
+)
+
+MATCHES_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("train_gid", pa.int64()),  # row of the index's train.parquet
+        ("train_id", pa.string()),  # id in the user's manifest
+        ("train_caption", pa.string()),
+        ("distance", pa.float32()),  # verification distance on pixels (match.distance)
+        ("embed_distance", pa.float32()),  # distance in the index's embedding space
+        ("neighbor_rank", pa.int32()),  # rank of this training image among the index's k results
+        ("extracted", pa.bool_()),  # distance <= match.threshold
+    ]
+)
+
+TRAIN_SCHEMA = pa.schema(
+    [("gid", pa.int64()), ("id", pa.string()), ("image", pa.binary()), ("uri", pa.string()), ("caption", pa.string())]
+)
+QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("reason", pa.string())])
+DUPS_SCHEMA = pa.schema([("gid", pa.int64()), ("id", pa.string()), ("caption", pa.string()),
+                         ("near_duplicates", pa.int32())])
 
 
 class StorageError(MemexError, RuntimeError):
@@ -103,6 +152,10 @@ class RunLayout:
         """The run folder as a URI a user can paste (s3://bucket/runs/name or /abs/path)."""
         return self.path if self.protocol == "file" else f"{self.protocol}://{self.path}"
 
+    def uri_of(self, path: str) -> str:
+        """A filesystem path of this layout as a URI (for functions that open URIs themselves)."""
+        return path if self.protocol == "file" else f"{self.protocol}://{path}"
+
     def join(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
 
@@ -128,18 +181,19 @@ class RunLayout:
     # ---- run folder --------------------------------------------------------------------
     def create(self) -> None:
         """Create the run folder and stage folders; fail early, naming the URI, if storage is unreachable."""
+        self._create([self.stage_dir(stage) for stage in STAGES], "run folder",
+                     "storage.root (bucket name, folder permissions) and storage.options (endpoint_url, credentials)")
+
+    def _create(self, folders: list[str], what: str, keys: str) -> None:
+        """Make folders and write + delete a probe file: an unreachable store fails here, not mid-run."""
         try:
-            for stage in STAGES:
-                self._mkdirs(self.stage_dir(stage))
+            for folder in folders:
+                self._mkdirs(folder)
             probe = self.join(f"_tmp-probe-{uuid.uuid4().hex}")
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm_file(probe)
         except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix
-            raise StorageError(
-                f"cannot write to run folder {self.uri}: {type(e).__name__}: {e}. "
-                "Check storage.root (bucket name, folder permissions) and storage.options "
-                "(endpoint_url, credentials)."
-            ) from e
+            raise StorageError(f"cannot write to {what} {self.uri}: {type(e).__name__}: {e}. Check {keys}.") from e
 
     def read_json(self, path: str) -> dict | None:
         if not self.fs.exists(path):
@@ -167,6 +221,18 @@ class RunLayout:
                 "Nothing was changed. Use another run.name (or storage.root) for a new experiment."
             )
 
+    def claim_stage(self, stage: str, settings: dict) -> None:
+        """Like claim_run, for a later stage's own settings (filter thresholds, index, match)."""
+        path = posixpath.join(self.stage_dir(stage), "_settings.json")
+        existing = self.read_json(path)
+        if existing is None:
+            self.write_json(path, settings)
+        elif existing != json.loads(json.dumps(settings, default=str)):
+            diff = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
+            raise StorageError(
+                f"{stage}/ in run folder {self.uri} was written with other settings ({', '.join(diff)}). "
+                f"Nothing was changed. Use another run.name, or delete {self.stage_dir(stage)} to redo the stage.")
+
     # ---- shards ------------------------------------------------------------------------
     def is_complete(self, stage: str, index: int) -> bool:
         return self.fs.exists(self.marker_path(stage, index))
@@ -183,9 +249,10 @@ class RunLayout:
     def read_stage(self, stage: str, columns: list[str] | None = None) -> pa.Table:
         """All complete shards of a stage as one table (shards without a marker are ignored)."""
         paths = [self.shard_path(stage, i) for i in self.complete_shards(stage)]
+        schema = {"samples": SAMPLES_SCHEMA, "candidates": CANDIDATES_SCHEMA, "matches": MATCHES_SCHEMA}.get(stage)
         if not paths:
-            return SAMPLES_SCHEMA.empty_table() if stage == "samples" else pa.table({})
-        return pq.ParquetDataset(paths, filesystem=self.fs).read(columns=columns)
+            return schema.empty_table() if schema is not None else pa.table({})
+        return pq.ParquetDataset(paths, filesystem=self.fs, schema=schema).read(columns=columns)
 
     def write_prompts(self, prompts: pa.Table) -> None:
         self._atomic_write_table(self.prompts_path, prompts.cast(PROMPTS_SCHEMA))
@@ -214,3 +281,53 @@ class RunLayout:
         tmp = self._tmp_path(path)
         pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
         self.fs.mv(tmp, path)
+
+
+class IndexLayout(RunLayout):
+    """One membership index: `<index root>/<key>/` (see the module docstring).
+
+    The key hashes the training-set listing, the embedder and the index settings, so every audit of
+    checkpoints trained on the same data reuses the index instead of re-embedding the training set.
+    """
+
+    def create(self) -> None:
+        self._create([self.join("_markers")], "index folder", "index.root / storage.root and storage.options")
+
+    @property
+    def info_json(self) -> str:
+        return self.join("index.json")
+
+    @property
+    def train_path(self) -> str:
+        return self.join("train.parquet")
+
+    def faiss_path(self, shard: int) -> str:
+        return self.join(f"shard-{shard:0{SHARD_DIGITS}d}.faiss")
+
+    def emb_path(self, shard: int) -> str:
+        return self.join(f"emb-shard-{shard:0{SHARD_DIGITS}d}.npy")
+
+    def quarantine_path(self, shard: int) -> str:
+        return self.join(f"quarantine-{shard_name(shard)}")
+
+    def dups_path(self, shard: int) -> str:
+        return self.join(f"dups-{shard_name(shard)}")
+
+    def marker(self, kind: str, shard: int) -> str:
+        return self.join("_markers", f"{kind}-{shard:0{SHARD_DIGITS}d}.json")
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self._atomic_write(path, data)
+
+    def write_table(self, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
+        self._mkdirs(posixpath.dirname(path))
+        tmp = self._tmp_path(path)
+        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", row_group_size=row_group_size)
+        self.fs.mv(tmp, path)
+
+    def read_table(self, path: str, schema: pa.Schema | None = None, filters=None) -> pa.Table:
+        return pq.read_table(path, filesystem=self.fs, schema=schema, filters=filters)
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open(path, "rb") as f:
+            return f.read()

@@ -66,10 +66,14 @@ def load_image(row: dict, size: int | None = None, storage_options: dict[str, An
         img.load()
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ManifestError(f"image {row['id']!r} cannot be decoded: {type(e).__name__}: {e}") from e
-    img = img.convert("RGB")
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    return np.asarray(img)
+    return resize_image(np.asarray(img.convert("RGB")), size)
+
+
+def resize_image(img: np.ndarray, size: int | None) -> np.ndarray:
+    """uint8 HxWx3 -> size x size x 3 (bicubic); unchanged when size is None or already matches."""
+    if size is None or img.shape[:2] == (size, size):
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
 
 
 def expand_duplicates(table: pa.Table, schedule: list[DuplicationGroup], seed: int = 0) -> pa.Table:

@@ -5,6 +5,8 @@
               exact caption repeats, most duplicated first (the paper's prompt choice; near-
               duplicate image counts replace this once the membership index exists)
     none      unconditional models: one prompt with id "uncond" and empty text
+    near_duplicates  (memex audit) training captions ranked by near-duplicate image counts from
+              the membership index: `rank_by_near_duplicates`, called by the audit stage
 
 Output: a pyarrow table (prompt_id, prompt) in generation order.
 """
@@ -78,8 +80,33 @@ def rank_captions(captions: pa.Array | pa.ChunkedArray) -> pa.Table:
     return counts.sort_by([("caption_count", "descending"), ("caption", "ascending")])
 
 
+def rank_by_near_duplicates(dups: pa.Table, limit: int | None) -> pa.Table:
+    """Captions of the most near-duplicated training images first (the paper's prompt choice).
+
+    `dups` has one row per training image with `caption` and `near_duplicates` (memex/stages/
+    index.py); a caption shared by several images keeps its best rank. Ties: by caption text.
+    """
+    t = dups.filter(pc.invert(pc.is_null(dups["caption"])))
+    t = t.sort_by([("near_duplicates", "descending"), ("caption", "ascending")])
+    seen: set[str] = set()
+    rows = []
+    for c in t["caption"].to_pylist():
+        c = c.strip()
+        if c and c not in seen:
+            seen.add(c)
+            rows.append((prompt_id(c), c))
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise PromptError("the training set has no captions to use as prompts: give prompts=file, or "
+                          "prompts=none for an unconditional model")
+    return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows]}, schema=PROMPTS_SCHEMA)
+
+
 def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = None) -> pa.Table:
     opts = storage_options or {}
+    if cfg.source == PromptSource.near_duplicates:
+        raise PromptError("prompts.source=near_duplicates is resolved by `memex audit` from its index")
     if cfg.source == PromptSource.none:
         return pa.table({"prompt_id": [UNCONDITIONAL_ID], "prompt": [""]}, schema=PROMPTS_SCHEMA)
 

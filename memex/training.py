@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from memex import tiny
 from memex.config import ArchConfig, ArchKind, ConfigError, TrainConfig, validate_train
-from memex.manifest import ManifestError, expand_duplicates, load_image, read_manifest
+from memex.manifest import ManifestError, expand_duplicates, load_image, read_manifest, resize_image
 
 log = logging.getLogger("memex.train")
 MANIFEST_FILE = "training_manifest.parquet"  # the exact training set, one row per example
@@ -53,7 +53,7 @@ def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[st
         if img.shape[:2] != (r, r) and not d.resize:
             raise ManifestError(f"image {row['id']!r} is {img.shape[1]}x{img.shape[0]}, the model takes {r}x{r}: "
                                 "set data.resize=true or arch.resolution")
-        images.append(load_image(row, r, d.storage_options) if img.shape[:2] != (r, r) else img)
+        images.append(resize_image(img, r))  # decoded once, resized only when data.resize allows it
         cap = row.get(d.caption_column)
         if cfg.arch.kind == ArchKind.pixel_text and cap is None:
             raise ManifestError(f"image {row['id']!r} has no {d.caption_column!r}: a text-conditional model needs "

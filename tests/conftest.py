@@ -97,8 +97,8 @@ def compose(overrides: list[str], config_name: str = "generate"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from memex.cli import CONF_DIR, to_generate_config
+    from memex import cli
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base=None):
         cfg = hydra_compose(config_name=config_name, overrides=overrides)
-    return to_generate_config(cfg)
+    return {"generate": cli.to_generate_config, "train": cli.to_train_config, "audit": cli.to_audit_config}[config_name](cfg)

@@ -7,7 +7,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import BIN, REPO, compose
 from memex.cli import CONF_DIR
-from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, SchedulerKind
+from memex.config import AuditConfig, ConfigError, DistanceKind, GenerateConfig, ModelKind, PromptSource, SchedulerKind
 
 GROUPS = ["model", "sampling", "prompts", "storage", "resources"]
 FILL = ["model.path=/some/model", "prompts.path=/some/prompts.txt"]  # values left ??? on purpose
@@ -16,8 +16,49 @@ FILL = ["model.path=/some/model", "prompts.path=/some/prompts.txt"]  # values le
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))])
 def test_every_group_option_composes(group, option):
     # mandatory values (???) in an option are filled the way a user would
+    if (group, option) == ("prompts", "near_duplicates"):  # needs the audit's index
+        with pytest.raises(ConfigError, match="memex audit"):
+            compose([f"{group}={option}"] + FILL)
+        return
     cfg = compose([f"{group}={option}"] + FILL)
     assert isinstance(cfg, GenerateConfig)
+
+
+AUDIT_GROUPS = GROUPS + ["filter", "trainset", "embedder", "index", "match"]
+AUDIT_FILL = ["model.path=/some/model", "trainset.path=/data/train.parquet", "embedder.path=/models/sscd.pt"]
+
+
+@pytest.mark.parametrize("group,option", [(g, p.stem) for g in AUDIT_GROUPS
+                                          for p in sorted((CONF_DIR / g).glob("*.yaml"))])
+def test_every_audit_group_option_composes(group, option):
+    # sampling options made for `memex generate` may take fewer samples than a clique needs
+    fix = ["sampling.samples_per_prompt=16"] if group == "sampling" else []
+    cfg = compose([f"{group}={option}", "prompts.path=/some/prompts.txt"] + AUDIT_FILL + fix, config_name="audit")
+    assert isinstance(cfg, AuditConfig)
+    assert getattr(cfg, group) is not None
+
+
+def test_default_audit_is_the_demo_against_its_own_training_set():
+    cfg = compose([], config_name="audit")
+    assert cfg.model.path.endswith("demo/models/demo-text")
+    assert cfg.trainset.path == cfg.model.path + "/training_manifest.parquet"
+    assert cfg.prompts.source == PromptSource.near_duplicates
+    assert cfg.sampling.samples_per_prompt >= cfg.filter.min_clique == 10
+    assert (cfg.match.distance, cfg.match.threshold) == (DistanceKind.tiled_l2, 0.15)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("filter.edge_threshold=1.5", "filter.edge_threshold"),
+    ("sampling.samples_per_prompt=4", "filter.min_clique"),
+    ("embedder=sscd", "embedder.path"),
+    ("match.threshold=0.1", "match.threshold"),  # with match=relative below
+    ("index.shards=0", "index.shards"),
+])
+def test_audit_out_of_range_names_the_key(override, key):
+    extra = ["match=relative"] if override.startswith("match.threshold") else []
+    with pytest.raises((ConfigError, ValidationError, ConfigCompositionException)) as e:
+        compose([override] + extra, config_name="audit")
+    assert key in str(e.value) or key in str(e.value.__cause__)
 
 
 def test_default_config_is_the_demo():

@@ -126,8 +126,12 @@ class GenerateShards:
         return pa.table(cols, schema=SAMPLES_SCHEMA)
 
 
-def run(cfg: GenerateConfig) -> dict:
-    """Generate all samples of a run; returns a summary (run URI, shard and row counts)."""
+def run(cfg: GenerateConfig, prompts: pa.Table | None = None) -> dict:
+    """Generate all samples of a run; returns a summary (run URI, shard and row counts).
+
+    `prompts` (prompt_id, prompt) replaces cfg.prompts when given: the audit ranks training
+    captions by near-duplicate counts from its index and passes the result here.
+    """
     import ray
 
     # 1. check inputs before any cluster work
@@ -136,7 +140,8 @@ def run(cfg: GenerateConfig) -> dict:
         raise ConfigError("model.kind=unconditional takes no prompts: set prompts=none")
     if os.path.isdir(cfg.model.path) or not HUB_ID.match(cfg.model.path):
         check_local_checkpoint(cfg.model.path)
-    prompts = load_prompts(cfg.prompts, cfg.storage.options)
+    if prompts is None:
+        prompts = load_prompts(cfg.prompts, cfg.storage.options)
 
     # 2. claim the run folder (same settings, or refuse) and plan shards
     settings = run_settings(cfg, prompts)

@@ -1,0 +1,19 @@
+"""Audit job: `python jobs/audit.py key=value ...` (same overrides as `memex audit`).
+
+From a laptop against a cluster (Ray sets RAY_ADDRESS for the driver it starts):
+    ray job submit --address http://<head>:8265 --working-dir . -- \
+        python jobs/audit.py model=local model.path=s3://b/ckpt/step-20000 trainset=manifest \
+            trainset.path=s3://b/train.parquet storage=s3 resources=gpu index=ivfpq
+"""
+
+import sys
+from pathlib import Path
+
+# Import memex from this checkout (the Ray working_dir), not an older copy installed in the image.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memex.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.argv.insert(1, "audit")
+    main()

@@ -1,0 +1,202 @@
+"""Image embedders for the membership index: uint8 images -> float32 vectors that FAISS searches.
+
+This module owns every embedding model (with the sampler, the only code that puts a model on a
+GPU). Three kinds, built by `make_embedder(EmbedderSpec)`:
+  * pixels: weight-free; images resized to size x size, in [0, 1], flattened and scaled by
+    1/sqrt(dim), so the squared l2 between two embeddings is the mean squared pixel difference and
+    sqrt(FAISS L2 distance) = RMS pixel difference in [0, 1]: the paper's l2, directly comparable
+    with its thresholds (0.15). Enough to find pixel-level copies, which is what the paper counts.
+  * sscd: SSCD copy-detection descriptor (Pizzi et al. 2022; used by Somepalli et al. 2023,
+    similarity >= 0.5 = likely copy). Its weights are published by facebookresearch/sscd-copy-detection
+    as TorchScript files (e.g. sscd_disc_mixup.torchscript.pt, 512-d); the reference input is
+    288 px (embedder=sscd sets size 288). Cosine similarity (metric "ip" on unit vectors).
+  * clip: a CLIP image tower (transformers CLIPVisionModelWithProjection) from a local folder or
+    a hub id, with the folder's CLIPImageProcessor when it has one. Cosine similarity.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memex.config import MemexError
+
+log = logging.getLogger("memex.embed")
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD's normalisation
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
+
+
+class EmbedderError(MemexError, ValueError):
+    """The embedder cannot be built or used; the message names the config key to fix."""
+
+
+@dataclass
+class EmbedderSpec:
+    kind: str  # "pixels" | "sscd" | "clip"
+    path: str | None = None  # sscd: TorchScript file (local or fsspec URI); clip: local folder or hub id
+    size: int = 32  # pixels: side after resize (dim 3*size^2); sscd: model input side; clip: side images arrive at
+    device: str = "cpu"
+    batch_size: int = 64
+    storage_options: dict[str, Any] | None = None  # fsspec options for an sscd path on object storage
+
+
+class Embedder:
+    """uint8 (N, H, W, 3) RGB images -> float32 (N, dim) vectors, batch_size images per forward pass."""
+
+    dim: int
+    metric: str  # "l2" (FAISS IndexFlatL2: squared distances) or "ip" (unit vectors: cosine similarity)
+    name: str  # kind + path + size; identifies the vectors in index cache keys
+    batch_size: int = 64
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = np.asarray(images)
+        if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+            raise EmbedderError(f"{self.name}: expected uint8 images of shape (N, H, W, 3), got {x.dtype} {x.shape}")
+        if len(x) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        with torch.inference_mode():
+            out = [self._embed(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _embed(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _to_float(batch: np.ndarray, side: int | None, device: str | torch.device = "cpu") -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, side, side) in [0, 1]; bilinear with antialiasing
+    (what torchvision's Resize does) when the size changes, untouched when it already matches."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    if side is not None and x.shape[-2:] != (side, side):
+        x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+class PixelEmbedder(Embedder):
+    """Resized pixels: squared l2 of two embeddings = mean squared pixel difference ([0, 1] scale)."""
+
+    metric = "l2"
+
+    def __init__(self, size: int = 32, batch_size: int = 256):
+        self.size, self.batch_size = size, batch_size
+        self.dim = 3 * size * size  # 3,072 at 32 px: 12 KB per image in a flat index
+        self.name = f"pixels:{size}"
+        self._scale = 1.0 / math.sqrt(self.dim)
+
+    def _embed(self, batch: np.ndarray) -> np.ndarray:
+        x = _to_float(batch, self.size)
+        return (x.reshape(len(x), -1) * self._scale).numpy()
+
+
+class SSCDEmbedder(Embedder):
+    """SSCD TorchScript descriptor: size x size input, ImageNet normalisation, L2-normalised output."""
+
+    metric = "ip"
+
+    def __init__(self, path: str, size: int = 288, device: str = "cpu", batch_size: int = 64,
+                 storage_options: dict[str, Any] | None = None):
+        self.size, self.device, self.batch_size = size, torch.device(device), batch_size
+        self.name = f"sscd:{path}:{size}"
+        try:
+            with fsspec.open(path, "rb", **(storage_options or {})) as f:
+                data = f.read()  # any fsspec URI; torch.jit.load reads from memory
+        except FileNotFoundError:
+            raise EmbedderError(f"embedder.path={path} does not exist: download an SSCD TorchScript file "
+                                "(facebookresearch/sscd-copy-detection, e.g. sscd_disc_mixup.torchscript.pt) "
+                                "and set embedder.path=<file>") from None
+        try:
+            self.model = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/ValueError for non-TorchScript files
+            raise EmbedderError(f"embedder.path={path} is not a TorchScript model ({type(e).__name__}: {e}); "
+                                "SSCD publishes *.torchscript.pt files: set embedder.path to one") from e
+        self.dim = self._probe()
+
+    def _probe(self) -> int:
+        with torch.inference_mode():
+            try:
+                out = self.model(torch.zeros(1, 3, self.size, self.size, device=self.device))
+            except Exception as e:  # noqa: BLE001 - re-raised naming the config key
+                raise EmbedderError(f"{self.name}: the model rejects 3x{self.size}x{self.size} input "
+                                    f"({type(e).__name__}: {e}); set embedder.size to a side it accepts (SSCD: 288)") from e
+        if out.ndim != 2:
+            raise EmbedderError(f"{self.name}: expected (N, dim) descriptors, the model returns shape {tuple(out.shape)}")
+        return int(out.shape[1])
+
+    def _embed(self, batch: np.ndarray) -> np.ndarray:
+        x = _normalise(_to_float(batch, self.size, self.device), IMAGENET_MEAN, IMAGENET_STD)
+        return F.normalize(self.model(x).float(), dim=1).cpu().numpy()
+
+
+class CLIPEmbedder(Embedder):
+    """CLIP image tower: image_embeds (projection_dim) L2-normalised; cosine similarity."""
+
+    metric = "ip"
+
+    def __init__(self, path: str, size: int = 224, device: str = "cpu", batch_size: int = 64):
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.name = f"clip:{path}:{size}"
+        try:  # the same call for a local folder and a hub id
+            self.model = CLIPVisionModelWithProjection.from_pretrained(path).to(self.device).eval()
+        except Exception as e:  # noqa: BLE001 - OSError (not found / offline), ValueError (not a CLIP checkpoint)
+            raise EmbedderError(f"embedder.path={path} is not a loadable CLIP checkpoint ({type(e).__name__}: {e}); "
+                                "set embedder.path to a local transformers folder or a reachable hub id") from e
+        try:
+            self.processor = CLIPImageProcessor.from_pretrained(path)
+        except OSError:  # no preprocessor_config.json: square resize + OpenAI CLIP mean/std below
+            self.processor = None
+        self.side = int(self.model.config.image_size)
+        if size < self.side:
+            log.warning("%s: images arrive at %d px and are upsampled to the model's %d px; set embedder.size=%d",
+                        self.name, size, self.side, self.side)
+        self.dim = int(self._embed(np.zeros((1, self.side, self.side, 3), np.uint8)).shape[1])
+
+    def _embed(self, batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            if self.processor is not None:
+                x = self.processor(images=list(batch), return_tensors="pt")["pixel_values"].to(self.device)
+            else:
+                x = _normalise(_to_float(batch, self.side, self.device), CLIP_MEAN, CLIP_STD)
+            emb = self.model(pixel_values=x).image_embeds
+        return F.normalize(emb.float(), dim=1).cpu().numpy()
+
+
+def make_embedder(spec: EmbedderSpec) -> Embedder:
+    """The embedder a spec asks for; EmbedderError naming the config key when it cannot be built."""
+    kind = getattr(spec.kind, "value", spec.kind)  # accepts memex.config.EmbedderKind too
+    if spec.size < 1 or spec.batch_size < 1:
+        raise EmbedderError(f"embedder.size and embedder.batch_size must be >= 1, got {spec.size} and {spec.batch_size}")
+    if str(spec.device).startswith("cuda") and not torch.cuda.is_available():
+        raise EmbedderError(f"embedder device {spec.device!r} asked for but CUDA is not available: "
+                            "set resources.device=cpu (or auto)")
+    if kind == "pixels":
+        return PixelEmbedder(spec.size, spec.batch_size)
+    if kind not in ("sscd", "clip"):
+        raise EmbedderError(f"embedder.kind={kind!r} is unknown: set embedder.kind to pixels, sscd or clip")
+    if not spec.path:
+        what = "an SSCD TorchScript file" if kind == "sscd" else "a CLIP folder or hub id (org/name)"
+        raise EmbedderError(f"embedder.kind={kind} needs a model: set embedder.path=... ({what})")
+    if kind == "sscd":
+        return SSCDEmbedder(spec.path, spec.size, spec.device, spec.batch_size, spec.storage_options)
+    if not os.path.exists(spec.path) and not HUB_ID.match(spec.path):
+        raise EmbedderError(f"embedder.path={spec.path} is neither an existing local folder nor a hub id (org/name): "
+                            "set embedder.path=... to one")
+    return CLIPEmbedder(spec.path, spec.size, spec.device, spec.batch_size)

@@ -1,0 +1,366 @@
+"""Sharded FAISS membership index over training-set embeddings, stored on any fsspec filesystem.
+
+Every training vector has a global int64 id (`gid`, its row in the index's train.parquet). A shard
+holds any subset of the training set under those ids (faiss IndexIDMap2 around the inner index), so
+shard results carry global ids directly and merging shards needs no id bookkeeping. Shards must
+partition the ids: an id added to two shards is returned twice.
+
+Two kinds (IndexSpec.kind):
+    flat   exact search (IndexFlatL2 / IndexFlatIP). Memory 4*d bytes per vector (512-d SSCD: 2 KiB,
+           so 1M vectors per shard is 2 GiB); search costs n*d flops per query.
+    ivfpq  IVF-PQ candidate search (nprobe of nlist inverted lists, pq_m-byte codes at 8 bits), then
+           exact re-ranking of the best k*refine_k candidates against the stored float vectors
+           (IndexRefineFlat), so every returned distance is exact; only recall is approximate.
+           Memory is the flat memory plus pq_m*pq_nbits/8 bytes per vector: the index trades search
+           time, not memory, because an audit needs exact distances to compare with thresholds.
+
+Distances are what faiss returns: *squared* L2 for metric "l2" (smaller is closer), inner product
+for "ip" (larger is closer; cosine similarity when the embedder L2-normalises, as sscd/clip do).
+
+The stage layer runs one Ray task per shard: `train_index` once on a sample of the whole training
+set (saved with `save_index`), then `build_shard(..., trained=...)` per shard, `save_index` per
+shard, and `search_shard` per shard followed by `merge_topk`. `ShardedIndex` does the same in one
+process (tests, benchmarks, small sets).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import faiss
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+from memex.config import ConfigError, IndexConfig
+from memex.layout import StorageError
+
+KINDS = ("flat", "ivfpq")
+METRICS = ("l2", "ip")
+_FAISS_METRIC = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
+TRAIN_SEED = 0  # fixed: every shard task that samples training vectors picks the same rows
+
+SearchResult = tuple[np.ndarray, np.ndarray]  # D (q, k) float32, I (q, k) int64
+
+
+class IndexSpecError(ConfigError):
+    """An index setting does not fit the data (dimension, number of vectors) or is out of range."""
+
+
+@dataclass
+class IndexSpec:
+    kind: str  # "flat" | "ivfpq"
+    metric: str  # "l2" (squared L2 distances) | "ip" (inner product; cosine on normalised vectors)
+    nlist: int = 1024  # IVF lists; faiss advises 39..256 training vectors per list
+    pq_m: int = 16  # PQ sub-quantizers (bytes per code at 8 bits); must divide the dimension
+    pq_nbits: int = 8  # bits per sub-quantizer code; training needs >= 2**pq_nbits vectors
+    nprobe: int = 32  # lists visited per query (capped at nlist)
+    refine_k: int = 4  # IVF-PQ returns k*refine_k candidates, re-ranked exactly down to k
+    train_size: int = 65536  # at most this many vectors (a fixed random sample) train IVF-PQ
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_config(cls, cfg: IndexConfig, metric: str) -> "IndexSpec":
+        """The spec of `index.*` settings; the metric comes from the embedder (pixels: l2, sscd/clip: ip)."""
+        kind = cfg.kind.value if hasattr(cfg.kind, "value") else str(cfg.kind)
+        return cls(kind=kind, metric=metric, nlist=cfg.nlist, pq_m=cfg.pq_m, pq_nbits=cfg.pq_nbits,
+                   nprobe=cfg.nprobe, refine_k=cfg.refine_k)
+
+    def validate(self, dim: int | None = None, n_train: int | None = None) -> None:
+        """Range checks; with `dim` / `n_train`, also the checks that depend on the data."""
+        if self.kind not in KINDS:
+            raise IndexSpecError(f"index.kind={self.kind!r} is not one of {KINDS}: use flat for up to a few "
+                                 "million vectors per shard, ivfpq beyond.")
+        if self.metric not in METRICS:
+            raise IndexSpecError(f"index metric {self.metric!r} is not one of {METRICS}: l2 for pixel "
+                                 "embeddings, ip for L2-normalised sscd/clip embeddings.")
+        for name, lo, hi in (("nlist", 1, None), ("pq_m", 1, None), ("pq_nbits", 1, 16), ("nprobe", 1, None),
+                             ("refine_k", 1, None), ("train_size", 1, None)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo or (
+                    hi is not None and value > hi):
+                bound = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+                raise IndexSpecError(f"index.{name}={value!r} must be {bound}.")
+        if self.kind != "ivfpq":
+            return
+        if dim is not None and dim % self.pq_m:
+            divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+            raise IndexSpecError(f"index.pq_m={self.pq_m} must divide the embedding dimension {dim}: "
+                                 f"choose one of {divisors}.")
+        if n_train is not None:
+            need = max(self.nlist, 2 ** self.pq_nbits)
+            if n_train < need:
+                raise IndexSpecError(
+                    f"IVF-PQ needs at least max(index.nlist={self.nlist}, 2**index.pq_nbits={2 ** self.pq_nbits})"
+                    f" = {need} training vectors, got {n_train}: lower index.nlist / index.pq_nbits, "
+                    f"use index.kind=flat for a set this small, or train on more vectors.")
+            if self.train_size < need:
+                raise IndexSpecError(f"train_size={self.train_size} is below the {need} training vectors "
+                                     "IVF-PQ needs (index.nlist, 2**index.pq_nbits): raise train_size.")
+
+    def factory_string(self) -> str:
+        if self.kind == "flat":
+            return "IDMap2,Flat"
+        # np: no polysemous training (index_factory's default for PQ), which we never use for search
+        # and which is 10-20x the cost of the k-means itself. RFlat: IndexRefineFlat keeps the float
+        # vectors and re-ranks the IVF-PQ candidates exactly.
+        return f"IDMap2,IVF{self.nlist},PQ{self.pq_m}x{self.pq_nbits}np,RFlat"
+
+
+# ---- build -----------------------------------------------------------------------------------
+def _as_matrix(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise IndexSpecError(f"{name} must be a 2-D (n, d) array, got shape {x.shape}.")
+    if dim is not None and x.shape[1] != dim:
+        raise IndexSpecError(f"{name} have dimension {x.shape[1]} but the index has {dim}: "
+                             "embed them with the embedder the index was built with.")
+    return np.ascontiguousarray(x, dtype=np.float32)  # faiss takes C-contiguous float32 only
+
+
+def _sample_rows(x: np.ndarray, size: int) -> np.ndarray:
+    if len(x) <= size:
+        return x
+    rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(len(x), size, replace=False))
+    return x[rows]
+
+
+def train_index(train_vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
+    """An empty index with trained IVF centroids and PQ codebooks (flat: nothing to train).
+
+    Train once on a sample of the whole training set and pass the result to every `build_shard`
+    (`trained=`): all shards then share one coarse quantizer and one codebook, so their PQ
+    approximations are comparable, and the k-means runs once instead of once per shard.
+    At most spec.train_size rows (a fixed random sample) are used; IVF k-means over 65,536 x 512-d
+    vectors into 1,024 lists is seconds to a minute on a few cores.
+    """
+    x = _as_matrix(train_vectors, "training vectors")
+    spec.validate(dim=x.shape[1], n_train=len(x) if spec.kind == "ivfpq" else None)
+    index = faiss.index_factory(x.shape[1], spec.factory_string(), _FAISS_METRIC[spec.metric])
+    if spec.kind == "ivfpq":
+        index.train(_sample_rows(x, spec.train_size))
+    return index
+
+
+def _check_matches(index: faiss.Index, spec: IndexSpec, what: str) -> None:
+    if not isinstance(index, faiss.IndexIDMap2):
+        raise IndexSpecError(f"{what} is a {type(index).__name__}, not an index from build_shard/train_index "
+                             "(IndexIDMap2 with global ids): build it with memex.index.")
+    kind = "ivfpq" if isinstance(faiss.downcast_index(index.index), faiss.IndexRefine) else "flat"
+    metric = "l2" if index.metric_type == faiss.METRIC_L2 else "ip"
+    if (kind, metric) != (spec.kind, spec.metric):
+        raise IndexSpecError(f"{what} is a {kind}/{metric} index but the spec says {spec.kind}/{spec.metric}: "
+                             "use the index settings it was built with, or rebuild it.")
+
+
+def build_shard(vectors: np.ndarray, ids: np.ndarray, spec: IndexSpec, train_vectors: np.ndarray | None = None,
+                trained: faiss.Index | None = None) -> faiss.Index:
+    """One shard: `vectors` (n, d) float32 stored under global `ids` (n,) int64 (unique, >= 0).
+
+    IVF-PQ training, in order of preference:
+      trained         an empty trained index from `train_index` (the stage layer trains once and
+                      ships it to every shard task); it is copied, not modified;
+      train_vectors   train here on (a sample of) these, e.g. a sample of the whole training set:
+                      every shard given the same rows trains the same quantizer (seeded k-means);
+      neither         train on the shard's own vectors: fine for one shard, but each shard then
+                      has its own codebook (distances stay exact after re-ranking either way).
+    """
+    x = _as_matrix(vectors, "training vectors")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.shape != (len(x),):
+        raise IndexSpecError(f"ids must have shape ({len(x)},) like the vectors, got {ids.shape}.")
+    if len(ids) and (ids.min() < 0 or len(np.unique(ids)) != len(ids)):
+        raise IndexSpecError("ids must be unique non-negative global ids (-1 marks a missing result).")
+    spec.validate(dim=x.shape[1])
+    if trained is not None:
+        _check_matches(trained, spec, "the trained index")
+        if trained.d != x.shape[1] or not trained.is_trained or trained.ntotal:
+            raise IndexSpecError(f"trained= must be an empty trained {x.shape[1]}-d index from train_index "
+                                 f"(got d={trained.d}, trained={trained.is_trained}, ntotal={trained.ntotal}).")
+        index = faiss.deserialize_index(faiss.serialize_index(trained))  # a copy: KBs to MBs when empty
+    else:
+        index = train_index(x if train_vectors is None else train_vectors, spec)
+        if index.d != x.shape[1]:
+            raise IndexSpecError(f"train_vectors have dimension {index.d} but the shard's vectors {x.shape[1]}.")
+    index.add_with_ids(x, ids)
+    return index
+
+
+# ---- storage ---------------------------------------------------------------------------------
+def save_index(index: faiss.Index, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write `index` to `uri` atomically: stream it into `_tmp-<uuid>-<name>` beside the target, then move.
+
+    faiss.write_index streams through a PyCallbackIOWriter in 1 MiB pieces instead of
+    serialize_index's one in-memory copy (a 1M x 512-d flat shard is 2 GiB). A reader never sees a
+    partial file under the final name; a failed write removes its temp file.
+    """
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f"_tmp-{uuid.uuid4().hex}-{name}")
+    try:
+        if isinstance(fs, LocalFileSystem):  # object stores have no folders (see layout._mkdirs)
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        fs.mv(tmp, path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix
+        try:
+            if fs.exists(tmp):
+                fs.rm_file(tmp)
+        except Exception:  # noqa: BLE001 - the original error matters more than the cleanup
+            pass
+        raise StorageError(f"cannot write index to {uri}: {type(e).__name__}: {e}. Check the index root "
+                           "(folder permissions, bucket name) and storage options (endpoint, credentials).") from e
+
+
+def load_index(uri: str, storage_options: dict[str, Any] | None = None) -> faiss.Index:
+    """Read an index written by `save_index` (streamed: no second copy of the file in memory)."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.exists(path):
+        raise StorageError(f"no index at {uri}: build it first (index stage), or check the index root "
+                           "and storage options.")
+    try:
+        with fs.open(path, "rb") as f:
+            return faiss.read_index(faiss.PyCallbackIOReader(f.read))
+    except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix
+        raise StorageError(f"cannot read index {uri}: {type(e).__name__}: {e}. The file is damaged or not "
+                           "a faiss index: delete it and its marker so the index stage rebuilds it.") from e
+
+
+# ---- search ----------------------------------------------------------------------------------
+def _worst(metric: str) -> float:
+    return np.inf if metric == "l2" else -np.inf
+
+
+def search_shard(index: faiss.Index, queries: np.ndarray, k: int, spec: IndexSpec) -> SearchResult:
+    """Top-k of one shard: D (q, k) float32 (squared L2 or inner product), I (q, k) int64 global ids.
+
+    Fewer than k results (small shard, or IVF lists that hold fewer vectors) are I=-1 with
+    D=+inf (l2) / -inf (ip); faiss itself reports them as +-3.4e38.
+    nprobe and refine_k go in per-call search parameters, so a shared index is never mutated.
+    """
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise IndexSpecError(f"k={k!r} must be a positive integer.")
+    _check_matches(index, spec, "this shard")
+    q = _as_matrix(queries, "queries", index.d)
+    if spec.kind == "ivfpq":
+        ivf = faiss.SearchParametersIVF()
+        ivf.nprobe = min(spec.nprobe, faiss.extract_index_ivf(index).nlist)
+        params = faiss.IndexRefineSearchParameters()
+        params.k_factor = float(spec.refine_k)
+        params.base_index_params = ivf  # `ivf` stays referenced until the search returns
+        D, I = index.search(q, k, params=params)
+    else:
+        D, I = index.search(q, k)
+    D[I < 0] = _worst(spec.metric)
+    return D, I
+
+
+def merge_topk(results: Sequence[SearchResult], k: int, metric: str) -> SearchResult:
+    """Global top-k from per-shard top-k lists: the order of one flat index over all shards.
+
+    l2: ascending distance; ip: descending similarity; ties broken by ascending global id (faiss's
+    own order among exactly tied distances is unspecified, so only tie-free data compares equal).
+    I=-1 entries are ignored; rows with fewer than k results are padded with I=-1, D=worst.
+    One lexsort over the (q, sum of shard k) stacked arrays: no loop over queries.
+    """
+    if metric not in METRICS:
+        raise IndexSpecError(f"metric {metric!r} is not one of {METRICS}.")
+    if not results:
+        raise IndexSpecError("merge_topk needs at least one shard result.")
+    D = np.concatenate([np.asarray(d, dtype=np.float32) for d, _ in results], axis=1)  # (q, sum k_s)
+    I = np.concatenate([np.asarray(i, dtype=np.int64) for _, i in results], axis=1)
+    missing = I < 0
+    primary = np.where(missing, np.inf, D if metric == "l2" else -D)  # ascending = better first
+    secondary = np.where(missing, np.iinfo(np.int64).max, I)
+    order = np.lexsort((secondary, primary), axis=1)[:, :k]  # last key is the primary one
+    D_out = np.full((len(D), k), _worst(metric), dtype=np.float32)
+    I_out = np.full((len(D), k), -1, dtype=np.int64)
+    width = order.shape[1]
+    D_out[:, :width] = np.take_along_axis(D, order, axis=1)
+    I_out[:, :width] = np.take_along_axis(I, order, axis=1)
+    D_out[I_out < 0] = _worst(metric)
+    return D_out, I_out
+
+
+class ShardedIndex:
+    """Shards searched one after another and merged; the in-process form of the Ray index stage."""
+
+    def __init__(self, shards: Sequence[faiss.Index], spec: IndexSpec):
+        if not shards:
+            raise IndexSpecError("a ShardedIndex needs at least one shard.")
+        dims = {s.d for s in shards}
+        if len(dims) != 1:
+            raise IndexSpecError(f"shards have different dimensions {sorted(dims)}: they were built from "
+                                 "different embedders; rebuild the index.")
+        for i, s in enumerate(shards):
+            _check_matches(s, spec, f"shard {i}")
+        self.shards = list(shards)
+        self.spec = spec
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, n_shards: int, spec: IndexSpec,
+              ids: np.ndarray | None = None) -> "ShardedIndex":
+        """Split `vectors` (n, d) into n_shards contiguous shards; ids default to row numbers.
+
+        IVF-PQ trains once, on at most spec.train_size rows of the whole set, and every shard
+        copies that trained index (see `train_index`).
+        """
+        x = _as_matrix(vectors, "training vectors")
+        ids = np.arange(len(x), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        if not isinstance(n_shards, (int, np.integer)) or not 1 <= n_shards <= max(len(x), 1):
+            raise IndexSpecError(f"index.shards={n_shards!r} must be between 1 and the number of vectors {len(x)}.")
+        trained = train_index(x, spec) if spec.kind == "ivfpq" else None
+        parts = np.array_split(np.arange(len(x)), n_shards)
+        return cls([build_shard(x[p], ids[p], spec, trained=trained) for p in parts], spec)
+
+    @property
+    def d(self) -> int:
+        return self.shards[0].d
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal for s in self.shards)
+
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+        return merge_topk([search_shard(s, queries, k, self.spec) for s in self.shards], k, self.spec.metric)
+
+
+# ---- near-duplicates -------------------------------------------------------------------------
+def duplicate_counts(search_fn: Callable[[np.ndarray, int], SearchResult], vectors: np.ndarray, ids: np.ndarray,
+                     threshold: float, k: int = 64, batch: int = 4096, *, metric: str) -> np.ndarray:
+    """(n,) int32: for each training vector, how many OTHER indexed vectors lie within `threshold`.
+
+    `search_fn(queries, k) -> (D, I)` is the index's own search (e.g. ShardedIndex.search), so the
+    counts see exactly what the audit's membership search sees. Within threshold means
+      l2: sqrt(D) <= threshold: faiss L2 indexes return *squared* distances, thresholds are plain L2;
+      ip: D >= threshold (cosine similarity for normalised embeddings).
+    The vector itself (I == its own id) and missing results (I == -1) do not count. Only k results
+    are looked at, so counts saturate at k-1: a vector with k-1 or more near-duplicates gets k-1
+    (clipped also when exact duplicates push the vector itself out of its own top k).
+    Queries go `batch` at a time: batch x k x 12 bytes of results (4096 x 64: 3 MiB).
+    """
+    if metric not in METRICS:
+        raise IndexSpecError(f"metric {metric!r} is not one of {METRICS}.")
+    if k < 2 or batch < 1:
+        raise IndexSpecError(f"k={k} must be >= 2 (the vector itself takes one slot) and batch={batch} >= 1.")
+    x = _as_matrix(vectors, "training vectors")
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.shape != (len(x),):
+        raise IndexSpecError(f"ids must have shape ({len(x)},) like the vectors, got {ids.shape}.")
+    counts = np.zeros(len(x), dtype=np.int32)
+    for start in range(0, len(x), batch):
+        stop = min(start + batch, len(x))
+        D, I = search_fn(x[start:stop], k)
+        if metric == "l2":
+            near = np.sqrt(np.maximum(D, 0)) <= threshold  # BLAS rounding can give -1e-6 for twins
+        else:
+            near = D >= threshold
+        other = (I >= 0) & (I != ids[start:stop, None])
+        counts[start:stop] = np.minimum((near & other).sum(axis=1), k - 1)
+    return counts

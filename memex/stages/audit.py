@@ -1,0 +1,71 @@
+"""`memex audit`: index -> prompts -> generate -> filter -> match, each step resumable.
+
+  1. check inputs (config ranges, the model folder, the training set) before any cluster work;
+  2. index the training set (reused when an earlier audit built the same one); its near-duplicate
+     counts rank the captions used as prompts (prompts=near_duplicates, the paper's choice);
+  3. generate (memex/stages/generate.py): samples/ in the run folder;
+  4. filter: flag prompts whose generations form a clique (candidates/);
+  5. match: nearest training images from the sharded index, verified on pixels (matches/);
+  6. print the summary. Every step skips the shards an earlier, interrupted audit finished.
+The run folder is the generation run's folder: auditing the same samples with other filter or
+match settings is refused (claim_stage) unless run.name says where the new results go.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from memex.config import AuditConfig, CandidateSource, ModelKind, PromptSource, validate_audit
+from memex.models import HUB_ID, check_local_checkpoint
+from memex.prompts import load_prompts, rank_by_near_duplicates
+
+log = logging.getLogger("memex.audit")
+
+
+def run(cfg: AuditConfig) -> dict:
+    from memex.stages import filter as filter_stage
+    from memex.stages import generate, index, match
+
+    # 1. inputs
+    validate_audit(cfg)
+    if os.path.isdir(cfg.model.path) or not HUB_ID.match(cfg.model.path):
+        check_local_checkpoint(cfg.model.path)
+    if cfg.model.kind == ModelKind.unconditional and cfg.match.candidates == CandidateSource.cliques:
+        log.warning("unconditional model with match.candidates=cliques: all samples share one prompt, so the "
+                    "filter sees one graph; the paper compares every sample (match=relative)")
+
+    # 2. index (and the prompts it ranks)
+    info = index.build(cfg)
+    log.info("index %s: %d training images indexed, %d quarantined", info.key, info.n_indexed, info.n_quarantined)
+    prompts = None
+    if cfg.prompts.source == PromptSource.near_duplicates:
+        prompts = rank_by_near_duplicates(index.read_duplicates(info, cfg.storage.options), cfg.prompts.limit)
+    else:
+        prompts = load_prompts(cfg.prompts, cfg.storage.options)
+
+    # 3. generate, 4. filter, 5. match
+    gen = generate.run(cfg, prompts)
+    candidates = filter_stage.run(cfg, gen["run_name"])
+    summary = match.run(cfg, gen["run_name"], info, candidates)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    """A few lines for the terminal: the headline numbers and where the evidence is."""
+    t = s["thresholds"]
+    lines = [
+        f"memex audit: {s['model']['name']} ({s['model']['path']})",
+        f"  {s['samples']} samples of {s['prompts']} prompts; {s['prompts_flagged']} prompts flagged "
+        f"(clique >= {t['min_clique']} at tiled l2 <= {t['filter_edge_tiled_l2']})",
+        f"  {s['extracted_generations']} of {s['candidates_verified']} candidates verified as copies "
+        f"({t['match_distance']} <= {t['match_threshold']}): "
+        f"{s['extracted_unique_train_images']} unique training images extracted",
+    ]
+    if s["extracted_train_ids"]:
+        shown = ", ".join(s["extracted_train_ids"][:10]) + (" ..." if len(s["extracted_train_ids"]) > 10 else "")
+        lines.append(f"  extracted: {shown}")
+    if s["index"]["quarantined"]:
+        lines.append(f"  {s['index']['quarantined']} training images unreadable: see {s['index']['uri']}/quarantine-*.parquet")
+    lines.append(f"  run folder: {s['run']}")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+import time
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from memex.cliques import CliqueError, adjacency, largest_clique, representative
+from memex.distances import tiled_l2_pairwise
+
+
+def random_graph(n: int, p: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    upper = np.triu(rng.random((n, n)) < p, 1)
+    return upper | upper.T
+
+
+def is_clique(adj: np.ndarray, members: list[int]) -> bool:
+    sub = adj[np.ix_(members, members)]
+    return len(set(members)) == len(members) and bool((sub | np.eye(len(members), dtype=bool)).all())
+
+
+def nx_max_clique(adj: np.ndarray) -> int:
+    # networkx's exact branch and bound (weight=None: cardinality); max(len(c) for c in
+    # nx.find_cliques(G)) agrees but takes seconds on the 90%-dense graphs below
+    return nx.max_weight_clique(nx.from_numpy_array(adj.astype(int)), weight=None)[1]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_matches_networkx_on_small_random_graphs(seed):
+    rng = np.random.default_rng(1000 + seed)
+    n, p = int(rng.integers(20, 61)), float(rng.choice([0.05, 0.2, 0.5, 0.7, 0.9]))
+    adj = random_graph(n, p, seed)
+    r = largest_clique(adj, min_clique=int(rng.integers(2, 16)))  # both sides of the decision
+    assert r.exact and is_clique(adj, r.members) and r.members == sorted(r.members)
+    assert r.size == len(r.members) == r.upper_bound == nx_max_clique(adj)
+
+
+def test_planted_clique_in_a_sparse_graph():
+    adj = random_graph(500, 0.02, seed=7)
+    planted = np.random.default_rng(8).choice(500, size=40, replace=False)
+    adj[np.ix_(planted, planted)] = True
+    np.fill_diagonal(adj, False)
+    start = time.perf_counter()
+    r = largest_clique(adj, min_clique=10)
+    assert time.perf_counter() - start < 1.0
+    assert r.exact and r.members == sorted(planted.tolist()) and r.size == 40
+
+
+def test_high_degree_decoy_does_not_hide_a_small_clique():
+    # 5 groups of 12, every pair across groups an edge (degree 48, largest clique 5: one per
+    # group), plus a separate 10-clique of degree 9: greedy from the top-degree seeds finds 5
+    adj = np.zeros((70, 70), bool)
+    group = np.arange(60) // 12
+    adj[:60, :60] = group[:, None] != group[None, :]
+    adj[60:, 60:] = ~np.eye(10, dtype=bool)
+    for min_clique in (10, 11, 3):
+        r = largest_clique(adj, min_clique=min_clique)
+        assert r.exact and r.members == list(range(60, 70))
+    stopped = largest_clique(adj, min_clique=10, max_expansions=0)  # no search: the prompt may be missed,
+    assert stopped.size == 5 and stopped.upper_bound >= 10 and not stopped.exact  # and says so
+
+
+def test_all_generations_collapse_to_one_image():
+    adj = adjacency(torch.zeros(500, 500), threshold=0.1)
+    start = time.perf_counter()
+    r = largest_clique(adj, min_clique=10)
+    assert time.perf_counter() - start < 1.0
+    assert r.exact and r.size == 500 and r.members == list(range(500))
+
+
+def test_no_edges_is_not_flagged():
+    adj = adjacency(torch.ones(50, 50), threshold=0.1)
+    assert not adj.any()
+    r = largest_clique(adj, min_clique=10)
+    assert r.exact and r.size == r.upper_bound == 1 and len(r.members) == 1
+    assert not r.size >= 10
+    assert largest_clique(np.zeros((0, 0), bool), min_clique=10).size == 0
+
+
+def test_budget_gives_a_clique_and_a_valid_bracket():
+    adj = random_graph(90, 0.6, seed=3)
+    true_max = nx_max_clique(adj)
+    r = largest_clique(adj, min_clique=true_max, max_expansions=5)
+    assert not r.exact and is_clique(adj, r.members)
+    assert r.size <= true_max <= r.upper_bound
+    for budget in (0, 1, 20, 200, 2000):  # the bound from a stopped search must stay proven
+        for min_clique in (true_max - 1, true_max + 1, 40):
+            r = largest_clique(adj, min_clique=min_clique, max_expansions=budget)
+            assert is_clique(adj, r.members) and r.size <= true_max <= r.upper_bound
+            assert r.exact == (r.size == r.upper_bound)
+    full = largest_clique(adj, min_clique=true_max)
+    assert full.exact and full.size == true_max
+
+
+def test_adjacency_is_symmetric_without_self_loops():
+    d = np.array([[0.0, 0.1, 0.3], [0.1000001, 0.0, 0.05], [0.3, 0.05, np.nan]])
+    adj = adjacency(d, threshold=0.1)
+    # 0-1 fails one direction (0.1000001 > 0.1), 1-2 passes both, nan and the diagonal give nothing
+    assert adj.tolist() == [[False, False, False], [False, False, True], [False, True, False]]
+    with pytest.raises(CliqueError, match="square"):
+        adjacency(np.zeros((2, 3)), 0.1)
+    with pytest.raises(CliqueError, match="symmetric"):
+        largest_clique(np.triu(np.ones((3, 3), bool), 1), min_clique=2)
+
+
+def test_representative_is_the_medoid():
+    pts = np.array([0.0, 1.0, 2.0, 10.0])  # on a line: sums to the others 13, 11, 11, 27 -> 1 first
+    dist = np.abs(pts[:, None] - pts[None, :])
+    assert representative([0, 1, 2, 3], dist) == 1
+    assert representative([2, 3], torch.tensor(dist)) == 2
+    assert representative([0, 2, 3], dist) == 2  # sums 12, 10, 18
+
+
+def test_end_to_end_noisy_copies_form_the_clique():
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 3, 32, 32, generator=g)
+    copies = (base + (torch.rand(12, 3, 32, 32, generator=g) - 0.5) * 0.1).clamp(0, 1)  # noise +-0.05
+    others = torch.rand(20, 3, 32, 32, generator=g)
+    images = torch.cat([others[:7], copies, others[7:]])  # copies are nodes 7..18
+    dist = tiled_l2_pairwise(images, images)
+    assert dist[7:19, 7:19].max() < 0.1  # the premise: copies are within 0.1 of each other
+    r = largest_clique(adjacency(dist, threshold=0.15), min_clique=10)
+    assert r.exact and r.members == list(range(7, 19)) and r.size >= 10
+    assert representative(r.members, dist) in range(7, 19)

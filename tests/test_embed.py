@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+import torch
+
+from memex.config import EmbedderKind
+from memex.embed import IMAGENET_MEAN, IMAGENET_STD, EmbedderError, EmbedderSpec, make_embedder
+from memex.synth import logo
+
+
+def _images(n: int, size: int = 32) -> np.ndarray:
+    return np.stack([logo(i, size)[0] for i in range(n)])
+
+
+def test_pixel_embedding_distance_is_mean_squared_pixel_difference():
+    e = make_embedder(EmbedderSpec("pixels", size=32, batch_size=3))  # 3: several batches
+    imgs = _images(7)
+    v = e(imgs)
+    assert v.shape == (7, 3 * 32 * 32) == (7, e.dim) and v.dtype == np.float32
+    assert e.metric == "l2" and e.name == "pixels:32"
+    x = imgs.astype(np.float64) / 255
+    for i, j in [(0, 1), (2, 5), (3, 6)]:
+        mse = ((x[i] - x[j]) ** 2).mean()
+        assert mse > 1e-3  # distinct logos
+        assert np.isclose(((v[i] - v[j]) ** 2).sum(), mse, rtol=1e-5)
+    assert np.array_equal(e(imgs[:1]), v[:1])  # batching does not change a vector
+
+
+def test_pixel_embedder_resizes_and_handles_empty_input():
+    e = make_embedder(EmbedderSpec(EmbedderKind.pixels, size=8))  # the config enum works as kind
+    v = e(_images(2, 40))
+    assert v.shape == (2, 192)
+    # a flat image stays flat after resizing: every coordinate is value / sqrt(dim)
+    flat = np.full((1, 40, 24, 3), 51, np.uint8)
+    assert np.allclose(e(flat), 0.2 / np.sqrt(192), atol=1e-6)
+    assert e(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0, 192)
+    with pytest.raises(EmbedderError, match="expected uint8 images"):
+        e(np.zeros((2, 32, 32, 3), np.float32))
+
+
+class TinyDescriptor(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.fc = torch.nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1))
+
+
+def test_sscd_torchscript_embedder(tmp_path):
+    torch.manual_seed(0)
+    scripted = torch.jit.script(TinyDescriptor().eval())
+    scripted.save(str(tmp_path / "sscd.pt"))
+    e = make_embedder(EmbedderSpec("sscd", path=str(tmp_path / "sscd.pt"), size=32, batch_size=2))
+    assert e.dim == 16 and e.metric == "ip" and str(tmp_path / "sscd.pt") in e.name
+    imgs = _images(5)
+    v = e(imgs)
+    assert v.shape == (5, 16) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    twin = e(np.stack([imgs[3], imgs[3]]))
+    assert np.array_equal(twin[0], twin[1]) and np.allclose(twin[0], v[3], atol=1e-6)
+    # the same as running the scripted module by hand on ImageNet-normalised input
+    x = (imgs.astype(np.float32) / 255 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    with torch.no_grad():
+        ref = scripted(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    assert np.allclose(v, ref, atol=1e-5)
+    assert not np.allclose(v[0], v[1], atol=1e-3)  # different images, different descriptors
+
+
+def test_sscd_from_fsspec_uri_and_bad_files(tmp_path):
+    import fsspec
+
+    buf = tmp_path / "m.pt"
+    torch.jit.script(TinyDescriptor().eval()).save(str(buf))
+    fsspec.filesystem("memory").pipe_file("/embed-test/sscd.pt", buf.read_bytes())
+    e = make_embedder(EmbedderSpec("sscd", path="memory://embed-test/sscd.pt", size=16))
+    assert e(_images(1, 16)).shape == (1, 16)
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(EmbedderError, match="embedder.path=.*junk.pt is not a TorchScript model"):
+        make_embedder(EmbedderSpec("sscd", path=str(tmp_path / "junk.pt")))
+    with pytest.raises(EmbedderError, match="embedder.path=.*absent.pt does not exist.*sscd-copy-detection"):
+        make_embedder(EmbedderSpec("sscd", path=str(tmp_path / "absent.pt")))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+                           projection_dim=16, intermediate_size=37)
+    root = tmp_path_factory.mktemp("clip")
+    CLIPVisionModelWithProjection(cfg).save_pretrained(root / "with_processor")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "with_processor")
+    CLIPVisionModelWithProjection(cfg).save_pretrained(root / "bare")  # no preprocessor_config.json
+    return root
+
+
+@pytest.mark.parametrize("folder", ["with_processor", "bare"])
+def test_clip_embedder_from_local_folder(tiny_clip, folder):
+    e = make_embedder(EmbedderSpec("clip", path=str(tiny_clip / folder), size=32, batch_size=3))
+    assert e.dim == 16 and e.metric == "ip" and e.name.startswith("clip:")
+    assert (e.processor is None) == (folder == "bare")
+    imgs = _images(4)
+    v = e(imgs)
+    assert v.shape == (4, 16) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert np.allclose(e(imgs), v, atol=1e-6)  # deterministic (eval mode: no dropout)
+    assert not np.allclose(v[0], v[1], atol=1e-3)
+
+
+def test_clip_processor_and_fallback_agree(tiny_clip):
+    """Both preprocessing paths feed the model the same normalised pixels for images at its own size."""
+    import shutil
+
+    same = tiny_clip / "same_weights"
+    shutil.copytree(tiny_clip / "with_processor", same)
+    (same / "preprocessor_config.json").unlink()
+    imgs = _images(3)
+    a = make_embedder(EmbedderSpec("clip", path=str(tiny_clip / "with_processor"), size=32))(imgs)
+    b = make_embedder(EmbedderSpec("clip", path=str(same), size=32))(imgs)
+    assert np.allclose(a, b, atol=1e-4)
+
+
+def test_errors_name_the_key(tmp_path):
+    with pytest.raises(EmbedderError, match="embedder.kind='dino' is unknown"):
+        make_embedder(EmbedderSpec("dino"))
+    for kind in ("sscd", "clip"):
+        with pytest.raises(EmbedderError, match=f"embedder.kind={kind} needs a model: set embedder.path="):
+            make_embedder(EmbedderSpec(kind))
+    with pytest.raises(EmbedderError, match="embedder.path=.*nowhere/clip is neither an existing local folder nor a hub id"):
+        make_embedder(EmbedderSpec("clip", path=str(tmp_path / "nowhere" / "clip")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EmbedderError, match="embedder.path=.*empty is not a loadable CLIP checkpoint"):
+        make_embedder(EmbedderSpec("clip", path=str(tmp_path / "empty")))
+    with pytest.raises(EmbedderError, match="embedder.size and embedder.batch_size must be >= 1"):
+        make_embedder(EmbedderSpec("pixels", size=0))
+    if not torch.cuda.is_available():
+        with pytest.raises(EmbedderError, match="set resources.device=cpu"):
+            make_embedder(EmbedderSpec("pixels", device="cuda"))

@@ -1,0 +1,294 @@
+"""memex.index against independent references: one faiss flat index over everything, and numpy brute force."""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+
+import faiss
+import fsspec
+import numpy as np
+import pytest
+
+from memex import index as mi
+from memex.config import MemexError
+from memex.index import (IndexSpec, IndexSpecError, ShardedIndex, build_shard, duplicate_counts, load_index,
+                         merge_topk, save_index, search_shard)
+from memex.layout import StorageError
+
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """One OpenMP thread: on 2 shared cores, 2 spinning faiss threads run k-means 5x slower."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def uneven_shards(n: int, n_shards: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Row ranges of n_shards shards of uneven sizes; with 3+ shards one has only 5 rows (< k)."""
+    if n_shards == 1:
+        return [np.arange(n)]
+    cuts = np.sort(rng.choice(np.arange(10, n - 10), n_shards - 2, replace=False))
+    cuts = np.concatenate([[5], cuts]) if n_shards > 2 else cuts
+    return np.split(np.arange(n), np.sort(cuts))
+
+
+def exact_knn(x: np.ndarray, q: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force in float64: (q, k) distances (squared l2 or ip) and row numbers, best first."""
+    x64, q64 = x.astype(np.float64), q.astype(np.float64)
+    if metric == "l2":
+        s = (q64**2).sum(1)[:, None] + (x64**2).sum(1)[None] - 2 * q64 @ x64.T
+    else:
+        s = -(q64 @ x64.T)
+    rows = np.argsort(s, axis=1, kind="stable")[:, :k]
+    d = np.take_along_axis(s, rows, 1)
+    return (d if metric == "l2" else -d), rows
+
+
+def clustered(n: int, d: int, n_centers: int, rng: np.random.Generator, spread: float = 0.3) -> np.ndarray:
+    centers = rng.standard_normal((n_centers, d)) * 2
+    return (centers[rng.integers(0, n_centers, n)] + spread * rng.standard_normal((n, d))).astype(np.float32)
+
+
+# ---- (1) sharded flat == one flat index -----------------------------------------------------------
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("n_shards", [1, 3, 7])
+def test_sharded_flat_equals_one_flat_index(metric, n_shards):
+    rng = np.random.default_rng(n_shards)
+    n, d, k = 5000, 32, 10
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    gids = rng.permutation(3 * n)[:n].astype(np.int64)  # arbitrary, shuffled global ids
+    q = rng.standard_normal((200, d)).astype(np.float32)
+    spec = IndexSpec(kind="flat", metric=metric)
+
+    rows = uneven_shards(n, n_shards, rng)
+    assert sum(map(len, rows)) == n and len(rows) == n_shards
+    sharded = ShardedIndex([build_shard(x[r], gids[r], spec) for r in rows], spec)
+    D, I = sharded.search(q, k)
+
+    ref = faiss.IndexIDMap2(faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d))
+    ref.add_with_ids(x, gids)
+    D_ref, I_ref = ref.search(q, k)
+    assert D.dtype == np.float32 and I.dtype == np.int64 and D.shape == I.shape == (200, k)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-5, atol=1e-4)
+    # and against numpy, so a shared faiss bug could not hide
+    D_np, rows_np = exact_knn(x, q, k, metric)
+    np.testing.assert_array_equal(I, gids[rows_np])
+    np.testing.assert_allclose(D, D_np, rtol=1e-4, atol=1e-3)
+
+
+def test_small_shard_reports_missing_results():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    for metric, worst in (("l2", np.inf), ("ip", -np.inf)):
+        spec = IndexSpec(kind="flat", metric=metric)
+        D, I = search_shard(build_shard(x, np.array([7, 3, 9]), spec), x[:2], 5, spec)
+        assert (I[:, 3:] == -1).all() and (D[:, 3:] == worst).all()
+        assert sorted(I[0, :3]) == [3, 7, 9] and I[0, 0] == 7 and I[1, 0] == 3
+
+
+def test_merge_topk_ties_missing_and_padding():
+    # two shards, one query; distance 1.0 is tied between ids 9 and 4: ascending id first
+    d1, i1 = np.array([[0.5, 1.0, 3.4e38]], np.float32), np.array([[2, 9, -1]])
+    d2, i2 = np.array([[1.0, 2.0, 7.0]], np.float32), np.array([[4, 5, 6]])
+    D, I = merge_topk([(d1, i1), (d2, i2)], 4, "l2")
+    assert I.tolist() == [[2, 4, 9, 5]] and D.tolist() == [[0.5, 1.0, 1.0, 2.0]]
+    D, I = merge_topk([(d1, i1), (d2, i2)], 4, "ip")  # descending similarity; -1 ignored
+    assert I.tolist() == [[6, 5, 4, 9]] and D.tolist() == [[7.0, 2.0, 1.0, 1.0]]
+    D, I = merge_topk([(d1, i1)], 4, "l2")  # fewer valid results than k: padded
+    assert I.tolist() == [[2, 9, -1, -1]] and D[0, 2:].tolist() == [np.inf, np.inf]
+
+
+# ---- (2) IVF-PQ with exact re-ranking -----------------------------------------------------------
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_ivfpq_recall_and_exact_distances(metric):
+    rng = np.random.default_rng(1)
+    n, d, k = 20000, 32, 10
+    x = clustered(n, d, 100, rng)
+    q = x[rng.choice(n, 300, replace=False)] + 0.3 * rng.standard_normal((300, d)).astype(np.float32)
+    if metric == "ip":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    # ip needs more re-ranking: a PQ inner-product estimate multiplies the code error by the whole
+    # query, an L2 estimate by the query's residual only (single index: recall 0.76 at refine_k=8)
+    refine_k = 8 if metric == "l2" else 16
+    spec = IndexSpec(kind="ivfpq", metric=metric, nlist=64, pq_m=16, pq_nbits=6, nprobe=8, refine_k=refine_k,
+                     train_size=4000)
+    D_np, rows_np = exact_knn(x, q, k, metric)
+
+    sharded = ShardedIndex.build(x, 3, spec)  # one quantizer trained on a sample of all, shared
+    single = build_shard(x, np.arange(n), spec)  # trained on its own vectors
+    for name, (D, I) in (("sharded", sharded.search(q, k)), ("single", search_shard(single, q, k, spec))):
+        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(I, rows_np)])
+        assert recall >= 0.9, f"{name} recall@10 {recall:.3f}"
+        assert (I >= 0).all()
+        # re-ranked distances are exact distances of the returned ids, in order
+        xq = x[I].astype(np.float64)  # (q, k, d)
+        exact = ((xq - q[:, None]) ** 2).sum(-1) if metric == "l2" else (xq * q[:, None]).sum(-1)
+        np.testing.assert_allclose(D, exact, rtol=1e-4, atol=1e-4)
+        assert (np.diff(D, axis=1) >= 0).all() if metric == "l2" else (np.diff(D, axis=1) <= 0).all()
+    # one trained quantizer: every shard carries the same centroids
+    cents = [faiss.vector_to_array(faiss.downcast_index(faiss.extract_index_ivf(s).quantizer).codes)
+             for s in sharded.shards]
+    assert all(np.array_equal(cents[0], c) for c in cents[1:])
+
+
+def test_ivfpq_nprobe_is_applied():
+    rng = np.random.default_rng(2)
+    x = clustered(6000, 16, 50, rng)
+    few = IndexSpec(kind="ivfpq", metric="l2", nlist=64, pq_m=4, nprobe=1, refine_k=1)
+    many = IndexSpec(kind="ivfpq", metric="l2", nlist=64, pq_m=4, nprobe=64, refine_k=8)
+    shard = build_shard(x, np.arange(len(x)), few)
+    q = x[:200] + 0.5 * rng.standard_normal((200, 16)).astype(np.float32)
+    _, rows = exact_knn(x, q, 10, "l2")
+    recall = {s.nprobe: np.mean(search_shard(shard, q, 10, s)[1] == rows) for s in (few, many)}
+    assert recall[64] > recall[1] + 0.05 and recall[64] > 0.95
+
+
+# ---- (3) storage ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_save_load_round_trip(kind, tmp_path):
+    rng = np.random.default_rng(3)
+    x = clustered(4000, 16, 20, rng)
+    spec = IndexSpec(kind=kind, metric="l2", nlist=16, pq_m=4, nprobe=4)
+    shard = build_shard(x, np.arange(len(x)) + 1000, spec)
+    q = x[:50] + 0.1
+    D, I = search_shard(shard, q, 10, spec)
+    for uri in (f"memory://idx-{uuid.uuid4().hex}/sub/shard-000000.faiss", str(tmp_path / "a" / "shard.faiss")):
+        save_index(shard, uri)
+        back = load_index(uri)
+        assert back.ntotal == len(x)
+        D2, I2 = search_shard(back, q, 10, spec)
+        np.testing.assert_array_equal(I2, I)
+        np.testing.assert_array_equal(D2, D)
+        fs, path = fsspec.core.url_to_fs(uri)
+        assert [posixpath.basename(p) for p in fs.ls(posixpath.dirname(path), detail=False)] == [
+            posixpath.basename(path)]  # no temp file left behind
+
+
+@pytest.mark.parametrize("root", ["memory", "local"])
+def test_failed_save_never_shows_a_partial_file(root, tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    spec = IndexSpec(kind="flat", metric="l2")
+    old = build_shard(rng.standard_normal((100, 8)).astype(np.float32), np.arange(100), spec)
+    new = build_shard(rng.standard_normal((500, 8)).astype(np.float32), np.arange(500), spec)
+    uri = (f"memory://idx-{uuid.uuid4().hex}/shard.faiss" if root == "memory" else str(tmp_path / "shard.faiss"))
+    fs, path = fsspec.core.url_to_fs(uri)
+    save_index(old, uri)
+    real_write = faiss.write_index
+    blob, old_size = faiss.serialize_index(new), len(faiss.serialize_index(old))
+    seen = {}
+
+    def write_half_then_fail(index, writer):
+        writer(blob[: len(blob) // 2].tobytes())  # the callback writer takes bytes
+        listing = fs.ls(posixpath.dirname(path), detail=False)
+        seen["tmp"] = [p for p in listing if posixpath.basename(p).startswith("_tmp-")]
+        seen["final_size"] = fs.info(path)["size"]
+        raise OSError("disk full")
+
+    class Writer:  # feed the python callback directly so a half write is possible
+        def __init__(self, write):
+            self.write = write
+
+        def __call__(self, data):
+            return self.write(data)
+
+    monkeypatch.setattr(mi.faiss, "PyCallbackIOWriter", Writer)
+    monkeypatch.setattr(mi.faiss, "write_index", write_half_then_fail)
+    with pytest.raises(StorageError, match="cannot write index .*disk full"):
+        save_index(new, uri)
+    monkeypatch.setattr(mi.faiss, "write_index", real_write)
+    assert len(seen["tmp"]) == 1 and seen["tmp"][0].endswith("-shard.faiss")
+    assert seen["final_size"] == old_size  # mid-write, the final name holds the old file, untouched
+    assert load_index(uri).ntotal == 100  # still the old, complete index
+    assert not [p for p in fs.ls(posixpath.dirname(path), detail=False) if "_tmp-" in p]  # cleaned up
+
+
+def test_load_errors_name_the_fix(tmp_path):
+    with pytest.raises(StorageError, match="no index at .*build it first"):
+        load_index(str(tmp_path / "missing.faiss"))
+    (tmp_path / "junk.faiss").write_bytes(b"not an index")
+    with pytest.raises(StorageError, match="delete it and its marker"):
+        load_index(str(tmp_path / "junk.faiss"))
+
+
+# ---- (4) near-duplicate counts ------------------------------------------------------------------
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_duplicate_counts_match_brute_force(metric):
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((1500, 16)).astype(np.float32)
+    groups = [2, 3, 5, 8, 12]  # planted copies per base image; 12 > k saturates
+    planted = [base[i] + 0.01 * rng.standard_normal((g, 16)).astype(np.float32) for i, g in enumerate(groups)]
+    x = np.concatenate([base] + planted)
+    if metric == "ip":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = x[rng.permutation(len(x))]
+    gids = rng.permutation(len(x)).astype(np.int64) + 10
+    threshold = 0.3 if metric == "l2" else 0.99
+    k = 8
+    spec = IndexSpec(kind="flat", metric=metric)
+    rows = uneven_shards(len(x), 3, rng)
+    sharded = ShardedIndex([build_shard(x[r], gids[r], spec) for r in rows], spec)
+    counts = duplicate_counts(sharded.search, x, gids, threshold, k=k, batch=300, metric=metric)
+
+    x64 = x.astype(np.float64)
+    if metric == "l2":
+        sq = (x64**2).sum(1)
+        near = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * x64 @ x64.T, 0)) <= threshold
+    else:
+        near = x64 @ x64.T >= threshold
+    expected = np.minimum(near.sum(1) - 1, k - 1)  # minus the vector itself
+    assert counts.dtype == np.int32
+    np.testing.assert_array_equal(counts, expected)
+    # the planted structure is what was found: group of g copies + base -> g others each
+    # group of g copies + its base: g + 1 vectors with g others each; 8 and 12 saturate at k - 1 = 7
+    histogram = {c: int(m) for c, m in enumerate(np.bincount(counts)) if c and m}
+    assert histogram == {2: 3, 3: 4, 5: 6, 7: 9 + 13}
+
+
+# ---- (5) bad specs --------------------------------------------------------------------------------
+def test_bad_specs_raise_with_the_fix():
+    x = np.random.default_rng(6).standard_normal((500, 24)).astype(np.float32)
+    ids = np.arange(500)
+    cases = [
+        (lambda: IndexSpec(kind="hnsw", metric="l2"), "index.kind='hnsw' is not one of"),
+        (lambda: IndexSpec(kind="flat", metric="cosine"), "metric 'cosine' is not one of"),
+        (lambda: IndexSpec(kind="ivfpq", metric="l2", nprobe=0), r"index.nprobe=0 must be an integer >= 1"),
+        (lambda: IndexSpec(kind="ivfpq", metric="l2", pq_nbits=20), r"index.pq_nbits=20 must be .* \[1, 16\]"),
+        (lambda: build_shard(x, ids, IndexSpec(kind="ivfpq", metric="l2", pq_m=5, nlist=8)),
+         r"pq_m=5 must divide the embedding dimension 24: choose one of \[1, 2, 3, 4, 6, 8, 12, 24\]"),
+        (lambda: build_shard(x, ids, IndexSpec(kind="ivfpq", metric="l2", pq_m=4, nlist=1024)),
+         "at least max.*= 1024 training vectors, got 500: lower index.nlist"),
+        (lambda: build_shard(x, ids, IndexSpec(kind="ivfpq", metric="l2", pq_m=4, nlist=8, pq_nbits=10)),
+         r"2\*\*index.pq_nbits=1024\) = 1024 training vectors"),
+        (lambda: build_shard(x, ids, IndexSpec(kind="ivfpq", metric="l2", pq_m=4, nlist=8, train_size=100)),
+         "train_size=100 is below the 256"),
+        (lambda: build_shard(x, np.zeros(500), IndexSpec(kind="flat", metric="l2")), "ids must be unique"),
+        (lambda: build_shard(x, ids[:10], IndexSpec(kind="flat", metric="l2")), r"ids must have shape \(500,\)"),
+        (lambda: ShardedIndex.build(x, 0, IndexSpec(kind="flat", metric="l2")), "index.shards=0 must be"),
+    ]
+    for make, message in cases:
+        with pytest.raises(IndexSpecError, match=message) as e:
+            make()
+        assert isinstance(e.value, MemexError) and isinstance(e.value, ValueError)
+
+    flat = build_shard(x, ids, IndexSpec(kind="flat", metric="l2"))
+    with pytest.raises(IndexSpecError, match="queries have dimension 16 but the index has 24"):
+        search_shard(flat, x[:3, :16], 5, IndexSpec(kind="flat", metric="l2"))
+    with pytest.raises(IndexSpecError, match="this shard is a flat/l2 index but the spec says flat/ip"):
+        search_shard(flat, x[:3], 5, IndexSpec(kind="flat", metric="ip"))
+    with pytest.raises(IndexSpecError, match="not an index from build_shard"):
+        search_shard(faiss.IndexFlatL2(24), x[:3], 5, IndexSpec(kind="flat", metric="l2"))
+
+
+def test_spec_from_config():
+    from memex.config import IndexConfig, IndexKind
+
+    spec = IndexSpec.from_config(IndexConfig(kind=IndexKind.ivfpq, nlist=256, pq_m=8, nprobe=16, refine_k=2), "ip")
+    assert (spec.kind, spec.metric, spec.nlist, spec.pq_m, spec.pq_nbits, spec.nprobe, spec.refine_k) == (
+        "ivfpq", "ip", 256, 8, 8, 16, 2)
+    assert spec.factory_string() == "IDMap2,IVF256,PQ8x8np,RFlat"
