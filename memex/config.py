@@ -8,9 +8,15 @@ before any work starts. `validate_*` adds the range checks a type cannot express
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
+
+
+def plain(obj: Any) -> Any:
+    """Config dataclass -> JSON-able dict with enum values as strings (run.json, summaries, hashes)."""
+    return json.loads(json.dumps(asdict(obj), default=lambda v: getattr(v, "value", str(v))))
 
 
 class MemexError(Exception):

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import BIN, REPO
-from memex.config import ConfigError, DuplicationGroup
+from conftest import BIN
+from memex.config import ConfigError
 from memex.manifest import ManifestError
 from memex.models import load_model
 from memex.sampling import Sampler, SamplerSettings

@@ -18,13 +18,11 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, validate_generate
+from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, plain, validate_generate
 from memex.layout import SAMPLES_SCHEMA, RunLayout, StorageError, ShardPlan, iter_units, plan_shards
 from memex.models import HUB_ID, check_local_checkpoint
 from memex.prompts import load_prompts
@@ -32,20 +30,15 @@ from memex.prompts import load_prompts
 log = logging.getLogger("memex.generate")
 
 
-def _plain(obj: Any) -> Any:
-    """Dataclass -> JSON-able dict with enum values as strings."""
-    return json.loads(json.dumps(asdict(obj), default=lambda v: getattr(v, "value", str(v))))
-
-
 def run_settings(cfg: GenerateConfig, prompts: pa.Table) -> dict:
     """Everything that decides the rows of a run; a rerun of the same run must match it exactly."""
     # batch_size stays in: it fixes the UNet batch shape, which decides the last float bit
     # (memex.sampling), so a resumed run must keep it to reproduce its rows byte for byte.
-    s = _plain(cfg.sampling)
+    s = plain(cfg.sampling)
     digest = hashlib.sha256()
     for pid, p in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist()):
         digest.update(f"{pid}\x1f{p}\x1e".encode())
-    return {"model": _plain(cfg.model), "sampling": s, "prompts_sha256": digest.hexdigest(),
+    return {"model": plain(cfg.model), "sampling": s, "prompts_sha256": digest.hexdigest(),
             "n_prompts": prompts.num_rows}
 
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from memex.config import AuditConfig, EmbedderConfig, IndexConfig, IndexKind
+from memex.config import AuditConfig, plain, EmbedderConfig, IndexConfig, IndexKind
 from memex.layout import DUPS_SCHEMA, QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, StorageError
 
 log = logging.getLogger("memex.index")
@@ -45,10 +45,6 @@ class IndexInfo:
 
     def layout(self, storage_options: dict) -> IndexLayout:
         return IndexLayout(self.root, self.key, storage_options)
-
-
-def _plain(obj) -> dict:
-    return json.loads(json.dumps(asdict(obj), default=lambda v: getattr(v, "value", str(v))))
 
 
 def _embedder_spec(e: EmbedderConfig, device: str):
@@ -76,7 +72,7 @@ def index_key(listing: pa.Table, cfg: AuditConfig) -> str:
         h.update(json.dumps(listing[col].to_pylist()).encode())
     for b in listing["image"].to_pylist():  # bytes hash: a changed image changes the key
         h.update(hashlib.sha256(b or b"").digest())
-    h.update(json.dumps({"embedder": _plain(cfg.embedder), "index": _plain(cfg.index)}, sort_keys=True).encode())
+    h.update(json.dumps({"embedder": plain(cfg.embedder), "index": plain(cfg.index)}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -110,7 +106,7 @@ def train_task(root: str, key: str, storage_options: dict, n_train: int, emb: Em
     """IVF-PQ only: train one coarse quantizer + PQ codebook on a fixed random sample of the whole
     training set, so every shard shares it (memex/index.py train_index). Writes trained.faiss."""
     from memex.embed import make_embedder
-    from memex.index import IndexSpec, save_index, train_index
+    from memex.index import save_index, train_index
 
     layout = IndexLayout(root, key, storage_options)
     path = layout.join("trained.faiss")
@@ -215,8 +211,8 @@ def build(cfg: AuditConfig) -> IndexInfo:
                           "image": listing["image"], "uri": listing["uri"], "caption": listing["caption"]},
                          schema=TRAIN_SCHEMA)
         layout.write_table(layout.train_path, train, row_group_size=max(64, cfg.index.decode_batch))
-        layout.write_json(layout.info_json, {"trainset": cfg.trainset.path, "embedder": _plain(cfg.embedder),
-                                             "index": _plain(cfg.index), "shards": plans, "n_train": listing.num_rows})
+        layout.write_json(layout.info_json, {"trainset": cfg.trainset.path, "embedder": plain(cfg.embedder),
+                                             "index": plain(cfg.index), "shards": plans, "n_train": listing.num_rows})
 
     # 3. build the shards, 4. near-duplicate counts
     if not ray.is_initialized():

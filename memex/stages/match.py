@@ -20,22 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from memex.config import AuditConfig, CandidateSource, DistanceKind
+from memex.config import AuditConfig, CandidateSource, DistanceKind, plain
 from memex.layout import MATCHES_SCHEMA, RunLayout, StorageError
 from memex.stages.filter import decode_png
 from memex.stages.index import IndexInfo, _device, _embedder_spec, fetch_train_rows, load_shards, search_all
 
 log = logging.getLogger("memex.match")
-
-
-def _plain(obj) -> dict:
-    return json.loads(json.dumps(asdict(obj), default=lambda v: getattr(v, "value", str(v))))
 
 
 def embed_task(images: list[bytes], emb, device: str) -> np.ndarray:
@@ -78,7 +73,7 @@ def run(cfg: AuditConfig, run_name: str, info: IndexInfo, candidates: pa.Table) 
 
     m, opts, r = cfg.match, cfg.storage.options, cfg.resources
     layout = RunLayout(cfg.storage.root, run_name, opts)
-    layout.claim_stage("matches", {"match": _plain(m), "index_key": info.key, "embedder": _plain(cfg.embedder)})
+    layout.claim_stage("matches", {"match": plain(m), "index_key": info.key, "embedder": plain(cfg.embedder)})
     summary_path = layout.join("matches", "summary.json")
     if layout.is_complete("matches", 0) and layout.fs.exists(summary_path):
         return layout.read_json(summary_path)
@@ -170,7 +165,7 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, candidates: 
         "index": {"uri": info.layout(cfg.storage.options).uri, "key": info.key, "shards": len(info.shards),
                   "train_images": info.n_train, "indexed": info.n_indexed, "quarantined": info.n_quarantined},
         "per_prompt": per_prompt,
-        "config": _plain(cfg),
+        "config": plain(cfg),
     }
 
 
