@@ -156,24 +156,30 @@ def faiss_centroids(index) -> bytes:
 
 
 @pytest.mark.slow
-def test_memex_audit_on_the_shipped_demo_extracts_its_duplicated_images(tmp_path, ray_head):
-    """The README's command on the shipped checkpoint, scaled down to the 8 most duplicated captions.
+def test_audit_job_on_the_shipped_demo_extracts_its_duplicated_images(tmp_path, ray_head):
+    """`ray job submit --working-dir <repo> -- python jobs/audit.py ...` on the shipped checkpoint,
+    scaled down to the 8 most duplicated captions (the README's command 1 on a cluster).
 
     Sampling is seeded, but which of the 8 images a 16-sample run extracts can move with the
     torch build, so the test asserts the property the audit must show rather than exact ids:
     extracted images are duplicated ones, and most of the 32-copy prompts are caught."""
     import json
+    import os
     import subprocess
+    import sys
+    import uuid
 
-    from conftest import BIN, REPO
+    from conftest import REPO
 
-    env = {**__import__("os").environ, "RAY_ADDRESS": ray_head.address}
-    out = subprocess.run([str(BIN / "memex"), "audit", f"storage.root={tmp_path}", "prompts.limit=8",
-                          "index.shards=2"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    sid = f"memex-audit-{uuid.uuid4().hex[:8]}"
+    ray = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run([ray, "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO),
+                          "--submission-id", sid, "--", "python", "jobs/audit.py", f"storage.root={tmp_path}",
+                          "prompts.limit=8", "index.shards=2"], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "unique training images extracted" in out.stdout and "run folder:" in out.stdout
-    run = out.stdout.strip().splitlines()[-1].split("run folder: ")[1]
+    run = next(ln for ln in out.stdout.splitlines() if "run folder: " in ln).split("run folder: ")[1].strip()
     summary = json.loads((Path(run) / "matches" / "summary.json").read_text())
     manifest = pq.read_table(REPO / "demo/models/demo-text/training_manifest.parquet").to_pylist()
     copies = {r["id"]: r["copies"] for r in manifest}
