@@ -39,6 +39,13 @@ class LoadedModel:
     model_id: str  # the path or hub id it was loaded from
 
 
+def resolve_device(requested: str) -> str:
+    """resources.device: "auto" -> cuda when a GPU is visible to this process, else cpu."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
+
+
 def check_local_checkpoint(path: str) -> dict:
     """Validate a local diffusers folder without loading weights; return its model_index.json."""
     if not os.path.isdir(path):

@@ -52,12 +52,12 @@ def filter_prompt(images: np.ndarray, f: FilterConfig, device: str = "cpu") -> t
 def filter_chunk_task(root: str, run_name: str, storage_options: dict, chunk: int, p0: int, p1: int,
                       samples_per_prompt: int, shard_size: int, f: FilterConfig, device: str) -> dict:
     """Filter prompts [p0, p1) of the run and write candidates/shard-<chunk>."""
-    import torch
+    from memex.models import resolve_device
 
     layout = RunLayout(root, run_name, storage_options)
     if layout.is_complete("candidates", chunk):
         return {"chunk": chunk, "skipped": True}
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolve_device(device)
     t0 = time.perf_counter()
     prompts = layout.read_prompts().slice(p0, p1 - p0)
     pids = prompts["prompt_id"].to_pylist()

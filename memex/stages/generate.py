@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, plain, validate_generate
 from memex.layout import SAMPLES_SCHEMA, RunLayout, StorageError, ShardPlan, iter_units, plan_shards
-from memex.models import HUB_ID, check_local_checkpoint
+from memex.models import HUB_ID, check_local_checkpoint, resolve_device
 from memex.prompts import load_prompts
 
 log = logging.getLogger("memex.generate")
@@ -51,8 +51,6 @@ class GenerateShards:
     """Ray Data callable class: one model per actor; each call generates and writes whole shards."""
 
     def __init__(self, cfg: GenerateConfig, run_name: str):
-        import torch
-
         from memex.models import load_model
         from memex.sampling import Sampler, SamplerSettings
 
@@ -61,9 +59,7 @@ class GenerateShards:
         prompts = self.layout.read_prompts()
         self.prompt_ids = prompts["prompt_id"].to_pylist()
         self.prompts = prompts["prompt"].to_pylist()
-        device = cfg.resources.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(cfg.resources.device)
         if device == "cpu" and cfg.sampling.dtype.value == "float16":
             raise ConfigError("sampling.dtype=float16 needs a GPU; use float32 or bfloat16 on CPU")
         model = load_model(cfg.model.path, cfg.model.kind, cfg.sampling.dtype.value, device, cfg.model.revision)

@@ -23,8 +23,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from memex.config import AuditConfig, plain, EmbedderConfig, IndexConfig, IndexKind
+from memex.models import resolve_device
 from memex.layout import DUPS_SCHEMA, QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, StorageError
 
 log = logging.getLogger("memex.index")
@@ -59,12 +61,6 @@ def _index_spec(i: IndexConfig, metric: str):
     return IndexSpec.from_config(i, metric)
 
 
-def _device(requested: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
-
-
 def index_key(listing: pa.Table, cfg: AuditConfig) -> str:
     """Hash of what decides the index content: the listing (ids, bytes/uris), embedder, index settings."""
     h = hashlib.sha256()
@@ -84,7 +80,7 @@ def plan_index_shards(n: int, shards: int) -> list[tuple[int, int]]:
 
 
 # ---- Ray task bodies (plain functions: testable without a cluster) ------------------------
-def _embed_rows(layout: IndexLayout, rows: pa.Table, emb: EmbedderConfig, embedder, batch: int, storage_options: dict):
+def _embed_rows(rows: pa.Table, emb: EmbedderConfig, embedder, batch: int, storage_options: dict):
     """Decode and embed rows `batch` at a time -> (vectors (n, d), gids (n,), quarantine tables)."""
     from memex.ingest import decode_rows
 
@@ -112,11 +108,11 @@ def train_task(root: str, key: str, storage_options: dict, n_train: int, emb: Em
     path = layout.join("trained.faiss")
     if layout.fs.exists(path):
         return path
-    embedder = make_embedder(_embedder_spec(emb, _device(device)))
+    embedder = make_embedder(_embedder_spec(emb, resolve_device(device)))
     spec = _index_spec(idx, embedder.metric)
     pick = np.sort(np.random.default_rng(0).choice(n_train, min(n_train, spec.train_size), replace=False))
     rows = layout.read_table(layout.train_path, TRAIN_SCHEMA, filters=[("gid", "in", pick.tolist())])
-    x, _, _ = _embed_rows(layout, rows, emb, embedder, idx.decode_batch, storage_options)
+    x, _, _ = _embed_rows(rows, emb, embedder, idx.decode_batch, storage_options)
     save_index(train_index(x, spec), layout.uri_of(path), storage_options)
     return path
 
@@ -130,9 +126,9 @@ def build_shard_task(root: str, key: str, storage_options: dict, shard: int, sta
     if layout.fs.exists(layout.marker("shard", shard)):
         return layout.read_json(layout.marker("shard", shard))
     t0 = time.perf_counter()
-    embedder = make_embedder(_embedder_spec(emb, _device(device)))
+    embedder = make_embedder(_embedder_spec(emb, resolve_device(device)))
     rows = layout.read_table(layout.train_path, TRAIN_SCHEMA, filters=[("gid", ">=", start), ("gid", "<", stop)])
-    x, ids, quarantine = _embed_rows(layout, rows, emb, embedder, idx.decode_batch, storage_options)
+    x, ids, quarantine = _embed_rows(rows, emb, embedder, idx.decode_batch, storage_options)
     dim = embedder.dim
     trained = None
     if idx.kind == IndexKind.ivfpq:
@@ -175,8 +171,8 @@ def dups_shard_task(root: str, key: str, storage_options: dict, shard: int, n_sh
     indexes = load_shards(layout, list(range(n_shards)), storage_options)
     counts = duplicate_counts(lambda q, k: search_all(indexes, q, k, idx, metric), x, gids, idx.dup_threshold, metric=metric,
                               k=idx.dup_k) if len(gids) else np.zeros(0, np.int32)
-    train = layout.read_table(layout.train_path, filters=[("gid", "in", gids.tolist())]) if len(gids) else None
-    meta = {g: (i, c) for g, i, c in zip(*(train[n].to_pylist() for n in ("gid", "id", "caption")))} if train else {}
+    train = fetch_train_rows(layout, gids.tolist(), columns=["gid", "id", "caption"])
+    meta = {g: (i, c) for g, i, c in zip(*(train[n].to_pylist() for n in ("gid", "id", "caption")))}
     table = pa.table({"gid": gids, "id": [meta[g][0] for g in gids.tolist()],
                       "caption": [meta[g][1] for g in gids.tolist()], "near_duplicates": counts.astype(np.int32)},
                      schema=DUPS_SCHEMA)
@@ -252,10 +248,10 @@ def read_duplicates(info: IndexInfo, storage_options: dict) -> pa.Table:
     return t.sort_by([("near_duplicates", "descending"), ("gid", "ascending")])
 
 
-def fetch_train_rows(info: IndexInfo, gids: list[int], storage_options: dict) -> pa.Table:
+def fetch_train_rows(layout: IndexLayout, gids: list[int], columns: list[str] | None = None) -> pa.Table:
     """Rows of train.parquet for the given global ids (the join of matches with training images)."""
-    layout = info.layout(storage_options)
     if not gids:
-        return TRAIN_SCHEMA.empty_table()
-    return layout.read_table(layout.train_path, TRAIN_SCHEMA, filters=[("gid", "in", sorted(set(gids)))])
+        return TRAIN_SCHEMA.empty_table().select(columns or TRAIN_SCHEMA.names)
+    return pq.read_table(layout.train_path, filesystem=layout.fs, schema=TRAIN_SCHEMA, columns=columns,
+                         filters=[("gid", "in", sorted(set(gids)))])
 

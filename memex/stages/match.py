@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 from memex.config import AuditConfig, CandidateSource, DistanceKind, plain
 from memex.layout import MATCHES_SCHEMA, RunLayout, StorageError
 from memex.stages.filter import decode_png
-from memex.stages.index import IndexInfo, _device, _embedder_spec, fetch_train_rows, load_shards, search_all
+from memex.models import resolve_device
+from memex.stages.index import IndexInfo, _embedder_spec, fetch_train_rows, load_shards, search_all
 
 log = logging.getLogger("memex.match")
 
@@ -37,7 +38,7 @@ def embed_task(images: list[bytes], emb, device: str) -> np.ndarray:
     from memex.embed import make_embedder
     from memex.manifest import resize_image
 
-    embedder = make_embedder(_embedder_spec(emb, _device(device)))
+    embedder = make_embedder(_embedder_spec(emb, resolve_device(device)))
     return embedder(np.stack([resize_image(decode_png(b), emb.size) for b in images]))
 
 
@@ -107,7 +108,7 @@ def run(cfg: AuditConfig, run_name: str, info: IndexInfo, candidates: pa.Table) 
 
         D, I = merge_topk(parts, k, info.metric)
         # 4. training pixels of every neighbour
-        train = fetch_train_rows(info, [int(g) for g in np.unique(I) if g >= 0], opts)
+        train = fetch_train_rows(info.layout(opts), [int(g) for g in np.unique(I) if g >= 0])
         dec = decode_rows(train, None, opts)
         gid_of = dict(zip(train["id"].to_pylist(), train["gid"].to_pylist()))
         pixels = {gid_of[i]: img for i, img in zip(dec.ids, dec.images)}
