@@ -28,6 +28,7 @@ _cs = ConfigStore.instance()
 _cs.store(name="generate_schema", node=C.GenerateConfig)
 _cs.store(name="train_schema", node=C.TrainConfig)
 _cs.store(name="audit_schema", node=C.AuditConfig)
+_cs.store(name="nightly_schema", node=C.NightlyConfig)
 
 
 def _typed(cfg: DictConfig, cls: type, validate):
@@ -47,6 +48,10 @@ def to_train_config(cfg: DictConfig) -> C.TrainConfig:
 
 def to_audit_config(cfg: DictConfig) -> C.AuditConfig:
     return _typed(cfg, C.AuditConfig, C.validate_audit)
+
+
+def to_nightly_config(cfg: DictConfig) -> C.NightlyConfig:
+    return _typed(cfg, C.NightlyConfig, C.validate_nightly)
 
 
 def _report_errors(fn):
@@ -97,12 +102,61 @@ def _audit(cfg: DictConfig) -> None:
 
 audit_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="audit")(_audit)
 
-STAGES = {"audit": audit_main, "generate": generate_main, "train": train_main}
+
+GATE_EXIT = 3  # nightly: a checkpoint crossed the budget or the growth margin (1: errors, 2: usage)
+
+
+@_report_errors
+def _nightly(cfg: DictConfig) -> None:
+    from memex.stages import nightly
+
+    ncfg = to_nightly_config(cfg)
+    res = nightly.run(ncfg)
+    if ncfg.nightly.action == C.NightlyAction.plan:
+        for p in res.pending:  # "<submission id> <checkpoint folder>", one per line, for a shell loop
+            print(p.submission_id(res.config_sha256, nightly.night_of(ncfg)), p.ckpt.location)
+        return
+    print(nightly.format_result(res))
+    nightly.announce(ncfg, res)
+    if res.errors:
+        raise C.MemexError(f"{len(res.errors)} audits failed: " + "; ".join(
+            f"{r['location']}: {r['message']}" for r in res.errors) + " (they are retried on the next run)")
+    if res.alarms:
+        print("memex nightly: ALARM: " + "; ".join(f"{r['location']}: {r['message']}" for r in res.alarms),
+              file=sys.stderr)
+        raise SystemExit(GATE_EXIT)
+
+
+nightly_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="nightly")(_nightly)
+
+
+def report_main() -> None:
+    """`memex report RUN`: rebuild RUN/report/index.html from the run folder alone (no Hydra config)."""
+    import argparse
+    import json
+
+    from memex.report import build_report
+
+    ap = argparse.ArgumentParser(prog="memex report", description=report_main.__doc__)
+    ap.add_argument("run", help="run folder: a local path or fsspec URI (s3://bucket/runs/<name>)")
+    ap.add_argument("--storage-options", default="{}",
+                    help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\'')
+    a = ap.parse_args(sys.argv[1:])
+    try:
+        print(f"memex report: {build_report(a.run, json.loads(a.storage_options))}")
+    except (C.MemexError, json.JSONDecodeError) as e:
+        print(f"memex: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+STAGES = {"audit": audit_main, "generate": generate_main, "nightly": nightly_main, "report": report_main,
+          "train": train_main}
 
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in STAGES:
-        print(f"usage: memex {{{','.join(STAGES)}}} [key=value ...]   (Hydra overrides; --help for a stage's config)",
+        print(f"usage: memex {{{','.join(STAGES)}}} [key=value ...]   (Hydra overrides; --help for a stage's config)\n"
+              "       memex report RUN_FOLDER",
               file=sys.stderr)
         sys.exit(2)
     stage = sys.argv.pop(1)

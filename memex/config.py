@@ -9,7 +9,8 @@ before any work starts. `validate_*` adds the range checks a type cannot express
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
@@ -63,6 +64,9 @@ class ModelConfig:
     path: str = "???"  # local diffusers folder or hub id (org/name)
     kind: ModelKind = ModelKind.auto
     revision: Optional[str] = None  # hub revision; ignored for local folders
+    # A fine-tuned UNet folder (config.json + weights, e.g. a trainer's checkpoint-<step>/unet) that
+    # replaces the pipeline's own: `path` is then the base pipeline it was fine-tuned on.
+    unet: Optional[str] = None
 
 
 @dataclass
@@ -349,3 +353,47 @@ def validate_audit(cfg: AuditConfig) -> None:
                               "(set match=relative or match.threshold=1.0)")
     elif not 0 < m.threshold < 1:
         raise ConfigError(f"match.threshold must be in (0, 1) for tiled_l2 (paper: 0.15), got {m.threshold}")
+
+
+# ---- memex nightly -------------------------------------------------------------------------
+class NightlyAction(str, Enum):
+    run = "run"  # audit every checkpoint not yet in the ledger, in this process
+    plan = "plan"  # print "<submission id> <checkpoint>" per pending checkpoint (one `ray job submit` each)
+
+
+@dataclass
+class NightlySettings:
+    location: str = "???"  # folder holding checkpoints (memex/checkpoints.py: what is recognised)
+    base_model: Optional[str] = None  # pipeline that checkpoint-<step>/unet folders fine-tune; None: enclosing folder
+    ledger: Optional[str] = None  # None: <storage.root>/_nightly (ledger rows + the trend page)
+    budget: Optional[int] = None  # fail when a checkpoint extracts more unique training images than this
+    growth_margin: Optional[int] = None  # fail when it extracts this many more than the previous step
+    webhook: Optional[str] = None  # http(s) URL that receives the night's result as a JSON POST
+    webhook_timeout_s: float = 10.0
+    settle_minutes: float = 0.0  # skip checkpoints with files younger than this (a trainer may be writing)
+    only: Optional[str] = None  # audit just this checkpoint folder (the per-checkpoint job of a plan)
+    night: Optional[str] = None  # plan: the night in submission ids (YYYY-MM-DD); None: today, UTC
+    action: NightlyAction = NightlyAction.run
+
+
+@dataclass
+class NightlyConfig(AuditConfig):
+    nightly: NightlySettings = field(default_factory=NightlySettings)
+
+
+def validate_nightly(cfg: NightlyConfig) -> None:
+    n = cfg.nightly
+    if not n.location or n.location == "???":
+        raise ConfigError("nightly.location is not set: give the folder that holds the checkpoints (nightly.location=...)")
+    for key in ("budget", "growth_margin"):
+        if getattr(n, key) is not None:
+            _at_least(f"nightly.{key}", getattr(n, key), 0)
+    _at_least("nightly.settle_minutes", n.settle_minutes, 0)
+    if not n.webhook_timeout_s > 0:
+        raise ConfigError(f"nightly.webhook_timeout_s must be > 0, got {n.webhook_timeout_s}")
+    if n.night is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", n.night):
+        raise ConfigError(f"nightly.night must be a date YYYY-MM-DD, got {n.night!r}")
+    if n.webhook is not None and not n.webhook.startswith(("http://", "https://")):
+        raise ConfigError(f"nightly.webhook must be an http:// or https:// URL, got {n.webhook!r}")
+    # model.path/unet/name and run.name are set per checkpoint; everything else is the audit's
+    validate_audit(replace(cfg, model=replace(cfg.model, path=cfg.model.path if cfg.model.path != "???" else n.location)))

@@ -10,7 +10,8 @@
         candidates/_settings.json    filter settings; a rerun must match them
         matches/shard-000000.parquet MATCHES_SCHEMA: one row per verified candidate (match stage)
         matches/summary.json         headline numbers, per-prompt results, thresholds, config
-        report/                      filled by the report stage
+        matches/train_images.parquet MATCHED_TRAIN_SCHEMA: the matched training images (for the report)
+        report/index.html            the audit's self-contained HTML report (memex/report.py)
 
     <index root>/<index key>/        the membership index of one training set (IndexLayout);
         index.json                   shared by every run on the same data, embedder and index settings
@@ -78,6 +79,9 @@ CANDIDATES_SCHEMA = pa.schema(
         ("flagged", pa.bool_()),  # clique_size >= filter.min_clique
         ("sample_ids", pa.list_(pa.string())),  # the clique's members
         ("representative", pa.string()),  # the clique's medoid sample
+        # per sample (in sample_index order), tiled l2 to its nearest other generation of the prompt:
+        # the report's histogram of how close generations come to collapsing onto one image
+        ("nearest_distances", pa.list_(pa.float32())),
     ]
 )
 
@@ -93,6 +97,32 @@ MATCHES_SCHEMA = pa.schema(
         ("embed_distance", pa.float32()),  # distance in the index's embedding space
         ("neighbor_rank", pa.int32()),  # rank of this training image among the index's k results
         ("extracted", pa.bool_()),  # distance <= match.threshold
+    ]
+)
+
+# matches/train_images.parquet: the training images the verified candidates matched, copied into
+# the run folder so its report can be rebuilt from the run folder alone (a few per flagged prompt)
+MATCHED_TRAIN_SCHEMA = pa.schema([("train_gid", pa.int64()), ("train_id", pa.string()), ("image", pa.binary())])
+
+# The nightly ledger: one row per audited checkpoint and config (memex/ledger.py)
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("location", pa.string()),  # the checkpoint: a diffusers folder, or a checkpoint-<step> folder
+        ("series", pa.string()),  # the training run it belongs to (growth is measured within a series)
+        ("step", pa.int64()),  # training step; null when the folder does not say
+        ("base", pa.string()),  # the base pipeline a checkpoint-<step>/unet is loaded on ("" for full folders)
+        ("weights_sha256", pa.string()),  # content hash of every weight file the audit loads
+        ("config_sha256", pa.string()),  # hash of the settings that decide the audit's result
+        ("run", pa.string()),  # run folder URI
+        ("report", pa.string()),  # the run's report/index.html URI
+        ("samples", pa.int64()),
+        ("extracted", pa.int64()),  # unique training images extracted (the budget counts these)
+        ("extracted_generations", pa.int64()),
+        ("flagged_prompts", pa.int64()),
+        ("started", pa.timestamp("s", tz="UTC")),
+        ("finished", pa.timestamp("s", tz="UTC")),
+        ("outcome", pa.string()),  # ok | over_budget | grew | error
+        ("message", pa.string()),  # why, for anything but ok
     ]
 )
 
@@ -254,6 +284,24 @@ class RunLayout:
             return schema.empty_table() if schema is not None else pa.table({})
         return pq.ParquetDataset(paths, filesystem=self.fs, schema=schema).read(columns=columns)
 
+    @property
+    def summary_path(self) -> str:
+        return self.join("matches", "summary.json")
+
+    @property
+    def matched_train_path(self) -> str:
+        return self.join("matches", "train_images.parquet")
+
+    @property
+    def report_path(self) -> str:
+        return self.join("report", "index.html")
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self._atomic_write(path, data)
+
+    def write_table(self, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
+        self._atomic_write_table(path, table, row_group_size)
+
     def write_prompts(self, prompts: pa.Table) -> None:
         self._atomic_write_table(self.prompts_path, prompts.cast(PROMPTS_SCHEMA))
 
@@ -276,10 +324,10 @@ class RunLayout:
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, path)
 
-    def _atomic_write_table(self, path: str, table: pa.Table) -> None:
+    def _atomic_write_table(self, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
         self._mkdirs(posixpath.dirname(path))
         tmp = self._tmp_path(path)
-        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
+        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", row_group_size=row_group_size)
         self.fs.mv(tmp, path)
 
 
@@ -315,15 +363,6 @@ class IndexLayout(RunLayout):
 
     def marker(self, kind: str, shard: int) -> str:
         return self.join("_markers", f"{kind}-{shard:0{SHARD_DIGITS}d}.json")
-
-    def write_bytes(self, path: str, data: bytes) -> None:
-        self._atomic_write(path, data)
-
-    def write_table(self, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
-        self._mkdirs(posixpath.dirname(path))
-        tmp = self._tmp_path(path)
-        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", row_group_size=row_group_size)
-        self.fs.mv(tmp, path)
 
     def read_table(self, path: str, schema: pa.Schema | None = None, filters=None) -> pa.Table:
         return pq.read_table(path, filesystem=self.fs, schema=schema, filters=filters)

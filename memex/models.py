@@ -79,6 +79,32 @@ def check_local_checkpoint(path: str) -> dict:
     return index
 
 
+def check_unet_folder(path: str) -> str:
+    """Validate a standalone UNet folder (model.unet); return its class name from config.json."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise ModelError(f"model.unet={path} has no config.json: give a UNet folder saved with unet.save_pretrained "
+                         "(a trainer's checkpoint-<step>/unet)")
+    if not any(f.endswith(WEIGHT_SUFFIXES) for f in os.listdir(path)):
+        raise ModelError(f"model.unet={path} has no weights (*.safetensors or *.bin)")
+    try:
+        with open(cfg_file) as f:
+            cls = json.load(f).get("_class_name")
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_file} is not valid JSON: {e}") from e
+    if cls not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise ModelError(f"model.unet={path} holds a {cls}, not a UNet2DModel or UNet2DConditionModel")
+    return cls
+
+
+def check_model_inputs(path: str, unet: str | None = None) -> None:
+    """The early check of generate and audit: a local pipeline folder and the UNet override, if any."""
+    if os.path.isdir(path) or not HUB_ID.match(path):
+        check_local_checkpoint(path)
+    if unet is not None:
+        check_unet_folder(unet)
+
+
 def _detect_kind(pipe: Any) -> ModelKind:
     from diffusers import UNet2DConditionModel, UNet2DModel
 
@@ -112,8 +138,14 @@ def make_scheduler(base_config: Any, kind: SchedulerKind) -> Any:
 
 
 def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float32",
-               device: str = "cpu", revision: str | None = None) -> LoadedModel:
-    """Load with `DiffusionPipeline.from_pretrained` from a local folder or a hub id."""
+               device: str = "cpu", revision: str | None = None, unet: str | None = None) -> LoadedModel:
+    """Load with `DiffusionPipeline.from_pretrained` from a local folder or a hub id.
+
+    `unet`: a fine-tuned UNet folder loaded with its own class's `from_pretrained` and passed to
+    the pipeline in place of the base's (diffusers' component override), the way the diffusers
+    fine-tuning scripts' checkpoint-<step>/unet folders are meant to be used.
+    """
+    import diffusers
     import torch
     from diffusers import DiffusionPipeline
 
@@ -123,6 +155,12 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
     kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype)}
     if not local and revision:
         kwargs["revision"] = revision
+    if unet is not None:
+        cls = check_unet_folder(unet)
+        try:
+            kwargs["unet"] = getattr(diffusers, cls).from_pretrained(unet, torch_dtype=kwargs["torch_dtype"])
+        except Exception as e:  # noqa: BLE001 - re-raised with the path
+            raise ModelError(f"could not load model.unet={unet}: {type(e).__name__}: {e}") from e
     try:
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the path and the likely fix
@@ -136,4 +174,4 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
         raise ModelError(f"{path} is a {found.value} model but lacks components {missing}")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    return LoadedModel(pipe=pipe, kind=found, model_id=path)
+    return LoadedModel(pipe=pipe, kind=found, model_id=path if unet is None else f"{path}+unet={unet}")

@@ -6,7 +6,8 @@
   3. generate (memex/stages/generate.py): samples/ in the run folder;
   4. filter: flag prompts whose generations form a clique (candidates/);
   5. match: nearest training images from the sharded index, verified on pixels (matches/);
-  6. print the summary. Every step skips the shards an earlier, interrupted audit finished.
+  6. write the HTML report into report/ (memex/report.py) and print the summary.
+Every step skips the shards an earlier, interrupted audit finished.
 The run folder is the generation run's folder: auditing the same samples with other filter or
 match settings is refused (claim_stage) unless run.name says where the new results go.
 """
@@ -14,10 +15,9 @@ match settings is refused (claim_stage) unless run.name says where the new resul
 from __future__ import annotations
 
 import logging
-import os
 
 from memex.config import AuditConfig, CandidateSource, ModelKind, PromptSource, validate_audit
-from memex.models import HUB_ID, check_local_checkpoint
+from memex.models import check_model_inputs
 from memex.prompts import load_prompts, rank_by_near_duplicates
 
 log = logging.getLogger("memex.audit")
@@ -29,8 +29,7 @@ def run(cfg: AuditConfig) -> dict:
 
     # 1. inputs
     validate_audit(cfg)
-    if os.path.isdir(cfg.model.path) or not HUB_ID.match(cfg.model.path):
-        check_local_checkpoint(cfg.model.path)
+    check_model_inputs(cfg.model.path, cfg.model.unet)
     if cfg.model.kind == ModelKind.unconditional and cfg.match.candidates == CandidateSource.cliques:
         log.warning("unconditional model with match.candidates=cliques: all samples share one prompt, so the "
                     "filter sees one graph; the paper compares every sample (match=relative)")
@@ -48,6 +47,12 @@ def run(cfg: AuditConfig) -> dict:
     gen = generate.run(cfg, prompts)
     candidates = filter_stage.run(cfg, gen["run_name"])
     summary = match.run(cfg, gen["run_name"], info, candidates)
+
+    # 6. the report (rebuilt every time: cheap, and it picks up report code changes)
+    from memex.layout import RunLayout
+    from memex.report import build_report
+
+    summary["report"] = build_report(RunLayout(cfg.storage.root, gen["run_name"], cfg.storage.options))
     return summary
 
 
@@ -67,5 +72,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"  extracted: {shown}")
     if s["index"]["quarantined"]:
         lines.append(f"  {s['index']['quarantined']} training images unreadable: see {s['index']['uri']}/quarantine-*.parquet")
+    if s.get("report"):
+        lines.append(f"  report: {s['report']}")
     lines.append(f"  run folder: {s['run']}")
     return "\n".join(lines)

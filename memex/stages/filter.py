@@ -37,7 +37,8 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def filter_prompt(images: np.ndarray, f: FilterConfig, device: str = "cpu") -> tuple:
-    """(N, H, W, 3) uint8 generations of one prompt -> (CliqueResult, representative index)."""
+    """(N, H, W, 3) uint8 generations of one prompt -> (CliqueResult, representative index, (N,)
+    tiled l2 of each generation to its nearest other one)."""
     import torch
 
     from memex.cliques import adjacency, largest_clique, representative
@@ -46,7 +47,9 @@ def filter_prompt(images: np.ndarray, f: FilterConfig, device: str = "cpu") -> t
     x = to_unit(torch.from_numpy(images)).to(device)
     d = tiled_l2_pairwise(x, x).cpu().numpy()  # (N, N), N = samples per prompt (500 in the paper)
     res = largest_clique(adjacency(d, f.edge_threshold), f.min_clique, f.max_expansions)
-    return res, representative(res.members, d)
+    off = d + np.diag(np.full(len(d), np.inf))  # a sample is not its own neighbour
+    nearest = off.min(axis=1) if len(d) > 1 else np.full(len(d), np.nan)
+    return res, representative(res.members, d), nearest
 
 
 def filter_chunk_task(root: str, run_name: str, storage_options: dict, chunk: int, p0: int, p1: int,
@@ -73,11 +76,11 @@ def filter_chunk_task(root: str, run_name: str, storage_options: dict, chunk: in
         mine = samples.filter(pc.equal(samples["prompt_id"], pid))
         sids = mine["sample_id"].to_pylist()
         images = np.stack([decode_png(b) for b in mine["image"].to_pylist()])
-        res, rep = filter_prompt(images, f, device)
+        res, rep, nearest = filter_prompt(images, f, device)
         rows.append({"prompt_id": pid, "prompt": text, "n_samples": len(sids), "clique_size": res.size,
                      "clique_upper_bound": res.upper_bound, "clique_exact": res.exact,
                      "flagged": res.size >= f.min_clique, "sample_ids": [sids[m] for m in res.members],
-                     "representative": sids[rep]})
+                     "representative": sids[rep], "nearest_distances": nearest.astype(np.float32).tolist()})
     table = pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
     layout.write_shard("candidates", chunk, table, {"seconds": round(time.perf_counter() - t0, 2)})
     return {"chunk": chunk, "flagged": int(sum(r["flagged"] for r in rows))}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 
 import numpy as np
@@ -24,7 +23,7 @@ import pyarrow as pa
 
 from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, plain, validate_generate
 from memex.layout import SAMPLES_SCHEMA, RunLayout, StorageError, ShardPlan, iter_units, plan_shards
-from memex.models import HUB_ID, check_local_checkpoint, resolve_device
+from memex.models import check_model_inputs, resolve_device
 from memex.prompts import load_prompts
 
 log = logging.getLogger("memex.generate")
@@ -62,7 +61,8 @@ class GenerateShards:
         device = resolve_device(cfg.resources.device)
         if device == "cpu" and cfg.sampling.dtype.value == "float16":
             raise ConfigError("sampling.dtype=float16 needs a GPU; use float32 or bfloat16 on CPU")
-        model = load_model(cfg.model.path, cfg.model.kind, cfg.sampling.dtype.value, device, cfg.model.revision)
+        model = load_model(cfg.model.path, cfg.model.kind, cfg.sampling.dtype.value, device, cfg.model.revision,
+                           cfg.model.unet)
         if model.kind == ModelKind.unconditional and any(self.prompts):
             raise ConfigError(f"{cfg.model.path} is an unconditional model and takes no prompts: set prompts=none")
         s = cfg.sampling
@@ -127,8 +127,7 @@ def run(cfg: GenerateConfig, prompts: pa.Table | None = None) -> dict:
     validate_generate(cfg)
     if cfg.model.kind == ModelKind.unconditional and cfg.prompts.source != PromptSource.none:
         raise ConfigError("model.kind=unconditional takes no prompts: set prompts=none")
-    if os.path.isdir(cfg.model.path) or not HUB_ID.match(cfg.model.path):
-        check_local_checkpoint(cfg.model.path)
+    check_model_inputs(cfg.model.path, cfg.model.unet)
     if prompts is None:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
 

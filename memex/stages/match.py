@@ -26,12 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memex.config import AuditConfig, CandidateSource, DistanceKind, plain
-from memex.layout import MATCHES_SCHEMA, RunLayout, StorageError
+from memex.layout import MATCHED_TRAIN_SCHEMA, MATCHES_SCHEMA, RunLayout, StorageError
 from memex.stages.filter import decode_png
 from memex.models import resolve_device
 from memex.stages.index import IndexInfo, _embedder_spec, fetch_train_rows, load_shards, search_all
 
 log = logging.getLogger("memex.match")
+REPORT_NEAR_MISSES = 200  # closest non-copies whose training images are kept for the report
 
 
 def embed_task(images: list[bytes], emb, device: str) -> np.ndarray:
@@ -45,6 +46,16 @@ def embed_task(images: list[bytes], emb, device: str) -> np.ndarray:
 def search_task(info: IndexInfo, storage_options: dict, shard: int, queries: np.ndarray, k: int, idx) -> tuple:
     (index,) = load_shards(info.layout(storage_options), [shard], storage_options)
     return search_all([index], queries, k, idx, info.metric)
+
+
+def _png(img: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def verify(gen: np.ndarray, neighbors: list[np.ndarray], kind: DistanceKind, alpha: float) -> np.ndarray:
@@ -75,7 +86,7 @@ def run(cfg: AuditConfig, run_name: str, info: IndexInfo, candidates: pa.Table) 
     m, opts, r = cfg.match, cfg.storage.options, cfg.resources
     layout = RunLayout(cfg.storage.root, run_name, opts)
     layout.claim_stage("matches", {"match": plain(m), "index_key": info.key, "embedder": plain(cfg.embedder)})
-    summary_path = layout.join("matches", "summary.json")
+    summary_path = layout.summary_path
     if layout.is_complete("matches", 0) and layout.fs.exists(summary_path):
         return layout.read_json(summary_path)
     t0 = time.perf_counter()
@@ -94,6 +105,7 @@ def run(cfg: AuditConfig, run_name: str, info: IndexInfo, candidates: pa.Table) 
     log.info("match: %d candidates against %d indexed training images", n, info.n_indexed)
 
     rows: list[dict] = []
+    pixels: dict[int, np.ndarray] = {}  # gid -> training image (H, W, 3) uint8, as verified
     if n:
         if not ray.is_initialized():
             ray.init(address=r.address, log_to_driver=True)
@@ -129,8 +141,15 @@ def run(cfg: AuditConfig, run_name: str, info: IndexInfo, candidates: pa.Table) 
                          "embed_distance": float(np.sqrt(max(ed, 0.0))) if info.metric == "l2" else ed,
                          "neighbor_rank": rank, "extracted": bool(d[best] <= m.threshold)})
 
-    # 6. write
+    # 6. write: the matched training images first (the report shows them beside the generations)
     table = pa.Table.from_pylist(rows, schema=MATCHES_SCHEMA)
+    # every extracted match, and the closest others up to REPORT_NEAR_MISSES (candidates=all verifies
+    # every sample: 50k CIFAR-sized generations would otherwise copy 50k training images here)
+    by_distance = sorted(rows, key=lambda r: r["distance"])
+    keep = [r for r in by_distance if r["extracted"]] + [r for r in by_distance if not r["extracted"]][:REPORT_NEAR_MISSES]
+    matched = sorted({r["train_gid"]: r["train_id"] for r in keep}.items())
+    layout.write_table(layout.matched_train_path, pa.Table.from_pylist(
+        [{"train_gid": g, "train_id": i, "image": _png(pixels[g])} for g, i in matched], schema=MATCHED_TRAIN_SCHEMA))
     layout.write_shard("matches", 0, table, {"seconds": round(time.perf_counter() - t0, 2)})
     summary = summarize(cfg, layout, info, candidates, table)
     layout.write_json(summary_path, summary)
@@ -171,7 +190,7 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, candidates: 
 
 
 def read_summary(layout: RunLayout) -> dict:
-    s = layout.read_json(layout.join("matches", "summary.json"))
+    s = layout.read_json(layout.summary_path)
     if s is None:
         raise StorageError(f"run {layout.uri} has no matches/summary.json: run `memex audit` to finish it")
     return s

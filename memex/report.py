@@ -1,0 +1,292 @@
+"""Static HTML reports: one per audit (run/report/index.html) and the nightly trend page.
+
+A report is one self-contained file: images are embedded as data: URIs (thumbnails of at most
+THUMB px, so a 512 px Stable Diffusion pair costs ~100 kB, not ~800 kB), charts are inline SVG
+drawn here, and there is no JavaScript at all. A Content-Security-Policy meta tag forbids scripts
+and every fetch, so the page makes no network request. Prompts, captions, ids and config values
+come from scraped data or users: every one goes through `esc` (html.escape), never into markup raw.
+
+Built from the run folder alone (`memex report RUN`): matches/summary.json, candidates/,
+matches/, matches/train_images.parquet and the samples of the extracted generations.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+import math
+import posixpath
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from memex.layout import MATCHED_TRAIN_SCHEMA, RunLayout, StorageError
+
+THUMB = 256  # px: larger images are downscaled before embedding
+MAX_PAIRS = 200  # extracted pairs shown; the rest are counted (their rows are in matches/)
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#1d2330;padding:0 16px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde}
+.muted{color:#667}.cards{display:flex;flex-wrap:wrap;gap:10px;margin:14px 0}
+.card{border:1px solid #dde;border-radius:6px;padding:8px 14px;min-width:120px}
+.card b{display:block;font-size:22px}.alarm b{color:#b3261e}
+table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #eef;padding:4px 6px;text-align:left;vertical-align:top}
+th{background:#f6f7fb}.num{text-align:right;font-variant-numeric:tabular-nums}
+.pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:12px}
+.pair{border:1px solid #dde;border-radius:6px;padding:8px}.pair img{width:128px;height:128px;image-rendering:pixelated;
+object-fit:contain;background:#eee}.imgs{display:flex;gap:8px}.imgs figure{margin:0}.imgs figcaption{font-size:11px;color:#667}
+.text{overflow-wrap:anywhere}pre{background:#f6f7fb;padding:10px;overflow:auto;font-size:12px}
+svg text{font:11px system-ui,sans-serif;fill:#445}.hists{display:flex;flex-wrap:wrap;gap:16px}
+.hist{margin:0;max-width:520px}.hist figcaption{font-size:12px;color:#556}summary{cursor:pointer}
+"""
+
+
+def esc(value) -> str:
+    """Any value as HTML text: `<script>` in a caption is shown, never run."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def data_uri(png: bytes) -> str:
+    """A PNG as a data: URI, downscaled to THUMB px on its long side when larger."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png))
+    if max(img.size) > THUMB:
+        img = img.convert("RGB")
+        img.thumbnail((THUMB, THUMB), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        png = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+# ---- SVG charts ------------------------------------------------------------------------------
+def histogram_svg(values: Sequence[float], threshold: float, label: str, bins: int = 30,
+                  width: int = 520, height: int = 180) -> str:
+    """Bars of `values` with a red line at `threshold`; values are distances >= 0."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return f'<p class="muted">no {esc(label)} to plot</p>'
+    hi = max(max(vals), threshold) * 1.05 or 1.0
+    counts = [0] * bins
+    for v in vals:
+        counts[min(int(v / hi * bins), bins - 1)] += 1
+    top, pad, plot_w, plot_h = max(counts), 30, width - 55, height - 30
+    bar_w = plot_w / bins
+    parts = [f'<svg role="img" aria-label="{esc(label)}" width="{width}" height="{height}" '
+             f'xmlns="http://www.w3.org/2000/svg">']
+    for i, c in enumerate(counts):
+        h = plot_h * c / top
+        parts.append(f'<rect x="{pad + i * bar_w:.1f}" y="{10 + plot_h - h:.1f}" width="{bar_w - 1:.1f}" '
+                     f'height="{h:.1f}" fill="#6b8fd6"><title>{c}</title></rect>')
+    tx = pad + plot_w * threshold / hi
+    parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="6" y2="{10 + plot_h}" stroke="#d93025" stroke-width="2"/>')
+    parts.append(f'<text x="{tx + 4:.1f}" y="16" style="fill:#d93025">threshold {threshold:g}</text>')
+    parts.append(f'<line x1="{pad}" x2="{pad + plot_w}" y1="{10 + plot_h}" y2="{10 + plot_h}" stroke="#889"/>')
+    for f in (0, 0.5, 1):
+        parts.append(f'<text x="{pad + plot_w * f:.1f}" y="{height - 5}" text-anchor="middle">{hi * f:.3g}</text>')
+    parts.append("</svg>")
+    return (f'<figure class="hist">{"".join(parts)}<figcaption>{esc(label)} (n = {len(vals)}, tallest bar {top})'
+            f"</figcaption></figure>")
+
+
+def line_chart_svg(xs: Sequence[float], series: dict[str, Sequence[float]], xlabel: str,
+                   width: int = 640, height: int = 240) -> str:
+    """One polyline per series over shared x values (training steps)."""
+    colors = ["#d93025", "#1a73e8", "#188038", "#e37400"]
+    if not xs:
+        return '<p class="muted">nothing audited yet</p>'
+    x0, x1 = min(xs), max(xs)
+    ymax = max([max(v) for v in series.values() if len(v)] + [1])
+    pad_l, pad_b, plot_w, plot_h = 40, 40, width - 60, height - 60
+    sx = (lambda x: pad_l + plot_w * ((x - x0) / (x1 - x0) if x1 > x0 else 0.5))
+    sy = (lambda y: 10 + plot_h * (1 - y / ymax))
+    parts = [f'<svg role="img" aria-label="trend" width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
+             f'<line x1="{pad_l}" x2="{pad_l + plot_w}" y1="{10 + plot_h}" y2="{10 + plot_h}" stroke="#889"/>',
+             f'<line x1="{pad_l}" x2="{pad_l}" y1="10" y2="{10 + plot_h}" stroke="#889"/>',
+             f'<text x="{pad_l - 6}" y="14" text-anchor="end">{ymax:g}</text>',
+             f'<text x="{pad_l - 6}" y="{10 + plot_h}" text-anchor="end">0</text>']
+    for x in sorted(set(xs)):
+        parts.append(f'<text x="{sx(x):.1f}" y="{height - pad_b + 14}" text-anchor="middle">{x:g}</text>')
+    for k, (name, ys) in enumerate(series.items()):
+        c = colors[k % len(colors)]
+        pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys))
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="2"/>')
+        parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{c}"><title>{esc(name)} at {x:g}: {y:g}'
+                  f"</title></circle>" for x, y in zip(xs, ys)]
+        parts.append(f'<text x="{pad_l + 8 + 170 * k}" y="{height - 6}" style="fill:{c}">&#9632; {esc(name)}</text>')
+    parts.append(f'<text x="{pad_l + plot_w}" y="{height - 6}" text-anchor="end">{esc(xlabel)}</text></svg>')
+    return "".join(parts)
+
+
+def _cards(items: Iterable[tuple[str, object, bool]]) -> str:
+    return '<div class="cards">' + "".join(
+        f'<div class="card{" alarm" if alarm else ""}"><b>{esc(v)}</b>{esc(k)}</div>' for k, v, alarm in items) + "</div>"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric: set[int] = frozenset()) -> str:
+    """Cells are already HTML (escape text with esc before passing it)."""
+    head = "".join(f'<th{" class=num" if i in numeric else ""}>{esc(h)}</th>' for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{c}</td>' for i, c in enumerate(r))
+                   + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ---- the audit report ----------------------------------------------------------------------
+def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample_png: dict[str, bytes],
+                  train_png: dict[int, bytes]) -> str:
+    """The report of one audit as an HTML string (inputs: what `build_report` reads from the run)."""
+    t, cfg = summary["thresholds"], summary.get("config", {})
+    model = summary["model"]
+    unet = (cfg.get("model") or {}).get("unet")
+    title = f"memex audit: {model['name']}"
+    out = [f"<h1>{esc(title)}</h1>",
+           f'<p class="muted">model {esc(model["path"])}{" + UNet " + esc(unet) if unet else ""} &middot; run '
+           f'{esc(summary["run"])} &middot; report built {esc(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}</p>']
+    n_ext = summary["extracted_unique_train_images"]
+    out.append(_cards([
+        ("training images extracted", n_ext, n_ext > 0),
+        ("extracted generations", summary["extracted_generations"], summary["extracted_generations"] > 0),
+        (f"prompts flagged of {summary['prompts']}", summary["prompts_flagged"], False),
+        ("samples generated", summary["samples"], False),
+        ("candidates verified", summary["candidates_verified"], False),
+    ]))
+    out.append(f'<p>Filter: a prompt is flagged when {t["min_clique"]} of its generations form a clique at tiled l2 '
+               f'&le; {t["filter_edge_tiled_l2"]}. Match: a candidate is a copy when its {esc(t["match_distance"])} '
+               f'to a training image (of its {t["match_k"]} nearest in the index) is &le; {t["match_threshold"]}.</p>')
+
+    # extracted pairs, most certain (smallest distance) first
+    ext = matches.filter(matches["extracted"]).sort_by([("distance", "ascending"), ("sample_id", "ascending")]) \
+        if matches.num_rows else matches
+    out.append(f"<h2>Extracted generations ({ext.num_rows})</h2>")
+    if not ext.num_rows:
+        out.append('<p class="muted">No generation was verified as a copy of a training image.</p>')
+    cards = []
+    for r in ext.slice(0, MAX_PAIRS).to_pylist():
+        gen, tr = sample_png.get(r["sample_id"]), train_png.get(r["train_gid"])
+        img = (lambda png, alt: f'<img alt="{esc(alt)}" src="{data_uri(png)}">' if png else
+               f'<span class="muted">{esc(alt)} not stored</span>')
+        cards.append(
+            f'<div class="pair"><div class="imgs"><figure>{img(gen, "generation " + r["sample_id"])}'
+            f'<figcaption>generation {esc(r["sample_id"])}</figcaption></figure><figure>'
+            f'{img(tr, "training image " + str(r["train_id"]))}<figcaption>training {esc(r["train_id"])}</figcaption>'
+            f'</figure></div><div><b>{esc(t["match_distance"])} {r["distance"]:.4f}</b></div>'
+            f'<div class="text">prompt: {esc(r["prompt"])}</div>'
+            f'<div class="text muted">caption: {esc(r["train_caption"])}</div></div>')
+    if cards:
+        out.append('<div class="pairs">' + "".join(cards) + "</div>")
+    if ext.num_rows > MAX_PAIRS:
+        out.append(f'<p class="muted">{ext.num_rows - MAX_PAIRS} more in matches/ of the run folder.</p>')
+
+    # flagged prompts with clique sizes
+    flagged = candidates.filter(candidates["flagged"]).sort_by([("clique_size", "descending"), ("prompt_id", "ascending")]) \
+        if candidates.num_rows else candidates
+    per = {p["prompt_id"]: p for p in summary.get("per_prompt", [])}
+    out.append(f"<h2>Flagged prompts ({flagged.num_rows} of {candidates.num_rows})</h2>")
+    rows = []
+    for c in flagged.to_pylist():
+        p = per.get(c["prompt_id"], {})
+        bound = "" if c["clique_exact"] else f' (&le; {c["clique_upper_bound"]})'
+        rows.append([f'<span class="text">{esc(c["prompt"])}</span>', f'{c["clique_size"]}{bound}', esc(c["n_samples"]),
+                     esc(p.get("extracted_samples", 0)), esc(", ".join(p.get("train_ids", [])))])
+    out.append(_table(["prompt", "clique size", "samples", "extracted", "training images"], rows, {1, 2, 3})
+               if rows else '<p class="muted">No prompt reached the clique size.</p>')
+
+    # nearest-neighbour distance histograms
+    out.append("<h2>Nearest-neighbour distances</h2>")
+    gen_nn = [v for col in (candidates["nearest_distances"].to_pylist() if candidates.num_rows else []) for v in (col or [])]
+    out.append('<div class="hists">' + histogram_svg(
+        gen_nn, t["filter_edge_tiled_l2"], "tiled l2 of each generation to its nearest generation of the same prompt")
+        + histogram_svg(matches["distance"].to_pylist() if matches.num_rows else [], t["match_threshold"],
+                        f"{t['match_distance']} of each verified candidate to its nearest training image") + "</div>")
+
+    out.append("<h2>Configuration</h2>")
+    out.append(f"<details><summary>the run's full config (as JSON)</summary><pre>"
+               f"{esc(json.dumps(cfg, indent=2, sort_keys=True))}</pre></details>")
+    idx = summary.get("index", {})
+    out.append(f'<p class="muted">index {esc(idx.get("uri"))}: {esc(idx.get("indexed"))} training images indexed, '
+               f'{esc(idx.get("quarantined"))} quarantined.</p>')
+    return page(title, "\n".join(out))
+
+
+def _run_layout(run: str, storage_options: dict | None) -> RunLayout:
+    run = run.rstrip("/")
+    return RunLayout(posixpath.dirname(run) or ".", posixpath.basename(run), storage_options)
+
+
+def build_report(run: str | RunLayout, storage_options: dict | None = None) -> str:
+    """(Re)build run/report/index.html from the run folder alone; returns its URI."""
+    layout = run if isinstance(run, RunLayout) else _run_layout(run, storage_options)
+    summary = layout.read_json(layout.summary_path)
+    if summary is None:
+        raise StorageError(f"{layout.uri} has no matches/summary.json: not a finished audit run folder "
+                           "(run `memex audit` to finish it, or check the path)")
+    candidates = layout.read_stage("candidates")
+    matches = layout.read_stage("matches")
+    ext = matches.filter(matches["extracted"]).sort_by("distance").slice(0, MAX_PAIRS) if matches.num_rows else matches
+    wanted = pa.array(ext["sample_id"].to_pylist(), pa.string())
+    sample_png: dict[str, bytes] = {}
+    if len(wanted):
+        paths = [layout.shard_path("samples", i) for i in layout.complete_shards("samples")]
+        for path in paths:  # shard by shard: only the extracted rows' images stay in memory
+            t = pq.read_table(path, filesystem=layout.fs, columns=["sample_id", "image"])
+            t = t.filter(pc.is_in(t["sample_id"], wanted))
+            sample_png.update(zip(t["sample_id"].to_pylist(), t["image"].to_pylist()))
+    train_png: dict[int, bytes] = {}
+    if layout.fs.exists(layout.matched_train_path):
+        t = pq.read_table(layout.matched_train_path, filesystem=layout.fs, schema=MATCHED_TRAIN_SCHEMA)
+        train_png = dict(zip(t["train_gid"].to_pylist(), t["image"].to_pylist()))
+    html_text = render_report(summary, candidates, matches, sample_png, train_png)
+    layout.write_bytes(layout.report_path, html_text.encode())
+    return layout.uri_of(layout.report_path)
+
+
+# ---- the nightly trend page ------------------------------------------------------------------
+def render_trend(ledger: pa.Table, link_of) -> str:
+    """Extracted images and flagged prompts against training step, per series, with run links.
+
+    `link_of(row) -> str | None`: the href of a row's report (relative when it can be)."""
+    rows = sorted(ledger.to_pylist(), key=lambda r: (r["series"], r["step"] if r["step"] is not None else -1,
+                                                      r["finished"] or dt.datetime.min.replace(tzinfo=dt.timezone.utc)))
+    out = ["<h1>memex nightly: memorization by checkpoint</h1>",
+           f'<p class="muted">{len(rows)} audits in the ledger &middot; built '
+           f'{esc(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}</p>']
+    alarms = [r for r in rows if r["outcome"] not in ("ok",)]
+    if alarms:
+        out.append(_cards([("audits with an alarm or error", len(alarms), True)]))
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(r["series"], []).append(r)
+    for name, rs in series.items():
+        ok = [r for r in rs if r["outcome"] != "error"]
+        stepped = [r for r in ok if r["step"] is not None]
+        out.append(f"<h2>{esc(name)}</h2>")
+        out.append(line_chart_svg([r["step"] for r in stepped],
+                                  {"training images extracted": [r["extracted"] for r in stepped],
+                                   "prompts flagged": [r["flagged_prompts"] for r in stepped]}, "training step"))
+        table_rows = []
+        for r in rs:
+            href = link_of(r) if r["outcome"] != "error" else None
+            link = f'<a href="{esc(href)}">report</a>' if href else ""
+            table_rows.append([esc(r["step"]), f'<span class="text">{esc(r["location"])}</span>', esc(r["extracted"]),
+                               esc(r["flagged_prompts"]), esc(r["samples"]),
+                               f'<b>{esc(r["outcome"])}</b> <span class="text">{esc(r["message"])}</span>'
+                               if r["outcome"] != "ok" else "ok",
+                               esc(r["finished"].strftime("%Y-%m-%d %H:%M") if r["finished"] else ""), link])
+        out.append(_table(["step", "checkpoint", "extracted", "flagged", "samples", "outcome", "finished", ""],
+                          table_rows, {0, 2, 3, 4}))
+    return page("memex nightly trend", "\n".join(out))

@@ -1,0 +1,236 @@
+"""`memex nightly`: audit every new checkpoint once, keep the ledger, gate, announce.
+
+  1. check inputs (config, the checkpoint location, the ledger's storage);
+  2. list checkpoints (memex/checkpoints.py) and hash their weights; a checkpoint is pending when
+     the ledger has no finished row with its weights hash and this config's hash;
+  3. audit each pending one (memex/stages/audit.py) in a run folder named by checkpoint, weights
+     and config, so a night that crashes part-way resumes the same folders the next time;
+  4. gate: over_budget when it extracts more unique training images than nightly.budget, grew
+     when it extracts more than nightly.growth_margin over the previous step of its series;
+  5. append its ledger row (memex/ledger.py), then rebuild the trend page;
+  6. POST the night's result to nightly.webhook, if set.
+An audit that raises is recorded with outcome "error" (retried next night) and the others go on.
+`nightly.action=plan` stops after 2 and returns one deterministic `ray job submit` id per pending
+checkpoint: memex-<checkpoint name>-<weights hash>-<config hash>-<night>.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import posixpath
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field, replace
+
+from memex.checkpoints import Checkpoint, discover, weights_sha256
+from memex.config import MemexError, NightlyAction, NightlyConfig, plain, validate_nightly
+from memex.layout import RunLayout
+from memex.ledger import DONE, Ledger
+
+log = logging.getLogger("memex.nightly")
+# Settings that do not change an audit's result, left out of the config hash: which checkpoint
+# (it has its own hash), where things are written, how many machines, and the nightly gates.
+NOT_IN_CONFIG_HASH = ("run", "storage", "resources", "nightly")
+NOT_IN_CONFIG_HASH_MODEL = ("name", "path", "unet")
+
+
+class NightlyError(MemexError, RuntimeError):
+    """The nightly run could not record or announce its result."""
+
+
+@dataclass
+class Pending:
+    ckpt: Checkpoint
+    weights: str
+
+    def run_name(self, config_sha: str) -> str:
+        return f"{self.ckpt.name}-{self.weights[:8]}-{config_sha[:8]}"
+
+    def submission_id(self, config_sha: str, night: str) -> str:
+        """The `ray job submit --submission-id` of this audit on `night` (YYYY-MM-DD).
+
+        Ray refuses a second job with the same id, so the audit is submitted once a night however
+        often cron fires; the night is in it so that a job that died is submitted again the next
+        night (its ledger row is missing) instead of being refused forever."""
+        return f"memex-{self.run_name(config_sha)}-{night.replace('-', '')}"
+
+
+@dataclass
+class NightlyResult:
+    config_sha256: str
+    checkpoints: int  # found under nightly.location
+    pending: list[Pending]
+    rows: list[dict] = field(default_factory=list)  # ledger rows written by this run
+    trend: str | None = None  # URI of the trend page
+    ledger: str | None = None
+
+    @property
+    def alarms(self) -> list[dict]:
+        return [r for r in self.rows if r["outcome"] in ("over_budget", "grew")]
+
+    @property
+    def errors(self) -> list[dict]:
+        return [r for r in self.rows if r["outcome"] == "error"]
+
+    @property
+    def status(self) -> str:
+        return "error" if self.errors else "alarm" if self.alarms else "ok"
+
+
+def config_sha256(cfg: NightlyConfig) -> str:
+    """Hash of every setting that decides an audit's result (sampling, prompts, filter, trainset,
+    embedder, index, match, model kind and revision)."""
+    c = plain(cfg)
+    for k in NOT_IN_CONFIG_HASH:
+        c.pop(k, None)
+    for k in NOT_IN_CONFIG_HASH_MODEL:
+        c["model"].pop(k, None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()
+
+
+def night_of(cfg: NightlyConfig) -> str:
+    return cfg.nightly.night or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def ledger_root(cfg: NightlyConfig) -> str:
+    return cfg.nightly.ledger or posixpath.join(cfg.storage.root.rstrip("/"), "_nightly")
+
+
+def plan(cfg: NightlyConfig) -> NightlyResult:
+    """Steps 1-2: the checkpoints under nightly.location not yet audited with this config."""
+    validate_nightly(cfg)
+    n = cfg.nightly
+    found = discover(n.location, n.base_model, n.settle_minutes * 60)
+    if n.only is not None:
+        found = [c for c in found if posixpath.normpath(c.location) == posixpath.normpath(n.only)]
+        if not found:
+            raise NightlyError(f"nightly.only={n.only} is not a checkpoint under nightly.location={n.location}")
+    sha = config_sha256(cfg)
+    ledger = Ledger(ledger_root(cfg), cfg.storage.options)
+    done = ledger.audited(sha)
+    cache: dict = {}
+    pending = [p for p in (Pending(c, weights_sha256(c, cache)) for c in found) if p.weights not in done]
+    return NightlyResult(sha, len(found), pending, ledger=ledger.uri)
+
+
+def _previous(rows: list[dict], series: str, step: int | None, sha: str) -> dict | None:
+    """The ledger's finished row of the same series and config with the largest step below `step`."""
+    if step is None:
+        return None
+    earlier = [r for r in rows if r["series"] == series and r["config_sha256"] == sha and r["outcome"] in DONE
+               and r["step"] is not None and r["step"] < step]
+    return max(earlier, key=lambda r: (r["step"], r["finished"])) if earlier else None
+
+
+def gate(row: dict, previous: dict | None, budget: int | None, margin: int | None) -> tuple[str, str]:
+    """(outcome, message) of a finished audit's row."""
+    msgs, outcome = [], "ok"
+    if budget is not None and row["extracted"] > budget:
+        outcome = "over_budget"
+        msgs.append(f"extracted {row['extracted']} training images, budget is {budget}")
+    if margin is not None and previous is not None and row["extracted"] - previous["extracted"] > margin:
+        outcome = "grew" if outcome == "ok" else outcome
+        msgs.append(f"extracted {row['extracted']} training images, {row['extracted'] - previous['extracted']} more "
+                    f"than step {previous['step']} ({previous['extracted']}); growth margin is {margin}")
+    return outcome, "; ".join(msgs)
+
+
+def audit_one(cfg: NightlyConfig, p: Pending, sha: str, ledger: Ledger) -> dict:
+    """Steps 3-5 for one checkpoint; returns the ledger row it appended."""
+    from memex.stages import audit
+
+    c = p.ckpt
+    acfg = replace(cfg, model=replace(cfg.model, name=c.name, path=c.base, unet=c.unet),
+                   run=replace(cfg.run, name=p.run_name(sha)))
+    layout = RunLayout(cfg.storage.root, p.run_name(sha), cfg.storage.options)
+    row = {"location": c.location, "series": c.series, "step": c.step, "base": c.base if c.unet else "",
+           "weights_sha256": p.weights, "config_sha256": sha, "run": layout.uri,
+           "report": layout.uri_of(layout.report_path), "started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0)}
+    log.info("auditing %s (step %s, weights %s)", c.location, c.step, p.weights[:12])
+    try:
+        s = audit.run(acfg)
+    except Exception as e:  # noqa: BLE001 - recorded in the ledger and reported by the exit status
+        log.exception("audit of %s failed", c.location)
+        row.update(samples=0, extracted=0, extracted_generations=0, flagged_prompts=0, outcome="error",
+                   message=f"{type(e).__name__}: {e}")
+    else:
+        row.update(samples=s["samples"], extracted=s["extracted_unique_train_images"],
+                   extracted_generations=s["extracted_generations"], flagged_prompts=s["prompts_flagged"])
+        prev = _previous(ledger.read().to_pylist(), c.series, c.step, sha)
+        row["outcome"], row["message"] = gate(row, prev, cfg.nightly.budget, cfg.nightly.growth_margin)
+    row["finished"] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    ledger.append(row)
+    return row
+
+
+def write_trend(cfg: NightlyConfig, ledger: Ledger) -> str:
+    """Rebuild <ledger root>/report/index.html from every ledger row; returns its URI."""
+    from memex.report import render_trend
+
+    page_dir = RunLayout(ledger_root(cfg), "report", cfg.storage.options)
+
+    def link_of(r: dict) -> str | None:
+        # relative when the run's report sits on the same storage (a copied folder keeps working)
+        target, here = r["report"], page_dir.uri
+        same = target.split("://")[0] == here.split("://")[0] if "://" in here else "://" not in target
+        if same:
+            strip = (lambda u: u.split("://", 1)[1] if "://" in u else u)
+            return posixpath.relpath(strip(target), strip(here))
+        return target
+
+    page_dir.write_bytes(page_dir.join("index.html"), render_trend(ledger.read(), link_of).encode())
+    return page_dir.uri_of(page_dir.join("index.html"))
+
+
+def post_webhook(url: str, payload: dict, timeout: float) -> None:
+    req = urllib.request.Request(url, data=json.dumps(payload, default=str).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "User-Agent": "memex-nightly"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            if resp.status >= 300:
+                raise NightlyError(f"nightly.webhook={url} answered HTTP {resp.status}")
+    except (urllib.error.URLError, OSError) as e:
+        raise NightlyError(f"nightly.webhook={url} could not be reached ({e}); the ledger and reports are written, "
+                           "only the announcement failed: check the URL") from e
+
+
+def payload(res: NightlyResult) -> dict:
+    return {"event": "memex.nightly", "status": res.status, "config_sha256": res.config_sha256,
+            "checkpoints_found": res.checkpoints, "audited": res.rows, "ledger": res.ledger, "trend": res.trend,
+            "alarms": [f"{r['location']}: {r['message']}" for r in res.alarms],
+            "errors": [f"{r['location']}: {r['message']}" for r in res.errors]}
+
+
+def run(cfg: NightlyConfig) -> NightlyResult:
+    res = plan(cfg)
+    if cfg.nightly.action == NightlyAction.plan:
+        return res
+    ledger = Ledger(ledger_root(cfg), cfg.storage.options)
+    log.info("%d checkpoints under %s, %d not yet audited with config %s", res.checkpoints, cfg.nightly.location,
+             len(res.pending), res.config_sha256[:12])
+    for p in res.pending:
+        res.rows.append(audit_one(cfg, p, res.config_sha256, ledger))
+        res.trend = write_trend(cfg, ledger)  # after every audit: a crash later still leaves it current
+    if res.trend is None:
+        res.trend = write_trend(cfg, ledger)
+    return res
+
+
+def announce(cfg: NightlyConfig, res: NightlyResult) -> None:
+    """Step 6: POST the result to nightly.webhook (if set); raises NightlyError when it fails."""
+    if cfg.nightly.webhook:
+        post_webhook(cfg.nightly.webhook, payload(res), cfg.nightly.webhook_timeout_s)
+
+
+def format_result(res: NightlyResult) -> str:
+    lines = [f"memex nightly: {res.checkpoints} checkpoints found, {len(res.rows)} audited now "
+             f"(config {res.config_sha256[:12]})"]
+    for r in res.rows:
+        lines.append(f"  {r['outcome']:<11} step {r['step']}: {r['extracted']} training images extracted, "
+                     f"{r['flagged_prompts']} prompts flagged  {r['location']}" + (f"  -- {r['message']}" if r["message"] else ""))
+    lines.append(f"  ledger: {res.ledger}")
+    lines.append(f"  trend: {res.trend}")
+    return "\n".join(lines)

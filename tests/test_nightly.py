@@ -1,0 +1,190 @@
+"""memex nightly on the shipped demo training run (demo/checkpoints: checkpoint-<step>/unet folders
+of the demo model on top of demo/models/demo-text), scaled down to a few prompts and samples.
+
+Three checkpoints appear over three simulated nights; each is audited exactly once, a night that
+fails part-way is finished by the next, the budget gate fails the run, the webhook gets the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, compose, free_port
+from memex.checkpoints import discover, weights_sha256
+from memex.ledger import Ledger
+from memex.stages import nightly
+
+STEPS = (1000, 2000, 3000)
+DEMO_RUN = REPO / "demo" / "checkpoints" / "demo-text-run"
+BASE = REPO / "demo" / "models" / "demo-text"
+# 4 prompts (the most duplicated captions) x 8 samples, 3-clique: ~15 s per checkpoint on 2 cores
+SMALL = ["prompts.limit=4", "sampling.samples_per_prompt=8", "filter.min_clique=3", "index.shards=2"]
+
+
+def _overrides(tmp: Path, location: Path, ray_head, *extra: str) -> list[str]:
+    return [f"nightly.location={location}", f"storage.root={tmp / 'runs'}", f"resources.address={ray_head.address}",
+            *SMALL, *extra]
+
+
+def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):
+    found = discover(str(REPO / "demo" / "checkpoints"), str(BASE))
+    assert [c.step for c in found] == list(STEPS)
+    assert all(c.unet and c.unet.endswith("/unet") and c.base == str(BASE) for c in found)
+    assert len({c.series for c in found}) == 1
+
+    # a memex train output: the pipeline plus checkpoints/checkpoint-<step>/unet, base = the pipeline
+    out = tmp_path / "trained"
+    shutil.copytree(BASE, out)
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", out / "checkpoints" / "checkpoint-1000")
+    shutil.copytree(DEMO_RUN / "checkpoint-2000", out / "checkpoints" / "_tmp-checkpoint-2000")  # being written
+    found = discover(str(tmp_path))
+    assert [(c.step, c.base, c.unet is None) for c in found] == [(1000, str(out), False), (5000, str(out), True)]
+    assert {c.series for c in found} == {str(out)}
+    # hashes: a copy hashes the same, different UNet weights do not
+    assert weights_sha256(found[1]) == weights_sha256(discover(str(BASE))[0])
+    assert weights_sha256(found[0]) != weights_sha256(found[1])
+
+    # a UNet-only run with no enclosing pipeline and no base_model names the setting to fix
+    lone = tmp_path / "lone"
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", lone / "checkpoint-1000")
+    with pytest.raises(nightly.MemexError, match="nightly.base_model"):
+        discover(str(lone))
+
+
+def test_gate_budget_and_growth():
+    row = {"extracted": 3}
+    assert nightly.gate(row, None, None, None) == ("ok", "")
+    assert nightly.gate(row, None, 3, None)[0] == "ok"
+    assert nightly.gate(row, None, 2, None)[0] == "over_budget"
+    prev = {"extracted": 1, "step": 1000}
+    assert nightly.gate(row, prev, None, 2)[0] == "ok"
+    outcome, msg = nightly.gate(row, prev, None, 1)
+    assert outcome == "grew" and "2 more than step 1000" in msg
+
+
+def test_three_nights_audit_each_checkpoint_once(tmp_path, ray_head, browser):
+    location = tmp_path / "watch" / "demo-text-run"
+    location.mkdir(parents=True)
+    audited = []
+    for night, step in enumerate(STEPS):
+        shutil.copytree(DEMO_RUN / f"checkpoint-{step}", location / f"checkpoint-{step}")  # training wrote it today
+        cfg = compose(_overrides(tmp_path, tmp_path / "watch", ray_head), config_name="nightly")
+        res = nightly.run(cfg)
+        assert [r["step"] for r in res.rows] == [step], f"night {night}: {res.rows}"
+        assert res.rows[0]["outcome"] == "ok" and Path(res.rows[0]["report"]).is_file()
+        audited.append(res.rows[0])
+        again = nightly.run(cfg)  # the same night again (cron retry): nothing audited twice
+        assert again.rows == [] and again.checkpoints == night + 1
+
+    ledger = Ledger(str(tmp_path / "runs" / "_nightly")).read().to_pylist()
+    assert sorted(r["step"] for r in ledger) == list(STEPS)
+    assert len({r["weights_sha256"] for r in ledger}) == 3 and len({r["config_sha256"] for r in ledger}) == 1
+    assert all(r["samples"] == 4 * 8 and r["started"] <= r["finished"] for r in ledger)
+
+    # the trend page plots all three and links each run's report; it renders cleanly
+    trend = tmp_path / "runs" / "_nightly" / "report" / "index.html"
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(trend.as_uri())
+    assert errors == []
+    assert page.locator("svg polyline").count() == 2  # extracted and flagged
+    assert page.locator("svg circle").count() == 2 * len(STEPS)
+    hrefs = page.eval_on_selector_all("a", "els => els.map(e => e.href)")
+    assert len(hrefs) == 3 and all(Path(h.removeprefix("file://")).is_file() for h in hrefs)
+    page.screenshot(path=str(tmp_path / "trend.png"), full_page=True)
+    page.close()
+
+    # another config is another audit of the same checkpoints
+    other = compose(_overrides(tmp_path, tmp_path / "watch", ray_head, "sampling.seed=1"), config_name="nightly")
+    assert len(nightly.plan(other).pending) == 3
+
+
+def test_failed_audit_is_recorded_and_retried_next_night(tmp_path, ray_head):
+    location = tmp_path / "watch"
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", location / "run" / "checkpoint-1000")
+    bad = location / "run" / "checkpoint-2000"
+    shutil.copytree(DEMO_RUN / "checkpoint-2000", bad)
+    weights = next((bad / "unet").glob("*.safetensors"))
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # a truncated upload
+    cfg = compose(_overrides(tmp_path, location, ray_head, f"nightly.base_model={BASE}"), config_name="nightly")
+    res = nightly.run(cfg)
+    assert {r["step"]: r["outcome"] for r in res.rows} == {1000: "ok", 2000: "error"}
+    assert "model.unet" in res.errors[0]["message"] and res.status == "error"
+
+    weights.write_bytes(good)  # re-uploaded
+    res = nightly.run(cfg)
+    assert [(r["step"], r["outcome"]) for r in res.rows] == [(2000, "ok")]
+    assert nightly.run(cfg).rows == []
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append((self.headers["Content-Type"], json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.slow
+def test_budget_gate_fails_the_run_and_the_webhook_hears_it(tmp_path, ray_head):
+    """`memex nightly` as cron runs it: the fully trained demo model crosses a budget of 0."""
+    location = tmp_path / "exports"
+    shutil.copytree(BASE, location / "demo-text")  # a diffusers folder (step 5000 from memex_train.json)
+    server = HTTPServer(("127.0.0.1", free_port()), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/hook"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [str(Path(sys.executable).parent / "memex"), "nightly", *_overrides(tmp_path, location, ray_head),
+           "nightly.budget=0", f"nightly.webhook={url}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert out.returncode == 3, (out.stdout + out.stderr)[-3000:]
+        assert "ALARM" in out.stderr and "budget is 0" in out.stderr
+        (ctype, body), = _Hook.received
+        assert ctype == "application/json" and body["status"] == "alarm"
+        (row,) = body["audited"]
+        assert row["outcome"] == "over_budget" and row["step"] == 5000 and row["extracted"] >= 1
+        assert Path(body["trend"]).is_file() and body["alarms"][0].startswith(str(location / "demo-text"))
+        ledger = Ledger(str(tmp_path / "runs" / "_nightly")).read().to_pylist()
+        assert [r["outcome"] for r in ledger] == ["over_budget"]
+
+        # the next night has nothing new: exit 0, no second audit; a dead webhook is an error, not silence
+        out = subprocess.run(cmd[:-1] + ["nightly.webhook=http://127.0.0.1:9/none"], capture_output=True, text=True,
+                             timeout=600, env=env)
+        assert out.returncode == 1 and "nightly.webhook" in out.stderr and "0 audited now" in out.stdout
+        assert len(Ledger(str(tmp_path / "runs" / "_nightly")).read()) == 1
+    finally:
+        server.shutdown()
+
+
+def test_plan_gives_stable_submission_ids(tmp_path, ray_head):
+    cfg = compose(_overrides(tmp_path, REPO / "demo" / "checkpoints", ray_head, "nightly.action=plan",
+                             "nightly.night=2026-11-29"), config_name="nightly")
+    a, b = nightly.run(cfg), nightly.run(cfg)
+    ids = [p.submission_id(a.config_sha256, nightly.night_of(cfg)) for p in a.pending]
+    assert ids == [p.submission_id(b.config_sha256, "2026-11-29") for p in b.pending] and len(set(ids)) == 3
+    assert a.rows == [] and all(i.startswith("memex-demo-text-run-step") and i.endswith("-20261129") for i in ids)
+    one = str(DEMO_RUN / "checkpoint-2000")
+    only = nightly.plan(compose(_overrides(tmp_path, REPO / "demo" / "checkpoints", ray_head, f"nightly.only={one}"),
+                                config_name="nightly"))
+    assert [p.ckpt.location for p in only.pending] == [one]
+    with pytest.raises(nightly.MemexError, match="nightly.only"):
+        nightly.run(compose(_overrides(tmp_path, REPO / "demo" / "checkpoints", ray_head, "nightly.only=/elsewhere"),
+                            config_name="nightly"))

@@ -1,0 +1,144 @@
+"""The audit report: rendered in headless Chromium, hostile captions shown as text, rebuilt from the
+run folder alone.
+
+The run is planted (as in test_audit): prompt A's 10 generations are near-copies of training image
+t02, whose caption and A's prompt are HTML/JS payloads scraped-data style; prompt B's are unrelated.
+Expected by construction: 10 extracted pairs, all of t02, one flagged prompt, no script executed.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import compose
+from memex.layout import SAMPLES_SCHEMA, RunLayout, iter_units, plan_shards
+from memex.prompts import prompt_id
+from memex.report import build_report, esc, histogram_svg
+from memex.stages import filter as filter_stage
+from memex.stages import index, match
+
+N_TRAIN, N_SAMPLES = 12, 10
+EVIL_CAPTION = "<script>document.title='pwned';console.error('xss')</script> ACME & \"Co\" logo"
+EVIL_PROMPT = "<img src=x onerror=\"console.error('xss')\"> a copy of the ACME logo"
+PROMPTS = [EVIL_PROMPT, "something new"]
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _blocky(rng) -> np.ndarray:
+    return np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def audited_run(tmp_path_factory, ray_head):
+    rng = np.random.default_rng(7)
+    root = tmp_path_factory.mktemp("report")
+    train = [_blocky(rng) for _ in range(N_TRAIN)]
+    captions = [f"caption {i}" for i in range(N_TRAIN)]
+    captions[2] = EVIL_CAPTION
+    manifest = root / "train.parquet"
+    pq.write_table(pa.table({"id": [f"t{i:02d}" for i in range(N_TRAIN)], "image": [_png(t) for t in train],
+                             "caption": captions}), manifest)
+    samples = {PROMPTS[0]: [np.clip(train[2].astype(int) + rng.integers(-2, 3, train[2].shape), 0, 255).astype(np.uint8)
+                            for _ in range(N_SAMPLES)],
+               PROMPTS[1]: [_blocky(rng) for _ in range(N_SAMPLES)]}
+    layout = RunLayout(str(root / "runs"), "planted")
+    layout.create()
+    layout.write_prompts(pa.table({"prompt_id": [prompt_id(p) for p in PROMPTS], "prompt": PROMPTS}))
+    for plan in plan_shards(len(PROMPTS), N_SAMPLES, 8):
+        rows = [{"sample_id": f"{prompt_id(PROMPTS[p])}/{i}", "prompt_id": prompt_id(PROMPTS[p]), "prompt": PROMPTS[p],
+                 "sample_index": i, "seed": i, "image": _png(samples[PROMPTS[p]][i]), "height": 32, "width": 32,
+                 "model_id": "planted", "scheduler": "none", "num_inference_steps": 0, "guidance_scale": 0.0,
+                 "dtype": "float32", "batch_size": 8} for p, i in iter_units(plan, N_SAMPLES)]
+        layout.write_shard("samples", plan.index, pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
+    layout.write_json(layout.join("samples", "_SUCCESS.json"), {"rows": len(PROMPTS) * N_SAMPLES})
+
+    cfg = compose([f"trainset.path={manifest}", f"storage.root={root / 'runs'}", "model.path=/planted",
+                   f"sampling.samples_per_prompt={N_SAMPLES}", "sampling.shard_size=8", "index.shards=2",
+                   f"resources.address={ray_head.address}"], config_name="audit")
+    info = index.build(cfg)
+    summary = match.run(cfg, "planted", info, filter_stage.run(cfg, "planted"))
+    assert summary["extracted_generations"] == N_SAMPLES and summary["extracted_train_ids"] == ["t02"]
+    return layout, summary, root
+
+
+def test_report_renders_without_console_errors_and_shows_the_pairs(audited_run, browser, tmp_path):
+    layout, summary, _ = audited_run
+    uri = build_report(layout)
+    assert uri == layout.report_path
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("request", lambda r: problems.append(f"request {r.url}") if not r.url.startswith(("file:", "data:")) else None)
+    page.goto(Path(uri).as_uri())
+    page.wait_for_load_state("load")
+    shot = tmp_path / "report.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
+    assert problems == []  # no console errors, no failed image, no network fetch
+
+    pairs = page.locator(".pair")
+    assert pairs.count() == N_SAMPLES
+    # each pair shows the generation and the training image, both decoded by the browser
+    widths = page.eval_on_selector_all(".pair img", "els => els.map(e => e.naturalWidth)")
+    assert len(widths) == 2 * N_SAMPLES and all(w == 32 for w in widths)
+    assert "training t02" in pairs.first.inner_text()
+    # most certain first
+    shown = [float(t.split()[-1]) for t in page.locator(".pair b").all_inner_texts()]
+    assert shown == sorted(shown) and shown[0] <= summary["thresholds"]["match_threshold"]
+
+    # the hostile caption and prompt are text: visible verbatim, no element created, nothing ran
+    text = page.inner_text("body")
+    assert EVIL_CAPTION in text and EVIL_PROMPT in text
+    assert page.locator("script").count() == 0 and page.title() == "memex audit: demo"
+    assert page.locator("img[src='x']").count() == 0
+    # headline, flagged prompt with its clique size, two histograms with their threshold lines
+    assert page.locator(".card b").first.inner_text() == "1"
+    row = page.locator("table tbody tr").first.inner_text()
+    assert EVIL_PROMPT in row and f"\t{N_SAMPLES}\t" in f"\t{row}\t".replace("\n", "\t")
+    assert page.locator("svg[aria-label] line[stroke='#d93025']").count() == 2
+    assert '"min_clique": 5' in page.text_content("details pre")
+    page.close()
+
+
+def test_report_is_rebuilt_from_the_run_folder_alone(audited_run, tmp_path):
+    """`memex report RUN` on a copy of the run folder, with the index and training set gone."""
+    layout, summary, root = audited_run
+    copy = tmp_path / "elsewhere" / "planted"
+    shutil.copytree(layout.path, copy)
+    (copy / "report").exists() and shutil.rmtree(copy / "report")
+    out = subprocess.run([str(Path(sys.executable).parent / "memex"), "report", str(copy)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    html = (copy / "report" / "index.html").read_text()
+    assert html.count('class="pair"') == N_SAMPLES
+    assert html.count("data:image/png;base64,") == 2 * N_SAMPLES  # both images of every pair, embedded
+    assert esc(EVIL_CAPTION) in html and EVIL_CAPTION not in html
+
+    bad = subprocess.run([str(Path(sys.executable).parent / "memex"), "report", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "not a finished audit run folder" in bad.stderr
+
+
+def test_histogram_marks_the_threshold_and_counts_every_value():
+    svg = histogram_svg([0.01, 0.02, 0.3, 0.31, 0.32], 0.15, "d", bins=10)
+    counts = [int(x.split("<title>")[1].split("<")[0]) for x in svg.split("<rect")[1:]]
+    # range 0..0.336 (max x 1.05) in 10 bins of 0.0336: 0.01, 0.02 -> bin 0; 0.30 -> 8; 0.31, 0.32 -> 9
+    assert [(i, c) for i, c in enumerate(counts) if c] == [(0, 2), (8, 1), (9, 2)]
+    assert "threshold 0.15" in svg and "n = 5" in svg
+    assert "no d to plot" in histogram_svg([], 0.15, "d")
