@@ -32,7 +32,12 @@ _cs.store(name="nightly_schema", node=C.NightlyConfig)
 
 
 def _typed(cfg: DictConfig, cls: type, validate):
-    obj = OmegaConf.to_object(cfg)
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:  # a ??? left in the config: name the key to set
+        raise C.ConfigError(f"{e.full_key} is not set: add {e.full_key}=... to the command") from None
     assert isinstance(obj, cls), type(obj)
     validate(obj)
     return obj

@@ -60,6 +60,17 @@ def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):
         discover(str(lone))
 
 
+@pytest.mark.parametrize("override, key", [("nightly.budget=-1", "nightly.budget"),
+                                           ("nightly.webhook=ftp://host/x", "nightly.webhook"),
+                                           ("nightly.night=yesterday", "nightly.night"),
+                                           ("nightly.location=???", "nightly.location")])
+def test_wrong_nightly_overrides_name_the_key(override, key):
+    from memex.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        compose([override], config_name="nightly")
+
+
 def test_gate_budget_and_growth():
     row = {"extracted": 3}
     assert nightly.gate(row, None, None, None) == ("ok", "")
