@@ -112,6 +112,7 @@ LEDGER_SCHEMA = pa.schema(
         ("step", pa.int64()),  # training step; null when the folder does not say
         ("base", pa.string()),  # the base pipeline a checkpoint-<step>/unet is loaded on ("" for full folders)
         ("weights_sha256", pa.string()),  # content hash of every weight file the audit loads
+        ("files_signature", pa.string()),  # hash of those files' names, sizes and mtimes: skips re-hashing
         ("config_sha256", pa.string()),  # hash of the settings that decide the audit's result
         ("run", pa.string()),  # run folder URI
         ("report", pa.string()),  # the run's report/index.html URI

@@ -50,6 +50,12 @@ class Ledger:
         table = ds.dataset(files, schema=LEDGER_SCHEMA, format="parquet", filesystem=fs).to_table()
         return table.sort_by([("finished", "ascending"), ("location", "ascending")])
 
+    def known_hashes(self) -> dict[tuple[str, str], str]:
+        """(location, files signature) -> weights hash, from every row: a checkpoint whose files
+        have not changed since it was hashed need not be read again."""
+        return {(r["location"], r["files_signature"]): r["weights_sha256"] for r in self.read().to_pylist()
+                if r["files_signature"]}
+
     def audited(self, config_sha256: str) -> dict[str, dict]:
         """weights hash -> the first finished (non-error) row for this config."""
         done: dict[str, dict] = {}

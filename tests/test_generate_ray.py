@@ -89,7 +89,7 @@ def test_other_settings_in_the_same_run_are_refused(ray_head, tiny_models, promp
 def test_run_to_moto_s3(ray_head, tiny_models, prompt_file, s3_server, bucket):
     url = s3_server["client_kwargs"]["endpoint_url"]
     cfg = compose(_overrides(tiny_models, prompt_file, f"s3://{bucket}/runs", "storage=s3", "run.name=r1",
-                             f"storage.root=s3://{bucket}/runs", f"+storage.options.key=testing",
+                             f"storage.root=s3://{bucket}/runs", "+storage.options.key=testing",
                              "+storage.options.secret=testing", f"storage.options.client_kwargs.endpoint_url={url}"))
     s = generate.run(cfg)
     assert s["run"] == f"s3://{bucket}/runs/r1"

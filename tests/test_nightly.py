@@ -82,7 +82,7 @@ def test_gate_budget_and_growth():
     assert outcome == "grew" and "2 more than step 1000" in msg
 
 
-def test_three_nights_audit_each_checkpoint_once(tmp_path, ray_head, browser):
+def test_three_nights_audit_each_checkpoint_once(tmp_path, ray_head, browser, monkeypatch):
     location = tmp_path / "watch" / "demo-text-run"
     location.mkdir(parents=True)
     audited = []
@@ -116,9 +116,13 @@ def test_three_nights_audit_each_checkpoint_once(tmp_path, ray_head, browser):
     page.screenshot(path=str(tmp_path / "trend.png"), full_page=True)
     page.close()
 
-    # another config is another audit of the same checkpoints
+    # another config is another audit of the same checkpoints; unchanged files are not read again
+    def no_reads(*a, **k):
+        raise AssertionError("weights re-hashed although the ledger knows their files")
+
+    monkeypatch.setattr(nightly, "weights_sha256", no_reads)
     other = compose(_overrides(tmp_path, tmp_path / "watch", ray_head, "sampling.seed=1"), config_name="nightly")
-    assert len(nightly.plan(other).pending) == 3
+    assert [p.weights for p in nightly.plan(other).pending] == [r["weights_sha256"] for r in audited]
 
 
 def test_failed_audit_is_recorded_and_retried_next_night(tmp_path, ray_head):

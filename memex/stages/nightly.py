@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
 
-from memex.checkpoints import Checkpoint, discover, weights_sha256
+from memex.checkpoints import Checkpoint, discover, files_signature, weights_sha256
 from memex.config import MemexError, NightlyAction, NightlyConfig, plain, validate_nightly
 from memex.layout import RunLayout
 from memex.ledger import DONE, Ledger
@@ -44,7 +44,8 @@ class NightlyError(MemexError, RuntimeError):
 @dataclass
 class Pending:
     ckpt: Checkpoint
-    weights: str
+    weights: str  # sha256 of the weights (memex/checkpoints.py)
+    signature: str  # of the weight files' names, sizes and mtimes
 
     def run_name(self, config_sha: str) -> str:
         return f"{self.ckpt.name}-{self.weights[:8]}-{config_sha[:8]}"
@@ -110,9 +111,13 @@ def plan(cfg: NightlyConfig) -> NightlyResult:
             raise NightlyError(f"nightly.only={n.only} is not a checkpoint under nightly.location={n.location}")
     sha = config_sha256(cfg)
     ledger = Ledger(ledger_root(cfg), cfg.storage.options)
-    done = ledger.audited(sha)
-    cache: dict = {}
-    pending = [p for p in (Pending(c, weights_sha256(c, cache)) for c in found) if p.weights not in done]
+    done, known, cache = ledger.audited(sha), ledger.known_hashes(), {}
+    pending = []
+    for c in found:
+        sig = files_signature(c)
+        weights = known.get((c.location, sig)) or weights_sha256(c, cache)
+        if weights not in done:
+            pending.append(Pending(c, weights, sig))
     return NightlyResult(sha, len(found), pending, ledger=ledger.uri)
 
 
@@ -147,7 +152,7 @@ def audit_one(cfg: NightlyConfig, p: Pending, sha: str, ledger: Ledger) -> dict:
                    run=replace(cfg.run, name=p.run_name(sha)))
     layout = RunLayout(cfg.storage.root, p.run_name(sha), cfg.storage.options)
     row = {"location": c.location, "series": c.series, "step": c.step, "base": c.base if c.unet else "",
-           "weights_sha256": p.weights, "config_sha256": sha, "run": layout.uri,
+           "weights_sha256": p.weights, "files_signature": p.signature, "config_sha256": sha, "run": layout.uri,
            "report": layout.uri_of(layout.report_path), "started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0)}
     log.info("auditing %s (step %s, weights %s)", c.location, c.step, p.weights[:12])
     try:
@@ -172,14 +177,14 @@ def write_trend(cfg: NightlyConfig, ledger: Ledger) -> str:
 
     page_dir = RunLayout(ledger_root(cfg), "report", cfg.storage.options)
 
+    def split(uri: str) -> tuple[str, str]:
+        return tuple(uri.split("://", 1)) if "://" in uri else ("file", uri)
+
     def link_of(r: dict) -> str | None:
-        # relative when the run's report sits on the same storage (a copied folder keeps working)
-        target, here = r["report"], page_dir.uri
-        same = target.split("://")[0] == here.split("://")[0] if "://" in here else "://" not in target
-        if same:
-            strip = (lambda u: u.split("://", 1)[1] if "://" in u else u)
-            return posixpath.relpath(strip(target), strip(here))
-        return target
+        # relative when the run's report is on the same storage, so a copied or synced folder
+        # (or a static website on the bucket) keeps working; absolute otherwise
+        (proto, path), (here_proto, here) = split(r["report"]), split(page_dir.uri)
+        return posixpath.relpath(path, here) if proto == here_proto else r["report"]
 
     page_dir.write_bytes(page_dir.join("index.html"), render_trend(ledger.read(), link_of).encode())
     return page_dir.uri_of(page_dir.join("index.html"))
