@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -16,12 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from memex import config as C
 
-# conf/ at the top of a checkout (editable install, Ray working_dir) or memex/conf in a wheel.
-_HERE = Path(__file__).resolve().parent
-CONF_DIR = next((p for p in (_HERE.parent / "conf", _HERE / "conf") if (p / "generate.yaml").exists()), _HERE.parent / "conf")
+CONF_DIR = C.CONF_DIR
 
 # ${memex_home:} in YAML: the checkout holding conf/ (where the demo model and data live).
-OmegaConf.register_new_resolver("memex_home", lambda: str(CONF_DIR.parent), replace=True)
+OmegaConf.register_new_resolver("memex_home", lambda: C.MEMEX_HOME, replace=True)
 
 # Schema: every group's YAML is merged onto its dataclass field, so unknown keys and bad types fail.
 _cs = ConfigStore.instance()

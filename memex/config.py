@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, Dict, List, Optional
+
+
+# conf/ at the top of a checkout (editable install, Ray working_dir) or memex/conf in a wheel;
+# MEMEX_HOME (YAML: ${memex_home:}) is the folder holding it, where the demo model and data live.
+_PKG = Path(__file__).resolve().parent
+CONF_DIR = next((p for p in (_PKG.parent / "conf", _PKG / "conf") if (p / "generate.yaml").exists()), _PKG.parent / "conf")
+MEMEX_HOME = str(CONF_DIR.parent)
 
 
 def plain(obj: Any) -> Any:

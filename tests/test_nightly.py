@@ -158,31 +158,50 @@ class _Hook(BaseHTTPRequestHandler):
 
 
 @pytest.mark.slow
-def test_budget_gate_fails_the_run_and_the_webhook_hears_it(tmp_path, ray_head):
-    """`memex nightly` as cron runs it: the fully trained demo model crosses a budget of 0."""
+def test_budget_gate_fails_the_job_and_the_webhook_hears_it(tmp_path, ray_head):
+    """The README's schedule: `memex nightly nightly.action=plan` gives one submission id per
+    pending checkpoint, `ray job submit --submission-id <id> -- python jobs/nightly.py
+    nightly.only=<checkpoint>` audits it. The fully trained demo model crosses a budget of 0."""
     location = tmp_path / "exports"
     shutil.copytree(BASE, location / "demo-text")  # a diffusers folder (step 5000 from memex_train.json)
     server = HTTPServer(("127.0.0.1", free_port()), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/hook"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    cmd = [str(Path(sys.executable).parent / "memex"), "nightly", *_overrides(tmp_path, location, ray_head),
-           "nightly.budget=0", f"nightly.webhook={url}"]
+    bin_ = Path(sys.executable).parent
+    common = [*_overrides(tmp_path, location, ray_head), "nightly.budget=0"]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        assert out.returncode == 3, (out.stdout + out.stderr)[-3000:]
-        assert "ALARM" in out.stderr and "budget is 0" in out.stderr
+        plan = subprocess.run([str(bin_ / "memex"), "nightly", *common, "nightly.action=plan"], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert plan.returncode == 0, plan.stderr[-3000:]
+        (line,) = plan.stdout.strip().splitlines()
+        sid, ckpt = line.split(" ", 1)
+        assert ckpt == str(location / "demo-text")
+        submit = [str(bin_ / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO),
+                  "--submission-id", sid, "--", "python", "jobs/nightly.py", *common, f"nightly.only={ckpt}",
+                  f"nightly.webhook={url}"]
+        out = subprocess.run(submit, capture_output=True, text=True, timeout=600, env=env)
+        assert out.returncode != 0 and "failed" in (out.stdout + out.stderr).lower(), (out.stdout + out.stderr)[-3000:]
+        assert "ALARM" in out.stdout + out.stderr and "budget is 0" in out.stdout + out.stderr
         (ctype, body), = _Hook.received
         assert ctype == "application/json" and body["status"] == "alarm"
         (row,) = body["audited"]
         assert row["outcome"] == "over_budget" and row["step"] == 5000 and row["extracted"] >= 1
-        assert Path(body["trend"]).is_file() and body["alarms"][0].startswith(str(location / "demo-text"))
+        assert Path(body["trend"]).is_file() and body["alarms"][0].startswith(ckpt)
         ledger = Ledger(str(tmp_path / "runs" / "_nightly")).read().to_pylist()
         assert [r["outcome"] for r in ledger] == ["over_budget"]
 
-        # the next night has nothing new: exit 0, no second audit; a dead webhook is an error, not silence
-        out = subprocess.run(cmd[:-1] + ["nightly.webhook=http://127.0.0.1:9/none"], capture_output=True, text=True,
-                             timeout=600, env=env)
+        # cron fires again: Ray refuses the same submission id, so the audit is not submitted twice
+        again = subprocess.run(submit, capture_output=True, text=True, timeout=300, env=env)
+        assert again.returncode != 0 and "already exists" in again.stdout + again.stderr
+        # and the plan no longer lists the checkpoint
+        plan = subprocess.run([str(bin_ / "memex"), "nightly", *common, "nightly.action=plan"], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert plan.returncode == 0 and plan.stdout.strip() == ""
+
+        # a night with nothing new exits 0 without a second audit; a dead webhook is an error, not silence
+        out = subprocess.run([str(bin_ / "memex"), "nightly", *common, "nightly.webhook=http://127.0.0.1:9/none"],
+                             capture_output=True, text=True, timeout=300, env=env)
         assert out.returncode == 1 and "nightly.webhook" in out.stderr and "0 audited now" in out.stdout
         assert len(Ledger(str(tmp_path / "runs" / "_nightly")).read()) == 1
     finally:

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 
 from memex.checkpoints import Checkpoint, discover, files_signature, weights_sha256
-from memex.config import MemexError, NightlyAction, NightlyConfig, plain, validate_nightly
+from memex.config import MEMEX_HOME, MemexError, NightlyAction, NightlyConfig, plain, validate_nightly
 from memex.layout import RunLayout
 from memex.ledger import DONE, Ledger
 
@@ -89,7 +89,10 @@ def config_sha256(cfg: NightlyConfig) -> str:
         c.pop(k, None)
     for k in NOT_IN_CONFIG_HASH_MODEL:
         c["model"].pop(k, None)
-    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()
+    # ${memex_home:} paths (the demo's trainset) are written back as the variable: the checkout on
+    # a laptop and its copy in a Ray job's working_dir must give the same hash
+    text = json.dumps(c, sort_keys=True).replace(MEMEX_HOME, "${memex_home:}")
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def night_of(cfg: NightlyConfig) -> str:
