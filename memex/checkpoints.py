@@ -20,6 +20,7 @@ mount the training bucket (s3fs-fuse, FSx, GCS FUSE) or sync it first.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -56,8 +57,6 @@ class Checkpoint:
 def _step_of_folder(path: Path) -> int | None:
     info = path / "memex_train.json"
     if info.is_file():
-        import json
-
         try:
             return int(json.loads(info.read_text())["steps"])
         except (ValueError, KeyError, TypeError):
@@ -87,8 +86,6 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
     def walk(d: Path, depth: int, enclosing_pipeline: Path | None) -> None:
         components: set[str] = set()
         if (d / "model_index.json").is_file():
-            import json
-
             components = {k for k in json.loads((d / "model_index.json").read_text()) if not k.startswith("_")}
             # a training output (pipeline + its checkpoints) is its own series; exported pipelines
             # side by side (step-1000/, step-2000/) are one series, their parent
@@ -124,8 +121,6 @@ def _weight_files(folder: Path, skip: set[str] = frozenset()) -> list[Path]:
     (not checkpoints/ or anything else kept beside them); of a UNet folder, all of them."""
     index = folder / "model_index.json"
     if index.is_file():
-        import json
-
         roots = [folder / k for k in sorted(json.loads(index.read_text())) if not k.startswith("_") and k not in skip]
     else:
         roots = [folder]

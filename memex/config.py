@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
@@ -403,5 +403,4 @@ def validate_nightly(cfg: NightlyConfig) -> None:
         raise ConfigError(f"nightly.night must be a date YYYY-MM-DD, got {n.night!r}")
     if n.webhook is not None and not n.webhook.startswith(("http://", "https://")):
         raise ConfigError(f"nightly.webhook must be an http:// or https:// URL, got {n.webhook!r}")
-    # model.path/unet/name and run.name are set per checkpoint; everything else is the audit's
-    validate_audit(replace(cfg, model=replace(cfg.model, path=cfg.model.path if cfg.model.path != "???" else n.location)))
+    validate_audit(cfg)  # model.path/unet/name and run.name are replaced per checkpoint

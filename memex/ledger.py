@@ -50,16 +50,16 @@ class Ledger:
         table = ds.dataset(files, schema=LEDGER_SCHEMA, format="parquet", filesystem=fs).to_table()
         return table.sort_by([("finished", "ascending"), ("location", "ascending")])
 
-    def known_hashes(self) -> dict[tuple[str, str], str]:
+    def known_hashes(self, rows: list[dict] | None = None) -> dict[tuple[str, str], str]:
         """(location, files signature) -> weights hash, from every row: a checkpoint whose files
-        have not changed since it was hashed need not be read again."""
-        return {(r["location"], r["files_signature"]): r["weights_sha256"] for r in self.read().to_pylist()
-                if r["files_signature"]}
+        have not changed since it was hashed need not be read again. `rows`: an earlier read()."""
+        rows = self.read().to_pylist() if rows is None else rows
+        return {(r["location"], r["files_signature"]): r["weights_sha256"] for r in rows if r["files_signature"]}
 
-    def audited(self, config_sha256: str) -> dict[str, dict]:
-        """weights hash -> the first finished (non-error) row for this config."""
+    def audited(self, config_sha256: str, rows: list[dict] | None = None) -> dict[str, dict]:
+        """weights hash -> the first finished (non-error) row for this config. `rows`: an earlier read()."""
         done: dict[str, dict] = {}
-        for r in self.read().to_pylist():
+        for r in self.read().to_pylist() if rows is None else rows:
             if r["config_sha256"] == config_sha256 and r["outcome"] in DONE:
                 done.setdefault(r["weights_sha256"], r)
         return done

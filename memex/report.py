@@ -175,11 +175,12 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
     out.append(f"<h2>Extracted generations ({ext.num_rows})</h2>")
     if not ext.num_rows:
         out.append('<p class="muted">No generation was verified as a copy of a training image.</p>')
+    def img(png: bytes | None, alt: str) -> str:
+        return f'<img alt="{esc(alt)}" src="{data_uri(png)}">' if png else f'<span class="muted">{esc(alt)} not stored</span>'
+
     cards = []
     for r in ext.slice(0, MAX_PAIRS).to_pylist():
         gen, tr = sample_png.get(r["sample_id"]), train_png.get(r["train_gid"])
-        img = (lambda png, alt: f'<img alt="{esc(alt)}" src="{data_uri(png)}">' if png else
-               f'<span class="muted">{esc(alt)} not stored</span>')
         cards.append(
             f'<div class="pair"><div class="imgs"><figure>{img(gen, "generation " + r["sample_id"])}'
             f'<figcaption>generation {esc(r["sample_id"])}</figcaption></figure><figure>'
@@ -265,7 +266,7 @@ def render_trend(ledger: pa.Table, link_of) -> str:
     out = ["<h1>memex nightly: memorization by checkpoint</h1>",
            f'<p class="muted">{len(rows)} audits in the ledger &middot; built '
            f'{esc(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}</p>']
-    alarms = [r for r in rows if r["outcome"] not in ("ok",)]
+    alarms = [r for r in rows if r["outcome"] != "ok"]
     if alarms:
         out.append(_cards([("audits with an alarm or error", len(alarms), True)]))
     series: dict[str, list[dict]] = {}

@@ -48,16 +48,6 @@ def search_task(info: IndexInfo, storage_options: dict, shard: int, queries: np.
     return search_all([index], queries, k, idx, info.metric)
 
 
-def _png(img: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def verify(gen: np.ndarray, neighbors: list[np.ndarray], kind: DistanceKind, alpha: float) -> np.ndarray:
     """Pixel distances of one generation (H, W, 3) uint8 to each of its neighbours -> (k,) float.
 
@@ -148,8 +138,10 @@ def run(cfg: AuditConfig, run_name: str, info: IndexInfo, candidates: pa.Table) 
     by_distance = sorted(rows, key=lambda r: r["distance"])
     keep = [r for r in by_distance if r["extracted"]] + [r for r in by_distance if not r["extracted"]][:REPORT_NEAR_MISSES]
     matched = sorted({r["train_gid"]: r["train_id"] for r in keep}.items())
+    from memex.sampling import to_png
+
     layout.write_table(layout.matched_train_path, pa.Table.from_pylist(
-        [{"train_gid": g, "train_id": i, "image": _png(pixels[g])} for g, i in matched], schema=MATCHED_TRAIN_SCHEMA))
+        [{"train_gid": g, "train_id": i, "image": to_png(pixels[g])} for g, i in matched], schema=MATCHED_TRAIN_SCHEMA))
     layout.write_shard("matches", 0, table, {"seconds": round(time.perf_counter() - t0, 2)})
     summary = summarize(cfg, layout, info, candidates, table)
     layout.write_json(summary_path, summary)

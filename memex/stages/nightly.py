@@ -114,7 +114,8 @@ def plan(cfg: NightlyConfig) -> NightlyResult:
             raise NightlyError(f"nightly.only={n.only} is not a checkpoint under nightly.location={n.location}")
     sha = config_sha256(cfg)
     ledger = Ledger(ledger_root(cfg), cfg.storage.options)
-    done, known, cache = ledger.audited(sha), ledger.known_hashes(), {}
+    rows = ledger.read().to_pylist()
+    done, known, cache = ledger.audited(sha, rows), ledger.known_hashes(rows), {}
     pending = []
     for c in found:
         sig = files_signature(c)
