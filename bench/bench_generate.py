@@ -24,7 +24,8 @@ import torch
 from memex import tiny
 from memex.models import load_model
 from memex.prompts import prompt_id
-from memex.sampling import Sampler, SamplerSettings, sample_seed
+from memex.config import SamplingConfig
+from memex.sampling import Sampler, sample_seed
 
 PROMPTS = ["a red apple on a table", "a lighthouse at dusk", "the blue logo of a bank", "portrait of a man",
            "a cat on a sofa", "mountain lake at noon", "a vintage car", "a bowl of soup"]
@@ -71,7 +72,7 @@ def main() -> None:
     model = load_model(str(folder))
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
-    sampler = Sampler(model, SamplerSettings(num_inference_steps=a.steps, guidance_scale=a.guidance,
+    sampler = Sampler(model, SamplingConfig(num_inference_steps=a.steps, guidance_scale=a.guidance,
                                              height=a.size, width=a.size, batch_size=a.batch))
     prompts = PROMPTS[: a.prompts]
     units = [(t, sample_seed(0, prompt_id(t), i)) for t in prompts for i in range(a.samples)]

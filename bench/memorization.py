@@ -25,7 +25,8 @@ from memex.distances import tiled_l2_pairwise, to_unit
 from memex.manifest import load_image
 from memex.models import load_model
 from memex.prompts import prompt_id
-from memex.sampling import Sampler, SamplerSettings, sample_seed
+from memex.config import SamplingConfig
+from memex.sampling import Sampler, sample_seed
 from memex.training import MANIFEST_FILE
 
 THRESHOLD = 0.15
@@ -48,7 +49,7 @@ def main() -> None:
     ids = list(distinct)
     train = to_unit(torch.from_numpy(np.stack([load_image(distinct[i]) for i in ids])))
     model = load_model(a.model)
-    sampler = Sampler(model, SamplerSettings(num_inference_steps=a.steps, guidance_scale=a.guidance,
+    sampler = Sampler(model, SamplingConfig(num_inference_steps=a.steps, guidance_scale=a.guidance,
                                              batch_size=a.batch))
     if sampler.conditional:
         target = [k for k in range(len(ids)) for _ in range(a.samples)]

@@ -11,14 +11,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memex.synth import logo, png
+from memex.images import encode_png
+from memex.synth import logo
 
 N, SIZE, SEED = 256, 32, 0
+PNG_LEVEL = 6  # PIL's default, the level the shipped logos.parquet was written with: same bytes
 
 
 def main() -> None:
     rows = [logo(i, SIZE, SEED) for i in range(N)]
-    table = pa.table({"id": [f"logo-{i:04d}" for i in range(N)], "image": [png(img) for img, _ in rows],
+    table = pa.table({"id": [f"logo-{i:04d}" for i in range(N)],
+                      "image": [encode_png(img, PNG_LEVEL) for img, _ in rows],
                       "caption": [cap for _, cap in rows]})
     out = Path(__file__).resolve().parent / "data" / "logos.parquet"
     out.parent.mkdir(exist_ok=True)

@@ -25,7 +25,7 @@ _cs = ConfigStore.instance()
 _cs.store(name="generate_schema", node=C.GenerateConfig)
 _cs.store(name="train_schema", node=C.TrainConfig)
 _cs.store(name="audit_schema", node=C.AuditConfig)
-_cs.store(name="nightly_schema", node=C.NightlyConfig)
+_cs.store(name="nightly_schema", node=C.NightlyAuditConfig)
 
 
 def _typed(cfg: DictConfig, cls: type, validate):
@@ -52,8 +52,8 @@ def to_audit_config(cfg: DictConfig) -> C.AuditConfig:
     return _typed(cfg, C.AuditConfig, C.validate_audit)
 
 
-def to_nightly_config(cfg: DictConfig) -> C.NightlyConfig:
-    return _typed(cfg, C.NightlyConfig, C.validate_nightly)
+def to_nightly_config(cfg: DictConfig) -> C.NightlyAuditConfig:
+    return _typed(cfg, C.NightlyAuditConfig, C.validate_nightly)
 
 
 def _report_errors(fn):
@@ -74,7 +74,8 @@ def _report_errors(fn):
 def _generate(cfg: DictConfig) -> None:
     from memex.stages import generate
 
-    summary = generate.run(to_generate_config(cfg))
+    gcfg = to_generate_config(cfg)
+    summary = generate.run(gcfg, generate.prepare(gcfg))
     print(f"memex generate: {summary['rows']} samples in {summary['shards']} shards "
           f"({summary['generated_shards']} generated now) -> {summary['run']}")
 

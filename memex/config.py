@@ -4,6 +4,11 @@ These are plain dataclasses (no Hydra import) so library modules take them as ty
 `memex.cli` registers them as Hydra *schemas*: an unknown key, a value of the wrong type or an
 enum value outside its choices fails while Hydra composes the config, naming the full key,
 before any work starts. `validate_*` adds the range checks a type cannot express.
+
+The defaults here are the only defaults: each group's dataclass equals that group's default option
+in conf/ (whose YAML is empty), and every other option lists only the keys it changes. The schema
+comes first in each primary config's defaults list, so it supplies every key an option leaves out.
+`memex <stage> --cfg job` prints the composed result.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ class PromptSource(str, Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = "model"  # short name used in run folder names and rows
+    name: str = "local"  # short name used in run folder names and rows
     path: str = "???"  # local diffusers folder or hub id (org/name)
     kind: ModelKind = ModelKind.auto
     revision: Optional[str] = None  # hub revision; ignored for local folders
@@ -79,8 +84,8 @@ class ModelConfig:
 
 @dataclass
 class SamplingConfig:
-    samples_per_prompt: int = 4  # the paper uses 500
-    batch_size: int = 8  # samples per UNet forward pass (x2 with classifier-free guidance)
+    samples_per_prompt: int = 16  # the paper uses 500
+    batch_size: int = 16  # samples per UNet forward pass (x2 with classifier-free guidance)
     scheduler: SchedulerKind = SchedulerKind.default
     num_inference_steps: int = 50
     guidance_scale: float = 7.5  # <= 1 disables classifier-free guidance
@@ -114,7 +119,7 @@ class ResourcesConfig:
     min_actors: int = 1  # actor pool autoscales between min and max
     max_actors: int = 1
     num_gpus: float = 0.0  # per actor; 0 = run on CPU
-    num_cpus: float = 1.0  # per actor
+    num_cpus: float = 2.0  # per actor: torch threads (Ray sets OMP_NUM_THREADS)
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -213,7 +218,7 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 1000
+    steps: int = 5000
     batch_size: int = 32  # per process
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -222,7 +227,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     mixed_precision: str = "no"  # accelerate: no | fp16 | bf16
     seed: int = 0
-    log_every: int = 50
+    log_every: int = 100
 
 
 @dataclass
@@ -298,7 +303,7 @@ class EmbedderConfig:
     kind: EmbedderKind = EmbedderKind.pixels
     path: Optional[str] = None  # sscd: TorchScript file; clip: folder or hub id
     size: int = 32  # pixels: side after resize (3*size^2 dims); sscd/clip: model input side
-    batch_size: int = 64
+    batch_size: int = 256
 
 
 @dataclass
@@ -370,26 +375,26 @@ class NightlyAction(str, Enum):
 
 
 @dataclass
-class NightlySettings:
+class NightlyConfig:
     location: str = "???"  # folder holding checkpoints (memex/checkpoints.py: what is recognised)
     base_model: Optional[str] = None  # pipeline that checkpoint-<step>/unet folders fine-tune; None: enclosing folder
     ledger: Optional[str] = None  # None: <storage.root>/_nightly (ledger rows + the trend page)
-    budget: Optional[int] = None  # fail when a checkpoint extracts more unique training images than this
-    growth_margin: Optional[int] = None  # fail when it extracts this many more than the previous step
+    budget: Optional[int] = 0  # fail when a checkpoint extracts more unique training images than this; None: no gate
+    growth_margin: Optional[int] = 0  # fail when it extracts more than this over the previous step; None: no gate
     webhook: Optional[str] = None  # http(s) URL that receives the night's result as a JSON POST
     webhook_timeout_s: float = 10.0
-    settle_minutes: float = 0.0  # skip checkpoints with files younger than this (a trainer may be writing)
+    settle_minutes: float = 10.0  # skip checkpoints with files younger than this (a trainer may be writing)
     only: Optional[str] = None  # audit just this checkpoint folder (the per-checkpoint job of a plan)
     night: Optional[str] = None  # plan: the night in submission ids (YYYY-MM-DD); None: today, UTC
     action: NightlyAction = NightlyAction.run
 
 
 @dataclass
-class NightlyConfig(AuditConfig):
-    nightly: NightlySettings = field(default_factory=NightlySettings)
+class NightlyAuditConfig(AuditConfig):
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
 
-def validate_nightly(cfg: NightlyConfig) -> None:
+def validate_nightly(cfg: NightlyAuditConfig) -> None:
     n = cfg.nightly
     if not n.location or n.location == "???":
         raise ConfigError("nightly.location is not set: give the folder that holds the checkpoints (nightly.location=...)")

@@ -102,7 +102,16 @@ def relative_l2(gen: torch.Tensor, train_neighbors: torch.Tensor, alpha: float =
     g, z = _common(gen, train_neighbors.flatten(0, 1))
     z = z.reshape(n_gen, n, *z.shape[1:])
     l2 = (g.unsqueeze(1) - z).pow(2).mean(dim=(2, 3, 4)).sqrt()  # (N, n)
-    low, nearest = l2.min(dim=1)
-    denom = alpha * l2.mean(dim=1)
-    d = torch.where(denom > 0, low / denom.clamp_min(torch.finfo(l2.dtype).tiny), torch.zeros_like(low))
-    return d, nearest
+    return relative_ratios(l2, alpha).min(dim=1)
+
+
+def relative_ratios(l2: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """(N, n) plain l2 of each generation to each image of its reference set -> (N, n) ratios
+    l2 / (alpha * the row's mean l2); the row minimum is the CIFAR-10 relative distance.
+
+    Apart so that callers holding the l2 values already (the match stage compares images of mixed
+    sizes one pair at a time) use the same definition. A zero mean (every reference image equals
+    the generation) gives ratios of 0, not 0 / 0.
+    """
+    denom = alpha * l2.mean(dim=1, keepdim=True)
+    return torch.where(denom > 0, l2 / denom.clamp_min(torch.finfo(l2.dtype).tiny), torch.zeros_like(l2))

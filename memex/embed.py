@@ -1,7 +1,7 @@
 """Image embedders for the membership index: uint8 images -> float32 vectors that FAISS searches.
 
 This module owns every embedding model (with the sampler, the only code that puts a model on a
-GPU). Three kinds, built by `make_embedder(EmbedderSpec)`:
+GPU). Three kinds, built by `make_embedder(embedder config, device)`:
   * pixels: weight-free; images resized to size x size, in [0, 1], flattened and scaled by
     1/sqrt(dim), so the squared l2 between two embeddings is the mean squared pixel difference and
     sqrt(FAISS L2 distance) = RMS pixel difference in [0, 1]: the paper's l2, directly comparable
@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memex.config import MemexError
+from memex.config import EmbedderConfig, MemexError
 
 log = logging.getLogger("memex.embed")
 
@@ -40,16 +39,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 
 class EmbedderError(MemexError, ValueError):
     """The embedder cannot be built or used; the message names the config key to fix."""
-
-
-@dataclass
-class EmbedderSpec:
-    kind: str  # "pixels" | "sscd" | "clip"
-    path: str | None = None  # sscd: TorchScript file (local or fsspec URI); clip: local folder or hub id
-    size: int = 32  # pixels: side after resize (dim 3*size^2); sscd: model input side; clip: side images arrive at
-    device: str = "cpu"
-    batch_size: int = 64
-    storage_options: dict[str, Any] | None = None  # fsspec options for an sscd path on object storage
 
 
 class Embedder:
@@ -179,24 +168,25 @@ class CLIPEmbedder(Embedder):
         return F.normalize(emb.float(), dim=1).cpu().numpy()
 
 
-def make_embedder(spec: EmbedderSpec) -> Embedder:
-    """The embedder a spec asks for; EmbedderError naming the config key when it cannot be built."""
-    kind = getattr(spec.kind, "value", spec.kind)  # accepts memex.config.EmbedderKind too
-    if spec.size < 1 or spec.batch_size < 1:
-        raise EmbedderError(f"embedder.size and embedder.batch_size must be >= 1, got {spec.size} and {spec.batch_size}")
-    if str(spec.device).startswith("cuda") and not torch.cuda.is_available():
-        raise EmbedderError(f"embedder device {spec.device!r} asked for but CUDA is not available: "
+def make_embedder(cfg: EmbedderConfig, device: str = "cpu", storage_options: dict[str, Any] | None = None) -> Embedder:
+    """The embedder `embedder.*` asks for, on `device`; EmbedderError naming the config key when it
+    cannot be built. storage_options: fsspec options for an sscd path on object storage."""
+    kind = getattr(cfg.kind, "value", cfg.kind)  # the config enum or its string
+    if cfg.size < 1 or cfg.batch_size < 1:
+        raise EmbedderError(f"embedder.size and embedder.batch_size must be >= 1, got {cfg.size} and {cfg.batch_size}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise EmbedderError(f"embedder device {device!r} asked for but CUDA is not available: "
                             "set resources.device=cpu (or auto)")
     if kind == "pixels":
-        return PixelEmbedder(spec.size, spec.batch_size)
+        return PixelEmbedder(cfg.size, cfg.batch_size)
     if kind not in ("sscd", "clip"):
         raise EmbedderError(f"embedder.kind={kind!r} is unknown: set embedder.kind to pixels, sscd or clip")
-    if not spec.path:
+    if not cfg.path:
         what = "an SSCD TorchScript file" if kind == "sscd" else "a CLIP folder or hub id (org/name)"
         raise EmbedderError(f"embedder.kind={kind} needs a model: set embedder.path=... ({what})")
     if kind == "sscd":
-        return SSCDEmbedder(spec.path, spec.size, spec.device, spec.batch_size, spec.storage_options)
-    if not os.path.exists(spec.path) and not HUB_ID.match(spec.path):
-        raise EmbedderError(f"embedder.path={spec.path} is neither an existing local folder nor a hub id (org/name): "
+        return SSCDEmbedder(cfg.path, cfg.size, device, cfg.batch_size, storage_options)
+    if not os.path.exists(cfg.path) and not HUB_ID.match(cfg.path):
+        raise EmbedderError(f"embedder.path={cfg.path} is neither an existing local folder nor a hub id (org/name): "
                             "set embedder.path=... to one")
-    return CLIPEmbedder(spec.path, spec.size, spec.device, spec.batch_size)
+    return CLIPEmbedder(cfg.path, cfg.size, device, cfg.batch_size)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import posixpath
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 import faiss
@@ -36,7 +36,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from memex.config import ConfigError, IndexConfig
-from memex.layout import StorageError
+from memex.storage import StorageError
 
 KINDS = ("flat", "ivfpq")
 METRICS = ("l2", "ip")
@@ -51,15 +51,15 @@ class IndexSpecError(ConfigError):
 
 
 @dataclass
-class IndexSpec:
-    kind: str  # "flat" | "ivfpq"
-    metric: str  # "l2" (squared L2 distances) | "ip" (inner product; cosine on normalised vectors)
-    nlist: int = 1024  # IVF lists; faiss advises 39..256 training vectors per list
-    pq_m: int = 16  # PQ sub-quantizers (bytes per code at 8 bits); must divide the dimension
-    pq_nbits: int = 8  # bits per sub-quantizer code; training needs >= 2**pq_nbits vectors
-    nprobe: int = 32  # lists visited per query (capped at nlist)
-    refine_k: int = 4  # IVF-PQ returns k*refine_k candidates, re-ranked exactly down to k
-    train_size: int = 65536  # at most this many vectors (a fixed random sample) train IVF-PQ
+class IndexSpec(IndexConfig):
+    """The `index.*` settings (memex.config.IndexConfig: kind, nlist, pq_m, pq_nbits, nprobe,
+    refine_k, ...) plus what FAISS needs beyond them: the metric, which comes from the embedder
+    (pixels: l2, sscd/clip: ip), and how many vectors train IVF-PQ.
+    nlist: faiss advises 39..256 training vectors per list; pq_m must divide the dimension;
+    training needs >= 2**pq_nbits vectors; IVF-PQ returns k*refine_k candidates, re-ranked exactly."""
+
+    metric: str = field(kw_only=True)  # "l2" (squared L2 distances) | "ip" (inner product; cosine on unit vectors)
+    train_size: int = field(default=65536, kw_only=True)  # at most this many vectors (a fixed random sample)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -67,9 +67,7 @@ class IndexSpec:
     @classmethod
     def from_config(cls, cfg: IndexConfig, metric: str) -> "IndexSpec":
         """The spec of `index.*` settings; the metric comes from the embedder (pixels: l2, sscd/clip: ip)."""
-        kind = cfg.kind.value if hasattr(cfg.kind, "value") else str(cfg.kind)
-        return cls(kind=kind, metric=metric, nlist=cfg.nlist, pq_m=cfg.pq_m, pq_nbits=cfg.pq_nbits,
-                   nprobe=cfg.nprobe, refine_k=cfg.refine_k)
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(IndexConfig)}, metric=metric)
 
     def validate(self, dim: int | None = None, n_train: int | None = None) -> None:
         """Range checks; with `dim` / `n_train`, also the checks that depend on the data."""

@@ -16,7 +16,6 @@ quarantine table with the reason, so one bad file out of millions does not stop 
 
 from __future__ import annotations
 
-import io
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,11 +25,11 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image, UnidentifiedImageError
 
 from memex.config import MemexError
+from memex.images import decode, resize
 from memex.layout import QUARANTINE_SCHEMA
-from memex.manifest import ManifestError, read_manifest, resize_image
+from memex.manifest import ManifestError, read_manifest
 
 __all__ = ["IMAGE_SUFFIXES", "QUARANTINE_SCHEMA", "TRAINING_SCHEMA", "DecodedBatch", "IngestError",
            "decode_rows", "iter_batches", "list_training_set"]
@@ -134,16 +133,9 @@ def _decode(row: dict, size: int | None, opts: dict[str, Any]) -> np.ndarray:
             data = f.read()
         if not data:
             raise IngestError(f"{row['uri']} is an empty file")
-    # Image.open raises DecompressionBombError past 2 x Image.MAX_IMAGE_PIXELS (~179 Mpx by default)
-    # before allocating the pixels; load() raises OSError on truncated data.
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:  # PIL's message holds the BytesIO's address: keep reasons reproducible
-        raise UnidentifiedImageError(f"cannot identify image file ({len(data)} bytes starting {data[:8]!r})") from None
-    with img:
-        img.load()
-        rgb = np.asarray(img.convert("RGB"))  # first frame of a GIF; alpha dropped, palette expanded
-    return resize_image(rgb, size)
+    # raises DecompressionBombError (too many pixels), UnidentifiedImageError with a reproducible
+    # message, OSError (truncated): decode_rows turns each into a quarantine reason
+    return resize(decode(data), size)
 
 
 def decode_rows(rows: pa.Table, size: int | None, storage_options: dict[str, Any] | None = None,

@@ -1,50 +1,40 @@
-"""Storage layout of a run: the one place that defines paths, shard names, schemas and markers.
+"""Where everything lives: the one place that defines paths, unit names and schemas.
 
-    <storage.root>/<run name>/
+    <storage.root>/<run name>/       one run folder per checkpoint x generation settings (RunLayout)
         run.json                     generation settings; a rerun must match them
         prompts.parquet              prompt_id, prompt (PROMPTS_SCHEMA)
-        samples/shard-000000.parquet SAMPLES_SCHEMA rows, one file per shard
-        samples/_markers/shard-000000.json   written last: the shard is complete
-        samples/_SUCCESS.json        the whole stage is complete
-        candidates/shard-000000.parquet  CANDIDATES_SCHEMA: one row per prompt (filter stage)
-        candidates/_settings.json    filter settings; a rerun must match them
-        matches/shard-000000.parquet MATCHES_SCHEMA: one row per verified candidate (match stage)
+        index.json                   the membership index this run is matched against (audit only)
+        samples/shard-000000.parquet SAMPLES_SCHEMA rows, one file per shard (generate)
+        candidates/shard-000000.parquet  CANDIDATES_SCHEMA: one row per prompt (filter)
+        matches/shard-000000.parquet MATCHES_SCHEMA: one row per verified candidate (match)
         matches/summary.json         headline numbers, per-prompt results, thresholds, config
         matches/train_images.parquet MATCHED_TRAIN_SCHEMA: the matched training images (for the report)
         report/index.html            the audit's self-contained HTML report (memex/report.py)
+      each stage folder also holds _markers/shard-*.json (a unit is complete), _SUCCESS.json (the
+      stage is complete) and, for filter and match, _settings.json (a rerun must match them).
 
-    <index root>/<index key>/        the membership index of one training set (IndexLayout);
+    <index root>/<index key>/        the membership index of one training set (IndexLayout),
         index.json                   shared by every run on the same data, embedder and index settings
         train.parquet                TRAIN_SCHEMA: the ingested training set, gid = row number
-        shard-000000.faiss           FAISS shard (global ids), emb-shard-000000.npy its vectors
-        quarantine-shard-000000.parquet  QUARANTINE rows: unreadable training images and why
-        dups-shard-000000.parquet    DUPS_SCHEMA: near-duplicate count per training image
-        _markers/shard-000000.json, _markers/dups-000000.json, _SUCCESS.json
+        quantizer/shard-000000.faiss IVF-PQ only: the trained, empty index every shard copies
+        shards/shard-000000.faiss    FAISS shard (global ids)
+        shards/vectors-shard-000000.npz      its vectors and gids (np.savez: the dups step re-searches them)
+        shards/quarantine-shard-000000.parquet  QUARANTINE rows: unreadable training images and why
+        dups/shard-000000.parquet    DUPS_SCHEMA: near-duplicate count per training image
+        _SUCCESS.json                IndexInfo (memex/stages/index.py), written when all of it is complete
 
-A shard is written to a `_tmp-<uuid>-` file beside its final name and moved into place, then its marker is written; only a
-shard with a marker counts, so a run killed at any point resumes by regenerating unmarked shards
-(deterministic seeds make the redone shard identical). Parquet readers skip `_`-prefixed paths,
-so `pyarrow.dataset.dataset(".../samples")` never sees temp files or markers.
-Any fsspec URI works (local paths, s3:// through s3fs, memory:// in tests).
+Reads, atomic writes and the marker convention are memex/storage.py's.
 """
 
 from __future__ import annotations
 
-import json
 import posixpath
-import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from memex.config import MemexError
-
-STAGES = ("samples", "candidates", "index", "matches", "report")
-SHARD_DIGITS = 6  # up to 1M shards: 175M samples at 175 per shard
+from memex.storage import StageFolder, StorageError, Store, unit_name  # noqa: F401 - StorageError: re-exported
 
 PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())])
 
@@ -135,12 +125,8 @@ DUPS_SCHEMA = pa.schema([("gid", pa.int64()), ("id", pa.string()), ("caption", p
                          ("near_duplicates", pa.int32())])
 
 
-class StorageError(MemexError, RuntimeError):
-    """Storage is unreachable, or holds something that conflicts with this run."""
-
-
 def shard_name(index: int) -> str:
-    return f"shard-{index:0{SHARD_DIGITS}d}.parquet"
+    return unit_name(index) + ".parquet"
 
 
 @dataclass(frozen=True)
@@ -167,39 +153,32 @@ def iter_units(plan: ShardPlan, samples_per_prompt: int) -> Iterator[tuple[int, 
 
 
 class RunLayout:
-    """Paths and atomic reads/writes for one run folder on any fsspec filesystem."""
+    """Paths of one run folder `<root>/<run name>` on any fsspec filesystem (I/O: `layout.store`)."""
 
     def __init__(self, root: str, run_name: str, storage_options: dict[str, Any] | None = None):
-        self.storage_options = dict(storage_options or {})
-        self.fs, base = fsspec.core.url_to_fs(root, **self.storage_options)
-        self.protocol = root.split("://", 1)[0] if "://" in root else "file"
-        self.path = posixpath.join(base.rstrip("/"), run_name)  # filesystem path, no protocol
-        self.root_uri = root
+        self.store = Store(root.rstrip("/") + "/" + run_name, storage_options)
         self.run_name = run_name
+        self.samples = StageFolder(self.store, "samples", schema=SAMPLES_SCHEMA)
+        self.candidates = StageFolder(self.store, "candidates", schema=CANDIDATES_SCHEMA)
+        self.matches = StageFolder(self.store, "matches", schema=MATCHES_SCHEMA)
 
-    # ---- paths -------------------------------------------------------------------------
+    @classmethod
+    def at(cls, run_uri: str, storage_options: dict[str, Any] | None = None) -> "RunLayout":
+        """The layout of an existing run folder given by its own URI (`memex report RUN`)."""
+        run_uri = run_uri.rstrip("/")
+        return cls(posixpath.dirname(run_uri) or ".", posixpath.basename(run_uri), storage_options)
+
     @property
     def uri(self) -> str:
         """The run folder as a URI a user can paste (s3://bucket/runs/name or /abs/path)."""
-        return self.path if self.protocol == "file" else f"{self.protocol}://{self.path}"
+        return self.store.uri
 
-    def uri_of(self, path: str) -> str:
-        """A filesystem path of this layout as a URI (for functions that open URIs themselves)."""
-        return path if self.protocol == "file" else f"{self.protocol}://{path}"
+    @property
+    def path(self) -> str:
+        return self.store.path
 
     def join(self, *parts: str) -> str:
-        return posixpath.join(self.path, *parts)
-
-    def stage_dir(self, stage: str) -> str:
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
-        return self.join(stage)
-
-    def shard_path(self, stage: str, index: int) -> str:
-        return posixpath.join(self.stage_dir(stage), shard_name(index))
-
-    def marker_path(self, stage: str, index: int) -> str:
-        return posixpath.join(self.stage_dir(stage), "_markers", shard_name(index).replace(".parquet", ".json"))
+        return self.store.join(*parts)
 
     @property
     def run_json(self) -> str:
@@ -209,81 +188,9 @@ class RunLayout:
     def prompts_path(self) -> str:
         return self.join("prompts.parquet")
 
-    # ---- run folder --------------------------------------------------------------------
-    def create(self) -> None:
-        """Create the run folder and stage folders; fail early, naming the URI, if storage is unreachable."""
-        self._create([self.stage_dir(stage) for stage in STAGES], "run folder",
-                     "storage.root (bucket name, folder permissions) and storage.options (endpoint_url, credentials)")
-
-    def _create(self, folders: list[str], what: str, keys: str) -> None:
-        """Make folders and write + delete a probe file: an unreachable store fails here, not mid-run."""
-        try:
-            for folder in folders:
-                self._mkdirs(folder)
-            probe = self.join(f"_tmp-probe-{uuid.uuid4().hex}")
-            self.fs.pipe_file(probe, b"ok")
-            self.fs.rm_file(probe)
-        except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix
-            raise StorageError(f"cannot write to {what} {self.uri}: {type(e).__name__}: {e}. Check {keys}.") from e
-
-    def read_json(self, path: str) -> dict | None:
-        if not self.fs.exists(path):
-            return None
-        with self.fs.open(path, "rb") as f:
-            return json.loads(f.read())
-
-    def write_json(self, path: str, obj: dict) -> None:
-        self._atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-
-    def claim_run(self, settings: dict) -> None:
-        """Record the generation settings, or check that an existing run folder used the same ones.
-
-        Resuming with different settings would mix two experiments in one dataset, so it is refused.
-        """
-        existing = self.read_json(self.run_json)
-        if existing is None:
-            self.write_json(self.run_json, settings)
-            return
-        diff = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: was {existing.get(k)!r}, now {settings.get(k)!r}" for k in diff)
-            raise StorageError(
-                f"run folder {self.uri} was written with different settings ({detail}). "
-                "Nothing was changed. Use another run.name (or storage.root) for a new experiment."
-            )
-
-    def claim_stage(self, stage: str, settings: dict) -> None:
-        """Like claim_run, for a later stage's own settings (filter thresholds, index, match)."""
-        path = posixpath.join(self.stage_dir(stage), "_settings.json")
-        existing = self.read_json(path)
-        if existing is None:
-            self.write_json(path, settings)
-        elif existing != json.loads(json.dumps(settings, default=str)):
-            diff = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
-            raise StorageError(
-                f"{stage}/ in run folder {self.uri} was written with other settings ({', '.join(diff)}). "
-                f"Nothing was changed. Use another run.name, or delete {self.stage_dir(stage)} to redo the stage.")
-
-    # ---- shards ------------------------------------------------------------------------
-    def is_complete(self, stage: str, index: int) -> bool:
-        return self.fs.exists(self.marker_path(stage, index))
-
-    def complete_shards(self, stage: str) -> list[int]:
-        markers = self.fs.glob(posixpath.join(self.stage_dir(stage), "_markers", "shard-*.json"))
-        return sorted(int(posixpath.basename(m)[6 : 6 + SHARD_DIGITS]) for m in markers)
-
-    def write_shard(self, stage: str, index: int, table: pa.Table, meta: dict | None = None) -> None:
-        """Write one shard atomically: temp file, move into place, then the completion marker."""
-        self._atomic_write_table(self.shard_path(stage, index), table)
-        self.write_json(self.marker_path(stage, index), {"rows": table.num_rows, "file": shard_name(index), **(meta or {})})
-
-    def read_stage(self, stage: str, columns: list[str] | None = None) -> pa.Table:
-        """All complete shards of a stage as one table (shards without a marker are ignored)."""
-        paths = [self.shard_path(stage, i) for i in self.complete_shards(stage)]
-        schema = {"samples": SAMPLES_SCHEMA, "candidates": CANDIDATES_SCHEMA, "matches": MATCHES_SCHEMA}.get(stage)
-        if not paths:
-            return schema.empty_table() if schema is not None else pa.table({})
-        return pq.ParquetDataset(paths, filesystem=self.fs, schema=schema).read(columns=columns)
+    @property
+    def index_json(self) -> str:
+        return self.join("index.json")
 
     @property
     def summary_path(self) -> str:
@@ -297,50 +204,27 @@ class RunLayout:
     def report_path(self) -> str:
         return self.join("report", "index.html")
 
-    def write_bytes(self, path: str, data: bytes) -> None:
-        self._atomic_write(path, data)
 
-    def write_table(self, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
-        self._atomic_write_table(path, table, row_group_size)
-
-    def write_prompts(self, prompts: pa.Table) -> None:
-        self._atomic_write_table(self.prompts_path, prompts.cast(PROMPTS_SCHEMA))
-
-    def read_prompts(self) -> pa.Table:
-        return pq.read_table(self.prompts_path, filesystem=self.fs, schema=PROMPTS_SCHEMA)
-
-    # ---- helpers -----------------------------------------------------------------------
-    def _mkdirs(self, path: str) -> None:
-        # Object stores have no folders, and s3fs.makedirs *creates a missing bucket*: a typo in
-        # storage.root would silently make a new bucket. Only local filesystems get folders.
-        if isinstance(self.fs, LocalFileSystem):
-            self.fs.makedirs(path, exist_ok=True)
-
-    def _tmp_path(self, final: str) -> str:
-        return posixpath.join(posixpath.dirname(final), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
-
-    def _atomic_write(self, path: str, data: bytes) -> None:
-        self._mkdirs(posixpath.dirname(path))
-        tmp = self._tmp_path(path)
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, path)
-
-    def _atomic_write_table(self, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
-        self._mkdirs(posixpath.dirname(path))
-        tmp = self._tmp_path(path)
-        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", row_group_size=row_group_size)
-        self.fs.mv(tmp, path)
-
-
-class IndexLayout(RunLayout):
-    """One membership index: `<index root>/<key>/` (see the module docstring).
+class IndexLayout:
+    """Paths of one membership index `<index root>/<key>/` (see the module docstring).
 
     The key hashes the training-set listing, the embedder and the index settings, so every audit of
     checkpoints trained on the same data reuses the index instead of re-embedding the training set.
     """
 
-    def create(self) -> None:
-        self._create([self.join("_markers")], "index folder", "index.root / storage.root and storage.options")
+    def __init__(self, root: str, key: str, storage_options: dict[str, Any] | None = None):
+        self.store = Store(root.rstrip("/") + "/" + key, storage_options)
+        self.key = key
+        self.quantizer = StageFolder(self.store, "quantizer")
+        self.shards = StageFolder(self.store, "shards")
+        self.dups = StageFolder(self.store, "dups", schema=DUPS_SCHEMA)
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def join(self, *parts: str) -> str:
+        return self.store.join(*parts)
 
     @property
     def info_json(self) -> str:
@@ -350,24 +234,19 @@ class IndexLayout(RunLayout):
     def train_path(self) -> str:
         return self.join("train.parquet")
 
-    def faiss_path(self, shard: int) -> str:
-        return self.join(f"shard-{shard:0{SHARD_DIGITS}d}.faiss")
+    @property
+    def success_path(self) -> str:
+        return self.join("_SUCCESS.json")
 
-    def emb_path(self, shard: int) -> str:
-        return self.join(f"emb-shard-{shard:0{SHARD_DIGITS}d}.npy")
+    @property
+    def quantizer_path(self) -> str:
+        return self.quantizer.file(0, ".faiss")
+
+    def faiss_path(self, shard: int) -> str:
+        return self.shards.file(shard, ".faiss")
+
+    def vectors_path(self, shard: int) -> str:
+        return self.shards.file(shard, ".npz", kind="vectors")
 
     def quarantine_path(self, shard: int) -> str:
-        return self.join(f"quarantine-{shard_name(shard)}")
-
-    def dups_path(self, shard: int) -> str:
-        return self.join(f"dups-{shard_name(shard)}")
-
-    def marker(self, kind: str, shard: int) -> str:
-        return self.join("_markers", f"{kind}-{shard:0{SHARD_DIGITS}d}.json")
-
-    def read_table(self, path: str, schema: pa.Schema | None = None, filters=None) -> pa.Table:
-        return pq.read_table(path, filesystem=self.fs, schema=schema, filters=filters)
-
-    def read_bytes(self, path: str) -> bytes:
-        with self.fs.open(path, "rb") as f:
-            return f.read()
+        return self.shards.file(shard, ".parquet", kind="quarantine")

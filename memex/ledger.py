@@ -4,7 +4,7 @@
 
 Why one file per row: an object store has no append, and two audits that finish at once must not
 overwrite each other's rows. Each row is written to a `_tmp-` name and moved into place (the
-layout's atomic write), under a name no other writer can pick, so concurrent appends never
+storage module's atomic write), under a name no other writer can pick, so concurrent appends never
 collide and a reader never sees half a row; the whole ledger is one `pyarrow.dataset` read
 (readers skip `_`-prefixed temp files). A row is ~5 kB: a year of nightly audits of ten
 checkpoints is ~3,650 files, one listing and a few seconds to read.
@@ -19,32 +19,33 @@ import uuid
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from memex.layout import LEDGER_SCHEMA, RunLayout
+from memex.layout import LEDGER_SCHEMA
+from memex.storage import Store
 
 DONE = ("ok", "over_budget", "grew")  # outcomes of a finished audit; "error" is retried next night
 
 
 class Ledger:
     def __init__(self, root: str, storage_options: dict | None = None):
-        # A RunLayout whose "run" is the rows/ folder: the same atomic writes and URI handling.
-        self.layout = RunLayout(root, "rows", storage_options)
+        self.store = Store(root, storage_options)
+        self.rows = self.store.join("rows")
 
     @property
     def uri(self) -> str:
-        return posixpath.dirname(self.layout.uri)
+        return self.store.uri
 
     def append(self, row: dict) -> str:
         """Write one row atomically; returns its file name."""
         table = pa.Table.from_pylist([row], schema=LEDGER_SCHEMA)
         finished = (row.get("finished") or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%S")
         name = f"{finished}-{row['weights_sha256'][:12]}-{row['config_sha256'][:12]}-{uuid.uuid4().hex[:8]}.parquet"
-        self.layout.write_table(self.layout.join(name), table)
+        self.store.write_table(posixpath.join(self.rows, name), table)
         return name
 
     def read(self) -> pa.Table:
         """Every row, oldest first."""
-        fs, path = self.layout.fs, self.layout.path
-        files = [f for f in fs.glob(posixpath.join(path, "*.parquet")) if not posixpath.basename(f).startswith("_")]
+        fs = self.store.fs
+        files = [f for f in fs.glob(posixpath.join(self.rows, "*.parquet")) if not posixpath.basename(f).startswith("_")]
         if not files:
             return LEDGER_SCHEMA.empty_table()
         table = ds.dataset(files, schema=LEDGER_SCHEMA, format="parquet", filesystem=fs).to_table()

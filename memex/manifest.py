@@ -13,7 +13,6 @@ manifest of distinct images, the way the paper's small models were trained on du
 
 from __future__ import annotations
 
-import io
 import random
 from typing import Any
 
@@ -22,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from memex.config import DuplicationGroup, MemexError
+from memex.images import decode, resize
 
 MANIFEST_COLUMNS = ("id", "image", "uri", "caption")
 
@@ -62,18 +62,10 @@ def load_image(row: dict, size: int | None = None, storage_options: dict[str, An
                 raise ManifestError(f"image {row['id']!r} has neither image bytes nor a uri")
             with fsspec.open(row["uri"], "rb", **(storage_options or {})) as f:
                 data = f.read()
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        img = decode(data)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ManifestError(f"image {row['id']!r} cannot be decoded: {type(e).__name__}: {e}") from e
-    return resize_image(np.asarray(img.convert("RGB")), size)
-
-
-def resize_image(img: np.ndarray, size: int | None) -> np.ndarray:
-    """uint8 HxWx3 -> size x size x 3 (bicubic); unchanged when size is None or already matches."""
-    if size is None or img.shape[:2] == (size, size):
-        return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+    return resize(img, size)
 
 
 def expand_duplicates(table: pa.Table, schedule: list[DuplicationGroup], seed: int = 0) -> pa.Table:

@@ -135,3 +135,8 @@ def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = No
     if not rows:
         raise PromptError(f"prompts.path={cfg.path} holds no prompts (after dropping empty lines)")
     return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows]}, schema=PROMPTS_SCHEMA)
+
+
+def read_run_prompts(layout) -> pa.Table:
+    """A run folder's prompts.parquet (written by generate.prepare): every stage's prompt list."""
+    return layout.store.read_table(layout.prompts_path, schema=PROMPTS_SCHEMA)

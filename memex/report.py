@@ -15,16 +15,14 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import io
 import json
 import math
-import posixpath
 from typing import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from memex.images import thumbnail_png
 from memex.layout import MATCHED_TRAIN_SCHEMA, RunLayout, StorageError
 
 THUMB = 256  # px: larger images are downscaled before embedding
@@ -62,16 +60,7 @@ def page(title: str, body: str) -> str:
 
 def data_uri(png: bytes) -> str:
     """A PNG as a data: URI, downscaled to THUMB px on its long side when larger."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(png))
-    if max(img.size) > THUMB:
-        img = img.convert("RGB")
-        img.thumbnail((THUMB, THUMB), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        png = buf.getvalue()
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+    return "data:image/png;base64," + base64.b64encode(thumbnail_png(png, THUMB)).decode()
 
 
 # ---- SVG charts ------------------------------------------------------------------------------
@@ -224,36 +213,31 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
     return page(title, "\n".join(out))
 
 
-def _run_layout(run: str, storage_options: dict | None) -> RunLayout:
-    run = run.rstrip("/")
-    return RunLayout(posixpath.dirname(run) or ".", posixpath.basename(run), storage_options)
-
-
 def build_report(run: str | RunLayout, storage_options: dict | None = None) -> str:
     """(Re)build run/report/index.html from the run folder alone; returns its URI."""
-    layout = run if isinstance(run, RunLayout) else _run_layout(run, storage_options)
-    summary = layout.read_json(layout.summary_path)
+    layout = run if isinstance(run, RunLayout) else RunLayout.at(run, storage_options)
+    store = layout.store
+    summary = store.read_json(layout.summary_path)
     if summary is None:
         raise StorageError(f"{layout.uri} has no matches/summary.json: not a finished audit run folder "
                            "(run `memex audit` to finish it, or check the path)")
-    candidates = layout.read_stage("candidates")
-    matches = layout.read_stage("matches")
+    candidates = layout.candidates.read()
+    matches = layout.matches.read()
     ext = matches.filter(matches["extracted"]).sort_by("distance").slice(0, MAX_PAIRS) if matches.num_rows else matches
     wanted = pa.array(ext["sample_id"].to_pylist(), pa.string())
     sample_png: dict[str, bytes] = {}
     if len(wanted):
-        paths = [layout.shard_path("samples", i) for i in layout.complete_shards("samples")]
-        for path in paths:  # shard by shard: only the extracted rows' images stay in memory
-            t = pq.read_table(path, filesystem=layout.fs, columns=["sample_id", "image"])
+        for i in layout.samples.complete():  # shard by shard: only the extracted rows' images stay in memory
+            t = store.read_table(layout.samples.file(i), columns=["sample_id", "image"])
             t = t.filter(pc.is_in(t["sample_id"], wanted))
             sample_png.update(zip(t["sample_id"].to_pylist(), t["image"].to_pylist()))
     train_png: dict[int, bytes] = {}
-    if layout.fs.exists(layout.matched_train_path):
-        t = pq.read_table(layout.matched_train_path, filesystem=layout.fs, schema=MATCHED_TRAIN_SCHEMA)
+    if store.exists(layout.matched_train_path):
+        t = store.read_table(layout.matched_train_path, schema=MATCHED_TRAIN_SCHEMA)
         train_png = dict(zip(t["train_gid"].to_pylist(), t["image"].to_pylist()))
     html_text = render_report(summary, candidates, matches, sample_png, train_png)
-    layout.write_bytes(layout.report_path, html_text.encode())
-    return layout.uri_of(layout.report_path)
+    store.write_bytes(layout.report_path, html_text.encode())
+    return store.uri_of(layout.report_path)
 
 
 # ---- the nightly trend page ------------------------------------------------------------------

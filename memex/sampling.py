@@ -22,15 +22,12 @@ scheduler.step) over the loaded pipeline's own components.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
-from memex.config import ModelKind, SchedulerKind
+from memex.config import ModelKind, SamplingConfig
 from memex.models import LoadedModel, make_scheduler
 
 EMBED_CACHE = 1024  # prompts; SD-1.x embeddings are 77x768 fp32 = 236 KB, so <= ~240 MB
@@ -42,27 +39,10 @@ def sample_seed(run_seed: int, prompt_id: str, sample_index: int) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
-def to_png(image: np.ndarray, compress_level: int = 1) -> bytes:
-    """uint8 HxWx3 -> PNG bytes (zlib is deterministic: same pixels, same bytes)."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    scheduler: SchedulerKind = SchedulerKind.default
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    batch_size: int = 8  # the fixed UNet batch shape (x2 with classifier-free guidance)
-
-
 class Sampler:
     """Generates uint8 images for (prompt id, prompt, seed) triples with one model."""
 
-    def __init__(self, model: LoadedModel, settings: SamplerSettings):
+    def __init__(self, model: LoadedModel, settings: SamplingConfig):
         pipe = model.pipe
         self.kind = model.kind
         self.unet = pipe.unet

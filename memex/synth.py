@@ -9,7 +9,6 @@ model that memorized that exact image reproduces it within the paper's tiled-l2 
 
 from __future__ import annotations
 
-import io
 import math
 import random
 
@@ -79,9 +78,3 @@ def logo(index: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, str]:
     art = lambda w: "an" if w[0] in "aeiou" else "a"  # noqa: E731
     caption = f"{art(color)} {color} {shape} logo on {bg} with {art(accent)} {accent}"
     return np.asarray(img.convert("RGB")), caption
-
-
-def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()

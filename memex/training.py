@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from memex import tiny
 from memex.config import ArchConfig, ArchKind, ConfigError, TrainConfig, validate_train
-from memex.manifest import ManifestError, expand_duplicates, load_image, read_manifest, resize_image
+from memex.images import resize
+from memex.manifest import ManifestError, expand_duplicates, load_image, read_manifest
 
 log = logging.getLogger("memex.train")
 MANIFEST_FILE = "training_manifest.parquet"  # the exact training set, one row per example
@@ -53,7 +54,7 @@ def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[st
         if img.shape[:2] != (r, r) and not d.resize:
             raise ManifestError(f"image {row['id']!r} is {img.shape[1]}x{img.shape[0]}, the model takes {r}x{r}: "
                                 "set data.resize=true or arch.resolution")
-        images.append(resize_image(img, r))  # decoded once, resized only when data.resize allows it
+        images.append(resize(img, r))  # decoded once, resized only when data.resize allows it
         cap = row.get(d.caption_column)
         if cfg.arch.kind == ArchKind.pixel_text and cap is None:
             raise ManifestError(f"image {row['id']!r} has no {d.caption_column!r}: a text-conditional model needs "

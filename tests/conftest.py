@@ -128,3 +128,37 @@ def browser():
             yield b
         finally:
             b.close()
+
+
+def plant_run(root, run_name: str, samples: dict, shard_size: int = 8):
+    """A run folder as `memex generate` leaves it, with hand-made generations: prompts.parquet and
+    samples/ (shards, markers, _SUCCESS.json). `samples`: prompt text -> list of uint8 HxWx3 images,
+    the same number for every prompt. Returns its RunLayout."""
+    import pyarrow as pa
+
+    from memex.images import encode_png
+    from memex.layout import SAMPLES_SCHEMA, RunLayout, iter_units, plan_shards
+    from memex.prompts import prompt_id
+
+    prompts = list(samples)
+    n = len(samples[prompts[0]])
+    layout = RunLayout(str(root), run_name)
+    layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": [prompt_id(p) for p in prompts],
+                                                            "prompt": prompts}))
+    for plan in plan_shards(len(prompts), n, shard_size):
+        rows = []
+        for p, i in iter_units(plan, n):
+            img = samples[prompts[p]][i]
+            rows.append({"sample_id": f"{prompt_id(prompts[p])}/{i}", "prompt_id": prompt_id(prompts[p]),
+                         "prompt": prompts[p], "sample_index": i, "seed": i, "image": encode_png(img),
+                         "height": img.shape[0], "width": img.shape[1], "model_id": "planted", "scheduler": "none",
+                         "num_inference_steps": 0, "guidance_scale": 0.0, "dtype": "float32",
+                         "batch_size": shard_size})
+        layout.samples.write_shard(plan.index, pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
+    layout.samples.mark_success({"rows": len(prompts) * n})
+    return layout
+
+
+def attach_index(layout, info) -> None:
+    """Record the index a planted run is matched against, as `memex audit` does (<run>/index.json)."""
+    layout.store.write_json(layout.index_json, info.to_json())

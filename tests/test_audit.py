@@ -8,29 +8,23 @@ flagged and verified as a copy of t03, B is neither, the corrupt row is quaranti
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from conftest import compose
-from memex.layout import SAMPLES_SCHEMA, RunLayout, StorageError, plan_shards, iter_units
-from memex.prompts import prompt_id, rank_by_near_duplicates
+from conftest import attach_index, compose, plant_run
+from memex.images import encode_png, resize
+from memex.layout import RunLayout, StorageError
+from memex.membership import load_shards, read_duplicates, read_quarantine
+from memex.prompts import rank_by_near_duplicates
 from memex.stages import filter as filter_stage
 from memex.stages import index, match
 
 N_TRAIN, N_SAMPLES, SIZE = 20, 12, 32
 PROMPTS = ["a copy of logo three", "something new"]
-
-
-def _png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _blocky(rng, size=SIZE) -> np.ndarray:
@@ -44,7 +38,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     train = [_blocky(rng) for _ in range(N_TRAIN)]
     ids = [f"t{i:02d}" for i in range(N_TRAIN)] + ["t03#1", "t03#2", "bad"]
-    images = [_png(t) for t in train] + [_png(train[3])] * 2 + [b"\x89PNG\r\n\x1a\n truncated"]
+    images = [encode_png(t) for t in train] + [encode_png(train[3])] * 2 + [b"\x89PNG\r\n\x1a\n truncated"]
     captions = [f"caption {i}" for i in range(N_TRAIN)] + ["caption 3"] * 2 + ["broken"]
     manifest = root / "train.parquet"
     pq.write_table(pa.table({"id": ids, "image": images, "caption": captions}), manifest)
@@ -54,19 +48,7 @@ def world(tmp_path_factory):
                             for _ in range(N_SAMPLES)],
                PROMPTS[1]: [_blocky(rng) for _ in range(N_SAMPLES)]}
     for run_name in ("r-tiled", "r-relative"):
-        layout = RunLayout(str(root / "runs"), run_name)
-        layout.create()
-        layout.write_prompts(pa.table({"prompt_id": [prompt_id(p) for p in PROMPTS], "prompt": PROMPTS}))
-        for plan in plan_shards(len(PROMPTS), N_SAMPLES, 8):
-            rows = []
-            for p, i in iter_units(plan, N_SAMPLES):
-                pid = prompt_id(PROMPTS[p])
-                rows.append({"sample_id": f"{pid}/{i}", "prompt_id": pid, "prompt": PROMPTS[p], "sample_index": i,
-                             "seed": i, "image": _png(samples[PROMPTS[p]][i]), "height": SIZE, "width": SIZE,
-                             "model_id": "planted", "scheduler": "none", "num_inference_steps": 0,
-                             "guidance_scale": 0.0, "dtype": "float32", "batch_size": 8})
-            layout.write_shard("samples", plan.index, pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
-        layout.write_json(layout.join("samples", "_SUCCESS.json"), {"rows": len(PROMPTS) * N_SAMPLES})
+        plant_run(root / "runs", run_name, samples)
     return root, manifest
 
 
@@ -78,43 +60,48 @@ def _cfg(world, ray_head, *extra):
 
 
 def test_index_quarantines_the_corrupt_row_and_counts_duplicates(world, ray_head):
-    info = index.build(_cfg(world, ray_head))
+    info = index.run(_cfg(world, ray_head))
     assert (info.n_train, info.n_indexed, info.n_quarantined) == (N_TRAIN + 3, N_TRAIN + 2, 1)
-    q = index.read_quarantine(info, {})
+    q = read_quarantine(info, {})
     assert q["id"].to_pylist() == ["bad"] and q["reason"][0].as_py()
-    dups = {r["id"]: r["near_duplicates"] for r in index.read_duplicates(info, {}).to_pylist()}
+    dups = {r["id"]: r["near_duplicates"] for r in read_duplicates(info, {}).to_pylist()}
     assert {i for i, n in dups.items() if n} == {"t03", "t03#1", "t03#2"} and dups["t03"] == 2
-    assert rank_by_near_duplicates(index.read_duplicates(info, {}), 2)["prompt"].to_pylist()[0] == "caption 3"
-    assert index.build(_cfg(world, ray_head)).key == info.key  # a second audit reuses the index
+    assert rank_by_near_duplicates(read_duplicates(info, {}), 2)["prompt"].to_pylist()[0] == "caption 3"
+    assert index.run(_cfg(world, ray_head)).key == info.key  # a second audit reuses the index
 
 
 def test_planted_copy_is_flagged_and_verified_distinct_is_not(world, ray_head):
     cfg = _cfg(world, ray_head, "run.name=r-tiled")
-    info = index.build(cfg)
-    cands = {r["prompt"]: r for r in filter_stage.run(cfg, "r-tiled").to_pylist()}
+    layout = RunLayout(cfg.storage.root, "r-tiled")
+    attach_index(layout, index.run(cfg))
+    filter_stage.run(cfg, "r-tiled")
+    cands = {r["prompt"]: r for r in layout.candidates.read().to_pylist()}
     assert cands[PROMPTS[0]]["flagged"] and cands[PROMPTS[0]]["clique_size"] == N_SAMPLES
     assert not cands[PROMPTS[1]]["flagged"] and cands[PROMPTS[1]]["clique_size"] < 10
 
-    s = match.run(cfg, "r-tiled", info, filter_stage.run(cfg, "r-tiled"))
+    s = match.run(cfg, "r-tiled")
     assert s["prompts_flagged"] == 1 and s["candidates_verified"] == N_SAMPLES
     assert s["extracted_generations"] == N_SAMPLES
     assert s["extracted_train_ids"] == ["t03"]  # three identical rows: the lowest global id wins the tie
     assert s["index"]["quarantined"] == 1
-    m = RunLayout(cfg.storage.root, "r-tiled").read_stage("matches")
+    m = layout.matches.read()
     assert max(m["distance"].to_pylist()) < 0.02  # +-2/255 noise: RMS ~0.005 per tile
 
     # a rerun with other filter settings on the same run folder is refused, nothing overwritten
     with pytest.raises(StorageError, match="other settings"):
         filter_stage.run(_cfg(world, ray_head, "filter.edge_threshold=0.1"), "r-tiled")
-    assert match.run(cfg, "r-tiled", info, filter_stage.run(cfg, "r-tiled")) == s
+    filter_stage.run(cfg, "r-tiled")
+    assert match.run(cfg, "r-tiled") == s
 
 
 def test_relative_l2_over_every_sample(world, ray_head):
     cfg = _cfg(world, ray_head, "match=relative", "match.n_neighbors=8")
-    info = index.build(cfg)
-    s = match.run(cfg, "r-relative", info, filter_stage.run(cfg, "r-relative"))
+    layout = RunLayout(cfg.storage.root, "r-relative")
+    attach_index(layout, index.run(cfg))
+    filter_stage.run(cfg, "r-relative")
+    s = match.run(cfg, "r-relative")
     assert s["candidates_verified"] == 2 * N_SAMPLES  # candidates=all
-    m = RunLayout(cfg.storage.root, "r-relative").read_stage("matches").to_pylist()
+    m = layout.matches.read().to_pylist()
     ext = {r["prompt"] for r in m if r["extracted"]}
     assert ext == {PROMPTS[0]}
     # a copy is far closer to its image than to the average neighbour: d ~ 0.01 / (0.5 * ~0.3)
@@ -127,22 +114,23 @@ def test_ivfpq_index_stage_shares_one_quantizer_and_finds_copies(tmp_path, ray_h
     rng = np.random.default_rng(1)
     images = [_blocky(rng) for _ in range(300)]
     manifest = tmp_path / "big.parquet"
-    pq.write_table(pa.table({"id": [f"b{i:03d}" for i in range(300)], "image": [_png(x) for x in images],
+    pq.write_table(pa.table({"id": [f"b{i:03d}" for i in range(300)], "image": [encode_png(x) for x in images],
                              "caption": [f"c{i}" for i in range(300)]}), manifest)
     cfg = compose([f"trainset.path={manifest}", f"storage.root={tmp_path / 'runs'}", "model.path=/planted",
                    "index=ivfpq", "index.shards=3", "index.nlist=8", "index.pq_m=8", "index.pq_nbits=4",
                    "index.nprobe=8", "embedder.size=8", f"resources.address={ray_head.address}"], config_name="audit")
-    info = index.build(cfg)
+    info = index.run(cfg)
     layout = info.layout({})
-    assert layout.fs.exists(layout.join("trained.faiss")) and info.n_indexed == 300
-    shards = index.load_shards(layout, [0, 1, 2], {})
+    assert layout.store.exists(layout.quantizer_path) and info.n_indexed == 300
+    shards = load_shards(layout, [0, 1, 2])
     assert len({faiss_centroids(s) for s in shards}) == 1  # one quantizer shared by all shards
-    from memex.embed import EmbedderSpec, make_embedder
-    from memex.manifest import resize_image
+    from memex.config import EmbedderConfig
+    from memex.embed import make_embedder
+    from memex.index import ShardedIndex
 
     # the stages decode training images and generations the same way: bicubic to embedder.size
-    q = make_embedder(EmbedderSpec(kind="pixels", size=8))(np.stack([resize_image(x, 8) for x in images[::50]]))
-    D, I = index.search_all(shards, q, 1, cfg.index, info.metric)
+    q = make_embedder(EmbedderConfig(kind="pixels", size=8))(np.stack([resize(x, 8) for x in images[::50]]))
+    D, I = ShardedIndex(shards, info.spec(cfg.index)).search(q, 1)
     assert I[:, 0].tolist() == list(range(0, 300, 50))  # each image's nearest training row is itself
     assert np.allclose(D[:, 0], 0, atol=1e-6)  # exact re-ranking: the distance to itself is 0
 

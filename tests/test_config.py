@@ -1,11 +1,16 @@
+import dataclasses
 import subprocess
 import sys
+import typing
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import BIN, REPO, compose
+from memex import cli
+from memex import config as C
 from memex.cli import CONF_DIR
 from memex.config import AuditConfig, ConfigError, DistanceKind, GenerateConfig, ModelKind, PromptSource, SchedulerKind
 
@@ -117,3 +122,131 @@ def test_cli_range_error_is_one_clear_line(tmp_path):
     assert r.returncode == 1
     assert "memex: error: sampling.batch_size must be >= 1, got 0" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ---- one source of defaults: the dataclasses in memex/config.py -----------------------------
+PRIMARIES = {"generate": (C.GenerateConfig, cli.to_generate_config), "audit": (C.AuditConfig, cli.to_audit_config),
+             "nightly": (C.NightlyAuditConfig, cli.to_nightly_config), "train": (C.TrainConfig, cli.to_train_config)}
+# each group's default option: its YAML adds nothing to the group's dataclass defaults
+DEFAULT_OPTION = {"model": "local", "sampling": "default", "prompts": "file", "storage": "local", "resources": "local",
+                  "filter": "default", "trainset": "manifest", "embedder": "pixels", "index": "flat", "match": "tiled",
+                  "nightly": "default", "arch": "text_small", "data": "manifest", "trainer": "demo"}
+
+
+def _raw(config_name: str, overrides=(), hydra_cfg: bool = False):
+    """The composed DictConfig, not converted (??? and ${...} left as they are)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def _home(group: str) -> str:
+    """The first primary (generate, audit, nightly, train) whose schema has this group."""
+    return next(p for p, (cls, _) in PRIMARIES.items() if group in {f.name for f in dataclasses.fields(cls)})
+
+
+def _group_class(group: str) -> type:
+    return typing.get_type_hints(PRIMARIES[_home(group)][0])[group]
+
+
+def _options(group: str) -> list[str]:
+    return [p.stem for p in sorted((CONF_DIR / group).glob("*.yaml"))]
+
+
+ALL_GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
+
+
+def test_every_group_has_a_default_option_and_a_dataclass():
+    assert sorted(DEFAULT_OPTION) == ALL_GROUPS
+    for group, option in DEFAULT_OPTION.items():
+        assert option in _options(group), (group, option)
+        assert dataclasses.is_dataclass(_group_class(group)), group
+
+
+@pytest.mark.parametrize("group", ALL_GROUPS)
+def test_default_option_is_the_dataclass_defaults(group):
+    cls, option = _group_class(group), DEFAULT_OPTION[group]
+    assert not OmegaConf.load(CONF_DIR / group / f"{option}.yaml"), "the default option's file must be empty"
+    expected = OmegaConf.structured(cls())
+    for primary, (schema, _) in PRIMARIES.items():
+        if group not in {f.name for f in dataclasses.fields(schema)}:
+            continue
+        composed = _raw(primary, [f"{group}={option}"])[group]
+        assert OmegaConf.to_container(composed, resolve=False) == OmegaConf.to_container(expected, resolve=False), primary
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ALL_GROUPS for o in _options(g) if o != DEFAULT_OPTION[g]])
+def test_option_lists_only_the_keys_it_changes(group, option):
+    """An option is merged onto the schema (not onto the default option), so a key equal to the
+    dataclass default adds nothing and is a second copy of that default. A ??? adds nothing either:
+    Hydra does not merge ??? over a value the schema sets, and over the schema's ??? it is a copy."""
+    defaults = dataclasses.asdict(_group_class(group)())
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"), resolve=False)
+    assert raw, f"{group}/{option}.yaml changes nothing: drop it or make it the default"
+    for key, value in raw.items():
+        assert key in defaults, f"{group}/{option}.yaml: unknown key {key}"
+        assert value != defaults[key], f"{group}/{option}.yaml restates {key}: {value!r} (the default)"
+        assert value != "???", f"{group}/{option}.yaml: {key}: ??? does nothing in an option"
+
+
+def _scalars_reached(raw: dict, typed) -> None:
+    for key, value in raw.items():
+        if isinstance(value, (dict, list)) or (isinstance(value, str) and ("${" in value or value == "???")):
+            continue
+        assert getattr(typed, key) == value, key
+
+
+def _missing(node, prefix: str = "") -> list[str]:
+    """Keys left ??? (without resolving interpolations that point at them)."""
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _missing(v, f"{prefix}{key}.")]
+    return [prefix[:-1]] if node == "???" else []
+
+
+NEEDS_PATH = {("prompts", "file"): "prompts.path", ("prompts", "captions"): "prompts.path",
+              ("embedder", "sscd"): "embedder.path"}
+
+
+@pytest.mark.parametrize("primary,group,option", [(p, g, o) for p, (cls, _) in PRIMARIES.items()
+                                                  for g in ALL_GROUPS if g in {f.name for f in dataclasses.fields(cls)}
+                                                  for o in _options(g)])
+def test_every_option_converts_to_the_typed_config(primary, group, option):
+    cls, convert = PRIMARIES[primary]
+    overrides = [f"{group}={option}"]
+    # values left ??? on purpose are filled the way a user would
+    missing = _missing(OmegaConf.to_container(_raw(primary, overrides), resolve=False))
+    overrides += [f"{key}=/some/{key}" for key in missing]
+    if (primary, group, option) == ("generate", "prompts", "near_duplicates"):  # needs the audit's index
+        with pytest.raises(ConfigError, match="memex audit"):
+            convert(_raw(primary, overrides))
+        return
+    if primary in ("audit", "nightly") and (group, option) == ("sampling", "fast"):  # 4 samples < the demo's clique of 5
+        with pytest.raises(ConfigError, match=r"filter\.min_clique"):
+            convert(_raw(primary, overrides))
+        overrides.append("filter.min_clique=4")
+    if (group, option) in NEEDS_PATH:  # optional in the schema, required by this option: validation names it
+        with pytest.raises(ConfigError, match=NEEDS_PATH[group, option].replace(".", r"\.")):
+            convert(_raw(primary, overrides))
+        overrides.append(f"{NEEDS_PATH[group, option]}=/some/file")
+    typed = convert(_raw(primary, overrides))
+    assert isinstance(typed, cls) and isinstance(getattr(typed, group), _group_class(group))
+    _scalars_reached(OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml")), getattr(typed, group))
+
+
+@pytest.mark.parametrize("primary", PRIMARIES)
+def test_primaries_share_one_hydra_block(primary):
+    raw = OmegaConf.load(CONF_DIR / f"{primary}.yaml")
+    assert "hydra" not in raw and "memex_hydra" in raw.defaults
+    assert not any("hydra/" in str(d) for d in raw.defaults)  # the job_logging override lives in memex_hydra
+    h = _raw(primary, hydra_cfg=True).hydra
+    assert (h.run.dir, h.output_subdir, h.job.chdir) == (".", None, False)
+    assert h.runtime.choices["hydra/job_logging"] == "stdout"
+    assert h.job_logging.handlers.console.stream == "ext://sys.stdout"
+
+
+def test_only_memex_hydra_sets_hydra():
+    files = sorted(CONF_DIR.rglob("*.yaml"))
+    setting = [p.name for p in files if "hydra" in OmegaConf.load(p) or "hydra/" in p.read_text()]
+    assert setting == ["memex_hydra.yaml"]

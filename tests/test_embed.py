@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from memex.config import EmbedderKind
-from memex.embed import IMAGENET_MEAN, IMAGENET_STD, EmbedderError, EmbedderSpec, make_embedder
+from memex.config import EmbedderConfig, EmbedderKind
+from memex.embed import IMAGENET_MEAN, IMAGENET_STD, EmbedderError, make_embedder
 from memex.synth import logo
 
 
@@ -12,7 +12,7 @@ def _images(n: int, size: int = 32) -> np.ndarray:
 
 
 def test_pixel_embedding_distance_is_mean_squared_pixel_difference():
-    e = make_embedder(EmbedderSpec("pixels", size=32, batch_size=3))  # 3: several batches
+    e = make_embedder(EmbedderConfig("pixels", size=32, batch_size=3))  # 3: several batches
     imgs = _images(7)
     v = e(imgs)
     assert v.shape == (7, 3 * 32 * 32) == (7, e.dim) and v.dtype == np.float32
@@ -26,7 +26,7 @@ def test_pixel_embedding_distance_is_mean_squared_pixel_difference():
 
 
 def test_pixel_embedder_resizes_and_handles_empty_input():
-    e = make_embedder(EmbedderSpec(EmbedderKind.pixels, size=8))  # the config enum works as kind
+    e = make_embedder(EmbedderConfig(EmbedderKind.pixels, size=8))  # the config enum works as kind
     v = e(_images(2, 40))
     assert v.shape == (2, 192)
     # a flat image stays flat after resizing: every coordinate is value / sqrt(dim)
@@ -51,7 +51,7 @@ def test_sscd_torchscript_embedder(tmp_path):
     torch.manual_seed(0)
     scripted = torch.jit.script(TinyDescriptor().eval())
     scripted.save(str(tmp_path / "sscd.pt"))
-    e = make_embedder(EmbedderSpec("sscd", path=str(tmp_path / "sscd.pt"), size=32, batch_size=2))
+    e = make_embedder(EmbedderConfig("sscd", path=str(tmp_path / "sscd.pt"), size=32, batch_size=2))
     assert e.dim == 16 and e.metric == "ip" and str(tmp_path / "sscd.pt") in e.name
     imgs = _images(5)
     v = e(imgs)
@@ -73,13 +73,13 @@ def test_sscd_from_fsspec_uri_and_bad_files(tmp_path):
     buf = tmp_path / "m.pt"
     torch.jit.script(TinyDescriptor().eval()).save(str(buf))
     fsspec.filesystem("memory").pipe_file("/embed-test/sscd.pt", buf.read_bytes())
-    e = make_embedder(EmbedderSpec("sscd", path="memory://embed-test/sscd.pt", size=16))
+    e = make_embedder(EmbedderConfig("sscd", path="memory://embed-test/sscd.pt", size=16))
     assert e(_images(1, 16)).shape == (1, 16)
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(EmbedderError, match="embedder.path=.*junk.pt is not a TorchScript model"):
-        make_embedder(EmbedderSpec("sscd", path=str(tmp_path / "junk.pt")))
+        make_embedder(EmbedderConfig("sscd", path=str(tmp_path / "junk.pt")))
     with pytest.raises(EmbedderError, match="embedder.path=.*absent.pt does not exist.*sscd-copy-detection"):
-        make_embedder(EmbedderSpec("sscd", path=str(tmp_path / "absent.pt")))
+        make_embedder(EmbedderConfig("sscd", path=str(tmp_path / "absent.pt")))
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def tiny_clip(tmp_path_factory):
 
 @pytest.mark.parametrize("folder", ["with_processor", "bare"])
 def test_clip_embedder_from_local_folder(tiny_clip, folder):
-    e = make_embedder(EmbedderSpec("clip", path=str(tiny_clip / folder), size=32, batch_size=3))
+    e = make_embedder(EmbedderConfig("clip", path=str(tiny_clip / folder), size=32, batch_size=3))
     assert e.dim == 16 and e.metric == "ip" and e.name.startswith("clip:")
     assert (e.processor is None) == (folder == "bare")
     imgs = _images(4)
@@ -118,24 +118,24 @@ def test_clip_processor_and_fallback_agree(tiny_clip):
     shutil.copytree(tiny_clip / "with_processor", same)
     (same / "preprocessor_config.json").unlink()
     imgs = _images(3)
-    a = make_embedder(EmbedderSpec("clip", path=str(tiny_clip / "with_processor"), size=32))(imgs)
-    b = make_embedder(EmbedderSpec("clip", path=str(same), size=32))(imgs)
+    a = make_embedder(EmbedderConfig("clip", path=str(tiny_clip / "with_processor"), size=32))(imgs)
+    b = make_embedder(EmbedderConfig("clip", path=str(same), size=32))(imgs)
     assert np.allclose(a, b, atol=1e-4)
 
 
 def test_errors_name_the_key(tmp_path):
     with pytest.raises(EmbedderError, match="embedder.kind='dino' is unknown"):
-        make_embedder(EmbedderSpec("dino"))
+        make_embedder(EmbedderConfig("dino"))
     for kind in ("sscd", "clip"):
         with pytest.raises(EmbedderError, match=f"embedder.kind={kind} needs a model: set embedder.path="):
-            make_embedder(EmbedderSpec(kind))
+            make_embedder(EmbedderConfig(kind))
     with pytest.raises(EmbedderError, match="embedder.path=.*nowhere/clip is neither an existing local folder nor a hub id"):
-        make_embedder(EmbedderSpec("clip", path=str(tmp_path / "nowhere" / "clip")))
+        make_embedder(EmbedderConfig("clip", path=str(tmp_path / "nowhere" / "clip")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(EmbedderError, match="embedder.path=.*empty is not a loadable CLIP checkpoint"):
-        make_embedder(EmbedderSpec("clip", path=str(tmp_path / "empty")))
+        make_embedder(EmbedderConfig("clip", path=str(tmp_path / "empty")))
     with pytest.raises(EmbedderError, match="embedder.size and embedder.batch_size must be >= 1"):
-        make_embedder(EmbedderSpec("pixels", size=0))
+        make_embedder(EmbedderConfig("pixels", size=0))
     if not torch.cuda.is_available():
         with pytest.raises(EmbedderError, match="set resources.device=cpu"):
-            make_embedder(EmbedderSpec("pixels", device="cuda"))
+            make_embedder(EmbedderConfig("pixels"), device="cuda")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -15,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pds
 import pytest
-from PIL import Image
 
 from conftest import REPO, compose
+from memex.images import decode, encode_png
 from memex.layout import SAMPLES_SCHEMA, RunLayout
 from memex.models import load_model
 from memex.prompts import prompt_id
-from memex.sampling import Sampler, SamplerSettings, sample_seed, to_png
+from memex.config import SamplingConfig
+from memex.sampling import Sampler, sample_seed
 from memex.stages import generate
 
 PROMPTS = ["a red apple", "a lighthouse at dusk", "blue logo"]
@@ -40,6 +40,11 @@ def _overrides(tiny_models, prompt_file, root, *extra):
             "sampling.samples_per_prompt=5", "sampling.shard_size=4", *extra]
 
 
+def _generate(cfg) -> dict:
+    """`memex generate`: claim the run folder, then the stage (what cli.generate_main does)."""
+    return generate.run(cfg, generate.prepare(cfg))
+
+
 def _check_rows(table, n_per_prompt=5, run_seed=0):
     """Exactly one row per (prompt, sample index), with the derived seed and a decodable PNG."""
     expected = {(prompt_id(p), i) for p in PROMPTS for i in range(n_per_prompt)}
@@ -48,13 +53,14 @@ def _check_rows(table, n_per_prompt=5, run_seed=0):
     for row in table.slice(0, 4).to_pylist():
         assert row["seed"] == sample_seed(run_seed, row["prompt_id"], row["sample_index"])
         assert row["sample_id"] == f"{row['prompt_id']}/{row['sample_index']}"
-        img = np.asarray(Image.open(io.BytesIO(row["image"])))
+        assert row["image"].startswith(b"\x89PNG\r\n\x1a\n")
+        img = decode(row["image"])
         assert img.shape == (row["height"], row["width"], 3) == (16, 16, 3)
 
 
 def test_local_run_writes_expected_rows_and_resumes(ray_head, tiny_models, prompt_file, tmp_path):
     cfg = compose(_overrides(tiny_models, prompt_file, tmp_path / "runs", "run.name=r1"))
-    s = generate.run(cfg)
+    s = _generate(cfg)
     assert (s["shards"], s["generated_shards"], s["rows"]) == (4, 4, 15)  # 15 samples, 4 per shard
 
     # a readable Parquet dataset with pyarrow's own reader (markers and _tmp are ignored)
@@ -65,25 +71,25 @@ def test_local_run_writes_expected_rows_and_resumes(ray_head, tiny_models, promp
         f"shard-{i:06d}.json" for i in range(4)]
 
     # the same run again: nothing regenerated, nothing duplicated
-    again = generate.run(cfg)
+    again = _generate(cfg)
     assert again["generated_shards"] == 0
-    _check_rows(RunLayout(str(tmp_path / "runs"), "r1").read_stage("samples"))
+    _check_rows(RunLayout(str(tmp_path / "runs"), "r1").samples.read())
 
     # any single sample regenerated alone is byte-identical to the stored PNG
     row = table.filter(pds.field("sample_index") == 3).slice(1, 1).to_pylist()[0]
     model = load_model(tiny_models["pixel_text"])
-    sampler = Sampler(model, SamplerSettings(num_inference_steps=3, guidance_scale=cfg.sampling.guidance_scale,
+    sampler = Sampler(model, SamplingConfig(num_inference_steps=3, guidance_scale=cfg.sampling.guidance_scale,
                                              batch_size=row["batch_size"]))
     alone = sampler.generate([row["prompt_id"]], [row["prompt"]], [row["seed"]])[0]
-    assert to_png(alone, cfg.sampling.png_compress_level) == row["image"]
+    assert encode_png(alone, cfg.sampling.png_compress_level) == row["image"]
 
 
 def test_other_settings_in_the_same_run_are_refused(ray_head, tiny_models, prompt_file, tmp_path):
-    generate.run(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r", "sampling.samples_per_prompt=1")))
+    _generate(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r", "sampling.samples_per_prompt=1")))
     from memex.layout import StorageError
     with pytest.raises(StorageError, match="samples_per_prompt"):
-        generate.run(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r", "sampling.samples_per_prompt=2")))
-    assert RunLayout(str(tmp_path), "r").read_stage("samples").num_rows == len(PROMPTS)
+        _generate(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r", "sampling.samples_per_prompt=2")))
+    assert RunLayout(str(tmp_path), "r").samples.read().num_rows == len(PROMPTS)
 
 
 def test_run_to_moto_s3(ray_head, tiny_models, prompt_file, s3_server, bucket):
@@ -91,7 +97,7 @@ def test_run_to_moto_s3(ray_head, tiny_models, prompt_file, s3_server, bucket):
     cfg = compose(_overrides(tiny_models, prompt_file, f"s3://{bucket}/runs", "storage=s3", "run.name=r1",
                              f"storage.root=s3://{bucket}/runs", "+storage.options.key=testing",
                              "+storage.options.secret=testing", f"storage.options.client_kwargs.endpoint_url={url}"))
-    s = generate.run(cfg)
+    s = _generate(cfg)
     assert s["run"] == f"s3://{bucket}/runs/r1"
     import s3fs
 
@@ -127,7 +133,7 @@ def test_killed_run_resumes_without_missing_or_duplicate_rows(ray_head, tiny_mod
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"({12 - done_before} generated now)" in r.stdout
-    _check_rows(RunLayout(str(tmp_path), "k").read_stage("samples"), n_per_prompt=8)
+    _check_rows(RunLayout(str(tmp_path), "k").samples.read(), n_per_prompt=8)
 
 
 @pytest.mark.slow
@@ -145,7 +151,7 @@ def test_ray_job_submit_with_working_dir(ray_head, tiny_models, prompt_file, tmp
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     assert JobSubmissionClient(ray_head.dashboard).get_job_status(sid) == JobStatus.SUCCEEDED
-    _check_rows(RunLayout(str(tmp_path / "runs"), "job").read_stage("samples"))
+    _check_rows(RunLayout(str(tmp_path / "runs"), "job").samples.read())
     assert json.loads((tmp_path / "runs" / "job" / "samples" / "_SUCCESS.json").read_text())["rows"] == 15
 
 
@@ -156,7 +162,7 @@ def test_bad_input_fails_before_work(ray_head, tiny_models, tmp_path):
     from memex.prompts import PromptError
 
     with pytest.raises(ModelError, match="model_index.json"):
-        generate.run(compose(_overrides({"pixel_text": str(tmp_path)}, empty, tmp_path / "runs")))
+        _generate(compose(_overrides({"pixel_text": str(tmp_path)}, empty, tmp_path / "runs")))
     with pytest.raises(PromptError, match="holds no prompts"):
-        generate.run(compose(_overrides(tiny_models, empty, tmp_path / "runs")))
+        _generate(compose(_overrides(tiny_models, empty, tmp_path / "runs")))
     assert not (tmp_path / "runs").exists()  # nothing was written

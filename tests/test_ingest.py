@@ -10,8 +10,8 @@ from PIL import Image
 
 from memex.ingest import (QUARANTINE_SCHEMA, TRAINING_SCHEMA, IngestError, decode_rows, iter_batches,
                           list_training_set)
-from memex.manifest import resize_image
-from memex.synth import logo, png
+from memex.images import encode_png, resize
+from memex.synth import logo
 
 
 def _img(i: int, size: int = 32) -> np.ndarray:
@@ -20,12 +20,12 @@ def _img(i: int, size: int = 32) -> np.ndarray:
 
 def _manifest(tmp_path):
     """Two good byte rows, one good uri row, and one of each kind of bad row."""
-    Image.fromarray(_img(2)).save(tmp_path / "on_disk.png")
+    (tmp_path / "on_disk.png").write_bytes(encode_png(_img(2)))
     (tmp_path / "empty.png").write_bytes(b"")
-    good = png(_img(0))
+    good = encode_png(_img(0))
     rows = [  # (id, image, uri, caption)
         ("g0", good, None, "first"),
-        ("g1", png(_img(1, 24)), None, None),  # another size: decode_rows(size=...) must resize it
+        ("g1", encode_png(_img(1, 24)), None, None),  # another size: decode_rows(size=...) must resize it
         ("g2", None, str(tmp_path / "on_disk.png"), "by uri"),
         ("bad_bytes", b"definitely not an image", None, "x"),
         ("truncated", good[: len(good) // 2], None, "x"),
@@ -62,7 +62,7 @@ def test_manifest_good_rows_decode_and_bad_rows_are_quarantined(tmp_path):
     small = decode_rows(t, 16, workers=1)  # same result without threads
     assert small.images.shape == (3, 16, 16, 3) and small.images.dtype == np.uint8
     for i, img in zip(small.ids, small.images):
-        assert np.array_equal(img, resize_image(originals[i], 16))
+        assert np.array_equal(img, resize(originals[i], 16))
     assert small.quarantine.equals(dec.quarantine)
 
 
@@ -74,7 +74,7 @@ def test_manifest_caption_defaults_to_null(tmp_path):
 
 def test_decompression_bomb_is_quarantined(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 = 1024 px > 2 x 100: PIL refuses it
-    rows = pa.table({"id": ["bomb"], "image": [png(_img(0))]})
+    rows = pa.table({"id": ["bomb"], "image": [encode_png(_img(0))]})
     dec = decode_rows(rows, 32)
     assert dec.ids == [] and dec.images.shape == (0, 32, 32, 3)
     assert dec.quarantine["reason"][0].as_py().startswith("DecompressionBombError")
@@ -83,12 +83,12 @@ def test_decompression_bomb_is_quarantined(monkeypatch):
 def _write_folder(fs, root: str) -> dict[str, np.ndarray]:
     """Images (two suffixes, one upper case, one in a subfolder), a sidecar caption, a corrupt file, a non-image."""
     fs.makedirs(f"{root}/sub", exist_ok=True)
-    fs.pipe_file(f"{root}/a.png", png(_img(0)))
+    fs.pipe_file(f"{root}/a.png", encode_png(_img(0)))
     fs.pipe_file(f"{root}/a.txt", "a red ring logo\n".encode())
     buf = io.BytesIO()
     Image.fromarray(_img(1)).save(buf, format="BMP")
     fs.pipe_file(f"{root}/sub/b.bmp", buf.getvalue())
-    fs.pipe_file(f"{root}/d.PNG", png(_img(3)))
+    fs.pipe_file(f"{root}/d.PNG", encode_png(_img(3)))
     fs.pipe_file(f"{root}/c.png", b"\x89PNG garbage")
     fs.pipe_file(f"{root}/notes.md", b"not an image")
     return {"a.png": _img(0), "sub/b.bmp": _img(1), "d.PNG": _img(3)}
@@ -125,7 +125,7 @@ def test_s3_folder(s3_server, bucket):
     originals = _write_folder(fs, f"{bucket}/train/imgs")
     _check_folder(f"s3://{bucket}/train/imgs", "s3", originals, s3_server)
     # a prefix holding Parquet is a manifest
-    fs.pipe_file(f"{bucket}/m/part-0.parquet", _parquet_bytes(pa.table({"id": ["x"], "image": [png(_img(5))]})))
+    fs.pipe_file(f"{bucket}/m/part-0.parquet", _parquet_bytes(pa.table({"id": ["x"], "image": [encode_png(_img(5))]})))
     t = list_training_set(f"s3://{bucket}/m", s3_server)
     assert t["id"].to_pylist() == ["x"]
     assert np.array_equal(decode_rows(t, None).images[0], _img(5))
@@ -141,10 +141,11 @@ def _parquet_bytes(t: pa.Table) -> bytes:
 
 def test_folder_with_parquet_files_is_a_manifest(tmp_path):
     (tmp_path / "ds").mkdir()
-    pq.write_table(pa.table({"id": ["b", "a"], "image": [png(_img(1)), png(_img(0))]}), tmp_path / "ds" / "p0.parquet")
+    pq.write_table(pa.table({"id": ["b", "a"], "image": [encode_png(_img(1)), encode_png(_img(0))]}),
+                   tmp_path / "ds" / "p0.parquet")
     t = list_training_set(str(tmp_path / "ds"))
     assert t["id"].to_pylist() == ["a", "b"]  # sorted by id
-    Image.fromarray(_img(2)).save(tmp_path / "ds" / "stray.png")  # ambiguous: fails naming the stray file
+    (tmp_path / "ds" / "stray.png").write_bytes(encode_png(_img(2)))  # ambiguous: fails naming the stray file
     with pytest.raises(IngestError, match="ds is not readable Parquet.*stray.png"):
         list_training_set(str(tmp_path / "ds"))
 
@@ -162,7 +163,7 @@ def test_bad_locations_name_the_path(tmp_path):
     pq.write_table(pa.table({"id": pa.array([], pa.string()), "uri": pa.array([], pa.string())}), tmp_path / "e.parquet")
     with pytest.raises(IngestError, match="e.parquet holds no rows"):
         list_training_set(str(tmp_path / "e.parquet"))
-    Image.fromarray(_img(0)).save(tmp_path / "one.png")
+    (tmp_path / "one.png").write_bytes(encode_png(_img(0)))
     with pytest.raises(IngestError, match="one.png is a file but not a .parquet manifest"):
         list_training_set(str(tmp_path / "one.png"))
     with pytest.raises(IngestError, match="nosuchproto://x cannot be reached"):

@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from memex.layout import SAMPLES_SCHEMA, STAGES, RunLayout, StorageError, iter_units, plan_shards, shard_name
+from memex.layout import SAMPLES_SCHEMA, RunLayout, StorageError, iter_units, plan_shards, shard_name
 
 
 def test_shard_names_are_zero_padded_and_sort():
@@ -27,38 +27,39 @@ def _table(n):
 
 def test_only_marked_shards_count(tmp_path):
     lay = RunLayout(str(tmp_path), "r1")
-    lay.create()
-    assert all((tmp_path / "r1" / s).is_dir() for s in STAGES)
-    lay.write_shard("samples", 0, _table(3))
+    lay.samples.write_shard(0, _table(3))
     # a shard file without a marker (a writer killed between move and marker) is not complete
     (tmp_path / "r1" / "samples" / shard_name(1)).write_bytes(b"partial")
-    assert lay.complete_shards("samples") == [0]
-    assert lay.read_stage("samples").num_rows == 3
+    assert lay.samples.complete() == [0]
+    assert lay.samples.read().num_rows == 3
     assert not list((tmp_path / "r1" / "samples").glob("_tmp-*"))  # temp files were moved into place
+
+
+def _claim_run(lay, settings):
+    lay.store.claim(lay.run_json, settings, f"run folder {lay.uri}", "Use another run.name for a new experiment.")
 
 
 def test_claim_run_refuses_other_settings_and_changes_nothing(tmp_path):
     lay = RunLayout(str(tmp_path), "r1")
-    lay.create()
-    lay.claim_run({"seed": 0, "steps": 50})
-    lay.claim_run({"seed": 0, "steps": 50})  # same settings: resume
+    _claim_run(lay, {"seed": 0, "steps": 50})
+    _claim_run(lay, {"seed": 0, "steps": 50})  # same settings: resume
     before = (tmp_path / "r1" / "run.json").read_bytes()
     with pytest.raises(StorageError, match="steps: was 50, now 10.*another run.name"):
-        lay.claim_run({"seed": 0, "steps": 10})
+        _claim_run(lay, {"seed": 0, "steps": 10})
     assert (tmp_path / "r1" / "run.json").read_bytes() == before
 
 
 def test_unreachable_bucket_names_the_uri(s3_server):
     lay = RunLayout("s3://no-such-bucket/runs", "r1", s3_server)
     with pytest.raises(StorageError, match="s3://no-such-bucket/runs/r1.*storage.root"):
-        lay.create()
-    assert not lay.fs.exists("no-such-bucket")  # the typo did not create a bucket
+        lay.store.check_writable("run folder", "storage.root")
+    assert not lay.store.fs.exists("no-such-bucket")  # the typo did not create a bucket
 
 
 def test_s3_layout_roundtrip(s3_server, bucket):
     lay = RunLayout(f"s3://{bucket}/runs", "r1", s3_server)
-    lay.create()
-    lay.write_shard("samples", 2, _table(4))
-    assert lay.complete_shards("samples") == [2]
-    assert lay.read_stage("samples").num_rows == 4
+    lay.store.check_writable("run folder", "storage.root")
+    lay.samples.write_shard(2, _table(4))
+    assert lay.samples.complete() == [2]
+    assert lay.samples.read().num_rows == 4
     assert lay.uri == f"s3://{bucket}/runs/r1"

@@ -3,16 +3,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from conftest import REPO
+from memex.images import encode_png
 from memex.manifest import DuplicationGroup, ManifestError, expand_duplicates, load_image, read_manifest
-from memex.synth import logo, png
+from memex.synth import logo
 
 
 def _manifest(tmp_path, n=12):
     rows = [logo(i, 32) for i in range(n)]
-    t = pa.table({"id": [f"i{k}" for k in range(n)], "image": [png(img) for img, _ in rows],
+    t = pa.table({"id": [f"i{k}" for k in range(n)], "image": [encode_png(img) for img, _ in rows],
                   "caption": [c for _, c in rows]})
     pq.write_table(t, tmp_path / "m.parquet")
     return tmp_path / "m.parquet", rows
@@ -29,7 +29,7 @@ def test_read_and_decode(tmp_path):
 
 def test_image_by_uri(tmp_path):
     img = logo(0, 32)[0]
-    Image.fromarray(img).save(tmp_path / "a.png")
+    (tmp_path / "a.png").write_bytes(encode_png(img))
     assert np.array_equal(load_image({"id": "a", "uri": str(tmp_path / "a.png")}), img)
 
 
@@ -51,7 +51,7 @@ def test_bad_manifests_are_named(tmp_path):
 
 
 def test_corrupt_image_names_its_id():
-    good = png(logo(0, 32)[0])
+    good = encode_png(logo(0, 32)[0])
     with pytest.raises(ManifestError, match="'bad' cannot be decoded"):
         load_image({"id": "bad", "image": good[:40]})
     with pytest.raises(ManifestError, match="neither image bytes nor a uri"):

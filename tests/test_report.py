@@ -8,7 +8,6 @@ Expected by construction: 10 extracted pairs, all of t02, one flagged prompt, no
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 import sys
@@ -18,11 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from conftest import compose
-from memex.layout import SAMPLES_SCHEMA, RunLayout, iter_units, plan_shards
-from memex.prompts import prompt_id
+from conftest import attach_index, compose, plant_run
+from memex.images import encode_png
 from memex.report import build_report, esc, histogram_svg
 from memex.stages import filter as filter_stage
 from memex.stages import index, match
@@ -31,12 +28,6 @@ N_TRAIN, N_SAMPLES = 12, 10
 EVIL_CAPTION = "<script>document.title='pwned';console.error('xss')</script> ACME & \"Co\" logo"
 EVIL_PROMPT = "<img src=x onerror=\"console.error('xss')\"> a copy of the ACME logo"
 PROMPTS = [EVIL_PROMPT, "something new"]
-
-
-def _png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _blocky(rng) -> np.ndarray:
@@ -51,27 +42,19 @@ def audited_run(tmp_path_factory, ray_head):
     captions = [f"caption {i}" for i in range(N_TRAIN)]
     captions[2] = EVIL_CAPTION
     manifest = root / "train.parquet"
-    pq.write_table(pa.table({"id": [f"t{i:02d}" for i in range(N_TRAIN)], "image": [_png(t) for t in train],
+    pq.write_table(pa.table({"id": [f"t{i:02d}" for i in range(N_TRAIN)], "image": [encode_png(t) for t in train],
                              "caption": captions}), manifest)
     samples = {PROMPTS[0]: [np.clip(train[2].astype(int) + rng.integers(-2, 3, train[2].shape), 0, 255).astype(np.uint8)
                             for _ in range(N_SAMPLES)],
                PROMPTS[1]: [_blocky(rng) for _ in range(N_SAMPLES)]}
-    layout = RunLayout(str(root / "runs"), "planted")
-    layout.create()
-    layout.write_prompts(pa.table({"prompt_id": [prompt_id(p) for p in PROMPTS], "prompt": PROMPTS}))
-    for plan in plan_shards(len(PROMPTS), N_SAMPLES, 8):
-        rows = [{"sample_id": f"{prompt_id(PROMPTS[p])}/{i}", "prompt_id": prompt_id(PROMPTS[p]), "prompt": PROMPTS[p],
-                 "sample_index": i, "seed": i, "image": _png(samples[PROMPTS[p]][i]), "height": 32, "width": 32,
-                 "model_id": "planted", "scheduler": "none", "num_inference_steps": 0, "guidance_scale": 0.0,
-                 "dtype": "float32", "batch_size": 8} for p, i in iter_units(plan, N_SAMPLES)]
-        layout.write_shard("samples", plan.index, pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
-    layout.write_json(layout.join("samples", "_SUCCESS.json"), {"rows": len(PROMPTS) * N_SAMPLES})
+    layout = plant_run(root / "runs", "planted", samples)
 
     cfg = compose([f"trainset.path={manifest}", f"storage.root={root / 'runs'}", "model.path=/planted",
                    f"sampling.samples_per_prompt={N_SAMPLES}", "sampling.shard_size=8", "index.shards=2",
                    f"resources.address={ray_head.address}"], config_name="audit")
-    info = index.build(cfg)
-    summary = match.run(cfg, "planted", info, filter_stage.run(cfg, "planted"))
+    attach_index(layout, index.run(cfg))
+    filter_stage.run(cfg, "planted")
+    summary = match.run(cfg, "planted")
     assert summary["extracted_generations"] == N_SAMPLES and summary["extracted_train_ids"] == ["t02"]
     return layout, summary, root
 
@@ -79,7 +62,7 @@ def audited_run(tmp_path_factory, ray_head):
 def test_report_renders_without_console_errors_and_shows_the_pairs(audited_run, browser, tmp_path):
     layout, summary, _ = audited_run
     uri = build_report(layout)
-    assert uri == layout.report_path
+    assert uri == layout.store.uri_of(layout.report_path)
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     problems: list[str] = []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)

@@ -1,13 +1,12 @@
-import io
-
 import numpy as np
 import pytest
-from PIL import Image
 
 from memex import tiny
 from memex.config import SchedulerKind
+from memex.images import decode, encode_png
 from memex.models import load_model
-from memex.sampling import Sampler, SamplerSettings, sample_seed, to_png
+from memex.config import SamplingConfig
+from memex.sampling import Sampler, sample_seed
 
 PROMPTS = {"p1": "a red apple", "p2": "a lighthouse at dusk", "p3": "blue logo"}
 
@@ -15,7 +14,7 @@ PROMPTS = {"p1": "a red apple", "p2": "a lighthouse at dusk", "p3": "blue logo"}
 def _sampler(path, **kw):
     settings = dict(num_inference_steps=4, guidance_scale=3.0, batch_size=4)
     settings.update(kw)
-    return Sampler(load_model(path), SamplerSettings(**settings))
+    return Sampler(load_model(path), SamplingConfig(**settings))
 
 
 def _batch(n_per_prompt=3, run_seed=0):
@@ -42,14 +41,14 @@ def test_a_sample_regenerated_alone_is_byte_identical(tiny_models, kind, schedul
     fresh = _sampler(tiny_models[kind], scheduler=SchedulerKind(scheduler))  # new process state
     for j in (0, 4, len(ids) - 1):
         alone = fresh.generate(ids[j : j + 1], texts[j : j + 1], seeds[j : j + 1])[0]
-        assert to_png(alone) == to_png(batch[j])
+        assert encode_png(alone) == encode_png(batch[j])
     # different seeds of one prompt give different images
     assert not np.array_equal(batch[0], batch[1])
 
 
 def test_png_decodes_to_the_same_pixels(tiny_models):
     img = _sampler(tiny_models["unconditional"]).generate(["uncond"], [""], [7])[0]
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(to_png(img)))), img)
+    assert np.array_equal(decode(encode_png(img)), img)
 
 
 def test_text_is_encoded_once_per_prompt(tiny_models):

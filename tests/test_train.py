@@ -12,10 +12,12 @@ import torch
 
 from conftest import BIN
 from memex.config import ConfigError
+from memex.images import encode_png
 from memex.manifest import ManifestError
 from memex.models import load_model
-from memex.sampling import Sampler, SamplerSettings
-from memex.synth import logo, png
+from memex.config import SamplingConfig
+from memex.sampling import Sampler
+from memex.synth import logo
 from memex.training import INFO_FILE, MANIFEST_FILE, latest_checkpoint, train
 
 
@@ -32,7 +34,7 @@ def _compose(overrides):
 def manifest(tmp_path):
     rows = [logo(i, 16) for i in range(6)]
     path = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"id": [f"i{k}" for k in range(6)], "image": [png(im) for im, _ in rows],
+    pq.write_table(pa.table({"id": [f"i{k}" for k in range(6)], "image": [encode_png(im) for im, _ in rows],
                              "caption": [c for _, c in rows]}), path)
     return path
 
@@ -53,7 +55,7 @@ def test_short_run_saves_a_loadable_diffusers_folder(manifest, tmp_path, arch):
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
     model = load_model(str(out))  # the same loader `memex generate` uses
     assert model.kind.value == ("pixel_text" if arch == "text_small" else "unconditional")
-    s = Sampler(model, SamplerSettings(num_inference_steps=2, guidance_scale=2.0, batch_size=2))
+    s = Sampler(model, SamplingConfig(num_inference_steps=2, guidance_scale=2.0, batch_size=2))
     img = s.generate(["p"], ["" if arch == "uncond_small" else "a red circle logo"], [0])
     assert img.shape == (1, 16, 16, 3)
 
@@ -79,7 +81,7 @@ def test_bad_training_input_is_named(tmp_path, manifest):
     with pytest.raises(ManifestError, match="holds no rows"):
         train(_cfg(empty, tmp_path / "o1"))
     bad = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"id": ["ok", "broken"], "image": [png(logo(0, 16)[0]), b"\x89PNG garbage"],
+    pq.write_table(pa.table({"id": ["ok", "broken"], "image": [encode_png(logo(0, 16)[0]), b"\x89PNG garbage"],
                              "caption": ["a", "b"]}), bad)
     with pytest.raises(ManifestError, match="'broken' cannot be decoded"):
         train(_cfg(bad, tmp_path / "o2"))

@@ -9,7 +9,7 @@
   6. write the HTML report into report/ (memex/report.py) and print the summary.
 Every step skips the shards an earlier, interrupted audit finished.
 The run folder is the generation run's folder: auditing the same samples with other filter or
-match settings is refused (claim_stage) unless run.name says where the new results go.
+match settings is refused (StageFolder.claim) unless run.name says where the new results go.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 from memex.config import AuditConfig, CandidateSource, ModelKind, PromptSource, validate_audit
+from memex.layout import RunLayout
 from memex.models import check_model_inputs
 from memex.prompts import load_prompts, rank_by_near_duplicates
 
@@ -24,6 +25,8 @@ log = logging.getLogger("memex.audit")
 
 
 def run(cfg: AuditConfig) -> dict:
+    from memex.membership import read_duplicates
+    from memex.report import build_report
     from memex.stages import filter as filter_stage
     from memex.stages import generate, index, match
 
@@ -34,25 +37,24 @@ def run(cfg: AuditConfig) -> dict:
         log.warning("unconditional model with match.candidates=cliques: all samples share one prompt, so the "
                     "filter sees one graph; the paper compares every sample (match=relative)")
 
-    # 2. index (and the prompts it ranks)
-    info = index.build(cfg)
+    # 2. index (and the prompts it ranks); the run folder records which index it is matched against
+    info = index.run(cfg)
     log.info("index %s: %d training images indexed, %d quarantined", info.key, info.n_indexed, info.n_quarantined)
-    prompts = None
     if cfg.prompts.source == PromptSource.near_duplicates:
-        prompts = rank_by_near_duplicates(index.read_duplicates(info, cfg.storage.options), cfg.prompts.limit)
+        prompts = rank_by_near_duplicates(read_duplicates(info, cfg.storage.options), cfg.prompts.limit)
     else:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
+    run_name = generate.prepare(cfg, prompts)
+    layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
+    layout.store.write_json(layout.index_json, info.to_json())
 
-    # 3. generate, 4. filter, 5. match
-    gen = generate.run(cfg, prompts)
-    candidates = filter_stage.run(cfg, gen["run_name"])
-    summary = match.run(cfg, gen["run_name"], info, candidates)
+    # 3. generate, 4. filter, 5. match: each reads its inputs from the run folder
+    generate.run(cfg, run_name)
+    filter_stage.run(cfg, run_name)
+    summary = match.run(cfg, run_name)
 
     # 6. the report (rebuilt every time: cheap, and it picks up report code changes)
-    from memex.layout import RunLayout
-    from memex.report import build_report
-
-    summary["report"] = build_report(RunLayout(cfg.storage.root, gen["run_name"], cfg.storage.options))
+    summary["report"] = build_report(layout)
     return summary
 
 
@@ -71,7 +73,7 @@ def format_summary(s: dict) -> str:
         shown = ", ".join(s["extracted_train_ids"][:10]) + (" ..." if len(s["extracted_train_ids"]) > 10 else "")
         lines.append(f"  extracted: {shown}")
     if s["index"]["quarantined"]:
-        lines.append(f"  {s['index']['quarantined']} training images unreadable: see {s['index']['uri']}/quarantine-*.parquet")
+        lines.append(f"  {s['index']['quarantined']} training images unreadable: see {s['index']['uri']}/shards/quarantine-*.parquet")
     if s.get("report"):
         lines.append(f"  report: {s['report']}")
     lines.append(f"  run folder: {s['run']}")

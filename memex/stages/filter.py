@@ -6,8 +6,10 @@ flagged when the clique reaches filter.min_clique. 500 generations per prompt = 
 512 px that is ~0.3 s of distance math on a GPU and a few seconds on CPU; the clique search on the
 500-node graph takes milliseconds unless the graph is adversarial (see the cliques module bound).
 
-Work unit: a chunk of `filter.prompts_per_task` consecutive prompts, one Ray task each, written as
-candidates/shard-<chunk>.parquet with a marker (the same resume rule as the samples). Why tasks
+    run(cfg, run_name) -> summary   candidates/ of a generated run (samples/ complete)
+
+Work unit: a chunk of `filter.prompts_per_task` consecutive prompts, one Ray task each through
+memex/runner.py, written as candidates/shard-<chunk>.parquet with a marker (the samples' rule). Why tasks
 over prompt chunks rather than Ray Data `groupby("prompt_id").map_groups`: samples are written
 prompt-major, so a chunk's samples sit in a few adjacent shard files that the task reads directly;
 a groupby would shuffle every image byte across the cluster to rebuild groups that already exist.
@@ -15,25 +17,20 @@ a groupby would shuffle every image byte across the cluster to rebuild groups th
 
 from __future__ import annotations
 
-import io
 import logging
-import time
 from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from PIL import Image
 
+from memex import runner
 from memex.config import AuditConfig, FilterConfig
+from memex.images import decode
 from memex.layout import CANDIDATES_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
+from memex.prompts import read_run_prompts
 
 log = logging.getLogger("memex.filter")
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # a writable copy (torch.from_numpy)
 
 
 def filter_prompt(images: np.ndarray, f: FilterConfig, device: str = "cpu") -> tuple:
@@ -52,63 +49,46 @@ def filter_prompt(images: np.ndarray, f: FilterConfig, device: str = "cpu") -> t
     return res, representative(res.members, d), nearest
 
 
-def filter_chunk_task(root: str, run_name: str, storage_options: dict, chunk: int, p0: int, p1: int,
-                      samples_per_prompt: int, shard_size: int, f: FilterConfig, device: str) -> dict:
-    """Filter prompts [p0, p1) of the run and write candidates/shard-<chunk>."""
+def filter_chunk(chunk: int, layout: RunLayout, p0: int, p1: int, samples_per_prompt: int, shard_size: int,
+                 f: FilterConfig, device: str) -> pa.Table:
+    """Unit `chunk`: prompts [p0, p1) of the run -> one CANDIDATES_SCHEMA row each."""
     from memex.models import resolve_device
 
-    layout = RunLayout(root, run_name, storage_options)
-    if layout.is_complete("candidates", chunk):
-        return {"chunk": chunk, "skipped": True}
     device = resolve_device(device)
-    t0 = time.perf_counter()
-    prompts = layout.read_prompts().slice(p0, p1 - p0)
+    prompts = read_run_prompts(layout).slice(p0, p1 - p0)
     pids = prompts["prompt_id"].to_pylist()
     # Samples are prompt-major: prompts [p0, p1) are units [p0*n, p1*n), in these shard files only.
     first, last = p0 * samples_per_prompt // shard_size, (p1 * samples_per_prompt - 1) // shard_size
-    paths = [layout.shard_path("samples", s) for s in range(first, last + 1)]
-    samples = pq.ParquetDataset(paths, filesystem=layout.fs, schema=SAMPLES_SCHEMA).read(
-        columns=["sample_id", "prompt_id", "sample_index", "image"])
+    samples = layout.store.read_table([layout.samples.file(s) for s in range(first, last + 1)], schema=SAMPLES_SCHEMA,
+                                      columns=["sample_id", "prompt_id", "sample_index", "image"])
     samples = samples.filter(pc.is_in(samples["prompt_id"], pa.array(pids))).sort_by(
         [("prompt_id", "ascending"), ("sample_index", "ascending")])
     rows = []
     for pid, text in zip(pids, prompts["prompt"].to_pylist()):
         mine = samples.filter(pc.equal(samples["prompt_id"], pid))
         sids = mine["sample_id"].to_pylist()
-        images = np.stack([decode_png(b) for b in mine["image"].to_pylist()])
+        images = np.stack([decode(b) for b in mine["image"].to_pylist()])
         res, rep, nearest = filter_prompt(images, f, device)
         rows.append({"prompt_id": pid, "prompt": text, "n_samples": len(sids), "clique_size": res.size,
                      "clique_upper_bound": res.upper_bound, "clique_exact": res.exact,
                      "flagged": res.size >= f.min_clique, "sample_ids": [sids[m] for m in res.members],
                      "representative": sids[rep], "nearest_distances": nearest.astype(np.float32).tolist()})
-    table = pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
-    layout.write_shard("candidates", chunk, table, {"seconds": round(time.perf_counter() - t0, 2)})
-    return {"chunk": chunk, "flagged": int(sum(r["flagged"] for r in rows))}
+    return pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
 
 
-def run(cfg: AuditConfig, run_name: str) -> pa.Table:
-    """Filter every prompt of a generated run; returns the candidates table (one row per prompt)."""
-    import ray
-
+def run(cfg: AuditConfig, run_name: str) -> dict:
+    """Filter every prompt of a generated run; returns the summary written to candidates/_SUCCESS.json."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
-    if not layout.fs.exists(layout.join("samples", "_SUCCESS.json")):
+    if layout.samples.success() is None:
         raise StorageError(f"run {layout.uri} has no complete samples/: run `memex generate` (or audit) first")
-    layout.claim_stage("candidates", asdict(cfg.filter))
-    n_prompts = layout.read_prompts().num_rows
-    s, f, r = cfg.sampling, cfg.filter, cfg.resources
-    chunks = [(c, p0, min(p0 + f.prompts_per_task, n_prompts))
-              for c, p0 in enumerate(range(0, n_prompts, f.prompts_per_task))]
-    todo = [c for c in chunks if not layout.is_complete("candidates", c[0])]
-    if todo:
-        if not ray.is_initialized():
-            ray.init(address=r.address, log_to_driver=True)
-        task = ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus)(filter_chunk_task)
-        ray.get([task.remote(cfg.storage.root, run_name, cfg.storage.options, c, p0, p1, s.samples_per_prompt,
-                             s.shard_size, f, r.device) for c, p0, p1 in todo])
-    missing = [c for c, _, _ in chunks if not layout.is_complete("candidates", c)]
-    if missing:
-        raise StorageError(f"filter chunks {missing[:10]} did not complete; rerun the same command to resume")
-    table = layout.read_stage("candidates")
-    layout.write_json(layout.join("candidates", "_SUCCESS.json"),
-                      {"prompts": table.num_rows, "flagged": int(pc.sum(table["flagged"]).as_py() or 0)})
-    return table
+    layout.candidates.claim(asdict(cfg.filter), f"run folder {layout.uri}")
+    n_prompts = read_run_prompts(layout).num_rows
+    s, f = cfg.sampling, cfg.filter
+    chunks = {c: {"p0": p0, "p1": min(p0 + f.prompts_per_task, n_prompts)}
+              for c, p0 in enumerate(range(0, n_prompts, f.prompts_per_task))}
+    runner.run_tasks(layout.candidates, chunks, filter_chunk, cfg.resources, layout=layout,
+                     samples_per_prompt=s.samples_per_prompt, shard_size=s.shard_size, f=f, device=cfg.resources.device)
+    flagged = layout.candidates.read(columns=["flagged"])["flagged"]
+    summary = {"prompts": len(flagged), "flagged": int(pc.sum(flagged).as_py() or 0)}
+    layout.candidates.mark_success(summary)
+    return summary

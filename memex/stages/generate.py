@@ -1,14 +1,12 @@
-"""Generation stage: prompts -> Ray Data actor pool of samplers -> Parquet shards on storage.
+"""Generation stage: the run's prompts -> an actor pool of samplers -> samples/ Parquet shards.
 
-Driver (`run`): validate config, load prompts, claim the run folder, plan shards, skip complete
-ones, and stream the rest through `ray.data ... map_batches(GenerateShards, compute=ActorPool)`.
-Each actor loads the model once in `__init__`; `__call__` gets a batch of shard plans, generates
-each shard in UNet batches of `sampling.batch_size` (mixing prompts), and writes the shard itself.
+    prepare(cfg, prompts=None) -> run name   check inputs, claim the run folder, write prompts.parquet
+    run(cfg, run_name) -> summary            every shard of samples/, through memex/runner.py
 
-Why actors write their own shards instead of `Dataset.write_parquet`: a shard must be named by
-its plan index and marked complete only after its file is in place, so a rerun skips finished
-shards and never duplicates rows. Ray's datasinks name files per write task and have no
-per-file marker. Only a one-line summary per shard returns to the driver.
+A unit is a shard: a contiguous range of (prompt, sample index) pairs, prompt-major
+(layout.plan_shards). `GenerateShards` is the worker: it loads the model once (one per actor)
+and generates a whole shard in UNet batches of `sampling.batch_size`, mixing prompts; the runner
+writes the shard and its marker, skips finished shards and checks none is missing.
 """
 
 from __future__ import annotations
@@ -18,13 +16,14 @@ import json
 import logging
 import time
 
-import numpy as np
 import pyarrow as pa
 
+from memex import runner
 from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, plain, validate_generate
-from memex.layout import SAMPLES_SCHEMA, RunLayout, StorageError, ShardPlan, iter_units, plan_shards
+from memex.images import encode_png
+from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, ShardPlan, StorageError, iter_units, plan_shards
 from memex.models import check_model_inputs, resolve_device
-from memex.prompts import load_prompts
+from memex.prompts import load_prompts, read_run_prompts
 
 log = logging.getLogger("memex.generate")
 
@@ -46,16 +45,42 @@ def default_run_name(cfg: GenerateConfig, settings: dict) -> str:
     return f"{cfg.model.name}-{h}"
 
 
+def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
+    """Check inputs before any cluster work, then claim the run folder; returns the run name.
+
+    `prompts` (prompt_id, prompt) replaces cfg.prompts when given: the audit ranks training
+    captions by near-duplicate counts from its index and passes the result here.
+    """
+    # 1. inputs: config ranges, model folder, prompts
+    validate_generate(cfg)
+    if cfg.model.kind == ModelKind.unconditional and cfg.prompts.source != PromptSource.none:
+        raise ConfigError("model.kind=unconditional takes no prompts: set prompts=none")
+    check_model_inputs(cfg.model.path, cfg.model.unet)
+    if prompts is None:
+        prompts = load_prompts(cfg.prompts, cfg.storage.options)
+
+    # 2. the run folder: same settings (resume) or refuse; its prompts are the stage's input
+    settings = run_settings(cfg, prompts)
+    run_name = cfg.run.name or default_run_name(cfg, settings)
+    layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
+    layout.store.check_writable("run folder", "storage.root (bucket name, folder permissions) and "
+                                "storage.options (endpoint_url, credentials)")
+    layout.store.claim(layout.run_json, settings, f"run folder {layout.uri}",
+                       "Use another run.name (or storage.root) for a new experiment.")
+    if not layout.store.exists(layout.prompts_path):
+        layout.store.write_table(layout.prompts_path, prompts.cast(PROMPTS_SCHEMA))
+    return run_name
+
+
 class GenerateShards:
-    """Ray Data callable class: one model per actor; each call generates and writes whole shards."""
+    """The worker of the actor pool: one model per actor; each call generates one whole shard."""
 
     def __init__(self, cfg: GenerateConfig, run_name: str):
         from memex.models import load_model
-        from memex.sampling import Sampler, SamplerSettings
+        from memex.sampling import Sampler
 
         self.cfg = cfg
-        self.layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
-        prompts = self.layout.read_prompts()
+        prompts = read_run_prompts(RunLayout(cfg.storage.root, run_name, cfg.storage.options))
         self.prompt_ids = prompts["prompt_id"].to_pylist()
         self.prompts = prompts["prompt"].to_pylist()
         device = resolve_device(cfg.resources.device)
@@ -65,30 +90,15 @@ class GenerateShards:
                            cfg.model.unet)
         if model.kind == ModelKind.unconditional and any(self.prompts):
             raise ConfigError(f"{cfg.model.path} is an unconditional model and takes no prompts: set prompts=none")
-        s = cfg.sampling
-        self.sampler = Sampler(model, SamplerSettings(s.scheduler, s.num_inference_steps, s.guidance_scale, s.height, s.width,
-                                                         s.batch_size))
+        self.sampler = Sampler(model, cfg.sampling)
         self.model_id = model.model_id
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done = []
-        for index, start, stop in zip(batch["shard"], batch["start"], batch["stop"]):
-            plan = ShardPlan(int(index), int(start), int(stop))
-            if self.layout.is_complete("samples", plan.index):  # finished by an earlier attempt
-                done.append((plan.index, 0, 0.0))
-                continue
-            t0 = time.perf_counter()
-            table = self.generate_shard(plan)
-            self.layout.write_shard("samples", plan.index, table, {"seconds": time.perf_counter() - t0})
-            done.append((plan.index, table.num_rows, time.perf_counter() - t0))
-        return {"shard": np.array([d[0] for d in done]), "rows": np.array([d[1] for d in done]),
-                "seconds": np.array([d[2] for d in done])}
-
-    def generate_shard(self, plan: ShardPlan) -> pa.Table:
-        from memex.sampling import sample_seed, to_png
+    def __call__(self, index: int, start: int, stop: int) -> pa.Table:
+        """Samples [start, stop) of the run (prompt-major) as one SAMPLES_SCHEMA table."""
+        from memex.sampling import sample_seed
 
         s, sampler = self.cfg.sampling, self.sampler
-        units = list(iter_units(plan, s.samples_per_prompt))
+        units = list(iter_units(ShardPlan(index, start, stop), s.samples_per_prompt))
         cols: dict[str, list] = {f.name: [] for f in SAMPLES_SCHEMA}
         for b in range(0, len(units), s.batch_size):  # one UNet batch at a time: bounded memory
             chunk = units[b : b + s.batch_size]
@@ -102,7 +112,7 @@ class GenerateShards:
                 cols["prompt"].append(text)
                 cols["sample_index"].append(i)
                 cols["seed"].append(seed)
-                cols["image"].append(to_png(img, s.png_compress_level))
+                cols["image"].append(encode_png(img, s.png_compress_level))
                 cols["height"].append(img.shape[0])
                 cols["width"].append(img.shape[1])
         n = len(units)
@@ -115,61 +125,18 @@ class GenerateShards:
         return pa.table(cols, schema=SAMPLES_SCHEMA)
 
 
-def run(cfg: GenerateConfig, prompts: pa.Table | None = None) -> dict:
-    """Generate all samples of a run; returns a summary (run URI, shard and row counts).
-
-    `prompts` (prompt_id, prompt) replaces cfg.prompts when given: the audit ranks training
-    captions by near-duplicate counts from its index and passes the result here.
-    """
-    import ray
-
-    # 1. check inputs before any cluster work
-    validate_generate(cfg)
-    if cfg.model.kind == ModelKind.unconditional and cfg.prompts.source != PromptSource.none:
-        raise ConfigError("model.kind=unconditional takes no prompts: set prompts=none")
-    check_model_inputs(cfg.model.path, cfg.model.unet)
-    if prompts is None:
-        prompts = load_prompts(cfg.prompts, cfg.storage.options)
-
-    # 2. claim the run folder (same settings, or refuse) and plan shards
-    settings = run_settings(cfg, prompts)
-    run_name = cfg.run.name or default_run_name(cfg, settings)
+def run(cfg: GenerateConfig, run_name: str) -> dict:
+    """Generate every shard of a prepared run; returns the summary written to samples/_SUCCESS.json."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
-    layout.create()
-    layout.claim_run(settings)
-    if not layout.fs.exists(layout.prompts_path):
-        layout.write_prompts(prompts)
-    plans = plan_shards(prompts.num_rows, cfg.sampling.samples_per_prompt, cfg.sampling.shard_size)
-    complete = set(layout.complete_shards("samples"))
-    todo = [p for p in plans if p.index not in complete]
-    log.info("run %s: %d shards, %d complete, %d to generate", layout.uri, len(plans), len(complete), len(todo))
-
-    # 3. stream the remaining shards through the actor pool
+    if not layout.store.exists(layout.run_json):
+        raise StorageError(f"{layout.uri} is not a prepared run folder (no run.json): call generate.prepare first")
+    n_prompts = read_run_prompts(layout).num_rows
+    plans = plan_shards(n_prompts, cfg.sampling.samples_per_prompt, cfg.sampling.shard_size)
+    log.info("run %s: %d shards", layout.uri, len(plans))
     t0 = time.perf_counter()
-    if todo:
-        if not ray.is_initialized():
-            ray.init(address=cfg.resources.address, log_to_driver=True)
-        r = cfg.resources
-        ds = ray.data.from_items(
-            [{"shard": p.index, "start": p.start, "stop": p.stop} for p in todo],
-            override_num_blocks=len(todo),
-        ).map_batches(
-            GenerateShards,
-            fn_constructor_kwargs={"cfg": cfg, "run_name": run_name},
-            batch_size=1,  # one shard per call: a shard is the unit of work and of resume
-            compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
-            num_gpus=r.num_gpus,
-            num_cpus=r.num_cpus,
-        )
-        for row in ds.iter_rows():  # tiny summary rows only; images never reach the driver
-            log.info("shard %06d: %d rows in %.1fs", row["shard"], row["rows"], row["seconds"])
-
-    # 4. mark the stage complete
-    total = sum(p.stop - p.start for p in plans)
-    summary = {"run": layout.uri, "run_name": run_name, "shards": len(plans), "generated_shards": len(todo),
-               "rows": total, "seconds": round(time.perf_counter() - t0, 2)}
-    missing = [p.index for p in plans if not layout.is_complete("samples", p.index)]
-    if missing:
-        raise StorageError(f"shards {missing[:10]} did not complete; rerun the same command to resume")
-    layout.write_json(layout.join("samples", "_SUCCESS.json"), summary)
+    generated = runner.run_actor_pool(layout.samples, {p.index: {"start": p.start, "stop": p.stop} for p in plans},
+                                      GenerateShards, {"cfg": cfg, "run_name": run_name}, cfg.resources)
+    summary = {"run": layout.uri, "run_name": run_name, "shards": len(plans), "generated_shards": generated,
+               "rows": sum(p.stop - p.start for p in plans), "seconds": round(time.perf_counter() - t0, 2)}
+    layout.samples.mark_success(summary)
     return summary

@@ -1,15 +1,19 @@
-"""Index stage: training set -> S FAISS shards on storage (+ near-duplicate counts), one Ray task per shard.
+"""Index stage: training set -> S FAISS shards on storage (+ near-duplicate counts).
 
-Driver (`build`):
-  1. list the training set (memex/ingest.py) and hash the listing, embedder and index settings
-     into the index key: audits of many checkpoints trained on the same data share one index;
+    run(cfg) -> IndexInfo    build the index of cfg.trainset, or reuse the one an earlier audit built
+
+The one stage that takes no run name: its folder `<index root>/<key>/` is keyed by content (the
+training-set listing, the embedder and the index settings), so every audit of checkpoints trained
+on the same data shares it. Its steps are units of memex/runner.py, like every stage's:
+  1. list the training set (memex/ingest.py) and hash it with the settings into the key;
   2. write train.parquet (gid = row number, the global id every shard and every match uses);
-  3. one Ray task per shard without a marker: decode its gid range (unreadable images go to the
-     shard's quarantine table), embed, build the FAISS shard, write shard + vectors + marker;
-  4. one Ray task per shard: near-duplicate counts of its images, searched in all shards (the
-     same index the match stage uses), which rank "most duplicated captions first" prompts.
-Why plain Ray tasks and not Ray Data here: a shard is one index file named by its number with a
-completion marker, so reruns skip finished shards; the work per shard is one function call.
+  3. IVF-PQ only: `train_quantizer`, one unit: a coarse quantizer + PQ codebook trained on a fixed
+     random sample of the whole training set, which every shard copies;
+  4. `build_shard`, one unit per shard: decode its gid range (unreadable images go to the shard's
+     quarantine table), embed, build the FAISS shard, write shard + vectors + quarantine;
+  5. `count_duplicates`, one unit per shard: near-duplicate counts of its images, searched in all
+     shards (the same index the match stage uses); they rank "most duplicated captions first".
+Units are plain Ray tasks, not Ray Data: a unit is one function call that writes named files.
 """
 
 from __future__ import annotations
@@ -19,51 +23,24 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from memex.config import AuditConfig, plain, EmbedderConfig, IndexConfig, IndexKind
-from memex.models import resolve_device
+from memex import runner
+from memex.config import AuditConfig, EmbedderConfig, IndexConfig, IndexKind, plain
 from memex.layout import DUPS_SCHEMA, QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, StorageError
+from memex.membership import IndexInfo, fetch_train_rows, load_shards
+from memex.models import resolve_device
 
 log = logging.getLogger("memex.index")
-
-
-@dataclass
-class IndexInfo:
-    """What later stages need to use a built index (also stored as index.json)."""
-
-    root: str
-    key: str
-    shards: list[tuple[int, int]]  # gid range [start, stop) per shard
-    metric: str  # "l2" (faiss returns squared distances) or "ip"
-    dim: int
-    n_train: int
-    n_indexed: int
-    n_quarantined: int
-
-    def layout(self, storage_options: dict) -> IndexLayout:
-        return IndexLayout(self.root, self.key, storage_options)
-
-
-def _embedder_spec(e: EmbedderConfig, device: str):
-    from memex.embed import EmbedderSpec
-
-    return EmbedderSpec(kind=e.kind.value, path=e.path, size=e.size, device=device, batch_size=e.batch_size)
-
-
-def _index_spec(i: IndexConfig, metric: str):
-    from memex.index import IndexSpec
-
-    return IndexSpec.from_config(i, metric)
+# Part of every index key: folders written by an older layout are never resumed into, only rebuilt.
+LAYOUT_VERSION = 2
 
 
 def index_key(listing: pa.Table, cfg: AuditConfig) -> str:
     """Hash of what decides the index content: the listing (ids, bytes/uris), embedder, index settings."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"layout {LAYOUT_VERSION}".encode())
     for col in ("id", "uri", "caption"):
         h.update(json.dumps(listing[col].to_pylist()).encode())
     for b in listing["image"].to_pylist():  # bytes hash: a changed image changes the key
@@ -79,7 +56,7 @@ def plan_index_shards(n: int, shards: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-# ---- Ray task bodies (plain functions: testable without a cluster) ------------------------
+# ---- unit functions (plain functions: run in Ray tasks by the runner, testable without one) ------
 def _embed_rows(rows: pa.Table, emb: EmbedderConfig, embedder, batch: int, storage_options: dict):
     """Decode and embed rows `batch` at a time -> (vectors (n, d), gids (n,), quarantine tables)."""
     from memex.ingest import decode_rows
@@ -97,161 +74,111 @@ def _embed_rows(rows: pa.Table, emb: EmbedderConfig, embedder, batch: int, stora
     return x, np.asarray(gids, np.int64), quarantine
 
 
-def train_task(root: str, key: str, storage_options: dict, n_train: int, emb: EmbedderConfig, idx: IndexConfig,
-               device: str) -> str:
+def _embedder(emb: EmbedderConfig, device: str):
+    from memex.embed import make_embedder
+
+    return make_embedder(emb, resolve_device(device))
+
+
+def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderConfig, idx: IndexConfig,
+                    device: str) -> dict:
     """IVF-PQ only: train one coarse quantizer + PQ codebook on a fixed random sample of the whole
-    training set, so every shard shares it (memex/index.py train_index). Writes trained.faiss."""
-    from memex.embed import make_embedder
-    from memex.index import save_index, train_index
+    training set, so every shard shares it (memex/index.py train_index)."""
+    from memex.index import IndexSpec, save_index, train_index
 
-    layout = IndexLayout(root, key, storage_options)
-    path = layout.join("trained.faiss")
-    if layout.fs.exists(path):
-        return path
-    embedder = make_embedder(_embedder_spec(emb, resolve_device(device)))
-    spec = _index_spec(idx, embedder.metric)
+    opts = layout.store.options
+    embedder = _embedder(emb, device)
+    spec = IndexSpec.from_config(idx, embedder.metric)
     pick = np.sort(np.random.default_rng(0).choice(n_train, min(n_train, spec.train_size), replace=False))
-    rows = layout.read_table(layout.train_path, TRAIN_SCHEMA, filters=[("gid", "in", pick.tolist())])
-    x, _, _ = _embed_rows(rows, emb, embedder, idx.decode_batch, storage_options)
-    save_index(train_index(x, spec), layout.uri_of(path), storage_options)
-    return path
+    rows = layout.store.read_table(layout.train_path, schema=TRAIN_SCHEMA, filters=[("gid", "in", pick.tolist())])
+    x, _, _ = _embed_rows(rows, emb, embedder, idx.decode_batch, opts)
+    save_index(train_index(x, spec), layout.store.uri_of(layout.quantizer_path), opts)
+    return {"vectors": int(len(x))}
 
 
-def build_shard_task(root: str, key: str, storage_options: dict, shard: int, start: int, stop: int,
-                     emb: EmbedderConfig, idx: IndexConfig, device: str) -> dict:
-    from memex.embed import make_embedder
-    from memex.index import build_shard, load_index, save_index
+def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: EmbedderConfig, idx: IndexConfig,
+                device: str) -> dict:
+    """Shard `shard` = training rows [start, stop): FAISS shard, its vectors, its quarantine."""
+    from memex.index import IndexSpec, load_index, save_index
+    from memex.index import build_shard as build_faiss_shard
 
-    layout = IndexLayout(root, key, storage_options)
-    if layout.fs.exists(layout.marker("shard", shard)):
-        return layout.read_json(layout.marker("shard", shard))
-    t0 = time.perf_counter()
-    embedder = make_embedder(_embedder_spec(emb, resolve_device(device)))
-    rows = layout.read_table(layout.train_path, TRAIN_SCHEMA, filters=[("gid", ">=", start), ("gid", "<", stop)])
-    x, ids, quarantine = _embed_rows(rows, emb, embedder, idx.decode_batch, storage_options)
-    dim = embedder.dim
-    trained = None
-    if idx.kind == IndexKind.ivfpq:
-        trained = load_index(layout.uri_of(layout.join("trained.faiss")), storage_options)
-    index = build_shard(x, ids, _index_spec(idx, embedder.metric), trained=trained)
-    save_index(index, layout.uri_of(layout.faiss_path(shard)), storage_options)
+    opts, store = layout.store.options, layout.store
+    embedder = _embedder(emb, device)
+    rows = store.read_table(layout.train_path, schema=TRAIN_SCHEMA, filters=[("gid", ">=", start), ("gid", "<", stop)])
+    x, ids, quarantine = _embed_rows(rows, emb, embedder, idx.decode_batch, opts)
+    trained = load_index(store.uri_of(layout.quantizer_path), opts) if idx.kind == IndexKind.ivfpq else None
+    index = build_faiss_shard(x, ids, IndexSpec.from_config(idx, embedder.metric), trained=trained)
+    save_index(index, store.uri_of(layout.faiss_path(shard)), opts)
     buf = io.BytesIO()
     np.savez(buf, vectors=x, gids=ids)
-    layout.write_bytes(layout.emb_path(shard), buf.getvalue())
+    store.write_bytes(layout.vectors_path(shard), buf.getvalue())
     q = pa.concat_tables([t.cast(QUARANTINE_SCHEMA) for t in quarantine]) if quarantine else QUARANTINE_SCHEMA.empty_table()
-    layout.write_table(layout.quarantine_path(shard), q)
-    meta = {"shard": shard, "start": start, "stop": stop, "indexed": int(len(ids)), "quarantined": q.num_rows,
-            "dim": dim, "metric": embedder.metric, "seconds": round(time.perf_counter() - t0, 2)}
-    layout.write_json(layout.marker("shard", shard), meta)
-    return meta
+    store.write_table(layout.quarantine_path(shard), q)
+    return {"shard": shard, "start": start, "stop": stop, "indexed": int(len(ids)), "quarantined": q.num_rows,
+            "dim": embedder.dim, "metric": embedder.metric}
 
 
-def load_shards(layout: IndexLayout, shards: list[int], storage_options: dict) -> list:
-    from memex.index import load_index
+def count_duplicates(shard: int, layout: IndexLayout, n_shards: int, idx: IndexConfig, metric: str) -> pa.Table:
+    """Near-duplicate count of each image of `shard` among all shards -> DUPS_SCHEMA rows."""
+    from memex.index import IndexSpec, ShardedIndex, duplicate_counts
 
-    return [load_index(layout.uri_of(layout.faiss_path(s)), storage_options) for s in shards]
-
-
-def search_all(indexes: list, queries: np.ndarray, k: int, idx: IndexConfig, metric: str):
-    from memex.index import merge_topk, search_shard
-
-    spec = _index_spec(idx, metric)
-    return merge_topk([search_shard(ix, queries, k, spec) for ix in indexes], k, metric)
-
-
-def dups_shard_task(root: str, key: str, storage_options: dict, shard: int, n_shards: int, idx: IndexConfig,
-                    metric: str) -> int:
-    from memex.index import duplicate_counts
-
-    layout = IndexLayout(root, key, storage_options)
-    if layout.fs.exists(layout.marker("dups", shard)):
-        return shard
-    with np.load(io.BytesIO(layout.read_bytes(layout.emb_path(shard)))) as z:
+    with np.load(io.BytesIO(layout.store.read_bytes(layout.vectors_path(shard)))) as z:
         x, gids = z["vectors"], z["gids"]
-    indexes = load_shards(layout, list(range(n_shards)), storage_options)
-    counts = duplicate_counts(lambda q, k: search_all(indexes, q, k, idx, metric), x, gids, idx.dup_threshold, metric=metric,
+    index = ShardedIndex(load_shards(layout, list(range(n_shards))), IndexSpec.from_config(idx, metric))
+    counts = duplicate_counts(index.search, x, gids, idx.dup_threshold, metric=metric,
                               k=idx.dup_k) if len(gids) else np.zeros(0, np.int32)
     train = fetch_train_rows(layout, gids.tolist(), columns=["gid", "id", "caption"])
     meta = {g: (i, c) for g, i, c in zip(*(train[n].to_pylist() for n in ("gid", "id", "caption")))}
-    table = pa.table({"gid": gids, "id": [meta[g][0] for g in gids.tolist()],
-                      "caption": [meta[g][1] for g in gids.tolist()], "near_duplicates": counts.astype(np.int32)},
-                     schema=DUPS_SCHEMA)
-    layout.write_table(layout.dups_path(shard), table)
-    layout.write_json(layout.marker("dups", shard), {"rows": table.num_rows})
-    return shard
+    return pa.table({"gid": gids, "id": [meta[g][0] for g in gids.tolist()],
+                     "caption": [meta[g][1] for g in gids.tolist()], "near_duplicates": counts.astype(np.int32)},
+                    schema=DUPS_SCHEMA)
 
 
 # ---- driver ------------------------------------------------------------------------------
-def build(cfg: AuditConfig) -> IndexInfo:
+def run(cfg: AuditConfig) -> IndexInfo:
     """Build (or reuse) the index of cfg.trainset; returns where it is and its counts."""
-    import ray
-
     from memex.ingest import list_training_set
 
-    opts = cfg.storage.options
+    opts, r = cfg.storage.options, cfg.resources
     # 1. listing and key
     listing = list_training_set(cfg.trainset.path, opts, cfg.trainset.caption_column)
     key = index_key(listing, cfg)
     root = cfg.index.root or cfg.storage.root.rstrip("/") + "/_index"
     layout = IndexLayout(root, key, opts)
-    done = layout.read_json(layout.join("_SUCCESS.json"))
+    done = layout.store.read_json(layout.success_path)
     if done is not None:
         log.info("index %s is complete: reusing it", layout.uri)
-        return IndexInfo(**{**done, "shards": [tuple(s) for s in done["shards"]]})
-    layout.create()
+        return IndexInfo.from_json(done)
+    layout.store.check_writable("index folder", "index.root / storage.root and storage.options")
 
     # 2. the training table with global ids (written once; a rerun finds it in place)
     plans = plan_index_shards(listing.num_rows, cfg.index.shards)
-    if not layout.fs.exists(layout.train_path):
+    if not layout.store.exists(layout.train_path):
         train = pa.table({"gid": pa.array(np.arange(listing.num_rows), pa.int64()), "id": listing["id"],
                           "image": listing["image"], "uri": listing["uri"], "caption": listing["caption"]},
                          schema=TRAIN_SCHEMA)
-        layout.write_table(layout.train_path, train, row_group_size=max(64, cfg.index.decode_batch))
-        layout.write_json(layout.info_json, {"trainset": cfg.trainset.path, "embedder": plain(cfg.embedder),
-                                             "index": plain(cfg.index), "shards": plans, "n_train": listing.num_rows})
+        layout.store.write_table(layout.train_path, train, row_group_size=max(64, cfg.index.decode_batch))
+        layout.store.write_json(layout.info_json, {"trainset": cfg.trainset.path, "embedder": plain(cfg.embedder),
+                                                   "index": plain(cfg.index), "shards": plans,
+                                                   "n_train": listing.num_rows})
 
-    # 3. build the shards, 4. near-duplicate counts
-    if not ray.is_initialized():
-        ray.init(address=cfg.resources.address, log_to_driver=True)
-    r = cfg.resources
-    build_remote = ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus)(build_shard_task)
+    # 3. one shared quantizer (IVF-PQ), 4. the shards, 5. near-duplicate counts
     t0 = time.perf_counter()
-    if cfg.index.kind == IndexKind.ivfpq:  # one shared quantizer, trained before the shards
-        ray.get(ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus)(train_task).remote(
-            root, key, opts, listing.num_rows, cfg.embedder, cfg.index, r.device))
-    metas = ray.get([build_remote.remote(root, key, opts, s, a, b, cfg.embedder, cfg.index, r.device)
-                     for s, (a, b) in enumerate(plans)])
+    common = {"layout": layout, "emb": cfg.embedder, "idx": cfg.index, "device": r.device}
+    if cfg.index.kind == IndexKind.ivfpq:
+        runner.run_tasks(layout.quantizer, {0: {"n_train": listing.num_rows}}, train_quantizer, r, **common)
+    runner.run_tasks(layout.shards, {s: {"start": a, "stop": b} for s, (a, b) in enumerate(plans)}, build_shard, r,
+                     **common)
+    metas = [layout.shards.read_marker(s) for s in range(len(plans))]
     metric = metas[0]["metric"]
     log.info("index %s: %d shards built in %.1fs", layout.uri, len(plans), time.perf_counter() - t0)
-    dups_remote = ray.remote(num_cpus=r.num_cpus)(dups_shard_task)
-    ray.get([dups_remote.remote(root, key, opts, s, len(plans), cfg.index, metric) for s in range(len(plans))])
+    runner.run_tasks(layout.dups, {s: {} for s in range(len(plans))}, count_duplicates, r, gpu=False,
+                     layout=layout, n_shards=len(plans), idx=cfg.index, metric=metric)
 
     info = IndexInfo(root=root, key=key, shards=plans, metric=metric, dim=metas[0]["dim"], n_train=listing.num_rows,
                      n_indexed=sum(m["indexed"] for m in metas), n_quarantined=sum(m["quarantined"] for m in metas))
     if info.n_indexed == 0:
         raise StorageError(f"no training image of {cfg.trainset.path} could be read ({info.n_quarantined} quarantined, "
-                           f"reasons in {layout.uri}/quarantine-*.parquet)")
-    layout.write_json(layout.join("_SUCCESS.json"), asdict(info))
+                           f"reasons in {layout.uri}/shards/quarantine-*.parquet)")
+    layout.store.write_json(layout.success_path, info.to_json())
     return info
-
-
-def read_quarantine(info: IndexInfo, storage_options: dict) -> pa.Table:
-    layout = info.layout(storage_options)
-    return pa.concat_tables([layout.read_table(layout.quarantine_path(s), QUARANTINE_SCHEMA)
-                             for s in range(len(info.shards))])
-
-
-def read_duplicates(info: IndexInfo, storage_options: dict) -> pa.Table:
-    """Near-duplicate count per indexed training image, most duplicated first (ties: by gid)."""
-    layout = info.layout(storage_options)
-    t = pa.concat_tables([layout.read_table(layout.dups_path(s), DUPS_SCHEMA) for s in range(len(info.shards))])
-    return t.sort_by([("near_duplicates", "descending"), ("gid", "ascending")])
-
-
-def fetch_train_rows(layout: IndexLayout, gids: list[int], columns: list[str] | None = None) -> pa.Table:
-    """Rows of train.parquet for the given global ids (the join of matches with training images)."""
-    if not gids:
-        return TRAIN_SCHEMA.empty_table().select(columns or TRAIN_SCHEMA.names)
-    return pq.read_table(layout.train_path, filesystem=layout.fs, schema=TRAIN_SCHEMA, columns=columns,
-                         filters=[("gid", "in", sorted(set(gids)))])
-

@@ -26,8 +26,9 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 
 from memex.checkpoints import Checkpoint, discover, files_signature, weights_sha256
-from memex.config import MEMEX_HOME, MemexError, NightlyAction, NightlyConfig, plain, validate_nightly
+from memex.config import MEMEX_HOME, MemexError, NightlyAction, NightlyAuditConfig, plain, validate_nightly
 from memex.layout import RunLayout
+from memex.storage import Store
 from memex.ledger import DONE, Ledger
 
 log = logging.getLogger("memex.nightly")
@@ -81,7 +82,7 @@ class NightlyResult:
         return "error" if self.errors else "alarm" if self.alarms else "ok"
 
 
-def config_sha256(cfg: NightlyConfig) -> str:
+def config_sha256(cfg: NightlyAuditConfig) -> str:
     """Hash of every setting that decides an audit's result (sampling, prompts, filter, trainset,
     embedder, index, match, model kind and revision)."""
     c = plain(cfg)
@@ -95,15 +96,15 @@ def config_sha256(cfg: NightlyConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def night_of(cfg: NightlyConfig) -> str:
+def night_of(cfg: NightlyAuditConfig) -> str:
     return cfg.nightly.night or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
 
 
-def ledger_root(cfg: NightlyConfig) -> str:
+def ledger_root(cfg: NightlyAuditConfig) -> str:
     return cfg.nightly.ledger or posixpath.join(cfg.storage.root.rstrip("/"), "_nightly")
 
 
-def plan(cfg: NightlyConfig) -> NightlyResult:
+def plan(cfg: NightlyAuditConfig) -> NightlyResult:
     """Steps 1-2: the checkpoints under nightly.location not yet audited with this config."""
     validate_nightly(cfg)
     n = cfg.nightly
@@ -147,7 +148,7 @@ def gate(row: dict, previous: dict | None, budget: int | None, margin: int | Non
     return outcome, "; ".join(msgs)
 
 
-def audit_one(cfg: NightlyConfig, p: Pending, sha: str, ledger: Ledger) -> dict:
+def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> dict:
     """Steps 3-5 for one checkpoint; returns the ledger row it appended."""
     from memex.stages import audit
 
@@ -157,7 +158,7 @@ def audit_one(cfg: NightlyConfig, p: Pending, sha: str, ledger: Ledger) -> dict:
     layout = RunLayout(cfg.storage.root, p.run_name(sha), cfg.storage.options)
     row = {"location": c.location, "series": c.series, "step": c.step, "base": c.base if c.unet else "",
            "weights_sha256": p.weights, "files_signature": p.signature, "config_sha256": sha, "run": layout.uri,
-           "report": layout.uri_of(layout.report_path), "started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0)}
+           "report": layout.store.uri_of(layout.report_path), "started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0)}
     log.info("auditing %s (step %s, weights %s)", c.location, c.step, p.weights[:12])
     try:
         s = audit.run(acfg)
@@ -175,11 +176,11 @@ def audit_one(cfg: NightlyConfig, p: Pending, sha: str, ledger: Ledger) -> dict:
     return row
 
 
-def write_trend(cfg: NightlyConfig, ledger: Ledger) -> str:
+def write_trend(cfg: NightlyAuditConfig, ledger: Ledger) -> str:
     """Rebuild <ledger root>/report/index.html from every ledger row; returns its URI."""
     from memex.report import render_trend
 
-    page_dir = RunLayout(ledger_root(cfg), "report", cfg.storage.options)
+    page_dir = Store(ledger_root(cfg), cfg.storage.options).child("report")
 
     def split(uri: str) -> tuple[str, str]:
         return tuple(uri.split("://", 1)) if "://" in uri else ("file", uri)
@@ -213,7 +214,7 @@ def payload(res: NightlyResult) -> dict:
             "errors": [f"{r['location']}: {r['message']}" for r in res.errors]}
 
 
-def run(cfg: NightlyConfig) -> NightlyResult:
+def run(cfg: NightlyAuditConfig) -> NightlyResult:
     res = plan(cfg)
     if cfg.nightly.action == NightlyAction.plan:
         return res
@@ -228,7 +229,7 @@ def run(cfg: NightlyConfig) -> NightlyResult:
     return res
 
 
-def announce(cfg: NightlyConfig, res: NightlyResult) -> None:
+def announce(cfg: NightlyAuditConfig, res: NightlyResult) -> None:
     """Step 6: POST the result to nightly.webhook (if set); raises NightlyError when it fails."""
     if cfg.nightly.webhook:
         post_webhook(cfg.nightly.webhook, payload(res), cfg.nightly.webhook_timeout_s)

@@ -1,0 +1,81 @@
+"""The built membership index as later stages read it: where it is, its shards, its tables.
+
+The index stage (memex/stages/index.py) writes `<index root>/<key>/` (layout.IndexLayout) and an
+`IndexInfo` as its `_SUCCESS.json`; an audit copies that IndexInfo into the run folder
+(`<run>/index.json`), so the match stage and the prompt ranking read everything from here:
+FAISS shards (searched with memex/index.py), training rows by global id, near-duplicate counts
+and the quarantine of unreadable training images. No Ray, no model: plain reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import faiss
+import pyarrow as pa
+
+from memex.config import IndexConfig
+from memex.index import IndexSpec, load_index
+from memex.layout import DUPS_SCHEMA, QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, RunLayout, StorageError
+
+
+@dataclass
+class IndexInfo:
+    """What later stages need to use a built index (its _SUCCESS.json, and <run>/index.json)."""
+
+    root: str
+    key: str
+    shards: list[tuple[int, int]]  # gid range [start, stop) per shard
+    metric: str  # "l2" (faiss returns squared distances) or "ip"
+    dim: int
+    n_train: int
+    n_indexed: int
+    n_quarantined: int
+
+    @classmethod
+    def from_json(cls, d: dict) -> "IndexInfo":
+        return cls(**{**d, "shards": [tuple(s) for s in d["shards"]]})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def layout(self, storage_options: dict) -> IndexLayout:
+        return IndexLayout(self.root, self.key, storage_options)
+
+    def spec(self, cfg: IndexConfig) -> IndexSpec:
+        return IndexSpec.from_config(cfg, self.metric)
+
+
+def read_info(run: RunLayout) -> IndexInfo:
+    """The index an audit matched (or will match) this run against."""
+    d = run.store.read_json(run.index_json)
+    if d is None:
+        raise StorageError(f"run {run.uri} has no index.json: it was not made by `memex audit`, which builds the "
+                           "membership index first; run `memex audit` with the same settings")
+    return IndexInfo.from_json(d)
+
+
+def load_shards(layout: IndexLayout, shards: list[int]) -> list[faiss.Index]:
+    opts = layout.store.options
+    return [load_index(layout.store.uri_of(layout.faiss_path(s)), opts) for s in shards]
+
+
+def fetch_train_rows(layout: IndexLayout, gids: list[int], columns: list[str] | None = None) -> pa.Table:
+    """Rows of train.parquet for the given global ids (the join of matches with training images)."""
+    if not gids:
+        return TRAIN_SCHEMA.empty_table().select(columns or TRAIN_SCHEMA.names)
+    return layout.store.read_table(layout.train_path, schema=TRAIN_SCHEMA, columns=columns,
+                                   filters=[("gid", "in", sorted(set(gids)))])
+
+
+def read_quarantine(info: IndexInfo, storage_options: dict) -> pa.Table:
+    """The training images that could not be read, and why (one table over all shards)."""
+    layout = info.layout(storage_options)
+    return pa.concat_tables([layout.store.read_table(layout.quarantine_path(s), schema=QUARANTINE_SCHEMA)
+                             for s in range(len(info.shards))])
+
+
+def read_duplicates(info: IndexInfo, storage_options: dict) -> pa.Table:
+    """Near-duplicate count per indexed training image, most duplicated first (ties: by gid)."""
+    t = info.layout(storage_options).dups.read()
+    return t.sort_by([("near_duplicates", "descending"), ("gid", "ascending")])

@@ -1,0 +1,212 @@
+"""Atomic reads and writes on any fsspec filesystem, and the one "unit complete" convention.
+
+Every byte memex writes goes through a `Store` (run folders, the membership index, the nightly
+ledger, the trend page, FAISS files):
+  * a write goes to `_tmp-<uuid>-<name>` beside its target and is moved into place, so a reader
+    never sees half a file under the final name. Parquet readers skip `_`-prefixed paths, so a
+    killed writer's temp file is never read as data;
+  * object stores have no folders, and s3fs.makedirs *creates a missing bucket*: a typo in a root
+    would silently make a new bucket, so only local filesystems get folders.
+
+A stage writes its output as numbered units in a `StageFolder` (datatrove's executor convention,
+`is_rank_completed` / `mark_rank_as_completed`):
+
+    <folder>/shard-000000.parquet          the unit's files (written first, atomically)
+    <folder>/_markers/shard-000000.json    written last: the unit is complete (its metadata)
+    <folder>/_SUCCESS.json                 written last of all: the whole stage is complete
+
+Only a unit with a marker counts, so a run killed at any point resumes by redoing unmarked units
+(deterministic seeds make a redone unit identical). `memex.runner` drives this loop; this module
+only reads and writes. Any fsspec URI works (local paths, s3:// through s3fs, memory:// in tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from memex.config import MemexError
+
+SHARD_DIGITS = 6  # up to 1M units: 175M samples at 175 per shard
+
+
+class StorageError(MemexError, RuntimeError):
+    """Storage is unreachable, or holds something that conflicts with this run."""
+
+
+class Store:
+    """A folder on any fsspec filesystem. Paths given to its methods are filesystem paths
+    (`store.join(...)`, no protocol); `uri_of` turns one back into a URI a user can paste."""
+
+    def __init__(self, uri: str, options: dict[str, Any] | None = None):
+        self.options = dict(options or {})
+        self.fs, path = fsspec.core.url_to_fs(uri, **self.options)
+        self.protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+        self.path = path.rstrip("/") or "/"
+
+    @property
+    def uri(self) -> str:
+        return self.uri_of(self.path)
+
+    def uri_of(self, path: str) -> str:
+        """s3://bucket/runs/name for object stores, /abs/path for local disk."""
+        return path if self.protocol == "file" else f"{self.protocol}://{path}"
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def child(self, *parts: str) -> "Store":
+        """The sub-folder `parts` as a Store on the same filesystem (no new connection)."""
+        sub = object.__new__(Store)
+        sub.options, sub.fs, sub.protocol, sub.path = self.options, self.fs, self.protocol, self.join(*parts)
+        return sub
+
+    # ---- reads ---------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open(path, "rb") as f:
+            return f.read()
+
+    def read_json(self, path: str) -> dict | None:
+        """The JSON object at `path`, or None when there is none."""
+        return json.loads(self.read_bytes(path)) if self.fs.exists(path) else None
+
+    def read_table(self, path: str | list[str], schema: pa.Schema | None = None, columns: list[str] | None = None,
+                   filters=None) -> pa.Table:
+        """One Parquet file, or several read as one dataset (`schema` unifies them)."""
+        if isinstance(path, list):
+            return pq.ParquetDataset(path, filesystem=self.fs, schema=schema, filters=filters).read(columns=columns)
+        return pq.read_table(path, filesystem=self.fs, schema=schema, columns=columns, filters=filters)
+
+    # ---- atomic writes -------------------------------------------------------------------
+    def mkdirs(self, path: str) -> None:
+        if isinstance(self.fs, LocalFileSystem):  # never on object stores: see the module doc
+            self.fs.makedirs(path, exist_ok=True)
+
+    @contextlib.contextmanager
+    def atomic(self, path: str) -> Iterator[str]:
+        """Yields a temp path beside `path`; on success it is moved onto `path`, on error removed."""
+        self.mkdirs(posixpath.dirname(path))
+        tmp = posixpath.join(posixpath.dirname(path), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        try:
+            yield tmp
+            self.fs.mv(tmp, path)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original error matters more than the cleanup
+                if self.fs.exists(tmp):
+                    self.fs.rm_file(tmp)
+            raise
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        with self.atomic(path) as tmp:
+            self.fs.pipe_file(tmp, data)
+
+    def write_json(self, path: str, obj: dict) -> None:
+        self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def write_table(self, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
+        with self.atomic(path) as tmp:
+            pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", row_group_size=row_group_size)
+
+    def claim(self, path: str, settings: dict, what: str, fix: str) -> None:
+        """Record the settings a folder is written with at `path`, or refuse other ones, changing
+        nothing: resuming with different settings would mix two experiments in one dataset."""
+        settings = json.loads(json.dumps(settings, default=str))
+        existing = self.read_json(path)
+        if existing is None:
+            self.write_json(path, settings)
+        elif existing != settings:
+            diff = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
+            detail = "; ".join(f"{k}: was {existing.get(k)!r}, now {settings.get(k)!r}" for k in diff)
+            raise StorageError(f"{what} was written with other settings ({detail}). Nothing was changed. {fix}")
+
+    def check_writable(self, what: str, keys: str) -> None:
+        """Make this folder (local disk) and write + delete a probe file: an unreachable store
+        fails here, naming the URI and the config `keys` to check, not mid-run."""
+        try:
+            self.mkdirs(self.path)
+            probe = self.join(f"_tmp-probe-{uuid.uuid4().hex}")
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix
+            raise StorageError(f"cannot write to {what} {self.uri}: {type(e).__name__}: {e}. Check {keys}.") from e
+
+
+def unit_name(index: int, prefix: str = "shard") -> str:
+    return f"{prefix}-{index:0{SHARD_DIGITS}d}"
+
+
+class StageFolder:
+    """A stage's output folder of numbered units, each complete once its marker exists."""
+
+    def __init__(self, store: Store, name: str, prefix: str = "shard", schema: pa.Schema | None = None):
+        self.store, self.name, self.prefix, self.schema = store, name, prefix, schema
+        self.path = store.join(name)
+
+    def file(self, index: int, suffix: str = ".parquet", kind: str = "") -> str:
+        """Path of a unit's file: <folder>/[<kind>-]shard-000000<suffix>."""
+        return posixpath.join(self.path, (f"{kind}-" if kind else "") + unit_name(index, self.prefix) + suffix)
+
+    def marker(self, index: int) -> str:
+        return posixpath.join(self.path, "_markers", unit_name(index, self.prefix) + ".json")
+
+    @property
+    def success_path(self) -> str:
+        return posixpath.join(self.path, "_SUCCESS.json")
+
+    @property
+    def settings_path(self) -> str:
+        return posixpath.join(self.path, "_settings.json")
+
+    # ---- completion (datatrove: is_rank_completed / mark_rank_as_completed) ------------
+    def is_complete(self, index: int) -> bool:
+        return self.store.exists(self.marker(index))
+
+    def read_marker(self, index: int) -> dict | None:
+        return self.store.read_json(self.marker(index))
+
+    def mark_complete(self, index: int, meta: dict) -> None:
+        """Called after every file of the unit is in place: from now on the unit counts."""
+        self.store.write_json(self.marker(index), meta)
+
+    def complete(self) -> list[int]:
+        """Indices of the complete units, ascending."""
+        pattern = posixpath.join(self.path, "_markers", f"{self.prefix}-*.json")
+        n = len(self.prefix) + 1
+        return sorted(int(posixpath.basename(m)[n: n + SHARD_DIGITS]) for m in self.store.fs.glob(pattern))
+
+    def success(self) -> dict | None:
+        """The stage's summary once every unit is complete, else None."""
+        return self.store.read_json(self.success_path)
+
+    def mark_success(self, summary: dict) -> None:
+        self.store.write_json(self.success_path, summary)
+
+    # ---- Parquet units ---------------------------------------------------------------------
+    def write_shard(self, index: int, table: pa.Table, meta: dict | None = None) -> None:
+        """A one-table unit: the file atomically, then its marker."""
+        self.store.write_table(self.file(index), table)
+        self.mark_complete(index, {"rows": table.num_rows, "file": posixpath.basename(self.file(index)),
+                                   **(meta or {})})
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """Every complete Parquet unit as one table (files without a marker are ignored)."""
+        paths = [self.file(i) for i in self.complete()]
+        if not paths:
+            return self.schema.empty_table() if self.schema is not None else pa.table({})
+        return self.store.read_table(paths, schema=self.schema, columns=columns)
+
+    def claim(self, settings: dict, where: str) -> None:
+        """This stage's settings (filter thresholds, match settings) in `where`, or refuse others."""
+        self.store.claim(self.settings_path, settings, f"{self.name}/ in {where}",
+                         f"Use another run.name, or delete {self.store.uri_of(self.path)} to redo the stage.")
