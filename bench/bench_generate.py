@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from memex import tiny
+from memex.config import SamplingConfig
 from memex.models import load_model
 from memex.prompts import prompt_id
-from memex.config import SamplingConfig
 from memex.sampling import Sampler, sample_seed
 
 PROMPTS = ["a red apple on a table", "a lighthouse at dusk", "the blue logo of a bank", "portrait of a man",
@@ -82,9 +82,11 @@ def main() -> None:
     t_plain, t_memex = [], []
     with torch.no_grad():
         for _ in range(a.repeats):
-            t0 = time.perf_counter(); ref = plain_loop(pipe, units, a.batch, a.steps, a.guidance, a.size)
+            t0 = time.perf_counter()
+            ref = plain_loop(pipe, units, a.batch, a.steps, a.guidance, a.size)
             t_plain.append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); got = memex_sampler(sampler, units)
+            t0 = time.perf_counter()
+            got = memex_sampler(sampler, units)
             t_memex.append(time.perf_counter() - t0)
     n = len(units)
     p, m = statistics.median(t_plain), statistics.median(t_memex)

@@ -87,8 +87,12 @@ def main() -> None:
     flat_spec = IndexSpec(kind="flat", metric="l2")
     ivf_spec = IndexSpec(kind="ivfpq", metric="l2", nlist=a.nlist, pq_m=a.pq_m, nprobe=a.nprobe,
                          refine_k=a.refine_k, train_size=a.train_size)
-    t0 = time.perf_counter(); flat = ShardedIndex.build(x, a.shards, flat_spec); b_flat = time.perf_counter() - t0
-    t0 = time.perf_counter(); ivf = ShardedIndex.build(x, a.shards, ivf_spec); b_ivf = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    flat = ShardedIndex.build(x, a.shards, flat_spec)
+    b_flat = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ivf = ShardedIndex.build(x, a.shards, ivf_spec)
+    b_ivf = time.perf_counter() - t0
 
     methods = {"numpy brute force": lambda: numpy_topk(x, q, a.k),
                f"memex flat  S={a.shards}": lambda: flat.search(q, a.k),
@@ -97,7 +101,9 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(a.repeats):
         for name, fn in methods.items():
-            t0 = time.perf_counter(); fn(); times[name].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
 
     ref_D, ref_I = results["numpy brute force"]
     base = statistics.median(times["numpy brute force"])

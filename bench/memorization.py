@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from memex.config import SamplingConfig
 from memex.distances import tiled_l2_pairwise, to_unit
 from memex.manifest import load_image
 from memex.models import load_model
 from memex.prompts import prompt_id
-from memex.config import SamplingConfig
 from memex.sampling import Sampler, sample_seed
 from memex.training import MANIFEST_FILE
 

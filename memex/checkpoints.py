@@ -91,7 +91,8 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
             # side by side (step-1000/, step-2000/) are one series, their parent
             own = any(CKPT_DIR.match(p.name) for p in [*d.iterdir(), *(d / "checkpoints").glob("checkpoint-*")])
             if settled(d):
-                found.append(Checkpoint(str(d), str(d if own or d == root else d.parent), _step_of_folder(d), str(d), None))
+                found.append(Checkpoint(str(d), str(d if own or d == root else d.parent), _step_of_folder(d),
+                                        str(d), None))
             enclosing_pipeline = d
         if depth >= MAX_DEPTH:
             return
@@ -124,7 +125,8 @@ def _weight_files(folder: Path, skip: set[str] = frozenset()) -> list[Path]:
         roots = [folder / k for k in sorted(json.loads(index.read_text())) if not k.startswith("_") and k not in skip]
     else:
         roots = [folder]
-    return sorted(f for r in roots if r.is_dir() for f in r.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    return sorted(f for r in roots if r.is_dir() for f in r.rglob("*")
+                  if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 def _load_files(ckpt: Checkpoint) -> list[tuple[str, Path | None]]:

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Dict, List, Optional
-
 
 # conf/ at the top of a checkout (editable install, Ray working_dir) or memex/conf in a wheel;
 # MEMEX_HOME (YAML: ${memex_home:}) is the folder holding it, where the demo model and data live.
 _PKG = Path(__file__).resolve().parent
-CONF_DIR = next((p for p in (_PKG.parent / "conf", _PKG / "conf") if (p / "generate.yaml").exists()), _PKG.parent / "conf")
+CONF_DIR = next((p for p in (_PKG.parent / "conf", _PKG / "conf") if (p / "generate.yaml").exists()),
+                _PKG.parent / "conf")
 MEMEX_HOME = str(CONF_DIR.parent)
 
 
@@ -246,7 +246,8 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError("data.path is not set: give a training manifest (data.path=...)")
     _at_least("arch.layers_per_block", a.layers_per_block, 1)
     if not a.block_out_channels or any(c % 8 for c in a.block_out_channels):
-        raise ConfigError(f"arch.block_out_channels must be multiples of 8 (GroupNorm groups), got {a.block_out_channels}")
+        raise ConfigError(f"arch.block_out_channels must be multiples of 8 (GroupNorm groups), "
+                          f"got {a.block_out_channels}")
     if not 0 <= a.attention_levels <= len(a.block_out_channels):
         raise ConfigError(f"arch.attention_levels must be 0..{len(a.block_out_channels)}, got {a.attention_levels}")
     factor = 2 ** (len(a.block_out_channels) - 1)
@@ -344,16 +345,20 @@ def validate_audit(cfg: AuditConfig) -> None:
     validate_generate(cfg)
     f, i, m = cfg.filter, cfg.index, cfg.match
     if not 0 < f.edge_threshold < 1:
-        raise ConfigError(f"filter.edge_threshold must be in (0, 1) (tiled l2 of [0, 1] images), got {f.edge_threshold}")
+        raise ConfigError(f"filter.edge_threshold must be in (0, 1) (tiled l2 of [0, 1] images), "
+                          f"got {f.edge_threshold}")
     _at_least("filter.min_clique", f.min_clique, 2)
     _at_least("filter.prompts_per_task", f.prompts_per_task, 1)
     if m.candidates == CandidateSource.cliques and cfg.sampling.samples_per_prompt < f.min_clique:
         raise ConfigError(f"sampling.samples_per_prompt={cfg.sampling.samples_per_prompt} is below "
-                          f"filter.min_clique={f.min_clique}: no prompt could ever be flagged; raise one or lower the other")
+                          f"filter.min_clique={f.min_clique}: no prompt could ever be flagged; "
+                          "raise one or lower the other")
     if not cfg.trainset.path or cfg.trainset.path == "???":
-        raise ConfigError("trainset.path is not set: give the training set (Parquet manifest or image folder) to match against")
+        raise ConfigError("trainset.path is not set: give the training set (Parquet manifest or image folder) "
+                          "to match against")
     if cfg.embedder.kind != EmbedderKind.pixels and not cfg.embedder.path:
-        raise ConfigError(f"embedder.kind={cfg.embedder.kind.value} needs embedder.path (a local file/folder or hub id)")
+        raise ConfigError(f"embedder.kind={cfg.embedder.kind.value} needs embedder.path "
+                          "(a local file/folder or hub id)")
     _at_least("embedder.size", cfg.embedder.size, 4)
     _at_least("embedder.batch_size", cfg.embedder.batch_size, 1)
     for key in ("shards", "nlist", "pq_m", "nprobe", "refine_k", "decode_batch", "dup_k"):
@@ -397,7 +402,8 @@ class NightlyAuditConfig(AuditConfig):
 def validate_nightly(cfg: NightlyAuditConfig) -> None:
     n = cfg.nightly
     if not n.location or n.location == "???":
-        raise ConfigError("nightly.location is not set: give the folder that holds the checkpoints (nightly.location=...)")
+        raise ConfigError("nightly.location is not set: give the folder that holds the checkpoints "
+                          "(nightly.location=...)")
     for key in ("budget", "growth_margin"):
         if getattr(n, key) is not None:
             _at_least(f"nightly.{key}", getattr(n, key), 0)

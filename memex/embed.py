@@ -123,9 +123,11 @@ class SSCDEmbedder(Embedder):
                 out = self.model(torch.zeros(1, 3, self.size, self.size, device=self.device))
             except Exception as e:  # noqa: BLE001 - re-raised naming the config key
                 raise EmbedderError(f"{self.name}: the model rejects 3x{self.size}x{self.size} input "
-                                    f"({type(e).__name__}: {e}); set embedder.size to a side it accepts (SSCD: 288)") from e
+                                    f"({type(e).__name__}: {e}); "
+                                    "set embedder.size to a side it accepts (SSCD: 288)") from e
         if out.ndim != 2:
-            raise EmbedderError(f"{self.name}: expected (N, dim) descriptors, the model returns shape {tuple(out.shape)}")
+            raise EmbedderError(f"{self.name}: expected (N, dim) descriptors, "
+                                f"the model returns shape {tuple(out.shape)}")
         return int(out.shape[1])
 
     def _embed(self, batch: np.ndarray) -> np.ndarray:

@@ -26,17 +26,15 @@ process (tests, benchmarks, small sets).
 from __future__ import annotations
 
 import posixpath
-import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 import faiss
 import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from memex.config import ConfigError, IndexConfig
-from memex.storage import StorageError
+from memex.storage import StorageError, Store
 
 KINDS = ("flat", "ivfpq")
 METRICS = ("l2", "ip")
@@ -195,23 +193,15 @@ def save_index(index: faiss.Index, uri: str, storage_options: dict[str, Any] | N
 
     faiss.write_index streams through a PyCallbackIOWriter in 1 MiB pieces instead of
     serialize_index's one in-memory copy (a 1M x 512-d flat shard is 2 GiB). A reader never sees a
-    partial file under the final name; a failed write removes its temp file.
+    partial file under the final name; a failed write removes its temp file (memex/storage.py).
     """
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    parent, name = posixpath.split(path)
-    tmp = posixpath.join(parent, f"_tmp-{uuid.uuid4().hex}-{name}")
+    parent = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+    store = Store(parent, storage_options)
+    path = store.join(posixpath.basename(uri.rstrip("/")))
     try:
-        if isinstance(fs, LocalFileSystem):  # object stores have no folders (see layout._mkdirs)
-            fs.makedirs(parent, exist_ok=True)
-        with fs.open(tmp, "wb") as f:
+        with store.atomic(path) as tmp, store.fs.open(tmp, "wb") as f:
             faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
-        fs.mv(tmp, path)
-    except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix
-        try:
-            if fs.exists(tmp):
-                fs.rm_file(tmp)
-        except Exception:  # noqa: BLE001 - the original error matters more than the cleanup
-            pass
+    except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix (the temp file is gone)
         raise StorageError(f"cannot write index to {uri}: {type(e).__name__}: {e}. Check the index root "
                            "(folder permissions, bucket name) and storage options (endpoint, credentials).") from e
 

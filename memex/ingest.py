@@ -34,7 +34,8 @@ from memex.manifest import ManifestError, read_manifest
 __all__ = ["IMAGE_SUFFIXES", "QUARANTINE_SCHEMA", "TRAINING_SCHEMA", "DecodedBatch", "IngestError",
            "decode_rows", "iter_batches", "list_training_set"]
 
-TRAINING_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("uri", pa.string()), ("caption", pa.string())])
+TRAINING_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("uri", pa.string()),
+                             ("caption", pa.string())])
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
@@ -67,7 +68,8 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         raise IngestError(f"training set {path} cannot be reached: {type(e).__name__}: {e} "
                           "(check the URI and storage options / credentials)") from e
     if not exists:
-        raise IngestError(f"training set {path} does not exist: set trainset.path to a Parquet manifest or image folder")
+        raise IngestError(f"training set {path} does not exist: "
+                          "set trainset.path to a Parquet manifest or image folder")
     if root.endswith(".parquet") or any(f.endswith(".parquet") for f in files):
         return _from_manifest(path, opts, caption_column)
     if not is_dir:

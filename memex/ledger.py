@@ -45,7 +45,8 @@ class Ledger:
     def read(self) -> pa.Table:
         """Every row, oldest first."""
         fs = self.store.fs
-        files = [f for f in fs.glob(posixpath.join(self.rows, "*.parquet")) if not posixpath.basename(f).startswith("_")]
+        files = [f for f in fs.glob(posixpath.join(self.rows, "*.parquet"))
+                 if not posixpath.basename(f).startswith("_")]
         if not files:
             return LEDGER_SCHEMA.empty_table()
         table = ds.dataset(files, schema=LEDGER_SCHEMA, format="parquet", filesystem=fs).to_table()

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from memex.config import IndexConfig
 from memex.index import IndexSpec, load_index
-from memex.layout import DUPS_SCHEMA, QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, RunLayout, StorageError
+from memex.layout import QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, RunLayout, StorageError
 
 
 @dataclass

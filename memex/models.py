@@ -69,7 +69,8 @@ def check_local_checkpoint(path: str) -> dict:
             continue
         sub = os.path.join(path, name)
         if not os.path.isdir(sub):
-            raise ModelError(f"model.path={path}: model_index.json lists component {name!r} but folder {sub} is missing")
+            raise ModelError(f"model.path={path}: model_index.json lists component {name!r} "
+                             f"but folder {sub} is missing")
         files = os.listdir(sub)
         if name in ("unet", "vae", "text_encoder"):
             if not any(f.endswith(".json") for f in files):

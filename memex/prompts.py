@@ -119,7 +119,8 @@ def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = No
     else:
         if table.num_rows == 0:
             raise PromptError(f"prompts.path={cfg.path} holds no prompts")
-        texts = [str(t).strip() if t is not None else "" for t in _column(table, cfg.column, cfg.path, "prompts.column")]
+        texts = [str(t).strip() if t is not None else ""
+                 for t in _column(table, cfg.column, cfg.path, "prompts.column")]
         if cfg.id_column:
             ids = [str(i) for i in _column(table, cfg.id_column, cfg.path, "prompts.id_column")]
         else:

@@ -35,11 +35,13 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 .muted{color:#667}.cards{display:flex;flex-wrap:wrap;gap:10px;margin:14px 0}
 .card{border:1px solid #dde;border-radius:6px;padding:8px 14px;min-width:120px}
 .card b{display:block;font-size:22px}.alarm b{color:#b3261e}
-table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #eef;padding:4px 6px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;width:100%}
+td,th{border-bottom:1px solid #eef;padding:4px 6px;text-align:left;vertical-align:top}
 th{background:#f6f7fb}.num{text-align:right;font-variant-numeric:tabular-nums}
 .pairs{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:12px}
 .pair{border:1px solid #dde;border-radius:6px;padding:8px}.pair img{width:128px;height:128px;image-rendering:pixelated;
-object-fit:contain;background:#eee}.imgs{display:flex;gap:8px}.imgs figure{margin:0}.imgs figcaption{font-size:11px;color:#667}
+object-fit:contain;background:#eee}.imgs{display:flex;gap:8px}.imgs figure{margin:0}
+.imgs figcaption{font-size:11px;color:#667}
 .text{overflow-wrap:anywhere}pre{background:#f6f7fb;padding:10px;overflow:auto;font-size:12px}
 svg text{font:11px system-ui,sans-serif;fill:#445}.hists{display:flex;flex-wrap:wrap;gap:16px}
 .hist{margin:0;max-width:520px}.hist figcaption{font-size:12px;color:#556}summary{cursor:pointer}
@@ -102,8 +104,13 @@ def line_chart_svg(xs: Sequence[float], series: dict[str, Sequence[float]], xlab
     x0, x1 = min(xs), max(xs)
     ymax = max([max(v) for v in series.values() if len(v)] + [1])
     pad_l, pad_b, plot_w, plot_h = 40, 40, width - 60, height - 60
-    sx = (lambda x: pad_l + plot_w * ((x - x0) / (x1 - x0) if x1 > x0 else 0.5))
-    sy = (lambda y: 10 + plot_h * (1 - y / ymax))
+
+    def sx(x: float) -> float:
+        return pad_l + plot_w * ((x - x0) / (x1 - x0) if x1 > x0 else 0.5)
+
+    def sy(y: float) -> float:
+        return 10 + plot_h * (1 - y / ymax)
+
     parts = [f'<svg role="img" aria-label="trend" width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
              f'<line x1="{pad_l}" x2="{pad_l + plot_w}" y1="{10 + plot_h}" y2="{10 + plot_h}" stroke="#889"/>',
              f'<line x1="{pad_l}" x2="{pad_l}" y1="10" y2="{10 + plot_h}" stroke="#889"/>',
@@ -124,7 +131,8 @@ def line_chart_svg(xs: Sequence[float], series: dict[str, Sequence[float]], xlab
 
 def _cards(items: Iterable[tuple[str, object, bool]]) -> str:
     return '<div class="cards">' + "".join(
-        f'<div class="card{" alarm" if alarm else ""}"><b>{esc(v)}</b>{esc(k)}</div>' for k, v, alarm in items) + "</div>"
+        f'<div class="card{" alarm" if alarm else ""}"><b>{esc(v)}</b>{esc(k)}</div>'
+        for k, v, alarm in items) + "</div>"
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric: set[int] = frozenset()) -> str:
@@ -145,7 +153,8 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
     title = f"memex audit: {model['name']}"
     out = [f"<h1>{esc(title)}</h1>",
            f'<p class="muted">model {esc(model["path"])}{" + UNet " + esc(unet) if unet else ""} &middot; run '
-           f'{esc(summary["run"])} &middot; report built {esc(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}</p>']
+           f'{esc(summary["run"])} &middot; report built '
+           f'{esc(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}</p>']
     n_ext = summary["extracted_unique_train_images"]
     out.append(_cards([
         ("training images extracted", n_ext, n_ext > 0),
@@ -165,7 +174,8 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
     if not ext.num_rows:
         out.append('<p class="muted">No generation was verified as a copy of a training image.</p>')
     def img(png: bytes | None, alt: str) -> str:
-        return f'<img alt="{esc(alt)}" src="{data_uri(png)}">' if png else f'<span class="muted">{esc(alt)} not stored</span>'
+        return (f'<img alt="{esc(alt)}" src="{data_uri(png)}">' if png
+                else f'<span class="muted">{esc(alt)} not stored</span>')
 
     cards = []
     for r in ext.slice(0, MAX_PAIRS).to_pylist():
@@ -183,8 +193,8 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
         out.append(f'<p class="muted">{ext.num_rows - MAX_PAIRS} more in matches/ of the run folder.</p>')
 
     # flagged prompts with clique sizes
-    flagged = candidates.filter(candidates["flagged"]).sort_by([("clique_size", "descending"), ("prompt_id", "ascending")]) \
-        if candidates.num_rows else candidates
+    flagged = candidates.filter(candidates["flagged"]).sort_by(
+        [("clique_size", "descending"), ("prompt_id", "ascending")]) if candidates.num_rows else candidates
     per = {p["prompt_id"]: p for p in summary.get("per_prompt", [])}
     out.append(f"<h2>Flagged prompts ({flagged.num_rows} of {candidates.num_rows})</h2>")
     rows = []
@@ -198,7 +208,8 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
 
     # nearest-neighbour distance histograms
     out.append("<h2>Nearest-neighbour distances</h2>")
-    gen_nn = [v for col in (candidates["nearest_distances"].to_pylist() if candidates.num_rows else []) for v in (col or [])]
+    gen_nn = [v for col in (candidates["nearest_distances"].to_pylist() if candidates.num_rows else [])
+              for v in (col or [])]
     out.append('<div class="hists">' + histogram_svg(
         gen_nn, t["filter_edge_tiled_l2"], "tiled l2 of each generation to its nearest generation of the same prompt")
         + histogram_svg(matches["distance"].to_pylist() if matches.num_rows else [], t["match_threshold"],

@@ -57,8 +57,7 @@ def do_unit(folder: StageFolder, index: int, fn: Callable[..., Any], kwargs: dic
     out = fn(index, **kwargs)
     seconds = {"seconds": round(time.perf_counter() - t0, 2)}
     if isinstance(out, pa.Table):
-        folder.write_shard(index, out, seconds)
-        return folder.read_marker(index)
+        return folder.write_shard(index, out, seconds)
     meta = {**seconds, **(out or {})}
     folder.mark_complete(index, meta)
     return meta
@@ -109,7 +108,8 @@ class _ActorUnits:
         self.worker = worker_cls(**worker_kwargs)
 
     def __call__(self, batch: dict) -> dict:
-        rows = [{k: getattr(v[j], "item", lambda: v[j])() for k, v in batch.items()} for j in range(len(batch["index"]))]
+        rows = [{k: getattr(v[j], "item", lambda: v[j])() for k, v in batch.items()}
+                for j in range(len(batch["index"]))]
         metas = [do_unit(self.folder, r.pop("index"), self.worker, r) for r in rows]
         return {"rows": [m.get("rows", 0) for m in metas], "seconds": [m.get("seconds", 0.0) for m in metas]}
 

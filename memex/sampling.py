@@ -60,7 +60,8 @@ class Sampler:
         self.height = settings.height or native * self.vae_scale
         self.width = settings.width or native * self.vae_scale
         if self.height % self.vae_scale or self.width % self.vae_scale:
-            raise ValueError(f"image size {self.height}x{self.width} must be a multiple of {self.vae_scale} for this VAE")
+            raise ValueError(f"image size {self.height}x{self.width} must be a multiple of {self.vae_scale} "
+                             "for this VAE")
         self.channels = self.unet.config.in_channels
         self.conditional = self.kind != ModelKind.unconditional
         self.cfg = self.conditional and settings.guidance_scale > 1.0

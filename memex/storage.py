@@ -193,11 +193,12 @@ class StageFolder:
         self.store.write_json(self.success_path, summary)
 
     # ---- Parquet units ---------------------------------------------------------------------
-    def write_shard(self, index: int, table: pa.Table, meta: dict | None = None) -> None:
-        """A one-table unit: the file atomically, then its marker."""
+    def write_shard(self, index: int, table: pa.Table, meta: dict | None = None) -> dict:
+        """A one-table unit: the file atomically, then its marker; returns the marker."""
         self.store.write_table(self.file(index), table)
-        self.mark_complete(index, {"rows": table.num_rows, "file": posixpath.basename(self.file(index)),
-                                   **(meta or {})})
+        marker = {"rows": table.num_rows, "file": posixpath.basename(self.file(index)), **(meta or {})}
+        self.mark_complete(index, marker)
+        return marker
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """Every complete Parquet unit as one table (files without a marker are ignored)."""

@@ -40,7 +40,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
 def logo(index: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, str]:
     """The index-th logo of the set seeded by `seed`: (uint8 HxWx3 image, caption)."""
     rng = random.Random(f"{seed}/{index}")
-    shape, color, bg, accent = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS)), rng.choice(ACCENTS)
+    shape, color, bg, accent = (rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS)),
+                                rng.choice(ACCENTS))
     while COLORS[color] == BACKGROUNDS.get(bg):
         color = rng.choice(list(COLORS))
     s = size * 4

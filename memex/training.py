@@ -76,10 +76,11 @@ def build_unet(a: ArchConfig, cross_dim: int | None):
                   block_out_channels=tuple(a.block_out_channels), norm_num_groups=8)
     if a.kind == ArchKind.unconditional:
         down = tuple("AttnDownBlock2D" if at else "DownBlock2D" for at in attn)
-        return UNet2DModel(down_block_types=down, up_block_types=tuple(reversed([b.replace("Down", "Up") for b in down])),
-                           **common)
+        return UNet2DModel(down_block_types=down,
+                           up_block_types=tuple(reversed([b.replace("Down", "Up") for b in down])), **common)
     down = tuple("CrossAttnDownBlock2D" if at else "DownBlock2D" for at in attn)
-    return UNet2DConditionModel(down_block_types=down, up_block_types=tuple(reversed([b.replace("Down", "Up") for b in down])),
+    return UNet2DConditionModel(down_block_types=down,
+                                up_block_types=tuple(reversed([b.replace("Down", "Up") for b in down])),
                                 cross_attention_dim=cross_dim, attention_head_dim=8, **common)
 
 

@@ -21,6 +21,18 @@ os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex + uuid.uuid4().hex
 os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 
 
+# Tests that use these fixtures start a Ray head or a browser: integration tests, marked slow so
+# that `pytest -m "not slow"` is the unit loop. Tests that start subprocesses or train are marked
+# @pytest.mark.slow by hand.
+SLOW_FIXTURES = {"ray_head", "browser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

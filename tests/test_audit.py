@@ -15,13 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import attach_index, compose, plant_run
 from memex.images import encode_png, resize
 from memex.layout import RunLayout, StorageError
 from memex.membership import load_shards, read_duplicates, read_quarantine
 from memex.prompts import rank_by_near_duplicates
 from memex.stages import filter as filter_stage
 from memex.stages import index, match
+
+from conftest import attach_index, compose, plant_run
 
 N_TRAIN, N_SAMPLES, SIZE = 20, 12, 32
 PROMPTS = ["a copy of logo three", "something new"]

@@ -8,11 +8,12 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import BIN, REPO, compose
 from memex import cli
 from memex import config as C
 from memex.cli import CONF_DIR
 from memex.config import AuditConfig, ConfigError, DistanceKind, GenerateConfig, ModelKind, PromptSource, SchedulerKind
+
+from conftest import BIN, REPO, compose
 
 GROUPS = ["model", "sampling", "prompts", "storage", "resources"]
 FILL = ["model.path=/some/model", "prompts.path=/some/prompts.txt"]  # values left ??? on purpose
@@ -174,7 +175,8 @@ def test_default_option_is_the_dataclass_defaults(group):
         if group not in {f.name for f in dataclasses.fields(schema)}:
             continue
         composed = _raw(primary, [f"{group}={option}"])[group]
-        assert OmegaConf.to_container(composed, resolve=False) == OmegaConf.to_container(expected, resolve=False), primary
+        assert (OmegaConf.to_container(composed, resolve=False)
+                == OmegaConf.to_container(expected, resolve=False)), primary
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in ALL_GROUPS for o in _options(g) if o != DEFAULT_OPTION[g]])
@@ -222,7 +224,8 @@ def test_every_option_converts_to_the_typed_config(primary, group, option):
         with pytest.raises(ConfigError, match="memex audit"):
             convert(_raw(primary, overrides))
         return
-    if primary in ("audit", "nightly") and (group, option) == ("sampling", "fast"):  # 4 samples < the demo's clique of 5
+    if primary in ("audit", "nightly") and (group, option) == ("sampling", "fast"):
+        # 4 samples < the demo's clique of 5
         with pytest.raises(ConfigError, match=r"filter\.min_clique"):
             convert(_raw(primary, overrides))
         overrides.append("filter.min_clique=4")

@@ -129,7 +129,8 @@ def test_errors_name_the_key(tmp_path):
     for kind in ("sscd", "clip"):
         with pytest.raises(EmbedderError, match=f"embedder.kind={kind} needs a model: set embedder.path="):
             make_embedder(EmbedderConfig(kind))
-    with pytest.raises(EmbedderError, match="embedder.path=.*nowhere/clip is neither an existing local folder nor a hub id"):
+    with pytest.raises(EmbedderError,
+                       match="embedder.path=.*nowhere/clip is neither an existing local folder nor a hub id"):
         make_embedder(EmbedderConfig("clip", path=str(tmp_path / "nowhere" / "clip")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(EmbedderError, match="embedder.path=.*empty is not a loadable CLIP checkpoint"):

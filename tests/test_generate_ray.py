@@ -11,18 +11,18 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pyarrow.dataset as pds
 import pytest
 
-from conftest import REPO, compose
+from memex.config import SamplingConfig
 from memex.images import decode, encode_png
 from memex.layout import SAMPLES_SCHEMA, RunLayout
 from memex.models import load_model
 from memex.prompts import prompt_id
-from memex.config import SamplingConfig
 from memex.sampling import Sampler, sample_seed
 from memex.stages import generate
+
+from conftest import REPO, compose
 
 PROMPTS = ["a red apple", "a lighthouse at dusk", "blue logo"]
 
@@ -88,7 +88,8 @@ def test_other_settings_in_the_same_run_are_refused(ray_head, tiny_models, promp
     _generate(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r", "sampling.samples_per_prompt=1")))
     from memex.layout import StorageError
     with pytest.raises(StorageError, match="samples_per_prompt"):
-        _generate(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r", "sampling.samples_per_prompt=2")))
+        _generate(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r",
+                                     "sampling.samples_per_prompt=2")))
     assert RunLayout(str(tmp_path), "r").samples.read().num_rows == len(PROMPTS)
 
 

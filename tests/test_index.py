@@ -12,10 +12,18 @@ import pytest
 
 from memex import index as mi
 from memex.config import MemexError
-from memex.index import (IndexSpec, IndexSpecError, ShardedIndex, build_shard, duplicate_counts, load_index,
-                         merge_topk, save_index, search_shard)
+from memex.index import (
+    IndexSpec,
+    IndexSpecError,
+    ShardedIndex,
+    build_shard,
+    duplicate_counts,
+    load_index,
+    merge_topk,
+    save_index,
+    search_shard,
+)
 from memex.layout import StorageError
-
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from memex.ingest import (QUARANTINE_SCHEMA, TRAINING_SCHEMA, IngestError, decode_rows, iter_batches,
-                          list_training_set)
 from memex.images import encode_png, resize
+from memex.ingest import QUARANTINE_SCHEMA, TRAINING_SCHEMA, IngestError, decode_rows, iter_batches, list_training_set
 from memex.synth import logo
 
 
@@ -98,7 +97,8 @@ def _check_folder(path: str, protocol: str, originals: dict, opts: dict | None =
     t = list_training_set(path, opts)
     assert t.schema.equals(TRAINING_SCHEMA)
     assert t["id"].to_pylist() == ["a.png", "c.png", "d.PNG", "sub/b.bmp"]
-    assert all(u.startswith(protocol + "://") and u.endswith(i) for i, u in zip(t["id"].to_pylist(), t["uri"].to_pylist()))
+    assert all(u.startswith(protocol + "://") and u.endswith(i)
+               for i, u in zip(t["id"].to_pylist(), t["uri"].to_pylist()))
     assert t["caption"].to_pylist() == ["a red ring logo", None, None, None]
     assert t["image"].null_count == t.num_rows
     dec = decode_rows(t, 32, opts)
@@ -160,7 +160,8 @@ def test_bad_locations_name_the_path(tmp_path):
     pq.write_table(pa.table({"name": ["a"]}), tmp_path / "cols.parquet")
     with pytest.raises(IngestError, match=r"cols.parquet needs an 'id' column"):
         list_training_set(str(tmp_path / "cols.parquet"))
-    pq.write_table(pa.table({"id": pa.array([], pa.string()), "uri": pa.array([], pa.string())}), tmp_path / "e.parquet")
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "uri": pa.array([], pa.string())}),
+                   tmp_path / "e.parquet")
     with pytest.raises(IngestError, match="e.parquet holds no rows"):
         list_training_set(str(tmp_path / "e.parquet"))
     (tmp_path / "one.png").write_bytes(encode_png(_img(0)))
@@ -169,7 +170,8 @@ def test_bad_locations_name_the_path(tmp_path):
     with pytest.raises(IngestError, match="nosuchproto://x cannot be reached"):
         list_training_set("nosuchproto://x")
     down = {"key": "k", "secret": "s", "config_kwargs": {"retries": {"max_attempts": 1}},
-            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"}}  # port 9: nothing listens
+            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9",  # port 9: nothing listens
+                              "region_name": "us-east-1"}}
     with pytest.raises(IngestError, match="s3://b/x cannot be reached: EndpointConnectionError"):
         list_training_set("s3://b/x", down)
 

@@ -16,7 +16,8 @@ N = 40
 def _row(writer: int, i: int, outcome: str = "ok") -> dict:
     now = dt.datetime(2026, 11, 29, 2, 0, tzinfo=dt.timezone.utc)  # every row finishes "at once"
     return {"location": f"/ckpt/w{writer}/checkpoint-{i}", "series": f"/ckpt/w{writer}", "step": i, "base": "",
-            "weights_sha256": f"{writer:04d}{i:060d}", "files_signature": "s" * 64, "config_sha256": "c" * 64, "run": f"runs/w{writer}-{i}",
+            "weights_sha256": f"{writer:04d}{i:060d}", "files_signature": "s" * 64, "config_sha256": "c" * 64,
+            "run": f"runs/w{writer}-{i}",
             "report": f"runs/w{writer}-{i}/report/index.html", "samples": 8, "extracted": i % 3,
             "extracted_generations": i % 5, "flagged_prompts": 1, "started": now, "finished": now,
             "outcome": outcome, "message": ""}

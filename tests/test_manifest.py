@@ -4,10 +4,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
 from memex.images import encode_png
 from memex.manifest import DuplicationGroup, ManifestError, expand_duplicates, load_image, read_manifest
 from memex.synth import logo
+
+from conftest import REPO
 
 
 def _manifest(tmp_path, n=12):
@@ -36,7 +37,8 @@ def test_image_by_uri(tmp_path):
 def test_bad_manifests_are_named(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
         read_manifest(str(tmp_path / "none.parquet"))
-    pq.write_table(pa.table({"id": pa.array([], pa.string()), "image": pa.array([], pa.binary())}), tmp_path / "e.parquet")
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "image": pa.array([], pa.binary())}),
+                   tmp_path / "e.parquet")
     with pytest.raises(ManifestError, match="holds no rows"):
         read_manifest(str(tmp_path / "e.parquet"))
     pq.write_table(pa.table({"name": ["a"]}), tmp_path / "c.parquet")

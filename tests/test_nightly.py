@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, compose, free_port
 from memex.checkpoints import discover, weights_sha256
 from memex.ledger import Ledger
 from memex.stages import nightly
+
+from conftest import REPO, compose, free_port
 
 STEPS = (1000, 2000, 3000)
 DEMO_RUN = REPO / "demo" / "checkpoints" / "demo-text-run"

@@ -18,11 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import attach_index, compose, plant_run
 from memex.images import encode_png
 from memex.report import build_report, esc, histogram_svg
 from memex.stages import filter as filter_stage
 from memex.stages import index, match
+
+from conftest import attach_index, compose, plant_run
 
 N_TRAIN, N_SAMPLES = 12, 10
 EVIL_CAPTION = "<script>document.title='pwned';console.error('xss')</script> ACME & \"Co\" logo"
@@ -65,9 +66,11 @@ def test_report_renders_without_console_errors_and_shows_the_pairs(audited_run, 
     assert uri == layout.store.uri_of(layout.report_path)
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     problems: list[str] = []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+            if m.type in ("error", "warning") else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("request", lambda r: problems.append(f"request {r.url}") if not r.url.startswith(("file:", "data:")) else None)
+    page.on("request", lambda r: problems.append(f"request {r.url}")
+            if not r.url.startswith(("file:", "data:")) else None)
     page.goto(Path(uri).as_uri())
     page.wait_for_load_state("load")
     shot = tmp_path / "report.png"

@@ -2,10 +2,9 @@ import numpy as np
 import pytest
 
 from memex import tiny
-from memex.config import SchedulerKind
+from memex.config import SamplingConfig, SchedulerKind
 from memex.images import decode, encode_png
 from memex.models import load_model
-from memex.config import SamplingConfig
 from memex.sampling import Sampler, sample_seed
 
 PROMPTS = {"p1": "a red apple", "p2": "a lighthouse at dusk", "p3": "blue logo"}

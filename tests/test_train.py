@@ -10,15 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import BIN
-from memex.config import ConfigError
+from memex.config import ConfigError, SamplingConfig
 from memex.images import encode_png
 from memex.manifest import ManifestError
 from memex.models import load_model
-from memex.config import SamplingConfig
 from memex.sampling import Sampler
 from memex.synth import logo
 from memex.training import INFO_FILE, MANIFEST_FILE, latest_checkpoint, train
+
+from conftest import BIN
 
 
 def _compose(overrides):

@@ -73,7 +73,8 @@ def format_summary(s: dict) -> str:
         shown = ", ".join(s["extracted_train_ids"][:10]) + (" ..." if len(s["extracted_train_ids"]) > 10 else "")
         lines.append(f"  extracted: {shown}")
     if s["index"]["quarantined"]:
-        lines.append(f"  {s['index']['quarantined']} training images unreadable: see {s['index']['uri']}/shards/quarantine-*.parquet")
+        lines.append(f"  {s['index']['quarantined']} training images unreadable: "
+                     f"see {s['index']['uri']}/shards/quarantine-*.parquet")
     if s.get("report"):
         lines.append(f"  report: {s['report']}")
     lines.append(f"  run folder: {s['run']}")

@@ -112,7 +112,8 @@ def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: Emb
     buf = io.BytesIO()
     np.savez(buf, vectors=x, gids=ids)
     store.write_bytes(layout.vectors_path(shard), buf.getvalue())
-    q = pa.concat_tables([t.cast(QUARANTINE_SCHEMA) for t in quarantine]) if quarantine else QUARANTINE_SCHEMA.empty_table()
+    q = (pa.concat_tables([t.cast(QUARANTINE_SCHEMA) for t in quarantine]) if quarantine
+         else QUARANTINE_SCHEMA.empty_table())
     store.write_table(layout.quarantine_path(shard), q)
     return {"shard": shard, "start": start, "stop": stop, "indexed": int(len(ids)), "quarantined": q.num_rows,
             "dim": embedder.dim, "metric": embedder.metric}

@@ -138,7 +138,8 @@ def keep_for_report(layout: RunLayout, rows: list[dict], pixels: dict) -> None:
     (candidates=all verifies every sample: 50k CIFAR-sized generations would otherwise copy 50k
     training images here), into matches/train_images.parquet."""
     by_distance = sorted(rows, key=lambda r: r["distance"])
-    keep = [r for r in by_distance if r["extracted"]] + [r for r in by_distance if not r["extracted"]][:REPORT_NEAR_MISSES]
+    keep = ([r for r in by_distance if r["extracted"]]
+            + [r for r in by_distance if not r["extracted"]][:REPORT_NEAR_MISSES])
     matched = sorted({r["train_gid"]: r["train_id"] for r in keep}.items())
     layout.store.write_table(layout.matched_train_path, pa.Table.from_pylist(
         [{"train_gid": g, "train_id": i, "image": encode_png(pixels[g])} for g, i in matched],

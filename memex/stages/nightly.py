@@ -28,8 +28,8 @@ from dataclasses import dataclass, field, replace
 from memex.checkpoints import Checkpoint, discover, files_signature, weights_sha256
 from memex.config import MEMEX_HOME, MemexError, NightlyAction, NightlyAuditConfig, plain, validate_nightly
 from memex.layout import RunLayout
-from memex.storage import Store
 from memex.ledger import DONE, Ledger
+from memex.storage import Store
 
 log = logging.getLogger("memex.nightly")
 # Settings that do not change an audit's result, left out of the config hash: which checkpoint
@@ -158,7 +158,8 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
     layout = RunLayout(cfg.storage.root, p.run_name(sha), cfg.storage.options)
     row = {"location": c.location, "series": c.series, "step": c.step, "base": c.base if c.unet else "",
            "weights_sha256": p.weights, "files_signature": p.signature, "config_sha256": sha, "run": layout.uri,
-           "report": layout.store.uri_of(layout.report_path), "started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0)}
+           "report": layout.store.uri_of(layout.report_path),
+           "started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0)}
     log.info("auditing %s (step %s, weights %s)", c.location, c.step, p.weights[:12])
     try:
         s = audit.run(acfg)
@@ -240,7 +241,8 @@ def format_result(res: NightlyResult) -> str:
              f"(config {res.config_sha256[:12]})"]
     for r in res.rows:
         lines.append(f"  {r['outcome']:<11} step {r['step']}: {r['extracted']} training images extracted, "
-                     f"{r['flagged_prompts']} prompts flagged  {r['location']}" + (f"  -- {r['message']}" if r["message"] else ""))
+                     f"{r['flagged_prompts']} prompts flagged  {r['location']}"
+                     + (f"  -- {r['message']}" if r["message"] else ""))
     lines.append(f"  ledger: {res.ledger}")
     lines.append(f"  trend: {res.trend}")
     return "\n".join(lines)
