@@ -2,7 +2,8 @@
 
 From a laptop against a cluster:
     ray job submit --address http://<head>:8265 --working-dir . -- \
-        python jobs/generate.py model=sd15 prompts=captions sampling.samples_per_prompt=500 storage=s3
+        python jobs/generate.py model=sd15 prompts=captions prompts.path=s3://b/train.parquet \
+            sampling=paper storage=s3 resources=gpu
 """
 
 import sys

@@ -2,7 +2,8 @@
 
 One job for the night (audits every new checkpoint in turn):
     ray job submit --address http://<head>:8265 --working-dir . \
-        --submission-id memex-nightly-$(date +%Y%m%d) -- python jobs/nightly.py nightly=default ...
+        --submission-id memex-nightly-$(date +%Y%m%d) -- \
+            python jobs/nightly.py nightly=default nightly.location=/mnt/train/sd15-ft ...
 One job per checkpoint (ids from `memex nightly nightly.action=plan`; Ray refuses a reused id):
     ray job submit ... --submission-id <id> --no-wait -- python jobs/nightly.py nightly.only=<checkpoint> ...
 Exit status: 0 ok, 1 an audit or the webhook failed, 3 a checkpoint crossed nightly.budget or

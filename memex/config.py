@@ -56,6 +56,13 @@ class SchedulerKind(str, Enum):
     euler = "euler"
     euler_ancestral = "euler_ancestral"
     dpm_multistep = "dpm_multistep"
+    dpm_singlestep = "dpm_singlestep"
+    lms = "lms"  # LMSDiscreteScheduler: needs scipy
+    heun = "heun"  # 2nd order: two UNet calls per step
+    kdpm2 = "kdpm2"
+    kdpm2_ancestral = "kdpm2_ancestral"
+    unipc = "unipc"
+    deis = "deis"
 
 
 class DType(str, Enum):
@@ -293,10 +300,19 @@ class FilterConfig:
     prompts_per_task: int = 16  # prompts handled by one Ray task
 
 
+class Preprocess(str, Enum):
+    """How a training image is brought to a generation's shape before any distance (memex/images.py)."""
+
+    center_crop = "center_crop"  # resize the shorter side, crop the centre: Stable Diffusion's recipe
+    resize = "resize"  # squash height and width separately (trainers that ignore the aspect ratio)
+    pad = "pad"  # black borders to the aspect ratio (img2dataset's "border")
+
+
 @dataclass
 class TrainingDataConfig:
     path: str = "???"  # Parquet manifest (memex/manifest.py) or folder of images, any fsspec URI
     caption_column: str = "caption"
+    preprocess: Preprocess = Preprocess.center_crop  # as the model was trained: index embeddings and verification
 
 
 @dataclass
@@ -317,8 +333,10 @@ class IndexConfig:
     nprobe: int = 32
     refine_k: int = 4
     decode_batch: int = 512  # training images decoded per step inside a shard task
-    dup_threshold: float = 0.05  # near-duplicate: embedding distance below this (pixels: RMS in [0, 1])
-    dup_k: int = 64  # near-duplicate counts saturate at dup_k - 1
+    # near-duplicate threshold in the embedder's metric; None: the embedder's default (memex/index.py DUP_THRESHOLDS).
+    # pixels: RMS pixel difference, in (0, 0.5], default 0.05; sscd/clip: cosine similarity, in [0.5, 1), default 0.95
+    dup_threshold: Optional[float] = None
+    dup_k: int = 64  # first-pass top-k of the near-duplicate counts; images with more are counted exactly beyond it
     root: Optional[str] = None  # None: <storage.root>/_index (shared by runs on the same data)
 
 
@@ -361,8 +379,13 @@ def validate_audit(cfg: AuditConfig) -> None:
                           "(a local file/folder or hub id)")
     _at_least("embedder.size", cfg.embedder.size, 4)
     _at_least("embedder.batch_size", cfg.embedder.batch_size, 1)
-    for key in ("shards", "nlist", "pq_m", "nprobe", "refine_k", "decode_batch", "dup_k"):
+    for key in ("shards", "nlist", "pq_m", "nprobe", "refine_k", "decode_batch"):
         _at_least(f"index.{key}", getattr(i, key), 1)
+    _at_least("index.dup_k", i.dup_k, 2)  # the image itself takes one of the k results
+    from memex.index import EMBEDDER_METRIC, resolve_dup_threshold  # here: memex.index imports this module
+
+    kind = getattr(cfg.embedder.kind, "value", cfg.embedder.kind)
+    resolve_dup_threshold(i.dup_threshold, EMBEDDER_METRIC[kind], kind)  # the metric's range, before any work
     _at_least("match.k", m.k, 1)
     if m.distance == DistanceKind.relative_l2:
         _at_least("match.n_neighbors", m.n_neighbors, 2)

@@ -29,7 +29,7 @@ class DistanceError(MemexError, ValueError):
 
 
 def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1]."""
+    """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [0, 1]."""
     return images_uint8.permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -49,17 +49,169 @@ def tiled_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.mean(dim=(1, 3, 5)).sqrt().flatten(1).max(dim=1).values
 
 
-def tiled_l2_pairwise(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """All pairs: (N, 3, H, W) x (M, 3, H, W) -> (N, M). Memory ~ chunk x M x 16 floats per step."""
-    a, b = _common(a, b)
-    n, c, h, w = a.shape
-    tb = b.reshape(b.shape[0], c, GRID, h // GRID, GRID, w // GRID)
-    out = []
-    for i in range(0, n, chunk):
-        ta = a[i : i + chunk].reshape(-1, 1, c, GRID, h // GRID, GRID, w // GRID)
-        d = (ta - tb.unsqueeze(0)).pow(2).mean(dim=(2, 4, 6)).sqrt()  # (chunk, M, 4, 4)
-        out.append(d.flatten(2).max(dim=2).values)
-    return torch.cat(out)
+# Pairwise tiled l2 in bounded memory. Per tile t, sum((a_t - b_t)^2) = |a_t|^2 + |b_t|^2 - 2 a_t.b_t:
+# one matmul per tile over blocks of rows and columns, the max over tiles kept in an (N, M) accumulator,
+# sqrt(max / D_t) at the end (sqrt is monotonic, every tile has D_t = C x H/4 x W/4 values).
+#
+# Why float64 for the products: the expansion cancels. At 512 px a tile has D_t = 49,152 values and
+# |a_t|^2 ~ 16,400 (uniform noise; up to 49,152 for white), so float32 products carry an absolute error of
+# ~2e-2 on the sum of squares (measured, random uint8 tiles, CPU): 5.6e-4 on the distance of identical
+# images, 6e-5 at a distance of 1/255 and 2e-6 at 0.1-0.15, where the filter's thresholds act; a GPU's
+# TF32 matmuls (10-bit mantissa, 2^13 x float32's rounding) would be far worse.
+# In float64 the same sums are off by ~1e-9: 1.7e-8 on identical float images, < 1e-12 at >= 1/255.
+# uint8 inputs compared at their own size are exact: the tiles hold the integers 0..255, every product
+# and partial sum is an integer below 2^53 (D_t x 255^2 ~ 3.2e9), so identical images give exactly 0.
+# The price: a float64 matmul is ~2.2x a float32 one on CPU (80 vs 180 GFLOP/s on 2 cores), so all pairs
+# of 500 images at 512 px take ~3.7 s there instead of roughly half that; materialising the differences,
+# as before, would take ~22 min (extrapolated, bench/RESULTS.md). The ~2.4e11 flops are a few ms on a GPU's fp64
+# tensor cores (~60 TFLOP/s on an H100/H200; not measured here). The alternative, float32 plus
+# an exact recomputation of the pairs under a margin, would need a margin that depends on the device
+# (TF32) and work that grows with the number of near-copies, i.e. exactly for the prompts that matter.
+_GRAM_ROWS = 128  # rows of a block per matmul: bounds the (tiles, rows, columns) float64 product
+
+
+def _channels_last(x: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
+    """x as a (N, H, W, C) view (no copy) and whether it holds uint8 values 0..255."""
+    if x.ndim != 4:
+        raise DistanceError(f"tiled_l2_pairwise needs 4-d images, (N, C, H, W) float or (N, H, W, C) | "
+                            f"(N, C, H, W) uint8; {name} has shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return (x if x.shape[-1] in (1, 3) else x.permute(0, 2, 3, 1)), True
+    if not x.is_floating_point():
+        raise DistanceError(f"tiled_l2_pairwise needs float images in [0, 1] or uint8; {name} is {x.dtype}")
+    return x.permute(0, 2, 3, 1), False
+
+
+def _largest(limit: int, fits) -> int:
+    """The largest k in [1, limit] with fits(k) (fits is monotone), or 1 when none fits."""
+    lo, hi = 1, max(1, limit)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _fill(buf: torch.Tensor, x: torch.Tensor, i0: int, tiles: tuple[int, int], size: tuple[int, int],
+          u8: bool, integer: bool, stage: int) -> None:
+    """Tiles [t0, t1) of images x[i0 : i0 + buf.shape[1]] ((N, H, W, C) view) -> buf (t1 - t0, k, D_t) float64.
+
+    Same size: one strided copy_ (dtype conversion included, no temporary). Other size: `stage` images
+    at a time are converted to float32 in [0, 1], resized like `_common`, then cut into tiles. uint8
+    values are divided by 255 unless `integer` (both sides uint8 at their own size: kept as integers).
+    """
+    (t0, t1), (h, w), k = tiles, size, buf.shape[1]
+    resize = tuple(x.shape[1:3]) != size
+    step = stage if resize else k
+    for s0 in range(0, k, step):
+        y = x[i0 + s0 : i0 + min(k, s0 + step)]
+        if resize:
+            y = y.permute(0, 3, 1, 2)
+            y = y.float().div_(255) if u8 else y
+            y = F.interpolate(y, size=size, mode="bilinear", antialias=True, align_corners=False).permute(0, 2, 3, 1)
+        grid = y.unflatten(1, (GRID, h // GRID)).unflatten(3, (GRID, w // GRID))  # (k, 4, h/4, 4, w/4, C) view
+        for t in range(t0, t1):
+            tile = grid[:, t // GRID, :, t % GRID]
+            buf[t - t0, s0 : s0 + y.shape[0]].unflatten(1, tile.shape[1:]).copy_(tile)
+    if u8 and not integer and not resize:
+        buf.div_(255)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, na: torch.Tensor, nb: torch.Tensor,
+                upper: bool) -> None:
+    """acc (k, l) = max(acc, max over tiles of |a|^2 + |b|^2 - 2 a.b) for a (g, k, D), b (g, l, D).
+    upper: a is b, only the upper triangle (the caller mirrors it)."""
+    for r0 in range(0, a.shape[1], _GRAM_ROWS):
+        r1, c0 = min(a.shape[1], r0 + _GRAM_ROWS), r0 if upper else 0
+        s = torch.matmul(a[:, r0:r1], b[:, c0:].mT).mul_(-2).add_(na[:, r0:r1, None]).add_(nb[:, None, c0:])
+        view = acc[r0:r1, c0:]
+        torch.maximum(view, s.amax(dim=0), out=view)
+
+
+def tiled_l2_pairwise(a: torch.Tensor, b: torch.Tensor, chunk: int | None = None,
+                      max_bytes: int = 256 << 20) -> torch.Tensor:
+    """All pairs of tiled l2: a (N, ...) x b (M, ...) images -> (N, M), in memory bounded by `max_bytes`.
+
+    Inputs: float (N, C, H, W) in [0, 1], or uint8 0..255 either (N, H, W, C) (decoded images, as
+    `to_unit` takes them; recognised by a last dimension of 1 or 3) or (N, C, H, W). C is 1 or 3 (the
+    RMS is over the channels present) and the same on both sides; sides may mix dtypes and layouts.
+    uint8 is converted block by block, so callers need not hold a float copy of all images. Images of
+    different sizes are resized as in `_common` (to the smaller common size, a multiple of 4). The
+    result is float32 (or the float inputs' dtype) on a's device, where all the work runs.
+    `a is b` (all pairs of one set, the filter's case) computes each pair once and mirrors it.
+
+    Memory: the work runs per tile (all 16 tiles per block when a side is resized), over blocks of
+    rows and columns; each block holds its images' tile as float64 (C x H/4 x W/4 x 8 bytes per image,
+    384 KiB at 512 px RGB) plus a (tiles, 128, columns) float64 product. Block sizes are the largest
+    whose buffers, plus the float32 staging of resized images, fit in `max_bytes` (default 256 MiB;
+    at least one image per block, so a budget under two images' tiles is exceeded by that floor);
+    `chunk` further caps the images per block. Beyond the budget: the (N, M) float32 result and a
+    float64 accumulator of the same shape (12 bytes per pair, 20 while `a is b` is mirrored at the
+    end), independent of H and W. When a side's blocks
+    all fit at once, every pixel is converted once; otherwise the column blocks stay and the rows are
+    re-read once per column block.
+    Example, the paper's filter, 500 generations of 512 x 512 RGB as uint8 (393 MB, the caller's):
+    one block of 500 x 384 KiB = 188 MiB per tile, 16 float64 matmuls of 500 x 49,152 x 500, about
+    191 MiB of buffers + 3 MB of result in all (float32 input would add 1.5 GiB for the copy alone).
+
+    Precision (see the comment above `_GRAM_ROWS`): float64 products; uint8 at equal sizes is exact
+    (identical images give 0), float inputs are within ~1e-8 of the direct RMS.
+    """
+    same = a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype and a.device == b.device)
+    (xa, ua), (xb, ub) = _channels_last(a, "a"), _channels_last(b, "b")
+    if xa.shape[-1] != xb.shape[-1]:
+        raise DistanceError(f"tiled_l2_pairwise needs the same channels on both sides (1 or 3); got "
+                            f"{xa.shape[-1]} and {xb.shape[-1]} (shapes {tuple(a.shape)}, {tuple(b.shape)})")
+    n, m, c = xa.shape[0], xb.shape[0], xa.shape[-1]
+    h, w = min(xa.shape[1], xb.shape[1]), min(xa.shape[2], xb.shape[2])
+    h, w = h - h % GRID, w - w % GRID
+    if h == 0 or w == 0:
+        raise DistanceError(f"tiled_l2_pairwise needs images of at least {GRID} x {GRID} pixels; got "
+                            f"{tuple(a.shape)} and {tuple(b.shape)}")
+    dtype = torch.promote_types(torch.float32 if ua else a.dtype, torch.float32 if ub else b.dtype)
+    if n == 0 or m == 0:
+        return torch.zeros(n, m, dtype=dtype, device=a.device)
+    resized = [tuple(x.shape[1:3]) != (h, w) for x in (xa, xb)]
+    integer = ua and ub and not any(resized)  # raw 0..255 values: exact sums, scaled once at the end
+    g = GRID * GRID if any(resized) else 1  # tiles per pass: resize each image once per pass
+    dt = c * (h // GRID) * (w // GRID)
+    per = g * (dt + 1) * 8  # bytes per image of a block: its tiles and their squared norms
+    stage, budget = 0, max_bytes
+    if any(resized):  # float32 copy of the input and of the resized image, `stage` images at a time
+        big = max(x.shape[1] * x.shape[2] for x, r in zip((xa, xb), resized) if r)
+        img = c * (big + h * w) * 4
+        stage = max(1, min(max(n, m), max_bytes // 4 // img))
+        budget -= stage * img
+    prod = lambda k, l: (g + 1) * min(k, _GRAM_ROWS) * l * 8  # noqa: E731  (g, rows, l) product + its max
+    cap = lambda k: min(k, chunk) if chunk else k  # noqa: E731
+    if same and n * per + prod(n, n) <= budget and cap(n) == n:
+        bn = bm = n  # one block, shared by both sides
+    elif same:
+        bn = bm = _largest(cap(n), lambda k: 2 * k * per + prod(k, k) <= budget)
+    else:
+        bm = _largest(cap(m), lambda l: (min(n, _GRAM_ROWS) + l) * per + prod(min(n, _GRAM_ROWS), l) <= budget)
+        bn = _largest(cap(n), lambda k: (k + bm) * per + prod(k, bm) <= budget)
+    dev = a.device
+    acc = torch.full((n, m), -torch.inf, dtype=torch.float64, device=dev)
+    buf_b = torch.empty(g, bm, dt, dtype=torch.float64, device=dev)
+    buf_a = buf_b if same and bn == n else torch.empty(g, bn, dt, dtype=torch.float64, device=dev)
+    sq = lambda x: (x.unsqueeze(-2) @ x.unsqueeze(-1)).flatten(-3)  # noqa: E731  (g, k, D) -> (g, k)
+    for t0 in range(0, GRID * GRID, g):
+        tiles = (t0, t0 + g)
+        for j0 in range(0, m, bm):
+            tb = buf_b[:, : min(m, j0 + bm) - j0]
+            _fill(tb, xb, j0, tiles, (h, w), ub, integer, stage)
+            nb = sq(tb)
+            for i0 in range(0, j0 + 1 if same else n, bn):  # same: blocks on and above the diagonal
+                if same and i0 == j0:
+                    _accumulate(acc[i0 : i0 + tb.shape[1], j0 : j0 + tb.shape[1]], tb, tb, nb, nb, upper=True)
+                    continue
+                ta = buf_a[:, : min(n, i0 + bn) - i0]
+                _fill(ta, xa, i0, tiles, (h, w), ua, integer, stage)
+                _accumulate(acc[i0 : i0 + ta.shape[1], j0 : j0 + tb.shape[1]], ta, tb, sq(ta), nb, upper=False)
+    if same:
+        acc = torch.maximum(acc, acc.mT)
+    return acc.clamp_min_(0).div_(dt * (255**2 if integer else 1)).sqrt_().to(dtype)
 
 
 def l2_pairwise(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Tensor:

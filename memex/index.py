@@ -318,37 +318,199 @@ class ShardedIndex:
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         return merge_topk([search_shard(s, queries, k, self.spec) for s in self.shards], k, self.spec.metric)
 
+    def range_count(self, queries: np.ndarray, threshold: float, exclude: np.ndarray | None = None, *,
+                    start_k: int = 128, max_results: int = 1 << 20) -> np.ndarray:
+        """(q,) int64: `range_neighbors`' counts."""
+        return self.range_neighbors(queries, threshold, exclude, start_k=start_k, max_results=max_results)[0]
+
+    def range_neighbors(self, queries: np.ndarray, threshold: float, exclude: np.ndarray | None = None, *,
+                        start_k: int = 128, max_results: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+        """(q,) int64 counts: how many indexed vectors lie within `threshold` of each query (l2: sqrt(D) <=
+        threshold, ip: D >= threshold, as in `duplicate_counts`), not counting the global id exclude[i] (-1:
+        none); and (q,) int64 the smallest such id (NO_ID when there is none).
+
+        flat   faiss range_search on each shard, counts summed (the shards partition the ids). Exact, and
+               no dearer than a search: one scan of every shard (n*d flops per query). Results are counted
+               and dropped chunk by chunk; a chunk holds as many queries as keep one shard's results near
+               `max_results` entries of 12 bytes (1M: 12 MiB), re-sized from the last chunk's result sizes.
+        ivfpq  top-k searches with k doubling from `start_k` until the k-th result lies beyond the threshold,
+               at most ~max_results results per search. Not range_search: IndexRefine has one only since
+               faiss 1.10, and its meaning changed in 1.15 (base radius * k_factor, which for inner product
+               raises the bar instead of widening the candidate set), while this package takes faiss >= 1.8.
+               Counts what `search` finds (recall set by nprobe, exact re-ranked distances); a query with c
+               near-duplicates costs about log2(c / start_k) + 1 searches.
+        """
+        q = _as_matrix(queries, "queries", self.d)
+        exclude = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+        if exclude.shape != (len(q),):
+            raise IndexSpecError(f"exclude must have shape ({len(q)},) like the queries, got {exclude.shape}.")
+        if not isinstance(start_k, (int, np.integer)) or start_k < 1 or max_results < 1:
+            raise IndexSpecError(f"start_k={start_k!r} and max_results={max_results!r} must be positive integers.")
+        if self.spec.kind != "flat":
+            return _count_by_doubling(self.search, q, exclude, threshold, self.spec.metric, start_k, max_results)
+        counts, low = np.zeros(len(q), np.int64), np.full(len(q), NO_ID, np.int64)
+        start, chunk = 0, max(1, max_results // start_k)
+        while start < len(q):
+            stop = min(start + chunk, len(q))
+            most = 0
+            for shard in self.shards:
+                found, shard_low, n_results = _range_count_shard(shard, q[start:stop], exclude[start:stop],
+                                                                 threshold, self.spec.metric)
+                counts[start:stop] += found
+                low[start:stop] = np.minimum(low[start:stop], shard_low)
+                most = max(most, n_results)
+            per_query = max(most / (stop - start), 1.0)
+            start, chunk = stop, int(max(1, min(4 * chunk, max_results // per_query)))
+        return counts, low
+
 
 # ---- near-duplicates -------------------------------------------------------------------------
-def duplicate_counts(search_fn: Callable[[np.ndarray, int], SearchResult], vectors: np.ndarray, ids: np.ndarray,
-                     threshold: float, k: int = 64, batch: int = 4096, *, metric: str) -> np.ndarray:
-    """(n,) int32: for each training vector, how many OTHER indexed vectors lie within `threshold`.
+# `index.dup_threshold` per metric (the embedder decides the metric: pixels -> l2, sscd/clip -> ip).
+#   l2  RMS pixel difference of [0, 1] images (the pixels embedder scales by 1/sqrt(dim), so sqrt(faiss D)
+#       is the RMS difference). Valid (0, 0.5]; default 0.05, about 13 of 255 grey levels: re-encoded or
+#       slightly resized copies of one image.
+#   ip  cosine similarity of the L2-normalised sscd / clip embeddings. Valid [0.5, 1); default 0.95:
+#       near-identical copies (the same image re-encoded, resized, lightly cropped), because the count ranks
+#       how often the *same* image was trained on. The published cut-offs below it find edited copies or
+#       replicated content, not duplicates: SSCD's README gives 0.75 for sscd_disc_mixup (DISC2021 pairs above
+#       it are copies at 90% precision), and Somepalli et al. 2023 ("Diffusion Art or Digital Forgery?") call
+#       an SSCD similarity above 0.5 replication: the floor of the valid range. Below it, or a distance-like
+#       value such as 0.05, nearly every pair counts and every image gets the same, maximal count.
+DUP_THRESHOLDS: dict[str, tuple[float, float, float]] = {  # metric: (default, low, high)
+    "l2": (0.05, 0.0, 0.5), "ip": (0.95, 0.5, 1.0)}
+EMBEDDER_METRIC = {"pixels": "l2", "sscd": "ip", "clip": "ip"}  # memex/embed.py: each Embedder's `metric`
+NO_ID = np.iinfo(np.int64).max  # "no near-duplicate": above every id, so np.minimum with an id keeps the id
 
-    `search_fn(queries, k) -> (D, I)` is the index's own search (e.g. ShardedIndex.search), so the
-    counts see exactly what the audit's membership search sees. Within threshold means
-      l2: sqrt(D) <= threshold: faiss L2 indexes return *squared* distances, thresholds are plain L2;
-      ip: D >= threshold (cosine similarity for normalised embeddings).
-    The vector itself (I == its own id) and missing results (I == -1) do not count. Only k results
-    are looked at, so counts saturate at k-1: a vector with k-1 or more near-duplicates gets k-1
-    (clipped also when exact duplicates push the vector itself out of its own top k).
-    Queries go `batch` at a time: batch x k x 12 bytes of results (4096 x 64: 3 MiB).
-    """
+
+def resolve_dup_threshold(threshold: float | None, metric: str, embedder: str | None = None) -> float:
+    """The near-duplicate threshold for `metric`: None -> its default (DUP_THRESHOLDS); an explicit value must
+    lie in the metric's range. Raises IndexSpecError (a ConfigError) naming index.dup_threshold, the embedder
+    and the range."""
     if metric not in METRICS:
         raise IndexSpecError(f"metric {metric!r} is not one of {METRICS}.")
-    if k < 2 or batch < 1:
-        raise IndexSpecError(f"k={k} must be >= 2 (the vector itself takes one slot) and batch={batch} >= 1.")
+    default, lo, hi = DUP_THRESHOLDS[metric]
+    if threshold is None:
+        return default
+    number = isinstance(threshold, (int, float, np.integer, np.floating)) and not isinstance(threshold, bool)
+    if metric == "l2":
+        if number and lo < threshold <= hi:
+            return float(threshold)
+        who = f"embedder {embedder}" if embedder else "the pixels embedder"
+        raise IndexSpecError(f"index.dup_threshold={threshold!r} does not fit {who} (metric l2): it is the RMS "
+                             f"pixel difference of [0, 1] images and must be in ({lo}, {hi}]; null gives the default "
+                             f"{default}.")
+    if number and lo <= threshold < hi:
+        return float(threshold)
+    who = f"embedder {embedder}" if embedder else "the sscd/clip embedders"
+    raise IndexSpecError(f"index.dup_threshold={threshold!r} does not fit {who} (metric ip): it is a cosine similarity "
+                         f"(higher = closer) and must be in [{lo}, {hi}); null gives the default {default}. A small "
+                         "value such as 0.05 is a distance: it would count nearly every pair as duplicates.")
+
+
+def _within(D: np.ndarray, threshold: float, metric: str) -> np.ndarray:
+    """l2: sqrt(D) <= threshold (faiss returns squared distances; BLAS rounding can give -1e-6 for twins);
+    ip: D >= threshold. Missing results (D = +-inf) are never within."""
+    return np.sqrt(np.maximum(D, 0)) <= threshold if metric == "l2" else D >= threshold
+
+
+def _range_count_shard(shard: faiss.Index, q: np.ndarray, exclude: np.ndarray, threshold: float,
+                       metric: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-query count of one flat shard's vectors within threshold (exclude[i] not counted), the smallest
+    id among them (int64 max when none), and how many results faiss returned. faiss keeps D < radius (l2) /
+    D > radius (ip): the radius is widened by 1e-5 (relative) and `_within` draws the exact, inclusive line,
+    the one `duplicate_counts` draws on top-k results."""
+    radius = float(threshold) ** 2 * (1 + 1e-5) if metric == "l2" else float(threshold) - 1e-5 * abs(float(threshold))
+    lims, D, I = shard.range_search(q, radius)
+    row = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
+    keep = _within(D, threshold, metric) & (I >= 0) & (I != exclude[row])
+    low = np.full(len(q), NO_ID, np.int64)
+    np.minimum.at(low, row[keep], I[keep])
+    return np.bincount(row[keep], minlength=len(q)), low, len(I)
+
+
+def _count_by_doubling(search_fn: Callable[[np.ndarray, int], SearchResult], q: np.ndarray, exclude: np.ndarray,
+                       threshold: float, metric: str, k: int, max_results: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact counts (and the smallest id within threshold, as `_range_count_shard`) from top-k searches: a
+    query whose k-th result is still within the threshold is searched again with 2k, until its last result
+    lies beyond it (or is missing: the index has no more to give). Each search takes max(1, max_results // k)
+    queries, so results stay near max_results entries."""
+    counts, low = np.zeros(len(q), np.int64), np.full(len(q), NO_ID, np.int64)
+    todo = np.arange(len(q))
+    while len(todo):
+        again = []
+        step = max(1, max_results // k)
+        for start in range(0, len(todo), step):
+            rows = todo[start:start + step]
+            D, I = search_fn(q[rows], k)
+            near = _within(D, threshold, metric) & (I >= 0)
+            other = near & (I != exclude[rows, None])
+            counts[rows] = other.sum(axis=1)
+            low[rows] = np.where(other, I, NO_ID).min(axis=1)
+            again.append(rows[near.all(axis=1)])
+        todo, k = np.concatenate(again), 2 * k
+    return counts, low
+
+
+def duplicate_counts(search_fn: Callable[[np.ndarray, int], SearchResult], vectors: np.ndarray, ids: np.ndarray,
+                     threshold: float | None = None, k: int = 64, batch: int = 4096, *, metric: str,
+                     range_fn: Callable[[np.ndarray, float, np.ndarray], tuple] | None = None) -> np.ndarray:
+    """(n,) int32 near-duplicate counts: `near_duplicates`' first half."""
+    return near_duplicates(search_fn, vectors, ids, threshold, k, batch, metric=metric, range_fn=range_fn)[0]
+
+
+def near_duplicates(search_fn: Callable[[np.ndarray, int], SearchResult], vectors: np.ndarray, ids: np.ndarray,
+                    threshold: float | None = None, k: int = 64, batch: int = 4096, *, metric: str,
+                    range_fn: Callable[[np.ndarray, float, np.ndarray], tuple] | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(counts (n,) int32, pictures (n,) int64): for each training vector, how many OTHER indexed vectors lie
+    within `threshold`, and its picture: the smallest id among itself and them. Exact, not capped: an image
+    with 1,000 copies outranks one with 63 when captions are ranked by this count. The picture names one
+    image stored as several rows (LAION duplicates): the rows of a group of mutual near-duplicates all get
+    the group's smallest id; a chain (a ~ b ~ c, a !~ c) can split in two.
+
+    `search_fn(queries, k) -> (D, I)` is the index's own search (e.g. ShardedIndex.search), so the counts see
+    exactly what the audit's membership search sees. `threshold` (None: the metric's default, see
+    DUP_THRESHOLDS; an explicit value is range-checked first) is met when
+      l2: sqrt(D) <= threshold: faiss L2 indexes return *squared* distances, thresholds are plain L2;
+      ip: D >= threshold (cosine similarity for normalised embeddings).
+    The vector itself (I == its own id) and missing results (I == -1) do not count.
+
+    Two passes. First a top-k search of every vector; most have their last result beyond the threshold and
+    their count is read off it. The rest (k-th neighbour still within: at least k-1 near-duplicates) are
+    counted exactly by `range_fn(queries, threshold, exclude_ids) -> (counts, smallest ids)`
+    (ShardedIndex.range_neighbors: range search on flat shards), or without one by top-k searches with k
+    doubling until the last result lies
+    beyond the threshold. Cost: one top-k search per vector, plus, for the vectors with >= k-1 near-duplicates
+    (the duplicated images, usually few), a range search each (flat: the price of a search) or
+    log2(count / k) + 1 searches each (doubling).
+    Memory: queries go `batch` at a time, batch x k x 12 bytes of results (4096 x 64: 3 MiB); the doubling
+    search keeps to the same number of results; range_fn bounds its own (ShardedIndex: ~12 MiB).
+    """
+    threshold = resolve_dup_threshold(threshold, metric)
+    if not isinstance(k, (int, np.integer)) or not isinstance(batch, (int, np.integer)) or k < 2 or batch < 1:
+        raise IndexSpecError(f"k={k!r} must be >= 2 (the vector itself takes one slot) and batch={batch!r} >= 1.")
     x = _as_matrix(vectors, "training vectors")
     ids = np.asarray(ids, dtype=np.int64)
     if ids.shape != (len(x),):
         raise IndexSpecError(f"ids must have shape ({len(x)},) like the vectors, got {ids.shape}.")
-    counts = np.zeros(len(x), dtype=np.int32)
+    counts, low = np.zeros(len(x), dtype=np.int64), np.full(len(x), NO_ID, np.int64)
     for start in range(0, len(x), batch):
         stop = min(start + batch, len(x))
         D, I = search_fn(x[start:stop], k)
-        if metric == "l2":
-            near = np.sqrt(np.maximum(D, 0)) <= threshold  # BLAS rounding can give -1e-6 for twins
+        near = _within(D, threshold, metric) & (I >= 0)
+        other = near & (I != ids[start:stop, None])
+        counts[start:stop] = other.sum(axis=1)
+        low[start:stop] = np.where(other, I, NO_ID).min(axis=1)
+        more = start + np.flatnonzero(near.all(axis=1))  # the k-th neighbour is within: there may be more
+        if not len(more):
+            continue
+        if range_fn is not None:
+            exact, exact_low = (np.asarray(a) for a in range_fn(x[more], threshold, ids[more]))
+            if exact.shape != (len(more),) or exact_low.shape != (len(more),):
+                raise IndexSpecError(f"range_fn returned shapes {exact.shape}, {exact_low.shape} for "
+                                     f"{len(more)} queries.")
+            counts[more], low[more] = exact, exact_low
         else:
-            near = D >= threshold
-        other = (I >= 0) & (I != ids[start:stop, None])
-        counts[start:stop] = np.minimum((near & other).sum(axis=1), k - 1)
-    return counts
+            counts[more], low[more] = _count_by_doubling(search_fn, x[more], ids[more], threshold, metric, 2 * k,
+                                                         batch * k)
+    return counts.astype(np.int32), np.minimum(low, ids)

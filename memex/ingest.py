@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memex.config import MemexError
-from memex.images import decode, resize
+from memex.images import decode, fit
 from memex.layout import QUARANTINE_SCHEMA
 from memex.manifest import ManifestError, read_manifest
 
@@ -126,7 +126,7 @@ def iter_batches(table: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
 
 
 # ---- decoding -----------------------------------------------------------------------------
-def _decode(row: dict, size: int | None, opts: dict[str, Any]) -> np.ndarray:
+def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str) -> np.ndarray:
     data = row.get("image")
     if not data:
         if not row.get("uri"):
@@ -137,12 +137,13 @@ def _decode(row: dict, size: int | None, opts: dict[str, Any]) -> np.ndarray:
             raise IngestError(f"{row['uri']} is an empty file")
     # raises DecompressionBombError (too many pixels), UnidentifiedImageError with a reproducible
     # message, OSError (truncated): decode_rows turns each into a quarantine reason
-    return resize(decode(data), size)
+    return decode(data) if size is None else fit(decode(data), size, preprocess)
 
 
 def decode_rows(rows: pa.Table, size: int | None, storage_options: dict[str, Any] | None = None,
-                workers: int = 8) -> DecodedBatch:
-    """Decode rows (columns id and image and/or uri) to RGB uint8, bicubic-resized to size x size.
+                workers: int = 8, preprocess: str = "center_crop") -> DecodedBatch:
+    """Decode rows (columns id and image and/or uri) to RGB uint8: size x size (images.fit with
+    `preprocess`: centre-cropped square, bicubic-resized), or as stored when size is None.
 
     Never raises for a bad image: it goes to `quarantine` and is skipped. Rows are fetched and
     decoded on `workers` threads (remote reads dominate on object stores; PIL releases the GIL
@@ -153,7 +154,7 @@ def decode_rows(rows: pa.Table, size: int | None, storage_options: dict[str, Any
 
     def one(row: dict) -> np.ndarray | str:
         try:
-            return _decode(row, size, opts)
+            return _decode(row, size, opts, preprocess)
         except Exception as e:  # noqa: BLE001 - any failure of one image quarantines that image only
             return f"{type(e).__name__}: {e}"
 

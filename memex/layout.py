@@ -122,7 +122,8 @@ TRAIN_SCHEMA = pa.schema(
 )
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("reason", pa.string())])
 DUPS_SCHEMA = pa.schema([("gid", pa.int64()), ("id", pa.string()), ("caption", pa.string()),
-                         ("near_duplicates", pa.int32())])
+                         ("near_duplicates", pa.int32()),  # other rows within index.dup_threshold (exact)
+                         ("picture", pa.int64())])  # smallest gid among it and them: rows of one picture share it
 
 
 def shard_name(index: int) -> str:

@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import faiss
+import numpy as np
 import pyarrow as pa
 
 from memex.config import IndexConfig
 from memex.index import IndexSpec, load_index
-from memex.layout import QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, RunLayout, StorageError
+from memex.layout import DUPS_SCHEMA, QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, RunLayout, StorageError
 
 
 @dataclass
@@ -79,3 +80,29 @@ def read_duplicates(info: IndexInfo, storage_options: dict) -> pa.Table:
     """Near-duplicate count per indexed training image, most duplicated first (ties: by gid)."""
     t = info.layout(storage_options).dups.read()
     return t.sort_by([("near_duplicates", "descending"), ("gid", "ascending")])
+
+
+def read_pictures(info: IndexInfo, storage_options: dict, gids) -> dict[int, int]:
+    """gid -> its picture: the near-duplicate group (DUPS_SCHEMA `picture`, the smallest gid within
+    index.dup_threshold of it) for the ids >= 0 in `gids`. Rows of one picture (LAION duplicates,
+    re-encodings) count once in relative l2's reference set and in the extracted count."""
+    want = sorted({int(g) for g in np.asarray(gids).ravel() if g >= 0})
+    if not want:
+        return {}
+    t = info.layout(storage_options).store.read_table(
+        [info.layout(storage_options).dups.file(s) for s in range(len(info.shards))], schema=DUPS_SCHEMA,
+        columns=["gid", "picture"], filters=[("gid", "in", want)])
+    return dict(zip(t["gid"].to_pylist(), t["picture"].to_pylist()))
+
+
+def picture_rows(info: IndexInfo, storage_options: dict, pictures: list[int]) -> dict[int, list[str]]:
+    """picture -> the ids of every training row of that picture (sorted, the picture's own first)."""
+    if not pictures:
+        return {}
+    layout = info.layout(storage_options)
+    t = layout.store.read_table([layout.dups.file(s) for s in range(len(info.shards))], schema=DUPS_SCHEMA,
+                                columns=["gid", "id", "picture"], filters=[("picture", "in", sorted(pictures))])
+    out: dict[int, list[tuple[int, str]]] = {p: [] for p in pictures}
+    for g, i, p in zip(*(t[c].to_pylist() for c in ("gid", "id", "picture"))):
+        out[p].append((g, i))
+    return {p: [i for _, i in sorted(rows)] or [str(p)] for p, rows in out.items()}

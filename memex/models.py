@@ -36,7 +36,8 @@ class ModelError(MemexError, ValueError):
 class LoadedModel:
     pipe: Any  # a diffusers DiffusionPipeline
     kind: ModelKind
-    model_id: str  # the path or hub id it was loaded from
+    model_id: str  # the path or hub id it was loaded from (+ the model.unet override, if any)
+    path: str = ""  # model.path: what error messages name
 
 
 def resolve_device(requested: str) -> str:
@@ -117,25 +118,52 @@ def _detect_kind(pipe: Any) -> ModelKind:
     raise ModelError(f"{type(pipe).__name__} has no UNet2DModel/UNet2DConditionModel 'unet' component")
 
 
+# The schedulers memex samples with, each checked against diffusers' own pipeline in
+# tests/test_schedulers.py. Left out on purpose: schedulers whose noise is not drawn row by row
+# from the per-sample generators (DPMSolverSDE, CosineDPMSolverMultistep: one Brownian tree seeded
+# for the whole batch), so a sample would depend on its batch; and ones that need more than the
+# standard loop (LCM and TCD: a guidance-embedding UNet; EDM*: other preconditioning).
 SCHEDULERS = {
-    SchedulerKind.ddim: "DDIMScheduler",
-    SchedulerKind.ddpm: "DDPMScheduler",
-    SchedulerKind.pndm: "PNDMScheduler",
-    SchedulerKind.euler: "EulerDiscreteScheduler",
+    SchedulerKind.ddim: "DDIMScheduler",  # SD 2.x
+    SchedulerKind.ddpm: "DDPMScheduler",  # unconditional models, DeepFloyd IF
+    SchedulerKind.pndm: "PNDMScheduler",  # SD 1.x
+    SchedulerKind.euler: "EulerDiscreteScheduler",  # SDXL
     SchedulerKind.euler_ancestral: "EulerAncestralDiscreteScheduler",
     SchedulerKind.dpm_multistep: "DPMSolverMultistepScheduler",
+    SchedulerKind.dpm_singlestep: "DPMSolverSinglestepScheduler",
+    SchedulerKind.lms: "LMSDiscreteScheduler",  # needs scipy (integrates its coefficients)
+    SchedulerKind.heun: "HeunDiscreteScheduler",  # 2nd order: two UNet calls per step
+    SchedulerKind.kdpm2: "KDPM2DiscreteScheduler",  # 2nd order
+    SchedulerKind.kdpm2_ancestral: "KDPM2AncestralDiscreteScheduler",  # 2nd order, step noise
+    SchedulerKind.unipc: "UniPCMultistepScheduler",
+    SchedulerKind.deis: "DEISMultistepScheduler",
 }
+KIND_OF_CLASS = {name: kind for kind, name in SCHEDULERS.items()}
 
 
-def make_scheduler(base_config: Any, kind: SchedulerKind) -> Any:
-    """A fresh scheduler of `kind` built from the checkpoint's scheduler config."""
+def scheduler_kind(base_config: Any, kind: SchedulerKind, model_path: str) -> SchedulerKind:
+    """`kind`, or for `default` the kind of the checkpoint's scheduler class; unknown classes are refused."""
+    if kind != SchedulerKind.default:
+        return kind
+    name = base_config.get("_class_name")
+    if name not in KIND_OF_CLASS:
+        choices = ", ".join(k.value for k in SCHEDULERS)
+        raise ModelError(f"model.path={model_path}: its scheduler config names {name!r}, which memex does not "
+                         f"sample with (sampling.scheduler=default); set sampling.scheduler=<kind>, one of {choices} "
+                         "(the model's noise schedule is kept, only the solver changes)")
+    return KIND_OF_CLASS[name]
+
+
+def make_scheduler(base_config: Any, kind: SchedulerKind, model_path: str = "?") -> Any:
+    """A fresh scheduler of `kind` built from the checkpoint's scheduler config (its betas, prediction type)."""
     import diffusers
 
-    if kind == SchedulerKind.default:
-        cls = getattr(diffusers, base_config["_class_name"])
-    else:
-        cls = getattr(diffusers, SCHEDULERS[kind])
-    return cls.from_config(base_config)
+    kind = scheduler_kind(base_config, kind, model_path)
+    try:  # a missing backend (scipy for LMS) gives a placeholder class that raises ImportError when used
+        return getattr(diffusers, SCHEDULERS[kind]).from_config(base_config)
+    except ImportError as e:
+        raise ModelError(f"sampling.scheduler={kind.value} ({SCHEDULERS[kind]}, model.path={model_path}) needs a "
+                         f"package that is not installed: {' '.join(str(e).split())}") from e
 
 
 def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float32",
@@ -175,4 +203,4 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
         raise ModelError(f"{path} is a {found.value} model but lacks components {missing}")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    return LoadedModel(pipe=pipe, kind=found, model_id=path if unet is None else f"{path}+unet={unet}")
+    return LoadedModel(pipe=pipe, kind=found, model_id=path if unet is None else f"{path}+unet={unet}", path=path)

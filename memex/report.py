@@ -162,6 +162,7 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
         (f"prompts flagged of {summary['prompts']}", summary["prompts_flagged"], False),
         ("samples generated", summary["samples"], False),
         ("candidates verified", summary["candidates_verified"], False),
+        *([("prompts undecided", summary["prompts_undecided"], True)] if summary.get("prompts_undecided") else []),
     ]))
     out.append(f'<p>Filter: a prompt is flagged when {t["min_clique"]} of its generations form a clique at tiled l2 '
                f'&le; {t["filter_edge_tiled_l2"]}. Match: a candidate is a copy when its {esc(t["match_distance"])} '
@@ -205,6 +206,24 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
                      esc(p.get("extracted_samples", 0)), esc(", ".join(p.get("train_ids", [])))])
     out.append(_table(["prompt", "clique size", "samples", "extracted", "training images"], rows, {1, 2, 3})
                if rows else '<p class="muted">No prompt reached the clique size.</p>')
+    undecided = set(summary.get("undecided_prompt_ids", []))
+    if undecided:
+        out.append(f'<h2>Undecided prompts ({len(undecided)})</h2><p>The clique search ran out of '
+                   "filter.max_expansions before it could rule out a clique of the minimum size: these prompts "
+                   "are neither flagged nor cleared (raise filter.max_expansions to decide them).</p>")
+        out.append(_table(["prompt", "largest clique found", "proven bound"],
+                          [[f'<span class="text">{esc(c["prompt"])}</span>', esc(c["clique_size"]),
+                            esc(c["clique_upper_bound"])] for c in candidates.to_pylist()
+                           if c["prompt_id"] in undecided], {1, 2}))
+
+    # extracted pictures: a picture stored as several rows (LAION duplicates) counts once
+    pictures = summary.get("extracted_pictures", [])
+    if pictures:
+        out.append(f"<h2>Extracted training pictures ({len(pictures)})</h2>")
+        out.append(_table(["picture", "generations", "rows in the training set"],
+                          [[esc(p["picture"]), esc(p["generations"]),
+                            f'{len(p["rows"])}: <span class="text">{esc(", ".join(p["rows"][:20]))}'
+                            f'{" ..." if len(p["rows"]) > 20 else ""}</span>'] for p in pictures], {1}))
 
     # nearest-neighbour distance histograms
     out.append("<h2>Nearest-neighbour distances</h2>")

@@ -6,7 +6,10 @@ Why not call `pipeline(prompt, ...)` per prompt? The attack generates ~500 sampl
     then reused for every sample and batch;
   * every sample draws all its noise (initial latents and any ancestral step noise) from its own
     CPU generator seeded with `sample_seed(run seed, prompt id, sample index)`, so one sample
-    regenerated alone equals the same sample generated inside any batch;
+    regenerated alone equals the same sample generated inside any batch. The list of generators
+    goes to `scheduler.step` as diffusers' pipelines pass it (`randn_tensor` draws row i from
+    generator i), and only to schedulers whose `step` takes a `generator` (PNDM, LMS, Heun, UniPC,
+    DEIS and KDPM2 have none and draw no noise: passing it is a TypeError);
   * the networks always run on a fixed batch shape (`batch_size`, the last batch padded with
     copies of its first row) and each prompt is encoded alone. Why: CPU and GPU kernels pick
     their blocking and reduction order by tensor shape, so the same row computed in a batch of 3
@@ -16,27 +19,51 @@ Why not call `pipeline(prompt, ...)` per prompt? The attack generates ~500 sampl
     alone at the same batch_size on the same kind of device is byte-identical. Padding costs at
     most one partial batch per shard.
 The loop is the standard diffusers one (scale_model_input -> UNet -> classifier-free guidance ->
-scheduler.step) over the loaded pipeline's own components.
+scheduler.step for t in scheduler.timesteps) over the loaded pipeline's own components. It also
+drives 2nd-order schedulers (Heun, KDPM2): their `timesteps` repeat each inner step, so the UNet
+runs twice per step, and `step` keeps the first half's state until the second call;
+`set_timesteps` at the start of every batch clears that state (and multistep histories).
+Images come back as uint8 (N, H, W, C) with the model's C: 3 (RGB) or 1 (grayscale, MNIST-style
+models); any other count is refused when the Sampler is built, since no PNG mode holds it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from memex.config import ModelKind, SamplingConfig
-from memex.models import LoadedModel, make_scheduler
+from memex.models import LoadedModel, ModelError, make_scheduler
 
 EMBED_CACHE = 1024  # prompts; SD-1.x embeddings are 77x768 fp32 = 236 KB, so <= ~240 MB
+IMAGE_CHANNELS = (1, 3)  # grayscale or RGB: the PNG modes ("L", "RGB") memex stores generations in
 
 
 def sample_seed(run_seed: int, prompt_id: str, sample_index: int) -> int:
     """63-bit seed from (run seed, prompt id, sample index): independent of batching and sharding."""
     h = hashlib.blake2b(f"{run_seed}\x1f{prompt_id}\x1f{sample_index}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def image_channels(model: LoadedModel) -> int:
+    """Channels of the images a model generates: the VAE decoder's (latent models) or the UNet's
+    input (pixel models; its output may be twice that with a learned variance). 1 or 3, else ModelError."""
+    vae = getattr(model.pipe, "vae", None) if model.kind == ModelKind.latent_text else None
+    where, n = ("vae", vae.config.out_channels) if vae is not None else ("unet", model.pipe.unet.config.in_channels)
+    if n not in IMAGE_CHANNELS:
+        raise ModelError(f"model.path={model.path or model.model_id}: its {where} makes {n}-channel images; memex "
+                         "samples only 1-channel (grayscale) or 3-channel (RGB) models, the images a PNG holds and "
+                         "the training-set comparisons take")
+    return n
+
+
+def takes_generator(scheduler) -> bool:
+    """Whether `scheduler.step` has a `generator` parameter (what diffusers' pipelines check, once)."""
+    return "generator" in inspect.signature(scheduler.step).parameters
 
 
 class Sampler:
@@ -49,7 +76,8 @@ class Sampler:
         self.vae = getattr(pipe, "vae", None) if self.kind == ModelKind.latent_text else None
         self.text_encoder = getattr(pipe, "text_encoder", None)
         self.tokenizer = getattr(pipe, "tokenizer", None)
-        self.scheduler = make_scheduler(pipe.scheduler.config, settings.scheduler)
+        self.scheduler = make_scheduler(pipe.scheduler.config, settings.scheduler, model.path or model.model_id)
+        self._step_generator = takes_generator(self.scheduler)
         self.settings = settings
         self.device, self.dtype = self.unet.device, self.unet.dtype
         self.scheduler_name = type(self.scheduler).__name__
@@ -62,7 +90,8 @@ class Sampler:
         if self.height % self.vae_scale or self.width % self.vae_scale:
             raise ValueError(f"image size {self.height}x{self.width} must be a multiple of {self.vae_scale} "
                              "for this VAE")
-        self.channels = self.unet.config.in_channels
+        self.unet_channels = self.unet.config.in_channels  # what the noise and the UNet's sample have
+        self.channels = image_channels(model)  # C of the (N, H, W, C) images: 1 or 3
         self.conditional = self.kind != ModelKind.unconditional
         self.cfg = self.conditional and settings.guidance_scale > 1.0
         self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -95,13 +124,13 @@ class Sampler:
         return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
     def _initial_noise(self, gens: list[torch.Generator]) -> torch.Tensor:
-        shape = (1, self.channels, self.height // self.vae_scale, self.width // self.vae_scale)
+        shape = (1, self.unet_channels, self.height // self.vae_scale, self.width // self.vae_scale)
         x = torch.cat([torch.randn(shape, generator=g) for g in gens])  # drawn on CPU: device-independent
         return x.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
 
     # 3. denoising loop -------------------------------------------------------------------
     def generate(self, prompt_ids: list[str], prompts: list[str], seeds: list[int]) -> np.ndarray:
-        """Images as uint8 (N, H, W, 3) for N samples (any mix of prompts), batch_size at a time."""
+        """Images as uint8 (N, H, W, C) for N samples (any mix of prompts), batch_size at a time; C = self.channels."""
         if not (len(prompt_ids) == len(prompts) == len(seeds)):
             raise ValueError("prompt_ids, prompts and seeds must have the same length")
         bs, out = self.settings.batch_size, []
@@ -110,7 +139,7 @@ class Sampler:
             pad = [0] * (bs - n)  # repeat the first row: padded rows are computed and dropped
             take = lambda xs: xs[b : b + n] + [xs[b] for _ in pad]  # noqa: E731
             out.append(self._generate_batch(take(prompt_ids), take(prompts), take(seeds))[:n])
-        return np.concatenate(out) if out else np.zeros((0, self.height, self.width, 3), np.uint8)
+        return np.concatenate(out) if out else np.zeros((0, self.height, self.width, self.channels), np.uint8)
 
     @torch.no_grad()
     def _generate_batch(self, prompt_ids: list[str], prompts: list[str], seeds: list[int]) -> np.ndarray:
@@ -121,9 +150,10 @@ class Sampler:
         cond = self.embeddings(prompt_ids, prompts) if self.conditional else None
         if self.cfg:
             cond = torch.cat([self._uncond.expand(len(seeds), -1, -1), cond])
-        for t in self.scheduler.timesteps:
+        step_kwargs = {"generator": gens} if self._step_generator else {}
+        for t in self.scheduler.timesteps:  # 2nd-order schedulers list each inner timestep twice
             eps = self._predict_noise(x, t, cond)
-            x = self.scheduler.step(eps, t, x, generator=gens).prev_sample
+            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
         return self._decode(x)
 
     def _predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
@@ -135,7 +165,7 @@ class Sampler:
             if self.cfg:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + self.settings.guidance_scale * (eps_text - eps_uncond)
-        return eps[:, : self.channels]  # drop a learned-variance half (IF-style UNets)
+        return eps[:, : self.unet_channels]  # drop a learned-variance half (IF-style UNets)
 
     def _decode(self, x: torch.Tensor) -> np.ndarray:
         if self.vae is not None:

@@ -84,6 +84,9 @@ def test_planted_copy_is_flagged_and_verified_distinct_is_not(world, ray_head):
     assert s["prompts_flagged"] == 1 and s["candidates_verified"] == N_SAMPLES
     assert s["extracted_generations"] == N_SAMPLES
     assert s["extracted_train_ids"] == ["t03"]  # three identical rows: the lowest global id wins the tie
+    # one picture, stored as three rows: counted once, its rows listed
+    assert s["extracted_unique_train_images"] == 1
+    assert s["extracted_pictures"] == [{"picture": "t03", "rows": ["t03", "t03#1", "t03#2"], "generations": N_SAMPLES}]
     assert s["index"]["quarantined"] == 1
     m = layout.matches.read()
     assert max(m["distance"].to_pylist()) < 0.02  # +-2/255 noise: RMS ~0.005 per tile
@@ -99,8 +102,9 @@ def test_relative_l2_over_every_sample(world, ray_head):
     cfg = _cfg(world, ray_head, "match=relative", "match.n_neighbors=8")
     layout = RunLayout(cfg.storage.root, "r-relative")
     attach_index(layout, index.run(cfg))
-    filter_stage.run(cfg, "r-relative")
-    s = match.run(cfg, "r-relative")
+    s = match.run(cfg, "r-relative")  # no filter: candidates=all verifies every sample (audit skips it)
+    assert s["filter"].startswith("skipped") and layout.candidates.success() is None
+    assert s["prompts"] == 2 and [p["flagged"] for p in s["per_prompt"]] == [False, False]
     assert s["candidates_verified"] == 2 * N_SAMPLES  # candidates=all
     m = layout.matches.read().to_pylist()
     ext = {r["prompt"] for r in m if r["extracted"]}

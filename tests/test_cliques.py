@@ -123,3 +123,49 @@ def test_end_to_end_noisy_copies_form_the_clique():
     r = largest_clique(adjacency(dist, threshold=0.15), min_clique=10)
     assert r.exact and r.members == list(range(7, 19)) and r.size >= 10
     assert representative(r.members, dist) in range(7, 19)
+
+
+def _random_graph_distances(n: int = 40, seed: int = 1) -> np.ndarray:
+    """Tiled-l2-like distances whose edges (<= 0.15) form G(n, 0.5): max clique ~7-11, hard enough
+    that a zero budget cannot decide whether a clique of 10 exists."""
+    rng = np.random.default_rng(0)
+    for _ in range(seed):
+        rng.random((n, n))
+    a = np.triu(rng.random((n, n)) < 0.5, 1)
+    a = a | a.T
+    return np.where(a, 0.1, 0.5) * (1 - np.eye(n))
+
+
+def test_exhausted_clique_search_is_retried_then_reported_undecided(monkeypatch):
+    import torch
+
+    import memex.cliques as cl
+    import memex.distances as dist
+    from memex.config import FilterConfig
+    from memex.stages.filter import RETRY_FACTOR, filter_prompt, summarize_candidates, undecided
+
+    d = _random_graph_distances()
+    monkeypatch.setattr(dist, "tiled_l2_pairwise", lambda a, b, **kw: torch.from_numpy(d))
+    budgets = []
+    real = cl.largest_clique
+    monkeypatch.setattr(cl, "largest_clique", lambda adj, k, b: budgets.append(b) or real(adj, k, b))
+    images = np.zeros((len(d), 4, 4, 3), np.uint8)
+
+    res, _, _ = filter_prompt(images, FilterConfig(min_clique=10, max_expansions=0))
+    assert undecided(res.size, res.upper_bound, res.exact, 10) and budgets == [0, 0]
+    budgets.clear()
+    res, _, _ = filter_prompt(images, FilterConfig(min_clique=10, max_expansions=1))
+    assert budgets[:2] == [1, RETRY_FACTOR]  # retried once with 10x the budget
+    decided, _, _ = filter_prompt(images, FilterConfig(min_clique=10, max_expansions=10**7))
+    assert not undecided(decided.size, decided.upper_bound, decided.exact, 10)
+
+    import pyarrow as pa
+
+    from memex.layout import CANDIDATES_SCHEMA
+
+    rows = [{"prompt_id": "p0", "prompt": "x", "n_samples": 40, "clique_size": 8, "clique_upper_bound": 11,
+             "clique_exact": False, "flagged": False, "sample_ids": [], "representative": "", "nearest_distances": []},
+            {"prompt_id": "p1", "prompt": "y", "n_samples": 40, "clique_size": 12, "clique_upper_bound": 12,
+             "clique_exact": True, "flagged": True, "sample_ids": [], "representative": "", "nearest_distances": []}]
+    s = summarize_candidates(pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA), FilterConfig(min_clique=10))
+    assert (s["prompts"], s["flagged"], s["undecided"], s["undecided_prompt_ids"]) == (2, 1, 1, ["p0"])

@@ -156,7 +156,10 @@ def _options(group: str) -> list[str]:
     return [p.stem for p in sorted((CONF_DIR / group).glob("*.yaml"))]
 
 
-ALL_GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
+# conf/preset/ is the one group without a dataclass or default option: a preset (`# @package _global_`)
+# sets several groups at once (tests/test_documented_commands.py checks preset=paper's values).
+ALL_GROUPS = sorted(d.name for d in CONF_DIR.iterdir()
+                    if d.is_dir() and any(d.glob("*.yaml")) and d.name != "preset")
 
 
 def test_every_group_has_a_default_option_and_a_dataclass():
@@ -253,3 +256,32 @@ def test_only_memex_hydra_sets_hydra():
     files = sorted(CONF_DIR.rglob("*.yaml"))
     setting = [p.name for p in files if "hydra" in OmegaConf.load(p) or "hydra/" in p.read_text()]
     assert setting == ["memex_hydra.yaml"]
+
+
+@pytest.mark.parametrize("embedder,value,expected", [
+    ("clip", "0.05", r"index\.dup_threshold=0\.05 does not fit embedder clip \(metric ip\).*cosine similarity"
+                     r".*\[0\.5, 1\.0\)"),
+    ("sscd", "1.0", r"index\.dup_threshold=1\.0 does not fit embedder sscd .*\[0\.5, 1\.0\)"),
+    ("pixels", "0.95", r"index\.dup_threshold=0\.95 does not fit embedder pixels \(metric l2\).*RMS.*\(0\.0, 0\.5\]"),
+])
+def test_dup_threshold_outside_the_embedders_metric_names_the_key(embedder, value, expected):
+    """A cosine threshold of 0.05 (a distance) would make every image a copy of every other: refused up front."""
+    with pytest.raises(ConfigError, match=expected):
+        compose([f"embedder={embedder}", "embedder.path=x", f"index.dup_threshold={value}"], config_name="audit")
+
+
+@pytest.mark.parametrize("embedder,default", [("pixels", 0.05), ("sscd", 0.95), ("clip", 0.95)])
+def test_dup_threshold_default_resolves_per_embedder(embedder, default):
+    from memex.index import EMBEDDER_METRIC, resolve_dup_threshold
+
+    cfg = compose([f"embedder={embedder}", "embedder.path=x"], config_name="audit")
+    assert cfg.index.dup_threshold is None  # null: the embedder's own default
+    assert resolve_dup_threshold(cfg.index.dup_threshold, EMBEDDER_METRIC[embedder], embedder) == default
+    valid = "0.1" if embedder == "pixels" else "0.9"  # an explicit value in the metric's range is kept
+    cfg = compose([f"embedder={embedder}", "embedder.path=x", f"index.dup_threshold={valid}"], config_name="audit")
+    assert cfg.index.dup_threshold == float(valid)
+
+
+def test_dup_k_below_two_names_the_key():
+    with pytest.raises(ConfigError, match=r"index\.dup_k must be >= 2"):
+        compose(["index.dup_k=1"], config_name="audit")

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from memex.distances import DistanceError, l2_pairwise, relative_l2, tiled_l2, tiled_l2_pairwise
+import memex.distances as distances
+from memex.distances import GRID, DistanceError, _common, l2_pairwise, relative_l2, tiled_l2, tiled_l2_pairwise, to_unit
 
 
 def test_one_differing_tile_sets_the_distance():
@@ -32,6 +33,114 @@ def test_pairwise_matches_rowwise():
     assert p.shape == (5, 7)
     for i in range(5):
         assert torch.allclose(p[i], tiled_l2(a[i : i + 1].expand(7, -1, -1, -1), b), atol=1e-6)
+
+
+def reference_tiled_l2_pairwise(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The specification: the implementation before bounded memory (materialises chunk x M x C x H x W)."""
+    a, b = _common(a, b)
+    n, c, h, w = a.shape
+    tb = b.reshape(b.shape[0], c, GRID, h // GRID, GRID, w // GRID)
+    out = []
+    for i in range(0, n, chunk):
+        ta = a[i : i + chunk].reshape(-1, 1, c, GRID, h // GRID, GRID, w // GRID)
+        d = (ta - tb.unsqueeze(0)).pow(2).mean(dim=(2, 4, 6)).sqrt()  # (chunk, M, 4, 4)
+        out.append(d.flatten(2).max(dim=2).values)
+    return torch.cat(out)
+
+
+SHAPES = [  # n, m, channels, size of a, size of b
+    (5, 7, 3, 16, 16),
+    (6, 6, 1, 32, 32),
+    (7, 3, 3, 12, 12),
+    (4, 9, 3, 32, 20),  # b smaller: a resized
+    (3, 5, 1, 18, 30),  # both resized: 18 is no multiple of the grid, the common size is 16 x 16
+]
+BLOCKS = [{}, {"chunk": 2}, {"chunk": 3}, {"max_bytes": 1}, {"max_bytes": 20_000}]
+
+
+@pytest.mark.parametrize("n, m, c, sa, sb", SHAPES)
+@pytest.mark.parametrize("blocks", BLOCKS, ids=lambda b: ",".join(f"{k}={v}" for k, v in b.items()) or "default")
+def test_pairwise_equals_the_reference(n, m, c, sa, sb, blocks):
+    g = torch.Generator().manual_seed(n * 100 + sa)
+    a, b = torch.rand(n, c, sa, sa, generator=g), torch.rand(m, c, sb, sb, generator=g)
+    got = tiled_l2_pairwise(a, b, **blocks)
+    assert got.shape == (n, m) and got.dtype == torch.float32
+    assert (got - reference_tiled_l2_pairwise(a, b)).abs().max() < 1e-6
+    self_pairs = tiled_l2_pairwise(a, a, **blocks)  # the filter's case: each pair once, mirrored
+    assert (self_pairs - reference_tiled_l2_pairwise(a, a)).abs().max() < 1e-6
+    assert torch.equal(self_pairs, self_pairs.T) and self_pairs.diagonal().max() < 1e-6
+
+
+@pytest.mark.parametrize("n, m, c, sa, sb", SHAPES)
+def test_uint8_input_in_either_layout_equals_the_reference_on_unit_floats(n, m, c, sa, sb):
+    g = torch.Generator().manual_seed(7 * n + sb)
+    ua = torch.randint(0, 256, (n, sa, sa, c), dtype=torch.uint8, generator=g)  # (N, H, W, C): decoded images
+    ub = torch.randint(0, 256, (m, sb, sb, c), dtype=torch.uint8, generator=g)
+    want = reference_tiled_l2_pairwise(to_unit(ua), to_unit(ub))
+    for a, b in [(ua, ub), (ua.permute(0, 3, 1, 2).contiguous(), ub), (to_unit(ua), ub), (ua, to_unit(ub))]:
+        for blocks in ({}, {"max_bytes": 1}):
+            got = tiled_l2_pairwise(a, b, **blocks)
+            assert got.dtype == torch.float32 and (got - want).abs().max() < 1e-6
+    want = reference_tiled_l2_pairwise(to_unit(ua), to_unit(ua))
+    assert (tiled_l2_pairwise(ua, ua, chunk=2) - want).abs().max() < 1e-6
+
+
+def test_identical_images_give_zero_and_near_copies_keep_their_digits():
+    """At 512 px a tile has 49,152 values: |a|^2 + |b|^2 - 2ab in float32 would be off by ~5e-4 here."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.randint(0, 256, (2, 512, 512, 3), dtype=torch.uint8, generator=g)
+    near = u[:1].clone()
+    near[0, 5, 5, 0] = int(near[0, 5, 5, 0]) ^ 128  # one value of one tile off by 128/255
+    x = torch.cat([u, u[:1], near])  # 0 and 2 identical, 3 is 0 with one value changed
+    d = tiled_l2_pairwise(x, x)
+    assert d[0, 2] == 0 and d[2, 0] == 0 and (d.diagonal() == 0).all()  # uint8: integer sums, exact
+    assert tiled_l2_pairwise(x, x.clone())[0, 2] == 0
+    one = math.sqrt((128 / 255) ** 2 / (3 * 128 * 128))  # 2.3e-3
+    assert abs(d[0, 3].item() - one) < 1e-7 and abs(d[2, 3].item() - one) < 1e-7
+    f = to_unit(x)  # float input: float64 products, identical images within ~1e-8 of 0
+    df = tiled_l2_pairwise(f, f.clone())
+    assert df[0, 2] < 1e-6 and df.diagonal().max() < 1e-6 and abs(df[0, 3].item() - one) < 1e-6
+    assert tiled_l2_pairwise(f, f).diagonal().max() < 1e-6
+
+
+def test_the_budget_bounds_the_blocks(monkeypatch):
+    """Every block the loop fills fits in max_bytes (a 16 px RGB tile is 4 x 4 x 3 float64 = 384 B)."""
+    sizes = []
+    fill = distances._fill
+
+    def spy(buf, *args, **kwargs):
+        sizes.append(buf.shape[1])
+        return fill(buf, *args, **kwargs)
+
+    monkeypatch.setattr(distances, "_fill", spy)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.rand(23, 3, 16, 16, generator=g), torch.rand(17, 3, 16, 16, generator=g)
+    want = reference_tiled_l2_pairwise(a, b)
+    per_image = (48 + 1) * 8  # one tile and its squared norm
+    for budget in (10 * per_image, 4 * per_image, 1):
+        sizes.clear()
+        assert (tiled_l2_pairwise(a, b, max_bytes=budget) - want).abs().max() < 1e-6
+        assert max(sizes) <= max(1, budget // per_image) and len(sizes) > 16
+    sizes.clear()
+    tiled_l2_pairwise(a, b)  # default budget: everything in one block per tile, each image converted once
+    assert sizes == [17, 23] * 16
+    sizes.clear()
+    tiled_l2_pairwise(a, a)  # a is b: one shared block per tile
+    assert sizes == [23] * 16
+
+
+def test_pairwise_rejects_bad_inputs_and_takes_empty_ones():
+    with pytest.raises(DistanceError, match="same channels"):
+        tiled_l2_pairwise(torch.rand(2, 1, 8, 8), torch.rand(2, 3, 8, 8))
+    with pytest.raises(DistanceError, match="at least 4 x 4"):
+        tiled_l2_pairwise(torch.rand(2, 3, 3, 8), torch.rand(2, 3, 8, 8))
+    with pytest.raises(DistanceError, match="4-d"):
+        tiled_l2_pairwise(torch.rand(3, 8, 8), torch.rand(2, 3, 8, 8))
+    with pytest.raises(DistanceError, match="uint8"):
+        tiled_l2_pairwise(torch.zeros(2, 3, 8, 8, dtype=torch.int64), torch.rand(2, 3, 8, 8))
+    assert tiled_l2_pairwise(torch.rand(0, 3, 8, 8), torch.rand(4, 3, 8, 8)).shape == (0, 4)
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    assert tiled_l2_pairwise(x, x).dtype == torch.float64
 
 
 def test_l2_pairwise_is_the_rms_over_all_pixels_and_channels():

@@ -32,6 +32,31 @@ def test_png_round_trip_is_lossless_and_deterministic(level):
     assert out.flags.writeable  # torch.from_numpy warns on read-only arrays
 
 
+@pytest.mark.parametrize("shape", [(24, 40, 1), (24, 40)])
+def test_grayscale_is_stored_as_an_l_png_and_decodes_to_rgb(shape):
+    gray = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    data = encode_png(gray)
+    assert Image.open(io.BytesIO(data)).mode == "L"
+    assert data == encode_png(gray.reshape(24, 40, 1))  # (H, W) and (H, W, 1): the same bytes
+    rgb = decode(data)  # every caller gets (H, W, 3): the gray value in all three channels
+    assert rgb.shape == (24, 40, 3) and np.array_equal(rgb, np.repeat(gray.reshape(24, 40, 1), 3, axis=2))
+    assert np.array_equal(decode(data, channels=1), gray.reshape(24, 40, 1))
+
+
+def test_decode_to_one_channel_is_pil_luma_for_colour():
+    data = encode_png(_noisy(8, 8))
+    assert np.array_equal(decode(data, channels=1)[:, :, 0], np.asarray(Image.open(io.BytesIO(data)).convert("L")))
+    with pytest.raises(ValueError, match="channels must be 1 .* or 3"):
+        decode(data, channels=4)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 2), np.uint8),
+                                 np.zeros((4, 4, 3), np.float32)])
+def test_encode_refuses_other_channel_counts_and_dtypes(bad):
+    with pytest.raises(ValueError, match=r"encode_png takes uint8 \(H, W, 3\) RGB or \(H, W, 1\) grayscale"):
+        encode_png(bad)
+
+
 def test_compress_level_changes_bytes_not_pixels():
     img = logo(3, 64)[0]
     fast, small = encode_png(img, 1), encode_png(img, 9)

@@ -13,6 +13,8 @@ import pytest
 from memex import index as mi
 from memex.config import MemexError
 from memex.index import (
+    DUP_THRESHOLDS,
+    EMBEDDER_METRIC,
     IndexSpec,
     IndexSpecError,
     ShardedIndex,
@@ -20,6 +22,7 @@ from memex.index import (
     duplicate_counts,
     load_index,
     merge_topk,
+    resolve_dup_threshold,
     save_index,
     search_shard,
 )
@@ -229,7 +232,7 @@ def test_load_errors_name_the_fix(tmp_path):
 def test_duplicate_counts_match_brute_force(metric):
     rng = np.random.default_rng(5)
     base = rng.standard_normal((1500, 16)).astype(np.float32)
-    groups = [2, 3, 5, 8, 12]  # planted copies per base image; 12 > k saturates
+    groups = [2, 3, 5, 8, 12]  # planted copies per base image; 8 and 12 go past k (counted exactly beyond it)
     planted = [base[i] + 0.01 * rng.standard_normal((g, 16)).astype(np.float32) for i, g in enumerate(groups)]
     x = np.concatenate([base] + planted)
     if metric == "ip":
@@ -249,13 +252,109 @@ def test_duplicate_counts_match_brute_force(metric):
         near = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * x64 @ x64.T, 0)) <= threshold
     else:
         near = x64 @ x64.T >= threshold
-    expected = np.minimum(near.sum(1) - 1, k - 1)  # minus the vector itself
+    expected = near.sum(1) - 1  # minus the vector itself; no cap at k - 1 any more
     assert counts.dtype == np.int32
     np.testing.assert_array_equal(counts, expected)
     # the planted structure is what was found: group of g copies + base -> g others each
-    # group of g copies + its base: g + 1 vectors with g others each; 8 and 12 saturate at k - 1 = 7
+    # group of g copies + its base: g + 1 vectors with g others each; 8 and 12 exactly, beyond k - 1 = 7
     histogram = {c: int(m) for c, m in enumerate(np.bincount(counts)) if c and m}
-    assert histogram == {2: 3, 3: 4, 5: 6, 7: 9 + 13}
+    assert histogram == {2: 3, 3: 4, 5: 6, 8: 9, 12: 13}
+
+
+def planted_groups(metric: str, rng: np.random.Generator, sizes=(10, 100, 300), singles: int = 400):
+    """Groups of g near-identical copies of one image each, plus `singles` unrelated images, shuffled.
+
+    l2: pixel-like vectors as the pixels embedder makes them (3x8x8 images in [0, 1], scaled by 1/sqrt(dim),
+    so sqrt(D) is the RMS pixel difference): copies differ by ~0.007 RMS, unrelated images by ~0.4.
+    ip: unit vectors: copies have cosine ~0.99, unrelated ones below ~0.6.
+    Returns vectors, the group size of each row (1 for singles) and its caption."""
+    d = 192 if metric == "l2" else 64
+    bases = rng.random((len(sizes) + singles, d)) if metric == "l2" else rng.standard_normal((len(sizes) + singles, d))
+    parts, size, caption = [], [], []
+    for b, g in enumerate(sizes):
+        noise = (0.005 if metric == "l2" else 0.01) * rng.standard_normal((g, d))
+        parts.append(np.clip(bases[b] + noise, 0, 1) if metric == "l2" else bases[b] + noise)
+        size += [g] * g
+        caption += [f"copy of image {g}"] * g
+    parts.append(bases[len(sizes):])
+    size += [1] * singles
+    caption += [f"image {i}" for i in range(singles)]
+    x = np.concatenate(parts)
+    x = x / np.sqrt(d) if metric == "l2" else x / np.linalg.norm(x, axis=1, keepdims=True)
+    order = rng.permutation(len(x))
+    return x[order].astype(np.float32), np.asarray(size)[order], [caption[i] for i in order]
+
+
+@pytest.mark.parametrize("n_shards", [1, 3])
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_duplicate_counts_are_exact_beyond_k(metric, kind, n_shards):
+    """Groups of 10, 100 and 300 copies: every member counts the g - 1 others exactly (299 > dup_k = 64),
+    at the embedder's default threshold (pixels: RMS 0.05, sscd/clip: cosine 0.95), and the 300-copy
+    image ranks first (capped at 63, it would tie with the 100-copy one and lose on caption order)."""
+    import pyarrow as pa
+
+    from memex.prompts import rank_by_near_duplicates
+
+    rng = np.random.default_rng(11)
+    x, size, caption = planted_groups(metric, rng)
+    gids = rng.permutation(len(x)).astype(np.int64) + 100
+    spec = IndexSpec(kind=kind, metric=metric, nlist=16, pq_m=8, nprobe=8, refine_k=4)
+    index = ShardedIndex.build(x, n_shards, spec, ids=gids)
+    counts = duplicate_counts(index.search, x, gids, None, k=64, batch=256, metric=metric,
+                              range_fn=index.range_neighbors)
+    assert counts.dtype == np.int32
+    np.testing.assert_array_equal(counts, size - 1)
+    assert sorted(set(counts.tolist())) == [0, 9, 99, 299]
+    # without a range counter: top-k searches with doubling k give the same exact counts
+    np.testing.assert_array_equal(duplicate_counts(index.search, x, gids, None, k=64, metric=metric), size - 1)
+    # results bounded to a handful per search: chunks of one query (flat), doubling 8 rows at a time (ivfpq)
+    some = np.flatnonzero(size > 1)[:40]
+    np.testing.assert_array_equal(index.range_count(x[some], DUP_THRESHOLDS[metric][0], gids[some], start_k=4,
+                                                    max_results=32), size[some] - 1)
+    # each row's picture is its group's smallest gid (a single is its own picture), by either route
+    from memex.index import near_duplicates
+
+    expected = {}
+    for g, c in zip(gids.tolist(), caption):
+        expected[c] = min(expected.get(c, g), g)
+    want = np.array([expected[c] for c in caption])
+    for kw in ({"range_fn": index.range_neighbors}, {}):
+        _, pictures = near_duplicates(index.search, x, gids, None, k=64, batch=256, metric=metric, **kw)
+        np.testing.assert_array_equal(pictures, want)
+    # the planted image with the most copies is the first prompt
+    dups = pa.table({"caption": caption, "near_duplicates": counts})
+    assert rank_by_near_duplicates(dups, 3)["prompt"].to_pylist() == [
+        "copy of image 300", "copy of image 100", "copy of image 10"]
+
+
+def test_dup_threshold_defaults_and_ranges():
+    from memex.embed import CLIPEmbedder, PixelEmbedder, SSCDEmbedder
+
+    assert EMBEDDER_METRIC == {"pixels": PixelEmbedder.metric, "sscd": SSCDEmbedder.metric,
+                               "clip": CLIPEmbedder.metric}
+    assert [resolve_dup_threshold(None, EMBEDDER_METRIC[e], e) for e in ("pixels", "sscd", "clip")] == [
+        0.05, 0.95, 0.95]
+    assert resolve_dup_threshold(0.5, "l2") == 0.5 and resolve_dup_threshold(0.5, "ip") == 0.5
+    for value, metric, message in [
+        (0.05, "ip", r"index.dup_threshold=0.05 does not fit embedder clip \(metric ip\).*cosine similarity.*"
+                     r"\[0.5, 1.0\)"),
+        (1.0, "ip", r"\[0.5, 1.0\)"), (0.49, "ip", r"\[0.5, 1.0\)"),
+        (0.0, "l2", r"index.dup_threshold=0.0 does not fit embedder clip \(metric l2\).*RMS.*\(0.0, 0.5\]"),
+        (0.9, "l2", r"\(0.0, 0.5\]"), ("0.1", "l2", r"\(0.0, 0.5\]"), (True, "l2", r"\(0.0, 0.5\]"),
+    ]:
+        with pytest.raises(IndexSpecError, match=message) as e:
+            resolve_dup_threshold(value, metric, "clip")
+        assert isinstance(e.value, MemexError)
+    # the library function checks its own inputs before searching anything
+    spec = IndexSpec(kind="flat", metric="ip")
+    x = np.eye(4, dtype=np.float32)
+    index = ShardedIndex([build_shard(x, np.arange(4), spec)], spec)
+    with pytest.raises(IndexSpecError, match="the sscd/clip embedders"):
+        duplicate_counts(index.search, x, np.arange(4), 0.05, metric="ip")
+    with pytest.raises(IndexSpecError, match="k=1 must be >= 2"):
+        duplicate_counts(index.search, x, np.arange(4), None, k=1, metric="ip")
+    assert duplicate_counts(index.search, x, np.arange(4), None, k=2, metric="ip").tolist() == [0, 0, 0, 0]
 
 
 # ---- (5) bad specs --------------------------------------------------------------------------------

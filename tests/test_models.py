@@ -5,8 +5,9 @@ import shutil
 import pytest
 
 from memex import tiny
-from memex.config import ModelKind
-from memex.models import ModelError, check_local_checkpoint, load_model
+from memex.config import ModelKind, SchedulerKind
+from memex.models import SCHEDULERS, ModelError, check_local_checkpoint, load_model, make_scheduler
+from memex.tiny import SD15_SCHEDULER
 
 
 @pytest.mark.parametrize("kind", tiny.KINDS)
@@ -17,6 +18,29 @@ def test_tiny_model_round_trips_through_from_pretrained(tiny_models, kind):
     files = {f for _, _, fs in os.walk(tiny_models[kind]) for f in fs}
     assert any(f.endswith(".safetensors") for f in files)
     assert not any(f.endswith((".bin", ".pkl", ".pt")) for f in files)  # never pickle
+
+
+def test_tiny_grayscale_model_round_trips(tmp_path):
+    m = load_model(str(tiny.build("unconditional", tmp_path / "gray", channels=1)))
+    assert m.kind == ModelKind.unconditional and m.pipe.unet.config.in_channels == 1
+    with pytest.raises(ValueError, match="only the unconditional tiny model"):
+        tiny.build("latent_text", tmp_path / "x", channels=1)
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULERS), ids=[k.value for k in SCHEDULERS])
+def test_every_scheduler_kind_builds_from_sd15s_config(kind):
+    s = make_scheduler(SD15_SCHEDULER, kind, "sd")
+    assert type(s).__name__ == SCHEDULERS[kind]
+    assert s.config.beta_schedule == "scaled_linear" and s.config.num_train_timesteps == 1000  # the model's schedule
+    assert type(make_scheduler({**SD15_SCHEDULER, "_class_name": SCHEDULERS[kind]}, SchedulerKind.default)) is type(s)
+    assert set(SCHEDULERS) == set(SchedulerKind) - {SchedulerKind.default}  # every option has a class
+
+
+def test_unknown_scheduler_class_names_the_path_and_the_fix():
+    with pytest.raises(ModelError, match=r"model.path=/ckpt: its scheduler config names 'FancyScheduler', which memex "
+                                         r"does not sample with \(sampling.scheduler=default\); set "
+                                         r"sampling.scheduler=<kind>, one of ddim, ddpm, pndm, euler"):
+        make_scheduler({"_class_name": "FancyScheduler"}, SchedulerKind.default, "/ckpt")
 
 
 def test_declared_kind_must_match(tiny_models):

@@ -128,3 +128,24 @@ def test_histogram_marks_the_threshold_and_counts_every_value():
     assert [(i, c) for i, c in enumerate(counts) if c] == [(0, 2), (8, 1), (9, 2)]
     assert "threshold 0.15" in svg and "n = 5" in svg
     assert "no d to plot" in histogram_svg([], 0.15, "d")
+
+
+def test_pictures_and_undecided_prompts_are_shown():
+    """A picture stored as 3 rows is one extracted picture with its rows listed; an undecided prompt
+    (clique search out of budget) gets a card and its own table, with its text escaped."""
+    from memex.layout import CANDIDATES_SCHEMA, MATCHES_SCHEMA
+    from memex.report import render_report
+
+    summary = {"thresholds": {"min_clique": 10, "filter_edge_tiled_l2": 0.15, "match_distance": "tiled_l2",
+                              "match_k": 10, "match_threshold": 0.15},
+               "model": {"name": "m", "path": "/m"}, "run": "/r", "samples": 40, "prompts": 1,
+               "prompts_flagged": 0, "prompts_undecided": 1, "undecided_prompt_ids": ["p0"],
+               "candidates_verified": 0, "extracted_generations": 0, "extracted_unique_train_images": 1,
+               "extracted_pictures": [{"picture": "a", "rows": ["a", "a#1", "a#2"], "generations": 4}]}
+    cand = pa.Table.from_pylist([{"prompt_id": "p0", "prompt": "<b>hard</b>", "n_samples": 40, "clique_size": 8,
+                                  "clique_upper_bound": 11, "clique_exact": False, "flagged": False, "sample_ids": [],
+                                  "representative": "", "nearest_distances": []}], schema=CANDIDATES_SCHEMA)
+    html = render_report(summary, cand, MATCHES_SCHEMA.empty_table(), {}, {})
+    assert "Extracted training pictures (1)" in html and "3: <span" in html and "a, a#1, a#2" in html
+    assert "Undecided prompts (1)" in html and "&lt;b&gt;hard&lt;/b&gt;" in html and "<b>hard</b>" not in html
+    assert "prompts undecided" in html

@@ -1,10 +1,13 @@
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from memex import tiny
 from memex.config import SamplingConfig, SchedulerKind
 from memex.images import decode, encode_png
-from memex.models import load_model
+from memex.models import ModelError, load_model
 from memex.sampling import Sampler, sample_seed
 
 PROMPTS = {"p1": "a red apple", "p2": "a lighthouse at dusk", "p3": "blue logo"}
@@ -29,9 +32,15 @@ def test_sample_seed_is_stable_and_distinct():
     assert all(0 <= s < 2**63 for s in seeds)
 
 
-# DDPM adds fresh noise at every step, so it also checks the per-sample step noise.
-@pytest.mark.parametrize("kind,scheduler", [("unconditional", "ddpm"), ("latent_text", "default"),
-                                            ("pixel_text", "ddpm"), ("pixel_text", "euler_ancestral")])
+# Every scheduler at least once. DDPM and the ancestral ones add fresh noise at every step, so they
+# also check the per-sample step noise; PNDM, LMS, Heun, UniPC, DEIS and KDPM2 take no generator
+# (and keep state across steps: multistep histories, Heun's and KDPM2's first half of a step).
+@pytest.mark.parametrize("kind,scheduler", [
+    ("unconditional", "ddpm"), ("latent_text", "default"), ("pixel_text", "ddpm"), ("pixel_text", "euler_ancestral"),
+    ("unconditional", "pndm"), ("unconditional", "lms"), ("unconditional", "heun"), ("unconditional", "unipc"),
+    ("unconditional", "kdpm2_ancestral"), ("latent_text", "pndm"), ("latent_text", "heun"), ("latent_text", "kdpm2"),
+    ("pixel_text", "euler"), ("pixel_text", "dpm_multistep"), ("pixel_text", "dpm_singlestep"), ("pixel_text", "deis"),
+])
 def test_a_sample_regenerated_alone_is_byte_identical(tiny_models, kind, scheduler):
     s = _sampler(tiny_models[kind], scheduler=SchedulerKind(scheduler))
     ids, texts, seeds = _batch()
@@ -48,6 +57,31 @@ def test_a_sample_regenerated_alone_is_byte_identical(tiny_models, kind, schedul
 def test_png_decodes_to_the_same_pixels(tiny_models):
     img = _sampler(tiny_models["unconditional"]).generate(["uncond"], [""], [7])[0]
     assert np.array_equal(decode(encode_png(img)), img)
+
+
+@pytest.fixture(scope="module")
+def gray_model(tmp_path_factory):
+    return str(tiny.build("unconditional", tmp_path_factory.mktemp("gray") / "m", channels=1))
+
+
+def test_grayscale_model_gives_one_channel_stored_as_l_png(gray_model):
+    s = _sampler(gray_model, scheduler=SchedulerKind.ddpm)
+    seeds = [sample_seed(0, "uncond", i) for i in range(5)]
+    batch = s.generate(["uncond"] * 5, [""] * 5, seeds)
+    assert s.channels == 1 and batch.shape == (5, 16, 16, 1) and batch.dtype == np.uint8
+    assert np.array_equal(s.generate(["uncond"], [""], seeds[4:]), batch[4:])  # batch-invariant, as RGB
+    png = encode_png(batch[0])
+    assert Image.open(io.BytesIO(png)).mode == "L"  # 8-bit grayscale, not RGB with three equal channels
+    assert np.array_equal(decode(png), np.repeat(batch[0], 3, axis=2))  # the gray value in R, G and B
+    assert np.array_equal(decode(png, channels=1), batch[0])
+    assert s.generate([], [], []).shape == (0, 16, 16, 1)
+
+
+def test_four_channel_model_is_refused_when_the_sampler_is_built(tmp_path):
+    path = str(tiny.build("unconditional", tmp_path / "rgba", channels=4))
+    with pytest.raises(ModelError, match=r"model.path=.*rgba: its unet makes 4-channel images; memex samples only "
+                                         r"1-channel \(grayscale\) or 3-channel \(RGB\)"):
+        Sampler(load_model(path), SamplingConfig(num_inference_steps=2))
 
 
 def test_text_is_encoded_once_per_prompt(tiny_models):

@@ -4,7 +4,8 @@
   2. index the training set (reused when an earlier audit built the same one); its near-duplicate
      counts rank the captions used as prompts (prompts=near_duplicates, the paper's choice);
   3. generate (memex/stages/generate.py): samples/ in the run folder;
-  4. filter: flag prompts whose generations form a clique (candidates/);
+  4. filter: flag prompts whose generations form a clique (candidates/); skipped when
+     match.candidates=all (the paper's unconditional setting verifies every sample instead);
   5. match: nearest training images from the sharded index, verified on pixels (matches/);
   6. write the HTML report into report/ (memex/report.py) and print the summary.
 Every step skips the shards an earlier, interrupted audit finished.
@@ -50,7 +51,10 @@ def run(cfg: AuditConfig) -> dict:
 
     # 3. generate, 4. filter, 5. match: each reads its inputs from the run folder
     generate.run(cfg, run_name)
-    filter_stage.run(cfg, run_name)
+    if cfg.match.candidates == CandidateSource.cliques:
+        filter_stage.run(cfg, run_name)
+    else:  # its cliques would not be used, and one prompt's N x N graph over every sample is unbounded
+        log.info("filter skipped: match.candidates=all verifies every sample")
     summary = match.run(cfg, run_name)
 
     # 6. the report (rebuilt every time: cheap, and it picks up report code changes)
@@ -61,17 +65,26 @@ def run(cfg: AuditConfig) -> dict:
 def format_summary(s: dict) -> str:
     """A few lines for the terminal: the headline numbers and where the evidence is."""
     t = s["thresholds"]
+    if s.get("filter", "ran") == "ran":
+        filtered = (f"{s['prompts_flagged']} prompts flagged (clique >= {t['min_clique']} at tiled l2 <= "
+                    f"{t['filter_edge_tiled_l2']})")
+    else:
+        filtered = "filter skipped (match.candidates=all)"
     lines = [
         f"memex audit: {s['model']['name']} ({s['model']['path']})",
-        f"  {s['samples']} samples of {s['prompts']} prompts; {s['prompts_flagged']} prompts flagged "
-        f"(clique >= {t['min_clique']} at tiled l2 <= {t['filter_edge_tiled_l2']})",
+        f"  {s['samples']} samples of {s['prompts']} prompts; {filtered}",
         f"  {s['extracted_generations']} of {s['candidates_verified']} candidates verified as copies "
         f"({t['match_distance']} <= {t['match_threshold']}): "
         f"{s['extracted_unique_train_images']} unique training images extracted",
     ]
-    if s["extracted_train_ids"]:
-        shown = ", ".join(s["extracted_train_ids"][:10]) + (" ..." if len(s["extracted_train_ids"]) > 10 else "")
-        lines.append(f"  extracted: {shown}")
+    pictures = s.get("extracted_pictures", [])
+    if pictures:
+        shown = ", ".join(p["picture"] + (f" (+{len(p['rows']) - 1} copies)" if len(p["rows"]) > 1 else "")
+                          for p in sorted(pictures, key=lambda p: p["picture"])[:10])
+        lines.append(f"  extracted: {shown}" + (" ..." if len(pictures) > 10 else ""))
+    if s.get("prompts_undecided"):
+        lines.append(f"  {s['prompts_undecided']} prompts undecided: the clique search ran out of "
+                     "filter.max_expansions (raise it to decide them)")
     if s["index"]["quarantined"]:
         lines.append(f"  {s['index']['quarantined']} training images unreadable: "
                      f"see {s['index']['uri']}/shards/quarantine-*.parquet")

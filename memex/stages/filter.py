@@ -33,17 +33,31 @@ from memex.prompts import read_run_prompts
 log = logging.getLogger("memex.filter")
 
 
+RETRY_FACTOR = 10  # an undecided prompt is searched once more with 10x the budget (ms to seconds)
+
+
+def undecided(size: int, upper_bound: int, exact: bool, min_clique: int) -> bool:
+    """The clique search ran out of budget before it could tell whether a clique of min_clique exists."""
+    return size < min_clique <= upper_bound and not exact
+
+
 def filter_prompt(images: np.ndarray, f: FilterConfig, device: str = "cpu") -> tuple:
-    """(N, H, W, 3) uint8 generations of one prompt -> (CliqueResult, representative index, (N,)
+    """(N, H, W, C) uint8 generations of one prompt -> (CliqueResult, representative index, (N,)
     tiled l2 of each generation to its nearest other one)."""
     import torch
 
     from memex.cliques import adjacency, largest_clique, representative
-    from memex.distances import tiled_l2_pairwise, to_unit
+    from memex.distances import tiled_l2_pairwise
 
-    x = to_unit(torch.from_numpy(images)).to(device)
+    # uint8 in, converted block by block: 500 x 512^2 pairs in ~3.7 s and ~200 MiB beyond the
+    # 393 MB of uint8 images (bench/bench_tiled_l2.py), instead of 1.5 GiB of float32 copies first
+    x = torch.from_numpy(images).to(device)
     d = tiled_l2_pairwise(x, x).cpu().numpy()  # (N, N), N = samples per prompt (500 in the paper)
-    res = largest_clique(adjacency(d, f.edge_threshold), f.min_clique, f.max_expansions)
+    adj = adjacency(d, f.edge_threshold)
+    res = largest_clique(adj, f.min_clique, f.max_expansions)
+    # adversarial graphs only: retry once, then report the prompt undecided
+    if undecided(res.size, res.upper_bound, res.exact, f.min_clique):
+        res = largest_clique(adj, f.min_clique, f.max_expansions * RETRY_FACTOR)
     off = d + np.diag(np.full(len(d), np.inf))  # a sample is not its own neighbour
     nearest = off.min(axis=1) if len(d) > 1 else np.full(len(d), np.nan)
     return res, representative(res.members, d), nearest
@@ -88,7 +102,19 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
               for c, p0 in enumerate(range(0, n_prompts, f.prompts_per_task))}
     runner.run_tasks(layout.candidates, chunks, filter_chunk, cfg.resources, layout=layout,
                      samples_per_prompt=s.samples_per_prompt, shard_size=s.shard_size, f=f, device=cfg.resources.device)
-    flagged = layout.candidates.read(columns=["flagged"])["flagged"]
-    summary = {"prompts": len(flagged), "flagged": int(pc.sum(flagged).as_py() or 0)}
+    summary = summarize_candidates(layout.candidates.read(), f)
     layout.candidates.mark_success(summary)
     return summary
+
+
+def summarize_candidates(candidates: pa.Table, f: FilterConfig) -> dict:
+    """candidates/_SUCCESS.json: prompts, flagged, and the undecided ones (logged: they need a budget)."""
+    rows = candidates.select(["prompt_id", "flagged", "clique_size", "clique_upper_bound", "clique_exact"]).to_pylist()
+    open_ids = [r["prompt_id"] for r in rows
+                if undecided(r["clique_size"], r["clique_upper_bound"], r["clique_exact"], f.min_clique)]
+    if open_ids:
+        log.warning("%d prompts undecided: the clique search ran out of filter.max_expansions=%d (and %dx that) "
+                    "before it could rule out a clique of %d; raise filter.max_expansions to decide them",
+                    len(open_ids), f.max_expansions, RETRY_FACTOR, f.min_clique)
+    return {"prompts": len(rows), "flagged": sum(bool(r["flagged"]) for r in rows), "undecided": len(open_ids),
+            "undecided_prompt_ids": open_ids}

@@ -35,17 +35,19 @@ from memex.models import resolve_device
 
 log = logging.getLogger("memex.index")
 # Part of every index key: folders written by an older layout are never resumed into, only rebuilt.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 
 def index_key(listing: pa.Table, cfg: AuditConfig) -> str:
-    """Hash of what decides the index content: the listing (ids, bytes/uris), embedder, index settings."""
+    """Hash of what decides the index content: the listing (ids, bytes/uris), embedder, index
+    settings and how training images are fitted to the embedder's input (trainset.preprocess)."""
     h = hashlib.sha256(f"layout {LAYOUT_VERSION}".encode())
     for col in ("id", "uri", "caption"):
         h.update(json.dumps(listing[col].to_pylist()).encode())
     for b in listing["image"].to_pylist():  # bytes hash: a changed image changes the key
         h.update(hashlib.sha256(b or b"").digest())
-    h.update(json.dumps({"embedder": plain(cfg.embedder), "index": plain(cfg.index)}, sort_keys=True).encode())
+    h.update(json.dumps({"embedder": plain(cfg.embedder), "index": plain(cfg.index),
+                         "preprocess": cfg.trainset.preprocess.value}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -57,14 +59,15 @@ def plan_index_shards(n: int, shards: int) -> list[tuple[int, int]]:
 
 
 # ---- unit functions (plain functions: run in Ray tasks by the runner, testable without one) ------
-def _embed_rows(rows: pa.Table, emb: EmbedderConfig, embedder, batch: int, storage_options: dict):
-    """Decode and embed rows `batch` at a time -> (vectors (n, d), gids (n,), quarantine tables)."""
+def _embed_rows(rows: pa.Table, emb: EmbedderConfig, embedder, batch: int, storage_options: dict, preprocess: str):
+    """Decode, fit to the embedder's square input (trainset.preprocess) and embed rows `batch` at
+    a time -> (vectors (n, d), gids (n,), quarantine tables)."""
     from memex.ingest import decode_rows
 
     vecs, gids, quarantine = [], [], []
     for b in range(0, rows.num_rows, batch):  # bounded memory: `batch` decoded images at a time
         part = rows.slice(b, batch)
-        dec = decode_rows(part, emb.size, storage_options)
+        dec = decode_rows(part, emb.size, storage_options, preprocess=preprocess)
         quarantine.append(dec.quarantine)
         if dec.ids:
             gid_of = dict(zip(part["id"].to_pylist(), part["gid"].to_pylist()))
@@ -81,7 +84,7 @@ def _embedder(emb: EmbedderConfig, device: str):
 
 
 def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderConfig, idx: IndexConfig,
-                    device: str) -> dict:
+                    device: str, preprocess: str) -> dict:
     """IVF-PQ only: train one coarse quantizer + PQ codebook on a fixed random sample of the whole
     training set, so every shard shares it (memex/index.py train_index)."""
     from memex.index import IndexSpec, save_index, train_index
@@ -91,13 +94,13 @@ def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderC
     spec = IndexSpec.from_config(idx, embedder.metric)
     pick = np.sort(np.random.default_rng(0).choice(n_train, min(n_train, spec.train_size), replace=False))
     rows = layout.store.read_table(layout.train_path, schema=TRAIN_SCHEMA, filters=[("gid", "in", pick.tolist())])
-    x, _, _ = _embed_rows(rows, emb, embedder, idx.decode_batch, opts)
+    x, _, _ = _embed_rows(rows, emb, embedder, idx.decode_batch, opts, preprocess)
     save_index(train_index(x, spec), layout.store.uri_of(layout.quantizer_path), opts)
     return {"vectors": int(len(x))}
 
 
 def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: EmbedderConfig, idx: IndexConfig,
-                device: str) -> dict:
+                device: str, preprocess: str) -> dict:
     """Shard `shard` = training rows [start, stop): FAISS shard, its vectors, its quarantine."""
     from memex.index import IndexSpec, load_index, save_index
     from memex.index import build_shard as build_faiss_shard
@@ -105,7 +108,7 @@ def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: Emb
     opts, store = layout.store.options, layout.store
     embedder = _embedder(emb, device)
     rows = store.read_table(layout.train_path, schema=TRAIN_SCHEMA, filters=[("gid", ">=", start), ("gid", "<", stop)])
-    x, ids, quarantine = _embed_rows(rows, emb, embedder, idx.decode_batch, opts)
+    x, ids, quarantine = _embed_rows(rows, emb, embedder, idx.decode_batch, opts, preprocess)
     trained = load_index(store.uri_of(layout.quantizer_path), opts) if idx.kind == IndexKind.ivfpq else None
     index = build_faiss_shard(x, ids, IndexSpec.from_config(idx, embedder.metric), trained=trained)
     save_index(index, store.uri_of(layout.faiss_path(shard)), opts)
@@ -120,18 +123,25 @@ def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: Emb
 
 
 def count_duplicates(shard: int, layout: IndexLayout, n_shards: int, idx: IndexConfig, metric: str) -> pa.Table:
-    """Near-duplicate count of each image of `shard` among all shards -> DUPS_SCHEMA rows."""
-    from memex.index import IndexSpec, ShardedIndex, duplicate_counts
+    """Near-duplicate count and picture (smallest gid of its near-duplicate group) of each image of
+    `shard` among all shards -> DUPS_SCHEMA rows."""
+    from functools import partial
 
+    from memex.index import IndexSpec, ShardedIndex, near_duplicates, resolve_dup_threshold
+
+    threshold = resolve_dup_threshold(idx.dup_threshold, metric)  # None: the metric's default; checked first
     with np.load(io.BytesIO(layout.store.read_bytes(layout.vectors_path(shard)))) as z:
         x, gids = z["vectors"], z["gids"]
     index = ShardedIndex(load_shards(layout, list(range(n_shards))), IndexSpec.from_config(idx, metric))
-    counts = duplicate_counts(index.search, x, gids, idx.dup_threshold, metric=metric,
-                              k=idx.dup_k) if len(gids) else np.zeros(0, np.int32)
+    # exact counts: top dup_k first, then range counts for the images with more near-duplicates than that
+    counts, pictures = near_duplicates(index.search, x, gids, threshold, metric=metric, k=idx.dup_k,
+                                       range_fn=partial(index.range_neighbors, start_k=2 * idx.dup_k),
+                                       ) if len(gids) else (np.zeros(0, np.int32), np.zeros(0, np.int64))
     train = fetch_train_rows(layout, gids.tolist(), columns=["gid", "id", "caption"])
     meta = {g: (i, c) for g, i, c in zip(*(train[n].to_pylist() for n in ("gid", "id", "caption")))}
     return pa.table({"gid": gids, "id": [meta[g][0] for g in gids.tolist()],
-                     "caption": [meta[g][1] for g in gids.tolist()], "near_duplicates": counts.astype(np.int32)},
+                     "caption": [meta[g][1] for g in gids.tolist()], "near_duplicates": counts.astype(np.int32),
+                     "picture": pictures},
                     schema=DUPS_SCHEMA)
 
 
@@ -165,7 +175,8 @@ def run(cfg: AuditConfig) -> IndexInfo:
 
     # 3. one shared quantizer (IVF-PQ), 4. the shards, 5. near-duplicate counts
     t0 = time.perf_counter()
-    common = {"layout": layout, "emb": cfg.embedder, "idx": cfg.index, "device": r.device}
+    common = {"layout": layout, "emb": cfg.embedder, "idx": cfg.index, "device": r.device,
+              "preprocess": cfg.trainset.preprocess.value}
     if cfg.index.kind == IndexKind.ivfpq:
         runner.run_tasks(layout.quantizer, {0: {"n_train": listing.num_rows}}, train_quantizer, r, **common)
     runner.run_tasks(layout.shards, {s: {"start": a, "stop": b} for s, (a, b) in enumerate(plans)}, build_shard, r,

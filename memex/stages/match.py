@@ -28,10 +28,11 @@ import pyarrow.compute as pc
 
 from memex import runner
 from memex.config import AuditConfig, CandidateSource, DistanceKind, MatchConfig, plain
-from memex.images import decode, encode_png, resize
+from memex.images import decode, encode_png, fit, to_aspect
 from memex.layout import MATCHED_TRAIN_SCHEMA, MATCHES_SCHEMA, RunLayout, StorageError
-from memex.membership import IndexInfo, fetch_train_rows, load_shards, read_info
+from memex.membership import IndexInfo, fetch_train_rows, load_shards, picture_rows, read_info, read_pictures
 from memex.models import resolve_device
+from memex.prompts import read_run_prompts
 
 log = logging.getLogger("memex.match")
 REPORT_NEAR_MISSES = 200  # closest non-copies whose training images are kept for the report
@@ -50,11 +51,12 @@ def select_candidates(layout: RunLayout, m: MatchConfig) -> pa.Table:
 
 
 # 2. nearest training images by embedding (Ray tasks) -------------------------------------------
-def embed_task(images: list[bytes], emb, device: str) -> np.ndarray:
+def embed_task(images: list[bytes], emb, device: str, preprocess: str) -> np.ndarray:
     from memex.embed import make_embedder
 
     embedder = make_embedder(emb, resolve_device(device))
-    return embedder(np.stack([resize(decode(b), emb.size) for b in images]))
+    # generations are fitted to the embedder's square input like the training images were
+    return embedder(np.stack([fit(decode(b), emb.size, preprocess) for b in images]))
 
 
 def search_task(info: IndexInfo, storage_options: dict, shard: int, queries: np.ndarray, k: int, idx) -> tuple:
@@ -69,7 +71,8 @@ def nearest_training_images(cfg: AuditConfig, info: IndexInfo, images: list[byte
     from memex.index import merge_topk
 
     r = cfg.resources
-    (q,) = runner.call_all(embed_task, [{"images": images, "emb": cfg.embedder, "device": r.device}], r)
+    (q,) = runner.call_all(embed_task, [{"images": images, "emb": cfg.embedder, "device": r.device,
+                                         "preprocess": cfg.trainset.preprocess.value}], r)
     parts = runner.call_all(search_task, [{"info": info, "storage_options": cfg.storage.options, "shard": s,
                                            "queries": q, "k": k, "idx": cfg.index} for s in range(len(info.shards))],
                             r, gpu=False)
@@ -77,11 +80,13 @@ def nearest_training_images(cfg: AuditConfig, info: IndexInfo, images: list[byte
 
 
 # 3. training pixels ---------------------------------------------------------------------------
-def fetch_training_images(info: IndexInfo, gids: np.ndarray, storage_options: dict) -> tuple[dict, dict]:
-    """({gid: (H, W, 3) uint8 training image}, {gid: (id, caption)}) for the ids >= 0 in `gids`."""
+def fetch_training_images(info: IndexInfo, gids, storage_options: dict, known: dict | None = None) -> tuple:
+    """({gid: (H, W, 3) uint8 training image}, {gid: (id, caption)}) for the ids >= 0 in `gids`
+    not already in `known` (pixels fetched by an earlier round)."""
     from memex.ingest import decode_rows
 
-    train = fetch_train_rows(info.layout(storage_options), [int(g) for g in np.unique(gids) if g >= 0])
+    want = [int(g) for g in np.unique(np.asarray(gids)) if g >= 0 and int(g) not in (known or {})]
+    train = fetch_train_rows(info.layout(storage_options), want)
     dec = decode_rows(train, None, storage_options)
     gid_of = dict(zip(train["id"].to_pylist(), train["gid"].to_pylist()))
     pixels = {gid_of[i]: img for i, img in zip(dec.ids, dec.images)}
@@ -90,45 +95,65 @@ def fetch_training_images(info: IndexInfo, gids: np.ndarray, storage_options: di
 
 
 # 4. verification on pixels --------------------------------------------------------------------
-def verify(gen: np.ndarray, neighbors: list[np.ndarray], kind: DistanceKind, alpha: float) -> np.ndarray:
-    """Pixel distances of one generation (H, W, 3) uint8 to each of its neighbours -> (k,) float.
-
-    tiled_l2: per neighbour, the paper's tiled l2 (each pair resized to their smaller common size).
-    relative_l2: distances.relative_ratios of the plain l2 to each neighbour (the neighbours are
-    the reference set S), so the minimum entry is the paper's d(x_hat, x). One pair at a time:
-    training images keep their own sizes.
-    """
+def pixel_distances(gen: np.ndarray, neighbors: list[np.ndarray], kind: DistanceKind, preprocess: str) -> np.ndarray:
+    """(k,) float64 distances of one generation (H, W, C) uint8 to each training image: tiled l2
+    (the paper's), or plain l2 (RMS, the input of relative l2). Each training image is first cut to
+    the generation's aspect ratio (trainset.preprocess), then each pair is compared at their smaller
+    common size. One pair at a time: training images keep their own sizes."""
     import torch
 
-    from memex.distances import l2_pairwise, relative_ratios, tiled_l2, to_unit
+    from memex.distances import l2_pairwise, tiled_l2, to_unit
 
-    g = to_unit(torch.tensor(gen[None]))
+    g = to_unit(torch.tensor(gen[None]))  # tensor(): copies read-only arrays
     fn = tiled_l2 if kind == DistanceKind.tiled_l2 else (lambda a, b: l2_pairwise(a, b)[:, 0])
-    d = torch.tensor([float(fn(g, to_unit(torch.tensor(n[None])))[0]) for n in neighbors],  # tensor(): copies
-                     dtype=torch.float64)
-    if kind == DistanceKind.relative_l2:
-        d = relative_ratios(d[None], alpha)[0]
-    return d.numpy()
+    h, w = gen.shape[:2]
+    return np.array([float(fn(g, to_unit(torch.tensor(to_aspect(n, h, w, preprocess)[None])))[0]) for n in neighbors],
+                    dtype=np.float64)
+
+
+def relative_distance(l2: np.ndarray, pictures: list[int], n: int, alpha: float) -> tuple[float, int]:
+    """The CIFAR-10 relative distance over the n nearest *distinct pictures* by exact pixel l2.
+
+    l2 (p,): plain l2 of the generation to p proposed training rows; pictures (p,): the picture
+    (near-duplicate group) of each row. A picture stored 33 times enters the reference set once,
+    so the most duplicated images are not held to a stricter test. Returns (d, proposal index of
+    the nearest picture's nearest row)."""
+    import torch
+
+    from memex.distances import relative_ratios
+
+    best: dict[int, int] = {}  # picture -> its nearest row
+    for j in np.argsort(l2, kind="stable"):
+        best.setdefault(pictures[j], int(j))
+    chosen = list(best.values())[:n]  # ascending l2: the n nearest distinct pictures
+    r = relative_ratios(torch.tensor(l2[chosen], dtype=torch.float64)[None], alpha)[0]
+    return float(r[0]), chosen[0]  # chosen[0] has the smallest l2, hence the smallest ratio
 
 
 def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, meta: dict, m: MatchConfig,
-               metric: str) -> list[dict]:
-    """One MATCHES_SCHEMA row per candidate that has a readable neighbour: its best match."""
+               metric: str, preprocess: str, picture: dict[int, int]) -> list[dict]:
+    """One MATCHES_SCHEMA row per candidate that has a readable neighbour: its best match.
+
+    tiled_l2: the nearest of the k embedding neighbours by tiled l2. relative_l2: the embedding
+    search proposes, pixels decide: relative_distance over the proposals' distinct pictures."""
     rows = []
     for j, (sid, pid, text, png) in enumerate(zip(*(samples[c].to_pylist()
                                                     for c in ("sample_id", "prompt_id", "prompt", "image")))):
         nb = [(rank, int(g)) for rank, g in enumerate(I[j]) if g >= 0 and int(g) in pixels]
         if not nb:
             continue
-        d = verify(decode(png), [pixels[g] for _, g in nb], m.distance, m.alpha)
-        # relative l2 normalises over all n neighbours, but only the first k are match candidates
-        best = int(np.argmin(d[: m.k]))
+        d = pixel_distances(decode(png), [pixels[g] for _, g in nb], m.distance, preprocess)
+        if m.distance == DistanceKind.relative_l2:
+            dist, best = relative_distance(d, [picture.get(g, g) for _, g in nb], m.n_neighbors, m.alpha)
+        else:
+            best = int(np.argmin(d))
+            dist = float(d[best])
         rank, g = nb[best]
         ed = float(D[j, rank])
         rows.append({"sample_id": sid, "prompt_id": pid, "prompt": text, "train_gid": g, "train_id": meta[g][0],
-                     "train_caption": meta[g][1], "distance": float(d[best]),
+                     "train_caption": meta[g][1], "distance": dist,
                      "embed_distance": float(np.sqrt(max(ed, 0.0))) if metric == "l2" else ed,
-                     "neighbor_rank": rank, "extracted": bool(d[best] <= m.threshold)})
+                     "neighbor_rank": rank, "extracted": bool(dist <= m.threshold)})
     return rows
 
 
@@ -146,6 +171,35 @@ def keep_for_report(layout: RunLayout, rows: list[dict], pixels: dict) -> None:
         schema=MATCHED_TRAIN_SCHEMA))
 
 
+def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes]) -> tuple:
+    """Steps 2-3: each candidate's nearest training rows by embedding, their pixels and pictures.
+
+    tiled_l2 verifies the match.k nearest. relative_l2 needs match.n_neighbors distinct pictures:
+    the search starts at 2 x n rows and widens (x4, up to the whole index) for the candidates
+    whose proposals hold fewer distinct pictures, as when one image is stored hundreds of times."""
+    m, opts = cfg.match, cfg.storage.options
+    relative = m.distance == DistanceKind.relative_l2
+    k = min(2 * m.n_neighbors if relative else m.k, info.n_indexed)
+    D, I = nearest_training_images(cfg, info, images, k)
+    pixels, meta = fetch_training_images(info, I, opts)
+    picture = read_pictures(info, opts, I)
+    while relative and k < info.n_indexed:
+        short = [j for j in range(len(images)) if len({picture.get(int(g), int(g)) for g in I[j] if g >= 0})
+                 < m.n_neighbors]
+        if not short:
+            break
+        k = min(4 * k, info.n_indexed)
+        D2, I2 = nearest_training_images(cfg, info, [images[j] for j in short], k)
+        D = np.pad(D, ((0, 0), (0, k - D.shape[1])), constant_values=np.inf if info.metric == "l2" else -np.inf)
+        I = np.pad(I, ((0, 0), (0, k - I.shape[1])), constant_values=-1)
+        D[short], I[short] = D2, I2
+        more_pixels, more_meta = fetch_training_images(info, I2, opts, known=pixels)
+        pixels.update(more_pixels)
+        meta.update(more_meta)
+        picture.update(read_pictures(info, opts, I2))
+    return D, I, pixels, meta, picture
+
+
 def match_candidates(unit: int, cfg: AuditConfig, layout: RunLayout, info: IndexInfo) -> pa.Table:
     """The stage's one unit: steps 1-5 -> the MATCHES_SCHEMA table (the runner writes it)."""
     m = cfg.match
@@ -154,10 +208,8 @@ def match_candidates(unit: int, cfg: AuditConfig, layout: RunLayout, info: Index
     rows: list[dict] = []
     pixels: dict[int, np.ndarray] = {}
     if samples.num_rows:
-        k = min(max(m.k, m.n_neighbors if m.distance == DistanceKind.relative_l2 else m.k), info.n_indexed)
-        D, I = nearest_training_images(cfg, info, samples["image"].to_pylist(), k)
-        pixels, meta = fetch_training_images(info, I, cfg.storage.options)
-        rows = verify_all(samples, D, I, pixels, meta, m, info.metric)
+        D, I, pixels, meta, picture = propose(cfg, info, samples["image"].to_pylist())
+        rows = verify_all(samples, D, I, pixels, meta, m, info.metric, cfg.trainset.preprocess.value, picture)
     keep_for_report(layout, rows, pixels)  # first: the report shows them beside the generations
     return pa.Table.from_pylist(rows, schema=MATCHES_SCHEMA)
 
@@ -166,42 +218,57 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     """Match a filtered run; returns the summary written to matches/summary.json."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     info = read_info(layout)
-    if layout.candidates.success() is None:
+    if layout.candidates.success() is None and cfg.match.candidates == CandidateSource.cliques:
         raise StorageError(f"run {layout.uri} has no complete candidates/: run the filter (memex audit) first")
     layout.matches.claim({"match": plain(cfg.match), "index_key": info.key, "embedder": plain(cfg.embedder)},
                          f"run folder {layout.uri}")
     if layout.matches.success() is not None:
         return read_summary(layout)
     runner.do_unit(layout.matches, 0, match_candidates, {"cfg": cfg, "layout": layout, "info": info})
-    summary = summarize(cfg, layout, info, layout.candidates.read(), layout.matches.read())
+    summary = summarize(cfg, layout, info, layout.matches.read())
     layout.store.write_json(layout.summary_path, summary)
     layout.matches.mark_success({"summary": "summary.json", "extracted": summary["extracted_unique_train_images"]})
     return summary
 
 
-def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, candidates: pa.Table, matches: pa.Table) -> dict:
+def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.Table) -> dict:
+    """matches/summary.json: the headline numbers, extracted pictures, per-prompt results, config."""
+    prompts = read_run_prompts(layout).to_pylist()
+    filtered = layout.candidates.success() is not None  # the filter is skipped when candidates=all
+    cands = {c["prompt_id"]: c for c in layout.candidates.read().to_pylist()} if filtered else {}
     ext = matches.filter(matches["extracted"]) if matches.num_rows else matches
-    per_prompt = []
     by_prompt: dict[str, list[dict]] = {}
     for row in ext.to_pylist():
         by_prompt.setdefault(row["prompt_id"], []).append(row)
-    for c in candidates.to_pylist():
-        hits = by_prompt.get(c["prompt_id"], [])
-        per_prompt.append({"prompt_id": c["prompt_id"], "prompt": c["prompt"], "flagged": c["flagged"],
-                           "clique_size": c["clique_size"], "extracted_samples": len(hits),
+    per_prompt = []
+    for p in prompts:
+        c, hits = cands.get(p["prompt_id"], {}), by_prompt.get(p["prompt_id"], [])
+        per_prompt.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "flagged": c.get("flagged", False),
+                           "clique_size": c.get("clique_size"), "extracted_samples": len(hits),
                            "train_ids": sorted({h["train_id"] for h in hits})})
-    n_samples = layout.samples.success()["rows"]
-    train_ids = sorted(set(ext["train_id"].to_pylist())) if ext.num_rows else []
+    # extracted *pictures*: rows of one picture (near-duplicates in the index) count once
+    picture = read_pictures(info, cfg.storage.options, ext["train_gid"].to_numpy() if ext.num_rows else [])
+    gens: dict[int, int] = {}
+    for g in ext["train_gid"].to_pylist() if ext.num_rows else []:
+        gens[picture.get(g, g)] = gens.get(picture.get(g, g), 0) + 1
+    rows = picture_rows(info, cfg.storage.options, list(gens))
+    pictures = sorted(({"picture": rows[p][0], "rows": rows[p], "generations": n} for p, n in gens.items()),
+                      key=lambda x: (-x["generations"], x["picture"]))
+    undecided = (layout.candidates.success() or {}).get("undecided_prompt_ids", [])
     return {
         "run": layout.uri,
         "model": {"name": cfg.model.name, "path": cfg.model.path},
-        "samples": n_samples,
-        "prompts": candidates.num_rows,
-        "prompts_flagged": int(sum(candidates["flagged"].to_pylist())),
+        "samples": layout.samples.success()["rows"],
+        "prompts": len(prompts),
+        "filter": "ran" if filtered else "skipped: match.candidates=all verifies every sample",
+        "prompts_flagged": sum(bool(c["flagged"]) for c in cands.values()),
+        "prompts_undecided": len(undecided),
+        "undecided_prompt_ids": undecided,
         "candidates_verified": matches.num_rows,
         "extracted_generations": ext.num_rows,
-        "extracted_unique_train_images": len(train_ids),
-        "extracted_train_ids": train_ids,
+        "extracted_unique_train_images": len(pictures),
+        "extracted_pictures": pictures,
+        "extracted_train_ids": sorted(set(ext["train_id"].to_pylist())) if ext.num_rows else [],
         "thresholds": {"filter_edge_tiled_l2": cfg.filter.edge_threshold, "min_clique": cfg.filter.min_clique,
                        "match_distance": cfg.match.distance.value, "match_threshold": cfg.match.threshold,
                        "match_k": cfg.match.k},
