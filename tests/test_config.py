@@ -214,6 +214,9 @@ NEEDS_PATH = {("prompts", "file"): "prompts.path", ("prompts", "captions"): "pro
               ("embedder", "sscd"): "embedder.path"}
 
 
+# 87 compositions, ~22 s: the full suite's; the unit tier composes every option once per group
+# (test_every_group_option_composes, test_every_audit_group_option_composes)
+@pytest.mark.slow
 @pytest.mark.parametrize("primary,group,option", [(p, g, o) for p, (cls, _) in PRIMARIES.items()
                                                   for g in ALL_GROUPS if g in {f.name for f in dataclasses.fields(cls)}
                                                   for o in _options(g)])

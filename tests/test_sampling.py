@@ -35,12 +35,18 @@ def test_sample_seed_is_stable_and_distinct():
 # Every scheduler at least once. DDPM and the ancestral ones add fresh noise at every step, so they
 # also check the per-sample step noise; PNDM, LMS, Heun, UniPC, DEIS and KDPM2 take no generator
 # (and keep state across steps: multistep histories, Heun's and KDPM2's first half of a step).
-@pytest.mark.parametrize("kind,scheduler", [
-    ("unconditional", "ddpm"), ("latent_text", "default"), ("pixel_text", "ddpm"), ("pixel_text", "euler_ancestral"),
+# Four cases in the unit tier (one per family, a stateless, a stochastic and a multistep
+# scheduler); every other scheduler in the full suite.
+_FAST = [("unconditional", "ddpm"), ("latent_text", "default"), ("pixel_text", "ddpm"),
+         ("pixel_text", "euler_ancestral")]
+_EVERY = [
     ("unconditional", "pndm"), ("unconditional", "lms"), ("unconditional", "heun"), ("unconditional", "unipc"),
     ("unconditional", "kdpm2_ancestral"), ("latent_text", "pndm"), ("latent_text", "heun"), ("latent_text", "kdpm2"),
     ("pixel_text", "euler"), ("pixel_text", "dpm_multistep"), ("pixel_text", "dpm_singlestep"), ("pixel_text", "deis"),
-])
+]
+
+
+@pytest.mark.parametrize("kind,scheduler", _FAST + [pytest.param(*c, marks=pytest.mark.slow) for c in _EVERY])
 def test_a_sample_regenerated_alone_is_byte_identical(tiny_models, kind, scheduler):
     s = _sampler(tiny_models[kind], scheduler=SchedulerKind(scheduler))
     ids, texts, seeds = _batch()
