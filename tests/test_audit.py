@@ -182,3 +182,48 @@ def test_audit_job_on_the_shipped_demo_extracts_its_duplicated_images(tmp_path, 
     assert len(extracted) >= 3, summary["per_prompt"]
     assert all(copies[i] == 32 for i in extracted)
     assert summary["extracted_unique_train_images"] == len(extracted) == len(set(extracted))
+
+
+def test_grayscale_ddpm_audited_end_to_end(tmp_path, ray_head):
+    """A 1-channel DDPMPipeline (MNIST-style) through the whole `memex audit` (match=relative): its
+    generations are stored as 8-bit grayscale PNGs, and the training images that are exact copies
+    of three of them (planted from the same seeds, saved as grayscale) are the ones extracted.
+    The other training images are unrelated smooth gray pictures."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from memex import tiny
+    from memex.config import SamplingConfig
+    from memex.models import load_model
+    from memex.prompts import UNCONDITIONAL_ID
+    from memex.sampling import Sampler, sample_seed
+    from memex.stages import audit
+
+    model_dir = tiny.build("unconditional", tmp_path / "gray", channels=1)
+    sampling = SamplingConfig(num_inference_steps=3, batch_size=4)
+    planted = [1, 4, 6]
+    copies = Sampler(load_model(str(model_dir)), sampling).generate(
+        [UNCONDITIONAL_ID] * 3, [""] * 3, [sample_seed(0, UNCONDITIONAL_ID, i) for i in planted])
+    rng = np.random.default_rng(3)
+    others = [np.asarray(PILImage.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)).resize((16, 16),
+                                                                                               PILImage.BILINEAR))
+              for _ in range(30)]
+    ids = [f"copy-{i}" for i in planted] + [f"other-{j:02d}" for j in range(30)]
+    images = [encode_png(c) for c in copies] + [encode_png(o) for o in others]  # (16,16,1) and (16,16): mode L
+    manifest = tmp_path / "gray.parquet"
+    pq.write_table(pa.table({"id": ids, "image": images}), manifest)
+
+    cfg = compose(["model=local", f"model.path={model_dir}", "model.kind=unconditional", "prompts=none",
+                   "match=relative", "match.n_neighbors=8", "trainset=manifest", f"trainset.path={manifest}",
+                   f"storage.root={tmp_path / 'runs'}", "sampling.samples_per_prompt=8",
+                   "sampling.num_inference_steps=3", "sampling.batch_size=4", "sampling.shard_size=4",
+                   "index.shards=2", "embedder.size=16", f"resources.address={ray_head.address}"], config_name="audit")
+    s = audit.run(cfg)
+    layout = RunLayout(cfg.storage.root, s["run"].rsplit("/", 1)[1])
+    samples = layout.samples.read()
+    assert samples.num_rows == 8 and all(PILImage.open(io.BytesIO(b)).mode == "L" for b in samples["image"].to_pylist())
+    assert s["filter"].startswith("skipped") and s["candidates_verified"] == 8
+    assert s["extracted_train_ids"] == [f"copy-{i}" for i in planted]
+    m = {r["sample_id"]: r for r in layout.matches.read().to_pylist()}
+    assert all(m[f"{UNCONDITIONAL_ID}/{i}"]["distance"] == 0 for i in planted)
