@@ -4,7 +4,8 @@
 
 One unit (matches/shard-000000, done in the driver through memex/runner.py `do_unit`), in steps:
   1. `select_candidates`: the samples of each flagged prompt's clique (match.candidates=cliques),
-     or every sample (=all, the paper's unconditional setting);
+     or every sample (=all, the paper's unconditional setting), one samples shard at a time
+     (steps 2-4 run per shard: the driver's memory does not grow with the number of samples);
   2. `nearest_training_images`: embed them in one Ray task (the embedder is the only model here;
      GPU when resources ask), search every index shard in one Ray task each and merge the top k
      (memex/index.py merge_topk: the same ids and order as one flat index over all vectors);
@@ -21,6 +22,7 @@ verification runs in the driver; the expensive parts (embedding, search) are Ray
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -39,15 +41,22 @@ REPORT_NEAR_MISSES = 200  # closest non-copies whose training images are kept fo
 
 
 # 1. candidates ---------------------------------------------------------------------------------
-def select_candidates(layout: RunLayout, m: MatchConfig) -> pa.Table:
-    """sample_id, prompt_id, prompt, image of the samples to verify, by sample id."""
-    samples = layout.samples.read(columns=["sample_id", "prompt_id", "prompt", "image"])
+def select_candidates(layout: RunLayout, m: MatchConfig) -> Iterator[pa.Table]:
+    """sample_id, prompt_id, prompt, image of the samples to verify, one samples shard at a time, so
+    the driver holds one shard's PNGs (shard_size x ~0.4 MB at 512 px), never the run's (500 x
+    350,000 in the paper). cliques: the flagged cliques' members; all: every sample."""
+    wanted = None
     if m.candidates == CandidateSource.cliques:
         flagged = layout.candidates.read(columns=["flagged", "sample_ids"])
         flagged = flagged.filter(flagged["flagged"])
-        wanted = [s for ids in flagged["sample_ids"].to_pylist() for s in ids]
-        samples = samples.filter(pc.is_in(samples["sample_id"], pa.array(wanted, pa.string())))
-    return samples.sort_by("sample_id")
+        wanted = pa.array([s for ids in flagged["sample_ids"].to_pylist() for s in ids], pa.string())
+        if not len(wanted):
+            return
+    for shard in layout.samples.complete():
+        t = layout.store.read_table(layout.samples.file(shard), columns=["sample_id", "prompt_id", "prompt", "image"])
+        t = t if wanted is None else t.filter(pc.is_in(t["sample_id"], wanted))
+        if t.num_rows:
+            yield t
 
 
 # 2. nearest training images by embedding (Ray tasks) -------------------------------------------
@@ -158,7 +167,7 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
 
 
 # 5. the training images the report shows ------------------------------------------------------
-def keep_for_report(layout: RunLayout, rows: list[dict], pixels: dict) -> None:
+def keep_for_report(layout: RunLayout, rows: list[dict], info: IndexInfo, storage_options: dict) -> None:
     """Every extracted match's training image, and the closest others up to REPORT_NEAR_MISSES
     (candidates=all verifies every sample: 50k CIFAR-sized generations would otherwise copy 50k
     training images here), into matches/train_images.parquet."""
@@ -166,6 +175,7 @@ def keep_for_report(layout: RunLayout, rows: list[dict], pixels: dict) -> None:
     keep = ([r for r in by_distance if r["extracted"]]
             + [r for r in by_distance if not r["extracted"]][:REPORT_NEAR_MISSES])
     matched = sorted({r["train_gid"]: r["train_id"] for r in keep}.items())
+    pixels, _ = fetch_training_images(info, [g for g, _ in matched], storage_options)
     layout.store.write_table(layout.matched_train_path, pa.Table.from_pylist(
         [{"train_gid": g, "train_id": i, "image": encode_png(pixels[g])} for g, i in matched],
         schema=MATCHED_TRAIN_SCHEMA))
@@ -201,17 +211,15 @@ def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes]) -> tuple:
 
 
 def match_candidates(unit: int, cfg: AuditConfig, layout: RunLayout, info: IndexInfo) -> pa.Table:
-    """The stage's one unit: steps 1-5 -> the MATCHES_SCHEMA table (the runner writes it)."""
-    m = cfg.match
-    samples = select_candidates(layout, m)
-    log.info("match: %d candidates against %d indexed training images", samples.num_rows, info.n_indexed)
-    rows: list[dict] = []
-    pixels: dict[int, np.ndarray] = {}
-    if samples.num_rows:
+    """The stage's one unit: steps 1-5, a samples shard at a time -> the MATCHES_SCHEMA table, by
+    sample id (the runner writes it). Memory: one shard's candidates and their neighbours' pixels."""
+    m, rows = cfg.match, []
+    for samples in select_candidates(layout, m):
         D, I, pixels, meta, picture = propose(cfg, info, samples["image"].to_pylist())
-        rows = verify_all(samples, D, I, pixels, meta, m, info.metric, cfg.trainset.preprocess.value, picture)
-    keep_for_report(layout, rows, pixels)  # first: the report shows them beside the generations
-    return pa.Table.from_pylist(rows, schema=MATCHES_SCHEMA)
+        rows += verify_all(samples, D, I, pixels, meta, m, info.metric, cfg.trainset.preprocess.value, picture)
+    log.info("match: %d candidates verified against %d indexed training images", len(rows), info.n_indexed)
+    keep_for_report(layout, rows, info, cfg.storage.options)  # first: the report shows them beside the generations
+    return pa.Table.from_pylist(sorted(rows, key=lambda r: r["sample_id"]), schema=MATCHES_SCHEMA)
 
 
 def run(cfg: AuditConfig, run_name: str) -> dict:
