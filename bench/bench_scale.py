@@ -68,12 +68,22 @@ class Peaks(threading.Thread):
             time.sleep(0.2)
 
 
+def _worker_rss() -> float:
+    """RSS (MiB) of a Ray worker that has imported what the filter imports: the baseline its peak is over."""
+    import psutil
+    import torch  # noqa: F401
+
+    import memex.stages.filter  # noqa: F401
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def one(n: int, steps: int, root: Path) -> dict:
     """Index, generate, filter and match one prompt x n samples; returns times and peaks."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from memex import tiny
+    from memex import runner, tiny
     from memex.config import (
         AuditConfig,
         CandidateSource,
@@ -138,6 +148,7 @@ def one(n: int, steps: int, root: Path) -> dict:
         return out
 
     info = timed("index", index.run, cfg)
+    base = runner.call_all(_worker_rss, [{}], cfg.resources)[0]
     run_name = generate.prepare(cfg, pa.table({"prompt_id": [pid], "prompt": [prompt]}, schema=PROMPTS_SCHEMA))
     store = Store(cfg.storage.root).child(run_name)
     store.write_json(store.join("index.json"), info.to_json())  # what `memex audit` records
@@ -146,7 +157,7 @@ def one(n: int, steps: int, root: Path) -> dict:
     summary = timed("match", match.run, cfg, run_name)
     peaks.stop.set()
     peaks.join()
-    return {"n": n, "steps": steps, "times": times, "peaks": peaks.peaks,
+    return {"n": n, "steps": steps, "times": times, "peaks": peaks.peaks, "worker_base_mib": base,
             "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "extracted": summary["extracted_train_ids"], "candidates_verified": summary["candidates_verified"]}
 
@@ -175,6 +186,8 @@ def main() -> None:
     print(f"\none prompt x N samples, 512x512, tiny SD-layout model, PNDM, {a.steps} steps, 2 CPU cores")
     print(f"{'N':>5} {'generate s':>10} {'filter s':>9} {'match s':>8} {'driver MiB':>10} "
           f"{'filter worker MiB':>17} {'gen worker MiB':>14} {'match worker MiB':>16}  extracted")
+    print("(worker MiB: peak RSS of the largest Ray worker while the stage ran; an idle worker that has imported "
+          f"torch and memex holds {rows[0]['worker_base_mib']:.0f} MiB)")
     for r in rows:
         t, p = r["times"], r["peaks"]
         print(f"{r['n']:>5} {t['generate']:>10.1f} {t['filter']:>9.1f} {t['match']:>8.1f} "
@@ -184,8 +197,10 @@ def main() -> None:
     base = rows[0]
     for r in rows:
         t = r["times"]
-        print(f"N={r['n']}: generation / filter = {t['generate'] / t['filter']:.1f}x; "
-              f"driver peak {r['driver_peak_mib'] / base['driver_peak_mib']:.2f}x that of N={base['n']}")
+        extra = r["peaks"].get("filter", {}).get("worker_max", 0) - r["worker_base_mib"]
+        print(f"N={r['n']}: generation / filter = {t['generate'] / t['filter']:.1f}x; filter worker "
+              f"{extra:.0f} MiB above an idle worker; driver peak {r['driver_peak_mib'] / base['driver_peak_mib']:.2f}x "
+              f"that of N={base['n']}")
 
 
 if __name__ == "__main__":
