@@ -198,9 +198,9 @@ def main() -> None:
     for r in rows:
         t = r["times"]
         extra = r["peaks"].get("filter", {}).get("worker_max", 0) - r["worker_base_mib"]
+        ratio = r["driver_peak_mib"] / base["driver_peak_mib"]
         print(f"N={r['n']}: generation / filter = {t['generate'] / t['filter']:.1f}x; filter worker "
-              f"{extra:.0f} MiB above an idle worker; driver peak {r['driver_peak_mib'] / base['driver_peak_mib']:.2f}x "
-              f"that of N={base['n']}")
+              f"{extra:.0f} MiB above an idle worker; driver peak {ratio:.2f}x that of N={base['n']}")
 
 
 if __name__ == "__main__":
