@@ -109,10 +109,19 @@ audit_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_nam
 GATE_EXIT = 3  # nightly: a checkpoint crossed the budget or the growth margin (1: errors, 2: usage)
 
 
+def _logs_to_stderr() -> None:
+    """Hydra's job_logging writes to stdout; move it to stderr where stdout is a machine-read result."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
 @_report_errors
 def _nightly(cfg: DictConfig) -> None:
     from memex.stages import nightly
 
+    if cfg.nightly.action == C.NightlyAction.plan.value:
+        _logs_to_stderr()  # stdout is read by `... | while read id ckpt`: only those lines, no log line (faiss')
     ncfg = to_nightly_config(cfg)
     res = nightly.run(ncfg)
     if ncfg.nightly.action == C.NightlyAction.plan:
