@@ -399,3 +399,33 @@ def test_spec_from_config():
     assert (spec.kind, spec.metric, spec.nlist, spec.pq_m, spec.pq_nbits, spec.nprobe, spec.refine_k) == (
         "ivfpq", "ip", 256, 8, 8, 16, 2)
     assert spec.factory_string() == "IDMap2,IVF256,PQ8x8np,RFlat"
+
+
+def test_duplicate_counts_through_the_pixels_embedder():
+    """The same planted groups as images, embedded by the real pixels embedder (what `memex audit`
+    uses by default): JPEG-like noise of +-3/255 on copies of 10, 100 and 300 pictures, plus 200
+    unrelated ones. Every copy counts its group's other members, beyond dup_k = 64, and each row's
+    picture is its group's smallest id."""
+    from memex.config import EmbedderConfig
+    from memex.embed import make_embedder
+    from memex.index import near_duplicates
+
+    rng = np.random.default_rng(5)
+    bases = [np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((8, 8, 1))) for _ in range(3 + 200)]
+    images, group = [], []
+    for b, g in enumerate((10, 100, 300)):
+        for _ in range(g):
+            images.append(np.clip(bases[b] + rng.integers(-3, 4, bases[b].shape), 0, 255))
+            group.append(b)
+    images += bases[3:]
+    group += list(range(3, 203))
+    x = make_embedder(EmbedderConfig(kind="pixels", size=32))(np.stack(images).astype(np.uint8))
+    gids = np.arange(len(x), dtype=np.int64)
+    index = ShardedIndex.build(x, 3, IndexSpec(kind="flat", metric="l2"), ids=gids)
+    counts, pictures = near_duplicates(index.search, x, gids, None, k=64, metric="l2", range_fn=index.range_neighbors)
+    size = np.bincount(group)[group]
+    np.testing.assert_array_equal(counts, size - 1)  # 9, 99, 299 for the copies, 0 for the rest
+    first = {}
+    for i, gr in enumerate(group):
+        first.setdefault(gr, i)
+    np.testing.assert_array_equal(pictures, [first[gr] for gr in group])
