@@ -28,9 +28,17 @@ SLOW_FIXTURES = {"ray_head", "browser"}
 
 
 def pytest_collection_modifyitems(config, items):
+    gpu = None  # torch imported only when a gpu test is collected
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu"):
+            if gpu is None:
+                import torch
+
+                gpu = torch.cuda.is_available()
+            if not gpu:  # skipped on CPU-only machines, never faked
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
 def free_port() -> int:

@@ -215,3 +215,19 @@ def test_relative_l2_rejects_bad_inputs():
         relative_l2(gen[:1], neighbours(0.1, 0.2), alpha=0)
     with pytest.raises(DistanceError, match="n >= 1"):
         relative_l2(gen, torch.zeros(2, 0, 3, 8, 8))
+
+
+@pytest.mark.gpu
+def test_pairwise_tiled_l2_on_the_gpu_equals_the_cpu():
+    """The filter runs the bounded pairwise tiled l2 on whatever device its images are on: on a GPU
+    it must give the CPU's numbers (float64 dot products on both), for uint8 and float input."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (40, 64, 64, 3), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (25, 64, 64, 3), generator=g, dtype=torch.uint8)
+    cpu = tiled_l2_pairwise(a, b, max_bytes=1 << 20)
+    gpu = tiled_l2_pairwise(a.cuda(), b.cuda(), max_bytes=1 << 20)
+    assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-6)
+    same = tiled_l2_pairwise(a.cuda(), a.cuda())
+    assert torch.all(same.diagonal() == 0)
+    fl = tiled_l2_pairwise(to_unit(a).cuda(), to_unit(b).cuda())
+    assert torch.allclose(fl.cpu(), cpu, atol=1e-5)
