@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from memex.config import IndexConfig
 from memex.index import IndexSpec, load_index
-from memex.layout import DUPS_SCHEMA, QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, RunLayout, StorageError
+from memex.layout import QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, RunLayout, StorageError
 
 
 @dataclass
@@ -89,9 +89,7 @@ def read_pictures(info: IndexInfo, storage_options: dict, gids) -> dict[int, int
     want = sorted({int(g) for g in np.asarray(gids).ravel() if g >= 0})
     if not want:
         return {}
-    t = info.layout(storage_options).store.read_table(
-        [info.layout(storage_options).dups.file(s) for s in range(len(info.shards))], schema=DUPS_SCHEMA,
-        columns=["gid", "picture"], filters=[("gid", "in", want)])
+    t = info.layout(storage_options).dups.read(columns=["gid", "picture"], filters=[("gid", "in", want)])
     return dict(zip(t["gid"].to_pylist(), t["picture"].to_pylist()))
 
 
@@ -99,9 +97,8 @@ def picture_rows(info: IndexInfo, storage_options: dict, pictures: list[int]) ->
     """picture -> the ids of every training row of that picture (sorted, the picture's own first)."""
     if not pictures:
         return {}
-    layout = info.layout(storage_options)
-    t = layout.store.read_table([layout.dups.file(s) for s in range(len(info.shards))], schema=DUPS_SCHEMA,
-                                columns=["gid", "id", "picture"], filters=[("picture", "in", sorted(pictures))])
+    t = info.layout(storage_options).dups.read(columns=["gid", "id", "picture"],
+                                               filters=[("picture", "in", sorted(pictures))])
     out: dict[int, list[tuple[int, str]]] = {p: [] for p in pictures}
     for g, i, p in zip(*(t[c].to_pylist() for c in ("gid", "id", "picture"))):
         out[p].append((g, i))

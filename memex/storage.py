@@ -200,12 +200,14 @@ class StageFolder:
         self.mark_complete(index, marker)
         return marker
 
-    def read(self, columns: list[str] | None = None) -> pa.Table:
-        """Every complete Parquet unit as one table (files without a marker are ignored)."""
+    def read(self, columns: list[str] | None = None, filters=None) -> pa.Table:
+        """Every complete Parquet unit as one table (files without a marker are ignored); `filters`:
+        pyarrow row filters, e.g. [("gid", "in", gids)]."""
         paths = [self.file(i) for i in self.complete()]
         if not paths:
-            return self.schema.empty_table() if self.schema is not None else pa.table({})
-        return self.store.read_table(paths, schema=self.schema, columns=columns)
+            empty = self.schema.empty_table() if self.schema is not None else pa.table({})
+            return empty.select(columns) if columns else empty
+        return self.store.read_table(paths, schema=self.schema, columns=columns, filters=filters)
 
     def claim(self, settings: dict, where: str) -> None:
         """This stage's settings (filter thresholds, match settings) in `where`, or refuse others."""

@@ -242,7 +242,8 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
 def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.Table) -> dict:
     """matches/summary.json: the headline numbers, extracted pictures, per-prompt results, config."""
     prompts = read_run_prompts(layout).to_pylist()
-    filtered = layout.candidates.success() is not None  # the filter is skipped when candidates=all
+    filter_summary = layout.candidates.success()  # None: the filter was skipped (candidates=all)
+    filtered = filter_summary is not None
     cands = {c["prompt_id"]: c for c in layout.candidates.read().to_pylist()} if filtered else {}
     ext = matches.filter(matches["extracted"]) if matches.num_rows else matches
     by_prompt: dict[str, list[dict]] = {}
@@ -262,7 +263,7 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     rows = picture_rows(info, cfg.storage.options, list(gens))
     pictures = sorted(({"picture": rows[p][0], "rows": rows[p], "generations": n} for p, n in gens.items()),
                       key=lambda x: (-x["generations"], x["picture"]))
-    undecided = (layout.candidates.success() or {}).get("undecided_prompt_ids", [])
+    undecided = (filter_summary or {}).get("undecided_prompt_ids", [])
     return {
         "run": layout.uri,
         "model": {"name": cfg.model.name, "path": cfg.model.path},
