@@ -1,53 +1,75 @@
-"""Does a trained checkpoint reproduce its duplicated training images more than single-copy ones?
+"""Brute-force truth: which training pictures does a checkpoint really reproduce?
 
-    python bench/memorization.py demo/models/demo-text [--samples 8 --steps 50 --guidance 3]
+    python bench/memorization.py demo/models/demo-text [--samples 16 --steps 50 --guidance 3 --out truth.parquet]
 
-Reads the checkpoint's own training_manifest.parquet (written by `memex train`). Text model: each
+Reads the checkpoint's own training_manifest.parquet (written by `memex train`). Text model: every
 distinct training image is prompted with its caption `--samples` times. Unconditional model:
-`--samples` x (number of distinct images) generations. A generation reproduces a training image
-when their tiled l2 (memex/distances.py) is <= 0.15, the paper's threshold; for the text model
-the nearest image over the whole training set is used, so a collapse onto the wrong logo does not
-count. Prints, per number of copies in training, how many images were reproduced at least once
-and the fraction of generations that reproduced them.
+`--samples` x (number of distinct images) generations. Every generation is compared with *every*
+distinct training picture, exactly (no index, no embedding): its nearest picture by RMS pixel
+distance, that RMS, and the tiled l2 (the paper's distance, memex/distances.py) to the nearest
+picture by tiled l2.
+
+A generation *copies* a picture when that picture is its exact nearest by RMS and the RMS is <=
+--copy-rms (0.05: a copy by any standard, 13/255 on average per pixel); a picture is *reproduced*
+when at least one generation copies it. These are the truth that bench/audit_vs_truth.py scores
+audits against. Seeds are memex's own (`sample_seed(0, prompt id, index)`, prompt id = the hash
+of the caption) and the batch is the audit's (--batch 32, the demo's), so sample j of a caption
+here is byte-identical to sample j of the same prompt in a `memex audit` on the same machine.
+
+Prints, per number of copies in training, how many pictures are reproduced and the share of their
+generations that copy them; `--out` writes one row per generation (PNG included) for the audit
+comparison and threshold sweeps.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from memex.config import SamplingConfig
-from memex.distances import tiled_l2_pairwise, to_unit
+from memex.distances import l2_pairwise, tiled_l2_pairwise, to_unit
+from memex.images import encode_png
 from memex.manifest import load_image
 from memex.models import load_model
 from memex.prompts import prompt_id
 from memex.sampling import Sampler, sample_seed
 from memex.training import MANIFEST_FILE
 
-THRESHOLD = 0.15
+COPY_RMS = 0.05
+
+
+def distinct_pictures(model: str) -> tuple[list[str], dict, np.ndarray]:
+    """(ids, {id: manifest row}, (P, H, W, C) uint8) of the checkpoint's distinct training pictures."""
+    table = pq.read_table(Path(model) / MANIFEST_FILE)
+    distinct: dict[str, dict] = {}
+    for row in table.to_pylist():
+        distinct.setdefault(row["source_id"], row)
+    ids = list(distinct)
+    return ids, distinct, np.stack([load_image(distinct[i]) for i in ids])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--copy-rms", type=float, default=COPY_RMS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", help="write one row per generation here (Parquet)")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
 
-    table = pq.read_table(Path(a.model) / MANIFEST_FILE)
-    distinct = {}
-    for row in table.to_pylist():
-        distinct.setdefault(row["source_id"], row)
-    ids = list(distinct)
-    train = to_unit(torch.from_numpy(np.stack([load_image(distinct[i]) for i in ids])))
+    ids, distinct, train_u8 = distinct_pictures(a.model)
+    train = to_unit(torch.from_numpy(train_u8))
     model = load_model(a.model)
     sampler = Sampler(model, SamplingConfig(num_inference_steps=a.steps, guidance_scale=a.guidance,
                                              batch_size=a.batch))
@@ -55,30 +77,51 @@ def main() -> None:
         target = [k for k in range(len(ids)) for _ in range(a.samples)]
         texts = [distinct[ids[k]]["caption"] for k in target]
         pids = [prompt_id(t) for t in texts]
-        seeds = [sample_seed(0, p, j % a.samples) for j, p in enumerate(pids)]
+        index = [j % a.samples for j in range(len(target))]
     else:
         n = a.samples * len(ids)
-        target, texts, pids, seeds = None, [""] * n, ["uncond"] * n, [sample_seed(0, "uncond", j) for j in range(n)]
-    gen = to_unit(torch.from_numpy(sampler.generate(pids, texts, seeds)))
-    d = tiled_l2_pairwise(gen, train)  # (generations, distinct training images)
-    nearest_d, nearest = d.min(dim=1)
+        target, texts, pids, index = [-1] * n, [""] * n, ["uncond"] * n, list(range(n))
+    seeds = [sample_seed(0, p, i) for p, i in zip(pids, index)]
+    t0 = time.perf_counter()
+    gen_u8 = sampler.generate(pids, texts, seeds)
+    seconds = time.perf_counter() - t0
+    gen = to_unit(torch.from_numpy(gen_u8))
+    rms = l2_pairwise(gen, train)  # (generations, pictures): exact, every pair
+    tiled = tiled_l2_pairwise(gen, train)
+    rms_d, rms_k = rms.min(dim=1)
+    tiled_d, tiled_k = tiled.min(dim=1)
 
-    hits: dict[str, int] = defaultdict(int)
+    copies: dict[str, int] = defaultdict(int)
     for j in range(len(gen)):
-        k = int(nearest[j])
-        if nearest_d[j] <= THRESHOLD and (target is None or target[j] == k):
-            hits[ids[k]] += 1
+        if rms_d[j] <= a.copy_rms:
+            copies[ids[int(rms_k[j])]] += 1
     by_copies: dict[int, list[str]] = defaultdict(list)
     for i in ids:
         by_copies[distinct[i]["copies"]].append(i)
-    kind = "text (prompted with each image's caption)" if sampler.conditional else "unconditional"
-    print(f"model={a.model} {kind}; {len(gen)} generations, {a.steps} steps, tiled l2 <= {THRESHOLD}")
-    print(f"{'copies':>6} {'images':>6} {'reproduced':>10} {'gen. within':>11}")
+    kind = "text (prompted with each picture's caption)" if sampler.conditional else "unconditional"
+    print(f"model={a.model} {kind}; {len(gen)} generations in {seconds:.0f} s, {a.steps} steps, "
+          f"copy = nearest picture at RMS <= {a.copy_rms}")
+    print(f"{'copies':>6} {'images':>6} {'reproduced':>10} {'gen. copying':>12}")
     for c in sorted(by_copies, reverse=True):
         group = by_copies[c]
-        n_rep = sum(hits[i] > 0 for i in group)
-        frac = sum(hits[i] for i in group) / (len(group) * a.samples)
-        print(f"{c:>6} {len(group):>6} {n_rep:>10} {frac:>10.1%}")
+        n_rep = sum(copies[i] > 0 for i in group)
+        frac = sum(copies[i] for i in group) / (len(group) * a.samples)
+        print(f"{c:>6} {len(group):>6} {n_rep:>10} {frac:>11.1%}")
+    print("reproduced:", ", ".join(f"{i} ({distinct[i]['copies']} copies, {copies[i]} gen.)"
+                                   for i in sorted(copies)))
+    if a.out:
+        pq.write_table(pa.table({
+            "prompt_id": pids, "prompt": texts, "sample_index": pa.array(index, pa.int32()),
+            "seed": pa.array(seeds, pa.int64()),
+            "prompted_id": [ids[k] if k >= 0 else None for k in target],
+            "prompted_copies": pa.array([distinct[ids[k]]["copies"] if k >= 0 else None for k in target], pa.int32()),
+            "nearest_id": [ids[int(k)] for k in rms_k], "nearest_rms": rms_d.numpy().astype(np.float32),
+            "nearest_copies": pa.array([distinct[ids[int(k)]]["copies"] for k in rms_k], pa.int32()),
+            "tiled_id": [ids[int(k)] for k in tiled_k], "tiled_l2": tiled_d.numpy().astype(np.float32),
+            "copy": (rms_d <= a.copy_rms).numpy(),
+            "image": [encode_png(g) for g in gen_u8],
+        }), a.out, compression="zstd")
+        print(f"wrote {a.out}: {len(gen)} rows")
 
 
 if __name__ == "__main__":

@@ -348,10 +348,52 @@ class MatchConfig:
     k: int = 10  # nearest training images (by embedding) verified on pixels per candidate
     alpha: float = 0.5  # relative l2 only
     n_neighbors: int = 50  # relative l2 only: size of the reference set S
+    # A picture counts as extracted when at least min_generations generations copy it (distance <=
+    # threshold); a low-complexity picture (tile detail below the threshold: memex/distances.py)
+    # needs low_detail_min_generations, or one copying generation in a flagged clique. Chosen
+    # against brute-force truth (bench/RESULTS.md, "Which verified generations count").
+    min_generations: int = 1
+    low_detail_min_generations: int = 2
+
+
+class TriageKind(str, Enum):
+    auto = "auto"  # noise_norm for text-conditional models, none for unconditional ones
+    none = "none"  # no triage
+    noise_norm = "noise_norm"  # Wen et al. (ICLR 2024): ||eps(x_t, prompt) - eps(x_t, "")||, first step(s)
+
+
+@dataclass
+class TriageConfig:
+    """Per-prompt memorization score before any full generation (memex/stages/triage.py, METHOD.md section 2)."""
+
+    kind: TriageKind = TriageKind.auto
+    seeds: int = 4  # starting noises averaged per prompt; costs seeds x steps x 2 UNet evaluations a prompt
+    steps: int = 1  # first steps of the guided trajectory averaged (Wen et al.: 1 already gives AUC 0.96 on SD)
+    prompts_per_task: int = 256  # prompts per actor call (the unit of resume)
+
+
+class BudgetKind(str, Enum):
+    fixed = "fixed"  # sampling.samples_per_prompt for every prompt (the paper's generate-and-filter)
+    adaptive = "adaptive"  # rounds: more samples only for prompts that show signs of memorization
+
+
+@dataclass
+class BudgetConfig:
+    kind: BudgetKind = BudgetKind.fixed
+    # adaptive: cumulative samples per prompt at the end of each round; round 1 covers every prompt,
+    # each later one only the prompts with a sign of memorization after the rounds before it:
+    #   a generation verified as a copy, or one within continue_factor x match.threshold of its
+    #   nearest training picture (a near miss), or a triage score continue_triage_z robust
+    #   standard deviations above the median of the run's prompts.
+    rounds: List[int] = field(default_factory=lambda: [4, 16])
+    continue_factor: float = 2.0
+    continue_triage_z: Optional[float] = 3.0  # None: the triage score does not extend a prompt's budget
 
 
 @dataclass
 class AuditConfig(GenerateConfig):
+    triage: TriageConfig = field(default_factory=TriageConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     trainset: TrainingDataConfig = field(default_factory=TrainingDataConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
@@ -367,10 +409,12 @@ def validate_audit(cfg: AuditConfig) -> None:
                           f"got {f.edge_threshold}")
     _at_least("filter.min_clique", f.min_clique, 2)
     _at_least("filter.prompts_per_task", f.prompts_per_task, 1)
-    if m.candidates == CandidateSource.cliques and cfg.sampling.samples_per_prompt < f.min_clique:
+    if (m.candidates == CandidateSource.cliques and cfg.budget.kind == BudgetKind.fixed
+            and cfg.sampling.samples_per_prompt < f.min_clique):
         raise ConfigError(f"sampling.samples_per_prompt={cfg.sampling.samples_per_prompt} is below "
                           f"filter.min_clique={f.min_clique}: no prompt could ever be flagged; "
                           "raise one or lower the other")
+    validate_budget(cfg)
     if not cfg.trainset.path or cfg.trainset.path == "???":
         raise ConfigError("trainset.path is not set: give the training set (Parquet manifest or image folder) "
                           "to match against")
@@ -387,6 +431,8 @@ def validate_audit(cfg: AuditConfig) -> None:
     kind = getattr(cfg.embedder.kind, "value", cfg.embedder.kind)
     resolve_dup_threshold(i.dup_threshold, EMBEDDER_METRIC[kind], kind)  # the metric's range, before any work
     _at_least("match.k", m.k, 1)
+    _at_least("match.min_generations", m.min_generations, 1)
+    _at_least("match.low_detail_min_generations", m.low_detail_min_generations, 1)
     if m.distance == DistanceKind.relative_l2:
         _at_least("match.n_neighbors", m.n_neighbors, 2)
         if m.threshold < 0.5:
@@ -394,6 +440,40 @@ def validate_audit(cfg: AuditConfig) -> None:
                               "(set match=relative or match.threshold=1.0)")
     elif not 0 < m.threshold < 1:
         raise ConfigError(f"match.threshold must be in (0, 1) for tiled_l2 (paper: 0.15), got {m.threshold}")
+
+
+def validate_budget(cfg: AuditConfig) -> None:
+    """Triage and the adaptive budget: settings that cannot work fail here, naming the key."""
+    t, b = cfg.triage, cfg.budget
+    if t.kind == TriageKind.noise_norm and (cfg.model.kind == ModelKind.unconditional
+                                            or cfg.prompts.source == PromptSource.none):
+        raise ConfigError("triage=noise_norm scores prompts, and an unconditional model has none: set triage=auto "
+                          "or triage=none")
+    if t.kind != TriageKind.none:
+        _at_least("triage.seeds", t.seeds, 1)
+        _at_least("triage.steps", t.steps, 1)
+        _at_least("triage.prompts_per_task", t.prompts_per_task, 1)
+        if t.steps > cfg.sampling.num_inference_steps:
+            raise ConfigError(f"triage.steps={t.steps} is more than sampling.num_inference_steps="
+                              f"{cfg.sampling.num_inference_steps}: triage scores the first steps of a generation")
+    if b.kind == BudgetKind.adaptive:
+        if cfg.model.kind == ModelKind.unconditional or cfg.prompts.source == PromptSource.none:
+            raise ConfigError("budget=adaptive chooses prompts to sample more, and an unconditional model has one: "
+                              "set budget=fixed (unconditional models keep the fixed budget)")
+        if not b.rounds:
+            raise ConfigError("budget.rounds is empty: give the cumulative samples per prompt after each round, "
+                              "e.g. budget.rounds=[4,16]")
+        _at_least("budget.rounds[0]", b.rounds[0], 1)
+        for k in range(1, len(b.rounds)):
+            if b.rounds[k] <= b.rounds[k - 1]:
+                raise ConfigError(f"budget.rounds must increase (each is the cumulative samples per prompt after "
+                                  f"that round), got {list(b.rounds)}")
+        if cfg.match.candidates == CandidateSource.cliques and b.rounds[-1] < cfg.filter.min_clique:
+            raise ConfigError(f"budget.rounds ends at {b.rounds[-1]} samples per prompt, below filter.min_clique="
+                              f"{cfg.filter.min_clique}: no prompt could be flagged; raise the last round")
+        if not b.continue_factor >= 1:
+            raise ConfigError(f"budget.continue_factor must be >= 1 (a near miss is within that many times "
+                              f"match.threshold), got {b.continue_factor}")
 
 
 # ---- memex nightly -------------------------------------------------------------------------

@@ -49,6 +49,19 @@ def tiled_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.mean(dim=(1, 3, 5)).sqrt().flatten(1).max(dim=1).values
 
 
+def tile_detail(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> (N,): the tiled l2 between each image and its own 4 x 4 mosaic of
+    tile means (every tile flattened to its mean colour). Below the match threshold, a picture is
+    *low complexity*: any generation with roughly the right 16 tile colours (dark sky, a blank
+    background) is within the threshold of it, so a pixel distance alone cannot call it a copy.
+    The 256 demo logos (32 px): 0.10 to 0.43, median 0.27; 8 of them are below 0.15."""
+    n, c, h, w = x.shape
+    h, w = h - h % GRID, w - w % GRID
+    t = x[..., :h, :w].reshape(n, c, GRID, h // GRID, GRID, w // GRID)
+    dev = (t - t.mean(dim=(3, 5), keepdim=True)).pow(2).mean(dim=(1, 3, 5)).sqrt()  # (N, GRID, GRID)
+    return dev.flatten(1).max(dim=1).values
+
+
 # Pairwise tiled l2 in bounded memory. Per tile t, sum((a_t - b_t)^2) = |a_t|^2 + |b_t|^2 - 2 a_t.b_t:
 # one matmul per tile over blocks of rows and columns, the max over tiles kept in an (N, M) accumulator,
 # sqrt(max / D_t) at the end (sqrt is monotonic, every tile has D_t = C x H/4 x W/4 values).

@@ -4,9 +4,11 @@
         run.json                     generation settings; a rerun must match them
         prompts.parquet              prompt_id, prompt (PROMPTS_SCHEMA)
         index.json                   the membership index this run is matched against (audit only)
+        rounds/round-000.json        the samples each budget round generates (memex/plan.py)
+        triage/shard-000000.parquet  TRIAGE_SCHEMA: one row per prompt, its memorization score (audit)
         samples/shard-000000.parquet SAMPLES_SCHEMA rows, one file per shard (generate)
         candidates/shard-000000.parquet  CANDIDATES_SCHEMA: one row per prompt (filter)
-        matches/shard-000000.parquet MATCHES_SCHEMA: one row per verified candidate (match)
+        matches/shard-000000.parquet MATCHES_SCHEMA: one row per verified candidate of samples shard 0 (match)
         matches/summary.json         headline numbers, per-prompt results, thresholds, config
         matches/train_images.parquet MATCHED_TRAIN_SCHEMA: the matched training images (for the report)
         report/index.html            the audit's self-contained HTML report (memex/report.py)
@@ -29,8 +31,7 @@ Reads, atomic writes and the marker convention are memex/storage.py's.
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -54,6 +55,10 @@ SAMPLES_SCHEMA = pa.schema(
         ("guidance_scale", pa.float32()),
         ("dtype", pa.string()),
         ("batch_size", pa.int32()),  # the fixed UNet batch shape: needed to regenerate bit-exactly
+        # Wen et al.'s score of this sample's first step, ||eps(x_T, prompt) - eps(x_T, "")|| RMS
+        # (memex/sampling.py noise_norm), free under guidance; null without guidance
+        ("triage_score", pa.float32()),
+        ("round", pa.int32()),  # the budget round that generated it (memex/plan.py)
     ]
 )
 
@@ -75,6 +80,14 @@ CANDIDATES_SCHEMA = pa.schema(
     ]
 )
 
+TRIAGE_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("score", pa.float32()),  # mean noise_norm over triage.seeds x triage.steps (memex/sampling.py)
+        ("unet_evaluations", pa.int64()),  # this prompt's share: seeds x steps x 2
+    ]
+)
 MATCHES_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
@@ -87,6 +100,9 @@ MATCHES_SCHEMA = pa.schema(
         ("embed_distance", pa.float32()),  # distance in the index's embedding space
         ("neighbor_rank", pa.int32()),  # rank of this training image among the index's k results
         ("extracted", pa.bool_()),  # distance <= match.threshold
+        # the matched training image's tile_detail (memex/distances.py): below match.threshold it is
+        # low complexity, and one close generation is not enough to call it copied (summary: pictures)
+        ("train_detail", pa.float32()),
     ]
 )
 
@@ -130,35 +146,13 @@ def shard_name(index: int) -> str:
     return unit_name(index) + ".parquet"
 
 
-@dataclass(frozen=True)
-class ShardPlan:
-    """Shard `index` holds work units [start, stop); unit u is (prompt u // n, sample u % n)."""
-
-    index: int
-    start: int
-    stop: int
-
-
-def plan_shards(n_prompts: int, samples_per_prompt: int, shard_size: int) -> list[ShardPlan]:
-    total = n_prompts * samples_per_prompt
-    return [
-        ShardPlan(i, start, min(start + shard_size, total))
-        for i, start in enumerate(range(0, total, shard_size))
-    ]
-
-
-def iter_units(plan: ShardPlan, samples_per_prompt: int) -> Iterator[tuple[int, int]]:
-    """(prompt row, sample index) for each unit of a shard, prompt-major."""
-    for u in range(plan.start, plan.stop):
-        yield divmod(u, samples_per_prompt)
-
-
 class RunLayout:
     """Paths of one run folder `<root>/<run name>` on any fsspec filesystem (I/O: `layout.store`)."""
 
     def __init__(self, root: str, run_name: str, storage_options: dict[str, Any] | None = None):
         self.store = Store(root.rstrip("/") + "/" + run_name, storage_options)
         self.run_name = run_name
+        self.triage = StageFolder(self.store, "triage", schema=TRIAGE_SCHEMA)
         self.samples = StageFolder(self.store, "samples", schema=SAMPLES_SCHEMA)
         self.candidates = StageFolder(self.store, "candidates", schema=CANDIDATES_SCHEMA)
         self.matches = StageFolder(self.store, "matches", schema=MATCHES_SCHEMA)

@@ -3,9 +3,10 @@
 A stage is a list of numbered units (a shard of samples, a chunk of prompts, an index shard) and
 a function, or a class for a model loaded once per actor, that does one unit:
 
-    fn(index, **kwargs) -> pa.Table | dict
+    fn(index, **kwargs) -> pa.Table | (pa.Table, dict) | dict
 
-A returned table is written here as the unit's Parquet file; a dict means the function wrote
+A returned table is written here as the unit's Parquet file (a dict beside it goes into the
+unit's marker: what the unit cost, say); a dict alone means the function wrote
 the unit's files itself (e.g. a FAISS shard) and is the unit's metadata. Either way the runner
 writes the unit's marker afterwards (memex/storage.py StageFolder), the same convention for run
 folders and the index. `run_tasks` / `run_actor_pool` are datatrove's executor loop on Ray:
@@ -56,6 +57,8 @@ def do_unit(folder: StageFolder, index: int, fn: Callable[..., Any], kwargs: dic
     t0 = time.perf_counter()
     out = fn(index, **kwargs)
     seconds = {"seconds": round(time.perf_counter() - t0, 2)}
+    if isinstance(out, tuple):  # (table, metadata): e.g. a generation shard and the UNet work it took
+        return folder.write_shard(index, out[0], {**seconds, **out[1]})
     if isinstance(out, pa.Table):
         return folder.write_shard(index, out, seconds)
     meta = {**seconds, **(out or {})}

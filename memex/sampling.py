@@ -61,6 +61,13 @@ def image_channels(model: LoadedModel) -> int:
     return n
 
 
+def noise_norm(diff: torch.Tensor) -> np.ndarray:
+    """(B,) float32 RMS of eps(x_t, prompt) - eps(x_t, "") per row: Wen et al.'s memorization
+    magnitude, divided by sqrt(C*H*W) so it reads alike at 32 px and at 64x64 latents. Memorized
+    prompts pull the prediction far from the unconditional one (bench/RESULTS.md has the demo's)."""
+    return diff.float().flatten(1).pow(2).mean(dim=1).sqrt().cpu().numpy()
+
+
 def takes_generator(scheduler) -> bool:
     """Whether `scheduler.step` has a `generator` parameter (what diffusers' pipelines check, once)."""
     return "generator" in inspect.signature(scheduler.step).parameters
@@ -96,7 +103,12 @@ class Sampler:
         self.cfg = self.conditional and settings.guidance_scale > 1.0
         self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.prompts_encoded = 0  # text-encoder rows computed: once per distinct prompt (+1 empty)
-        self._uncond = self._encode([""]) if self.cfg else None
+        self._uncond_row: torch.Tensor | None = None  # the "" embedding, encoded on first use
+        # UNet work done, in sample-evaluations: one batch row through the UNet once (the cost
+        # unit of memex's summaries; guidance makes every step 2). Padding rows included: they are
+        # computed. `unet_evaluations` = both, `padded_evaluations` = the part spent on padding.
+        self.unet_evaluations = 0
+        self.padded_evaluations = 0
 
     # 1. text embeddings, cached per prompt id ------------------------------------------
     @torch.no_grad()
@@ -107,6 +119,13 @@ class Sampler:
         out = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
         self.prompts_encoded += len(texts)
         return out.to(self.dtype)
+
+    @property
+    def _uncond(self) -> torch.Tensor:
+        """(1, L, D) embedding of the empty prompt: guidance and the triage score need it."""
+        if self._uncond_row is None:
+            self._uncond_row = self._encode([""])
+        return self._uncond_row
 
     def embeddings(self, prompt_ids: list[str], prompts: list[str]) -> torch.Tensor:
         """(B, L, D) conditional embeddings; each distinct prompt is encoded at most once."""
@@ -131,41 +150,95 @@ class Sampler:
     # 3. denoising loop -------------------------------------------------------------------
     def generate(self, prompt_ids: list[str], prompts: list[str], seeds: list[int]) -> np.ndarray:
         """Images as uint8 (N, H, W, C) for N samples (any mix of prompts), batch_size at a time; C = self.channels."""
+        return self.generate_scored(prompt_ids, prompts, seeds)[0]
+
+    def generate_scored(self, prompt_ids: list[str], prompts: list[str], seeds: list[int]
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(images (N, H, W, C) uint8, (N,) float32 triage score of each sample's first step, or
+        None when the sampler does not run guidance). The score is `noise_norm` at the first
+        timestep, from the two predictions guidance computes anyway: it costs nothing."""
+        out = self._batched(self._generate_batch, prompt_ids, prompts, seeds)
+        if not out:
+            return np.zeros((0, self.height, self.width, self.channels), np.uint8), None
+        images = np.concatenate([o[0] for o in out])
+        return images, (np.concatenate([o[1] for o in out]) if self.cfg else None)
+
+    def triage(self, prompt_ids: list[str], prompts: list[str], seeds: list[int], steps: int = 1) -> np.ndarray:
+        """(N,) float32 triage score of each (prompt, seed): `noise_norm` averaged over the first
+        `steps` timesteps of the guided trajectory from that seed's noise (Wen et al., ICLR 2024;
+        memex/stages/triage.py). Costs 2 x steps UNet evaluations per row, whatever the guidance."""
+        if not self.conditional:
+            raise ModelError("triage scores need a text-conditional model: this one is unconditional (set triage=none)")
+        if not 1 <= steps <= self.settings.num_inference_steps:
+            raise ValueError(f"triage steps must be in 1..{self.settings.num_inference_steps}, got {steps}")
+        out = self._batched(lambda *a: self._triage_batch(*a, steps), prompt_ids, prompts, seeds)
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def _batched(self, fn, prompt_ids: list[str], prompts: list[str], seeds: list[int]) -> list:
+        """fn on fixed-shape batches of batch_size rows (the last padded with copies of its first row,
+        computed and dropped); returns fn's outputs, each cut to its real rows."""
         if not (len(prompt_ids) == len(prompts) == len(seeds)):
             raise ValueError("prompt_ids, prompts and seeds must have the same length")
         bs, out = self.settings.batch_size, []
         for b in range(0, len(seeds), bs):
             n = len(seeds[b : b + bs])
-            pad = [0] * (bs - n)  # repeat the first row: padded rows are computed and dropped
+            pad = [0] * (bs - n)
             take = lambda xs: xs[b : b + n] + [xs[b] for _ in pad]  # noqa: E731
-            out.append(self._generate_batch(take(prompt_ids), take(prompts), take(seeds))[:n])
-        return np.concatenate(out) if out else np.zeros((0, self.height, self.width, self.channels), np.uint8)
+            before = self.unet_evaluations
+            res = fn(take(prompt_ids), take(prompts), take(seeds))
+            self.padded_evaluations += (self.unet_evaluations - before) * len(pad) // bs
+            out.append(tuple(None if r is None else r[:n] for r in res) if isinstance(res, tuple) else res[:n])
+        return out
 
-    @torch.no_grad()
-    def _generate_batch(self, prompt_ids: list[str], prompts: list[str], seeds: list[int]) -> np.ndarray:
+    def _start(self, prompt_ids: list[str], prompts: list[str], seeds: list[int], both: bool) -> tuple:
+        """Initial latents, conditioning ([uncond; text] when both), step kwargs of one batch."""
         # set_timesteps first: init_noise_sigma (Euler, DPM) depends on the timestep schedule
         self.scheduler.set_timesteps(self.settings.num_inference_steps, device=self.device)
         gens = self._generators(seeds)
         x = self._initial_noise(gens)
         cond = self.embeddings(prompt_ids, prompts) if self.conditional else None
-        if self.cfg:
+        if both:
             cond = torch.cat([self._uncond.expand(len(seeds), -1, -1), cond])
-        step_kwargs = {"generator": gens} if self._step_generator else {}
-        for t in self.scheduler.timesteps:  # 2nd-order schedulers list each inner timestep twice
-            eps = self._predict_noise(x, t, cond)
-            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
-        return self._decode(x)
+        return x, cond, ({"generator": gens} if self._step_generator else {})
 
-    def _predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    @torch.no_grad()
+    def _generate_batch(self, prompt_ids: list[str], prompts: list[str], seeds: list[int]) -> tuple:
+        x, cond, step_kwargs = self._start(prompt_ids, prompts, seeds, self.cfg)
+        score = None
+        for i, t in enumerate(self.scheduler.timesteps):  # 2nd-order schedulers list each inner timestep twice
+            eps, diff = self._predict_noise(x, t, cond)
+            if i == 0 and diff is not None:
+                score = noise_norm(diff)
+            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        return self._decode(x), score
+
+    @torch.no_grad()
+    def _triage_batch(self, prompt_ids: list[str], prompts: list[str], seeds: list[int], steps: int) -> np.ndarray:
+        x, cond, step_kwargs = self._start(prompt_ids, prompts, seeds, True)
+        total = np.zeros(len(seeds), np.float32)
+        for t in self.scheduler.timesteps[:steps]:  # the guided trajectory's first steps
+            eps, diff = self._predict_noise(x, t, cond, both=True)
+            total += noise_norm(diff)
+            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        return total / steps
+
+    def _predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                       both: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(guided eps, eps_text - eps_uncond or None) for one step; both: run the two predictions
+        (default: when guidance is on)."""
+        both = self.cfg if both is None else both
+        diff = None
         if not self.conditional:
             eps = self.unet(self.scheduler.scale_model_input(x, t), t).sample
         else:
-            inp = torch.cat([x, x]) if self.cfg else x
+            inp = torch.cat([x, x]) if both else x
             eps = self.unet(self.scheduler.scale_model_input(inp, t), t, encoder_hidden_states=cond).sample
-            if self.cfg:
+            if both:
                 eps_uncond, eps_text = eps.chunk(2)
+                diff = (eps_text - eps_uncond)[:, : self.unet_channels]
                 eps = eps_uncond + self.settings.guidance_scale * (eps_text - eps_uncond)
-        return eps[:, : self.unet_channels]  # drop a learned-variance half (IF-style UNets)
+        self.unet_evaluations += eps.shape[0] * (2 if both else 1)
+        return eps[:, : self.unet_channels], diff  # drop a learned-variance half (IF-style UNets)
 
     def _decode(self, x: torch.Tensor) -> np.ndarray:
         if self.vae is not None:

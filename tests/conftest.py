@@ -157,7 +157,8 @@ def plant_run(root, run_name: str, samples: dict, shard_size: int = 8):
     import pyarrow as pa
 
     from memex.images import encode_png
-    from memex.layout import SAMPLES_SCHEMA, RunLayout, iter_units, plan_shards
+    from memex.layout import SAMPLES_SCHEMA, RunLayout
+    from memex.plan import SamplePlan
     from memex.prompts import prompt_id
 
     prompts = list(samples)
@@ -165,16 +166,18 @@ def plant_run(root, run_name: str, samples: dict, shard_size: int = 8):
     layout = RunLayout(str(root), run_name)
     layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": [prompt_id(p) for p in prompts],
                                                             "prompt": prompts}))
-    for plan in plan_shards(len(prompts), n, shard_size):
+    plan = SamplePlan.read(layout.store)
+    plan.add_round(layout.store, None, len(prompts), 0, n, shard_size, shard_size)
+    for shard in plan.shards():
         rows = []
-        for p, i in iter_units(plan, n):
+        for p, i in plan.units(shard):
             img = samples[prompts[p]][i]
             rows.append({"sample_id": f"{prompt_id(prompts[p])}/{i}", "prompt_id": prompt_id(prompts[p]),
                          "prompt": prompts[p], "sample_index": i, "seed": i, "image": encode_png(img),
                          "height": img.shape[0], "width": img.shape[1], "model_id": "planted", "scheduler": "none",
                          "num_inference_steps": 0, "guidance_scale": 0.0, "dtype": "float32",
-                         "batch_size": shard_size})
-        layout.samples.write_shard(plan.index, pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
+                         "batch_size": shard_size, "triage_score": None, "round": 0})
+        layout.samples.write_shard(shard.index, pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
     layout.samples.mark_success({"rows": len(prompts) * n})
     return layout
 

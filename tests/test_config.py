@@ -30,7 +30,7 @@ def test_every_group_option_composes(group, option):
     assert isinstance(cfg, GenerateConfig)
 
 
-AUDIT_GROUPS = GROUPS + ["filter", "trainset", "embedder", "index", "match"]
+AUDIT_GROUPS = GROUPS + ["filter", "trainset", "embedder", "index", "match", "triage", "budget"]
 AUDIT_FILL = ["model.path=/some/model", "trainset.path=/data/train.parquet", "embedder.path=/models/sscd.pt"]
 
 
@@ -131,7 +131,8 @@ PRIMARIES = {"generate": (C.GenerateConfig, cli.to_generate_config), "audit": (C
 # each group's default option: its YAML adds nothing to the group's dataclass defaults
 DEFAULT_OPTION = {"model": "local", "sampling": "default", "prompts": "file", "storage": "local", "resources": "local",
                   "filter": "default", "trainset": "manifest", "embedder": "pixels", "index": "flat", "match": "tiled",
-                  "nightly": "default", "arch": "text_small", "data": "manifest", "trainer": "demo"}
+                  "nightly": "default", "arch": "text_small", "data": "manifest", "trainer": "demo",
+                  "triage": "auto", "budget": "fixed"}
 
 
 def _raw(config_name: str, overrides=(), hydra_cfg: bool = False):

@@ -1,7 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from memex.layout import SAMPLES_SCHEMA, RunLayout, StorageError, iter_units, plan_shards, shard_name
+from memex.layout import SAMPLES_SCHEMA, RunLayout, StorageError, shard_name
+from memex.plan import SamplePlan, tie_shard_size
 
 
 def test_shard_names_are_zero_padded_and_sort():
@@ -9,13 +10,38 @@ def test_shard_names_are_zero_padded_and_sort():
     assert names[0] == "shard-000000.parquet" and names == sorted(names)
 
 
-@pytest.mark.parametrize("n_prompts,per_prompt,shard", [(3, 4, 5), (1, 500, 64), (7, 1, 3), (2, 3, 100)])
-def test_plan_covers_every_unit_exactly_once(n_prompts, per_prompt, shard):
-    plans = plan_shards(n_prompts, per_prompt, shard)
-    units = [u for p in plans for u in iter_units(p, per_prompt)]
+@pytest.mark.parametrize("n_prompts,per_prompt,shard,batch", [(3, 4, 5, 1), (1, 500, 64, 16), (7, 1, 3, 2),
+                                                             (2, 3, 100, 7), (1, 2048, 64, 256)])
+def test_a_fixed_plan_covers_every_unit_once_in_whole_batches(tmp_path, n_prompts, per_prompt, shard, batch):
+    plan = SamplePlan.read(RunLayout(str(tmp_path), "r").store)
+    plan.add_round(RunLayout(str(tmp_path), "r").store, None, n_prompts, 0, per_prompt, shard, batch)
+    shards = plan.shards()
+    units = [u for p in shards for u in plan.units(p)]
     assert units == [(p, i) for p in range(n_prompts) for i in range(per_prompt)]
-    assert all(0 < p.stop - p.start <= shard for p in plans)
-    assert [p.index for p in plans] == list(range(len(plans)))
+    size = tie_shard_size(shard, batch)
+    assert size % batch == 0 and size >= shard
+    # only the last shard may hold a partial batch: padding is at most one partial batch per round
+    assert all(p.stop - p.start == size for p in shards[:-1]) and 0 < shards[-1].stop - shards[-1].start <= size
+    assert [p.index for p in shards] == list(range(len(shards)))
+
+
+def test_rounds_add_samples_and_number_shards_after_the_last(tmp_path):
+    store = RunLayout(str(tmp_path), "r").store
+    plan = SamplePlan.read(store)
+    plan.add_round(store, [0, 1, 2, 3], 4, 0, 2, 4, 4)  # 8 units: shards 0, 1
+    plan.add_round(store, [3, 1], 2, 2, 8, 4, 4)  # 12 units: shards 2, 3, 4
+    again = SamplePlan.read(store)  # read back from rounds/round-*.json, as a rerun does
+    assert [r.to_json() for r in again.rounds] == [r.to_json() for r in plan.rounds]
+    shards = again.shards()
+    assert [s.index for s in shards] == [0, 1, 2, 3, 4] and again.shards([1])[0].index == 2
+    units = [u for s in shards for u in again.units(s)]
+    assert len(units) == len(set(units)) == 20
+    assert sorted(i for p, i in units if p == 3) == list(range(8)) and sorted(i for p, i in units if p == 0) == [0, 1]
+    for p in range(4):  # shards_of names exactly the shards holding a prompt's samples
+        assert set(again.shards_of(p)) == {s.index for s in shards if any(q == p for q, _ in again.units(s))}
+        assert again.samples_of(p) == sum(q == p for q, _ in units)
+    with pytest.raises(StorageError, match="round 1"):  # a rerun deciding differently is refused
+        SamplePlan(again.rounds[:1]).add_round(store, [3], 1, 2, 8, 4, 4)
 
 
 def _table(n):

@@ -92,11 +92,11 @@ def test_four_channel_model_is_refused_when_the_sampler_is_built(tmp_path):
 
 def test_text_is_encoded_once_per_prompt(tiny_models):
     s = _sampler(tiny_models["latent_text"])
-    assert s.prompts_encoded == 1  # the empty prompt, for classifier-free guidance
+    assert s.prompts_encoded == 0  # nothing before the first batch
     ids, texts, seeds = _batch(n_per_prompt=4)
     s.generate(ids, texts, seeds)
     s.generate(ids[:5], texts[:5], seeds[:5])  # a second batch of the same prompts
-    assert s.prompts_encoded == 1 + len(PROMPTS)
+    assert s.prompts_encoded == 1 + len(PROMPTS)  # + the empty prompt, for classifier-free guidance
 
 
 def test_prompt_changes_the_image(tiny_models):

@@ -1,14 +1,21 @@
-"""`memex audit`: index -> prompts -> generate -> filter -> match, each step resumable.
+"""`memex audit`: index -> prompts -> triage -> generate (in rounds) -> match -> filter -> report.
 
   1. check inputs (config ranges, the model folder, the training set) before any cluster work;
   2. index the training set (reused when an earlier audit built the same one); its near-duplicate
      counts rank the captions used as prompts (prompts=near_duplicates, the paper's choice);
-  3. generate (memex/stages/generate.py): samples/ in the run folder;
-  4. filter: flag prompts whose generations form a clique (candidates/); skipped when
-     match.candidates=all (the paper's unconditional setting verifies every sample instead);
-  5. match: nearest training images from the sharded index, verified on pixels (matches/);
-  6. write the HTML report into report/ (memex/report.py) and print the summary.
-Every step skips the shards an earlier, interrupted audit finished.
+  3. triage (memex/stages/triage.py, text models): a memorization score per prompt, a few UNet
+     calls each (Wen et al.);
+  4. generate (memex/stages/generate.py): samples/ in the run folder. budget=fixed: every prompt
+     sampling.samples_per_prompt times. budget=adaptive: in rounds (`generate_in_rounds`), each
+     round's generations matched as soon as they exist, and only the prompts that show a sign of
+     memorization (a copy, a near miss, an outlying triage score) sampled further;
+  5. filter: flag prompts whose generations form a clique (candidates/): the paper's evidence that
+     needs no training set; skipped for an unconditional model (one prompt: an N x N graph);
+  6. match: nearest training images from the sharded index, verified on pixels (matches/): the
+     flagged cliques' members (match.candidates=cliques) or every generation (=all);
+  7. write the HTML report into report/ (memex/report.py) and print the summary.
+Every step skips the shards an earlier, interrupted audit finished; a round, once written, is
+generated as written (memex/plan.py), so a rerun decides nothing anew.
 The run folder is the generation run's folder: auditing the same samples with other filter or
 match settings is refused (StageFolder.claim) unless run.name says where the new results go.
 """
@@ -17,12 +24,20 @@ from __future__ import annotations
 
 import logging
 
-from memex.config import AuditConfig, CandidateSource, ModelKind, PromptSource, validate_audit
+import pyarrow.compute as pc
+
+from memex.config import AuditConfig, BudgetKind, CandidateSource, ModelKind, PromptSource, TriageKind, validate_audit
 from memex.layout import RunLayout
 from memex.models import check_model_inputs
-from memex.prompts import load_prompts, rank_by_near_duplicates
+from memex.plan import Round, SamplePlan
+from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
 
 log = logging.getLogger("memex.audit")
+
+
+def triage_on(cfg: AuditConfig) -> bool:
+    """triage=auto scores prompts whenever there are prompts (text models); none never."""
+    return cfg.triage.kind != TriageKind.none and cfg.prompts.source != PromptSource.none
 
 
 def run(cfg: AuditConfig) -> dict:
@@ -30,6 +45,7 @@ def run(cfg: AuditConfig) -> dict:
     from memex.report import build_report
     from memex.stages import filter as filter_stage
     from memex.stages import generate, index, match
+    from memex.stages import triage as triage_stage
 
     # 1. inputs
     validate_audit(cfg)
@@ -49,39 +65,105 @@ def run(cfg: AuditConfig) -> dict:
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     layout.store.write_json(layout.index_json, info.to_json())
 
-    # 3. generate, 4. filter, 5. match: each reads its inputs from the run folder
-    generate.run(cfg, run_name)
-    if cfg.match.candidates == CandidateSource.cliques:
+    # 3. triage, 4. generate (+ match each round), 5. filter, 6. match: inputs from the run folder
+    if triage_on(cfg):
+        triage_stage.run(cfg, run_name)
+    every = cfg.match.candidates == CandidateSource.all
+    if cfg.budget.kind == BudgetKind.adaptive:
+        generate_in_rounds(cfg, run_name, layout)
+    else:
+        generate.run(cfg, run_name)
+        if every:
+            match.match_shards(cfg, run_name)
+    if cfg.prompts.source != PromptSource.none:
         filter_stage.run(cfg, run_name)
-    else:  # its cliques would not be used, and one prompt's N x N graph over every sample is unbounded
-        log.info("filter skipped: match.candidates=all verifies every sample")
+    else:  # one prompt: its N x N graph over every sample is unbounded, and match=all verifies them anyway
+        log.info("filter skipped: an unconditional model's samples share one prompt")
     summary = match.run(cfg, run_name)
 
-    # 6. the report (rebuilt every time: cheap, and it picks up report code changes)
+    # 7. the report (rebuilt every time: cheap, and it picks up report code changes)
     summary["report"] = build_report(layout)
     return summary
 
 
+def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout) -> None:
+    """budget=adaptive: round r gives its prompts samples [rounds[r-1], rounds[r]); round 0 every
+    prompt, each later round the previous round's prompts that show a sign of memorization. Each
+    round is generated, then matched (every generation: match.candidates=all), before the next is
+    decided; a round already written (a resumed audit) is generated as written."""
+    from memex.stages import generate, match
+
+    s, b = cfg.sampling, cfg.budget
+    plan = SamplePlan.read(layout.store)
+    n_prompts = read_run_prompts(layout).num_rows
+    lo = 0
+    for r, hi in enumerate(b.rounds):
+        if r >= len(plan.rounds):
+            rows = None if r == 0 else continuing_prompts(cfg, layout, plan.rounds[-1])
+            if rows is not None and not rows:
+                log.info("round %d: no prompt shows a sign of memorization; the budget stops at %d samples", r, lo)
+                break
+            plan.add_round(layout.store, rows, n_prompts, lo, hi, s.shard_size, s.batch_size)
+        rnd = plan.rounds[r]
+        log.info("round %d: %d prompts x samples [%d, %d)", r, rnd.n_prompts, rnd.lo, rnd.hi)
+        generate.run(cfg, run_name)
+        match.match_shards(cfg, run_name)
+        lo = hi
+
+
+def continuing_prompts(cfg: AuditConfig, layout: RunLayout, last: Round) -> list[int]:
+    """Prompt rows of round `last` that go on: a generation so far within budget.continue_factor x
+    match.threshold of its nearest training picture (a copy or a near miss), or a triage score
+    budget.continue_triage_z robust standard deviations above the run's median."""
+    import numpy as np
+
+    from memex.stages.triage import robust_z
+
+    b, m = cfg.budget, cfg.match
+    ids = read_run_prompts(layout)["prompt_id"].to_pylist()
+    rows = [last.row(q) for q in range(last.n_prompts)]
+    near = layout.matches.read(columns=["prompt_id", "distance"])
+    close = set(near.filter(pc.less_equal(near["distance"], b.continue_factor * m.threshold))["prompt_id"].to_pylist())
+    outlying: set[str] = set()
+    if b.continue_triage_z is not None and layout.triage.success() is not None:
+        t = layout.triage.read(columns=["prompt_id", "score"])
+        z = robust_z(t["score"].to_numpy().astype(np.float64))
+        outlying = {pid for pid, zi in zip(t["prompt_id"].to_pylist(), z) if zi >= b.continue_triage_z}
+    return [p for p in rows if ids[p] in close or ids[p] in outlying]
+
+
 def format_summary(s: dict) -> str:
-    """A few lines for the terminal: the headline numbers and where the evidence is."""
+    """A few lines for the terminal: the headline numbers, what they cost and where the evidence is."""
     t = s["thresholds"]
     if s.get("filter", "ran") == "ran":
         filtered = (f"{s['prompts_flagged']} prompts flagged (clique >= {t['min_clique']} at tiled l2 <= "
                     f"{t['filter_edge_tiled_l2']})")
     else:
-        filtered = "filter skipped (match.candidates=all)"
+        filtered = "filter skipped (one unconditional prompt)"
+    sampled = s.get("prompts_sampled", s["prompts"])
+    of = f"{sampled} of {s['prompts']} prompts" if sampled != s["prompts"] else f"{s['prompts']} prompts"
+    which = "generations" if s.get("candidates") == "all" else "clique members"
     lines = [
         f"memex audit: {s['model']['name']} ({s['model']['path']})",
-        f"  {s['samples']} samples of {s['prompts']} prompts; {filtered}",
-        f"  {s['extracted_generations']} of {s['candidates_verified']} candidates verified as copies "
+        f"  {s['samples']} samples of {of}; {filtered}",
+        f"  {s['extracted_generations']} of {s['candidates_verified']} {which} verified as copies "
         f"({t['match_distance']} <= {t['match_threshold']}): "
         f"{s['extracted_unique_train_images']} unique training images extracted",
     ]
+    if "unet_evaluations" in s:
+        per = s.get("unet_evaluations_per_extracted_image")
+        lines.append(f"  {s['unet_evaluations']:,} UNet evaluations (triage {s.get('unet_evaluations_triage', 0):,})"
+                     + (f", {per:,} per extracted image" if per else ""))
     pictures = s.get("extracted_pictures", [])
     if pictures:
         shown = ", ".join(p["picture"] + (f" (+{len(p['rows']) - 1} copies)" if len(p["rows"]) > 1 else "")
                           for p in sorted(pictures, key=lambda p: p["picture"])[:10])
         lines.append(f"  extracted: {shown}" + (" ..." if len(pictures) > 10 else ""))
+    low = [p for p in s.get("uncounted_pictures", []) if p.get("low_complexity")]
+    if low:
+        lines.append(f"  {len(low)} low-complexity pictures within the threshold but not counted "
+                     f"(fewer than {t.get('low_detail_min_generations')} copying generations, none in a clique): "
+                     + ", ".join(p["picture"] for p in low[:5]) + (" ..." if len(low) > 5 else ""))
     if s.get("prompts_undecided"):
         lines.append(f"  {s['prompts_undecided']} prompts undecided: the clique search ran out of "
                      "filter.max_expansions (raise it to decide them)")

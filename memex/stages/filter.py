@@ -27,6 +27,7 @@ from memex import runner
 from memex.config import AuditConfig, FilterConfig
 from memex.images import decode
 from memex.layout import CANDIDATES_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
+from memex.plan import SamplePlan
 from memex.prompts import read_run_prompts
 
 log = logging.getLogger("memex.filter")
@@ -62,14 +63,13 @@ def filter_prompt(images: np.ndarray, f: FilterConfig, device: str = "cpu") -> t
     return res, representative(res.members, d), nearest
 
 
-def prompt_samples(layout: RunLayout, p: int, pid: str, n: int, shard_size: int) -> tuple[list[str], np.ndarray]:
-    """The sample ids and (n, H, W, 3) uint8 generations of prompt row p, in sample-index order.
+def prompt_samples(layout: RunLayout, plan: SamplePlan, p: int, pid: str) -> tuple[list[str], np.ndarray]:
+    """The sample ids and (n, H, W, C) uint8 generations of prompt row p, in sample-index order.
 
-    Samples are prompt-major: prompt p is units [p*n, (p+1)*n), in these shard files only. One
-    prompt at a time, decoded straight into one array: at the paper's 500 x 512^2 that is ~200 MB
-    of PNGs and 393 MB of pixels, not a chunk of prompts' worth (16 x that) or a list plus a copy."""
-    first, last = p * n // shard_size, ((p + 1) * n - 1) // shard_size
-    t = layout.store.read_table([layout.samples.file(s) for s in range(first, last + 1)], schema=SAMPLES_SCHEMA,
+    The plan (memex/plan.py) names the shards holding prompt p's samples, in every round; only
+    those are read. One prompt at a time, decoded straight into one array: at the paper's 500 x
+    512^2 that is ~200 MB of PNGs and 393 MB of pixels, not a chunk of prompts' worth (16 x that)."""
+    t = layout.store.read_table([layout.samples.file(s) for s in plan.shards_of(p)], schema=SAMPLES_SCHEMA,
                                 columns=["sample_id", "prompt_id", "sample_index", "image"],
                                 filters=[("prompt_id", "=", pid)]).sort_by("sample_index")
     col = t["image"]
@@ -81,16 +81,19 @@ def prompt_samples(layout: RunLayout, p: int, pid: str, n: int, shard_size: int)
     return t["sample_id"].to_pylist(), images
 
 
-def filter_chunk(chunk: int, layout: RunLayout, p0: int, p1: int, samples_per_prompt: int, shard_size: int,
-                 f: FilterConfig, device: str) -> pa.Table:
-    """Unit `chunk`: prompts [p0, p1) of the run -> one CANDIDATES_SCHEMA row each."""
+def filter_chunk(chunk: int, layout: RunLayout, p0: int, p1: int, f: FilterConfig, device: str) -> pa.Table:
+    """Unit `chunk`: prompts [p0, p1) of the run -> one CANDIDATES_SCHEMA row each (prompts the
+    adaptive budget gave no sample have no row)."""
     from memex.models import resolve_device
 
     device = resolve_device(device)
     prompts = read_run_prompts(layout).slice(p0, p1 - p0)
+    plan = SamplePlan.read(layout.store)
     rows = []
     for p, pid, text in zip(range(p0, p1), prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist()):
-        sids, images = prompt_samples(layout, p, pid, samples_per_prompt, shard_size)
+        if not plan.samples_of(p):
+            continue
+        sids, images = prompt_samples(layout, plan, p, pid)
         res, rep, nearest = filter_prompt(images, f, device)
         del images  # before the next prompt's are decoded
         rows.append({"prompt_id": pid, "prompt": text, "n_samples": len(sids), "clique_size": res.size,
@@ -107,11 +110,11 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
         raise StorageError(f"run {layout.uri} has no complete samples/: run `memex generate` (or audit) first")
     layout.candidates.claim(asdict(cfg.filter), f"run folder {layout.uri}")
     n_prompts = read_run_prompts(layout).num_rows
-    s, f = cfg.sampling, cfg.filter
+    f = cfg.filter
     chunks = {c: {"p0": p0, "p1": min(p0 + f.prompts_per_task, n_prompts)}
               for c, p0 in enumerate(range(0, n_prompts, f.prompts_per_task))}
-    runner.run_tasks(layout.candidates, chunks, filter_chunk, cfg.resources, layout=layout,
-                     samples_per_prompt=s.samples_per_prompt, shard_size=s.shard_size, f=f, device=cfg.resources.device)
+    runner.run_tasks(layout.candidates, chunks, filter_chunk, cfg.resources, layout=layout, f=f,
+                     device=cfg.resources.device)
     summary = summarize_candidates(layout.candidates.read(), f)
     layout.candidates.mark_success(summary)
     return summary

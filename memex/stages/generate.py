@@ -1,12 +1,14 @@
 """Generation stage: the run's prompts -> an actor pool of samplers -> samples/ Parquet shards.
 
     prepare(cfg, prompts=None) -> run name   check inputs, claim the run folder, write prompts.parquet
-    run(cfg, run_name) -> summary            every shard of samples/, through memex/runner.py
+    run(cfg, run_name) -> summary            every shard of the run's rounds, through memex/runner.py
 
-A unit is a shard: a contiguous range of (prompt, sample index) pairs, prompt-major
-(layout.plan_shards). `GenerateShards` is the worker: it loads the model once (one per actor)
-and generates a whole shard in UNet batches of `sampling.batch_size`, mixing prompts; the runner
-writes the shard and its marker, skips finished shards and checks none is missing.
+A unit is a shard: a contiguous range of (prompt, sample index) pairs of one round, prompt-major
+(memex/plan.py). A run with no round written gets the fixed budget: one round, every prompt,
+samples [0, samples_per_prompt). `GenerateShards` is the worker: it loads the model once (one per
+actor) and generates a whole shard in UNet batches of `sampling.batch_size`, mixing prompts; the
+runner writes the shard and its marker (with the UNet evaluations it took), skips finished shards
+and checks none is missing.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import pyarrow as pa
 from memex import runner
 from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, plain, validate_generate
 from memex.images import encode_png
-from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, ShardPlan, StorageError, iter_units, plan_shards
+from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
 from memex.models import check_model_inputs, resolve_device
+from memex.plan import SamplePlan, Shard
 from memex.prompts import load_prompts, read_run_prompts
 
 log = logging.getLogger("memex.generate")
@@ -92,20 +95,24 @@ class GenerateShards:
             raise ConfigError(f"{cfg.model.path} is an unconditional model and takes no prompts: set prompts=none")
         self.sampler = Sampler(model, cfg.sampling)
         self.model_id = model.model_id
+        self.plan = SamplePlan.read(RunLayout(cfg.storage.root, run_name, cfg.storage.options).store)
 
-    def __call__(self, index: int, start: int, stop: int) -> pa.Table:
-        """Samples [start, stop) of the run (prompt-major) as one SAMPLES_SCHEMA table."""
+    def __call__(self, index: int, round: int, start: int, stop: int) -> tuple[pa.Table, dict]:
+        """Units [start, stop) of a round (prompt-major) as one SAMPLES_SCHEMA table, and the UNet
+        evaluations they took (the marker keeps them: summaries add them up)."""
         from memex.sampling import sample_seed
 
         s, sampler = self.cfg.sampling, self.sampler
-        units = list(iter_units(ShardPlan(index, start, stop), s.samples_per_prompt))
+        evals0, padded0 = sampler.unet_evaluations, sampler.padded_evaluations
+        units = list(self.plan.units(Shard(index, round, start, stop)))
         cols: dict[str, list] = {f.name: [] for f in SAMPLES_SCHEMA}
         for b in range(0, len(units), s.batch_size):  # one UNet batch at a time: bounded memory
             chunk = units[b : b + s.batch_size]
             pids = [self.prompt_ids[p] for p, _ in chunk]
             texts = [self.prompts[p] for p, _ in chunk]
             seeds = [sample_seed(s.seed, pid, i) for pid, (_, i) in zip(pids, chunk)]
-            images = sampler.generate(pids, texts, seeds)
+            images, scores = sampler.generate_scored(pids, texts, seeds)
+            cols["triage_score"] += [None] * len(chunk) if scores is None else scores.tolist()
             for (p, i), pid, text, seed, img in zip(chunk, pids, texts, seeds, images):
                 cols["sample_id"].append(f"{pid}/{i}")
                 cols["prompt_id"].append(pid)
@@ -122,21 +129,45 @@ class GenerateShards:
         cols["guidance_scale"] = [s.guidance_scale if sampler.conditional else 0.0] * n
         cols["dtype"] = [s.dtype.value] * n
         cols["batch_size"] = [s.batch_size] * n
-        return pa.table(cols, schema=SAMPLES_SCHEMA)
+        cols["round"] = [round] * n
+        cost = {"unet_evaluations": sampler.unet_evaluations - evals0,
+                "padded_evaluations": sampler.padded_evaluations - padded0}
+        return pa.table(cols, schema=SAMPLES_SCHEMA), cost
+
+
+def read_plan(cfg: GenerateConfig, layout: RunLayout) -> SamplePlan:
+    """The run's rounds; a run with none written gets the fixed budget's one round (written now)."""
+    plan = SamplePlan.read(layout.store)
+    if not plan.rounds:
+        s = cfg.sampling
+        plan.add_round(layout.store, None, read_run_prompts(layout).num_rows, 0, s.samples_per_prompt,
+                       s.shard_size, s.batch_size)
+    return plan
 
 
 def run(cfg: GenerateConfig, run_name: str) -> dict:
-    """Generate every shard of a prepared run; returns the summary written to samples/_SUCCESS.json."""
+    """Generate every shard of every round of a prepared run; returns the summary written to
+    samples/_SUCCESS.json (rewritten when a later round is added and generated)."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     if not layout.store.exists(layout.run_json):
         raise StorageError(f"{layout.uri} is not a prepared run folder (no run.json): call generate.prepare first")
-    n_prompts = read_run_prompts(layout).num_rows
-    plans = plan_shards(n_prompts, cfg.sampling.samples_per_prompt, cfg.sampling.shard_size)
-    log.info("run %s: %d shards", layout.uri, len(plans))
+    plan = read_plan(cfg, layout)
+    shards = plan.shards()
+    log.info("run %s: %d shards in %d round(s)", layout.uri, len(shards), len(plan.rounds))
     t0 = time.perf_counter()
-    generated = runner.run_actor_pool(layout.samples, {p.index: {"start": p.start, "stop": p.stop} for p in plans},
+    generated = runner.run_actor_pool(layout.samples,
+                                      {p.index: {"round": p.round, "start": p.start, "stop": p.stop} for p in shards},
                                       GenerateShards, {"cfg": cfg, "run_name": run_name}, cfg.resources)
-    summary = {"run": layout.uri, "run_name": run_name, "shards": len(plans), "generated_shards": generated,
-               "rows": sum(p.stop - p.start for p in plans), "seconds": round(time.perf_counter() - t0, 2)}
+    summary = {"run": layout.uri, "run_name": run_name, "shards": len(shards), "generated_shards": generated,
+               "rounds": len(plan.rounds), "rows": sum(p.stop - p.start for p in shards),
+               "seconds": round(time.perf_counter() - t0, 2), **unet_work(layout)}
     layout.samples.mark_success(summary)
     return summary
+
+
+def unet_work(layout: RunLayout) -> dict:
+    """UNet evaluations (batch rows through the UNet, guidance counting 2) of every generated
+    shard, from their markers, and the part spent on padding rows."""
+    marks = [layout.samples.read_marker(i) or {} for i in layout.samples.complete()]
+    return {"unet_evaluations": sum(m.get("unet_evaluations", 0) for m in marks),
+            "padded_evaluations": sum(m.get("padded_evaluations", 0) for m in marks)}

@@ -1,28 +1,32 @@
-"""Match stage: join candidates with the training images they copy, and verify on pixels.
+"""Match stage: join generations with the training images they copy, and verify on pixels.
 
-    run(cfg, run_name) -> summary   matches/ of a filtered run, against the index in <run>/index.json
+    match_shards(cfg, run_name) -> int   matches/ for every samples shard not yet matched
+    run(cfg, run_name) -> summary        the above, then the report's training images and the summary
 
-One unit (matches/shard-000000, done in the driver through memex/runner.py `do_unit`), in steps:
-  1. `select_candidates`: the samples of each flagged prompt's clique (match.candidates=cliques),
-     or every sample (=all, the paper's unconditional setting), one samples shard at a time
-     (steps 2-4 run per shard: the driver's memory does not grow with the number of samples);
+A unit is one samples shard: matches/shard-K holds the verified candidates of samples/shard-K, so
+an adaptive audit matches each round's shards as they come (memex/stages/audit.py) and a rerun
+skips matched shards. Units run in the driver through memex/runner.py `do_unit`; in each:
+  1. `select_candidates`: the shard's samples in a flagged prompt's clique (match.candidates=
+     cliques, the paper's filter), or every sample (=all: the paper's unconditional setting, and
+     memex's audits of text models, where the training set is at hand and matching a generation
+     costs far less than generating it);
   2. `nearest_training_images`: embed them in one Ray task (the embedder is the only model here;
      GPU when resources ask), search every index shard in one Ray task each and merge the top k
      (memex/index.py merge_topk: the same ids and order as one flat index over all vectors);
   3. `fetch_training_images`: the pixels of every training image in some top k (train.parquet);
   4. `verify`: each candidate against its k nearest training images with match.distance: tiled l2
      <= 0.15 (Stable Diffusion style), or relative l2 <= 1 (alpha = 0.5, n = 50; small
-     unconditional models); the best (smallest) distance is the candidate's match;
-  5. `keep_for_report`: the matched training images copied into matches/train_images.parquet;
-then the summary (`summarize`) is written to matches/summary.json and the stage marked complete.
-A candidate set is small (the paper: ~1,000s of clique members out of 175M generations), so
-verification runs in the driver; the expensive parts (embedding, search) are Ray tasks.
+     unconditional models); the best (smallest) distance is the candidate's match, with the
+     matched image's tile detail (low complexity below the threshold, memex/distances.py);
+then `keep_for_report` copies the matched training images into matches/train_images.parquet and
+`summarize` writes matches/summary.json, where a picture counts as extracted only with enough
+copying generations (`extracted_pictures`).
+Memory: one samples shard's candidates and their neighbours' pixels at a time.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -41,22 +45,19 @@ REPORT_NEAR_MISSES = 200  # closest non-copies whose training images are kept fo
 
 
 # 1. candidates ---------------------------------------------------------------------------------
-def select_candidates(layout: RunLayout, m: MatchConfig) -> Iterator[pa.Table]:
-    """sample_id, prompt_id, prompt, image of the samples to verify, one samples shard at a time, so
-    the driver holds one shard's PNGs (shard_size x ~0.4 MB at 512 px), never the run's (500 x
-    350,000 in the paper). cliques: the flagged cliques' members; all: every sample."""
-    wanted = None
-    if m.candidates == CandidateSource.cliques:
-        flagged = layout.candidates.read(columns=["flagged", "sample_ids"])
-        flagged = flagged.filter(flagged["flagged"])
-        wanted = pa.array([s for ids in flagged["sample_ids"].to_pylist() for s in ids], pa.string())
-        if not len(wanted):
-            return
-    for shard in layout.samples.complete():
-        t = layout.store.read_table(layout.samples.file(shard), columns=["sample_id", "prompt_id", "prompt", "image"])
-        t = t if wanted is None else t.filter(pc.is_in(t["sample_id"], wanted))
-        if t.num_rows:
-            yield t
+def clique_members(layout: RunLayout) -> pa.Array:
+    """Sample ids of every flagged prompt's clique (match.candidates=cliques)."""
+    flagged = layout.candidates.read(columns=["flagged", "sample_ids"])
+    flagged = flagged.filter(flagged["flagged"])
+    return pa.array([s for ids in flagged["sample_ids"].to_pylist() for s in ids], pa.string())
+
+
+def select_candidates(layout: RunLayout, shard: int, wanted: pa.Array | None) -> pa.Table:
+    """sample_id, prompt_id, prompt, image of one samples shard's samples to verify: those in
+    `wanted` (clique members), or all of them (None). One shard: the driver holds shard_size PNGs
+    (~0.4 MB each at 512 px), never the run's (500 x 350,000 in the paper)."""
+    t = layout.store.read_table(layout.samples.file(shard), columns=["sample_id", "prompt_id", "prompt", "image"])
+    return t if wanted is None else t.filter(pc.is_in(t["sample_id"], wanted))
 
 
 # 2. nearest training images by embedding (Ray tasks) -------------------------------------------
@@ -145,32 +146,42 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
 
     tiled_l2: the nearest of the k embedding neighbours by tiled l2. relative_l2: the embedding
     search proposes, pixels decide: relative_distance over the proposals' distinct pictures."""
-    rows = []
+    import torch
+
+    from memex.distances import tile_detail, to_unit
+
+    rows, detail = [], {}
     for j, (sid, pid, text, png) in enumerate(zip(*(samples[c].to_pylist()
                                                     for c in ("sample_id", "prompt_id", "prompt", "image")))):
         nb = [(rank, int(g)) for rank, g in enumerate(I[j]) if g >= 0 and int(g) in pixels]
         if not nb:
             continue
-        d = pixel_distances(decode(png), [pixels[g] for _, g in nb], m.distance, preprocess)
+        gen = decode(png)
+        d = pixel_distances(gen, [pixels[g] for _, g in nb], m.distance, preprocess)
         if m.distance == DistanceKind.relative_l2:
             dist, best = relative_distance(d, [picture.get(g, g) for _, g in nb], m.n_neighbors, m.alpha)
         else:
             best = int(np.argmin(d))
             dist = float(d[best])
         rank, g = nb[best]
+        if (g, gen.shape[:2]) not in detail:  # the training image as it was compared: cut to the generation's shape
+            fitted = to_aspect(pixels[g], gen.shape[0], gen.shape[1], preprocess)
+            detail[g, gen.shape[:2]] = float(tile_detail(to_unit(torch.tensor(fitted[None])))[0])
         ed = float(D[j, rank])
         rows.append({"sample_id": sid, "prompt_id": pid, "prompt": text, "train_gid": g, "train_id": meta[g][0],
                      "train_caption": meta[g][1], "distance": dist,
                      "embed_distance": float(np.sqrt(max(ed, 0.0))) if metric == "l2" else ed,
-                     "neighbor_rank": rank, "extracted": bool(dist <= m.threshold)})
+                     "neighbor_rank": rank, "extracted": bool(dist <= m.threshold),
+                     "train_detail": detail[g, gen.shape[:2]]})
     return rows
 
 
 # 5. the training images the report shows ------------------------------------------------------
-def keep_for_report(layout: RunLayout, rows: list[dict], info: IndexInfo, storage_options: dict) -> None:
+def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict) -> None:
     """Every extracted match's training image, and the closest others up to REPORT_NEAR_MISSES
     (candidates=all verifies every sample: 50k CIFAR-sized generations would otherwise copy 50k
     training images here), into matches/train_images.parquet."""
+    rows = layout.matches.read(columns=["train_gid", "train_id", "distance", "extracted"]).to_pylist()
     by_distance = sorted(rows, key=lambda r: r["distance"])
     keep = ([r for r in by_distance if r["extracted"]]
             + [r for r in by_distance if not r["extracted"]][:REPORT_NEAR_MISSES])
@@ -210,77 +221,139 @@ def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes]) -> tuple:
     return D, I, pixels, meta, picture
 
 
-def match_candidates(unit: int, cfg: AuditConfig, layout: RunLayout, info: IndexInfo) -> pa.Table:
-    """The stage's one unit: steps 1-5, a samples shard at a time -> the MATCHES_SCHEMA table, by
-    sample id (the runner writes it). Memory: one shard's candidates and their neighbours' pixels."""
-    m, rows = cfg.match, []
-    for samples in select_candidates(layout, m):
-        D, I, pixels, meta, picture = propose(cfg, info, samples["image"].to_pylist())
-        rows += verify_all(samples, D, I, pixels, meta, m, info.metric, cfg.trainset.preprocess.value, picture)
-    log.info("match: %d candidates verified against %d indexed training images", len(rows), info.n_indexed)
-    keep_for_report(layout, rows, info, cfg.storage.options)  # first: the report shows them beside the generations
+def match_shard(shard: int, cfg: AuditConfig, layout: RunLayout, info: IndexInfo,
+                wanted: pa.Array | None) -> pa.Table:
+    """The stage's unit: steps 1-4 for samples shard `shard` -> its MATCHES_SCHEMA table, by sample id."""
+    samples = select_candidates(layout, shard, wanted)
+    if not samples.num_rows:
+        return MATCHES_SCHEMA.empty_table()
+    D, I, pixels, meta, picture = propose(cfg, info, samples["image"].to_pylist())
+    rows = verify_all(samples, D, I, pixels, meta, cfg.match, info.metric, cfg.trainset.preprocess.value, picture)
     return pa.Table.from_pylist(sorted(rows, key=lambda r: r["sample_id"]), schema=MATCHES_SCHEMA)
 
 
-def run(cfg: AuditConfig, run_name: str) -> dict:
-    """Match a filtered run; returns the summary written to matches/summary.json."""
+def match_shards(cfg: AuditConfig, run_name: str) -> int:
+    """Match every complete samples shard that has no matches shard yet; returns how many ran.
+    An adaptive audit calls this after each round, then `run` once at the end."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     info = read_info(layout)
-    if layout.candidates.success() is None and cfg.match.candidates == CandidateSource.cliques:
+    cliques = cfg.match.candidates == CandidateSource.cliques
+    if cliques and layout.candidates.success() is None:
         raise StorageError(f"run {layout.uri} has no complete candidates/: run the filter (memex audit) first")
     layout.matches.claim({"match": plain(cfg.match), "index_key": info.key, "embedder": plain(cfg.embedder)},
                          f"run folder {layout.uri}")
+    done = set(layout.matches.complete())
+    todo = [k for k in layout.samples.complete() if k not in done]
+    wanted = clique_members(layout) if cliques and todo else None
+    for k in todo:
+        runner.do_unit(layout.matches, k, match_shard, {"cfg": cfg, "layout": layout, "info": info, "wanted": wanted})
+    return len(todo)
+
+
+def run(cfg: AuditConfig, run_name: str) -> dict:
+    """Match a generated (and, for candidates=cliques, filtered) run; returns the summary written
+    to matches/summary.json."""
+    layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     if layout.matches.success() is not None:
+        layout.matches.claim({"match": plain(cfg.match), "index_key": read_info(layout).key,
+                              "embedder": plain(cfg.embedder)}, f"run folder {layout.uri}")
         return read_summary(layout)
-    runner.do_unit(layout.matches, 0, match_candidates, {"cfg": cfg, "layout": layout, "info": info})
-    summary = summarize(cfg, layout, info, layout.matches.read())
+    match_shards(cfg, run_name)
+    info = read_info(layout)
+    matches = layout.matches.read()
+    log.info("match: %d candidates verified against %d indexed training images", matches.num_rows, info.n_indexed)
+    keep_for_report(layout, info, cfg.storage.options)
+    summary = summarize(cfg, layout, info, matches)
     layout.store.write_json(layout.summary_path, summary)
     layout.matches.mark_success({"summary": "summary.json", "extracted": summary["extracted_unique_train_images"]})
     return summary
 
 
+def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str], m: MatchConfig) -> dict[int, dict]:
+    """Per picture (near-duplicate group, memex/membership.py) its copying generations, and whether
+    it counts as extracted: >= match.min_generations of them, or for a low-complexity picture
+    (train_detail below match.threshold) >= match.low_detail_min_generations or one in a flagged
+    clique. Rows of one picture count once."""
+    out: dict[int, dict] = {}
+    for row in ext.to_pylist():
+        p = picture.get(row["train_gid"], row["train_gid"])
+        e = out.setdefault(p, {"generations": 0, "in_clique": 0, "detail": row["train_detail"]})
+        e["generations"] += 1
+        e["in_clique"] += row["sample_id"] in clique_ids
+        if row["train_detail"] is not None:
+            e["detail"] = row["train_detail"] if e["detail"] is None else min(e["detail"], row["train_detail"])
+    for e in out.values():
+        e["low_complexity"] = e["detail"] is not None and e["detail"] < m.threshold and \
+            m.distance == DistanceKind.tiled_l2
+        e["counted"] = (e["generations"] >= m.low_detail_min_generations or e["in_clique"] > 0) \
+            if e["low_complexity"] else e["generations"] >= m.min_generations
+    return out
+
+
 def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.Table) -> dict:
-    """matches/summary.json: the headline numbers, extracted pictures, per-prompt results, config."""
+    """matches/summary.json: the headline numbers (extracted pictures, UNet evaluations), the
+    pictures, per-prompt results, config."""
+    from memex.plan import SamplePlan
+
     prompts = read_run_prompts(layout).to_pylist()
-    filter_summary = layout.candidates.success()  # None: the filter was skipped (candidates=all)
+    filter_summary = layout.candidates.success()  # None: the filter was skipped (unconditional)
     filtered = filter_summary is not None
     cands = {c["prompt_id"]: c for c in layout.candidates.read().to_pylist()} if filtered else {}
+    clique_ids = {s for c in cands.values() if c["flagged"] for s in c["sample_ids"]}
+    triage = ({t["prompt_id"]: t["score"] for t in layout.triage.read(columns=["prompt_id", "score"]).to_pylist()}
+              if layout.triage.success() is not None else {})
     ext = matches.filter(matches["extracted"]) if matches.num_rows else matches
     by_prompt: dict[str, list[dict]] = {}
     for row in ext.to_pylist():
         by_prompt.setdefault(row["prompt_id"], []).append(row)
+    plan = SamplePlan.read(layout.store)
     per_prompt = []
-    for p in prompts:
+    for k, p in enumerate(prompts):
         c, hits = cands.get(p["prompt_id"], {}), by_prompt.get(p["prompt_id"], [])
-        per_prompt.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "flagged": c.get("flagged", False),
+        per_prompt.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "samples": plan.samples_of(k),
+                           "triage_score": triage.get(p["prompt_id"]), "flagged": c.get("flagged", False),
                            "clique_size": c.get("clique_size"), "extracted_samples": len(hits),
                            "train_ids": sorted({h["train_id"] for h in hits})})
     # extracted *pictures*: rows of one picture (near-duplicates in the index) count once
     picture = read_pictures(info, cfg.storage.options, ext["train_gid"].to_numpy() if ext.num_rows else [])
-    gens: dict[int, int] = {}
-    for g in ext["train_gid"].to_pylist() if ext.num_rows else []:
-        gens[picture.get(g, g)] = gens.get(picture.get(g, g), 0) + 1
-    rows = picture_rows(info, cfg.storage.options, list(gens))
-    pictures = sorted(({"picture": rows[p][0], "rows": rows[p], "generations": n} for p, n in gens.items()),
-                      key=lambda x: (-x["generations"], x["picture"]))
+    counts = count_pictures(ext, picture, clique_ids, cfg.match)
+    rows = picture_rows(info, cfg.storage.options, list(counts))
+    seen = sorted(({"picture": rows[p][0], "rows": rows[p], **counts[p]} for p in counts),
+                  key=lambda x: (-x["generations"], x["picture"]))
+    pictures = [x for x in seen if x["counted"]]
     undecided = (filter_summary or {}).get("undecided_prompt_ids", [])
+    samples = layout.samples.success()
+    evals = samples.get("unet_evaluations", 0) + ((layout.triage.success() or {}).get("unet_evaluations", 0))
     return {
         "run": layout.uri,
         "model": {"name": cfg.model.name, "path": cfg.model.path},
-        "samples": layout.samples.success()["rows"],
+        "samples": samples["rows"],
         "prompts": len(prompts),
-        "filter": "ran" if filtered else "skipped: match.candidates=all verifies every sample",
+        "prompts_sampled": sum(p["samples"] > 0 for p in per_prompt),
+        "budget": {"kind": cfg.budget.kind.value, "rounds": [{"prompts": r.n_prompts, "samples": [r.lo, r.hi]}
+                                                            for r in plan.rounds]},
+        # every UNet forward pass of the audit, one per batch row (guidance: 2), padding and triage included
+        "unet_evaluations": evals,
+        "unet_evaluations_triage": (layout.triage.success() or {}).get("unet_evaluations", 0),
+        "unet_evaluations_padding": samples.get("padded_evaluations", 0),
+        "unet_evaluations_per_extracted_image": round(evals / len(pictures)) if pictures else None,
+        "filter": "ran" if filtered else "skipped: an unconditional model's samples share one prompt",
         "prompts_flagged": sum(bool(c["flagged"]) for c in cands.values()),
         "prompts_undecided": len(undecided),
         "undecided_prompt_ids": undecided,
+        "candidates": cfg.match.candidates.value,
         "candidates_verified": matches.num_rows,
         "extracted_generations": ext.num_rows,
         "extracted_unique_train_images": len(pictures),
         "extracted_pictures": pictures,
-        "extracted_train_ids": sorted(set(ext["train_id"].to_pylist())) if ext.num_rows else [],
+        # pictures some generation came within the threshold of, not counted: low complexity, too few copies
+        "uncounted_pictures": [x for x in seen if not x["counted"]],
+        "extracted_train_ids": sorted({r["train_id"] for r in ext.to_pylist()
+                                       if counts[picture.get(r["train_gid"], r["train_gid"])]["counted"]}),
         "thresholds": {"filter_edge_tiled_l2": cfg.filter.edge_threshold, "min_clique": cfg.filter.min_clique,
                        "match_distance": cfg.match.distance.value, "match_threshold": cfg.match.threshold,
-                       "match_k": cfg.match.k},
+                       "match_k": cfg.match.k, "min_generations": cfg.match.min_generations,
+                       "low_detail_min_generations": cfg.match.low_detail_min_generations},
         "index": {"uri": info.layout(cfg.storage.options).uri, "key": info.key, "shards": len(info.shards),
                   "train_images": info.n_train, "indexed": info.n_indexed, "quarantined": info.n_quarantined},
         "per_prompt": per_prompt,

@@ -1,0 +1,93 @@
+"""Triage stage: a memorization score for every prompt, for a few UNet calls each.
+
+    run(cfg, run_name) -> summary   triage/ of a prepared run: one row per prompt of prompts.parquet
+
+Wen et al. ("Detecting, Explaining, and Mitigating Memorization in Diffusion Models", ICLR 2024;
+METHOD.md section 2): a memorized prompt pulls the noise prediction far from the unconditional
+one, so ||eps(x_t, prompt) - eps(x_t, "")|| over the first step(s) ranks memorized prompts first
+(published: AUC 0.96 from one step on Stable Diffusion). memex averages it over `triage.seeds`
+starting noises, which are samples 0..seeds-1 of the prompt (the same seeds generation uses), and
+`triage.steps` steps: seeds x steps x 2 UNet evaluations per prompt against 500 x 50 x 2 for the
+paper's generations. The score is RMS per latent value (memex/sampling.py noise_norm).
+
+Units: chunks of `triage.prompts_per_task` prompts through the actor pool (one model per actor),
+like generation; the runner writes triage/shard-<chunk>.parquet and its marker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from memex import runner
+from memex.config import AuditConfig, ConfigError
+from memex.layout import TRIAGE_SCHEMA, RunLayout, StorageError
+from memex.models import resolve_device
+from memex.prompts import read_run_prompts
+
+log = logging.getLogger("memex.triage")
+
+
+class TriagePrompts:
+    """The worker of the actor pool: one model per actor; each call scores one chunk of prompts."""
+
+    def __init__(self, cfg: AuditConfig, run_name: str):
+        from memex.models import load_model
+        from memex.sampling import Sampler
+
+        self.cfg = cfg
+        prompts = read_run_prompts(RunLayout(cfg.storage.root, run_name, cfg.storage.options))
+        self.prompt_ids = prompts["prompt_id"].to_pylist()
+        self.prompts = prompts["prompt"].to_pylist()
+        device = resolve_device(cfg.resources.device)
+        if device == "cpu" and cfg.sampling.dtype.value == "float16":
+            raise ConfigError("sampling.dtype=float16 needs a GPU; use float32 or bfloat16 on CPU")
+        model = load_model(cfg.model.path, cfg.model.kind, cfg.sampling.dtype.value, device, cfg.model.revision,
+                           cfg.model.unet)
+        self.sampler = Sampler(model, cfg.sampling)
+
+    def __call__(self, index: int, p0: int, p1: int) -> tuple[pa.Table, dict]:
+        """Prompts [p0, p1) -> one TRIAGE_SCHEMA row each, and the UNet evaluations they took."""
+        from memex.sampling import sample_seed
+
+        t, s = self.cfg.triage, self.cfg.sampling
+        ids, texts = self.prompt_ids[p0:p1], self.prompts[p0:p1]
+        rows_ids = [pid for pid in ids for _ in range(t.seeds)]  # prompt-major: seeds of one prompt together
+        rows_texts = [p for p in texts for _ in range(t.seeds)]
+        seeds = [sample_seed(s.seed, pid, j % t.seeds) for j, pid in enumerate(rows_ids)]
+        before = self.sampler.unet_evaluations
+        scores = self.sampler.triage(rows_ids, rows_texts, seeds, t.steps).reshape(len(ids), t.seeds).mean(axis=1)
+        cost = self.sampler.unet_evaluations - before
+        table = pa.table({"prompt_id": ids, "prompt": texts, "score": scores.astype(np.float32),
+                          "unet_evaluations": [t.seeds * t.steps * 2] * len(ids)}, schema=TRIAGE_SCHEMA)
+        return table, {"unet_evaluations": cost}
+
+
+def run(cfg: AuditConfig, run_name: str) -> dict:
+    """Score every prompt of a prepared run; returns the summary written to triage/_SUCCESS.json."""
+    layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
+    if not layout.store.exists(layout.prompts_path):
+        raise StorageError(f"{layout.uri} is not a prepared run folder (no prompts.parquet): call generate.prepare")
+    layout.triage.claim({"triage": {"seeds": cfg.triage.seeds, "steps": cfg.triage.steps}},
+                        f"run folder {layout.uri}")
+    n = read_run_prompts(layout).num_rows
+    step = cfg.triage.prompts_per_task
+    chunks = {c: {"p0": p0, "p1": min(p0 + step, n)} for c, p0 in enumerate(range(0, n, step))}
+    runner.run_actor_pool(layout.triage, chunks, TriagePrompts, {"cfg": cfg, "run_name": run_name}, cfg.resources)
+    scores = layout.triage.read(columns=["score"])["score"].to_numpy()
+    marks = [layout.triage.read_marker(i) or {} for i in layout.triage.complete()]
+    summary = {"prompts": n, "unet_evaluations": sum(m.get("unet_evaluations", 0) for m in marks),
+               "score_median": float(np.median(scores)) if len(scores) else None,
+               "score_mad": float(np.median(np.abs(scores - np.median(scores)))) if len(scores) else None}
+    layout.triage.mark_success(summary)
+    return summary
+
+
+def robust_z(scores: np.ndarray) -> np.ndarray:
+    """(s - median) / (1.4826 x MAD): how far a prompt's score stands out of the run's, in standard
+    deviations of a normal with the same spread; insensitive to the few memorized outliers themselves."""
+    med = np.median(scores)
+    mad = 1.4826 * np.median(np.abs(scores - med))
+    return (scores - med) / mad if mad > 0 else np.zeros_like(scores)
