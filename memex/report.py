@@ -66,13 +66,16 @@ def data_uri(png: bytes) -> str:
 
 
 # ---- SVG charts ------------------------------------------------------------------------------
-def histogram_svg(values: Sequence[float], threshold: float, label: str, bins: int = 30,
-                  width: int = 520, height: int = 180) -> str:
-    """Bars of `values` with a red line at `threshold`; values are distances >= 0."""
+def histogram_svg(values: Sequence[float], threshold: float | None, label: str, bins: int = 30,
+                  width: int = 520, height: int = 180, x_max: float | None = None) -> str:
+    """Bars of `values` with a red line at `threshold` (none when it is None); values are >= 0.
+
+    `x_max`: the right end of the x axis (default: the largest value or threshold, plus 5%), so that
+    two histograms can share one scale."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return f'<p class="muted">no {esc(label)} to plot</p>'
-    hi = max(max(vals), threshold) * 1.05 or 1.0
+    hi = x_max or max(max(vals), threshold or 0.0) * 1.05 or 1.0
     counts = [0] * bins
     for v in vals:
         counts[min(int(v / hi * bins), bins - 1)] += 1
@@ -84,9 +87,11 @@ def histogram_svg(values: Sequence[float], threshold: float, label: str, bins: i
         h = plot_h * c / top
         parts.append(f'<rect x="{pad + i * bar_w:.1f}" y="{10 + plot_h - h:.1f}" width="{bar_w - 1:.1f}" '
                      f'height="{h:.1f}" fill="#6b8fd6"><title>{c}</title></rect>')
-    tx = pad + plot_w * threshold / hi
-    parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="6" y2="{10 + plot_h}" stroke="#d93025" stroke-width="2"/>')
-    parts.append(f'<text x="{tx + 4:.1f}" y="16" style="fill:#d93025">threshold {threshold:g}</text>')
+    if threshold is not None:
+        tx = pad + plot_w * threshold / hi
+        parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="6" y2="{10 + plot_h}" stroke="#d93025" '
+                     'stroke-width="2"/>')
+        parts.append(f'<text x="{tx + 4:.1f}" y="16" style="fill:#d93025">threshold {threshold:g}</text>')
     parts.append(f'<line x1="{pad}" x2="{pad + plot_w}" y1="{10 + plot_h}" y2="{10 + plot_h}" stroke="#889"/>')
     for f in (0, 0.5, 1):
         parts.append(f'<text x="{pad + plot_w * f:.1f}" y="{height - 5}" text-anchor="middle">{hi * f:.3g}</text>')
@@ -144,6 +149,95 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric: set[in
 
 
 # ---- the audit report ----------------------------------------------------------------------
+def _count(n) -> str:
+    """An int with thousands separators (12,345); anything else as text."""
+    return f"{n:,}" if isinstance(n, int) else esc(n)
+
+
+def _detail(v) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) else ""
+
+
+def _cost(summary: dict) -> str:
+    """What the UNet evaluations count and, for an adaptive budget, the rounds that spent them."""
+    if "unet_evaluations" not in summary:
+        return ""
+    out = [f'<p>Cost: {_count(summary["unet_evaluations"])} UNet evaluations, one per batch row of every UNet '
+           f"forward pass (classifier-free guidance counts 2 per row): triage "
+           f'{_count(summary.get("unet_evaluations_triage", 0))}, padding (batch rows filled past the last sample) '
+           f'{_count(summary.get("unet_evaluations_padding", 0))} included.']
+    budget = summary.get("budget") or {}
+    if "prompts_sampled" in summary:
+        out.append(f' {_count(summary["prompts_sampled"])} of {_count(summary["prompts"])} prompts sampled.')
+    if summary.get("candidates"):
+        which = {"cliques": "the generations in flagged cliques", "all": "every generation"}
+        verified = which.get(summary["candidates"], summary["candidates"])
+        out.append(f" Verified against the training set: {esc(verified)}.")
+    out.append("</p>")
+    if budget.get("kind") == "adaptive":
+        rounds = "".join(f'<li>round {r}: {_count(rd.get("prompts"))} prompts x samples '
+                         f'[{esc(rd["samples"][0])}, {esc(rd["samples"][1])})</li>'
+                         for r, rd in enumerate(budget.get("rounds", [])))
+        out.append(f"<p>Adaptive budget, sampled in rounds:</p><ul>{rounds}</ul>")
+    return "".join(out)
+
+
+def _triage(summary: dict) -> str:
+    """Triage scores (Wen et al.) of prompts with and without an extracted generation, and the top 10."""
+    scored = [p for p in summary.get("per_prompt", []) if p.get("triage_score") is not None]
+    if not scored:
+        return ""
+    hit = [p["triage_score"] for p in scored if p.get("extracted_samples", 0) > 0]
+    rest = [p["triage_score"] for p in scored if p.get("extracted_samples", 0) <= 0]
+    x_max = max(p["triage_score"] for p in scored) * 1.05 or None  # one x scale for both histograms
+    out = ['<h2>Triage</h2><p>Memorization score per prompt (Wen et al.): the RMS of eps(x_t, prompt) &minus; '
+           'eps(x_t, "") over the first sampling step. Memorized prompts tend to score high.</p>',
+           '<div class="hists">'
+           + histogram_svg(hit, None, "triage score of prompts with an extracted generation", x_max=x_max)
+           + histogram_svg(rest, None, "triage score of the other prompts", x_max=x_max) + "</div>"]
+    top = sorted(scored, key=lambda p: (-p["triage_score"], p.get("prompt_id", "")))[:10]
+    out.append(f"<p>Top {len(top)} prompts by triage score:</p>")
+    out.append(_table(["prompt", "triage score", "samples", "extracted"],
+                      [[f'<span class="text">{esc(p.get("prompt"))}</span>', f'{p["triage_score"]:.4g}',
+                        esc(p.get("samples", "")), esc(p.get("extracted_samples", 0))] for p in top], {1, 2, 3}))
+    return "".join(out)
+
+
+def _picture_cells(p: dict) -> list[str]:
+    rows = p.get("rows", [])
+    return [esc(p["picture"]), esc(p.get("generations")), esc(p.get("in_clique", "")), _detail(p.get("detail")),
+            "yes" if p.get("low_complexity") else "",
+            f'{len(rows)}: <span class="text">{esc(", ".join(rows[:20]))}{" ..." if len(rows) > 20 else ""}</span>']
+
+
+PICTURE_HEADER = ["picture", "copying generations", "in a clique", "tile detail", "low complexity",
+                  "rows in the training set"]
+
+
+def _pictures(summary: dict) -> str:
+    """Extracted pictures (a picture stored as several rows, LAION duplicates, counts once) and the
+    pictures within the threshold that do not count."""
+    t, out = summary["thresholds"], []
+    pictures = summary.get("extracted_pictures", [])
+    if pictures:
+        out.append(f"<h2>Extracted training pictures ({len(pictures)})</h2>")
+        out.append(_table(PICTURE_HEADER, [_picture_cells(p) for p in pictures], {1, 2, 3}))
+    uncounted = summary.get("uncounted_pictures", [])
+    if uncounted:
+        def reason(p: dict) -> str:
+            g = p.get("generations")
+            if p.get("low_complexity"):
+                return (f"low complexity: {g} copying generation(s), none in a flagged clique; "
+                        f'needs {t.get("low_detail_min_generations")}')
+            return f'{g} copying generation(s); needs {t.get("min_generations")}'
+
+        out.append(f"<h2>Not counted ({len(uncounted)})</h2><p>Some generation came within the threshold of these "
+                   "training pictures, but they do not count as extracted.</p>")
+        out.append(_table(PICTURE_HEADER[:-1] + ["reason", PICTURE_HEADER[-1]],
+                          [(c := _picture_cells(p))[:-1] + [esc(reason(p)), c[-1]] for p in uncounted], {1, 2, 3}))
+    return "\n".join(out)
+
+
 def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample_png: dict[str, bytes],
                   train_png: dict[int, bytes]) -> str:
     """The report of one audit as an HTML string (inputs: what `build_report` reads from the run)."""
@@ -156,6 +250,7 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
            f'{esc(summary["run"])} &middot; report built '
            f'{esc(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}</p>']
     n_ext = summary["extracted_unique_train_images"]
+    per_image = summary.get("unet_evaluations_per_extracted_image")
     out.append(_cards([
         ("training images extracted", n_ext, n_ext > 0),
         ("extracted generations", summary["extracted_generations"], summary["extracted_generations"] > 0),
@@ -163,10 +258,13 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
         ("samples generated", summary["samples"], False),
         ("candidates verified", summary["candidates_verified"], False),
         *([("prompts undecided", summary["prompts_undecided"], True)] if summary.get("prompts_undecided") else []),
+        *([("UNet evaluations", f'{summary["unet_evaluations"]:,}', False)] if "unet_evaluations" in summary else []),
+        *([("UNet evaluations per extracted image", f"{per_image:,}", False)] if per_image is not None else []),
     ]))
     out.append(f'<p>Filter: a prompt is flagged when {t["min_clique"]} of its generations form a clique at tiled l2 '
                f'&le; {t["filter_edge_tiled_l2"]}. Match: a candidate is a copy when its {esc(t["match_distance"])} '
                f'to a training image (of its {t["match_k"]} nearest in the index) is &le; {t["match_threshold"]}.</p>')
+    out.append(_cost(summary))
 
     # extracted pairs, most certain (smallest distance) first
     ext = matches.filter(matches["extracted"]).sort_by([("distance", "ascending"), ("sample_id", "ascending")]) \
@@ -181,12 +279,14 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
     cards = []
     for r in ext.slice(0, MAX_PAIRS).to_pylist():
         gen, tr = sample_png.get(r["sample_id"]), train_png.get(r["train_gid"])
+        detail = _detail(r.get("train_detail"))
         cards.append(
             f'<div class="pair"><div class="imgs"><figure>{img(gen, "generation " + r["sample_id"])}'
             f'<figcaption>generation {esc(r["sample_id"])}</figcaption></figure><figure>'
             f'{img(tr, "training image " + str(r["train_id"]))}<figcaption>training {esc(r["train_id"])}</figcaption>'
             f'</figure></div><div><b>{esc(t["match_distance"])} {r["distance"]:.4f}</b></div>'
-            f'<div class="text">prompt: {esc(r["prompt"])}</div>'
+            + (f'<div class="muted">training tile detail {detail}</div>' if detail else "")
+            + f'<div class="text">prompt: {esc(r["prompt"])}</div>'
             f'<div class="text muted">caption: {esc(r["train_caption"])}</div></div>')
     if cards:
         out.append('<div class="pairs">' + "".join(cards) + "</div>")
@@ -215,15 +315,8 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
                           [[f'<span class="text">{esc(c["prompt"])}</span>', esc(c["clique_size"]),
                             esc(c["clique_upper_bound"])] for c in candidates.to_pylist()
                            if c["prompt_id"] in undecided], {1, 2}))
-
-    # extracted pictures: a picture stored as several rows (LAION duplicates) counts once
-    pictures = summary.get("extracted_pictures", [])
-    if pictures:
-        out.append(f"<h2>Extracted training pictures ({len(pictures)})</h2>")
-        out.append(_table(["picture", "generations", "rows in the training set"],
-                          [[esc(p["picture"]), esc(p["generations"]),
-                            f'{len(p["rows"])}: <span class="text">{esc(", ".join(p["rows"][:20]))}'
-                            f'{" ..." if len(p["rows"]) > 20 else ""}</span>'] for p in pictures], {1}))
+    out.append(_triage(summary))
+    out.append(_pictures(summary))
 
     # nearest-neighbour distance histograms
     out.append("<h2>Nearest-neighbour distances</h2>")
@@ -240,7 +333,7 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
     idx = summary.get("index", {})
     out.append(f'<p class="muted">index {esc(idx.get("uri"))}: {esc(idx.get("indexed"))} training images indexed, '
                f'{esc(idx.get("quarantined"))} quarantined.</p>')
-    return page(title, "\n".join(out))
+    return page(title, "\n".join(x for x in out if x))
 
 
 def build_report(run: str | RunLayout, storage_options: dict | None = None) -> str:

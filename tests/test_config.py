@@ -289,3 +289,30 @@ def test_dup_threshold_default_resolves_per_embedder(embedder, default):
 def test_dup_k_below_two_names_the_key():
     with pytest.raises(ConfigError, match=r"index\.dup_k must be >= 2"):
         compose(["index.dup_k=1"], config_name="audit")
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["budget=adaptive", "budget.rounds=[4,4]"], "budget.rounds must increase"),  # rounds that do not increase
+    (["budget=adaptive", "budget.rounds=[8,4]"], "budget.rounds must increase"),
+    (["budget=adaptive", "budget.rounds=[]"], "budget.rounds is empty"),
+    (["budget=adaptive", "budget.rounds=[0,4]"], "budget.rounds[0]"),  # a budget below one round
+    (["budget=adaptive", "match.candidates=cliques", "budget.rounds=[2,4]"], "filter.min_clique"),
+    (["budget=adaptive", "budget.continue_factor=0.5"], "budget.continue_factor"),
+    (["budget=adaptive", "model=demo_uncond", "prompts=none", "triage=none"], "budget=fixed"),
+    (["triage=noise_norm", "model=demo_uncond", "prompts=none"], "triage=auto"),  # triage on an unconditional model
+    (["triage.steps=51"], "triage.steps"),
+    (["triage.seeds=0"], "triage.seeds"),
+    (["match.min_generations=0"], "match.min_generations"),
+])
+def test_triage_and_budget_settings_that_cannot_work_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        compose(overrides, config_name="audit")
+    assert key in str(e.value)
+
+
+def test_triage_auto_is_off_for_unconditional_models_and_on_for_text_ones():
+    from memex.stages.audit import triage_on
+
+    assert triage_on(compose([], config_name="audit"))
+    assert not triage_on(compose(["model=demo_uncond", "prompts=none", "match=relative"], config_name="audit"))
+    assert not triage_on(compose(["triage=none"], config_name="audit"))

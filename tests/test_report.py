@@ -149,3 +149,100 @@ def test_pictures_and_undecided_prompts_are_shown():
     assert "Extracted training pictures (1)" in html and "3: <span" in html and "a, a#1, a#2" in html
     assert "Undecided prompts (1)" in html and "&lt;b&gt;hard&lt;/b&gt;" in html and "<b>hard</b>" not in html
     assert "prompts undecided" in html
+
+
+def _summary(**extra) -> dict:
+    """A minimal summary.json of the older form (before UNet counts, budget, triage, uncounted pictures)."""
+    base = {"thresholds": {"min_clique": 10, "filter_edge_tiled_l2": 0.15, "match_distance": "tiled_l2",
+                           "match_k": 10, "match_threshold": 0.15},
+            "model": {"name": "m", "path": "/m"}, "run": "/r", "samples": 40, "prompts": 3, "prompts_flagged": 0,
+            "candidates_verified": 0, "extracted_generations": 0, "extracted_unique_train_images": 0}
+    return {**base, **extra}
+
+
+def _render(summary: dict) -> str:
+    from memex.layout import CANDIDATES_SCHEMA, MATCHES_SCHEMA
+    from memex.report import render_report
+
+    return render_report(summary, CANDIDATES_SCHEMA.empty_table(), MATCHES_SCHEMA.empty_table(), {}, {})
+
+
+def _cards(html: str) -> dict[str, str]:
+    """card label -> its value, as rendered."""
+    import re
+
+    return {k: v for v, k in re.findall(r'<div class="card[^"]*"><b>(.*?)</b>(.*?)</div>', html)}
+
+
+def test_unet_evaluation_cards_and_cost_text():
+    html = _render(_summary(
+        unet_evaluations=1234567, unet_evaluations_triage=4000, unet_evaluations_padding=36,
+        unet_evaluations_per_extracted_image=617284, prompts_sampled=2, candidates="cliques",
+        budget={"kind": "adaptive", "rounds": [{"prompts": 3, "samples": [0, 4]}, {"prompts": 1, "samples": [4, 16]}]}))
+    cards = _cards(html)
+    assert cards["UNet evaluations"] == "1,234,567"
+    assert cards["UNet evaluations per extracted image"] == "617,284"
+    assert "Cost: 1,234,567 UNet evaluations" in html and "guidance counts 2 per row" in html
+    assert "triage 4,000" in html and "36 included" in html
+    assert "2 of 3 prompts sampled" in html and "the generations in flagged cliques" in html
+    assert "<li>round 0: 3 prompts x samples [0, 4)</li><li>round 1: 1 prompts x samples [4, 16)</li>" in html
+
+    # no extracted picture: no per-image card; a fixed budget lists no rounds
+    html = _render(_summary(unet_evaluations=800, unet_evaluations_per_extracted_image=None,
+                            budget={"kind": "fixed", "rounds": [{"prompts": 3, "samples": [0, 4]}]}))
+    cards = _cards(html)
+    assert cards["UNet evaluations"] == "800" and "UNet evaluations per extracted image" not in cards
+    assert "round 0:" not in html and "Adaptive budget" not in html
+
+
+def test_triage_section_only_when_prompts_have_scores():
+    def pp(i, score, extracted):
+        return {"prompt_id": f"p{i}", "prompt": f"<i>prompt {i}</i>", "samples": 4 + i, "triage_score": score,
+                "extracted_samples": extracted, "flagged": False, "clique_size": None, "train_ids": []}
+
+    per_prompt = [pp(i, 0.01 * i, 3 if i == 11 else 0) for i in range(12)]
+    html = _render(_summary(per_prompt=per_prompt))
+    assert "<h2>Triage</h2>" in html
+    assert "triage score of prompts with an extracted generation (n = 1," in html
+    assert "triage score of the other prompts (n = 11," in html
+    assert "stroke=\"#d93025\"" not in html.split("<h2>Triage</h2>")[1].split("<h2>")[0]  # no threshold line
+    top = html.split("Top 10 prompts by triage score")[1].split("</table>")[0]
+    rows = top.split("<tr>")[2:]
+    assert len(rows) == 10
+    # highest first, with its samples and extracted count; prompt text escaped; the 2 lowest left out
+    assert "&lt;i&gt;prompt 11&lt;/i&gt;</span></td><td class=num>0.11</td><td class=num>15</td><td class=num>3</td>" \
+        in rows[0]
+    assert "prompt 10&lt;" in rows[1] and "prompt 1&lt;" not in top and "prompt 0&lt;" not in top
+
+    unscored = [{**p, "triage_score": None} for p in per_prompt]
+    for html in (_render(_summary(per_prompt=unscored)), _render(_summary())):
+        assert "Triage" not in html and "triage score" not in html
+
+
+def test_uncounted_low_complexity_picture_is_listed_with_its_reason():
+    summary = _summary(
+        extracted_unique_train_images=1,
+        thresholds={**_summary()["thresholds"], "min_generations": 1, "low_detail_min_generations": 3},
+        extracted_pictures=[{"picture": "busy", "rows": ["busy"], "generations": 2, "in_clique": 1, "detail": 0.4,
+                             "low_complexity": False, "counted": True}],
+        uncounted_pictures=[{"picture": "<flat>", "rows": ["<flat>", "<flat>#1"], "generations": 2, "in_clique": 0,
+                             "detail": 0.0123, "low_complexity": True, "counted": False}])
+    html = _render(summary)
+    counted = html.split("Extracted training pictures (1)")[1].split("</table>")[0]
+    assert "<th class=num>copying generations</th><th class=num>in a clique</th><th class=num>tile detail</th>" \
+        in counted
+    assert "<td>busy</td><td class=num>2</td><td class=num>1</td><td class=num>0.4</td><td></td>" in counted
+    assert "flat" not in counted
+    uncounted = html.split("<h2>Not counted (1)</h2>")[1].split("</table>")[0]
+    assert ("<td>&lt;flat&gt;</td><td class=num>2</td><td class=num>0</td><td class=num>0.0123</td><td>yes</td>"
+            "<td>low complexity: 2 copying generation(s), none in a flagged clique; needs 3</td>") in uncounted
+    assert "&lt;flat&gt;, &lt;flat&gt;#1" in uncounted and "<flat>" not in html
+
+
+def test_old_summary_without_the_new_keys_still_renders():
+    html = _render(_summary(extracted_unique_train_images=1,
+                            extracted_pictures=[{"picture": "a", "rows": ["a", "a#1"], "generations": 4}]))
+    cards = _cards(html)
+    assert cards["training images extracted"] == "1" and not any("UNet" in k for k in cards)
+    assert "Cost:" not in html and "Triage" not in html and "Not counted" not in html
+    assert "<td>a</td><td class=num>4</td><td class=num></td><td class=num></td><td></td><td>2: <span" in html

@@ -121,3 +121,35 @@ def test_image_size_from_config(tiny_models):
 
 def test_all_three_families_exist():
     assert set(tiny.KINDS) == {"unconditional", "latent_text", "pixel_text"}
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_unet_evaluations_count_every_row_padding_and_guidance(tiny_models, guidance):
+    s = _sampler(tiny_models["pixel_text"], guidance_scale=guidance)  # batch 4, 4 steps
+    ids, texts, seeds = _batch(n_per_prompt=2)  # 6 samples: one full batch and one padded with 2 rows
+    s.generate(ids, texts, seeds)
+    per_row = 4 * (2 if guidance > 1 else 1)  # steps x (uncond + text rows under guidance)
+    assert s.unet_evaluations == 8 * per_row  # 2 batches of 4 rows were computed
+    assert s.padded_evaluations == 2 * per_row
+
+
+def test_free_first_step_score_equals_the_triage_of_the_same_seeds(tiny_models):
+    """Generation records Wen et al.'s first-step score at no cost; triage computes it alone for
+    a few UNet calls. Same seeds, same batch shape: the same numbers."""
+    s = _sampler(tiny_models["pixel_text"])
+    ids, texts, seeds = _batch(n_per_prompt=2)
+    images, scores = s.generate_scored(ids, texts, seeds)
+    before = s.unet_evaluations
+    alone = _sampler(tiny_models["pixel_text"]).triage(ids, texts, seeds, steps=1)
+    np.testing.assert_array_equal(scores, alone)
+    assert scores.shape == (6,) and (scores > 0).all() and len(set(scores.tolist())) == 6
+    two = s.triage(ids, texts, seeds, steps=2)  # the mean over the first two steps differs
+    assert not np.allclose(two, scores) and s.unet_evaluations - before == 8 * 2 * 2
+    assert _sampler(tiny_models["pixel_text"], guidance_scale=1.0).generate_scored(ids, texts, seeds)[1] is None
+
+
+def test_triage_refuses_an_unconditional_model_and_too_many_steps(tiny_models):
+    with pytest.raises(ModelError, match="triage=none"):
+        _sampler(tiny_models["unconditional"]).triage(["uncond"], [""], [0])
+    with pytest.raises(ValueError, match="triage steps"):
+        _sampler(tiny_models["pixel_text"]).triage(["p1"], ["a"], [0], steps=5)

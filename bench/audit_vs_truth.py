@@ -1,0 +1,143 @@
+"""Audit strategies side by side against brute-force truth: recall, precision, UNet evaluations, time.
+
+    python bench/memorization.py demo/models/demo-text --samples 16 --out /tmp/truth-demo.parquet
+    python bench/audit_vs_truth.py --truth /tmp/truth-demo.parquet --model demo/models/demo-text \
+        --strategy today --strategy adaptive [--strategy paper]
+
+Truth (bench/memorization.py): every training caption prompted --samples times, each generation's
+exact nearest distinct training picture by RMS; a picture is *reproduced* when some generation
+copies it (its exact nearest at RMS <= 0.05). Each strategy is a real `memex audit` (in this
+process, local Ray, a fresh storage root), composed from conf/ with the strategy's overrides:
+
+  today     the audit's defaults before issue 13: 24 prompts x 16 samples, clique filter, clique
+            members verified (budget=fixed match.candidates=cliques triage=none)
+  paper     the paper's fixed budget scaled to this machine: every caption x 16 samples, clique
+            filter, clique members verified (4,096 generations: the truth pool's size)
+  adaptive  triage + budget=adaptive + every generation matched (the shipped default)
+
+Scored against the truth:
+  recall     reproduced pictures the audit reports / reproduced pictures (truth)
+  precision  reported pictures that are true copies / reported pictures. A reported picture is a
+             true copy when at least one of the generations the audit counted for it has that
+             picture as its exact nearest training picture at RMS <= 0.05 (computed here, on the
+             run's own PNGs, against every distinct picture: no index, no embedding).
+Missed reproduced pictures are listed with how often the truth pool reproduced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from memorization import COPY_RMS, distinct_pictures  # noqa: E402
+
+from memex.distances import l2_pairwise, to_unit  # noqa: E402
+from memex.images import decode  # noqa: E402
+from memex.layout import RunLayout  # noqa: E402
+
+STRATEGIES = {
+    "today": ["budget=fixed", "match.candidates=cliques", "triage=none"],
+    "paper": ["budget=fixed", "match.candidates=cliques", "triage=none", "prompts.limit=null"],
+    "adaptive": [],  # the shipped defaults
+}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from memex import cli
+
+    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base=None):
+        return cli.to_audit_config(hydra_compose(config_name="audit", overrides=overrides))
+
+
+def truth_sets(path: str) -> tuple[Counter, int]:
+    t = pq.read_table(path, columns=["nearest_id", "copy"]).to_pylist()
+    return Counter(r["nearest_id"] for r in t if r["copy"]), len(t)
+
+
+def true_copies(layout: RunLayout, summary: dict, ids: list[str], train: torch.Tensor) -> dict[str, bool]:
+    """Per reported picture: does one of its counted generations copy it by the brute-force standard?"""
+    m = layout.matches.read(columns=["sample_id", "train_id", "extracted"])
+    m = m.filter(m["extracted"]).to_pylist()
+    rows_of = {p["picture"]: set(p["rows"]) for p in summary["extracted_pictures"]}
+    want = {r["sample_id"] for r in m if any(r["train_id"] in rows for rows in rows_of.values())}
+    samples = layout.samples.read(columns=["sample_id", "image"]).to_pylist()
+    png = {s["sample_id"]: s["image"] for s in samples if s["sample_id"] in want}
+    ok = {p: False for p in rows_of}
+    for r in m:
+        pic = next((p for p, rows in rows_of.items() if r["train_id"] in rows), None)
+        if pic is None or ok[pic]:
+            continue
+        g = to_unit(torch.from_numpy(decode(png[r["sample_id"]])[None]))
+        d = l2_pairwise(g, train)[0]
+        k = int(d.argmin())
+        ok[pic] = bool(d[k] <= COPY_RMS) and ids[k] == pic
+    return ok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--truth", required=True)
+    ap.add_argument("--model", default=str(REPO / "demo/models/demo-text"))
+    ap.add_argument("--strategy", action="append", choices=list(STRATEGIES))
+    ap.add_argument("--set", action="append", default=[], help="extra override for every strategy")
+    ap.add_argument("--root", default=None, help="storage root (default: a fresh temp folder)")
+    a = ap.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from memex.stages import audit
+
+    reproduced, n_truth = truth_sets(a.truth)
+    ids, distinct, train_u8 = distinct_pictures(a.model)
+    train = to_unit(torch.from_numpy(train_u8))
+    root = a.root or tempfile.mkdtemp(prefix="avt-")
+    print(f"truth: {a.truth}: {n_truth} generations; {len(reproduced)} pictures reproduced "
+          f"({', '.join(f'{p} x{n}' for p, n in sorted(reproduced.items()))})")
+    print(f"{'strategy':<9} {'recall':>7} {'precision':>9} {'found':>5} {'UNet evals':>10} {'per found':>9} "
+          f"{'samples':>7} {'wall s':>7}")
+    for name in a.strategy or ["today", "adaptive"]:
+        cfg = compose([f"model.path={a.model}", f"storage.root={root}/{name}", *STRATEGIES[name], *a.set])
+        t0 = time.perf_counter()
+        s = audit.run(cfg)
+        wall = time.perf_counter() - t0
+        layout = RunLayout.at(s["run"])
+        found = {p["picture"] for p in s["extracted_pictures"]}
+        ok = true_copies(layout, s, ids, train)
+        hit = found & set(reproduced)
+        recall = len(hit) / len(reproduced) if reproduced else float("nan")
+        precision = sum(ok.values()) / len(found) if found else float("nan")
+        per = s["unet_evaluations"] / len(hit) if hit else float("nan")
+        print(f"{name:<9} {recall:7.3f} {precision:9.3f} {len(found):5d} {s['unet_evaluations']:10,d} {per:9,.0f} "
+              f"{s['samples']:7d} {wall:7.0f}")
+        missed = sorted(set(reproduced) - found)
+        if missed:
+            print("   missed: " + ", ".join(f"{p} ({distinct[p]['copies']} copies, truth x{reproduced[p]})"
+                                           for p in missed))
+        wrong = sorted(p for p, v in ok.items() if not v)
+        if wrong:
+            print("   not true copies: " + ", ".join(wrong))
+        extra = sorted(found - set(reproduced) - set(wrong))
+        if extra:
+            print("   true copies the truth pool missed: " + ", ".join(extra))
+        low = [p["picture"] for p in s.get("uncounted_pictures", [])]
+        if low:
+            print("   not counted (low complexity): " + ", ".join(low))
+        sampled = [p for p in s["per_prompt"] if p["samples"]]
+        print(f"   {len(sampled)} prompts sampled; samples per prompt: "
+              f"{dict(sorted(Counter(p['samples'] for p in sampled).items()))}")
+
+
+if __name__ == "__main__":
+    main()
