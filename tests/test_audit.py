@@ -72,7 +72,7 @@ def test_index_quarantines_the_corrupt_row_and_counts_duplicates(world, ray_head
 
 
 def test_planted_copy_is_flagged_and_verified_distinct_is_not(world, ray_head):
-    cfg = _cfg(world, ray_head, "run.name=r-tiled")
+    cfg = _cfg(world, ray_head, "run.name=r-tiled", "match.candidates=cliques")  # the paper's filter, then match
     layout = RunLayout(cfg.storage.root, "r-tiled")
     attach_index(layout, index.run(cfg))
     filter_stage.run(cfg, "r-tiled")
@@ -86,14 +86,18 @@ def test_planted_copy_is_flagged_and_verified_distinct_is_not(world, ray_head):
     assert s["extracted_train_ids"] == ["t03"]  # three identical rows: the lowest global id wins the tie
     # one picture, stored as three rows: counted once, its rows listed
     assert s["extracted_unique_train_images"] == 1
-    assert s["extracted_pictures"] == [{"picture": "t03", "rows": ["t03", "t03#1", "t03#2"], "generations": N_SAMPLES}]
+    (pic,) = s["extracted_pictures"]
+    assert {k: pic[k] for k in ("picture", "rows", "generations", "in_clique", "counted")} == \
+        {"picture": "t03", "rows": ["t03", "t03#1", "t03#2"], "generations": N_SAMPLES, "in_clique": N_SAMPLES,
+         "counted": True}
+    assert s["unet_evaluations"] == 0  # planted samples: no UNet ran
     assert s["index"]["quarantined"] == 1
     m = layout.matches.read()
     assert max(m["distance"].to_pylist()) < 0.02  # +-2/255 noise: RMS ~0.005 per tile
 
     # a rerun with other filter settings on the same run folder is refused, nothing overwritten
     with pytest.raises(StorageError, match="other settings"):
-        filter_stage.run(_cfg(world, ray_head, "filter.edge_threshold=0.1"), "r-tiled")
+        filter_stage.run(_cfg(world, ray_head, "filter.edge_threshold=0.1", "match.candidates=cliques"), "r-tiled")
     filter_stage.run(cfg, "r-tiled")
     assert match.run(cfg, "r-tiled") == s
 
@@ -177,10 +181,11 @@ def test_audit_job_on_the_shipped_demo_extracts_its_duplicated_images(tmp_path, 
     manifest = pq.read_table(REPO / "demo/models/demo-text/training_manifest.parquet").to_pylist()
     copies = {r["id"]: r["copies"] for r in manifest}
     extracted = summary["extracted_train_ids"]
-    # the 8 prompts are the captions of the 8 images with 32 copies (near-duplicate ranking)
-    assert summary["prompts"] == 8 and summary["samples"] == 8 * 16
-    assert len(extracted) >= 3, summary["per_prompt"]
-    assert all(copies[i] == 32 for i in extracted)
+    # the 8 prompts are the captions of the 8 images with 32 copies (near-duplicate ranking); every
+    # generation is matched, so a prompt's generation that lands on another duplicated logo counts too
+    assert summary["prompts"] == 8 and summary["samples"] == 8 * 16 and summary["candidates_verified"] == 8 * 16
+    assert sum(copies[i] == 32 for i in extracted) >= 3, summary["per_prompt"]
+    assert all(copies[i] >= 8 for i in extracted)
     assert summary["extracted_unique_train_images"] == len(extracted) == len(set(extracted))
 
 
@@ -227,3 +232,60 @@ def test_grayscale_ddpm_audited_end_to_end(tmp_path, ray_head):
     assert s["extracted_train_ids"] == [f"copy-{i}" for i in planted]
     m = {r["sample_id"]: r for r in layout.matches.read().to_pylist()}
     assert all(m[f"{UNCONDITIONAL_ID}/{i}"]["distance"] == 0 for i in planted)
+
+
+def test_adaptive_audit_samples_more_only_where_a_copy_shows(tmp_path, ray_head, tiny_models):
+    """budget=adaptive on a tiny text model whose training set holds exact copies of prompt A's own
+    generations 0-7 (planted from the same seeds): round 0 gives every prompt 2 samples; A's are
+    copies, so only A goes on to 8; B and C, whose generations copy nothing, stop at 2. Every
+    generation is matched; the UNet evaluations add up; a rerun redoes and redecides nothing."""
+    from memex.config import SamplingConfig
+    from memex.models import load_model
+    from memex.plan import SamplePlan
+    from memex.prompts import prompt_id
+    from memex.sampling import Sampler, sample_seed
+    from memex.stages import audit
+
+    model = tiny_models["pixel_text"]
+    prompts = ["apple pie", "blue lighthouse", "cat on a mat"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    sampling = SamplingConfig(num_inference_steps=3, guidance_scale=3.0, batch_size=4)
+    a = prompt_id(prompts[0])
+    copies = Sampler(load_model(model), sampling).generate([a] * 8, [prompts[0]] * 8,
+                                                           [sample_seed(0, a, i) for i in range(8)])
+    rng = np.random.default_rng(5)
+    others = [_blocky(rng, 16) for _ in range(20)]
+    manifest = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"id": [f"a-{i}" for i in range(8)] + [f"o-{j:02d}" for j in range(20)],
+                             "image": [encode_png(c) for c in copies] + [encode_png(o) for o in others],
+                             "caption": [prompts[0]] * 8 + [f"other {j}" for j in range(20)]}), manifest)
+    overrides = ["model=local", f"model.path={model}", "prompts=file", f"prompts.path={tmp_path / 'prompts.txt'}",
+                 "trainset=manifest", f"trainset.path={manifest}", f"storage.root={tmp_path / 'runs'}",
+                 "budget=adaptive", "budget.rounds=[2,8]", "budget.continue_factor=1.0", "match.candidates=all",
+                 "triage.seeds=2", "sampling.num_inference_steps=3", "sampling.guidance_scale=3.0",
+                 "sampling.batch_size=4", "sampling.shard_size=4", "index.shards=2", "embedder.size=16",
+                 "filter.min_clique=2", f"resources.address={ray_head.address}"]
+    cfg = compose(overrides, config_name="audit")
+    s = audit.run(cfg)
+    layout = RunLayout.at(s["run"])
+    plan = SamplePlan.read(layout.store)
+    assert [(r.n_prompts, r.lo, r.hi) for r in plan.rounds] == [(3, 0, 2), (1, 2, 8)]
+    assert plan.rounds[1].prompt_rows == (0,)
+    per = {p["prompt"]: p for p in s["per_prompt"]}
+    assert [per[p]["samples"] for p in prompts] == [8, 2, 2] and s["samples"] == 12
+    assert s["candidates_verified"] == 12  # every generation matched, across both rounds
+    assert {p["picture"] for p in s["extracted_pictures"]} == {f"a-{i}" for i in range(8)}
+    assert per[prompts[0]]["extracted_samples"] == 8 and per[prompts[1]]["extracted_samples"] == 0
+    assert all(per[p]["triage_score"] > 0 for p in prompts)
+    # cost: 12 samples x 3 steps x 2 (guidance) + padding rows + triage (3 prompts x 2 seeds x 1 step x 2,
+    # in one batch of 4 rows and one padded one: 8 rows x 2)
+    assert s["unet_evaluations_triage"] == 16
+    assert s["unet_evaluations"] == 12 * 3 * 2 + s["unet_evaluations_padding"] + 16
+    assert s["unet_evaluations_per_extracted_image"] == round(s["unet_evaluations"] / 8)
+    samples = layout.samples.read(columns=["sample_id", "round", "triage_score"]).to_pylist()
+    assert sorted(r["round"] for r in samples) == [0] * 6 + [1] * 6 and all(r["triage_score"] > 0 for r in samples)
+    # rerun: the same result, nothing regenerated or redecided
+    markers = {i: layout.samples.read_marker(i) for i in layout.samples.complete()}
+    s2 = audit.run(compose(overrides, config_name="audit"))
+    assert {k: v for k, v in s2.items() if k != "report"} == {k: v for k, v in s.items() if k != "report"}
+    assert {i: layout.samples.read_marker(i) for i in layout.samples.complete()} == markers
