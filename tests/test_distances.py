@@ -231,3 +231,19 @@ def test_pairwise_tiled_l2_on_the_gpu_equals_the_cpu():
     assert torch.all(same.diagonal() == 0)
     fl = tiled_l2_pairwise(to_unit(a).cuda(), to_unit(b).cuda())
     assert torch.allclose(fl.cpu(), cpu, atol=1e-5)
+
+
+def test_tile_detail_is_the_distance_to_the_own_tile_mosaic():
+    from memex.distances import tile_detail, tiled_l2
+
+    flat = torch.zeros(1, 3, 32, 32)
+    flat[..., :16, :] = 0.2  # two flat colours, aligned with the 4x4 tiles: no detail at all
+    assert float(tile_detail(flat)[0]) < 1e-6
+    logo = flat.clone()
+    logo[..., 2:6, 2:6] = 1.0  # a small bright mark inside one 8x8 tile
+    d = float(tile_detail(logo)[0])
+    mosaic = logo.reshape(1, 3, 4, 8, 4, 8).mean(dim=(3, 5), keepdim=True).expand(1, 3, 4, 8, 4, 8).reshape(logo.shape)
+    assert abs(d - float(tiled_l2(logo, mosaic)[0])) < 1e-6  # the definition
+    assert d > 0.15  # the mark makes it a picture a generation must reproduce, not just match in colour
+    gradient = torch.linspace(0, 0.3, 32).expand(1, 3, 32, 32)  # a soft sky: low complexity
+    assert float(tile_detail(gradient)[0]) < 0.05

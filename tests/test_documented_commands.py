@@ -261,6 +261,7 @@ PAPER = {"prompts.source": "near_duplicates", "prompts.limit": 350000, "sampling
          "budget.kind": "fixed", "triage.kind": "none"}
 DEMO_AUDIT = {"prompts.source": "near_duplicates", "prompts.limit": 24, "sampling.samples_per_prompt": 16,
               "filter.min_clique": 5, "filter.edge_threshold": 0.15, "match.distance": "tiled_l2",
+              "match.candidates": "all", "budget.kind": "fixed",
               "match.threshold": 0.15}
 DEMO_RECIPE = {"arch.kind": "pixel_text", "trainer.steps": 5000, "trainer.batch_size": 32, "trainer.lr": 1e-3,
                "trainer.seed": 0, "data.duplication": [(32, 8), (8, 8)]}
@@ -282,7 +283,12 @@ CLAIMS = [
      {"sampling.samples_per_prompt": 4, "sampling.num_inference_steps": 10, "filter.min_clique": 4,
       "prompts.limit": 350000}),
     ("README.md", "The defaults are the demo, sized for 2 CPU cores: the 24 most near-duplicated captions x 16 "
-     "samples, a clique of 5 within tiled l2 0.15, verified at tiled l2 <= 0.15", "audit", [], DEMO_AUDIT),
+     "samples, a clique of 5 within tiled l2 0.15, every generation verified at tiled l2 <= 0.15", "audit", [],
+     DEMO_AUDIT),
+    ("README.md", "`budget=adaptive` samples 4 per prompt first and goes on to 16 only", "audit",
+     ["budget=adaptive"], {"budget.kind": "adaptive", "budget.rounds": [4, 16]}),
+    ("README.md", "(what `memex nightly` runs)", "nightly", [], {"budget.kind": "adaptive", "budget.rounds": [4, 16],
+                                                                  "budget.continue_factor": 1.2}),
     ("conf/audit.yaml", "memex audit # the demo: 24 prompts x 16 samples, clique of 5, tiled l2 0.15",
      "audit", [], DEMO_AUDIT),
     ("README.md", "5 of 16 in the demo, the paper's 10 of 500 with `preset=paper`", "audit", [], DEMO_AUDIT),

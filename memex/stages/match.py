@@ -272,8 +272,8 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
 def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str], m: MatchConfig) -> dict[int, dict]:
     """Per picture (near-duplicate group, memex/membership.py) its copying generations, and whether
     it counts as extracted: >= match.min_generations of them, or for a low-complexity picture
-    (train_detail below match.threshold) >= match.low_detail_min_generations or one in a flagged
-    clique. Rows of one picture count once."""
+    (train_detail below match.threshold) >= match.low_detail_min_generations (and min_generations)
+    or one in a flagged clique. Rows of one picture count once."""
     out: dict[int, dict] = {}
     for row in ext.to_pylist():
         p = picture.get(row["train_gid"], row["train_gid"])
@@ -285,8 +285,8 @@ def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str],
     for e in out.values():
         e["low_complexity"] = e["detail"] is not None and e["detail"] < m.threshold and \
             m.distance == DistanceKind.tiled_l2
-        e["counted"] = (e["generations"] >= m.low_detail_min_generations or e["in_clique"] > 0) \
-            if e["low_complexity"] else e["generations"] >= m.min_generations
+        need = max(m.min_generations, m.low_detail_min_generations) if e["low_complexity"] else m.min_generations
+        e["counted"] = e["generations"] >= need or (e["low_complexity"] and e["in_clique"] > 0)
     return out
 
 

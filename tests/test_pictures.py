@@ -1,0 +1,47 @@
+"""Which verified generations make a picture count as extracted (memex/stages/match.py count_pictures)."""
+
+import pyarrow as pa
+import pytest
+
+from memex.config import MatchConfig
+from memex.layout import MATCHES_SCHEMA
+from memex.stages.match import count_pictures
+
+
+def _ext(rows):
+    base = {"prompt_id": "p", "prompt": "x", "train_caption": "c", "distance": 0.1, "embed_distance": 0.1,
+            "neighbor_rank": 0, "extracted": True}
+    return pa.Table.from_pylist([{**base, **r} for r in rows], schema=MATCHES_SCHEMA)
+
+
+ROWS = [  # picture 1: detailed, one generation; picture 5 (rows 5 and 6): low complexity, two; picture 9: low, one
+    {"sample_id": "a/0", "train_gid": 1, "train_id": "t1", "train_detail": 0.3},
+    {"sample_id": "b/0", "train_gid": 5, "train_id": "t5", "train_detail": 0.1},
+    {"sample_id": "b/1", "train_gid": 6, "train_id": "t6", "train_detail": 0.1},
+    {"sample_id": "c/0", "train_gid": 9, "train_id": "t9", "train_detail": 0.05},
+]
+
+
+def test_low_complexity_pictures_need_more_generations_or_a_clique():
+    picture = {6: 5}  # rows 5 and 6 are one picture stored twice
+    got = count_pictures(_ext(ROWS), picture, set(), MatchConfig())
+    assert set(got) == {1, 5, 9}
+    assert got[1]["counted"] and not got[1]["low_complexity"]
+    assert got[5]["generations"] == 2 and got[5]["low_complexity"] and got[5]["counted"]
+    assert got[9]["low_complexity"] and not got[9]["counted"]  # one close generation of a flat picture
+    # the same generation inside a flagged clique is evidence enough
+    assert count_pictures(_ext(ROWS), picture, {"c/0"}, MatchConfig())[9]["counted"]
+
+
+@pytest.mark.parametrize("min_generations,counted", [(1, {1, 5}), (2, {5}), (3, set())])
+def test_min_generations_applies_to_every_picture(min_generations, counted):
+    m = MatchConfig(min_generations=min_generations, low_detail_min_generations=2)
+    got = count_pictures(_ext(ROWS), {6: 5}, set(), m)
+    assert {p for p, e in got.items() if e["counted"]} == counted
+
+
+def test_relative_l2_has_no_low_complexity_rule():
+    """Relative l2 already divides by the distances to the picture's neighbours: a flat picture
+    close to everything gets a large denominator, so no second rule applies."""
+    got = count_pictures(_ext(ROWS), {}, set(), MatchConfig(distance="relative_l2", threshold=1.0))
+    assert not any(e["low_complexity"] for e in got.values()) and all(e["counted"] for e in got.values())
