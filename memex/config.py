@@ -372,6 +372,10 @@ class TriageConfig:
     seeds: int = 4  # starting noises averaged per prompt; costs seeds x steps x 2 UNet evaluations a prompt
     steps: int = 1  # first steps of the guided trajectory averaged (Wen et al.: 1 already gives AUC 0.96 on SD)
     prompts_per_task: int = 256  # prompts per actor call (the unit of resume)
+    # keep only the `keep` highest-scoring prompts for generation (None: all prompts are sampled, and
+    # triage informs the report and the adaptive budget). On the demo model the score is weak (AUC
+    # 0.67-0.78, bench/RESULTS.md), so nothing is dropped by default.
+    keep: Optional[int] = None
 
 
 class BudgetKind(str, Enum):
@@ -453,10 +457,15 @@ def validate_budget(cfg: AuditConfig) -> None:
                                             or cfg.prompts.source == PromptSource.none):
         raise ConfigError("triage=noise_norm scores prompts, and an unconditional model has none: set triage=auto "
                           "or triage=none")
+    if t.kind == TriageKind.none and t.keep is not None:
+        raise ConfigError("triage.keep ranks prompts by their triage score, and triage=none computes none: "
+                          "set triage=auto or drop triage.keep")
     if t.kind != TriageKind.none:
         _at_least("triage.seeds", t.seeds, 1)
         _at_least("triage.steps", t.steps, 1)
         _at_least("triage.prompts_per_task", t.prompts_per_task, 1)
+        if t.keep is not None:
+            _at_least("triage.keep", t.keep, 1)
         if t.steps > cfg.sampling.num_inference_steps:
             raise ConfigError(f"triage.steps={t.steps} is more than sampling.num_inference_steps="
                               f"{cfg.sampling.num_inference_steps}: triage scores the first steps of a generation")

@@ -303,6 +303,8 @@ def test_dup_k_below_two_names_the_key():
     (["triage.steps=51"], "triage.steps"),
     (["triage.seeds=0"], "triage.seeds"),
     (["match.min_generations=0"], "match.min_generations"),
+    (["triage=none", "triage.keep=5"], "triage.keep"),
+    (["triage.keep=0"], "triage.keep"),
 ])
 def test_triage_and_budget_settings_that_cannot_work_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:

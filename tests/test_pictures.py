@@ -45,3 +45,20 @@ def test_relative_l2_has_no_low_complexity_rule():
     close to everything gets a large denominator, so no second rule applies."""
     got = count_pictures(_ext(ROWS), {}, set(), MatchConfig(distance="relative_l2", threshold=1.0))
     assert not any(e["low_complexity"] for e in got.values()) and all(e["counted"] for e in got.values())
+
+
+def test_triage_keep_takes_the_top_scores_in_prompt_order(tmp_path):
+    from memex.layout import TRIAGE_SCHEMA, RunLayout
+    from memex.stages.audit import top_by_triage
+    from memex.stages.triage import robust_z
+
+    layout = RunLayout(str(tmp_path), "r")
+    ids = [f"p{i}" for i in range(6)]
+    layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ids, "prompt": ids}))
+    scores = [0.1, 0.9, 0.3, 0.9, 0.05, 0.5]
+    layout.triage.write_shard(0, pa.table({"prompt_id": ids, "prompt": ids, "score": scores,
+                                           "unet_evaluations": [8] * 6}, schema=TRIAGE_SCHEMA))
+    assert top_by_triage(layout, 3) == [1, 3, 5]  # 0.9, 0.9 (tie: earlier first), 0.5; returned in row order
+    assert top_by_triage(layout, 10) == list(range(6))
+    z = robust_z(pa.array(scores).to_numpy())
+    assert z[1] == z[3] and z[1] > z[5] > z[0] and abs(sorted(z)[2] + sorted(z)[3]) < 1e-9  # centred on the median

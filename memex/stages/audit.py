@@ -66,12 +66,20 @@ def run(cfg: AuditConfig) -> dict:
     layout.store.write_json(layout.index_json, info.to_json())
 
     # 3. triage, 4. generate (+ match each round), 5. filter, 6. match: inputs from the run folder
+    first = None  # prompt rows of the first round: every prompt, or the top triage.keep
     if triage_on(cfg):
         triage_stage.run(cfg, run_name)
+        if cfg.triage.keep is not None:
+            first = top_by_triage(layout, cfg.triage.keep)
     every = cfg.match.candidates == CandidateSource.all
     if cfg.budget.kind == BudgetKind.adaptive:
-        generate_in_rounds(cfg, run_name, layout)
+        generate_in_rounds(cfg, run_name, layout, first)
     else:
+        plan = SamplePlan.read(layout.store)
+        if not plan.rounds:
+            s = cfg.sampling
+            plan.add_round(layout.store, first, read_run_prompts(layout).num_rows, 0, s.samples_per_prompt,
+                           s.shard_size, s.batch_size)
         generate.run(cfg, run_name)
         if every:
             match.match_shards(cfg, run_name)
@@ -86,11 +94,20 @@ def run(cfg: AuditConfig) -> dict:
     return summary
 
 
-def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout) -> None:
-    """budget=adaptive: round r gives its prompts samples [rounds[r-1], rounds[r]); round 0 every
-    prompt, each later round the previous round's prompts that show a sign of memorization. Each
-    round is generated, then matched (every generation: match.candidates=all), before the next is
-    decided; a round already written (a resumed audit) is generated as written."""
+def top_by_triage(layout: RunLayout, keep: int) -> list[int]:
+    """Prompt rows of the `keep` highest triage scores, in prompt order (ties: the earlier prompt)."""
+    ids = read_run_prompts(layout)["prompt_id"].to_pylist()
+    score = {r["prompt_id"]: r["score"] for r in layout.triage.read(columns=["prompt_id", "score"]).to_pylist()}
+    best = sorted(range(len(ids)), key=lambda p: (-score[ids[p]], p))[:keep]
+    return sorted(best)
+
+
+def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout, first: list[int] | None = None) -> None:
+    """budget=adaptive: round r gives its prompts samples [rounds[r-1], rounds[r]). Round 0 takes
+    every prompt (or `first`: the top triage.keep), each later round the previous round's prompts
+    that show a sign of memorization. Each round is generated, then matched (every generation:
+    match.candidates=all), before the next is decided; a round already written (a resumed audit)
+    is generated as written."""
     from memex.stages import generate, match
 
     s, b = cfg.sampling, cfg.budget
@@ -99,7 +116,7 @@ def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout) -> No
     lo = 0
     for r, hi in enumerate(b.rounds):
         if r >= len(plan.rounds):
-            rows = None if r == 0 else continuing_prompts(cfg, layout, plan.rounds[-1])
+            rows = first if r == 0 else continuing_prompts(cfg, layout, plan.rounds[-1])
             if rows is not None and not rows:
                 log.info("round %d: no prompt shows a sign of memorization; the budget stops at %d samples", r, lo)
                 break
