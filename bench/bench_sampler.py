@@ -29,8 +29,10 @@ printed: the max pixel difference memex vs plain (1/255 would be float rounding 
 --mode stage: the generate stage end to end (generate.prepare + generate.run, local Ray with --threads
 CPUs, storage.root in a tempdir) for a tiny unconditional 16x16 model, one empty prompt x --samples-total,
 sampling.batch_size=--batch, shard_size 64 and 256, alternating --repeats times with a plain DDPMPipeline
-loop in batches of --batch in this process (no PNG, no Parquet). GenerateShards pads each UNet batch of a
-shard to batch_size: shard_size 64 < batch_size 256 computes 256 rows to keep 64 ("UNet rows"). "stage s"
+loop in batches of --batch in this process (no PNG, no Parquet). The sampler runs fixed-shape batches;
+before issue 13 each shard was padded to batch_size, so shard_size 64 < batch_size 256 computed 256 rows
+to keep 64 (4x the UNet work). Shards now hold whole batches (memex/plan.py tie_shard_size), so both
+sizes must show the same "UNet evals" (rows x steps, padding included, from the stage's summary). "stage s"
 is generate.run's wall time (Ray actor start, model load included); "shards s" sums the shards' own
 times from their markers (generation + PNG + Parquet); "vs plain" compares shards s with the plain loop.
 
@@ -282,13 +284,13 @@ def stage_mode(a) -> None:
             times[shard].append(stage(shard, rep))
     print(f"stage: tiny unconditional 16x16 N={n} batch_size={a.batch} steps={a.steps} threads={a.threads} "
           f"device={a.device} repeats={a.repeats} (medians)")
-    print(f"{'method':<30s} {'UNet rows':>9s} {'stage s':>8s} {'shards s':>9s} {'samples/s':>10s} "
+    print(f"{'method':<30s} {'UNet evals':>10s} {'stage s':>8s} {'shards s':>9s} {'samples/s':>10s} "
           f"{'(shards)':>9s} {'vs plain':>8s}")  # samples/s: N / stage s, then N / shards s
     p = statistics.median(s for _, s in times["plain"])
-    print(f"{'plain DDPMPipeline loop':<30s} {n:9d} {'-':>8s} {p:9.2f} {'-':>10s} {n / p:9.2f} {1:8.2f}")
+    print(f"{'plain DDPMPipeline loop':<30s} {n * a.steps:10d} {'-':>8s} {p:9.2f} {'-':>10s} {n / p:9.2f} {1:8.2f}")
     for shard in (64, 256):
         wall, work = (statistics.median(v[j] for v in times[shard]) for j in (0, 1))
-        print(f"{f'memex stage shard_size={shard}':<30s} {rows[shard]:9d} {wall:8.2f} {work:9.2f} {n / wall:10.2f} "
+        print(f"{f'memex stage shard_size={shard}':<30s} {rows[shard]:10d} {wall:8.2f} {work:9.2f} {n / wall:10.2f} "
               f"{n / work:9.2f} {p / work:8.2f}")
     ray.shutdown()
 
