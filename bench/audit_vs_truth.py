@@ -19,10 +19,12 @@ from conf/ with the strategy's overrides:
 
 Scored against the truth:
   recall     reproduced pictures the audit reports / reproduced pictures (truth)
-  precision  reported pictures that are true copies / reported pictures. A reported picture is a
-             true copy when at least one of the generations the audit counted for it copies it by
-             the truth's standard (computed here, on the run's own PNGs, against every distinct
-             picture: no index, no embedding).
+  precision  reported pictures the checkpoint truly emits / reported pictures. A reported picture
+             is truly emitted when the truth pool copies it at least once, or when one of the
+             generations the audit counted for it copies it by the truth's standard (computed
+             here on the run's own PNGs against every distinct picture: no index, no embedding).
+             A false alarm is a picture that neither the pool nor the audit's own generations copy
+             by that standard. `strict` counts only the second way (the audit's own evidence).
 Missed reproduced pictures are listed with how often the truth pool reproduced them.
 """
 
@@ -102,7 +104,8 @@ def main() -> None:
     ap.add_argument("--model", default=str(REPO / "demo/models/demo-text"))
     ap.add_argument("--strategy", action="append", choices=list(STRATEGIES))
     ap.add_argument("--set", action="append", default=[], help="extra override for every strategy")
-    ap.add_argument("--root", default=None, help="storage root (default: a fresh temp folder)")
+    ap.add_argument("--root", default=None, help="storage root (default: a fresh temp folder); an existing "
+                    "one resumes its finished audits, so the wall time is then the resume's")
     a = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from memex.stages import audit
@@ -114,8 +117,8 @@ def main() -> None:
     print(f"truth: {a.truth}: {n_truth} generations; {len(reproduced)} pictures reproduced "
           f"({', '.join(f'{p} x{n}' for p, n in sorted(reproduced.items()))}); "
           f"copied once: {', '.join(sorted(once))}")
-    print(f"{'strategy':<9} {'recall':>7} {'precision':>9} {'found':>5} {'UNet evals':>10} {'per found':>9} "
-          f"{'samples':>7} {'wall s':>7}")
+    print(f"{'strategy':<9} {'recall':>7} {'precision':>9} {'strict':>6} {'found':>5} {'UNet evals':>10} "
+          f"{'per found':>9} {'samples':>7} {'wall s':>7}")
     for name in a.strategy or ["today", "default", "adaptive"]:
         cfg = compose([f"model.path={a.model}", f"storage.root={root}/{name}", *STRATEGIES[name], *a.set])
         t0 = time.perf_counter()
@@ -126,20 +129,26 @@ def main() -> None:
         ok = true_copies(layout, s, ids, train)
         hit = found & set(reproduced)
         recall = len(hit) / len(reproduced) if reproduced else float("nan")
-        precision = sum(ok.values()) / len(found) if found else float("nan")
+        emitted = {p for p in found if ok[p] or p in reproduced or p in once}
+        precision = len(emitted) / len(found) if found else float("nan")
+        strict = sum(ok.values()) / len(found) if found else float("nan")
         per = s["unet_evaluations"] / len(hit) if hit else float("nan")
-        print(f"{name:<9} {recall:7.3f} {precision:9.3f} {len(found):5d} {s['unet_evaluations']:10,d} {per:9,.0f} "
-              f"{s['samples']:7d} {wall:7.0f}")
+        print(f"{name:<9} {recall:7.3f} {precision:9.3f} {strict:6.3f} {len(found):5d} {s['unet_evaluations']:10,d} "
+              f"{per:9,.0f} {s['samples']:7d} {wall:7.0f}")
         missed = sorted(set(reproduced) - found)
         if missed:
             print("   missed: " + ", ".join(f"{p} ({distinct[p]['copies']} copies, truth x{reproduced[p]})"
                                            for p in missed))
-        wrong = sorted(p for p, v in ok.items() if not v)
+        wrong = sorted(found - emitted)
         if wrong:
-            print("   not true copies: " + ", ".join(wrong))
+            print("   false alarms (no copy by the truth's standard, in the pool or the audit): " + ", ".join(wrong))
+        loose = sorted(p for p in emitted if not ok[p])
+        if loose:
+            print("   emitted (the pool copies them), but the audit's own generations are looser copies: "
+                  + ", ".join(loose))
         extra = sorted(found - set(reproduced) - set(wrong))
         if extra:
-            print("   true copies the truth pool saw once or never: " + ", ".join(extra))
+            print("   reported, emitted, but copied fewer than 2 times in the pool: " + ", ".join(extra))
         low = [p["picture"] for p in s.get("uncounted_pictures", [])]
         if low:
             print("   not counted (low complexity): " + ", ".join(low))
