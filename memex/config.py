@@ -469,10 +469,7 @@ def validate_budget(cfg: AuditConfig) -> None:
         if t.steps > cfg.sampling.num_inference_steps:
             raise ConfigError(f"triage.steps={t.steps} is more than sampling.num_inference_steps="
                               f"{cfg.sampling.num_inference_steps}: triage scores the first steps of a generation")
-    if b.kind == BudgetKind.adaptive:
-        if cfg.model.kind == ModelKind.unconditional or cfg.prompts.source == PromptSource.none:
-            raise ConfigError("budget=adaptive chooses prompts to sample more, and an unconditional model has one: "
-                              "set budget=fixed (unconditional models keep the fixed budget)")
+    if b.kind == BudgetKind.adaptive:  # an unconditional model (one prompt) keeps the fixed budget: audit.adaptive
         if not b.rounds:
             raise ConfigError("budget.rounds is empty: give the cumulative samples per prompt after each round, "
                               "e.g. budget.rounds=[4,16]")

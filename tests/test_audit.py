@@ -186,7 +186,10 @@ def test_audit_job_on_the_shipped_demo_extracts_its_duplicated_images(tmp_path, 
     assert summary["prompts"] == 8 and summary["samples"] == 8 * 16 and summary["candidates_verified"] == 8 * 16
     assert sum(copies[i] == 32 for i in extracted) >= 3, summary["per_prompt"]
     assert all(copies[i] >= 8 for i in extracted)
-    assert summary["extracted_unique_train_images"] == len(extracted) == len(set(extracted))
+    # rows of one logo (logo-0132, logo-0132#3) are one picture, counted once
+    pictures = [p["picture"] for p in summary["extracted_pictures"]]
+    assert summary["extracted_unique_train_images"] == len(pictures) == len(set(pictures))
+    assert {i.split("#")[0] for i in extracted} == set(pictures)
 
 
 def test_grayscale_ddpm_audited_end_to_end(tmp_path, ray_head):

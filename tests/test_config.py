@@ -62,6 +62,7 @@ def test_default_audit_is_the_demo_against_its_own_training_set():
 ])
 def test_audit_out_of_range_names_the_key(override, key):
     extra = ["match=relative"] if override.startswith("match.threshold") else []
+    extra += ["match.candidates=cliques"] if override.startswith("sampling.samples_per_prompt") else []
     with pytest.raises((ConfigError, ValidationError, ConfigCompositionException)) as e:
         compose([override] + extra, config_name="audit")
     assert key in str(e.value) or key in str(e.value.__cause__)
@@ -232,10 +233,9 @@ def test_every_option_converts_to_the_typed_config(primary, group, option):
             convert(_raw(primary, overrides))
         return
     if primary in ("audit", "nightly") and (group, option) == ("sampling", "fast"):
-        # 4 samples < the demo's clique of 5
+        # 4 samples < the demo's clique of 5: refused only where the cliques decide what is verified
         with pytest.raises(ConfigError, match=r"filter\.min_clique"):
-            convert(_raw(primary, overrides))
-        overrides.append("filter.min_clique=4")
+            convert(_raw(primary, overrides + ["match.candidates=cliques", "budget=fixed"]))
     if (group, option) in NEEDS_PATH:  # optional in the schema, required by this option: validation names it
         with pytest.raises(ConfigError, match=NEEDS_PATH[group, option].replace(".", r"\.")):
             convert(_raw(primary, overrides))
@@ -298,7 +298,6 @@ def test_dup_k_below_two_names_the_key():
     (["budget=adaptive", "budget.rounds=[0,4]"], "budget.rounds[0]"),  # a budget below one round
     (["budget=adaptive", "match.candidates=cliques", "budget.rounds=[2,4]"], "filter.min_clique"),
     (["budget=adaptive", "budget.continue_factor=0.5"], "budget.continue_factor"),
-    (["budget=adaptive", "model=demo_uncond", "prompts=none", "triage=none"], "budget=fixed"),
     (["triage=noise_norm", "model=demo_uncond", "prompts=none"], "triage=auto"),  # triage on an unconditional model
     (["triage.steps=51"], "triage.steps"),
     (["triage.seeds=0"], "triage.seeds"),
@@ -312,9 +311,13 @@ def test_triage_and_budget_settings_that_cannot_work_name_the_key(overrides, key
     assert key in str(e.value)
 
 
-def test_triage_auto_is_off_for_unconditional_models_and_on_for_text_ones():
-    from memex.stages.audit import triage_on
+def test_triage_auto_and_the_adaptive_budget_are_for_text_models():
+    from memex.stages.audit import adaptive, triage_on
 
+    uncond = ["model=demo_uncond", "prompts=none", "match=relative"]
     assert triage_on(compose([], config_name="audit"))
-    assert not triage_on(compose(["model=demo_uncond", "prompts=none", "match=relative"], config_name="audit"))
+    assert not triage_on(compose(uncond, config_name="audit"))
     assert not triage_on(compose(["triage=none"], config_name="audit"))
+    # memex nightly runs the adaptive budget; an unconditional model keeps the fixed one
+    assert adaptive(compose([], config_name="nightly"))
+    assert not adaptive(compose(uncond, config_name="nightly")) and not adaptive(compose([], config_name="audit"))

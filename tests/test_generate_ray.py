@@ -115,7 +115,9 @@ def _cli(tiny_models, prompt_file, root, address, *extra):
 
 @pytest.mark.slow
 def test_killed_run_resumes_without_missing_or_duplicate_rows(ray_head, tiny_models, prompt_file, tmp_path):
-    extra = ["run.name=k", "sampling.samples_per_prompt=8", "sampling.shard_size=2", "sampling.num_inference_steps=12"]
+    # 24 samples in 12 shards of one batch of 2 (shards hold whole batches: memex/plan.py)
+    extra = ["run.name=k", "sampling.samples_per_prompt=8", "sampling.shard_size=2", "sampling.batch_size=2",
+             "sampling.num_inference_steps=12"]
     markers = tmp_path / "k" / "samples" / "_markers"
     proc = subprocess.Popen(_cli(tiny_models, prompt_file, tmp_path, ray_head.address, *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

@@ -28,7 +28,9 @@ STEPS = (1000, 2000, 3000)
 DEMO_RUN = REPO / "demo" / "checkpoints" / "demo-text-run"
 BASE = REPO / "demo" / "models" / "demo-text"
 # 4 prompts (the most duplicated captions) x 8 samples, 3-clique: ~15 s per checkpoint on 2 cores
-SMALL = ["prompts.limit=4", "sampling.samples_per_prompt=8", "filter.min_clique=3", "index.shards=2"]
+# the fixed budget: these tests check the nightly's bookkeeping on a known sample count (the adaptive
+# budget, nightly's default, is tested in test_audit.py)
+SMALL = ["prompts.limit=4", "sampling.samples_per_prompt=8", "filter.min_clique=3", "index.shards=2", "budget=fixed"]
 
 
 def _overrides(tmp: Path, location: Path, ray_head, *extra: str) -> list[str]:

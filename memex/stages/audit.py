@@ -72,7 +72,7 @@ def run(cfg: AuditConfig) -> dict:
         if cfg.triage.keep is not None:
             first = top_by_triage(layout, cfg.triage.keep)
     every = cfg.match.candidates == CandidateSource.all
-    if cfg.budget.kind == BudgetKind.adaptive:
+    if adaptive(cfg):
         generate_in_rounds(cfg, run_name, layout, first)
     else:
         plan = SamplePlan.read(layout.store)
@@ -92,6 +92,12 @@ def run(cfg: AuditConfig) -> dict:
     # 7. the report (rebuilt every time: cheap, and it picks up report code changes)
     summary["report"] = build_report(layout)
     return summary
+
+
+def adaptive(cfg: AuditConfig) -> bool:
+    """budget=adaptive for text models; an unconditional model's one prompt keeps the fixed budget
+    (sampling.samples_per_prompt): there are no prompts to choose between."""
+    return cfg.budget.kind == BudgetKind.adaptive and cfg.prompts.source != PromptSource.none
 
 
 def top_by_triage(layout: RunLayout, keep: int) -> list[int]:

@@ -75,8 +75,9 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
     return run_name
 
 
-class GenerateShards:
-    """The worker of the actor pool: one model per actor; each call generates one whole shard."""
+class RunSampler:
+    """What every actor that runs the model loads once (generation, triage): the run's prompts and
+    a Sampler of cfg.model on this process's device."""
 
     def __init__(self, cfg: GenerateConfig, run_name: str):
         from memex.models import load_model
@@ -95,6 +96,13 @@ class GenerateShards:
             raise ConfigError(f"{cfg.model.path} is an unconditional model and takes no prompts: set prompts=none")
         self.sampler = Sampler(model, cfg.sampling)
         self.model_id = model.model_id
+
+
+class GenerateShards(RunSampler):
+    """The worker of the actor pool: one model per actor; each call generates one whole shard."""
+
+    def __init__(self, cfg: GenerateConfig, run_name: str):
+        super().__init__(cfg, run_name)
         self.plan = SamplePlan.read(RunLayout(cfg.storage.root, run_name, cfg.storage.options).store)
 
     def __call__(self, index: int, round: int, start: int, stop: int) -> tuple[pa.Table, dict]:

@@ -22,31 +22,16 @@ import numpy as np
 import pyarrow as pa
 
 from memex import runner
-from memex.config import AuditConfig, ConfigError
+from memex.config import AuditConfig
 from memex.layout import TRIAGE_SCHEMA, RunLayout, StorageError
-from memex.models import resolve_device
 from memex.prompts import read_run_prompts
+from memex.stages.generate import RunSampler
 
 log = logging.getLogger("memex.triage")
 
 
-class TriagePrompts:
-    """The worker of the actor pool: one model per actor; each call scores one chunk of prompts."""
-
-    def __init__(self, cfg: AuditConfig, run_name: str):
-        from memex.models import load_model
-        from memex.sampling import Sampler
-
-        self.cfg = cfg
-        prompts = read_run_prompts(RunLayout(cfg.storage.root, run_name, cfg.storage.options))
-        self.prompt_ids = prompts["prompt_id"].to_pylist()
-        self.prompts = prompts["prompt"].to_pylist()
-        device = resolve_device(cfg.resources.device)
-        if device == "cpu" and cfg.sampling.dtype.value == "float16":
-            raise ConfigError("sampling.dtype=float16 needs a GPU; use float32 or bfloat16 on CPU")
-        model = load_model(cfg.model.path, cfg.model.kind, cfg.sampling.dtype.value, device, cfg.model.revision,
-                           cfg.model.unet)
-        self.sampler = Sampler(model, cfg.sampling)
+class TriagePrompts(RunSampler):
+    """The worker of the actor pool: one model per actor (RunSampler); each call scores one chunk of prompts."""
 
     def __call__(self, index: int, p0: int, p1: int) -> tuple[pa.Table, dict]:
         """Prompts [p0, p1) -> one TRIAGE_SCHEMA row each, and the UNet evaluations they took."""
