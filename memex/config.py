@@ -478,9 +478,10 @@ def validate_budget(cfg: AuditConfig) -> None:
             if b.rounds[k] <= b.rounds[k - 1]:
                 raise ConfigError(f"budget.rounds must increase (each is the cumulative samples per prompt after "
                                   f"that round), got {list(b.rounds)}")
-        if cfg.match.candidates == CandidateSource.cliques and b.rounds[-1] < cfg.filter.min_clique:
-            raise ConfigError(f"budget.rounds ends at {b.rounds[-1]} samples per prompt, below filter.min_clique="
-                              f"{cfg.filter.min_clique}: no prompt could be flagged; raise the last round")
+        if cfg.match.candidates == CandidateSource.cliques:
+            raise ConfigError("budget=adaptive decides each round from the matches of the round before, and "
+                              "match.candidates=cliques matches only after the last one: set match.candidates=all "
+                              "(or budget=fixed)")
         if not b.continue_factor >= 1:
             raise ConfigError(f"budget.continue_factor must be >= 1 (a near miss is within that many times "
                               f"match.threshold), got {b.continue_factor}")

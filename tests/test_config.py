@@ -296,7 +296,7 @@ def test_dup_k_below_two_names_the_key():
     (["budget=adaptive", "budget.rounds=[8,4]"], "budget.rounds must increase"),
     (["budget=adaptive", "budget.rounds=[]"], "budget.rounds is empty"),
     (["budget=adaptive", "budget.rounds=[0,4]"], "budget.rounds[0]"),  # a budget below one round
-    (["budget=adaptive", "match.candidates=cliques", "budget.rounds=[2,4]"], "filter.min_clique"),
+    (["budget=adaptive", "match.candidates=cliques"], "match.candidates=all"),
     (["budget=adaptive", "budget.continue_factor=0.5"], "budget.continue_factor"),
     (["triage=noise_norm", "model=demo_uncond", "prompts=none"], "triage=auto"),  # triage on an unconditional model
     (["triage.steps=51"], "triage.steps"),
