@@ -75,11 +75,7 @@ def run(cfg: AuditConfig) -> dict:
     if adaptive(cfg):
         generate_in_rounds(cfg, run_name, layout, first)
     else:
-        plan = SamplePlan.read(layout.store)
-        if not plan.rounds:
-            s = cfg.sampling
-            plan.add_round(layout.store, first, read_run_prompts(layout).num_rows, 0, s.samples_per_prompt,
-                           s.shard_size, s.batch_size)
+        generate.read_plan(cfg, layout, first)  # the fixed budget's one round, of the triage.keep prompts if set
         generate.run(cfg, run_name)
         if every:
             match.match_shards(cfg, run_name)

@@ -143,12 +143,13 @@ class GenerateShards(RunSampler):
         return pa.table(cols, schema=SAMPLES_SCHEMA), cost
 
 
-def read_plan(cfg: GenerateConfig, layout: RunLayout) -> SamplePlan:
-    """The run's rounds; a run with none written gets the fixed budget's one round (written now)."""
+def read_plan(cfg: GenerateConfig, layout: RunLayout, prompt_rows: list[int] | None = None) -> SamplePlan:
+    """The run's rounds; a run with none written gets the fixed budget's one round (written now):
+    samples [0, samples_per_prompt) of every prompt, or of `prompt_rows` (the audit's triage.keep)."""
     plan = SamplePlan.read(layout.store)
     if not plan.rounds:
         s = cfg.sampling
-        plan.add_round(layout.store, None, read_run_prompts(layout).num_rows, 0, s.samples_per_prompt,
+        plan.add_round(layout.store, prompt_rows, read_run_prompts(layout).num_rows, 0, s.samples_per_prompt,
                        s.shard_size, s.batch_size)
     return plan
 
