@@ -346,7 +346,7 @@ class MatchConfig:
     # and on the demo it finds 12 of 12 reproduced pictures where the cliques find 5 (bench/RESULTS.md)
     candidates: CandidateSource = CandidateSource.all
     distance: DistanceKind = DistanceKind.tiled_l2
-    threshold: float = 0.15  # tiled l2: 0.15 (paper); relative l2: 1.0
+    threshold: float = 0.15  # tiled l2: 0.15 (paper); relative l2: 0.9 (match=relative; the paper's 1.0)
     k: int = 10  # nearest training images (by embedding) verified on pixels per candidate
     alpha: float = 0.5  # relative l2 only
     n_neighbors: int = 50  # relative l2 only: size of the reference set S
@@ -444,8 +444,8 @@ def validate_audit(cfg: AuditConfig) -> None:
     if m.distance == DistanceKind.relative_l2:
         _at_least("match.n_neighbors", m.n_neighbors, 2)
         if m.threshold < 0.5:
-            raise ConfigError(f"match.threshold={m.threshold} with relative_l2: the paper's threshold is 1.0 "
-                              "(set match=relative or match.threshold=1.0)")
+            raise ConfigError(f"match.threshold={m.threshold} with relative_l2: the paper's threshold is 1.0, "
+                              "memex's 0.9 (set match=relative, or match.threshold=0.9)")
     elif not 0 < m.threshold < 1:
         raise ConfigError(f"match.threshold must be in (0, 1) for tiled_l2 (paper: 0.15), got {m.threshold}")
 

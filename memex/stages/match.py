@@ -15,7 +15,7 @@ skips matched shards. Units run in the driver through memex/runner.py `do_unit`;
      (memex/index.py merge_topk: the same ids and order as one flat index over all vectors);
   3. `fetch_training_images`: the pixels of every training image in some top k (train.parquet);
   4. `verify`: each candidate against its k nearest training images with match.distance: tiled l2
-     <= 0.15 (Stable Diffusion style), or relative l2 <= 1 (alpha = 0.5, n = 50; small
+     <= 0.15 (Stable Diffusion style), or relative l2 <= 0.9 (alpha = 0.5, n = 50; small
      unconditional models); the best (smallest) distance is the candidate's match, with the
      matched image's tile detail (low complexity below the threshold, memex/distances.py);
 then `keep_for_report` copies the matched training images into matches/train_images.parquet and
