@@ -352,8 +352,9 @@ class MatchConfig:
     n_neighbors: int = 50  # relative l2 only: size of the reference set S
     # A picture counts as extracted when at least min_generations generations copy it (distance <=
     # threshold); a low-complexity picture (tile detail below the threshold: memex/distances.py)
-    # needs low_detail_min_generations, or one copying generation in a flagged clique. Chosen
-    # against brute-force truth (bench/RESULTS.md, "Which verified generations count").
+    # needs low_detail_min_generations, or one copying generation in a flagged clique or closer to
+    # it than its own tile mosaic. Chosen against brute-force truth (bench/RESULTS.md, "Which
+    # verified generations count").
     min_generations: int = 1
     low_detail_min_generations: int = 2
 

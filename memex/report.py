@@ -227,8 +227,8 @@ def _pictures(summary: dict) -> str:
         def reason(p: dict) -> str:
             g = p.get("generations")
             if p.get("low_complexity"):
-                return (f"low complexity: {g} copying generation(s), none in a flagged clique; "
-                        f'needs {t.get("low_detail_min_generations")}')
+                return (f"low complexity: {g} copying generation(s), none in a flagged clique or closer than "
+                        f'its tile mosaic; needs {t.get("low_detail_min_generations")}')
             return f'{g} copying generation(s); needs {t.get("min_generations")}'
 
         out.append(f"<h2>Not counted ({len(uncounted)})</h2><p>Some generation came within the threshold of these "

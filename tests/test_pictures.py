@@ -31,6 +31,10 @@ def test_low_complexity_pictures_need_more_generations_or_a_clique():
     assert got[9]["low_complexity"] and not got[9]["counted"]  # one close generation of a flat picture
     # the same generation inside a flagged clique is evidence enough
     assert count_pictures(_ext(ROWS), picture, {"c/0"}, MatchConfig())[9]["counted"]
+    # so is one closer to the picture than the picture's own tile mosaic (0.04 < detail 0.05): an
+    # exact copy of a flat picture reproduces its detail, not only its tile colours
+    exact = [dict(r, distance=0.04) if r["train_gid"] == 9 else r for r in ROWS]
+    assert count_pictures(_ext(exact), picture, set(), MatchConfig())[9]["counted"]
 
 
 @pytest.mark.parametrize("min_generations,counted", [(1, {1, 5}), (2, {5}), (3, set())])

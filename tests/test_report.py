@@ -235,7 +235,8 @@ def test_uncounted_low_complexity_picture_is_listed_with_its_reason():
     assert "flat" not in counted
     uncounted = html.split("<h2>Not counted (1)</h2>")[1].split("</table>")[0]
     assert ("<td>&lt;flat&gt;</td><td class=num>2</td><td class=num>0</td><td class=num>0.0123</td><td>yes</td>"
-            "<td>low complexity: 2 copying generation(s), none in a flagged clique; needs 3</td>") in uncounted
+            "<td>low complexity: 2 copying generation(s), none in a flagged clique or closer than its tile "
+            "mosaic; needs 3</td>") in uncounted
     assert "&lt;flat&gt;, &lt;flat&gt;#1" in uncounted and "<flat>" not in html
 
 

@@ -181,7 +181,8 @@ def format_summary(s: dict) -> str:
     low = [p for p in s.get("uncounted_pictures", []) if p.get("low_complexity")]
     if low:
         lines.append(f"  {len(low)} low-complexity pictures within the threshold but not counted "
-                     f"(fewer than {t.get('low_detail_min_generations')} copying generations, none in a clique): "
+                     f"(fewer than {t.get('low_detail_min_generations')} copying generations, none in a clique or "
+                     "closer than the picture's own tile mosaic): "
                      + ", ".join(p["picture"] for p in low[:5]) + (" ..." if len(low) > 5 else ""))
     if s.get("prompts_undecided"):
         lines.append(f"  {s['prompts_undecided']} prompts undecided: the clique search ran out of "

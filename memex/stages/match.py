@@ -272,21 +272,27 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
 def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str], m: MatchConfig) -> dict[int, dict]:
     """Per picture (near-duplicate group, memex/membership.py) its copying generations, and whether
     it counts as extracted: >= match.min_generations of them, or for a low-complexity picture
-    (train_detail below match.threshold) >= match.low_detail_min_generations (and min_generations)
-    or one in a flagged clique. Rows of one picture count once."""
+    (train_detail below match.threshold) >= match.low_detail_min_generations (and min_generations),
+    one in a flagged clique, or one closer to it than its own tile mosaic (distance < detail).
+    Rows of one picture count once."""
     out: dict[int, dict] = {}
     for row in ext.to_pylist():
         p = picture.get(row["train_gid"], row["train_gid"])
-        e = out.setdefault(p, {"generations": 0, "in_clique": 0, "detail": row["train_detail"]})
+        e = out.setdefault(p, {"generations": 0, "in_clique": 0, "detail": row["train_detail"],
+                               "best": row["distance"]})
         e["generations"] += 1
         e["in_clique"] += row["sample_id"] in clique_ids
+        e["best"] = min(e["best"], row["distance"])
         if row["train_detail"] is not None:
             e["detail"] = row["train_detail"] if e["detail"] is None else min(e["detail"], row["train_detail"])
     for e in out.values():
         e["low_complexity"] = e["detail"] is not None and e["detail"] < m.threshold and \
             m.distance == DistanceKind.tiled_l2
         need = max(m.min_generations, m.low_detail_min_generations) if e["low_complexity"] else m.min_generations
-        e["counted"] = e["generations"] >= need or (e["low_complexity"] and e["in_clique"] > 0)
+        # a generation closer to the picture than the picture's own tile mosaic reproduces its detail,
+        # not just its 16 tile colours: evidence enough on its own (an exact copy of a flat picture)
+        closer = e["low_complexity"] and e["best"] < e["detail"]
+        e["counted"] = e["generations"] >= need or (e["low_complexity"] and e["in_clique"] > 0) or closer
     return out
 
 
