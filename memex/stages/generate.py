@@ -27,6 +27,7 @@ from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
 from memex.models import check_model_inputs, resolve_device
 from memex.plan import SamplePlan, Shard
 from memex.prompts import load_prompts, read_run_prompts
+from memex.storage import StageFolder
 
 log = logging.getLogger("memex.generate")
 
@@ -169,14 +170,14 @@ def run(cfg: GenerateConfig, run_name: str) -> dict:
                                       GenerateShards, {"cfg": cfg, "run_name": run_name}, cfg.resources)
     summary = {"run": layout.uri, "run_name": run_name, "shards": len(shards), "generated_shards": generated,
                "rounds": len(plan.rounds), "rows": sum(p.stop - p.start for p in shards),
-               "seconds": round(time.perf_counter() - t0, 2), **unet_work(layout)}
+               "seconds": round(time.perf_counter() - t0, 2), **unet_work(layout.samples)}
     layout.samples.mark_success(summary)
     return summary
 
 
-def unet_work(layout: RunLayout) -> dict:
-    """UNet evaluations (batch rows through the UNet, guidance counting 2) of every generated
-    shard, from their markers, and the part spent on padding rows."""
-    marks = [layout.samples.read_marker(i) or {} for i in layout.samples.complete()]
+def unet_work(folder: StageFolder) -> dict:
+    """UNet evaluations (batch rows through the UNet, guidance counting 2) of every complete unit of
+    a model stage (samples/, triage/), from their markers, and the part spent on padding rows."""
+    marks = [folder.read_marker(i) or {} for i in folder.complete()]
     return {"unet_evaluations": sum(m.get("unet_evaluations", 0) for m in marks),
             "padded_evaluations": sum(m.get("padded_evaluations", 0) for m in marks)}

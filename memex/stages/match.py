@@ -232,6 +232,12 @@ def match_shard(shard: int, cfg: AuditConfig, layout: RunLayout, info: IndexInfo
     return pa.Table.from_pylist(sorted(rows, key=lambda r: r["sample_id"]), schema=MATCHES_SCHEMA)
 
 
+def claim_settings(cfg: AuditConfig, layout: RunLayout, info: IndexInfo) -> None:
+    """The settings matches/ is written with (matches/_settings.json), or refuse others."""
+    layout.matches.claim({"match": plain(cfg.match), "index_key": info.key, "embedder": plain(cfg.embedder)},
+                         f"run folder {layout.uri}")
+
+
 def match_shards(cfg: AuditConfig, run_name: str) -> int:
     """Match every complete samples shard that has no matches shard yet; returns how many ran.
     An adaptive audit calls this after each round, then `run` once at the end."""
@@ -240,8 +246,7 @@ def match_shards(cfg: AuditConfig, run_name: str) -> int:
     cliques = cfg.match.candidates == CandidateSource.cliques
     if cliques and layout.candidates.success() is None:
         raise StorageError(f"run {layout.uri} has no complete candidates/: run the filter (memex audit) first")
-    layout.matches.claim({"match": plain(cfg.match), "index_key": info.key, "embedder": plain(cfg.embedder)},
-                         f"run folder {layout.uri}")
+    claim_settings(cfg, layout, info)
     done = set(layout.matches.complete())
     todo = [k for k in layout.samples.complete() if k not in done]
     wanted = clique_members(layout) if cliques and todo else None
@@ -255,8 +260,7 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     to matches/summary.json."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     if layout.matches.success() is not None:
-        layout.matches.claim({"match": plain(cfg.match), "index_key": read_info(layout).key,
-                              "embedder": plain(cfg.embedder)}, f"run folder {layout.uri}")
+        claim_settings(cfg, layout, read_info(layout))
         return read_summary(layout)
     match_shards(cfg, run_name)
     info = read_info(layout)

@@ -25,7 +25,7 @@ from memex import runner
 from memex.config import AuditConfig
 from memex.layout import TRIAGE_SCHEMA, RunLayout, StorageError
 from memex.prompts import read_run_prompts
-from memex.stages.generate import RunSampler
+from memex.stages.generate import RunSampler, unet_work
 
 log = logging.getLogger("memex.triage")
 
@@ -62,8 +62,7 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     chunks = {c: {"p0": p0, "p1": min(p0 + step, n)} for c, p0 in enumerate(range(0, n, step))}
     runner.run_actor_pool(layout.triage, chunks, TriagePrompts, {"cfg": cfg, "run_name": run_name}, cfg.resources)
     scores = layout.triage.read(columns=["score"])["score"].to_numpy()
-    marks = [layout.triage.read_marker(i) or {} for i in layout.triage.complete()]
-    summary = {"prompts": n, "unet_evaluations": sum(m.get("unet_evaluations", 0) for m in marks),
+    summary = {"prompts": n, "unet_evaluations": unet_work(layout.triage)["unet_evaluations"],
                "score_median": float(np.median(scores)) if len(scores) else None,
                "score_mad": float(np.median(np.abs(scores - np.median(scores)))) if len(scores) else None}
     layout.triage.mark_success(summary)
