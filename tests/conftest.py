@@ -77,7 +77,30 @@ def ray_head():
         yield head
     finally:
         ray.shutdown()
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+        stop_head(port)
+
+
+def stop_head(port: int) -> None:
+    """Stop this session's head only. `ray stop --force` kills every Ray process on the machine,
+    including another pytest session's (or a benchmark's) head: its processes are found here by the
+    GCS port on their command line (gcs_server, raylet, dashboard, workers all carry it)."""
+    import psutil
+
+    def ours(args) -> bool:  # Ray turns 127.0.0.1 into the host's address: match the port alone
+        return any(a.endswith(f":{port}") or a == f"--gcs_server_port={port}" for a in args or ())
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid() and ours(p.info["cmdline"])]
+    for p in list(procs):  # agents and workers rename themselves (ray::...): take them as children
+        try:
+            procs += p.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 @pytest.fixture(scope="session")
