@@ -15,7 +15,8 @@ over the whole image is <= --copy-rms (0.1 = 25/255 per pixel: a second, global 
 demo model's copies are blurred by ~0.04-0.1 RMS, so 0.05 would keep 2 of its 108 tiled-l2
 copies). A picture is *reproduced* when at least --min-copies (2) generations copy it: a copy seen
 once in thousands of generations is listed apart, not counted as something the checkpoint emits.
-These are the truth that bench/audit_vs_truth.py and bench/threshold_sweep.py score against.
+These are the truth that bench/audit_vs_truth.py and bench/threshold_sweep.py score against
+(docs/method.md#6-headline-metric).
 Seeds are memex's own (`sample_seed(0, prompt id, index)`, prompt id = the hash
 of the caption) and the batch is the audit's (--batch 32, the demo's), so sample j of a caption
 here is byte-identical to sample j of the same prompt in a `memex audit` on the same machine.

@@ -6,14 +6,20 @@ This is where Hydra stops: the composed config is turned into the typed dataclas
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import sys
+import typing
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from memex import config as C
+from memex.redact import install_log_redaction, redact_text
+from memex.storage import Store
 
 CONF_DIR = C.CONF_DIR
 
@@ -28,9 +34,136 @@ _cs.store(name="audit_schema", node=C.AuditConfig)
 _cs.store(name="nightly_schema", node=C.NightlyAuditConfig)
 
 
+# ---- keys outside the schema -------------------------------------------------------------------
+# Hydra's struct mode refuses `sampling.typo=1`, but `+sampling.typo=1` and `++sampling.typo=1` open
+# the node and add the key, and OmegaConf.to_object then sets it as a stray attribute of the
+# dataclass: the audit ran with the default. So every key of the composed config is checked against
+# the dataclasses here (whatever its prefix or origin), except below Dict-typed fields
+# (storage.options, data.storage_options: fsspec options, free-form by design).
+def _fields(cls: type) -> dict[str, Any]:
+    """A config dataclass's field name -> resolved type (the module uses postponed annotations)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unwrap(tp: Any) -> Any:
+    """Optional[X] -> X."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _list_item(tp: Any) -> Any:
+    """List[X] -> X, else None."""
+    tp = _unwrap(tp)
+    return typing.get_args(tp)[0] if typing.get_origin(tp) in (list, typing.List) and typing.get_args(tp) else None
+
+
+def _free_form(tp: Any) -> bool:
+    """A Dict (or Any) field: any key below it is the user's (fsspec options)."""
+    tp = _unwrap(tp)
+    return tp is Any or typing.get_origin(tp) in (dict, typing.Dict)
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass: `sampling`, `sampling.samples_per_prompt`, ..."""
+    out = []
+    for name, tp in _fields(cls).items():
+        out.append(prefix + name)
+        if dataclasses.is_dataclass(_unwrap(tp)):
+            out += valid_keys(_unwrap(tp), f"{prefix}{name}.")
+    return out
+
+
+def unknown_key_message(key: str, candidates: list[str]) -> str:
+    """"<key> is not a setting; did you mean <nearest>?" (difflib over the schema's dotted keys)."""
+    near = difflib.get_close_matches(key, candidates, n=1)
+    if near:
+        return f"{key} is not a setting; did you mean {near[0]}?"
+    top = sorted({c.split(".")[0] for c in candidates})
+    return f"{key} is not a setting (the settings are under {', '.join(top)}; --cfg job prints them all)"
+
+
+def check_key(key: str, cls: type) -> str | None:
+    """None when the dotted `key` is in the schema `cls` (or below a free-form Dict field), else the
+    message naming it and the nearest valid key."""
+    node, path = cls, []
+    for part in key.split("."):
+        fields = _fields(node) if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            prefix = ".".join(path)
+            candidates = valid_keys(node, prefix + ".") if path and dataclasses.is_dataclass(node) else []
+            return unknown_key_message(key, candidates or valid_keys(cls))
+        path.append(part)
+        tp = fields[part]
+        if _free_form(tp) or _list_item(tp) is not None:
+            return None  # fsspec options; a list's items are typed by OmegaConf itself
+        node = _unwrap(tp)
+    return None
+
+
+def _leaf(node: Any, key: str) -> str:
+    """The first dotted leaf under an unknown key (`sampeling` -> `sampeling.samples_per_prompt`)."""
+    while isinstance(node, DictConfig) and not node._is_missing() and not node._is_none() and len(node):
+        k = next(iter(node.keys()))
+        key, node = f"{key}.{k}", node._get_node(k)
+    return key
+
+
+def extra_keys(node: DictConfig, cls: type, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(key, candidates) for every key of the composed `node` that its dataclass `cls` lacks."""
+    fields, out = _fields(cls), []
+    for k in node.keys():
+        key, child = f"{prefix}{k}", node._get_node(k)
+        if k not in fields:
+            out.append((_leaf(child, key), valid_keys(cls, prefix) if prefix else []))
+            continue
+        tp = _unwrap(fields[k])
+        if child._is_missing() or child._is_none():
+            continue
+        if dataclasses.is_dataclass(tp) and isinstance(child, DictConfig):
+            out += extra_keys(child, tp, key + ".")
+        elif dataclasses.is_dataclass(_list_item(tp)) and isinstance(child, ListConfig):
+            for i, item in enumerate(child):
+                if isinstance(item, DictConfig):
+                    out += extra_keys(item, _list_item(tp), f"{key}[{i}].")
+    return out
+
+
+def check_schema(cfg: DictConfig, cls: type) -> None:
+    """Refuse keys the dataclasses lack, however they got in (`+key=`, `++key=`, a YAML option)."""
+    bad = extra_keys(cfg, cls)
+    if bad:
+        key, candidates = bad[0]
+        raise C.ConfigError(unknown_key_message(key, candidates or valid_keys(cls)))
+
+
+def check_overrides(args: list[str], cls: type) -> None:
+    """The command line's `key=value`, `+key=value` and `++key=value` overrides against the schema,
+    before Hydra composes: Hydra's own message for an unknown key advises `+key=...`, which would
+    then be accepted silently. Group choices (`sampling=fast`) and hydra.* are Hydra's to check."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(get_args_parser().parse_known_args(args)[0].overrides)
+    except Exception:  # noqa: BLE001 - a malformed override: Hydra reports it
+        return
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_delete() or o.package is not None or key.split(".")[0].split("/")[0] == "hydra" or \
+                (CONF_DIR / key).is_dir():
+            continue
+        msg = check_key(key, cls)
+        if msg:
+            raise C.ConfigError(msg)
+
+
 def _typed(cfg: DictConfig, cls: type, validate):
     from omegaconf.errors import MissingMandatoryValue
 
+    check_schema(cfg, cls)
     try:
         obj = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:  # a ??? left in the config: name the key to set
@@ -57,27 +190,42 @@ def to_nightly_config(cfg: DictConfig) -> C.NightlyAuditConfig:
 
 
 def _report_errors(fn):
-    """Known user errors print one line naming the fix and exit 1 (Hydra would print a traceback)."""
+    """Known user errors print one line naming the fix and exit 1 (Hydra would print a traceback).
+
+    Around the stage, the console and the log file (memex/console.py): the stage returns the folder
+    its log goes to (the run folder), or None; a failed stage's log goes to the folder it last
+    worked in. Its location is printed last, unless the command failed before any work."""
 
     def wrapper(cfg: DictConfig) -> None:
+        from memex import console
+
+        console.setup(fn.__name__.lstrip("_"))
+        dest, ok = None, False
         try:
-            fn(cfg)
+            dest = fn(cfg)
+            ok = True
         except C.MemexError as e:
-            print(f"memex: error: {e}", file=sys.stderr)
+            print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)  # no credential: memex/redact.py
             raise SystemExit(1) from None
+        finally:
+            worked = ok or console.noted_folder() is not None
+            where = console.finish(dest if ok else None, keep=worked)
+            if worked and where:
+                print(redact_text(f"memex: log: {where}"), file=sys.stderr)
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
 
 
 @_report_errors
-def _generate(cfg: DictConfig) -> None:
+def _generate(cfg: DictConfig) -> Store | None:
     from memex.stages import generate
 
     gcfg = to_generate_config(cfg)
     summary = generate.run(gcfg, generate.prepare(gcfg))
-    print(f"memex generate: {summary['rows']} samples in {summary['shards']} shards "
-          f"({summary['generated_shards']} generated now) -> {summary['run']}")
+    print(redact_text(f"memex generate: {summary['rows']} samples in {summary['shards']} shards "
+                      f"({summary['generated_shards']} generated now) -> {summary['run']}"))
+    return Store(summary["run"], gcfg.storage.options)  # the log goes to <run>/logs/
 
 
 generate_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="generate")(_generate)
@@ -85,22 +233,25 @@ generate_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_
 
 
 @_report_errors
-def _train(cfg: DictConfig) -> None:
+def _train(cfg: DictConfig) -> Store | None:
     from memex.training import train
 
     out = train(to_train_config(cfg))
-    print(f"memex train: model saved to {out}")
+    print(redact_text(f"memex train: model saved to {out}"))
+    return Store(str(out))
 
 
 train_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")(_train)
 
 
 @_report_errors
-def _audit(cfg: DictConfig) -> None:
+def _audit(cfg: DictConfig) -> Store | None:
     from memex.stages import audit
 
-    summary = audit.run(to_audit_config(cfg))
-    print(audit.format_summary(summary))
+    acfg = to_audit_config(cfg)
+    summary = audit.run(acfg)
+    print(redact_text(audit.format_summary(summary)))
+    return Store(summary["run"], acfg.storage.options)
 
 
 audit_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="audit")(_audit)
@@ -117,7 +268,7 @@ def _logs_to_stderr() -> None:
 
 
 @_report_errors
-def _nightly(cfg: DictConfig) -> None:
+def _nightly(cfg: DictConfig) -> Store | None:
     from memex.stages import nightly
 
     if cfg.nightly.action == C.NightlyAction.plan.value:
@@ -126,17 +277,22 @@ def _nightly(cfg: DictConfig) -> None:
     res = nightly.run(ncfg)
     if ncfg.nightly.action == C.NightlyAction.plan:
         for p in res.pending:  # "<submission id> <checkpoint folder>", one per line, for a shell loop
-            print(p.submission_id(res.config_sha256, nightly.night_of(ncfg)), p.ckpt.location)
-        return
+            # redacted: nightly.only matches a redacted location too (memex/stages/nightly.py)
+            print(p.submission_id(res.config_sha256, nightly.night_of(ncfg)), redact_text(p.ckpt.location))
+        return None
+    from memex import console
+
+    console.note_folder(Store(nightly.ledger_root(ncfg), ncfg.storage.options))  # the log: <ledger>/logs/
     print(nightly.format_result(res))
     nightly.announce(ncfg, res)
     if res.errors:
         raise C.MemexError(f"{len(res.errors)} audits failed: " + "; ".join(
             f"{r['location']}: {r['message']}" for r in res.errors) + " (they are retried on the next run)")
     if res.alarms:
-        print("memex nightly: ALARM: " + "; ".join(f"{r['location']}: {r['message']}" for r in res.alarms),
+        print(redact_text("memex nightly: ALARM: " + "; ".join(f"{r['location']}: {r['message']}" for r in res.alarms)),
               file=sys.stderr)
         raise SystemExit(GATE_EXIT)
+    return None
 
 
 nightly_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="nightly")(_nightly)
@@ -155,9 +311,9 @@ def report_main() -> None:
                     help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\'')
     a = ap.parse_args(sys.argv[1:])
     try:
-        print(f"memex report: {build_report(a.run, json.loads(a.storage_options))}")
+        print(redact_text(f"memex report: {build_report(a.run, json.loads(a.storage_options))}"))
     except (C.MemexError, json.JSONDecodeError) as e:
-        print(f"memex: error: {e}", file=sys.stderr)
+        print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -165,13 +321,31 @@ STAGES = {"audit": audit_main, "generate": generate_main, "nightly": nightly_mai
           "train": train_main}
 
 
+SCHEMAS = {"audit": C.AuditConfig, "generate": C.GenerateConfig, "nightly": C.NightlyAuditConfig,
+           "train": C.TrainConfig}
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
 def main() -> None:
+    from memex import console
+
+    if any(a in VERBOSE_FLAGS for a in sys.argv[1:]):  # ours, before Hydra (which has no -v) sees them
+        console.VERBOSE = True
+        sys.argv[1:] = [a for a in sys.argv[1:] if a not in VERBOSE_FLAGS]
     if len(sys.argv) < 2 or sys.argv[1] not in STAGES:
-        print(f"usage: memex {{{','.join(STAGES)}}} [key=value ...]   (Hydra overrides; --help for a stage's config)\n"
+        print(f"usage: memex [-v] {{{','.join(STAGES)}}} [key=value ...]   (Hydra overrides; --help for a stage's "
+              "config; -v: everything on the console, not only in the log file)\n"
               "       memex report RUN_FOLDER",
               file=sys.stderr)
         sys.exit(2)
     stage = sys.argv.pop(1)
     sys.argv[0] = f"memex {stage}"
+    if stage in SCHEMAS:
+        try:
+            check_overrides(sys.argv[1:], SCHEMAS[stage])
+        except C.ConfigError as e:
+            print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)
+            sys.exit(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    install_log_redaction()  # every log record of this process, whatever handlers Hydra sets up later
     STAGES[stage]()

@@ -1,4 +1,4 @@
-"""The filter step of generate-and-filter extraction (../shared/METHOD.md, section 1, step 3).
+"""The filter step of generate-and-filter extraction (docs/method.md#filter-cliques).
 
 Per prompt: a graph over its generations (about 500) with an edge where two generations are
 within `threshold` (tiled l2); the prompt is flagged when the largest clique has at least

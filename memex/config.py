@@ -87,6 +87,10 @@ class ModelConfig:
     # A fine-tuned UNet folder (config.json + weights, e.g. a trainer's checkpoint-<step>/unet) that
     # replaces the pipeline's own: `path` is then the base pipeline it was fine-tuned on.
     unet: Optional[str] = None
+    # Pickle-only weights (diffusion_pytorch_model.bin, pytorch_model.bin, no .safetensors) are
+    # refused: unpickling can run code. true: load them anyway, with torch.load(weights_only=True).
+    # Not part of run or nightly identities: it decides whether a model loads, not what it generates.
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -118,6 +122,9 @@ class PromptsConfig:
 class StorageConfig:
     root: str = "runs"  # local folder or any fsspec URI (s3://bucket/prefix)
     options: Dict[str, Any] = field(default_factory=dict)  # fsspec/s3fs options (endpoint, keys)
+    # <run>/_lease.json (memex/lease.py): one audit or generation at a time in a run folder
+    lease_timeout_s: float = 300.0  # a lease with no heartbeat for this long is taken over
+    lease_wait_s: float = 0.0  # wait this long for a run folder in use; 0: refuse at once, naming its owner
 
 
 @dataclass
@@ -183,6 +190,8 @@ def validate_generate(cfg: GenerateConfig) -> None:
         raise ConfigError(f"resources.device must be auto, cpu or cuda, got {r.device!r}")
     if not cfg.storage.root:
         raise ConfigError("storage.root is empty: give a folder or URI (storage.root=s3://bucket/runs)")
+    _at_least("storage.lease_timeout_s", cfg.storage.lease_timeout_s, 1)
+    _at_least("storage.lease_wait_s", cfg.storage.lease_wait_s, 0)
     if cfg.run.name is not None and ("/" in cfg.run.name or not cfg.run.name.strip()):
         raise ConfigError(f"run.name must be a plain folder name, got {cfg.run.name!r}")
 
@@ -367,7 +376,7 @@ class TriageKind(str, Enum):
 
 @dataclass
 class TriageConfig:
-    """Per-prompt memorization score before any full generation (memex/stages/triage.py, METHOD.md section 2)."""
+    """Per-prompt memorization score before any full generation (memex/stages/triage.py, docs/method.md#2-triage)."""
 
     kind: TriageKind = TriageKind.auto
     seeds: int = 4  # starting noises averaged per prompt; costs seeds x steps x 2 UNet evaluations a prompt
@@ -399,6 +408,78 @@ class BudgetConfig:
     continue_triage_z: Optional[float] = 3.0  # None: the triage score does not extend a prompt's budget
 
 
+class TrackerKind(str, Enum):
+    none = "none"  # log nothing beyond the run folder
+    mlflow = "mlflow"  # metrics at the checkpoint's step, params, the report folder as artifacts (memex/tracking.py)
+    tensorboard = "tensorboard"  # scalars at the checkpoint's step and a text summary in the training's log dir
+    wandb = "wandb"  # metrics against memex/step, the report as run files; offline by default
+
+
+class WandbMode(str, Enum):
+    offline = "offline"  # a local run folder, uploaded later with `wandb sync` (no network)
+    online = "online"  # needs WANDB_API_KEY (or `wandb login`) and the network
+
+
+@dataclass
+class TrackerConfig:
+    """Where `memex audit` / `memex nightly` log an audit's headline numbers beside the training run's
+    loss curves (memex/tracking.py). The audit's results are written before; a tracker that fails
+    fails the command (nightly: the checkpoint's ledger row is an error, retried the next night)."""
+
+    kind: TrackerKind = TrackerKind.none
+    # training step of the audited checkpoint: the x of every metric (None: 0). `memex nightly` sets
+    # it to each checkpoint's own step (checkpoint-<step>), so leave it unset there.
+    step: Optional[int] = None
+    # mlflow, wandb: the run to log into. run_id: an existing run (the training run's id: its loss
+    # curves and memex's numbers side by side). None: a run named run_name (mlflow: found by name in
+    # the experiment, else created; wandb: a new run).
+    run_id: Optional[str] = None
+    run_name: Optional[str] = None  # None: the audit's run folder name; nightly: the checkpoints' series folder name
+    # mlflow
+    tracking_uri: Optional[str] = None  # None: MLflow's own ($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)
+    experiment: Optional[str] = None  # None: $MLFLOW_EXPERIMENT_NAME (or _ID), else MLflow's Default; created if new
+    # tensorboard: the training's log dir (where its event files are), required
+    log_dir: Optional[str] = None
+    # wandb
+    project: Optional[str] = None  # None: $WANDB_PROJECT, else memex
+    entity: Optional[str] = None  # None: wandb's default entity
+    mode: WandbMode = WandbMode.offline  # offline: no network, `wandb sync <dir>/wandb/offline-run-*` uploads
+    dir: Optional[str] = None  # wandb writes its run folders under <dir>/wandb/; None: $WANDB_DIR, else here
+
+
+# keys of TrackerConfig that only one kind reads: set with another kind they would do nothing
+TRACKER_KEYS = {"tracking_uri": TrackerKind.mlflow, "experiment": TrackerKind.mlflow,
+                "log_dir": TrackerKind.tensorboard, "project": TrackerKind.wandb, "entity": TrackerKind.wandb,
+                "dir": TrackerKind.wandb}
+
+
+def validate_tracker(t: TrackerConfig) -> None:
+    kind = t.kind
+    for key, owner in TRACKER_KEYS.items():
+        if getattr(t, key) is not None and kind != owner:
+            raise ConfigError(f"tracker.{key} is a setting of tracker={owner.value}, and tracker={kind.value} "
+                              f"does not read it: set tracker={owner.value} or drop tracker.{key}")
+    if kind in (TrackerKind.none, TrackerKind.tensorboard):
+        for key in ("run_id", "run_name"):
+            if getattr(t, key) is not None:
+                raise ConfigError(f"tracker.{key} names an mlflow or wandb run, and tracker={kind.value} has none: "
+                                  f"set tracker=mlflow or tracker=wandb, or drop tracker.{key}")
+    if t.mode != WandbMode.offline and kind != TrackerKind.wandb:
+        raise ConfigError(f"tracker.mode is a setting of tracker=wandb, and tracker={kind.value} does not read it")
+    if kind == TrackerKind.none and t.step is not None:
+        raise ConfigError("tracker.step is the x of the numbers logged to a tracker, and tracker=none logs nothing: "
+                          "set tracker=mlflow|tensorboard|wandb or drop tracker.step")
+    if t.step is not None:
+        _at_least("tracker.step", t.step, 0)
+    if kind == TrackerKind.tensorboard and not t.log_dir:
+        raise ConfigError("tracker=tensorboard needs tracker.log_dir: the training's TensorBoard log dir "
+                          "(where its event files are), so the audit's numbers appear beside its loss curves")
+    for key in ("run_id", "run_name", "experiment", "project"):
+        v = getattr(t, key)
+        if v is not None and not str(v).strip():
+            raise ConfigError(f"tracker.{key} is empty: give a value or leave it unset (null)")
+
+
 @dataclass
 class AuditConfig(GenerateConfig):
     triage: TriageConfig = field(default_factory=TriageConfig)
@@ -408,10 +489,12 @@ class AuditConfig(GenerateConfig):
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
 def validate_audit(cfg: AuditConfig) -> None:
     validate_generate(cfg)
+    validate_tracker(cfg.tracker)
     f, i, m = cfg.filter, cfg.index, cfg.match
     if not 0 < f.edge_threshold < 1:
         raise ConfigError(f"filter.edge_threshold must be in (0, 1) (tiled l2 of [0, 1] images), "
@@ -529,4 +612,7 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
         raise ConfigError(f"nightly.night must be a date YYYY-MM-DD, got {n.night!r}")
     if n.webhook is not None and not n.webhook.startswith(("http://", "https://")):
         raise ConfigError(f"nightly.webhook must be an http:// or https:// URL, got {n.webhook!r}")
-    validate_audit(cfg)  # model.path/unet/name and run.name are replaced per checkpoint
+    if cfg.tracker.step is not None:
+        raise ConfigError("tracker.step: memex nightly logs each checkpoint at its own training step "
+                          "(checkpoint-<step>); drop tracker.step")
+    validate_audit(cfg)  # model.path/unet/name, run.name and tracker.step are replaced per checkpoint

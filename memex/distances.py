@@ -1,4 +1,4 @@
-"""Image distances of the extraction attack (definitions: ../shared/METHOD.md, section 1).
+"""Image distances of the extraction attack (definitions: docs/method.md#distances).
 
 tiled l2: images in [0, 1], split into a 4 x 4 grid of non-overlapping tiles; per tile the
 root-mean-square difference over its pixels and channels; the distance is the max over the 16

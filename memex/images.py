@@ -5,8 +5,23 @@ Every image in memex is a uint8 (H, W, 3) RGB numpy array in memory and PNG byte
 generations are (H, W, 1) and stored as 8-bit grayscale PNGs (mode "L"); `decode` reads them
 back as RGB with the gray value in all three channels, so they compare with grayscale and RGB
 training images alike. Training images arrive as any format
-PIL reads (PNG/JPEG/WebP/BMP/GIF) and are decoded here, so the stages, training, ingestion and the
-report all see the same pixels for the same bytes.
+PIL reads (PNG/JPEG/WebP/BMP/GIF/TIFF/PGM) and are decoded here, so the stages, training, ingestion and
+the report all see the same pixels for the same bytes.
+
+`decode` gives the RGB a viewer shows, whatever mode PIL opens the bytes in:
+  * EXIF orientation applied (a phone JPEG stored sideways is shown upright);
+  * alpha and transparency keys (PNG tRNS, GIF) composited onto white, as a browser shows a
+    transparent PNG on a white page: the colour hidden under alpha 0 (often black) never counts;
+  * 16-bit samples (I;16*, and mode I, which is how PGM and older Pillow open 16-bit data) scaled
+    by the high byte (v >> 8: 65535 -> 255, 257 -> 1), the rule PIL's own decoder applies to
+    16-bit RGB, RGBA and gray + alpha PNGs, so a 16-bit picture gives the same 8 bits in every
+    colour type (within 1 level of round(v / 257)); clipping them, as PIL's convert does, shows
+    white. An I image holding 8-bit values (0..255) therefore shows near black: I is not assumed 8-bit;
+  * F (32-bit float) read as [0, 1] -> round(v * 255);
+  * 1, L, P, RGB, RGBX, CMYK ((1 - C)(1 - K)) and YCbCr (JPEG's full-range BT.601) by PIL's convert.
+Anything else raises UnsupportedImageError naming the mode (LAB: PIL copies its bytes as if RGB;
+premultiplied La/RGBa, HSV: no file opens them), as do I samples outside 0..65535 and F samples
+outside [0, 1] (0..255 floats would show white): ingestion quarantines those with that reason.
 """
 
 from __future__ import annotations
@@ -14,9 +29,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["PREPROCESS", "decode", "encode_png", "fit", "resize", "thumbnail_png", "to_aspect"]
+__all__ = ["BACKGROUND", "PREPROCESS", "UnsupportedImageError", "decode", "encode_png", "fit", "resize",
+           "thumbnail_png", "to_aspect"]
 
 
 def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
@@ -49,20 +65,79 @@ def _open(data: bytes) -> Image.Image:
         raise UnidentifiedImageError(f"cannot identify image file ({len(data)} bytes starting {data[:8]!r})") from None
 
 
+BACKGROUND = 255  # white: what transparent pixels are composited onto (the module docstring says why)
+
+# Modes PIL's convert() renders as a viewer does; those with alpha or a transparency key go
+# through RGBA and are composited. The others are read from their raw samples (_gray).
+_PIL_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
+_ALPHA_MODES = {"LA", "PA", "RGBA"}
+_SAMPLE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+class UnsupportedImageError(ValueError):
+    """An image mode with no display conversion, or samples outside the range its mode is read as."""
+
+
+def _gray(img: Image.Image) -> np.ndarray:
+    """uint8 (H, W) from a 16-bit, 32-bit integer (I) or float (F) image, scaled as the module says."""
+    raw = np.asarray(img)  # uint16 of either byte order, int32 or float32
+    lo, hi = (raw.min(), raw.max()) if raw.size else (0, 0)
+    if img.mode == "F":
+        if not (np.isfinite(raw).all() and 0 <= lo and hi <= 1):
+            raise UnsupportedImageError(f"mode 'F' samples span [{lo:g}, {hi:g}]; F is read as [0, 1]")
+        return np.rint(raw * 255).astype(np.uint8)
+    if lo < 0 or hi > 65535:
+        raise UnsupportedImageError(f"mode {img.mode!r} samples span [{lo}, {hi}]; {img.mode} is read as "
+                                    "16-bit (0..65535)")
+    return (raw >> 8).astype(np.uint8)
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    """A loaded PIL image in any supported mode -> uint8 (H, W, 3), alpha composited onto BACKGROUND."""
+    mode, key = img.mode, img.info.get("transparency")
+    if mode in _PIL_MODES:
+        if mode not in _ALPHA_MODES and key is None:
+            return np.array(img.convert("RGB"))
+        rgba = np.array(img.convert("RGBA"))  # applies a tRNS key / palette alpha of 1, L, P, RGB
+        rgb, alpha = rgba[..., :3], rgba[..., 3]
+    elif mode in _SAMPLE_MODES:
+        gray = _gray(img)
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+        if not isinstance(key, int):  # a 16-bit PNG's tRNS key: the one gray sample that is transparent
+            return rgb
+        alpha = np.where(np.asarray(img) == key, 0, 255).astype(np.uint8)
+    else:
+        raise UnsupportedImageError(f"mode {mode!r} has no display conversion (supported: "
+                                    f"{', '.join(sorted(_PIL_MODES | _SAMPLE_MODES))})")
+    # c * a + BACKGROUND * (255 - a) <= 255 * 255: uint16 holds it (half the memory of uint32 at
+    # PIL's ~179 Mpx limit); + 127 rounds to nearest (255 is odd: no ties)
+    a = alpha[..., None].astype(np.uint16)
+    return ((rgb * a + BACKGROUND * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    img.load()  # Image.open read only the header: truncation shows here, as OSError
+    ImageOps.exif_transpose(img, in_place=True)  # no-op without an orientation tag (or a broken EXIF)
+    return _rgb(img)
+
+
 def decode(data: bytes, channels: int = 3) -> np.ndarray:
     """Encoded image bytes (any format PIL reads) -> uint8 (H, W, 3) RGB, a writable copy (torch.from_numpy).
 
-    PIL's convert("RGB"): the first frame of a GIF, alpha dropped (not composited), palette and
-    greyscale expanded (an "L" PNG's gray value in all three channels). channels=1: (H, W, 1) via
-    convert("L"), exact for grayscale images, ITU-R 601 luma for colour ones. Raises
-    UnidentifiedImageError (not an image), OSError (truncated or corrupt), DecompressionBombError
-    (too many pixels); callers turn these into their own errors.
+    The RGB a viewer shows (module docstring: orientation, alpha on white, 16-bit and float
+    scaling), from the first frame of a GIF; an "L" PNG's gray value lands in all three channels.
+    channels=1: (H, W, 1), the ITU-R 601 luma of that RGB (PIL's convert("L")), exactly the gray
+    value for grayscale images. Raises UnidentifiedImageError (not an image), OSError (truncated
+    or corrupt), DecompressionBombError (too many pixels), UnsupportedImageError (a mode or
+    sample range with no display conversion); callers turn these into their own errors.
     """
     if channels not in (1, 3):
         raise ValueError(f"decode: channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     with _open(data) as img:
-        img.load()
-        return np.array(img.convert("RGB" if channels == 3 else "L")).reshape(img.height, img.width, channels)
+        rgb = _pixels(img)
+    if channels == 1:
+        return np.array(Image.fromarray(rgb).convert("L"))[..., None]
+    return rgb
 
 
 def resize(img: np.ndarray, size: int | None) -> np.ndarray:
@@ -81,9 +156,10 @@ def thumbnail_png(png: bytes, max_side: int) -> bytes:
     with _open(png) as img:
         if max(img.size) <= max_side:
             return png
-        rgb = img.convert("RGB")
+        rgb = Image.fromarray(_pixels(img))  # the pixels decode gives
+        rgb.info["icc_profile"] = img.info.get("icc_profile")  # kept, as convert("RGB") did
     rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-    return _save_png(rgb, compress_level=6)  # keeps an ICC profile of the source, as report did
+    return _save_png(rgb, compress_level=6)
 
 
 # ---- training images prepared the way a model was trained -----------------------------------

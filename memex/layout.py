@@ -9,11 +9,18 @@
         samples/shard-000000.parquet SAMPLES_SCHEMA rows, one file per shard (generate)
         candidates/shard-000000.parquet  CANDIDATES_SCHEMA: one row per prompt (filter)
         matches/shard-000000.parquet MATCHES_SCHEMA: one row per verified candidate of samples shard 0 (match)
-        matches/summary.json         headline numbers, per-prompt results, thresholds, config
-        matches/train_images.parquet MATCHED_TRAIN_SCHEMA: the matched training images (for the report)
+        summary.json                 the audit's headline numbers, per-prompt results, thresholds, config (match)
+        matched_train_images.parquet MATCHED_TRAIN_SCHEMA: the matched training images (for the report)
         report/index.html            the audit's self-contained HTML report (memex/report.py)
+        logs/<stage>-<time>.log      each command's full log; <stage>-<time>-traceback.txt: a failed unit's
+        _lease.json                  while an audit or generation works in the folder: who (memex/lease.py)
       each stage folder also holds _markers/shard-*.json (a unit is complete), _SUCCESS.json (the
       stage is complete) and, for filter and match, _settings.json (a rerun must match them).
+      A stage folder holds one dataset's Parquet files and nothing else but `_`-prefixed names,
+      which pyarrow skips: `pyarrow.dataset.dataset("<run>/samples")` reads it as it is (likewise
+      triage/, candidates/, matches/, and the index's dups/ and quarantine/). Run folders written
+      before summary.json moved out of matches/ are still read (`RunLayout.read_summary`,
+      `matched_train_source`), but matches/ of such a folder holds two non-dataset files.
 
     <index root>/<index key>/        the membership index of one training set (IndexLayout),
         index.json                   shared by every run on the same data, embedder and index settings
@@ -21,9 +28,10 @@
         quantizer/shard-000000.faiss IVF-PQ only: the trained, empty index every shard copies
         shards/shard-000000.faiss    FAISS shard (global ids)
         shards/vectors-shard-000000.npz      its vectors and gids (np.savez: the dups step re-searches them)
-        shards/quarantine-shard-000000.parquet  QUARANTINE rows: unreadable training images and why
+        quarantine/shard-000000.parquet  QUARANTINE rows of shard 0: unreadable training images and why
         dups/shard-000000.parquet    DUPS_SCHEMA: near-duplicate count per training image
         _SUCCESS.json                IndexInfo (memex/stages/index.py), written when all of it is complete
+        _lease.json                  while an audit builds it: who (memex/lease.py; others wait)
 
 Reads, atomic writes and the marker convention are memex/storage.py's.
 """
@@ -106,7 +114,7 @@ MATCHES_SCHEMA = pa.schema(
     ]
 )
 
-# matches/train_images.parquet: the training images the verified candidates matched, copied into
+# <run>/matched_train_images.parquet: the training images the verified candidates matched, copied into
 # the run folder so its report can be rebuilt from the run folder alone (a few per flagged prompt)
 MATCHED_TRAIN_SCHEMA = pa.schema([("train_gid", pa.int64()), ("train_id", pa.string()), ("image", pa.binary())])
 
@@ -144,6 +152,16 @@ DUPS_SCHEMA = pa.schema([("gid", pa.int64()), ("id", pa.string()), ("caption", p
 
 def shard_name(index: int) -> str:
     return unit_name(index) + ".parquet"
+
+
+# <run or index folder>/logs/: each command's log file (memex/console.py, <stage>-<time>.log) and the
+# full traceback of a unit that failed on Ray (memex/runner.py, <stage>-<time>-traceback.txt)
+LOGS = "logs"
+
+
+def log_path(store: Store, name: str) -> str:
+    """Path of a log file in the run (or index) folder of `store`: <folder>/logs/<name>."""
+    return store.join(LOGS, name)
 
 
 class RunLayout:
@@ -189,11 +207,36 @@ class RunLayout:
 
     @property
     def summary_path(self) -> str:
-        return self.join("matches", "summary.json")
+        return self.join("summary.json")
 
     @property
     def matched_train_path(self) -> str:
+        return self.join("matched_train_images.parquet")
+
+    # Where run folders written before these two left matches/ (which must hold matches alone, so
+    # that pyarrow reads it as one dataset) kept them: still read, never written.
+    @property
+    def legacy_summary_path(self) -> str:
+        return self.join("matches", "summary.json")
+
+    @property
+    def legacy_matched_train_path(self) -> str:
         return self.join("matches", "train_images.parquet")
+
+    def read_summary(self) -> dict | None:
+        """The audit's summary.json (or an older run folder's matches/summary.json); None when
+        the audit has not finished."""
+        s = self.store.read_json(self.summary_path)
+        return s if s is not None else self.store.read_json(self.legacy_summary_path)
+
+    def matched_train_source(self) -> str | None:
+        """Path of the matched training images (an older run folder's too); None when absent."""
+        return next((p for p in (self.matched_train_path, self.legacy_matched_train_path) if self.store.exists(p)),
+                    None)
+
+    @property
+    def lease_path(self) -> str:
+        return self.join("_lease.json")
 
     @property
     def report_path(self) -> str:
@@ -213,6 +256,9 @@ class IndexLayout:
         self.quantizer = StageFolder(self.store, "quantizer")
         self.shards = StageFolder(self.store, "shards")
         self.dups = StageFolder(self.store, "dups", schema=DUPS_SCHEMA)
+        # written by the shards units (no markers of its own): kept apart from the FAISS files so that
+        # pyarrow reads quarantine/ as one dataset
+        self.quarantine = StageFolder(self.store, "quarantine", schema=QUARANTINE_SCHEMA)
 
     @property
     def uri(self) -> str:
@@ -244,4 +290,8 @@ class IndexLayout:
         return self.shards.file(shard, ".npz", kind="vectors")
 
     def quarantine_path(self, shard: int) -> str:
-        return self.shards.file(shard, ".parquet", kind="quarantine")
+        return self.quarantine.file(shard)
+
+    @property
+    def lease_path(self) -> str:
+        return self.join("_lease.json")

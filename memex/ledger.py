@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from memex.layout import LEDGER_SCHEMA
+from memex.redact import redact
 from memex.storage import Store
 
 DONE = ("ok", "over_budget", "grew")  # outcomes of a finished audit; "error" is retried next night
@@ -36,6 +37,7 @@ class Ledger:
 
     def append(self, row: dict) -> str:
         """Write one row atomically; returns its file name."""
+        row = redact(row)  # no credential in a row (URLs with user:password@, ...): memex/redact.py
         table = pa.Table.from_pylist([row], schema=LEDGER_SCHEMA)
         finished = (row.get("finished") or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%S")
         name = f"{finished}-{row['weights_sha256'][:12]}-{row['config_sha256'][:12]}-{uuid.uuid4().hex[:8]}.parquet"

@@ -1,7 +1,18 @@
 """Load a diffusion checkpoint with diffusers' own `DiffusionPipeline.from_pretrained`.
 
 A local folder is checked first, so a missing or malformed checkpoint fails with a message that
-names the missing piece instead of a deep diffusers traceback. Hub ids go straight to diffusers.
+names the missing piece instead of a deep diffusers traceback: `check_model_inputs` runs in the
+driver before any cluster work (audit, generate) and again in `load_model`. It reads no weights:
+  * every safetensors file a load would read has a readable header whose tensors fit in the file
+    (a truncated download or random bytes fail here, naming the file);
+  * the header's tensor shapes agree with the component's config.json (the model is built on the
+    `meta` device, no memory, and its state_dict shapes compared);
+  * pickle-only weights (diffusion_pytorch_model.bin, pytorch_model.bin: torch.load runs code) are
+    refused unless model.allow_pickle=true; then they are read with torch.load(weights_only=True),
+    here (on `meta`) and by diffusers/transformers at load time.
+Hub ids: the checks run on the snapshot in the local Hugging Face cache when there is one (only the
+components it holds); otherwise they are deferred to the load, since this machine may not reach
+the hub, and the load refuses pickle-only weights itself (use_safetensors=True).
 The model family decides how `memex.sampling` drives the components:
 
     unconditional  UNet2DModel                       (DDPMPipeline layout)
@@ -99,12 +110,237 @@ def check_unet_folder(path: str) -> str:
     return cls
 
 
-def check_model_inputs(path: str, unet: str | None = None) -> None:
-    """The early check of generate and audit: a local pipeline folder and the UNet override, if any."""
+# ---- weights, checked without reading them -------------------------------------------------
+# Weight file stems: diffusers models, transformers models (safetensors), transformers (pickle).
+SAFE_STEMS = ("diffusion_pytorch_model", "model")
+PICKLE_STEMS = ("diffusion_pytorch_model", "pytorch_model")
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "I16": 2,
+               "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "C64": 8, "U64": 8, "I64": 8, "F64": 8}
+PICKLE_FIX = ("set model.allow_pickle=true to load them with torch.load(weights_only=True), or convert them once "
+              "with model.save_pretrained(folder, safe_serialization=True)")
+
+
+def _pick(folder: str, names: list[str], ext: str, stems: tuple[str, ...], loose: bool) -> list[str]:
+    """The files of one format a load reads: <stem><ext>, else the shards its index lists, else
+    (`loose`) any *<ext>: a variant or oddly named file, whose header is still worth checking."""
+    for stem in stems:
+        if stem + ext in names:
+            return [os.path.join(folder, stem + ext)]
+    for stem in stems:
+        if f"{stem}{ext}.index.json" in names:
+            index = os.path.join(folder, f"{stem}{ext}.index.json")
+            try:
+                with open(index) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ModelError(f"{index} is not a valid shard index ({type(e).__name__}: {e}): "
+                                 "re-save the component with save_pretrained") from e
+            missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+            if missing:
+                raise ModelError(f"{index} lists shards that are missing: {missing[:3]} (an incomplete copy?)")
+            return [os.path.join(folder, s) for s in shards]
+    return sorted(os.path.join(folder, n) for n in names if n.endswith(ext)) if loose else []
+
+
+def weight_files(folder: str) -> tuple[str, list[str]]:
+    """("safetensors" | "pickle" | "none", files) a from_pretrained of this component folder reads,
+    in the loaders' order: the standard safetensors name (or its shards), the standard .bin name
+    (or its shards), then any other *.safetensors, any other *.bin."""
+    names = os.listdir(folder)
+    for loose in (False, True):
+        for fmt, ext, stems in (("safetensors", ".safetensors", SAFE_STEMS), ("pickle", ".bin", PICKLE_STEMS)):
+            files = _pick(folder, names, ext, stems, loose)
+            if files:
+                return fmt, files
+    return "none", []
+
+
+def safetensors_shapes(file: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (8-byte little-endian length + JSON), after
+    checking that every tensor's bytes lie inside the file: a truncated file fails here, naming it."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or n > MAX_HEADER:
+            raise ModelError(f"{file} is not a safetensors file ({size} bytes; its first 8 bytes do not give a header "
+                             "length): a corrupt or truncated download? re-download or re-save it")
+        if n > size - 8:
+            raise ModelError(f"{file} is truncated: its header alone claims {n} bytes but the file has {size} "
+                             "(an interrupted download or copy? re-download or re-save it)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{file} is not a safetensors file (unreadable header: {type(e).__name__}: {e}): "
+                         "re-download or re-save it") from e
+    data = size - 8 - n
+    shapes, end = {}, 0
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = spec["dtype"], tuple(int(d) for d in spec["shape"]), spec["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{file}: tensor {name!r} has a malformed header entry {spec!r}: re-save the file") from e
+        count = 1
+        for d in shape:
+            count *= d
+        if dtype in DTYPE_BYTES and b - a != count * DTYPE_BYTES[dtype]:
+            raise ModelError(f"{file}: tensor {name!r} ({dtype} {list(shape)}) needs {count * DTYPE_BYTES[dtype]} "
+                             f"bytes but its offsets give {b - a}: a corrupt file, re-save it")
+        shapes[name], end = shape, max(end, b)
+    if end > data:
+        raise ModelError(f"{file} is truncated: its header places tensor data up to byte {8 + n + end} but the file "
+                         f"has {size} bytes (an interrupted download or copy? re-download or re-save it)")
+    from safetensors import SafetensorError, safe_open  # anything else the format forbids (overlaps, gaps)
+
+    try:
+        with safe_open(file, "pt"):
+            pass
+    except SafetensorError as e:
+        raise ModelError(f"{file} is not a valid safetensors file: {e} (re-download or re-save it)") from e
+    return shapes
+
+
+def pickle_shapes(file: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a pickled state dict, read with torch.load(weights_only=True) onto
+    the `meta` device: no tensor data is read, and a pickle that would run code is refused."""
+    import pickle
+
+    import torch
+
+    try:
+        sd = torch.load(file, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelError(f"{file} is refused: its pickle holds more than tensors (torch.load(weights_only=True): "
+                         f"{' '.join(str(e).split())[:300]}); do not load it, or convert it where you trust it") from e
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a pickle at all
+        raise ModelError(f"{file} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}): a corrupt or "
+                         "truncated file? re-download or re-save it") from e
+    if not isinstance(sd, dict):
+        raise ModelError(f"{file} holds a {type(sd).__name__}, not a state dict of tensors")
+    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+
+
+def model_shapes(folder: str, library: str, class_name: str) -> dict[str, tuple[int, ...]] | None:
+    """State-dict shapes of `class_name` built from `folder`'s config.json on the `meta` device
+    (accelerate.init_empty_weights: no memory, no weights). None for a class memex cannot name."""
+    from accelerate import init_empty_weights
+
+    if library == "diffusers":
+        import diffusers
+
+        cls = getattr(diffusers, class_name, None)
+        if cls is None:
+            return None
+        build = lambda: cls.from_config(cls.load_config(folder))  # noqa: E731
+    elif library == "transformers":
+        import transformers
+
+        cls = getattr(transformers, class_name, None)
+        if cls is None or getattr(cls, "config_class", None) is None:
+            return None
+        build = lambda: cls(cls.config_class.from_pretrained(folder))  # noqa: E731
+    else:
+        return None
+    try:
+        with init_empty_weights():
+            model = build()
+    except Exception as e:  # noqa: BLE001 - re-raised naming the config
+        raise ModelError(f"{folder}/config.json does not build a {class_name}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}") from e
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_component_weights(folder: str, library: str, class_name: str, key: str,
+                            allow_pickle: bool = False) -> None:
+    """One component folder (unet, vae, text_encoder, ...): its weight files readable and shaped as
+    its config says. `key` (model.path=..., model.unet=...) is what the messages name."""
+    try:
+        fmt, files = weight_files(folder)
+    except ModelError as e:
+        raise ModelError(f"{key}: {e}") from e
+    if fmt == "none":
+        return  # check_local_checkpoint / check_unet_folder require weights where they are needed
+    if fmt == "pickle" and not allow_pickle:
+        raise ModelError(f"{key}: {folder} has only pickle weights ({', '.join(os.path.basename(f) for f in files)}), "
+                         f"which torch.load can make run code: {PICKLE_FIX}")
+    read = safetensors_shapes if fmt == "safetensors" else pickle_shapes
+    found: dict[str, tuple[int, ...]] = {}
+    where: dict[str, str] = {}
+    try:
+        for f in files:
+            shapes = read(f)
+            found.update(shapes)
+            where.update(dict.fromkeys(shapes, f))
+        expected = model_shapes(folder, library, class_name)
+    except ModelError as e:  # the message names the file; the key says which setting points at it
+        raise ModelError(f"{key}: {e}") from e
+    if expected is None:
+        return
+    # Only tensors both sides name: loaders rename legacy keys (old attention blocks, prefixes) and
+    # report missing ones themselves; a wrong shape is what they only notice after reading everything.
+    wrong = [(k, found[k], expected[k]) for k in sorted(found) if k in expected and found[k] != expected[k]]
+    if wrong:
+        k, got, want = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ModelError(f"{key}: tensor {k!r} in {where[k]} has shape {list(got)} but {folder}/config.json makes "
+                         f"a {class_name} that needs {list(want)}{more}: the weights and config.json are from "
+                         "different models (re-save the component with save_pretrained)")
+
+
+def _components(path: str, index: dict, skip: set[str]) -> list[tuple[str, str, str]]:
+    """(folder, library, class) of every model_index.json component with a folder of its own."""
+    out = []
+    for name, spec in sorted(index.items()):
+        if name.startswith("_") or name in skip or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+            continue
+        if os.path.isdir(os.path.join(path, name)):
+            out.append((os.path.join(path, name), spec[0], spec[1]))
+    return out
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None) -> str | None:
+    """The local Hugging Face cache's snapshot folder of a hub id, or None (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        f = try_to_load_from_cache(repo_id, "model_index.json", revision=revision)
+    except Exception:  # noqa: BLE001 - no cache, odd id: nothing to check here
+        return None
+    return os.path.dirname(f) if isinstance(f, str) else None
+
+
+def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = False,
+                       revision: str | None = None) -> None:
+    """The early check of generate and audit, before any cluster work: the pipeline folder (its
+    layout, every component's weights), the UNet override if any; no weights are read.
+
+    A hub id is checked on its cached snapshot, the components the cache holds; with no snapshot
+    the check is deferred to the load (this machine may have no network), which refuses
+    pickle-only weights itself (use_safetensors=True)."""
+    skip = {"unet"} if unet is not None else set()  # the override replaces the base's UNet: it is never read
     if os.path.isdir(path) or not HUB_ID.match(path):
-        check_local_checkpoint(path)
+        index = check_local_checkpoint(path)
+        folder = path
+    else:
+        folder = cached_snapshot(path, revision)
+        index = {}
+        if folder is not None:
+            try:
+                with open(os.path.join(folder, "model_index.json")) as f:
+                    index = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                index = {}
+    for sub, library, cls in _components(folder, index, skip) if folder else []:
+        check_component_weights(sub, library, cls, f"model.path={path}", allow_pickle)
     if unet is not None:
-        check_unet_folder(unet)
+        cls = check_unet_folder(unet)
+        check_component_weights(unet, "diffusers", cls, f"model.unet={unet}", allow_pickle)
 
 
 def _detect_kind(pipe: Any) -> ModelKind:
@@ -167,34 +403,47 @@ def make_scheduler(base_config: Any, kind: SchedulerKind, model_path: str = "?")
 
 
 def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float32",
-               device: str = "cpu", revision: str | None = None, unet: str | None = None) -> LoadedModel:
+               device: str = "cpu", revision: str | None = None, unet: str | None = None,
+               allow_pickle: bool = False) -> LoadedModel:
     """Load with `DiffusionPipeline.from_pretrained` from a local folder or a hub id.
 
     `unet`: a fine-tuned UNet folder loaded with its own class's `from_pretrained` and passed to
     the pipeline in place of the base's (diffusers' component override), the way the diffusers
     fine-tuning scripts' checkpoint-<step>/unet folders are meant to be used.
+
+    `allow_pickle` (model.allow_pickle): without it only safetensors are read (use_safetensors=True);
+    with it, a component with only .bin weights is read by diffusers' load_state_dict and
+    transformers' load_state_dict, both torch.load(weights_only=True) (tests/test_preflight.py
+    pins that), after `check_model_inputs` has already unpickled each one that way on `meta`.
     """
+    import importlib
+
     import diffusers
     import torch
     from diffusers import DiffusionPipeline
 
     local = os.path.isdir(path) or not HUB_ID.match(path)
-    if local:
-        check_local_checkpoint(path)
-    kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype)}
+    check_model_inputs(path, unet, allow_pickle, revision)
+    # None: safetensors where there are any, else .bin (diffusers and transformers, per component)
+    # diffusers >= 0.36 takes `dtype` and warns that `torch_dtype` is deprecated; older ones know only `torch_dtype`
+    dtype_kw = "dtype" if hasattr(importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype") \
+        else "torch_dtype"
+    kwargs: dict[str, Any] = {dtype_kw: getattr(torch, dtype), "use_safetensors": None if allow_pickle else True}
     if not local and revision:
         kwargs["revision"] = revision
     if unet is not None:
         cls = check_unet_folder(unet)
         try:
-            kwargs["unet"] = getattr(diffusers, cls).from_pretrained(unet, torch_dtype=kwargs["torch_dtype"])
+            kwargs["unet"] = getattr(diffusers, cls).from_pretrained(unet, **{dtype_kw: kwargs[dtype_kw]},
+                                                                     use_safetensors=kwargs["use_safetensors"])
         except Exception as e:  # noqa: BLE001 - re-raised with the path
             raise ModelError(f"could not load model.unet={unet}: {type(e).__name__}: {e}") from e
     try:
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the path and the likely fix
         where = "local folder" if local else "hub id (needs network access and, if gated, HF_TOKEN)"
-        raise ModelError(f"could not load model.path={path} as a {where}: {type(e).__name__}: {e}") from e
+        hint = "" if allow_pickle or "safetensors" not in str(e) else f" (if it has only .bin weights: {PICKLE_FIX})"
+        raise ModelError(f"could not load model.path={path} as a {where}: {type(e).__name__}: {e}{hint}") from e
     found = _detect_kind(pipe)
     if kind != ModelKind.auto and kind != found:
         raise ModelError(f"model.kind={kind.value} but {path} holds a {found.value} model ({type(pipe).__name__})")

@@ -6,8 +6,8 @@ drawn here, and there is no JavaScript at all. A Content-Security-Policy meta ta
 and every fetch, so the page makes no network request. Prompts, captions, ids and config values
 come from scraped data or users: every one goes through `esc` (html.escape), never into markup raw.
 
-Built from the run folder alone (`memex report RUN`): matches/summary.json, candidates/,
-matches/, matches/train_images.parquet and the samples of the extracted generations.
+Built from the run folder alone (`memex report RUN`): summary.json, candidates/, matches/,
+matched_train_images.parquet and the samples of the extracted generations (memex/layout.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from memex.images import thumbnail_png
 from memex.layout import MATCHED_TRAIN_SCHEMA, RunLayout, StorageError
+from memex.redact import redact, redact_urls
 
 THUMB = 256  # px: larger images are downscaled before embedding
 MAX_PAIRS = 200  # extracted pairs shown; the rest are counted (their rows are in matches/)
@@ -241,13 +242,14 @@ def _pictures(summary: dict) -> str:
 def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample_png: dict[str, bytes],
                   train_png: dict[int, bytes]) -> str:
     """The report of one audit as an HTML string (inputs: what `build_report` reads from the run)."""
-    t, cfg = summary["thresholds"], summary.get("config", {})
-    model = summary["model"]
+    # redacted again here: a summary.json written before memex/redact.py may still hold credentials
+    t, cfg = summary["thresholds"], redact(summary.get("config", {}))
+    model = redact(summary["model"])
     unet = (cfg.get("model") or {}).get("unet")
     title = f"memex audit: {model['name']}"
     out = [f"<h1>{esc(title)}</h1>",
            f'<p class="muted">model {esc(model["path"])}{" + UNet " + esc(unet) if unet else ""} &middot; run '
-           f'{esc(summary["run"])} &middot; report built '
+           f'{esc(redact_urls(summary["run"]))} &middot; report built '
            f'{esc(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}</p>']
     n_ext = summary["extracted_unique_train_images"]
     per_image = summary.get("unet_evaluations_per_extracted_image")
@@ -331,8 +333,8 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
     out.append(f"<details><summary>the run's full config (as JSON)</summary><pre>"
                f"{esc(json.dumps(cfg, indent=2, sort_keys=True))}</pre></details>")
     idx = summary.get("index", {})
-    out.append(f'<p class="muted">index {esc(idx.get("uri"))}: {esc(idx.get("indexed"))} training images indexed, '
-               f'{esc(idx.get("quarantined"))} quarantined.</p>')
+    out.append(f'<p class="muted">index {esc(redact_urls(idx.get("uri") or ""))}: {esc(idx.get("indexed"))} '
+               f'training images indexed, {esc(idx.get("quarantined"))} quarantined.</p>')
     return page(title, "\n".join(x for x in out if x))
 
 
@@ -340,9 +342,9 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
     """(Re)build run/report/index.html from the run folder alone; returns its URI."""
     layout = run if isinstance(run, RunLayout) else RunLayout.at(run, storage_options)
     store = layout.store
-    summary = store.read_json(layout.summary_path)
+    summary = layout.read_summary()
     if summary is None:
-        raise StorageError(f"{layout.uri} has no matches/summary.json: not a finished audit run folder "
+        raise StorageError(f"{layout.uri} has no summary.json: not a finished audit run folder "
                            "(run `memex audit` to finish it, or check the path)")
     candidates = layout.candidates.read()
     matches = layout.matches.read()
@@ -355,8 +357,8 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
             t = t.filter(pc.is_in(t["sample_id"], wanted))
             sample_png.update(zip(t["sample_id"].to_pylist(), t["image"].to_pylist()))
     train_png: dict[int, bytes] = {}
-    if store.exists(layout.matched_train_path):
-        t = store.read_table(layout.matched_train_path, schema=MATCHED_TRAIN_SCHEMA)
+    if (matched_train := layout.matched_train_source()) is not None:
+        t = store.read_table(matched_train, schema=MATCHED_TRAIN_SCHEMA)
         train_png = dict(zip(t["train_gid"].to_pylist(), t["image"].to_pylist()))
     html_text = render_report(summary, candidates, matches, sample_png, train_png)
     store.write_bytes(layout.report_path, html_text.encode())

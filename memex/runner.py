@@ -19,28 +19,256 @@ The stage writes its own `_SUCCESS.json` (its summary) after that; it knows what
 
 Ray is imported inside the functions below and nowhere else in memex/, so every module, and the
 unit functions themselves, import and test without a cluster.
+
+The console (memex/console.py): each stage is one progress line; under the `memex` command Ray's
+own output (start-up, Ray Data's logs and progress, the workers' stdout and stderr, the raylet's
+error reports) goes to the command's log file instead. A unit that fails on Ray fails the stage
+with one line naming the root cause, `<stage> failed: OSError: ... (full traceback: <file>)`, the
+full traceback written to <run folder>/logs/ (memex/layout.py `log_path`): `UnitFailed`.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
+import re
 import time
+import traceback
 from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from memex.config import ResourcesConfig
-from memex.storage import StageFolder, StorageError
+from memex import console
+from memex.config import MemexError, ResourcesConfig
+from memex.storage import StageFolder, StorageError, Store
 
 log = logging.getLogger("memex.runner")
 
+# The stage a folder's units make up, as the console names it (memex/layout.py names the folders).
+STAGE_LABELS = {"samples": "generate", "candidates": "filter", "matches": "match", "triage": "triage",
+                "quantizer": "index quantizer", "shards": "index", "dups": "near-duplicates"}
+
+
+class UnitFailed(MemexError):
+    """A unit raised on Ray (in a task, an actor's __init__ or call): one line naming the root cause;
+    the full traceback is in the file named at its end."""
+
+
+class RayStartError(MemexError):
+    """Ray could not be started or reached."""
+
 
 def init(resources: ResourcesConfig) -> None:
-    """Connect to resources.address ($RAY_ADDRESS under `ray job submit`), or start a local Ray, once."""
+    """Connect to resources.address ($RAY_ADDRESS under `ray job submit`), or start a new local Ray, once.
+
+    None and no $RAY_ADDRESS means a new local instance, as documented (memex/config.py), and not
+    Ray's own default of joining whatever `ray start` left on this machine (/tmp/ray/ray_current_cluster),
+    which hangs when that one is gone."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=resources.address, log_to_driver=True)
+    if ray.is_initialized():
+        return
+    address = resources.address or os.environ.get("RAY_ADDRESS") or "local"
+    managed = console.log_file() is not None  # under the `memex` command: its console and log file
+    if managed:
+        _route_raylet_errors()
+        ray_log = logging.getLogger("ray")  # `import ray` gave it its own stderr handler, not propagating
+        ray_log.handlers.clear()
+        ray_log.propagate = True
+    try:
+        # configure_logging=False: Ray's loggers propagate to the command's handlers (the log file)
+        ray.init(address=address, log_to_driver=True, configure_logging=not managed)
+    except ConnectionError as e:
+        raise RayStartError(f"cannot reach Ray at {address} (resources.address, $RAY_ADDRESS): {e}") from e
+    if managed:
+        _route_worker_output()
+
+
+def _route_worker_output() -> None:
+    """The workers' stdout and stderr into the log file (logger `ray.workers`), not the console."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # another Ray: its own printing stays
+        return
+    try:
+        from ray._private.worker import filter_autoscaler_events
+    except ImportError:
+        filter_autoscaler_events = None
+    out = logging.getLogger("ray.workers")
+
+    def to_log(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or ""
+        lines = data.get("lines", [])
+        if data.get("pid") == "autoscaler":  # its events only, as Ray prints them (not the status tables)
+            lines = list(filter_autoscaler_events(lines)) if filter_autoscaler_events else []
+        for line in lines:
+            out.info("(%s pid=%s) %s", who, data.get("pid"), _ANSI.sub("", line))
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("memex_worker_logs", to_log)
+
+
+def _route_raylet_errors() -> None:
+    """The raylet's error reports (a task retried, an actor that died: a traceback each, hundreds of
+    lines when an actor pool keeps failing) into the log file: the failure itself is reported once,
+    by `UnitFailed`."""
+    try:
+        import ray._private.worker as w
+    except ImportError:
+        return
+    if getattr(w.print_to_stdstream, "_memex", False):
+        return
+    out = logging.getLogger("ray.raylet")
+
+    def to_log(data: dict, ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            out.info("(%s) %s", data.get("pid"), _ANSI.sub("", line))
+
+    to_log._memex = True
+    w.print_to_stdstream = to_log
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's logger into the command's handlers (not its own console handler), and, unless
+    verbose, no progress bars or per-10-second progress logs: the runner draws one line per stage."""
+    import ray.data
+
+    lg = logging.getLogger("ray.data")
+    for h in list(lg.handlers):
+        if h.get_name() == "console":
+            lg.removeHandler(h)
+    lg.propagate = True
+    if not console.verbose():
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+
+
+# ---- one-line failures ---------------------------------------------------------------------
+MAX_MESSAGE = 600  # characters of the cause's message on the console; the file has all of it
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# the line that ends a traceback: `pkg.mod.SomeError: message`, `SomeError(Wrapped): message`, `KeyError`
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*)(\([\w.]+\))?(?::\s?(.*))?$")
+
+
+def _is_exception_name(name: str) -> bool:
+    import builtins
+
+    short = name.rsplit(".", 1)[-1]
+    if short.endswith(("Error", "Exception", "Exit", "Interrupt", "Failure", "Timeout")):
+        return True
+    b = getattr(builtins, short, None)
+    return isinstance(b, type) and issubclass(b, BaseException)
+
+
+def exception_lines(text: str) -> list[tuple[str, str]]:
+    """(qualified type name, message) of each exception a traceback text ends with, in the text's
+    order: a chain prints its root cause first ("The above exception was the direct cause ...")."""
+    out = []
+    for line in _ANSI.sub("", text).splitlines():
+        if not line or line[0].isspace() or line.startswith(("Traceback", "ray::", "During handling", "The above")):
+            continue
+        m = _EXC_LINE.match(line)
+        if m and (m.group(3) is not None or m.group(2) is None) and _is_exception_name(m.group(1)):
+            if m.group(1).startswith("ray.exceptions.") and m.group(2):  # RayTaskError(X): the wrapper's line
+                continue
+            out.append((m.group(1), (m.group(3) or "").strip()))
+    return out
+
+
+def root_cause(exc: BaseException) -> tuple[str, str, BaseException | None]:
+    """(type name, message, the exception object where there is one) of what made a Ray call fail.
+
+    Ray keeps the remote exception as text (RayTaskError's traceback, an ActorDiedError's message
+    holds its creation task's), and an object only for a task's own exception (`.cause`); a
+    chain's root cause prints first. A memex error in the chain wins over its own causes: its
+    message is the one written for users (e.g. a StorageError naming the path, not the botocore
+    error under it); otherwise the innermost exception is the cause."""
+    obj = exc
+    for _ in range(10):  # RayTaskError(.cause) -> the task's own exception, when it is one
+        cause = getattr(obj, "cause", None)
+        if not isinstance(cause, BaseException) or cause is obj:
+            break
+        obj = cause
+    found = exception_lines(str(exc))
+    memex = [f for f in found if f[0].startswith("memex.")]
+    if isinstance(obj, MemexError):
+        return type(obj).__name__, str(obj), obj
+    if memex:
+        return memex[0][0], memex[0][1], None
+    if found:
+        return found[0][0], found[0][1], None
+    first = (_ANSI.sub("", str(obj)).strip().splitlines() or [""])[0]
+    return type(obj).__name__, first, obj
+
+
+def _ray_errors() -> tuple[type, ...]:
+    """The exceptions a Ray call raises for a failure inside a task or actor (Ray Data's too)."""
+    import ray.exceptions as rex
+
+    errors: list[type] = [rex.RayError]
+    try:
+        from ray.data.exceptions import SystemException, UserCodeException
+
+        errors += [SystemException, UserCodeException]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _traceback_file(store: Store | None, label: str, text: str) -> str:
+    """Write the full traceback into <folder>/logs/ (or, without a folder or when it cannot be
+    written, next to the command's log file); returns where it is."""
+    from memex.layout import log_path
+    from memex.redact import redact_text
+
+    text = redact_text(_ANSI.sub("", text))
+    name = f"{label.replace(' ', '-')}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-traceback.txt"
+    try:
+        if store is None:
+            raise StorageError("no run folder")
+        path = log_path(store, name)
+        store.write_bytes(path, text.encode())
+        return store.uri_of(path)
+    except Exception as e:  # noqa: BLE001 - the folder's storage may be what failed: keep it locally
+        local = console.log_dir() / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(text)
+        if store is not None:
+            log.warning("could not write the traceback to %s (%s: %s)", store.uri, type(e).__name__, e)
+        return str(local)
+
+
+def failed(exc: BaseException, label: str, store: Store | None) -> MemexError:
+    """The one-line error for a Ray failure of stage `label` in folder `store` (the full traceback
+    is written to a file first). A memex error keeps its type (StorageError, ModelError, ...)."""
+    text = "".join(traceback.format_exception(exc))
+    where = _traceback_file(store, label, text)
+    log.info("%s failed (traceback also in %s):\n%s", label, where, _ANSI.sub("", text))  # the log file only
+    name, msg, obj = root_cause(exc)
+    msg = " ".join(msg.split())  # one line
+    if len(msg) > MAX_MESSAGE:
+        msg = msg[:MAX_MESSAGE] + " ..."
+    line = f"{label} failed: {name.rsplit('.', 1)[-1]}: {msg} (full traceback: {where})"
+    cls = type(obj) if isinstance(obj, MemexError) else _memex_class(name)
+    if cls is not None:
+        err = cls.__new__(cls)
+        err.args = (line,)
+        return err
+    return UnitFailed(line)
+
+
+def _memex_class(name: str) -> type | None:
+    """memex.storage.StorageError -> the class, when it is a MemexError (a chain seen only as text)."""
+    mod, _, cls = name.rpartition(".")
+    if not mod.startswith("memex"):
+        return None
+    try:
+        c = getattr(importlib.import_module(mod), cls, None)
+    except ImportError:
+        return None
+    return c if isinstance(c, type) and issubclass(c, MemexError) else None
 
 
 def remote_options(resources: ResourcesConfig, gpu: bool = True) -> dict[str, float]:
@@ -84,8 +312,60 @@ def run_tasks(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callabl
         import ray
 
         init(resources)
+        console.note_folder(folder.store)
+        label = STAGE_LABELS.get(folder.name, folder.name)
+        progress = console.Progress(label, len(todo), len(done & set(units)))
         task = ray.remote(**remote_options(resources, gpu))(do_unit)
-        ray.get([task.remote(folder, i, fn, {**shared, **units[i]}) for i in todo])
+        pending = [task.remote(folder, i, fn, {**shared, **units[i]}) for i in todo]
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
+                progress.update(len(ready))
+        except _ray_errors() as e:
+            progress.close(ok=False)
+            _cancel(pending)
+            raise failed(e, label, folder.store) from None
+        progress.close()
+    else:
+        _all_complete(folder, units)
+    check_complete(folder, list(units))
+    return len(todo)
+
+
+def _all_complete(folder: StageFolder, units) -> None:
+    if units:
+        logging.getLogger(console.PROGRESS).info("%s: all %d units complete from an earlier run",
+                                                 STAGE_LABELS.get(folder.name, folder.name), len(units))
+
+
+def _cancel(refs) -> None:
+    """Stop the rest of a failed stage's tasks (their units stay unmarked: a rerun redoes them)."""
+    import ray
+
+    for r in refs:
+        try:
+            ray.cancel(r)
+        except Exception:  # noqa: BLE001 - already finished, or gone with its worker
+            pass
+
+
+def run_here(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callable[..., Any], **shared: Any) -> int:
+    """`run_tasks` in this process (units whose steps are themselves Ray calls, e.g. the match
+    stage's embed and search): skip the complete ones, do the rest in order, one progress line.
+    Returns how many units ran now."""
+    done = set(folder.complete())
+    todo = [i for i in units if i not in done]
+    if todo:
+        progress = console.Progress(STAGE_LABELS.get(folder.name, folder.name), len(todo), len(done & set(units)))
+        try:
+            for i in todo:
+                do_unit(folder, i, fn, {**shared, **units[i]})
+                progress.update()
+        except BaseException:
+            progress.close(ok=False)
+            raise
+        progress.close()
     check_complete(folder, list(units))
     return len(todo)
 
@@ -99,7 +379,12 @@ def call_all(fn: Callable[..., Any], calls: list[dict[str, Any]], resources: Res
 
     init(resources)
     task = ray.remote(**remote_options(resources, gpu))(fn)
-    return ray.get([task.remote(**kw) for kw in calls])
+    refs = [task.remote(**kw) for kw in calls]
+    try:
+        return ray.get(refs)
+    except _ray_errors() as e:
+        _cancel(refs)
+        raise failed(e, fn.__name__, console.noted_folder()) from None
 
 
 class _ActorUnits:
@@ -130,8 +415,13 @@ def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker
     todo = [{"index": i, **units[i]} for i in units if i not in done]
     if todo:
         import ray
+        import ray.data
 
         init(resources)
+        if console.log_file() is not None:
+            _quiet_ray_data()
+        console.note_folder(folder.store)
+        label = STAGE_LABELS.get(folder.name, folder.name)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             _ActorUnits,
             fn_constructor_kwargs={"folder": folder, "worker_cls": worker_cls, "worker_kwargs": worker_kwargs},
@@ -139,7 +429,16 @@ def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker
             compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
             **remote_options(resources),
         )
-        for row in ds.iter_rows():  # tiny summary rows only; images never reach the driver
-            log.info("%s: unit done, %d rows in %.1fs", folder.name, row["rows"], row["seconds"])
+        progress = console.Progress(label, len(todo), len(done & set(units)))
+        try:
+            for row in ds.iter_rows():  # tiny summary rows only; images never reach the driver
+                log.info("%s: unit done, %d rows in %.1fs", label, row["rows"], row["seconds"])
+                progress.update()
+        except _ray_errors() as e:
+            progress.close(ok=False)
+            raise failed(e, label, folder.store) from None
+        progress.close()
+    else:
+        _all_complete(folder, units)
     check_complete(folder, list(units))
     return len(todo)

@@ -106,7 +106,8 @@ class Sampler:
         self._uncond_row: torch.Tensor | None = None  # the "" embedding, encoded on first use
         # UNet work done, in sample-evaluations: one batch row through the UNet once (the cost
         # unit of memex's summaries; guidance makes every step 2). Padding rows included: they are
-        # computed. `unet_evaluations` = both, `padded_evaluations` = the part spent on padding.
+        # computed. `unet_evaluations` = both, `padded_evaluations` = the part spent on padding
+        # (docs/method.md#4-cost-accounting).
         self.unet_evaluations = 0
         self.padded_evaluations = 0
 

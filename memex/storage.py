@@ -101,10 +101,12 @@ class Store:
         try:
             yield tmp
             self.fs.mv(tmp, path)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(Exception):  # the original error matters more than the cleanup
                 if self.fs.exists(tmp):
                     self.fs.rm_file(tmp)
+            if isinstance(e, OSError):  # s3fs raises S3 errors that outlived its retries as OSError, unnamed
+                raise StorageError(f"cannot write {self.uri_of(path)}: {type(e).__name__}: {e}") from e
             raise
 
     def write_bytes(self, path: str, data: bytes) -> None:

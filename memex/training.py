@@ -37,6 +37,7 @@ from memex import tiny
 from memex.config import ArchConfig, ArchKind, ConfigError, TrainConfig, validate_train
 from memex.images import resize
 from memex.manifest import ManifestError, expand_duplicates, load_image, read_manifest
+from memex.redact import redact
 
 log = logging.getLogger("memex.train")
 MANIFEST_FILE = "training_manifest.parquet"  # the exact training set, one row per example
@@ -216,7 +217,8 @@ def train(cfg: TrainConfig) -> Path:
 
         info = {"steps": t.steps, "resumed_from": start, "train_seconds_this_run": round(seconds, 1),
                 "seed": t.seed, "examples": manifest.num_rows, "distinct_images": len(images),
-                "config": json.loads(json.dumps(asdict(cfg), default=lambda v: getattr(v, "value", str(v))))}
+                # data.storage_options' credentials redacted: memex/redact.py
+                "config": redact(json.loads(json.dumps(asdict(cfg), default=lambda v: getattr(v, "value", str(v)))))}
         (out / INFO_FILE).write_text(json.dumps(info, indent=2))
         shutil.rmtree(out / "_tokenizer", ignore_errors=True)
     return out

@@ -177,7 +177,7 @@ def test_audit_job_on_the_shipped_demo_extracts_its_duplicated_images(tmp_path, 
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "unique training images extracted" in out.stdout and "run folder:" in out.stdout
     run = next(ln for ln in out.stdout.splitlines() if "run folder: " in ln).split("run folder: ")[1].strip()
-    summary = json.loads((Path(run) / "matches" / "summary.json").read_text())
+    summary = json.loads((Path(run) / "summary.json").read_text())
     manifest = pq.read_table(REPO / "demo/models/demo-text/training_manifest.parquet").to_pylist()
     copies = {r["id"]: r["copies"] for r in manifest}
     extracted = summary["extracted_train_ids"]
@@ -287,8 +287,33 @@ def test_adaptive_audit_samples_more_only_where_a_copy_shows(tmp_path, ray_head,
     assert s["unet_evaluations_per_extracted_image"] == round(s["unet_evaluations"] / 8)
     samples = layout.samples.read(columns=["sample_id", "round", "triage_score"]).to_pylist()
     assert sorted(r["round"] for r in samples) == [0] * 6 + [1] * 6 and all(r["triage_score"] > 0 for r in samples)
+    assert_readable_by_pyarrow(layout, s)
     # rerun: the same result, nothing regenerated or redecided
     markers = {i: layout.samples.read_marker(i) for i in layout.samples.complete()}
     s2 = audit.run(compose(overrides, config_name="audit"))
     assert {k: v for k, v in s2.items() if k != "report"} == {k: v for k, v in s.items() if k != "report"}
     assert {i: layout.samples.read_marker(i) for i in layout.samples.complete()} == markers
+
+
+def assert_readable_by_pyarrow(layout: RunLayout, s: dict) -> None:
+    """Every folder of the run and of its index that holds Parquet files is one dataset that
+    `pyarrow.dataset.dataset(folder)` reads as it is (markers, _SUCCESS.json, _settings.json and
+    the lease start with `_`), with the row counts the summary states; no lease is left behind."""
+    import pyarrow.dataset as ds
+
+    run, index = Path(layout.path), Path(s["index"]["uri"])
+    for root in (run, index):
+        assert not (root / "_lease.json").exists()
+    # the folders below the two roots (which hold JSON and the single-file tables read below)
+    folders = {p.parent for root in (run, index) for p in root.rglob("*.parquet")
+               if not any(part.startswith("_") for part in p.relative_to(root).parts)} - {run, index}
+    rows = {f: ds.dataset(f).count_rows() for f in folders}  # fails on any non-Parquet file in a folder
+    assert rows == {run / "triage": s["prompts"], run / "samples": s["samples"],
+                    run / "candidates": s["prompts_sampled"], run / "matches": s["candidates_verified"],
+                    index / "dups": s["index"]["indexed"], index / "quarantine": s["index"]["quarantined"]}
+    # the single-file tables of the two roots
+    assert ds.dataset(run / "prompts.parquet").count_rows() == s["prompts"]
+    assert ds.dataset(index / "train.parquet").count_rows() == s["index"]["train_images"]
+    matched = ds.dataset(run / "matched_train_images.parquet").to_table()
+    assert set(matched["train_id"].to_pylist()) >= set(s["extracted_train_ids"])
+    assert (run / "summary.json").exists() and not (run / "matches" / "summary.json").exists()

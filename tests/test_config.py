@@ -102,6 +102,8 @@ def test_wrong_override_names_the_key(override, key):
     ("resources.max_actors=0", "resources.max_actors"),
     ("prompts.path=null", "prompts.path"),
     ("run.name=a/b", "run.name"),
+    ("storage.lease_timeout_s=0", "storage.lease_timeout_s"),
+    ("storage.lease_wait_s=-1", "storage.lease_wait_s"),
 ])
 def test_out_of_range_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -133,7 +135,7 @@ PRIMARIES = {"generate": (C.GenerateConfig, cli.to_generate_config), "audit": (C
 DEFAULT_OPTION = {"model": "local", "sampling": "default", "prompts": "file", "storage": "local", "resources": "local",
                   "filter": "default", "trainset": "manifest", "embedder": "pixels", "index": "flat", "match": "tiled",
                   "nightly": "default", "arch": "text_small", "data": "manifest", "trainer": "demo",
-                  "triage": "auto", "budget": "fixed"}
+                  "triage": "auto", "budget": "fixed", "tracker": "none"}
 
 
 def _raw(config_name: str, overrides=(), hydra_cfg: bool = False):
@@ -213,7 +215,7 @@ def _missing(node, prefix: str = "") -> list[str]:
 
 
 NEEDS_PATH = {("prompts", "file"): "prompts.path", ("prompts", "captions"): "prompts.path",
-              ("embedder", "sscd"): "embedder.path"}
+              ("embedder", "sscd"): "embedder.path", ("tracker", "tensorboard"): "tracker.log_dir"}
 
 
 # 87 compositions, ~22 s: the full suite's; the unit tier composes every option once per group
@@ -321,3 +323,72 @@ def test_triage_auto_and_the_adaptive_budget_are_for_text_models():
     # memex nightly runs the adaptive budget; an unconditional model keeps the fixed one
     assert adaptive(compose([], config_name="nightly"))
     assert not adaptive(compose(uncond, config_name="nightly")) and not adaptive(compose([], config_name="audit"))
+
+
+# ---- keys outside the schema, whatever their prefix (issue 14) ------------------------------
+TYPO = "sampling.sample_per_prompt is not a setting; did you mean sampling.samples_per_prompt?"
+
+
+@pytest.mark.parametrize("primary", ["generate", "audit", "nightly"])
+@pytest.mark.parametrize("prefix", ["+", "++"])
+def test_an_added_key_outside_the_schema_is_refused_naming_the_nearest(primary, prefix):
+    """`+key=` opens Hydra's struct mode: the key used to be added, ignored, and the default run."""
+    with pytest.raises(ConfigError) as e:
+        compose([f"{prefix}sampling.sample_per_prompt=5"], config_name=primary)
+    assert str(e.value) == TYPO
+
+
+@pytest.mark.parametrize("override,primary,message", [
+    ("+sampeling.samples_per_prompt=3", "audit",
+     "sampeling.samples_per_prompt is not a setting; did you mean sampling.samples_per_prompt?"),
+    ("++nightly.budgt=2", "nightly", "nightly.budgt is not a setting; did you mean nightly.budget?"),
+    ("+trainer.step=10", "train", "trainer.step is not a setting; did you mean trainer.steps?"),
+    ("+run.nme=x", "generate", "run.nme is not a setting; did you mean run.name?"),
+    ("+zzz=1", "generate", "zzz is not a setting (the settings are under model, prompts, resources, run, sampling, "
+                           "storage; --cfg job prints them all)"),
+])
+def test_unknown_key_message_names_the_key_and_the_nearest_valid_one(override, primary, message):
+    extra = ["output=/tmp/never"] if primary == "train" else []
+    with pytest.raises(ConfigError) as e:
+        compose([override, *extra], config_name=primary)
+    assert str(e.value) == message
+
+
+def test_free_form_options_still_take_any_added_key():
+    """storage.options and data.storage_options go to fsspec/s3fs as they are: any key is theirs."""
+    cfg = compose(["+storage.options.endpoint_url=http://minio:9000", "++storage.options.anon=true"])
+    assert cfg.storage.options == {"endpoint_url": "http://minio:9000", "anon": True}
+    cfg = compose(["+storage.options.client_kwargs.region_name=eu-west-1"], config_name="audit")
+    assert cfg.storage.options == {"client_kwargs": {"region_name": "eu-west-1"}}
+    tcfg = compose(["+data.storage_options.anon=true", "output=/tmp/never"], config_name="train")
+    assert tcfg.data.storage_options == {"anon": True}
+    assert compose(["++sampling.samples_per_prompt=5"]).sampling.samples_per_prompt == 5  # a real key: a change
+
+
+@pytest.mark.parametrize("stage", ["generate", "audit", "nightly", "train"])
+@pytest.mark.parametrize("prefix", ["", "+", "++"])
+def test_cli_refuses_a_key_outside_the_schema_in_one_line(stage, prefix, monkeypatch, capsys, tmp_path):
+    """The command line is checked before Hydra composes: Hydra's own message for `key=` advises
+    `+key=`, which it would then accept. One line, the same for every prefix and entry point."""
+    key = "trainer.step" if stage == "train" else "sampling.sample_per_prompt"
+    monkeypatch.setattr(sys, "argv", ["memex", stage, f"{prefix}{key}=5", f"storage.root={tmp_path}/runs"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"memex: error: {key} is not a setting; did you mean {key}s?"
+                                if stage == "train" else f"memex: error: {TYPO}"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_override_check_leaves_groups_hydra_and_options_to_hydra():
+    cli.check_overrides(["sampling=fast", "+preset=paper", "hydra.verbose=true", "--cfg", "job", "~run.name",
+                         "+storage.options.key=abc", "model.path=/m", "data.duplication=[]"], C.AuditConfig)
+
+
+def test_job_entry_point_refuses_an_added_unknown_key(tmp_path):
+    r = subprocess.run([sys.executable, "jobs/audit.py", "+sampling.sample_per_prompt=5", f"storage.root={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"memex: error: {TYPO}"
+    assert not any(tmp_path.iterdir())

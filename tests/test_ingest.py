@@ -1,4 +1,5 @@
 import io
+import os
 import uuid
 
 import fsspec
@@ -77,6 +78,56 @@ def test_decompression_bomb_is_quarantined(monkeypatch):
     dec = decode_rows(rows, 32)
     assert dec.ids == [] and dec.images.shape == (0, 32, 32, 3)
     assert dec.quarantine["reason"][0].as_py().startswith("DecompressionBombError")
+
+
+def _png16(picture: np.ndarray) -> bytes:
+    """A 16-bit grayscale PNG of an 8-bit picture: v * 257 (0 -> 0, 255 -> 65535), as an export at 16 bits."""
+    buf = io.BytesIO()
+    Image.fromarray(picture.astype(np.uint16) * 257).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    return buf.getvalue()
+
+
+def test_16_bit_png_decodes_to_its_picture_and_matches_it(tmp_path):
+    """A 16-bit grayscale PNG in a training folder decodes to the picture (PIL's convert showed all
+    white), at full size (match's training pixels) and fitted (index shards), and verifies at
+    distance 0 against an 8-bit generation of the same picture."""
+    from memex.config import DistanceKind
+    from memex.images import decode
+    from memex.stages.match import pixel_distances
+
+    picture = _img(4)[..., 1]  # a logo's green channel: a grayscale picture with structure
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "deep.png").write_bytes(_png16(picture))
+    (tmp_path / "imgs" / "flat.png").write_bytes(encode_png(picture))
+    t = list_training_set(str(tmp_path / "imgs"))
+    full, fitted = decode_rows(t, None), decode_rows(t, 16)
+    assert full.ids == fitted.ids == ["deep.png", "flat.png"] and full.quarantine.num_rows == 0
+    want = np.repeat(picture[..., None], 3, axis=2)
+    assert np.array_equal(full.images[0], want) and (full.images[0] != 255).any()
+    assert np.array_equal(fitted.images[0], fitted.images[1])  # the index embeds the same square
+    gen = encode_png(picture[..., None])  # a grayscale model's generation of that picture
+    d = pixel_distances(decode(gen), full.images, DistanceKind.tiled_l2, "center_crop")
+    assert d.tolist() == [0.0, 0.0]
+    white = pixel_distances(decode(gen), [np.full_like(want, 255)], DistanceKind.tiled_l2, "center_crop")
+    assert white[0] > 0.1  # what the all-white decode scored: never a match
+
+
+def test_image_without_a_display_conversion_is_quarantined_naming_its_mode():
+    def tiff(img: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="TIFF")
+        return buf.getvalue()
+    rows = pa.table({"id": ["lab", "floats", "ok"],
+                     "image": [tiff(Image.frombytes("LAB", (4, 4), bytes(48))),
+                               tiff(Image.fromarray(np.full((4, 4), 200, np.float32))),  # 0..255 floats
+                               _png16(_img(0)[..., 0])]})
+    for size in (None, 8):
+        dec = decode_rows(rows, size)
+        assert dec.ids == ["ok"]
+        reasons = dict(zip(dec.quarantine["id"].to_pylist(), dec.quarantine["reason"].to_pylist()))
+        assert reasons["lab"].startswith("UnsupportedImageError: mode 'LAB' has no display conversion")
+        assert reasons["floats"].startswith("UnsupportedImageError: mode 'F' samples span [200, 200]")
 
 
 def _write_folder(fs, root: str) -> dict[str, np.ndarray]:
@@ -183,3 +234,156 @@ def test_iter_batches_covers_every_row_once():
     assert pa.concat_tables(parts).equals(t)
     with pytest.raises(IngestError, match="batch_rows must be >= 1"):
         list(iter_batches(t, 0))
+
+
+# ---- a stale index is never reused: the key follows each image's content (issue 14) ------------
+def _audit_cfg(path: str, root):
+    from conftest import compose
+
+    return compose([f"trainset.path={path}", f"storage.root={root}", "model.path=/planted", "index.shards=2",
+                    "embedder.size=16", "resources.device=cpu"], config_name="audit")
+
+
+def _key(path: str, root, opts: dict | None = None) -> str:
+    from memex.stages.index import index_key
+
+    return index_key(list_training_set(path, opts), _audit_cfg(path, root))
+
+
+def _overwrite(path, data: bytes) -> None:
+    """Same name, new content, and an mtime surely different from the old one."""
+    before = path.stat().st_mtime_ns
+    path.write_bytes(data)
+    os.utime(path, ns=(before + 5 * 10**9, before + 5 * 10**9))
+
+
+@pytest.fixture
+def in_process_units(monkeypatch):
+    """runner.run_tasks without Ray: the same skip / do / mark / check loop, in this process.
+    Returns the (stage folder, units run) of every call."""
+    from memex import runner
+
+    ran = []
+
+    def run_tasks(folder, units, fn, resources, gpu=True, **shared):
+        todo = [i for i in units if i not in set(folder.complete())]
+        for i in todo:
+            runner.do_unit(folder, i, fn, {**shared, **units[i]})
+        runner.check_complete(folder, list(units))
+        ran.append((folder.name, todo))
+        return len(todo)
+
+    monkeypatch.setattr(runner, "run_tasks", run_tasks)
+    return ran
+
+
+def _indexed_vectors(info) -> dict[str, np.ndarray]:
+    """id -> the vector the index holds for it."""
+    layout = info.layout({})
+    ids = dict(zip(*(layout.store.read_table(layout.train_path)[c].to_pylist() for c in ("gid", "id"))))
+    out = {}
+    for s in range(len(info.shards)):
+        with np.load(io.BytesIO(layout.store.read_bytes(layout.vectors_path(s)))) as z:
+            out.update({ids[int(g)]: v for g, v in zip(z["gids"], z["vectors"])})
+    return out
+
+
+def _files_state(folder) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("source", ["folder", "uri_manifest"])
+def test_image_overwritten_in_place_rebuilds_the_index(tmp_path, in_process_units, source):
+    """9 images in one folder (a uri manifest stamps them with one listing of it) + 1 in another
+    (stamped with info()). Unchanged inputs: same key, nothing rebuilt, no file touched. One image
+    overwritten in place: a new key, and the new index holds the new picture's vector."""
+    from memex.config import EmbedderConfig
+    from memex.embed import make_embedder
+    from memex.stages import index
+
+    pics = tmp_path / "pics"
+    (pics / "sub").mkdir(parents=True)
+    files = [pics / f"p{i}.png" for i in range(9)] + [pics / "sub" / "q.png"]
+    for i, f in enumerate(files):
+        f.write_bytes(encode_png(_img(i)))
+    if source == "folder":
+        path, target = str(pics), "p4.png"
+    else:
+        path, target = str(tmp_path / "m.parquet"), "r4"
+        pq.write_table(pa.table({"id": [f"r{i}" for i in range(10)], "uri": [str(f) for f in files],
+                                 "caption": [f"c{i}" for i in range(10)]}), path)
+    root = tmp_path / "runs"
+    cfg = _audit_cfg(path, root)
+    info = index.run(cfg)
+    old = _indexed_vectors(info)
+    assert info.n_indexed == 10 and set(old) == set(list_training_set(path)["id"].to_pylist())
+
+    # unchanged: the same key, the index reused as it is
+    state = _files_state(root)
+    in_process_units.clear()
+    assert index.run(cfg).key == info.key and _key(path, root) == info.key
+    assert in_process_units == [] and _files_state(root) == state
+
+    # p4.png overwritten in place with another picture
+    _overwrite(files[4], encode_png(_img(20)))
+    new_info = index.run(cfg)
+    assert new_info.key != info.key
+    assert [todo for name, todo in in_process_units if name == "shards"] == [[0, 1]]  # the whole index rebuilt
+    new = _indexed_vectors(new_info)
+    want = make_embedder(EmbedderConfig(size=16))(decode_rows(pa.table({"id": [target], "uri": [str(files[4])]}),
+                                                              16).images)[0]
+    np.testing.assert_allclose(new[target], want, atol=1e-6)
+    assert not np.allclose(old[target], want)
+    assert all(np.array_equal(new[i], old[i]) for i in old if i != target)
+    assert _files_state(root / "_index" / info.key) == state  # the old index left as it was (state: only it)
+
+
+def test_same_size_overwrite_changes_the_key_by_mtime(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    f = tmp_path / "imgs" / "a.png"
+    f.write_bytes(encode_png(_img(0)))
+    key = _key(str(tmp_path / "imgs"), tmp_path)
+    data = bytearray(f.read_bytes())
+    data[-20] ^= 0xFF  # the same size
+    _overwrite(f, bytes(data))
+    assert _key(str(tmp_path / "imgs"), tmp_path) != key
+
+
+def test_embedded_bytes_changed_under_the_same_id_change_the_key(tmp_path):
+    def manifest(images):
+        pq.write_table(pa.table({"id": ["a", "b"], "image": [encode_png(x) for x in images]}), tmp_path / "m.parquet")
+        return _key(str(tmp_path / "m.parquet"), tmp_path)
+
+    key = manifest([_img(0), _img(1)])
+    assert manifest([_img(0), _img(1)]) == key  # the file is rewritten (new mtime), the images are the same
+    assert list_training_set(str(tmp_path / "m.parquet"))["stamp"].null_count == 2  # bytes: no file stamps
+    assert manifest([_img(0), _img(2)]) != key
+
+
+def test_s3_overwrite_in_place_changes_the_key(s3_server, bucket):
+    """On S3 the stamp is the ETag; the file is overwritten by another client (boto3), so a listing
+    cached in the s3fs instance would be stale: the listing must not use it."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    names = [f"imgs/p{i}.png" for i in range(9)] + ["other/q.png"]
+    for i, n in enumerate(names):
+        s3.put_object(Bucket=bucket, Key=n, Body=encode_png(_img(i)))
+    fs = fsspec.filesystem("s3", **s3_server)
+    fs.pipe_file(f"{bucket}/m/m.parquet", _parquet_bytes(pa.table({"id": [f"r{i}" for i in range(10)],
+                                                                   "uri": [f"s3://{bucket}/{n}" for n in names]})))
+    sources = (f"s3://{bucket}/imgs", f"s3://{bucket}/m/m.parquet")
+    keys = [_key(p, "/tmp/unused", s3_server) for p in sources]
+    t = list_training_set(sources[1], s3_server)
+    assert t["stamp"].null_count == 0 and all("ETag=" in s for s in t["stamp"].to_pylist())
+    assert [_key(p, "/tmp/unused", s3_server) for p in sources] == keys  # unchanged: the same keys
+    for n in ("imgs/p4.png", "other/q.png"):  # one stamped by the folder's listing, one by info()
+        s3.put_object(Bucket=bucket, Key=n, Body=encode_png(_img(30)))
+        new = [_key(p, "/tmp/unused", s3_server) for p in sources]
+        assert new[0] != keys[0] if n.startswith("imgs") else new[0] == keys[0]
+        assert new[1] != keys[1]
+        keys = new
+    s3.delete_object(Bucket=bucket, Key="imgs/p5.png")  # a missing file: unstamped (the decoder quarantines it)
+    t = list_training_set(sources[1], s3_server)
+    assert t["stamp"].to_pylist()[5] is None and _key(sources[1], "/tmp/unused", s3_server) != keys[1]

@@ -89,3 +89,18 @@ def test_s3_layout_roundtrip(s3_server, bucket):
     assert lay.samples.complete() == [2]
     assert lay.samples.read().num_rows == 4
     assert lay.uri == f"s3://{bucket}/runs/r1"
+
+
+def test_summary_and_matched_images_live_outside_matches_and_old_run_folders_are_read(tmp_path):
+    """matches/ holds match shards only (pyarrow reads it as one dataset); a run folder written when
+    summary.json and train_images.parquet were kept in matches/ is still read."""
+    lay = RunLayout(str(tmp_path), "r1")
+    assert lay.summary_path == str(tmp_path / "r1" / "summary.json")
+    assert lay.matched_train_path == str(tmp_path / "r1" / "matched_train_images.parquet")
+    assert lay.read_summary() is None and lay.matched_train_source() is None
+    lay.store.write_json(lay.legacy_summary_path, {"old": True})
+    lay.store.write_table(lay.legacy_matched_train_path, pa.table({"train_gid": [1]}))
+    assert lay.read_summary() == {"old": True} and lay.matched_train_source() == lay.legacy_matched_train_path
+    lay.store.write_json(lay.summary_path, {"old": False})
+    lay.store.write_table(lay.matched_train_path, pa.table({"train_gid": [2]}))
+    assert lay.read_summary() == {"old": False} and lay.matched_train_source() == lay.matched_train_path

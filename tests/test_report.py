@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from memex.images import encode_png
+from memex.layout import RunLayout
 from memex.report import build_report, esc, histogram_svg
 from memex.stages import filter as filter_stage
 from memex.stages import index, match
@@ -119,6 +120,19 @@ def test_report_is_rebuilt_from_the_run_folder_alone(audited_run, tmp_path):
     bad = subprocess.run([str(Path(sys.executable).parent / "memex"), "report", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "not a finished audit run folder" in bad.stderr
+
+
+def test_report_of_a_run_folder_in_the_previous_layout(audited_run, tmp_path):
+    """Run folders written when summary.json and train_images.parquet were kept in matches/ still
+    give their report (and their summary to `memex audit` and nightly: RunLayout.read_summary)."""
+    layout, summary, _ = audited_run
+    old = tmp_path / "old" / "planted"
+    shutil.copytree(layout.path, old)
+    (old / "summary.json").rename(old / "matches" / "summary.json")
+    (old / "matched_train_images.parquet").rename(old / "matches" / "train_images.parquet")
+    html = Path(build_report(str(old))).read_text()
+    assert html.count("data:image/png;base64,") == 2 * N_SAMPLES  # the training images were found too
+    assert RunLayout.at(str(old)).read_summary() == summary
 
 
 def test_histogram_marks_the_threshold_and_counts_every_value():

@@ -14,6 +14,8 @@
   6. match: nearest training images from the sharded index, verified on pixels (matches/): the
      flagged cliques' members (match.candidates=cliques) or every generation (=all);
   7. write the HTML report into report/ (memex/report.py) and print the summary.
+  8. tracker=mlflow|tensorboard|wandb: log the headline numbers at tracker.step and the report
+     (memex/tracking.py), beside the training run's loss curves.
 Every step skips the shards an earlier, interrupted audit finished; a round, once written, is
 generated as written (memex/plan.py), so a rerun decides nothing anew.
 The run folder is the generation run's folder: auditing the same samples with other filter or
@@ -23,14 +25,27 @@ match settings is refused (StageFolder.claim) unless run.name says where the new
 from __future__ import annotations
 
 import logging
+import posixpath
 
 import pyarrow.compute as pc
 
-from memex.config import AuditConfig, BudgetKind, CandidateSource, ModelKind, PromptSource, TriageKind, validate_audit
+from memex.config import (
+    AuditConfig,
+    BudgetKind,
+    CandidateSource,
+    ConfigError,
+    ModelKind,
+    PromptSource,
+    TriageKind,
+    validate_audit,
+)
 from memex.layout import RunLayout
+from memex.lease import hold
 from memex.models import check_model_inputs
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
+from memex.tracking import check as check_tracker
+from memex.tracking import log_audit
 
 log = logging.getLogger("memex.audit")
 
@@ -42,14 +57,17 @@ def triage_on(cfg: AuditConfig) -> bool:
 
 def run(cfg: AuditConfig) -> dict:
     from memex.membership import read_duplicates
-    from memex.report import build_report
-    from memex.stages import filter as filter_stage
-    from memex.stages import generate, index, match
-    from memex.stages import triage as triage_stage
+    from memex.stages import generate, index
 
-    # 1. inputs
+    # 1. inputs, each failing in seconds naming the key to fix: config ranges, the model's weights
+    # (headers and shapes, no weights read), the training set, the prompts (read now, unless the index ranks them)
     validate_audit(cfg)
-    check_model_inputs(cfg.model.path, cfg.model.unet)
+    check_tracker(cfg.tracker)  # tracker=mlflow|tensorboard|wandb: its package is installed
+    check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
+    check_trainset(cfg.trainset.path, cfg.storage.options)
+    prompts = None
+    if cfg.prompts.source != PromptSource.near_duplicates:
+        prompts = load_prompts(cfg.prompts, cfg.storage.options)
     if cfg.model.kind == ModelKind.unconditional and cfg.match.candidates == CandidateSource.cliques:
         log.warning("unconditional model with match.candidates=cliques: all samples share one prompt, so the "
                     "filter sees one graph; the paper compares every sample (match=relative)")
@@ -57,13 +75,26 @@ def run(cfg: AuditConfig) -> dict:
     # 2. index (and the prompts it ranks); the run folder records which index it is matched against
     info = index.run(cfg)
     log.info("index %s: %d training images indexed, %d quarantined", info.key, info.n_indexed, info.n_quarantined)
-    if cfg.prompts.source == PromptSource.near_duplicates:
+    if prompts is None:
         prompts = rank_by_near_duplicates(read_duplicates(info, cfg.storage.options), cfg.prompts.limit)
-    else:
-        prompts = load_prompts(cfg.prompts, cfg.storage.options)
     run_name = generate.prepare(cfg, prompts)
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
-    layout.store.write_json(layout.index_json, info.to_json())
+    # one audit at a time in a run folder (<run>/_lease.json): a second one refuses, naming this one
+    with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
+        layout.store.write_json(layout.index_json, info.to_json())
+        summary = audit_run_folder(cfg, run_name, layout)
+    # 8. the experiment tracker (memex/tracking.py), once the run folder is complete: a failure raises
+    # TrackerError naming the tracker and the fix, and loses nothing
+    log_audit(cfg, summary, summary.get("report"), run_name)
+    return summary
+
+
+def audit_run_folder(cfg: AuditConfig, run_name: str, layout: RunLayout) -> dict:
+    """Steps 3-7 in the prepared run folder (under its lease): triage, generate, filter, match, report."""
+    from memex.report import build_report
+    from memex.stages import filter as filter_stage
+    from memex.stages import generate, match
+    from memex.stages import triage as triage_stage
 
     # 3. triage, 4. generate (+ match each round), 5. filter, 6. match: inputs from the run folder
     first = None  # prompt rows of the first round: every prompt, or the top triage.keep
@@ -88,6 +119,47 @@ def run(cfg: AuditConfig) -> dict:
     # 7. the report (rebuilt every time: cheap, and it picks up report code changes)
     summary["report"] = build_report(layout)
     return summary
+
+
+def check_trainset(path: str, storage_options: dict) -> None:
+    """trainset.path is readable, cheaply (the index stage lists it all): a manifest's Parquet
+    footer opens and has an id and an image or uri column; a folder holds an image or a manifest
+    (listed until the first one)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from memex.ingest import IMAGE_SUFFIXES
+
+    try:
+        fs, root = fsspec.core.url_to_fs(path, **storage_options)
+        exists = fs.exists(root)
+        is_dir = exists and fs.isdir(root)
+    except Exception as e:  # noqa: BLE001 - bad credentials, unknown protocol, endpoint down
+        raise ConfigError(f"trainset.path={path} cannot be reached: {type(e).__name__}: {e} "
+                          "(check the URI and storage.options)") from e
+    if not exists:
+        raise ConfigError(f"trainset.path={path}: no such file or folder (give a Parquet manifest or an image folder)")
+    manifest = None if is_dir else root
+    if is_dir:
+        found = next((posixpath.join(d, f) for d, _, files in fs.walk(root) for f in sorted(files)
+                      if f.lower().endswith((*IMAGE_SUFFIXES, ".parquet"))), None)
+        if found is None:
+            raise ConfigError(f"trainset.path={path}: the folder holds no images ({' '.join(IMAGE_SUFFIXES)}) and "
+                              "no .parquet manifest")
+        manifest = found if found.endswith(".parquet") else None
+    elif not root.endswith(".parquet"):
+        raise ConfigError(f"trainset.path={path} is a file but not a .parquet manifest: give a Parquet manifest "
+                          "or a folder of images")
+    if manifest is not None:
+        try:
+            f = pq.ParquetFile(manifest, filesystem=fs)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the key
+            raise ConfigError(f"trainset.path={path}: {manifest} is not readable Parquet: "
+                              f"{type(e).__name__}: {e}") from e
+        names = set(f.schema_arrow.names)
+        if "id" not in names or not names & {"image", "uri"}:
+            raise ConfigError(f"trainset.path={path}: the manifest needs an 'id' column and an 'image' or 'uri' column "
+                              f"(columns: {sorted(names)})")
 
 
 def adaptive(cfg: AuditConfig) -> bool:
@@ -133,7 +205,7 @@ def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout, first
 def continuing_prompts(cfg: AuditConfig, layout: RunLayout, last: Round) -> list[int]:
     """Prompt rows of round `last` that go on: a generation so far within budget.continue_factor x
     match.threshold of its nearest training picture (a copy or a near miss), or a triage score
-    budget.continue_triage_z robust standard deviations above the run's median."""
+    budget.continue_triage_z robust standard deviations above the run's median (docs/method.md#5-budget)."""
     import numpy as np
 
     from memex.stages.triage import robust_z
@@ -189,8 +261,10 @@ def format_summary(s: dict) -> str:
                      "filter.max_expansions (raise it to decide them)")
     if s["index"]["quarantined"]:
         lines.append(f"  {s['index']['quarantined']} training images unreadable: "
-                     f"see {s['index']['uri']}/shards/quarantine-*.parquet")
+                     f"see {s['index']['uri']}/quarantine/")
     if s.get("report"):
         lines.append(f"  report: {s['report']}")
+    if s.get("tracker"):
+        lines.append(f"  tracker: {s['tracker']}")
     lines.append(f"  run folder: {s['run']}")
     return "\n".join(lines)

@@ -24,9 +24,11 @@ from memex import runner
 from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, plain, validate_generate
 from memex.images import encode_png
 from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
+from memex.lease import hold
 from memex.models import check_model_inputs, resolve_device
 from memex.plan import SamplePlan, Shard
 from memex.prompts import load_prompts, read_run_prompts
+from memex.redact import redact
 from memex.storage import StageFolder
 
 log = logging.getLogger("memex.generate")
@@ -40,7 +42,9 @@ def run_settings(cfg: GenerateConfig, prompts: pa.Table) -> dict:
     digest = hashlib.sha256()
     for pid, p in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist()):
         digest.update(f"{pid}\x1f{p}\x1e".encode())
-    return {"model": plain(cfg.model), "sampling": s, "prompts_sha256": digest.hexdigest(),
+    # model.allow_pickle decides whether the model loads, not its rows: left out (runs made before it resume)
+    model = {k: v for k, v in plain(cfg.model).items() if k != "allow_pickle"}
+    return {"model": model, "sampling": s, "prompts_sha256": digest.hexdigest(),
             "n_prompts": prompts.num_rows}
 
 
@@ -59,12 +63,12 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
     validate_generate(cfg)
     if cfg.model.kind == ModelKind.unconditional and cfg.prompts.source != PromptSource.none:
         raise ConfigError("model.kind=unconditional takes no prompts: set prompts=none")
-    check_model_inputs(cfg.model.path, cfg.model.unet)
+    check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
     if prompts is None:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
 
     # 2. the run folder: same settings (resume) or refuse; its prompts are the stage's input
-    settings = run_settings(cfg, prompts)
+    settings = redact(run_settings(cfg, prompts))  # run.json holds no credential; a rotated one still resumes
     run_name = cfg.run.name or default_run_name(cfg, settings)
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     layout.store.check_writable("run folder", "storage.root (bucket name, folder permissions) and "
@@ -92,7 +96,7 @@ class RunSampler:
         if device == "cpu" and cfg.sampling.dtype.value == "float16":
             raise ConfigError("sampling.dtype=float16 needs a GPU; use float32 or bfloat16 on CPU")
         model = load_model(cfg.model.path, cfg.model.kind, cfg.sampling.dtype.value, device, cfg.model.revision,
-                           cfg.model.unet)
+                           cfg.model.unet, cfg.model.allow_pickle)
         if model.kind == ModelKind.unconditional and any(self.prompts):
             raise ConfigError(f"{cfg.model.path} is an unconditional model and takes no prompts: set prompts=none")
         self.sampler = Sampler(model, cfg.sampling)
@@ -161,6 +165,13 @@ def run(cfg: GenerateConfig, run_name: str) -> dict:
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     if not layout.store.exists(layout.run_json):
         raise StorageError(f"{layout.uri} is not a prepared run folder (no run.json): call generate.prepare first")
+    # one process at a time in a run folder (<run>/_lease.json); inside an audit, the audit's lease
+    with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
+        return generate_all(cfg, run_name, layout)
+
+
+def generate_all(cfg: GenerateConfig, run_name: str, layout: RunLayout) -> dict:
+    """`run` under the run folder's lease."""
     plan = read_plan(cfg, layout)
     shards = plan.shards()
     log.info("run %s: %d shards in %d round(s)", layout.uri, len(shards), len(plan.rounds))

@@ -5,7 +5,8 @@
 The one stage that takes no run name: its folder `<index root>/<key>/` is keyed by content (the
 training-set listing, the embedder and the index settings), so every audit of checkpoints trained
 on the same data shares it. Its steps are units of memex/runner.py, like every stage's:
-  1. list the training set (memex/ingest.py) and hash it with the settings into the key;
+  1. list the training set (memex/ingest.py: with each file's size + ETag/mtime) and hash it with
+     the settings into the key (an image overwritten in place: a new key, a new index);
   2. write train.parquet (gid = row number, the global id every shard and every match uses);
   3. IVF-PQ only: `train_quantizer`, one unit: a coarse quantizer + PQ codebook trained on a fixed
      random sample of the whole training set, which every shard copies;
@@ -30,22 +31,38 @@ import pyarrow as pa
 from memex import runner
 from memex.config import AuditConfig, EmbedderConfig, IndexConfig, IndexKind, plain
 from memex.layout import DUPS_SCHEMA, QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, StorageError
+from memex.lease import hold
 from memex.membership import IndexInfo, fetch_train_rows, load_shards
 from memex.models import resolve_device
+from memex.redact import redact
 
 log = logging.getLogger("memex.index")
 # Part of every index key: folders written by an older layout are never resumed into, only rebuilt.
-LAYOUT_VERSION = 3
+# 4: quarantine files in quarantine/ (were shards/quarantine-*.parquet, beside the FAISS files)
+LAYOUT_VERSION = 4
 
 
 def index_key(listing: pa.Table, cfg: AuditConfig) -> str:
-    """Hash of what decides the index content: the listing (ids, bytes/uris), embedder, index
-    settings and how training images are fitted to the embedder's input (trainset.preprocess)."""
+    """Hash of what decides the index content: the listing (ids, uris, captions and each image's
+    content: a hash of its bytes, or its file's stamp, size + ETag or mtime, from the listing of
+    memex/ingest.py), embedder, index settings and how training images are fitted to the
+    embedder's input (trainset.preprocess).
+
+    An image overwritten in place changes the key, and the whole index is rebuilt in a new folder.
+    Reusing the shards whose rows did not change was weighed and left out, as neither simple nor
+    often useful: gids are row numbers of the sorted listing, so one added or removed file shifts
+    the range of every later shard; the IVF-PQ quantizer is trained on a sample of all shards, and
+    every shard copies it; near-duplicate counts (dups/) search all shards, so they are all redone
+    anyway; and it would need a way to find the earlier folder of the same settings. Only an
+    in-place overwrite in a flat index would gain (the unchanged shards' decode + embed)."""
     h = hashlib.sha256(f"layout {LAYOUT_VERSION}".encode())
     for col in ("id", "uri", "caption"):
         h.update(json.dumps(listing[col].to_pylist()).encode())
     for b in listing["image"].to_pylist():  # bytes hash: a changed image changes the key
         h.update(hashlib.sha256(b or b"").digest())
+    stamps = listing["stamp"]  # size + ETag/mtime of each uri's file: an overwritten file changes the key
+    if stamps.null_count < len(stamps):  # none (all images as bytes, hashed above): nothing to add
+        h.update(json.dumps(stamps.to_pylist()).encode())
     h.update(json.dumps({"embedder": plain(cfg.embedder), "index": plain(cfg.index),
                          "preprocess": cfg.trainset.preprocess.value}, sort_keys=True).encode())
     return h.hexdigest()[:16]
@@ -150,7 +167,7 @@ def run(cfg: AuditConfig) -> IndexInfo:
     """Build (or reuse) the index of cfg.trainset; returns where it is and its counts."""
     from memex.ingest import list_training_set
 
-    opts, r = cfg.storage.options, cfg.resources
+    opts = cfg.storage.options
     # 1. listing and key
     listing = list_training_set(cfg.trainset.path, opts, cfg.trainset.caption_column)
     key = index_key(listing, cfg)
@@ -161,6 +178,18 @@ def run(cfg: AuditConfig) -> IndexInfo:
         log.info("index %s is complete: reusing it", layout.uri)
         return IndexInfo.from_json(done)
     layout.store.check_writable("index folder", "index.root / storage.root and storage.options")
+    # one build at a time (<index>/_lease.json): another audit of the same data waits for it, then reuses it
+    with hold(layout.store, cfg.storage, f"index {layout.uri}", wait_s=None):
+        done = layout.store.read_json(layout.success_path)
+        if done is not None:
+            log.info("index %s was completed by another audit: reusing it", layout.uri)
+            return IndexInfo.from_json(done)
+        return build(cfg, listing, key, root, layout)
+
+
+def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: IndexLayout) -> IndexInfo:
+    """Steps 2-5 of `run`, under the index folder's lease."""
+    r = cfg.resources
 
     # 2. the training table with global ids (written once; a rerun finds it in place)
     plans = plan_index_shards(listing.num_rows, cfg.index.shards)
@@ -169,9 +198,9 @@ def run(cfg: AuditConfig) -> IndexInfo:
                           "image": listing["image"], "uri": listing["uri"], "caption": listing["caption"]},
                          schema=TRAIN_SCHEMA)
         layout.store.write_table(layout.train_path, train, row_group_size=max(64, cfg.index.decode_batch))
-        layout.store.write_json(layout.info_json, {"trainset": cfg.trainset.path, "embedder": plain(cfg.embedder),
-                                                   "index": plain(cfg.index), "shards": plans,
-                                                   "n_train": listing.num_rows})
+        layout.store.write_json(layout.info_json, redact({  # no credential in any output: memex/redact.py
+            "trainset": cfg.trainset.path, "embedder": plain(cfg.embedder), "index": plain(cfg.index),
+            "shards": plans, "n_train": listing.num_rows}))
 
     # 3. one shared quantizer (IVF-PQ), 4. the shards, 5. near-duplicate counts
     t0 = time.perf_counter()
@@ -191,6 +220,6 @@ def run(cfg: AuditConfig) -> IndexInfo:
                      n_indexed=sum(m["indexed"] for m in metas), n_quarantined=sum(m["quarantined"] for m in metas))
     if info.n_indexed == 0:
         raise StorageError(f"no training image of {cfg.trainset.path} could be read ({info.n_quarantined} quarantined, "
-                           f"reasons in {layout.uri}/shards/quarantine-*.parquet)")
+                           f"reasons in {layout.uri}/quarantine/)")
     layout.store.write_json(layout.success_path, info.to_json())
     return info

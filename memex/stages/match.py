@@ -18,9 +18,9 @@ skips matched shards. Units run in the driver through memex/runner.py `do_unit`;
      <= 0.15 (Stable Diffusion style), or relative l2 <= 0.9 (alpha = 0.5, n = 50; small
      unconditional models); the best (smallest) distance is the candidate's match, with the
      matched image's tile detail (low complexity below the threshold, memex/distances.py);
-then `keep_for_report` copies the matched training images into matches/train_images.parquet and
-`summarize` writes matches/summary.json, where a picture counts as extracted only with enough
-copying generations (`extracted_pictures`).
+then `keep_for_report` copies the matched training images into <run>/matched_train_images.parquet
+and `summarize` writes <run>/summary.json (outside matches/, which holds matches only), where a
+picture counts as extracted only with enough copying generations (`extracted_pictures`).
 Memory: one samples shard's candidates and their neighbours' pixels at a time.
 """
 
@@ -39,6 +39,7 @@ from memex.layout import MATCHED_TRAIN_SCHEMA, MATCHES_SCHEMA, RunLayout, Storag
 from memex.membership import IndexInfo, fetch_train_rows, load_shards, picture_rows, read_info, read_pictures
 from memex.models import resolve_device
 from memex.prompts import read_run_prompts
+from memex.redact import redact, redact_urls
 
 log = logging.getLogger("memex.match")
 REPORT_NEAR_MISSES = 200  # closest non-copies whose training images are kept for the report
@@ -180,7 +181,7 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
 def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict) -> None:
     """Every extracted match's training image, and the closest others up to REPORT_NEAR_MISSES
     (candidates=all verifies every sample: 50k CIFAR-sized generations would otherwise copy 50k
-    training images here), into matches/train_images.parquet."""
+    training images here), into <run>/matched_train_images.parquet."""
     rows = layout.matches.read(columns=["train_gid", "train_id", "distance", "extracted"]).to_pylist()
     by_distance = sorted(rows, key=lambda r: r["distance"])
     keep = ([r for r in by_distance if r["extracted"]]
@@ -234,7 +235,7 @@ def match_shard(shard: int, cfg: AuditConfig, layout: RunLayout, info: IndexInfo
 
 def claim_settings(cfg: AuditConfig, layout: RunLayout, info: IndexInfo) -> None:
     """The settings matches/ is written with (matches/_settings.json), or refuse others."""
-    layout.matches.claim({"match": plain(cfg.match), "index_key": info.key, "embedder": plain(cfg.embedder)},
+    layout.matches.claim(redact({"match": plain(cfg.match), "index_key": info.key, "embedder": plain(cfg.embedder)}),
                          f"run folder {layout.uri}")
 
 
@@ -250,14 +251,14 @@ def match_shards(cfg: AuditConfig, run_name: str) -> int:
     done = set(layout.matches.complete())
     todo = [k for k in layout.samples.complete() if k not in done]
     wanted = clique_members(layout) if cliques and todo else None
-    for k in todo:
-        runner.do_unit(layout.matches, k, match_shard, {"cfg": cfg, "layout": layout, "info": info, "wanted": wanted})
+    runner.run_here(layout.matches, {k: {} for k in todo}, match_shard, cfg=cfg, layout=layout, info=info,
+                    wanted=wanted)  # one progress line
     return len(todo)
 
 
 def run(cfg: AuditConfig, run_name: str) -> dict:
     """Match a generated (and, for candidates=cliques, filtered) run; returns the summary written
-    to matches/summary.json."""
+    to <run>/summary.json."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     if layout.matches.success() is not None:
         claim_settings(cfg, layout, read_info(layout))
@@ -269,7 +270,7 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     keep_for_report(layout, info, cfg.storage.options)
     summary = summarize(cfg, layout, info, matches)
     layout.store.write_json(layout.summary_path, summary)
-    layout.matches.mark_success({"summary": "summary.json", "extracted": summary["extracted_unique_train_images"]})
+    layout.matches.mark_success({"summary": "../summary.json", "extracted": summary["extracted_unique_train_images"]})
     return summary
 
 
@@ -278,7 +279,7 @@ def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str],
     it counts as extracted: >= match.min_generations of them, or for a low-complexity picture
     (train_detail below match.threshold) >= match.low_detail_min_generations (and min_generations),
     one in a flagged clique, or one closer to it than its own tile mosaic (distance < detail).
-    Rows of one picture count once."""
+    Rows of one picture count once (docs/method.md#3-extracted-pictures)."""
     out: dict[int, dict] = {}
     for row in ext.to_pylist():
         p = picture.get(row["train_gid"], row["train_gid"])
@@ -301,7 +302,7 @@ def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str],
 
 
 def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.Table) -> dict:
-    """matches/summary.json: the headline numbers (extracted pictures, UNet evaluations), the
+    """<run>/summary.json: the headline numbers (extracted pictures, UNet evaluations), the
     pictures, per-prompt results, config."""
     from memex.plan import SamplePlan
 
@@ -335,8 +336,8 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     samples = layout.samples.success()
     evals = samples.get("unet_evaluations", 0) + ((layout.triage.success() or {}).get("unet_evaluations", 0))
     return {
-        "run": layout.uri,
-        "model": {"name": cfg.model.name, "path": cfg.model.path},
+        "run": redact_urls(layout.uri),
+        "model": redact({"name": cfg.model.name, "path": cfg.model.path}),
         "samples": samples["rows"],
         "prompts": len(prompts),
         "prompts_sampled": sum(p["samples"] > 0 for p in per_prompt),
@@ -364,15 +365,15 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
                        "match_distance": cfg.match.distance.value, "match_threshold": cfg.match.threshold,
                        "match_k": cfg.match.k, "min_generations": cfg.match.min_generations,
                        "low_detail_min_generations": cfg.match.low_detail_min_generations},
-        "index": {"uri": info.layout(cfg.storage.options).uri, "key": info.key, "shards": len(info.shards),
+        "index": {"uri": redact_urls(info.layout(cfg.storage.options).uri), "key": info.key, "shards": len(info.shards),
                   "train_images": info.n_train, "indexed": info.n_indexed, "quarantined": info.n_quarantined},
         "per_prompt": per_prompt,
-        "config": plain(cfg),
+        "config": redact(plain(cfg)),  # no credential in any output: memex/redact.py
     }
 
 
 def read_summary(layout: RunLayout) -> dict:
-    s = layout.store.read_json(layout.summary_path)
+    s = layout.read_summary()
     if s is None:
-        raise StorageError(f"run {layout.uri} has no matches/summary.json: run `memex audit` to finish it")
+        raise StorageError(f"run {layout.uri} has no summary.json: run `memex audit` to finish it")
     return s

@@ -9,7 +9,8 @@
      when it extracts more than nightly.growth_margin over the previous step of its series;
   5. append its ledger row (memex/ledger.py), then rebuild the trend page;
   6. POST the night's result to nightly.webhook, if set.
-An audit that raises is recorded with outcome "error" (retried next night) and the others go on.
+An audit that raises is recorded with outcome "error" (retried next night) and the others go on; so
+is one whose tracker (tracker=mlflow|tensorboard|wandb, at the checkpoint's step) failed, its numbers kept.
 `nightly.action=plan` stops after 2 and returns one deterministic `ray job submit` id per pending
 checkpoint: memex-<checkpoint name>-<weights hash>-<config hash>-<night>.
 """
@@ -29,13 +30,16 @@ from memex.checkpoints import Checkpoint, discover, files_signature, weights_sha
 from memex.config import MEMEX_HOME, MemexError, NightlyAction, NightlyAuditConfig, plain, validate_nightly
 from memex.layout import RunLayout
 from memex.ledger import DONE, Ledger
+from memex.redact import redact, redact_text, redact_url
 from memex.storage import Store
+from memex.tracking import TrackerError, at_checkpoint
+from memex.tracking import check as check_tracker
 
 log = logging.getLogger("memex.nightly")
 # Settings that do not change an audit's result, left out of the config hash: which checkpoint
 # (it has its own hash), where things are written, how many machines, and the nightly gates.
-NOT_IN_CONFIG_HASH = ("run", "storage", "resources", "nightly")
-NOT_IN_CONFIG_HASH_MODEL = ("name", "path", "unet")
+NOT_IN_CONFIG_HASH = ("run", "storage", "resources", "nightly", "tracker")  # tracker: where the numbers are logged
+NOT_IN_CONFIG_HASH_MODEL = ("name", "path", "unet", "allow_pickle")  # allow_pickle: whether it loads, not what it finds
 
 
 class NightlyError(MemexError, RuntimeError):
@@ -85,7 +89,7 @@ class NightlyResult:
 def config_sha256(cfg: NightlyAuditConfig) -> str:
     """Hash of every setting that decides an audit's result (sampling, prompts, filter, trainset,
     embedder, index, match, model kind and revision)."""
-    c = plain(cfg)
+    c = redact(plain(cfg))  # a credential (a URL's user:password@) never changes a result: memex/redact.py
     for k in NOT_IN_CONFIG_HASH:
         c.pop(k, None)
     for k in NOT_IN_CONFIG_HASH_MODEL:
@@ -110,9 +114,12 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
     n = cfg.nightly
     found = discover(n.location, n.base_model, n.settle_minutes * 60)
     if n.only is not None:
-        found = [c for c in found if posixpath.normpath(c.location) == posixpath.normpath(n.only)]
+        # the plan prints locations redacted (memex/redact.py), so nightly.only may be one
+        found = [c for c in found if posixpath.normpath(c.location) == posixpath.normpath(n.only)
+                 or posixpath.normpath(redact_text(c.location)) == posixpath.normpath(n.only)]
         if not found:
-            raise NightlyError(f"nightly.only={n.only} is not a checkpoint under nightly.location={n.location}")
+            raise NightlyError(redact_text(f"nightly.only={n.only} is not a checkpoint under "
+                                           f"nightly.location={n.location}"))
     sha = config_sha256(cfg)
     ledger = Ledger(ledger_root(cfg), cfg.storage.options)
     rows = ledger.read().to_pylist()
@@ -120,7 +127,7 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
     pending = []
     for c in found:
         sig = files_signature(c)
-        weights = known.get((c.location, sig)) or weights_sha256(c, cache)
+        weights = known.get((redact_text(c.location), sig)) or weights_sha256(c, cache)  # rows are redacted
         if weights not in done:
             pending.append(Pending(c, weights, sig))
     return NightlyResult(sha, len(found), pending, ledger=ledger.uri)
@@ -154,24 +161,35 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
 
     c = p.ckpt
     acfg = replace(cfg, model=replace(cfg.model, name=c.name, path=c.base, unet=c.unet),
-                   run=replace(cfg.run, name=p.run_name(sha)))
+                   run=replace(cfg.run, name=p.run_name(sha)), tracker=at_checkpoint(cfg.tracker, c.step, c.series))
     layout = RunLayout(cfg.storage.root, p.run_name(sha), cfg.storage.options)
     row = {"location": c.location, "series": c.series, "step": c.step, "base": c.base if c.unet else "",
            "weights_sha256": p.weights, "files_signature": p.signature, "config_sha256": sha, "run": layout.uri,
            "report": layout.store.uri_of(layout.report_path),
            "started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0)}
-    log.info("auditing %s (step %s, weights %s)", c.location, c.step, p.weights[:12])
+    row = redact(row)  # no credential in the ledger, the payload or the printout: memex/redact.py
+    log.info("auditing %s (step %s, weights %s)", row["location"], c.step, p.weights[:12])
+    tracker_error = None
     try:
-        s = audit.run(acfg)
+        try:
+            s = audit.run(acfg)
+        except TrackerError as e:  # the audit finished and wrote its results; only the tracker failed
+            if e.summary is None:
+                raise
+            s, tracker_error = e.summary, e
     except Exception as e:  # noqa: BLE001 - recorded in the ledger and reported by the exit status
-        log.exception("audit of %s failed", c.location)
+        log.exception("audit of %s failed", row["location"])
         row.update(samples=0, extracted=0, extracted_generations=0, flagged_prompts=0, outcome="error",
-                   message=f"{type(e).__name__}: {e}")
+                   message=redact_text(f"{type(e).__name__}: {e}"))
     else:
         row.update(samples=s["samples"], extracted=s["extracted_unique_train_images"],
                    extracted_generations=s["extracted_generations"], flagged_prompts=s["prompts_flagged"])
-        prev = _previous(ledger.read().to_pylist(), c.series, c.step, sha)
+        prev = _previous(ledger.read().to_pylist(), row["series"], c.step, sha)
         row["outcome"], row["message"] = gate(row, prev, cfg.nightly.budget, cfg.nightly.growth_margin)
+        if tracker_error is not None:  # an error (retried next night: the audit resumes, the tracker is redone)
+            log.error("audit of %s: %s", row["location"], tracker_error)
+            gated = f"{row['outcome']}: {row['message']}" if row["message"] else row["outcome"]
+            row["outcome"], row["message"] = "error", redact_text(f"{tracker_error} (the gate said {gated})")
     row["finished"] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     ledger.append(row)
     return row
@@ -202,26 +220,29 @@ def post_webhook(url: str, payload: dict, timeout: float) -> None:
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             if resp.status >= 300:
-                raise NightlyError(f"nightly.webhook={url} answered HTTP {resp.status}")
+                raise NightlyError(f"nightly.webhook={redact_url(url, strict=True)} answered HTTP {resp.status}")
     except (urllib.error.URLError, OSError) as e:
-        raise NightlyError(f"nightly.webhook={url} could not be reached ({e}); the ledger and reports are written, "
+        raise NightlyError(f"nightly.webhook={redact_url(url, strict=True)} could not be reached "
+                           f"({redact_text(str(e))}); the ledger and reports are written, "
                            "only the announcement failed: check the URL") from e
 
 
 def payload(res: NightlyResult) -> dict:
-    return {"event": "memex.nightly", "status": res.status, "config_sha256": res.config_sha256,
-            "checkpoints_found": res.checkpoints, "audited": res.rows, "ledger": res.ledger, "trend": res.trend,
-            "alarms": [f"{r['location']}: {r['message']}" for r in res.alarms],
-            "errors": [f"{r['location']}: {r['message']}" for r in res.errors]}
+    return redact({"event": "memex.nightly", "status": res.status, "config_sha256": res.config_sha256,
+                   "checkpoints_found": res.checkpoints, "audited": res.rows, "ledger": res.ledger,
+                   "trend": res.trend, "alarms": [f"{r['location']}: {r['message']}" for r in res.alarms],
+                   "errors": [f"{r['location']}: {r['message']}" for r in res.errors]})
 
 
 def run(cfg: NightlyAuditConfig) -> NightlyResult:
+    if cfg.nightly.action == NightlyAction.run:
+        check_tracker(cfg.tracker)  # its package, before any weights are hashed
     res = plan(cfg)
     if cfg.nightly.action == NightlyAction.plan:
         return res
     ledger = Ledger(ledger_root(cfg), cfg.storage.options)
-    log.info("%d checkpoints under %s, %d not yet audited with config %s", res.checkpoints, cfg.nightly.location,
-             len(res.pending), res.config_sha256[:12])
+    log.info("%d checkpoints under %s, %d not yet audited with config %s", res.checkpoints,
+             redact_text(cfg.nightly.location), len(res.pending), res.config_sha256[:12])
     for p in res.pending:
         res.rows.append(audit_one(cfg, p, res.config_sha256, ledger))
         res.trend = write_trend(cfg, ledger)  # after every audit: a crash later still leaves it current
@@ -245,4 +266,4 @@ def format_result(res: NightlyResult) -> str:
                      + (f"  -- {r['message']}" if r["message"] else ""))
     lines.append(f"  ledger: {res.ledger}")
     lines.append(f"  trend: {res.trend}")
-    return "\n".join(lines)
+    return redact_text("\n".join(lines))

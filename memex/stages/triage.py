@@ -3,7 +3,7 @@
     run(cfg, run_name) -> summary   triage/ of a prepared run: one row per prompt of prompts.parquet
 
 Wen et al. ("Detecting, Explaining, and Mitigating Memorization in Diffusion Models", ICLR 2024;
-METHOD.md section 2): a memorized prompt pulls the noise prediction far from the unconditional
+docs/method.md#2-triage): a memorized prompt pulls the noise prediction far from the unconditional
 one, so ||eps(x_t, prompt) - eps(x_t, "")|| over the first step(s) ranks memorized prompts first
 (published: AUC 0.96 from one step on Stable Diffusion). memex averages it over `triage.seeds`
 starting noises, which are samples 0..seeds-1 of the prompt (the same seeds generation uses), and

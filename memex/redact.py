@@ -1,0 +1,241 @@
+"""Credentials never leave memex: what every output, log line and printout gets instead of the config.
+
+The config memex runs with holds credentials (storage.options.key/secret/token for s3fs, gcsfs,
+adlfs; a webhook URL that is itself a capability; a URL with user:password@). The stages pass the
+real values to fsspec, and only outputs are redacted: <run>/summary.json, matches/_settings.json,
+run.json, the index's info.json, the report, a trained model's memex_train.json, the nightly ledger
+rows, the webhook payload, the console and log lines.
+
+The rule (`redact(obj)` on nested dicts, lists and strings):
+
+  1. A dict key is a *secret name* when, split into lower-case words at `_ - . ` and camelCase
+     boundaries (`aws_secret_access_key` -> aws secret access key, `AccountKey` -> account key):
+       * one word is `secret` (client_secret, aws_secret_access_key, secret_key);
+       * or the last word is password, passwd, passphrase, pwd, token, credential(s), creds,
+         apikey, accesskey, secretkey, privatekey, auth, authorization, cookie(s)
+         (session_token, sas_token, db_password, Authorization; NOT tokenizer, max_tokens, token_count);
+       * or the last word is `key` (or `key id`: aws_access_key_id) and it is the whole name
+         (`key`: s3fs's access key id) or follows one of: access, secret, api, account, private, client,
+         master, encryption, signing, session, sse, customer, storage, shared, subscription, service,
+         app, auth, license (api_key, x-api-key, account_key, sse_customer_key; NOT index_key, hash_key,
+         sort_key, prompt_id, keep, dup_k);
+       * or it is a connection string (connection_string, conn_str: Azure's carry AccountKey=).
+     Its value becomes "***" (a dict or list as a whole), except None, True/False and "" (they hold
+     nothing, and `token: null` stays readable).
+  2. A key with the word `webhook` (nightly.webhook) holds a capability URL: anyone who has it can
+     post. Its value is cut to scheme://host/*** (the host says where the alarms go).
+  3. Every other string has each URL in it redacted (`redact_url`):
+       * user info: https://user:pass@host and https://<token>@host -> https://***@host (the user part
+         alone is masked too: tokens are passed as the user name, e.g. GitHub's and Sentry's);
+       * query and fragment parameters with a secret name (rule 1) or named sig, signature, code,
+         hmac: ?token=, ?key=, ?sig= (Azure SAS), X-Amz-Signature / X-Amz-Credential /
+         X-Amz-Security-Token (S3 presigned), X-Goog-Signature, ?code= (Azure Functions),
+         #access_token= -> name=*** (other parameters, e.g. Azure's sv/se/sp, stay);
+       * the path of known webhook services, where the secret is the path: hooks.slack.com/services/***,
+         discord(app).com/api/webhooks/***, *.webhook.office.com/<kind>/***.
+  Numbers, enums as values, paths without a scheme and the non-secret names above are never touched:
+  redacting a setting that is not secret hides what a run did, which is a bug too.
+
+`redact_text` is for free text (error messages, log lines, printouts): rule 3, plus `name=value`,
+`name: value` and `'name': 'value'` with a secret name (rule 1) -> name=*** (storage.options.secret=...,
+a dict's repr in an exception).
+
+Why a constant "***" and not a fingerprint: settings written to a folder (run.json, _settings.json)
+are compared with a rerun's, and credentials never change a result, so a rotated key must still
+resume the same run; a fingerprint would refuse it, and would tell a reader whether two runs used
+the same (possibly low-entropy, brute-forceable) secret. The same holds for the hashes memex names
+run folders and nightly configs by: they are taken over the redacted settings, so a config without
+credentials hashes exactly as before. redact(redact(x)) == redact(x).
+
+Not covered (Hydra's, Ray's and the shell's outputs, not memex's): `--cfg job` prints the config as
+typed, `-m` (multirun) saves Hydra's multirun.yaml with the raw overrides, Hydra's own override parse
+errors quote the override, `ray job submit` keeps the entrypoint's arguments, and a command line is
+visible in `ps` and shell history. (conf/memex_hydra.yaml sets hydra.output_subdir=null, so a normal
+run writes no .hydra/config.yaml.) Pass credentials through the environment (AWS_ACCESS_KEY_ID, ...,
+the provider's credential chain) where those matter. Data is not config: training image URIs in the
+index's train.parquet and prompt texts are stored as given.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+MASK = "***"
+
+_SECRET_LAST = frozenset({"password", "passwd", "passphrase", "pwd", "token", "credential", "credentials", "creds",
+                          "apikey", "accesskey", "secretkey", "privatekey", "auth", "authorization", "cookie",
+                          "cookies"})
+_KEY_QUALIFIERS = frozenset({"access", "secret", "api", "account", "private", "client", "master", "encryption",
+                             "signing", "session", "sse", "customer", "storage", "shared", "subscription", "service",
+                             "app", "auth", "license"})
+_CONNECTION_STRINGS = frozenset({("connection", "string"), ("conn", "str"), ("connectionstring",)})
+_URL_PARAMS = frozenset({"sig", "signature", "code", "hmac"})  # secret as URL parameters only
+# host (exact, or a suffix when it starts with ".") -> path segments kept before the secret part
+_HOOK_HOSTS = {"hooks.slack.com": 1, "discord.com": 2, "discordapp.com": 2, "ptb.discord.com": 2,
+               "canary.discord.com": 2, ".webhook.office.com": 1, "outlook.office.com": 1,
+               "outlook.office365.com": 1}
+
+_WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z]|\d|\b|_|$)|[A-Z]?[a-z]+|[A-Z]+|\d+")
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
+_ASSIGN = re.compile(r"""(?<![\w.\-/])(?P<name>[A-Za-z_][\w.\-]*)(?P<q>['"]?)(?P<sep>\s*[=:]\s*)"""
+                     r"""(?:'(?P<sq>[^']*)'|"(?P<dq>[^"]*)"|(?P<bare>[^\s'",;}&)\]]+))""")
+
+
+def words(name: str) -> list[str]:
+    """`aws_secret_access_key` -> [aws, secret, access, key]; `AccountKey` -> [account, key]."""
+    return [w.lower() for part in re.split(r"[^A-Za-z0-9]+", name) for w in _WORDS.findall(part)]
+
+
+def is_secret_name(name: str) -> bool:
+    """Rule 1 of the module doc: does a key (or URL parameter) with this name hold a credential?"""
+    w = words(name)
+    if not w:
+        return False
+    if "secret" in w or w[-1] in _SECRET_LAST or {tuple(w[-2:]), (w[-1],)} & _CONNECTION_STRINGS:
+        return True
+    i = len(w) - 2 if len(w) >= 2 and w[-1] == "id" and w[-2] == "key" else len(w) - 1
+    return w[i] == "key" and (i == 0 or w[i - 1] in _KEY_QUALIFIERS)
+
+
+def _secret_param(name: str) -> bool:
+    name = unquote(name)
+    return is_secret_name(name) or (bool(words(name)) and words(name)[-1] in _URL_PARAMS)
+
+
+def _params(part: str) -> str:
+    """a=1&token=x -> a=1&token=***; a part without '=' (a plain #anchor) is kept."""
+    if "=" not in part:
+        return part
+    out = []
+    for item in part.split("&"):
+        name, eq, value = item.partition("=")
+        out.append(f"{name}={MASK}" if eq and value and _secret_param(name) else item)
+    return "&".join(out)
+
+
+def _hook_segments(host: str) -> int | None:
+    host = host.lower()
+    for h, keep in _HOOK_HOSTS.items():
+        if host == h or (h.startswith(".") and host.endswith(h)):
+            return keep
+    return None
+
+
+def _valid_port(p) -> bool:
+    try:
+        p.port
+    except ValueError:
+        return False
+    return True
+
+
+def redact_url(url: str, strict: bool = False) -> str:
+    """One URL with its credentials masked (rule 3); `strict` (a webhook): only scheme://host/*** is kept."""
+    try:
+        p = urlsplit(url)
+    except ValueError:  # not a URL after all (e.g. an unbalanced IPv6 bracket)
+        return url
+    netloc = p.netloc
+    if "@" not in netloc and "@" in url and not _valid_port(p):  # a raw "/" in the password: u:pa/ss@host
+        at = url.find("@", len(p.scheme) + 3)
+        return redact_url(f"{p.scheme}://{MASK}@{url[at + 1:]}", strict)
+    if "@" in netloc:
+        netloc = MASK + "@" + netloc.rsplit("@", 1)[1]
+    if strict:
+        return urlunsplit((p.scheme, netloc, "/" + MASK if p.path.strip("/") or p.query or p.fragment else p.path,
+                           "", ""))
+    path = p.path
+    keep = _hook_segments(p.hostname or "")
+    if keep is not None:
+        segs = path.lstrip("/").split("/")
+        if len(segs) > keep and any(segs[keep:]):
+            path = "/" + "/".join([*segs[:keep], MASK])
+    return urlunsplit((p.scheme, netloc, path, _params(p.query), _params(p.fragment)))
+
+
+def redact_urls(text: str) -> str:
+    """Every URL in `text` through `redact_url`; the rest of the text unchanged."""
+    return _URL.sub(lambda m: redact_url(m.group(0)), text) if "://" in text else text
+
+
+def _assignments(text: str) -> str:
+    """`name=value`, `name: value`, `'name': 'value'` with a secret name -> the value masked."""
+    out, pos = [], 0
+    while (m := _ASSIGN.search(text, pos)) is not None:
+        if not is_secret_name(m.group("name")):  # go on right after the name: `Error: token=x` has one
+            out.append(text[pos:m.end("name")])
+            pos = m.end("name")
+            continue
+        head = text[pos:m.start()] + m.group("name") + m.group("q") + m.group("sep")
+        quote = "'" if m.group("sq") is not None else '"' if m.group("dq") is not None else ""
+        out.append(f"{head}{quote}{MASK}{quote}")
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def redact_text(text: str) -> str:
+    """Free text (a message, a log line): URLs (rule 3) and secret-named assignments masked."""
+    if not isinstance(text, str):
+        text = str(text)
+    pieces, last = [], 0
+    for m in _URL.finditer(text):  # assignments outside URLs; a URL's own parameters are rule 3's
+        pieces += [_assignments(text[last:m.start()]), redact_url(m.group(0))]
+        last = m.end()
+    pieces.append(_assignments(text[last:]))
+    return "".join(pieces)
+
+
+def _mask(value: Any) -> Any:
+    return value if value is None or isinstance(value, bool) or value == "" else MASK
+
+
+def redact(obj: Any) -> Any:
+    """A copy of JSON-like `obj` (dicts, lists, tuples, strings, scalars) with every credential masked
+    by the rules of the module doc; anything else is returned as it is. Never changes `obj`."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            name = str(k)
+            if is_secret_name(name):
+                out[k] = _mask(v)
+            elif "webhook" in words(name) and isinstance(v, str) and "://" in v:
+                out[k] = redact_url(v, strict=True)
+            else:
+                out[k] = redact(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, str):
+        return redact_urls(obj)
+    return obj
+
+
+_INSTALLED = "_memex_redacts"
+
+
+def install_log_redaction() -> None:
+    """Redact every log record of this process as it is made (message, arguments and traceback),
+    whatever handlers Hydra or Ray configure later. Idempotent."""
+    old = logging.getLogRecordFactory()
+    if getattr(old, _INSTALLED, False):
+        return
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = old(*args, **kwargs)
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string is logging's to report, not ours
+            return record
+        clean = redact_text(msg)
+        if clean != msg:
+            record.msg, record.args = clean, ()
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    setattr(factory, _INSTALLED, True)
+    logging.setLogRecordFactory(factory)

@@ -1,0 +1,327 @@
+"""An audit's headline numbers in the experiment tracker of the training run (tracker=mlflow|tensorboard|wandb).
+
+`memex audit` calls `log_audit` after the report is written; `memex nightly` audits each checkpoint
+with tracker.step set to its training step, so the numbers line up with the training's loss curves:
+
+  what                         mlflow                          tensorboard                 wandb
+  metrics (METRICS, memex/*)   log_batch at step               add_scalar at global_step   log against memex/step
+  settings (`params`, redact)  params memex.<key>              text memex/config           config["memex"]
+  report folder, summary.json  artifacts memex/<label>/        text memex/report: its URI  run files memex/<label>/
+                                                               (TensorBoard has no
+                                                               artifact store)
+  which run                    tracker.run_id (the training's  tracker.log_dir (the        offline: a new local run
+                               run), else the run named        training's log dir)         (id tracker.run_id, if
+                               run_name in the experiment                                  set), `wandb sync` uploads
+
+The tracker packages are optional extras, imported here only, inside their kind's branch; `check`
+(called before any audit work) names the extra to install. Every setting logged goes through
+`memex.redact.redact`, and messages through `redact_text`. A tracker that fails raises
+`TrackerError` carrying the summary: the audit's results are already written in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Iterator
+
+from memex.config import AuditConfig, ConfigError, MemexError, TrackerConfig, TrackerKind, WandbMode, plain
+from memex.redact import redact, redact_text
+
+log = logging.getLogger("memex.tracking")
+
+# metric name -> how to read it from <run>/summary.json (memex/stages/match.py `summarize`); a key an
+# older summary lacks, or a None (no extracted image: no evaluations per image), is not logged
+METRICS: dict[str, Any] = {
+    "extracted_images": lambda s: s.get("extracted_unique_train_images"),  # the headline: extracted pictures
+    "extracted_generations": lambda s: s.get("extracted_generations"),
+    "prompts_flagged": lambda s: s.get("prompts_flagged"),
+    "unet_evaluations": lambda s: s.get("unet_evaluations"),
+    "unet_evaluations_per_extracted_image": lambda s: s.get("unet_evaluations_per_extracted_image"),
+    "unet_evaluations_triage": lambda s: s.get("unet_evaluations_triage"),
+    "samples": lambda s: s.get("samples"),
+    "prompts": lambda s: s.get("prompts"),
+    "prompts_sampled": lambda s: s.get("prompts_sampled"),
+    "candidates_verified": lambda s: s.get("candidates_verified"),
+    # what recall depends on: prompts whose clique search ran out of budget, pictures within the
+    # threshold but not counted (low complexity, too few copies), training images never indexed
+    "prompts_undecided": lambda s: s.get("prompts_undecided"),
+    "uncounted_pictures": lambda s: len(s["uncounted_pictures"]) if "uncounted_pictures" in s else None,
+    "uncounted_low_complexity_pictures": lambda s: (sum(bool(p.get("low_complexity")) for p in s["uncounted_pictures"])
+                                                    if "uncounted_pictures" in s else None),
+    "train_images_indexed": lambda s: (s.get("index") or {}).get("indexed"),
+    "train_images_quarantined": lambda s: (s.get("index") or {}).get("quarantined"),
+}
+PREFIX = "memex/"
+# settings that change per checkpoint or say where things go: not params (an MLflow param cannot change
+# once logged, and nightly logs every checkpoint of a training run into one run); summary.json has them all
+NOT_PARAMS = ("run", "storage", "resources", "nightly", "tracker")
+NOT_PARAMS_MODEL = ("name", "path", "unet", "allow_pickle", "revision")
+EXTRA = {TrackerKind.mlflow: "mlflow", TrackerKind.tensorboard: "tensorboard", TrackerKind.wandb: "wandb"}
+FIX = {
+    TrackerKind.mlflow: "check tracker.tracking_uri (or $MLFLOW_TRACKING_URI), tracker.experiment and tracker.run_id",
+    TrackerKind.tensorboard: "check that tracker.log_dir is a folder this machine can write",
+    TrackerKind.wandb: "check tracker.dir (writable), tracker.project and tracker.run_id; tracker.mode=online needs "
+                       "WANDB_API_KEY and the network",
+}
+
+
+class TrackerError(MemexError, RuntimeError):
+    """The audit finished and wrote its results, but the tracker could not log them."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary
+
+
+def metrics(summary: dict) -> dict[str, float]:
+    """memex/<name> -> value of every headline number the summary has."""
+    out = {}
+    for name, read in METRICS.items():
+        v = read(summary)
+        if v is not None:
+            out[PREFIX + name] = float(v)
+    return out
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = obj if isinstance(obj, str) else json.dumps(obj)
+    return out
+
+
+def params(cfg: AuditConfig) -> dict[str, str]:
+    """The settings that decide the audit's result, flattened (`sampling.seed` -> "0"), credentials
+    masked (memex/redact.py): the same for every checkpoint audited with one config."""
+    c = redact(plain(cfg))
+    for k in NOT_PARAMS:
+        c.pop(k, None)
+    for k in NOT_PARAMS_MODEL:
+        c.get("model", {}).pop(k, None)
+    return _flatten(c, "", {})
+
+
+def at_checkpoint(t: TrackerConfig, step: int | None, series: str) -> TrackerConfig:
+    """memex nightly: tracker.step is the checkpoint's training step, and an mlflow or wandb run is
+    named after the training run (its series folder) unless tracker.run_name says otherwise."""
+    if t.kind == TrackerKind.none:
+        return t
+    named = t.kind in (TrackerKind.mlflow, TrackerKind.wandb)
+    return replace(t, step=step, run_name=t.run_name or (posixpath.basename(series.rstrip("/")) if named else None))
+
+
+def check(t: TrackerConfig) -> None:
+    """The tracker's package is installed: before any audit work, naming the pip extra. Raises ConfigError."""
+    if t.kind == TrackerKind.none:
+        return
+    try:
+        if t.kind == TrackerKind.mlflow:
+            import mlflow  # noqa: F401
+        elif t.kind == TrackerKind.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - needs the tensorboard package
+        elif t.kind == TrackerKind.wandb:
+            import wandb  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(_missing(t.kind, e)) from e
+
+
+def _missing(kind: TrackerKind, e: Exception) -> str:
+    return (f"tracker={kind.value} needs its package: pip install 'memex[{EXTRA[kind]}]' "
+            f"({type(e).__name__}: {e}); or set tracker=none")
+
+
+@contextmanager
+def _local_report(report_uri: str, storage_options: dict) -> Iterator[str | None]:
+    """The report folder on local disk (copied from object storage into a temporary folder); None
+    when the run has no report."""
+    import fsspec
+
+    folder = posixpath.dirname(report_uri)
+    fs, path = fsspec.core.url_to_fs(folder, **storage_options)
+    if not fs.exists(path):
+        yield None
+        return
+    if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="memex-report-") as tmp:
+        fs.get(path.rstrip("/") + "/", tmp + "/report/", recursive=True)
+        yield os.path.join(tmp, "report")
+
+
+def log_audit(cfg: AuditConfig, summary: dict, report_uri: str | None, run_name: str) -> str | None:
+    """Log the audit's headline numbers, settings and report to cfg.tracker at tracker.step; returns
+    where they went (one line, also put in summary["tracker"]), None for tracker=none. Raises
+    TrackerError (carrying `summary`) when the tracker fails; the run folder is complete by then."""
+    t = cfg.tracker
+    if t.kind == TrackerKind.none:
+        return None
+    step = t.step if t.step is not None else 0
+    label = posixpath.join(f"step-{t.step}" if t.step is not None else "", run_name)
+    name = t.run_name or run_name
+    values, settings = metrics(summary), params(cfg)
+    try:
+        check(t)
+        with _local_report(report_uri, cfg.storage.options) if report_uri else _none() as report_dir:
+            if t.kind == TrackerKind.mlflow:
+                where = _mlflow(t, values, settings, summary, report_dir, report_uri, step, label, name)
+            elif t.kind == TrackerKind.tensorboard:
+                where = _tensorboard(t, values, settings, summary, report_uri, step)
+            elif t.kind == TrackerKind.wandb:
+                where = _wandb(t, values, settings, summary, report_dir, report_uri, t.step, label, name)
+            else:  # pragma: no cover - the enum has no other member
+                raise ConfigError(f"tracker.kind={t.kind!r} is not a tracker")
+    except Exception as e:  # noqa: BLE001 - any failure of the tracker: the audit's results are written
+        what = f"{type(e).__name__}: {e}" if not isinstance(e, ConfigError) else str(e)
+        done = f"report {report_uri}" if report_uri else f"run folder {summary.get('run')}"
+        raise TrackerError(redact_text(
+            f"tracker={t.kind.value} could not log the audit ({what}); {FIX[t.kind]}. The audit itself finished "
+            f"and its results are written ({done}): run the same command again to log them (nothing is "
+            "recomputed)"), summary) from e
+    where = redact_text(where)
+    summary["tracker"] = where
+    log.info("tracker=%s: %d numbers at step %d -> %s", t.kind.value, len(values), step, where)
+    return where
+
+
+@contextmanager
+def _none() -> Iterator[None]:
+    yield None
+
+
+def _report_text(summary: dict, report_uri: str | None, step: int | None) -> str:
+    """Markdown: what the audit found and where its report is."""
+    model = (summary.get("model") or {}).get("name", "?")
+    at = f" at step {step}" if step is not None else ""
+    lines = [f"**memex audit** of {model}{at}: {summary.get('extracted_unique_train_images', '?')} training images "
+             f"extracted, {summary.get('prompts_flagged', '?')} prompts flagged, "
+             f"{summary.get('unet_evaluations', '?')} UNet evaluations.", ""]
+    if report_uri:
+        lines.append(f"Report: `{report_uri}`")
+    lines.append(f"Run folder: `{summary.get('run', '?')}`")
+    return redact_text("\n".join(lines))
+
+
+# ---- mlflow ---------------------------------------------------------------------------------------
+def _mlflow(t: TrackerConfig, values: dict, settings: dict, summary: dict, report_dir: str | None,
+            report_uri: str | None, step: int, label: str, name: str) -> str:
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=t.tracking_uri)  # None: $MLFLOW_TRACKING_URI, else MLflow's default
+    created = False
+    if t.run_id:
+        run = client.get_run(t.run_id)  # the training's run: logged into, its status left as it is
+    else:
+        exp = _mlflow_experiment(client, t.experiment)
+        quoted = f'"{name}"' if "'" in name else f"'{name}'"
+        found = client.search_runs([exp], filter_string=f"attributes.run_name = {quoted}", max_results=1,
+                                   order_by=["attributes.start_time DESC"])
+        created = not found
+        run = found[0] if found else client.create_run(exp, run_name=name, tags={"memex.created_by": "memex"})
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    have = run.data.params
+    changed = sorted(k for k, v in settings.items() if "memex." + k in have and have["memex." + k] != v[:500])
+    if changed:  # an MLflow param cannot change: the run keeps its first values; summary.json has this audit's
+        log.warning("tracker=mlflow: run %s already has other values for %s; kept (this audit's settings are in its "
+                    "summary.json artifact)", rid, ", ".join("memex." + k for k in changed[:5]))
+    new = [Param("memex." + k, v[:500]) for k, v in sorted(settings.items()) if "memex." + k not in have]
+    tags = [RunTag("memex.run_folder", str(summary.get("run", ""))), RunTag("memex.step", str(step))]
+    if report_uri:
+        tags.append(RunTag("memex.report", report_uri))
+    client.log_batch(rid, metrics=[Metric(k, v, now, step) for k, v in values.items()], params=new[:100], tags=tags)
+    for i in range(100, len(new), 100):  # log_batch takes 100 params at a time
+        client.log_batch(rid, params=new[i:i + 100])
+    artifacts = posixpath.join("memex", label)
+    if report_dir is not None:
+        client.log_artifacts(rid, report_dir, artifact_path=posixpath.join(artifacts, "report"))
+    client.log_dict(rid, summary, posixpath.join(artifacts, "summary.json"))
+    if created:
+        client.set_terminated(rid)
+    return f"mlflow run {rid} (experiment {run.info.experiment_id}, artifacts {artifacts}/) at {client.tracking_uri}"
+
+
+def _mlflow_experiment(client, name: str | None) -> str:
+    """tracker.experiment's id (created when new); None: $MLFLOW_EXPERIMENT_ID / _NAME, else Default."""
+    from mlflow.exceptions import MlflowException
+
+    if name is None:
+        if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            return os.environ["MLFLOW_EXPERIMENT_ID"]
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        if not name:
+            return client.get_experiment_by_name("Default").experiment_id
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:  # another audit created it meanwhile
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage != "active":
+        raise ConfigError(f"tracker.experiment={name} is deleted in MLflow: restore it or name another")
+    return exp.experiment_id
+
+
+# ---- tensorboard ----------------------------------------------------------------------------------
+def _tensorboard(t: TrackerConfig, values: dict, settings: dict, summary: dict, report_uri: str | None,
+                 step: int) -> str:
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(log_dir=t.log_dir)  # a new event file beside the training's: TensorBoard reads them all
+    try:
+        for k, v in values.items():
+            w.add_scalar(k, v, global_step=step)
+        text = _report_text(summary, report_uri, t.step)
+        w.add_text(PREFIX + "report", text + "\n\n(TensorBoard has no artifact store: the report stays in the "
+                   "memex run folder.)", global_step=step)
+        w.add_text(PREFIX + "config", "| setting | value |\n|---|---|\n" + "\n".join(
+            f"| {k} | {v.replace('|', '/')} |" for k, v in sorted(settings.items())), global_step=step)
+        w.flush()
+    finally:
+        w.close()
+    return f"tensorboard {w.get_logdir()} (step {step})"
+
+
+# ---- wandb ----------------------------------------------------------------------------------------
+def _wandb(t: TrackerConfig, values: dict, settings: dict, summary: dict, report_dir: str | None,
+           report_uri: str | None, step: int | None, label: str, name: str) -> str:
+    import wandb
+
+    online = t.mode == WandbMode.online
+    if t.dir:
+        os.makedirs(t.dir, exist_ok=True)
+    run = wandb.init(project=t.project or os.environ.get("WANDB_PROJECT") or "memex", entity=t.entity, id=t.run_id,
+                     name=name, dir=t.dir, mode=t.mode.value, job_type="memex-audit",
+                     resume="allow" if online and t.run_id else None,  # offline runs cannot resume (wandb)
+                     config={"memex": settings}, allow_val_change=True,
+                     settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False))
+    try:
+        run.define_metric(PREFIX + "step")
+        run.define_metric(PREFIX + "*", step_metric=PREFIX + "step")  # beside the training's own step, not _step
+        run.log({**values, **({PREFIX + "step": step} if step is not None else {})})
+        files = os.path.join(run.dir, "memex", *label.split("/"))
+        if report_dir is not None:
+            shutil.copytree(report_dir, os.path.join(files, "report"), dirs_exist_ok=True)
+        os.makedirs(files, exist_ok=True)
+        with open(os.path.join(files, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+        run.save(os.path.join(files, "**", "*"), base_path=run.dir, policy="now")
+        run.summary[PREFIX + "report"] = report_uri or ""
+        where = f"wandb run {run.id} ({t.mode.value}) in {os.path.dirname(run.dir)}"
+    finally:
+        run.finish()
+        wandb.teardown()  # waits for wandb's service process: the offline run's files are complete when this returns
+    return where + (": upload with `wandb sync` of that folder" if not online else "")

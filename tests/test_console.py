@@ -1,0 +1,112 @@
+"""memex/console.py: a quiet console (one line per stage, memex's warnings, the result) and a log
+file with everything else, copied into the run folder at the end (issue 14). No Ray here."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+
+from memex import cli, console
+from memex.config import ConfigError
+from memex.storage import Store
+
+
+@pytest.fixture
+def log_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMEX_LOG_DIR", str(tmp_path / "local-logs"))
+    monkeypatch.setattr(console, "VERBOSE", False)
+    monkeypatch.delenv("MEMEX_VERBOSE", raising=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    with warnings.catch_warnings():  # a warning an earlier test raised at the same line is shown again
+        warnings.simplefilter("always")
+        yield tmp_path / "local-logs"
+    console.finish(keep=False)  # leave the root logger as it was for the other tests
+    logging.captureWarnings(False)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_quiet_console_shows_stage_lines_and_memex_warnings_and_the_file_gets_everything(log_dir, tmp_path, capsys):
+    path = console.setup("audit")
+    assert path.parent == log_dir
+    p = console.Progress("generate", 6, done_before=2)
+    p.update(6)
+    p.close()
+    logging.getLogger("memex.audit").info("round 0: 24 prompts")  # memex's info: the file only
+    logging.getLogger("memex.lease").warning("run folder is in use: waiting")
+    logging.getLogger("ray.data").warning("Progress bars disabled")  # not memex's: the file only
+    logging.getLogger("faiss.loader").info("Loading faiss with AVX512 support.")
+    warnings.warn("`CLIPImageProcessor` requires torchvision", UserWarning, stacklevel=1)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "generate: 6 units to run (2 complete from an earlier run)"
+    assert err[1].startswith("generate: 6 units done in ") and err[1].endswith("s")
+    assert err[2:] == ["memex: warning: run folder is in use: waiting"]
+
+    store = Store(str(tmp_path / "run"))
+    where = console.finish(store)
+    assert where.startswith(str(tmp_path / "run" / "logs" / "audit-")) and where.endswith(".log")
+    text = open(where).read()
+    for line in ("round 0: 24 prompts", "Progress bars disabled", "Loading faiss with AVX512",
+                 "`CLIPImageProcessor` requires torchvision", "generate: 6 units done in"):
+        assert line in text
+    assert not path.exists()  # moved into the run folder
+    logging.getLogger("memex.audit").info("after the end")
+    assert "after the end" not in open(where).read()
+
+
+def test_verbose_console_shows_everything(log_dir, capsys, monkeypatch):
+    monkeypatch.setattr(console, "VERBOSE", True)
+    console.setup("generate")
+    logging.getLogger("ray.data").info("Starting execution of Dataset")
+    logging.getLogger("memex.generate").info("run r: 6 shards")
+    err = capsys.readouterr().err
+    assert "Starting execution of Dataset" in err and "run r: 6 shards" in err
+
+
+def test_the_log_stays_local_without_a_folder_and_is_dropped_when_nothing_ran(log_dir):
+    path = console.setup("generate")
+    assert console.finish() == str(path) and path.exists()
+    path = console.setup("generate")
+    console.note_folder(Store(str(log_dir.parent / "run")))  # a stage started in this folder
+    assert console.finish().startswith(str(log_dir.parent / "run" / "logs" / "generate-"))
+    path = console.setup("generate")
+    assert console.finish(keep=False) is None and not path.exists()
+
+
+def test_cli_prints_the_log_location_after_the_result(log_dir, tmp_path, capsys):
+    run = Store(str(tmp_path / "runs" / "r1"))
+
+    def _audit(cfg):
+        logging.getLogger("ray").info("Started a local Ray instance.")
+        print("memex audit: 3 unique training images extracted")
+        return run
+
+    cli._report_errors(_audit)(None)
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["memex audit: 3 unique training images extracted"]
+    (line,) = err.splitlines()
+    assert line.startswith(f"memex: log: {tmp_path}/runs/r1/logs/audit-") and line.endswith(".log")
+    assert "Started a local Ray instance." in open(line.split("memex: log: ")[1]).read()
+
+
+def test_cli_config_error_is_one_line_and_leaves_no_log(log_dir, capsys):
+    def _generate(cfg):
+        raise ConfigError("sampling.batch_size must be >= 1, got 0")
+
+    with pytest.raises(SystemExit) as e:
+        cli._report_errors(_generate)(None)
+    assert e.value.code == 1
+    assert capsys.readouterr().err.splitlines() == ["memex: error: sampling.batch_size must be >= 1, got 0"]
+    assert not list(log_dir.glob("*.log"))
+
+
+def test_verbose_flag_is_taken_off_the_command_line_before_hydra(monkeypatch, capsys):
+    monkeypatch.setattr(console, "VERBOSE", False)
+    monkeypatch.setattr("sys.argv", ["memex", "-v", "generate", "--verbose", "+sampling.sample_per_prompt=5"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert console.VERBOSE
+    assert "sampling.sample_per_prompt is not a setting" in capsys.readouterr().err

@@ -1,0 +1,326 @@
+"""Inputs checked before any cluster work (memex.models.check_model_inputs, audit.check_trainset).
+
+Each test breaks one thing in a copy of a tiny diffusers folder (memex/tiny.py) or in the audit's
+inputs, and expects a one-line user error that names the file or key, raised before the index is
+built. No Ray head: the checks come before Ray starts, which is the point.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from memex.config import ConfigError
+from memex.images import encode_png
+from memex.models import ModelError, check_model_inputs, load_model
+from memex.prompts import PromptError
+
+from conftest import BIN, REPO, compose
+
+UNET_ST = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+def _copy(src, dst) -> Path:
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def _to_pickle(component: Path, st_name: str, bin_name: str) -> Path:
+    """Replace a component's safetensors with the same tensors pickled (what old checkpoints ship)."""
+    sd = load_file(component / st_name)
+    torch.save(sd, component / bin_name)
+    os.remove(component / st_name)
+    return component / bin_name
+
+
+class _Payload:
+    """Unpickled by plain pickle, this makes a folder: the code execution weights_only prevents."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+# ---- safetensors headers --------------------------------------------------------------------
+@pytest.mark.parametrize("keep", [0.5, 100])
+def test_truncated_unet_is_named(tiny_models, tmp_path, keep):
+    path = _copy(tiny_models["unconditional"], tmp_path / "m")
+    w = path / UNET_ST
+    with open(w, "r+b") as f:
+        f.truncate(int(w.stat().st_size * keep) if keep < 1 else keep)
+    with pytest.raises(ModelError, match=r"unet/diffusion_pytorch_model\.safetensors is truncated"):
+        check_model_inputs(str(path))
+    with pytest.raises(ModelError, match="is truncated"):  # the load in an actor says the same
+        load_model(str(path))
+
+
+def test_random_bytes_are_not_a_safetensors_file(tiny_models, tmp_path):
+    path = _copy(tiny_models["latent_text"], tmp_path / "m")
+    w = path / "vae" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(np.random.default_rng(0).bytes(w.stat().st_size))
+    with pytest.raises(ModelError, match=r"vae/diffusion_pytorch_model\.safetensors is not a safetensors file"):
+        check_model_inputs(str(path))
+
+
+def test_json_garbage_header_is_refused(tiny_models, tmp_path):
+    path = _copy(tiny_models["unconditional"], tmp_path / "m")
+    (path / UNET_ST).write_bytes((20).to_bytes(8, "little") + b"\xff" * 20 + b"\0" * 64)
+    with pytest.raises(ModelError, match="is not a safetensors file .*unreadable header"):
+        check_model_inputs(str(path))
+
+
+# ---- shapes against config.json --------------------------------------------------------------
+def test_tensor_of_the_wrong_shape_is_named(tiny_models, tmp_path):
+    path = _copy(tiny_models["unconditional"], tmp_path / "m")
+    sd = load_file(path / UNET_ST)
+    sd["conv_in.weight"] = sd["conv_in.weight"].flatten(1).contiguous()  # (16, 3, 3, 3) -> (16, 27)
+    save_file(sd, path / UNET_ST, metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"tensor 'conv_in.weight' in .*unet.* has shape \[16, 27\] but .*config.json "
+                                         r"makes a UNet2DModel that needs \[16, 3, 3, 3\]"):
+        check_model_inputs(str(path))
+
+
+def test_text_encoder_shapes_are_checked_too(tiny_models, tmp_path):
+    """The transformers side: a CLIPTextModel built from its config on `meta`."""
+    path = _copy(tiny_models["latent_text"], tmp_path / "m")
+    w = path / "text_encoder" / "model.safetensors"
+    sd = load_file(w)
+    key = next(k for k in sd if k.endswith("token_embedding.weight"))
+    sd[key] = sd[key][:-1].contiguous()  # one token fewer than the config's vocab_size
+    save_file(sd, w, metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=rf"tensor '{re.escape(key)}' in .*text_encoder/model\.safetensors has shape "
+                                         r".* makes a CLIPTextModel that needs"):
+        check_model_inputs(str(path))
+
+
+def test_config_of_another_model_is_caught(tiny_models, tmp_path):
+    """Weights and config.json from different models: the shapes disagree before any weight is read."""
+    import json
+
+    path = _copy(tiny_models["unconditional"], tmp_path / "m")
+    cfg = json.loads((path / "unet" / "config.json").read_text())
+    cfg["block_out_channels"] = [16, 64]
+    (path / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="are from different models"):
+        check_model_inputs(str(path))
+
+
+def test_good_models_pass_and_sharded_weights_are_read_shard_by_shard(tiny_models, tmp_path):
+    from diffusers import UNet2DModel
+
+    for kind in ("unconditional", "latent_text", "pixel_text"):
+        check_model_inputs(tiny_models[kind])
+    path = _copy(tiny_models["unconditional"], tmp_path / "m")
+    UNet2DModel.from_pretrained(path / "unet").save_pretrained(path / "unet", max_shard_size="200KB")
+    os.remove(path / UNET_ST)
+    shards = sorted((path / "unet").glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1
+    check_model_inputs(str(path))
+    with open(shards[-1], "r+b") as f:
+        f.truncate(shards[-1].stat().st_size - 1)
+    with pytest.raises(ModelError, match=rf"{shards[-1].name} is truncated"):
+        check_model_inputs(str(path))
+    shards[-1].unlink()
+    with pytest.raises(ModelError, match="lists shards that are missing"):
+        check_model_inputs(str(path))
+
+
+# ---- the checkpoint-<step>/unet layout (nightly) ---------------------------------------------
+def test_unet_override_is_checked_and_replaces_the_bases_unet(tiny_models, tmp_path):
+    base = _copy(tiny_models["unconditional"], tmp_path / "base")
+    ckpt = _copy(base / "unet", tmp_path / "run" / "checkpoint-100" / "unet")
+    (base / UNET_ST).write_bytes(b"never read: the override replaces it")
+    check_model_inputs(str(base), str(ckpt))
+    with open(ckpt / "diffusion_pytorch_model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ModelError, match=r"checkpoint-100/unet/diffusion_pytorch_model\.safetensors is truncated"):
+        check_model_inputs(str(base), str(ckpt))
+    shutil.rmtree(ckpt)
+    _to_pickle(_copy(Path(tiny_models["unconditional"]) / "unet", ckpt), "diffusion_pytorch_model.safetensors",
+               "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelError, match=r"model\.unet=.*checkpoint-100/unet: .* has only pickle weights"):
+        check_model_inputs(str(base), str(ckpt))
+
+
+# ---- pickle-only checkpoints -------------------------------------------------------------------
+def test_pickle_only_is_refused_naming_the_opt_in(tiny_models, tmp_path):
+    path = _copy(tiny_models["latent_text"], tmp_path / "m")
+    _to_pickle(path / "unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelError, match=r"unet has only pickle weights \(diffusion_pytorch_model\.bin\).*"
+                                         r"set model\.allow_pickle=true"):
+        check_model_inputs(str(path))
+    with pytest.raises(ModelError, match=r"model\.allow_pickle=true"):
+        load_model(str(path))
+    # a variant beside it is not what a load without model variants reads: still the .bin
+    shutil.copy(Path(tiny_models["latent_text"]) / UNET_ST, path / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(ModelError, match=r"unet has only pickle weights"):
+        check_model_inputs(str(path))
+
+
+def test_pickle_opt_in_loads_the_same_weights(tiny_models, tmp_path):
+    path = _copy(tiny_models["latent_text"], tmp_path / "m")
+    _to_pickle(path / "unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    _to_pickle(path / "text_encoder", "model.safetensors", "pytorch_model.bin")  # transformers' pickle name
+    with pytest.raises(ModelError, match=r"text_encoder has only pickle weights \(pytorch_model\.bin\)"):
+        check_model_inputs(str(path), allow_pickle=False, unet=str(tiny_models["latent_text"]) + "/unet")
+    check_model_inputs(str(path), allow_pickle=True)
+    m, ref = load_model(str(path), allow_pickle=True), load_model(tiny_models["latent_text"])
+    for name in ("unet", "text_encoder"):
+        a, b = getattr(m.pipe, name).state_dict(), getattr(ref.pipe, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pickle_with_a_payload_is_never_executed(tiny_models, tmp_path):
+    """model.allow_pickle=true reads pickles with torch.load(weights_only=True): memex's own check,
+    and diffusers' and transformers' loaders (pinned here: an upgrade that drops it fails this)."""
+    from diffusers.models.model_loading_utils import load_state_dict as diffusers_load
+    from transformers.modeling_utils import load_state_dict as transformers_load
+
+    path = _copy(tiny_models["unconditional"], tmp_path / "m")
+    sd = load_file(path / UNET_ST)
+    os.remove(path / UNET_ST)
+    marker = tmp_path / "pwned"
+    sd["conv_in.weight"] = _Payload(str(marker))
+    evil = path / "unet" / "diffusion_pytorch_model.bin"
+    torch.save(sd, evil)
+    with pytest.raises(ModelError, match="allow_pickle"):
+        load_model(str(path))
+    with pytest.raises(ModelError, match=r"pytorch_model\.bin is refused: its pickle holds more than tensors"):
+        load_model(str(path), allow_pickle=True)
+    for loader in (diffusers_load, transformers_load):
+        with pytest.raises(Exception):  # noqa: B017 - any refusal will do; the marker is what matters
+            loader(str(evil))
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the payload is live: plain unpickling runs it
+    assert marker.is_dir()
+
+
+# ---- hub ids ------------------------------------------------------------------------------------
+def test_hub_id_is_checked_on_its_cached_snapshot_else_deferred(tiny_models, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    check_model_inputs("some-org/not-cached")  # no snapshot: deferred to the load, no error, no network
+    repo = tmp_path / "hub" / "models--some-org--tiny"
+    sha = "0" * 40
+    snap = _copy(tiny_models["unconditional"], repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    check_model_inputs("some-org/tiny")
+    with open(snap / UNET_ST, "r+b") as f:
+        f.truncate(500)
+    with pytest.raises(ModelError, match=rf"snapshots/{sha}/unet/diffusion_pytorch_model\.safetensors is truncated"):
+        check_model_inputs("some-org/tiny")
+
+
+# ---- the audit: everything above, plus the training set and prompts, before the index -------------
+@pytest.fixture
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    manifest = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "image": [encode_png(rng.integers(0, 256, (8, 8, 3), np.uint8))
+                                                         for _ in range(2)], "caption": ["x", "y"]}), manifest)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a logo\n")
+    return manifest, prompts
+
+
+def _audit_cfg(tmp_path, model, manifest, prompts, *extra):
+    return compose(["model=local", f"model.path={model}", "trainset=manifest", f"trainset.path={manifest}",
+                    "prompts=file", f"prompts.path={prompts}", f"storage.root={tmp_path / 'runs'}",
+                    "resources.address=127.0.0.1:1", *extra], config_name="audit")
+
+
+class _IndexStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def no_index(monkeypatch):
+    """index.run (the first cluster work) raises: an error raised before it is a preflight error."""
+    from memex.stages import index
+
+    def refuse(cfg):
+        raise _IndexStarted
+
+    monkeypatch.setattr(index, "run", refuse)
+
+
+def _bad(tmp_path, tiny_models) -> Path:
+    path = _copy(tiny_models["pixel_text"], tmp_path / "bad")
+    with open(path / UNET_ST, "r+b") as f:
+        f.truncate(4096)
+    return path
+
+
+def test_audit_refuses_a_bad_model_before_the_index(tiny_models, tmp_path, inputs, no_index):
+    from memex.stages import audit
+
+    with pytest.raises(ModelError, match="is truncated"):
+        audit.run(_audit_cfg(tmp_path, _bad(tmp_path, tiny_models), *inputs))
+    assert not (tmp_path / "runs" / "_index").exists()
+    with pytest.raises(_IndexStarted):  # the same inputs with a sound model get as far as the index
+        audit.run(_audit_cfg(tmp_path, tiny_models["pixel_text"], *inputs))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"trainset\.path=.*nowhere: no such file or folder"),
+    ("empty_folder", r"trainset\.path=.*empty: the folder holds no images"),
+    ("not_parquet", r"trainset\.path=.*train\.csv is a file but not a \.parquet manifest"),
+    ("bad_parquet", r"trainset\.path=.*bad\.parquet: .* is not readable Parquet"),
+    ("no_id", r"trainset\.path=.*noid\.parquet: the manifest needs an 'id' column"),
+])
+def test_audit_refuses_an_unreadable_training_set_before_the_index(tiny_models, tmp_path, inputs, no_index,
+                                                                    case, message):
+    from memex.stages import audit
+
+    _, prompts = inputs
+    trainset = {"missing": tmp_path / "nowhere", "empty_folder": tmp_path / "empty",
+                "not_parquet": tmp_path / "train.csv", "bad_parquet": tmp_path / "bad.parquet",
+                "no_id": tmp_path / "noid.parquet"}[case]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("no images here")
+    (tmp_path / "train.csv").write_text("id,uri\n")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    pq.write_table(pa.table({"name": ["a"], "image": [b"x"]}), tmp_path / "noid.parquet")
+    with pytest.raises(ConfigError, match=message):
+        audit.run(_audit_cfg(tmp_path, tiny_models["pixel_text"], trainset, prompts))
+
+
+def test_audit_accepts_an_image_folder_and_refuses_missing_prompts(tiny_models, tmp_path, inputs, no_index):
+    from memex.stages import audit
+
+    manifest, _ = inputs
+    folder = tmp_path / "images" / "deep"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    with pytest.raises(_IndexStarted):
+        audit.run(_audit_cfg(tmp_path, tiny_models["pixel_text"], tmp_path / "images", tmp_path / "prompts.txt"))
+    with pytest.raises(PromptError, match=r"prompts\.path=.*missing\.txt does not exist"):
+        audit.run(_audit_cfg(tmp_path, tiny_models["pixel_text"], manifest, tmp_path / "missing.txt"))
+
+
+@pytest.mark.slow
+def test_cli_audit_of_a_truncated_model_fails_in_one_line_before_any_work(tiny_models, tmp_path, inputs):
+    manifest, prompts = inputs
+    r = subprocess.run([str(BIN / "memex"), "audit", "model=local", f"model.path={_bad(tmp_path, tiny_models)}",
+                        "trainset=manifest", f"trainset.path={manifest}", "prompts=file", f"prompts.path={prompts}",
+                        f"storage.root={tmp_path / 'runs'}", "resources.address=127.0.0.1:1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("memex: error:")]
+    assert len(errors) == 1 and "unet/diffusion_pytorch_model.safetensors is truncated" in errors[0]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "runs" / "_index").exists()

@@ -1,0 +1,172 @@
+"""memex/runner.py: a unit that fails on Ray fails its stage with one line naming the root cause,
+and the full traceback in a file in the run folder (issue 14)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from memex import runner
+from memex.config import MemexError, ResourcesConfig
+from memex.storage import StageFolder, StorageError, Store
+
+RES = ResourcesConfig(num_cpus=1)
+
+
+def _ship_this_module_by_value() -> None:
+    """Ray's workers cannot import this test module (tests/ is not on their path): pickle it by value."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _traceback_of(message: str) -> Path:
+    m = re.search(r"\(full traceback: (.+)\)$", message)
+    assert m, message
+    return Path(m.group(1))
+
+
+def _one_line(message: str, stage: str, cause: str) -> str:
+    assert "\n" not in message, message
+    assert message.startswith(f"{stage} failed: {cause}"), message
+    text = _traceback_of(message).read_text()
+    assert "Traceback (most recent call last)" in text
+    return text
+
+
+# ---- units that fail -------------------------------------------------------------------------
+def raise_oserror(index: int) -> None:
+    open(f"/nonexistent/memex-unit-{index}/weights.safetensors", "rb")
+
+
+def raise_chained(index: int) -> None:
+    try:
+        raise KeyError("unet.conv_in.weight")
+    except KeyError as e:
+        raise RuntimeError("could not build the model") from e
+
+
+def raise_storage_error(index: int) -> None:
+    raise StorageError(f"cannot write s3://bucket/runs/r/samples/shard-{index:06d}.parquet: disk full")
+
+
+class CorruptModel:
+    """A worker whose model fails to load in the actor's __init__ (the stage's model, once per actor)."""
+
+    def __init__(self, path: str):
+        raise OSError(f"Error while deserializing header: HeaderTooLarge ({path})")
+
+    def __call__(self, index: int) -> dict:
+        return {}
+
+
+class FailingUnit:
+    def __init__(self):
+        pass
+
+    def __call__(self, index: int) -> dict:
+        raise ValueError(f"unit {index}: NaN in the latents")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return StageFolder(Store(str(tmp_path / "run")), "samples")
+
+
+def test_a_task_that_raises_fails_the_stage_in_one_line(ray_head, folder, tmp_path):
+    _ship_this_module_by_value()
+    with pytest.raises(runner.UnitFailed) as e:
+        runner.run_tasks(folder, {0: {}, 1: {}}, raise_oserror, RES)
+    text = _one_line(str(e.value), "generate", "FileNotFoundError: [Errno 2] No such file or directory: "
+                                               "'/nonexistent/memex-unit-")
+    assert _traceback_of(str(e.value)).parent == tmp_path / "run" / "logs"  # in the run folder
+    assert "in raise_oserror" in text and "open(f\"/nonexistent/memex-unit-" in text  # the original traceback
+    assert folder.complete() == []
+
+
+def test_the_innermost_cause_of_a_chain_is_named(ray_head, folder):
+    _ship_this_module_by_value()
+    with pytest.raises(runner.UnitFailed) as e:
+        runner.run_tasks(folder, {0: {}}, raise_chained, RES)
+    text = _one_line(str(e.value), "generate", "KeyError: 'unet.conv_in.weight'")
+    assert "RuntimeError: could not build the model" in text
+
+
+def test_a_memex_error_in_a_task_keeps_its_type_and_message(ray_head, folder):
+    _ship_this_module_by_value()
+    with pytest.raises(StorageError) as e:
+        runner.run_tasks(folder, {3: {}}, raise_storage_error, RES)
+    _one_line(str(e.value), "generate", "StorageError: cannot write s3://bucket/runs/r/samples/shard-000003.parquet: "
+                                        "disk full")
+
+
+def test_call_all_fails_in_one_line(ray_head):
+    _ship_this_module_by_value()
+    with pytest.raises(runner.UnitFailed) as e:
+        runner.call_all(raise_oserror, [{"index": 7}], RES)
+    _one_line(str(e.value), "raise_oserror", "FileNotFoundError")
+
+
+def test_an_actor_whose_init_raises_fails_the_stage_in_one_line(ray_head, folder):
+    """A corrupt model raising in the actor's __init__: Ray reports an ActorDiedError (hundreds of
+    lines); the stage fails with the cause, and the traceback of __init__ is in the file."""
+    _ship_this_module_by_value()
+    with pytest.raises(MemexError) as e:
+        runner.run_actor_pool(folder, {0: {}, 1: {}}, CorruptModel, {"path": "/models/bad"}, RES)
+    text = _one_line(str(e.value), "generate", "OSError: Error while deserializing header: HeaderTooLarge "
+                                               "(/models/bad)")
+    assert "in __init__" in text and "raise OSError(" in text
+    assert folder.complete() == []
+
+
+def test_an_actor_call_that_raises_fails_the_stage_in_one_line(ray_head, folder):
+    _ship_this_module_by_value()
+    with pytest.raises(MemexError) as e:
+        runner.run_actor_pool(folder, {0: {}}, FailingUnit, {}, RES)
+    text = _one_line(str(e.value), "generate", "ValueError: unit 0: NaN in the latents")
+    assert "in __call__" in text
+
+
+# ---- the cause, from Ray's texts (no Ray) ---------------------------------------------------
+ACTOR_DIED = """The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker(MapBatches(W)).__init__()\x1b[39m (pid=1, ip=10.0.0.1, actor_id=ab, repr=MapWorker(MapBatches(W)))
+FileNotFoundError: [Errno 2] No such file or directory: '/m/unet'
+
+The above exception was the direct cause of the following exception:
+
+\x1b[36mray::MapWorker(MapBatches(W)).__init__()\x1b[39m (pid=1, ip=10.0.0.1, actor_id=ab, repr=MapWorker(MapBatches(W)))
+  File "/x/memex/models.py", line 9, in load_model
+    raise ModelError("model.path=/m cannot be loaded") from e
+memex.models.ModelError: model.path=/m cannot be loaded"""  # noqa: E501
+
+USER_CODE = """\x1b[36mray::MapWorker(MapBatches(W2)).submit()\x1b[39m (pid=2, ip=10.0.0.1)
+  File "/t.py", line 20, in __call__
+    raise ValueError("unit blew up")
+ValueError: unit blew up
+
+The above exception was the direct cause of the following exception:
+
+\x1b[36mray::MapWorker(MapBatches(W2)).submit()\x1b[39m (pid=2, ip=10.0.0.1)
+ray.exceptions.UserCodeException: UDF failed to process a data block."""
+
+
+def test_root_cause_from_ray_texts():
+    assert runner.exception_lines(USER_CODE) == [("ValueError", "unit blew up"),
+                                                 ("ray.exceptions.UserCodeException",
+                                                  "UDF failed to process a data block.")]
+    assert runner.root_cause(Exception(USER_CODE))[:2] == ("ValueError", "unit blew up")
+    # a memex error in the chain wins: its message is written for users
+    assert runner.root_cause(Exception(ACTOR_DIED))[:2] == ("memex.models.ModelError", "model.path=/m cannot be loaded")
+    assert runner.root_cause(Exception(ACTOR_DIED.split("\n\nThe above")[0]))[:2] == (
+        "FileNotFoundError", "[Errno 2] No such file or directory: '/m/unet'")
+
+
+def test_failed_keeps_a_memex_type_seen_only_as_text(tmp_path):
+    from memex.models import ModelError
+
+    err = runner.failed(Exception(ACTOR_DIED), "generate", Store(str(tmp_path / "run")))
+    assert isinstance(err, ModelError)
+    assert str(err).startswith("generate failed: ModelError: model.path=/m cannot be loaded (full traceback: ")
+    assert "The above exception" in _traceback_of(str(err)).read_text()
