@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import logging
 import sys
 import typing
@@ -324,6 +325,121 @@ STAGES = {"audit": audit_main, "generate": generate_main, "nightly": nightly_mai
 SCHEMAS = {"audit": C.AuditConfig, "generate": C.GenerateConfig, "nightly": C.NightlyAuditConfig,
            "train": C.TrainConfig}
 VERBOSE_FLAGS = ("-v", "--verbose")
+HELP_FLAGS = ("-h", "--help")
+
+# ---- help, before Hydra (whose --help would call the command "cli" and print its own template) ----
+# One line per stage for `memex --help`; a few lines for `memex <stage> --help`.
+SUMMARIES = {
+    "audit": "index the training set, generate, filter and match: which training images the model reproduces",
+    "generate": "sample every prompt N times and write the samples as Parquet shards in a run folder",
+    "nightly": "audit every new checkpoint of a training run, gate on memorization, rebuild the trend page",
+    "report": "rebuild <run>/report/index.html from a run folder alone",
+    "train": "train a small diffusion model on a manifest, with a duplication schedule",
+}
+DESCRIPTIONS = {
+    "audit": "Indexes the training set (embeddings + near-duplicates), picks prompts, generates samples on Ray,\n"
+             "finds cliques of near-identical generations and matches them against the index. Writes one run\n"
+             "folder under storage.root: summary.json and report/index.html. With no overrides: the shipped demo.",
+    "generate": "Samples every prompt sampling.samples_per_prompt times with the model, on a Ray actor pool,\n"
+                "and writes the samples as Parquet shards to <storage.root>/<run>/samples/. A rerun resumes.",
+    "nightly": "Lists the checkpoints under nightly.location, audits each one the ledger has not seen with this\n"
+               "config, gates on the budget and the growth over the previous step, and rebuilds the trend page.\n"
+               "Exits 3 when a checkpoint crossed the gate.",
+    "train": "Trains a small diffusion model (arch) on a manifest (data), duplicating chosen images per\n"
+             "data.duplication, and writes a diffusers folder to `output` with training_manifest.parquet.",
+}
+# The keys most users change, per stage; their defaults are read from the composed config.
+COMMON_KEYS = {
+    "generate": ["model.path", "model.kind", "sampling.samples_per_prompt", "sampling.num_inference_steps",
+                 "sampling.guidance_scale", "prompts.source", "prompts.path", "storage.root",
+                 "resources.num_gpus", "resources.max_actors", "run.name"],
+    "audit": ["model.path", "trainset.path", "sampling.samples_per_prompt", "prompts.limit", "filter.min_clique",
+              "match.threshold", "index.shards", "storage.root", "storage.shared_mount", "resources.num_gpus",
+              "resources.max_actors", "run.name"],
+    "nightly": ["nightly.location", "nightly.base_model", "nightly.budget", "nightly.webhook", "nightly.action",
+                "trainset.path", "storage.root", "resources.num_gpus"],
+    "train": ["output", "data.path", "trainer.steps", "trainer.batch_size", "trainer.lr", "arch.kind",
+              "arch.resolution"],
+}
+
+
+def stage_list() -> str:
+    """`memex --help`: usage and the stages, one line each."""
+    width = max(map(len, STAGES))
+    lines = ["usage: memex [-v] <stage> [key=value ...]   (Hydra overrides; -v: everything on the console)",
+             "       memex report RUN_FOLDER", "", "stages:"]
+    lines += [f"  {name:<{width}}  {SUMMARIES[name]}" for name in STAGES]
+    lines += ["", "memex <stage> --help: the stage's config groups and common keys"]
+    return "\n".join(lines)
+
+
+def config_groups(stage: str) -> list[tuple[str, str | None, list[str]]]:
+    """(group, default option or None, every option) from conf/<stage>.yaml's defaults list and the
+    conf/<group>/ folder, in the defaults list's order."""
+    import yaml
+
+    defaults = yaml.safe_load((CONF_DIR / f"{stage}.yaml").read_text()).get("defaults", [])
+    out = []
+    for entry in defaults:
+        if not isinstance(entry, dict):
+            continue
+        for group, option in entry.items():
+            if (CONF_DIR / group).is_dir():
+                out.append((group, option, sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))))
+    return out
+
+
+def format_default(value: Any) -> str:
+    """A composed value as `key=value` would spell it: null, true, 0.15, [4, 16]."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, (DictConfig, ListConfig)):
+        return str(OmegaConf.to_container(value, resolve=True)).replace("'", "")
+    return str(value)
+
+
+def compose_config(stage: str, overrides: list[str]) -> DictConfig:
+    """The stage's config as Hydra would compose it for these overrides (no run, no output folder)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name=stage, overrides=overrides)
+
+
+def common_defaults(stage: str, cfg: DictConfig) -> list[tuple[str, str]]:
+    """(key, its value in `cfg`) for the stage's COMMON_KEYS; a mandatory key shows `??? (required)`."""
+    out = []
+    for key in COMMON_KEYS[stage]:
+        if OmegaConf.is_missing(cfg, key):
+            out.append((key, "??? (required)"))
+        else:
+            out.append((key, redact_text(format_default(OmegaConf.select(cfg, key, throw_on_missing=True)))))
+    return out
+
+
+def stage_help(stage: str, overrides: list[str]) -> str:
+    """`memex <stage> --help`: what it does, its config groups (with the overrides' choices) and common keys."""
+    chosen = dict(a.lstrip("+~").split("=", 1) for a in overrides if "=" in a)
+    cfg = compose_config(stage, overrides)
+    lines = [f"usage: memex [-v] {stage} [key=value ...]   (Hydra overrides)", "",
+             f"memex {stage}: {SUMMARIES[stage]}", "", DESCRIPTIONS[stage], "",
+             "config groups (group=option in use; the other options in conf/<group>/):"]
+    for group, option, options in config_groups(stage):
+        current = chosen.get(group, option)
+        others = [o for o in options if o != current]
+        lines.append(f"  {group}={current if current is not None else 'null'}"
+                     + (f"   (also: {', '.join(others)})" if others else ""))
+    pairs = common_defaults(stage, cfg)
+    width = max(len(k) for k, _ in pairs)
+    lines += ["", "common keys (set one with key=value; shown: its current value):"]
+    lines += [f"  {k:<{width}}  {v}" for k, v in pairs]
+    lines += ["", f"every key and its value:  memex {stage} [key=value ...] --cfg job",
+              f"e.g.  memex {stage} {pairs[0][0]}=... --cfg job"]
+    return "\n".join(lines)  # the values are redacted (common_defaults); `key=value` is no credential
 
 
 def main() -> None:
@@ -332,13 +448,24 @@ def main() -> None:
     if any(a in VERBOSE_FLAGS for a in sys.argv[1:]):  # ours, before Hydra (which has no -v) sees them
         console.VERBOSE = True
         sys.argv[1:] = [a for a in sys.argv[1:] if a not in VERBOSE_FLAGS]
-    if len(sys.argv) < 2 or sys.argv[1] not in STAGES:
-        print(f"usage: memex [-v] {{{','.join(STAGES)}}} [key=value ...]   (Hydra overrides; --help for a stage's "
-              "config; -v: everything on the console, not only in the log file)\n"
-              "       memex report RUN_FOLDER",
-              file=sys.stderr)
+    if len(sys.argv) >= 2 and sys.argv[1] in HELP_FLAGS:
+        print(stage_list())  # asked for: stdout, exit 0
+        sys.exit(0)
+    if len(sys.argv) < 2 or sys.argv[1] not in STAGES:  # no stage, or not one: usage error, as argparse (exit 2)
+        if len(sys.argv) >= 2:
+            print(f"memex: error: {sys.argv[1]!r} is not a stage", file=sys.stderr)
+        print(stage_list(), file=sys.stderr)
         sys.exit(2)
     stage = sys.argv.pop(1)
+    if stage in SCHEMAS and any(a in HELP_FLAGS for a in sys.argv[1:]):
+        try:
+            check_overrides(sys.argv[1:], SCHEMAS[stage])  # an unknown key: named with the nearest one
+            text = stage_help(stage, [a for a in sys.argv[1:] if a not in HELP_FLAGS and not a.startswith("-")])
+        except Exception as e:  # noqa: BLE001 - a bad override: one line, as a run would say it
+            print(f"memex: error: {redact_text(str(e).splitlines()[0] if str(e) else repr(e))}", file=sys.stderr)
+            sys.exit(1)
+        print(text)
+        sys.exit(0)
     sys.argv[0] = f"memex {stage}"
     if stage in SCHEMAS:
         try:

@@ -125,6 +125,9 @@ class StorageConfig:
     # <run>/_lease.json (memex/lease.py): one audit or generation at a time in a run folder
     lease_timeout_s: float = 300.0  # a lease with no heartbeat for this long is taken over
     lease_wait_s: float = 0.0  # wait this long for a run folder in use; 0: refuse at once, naming its owner
+    # a local root (no protocol, file://) on a Ray cluster of more than one node is refused: each node
+    # would write its units to its own disk. true: the path is a mount every node shares (NFS, Lustre)
+    shared_mount: bool = False
 
 
 @dataclass

@@ -40,8 +40,8 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 
 from memex import console
-from memex.config import MemexError, ResourcesConfig
-from memex.storage import StageFolder, StorageError, Store
+from memex.config import ConfigError, MemexError, ResourcesConfig, StorageConfig
+from memex.storage import StageFolder, StorageError, Store, unreachable_storage
 
 log = logging.getLogger("memex.runner")
 
@@ -59,16 +59,39 @@ class RayStartError(MemexError):
     """Ray could not be started or reached."""
 
 
-def init(resources: ResourcesConfig) -> None:
+def init(resources: ResourcesConfig, storage: StorageConfig | None = None) -> None:
     """Connect to resources.address ($RAY_ADDRESS under `ray job submit`), or start a new local Ray, once.
 
     None and no $RAY_ADDRESS means a new local instance, as documented (memex/config.py), and not
     Ray's own default of joining whatever `ray start` left on this machine (/tmp/ray/ray_current_cluster),
-    which hangs when that one is gone."""
+    which hangs when that one is gone. With `storage` (a stage's entry, before any work): then
+    `check_storage_reachable`, every call."""
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _start(resources)
+    if storage is not None:
+        check_storage_reachable(storage.root, storage.shared_mount)
+
+
+def alive_nodes() -> int:
+    """How many nodes the connected Ray cluster has alive."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_storage_reachable(root: str, shared_mount: bool = False) -> None:
+    """Refuse a node-local storage.root on a cluster of more than one node (memex/storage.py
+    `unreachable_storage`): ConfigError naming object storage or storage.shared_mount."""
+    why = unreachable_storage(root, shared_mount, alive_nodes())
+    if why:
+        raise ConfigError(why)
+
+
+def _start(resources: ResourcesConfig) -> None:
+    import ray
+
     address = resources.address or os.environ.get("RAY_ADDRESS") or "local"
     managed = console.log_file() is not None  # under the `memex` command: its console and log file
     if managed:

@@ -42,6 +42,31 @@ class StorageError(MemexError, RuntimeError):
     """Storage is unreachable, or holds something that conflicts with this run."""
 
 
+def protocol_of(uri: str) -> str | None:
+    """`s3://b/x` -> "s3"; a plain path (or a Windows drive letter) -> None."""
+    head, sep, _ = str(uri).partition("://")
+    return head.lower() if sep and len(head) > 1 else None
+
+
+def unreachable_storage(root: str, shared_mount: bool, alive_nodes: int) -> str | None:
+    """Why the nodes of a Ray cluster cannot share `root`, or None when they can (pure: the runner
+    passes the count of alive nodes). One node: anything goes. More: a local path (no protocol,
+    file://, local://) is each node's own disk, so units written on a worker never reach the driver,
+    unless `shared_mount` says every node mounts it (NFS); memory:// is one process's only."""
+    if alive_nodes <= 1:
+        return None
+    proto = protocol_of(root)
+    if proto == "memory":
+        return (f"storage.root={root} is in one process's memory, but Ray has {alive_nodes} nodes: "
+                "use object storage (storage=s3 storage.root=s3://bucket/runs)")
+    if proto in (None, "file", "local") and not shared_mount:
+        return (f"storage.root={root} is a local path, but Ray has {alive_nodes} nodes: each would write its "
+                "units to its own disk and the shards would be lost. Use object storage (storage=s3 "
+                "storage.root=s3://bucket/runs), or, if every node mounts this path (NFS), set "
+                "storage.shared_mount=true")
+    return None
+
+
 class Store:
     """A folder on any fsspec filesystem. Paths given to its methods are filesystem paths
     (`store.join(...)`, no protocol); `uri_of` turns one back into a URI a user can paste."""

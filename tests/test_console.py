@@ -20,6 +20,13 @@ def log_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("MEMEX_VERBOSE", raising=False)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    # Ray configures its loggers when a Ray test ran earlier in the session (own handlers, no
+    # propagation); these tests log through them as a fresh process would, so reset them here.
+    for name in ("ray", "ray.data"):
+        lg = logging.getLogger(name)
+        monkeypatch.setattr(lg, "handlers", [])
+        monkeypatch.setattr(lg, "propagate", True)
+        monkeypatch.setattr(lg, "level", logging.NOTSET)
     with warnings.catch_warnings():  # a warning an earlier test raised at the same line is shown again
         warnings.simplefilter("always")
         yield tmp_path / "local-logs"

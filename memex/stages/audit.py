@@ -29,6 +29,7 @@ import posixpath
 
 import pyarrow.compute as pc
 
+from memex import runner
 from memex.config import (
     AuditConfig,
     BudgetKind,
@@ -71,6 +72,10 @@ def run(cfg: AuditConfig) -> dict:
     if cfg.model.kind == ModelKind.unconditional and cfg.match.candidates == CandidateSource.cliques:
         log.warning("unconditional model with match.candidates=cliques: all samples share one prompt, so the "
                     "filter sees one graph; the paper compares every sample (match=relative)")
+
+    # Ray, and storage every node reaches: a local storage.root on a cluster of several nodes is
+    # refused here (storage.shared_mount=true for NFS), before any unit is written to one node's disk
+    runner.init(cfg.resources, cfg.storage)
 
     # 2. index (and the prompts it ranks); the run folder records which index it is matched against
     info = index.run(cfg)

@@ -165,6 +165,7 @@ def run(cfg: GenerateConfig, run_name: str) -> dict:
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     if not layout.store.exists(layout.run_json):
         raise StorageError(f"{layout.uri} is not a prepared run folder (no run.json): call generate.prepare first")
+    runner.init(cfg.resources, cfg.storage)  # refuses a local storage.root on a multi-node cluster
     # one process at a time in a run folder (<run>/_lease.json); inside an audit, the audit's lease
     with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
         return generate_all(cfg, run_name, layout)

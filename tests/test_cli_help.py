@@ -1,0 +1,100 @@
+"""`memex --help` lists the stages and `memex <stage> --help` describes one (issue 16, item 3): exit 0,
+named memex (never Hydra's "cli" template), groups read from conf/, common keys with their composed values."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from memex import cli
+
+HYDRA_STAGES = ["audit", "generate", "nightly", "train"]
+
+
+def _run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["memex", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def _no_hydra_boilerplate(text: str) -> None:
+    assert "Powered by Hydra" not in text and "== Config ==" not in text
+    assert not re.search(r"\bcli\b", text), text
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_memex_help_lists_every_stage_one_line_each_and_exits_0(monkeypatch, capsys, flag):
+    code, out, _ = _run(monkeypatch, capsys, flag)
+    assert code == 0
+    for stage in cli.STAGES:
+        assert len([line for line in out.splitlines() if line.strip().startswith(stage + " ")]) == 1, stage
+    _no_hydra_boilerplate(out)
+
+
+def test_memex_without_a_stage_is_a_usage_error_with_the_same_listing(monkeypatch, capsys):
+    code, out, err = _run(monkeypatch, capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == cli.stage_list().strip()
+
+
+def test_an_unknown_stage_is_named(monkeypatch, capsys):
+    code, _, err = _run(monkeypatch, capsys, "audt")
+    assert code == 2 and "'audt' is not a stage" in err and "audit" in err
+
+
+@pytest.mark.parametrize("stage", HYDRA_STAGES)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_stage_help_names_memex_the_stage_its_groups_and_keys(monkeypatch, capsys, stage, flag):
+    code, out, _ = _run(monkeypatch, capsys, stage, flag)
+    assert code == 0
+    _no_hydra_boilerplate(out)
+    assert f"memex {stage}" in out and cli.SUMMARIES[stage] in out
+    assert f"memex {stage} [key=value ...] --cfg job" in out
+    # the groups: every one of conf/<stage>.yaml's defaults list, with every option in conf/<group>/
+    groups = cli.config_groups(stage)
+    assert groups
+    for group, option, options in groups:
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"{group}="))
+        assert line.strip().startswith(f"{group}={option if option is not None else 'null'}")
+        assert set(options) == {p.stem for p in (cli.CONF_DIR / group).glob("*.yaml")}
+        for o in options:
+            assert o in line, (group, o)
+    # the common keys: real keys of the composed config, shown with its value
+    cfg = cli.compose_config(stage, [])
+    shown = dict(re.findall(r"^  ([a-z_]+(?:\.[a-z_]+)*)\s{2,}(.+)$", out.split("common keys")[1], re.M))
+    assert list(shown) == cli.COMMON_KEYS[stage]
+    for key, value in shown.items():
+        assert cli.check_key(key, cli.SCHEMAS[stage]) is None, key
+        if OmegaConf.is_missing(cfg, key):
+            assert value.startswith("???")
+        else:
+            assert value == cli.format_default(OmegaConf.select(cfg, key)), key
+
+
+def test_stage_help_shows_the_values_the_overrides_give(monkeypatch, capsys):
+    """Values are read from the composed config, not written into the help."""
+    code, out, _ = _run(monkeypatch, capsys, "generate", "sampling.samples_per_prompt=7", "storage=s3", "--help")
+    assert code == 0
+    assert re.search(r"^  sampling\.samples_per_prompt\s+7$", out, re.M)
+    assert re.search(r"^  storage=s3\b", out, re.M)
+    assert re.search(r"^  storage\.root\s+s3://", out, re.M)
+
+
+def test_stage_help_with_an_unknown_key_names_the_nearest(monkeypatch, capsys):
+    code, out, err = _run(monkeypatch, capsys, "audit", "sampling.sample_per_prompt=1", "--help")
+    assert code == 1 and out == ""
+    assert "did you mean sampling.samples_per_prompt" in err
+
+
+def test_installed_memex_help_exits_0():
+    exe = Path(sys.executable).with_name("memex")
+    if not exe.exists():
+        pytest.skip(f"no memex script beside {sys.executable}")
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert all(stage in r.stdout for stage in cli.STAGES)

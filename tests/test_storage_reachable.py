@@ -1,0 +1,92 @@
+"""A node-local storage.root on a Ray cluster of more than one node is refused (issue 16, item 2).
+
+The decision is pure (memex/storage.py `unreachable_storage`); the runner only counts alive nodes.
+No Ray is started here: `ray.nodes()` is replaced by a fake."""
+
+import pytest
+
+from memex import runner
+from memex.config import ConfigError, StorageConfig
+from memex.storage import protocol_of, unreachable_storage
+
+LOCAL = ["runs", "/data/runs", "file:///data/runs", "local:///data/runs", "C:/runs"]
+
+
+@pytest.mark.parametrize("root", LOCAL + ["s3://b/runs", "memory://runs", "gs://b/runs"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_one_node_takes_any_root(root, shared):
+    assert unreachable_storage(root, shared, 1) is None
+    assert unreachable_storage(root, shared, 0) is None  # no count (ray.nodes() empty): not refused
+
+
+@pytest.mark.parametrize("root", LOCAL)
+def test_local_root_on_two_nodes_is_refused_naming_both_fixes(root):
+    msg = unreachable_storage(root, False, 2)
+    assert msg and root in msg and "2 nodes" in msg
+    assert "s3://" in msg and "storage.shared_mount=true" in msg
+
+
+@pytest.mark.parametrize("root", LOCAL)
+def test_shared_mount_takes_a_local_root_on_two_nodes(root):
+    assert unreachable_storage(root, True, 2) is None
+
+
+@pytest.mark.parametrize("root", ["s3://b/runs", "S3://b/runs", "gs://b/runs", "gcs://b/runs"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_object_storage_on_two_nodes_is_fine(root, shared):
+    assert unreachable_storage(root, shared, 2) is None
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_memory_on_two_nodes_is_refused_whatever_the_flag(shared):
+    msg = unreachable_storage("memory://runs", shared, 2)
+    assert msg and "s3://" in msg and "memory" in msg
+
+
+def test_protocol_of():
+    assert protocol_of("s3://b/x") == "s3"
+    assert protocol_of("file:///x") == "file"
+    assert protocol_of("runs") is None
+    assert protocol_of("C:/runs") is None
+
+
+def test_storage_config_default_is_not_a_shared_mount():
+    assert StorageConfig().shared_mount is False
+
+
+def _fake_nodes(monkeypatch, alive: list[bool]) -> None:
+    import ray
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": str(i), "Alive": a} for i, a in enumerate(alive)])
+
+
+def test_runner_counts_only_alive_nodes(monkeypatch):
+    _fake_nodes(monkeypatch, [True, False, True])
+    assert runner.alive_nodes() == 2
+
+
+def test_runner_check_raises_naming_the_flag_on_two_alive_nodes(monkeypatch):
+    _fake_nodes(monkeypatch, [True, True])
+    with pytest.raises(ConfigError, match=r"storage\.shared_mount"):
+        runner.check_storage_reachable("runs", False)
+    runner.check_storage_reachable("runs", True)
+    runner.check_storage_reachable("s3://b/runs", False)
+
+
+def test_runner_check_passes_with_one_alive_node_and_a_dead_one(monkeypatch):
+    _fake_nodes(monkeypatch, [True, False])
+    runner.check_storage_reachable("runs", False)
+
+
+def test_init_with_storage_checks_after_ray_is_up(monkeypatch):
+    """`runner.init(resources, storage)`, as audit.run and generate.run call it before any work."""
+    import ray
+
+    from memex.config import ResourcesConfig
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # Ray already up: no start here
+    _fake_nodes(monkeypatch, [True, True])
+    with pytest.raises(ConfigError, match=r"storage\.shared_mount"):
+        runner.init(ResourcesConfig(), StorageConfig(root="runs"))
+    runner.init(ResourcesConfig(), StorageConfig(root="runs", shared_mount=True))
+    runner.init(ResourcesConfig())  # no storage: no check (the units' own calls)
