@@ -35,6 +35,7 @@ import os
 import re
 import time
 import traceback
+from contextlib import contextmanager
 from typing import Any, Callable, Sequence
 
 import pyarrow as pa
@@ -68,10 +69,19 @@ def init(resources: ResourcesConfig, storage: StorageConfig | None = None) -> No
     `check_storage_reachable`, every call."""
     import ray
 
+    if storage is not None:
+        _UNCHECKED[:] = [storage]
+        if not ray.is_initialized():
+            return  # no Ray before the first unit (preflight errors come first): checked when Ray starts
     if not ray.is_initialized():
         _start(resources)
-    if storage is not None:
-        check_storage_reachable(storage.root, storage.shared_mount)
+    if _UNCHECKED:
+        s = _UNCHECKED.pop()
+        check_storage_reachable(s.root, s.shared_mount)
+
+
+# The storage a stage entry named (init(resources, storage)), checked once Ray is up, before any unit.
+_UNCHECKED: list[StorageConfig] = []
 
 
 def alive_nodes() -> int:
@@ -337,23 +347,30 @@ def run_tasks(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callabl
         init(resources)
         console.note_folder(folder.store)
         label = STAGE_LABELS.get(folder.name, folder.name)
-        progress = console.Progress(label, len(todo), len(done & set(units)))
         task = ray.remote(**remote_options(resources, gpu))(do_unit)
         pending = [task.remote(folder, i, fn, {**shared, **units[i]}) for i in todo]
-        try:
+        with _watched(folder, label, len(todo), len(done & set(units)), lambda: _cancel(pending)) as progress:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
                 ray.get(ready)
                 progress.update(len(ready))
-        except _ray_errors() as e:
-            progress.close(ok=False)
-            _cancel(pending)
-            raise failed(e, label, folder.store) from None
-        progress.close()
     else:
         _all_complete(folder, units)
     check_complete(folder, list(units))
     return len(todo)
+
+
+@contextmanager
+def _watched(folder: StageFolder, label: str, n: int, done_before: int, on_failure: Callable[[], Any] = lambda: None):
+    """The stage's progress line around its units; a Ray failure becomes one line (`failed`)."""
+    progress = console.Progress(label, n, done_before)
+    try:
+        yield progress
+    except _ray_errors() as e:
+        progress.close(ok=False)
+        on_failure()
+        raise failed(e, label, folder.store) from None
+    progress.close()
 
 
 def _all_complete(folder: StageFolder, units) -> None:
@@ -452,15 +469,10 @@ def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker
             compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
             **remote_options(resources),
         )
-        progress = console.Progress(label, len(todo), len(done & set(units)))
-        try:
+        with _watched(folder, label, len(todo), len(done & set(units))) as progress:
             for row in ds.iter_rows():  # tiny summary rows only; images never reach the driver
                 log.info("%s: unit done, %d rows in %.1fs", label, row["rows"], row["seconds"])
                 progress.update()
-        except _ray_errors() as e:
-            progress.close(ok=False)
-            raise failed(e, label, folder.store) from None
-        progress.close()
     else:
         _all_complete(folder, units)
     check_complete(folder, list(units))
