@@ -65,8 +65,8 @@ def init(resources: ResourcesConfig, storage: StorageConfig | None = None) -> No
 
     None and no $RAY_ADDRESS means a new local instance, as documented (memex/config.py), and not
     Ray's own default of joining whatever `ray start` left on this machine (/tmp/ray/ray_current_cluster),
-    which hangs when that one is gone. With `storage` (a stage's entry, before any work): then
-    `check_storage_reachable`, every call."""
+    which hangs when that one is gone. With `storage` (a stage's entry): `check_storage_reachable`
+    once Ray is up: now if it already is, else when the first unit starts it (still before any write)."""
     import ray
 
     if storage is not None:
