@@ -1,4 +1,6 @@
-"""Regenerate demo/data/logos.parquet: 256 synthetic captioned logos (memex.synth), 32x32 PNG.
+"""Regenerate demo/data/logos.parquet: 256 synthetic captioned logos (memex.synth), 32x32 PNG, and
+demo/data/heldout.parquet: 256 more logos of the same generator (indices 256-511), never trained on:
+the non-members of `memex mia`'s demo.
 
     python demo/make_data.py            # deterministic: same bytes on every machine
 
@@ -18,15 +20,20 @@ N, SIZE, SEED = 256, 32, 0
 PNG_LEVEL = 6  # PIL's default, the level the shipped logos.parquet was written with: same bytes
 
 
-def main() -> None:
-    rows = [logo(i, SIZE, SEED) for i in range(N)]
-    table = pa.table({"id": [f"logo-{i:04d}" for i in range(N)],
+def write(name: str, indices: range) -> None:
+    rows = [logo(i, SIZE, SEED) for i in indices]
+    table = pa.table({"id": [f"logo-{i:04d}" for i in indices],
                       "image": [encode_png(img, PNG_LEVEL) for img, _ in rows],
                       "caption": [cap for _, cap in rows]})
-    out = Path(__file__).resolve().parent / "data" / "logos.parquet"
+    out = Path(__file__).resolve().parent / "data" / name
     out.parent.mkdir(exist_ok=True)
     pq.write_table(table, out, compression="zstd")
     print(f"{out}: {table.num_rows} images, {out.stat().st_size / 1e3:.0f} kB")
+
+
+def main() -> None:
+    write("logos.parquet", range(N))  # the training set (conf/data/demo.yaml duplicates some)
+    write("heldout.parquet", range(N, 2 * N))  # non-members for memex mia
 
 
 if __name__ == "__main__":

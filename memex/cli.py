@@ -33,6 +33,7 @@ _cs.store(name="generate_schema", node=C.GenerateConfig)
 _cs.store(name="train_schema", node=C.TrainConfig)
 _cs.store(name="audit_schema", node=C.AuditConfig)
 _cs.store(name="nightly_schema", node=C.NightlyAuditConfig)
+_cs.store(name="mia_schema", node=C.MiaConfig)
 
 
 # ---- keys outside the schema -------------------------------------------------------------------
@@ -190,6 +191,10 @@ def to_nightly_config(cfg: DictConfig) -> C.NightlyAuditConfig:
     return _typed(cfg, C.NightlyAuditConfig, C.validate_nightly)
 
 
+def to_mia_config(cfg: DictConfig) -> C.MiaConfig:
+    return _typed(cfg, C.MiaConfig, C.validate_mia)
+
+
 def _report_errors(fn):
     """Known user errors print one line naming the fix and exit 1 (Hydra would print a traceback).
 
@@ -258,6 +263,19 @@ def _audit(cfg: DictConfig) -> Store | None:
 audit_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="audit")(_audit)
 
 
+@_report_errors
+def _mia(cfg: DictConfig) -> Store | None:
+    from memex.stages import mia
+
+    mcfg = to_mia_config(cfg)
+    summary = mia.run(mcfg)
+    print(redact_text(mia.format_summary(summary)))
+    return Store(summary["run"], mcfg.storage.options)  # the log goes to <run>/logs/
+
+
+mia_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="mia")(_mia)
+
+
 GATE_EXIT = 3  # nightly: a checkpoint crossed the budget or the growth margin (1: errors, 2: usage)
 
 
@@ -318,12 +336,12 @@ def report_main() -> None:
         raise SystemExit(1) from None
 
 
-STAGES = {"audit": audit_main, "generate": generate_main, "nightly": nightly_main, "report": report_main,
-          "train": train_main}
+STAGES = {"audit": audit_main, "generate": generate_main, "mia": mia_main, "nightly": nightly_main,
+          "report": report_main, "train": train_main}
 
 
-SCHEMAS = {"audit": C.AuditConfig, "generate": C.GenerateConfig, "nightly": C.NightlyAuditConfig,
-           "train": C.TrainConfig}
+SCHEMAS = {"audit": C.AuditConfig, "generate": C.GenerateConfig, "mia": C.MiaConfig,
+           "nightly": C.NightlyAuditConfig, "train": C.TrainConfig}
 VERBOSE_FLAGS = ("-v", "--verbose")
 HELP_FLAGS = ("-h", "--help")
 
@@ -332,6 +350,7 @@ HELP_FLAGS = ("-h", "--help")
 SUMMARIES = {
     "audit": "index the training set, generate, filter and match: which training images the model reproduces",
     "generate": "sample every prompt N times and write the samples as Parquet shards in a run folder",
+    "mia": "membership inference: how well loss, PIA, SecMI and LiRA tell training images from held-out ones",
     "nightly": "audit every new checkpoint of a training run, gate on memorization, rebuild the trend page",
     "report": "rebuild <run>/report/index.html from a run folder alone",
     "train": "train a small diffusion model on a manifest, with a duplication schedule",
@@ -342,6 +361,10 @@ DESCRIPTIONS = {
              "folder under storage.root: summary.json and report/index.html. With no overrides: the shipped demo.",
     "generate": "Samples every prompt sampling.samples_per_prompt times with the model, on a Ray actor pool,\n"
                 "and writes the samples as Parquet shards to <storage.root>/<run>/samples/. A rerun resumes.",
+    "mia": "Scores every image of members.path (trained on) and nonmembers.path (held out, same distribution)\n"
+           "with each attack of mia.attacks on a Ray actor pool (LiRA: mia.shadow_models shadow models trained\n"
+           "like the target, one Ray task each), then writes AUC, TPR at 1% and 0.1% FPR and balanced accuracy\n"
+           "to <run>/mia/summary.json and the ROC curves to <run>/report/mia.html. With no overrides: the demo.",
     "nightly": "Lists the checkpoints under nightly.location, audits each one the ledger has not seen with this\n"
                "config, gates on the budget and the growth over the previous step, and rebuilds the trend page.\n"
                "Exits 3 when a checkpoint crossed the gate.",
@@ -356,6 +379,8 @@ COMMON_KEYS = {
     "audit": ["model.path", "trainset.path", "sampling.samples_per_prompt", "prompts.limit", "filter.min_clique",
               "match.threshold", "index.shards", "storage.root", "storage.shared_mount", "resources.num_gpus",
               "resources.max_actors", "run.name"],
+    "mia": ["model.path", "members.path", "nonmembers.path", "mia.attacks", "mia.shadow_models", "mia.shadow_steps",
+            "mia.batch_size", "storage.root", "resources.num_gpus", "run.name"],
     "nightly": ["nightly.location", "nightly.base_model", "nightly.budget", "nightly.webhook", "nightly.action",
                 "trainset.path", "storage.root", "resources.num_gpus"],
     "train": ["output", "data.path", "trainer.steps", "trainer.batch_size", "trainer.lr", "arch.kind",
@@ -397,7 +422,9 @@ def format_default(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, enum.Enum):
         return str(value.value)
-    if isinstance(value, (DictConfig, ListConfig)):
+    if isinstance(value, ListConfig):  # items as they would be spelled: [loss, pia] (not enum reprs)
+        return "[" + ", ".join(format_default(v) for v in OmegaConf.to_container(value, resolve=True)) + "]"
+    if isinstance(value, DictConfig):
         return str(OmegaConf.to_container(value, resolve=True)).replace("'", "")
     return str(value)
 

@@ -619,3 +619,73 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
         raise ConfigError("tracker.step: memex nightly logs each checkpoint at its own training step "
                           "(checkpoint-<step>); drop tracker.step")
     validate_audit(cfg)  # model.path/unet/name, run.name and tracker.step are replaced per checkpoint
+
+
+# ---- memex mia: membership inference (memex/mia.py, memex/stages/mia.py, docs/method.md) ----
+class MiaAttack(str, Enum):
+    loss = "loss"  # denoising error at one timestep (Carlini et al.)
+    pia = "pia"  # proximal initialization (Kong et al. 2024)
+    secmi = "secmi"  # DDIM t-error (Duan et al. 2023)
+
+
+@dataclass
+class ImageSetConfig:
+    path: str = "???"  # Parquet manifest (memex/manifest.py) or folder of images, any fsspec URI
+    caption_column: str = "caption"  # text models are scored with each image's caption
+
+
+@dataclass
+class MiaSettings:
+    """The `mia` group; memex/mia.py takes it as is (MiaScorer(model, settings))."""
+
+    attacks: List[MiaAttack] = field(default_factory=lambda: [MiaAttack.loss, MiaAttack.pia, MiaAttack.secmi])
+    loss_timestep: int = 100  # Carlini et al.: t near 100 of 1000
+    pia_timestep: int = 200  # Kong et al.
+    secmi_timestep: int = 100  # Duan et al.: t_sec = 100, interval 10
+    draws: int = 4  # noise draws averaged by the loss attack
+    secmi_k: int = 10  # DDIM inversion steps 0 -> secmi_timestep
+    batch_size: int = 16  # rows per UNet call; the last batch is padded to this shape
+    seed: int = 0  # with the image id, seeds each image's noise: a rerun scores identically
+    # how an image is brought to the model's square resolution; `memex train` squashes (resize)
+    preprocess: Preprocess = Preprocess.center_crop
+    images_per_unit: int = 256  # images per scoring unit (one Parquet shard, the unit of resume)
+    # LiRA (Carlini et al. 2022): shadow models trained with `memex train` on random halves of
+    # members + non-members, one Ray task each; 0 = off, else an even number >= 2 (16 in the paper)
+    shadow_models: int = 0
+    shadow_steps: Optional[int] = None  # training steps per shadow; None: the target's (its memex_train.json)
+
+
+@dataclass
+class MiaConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    members: ImageSetConfig = field(default_factory=ImageSetConfig)  # images in the training set
+    nonmembers: ImageSetConfig = field(default_factory=ImageSetConfig)  # same distribution, held out
+    mia: MiaSettings = field(default_factory=MiaSettings)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def validate_mia(cfg: MiaConfig) -> None:
+    m = cfg.mia
+    if not m.attacks:
+        raise ConfigError(f"mia.attacks is empty: choose from {[a.value for a in MiaAttack]}")
+    if len(set(m.attacks)) != len(m.attacks):
+        raise ConfigError(f"mia.attacks lists an attack twice: {[a.value for a in m.attacks]}")
+    for key in ("draws", "secmi_k", "batch_size", "images_per_unit"):
+        _at_least(f"mia.{key}", getattr(m, key), 1)
+    if m.shadow_models and (m.shadow_models < 2 or m.shadow_models % 2):
+        raise ConfigError(f"mia.shadow_models must be >= 2 and even for LiRA (each image in half of them), "
+                          f"got {m.shadow_models}; 0 turns LiRA off")
+    if m.shadow_steps is not None:
+        _at_least("mia.shadow_steps", m.shadow_steps, 1)
+    for key in ("members", "nonmembers"):
+        path = getattr(cfg, key).path
+        if not path or path == "???":
+            raise ConfigError(f"{key}.path is not set: a Parquet manifest or image folder ({key}.path=...)")
+    if cfg.members.path == cfg.nonmembers.path:
+        raise ConfigError(f"members.path and nonmembers.path are the same ({cfg.members.path}): "
+                          "non-members must be images held out of training")
+    if m.shadow_models and MiaAttack.loss not in m.attacks:
+        raise ConfigError("LiRA (mia.shadow_models > 0) compares the target's loss with the shadows': "
+                          "keep loss in mia.attacks")

@@ -22,6 +22,18 @@
       before summary.json moved out of matches/ are still read (`RunLayout.read_summary`,
       `matched_train_source`), but matches/ of such a folder holds two non-dataset files.
 
+    <storage.root>/<run name>/mia/   `memex mia` (MiaLayout; an audit's run folder may hold one too)
+        run.json                     model, image sets and attack settings; a rerun must match them
+        images.parquet               MIA_IMAGES_SCHEMA: every scored image, its label (member) and source
+        quarantine.parquet           QUARANTINE rows: images that did not decode (not scored)
+        scores/shard-000000.parquet  MIA_SCORES_SCHEMA: raw attack values of images [i*unit, (i+1)*unit)
+        shadows/shard-000000.parquet MIA_SHADOW_SCHEMA: LiRA shadow model 0's loss on every image
+        shadow_data/shadow-000000.parquet   the training manifest of shadow model 0 (its half)
+        shadow_models/shadow-000000/ shadow model 0, a diffusers folder (`memex train`)
+        lira.parquet                 MIA_LIRA_SCHEMA: LiRA's likelihood ratios
+        summary.json                 AUC, TPR at 1% and 0.1% FPR, balanced accuracy per attack
+      and <run>/report/mia.html, the page of the ROC curves (memex/mia_report.py)
+
     <index root>/<index key>/        the membership index of one training set (IndexLayout),
         index.json                   shared by every run on the same data, embedder and index settings
         train.parquet                TRAIN_SCHEMA: the ingested training set, gid = row number
@@ -148,6 +160,19 @@ QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("reas
 DUPS_SCHEMA = pa.schema([("gid", pa.int64()), ("id", pa.string()), ("caption", pa.string()),
                          ("near_duplicates", pa.int32()),  # other rows within index.dup_threshold (exact)
                          ("picture", pa.int64())])  # smallest gid among it and them: rows of one picture share it
+
+
+# memex mia: raw attack values are lower = member (memex/mia.py); LiRA's ratios higher = member
+MIA_IMAGES_SCHEMA = pa.schema([("image_id", pa.string()), ("member", pa.bool_()), ("image", pa.binary()),
+                               ("uri", pa.string()), ("caption", pa.string()),
+                               ("copies", pa.int32())])  # copies: times in the training set, when known
+MIA_SCORES_SCHEMA = pa.schema([("image_id", pa.string()), ("member", pa.bool_()), ("caption", pa.string()),
+                               ("copies", pa.int32()), ("loss", pa.float32()), ("pia", pa.float32()),
+                               ("secmi", pa.float32())])  # an attack not run: null
+MIA_SHADOW_SCHEMA = pa.schema([("shadow", pa.int32()), ("image_id", pa.string()), ("in_training", pa.bool_()),
+                               ("loss", pa.float32())])
+MIA_LIRA_SCHEMA = pa.schema([("image_id", pa.string()), ("lira_online", pa.float32()),
+                             ("lira_offline", pa.float32()), ("shadows_in", pa.int32())])
 
 
 def shard_name(index: int) -> str:
@@ -291,6 +316,58 @@ class IndexLayout:
 
     def quarantine_path(self, shard: int) -> str:
         return self.quarantine.file(shard)
+
+    @property
+    def lease_path(self) -> str:
+        return self.join("_lease.json")
+
+
+class MiaLayout:
+    """Paths of `memex mia`'s folder `<root>/<run name>/mia/` (see the module docstring)."""
+
+    def __init__(self, root: str, run_name: str, storage_options: dict[str, Any] | None = None):
+        self.run = Store(root.rstrip("/") + "/" + run_name, storage_options)  # the run folder (report/, logs/)
+        self.store = Store(self.run.uri.rstrip("/") + "/mia", storage_options)
+        self.run_name = run_name
+        self.scores = StageFolder(self.store, "scores", schema=MIA_SCORES_SCHEMA)
+        self.shadows = StageFolder(self.store, "shadows", schema=MIA_SHADOW_SCHEMA)
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def join(self, *parts: str) -> str:
+        return self.store.join(*parts)
+
+    @property
+    def run_json(self) -> str:
+        return self.join("run.json")
+
+    @property
+    def images_path(self) -> str:
+        return self.join("images.parquet")
+
+    @property
+    def quarantine_path(self) -> str:
+        return self.join("quarantine.parquet")
+
+    @property
+    def lira_path(self) -> str:
+        return self.join("lira.parquet")
+
+    @property
+    def summary_path(self) -> str:
+        return self.join("summary.json")
+
+    def shadow_data(self, shadow: int) -> str:
+        return self.join("shadow_data", unit_name(shadow, "shadow") + ".parquet")
+
+    def shadow_model(self, shadow: int) -> str:
+        return self.join("shadow_models", unit_name(shadow, "shadow"))
+
+    @property
+    def report_path(self) -> str:
+        return self.run.join("report", "mia.html")
 
     @property
     def lease_path(self) -> str:

@@ -240,8 +240,9 @@ def _pictures(summary: dict) -> str:
 
 
 def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample_png: dict[str, bytes],
-                  train_png: dict[int, bytes]) -> str:
-    """The report of one audit as an HTML string (inputs: what `build_report` reads from the run)."""
+                  train_png: dict[int, bytes], mia_section: str = "") -> str:
+    """The report of one audit as an HTML string (inputs: what `build_report` reads from the run).
+    `mia_section`: the membership-inference section (memex/mia_report.py), placed before the config."""
     # redacted again here: a summary.json written before memex/redact.py may still hold credentials
     t, cfg = summary["thresholds"], redact(summary.get("config", {}))
     model = redact(summary["model"])
@@ -329,6 +330,7 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
         + histogram_svg(matches["distance"].to_pylist() if matches.num_rows else [], t["match_threshold"],
                         f"{t['match_distance']} of each verified candidate to its nearest training image") + "</div>")
 
+    out.append(mia_section)
     out.append("<h2>Configuration</h2>")
     out.append(f"<details><summary>the run's full config (as JSON)</summary><pre>"
                f"{esc(json.dumps(cfg, indent=2, sort_keys=True))}</pre></details>")
@@ -339,7 +341,8 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
 
 
 def build_report(run: str | RunLayout, storage_options: dict | None = None) -> str:
-    """(Re)build run/report/index.html from the run folder alone; returns its URI."""
+    """(Re)build run/report/index.html from the run folder alone; returns its URI. With a
+    mia/summary.json in the folder it includes the membership-inference section."""
     layout = run if isinstance(run, RunLayout) else RunLayout.at(run, storage_options)
     store = layout.store
     summary = layout.read_summary()
@@ -360,7 +363,11 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
     if (matched_train := layout.matched_train_source()) is not None:
         t = store.read_table(matched_train, schema=MATCHED_TRAIN_SCHEMA)
         train_png = dict(zip(t["train_gid"].to_pylist(), t["image"].to_pylist()))
-    html_text = render_report(summary, candidates, matches, sample_png, train_png)
+    from memex.mia_report import read_mia, render_mia_section  # it imports this module
+
+    mia = read_mia(store)  # <run>/mia/summary.json: `memex mia` ran on this run folder too
+    html_text = render_report(summary, candidates, matches, sample_png, train_png,
+                              render_mia_section(*mia) if mia is not None else "")
     store.write_bytes(layout.report_path, html_text.encode())
     return store.uri_of(layout.report_path)
 

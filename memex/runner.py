@@ -48,7 +48,8 @@ log = logging.getLogger("memex.runner")
 
 # The stage a folder's units make up, as the console names it (memex/layout.py names the folders).
 STAGE_LABELS = {"samples": "generate", "candidates": "filter", "matches": "match", "triage": "triage",
-                "quantizer": "index quantizer", "shards": "index", "dups": "near-duplicates"}
+                "quantizer": "index quantizer", "shards": "index", "dups": "near-duplicates",
+                "scores": "membership scores", "shadows": "shadow models"}
 
 
 class UnitFailed(MemexError):
@@ -309,6 +310,14 @@ def remote_options(resources: ResourcesConfig, gpu: bool = True) -> dict[str, fl
     return {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus if gpu else 0}
 
 
+def node_id() -> str | None:
+    """The Ray node this process runs on, or None outside Ray. Every unit's marker records it:
+    which machine wrote a shard (on a cluster: a node that was lost, a slow GPU)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def do_unit(folder: StageFolder, index: int, fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict:
     """One unit, in whatever process runs it: skipped when already complete (a retried task, a
     second driver), else done, its output written, then its marker. Returns the marker."""
@@ -317,7 +326,7 @@ def do_unit(folder: StageFolder, index: int, fn: Callable[..., Any], kwargs: dic
         return done
     t0 = time.perf_counter()
     out = fn(index, **kwargs)
-    seconds = {"seconds": round(time.perf_counter() - t0, 2)}
+    seconds = {"seconds": round(time.perf_counter() - t0, 2), "node_id": node_id()}
     if isinstance(out, tuple):  # (table, metadata): e.g. a generation shard and the UNet work it took
         return folder.write_shard(index, out[0], {**seconds, **out[1]})
     if isinstance(out, pa.Table):

@@ -157,6 +157,15 @@ class Store:
             detail = "; ".join(f"{k}: was {existing.get(k)!r}, now {settings.get(k)!r}" for k in diff)
             raise StorageError(f"{what} was written with other settings ({detail}). Nothing was changed. {fix}")
 
+    def check_reachable(self, what: str, keys: str) -> None:
+        """One request to the store (does this folder exist?): an unreachable endpoint or refused
+        credentials fail here in one line naming the URI and the config `keys` to check, instead of
+        as botocore's traceback from the first read. A missing folder is fine (it is made later)."""
+        try:
+            self.fs.exists(self.path)
+        except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix
+            raise StorageError(f"cannot reach {what} {self.uri}: {type(e).__name__}: {e}. Check {keys}.") from e
+
     def check_writable(self, what: str, keys: str) -> None:
         """Make this folder (local disk) and write + delete a probe file: an unreachable store
         fails here, naming the URI and the config `keys` to check, not mid-run."""

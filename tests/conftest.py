@@ -145,7 +145,7 @@ def compose(overrides: list[str], config_name: str = "generate"):
     with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base=None):
         cfg = hydra_compose(config_name=config_name, overrides=overrides)
     return {"generate": cli.to_generate_config, "train": cli.to_train_config, "audit": cli.to_audit_config,
-            "nightly": cli.to_nightly_config}[config_name](cfg)
+            "nightly": cli.to_nightly_config, "mia": cli.to_mia_config}[config_name](cfg)
 
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")

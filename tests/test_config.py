@@ -130,12 +130,13 @@ def test_cli_range_error_is_one_clear_line(tmp_path):
 
 # ---- one source of defaults: the dataclasses in memex/config.py -----------------------------
 PRIMARIES = {"generate": (C.GenerateConfig, cli.to_generate_config), "audit": (C.AuditConfig, cli.to_audit_config),
-             "nightly": (C.NightlyAuditConfig, cli.to_nightly_config), "train": (C.TrainConfig, cli.to_train_config)}
+             "nightly": (C.NightlyAuditConfig, cli.to_nightly_config), "train": (C.TrainConfig, cli.to_train_config),
+             "mia": (C.MiaConfig, cli.to_mia_config)}
 # each group's default option: its YAML adds nothing to the group's dataclass defaults
 DEFAULT_OPTION = {"model": "local", "sampling": "default", "prompts": "file", "storage": "local", "resources": "local",
                   "filter": "default", "trainset": "manifest", "embedder": "pixels", "index": "flat", "match": "tiled",
                   "nightly": "default", "arch": "text_small", "data": "manifest", "trainer": "demo",
-                  "triage": "auto", "budget": "fixed", "tracker": "none"}
+                  "triage": "auto", "budget": "fixed", "tracker": "none", "mia": "default"}
 
 
 def _raw(config_name: str, overrides=(), hydra_cfg: bool = False):

@@ -30,12 +30,12 @@ from memex.cli import CONF_DIR
 from conftest import REPO, compose
 
 SCHEMAS = {"generate": C.GenerateConfig, "audit": C.AuditConfig, "nightly": C.NightlyAuditConfig,
-           "train": C.TrainConfig}
+           "train": C.TrainConfig, "mia": C.MiaConfig}
 # top-level keys a fragment may start with, per stage (`preset` is a group without a dataclass)
 STAGE_KEYS = {s: {f.name for f in dataclasses.fields(cls)} | ({"preset"} if s in ("audit", "nightly") else set())
               for s, cls in SCHEMAS.items()}
 
-HEAD = re.compile(r"\bmemex\s+(?P<cli>generate|audit|nightly|train|report|--help)\b"
+HEAD = re.compile(r"\bmemex\s+(?P<cli>generate|audit|nightly|train|mia|report|--help)\b"
                   r"|(?<![\w/<])jobs/(?P<job>\w+)\.py\b")
 OVERRIDE = re.compile(r"^(\+\+|\+|~)?[A-Za-z_][\w.@/-]*=")
 SPAN = re.compile(r"`([^`\n]+)`")
@@ -201,7 +201,7 @@ def test_extractor_finds_the_documented_commands():
     assert {"README.md", "demo/README.md", "architecture.md", "conf/audit.yaml", "conf/train.yaml",
             "jobs/audit.py", "jobs/nightly.py", "memex/training.py"} <= files
     stages = {c.stage for c in CHECKED if not c.fragment}
-    assert stages == {"generate", "audit", "nightly", "train"}
+    assert stages == {"generate", "audit", "nightly", "train", "mia"}
     # shell around the command is gone, continuation lines are joined, placeholders kept as values
     cron = next(c for c in CHECKED if c.where.startswith("README.md") and "nightly.only=$ckpt" in c.overrides)
     assert cron.overrides == ["nightly=default", "nightly.location=/mnt/train/sd15-ft", "nightly.only=$ckpt"]

@@ -2,7 +2,9 @@
 
 - every row of its "Shipped settings" table equals the value the named command composes from the
   real conf/ (`memex audit`, `memex audit preset=paper`, ...) or the named file's constant;
-- every "`dotted.key` = value" in its text equals what `memex audit` composes to;
+- every "`dotted.key` = value" in its text equals what `memex audit` composes to, and every
+  "`mia.key` = value" (the membership-inference section) what `memex mia` composes to and the
+  default of MiaSettings, what memex/mia.py runs with;
 - its worked cost example is the demo audit's own arithmetic;
 - every `docs/method.md#anchor` cited in the repo is a heading of the page;
 - nothing in the repo cites notes outside it (a user's clone has only the repo).
@@ -11,6 +13,8 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
+import enum
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +30,7 @@ DOC = REPO / "docs" / "method.md"
 # where the code, configs, benchmarks and top-level docs live: what a clone holds and cites
 CITING = ["memex", "conf", "bench", "jobs", "tests", "README.md", "architecture.md"]
 NO_OUTSIDE_NOTES = ["memex", "conf", "bench", "jobs", "README.md", "architecture.md"]
-COMMANDS = {"memex audit": "audit", "memex nightly": "nightly"}
+COMMANDS = {"memex audit": "audit", "memex nightly": "nightly", "memex mia": "mia"}
 ROW = re.compile(r"^\| `(?P<setting>[^`]+)` \| `(?P<value>[^`]+)` \| (?P<where>[^|]+?) \|$")
 # "`match.threshold` = 0.15" in the text: a value that must be memex audit's default
 SPAN = re.compile(r"`(?P<key>[a-z_]+(?:\.[a-z_]+)+)` = (?P<value>`[^`]+`|\d{1,3}(?:,\d{3})+|[^\s,;:)]+)")
@@ -42,7 +46,11 @@ REQUIRED = {
     ("budget.continue_factor", "memex audit"), ("budget.continue_triage_z", "memex audit"),
     ("budget.kind", "memex nightly"), ("TILED", "bench/memorization.py"), ("COPY_RMS", "bench/memorization.py"),
     ("MIN_COPIES", "bench/memorization.py"),
+    ("mia.loss_timestep", "memex mia"), ("mia.draws", "memex mia"), ("mia.pia_timestep", "memex mia"),
+    ("mia.secmi_timestep", "memex mia"), ("mia.secmi_k", "memex mia"), ("mia.shadow_models", "memex mia mia=lira"),
 }
+SETTINGS = "## 10. Shipped settings"
+MIA_SECTION = "## 8. Membership inference"
 
 
 def doc() -> str:
@@ -66,7 +74,7 @@ def anchors(text: str) -> list[str]:
 
 
 def table_rows(text: str) -> list[tuple[str, str, str]]:
-    section = text.split("## 9. Shipped settings", 1)[1]
+    section = text.split(SETTINGS, 1)[1]
     return [(m["setting"], m["value"], m["where"].strip()) for m in map(ROW.match, section.splitlines()) if m]
 
 
@@ -119,7 +127,7 @@ def test_settings_table_matches_the_shipped_config_and_code():
     rows = table_rows(doc())
     assert len(rows) >= len(REQUIRED)
     missing = REQUIRED - {(s, w) for s, _, w in rows}
-    assert not missing, f"docs/method.md section 9 lost its rows for {sorted(missing)}"
+    assert not missing, f"docs/method.md section 10 lost its rows for {sorted(missing)}"
     wrong = []
     for setting, value, where in rows:
         if where.endswith(".py"):
@@ -128,12 +136,27 @@ def test_settings_table_matches_the_shipped_config_and_code():
             actual = config_value(composed(where), setting)
         if not same(parse(value), actual):
             wrong.append(f"{setting} ({where}): the doc says {value}, the code has {actual!r}")
-    assert not wrong, "docs/method.md section 9 drifted from the code:\n" + "\n".join(wrong)
+    assert not wrong, "docs/method.md section 10 drifted from the code:\n" + "\n".join(wrong)
+
+
+def mia_defaults(key: str) -> list:
+    """`mia.draws` -> the default of `draws` in each MiaSettings that has the field: the one
+    memex/mia.py runs with and memex/config.py's (one class when mia.py imports it); enums as values."""
+    from memex import config, mia
+
+    name, out = key.split(".", 1)[1], []
+    for cls in {mia.MiaSettings, config.MiaSettings}:
+        f = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+        if f is not None:
+            v = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(v.value if isinstance(v, enum.Enum) else v)
+    assert out, f"docs/method.md: MiaSettings has no field {name!r} ({key})"
+    return out
 
 
 def test_values_in_the_text_are_the_audit_defaults():
     text = doc()
-    spans = list(SPAN.finditer(text))
+    spans = [m for m in SPAN.finditer(text) if not m["key"].startswith("mia.")]
     assert len(spans) >= 10  # the text states its thresholds this way; a rewrite that drops them fails here
     cfg = composed("memex audit")
     wrong = []
@@ -143,6 +166,25 @@ def test_values_in_the_text_are_the_audit_defaults():
         if not same(parse(value), actual):
             wrong.append(f"`{m['key']}` = {value}: memex audit composes {actual!r}")
     assert not wrong, "docs/method.md text drifted from `memex audit`:\n" + "\n".join(wrong)
+
+
+def test_membership_inference_values_are_the_mia_settings_defaults():
+    text = doc()
+    section = text.split(MIA_SECTION, 1)[1].split("\n## ", 1)[0]
+    # the attacks' defaults are stated in section 8: loss t and draws, PIA t, SecMI t and k, the noise seed
+    assert {m["key"] for m in SPAN.finditer(section)} >= {"mia.loss_timestep", "mia.draws", "mia.pia_timestep",
+                                                          "mia.secmi_timestep", "mia.secmi_k", "mia.seed"}, \
+        "docs/method.md section 8 should state each attack's default as `mia.key` = value"
+    spans = [m for m in SPAN.finditer(text) if m["key"].startswith("mia.")]  # wherever they appear
+    cfg = composed("memex mia")
+    wrong = []
+    for m in spans:
+        value = parse(m["value"].rstrip("."))
+        wrong += [f"`{m['key']}` = {m['value']}: MiaSettings has {v!r}" for v in mia_defaults(m["key"])
+                  if not same(value, v)]
+        if not same(value, actual := config_value(cfg, m["key"])):
+            wrong.append(f"`{m['key']}` = {m['value']}: memex mia composes {actual!r}")
+    assert not wrong, "docs/method.md section 8 drifted from MiaSettings:\n" + "\n".join(wrong)
 
 
 def test_worked_cost_example_is_the_demo_audits():

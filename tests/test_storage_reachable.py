@@ -90,3 +90,25 @@ def test_init_with_storage_checks_after_ray_is_up(monkeypatch):
         runner.init(ResourcesConfig(), StorageConfig(root="runs"))
     runner.init(ResourcesConfig(), StorageConfig(root="runs", shared_mount=True))
     runner.init(ResourcesConfig())  # no storage: no check (the units' own calls)
+
+
+@pytest.mark.slow
+def test_audit_against_an_endpoint_nobody_answers_fails_in_one_line_naming_the_keys(tmp_path):
+    """An S3 endpoint with nothing listening (a wrong endpoint_url, a VPN down): one line naming the
+    folder and the keys to check, no botocore traceback, and nothing written anywhere."""
+    import subprocess
+
+    from conftest import BIN, free_port
+
+    port = free_port()  # bound and released: nothing listens on it
+    r = subprocess.run([str(BIN / "memex"), "audit", "storage=s3", "storage.root=s3://nowhere/runs",
+                        "+storage.options.key=k", "+storage.options.secret=s",
+                        f"storage.options.client_kwargs.endpoint_url=http://127.0.0.1:{port}",
+                        "+storage.options.config_kwargs.retries.max_attempts=1", "prompts.limit=2"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr + r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("memex: error: cannot reach index folder s3://nowhere/runs/_index/"), r.stderr[-2000:]
+    assert f"127.0.0.1:{port}" in last and "storage.options (endpoint_url, credentials)" in last
+    assert list(tmp_path.iterdir()) == []  # no local run folder or log left behind

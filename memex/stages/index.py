@@ -173,11 +173,13 @@ def run(cfg: AuditConfig) -> IndexInfo:
     key = index_key(listing, cfg)
     root = cfg.index.root or cfg.storage.root.rstrip("/") + "/_index"
     layout = IndexLayout(root, key, opts)
+    keys = "index.root / storage.root and storage.options (endpoint_url, credentials)"
+    layout.store.check_reachable("index folder", keys)  # the audit's first request to its storage
     done = layout.store.read_json(layout.success_path)
     if done is not None:
         log.info("index %s is complete: reusing it", layout.uri)
         return IndexInfo.from_json(done)
-    layout.store.check_writable("index folder", "index.root / storage.root and storage.options")
+    layout.store.check_writable("index folder", keys)
     # one build at a time (<index>/_lease.json): another audit of the same data waits for it, then reuses it
     with hold(layout.store, cfg.storage, f"index {layout.uri}", wait_s=None):
         done = layout.store.read_json(layout.success_path)

@@ -1,0 +1,355 @@
+"""`memex mia`: membership inference on one checkpoint (issue 15; docs/method.md, "Membership inference").
+
+Given a model, a member set (images it was trained on) and a non-member set (held out, same
+distribution), score every image with each attack of memex/mia.py and measure how well the scores
+tell the two apart (memex/mia_metrics.py). Writes `<storage.root>/<run>/mia/` (memex/layout.py
+MiaLayout) and `<run>/report/mia.html`.
+
+    1. check inputs: config, weights, both sets readable; every image decoded once here (the bad
+       ones quarantined) so that overlapping sets (same id, or the same picture under two ids) are
+       refused before any model work; captions present for a text model
+    2. claim the folder (mia/run.json: a rerun resumes, other settings are refused), images.parquet
+    3. scores/: units of mia.images_per_unit images on the actor pool (model loaded once per actor)
+    4. LiRA (mia.shadow_models > 0): one Ray task per shadow model: train it with `memex train` on
+       its half of members + non-members (the target's own recipe, memex_train.json), then its loss
+       on every image -> shadows/; the likelihood ratios -> lira.parquet
+    5. metrics per attack -> summary.json, and the report page
+
+A member manifest written by `memex train` (training_manifest.parquet: one row per copy, with
+source_id and copies) is read as one image per picture, carrying its number of copies: the report
+breaks the AUC down by copies (the most duplicated pictures should be the easiest to tell).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from memex import runner
+from memex.config import (
+    ArchConfig,
+    ArchKind,
+    ConfigError,
+    DataConfig,
+    MiaConfig,
+    TrainConfig,
+    TrainerConfig,
+    plain,
+    validate_mia,
+)
+from memex.ingest import decode_rows, list_training_set
+from memex.layout import MIA_IMAGES_SCHEMA, MIA_LIRA_SCHEMA, MIA_SCORES_SCHEMA, MIA_SHADOW_SCHEMA, MiaLayout
+from memex.lease import hold
+from memex.manifest import read_manifest
+from memex.models import check_model_inputs
+from memex.redact import redact
+from memex.storage import Store
+
+log = logging.getLogger("memex.mia")
+LIRA = ("lira_online", "lira_offline")
+
+
+# ---- 1. inputs ------------------------------------------------------------------------------
+def read_image_set(path: str, caption_column: str, member: bool, opts: dict) -> pa.Table:
+    """MIA_IMAGES_SCHEMA rows of one set. A `memex train` manifest (source_id, copies columns) is
+    one row per picture: its first row, with its copies."""
+    t = list_training_set(path, opts, caption_column)  # id, image, uri, caption, stamp (sorted by id)
+    copies = pa.nulls(t.num_rows, pa.int32())
+    if path.endswith(".parquet"):
+        m = read_manifest(path, opts)
+        if {"source_id", "copies"} <= set(m.column_names):
+            by_id = dict(zip(m["id"].to_pylist(), zip(m["source_id"].to_pylist(), m["copies"].to_pylist())))
+            keep = [i for i, r in enumerate(t["id"].to_pylist()) if by_id[r][0] == r]  # the picture's own row
+            t = t.take(keep)
+            copies = pa.array([by_id[r][1] for r in t["id"].to_pylist()], pa.int32())
+    return pa.table({"image_id": t["id"], "member": pa.array([member] * t.num_rows), "image": t["image"],
+                     "uri": t["uri"], "caption": t["caption"], "copies": copies}, schema=MIA_IMAGES_SCHEMA)
+
+
+def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
+    """(images that decode, quarantine); refuses overlapping sets, naming the ids."""
+    members = images.filter(images["member"])["image_id"].to_pylist()
+    nonmembers = images.filter(pc.invert(images["member"]))["image_id"].to_pylist()
+    both = sorted(set(members) & set(nonmembers))
+    if both:
+        raise ConfigError(f"members.path and nonmembers.path share {len(both)} ids ({', '.join(both[:5])}): "
+                          "non-members must be held out of training")
+    decoded = decode_rows(_rows(images), None, opts)  # every image once, as stored: ~1 ms each at 32 px
+    digest = {i: hashlib.sha256(f"{img.shape}".encode() + img.tobytes()).hexdigest()
+              for i, img in zip(decoded.ids, decoded.images)}
+    seen: dict[str, str] = {}
+    for i in members:
+        if i in digest:
+            seen.setdefault(digest[i], i)
+    same = [(i, seen[digest[i]]) for i in nonmembers if i in digest and digest[i] in seen]
+    if same:
+        pairs = ", ".join(f"{n} = {m}" for n, m in same[:5])
+        raise ConfigError(f"{len(same)} non-member images are the same picture as a member ({pairs}): "
+                          "non-members must be held out of training (nonmembers.path)")
+    ok = images.filter(pc.is_in(images["image_id"], pa.array(decoded.ids, pa.string())))
+    if not ok.filter(ok["member"]).num_rows or not ok.filter(pc.invert(ok["member"])).num_rows:
+        raise ConfigError("membership inference needs at least one decodable member and non-member image "
+                          f"({decoded.quarantine.num_rows} quarantined: members.path, nonmembers.path)")
+    return ok, decoded.quarantine
+
+
+def _rows(images: pa.Table) -> pa.Table:
+    """images.parquet rows as memex.ingest.decode_rows reads them (id, image, uri)."""
+    return images.select(["image_id", "image", "uri"]).rename_columns(["id", "image", "uri"])
+
+
+def is_text_model(path: str) -> bool | None:
+    """True/False from a local folder's model_index.json (a text encoder), None when not local."""
+    index = Path(path) / "model_index.json"
+    if not index.exists():
+        return None
+    return "text_encoder" in json.loads(index.read_text())
+
+
+def shadow_recipe(model_path: str) -> dict:
+    """The target's `memex train` config (memex_train.json): shadows are trained the same way."""
+    info = Path(model_path) / "memex_train.json"
+    if not info.exists():
+        raise ConfigError(f"LiRA trains shadow models the way the target was trained, but {model_path} has no "
+                          "memex_train.json (not made by `memex train`): set mia.shadow_models=0")
+    return json.loads(info.read_text())["config"]
+
+
+# ---- 3. scoring units (in the actors) --------------------------------------------------------
+class ScoreImages:
+    """One actor: the model and a MiaScorer, loaded once; a unit scores rows [start, stop) of images.parquet."""
+
+    def __init__(self, cfg: MiaConfig, run_name: str):
+        from memex.mia import MiaScorer
+        from memex.models import load_model, resolve_device
+
+        self.cfg, self.layout = cfg, MiaLayout(cfg.storage.root, run_name, cfg.storage.options)
+        self.images = self.layout.store.read_table(self.layout.images_path, schema=MIA_IMAGES_SCHEMA)
+        m = cfg.model
+        model = load_model(m.path, m.kind, "float32", resolve_device(cfg.resources.device), m.revision, m.unet,
+                           m.allow_pickle)
+        self.scorer = MiaScorer(model, cfg.mia)
+
+    def __call__(self, index: int, start: int, stop: int) -> tuple[pa.Table, dict]:
+        rows = self.images.slice(start, stop - start)
+        return score_rows(self.scorer, rows, [a.value for a in self.cfg.mia.attacks], self.cfg.storage.options)
+
+
+def score_rows(scorer, rows: pa.Table, attacks: list[str], opts: dict) -> tuple[pa.Table, dict]:
+    decoded = decode_rows(_rows(rows), None, opts)
+    if decoded.quarantine.num_rows:  # they decoded in step 1: the files changed since
+        bad = decoded.quarantine.to_pylist()[0]
+        raise ConfigError(f"image {bad['id']} no longer decodes ({bad['reason']}): rerun to re-check the sets")
+    before, padded = scorer.unet_evaluations, scorer.padded_evaluations
+    caps = rows["caption"].to_pylist()
+    raw = scorer.score(decoded.ids, decoded.images, caps if any(c is not None for c in caps) else None, attacks)
+    cols = {a: pa.array(raw[a], pa.float32()) if a in raw else pa.nulls(rows.num_rows, pa.float32())
+            for a in ("loss", "pia", "secmi")}
+    table = pa.table({"image_id": rows["image_id"], "member": rows["member"], "caption": rows["caption"],
+                      "copies": rows["copies"], **cols}, schema=MIA_SCORES_SCHEMA)
+    return table, {"unet_evaluations": scorer.unet_evaluations - before,
+                   "padded_evaluations": scorer.padded_evaluations - padded}
+
+
+# ---- 4. LiRA shadow models (one Ray task each) ------------------------------------------------
+def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: dict, inside: list[bool]) -> tuple:
+    """Shadow model `index`: trained on the images with inside[i] (each repeated as often as the
+    target saw it), saved to shadow_models/, then its loss on every image (same noise as the target's)."""
+    from memex.mia import MiaScorer
+    from memex.models import load_model, resolve_device
+    from memex.training import train
+
+    layout = MiaLayout(cfg.storage.root, run_name, cfg.storage.options)
+    images = layout.store.read_table(layout.images_path, schema=MIA_IMAGES_SCHEMA)
+    half = images.filter(pa.array(inside))
+    ids, image, uri, caption = [], [], [], []
+    for r in half.to_pylist():
+        for k in range(max(1, r["copies"] or 1)):
+            ids.append(r["image_id"] if k == 0 else f"{r['image_id']}#{k}")
+            image.append(r["image"]), uri.append(r["uri"]), caption.append(r["caption"])
+    manifest = pa.table({"id": ids, "image": pa.array(image, pa.binary()), "uri": pa.array(uri, pa.string()),
+                         "caption": pa.array(caption, pa.string())})
+    layout.store.write_table(layout.shadow_data(index), manifest)
+    arch = dict(recipe["arch"], kind=ArchKind(recipe["arch"]["kind"]))
+    trainer = dict(recipe["trainer"], seed=recipe["trainer"].get("seed", 0) * 1000 + index + 1)
+    if cfg.mia.shadow_steps is not None:
+        steps = cfg.mia.shadow_steps
+        trainer.update(steps=steps, warmup_steps=min(trainer.get("warmup_steps", 0), steps))
+    trainer["checkpoint_every"] = trainer["steps"]  # one checkpoint: a retried task restarts the shadow
+    with tempfile.TemporaryDirectory(prefix="memex-shadow-") as tmp:
+        data = Path(tmp) / "manifest.parquet"
+        import pyarrow.parquet as pq
+
+        pq.write_table(manifest, data)
+        out = train(TrainConfig(arch=ArchConfig(**arch), data=DataConfig(path=str(data), caption_column="caption"),
+                                trainer=TrainerConfig(**trainer), output=str(Path(tmp) / "model")))
+        for f in sorted(p for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts):
+            layout.store.write_bytes(layout.store.join(layout.shadow_model(index), str(f.relative_to(out))),
+                                     f.read_bytes())
+        scorer = MiaScorer(load_model(str(out), device=resolve_device(cfg.resources.device)), cfg.mia)
+        scores, meta = score_rows(scorer, images, ["loss"], cfg.storage.options)
+    table = pa.table({"shadow": pa.array([index] * images.num_rows, pa.int32()), "image_id": images["image_id"],
+                      "in_training": pa.array(inside), "loss": scores["loss"]}, schema=MIA_SHADOW_SCHEMA)
+    return table, {**meta, "training_steps": trainer["steps"], "examples": manifest.num_rows}
+
+
+def lira(scores: pa.Table, shadows: pa.Table, n_shadows: int) -> pa.Table:
+    from memex.mia import lira_offline, lira_online
+
+    ids = scores["image_id"].to_pylist()
+    col = {i: j for j, i in enumerate(ids)}
+    losses, inside = np.full((n_shadows, len(ids)), np.nan), np.zeros((n_shadows, len(ids)), bool)
+    for r in shadows.to_pylist():
+        losses[r["shadow"], col[r["image_id"]]] = r["loss"]
+        inside[r["shadow"], col[r["image_id"]]] = r["in_training"]
+    target = scores["loss"].to_numpy(zero_copy_only=False).astype(np.float64)
+    return pa.table({"image_id": ids, "lira_online": lira_online(target, losses, inside).astype(np.float32),
+                     "lira_offline": lira_offline(target, losses, inside).astype(np.float32),
+                     "shadows_in": inside.sum(0).astype(np.int32)}, schema=MIA_LIRA_SCHEMA)
+
+
+# ---- 5. metrics ------------------------------------------------------------------------------
+def metrics(raw: np.ndarray, labels: np.ndarray, attack: str) -> dict:
+    from memex.mia_metrics import balanced_accuracy, member_score, roc_auc, tpr_at_fpr
+
+    s = member_score(attack, raw)
+    at1, at01 = tpr_at_fpr(s, labels, 0.01), tpr_at_fpr(s, labels, 0.001)
+    return {"auc": round(roc_auc(s, labels), 4), "tpr_at_1pct_fpr": round(at1.tpr, 4),
+            "tpr_at_0.1pct_fpr": round(at01.tpr, 4), "resolved_1pct": at1.resolved,
+            "resolved_0.1pct": at01.resolved, "balanced_accuracy": round(balanced_accuracy(s, labels), 4)}
+
+
+def summarize(scores: pa.Table, lira_table: pa.Table | None, attacks: list[str]) -> dict:
+    """Per attack: AUC, TPR at 1% and 0.1% FPR, balanced accuracy; AUC per number of copies."""
+    from memex.mia_metrics import member_score, roc_auc
+
+    labels = scores["member"].to_numpy(zero_copy_only=False)
+    raw = {a: scores[a].to_numpy(zero_copy_only=False).astype(np.float64) for a in attacks}
+    if lira_table is not None:
+        order = {i: j for j, i in enumerate(lira_table["image_id"].to_pylist())}
+        take = [order[i] for i in scores["image_id"].to_pylist()]
+        raw.update({a: lira_table[a].to_numpy(zero_copy_only=False)[take].astype(np.float64) for a in LIRA})
+    out = {"attacks": {a: metrics(v, labels, a) for a, v in raw.items()}, "by_copies": {}}
+    copies = scores["copies"].to_pylist()
+    for c in sorted({c for c, m in zip(copies, labels) if m and c is not None}):
+        keep = np.array([(not m) or cc == c for cc, m in zip(copies, labels)])
+        out["by_copies"][str(c)] = {"members": int((labels & keep).sum()),
+                                    "auc": {a: round(roc_auc(member_score(a, v[keep]), labels[keep]), 4)
+                                            for a, v in raw.items()}}
+    return out
+
+
+# ---- driver ----------------------------------------------------------------------------------
+def run(cfg: MiaConfig) -> dict:
+    t0 = time.perf_counter()
+    opts = cfg.storage.options
+    # 1. inputs, each failing in seconds naming the key to fix
+    validate_mia(cfg)
+    from memex.mia import check_settings
+
+    check_settings(cfg.mia)
+    check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
+    recipe = shadow_recipe(cfg.model.path) if cfg.mia.shadow_models else None
+    images = pa.concat_tables([read_image_set(cfg.members.path, cfg.members.caption_column, True, opts),
+                               read_image_set(cfg.nonmembers.path, cfg.nonmembers.caption_column, False, opts)])
+    images, quarantine = check_sets(images, opts)
+    if is_text_model(cfg.model.path) and images.filter(pc.is_null(images["caption"])).num_rows:
+        first = images.filter(pc.is_null(images["caption"]))["image_id"][0].as_py()
+        raise ConfigError(f"{cfg.model.path} is a text-conditional model and image {first} has no caption: "
+                          "set members.caption_column / nonmembers.caption_column")
+
+    # 2. the folder: same settings resume, others are refused
+    digest = hashlib.sha256()
+    for r in images.select(["image_id", "member", "caption", "copies"]).to_pylist():
+        digest.update(json.dumps(r, sort_keys=True).encode())
+    settings = redact({"model": {k: v for k, v in plain(cfg.model).items() if k != "allow_pickle"},
+                       "mia": plain(cfg.mia), "images_sha256": digest.hexdigest(),
+                       "members": cfg.members.path, "nonmembers": cfg.nonmembers.path})
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    name = cfg.run.name or f"mia-{cfg.model.name}-{key}"
+    layout = MiaLayout(cfg.storage.root, name, opts)
+    layout.store.check_writable("mia folder", "storage.root and storage.options (endpoint_url, credentials)")
+    runner.init(cfg.resources, cfg.storage)
+    with hold(layout.store, cfg.storage, f"mia folder {layout.uri}"):
+        layout.store.claim(layout.run_json, settings, f"mia folder {layout.uri}",
+                           "Use another run.name (or storage.root) for a new experiment.")
+        if not layout.store.exists(layout.images_path):
+            layout.store.write_table(layout.images_path, images)
+            layout.store.write_table(layout.quarantine_path, quarantine)
+        summary = _score_and_measure(cfg, name, layout, images, recipe)
+        summary.update({"run": layout.run.uri, "model": cfg.model.path, "quarantined": quarantine.num_rows,
+                        "seconds": round(time.perf_counter() - t0, 1), "settings": settings})
+        layout.store.write_json(layout.summary_path, summary)
+        summary["report"] = _report(layout, opts)
+    return summary
+
+
+def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.Table, recipe: dict | None) -> dict:
+    # 3. scores on the actor pool
+    n, per = images.num_rows, cfg.mia.images_per_unit
+    units = {i: {"start": s, "stop": min(s + per, n)} for i, s in enumerate(range(0, n, per))}
+    runner.run_actor_pool(layout.scores, units, ScoreImages, {"cfg": cfg, "run_name": name}, cfg.resources)
+    scores = layout.scores.read().sort_by("image_id")
+    evals = sum(layout.scores.read_marker(i).get("unet_evaluations", 0) for i in units)
+    attacks = [a.value for a in cfg.mia.attacks]
+
+    # 4. LiRA: shadow models, one task each (resumed per shadow by its marker)
+    lira_table = None
+    if recipe is not None:
+        from memex.mia import shadow_splits
+
+        ids = images["image_id"].to_pylist()
+        split = shadow_splits(ids, cfg.mia.shadow_models, cfg.mia.seed)
+        tasks = {s: {"inside": split[s].tolist()} for s in range(cfg.mia.shadow_models)}
+        runner.run_tasks(layout.shadows, tasks, train_and_score_shadow, cfg.resources, cfg=cfg, run_name=name,
+                         recipe=recipe)
+        evals += sum(layout.shadows.read_marker(s).get("unet_evaluations", 0) for s in tasks)
+        lira_table = lira(scores, layout.shadows.read(), cfg.mia.shadow_models)
+        layout.store.write_table(layout.lira_path, lira_table)
+
+    # 5. metrics
+    out = summarize(scores, lira_table, attacks)
+    members = int(pc.sum(scores["member"]).as_py() or 0)
+    for a, m in out["attacks"].items():
+        calls = {"loss": cfg.mia.draws, "pia": 2, "secmi": cfg.mia.secmi_k + 2}
+        m["unet_evaluations_per_image"] = (calls[a] if a in calls else
+                                           cfg.mia.draws * (cfg.mia.shadow_models + 1))  # LiRA: the loss, S + 1 models
+    return {"members": members, "nonmembers": scores.num_rows - members, "shadow_models": cfg.mia.shadow_models,
+            "unet_evaluations": int(evals), **out}
+
+
+def _report(layout: MiaLayout, opts: dict) -> str | None:
+    try:
+        from memex.mia_report import build_mia_report
+    except ImportError:  # the page's module is optional for the numbers
+        return None
+    return build_mia_report(layout.run.uri, opts)
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"memex mia: {s['model']}",
+             f"  {s['members']} members, {s['nonmembers']} non-members ({s['quarantined']} quarantined), "
+             f"{s['unet_evaluations']} UNet evaluations" + (f", {s['shadow_models']} shadow models"
+                                                            if s["shadow_models"] else ""),
+             f"  {'attack':<13} {'AUC':>6} {'TPR@1%':>7} {'TPR@0.1%':>9} {'bal.acc':>8}"]
+    for a, m in s["attacks"].items():
+        flag = lambda k: "" if m[f"resolved_{k}"] else "*"  # noqa: E731
+        lines.append(f"  {a:<13} {m['auc']:>6.3f} {m['tpr_at_1pct_fpr']:>6.3f}{flag('1pct'):1} "
+                     f"{m['tpr_at_0.1pct_fpr']:>8.3f}{flag('0.1pct'):1} {m['balanced_accuracy']:>8.3f}")
+    if any(not m["resolved_0.1pct"] for m in s["attacks"].values()):
+        lines.append(f"  * fewer non-members than 1/FPR: only FPR 0 measurable ({s['nonmembers']} non-members)")
+    for c, b in s.get("by_copies", {}).items():
+        lines.append(f"  members with {c} copies ({b['members']}): AUC " +
+                     ", ".join(f"{a} {v:.3f}" for a, v in b["auc"].items()))
+    if s.get("report"):
+        lines.append(f"  report: {s['report']}")
+    lines.append(f"  folder: {Store(s['run']).uri.rstrip('/')}/mia")
+    return "\n".join(lines)
