@@ -635,6 +635,14 @@ class ImageSetConfig:
 
 
 @dataclass
+class QuerySetConfig:
+    # images whose membership is the question ("was this picture in the training set?"): scored
+    # like the others, not used in the metrics; each gets a p-value against the non-members
+    path: Optional[str] = None
+    caption_column: str = "caption"
+
+
+@dataclass
 class MiaSettings:
     """The `mia` group; memex/mia.py takes it as is (MiaScorer(model, settings))."""
 
@@ -660,6 +668,7 @@ class MiaConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     members: ImageSetConfig = field(default_factory=ImageSetConfig)  # images in the training set
     nonmembers: ImageSetConfig = field(default_factory=ImageSetConfig)  # same distribution, held out
+    queries: QuerySetConfig = field(default_factory=QuerySetConfig)  # unknown membership: the question
     mia: MiaSettings = field(default_factory=MiaSettings)
     storage: StorageConfig = field(default_factory=StorageConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

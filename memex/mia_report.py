@@ -223,6 +223,18 @@ def _by_copies(by_copies: dict) -> str:
             + _table(["copies", "members", *(f"AUC {a}" for a in attacks)], rows, set(range(1, len(attacks) + 2))))
 
 
+def _queries(queries: list[dict]) -> str:
+    """The questioned images (queries.path): each one's p-value per attack."""
+    if not queries:
+        return ""
+    attacks = _attack_order({a for q in queries for a in (q.get("p_value") or {})})
+    rows = [[esc(q.get("image_id")), *(_fmt((q.get("p_value") or {}).get(a)) for a in attacks)] for q in queries]
+    return ("<h3>Questioned images</h3><p>Images of <code>queries.path</code>, kept out of the metrics. p-value: the "
+            "share of non-members scoring at least as member-like (the image counted too). Small under an attack "
+            "with a high AUC: evidence of membership; under an attack at chance: none.</p>"
+            + _table(["image", *(f"p-value {a}" for a in attacks)], rows, set(range(1, len(attacks) + 1))))
+
+
 def render_mia_section(summary: dict, scores: pa.Table, lira: pa.Table | None) -> str:
     """The membership-inference section as an HTML fragment (an <h2> and what follows it): the
     headline table of the attacks, their ROC curves as one inline SVG, the members some attack
@@ -250,6 +262,7 @@ def render_mia_section(summary: dict, scores: pa.Table, lira: pa.Table | None) -
     out.append("<h3>ROC curves</h3>" + roc_figure(curves))
     out.append(exposed_members(scores, curves))
     out.append(_by_copies(summary.get("by_copies") or {}))
+    out.append(_queries(summary.get("queries") or []))
     seconds = summary.get("seconds")
     if "unet_evaluations" in summary:
         took = f" in {seconds:,.0f} s" if _finite(seconds) else ""

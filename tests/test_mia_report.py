@@ -237,3 +237,16 @@ def test_summary_round_trip_keeps_string_copy_keys(tmp_path):
     by = {str(k): {"members": k, "auc": {"loss": 0.5}} for k in (10, 9, 100)}
     html = render_mia_section(json.loads(json.dumps({**SUMMARY, "by_copies": by})), _tables()[0], None)
     assert re.findall(r"<tr><td>(\d+)</td>", html.split("By copies", 1)[1]) == ["9", "10", "100"]
+
+
+def test_questioned_images_are_listed_with_their_p_values_escaped():
+    from memex.mia_report import render_mia_section
+
+    scores = pa.table({"image_id": ["m", "n", "q"], "member": pa.array([True, False, None], pa.bool_()),
+                       "caption": pa.array([None] * 3, pa.string()), "copies": pa.array([None] * 3, pa.int32()),
+                       "loss": pa.array([0.1, 0.5, 0.2], pa.float32())})
+    summary = {"attacks": {"loss": {"auc": 1.0}}, "members": 1, "nonmembers": 1,
+               "queries": [{"image_id": "<b>q</b>", "p_value": {"loss": 0.5}}]}
+    html = render_mia_section(summary, scores, None)
+    assert "Questioned images" in html and "&lt;b&gt;q&lt;/b&gt;" in html and "<b>q</b>" not in html
+    assert "Questioned images" not in render_mia_section({**summary, "queries": []}, scores, None)

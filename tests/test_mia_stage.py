@@ -38,6 +38,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("mia")
     members = write_set(root / "members.parquet", range(N))
     nonmembers = write_set(root / "heldout.parquet", range(N, 2 * N))
+    t = pq.read_table(nonmembers)  # + one corrupt image: quarantined, the rest scored
+    pq.write_table(pa.concat_tables([t, pa.table({"id": ["broken"], "image": [b"\x89PNG\r\n\x1a\n cut"],
+                                                  "caption": ["a broken logo"]}, schema=t.schema)]), nonmembers)
     model = train(TrainConfig(arch=ArchConfig(kind=ArchKind.unconditional, resolution=SIZE, block_out_channels=[8, 16],
                                               attention_levels=0),
                               data=DataConfig(path=str(members)),
@@ -58,7 +61,7 @@ def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadow
     cfg = cfg_of(world, "mia=lira", "mia.shadow_models=2", f"mia.shadow_steps={STEPS}", "run.name=m",
                  f"resources.address={ray_head.address}")
     s = mia.run(cfg)
-    assert (s["members"], s["nonmembers"], s["quarantined"], s["shadow_models"]) == (N, N, 0, 2)
+    assert (s["members"], s["nonmembers"], s["quarantined"], s["shadow_models"]) == (N, N, 1, 2)
     assert set(s["attacks"]) == {"loss", "pia", "secmi", "lira_online", "lira_offline"}
     assert s["attacks"]["loss"]["auc"] >= 0.9, s["attacks"]  # memorized: loss tells them apart (measured 0.94)
     # LiRA compares each image's loss under the target with 2 shadows, one trained with it, one without
@@ -67,6 +70,8 @@ def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadow
     assert s["unet_evaluations"] == 12 * (4 + 2 + 12) + 2 * 12 * 4
 
     layout = MiaLayout(cfg.storage.root, "m")
+    quarantine = pq.read_table(layout.store.uri_of(layout.quarantine_path)).to_pylist()
+    assert [q["id"] for q in quarantine] == ["broken"] and quarantine[0]["reason"]
     scores = layout.scores.read()
     assert scores.num_rows == 2 * N and len(set(scores["image_id"].to_pylist())) == 2 * N
     lira = pq.read_table(layout.store.uri_of(layout.lira_path))
@@ -104,7 +109,7 @@ def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["same_id", "same_picture", "same_path", "one_shadow", "odd_shadows",
-                                  "no_recipe", "no_captions", "empty_attacks"])
+                                  "no_recipe", "no_captions", "empty_attacks", "query_clash"])
 def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, case):
     root, model, members, nonmembers = world
     extra = []
@@ -130,6 +135,9 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
         pq.write_table(pq.read_table(nonmembers).drop(["caption"]), tmp_path / "n.parquet")
         extra = [f"model.path={tiny_models['pixel_text']}", f"nonmembers.path={tmp_path / 'n.parquet'}"]
         match = "has no caption: set members.caption_column / nonmembers.caption_column"
+    elif case == "query_clash":  # a questioned image under a labelled image's id
+        extra = [f"queries.path={write_set(tmp_path / 'q.parquet', [70], ['logo-07'])}"]
+        match = "queries.path shares 1 ids with the labelled sets (logo-07)"
     else:
         extra = ["mia.attacks=[]"]
         match = "mia.attacks is empty"
@@ -173,3 +181,16 @@ def test_on_the_demo_checkpoint_every_attack_ranks_its_most_copied_members_first
     assert labels.sum() == 8
     auc = {a: roc_auc(member_score(a, v), labels) for a, v in raw.items()}
     assert auc["loss"] >= 0.9 and auc["pia"] >= 0.8 and auc["secmi"] >= 0.65, auc
+
+
+def test_query_images_get_a_p_value_against_the_non_members_and_stay_out_of_the_metrics():
+    """queries.path: images whose membership is the question. Not in the AUC; each gets the share of
+    non-members that score at least as member-like (1/(1+n) for one above them all)."""
+    scores = pa.table({"image_id": ["m1", "m2", "n1", "n2", "n3", "q-low", "q-high"],
+                       "member": pa.array([True, True, False, False, False, None, None], pa.bool_()),
+                       "copies": pa.array([None] * 7, pa.int32()),
+                       "loss": pa.array([0.1, 0.2, 0.5, 0.6, 0.7, 0.05, 0.9], pa.float32())})
+    out = mia.summarize(scores, None, ["loss"])
+    assert out["attacks"]["loss"]["auc"] == 1.0  # the queries (one very member-like) are not counted
+    p = {q["image_id"]: q["p_value"]["loss"] for q in out["queries"]}
+    assert p == {"q-low": pytest.approx(1 / 4, abs=1e-4), "q-high": 1.0}  # loss 0.05: below all 3 non-members

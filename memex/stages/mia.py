@@ -45,20 +45,20 @@ from memex.config import (
     plain,
     validate_mia,
 )
-from memex.ingest import decode_rows, list_training_set
+from memex.ingest import decode_rows, iter_batches, list_training_set
 from memex.layout import MIA_IMAGES_SCHEMA, MIA_LIRA_SCHEMA, MIA_SCORES_SCHEMA, MIA_SHADOW_SCHEMA, MiaLayout
 from memex.lease import hold
 from memex.manifest import read_manifest
 from memex.models import check_model_inputs
 from memex.redact import redact
-from memex.storage import Store
 
 log = logging.getLogger("memex.mia")
 LIRA = ("lira_online", "lira_offline")
+CHECK_BATCH = 256  # images decoded at a time by the input check
 
 
 # ---- 1. inputs ------------------------------------------------------------------------------
-def read_image_set(path: str, caption_column: str, member: bool, opts: dict) -> pa.Table:
+def read_image_set(path: str, caption_column: str, member: bool | None, opts: dict) -> pa.Table:
     """MIA_IMAGES_SCHEMA rows of one set. A `memex train` manifest (source_id, copies columns) is
     one row per picture: its first row, with its copies."""
     t = list_training_set(path, opts, caption_column)  # id, image, uri, caption, stamp (sorted by id)
@@ -70,21 +70,32 @@ def read_image_set(path: str, caption_column: str, member: bool, opts: dict) -> 
             keep = [i for i, r in enumerate(t["id"].to_pylist()) if by_id[r][0] == r]  # the picture's own row
             t = t.take(keep)
             copies = pa.array([by_id[r][1] for r in t["id"].to_pylist()], pa.int32())
-    return pa.table({"image_id": t["id"], "member": pa.array([member] * t.num_rows), "image": t["image"],
+    return pa.table({"image_id": t["id"], "member": pa.array([member] * t.num_rows, pa.bool_()), "image": t["image"],
                      "uri": t["uri"], "caption": t["caption"], "copies": copies}, schema=MIA_IMAGES_SCHEMA)
 
 
 def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
     """(images that decode, quarantine); refuses overlapping sets, naming the ids."""
-    members = images.filter(images["member"])["image_id"].to_pylist()
-    nonmembers = images.filter(pc.invert(images["member"]))["image_id"].to_pylist()
+    members = images.filter(pc.equal(images["member"], True))["image_id"].to_pylist()
+    nonmembers = images.filter(pc.equal(images["member"], False))["image_id"].to_pylist()
     both = sorted(set(members) & set(nonmembers))
     if both:
         raise ConfigError(f"members.path and nonmembers.path share {len(both)} ids ({', '.join(both[:5])}): "
                           "non-members must be held out of training")
-    decoded = decode_rows(_rows(images), None, opts)  # every image once, as stored: ~1 ms each at 32 px
-    digest = {i: hashlib.sha256(f"{img.shape}".encode() + img.tobytes()).hexdigest()
-              for i, img in zip(decoded.ids, decoded.images)}
+    queries = images.filter(pc.is_null(images["member"]))["image_id"].to_pylist()
+    clash = sorted(set(queries) & (set(members) | set(nonmembers)))
+    if clash:
+        raise ConfigError(f"queries.path shares {len(clash)} ids with the labelled sets ({', '.join(clash[:5])}): "
+                          "give the questioned images ids of their own")
+    # every image decoded once, as stored, CHECK_BATCH at a time, keeping only a hash of its pixels
+    # (~1 ms an image at 32 px; 10,000 512-px images would be 7.9 GB if kept)
+    digest, bad = {}, []
+    for batch in iter_batches(_rows(images), CHECK_BATCH):
+        decoded = decode_rows(batch, None, opts)
+        digest.update({i: hashlib.sha256(f"{img.shape}".encode() + img.tobytes()).hexdigest()
+                       for i, img in zip(decoded.ids, decoded.images)})
+        bad.append(decoded.quarantine)
+    quarantine = pa.concat_tables(bad)
     seen: dict[str, str] = {}
     for i in members:
         if i in digest:
@@ -94,11 +105,11 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
         pairs = ", ".join(f"{n} = {m}" for n, m in same[:5])
         raise ConfigError(f"{len(same)} non-member images are the same picture as a member ({pairs}): "
                           "non-members must be held out of training (nonmembers.path)")
-    ok = images.filter(pc.is_in(images["image_id"], pa.array(decoded.ids, pa.string())))
-    if not ok.filter(ok["member"]).num_rows or not ok.filter(pc.invert(ok["member"])).num_rows:
+    ok = images.filter(pc.is_in(images["image_id"], pa.array(list(digest), pa.string())))
+    if not ok.filter(pc.equal(ok["member"], True)).num_rows or not ok.filter(pc.equal(ok["member"], False)).num_rows:
         raise ConfigError("membership inference needs at least one decodable member and non-member image "
-                          f"({decoded.quarantine.num_rows} quarantined: members.path, nonmembers.path)")
-    return ok, decoded.quarantine
+                          f"({quarantine.num_rows} quarantined: members.path, nonmembers.path)")
+    return ok, quarantine
 
 
 def _rows(images: pa.Table) -> pa.Table:
@@ -106,21 +117,32 @@ def _rows(images: pa.Table) -> pa.Table:
     return images.select(["image_id", "image", "uri"]).rename_columns(["id", "image", "uri"])
 
 
-def is_text_model(path: str) -> bool | None:
-    """True/False from a local folder's model_index.json (a text encoder), None when not local."""
-    index = Path(path) / "model_index.json"
-    if not index.exists():
+def _model_json(path: str, name: str) -> dict | None:
+    """`name` (a JSON file) of the model folder at `path`, local or any fsspec URI; None when absent
+    (or a hub id: the check is then left to the load)."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+        file = root.rstrip("/") + "/" + name
+        return json.loads(fs.cat_file(file)) if fs.exists(file) else None
+    except (OSError, ValueError):
         return None
-    return "text_encoder" in json.loads(index.read_text())
+
+
+def is_text_model(path: str) -> bool | None:
+    """True/False from the folder's model_index.json (a text encoder), None when it cannot be read."""
+    index = _model_json(path, "model_index.json")
+    return None if index is None else "text_encoder" in index
 
 
 def shadow_recipe(model_path: str) -> dict:
     """The target's `memex train` config (memex_train.json): shadows are trained the same way."""
-    info = Path(model_path) / "memex_train.json"
-    if not info.exists():
+    info = _model_json(model_path, "memex_train.json")
+    if info is None:
         raise ConfigError(f"LiRA trains shadow models the way the target was trained, but {model_path} has no "
                           "memex_train.json (not made by `memex train`): set mia.shadow_models=0")
-    return json.loads(info.read_text())["config"]
+    return info["config"]
 
 
 # ---- 3. scoring units (in the actors) --------------------------------------------------------
@@ -231,14 +253,24 @@ def summarize(scores: pa.Table, lira_table: pa.Table | None, attacks: list[str])
     """Per attack: AUC, TPR at 1% and 0.1% FPR, balanced accuracy; AUC per number of copies."""
     from memex.mia_metrics import member_score, roc_auc
 
-    labels = scores["member"].to_numpy(zero_copy_only=False)
     raw = {a: scores[a].to_numpy(zero_copy_only=False).astype(np.float64) for a in attacks}
     if lira_table is not None:
         order = {i: j for j, i in enumerate(lira_table["image_id"].to_pylist())}
         take = [order[i] for i in scores["image_id"].to_pylist()]
         raw.update({a: lira_table[a].to_numpy(zero_copy_only=False)[take].astype(np.float64) for a in LIRA})
-    out = {"attacks": {a: metrics(v, labels, a) for a, v in raw.items()}, "by_copies": {}}
-    copies = scores["copies"].to_pylist()
+    known = pc.is_valid(scores["member"]).to_numpy(zero_copy_only=False)
+    queries = {"ids": [i for i, k in zip(scores["image_id"].to_pylist(), known) if not k]}
+    labels = scores["member"].to_numpy(zero_copy_only=False)[known].astype(bool)
+    for a, v in raw.items():  # a query's p-value: the share of non-members scoring at least as member-like
+        s = member_score(a, v)
+        non = np.sort(s[known][~labels])
+        queries[a] = [round(float((1 + len(non) - np.searchsorted(non, q, "left")) / (1 + len(non))), 4)
+                      for q in s[~known]]
+    raw = {a: v[known] for a, v in raw.items()}
+    out = {"attacks": {a: metrics(v, labels, a) for a, v in raw.items()}, "by_copies": {},
+           "queries": [{"image_id": i, "p_value": {a: queries[a][j] for a in raw}}
+                       for j, i in enumerate(queries["ids"])]}
+    copies = [c for c, k in zip(scores["copies"].to_pylist(), known) if k]
     for c in sorted({c for c, m in zip(copies, labels) if m and c is not None}):
         keep = np.array([(not m) or cc == c for cc, m in zip(copies, labels)])
         out["by_copies"][str(c)] = {"members": int((labels & keep).sum()),
@@ -259,7 +291,9 @@ def run(cfg: MiaConfig) -> dict:
     check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
     recipe = shadow_recipe(cfg.model.path) if cfg.mia.shadow_models else None
     images = pa.concat_tables([read_image_set(cfg.members.path, cfg.members.caption_column, True, opts),
-                               read_image_set(cfg.nonmembers.path, cfg.nonmembers.caption_column, False, opts)])
+                               read_image_set(cfg.nonmembers.path, cfg.nonmembers.caption_column, False, opts)]
+                              + ([read_image_set(cfg.queries.path, cfg.queries.caption_column, None, opts)]
+                                 if cfg.queries.path else []))
     images, quarantine = check_sets(images, opts)
     if is_text_model(cfg.model.path) and images.filter(pc.is_null(images["caption"])).num_rows:
         first = images.filter(pc.is_null(images["caption"]))["image_id"][0].as_py()
@@ -272,7 +306,7 @@ def run(cfg: MiaConfig) -> dict:
         digest.update(json.dumps(r, sort_keys=True).encode())
     settings = redact({"model": {k: v for k, v in plain(cfg.model).items() if k != "allow_pickle"},
                        "mia": plain(cfg.mia), "images_sha256": digest.hexdigest(),
-                       "members": cfg.members.path, "nonmembers": cfg.nonmembers.path})
+                       "members": cfg.members.path, "nonmembers": cfg.nonmembers.path, "queries": cfg.queries.path})
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     name = cfg.run.name or f"mia-{cfg.model.name}-{key}"
     layout = MiaLayout(cfg.storage.root, name, opts)
@@ -317,12 +351,13 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
 
     # 5. metrics
     out = summarize(scores, lira_table, attacks)
-    members = int(pc.sum(scores["member"]).as_py() or 0)
+    members = int(pc.sum(pc.cast(pc.equal(scores["member"], True), pa.int64())).as_py() or 0)
+    nonmembers = int(pc.sum(pc.cast(pc.equal(scores["member"], False), pa.int64())).as_py() or 0)
     for a, m in out["attacks"].items():
         calls = {"loss": cfg.mia.draws, "pia": 2, "secmi": cfg.mia.secmi_k + 2}
         m["unet_evaluations_per_image"] = (calls[a] if a in calls else
                                            cfg.mia.draws * (cfg.mia.shadow_models + 1))  # LiRA: the loss, S + 1 models
-    return {"members": members, "nonmembers": scores.num_rows - members, "shadow_models": cfg.mia.shadow_models,
+    return {"members": members, "nonmembers": nonmembers, "shadow_models": cfg.mia.shadow_models,
             "unet_evaluations": int(evals), **out}
 
 
@@ -346,10 +381,13 @@ def format_summary(s: dict) -> str:
                      f"{m['tpr_at_0.1pct_fpr']:>8.3f}{flag('0.1pct'):1} {m['balanced_accuracy']:>8.3f}")
     if any(not m["resolved_0.1pct"] for m in s["attacks"].values()):
         lines.append(f"  * fewer non-members than 1/FPR: only FPR 0 measurable ({s['nonmembers']} non-members)")
+    for q in s.get("queries", [])[:20]:
+        lines.append(f"  query {q['image_id']}: p-value " + ", ".join(f"{a} {v:.3f}" for a, v in q["p_value"].items())
+                     + "  (share of non-members scoring at least as member-like)")
     for c, b in s.get("by_copies", {}).items():
-        lines.append(f"  members with {c} copies ({b['members']}): AUC " +
+        lines.append(f"  members with {c} {'copy' if c == '1' else 'copies'} ({b['members']}): AUC " +
                      ", ".join(f"{a} {v:.3f}" for a, v in b["auc"].items()))
     if s.get("report"):
         lines.append(f"  report: {s['report']}")
-    lines.append(f"  folder: {Store(s['run']).uri.rstrip('/')}/mia")
+    lines.append(f"  folder: {s['run'].rstrip('/')}/mia")
     return "\n".join(lines)
