@@ -52,6 +52,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from timing import elapsed, timers  # bench/timing.py: the scripts run from bench/
 
 import memex.mia as mia_mod
 from memex import synth, tiny
@@ -75,13 +76,6 @@ ATTACKS = ("loss", "pia", "secmi")
 ALL = "all 3"  # the three in one score() call, as the stage runs them: one preprocessing per batch
 
 
-def elapsed(fn, device: str) -> float:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
 
 
 def calls_per_batch(attack: str, s: MiaSettings) -> int:
@@ -125,15 +119,7 @@ def bound_loop(unet, n_forwards: int, x: torch.Tensor, cond: torch.Tensor | None
 def instrumented(scorer: MiaScorer, device: str):
     """Timers around this scorer's parts (instance attributes shadow the methods; memex.mia's module-level
     to_model_images swapped for the run): key -> [seconds, calls]."""
-    acc: dict[str, list] = defaultdict(lambda: [0.0, 0])
-
-    def timed(fn, key):
-        def wrapper(*args, **kw):
-            out = []
-            acc[key][0] += elapsed(lambda: out.append(fn(*args, **kw)), device)
-            acc[key][1] += 1
-            return out[0]
-        return wrapper
+    acc, timed = timers(device)
 
     targets = [(scorer.unet, "forward", "UNet forward"), (scorer, "_embed", "caption embeddings"),
                (scorer, "noise", "noise (seeded, CPU)")]

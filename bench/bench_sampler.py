@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import elapsed, timers  # bench/timing.py: the scripts run from bench/
 
 from memex import config, tiny
 from memex.config import ModelKind, SamplingConfig
@@ -68,13 +69,6 @@ PROMPTS = (REPO / "demo/prompts.txt").read_text().splitlines() + [
     "a lighthouse at dusk", "portrait of a man", "a cat on a sofa", "a vintage car", "a bowl of soup"]
 
 
-def elapsed(fn, device: str) -> float:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
 
 
 def encode_text(pipe, text: str) -> torch.Tensor:  # (1, L, D): what Sampler._encode computes for a CLIP encoder
@@ -157,15 +151,7 @@ def bound_loop(unet, n_forwards: int, x, cond, timesteps) -> None:
 
 def instrument(sampler: Sampler, device: str) -> dict[str, list]:
     """Timers around the instance's parts (instance attributes shadow the methods): key -> [seconds, calls]."""
-    acc: dict[str, list] = defaultdict(lambda: [0.0, 0])
-
-    def timed(fn, key):
-        def wrapper(*args, **kw):
-            out = []
-            acc[key][0] += elapsed(lambda: out.append(fn(*args, **kw)), device)
-            acc[key][1] += 1
-            return out[0]
-        return wrapper
+    acc, timed = timers(device)
 
     s, sched = sampler, sampler.scheduler
     for obj, name, key in [(s, "unet", "UNet forward"), (sched, "step", "scheduler.step"),

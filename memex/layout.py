@@ -189,7 +189,25 @@ def log_path(store: Store, name: str) -> str:
     return store.join(LOGS, name)
 
 
-class RunLayout:
+class _Folder:
+    """A folder on a Store (`self.store`): its URI, paths inside it, its lease (memex/lease.py)."""
+
+    store: Store
+
+    @property
+    def uri(self) -> str:
+        """The folder as a URI a user can paste (s3://bucket/runs/name or /abs/path)."""
+        return self.store.uri
+
+    def join(self, *parts: str) -> str:
+        return self.store.join(*parts)
+
+    @property
+    def lease_path(self) -> str:
+        return self.join("_lease.json")
+
+
+class RunLayout(_Folder):
     """Paths of one run folder `<root>/<run name>` on any fsspec filesystem (I/O: `layout.store`)."""
 
     def __init__(self, root: str, run_name: str, storage_options: dict[str, Any] | None = None):
@@ -207,16 +225,8 @@ class RunLayout:
         return cls(posixpath.dirname(run_uri) or ".", posixpath.basename(run_uri), storage_options)
 
     @property
-    def uri(self) -> str:
-        """The run folder as a URI a user can paste (s3://bucket/runs/name or /abs/path)."""
-        return self.store.uri
-
-    @property
     def path(self) -> str:
         return self.store.path
-
-    def join(self, *parts: str) -> str:
-        return self.store.join(*parts)
 
     @property
     def run_json(self) -> str:
@@ -260,15 +270,11 @@ class RunLayout:
                     None)
 
     @property
-    def lease_path(self) -> str:
-        return self.join("_lease.json")
-
-    @property
     def report_path(self) -> str:
         return self.join("report", "index.html")
 
 
-class IndexLayout:
+class IndexLayout(_Folder):
     """Paths of one membership index `<index root>/<key>/` (see the module docstring).
 
     The key hashes the training-set listing, the embedder and the index settings, so every audit of
@@ -284,13 +290,6 @@ class IndexLayout:
         # written by the shards units (no markers of its own): kept apart from the FAISS files so that
         # pyarrow reads quarantine/ as one dataset
         self.quarantine = StageFolder(self.store, "quarantine", schema=QUARANTINE_SCHEMA)
-
-    @property
-    def uri(self) -> str:
-        return self.store.uri
-
-    def join(self, *parts: str) -> str:
-        return self.store.join(*parts)
 
     @property
     def info_json(self) -> str:
@@ -317,12 +316,8 @@ class IndexLayout:
     def quarantine_path(self, shard: int) -> str:
         return self.quarantine.file(shard)
 
-    @property
-    def lease_path(self) -> str:
-        return self.join("_lease.json")
 
-
-class MiaLayout:
+class MiaLayout(_Folder):
     """Paths of `memex mia`'s folder `<root>/<run name>/mia/` (see the module docstring)."""
 
     def __init__(self, root: str, run_name: str, storage_options: dict[str, Any] | None = None):
@@ -331,13 +326,6 @@ class MiaLayout:
         self.run_name = run_name
         self.scores = StageFolder(self.store, "scores", schema=MIA_SCORES_SCHEMA)
         self.shadows = StageFolder(self.store, "shadows", schema=MIA_SHADOW_SCHEMA)
-
-    @property
-    def uri(self) -> str:
-        return self.store.uri
-
-    def join(self, *parts: str) -> str:
-        return self.store.join(*parts)
 
     @property
     def run_json(self) -> str:
@@ -368,7 +356,3 @@ class MiaLayout:
     @property
     def report_path(self) -> str:
         return self.run.join("report", "mia.html")
-
-    @property
-    def lease_path(self) -> str:
-        return self.join("_lease.json")
