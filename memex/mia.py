@@ -36,7 +36,7 @@ import torch
 from memex.config import ConfigError, MiaSettings, ModelKind
 from memex.images import PREPROCESS, fit
 from memex.models import LoadedModel, ModelError
-from memex.sampling import image_channels, sample_seed
+from memex.sampling import encode_text, image_channels, sample_seed
 
 ATTACKS = ("loss", "pia", "secmi")  # what MiaScorer computes; LiRA combines "loss" across models
 
@@ -191,11 +191,7 @@ class MiaScorer:
         """(B, L, D) text embeddings, each distinct caption encoded alone (one shape, as Sampler)."""
         rows = {}
         for text in dict.fromkeys(captions):
-            tok = self.tokenizer([text], padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt")
-            dev = self.text_encoder.device
-            mask = tok.attention_mask.to(dev) if self.text_encoder.config.model_type == "t5" else None
-            rows[text] = self.text_encoder(tok.input_ids.to(dev), attention_mask=mask)[0][0]
+            rows[text] = encode_text(self.tokenizer, self.text_encoder, [text])[0]
             self.prompts_encoded += 1
         return torch.stack([rows[c] for c in captions]).to(self.unet.device, self.unet.dtype)
 

@@ -73,6 +73,17 @@ def takes_generator(scheduler) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 
 
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
+    """(len(texts), L, D) embeddings as the pipelines compute them: padded to model_max_length, an
+    attention mask only for T5 (CLIP's pipelines pass none). Used by Sampler and memex/mia.py."""
+    tok = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt")
+    dev = text_encoder.device
+    mask = tok.attention_mask.to(dev) if text_encoder.config.model_type == "t5" else None
+    return text_encoder(tok.input_ids.to(dev), attention_mask=mask)[0]
+
+
 class Sampler:
     """Generates uint8 images for (prompt id, prompt, seed) triples with one model."""
 
@@ -112,14 +123,9 @@ class Sampler:
         self.padded_evaluations = 0
 
     # 1. text embeddings, cached per prompt id ------------------------------------------
-    @torch.no_grad()
     def _encode(self, texts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        mask = tok.attention_mask.to(self.device) if self.text_encoder.config.model_type == "t5" else None
-        out = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
         self.prompts_encoded += len(texts)
-        return out.to(self.dtype)
+        return encode_text(self.tokenizer, self.text_encoder, texts).to(self.dtype)
 
     @property
     def _uncond(self) -> torch.Tensor:

@@ -29,9 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from memex import runner
 from memex.config import (
@@ -48,7 +50,6 @@ from memex.config import (
 from memex.ingest import decode_rows, iter_batches, list_training_set
 from memex.layout import MIA_IMAGES_SCHEMA, MIA_LIRA_SCHEMA, MIA_SCORES_SCHEMA, MIA_SHADOW_SCHEMA, MiaLayout
 from memex.lease import hold
-from memex.manifest import read_manifest
 from memex.models import check_model_inputs
 from memex.redact import redact
 
@@ -64,8 +65,10 @@ def read_image_set(path: str, caption_column: str, member: bool | None, opts: di
     t = list_training_set(path, opts, caption_column)  # id, image, uri, caption, stamp (sorted by id)
     copies = pa.nulls(t.num_rows, pa.int32())
     if path.endswith(".parquet"):
-        m = read_manifest(path, opts)
-        if {"source_id", "copies"} <= set(m.column_names):
+        fs, p = fsspec.core.url_to_fs(path, **opts)  # read_manifest checked the file; 3 columns, no image bytes
+        if {"source_id", "copies"} <= set(pq.read_schema(p, filesystem=fs).names):
+            m = pq.read_table(p, columns=["id", "source_id", "copies"], filesystem=fs)
+            m = m.set_column(0, "id", pc.cast(m["id"], pa.string()))
             by_id = dict(zip(m["id"].to_pylist(), zip(m["source_id"].to_pylist(), m["copies"].to_pylist())))
             keep = [i for i, r in enumerate(t["id"].to_pylist()) if by_id[r][0] == r]  # the picture's own row
             t = t.take(keep)
@@ -206,13 +209,11 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
         steps = cfg.mia.shadow_steps
         trainer.update(steps=steps, warmup_steps=min(trainer.get("warmup_steps", 0), steps))
     trainer["checkpoint_every"] = trainer["steps"]  # one checkpoint: a retried task restarts the shadow
+    data = DataConfig(path=layout.store.uri_of(layout.shadow_data(index)), caption_column="caption",
+                      storage_options=cfg.storage.options)  # the manifest as stored: the record and the input
     with tempfile.TemporaryDirectory(prefix="memex-shadow-") as tmp:
-        data = Path(tmp) / "manifest.parquet"
-        import pyarrow.parquet as pq
-
-        pq.write_table(manifest, data)
-        out = train(TrainConfig(arch=ArchConfig(**arch), data=DataConfig(path=str(data), caption_column="caption"),
-                                trainer=TrainerConfig(**trainer), output=str(Path(tmp) / "model")))
+        out = train(TrainConfig(arch=ArchConfig(**arch), data=data, trainer=TrainerConfig(**trainer),
+                                output=str(Path(tmp) / "model")))
         for f in sorted(p for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts):
             layout.store.write_bytes(layout.store.join(layout.shadow_model(index), str(f.relative_to(out))),
                                      f.read_bytes())
