@@ -14,6 +14,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# A scaled-down audit of the demo model for the end-to-end tests of what wraps an audit (nightly,
+# trackers): the 4 most duplicated captions x 8 samples, 10 DDIM steps instead of the checkpoint's 50
+# DDPM ones (5x fewer UNet calls; its memorized logos still come out within tiled l2 0.15), no triage
+# (one actor pool fewer per audit; triage is tested in test_audit.py), a 3-clique
+# and the fixed budget, so the sample count is known: ~5 s of generation per checkpoint on 2 cores.
+SMALL_AUDIT = ["prompts.limit=4", "sampling.samples_per_prompt=8", "sampling.scheduler=ddim",
+               "sampling.num_inference_steps=10", "triage=none", "filter.min_clique=3", "index.shards=2",
+               "budget=fixed"]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Set before anything imports ray: Ray reads the auth mode once per process (see ray_head).
 os.environ["RAY_AUTH_MODE"] = "token"

@@ -22,15 +22,12 @@ from memex.checkpoints import discover, weights_sha256
 from memex.ledger import Ledger
 from memex.stages import nightly
 
-from conftest import REPO, compose, free_port
+from conftest import REPO, SMALL_AUDIT, compose, free_port
 
 STEPS = (1000, 2000, 3000)
 DEMO_RUN = REPO / "demo" / "checkpoints" / "demo-text-run"
 BASE = REPO / "demo" / "models" / "demo-text"
-# 4 prompts (the most duplicated captions) x 8 samples, 3-clique: ~15 s per checkpoint on 2 cores
-# the fixed budget: these tests check the nightly's bookkeeping on a known sample count (the adaptive
-# budget, nightly's default, is tested in test_audit.py)
-SMALL = ["prompts.limit=4", "sampling.samples_per_prompt=8", "filter.min_clique=3", "index.shards=2", "budget=fixed"]
+SMALL = SMALL_AUDIT  # the fixed budget: these tests check the bookkeeping on a known sample count
 
 
 def _overrides(tmp: Path, location: Path, ray_head, *extra: str) -> list[str]:

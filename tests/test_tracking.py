@@ -23,7 +23,7 @@ from memex import tracking
 from memex.config import ConfigError, TrackerKind
 from memex.tracking import TrackerError, log_audit
 
-from conftest import BIN, REPO, compose
+from conftest import BIN, REPO, SMALL_AUDIT, compose
 
 pytest.importorskip("mlflow", reason="pip install -e '.[test]' (memex[mlflow])")
 
@@ -350,7 +350,7 @@ def test_wandb_offline_run_has_the_numbers_and_the_report(wandb_home):
 # ---- end to end: memex nightly and memex audit on the demo checkpoints ------------------------------------------
 STEPS = (1000, 2000)
 DEMO_RUN = REPO / "demo" / "checkpoints" / "demo-text-run"
-SMALL = ["prompts.limit=4", "sampling.samples_per_prompt=8", "filter.min_clique=3", "index.shards=2", "budget=fixed"]
+SMALL = SMALL_AUDIT
 
 
 def test_nightly_logs_each_checkpoint_at_its_step_into_the_training_run(tmp_path, ray_head, monkeypatch):
