@@ -149,9 +149,11 @@ def main() -> None:
         extra = sorted(found - set(reproduced) - set(wrong))
         if extra:
             print("   reported, emitted, but copied fewer than 2 times in the pool: " + ", ".join(extra))
-        low = [p["picture"] for p in s.get("uncounted_pictures", [])]
-        if low:
-            print("   not counted (low complexity): " + ", ".join(low))
+        uncounted = s.get("uncounted_pictures", [])
+        if uncounted:
+            why = lambda p: ("not distinct, margin %.2f" % p["margin"] if not p.get("distinct", True)  # noqa: E731
+                             else "low complexity" if p.get("low_complexity") else "too few generations")
+            print("   not counted: " + ", ".join(f'{p["picture"]} ({why(p)})' for p in uncounted))
         sampled = [p for p in s["per_prompt"] if p["samples"]]
         print(f"   {len(sampled)} prompts sampled; samples per prompt: "
               f"{dict(sorted(Counter(p['samples'] for p in sampled).items()))}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,42 @@ def triage_auc(a, t: list[dict], true: np.ndarray) -> None:
           "of duplicated pictures")
 
 
+def margin_sweep(t: list[dict], gen: torch.Tensor, train: torch.Tensor, ids: list[str], true: np.ndarray,
+                 th: float = 0.15) -> None:
+    """Among generations within tiled l2 `th` of their nearest picture, keep those whose nearest is
+    at most r x the distance to the second-nearest distinct picture: a generation that merely looks
+    like many training pictures (a generic logo, a flat background) sits at similar distances from
+    several; a copy is far closer to one. Prints precision and recall per r, then the pictures
+    called at r = 1 (no margin) with no true copy among their calls."""
+    d = torch.cat([tiled_l2_pairwise(gen[i:i + 512], train) for i in range(0, len(gen), 512)])
+    two = d.topk(2, dim=1, largest=False)
+    d1, d2 = two.values[:, 0].numpy(), two.values[:, 1].numpy()
+    k1 = two.indices[:, 0].numpy()
+    ratio = d1 / np.maximum(d2, 1e-12)
+    print(f"\nmatch: tiled l2 <= {th} and nearest <= r x second-nearest picture")
+    copies = Counter(ids[k1[j]] for j in np.where(true)[0])
+    reproduced = {q for q, c in copies.items() if c >= 2}  # as bench/audit_vs_truth.py counts them
+    print(f"{'r':>5} {'precision':>9} {'recall':>6} {'called':>6} {'pictures':>8} {'pic. prec.':>10} "
+          f"{'reproduced kept':>15}")
+    for r in (0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 1.0):
+        called = (d1 <= th) & (ratio <= r)
+        p, rec, n = pr(called, true)
+        pics = defaultdict(list)
+        for j in np.where(called)[0]:
+            pics[ids[k1[j]]].append(bool(true[j]))
+        good = sum(any(v) for v in pics.values())
+        print(f"{r:5.2f} {p:9.3f} {rec:6.3f} {n:6d} {len(pics):8d} {good / max(len(pics), 1):10.3f} "
+              f"{len(reproduced & set(pics)):>9d} of {len(reproduced)}")
+    called = d1 <= th
+    for q in sorted({ids[k1[j]] for j in np.where(called)[0]}):
+        js = [j for j in np.where(called)[0] if ids[k1[j]] == q]
+        if not true[js].any():
+            print(f"  no true copy: {q}: {len(js)} calls, tiled {d1[js].min():.3f}, ratio {ratio[js].min():.2f}, "
+                  f"RMS {min(t[j]['nearest_rms'] for j in js):.3f}")
+    tr = np.where(true)[0]
+    print(f"  true copies: ratio median {np.median(ratio[tr]):.2f}, max {ratio[tr].max():.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--truth", required=True)
@@ -126,6 +162,7 @@ def main() -> None:
             print(f"{th:5.2f} {p:9.3f} {r:6.3f} {n:6d}")
         return
 
+    margin_sweep(t, gen, train, ids, true & same)
     triage_auc(a, t, true)
     print(f"\nfilter: prompt flagged when >= {a.min_clique} of its generations form a clique at tiled l2 <= t")
     by_prompt = defaultdict(list)

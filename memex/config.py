@@ -369,6 +369,12 @@ class MatchConfig:
     # verified generations count").
     min_generations: int = 1
     low_detail_min_generations: int = 2
+    # tiled l2 only: a picture counts when one of its copying generations is at most max_margin times
+    # as far from it as from the nearest other picture among the k neighbours (memex/stages/match.py
+    # distinct_margin): a copy is distinctly closer to one picture; a generic look-alike (a yellow
+    # triangle logo like several others, a patch of sky) is nearly as close to the next. Swept against
+    # brute-force truth (bench/RESULTS.md, "Distinct copies"); None switches the test off.
+    max_margin: Optional[float] = 0.6
 
 
 class TriageKind(str, Enum):
@@ -528,6 +534,8 @@ def validate_audit(cfg: AuditConfig) -> None:
     _at_least("match.k", m.k, 1)
     _at_least("match.min_generations", m.min_generations, 1)
     _at_least("match.low_detail_min_generations", m.low_detail_min_generations, 1)
+    if m.max_margin is not None and not 0 < m.max_margin <= 1:
+        raise ConfigError(f"match.max_margin must be in (0, 1] (a distance ratio) or null, got {m.max_margin}")
     if m.distance == DistanceKind.relative_l2:
         _at_least("match.n_neighbors", m.n_neighbors, 2)
         if m.threshold < 0.5:

@@ -123,6 +123,11 @@ MATCHES_SCHEMA = pa.schema(
         # the matched training image's tile_detail (memex/distances.py): below match.threshold it is
         # low complexity, and one close generation is not enough to call it copied (summary: pictures)
         ("train_detail", pa.float32()),
+        # tiled l2, extracted rows: distance / the distance to the nearest *other* picture among the k
+        # neighbours (not one within match.threshold of the matched image). A copy sits far closer
+        # to one picture (demo: <= 0.56); a generic look-alike nearly as close to the next (0.64+).
+        # Null: relative l2 (already a ratio), not extracted, or no other picture among the k.
+        ("margin", pa.float32()),
     ]
 )
 

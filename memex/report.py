@@ -207,12 +207,12 @@ def _triage(summary: dict) -> str:
 def _picture_cells(p: dict) -> list[str]:
     rows = p.get("rows", [])
     return [esc(p["picture"]), esc(p.get("generations")), esc(p.get("in_clique", "")), _detail(p.get("detail")),
-            "yes" if p.get("low_complexity") else "",
+            "yes" if p.get("low_complexity") else "", _detail(p.get("margin")),
             f'{len(rows)}: <span class="text">{esc(", ".join(rows[:20]))}{" ..." if len(rows) > 20 else ""}</span>']
 
 
 PICTURE_HEADER = ["picture", "copying generations", "in a clique", "tile detail", "low complexity",
-                  "rows in the training set"]
+                  "margin (to the next picture)", "rows in the training set"]
 
 
 def _pictures(summary: dict) -> str:
@@ -222,11 +222,14 @@ def _pictures(summary: dict) -> str:
     pictures = summary.get("extracted_pictures", [])
     if pictures:
         out.append(f"<h2>Extracted training pictures ({len(pictures)})</h2>")
-        out.append(_table(PICTURE_HEADER, [_picture_cells(p) for p in pictures], {1, 2, 3}))
+        out.append(_table(PICTURE_HEADER, [_picture_cells(p) for p in pictures], {1, 2, 3, 5}))
     uncounted = summary.get("uncounted_pictures", [])
     if uncounted:
         def reason(p: dict) -> str:
             g = p.get("generations")
+            if not p.get("distinct", True):
+                return (f'not distinct: its closest copy is {p["margin"]:.2f} of the way to the next training '
+                        f'picture; needs {t.get("max_margin")}')
             if p.get("low_complexity"):
                 return (f"low complexity: {g} copying generation(s), none in a flagged clique or closer than "
                         f'its tile mosaic; needs {t.get("low_detail_min_generations")}')
@@ -235,7 +238,7 @@ def _pictures(summary: dict) -> str:
         out.append(f"<h2>Not counted ({len(uncounted)})</h2><p>Some generation came within the threshold of these "
                    "training pictures, but they do not count as extracted.</p>")
         out.append(_table(PICTURE_HEADER[:-1] + ["reason", PICTURE_HEADER[-1]],
-                          [(c := _picture_cells(p))[:-1] + [esc(reason(p)), c[-1]] for p in uncounted], {1, 2, 3}))
+                          [(c := _picture_cells(p))[:-1] + [esc(reason(p)), c[-1]] for p in uncounted], {1, 2, 3, 5}))
     return "\n".join(out)
 
 

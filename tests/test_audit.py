@@ -190,6 +190,14 @@ def test_audit_job_on_the_shipped_demo_extracts_its_duplicated_images(tmp_path, 
     pictures = [p["picture"] for p in summary["extracted_pictures"]]
     assert summary["extracted_unique_train_images"] == len(pictures) == len(set(pictures))
     assert {i.split("#")[0] for i in extracted} == set(pictures)
+    # triage from the samples: each prompt's score is the mean free first-step score of its samples 0..3
+    # (the triage's own seeds), so the audit spends no UNet evaluation on a triage stage
+    assert summary["unet_evaluations_triage"] == 0 and not (Path(run) / "triage").exists()
+    assert summary["unet_evaluations"] == 8 * 16 * 50 * 2 + summary["unet_evaluations_padding"]
+    first = pq.read_table(Path(run) / "samples", columns=["prompt_id", "sample_index", "triage_score"]).to_pylist()
+    for p in summary["per_prompt"]:
+        want = [r["triage_score"] for r in first if r["prompt_id"] == p["prompt_id"] and r["sample_index"] < 4]
+        assert len(want) == 4 and p["triage_score"] == pytest.approx(sum(want) / 4, rel=1e-5)
 
 
 def test_grayscale_ddpm_audited_end_to_end(tmp_path, ray_head):
@@ -265,7 +273,8 @@ def test_adaptive_audit_samples_more_only_where_a_copy_shows(tmp_path, ray_head,
     overrides = ["model=local", f"model.path={model}", "prompts=file", f"prompts.path={tmp_path / 'prompts.txt'}",
                  "trainset=manifest", f"trainset.path={manifest}", f"storage.root={tmp_path / 'runs'}",
                  "budget=adaptive", "budget.rounds=[2,8]", "budget.continue_factor=1.0", "match.candidates=all",
-                 "triage.seeds=2", "sampling.num_inference_steps=3", "sampling.guidance_scale=3.0",
+                 "triage.seeds=2", "triage.keep=3",  # keep: ranks before generation, so the stage runs
+                 "sampling.num_inference_steps=3", "sampling.guidance_scale=3.0",
                  "sampling.batch_size=4", "sampling.shard_size=4", "index.shards=2", "embedder.size=16",
                  "filter.min_clique=2", f"resources.address={ray_head.address}"]
     cfg = compose(overrides, config_name="audit")

@@ -305,6 +305,8 @@ def test_dup_k_below_two_names_the_key():
     (["triage.steps=51"], "triage.steps"),
     (["triage.seeds=0"], "triage.seeds"),
     (["match.min_generations=0"], "match.min_generations"),
+    (["match.max_margin=1.5"], "match.max_margin"),
+    (["match.max_margin=0"], "match.max_margin"),
     (["triage=none", "triage.keep=5"], "triage.keep"),
     (["triage.keep=0"], "triage.keep"),
 ])
@@ -315,7 +317,8 @@ def test_triage_and_budget_settings_that_cannot_work_name_the_key(overrides, key
 
 
 def test_triage_auto_and_the_adaptive_budget_are_for_text_models():
-    from memex.stages.audit import adaptive, triage_on
+    from memex.stages.audit import adaptive
+    from memex.stages.triage import triage_on
 
     uncond = ["model=demo_uncond", "prompts=none", "match=relative"]
     assert triage_on(compose([], config_name="audit"))
@@ -324,6 +327,21 @@ def test_triage_auto_and_the_adaptive_budget_are_for_text_models():
     # memex nightly runs the adaptive budget; an unconditional model keeps the fixed one
     assert adaptive(compose([], config_name="nightly"))
     assert not adaptive(compose(uncond, config_name="nightly")) and not adaptive(compose([], config_name="audit"))
+
+
+@pytest.mark.parametrize("overrides, stage", [
+    ([], False),  # samples 0..3 of every prompt carry the scores for free
+    (["budget=adaptive"], False),  # the first round's 4 samples are the triage's 4 seeds
+    (["triage.keep=5"], True),  # prompts ranked before any generation
+    (["triage.steps=2"], True),  # generation records the first step only
+    (["sampling.guidance_scale=1"], True),  # no guidance: no free score
+    (["budget=adaptive", "budget.rounds=[2,16]"], True),  # fewer first-round samples than triage.seeds
+    (["triage=none"], False),
+])
+def test_the_triage_stage_runs_only_when_the_samples_cannot_give_its_scores(overrides, stage):
+    from memex.stages.triage import needs_stage
+
+    assert needs_stage(compose(overrides, config_name="audit")) is stage
 
 
 # ---- keys outside the schema, whatever their prefix (issue 14) ------------------------------

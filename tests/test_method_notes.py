@@ -41,7 +41,8 @@ REQUIRED = {
     ("filter.min_clique", "memex audit preset=paper"), ("match.threshold", "memex audit"),
     ("match.threshold", "memex audit match=relative"), ("match.alpha", "memex audit"),
     ("match.n_neighbors", "memex audit"), ("match.min_generations", "memex audit"),
-    ("match.low_detail_min_generations", "memex audit"), ("GRID", "memex/distances.py"),
+    ("match.low_detail_min_generations", "memex audit"), ("match.max_margin", "memex audit"),
+    ("GRID", "memex/distances.py"),
     ("triage.seeds", "memex audit"), ("triage.steps", "memex audit"), ("budget.rounds", "memex audit"),
     ("budget.continue_factor", "memex audit"), ("budget.continue_triage_z", "memex audit"),
     ("budget.kind", "memex nightly"), ("TILED", "bench/memorization.py"), ("COPY_RMS", "bench/memorization.py"),
@@ -193,9 +194,13 @@ def test_worked_cost_example_is_the_demo_audits():
     guided = 2 if s["guidance_scale"] > 1 else 1
     generation = prompts * s["samples_per_prompt"] * s["num_inference_steps"] * guided
     triage = prompts * t["seeds"] * t["steps"] * 2
+    from memex.stages.triage import needs_stage
+
+    assert not needs_stage(compose([], config_name="audit"))  # the demo's triage comes from its samples: 0 evaluations
     expected = (f"{prompts} prompts x {s['samples_per_prompt']} samples x {s['num_inference_steps']} steps x "
-                f"{guided} = {generation:,} evaluations for\ngeneration, plus {prompts} x {t['seeds']} seeds x "
-                f"{t['steps']} step x 2 = {triage:,} for triage, **{generation + triage:,}** in all")
+                f"{guided} = {generation:,} evaluations for\ngeneration, plus 0 for triage (its scores come from "
+                f"samples 0 to {t['seeds'] - 1}), **{generation:,}** in all; with\n`triage.keep` set the stage would "
+                f"add {prompts} x {t['seeds']} seeds x {t['steps']} step x 2 = {triage:,}")
     assert expected in doc(), f"docs/method.md section 4's worked example should read: {expected!r}"
 
 

@@ -66,3 +66,45 @@ def test_triage_keep_takes_the_top_scores_in_prompt_order(tmp_path):
     assert top_by_triage(layout, 10) == list(range(6))
     z = robust_z(pa.array(scores).to_numpy())
     assert z[1] == z[3] and z[1] > z[5] > z[0] and abs(sorted(z)[2] + sorted(z)[3]) < 1e-9  # centred on the median
+
+
+def test_a_picture_counts_only_with_a_distinct_copy():
+    """match.max_margin: a picture whose closest copying generation is nearly as close to another
+    training picture (a generic look-alike) does not count; a missing margin (no other picture among
+    the k neighbours, or relative l2) does not block."""
+    rows = [dict(ROWS[0], margin=0.65), dict(ROWS[0], sample_id="a/1", margin=0.7),  # picture 1: generic
+            {"sample_id": "d/0", "train_gid": 2, "train_id": "t2", "train_detail": 0.3, "margin": 0.3},
+            {"sample_id": "e/0", "train_gid": 3, "train_id": "t3", "train_detail": 0.3, "margin": None}]
+    got = count_pictures(_ext(rows), {}, set(), MatchConfig())
+    assert got[1]["margin"] == pytest.approx(0.65) and not got[1]["distinct"] and not got[1]["counted"]
+    assert got[2]["counted"] and got[3]["counted"]
+    assert count_pictures(_ext(rows), {}, set(), MatchConfig(max_margin=0.7))[1]["counted"]  # the closest, 0.65
+    assert count_pictures(_ext(rows), {}, set(), MatchConfig(max_margin=None))[1]["counted"]
+    # a copy of picture 1 with no other picture among its neighbours cannot be judged: it does not block
+    assert count_pictures(_ext([*rows, dict(ROWS[0], sample_id="a/2", margin=None)]), {}, set(),
+                          MatchConfig())[1]["counted"]
+
+
+def test_distinct_margin_skips_the_same_picture_and_its_near_duplicates():
+    import numpy as np
+
+    from memex.stages.match import distinct_margin, pixel_distances
+
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3))
+    a2 = np.clip(a.astype(int) + 3, 0, 255).astype(np.uint8)  # a near-duplicate of a the index did not group
+    gen = np.clip(a.astype(int) + rng.integers(-10, 11, a.shape), 0, 255).astype(np.uint8)  # a copy of a
+    pixels = {0: a, 1: a, 2: a2, 3: b, 4: c}
+    gids = [0, 1, 2, 3, 4]
+    m = MatchConfig()
+    d = pixel_distances(gen, [pixels[g] for g in gids], m.distance, "center_crop")
+    got = distinct_margin(d, gids, 0, pixels, {1: 0}, gen.shape[:2], m, "center_crop")
+    # rows 1 (the same picture) and 2 (within the threshold of a) are skipped: the ratio is to b or c
+    assert got == pytest.approx(d[0] / min(d[3], d[4]))
+    assert got < 0.3
+    # a generation halfway between two pictures is not a distinct copy of either
+    mid = ((a.astype(int) + b.astype(int)) // 2).astype(np.uint8)
+    d = pixel_distances(mid, [a, b], m.distance, "center_crop")
+    assert distinct_margin(d, [0, 3], int(np.argmin(d)), pixels, {}, mid.shape[:2], m, "center_crop") > 0.9
+    # nothing else among the neighbours: no margin
+    assert distinct_margin(d[:1], [0], 0, pixels, {}, mid.shape[:2], m, "center_crop") is None

@@ -249,9 +249,19 @@ def test_uncounted_low_complexity_picture_is_listed_with_its_reason():
     assert "flat" not in counted
     uncounted = html.split("<h2>Not counted (1)</h2>")[1].split("</table>")[0]
     assert ("<td>&lt;flat&gt;</td><td class=num>2</td><td class=num>0</td><td class=num>0.0123</td><td>yes</td>"
-            "<td>low complexity: 2 copying generation(s), none in a flagged clique or closer than its tile "
-            "mosaic; needs 3</td>") in uncounted
+            "<td class=num></td><td>low complexity: 2 copying generation(s), none in a flagged clique or closer "
+            "than its tile mosaic; needs 3</td>") in uncounted
     assert "&lt;flat&gt;, &lt;flat&gt;#1" in uncounted and "<flat>" not in html
+
+
+def test_uncounted_generic_picture_gives_its_margin():
+    summary = _summary(
+        thresholds={**_summary()["thresholds"], "max_margin": 0.6},
+        uncounted_pictures=[{"picture": "tri", "rows": ["tri"], "generations": 2, "in_clique": 0, "detail": 0.3,
+                             "low_complexity": False, "margin": 0.64, "distinct": False, "counted": False}])
+    uncounted = _render(summary).split("<h2>Not counted (1)</h2>")[1].split("</table>")[0]
+    assert ("<td class=num>0.64</td><td>not distinct: its closest copy is 0.64 of the way to the next training "
+            "picture; needs 0.6</td>") in uncounted
 
 
 def test_old_summary_without_the_new_keys_still_renders():
@@ -260,4 +270,5 @@ def test_old_summary_without_the_new_keys_still_renders():
     cards = _cards(html)
     assert cards["training images extracted"] == "1" and not any("UNet" in k for k in cards)
     assert "Cost:" not in html and "Triage" not in html and "Not counted" not in html
-    assert "<td>a</td><td class=num>4</td><td class=num></td><td class=num></td><td></td><td>2: <span" in html
+    assert ("<td>a</td><td class=num>4</td><td class=num></td><td class=num></td><td></td><td class=num></td>"
+            "<td>2: <span") in html

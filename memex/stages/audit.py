@@ -37,7 +37,6 @@ from memex.config import (
     ConfigError,
     ModelKind,
     PromptSource,
-    TriageKind,
     validate_audit,
 )
 from memex.layout import RunLayout
@@ -49,11 +48,6 @@ from memex.tracking import check as check_tracker
 from memex.tracking import log_audit
 
 log = logging.getLogger("memex.audit")
-
-
-def triage_on(cfg: AuditConfig) -> bool:
-    """triage=auto scores prompts whenever there are prompts (text models); none never."""
-    return cfg.triage.kind != TriageKind.none and cfg.prompts.source != PromptSource.none
 
 
 def run(cfg: AuditConfig) -> dict:
@@ -103,7 +97,7 @@ def audit_run_folder(cfg: AuditConfig, run_name: str, layout: RunLayout) -> dict
 
     # 3. triage, 4. generate (+ match each round), 5. filter, 6. match: inputs from the run folder
     first = None  # prompt rows of the first round: every prompt, or the top triage.keep
-    if triage_on(cfg):
+    if triage_stage.needs_stage(cfg):  # else the samples' free first-step scores are the triage (prompt_scores)
         triage_stage.run(cfg, run_name)
         if cfg.triage.keep is not None:
             first = top_by_triage(layout, cfg.triage.keep)
@@ -213,7 +207,7 @@ def continuing_prompts(cfg: AuditConfig, layout: RunLayout, last: Round) -> list
     budget.continue_triage_z robust standard deviations above the run's median (docs/method.md#5-budget)."""
     import numpy as np
 
-    from memex.stages.triage import robust_z
+    from memex.stages.triage import prompt_scores, robust_z
 
     b, m = cfg.budget, cfg.match
     ids = read_run_prompts(layout)["prompt_id"].to_pylist()
@@ -221,10 +215,10 @@ def continuing_prompts(cfg: AuditConfig, layout: RunLayout, last: Round) -> list
     near = layout.matches.read(columns=["prompt_id", "distance"])
     close = set(near.filter(pc.less_equal(near["distance"], b.continue_factor * m.threshold))["prompt_id"].to_pylist())
     outlying: set[str] = set()
-    if b.continue_triage_z is not None and layout.triage.success() is not None:
-        t = layout.triage.read(columns=["prompt_id", "score"])
-        z = robust_z(t["score"].to_numpy().astype(np.float64))
-        outlying = {pid for pid, zi in zip(t["prompt_id"].to_pylist(), z) if zi >= b.continue_triage_z}
+    scores = prompt_scores(cfg, layout)
+    if b.continue_triage_z is not None and scores:
+        z = robust_z(np.array(list(scores.values()), dtype=np.float64))
+        outlying = {pid for pid, zi in zip(scores, z) if zi >= b.continue_triage_z}
     return [p for p in rows if ids[p] in close or ids[p] in outlying]
 
 

@@ -169,12 +169,34 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
             fitted = to_aspect(pixels[g], gen.shape[0], gen.shape[1], preprocess)
             detail[g, gen.shape[:2]] = float(tile_detail(to_unit(torch.tensor(fitted[None])))[0])
         ed = float(D[j, rank])
+        margin = None
+        if m.distance == DistanceKind.tiled_l2 and dist <= m.threshold:
+            margin = distinct_margin(d, [g for _, g in nb], best, pixels, picture, gen.shape[:2], m, preprocess)
         rows.append({"sample_id": sid, "prompt_id": pid, "prompt": text, "train_gid": g, "train_id": meta[g][0],
                      "train_caption": meta[g][1], "distance": dist,
                      "embed_distance": float(np.sqrt(max(ed, 0.0))) if metric == "l2" else ed,
                      "neighbor_rank": rank, "extracted": bool(dist <= m.threshold),
-                     "train_detail": detail[g, gen.shape[:2]]})
+                     "train_detail": detail[g, gen.shape[:2]], "margin": margin})
     return rows
+
+
+def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, picture: dict[int, int],
+                    shape: tuple[int, int], m: MatchConfig, preprocess: str) -> float | None:
+    """d[best] / the distance to the nearest neighbour of another picture: how distinctly the
+    generation copies its match (Lowe's ratio test for image matching, 2004). A neighbour within
+    match.threshold of the matched image itself is the same picture by the match's own standard
+    (a near-duplicate the index did not group), so it is skipped. None: no other picture among the k.
+    Costs one extra pixel distance per extracted row, usually."""
+    mine = picture.get(gids[best], gids[best])
+    matched = to_aspect(pixels[gids[best]], shape[0], shape[1], preprocess)
+    for j in np.argsort(d, kind="stable"):
+        g = gids[j]
+        if j == best or picture.get(g, g) == mine:
+            continue
+        if pixel_distances(matched, [pixels[g]], m.distance, preprocess)[0] <= m.threshold:
+            continue
+        return float(d[best] / d[j]) if d[j] > 0 else 1.0
+    return None
 
 
 # 5. the training images the report shows ------------------------------------------------------
@@ -278,16 +300,21 @@ def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str],
     """Per picture (near-duplicate group, memex/membership.py) its copying generations, and whether
     it counts as extracted: >= match.min_generations of them, or for a low-complexity picture
     (train_detail below match.threshold) >= match.low_detail_min_generations (and min_generations),
-    one in a flagged clique, or one closer to it than its own tile mosaic (distance < detail).
+    one in a flagged clique, or one closer to it than its own tile mosaic (distance < detail); and in
+    every case one copying generation with margin <= match.max_margin (tiled l2; distinct_margin).
     Rows of one picture count once (docs/method.md#3-extracted-pictures)."""
     out: dict[int, dict] = {}
     for row in ext.to_pylist():
         p = picture.get(row["train_gid"], row["train_gid"])
         e = out.setdefault(p, {"generations": 0, "in_clique": 0, "detail": row["train_detail"],
-                               "best": row["distance"]})
+                               "best": row["distance"], "margin": None, "unmeasured": False})
         e["generations"] += 1
         e["in_clique"] += row["sample_id"] in clique_ids
         e["best"] = min(e["best"], row["distance"])
+        if row.get("margin") is None:  # no other picture among its k neighbours (or relative l2): no test
+            e["unmeasured"] = True
+        else:
+            e["margin"] = row["margin"] if e["margin"] is None else min(e["margin"], row["margin"])
         if row["train_detail"] is not None:
             e["detail"] = row["train_detail"] if e["detail"] is None else min(e["detail"], row["train_detail"])
     for e in out.values():
@@ -297,7 +324,11 @@ def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str],
         # a generation closer to the picture than the picture's own tile mosaic reproduces its detail,
         # not just its 16 tile colours: evidence enough on its own (an exact copy of a flat picture)
         closer = e["low_complexity"] and e["best"] < e["detail"]
-        e["counted"] = e["generations"] >= need or (e["low_complexity"] and e["in_clique"] > 0) or closer
+        # and one copying generation must be distinct: at most max_margin of the way to the next picture
+        unmeasured = e.pop("unmeasured")  # internal: not a summary field
+        e["distinct"] = m.max_margin is None or unmeasured or e["margin"] <= m.max_margin
+        e["counted"] = e["distinct"] and (e["generations"] >= need or (e["low_complexity"] and e["in_clique"] > 0)
+                                          or closer)
     return out
 
 
@@ -305,14 +336,14 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     """<run>/summary.json: the headline numbers (extracted pictures, UNet evaluations), the
     pictures, per-prompt results, config."""
     from memex.plan import SamplePlan
+    from memex.stages.triage import prompt_scores
 
     prompts = read_run_prompts(layout).to_pylist()
     filter_summary = layout.candidates.success()  # None: the filter was skipped (unconditional)
     filtered = filter_summary is not None
     cands = {c["prompt_id"]: c for c in layout.candidates.read().to_pylist()} if filtered else {}
     clique_ids = {s for c in cands.values() if c["flagged"] for s in c["sample_ids"]}
-    triage = ({t["prompt_id"]: t["score"] for t in layout.triage.read(columns=["prompt_id", "score"]).to_pylist()}
-              if layout.triage.success() is not None else {})
+    triage = prompt_scores(cfg, layout)
     ext = matches.filter(matches["extracted"]) if matches.num_rows else matches
     by_prompt: dict[str, list[dict]] = {}
     for row in ext.to_pylist():
@@ -364,7 +395,8 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
         "thresholds": {"filter_edge_tiled_l2": cfg.filter.edge_threshold, "min_clique": cfg.filter.min_clique,
                        "match_distance": cfg.match.distance.value, "match_threshold": cfg.match.threshold,
                        "match_k": cfg.match.k, "min_generations": cfg.match.min_generations,
-                       "low_detail_min_generations": cfg.match.low_detail_min_generations},
+                       "low_detail_min_generations": cfg.match.low_detail_min_generations,
+                       "max_margin": cfg.match.max_margin},
         "index": {"uri": redact_urls(info.layout(cfg.storage.options).uri), "key": info.key, "shards": len(info.shards),
                   "train_images": info.n_train, "indexed": info.n_indexed, "quarantined": info.n_quarantined},
         "per_prompt": per_prompt,

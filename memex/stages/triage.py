@@ -69,6 +69,42 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     return summary
 
 
+def triage_on(cfg: AuditConfig) -> bool:
+    """triage=auto scores prompts whenever there are prompts (text models); none never."""
+    from memex.config import PromptSource, TriageKind
+
+    return cfg.triage.kind != TriageKind.none and cfg.prompts.source != PromptSource.none
+
+
+def needs_stage(cfg: AuditConfig) -> bool:
+    """Whether the scores must be computed before generation, by this stage. Guided generation
+    computes every sample's first-step score for free (memex/sampling.py generate_scored), and a
+    prompt's samples 0..seeds-1 start from the triage's own seeds: with triage.steps=1 and every
+    prompt's first round holding >= triage.seeds samples, the samples give the same scores and the
+    stage's 2 x seeds UNet evaluations a prompt are saved (192 on the demo audit). The stage runs when
+    triage.keep ranks prompts before any generation, for more than one step, or without guidance."""
+    from memex.config import BudgetKind
+
+    t, s = cfg.triage, cfg.sampling
+    first = cfg.budget.rounds[0] if cfg.budget.kind == BudgetKind.adaptive else s.samples_per_prompt
+    return triage_on(cfg) and (t.keep is not None or t.steps > 1 or s.guidance_scale <= 1 or first < t.seeds)
+
+
+def prompt_scores(cfg: AuditConfig, layout: RunLayout) -> dict[str, float]:
+    """prompt id -> triage score: from triage/ when the stage ran, else the mean first-step score of
+    each prompt's samples 0..triage.seeds-1 generated so far (needs_stage). Empty when triage is off."""
+    if not triage_on(cfg):
+        return {}
+    if layout.triage.success() is not None:
+        return {r["prompt_id"]: r["score"] for r in layout.triage.read(columns=["prompt_id", "score"]).to_pylist()}
+    t = layout.samples.read(columns=["prompt_id", "triage_score"], filters=[("sample_index", "<", cfg.triage.seeds)])
+    by: dict[str, list[float]] = {}
+    for pid, sc in zip(t["prompt_id"].to_pylist(), t["triage_score"].to_pylist()):
+        if sc is not None:
+            by.setdefault(pid, []).append(sc)
+    return {pid: float(np.mean(v)) for pid, v in by.items()}
+
+
 def robust_z(scores: np.ndarray) -> np.ndarray:
     """(s - median) / (1.4826 x MAD): how far a prompt's score stands out of the run's, in standard
     deviations of a normal with the same spread; insensitive to the few memorized outliers themselves."""

@@ -1,0 +1,100 @@
+"""Which cheap per-prompt score ranks memorizing prompts first? Triage variants against brute-force truth.
+
+    python bench/memorization.py demo/models/demo-text --samples 16 --out /tmp/truth.parquet
+    python bench/triage_variants.py --truth /tmp/truth.parquet --model demo/models/demo-text
+
+For every distinct training caption of the checkpoint, three scores of the kind a triage stage could
+afford (a few UNet calls a prompt), each against the truth's labels:
+
+  noise_norm   Wen et al.: ||eps(x_t, c) - eps(x_t, "")|| at the first step, averaged over --seeds
+               seeds (memex's triage, 2 x seeds UNet evaluations).
+  agreement    --seeds previews of the prompt with a short DDIM schedule (--preview-steps), minus the
+               median pairwise tiled l2 between them: a memorized prompt gives the same picture from
+               different noises (the clique of Carlini et al., on a cheap schedule).
+  nearest      minus the smallest tiled l2 from any preview to its nearest training picture, exactly
+               (an audit has the training set indexed anyway).
+
+Labels: a prompt *memorizes* when one of its truth generations copies a training picture; it
+*reproduces* when its generations copy one picture at least twice. Prints AUC and TPR at the lowest
+FPR for each score and label, and the UNet evaluations per prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from memorization import distinct_pictures  # noqa: E402
+from threshold_sweep import auc  # noqa: E402
+
+from memex.config import SamplingConfig, SchedulerKind  # noqa: E402
+from memex.distances import tiled_l2_pairwise, to_unit  # noqa: E402
+from memex.models import load_model  # noqa: E402
+from memex.sampling import Sampler, sample_seed  # noqa: E402
+
+
+def tpr_at_zero_fpr(pos: np.ndarray, score: np.ndarray) -> float:
+    """Share of positives scored above every negative."""
+    return float((score[pos] > score[~pos].max()).mean()) if (~pos).any() else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--truth", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--preview-steps", type=int, nargs="+", default=[5, 10])
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    t = pq.read_table(a.truth, columns=["prompt_id", "prompt", "nearest_id", "copy"]).to_pylist()
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for r in t:
+        by_prompt[r["prompt_id"]].append(r)
+    pids = sorted(by_prompt)
+    text = [by_prompt[p][0]["prompt"] for p in pids]
+    memorizes = np.array([any(r["copy"] for r in by_prompt[p]) for p in pids])
+    counts = [defaultdict(int) for _ in pids]
+    for i, p in enumerate(pids):
+        for r in by_prompt[p]:
+            counts[i][r["nearest_id"]] += bool(r["copy"])
+    reproduces = np.array([max(c.values(), default=0) >= 2 for c in counts])
+    print(f"{len(pids)} prompts; {memorizes.sum()} memorize (a copying generation), {reproduces.sum()} reproduce "
+          f"(one picture copied twice)")
+
+    _, _, train_u8 = distinct_pictures(a.model)
+    train = to_unit(torch.from_numpy(train_u8))
+    model = load_model(a.model)
+    rows = [p for p in pids for _ in range(a.seeds)]
+    texts = [x for x in text for _ in range(a.seeds)]
+    seeds = [sample_seed(0, p, j % a.seeds) for j, p in enumerate(rows)]
+    scores: dict[str, tuple[np.ndarray, int]] = {}
+    s = Sampler(model, SamplingConfig(guidance_scale=a.guidance, batch_size=64))
+    scores["noise_norm (1 step)"] = (s.triage(rows, texts, seeds).reshape(len(pids), a.seeds).mean(1), 2 * a.seeds)
+    for n in a.preview_steps:
+        s = Sampler(model, SamplingConfig(guidance_scale=a.guidance, batch_size=64, scheduler=SchedulerKind.ddim,
+                                          num_inference_steps=n))
+        prev = to_unit(torch.from_numpy(s.generate(rows, texts, seeds))).reshape(len(pids), a.seeds, *train.shape[1:])
+        agree = np.array([-np.median(tiled_l2_pairwise(x, x).numpy()[np.triu_indices(a.seeds, 1)]) for x in prev])
+        near = -tiled_l2_pairwise(prev.flatten(0, 1), train).min(dim=1).values.reshape(len(pids), a.seeds).min(1).values
+        scores[f"agreement (ddim {n})"] = (agree, 2 * a.seeds * n)
+        scores[f"nearest (ddim {n})"] = (near.numpy(), 2 * a.seeds * n)
+
+    print(f"{'score':24} {'UNet/prompt':>11} {'AUC mem.':>8} {'AUC repr.':>9} {'TPR@0 mem.':>10} {'TPR@0 repr.':>11}")
+    for name, (sc, cost) in scores.items():
+        print(f"{name:24} {cost:11d} {auc(memorizes, sc):8.3f} {auc(reproduces, sc):9.3f} "
+              f"{tpr_at_zero_fpr(memorizes, sc):10.3f} {tpr_at_zero_fpr(reproduces, sc):11.3f}")
+
+
+if __name__ == "__main__":
+    main()
