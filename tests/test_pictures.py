@@ -98,13 +98,14 @@ def test_distinct_margin_skips_the_same_picture_and_its_near_duplicates():
     gids = [0, 1, 2, 3, 4]
     m = MatchConfig()
     d = pixel_distances(gen, [pixels[g] for g in gids], m.distance, "center_crop")
-    got = distinct_margin(d, gids, 0, pixels, {1: 0}, gen.shape[:2], m, "center_crop")
+    same = {}
+    got = distinct_margin(d, gids, 0, pixels, {1: 0}, gen.shape[:2], m, "center_crop", same)
     # rows 1 (the same picture) and 2 (within the threshold of a) are skipped: the ratio is to b or c
     assert got == pytest.approx(d[0] / min(d[3], d[4]))
-    assert got < 0.3
+    assert got < 0.3 and same[0, 2, (32, 32)] and not same[0, 3, (32, 32)]  # the pair tests, cached
     # a generation halfway between two pictures is not a distinct copy of either
     mid = ((a.astype(int) + b.astype(int)) // 2).astype(np.uint8)
     d = pixel_distances(mid, [a, b], m.distance, "center_crop")
-    assert distinct_margin(d, [0, 3], int(np.argmin(d)), pixels, {}, mid.shape[:2], m, "center_crop") > 0.9
+    assert distinct_margin(d, [0, 3], int(np.argmin(d)), pixels, {}, mid.shape[:2], m, "center_crop", {}) > 0.9
     # nothing else among the neighbours: no margin
-    assert distinct_margin(d[:1], [0], 0, pixels, {}, mid.shape[:2], m, "center_crop") is None
+    assert distinct_margin(d[:1], [0], 0, pixels, {}, mid.shape[:2], m, "center_crop", {}) is None

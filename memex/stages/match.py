@@ -151,7 +151,7 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
 
     from memex.distances import tile_detail, to_unit
 
-    rows, detail = [], {}
+    rows, detail, same = [], {}, {}
     for j, (sid, pid, text, png) in enumerate(zip(*(samples[c].to_pylist()
                                                     for c in ("sample_id", "prompt_id", "prompt", "image")))):
         nb = [(rank, int(g)) for rank, g in enumerate(I[j]) if g >= 0 and int(g) in pixels]
@@ -171,7 +171,8 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
         ed = float(D[j, rank])
         margin = None
         if m.distance == DistanceKind.tiled_l2 and dist <= m.threshold:
-            margin = distinct_margin(d, [g for _, g in nb], best, pixels, picture, gen.shape[:2], m, preprocess)
+            margin = distinct_margin(d, [g for _, g in nb], best, pixels, picture, gen.shape[:2], m, preprocess,
+                                     same)
         rows.append({"sample_id": sid, "prompt_id": pid, "prompt": text, "train_gid": g, "train_id": meta[g][0],
                      "train_caption": meta[g][1], "distance": dist,
                      "embed_distance": float(np.sqrt(max(ed, 0.0))) if metric == "l2" else ed,
@@ -181,19 +182,23 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
 
 
 def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, picture: dict[int, int],
-                    shape: tuple[int, int], m: MatchConfig, preprocess: str) -> float | None:
+                    shape: tuple[int, int], m: MatchConfig, preprocess: str, same: dict) -> float | None:
     """d[best] / the distance to the nearest neighbour of another picture: how distinctly the
     generation copies its match (Lowe's ratio test for image matching, 2004). A neighbour within
     match.threshold of the matched image itself is the same picture by the match's own standard
     (a near-duplicate the index did not group), so it is skipped. None: no other picture among the k.
-    Costs one extra pixel distance per extracted row, usually."""
+    `same` caches that training-pair test across the generations of a shard (the many copies of one
+    memorized picture share their neighbours): about one pixel distance per distinct pair."""
     mine = picture.get(gids[best], gids[best])
-    matched = to_aspect(pixels[gids[best]], shape[0], shape[1], preprocess)
     for j in np.argsort(d, kind="stable"):
         g = gids[j]
         if j == best or picture.get(g, g) == mine:
             continue
-        if pixel_distances(matched, [pixels[g]], m.distance, preprocess)[0] <= m.threshold:
+        key = (gids[best], g, shape)
+        if key not in same:
+            matched = to_aspect(pixels[gids[best]], shape[0], shape[1], preprocess)
+            same[key] = bool(pixel_distances(matched, [pixels[g]], m.distance, preprocess)[0] <= m.threshold)
+        if same[key]:
             continue
         return float(d[best] / d[j]) if d[j] > 0 else 1.0
     return None

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from memex import runner
-from memex.config import AuditConfig
+from memex.config import AuditConfig, BudgetKind, PromptSource, TriageKind
 from memex.layout import TRIAGE_SCHEMA, RunLayout, StorageError
 from memex.prompts import read_run_prompts
 from memex.stages.generate import RunSampler, unet_work
@@ -71,8 +71,6 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
 
 def triage_on(cfg: AuditConfig) -> bool:
     """triage=auto scores prompts whenever there are prompts (text models); none never."""
-    from memex.config import PromptSource, TriageKind
-
     return cfg.triage.kind != TriageKind.none and cfg.prompts.source != PromptSource.none
 
 
@@ -83,8 +81,6 @@ def needs_stage(cfg: AuditConfig) -> bool:
     prompt's first round holding >= triage.seeds samples, the samples give the same scores and the
     stage's 2 x seeds UNet evaluations a prompt are saved (192 on the demo audit). The stage runs when
     triage.keep ranks prompts before any generation, for more than one step, or without guidance."""
-    from memex.config import BudgetKind
-
     t, s = cfg.triage, cfg.sampling
     first = cfg.budget.rounds[0] if cfg.budget.kind == BudgetKind.adaptive else s.samples_per_prompt
     return triage_on(cfg) and (t.keep is not None or t.steps > 1 or s.guidance_scale <= 1 or first < t.seeds)
