@@ -15,7 +15,11 @@ from conf/ with the strategy's overrides:
   paper     the paper's fixed budget scaled to this machine: every caption x 16 samples, clique
             filter, clique members verified (4,096 generations: the truth pool's size)
   default   the shipped `memex audit`: triage, every generation matched, fixed budget (24 x 16)
-  adaptive  the same with budget=adaptive (rounds [4, 16]): `memex nightly`'s cheaper path
+  adaptive  the same with budget=adaptive (rounds [4, 16]), Wen et al.'s free first-step triage
+  preview   budget=adaptive with triage=preview: 8 previews x 10 DDIM steps a prompt, matched to
+            the training index; a preview near a picture extends the prompt (`memex nightly`)
+  ranked    every caption triaged by previews, the top 24 by preview distance get the fixed budget
+            (prompts.limit=null triage=preview triage.keep=24): triage as prompt selection
 
 Scored against the truth:
   recall     reproduced pictures the audit reports / reproduced pictures (truth)
@@ -25,6 +29,8 @@ Scored against the truth:
              here on the run's own PNGs against every distinct picture: no index, no embedding).
              A false alarm is a picture that neither the pool nor the audit's own generations copy
              by that standard. `strict` counts only the second way (the audit's own evidence).
+  triage AUC  the run's per-prompt triage scores against "the prompt's truth generations copy one
+             picture at least twice" (over the run's prompts; `ranked` scores every caption)
 Missed reproduced pictures are listed with how often the truth pool reproduced them.
 """
 
@@ -45,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from memorization import COPY_RMS, MIN_COPIES, TILED, distinct_pictures  # noqa: E402
+from threshold_sweep import auc  # noqa: E402
 
 from memex.distances import l2_pairwise, tiled_l2, to_unit  # noqa: E402
 from memex.images import decode  # noqa: E402
@@ -55,7 +62,19 @@ STRATEGIES = {
     "paper": ["budget=fixed", "match.candidates=cliques", "triage=none", "prompts.limit=null"],
     "default": [],  # the shipped defaults
     "adaptive": ["budget=adaptive"],
+    "preview": ["budget=adaptive", "triage=preview"],
+    "ranked": ["prompts.limit=null", "triage=preview", "triage.keep=24"],
 }
+
+
+def reproducing_prompts(path: str) -> dict[str, bool]:
+    """prompt id -> whether its truth generations copy one picture at least twice."""
+    t = pq.read_table(path, columns=["prompt_id", "nearest_id", "copy"]).to_pylist()
+    n = Counter((r["prompt_id"], r["nearest_id"]) for r in t if r["copy"])
+    out = {r["prompt_id"]: False for r in t}
+    for (pid, _), c in n.items():
+        out[pid] |= c >= MIN_COPIES
+    return out
 
 
 def compose(overrides: list[str]):
@@ -154,6 +173,15 @@ def main() -> None:
             why = lambda p: ("not distinct, margin %.2f" % p["margin"] if not p.get("distinct", True)  # noqa: E731
                              else "low complexity" if p.get("low_complexity") else "too few generations")
             print("   not counted: " + ", ".join(f'{p["picture"]} ({why(p)})' for p in uncounted))
+        label = reproducing_prompts(a.truth)
+        scored = [(label[p["prompt_id"]], p["triage_score"]) for p in s["per_prompt"]
+                  if p["triage_score"] is not None and p["prompt_id"] in label]
+        if scored and 0 < sum(y for y, _ in scored) < len(scored):
+            import numpy as np
+
+            y, sc = np.array([y for y, _ in scored]), np.array([v for _, v in scored])
+            print(f"   triage AUC {auc(y, sc):.3f} over {len(scored)} prompts ({int(y.sum())} reproduce); "
+                  f"triage {s.get('unet_evaluations_triage', 0):,} UNet evaluations")
         sampled = [p for p in s["per_prompt"] if p["samples"]]
         print(f"   {len(sampled)} prompts sampled; samples per prompt: "
               f"{dict(sorted(Counter(p['samples'] for p in sampled).items()))}")

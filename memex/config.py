@@ -381,6 +381,9 @@ class TriageKind(str, Enum):
     auto = "auto"  # noise_norm for text-conditional models, none for unconditional ones
     none = "none"  # no triage
     noise_norm = "noise_norm"  # Wen et al. (ICLR 2024): ||eps(x_t, prompt) - eps(x_t, "")||, first step(s)
+    # seeds previews of triage.steps DDIM steps, each matched to the training index like a generation:
+    # minus the smallest tiled l2 (demo: AUC 0.96 at 8 x 10 steps, bench/RESULTS.md)
+    preview = "preview"
 
 
 @dataclass
@@ -388,8 +391,10 @@ class TriageConfig:
     """Per-prompt memorization score before any full generation (memex/stages/triage.py, docs/method.md#2-triage)."""
 
     kind: TriageKind = TriageKind.auto
-    seeds: int = 4  # starting noises averaged per prompt; costs seeds x steps x 2 UNet evaluations a prompt
-    steps: int = 1  # first steps of the guided trajectory averaged (Wen et al.: 1 already gives AUC 0.96 on SD)
+    seeds: int = 4  # starting noises per prompt (preview: previews); seeds x steps x 2 UNet evaluations a prompt
+    # noise_norm: first steps of the guided trajectory averaged (Wen et al.: 1 already gives AUC 0.96 on SD);
+    # preview: the DDIM steps of each preview (conf/triage/preview.yaml: 8 previews x 10 steps)
+    steps: int = 1
     prompts_per_task: int = 256  # prompts per actor call (the unit of resume)
     # keep only the `keep` highest-scoring prompts for generation (None: all prompts are sampled, and
     # triage informs the report and the adaptive budget). On the demo model the score is weak (AUC
@@ -548,10 +553,13 @@ def validate_audit(cfg: AuditConfig) -> None:
 def validate_budget(cfg: AuditConfig) -> None:
     """Triage and the adaptive budget: settings that cannot work fail here, naming the key."""
     t, b = cfg.triage, cfg.budget
-    if t.kind == TriageKind.noise_norm and (cfg.model.kind == ModelKind.unconditional
-                                            or cfg.prompts.source == PromptSource.none):
-        raise ConfigError("triage=noise_norm scores prompts, and an unconditional model has none: set triage=auto "
-                          "or triage=none")
+    if t.kind in (TriageKind.noise_norm, TriageKind.preview) and (cfg.model.kind == ModelKind.unconditional
+                                                                   or cfg.prompts.source == PromptSource.none):
+        raise ConfigError(f"triage={t.kind.value} scores prompts, and an unconditional model has none: set "
+                          "triage=auto or triage=none")
+    if t.kind == TriageKind.preview and cfg.match.distance != DistanceKind.tiled_l2:
+        raise ConfigError("triage=preview scores a prompt by its previews' tiled l2 to the training set, and "
+                          "budget.continue_factor compares it with match.threshold: set match=tiled")
     if t.kind == TriageKind.none and t.keep is not None:
         raise ConfigError("triage.keep ranks prompts by their triage score, and triage=none computes none: "
                           "set triage=auto or drop triage.keep")
@@ -561,7 +569,7 @@ def validate_budget(cfg: AuditConfig) -> None:
         _at_least("triage.prompts_per_task", t.prompts_per_task, 1)
         if t.keep is not None:
             _at_least("triage.keep", t.keep, 1)
-        if t.steps > cfg.sampling.num_inference_steps:
+        if t.kind != TriageKind.preview and t.steps > cfg.sampling.num_inference_steps:
             raise ConfigError(f"triage.steps={t.steps} is more than sampling.num_inference_steps="
                               f"{cfg.sampling.num_inference_steps}: triage scores the first steps of a generation")
     if b.kind == BudgetKind.adaptive:  # an unconditional model (one prompt) keeps the fixed budget: audit.adaptive

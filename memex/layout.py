@@ -6,6 +6,7 @@
         index.json                   the membership index this run is matched against (audit only)
         rounds/round-000.json        the samples each budget round generates (memex/plan.py)
         triage/shard-000000.parquet  TRIAGE_SCHEMA: one row per prompt, its memorization score (audit)
+        previews/shard-000000.parquet  PREVIEWS_SCHEMA: triage=preview's short-schedule generations
         samples/shard-000000.parquet SAMPLES_SCHEMA rows, one file per shard (generate)
         candidates/shard-000000.parquet  CANDIDATES_SCHEMA: one row per prompt (filter)
         matches/shard-000000.parquet MATCHES_SCHEMA: one row per verified candidate of samples shard 0 (match)
@@ -104,8 +105,23 @@ TRIAGE_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
         ("prompt", pa.string()),
-        ("score", pa.float32()),  # mean noise_norm over triage.seeds x triage.steps (memex/sampling.py)
-        ("unet_evaluations", pa.int64()),  # this prompt's share: seeds x steps x 2
+        # higher: more likely memorized. noise_norm: mean noise_norm over triage.seeds x triage.steps
+        # (memex/sampling.py); preview: minus `distance`
+        ("score", pa.float32()),
+        ("unet_evaluations", pa.int64()),  # this prompt's share: seeds x steps x (2 with guidance, or noise_norm)
+        # preview only (null for noise_norm): the smallest tiled l2 from any of the prompt's previews to
+        # its nearest training image among match.k proposed by the index
+        ("distance", pa.float32()),
+        ("train_gid", pa.int64()),  # preview only: that training image (gid of train.parquet)
+    ]
+)
+# triage=preview: the short-schedule generations whose nearest training images score the prompt
+PREVIEWS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("sample_index", pa.int32()),  # seed: sample_seed(run seed, prompt id, sample_index)
+        ("image", pa.binary()),  # PNG bytes
     ]
 )
 MATCHES_SCHEMA = pa.schema(
@@ -219,6 +235,7 @@ class RunLayout(_Folder):
         self.store = Store(root.rstrip("/") + "/" + run_name, storage_options)
         self.run_name = run_name
         self.triage = StageFolder(self.store, "triage", schema=TRIAGE_SCHEMA)
+        self.previews = StageFolder(self.store, "previews", schema=PREVIEWS_SCHEMA)
         self.samples = StageFolder(self.store, "samples", schema=SAMPLES_SCHEMA)
         self.candidates = StageFolder(self.store, "candidates", schema=CANDIDATES_SCHEMA)
         self.matches = StageFolder(self.store, "matches", schema=MATCHES_SCHEMA)

@@ -183,8 +183,33 @@ def _cost(summary: dict) -> str:
     return "".join(out)
 
 
+def _preview_triage(summary: dict) -> str:
+    """triage=preview: per prompt, the tiled l2 of its closest short-schedule preview to the training
+    set, for prompts with and without an extracted generation, and the 10 closest."""
+    scored = [p for p in summary["per_prompt"] if p.get("triage_distance") is not None]
+    thr = summary.get("thresholds", {}).get("match_threshold")
+    hit = [p["triage_distance"] for p in scored if p.get("extracted_samples", 0) > 0]
+    rest = [p["triage_distance"] for p in scored if p.get("extracted_samples", 0) <= 0]
+    x_max = max(max(p["triage_distance"] for p in scored), thr or 0.0) * 1.05 or None
+    out = ['<h2>Triage</h2><p>Previews matched to the training set: per prompt, the tiled l2 of its closest '
+           'short-schedule preview to its nearest training image. A memorizing prompt&#39;s previews already land '
+           'near the picture it copies (red: the match threshold).</p>',
+           '<div class="hists">'
+           + histogram_svg(hit, thr, "closest preview of prompts with an extracted generation", x_max=x_max)
+           + histogram_svg(rest, thr, "closest preview of the other prompts", x_max=x_max) + "</div>"]
+    top = sorted(scored, key=lambda p: (p["triage_distance"], p.get("prompt_id", "")))[:10]
+    out.append(f"<p>The {len(top)} prompts whose previews came closest:</p>")
+    out.append(_table(["prompt", "closest preview (tiled l2)", "samples", "extracted"],
+                      [[f'<span class="text">{esc(p.get("prompt"))}</span>', f'{p["triage_distance"]:.4g}',
+                        esc(p.get("samples", "")), esc(p.get("extracted_samples", 0))] for p in top], {1, 2, 3}))
+    return "".join(out)
+
+
 def _triage(summary: dict) -> str:
-    """Triage scores (Wen et al.) of prompts with and without an extracted generation, and the top 10."""
+    """Triage scores (Wen et al.) of prompts with and without an extracted generation, and the top 10;
+    triage=preview: their previews' distances to the training set instead."""
+    if any(p.get("triage_distance") is not None for p in summary.get("per_prompt", [])):
+        return _preview_triage(summary)
     scored = [p for p in summary.get("per_prompt", []) if p.get("triage_score") is not None]
     if not scored:
         return ""

@@ -302,6 +302,8 @@ def test_dup_k_below_two_names_the_key():
     (["budget=adaptive", "match.candidates=cliques"], "match.candidates=all"),
     (["budget=adaptive", "budget.continue_factor=0.5"], "budget.continue_factor"),
     (["triage=noise_norm", "model=demo_uncond", "prompts=none"], "triage=auto"),  # triage on an unconditional model
+    (["triage=preview", "model=demo_uncond", "prompts=none"], "triage=auto"),
+    (["triage=preview", "match=relative"], "match=tiled"),  # its distance is compared with match.threshold
     (["triage.steps=51"], "triage.steps"),
     (["triage.seeds=0"], "triage.seeds"),
     (["match.min_generations=0"], "match.min_generations"),
@@ -337,6 +339,7 @@ def test_triage_auto_and_the_adaptive_budget_are_for_text_models():
     (["sampling.guidance_scale=1"], True),  # no guidance: no free score
     (["budget=adaptive", "budget.rounds=[2,16]"], True),  # fewer first-round samples than triage.seeds
     (["triage=none"], False),
+    (["triage=preview"], True),  # previews are not the run's samples
 ])
 def test_the_triage_stage_runs_only_when_the_samples_cannot_give_its_scores(overrides, stage):
     from memex.stages.triage import needs_stage

@@ -61,9 +61,16 @@ def test_triage_keep_takes_the_top_scores_in_prompt_order(tmp_path):
     layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ids, "prompt": ids}))
     scores = [0.1, 0.9, 0.3, 0.9, 0.05, 0.5]
     layout.triage.write_shard(0, pa.table({"prompt_id": ids, "prompt": ids, "score": scores,
-                                           "unet_evaluations": [8] * 6}, schema=TRIAGE_SCHEMA))
+                                           "unet_evaluations": [8] * 6, "distance": [None] * 6,
+                                           "train_gid": [None] * 6}, schema=TRIAGE_SCHEMA))
     assert top_by_triage(layout, 3) == [1, 3, 5]  # 0.9, 0.9 (tie: earlier first), 0.5; returned in row order
     assert top_by_triage(layout, 10) == list(range(6))
+    # triage=preview: a prompt whose previews found no readable neighbour has no score, and ranks last
+    layout.triage.write_shard(1, pa.table({"prompt_id": ["p6"], "prompt": ["p6"], "score": [None],
+                                           "unet_evaluations": [8], "distance": [None], "train_gid": [None]},
+                                          schema=TRIAGE_SCHEMA))
+    layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ids + ["p6"], "prompt": ids + ["p6"]}))
+    assert top_by_triage(layout, 6) == list(range(6)) and top_by_triage(layout, 7) == list(range(7))
     z = robust_z(pa.array(scores).to_numpy())
     assert z[1] == z[3] and z[1] > z[5] > z[0] and abs(sorted(z)[2] + sorted(z)[3]) < 1e-9  # centred on the median
 

@@ -233,6 +233,20 @@ def test_triage_section_only_when_prompts_have_scores():
         assert "Triage" not in html and "triage score" not in html
 
 
+def test_preview_triage_plots_the_previews_distances_against_the_threshold():
+    per_prompt = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}", "samples": 4, "triage_score": -0.05 * i,
+                   "triage_distance": 0.05 * i, "extracted_samples": 2 if i < 2 else 0, "flagged": False,
+                   "clique_size": None, "train_ids": []} for i in range(1, 13)]
+    html = _render(_summary(per_prompt=per_prompt))
+    section = html.split("<h2>Triage</h2>")[1].split("<h2>")[0]
+    assert "closest preview of prompts with an extracted generation (n = 1," in section
+    assert "closest preview of the other prompts (n = 11," in section
+    assert section.count("threshold 0.15") == 2  # the match threshold on both histograms
+    rows = section.split("The 10 prompts whose previews came closest")[1].split("</table>")[0].split("<tr>")[2:]
+    assert len(rows) == 10 and "prompt 1<" in rows[0] and "0.05<" in rows[0] and "prompt 12<" not in section
+    assert "triage score" not in section  # the Wen et al. histograms are not drawn
+
+
 def test_uncounted_low_complexity_picture_is_listed_with_its_reason():
     summary = _summary(
         extracted_unique_train_images=1,

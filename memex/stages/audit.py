@@ -169,9 +169,12 @@ def adaptive(cfg: AuditConfig) -> bool:
 
 def top_by_triage(layout: RunLayout, keep: int) -> list[int]:
     """Prompt rows of the `keep` highest triage scores, in prompt order (ties: the earlier prompt)."""
+    import numpy as np
+
     ids = read_run_prompts(layout)["prompt_id"].to_pylist()
-    score = {r["prompt_id"]: r["score"] for r in layout.triage.read(columns=["prompt_id", "score"]).to_pylist()}
-    best = sorted(range(len(ids)), key=lambda p: (-score[ids[p]], p))[:keep]
+    score = {r["prompt_id"]: r["score"] for r in layout.triage.read(columns=["prompt_id", "score"]).to_pylist()
+             if r["score"] is not None}  # None: a preview with no readable neighbour, ranked last
+    best = sorted(range(len(ids)), key=lambda p: (-score.get(ids[p], -np.inf), p))[:keep]
     return sorted(best)
 
 
@@ -202,9 +205,10 @@ def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout, first
 
 
 def continuing_prompts(cfg: AuditConfig, layout: RunLayout, last: Round) -> list[int]:
-    """Prompt rows of round `last` that go on: a generation so far within budget.continue_factor x
-    match.threshold of its nearest training picture (a copy or a near miss), or a triage score
-    budget.continue_triage_z robust standard deviations above the run's median (docs/method.md#5-budget)."""
+    """Prompt rows of round `last` that go on: a generation so far, or a triage preview
+    (triage=preview), within budget.continue_factor x match.threshold of its nearest training
+    picture (a copy or a near miss), or a triage score budget.continue_triage_z robust standard
+    deviations above the run's median (docs/method.md#5-budget)."""
     import numpy as np
 
     from memex.stages.triage import prompt_scores, robust_z
@@ -214,6 +218,10 @@ def continuing_prompts(cfg: AuditConfig, layout: RunLayout, last: Round) -> list
     rows = [last.row(q) for q in range(last.n_prompts)]
     near = layout.matches.read(columns=["prompt_id", "distance"])
     close = set(near.filter(pc.less_equal(near["distance"], b.continue_factor * m.threshold))["prompt_id"].to_pylist())
+    if layout.triage.success() is not None:  # preview distances; null for noise_norm (no preview)
+        tri = layout.triage.read(columns=["prompt_id", "distance"])
+        close |= set(tri.filter(pc.less_equal(tri["distance"], b.continue_factor * m.threshold))["prompt_id"]
+                     .to_pylist())
     outlying: set[str] = set()
     scores = prompt_scores(cfg, layout)
     if b.continue_triage_z is not None and scores:

@@ -341,14 +341,14 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     """<run>/summary.json: the headline numbers (extracted pictures, UNet evaluations), the
     pictures, per-prompt results, config."""
     from memex.plan import SamplePlan
-    from memex.stages.triage import prompt_scores
+    from memex.stages.triage import preview_distances, prompt_scores
 
     prompts = read_run_prompts(layout).to_pylist()
     filter_summary = layout.candidates.success()  # None: the filter was skipped (unconditional)
     filtered = filter_summary is not None
     cands = {c["prompt_id"]: c for c in layout.candidates.read().to_pylist()} if filtered else {}
     clique_ids = {s for c in cands.values() if c["flagged"] for s in c["sample_ids"]}
-    triage = prompt_scores(cfg, layout)
+    triage, previews = prompt_scores(cfg, layout), preview_distances(layout)
     ext = matches.filter(matches["extracted"]) if matches.num_rows else matches
     by_prompt: dict[str, list[dict]] = {}
     for row in ext.to_pylist():
@@ -358,7 +358,8 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     for k, p in enumerate(prompts):
         c, hits = cands.get(p["prompt_id"], {}), by_prompt.get(p["prompt_id"], [])
         per_prompt.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "samples": plan.samples_of(k),
-                           "triage_score": triage.get(p["prompt_id"]), "flagged": c.get("flagged", False),
+                           "triage_score": triage.get(p["prompt_id"]),
+                           "triage_distance": previews.get(p["prompt_id"]), "flagged": c.get("flagged", False),
                            "clique_size": c.get("clique_size"), "extracted_samples": len(hits),
                            "train_ids": sorted({h["train_id"] for h in hits})})
     # extracted *pictures*: rows of one picture (near-duplicates in the index) count once

@@ -10,44 +10,117 @@ starting noises, which are samples 0..seeds-1 of the prompt (the same seeds gene
 `triage.steps` steps: seeds x steps x 2 UNet evaluations per prompt against 500 x 50 x 2 for the
 paper's generations. The score is RMS per latent value (memex/sampling.py noise_norm).
 
+triage=preview asks the model directly: `triage.seeds` previews of a short DDIM schedule
+(`triage.steps`, 10 in conf/triage/preview.yaml), each matched to the training index as the match
+stage matches a generation (embedding search for match.k proposals, tiled l2 on pixels). A prompt's
+score is minus the smallest tiled l2 of its previews: a memorizing prompt's previews already land
+near the picture it copies. 8 previews x 10 steps x 2 = 160 UNet evaluations a prompt, a tenth of a
+16-sample prompt; on the demo it ranks reproducing prompts at AUC 0.96 where noise_norm reaches
+0.81 (bench/RESULTS.md), and the adaptive budget extends a prompt whose preview came within
+budget.continue_factor x match.threshold (memex/stages/audit.py continuing_prompts).
+
 Units: chunks of `triage.prompts_per_task` prompts through the actor pool (one model per actor),
-like generation; the runner writes triage/shard-<chunk>.parquet and its marker.
+like generation; the runner writes triage/shard-<chunk>.parquet and its marker. triage=preview:
+the actor pool writes previews/shard-<chunk> (the pixels, kept for the record), then a unit per
+chunk in the driver matches them (embedding and search are Ray tasks, memex/stages/match.py) and
+writes triage/shard-<chunk>.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 
 from memex import runner
-from memex.config import AuditConfig, BudgetKind, PromptSource, TriageKind
-from memex.layout import TRIAGE_SCHEMA, RunLayout, StorageError
+from memex.config import AuditConfig, BudgetKind, DistanceKind, PromptSource, SchedulerKind, TriageKind
+from memex.layout import PREVIEWS_SCHEMA, TRIAGE_SCHEMA, RunLayout, StorageError
+from memex.plan import tie_shard_size
 from memex.prompts import read_run_prompts
 from memex.stages.generate import RunSampler, unet_work
 
 log = logging.getLogger("memex.triage")
 
 
+def preview_config(cfg: AuditConfig) -> AuditConfig:
+    """triage=preview samples with the run's guidance and size on its own short DDIM schedule."""
+    return replace(cfg, sampling=replace(cfg.sampling, scheduler=SchedulerKind.ddim,
+                                         num_inference_steps=cfg.triage.steps))
+
+
 class TriagePrompts(RunSampler):
-    """The worker of the actor pool: one model per actor (RunSampler); each call scores one chunk of prompts."""
+    """The worker of the actor pool: one model per actor (RunSampler); each call scores one chunk of
+    prompts (noise_norm) or generates its previews (preview)."""
+
+    def __init__(self, cfg: AuditConfig, run_name: str):
+        super().__init__(preview_config(cfg) if cfg.triage.kind == TriageKind.preview else cfg, run_name)
 
     def __call__(self, index: int, p0: int, p1: int) -> tuple[pa.Table, dict]:
-        """Prompts [p0, p1) -> one TRIAGE_SCHEMA row each, and the UNet evaluations they took."""
+        """Prompts [p0, p1) -> one TRIAGE_SCHEMA row each (noise_norm) or triage.seeds PREVIEWS_SCHEMA
+        rows each (preview), and the UNet evaluations they took."""
+        from memex.images import encode_png
         from memex.sampling import sample_seed
 
         t, s = self.cfg.triage, self.cfg.sampling
         ids, texts = self.prompt_ids[p0:p1], self.prompts[p0:p1]
         rows_ids = [pid for pid in ids for _ in range(t.seeds)]  # prompt-major: seeds of one prompt together
         rows_texts = [p for p in texts for _ in range(t.seeds)]
-        seeds = [sample_seed(s.seed, pid, j % t.seeds) for j, pid in enumerate(rows_ids)]
+        index_of = [j % t.seeds for j in range(len(rows_ids))]
+        seeds = [sample_seed(s.seed, pid, i) for pid, i in zip(rows_ids, index_of)]
         before = self.sampler.unet_evaluations
+        if t.kind == TriageKind.preview:
+            # a shard's worth of whole batches at a time: 256 prompts x 8 previews at 512 px would be
+            # 1.6 GB of pixels at once; PNGs are ~5x smaller
+            step, png = tie_shard_size(s.shard_size, s.batch_size), []
+            for j in range(0, len(rows_ids), step):
+                images = self.sampler.generate(rows_ids[j:j + step], rows_texts[j:j + step], seeds[j:j + step])
+                png += [encode_png(x, s.png_compress_level) for x in images]  # (H, W, C) uint8 each
+            table = pa.table({"prompt_id": rows_ids, "prompt": rows_texts, "sample_index": index_of, "image": png},
+                             schema=PREVIEWS_SCHEMA)
+            return table, {"unet_evaluations": self.sampler.unet_evaluations - before}
         scores = self.sampler.triage(rows_ids, rows_texts, seeds, t.steps).reshape(len(ids), t.seeds).mean(axis=1)
         cost = self.sampler.unet_evaluations - before
         table = pa.table({"prompt_id": ids, "prompt": texts, "score": scores.astype(np.float32),
-                          "unet_evaluations": [t.seeds * t.steps * 2] * len(ids)}, schema=TRIAGE_SCHEMA)
+                          "unet_evaluations": [t.seeds * t.steps * 2] * len(ids), "distance": [None] * len(ids),
+                          "train_gid": [None] * len(ids)}, schema=TRIAGE_SCHEMA)
         return table, {"unet_evaluations": cost}
+
+
+def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info) -> tuple[pa.Table, dict]:
+    """triage=preview, one chunk in the driver: previews/shard-<index> -> one TRIAGE_SCHEMA row per
+    prompt. Each preview's match.k nearest training images by embedding (the match stage's search),
+    then exact tiled l2 on pixels; a prompt's distance is its closest preview's. Memory: one chunk's
+    previews as PNGs, and sampling.shard_size previews' neighbours' pixels at a time."""
+    from memex.images import decode
+    from memex.stages.match import fetch_training_images, nearest_training_images, pixel_distances
+
+    prev = layout.store.read_table(layout.previews.file(index))
+    cost = (layout.previews.read_marker(index) or {}).get("unet_evaluations", 0)
+    k = min(cfg.match.k, info.n_indexed)
+    best: dict[str, tuple[float, int]] = {}  # prompt id -> (distance, gid) of its closest preview
+    step = cfg.sampling.shard_size  # previews per search, like a samples shard: shard_size x k training images
+    for j0 in range(0, prev.num_rows, step):
+        part = prev.slice(j0, step)
+        _, I = nearest_training_images(cfg, info, part["image"].to_pylist(), k)
+        pixels, _ = fetch_training_images(info, I, cfg.storage.options)
+        for j, (pid, png) in enumerate(zip(part["prompt_id"].to_pylist(), part["image"].to_pylist())):
+            nb = [int(g) for g in I[j] if g >= 0 and int(g) in pixels]
+            if not nb:
+                continue
+            d = pixel_distances(decode(png), [pixels[g] for g in nb], DistanceKind.tiled_l2,
+                                cfg.trainset.preprocess.value)
+            if pid not in best or d.min() < best[pid][0]:
+                best[pid] = (float(d.min()), nb[int(np.argmin(d))])
+    ids = list(dict.fromkeys(prev["prompt_id"].to_pylist()))  # the chunk's prompts, in order
+    texts = dict(zip(prev["prompt_id"].to_pylist(), prev["prompt"].to_pylist()))
+    dist = [best.get(p, (None, None))[0] for p in ids]
+    table = pa.table({"prompt_id": ids, "prompt": [texts[p] for p in ids],
+                      "score": [None if d is None else -d for d in dist],
+                      "unet_evaluations": [cost // max(len(ids), 1)] * len(ids), "distance": dist,
+                      "train_gid": [best.get(p, (None, None))[1] for p in ids]}, schema=TRIAGE_SCHEMA)
+    return table, {"unet_evaluations": cost}
 
 
 def run(cfg: AuditConfig, run_name: str) -> dict:
@@ -55,13 +128,25 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     if not layout.store.exists(layout.prompts_path):
         raise StorageError(f"{layout.uri} is not a prepared run folder (no prompts.parquet): call generate.prepare")
-    layout.triage.claim({"triage": {"seeds": cfg.triage.seeds, "steps": cfg.triage.steps}},
-                        f"run folder {layout.uri}")
+    t = cfg.triage
+    preview = t.kind == TriageKind.preview
+    settings = {"seeds": t.seeds, "steps": t.steps}
+    if preview:  # noise_norm's settings as before: run folders triaged before previews existed resume
+        settings = {"kind": t.kind.value, **settings, "match_k": cfg.match.k}
+    layout.triage.claim({"triage": settings}, f"run folder {layout.uri}")
     n = read_run_prompts(layout).num_rows
-    step = cfg.triage.prompts_per_task
+    step = t.prompts_per_task
     chunks = {c: {"p0": p0, "p1": min(p0 + step, n)} for c, p0 in enumerate(range(0, n, step))}
-    runner.run_actor_pool(layout.triage, chunks, TriagePrompts, {"cfg": cfg, "run_name": run_name}, cfg.resources)
-    scores = layout.triage.read(columns=["score"])["score"].to_numpy()
+    work = {"cfg": cfg, "run_name": run_name}
+    if preview:
+        from memex.membership import read_info
+
+        runner.run_actor_pool(layout.previews, chunks, TriagePrompts, work, cfg.resources)
+        runner.run_here(layout.triage, {c: {} for c in chunks}, score_previews, cfg=cfg, layout=layout,
+                        info=read_info(layout))
+    else:
+        runner.run_actor_pool(layout.triage, chunks, TriagePrompts, work, cfg.resources)
+    scores = layout.triage.read(columns=["score"])["score"].drop_null().to_numpy()
     summary = {"prompts": n, "unet_evaluations": unet_work(layout.triage)["unet_evaluations"],
                "score_median": float(np.median(scores)) if len(scores) else None,
                "score_mad": float(np.median(np.abs(scores - np.median(scores)))) if len(scores) else None}
@@ -75,7 +160,8 @@ def triage_on(cfg: AuditConfig) -> bool:
 
 
 def needs_stage(cfg: AuditConfig) -> bool:
-    """Whether the scores must be computed before generation, by this stage. Guided generation
+    """Whether the scores must be computed before generation, by this stage: always for triage=preview
+    (its previews are not the run's samples). Guided generation
     computes every sample's first-step score for free (memex/sampling.py generate_scored), and a
     prompt's samples 0..seeds-1 start from the triage's own seeds: with triage.steps=1 and every
     prompt's first round holding >= triage.seeds samples, the samples give the same scores and the
@@ -83,7 +169,8 @@ def needs_stage(cfg: AuditConfig) -> bool:
     triage.keep ranks prompts before any generation, for more than one step, or without guidance."""
     t, s = cfg.triage, cfg.sampling
     first = cfg.budget.rounds[0] if cfg.budget.kind == BudgetKind.adaptive else s.samples_per_prompt
-    return triage_on(cfg) and (t.keep is not None or t.steps > 1 or s.guidance_scale <= 1 or first < t.seeds)
+    return triage_on(cfg) and (t.kind == TriageKind.preview or t.keep is not None or t.steps > 1
+                               or s.guidance_scale <= 1 or first < t.seeds)
 
 
 def prompt_scores(cfg: AuditConfig, layout: RunLayout) -> dict[str, float]:
@@ -92,13 +179,22 @@ def prompt_scores(cfg: AuditConfig, layout: RunLayout) -> dict[str, float]:
     if not triage_on(cfg):
         return {}
     if layout.triage.success() is not None:
-        return {r["prompt_id"]: r["score"] for r in layout.triage.read(columns=["prompt_id", "score"]).to_pylist()}
+        return {r["prompt_id"]: r["score"] for r in layout.triage.read(columns=["prompt_id", "score"]).to_pylist()
+                if r["score"] is not None}
     t = layout.samples.read(columns=["prompt_id", "triage_score"], filters=[("sample_index", "<", cfg.triage.seeds)])
     by: dict[str, list[float]] = {}
     for pid, sc in zip(t["prompt_id"].to_pylist(), t["triage_score"].to_pylist()):
         if sc is not None:
             by.setdefault(pid, []).append(sc)
     return {pid: float(np.mean(v)) for pid, v in by.items()}
+
+
+def preview_distances(layout: RunLayout) -> dict[str, float]:
+    """prompt id -> its closest preview's tiled l2 to the training set (triage=preview); empty otherwise."""
+    if layout.triage.success() is None:
+        return {}
+    t = layout.triage.read(columns=["prompt_id", "distance"])
+    return {p: d for p, d in zip(t["prompt_id"].to_pylist(), t["distance"].to_pylist()) if d is not None}
 
 
 def robust_z(scores: np.ndarray) -> np.ndarray:
