@@ -211,17 +211,14 @@ def continuing_prompts(cfg: AuditConfig, layout: RunLayout, last: Round) -> list
     deviations above the run's median (docs/method.md#5-budget)."""
     import numpy as np
 
-    from memex.stages.triage import prompt_scores, robust_z
+    from memex.stages.triage import preview_distances, prompt_scores, robust_z
 
     b, m = cfg.budget, cfg.match
     ids = read_run_prompts(layout)["prompt_id"].to_pylist()
     rows = [last.row(q) for q in range(last.n_prompts)]
     near = layout.matches.read(columns=["prompt_id", "distance"])
     close = set(near.filter(pc.less_equal(near["distance"], b.continue_factor * m.threshold))["prompt_id"].to_pylist())
-    if layout.triage.success() is not None:  # preview distances; null for noise_norm (no preview)
-        tri = layout.triage.read(columns=["prompt_id", "distance"])
-        close |= set(tri.filter(pc.less_equal(tri["distance"], b.continue_factor * m.threshold))["prompt_id"]
-                     .to_pylist())
+    close |= {pid for pid, d in preview_distances(layout).items() if d <= b.continue_factor * m.threshold}
     outlying: set[str] = set()
     scores = prompt_scores(cfg, layout)
     if b.continue_triage_z is not None and scores:
