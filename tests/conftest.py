@@ -23,6 +23,11 @@ SMALL_AUDIT = ["prompts.limit=4", "sampling.samples_per_prompt=8", "sampling.sch
                "sampling.num_inference_steps=10", "triage=none", "filter.min_clique=3", "index.shards=2",
                "budget=fixed"]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray workers inherit this from the head started below. The suite runs more torch threads than the
+# 2 cores (the head declares 4 CPUs, and the test process computes too): OpenMP's default spin-wait
+# then burns the cores another thread needs (two 2-thread shadow trainings side by side: 61 s active,
+# 34 s passive).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Set before anything imports ray: Ray reads the auth mode once per process (see ray_head).
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex + uuid.uuid4().hex

@@ -411,7 +411,9 @@ def test_generate_to_s3_survives_throttling_and_server_errors(ray_head, tiny_mod
 
 def test_persistent_write_failures_fail_the_stage_naming_the_path_and_a_rerun_completes(
         ray_head, tiny_models, prompt_file, faulty_s3, s3_server, bucket, reference):
-    cfg = compose(_s3_overrides(tiny_models, prompt_file, bucket, faulty_s3.url, "run.name=broken"))
+    # fewer retries than the default (botocore 5 with backoff): the writes here fail for good
+    cfg = compose(_s3_overrides(tiny_models, prompt_file, bucket, faulty_s3.url, "run.name=broken",
+                                "+storage.options.config_kwargs.retries.max_attempts=1"))
     always = lambda n, method, target: (500, False) if method in ("PUT", "POST") else None  # noqa: E731
 
     # failing from the first write: refused before any work, naming the run folder
