@@ -71,14 +71,21 @@ def prompt_samples(layout: RunLayout, plan: SamplePlan, p: int, pid: str) -> tup
     512^2 that is ~200 MB of PNGs and 393 MB of pixels, not a chunk of prompts' worth (16 x that)."""
     t = layout.store.read_table([layout.samples.file(s) for s in plan.shards_of(p)], schema=SAMPLES_SCHEMA,
                                 columns=["sample_id", "prompt_id", "sample_index", "image"],
-                                filters=[("prompt_id", "=", pid)]).sort_by("sample_index")
+                                filters=[("prompt_id", "=", pid)])
+    # decoded in sample-index order through an index, not Table.sort_by: sorting copies every PNG
+    order = np.argsort(t["sample_index"].to_numpy(), kind="stable")
     col = t["image"]
-    head = decode(col[0].as_py())
+    head = decode(col[int(order[0])].as_py())
     images = np.empty((t.num_rows, *head.shape), np.uint8)
     images[0] = head
-    for i in range(1, t.num_rows):
-        images[i] = decode(col[i].as_py())
-    return t["sample_id"].to_pylist(), images
+    for j in range(1, t.num_rows):
+        images[j] = decode(col[int(order[j])].as_py())
+    ids = t["sample_id"].take(order).to_pylist()
+    del t, col
+    # Arrow's allocator (mimalloc) keeps freed PNG buffers mapped unless asked; the pairwise
+    # distances allocate next
+    pa.default_memory_pool().release_unused()
+    return ids, images
 
 
 def filter_chunk(chunk: int, layout: RunLayout, p0: int, p1: int, f: FilterConfig, device: str) -> pa.Table:
