@@ -169,3 +169,25 @@ def test_exhausted_clique_search_is_retried_then_reported_undecided(monkeypatch)
              "clique_exact": True, "flagged": True, "sample_ids": [], "representative": "", "nearest_distances": []}]
     s = summarize_candidates(pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA), FilterConfig(min_clique=10))
     assert (s["prompts"], s["flagged"], s["undecided"], s["undecided_prompt_ids"]) == (2, 1, 1, ["p0"])
+
+
+def test_a_prompts_samples_come_back_in_sample_index_order_whatever_the_row_order(tmp_path):
+    """The filter stage reads a prompt's samples from its shards and decodes them in sample-index
+    order (through an argsort, not a sorted copy of the table): ids and pixels stay paired."""
+    from memex.plan import SamplePlan
+    from memex.prompts import prompt_id
+    from memex.stages.filter import prompt_samples
+
+    from conftest import plant_run
+
+    rng = np.random.default_rng(5)
+    images = {p: [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(6)] for p in ("a cat", "a dog")}
+    layout = plant_run(tmp_path, "r", images, shard_size=4)
+    for shard in layout.samples.complete():  # rewrite every shard with its rows reversed
+        t = layout.store.read_table(layout.samples.file(shard))
+        layout.samples.write_shard(shard, t.take(np.arange(t.num_rows)[::-1]))
+    plan = SamplePlan.read(layout.store)
+    for p, text in enumerate(images):
+        ids, pixels = prompt_samples(layout, plan, p, prompt_id(text))
+        assert ids == [f"{prompt_id(text)}/{i}" for i in range(6)]
+        assert np.array_equal(pixels, np.stack(images[text]))
