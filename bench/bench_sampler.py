@@ -5,6 +5,7 @@
     python bench/bench_sampler.py --model demo/models/demo-uncond --samples 500 --steps 10 --batch 64
     python bench/bench_sampler.py --tiny uncond16 --samples 500 --steps 10 --batch 256
     python bench/bench_sampler.py --mode stage --samples-total 2048 --batch 256 --steps 10
+    python bench/bench_sampler.py --mode unet --batch 64 --threads 1          # UNet variants: channels_last, compile
 
 --mode sampler: N = prompts x samples images (unconditional: one empty prompt, N = samples), same model,
 scheduler, steps, guidance and per-sample seeds, in one process; after a warm-up the three alternate
@@ -35,6 +36,11 @@ to keep 64 (4x the UNet work). Shards now hold whole batches (memex/plan.py tie_
 sizes must show the same "UNet evals" (rows x steps, padding included, from the stage's summary). "stage s"
 is generate.run's wall time (Ray actor start, model load included); "shards s" sums the shards' own
 times from their markers (generation + PNG + Parquet); "vs plain" compares shards s with the plain loop.
+
+--mode unet: the UNet alone (one forward on the sampler's batch shape, 2 x batch rows with guidance)
+as loaded, with channels_last weights, under torch.compile, both, and in bfloat16, alternated
+--repeats times; prints each one's speed-up, its first call (compile is paid once per actor) and its
+largest eps difference from the model as loaded (any non-zero one changes a run's last float bits).
 
 --threads: on a machine whose cores are busy, more torch threads than free cores collapses throughput
 (demo-text UNet, 32 rows: 0.15 s per forward at 1 thread vs 3.5 s at 2 with both cores loaded).
@@ -281,11 +287,59 @@ def stage_mode(a) -> None:
     ray.shutdown()
 
 
+def unet_mode(a) -> None:
+    """The UNet alone on the sampler's batch shape, as loaded and in the variants that could make the
+    UNet itself faster (the bound above is 1.09x the plain loop on CPU, so nothing outside the UNet can
+    reach 1.3x): channels_last weights, torch.compile (inductor), both, and bfloat16. Each variant is a
+    copy of the same UNet; they alternate --repeats times after a warm-up, whose seconds are printed
+    for compile (paid once per actor); max |eps difference| against the model as loaded."""
+    import copy
+
+    path = str(tiny.build_sd15(Path(tempfile.mkdtemp()) / "sd15")) if a.tiny == "sd15" else a.model
+    model = load_model(path, device=a.device)
+    s = Sampler(model, SamplingConfig(num_inference_steps=a.steps, guidance_scale=a.guidance, batch_size=a.batch))
+    rows = a.batch * (2 if s.cfg else 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, s.unet_channels, s.height // s.vae_scale, s.width // s.vae_scale, generator=g).to(s.device)
+    cond = s.embeddings(["p"], ["a red star logo"]).repeat(rows, 1, 1) if s.conditional else None
+    t = torch.tensor(500)
+    base = s.unet.eval()
+    cl = lambda u: u.to(memory_format=torch.channels_last)  # noqa: E731
+    variants = {"as loaded": base, "channels_last": cl(copy.deepcopy(base)),
+                "torch.compile": torch.compile(copy.deepcopy(base)),
+                "channels_last + compile": torch.compile(cl(copy.deepcopy(base))),
+                "bfloat16": copy.deepcopy(base).to(torch.bfloat16)}
+
+    @torch.no_grad()
+    def fwd(u):
+        dt = next(u.parameters()).dtype
+        kw = {"encoder_hidden_states": cond.to(dt)} if cond is not None else {}
+        return u(x.to(dt), t, **kw).sample.float()
+
+    ref, warm = fwd(base), {}
+    diff = {}
+    for k, u in variants.items():
+        warm[k] = elapsed(lambda: fwd(u), a.device)
+        diff[k] = float((fwd(u) - ref).abs().max())
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(a.repeats):
+        for k, u in variants.items():
+            times[k].append(elapsed(lambda: fwd(u), a.device))
+    print(f"unet: model={path} {rows} rows of {tuple(x.shape[1:])} threads={a.threads} device={a.device} "
+          f"repeats={a.repeats} (medians)")
+    base_s = statistics.median(times["as loaded"])
+    for k in variants:
+        med = statistics.median(times[k])
+        print(f"{k:<26s}: {med:7.3f} s/forward  {base_s / med:5.2f}x  first call {warm[k]:6.1f} s  "
+              f"max |eps diff| {diff[k]:.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", default="sampler", choices=["sampler", "stage"])
+    ap.add_argument("--mode", default="sampler", choices=["sampler", "stage", "unet"])
     ap.add_argument("--model", default=str(REPO / "demo/models/demo-text"), help="diffusers folder (sampler mode)")
-    ap.add_argument("--tiny", default="none", choices=["none", "uncond16"], help="uncond16: build a tiny model instead")
+    ap.add_argument("--tiny", default="none", choices=["none", "uncond16", "sd15"],
+                    help="uncond16 (sampler, stage) or sd15 (unet: SD 1.x layout, 512 px): build a tiny model instead")
     ap.add_argument("--prompts", type=int, default=3, help="text models; unconditional models use one empty prompt")
     ap.add_argument("--samples", type=int, default=16, help="samples per prompt (the paper: 500)")
     ap.add_argument("--samples-total", type=int, default=2048, help="stage mode: samples of the run")
@@ -298,7 +352,7 @@ def main() -> None:
     a = ap.parse_args()
     a.batch = a.batch or (256 if a.mode == "stage" else 16)
     torch.set_num_threads(a.threads)
-    sampler_mode(a) if a.mode == "sampler" else stage_mode(a)
+    {"sampler": sampler_mode, "stage": stage_mode, "unet": unet_mode}[a.mode](a)
 
 
 if __name__ == "__main__":

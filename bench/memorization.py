@@ -3,7 +3,9 @@
     python bench/memorization.py demo/models/demo-text [--samples 16 --steps 50 --guidance 3 --out truth.parquet]
 
 Reads the checkpoint's own training_manifest.parquet (written by `memex train`). Text model: every
-distinct training image is prompted with its caption `--samples` times. Unconditional model:
+distinct training image is prompted with its caption `--samples` times; a caption that k pictures
+share (the demo's captions are compositional: 240 distinct for 256 pictures) is prompted k x
+`--samples` times with sample indices 0..k x samples - 1, so no two generations share a seed. Unconditional model:
 `--samples` x (number of distinct images) generations. Every generation is compared with *every*
 distinct training picture, exactly (no index, no embedding): its nearest picture by RMS pixel
 distance, that RMS, and the tiled l2 (the paper's distance, memex/distances.py) to the nearest
@@ -62,6 +64,22 @@ def distinct_pictures(model: str) -> tuple[list[str], dict, np.ndarray]:
     return ids, distinct, np.stack([load_image(distinct[i]) for i in ids])
 
 
+def prompted(captions: list[str], samples: int) -> tuple[list[int], list[str], list[str], list[int]]:
+    """(picture index, caption, prompt id, sample index) of each generation: every picture's caption
+    `samples` times. Sample indices run on per prompt: a caption that k pictures share gets indices
+    0..k x samples - 1, not 0..samples - 1 k times (the same seeds: byte-identical generations, one
+    copy counted k times)."""
+    target = [k for k in range(len(captions)) for _ in range(samples)]
+    texts = [captions[k] for k in target]
+    pids = [prompt_id(t) for t in texts]
+    seen: dict[str, int] = defaultdict(int)
+    index = []
+    for p in pids:
+        index.append(seen[p])
+        seen[p] += 1
+    return target, texts, pids, index
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -82,10 +100,7 @@ def main() -> None:
     sampler = Sampler(model, SamplingConfig(num_inference_steps=a.steps, guidance_scale=a.guidance,
                                              batch_size=a.batch))
     if sampler.conditional:
-        target = [k for k in range(len(ids)) for _ in range(a.samples)]
-        texts = [distinct[ids[k]]["caption"] for k in target]
-        pids = [prompt_id(t) for t in texts]
-        index = [j % a.samples for j in range(len(target))]
+        target, texts, pids, index = prompted([distinct[i]["caption"] for i in ids], a.samples)
     else:
         n = a.samples * len(ids)
         target, texts, pids, index = [-1] * n, [""] * n, ["uncond"] * n, list(range(n))

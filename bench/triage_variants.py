@@ -15,8 +15,9 @@ afford (a few UNet calls a prompt), each against the truth's labels:
                (an audit has the training set indexed anyway).
 
 Labels: a prompt *memorizes* when one of its truth generations copies a training picture; it
-*reproduces* when its generations copy one picture at least twice. Prints AUC and TPR at the lowest
-FPR for each score and label, and the UNet evaluations per prompt.
+*reproduces* when its generations copy one picture at least twice (--label-samples N: counted over
+its first N truth generations). Prints AUC and TPR at the lowest FPR for each score and label, the
+UNet evaluations per prompt, and each reproducing prompt's rank under every score.
 """
 
 from __future__ import annotations
@@ -53,24 +54,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--preview-steps", type=int, nargs="+", default=[5, 10])
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--preview-scheduler", default="ddim", choices=[k.value for k in SchedulerKind],
+                    help="the previews' scheduler (default: the checkpoint's own, as generation uses)")
+    ap.add_argument("--label-samples", type=int, nargs="*", default=[],
+                    help="also label each prompt from its first N truth generations only (label noise: 8 vs 16)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    t = pq.read_table(a.truth, columns=["prompt_id", "prompt", "nearest_id", "copy"]).to_pylist()
-    by_prompt: dict[str, list[dict]] = defaultdict(list)
-    for r in t:
-        by_prompt[r["prompt_id"]].append(r)
-    pids = sorted(by_prompt)
+    t = pq.read_table(a.truth, columns=["prompt_id", "prompt", "sample_index", "prompted_id", "nearest_id",
+                                        "copy"]).to_pylist()
+    pids, by_prompt, *_ = labels(t)
     text = [by_prompt[p][0]["prompt"] for p in pids]
-    memorizes = np.array([any(r["copy"] for r in by_prompt[p]) for p in pids])
-    counts = [defaultdict(int) for _ in pids]
-    for i, p in enumerate(pids):
-        for r in by_prompt[p]:
-            counts[i][r["nearest_id"]] += bool(r["copy"])
-    reproduces = np.array([max(c.values(), default=0) >= 2 for c in counts])
-    print(f"{len(pids)} prompts; {memorizes.sum()} memorize (a copying generation), {reproduces.sum()} reproduce "
-          f"(one picture copied twice)")
 
     _, _, train_u8 = distinct_pictures(a.model)
     train = to_unit(torch.from_numpy(train_u8))
@@ -82,18 +77,55 @@ def main() -> None:
     s = Sampler(model, SamplingConfig(guidance_scale=a.guidance, batch_size=64))
     scores["noise_norm (1 step)"] = (s.triage(rows, texts, seeds).reshape(len(pids), a.seeds).mean(1), 2 * a.seeds)
     for n in a.preview_steps:
-        s = Sampler(model, SamplingConfig(guidance_scale=a.guidance, batch_size=64, scheduler=SchedulerKind.ddim,
-                                          num_inference_steps=n))
+        s = Sampler(model, SamplingConfig(guidance_scale=a.guidance, batch_size=64, num_inference_steps=n,
+                                          scheduler=SchedulerKind(a.preview_scheduler)))
         prev = to_unit(torch.from_numpy(s.generate(rows, texts, seeds))).reshape(len(pids), a.seeds, *train.shape[1:])
         agree = np.array([-np.median(tiled_l2_pairwise(x, x).numpy()[np.triu_indices(a.seeds, 1)]) for x in prev])
         near = -tiled_l2_pairwise(prev.flatten(0, 1), train).min(dim=1).values.reshape(len(pids), a.seeds).min(1).values
-        scores[f"agreement (ddim {n})"] = (agree, 2 * a.seeds * n)
-        scores[f"nearest (ddim {n})"] = (near.numpy(), 2 * a.seeds * n)
+        scores[f"agreement ({a.preview_scheduler} {n})"] = (agree, 2 * a.seeds * n)
+        scores[f"nearest ({a.preview_scheduler} {n})"] = (near.numpy(), 2 * a.seeds * n)
 
-    print(f"{'score':24} {'UNet/prompt':>11} {'AUC mem.':>8} {'AUC repr.':>9} {'TPR@0 mem.':>10} {'TPR@0 repr.':>11}")
-    for name, (sc, cost) in scores.items():
-        print(f"{name:24} {cost:11d} {auc(memorizes, sc):8.3f} {auc(reproduces, sc):9.3f} "
-              f"{tpr_at_zero_fpr(memorizes, sc):10.3f} {tpr_at_zero_fpr(reproduces, sc):11.3f}")
+    for n in [None, *a.label_samples]:
+        _, by_prompt, memorizes, counts, reproduces = labels(t, n)
+        print(f"labels from {'all' if n is None else f'the first {n}'} truth generations of each prompt: "
+              f"{len(pids)} prompts; {memorizes.sum()} memorize (a copying generation), {reproduces.sum()} "
+              "reproduce (one picture copied twice)")
+        print(f"{'score':24} {'UNet/prompt':>11} {'AUC mem.':>8} {'AUC repr.':>9} {'TPR@0 mem.':>10} "
+              f"{'TPR@0 repr.':>11}")
+        for name, (sc, cost) in scores.items():
+            print(f"{name:24} {cost:11d} {auc(memorizes, sc):8.3f} {auc(reproduces, sc):9.3f} "
+                  f"{tpr_at_zero_fpr(memorizes, sc):10.3f} {tpr_at_zero_fpr(reproduces, sc):11.3f}")
+        explain(pids, by_prompt, counts, reproduces, scores)
+
+
+def labels(t: list[dict], first: int | None = None) -> tuple:
+    """(prompt ids sorted, {id: truth rows}, memorizes (P,), {picture: copies} per prompt, reproduces (P,))
+    from the truth rows with sample_index < first (all when None)."""
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for r in t:
+        if first is None or r["sample_index"] < first:
+            by_prompt[r["prompt_id"]].append(r)
+    pids = sorted(by_prompt)
+    memorizes = np.array([any(r["copy"] for r in by_prompt[p]) for p in pids])
+    counts = [defaultdict(int) for _ in pids]
+    for i, p in enumerate(pids):
+        for r in by_prompt[p]:
+            counts[i][r["nearest_id"]] += bool(r["copy"])
+    reproduces = np.array([max(c.values(), default=0) >= 2 for c in counts])
+    return pids, by_prompt, memorizes, counts, reproduces
+
+
+def explain(pids: list[str], by_prompt: dict, counts: list[dict], reproduces: np.ndarray, scores: dict) -> None:
+    """Each reproducing prompt: what it copies, whether that picture is its own (a caption of the
+    picture it copies) and its rank (1 = first) under every score, so a low AUC names its prompts."""
+    ranks = {k: len(sc) - np.argsort(np.argsort(sc)) for k, (sc, _) in scores.items()}  # 1 = highest score
+    print(f"reproducing prompts ({int(reproduces.sum())} of {len(pids)}); rank under each score above, in order:")
+    for i in np.flatnonzero(reproduces):
+        rows = by_prompt[pids[i]]
+        pic, n = max(counts[i].items(), key=lambda kv: kv[1])
+        own = "own picture" if pic in {r["prompted_id"] for r in rows} else "another's picture"
+        print(f"  {rows[0]['prompt']!r}: copies {pic} x{n} of {len(rows)} ({own}); ranks "
+              + " ".join(str(int(r[i])) for r in ranks.values()))
 
 
 if __name__ == "__main__":
