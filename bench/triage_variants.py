@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--preview-steps", type=int, nargs="+", default=[5, 10])
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--preview-scheduler", default="ddim", choices=[k.value for k in SchedulerKind],
-                    help="the previews' scheduler (default: the checkpoint's own, as generation uses)")
+                    help="the previews' scheduler; 'default' is the checkpoint's own, the one generation uses")
     ap.add_argument("--label-samples", type=int, nargs="*", default=[],
                     help="also label each prompt from its first N truth generations only (label noise: 8 vs 16)")
     ap.add_argument("--threads", type=int, default=2)
