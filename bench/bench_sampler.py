@@ -6,6 +6,7 @@
     python bench/bench_sampler.py --tiny uncond16 --samples 500 --steps 10 --batch 256
     python bench/bench_sampler.py --mode stage --samples-total 2048 --batch 256 --steps 10
     python bench/bench_sampler.py --mode unet --batch 64 --threads 1          # UNet variants: channels_last, compile
+    python bench/bench_sampler.py --samples 500 --steps 5 --batch 64 --channels-last   # + sampling.channels_last
 
 --mode sampler: N = prompts x samples images (unconditional: one empty prompt, N = samples), same model,
 scheduler, steps, guidance and per-sample seeds, in one process; after a warm-up the three alternate
@@ -49,6 +50,7 @@ largest eps difference from the model as loaded (any non-zero one changes a run'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import statistics
@@ -169,11 +171,19 @@ def instrument(sampler: Sampler, device: str) -> dict[str, list]:
 
 
 def sampler_mode(a) -> None:
-    path = str(tiny.build("unconditional", Path(tempfile.mkdtemp()) / "uncond16", image_size=16)) \
-        if a.tiny == "uncond16" else a.model
+    if a.tiny == "uncond16":
+        path = str(tiny.build("unconditional", Path(tempfile.mkdtemp()) / "uncond16", image_size=16))
+    elif a.tiny == "sd15":
+        path = str(tiny.build_sd15(Path(tempfile.mkdtemp()) / "sd15"))
+    else:
+        path = a.model
     model = load_model(path, device=a.device)
     settings = SamplingConfig(num_inference_steps=a.steps, guidance_scale=a.guidance, batch_size=a.batch)
     sampler, pipe = Sampler(model, settings), plain_pipe(model)
+    # --channels-last: memex with sampling.channels_last on its own copy of the model (the plain
+    # loop and the as-loaded bound keep theirs), and that UNet's own bound
+    cl = Sampler(load_model(path, device=a.device), dataclasses.replace(settings, channels_last=True)) \
+        if a.channels_last else None
     texts = [""] if model.kind == ModelKind.unconditional else \
         (PROMPTS + [f"prompt number {i}" for i in range(a.prompts)])[: a.prompts]
     units = [(t, sample_seed(0, prompt_id(t), i)) for t in texts for i in range(a.samples)]
@@ -191,8 +201,13 @@ def sampler_mode(a) -> None:
 
     runs = {"plain": lambda: plain_loop(pipe, model.kind, units, a), "memex": lambda: memex_run(sampler, units),
             "bound": lambda: bound_loop(sampler.unet, n_forwards, x, cond, timesteps)}
+    if cl is not None:
+        runs.update({"memex_cl": lambda: memex_run(cl, units),
+                     "bound_cl": lambda: bound_loop(cl.unet, n_forwards, x, cond, timesteps)})
     plain_loop(pipe, model.kind, units[:1], a), memex_run(sampler, units[:1])  # warm-up
     bound_loop(sampler.unet, 2, x, cond, timesteps)
+    if cl is not None:
+        memex_run(cl, units[:1]), bound_loop(cl.unet, 2, x, cond, timesteps)
     times: dict[str, list[float]] = defaultdict(list)
     for _ in range(a.repeats):
         for k, fn in runs.items():
@@ -209,11 +224,17 @@ def sampler_mode(a) -> None:
     plain = "hand-written IF" if model.kind == ModelKind.pixel_text and not if_pipeline_ok(pipe) \
         else type(pipe).__name__
     label = {"plain": f"plain {plain} loop", "memex": "memex Sampler.generate",
-             "bound": f"UNet-only bound ({n_forwards} x {rows} rows)"}
+             "bound": f"UNet-only bound ({n_forwards} x {rows} rows)",
+             "memex_cl": "memex, sampling.channels_last=true", "bound_cl": "UNet-only bound, channels_last"}
     for k in runs:
         print(f"{label[k]:<40s}: {n / med[k]:8.2f} samples/s  (median {med[k]:.2f}s)")
     print(f"memex/plain = {med['plain'] / med['memex']:.2f}x ; memex/bound = {med['bound'] / med['memex']:.2f} ; "
           f"max pixel difference memex vs plain = {diff}/255")
+    if cl is not None:
+        diff_cl = int(np.abs(ref.astype(int) - memex_run(cl, units).astype(int)).max())
+        print(f"channels_last: memex/plain = {med['plain'] / med['memex_cl']:.2f}x ; "
+              f"memex/its bound = {med['bound_cl'] / med['memex_cl']:.2f} ; "
+              f"max pixel difference vs plain = {diff_cl}/255")
 
     # where memex's time goes: one instrumented run of a second Sampler on the same model
     probe = Sampler(model, settings)
@@ -339,7 +360,8 @@ def main() -> None:
     ap.add_argument("--mode", default="sampler", choices=["sampler", "stage", "unet"])
     ap.add_argument("--model", default=str(REPO / "demo/models/demo-text"), help="diffusers folder (sampler mode)")
     ap.add_argument("--tiny", default="none", choices=["none", "uncond16", "sd15"],
-                    help="uncond16 (sampler, stage) or sd15 (unet: SD 1.x layout, 512 px): build a tiny model instead")
+                    help="uncond16 (sampler, stage) or sd15 (sampler, unet: SD 1.x layout, 512 px, PNDM): "
+                         "build a tiny model instead")
     ap.add_argument("--prompts", type=int, default=3, help="text models; unconditional models use one empty prompt")
     ap.add_argument("--samples", type=int, default=16, help="samples per prompt (the paper: 500)")
     ap.add_argument("--samples-total", type=int, default=2048, help="stage mode: samples of the run")
@@ -349,6 +371,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; stage: Ray CPUs, per actor")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="sampler mode: also time memex with sampling.channels_last=true and its UNet-only bound")
     a = ap.parse_args()
     a.batch = a.batch or (256 if a.mode == "stage" else 16)
     torch.set_num_threads(a.threads)

@@ -106,6 +106,11 @@ class SamplingConfig:
     seed: int = 0  # run seed; each sample's seed = f(run seed, prompt id, sample index)
     shard_size: int = 64  # samples per Parquet shard (the unit of resume)
     png_compress_level: int = 1  # zlib level 0-9; 1 is ~5x faster than 6 for ~10% more bytes
+    # UNet weights in channels_last memory format: the UNet forward measured 1.11x (demo, 32 px) and
+    # 1.22x (SD 1.x layout, 64x64 latents) faster on CPU (bench/RESULTS.md, sampler speed); it moves
+    # eps by ~3e-6, so it changes last float bits and is part of the run identity when true. Off by
+    # default: existing runs keep their bytes, and its GPU effect is unmeasured here.
+    channels_last: bool = False
 
 
 @dataclass
@@ -382,7 +387,7 @@ class TriageKind(str, Enum):
     none = "none"  # no triage
     noise_norm = "noise_norm"  # Wen et al. (ICLR 2024): ||eps(x_t, prompt) - eps(x_t, "")||, first step(s)
     # seeds previews of triage.steps DDIM steps, each matched to the training index like a generation:
-    # minus the smallest tiled l2 (demo: AUC 0.96 at 8 x 10 steps, bench/RESULTS.md)
+    # minus the smallest tiled l2 (AUC 0.98 on the demo, 0.72 on a weaker model, 8 x 10 steps: bench/RESULTS.md)
     preview = "preview"
 
 

@@ -17,7 +17,8 @@ Why not call `pipeline(prompt, ...)` per prompt? The attack generates ~500 sampl
     different uint8 (measured on the tiny pixel model with Euler ancestral). With one shape, a
     row's result does not depend on its neighbours or its position, so a sample regenerated
     alone at the same batch_size on the same kind of device is byte-identical. Padding costs at
-    most one partial batch per shard.
+    most one partial batch per shard. The UNet's memory format (`sampling.channels_last`) changes
+    kernels too, so it is part of the run identity like batch_size.
 The loop is the standard diffusers one (scale_model_input -> UNet -> classifier-free guidance ->
 scheduler.step for t in scheduler.timesteps) over the loaded pipeline's own components. It also
 drives 2nd-order schedulers (Heun, KDPM2): their `timesteps` repeat each inner step, so the UNet
@@ -91,6 +92,8 @@ class Sampler:
         pipe = model.pipe
         self.kind = model.kind
         self.unet = pipe.unet
+        # set either way: a model loaded once and given to two samplers gets each one's format
+        self.unet.to(memory_format=torch.channels_last if settings.channels_last else torch.contiguous_format)
         self.vae = getattr(pipe, "vae", None) if self.kind == ModelKind.latent_text else None
         self.text_encoder = getattr(pipe, "text_encoder", None)
         self.tokenizer = getattr(pipe, "tokenizer", None)

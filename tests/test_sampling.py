@@ -2,6 +2,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from memex import tiny
@@ -58,6 +59,33 @@ def test_a_sample_regenerated_alone_is_byte_identical(tiny_models, kind, schedul
         assert encode_png(alone) == encode_png(batch[j])
     # different seeds of one prompt give different images
     assert not np.array_equal(batch[0], batch[1])
+
+
+def test_channels_last_regenerates_byte_identically_and_is_part_of_the_run_identity(tiny_models):
+    """sampling.channels_last is a faster UNet memory format (bench/RESULTS.md): regeneration stays
+    byte-exact under it, the UNet's conv weights really change format, and the run settings name it
+    only when true (runs made before the key existed still resume)."""
+    import pyarrow as pa
+
+    from memex.config import GenerateConfig
+    from memex.stages.generate import run_settings
+
+    path = tiny_models["pixel_text"]
+    s = _sampler(path, channels_last=True)
+    conv = next(p for p in s.unet.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    ids, texts, seeds = _batch()
+    batch = s.generate(ids, texts, seeds)
+    fresh = _sampler(path, channels_last=True)
+    assert np.array_equal(fresh.generate(ids[4:5], texts[4:5], seeds[4:5])[0], batch[4])
+    plain = _sampler(path)  # a loaded model is put back in the default format
+    assert next(p for p in plain.unet.parameters() if p.dim() == 4).is_contiguous()
+
+    prompts = pa.table({"prompt_id": ["p1"], "prompt": ["a red apple"]})
+    cfg = GenerateConfig()
+    assert "channels_last" not in run_settings(cfg, prompts)["sampling"]
+    cfg.sampling.channels_last = True
+    assert run_settings(cfg, prompts)["sampling"]["channels_last"] is True
 
 
 def test_png_decodes_to_the_same_pixels(tiny_models):

@@ -39,6 +39,8 @@ def run_settings(cfg: GenerateConfig, prompts: pa.Table) -> dict:
     # batch_size stays in: it fixes the UNet batch shape, which decides the last float bit
     # (memex.sampling), so a resumed run must keep it to reproduce its rows byte for byte.
     s = plain(cfg.sampling)
+    if not s["channels_last"]:  # added after runs existed: off, it is left out so they still resume
+        del s["channels_last"]
     digest = hashlib.sha256()
     for pid, p in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist()):
         digest.update(f"{pid}\x1f{p}\x1e".encode())
