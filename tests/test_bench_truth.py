@@ -11,10 +11,10 @@ from memex.sampling import sample_seed
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def load_truth_script():
+def load_truth_script(name: str = "memorization"):
     sys.path.insert(0, str(BENCH))  # its sibling imports (timing, ...) resolve as when run from bench/
     try:
-        spec = importlib.util.spec_from_file_location("bench_memorization", BENCH / "memorization.py")
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod
@@ -32,3 +32,22 @@ def test_a_caption_that_several_pictures_share_never_runs_the_same_seed_twice():
     star = [i for p, i in zip(pids, index) if p == prompt_id("a red star logo")]
     assert star == list(range(12))  # sample j of the prompt is sample j of an audit of that prompt
     assert [i for p, i in zip(pids, index) if p == prompt_id("a blue bars logo")] == [0, 1, 2, 3]
+
+
+def test_split_half_ceiling_scores_the_first_half_against_labels_of_the_second(capsys):
+    """bench/triage_variants.py ceiling: a prompt that copies in both halves is ranked by its first
+    half and labelled by its second; one whose first half came close but whose second copies nothing
+    counts against the score."""
+    def rows(pid, dists, copies):  # one truth row per sample: tiled l2 to the nearest picture, copy flag
+        return [{"prompt_id": pid, "sample_index": i, "tiled_l2": d, "copy": c, "nearest_id": f"pic-{pid}"}
+                for i, (d, c) in enumerate(zip(dists, copies))]
+    t = (rows("a", [0.1, 0.3, 0.1, 0.12], [True, False, True, True])  # copies in both halves
+         + rows("b", [0.05, 0.4, 0.5, 0.4], [True, False, False, False])  # closest first half, then nothing
+         + rows("c", [0.5, 0.6, 0.5, 0.6], [False] * 4)
+         + rows("d", [0.45, 0.5, 0.14, 0.5], [False, False, True, False]))  # copies only in its second half
+    load_truth_script("triage_variants").ceiling(t)
+    out = capsys.readouterr().out
+    # positives (second half memorizes): a (score -0.1), d (-0.45); negatives: b (-0.05), c (-0.5)
+    # pairs ranked right: a>c, d>c; wrong: a<b, d<b -> AUC 0.5; reproduce: only a (two copies of pic-a)
+    assert "AUC memorize 0.500 (2 prompts), reproduce 0.667 (1 prompts)" in out
+    assert "first half does) = 0.50, | first half does not = 0.50" in out
