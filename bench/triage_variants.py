@@ -123,16 +123,21 @@ def ceiling(t: list[dict]) -> None:
         score.append(-min(r["tiled_l2"] for r in first))
         mem_a.append(any(r["copy"] for r in first))
         mem_b.append(any(r["copy"] for r in second))
-        copies = defaultdict(int)
-        for r in second:
-            copies[r["nearest_id"]] += bool(r["copy"])
-        rep_b.append(max(copies.values(), default=0) >= 2)
+        rep_b.append(max(copy_counts(second).values(), default=0) >= 2)
     score, mem_a, mem_b, rep_b = map(np.array, (score, mem_a, mem_b, rep_b))
     rep = f"{auc(rep_b, score):.3f} ({rep_b.sum()} prompts)" if 0 < rep_b.sum() < len(rep_b) else "n/a"
     print(f"split-half ceiling ({len(score)} prompts): the first half's closest generation as the score, labels from "
           f"the second half: AUC memorize {auc(mem_b, score):.3f} ({mem_b.sum()} prompts), reproduce {rep}; "
           f"P(second half memorizes | first half does) = {mem_b[mem_a].mean():.2f}, "
           f"| first half does not = {mem_b[~mem_a].mean():.2f}")
+
+
+def copy_counts(rows: list[dict]) -> dict[str, int]:
+    """{nearest picture: how many of these truth rows copy it}."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[r["nearest_id"]] += bool(r["copy"])
+    return counts
 
 
 def labels(t: list[dict], first: int | None = None) -> tuple:
@@ -144,10 +149,7 @@ def labels(t: list[dict], first: int | None = None) -> tuple:
             by_prompt[r["prompt_id"]].append(r)
     pids = sorted(by_prompt)
     memorizes = np.array([any(r["copy"] for r in by_prompt[p]) for p in pids])
-    counts = [defaultdict(int) for _ in pids]
-    for i, p in enumerate(pids):
-        for r in by_prompt[p]:
-            counts[i][r["nearest_id"]] += bool(r["copy"])
+    counts = [copy_counts(by_prompt[p]) for p in pids]
     reproduces = np.array([max(c.values(), default=0) >= 2 for c in counts])
     return pids, by_prompt, memorizes, counts, reproduces
 
