@@ -69,10 +69,10 @@ def main() -> None:
 
     t = pq.read_table(a.truth, columns=["prompt_id", "prompt", "sample_index", "prompted_id", "nearest_id",
                                         "tiled_l2", "copy"]).to_pylist()
-    ceiling(t)
+    pids, by_prompt, *_ = labels(t)
+    ceiling(by_prompt)
     if a.ceiling_only:
         return
-    pids, by_prompt, *_ = labels(t)
     text = [by_prompt[p][0]["prompt"] for p in pids]
 
     _, _, train_u8 = distinct_pictures(a.model)
@@ -106,15 +106,13 @@ def main() -> None:
         explain(pids, by_prompt, counts, reproduces, scores)
 
 
-def ceiling(t: list[dict]) -> None:
+def ceiling(by_prompt: dict[str, list[dict]]) -> None:
     """How well can *any* per-prompt score from a few generations predict a prompt's other ones?
     Split each prompt's truth generations in half (sample index below / above the middle): the score is
     minus the smallest tiled l2 of the first half to its nearest picture (the `nearest` score on
     full 50-step samples instead of previews), the labels come from the second half only. A model
-    whose copies are rare events per prompt (1-4 in 16) caps every triage AUC here, whatever it costs."""
-    by_prompt: dict[str, list[dict]] = defaultdict(list)
-    for r in t:
-        by_prompt[r["prompt_id"]].append(r)
+    whose copies are rare events per prompt (1-4 in 16) caps every triage AUC here, whatever it costs.
+    `by_prompt`: {prompt id: all its truth rows}, as `labels` groups them."""
     score, mem_a, mem_b, rep_b = [], [], [], []
     for rows in by_prompt.values():
         half = (max(r["sample_index"] for r in rows) + 1) // 2
