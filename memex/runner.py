@@ -16,6 +16,8 @@ folders and the index. `run_tasks` / `run_actor_pool` are datatrove's executor l
   3. each unit, when done, writes its files then its marker (`mark_rank_as_completed`);
   4. check that none is missing: a unit that did not complete fails the stage, naming the fix.
 The stage writes its own `_SUCCESS.json` (its summary) after that; it knows what to count.
+`resources.executor=local` swaps step 2 for a loop in this process (`run_here`; an actor pool's
+worker built once): the same units, files and markers, and no Ray (datatrove's local executor).
 
 Ray is imported inside the functions below and nowhere else in memex/, so every module, and the
 unit functions themselves, import and test without a cluster.
@@ -41,7 +43,7 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 
 from memex import console
-from memex.config import ConfigError, MemexError, ResourcesConfig, StorageConfig
+from memex.config import ConfigError, ExecutorKind, MemexError, ResourcesConfig, StorageConfig
 from memex.storage import StageFolder, StorageError, Store, unreachable_storage
 
 log = logging.getLogger("memex.runner")
@@ -68,6 +70,8 @@ def init(resources: ResourcesConfig, storage: StorageConfig | None = None) -> No
     Ray's own default of joining whatever `ray start` left on this machine (/tmp/ray/ray_current_cluster),
     which hangs when that one is gone. With `storage` (a stage's entry): `check_storage_reachable`
     once Ray is up: now if it already is, else when the first unit starts it (still before any write)."""
+    if resources.executor == ExecutorKind.local:
+        return  # no Ray: one process on one machine, so any storage.root it can write to will do
     import ray
 
     if storage is not None:
@@ -348,6 +352,8 @@ def run_tasks(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callabl
               resources: ResourcesConfig, gpu: bool = True, **shared: Any) -> int:
     """Each unit `index -> kwargs` not yet complete as one Ray task `fn(index, **kwargs, **shared)`.
     Returns how many units ran now."""
+    if resources.executor == ExecutorKind.local:
+        return run_here(folder, units, fn, **shared)
     done = set(folder.complete())
     todo = [i for i in units if i not in done]
     if todo:
@@ -415,6 +421,8 @@ def run_here(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callable
             progress.close(ok=False)
             raise
         progress.close()
+    else:
+        _all_complete(folder, units)
     check_complete(folder, list(units))
     return len(todo)
 
@@ -424,6 +432,8 @@ def call_all(fn: Callable[..., Any], calls: list[dict[str, Any]], resources: Res
     """`fn(**kwargs)` for each kwargs as one Ray task; results in order. For steps whose results are
     small and go back to the driver (the match stage's query embedding and per-shard search), so
     there is nothing to mark: a rerun redoes them, as their unit is redone."""
+    if resources.executor == ExecutorKind.local:
+        return [fn(**kw) for kw in calls]
     import ray
 
     init(resources)
@@ -459,7 +469,11 @@ def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker
     Why actors write their own units instead of `Dataset.write_parquet`: a unit must be named by
     its plan index and marked complete only after its file is in place, so a rerun skips finished
     units and never duplicates rows. Ray's datasinks name files per write task and have no
-    per-file marker. Only a one-line summary per unit returns to the driver. Returns how many ran."""
+    per-file marker. Only a one-line summary per unit returns to the driver. Returns how many ran.
+    resources.executor=local: one worker in this process does the units in order."""
+    if resources.executor == ExecutorKind.local:
+        pending = set(units) - set(folder.complete())
+        return run_here(folder, units, worker_cls(**worker_kwargs) if pending else None)
     done = set(folder.complete())
     todo = [{"index": i, **units[i]} for i in units if i not in done]
     if todo:

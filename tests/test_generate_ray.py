@@ -84,12 +84,14 @@ def test_local_run_writes_expected_rows_and_resumes(ray_head, tiny_models, promp
     assert encode_png(alone, cfg.sampling.png_compress_level) == row["image"]
 
 
-def test_other_settings_in_the_same_run_are_refused(ray_head, tiny_models, prompt_file, tmp_path):
-    _generate(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r", "sampling.samples_per_prompt=1")))
+def test_other_settings_in_the_same_run_are_refused(tiny_models, prompt_file, tmp_path):
+    # the run's identity, not Ray: resources.executor=local (no actor pool to start)
+    _generate(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r", "sampling.samples_per_prompt=1",
+                                 "resources.executor=local")))
     from memex.layout import StorageError
     with pytest.raises(StorageError, match="samples_per_prompt"):
         _generate(compose(_overrides(tiny_models, prompt_file, tmp_path, "run.name=r",
-                                     "sampling.samples_per_prompt=2")))
+                                     "sampling.samples_per_prompt=2", "resources.executor=local")))
     assert RunLayout(str(tmp_path), "r").samples.read().num_rows == len(PROMPTS)
 
 

@@ -6,7 +6,8 @@ storage root in a bucket that does not exist fails, naming it, and creates no bu
 The audit is a tiny pixel_text model (memex/tiny.py) on 6 prompts x 4 samples against a planted
 training set of 26 rows (4 exact copies of prompt 0's generations, a duplicate, a corrupt row),
 sized so that each stage has several units: 6 index shards, 6 filter chunks (one prompt each), 6
-samples shards (6 match units). The uninterrupted reference audit runs once per module.
+samples shards (6 match units). The uninterrupted reference audit runs once per module, with
+resources.executor=local (no Ray), so the comparison also shows the two executors agree.
 """
 
 from __future__ import annotations
@@ -80,20 +81,21 @@ def world(tmp_path_factory, tiny_models) -> World:
     return World(model, d / "prompts.txt", d / "train.parquet", d / "logs")
 
 
-def _audit_cmd(world: World, root: Path, address: str) -> list[str]:
+def _audit_cmd(world: World, root: Path, address: str | None) -> list[str]:
+    where = f"resources.address={address}" if address else "resources.executor=local"
     return [str(BIN / "memex"), "audit", "model=local", f"model.path={world.model}", "prompts=file",
             f"prompts.path={world.prompts}", "trainset=manifest", f"trainset.path={world.manifest}",
             f"storage.root={root}", f"run.name={RUN}", "triage=none", f"sampling.samples_per_prompt={N_SAMPLES}",
             f"sampling.num_inference_steps={STEPS}", f"sampling.guidance_scale={GUIDANCE}",
             f"sampling.batch_size={BATCH}", f"sampling.shard_size={BATCH}", f"index.shards={UNITS}", "embedder.size=16",
-            "filter.min_clique=2", "filter.prompts_per_task=1", f"resources.address={address}"]
+            "filter.min_clique=2", "filter.prompts_per_task=1", where]
 
 
 def _env(world: World) -> dict:
     return {**os.environ, "MEMEX_LOG_DIR": str(world.logs)}
 
 
-def _run_to_completion(world: World, root: Path, address: str) -> subprocess.CompletedProcess:
+def _run_to_completion(world: World, root: Path, address: str | None) -> subprocess.CompletedProcess:
     r = subprocess.run(_audit_cmd(world, root, address), capture_output=True, text=True, timeout=400,
                        env=_env(world), cwd=root.parent)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -101,11 +103,13 @@ def _run_to_completion(world: World, root: Path, address: str) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def clean(world, ray_head, tmp_path_factory) -> Path:
-    """The uninterrupted audit every killed one is compared with."""
+def clean(world, tmp_path_factory) -> Path:
+    """The uninterrupted audit every killed one is compared with, run with resources.executor=local
+    (every unit in the command's own process, no Ray): the killed audits on Ray must end with the
+    same files, so this also checks that the two executors agree."""
     root = tmp_path_factory.mktemp("clean") / "runs"
     t0 = time.perf_counter()
-    r = _run_to_completion(world, root, ray_head.address)
+    r = _run_to_completion(world, root, None)
     print(f"clean audit: {time.perf_counter() - t0:.1f}s")
     assert "run folder:" in r.stdout
     return root
@@ -114,8 +118,10 @@ def clean(world, ray_head, tmp_path_factory) -> Path:
 # ---- comparing two storage roots ---------------------------------------------------------------
 # what one command did, not what it produced: how long a unit or stage took (markers, _SUCCESS.json),
 # how many shards this invocation generated (samples/_SUCCESS.json, rewritten by every rerun)
-VOLATILE_KEYS = {"seconds", "generated_shards"}
+# and how: the node a unit ran on, the executor (the reference audit runs with resources.executor=local)
+VOLATILE_KEYS = {"seconds", "generated_shards", "node_id", "resources"}
 REPORT_TIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC")  # the report's "generated" line
+REPORT_RESOURCES = re.compile(r"&quot;resources&quot;: \{[^{}]*\}")  # the config the report shows: the executor
 
 
 def _strip(obj):
@@ -142,7 +148,8 @@ def snapshot(root: Path) -> dict[str, object]:
         if p.suffix == ".json":
             out[str(rel)] = _strip(json.loads(p.read_text().replace(str(root), "<root>")))
         elif p.suffix == ".html":
-            out[str(rel)] = REPORT_TIME.sub("<time>", p.read_text().replace(str(root), "<root>"))
+            page = REPORT_TIME.sub("<time>", p.read_text().replace(str(root), "<root>"))
+            out[str(rel)] = REPORT_RESOURCES.sub("<resources>", page)
         else:
             out[str(rel)] = p.read_bytes()
     return out
@@ -183,7 +190,7 @@ def assert_same_results(root: Path, clean: Path) -> None:
     strip = {"run", "index", "config"}
     assert {k: v for k, v in s.items() if k not in strip} == {k: v for k, v in c.items() if k not in strip}
     assert {**s["index"], "uri": None} == {**c["index"], "uri": None}
-    assert {**s["config"], "storage": None} == {**c["config"], "storage": None}
+    assert {**s["config"], "storage": None, "resources": None} == {**c["config"], "storage": None, "resources": None}
     assert s["extracted_train_ids"] == [f"copy-{i}" for i in range(N_SAMPLES)]  # the planted copies
 
 

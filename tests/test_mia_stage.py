@@ -57,9 +57,10 @@ def cfg_of(world, *extra):
                    config_name="mia")
 
 
-def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadows(world, ray_head):
+@pytest.mark.slow
+def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadows(world):
     cfg = cfg_of(world, "mia=lira", "mia.shadow_models=2", f"mia.shadow_steps={STEPS}", "run.name=m",
-                 f"resources.address={ray_head.address}")
+                 "resources.executor=local")  # the attacks, not Ray: no actor pool or task to start
     s = mia.run(cfg)
     assert (s["members"], s["nonmembers"], s["quarantined"], s["shadow_models"]) == (N, N, 1, 2)
     assert set(s["attacks"]) == {"loss", "pia", "secmi", "lira_online", "lira_offline"}

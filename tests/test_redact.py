@@ -274,10 +274,12 @@ class _Hook(BaseHTTPRequestHandler):
         pass
 
 
-def test_nightly_audit_writes_no_credential_anywhere(tmp_path, ray_head, caplog, capsys):
+@pytest.mark.slow
+def test_nightly_audit_writes_no_credential_anywhere(tmp_path, caplog, capsys):
     """A real nightly audit of one demo checkpoint (index, prompts, triage, generate, filter, match,
     report, ledger, trend page, webhook) with credentials in storage.options and the webhook URL:
-    they reach no file of the storage root, no payload, printout or log line."""
+    they reach no file of the storage root, no payload, printout or log line. resources.executor=local:
+    every unit's log lines are this process's, so caplog sees them all."""
     from memex.stages import nightly
 
     demo = REPO / "demo" / "checkpoints" / "demo-text-run"
@@ -287,10 +289,11 @@ def test_nightly_audit_writes_no_credential_anywhere(tmp_path, ray_head, caplog,
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/hooks/{HOOK_TOKEN}?token={HOOK_TOKEN}"
     cfg = compose([f"nightly.location={location}", f"nightly.base_model={REPO / 'demo' / 'models' / 'demo-text'}",
-                   f"storage.root={tmp_path / 'runs'}", f"resources.address={ray_head.address}",
+                   f"storage.root={tmp_path / 'runs'}", "resources.executor=local",
                    f"+storage.options.key={KEY_ID}", f"+storage.options.secret={SECRET}",
                    f"+storage.options.client_kwargs.aws_secret_access_key={SECRET}", f"nightly.webhook='{url}'",
-                   "prompts.limit=2", "sampling.samples_per_prompt=4", "filter.min_clique=3", "index.shards=1",
+                   "prompts.limit=2", "sampling.samples_per_prompt=4", "sampling.scheduler=ddim",
+                   "sampling.num_inference_steps=10", "filter.min_clique=3", "index.shards=1",
                    "budget=fixed"], config_name="nightly")
     assert cfg.storage.options["secret"] == SECRET  # the real values still reach fsspec
     caplog.set_level(logging.INFO)

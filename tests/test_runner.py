@@ -3,14 +3,16 @@ and the full traceback in a file in the run folder (issue 14)."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from memex import runner
-from memex.config import MemexError, ResourcesConfig
+from memex.config import ConfigError, ExecutorKind, MemexError, ResourcesConfig, validate_resources
 from memex.storage import StageFolder, StorageError, Store
 
 RES = ResourcesConfig(num_cpus=1)
@@ -170,3 +172,56 @@ def test_failed_keeps_a_memex_type_seen_only_as_text(tmp_path):
     assert isinstance(err, ModelError)
     assert str(err).startswith("generate failed: ModelError: model.path=/m cannot be loaded (full traceback: ")
     assert "The above exception" in _traceback_of(str(err)).read_text()
+
+
+# ---- resources.executor=local: the same units, markers and resume, in this process, no Ray ----------
+LOCAL = ResourcesConfig(executor=ExecutorKind.local)
+
+
+class CountingWorker:
+    """A model-like worker: how many were built, and in which process its units ran."""
+
+    built = 0
+
+    def __init__(self, scale: int):
+        type(self).built += 1
+        self.scale = scale
+
+    def __call__(self, index: int, value: int) -> pa.Table:
+        return pa.table({"unit": [index], "x": [value * self.scale], "pid": [os.getpid()]})
+
+
+def test_local_executor_runs_the_units_here_builds_one_worker_and_resumes(folder):
+    import ray
+
+    ray_before = ray.is_initialized()
+    CountingWorker.built = 0
+    assert runner.run_actor_pool(folder, {0: {"value": 1}, 1: {"value": 2}}, CountingWorker, {"scale": 10}, LOCAL) == 2
+    units = {0: {"value": 1}, 1: {"value": 2}, 2: {"value": 3}}
+    assert runner.run_actor_pool(folder, units, CountingWorker, {"scale": 10}, LOCAL) == 1  # only unit 2 is left
+    assert runner.run_actor_pool(folder, units, CountingWorker, {"scale": 10}, LOCAL) == 0
+    assert CountingWorker.built == 2  # once per call that had units to do; none when all were complete
+    rows = sorted(folder.read().to_pylist(), key=lambda r: r["unit"])
+    assert rows == [{"unit": i, "x": 10 * (i + 1), "pid": os.getpid()} for i in range(3)]
+    assert sorted(folder.complete()) == [0, 1, 2] and folder.read_marker(2)["rows"] == 1
+    assert ray.is_initialized() == ray_before  # no Ray started (nor connected to) for any of it
+
+
+def double(index: int, value: int) -> dict:
+    if value < 0:
+        raise_storage_error(index)
+    return {"doubled": 2 * value}
+
+
+def test_local_executor_tasks_raise_the_units_own_error_and_keep_what_was_done(folder):
+    with pytest.raises(StorageError, match="shard-000001.parquet: disk full"):  # the unit's error, not UnitFailed
+        runner.run_tasks(folder, {0: {"value": 1}, 1: {"value": -1}, 2: {"value": 3}}, double, LOCAL)
+    assert folder.complete() == [0] and folder.read_marker(0)["doubled"] == 2
+    assert runner.run_tasks(folder, {0: {"value": 1}, 1: {"value": 2}, 2: {"value": 3}}, double, LOCAL) == 2
+    assert [folder.read_marker(i)["doubled"] for i in range(3)] == [2, 4, 6]
+    assert runner.call_all(lambda value: value + 1, [{"value": v} for v in (5, 1, 3)], LOCAL) == [6, 2, 4]
+
+
+def test_local_executor_with_a_ray_address_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match="resources.address=127.0.0.1:6379 .*resources.executor=local"):
+        validate_resources(ResourcesConfig(executor=ExecutorKind.local, address="127.0.0.1:6379"))

@@ -353,7 +353,8 @@ DEMO_RUN = REPO / "demo" / "checkpoints" / "demo-text-run"
 SMALL = SMALL_AUDIT
 
 
-def test_nightly_logs_each_checkpoint_at_its_step_into_the_training_run(tmp_path, ray_head, monkeypatch):
+@pytest.mark.slow
+def test_nightly_logs_each_checkpoint_at_its_step_into_the_training_run(tmp_path, monkeypatch):
     """Two checkpoints of the demo training run audited by `memex nightly` with tracker=mlflow into the
     training's run. The first night's tracker fails (no such run): each ledger row is an error that keeps
     the audit's numbers; the next night resumes the audits and logs them at steps 1000 and 2000, beside
@@ -371,7 +372,7 @@ def test_nightly_logs_each_checkpoint_at_its_step_into_the_training_run(tmp_path
     for step in STEPS:
         shutil.copytree(DEMO_RUN / f"checkpoint-{step}", location / f"checkpoint-{step}")
     common = [f"nightly.location={tmp_path / 'watch'}", f"storage.root={tmp_path / 'runs'}",
-              f"resources.address={ray_head.address}", *SMALL, "tracker=mlflow", f"tracker.tracking_uri={uri}"]
+              "resources.executor=local", *SMALL, "tracker=mlflow", f"tracker.tracking_uri={uri}"]
 
     res = nightly.run(compose([*common, "tracker.run_id=0123456789abcdef0123456789abcdef"], config_name="nightly"))
     assert [(r["step"], r["outcome"]) for r in res.rows] == [(1000, "error"), (2000, "error")]
@@ -396,14 +397,15 @@ def test_nightly_logs_each_checkpoint_at_its_step_into_the_training_run(tmp_path
                                                                  (2000, "ok")]
 
 
-def test_audit_logs_to_tensorboard_then_wandb_and_a_failing_tracker_fails_the_command(tmp_path, ray_head, wandb_home):
+@pytest.mark.slow
+def test_audit_logs_to_tensorboard_then_wandb_and_a_failing_tracker_fails_the_command(tmp_path, wandb_home):
     """`memex audit` of the demo model at tracker.step=5000: TensorBoard scalars; the same audit again
     with tracker=wandb resumes its run folder and logs it there too; from the command line a tracker
     that fails exits 1 naming it, and the run folder keeps the results."""
     from memex.layout import RunLayout
     from memex.stages import audit
 
-    common = [f"storage.root={tmp_path / 'runs'}", f"resources.address={ray_head.address}", *SMALL,
+    common = [f"storage.root={tmp_path / 'runs'}", "resources.executor=local", *SMALL,
               "tracker.step=5000"]
     s = audit.run(compose([*common, "tracker=tensorboard", f"tracker.log_dir={tmp_path / 'tb'}"], config_name="audit"))
     assert "tensorboard" in s["tracker"] and "tracker: tensorboard" in audit.format_summary(s)
