@@ -471,11 +471,10 @@ def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker
     units and never duplicates rows. Ray's datasinks name files per write task and have no
     per-file marker. Only a one-line summary per unit returns to the driver. Returns how many ran.
     resources.executor=local: one worker in this process does the units in order."""
-    if resources.executor == ExecutorKind.local:
-        pending = set(units) - set(folder.complete())
-        return run_here(folder, units, worker_cls(**worker_kwargs) if pending else None)
     done = set(folder.complete())
     todo = [{"index": i, **units[i]} for i in units if i not in done]
+    if resources.executor == ExecutorKind.local:  # no worker built when every unit is complete already
+        return run_here(folder, units, worker_cls(**worker_kwargs) if todo else None)
     if todo:
         import ray
         import ray.data

@@ -30,12 +30,12 @@ BASE = REPO / "demo" / "models" / "demo-text"
 SMALL = SMALL_AUDIT  # the fixed budget: these tests check the bookkeeping on a known sample count
 
 
-def _overrides(tmp: Path, location: Path, ray_head, *extra: str) -> list[str]:
-    """ray_head=None: resources.executor=local, for tests of the nightly's bookkeeping rather than of
-    Ray (no actor pool to start: ~15 s less per audit on 2 cores; tests/test_audit.py shows both
-    executors leave the same results)."""
-    where = f"resources.address={ray_head.address}" if ray_head else "resources.executor=local"
-    return [f"nightly.location={location}", f"storage.root={tmp / 'runs'}", where, *SMALL, *extra]
+def _overrides(tmp: Path, location: Path, *extra: str) -> list[str]:
+    """resources.executor=local: these tests check the nightly's bookkeeping rather than Ray (no actor
+    pool to start: ~15 s less per audit on 2 cores; tests/test_audit.py shows both executors leave
+    the same results)."""
+    return [f"nightly.location={location}", f"storage.root={tmp / 'runs'}", "resources.executor=local", *SMALL,
+            *extra]
 
 
 def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):
@@ -91,7 +91,7 @@ def test_three_nights_audit_each_checkpoint_once(tmp_path, browser, monkeypatch)
     audited = []
     for night, step in enumerate(STEPS):
         shutil.copytree(DEMO_RUN / f"checkpoint-{step}", location / f"checkpoint-{step}")  # training wrote it today
-        cfg = compose(_overrides(tmp_path, tmp_path / "watch", None), config_name="nightly")
+        cfg = compose(_overrides(tmp_path, tmp_path / "watch"), config_name="nightly")
         res = nightly.run(cfg)
         assert [r["step"] for r in res.rows] == [step], f"night {night}: {res.rows}"
         assert res.rows[0]["outcome"] == "ok" and Path(res.rows[0]["report"]).is_file()
@@ -124,7 +124,7 @@ def test_three_nights_audit_each_checkpoint_once(tmp_path, browser, monkeypatch)
         raise AssertionError("weights re-hashed although the ledger knows their files")
 
     monkeypatch.setattr(nightly, "weights_sha256", no_reads)
-    other = compose(_overrides(tmp_path, tmp_path / "watch", None, "sampling.seed=1"), config_name="nightly")
+    other = compose(_overrides(tmp_path, tmp_path / "watch", "sampling.seed=1"), config_name="nightly")
     assert [p.weights for p in nightly.plan(other).pending] == [r["weights_sha256"] for r in audited]
 
 
@@ -137,7 +137,7 @@ def test_failed_audit_is_recorded_and_retried_next_night(tmp_path):
     weights = next((bad / "unet").glob("*.safetensors"))
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])  # a truncated upload
-    cfg = compose(_overrides(tmp_path, location, None, f"nightly.base_model={BASE}"), config_name="nightly")
+    cfg = compose(_overrides(tmp_path, location, f"nightly.base_model={BASE}"), config_name="nightly")
     res = nightly.run(cfg)
     assert {r["step"]: r["outcome"] for r in res.rows} == {1000: "ok", 2000: "error"}
     assert "model.unet" in res.errors[0]["message"] and res.status == "error"
@@ -175,7 +175,7 @@ def test_budget_gate_fails_the_job_and_the_webhook_hears_it(tmp_path, ray_head):
     bin_ = Path(sys.executable).parent
     # the job's audit runs in the job's driver (resources.executor=local): this is about the schedule
     # and the gate; tests/test_audit.py submits an audit job that runs on Ray's actor pools
-    common = [*_overrides(tmp_path, location, None), "nightly.budget=0"]
+    common = [*_overrides(tmp_path, location), "nightly.budget=0"]
     try:
         plan = subprocess.run([str(bin_ / "memex"), "nightly", *common, "nightly.action=plan"], capture_output=True,
                               text=True, timeout=300, env=env)
@@ -215,16 +215,16 @@ def test_budget_gate_fails_the_job_and_the_webhook_hears_it(tmp_path, ray_head):
 
 
 def test_plan_gives_stable_submission_ids(tmp_path):
-    cfg = compose(_overrides(tmp_path, REPO / "demo" / "checkpoints", None, "nightly.action=plan",
+    cfg = compose(_overrides(tmp_path, REPO / "demo" / "checkpoints", "nightly.action=plan",
                              "nightly.night=2026-11-29"), config_name="nightly")
     a, b = nightly.run(cfg), nightly.run(cfg)
     ids = [p.submission_id(a.config_sha256, nightly.night_of(cfg)) for p in a.pending]
     assert ids == [p.submission_id(b.config_sha256, "2026-11-29") for p in b.pending] and len(set(ids)) == 3
     assert a.rows == [] and all(i.startswith("memex-demo-text-run-step") and i.endswith("-20261129") for i in ids)
     one = str(DEMO_RUN / "checkpoint-2000")
-    only = nightly.plan(compose(_overrides(tmp_path, REPO / "demo" / "checkpoints", None, f"nightly.only={one}"),
+    only = nightly.plan(compose(_overrides(tmp_path, REPO / "demo" / "checkpoints", f"nightly.only={one}"),
                                 config_name="nightly"))
     assert [p.ckpt.location for p in only.pending] == [one]
     with pytest.raises(nightly.MemexError, match="nightly.only"):
-        nightly.run(compose(_overrides(tmp_path, REPO / "demo" / "checkpoints", None, "nightly.only=/elsewhere"),
+        nightly.run(compose(_overrides(tmp_path, REPO / "demo" / "checkpoints", "nightly.only=/elsewhere"),
                             config_name="nightly"))
