@@ -38,13 +38,23 @@ os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 # that `pytest -m "not slow"` is the unit loop. Tests that start subprocesses or train are marked
 # @pytest.mark.slow by hand.
 SLOW_FIXTURES = {"ray_head", "browser"}
+# pytest-xdist runs the suite on 2 workers (pyproject addopts: -n 2 --dist loadgroup). Every test
+# that runs Ray (the session's head, or @pytest.mark.ray: a cluster of its own) is in one group,
+# so one worker runs them all in order: one Ray head per session, never two Rays side by side
+# (their workers would fight for the 2 cores that the kill and node-loss tests time). Every other
+# test goes with its module, so a module's fixtures (a trained model, say) are built once.
+RAY_GROUP = "ray"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     gpu = None  # torch imported only when a gpu test is collected
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & names:
             item.add_marker(pytest.mark.slow)
+        ray = "ray_head" in names or item.get_closest_marker("ray") is not None
+        item.add_marker(pytest.mark.xdist_group(RAY_GROUP if ray else item.nodeid.split("::")[0]))
         if item.get_closest_marker("gpu"):
             if gpu is None:
                 import torch
@@ -52,6 +62,16 @@ def pytest_collection_modifyitems(config, items):
                 gpu = torch.cuda.is_available()
             if not gpu:  # skipped on CPU-only machines, never faked
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+def check_grouped(session) -> None:
+    """xdist groups a test by the `@group` its hook appends to the test's id; pytest 9.2 ids ignore
+    that append (pytest-xdist issue #1386), and the Ray tests would then run on both workers, two
+    Ray heads side by side (whose jobs fail to authenticate). Fail them naming the fix instead."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and getattr(session.config.option, "loadgroup", False):
+        if not any("@" in item.nodeid for item in session.items):
+            pytest.fail("pytest-xdist did not group the Ray tests onto one worker (pytest-xdist issue #1386, on "
+                        "pytest 9.2): install the test extra's pytest (<9.2), or run with -n 0", pytrace=False)
 
 
 def free_port() -> int:
@@ -67,7 +87,7 @@ class RayHead:
 
 
 @pytest.fixture(scope="session")
-def ray_head():
+def ray_head(request):
     """`ray start --head` once per session; this process connects as a driver.
 
     Ray turns 127.0.0.1 into this host's own interface address (services.resolve_ip_for_localhost),
@@ -77,6 +97,7 @@ def ray_head():
     """
     import ray
 
+    check_grouped(request.session)
     port, dash = free_port(), free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",

@@ -1,15 +1,11 @@
-"""The generation stage on a real local Ray head: rows, resume, S3, a killed run, `ray job submit`."""
+"""The generation stage on a real local Ray head: rows, resume, S3, bad input.
+
+A SIGKILLed generation and its rerun: tests/test_kill_points.py (the audit killed in each stage);
+`ray job submit --working-dir`: tests/test_audit.py (the demo audit) and tests/test_nightly.py."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
-import uuid
-from pathlib import Path
 
 import pyarrow.dataset as pds
 import pytest
@@ -22,7 +18,7 @@ from memex.prompts import prompt_id
 from memex.sampling import Sampler, sample_seed
 from memex.stages import generate
 
-from conftest import REPO, compose
+from conftest import compose
 
 PROMPTS = ["a red apple", "a lighthouse at dusk", "blue logo"]
 
@@ -108,56 +104,6 @@ def test_run_to_moto_s3(ray_head, tiny_models, prompt_file, s3_server, bucket):
     assert fs.exists(f"{bucket}/runs/r1/samples/_SUCCESS.json")
     table = pds.dataset(f"{bucket}/runs/r1/samples", filesystem=fs, format="parquet").to_table()
     _check_rows(table)
-
-
-def _cli(tiny_models, prompt_file, root, address, *extra):
-    return [sys.executable, str(REPO / "jobs" / "generate.py"),
-            *_overrides(tiny_models, prompt_file, root, f"resources.address={address}", *extra)]
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_without_missing_or_duplicate_rows(ray_head, tiny_models, prompt_file, tmp_path):
-    # 24 samples in 12 shards of one batch of 2 (shards hold whole batches: memex/plan.py)
-    extra = ["run.name=k", "sampling.samples_per_prompt=8", "sampling.shard_size=2", "sampling.batch_size=2",
-             "sampling.num_inference_steps=12"]
-    markers = tmp_path / "k" / "samples" / "_markers"
-    proc = subprocess.Popen(_cli(tiny_models, prompt_file, tmp_path, ray_head.address, *extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if markers.is_dir() and len(os.listdir(markers)) >= 2:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be killed:\n" + proc.stdout.read().decode()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)  # driver and its process group die mid-run
-    proc.wait(30)
-    done_before = len(os.listdir(markers))
-    assert 2 <= done_before < 12
-
-    r = subprocess.run(_cli(tiny_models, prompt_file, tmp_path, ray_head.address, *extra),
-                       capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"({12 - done_before} generated now)" in r.stdout
-    _check_rows(RunLayout(str(tmp_path), "k").samples.read(), n_per_prompt=8)
-
-
-@pytest.mark.slow
-def test_ray_job_submit_with_working_dir(ray_head, tiny_models, prompt_file, tmp_path):
-    """The used-by path: `ray job submit --working-dir <repo> -- python jobs/generate.py overrides`."""
-    sid = f"memex-test-{uuid.uuid4().hex[:8]}"
-    entry = " ".join(["python", "jobs/generate.py",
-                      *_overrides(tiny_models, prompt_file, tmp_path / "runs", "run.name=job")])
-    ray = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    r = subprocess.run([ray, "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO),
-                        "--submission-id", sid, "--", *entry.split()], capture_output=True, text=True,
-                       timeout=500, env=env)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    assert JobSubmissionClient(ray_head.dashboard).get_job_status(sid) == JobStatus.SUCCEEDED
-    _check_rows(RunLayout(str(tmp_path / "runs"), "job").samples.read())
-    assert json.loads((tmp_path / "runs" / "job" / "samples" / "_SUCCESS.json").read_text())["rows"] == 15
 
 
 def test_bad_input_fails_before_work(ray_head, tiny_models, tmp_path):

@@ -1,6 +1,6 @@
-"""Kill points: `memex audit` killed with SIGKILL in the index, the match and the filter stage (one
-storage root, killed three times, each time rerun with the same command) and finally run to the end
-leaves exactly what an uninterrupted audit leaves; training ids that look like paths stay data; a
+"""Kill points: `memex audit` killed with SIGKILL in the index, the generate, the match and the
+filter stage (one storage root, killed four times, each time rerun with the same command) and
+finally run to the end leaves exactly what an uninterrupted audit leaves; training ids that look like paths stay data; a
 storage root in a bucket that does not exist fails, naming it, and creates no bucket.
 
 The audit is a tiny pixel_text model (memex/tiny.py) on 6 prompts x 4 samples against a planted
@@ -35,8 +35,10 @@ from conftest import BIN, compose
 N_PROMPTS, N_SAMPLES = 6, 4
 PROMPTS = [f"prompt number {i}" for i in range(N_PROMPTS)]
 RUN = "k"
-# steps, guidance and batch as in the audit below: the planted copies are its own generations
-STEPS, GUIDANCE, BATCH = 3, 3.0, 4
+# steps, guidance and batch as in the audit below: the planted copies are its own generations.
+# 20 steps: a generation unit takes ~0.5 s, so units are still left when the actor, which keeps
+# working through the units it has queued until Ray reaps the dead driver's job, is gone
+STEPS, GUIDANCE, BATCH = 20, 3.0, 4
 
 
 def _blocky(rng, size=16) -> np.ndarray:
@@ -198,6 +200,7 @@ def assert_same_results(root: Path, clean: Path) -> None:
 # stage -> (its units' markers, the stage's label on the console, what exists once the stage is finished)
 KILL_POINTS = {
     "index": ("_index/*/shards/_markers/*", "index", "_index/*/_SUCCESS.json"),
+    "generate": (f"{RUN}/samples/_markers/*", "generate", f"{RUN}/samples/_SUCCESS.json"),
     "match": (f"{RUN}/matches/_markers/*", "match", f"{RUN}/summary.json"),
     "filter": (f"{RUN}/candidates/_markers/*", "filter", f"{RUN}/candidates/_SUCCESS.json"),
 }
@@ -240,8 +243,9 @@ def _units_left(out: str, label: str) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_in_index_match_and_filter_then_rerun_equals_an_uninterrupted_audit(world, clean, ray_head, tmp_path):
-    """One storage root, killed three times: in the index stage (after its first shard), in the
+def test_sigkill_in_each_stage_then_rerun_equals_an_uninterrupted_audit(world, clean, ray_head, tmp_path):
+    """One storage root, killed four times: in the index stage (after its first shard), in the
+    generate stage (a Ray Data actor pool), in the
     match stage (the audit's candidates=all matches right after generation) and in the filter
     stage; each rerun is the same command, and it resumes the killed stage from its marked units.
     The last rerun finishes, and everything it leaves equals the uninterrupted audit's."""
