@@ -1,7 +1,8 @@
 """Kill points: `memex audit` killed with SIGKILL in the index, the generate, the match and the
 filter stage (one storage root, killed four times, each time rerun with the same command) and
-finally run to the end leaves exactly what an uninterrupted audit leaves; training ids that look like paths stay data; a
-storage root in a bucket that does not exist fails, naming it, and creates no bucket.
+finally run to the end leaves exactly what an uninterrupted audit leaves; training ids that look
+like paths stay data; a storage root in a bucket that does not exist fails, naming it, and
+creates no bucket.
 
 The audit is a tiny pixel_text model (memex/tiny.py) on 6 prompts x 4 samples against a planted
 training set of 26 rows (4 exact copies of prompt 0's generations, a duplicate, a corrupt row),
@@ -197,12 +198,13 @@ def assert_same_results(root: Path, clean: Path) -> None:
 
 
 # ---- 1. SIGKILL in a stage, then a rerun --------------------------------------------------------
-# stage -> (its units' markers, the stage's label on the console, what exists once the stage is finished)
+# stage -> (its units' markers, the stage's label on the console, what exists once the stage is finished).
+# Markers as StageFolder.complete() counts them: shard-*.json, not the `_tmp-` file of a write the kill cut.
 KILL_POINTS = {
-    "index": ("_index/*/shards/_markers/*", "index", "_index/*/_SUCCESS.json"),
-    "generate": (f"{RUN}/samples/_markers/*", "generate", f"{RUN}/samples/_SUCCESS.json"),
-    "match": (f"{RUN}/matches/_markers/*", "match", f"{RUN}/summary.json"),
-    "filter": (f"{RUN}/candidates/_markers/*", "filter", f"{RUN}/candidates/_SUCCESS.json"),
+    "index": ("_index/*/shards/_markers/shard-*.json", "index", "_index/*/_SUCCESS.json"),
+    "generate": (f"{RUN}/samples/_markers/shard-*.json", "generate", f"{RUN}/samples/_SUCCESS.json"),
+    "match": (f"{RUN}/matches/_markers/shard-*.json", "match", f"{RUN}/summary.json"),
+    "filter": (f"{RUN}/candidates/_markers/shard-*.json", "filter", f"{RUN}/candidates/_SUCCESS.json"),
 }
 UNITS = 6  # of each stage: index shards, samples shards (= match units), prompts (= filter chunks)
 # the console's line for a stage that a rerun resumes: only the units left (match: it is given only those)
@@ -245,10 +247,10 @@ def _units_left(out: str, label: str) -> int:
 @pytest.mark.slow
 def test_sigkill_in_each_stage_then_rerun_equals_an_uninterrupted_audit(world, clean, ray_head, tmp_path):
     """One storage root, killed four times: in the index stage (after its first shard), in the
-    generate stage (a Ray Data actor pool), in the
-    match stage (the audit's candidates=all matches right after generation) and in the filter
-    stage; each rerun is the same command, and it resumes the killed stage from its marked units.
-    The last rerun finishes, and everything it leaves equals the uninterrupted audit's."""
+    generate stage (a Ray Data actor pool), in the match stage (the audit's candidates=all matches
+    right after generation) and in the filter stage; each rerun is the same command, and it
+    resumes the killed stage from its marked units. The last rerun finishes, and everything it
+    leaves equals the uninterrupted audit's."""
     root = tmp_path / "runs"
     previous = None
     for stage in KILL_POINTS:  # in the order the audit reaches them
