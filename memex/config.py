@@ -359,7 +359,7 @@ class EmbedderConfig:
 @dataclass
 class IndexConfig:
     kind: IndexKind = IndexKind.flat
-    shards: int = 4  # FAISS shards, one Ray task each for build and search
+    shards: int = 4  # FAISS shards, one Ray task each to build; match holds them all in one worker
     nlist: int = 1024
     pq_m: int = 16
     pq_nbits: int = 8

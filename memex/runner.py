@@ -19,6 +19,10 @@ The stage writes its own `_SUCCESS.json` (its summary) after that; it knows what
 `resources.executor=local` swaps step 2 for a loop in this process (`run_here`; an actor pool's
 worker built once): the same units, files and markers, and no Ray (datatrove's local executor).
 
+Units done in the driver (`run_here`: the match stage's, whose steps go to Ray) call a `Resident`
+worker for their heavy steps: one long-lived Ray actor that loads its model or data once (the
+match stage's embedder and index), where a task per unit would reload it per unit.
+
 Ray is imported inside the functions below and nowhere else in memex/, so every module, and the
 unit functions themselves, import and test without a cluster.
 
@@ -429,9 +433,9 @@ def run_here(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callable
 
 def call_all(fn: Callable[..., Any], calls: list[dict[str, Any]], resources: ResourcesConfig,
              gpu: bool = True) -> list[Any]:
-    """`fn(**kwargs)` for each kwargs as one Ray task; results in order. For steps whose results are
-    small and go back to the driver (the match stage's query embedding and per-shard search), so
-    there is nothing to mark: a rerun redoes them, as their unit is redone."""
+    """`fn(**kwargs)` for each kwargs as one Ray task; results in order. For one-off steps whose
+    results are small and go back to the driver, so there is nothing to mark (a worker's memory, in
+    bench/bench_scale.py). Steps called once per unit with a model or data to load use `Resident`."""
     if resources.executor == ExecutorKind.local:
         return [fn(**kw) for kw in calls]
     import ray
@@ -444,6 +448,59 @@ def call_all(fn: Callable[..., Any], calls: list[dict[str, Any]], resources: Res
     except _ray_errors() as e:
         _cancel(refs)
         raise failed(e, fn.__name__, console.noted_folder()) from None
+
+
+class Resident:
+    """One long-lived worker `cls(**kwargs)`, built at the first call and called many times:
+    `worker(*args)` runs its `__call__` (a model, or index shards, loaded once instead of per unit).
+    A Ray actor of the pool's shape (`remote_options`), or with resources.executor=local an object
+    in this process. `close()` (or leaving the `with` block) releases it, and with it a GPU.
+
+    Why an actor and not a Ray Data pool: the calls come from the driver's own loop over units (the
+    match stage, triage=preview), one small request and reply each, not a stream of rows.
+    max_restarts/max_task_retries: a worker lost with its node is rebuilt (its `__init__` rerun) and
+    the call retried, as a task would be; an exception in `__init__` or a call is not retried."""
+
+    RESTARTS = 3
+
+    def __init__(self, cls: type, kwargs: dict[str, Any], resources: ResourcesConfig, gpu: bool = True,
+                 label: str = "worker"):
+        self.cls, self.kwargs, self.resources, self.gpu, self.label = cls, kwargs, resources, gpu, label
+        self._worker: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.resources.executor == ExecutorKind.local:
+            if self._worker is None:
+                self._worker = self.cls(**self.kwargs)
+            return self._worker(*args, **kwargs)
+        import ray
+
+        if self._worker is None:
+            init(self.resources)
+            actor = ray.remote(max_restarts=self.RESTARTS, max_task_retries=self.RESTARTS,
+                               **remote_options(self.resources, self.gpu))(self.cls)
+            self._worker = actor.remote(**self.kwargs)
+        try:
+            return ray.get(self._worker.__call__.remote(*args, **kwargs))
+        except _ray_errors() as e:
+            self.close()  # a failed worker is not reused: the next call (a rerun's) builds a new one
+            raise failed(e, self.label, console.noted_folder()) from None
+
+    def close(self) -> None:
+        if self._worker is not None and self.resources.executor != ExecutorKind.local:
+            import ray
+
+            try:
+                ray.kill(self._worker)
+            except Exception:  # noqa: BLE001 - already dead (its node lost, its __init__ failed)
+                pass
+        self._worker = None
+
+    def __enter__(self) -> "Resident":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class _ActorUnits:

@@ -132,6 +132,48 @@ def test_an_actor_call_that_raises_fails_the_stage_in_one_line(ray_head, folder)
     assert "in __call__" in text
 
 
+class Loaded:
+    """A resident worker: what it loaded, in which process, and how many calls it served."""
+
+    def __init__(self, data: str):
+        self.data, self.calls = data, 0
+
+    def __call__(self, x: int, plus: int = 0) -> tuple:
+        self.calls += 1
+        return self.data, x + plus, self.calls, os.getpid()
+
+
+def test_a_resident_worker_is_built_once_called_many_times_and_released(ray_head):
+    import ray
+
+    _ship_this_module_by_value()
+    with runner.Resident(Loaded, {"data": "shards"}, RES, gpu=False) as w:
+        out = [w(x, plus=1) for x in range(4)]
+        actor = w._worker
+    assert [o[:3] for o in out] == [("shards", x + 1, x + 1) for x in range(4)]  # one worker kept its state
+    assert len({o[3] for o in out}) == 1 and out[0][3] != os.getpid()  # in one Ray worker, not here
+    assert w._worker is None
+    with pytest.raises(ray.exceptions.RayActorError):  # leaving the block killed it (and freed its resources)
+        ray.get(actor.__call__.remote(0), timeout=60)
+    assert runner.Resident(Loaded, {"data": "x"}, RES)._worker is None  # nothing is started before a call
+
+
+def test_a_resident_worker_whose_init_raises_fails_in_one_line(ray_head):
+    _ship_this_module_by_value()
+    w = runner.Resident(CorruptModel, {"path": "/index/bad"}, RES, label="match")
+    with pytest.raises(MemexError) as e:
+        w(0)
+    text = _one_line(str(e.value), "match", "OSError: Error while deserializing header: HeaderTooLarge (/index/bad)")
+    assert "in __init__" in text and w._worker is None  # released: a later call builds a new one
+
+
+def test_a_resident_worker_call_that_raises_keeps_a_memex_type(ray_head):
+    _ship_this_module_by_value()
+    with runner.Resident(FailingUnit, {}, RES, label="match") as w, pytest.raises(MemexError) as e:
+        w(3)
+    _one_line(str(e.value), "match", "ValueError: unit 3: NaN in the latents")
+
+
 # ---- the cause, from Ray's texts (no Ray) ---------------------------------------------------
 ACTOR_DIED = """The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker(MapBatches(W)).__init__()\x1b[39m (pid=1, ip=10.0.0.1, actor_id=ab, repr=MapWorker(MapBatches(W)))
 FileNotFoundError: [Errno 2] No such file or directory: '/m/unet'
@@ -220,6 +262,16 @@ def test_local_executor_tasks_raise_the_units_own_error_and_keep_what_was_done(f
     assert runner.run_tasks(folder, {0: {"value": 1}, 1: {"value": 2}, 2: {"value": 3}}, double, LOCAL) == 2
     assert [folder.read_marker(i)["doubled"] for i in range(3)] == [2, 4, 6]
     assert runner.call_all(lambda value: value + 1, [{"value": v} for v in (5, 1, 3)], LOCAL) == [6, 2, 4]
+
+
+def test_local_executor_resident_worker_lives_in_this_process_and_is_dropped_on_close():
+    import ray
+
+    ray_before = ray.is_initialized()
+    with runner.Resident(Loaded, {"data": "shards"}, LOCAL) as w:
+        assert [w(x)[1:] for x in range(3)] == [(x, x + 1, os.getpid()) for x in range(3)]
+    assert w._worker is None and ray.is_initialized() == ray_before
+    assert w(5)[2] == 1  # a call after close builds a new worker
 
 
 def test_local_executor_with_a_ray_address_is_refused_naming_both_keys():

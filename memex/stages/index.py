@@ -94,10 +94,11 @@ def _embed_rows(rows: pa.Table, emb: EmbedderConfig, embedder, batch: int, stora
     return x, np.asarray(gids, np.int64), quarantine
 
 
-def _embedder(emb: EmbedderConfig, device: str):
+def _embedder(emb: EmbedderConfig, device: str, storage_options: dict):
     from memex.embed import make_embedder
 
-    return make_embedder(emb, resolve_device(device))
+    # storage.options reach an embedder.path on object storage too, like every URI the job reads
+    return make_embedder(emb, resolve_device(device), storage_options)
 
 
 def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderConfig, idx: IndexConfig,
@@ -107,7 +108,7 @@ def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderC
     from memex.index import IndexSpec, save_index, train_index
 
     opts = layout.store.options
-    embedder = _embedder(emb, device)
+    embedder = _embedder(emb, device, opts)
     spec = IndexSpec.from_config(idx, embedder.metric)
     pick = np.sort(np.random.default_rng(0).choice(n_train, min(n_train, spec.train_size), replace=False))
     rows = layout.store.read_table(layout.train_path, schema=TRAIN_SCHEMA, filters=[("gid", "in", pick.tolist())])
@@ -123,7 +124,7 @@ def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: Emb
     from memex.index import build_shard as build_faiss_shard
 
     opts, store = layout.store.options, layout.store
-    embedder = _embedder(emb, device)
+    embedder = _embedder(emb, device, opts)
     rows = store.read_table(layout.train_path, schema=TRAIN_SCHEMA, filters=[("gid", ">=", start), ("gid", "<", stop)])
     x, ids, quarantine = _embed_rows(rows, emb, embedder, idx.decode_batch, opts, preprocess)
     trained = load_index(store.uri_of(layout.quantizer_path), opts) if idx.kind == IndexKind.ivfpq else None

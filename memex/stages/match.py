@@ -10,9 +10,9 @@ skips matched shards. Units run in the driver through memex/runner.py `do_unit`;
      cliques, the paper's filter), or every sample (=all: the paper's unconditional setting, and
      memex's audits of text models, where the training set is at hand and matching a generation
      costs far less than generating it);
-  2. `nearest_training_images`: embed them in one Ray task (the embedder is the only model here;
-     GPU when resources ask), search every index shard in one Ray task each and merge the top k
-     (memex/index.py merge_topk: the same ids and order as one flat index over all vectors);
+  2. `propose`: their nearest training images by embedding (memex/stages/nearest.py: one resident
+     worker holds the embedder and every index shard for the whole stage, GPU when resources ask;
+     the same ids and order as one flat index over all vectors);
   3. `fetch_training_images`: the pixels of every training image in some top k (train.parquet);
   4. `verify`: each candidate against its k nearest training images with match.distance: tiled l2
      <= 0.15 (Stable Diffusion style), or relative l2 <= 0.9 (alpha = 0.5, n = 50; small
@@ -34,12 +34,12 @@ import pyarrow.compute as pc
 
 from memex import runner
 from memex.config import AuditConfig, CandidateSource, DistanceKind, MatchConfig, plain
-from memex.images import decode, encode_png, fit, to_aspect
+from memex.images import decode, encode_png, to_aspect
 from memex.layout import MATCHED_TRAIN_SCHEMA, MATCHES_SCHEMA, RunLayout, StorageError
-from memex.membership import IndexInfo, fetch_train_rows, load_shards, picture_rows, read_info, read_pictures
-from memex.models import resolve_device
+from memex.membership import IndexInfo, fetch_train_rows, picture_rows, read_info, read_pictures
 from memex.prompts import read_run_prompts
 from memex.redact import redact, redact_urls
+from memex.stages.nearest import Neighbours
 
 log = logging.getLogger("memex.match")
 REPORT_NEAR_MISSES = 200  # closest non-copies whose training images are kept for the report
@@ -59,35 +59,6 @@ def select_candidates(layout: RunLayout, shard: int, wanted: pa.Array | None) ->
     (~0.4 MB each at 512 px), never the run's (500 x 350,000 in the paper)."""
     t = layout.store.read_table(layout.samples.file(shard), columns=["sample_id", "prompt_id", "prompt", "image"])
     return t if wanted is None else t.filter(pc.is_in(t["sample_id"], wanted))
-
-
-# 2. nearest training images by embedding (Ray tasks) -------------------------------------------
-def embed_task(images: list[bytes], emb, device: str, preprocess: str) -> np.ndarray:
-    from memex.embed import make_embedder
-
-    embedder = make_embedder(emb, resolve_device(device))
-    # generations are fitted to the embedder's square input like the training images were
-    return embedder(np.stack([fit(decode(b), emb.size, preprocess) for b in images]))
-
-
-def search_task(info: IndexInfo, storage_options: dict, shard: int, queries: np.ndarray, k: int, idx) -> tuple:
-    from memex.index import search_shard
-
-    (index,) = load_shards(info.layout(storage_options), [shard])
-    return search_shard(index, queries, k, info.spec(idx))
-
-
-def nearest_training_images(cfg: AuditConfig, info: IndexInfo, images: list[bytes], k: int) -> tuple:
-    """(D, I): each image's k nearest indexed training images, (n, k) distances and global ids."""
-    from memex.index import merge_topk
-
-    r = cfg.resources
-    (q,) = runner.call_all(embed_task, [{"images": images, "emb": cfg.embedder, "device": r.device,
-                                         "preprocess": cfg.trainset.preprocess.value}], r)
-    parts = runner.call_all(search_task, [{"info": info, "storage_options": cfg.storage.options, "shard": s,
-                                           "queries": q, "k": k, "idx": cfg.index} for s in range(len(info.shards))],
-                            r, gpu=False)
-    return merge_topk(parts, k, info.metric)
 
 
 # 3. training pixels ---------------------------------------------------------------------------
@@ -220,7 +191,7 @@ def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict) -
         schema=MATCHED_TRAIN_SCHEMA))
 
 
-def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes]) -> tuple:
+def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes], nearest: Neighbours) -> tuple:
     """Steps 2-3: each candidate's nearest training rows by embedding, their pixels and pictures.
 
     tiled_l2 verifies the match.k nearest. relative_l2 needs match.n_neighbors distinct pictures:
@@ -229,7 +200,7 @@ def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes]) -> tuple:
     m, opts = cfg.match, cfg.storage.options
     relative = m.distance == DistanceKind.relative_l2
     k = min(2 * m.n_neighbors if relative else m.k, info.n_indexed)
-    D, I = nearest_training_images(cfg, info, images, k)
+    D, I = nearest(images, k)
     pixels, meta = fetch_training_images(info, I, opts)
     picture = read_pictures(info, opts, I)
     while relative and k < info.n_indexed:
@@ -238,7 +209,7 @@ def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes]) -> tuple:
         if not short:
             break
         k = min(4 * k, info.n_indexed)
-        D2, I2 = nearest_training_images(cfg, info, [images[j] for j in short], k)
+        D2, I2 = nearest([images[j] for j in short], k)
         D = np.pad(D, ((0, 0), (0, k - D.shape[1])), constant_values=np.inf if info.metric == "l2" else -np.inf)
         I = np.pad(I, ((0, 0), (0, k - I.shape[1])), constant_values=-1)
         D[short], I[short] = D2, I2
@@ -250,12 +221,12 @@ def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes]) -> tuple:
 
 
 def match_shard(shard: int, cfg: AuditConfig, layout: RunLayout, info: IndexInfo,
-                wanted: pa.Array | None) -> pa.Table:
+                wanted: pa.Array | None, nearest: Neighbours) -> pa.Table:
     """The stage's unit: steps 1-4 for samples shard `shard` -> its MATCHES_SCHEMA table, by sample id."""
     samples = select_candidates(layout, shard, wanted)
     if not samples.num_rows:
         return MATCHES_SCHEMA.empty_table()
-    D, I, pixels, meta, picture = propose(cfg, info, samples["image"].to_pylist())
+    D, I, pixels, meta, picture = propose(cfg, info, samples["image"].to_pylist(), nearest)
     rows = verify_all(samples, D, I, pixels, meta, cfg.match, info.metric, cfg.trainset.preprocess.value, picture)
     return pa.Table.from_pylist(sorted(rows, key=lambda r: r["sample_id"]), schema=MATCHES_SCHEMA)
 
@@ -278,8 +249,9 @@ def match_shards(cfg: AuditConfig, run_name: str) -> int:
     done = set(layout.matches.complete())
     todo = [k for k in layout.samples.complete() if k not in done]
     wanted = clique_members(layout) if cliques and todo else None
-    runner.run_here(layout.matches, {k: {} for k in todo}, match_shard, cfg=cfg, layout=layout, info=info,
-                    wanted=wanted)  # one progress line
+    with Neighbours(cfg, info) as nearest:  # the embedder and the index: loaded once, at the first unit
+        runner.run_here(layout.matches, {k: {} for k in todo}, match_shard, cfg=cfg, layout=layout, info=info,
+                        wanted=wanted, nearest=nearest)  # one progress line
     return len(todo)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -88,13 +89,13 @@ class TriagePrompts(RunSampler):
         return table, {"unet_evaluations": cost}
 
 
-def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info) -> tuple[pa.Table, dict]:
+def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, nearest: Callable) -> tuple[pa.Table, dict]:
     """triage=preview, one chunk in the driver: previews/shard-<index> -> one TRIAGE_SCHEMA row per
     prompt. Each preview's match.k nearest training images by embedding (the match stage's search),
     then exact tiled l2 on pixels; a prompt's distance is its closest preview's. Memory: one chunk's
     previews as PNGs, and sampling.shard_size previews' neighbours' pixels at a time."""
     from memex.images import decode
-    from memex.stages.match import fetch_training_images, nearest_training_images, pixel_distances
+    from memex.stages.match import fetch_training_images, pixel_distances
 
     prev = layout.store.read_table(layout.previews.file(index))
     cost = (layout.previews.read_marker(index) or {}).get("unet_evaluations", 0)
@@ -103,7 +104,7 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info) -> tup
     step = cfg.sampling.shard_size  # previews per search, like a samples shard: shard_size x k training images
     for j0 in range(0, prev.num_rows, step):
         part = prev.slice(j0, step)
-        _, I = nearest_training_images(cfg, info, part["image"].to_pylist(), k)
+        _, I = nearest(part["image"].to_pylist(), k)
         pixels, _ = fetch_training_images(info, I, cfg.storage.options)
         for j, (pid, png) in enumerate(zip(part["prompt_id"].to_pylist(), part["image"].to_pylist())):
             nb = [int(g) for g in I[j] if g >= 0 and int(g) in pixels]
@@ -140,10 +141,13 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     work = {"cfg": cfg, "run_name": run_name}
     if preview:
         from memex.membership import read_info
+        from memex.stages.nearest import Neighbours
 
         runner.run_actor_pool(layout.previews, chunks, TriagePrompts, work, cfg.resources)
-        runner.run_here(layout.triage, {c: {} for c in chunks}, score_previews, cfg=cfg, layout=layout,
-                        info=read_info(layout))
+        info = read_info(layout)
+        with Neighbours(cfg, info, label="triage") as nearest:  # loaded once, at the first chunk
+            runner.run_here(layout.triage, {c: {} for c in chunks}, score_previews, cfg=cfg, layout=layout,
+                            info=info, nearest=nearest)
     else:
         runner.run_actor_pool(layout.triage, chunks, TriagePrompts, work, cfg.resources)
     scores = layout.triage.read(columns=["score"])["score"].drop_null().to_numpy()
