@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
 
+from memex import runner
 from memex.checkpoints import Checkpoint, discover, files_signature, weights_sha256
 from memex.config import MEMEX_HOME, MemexError, NightlyAction, NightlyAuditConfig, plain, validate_nightly
 from memex.layout import RunLayout
@@ -190,6 +191,8 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
             log.error("audit of %s: %s", row["location"], tracker_error)
             gated = f"{row['outcome']}: {row['message']}" if row["message"] else row["outcome"]
             row["outcome"], row["message"] = "error", redact_text(f"{tracker_error} (the gate said {gated})")
+    if row["outcome"] == "error":
+        runner.release_failed_pools()  # a failed audit's actors end before the next audit asks for GPUs
     row["finished"] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     ledger.append(row)
     return row
