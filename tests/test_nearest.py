@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_embed import TinyDescriptor  # SSCD's interface: 3 x s x s in, a 16-d vector out
 
 from memex import embed as embed_module
 from memex.config import AuditConfig, EmbedderConfig, ExecutorKind, IndexConfig, ResourcesConfig
@@ -102,16 +103,6 @@ def test_match_stage_loads_the_index_and_embedder_once_for_all_its_units(tmp_pat
     assert s["extracted_train_ids"] == ["t5"] and s["extracted_generations"] == 12
     assert counted == {"shard_loads": 3, "embedders": 1}  # once for six units (was 6 x 3 reads and 6 builds)
     assert match.run(cfg, "r") == s and counted == {"shard_loads": 3, "embedders": 1}  # complete: nothing loaded
-
-
-class TinyDescriptor(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
-        self.fc = torch.nn.Linear(8, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1))
 
 
 def test_an_sscd_embedder_on_object_storage_gets_the_storage_options(tmp_path, s3_server, bucket):
