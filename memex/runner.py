@@ -430,6 +430,7 @@ def run_here(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callable
     done = set(folder.complete())
     todo = [i for i in units if i not in done]
     if todo:
+        console.note_folder(folder.store)  # as run_tasks does: a failure's log goes to this run folder
         progress = console.Progress(STAGE_LABELS.get(folder.name, folder.name), len(todo), len(done & set(units)))
         try:
             for i in todo:
@@ -473,13 +474,16 @@ class Resident:
     Why an actor and not a Ray Data pool: the calls come from the driver's own loop over units (the
     match stage, triage=preview), one small request and reply each, not a stream of rows.
     max_restarts/max_task_retries: a worker lost with its node is rebuilt (its `__init__` rerun) and
-    the call retried, as a task would be; an exception in `__init__` or a call is not retried."""
+    the call retried, as a task would be; an exception in `__init__` or a call is not retried.
+    A failure's traceback goes into `<store>/logs/` (the run folder whose stage calls the worker;
+    default: the folder the command noted last, else beside the command's log)."""
 
     RESTARTS = 3
 
     def __init__(self, cls: type, kwargs: dict[str, Any], resources: ResourcesConfig, gpu: bool = True,
-                 label: str = "worker"):
+                 label: str = "worker", store: Store | None = None):
         self.cls, self.kwargs, self.resources, self.gpu, self.label = cls, kwargs, resources, gpu, label
+        self.store = store
         self._worker: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -498,7 +502,7 @@ class Resident:
             return ray.get(self._worker.__call__.remote(*args, **kwargs))
         except _ray_errors() as e:
             self.close()  # a failed worker is not reused: the next call (a rerun's) builds a new one
-            raise failed(e, self.label, console.noted_folder()) from None
+            raise failed(e, self.label, self.store or console.noted_folder()) from None
 
     def close(self) -> None:
         if self._worker is not None and self.resources.executor != ExecutorKind.local:

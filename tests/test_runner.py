@@ -158,13 +158,14 @@ def test_a_resident_worker_is_built_once_called_many_times_and_released(ray_head
     assert runner.Resident(Loaded, {"data": "x"}, RES)._worker is None  # nothing is started before a call
 
 
-def test_a_resident_worker_whose_init_raises_fails_in_one_line(ray_head):
+def test_a_resident_worker_whose_init_raises_fails_in_one_line(ray_head, tmp_path):
     _ship_this_module_by_value()
-    w = runner.Resident(CorruptModel, {"path": "/index/bad"}, RES, label="match")
+    w = runner.Resident(CorruptModel, {"path": "/index/bad"}, RES, label="match", store=Store(str(tmp_path / "run")))
     with pytest.raises(MemexError) as e:
         w(0)
     text = _one_line(str(e.value), "match", "OSError: Error while deserializing header: HeaderTooLarge (/index/bad)")
     assert "in __init__" in text and w._worker is None  # released: a later call builds a new one
+    assert _traceback_of(str(e.value)).parent == tmp_path / "run" / "logs"  # in the run folder it works for
 
 
 def test_a_resident_worker_call_that_raises_keeps_a_memex_type(ray_head):

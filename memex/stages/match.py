@@ -249,7 +249,7 @@ def match_shards(cfg: AuditConfig, run_name: str) -> int:
     done = set(layout.matches.complete())
     todo = [k for k in layout.samples.complete() if k not in done]
     wanted = clique_members(layout) if cliques and todo else None
-    with Neighbours(cfg, info) as nearest:  # the embedder and the index: loaded once, at the first unit
+    with Neighbours(cfg, info, store=layout.store) as nearest:  # embedder and index: loaded at the first unit
         runner.run_here(layout.matches, {k: {} for k in todo}, match_shard, cfg=cfg, layout=layout, info=info,
                         wanted=wanted, nearest=nearest)  # one progress line
     return len(todo)

@@ -26,6 +26,7 @@ from memex.config import AuditConfig, EmbedderConfig, IndexConfig
 from memex.images import decode, fit
 from memex.membership import IndexInfo, load_shards
 from memex.models import resolve_device
+from memex.storage import Store
 
 
 class NeighbourWorker:
@@ -54,8 +55,9 @@ class Neighbours(runner.Resident):
     """`NeighbourWorker` for an audit's config and index, on the resources the audit asks for
     (the embedder is the one model here: on a GPU when resources.num_gpus > 0)."""
 
-    def __init__(self, cfg: AuditConfig, info: IndexInfo, label: str = "match"):
+    def __init__(self, cfg: AuditConfig, info: IndexInfo, label: str = "match", store: Store | None = None):
         r = cfg.resources
         super().__init__(NeighbourWorker, {"info": info, "emb": cfg.embedder, "idx": cfg.index, "device": r.device,
                                            "preprocess": cfg.trainset.preprocess.value,
-                                           "storage_options": cfg.storage.options}, r, gpu=True, label=label)
+                                           "storage_options": cfg.storage.options}, r, gpu=True, label=label,
+                         store=store)  # a failure's traceback: <run folder>/logs/

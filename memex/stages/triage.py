@@ -145,7 +145,7 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
 
         runner.run_actor_pool(layout.previews, chunks, TriagePrompts, work, cfg.resources)
         info = read_info(layout)
-        with Neighbours(cfg, info, label="triage") as nearest:  # loaded once, at the first chunk
+        with Neighbours(cfg, info, label="triage", store=layout.store) as nearest:  # loaded once, at the first chunk
             runner.run_here(layout.triage, {c: {} for c in chunks}, score_previews, cfg=cfg, layout=layout,
                             info=info, nearest=nearest)
     else:
