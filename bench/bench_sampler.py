@@ -39,9 +39,13 @@ is generate.run's wall time (Ray actor start, model load included); "shards s" s
 times from their markers (generation + PNG + Parquet); "vs plain" compares shards s with the plain loop.
 
 --mode unet: the UNet alone (one forward on the sampler's batch shape, 2 x batch rows with guidance)
-as loaded, with channels_last weights, under torch.compile, both, and in bfloat16, alternated
---repeats times; prints each one's speed-up, its first call (compile is paid once per actor) and its
-largest eps difference from the model as loaded (any non-zero one changes a run's last float bits).
+as loaded, with channels_last weights, under torch.compile, both, in bfloat16 and, on CUDA, in float16
+with and without channels_last (--variants picks some), alternated --repeats times; prints each one's
+speed-up, its first call (compile is paid once per actor) and its largest eps difference from the model
+as loaded (any non-zero one changes a run's last float bits).
+
+--dtype: the model's dtype (model.dtype) for every method of sampler and unet modes; audits on GPUs run
+float16. bench/gpu_check.sh runs these modes on a lent GPU in one command.
 
 --threads: on a machine whose cores are busy, more torch threads than free cores collapses throughput
 (demo-text UNet, 32 rows: 0.15 s per forward at 1 thread vs 3.5 s at 2 with both cores loaded).
@@ -177,12 +181,12 @@ def sampler_mode(a) -> None:
         path = str(tiny.build_sd15(Path(tempfile.mkdtemp()) / "sd15"))
     else:
         path = a.model
-    model = load_model(path, device=a.device)
+    model = load_model(path, dtype=a.dtype, device=a.device)
     settings = SamplingConfig(num_inference_steps=a.steps, guidance_scale=a.guidance, batch_size=a.batch)
     sampler, pipe = Sampler(model, settings), plain_pipe(model)
     # --channels-last: memex with sampling.channels_last on its own copy of the model (the plain
     # loop and the as-loaded bound keep theirs), and that UNet's own bound
-    cl = Sampler(load_model(path, device=a.device), dataclasses.replace(settings, channels_last=True)) \
+    cl = Sampler(load_model(path, dtype=a.dtype, device=a.device), dataclasses.replace(settings, channels_last=True)) \
         if a.channels_last else None
     texts = [""] if model.kind == ModelKind.unconditional else \
         (PROMPTS + [f"prompt number {i}" for i in range(a.prompts)])[: a.prompts]
@@ -317,7 +321,7 @@ def unet_mode(a) -> None:
     import copy
 
     path = str(tiny.build_sd15(Path(tempfile.mkdtemp()) / "sd15")) if a.tiny == "sd15" else a.model
-    model = load_model(path, device=a.device)
+    model = load_model(path, dtype=a.dtype, device=a.device)
     s = Sampler(model, SamplingConfig(num_inference_steps=a.steps, guidance_scale=a.guidance, batch_size=a.batch))
     rows = a.batch * (2 if s.cfg else 1)
     g = torch.Generator().manual_seed(0)
@@ -326,10 +330,18 @@ def unet_mode(a) -> None:
     t = torch.tensor(500)
     base = s.unet.eval()
     cl = lambda u: u.to(memory_format=torch.channels_last)  # noqa: E731
-    variants = {"as loaded": base, "channels_last": cl(copy.deepcopy(base)),
-                "torch.compile": torch.compile(copy.deepcopy(base)),
-                "channels_last + compile": torch.compile(cl(copy.deepcopy(base))),
-                "bfloat16": copy.deepcopy(base).to(torch.bfloat16)}
+    make = {"cl": ("channels_last", lambda: cl(copy.deepcopy(base))),
+            "compile": ("torch.compile", lambda: torch.compile(copy.deepcopy(base))),
+            "cl+compile": ("channels_last + compile", lambda: torch.compile(cl(copy.deepcopy(base)))),
+            "bf16": ("bfloat16", lambda: copy.deepcopy(base).to(torch.bfloat16)),
+            "fp16": ("float16", lambda: copy.deepcopy(base).to(torch.float16)),
+            "fp16+cl": ("float16 + channels_last", lambda: cl(copy.deepcopy(base).to(torch.float16)))}
+    # float16 convolutions: a GPU's; on CPU they are slower still than bfloat16's
+    wanted = a.variants.split(",") if a.variants else [k for k in make if "fp16" not in k or a.device != "cpu"]
+    unknown = [k for k in wanted if k not in make]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(make)}")
+    variants = {"as loaded": base, **{make[k][0]: make[k][1]() for k in wanted}}
 
     @torch.no_grad()
     def fwd(u):
@@ -371,6 +383,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; stage: Ray CPUs, per actor")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--variants", default=None,
+                    help="unet mode: comma-separated, of cl, compile, cl+compile, bf16, fp16, fp16+cl "
+                         "(default: all; fp16 ones on CUDA only); the model as loaded is always timed")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="model.dtype for every method (sampler, unet modes; on a GPU: float16, as audits run there)")
     ap.add_argument("--channels-last", action="store_true",
                     help="sampler mode: also time memex with sampling.channels_last=true and its UNet-only bound")
     a = ap.parse_args()
