@@ -32,7 +32,9 @@ fi
 PY=${PYTHON:-python3}
 
 # sizes: the issue's (500 samples a prompt, 50 steps); SMALL=1: a few seconds each, for the dry run
-if [ "${SMALL:-0}" = 1 ]; then N=4; STEPS=2; BATCH=2; SD_BATCH=1; REP=1; else N=500; STEPS=50; BATCH=64; SD_BATCH=8; REP=3; fi
+# (REP: repeats of the UNet-only steps; the sampler steps alternate their methods twice)
+if [ "${SMALL:-0}" = 1 ]; then N=4 STEPS=2 BATCH=2 SD_BATCH=1 REP=1 SREP=1
+else N=500 STEPS=50 BATCH=64 SD_BATCH=8 REP=3 SREP=2; fi
 
 step() {  # step <name> <seconds> <command...>: run it under a limit, print and keep its output
   local name=$1 limit=$2; shift 2
@@ -59,15 +61,15 @@ step unet_sd15 50 $PY bench_sampler.py --mode unet --tiny sd15 --device "$DEVICE
 # 3. the sampler against the plain loop and the UNet-only bound at 500 samples a prompt: the demo
 #    model (float32, then float16 as audits run on GPUs; bfloat16 on the CPU dry run)
 HALF=$([ "$DEVICE" = cpu ] && echo bfloat16 || echo float16)
-step sampler_demo_fp32 80 $PY bench_sampler.py --prompts 1 --samples "$N" --steps "$STEPS" --batch "$BATCH" \
-  --repeats "$REP" --threads 8 --device "$DEVICE" --channels-last
-step sampler_demo_half 80 $PY bench_sampler.py --prompts 1 --samples "$N" --steps "$STEPS" --batch "$BATCH" \
-  --repeats "$REP" --threads 8 --device "$DEVICE" --channels-last --dtype "$HALF"
+step sampler_demo_fp32 90 $PY bench_sampler.py --prompts 1 --samples "$N" --steps "$STEPS" --batch "$BATCH" \
+  --repeats "$SREP" --threads 8 --device "$DEVICE" --channels-last
+step sampler_demo_half 90 $PY bench_sampler.py --prompts 1 --samples "$N" --steps "$STEPS" --batch "$BATCH" \
+  --repeats "$SREP" --threads 8 --device "$DEVICE" --channels-last --dtype "$HALF"
 # 4. the SD 1.x layout at 512 px with the scheduler it ships (PNDM), half precision on the GPU
 step sampler_sd15 120 $PY bench_sampler.py --tiny sd15 --prompts 1 --samples "$N" --steps "$STEPS" \
-  --batch "$((BATCH / 2))" --repeats "$((REP > 1 ? 2 : 1))" --threads 8 --device "$DEVICE" \
+  --batch "$((BATCH / 2))" --repeats "$SREP" --threads 8 --device "$DEVICE" \
   --dtype "$([ "$DEVICE" = cpu ] && echo float32 || echo float16)"
 # 5. torch.compile of the demo UNet (inductor; on CUDA its CUDA graphs may matter for a UNet this small)
-[ "${SMALL:-0}" = 1 ] || step unet_demo_compile 100 $PY bench_sampler.py --mode unet --device "$DEVICE" \
+[ "${SMALL:-0}" = 1 ] || step unet_demo_compile 80 $PY bench_sampler.py --mode unet --device "$DEVICE" \
   --batch "$BATCH" --repeats "$REP" --threads 8 --variants compile,cl+compile
 echo "results in $OUT"
