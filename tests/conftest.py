@@ -207,6 +207,14 @@ def browser():
             b.close()
 
 
+def blocky(rng, size: int = 32):
+    """A random picture of 4x4 flat blocks (uint8 size x size x 3): any two differ by ~0.4 tiled l2,
+    far above the 0.15 threshold, and from any generation of the tiny models."""
+    import numpy as np
+
+    return np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((size // 4, size // 4, 1))).astype(np.uint8)
+
+
 def plant_run(root, run_name: str, samples: dict, shard_size: int = 8):
     """A run folder as `memex generate` leaves it, with hand-made generations: prompts.parquet and
     samples/ (shards, markers, _SUCCESS.json). `samples`: prompt text -> list of uint8 HxWx3 images,

@@ -22,22 +22,19 @@ from memex.prompts import rank_by_near_duplicates
 from memex.stages import filter as filter_stage
 from memex.stages import index, match
 
-from conftest import attach_index, compose, plant_run
+from conftest import attach_index, blocky, compose, plant_run
 
 N_TRAIN, N_SAMPLES, SIZE = 20, 12, 32
 PROMPTS = ["a copy of logo three", "something new"]
 
 
-def _blocky(rng, size=SIZE) -> np.ndarray:
-    """A random 4x4-block image: any two of them differ by ~0.4 tiled l2, far above 0.15."""
-    return np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((size // 4, size // 4, 1))).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("audit")
-    train = [_blocky(rng) for _ in range(N_TRAIN)]
+    train = [blocky(rng) for _ in range(N_TRAIN)]
     ids = [f"t{i:02d}" for i in range(N_TRAIN)] + ["t03#1", "t03#2", "bad"]
     images = [encode_png(t) for t in train] + [encode_png(train[3])] * 2 + [b"\x89PNG\r\n\x1a\n truncated"]
     captions = [f"caption {i}" for i in range(N_TRAIN)] + ["caption 3"] * 2 + ["broken"]
@@ -47,7 +44,7 @@ def world(tmp_path_factory):
     # samples: A = t03 + small noise, B = new blocky images; written with the generate stage's layout
     samples = {PROMPTS[0]: [np.clip(train[3].astype(int) + rng.integers(-2, 3, train[3].shape), 0, 255).astype(np.uint8)
                             for _ in range(N_SAMPLES)],
-               PROMPTS[1]: [_blocky(rng) for _ in range(N_SAMPLES)]}
+               PROMPTS[1]: [blocky(rng) for _ in range(N_SAMPLES)]}
     for run_name in ("r-tiled", "r-relative"):
         plant_run(root / "runs", run_name, samples)
     return root, manifest
@@ -121,7 +118,7 @@ def test_relative_l2_over_every_sample(world, ray_head):
 def test_ivfpq_index_stage_shares_one_quantizer_and_finds_copies(tmp_path, ray_head):
     """index=ivfpq: a trained quantizer is written once and every shard is built on it."""
     rng = np.random.default_rng(1)
-    images = [_blocky(rng) for _ in range(300)]
+    images = [blocky(rng) for _ in range(300)]
     manifest = tmp_path / "big.parquet"
     pq.write_table(pa.table({"id": [f"b{i:03d}" for i in range(300)], "image": [encode_png(x) for x in images],
                              "caption": [f"c{i}" for i in range(300)]}), manifest)
@@ -275,7 +272,7 @@ def test_adaptive_audit_samples_more_only_where_a_copy_shows(tmp_path, tiny_mode
     copies = Sampler(load_model(model), sampling).generate([a] * 8, [prompts[0]] * 8,
                                                            [sample_seed(0, a, i) for i in range(8)])
     rng = np.random.default_rng(5)
-    others = [_blocky(rng, 16) for _ in range(20)]
+    others = [blocky(rng, 16) for _ in range(20)]
     manifest = tmp_path / "train.parquet"
     pq.write_table(pa.table({"id": [f"a-{i}" for i in range(8)] + [f"o-{j:02d}" for j in range(20)],
                              "image": [encode_png(c) for c in copies] + [encode_png(o) for o in others],
@@ -336,7 +333,7 @@ def test_preview_triage_extends_the_prompt_whose_previews_copy(tmp_path, ray_hea
     previews = Sampler(load_model(model), replace(gen, scheduler=SchedulerKind.ddim, num_inference_steps=2)).generate(
         [a] * 2, [prompts[0]] * 2, [sample_seed(0, a, i) for i in range(2)])
     rng = np.random.default_rng(6)
-    others = [_blocky(rng, 16) for _ in range(20)]
+    others = [blocky(rng, 16) for _ in range(20)]
     manifest = tmp_path / "train.parquet"
     pq.write_table(pa.table({"id": ["a-0", "a-1"] + [f"o-{j:02d}" for j in range(20)],
                              "image": [encode_png(c) for c in previews] + [encode_png(o) for o in others],

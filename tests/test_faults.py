@@ -41,7 +41,7 @@ from memex.stages import filter as filter_stage
 from memex.stages import generate
 from memex.storage import StorageError, Store
 
-from conftest import compose, plant_run
+from conftest import blocky, compose, plant_run
 
 PROMPTS = ["a red apple", "a lighthouse at dusk", "blue logo"]
 N_PER_PROMPT, SHARD = 4, 2  # 12 samples in 6 shards of one UNet batch each
@@ -213,10 +213,10 @@ def test_actor_killed_mid_shard_is_restarted_and_rows_match(ray_head, tiny_model
 
 def test_task_worker_killed_mid_unit_is_retried(ray_head, tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
-    blocky = [np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8) for _ in range(6)]
-    samples = {"copies": [np.clip(blocky[0].astype(int) + rng.integers(-2, 3, blocky[0].shape), 0, 255)
+    varied = [blocky(rng) for _ in range(6)]
+    samples = {"copies": [np.clip(varied[0].astype(int) + rng.integers(-2, 3, varied[0].shape), 0, 255)
                           .astype(np.uint8) for _ in range(6)],
-               "varied": blocky}
+               "varied": varied}
     for name in ("plain", "killed"):
         plant_run(tmp_path / "runs", name, samples, shard_size=4)
     cfg = compose([f"storage.root={tmp_path / 'runs'}", "model.path=/planted", "filter.prompts_per_task=1",

@@ -31,7 +31,7 @@ import pytest
 
 from memex.images import encode_png
 
-from conftest import BIN, compose
+from conftest import BIN, blocky, compose
 
 N_PROMPTS, N_SAMPLES = 6, 4
 PROMPTS = [f"prompt number {i}" for i in range(N_PROMPTS)]
@@ -42,9 +42,6 @@ RUN = "k"
 STEPS, GUIDANCE, BATCH = 20, 3.0, 4
 
 
-def _blocky(rng, size=16) -> np.ndarray:
-    """A random 4x4-block image: far (tiled l2 ~0.4) from any other and from any generation."""
-    return np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((size // 4, size // 4, 1))).astype(np.uint8)
 
 
 def _generations(model: str, prompt: str, n: int) -> list[np.ndarray]:
@@ -75,7 +72,7 @@ def world(tmp_path_factory, tiny_models) -> World:
     (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     copies = _generations(model, PROMPTS[0], N_SAMPLES)
     rng = np.random.default_rng(7)
-    others = [_blocky(rng) for _ in range(20)]
+    others = [blocky(rng, 16) for _ in range(20)]
     ids = [f"copy-{i}" for i in range(N_SAMPLES)] + [f"other-{j:02d}" for j in range(20)] + ["copy-0#dup", "broken"]
     images = ([encode_png(c) for c in copies] + [encode_png(o) for o in others] + [encode_png(copies[0])]
               + [b"\x89PNG\r\n\x1a\n truncated"])
@@ -315,7 +312,7 @@ def test_path_like_training_ids_stay_data(ray_head, tmp_path):
                              "caption": ids}), manifest)
     root = tmp_path / "deep" / "store"  # two levels down: ../../escape joined to it would still land in tmp_path
     prompts = ["../../prompt/a", "/etc/passwd"]
-    layout = plant_run(root, "r", {prompts[0]: train, prompts[1]: [_blocky(rng) for _ in PATH_LIKE_IDS]},
+    layout = plant_run(root, "r", {prompts[0]: train, prompts[1]: [blocky(rng, 16) for _ in PATH_LIKE_IDS]},
                        shard_size=4)
     before = _files(tmp_path)
     cwd_before = set(os.listdir("."))

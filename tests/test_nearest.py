@@ -20,13 +20,7 @@ from memex.layout import IndexLayout, RunLayout
 from memex.membership import IndexInfo
 from memex.stages import index, match, nearest
 
-from conftest import attach_index, compose, plant_run
-
-SIZE = 32
-
-
-def _blocky(rng, size=SIZE) -> np.ndarray:
-    return np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((size // 4, size // 4, 1))).astype(np.uint8)
+from conftest import attach_index, blocky, compose, plant_run
 
 
 @pytest.fixture
@@ -53,7 +47,7 @@ def test_neighbours_answer_as_one_flat_index_and_load_once(tmp_path, counted):
     vectors, for every call, and the shards and the embedder are loaded once for all the calls."""
     rng = np.random.default_rng(0)
     emb = EmbedderConfig("pixels", size=8)
-    train = [_blocky(rng) for _ in range(30)]
+    train = [blocky(rng) for _ in range(30)]
     x = embed_module.make_embedder(emb)(np.stack([fit(t, 8, "center_crop") for t in train]))
     spec = IndexSpec.from_config(IndexConfig(), "l2")
     layout = IndexLayout(str(tmp_path / "_index"), "k1")
@@ -80,12 +74,12 @@ def test_neighbours_answer_as_one_flat_index_and_load_once(tmp_path, counted):
 
 def _world(tmp_path):
     rng = np.random.default_rng(1)
-    train = [_blocky(rng) for _ in range(12)]
+    train = [blocky(rng) for _ in range(12)]
     manifest = tmp_path / "train.parquet"
     pq.write_table(pa.table({"id": [f"t{i}" for i in range(12)], "image": [encode_png(t) for t in train],
                              "caption": [f"caption {i}" for i in range(12)]}), manifest)
     # 2 prompts x 12 samples in shards of 4: six samples shards to match
-    samples = {"copy of t5": [train[5]] * 12, "new": [_blocky(rng) for _ in range(12)]}
+    samples = {"copy of t5": [train[5]] * 12, "new": [blocky(rng) for _ in range(12)]}
     plant_run(tmp_path / "runs", "r", samples, shard_size=4)
     return manifest
 
@@ -124,5 +118,5 @@ def test_an_sscd_embedder_on_object_storage_gets_the_storage_options(tmp_path, s
     info = index.run(cfg)
     assert info.metric == "ip" and info.dim == 16 and info.n_indexed == 12
     with nearest.Neighbours(cfg, info) as nb:
-        S, I = nb([encode_png(_blocky(np.random.default_rng(1)))], 3)  # the first training image, exactly
+        S, I = nb([encode_png(blocky(np.random.default_rng(1)))], 3)  # the first training image, exactly
     assert I[0, 0] == 0 and S[0, 0] == pytest.approx(1.0, abs=1e-5)  # cosine similarity of a copy

@@ -24,7 +24,7 @@ from memex.report import build_report, esc, histogram_svg
 from memex.stages import filter as filter_stage
 from memex.stages import index, match
 
-from conftest import attach_index, compose, plant_run
+from conftest import attach_index, blocky, compose, plant_run
 
 N_TRAIN, N_SAMPLES = 12, 10
 EVIL_CAPTION = "<script>document.title='pwned';console.error('xss')</script> ACME & \"Co\" logo"
@@ -32,15 +32,13 @@ EVIL_PROMPT = "<img src=x onerror=\"console.error('xss')\"> a copy of the ACME l
 PROMPTS = [EVIL_PROMPT, "something new"]
 
 
-def _blocky(rng) -> np.ndarray:
-    return np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
 def audited_run(tmp_path_factory, ray_head):
     rng = np.random.default_rng(7)
     root = tmp_path_factory.mktemp("report")
-    train = [_blocky(rng) for _ in range(N_TRAIN)]
+    train = [blocky(rng) for _ in range(N_TRAIN)]
     captions = [f"caption {i}" for i in range(N_TRAIN)]
     captions[2] = EVIL_CAPTION
     manifest = root / "train.parquet"
@@ -48,7 +46,7 @@ def audited_run(tmp_path_factory, ray_head):
                              "caption": captions}), manifest)
     samples = {PROMPTS[0]: [np.clip(train[2].astype(int) + rng.integers(-2, 3, train[2].shape), 0, 255).astype(np.uint8)
                             for _ in range(N_SAMPLES)],
-               PROMPTS[1]: [_blocky(rng) for _ in range(N_SAMPLES)]}
+               PROMPTS[1]: [blocky(rng) for _ in range(N_SAMPLES)]}
     layout = plant_run(root / "runs", "planted", samples)
 
     cfg = compose([f"trainset.path={manifest}", f"storage.root={root / 'runs'}", "model.path=/planted",
