@@ -424,8 +424,8 @@ def release_failed_pools() -> None:
 
 
 def run_here(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callable[..., Any], **shared: Any) -> int:
-    """`run_tasks` in this process (units whose steps are themselves Ray calls, e.g. the match
-    stage's embed and search): skip the complete ones, do the rest in order, one progress line.
+    """`run_tasks` in this process (units whose heavy step is a call to a `Resident` worker, e.g.
+    the match stage's embed and search): skip the complete ones, do the rest in order, one progress line.
     Returns how many units ran now."""
     done = set(folder.complete())
     todo = [i for i in units if i not in done]
