@@ -594,22 +594,40 @@ def validate_budget(cfg: AuditConfig) -> None:
         if t.kind != TriageKind.preview and t.steps > cfg.sampling.num_inference_steps:
             raise ConfigError(f"triage.steps={t.steps} is more than sampling.num_inference_steps="
                               f"{cfg.sampling.num_inference_steps}: triage scores the first steps of a generation")
-    if b.kind == BudgetKind.adaptive:  # an unconditional model (one prompt) keeps the fixed budget: audit.adaptive
-        if not b.rounds:
-            raise ConfigError("budget.rounds is empty: give the cumulative samples per prompt after each round, "
-                              "e.g. budget.rounds=[4,16]")
-        _at_least("budget.rounds[0]", b.rounds[0], 1)
-        for k in range(1, len(b.rounds)):
-            if b.rounds[k] <= b.rounds[k - 1]:
-                raise ConfigError(f"budget.rounds must increase (each is the cumulative samples per prompt after "
-                                  f"that round), got {list(b.rounds)}")
-        if cfg.match.candidates == CandidateSource.cliques:
-            raise ConfigError("budget=adaptive decides each round from the matches of the round before, and "
-                              "match.candidates=cliques matches only after the last one: set match.candidates=all "
-                              "(or budget=fixed)")
-        if not b.continue_factor >= 1:
-            raise ConfigError(f"budget.continue_factor must be >= 1 (a near miss is within that many times "
-                              f"match.threshold), got {b.continue_factor}")
+    if b.kind != BudgetKind.adaptive or cfg.prompts.source == PromptSource.none:  # stages/audit.py `adaptive`
+        # the rounds are not used: a setting of them would be silently ignored, so it fails here
+        unused = [k for k in ("rounds", "continue_factor", "continue_triage_z")
+                  if getattr(b, k) != getattr(BudgetConfig(), k)]
+        if unused and b.kind == BudgetKind.fixed:
+            raise ConfigError(f"budget.{unused[0]} is set, but budget=fixed gives every prompt "
+                              "sampling.samples_per_prompt samples and does not read it: add budget=adaptive, or "
+                              f"drop budget.{unused[0]}")
+        if unused:
+            raise ConfigError(f"budget.{unused[0]} is set, but an unconditional model (prompts=none) keeps the fixed "
+                              "budget, sampling.samples_per_prompt samples, and does not read it: drop "
+                              f"budget.{unused[0]}")
+        return
+    if not b.rounds:
+        raise ConfigError("budget.rounds is empty: give the cumulative samples per prompt after each round, "
+                          "e.g. budget.rounds=[4,16]")
+    _at_least("budget.rounds[0]", b.rounds[0], 1)
+    for k in range(1, len(b.rounds)):
+        if b.rounds[k] <= b.rounds[k - 1]:
+            raise ConfigError(f"budget.rounds must increase (each is the cumulative samples per prompt after "
+                              f"that round), got {list(b.rounds)}")
+    n = cfg.sampling.samples_per_prompt
+    if n != b.rounds[-1]:  # the last round is the most a prompt gets: samples_per_prompt would be ignored
+        fix = f"budget.rounds=[{b.rounds[0]},{n}]" if n > b.rounds[0] else f"sampling.samples_per_prompt={b.rounds[-1]}"
+        raise ConfigError(f"sampling.samples_per_prompt={n}, but budget=adaptive gives a prompt at most its last "
+                          f"round, budget.rounds[-1]={b.rounds[-1]} samples: make the two equal (e.g. {fix}), or "
+                          "set budget=fixed")
+    if cfg.match.candidates == CandidateSource.cliques:
+        raise ConfigError("budget=adaptive decides each round from the matches of the round before, and "
+                          "match.candidates=cliques matches only after the last one: set match.candidates=all "
+                          "(or budget=fixed)")
+    if not b.continue_factor >= 1:
+        raise ConfigError(f"budget.continue_factor must be >= 1 (a near miss is within that many times "
+                          f"match.threshold), got {b.continue_factor}")
 
 
 # ---- memex nightly -------------------------------------------------------------------------

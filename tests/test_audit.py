@@ -279,7 +279,8 @@ def test_adaptive_audit_samples_more_only_where_a_copy_shows(tmp_path, tiny_mode
                              "caption": [prompts[0]] * 8 + [f"other {j}" for j in range(20)]}), manifest)
     overrides = ["model=local", f"model.path={model}", "prompts=file", f"prompts.path={tmp_path / 'prompts.txt'}",
                  "trainset=manifest", f"trainset.path={manifest}", f"storage.root={tmp_path / 'runs'}",
-                 "budget=adaptive", "budget.rounds=[2,8]", "budget.continue_factor=1.0", "match.candidates=all",
+                 "budget=adaptive", "budget.rounds=[2,8]", "sampling.samples_per_prompt=8",
+                 "budget.continue_factor=1.0", "match.candidates=all",
                  "triage.seeds=2", "triage.keep=3",  # keep: ranks before generation, so the stage runs
                  "sampling.num_inference_steps=3", "sampling.guidance_scale=3.0",
                  "sampling.batch_size=4", "sampling.shard_size=4", "index.shards=2", "embedder.size=16",
@@ -341,6 +342,7 @@ def test_preview_triage_extends_the_prompt_whose_previews_copy(tmp_path, ray_hea
     overrides = ["model=local", f"model.path={model}", "prompts=file", f"prompts.path={tmp_path / 'prompts.txt'}",
                  "trainset=manifest", f"trainset.path={manifest}", f"storage.root={tmp_path / 'runs'}",
                  "triage=preview", "triage.seeds=2", "triage.steps=2", "budget=adaptive", "budget.rounds=[2,6]",
+                 "sampling.samples_per_prompt=6",
                  "budget.continue_factor=1.0", "budget.continue_triage_z=null", "sampling.scheduler=ddpm",
                  "sampling.num_inference_steps=3", "sampling.guidance_scale=3.0", "sampling.batch_size=4",
                  "sampling.shard_size=4", "index.shards=2", "embedder.size=16", "filter.min_clique=2",

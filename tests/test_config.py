@@ -239,6 +239,12 @@ def test_every_option_converts_to_the_typed_config(primary, group, option):
         # 4 samples < the demo's clique of 5: refused only where the cliques decide what is verified
         with pytest.raises(ConfigError, match=r"filter\.min_clique"):
             convert(_raw(primary, overrides + ["match.candidates=cliques", "budget=fixed"]))
+    n = OmegaConf.load(CONF_DIR / group / f"{option}.yaml").get("samples_per_prompt") if group == "sampling" else None
+    if primary == "nightly" and n is not None and n != C.BudgetConfig().rounds[-1]:
+        # nightly samples in rounds: a sample count its last round does not reach is refused, naming the fix
+        with pytest.raises(ConfigError, match=r"budget\.rounds\[-1\]"):
+            convert(_raw(primary, overrides))
+        overrides.append(f"budget.rounds=[1,{n}]")
     if (group, option) in NEEDS_PATH:  # optional in the schema, required by this option: validation names it
         with pytest.raises(ConfigError, match=NEEDS_PATH[group, option].replace(".", r"\.")):
             convert(_raw(primary, overrides))
@@ -301,6 +307,17 @@ def test_dup_k_below_two_names_the_key():
     (["budget=adaptive", "budget.rounds=[0,4]"], "budget.rounds[0]"),  # a budget below one round
     (["budget=adaptive", "match.candidates=cliques"], "match.candidates=all"),
     (["budget=adaptive", "budget.continue_factor=0.5"], "budget.continue_factor"),
+    # adaptive on a text model: the last round is a prompt's budget, so a different samples_per_prompt
+    # would be ignored (memex nightly sampling=paper would sample 16, not 500)
+    (["budget=adaptive", "sampling.samples_per_prompt=500"], "budget.rounds=[4,500]"),
+    (["budget=adaptive", "sampling.samples_per_prompt=4"], "sampling.samples_per_prompt=16"),
+    # settings the budget in force does not read fail instead of being ignored
+    (["budget.rounds=[4,2]"], "budget.rounds is set, but budget=fixed"),
+    (["budget.rounds=[4,32]"], "add budget=adaptive"),
+    (["budget.continue_factor=2.0"], "budget.continue_factor is set"),
+    (["budget.continue_triage_z=null"], "budget.continue_triage_z is set"),
+    (["model=demo_uncond", "prompts=none", "match=relative", "budget=adaptive", "budget.rounds=[2,8]"],
+     "an unconditional model (prompts=none) keeps the fixed budget"),
     (["triage=noise_norm", "model=demo_uncond", "prompts=none"], "triage=auto"),  # triage on an unconditional model
     (["triage=preview", "model=demo_uncond", "prompts=none"], "triage=auto"),
     (["triage=preview", "match=relative"], "match=tiled"),  # its distance is compared with match.threshold
@@ -316,6 +333,15 @@ def test_triage_and_budget_settings_that_cannot_work_name_the_key(overrides, key
     with pytest.raises(ConfigError) as e:
         compose(overrides, config_name="audit")
     assert key in str(e.value)
+
+
+def test_nightly_refuses_a_sample_count_its_adaptive_budget_would_ignore():
+    # memex nightly runs budget=adaptive: sampling=paper's 500 samples a prompt needs rounds ending at 500
+    with pytest.raises(ConfigError, match=r"budget.rounds\[-1\]=16"):
+        compose(["sampling=paper", "resources.device=cuda"], config_name="nightly")
+    cfg = compose(["sampling=paper", "resources.device=cuda", "budget.rounds=[50,500]"], config_name="nightly")
+    assert cfg.budget.rounds[-1] == cfg.sampling.samples_per_prompt == 500
+    assert compose(["sampling=paper", "resources.device=cuda", "budget=fixed"], config_name="nightly")
 
 
 def test_triage_auto_and_the_adaptive_budget_are_for_text_models():
