@@ -572,6 +572,12 @@ def validate_audit(cfg: AuditConfig) -> None:
         raise ConfigError(f"match.threshold must be in (0, 1) for tiled_l2 (paper: 0.15), got {m.threshold}")
 
 
+def _changed(section, keys: tuple[str, ...]) -> list[str]:
+    """The keys of a config section (a dataclass) set away from the schema's defaults."""
+    default = type(section)()
+    return [k for k in keys if getattr(section, k) != getattr(default, k)]
+
+
 def validate_budget(cfg: AuditConfig) -> None:
     """Triage and the adaptive budget: settings that cannot work fail here, naming the key."""
     t, b = cfg.triage, cfg.budget
@@ -582,9 +588,11 @@ def validate_budget(cfg: AuditConfig) -> None:
     if t.kind == TriageKind.preview and cfg.match.distance != DistanceKind.tiled_l2:
         raise ConfigError("triage=preview scores a prompt by its previews' tiled l2 to the training set, and "
                           "budget.continue_factor compares it with match.threshold: set match=tiled")
-    if t.kind == TriageKind.none and t.keep is not None:
-        raise ConfigError("triage.keep ranks prompts by their triage score, and triage=none computes none: "
-                          "set triage=auto or drop triage.keep")
+    if t.kind == TriageKind.none:  # a triage setting would be silently ignored: it fails here
+        unused = _changed(t, ("keep", "seeds", "steps", "prompts_per_task"))
+        if unused:
+            raise ConfigError(f"triage.{unused[0]} is set, and triage=none computes no triage score: set triage=auto "
+                              f"(or triage=noise_norm, triage=preview) or drop triage.{unused[0]}")
     if t.kind != TriageKind.none:
         _at_least("triage.seeds", t.seeds, 1)
         _at_least("triage.steps", t.steps, 1)
@@ -596,8 +604,7 @@ def validate_budget(cfg: AuditConfig) -> None:
                               f"{cfg.sampling.num_inference_steps}: triage scores the first steps of a generation")
     if b.kind != BudgetKind.adaptive or cfg.prompts.source == PromptSource.none:  # stages/audit.py `adaptive`
         # the rounds are not used: a setting of them would be silently ignored, so it fails here
-        unused = [k for k in ("rounds", "continue_factor", "continue_triage_z")
-                  if getattr(b, k) != getattr(BudgetConfig(), k)]
+        unused = _changed(b, ("rounds", "continue_factor", "continue_triage_z"))
         if unused and b.kind == BudgetKind.fixed:
             raise ConfigError(f"budget.{unused[0]} is set, but budget=fixed gives every prompt "
                               "sampling.samples_per_prompt samples and does not read it: add budget=adaptive, or "

@@ -327,6 +327,8 @@ def test_dup_k_below_two_names_the_key():
     (["match.max_margin=1.5"], "match.max_margin"),
     (["match.max_margin=0"], "match.max_margin"),
     (["triage=none", "triage.keep=5"], "triage.keep"),
+    (["triage=none", "triage.seeds=8"], "triage.seeds is set"),  # ignored otherwise
+    (["preset=paper", "triage.steps=2"], "triage.steps is set"),
     (["triage.keep=0"], "triage.keep"),
 ])
 def test_triage_and_budget_settings_that_cannot_work_name_the_key(overrides, key):
