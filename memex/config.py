@@ -528,6 +528,12 @@ class AuditConfig(GenerateConfig):
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
+def _changed(section, keys: tuple[str, ...]) -> list[str]:
+    """The keys of a config section (a dataclass) set away from the schema's defaults."""
+    default = type(section)()
+    return [k for k in keys if getattr(section, k) != getattr(default, k)]
+
+
 def validate_audit(cfg: AuditConfig) -> None:
     validate_generate(cfg)
     validate_tracker(cfg.tracker)
@@ -563,19 +569,20 @@ def validate_audit(cfg: AuditConfig) -> None:
     _at_least("match.low_detail_min_generations", m.low_detail_min_generations, 1)
     if m.max_margin is not None and not 0 < m.max_margin <= 1:
         raise ConfigError(f"match.max_margin must be in (0, 1] (a distance ratio) or null, got {m.max_margin}")
-    if m.distance == DistanceKind.relative_l2:
+    # a setting of the other distance would be silently ignored: it fails here
+    relative = m.distance == DistanceKind.relative_l2
+    unused = _changed(m, ("max_margin", "low_detail_min_generations") if relative else ("alpha", "n_neighbors"))
+    if unused:
+        raise ConfigError(f"match.{unused[0]} is set, and match.distance={m.distance.value} does not read it (it is "
+                          f"for {'tiled_l2: match=tiled' if relative else 'relative_l2: match=relative'}): drop "
+                          f"match.{unused[0]} or change the distance")
+    if relative:
         _at_least("match.n_neighbors", m.n_neighbors, 2)
         if m.threshold < 0.5:
             raise ConfigError(f"match.threshold={m.threshold} with relative_l2: the paper's threshold is 1.0, "
                               "memex's 0.9 (set match=relative, or match.threshold=0.9)")
     elif not 0 < m.threshold < 1:
         raise ConfigError(f"match.threshold must be in (0, 1) for tiled_l2 (paper: 0.15), got {m.threshold}")
-
-
-def _changed(section, keys: tuple[str, ...]) -> list[str]:
-    """The keys of a config section (a dataclass) set away from the schema's defaults."""
-    default = type(section)()
-    return [k for k in keys if getattr(section, k) != getattr(default, k)]
 
 
 def validate_budget(cfg: AuditConfig) -> None:

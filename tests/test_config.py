@@ -326,6 +326,8 @@ def test_dup_k_below_two_names_the_key():
     (["match.min_generations=0"], "match.min_generations"),
     (["match.max_margin=1.5"], "match.max_margin"),
     (["match.max_margin=0"], "match.max_margin"),
+    (["match.n_neighbors=8"], "match.n_neighbors is set, and match.distance=tiled_l2"),  # relative l2's
+    (["match=relative", "match.max_margin=0.5"], "match.max_margin is set, and match.distance=relative_l2"),
     (["triage=none", "triage.keep=5"], "triage.keep"),
     (["triage=none", "triage.seeds=8"], "triage.seeds is set"),  # ignored otherwise
     (["preset=paper", "triage.steps=2"], "triage.steps is set"),
