@@ -555,6 +555,13 @@ def validate_audit(cfg: AuditConfig) -> None:
     if cfg.embedder.kind != EmbedderKind.pixels and not cfg.embedder.path:
         raise ConfigError(f"embedder.kind={cfg.embedder.kind.value} needs embedder.path "
                           "(a local file/folder or hub id)")
+    if cfg.embedder.kind == EmbedderKind.pixels and cfg.embedder.path:
+        raise ConfigError("embedder.path is set, and embedder=pixels (resized pixels) loads no model: set "
+                          "embedder=sscd or embedder=clip, or drop embedder.path")
+    unused = _changed(i, ("nlist", "pq_m", "pq_nbits", "nprobe", "refine_k")) if i.kind == IndexKind.flat else []
+    if unused:
+        raise ConfigError(f"index.{unused[0]} is set, and index=flat (exact search) does not read it (IVF-PQ's): "
+                          f"set index=ivfpq, or drop index.{unused[0]}")
     _at_least("embedder.size", cfg.embedder.size, 4)
     _at_least("embedder.batch_size", cfg.embedder.batch_size, 1)
     for key in ("shards", "nlist", "pq_m", "nprobe", "refine_k", "decode_batch"):

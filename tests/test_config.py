@@ -31,7 +31,7 @@ def test_every_group_option_composes(group, option):
 
 
 AUDIT_GROUPS = GROUPS + ["filter", "trainset", "embedder", "index", "match", "triage", "budget"]
-AUDIT_FILL = ["model.path=/some/model", "trainset.path=/data/train.parquet", "embedder.path=/models/sscd.pt"]
+AUDIT_FILL = ["model.path=/some/model", "trainset.path=/data/train.parquet"]
 
 
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in AUDIT_GROUPS
@@ -39,6 +39,7 @@ AUDIT_FILL = ["model.path=/some/model", "trainset.path=/data/train.parquet", "em
 def test_every_audit_group_option_composes(group, option):
     # sampling options made for `memex generate` may take fewer samples than a clique needs
     fix = ["sampling.samples_per_prompt=16"] if group == "sampling" else []
+    fix += ["embedder.path=/models/sscd.pt"] if (group, option) == ("embedder", "sscd") else []  # no default model
     cfg = compose([f"{group}={option}", "prompts.path=/some/prompts.txt"] + AUDIT_FILL + fix, config_name="audit")
     assert isinstance(cfg, AuditConfig)
     assert getattr(cfg, group) is not None
@@ -280,18 +281,22 @@ def test_only_memex_hydra_sets_hydra():
 def test_dup_threshold_outside_the_embedders_metric_names_the_key(embedder, value, expected):
     """A cosine threshold of 0.05 (a distance) would make every image a copy of every other: refused up front."""
     with pytest.raises(ConfigError, match=expected):
-        compose([f"embedder={embedder}", "embedder.path=x", f"index.dup_threshold={value}"], config_name="audit")
+        compose([*_embedder(embedder), f"index.dup_threshold={value}"], config_name="audit")
+
+
+def _embedder(kind: str) -> list[str]:
+    return [f"embedder={kind}"] + ([] if kind == "pixels" else ["embedder.path=x"])  # pixels loads no model
 
 
 @pytest.mark.parametrize("embedder,default", [("pixels", 0.05), ("sscd", 0.95), ("clip", 0.95)])
 def test_dup_threshold_default_resolves_per_embedder(embedder, default):
     from memex.index import EMBEDDER_METRIC, resolve_dup_threshold
 
-    cfg = compose([f"embedder={embedder}", "embedder.path=x"], config_name="audit")
+    cfg = compose([*_embedder(embedder)], config_name="audit")
     assert cfg.index.dup_threshold is None  # null: the embedder's own default
     assert resolve_dup_threshold(cfg.index.dup_threshold, EMBEDDER_METRIC[embedder], embedder) == default
     valid = "0.1" if embedder == "pixels" else "0.9"  # an explicit value in the metric's range is kept
-    cfg = compose([f"embedder={embedder}", "embedder.path=x", f"index.dup_threshold={valid}"], config_name="audit")
+    cfg = compose([*_embedder(embedder), f"index.dup_threshold={valid}"], config_name="audit")
     assert cfg.index.dup_threshold == float(valid)
 
 
@@ -326,6 +331,8 @@ def test_dup_k_below_two_names_the_key():
     (["match.min_generations=0"], "match.min_generations"),
     (["match.max_margin=1.5"], "match.max_margin"),
     (["match.max_margin=0"], "match.max_margin"),
+    (["index.nlist=4096"], "index.nlist is set, and index=flat"),  # IVF-PQ's, ignored by the exact index
+    (["embedder.path=/models/sscd.pt"], "embedder.path is set, and embedder=pixels"),
     (["match.n_neighbors=8"], "match.n_neighbors is set, and match.distance=tiled_l2"),  # relative l2's
     (["match=relative", "match.max_margin=0.5"], "match.max_margin is set, and match.distance=relative_l2"),
     (["triage=none", "triage.keep=5"], "triage.keep"),
