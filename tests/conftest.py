@@ -97,6 +97,9 @@ def ray_head(request):
     """
     import ray
 
+    # Not done: RAY_preload_python_modules=diffusers... would spare an actor that takes an idle worker
+    # its ~10 s diffusers import, but every task worker (index, filter) then pays it too: measured on
+    # tests/test_audit.py -n 0, 186 s without, 258 s with (2026-12-05).
     check_grouped(request.session)
     port, dash = free_port(), free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
