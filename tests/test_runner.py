@@ -328,3 +328,28 @@ def test_local_executor_resident_worker_lives_in_this_process_and_is_dropped_on_
 def test_local_executor_with_a_ray_address_is_refused_naming_both_keys():
     with pytest.raises(ConfigError, match="resources.address=127.0.0.1:6379 .*resources.executor=local"):
         validate_resources(ResourcesConfig(executor=ExecutorKind.local, address="127.0.0.1:6379"))
+
+
+def test_an_address_nothing_listens_at_fails_in_one_line_before_ray_init():
+    """ray.init retries an unreachable GCS for over 7 minutes (Ray 2.60); the driver probes the port
+    first. Called through _start: with the probe gone this would hang in ray.init (or, where this
+    process already runs Ray, fail with Ray's own RuntimeError), not raise RayStartError."""
+    import socket
+
+    from conftest import free_port
+
+    port = free_port()  # closed again: nothing listens there
+    with pytest.raises(runner.RayStartError) as e:
+        runner._start(ResourcesConfig(address=f"127.0.0.1:{port}"))
+    msg = str(e.value)
+    assert "\n" not in msg and f"cannot reach Ray at 127.0.0.1:{port}" in msg and "ray start --head" in msg
+    with pytest.raises(runner.RayStartError, match=r"resources.address=nonsense is not a Ray address"):
+        runner.probe_address("nonsense")
+    from ray._private.services import resolve_ip_for_localhost
+
+    with socket.socket() as s:  # something that accepts connections passes the probe
+        s.bind((resolve_ip_for_localhost("127.0.0.1"), 0))  # where Ray (and the probe) take 127.0.0.1
+        s.listen()
+        runner.probe_address(f"127.0.0.1:{s.getsockname()[1]}")
+    for address in ("local", "auto", "ray://head:10001"):  # left to Ray as given
+        runner.probe_address(address)
