@@ -200,6 +200,9 @@ def validate_generate(cfg: GenerateConfig) -> None:
     if p.limit is not None:
         _at_least("prompts.limit", p.limit, 1)
     validate_resources(cfg.resources)
+    if s.dtype == DType.float16 and cfg.resources.device == "cpu":  # else found only when the model loads
+        raise ConfigError("sampling.dtype=float16 needs a GPU, and resources.device=cpu runs the model on the CPU: "
+                          "set sampling.dtype=float32 (or bfloat16), or resources.device=auto")
     if not cfg.storage.root:
         raise ConfigError("storage.root is empty: give a folder or URI (storage.root=s3://bucket/runs)")
     _at_least("storage.lease_timeout_s", cfg.storage.lease_timeout_s, 1)

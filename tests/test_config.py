@@ -331,6 +331,7 @@ def test_dup_k_below_two_names_the_key():
     (["match.min_generations=0"], "match.min_generations"),
     (["match.max_margin=1.5"], "match.max_margin"),
     (["match.max_margin=0"], "match.max_margin"),
+    (["sampling.dtype=float16", "resources.device=cpu"], "sampling.dtype=float16 needs a GPU"),
     (["index.nlist=4096"], "index.nlist is set, and index=flat"),  # IVF-PQ's, ignored by the exact index
     (["embedder.path=/models/sscd.pt"], "embedder.path is set, and embedder=pixels"),
     (["match.n_neighbors=8"], "match.n_neighbors is set, and match.distance=tiled_l2"),  # relative l2's
