@@ -531,6 +531,12 @@ class AuditConfig(GenerateConfig):
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
+def adaptive(cfg: AuditConfig) -> bool:
+    """budget=adaptive for text models; an unconditional model's one prompt keeps the fixed budget
+    (sampling.samples_per_prompt): there are no prompts to choose between."""
+    return cfg.budget.kind == BudgetKind.adaptive and cfg.prompts.source != PromptSource.none
+
+
 def _changed(section, keys: tuple[str, ...]) -> list[str]:
     """The keys of a config section (a dataclass) set away from the schema's defaults."""
     default = type(section)()
@@ -619,8 +625,7 @@ def validate_budget(cfg: AuditConfig) -> None:
         if t.kind != TriageKind.preview and t.steps > cfg.sampling.num_inference_steps:
             raise ConfigError(f"triage.steps={t.steps} is more than sampling.num_inference_steps="
                               f"{cfg.sampling.num_inference_steps}: triage scores the first steps of a generation")
-    if b.kind != BudgetKind.adaptive or cfg.prompts.source == PromptSource.none:  # stages/audit.py `adaptive`
-        # the rounds are not used: a setting of them would be silently ignored, so it fails here
+    if not adaptive(cfg):  # the rounds are not used: a setting of them would be silently ignored, so it fails here
         unused = _changed(b, ("rounds", "continue_factor", "continue_triage_z"))
         if unused and b.kind == BudgetKind.fixed:
             raise ConfigError(f"budget.{unused[0]} is set, but budget=fixed gives every prompt "

@@ -357,7 +357,7 @@ def test_nightly_refuses_a_sample_count_its_adaptive_budget_would_ignore():
 
 
 def test_triage_auto_and_the_adaptive_budget_are_for_text_models():
-    from memex.stages.audit import adaptive
+    from memex.config import adaptive
     from memex.stages.triage import triage_on
 
     uncond = ["model=demo_uncond", "prompts=none", "match=relative"]

@@ -32,11 +32,11 @@ import pyarrow.compute as pc
 from memex import runner
 from memex.config import (
     AuditConfig,
-    BudgetKind,
     CandidateSource,
     ConfigError,
     ModelKind,
     PromptSource,
+    adaptive,
     validate_audit,
 )
 from memex.layout import RunLayout
@@ -159,12 +159,6 @@ def check_trainset(path: str, storage_options: dict) -> None:
         if "id" not in names or not names & {"image", "uri"}:
             raise ConfigError(f"trainset.path={path}: the manifest needs an 'id' column and an 'image' or 'uri' column "
                               f"(columns: {sorted(names)})")
-
-
-def adaptive(cfg: AuditConfig) -> bool:
-    """budget=adaptive for text models; an unconditional model's one prompt keeps the fixed budget
-    (sampling.samples_per_prompt): there are no prompts to choose between."""
-    return cfg.budget.kind == BudgetKind.adaptive and cfg.prompts.source != PromptSource.none
 
 
 def top_by_triage(layout: RunLayout, keep: int) -> list[int]:
