@@ -197,6 +197,21 @@ def validate_generate(cfg: GenerateConfig) -> None:
                           "or prompts=captions prompts.path=<manifest> with `memex generate`")
     if p.source in (PromptSource.file, PromptSource.captions) and not p.path:
         raise ConfigError(f"prompts.path is required when prompts.source={p.source.value}")
+    # a prompt setting the source in force does not read fails instead of being ignored: e.g.
+    # `prompts.source=none` over the demo's prompt file (the group option `prompts=none` clears it)
+    unread = {PromptSource.file: ("caption_column",),
+              PromptSource.captions: ("column", "id_column"),
+              PromptSource.near_duplicates: ("path", "column", "id_column", "caption_column"),
+              PromptSource.none: ("path", "column", "id_column", "caption_column", "limit")}[p.source]
+    unused = _changed(p, unread)
+    if unused:
+        why = {PromptSource.file: "it reads prompts.column of a prompt file",
+               PromptSource.captions: "it reads prompts.caption_column of a training manifest",
+               PromptSource.near_duplicates: "it ranks the captions (trainset.caption_column) of trainset.path",
+               PromptSource.none: "an unconditional model has one empty prompt"}[p.source]
+        raise ConfigError(f"prompts.{unused[0]} is set, and prompts.source={p.source.value} does not read it "
+                          f"({why}): drop prompts.{unused[0]}, or choose the prompts option that reads it "
+                          f"(prompts=file|captions|near_duplicates|none, which also resets the other keys)")
     if p.limit is not None:
         _at_least("prompts.limit", p.limit, 1)
     validate_resources(cfg.resources)
@@ -302,8 +317,16 @@ def validate_train(cfg: TrainConfig) -> None:
     _at_least("trainer.warmup_steps", t.warmup_steps, 0)
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"trainer.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
+    if a.kind == ArchKind.unconditional:  # the text keys would be silently ignored
+        unused = [f"arch.{k}" for k in _changed(a, ("text_hidden", "text_layers", "max_length"))]
+        unused += [f"trainer.{k}" for k in _changed(t, ("cond_dropout",))]
+        unused += [f"data.{k}" for k in _changed(cfg.data, ("caption_column",))]
+        if unused:
+            raise ConfigError(f"{unused[0]} is set, and arch.kind=unconditional has no text encoder or captions: "
+                              f"drop {unused[0]}, or train a text model (arch=text_small)")
     for g in cfg.data.duplication:
         _at_least("data.duplication[].copies", g.copies, 1)
+        _at_least("data.duplication[].count", g.count, 0)
 
 
 # ---- memex audit: filter, index, match ---------------------------------------------------
@@ -774,6 +797,16 @@ def validate_mia(cfg: MiaConfig) -> None:
                           f"got {m.shadow_models}; 0 turns LiRA off")
     if m.shadow_steps is not None:
         _at_least("mia.shadow_steps", m.shadow_steps, 1)
+    if not m.shadow_models and m.shadow_steps is not None:
+        raise ConfigError("mia.shadow_steps is set, and LiRA is off (mia.shadow_models=0) so no shadow is trained: "
+                          "drop it, or set mia.shadow_models (mia=lira)")
+    owners = {"loss_timestep": MiaAttack.loss, "draws": MiaAttack.loss, "pia_timestep": MiaAttack.pia,
+              "secmi_timestep": MiaAttack.secmi, "secmi_k": MiaAttack.secmi}
+    unused = [k for k in _changed(m, tuple(owners)) if owners[k] not in m.attacks]
+    if unused:  # else silently ignored
+        raise ConfigError(f"mia.{unused[0]} is set, and it is a setting of the {owners[unused[0]].value} attack, "
+                          f"which mia.attacks={[a.value for a in m.attacks]} does not run: drop it, or add "
+                          f"{owners[unused[0]].value} to mia.attacks")
     for key in ("members", "nonmembers"):
         path = getattr(cfg, key).path
         if not path or path == "???":

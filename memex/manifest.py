@@ -78,12 +78,19 @@ def expand_duplicates(table: pa.Table, schedule: list[DuplicationGroup], seed: i
     copies = {i: 1 for i in ids}
     free = [i for i in ids]
     random.Random(seed).shuffle(free)
+    scheduled: set[str] = set()  # ids a group already gave copies to
     for g in schedule:
         if g.copies < 1:
             raise ManifestError(f"duplication copies must be >= 1, got {g.copies}")
+        if g.count < 0:  # free[:-n] would silently take all but n images
+            raise ManifestError(f"duplication count must be >= 0, got {g.count}")
         unknown = [i for i in g.ids if i not in copies]
         if unknown:
             raise ManifestError(f"duplication ids not in the manifest: {unknown[:5]}")
+        twice = sorted({i for i in g.ids if i in scheduled or g.ids.count(i) > 1})
+        if twice:  # a later group would silently overwrite the earlier group's copies
+            raise ManifestError(f"duplication ids in two groups (or twice in one): {twice[:5]}; "
+                                "each image gets one number of copies")
         chosen = list(g.ids)
         free = [i for i in free if i not in set(chosen)]
         if g.count > len(free):
@@ -92,6 +99,7 @@ def expand_duplicates(table: pa.Table, schedule: list[DuplicationGroup], seed: i
         free = free[g.count :]
         for i in chosen:
             copies[i] = g.copies
+        scheduled.update(chosen)
     take, new_ids, src = [], [], []
     for row, i in enumerate(ids):
         for k in range(copies[i]):

@@ -26,7 +26,9 @@ def test_every_group_option_composes(group, option):
         with pytest.raises(ConfigError, match="memex audit"):
             compose([f"{group}={option}"] + FILL)
         return
-    cfg = compose([f"{group}={option}"] + FILL)
+    # prompts=none reads no prompt file: a prompts.path there is refused (test_prompt_settings_...)
+    fill = FILL[:1] if (group, option) == ("prompts", "none") else FILL
+    cfg = compose([f"{group}={option}"] + fill)
     assert isinstance(cfg, GenerateConfig)
 
 
@@ -40,7 +42,9 @@ def test_every_audit_group_option_composes(group, option):
     # sampling options made for `memex generate` may take fewer samples than a clique needs
     fix = ["sampling.samples_per_prompt=16"] if group == "sampling" else []
     fix += ["embedder.path=/models/sscd.pt"] if (group, option) == ("embedder", "sscd") else []  # no default model
-    cfg = compose([f"{group}={option}", "prompts.path=/some/prompts.txt"] + AUDIT_FILL + fix, config_name="audit")
+    # the prompts options that read a file need one (the audit's default ranks its trainset's captions)
+    fix += ["prompts.path=/some/prompts.txt"] if group == "prompts" and option in ("file", "captions") else []
+    cfg = compose([f"{group}={option}"] + AUDIT_FILL + fix, config_name="audit")
     assert isinstance(cfg, AuditConfig)
     assert getattr(cfg, group) is not None
 
@@ -345,6 +349,27 @@ def test_triage_and_budget_settings_that_cannot_work_name_the_key(overrides, key
     with pytest.raises(ConfigError) as e:
         compose(overrides, config_name="audit")
     assert key in str(e.value)
+
+
+@pytest.mark.parametrize("config_name,overrides,key", [
+    # `prompts.source=none` keeps the demo's prompt file (a field override, not the group option)
+    ("generate", ["prompts.source=none"], "prompts.path is set, and prompts.source=none"),
+    ("generate", ["prompts=none", "prompts.limit=4"], "prompts.limit is set"),
+    ("generate", ["prompts.caption_column=text"], "prompts.caption_column is set, and prompts.source=file"),
+    ("generate", ["prompts=captions", "prompts.path=/d/m.parquet", "prompts.column=text"], "prompts.column is set"),
+    ("audit", ["prompts.path=/some/prompts.txt"], "prompts.path is set, and prompts.source=near_duplicates"),
+    ("audit", ["prompts.caption_column=text"], "trainset.caption_column"),  # the audit ranks its trainset's
+])
+def test_prompt_settings_the_source_does_not_read_name_the_key(config_name, overrides, key):
+    with pytest.raises(ConfigError) as e:
+        compose(overrides + ["model.path=/some/model", "trainset.path=/d/t.parquet"][: 1 + (config_name == "audit")],
+                config_name=config_name)
+    assert key in str(e.value)
+    # the same keys under the source that reads them compose
+    if config_name == "generate":
+        compose(["prompts=captions", "prompts.path=/d/m.parquet", "prompts.caption_column=text", "model.path=/m"])
+        compose(["prompts=file", "prompts.path=/d/p.jsonl", "prompts.column=text", "prompts.id_column=id",
+                 "model.path=/m"])
 
 
 def test_nightly_refuses_a_sample_count_its_adaptive_budget_would_ignore():

@@ -79,6 +79,19 @@ def test_duplication_schedule_gives_the_stated_counts(tmp_path):
     assert again.equals(out)
     with pytest.raises(ManifestError, match="only 11 are left"):
         expand_duplicates(t, [DuplicationGroup(copies=2, ids=["i0"]), DuplicationGroup(copies=2, count=20)])
+    # a negative count used to take all but that many images (free[:-3]): 9 of 12 duplicated
+    with pytest.raises(ManifestError, match="count must be >= 0"):
+        expand_duplicates(t, [DuplicationGroup(copies=32, count=-3)])
+    # an image in two groups used to get the last group's copies, silently
+    with pytest.raises(ManifestError, match=r"two groups.*'i0'"):
+        expand_duplicates(t, [DuplicationGroup(copies=32, ids=["i0"]), DuplicationGroup(copies=8, ids=["i0", "i1"])])
+    with pytest.raises(ManifestError, match=r"two groups.*'i2'"):
+        expand_duplicates(t, [DuplicationGroup(copies=32, ids=["i2", "i2"])])
+    # one a count chose, named again by a later group's ids
+    first = expand_duplicates(t, [DuplicationGroup(copies=4, count=1)], seed=1)
+    chosen = [s for s, c in zip(first["source_id"].to_pylist(), first["copies"].to_pylist()) if c == 4][0]
+    with pytest.raises(ManifestError, match=f"two groups.*'{chosen}'"):
+        expand_duplicates(t, [DuplicationGroup(copies=4, count=1), DuplicationGroup(copies=8, ids=[chosen])], seed=1)
 
 
 def test_synthetic_logos_are_deterministic_and_varied():

@@ -40,9 +40,10 @@ def manifest(tmp_path):
 
 
 def _cfg(manifest, out, *extra):
+    text = [] if "arch=uncond_small" in extra else ["arch.max_length=24"]  # refused for unconditional models
     return _compose([f"data.path={manifest}", f"output={out}", "trainer=quick", "trainer.steps=6",
                      "trainer.checkpoint_every=3", "arch.resolution=16", "arch.block_out_channels=[8,16]",
-                     "arch.max_length=24", "data.duplication=[{copies: 4, count: 2}]", *extra])
+                     *text, "data.duplication=[{copies: 4, count: 2}]", *extra])
 
 
 @pytest.mark.parametrize("arch", ["text_small", "uncond_small"])
@@ -89,6 +90,13 @@ def test_bad_training_input_is_named(tmp_path, manifest):
         train(_cfg(manifest, tmp_path / "o3", "arch.resolution=32", "data.resize=false"))
     with pytest.raises(ConfigError, match="arch.resolution=18 cannot pass 3 UNet levels"):
         _cfg(manifest, tmp_path / "o4", "arch.resolution=18", "arch.block_out_channels=[8,16,32]")
+    with pytest.raises(ConfigError, match=r"data.duplication\[\].count must be >= 0, got -3"):
+        _cfg(manifest, tmp_path / "o5", "data.duplication=[{copies: 4, count: -3}]")
+    # text settings an unconditional model would ignore
+    for key in ("arch.text_hidden=128", "trainer.cond_dropout=0.2", "data.caption_column=text"):
+        with pytest.raises(ConfigError, match=f"{key.split('=')[0]} is set, and arch.kind=unconditional"):
+            _cfg(manifest, tmp_path / "o6", "arch=uncond_small", key)
+        _cfg(manifest, tmp_path / "o6", key)  # a text model reads it
     assert not (tmp_path / "o2" / "unet").exists()  # nothing trained, nothing written
 
 

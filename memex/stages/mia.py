@@ -205,6 +205,10 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
     layout.store.write_table(layout.shadow_data(index), manifest)
     arch = dict(recipe["arch"], kind=ArchKind(recipe["arch"]["kind"]))
     trainer = dict(recipe["trainer"], seed=recipe["trainer"].get("seed", 0) * 1000 + index + 1)
+    if arch["kind"] == ArchKind.unconditional:  # text keys it never read: memex train now refuses them set
+        for k in ("text_hidden", "text_layers", "max_length"):
+            arch.pop(k, None)
+        trainer.pop("cond_dropout", None)
     if cfg.mia.shadow_steps is not None:
         steps = cfg.mia.shadow_steps
         trainer.update(steps=steps, warmup_steps=min(trainer.get("warmup_steps", 0), steps))
