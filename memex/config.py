@@ -723,6 +723,14 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
         raise ConfigError(f"nightly.night must be a date YYYY-MM-DD, got {n.night!r}")
     if n.webhook is not None and not n.webhook.startswith(("http://", "https://")):
         raise ConfigError(f"nightly.webhook must be an http:// or https:// URL, got {n.webhook!r}")
+    # settings this action does not read fail instead of being ignored
+    if n.night is not None and n.action != NightlyAction.plan:
+        raise ConfigError("nightly.night names the night in nightly.action=plan's submission ids, and "
+                          f"nightly.action={n.action.value} prints none: drop nightly.night, "
+                          "or add nightly.action=plan")
+    if n.webhook is None and _changed(n, ("webhook_timeout_s",)):
+        raise ConfigError("nightly.webhook_timeout_s is set, and no nightly.webhook is: give the webhook URL "
+                          "(nightly.webhook=https://...), or drop nightly.webhook_timeout_s")
     if cfg.tracker.step is not None:
         raise ConfigError("tracker.step: memex nightly logs each checkpoint at its own training step "
                           "(checkpoint-<step>); drop tracker.step")
@@ -811,6 +819,9 @@ def validate_mia(cfg: MiaConfig) -> None:
         path = getattr(cfg, key).path
         if not path or path == "???":
             raise ConfigError(f"{key}.path is not set: a Parquet manifest or image folder ({key}.path=...)")
+    if cfg.queries.path is None and _changed(cfg.queries, ("caption_column",)):
+        raise ConfigError("queries.caption_column is set, and no queries.path is: give the images to question "
+                          "(queries.path=...), or drop queries.caption_column")
     if cfg.members.path == cfg.nonmembers.path:
         raise ConfigError(f"members.path and nonmembers.path are the same ({cfg.members.path}): "
                           "non-members must be images held out of training")

@@ -111,7 +111,8 @@ def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
 
 @pytest.mark.parametrize("case", ["same_id", "same_picture", "same_path", "one_shadow", "odd_shadows",
                                   "no_recipe", "no_captions", "empty_attacks", "query_clash",
-                                  "unrun_attack_setting", "shadow_steps_without_lira"])
+                                  "unrun_attack_setting", "shadow_steps_without_lira",
+                                  "query_column_without_queries"])
 def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, case):
     root, model, members, nonmembers = world
     extra = []
@@ -143,6 +144,9 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
     elif case == "unrun_attack_setting":  # a setting of an attack that does not run used to be ignored
         extra = ["mia.attacks=[loss,pia]", "mia.secmi_k=5"]
         match = "mia.secmi_k is set, and it is a setting of the secmi attack"
+    elif case == "query_column_without_queries":
+        extra = ["queries.caption_column=text"]
+        match = "queries.caption_column is set, and no queries.path is"
     elif case == "shadow_steps_without_lira":
         extra = ["mia.shadow_steps=300"]
         match = "mia.shadow_steps is set, and LiRA is off"

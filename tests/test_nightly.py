@@ -66,7 +66,10 @@ def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):
 @pytest.mark.parametrize("override, key", [("nightly.budget=-1", "nightly.budget"),
                                            ("nightly.webhook=ftp://host/x", "nightly.webhook"),
                                            ("nightly.night=yesterday", "nightly.night"),
-                                           ("nightly.location=???", "nightly.location")])
+                                           ("nightly.location=???", "nightly.location"),
+                                           # settings the action does not read, once silently ignored
+                                           ("nightly.night=2026-11-29", "nightly.night names the night in"),
+                                           ("nightly.webhook_timeout_s=30", "no nightly.webhook is")])
 def test_wrong_nightly_overrides_name_the_key(override, key):
     from memex.config import ConfigError
 
