@@ -8,7 +8,7 @@ module does the same with accelerate, so one code path runs on this CPU and on s
     2. expand the manifest by the duplication schedule -> the exact training set, saved with the model
     3. build the model from config: UNet2DModel, or UNet2DConditionModel + frozen text encoder
     4. train (epsilon prediction, DDPM noise schedule), checkpointing every N steps; resume from
-       the newest checkpoint
+       the newest checkpoint, only if this same recipe (arch, trainer, training set) wrote it
     5. save a standard diffusers folder (DDPMPipeline or IFPipeline layout, safetensors) that
        `memex generate` loads like any other model
 
@@ -91,7 +91,40 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # 4. checkpoints: safetensors + JSON, never pickle -----------------------------------------
-def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, keep: int) -> None:
+# trainer keys a resumed run may change: how long, how often it checkpoints and logs. Everything
+# else (arch, lr, seed, precision, the decoded training set) must match the checkpoint's.
+RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
+
+
+def recipe(cfg: TrainConfig, images: torch.Tensor, captions: list[str], example_image: torch.Tensor) -> dict:
+    """What a checkpoint's weights depend on, written into it and compared when training resumes:
+    the arch, the trainer less RESUME_SAFE, and a digest of the training set as decoded (pixels,
+    captions, example -> image: the manifest, data.resize and the duplication schedule all land
+    there; data.path and its credentials do not, so a copied manifest resumes). ~1 s for 500 MB."""
+    import hashlib
+    from dataclasses import asdict
+
+    plain = json.loads(json.dumps(asdict(cfg), default=lambda v: getattr(v, "value", str(v))))
+    h = hashlib.sha256(images.detach().cpu().float().numpy().tobytes())
+    h.update(json.dumps(captions).encode())
+    h.update(example_image.cpu().numpy().astype(np.int64).tobytes())
+    return {"arch": plain["arch"], "trainer": {k: v for k, v in plain["trainer"].items() if k not in RESUME_SAFE},
+            "training_set_sha256": h.hexdigest()}
+
+
+def _recipe_differences(saved: dict, now: dict) -> list[str]:
+    """Keys whose values differ between a checkpoint's recipe and this run's ("arch.resolution")."""
+    out = []
+    for section in ("arch", "trainer"):
+        a, b = saved.get(section, {}), now[section]
+        out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if saved.get("training_set_sha256") != now["training_set_sha256"]:
+        out.append("the training set (data.path's images or captions, data.duplication, data.duplication_seed, "
+                   "data.resize)")
+    return out
+
+
+def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, keep: int, made_by: dict) -> None:
     from safetensors.torch import save_file
 
     tmp = folder / f"_tmp-checkpoint-{step}"
@@ -102,7 +135,8 @@ def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, 
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()
                if torch.is_tensor(v)}
     save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "step": step}))
+    (tmp / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "step": step,
+                                                    "recipe": made_by}))
     tmp.rename(folder / f"checkpoint-{step}")  # complete only once renamed
     for old in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
         shutil.rmtree(old)
@@ -113,13 +147,33 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def check_resumable(path: Path, made_by: dict, steps: int) -> None:
+    """Resume only from a checkpoint this same recipe wrote; anything else is refused before anything
+    is written (another arch fails to load anyway; another lr, seed or training set would load and
+    silently continue a different run, and the saved memex_train.json would describe neither)."""
+    meta = json.loads((path / "optimizer.json").read_text())
+    out = path.parent.parent
+    if "recipe" not in meta:
+        raise ConfigError(f"{path} has no recipe (written before memex recorded one), so resuming from it could "
+                          f"continue a different training run: delete {out / 'checkpoints'} to start over, or "
+                          "choose another output folder")
+    differ = _recipe_differences(meta["recipe"], made_by)
+    if differ:
+        raise ConfigError(f"output={out} holds checkpoints of another training run ({path.name}): "
+                          f"{', '.join(differ)} differ from this one's. Choose another output folder, or delete "
+                          f"{out / 'checkpoints'} to start over")
+    if meta["step"] > steps:
+        raise ConfigError(f"{path.name} is past trainer.steps={steps}: set trainer.steps >= {meta['step']} to "
+                          "resume it, or choose another output folder")
+
+
 def _load_checkpoint(path: Path, unet, opt: torch.optim.Optimizer) -> int:
     from diffusers import UNet2DConditionModel, UNet2DModel
     from safetensors.torch import load_file
 
+    meta = json.loads((path / "optimizer.json").read_text())
     cls = UNet2DModel if isinstance(unet, UNet2DModel) else UNet2DConditionModel
     unet.load_state_dict(cls.from_pretrained(path / "unet").state_dict())
-    meta = json.loads((path / "optimizer.json").read_text())
     state: dict[int, dict] = {}
     for key, v in load_file(path / "optimizer.safetensors").items():
         i, k = key.split(".", 1)
@@ -141,6 +195,10 @@ def train(cfg: TrainConfig) -> Path:
     if (out / "model_index.json").exists() and (out / INFO_FILE).exists():
         raise ConfigError(f"output={out} already holds a trained model; choose another output folder")
     manifest, images, captions, example_image = load_training_set(cfg)
+    # a checkpoint left in output/checkpoints is resumed only if this same recipe wrote it
+    made_by = recipe(cfg, images, captions, example_image)
+    if (ck := latest_checkpoint(out / "checkpoints")) is not None:
+        check_resumable(ck, made_by, t.steps)
 
     accel = Accelerator(mixed_precision=t.mixed_precision)
     torch.manual_seed(t.seed)
@@ -161,7 +219,7 @@ def train(cfg: TrainConfig) -> Path:
     opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=0.0)
     ckpts = out / "checkpoints"
     start = 0
-    if (ck := latest_checkpoint(ckpts)) is not None:
+    if ck is not None:
         start = _load_checkpoint(ck, unet, opt)
         log.info("resuming from %s (step %d)", ck, start)
     unet, opt = accel.prepare(unet, opt)
@@ -199,7 +257,7 @@ def train(cfg: TrainConfig) -> Path:
             log.info("step %d/%d loss %.4f (%.2f s/step)", done, t.steps, loss.item(),
                      (time.perf_counter() - t0) / (done - start))
         if accel.is_main_process and (done % t.checkpoint_every == 0 or done == t.steps):
-            _save_checkpoint(ckpts, done, accel.unwrap_model(unet), opt, t.keep_checkpoints)
+            _save_checkpoint(ckpts, done, accel.unwrap_model(unet), opt, t.keep_checkpoints, made_by)
     seconds = time.perf_counter() - t0
 
     # 5. save the diffusers folder, the exact training set and how it was made

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pyarrow as pa
@@ -74,6 +75,34 @@ def test_resume_continues_from_the_checkpoint(manifest, tmp_path):
     a = load_model(str(full)).pipe.unet.state_dict()
     b = load_model(str(resumed)).pipe.unet.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_refuses_checkpoints_of_another_recipe(manifest, tmp_path):
+    """A checkpoint left by another lr, seed or training set used to be resumed silently: the model
+    mixed two runs and its memex_train.json described neither."""
+    out = tmp_path / "m"
+    train(_cfg(manifest, out, "trainer.steps=3"))
+    (out / INFO_FILE).unlink()  # as if killed before the final save
+    ck = out / "checkpoints" / "checkpoint-3"
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file())
+    for extra, match in [(["trainer.lr=5e-4"], "trainer.lr differ"),
+                         (["trainer.seed=1"], "trainer.seed differ"),
+                         (["data.duplication=[{copies: 4, count: 3}]"], "the training set"),
+                         (["arch.layers_per_block=2"], "arch.layers_per_block differ"),
+                         (["trainer.steps=2"], "checkpoint-3 is past trainer.steps=2")]:
+        with pytest.raises(ConfigError, match=re.escape(match)):
+            train(_cfg(manifest, out, *extra))
+    # nothing was overwritten: the checkpoint is still there to resume with the matching recipe
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()) == before
+    # a checkpoint written before recipes were recorded cannot be checked: refused, naming the fix
+    meta = json.loads((ck / "optimizer.json").read_text())
+    (ck / "optimizer.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "recipe"}))
+    with pytest.raises(ConfigError, match="has no recipe"):
+        train(_cfg(manifest, out))
+    (ck / "optimizer.json").write_text(json.dumps(meta))
+    # the same recipe with more steps (and another checkpoint cadence) resumes
+    done = train(_cfg(manifest, out, "trainer.checkpoint_every=2"))
+    assert json.loads((done / INFO_FILE).read_text())["resumed_from"] == 3
 
 
 def test_bad_training_input_is_named(tmp_path, manifest):
