@@ -300,6 +300,10 @@ def validate_train(cfg: TrainConfig) -> None:
     a, t = cfg.arch, cfg.trainer
     if not cfg.output or cfg.output == "???":
         raise ConfigError("output is not set: give the folder to write the trained model to (output=...)")
+    if "://" in cfg.output:  # pathlib would make a local folder named "s3:"
+        raise ConfigError(f"output={cfg.output} is a URL, and memex train writes a local folder (checkpoints, "
+                          "then save_pretrained): give a local path or a shared mount, and copy the folder to "
+                          "object storage afterwards")
     if not cfg.data.path or cfg.data.path == "???":
         raise ConfigError("data.path is not set: give a training manifest (data.path=...)")
     _at_least("arch.layers_per_block", a.layers_per_block, 1)
@@ -315,6 +319,11 @@ def validate_train(cfg: TrainConfig) -> None:
     for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
         _at_least(f"trainer.{key}", getattr(t, key), 1)
     _at_least("trainer.warmup_steps", t.warmup_steps, 0)
+    if not t.lr > 0:  # else torch's AdamW raises a traceback after the data is loaded
+        raise ConfigError(f"trainer.lr must be > 0, got {t.lr}")
+    if not 0 <= t.cond_dropout < 1:  # 1: every caption dropped, a text model that never sees text
+        raise ConfigError(f"trainer.cond_dropout must be in [0, 1) (the share of captions dropped), "
+                          f"got {t.cond_dropout}")
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"trainer.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
     if a.kind == ArchKind.unconditional:  # the text keys would be silently ignored

@@ -112,6 +112,26 @@ def setup(stage: str) -> Path:
     return path
 
 
+def library_logs_to_file() -> None:
+    """Hand transformers' and diffusers' loggers to the root logger: each library gives its logger its
+    own stderr handler and propagate=False, so their warnings reached the terminal past the console
+    filter (transformers 5 warns that `CLIPImageProcessor` falls back to PIL without torchvision
+    when a text pipeline is imported). Called before memex imports them in this process (model
+    loading, `memex train`, the CLIP embedder); a no-op outside a `memex` command, whose logging is
+    the caller's. Not in `setup`: importing them costs seconds that a refused config should not wait."""
+    if _state["log"] is None or _state.get("libraries_routed"):
+        return
+    import diffusers.utils.logging as d
+    import transformers.utils.logging as t
+
+    for lib in (t, d):
+        lib.disable_default_handler()
+        lib.enable_propagation()
+    if not verbose():  # transformers' "Writing model shards" bar when `memex train` saves its text encoder
+        t.disable_progress_bar()
+    _state["libraries_routed"] = True
+
+
 def log_file() -> Path | None:
     """The local log file of this command (None before `setup`, e.g. in tests calling stages)."""
     return _state["log"]

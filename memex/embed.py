@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from memex.config import EmbedderConfig, MemexError
+from memex.console import library_logs_to_file
 
 log = logging.getLogger("memex.embed")
 
@@ -141,6 +142,7 @@ class CLIPEmbedder(Embedder):
     metric = "ip"
 
     def __init__(self, path: str, size: int = 224, device: str = "cpu", batch_size: int = 64):
+        library_logs_to_file()  # transformers 5 warns when CLIPImageProcessor falls back to PIL
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         self.device, self.batch_size = torch.device(device), batch_size

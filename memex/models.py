@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memex.config import MemexError, ModelKind, SchedulerKind
+from memex.console import library_logs_to_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -323,6 +324,7 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
     A hub id is checked on its cached snapshot, the components the cache holds; with no snapshot
     the check is deferred to the load (this machine may have no network), which refuses
     pickle-only weights itself (use_safetensors=True)."""
+    library_logs_to_file()  # before diffusers/transformers are imported: their warnings go to the log file
     skip = {"unet"} if unet is not None else set()  # the override replaces the base's UNet: it is never read
     if os.path.isdir(path) or not HUB_ID.match(path):
         index = check_local_checkpoint(path)
@@ -418,6 +420,7 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
     """
     import importlib
 
+    library_logs_to_file()  # before the import below: a text pipeline's import warns on transformers 5
     import diffusers
     import torch
     from diffusers import DiffusionPipeline

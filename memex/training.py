@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from memex import tiny
 from memex.config import ArchConfig, ArchKind, ConfigError, TrainConfig, validate_train
+from memex.console import library_logs_to_file
 from memex.images import resize
 from memex.manifest import ManifestError, expand_duplicates, load_image, read_manifest
 from memex.redact import redact
@@ -185,6 +186,7 @@ def _load_checkpoint(path: Path, unet, opt: torch.optim.Optimizer) -> int:
 # the whole job -----------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> Path:
     """Train and save a diffusers folder at cfg.output; returns its path. Resumes if interrupted."""
+    library_logs_to_file()  # importing IFPipeline warns on transformers 5: to the log file, not the console
     from accelerate import Accelerator
     from diffusers import DDPMPipeline, DDPMScheduler, IFPipeline
 
@@ -194,11 +196,25 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output)
     if (out / "model_index.json").exists() and (out / INFO_FILE).exists():
         raise ConfigError(f"output={out} already holds a trained model; choose another output folder")
-    manifest, images, captions, example_image = load_training_set(cfg)
-    # a checkpoint left in output/checkpoints is resumed only if this same recipe wrote it
-    made_by = recipe(cfg, images, captions, example_image)
-    if (ck := latest_checkpoint(out / "checkpoints")) is not None:
-        check_resumable(ck, made_by, t.steps)
+    # an unwritable output fails in one line before the data is decoded, not in a traceback after it;
+    # the folders made here are removed again if the input checks below fail
+    new = [p for p in (out.absolute(), *out.absolute().parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output={out} cannot be created ({type(e).__name__}: {e.strerror or e}): give a "
+                          "writable folder") from e
+    try:
+        manifest, images, captions, example_image = load_training_set(cfg)
+        # a checkpoint left in output/checkpoints is resumed only if this same recipe wrote it
+        made_by = recipe(cfg, images, captions, example_image)
+        if (ck := latest_checkpoint(out / "checkpoints")) is not None:
+            check_resumable(ck, made_by, t.steps)
+    except BaseException:
+        for p in new:  # deepest first; a folder something else wrote into stays
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise
 
     accel = Accelerator(mixed_precision=t.mixed_precision)
     torch.manual_seed(t.seed)

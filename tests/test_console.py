@@ -117,3 +117,28 @@ def test_verbose_flag_is_taken_off_the_command_line_before_hydra(monkeypatch, ca
         cli.main()
     assert console.VERBOSE
     assert "sampling.sample_per_prompt is not a setting" in capsys.readouterr().err
+
+
+def test_transformers_and_diffusers_warnings_go_to_the_file_not_the_console(log_dir, tmp_path, capfd, monkeypatch):
+    """Both libraries log through their own stderr handler with propagate=False: transformers 5's
+    "`CLIPImageProcessor` requires torchvision" reached the terminal on every `memex train`."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    monkeypatch.setitem(console._state, "libraries_routed", False)
+    tlog.enable_default_handler(), tlog.disable_propagation()  # as a fresh process has them
+    dlog.enable_default_handler(), dlog.disable_propagation()
+    try:
+        console.library_logs_to_file()  # outside a command: the caller's logging is left alone
+        assert not logging.getLogger("transformers").propagate
+        console.setup("train")
+        console.library_logs_to_file()
+        tlog.get_logger("transformers.utils.import_utils").warning("`CLIPImageProcessor` requires torchvision")
+        dlog.get_logger("diffusers.pipelines").warning("a diffusers warning")
+        err = capfd.readouterr().err
+        assert "requires torchvision" not in err and "a diffusers warning" not in err
+        text = open(console.finish(Store(str(tmp_path / "run")))).read()
+        assert "`CLIPImageProcessor` requires torchvision" in text and "a diffusers warning" in text
+    finally:
+        tlog.enable_default_handler(), tlog.disable_propagation(), tlog.enable_progress_bar()
+        dlog.enable_default_handler(), dlog.disable_propagation()

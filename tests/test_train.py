@@ -126,7 +126,22 @@ def test_bad_training_input_is_named(tmp_path, manifest):
         with pytest.raises(ConfigError, match=f"{key.split('=')[0]} is set, and arch.kind=unconditional"):
             _cfg(manifest, tmp_path / "o6", "arch=uncond_small", key)
         _cfg(manifest, tmp_path / "o6", key)  # a text model reads it
-    assert not (tmp_path / "o2" / "unet").exists()  # nothing trained, nothing written
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()  # nothing trained, nothing written
+    with pytest.raises(ManifestError, match="cannot be decoded"):  # the folders made for output are removed again
+        train(_cfg(bad, tmp_path / "deep" / "er" / "o"))
+    assert not (tmp_path / "deep").exists()
+    # an output that cannot be created fails in one line (it was a FileNotFoundError traceback after the data
+    # was decoded), and a URL one (pathlib made a local folder "s3:")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot be created"):
+        train(_cfg(manifest, tmp_path / "a-file" / "m"))
+    with pytest.raises(ConfigError, match="is a URL"):
+        _cfg(manifest, "s3://bucket/models/m")
+    # torch's AdamW raised a traceback for these; a dropout of 1.5 dropped every caption, silently
+    with pytest.raises(ConfigError, match="trainer.lr must be > 0"):
+        _cfg(manifest, tmp_path / "o7", "trainer.lr=0")
+    with pytest.raises(ConfigError, match=r"trainer.cond_dropout must be in \[0, 1\)"):
+        _cfg(manifest, tmp_path / "o7", "trainer.cond_dropout=1.5")
 
 
 def test_cli_wrong_override_fails_before_training(tmp_path):
