@@ -17,7 +17,6 @@ import posixpath
 import uuid
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from memex.layout import LEDGER_SCHEMA
 from memex.redact import redact
@@ -51,7 +50,7 @@ class Ledger:
                  if not posixpath.basename(f).startswith("_")]
         if not files:
             return LEDGER_SCHEMA.empty_table()
-        table = ds.dataset(files, schema=LEDGER_SCHEMA, format="parquet", filesystem=fs).to_table()
+        table = self.store.read_table(files, schema=LEDGER_SCHEMA)  # a damaged row file: named, with the fix
         return table.sort_by([("finished", "ascending"), ("location", "ascending")])
 
     def known_hashes(self, rows: list[dict] | None = None) -> dict[tuple[str, str], str]:

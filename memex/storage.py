@@ -42,6 +42,14 @@ class StorageError(MemexError, RuntimeError):
     """Storage is unreachable, or holds something that conflicts with this run."""
 
 
+def _damaged(where: str, kind: str, e: Exception) -> str:
+    """The message for a file memex wrote that no longer reads: say which, and how to recover."""
+    return (f"{where} is not readable {kind} ({type(e).__name__}: {e}). It was changed, truncated or removed after "
+            "memex wrote it (an interrupted copy or sync, an edit by hand). Remove it, and for a unit's file "
+            "(shard-000012.parquet) its marker (_markers/shard-000012.json) too, and rerun the command: what "
+            "was removed is written again and the rest is kept.")
+
+
 def protocol_of(uri: str) -> str | None:
     """`s3://b/x` -> "s3"; a plain path (or a Windows drive letter) -> None."""
     head, sep, _ = str(uri).partition("://")
@@ -103,15 +111,29 @@ class Store:
             return f.read()
 
     def read_json(self, path: str) -> dict | None:
-        """The JSON object at `path`, or None when there is none."""
-        return json.loads(self.read_bytes(path)) if self.fs.exists(path) else None
+        """The JSON object at `path`, or None when there is none. Unparseable bytes (a truncated
+        copy, an edit by hand) raise a StorageError naming the file: memex's own writes are atomic."""
+        if not self.fs.exists(path):
+            return None
+        try:
+            return json.loads(self.read_bytes(path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StorageError(_damaged(self.uri_of(path), "JSON", e)) from e
 
     def read_table(self, path: str | list[str], schema: pa.Schema | None = None, columns: list[str] | None = None,
                    filters=None) -> pa.Table:
-        """One Parquet file, or several read as one dataset (`schema` unifies them)."""
-        if isinstance(path, list):
-            return pq.ParquetDataset(path, filesystem=self.fs, schema=schema, filters=filters).read(columns=columns)
-        return pq.read_table(path, filesystem=self.fs, schema=schema, columns=columns, filters=filters)
+        """One Parquet file, or several read as one dataset (`schema` unifies them). A file that is
+        not Parquet, or is missing though a marker lists it, raises a StorageError naming it."""
+        paths = path if isinstance(path, list) else [path]
+        try:
+            if isinstance(path, list):
+                return pq.ParquetDataset(path, filesystem=self.fs, schema=schema, filters=filters).read(columns=columns)
+            return pq.read_table(path, filesystem=self.fs, schema=schema, columns=columns, filters=filters)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, FileNotFoundError) as e:
+            # arrow names the file it could not open; for one path name it ourselves
+            where = self.uri_of(paths[0]) if len(paths) == 1 else f"one of {len(paths)} files under " \
+                f"{self.uri_of(posixpath.dirname(paths[0]))}"
+            raise StorageError(_damaged(where, "Parquet", e)) from e
 
     # ---- atomic writes -------------------------------------------------------------------
     def mkdirs(self, path: str) -> None:

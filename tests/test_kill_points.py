@@ -205,7 +205,7 @@ KILL_POINTS = {
 }
 UNITS = 6  # of each stage: index shards, samples shards (= match units), prompts (= filter chunks)
 # the console's line for a stage that a rerun resumes: only the units left (match: it is given only those)
-TO_RUN = re.compile(r"^(?P<label>[\w -]+): (?:(?P<todo>\d+) units to run|all \d+ units complete from an earlier run)",
+TO_RUN = re.compile(r"^(?P<label>[\w -]+): (?:(?P<todo>\d+) units? to run|all \d+ units complete from an earlier run)",
                     re.M)
 
 
@@ -387,3 +387,46 @@ def test_audit_and_generate_into_a_missing_bucket_fail_naming_it_and_create_no_b
     with pytest.raises(StorageError, match="s3://no-such-bucket/runs/.*storage.root"):
         generate.prepare(cfg)
     assert _buckets(s3_server) == before  # no bucket was created, by either
+
+
+# ---- 4. a run folder and index that lost parts, or hold a damaged file ------------------------------
+@pytest.mark.slow
+def test_lost_or_damaged_parts_are_named_and_a_rerun_restores_the_uninterrupted_audit(world, clean, tmp_path):
+    """A copy of the finished audit that lost parts, as a partial `aws s3 sync` or a hand cleanup
+    leaves it: summary.json, one matches unit, one near-duplicate unit and train.parquet of the
+    index (each with its marker where it has one). The rerun redoes just those (the index used to be
+    reused as it was: its lost near-duplicate unit silently changed the prompts and the findings)
+    and ends equal to the uninterrupted audit. Then a samples shard damaged in place (a truncated
+    copy): the rerun fails in one line naming the file and how to recover, changes nothing, and
+    once the file and its marker are removed as it says, the rerun again equals the clean audit."""
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(clean, root)
+    idx = _index_dir(root)
+    lost = [root / RUN / "summary.json", root / RUN / "matches" / "shard-000002.parquet",
+            root / RUN / "matches" / "_markers" / "shard-000002.json", idx / "dups" / "shard-000001.parquet",
+            idx / "dups" / "_markers" / "shard-000001.json", idx / "train.parquet"]
+    for p in lost:
+        p.unlink()
+    r = _run_to_completion(world, root, None)
+    out = r.stdout + r.stderr
+    assert _units_left(out, "match") == 1 and _units_left(out, "near-duplicates") == 1, out[-3000:]
+    assert "parts of it are gone" in out and _units_left(out, "index") == 0
+    assert all(p.exists() for p in lost)
+    assert_same_results(root, clean)
+
+    shard = root / RUN / "samples" / "shard-000003.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    before = snapshot(root)
+    r = subprocess.run(_audit_cmd(world, root, None), capture_output=True, text=True, timeout=400,
+                       env=_env(world), cwd=root.parent)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout + r.stderr)[-3000:]
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("memex: error:")]
+    assert f"{shard} is not readable Parquet" in line and "_markers/shard-000012.json" in line, line
+    assert snapshot(root) == before
+    shard.unlink()
+    (root / RUN / "samples" / "_markers" / "shard-000003.json").unlink()
+    r = _run_to_completion(world, root, None)
+    assert _units_left(r.stdout + r.stderr, "generate") == 1
+    assert_same_results(root, clean)

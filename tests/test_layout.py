@@ -61,6 +61,29 @@ def test_only_marked_shards_count(tmp_path):
     assert not list((tmp_path / "r1" / "samples").glob("_tmp-*"))  # temp files were moved into place
 
 
+def test_damaged_or_missing_unit_files_are_named_with_the_fix(tmp_path):
+    """A marked unit whose file was truncated, or removed, and a JSON file cut short: a StorageError
+    naming the file (one path, or the folder of a dataset read) and how to recover, not pyarrow's or
+    json's bare error."""
+    lay = RunLayout(str(tmp_path), "r1")
+    for i in range(3):
+        lay.samples.write_shard(i, _table(2))
+    folder = tmp_path / "r1" / "samples"
+    (folder / shard_name(1)).write_bytes((folder / shard_name(1)).read_bytes()[:50])
+    with pytest.raises(StorageError, match=f"one of 3 files under {folder} is not readable Parquet.*"
+                                           f"{shard_name(1)}.*Remove it.*_markers/shard-000012.json"):
+        lay.samples.read()
+    with pytest.raises(StorageError, match=f"{folder / shard_name(1)} is not readable Parquet"):
+        lay.store.read_table(lay.samples.file(1))
+    (folder / shard_name(2)).unlink()
+    with pytest.raises(StorageError, match=f"{folder / shard_name(2)} is not readable Parquet.*FileNotFoundError"):
+        lay.store.read_table(lay.samples.file(2))
+    (folder / "_markers" / "shard-000000.json").write_text('{"rows": 2')
+    with pytest.raises(StorageError, match=r"_markers/shard-000000.json is not readable JSON \(JSONDecodeError"):
+        lay.samples.read_marker(0)
+    assert lay.store.read_json(lay.store.join("absent.json")) is None  # absent is not damaged
+
+
 def _claim_run(lay, settings):
     lay.store.claim(lay.run_json, settings, f"run folder {lay.uri}", "Use another run.name for a new experiment.")
 

@@ -35,6 +35,7 @@ from memex.lease import hold
 from memex.membership import IndexInfo, fetch_train_rows, load_shards
 from memex.models import resolve_device
 from memex.redact import redact
+from memex.storage import unit_name
 
 log = logging.getLogger("memex.index")
 # Part of every index key: folders written by an older layout are never resumed into, only rebuilt.
@@ -176,18 +177,34 @@ def run(cfg: AuditConfig) -> IndexInfo:
     layout = IndexLayout(root, key, opts)
     keys = "index.root / storage.root and storage.options (endpoint_url, credentials)"
     layout.store.check_reachable("index folder", keys)  # the audit's first request to its storage
+    ivfpq = cfg.index.kind == IndexKind.ivfpq
     done = layout.store.read_json(layout.success_path)
-    if done is not None:
+    if done is not None and not (lost := missing_units(layout, len(done["shards"]), ivfpq)):
         log.info("index %s is complete: reusing it", layout.uri)
         return IndexInfo.from_json(done)
+    if done is not None:
+        log.warning("index %s is marked complete but parts of it are gone (a partial copy, removed by hand): %s; "
+                    "rebuilding only those", layout.uri, ", ".join(lost))
     layout.store.check_writable("index folder", keys)
     # one build at a time (<index>/_lease.json): another audit of the same data waits for it, then reuses it
     with hold(layout.store, cfg.storage, f"index {layout.uri}", wait_s=None):
         done = layout.store.read_json(layout.success_path)
-        if done is not None:
+        if done is not None and not missing_units(layout, len(done["shards"]), ivfpq):
             log.info("index %s was completed by another audit: reusing it", layout.uri)
             return IndexInfo.from_json(done)
         return build(cfg, listing, key, root, layout)
+
+
+def missing_units(layout: IndexLayout, n_shards: int, ivfpq: bool) -> list[str]:
+    """Parts of an index marked complete that are gone: unmarked units, a missing train.parquet.
+    Reusing such an index would silently leave their training images out of every audit (one
+    glob per folder, so a few requests on S3). A unit whose file alone is gone fails where it is
+    read, naming the file."""
+    out = [] if layout.store.exists(layout.train_path) else ["train.parquet"]
+    for folder, n in ((layout.quantizer, int(ivfpq)), (layout.shards, n_shards), (layout.dups, n_shards)):
+        have = set(folder.complete()) if n else set()
+        out += [f"{folder.name}/{unit_name(i, folder.prefix)}" for i in range(n) if i not in have]
+    return out
 
 
 def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: IndexLayout) -> IndexInfo:

@@ -259,9 +259,12 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     """Match a generated (and, for candidates=cliques, filtered) run; returns the summary written
     to <run>/summary.json."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
-    if layout.matches.success() is not None:
+    if layout.matches.success() is not None and (done := layout.read_summary()) is not None and \
+            set(layout.samples.complete()) <= set(layout.matches.complete()):
         claim_settings(cfg, layout, read_info(layout))
-        return read_summary(layout)
+        return done
+    # else parts lost after the matches completed (a partial copy of the folder, files removed by
+    # hand): the missing matches units are redone and summary.json is written again from them all
     match_shards(cfg, run_name)
     info = read_info(layout)
     matches = layout.matches.read()
