@@ -153,7 +153,10 @@ def check_resumable(path: Path, made_by: dict, steps: int) -> None:
     """Resume only from a checkpoint this same recipe wrote; anything else is refused before anything
     is written (another arch fails to load anyway; another lr, seed or training set would load and
     silently continue a different run, and the saved memex_train.json would describe neither)."""
-    meta = json.loads((path / "optimizer.json").read_text())
+    try:
+        meta = json.loads((path / "optimizer.json").read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(_damaged_checkpoint(path, e)) from e
     out = path.parent.parent
     if "recipe" not in meta:
         raise ConfigError(f"{path} has no recipe (written before memex recorded one), so resuming from it could "
@@ -169,18 +172,31 @@ def check_resumable(path: Path, made_by: dict, steps: int) -> None:
                           "resume it, or choose another output folder")
 
 
+def _damaged_checkpoint(path: Path, e: Exception) -> str:
+    """Checkpoints are renamed into place whole (_save_checkpoint), so one that does not load was
+    changed afterwards (a partial copy, a full disk on another machine): name it and the way out."""
+    older = [p.name for p in sorted(path.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+             if p != path]
+    back = f"resume from {older[-1]}" if older else "start over"
+    return (f"{path} is damaged or incomplete ({type(e).__name__}: {str(e)[:300]}). Delete that folder and rerun "
+            f"to {back}, or choose another output folder")
+
+
 def _load_checkpoint(path: Path, unet, opt: torch.optim.Optimizer) -> int:
     from diffusers import UNet2DConditionModel, UNet2DModel
     from safetensors.torch import load_file
 
-    meta = json.loads((path / "optimizer.json").read_text())
-    cls = UNet2DModel if isinstance(unet, UNet2DModel) else UNet2DConditionModel
-    unet.load_state_dict(cls.from_pretrained(path / "unet").state_dict())
-    state: dict[int, dict] = {}
-    for key, v in load_file(path / "optimizer.safetensors").items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    try:
+        meta = json.loads((path / "optimizer.json").read_text())
+        cls = UNet2DModel if isinstance(unet, UNet2DModel) else UNet2DConditionModel
+        unet.load_state_dict(cls.from_pretrained(path / "unet").state_dict())
+        state: dict[int, dict] = {}
+        for key, v in load_file(path / "optimizer.safetensors").items():
+            i, k = key.split(".", 1)
+            state.setdefault(int(i), {})[k] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except Exception as e:  # noqa: BLE001 - any failure to load it: re-raised naming the checkpoint and the fix
+        raise ConfigError(_damaged_checkpoint(path, e)) from e
     return int(meta["step"])
 
 

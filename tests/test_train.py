@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 
 import pyarrow as pa
@@ -103,6 +104,29 @@ def test_resume_refuses_checkpoints_of_another_recipe(manifest, tmp_path):
     # the same recipe with more steps (and another checkpoint cadence) resumes
     done = train(_cfg(manifest, out, "trainer.checkpoint_every=2"))
     assert json.loads((done / INFO_FILE).read_text())["resumed_from"] == 3
+
+
+def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from(manifest, tmp_path):
+    """The latest checkpoint changed after it was written (a partial copy): truncated weights, a JSON
+    file cut short, a missing optimizer state. Each used to be a traceback (JSONDecodeError, OSError
+    from diffusers); now one line names the checkpoint and the older one to resume from, and doing
+    as it says resumes."""
+    out = tmp_path / "m"
+    train(_cfg(manifest, out, "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=2"))
+    (out / INFO_FILE).unlink()  # as if killed before the final save
+    ck = out / "checkpoints" / "checkpoint-4"
+    weights, meta = ck / "unet" / "diffusion_pytorch_model.safetensors", ck / "optimizer.json"
+    good = {p: p.read_bytes() for p in (weights, meta, ck / "optimizer.safetensors")}
+    damage = [(weights, good[weights][:1000]), (meta, good[meta][:20]), (ck / "optimizer.safetensors", None)]
+    for path, data in damage:
+        path.unlink() if data is None else path.write_bytes(data)
+        with pytest.raises(ConfigError, match=re.escape(f"{ck} is damaged or incomplete (") + ".*"
+                           + re.escape("Delete that folder and rerun to resume from checkpoint-2")):
+            train(_cfg(manifest, out, "trainer.steps=4", "trainer.checkpoint_every=2"))
+        path.write_bytes(good[path])
+    shutil.rmtree(ck)
+    done = train(_cfg(manifest, out, "trainer.steps=4", "trainer.checkpoint_every=2"))
+    assert json.loads((done / INFO_FILE).read_text())["resumed_from"] == 2
 
 
 def test_bad_training_input_is_named(tmp_path, manifest):
