@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memex.config import MemexError
-from memex.models import WEIGHT_SUFFIXES
+from memex.models import HUB_ID, WEIGHT_SUFFIXES, ModelError, check_local_checkpoint
 
 MAX_DEPTH = 4
 CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -69,6 +69,17 @@ def _newest_mtime(path: Path) -> float:
     return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=path.stat().st_mtime)
 
 
+def check_base_model(base: str) -> None:
+    """nightly.base_model: a local diffusers pipeline folder (checked now), or a hub id (checked when
+    loaded). A wrong path used to surface as one failed audit per checkpoint, each naming model.path,
+    and as error rows in the ledger."""
+    if Path(base).is_dir() or not HUB_ID.match(base):
+        try:
+            check_local_checkpoint(base)
+        except ModelError as e:
+            raise CheckpointError(str(e).replace(f"model.path={base}", f"nightly.base_model={base}")) from e
+
+
 def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> list[Checkpoint]:
     """Every checkpoint under `location`, sorted by (series, step, location)."""
     root = Path(location)
@@ -77,6 +88,8 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
                               "(mount the bucket or sync it first; runs and the ledger can still go to storage.root)")
     if not root.is_dir():
         raise CheckpointError(f"nightly.location={location}: no such folder")
+    if base is not None:
+        check_base_model(base)
     found: list[Checkpoint] = []
     now = time.time()
 

@@ -61,6 +61,13 @@ def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):
     shutil.copytree(DEMO_RUN / "checkpoint-1000", lone / "checkpoint-1000")
     with pytest.raises(nightly.MemexError, match="nightly.base_model"):
         discover(str(lone))
+    # a base_model that is not a pipeline folder is named before any checkpoint is audited (it was one
+    # failed audit per checkpoint, naming model.path); a hub id is left to the load
+    for base, match in [(tmp_path / "nowhere", "nightly.base_model=.*nowhere: no such folder"),
+                        (lone, "nightly.base_model=.*lone has no model_index.json")]:
+        with pytest.raises(nightly.MemexError, match=match):
+            discover(str(lone), str(base))
+    assert [c.base for c in discover(str(lone), "org/some-model")] == ["org/some-model"]
 
 
 @pytest.mark.parametrize("override, key", [("nightly.budget=-1", "nightly.budget"),
