@@ -157,9 +157,31 @@ def check_overrides(args: list[str], cls: type) -> None:
         if o.is_delete() or o.package is not None or key.split(".")[0].split("/")[0] == "hydra" or \
                 (CONF_DIR / key).is_dir():
             continue
-        msg = check_key(key, cls)
+        msg = check_key(key, cls) or _check_choice(key, o, cls)
         if msg:
             raise C.ConfigError(msg)
+
+
+def _check_choice(key: str, override: Any, cls: type) -> str | None:
+    """For an enum-typed key (or a list of them), a value that is none of its choices, named in one
+    line; Hydra's own message spans five lines and ends on HYDRA_FULL_ERROR."""
+    node, tp = cls, None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        tp = _fields(node)[part]
+        node = _unwrap(tp)
+    choice = _unwrap(_list_item(tp) or tp)
+    if not (isinstance(choice, type) and issubclass(choice, enum.Enum)):
+        return None
+    try:
+        value = override.value()
+    except Exception:  # noqa: BLE001 - a sweep or an interpolation: Hydra's to resolve
+        return None
+    names = [m.name for m in choice]
+    bad = [v for v in (value if isinstance(value, list) else [value])
+           if isinstance(v, str) and "${" not in v and v not in names and v not in [str(m.value) for m in choice]]
+    return f"{key}={bad[0]} is not a choice: use one of {', '.join(names)}" if bad else None
 
 
 def _typed(cfg: DictConfig, cls: type, validate):

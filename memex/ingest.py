@@ -58,12 +58,13 @@ class DecodedBatch:
 
 # ---- listing ------------------------------------------------------------------------------
 def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
-                      caption_column: str = "caption") -> pa.Table:
+                      caption_column: str = "caption", key: str = "trainset.path") -> pa.Table:
     """The training set as a TRAINING_SCHEMA table (id, image, uri, caption, stamp), sorted by id.
 
     Extra manifest columns (source_id, copies, ...) are dropped; `caption_column` becomes
     `caption` (all null when the manifest has no such column). `stamp`: the version of each
     uri row's file (size + ETag or mtime), null for rows with image bytes and for missing files.
+    `key`: the setting `path` came from, which errors name (memex mia reads members.path, ...).
     """
     opts = storage_options or {}
     try:
@@ -74,17 +75,16 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         # one recursive listing with details: sizes and mtimes/ETags of every file at no extra request
         files = fs.find(root, detail=True) if is_dir else {}
     except Exception as e:  # noqa: BLE001 - bad credentials, unknown protocol, endpoint down
-        raise IngestError(f"training set {path} cannot be reached: {type(e).__name__}: {e} "
+        raise IngestError(f"{key}={path} cannot be reached: {type(e).__name__}: {e} "
                           "(check the URI and storage options / credentials)") from e
     if not exists:
-        raise IngestError(f"training set {path} does not exist: "
-                          "set trainset.path to a Parquet manifest or image folder")
+        raise IngestError(f"{key}={path} does not exist: give a Parquet manifest or a folder of images")
     if root.endswith(".parquet") or any(f.endswith(".parquet") for f in files):
         return _from_manifest(path, opts, caption_column)
     if not is_dir:
-        raise IngestError(f"training set {path} is a file but not a .parquet manifest: "
+        raise IngestError(f"{key}={path} is a file but not a .parquet manifest: "
                           "give a Parquet manifest or a folder of images")
-    return _from_folder(path, fs, root, files)
+    return _from_folder(path, fs, root, files, key)
 
 
 def _from_manifest(path: str, opts: dict[str, Any], caption_column: str) -> pa.Table:
@@ -178,11 +178,11 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
     return out
 
 
-def _from_folder(path: str, fs, root: str, files: dict[str, dict]) -> pa.Table:
+def _from_folder(path: str, fs, root: str, files: dict[str, dict], key: str) -> pa.Table:
     root = root.rstrip("/")
     images = sorted(f for f in files if f.lower().endswith(IMAGE_SUFFIXES))
     if not images:
-        raise IngestError(f"training set {path} holds no images ({' '.join(IMAGE_SUFFIXES)}) "
+        raise IngestError(f"{key}={path} holds no images ({' '.join(IMAGE_SUFFIXES)}) "
                           "and no .parquet manifest")
     sidecars = sorted({posixpath.splitext(f)[0] + ".txt" for f in images} & set(files))
     # read on threads: one round trip each on an object store. (fs.cat(list) would glob "[...]" in names.)

@@ -471,6 +471,22 @@ def test_cli_override_check_leaves_groups_hydra_and_options_to_hydra():
                          "+storage.options.key=abc", "model.path=/m", "data.duplication=[]"], C.AuditConfig)
 
 
+@pytest.mark.parametrize("stage, override, message", [
+    ("audit", "index.kind=foo", "index.kind=foo is not a choice: use one of flat, ivfpq"),
+    ("mia", "mia.attacks=[loss,bar]", "mia.attacks=bar is not a choice: use one of loss, pia, secmi"),
+    ("train", "arch.kind=unconditionl", "arch.kind=unconditionl is not a choice: use one of unconditional, pixel_text"),
+])
+def test_cli_names_a_value_that_is_not_a_choice_in_one_line(stage, override, message, monkeypatch, capsys):
+    """An enum key given a value outside its choices: one line naming the key and the choices (it was
+    Hydra's five-line "Error merging override" ending on HYDRA_FULL_ERROR)."""
+    monkeypatch.setattr(sys, "argv", ["memex", stage, override])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 1 and capsys.readouterr().err.splitlines() == [f"memex: error: {message}"]
+    key, good = override.split("=")[0], {"audit": "ivfpq", "mia": "[loss,pia]", "train": "unconditional"}[stage]
+    cli.check_overrides([f"{key}={good}", f"{key}=${{oc.env:X,flat}}"], cli.SCHEMAS[stage])  # valid, or Hydra's
+
+
 def test_job_entry_point_refuses_an_added_unknown_key(tmp_path):
     r = subprocess.run([sys.executable, "jobs/audit.py", "+sampling.sample_per_prompt=5", f"storage.root={tmp_path}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from memex import synth
-from memex.config import ArchConfig, ArchKind, ConfigError, DataConfig, TrainConfig, TrainerConfig
+from memex.config import ArchConfig, ArchKind, DataConfig, MemexError, TrainConfig, TrainerConfig
 from memex.images import encode_png
 from memex.layout import MiaLayout
 from memex.stages import mia
@@ -104,7 +104,7 @@ def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
     doubled = pa.concat_tables([m, m.set_column(0, "id", pa.array([f"{i}#1" for i in ids]))])
     doubled = doubled.append_column("source_id", pa.array(ids * 2)).append_column("copies", pa.array([2] * 2 * N))
     pq.write_table(doubled, tmp_path / "train.parquet")
-    t = mia.read_image_set(str(tmp_path / "train.parquet"), "caption", True, {})
+    t = mia.read_image_set(str(tmp_path / "train.parquet"), "caption", True, {}, "members.path")
     assert t.num_rows == N and set(t["copies"].to_pylist()) == {2}
     assert not any("#" in i for i in t["image_id"].to_pylist())
 
@@ -112,7 +112,7 @@ def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
 @pytest.mark.parametrize("case", ["same_id", "same_picture", "same_path", "one_shadow", "odd_shadows",
                                   "no_recipe", "no_captions", "empty_attacks", "query_clash",
                                   "unrun_attack_setting", "shadow_steps_without_lira",
-                                  "query_column_without_queries"])
+                                  "query_column_without_queries", "missing_members", "empty_queries"])
 def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, case):
     root, model, members, nonmembers = world
     extra = []
@@ -147,6 +147,13 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
     elif case == "query_column_without_queries":
         extra = ["queries.caption_column=text"]
         match = "queries.caption_column is set, and no queries.path is"
+    elif case == "missing_members":  # the message named trainset.path, a key memex mia does not have
+        extra = [f"members.path={tmp_path / 'nowhere'}"]
+        match = f"members.path={tmp_path / 'nowhere'} does not exist"
+    elif case == "empty_queries":
+        (tmp_path / "empty").mkdir()
+        extra = [f"queries.path={tmp_path / 'empty'}"]
+        match = f"queries.path={tmp_path / 'empty'} holds no images"
     elif case == "shadow_steps_without_lira":
         extra = ["mia.shadow_steps=300"]
         match = "mia.shadow_steps is set, and LiRA is off"
@@ -154,7 +161,7 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
         extra = ["mia.attacks=[]"]
         match = "mia.attacks is empty"
     runs = tmp_path / "runs"
-    with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(MemexError, match=match.replace("(", r"\(").replace(")", r"\)")):
         mia.run(cfg_of(world, f"storage.root={runs}", *extra))
     assert not runs.exists()  # refused before anything was written
 

@@ -59,10 +59,10 @@ CHECK_BATCH = 256  # images decoded at a time by the input check
 
 
 # ---- 1. inputs ------------------------------------------------------------------------------
-def read_image_set(path: str, caption_column: str, member: bool | None, opts: dict) -> pa.Table:
+def read_image_set(path: str, caption_column: str, member: bool | None, opts: dict, key: str) -> pa.Table:
     """MIA_IMAGES_SCHEMA rows of one set. A `memex train` manifest (source_id, copies columns) is
     one row per picture: its first row, with its copies."""
-    t = list_training_set(path, opts, caption_column)  # id, image, uri, caption, stamp (sorted by id)
+    t = list_training_set(path, opts, caption_column, key)  # id, image, uri, caption, stamp (sorted by id)
     copies = pa.nulls(t.num_rows, pa.int32())
     if path.endswith(".parquet"):
         fs, p = fsspec.core.url_to_fs(path, **opts)  # read_manifest checked the file; 3 columns, no image bytes
@@ -295,10 +295,9 @@ def run(cfg: MiaConfig) -> dict:
     check_settings(cfg.mia)
     check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
     recipe = shadow_recipe(cfg.model.path) if cfg.mia.shadow_models else None
-    images = pa.concat_tables([read_image_set(cfg.members.path, cfg.members.caption_column, True, opts),
-                               read_image_set(cfg.nonmembers.path, cfg.nonmembers.caption_column, False, opts)]
-                              + ([read_image_set(cfg.queries.path, cfg.queries.caption_column, None, opts)]
-                                 if cfg.queries.path else []))
+    sets = [("members", True), ("nonmembers", False)] + ([("queries", None)] if cfg.queries.path else [])
+    images = pa.concat_tables([read_image_set(getattr(cfg, n).path, getattr(cfg, n).caption_column, member, opts,
+                                              f"{n}.path") for n, member in sets])
     images, quarantine = check_sets(images, opts)
     if is_text_model(cfg.model.path) and images.filter(pc.is_null(images["caption"])).num_rows:
         first = images.filter(pc.is_null(images["caption"]))["image_id"][0].as_py()
