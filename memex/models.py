@@ -96,6 +96,9 @@ def check_local_checkpoint(path: str) -> dict:
 def check_unet_folder(path: str) -> str:
     """Validate a standalone UNet folder (model.unet); return its class name from config.json."""
     cfg_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise ModelError(f"model.unet={path}: no such folder (a UNet folder saved with unet.save_pretrained, "
+                         "e.g. a trainer's checkpoint-<step>/unet)")
     if not os.path.isfile(cfg_file):
         raise ModelError(f"model.unet={path} has no config.json: give a UNet folder saved with unet.save_pretrained "
                          "(a trainer's checkpoint-<step>/unet)")

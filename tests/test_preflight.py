@@ -152,6 +152,8 @@ def test_unet_override_is_checked_and_replaces_the_bases_unet(tiny_models, tmp_p
                "diffusion_pytorch_model.bin")
     with pytest.raises(ModelError, match=r"model\.unet=.*checkpoint-100/unet: .* has only pickle weights"):
         check_model_inputs(str(base), str(ckpt))
+    with pytest.raises(ModelError, match=r"model\.unet=.*checkpoint-200/unet: no such folder"):  # was "no config.json"
+        check_model_inputs(str(base), str(tmp_path / "run" / "checkpoint-200" / "unet"))
 
 
 # ---- pickle-only checkpoints -------------------------------------------------------------------
