@@ -352,8 +352,15 @@ def report_main() -> None:
                     help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\'')
     a = ap.parse_args(sys.argv[1:])
     try:
-        print(redact_text(f"memex report: {build_report(a.run, json.loads(a.storage_options))}"))
-    except (C.MemexError, json.JSONDecodeError) as e:
+        options = json.loads(a.storage_options)
+        if not isinstance(options, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # JSONDecodeError too
+        ap.error(redact_text(f"--storage-options must be a JSON object such as "
+                             f"'{{\"endpoint_url\": \"http://minio:9000\"}}': {e}"))
+    try:
+        print(redact_text(f"memex report: {build_report(a.run, options)}"))
+    except C.MemexError as e:
         print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)
         raise SystemExit(1) from None
 

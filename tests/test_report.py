@@ -284,3 +284,26 @@ def test_old_summary_without_the_new_keys_still_renders():
     assert "Cost:" not in html and "Triage" not in html and "Not counted" not in html
     assert ("<td>a</td><td class=num>4</td><td class=num></td><td class=num></td><td></td><td class=num></td>"
             "<td>2: <span") in html
+
+
+@pytest.mark.parametrize("args, code, line", [
+    (["{run}", "--storage-options", "{{bad"], 2,
+     "memex report: error: --storage-options must be a JSON object such as "),
+    (["{run}", "--storage-options", "[1]"], 2, "memex report: error: --storage-options must be a JSON object"),
+    (["{run}/nowhere"], 1, "memex: error: {run}/nowhere has no summary.json: not a finished audit run folder"),
+    (["{run}"], 1, "memex: error: {run}/summary.json is not readable JSON (JSONDecodeError"),
+])
+def test_report_command_names_bad_input_in_one_line(args, code, line, tmp_path, monkeypatch, capsys):
+    """`memex report` with options that are not a JSON object (json's bare message before), a folder that
+    is not a finished run, a summary.json cut short: one line naming it, no traceback, nothing written."""
+    from memex import cli
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "summary.json").write_text('{"extracted": ')
+    monkeypatch.setattr(sys, "argv", ["memex", "report", *(a.format(run=run) for a in args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == code and line.format(run=run) in err and "Traceback" not in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["summary.json"]
