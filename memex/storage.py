@@ -42,7 +42,7 @@ class StorageError(MemexError, RuntimeError):
     """Storage is unreachable, or holds something that conflicts with this run."""
 
 
-def _damaged(where: str, kind: str, e: Exception) -> str:
+def damaged(where: str, kind: str, e: Exception) -> str:
     """The message for a file memex wrote that no longer reads: say which, and how to recover."""
     return (f"{where} is not readable {kind} ({type(e).__name__}: {e}). It was changed, truncated or removed after "
             "memex wrote it (an interrupted copy or sync, an edit by hand). Remove it, and for a unit's file "
@@ -118,7 +118,7 @@ class Store:
         try:
             return json.loads(self.read_bytes(path))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StorageError(_damaged(self.uri_of(path), "JSON", e)) from e
+            raise StorageError(damaged(self.uri_of(path), "JSON", e)) from e
 
     def read_table(self, path: str | list[str], schema: pa.Schema | None = None, columns: list[str] | None = None,
                    filters=None) -> pa.Table:
@@ -133,7 +133,7 @@ class Store:
             # arrow names the file it could not open; for one path name it ourselves
             where = self.uri_of(paths[0]) if len(paths) == 1 else f"one of {len(paths)} files under " \
                 f"{self.uri_of(posixpath.dirname(paths[0]))}"
-            raise StorageError(_damaged(where, "Parquet", e)) from e
+            raise StorageError(damaged(where, "Parquet", e)) from e
 
     # ---- atomic writes -------------------------------------------------------------------
     def mkdirs(self, path: str) -> None:

@@ -387,3 +387,29 @@ def test_s3_overwrite_in_place_changes_the_key(s3_server, bucket):
     s3.delete_object(Bucket=bucket, Key="imgs/p5.png")  # a missing file: unstamped (the decoder quarantines it)
     t = list_training_set(sources[1], s3_server)
     assert t["stamp"].to_pylist()[5] is None and _key(sources[1], "/tmp/unused", s3_server) != keys[1]
+
+
+def test_a_damaged_vectors_file_is_named_when_its_near_duplicates_are_redone(tmp_path, in_process_units):
+    """The near-duplicate unit of a shard reads the vectors its shards unit kept (.npz): when that
+    file is damaged and the unit has to be redone, the error names the file and the fix (it was
+    numpy's BadZipFile, one line with no path, from a Ray task)."""
+    from memex.stages import index
+    from memex.storage import StorageError
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i in range(6):
+        (pics / f"p{i}.png").write_bytes(encode_png(_img(i)))
+    cfg = _audit_cfg(str(pics), tmp_path / "runs")
+    info = index.run(cfg)
+    layout = info.layout({})
+    npz = tmp_path / "runs" / "_index" / info.key / "shards" / "vectors-shard-000001.npz"
+    assert npz.exists()
+    npz.write_bytes(npz.read_bytes()[:64])
+    (tmp_path / "runs" / "_index" / info.key / "dups" / "_markers" / "shard-000001.json").unlink()
+    with pytest.raises(StorageError, match=f"{npz} is not readable vectors .*Remove it"):
+        index.run(cfg)
+    assert layout.dups.complete() == [0]  # nothing else changed
+    npz.unlink()  # as the message says: the file, and the marker of its unit (the shards unit)
+    (tmp_path / "runs" / "_index" / info.key / "shards" / "_markers" / "shard-000001.json").unlink()
+    assert index.run(cfg) == info and layout.dups.complete() == [0, 1]

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import time
+import zipfile
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +36,7 @@ from memex.lease import hold
 from memex.membership import IndexInfo, fetch_train_rows, load_shards
 from memex.models import resolve_device
 from memex.redact import redact
-from memex.storage import unit_name
+from memex.storage import damaged, unit_name
 
 log = logging.getLogger("memex.index")
 # Part of every index key: folders written by an older layout are never resumed into, only rebuilt.
@@ -149,8 +150,7 @@ def count_duplicates(shard: int, layout: IndexLayout, n_shards: int, idx: IndexC
     from memex.index import IndexSpec, ShardedIndex, near_duplicates, resolve_dup_threshold
 
     threshold = resolve_dup_threshold(idx.dup_threshold, metric)  # None: the metric's default; checked first
-    with np.load(io.BytesIO(layout.store.read_bytes(layout.vectors_path(shard)))) as z:
-        x, gids = z["vectors"], z["gids"]
+    x, gids = read_vectors(layout, shard)
     index = ShardedIndex(load_shards(layout, list(range(n_shards))), IndexSpec.from_config(idx, metric))
     # exact counts: top dup_k first, then range counts for the images with more near-duplicates than that
     counts, pictures = near_duplicates(index.search, x, gids, threshold, metric=metric, k=idx.dup_k,
@@ -162,6 +162,16 @@ def count_duplicates(shard: int, layout: IndexLayout, n_shards: int, idx: IndexC
                      "caption": [meta[g][1] for g in gids.tolist()], "near_duplicates": counts.astype(np.int32),
                      "picture": pictures},
                     schema=DUPS_SCHEMA)
+
+
+def read_vectors(layout: IndexLayout, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, gids) a shards unit kept beside its FAISS file; a damaged or lost file is named."""
+    path = layout.vectors_path(shard)
+    try:
+        with np.load(io.BytesIO(layout.store.read_bytes(path))) as z:
+            return z["vectors"], z["gids"]
+    except (FileNotFoundError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise StorageError(damaged(layout.store.uri_of(path), "vectors (.npz)", e)) from e
 
 
 # ---- driver ------------------------------------------------------------------------------
