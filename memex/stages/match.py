@@ -383,10 +383,3 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
         "per_prompt": per_prompt,
         "config": redact(plain(cfg)),  # no credential in any output: memex/redact.py
     }
-
-
-def read_summary(layout: RunLayout) -> dict:
-    s = layout.read_summary()
-    if s is None:
-        raise StorageError(f"run {layout.uri} has no summary.json: run `memex audit` to finish it")
-    return s
