@@ -68,6 +68,9 @@ def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):
         with pytest.raises(nightly.MemexError, match=match):
             discover(str(lone), str(base))
     assert [c.base for c in discover(str(lone), "org/some-model")] == ["org/some-model"]
+    # nothing found (a new run, or a wrong location): the console says what is looked for
+    empty, some = (nightly.format_result(nightly.NightlyResult("0" * 64, n, [])) for n in (0, 3))
+    assert "none under nightly.location: it looks for diffusers pipeline folders" in empty and "none" not in some
 
 
 @pytest.mark.parametrize("override, key", [("nightly.budget=-1", "nightly.budget"),

@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 
 from memex import runner
-from memex.checkpoints import Checkpoint, discover, files_signature, weights_sha256
+from memex.checkpoints import MAX_DEPTH, Checkpoint, discover, files_signature, weights_sha256
 from memex.config import MEMEX_HOME, MemexError, NightlyAction, NightlyAuditConfig, plain, validate_nightly
 from memex.layout import RunLayout
 from memex.ledger import DONE, Ledger
@@ -263,6 +263,9 @@ def announce(cfg: NightlyAuditConfig, res: NightlyResult) -> None:
 def format_result(res: NightlyResult) -> str:
     lines = [f"memex nightly: {res.checkpoints} checkpoints found, {len(res.rows)} audited now "
              f"(config {res.config_sha256[:12]})"]
+    if res.checkpoints == 0:  # a new training run, or a wrong nightly.location: say what is looked for
+        lines.append("  none under nightly.location: it looks for diffusers pipeline folders (model_index.json) "
+                     f"and checkpoint-<step>/unet folders with weights, up to {MAX_DEPTH} levels down")
     for r in res.rows:
         lines.append(f"  {r['outcome']:<11} step {r['step']}: {r['extracted']} training images extracted, "
                      f"{r['flagged_prompts']} prompts flagged  {r['location']}"
