@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memex.config import MemexError
-from memex.models import HUB_ID, WEIGHT_SUFFIXES, ModelError, check_local_checkpoint
+from memex.models import HUB_ID, WEIGHT_SUFFIXES, check_local_checkpoint
 
 MAX_DEPTH = 4
 CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -74,10 +74,7 @@ def check_base_model(base: str) -> None:
     loaded). A wrong path used to surface as one failed audit per checkpoint, each naming model.path,
     and as error rows in the ledger."""
     if Path(base).is_dir() or not HUB_ID.match(base):
-        try:
-            check_local_checkpoint(base)
-        except ModelError as e:
-            raise CheckpointError(str(e).replace(f"model.path={base}", f"nightly.base_model={base}")) from e
+        check_local_checkpoint(base, "nightly.base_model")
 
 
 def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> list[Checkpoint]:

@@ -59,17 +59,18 @@ def resolve_device(requested: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
 
 
-def check_local_checkpoint(path: str) -> dict:
-    """Validate a local diffusers folder without loading weights; return its model_index.json."""
+def check_local_checkpoint(path: str, key: str = "model.path") -> dict:
+    """Validate a local diffusers folder without loading weights; return its model_index.json.
+    `key`: the setting `path` came from, which errors name (nightly.base_model too)."""
     if not os.path.isdir(path):
         raise ModelError(
-            f"model.path={path}: no such folder"
+            f"{key}={path}: no such folder"
             + ("" if not HUB_ID.match(path) else " (and not found as a hub id either)")
         )
     index_file = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_file):
         raise ModelError(
-            f"model.path={path} has no model_index.json: not a diffusers pipeline folder "
+            f"{key}={path} has no model_index.json: not a diffusers pipeline folder "
             "(save one with pipeline.save_pretrained(path))"
         )
     try:
@@ -82,7 +83,7 @@ def check_local_checkpoint(path: str) -> dict:
             continue
         sub = os.path.join(path, name)
         if not os.path.isdir(sub):
-            raise ModelError(f"model.path={path}: model_index.json lists component {name!r} "
+            raise ModelError(f"{key}={path}: model_index.json lists component {name!r} "
                              f"but folder {sub} is missing")
         files = os.listdir(sub)
         if name in ("unet", "vae", "text_encoder"):
