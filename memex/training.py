@@ -140,12 +140,17 @@ def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, 
     (tmp / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "step": step,
                                                     "recipe": made_by}))
     tmp.rename(folder / f"checkpoint-{step}")  # complete only once renamed
-    for old in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+    for old in checkpoints(folder)[:-keep]:
         shutil.rmtree(old)
 
 
+def checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoint-<step> folders, oldest first (a `_tmp-` one is still being written)."""
+    return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    done = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    done = checkpoints(folder)
     return done[-1] if done else None
 
 
@@ -175,8 +180,7 @@ def check_resumable(path: Path, made_by: dict, steps: int) -> None:
 def _damaged_checkpoint(path: Path, e: Exception) -> str:
     """Checkpoints are renamed into place whole (_save_checkpoint), so one that does not load was
     changed afterwards (a partial copy, a full disk on another machine): name it and the way out."""
-    older = [p.name for p in sorted(path.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-             if p != path]
+    older = [p.name for p in checkpoints(path.parent) if p != path]
     back = f"resume from {older[-1]}" if older else "start over"
     return (f"{path} is damaged or incomplete ({type(e).__name__}: {str(e)[:300]}). Delete that folder and rerun "
             f"to {back}, or choose another output folder")
