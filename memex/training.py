@@ -102,7 +102,7 @@ def recipe(cfg: TrainConfig, images: torch.Tensor, captions: list[str], example_
     the arch, the trainer less RESUME_SAFE, and a digest of the training set as decoded (pixels,
     captions, example -> image: the manifest, data.resize and the duplication schedule all land
     there; data.path and its credentials do not, so a copied manifest resumes). Hashes the tensor's
-    own memory (no copy): 0.4-0.5 s for 500 MB of float32 on a 2-core machine, 1.7-1.9x .tobytes()
+    own memory (no copy): 0.4-0.5 s for 500 MB of float32 on a 2-core machine, 1.9x .tobytes()
     (bench/bench_recipe_hash.py)."""
     import hashlib
     from dataclasses import asdict
