@@ -175,6 +175,29 @@ def _at_least(key: str, value, low) -> None:
         raise ConfigError(f"{key} must be >= {low}, got {value!r}")
 
 
+def check_protocol(key: str, uri: Optional[str]) -> None:
+    """A URI whose protocol fsspec does not know, or whose filesystem package is not installed
+    (gs:// without gcsfs), fails here naming the key. It was an ImportError traceback from deep in
+    the stage for storage.root, index.root, prompts.path and data.path. Chained URLs
+    (simplecache::s3://...) check each protocol."""
+    if not uri or "://" not in uri:
+        return  # a local path (or unset: the key's own check names it)
+    import fsspec  # here: the config module stays free of I/O imports
+
+    for part in uri.split("::"):
+        proto = part.split("://", 1)[0].lower() if "://" in part else part.lower()
+        if not proto or len(proto) == 1:  # a Windows drive letter, not a protocol
+            continue
+        try:
+            fsspec.get_filesystem_class(proto)
+        except ImportError as e:
+            raise ConfigError(f"{key}={uri}: {proto}:// needs a package that is not installed ({e}): install it "
+                              "on every node (docker/), or use s3:// or a local path") from None
+        except ValueError:
+            raise ConfigError(f"{key}={uri}: fsspec knows no protocol {proto}://: use a local path or "
+                              "s3://bucket/prefix (or another fsspec protocol, its package installed)") from None
+
+
 def validate_generate(cfg: GenerateConfig) -> None:
     """Range and consistency checks that types cannot express. Raises ConfigError naming the key."""
     if not cfg.model.path or cfg.model.path == "???":
@@ -220,6 +243,8 @@ def validate_generate(cfg: GenerateConfig) -> None:
                           "set sampling.dtype=float32 (or bfloat16), or resources.device=auto")
     if not cfg.storage.root:
         raise ConfigError("storage.root is empty: give a folder or URI (storage.root=s3://bucket/runs)")
+    check_protocol("storage.root", cfg.storage.root)
+    check_protocol("prompts.path", p.path)
     _at_least("storage.lease_timeout_s", cfg.storage.lease_timeout_s, 1)
     _at_least("storage.lease_wait_s", cfg.storage.lease_wait_s, 0)
     if cfg.run.name is not None and ("/" in cfg.run.name or not cfg.run.name.strip()):
@@ -306,6 +331,7 @@ def validate_train(cfg: TrainConfig) -> None:
                           "object storage afterwards")
     if not cfg.data.path or cfg.data.path == "???":
         raise ConfigError("data.path is not set: give a training manifest (data.path=...)")
+    check_protocol("data.path", cfg.data.path)
     _at_least("arch.layers_per_block", a.layers_per_block, 1)
     if not a.block_out_channels or any(c % 8 for c in a.block_out_channels):
         raise ConfigError(f"arch.block_out_channels must be multiples of 8 (GroupNorm groups), "
@@ -593,6 +619,8 @@ def validate_audit(cfg: AuditConfig) -> None:
     if not cfg.trainset.path or cfg.trainset.path == "???":
         raise ConfigError("trainset.path is not set: give the training set (Parquet manifest or image folder) "
                           "to match against")
+    check_protocol("trainset.path", cfg.trainset.path)
+    check_protocol("index.root", i.root)
     if cfg.embedder.kind != EmbedderKind.pixels and not cfg.embedder.path:
         raise ConfigError(f"embedder.kind={cfg.embedder.kind.value} needs embedder.path "
                           "(a local file/folder or hub id)")
@@ -730,6 +758,7 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
         raise ConfigError(f"nightly.webhook_timeout_s must be > 0, got {n.webhook_timeout_s}")
     if n.night is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", n.night):
         raise ConfigError(f"nightly.night must be a date YYYY-MM-DD, got {n.night!r}")
+    check_protocol("nightly.ledger", n.ledger)
     if n.webhook is not None and not n.webhook.startswith(("http://", "https://")):
         raise ConfigError(f"nightly.webhook must be an http:// or https:// URL, got {n.webhook!r}")
     # settings this action does not read fail instead of being ignored
@@ -828,6 +857,9 @@ def validate_mia(cfg: MiaConfig) -> None:
         path = getattr(cfg, key).path
         if not path or path == "???":
             raise ConfigError(f"{key}.path is not set: a Parquet manifest or image folder ({key}.path=...)")
+    for key, path in (("members.path", cfg.members.path), ("nonmembers.path", cfg.nonmembers.path),
+                      ("queries.path", cfg.queries.path), ("storage.root", cfg.storage.root)):
+        check_protocol(key, path)
     if cfg.queries.path is None and _changed(cfg.queries, ("caption_column",)):
         raise ConfigError("queries.caption_column is set, and no queries.path is: give the images to question "
                           "(queries.path=...), or drop queries.caption_column")

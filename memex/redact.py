@@ -61,7 +61,7 @@ from __future__ import annotations
 import logging
 import re
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 MASK = "***"
 
@@ -145,15 +145,21 @@ def redact_url(url: str, strict: bool = False) -> str:
     if "@" in netloc:
         netloc = MASK + "@" + netloc.rsplit("@", 1)[1]
     if strict:
-        return urlunsplit((p.scheme, netloc, "/" + MASK if p.path.strip("/") or p.query or p.fragment else p.path,
-                           "", ""))
+        return _unsplit(p.scheme, netloc, "/" + MASK if p.path.strip("/") or p.query or p.fragment else p.path,
+                        "", "")
     path = p.path
     keep = _hook_segments(p.hostname or "")
     if keep is not None:
         segs = path.lstrip("/").split("/")
         if len(segs) > keep and any(segs[keep:]):
             path = "/" + "/".join([*segs[:keep], MASK])
-    return urlunsplit((p.scheme, netloc, path, _params(p.query), _params(p.fragment)))
+    return _unsplit(p.scheme, netloc, path, _params(p.query), _params(p.fragment))
+
+
+def _unsplit(scheme: str, netloc: str, path: str, query: str, fragment: str) -> str:
+    """urlunsplit, but `scheme://` kept when the host is empty: urllib writes memory:///r/run as
+    memory:/r/run (only schemes it knows keep the //), a path that then named a local folder."""
+    return (f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "") + (f"#{fragment}" if fragment else ""))
 
 
 def redact_urls(text: str) -> str:

@@ -60,13 +60,15 @@ def unreachable_storage(root: str, shared_mount: bool, alive_nodes: int) -> str 
     """Why the nodes of a Ray cluster cannot share `root`, or None when they can (pure: the runner
     passes the count of alive nodes). One node: anything goes. More: a local path (no protocol,
     file://, local://) is each node's own disk, so units written on a worker never reach the driver,
-    unless `shared_mount` says every node mounts it (NFS); memory:// is one process's only."""
+    unless `shared_mount` says every node mounts it (NFS). memory:// is one process's only, and Ray's
+    tasks and actors are other processes even on one node: refused whatever the count."""
+    proto = protocol_of(root)
+    if proto == "memory":  # was "train.parquet is not readable" from the driver after the index stage
+        return (f"storage.root={root} is in one process's memory, and Ray runs the units in other processes "
+                "(the driver would never see what they write): use a folder, object storage (storage=s3 "
+                "storage.root=s3://bucket/runs), or resources.executor=local (no Ray, one process)")
     if alive_nodes <= 1:
         return None
-    proto = protocol_of(root)
-    if proto == "memory":
-        return (f"storage.root={root} is in one process's memory, but Ray has {alive_nodes} nodes: "
-                "use object storage (storage=s3 storage.root=s3://bucket/runs)")
     if proto in (None, "file", "local") and not shared_mount:
         return (f"storage.root={root} is a local path, but Ray has {alive_nodes} nodes: each would write its "
                 "units to its own disk and the shards would be lost. Use object storage (storage=s3 "

@@ -124,6 +124,10 @@ def test_redact_masks_nested_secrets_and_keeps_everything_else():
     ("https://huggingface.co/org/model?revision=main#readme", "https://huggingface.co/org/model?revision=main#readme"),
     ("http://127.0.0.1:9000/path/key=3/x", "http://127.0.0.1:9000/path/key=3/x"),
     ("https://hooks.slack.com/", "https://hooks.slack.com/"),
+    # no host: urllib's urlunsplit wrote memory:/r/run, which a Store then took for a local folder
+    ("memory:///r/run", "memory:///r/run"),
+    ("memory:///r/run?token=abc", "memory:///r/run?token=***"),
+    ("file:///tmp/runs/x", "file:///tmp/runs/x"),
 ])
 def test_redact_url(url, expected):
     assert redact_url(url) == expected

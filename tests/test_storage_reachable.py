@@ -12,7 +12,7 @@ from memex.storage import protocol_of, unreachable_storage
 LOCAL = ["runs", "/data/runs", "file:///data/runs", "local:///data/runs", "C:/runs"]
 
 
-@pytest.mark.parametrize("root", LOCAL + ["s3://b/runs", "memory://runs", "gs://b/runs"])
+@pytest.mark.parametrize("root", LOCAL + ["s3://b/runs", "gs://b/runs"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_one_node_takes_any_root(root, shared):
     assert unreachable_storage(root, shared, 1) is None
@@ -37,10 +37,13 @@ def test_object_storage_on_two_nodes_is_fine(root, shared):
     assert unreachable_storage(root, shared, 2) is None
 
 
+@pytest.mark.parametrize("nodes", [0, 1, 2])
 @pytest.mark.parametrize("shared", [False, True])
-def test_memory_on_two_nodes_is_refused_whatever_the_flag(shared):
-    msg = unreachable_storage("memory://runs", shared, 2)
-    assert msg and "s3://" in msg and "memory" in msg
+def test_memory_under_ray_is_refused_whatever_the_nodes_and_flag(shared, nodes):
+    """Ray's workers are other processes even on one node: the driver never saw their units (the
+    audit failed after its index stage, "train.parquet is not readable")."""
+    msg = unreachable_storage("memory://runs", shared, nodes)
+    assert msg and "s3://" in msg and "memory" in msg and "resources.executor=local" in msg
 
 
 def test_protocol_of():
