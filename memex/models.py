@@ -453,7 +453,9 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
         raise ModelError(f"could not load model.path={path} as a {where}: {type(e).__name__}: {e}{hint}") from e
     found = _detect_kind(pipe)
     if kind != ModelKind.auto and kind != found:
-        raise ModelError(f"model.kind={kind.value} but {path} holds a {found.value} model ({type(pipe).__name__})")
+        fix = f"model.kind={found.value} (or auto)" + (" with prompts=none" if found == ModelKind.unconditional else "")
+        raise ModelError(f"model.kind={kind.value} but {path} holds {'an' if found.value[0] in 'aeiou' else 'a'} "
+                         f"{found.value} model ({type(pipe).__name__}): set {fix}")
     missing = [c for c in NEEDED[found] if getattr(pipe, c, None) is None]
     if missing:
         raise ModelError(f"{path} is a {found.value} model but lacks components {missing}")

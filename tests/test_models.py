@@ -44,8 +44,12 @@ def test_unknown_scheduler_class_names_the_path_and_the_fix():
 
 
 def test_declared_kind_must_match(tiny_models):
-    with pytest.raises(ModelError, match="model.kind=latent_text but .* holds a pixel_text model"):
+    with pytest.raises(ModelError, match=r"model.kind=latent_text but .* holds a pixel_text model \(\w+\): "
+                                         r"set model.kind=pixel_text \(or auto\)$"):
         load_model(tiny_models["pixel_text"], ModelKind.latent_text)
+    with pytest.raises(ModelError, match=r"holds an unconditional model \(DDPMPipeline\): set "
+                                         r"model.kind=unconditional \(or auto\) with prompts=none$"):
+        load_model(tiny_models["unconditional"], ModelKind.pixel_text)
 
 
 def test_missing_folder_is_named(tmp_path):
