@@ -359,6 +359,7 @@ def report_main() -> None:
         ap.error(redact_text(f"--storage-options must be a JSON object such as "
                              f"'{{\"endpoint_url\": \"http://minio:9000\"}}': {e}"))
     try:
+        C.check_protocol("run", a.run)  # gs:// without gcsfs: one line, not fsspec's ImportError
         print(redact_text(f"memex report: {build_report(a.run, options)}"))
     except C.MemexError as e:
         print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)

@@ -374,6 +374,9 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
     layout = run if isinstance(run, RunLayout) else RunLayout.at(run, storage_options)
     store = layout.store
     summary = layout.read_summary()
+    if summary is None and not store.exists(store.path):
+        raise StorageError(f"{layout.uri} does not exist: check the path (a run folder is "
+                           "<storage.root>/<run name>, printed by `memex audit`)")
     if summary is None:
         raise StorageError(f"{layout.uri} has no summary.json: not a finished audit run folder "
                            "(run `memex audit` to finish it, or check the path)")

@@ -290,7 +290,9 @@ def test_old_summary_without_the_new_keys_still_renders():
     (["{run}", "--storage-options", "{{bad"], 2,
      "memex report: error: --storage-options must be a JSON object such as "),
     (["{run}", "--storage-options", "[1]"], 2, "memex report: error: --storage-options must be a JSON object"),
-    (["{run}/nowhere"], 1, "memex: error: {run}/nowhere has no summary.json: not a finished audit run folder"),
+    (["{run}/nowhere"], 1, "memex: error: {run}/nowhere does not exist: check the path"),
+    (["{tmp}"], 1, "memex: error: {tmp} has no summary.json: not a finished audit run folder"),
+    (["gs://bucket/runs/r"], 1, "memex: error: run=gs://bucket/runs/r: gs:// needs a package that is not installed"),
     (["{run}"], 1, "memex: error: {run}/summary.json is not readable JSON (JSONDecodeError"),
 ])
 def test_report_command_names_bad_input_in_one_line(args, code, line, tmp_path, monkeypatch, capsys):
@@ -301,9 +303,9 @@ def test_report_command_names_bad_input_in_one_line(args, code, line, tmp_path, 
     run = tmp_path / "r"
     run.mkdir()
     (run / "summary.json").write_text('{"extracted": ')
-    monkeypatch.setattr(sys, "argv", ["memex", "report", *(a.format(run=run) for a in args)])
+    monkeypatch.setattr(sys, "argv", ["memex", "report", *(a.format(run=run, tmp=tmp_path) for a in args)])
     with pytest.raises(SystemExit) as e:
         cli.main()
     err = capsys.readouterr().err
-    assert e.value.code == code and line.format(run=run) in err and "Traceback" not in err, err
+    assert e.value.code == code and line.format(run=run, tmp=tmp_path) in err and "Traceback" not in err, err
     assert sorted(p.name for p in run.iterdir()) == ["summary.json"]
