@@ -13,6 +13,7 @@ manifest of distinct images, the way the paper's small models were trained on du
 
 from __future__ import annotations
 
+import posixpath
 import random
 from typing import Any
 
@@ -38,6 +39,16 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
     fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
     if not fs.exists(p):
         raise ManifestError(f"training manifest {path} does not exist")
+    if fs.isdir(p):
+        files = fs.find(p)
+        if not files:
+            raise ManifestError(f"training manifest {path} is an empty folder")
+        if not any(f.endswith(".parquet") for f in files):
+            # Arrow's own message: "Could not read schema from a.png. Is this a 'parquet' file?"
+            raise ManifestError(f"training manifest {path} is a folder without a .parquet file "
+                                f"({posixpath.basename(files[0])} is not one): give a Parquet manifest with columns "
+                                "id, image (encoded bytes) or uri, and caption for a text model "
+                                "(demo/make_data.py writes one)")
     try:
         table = pq.read_table(p, filesystem=fs)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file

@@ -50,6 +50,22 @@ def test_bad_manifests_are_named(tmp_path):
     (tmp_path / "x.parquet").write_bytes(b"not parquet")
     with pytest.raises(ManifestError, match="not readable Parquet"):
         read_manifest(str(tmp_path / "x.parquet"))
+    # a folder of images given to `memex train` (which reads manifests only): Arrow's message was
+    # "Could not read schema from '.../a.png'. Is this a 'parquet' file?"
+    pngs = tmp_path / "pngs"
+    (pngs / "sub").mkdir(parents=True)
+    (pngs / "sub" / "a.png").write_bytes(encode_png(logo(0, 16)[0]))
+    with pytest.raises(ManifestError, match=r"is a folder without a .parquet file \(a.png is not one\): give a "
+                                            r"Parquet manifest with columns id, image"):
+        read_manifest(str(pngs))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="is an empty folder"):
+        read_manifest(str(tmp_path / "empty"))
+    parts = tmp_path / "parts"  # a folder of Parquet parts is a manifest
+    parts.mkdir()
+    for k in range(2):
+        pq.write_table(pa.table({"id": [f"p{k}"], "image": [encode_png(logo(k, 16)[0])]}), parts / f"{k}.parquet")
+    assert sorted(read_manifest(str(parts))["id"].to_pylist()) == ["p0", "p1"]
 
 
 def test_corrupt_image_names_its_id():
