@@ -84,7 +84,8 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
         raise CheckpointError(f"nightly.location={location}: checkpoints must be on a local or mounted path "
                               "(mount the bucket or sync it first; runs and the ledger can still go to storage.root)")
     if not root.is_dir():
-        raise CheckpointError(f"nightly.location={location}: no such folder")
+        what = "a file, not the folder holding the checkpoints" if root.exists() else "no such folder"
+        raise CheckpointError(f"nightly.location={location}: {what}")
     if base is not None:
         check_base_model(base)
     found: list[Checkpoint] = []

@@ -112,7 +112,8 @@ def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
 @pytest.mark.parametrize("case", ["same_id", "same_picture", "same_path", "one_shadow", "odd_shadows",
                                   "no_recipe", "no_captions", "empty_attacks", "query_clash",
                                   "unrun_attack_setting", "shadow_steps_without_lira",
-                                  "query_column_without_queries", "missing_members", "empty_queries"])
+                                  "query_column_without_queries", "missing_members", "empty_queries",
+                                  "undecodable_nonmembers"])
 def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, case):
     root, model, members, nonmembers = world
     extra = []
@@ -154,6 +155,13 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
         (tmp_path / "empty").mkdir()
         extra = [f"queries.path={tmp_path / 'empty'}"]
         match = f"queries.path={tmp_path / 'empty'} holds no images"
+    elif case == "undecodable_nonmembers":  # named both keys, whichever side had no image
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        for n in ("a.png", "b.png"):
+            (bad / n).write_bytes(b"x")
+        extra = [f"nonmembers.path={bad}"]
+        match = "none of the 2 images of nonmembers.path decodes (first reason: UnidentifiedImageError"
     elif case == "shadow_steps_without_lira":
         extra = ["mia.shadow_steps=300"]
         match = "mia.shadow_steps is set, and LiRA is off"

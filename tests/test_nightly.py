@@ -68,6 +68,12 @@ def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):
         with pytest.raises(nightly.MemexError, match=match):
             discover(str(lone), str(base))
     assert [c.base for c in discover(str(lone), "org/some-model")] == ["org/some-model"]
+    # a wrong nightly.location: missing, or a file (it said "no such folder" for both)
+    (tmp_path / "a-file").write_text("x")
+    for where, match in [(tmp_path / "nowhere", "nowhere: no such folder"),
+                         (tmp_path / "a-file", "a-file: a file, not the folder holding the checkpoints")]:
+        with pytest.raises(nightly.MemexError, match=f"nightly.location=.*{match}"):
+            discover(str(where))
     # nothing found (a new run, or a wrong location): the console says what is looked for
     empty, some = (nightly.format_result(nightly.NightlyResult("0" * 64, n, [])) for n in (0, 3))
     assert "none under nightly.location: it looks for diffusers pipeline folders" in empty and "none" not in some

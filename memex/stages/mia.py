@@ -109,9 +109,12 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
         raise ConfigError(f"{len(same)} non-member images are the same picture as a member ({pairs}): "
                           "non-members must be held out of training (nonmembers.path)")
     ok = images.filter(pc.is_in(images["image_id"], pa.array(list(digest), pa.string())))
-    if not ok.filter(pc.equal(ok["member"], True)).num_rows or not ok.filter(pc.equal(ok["member"], False)).num_rows:
-        raise ConfigError("membership inference needs at least one decodable member and non-member image "
-                          f"({quarantine.num_rows} quarantined: members.path, nonmembers.path)")
+    for key, ids in (("members.path", members), ("nonmembers.path", nonmembers)):
+        if not any(i in digest for i in ids):  # the side that has none is named, with a reason
+            reason = quarantine.filter(pc.is_in(quarantine["id"], pa.array(ids, pa.string())))["reason"]
+            raise ConfigError(f"none of the {len(ids)} images of {key} decodes (first reason: "
+                              f"{reason[0].as_py() if len(reason) else 'unknown'}): membership inference needs "
+                              "at least one member and one non-member image")
     return ok, quarantine
 
 
