@@ -144,7 +144,8 @@ def check_schema(cfg: DictConfig, cls: type) -> None:
 def check_overrides(args: list[str], cls: type) -> None:
     """The command line's `key=value`, `+key=value` and `++key=value` overrides against the schema,
     before Hydra composes: Hydra's own message for an unknown key advises `+key=...`, which would
-    then be accepted silently. Group choices (`sampling=fast`) and hydra.* are Hydra's to check."""
+    then be accepted silently. Values too, in one line each: an enum value outside its choices, a
+    group option with no YAML file, a scalar of the wrong type. hydra.* is Hydra's to check."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -154,29 +155,84 @@ def check_overrides(args: list[str], cls: type) -> None:
         return
     for o in overrides:
         key = o.key_or_group
-        if o.is_delete() or o.package is not None or key.split(".")[0].split("/")[0] == "hydra" or \
-                (CONF_DIR / key).is_dir():
+        if o.is_delete() or o.package is not None or key.split(".")[0].split("/")[0] == "hydra":
             continue
-        msg = check_key(key, cls) or _check_choice(key, o, cls)
+        msg = _check_option(key, o) if (CONF_DIR / key).is_dir() else \
+            check_key(key, cls) or _check_choice(key, o, cls) or _check_scalar(key, o, cls)
         if msg:
             raise C.ConfigError(msg)
 
 
-def _check_choice(key: str, override: Any, cls: type) -> str | None:
-    """For an enum-typed key (or a list of them), a value that is none of its choices, named in one
-    line; Hydra's own message spans five lines and ends on HYDRA_FULL_ERROR."""
+_UNKNOWN = object()  # a sweep or an interpolation: Hydra's to resolve
+
+
+def _value(override: Any) -> Any:
+    """The override's value (None for `key=null`), or _UNKNOWN."""
+    if override.is_sweep_override():
+        return _UNKNOWN
+    try:
+        value = override.value()
+    except Exception:  # noqa: BLE001
+        return _UNKNOWN
+    return _UNKNOWN if isinstance(value, str) and "${" in value else value
+
+
+def _check_option(group: str, override: Any) -> str | None:
+    """A group option that does not exist (sampling=fats): one line, where Hydra's spans twelve
+    (the config search path included)."""
+    value = _value(override)
+    if not isinstance(value, str) or (CONF_DIR / group / f"{value}.yaml").exists():
+        return None
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return f"{group}={value} is not an option of {group}: use one of {', '.join(options)}"
+
+
+def _field_type(key: str, cls: type) -> Any:
     node, tp = cls, None
     for part in key.split("."):
         if not dataclasses.is_dataclass(node):
             return None
         tp = _fields(node)[part]
         node = _unwrap(tp)
+    return tp
+
+
+# what OmegaConf itself accepts for a scalar field ("3" for an int, "1e-3" for a float, yes/no)
+_SCALARS = {int: ("IntegerNode", "a whole number"), float: ("FloatNode", "a number"),
+            bool: ("BooleanNode", "true or false")}
+
+
+def _check_scalar(key: str, override: Any, cls: type) -> str | None:
+    """A value of the wrong type (sampling.samples_per_prompt=abc, or 1.5): one line, where Hydra's
+    merge error spans six."""
+    import omegaconf
+    from omegaconf.errors import ValidationError
+
+    tp = _field_type(key, cls)
+    kind = _SCALARS.get(_unwrap(tp))
+    value = _value(override)
+    if kind is None or value is _UNKNOWN:
+        return None
+    if value is None:
+        return None if _unwrap(tp) is not tp else f"{key} cannot be null: give {kind[1]}"
+    try:
+        getattr(omegaconf, kind[0])(value=value)
+    except ValidationError:
+        return f"{key}={value} is not {kind[1]}"
+    return None
+
+
+def _check_choice(key: str, override: Any, cls: type) -> str | None:
+    """For an enum-typed key (or a list of them), a value that is none of its choices, named in one
+    line; Hydra's own message spans five lines and ends on HYDRA_FULL_ERROR."""
+    tp = _field_type(key, cls)
+    if tp is None:
+        return None
     choice = _unwrap(_list_item(tp) or tp)
     if not (isinstance(choice, type) and issubclass(choice, enum.Enum)):
         return None
-    try:
-        value = override.value()
-    except Exception:  # noqa: BLE001 - a sweep or an interpolation: Hydra's to resolve
+    value = _value(override)
+    if value is _UNKNOWN:
         return None
     names = [m.name for m in choice]
     bad = [v for v in (value if isinstance(value, list) else [value])

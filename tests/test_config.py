@@ -471,20 +471,34 @@ def test_cli_override_check_leaves_groups_hydra_and_options_to_hydra():
                          "+storage.options.key=abc", "model.path=/m", "data.duplication=[]"], C.AuditConfig)
 
 
-@pytest.mark.parametrize("stage, override, message", [
-    ("audit", "index.kind=foo", "index.kind=foo is not a choice: use one of flat, ivfpq"),
-    ("mia", "mia.attacks=[loss,bar]", "mia.attacks=bar is not a choice: use one of loss, pia, secmi"),
-    ("train", "arch.kind=unconditionl", "arch.kind=unconditionl is not a choice: use one of unconditional, pixel_text"),
+@pytest.mark.parametrize("stage, override, message, good", [
+    ("audit", "index.kind=foo", "index.kind=foo is not a choice: use one of flat, ivfpq", "ivfpq"),
+    ("mia", "mia.attacks=[loss,bar]", "mia.attacks=bar is not a choice: use one of loss, pia, secmi", "[loss,pia]"),
+    ("train", "arch.kind=unconditionl", "arch.kind=unconditionl is not a choice: use one of unconditional, pixel_text",
+     "unconditional"),
+    # a group option that does not exist (Hydra: twelve lines, the config search path included)
+    ("audit", "sampling=fats", "sampling=fats is not an option of sampling: use one of audit_demo, default, fast, "
+     "paper", "fast"),
+    ("nightly", "+preset=papr", "preset=papr is not an option of preset: use one of paper", "paper"),
+    # a value of the wrong type (Hydra: six lines of "Error merging override")
+    ("audit", "sampling.samples_per_prompt=1.5", "sampling.samples_per_prompt=1.5 is not a whole number", "'16'"),
+    ("generate", "sampling.guidance_scale=high", "sampling.guidance_scale=high is not a number", "1e1"),
+    ("train", "data.resize=maybe", "data.resize=maybe is not true or false", "no"),
+    ("audit", "sampling.samples_per_prompt=null", "sampling.samples_per_prompt cannot be null: give a whole number",
+     "3"),
+    ("nightly", "nightly.budget=abc", "nightly.budget=abc is not a whole number", "null"),  # Optional: null is fine
 ])
-def test_cli_names_a_value_that_is_not_a_choice_in_one_line(stage, override, message, monkeypatch, capsys):
-    """An enum key given a value outside its choices: one line naming the key and the choices (it was
-    Hydra's five-line "Error merging override" ending on HYDRA_FULL_ERROR)."""
+def test_cli_names_a_value_that_is_not_a_choice_in_one_line(stage, override, message, good, monkeypatch, capsys):
+    """A value outside an enum's choices, a group option that does not exist, a value of the wrong
+    type: one line naming the key and what it takes (each was a multi-line Hydra error ending on
+    HYDRA_FULL_ERROR)."""
     monkeypatch.setattr(sys, "argv", ["memex", stage, override])
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 1 and capsys.readouterr().err.splitlines() == [f"memex: error: {message}"]
-    key, good = override.split("=")[0], {"audit": "ivfpq", "mia": "[loss,pia]", "train": "unconditional"}[stage]
-    cli.check_overrides([f"{key}={good}", f"{key}=${{oc.env:X,flat}}"], cli.SCHEMAS[stage])  # valid, or Hydra's
+    key = override.split("=")[0]
+    # a valid value passes, and interpolations and sweeps are left to Hydra
+    cli.check_overrides([f"{key}={good}", f"{key}=${{oc.env:X,flat}}", f"{key}={good},{good}"], cli.SCHEMAS[stage])
 
 
 def test_job_entry_point_refuses_an_added_unknown_key(tmp_path):
