@@ -273,6 +273,14 @@ def to_mia_config(cfg: DictConfig) -> C.MiaConfig:
     return _typed(cfg, C.MiaConfig, C.validate_mia)
 
 
+# what a rerun of the same command after Ctrl-C keeps (units and checkpoints are written atomically)
+RESUMES = {"generate": "the shards already written are kept; rerun the same command to resume",
+           "audit": "the units already written are kept; rerun the same command to resume",
+           "mia": "the units already written are kept; rerun the same command to resume",
+           "nightly": "checkpoints audited are in the ledger; rerun the same command to audit the rest",
+           "train": "rerun the same command to resume from the last checkpoint (trainer.checkpoint_every)"}
+
+
 def _report_errors(fn):
     """Known user errors print one line naming the fix and exit 1 (Hydra would print a traceback).
 
@@ -291,6 +299,9 @@ def _report_errors(fn):
         except C.MemexError as e:
             print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)  # no credential: memex/redact.py
             raise SystemExit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C: a page of Ray Data's frames said nothing a user needs
+            print(f"memex: interrupted: {RESUMES[fn.__name__.lstrip('_')]}", file=sys.stderr)
+            raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
         finally:
             worked = ok or console.noted_folder() is not None
             where = console.finish(dest if ok else None, keep=worked)

@@ -142,3 +142,41 @@ def test_transformers_and_diffusers_warnings_go_to_the_file_not_the_console(log_
     finally:
         tlog.enable_default_handler(), tlog.disable_propagation(), tlog.enable_progress_bar()
         dlog.enable_default_handler(), dlog.disable_propagation()
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path):
+    """SIGINT (Ctrl-C) mid-generation: one line saying what is kept and to rerun, exit 130, the log
+    saved; it was a page of Ray Data and torch frames ending on KeyboardInterrupt. The rerun of the
+    same command resumes from the marked shards and ends with every sample once."""
+    import signal
+    import subprocess
+    import time
+
+    import pyarrow.dataset as ds
+
+    from conftest import BIN, REPO
+
+    root = tmp_path / "runs"
+    cmd = [str(BIN / "memex"), "generate", f"storage.root={root}", "run.name=r", "resources.executor=local",
+           "sampling.samples_per_prompt=6", "sampling.shard_size=2", "sampling.batch_size=2"]  # 3 prompts, 9 shards
+    markers = root / "r" / "samples" / "_markers"
+    # Python leaves SIGINT ignored when its parent ignored it (a shell's background job): restore it
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 240
+    while not (markers.is_dir() and any(markers.iterdir())) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    done = len(list(markers.iterdir()))
+    assert p.returncode == 130, (p.returncode, err[-2000:])
+    assert "memex: interrupted: the shards already written are kept; rerun the same command to resume" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert "memex: log: " in err and list((root / "r" / "logs").glob("generate-*.log"))
+    assert 1 <= done < 9, done  # interrupted mid-stage
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"({done} complete from an earlier run)" in r.stderr + r.stdout
+    ids = ds.dataset(str(root / "r" / "samples"), format="parquet").to_table(columns=["sample_id"])["sample_id"]
+    assert len(ids) == 18 and len(set(ids.to_pylist())) == 18
