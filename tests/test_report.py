@@ -117,7 +117,7 @@ def test_report_is_rebuilt_from_the_run_folder_alone(audited_run, tmp_path):
 
     bad = subprocess.run([str(Path(sys.executable).parent / "memex"), "report", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "not a finished audit run folder" in bad.stderr
+    assert bad.returncode == 1 and "nope does not exist: check the path" in bad.stderr
 
 
 def test_report_of_a_run_folder_in_the_previous_layout(audited_run, tmp_path):
