@@ -301,6 +301,33 @@ def test_audit_refuses_an_unreadable_training_set_before_the_index(tiny_models, 
         audit.run(_audit_cfg(tmp_path, tiny_models["pixel_text"], trainset, prompts))
 
 
+def test_audit_ranking_captions_refuses_a_manifest_without_its_caption_column(tiny_models, tmp_path, inputs,
+                                                                              no_index):
+    """The audit's prompts are the training captions (near-duplicate ranked): a manifest without
+    trainset.caption_column was found only after the whole index was built ("the training set has
+    no captions"); now before it, naming the key and the columns there are."""
+    from memex.stages import audit
+
+    manifest, _ = inputs
+    nocap = tmp_path / "nocap.parquet"
+    pq.write_table(pq.read_table(manifest).drop(["caption"]), nocap)
+
+    def cfg(path, *extra):
+        return compose(["model=local", f"model.path={tiny_models['pixel_text']}", "trainset=manifest",
+                        f"trainset.path={path}", f"storage.root={tmp_path / 'runs'}",
+                        "resources.address=127.0.0.1:1", *extra], config_name="audit")
+
+    assert cfg(manifest).prompts.source.value == "near_duplicates"
+    for path, extra in ((nocap, []), (manifest, ["trainset.caption_column=text"])):
+        column = extra[0].split("=")[1] if extra else "caption"
+        with pytest.raises(ConfigError, match=rf"the manifest has no '{column}' column \(trainset.caption_column\) "
+                                              r"to rank as prompts \(columns: \["):
+            audit.run(cfg(path, *extra))
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(_IndexStarted):  # prompts of their own: the captions are not needed
+        audit.run(cfg(nocap, "prompts=file", f"prompts.path={inputs[1]}"))
+
+
 def test_audit_accepts_an_image_folder_and_refuses_missing_prompts(tiny_models, tmp_path, inputs, no_index):
     from memex.stages import audit
 

@@ -59,7 +59,8 @@ def run(cfg: AuditConfig) -> dict:
     validate_audit(cfg)
     check_tracker(cfg.tracker)  # tracker=mlflow|tensorboard|wandb: its package is installed
     check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
-    check_trainset(cfg.trainset.path, cfg.storage.options)
+    ranks_captions = cfg.prompts.source == PromptSource.near_duplicates
+    check_trainset(cfg.trainset.path, cfg.storage.options, cfg.trainset.caption_column if ranks_captions else None)
     prompts = None
     if cfg.prompts.source != PromptSource.near_duplicates:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
@@ -120,10 +121,11 @@ def audit_run_folder(cfg: AuditConfig, run_name: str, layout: RunLayout) -> dict
     return summary
 
 
-def check_trainset(path: str, storage_options: dict) -> None:
+def check_trainset(path: str, storage_options: dict, caption_column: str | None = None) -> None:
     """trainset.path is readable, cheaply (the index stage lists it all): a manifest's Parquet
-    footer opens and has an id and an image or uri column; a folder holds an image or a manifest
-    (listed until the first one)."""
+    footer opens and has an id and an image or uri column, and `caption_column` when the prompts are
+    its captions (else found after the index build); a folder holds an image or a manifest (listed
+    until the first one)."""
     import fsspec
     import pyarrow.parquet as pq
 
@@ -159,6 +161,11 @@ def check_trainset(path: str, storage_options: dict) -> None:
         if "id" not in names or not names & {"image", "uri"}:
             raise ConfigError(f"trainset.path={path}: the manifest needs an 'id' column and an 'image' or 'uri' column "
                               f"(columns: {sorted(names)})")
+        if caption_column is not None and caption_column not in names:
+            raise ConfigError(f"trainset.path={path}: the manifest has no {caption_column!r} column "
+                              f"(trainset.caption_column) to rank as prompts (columns: {sorted(names)}): set "
+                              "trainset.caption_column=<column>, or give prompts=file (prompts=none for an "
+                              "unconditional model)")
 
 
 def top_by_triage(layout: RunLayout, keep: int) -> list[int]:
