@@ -95,6 +95,11 @@ class PixelEmbedder(Embedder):
         return (x.reshape(len(x), -1) * self._scale).numpy()
 
 
+def _sscd_missing(path: str) -> str:
+    return (f"embedder.path={path} does not exist: download an SSCD TorchScript file "
+            "(facebookresearch/sscd-copy-detection, e.g. sscd_disc_mixup.torchscript.pt) and set embedder.path=<file>")
+
+
 class SSCDEmbedder(Embedder):
     """SSCD TorchScript descriptor: size x size input, ImageNet normalisation, L2-normalised output."""
 
@@ -108,9 +113,7 @@ class SSCDEmbedder(Embedder):
             with fsspec.open(path, "rb", **(storage_options or {})) as f:
                 data = f.read()  # any fsspec URI; torch.jit.load reads from memory
         except FileNotFoundError:
-            raise EmbedderError(f"embedder.path={path} does not exist: download an SSCD TorchScript file "
-                                "(facebookresearch/sscd-copy-detection, e.g. sscd_disc_mixup.torchscript.pt) "
-                                "and set embedder.path=<file>") from None
+            raise EmbedderError(_sscd_missing(path)) from None
         try:
             self.model = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/ValueError for non-TorchScript files
@@ -188,9 +191,33 @@ def make_embedder(cfg: EmbedderConfig, device: str = "cpu", storage_options: dic
     if not cfg.path:
         what = "an SSCD TorchScript file" if kind == "sscd" else "a CLIP folder or hub id (org/name)"
         raise EmbedderError(f"embedder.kind={kind} needs a model: set embedder.path=... ({what})")
+    check_embedder(cfg, storage_options)
     if kind == "sscd":
         return SSCDEmbedder(cfg.path, cfg.size, device, cfg.batch_size, storage_options)
-    if not os.path.exists(cfg.path) and not HUB_ID.match(cfg.path):
-        raise EmbedderError(f"embedder.path={cfg.path} is neither an existing local folder nor a hub id (org/name): "
-                            "set embedder.path=... to one")
     return CLIPEmbedder(cfg.path, cfg.size, device, cfg.batch_size)
+
+
+def check_embedder(cfg: EmbedderConfig, storage_options: dict[str, Any] | None = None) -> None:
+    """What can be told of embedder.path without loading it, for the audit's preflight: the index
+    stage loads the model only after writing the training table into a new index folder (a copy of
+    the training set's bytes for a manifest that embeds them). An sscd file exists and is a zip
+    archive, as TorchScript files are; a local CLIP folder has a config.json; a hub id is left to
+    the load."""
+    kind, path = getattr(cfg.kind, "value", cfg.kind), cfg.path
+    if kind == "sscd" and path:
+        try:
+            with fsspec.open(path, "rb", **(storage_options or {})) as f:
+                head = f.read(4)
+        except FileNotFoundError:
+            raise EmbedderError(_sscd_missing(path)) from None
+        if head != b"PK\x03\x04":
+            raise EmbedderError(f"embedder.path={path} is not a TorchScript model (not a zip archive, as "
+                                "torch.jit.save writes them); SSCD publishes *.torchscript.pt files: set embedder.path "
+                                "to one")
+    elif kind == "clip" and path:
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+            raise EmbedderError(f"embedder.path={path} has no config.json: not a transformers CLIP folder "
+                                "(save one with CLIPVisionModelWithProjection.save_pretrained, or give a hub id)")
+        if not os.path.exists(path) and not HUB_ID.match(path):
+            raise EmbedderError(f"embedder.path={path} is neither an existing local folder nor a hub id (org/name): "
+                                "set embedder.path=... to one")

@@ -133,8 +133,17 @@ def test_errors_name_the_key(tmp_path):
                        match="embedder.path=.*nowhere/clip is neither an existing local folder nor a hub id"):
         make_embedder(EmbedderConfig("clip", path=str(tmp_path / "nowhere" / "clip")))
     (tmp_path / "empty").mkdir()
+    with pytest.raises(EmbedderError, match="embedder.path=.*empty has no config.json: not a transformers CLIP folder"):
+        make_embedder(EmbedderConfig("clip", path=str(tmp_path / "empty")))
+    (tmp_path / "empty" / "config.json").write_text("{}")  # past the cheap check: the load names it
     with pytest.raises(EmbedderError, match="embedder.path=.*empty is not a loadable CLIP checkpoint"):
         make_embedder(EmbedderConfig("clip", path=str(tmp_path / "empty")))
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "zip.pt", "w") as z:  # a zip archive, but not TorchScript
+        z.writestr("a.txt", "x")
+    with pytest.raises(EmbedderError, match=r"zip.pt is not a TorchScript model \(RuntimeError"):
+        make_embedder(EmbedderConfig("sscd", path=str(tmp_path / "zip.pt")))
     with pytest.raises(EmbedderError, match="embedder.size and embedder.batch_size must be >= 1"):
         make_embedder(EmbedderConfig("pixels", size=0))
     if not torch.cuda.is_available():

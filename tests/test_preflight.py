@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from memex.config import ConfigError
+from memex.config import ConfigError, MemexError
 from memex.images import encode_png
 from memex.models import ModelError, check_model_inputs, load_model
 from memex.prompts import PromptError
@@ -326,6 +326,26 @@ def test_audit_ranking_captions_refuses_a_manifest_without_its_caption_column(ti
     assert not (tmp_path / "runs").exists()
     with pytest.raises(_IndexStarted):  # prompts of their own: the captions are not needed
         audit.run(cfg(nocap, "prompts=file", f"prompts.path={inputs[1]}"))
+
+
+@pytest.mark.parametrize("embedder, path, message", [
+    ("sscd", "absent.pt", r"absent.pt does not exist: download an SSCD TorchScript file"),
+    ("sscd", "junk.pt", r"junk.pt is not a TorchScript model \(not a zip archive"),
+    ("clip", "empty", r"empty has no config.json: not a transformers CLIP folder"),
+    ("clip", "absent", r"absent is neither an existing local folder nor a hub id"),
+])
+def test_audit_refuses_a_bad_embedder_path_before_the_index(tiny_models, tmp_path, inputs, no_index, embedder, path,
+                                                           message):
+    """The index stage loads the embedder only after writing the training table into a new index
+    folder (a copy of a manifest's image bytes): a wrong embedder.path is now named before that."""
+    from memex.stages import audit
+
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MemexError, match=f"embedder.path=.*{message}"):
+        audit.run(_audit_cfg(tmp_path, tiny_models["pixel_text"], *inputs, f"embedder={embedder}",
+                             f"embedder.path={tmp_path / path}"))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_audit_accepts_an_image_folder_and_refuses_missing_prompts(tiny_models, tmp_path, inputs, no_index):

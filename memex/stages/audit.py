@@ -39,6 +39,7 @@ from memex.config import (
     adaptive,
     validate_audit,
 )
+from memex.embed import check_embedder
 from memex.layout import RunLayout
 from memex.lease import hold
 from memex.models import check_model_inputs
@@ -61,6 +62,7 @@ def run(cfg: AuditConfig) -> dict:
     check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
     ranks_captions = cfg.prompts.source == PromptSource.near_duplicates
     check_trainset(cfg.trainset.path, cfg.storage.options, cfg.trainset.caption_column if ranks_captions else None)
+    check_embedder(cfg.embedder, cfg.storage.options)  # before an index folder is made for it
     prompts = None
     if cfg.prompts.source != PromptSource.near_duplicates:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
