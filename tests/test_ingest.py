@@ -413,3 +413,26 @@ def test_a_damaged_vectors_file_is_named_when_its_near_duplicates_are_redone(tmp
     npz.unlink()  # as the message says: the file, and the marker of its unit (the shards unit)
     (tmp_path / "runs" / "_index" / info.key / "shards" / "_markers" / "shard-000001.json").unlink()
     assert index.run(cfg) == info and layout.dups.complete() == [0, 1]
+
+
+def test_ivfpq_settings_that_do_not_fit_the_data_are_refused_before_the_index_folder(tmp_path, in_process_units):
+    """More IVF lists than training vectors, or a pq_m that does not divide the pixel dimension
+    (3 x 16 x 16 = 768): the quantizer task raised it, after train.parquet (a copy of the training
+    set) was written into a new index folder. Now before anything is written."""
+    import dataclasses
+
+    from memex.index import IndexSpecError
+    from memex.stages import index
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i in range(6):
+        (pics / f"p{i}.png").write_bytes(encode_png(_img(i)))
+    cfg = _audit_cfg(str(pics), tmp_path / "runs")
+    for change, message in [({"nlist": 8}, r"IVF-PQ needs at least max\(index.nlist=8, 2\*\*index.pq_nbits=2\) = 8 "
+                                            r"training vectors, got 6"),
+                            ({"nlist": 2, "pq_m": 7}, r"index.pq_m=7 must divide the embedding dimension 768")]:
+        bad = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, kind="ivfpq", pq_nbits=1, **change))
+        with pytest.raises(IndexSpecError, match=message):
+            index.run(bad)
+        assert not (tmp_path / "runs").exists()

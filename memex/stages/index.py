@@ -182,6 +182,7 @@ def run(cfg: AuditConfig) -> IndexInfo:
     opts = cfg.storage.options
     # 1. listing and key
     listing = list_training_set(cfg.trainset.path, opts, cfg.trainset.caption_column)
+    check_spec(cfg, listing.num_rows)
     key = index_key(listing, cfg)
     root = cfg.index.root or cfg.storage.root.rstrip("/") + "/_index"
     layout = IndexLayout(root, key, opts)
@@ -203,6 +204,20 @@ def run(cfg: AuditConfig) -> IndexInfo:
             log.info("index %s was completed by another audit: reusing it", layout.uri)
             return IndexInfo.from_json(done)
         return build(cfg, listing, key, root, layout)
+
+
+def check_spec(cfg: AuditConfig, n_rows: int) -> None:
+    """The index settings against the data, before anything is written: an IVF-PQ with more lists
+    than training vectors, or (pixels, whose dimension the config gives) a pq_m that does not divide
+    it, failed in the quantizer task, after train.parquet (a copy of a manifest's image bytes) was
+    in a new index folder. sscd/clip dimensions are known once the model loads: checked there."""
+    from memex.embed import PixelEmbedder
+    from memex.index import EMBEDDER_METRIC, IndexSpec
+
+    kind = getattr(cfg.embedder.kind, "value", cfg.embedder.kind)
+    spec = IndexSpec.from_config(cfg.index, EMBEDDER_METRIC[kind])
+    dim = PixelEmbedder(cfg.embedder.size).dim if kind == "pixels" else None
+    spec.validate(dim=dim, n_train=min(n_rows, spec.train_size))
 
 
 def missing_units(layout: IndexLayout, n_shards: int, ivfpq: bool) -> list[str]:
