@@ -77,6 +77,17 @@ def unreachable_storage(root: str, shared_mount: bool, alive_nodes: int) -> str 
     return None
 
 
+def _differences(a: dict, b: dict, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, old, new) of every leaf that differs: `sampling.guidance_scale: was 7.5, now 3.0`
+    rather than both whole sampling sections, ten keys each."""
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            yield f"{prefix}{k}", x, y
+
+
 class Store:
     """A folder on any fsspec filesystem. Paths given to its methods are filesystem paths
     (`store.join(...)`, no protocol); `uri_of` turns one back into a URI a user can paste."""
@@ -177,8 +188,7 @@ class Store:
         if existing is None:
             self.write_json(path, settings)
         elif existing != settings:
-            diff = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
-            detail = "; ".join(f"{k}: was {existing.get(k)!r}, now {settings.get(k)!r}" for k in diff)
+            detail = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, a, b in _differences(existing, settings))
             raise StorageError(f"{what} was written with other settings ({detail}). Nothing was changed. {fix}")
 
     def check_reachable(self, what: str, keys: str) -> None:

@@ -96,6 +96,12 @@ def test_claim_run_refuses_other_settings_and_changes_nothing(tmp_path):
     with pytest.raises(StorageError, match="steps: was 50, now 10.*another run.name"):
         _claim_run(lay, {"seed": 0, "steps": 10})
     assert (tmp_path / "r1" / "run.json").read_bytes() == before
+    # nested sections: the keys that differ, dotted, not both whole sections
+    lay2 = RunLayout(str(tmp_path), "r2")
+    _claim_run(lay2, {"sampling": {"batch_size": 16, "guidance_scale": 7.5, "seed": 0}, "model": "m"})
+    with pytest.raises(StorageError) as e:
+        _claim_run(lay2, {"sampling": {"batch_size": 32, "guidance_scale": 7.5, "seed": 0}, "model": "m"})
+    assert "other settings (sampling.batch_size: was 16, now 32)." in str(e.value)
 
 
 def test_unreachable_bucket_names_the_uri(s3_server):
