@@ -184,9 +184,11 @@ def check_protocol(key: str, uri: Optional[str]) -> None:
         return  # a local path (or unset: the key's own check names it)
     import fsspec  # here: the config module stays free of I/O imports
 
+    from memex.storage import protocol_of  # here: memex.storage imports this module
+
     for part in uri.split("::"):
-        proto = part.split("://", 1)[0].lower() if "://" in part else part.lower()
-        if not proto or len(proto) == 1:  # a Windows drive letter, not a protocol
+        proto = protocol_of(part) if "://" in part else part.lower()
+        if not proto:  # a Windows drive letter, not a protocol
             continue
         try:
             fsspec.get_filesystem_class(proto)
