@@ -135,7 +135,11 @@ def test_three_nights_audit_each_checkpoint_once(tmp_path, browser, monkeypatch)
     assert page.locator("svg circle").count() == 2 * len(STEPS)
     hrefs = page.eval_on_selector_all("a", "els => els.map(e => e.href)")
     assert len(hrefs) == 3 and all(Path(h.removeprefix("file://")).is_file() for h in hrefs)
-    page.screenshot(path=str(tmp_path / "trend.png"), full_page=True)
+    # the viewport, not full_page: Chromium's full-page capture (a resize of the page's metrics)
+    # fails now and then under load with "Unable to capture screenshot" (seen once in ~30 runs)
+    shot = tmp_path / "trend.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000  # a drawn page, not a blank one
     page.close()
 
     # another config is another audit of the same checkpoints; unchanged files are not read again

@@ -73,7 +73,7 @@ def test_report_renders_without_console_errors_and_shows_the_pairs(audited_run, 
     page.goto(Path(uri).as_uri())
     page.wait_for_load_state("load")
     shot = tmp_path / "report.png"
-    page.screenshot(path=str(shot), full_page=True)
+    page.screenshot(path=str(shot))  # the viewport: Chromium's full-page capture is flaky under load
     assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
     assert problems == []  # no console errors, no failed image, no network fetch
 
