@@ -153,6 +153,10 @@ class ResourcesConfig:
     num_gpus: float = 0.0  # per actor; 0 = run on CPU
     num_cpus: float = 2.0  # per actor: torch threads (Ray sets OMP_NUM_THREADS)
     device: str = "auto"  # auto | cpu | cuda
+    # How long a stage waits for a node that fits one worker (num_cpus, num_gpus) to join a cluster
+    # that has none: an autoscaler launching a GPU node takes ~3-10 min. A Ray instance memex starts
+    # on this machine cannot grow, so there a worker that fits no node fails at once.
+    start_timeout_s: float = 900.0
 
 
 @dataclass
@@ -316,6 +320,7 @@ def validate_resources(r: ResourcesConfig) -> None:
     _at_least("resources.max_actors", r.max_actors, r.min_actors)
     _at_least("resources.num_gpus", r.num_gpus, 0)
     _at_least("resources.num_cpus", r.num_cpus, 0)
+    _at_least("resources.start_timeout_s", r.start_timeout_s, 0)
     if r.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"resources.device must be auto, cpu or cuda, got {r.device!r}")
     if r.executor == ExecutorKind.local and r.address:

@@ -101,6 +101,74 @@ def alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
+def worker_request(resources: ResourcesConfig, gpu: bool = True) -> dict[str, float]:
+    """One task's or actor's Ray resources as a node lists them: {"CPU": 2.0, "GPU": 1.0}, zeros left out."""
+    opts = remote_options(resources, gpu)
+    return {k: float(v) for k, v in (("CPU", opts["num_cpus"]), ("GPU", opts["num_gpus"])) if v > 0}
+
+
+def _amount(kind: str, v: float) -> str:
+    return f"{v:g} {kind}" + ("s" if v != 1 else "")
+
+
+def shortfall(request: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
+    """None when some node's total resources hold `request`, else what is asked, naming the keys:
+    "resources.num_gpus=1 asks for 1 GPU per worker". Totals, not what is free now: a busy node
+    frees its resources, a too-small one never grows."""
+    if any(all(n.get(k, 0.0) >= v for k, v in request.items()) for n in nodes):
+        return None
+    key = {"CPU": "resources.num_cpus", "GPU": "resources.num_gpus"}
+    short = [k for k in request if not any(n.get(k, 0.0) >= request[k] for n in nodes)] or list(request)
+    return (f"{' and '.join(f'{key[k]}={request[k]:g}' for k in short)} ask{'s' if len(short) == 1 else ''} "
+            f"for {' and '.join(_amount(k, request[k]) for k in short)} per worker")
+
+
+def _largest(nodes: list[dict[str, float]]) -> str:
+    """"2 CPUs, 0 GPUs": the node with the most GPUs, then CPUs."""
+    best = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
+    return ", ".join(_amount(k, best.get(k, 0.0)) for k in ("CPU", "GPU"))
+
+
+_NEVER_JOINED: set[tuple] = set()  # worker shapes this process waited for in vain
+
+
+def check_fits(resources: ResourcesConfig, gpu: bool = True) -> None:
+    """A worker (task or actor) that fits no node of the Ray cluster is never scheduled: Ray waits
+    for such a node forever, silently (resources.num_gpus=1 on a laptop hung `memex generate` at
+    "1 unit to run"). Checked before each stage dispatches its units. On a Ray instance memex started
+    on this machine: a ConfigError at once. On a cluster: a placement group of one worker's shape is
+    demand an autoscaler answers by launching a node; it is waited for up to resources.start_timeout_s,
+    then removed (the units themselves then ask for their resources as usual)."""
+    import ray
+
+    request = worker_request(resources, gpu)
+    nodes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in ray.nodes() if n.get("Alive")]
+    asks = shortfall(request, nodes) if request else None
+    if asks is None:
+        return
+    fix = ("set resources.num_gpus=0 to run on CPU, or resources.address to a Ray cluster with GPU nodes"
+           if "num_gpus" in asks else "lower resources.num_cpus to what a node has")
+    if _STARTED_HERE:
+        raise ConfigError(f"{asks}, and this machine's Ray instance has {_largest(nodes)}: {fix}")
+    where = f"no node of the Ray cluster has that (the largest: {_largest(nodes)})"
+    shape = tuple(sorted(request.items()))
+    if resources.start_timeout_s > 0 and shape not in _NEVER_JOINED:  # waited for once per command
+        # (`memex nightly` audits checkpoint after checkpoint: one wait, not one per checkpoint)
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        log.warning("%s, and %s yet: waiting up to %gs (resources.start_timeout_s) for an autoscaler to add one",
+                    asks, where, resources.start_timeout_s)
+        pg = placement_group([request])
+        try:
+            if pg.wait(timeout_seconds=resources.start_timeout_s):
+                return
+        finally:
+            remove_placement_group(pg)
+        _NEVER_JOINED.add(shape)
+    raise ConfigError(f"{asks}, and {where}, and none joined within resources.start_timeout_s="
+                      f"{resources.start_timeout_s:g}: {fix}, or add a node type of that size (cluster.yaml)")
+
+
 def check_storage_reachable(root: str, shared_mount: bool = False) -> None:
     """Refuse a node-local storage.root on a cluster of more than one node (memex/storage.py
     `unreachable_storage`): ConfigError naming object storage or storage.shared_mount."""
@@ -134,10 +202,17 @@ def probe_address(address: str, timeout_s: float = 10.0) -> None:
                             "cluster.yaml`) or correct the address") from e
 
 
+# True once this process started its own Ray instance (resources.address unset): one machine,
+# no autoscaler, so a worker that fits none of its nodes never will.
+_STARTED_HERE: list[bool] = []
+
+
 def _start(resources: ResourcesConfig) -> None:
     import ray
 
     address = resources.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        _STARTED_HERE[:] = [True]
     probe_address(address)
     managed = console.log_file() is not None  # under the `memex` command: its console and log file
     if managed:
@@ -391,6 +466,7 @@ def run_tasks(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callabl
         import ray
 
         init(resources)
+        check_fits(resources, gpu)
         console.note_folder(folder.store)
         label = STAGE_LABELS.get(folder.name, folder.name)
         task = ray.remote(**remote_options(resources, gpu))(do_unit)
@@ -480,6 +556,7 @@ def call_all(fn: Callable[..., Any], calls: list[dict[str, Any]], resources: Res
     import ray
 
     init(resources)
+    check_fits(resources, gpu)
     task = ray.remote(**remote_options(resources, gpu))(fn)
     refs = [task.remote(**kw) for kw in calls]
     try:
@@ -518,6 +595,7 @@ class Resident:
 
         if self._worker is None:
             init(self.resources)
+            check_fits(self.resources, self.gpu)
             actor = ray.remote(max_restarts=self.RESTARTS, max_task_retries=self.RESTARTS,
                                **remote_options(self.resources, self.gpu))(self.cls)
             self._worker = actor.remote(**self.kwargs)
@@ -578,6 +656,7 @@ def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker
         import ray.data
 
         init(resources)
+        check_fits(resources)
         if console.log_file() is not None:
             _quiet_ray_data()
         console.note_folder(folder.store)

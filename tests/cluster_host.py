@@ -9,6 +9,8 @@ connects to it as any driver does (resources.address).
     python tests/cluster_host.py <gpu nodes>
     -> prints one JSON line: {"address": <GCS address>, "head": <node id>, "gpu_nodes": [<node id>, ...]}
     <- "remove <i>"  removes GPU node i (its raylet, object store and workers die) -> prints "removed <i>"
+    <- "add <g>"     adds a node with g GPUs (an autoscaler's launch) -> prints its node id; it is GPU node
+                     len(gpu_nodes) from then on
     <- "quit" or EOF shuts everything down
 
 The head declares no GPU and 2 CPUs; each GPU node declares num_gpus=1 (a logical resource: Ray
@@ -40,6 +42,10 @@ def main() -> None:
             if cmd[:1] == ["remove"]:
                 cluster.remove_node(gpu_nodes[int(cmd[1])], allow_graceful=False)  # a node lost, not drained
                 print(f"removed {cmd[1]}", flush=True)
+            elif cmd[:1] == ["add"]:
+                gpu_nodes.append(cluster.add_node(num_cpus=CPUS, num_gpus=int(cmd[1]), object_store_memory=STORE))
+                cluster.wait_for_nodes()
+                print(gpu_nodes[-1].node_id, flush=True)
             elif cmd[:1] == ["quit"]:
                 break
     finally:

@@ -5,6 +5,7 @@ connected by resources.address as `ray job submit` connects it.
   - resources=gpu: the sampler actors land only on the GPU nodes (the node each unit
     ran on is in its marker), and an audit with storage on the moto S3 server completes;
   - a local storage.root is refused on this cluster (each node would write to its own disk);
+  - a worker no node fits (resources.num_gpus=2) waits for a node to join, as an autoscaler adds one;
   - a GPU node removed mid-generation, storage.shared_mount=true on a local root (here every node
     does share this machine's disk): the run still ends with every sample present exactly once
     (last: the module's cluster has one GPU node less afterwards).
@@ -46,6 +47,13 @@ class Host:
         self.proc.stdin.write(f"remove {i}\n")
         self.proc.stdin.flush()
         assert self.proc.stdout.readline().strip() == f"removed {i}"
+
+    def add(self, gpus: int) -> int:
+        """A node with `gpus` GPUs joins (as an autoscaler would launch one); returns its index."""
+        self.proc.stdin.write(f"add {gpus}\n")
+        self.proc.stdin.flush()
+        self.gpu_nodes.append(self.proc.stdout.readline().strip())
+        return len(self.gpu_nodes) - 1
 
     def close(self) -> None:
         try:
@@ -116,6 +124,37 @@ def test_local_storage_is_refused_on_a_cluster_unless_a_shared_mount(cluster, tm
     assert "storage.shared_mount=true" in err
     assert not (tmp_path / "local" / "samples").exists()  # refused before any unit ran
     # the same root with storage.shared_mount=true runs: the lost-node test below
+
+
+def test_a_worker_no_node_fits_waits_until_a_node_joins_and_that_node_takes_the_work(cluster, tmp_path):
+    """resources.num_gpus=2: no node of this cluster has two GPUs. Ray would wait for one forever,
+    silently; memex says on the console that it waits (its placement group is the demand an
+    autoscaler answers) and goes on when a node that fits joins, which then takes every unit.
+    Refused when none joins in time: tests/test_runner.py (the same check, in process)."""
+    import fsspec
+
+    common = [f"resources.address={cluster.address}", *GPU, "resources.num_gpus=2", "resources.min_actors=1",
+              "resources.max_actors=1", "run.name=two-gpus", "sampling.samples_per_prompt=2",
+              "sampling.num_inference_steps=4", "sampling.batch_size=2", "sampling.shard_size=2",
+              f"storage.root={tmp_path}", "storage.shared_mount=true"]
+    fs = fsspec.filesystem("file")
+    proc = subprocess.Popen([str(BIN / "memex"), "generate", *common, "resources.start_timeout_s=300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    waiting = proc.stderr.readline()
+    while waiting and "waiting up to 300s (resources.start_timeout_s)" not in waiting:
+        waiting = proc.stderr.readline()
+    assert waiting, proc.communicate(timeout=60)
+    assert ("resources.num_gpus=2 asks for 2 GPUs per worker, and no node of the Ray cluster has that (the largest: "
+            "2 CPUs, 1 GPU) yet") in waiting, waiting
+    assert not (tmp_path / "two-gpus" / "samples" / "_markers").exists()
+    new = cluster.add(2)
+    try:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        nodes = {m["node_id"] for m in markers(fs, str(tmp_path / "two-gpus" / "samples"))}
+        assert nodes == {cluster.gpu_nodes[new]}  # the node that joined ran every unit
+    finally:
+        cluster.remove(new)  # the lost-node test below counts on the module's two GPU nodes
 
 
 def test_a_gpu_node_lost_mid_generation_leaves_every_sample_once(cluster, tmp_path):

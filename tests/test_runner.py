@@ -377,3 +377,87 @@ def test_an_address_nothing_listens_at_fails_in_one_line_before_ray_init():
         runner.probe_address(f"127.0.0.1:{s.getsockname()[1]}")
     for address in ("local", "auto", "ray://head:10001"):  # left to Ray as given
         runner.probe_address(address)
+
+
+# ---- a worker no node fits: Ray would wait for one forever ---------------------------------------
+def twice(x: int) -> int:
+    return 2 * x
+
+
+def test_shortfall_names_the_keys_no_node_meets():
+    nodes = [{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0}]
+    assert runner.shortfall({"CPU": 4.0, "GPU": 1.0}, nodes) is None
+    assert runner.shortfall({"CPU": 2.0, "GPU": 0.5}, nodes) is None  # a fraction of a GPU fits
+    assert runner.shortfall({"CPU": 16.0}, nodes) == "resources.num_cpus=16 asks for 16 CPUs per worker"
+    assert runner.shortfall({"CPU": 4.0, "GPU": 2.0}, nodes) == "resources.num_gpus=2 asks for 2 GPUs per worker"
+    # each amount on some node, never both on one: both keys are named
+    assert runner.shortfall({"CPU": 6.0, "GPU": 1.0}, nodes) == \
+        "resources.num_cpus=6 and resources.num_gpus=1 ask for 6 CPUs and 1 GPU per worker"
+    assert runner.shortfall({"GPU": 1.0}, []) == "resources.num_gpus=1 asks for 1 GPU per worker"
+
+
+def test_a_worker_no_node_fits_is_refused_at_once_on_an_instance_memex_started(ray_head, folder, monkeypatch):
+    """The session's Ray has 4 CPUs and no GPU. Started by memex itself (no resources.address: this
+    machine alone, no autoscaler), a GPU worker or a 5-CPU one can never run: refused before any
+    unit, where Ray would have waited for it forever. What fits runs; gpu=False steps ask no GPU."""
+    import time
+
+    monkeypatch.setattr(runner, "_STARTED_HERE", [True])
+    _ship_this_module_by_value()
+    gpu = ResourcesConfig(num_cpus=1, num_gpus=1)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        runner.run_tasks(folder, {0: {}}, raise_oserror, gpu)
+    assert str(e.value) == ("resources.num_gpus=1 asks for 1 GPU per worker, and this machine's Ray instance has "
+                            "4 CPUs, 0 GPUs: set resources.num_gpus=0 to run on CPU, or resources.address to a "
+                            "Ray cluster with GPU nodes")
+    assert time.monotonic() - t0 < 30 and folder.complete() == []
+    with pytest.raises(ConfigError, match=r"^resources.num_cpus=5 asks for 5 CPUs per worker, .* lower resources"):
+        runner.run_actor_pool(folder, {0: {}}, FailingUnit, {}, ResourcesConfig(num_cpus=5))
+    with pytest.raises(ConfigError, match="resources.num_gpus=1"):
+        runner.Resident(FailingUnit, {}, gpu)(0)
+    assert runner.call_all(twice, [{"x": 3}], gpu, gpu=False) == [6]  # no GPU asked: it runs
+
+
+def test_on_a_cluster_a_worker_no_node_fits_is_waited_for_then_refused(ray_head, folder, monkeypatch):
+    """Connected to a cluster (an autoscaler may launch the node): waited for up to
+    resources.start_timeout_s, then refused naming the keys; 0 refuses at once, and so does a
+    later stage of the same command once a wait for that shape was in vain (`memex nightly`)."""
+    import time
+
+    monkeypatch.setattr(runner, "_STARTED_HERE", [])
+    monkeypatch.setattr(runner, "_NEVER_JOINED", set())
+    _ship_this_module_by_value()
+    for timeout, waits in ((0, 0), (2, 2), (60, 0)):
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError) as e:
+            runner.run_tasks(folder, {0: {}}, raise_oserror, ResourcesConfig(num_cpus=1, num_gpus=1,
+                                                                            start_timeout_s=timeout))
+        took = time.monotonic() - t0
+        assert str(e.value).startswith(
+            "resources.num_gpus=1 asks for 1 GPU per worker, and no node of the Ray cluster has that (the largest: "
+            f"4 CPUs, 0 GPUs), and none joined within resources.start_timeout_s={timeout}: set resources.num_gpus=0")
+        assert waits <= took < waits + 20 and folder.complete() == []
+    from ray.util import placement_group_table
+
+    assert all(p["state"] == "REMOVED" for p in placement_group_table().values())  # no demand left behind
+
+
+@pytest.mark.slow
+def test_cli_resources_gpu_on_a_machine_without_one_fails_in_one_line_before_any_unit(tmp_path):
+    """`memex generate resources=gpu` on this GPU-less machine, no resources.address: memex starts
+    its own Ray instance, which no GPU node can ever join. It hung at "generate: 1 unit to run"."""
+    import subprocess
+
+    from conftest import BIN, REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([str(BIN / "memex"), "generate", "resources=gpu", f"storage.root={tmp_path}", "run.name=r"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("memex: error:")]
+    assert len(errors) == 1 and re.fullmatch(
+        r"memex: error: resources.num_gpus=1 asks for 1 GPU per worker, and this machine's Ray instance has "
+        r"\d+ CPUs?, 0 GPUs: set resources.num_gpus=0 to run on CPU, or resources.address to a Ray cluster with "
+        r"GPU nodes", errors[0]), errors
+    assert "Traceback" not in r.stderr and not (tmp_path / "r" / "samples").exists()
