@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from memex.config import MemexError, ModelKind, SchedulerKind
+from memex.config import ConfigError, MemexError, ModelKind, SchedulerKind
 from memex.console import library_logs_to_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -53,10 +53,23 @@ class LoadedModel:
 
 
 def resolve_device(requested: str) -> str:
-    """resources.device: "auto" -> cuda when a GPU is visible to this process, else cpu."""
+    """resources.device: "auto" -> cuda when a GPU is visible to this process, else cpu. "cuda" with
+    none visible fails naming the key (it was torch's "Torch not compiled with CUDA enabled" from
+    the first .to()). Ray hides the GPUs from a worker that asked for none (CUDA_VISIBLE_DEVICES=""),
+    so on a GPU node too, resources.device=cuda needs resources.num_gpus > 0."""
     import torch
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+        why, fix = (("torch here is a CPU build", "install a CUDA build of torch (docker/Dockerfile)")
+                    if torch.version.cuda is None else
+                    ('CUDA_VISIBLE_DEVICES=""', "set resources.num_gpus=1: Ray shows a worker the GPUs it asks for")
+                    if hidden else ("torch finds no CUDA device", "run it on a GPU node"))
+        raise ConfigError(f"resources.device=cuda, but this worker sees no GPU ({why}): {fix}, "
+                          "or set resources.device=auto (a GPU where one is visible, else the CPU)")
+    return requested
 
 
 def check_local_checkpoint(path: str, key: str = "model.path") -> dict:

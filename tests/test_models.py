@@ -107,3 +107,29 @@ def test_tokenizer_saves_and_loads_offline(tmp_path):
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == "aredapple"
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == 16
+
+
+def test_device_cuda_where_the_worker_sees_no_gpu_names_the_key_and_why(monkeypatch):
+    """resources.device=cuda with no GPU visible failed at the first .to() with torch's "Torch not
+    compiled with CUDA enabled". Each cause gets its fix; Ray hides the GPUs from a worker that asked
+    for none (CUDA_VISIBLE_DEVICES=""), the usual one on a GPU node. The GPU is hidden by hand here."""
+    import torch
+
+    from memex.config import ConfigError
+    from memex.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    for cuda, visible, why, fix in [
+            (None, None, "torch here is a CPU build", "install a CUDA build of torch"),
+            ("12.4", "", 'CUDA_VISIBLE_DEVICES=""', "set resources.num_gpus=1"),
+            ("12.4", None, "torch finds no CUDA device", "run it on a GPU node")]:
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        with pytest.raises(ConfigError) as e:
+            resolve_device("cuda")
+        assert str(e.value).startswith(f"resources.device=cuda, but this worker sees no GPU ({why}): {fix}")
+        assert str(e.value).endswith("or set resources.device=auto (a GPU where one is visible, else the CPU)")
