@@ -16,7 +16,8 @@
         logs/<stage>-<time>.log      each command's full log; <stage>-<time>-traceback.txt: a failed unit's
         _lease.json                  while an audit or generation works in the folder: who (memex/lease.py)
       each stage folder also holds _markers/shard-*.json (a unit is complete), _SUCCESS.json (the
-      stage is complete) and, for filter and match, _settings.json (a rerun must match them).
+      stage is complete), for filter and match _settings.json (a rerun must match them), and on Ray
+      _attempts/shard-*.json (how often the current command started the unit: memex/runner.py).
       A stage folder holds one dataset's Parquet files and nothing else but `_`-prefixed names,
       which pyarrow skips: `pyarrow.dataset.dataset("<run>/samples")` reads it as it is (likewise
       triage/, candidates/, matches/, and the index's dups/ and quarantine/). Run folders written

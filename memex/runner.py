@@ -42,6 +42,7 @@ import re
 import socket
 import time
 import traceback
+import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, Sequence
 
@@ -62,6 +63,10 @@ STAGE_LABELS = {"samples": "generate", "candidates": "filter", "matches": "match
 class UnitFailed(MemexError):
     """A unit raised on Ray (in a task, an actor's __init__ or call): one line naming the root cause;
     the full traceback is in the file named at its end."""
+
+
+class WorkerDeaths(UnitFailed):
+    """A unit whose worker process died every time it was started (`MAX_STARTS`)."""
 
 
 class RayStartError(MemexError):
@@ -302,6 +307,8 @@ def _is_exception_name(name: str) -> bool:
     short = name.rsplit(".", 1)[-1]
     if short.endswith(("Error", "Exception", "Exit", "Interrupt", "Failure", "Timeout")):
         return True
+    if name.startswith("memex.") and _memex_class(name) is not None:  # UnitFailed, WorkerDeaths
+        return True
     b = getattr(builtins, short, None)
     return isinstance(b, type) and issubclass(b, BaseException)
 
@@ -394,13 +401,45 @@ def failed(exc: BaseException, label: str, store: Store | None) -> MemexError:
     msg = " ".join(msg.split())  # one line
     if len(msg) > MAX_MESSAGE:
         msg = msg[:MAX_MESSAGE] + " ..."
-    line = f"{label} failed: {name.rsplit('.', 1)[-1]}: {msg} (full traceback: {where})"
     cls = type(obj) if isinstance(obj, MemexError) else _memex_class(name)
+    if cls is WorkerDeaths:
+        msg += _why_workers_died(BATCH_KEYS.get(folder_name(label)))
+    line = f"{label} failed: {name.rsplit('.', 1)[-1]}: {msg} (full traceback: {where})"
     if cls is not None:
         err = cls.__new__(cls)
         err.args = (line,)
         return err
     return UnitFailed(line)
+
+
+def oom_kills() -> int | None:
+    """Workers Ray's memory monitor killed (exit type NODE_OUT_OF_MEMORY) since this command
+    started, on the whole cluster (Ray's state API lists workers by node, not by job); None where
+    the state API does not answer (it is served by the dashboard)."""
+    try:
+        from ray.util.state import list_workers
+
+        dead = list_workers(filters=[("exit_type", "=", "NODE_OUT_OF_MEMORY")], detail=True, limit=10_000,
+                            raise_on_missing_output=False, timeout=10)  # a slow dashboard: not 30 s more
+    except Exception:  # noqa: BLE001 - no dashboard, an older Ray: the message says where to look instead
+        return None
+    return sum(1 for w in dead if (w.end_time_ms or 0) >= _STARTED_MS)
+
+
+def _why_workers_died(key: str | None) -> str:
+    """The end of a WorkerDeaths line: what killed the workers, and the setting to change."""
+    lower = f"lower {key} or give the workers more memory" if key else "give the workers more memory"
+    n = oom_kills()
+    if n:
+        return f": Ray's memory monitor killed {n} worker(s) for running their node out of memory meanwhile; {lower}"
+    if n == 0:
+        return ": none was killed for memory (a lost node, a crash: the log has the workers' last output)"
+    return f": the log names why (a lost node, Ray's memory monitor: then {lower})"
+
+
+def folder_name(label: str) -> str:
+    """The stage folder a console label names ("generate" -> "samples"), else the label."""
+    return next((f for f, lab in STAGE_LABELS.items() if lab == label), label)
 
 
 def _memex_class(name: str) -> type | None:
@@ -428,21 +467,43 @@ def node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-def do_unit(folder: StageFolder, index: int, fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict:
+# Ray restarts a worker that dies (its node lost, killed by Ray's memory monitor, a crash) and
+# starts its unit again, forever (Ray Data's actor pools, OOM-killed tasks): a unit that runs its
+# node out of memory every time kept `memex generate` at "1 unit to run" for as long as it was let
+# run (7 min, 4 kills a minute, in the test that found it). A unit this command started MAX_STARTS times
+# without finishing is not started again: the stage fails, naming the batch size to lower.
+MAX_STARTS = 3
+COMMAND = uuid.uuid4().hex  # this command run (the driver's): a rerun counts its starts afresh
+
+# the setting that sizes a unit's memory, by stage folder (memex/layout.py names the folders)
+BATCH_KEYS = {"samples": "sampling.batch_size", "triage": "sampling.batch_size", "previews": "sampling.batch_size",
+              "shards": "embedder.batch_size", "scores": "mia.batch_size"}
+_STARTED_MS = time.time() * 1000  # when this command started: Ray's OOM kills since then are counted
+
+
+def do_unit(folder: StageFolder, index: int, fn: Callable[..., Any], kwargs: dict[str, Any],
+            command: str | None = None) -> dict:
     """One unit, in whatever process runs it: skipped when already complete (a retried task, a
-    second driver), else done, its output written, then its marker. Returns the marker."""
+    second driver), else done, its output written, then its marker. Returns the marker.
+    `command` (on Ray): the driver's COMMAND, under which the unit's starts are counted."""
     done = folder.read_marker(index)
     if done is not None:
         return done
+    if command is not None and (starts := folder.count_start(index, command)) > MAX_STARTS:
+        raise WorkerDeaths(f"unit {index} was started {starts - 1} times by this command, and its worker died "
+                           "each time before finishing it, so it is not started again")
     t0 = time.perf_counter()
     out = fn(index, **kwargs)
     seconds = {"seconds": round(time.perf_counter() - t0, 2), "node_id": node_id()}
     if isinstance(out, tuple):  # (table, metadata): e.g. a generation shard and the UNet work it took
-        return folder.write_shard(index, out[0], {**seconds, **out[1]})
-    if isinstance(out, pa.Table):
-        return folder.write_shard(index, out, seconds)
-    meta = {**seconds, **(out or {})}
-    folder.mark_complete(index, meta)
+        meta = folder.write_shard(index, out[0], {**seconds, **out[1]})
+    elif isinstance(out, pa.Table):
+        meta = folder.write_shard(index, out, seconds)
+    else:
+        meta = {**seconds, **(out or {})}
+        folder.mark_complete(index, meta)
+    if command is not None:
+        folder.clear_starts(index)  # marked: the count has done its job
     return meta
 
 
@@ -470,7 +531,7 @@ def run_tasks(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callabl
         console.note_folder(folder.store)
         label = STAGE_LABELS.get(folder.name, folder.name)
         task = ray.remote(**remote_options(resources, gpu))(do_unit)
-        pending = [task.remote(folder, i, fn, {**shared, **units[i]}) for i in todo]
+        pending = [task.remote(folder, i, fn, {**shared, **units[i]}, COMMAND) for i in todo]
         with _watched(folder, label, len(todo), len(done & set(units))) as progress:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
@@ -626,14 +687,14 @@ class _ActorUnits:
     """Ray Data callable class around a plain worker class: the worker (a model) is built once per
     actor in `__init__`; each call does whole units through `do_unit` (one unit per batch)."""
 
-    def __init__(self, folder: StageFolder, worker_cls: type, worker_kwargs: dict[str, Any]):
-        self.folder = folder
+    def __init__(self, folder: StageFolder, worker_cls: type, worker_kwargs: dict[str, Any], command: str):
+        self.folder, self.command = folder, command
         self.worker = worker_cls(**worker_kwargs)
 
     def __call__(self, batch: dict) -> dict:
         rows = [{k: getattr(v[j], "item", lambda: v[j])() for k, v in batch.items()}
                 for j in range(len(batch["index"]))]
-        metas = [do_unit(self.folder, r.pop("index"), self.worker, r) for r in rows]
+        metas = [do_unit(self.folder, r.pop("index"), self.worker, r, self.command) for r in rows]
         return {"rows": [m.get("rows", 0) for m in metas], "seconds": [m.get("seconds", 0.0) for m in metas]}
 
 
@@ -663,7 +724,8 @@ def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker
         label = STAGE_LABELS.get(folder.name, folder.name)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             _ActorUnits,
-            fn_constructor_kwargs={"folder": folder, "worker_cls": worker_cls, "worker_kwargs": worker_kwargs},
+            fn_constructor_kwargs={"folder": folder, "worker_cls": worker_cls, "worker_kwargs": worker_kwargs,
+                                   "command": COMMAND},
             batch_size=1,  # one unit per call: a unit is the unit of work and of resume
             compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
             **remote_options(resources),

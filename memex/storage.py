@@ -149,6 +149,13 @@ class Store:
             raise StorageError(damaged(where, "Parquet", e)) from e
 
     # ---- atomic writes -------------------------------------------------------------------
+    def delete(self, path: str) -> None:
+        """Remove one file; one already gone is fine."""
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
     def mkdirs(self, path: str) -> None:
         if isinstance(self.fs, LocalFileSystem):  # never on object stores: see the module doc
             self.fs.makedirs(path, exist_ok=True)
@@ -230,6 +237,10 @@ class StageFolder:
     def marker(self, index: int) -> str:
         return posixpath.join(self.path, "_markers", unit_name(index, self.prefix) + ".json")
 
+    def attempts(self, index: int) -> str:
+        """<folder>/_attempts/shard-000000.json: how often the current command started the unit."""
+        return posixpath.join(self.path, "_attempts", unit_name(index, self.prefix) + ".json")
+
     @property
     def success_path(self) -> str:
         return posixpath.join(self.path, "_SUCCESS.json")
@@ -244,6 +255,18 @@ class StageFolder:
 
     def read_marker(self, index: int) -> dict | None:
         return self.store.read_json(self.marker(index))
+
+    def count_start(self, index: int, command: str) -> int:
+        """One more start of unit `index` by the command run `command` (a token per run); returns
+        how many times that run has started it, this one included. A new run counts from 1.
+        `clear_starts` once the unit is marked: a complete folder holds no _attempts/ file."""
+        last = self.store.read_json(self.attempts(index)) or {}
+        starts = last.get("starts", 0) + 1 if last.get("command") == command else 1
+        self.store.write_json(self.attempts(index), {"command": command, "starts": starts})
+        return starts
+
+    def clear_starts(self, index: int) -> None:
+        self.store.delete(self.attempts(index))
 
     def mark_complete(self, index: int, meta: dict) -> None:
         """Called after every file of the unit is in place: from now on the unit counts."""
