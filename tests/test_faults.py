@@ -97,12 +97,13 @@ def _check_samples(table: pa.Table, reference: pa.Table) -> None:
 
 def _final_names_only(fs, folder: str, n_units: int, suffix: str = ".parquet", temp_left: bool = False) -> None:
     """The stage folder holds the final names only: each unit's file and marker, _SUCCESS.json, and
-    no temp file left behind (nothing half-written is visible). `temp_left`: a `_tmp-` file whose
-    delete failed for good may stay (readers skip `_` names; the check below proves it)."""
+    no temp file left behind (nothing half-written is visible). `temp_left`: a `_tmp-` file, or a
+    marked unit's start count (`_attempts/`), whose delete failed for good may stay (readers skip
+    `_` names; the check below proves it)."""
     fs.invalidate_cache()
     found = {p[len(folder.rstrip("/")) + 1:] for p in fs.find(folder)}
     if temp_left:
-        found = {p for p in found if not posixpath.basename(p).startswith("_tmp-")}
+        found = {p for p in found if not posixpath.basename(p).startswith("_tmp-") and not p.startswith("_attempts/")}
     expected = ({f"shard-{i:06d}{suffix}" for i in range(n_units)}
                 | {f"_markers/shard-{i:06d}.json" for i in range(n_units)} | {"_SUCCESS.json"})
     assert found - {"_settings.json"} == expected, sorted(found ^ expected)
@@ -472,12 +473,14 @@ def _no_pool_task_running(dashboard: str) -> bool:
 
 
 def _whole_or_absent(fs, folder: str, reference: pa.Table) -> None:
-    """After a failed stage: every file is a final name or a `_tmp-` one (which readers skip), every
+    """After a failed stage: every file is a final name, a `_tmp-` one (which readers skip) or the
+    start count of a unit (`_attempts/`: kept for units in flight when the stage failed), every
     shard file there is whole (readable, the reference's rows), every marker has its shard."""
     fs.invalidate_cache()
     names = [p[len(folder) + 1:] for p in fs.find(folder)]
     final = re.compile(r"shard-\d{6}\.parquet|_markers/shard-\d{6}\.json")
-    assert all(final.fullmatch(n) or posixpath.basename(n).startswith("_tmp-") for n in names), names
+    assert all(final.fullmatch(n) or re.fullmatch(r"_attempts/shard-\d{6}\.json", n)
+               or posixpath.basename(n).startswith("_tmp-") for n in names), names
     shards = {n for n in names if n.endswith(".parquet") and not n.startswith("_")}
     assert {n.replace("_markers/", "").replace(".json", ".parquet") for n in names if final.fullmatch(n)
             and n.startswith("_markers/")} <= shards
