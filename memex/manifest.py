@@ -3,7 +3,8 @@
 A manifest is a Parquet file (or folder of Parquet files) on any fsspec URI with columns
     id       string, unique per row
     image    binary, encoded PNG/JPEG/WebP bytes      (either image ...
-    uri      string, fsspec URI of the image file      ... or uri per row)
+    uri      string, fsspec URI of the image file      ... or uri per row; a relative
+             one, "imgs/0001.png", is relative to the manifest's folder)
     caption  string, optional (text-conditional models and caption-ranked prompts)
 LAION-style duplicates are simply several rows (different ids) holding the same picture.
 
@@ -39,18 +40,22 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
     fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
     if not fs.exists(p):
         raise ManifestError(f"training manifest {path} does not exist")
+    source: str | list[str] = p
     if fs.isdir(p):
         files = fs.find(p)
         if not files:
             raise ManifestError(f"training manifest {path} is an empty folder")
-        if not any(f.endswith(".parquet") for f in files):
+        # the folder's Parquet parts only, as pyarrow's datasets skip _/. files: the images a
+        # manifest's relative uris point at may lie beside them (pyarrow read every file as Parquet)
+        source = sorted(f for f in files if f.endswith(".parquet") and not posixpath.basename(f).startswith(("_", ".")))
+        if not source:
             # Arrow's own message: "Could not read schema from a.png. Is this a 'parquet' file?"
             raise ManifestError(f"training manifest {path} is a folder without a .parquet file "
                                 f"({posixpath.basename(files[0])} is not one): give a Parquet manifest with columns "
                                 "id, image (encoded bytes) or uri, and caption for a text model "
                                 "(demo/make_data.py writes one)")
     try:
-        table = pq.read_table(p, filesystem=fs)
+        table = pq.read_table(source, filesystem=fs)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file
         raise ManifestError(f"training manifest {path} is not readable Parquet: {type(e).__name__}: {e}") from e
     if table.num_rows == 0:
@@ -59,9 +64,41 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
         raise ManifestError(f"training manifest {path} needs an 'id' column and an 'image' or 'uri' column; "
                             f"it has {table.column_names}")
     table = table.set_column(table.column_names.index("id"), "id", pc.cast(table["id"], pa.string()))
-    if pc.count_distinct(table["id"]).as_py() != table.num_rows:
-        raise ManifestError(f"training manifest {path}: ids are not unique")
+    _check_ids(path, table["id"])
+    if "uri" in table.column_names:
+        base = p if fs.isdir(p) else posixpath.dirname(p)
+        table = table.set_column(table.column_names.index("uri"), "uri", _resolved(table["uri"], fs, base))
     return table
+
+
+def _resolved(uris: pa.ChunkedArray, fs: fsspec.AbstractFileSystem, base: str) -> pa.Array:
+    """Relative uris ("imgs/0001.png") are relative to the manifest's folder, on its filesystem: as
+    written, fsspec would open them from the working directory, which is another folder on each Ray
+    worker (every row then quarantined as missing, or the wrong file read). A uri with a protocol
+    or an absolute path is kept."""
+    def one(u: str | None) -> str | None:
+        if not u or "://" in u or u.startswith(("/", "~")):
+            return u
+        return fs.unstrip_protocol(posixpath.normpath(posixpath.join(base, u)))
+
+    return pa.array([one(u) for u in pc.cast(uris, pa.string()).to_pylist()], pa.string())
+
+
+def _check_ids(path: str, ids: pa.ChunkedArray) -> None:
+    """Every row needs its own id: matches, quarantine and the report name pictures by it. The
+    message names the rows to fix (a 2B-row LAION manifest is not searched by hand)."""
+    nulls = ids.null_count
+    if nulls:
+        rows = pc.indices_nonzero(pc.is_null(ids)).to_pylist()[:5]
+        raise ManifestError(f"training manifest {path}: {nulls} row(s) have no id (null), rows {rows}"
+                            f"{' ...' if nulls > 5 else ''}; give every row a unique string id")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids).to_pylist()  # [{values, counts}], one per distinct id
+        twice = sorted((c for c in counts if c["counts"] > 1), key=lambda c: -c["counts"])
+        named = ", ".join(f"{c['values']!r} x{c['counts']}" for c in twice[:5])
+        raise ManifestError(f"training manifest {path}: ids are not unique ({len(twice)} id(s) on several rows: "
+                            f"{named}{' ...' if len(twice) > 5 else ''}); a duplicated picture is several rows "
+                            "with different ids")
 
 
 def load_image(row: dict, size: int | None = None, storage_options: dict[str, Any] | None = None) -> np.ndarray:

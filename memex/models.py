@@ -72,6 +72,19 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def _nearby_pipelines(path: str, key: str) -> str:
+    """The likely slips: a component folder (unet/) of a pipeline, or a folder of pipelines."""
+    parent = os.path.dirname(os.path.normpath(path))
+    if os.path.isfile(os.path.join(parent, "model_index.json")):
+        return (f" but the {os.path.basename(os.path.normpath(path))} component of one: set {key}={parent}, "
+                "the pipeline folder")
+    inside = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "model_index.json")))
+    if inside:
+        return (f"; it holds {len(inside)} pipeline folder(s): {', '.join(inside[:5])}"
+                f" (set {key}={os.path.join(path, inside[0])}, say)")
+    return " (save one with pipeline.save_pretrained(path))"
+
+
 def check_local_checkpoint(path: str, key: str = "model.path") -> dict:
     """Validate a local diffusers folder without loading weights; return its model_index.json.
     `key`: the setting `path` came from, which errors name (nightly.base_model too)."""
@@ -82,10 +95,8 @@ def check_local_checkpoint(path: str, key: str = "model.path") -> dict:
         )
     index_file = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_file):
-        raise ModelError(
-            f"{key}={path} has no model_index.json: not a diffusers pipeline folder "
-            "(save one with pipeline.save_pretrained(path))"
-        )
+        raise ModelError(f"{key}={path} has no model_index.json: not a diffusers pipeline folder"
+                         f"{_nearby_pipelines(path, key)}")
     try:
         with open(index_file) as f:
             index = json.load(f)

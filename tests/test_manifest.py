@@ -34,6 +34,43 @@ def test_image_by_uri(tmp_path):
     assert np.array_equal(load_image({"id": "a", "uri": str(tmp_path / "a.png")}), img)
 
 
+def test_relative_uris_are_read_from_the_manifests_folder(tmp_path, monkeypatch):
+    """"imgs/0.png" is the manifest's imgs/0.png wherever the reader runs (a Ray worker's working
+    directory is another folder): it was opened from the working directory, so every row was
+    quarantined as missing. Same on any filesystem, and for a folder of Parquet parts."""
+    import fsspec
+
+    from memex.ingest import decode_rows, list_training_set
+
+    imgs = [logo(i, 32)[0] for i in range(3)]
+    (tmp_path / "m" / "imgs").mkdir(parents=True)
+    other = tmp_path / "elsewhere"  # its own imgs/0.png, a different picture: must not be read
+    (other / "imgs").mkdir(parents=True)
+    for i, img in enumerate(imgs):
+        (tmp_path / "m" / "imgs" / f"{i}.png").write_bytes(encode_png(img))
+    (other / "imgs" / "0.png").write_bytes(encode_png(imgs[2]))
+    absolute = str(tmp_path / "m" / "imgs" / "2.png")
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "uri": ["imgs/0.png", "./imgs/../imgs/1.png", absolute]}),
+                   tmp_path / "m" / "train.parquet")
+    monkeypatch.chdir(other)
+    for path in (tmp_path / "m" / "train.parquet", tmp_path / "m"):  # a file, and a folder of parts
+        t = read_manifest(str(path))
+        assert t["uri"].to_pylist() == [f"file://{tmp_path}/m/imgs/0.png", f"file://{tmp_path}/m/imgs/1.png", absolute]
+        for row, img in zip(t.to_pylist(), imgs):
+            assert np.array_equal(load_image(row), img)
+        dec = decode_rows(list_training_set(str(path)), None)  # the audit's reader: the same files
+        assert dec.quarantine.num_rows == 0 and all(np.array_equal(a, b) for a, b in zip(dec.images, imgs))
+    mem = fsspec.filesystem("memory")  # object storage: relative to the manifest's prefix, same protocol
+    mem.pipe("/bucket/set/imgs/0.png", encode_png(imgs[0]))
+    with mem.open("/bucket/set/train.parquet", "wb") as f:
+        pq.write_table(pa.table({"id": ["a"], "uri": ["imgs/0.png"]}), f)
+    t = read_manifest("memory://bucket/set/train.parquet")
+    (uri,) = t["uri"].to_pylist()
+    assert uri.startswith("memory://") and uri.endswith("/bucket/set/imgs/0.png"), uri
+    assert np.array_equal(load_image(t.to_pylist()[0]), imgs[0])
+    mem.rm("/bucket", recursive=True)
+
+
 def test_bad_manifests_are_named(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
         read_manifest(str(tmp_path / "none.parquet"))
@@ -44,9 +81,14 @@ def test_bad_manifests_are_named(tmp_path):
     pq.write_table(pa.table({"name": ["a"]}), tmp_path / "c.parquet")
     with pytest.raises(ManifestError, match="needs an 'id' column"):
         read_manifest(str(tmp_path / "c.parquet"))
-    pq.write_table(pa.table({"id": ["a", "a"], "image": [b"x", b"y"]}), tmp_path / "d.parquet")
-    with pytest.raises(ManifestError, match="not unique"):
+    # the ids to fix are named, most repeated first (it said "ids are not unique" and no more)
+    pq.write_table(pa.table({"id": ["a", "b", "a", "c", "b", "a"], "image": [b"x"] * 6}), tmp_path / "d.parquet")
+    with pytest.raises(ManifestError, match=r"ids are not unique \(2 id\(s\) on several rows: 'a' x3, 'b' x2\)"):
         read_manifest(str(tmp_path / "d.parquet"))
+    # a null id is not a repeated one (it was reported as "not unique")
+    pq.write_table(pa.table({"id": ["a", None, "b", None], "image": [b"x"] * 4}), tmp_path / "n.parquet")
+    with pytest.raises(ManifestError, match=r"2 row\(s\) have no id \(null\), rows \[1, 3\]; give every row"):
+        read_manifest(str(tmp_path / "n.parquet"))
     (tmp_path / "x.parquet").write_bytes(b"not parquet")
     with pytest.raises(ManifestError, match="not readable Parquet"):
         read_manifest(str(tmp_path / "x.parquet"))

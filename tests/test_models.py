@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -57,9 +58,18 @@ def test_missing_folder_is_named(tmp_path):
         load_model(str(tmp_path / "nowhere"))
 
 
-def test_folder_without_model_index(tmp_path):
-    with pytest.raises(ModelError, match="has no model_index.json"):
+def test_folder_without_model_index(tmp_path, tiny_models):
+    with pytest.raises(ModelError, match=r"has no model_index.json: not a diffusers pipeline folder \(save one"):
         check_local_checkpoint(str(tmp_path))
+    # the two likely slips name the folder meant: a pipeline's component, a folder of pipelines
+    pipe = tiny_models["latent_text"]
+    with pytest.raises(ModelError, match=rf"unet has no model_index.json: not a diffusers pipeline folder but the "
+                                         rf"unet component of one: set model.path={re.escape(pipe)}, the pipeline"):
+        check_local_checkpoint(os.path.join(pipe, "unet"))
+    root = os.path.dirname(pipe)  # tiny_models: one folder per family
+    with pytest.raises(ModelError, match=r"; it holds 3 pipeline folder\(s\): latent_text, pixel_text, unconditional "
+                                         rf"\(set model.path={re.escape(os.path.join(root, 'latent_text'))}, say\)"):
+        check_local_checkpoint(root)
 
 
 def _copy(src, dst):
