@@ -141,6 +141,10 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
         if proto not in filesystems:
             try:
                 filesystems[proto] = fsspec.core.url_to_fs(u, **opts)[0]
+            except ImportError as e:  # a package missing is this machine's fault, not the rows': every row would
+                # be quarantined with the same ImportError, and the audit go on without them
+                raise IngestError(f"training image uris such as {u} need a package that is not installed: {e} "
+                                  "(install it here and in the workers' image, docker/Dockerfile)") from e
             except Exception:  # noqa: BLE001 - unknown protocol: unstamped, the decoder quarantines these rows
                 filesystems[proto] = None
         fs = filesystems[proto]

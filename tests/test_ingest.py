@@ -437,3 +437,27 @@ def test_ivfpq_settings_that_do_not_fit_the_data_are_refused_before_the_index_fo
         with pytest.raises(IndexSpecError, match=message):
             index.run(bad)
         assert not (tmp_path / "runs").exists()
+
+
+def test_uris_whose_filesystem_is_not_installed_are_refused_before_any_row_is_read(tmp_path, monkeypatch):
+    """gs:// uris without gcsfs: a fault of this machine, not of the rows. Each row was quarantined
+    with the same ImportError and the audit went on without them. A protocol fsspec does not know
+    at all (a garbled uri) stays a row's fault: that row is quarantined, the rest is read.
+    The uninstalled filesystem is one registered here with a package that does not exist (as
+    fsspec registers gs:// to gcsfs), so the test holds on a machine with gcsfs installed too."""
+    from fsspec.registry import known_implementations
+
+    monkeypatch.setitem(known_implementations, "absentfs",
+                        {"class": "memex_absent_pkg.AbsentFileSystem", "err": "Install memex-absent-pkg to read absentfs"})
+    good = encode_png(_img(0))
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "image": [good, None, None],
+                             "uri": [None, "absentfs://bucket/b.png", "absentfs://bucket/c.png"]}), path)
+    with pytest.raises(IngestError, match=r"training image uris such as absentfs://bucket/b.png need a package that is "
+                                          r"not installed: Install memex-absent-pkg .*\(install it here and in the "
+                                          r"workers' image"):
+        list_training_set(str(path))
+    pq.write_table(pa.table({"id": ["a", "b"], "image": [good, None], "uri": [None, "foo://bucket/b.png"]}), path)
+    dec = decode_rows(list_training_set(str(path)), None)
+    assert dec.ids == ["a"] and dec.quarantine["id"].to_pylist() == ["b"]
+    assert "foo" in dec.quarantine["reason"][0].as_py()

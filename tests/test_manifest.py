@@ -118,6 +118,17 @@ def test_corrupt_image_names_its_id():
         load_image({"id": "none", "image": None})
 
 
+def test_a_uri_whose_filesystem_is_not_installed_is_named(monkeypatch):
+    """memex train on gs:// uris without gcsfs: fsspec's ImportError came out as a Hydra traceback."""
+    from fsspec.registry import known_implementations
+
+    monkeypatch.setitem(known_implementations, "absentfs",
+                        {"class": "memex_absent_pkg.AbsentFileSystem", "err": "Install memex-absent-pkg to read absentfs"})
+    with pytest.raises(ManifestError, match=r"image 'b' at absentfs://bucket/b.png needs a package that is not "
+                                            r"installed: Install memex-absent-pkg"):
+        load_image({"id": "b", "image": None, "uri": "absentfs://bucket/b.png"})
+
+
 def test_duplication_schedule_gives_the_stated_counts(tmp_path):
     t = read_manifest(str(_manifest(tmp_path)[0]))
     out = expand_duplicates(t, [DuplicationGroup(copies=5, ids=["i0"]), DuplicationGroup(copies=4, count=3)], seed=1)
