@@ -112,7 +112,8 @@ def load_image(row: dict, size: int | None = None, storage_options: dict[str, An
                 data = f.read()
         img = decode(data)
     except ImportError as e:  # fsspec's "Please install gcsfs to access Google Storage"
-        raise ManifestError(f"image {row['id']!r} at {row.get('uri')} needs a package that is not installed: {e}") from e
+        raise ManifestError(f"image {row['id']!r} at {row.get('uri')} needs a package that is not installed: "
+                            f"{e}") from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ManifestError(f"image {row['id']!r} cannot be decoded: {type(e).__name__}: {e}") from e
     return resize(img, size)

@@ -448,7 +448,8 @@ def test_uris_whose_filesystem_is_not_installed_are_refused_before_any_row_is_re
     from fsspec.registry import known_implementations
 
     monkeypatch.setitem(known_implementations, "absentfs",
-                        {"class": "memex_absent_pkg.AbsentFileSystem", "err": "Install memex-absent-pkg to read absentfs"})
+                        {"class": "memex_absent_pkg.AbsentFileSystem",
+                         "err": "Install memex-absent-pkg to read absentfs"})
     good = encode_png(_img(0))
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c"], "image": [good, None, None],

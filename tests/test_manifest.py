@@ -123,7 +123,8 @@ def test_a_uri_whose_filesystem_is_not_installed_is_named(monkeypatch):
     from fsspec.registry import known_implementations
 
     monkeypatch.setitem(known_implementations, "absentfs",
-                        {"class": "memex_absent_pkg.AbsentFileSystem", "err": "Install memex-absent-pkg to read absentfs"})
+                        {"class": "memex_absent_pkg.AbsentFileSystem",
+                         "err": "Install memex-absent-pkg to read absentfs"})
     with pytest.raises(ManifestError, match=r"image 'b' at absentfs://bucket/b.png needs a package that is not "
                                             r"installed: Install memex-absent-pkg"):
         load_image({"id": "b", "image": None, "uri": "absentfs://bucket/b.png"})
