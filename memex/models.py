@@ -345,9 +345,10 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> str | None:
 
 
 def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = False,
-                       revision: str | None = None) -> None:
+                       revision: str | None = None) -> ModelKind | None:
     """The early check of generate and audit, before any cluster work: the pipeline folder (its
-    layout, every component's weights), the UNet override if any; no weights are read.
+    layout, every component's weights), the UNet override if any; no weights are read. Returns the
+    family the folder declares (`declared_kind`), None where it cannot tell.
 
     A hub id is checked on its cached snapshot, the components the cache holds; with no snapshot
     the check is deferred to the load (this machine may have no network), which refuses
@@ -368,9 +369,37 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
                 index = {}
     for sub, library, cls in _components(folder, index, skip) if folder else []:
         check_component_weights(sub, library, cls, f"model.path={path}", allow_pickle)
+    unet_cls = None
     if unet is not None:
-        cls = check_unet_folder(unet)
-        check_component_weights(unet, "diffusers", cls, f"model.unet={unet}", allow_pickle)
+        unet_cls = check_unet_folder(unet)
+        check_component_weights(unet, "diffusers", unet_cls, f"model.unet={unet}", allow_pickle)
+    elif isinstance(index.get("unet"), list) and len(index["unet"]) == 2:
+        unet_cls = index["unet"][1]
+    return declared_kind(index, unet_cls)
+
+
+def declared_kind(index: dict, unet_cls: str | None) -> ModelKind | None:
+    """The family model_index.json and the UNet's class declare, as `_detect_kind` finds it on the
+    loaded pipeline; None where they do not say (a hub id not cached here, another UNet class)."""
+    if unet_cls == "UNet2DModel":
+        return ModelKind.unconditional
+    if unet_cls == "UNet2DConditionModel":
+        return ModelKind.latent_text if index.get("vae", [None])[0] is not None else ModelKind.pixel_text
+    return None
+
+
+def check_kind(path: str, requested: ModelKind, declared: ModelKind | None, takes_prompts: bool) -> None:
+    """model.kind against the folder's declared family, and prompts against an unconditional model:
+    refused before any cluster work (load_model refuses the same on the worker, after the index
+    build and a claimed run folder). `takes_prompts`: the prompt source is not prompts=none."""
+    if requested != ModelKind.auto and declared is not None and requested != declared:
+        fix = f"model.kind={declared.value} (or auto)" + (" with prompts=none" if declared == ModelKind.unconditional
+                                                          else "")
+        article = "an" if declared.value[0] in "aeiou" else "a"
+        raise ModelError(f"model.kind={requested.value} but {path} holds {article} {declared.value} model "
+                         f"(model_index.json): set {fix}")
+    if (declared or requested) == ModelKind.unconditional and takes_prompts:
+        raise ConfigError(f"model.path={path} holds an unconditional model, which takes no prompts: set prompts=none")
 
 
 def _detect_kind(pipe: Any) -> ModelKind:

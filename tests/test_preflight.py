@@ -373,3 +373,34 @@ def test_cli_audit_of_a_truncated_model_fails_in_one_line_before_any_work(tiny_m
     assert len(errors) == 1 and "unet/diffusion_pytorch_model.safetensors is truncated" in errors[0]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "runs" / "_index").exists()
+
+
+def test_the_folders_model_family_is_checked_before_the_index(tiny_models, tmp_path, inputs, no_index):
+    """An unconditional folder audited with prompts (model.kind=auto: the default near-duplicate
+    ranked captions, or a prompts file), or a model.kind the folder is not: found by the sampler
+    actors, after the whole index was built and a run folder claimed; now from model_index.json
+    and the UNet's config.json before any cluster work, in generate and audit alike."""
+    from memex.stages import audit, generate
+
+    for kind, model in tiny_models.items():  # what the folder declares is what the loaded pipeline is
+        assert check_model_inputs(model).value == kind
+    manifest, prompts = inputs
+    uncond = tiny_models["unconditional"]
+    for extra in ([], ["prompts=file", f"prompts.path={prompts}"]):
+        with pytest.raises(ConfigError, match=rf"model.path={re.escape(uncond)} holds an unconditional model, "
+                                              r"which takes no prompts: set prompts=none"):
+            audit.run(compose(["model=local", f"model.path={uncond}", "trainset=manifest", f"trainset.path={manifest}",
+                               f"storage.root={tmp_path / 'runs'}", "resources.address=127.0.0.1:1", *extra],
+                              config_name="audit"))
+    with pytest.raises(ModelError, match=r"model.kind=latent_text but .* holds a pixel_text model "
+                                         r"\(model_index.json\): set model.kind=pixel_text \(or auto\)$"):
+        audit.run(_audit_cfg(tmp_path, tiny_models["pixel_text"], manifest, prompts, "model.kind=latent_text"))
+    with pytest.raises(ModelError, match=r"holds an unconditional model \(model_index.json\): set "
+                                         r"model.kind=unconditional \(or auto\) with prompts=none$"):
+        generate.prepare(compose(["model=local", f"model.path={uncond}", "model.kind=pixel_text",
+                                  f"storage.root={tmp_path / 'runs'}"]))
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(_IndexStarted):  # prompts=none: the same folder passes the check
+        audit.run(compose(["model=local", f"model.path={uncond}", "prompts=none", "trainset=manifest",
+                           f"trainset.path={manifest}", f"storage.root={tmp_path / 'runs'}",
+                           "resources.address=127.0.0.1:1"], config_name="audit"))

@@ -42,7 +42,7 @@ from memex.config import (
 from memex.embed import check_embedder
 from memex.layout import RunLayout
 from memex.lease import hold
-from memex.models import check_model_inputs
+from memex.models import check_kind, check_model_inputs
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
 from memex.tracking import check as check_tracker
@@ -59,7 +59,8 @@ def run(cfg: AuditConfig) -> dict:
     # (headers and shapes, no weights read), the training set, the prompts (read now, unless the index ranks them)
     validate_audit(cfg)
     check_tracker(cfg.tracker)  # tracker=mlflow|tensorboard|wandb: its package is installed
-    check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
+    declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
+    check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
     ranks_captions = cfg.prompts.source == PromptSource.near_duplicates
     check_trainset(cfg.trainset.path, cfg.storage.options, cfg.trainset.caption_column if ranks_captions else None)
     check_embedder(cfg.embedder, cfg.storage.options)  # before an index folder is made for it

@@ -25,7 +25,7 @@ from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, p
 from memex.images import encode_png
 from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
 from memex.lease import hold
-from memex.models import check_model_inputs, resolve_device
+from memex.models import check_kind, check_model_inputs, resolve_device
 from memex.plan import SamplePlan, Shard
 from memex.prompts import load_prompts, read_run_prompts
 from memex.redact import redact
@@ -63,9 +63,8 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
     """
     # 1. inputs: config ranges, model folder, prompts
     validate_generate(cfg)
-    if cfg.model.kind == ModelKind.unconditional and cfg.prompts.source != PromptSource.none:
-        raise ConfigError("model.kind=unconditional takes no prompts: set prompts=none")
-    check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
+    declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
+    check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
     if prompts is None:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
 
