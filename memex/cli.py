@@ -158,7 +158,7 @@ def check_overrides(args: list[str], cls: type) -> None:
         if o.is_delete() or o.package is not None or key.split(".")[0].split("/")[0] == "hydra":
             continue
         msg = _check_option(key, o) if (CONF_DIR / key).is_dir() else \
-            check_key(key, cls) or _check_choice(key, o, cls) or _check_scalar(key, o, cls)
+            check_key(key, cls) or _check_list(key, o, cls) or _check_choice(key, o, cls) or _check_scalar(key, o, cls)
         if msg:
             raise C.ConfigError(msg)
 
@@ -220,6 +220,20 @@ def _check_scalar(key: str, override: Any, cls: type) -> str | None:
     except ValidationError:
         return f"{key}={value} is not {kind[1]}"
     return None
+
+
+def _check_list(key: str, override: Any, cls: type) -> str | None:
+    """A single value for a list-typed key (budget.rounds=4, mia.attacks=loss): one line naming the
+    bracket form, where Hydra's "Invalid value assigned: int is not a ListConfig" spans six."""
+    tp = _field_type(key, cls)
+    value = _value(override)
+    if tp is None or _list_item(tp) is None or value is _UNKNOWN or value is None or isinstance(value, list):
+        return None
+    item = _unwrap(_list_item(tp))
+    if dataclasses.is_dataclass(item):  # data.duplication: a list of mappings
+        return (f"{key}={value} is not a list: give a list of entries with keys {', '.join(_fields(item))}, "
+                f"quoted for the shell, e.g. \"{key}=[{{{', '.join(f'{n}: ...' for n in list(_fields(item))[:2])}}}]\"")
+    return f"{key}={value} is not a list: give it in brackets, {key}=[{value}] (or more items, comma-separated)"
 
 
 def _check_choice(key: str, override: Any, cls: type) -> str | None:
