@@ -493,7 +493,8 @@ def test_cli_override_check_leaves_groups_hydra_and_options_to_hydra():
     ("mia", "mia.attacks=loss", "mia.attacks=loss is not a list: give it in brackets, mia.attacks=[loss] (or more "
      "items, comma-separated)", "[loss]"),
     ("train", "data.duplication=3", "data.duplication=3 is not a list: give a list of entries with keys copies, "
-     'count, ids, quoted for the shell, e.g. "data.duplication=[{copies: ..., count: ...}]"', "[{copies: 2, count: 1}]"),
+     'count, ids, quoted for the shell, e.g. "data.duplication=[{copies: ..., count: ...}]"',
+     "[{copies: 2, count: 1}]"),
 ])
 def test_cli_names_a_value_that_is_not_a_choice_in_one_line(stage, override, message, good, monkeypatch, capsys):
     """A value outside an enum's choices, a group option that does not exist, a value of the wrong
