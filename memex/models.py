@@ -354,7 +354,8 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
     the check is deferred to the load (this machine may have no network), which refuses
     pickle-only weights itself (use_safetensors=True)."""
     library_logs_to_file()  # before diffusers/transformers are imported: their warnings go to the log file
-    skip = {"unet"} if unet is not None else set()  # the override replaces the base's UNet: it is never read
+    # the override replaces the base's UNet, and UNUSED_COMPONENTS are never loaded: none is read
+    skip = ({"unet"} if unet is not None else set()) | set(UNUSED_COMPONENTS)
     if os.path.isdir(path) or not HUB_ID.match(path):
         index = check_local_checkpoint(path)
         folder = path
@@ -461,6 +462,34 @@ def make_scheduler(base_config: Any, kind: SchedulerKind, model_path: str = "?")
                          f"package that is not installed: {' '.join(str(e).split())}") from e
 
 
+# Components a pipeline folder may list that memex never runs: it samples with the UNet, scheduler,
+# VAE and text encoder only (memex/sampling.py), and must see the raw generations (a safety checker
+# blacks out the very pictures an audit looks for). SD 1.x ships a CLIP ViT-L/14 safety checker:
+# 304M parameters, 1.2 GB in float32, loaded onto every sampler actor's GPU and, from the hub,
+# downloaded by every node. Passed as None to from_pretrained, diffusers neither downloads nor loads them.
+UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "watermarker", "image_encoder")
+
+
+def _unused_components(path: str, revision: str | None, local: bool) -> dict[str, Any]:
+    """from_pretrained overrides that skip the UNUSED_COMPONENTS the folder's model_index.json lists
+    (a hub id's cached one). A hub id not downloaded yet gets all of them: its model_index.json is not
+    known without a request (which, offline, huggingface_hub retries for ~23 s before the load fails
+    anyway), and diffusers ignores, and logs, an override its pipeline does not take."""
+    folder = path if local else cached_snapshot(path, revision)
+    if folder is None:
+        return {**dict.fromkeys(UNUSED_COMPONENTS), "requires_safety_checker": False}
+    try:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            index = json.load(f)
+    except (OSError, json.JSONDecodeError):  # check_local_checkpoint has named a local folder's problem
+        return {}
+    out: dict[str, Any] = {name: None for name in UNUSED_COMPONENTS
+                           if isinstance(index.get(name), list) and index[name][:1] != [None]}
+    if "safety_checker" in out and "requires_safety_checker" in index:
+        out["requires_safety_checker"] = False  # else diffusers warns that the checker is off
+    return out
+
+
 def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float32",
                device: str = "cpu", revision: str | None = None, unet: str | None = None,
                allow_pickle: bool = False) -> LoadedModel:
@@ -491,6 +520,7 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
     kwargs: dict[str, Any] = {dtype_kw: getattr(torch, dtype), "use_safetensors": None if allow_pickle else True}
     if not local and revision:
         kwargs["revision"] = revision
+    kwargs.update(_unused_components(path, revision, local))
     if unet is not None:
         cls = check_unet_folder(unet)
         try:

@@ -143,3 +143,71 @@ def test_device_cuda_where_the_worker_sees_no_gpu_names_the_key_and_why(monkeypa
             resolve_device("cuda")
         assert str(e.value).startswith(f"resources.device=cuda, but this worker sees no GPU ({why}): {fix}")
         assert str(e.value).endswith("or set resources.device=auto (a GPU where one is visible, else the CPU)")
+
+
+def _with_safety_checker(src: str, dst) -> str:
+    """The SD 1.x hub layout: the tiny latent text model plus a (tiny) CLIP safety checker and its
+    feature extractor, listed in model_index.json as stable-diffusion-v1-5 lists them."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=dict(small, vocab_size=1000),
+                                                      vision_config=dict(small, image_size=32, patch_size=4),
+                                                      projection_dim=32)).eval()
+    base = StableDiffusionPipeline.from_pretrained(src)
+    parts = {k: getattr(base, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    features = CLIPImageProcessor(size=32, crop_size=32)
+    StableDiffusionPipeline(**parts, safety_checker=checker, feature_extractor=features,
+                            requires_safety_checker=True).save_pretrained(dst, safe_serialization=True)
+    index = json.loads((dst / "model_index.json").read_text())
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    return str(dst)
+
+
+def test_the_safety_checker_is_neither_loaded_nor_read(tiny_models, tmp_path):
+    """memex samples with the UNet, scheduler, VAE and text encoder only and must see raw images: an
+    SD 1.x folder's safety checker (1.2 GB, CLIP ViT-L/14) was loaded onto every actor's device
+    anyway. Now it is passed as None (nothing loaded, nothing downloaded from the hub), and its
+    weights are not checked: damaged, the model still loads and samples the same images."""
+    import numpy as np
+
+    from memex.config import SamplingConfig
+    from memex.models import check_model_inputs
+    from memex.sampling import Sampler
+
+    path = _with_safety_checker(tiny_models["latent_text"], tmp_path / "sd")
+    m = load_model(path)
+    assert m.kind == ModelKind.latent_text
+    assert m.pipe.safety_checker is None and m.pipe.feature_extractor is None
+    assert m.pipe.config.requires_safety_checker is False
+    weights = next((tmp_path / "sd" / "safety_checker").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: reading it would fail
+    assert check_model_inputs(path) == ModelKind.latent_text
+    gen = SamplingConfig(num_inference_steps=2, batch_size=2)
+    ours = Sampler(load_model(path), gen).generate(["p", "p"], ["a red logo"] * 2, [1, 2])
+    plain = Sampler(load_model(tiny_models["latent_text"]), gen).generate(["p", "p"], ["a red logo"] * 2, [1, 2])
+    assert all(np.array_equal(a, b) for a, b in zip(ours, plain))
+
+
+def test_a_hub_ids_unused_components_come_from_its_cached_index(tiny_models, tmp_path, monkeypatch):
+    """A hub id: its cached model_index.json decides, as a folder's does; not downloaded yet, every
+    unused component is passed as None (reading the index first would be a request that, offline,
+    retries for ~23 s), so SD 1.5's 1.2 GB safety checker is not downloaded either."""
+    import huggingface_hub.constants
+
+    from memex.models import UNUSED_COMPONENTS, _unused_components
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    everything = {**dict.fromkeys(UNUSED_COMPONENTS), "requires_safety_checker": False}
+    assert _unused_components("some-org/not-cached", None, local=False) == everything
+    repo = tmp_path / "hub" / "models--some-org--sd"
+    sha = "0" * 40
+    _with_safety_checker(tiny_models["latent_text"], repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    listed = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    assert _unused_components("some-org/sd", None, local=False) == listed
+    assert _unused_components(str(repo / "snapshots" / sha), None, local=True) == listed
+    assert _unused_components(tiny_models["latent_text"], None, local=True) == {}  # saved with none of them
