@@ -389,16 +389,18 @@ def declared_kind(index: dict, unet_cls: str | None) -> ModelKind | None:
     return None
 
 
-def check_kind(path: str, requested: ModelKind, declared: ModelKind | None, takes_prompts: bool) -> None:
-    """model.kind against the folder's declared family, and prompts against an unconditional model:
-    refused before any cluster work (load_model refuses the same on the worker, after the index
-    build and a claimed run folder). `takes_prompts`: the prompt source is not prompts=none."""
+def check_kind(path: str, requested: ModelKind, declared: ModelKind | None, takes_prompts: bool,
+               source: str = "model_index.json") -> None:
+    """model.kind against the family the folder declares (`source`: model_index.json before any
+    cluster work; the loaded pipeline's class in load_model), and prompts against an unconditional
+    model (`takes_prompts`: the prompt source is not prompts=none). Before any cluster work it
+    refuses what the workers found after the index build and a claimed run folder."""
     if requested != ModelKind.auto and declared is not None and requested != declared:
         fix = f"model.kind={declared.value} (or auto)" + (" with prompts=none" if declared == ModelKind.unconditional
                                                           else "")
         article = "an" if declared.value[0] in "aeiou" else "a"
         raise ModelError(f"model.kind={requested.value} but {path} holds {article} {declared.value} model "
-                         f"(model_index.json): set {fix}")
+                         f"({source}): set {fix}")
     if (declared or requested) == ModelKind.unconditional and takes_prompts:
         raise ConfigError(f"model.path={path} holds an unconditional model, which takes no prompts: set prompts=none")
 
@@ -535,10 +537,7 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
         hint = "" if allow_pickle or "safetensors" not in str(e) else f" (if it has only .bin weights: {PICKLE_FIX})"
         raise ModelError(f"could not load model.path={path} as a {where}: {type(e).__name__}: {e}{hint}") from e
     found = _detect_kind(pipe)
-    if kind != ModelKind.auto and kind != found:
-        fix = f"model.kind={found.value} (or auto)" + (" with prompts=none" if found == ModelKind.unconditional else "")
-        raise ModelError(f"model.kind={kind.value} but {path} holds {'an' if found.value[0] in 'aeiou' else 'a'} "
-                         f"{found.value} model ({type(pipe).__name__}): set {fix}")
+    check_kind(path, kind, found, False, type(pipe).__name__)
     missing = [c for c in NEEDED[found] if getattr(pipe, c, None) is None]
     if missing:
         raise ModelError(f"{path} is a {found.value} model but lacks components {missing}")

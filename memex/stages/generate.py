@@ -98,8 +98,7 @@ class RunSampler:
             raise ConfigError("sampling.dtype=float16 needs a GPU; use float32 or bfloat16 on CPU")
         model = load_model(cfg.model.path, cfg.model.kind, cfg.sampling.dtype.value, device, cfg.model.revision,
                            cfg.model.unet, cfg.model.allow_pickle)
-        if model.kind == ModelKind.unconditional and any(self.prompts):
-            raise ConfigError(f"{cfg.model.path} is an unconditional model and takes no prompts: set prompts=none")
+        check_kind(cfg.model.path, ModelKind.auto, model.kind, any(self.prompts))  # a hub id checked only now
         self.sampler = Sampler(model, cfg.sampling)
         self.model_id = model.model_id
 
