@@ -41,7 +41,8 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
     if not fs.exists(p):
         raise ManifestError(f"training manifest {path} does not exist")
     source: str | list[str] = p
-    if fs.isdir(p):
+    is_dir = fs.isdir(p)  # one request on object storage: asked once
+    if is_dir:
         files = fs.find(p)
         if not files:
             raise ManifestError(f"training manifest {path} is an empty folder")
@@ -66,7 +67,7 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
     table = table.set_column(table.column_names.index("id"), "id", pc.cast(table["id"], pa.string()))
     _check_ids(path, table["id"])
     if "uri" in table.column_names:
-        base = p if fs.isdir(p) else posixpath.dirname(p)
+        base = p if is_dir else posixpath.dirname(p)
         table = table.set_column(table.column_names.index("uri"), "uri", _resolved(table["uri"], fs, base))
     return table
 
