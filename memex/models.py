@@ -344,6 +344,21 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> str | None:
     return os.path.dirname(f) if isinstance(f, str) else None
 
 
+def _pipeline_index(path: str, revision: str | None = None) -> tuple[str | None, dict]:
+    """(folder, its model_index.json): a local folder's, checked (check_local_checkpoint), or a hub
+    id's cached snapshot's; (None, {}) for a hub id not cached here, {} for an unreadable cached index."""
+    if os.path.isdir(path) or not HUB_ID.match(path):
+        return path, check_local_checkpoint(path)
+    folder = cached_snapshot(path, revision)
+    if folder is None:
+        return None, {}
+    try:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            return folder, json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return folder, {}
+
+
 def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = False,
                        revision: str | None = None) -> ModelKind | None:
     """The early check of generate and audit, before any cluster work: the pipeline folder (its
@@ -356,18 +371,7 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
     library_logs_to_file()  # before diffusers/transformers are imported: their warnings go to the log file
     # the override replaces the base's UNet, and UNUSED_COMPONENTS are never loaded: none is read
     skip = ({"unet"} if unet is not None else set()) | set(UNUSED_COMPONENTS)
-    if os.path.isdir(path) or not HUB_ID.match(path):
-        index = check_local_checkpoint(path)
-        folder = path
-    else:
-        folder = cached_snapshot(path, revision)
-        index = {}
-        if folder is not None:
-            try:
-                with open(os.path.join(folder, "model_index.json")) as f:
-                    index = json.load(f)
-            except (OSError, json.JSONDecodeError):
-                index = {}
+    folder, index = _pipeline_index(path, revision)
     for sub, library, cls in _components(folder, index, skip) if folder else []:
         check_component_weights(sub, library, cls, f"model.path={path}", allow_pickle)
     unet_cls = None
@@ -472,19 +476,14 @@ def make_scheduler(base_config: Any, kind: SchedulerKind, model_path: str = "?")
 UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "watermarker", "image_encoder")
 
 
-def _unused_components(path: str, revision: str | None, local: bool) -> dict[str, Any]:
+def _unused_components(path: str, revision: str | None) -> dict[str, Any]:
     """from_pretrained overrides that skip the UNUSED_COMPONENTS the folder's model_index.json lists
     (a hub id's cached one). A hub id not downloaded yet gets all of them: its model_index.json is not
     known without a request (which, offline, huggingface_hub retries for ~23 s before the load fails
     anyway), and diffusers ignores, and logs, an override its pipeline does not take."""
-    folder = path if local else cached_snapshot(path, revision)
+    folder, index = _pipeline_index(path, revision)
     if folder is None:
         return {**dict.fromkeys(UNUSED_COMPONENTS), "requires_safety_checker": False}
-    try:
-        with open(os.path.join(folder, "model_index.json")) as f:
-            index = json.load(f)
-    except (OSError, json.JSONDecodeError):  # check_local_checkpoint has named a local folder's problem
-        return {}
     out: dict[str, Any] = {name: None for name in UNUSED_COMPONENTS
                            if isinstance(index.get(name), list) and index[name][:1] != [None]}
     if "safety_checker" in out and "requires_safety_checker" in index:
@@ -522,7 +521,7 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
     kwargs: dict[str, Any] = {dtype_kw: getattr(torch, dtype), "use_safetensors": None if allow_pickle else True}
     if not local and revision:
         kwargs["revision"] = revision
-    kwargs.update(_unused_components(path, revision, local))
+    kwargs.update(_unused_components(path, revision))
     if unet is not None:
         cls = check_unet_folder(unet)
         try:

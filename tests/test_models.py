@@ -201,13 +201,13 @@ def test_a_hub_ids_unused_components_come_from_its_cached_index(tiny_models, tmp
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     everything = {**dict.fromkeys(UNUSED_COMPONENTS), "requires_safety_checker": False}
-    assert _unused_components("some-org/not-cached", None, local=False) == everything
+    assert _unused_components("some-org/not-cached", None) == everything
     repo = tmp_path / "hub" / "models--some-org--sd"
     sha = "0" * 40
     _with_safety_checker(tiny_models["latent_text"], repo / "snapshots" / sha)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
     listed = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    assert _unused_components("some-org/sd", None, local=False) == listed
-    assert _unused_components(str(repo / "snapshots" / sha), None, local=True) == listed
-    assert _unused_components(tiny_models["latent_text"], None, local=True) == {}  # saved with none of them
+    assert _unused_components("some-org/sd", None) == listed
+    assert _unused_components(str(repo / "snapshots" / sha), None) == listed
+    assert _unused_components(tiny_models["latent_text"], None) == {}  # saved with none of them
