@@ -79,15 +79,11 @@ def _resolved(uris: pa.ChunkedArray, fs: fsspec.AbstractFileSystem, base: str) -
     or an absolute path is kept."""
     uris = pc.cast(uris, pa.string()).combine_chunks()
     absolute = pc.or_(pc.match_substring(uris, "://"), pc.match_substring_regex(uris, "^[/~]"))
-    if not pc.any(pc.and_kleene(pc.invert(absolute), pc.greater(pc.utf8_length(uris), 0))).as_py():
+    relative = pc.fill_null(pc.and_(pc.invert(absolute), pc.greater(pc.utf8_length(uris), 0)), False)
+    if not pc.any(relative).as_py():
         return uris  # the usual case, checked in Arrow: a 100M-row manifest is not looped over in Python
-
-    def one(u: str | None) -> str | None:
-        if not u or "://" in u or u.startswith(("/", "~")):
-            return u
-        return fs.unstrip_protocol(posixpath.normpath(posixpath.join(base, u)))
-
-    return pa.array([one(u) for u in uris.to_pylist()], pa.string())
+    return pa.array([fs.unstrip_protocol(posixpath.normpath(posixpath.join(base, u))) if rel else u
+                     for u, rel in zip(uris.to_pylist(), relative.to_pylist())], pa.string())
 
 
 def _check_ids(path: str, ids: pa.ChunkedArray) -> None:
