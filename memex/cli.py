@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import enum
 import logging
+import shlex
 import sys
 import typing
 from typing import Any
@@ -149,10 +150,13 @@ def check_overrides(args: list[str], cls: type) -> None:
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    try:
-        overrides = OverridesParser.create().parse_overrides(get_args_parser().parse_known_args(args)[0].overrides)
-    except Exception:  # noqa: BLE001 - a malformed override: Hydra reports it
-        return
+    parser = OverridesParser.create()
+    overrides = []
+    for text in get_args_parser().parse_known_args(args)[0].overrides:
+        try:
+            overrides.append(parser.parse_override(text))
+        except Exception as e:  # noqa: BLE001 - Hydra's grammar error: named with the override and the fix
+            raise C.ConfigError(unparsable_override_message(text, e)) from e
     for o in overrides:
         key = o.key_or_group
         if o.is_delete() or o.package is not None or key.split(".")[0].split("/")[0] == "hydra":
@@ -161,6 +165,20 @@ def check_overrides(args: list[str], cls: type) -> None:
             check_key(key, cls) or _check_list(key, o, cls) or _check_choice(key, o, cls) or _check_scalar(key, o, cls)
         if msg:
             raise C.ConfigError(msg)
+
+
+def unparsable_override_message(text: str, error: Exception) -> str:
+    """An override Hydra's grammar cannot read: a value holding `=` (a Hive-partitioned path,
+    s3://b/set/date=2026-12-01/train.parquet), a space, brackets or parentheses, `#`, `;` or a
+    non-ASCII letter. Hydra says only "mismatched input '=' expecting <EOF>", naming neither the
+    override nor the fix; a quoted value takes any of them."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    key, eq, value = text.partition("=")
+    msg = f"cannot read the override {text}: {reason}"
+    if not eq or value[:1] in ("'", '"') or ('"' in value and "'" in value):
+        return f"{msg}; quote its value (https://hydra.cc/docs/advanced/override_grammar/basic/#quoted-values)"
+    quote = "'" if '"' in value else '"'
+    return f"{msg}; quote the value, and the override for the shell: {shlex.quote(f'{key}={quote}{value}{quote}')}"
 
 
 _UNKNOWN = object()  # a sweep or an interpolation: Hydra's to resolve

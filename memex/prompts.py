@@ -47,7 +47,9 @@ def _open_table(path: str, storage_options: dict[str, Any]) -> pa.Table:
         if ext == ".parquet" or fs.isdir(p):
             return pq.read_table(p, filesystem=fs)
         with fs.open(p, "rb") as f:
-            raw = f.read().decode("utf-8")
+            # utf-8-sig: a file saved with a byte-order mark (Windows editors) loses it; as "utf-8" the
+            # mark stayed in the first prompt (3 extra CLIP tokens) and failed a .jsonl's first line
+            raw = f.read().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise PromptError(f"prompts.path={path} is not UTF-8 text: {e}") from e
     except Exception as e:  # noqa: BLE001 - re-raised naming the file

@@ -1,4 +1,5 @@
 import dataclasses
+import shlex
 import subprocess
 import sys
 import typing
@@ -507,6 +508,31 @@ def test_cli_names_a_value_that_is_not_a_choice_in_one_line(stage, override, mes
     key = override.split("=")[0]
     # a valid value passes, and interpolations and sweeps are left to Hydra
     cli.check_overrides([f"{key}={good}", f"{key}=${{oc.env:X,flat}}", f"{key}={good},{good}"], cli.SCHEMAS[stage])
+
+
+@pytest.mark.parametrize("stage, override, reason", [
+    # a Hive-partitioned path: "mismatched input '=' expecting <EOF>" was the whole message
+    ("audit", "trainset.path=s3://lake/laion/date=2026-12-01/part-0.parquet", "mismatched input '='"),
+    ("generate", "prompts.path=/data/prompts (copy).txt", "mismatched input ' ('"),
+    ("train", "data.path=/data/données/train.parquet", "token recognition error at: 'é'"),
+    ("mia", "members.path=/data/it's/members.parquet", "token recognition error"),
+])
+def test_an_override_hydra_cannot_parse_is_named_with_its_quoted_form(stage, override, reason, monkeypatch, capsys):
+    """A value Hydra's override grammar stops at (=, a space, brackets, a non-ASCII letter, a quote):
+    one line naming the override and the quoted form, which then reads back the same value."""
+    monkeypatch.setattr(sys, "argv", ["memex", stage, override])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 1 and len(err) == 1
+    assert err[0].startswith(f"memex: error: cannot read the override {override}: {reason}")
+    fix = shlex.split(err[0].split("the override for the shell: ")[1])
+    assert len(fix) == 1
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parsed = OverridesParser.create().parse_override(fix[0])
+    key, value = override.split("=", 1)
+    assert (parsed.key_or_group, parsed.value()) == (key, value)
+    cli.check_overrides(fix, cli.SCHEMAS[stage])
 
 
 def test_job_entry_point_refuses_an_added_unknown_key(tmp_path):

@@ -22,6 +22,20 @@ def test_txt_drops_blank_lines_and_duplicates(tmp_path):
     assert t["prompt_id"].to_pylist() == [prompt_id("a cat"), prompt_id("a dog")]
 
 
+def test_a_file_saved_by_a_windows_editor_reads_as_the_same_prompts(tmp_path):
+    """A UTF-8 byte-order mark and CRLF line ends: the mark stayed in the first prompt (a
+    different prompt id, and 3 extra CLIP tokens conditioning its samples) and failed a .jsonl's
+    first line as invalid JSON."""
+    plain, windows = tmp_path / "plain.txt", tmp_path / "windows.txt"
+    plain.write_text("a red logo\na blue logo\n")
+    windows.write_bytes(b"\xef\xbb\xbfa red logo\r\na blue logo\r\n")
+    read = [load_prompts(PromptsConfig(source=PromptSource.file, path=str(p))).to_pylist() for p in (plain, windows)]
+    assert read[1] == read[0] and read[1][0]["prompt"] == "a red logo"
+    jsonl = tmp_path / "windows.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"prompt": "a red logo"}\r\n{"prompt": "a blue logo"}\r\n')
+    assert load_prompts(PromptsConfig(source=PromptSource.file, path=str(jsonl))).to_pylist() == read[0]
+
+
 def test_jsonl_with_id_column_and_limit(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text("\n".join(json.dumps({"id": f"x{i}", "text": f"prompt {i}"}) for i in range(5)))
