@@ -18,6 +18,10 @@ The model family decides how `memex.sampling` drives the components:
     unconditional  UNet2DModel                       (DDPMPipeline layout)
     latent_text    UNet2DConditionModel + VAE        (StableDiffusionPipeline layout)
     pixel_text     UNet2DConditionModel, no VAE      (IFPipeline layout)
+
+A UNet that needs more than the noise and a prompt (SDXL's added conditioning, an inpainting
+UNet's image channels, class labels) and a pipeline without a UNet (DiT, SD 3, Flux) are refused
+from their configs (`check_sampled_unet`), before any cluster work and again on the loaded UNet.
 """
 
 from __future__ import annotations
@@ -378,9 +382,23 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
     if unet is not None:
         unet_cls = check_unet_folder(unet)
         check_component_weights(unet, "diffusers", unet_cls, f"model.unet={unet}", allow_pickle)
-    elif isinstance(index.get("unet"), list) and len(index["unet"]) == 2:
-        unet_cls = index["unet"][1]
+        check_sampled_unet(_unet_config(unet), f"model.unet={unet}: the UNet")
+    else:
+        if folder:
+            check_sampled_pipeline(path, folder, index)
+        if isinstance(index.get("unet"), list) and len(index["unet"]) == 2:
+            unet_cls = index["unet"][1]
     return declared_kind(index, unet_cls)
+
+
+def check_sampled_pipeline(path: str, folder: str, index: dict, key: str = "model.path") -> None:
+    """The pipeline at `folder` (`key`=`path`) denoises with a UNet memex samples, from its configs."""
+    pipeline = f"{key}={path} ({index.get('_class_name', 'a pipeline')})"
+    if isinstance(index.get("unet"), list) and len(index["unet"]) == 2:
+        check_sampled_unet(_unet_config(os.path.join(folder, "unet")), f"{pipeline}: its UNet")
+    elif index:  # SD3, Flux, PixArt, DiT: a transformer denoises
+        parts = ", ".join(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
+        raise ModelError(f"{pipeline} has no unet component (it holds {parts}); {SAMPLED}")
 
 
 def declared_kind(index: dict, unet_cls: str | None) -> ModelKind | None:
@@ -391,6 +409,40 @@ def declared_kind(index: dict, unet_cls: str | None) -> ModelKind | None:
     if unet_cls == "UNet2DConditionModel":
         return ModelKind.latent_text if index.get("vae", [None])[0] is not None else ModelKind.pixel_text
     return None
+
+
+SAMPLED = ("memex samples UNet pipelines that take only the noise (and a prompt): SD 1.x/2.x "
+           "(StableDiffusionPipeline), IF-style pixel-space text models (IFPipeline) and unconditional DDPM "
+           "UNets (DDPMPipeline)")
+
+
+def check_sampled_unet(config: dict, subject: str) -> None:
+    """A UNet memex's sampler cannot drive, refused from its config.json before any cluster work:
+    each failed in the sampler actors after the index build, SDXL with "TypeError: argument of
+    type 'NoneType' is not iterable", an inpainting UNet with a convolution's shape error.
+    `subject` names it: "model.path=... (StableDiffusionXLPipeline): its UNet"."""
+    extra = config.get("addition_embed_type")
+    if extra not in (None, "text"):  # "text" (IF): the UNet embeds its encoder_hidden_states itself
+        what = ("SDXL's pooled text and image-size embeddings from a second text encoder" if extra == "text_time"
+                else "embeddings the pipeline computes besides the prompt's")
+        raise ModelError(f"{subject} needs added conditioning (addition_embed_type={extra!r}: {what}), which "
+                         f"memex does not compute; {SAMPLED}")
+    cin, cout = config.get("in_channels"), config.get("out_channels")
+    if isinstance(cin, int) and isinstance(cout, int) and cin > cout:  # learned variance has more out: fine
+        raise ModelError(f"{subject} takes {cin} input channels for {cout} output channels: an inpainting, "
+                         f"upscaling or image-editing model, which needs an image besides the noise; {SAMPLED}")
+    for key in ("class_embed_type", "num_class_embeds"):
+        if config.get(key) is not None:
+            raise ModelError(f"{subject} is class-conditional ({key}={config[key]!r}) and memex passes no class "
+                             f"labels; {SAMPLED}")
+
+
+def _unet_config(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}  # a missing or broken config.json: check_local_checkpoint and the weight checks name it
 
 
 def check_kind(path: str, requested: ModelKind, declared: ModelKind | None, takes_prompts: bool,
@@ -537,6 +589,7 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
         raise ModelError(f"could not load model.path={path} as a {where}: {type(e).__name__}: {e}{hint}") from e
     found = _detect_kind(pipe)
     check_kind(path, kind, found, False, type(pipe).__name__)
+    check_sampled_unet(dict(pipe.unet.config), f"model.path={path} ({type(pipe).__name__}): its UNet")
     missing = [c for c in NEEDED[found] if getattr(pipe, c, None) is None]
     if missing:
         raise ModelError(f"{path} is a {found.value} model but lacks components {missing}")

@@ -68,6 +68,14 @@ def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):
         with pytest.raises(nightly.MemexError, match=match):
             discover(str(lone), str(base))
     assert [c.base for c in discover(str(lone), "org/some-model")] == ["org/some-model"]
+    # a base whose UNet memex cannot sample (SDXL's added conditioning): named before any checkpoint
+    xl = tmp_path / "xl"
+    shutil.copytree(BASE, xl)
+    config = json.loads((xl / "unet" / "config.json").read_text())
+    (xl / "unet" / "config.json").write_text(json.dumps({**config, "addition_embed_type": "text_time"}))
+    with pytest.raises(nightly.MemexError, match=r"^nightly.base_model=.*xl \(IFPipeline\): its UNet "
+                                                 r"needs added conditioning"):
+        discover(str(lone), str(xl))
     # a wrong nightly.location: missing, or a file (it said "no such folder" for both)
     (tmp_path / "a-file").write_text("x")
     for where, match in [(tmp_path / "nowhere", "nowhere: no such folder"),

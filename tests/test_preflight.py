@@ -404,3 +404,95 @@ def test_the_folders_model_family_is_checked_before_the_index(tiny_models, tmp_p
         audit.run(compose(["model=local", f"model.path={uncond}", "prompts=none", "trainset=manifest",
                            f"trainset.path={manifest}", f"storage.root={tmp_path / 'runs'}",
                            "resources.address=127.0.0.1:1"], config_name="audit"))
+
+
+# ---- pipelines memex cannot sample: refused from their configs, before any cluster work ------
+def _sdxl(folder: Path) -> Path:
+    """A tiny real StableDiffusionXLPipeline: two text encoders, a UNet with added conditioning."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from memex.tiny import build_text_encoder, build_tokenizer
+
+    tok, tok2 = build_tokenizer(folder.parent / "tok1"), build_tokenizer(folder.parent / "tok2")
+    n, length = len(tok), tok.model_max_length
+    torch.manual_seed(0)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=length, projection_dim=32, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1))
+    vae = AutoencoderKL(latent_channels=4, norm_num_groups=8, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    unet = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
+                                attention_head_dim=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=32 + 6 * 8)
+    StableDiffusionXLPipeline(vae=vae, text_encoder=build_text_encoder(n, length), text_encoder_2=te2, tokenizer=tok,
+                              tokenizer_2=tok2, unet=unet, scheduler=EulerDiscreteScheduler()).save_pretrained(folder)
+    return folder
+
+
+def _with_unet(src: str, dst: Path, cls: str, **config) -> Path:
+    """A copy of a tiny pipeline whose UNet is rebuilt with `config` changed (weights to match)."""
+    import diffusers
+
+    path = _copy(src, dst)
+    unet = getattr(diffusers, cls).from_pretrained(path / "unet")
+    shutil.rmtree(path / "unet")
+    getattr(diffusers, cls).from_config({**unet.config, **config}).save_pretrained(path / "unet")
+    return path
+
+
+def _dit(folder: Path) -> Path:
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, Transformer2DModel
+
+    transformer = Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, out_channels=8, num_layers=1,
+                                     num_attention_heads=2, attention_head_dim=8, norm_type="ada_norm_zero",
+                                     num_embeds_ada_norm=1000)
+    vae = AutoencoderKL(latent_channels=4, norm_num_groups=8, block_out_channels=(16,))
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(folder)
+    return folder
+
+
+def test_a_pipeline_memex_cannot_sample_is_refused_before_the_index(tiny_models, tmp_path, inputs, no_index,
+                                                                    monkeypatch):
+    """SDXL (its UNet needs pooled text and size embeddings), an inpainting UNet (9 input channels),
+    a class-conditional DDPM and a transformer pipeline (DiT) failed in the sampler actors after the
+    index build and a claimed run folder (SDXL: "TypeError: argument of type 'NoneType' is not
+    iterable"). Each is refused from its configs, naming the folder, what it needs and what memex samples."""
+    from memex.stages import audit
+
+    sdxl = _sdxl(tmp_path / "sdxl")
+    cases = {
+        sdxl: r"\(StableDiffusionXLPipeline\): its UNet needs added conditioning \(addition_embed_type='text_time'",
+        _with_unet(tiny_models["latent_text"], tmp_path / "inpaint", "UNet2DConditionModel", in_channels=9):
+            r"its UNet takes 9 input channels for 4 output channels: an inpainting",
+        _with_unet(tiny_models["unconditional"], tmp_path / "classes", "UNet2DModel", num_class_embeds=10):
+            r"\(DDPMPipeline\): its UNet is class-conditional \(num_class_embeds=10\)",
+        _dit(tmp_path / "dit"): r"\(DiTPipeline\) has no unet component \(it holds scheduler, transformer, vae\)",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ModelError, match=rf"^model.path={re.escape(str(path))} .*{message}.*memex samples UNet"):
+            check_model_inputs(str(path))
+    with pytest.raises(ModelError, match=cases[sdxl]):
+        audit.run(_audit_cfg(tmp_path, sdxl, *inputs))
+    assert not (tmp_path / "runs").exists()
+    # the UNet of one as the fine-tuned UNet on a base memex samples
+    with pytest.raises(ModelError, match=rf"^model.unet={re.escape(str(sdxl / 'unet'))}: the UNet needs added"):
+        check_model_inputs(tiny_models["latent_text"], str(sdxl / "unet"))
+    # a hub id not cached here is checked after its load, on the loaded UNet's config
+    import memex.models as models
+
+    monkeypatch.setattr(models, "check_model_inputs", lambda *a, **k: None)
+    with pytest.raises(ModelError, match=cases[sdxl]):
+        load_model(str(sdxl))
+    monkeypatch.undo()
+    # the tiny models pass, and so do IF's two UNet traits: learned variance (3 in, 6 out) is not an
+    # image input, and addition_embed_type="text" embeds the prompt's encoder states in the UNet itself
+    for kind, model in tiny_models.items():
+        assert check_model_inputs(model).value == kind
+    assert check_model_inputs(str(_with_unet(tiny_models["unconditional"], tmp_path / "learned", "UNet2DModel",
+                                             out_channels=6))).value == "unconditional"
+    if_like = _with_unet(tiny_models["pixel_text"], tmp_path / "if", "UNet2DConditionModel", out_channels=6,
+                         addition_embed_type="text", addition_embed_type_num_heads=2)
+    assert check_model_inputs(str(if_like)).value == "pixel_text"
