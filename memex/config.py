@@ -33,6 +33,12 @@ def plain(obj: Any) -> Any:
     return json.loads(json.dumps(asdict(obj), default=lambda v: getattr(v, "value", str(v))))
 
 
+def model_identity(model: Any) -> dict:
+    """model.* as a run identity: allow_pickle decides whether the model loads, not its rows, and
+    variant, added after runs existed, counts only when set: both left out so those runs resume."""
+    return {k: v for k, v in plain(model).items() if k != "allow_pickle" and not (k == "variant" and v is None)}
+
+
 class MemexError(Exception):
     """Base of the errors memex reports to users: the message names the problem and the fix."""
 
@@ -91,6 +97,10 @@ class ModelConfig:
     # refused: unpickling can run code. true: load them anyway, with torch.load(weights_only=True).
     # Not part of run or nightly identities: it decides whether a model loads, not what it generates.
     allow_pickle: bool = False
+    # A diffusers weight variant: "fp16" reads diffusion_pytorch_model.fp16.safetensors (hub repos
+    # ship such copies, and save_pretrained(variant="fp16") writes only them), each component
+    # falling back to its standard file where it has no such copy. Part of the run identity when set.
+    variant: Optional[str] = None
 
 
 @dataclass

@@ -176,14 +176,44 @@ def _pick(folder: str, names: list[str], ext: str, stems: tuple[str, ...], loose
     return sorted(os.path.join(folder, n) for n in names if n.endswith(ext)) if loose else []
 
 
-def weight_files(folder: str) -> tuple[str, list[str]]:
+def _variant_of(name: str, stems: tuple[str, ...], ext: str) -> str | None:
+    """"fp16" for diffusion_pytorch_model.fp16.safetensors or model.fp16-00001-of-00002.safetensors
+    (a diffusers weight variant), else None."""
+    for stem in stems:
+        if name.startswith(stem + ".") and name.endswith(ext):
+            label = re.sub(r"-\d{5}-of-\d{5}$", "", name[len(stem) + 1: -len(ext)])
+            if label and "." not in label:
+                return label
+    return None
+
+
+def has_variant(folder: str, variant: str) -> bool:
+    """Whether a component folder holds weight files of `variant` (diffusers reads them when asked)."""
+    return any(_variant_of(n, SAFE_STEMS + PICKLE_STEMS, ext) == variant
+               for n in os.listdir(folder) for ext in WEIGHT_SUFFIXES)
+
+
+def weight_files(folder: str, variant: str | None = None) -> tuple[str, list[str]]:
     """("safetensors" | "pickle" | "none", files) a from_pretrained of this component folder reads,
-    in the loaders' order: the standard safetensors name (or its shards), the standard .bin name
-    (or its shards), then any other *.safetensors, any other *.bin."""
-    names = os.listdir(folder)
+    in the loaders' order: the `variant`'s files if it is set and the folder has them (diffusers
+    falls back to the standard files per component), the standard safetensors name (or its
+    shards), the standard .bin name (or its shards), then any other *.safetensors, any other *.bin.
+    Without `variant`, a folder holding only variant files is refused: the load would find none."""
+    names = sorted(os.listdir(folder))
+    formats = (("safetensors", ".safetensors", SAFE_STEMS), ("pickle", ".bin", PICKLE_STEMS))
+    for fmt, ext, stems in formats if variant else ():
+        files = [os.path.join(folder, n) for n in names if _variant_of(n, stems, ext) == variant]
+        if files:
+            return fmt, files
     for loose in (False, True):
-        for fmt, ext, stems in (("safetensors", ".safetensors", SAFE_STEMS), ("pickle", ".bin", PICKLE_STEMS)):
+        for fmt, ext, stems in formats:
             files = _pick(folder, names, ext, stems, loose)
+            labels = {_variant_of(os.path.basename(f), stems, ext) for f in files}
+            if files and loose and None not in labels:
+                found = ", ".join(sorted(labels))
+                raise ModelError(f"{folder} has only the {found} variant of its weights "
+                                 f"({', '.join(os.path.basename(f) for f in files[:3])}), which a load reads only "
+                                 f"when asked: set model.variant={sorted(labels)[0]}")
             if files:
                 return fmt, files
     return "none", []
@@ -290,11 +320,11 @@ def model_shapes(folder: str, library: str, class_name: str) -> dict[str, tuple[
 
 
 def check_component_weights(folder: str, library: str, class_name: str, key: str,
-                            allow_pickle: bool = False) -> None:
+                            allow_pickle: bool = False, variant: str | None = None) -> None:
     """One component folder (unet, vae, text_encoder, ...): its weight files readable and shaped as
     its config says. `key` (model.path=..., model.unet=...) is what the messages name."""
     try:
-        fmt, files = weight_files(folder)
+        fmt, files = weight_files(folder, variant)
     except ModelError as e:
         raise ModelError(f"{key}: {e}") from e
     if fmt == "none":
@@ -364,7 +394,7 @@ def _pipeline_index(path: str, revision: str | None = None) -> tuple[str | None,
 
 
 def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = False,
-                       revision: str | None = None) -> ModelKind | None:
+                       revision: str | None = None, variant: str | None = None) -> ModelKind | None:
     """The early check of generate and audit, before any cluster work: the pipeline folder (its
     layout, every component's weights), the UNet override if any; no weights are read. Returns the
     family the folder declares (`declared_kind`), None where it cannot tell.
@@ -376,12 +406,17 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
     # the override replaces the base's UNet, and UNUSED_COMPONENTS are never loaded: none is read
     skip = ({"unet"} if unet is not None else set()) | set(UNUSED_COMPONENTS)
     folder, index = _pipeline_index(path, revision)
-    for sub, library, cls in _components(folder, index, skip) if folder else []:
-        check_component_weights(sub, library, cls, f"model.path={path}", allow_pickle)
+    components = _components(folder, index, skip) if folder else []
+    if variant and os.path.isdir(path) and not any(has_variant(sub, variant) for sub, _, _ in components):
+        raise ModelError(f"model.variant={variant} but no component of model.path={path} has {variant} weights "
+                         f"(files like diffusion_pytorch_model.{variant}.safetensors): leave model.variant unset, "
+                         "or give the variant a component folder holds")
+    for sub, library, cls in components:
+        check_component_weights(sub, library, cls, f"model.path={path}", allow_pickle, variant)
     unet_cls = None
     if unet is not None:
         unet_cls = check_unet_folder(unet)
-        check_component_weights(unet, "diffusers", unet_cls, f"model.unet={unet}", allow_pickle)
+        check_component_weights(unet, "diffusers", unet_cls, f"model.unet={unet}", allow_pickle, variant)
         check_sampled_unet(_unet_config(unet), f"model.unet={unet}: the UNet")
     else:
         if folder:
@@ -545,8 +580,11 @@ def _unused_components(path: str, revision: str | None) -> dict[str, Any]:
 
 def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float32",
                device: str = "cpu", revision: str | None = None, unet: str | None = None,
-               allow_pickle: bool = False) -> LoadedModel:
+               allow_pickle: bool = False, variant: str | None = None) -> LoadedModel:
     """Load with `DiffusionPipeline.from_pretrained` from a local folder or a hub id.
+
+    `variant` (model.variant): diffusers' weight variant ("fp16"), read where a component has it;
+    the `unet` override reads it too when its folder holds it.
 
     `unet`: a fine-tuned UNet folder loaded with its own class's `from_pretrained` and passed to
     the pipeline in place of the base's (diffusers' component override), the way the diffusers
@@ -565,19 +603,22 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
     from diffusers import DiffusionPipeline
 
     local = os.path.isdir(path) or not HUB_ID.match(path)
-    check_model_inputs(path, unet, allow_pickle, revision)
+    check_model_inputs(path, unet, allow_pickle, revision, variant)
     # None: safetensors where there are any, else .bin (diffusers and transformers, per component)
     # diffusers >= 0.36 takes `dtype` and warns that `torch_dtype` is deprecated; older ones know only `torch_dtype`
     dtype_kw = "dtype" if hasattr(importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype") \
         else "torch_dtype"
     kwargs: dict[str, Any] = {dtype_kw: getattr(torch, dtype), "use_safetensors": None if allow_pickle else True}
+    if variant:
+        kwargs["variant"] = variant
     if not local and revision:
         kwargs["revision"] = revision
     kwargs.update(_unused_components(path, revision))
     if unet is not None:
         cls = check_unet_folder(unet)
         try:
-            kwargs["unet"] = getattr(diffusers, cls).from_pretrained(unet, **{dtype_kw: kwargs[dtype_kw]},
+            own = {"variant": variant} if variant and has_variant(unet, variant) else {}
+            kwargs["unet"] = getattr(diffusers, cls).from_pretrained(unet, **{dtype_kw: kwargs[dtype_kw]}, **own,
                                                                      use_safetensors=kwargs["use_safetensors"])
         except Exception as e:  # noqa: BLE001 - re-raised with the path
             raise ModelError(f"could not load model.unet={unet}: {type(e).__name__}: {e}") from e

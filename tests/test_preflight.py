@@ -496,3 +496,44 @@ def test_a_pipeline_memex_cannot_sample_is_refused_before_the_index(tiny_models,
     if_like = _with_unet(tiny_models["pixel_text"], tmp_path / "if", "UNet2DConditionModel", out_channels=6,
                          addition_embed_type="text", addition_embed_type_num_heads=2)
     assert check_model_inputs(str(if_like)).value == "pixel_text"
+
+
+def test_a_folder_of_fp16_variant_weights_is_read_with_model_variant(tiny_models, tmp_path):
+    """A folder saved with save_pretrained(variant="fp16") (hub repos ship such copies) holds only
+    diffusion_pytorch_model.fp16.safetensors: the check passed it, then every sampler actor failed
+    with "no file named model.safetensors" and a hint about pickle weights. Now it is named before any
+    work with the fix, model.variant=fp16 reads it (components without the variant fall back to
+    their standard files, as diffusers does), and the run identity has the variant only when set."""
+    import pyarrow as pa
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    from memex.config import GenerateConfig, model_identity
+    from memex.stages.generate import run_settings
+
+    src = tiny_models["latent_text"]
+    variant = tmp_path / "fp16"
+    DiffusionPipeline.from_pretrained(src, dtype=torch.float16).save_pretrained(variant, variant="fp16")
+    assert (variant / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    with pytest.raises(ModelError, match=rf"^model.path={re.escape(str(variant))}: .*text_encoder has only the "
+                                         r"fp16 variant of its weights \(model.fp16.safetensors\), .*"
+                                         r"set model.variant=fp16$"):
+        check_model_inputs(str(variant))
+    assert check_model_inputs(str(variant), variant="fp16").value == "latent_text"
+    with pytest.raises(ModelError, match=r"^model.variant=fp16 but no component of model.path=.* has fp16 weights"):
+        check_model_inputs(src, variant="fp16")
+    # the variant's weights are what is loaded (float16 values, upcast to the float32 run)
+    loaded = load_model(str(variant), variant="fp16").pipe.unet.state_dict()
+    half = load_file(variant / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    assert all(torch.equal(loaded[k], half[k].float()) for k in half) and loaded.keys() == half.keys()
+    # a fine-tuned UNet (a trainer's checkpoint: no variant) on a variant base
+    unet = tmp_path / "checkpoint-100" / "unet"
+    UNet2DConditionModel.from_pretrained(Path(src) / "unet").save_pretrained(unet)
+    model = load_model(str(variant), unet=str(unet), variant="fp16")
+    assert torch.equal(model.pipe.unet.state_dict()[next(iter(half))], load_file(
+        unet / "diffusion_pytorch_model.safetensors")[next(iter(half))])
+    # identity: unset is absent, so runs made before the key resume under their names
+    prompts = pa.table({"prompt_id": ["p1"], "prompt": ["a logo"]})
+    cfg = GenerateConfig()
+    assert "variant" not in run_settings(cfg, prompts)["model"] and "allow_pickle" not in model_identity(cfg.model)
+    cfg.model.variant = "fp16"
+    assert run_settings(cfg, prompts)["model"]["variant"] == "fp16"

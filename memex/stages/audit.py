@@ -59,7 +59,8 @@ def run(cfg: AuditConfig) -> dict:
     # (headers and shapes, no weights read), the training set, the prompts (read now, unless the index ranks them)
     validate_audit(cfg)
     check_tracker(cfg.tracker)  # tracker=mlflow|tensorboard|wandb: its package is installed
-    declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
+    declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
+                                  cfg.model.variant)
     check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
     ranks_captions = cfg.prompts.source == PromptSource.near_duplicates
     check_trainset(cfg.trainset.path, cfg.storage.options, cfg.trainset.caption_column if ranks_captions else None)

@@ -21,7 +21,7 @@ import time
 import pyarrow as pa
 
 from memex import runner
-from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, plain, validate_generate
+from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, model_identity, plain, validate_generate
 from memex.images import encode_png
 from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
 from memex.lease import hold
@@ -44,8 +44,7 @@ def run_settings(cfg: GenerateConfig, prompts: pa.Table) -> dict:
     digest = hashlib.sha256()
     for pid, p in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist()):
         digest.update(f"{pid}\x1f{p}\x1e".encode())
-    # model.allow_pickle decides whether the model loads, not its rows: left out (runs made before it resume)
-    model = {k: v for k, v in plain(cfg.model).items() if k != "allow_pickle"}
+    model = model_identity(cfg.model)
     return {"model": model, "sampling": s, "prompts_sha256": digest.hexdigest(),
             "n_prompts": prompts.num_rows}
 
@@ -63,7 +62,8 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
     """
     # 1. inputs: config ranges, model folder, prompts
     validate_generate(cfg)
-    declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
+    declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
+                                  cfg.model.variant)
     check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
     if prompts is None:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
@@ -97,7 +97,7 @@ class RunSampler:
         if device == "cpu" and cfg.sampling.dtype.value == "float16":
             raise ConfigError("sampling.dtype=float16 needs a GPU; use float32 or bfloat16 on CPU")
         model = load_model(cfg.model.path, cfg.model.kind, cfg.sampling.dtype.value, device, cfg.model.revision,
-                           cfg.model.unet, cfg.model.allow_pickle)
+                           cfg.model.unet, cfg.model.allow_pickle, cfg.model.variant)
         check_kind(cfg.model.path, ModelKind.auto, model.kind, any(self.prompts))  # a hub id checked only now
         self.sampler = Sampler(model, cfg.sampling)
         self.model_id = model.model_id

@@ -44,6 +44,7 @@ from memex.config import (
     MiaConfig,
     TrainConfig,
     TrainerConfig,
+    model_identity,
     plain,
     validate_mia,
 )
@@ -163,7 +164,7 @@ class ScoreImages:
         self.images = self.layout.store.read_table(self.layout.images_path, schema=MIA_IMAGES_SCHEMA)
         m = cfg.model
         model = load_model(m.path, m.kind, "float32", resolve_device(cfg.resources.device), m.revision, m.unet,
-                           m.allow_pickle)
+                           m.allow_pickle, m.variant)
         self.scorer = MiaScorer(model, cfg.mia)
 
     def __call__(self, index: int, start: int, stop: int) -> tuple[pa.Table, dict]:
@@ -296,7 +297,7 @@ def run(cfg: MiaConfig) -> dict:
     from memex.mia import check_settings
 
     check_settings(cfg.mia)
-    check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision)
+    check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision, cfg.model.variant)
     recipe = shadow_recipe(cfg.model.path) if cfg.mia.shadow_models else None
     sets = [("members", True), ("nonmembers", False)] + ([("queries", None)] if cfg.queries.path else [])
     images = pa.concat_tables([read_image_set(getattr(cfg, n).path, getattr(cfg, n).caption_column, member, opts,
@@ -311,7 +312,7 @@ def run(cfg: MiaConfig) -> dict:
     digest = hashlib.sha256()
     for r in images.select(["image_id", "member", "caption", "copies"]).to_pylist():
         digest.update(json.dumps(r, sort_keys=True).encode())
-    settings = redact({"model": {k: v for k, v in plain(cfg.model).items() if k != "allow_pickle"},
+    settings = redact({"model": model_identity(cfg.model),
                        "mia": plain(cfg.mia), "images_sha256": digest.hexdigest(),
                        "members": cfg.members.path, "nonmembers": cfg.nonmembers.path, "queries": cfg.queries.path})
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

@@ -95,6 +95,8 @@ def config_sha256(cfg: NightlyAuditConfig) -> str:
         c.pop(k, None)
     for k in NOT_IN_CONFIG_HASH_MODEL:
         c["model"].pop(k, None)
+    if c["model"].get("variant") is None:  # added after ledgers existed: counts only when set
+        c["model"].pop("variant", None)
     # ${memex_home:} paths (the demo's trainset) are written back as the variable: the checkout on
     # a laptop and its copy in a Ray job's working_dir must give the same hash
     text = json.dumps(c, sort_keys=True).replace(MEMEX_HOME, "${memex_home:}")
