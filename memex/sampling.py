@@ -103,11 +103,11 @@ class Sampler:
         self.device, self.dtype = self.unet.device, self.unet.dtype
         self.scheduler_name = type(self.scheduler).__name__
 
-        native = self.unet.config.sample_size
-        native = native if isinstance(native, int) else native[0]
+        native = self.unet.config.sample_size  # an int, or (height, width) for a non-square model
+        native_h, native_w = (native, native) if isinstance(native, int) else native
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        self.height = settings.height or native * self.vae_scale
-        self.width = settings.width or native * self.vae_scale
+        self.height = settings.height or native_h * self.vae_scale
+        self.width = settings.width or native_w * self.vae_scale
         if self.height % self.vae_scale or self.width % self.vae_scale:
             raise ValueError(f"image size {self.height}x{self.width} must be a multiple of {self.vae_scale} "
                              "for this VAE")

@@ -1,4 +1,5 @@
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -145,6 +146,18 @@ def test_image_size_from_config(tiny_models):
     assert s.generate(["p1"], [PROMPTS["p1"]], [1]).shape == (1, 24, 32, 3)
     with pytest.raises(ValueError, match="multiple of 2"):
         _sampler(tiny_models["latent_text"], height=25)
+
+
+def test_a_non_square_native_size_is_sampled_as_height_by_width(tiny_models, tmp_path):
+    """A UNet whose sample_size is (height, width): both sides were taken from the height."""
+    from diffusers import UNet2DModel
+
+    path = tmp_path / "wide"
+    shutil.copytree(tiny_models["unconditional"], path)
+    unet = UNet2DModel.from_pretrained(path / "unet")
+    shutil.rmtree(path / "unet")
+    UNet2DModel.from_config({**unet.config, "sample_size": [16, 24]}).save_pretrained(path / "unet")
+    assert _sampler(str(path)).generate(["uncond"], [""], [1]).shape == (1, 16, 24, 3)
 
 
 def test_all_three_families_exist():
