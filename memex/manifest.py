@@ -3,6 +3,7 @@
 A manifest is a Parquet file (or folder of Parquet files) on any fsspec URI with columns
     id       string, unique per row
     image    binary, encoded PNG/JPEG/WebP bytes      (either image ...
+             or Hugging Face datasets' Image struct {bytes, path}: its bytes, else its path as the uri
     uri      string, fsspec URI of the image file      ... or uri per row; a relative
              one, "imgs/0001.png", is relative to the manifest's folder)
     caption  string, optional (text-conditional models and caption-ranked prompts)
@@ -66,9 +67,28 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
                             f"it has {table.column_names}")
     table = table.set_column(table.column_names.index("id"), "id", pc.cast(table["id"], pa.string()))
     _check_ids(path, table["id"])
+    if "image" in table.column_names and pa.types.is_struct(table.schema.field("image").type):
+        table = _image_struct(path, table)
     if "uri" in table.column_names:
         base = p if is_dir else posixpath.dirname(p)
         table = table.set_column(table.column_names.index("uri"), "uri", _resolved(table["uri"], fs, base))
+    return table
+
+
+def _image_struct(path: str, table: pa.Table) -> pa.Table:
+    """An `image` column of Hugging Face datasets' Image type, struct<bytes, path> (what
+    Dataset.to_parquet and the hub's Parquet files hold): image = its bytes; a row without bytes
+    (an image datasets kept by path) is read from its path, as the uri. Cast as is, Arrow raised
+    "Unsupported cast from struct<bytes: binary, path: string> to binary"."""
+    col = table["image"].combine_chunks()
+    names = [col.type.field(i).name for i in range(col.type.num_fields)]
+    if "bytes" not in names:
+        raise ManifestError(f"training manifest {path}: column 'image' is a {col.type}, not encoded image bytes nor "
+                            "Hugging Face datasets' Image struct {bytes, path}: give encoded PNG/JPEG/WebP bytes")
+    image = pc.struct_field(col, "bytes")
+    table = table.set_column(table.column_names.index("image"), "image", image)
+    if "path" in names and "uri" not in table.column_names:
+        table = table.append_column("uri", pc.if_else(pc.is_null(image), pc.struct_field(col, "path"), None))
     return table
 
 

@@ -71,6 +71,31 @@ def test_relative_uris_are_read_from_the_manifests_folder(tmp_path, monkeypatch)
     mem.rm("/bucket", recursive=True)
 
 
+def test_a_hugging_face_image_column_is_read(tmp_path):
+    """datasets' Image feature in Parquet (Dataset.to_parquet, the hub's Parquet files) is
+    struct<bytes, path>: every reader raised Arrow's "Unsupported cast from struct<bytes: binary,
+    path: string> to binary". Its bytes are the image; a row without bytes is read from its path."""
+    from memex.ingest import decode_rows, list_training_set
+
+    imgs = [logo(i, 32)[0] for i in range(3)]
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "2.png").write_bytes(encode_png(imgs[2]))
+    image = pa.array([{"bytes": encode_png(imgs[0]), "path": "0.png"}, {"bytes": encode_png(imgs[1]), "path": None},
+                      {"bytes": None, "path": "kept/2.png"}],
+                     pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "image": image, "text": ["x", "y", "z"]}), tmp_path / "hf.parquet")
+    t = read_manifest(str(tmp_path / "hf.parquet"))
+    assert t["uri"].to_pylist() == [None, None, f"file://{tmp_path}/kept/2.png"]
+    for row, img in zip(t.to_pylist(), imgs):
+        assert np.array_equal(load_image(row), img)
+    dec = decode_rows(list_training_set(str(tmp_path / "hf.parquet"), caption_column="text"), None)
+    assert dec.quarantine.num_rows == 0 and all(np.array_equal(a, b) for a, b in zip(dec.images, imgs))
+    # a struct that is not datasets' Image is named, with what to give
+    pq.write_table(pa.table({"id": ["a"], "image": pa.array([{"pixels": b"x"}])}), tmp_path / "odd.parquet")
+    with pytest.raises(ManifestError, match=r"odd.parquet: column 'image' is a struct<pixels: binary>, not encoded"):
+        read_manifest(str(tmp_path / "odd.parquet"))
+
+
 def test_bad_manifests_are_named(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
         read_manifest(str(tmp_path / "none.parquet"))
