@@ -62,9 +62,9 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
         raise ManifestError(f"training manifest {path} is not readable Parquet: {type(e).__name__}: {e}") from e
     if table.num_rows == 0:
         raise ManifestError(f"training manifest {path} holds no rows")
-    if "id" not in table.column_names or not ({"image", "uri"} & set(table.column_names)):
-        raise ManifestError(f"training manifest {path} needs an 'id' column and an 'image' or 'uri' column; "
-                            f"it has {table.column_names}")
+    problem = missing_columns(table.column_names)
+    if problem:
+        raise ManifestError(f"training manifest {path} {problem}")
     table = table.set_column(table.column_names.index("id"), "id", pc.cast(table["id"], pa.string()))
     _check_ids(path, table["id"])
     if "image" in table.column_names and pa.types.is_struct(table.schema.field("image").type):
@@ -73,6 +73,24 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
         base = p if is_dir else posixpath.dirname(p)
         table = table.set_column(table.column_names.index("uri"), "uri", _resolved(table["uri"], fs, base))
     return table
+
+
+def missing_columns(names: list[str]) -> str | None:
+    """What a manifest with these columns lacks, with the fix, or None. img2dataset's Parquet
+    output (LAION's tooling) names them key and jpg; a Hugging Face dataset often has no id."""
+    names = list(names)
+    if "id" in names and {"image", "uri"} & set(names):
+        return None
+    msg = f"needs an 'id' column and an 'image' or 'uri' column (columns: {sorted(names)})"
+    if "key" in names and "id" not in names and "jpg" in names:  # img2dataset's output_format=parquet
+        return msg + ": img2dataset's output names them key and jpg, rename them to id and image"
+    if "key" in names and "id" not in names and "url" in names:  # its metadata beside .tar or image folders
+        return (msg + ": this looks like img2dataset's metadata, whose images lie in the shards beside it; write "
+                "a manifest of id and uri (each image file) or id and image (its bytes)")
+    if "id" not in names:
+        return (msg + ": ids name the pictures in reports; row numbers will do, "
+                "table.append_column('id', pa.array([str(i) for i in range(table.num_rows)]))")
+    return msg
 
 
 def _image_struct(path: str, table: pa.Table) -> pa.Table:

@@ -1,4 +1,6 @@
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -106,6 +108,15 @@ def test_bad_manifests_are_named(tmp_path):
     pq.write_table(pa.table({"name": ["a"]}), tmp_path / "c.parquet")
     with pytest.raises(ManifestError, match="needs an 'id' column"):
         read_manifest(str(tmp_path / "c.parquet"))
+    # the common sources of a manifest without ids get their fix: img2dataset (LAION's downloader)
+    # writes key and jpg, or key and url beside its shards; a Hugging Face dataset has no id
+    for columns, fix in [({"key": ["0"], "jpg": [b"x"], "caption": ["c"], "url": ["u"]}, "rename them to id and image"),
+                         ({"key": ["0"], "url": ["http://x/0.jpg"], "status": ["success"]},
+                          "looks like img2dataset's metadata, whose images lie in the shards beside it"),
+                         ({"image": [b"x"], "text": ["c"]}, "row numbers will do, table.append_column('id'")]:
+        pq.write_table(pa.table(columns), tmp_path / "c.parquet")
+        with pytest.raises(ManifestError, match=re.escape(fix)):
+            read_manifest(str(tmp_path / "c.parquet"))
     # the ids to fix are named, most repeated first (it said "ids are not unique" and no more)
     pq.write_table(pa.table({"id": ["a", "b", "a", "c", "b", "a"], "image": [b"x"] * 6}), tmp_path / "d.parquet")
     with pytest.raises(ManifestError, match=r"ids are not unique \(2 id\(s\) on several rows: 'a' x3, 'b' x2\)"):

@@ -42,6 +42,7 @@ from memex.config import (
 from memex.embed import check_embedder
 from memex.layout import RunLayout
 from memex.lease import hold
+from memex.manifest import missing_columns
 from memex.models import check_kind, check_model_inputs
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
@@ -162,9 +163,9 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
             raise ConfigError(f"trainset.path={path}: {manifest} is not readable Parquet: "
                               f"{type(e).__name__}: {e}") from e
         names = set(f.schema_arrow.names)
-        if "id" not in names or not names & {"image", "uri"}:
-            raise ConfigError(f"trainset.path={path}: the manifest needs an 'id' column and an 'image' or 'uri' column "
-                              f"(columns: {sorted(names)})")
+        problem = missing_columns(sorted(names))
+        if problem:
+            raise ConfigError(f"trainset.path={path}: the manifest {problem}")
         if caption_column is not None and caption_column not in names:
             raise ConfigError(f"trainset.path={path}: the manifest has no {caption_column!r} column "
                               f"(trainset.caption_column) to rank as prompts (columns: {sorted(names)}): set "
