@@ -3,8 +3,9 @@
 Two sources, on any fsspec URI (local path, s3://, memory://, ...):
   * a Parquet manifest (memex/manifest.py: id, image bytes or uri, optional caption);
   * a folder of images (.png .jpg .jpeg .webp .bmp .gif, searched recursively): id = path relative
-    to the folder ("a/b.png"), uri = full URI with protocol, caption = the sidecar `<stem>.txt`
-    beside the image when there is one, else null.
+    to the folder ("a/b.png"), uri = full URI with protocol, caption = the image's row of a
+    Hugging Face imagefolder `metadata.jsonl` / `metadata.csv` (file_name + the caption column,
+    what diffusers' fine-tuning scripts read), else the sidecar `<stem>.txt` beside it, else null.
 Which one a path is: it ends in `.parquet`, or it is a folder holding at least one `*.parquet`
 file (at any depth) -> manifest; otherwise a folder of images. A folder mixing Parquet and other
 files is ambiguous and fails, naming the first non-Parquet file (Arrow reads every file there).
@@ -21,6 +22,9 @@ stop an index build.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +47,8 @@ TRAINING_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("uri"
                              ("caption", pa.string()),
                              ("stamp", pa.string())])  # file version of a uri row (_stamp); null: bytes/missing
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+# Hugging Face's imagefolder: captions (and other columns) per file_name, beside the images
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 
 class IngestError(MemexError, ValueError):
@@ -84,7 +90,7 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
     if not is_dir:
         raise IngestError(f"{key}={path} is a file but not a .parquet manifest: "
                           "give a Parquet manifest or a folder of images")
-    return _from_folder(path, fs, root, files, key)
+    return _from_folder(path, fs, root, files, key, caption_column)
 
 
 def _from_manifest(path: str, opts: dict[str, Any], caption_column: str) -> pa.Table:
@@ -182,18 +188,44 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
     return out
 
 
-def _from_folder(path: str, fs, root: str, files: dict[str, dict], key: str) -> pa.Table:
+def read_folder_metadata(fs, file: str) -> list[dict]:
+    """The rows of a Hugging Face imagefolder metadata file (metadata.jsonl: a JSON object a line;
+    metadata.csv: a header row), each with a file_name relative to the file's folder."""
+    text = fs.cat_file(file).decode("utf-8-sig", errors="replace")
+    if file.endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO(text)))
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                rows.append(json.loads(line)) if line.strip() else None
+            except json.JSONDecodeError as e:
+                raise IngestError(f"{file} line {n} is not valid JSON: {e}") from e
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or not r.get("file_name"):
+            raise IngestError(f"{file} row {n} has no file_name: an imagefolder metadata file names each image's "
+                              "file (relative to its folder) in file_name")
+    return rows
+
+
+def _from_folder(path: str, fs, root: str, files: dict[str, dict], key: str, caption_column: str) -> pa.Table:
     root = root.rstrip("/")
     images = sorted(f for f in files if f.lower().endswith(IMAGE_SUFFIXES))
     if not images:
         raise IngestError(f"{key}={path} holds no images ({' '.join(IMAGE_SUFFIXES)}) "
                           "and no .parquet manifest")
-    sidecars = sorted({posixpath.splitext(f)[0] + ".txt" for f in images} & set(files))
+    metadata: dict[str, Any] = {}  # image file -> its metadata row's caption (None: the row has none)
+    for m in sorted(f for f in files if posixpath.basename(f) in METADATA_FILES):
+        for r in read_folder_metadata(fs, m):
+            metadata[posixpath.normpath(posixpath.join(posixpath.dirname(m), r["file_name"]))] = r.get(caption_column)
+    sidecars = sorted({posixpath.splitext(f)[0] + ".txt" for f in images if metadata.get(f) is None} & set(files))
     # read on threads: one round trip each on an object store. (fs.cat(list) would glob "[...]" in names.)
     with ThreadPoolExecutor(8) as pool:
         texts = dict(zip(sidecars, pool.map(fs.cat_file, sidecars)))
 
     def caption(f: str) -> str | None:
+        if metadata.get(f) is not None:
+            return str(metadata[f]).strip()
         data = texts.get(posixpath.splitext(f)[0] + ".txt")
         return None if data is None else data.decode("utf-8", errors="replace").strip()
 

@@ -101,8 +101,9 @@ def rank_by_near_duplicates(dups: pa.Table, limit: int | None) -> pa.Table:
                 break
     if not rows:
         raise PromptError("the training set has no captions to use as prompts (trainset.caption_column is empty "
-                          "or null on every row, or an image folder has no <stem>.txt beside its images): give "
-                          "prompts=file, or prompts=none for an unconditional model")
+                          "or null on every row, or an image folder has neither a metadata.jsonl with that column "
+                          "nor a <stem>.txt beside its images): give prompts=file, or prompts=none for an "
+                          "unconditional model")
     return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows]}, schema=PROMPTS_SCHEMA)
 
 

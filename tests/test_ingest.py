@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import uuid
 
@@ -182,6 +183,36 @@ def test_s3_folder(s3_server, bucket):
     assert np.array_equal(decode_rows(t, None).images[0], _img(5))
     with pytest.raises(IngestError, match=f"s3://{bucket}/absent does not exist"):
         list_training_set(f"s3://{bucket}/absent", s3_server)
+
+
+def test_an_imagefolder_metadata_file_gives_the_captions(tmp_path):
+    """Hugging Face's imagefolder layout, what diffusers' fine-tuning scripts train on: a
+    metadata.jsonl (or .csv) of file_name + caption columns, file_name relative to its folder.
+    It was ignored: every caption null, and the audit's caption-ranked prompts failed after the
+    index build. Metadata comes first; a sidecar <stem>.txt still captions what it does not."""
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "set")
+    fs.makedirs(f"{root}/train/sub", exist_ok=True)
+    fs.makedirs(f"{root}/extra", exist_ok=True)
+    for name in ("train/0.png", "train/sub/1.png", "train/2.png", "extra/3.png", "extra/4.png"):
+        fs.pipe_file(f"{root}/{name}", encode_png(_img(len(name))))
+    fs.pipe_file(f"{root}/train/metadata.jsonl", "\n".join(json.dumps(r) for r in [
+        {"file_name": "0.png", "text": "a red logo"}, {"file_name": "sub/1.png", "text": " a blue logo "},
+        {"file_name": "2.png", "text": None}]).encode())
+    fs.pipe_file(f"{root}/train/2.txt", b"a sidecar caption")
+    fs.pipe_file(f"{root}/extra/metadata.csv", "\ufefffile_name,text\n3.png,\"a green, round logo\"\n".encode())
+    t = list_training_set(root, caption_column="text")
+    assert dict(zip(t["id"].to_pylist(), t["caption"].to_pylist())) == {
+        "extra/3.png": "a green, round logo", "extra/4.png": None, "train/0.png": "a red logo",
+        "train/2.png": "a sidecar caption", "train/sub/1.png": "a blue logo"}
+    assert list_training_set(root)["caption"].to_pylist() == [None, None, None, "a sidecar caption", None]
+    # the metadata is part of the listing, so of the index key: a caption edited is a new index
+    fs.pipe_file(f"{root}/extra/metadata.csv", b"file_name,text\n3.png,another caption\n")
+    assert list_training_set(root, caption_column="text")["caption"][0].as_py() == "another caption"
+    for bad, message in [(b'{"file_name": "0.png"}\n{oops', "metadata.jsonl line 2 is not valid JSON"),
+                         (b'{"text": "no file"}', "metadata.jsonl row 1 has no file_name")]:
+        fs.pipe_file(f"{root}/train/metadata.jsonl", bad)
+        with pytest.raises(IngestError, match=message):
+            list_training_set(root, caption_column="text")
 
 
 def _parquet_bytes(t: pa.Table) -> bytes:

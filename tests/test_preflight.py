@@ -537,3 +537,40 @@ def test_a_folder_of_fp16_variant_weights_is_read_with_model_variant(tiny_models
     assert "variant" not in run_settings(cfg, prompts)["model"] and "allow_pickle" not in model_identity(cfg.model)
     cfg.model.variant = "fp16"
     assert run_settings(cfg, prompts)["model"]["variant"] == "fp16"
+
+
+def test_an_image_folder_without_the_captions_to_rank_is_refused_before_the_index(tiny_models, tmp_path, inputs,
+                                                                                   no_index):
+    """The audit's default prompts rank the training captions. An image folder whose imagefolder
+    metadata lacks trainset.caption_column (diffusers' scripts call it text), or that has no
+    captions at all, was found after the whole index was built."""
+    from memex.stages import audit
+
+    folder = tmp_path / "set" / "train"
+    folder.mkdir(parents=True)
+    (folder / "0.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+
+    def run(*extra):
+        audit.run(compose(["model=local", f"model.path={tiny_models['pixel_text']}", "trainset=manifest",
+                           f"trainset.path={tmp_path / 'set'}", f"storage.root={tmp_path / 'runs'}",
+                           "resources.address=127.0.0.1:1", *extra], config_name="audit"))
+
+    with pytest.raises(ConfigError, match=r"the image folder has no captions to rank as prompts \(no metadata.jsonl "
+                                          r"or metadata.csv, no <stem>.txt beside .*0.png\): give prompts=file"):
+        run()
+    (folder / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a logo"}\n')
+    with pytest.raises(ConfigError, match=r"train/metadata.jsonl has no 'caption' column \(trainset.caption_column\) "
+                                          r"to rank as prompts \(columns: \['file_name', 'text'\]\): set "
+                                          r"trainset.caption_column=<column>"):
+        run()
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(_IndexStarted):
+        run("trainset.caption_column=text")
+    (folder / "metadata.jsonl").unlink()  # sidecar captions, and a root-level metadata.csv, pass too
+    (folder / "0.txt").write_text("a logo")
+    with pytest.raises(_IndexStarted):
+        run()
+    (folder / "0.txt").unlink()
+    (tmp_path / "set" / "metadata.csv").write_text("file_name,caption\ntrain/0.png,a logo\n")
+    with pytest.raises(_IndexStarted):
+        run()

@@ -24,6 +24,8 @@ match settings is refused (StageFolder.claim) unless run.name says where the new
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import posixpath
 
@@ -147,12 +149,18 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
         raise ConfigError(f"trainset.path={path}: no such file or folder (give a Parquet manifest or an image folder)")
     manifest = None if is_dir else root
     if is_dir:
-        found = next((posixpath.join(d, f) for d, _, files in fs.walk(root) for f in sorted(files)
-                      if f.lower().endswith((*IMAGE_SUFFIXES, ".parquet"))), None)
+        found, names = None, []
+        for d, _, names in fs.walk(root):
+            hit = next((f for f in sorted(names) if f.lower().endswith((*IMAGE_SUFFIXES, ".parquet"))), None)
+            if hit:
+                found = posixpath.join(d, hit)
+                break
         if found is None:
             raise ConfigError(f"trainset.path={path}: the folder holds no images ({' '.join(IMAGE_SUFFIXES)}) and "
                               "no .parquet manifest")
         manifest = found if found.endswith(".parquet") else None
+        if manifest is None and caption_column is not None:
+            check_folder_captions(fs, path, root, found, names, caption_column)
     elif not root.endswith(".parquet"):
         raise ConfigError(f"trainset.path={path} is a file but not a .parquet manifest: give a Parquet manifest "
                           "or a folder of images")
@@ -171,6 +179,34 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
                               f"(trainset.caption_column) to rank as prompts (columns: {sorted(names)}): set "
                               "trainset.caption_column=<column>, or give prompts=file (prompts=none for an "
                               "unconditional model)")
+
+
+def check_folder_captions(fs, path: str, root: str, first: str, names: list[str], caption_column: str) -> None:
+    """An image folder whose captions the audit ranks as prompts has them: a metadata.jsonl /
+    metadata.csv (beside the first image, or at the root) with `caption_column`, or <stem>.txt files
+    beside the first image. Without, the audit found it after the whole index was built."""
+    from memex.ingest import METADATA_FILES
+
+    here = posixpath.dirname(first)
+    metas = [posixpath.join(here, m) for m in METADATA_FILES if m in names]
+    if not metas and here != root.rstrip("/"):
+        metas = [f for f in (posixpath.join(root, m) for m in METADATA_FILES) if fs.exists(f)]
+    if metas:
+        with fs.open(metas[0], "rb") as f:  # the first row only: the file may hold a row per training image
+            line = next((ln for ln in (raw.decode("utf-8-sig", errors="replace").strip() for raw in f) if ln), "")
+        try:
+            columns = list(json.loads(line)) if metas[0].endswith(".jsonl") else next(csv.reader([line]))
+        except (json.JSONDecodeError, TypeError, StopIteration):
+            columns = []
+        if caption_column not in columns:
+            raise ConfigError(f"trainset.path={path}: {metas[0]} has no {caption_column!r} column "
+                              f"(trainset.caption_column) to rank as prompts (columns: {columns}): set "
+                              "trainset.caption_column=<column> (diffusers' fine-tuning scripts call it text), or "
+                              "give prompts=file")
+    elif not any(n.endswith(".txt") for n in names):
+        raise ConfigError(f"trainset.path={path}: the image folder has no captions to rank as prompts (no "
+                          f"metadata.jsonl or metadata.csv, no <stem>.txt beside {first}): give prompts=file, or "
+                          "prompts=none for an unconditional model")
 
 
 def top_by_triage(layout: RunLayout, keep: int) -> list[int]:
