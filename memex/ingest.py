@@ -47,6 +47,8 @@ TRAINING_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("uri"
                              ("caption", pa.string()),
                              ("stamp", pa.string())])  # file version of a uri row (_stamp); null: bytes/missing
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+# files only memex writes (a stage's completion marker, a run or index folder's lease): memex/storage.py, lease.py
+MEMEX_MARKERS = ("_SUCCESS.json", "_lease.json")
 # Hugging Face's imagefolder: captions (and other columns) per file_name, beside the images
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
@@ -85,6 +87,12 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
                           "(check the URI and storage options / credentials)") from e
     if not exists:
         raise IngestError(f"{key}={path} does not exist: give a Parquet manifest or a folder of images")
+    ours = next((f for f in sorted(files) if posixpath.basename(f) in MEMEX_MARKERS), None)
+    if ours:  # left by a storage.root inside the training set (storage.check_outside refuses one now)
+        top = posixpath.relpath(ours, root.rstrip("/")).split("/")[0]
+        where = root if top == posixpath.basename(ours) else posixpath.join(root.rstrip("/"), top)
+        raise IngestError(f"{key}={path} holds memex's own outputs under {where} (a storage.root that was inside "
+                          "the training set): move that folder out of it")
     if root.endswith(".parquet") or any(f.endswith(".parquet") for f in files):
         return _from_manifest(path, opts, caption_column)
     if not is_dir:

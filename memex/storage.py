@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from memex.config import MemexError
+from memex.config import ConfigError, MemexError
 
 SHARD_DIGITS = 6  # up to 1M units: 175M samples at 175 per shard
 
@@ -48,6 +48,23 @@ def damaged(where: str, kind: str, e: Exception) -> str:
             "memex wrote it (an interrupted copy or sync, an edit by hand). Remove it, and for a unit's file "
             "(shard-000012.parquet) its marker (_markers/shard-000012.json) too, and rerun the command: what "
             "was removed is written again and the rest is kept.")
+
+
+def check_outside(out_key: str, out_uri: str, in_key: str, in_uri: str, options: dict[str, Any]) -> None:
+    """Where memex writes (`out_key`) is neither the folder it reads images from (`in_key`) nor
+    inside it. storage.root defaults to ./runs, so an audit started in its image folder with
+    trainset.path=. wrote the index and samples into the training set, and the next run read those
+    Parquet files as its manifest ("needs an 'id' column ... columns: [caption, gid, ...]")."""
+    try:
+        fs_out, out = fsspec.core.url_to_fs(out_uri, **options)
+        fs_in, src = fsspec.core.url_to_fs(in_uri, **options)
+    except Exception:  # noqa: BLE001 - an unreachable or unknown URI: the checks that open it name it
+        return
+    out, src = out.rstrip("/"), src.rstrip("/")
+    if fs_out.protocol == fs_in.protocol and (out == src or out.startswith(src + "/")):
+        raise ConfigError(f"{out_key}={out_uri} ({out}) is inside {in_key}={in_uri} ({src}): the Parquet files and "
+                          f"images memex writes there would be read as training data by the next run; set "
+                          f"{out_key} to a folder outside it")
 
 
 def protocol_of(uri: str) -> str | None:

@@ -113,7 +113,7 @@ def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
                                   "no_recipe", "no_captions", "empty_attacks", "query_clash",
                                   "unrun_attack_setting", "shadow_steps_without_lira",
                                   "query_column_without_queries", "missing_members", "empty_queries",
-                                  "undecodable_nonmembers"])
+                                  "undecodable_nonmembers", "root_inside_nonmembers"])
 def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, case):
     root, model, members, nonmembers = world
     extra = []
@@ -162,6 +162,10 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
             (bad / n).write_bytes(b"x")
         extra = [f"nonmembers.path={bad}"]
         match = "none of the 2 images of nonmembers.path decodes (first reason: UnidentifiedImageError"
+    elif case == "root_inside_nonmembers":  # its Parquet outputs would be read as non-members next time
+        (tmp_path / "held").mkdir()
+        extra = [f"nonmembers.path={tmp_path / 'held'}", f"storage.root={tmp_path / 'held' / 'runs'}"]
+        match = f"storage.root={tmp_path / 'held' / 'runs'} ({tmp_path / 'held' / 'runs'}) is inside nonmembers.path"
     elif case == "shadow_steps_without_lira":
         extra = ["mia.shadow_steps=300"]
         match = "mia.shadow_steps is set, and LiRA is off"
@@ -171,7 +175,7 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
     runs = tmp_path / "runs"
     with pytest.raises(MemexError, match=match.replace("(", r"\(").replace(")", r"\)")):
         mia.run(cfg_of(world, f"storage.root={runs}", *extra))
-    assert not runs.exists()  # refused before anything was written
+    assert not runs.exists() and not (tmp_path / "held" / "runs").exists()  # refused before anything was written
 
 
 def test_metrics_by_copies_compare_each_group_with_every_non_member():

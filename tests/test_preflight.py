@@ -574,3 +574,39 @@ def test_an_image_folder_without_the_captions_to_rank_is_refused_before_the_inde
     (tmp_path / "set" / "metadata.csv").write_text("file_name,caption\ntrain/0.png,a logo\n")
     with pytest.raises(_IndexStarted):
         run()
+
+
+def test_a_storage_root_inside_the_training_set_is_refused(tiny_models, tmp_path, inputs, no_index, monkeypatch):
+    """storage.root defaults to ./runs: an audit started in its image folder with trainset.path=.
+    wrote the index and the samples into the training set, and the next audit read those Parquet
+    files as its manifest ("needs an 'id' column ... columns: [caption, gid, id, ...]"). Refused
+    before anything is written, for index.root too; a folder left that way is named by the listing."""
+    from memex.ingest import IngestError, list_training_set
+    from memex.stages import audit
+
+    _, prompts = inputs
+    images = tmp_path / "set"
+    images.mkdir()
+    (images / "0.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    monkeypatch.chdir(images)
+
+    def run(*extra):
+        audit.run(compose(["model=local", f"model.path={tiny_models['pixel_text']}", "trainset=manifest",
+                           "trainset.path=.", "prompts=file", f"prompts.path={prompts}",
+                           "resources.address=127.0.0.1:1", *extra], config_name="audit"))
+
+    with pytest.raises(ConfigError, match=rf"^storage.root=runs \({re.escape(str(images / 'runs'))}\) is inside "
+                                          r"trainset.path=\. .*set storage.root to a folder outside it$"):
+        run()
+    with pytest.raises(ConfigError, match=r"^index.root=.*/set/idx\) is inside trainset.path=\."):
+        run(f"storage.root={tmp_path / 'out'}", f"index.root={images / 'idx'}")
+    assert sorted(p.name for p in images.iterdir()) == ["0.png"] and not (tmp_path / "out").exists()
+    with pytest.raises(_IndexStarted):  # beside it, sharing the name's prefix: outside
+        run(f"storage.root={tmp_path / 'set-runs'}")
+    # a training folder a storage.root inside it already wrote to: named, not read as a manifest
+    (images / "runs" / "_index" / "0123").mkdir(parents=True)
+    (images / "runs" / "_index" / "0123" / "_SUCCESS.json").write_text("{}")
+    pq.write_table(pa.table({"gid": [0], "id": ["0.png"]}), images / "runs" / "_index" / "0123" / "dups.parquet")
+    with pytest.raises(IngestError, match=rf"trainset.path=\. holds memex's own outputs under "
+                                          rf"{re.escape(str(images / 'runs'))} \(a storage.root"):
+        list_training_set(".")

@@ -48,6 +48,7 @@ from memex.manifest import missing_columns
 from memex.models import check_kind, check_model_inputs
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
+from memex.storage import check_outside
 from memex.tracking import check as check_tracker
 from memex.tracking import log_audit
 
@@ -67,6 +68,9 @@ def run(cfg: AuditConfig) -> dict:
     check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
     ranks_captions = cfg.prompts.source == PromptSource.near_duplicates
     check_trainset(cfg.trainset.path, cfg.storage.options, cfg.trainset.caption_column if ranks_captions else None)
+    for key, where in (("storage.root", cfg.storage.root), ("index.root", cfg.index.root)):
+        if where:
+            check_outside(key, where, "trainset.path", cfg.trainset.path, cfg.storage.options)
     check_embedder(cfg.embedder, cfg.storage.options)  # before an index folder is made for it
     prompts = None
     if cfg.prompts.source != PromptSource.near_duplicates:

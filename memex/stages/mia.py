@@ -53,6 +53,7 @@ from memex.layout import MIA_IMAGES_SCHEMA, MIA_LIRA_SCHEMA, MIA_SCORES_SCHEMA, 
 from memex.lease import hold
 from memex.models import check_model_inputs
 from memex.redact import redact
+from memex.storage import check_outside
 
 log = logging.getLogger("memex.mia")
 LIRA = ("lira_online", "lira_offline")
@@ -300,6 +301,8 @@ def run(cfg: MiaConfig) -> dict:
     check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision, cfg.model.variant)
     recipe = shadow_recipe(cfg.model.path) if cfg.mia.shadow_models else None
     sets = [("members", True), ("nonmembers", False)] + ([("queries", None)] if cfg.queries.path else [])
+    for n, _ in sets:
+        check_outside("storage.root", cfg.storage.root, f"{n}.path", getattr(cfg, n).path, opts)
     images = pa.concat_tables([read_image_set(getattr(cfg, n).path, getattr(cfg, n).caption_column, member, opts,
                                               f"{n}.path") for n, member in sets])
     images, quarantine = check_sets(images, opts)
