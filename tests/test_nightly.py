@@ -16,9 +16,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from memex.checkpoints import discover, weights_sha256
+from memex.images import encode_png
 from memex.ledger import Ledger
 from memex.stages import nightly
 
@@ -177,6 +179,26 @@ def test_failed_audit_is_recorded_and_retried_next_night(tmp_path):
     res = nightly.run(cfg)
     assert [(r["step"], r["outcome"]) for r in res.rows] == [(2000, "ok")]
     assert nightly.run(cfg).rows == []
+
+
+def test_an_input_every_checkpoint_shares_fails_once_before_any_audit(tmp_path):
+    """A training set, prompts file or storage.root every audit of the config would fail on was
+    one error row per checkpoint, every night, each audit failing on its own. It is checked once,
+    before the first checkpoint: the command fails naming the key, and the ledger stays empty."""
+    location = tmp_path / "watch"
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "0.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    (tmp_path / "imgs" / "0.txt").write_text("a logo")
+    for step in ("checkpoint-1000", "checkpoint-2000"):
+        shutil.copytree(DEMO_RUN / step, location / "run" / step)
+    for extra, message in [(["trainset.path=" + str(tmp_path / "nowhere.parquet")], r"trainset\.path=.*nowhere"),
+                           (["prompts=file", f"prompts.path={tmp_path / 'none.txt'}"], r"prompts\.path=.*none\.txt"),
+                           ([f"trainset.path={tmp_path / 'imgs'}", f"storage.root={tmp_path / 'imgs' / 'runs'}"],
+                            r"storage\.root=.* is inside trainset\.path")]:
+        cfg = compose(_overrides(tmp_path, location, f"nightly.base_model={BASE}", *extra), config_name="nightly")
+        with pytest.raises(nightly.MemexError, match=message):
+            nightly.run(cfg)
+        assert Ledger(nightly.ledger_root(cfg), {}).read().num_rows == 0
 
 
 class _Hook(BaseHTTPRequestHandler):

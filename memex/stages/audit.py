@@ -29,6 +29,7 @@ import json
 import logging
 import posixpath
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from memex import runner
@@ -66,15 +67,7 @@ def run(cfg: AuditConfig) -> dict:
     declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
                                   cfg.model.variant)
     check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
-    ranks_captions = cfg.prompts.source == PromptSource.near_duplicates
-    check_trainset(cfg.trainset.path, cfg.storage.options, cfg.trainset.caption_column if ranks_captions else None)
-    for key, where in (("storage.root", cfg.storage.root), ("index.root", cfg.index.root)):
-        if where:
-            check_outside(key, where, "trainset.path", cfg.trainset.path, cfg.storage.options)
-    check_embedder(cfg.embedder, cfg.storage.options)  # before an index folder is made for it
-    prompts = None
-    if cfg.prompts.source != PromptSource.near_duplicates:
-        prompts = load_prompts(cfg.prompts, cfg.storage.options)
+    prompts = check_shared_inputs(cfg)
     if cfg.model.kind == ModelKind.unconditional and cfg.match.candidates == CandidateSource.cliques:
         log.warning("unconditional model with match.candidates=cliques: all samples share one prompt, so the "
                     "filter sees one graph; the paper compares every sample (match=relative)")
@@ -130,6 +123,20 @@ def audit_run_folder(cfg: AuditConfig, run_name: str, layout: RunLayout) -> dict
     # 7. the report (rebuilt every time: cheap, and it picks up report code changes)
     summary["report"] = build_report(layout)
     return summary
+
+
+def check_shared_inputs(cfg: AuditConfig) -> pa.Table | None:
+    """The inputs every checkpoint audited with one config shares: the training set, where the
+    outputs go, the embedder, the prompts (memex nightly checks them once, before any checkpoint:
+    each of them failing was one error row per checkpoint, every night). Returns the prompts, or
+    None when the index ranks them."""
+    ranks_captions = cfg.prompts.source == PromptSource.near_duplicates
+    check_trainset(cfg.trainset.path, cfg.storage.options, cfg.trainset.caption_column if ranks_captions else None)
+    for key, where in (("storage.root", cfg.storage.root), ("index.root", cfg.index.root)):
+        if where:
+            check_outside(key, where, "trainset.path", cfg.trainset.path, cfg.storage.options)
+    check_embedder(cfg.embedder, cfg.storage.options)  # before an index folder is made for it
+    return None if ranks_captions else load_prompts(cfg.prompts, cfg.storage.options)
 
 
 def check_trainset(path: str, storage_options: dict, caption_column: str | None = None) -> None:

@@ -245,6 +245,10 @@ def run(cfg: NightlyAuditConfig) -> NightlyResult:
     res = plan(cfg)
     if cfg.nightly.action == NightlyAction.plan:
         return res
+    if res.pending:  # a training set, prompts or output folder every audit would fail on: once, no error rows
+        from memex.stages.audit import check_shared_inputs
+
+        check_shared_inputs(cfg)
     ledger = Ledger(ledger_root(cfg), cfg.storage.options)
     log.info("%d checkpoints under %s, %d not yet audited with config %s", res.checkpoints,
              redact_text(cfg.nightly.location), len(res.pending), res.config_sha256[:12])
