@@ -6,6 +6,9 @@ Two layouts are recognised, at any depth up to MAX_DEPTH below the location:
     <run>/checkpoint-<step>/unet/       a training output (diffusers' train_text_to_image, memex
                                         train's checkpoints/): a fine-tuned UNet only, audited on
                                         top of a base pipeline
+    <run>/checkpoint-<step>/pytorch_lora_weights.safetensors
+                                        a LoRA training output (diffusers' *_lora.py scripts):
+                                        audited as model.lora on the base (memex/lora.py)
 
 The base of a checkpoint-<step> folder is `base` when given (the model the run fine-tunes), else
 the nearest enclosing diffusers folder (memex train writes its pipeline beside checkpoints/),
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memex.config import MemexError
+from memex.lora import LORA_FILE
 from memex.models import HUB_ID, WEIGHT_SUFFIXES, check_local_checkpoint, check_sampled_pipeline
 
 MAX_DEPTH = 4
@@ -46,6 +50,7 @@ class Checkpoint:
     step: int | None
     base: str  # the pipeline folder (or hub id) to load
     unet: str | None  # checkpoint-<step>/unet that replaces the base's UNet, or None
+    lora: str | None = None  # checkpoint-<step>/pytorch_lora_weights.safetensors fused into the base, or None
 
     @property
     def name(self) -> str:
@@ -110,17 +115,22 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
         for child in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
                             and p.name not in components):
             m = CKPT_DIR.match(child.name)
-            if m and (child / "unet").is_dir():
-                weights = [f for f in (child / "unet").iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
+            lora = child / LORA_FILE
+            if m and ((child / "unet").is_dir() or lora.is_file()):
+                weights = [lora] if lora.is_file() else \
+                    [f for f in (child / "unet").iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
                 if not weights or not settled(child):
                     continue  # still being written
                 series = d.parent if d.name == "checkpoints" else d
                 b = base or (str(enclosing_pipeline) if enclosing_pipeline else None)
                 if b is None:
+                    what = "a LoRA" if lora.is_file() else "a UNet"
                     raise CheckpointError(
-                        f"{child} holds only a UNet and no pipeline folder encloses it: set nightly.base_model to "
+                        f"{child} holds only {what} and no pipeline folder encloses it: set nightly.base_model to "
                         "the pipeline it was fine-tuned from (a diffusers folder or hub id)")
-                found.append(Checkpoint(str(child), str(series), int(m.group(1)), b, str(child / "unet")))
+                found.append(Checkpoint(str(child), str(series), int(m.group(1)), b,
+                                        None if lora.is_file() else str(child / "unet"),
+                                        str(lora) if lora.is_file() else None))
             else:
                 walk(child, depth + 1, enclosing_pipeline)
 
@@ -151,6 +161,8 @@ def _load_files(ckpt: Checkpoint) -> list[tuple[str, Path | None]]:
     if ckpt.unet:
         unet = Path(ckpt.unet)
         files += [(f"unet/{f.relative_to(unet)}", f) for f in _weight_files(unet)]
+    if ckpt.lora:
+        files.append((f"lora/{Path(ckpt.lora).name}", Path(ckpt.lora)))
     if not any(p for _, p in files):
         raise CheckpointError(f"{ckpt.location}: no weight files (*.safetensors, *.bin) to audit")
     return files

@@ -33,10 +33,14 @@ def plain(obj: Any) -> Any:
     return json.loads(json.dumps(asdict(obj), default=lambda v: getattr(v, "value", str(v))))
 
 
+ADDED_MODEL_KEYS = ("variant", "lora")  # added after runs existed: in an identity only when set
+
+
 def model_identity(model: Any) -> dict:
     """model.* as a run identity: allow_pickle decides whether the model loads, not its rows, and
-    variant, added after runs existed, counts only when set: both left out so those runs resume."""
-    return {k: v for k, v in plain(model).items() if k != "allow_pickle" and not (k == "variant" and v is None)}
+    the keys added after runs existed count only when set: left out, so those runs resume."""
+    return {k: v for k, v in plain(model).items()
+            if k != "allow_pickle" and not (k in ADDED_MODEL_KEYS and v is None)}
 
 
 class MemexError(Exception):
@@ -101,6 +105,10 @@ class ModelConfig:
     # ship such copies, and save_pretrained(variant="fp16") writes only them), each component
     # falling back to its standard file where it has no such copy. Part of the run identity when set.
     variant: Optional[str] = None
+    # A LoRA fine-tune of `path` (memex/lora.py): the folder a diffusers LoRA training run wrote
+    # (pytorch_lora_weights.safetensors), or the file; fused into the weights when loaded. Part of
+    # the run identity when set.
+    lora: Optional[str] = None
 
 
 @dataclass
@@ -789,6 +797,11 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
     if cfg.tracker.step is not None:
         raise ConfigError("tracker.step: memex nightly logs each checkpoint at its own training step "
                           "(checkpoint-<step>); drop tracker.step")
+    for key in ("unet", "lora"):  # were replaced per checkpoint without a word
+        if getattr(cfg.model, key) is not None:
+            raise ConfigError(f"model.{key}: memex nightly takes each checkpoint's own from its folder "
+                              "(checkpoint-<step>/unet, checkpoint-<step>/pytorch_lora_weights.safetensors) and "
+                              f"loads it on nightly.base_model; drop model.{key}")
     validate_audit(cfg)  # model.path/unet/name, run.name and tracker.step are replaced per checkpoint
 
 

@@ -394,7 +394,8 @@ def _pipeline_index(path: str, revision: str | None = None) -> tuple[str | None,
 
 
 def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = False,
-                       revision: str | None = None, variant: str | None = None) -> ModelKind | None:
+                       revision: str | None = None, variant: str | None = None,
+                       lora: str | None = None) -> ModelKind | None:
     """The early check of generate and audit, before any cluster work: the pipeline folder (its
     layout, every component's weights), the UNet override if any; no weights are read. Returns the
     family the folder declares (`declared_kind`), None where it cannot tell.
@@ -423,7 +424,23 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
             check_sampled_pipeline(path, folder, index)
         if isinstance(index.get("unet"), list) and len(index["unet"]) == 2:
             unet_cls = index["unet"][1]
-    return declared_kind(index, unet_cls)
+    declared = declared_kind(index, unet_cls)
+    if lora:
+        if declared == ModelKind.unconditional:
+            raise ModelError(f"model.lora={lora} on model.path={path}, an unconditional model: its pipeline "
+                             "(DDPMPipeline) loads no LoRA; a fine-tuned UNet goes in model.unet")
+        from memex.lora import check_lora
+
+        def shapes_of(component: str) -> dict | None:
+            if component == "unet" and unet is not None:
+                return model_shapes(unet, "diffusers", unet_cls)
+            spec = index.get(component)
+            if not folder or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+                return None
+            return model_shapes(os.path.join(folder, component), spec[0], spec[1])
+
+        check_lora(lora, shapes_of)
+    return declared
 
 
 def check_sampled_pipeline(path: str, folder: str, index: dict, key: str = "model.path") -> None:
@@ -580,11 +597,12 @@ def _unused_components(path: str, revision: str | None) -> dict[str, Any]:
 
 def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float32",
                device: str = "cpu", revision: str | None = None, unet: str | None = None,
-               allow_pickle: bool = False, variant: str | None = None) -> LoadedModel:
+               allow_pickle: bool = False, variant: str | None = None, lora: str | None = None) -> LoadedModel:
     """Load with `DiffusionPipeline.from_pretrained` from a local folder or a hub id.
 
     `variant` (model.variant): diffusers' weight variant ("fp16"), read where a component has it;
-    the `unet` override reads it too when its folder holds it.
+    the `unet` override reads it too when its folder holds it. `lora` (model.lora): a LoRA
+    fine-tune loaded onto the pipeline and fused into its weights (memex/lora.py).
 
     `unet`: a fine-tuned UNet folder loaded with its own class's `from_pretrained` and passed to
     the pipeline in place of the base's (diffusers' component override), the way the diffusers
@@ -603,7 +621,7 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
     from diffusers import DiffusionPipeline
 
     local = os.path.isdir(path) or not HUB_ID.match(path)
-    check_model_inputs(path, unet, allow_pickle, revision, variant)
+    check_model_inputs(path, unet, allow_pickle, revision, variant, lora)
     # None: safetensors where there are any, else .bin (diffusers and transformers, per component)
     # diffusers >= 0.36 takes `dtype` and warns that `torch_dtype` is deprecated; older ones know only `torch_dtype`
     dtype_kw = "dtype" if hasattr(importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype") \
@@ -636,4 +654,10 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
         raise ModelError(f"{path} is a {found.value} model but lacks components {missing}")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    return LoadedModel(pipe=pipe, kind=found, model_id=path if unet is None else f"{path}+unet={unet}", path=path)
+    model_id = path if unet is None else f"{path}+unet={unet}"
+    if lora:  # on the device: the fuse is a matmul per adapted layer
+        from memex.lora import apply_lora
+
+        apply_lora(pipe, lora, path)
+        model_id += f"+lora={lora}"
+    return LoadedModel(pipe=pipe, kind=found, model_id=model_id, path=path)

@@ -253,3 +253,24 @@ def plant_run(root, run_name: str, samples: dict, shard_size: int = 8):
 def attach_index(layout, info) -> None:
     """Record the index a planted run is matched against, as `memex audit` does (<run>/index.json)."""
     layout.store.write_json(layout.index_json, info.to_json())
+
+
+def make_lora(base: str, folder: Path, seed: int = 1, scale: float = 0.5) -> Path:
+    """A LoRA of `base` made as diffusers' train_text_to_image_lora.py makes one (peft adapters on the
+    UNet's attention projections, save_lora_weights), with random up factors: it changes the samples."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    torch.manual_seed(seed)
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, scale)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    type(pipe).save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    return folder

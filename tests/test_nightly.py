@@ -24,7 +24,7 @@ from memex.images import encode_png
 from memex.ledger import Ledger
 from memex.stages import nightly
 
-from conftest import REPO, SMALL_AUDIT, compose, free_port
+from conftest import REPO, SMALL_AUDIT, compose, free_port, make_lora
 
 STEPS = (1000, 2000, 3000)
 DEMO_RUN = REPO / "demo" / "checkpoints" / "demo-text-run"
@@ -199,6 +199,31 @@ def test_an_input_every_checkpoint_shares_fails_once_before_any_audit(tmp_path):
         with pytest.raises(nightly.MemexError, match=message):
             nightly.run(cfg)
         assert Ledger(nightly.ledger_root(cfg), {}).read().num_rows == 0
+
+
+def test_lora_checkpoints_are_found_and_audited_on_the_base(tmp_path):
+    """A LoRA training run (diffusers' *_lora.py scripts) writes checkpoint-<step>/
+    pytorch_lora_weights.safetensors: each is a checkpoint, audited as model.lora on
+    nightly.base_model, and hashed with its LoRA file. model.unet or model.lora in the nightly config
+    (each checkpoint brings its own) is refused rather than replaced without a word."""
+    location = tmp_path / "watch"
+    for step, seed in ((100, 1), (200, 2)):
+        make_lora(str(BASE), location / "lora-run" / f"checkpoint-{step}", seed=seed)
+    found = discover(str(location), str(BASE))
+    assert [(c.step, c.unet, Path(c.lora).name, c.base) for c in found] == [
+        (s, None, "pytorch_lora_weights.safetensors", str(BASE)) for s in (100, 200)]
+    assert weights_sha256(found[0]) != weights_sha256(found[1]) != weights_sha256(discover(str(BASE))[0])
+    with pytest.raises(nightly.MemexError, match="holds only a LoRA and no pipeline folder encloses it"):
+        discover(str(location))
+    cfg = compose(_overrides(tmp_path, location, f"nightly.base_model={BASE}"), config_name="nightly")
+    res = nightly.run(cfg)
+    assert [(r["step"], r["outcome"]) for r in res.rows] == [(100, "ok"), (200, "ok")]
+    runs = [json.loads((Path(r["run"]) / "run.json").read_text()) for r in res.rows]
+    assert [r["model"]["lora"] for r in runs] == [c.lora for c in found]
+    for key in ("unet", "lora"):
+        with pytest.raises(nightly.MemexError, match=rf"^model.{key}: memex nightly takes each checkpoint's own"):
+            nightly.run(compose(_overrides(tmp_path, location, f"nightly.base_model={BASE}", f"model.{key}=/x"),
+                                config_name="nightly"))
 
 
 class _Hook(BaseHTTPRequestHandler):

@@ -28,7 +28,15 @@ from dataclasses import dataclass, field, replace
 
 from memex import runner
 from memex.checkpoints import MAX_DEPTH, Checkpoint, discover, files_signature, weights_sha256
-from memex.config import MEMEX_HOME, MemexError, NightlyAction, NightlyAuditConfig, plain, validate_nightly
+from memex.config import (
+    ADDED_MODEL_KEYS,
+    MEMEX_HOME,
+    MemexError,
+    NightlyAction,
+    NightlyAuditConfig,
+    plain,
+    validate_nightly,
+)
 from memex.layout import RunLayout
 from memex.ledger import DONE, Ledger
 from memex.redact import redact, redact_text, redact_url
@@ -40,7 +48,8 @@ log = logging.getLogger("memex.nightly")
 # Settings that do not change an audit's result, left out of the config hash: which checkpoint
 # (it has its own hash), where things are written, how many machines, and the nightly gates.
 NOT_IN_CONFIG_HASH = ("run", "storage", "resources", "nightly", "tracker")  # tracker: where the numbers are logged
-NOT_IN_CONFIG_HASH_MODEL = ("name", "path", "unet", "allow_pickle")  # allow_pickle: whether it loads, not what it finds
+# model.unet and model.lora: each checkpoint's (discovery sets them); allow_pickle: whether it loads, not what it finds
+NOT_IN_CONFIG_HASH_MODEL = ("name", "path", "unet", "lora", "allow_pickle")
 
 
 class NightlyError(MemexError, RuntimeError):
@@ -95,8 +104,9 @@ def config_sha256(cfg: NightlyAuditConfig) -> str:
         c.pop(k, None)
     for k in NOT_IN_CONFIG_HASH_MODEL:
         c["model"].pop(k, None)
-    if c["model"].get("variant") is None:  # added after ledgers existed: counts only when set
-        c["model"].pop("variant", None)
+    for k in ADDED_MODEL_KEYS:  # added after ledgers existed: counts only when set
+        if c["model"].get(k) is None:
+            c["model"].pop(k, None)
     # ${memex_home:} paths (the demo's trainset) are written back as the variable: the checkout on
     # a laptop and its copy in a Ray job's working_dir must give the same hash
     text = json.dumps(c, sort_keys=True).replace(MEMEX_HOME, "${memex_home:}")
@@ -163,7 +173,7 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
     from memex.stages import audit
 
     c = p.ckpt
-    acfg = replace(cfg, model=replace(cfg.model, name=c.name, path=c.base, unet=c.unet),
+    acfg = replace(cfg, model=replace(cfg.model, name=c.name, path=c.base, unet=c.unet, lora=c.lora),
                    run=replace(cfg.run, name=p.run_name(sha)), tracker=at_checkpoint(cfg.tracker, c.step, c.series))
     layout = RunLayout(cfg.storage.root, p.run_name(sha), cfg.storage.options)
     row = {"location": c.location, "series": c.series, "step": c.step, "base": c.base if c.unet else "",

@@ -1,0 +1,119 @@
+"""LoRA fine-tunes (model.lora): the low-rank weights diffusers' LoRA training scripts write,
+
+    <output_dir>/pytorch_lora_weights.safetensors      (and checkpoint-<step>/ the same file)
+
+loaded onto model.path's pipeline with diffusers' own `load_lora_weights`, then fused into the
+weights (`fuse_lora`, `unload_lora_weights`), so the sampler runs a plain UNet: no adapter layers
+on every call, and the same code path as a fully fine-tuned UNet (model.unet).
+
+Why the checks: a LoRA of another base model loads without a word from diffusers and changes
+nothing. Its module names match no module of this UNet; measured on the tiny SD layouts
+(memex/tiny.py), 0 of the UNet's tensors changed and no warning was logged. An audit of it would
+report the base model's memorization as the fine-tune's. So `check_lora` compares the tensors the
+file names (diffusers' `lora.down`/`lora.up` and peft's `lora_A`/`lora_B` keys) with the base's
+modules from their configs, before any cluster work, and `apply_lora` refuses a LoRA that left
+every layer it was loaded into unchanged (covering formats diffusers converts, e.g. kohya's).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from memex.models import HUB_ID, ModelError, safetensors_shapes
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+# key suffix -> which factor: "down" is (rank, in_features[, k, k]), "up" is (out_features, rank[, 1, 1])
+_FACTORS = {".lora.down.weight": "down", ".lora_A.weight": "down", ".lora.up.weight": "up", ".lora_B.weight": "up"}
+COMPONENTS = ("unet", "text_encoder")  # the prefixes of diffusers' LoRA keys for an SD 1.x / IF pipeline
+
+
+def is_local(lora: str) -> bool:
+    return os.path.exists(lora) or not HUB_ID.match(lora)
+
+
+def lora_file(lora: str) -> str:
+    """model.lora (a folder holding the weights, or the .safetensors file) -> the file."""
+    if os.path.isdir(lora):
+        names = sorted(os.listdir(lora))
+        if LORA_FILE in names:
+            return os.path.join(lora, LORA_FILE)
+        found = [n for n in names if n.endswith(".safetensors")]
+        if len(found) == 1:
+            return os.path.join(lora, found[0])
+        if found:
+            raise ModelError(f"model.lora={lora} holds several .safetensors files ({', '.join(found[:4])}): give "
+                             "model.lora=<the file>")
+        pickled = [n for n in names if n.endswith(".bin")]
+        raise ModelError(f"model.lora={lora} holds no .safetensors file (diffusers' LoRA scripts write {LORA_FILE})"
+                         + (f"; {pickled[0]} is pickle: convert it once with safetensors.torch.save_file"
+                            if pickled else ""))
+    if os.path.isfile(lora):
+        if not lora.endswith(".safetensors"):
+            raise ModelError(f"model.lora={lora} is not a .safetensors file (pickle LoRA weights: convert them once "
+                             "with safetensors.torch.save_file)")
+        return lora
+    raise ModelError(f"model.lora={lora}: no such file or folder (the folder a LoRA training run wrote, holding "
+                     f"{LORA_FILE})")
+
+
+def check_lora(lora: str, shapes_of: Callable[[str], dict[str, tuple[int, ...]] | None]) -> None:
+    """A local model.lora against the base, without reading weights: a readable safetensors header
+    with LoRA tensors, each adapting a module the base has, with matching features.
+    `shapes_of(component)`: that component's state-dict shapes, None where it cannot tell."""
+    if not is_local(lora):
+        return  # a hub id: checked when loaded (this machine may not reach the hub)
+    file = lora_file(lora)
+    try:
+        tensors = safetensors_shapes(file)
+    except ModelError as e:
+        raise ModelError(f"model.lora={lora}: {e}") from e
+    if not any("lora" in k.lower() for k in tensors):
+        raise ModelError(f"model.lora={lora}: {file} holds no LoRA tensors (no lora_A/lora_B or lora.down/lora.up "
+                         "keys): a fully fine-tuned UNet goes in model.unet")
+    for comp in COMPONENTS:
+        rows = [(k, k[len(comp) + 1: -len(s)], _FACTORS[s], shape) for k, shape in sorted(tensors.items())
+                for s in _FACTORS if k.startswith(comp + ".") and k.endswith(s)]
+        have = shapes_of(comp) if rows else None
+        if not have:
+            continue
+        modules = sorted({m for _, m, _, _ in rows})
+        missing = [m for m in modules if m + ".weight" not in have]
+        if missing:
+            raise ModelError(f"model.lora={lora} adapts {len(missing)} of its {len(modules)} {comp} modules that "
+                             f"model.path's {comp} does not have (first: {missing[0]!r}): a LoRA trained on another "
+                             "base model; give model.path the base it was trained on")
+        for key, module, factor, shape in rows:
+            weight = have[module + ".weight"]
+            fits = shape[1] == weight[1] if factor == "down" else shape[0] == weight[0]
+            if len(shape) < 2 or len(weight) < 2 or not fits:
+                raise ModelError(f"model.lora={lora}: tensor {key!r} has shape {list(shape)} but model.path's "
+                                 f"{comp} {module}.weight is {list(weight)}: a LoRA trained on another base model")
+
+
+def _lora_layers(pipe: Any) -> list[Any]:
+    """The adapter layers load_lora_weights injected (peft's LoraLayer: a `lora_B` per adapter)."""
+    return [m for c in COMPONENTS if getattr(pipe, c, None) is not None
+            for m in getattr(pipe, c).modules() if hasattr(m, "lora_B") and len(getattr(m, "lora_B", ())) > 0]
+
+
+def apply_lora(pipe: Any, lora: str, path: str) -> None:
+    """Load model.lora onto `pipe` and fuse it into the weights; refuse one that changes none."""
+    try:
+        if is_local(lora):
+            file = lora_file(lora)
+            pipe.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file))
+        else:
+            pipe.load_lora_weights(lora)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised naming both settings
+        raise ModelError(f"could not load model.lora={lora} onto model.path={path} ({type(pipe).__name__}): "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+    layers = _lora_layers(pipe)
+    if not any(b.weight.detach().abs().sum() > 0 for m in layers for b in m.lora_B.values()):
+        raise ModelError(f"model.lora={lora} changes no weight of model.path={path}: its up (B) factor is zero on "
+                         f"every one of the {len(layers)} layers it was loaded into (a LoRA of another base model "
+                         "matches none of them; or it was saved before any training step)")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go

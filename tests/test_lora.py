@@ -1,0 +1,116 @@
+"""model.lora (memex/lora.py): a LoRA fine-tune, in the layout diffusers' LoRA training scripts
+write, loaded onto its base and fused; checked against the base before any cluster work.
+
+The LoRAs here (conftest.make_lora) are made the way train_text_to_image_lora.py makes them:
+peft adapters on the UNet's attention projections, saved with save_lora_weights, with random up
+factors so that they change the samples."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from memex import tiny
+from memex.config import GenerateConfig, SamplingConfig
+from memex.models import ModelError, check_model_inputs, load_model
+from memex.sampling import Sampler
+
+from conftest import compose, make_lora
+
+
+def _samples(model) -> np.ndarray:
+    return Sampler(model, SamplingConfig(num_inference_steps=3, guidance_scale=3.0, batch_size=2)).generate(
+        ["p1", "p1"], ["a red logo", "a red logo"], [1, 2])
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_models, tmp_path_factory) -> Path:
+    return make_lora(tiny_models["latent_text"], tmp_path_factory.mktemp("lora") / "out")
+
+
+def test_a_lora_is_fused_into_its_base_and_changes_the_samples(tiny_models, lora):
+    base_path = tiny_models["latent_text"]
+    base, tuned = load_model(base_path), load_model(base_path, lora=str(lora))
+    assert tuned.model_id == f"{base_path}+lora={lora}"
+    # fused: a plain UNet (no adapter layers) whose adapted weights moved by up @ down, the others not
+    factors = load_file(lora / "pytorch_lora_weights.safetensors")
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    down, up = (factors[f"unet.{module}.lora.{f}.weight"] for f in ("down", "up"))
+    before, after = base.pipe.unet.state_dict(), tuned.pipe.unet.state_dict()
+    assert set(after) == set(before) and not any("lora" in k for k in after)
+    torch.testing.assert_close(after[f"{module}.weight"], before[f"{module}.weight"] + up @ down)
+    assert torch.equal(after["conv_in.weight"], before["conv_in.weight"])
+    assert not np.array_equal(_samples(base), _samples(tuned))
+    # the file itself is accepted too, and gives the same model
+    by_file = load_model(base_path, lora=str(lora / "pytorch_lora_weights.safetensors"))
+    assert torch.equal(by_file.pipe.unet.state_dict()[f"{module}.weight"], after[f"{module}.weight"])
+
+
+def test_the_run_identity_carries_the_lora_only_when_set(tiny_models, lora):
+    import pyarrow as pa
+
+    from memex.stages.generate import default_run_name, run_settings
+
+    prompts = pa.table({"prompt_id": ["p1"], "prompt": ["a logo"]})
+    cfg = GenerateConfig()
+    plain = run_settings(cfg, prompts)
+    assert "lora" not in plain["model"]  # runs made before model.lora existed keep their names
+    cfg.model.lora = str(lora)
+    tuned = run_settings(cfg, prompts)
+    assert tuned["model"]["lora"] == str(lora) and default_run_name(cfg, tuned) != default_run_name(cfg, plain)
+
+
+def test_a_lora_that_does_not_fit_its_base_is_refused_before_any_work(tiny_models, lora, tmp_path):
+    """A LoRA of another base loads in diffusers without a word and changes nothing (or only the
+    modules whose names happen to match): an audit of it reports the base model. Refused from the
+    file's header and the base's configs, naming the first module or tensor."""
+    other = tiny.build_sd15(tmp_path / "sd15", image_size=64)
+    with pytest.raises(ModelError, match=r"^model.lora=.* adapts \d+ of its 32 unet modules that model.path's unet "
+                                         r"does not have \(first: 'down_blocks.0.attentions.0"):
+        check_model_inputs(str(other), lora=str(lora))
+    # same module names, other widths: a tensor whose features do not fit
+    file = lora / "pytorch_lora_weights.safetensors"
+    tensors = load_file(file)
+    key = next(k for k in sorted(tensors) if k.endswith("lora.down.weight"))
+    tensors[key] = torch.zeros(4, tensors[key].shape[1] + 8)
+    (tmp_path / "wide").mkdir()
+    save_file(tensors, tmp_path / "wide" / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ModelError, match=rf"tensor {re.escape(repr(key))} has shape \[4, \d+\] but model.path's unet "):
+        check_model_inputs(tiny_models["latent_text"], lora=str(tmp_path / "wide"))
+    # not a LoRA, not there, cut short, on a model whose pipeline loads none
+    cases = {tiny_models["latent_text"] + "/unet": "holds no LoRA tensors .*: a fully fine-tuned UNet goes in "
+                                                   "model.unet",
+             str(tmp_path / "nowhere"): "no such file or folder"}
+    cut = tmp_path / "cut" / "pytorch_lora_weights.safetensors"
+    cut.parent.mkdir()
+    cut.write_bytes(file.read_bytes()[:2000])
+    cases[str(cut.parent)] = "is truncated"
+    for path, message in cases.items():
+        with pytest.raises(ModelError, match=rf"^model.lora={re.escape(path)}: .*{message}"):
+            check_model_inputs(tiny_models["latent_text"], lora=path)
+    with pytest.raises(ModelError, match=r"an unconditional model: its pipeline \(DDPMPipeline\) loads no LoRA"):
+        check_model_inputs(tiny_models["unconditional"], lora=str(lora))
+    # through generate: refused before a run folder is claimed
+    from memex.stages import generate
+
+    with pytest.raises(ModelError, match="adapts"):
+        generate.prepare(compose(["model=local", f"model.path={other}", f"model.lora={lora}",
+                                  f"storage.root={tmp_path / 'runs'}"]))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_lora_that_changes_no_weight_is_refused_when_loaded(tiny_models, lora, tmp_path):
+    """The load-time guard for what the header check cannot see (formats diffusers converts, hub
+    ids): every up factor zero on the layers it was loaded into."""
+    tensors = {k: torch.zeros_like(v) if ".lora.up." in k else v
+               for k, v in load_file(lora / "pytorch_lora_weights.safetensors").items()}
+    (tmp_path / "zero").mkdir()
+    save_file(tensors, tmp_path / "zero" / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ModelError, match=r"model.lora=.*zero changes no weight of model.path=.*: its up \(B\) factor "
+                                         r"is zero on every one of the 32 layers"):
+        load_model(tiny_models["latent_text"], lora=str(tmp_path / "zero"))
