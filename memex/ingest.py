@@ -205,8 +205,10 @@ def read_folder_metadata(fs, file: str) -> list[dict]:
     else:
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line)) if line.strip() else None
+                rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise IngestError(f"{file} line {n} is not valid JSON: {e}") from e
     for n, r in enumerate(rows, 1):

@@ -13,6 +13,8 @@ report the base model's memorization as the fine-tune's. So `check_lora` compare
 file names (diffusers' `lora.down`/`lora.up` and peft's `lora_A`/`lora_B` keys) with the base's
 modules from their configs, before any cluster work, and `apply_lora` refuses a LoRA that left
 every layer it was loaded into unchanged (covering formats diffusers converts, e.g. kohya's).
+A LoRA of the text encoder (train_dreambooth_lora.py --train_text_encoder) loads through
+transformers' PEFT integration, which on transformers 5 needs peft >= 0.22: the load names that.
 """
 
 from __future__ import annotations
@@ -77,18 +79,26 @@ def check_lora(lora: str, shapes_of: Callable[[str], dict[str, tuple[int, ...]] 
         have = shapes_of(comp) if rows else None
         if not have:
             continue
+        have = {_module(k): v for k, v in have.items()}
         modules = sorted({m for _, m, _, _ in rows})
-        missing = [m for m in modules if m + ".weight" not in have]
+        missing = [m for m in modules if _module(m) + ".weight" not in have]
         if missing:
             raise ModelError(f"model.lora={lora} adapts {len(missing)} of its {len(modules)} {comp} modules that "
                              f"model.path's {comp} does not have (first: {missing[0]!r}): a LoRA trained on another "
                              "base model; give model.path the base it was trained on")
         for key, module, factor, shape in rows:
-            weight = have[module + ".weight"]
-            fits = shape[1] == weight[1] if factor == "down" else shape[0] == weight[0]
-            if len(shape) < 2 or len(weight) < 2 or not fits:
+            weight = have[_module(module) + ".weight"]
+            fits = len(shape) >= 2 and len(weight) >= 2 and (
+                shape[1] == weight[1] if factor == "down" else shape[0] == weight[0])
+            if not fits:
                 raise ModelError(f"model.lora={lora}: tensor {key!r} has shape {list(shape)} but model.path's "
                                  f"{comp} {module}.weight is {list(weight)}: a LoRA trained on another base model")
+
+
+def _module(name: str) -> str:
+    """A text encoder module's name either way: LoRA files say text_model.encoder.layers.0..., as
+    CLIPTextModel's state dict did before transformers 5, which names it encoder.layers.0..."""
+    return name.removeprefix("text_model.")
 
 
 def _lora_layers(pipe: Any) -> list[Any]:

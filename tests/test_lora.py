@@ -51,6 +51,29 @@ def test_a_lora_is_fused_into_its_base_and_changes_the_samples(tiny_models, lora
     assert torch.equal(by_file.pipe.unet.state_dict()[f"{module}.weight"], after[f"{module}.weight"])
 
 
+def test_a_lora_of_the_text_encoder_too_is_checked(tiny_models, lora, tmp_path):
+    """train_dreambooth_lora.py --train_text_encoder writes text_encoder.* LoRA keys beside the
+    UNet's: checked against the base's text encoder the same way. (Only the header check here: on
+    transformers 5 a text encoder LoRA loads through transformers' PEFT integration, which needs
+    peft >= 0.22, newer than this machine's registry has; apply_lora names that error.)"""
+    base_path = tiny_models["latent_text"]
+    unet_part = load_file(lora / "pytorch_lora_weights.safetensors")
+
+    def with_text_encoder(folder, layer):
+        hidden = 32  # tiny.build_text_encoder's width
+        text = {f"text_encoder.text_model.encoder.layers.{layer}.self_attn.{p}.lora.{f}.weight":
+                torch.randn(4, hidden) if f == "down" else torch.randn(hidden, 4)
+                for p in ("q_proj", "k_proj", "v_proj", "out_proj") for f in ("down", "up")}
+        folder.mkdir()
+        save_file({**unet_part, **text}, folder / "pytorch_lora_weights.safetensors")
+        return str(folder)
+
+    assert check_model_inputs(base_path, lora=with_text_encoder(tmp_path / "both", 1)).value == "latent_text"
+    with pytest.raises(ModelError, match=r"adapts 4 of its 4 text_encoder modules that model.path's text_encoder "
+                                         r"does not have \(first: 'text_model.encoder.layers.9.self_attn.k_proj'\)"):
+        check_model_inputs(base_path, lora=with_text_encoder(tmp_path / "deep", 9))
+
+
 def test_the_run_identity_carries_the_lora_only_when_set(tiny_models, lora):
     import pyarrow as pa
 
