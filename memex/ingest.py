@@ -94,30 +94,39 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         raise IngestError(f"{key}={path} holds memex's own outputs under {where} (a storage.root that was inside "
                           "the training set): move that folder out of it")
     if root.endswith(".parquet") or any(f.endswith(".parquet") for f in files):
-        return _from_manifest(path, opts, caption_column)
+        return _from_manifest(path, opts, caption_column, key)
     if not is_dir:
         raise IngestError(f"{key}={path} is a file but not a .parquet manifest: "
                           "give a Parquet manifest or a folder of images")
     return _from_folder(path, fs, root, files, key, caption_column)
 
 
-def _from_manifest(path: str, opts: dict[str, Any], caption_column: str) -> pa.Table:
+def _from_manifest(path: str, opts: dict[str, Any], caption_column: str, key: str) -> pa.Table:
     try:
         t = read_manifest(path, opts)
     except ManifestError as e:  # one error type for callers of this module; message already names the path
         raise IngestError(str(e)) from e
     n = t.num_rows
 
-    def column(name: str, typ: pa.DataType) -> pa.Array:
+    def column(name: str, typ: pa.DataType, what: str) -> pa.Array:
         if name not in t.column_names:
             return pa.nulls(n, typ)
-        return pc.cast(t[name], typ).combine_chunks()
+        col = t[name].combine_chunks()
+        if name == caption_column and (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+            # several captions an image (COCO-style): its first one is its caption, as a prompt and in reports
+            col = pa.array([v[0] if v else None for v in col.to_pylist()], pa.string())
+        try:
+            return pc.cast(col, typ)
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as e:  # Arrow's own words name neither
+            raise IngestError(f"{key}={path}: column {name!r} holds {col.type}, not {typ} ({what})") from e
 
-    image, uri = column("image", pa.binary()), column("uri", pa.string())
+    image = column("image", pa.binary(), "encoded image bytes")
+    uri = column("uri", pa.string(), "a file uri per row")
     # rows read by uri (no bytes: _decode reads a row's bytes when it has them): stamp their files
     by_uri = [u if not b else None for b, u in zip(image.to_pylist(), uri.to_pylist())]
     stamps = pa.array(_uri_stamps(by_uri, opts), pa.string())
-    out = pa.table([t["id"].combine_chunks(), image, uri, column(caption_column, pa.string()), stamps],
+    caption = column(caption_column, pa.string(), f"set {key.rsplit('.', 1)[0]}.caption_column to a text column")
+    out = pa.table([t["id"].combine_chunks(), image, uri, caption, stamps],
                    schema=TRAINING_SCHEMA)
     return out.sort_by("id")
 

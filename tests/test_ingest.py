@@ -215,6 +215,24 @@ def test_an_imagefolder_metadata_file_gives_the_captions(tmp_path):
             list_training_set(root, caption_column="text")
 
 
+def test_a_caption_column_of_several_captions_gives_the_first_and_other_types_are_named(tmp_path):
+    """COCO-style manifests hold several captions an image (list<string>): Arrow's cast raised
+    "Unsupported cast from list<element: string> to utf8" as a traceback, after the preflight. The
+    first caption is the image's; a column that is not text (a struct) is named with its type."""
+    img = encode_png(_img(0))
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "image": [img] * 3,
+                             "captions": [["a red logo", "a logo, red"], [], None],
+                             "meta": [{"w": 1}] * 3, "pixels": [1, 2, 3]}), tmp_path / "coco.parquet")
+    t = list_training_set(str(tmp_path / "coco.parquet"), caption_column="captions")
+    assert t["caption"].to_pylist() == ["a red logo", None, None]
+    with pytest.raises(IngestError, match=r"^members.path=.*coco.parquet: column 'meta' holds struct<w: int64>, not "
+                                          r"string \(set members.caption_column to a text column\)$"):
+        list_training_set(str(tmp_path / "coco.parquet"), caption_column="meta", key="members.path")
+    pq.write_table(pa.table({"id": ["a"], "image": [1]}), tmp_path / "ints.parquet")
+    with pytest.raises(IngestError, match=r"column 'image' holds int64, not binary \(encoded image bytes\)"):
+        list_training_set(str(tmp_path / "ints.parquet"))
+
+
 def _parquet_bytes(t: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(t, sink)
