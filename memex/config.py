@@ -82,7 +82,7 @@ class DType(str, Enum):
 
 
 class PromptSource(str, Enum):
-    file = "file"  # .txt (one per line), .jsonl or .parquet
+    file = "file"  # .txt (one per line), .csv, .jsonl or .parquet
     captions = "captions"  # training manifest captions, most duplicated first
     none = "none"  # unconditional models: one empty prompt
     near_duplicates = "near_duplicates"  # memex audit: captions of data.path ranked by its index's near-dup counts

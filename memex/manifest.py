@@ -6,7 +6,8 @@ A manifest is a Parquet file (or folder of Parquet files) on any fsspec URI with
              or Hugging Face datasets' Image struct {bytes, path}: its bytes, else its path as the uri
     uri      string, fsspec URI of the image file      ... or uri per row; a relative
              one, "imgs/0001.png", is relative to the manifest's folder)
-    caption  string, optional (text-conditional models and caption-ranked prompts)
+    caption  string, optional (text-conditional models and caption-ranked prompts); a list of
+             strings (COCO-style, several an image) gives its first (memex/ingest.py)
 LAION-style duplicates are simply several rows (different ids) holding the same picture.
 
 `expand_duplicates` applies a duplication schedule (e.g. 8 images x 32 copies, the rest once) to a

@@ -1,6 +1,6 @@
 """Prompt sources. Every prompt gets a stable id so a sample's seed and row can be found again.
 
-    file      .txt (one prompt per line), .jsonl or .parquet (field `prompts.column`)
+    file      .txt (one prompt per line), .csv (a header row), .jsonl or .parquet (field `prompts.column`)
     captions  a training manifest (Parquet, caption column): captions ranked by how often the
               exact caption repeats, most duplicated first (the paper's prompt choice; near-
               duplicate image counts replace this once the membership index exists)
@@ -13,7 +13,9 @@ Output: a pyarrow table (prompt_id, prompt) in generation order.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import posixpath
 from typing import Any
@@ -66,13 +68,26 @@ def _open_table(path: str, storage_options: dict[str, Any]) -> pa.Table:
     if ext in (".txt", ""):
         lines = [ln.strip() for ln in raw.splitlines()]
         return pa.table({"prompt": [ln for ln in lines if ln]})
-    raise PromptError(f"prompts.path={path}: unsupported extension {ext!r}; use .txt, .jsonl or .parquet")
+    if ext == ".csv":  # a header row names the columns (prompts.column, prompts.id_column)
+        rows = list(csv.DictReader(io.StringIO(raw)))
+        return pa.Table.from_pylist(rows) if rows else pa.table({})
+    raise PromptError(f"prompts.path={path}: unsupported extension {ext!r}; use .txt, .csv, .jsonl or .parquet")
 
 
-def _column(table: pa.Table, name: str, path: str, key: str) -> list:
+def _column(table: pa.Table, name: str, path: str, key: str) -> list[str | None]:
+    """The column's cells as text: a string; a list of strings (several captions an image,
+    COCO-style) gives its first, where str() made "['a', 'b']" a prompt; a number its digits."""
     if name not in table.column_names:
         raise PromptError(f"{path} has no column {name!r} (columns: {table.column_names}); set {key}=<column>")
-    return table.column(name).to_pylist()
+    out: list[str | None] = []
+    for v in table.column(name).to_pylist():
+        if isinstance(v, list):
+            v = next((x for x in v if isinstance(x, str) and x.strip()), None)
+        if isinstance(v, (dict, bytes)):
+            raise PromptError(f"{path}: column {name!r} holds {table.schema.field(name).type}, not text; set "
+                              f"{key}=<a text column>")
+        out.append(None if v is None else str(v))
+    return out
 
 
 def rank_captions(captions: pa.Array | pa.ChunkedArray) -> pa.Table:
@@ -117,14 +132,13 @@ def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = No
     table = _open_table(cfg.path, opts)
     if cfg.source == PromptSource.captions:
         col = _column(table, cfg.caption_column, cfg.path, "prompts.caption_column")
-        ranked = rank_captions(pa.array([c.strip() if isinstance(c, str) else None for c in col]))
+        ranked = rank_captions(pa.array([c.strip() if c is not None else None for c in col]))
         texts = [t for t in ranked["caption"].to_pylist() if t]
         ids = [prompt_id(t) for t in texts]
     else:
         if table.num_rows == 0:
             raise PromptError(f"prompts.path={cfg.path} holds no prompts")
-        texts = [str(t).strip() if t is not None else ""
-                 for t in _column(table, cfg.column, cfg.path, "prompts.column")]
+        texts = [t.strip() if t is not None else "" for t in _column(table, cfg.column, cfg.path, "prompts.column")]
         if cfg.id_column:
             ids = [str(i) for i in _column(table, cfg.id_column, cfg.path, "prompts.id_column")]
         else:

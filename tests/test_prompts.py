@@ -43,6 +43,26 @@ def test_jsonl_with_id_column_and_limit(tmp_path):
     assert t["prompt_id"].to_pylist() == ["x0", "x1", "x2"]
 
 
+def test_csv_prompts_and_list_cells(tmp_path):
+    """A .csv with a header row (was "unsupported extension"); a cell holding several captions
+    (COCO-style lists) gives its first, where str() made "['a', 'b']" a prompt and the caption
+    source dropped the row; a column that is not text is named."""
+    p = tmp_path / "p.csv"
+    p.write_text('id,text\nx1,"a red logo, round"\nx2,a blue logo\n')
+    t = load_prompts(PromptsConfig(source=PromptSource.file, path=str(p), column="text", id_column="id"))
+    assert t.to_pylist() == [{"prompt_id": "x1", "prompt": "a red logo, round"},
+                             {"prompt_id": "x2", "prompt": "a blue logo"}]
+    lists = tmp_path / "coco.parquet"
+    pq.write_table(pa.table({"captions": [["a red logo", "a logo"], ["", "a blue logo"], []],
+                             "meta": [{"w": 1}] * 3}), lists)
+    assert load_prompts(PromptsConfig(source=PromptSource.file, path=str(lists), column="captions")
+                        )["prompt"].to_pylist() == ["a red logo", "a blue logo"]
+    assert sorted(load_prompts(PromptsConfig(source=PromptSource.captions, path=str(lists), caption_column="captions")
+                               )["prompt"].to_pylist()) == ["a blue logo", "a red logo"]
+    with pytest.raises(PromptError, match=r"column 'meta' holds struct<w: int64>, not text; set prompts.column="):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(lists), column="meta"))
+
+
 def test_parquet_prompts(tmp_path):
     p = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["one", "two"]}), p)
@@ -67,7 +87,7 @@ def test_none_source_is_one_empty_prompt():
 @pytest.mark.parametrize("content,ext,match", [
     ("\n \n", ".txt", "holds no prompts"),
     ('{"prompt": "a"}\n{oops', ".jsonl", "line 2 is not valid JSON"),
-    ("x", ".csv", "unsupported extension"),
+    ("x", ".xml", "unsupported extension"),
 ])
 def test_bad_prompt_files_are_named(tmp_path, content, ext, match):
     p = tmp_path / f"p{ext}"
