@@ -1,13 +1,16 @@
 """Training-set ingestion for the audit: list the training images, then decode them batch by batch.
 
-Two sources, on any fsspec URI (local path, s3://, memory://, ...):
+Three sources, on any fsspec URI (local path, s3://, memory://, ...):
   * a Parquet manifest (memex/manifest.py: id, image bytes or uri, optional caption);
+  * a folder of WebDataset .tar shards (LAION's layout, memex/shards.py): id = "<shard>/<member>",
+    uri = `tar://<member>::<shard uri>`, caption = the sample's .txt member;
   * a folder of images (.png .jpg .jpeg .webp .bmp .gif, searched recursively): id = path relative
     to the folder ("a/b.png"), uri = full URI with protocol, caption = the image's row of a
     Hugging Face imagefolder `metadata.jsonl` / `metadata.csv` (file_name + the caption column,
     what diffusers' fine-tuning scripts read), else the sidecar `<stem>.txt` beside it, else null.
-Which one a path is: it ends in `.parquet`, or it is a folder holding at least one `*.parquet`
-file (at any depth) -> manifest; otherwise a folder of images. A folder mixing Parquet and other
+Which one a path is: a folder holding a `.tar` (at any depth) -> shards (img2dataset's metadata
+.parquet beside them is not read); it ends in `.parquet`, or it is a folder holding at least one
+`*.parquet` file -> manifest; otherwise a folder of images. A folder mixing Parquet and other
 files is ambiguous and fails, naming the first non-Parquet file (Arrow reads every file there).
 
 Listing is cheap (no image is decoded), and it stamps each image file (column `stamp`: size +
@@ -26,6 +29,7 @@ import csv
 import io
 import json
 import posixpath
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -39,6 +43,7 @@ from memex.config import MemexError
 from memex.images import decode, fit
 from memex.layout import QUARANTINE_SCHEMA
 from memex.manifest import ManifestError, read_manifest
+from memex.shards import member_uri, read_uri, shard_samples
 
 __all__ = ["IMAGE_SUFFIXES", "QUARANTINE_SCHEMA", "TRAINING_SCHEMA", "DecodedBatch", "IngestError",
            "decode_rows", "iter_batches", "list_training_set"]
@@ -93,6 +98,12 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         where = root if top == posixpath.basename(ours) else posixpath.join(root.rstrip("/"), top)
         raise IngestError(f"{key}={path} holds memex's own outputs under {where} (a storage.root that was inside "
                           "the training set): move that folder out of it")
+    if any(f.endswith(".tar") for f in files):  # WebDataset shards (their img2dataset .parquet is metadata)
+        loose = next((f for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)), None)
+        if loose:  # which is the training set is not ours to guess
+            raise IngestError(f"{key}={path} holds both .tar shards and image files ({loose}): give a folder of "
+                              "WebDataset shards or a folder of images")
+        return _from_shards(path, fs, root, files, key)
     if root.endswith(".parquet") or any(f.endswith(".parquet") for f in files):
         return _from_manifest(path, opts, caption_column, key)
     if not is_dir:
@@ -205,6 +216,30 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
     return out
 
 
+def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str) -> pa.Table:
+    """A folder of WebDataset tar shards (memex/shards.py): a row per image member, id
+    "<shard>/<member>", its caption the sample's .txt, stamped with its shard's version."""
+    root = root.rstrip("/")
+    tars = sorted(f for f in files if f.endswith(".tar"))
+
+    def samples(tar: str) -> list[tuple[str, str | None]]:
+        try:
+            return shard_samples(fs, tar, IMAGE_SUFFIXES)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise IngestError(f"{key}={path}: shard {fs.unstrip_protocol(tar)} is not a readable tar "
+                              f"({type(e).__name__}: {e}): download it again, or move it out") from e
+
+    with ThreadPoolExecutor(8) as pool:  # a sequential read of each shard, on threads
+        found = list(pool.map(samples, tars))
+    rows = [(f"{tar[len(root) + 1:]}/{member}", member_uri(member, fs.unstrip_protocol(tar)), caption,
+             _stamp(files[tar])) for tar, got in zip(tars, found) for member, caption in got]
+    if not rows:
+        raise IngestError(f"{key}={path} holds .tar shards without image members ({' '.join(IMAGE_SUFFIXES)})")
+    ids, uris, captions, stamps = (list(c) for c in zip(*rows))
+    return pa.table({"id": ids, "image": pa.nulls(len(ids), pa.binary()), "uri": uris, "caption": captions,
+                     "stamp": stamps}, schema=TRAINING_SCHEMA).sort_by("id")
+
+
 def read_folder_metadata(fs, file: str) -> list[dict]:
     """The rows of a Hugging Face imagefolder metadata file (metadata.jsonl: a JSON object a line;
     metadata.csv: a header row), each with a file_name relative to the file's folder."""
@@ -270,8 +305,7 @@ def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str) 
     if not data:
         if not row.get("uri"):
             raise IngestError("row has neither image bytes nor a uri")
-        with fsspec.open(row["uri"], "rb", **opts) as f:
-            data = f.read()
+        data = read_uri(row["uri"], opts)
         if not data:
             raise IngestError(f"{row['uri']} is an empty file")
     # raises DecompressionBombError (too many pixels), UnidentifiedImageError with a reproducible

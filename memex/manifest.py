@@ -29,6 +29,7 @@ from PIL import UnidentifiedImageError
 
 from memex.config import DuplicationGroup, MemexError
 from memex.images import decode, resize
+from memex.shards import read_uri
 
 MANIFEST_COLUMNS = ("id", "image", "uri", "caption")
 
@@ -86,8 +87,8 @@ def missing_columns(names: list[str]) -> str | None:
     if "key" in names and "id" not in names and "jpg" in names:  # img2dataset's output_format=parquet
         return msg + ": img2dataset's output names them key and jpg, rename them to id and image"
     if "key" in names and "id" not in names and "url" in names:  # its metadata beside .tar or image folders
-        return (msg + ": this looks like img2dataset's metadata, whose images lie in the shards beside it; write "
-                "a manifest of id and uri (each image file) or id and image (its bytes)")
+        return (msg + ": this looks like img2dataset's metadata, whose images lie in the shards beside it; give "
+                "the folder of its .tar shards (WebDataset: read member by member), or a manifest of id and uri")
     if "id" not in names:
         return (msg + ": ids name the pictures in reports; row numbers will do, "
                 "table.append_column('id', pa.array([str(i) for i in range(table.num_rows)]))")
@@ -149,8 +150,7 @@ def load_image(row: dict, size: int | None = None, storage_options: dict[str, An
         if data is None:
             if not row.get("uri"):
                 raise ManifestError(f"image {row['id']!r} has neither image bytes nor a uri")
-            with fsspec.open(row["uri"], "rb", **(storage_options or {})) as f:
-                data = f.read()
+            data = read_uri(row["uri"], storage_options or {})
         img = decode(data)
     except ImportError as e:  # fsspec's "Please install gcsfs to access Google Storage"
         raise ManifestError(f"image {row['id']!r} at {row.get('uri')} needs a package that is not installed: "

@@ -233,6 +233,67 @@ def test_a_caption_column_of_several_captions_gives_the_first_and_other_types_ar
         list_training_set(str(tmp_path / "ints.parquet"))
 
 
+def _write_shards(fs, root: str) -> dict[str, np.ndarray]:
+    """Two WebDataset shards as img2dataset writes them: <key>.jpg/.png + .txt + .json per sample,
+    and a metadata .parquet beside each .tar; one image member is corrupt, one sample has no caption."""
+    import tarfile
+
+    originals = {}
+    for shard, keys in (("00000", range(0, 3)), ("00001", range(3, 5))):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for k in keys:
+                image = b"\x89PNG garbage" if k == 4 else encode_png(_img(k))
+                members = [(f"{k:09d}.png", image), (f"{k:09d}.json", json.dumps({"key": k}).encode())]
+                if k != 1:
+                    members.append((f"{k:09d}.txt", f"caption {k}\n".encode()))
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+                if k != 4:
+                    originals[f"{shard}.tar/{k:09d}.png"] = _img(k)
+        fs.pipe_file(f"{root}/{shard}.tar", buf.getvalue())
+        fs.pipe_file(f"{root}/{shard}.parquet", _parquet_bytes(pa.table({"key": [f"{k:09d}" for k in keys]})))
+    return originals
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_webdataset_shards_are_read_member_by_member(tmp_path, where, request):
+    """LAION's layout (img2dataset's webdataset output): a folder of .tar shards, a sample's image,
+    caption (.txt) and metadata as members sharing a key. It was read as the manifest its metadata
+    .parquet files make ("needs an 'id' column"). Each image member is a row, read on the decoder's
+    threads with one ranged read of its shard (memex/shards.py)."""
+    if where == "s3":
+        opts, b = request.getfixturevalue("s3_server"), request.getfixturevalue("bucket")
+        fs, root, path = fsspec.filesystem("s3", **opts), f"{b}/laion", f"s3://{b}/laion"
+    else:
+        opts, fs, root = {}, fsspec.filesystem("file"), str(tmp_path / "laion")
+        fs.makedirs(root)
+        path = root
+    originals = _write_shards(fs, root)
+    t = list_training_set(path, opts)
+    assert t["id"].to_pylist() == [f"00000.tar/{k:09d}.png" for k in range(3)] + \
+        [f"00001.tar/{k:09d}.png" for k in (3, 4)]
+    assert t["caption"].to_pylist() == ["caption 0", None, "caption 2", "caption 3", "caption 4"]
+    assert t["uri"][0].as_py() == f"tar://000000000.png::{fs.unstrip_protocol(root + '/00000.tar')}"
+    assert t["stamp"].null_count == 0
+    dec = decode_rows(t, None, opts)
+    assert dec.ids == sorted(originals) and all(np.array_equal(a, originals[i]) for i, a in zip(dec.ids, dec.images))
+    assert dec.quarantine["id"].to_pylist() == ["00001.tar/000000004.png"]
+    from memex.manifest import load_image
+
+    assert np.array_equal(load_image(t.to_pylist()[2], None, opts), originals["00000.tar/000000002.png"])
+    fs.pipe_file(f"{root}/00002.tar", b"not a tar at all" * 100)
+    with pytest.raises(IngestError, match=r"shard .*00002.tar is not a readable tar"):
+        list_training_set(path, opts)
+    fs.rm(f"{root}/00002.tar")
+    fs.makedirs(f"{root}/extra", exist_ok=True)
+    fs.pipe_file(f"{root}/extra/a.png", encode_png(_img(9)))  # shards and loose images: which one is meant?
+    with pytest.raises(IngestError, match=r"holds both .tar shards and image files \(.*extra/a.png\)"):
+        list_training_set(path, opts)
+
+
 def _parquet_bytes(t: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(t, sink)

@@ -610,3 +610,26 @@ def test_a_storage_root_inside_the_training_set_is_refused(tiny_models, tmp_path
     with pytest.raises(IngestError, match=rf"trainset.path=\. holds memex's own outputs under "
                                           rf"{re.escape(str(images / 'runs'))} \(a storage.root"):
         list_training_set(".")
+
+
+def test_webdataset_shards_pass_the_audits_checks(tiny_models, tmp_path, no_index):
+    """img2dataset writes a metadata .parquet beside each .tar: the preflight read the folder as that
+    manifest and refused it ("needs an 'id' column"); the shards are the training set."""
+    import io
+    import tarfile
+
+    from memex.stages import audit
+
+    folder = tmp_path / "laion"
+    folder.mkdir()
+    data = encode_png(np.zeros((8, 8, 3), np.uint8))
+    with tarfile.open(folder / "00000.tar", "w") as tf:
+        for name, payload in (("000000000.png", data), ("000000000.txt", b"a logo")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    pq.write_table(pa.table({"key": ["000000000"], "url": ["http://x/0.png"]}), folder / "00000.parquet")
+    with pytest.raises(_IndexStarted):
+        audit.run(compose(["model=local", f"model.path={tiny_models['pixel_text']}", "trainset=manifest",
+                           f"trainset.path={folder}", f"storage.root={tmp_path / 'runs'}",
+                           "resources.address=127.0.0.1:1"], config_name="audit"))

@@ -162,15 +162,17 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
     if is_dir:
         found, names = None, []
         for d, _, names in fs.walk(root):
-            hit = next((f for f in sorted(names) if f.lower().endswith((*IMAGE_SUFFIXES, ".parquet"))), None)
+            # WebDataset shards first: img2dataset writes a metadata .parquet beside each .tar
+            hit = next((f for f in sorted(names) if f.endswith(".tar")), None) or next(
+                (f for f in sorted(names) if f.lower().endswith((*IMAGE_SUFFIXES, ".parquet"))), None)
             if hit:
                 found = posixpath.join(d, hit)
                 break
         if found is None:
-            raise ConfigError(f"trainset.path={path}: the folder holds no images ({' '.join(IMAGE_SUFFIXES)}) and "
-                              "no .parquet manifest")
+            raise ConfigError(f"trainset.path={path}: the folder holds no images ({' '.join(IMAGE_SUFFIXES)}), "
+                              "no .tar shards and no .parquet manifest")
         manifest = found if found.endswith(".parquet") else None
-        if manifest is None and caption_column is not None:
+        if manifest is None and caption_column is not None and not found.endswith(".tar"):
             check_folder_captions(fs, path, root, found, names, caption_column)
     elif not root.endswith(".parquet"):
         raise ConfigError(f"trainset.path={path} is a file but not a .parquet manifest: give a Parquet manifest "
