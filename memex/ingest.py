@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from memex.config import MemexError
 from memex.images import decode, fit
 from memex.layout import QUARANTINE_SCHEMA
-from memex.manifest import ManifestError, read_manifest
+from memex.manifest import ManifestError, first_caption, read_manifest
 from memex.shards import member_uri, read_uri, shard_samples
 
 __all__ = ["IMAGE_SUFFIXES", "QUARANTINE_SCHEMA", "TRAINING_SCHEMA", "DecodedBatch", "IngestError",
@@ -125,7 +125,7 @@ def _from_manifest(path: str, opts: dict[str, Any], caption_column: str, key: st
         col = t[name].combine_chunks()
         if name == caption_column and (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
             # several captions an image (COCO-style): its first one is its caption, as a prompt and in reports
-            col = pa.array([v[0] if v else None for v in col.to_pylist()], pa.string())
+            col = pa.array([first_caption(v) for v in col.to_pylist()], pa.string())
         try:
             return pc.cast(col, typ)
         except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as e:  # Arrow's own words name neither
@@ -238,6 +238,17 @@ def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str) -> 
     ids, uris, captions, stamps = (list(c) for c in zip(*rows))
     return pa.table({"id": ids, "image": pa.nulls(len(ids), pa.binary()), "uri": uris, "caption": captions,
                      "stamp": stamps}, schema=TRAINING_SCHEMA).sort_by("id")
+
+
+def metadata_columns(fs, file: str) -> list[str]:
+    """The columns of an imagefolder metadata file from its first row only (it may hold a row per
+    training image): the audit's preflight asks whether its captions are there."""
+    with fs.open(file, "rb") as f:
+        line = next((ln for ln in (raw.decode("utf-8-sig", errors="replace").strip() for raw in f) if ln), "")
+    try:
+        return list(json.loads(line)) if file.endswith(".jsonl") else next(csv.reader([line]))
+    except (json.JSONDecodeError, TypeError, StopIteration):
+        return []
 
 
 def read_folder_metadata(fs, file: str) -> list[dict]:

@@ -77,6 +77,14 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
     return table
 
 
+def first_caption(value: Any) -> Any:
+    """A caption cell of several captions an image (COCO-style list) -> its first non-empty one;
+    any other value as it is."""
+    if isinstance(value, list):
+        return next((v for v in value if isinstance(v, str) and v.strip()), None)
+    return value
+
+
 def missing_columns(names: list[str]) -> str | None:
     """What a manifest with these columns lacks, with the fix, or None. img2dataset's Parquet
     output (LAION's tooling) names them key and jpg; a Hugging Face dataset often has no id."""

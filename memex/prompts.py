@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from memex.config import MemexError, PromptsConfig, PromptSource
 from memex.layout import PROMPTS_SCHEMA
+from memex.manifest import first_caption
 
 UNCONDITIONAL_ID = "uncond"
 
@@ -81,8 +82,7 @@ def _column(table: pa.Table, name: str, path: str, key: str) -> list[str | None]
         raise PromptError(f"{path} has no column {name!r} (columns: {table.column_names}); set {key}=<column>")
     out: list[str | None] = []
     for v in table.column(name).to_pylist():
-        if isinstance(v, list):
-            v = next((x for x in v if isinstance(x, str) and x.strip()), None)
+        v = first_caption(v)
         if isinstance(v, (dict, bytes)):
             raise PromptError(f"{path}: column {name!r} holds {table.schema.field(name).type}, not text; set "
                               f"{key}=<a text column>")

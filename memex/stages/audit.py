@@ -24,8 +24,6 @@ match settings is refused (StageFolder.claim) unless run.name says where the new
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import posixpath
 
@@ -198,19 +196,14 @@ def check_folder_captions(fs, path: str, root: str, first: str, names: list[str]
     """An image folder whose captions the audit ranks as prompts has them: a metadata.jsonl /
     metadata.csv (beside the first image, or at the root) with `caption_column`, or <stem>.txt files
     beside the first image. Without, the audit found it after the whole index was built."""
-    from memex.ingest import METADATA_FILES
+    from memex.ingest import METADATA_FILES, metadata_columns
 
     here = posixpath.dirname(first)
     metas = [posixpath.join(here, m) for m in METADATA_FILES if m in names]
     if not metas and here != root.rstrip("/"):
         metas = [f for f in (posixpath.join(root, m) for m in METADATA_FILES) if fs.exists(f)]
     if metas:
-        with fs.open(metas[0], "rb") as f:  # the first row only: the file may hold a row per training image
-            line = next((ln for ln in (raw.decode("utf-8-sig", errors="replace").strip() for raw in f) if ln), "")
-        try:
-            columns = list(json.loads(line)) if metas[0].endswith(".jsonl") else next(csv.reader([line]))
-        except (json.JSONDecodeError, TypeError, StopIteration):
-            columns = []
+        columns = metadata_columns(fs, metas[0])
         if caption_column not in columns:
             raise ConfigError(f"trainset.path={path}: {metas[0]} has no {caption_column!r} column "
                               f"(trainset.caption_column) to rank as prompts (columns: {columns}): set "
