@@ -115,22 +115,21 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
         for child in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
                             and p.name not in components):
             m = CKPT_DIR.match(child.name)
-            lora = child / LORA_FILE
-            if m and ((child / "unet").is_dir() or lora.is_file()):
-                weights = [lora] if lora.is_file() else \
+            lora = child / LORA_FILE if (child / LORA_FILE).is_file() else None
+            if m and ((child / "unet").is_dir() or lora):
+                weights = [lora] if lora else \
                     [f for f in (child / "unet").iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
                 if not weights or not settled(child):
                     continue  # still being written
                 series = d.parent if d.name == "checkpoints" else d
                 b = base or (str(enclosing_pipeline) if enclosing_pipeline else None)
                 if b is None:
-                    what = "a LoRA" if lora.is_file() else "a UNet"
+                    what = "a LoRA" if lora else "a UNet"
                     raise CheckpointError(
                         f"{child} holds only {what} and no pipeline folder encloses it: set nightly.base_model to "
                         "the pipeline it was fine-tuned from (a diffusers folder or hub id)")
                 found.append(Checkpoint(str(child), str(series), int(m.group(1)), b,
-                                        None if lora.is_file() else str(child / "unet"),
-                                        str(lora) if lora.is_file() else None))
+                                        None if lora else str(child / "unet"), str(lora) if lora else None))
             else:
                 walk(child, depth + 1, enclosing_pipeline)
 

@@ -802,7 +802,7 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
             raise ConfigError(f"model.{key}: memex nightly takes each checkpoint's own from its folder "
                               "(checkpoint-<step>/unet, checkpoint-<step>/pytorch_lora_weights.safetensors) and "
                               f"loads it on nightly.base_model; drop model.{key}")
-    validate_audit(cfg)  # model.path/unet/name, run.name and tracker.step are replaced per checkpoint
+    validate_audit(cfg)  # model.path/name and run.name are replaced per checkpoint
 
 
 # ---- memex mia: membership inference (memex/mia.py, memex/stages/mia.py, docs/method.md) ----
