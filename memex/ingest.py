@@ -92,14 +92,15 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
                           "(check the URI and storage options / credentials)") from e
     if not exists:
         raise IngestError(f"{key}={path} does not exist: give a Parquet manifest or a folder of images")
-    ours = next((f for f in sorted(files) if posixpath.basename(f) in MEMEX_MARKERS), None)
+    # min, not sorted(): one pass over a listing that may hold millions of files, the same file named
+    ours = min((f for f in files if posixpath.basename(f) in MEMEX_MARKERS), default=None)
     if ours:  # left by a storage.root inside the training set (storage.check_outside refuses one now)
         top = posixpath.relpath(ours, root.rstrip("/")).split("/")[0]
         where = root if top == posixpath.basename(ours) else posixpath.join(root.rstrip("/"), top)
         raise IngestError(f"{key}={path} holds memex's own outputs under {where} (a storage.root that was inside "
                           "the training set): move that folder out of it")
     if any(f.endswith(".tar") for f in files):  # WebDataset shards (their img2dataset .parquet is metadata)
-        loose = next((f for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)), None)
+        loose = min((f for f in files if f.lower().endswith(IMAGE_SUFFIXES)), default=None)
         if loose:  # which is the training set is not ours to guess
             raise IngestError(f"{key}={path} holds both .tar shards and image files ({loose}): give a folder of "
                               "WebDataset shards or a folder of images")
