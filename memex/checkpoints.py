@@ -31,7 +31,14 @@ from pathlib import Path
 
 from memex.config import MemexError
 from memex.lora import LORA_FILE
-from memex.models import HUB_ID, WEIGHT_SUFFIXES, check_local_checkpoint, check_sampled_pipeline
+from memex.models import (
+    HUB_ID,
+    WEIGHT_SUFFIXES,
+    cached_snapshot,
+    check_hub_model,
+    check_local_checkpoint,
+    check_sampled_pipeline,
+)
 
 MAX_DEPTH = 4
 CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -75,11 +82,14 @@ def _newest_mtime(path: Path) -> float:
 
 
 def check_base_model(base: str) -> None:
-    """nightly.base_model: a local diffusers pipeline folder (checked now), or a hub id (checked when
-    loaded). A wrong path used to surface as one failed audit per checkpoint, each naming model.path,
-    and as error rows in the ledger; a base memex cannot sample (SDXL) the same way."""
-    if Path(base).is_dir() or not HUB_ID.match(base):
+    """nightly.base_model: a local diffusers pipeline folder (checked now), or a hub id (asked of the
+    hub when not cached here, models.check_hub_model; its weights are checked when loaded). A wrong
+    path used to surface as one failed audit per checkpoint, each naming model.path, and as error
+    rows in the ledger; a base memex cannot sample (SDXL) the same way."""
+    if Path(base).exists() or not HUB_ID.match(base):
         check_sampled_pipeline(base, base, check_local_checkpoint(base, "nightly.base_model"), "nightly.base_model")
+    elif cached_snapshot(base) is None:
+        check_hub_model(base, "nightly.base_model")
 
 
 def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> list[Checkpoint]:

@@ -26,6 +26,7 @@ from their configs (`check_sampled_unet`), before any cluster work and again on 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -89,9 +90,55 @@ def _nearby_pipelines(path: str, key: str) -> str:
     return " (save one with pipeline.save_pretrained(path))"
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _convert_hint(path: str, key: str) -> str:
+    """How to turn a single-file checkpoint into the pipeline folder memex reads (once, on a machine
+    with the hub at hand: from_single_file fetches the matching configs; offline, pass it
+    config=<a diffusers folder of the same architecture>)."""
+    out = os.path.splitext(path)[0] + "-diffusers"
+    return (f"convert it once with python -c \"from diffusers import StableDiffusionPipeline as P; "
+            f"P.from_single_file('{path}').save_pretrained('{out}')\" and set {key}={out}")
+
+
+def _file_instead_of_folder(path: str, key: str) -> str:
+    """Why a file was given where a pipeline (or UNet) folder belongs, and the fix: the folder a
+    weights or config file sits in, a LoRA (model.lora), a single-file checkpoint (A1111/ComfyUI,
+    kohya: the original layout, `model.diffusion_model.*` keys) to convert once."""
+    name, parent = os.path.basename(path), os.path.dirname(os.path.abspath(path))
+    want = "a UNet folder" if key == "model.unet" else "a diffusers pipeline folder"
+    component_file = re.match(rf"({'|'.join(sorted(set(SAFE_STEMS + PICKLE_STEMS)))})(\.|-\d+-of-\d+)", name)
+    if name == "model_index.json" or (name == "config.json" or component_file) and any(
+            os.path.isfile(os.path.join(parent, f)) for f in ("config.json", "model_index.json")):
+        top = os.path.dirname(parent)
+        if key != "model.unet" and not os.path.isfile(os.path.join(parent, "model_index.json")) \
+                and os.path.isfile(os.path.join(top, "model_index.json")):
+            parent = top  # the weights of a component (unet/): its pipeline is one folder up
+        return f"{key}={path} is a file of one, not the folder: set {key}={parent}"
+    if not name.endswith(SINGLE_FILE_SUFFIXES):
+        return f"{key}={path} is a file, not {want}"
+    keys: list[str] = []
+    if name.endswith(".safetensors"):
+        try:
+            keys = list(safetensors_shapes(path))
+        except ModelError as e:
+            return f"{key}={path} is a file, not {want}, and not a readable checkpoint either: {e}"
+    if any("lora" in k.lower() for k in keys):
+        return (f"{key}={path} is a LoRA file: set model.lora={path} and {key} to the model it was trained on "
+                "(memex fuses the LoRA into it)")
+    if keys and not any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
+                        for k in keys):
+        return f"{key}={path} is a weights file, not {want} (its tensors are not a Stable Diffusion checkpoint's)"
+    return (f"{key}={path} is a single-file checkpoint (the original Stable Diffusion layout, as A1111, ComfyUI "
+            f"and kohya save them), not {want}: {_convert_hint(path, 'model.path' if key == 'model.unet' else key)}")
+
+
 def check_local_checkpoint(path: str, key: str = "model.path") -> dict:
     """Validate a local diffusers folder without loading weights; return its model_index.json.
     `key`: the setting `path` came from, which errors name (nightly.base_model too)."""
+    if os.path.isfile(path):
+        raise ModelError(_file_instead_of_folder(path, key))
     if not os.path.isdir(path):
         raise ModelError(
             f"{key}={path}: no such folder"
@@ -125,6 +172,8 @@ def check_local_checkpoint(path: str, key: str = "model.path") -> dict:
 def check_unet_folder(path: str) -> str:
     """Validate a standalone UNet folder (model.unet); return its class name from config.json."""
     cfg_file = os.path.join(path, "config.json")
+    if os.path.isfile(path):
+        raise ModelError(_file_instead_of_folder(path, "model.unet"))
     if not os.path.isdir(path):
         raise ModelError(f"model.unet={path}: no such folder (a UNet folder saved with unet.save_pretrained, "
                          "e.g. a trainer's checkpoint-<step>/unet)")
@@ -378,13 +427,64 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> str | None:
     return os.path.dirname(f) if isinstance(f, str) else None
 
 
+def _local_slip(repo_id: str) -> str:
+    """A hub-shaped id whose first part is a folder here is likely a mistyped local path."""
+    first, rest = repo_id.split("/", 1)
+    if not os.path.isdir(first):
+        return ""
+    near = difflib.get_close_matches(rest, os.listdir(first), n=1)
+    return f"; {first}/ is a folder here" + (f": did you mean {first}/{near[0]}?" if near else "")
+
+
+def check_hub_model(repo_id: str, key: str = "model.path", revision: str | None = None) -> None:
+    """A hub id with no snapshot here, asked of the hub: one metadata request, no download. A typo, a
+    model since removed from the hub (runwayml/stable-diffusion-v1-5, 2024), a missing revision or a
+    repo that is no diffusers pipeline used to fail in every actor's load, after the index build.
+    Where the hub cannot be asked (HF_HUB_OFFLINE, a driver without network, a hub error) the load
+    checks it, as before; a cluster's nodes may reach the hub where the driver cannot."""
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    slip = _local_slip(repo_id)
+    info = None
+    try:
+        if not constants.HF_HUB_OFFLINE:
+            info = HfApi().model_info(repo_id, revision=revision, timeout=10)
+    except GatedRepoError:  # a RepositoryNotFoundError: the repo exists; the load names the access
+        return
+    except RevisionNotFoundError as e:
+        raise ModelError(f"model.revision={revision}: the hub model {repo_id} ({key}) has no such branch, tag or "
+                         "commit") from e
+    except RepositoryNotFoundError as e:
+        raise ModelError(f"{key}={repo_id}: no such folder here, and the hub has no model {repo_id} (a private one "
+                         f"needs HF_TOKEN){slip}") from e
+    except Exception:  # noqa: BLE001 - unreachable, rate-limited, a proxy's page: the load decides
+        pass
+    if info is None:  # the hub was not asked or did not answer: only a mistyped local path is plain
+        if slip:
+            raise ModelError(f"{key}={repo_id}: no such folder{slip} (nor a hub id with a snapshot here)")
+        return
+    if getattr(info, "gated", False) and get_token() is None:
+        raise ModelError(f"{key}={repo_id} is gated on the hub: accept its license on its page and set HF_TOKEN "
+                         "(or `hf auth login`) on the driver and the cluster")
+    names = [s.rfilename for s in info.siblings or []]
+    if info.siblings is not None and "model_index.json" not in names:
+        single = [n for n in names if "/" not in n and n.endswith((".safetensors", ".ckpt"))]
+        raise ModelError(f"{key}={repo_id}: the hub model has no model_index.json, so it is not a diffusers "
+                         "pipeline" + (f"; its {single[0]} is a single-file checkpoint: download it and "
+                                       f"{_convert_hint(single[0], key)}" if single else
+                                       f" (it holds {', '.join(names[:5]) or 'no files'})"))
+
+
 def _pipeline_index(path: str, revision: str | None = None) -> tuple[str | None, dict]:
     """(folder, its model_index.json): a local folder's, checked (check_local_checkpoint), or a hub
-    id's cached snapshot's; (None, {}) for a hub id not cached here, {} for an unreadable cached index."""
-    if os.path.isdir(path) or not HUB_ID.match(path):
+    id's cached snapshot's; (None, {}) for a hub id not cached here (asked of the hub:
+    check_hub_model), {} for an unreadable cached index."""
+    if os.path.exists(path) or not HUB_ID.match(path):
         return path, check_local_checkpoint(path)
     folder = cached_snapshot(path, revision)
     if folder is None:
+        check_hub_model(path, "model.path", revision)
         return None, {}
     try:
         with open(os.path.join(folder, "model_index.json")) as f:

@@ -23,6 +23,9 @@ SMALL_AUDIT = ["prompts.limit=4", "sampling.samples_per_prompt=8", "sampling.sch
                "sampling.num_inference_steps=10", "triage=none", "filter.min_clique=3", "index.shards=2",
                "budget=fixed"]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# No test reaches the Hugging Face hub (memex asks it about a hub id with no cached snapshot:
+# models.check_hub_model); tests of that request serve the hub's API on loopback and turn this off.
+os.environ["HF_HUB_OFFLINE"] = "1"
 # Ray workers inherit this from the head started below. The suite runs more torch threads than the
 # 2 cores (the head declares 4 CPUs, and the test process computes too): OpenMP's default spin-wait
 # then burns the cores another thread needs (two 2-thread shadow trainings side by side: 61 s active,

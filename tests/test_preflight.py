@@ -227,6 +227,132 @@ def test_hub_id_is_checked_on_its_cached_snapshot_else_deferred(tiny_models, tmp
         check_model_inputs("some-org/tiny")
 
 
+def test_a_file_where_a_model_folder_belongs_is_named_with_its_fix(tiny_models, tmp_path, monkeypatch):
+    """A single-file checkpoint (the original Stable Diffusion layout that A1111, ComfyUI and kohya
+    save) given as model.path was "no such folder" when absolute and, when relative (models/x.safetensors
+    has a hub id's shape), was deferred to the load as a hub id: every actor failed after the run folder
+    was claimed. A pipeline's own files, a UNet's weights file and a LoRA are other likely slips."""
+    from memex.checkpoints import check_base_model
+
+    from conftest import make_lora
+
+    (tmp_path / "models").mkdir()
+    single = tmp_path / "models" / "v1-5-pruned-emaonly.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)}, single)
+    monkeypatch.chdir(tmp_path)
+    for given in (str(single), "models/v1-5-pruned-emaonly.safetensors"):
+        with pytest.raises(ModelError, match=rf"model\.path={re.escape(given)} is a single-file checkpoint .*"
+                                             r"from_single_file\('.*v1-5-pruned-emaonly\.safetensors'\)"
+                                             r"\.save_pretrained\('.*v1-5-pruned-emaonly-diffusers'\)"):
+            check_model_inputs(given)
+    with pytest.raises(ModelError, match=r"nightly\.base_model=.*v1-5-pruned-emaonly\.safetensors is a "
+                                         r"single-file checkpoint.* and set nightly\.base_model=.*-diffusers$"):
+        check_base_model(str(single))
+    base = tiny_models["latent_text"]
+    lora = make_lora(base, tmp_path / "lora") / "pytorch_lora_weights.safetensors"
+    with pytest.raises(ModelError, match=rf"model\.path={re.escape(str(lora))} is a LoRA file: set model\.lora="):
+        check_model_inputs(str(lora))
+    for part in ("model_index.json", UNET_ST, Path("unet") / "config.json"):
+        with pytest.raises(ModelError, match=rf"is a file of one, not the folder: set model\.path={re.escape(base)}$"):
+            check_model_inputs(str(Path(base) / part))
+    unet_file = str(Path(base) / UNET_ST)
+    with pytest.raises(ModelError, match=rf"model\.unet=.* is a file of one, not the folder: set "
+                                         rf"model\.unet={re.escape(str(Path(base) / 'unet'))}$"):
+        check_model_inputs(base, unet=unet_file)
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(ModelError, match=r"notes\.txt is a file, not a diffusers pipeline folder"):
+        check_model_inputs(str(other))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The hub's model-info API (GET /api/models/<id>[/revision/<rev>]) served on loopback, answering
+    as huggingface.co does: 401 + X-Error-Code RepoNotFound for a missing repo, 404 + RevisionNotFound."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import huggingface_hub.constants
+
+    repos = {"org/pipe": {"siblings": ["model_index.json", "unet/config.json"]},
+             "org/single": {"siblings": ["README.md", "v1-5-pruned-emaonly.safetensors"]},
+             "org/gated": {"siblings": ["model_index.json"], "gated": "auto"}}
+    asked: list[str] = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            asked.append(self.path)
+            m = re.match(r"/api/models/([^/]+/[^/?]+)(?:/revision/([^/?]+))?", self.path)
+            repo = repos.get(m.group(1)) if m else None
+            if repo is None or (m.group(2) not in (None, "main")):
+                self.send_response(401 if repo is None else 404)
+                self.send_header("X-Error-Code", "RepoNotFound" if repo is None else "RevisionNotFound")
+                self.end_headers()
+                return
+            body = json.dumps({"id": m.group(1), "gated": repo.get("gated", False),
+                               "siblings": [{"rfilename": f} for f in repo["siblings"]]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", os.devnull + "-no-cache")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    yield asked
+    server.shutdown()
+
+
+def test_a_hub_id_not_cached_here_is_asked_of_the_hub(fake_hub, tiny_models, tmp_path, monkeypatch):
+    """A hub id with no snapshot here used to be left to the load: a typo, a model since removed from
+    the hub or a repo that is no pipeline failed in every actor after the index build. One metadata
+    request now names it first; where the hub cannot answer, the load still decides."""
+    import huggingface_hub.constants
+
+    from memex.checkpoints import check_base_model
+
+    assert check_model_inputs("org/pipe") is None  # a pipeline: its weights are checked when loaded
+    with pytest.raises(ModelError, match=r"model\.path=org/missing: no such folder here, and the hub has no model "
+                                         r"org/missing \(a private one needs HF_TOKEN\)$"):
+        check_model_inputs("org/missing")
+    with pytest.raises(ModelError, match=r"nightly\.base_model=org/missing: no such folder here"):
+        check_base_model("org/missing")
+    _copy(tiny_models["latent_text"], tmp_path / "models" / "demo-text")  # a mistyped local path
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=r"models/ is a folder here: did you mean models/demo-text\?"):
+        check_model_inputs("models/dem-text")
+    with pytest.raises(ModelError, match=r"model\.revision=v2: the hub model org/pipe .* has no such branch"):
+        check_model_inputs("org/pipe", revision="v2")
+    with pytest.raises(ModelError, match=r"org/single: the hub model has no model_index\.json.*"
+                                         r"v1-5-pruned-emaonly\.safetensors is a single-file checkpoint"):
+        check_model_inputs("org/single")
+    with pytest.raises(ModelError, match=r"org/gated is gated on the hub: .* set HF_TOKEN"):
+        check_model_inputs("org/gated")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: "hf_x")
+    check_model_inputs("org/gated")
+    asked = len(fake_hub)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # offline: no request, the load decides
+    check_model_inputs("org/missing")
+    assert len(fake_hub) == asked
+    with pytest.raises(ModelError, match=r"models/dem-text: no such folder; models/ is a folder here: did you mean "
+                                         r"models/demo-text\? \(nor a hub id with a snapshot here\)"):
+        check_model_inputs("models/dem-text")  # whether the hub answers or not
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    from conftest import free_port
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # unreachable
+    check_model_inputs("org/missing")
+
+
 # ---- the audit: everything above, plus the training set and prompts, before the index -------------
 @pytest.fixture
 def inputs(tmp_path):
