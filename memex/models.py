@@ -99,7 +99,8 @@ def _convert_hint(path: str, key: str) -> str:
     config=<a diffusers folder of the same architecture>)."""
     out = os.path.splitext(path)[0] + "-diffusers"
     return (f"convert it once with python -c \"from diffusers import StableDiffusionPipeline as P; "
-            f"P.from_single_file('{path}').save_pretrained('{out}')\" and set {key}={out}")
+            f"P.from_single_file('{path}').save_pretrained('{out}')\" and set {key}={out} (from_single_file reads "
+            "the matching configs from the hub; offline, add config='<a diffusers folder of the same family>')")
 
 
 def _file_instead_of_folder(path: str, key: str) -> str:

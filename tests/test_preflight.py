@@ -247,7 +247,8 @@ def test_a_file_where_a_model_folder_belongs_is_named_with_its_fix(tiny_models, 
                                              r"\.save_pretrained\('.*v1-5-pruned-emaonly-diffusers'\)"):
             check_model_inputs(given)
     with pytest.raises(ModelError, match=r"nightly\.base_model=.*v1-5-pruned-emaonly\.safetensors is a "
-                                         r"single-file checkpoint.* and set nightly\.base_model=.*-diffusers$"):
+                                         r"single-file checkpoint.* and set nightly\.base_model=.*-diffusers "
+                                         r"\(from_single_file"):
         check_base_model(str(single))
     base = tiny_models["latent_text"]
     lora = make_lora(base, tmp_path / "lora") / "pytorch_lora_weights.safetensors"
