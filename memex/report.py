@@ -17,6 +17,7 @@ import datetime as dt
 import html
 import json
 import math
+import posixpath
 from typing import Iterable, Sequence
 
 import pyarrow as pa
@@ -368,6 +369,30 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
     return page(title, "\n".join(x for x in out if x))
 
 
+def not_a_finished_run(layout: RunLayout) -> str:
+    """What `memex report` was given instead of a finished audit's run folder, and what to give."""
+    store = layout.store
+    fs, path = store.fs, store.path
+    parent = RunLayout.at(store.uri_of(posixpath.dirname(path)), store.options)
+    if store.exists(path) and parent.read_summary() is not None:  # summary.json, matches/ ...
+        return f"{layout.uri} is inside a run folder: give the folder, memex report {parent.uri}"
+    if fs.isfile(path):
+        return f"{layout.uri} is a file, not a run folder"
+    runs = sorted(posixpath.basename(posixpath.dirname(p)) for p in fs.glob(posixpath.join(path, "*", "summary.json")))
+    if runs:  # a storage.root: its run folders are one level down
+        first = store.uri_of(layout.join(runs[0]))
+        return (f"{layout.uri} holds {len(runs)} finished run folder(s) ({', '.join(runs[:5])}"
+                f"{', ...' if len(runs) > 5 else ''}): give one, e.g. memex report {first}")
+    if store.exists(layout.run_json) and not store.exists(layout.index_json):
+        return (f"{layout.uri} is a `memex generate` run (samples, no training-set matches): memex report reads an "
+                "audit's run folder (`memex audit` with the same settings)")
+    if store.exists(layout.run_json):
+        return (f"{layout.uri} is an audit that has not finished (no summary.json): run the `memex audit` command "
+                "that started it again; it resumes where it stopped")
+    return (f"{layout.uri} has no summary.json: not a finished audit run folder (run `memex audit` to finish it, "
+            "or check the path)")
+
+
 def build_report(run: str | RunLayout, storage_options: dict | None = None) -> str:
     """(Re)build run/report/index.html from the run folder alone; returns its URI. With a
     mia/summary.json in the folder it includes the membership-inference section."""
@@ -378,8 +403,7 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
         raise StorageError(f"{layout.uri} does not exist: check the path (a run folder is "
                            "<storage.root>/<run name>, printed by `memex audit`)")
     if summary is None:
-        raise StorageError(f"{layout.uri} has no summary.json: not a finished audit run folder "
-                           "(run `memex audit` to finish it, or check the path)")
+        raise StorageError(not_a_finished_run(layout))
     candidates = layout.candidates.read()
     matches = layout.matches.read()
     ext = matches.filter(matches["extracted"]).sort_by("distance").slice(0, MAX_PAIRS) if matches.num_rows else matches

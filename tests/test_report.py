@@ -291,7 +291,8 @@ def test_old_summary_without_the_new_keys_still_renders():
      "memex report: error: --storage-options must be a JSON object such as "),
     (["{run}", "--storage-options", "[1]"], 2, "memex report: error: --storage-options must be a JSON object"),
     (["{run}/nowhere"], 1, "memex: error: {run}/nowhere does not exist: check the path"),
-    (["{tmp}"], 1, "memex: error: {tmp} has no summary.json: not a finished audit run folder"),
+    (["{tmp}"], 1, "memex: error: {tmp} holds 1 finished run folder(s) (r): give one, e.g. memex report {run}"),
+    (["{tmp}/r/summary.json"], 1, "memex: error: {run}/summary.json is not readable JSON"),
     (["gs://bucket/runs/r"], 1, "memex: error: run=gs://bucket/runs/r: gs:// needs a package that is not installed"),
     (["{run}"], 1, "memex: error: {run}/summary.json is not readable JSON (JSONDecodeError"),
 ])
@@ -309,3 +310,33 @@ def test_report_command_names_bad_input_in_one_line(args, code, line, tmp_path, 
     err = capsys.readouterr().err
     assert e.value.code == code and line.format(run=run, tmp=tmp_path) in err and "Traceback" not in err, err
     assert sorted(p.name for p in run.iterdir()) == ["summary.json"]
+
+
+def test_report_names_what_it_was_given_instead_of_a_run_folder(tmp_path, monkeypatch, capsys):
+    """`memex report` on the storage root, on a file or folder inside a run, on a generate run or on an
+    audit that stopped: each was "has no summary.json: not a finished audit run folder", which named
+    neither the run folder meant nor what to run."""
+    from memex import cli
+
+    root = tmp_path / "runs"
+    for name, files in {"demo-a": ["summary.json", "run.json", "index.json"], "demo-b": ["run.json"],
+                        "demo-c": ["run.json", "index.json"]}.items():
+        (root / name / "matches").mkdir(parents=True)
+        for f in files:
+            (root / name / f).write_text("{}")
+    (root / "notes.txt").write_text("x")
+    cases = {root: f"{root} holds 1 finished run folder(s) (demo-a): give one, e.g. memex report {root}/demo-a",
+             root / "demo-a" / "summary.json": f"is inside a run folder: give the folder, memex report {root}/demo-a",
+             root / "demo-a" / "matches": f"is inside a run folder: give the folder, memex report {root}/demo-a",
+             root / "notes.txt": "notes.txt is a file, not a run folder",
+             root / "demo-b": "demo-b is a `memex generate` run (samples, no training-set matches)",
+             root / "demo-c": "demo-c is an audit that has not finished (no summary.json): run the `memex audit`",
+             root / "demo-c" / "matches": "has no summary.json: not a finished audit run folder"}
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for given, line in cases.items():
+        monkeypatch.setattr(sys, "argv", ["memex", "report", str(given)])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and line in err and "Traceback" not in err, (given, err)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing written
