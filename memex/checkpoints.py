@@ -33,11 +33,14 @@ from memex.config import MemexError
 from memex.lora import LORA_FILE
 from memex.models import (
     HUB_ID,
+    SINGLE_FILE_SUFFIXES,
     WEIGHT_SUFFIXES,
+    ModelError,
     cached_snapshot,
     check_hub_model,
     check_local_checkpoint,
     check_sampled_pipeline,
+    weights_file_kind,
 )
 
 MAX_DEPTH = 4
@@ -106,8 +109,13 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
     found: list[Checkpoint] = []
     now = time.time()
 
+    pending: list[Path] = []  # checkpoints still being written (newer than settle_s)
+
     def settled(p: Path) -> bool:
-        return settle_s <= 0 or now - _newest_mtime(p) >= settle_s
+        if settle_s <= 0 or now - _newest_mtime(p) >= settle_s:
+            return True
+        pending.append(p)
+        return False
 
     def walk(d: Path, depth: int, enclosing_pipeline: Path | None) -> None:
         components: set[str] = set()
@@ -144,7 +152,37 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
                 walk(child, depth + 1, enclosing_pipeline)
 
     walk(root, 0, None)
+    if not found and not pending:
+        check_loose_weights(root)
     return sorted(found, key=lambda c: (c.series, c.step if c.step is not None else -1, c.location))
+
+
+def check_loose_weights(root: Path) -> None:
+    """A location with no checkpoint memex reads but with weight files it does not (single-file
+    checkpoints, kohya's `<name>-<step>.safetensors` LoRAs) found nothing every night, quietly:
+    0 checkpoints, exit 0. Named now, with what each kind needs."""
+    loose = sorted(f for depth in range(MAX_DEPTH + 1) for f in root.glob("/".join(["*"] * (depth + 1)))
+                   if f.is_file() and f.name.endswith(SINGLE_FILE_SUFFIXES)
+                   and not any(p.name.startswith(("_", ".")) for p in f.relative_to(root).parents if p.name))
+    if not loose:
+        return
+    kinds: dict[str, list[Path]] = {}
+    for f in loose:
+        try:
+            kinds.setdefault(weights_file_kind(str(f)), []).append(f)
+        except ModelError:
+            kinds.setdefault("unreadable", []).append(f)
+    fixes = {"single_file": "single-file checkpoints (the original Stable Diffusion layout): convert each to a "
+                            "diffusers folder with from_single_file(...).save_pretrained(...) (`memex audit "
+                            "model.path=<the file>` prints the command), or have training save diffusers folders",
+             "lora": "LoRA files outside diffusers' checkpoint-<step>/pytorch_lora_weights.safetensors layout "
+                     "(kohya's <name>-<step>.safetensors, say): put each in a checkpoint-<step>/ folder under that "
+                     "name, or audit one with `memex audit model.path=<base> model.lora=<the file>`",
+             "other": "weight files that are neither a pipeline folder's nor a LoRA",
+             "unreadable": "files that are not readable safetensors"}
+    what = "; ".join(f"{len(fs)} {fixes[k]} (e.g. {fs[0].relative_to(root)})" for k, fs in sorted(kinds.items()))
+    raise CheckpointError(f"nightly.location={root}: no checkpoint memex reads (diffusers pipeline folders, "
+                          f"checkpoint-<step>/unet or checkpoint-<step>/{LORA_FILE}), but {what}")
 
 
 def _weight_files(folder: Path, skip: set[str] = frozenset()) -> list[Path]:

@@ -103,6 +103,22 @@ def _convert_hint(path: str, key: str) -> str:
             "the matching configs from the hub; offline, add config='<a diffusers folder of the same family>')")
 
 
+def weights_file_kind(path: str) -> str:
+    """What a lone weights file holds, from its safetensors header (no tensor is read): "lora" (any
+    LoRA format: diffusers', peft's, kohya's `lora_unet_*`), "single_file" (the original Stable
+    Diffusion layout: `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), or
+    "other"; a pickle (.ckpt, .pt) is not opened and counts as "single_file", what such files
+    mostly are. Raises ModelError for an unreadable safetensors file."""
+    if not path.endswith(".safetensors"):
+        return "single_file"
+    keys = list(safetensors_shapes(path))
+    if any("lora" in k.lower() for k in keys):
+        return "lora"
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
+        return "single_file"
+    return "other"
+
+
 def _file_instead_of_folder(path: str, key: str) -> str:
     """Why a file was given where a pipeline (or UNet) folder belongs, and the fix: the folder a
     weights or config file sits in, a LoRA (model.lora), a single-file checkpoint (A1111/ComfyUI,
@@ -119,17 +135,14 @@ def _file_instead_of_folder(path: str, key: str) -> str:
         return f"{key}={path} is a file of one, not the folder: set {key}={parent}"
     if not name.endswith(SINGLE_FILE_SUFFIXES):
         return f"{key}={path} is a file, not {want}"
-    keys: list[str] = []
-    if name.endswith(".safetensors"):
-        try:
-            keys = list(safetensors_shapes(path))
-        except ModelError as e:
-            return f"{key}={path} is a file, not {want}, and not a readable checkpoint either: {e}"
-    if any("lora" in k.lower() for k in keys):
+    try:
+        kind = weights_file_kind(path)
+    except ModelError as e:
+        return f"{key}={path} is a file, not {want}, and not a readable checkpoint either: {e}"
+    if kind == "lora":
         return (f"{key}={path} is a LoRA file: set model.lora={path} and {key} to the model it was trained on "
                 "(memex fuses the LoRA into it)")
-    if keys and not any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
-                        for k in keys):
+    if kind == "other":
         return f"{key}={path} is a weights file, not {want} (its tensors are not a Stable Diffusion checkpoint's)"
     return (f"{key}={path} is a single-file checkpoint (the original Stable Diffusion layout, as A1111, ComfyUI "
             f"and kohya save them), not {want}: {_convert_hint(path, 'model.path' if key == 'model.unet' else key)}")

@@ -226,6 +226,36 @@ def test_lora_checkpoints_are_found_and_audited_on_the_base(tmp_path):
                                 config_name="nightly"))
 
 
+def test_a_location_of_weights_nightly_does_not_read_is_named(tmp_path):
+    """Single-file checkpoints (A1111/kohya's layout) or kohya's <name>-<step>.safetensors LoRAs under
+    nightly.location: nothing was found, quietly, every night (0 checkpoints, exit 0). Named now with
+    what each kind needs; checkpoints still being written (settle_s) keep the quiet 0."""
+    import torch
+    from safetensors.torch import save_file
+
+    from memex.checkpoints import CheckpointError
+
+    location = tmp_path / "kohya-out"
+    location.mkdir()
+    for name in ("sd-000010.safetensors", "sd.safetensors"):
+        save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)}, location / name)
+    (location / "sub").mkdir()
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)},
+              location / "sub" / "style-000005.safetensors")
+    (location / ".cache").mkdir()
+    save_file({"x": torch.zeros(1)}, location / ".cache" / "ignored.safetensors")
+    with pytest.raises(CheckpointError, match=r"kohya-out: no checkpoint memex reads .*, but 1 LoRA files outside "
+                                              r"diffusers' checkpoint-<step>/.*\(e\.g\. sub/style-000005\."
+                                              r"safetensors\); 2 single-file checkpoints .*from_single_file.*"
+                                              r"\(e\.g\. sd-000010") as e:
+        discover(str(location))
+    assert "neither" not in str(e.value) and "ignored" not in str(e.value)  # hidden folders are not looked in
+    (tmp_path / "empty").mkdir()
+    assert discover(str(tmp_path / "empty")) == []  # a run not started yet: 0 found, no error
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", location / "checkpoint-1000", copy_function=shutil.copy)  # now
+    assert discover(str(location), str(BASE), settle_s=3600) == []
+
+
 class _Hook(BaseHTTPRequestHandler):
     received: list = []
 
