@@ -146,12 +146,18 @@ class CLIPEmbedder(Embedder):
 
     def __init__(self, path: str, size: int = 224, device: str = "cpu", batch_size: int = 64):
         library_logs_to_file()  # transformers 5 warns when CLIPImageProcessor falls back to PIL
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
 
         self.device, self.batch_size = torch.device(device), batch_size
         self.name = f"clip:{path}:{size}"
-        try:  # the same call for a local folder and a hub id
-            self.model = CLIPVisionModelWithProjection.from_pretrained(path).to(self.device).eval()
+        try:  # the same calls for a local folder and a hub id
+            config = top = AutoConfig.from_pretrained(path)
+            if top.model_type == "clip":  # a whole CLIPModel (the hub's openai/clip-vit-*): its image tower,
+                # whose projection width transformers 5 keeps only at the top level: a CLIPModel it saved
+                # with projection_dim != 512 failed to load as a size mismatch of visual_projection
+                config = top.vision_config
+                config.projection_dim = top.projection_dim
+            self.model = CLIPVisionModelWithProjection.from_pretrained(path, config=config).to(self.device).eval()
         except Exception as e:  # noqa: BLE001 - OSError (not found / offline), ValueError (not a CLIP checkpoint)
             raise EmbedderError(f"embedder.path={path} is not a loadable CLIP checkpoint ({type(e).__name__}: {e}); "
                                 "set embedder.path to a local transformers folder or a reachable hub id") from e

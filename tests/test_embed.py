@@ -110,6 +110,28 @@ def test_clip_embedder_from_local_folder(tiny_clip, folder):
     assert not np.allclose(v[0], v[1], atol=1e-3)
 
 
+def test_clip_embedder_reads_the_image_tower_of_a_whole_clip_model(tmp_path):
+    """embedder.path at a whole CLIPModel (image and text towers: what openai/clip-vit-large-patch14 is).
+    One saved by transformers 5 with a projection width other than 512 failed to load ("ignore_mismatched_
+    sizes": its vision config kept the default 512). Its embeddings are CLIPModel.get_image_features'."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    tower = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    model = CLIPModel(CLIPConfig(text_config=tower, vision_config={**tower, "image_size": 32, "patch_size": 8},
+                                 projection_dim=16)).eval()
+    model.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip")
+    e = make_embedder(EmbedderConfig("clip", path=str(tmp_path / "clip"), size=32))
+    imgs = _images(3)
+    with torch.no_grad():
+        pixels = e.processor(images=list(imgs), return_tensors="pt")["pixel_values"]
+        feats = model.get_image_features(pixel_values=pixels)
+    feats = getattr(feats, "pooler_output", feats)  # a tensor, or an output object on newer transformers
+    assert e.dim == 16 and np.allclose(e(imgs), torch.nn.functional.normalize(feats, dim=1).numpy(), atol=1e-5)
+
+
 def test_clip_processor_and_fallback_agree(tiny_clip):
     """Both preprocessing paths feed the model the same normalised pixels for images at its own size."""
     import shutil
