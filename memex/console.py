@@ -127,8 +127,9 @@ def library_logs_to_file() -> None:
     for lib in (t, d):
         lib.disable_default_handler()
         lib.enable_propagation()
-    if not verbose():  # transformers' "Writing model shards" bar when `memex train` saves its text encoder
-        t.disable_progress_bar()
+    if not verbose():  # transformers' "Writing model shards" bar when `memex train` saves its text encoder,
+        t.disable_progress_bar()  # diffusers' "Loading pipeline components..." at every model load
+        d.disable_progress_bar()
     _state["libraries_routed"] = True
 
 

@@ -135,13 +135,16 @@ def test_transformers_and_diffusers_warnings_go_to_the_file_not_the_console(log_
         console.library_logs_to_file()
         tlog.get_logger("transformers.utils.import_utils").warning("`CLIPImageProcessor` requires torchvision")
         dlog.get_logger("diffusers.pipelines").warning("a diffusers warning")
+        for _ in dlog.tqdm(range(3), desc="Loading pipeline components..."):  # diffusers' bar at every load
+            pass
         err = capfd.readouterr().err
         assert "requires torchvision" not in err and "a diffusers warning" not in err
+        assert "Loading pipeline components" not in err
         text = open(console.finish(Store(str(tmp_path / "run")))).read()
         assert "`CLIPImageProcessor` requires torchvision" in text and "a diffusers warning" in text
     finally:
         tlog.enable_default_handler(), tlog.disable_propagation(), tlog.enable_progress_bar()
-        dlog.enable_default_handler(), dlog.disable_propagation()
+        dlog.enable_default_handler(), dlog.disable_propagation(), dlog.enable_progress_bar()
 
 
 @pytest.mark.slow
