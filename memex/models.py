@@ -107,10 +107,10 @@ def weights_file_kind(path: str) -> str:
     """What a lone weights file holds, from its safetensors header (no tensor is read): "lora" (any
     LoRA format: diffusers', peft's, kohya's `lora_unet_*`), "single_file" (the original Stable
     Diffusion layout: `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), or
-    "other"; a pickle (.ckpt, .pt) is not opened and counts as "single_file", what such files
-    mostly are. Raises ModelError for an unreadable safetensors file."""
+    "other"; a pickle (.ckpt, .pt, .bin) is not opened: "lora" by its name, else "single_file", what
+    such files mostly are. Raises ModelError for an unreadable safetensors file."""
     if not path.endswith(".safetensors"):
-        return "single_file"
+        return "lora" if "lora" in os.path.basename(path).lower() else "single_file"  # pytorch_lora_weights.bin
     keys = list(safetensors_shapes(path))
     if any("lora" in k.lower() for k in keys):
         return "lora"
@@ -444,9 +444,10 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> str | None:
 def _local_slip(repo_id: str) -> str:
     """A hub-shaped id whose first part is a folder here is likely a mistyped local path."""
     first, rest = repo_id.split("/", 1)
-    if not os.path.isdir(first):
+    try:
+        near = difflib.get_close_matches(rest, os.listdir(first), n=1)
+    except OSError:  # no such folder (the usual case: a hub id), or one we may not list
         return ""
-    near = difflib.get_close_matches(rest, os.listdir(first), n=1)
     return f"; {first}/ is a folder here" + (f": did you mean {first}/{near[0]}?" if near else "")
 
 
