@@ -128,6 +128,14 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
                 found.append(Checkpoint(str(d), str(d if own or d == root else d.parent), _step_of_folder(d),
                                         str(d), None))
             enclosing_pipeline = d
+        elif (d / LORA_FILE).is_file():  # the final LoRA diffusers' LoRA scripts save beside their checkpoint-<step>/
+            b = base or (str(enclosing_pipeline) if enclosing_pipeline else None)
+            if b is None:
+                raise CheckpointError(f"{d / LORA_FILE} is a LoRA and no pipeline folder encloses it: set "
+                                      "nightly.base_model to the pipeline it was fine-tuned from (a diffusers folder "
+                                      "or hub id)")
+            if settled(d / LORA_FILE):
+                found.append(Checkpoint(str(d), str(d), _step_of_folder(d), b, None, str(d / LORA_FILE)))
         if depth >= MAX_DEPTH:
             return
         for child in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))

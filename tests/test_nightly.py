@@ -226,6 +226,23 @@ def test_lora_checkpoints_are_found_and_audited_on_the_base(tmp_path):
                                 config_name="nightly"))
 
 
+def test_the_final_lora_beside_its_checkpoints_is_a_checkpoint_too(tmp_path):
+    """diffusers' LoRA scripts save the trained LoRA at <output_dir>/pytorch_lora_weights.safetensors,
+    beside their checkpoint-<step>/ folders: it was never found, so the model a team ships went
+    unaudited. It is a checkpoint of the same series (no step: not compared for growth)."""
+    out = tmp_path / "watch" / "lora-run"
+    make_lora(str(BASE), out / "checkpoint-100", seed=1)
+    make_lora(str(BASE), out, seed=3)  # the final one, written by save_lora_weights(output_dir)
+    found = discover(str(tmp_path / "watch"), str(BASE))
+    assert [(Path(c.location).name, c.series, c.step, c.lora) for c in found] == [
+        ("lora-run", str(out), None, str(out / "pytorch_lora_weights.safetensors")),
+        ("checkpoint-100", str(out), 100, str(out / "checkpoint-100" / "pytorch_lora_weights.safetensors"))]
+    assert weights_sha256(found[0]) != weights_sha256(found[1])
+    with pytest.raises(nightly.MemexError, match=r"lora-run/pytorch_lora_weights\.safetensors is a LoRA and no "
+                                                 r"pipeline folder encloses it: set nightly\.base_model"):
+        discover(str(tmp_path / "watch"))
+
+
 def test_a_location_of_weights_nightly_does_not_read_is_named(tmp_path):
     """Single-file checkpoints (A1111/kohya's layout) or kohya's <name>-<step>.safetensors LoRAs under
     nightly.location: nothing was found, quietly, every night (0 checkpoints, exit 0). Named now with
