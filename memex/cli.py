@@ -152,11 +152,19 @@ def check_overrides(args: list[str], cls: type) -> None:
 
     parser = OverridesParser.create()
     overrides = []
-    for text in get_args_parser().parse_known_args(args)[0].overrides:
+    parsed = get_args_parser().parse_known_args(args)[0]
+    modes = [m for m in ("run", "multirun", "cfg", "info", "shell_completion") if getattr(parsed, m, None)]
+    if len(modes) > 1:  # Hydra's ValueError, as a traceback
+        raise C.ConfigError(f"{' and '.join('--' + m.replace('_', '-') for m in modes)} cannot be combined: give one")
+    for text in parsed.overrides:
         try:
             overrides.append(parser.parse_override(text))
         except Exception as e:  # noqa: BLE001 - Hydra's grammar error: named with the override and the fix
             raise C.ConfigError(unparsable_override_message(text, e)) from e
+        if overrides[-1].is_sweep_override() and not parsed.multirun:  # Hydra's answer: six lines, no key
+            key, _, value = text.partition("=")
+            raise C.ConfigError(f"{text} is a sweep (one run per value): add --multirun (-m) to run them all; a "
+                                f"list is {key}=[{value}], a string with commas is quoted: {key}='{value}'")
     for o in overrides:
         key = o.key_or_group
         if o.is_delete() or o.package is not None or key.split(".")[0].split("/")[0] == "hydra":

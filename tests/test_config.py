@@ -134,6 +134,21 @@ def test_cli_range_error_is_one_clear_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("args, line", [
+    (["sampling.seed=0,1"], "memex: error: sampling.seed=0,1 is a sweep (one run per value): add --multirun (-m) "
+                            "to run them all; a list is sampling.seed=[0,1], a string with commas is quoted: "
+                            "sampling.seed='0,1'"),
+    (["-m", "--cfg", "job", "sampling.seed=0,1"], "memex: error: --multirun and --cfg cannot be combined: give one"),
+])
+def test_cli_a_sweep_without_multirun_and_clashing_modes_are_one_line(args, line, tmp_path):
+    """A comma in a value is a Hydra sweep: without --multirun Hydra printed six lines and no `memex:
+    error:`; --multirun with --cfg was Hydra's ValueError traceback. Refused before any work."""
+    r = subprocess.run([str(BIN / "memex"), "audit", *args, f"storage.root={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and line in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir())
+
+
 # ---- one source of defaults: the dataclasses in memex/config.py -----------------------------
 PRIMARIES = {"generate": (C.GenerateConfig, cli.to_generate_config), "audit": (C.AuditConfig, cli.to_audit_config),
              "nightly": (C.NightlyAuditConfig, cli.to_nightly_config), "train": (C.TrainConfig, cli.to_train_config),
