@@ -129,6 +129,11 @@ class SamplingConfig:
     # eps by ~3e-6, so it changes last float bits and is part of the run identity when true. Off by
     # default: existing runs keep their bytes, and its GPU effect is unmeasured here.
     channels_last: bool = False
+    # VAE decode rows at a time (latent models); None: the whole batch, as diffusers' pipelines do. SD
+    # 1.x's decoder holds ~0.8 GB an image at 512 px in float32 while it runs (bench/RESULTS.md,
+    # VAE decode), 12 GB for a batch of 16: a smaller chunk caps it where GPU memory is short. It
+    # moves a few pixels by 1 of 255 (other conv batch shapes), so it is part of the run identity when set.
+    decode_batch_size: Optional[int] = None
 
 
 @dataclass
@@ -232,6 +237,8 @@ def validate_generate(cfg: GenerateConfig) -> None:
     _at_least("sampling.num_inference_steps", s.num_inference_steps, 1)
     _at_least("sampling.shard_size", s.shard_size, 1)
     _at_least("sampling.seed", s.seed, 0)
+    if s.decode_batch_size is not None:
+        _at_least("sampling.decode_batch_size", s.decode_batch_size, 1)
     if not 0 <= s.png_compress_level <= 9:
         raise ConfigError(f"sampling.png_compress_level must be 0..9, got {s.png_compress_level}")
     for key in ("height", "width"):

@@ -477,7 +477,8 @@ MAX_STARTS = 3
 COMMAND = uuid.uuid4().hex  # this command run (the driver's): a rerun counts its starts afresh
 
 # the setting that sizes a unit's memory, by stage folder (memex/layout.py names the folders)
-BATCH_KEYS = {"samples": "sampling.batch_size", "triage": "sampling.batch_size", "previews": "sampling.batch_size",
+BATCH_KEYS = {"samples": "sampling.batch_size (a latent model's VAE decode alone: sampling.decode_batch_size)",
+              "triage": "sampling.batch_size", "previews": "sampling.batch_size",
               "shards": "embedder.batch_size", "scores": "mia.batch_size"}
 _STARTED_MS = time.time() * 1000  # when this command started: Ray's OOM kills since then are counted
 

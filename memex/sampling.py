@@ -195,7 +195,15 @@ class Sampler:
             pad = [0] * (bs - n)
             take = lambda xs: xs[b : b + n] + [xs[b] for _ in pad]  # noqa: E731
             before = self.unet_evaluations
-            res = fn(take(prompt_ids), take(prompts), take(seeds))
+            try:
+                res = fn(take(prompt_ids), take(prompts), take(seeds))
+            except torch.OutOfMemoryError as e:
+                if "sampling." in str(e):  # the decode's own message
+                    raise
+                raise torch.OutOfMemoryError(
+                    f"a batch of {bs} samples ({bs * (2 if self.cfg else 1)} UNet rows with guidance) of "
+                    f"{self.height}x{self.width} ran out of {self.device} memory: lower sampling.batch_size "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
             self.padded_evaluations += (self.unet_evaluations - before) * len(pad) // bs
             out.append(tuple(None if r is None else r[:n] for r in res) if isinstance(res, tuple) else res[:n])
         return out
@@ -251,7 +259,24 @@ class Sampler:
         return eps[:, : self.unet_channels], diff  # drop a learned-variance half (IF-style UNets)
 
     def _decode(self, x: torch.Tensor) -> np.ndarray:
-        if self.vae is not None:
-            x = self.vae.decode(x / self.vae.config.scaling_factor).sample
+        """(N, H, W, C) uint8 of final latents (pixels for a pixel model); a VAE decodes
+        `decode_batch_size` rows at a time (None: all N), each chunk turned to uint8 at once."""
+        if self.vae is None:
+            return self._to_uint8(x)
+        chunk = self.settings.decode_batch_size or len(x)  # batches are never empty (_batched pads them)
+        return np.concatenate([self._to_uint8(self._vae_decode(c)) for c in x.split(chunk)])
+
+    def _vae_decode(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.vae.decode(x / self.vae.config.scaling_factor).sample
+        except torch.OutOfMemoryError as e:  # a batch the UNet fits can still overflow here: name the knob
+            raise torch.OutOfMemoryError(
+                f"the VAE decode of {len(x)} images of {self.height}x{self.width} ran out of {self.device} memory "
+                f"(SD 1.x's decoder holds ~0.8 GB an image at 512 px in float32, half that in float16): set "
+                f"sampling.decode_batch_size to decode fewer at a time (4, say), or lower sampling.batch_size "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+    @staticmethod
+    def _to_uint8(x: torch.Tensor) -> np.ndarray:
         x = (x.float() / 2 + 0.5).clamp(0, 1)
         return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)

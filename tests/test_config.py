@@ -521,8 +521,9 @@ def test_cli_names_a_value_that_is_not_a_choice_in_one_line(stage, override, mes
         cli.main()
     assert e.value.code == 1 and capsys.readouterr().err.splitlines() == [f"memex: error: {message}"]
     key = override.split("=")[0]
-    # a valid value passes, and interpolations and sweeps are left to Hydra
-    cli.check_overrides([f"{key}={good}", f"{key}=${{oc.env:X,flat}}", f"{key}={good},{good}"], cli.SCHEMAS[stage])
+    # a valid value passes, and interpolations and sweeps (with --multirun) are left to Hydra
+    cli.check_overrides(["-m", f"{key}={good}", f"{key}=${{oc.env:X,flat}}", f"{key}={good},{good}"],
+                        cli.SCHEMAS[stage])
 
 
 @pytest.mark.parametrize("stage, override, reason", [

@@ -89,6 +89,56 @@ def test_channels_last_regenerates_byte_identically_and_is_part_of_the_run_ident
     assert run_settings(cfg, prompts)["sampling"]["channels_last"] is True
 
 
+def test_decode_batch_size_decodes_in_chunks_and_is_part_of_the_run_identity(tiny_models):
+    """sampling.decode_batch_size caps the VAE decode's memory (SD 1.x's decoder holds ~0.8 GB an
+    image at 512 px in float32: 12 GB for the default batch of 16): the decoder sees chunks of that
+    many rows, the images are the same up to 1 of 255 (other conv batch shapes), and the run
+    settings name it only when set (runs made before it keep resuming)."""
+    import pyarrow as pa
+
+    from memex.config import ConfigError, GenerateConfig, validate_generate
+    from memex.stages.generate import run_settings
+
+    path = tiny_models["latent_text"]
+    ids, texts, seeds = _batch()  # 9 samples: batches of 4, 4 and 1 padded to 4
+    whole = _sampler(path).generate(ids, texts, seeds)
+    s = _sampler(path, decode_batch_size=3)
+    rows, decode = [], s.vae.decode
+    s.vae.decode = lambda z: rows.append(len(z)) or decode(z)
+    chunked = s.generate(ids, texts, seeds)
+    assert rows == [3, 1] * 3  # each batch of 4: 3 rows, then 1
+    assert chunked.shape == whole.shape and np.abs(chunked.astype(int) - whole).max() <= 1
+
+    prompts = pa.table({"prompt_id": ["p1"], "prompt": ["a red apple"]})
+    cfg = GenerateConfig()
+    assert "decode_batch_size" not in run_settings(cfg, prompts)["sampling"]
+    cfg.sampling.decode_batch_size = 4
+    assert run_settings(cfg, prompts)["sampling"]["decode_batch_size"] == 4
+    cfg.model.path, cfg.prompts.path, cfg.sampling.decode_batch_size = path, "p.txt", 0
+    with pytest.raises(ConfigError, match="sampling.decode_batch_size must be >= 1, got 0"):
+        validate_generate(cfg)
+
+
+def test_running_out_of_gpu_memory_names_the_setting_to_lower(tiny_models):
+    """torch's "CUDA out of memory. Tried to allocate ..." named no memex setting: the UNet's names
+    sampling.batch_size, the VAE decode's sampling.decode_batch_size (what caps it alone)."""
+    s = _sampler(tiny_models["latent_text"])
+    ids, texts, seeds = _batch(1)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    decode = s.vae.decode
+    s.vae.decode = oom
+    with pytest.raises(torch.OutOfMemoryError, match=r"^the VAE decode of 4 images of 16x16 ran out of cpu memory "
+                                                     r".*set sampling\.decode_batch_size .*Tried to allocate 2\.00"):
+        s.generate(ids, texts, seeds)
+    s.vae.decode, s.unet.forward = decode, oom
+    with pytest.raises(torch.OutOfMemoryError, match=r"^a batch of 4 samples \(8 UNet rows with guidance\) of 16x16 "
+                                                     r"ran out of cpu memory: lower sampling\.batch_size"):
+        s.generate(ids, texts, seeds)
+
+
 def test_png_decodes_to_the_same_pixels(tiny_models):
     img = _sampler(tiny_models["unconditional"]).generate(["uncond"], [""], [7])[0]
     assert np.array_equal(decode(encode_png(img)), img)

@@ -41,6 +41,8 @@ def run_settings(cfg: GenerateConfig, prompts: pa.Table) -> dict:
     s = plain(cfg.sampling)
     if not s["channels_last"]:  # added after runs existed: off, it is left out so they still resume
         del s["channels_last"]
+    if s["decode_batch_size"] is None:  # likewise: the whole batch, as every run before it decoded
+        del s["decode_batch_size"]
     digest = hashlib.sha256()
     for pid, p in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist()):
         digest.update(f"{pid}\x1f{p}\x1e".encode())
