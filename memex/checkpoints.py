@@ -1,6 +1,6 @@
 """Find the checkpoints under a location, and hash what an audit of each would load.
 
-Two layouts are recognised, at any depth up to MAX_DEPTH below the location:
+These layouts are recognised, at any depth up to MAX_DEPTH below the location:
 
     <dir>/model_index.json              a diffusers pipeline folder: one checkpoint
     <run>/checkpoint-<step>/unet/       a training output (diffusers' train_text_to_image, memex
@@ -9,6 +9,9 @@ Two layouts are recognised, at any depth up to MAX_DEPTH below the location:
     <run>/checkpoint-<step>/pytorch_lora_weights.safetensors
                                         a LoRA training output (diffusers' *_lora.py scripts):
                                         audited as model.lora on the base (memex/lora.py)
+    <run>/pytorch_lora_weights.safetensors   the final LoRA of those scripts (no step)
+    <dir>/<name>-<step>.safetensors     kohya's LoRA files (sd-scripts' train_network.py), told
+                                        from other weights by their header; a series per <name>
 
 The base of a checkpoint-<step> folder is `base` when given (the model the run fine-tunes), else
 the nearest enclosing diffusers folder (memex train writes its pipeline beside checkpoints/),
@@ -128,14 +131,20 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
                 found.append(Checkpoint(str(d), str(d if own or d == root else d.parent), _step_of_folder(d),
                                         str(d), None))
             enclosing_pipeline = d
-        elif (d / LORA_FILE).is_file():  # the final LoRA diffusers' LoRA scripts save beside their checkpoint-<step>/
-            b = base or (str(enclosing_pipeline) if enclosing_pipeline else None)
-            if b is None:
-                raise CheckpointError(f"{d / LORA_FILE} is a LoRA and no pipeline folder encloses it: set "
-                                      "nightly.base_model to the pipeline it was fine-tuned from (a diffusers folder "
-                                      "or hub id)")
-            if settled(d / LORA_FILE):
-                found.append(Checkpoint(str(d), str(d), _step_of_folder(d), b, None, str(d / LORA_FILE)))
+        else:
+            for f in _lora_files(d):
+                b = base or (str(enclosing_pipeline) if enclosing_pipeline else None)
+                if b is None:
+                    raise CheckpointError(f"{f} is a LoRA and no pipeline folder encloses it: set nightly.base_model "
+                                          "to the pipeline it was fine-tuned from (a diffusers folder or hub id)")
+                if not settled(f):
+                    continue
+                if f.name == LORA_FILE:  # the final LoRA diffusers' LoRA scripts save beside their checkpoint-<step>/
+                    found.append(Checkpoint(str(d), str(d), _step_of_folder(d), b, None, str(f)))
+                else:  # kohya's <name>-<step>.safetensors: a series per name
+                    m = TRAILING_STEP.search(f.stem)
+                    name = f.stem[:m.start()] if m and m.start() else f.stem
+                    found.append(Checkpoint(str(f), str(d / name), int(m.group(1)) if m else None, b, None, str(f)))
         if depth >= MAX_DEPTH:
             return
         for child in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
@@ -165,6 +174,21 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
     return sorted(found, key=lambda c: (c.series, c.step if c.step is not None else -1, c.location))
 
 
+def _lora_files(d: Path) -> list[Path]:
+    """LoRAs saved as files of their own in `d`: diffusers' final pytorch_lora_weights.safetensors, and
+    kohya's <name>-<step>.safetensors (sd-scripts' train_network.py), which model.lora reads too
+    (diffusers converts its keys). Told from other weights by their safetensors header; a file
+    that cannot be read yet (still being written) is left for the next night."""
+    found = []
+    for f in sorted(d.glob("*.safetensors")):
+        try:
+            if f.is_file() and weights_file_kind(str(f)) == "lora":
+                found.append(f)
+        except ModelError:
+            continue
+    return found
+
+
 def check_loose_weights(root: Path) -> None:
     """A location with no checkpoint memex reads but with weight files it does not (single-file
     checkpoints, kohya's `<name>-<step>.safetensors` LoRAs) found nothing every night, quietly:
@@ -183,14 +207,13 @@ def check_loose_weights(root: Path) -> None:
     fixes = {"single_file": "single-file checkpoints (the original Stable Diffusion layout): convert each to a "
                             "diffusers folder with from_single_file(...).save_pretrained(...) (`memex audit "
                             "model.path=<the file>` prints the command), or have training save diffusers folders",
-             "lora": "LoRA files outside diffusers' checkpoint-<step>/pytorch_lora_weights.safetensors layout "
-                     "(kohya's <name>-<step>.safetensors, say): put each in a checkpoint-<step>/ folder under that "
-                     "name, or audit one with `memex audit model.path=<base> model.lora=<the file>`",
+             "lora": f"LoRA files deeper than {MAX_DEPTH} folders down",
              "other": "weight files that are neither a pipeline folder's nor a LoRA",
              "unreadable": "files that are not readable safetensors"}
     what = "; ".join(f"{len(fs)} {fixes[k]} (e.g. {fs[0].relative_to(root)})" for k, fs in sorted(kinds.items()))
     raise CheckpointError(f"nightly.location={root}: no checkpoint memex reads (diffusers pipeline folders, "
-                          f"checkpoint-<step>/unet or checkpoint-<step>/{LORA_FILE}), but {what}")
+                          f"checkpoint-<step>/unet, LoRA files: checkpoint-<step>/{LORA_FILE}, kohya's "
+                          f"<name>-<step>.safetensors), but {what}")
 
 
 def _weight_files(folder: Path, skip: set[str] = frozenset()) -> list[Path]:

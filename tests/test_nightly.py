@@ -243,10 +243,42 @@ def test_the_final_lora_beside_its_checkpoints_is_a_checkpoint_too(tmp_path):
         discover(str(tmp_path / "watch"))
 
 
+def test_kohya_lora_files_are_checkpoints_a_series_per_name(tmp_path):
+    """kohya's sd-scripts (train_network.py) save a LoRA as <name>-<epoch or step>.safetensors, and the
+    last as <name>.safetensors, in one folder: each is a checkpoint, audited as model.lora on the base
+    (diffusers reads kohya's keys: the fused UNet equals the same LoRA's in diffusers' format), a
+    series per name. They were not found at all."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from memex.models import load_model
+
+    src = make_lora(str(BASE), tmp_path / "diffusers-lora", seed=1) / "pytorch_lora_weights.safetensors"
+    kohya = {}
+    for k, v in load_file(src).items():  # unet.<module>.lora.down.weight -> lora_unet_<module_>.lora_down.weight
+        module, factor = k[len("unet."):].rsplit(".lora.", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{factor}"] = v
+        if factor.startswith("down"):
+            kohya[f"{name}.alpha"] = torch.tensor(float(v.shape[0]))  # alpha = rank: scale 1, as diffusers'
+    out = tmp_path / "watch" / "kohya-out"
+    out.mkdir(parents=True)
+    for name in ("style-000001", "style-000002", "style", "face-step00000500"):
+        save_file(kohya, out / f"{name}.safetensors")
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)}, out / "sd-base.safetensors")
+    found = discover(str(tmp_path / "watch"), str(BASE))
+    assert [(Path(c.location).name, Path(c.series).name, c.step, c.lora == c.location) for c in found] == [
+        ("face-step00000500.safetensors", "face", 500, True), ("style.safetensors", "style", None, True),
+        ("style-000001.safetensors", "style", 1, True), ("style-000002.safetensors", "style", 2, True)]
+    fused = load_model(str(BASE), lora=found[1].lora).pipe.unet.state_dict()
+    reference = load_model(str(BASE), lora=str(src.parent)).pipe.unet.state_dict()
+    assert max((fused[k] - reference[k]).abs().max().item() for k in fused) < 1e-6
+
+
 def test_a_location_of_weights_nightly_does_not_read_is_named(tmp_path):
-    """Single-file checkpoints (A1111/kohya's layout) or kohya's <name>-<step>.safetensors LoRAs under
-    nightly.location: nothing was found, quietly, every night (0 checkpoints, exit 0). Named now with
-    what each kind needs; checkpoints still being written (settle_s) keep the quiet 0."""
+    """Single-file checkpoints (A1111/kohya's layout) under nightly.location: nothing was found,
+    quietly, every night (0 checkpoints, exit 0). Named now with the conversion they need;
+    checkpoints still being written (settle_s) keep the quiet 0."""
     import torch
     from safetensors.torch import save_file
 
@@ -256,15 +288,10 @@ def test_a_location_of_weights_nightly_does_not_read_is_named(tmp_path):
     location.mkdir()
     for name in ("sd-000010.safetensors", "sd.safetensors"):
         save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)}, location / name)
-    (location / "sub").mkdir()
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)},
-              location / "sub" / "style-000005.safetensors")
     (location / ".cache").mkdir()
     save_file({"x": torch.zeros(1)}, location / ".cache" / "ignored.safetensors")
-    with pytest.raises(CheckpointError, match=r"kohya-out: no checkpoint memex reads .*, but 1 LoRA files outside "
-                                              r"diffusers' checkpoint-<step>/.*\(e\.g\. sub/style-000005\."
-                                              r"safetensors\); 2 single-file checkpoints .*from_single_file.*"
-                                              r"\(e\.g\. sd-000010") as e:
+    with pytest.raises(CheckpointError, match=r"kohya-out: no checkpoint memex reads .*, but 2 single-file "
+                                              r"checkpoints .*from_single_file.*\(e\.g\. sd-000010") as e:
         discover(str(location))
     assert "neither" not in str(e.value) and "ignored" not in str(e.value)  # hidden folders are not looked in
     (tmp_path / "empty").mkdir()
