@@ -281,8 +281,8 @@ def format_result(res: NightlyResult) -> str:
              f"(config {res.config_sha256[:12]})"]
     if res.checkpoints == 0:  # a new training run, or a wrong nightly.location: say what is looked for
         lines.append("  none under nightly.location: it looks for diffusers pipeline folders (model_index.json), "
-                     "checkpoint-<step>/unet folders with weights and checkpoint-<step>/pytorch_lora_weights"
-                     f".safetensors LoRAs, up to {MAX_DEPTH} levels down")
+                     "checkpoint-<step>/unet folders with weights, and LoRAs (checkpoint-<step>/pytorch_lora_weights"
+                     f".safetensors, kohya's <name>-<step>.safetensors), up to {MAX_DEPTH} levels down")
     for r in res.rows:
         lines.append(f"  {r['outcome']:<11} step {r['step']}: {r['extracted']} training images extracted, "
                      f"{r['flagged_prompts']} prompts flagged  {r['location']}"
