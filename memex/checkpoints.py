@@ -191,8 +191,8 @@ def _lora_files(d: Path) -> list[Path]:
 
 def check_loose_weights(root: Path) -> None:
     """A location with no checkpoint memex reads but with weight files it does not (single-file
-    checkpoints, kohya's `<name>-<step>.safetensors` LoRAs) found nothing every night, quietly:
-    0 checkpoints, exit 0. Named now, with what each kind needs."""
+    checkpoints, as A1111 and kohya save them) found nothing every night, quietly: 0 checkpoints,
+    exit 0. Named now, with what each kind needs."""
     loose = sorted(f for depth in range(MAX_DEPTH + 1) for f in root.glob("/".join(["*"] * (depth + 1)))
                    if f.is_file() and f.name.endswith(SINGLE_FILE_SUFFIXES)
                    and not any(p.name.startswith(("_", ".")) for p in f.relative_to(root).parents if p.name))
@@ -207,7 +207,8 @@ def check_loose_weights(root: Path) -> None:
     fixes = {"single_file": "single-file checkpoints (the original Stable Diffusion layout): convert each to a "
                             "diffusers folder with from_single_file(...).save_pretrained(...) (`memex audit "
                             "model.path=<the file>` prints the command), or have training save diffusers folders",
-             "lora": f"LoRA files deeper than {MAX_DEPTH} folders down",
+             "lora": "LoRA files where nightly does not look for them (inside a pipeline's component folders, "
+                     "or a checkpoint-<step>/ that holds a unet/)",
              "other": "weight files that are neither a pipeline folder's nor a LoRA",
              "unreadable": "files that are not readable safetensors"}
     what = "; ".join(f"{len(fs)} {fixes[k]} (e.g. {fs[0].relative_to(root)})" for k, fs in sorted(kinds.items()))
