@@ -99,6 +99,8 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         where = root if top == posixpath.basename(ours) else posixpath.join(root.rstrip("/"), top)
         raise IngestError(f"{key}={path} holds memex's own outputs under {where} (a storage.root that was inside "
                           "the training set): move that folder out of it")
+    if not is_dir and root.endswith(".tar"):  # one WebDataset shard: read as a folder holding only it
+        return _from_shards(path, fs, posixpath.dirname(root), {root: fs.info(root)}, key)
     if any(f.endswith(".tar") for f in files):  # WebDataset shards (their img2dataset .parquet is metadata)
         loose = min((f for f in files if f.lower().endswith(IMAGE_SUFFIXES)), default=None)
         if loose:  # which is the training set is not ours to guess
@@ -108,8 +110,8 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
     if root.endswith(".parquet") or any(f.endswith(".parquet") for f in files):
         return _from_manifest(path, opts, caption_column, key)
     if not is_dir:
-        raise IngestError(f"{key}={path} is a file but not a .parquet manifest: "
-                          "give a Parquet manifest or a folder of images")
+        raise IngestError(f"{key}={path} is a file but not a .parquet manifest or a .tar shard: "
+                          "give a Parquet manifest, a folder of images or WebDataset .tar shards")
     return _from_folder(path, fs, root, files, key, caption_column)
 
 

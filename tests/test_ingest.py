@@ -6,6 +6,7 @@ import uuid
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -284,7 +285,13 @@ def test_webdataset_shards_are_read_member_by_member(tmp_path, where, request):
     from memex.manifest import load_image
 
     assert np.array_equal(load_image(t.to_pylist()[2], None, opts), originals["00000.tar/000000002.png"])
+    # one shard given alone (a first look at a LAION part) lists as the folder holding only it did:
+    # it was "is a file but not a .parquet manifest"
+    one = list_training_set(f"{path}/00001.tar", opts)
+    assert one.equals(t.filter(pc.starts_with(t["id"], "00001.tar/")))
     fs.pipe_file(f"{root}/00002.tar", b"not a tar at all" * 100)
+    with pytest.raises(IngestError, match=r"shard .*00002.tar is not a readable tar"):
+        list_training_set(f"{path}/00002.tar", opts)
     with pytest.raises(IngestError, match=r"shard .*00002.tar is not a readable tar"):
         list_training_set(path, opts)
     fs.rm(f"{root}/00002.tar")

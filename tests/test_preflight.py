@@ -756,7 +756,8 @@ def test_webdataset_shards_pass_the_audits_checks(tiny_models, tmp_path, no_inde
             info.size = len(payload)
             tf.addfile(info, io.BytesIO(payload))
     pq.write_table(pa.table({"key": ["000000000"], "url": ["http://x/0.png"]}), folder / "00000.parquet")
-    with pytest.raises(_IndexStarted):
-        audit.run(compose(["model=local", f"model.path={tiny_models['pixel_text']}", "trainset=manifest",
-                           f"trainset.path={folder}", f"storage.root={tmp_path / 'runs'}",
-                           "resources.address=127.0.0.1:1"], config_name="audit"))
+    for given in (folder, folder / "00000.tar"):  # the folder, or one shard alone
+        with pytest.raises(_IndexStarted):
+            audit.run(compose(["model=local", f"model.path={tiny_models['pixel_text']}", "trainset=manifest",
+                               f"trainset.path={given}", f"storage.root={tmp_path / 'runs'}",
+                               "resources.address=127.0.0.1:1"], config_name="audit"))

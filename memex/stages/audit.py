@@ -172,9 +172,11 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
         manifest = found if found.endswith(".parquet") else None
         if manifest is None and caption_column is not None and not found.endswith(".tar"):
             check_folder_captions(fs, path, root, found, names, caption_column)
+    elif root.endswith(".tar"):  # one WebDataset shard: its members are listed by the index stage
+        manifest = None
     elif not root.endswith(".parquet"):
-        raise ConfigError(f"trainset.path={path} is a file but not a .parquet manifest: give a Parquet manifest "
-                          "or a folder of images")
+        raise ConfigError(f"trainset.path={path} is a file but not a .parquet manifest or a .tar shard: give a "
+                          "Parquet manifest, a folder of images or WebDataset .tar shards")
     if manifest is not None:
         try:
             f = pq.ParquetFile(manifest, filesystem=fs)
