@@ -5,7 +5,8 @@ These layouts are recognised, at any depth up to MAX_DEPTH below the location:
     <dir>/model_index.json              a diffusers pipeline folder: one checkpoint
     <run>/checkpoint-<step>/unet/       a training output (diffusers' train_text_to_image, memex
                                         train's checkpoints/): a fine-tuned UNet only, audited on
-                                        top of a base pipeline
+                                        top of a base pipeline; with text_encoder/ beside it
+                                        (DreamBooth's --train_text_encoder), both replace the base's
     <run>/checkpoint-<step>/pytorch_lora_weights.safetensors
                                         a LoRA training output (diffusers' *_lora.py scripts):
                                         audited as model.lora on the base (memex/lora.py)
@@ -64,6 +65,7 @@ class Checkpoint:
     base: str  # the pipeline folder (or hub id) to load
     unet: str | None  # checkpoint-<step>/unet that replaces the base's UNet, or None
     lora: str | None = None  # checkpoint-<step>/pytorch_lora_weights.safetensors fused into the base, or None
+    text_encoder: str | None = None  # checkpoint-<step>/text_encoder (DreamBooth --train_text_encoder), or None
 
     @property
     def name(self) -> str:
@@ -163,8 +165,11 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
                     raise CheckpointError(
                         f"{child} holds only {what} and no pipeline folder encloses it: set nightly.base_model to "
                         "the pipeline it was fine-tuned from (a diffusers folder or hub id)")
+                te = child / "text_encoder"  # DreamBooth's --train_text_encoder saves it beside unet/
+                te = str(te) if not lora and te.is_dir() and any(f.name.endswith(WEIGHT_SUFFIXES)
+                                                                 for f in te.iterdir()) else None
                 found.append(Checkpoint(str(child), str(series), int(m.group(1)), b,
-                                        None if lora else str(child / "unet"), str(lora) if lora else None))
+                                        None if lora else str(child / "unet"), str(lora) if lora else None, te))
             else:
                 walk(child, depth + 1, enclosing_pipeline)
 
@@ -234,12 +239,16 @@ def _load_files(ckpt: Checkpoint) -> list[tuple[str, Path | None]]:
     files: list[tuple[str, Path | None]] = []
     base = Path(ckpt.base)
     if base.is_dir():
-        files += [(f"base/{f.relative_to(base)}", f) for f in _weight_files(base, {"unet"} if ckpt.unet else set())]
+        replaced = {k for k in ("unet", "text_encoder") if getattr(ckpt, k)}
+        files += [(f"base/{f.relative_to(base)}", f) for f in _weight_files(base, replaced)]
     else:  # a hub id: its name and revision are the identity we have
         files.append((f"hub:{ckpt.base}", None))
     if ckpt.unet:
         unet = Path(ckpt.unet)
         files += [(f"unet/{f.relative_to(unet)}", f) for f in _weight_files(unet)]
+    if ckpt.text_encoder:
+        te = Path(ckpt.text_encoder)
+        files += [(f"text_encoder/{f.relative_to(te)}", f) for f in _weight_files(te)]
     if ckpt.lora:
         files.append((f"lora/{Path(ckpt.lora).name}", Path(ckpt.lora)))
     if not any(p for _, p in files):

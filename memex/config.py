@@ -33,7 +33,7 @@ def plain(obj: Any) -> Any:
     return json.loads(json.dumps(asdict(obj), default=lambda v: getattr(v, "value", str(v))))
 
 
-ADDED_MODEL_KEYS = ("variant", "lora")  # added after runs existed: in an identity only when set
+ADDED_MODEL_KEYS = ("variant", "lora", "text_encoder")  # added after runs existed: in an identity only when set
 
 
 def model_identity(model: Any) -> dict:
@@ -109,6 +109,11 @@ class ModelConfig:
     # (pytorch_lora_weights.safetensors), or the file; fused into the weights when loaded. Part of
     # the run identity when set.
     lora: Optional[str] = None
+    # A fine-tuned text encoder folder that replaces the pipeline's own, as `unet` does the UNet:
+    # diffusers' DreamBooth with --train_text_encoder saves checkpoint-<step>/text_encoder beside
+    # checkpoint-<step>/unet, and an audit with the base's text encoder audits another model. Part
+    # of the run identity when set.
+    text_encoder: Optional[str] = None
 
 
 @dataclass
@@ -804,11 +809,11 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
     if cfg.tracker.step is not None:
         raise ConfigError("tracker.step: memex nightly logs each checkpoint at its own training step "
                           "(checkpoint-<step>); drop tracker.step")
-    for key in ("unet", "lora"):  # were replaced per checkpoint without a word
+    for key in ("unet", "lora", "text_encoder"):  # were replaced per checkpoint without a word
         if getattr(cfg.model, key) is not None:
             raise ConfigError(f"model.{key}: memex nightly takes each checkpoint's own from its folder "
-                              "(checkpoint-<step>/unet, checkpoint-<step>/pytorch_lora_weights.safetensors) and "
-                              f"loads it on nightly.base_model; drop model.{key}")
+                              "(checkpoint-<step>/unet, checkpoint-<step>/text_encoder, checkpoint-<step>/"
+                              f"pytorch_lora_weights.safetensors) and loads it on nightly.base_model; drop model.{key}")
     validate_audit(cfg)  # model.path/name and run.name are replaced per checkpoint
 
 

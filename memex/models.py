@@ -508,9 +508,39 @@ def _pipeline_index(path: str, revision: str | None = None) -> tuple[str | None,
         return folder, {}
 
 
+def check_text_encoder_folder(path: str, index: dict) -> str:
+    """Validate a fine-tuned text encoder folder (model.text_encoder) against the base's own
+    (model_index.json's text_encoder entry, when known); return its transformers class name."""
+    key = f"model.text_encoder={path}"
+    if os.path.isfile(path):
+        raise ModelError(f"{key} is a file: give the folder text_encoder.save_pretrained wrote (a trainer's "
+                         "checkpoint-<step>/text_encoder)")
+    if not os.path.isdir(path):
+        raise ModelError(f"{key}: no such folder (a text encoder folder saved with save_pretrained, e.g. a "
+                         "trainer's checkpoint-<step>/text_encoder)")
+    cfg_file = os.path.join(path, "config.json")
+    try:
+        with open(cfg_file) as f:
+            cls = (json.load(f).get("architectures") or [None])[0]
+    except FileNotFoundError:
+        raise ModelError(f"{key} has no config.json: give a text encoder folder saved with save_pretrained") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_file} is not valid JSON: {e}") from e
+    spec = index.get("text_encoder")
+    if index and not (isinstance(spec, list) and len(spec) == 2 and spec[0]):
+        raise ModelError(f"{key}, but the base model.path has no text encoder (an unconditional model): drop "
+                         "model.text_encoder")
+    if spec and spec[1] and cls != spec[1]:
+        raise ModelError(f"{key} holds a {cls}, but the base's text encoder is a {spec[1]} (its tokenizer is made "
+                         "for that one): give the text encoder fine-tuned from this base")
+    if not any(f.endswith(WEIGHT_SUFFIXES) for f in os.listdir(path)):
+        raise ModelError(f"{key} has no weights (*.safetensors or *.bin)")
+    return cls
+
+
 def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = False,
                        revision: str | None = None, variant: str | None = None,
-                       lora: str | None = None) -> ModelKind | None:
+                       lora: str | None = None, text_encoder: str | None = None) -> ModelKind | None:
     """The early check of generate and audit, before any cluster work: the pipeline folder (its
     layout, every component's weights), the UNet override if any; no weights are read. Returns the
     family the folder declares (`declared_kind`), None where it cannot tell.
@@ -520,7 +550,8 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
     pickle-only weights itself (use_safetensors=True)."""
     library_logs_to_file()  # before diffusers/transformers are imported: their warnings go to the log file
     # the override replaces the base's UNet, and UNUSED_COMPONENTS are never loaded: none is read
-    skip = ({"unet"} if unet is not None else set()) | set(UNUSED_COMPONENTS)
+    skip = ({"unet"} if unet is not None else set()) | ({"text_encoder"} if text_encoder is not None else set()) \
+        | set(UNUSED_COMPONENTS)
     folder, index = _pipeline_index(path, revision)
     components = _components(folder, index, skip) if folder else []
     if variant and os.path.isdir(path) and not any(has_variant(sub, variant) for sub, _, _ in components):
@@ -539,6 +570,10 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
             check_sampled_pipeline(path, folder, index)
         if isinstance(index.get("unet"), list) and len(index["unet"]) == 2:
             unet_cls = index["unet"][1]
+    if text_encoder is not None:
+        te_cls = check_text_encoder_folder(text_encoder, index)
+        check_component_weights(text_encoder, "transformers", te_cls, f"model.text_encoder={text_encoder}",
+                                allow_pickle, variant)
     declared = declared_kind(index, unet_cls)
     if lora:
         if declared == ModelKind.unconditional:
@@ -712,7 +747,8 @@ def _unused_components(path: str, revision: str | None) -> dict[str, Any]:
 
 def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float32",
                device: str = "cpu", revision: str | None = None, unet: str | None = None,
-               allow_pickle: bool = False, variant: str | None = None, lora: str | None = None) -> LoadedModel:
+               allow_pickle: bool = False, variant: str | None = None, lora: str | None = None,
+               text_encoder: str | None = None) -> LoadedModel:
     """Load with `DiffusionPipeline.from_pretrained` from a local folder or a hub id.
 
     `variant` (model.variant): diffusers' weight variant ("fp16"), read where a component has it;
@@ -721,7 +757,8 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
 
     `unet`: a fine-tuned UNet folder loaded with its own class's `from_pretrained` and passed to
     the pipeline in place of the base's (diffusers' component override), the way the diffusers
-    fine-tuning scripts' checkpoint-<step>/unet folders are meant to be used.
+    fine-tuning scripts' checkpoint-<step>/unet folders are meant to be used. `text_encoder`: the
+    same for a fine-tuned text encoder (DreamBooth's checkpoint-<step>/text_encoder).
 
     `allow_pickle` (model.allow_pickle): without it only safetensors are read (use_safetensors=True);
     with it, a component with only .bin weights is read by diffusers' load_state_dict and
@@ -736,7 +773,7 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
     from diffusers import DiffusionPipeline
 
     local = os.path.isdir(path) or not HUB_ID.match(path)
-    check_model_inputs(path, unet, allow_pickle, revision, variant, lora)
+    check_model_inputs(path, unet, allow_pickle, revision, variant, lora, text_encoder)
     # None: safetensors where there are any, else .bin (diffusers and transformers, per component)
     # diffusers >= 0.36 takes `dtype` and warns that `torch_dtype` is deprecated; older ones know only `torch_dtype`
     dtype_kw = "dtype" if hasattr(importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype") \
@@ -755,6 +792,17 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
                                                                      use_safetensors=kwargs["use_safetensors"])
         except Exception as e:  # noqa: BLE001 - re-raised with the path
             raise ModelError(f"could not load model.unet={unet}: {type(e).__name__}: {e}") from e
+    if text_encoder is not None:  # the same override, for a fine-tuned text encoder (DreamBooth)
+        import transformers
+
+        with open(os.path.join(text_encoder, "config.json")) as f:
+            te_cls = json.load(f)["architectures"][0]
+        try:
+            own = {"variant": variant} if variant and has_variant(text_encoder, variant) else {}
+            kwargs["text_encoder"] = getattr(transformers, te_cls).from_pretrained(
+                text_encoder, dtype=kwargs[dtype_kw], use_safetensors=kwargs["use_safetensors"], **own)
+        except Exception as e:  # noqa: BLE001 - re-raised with the path
+            raise ModelError(f"could not load model.text_encoder={text_encoder}: {type(e).__name__}: {e}") from e
     try:
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the path and the likely fix
@@ -770,6 +818,8 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     model_id = path if unet is None else f"{path}+unet={unet}"
+    if text_encoder is not None:
+        model_id += f"+text_encoder={text_encoder}"
     if lora:  # on the device: the fuse is a matmul per adapted layer
         from memex.lora import apply_lora
 

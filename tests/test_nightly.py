@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -241,6 +242,34 @@ def test_the_final_lora_beside_its_checkpoints_is_a_checkpoint_too(tmp_path):
     with pytest.raises(nightly.MemexError, match=r"lora-run/pytorch_lora_weights\.safetensors is a LoRA and no "
                                                  r"pipeline folder encloses it: set nightly\.base_model"):
         discover(str(tmp_path / "watch"))
+
+
+def test_a_dreambooth_checkpoint_brings_its_text_encoder(tmp_path):
+    """diffusers' DreamBooth with --train_text_encoder saves checkpoint-<step>/text_encoder beside
+    unet/: it was ignored, so the checkpoint was audited with the base's text encoder (another model).
+    Discovery gives it as model.text_encoder, the weights hash reads it (not the base's), and a
+    model.text_encoder in the nightly config is refused like model.unet."""
+    import torch
+    from transformers import CLIPTextModel
+
+    run = tmp_path / "watch" / "db-run"
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", run / "checkpoint-1000")
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", run / "checkpoint-2000")
+    te = CLIPTextModel.from_pretrained(str(BASE / "text_encoder"))
+    with torch.no_grad():
+        next(te.parameters()).add_(0.1)
+    te.save_pretrained(run / "checkpoint-2000" / "text_encoder")
+    found = discover(str(tmp_path / "watch"), str(BASE))
+    assert [(c.step, c.unet is not None, c.text_encoder) for c in found] == [
+        (1000, True, None), (2000, True, str(run / "checkpoint-2000" / "text_encoder"))]
+    assert weights_sha256(found[1]) != weights_sha256(replace(found[1], text_encoder=None))
+    from memex.checkpoints import _load_files
+
+    names = [n for n, _ in _load_files(found[1])]
+    assert "text_encoder/model.safetensors" in names and not any(n.startswith("base/text_encoder/") for n in names)
+    with pytest.raises(nightly.MemexError, match=r"^model.text_encoder: memex nightly takes each checkpoint's own"):
+        nightly.run(compose(_overrides(tmp_path, tmp_path / "watch", f"nightly.base_model={BASE}",
+                                       "model.text_encoder=/x"), config_name="nightly"))
 
 
 def test_kohya_lora_files_are_checkpoints_a_series_per_name(tmp_path):

@@ -7,6 +7,7 @@ built. No Ray head: the checks come before Ray starts, which is the point.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -265,6 +266,49 @@ def test_a_file_where_a_model_folder_belongs_is_named_with_its_fix(tiny_models, 
     other.write_text("x")
     with pytest.raises(ModelError, match=r"notes\.txt is a file, not a diffusers pipeline folder"):
         check_model_inputs(str(other))
+
+
+def test_a_fine_tuned_text_encoder_replaces_the_bases(tiny_models, tmp_path):
+    """model.text_encoder: diffusers' DreamBooth with --train_text_encoder saves checkpoint-<step>/
+    text_encoder beside unet/; with the base's text encoder an audit sampled another model. The
+    override is loaded in the base's place (its weights, not the base's), changes the samples, joins
+    the run identity only when set, and is refused naming the key when it cannot be the base's."""
+    from transformers import CLIPTextModel
+
+    from memex.config import ModelConfig, SamplingConfig, model_identity
+    from memex.sampling import Sampler
+
+    base = tiny_models["latent_text"]
+    te = CLIPTextModel.from_pretrained(str(Path(base) / "text_encoder"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in te.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    te.save_pretrained(tmp_path / "text_encoder")
+    loaded = load_model(base, text_encoder=str(tmp_path / "text_encoder"))
+    ours, saved = loaded.pipe.text_encoder.state_dict(), te.state_dict()
+    assert all(torch.equal(ours[k], saved[k]) for k in saved) and loaded.model_id.endswith(
+        f"+text_encoder={tmp_path / 'text_encoder'}")
+    settings = SamplingConfig(num_inference_steps=2, batch_size=2)
+    args = (["p", "p"], ["a red logo"] * 2, [1, 2])
+    plain = Sampler(load_model(base), settings).generate(*args)
+    assert not np.array_equal(Sampler(loaded, settings).generate(*args), plain)
+    assert "text_encoder" not in model_identity(ModelConfig(path=base))
+    assert model_identity(ModelConfig(path=base, text_encoder="/te"))["text_encoder"] == "/te"
+
+    bad = _copy(tmp_path / "text_encoder", tmp_path / "t5")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["T5EncoderModel"]}))
+    trunc = _copy(tmp_path / "text_encoder", tmp_path / "trunc")
+    (trunc / "model.safetensors").write_bytes((tmp_path / "text_encoder" / "model.safetensors").read_bytes()[:4000])
+    for given, on, match in [
+            (tmp_path / "nowhere", base, r"model\.text_encoder=.*nowhere: no such folder"),
+            (tmp_path / "text_encoder" / "model.safetensors", base, r"is a file: give the folder"),
+            (bad, base, r"holds a T5EncoderModel, but the base's text encoder is a CLIPTextModel"),
+            (trunc, base, r"model\.text_encoder=.*trunc: .*model\.safetensors is truncated"),
+            (tmp_path / "text_encoder", tiny_models["unconditional"], r"the base model\.path has no text encoder")]:
+        with pytest.raises(ModelError, match=match):
+            check_model_inputs(on, text_encoder=str(given))
 
 
 @pytest.fixture

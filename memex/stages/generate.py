@@ -65,7 +65,7 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
     # 1. inputs: config ranges, model folder, prompts
     validate_generate(cfg)
     declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
-                                  cfg.model.variant, cfg.model.lora)
+                                  cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
     check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
     if prompts is None:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
@@ -99,7 +99,8 @@ class RunSampler:
         if device == "cpu" and cfg.sampling.dtype.value == "float16":
             raise ConfigError("sampling.dtype=float16 needs a GPU; use float32 or bfloat16 on CPU")
         model = load_model(cfg.model.path, cfg.model.kind, cfg.sampling.dtype.value, device, cfg.model.revision,
-                           cfg.model.unet, cfg.model.allow_pickle, cfg.model.variant, cfg.model.lora)
+                           cfg.model.unet, cfg.model.allow_pickle, cfg.model.variant, cfg.model.lora,
+                           cfg.model.text_encoder)
         check_kind(cfg.model.path, ModelKind.auto, model.kind, any(self.prompts))  # a hub id checked only now
         self.sampler = Sampler(model, cfg.sampling)
         self.model_id = model.model_id

@@ -165,7 +165,7 @@ class ScoreImages:
         self.images = self.layout.store.read_table(self.layout.images_path, schema=MIA_IMAGES_SCHEMA)
         m = cfg.model
         model = load_model(m.path, m.kind, "float32", resolve_device(cfg.resources.device), m.revision, m.unet,
-                           m.allow_pickle, m.variant, m.lora)
+                           m.allow_pickle, m.variant, m.lora, m.text_encoder)
         self.scorer = MiaScorer(model, cfg.mia)
 
     def __call__(self, index: int, start: int, stop: int) -> tuple[pa.Table, dict]:
@@ -299,7 +299,7 @@ def run(cfg: MiaConfig) -> dict:
 
     check_settings(cfg.mia)
     check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision, cfg.model.variant,
-                       cfg.model.lora)
+                       cfg.model.lora, cfg.model.text_encoder)
     recipe = shadow_recipe(cfg.model.path) if cfg.mia.shadow_models else None
     sets = [("members", True), ("nonmembers", False)] + ([("queries", None)] if cfg.queries.path else [])
     for n, _ in sets:

@@ -48,8 +48,8 @@ log = logging.getLogger("memex.nightly")
 # Settings that do not change an audit's result, left out of the config hash: which checkpoint
 # (it has its own hash), where things are written, how many machines, and the nightly gates.
 NOT_IN_CONFIG_HASH = ("run", "storage", "resources", "nightly", "tracker")  # tracker: where the numbers are logged
-# model.unet and model.lora: each checkpoint's (discovery sets them); allow_pickle: whether it loads, not what it finds
-NOT_IN_CONFIG_HASH_MODEL = ("name", "path", "unet", "lora", "allow_pickle")
+# model.unet, .lora and .text_encoder: each checkpoint's (discovery sets them); allow_pickle: whether it loads
+NOT_IN_CONFIG_HASH_MODEL = ("name", "path", "unet", "lora", "text_encoder", "allow_pickle")
 
 
 class NightlyError(MemexError, RuntimeError):
@@ -173,7 +173,8 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
     from memex.stages import audit
 
     c = p.ckpt
-    acfg = replace(cfg, model=replace(cfg.model, name=c.name, path=c.base, unet=c.unet, lora=c.lora),
+    acfg = replace(cfg, model=replace(cfg.model, name=c.name, path=c.base, unet=c.unet, lora=c.lora,
+                                      text_encoder=c.text_encoder),
                    run=replace(cfg.run, name=p.run_name(sha)), tracker=at_checkpoint(cfg.tracker, c.step, c.series))
     layout = RunLayout(cfg.storage.root, p.run_name(sha), cfg.storage.options)
     row = {"location": c.location, "series": c.series, "step": c.step, "base": c.base if c.unet else "",
