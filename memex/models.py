@@ -542,14 +542,14 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
                        revision: str | None = None, variant: str | None = None,
                        lora: str | None = None, text_encoder: str | None = None) -> ModelKind | None:
     """The early check of generate and audit, before any cluster work: the pipeline folder (its
-    layout, every component's weights), the UNet override if any; no weights are read. Returns the
+    layout, every component's weights), the UNet and text encoder overrides if any; no weights are read. Returns the
     family the folder declares (`declared_kind`), None where it cannot tell.
 
     A hub id is checked on its cached snapshot, the components the cache holds; with no snapshot
     the check is deferred to the load (this machine may have no network), which refuses
     pickle-only weights itself (use_safetensors=True)."""
     library_logs_to_file()  # before diffusers/transformers are imported: their warnings go to the log file
-    # the override replaces the base's UNet, and UNUSED_COMPONENTS are never loaded: none is read
+    # the overrides replace the base's UNet and text encoder, and UNUSED_COMPONENTS are never loaded: none is read
     skip = ({"unet"} if unet is not None else set()) | ({"text_encoder"} if text_encoder is not None else set()) \
         | set(UNUSED_COMPONENTS)
     folder, index = _pipeline_index(path, revision)
