@@ -119,17 +119,21 @@ def weights_file_kind(path: str) -> str:
     return "other"
 
 
+COMPONENT_KEYS = {"model.unet": "a UNet folder", "model.text_encoder": "a text encoder folder"}
+
+
 def _file_instead_of_folder(path: str, key: str) -> str:
     """Why a file was given where a pipeline (or UNet) folder belongs, and the fix: the folder a
     weights or config file sits in, a LoRA (model.lora), a single-file checkpoint (A1111/ComfyUI,
     kohya: the original layout, `model.diffusion_model.*` keys) to convert once."""
     name, parent = os.path.basename(path), os.path.dirname(os.path.abspath(path))
-    want = "a UNet folder" if key == "model.unet" else "a diffusers pipeline folder"
+    component = key in COMPONENT_KEYS  # a component override: its own folder, not a pipeline's
+    want = COMPONENT_KEYS.get(key, "a diffusers pipeline folder")
     component_file = re.match(rf"({'|'.join(sorted(set(SAFE_STEMS + PICKLE_STEMS)))})(\.|-\d+-of-\d+)", name)
     if name == "model_index.json" or (name == "config.json" or component_file) and any(
             os.path.isfile(os.path.join(parent, f)) for f in ("config.json", "model_index.json")):
         top = os.path.dirname(parent)
-        if key != "model.unet" and not os.path.isfile(os.path.join(parent, "model_index.json")) \
+        if not component and not os.path.isfile(os.path.join(parent, "model_index.json")) \
                 and os.path.isfile(os.path.join(top, "model_index.json")):
             parent = top  # the weights of a component (unet/): its pipeline is one folder up
         return f"{key}={path} is a file of one, not the folder: set {key}={parent}"
@@ -145,7 +149,7 @@ def _file_instead_of_folder(path: str, key: str) -> str:
     if kind == "other":
         return f"{key}={path} is a weights file, not {want} (its tensors are not a Stable Diffusion checkpoint's)"
     return (f"{key}={path} is a single-file checkpoint (the original Stable Diffusion layout, as A1111, ComfyUI "
-            f"and kohya save them), not {want}: {_convert_hint(path, 'model.path' if key == 'model.unet' else key)}")
+            f"and kohya save them), not {want}: {_convert_hint(path, 'model.path' if component else key)}")
 
 
 def check_local_checkpoint(path: str, key: str = "model.path") -> dict:
@@ -513,8 +517,7 @@ def check_text_encoder_folder(path: str, index: dict) -> str:
     (model_index.json's text_encoder entry, when known); return its transformers class name."""
     key = f"model.text_encoder={path}"
     if os.path.isfile(path):
-        raise ModelError(f"{key} is a file: give the folder text_encoder.save_pretrained wrote (a trainer's "
-                         "checkpoint-<step>/text_encoder)")
+        raise ModelError(_file_instead_of_folder(path, "model.text_encoder"))
     if not os.path.isdir(path):
         raise ModelError(f"{key}: no such folder (a text encoder folder saved with save_pretrained, e.g. a "
                          "trainer's checkpoint-<step>/text_encoder)")

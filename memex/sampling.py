@@ -85,6 +85,10 @@ def encode_text(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
     return text_encoder(tok.input_ids.to(dev), attention_mask=mask)[0]
 
 
+class NamedOutOfMemory(torch.OutOfMemoryError):
+    """torch's out-of-memory error, reworded to name the memex setting to lower."""
+
+
 class Sampler:
     """Generates uint8 images for (prompt id, prompt, seed) triples with one model."""
 
@@ -198,9 +202,9 @@ class Sampler:
             try:
                 res = fn(take(prompt_ids), take(prompts), take(seeds))
             except torch.OutOfMemoryError as e:
-                if "sampling." in str(e):  # the decode's own message
+                if isinstance(e, NamedOutOfMemory):  # the decode's own, naming its setting
                     raise
-                raise torch.OutOfMemoryError(
+                raise NamedOutOfMemory(
                     f"a batch of {bs} samples ({bs * (2 if self.cfg else 1)} UNet rows with guidance) of "
                     f"{self.height}x{self.width} ran out of {self.device} memory: lower sampling.batch_size "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
@@ -270,7 +274,7 @@ class Sampler:
         try:
             return self.vae.decode(x / self.vae.config.scaling_factor).sample
         except torch.OutOfMemoryError as e:  # a batch the UNet fits can still overflow here: name the knob
-            raise torch.OutOfMemoryError(
+            raise NamedOutOfMemory(
                 f"the VAE decode of {len(x)} images of {self.height}x{self.width} ran out of {self.device} memory "
                 f"(SD 1.x's decoder holds ~0.8 GB an image at 512 px in float32, half that in float16): set "
                 f"sampling.decode_batch_size to decode fewer at a time (4, say), or lower sampling.batch_size "

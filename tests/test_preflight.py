@@ -303,7 +303,8 @@ def test_a_fine_tuned_text_encoder_replaces_the_bases(tiny_models, tmp_path):
     (trunc / "model.safetensors").write_bytes((tmp_path / "text_encoder" / "model.safetensors").read_bytes()[:4000])
     for given, on, match in [
             (tmp_path / "nowhere", base, r"model\.text_encoder=.*nowhere: no such folder"),
-            (tmp_path / "text_encoder" / "model.safetensors", base, r"is a file: give the folder"),
+            (tmp_path / "text_encoder" / "model.safetensors", base,
+             rf"is a file of one, not the folder: set model\.text_encoder={re.escape(str(tmp_path))}/text_encoder$"),
             (bad, base, r"holds a T5EncoderModel, but the base's text encoder is a CLIPTextModel"),
             (trunc, base, r"model\.text_encoder=.*trunc: .*model\.safetensors is truncated"),
             (tmp_path / "text_encoder", tiny_models["unconditional"], r"the base model\.path has no text encoder")]:
