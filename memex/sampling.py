@@ -276,7 +276,7 @@ class Sampler:
         except torch.OutOfMemoryError as e:  # a batch the UNet fits can still overflow here: name the knob
             raise NamedOutOfMemory(
                 f"the VAE decode of {len(x)} images of {self.height}x{self.width} ran out of {self.device} memory "
-                f"(SD 1.x's decoder holds ~0.8 GB an image at 512 px in float32, half that in float16): set "
+                f"(SD 1.x's decoder holds ~0.8 GB an image at 512 px in float32: bench/RESULTS.md): set "
                 f"sampling.decode_batch_size to decode fewer at a time (4, say), or lower sampling.batch_size "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
