@@ -6,7 +6,8 @@ These layouts are recognised, at any depth up to MAX_DEPTH below the location:
     <run>/checkpoint-<step>/unet/       a training output (diffusers' train_text_to_image, memex
                                         train's checkpoints/): a fine-tuned UNet only, audited on
                                         top of a base pipeline; with text_encoder/ beside it
-                                        (DreamBooth's --train_text_encoder), both replace the base's
+                                        (DreamBooth's --train_text_encoder), both replace the base's;
+                                        `ema`: its unet_ema/ (train_text_to_image --use_ema) instead
     <run>/checkpoint-<step>/pytorch_lora_weights.safetensors
                                         a LoRA training output (diffusers' *_lora.py scripts):
                                         audited as model.lora on the base (memex/lora.py)
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from memex.models import (
 MAX_DEPTH = 4
 CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
 TRAILING_STEP = re.compile(r"(?:^|[-_])(?:step-?)?(\d+)$")
+log = logging.getLogger("memex.checkpoints")
 HASH_CHUNK = 8 << 20  # 8 MiB reads: sha256 runs at ~1 GB/s, a 3.4 GB SD UNet hashes in ~4 s
 
 
@@ -100,8 +103,13 @@ def check_base_model(base: str) -> None:
         check_hub_model(base, "nightly.base_model")
 
 
-def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> list[Checkpoint]:
-    """Every checkpoint under `location`, sorted by (series, step, location)."""
+def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema: bool = False) -> list[Checkpoint]:
+    """Every checkpoint under `location`, sorted by (series, step, location).
+
+    `ema` (nightly.ema): a checkpoint-<step>/ is audited with its unet_ema/, the exponential moving
+    average diffusers' train_text_to_image --use_ema saves beside unet/. The run's final pipeline
+    holds those weights, so an EMA run's series compares like with like; unet/ holds the raw weights
+    training resumes from. A checkpoint-<step>/unet without unet_ema/ then fails discovery, naming it."""
     root = Path(location)
     if "://" in location:
         raise CheckpointError(f"nightly.location={location}: checkpoints must be on a local or mounted path "
@@ -115,6 +123,8 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
     now = time.time()
 
     pending: list[Path] = []  # checkpoints still being written (newer than settle_s)
+    raw_only: list[Path] = []  # ema: checkpoint-<step>/unet folders with no unet_ema/ beside them
+    ema_unused: list[Path] = []  # not ema: checkpoints whose unet_ema/ is left unaudited
 
     def settled(p: Path) -> bool:
         if settle_s <= 0 or now - _newest_mtime(p) >= settle_s:
@@ -154,8 +164,15 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
             m = CKPT_DIR.match(child.name)
             lora = child / LORA_FILE if (child / LORA_FILE).is_file() else None
             if m and ((child / "unet").is_dir() or lora):
+                unet = child / ("unet_ema" if ema and not lora else "unet")
+                if not lora and ema and not _has_weights(unet):
+                    if settled(child):  # one still being written may get it yet
+                        raw_only.append(child)
+                    continue
+                if not lora and not ema and _has_weights(child / "unet_ema"):
+                    ema_unused.append(child)
                 weights = [lora] if lora else \
-                    [f for f in (child / "unet").iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
+                    [f for f in unet.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
                 if not weights or not settled(child):
                     continue  # still being written
                 series = d.parent if d.name == "checkpoints" else d
@@ -166,17 +183,28 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0) -> l
                         f"{child} holds only {what} and no pipeline folder encloses it: set nightly.base_model to "
                         "the pipeline it was fine-tuned from (a diffusers folder or hub id)")
                 te = child / "text_encoder"  # DreamBooth's --train_text_encoder saves it beside unet/
-                te = str(te) if not lora and te.is_dir() and any(f.name.endswith(WEIGHT_SUFFIXES)
-                                                                 for f in te.iterdir()) else None
+                te = str(te) if not lora and _has_weights(te) else None
                 found.append(Checkpoint(str(child), str(series), int(m.group(1)), b,
-                                        None if lora else str(child / "unet"), str(lora) if lora else None, te))
+                                        None if lora else str(unet), str(lora) if lora else None, te))
             else:
                 walk(child, depth + 1, enclosing_pipeline)
 
     walk(root, 0, None)
+    if raw_only:
+        raise CheckpointError(
+            f"nightly.ema=true audits checkpoint-<step>/unet_ema (diffusers' --use_ema), and {len(raw_only)} "
+            f"checkpoint(s) under nightly.location={location} have unet/ only (e.g. {raw_only[0]}): that run was "
+            "trained without --use_ema. Set nightly.ema=false, or give a nightly.location holding EMA runs only")
+    if ema_unused:
+        log.info("%d checkpoint(s) also hold unet_ema/ (e.g. %s): their raw unet/ is audited; nightly.ema=true "
+                 "audits the EMA weights, which the run's final pipeline ships", len(ema_unused), ema_unused[0])
     if not found and not pending:
         check_loose_weights(root)
     return sorted(found, key=lambda c: (c.series, c.step if c.step is not None else -1, c.location))
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir())
 
 
 def _lora_files(d: Path) -> list[Path]:

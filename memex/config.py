@@ -772,6 +772,9 @@ class NightlyConfig:
     webhook: Optional[str] = None  # http(s) URL that receives the night's result as a JSON POST
     webhook_timeout_s: float = 10.0
     settle_minutes: float = 10.0  # skip checkpoints with files younger than this (a trainer may be writing)
+    # audit checkpoint-<step>/unet_ema (diffusers' --use_ema) instead of unet/: the EMA weights are what
+    # the run's final pipeline ships, unet/ the raw ones training resumes from
+    ema: bool = False
     only: Optional[str] = None  # audit just this checkpoint folder (the per-checkpoint job of a plan)
     night: Optional[str] = None  # plan: the night in submission ids (YYYY-MM-DD); None: today, UTC
     action: NightlyAction = NightlyAction.run

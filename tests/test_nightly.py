@@ -272,6 +272,52 @@ def test_a_dreambooth_checkpoint_brings_its_text_encoder(tmp_path):
                                        "model.text_encoder=/x"), config_name="nightly"))
 
 
+def test_nightly_ema_audits_the_ema_unet_beside_each_checkpoint(tmp_path, caplog):
+    """diffusers' train_text_to_image --use_ema saves checkpoint-<step>/unet_ema (EMAModel.save_pretrained:
+    a UNet folder whose config.json carries the EMA's decay and step too) beside unet/, and its final
+    pipeline holds the EMA weights. nightly.ema=true audits unet_ema/; a checkpoint without one is
+    named; the default keeps auditing unet/."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    from memex.models import check_model_inputs, load_model
+
+    run = tmp_path / "watch" / "ema-run"
+    for step in (1000, 2000):
+        shutil.copytree(DEMO_RUN / f"checkpoint-{step}", run / f"checkpoint-{step}")
+        unet = UNet2DConditionModel.from_pretrained(str(run / f"checkpoint-{step}" / "unet"))
+        ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+        with torch.no_grad():
+            ema.shadow_params[0].add_(0.5)
+        ema.save_pretrained(str(run / f"checkpoint-{step}" / "unet_ema"))
+    assert "decay" in json.loads((run / "checkpoint-1000" / "unet_ema" / "config.json").read_text())
+
+    with caplog.at_level("INFO", logger="memex.checkpoints"):
+        raw = discover(str(tmp_path / "watch"), str(BASE))
+    assert "2 checkpoint(s) also hold unet_ema/" in caplog.text and "nightly.ema=true audits" in caplog.text
+    averaged = discover(str(tmp_path / "watch"), str(BASE), ema=True)
+    assert [c.unet for c in raw] == [str(run / f"checkpoint-{s}" / "unet") for s in (1000, 2000)]
+    assert [c.unet for c in averaged] == [str(run / f"checkpoint-{s}" / "unet_ema") for s in (1000, 2000)]
+    assert weights_sha256(averaged[0]) != weights_sha256(raw[0])
+    # the audit loads it as model.unet: the header check and the load take the EMA's config keys
+    check_model_inputs(str(BASE), averaged[0].unet)
+    pipe = load_model(str(BASE), unet=averaged[0].unet).pipe
+    first = next(pipe.unet.parameters())
+    assert torch.equal(first, next(UNet2DConditionModel.from_pretrained(raw[0].unet).parameters()) + 0.5)
+    # the setting reaches discovery from the config
+    cfg = compose(_overrides(tmp_path, tmp_path / "watch", f"nightly.base_model={BASE}", "nightly.ema=true"),
+                  config_name="nightly")
+    assert [p.ckpt.unet for p in nightly.plan(cfg).pending] == [c.unet for c in averaged]
+
+    # a checkpoint of a run trained without --use_ema is named, with the fix
+    shutil.copytree(DEMO_RUN / "checkpoint-3000", tmp_path / "watch" / "raw-run" / "checkpoint-3000")
+    with pytest.raises(nightly.MemexError, match=r"nightly.ema=true audits checkpoint-<step>/unet_ema .* 1 checkpoint"
+                                                 r"\(s\) .* have unet/ only \(e.g. .*raw-run/checkpoint-3000\)"
+                                                 r".* Set nightly.ema=false"):
+        discover(str(tmp_path / "watch"), str(BASE), ema=True)
+
+
 def test_kohya_lora_files_are_checkpoints_a_series_per_name(tmp_path):
     """kohya's sd-scripts (train_network.py) save a LoRA as <name>-<epoch or step>.safetensors, and the
     last as <name>.safetensors, in one folder: each is a checkpoint, audited as model.lora on the base

@@ -125,7 +125,7 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
     """Steps 1-2: the checkpoints under nightly.location not yet audited with this config."""
     validate_nightly(cfg)
     n = cfg.nightly
-    found = discover(n.location, n.base_model, n.settle_minutes * 60)
+    found = discover(n.location, n.base_model, n.settle_minutes * 60, n.ema)
     if n.only is not None:
         # the plan prints locations redacted (memex/redact.py), so nightly.only may be one
         found = [c for c in found if posixpath.normpath(c.location) == posixpath.normpath(n.only)
