@@ -315,7 +315,7 @@ class DuplicationGroup:
 
 @dataclass
 class DataConfig:
-    path: str = "???"  # training manifest (memex/manifest.py), any fsspec URI
+    path: str = "???"  # training manifest (memex/manifest.py) or a datasets save_to_disk folder, any fsspec URI
     caption_column: str = "caption"
     duplication: List[DuplicationGroup] = field(default_factory=list)
     duplication_seed: int = 0
@@ -441,7 +441,7 @@ class Preprocess(str, Enum):
 
 @dataclass
 class TrainingDataConfig:
-    path: str = "???"  # Parquet manifest (memex/manifest.py) or folder of images, any fsspec URI
+    path: str = "???"  # manifest (memex/manifest.py), save_to_disk folder, .tar shards or images; any fsspec URI
     caption_column: str = "caption"
     preprocess: Preprocess = Preprocess.center_crop  # as the model was trained: index embeddings and verification
 
@@ -829,7 +829,7 @@ class MiaAttack(str, Enum):
 
 @dataclass
 class ImageSetConfig:
-    path: str = "???"  # Parquet manifest (memex/manifest.py) or folder of images, any fsspec URI
+    path: str = "???"  # manifest (memex/manifest.py), save_to_disk folder, .tar shards or images; any fsspec URI
     caption_column: str = "caption"  # text models are scored with each image's caption
 
 

@@ -2,13 +2,15 @@
 
 Three sources, on any fsspec URI (local path, s3://, memory://, ...):
   * a Parquet manifest (memex/manifest.py: id, image bytes or uri, optional caption);
+  * a Hugging Face datasets folder (`Dataset.save_to_disk`: Arrow files + state.json), read as one;
   * a folder of WebDataset .tar shards (LAION's layout, memex/shards.py): id = "<shard>/<member>",
     uri = `tar://<member>::<shard uri>`, caption = the sample's .txt member;
   * a folder of images (.png .jpg .jpeg .webp .bmp .gif, searched recursively): id = path relative
     to the folder ("a/b.png"), uri = full URI with protocol, caption = the image's row of a
     Hugging Face imagefolder `metadata.jsonl` / `metadata.csv` (file_name + the caption column,
     what diffusers' fine-tuning scripts read), else the sidecar `<stem>.txt` beside it, else null.
-Which one a path is: a folder holding a `.tar` (at any depth) -> shards (img2dataset's metadata
+Which one a path is: a folder with datasets' state.json (or dataset_dict.json, refused naming its
+splits) -> a datasets folder; a folder holding a `.tar` (at any depth) -> shards (img2dataset's metadata
 .parquet beside them is not read); it ends in `.parquet`, or it is a folder holding at least one
 `*.parquet` file -> manifest; otherwise a folder of images. A folder mixing Parquet and other
 files is ambiguous and fails, naming the first non-Parquet file (Arrow reads every file there).
@@ -42,7 +44,7 @@ import pyarrow.compute as pc
 from memex.config import MemexError
 from memex.images import decode, fit
 from memex.layout import QUARANTINE_SCHEMA
-from memex.manifest import ManifestError, first_caption, read_manifest
+from memex.manifest import HF_DICT, HF_STATE, ManifestError, first_caption, read_manifest
 from memex.shards import member_uri, read_uri, shard_samples
 
 __all__ = ["IMAGE_SUFFIXES", "QUARANTINE_SCHEMA", "TRAINING_SCHEMA", "DecodedBatch", "IngestError",
@@ -99,6 +101,12 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         where = root if top == posixpath.basename(ours) else posixpath.join(root.rstrip("/"), top)
         raise IngestError(f"{key}={path} holds memex's own outputs under {where} (a storage.root that was inside "
                           "the training set): move that folder out of it")
+    top = {posixpath.basename(f) for f in files if posixpath.dirname(f) == root.rstrip("/")}
+    if HF_STATE in top or HF_DICT in top:  # datasets' save_to_disk (its Arrow files are the manifest)
+        return _from_manifest(path, opts, caption_column, key)
+    if not is_dir and root.endswith(".arrow"):
+        raise IngestError(f"{key}={path} is one Arrow file: give the folder Dataset.save_to_disk wrote "
+                          f"({posixpath.dirname(path) or '.'}), whose state.json lists its files")
     if not is_dir and root.endswith(".tar"):  # one WebDataset shard: read as a folder holding only it
         return _from_shards(path, fs, posixpath.dirname(root), {root: fs.info(root)}, key)
     if any(f.endswith(".tar") for f in files):  # WebDataset shards (their img2dataset .parquet is metadata)

@@ -8,6 +8,8 @@ A manifest is a Parquet file (or folder of Parquet files) on any fsspec URI with
              one, "imgs/0001.png", is relative to the manifest's folder)
     caption  string, optional (text-conditional models and caption-ranked prompts); a list of
              strings (COCO-style, several an image) gives its first (memex/ingest.py)
+A Hugging Face datasets folder (`Dataset.save_to_disk`: data-*.arrow Arrow streams, state.json,
+dataset_info.json) is read as the same table (`hf_dataset_parts`).
 LAION-style duplicates are simply several rows (different ids) holding the same picture.
 
 `expand_duplicates` applies a duplication schedule (e.g. 8 images x 32 copies, the rest once) to a
@@ -16,6 +18,7 @@ manifest of distinct images, the way the paper's small models were trained on du
 
 from __future__ import annotations
 
+import json
 import posixpath
 import random
 from typing import Any
@@ -32,6 +35,9 @@ from memex.images import decode, resize
 from memex.shards import read_uri
 
 MANIFEST_COLUMNS = ("id", "image", "uri", "caption")
+HF_STATE, HF_DICT = "state.json", "dataset_dict.json"  # datasets' save_to_disk: a Dataset, a DatasetDict
+HF_ID_FIX = ("ds.add_column('id', [str(i) for i in range(len(ds))]).save_to_disk(<new folder>) gives a "
+             "Hugging Face dataset ids (datasets.load_from_disk reads it)")
 
 
 class ManifestError(MemexError, ValueError):
@@ -45,7 +51,10 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
         raise ManifestError(f"training manifest {path} does not exist")
     source: str | list[str] = p
     is_dir = fs.isdir(p)  # one request on object storage: asked once
-    if is_dir:
+    arrow = hf_dataset_parts(fs, p, path) if is_dir else None
+    if arrow:
+        table = _read_arrow(path, fs, arrow)
+    elif is_dir:
         files = fs.find(p)
         if not files:
             raise ManifestError(f"training manifest {path} is an empty folder")
@@ -58,13 +67,14 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
                                 f"({posixpath.basename(files[0])} is not one): give a Parquet manifest with columns "
                                 "id, image (encoded bytes) or uri, and caption for a text model "
                                 "(demo/make_data.py writes one)")
-    try:
-        table = pq.read_table(source, filesystem=fs)
-    except Exception as e:  # noqa: BLE001 - re-raised naming the file
-        raise ManifestError(f"training manifest {path} is not readable Parquet: {type(e).__name__}: {e}") from e
+    if not arrow:
+        try:
+            table = pq.read_table(source, filesystem=fs)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the file
+            raise ManifestError(f"training manifest {path} is not readable Parquet: {type(e).__name__}: {e}") from e
     if table.num_rows == 0:
         raise ManifestError(f"training manifest {path} holds no rows")
-    problem = missing_columns(table.column_names)
+    problem = missing_columns(table.column_names, hf=bool(arrow))
     if problem:
         raise ManifestError(f"training manifest {path} {problem}")
     table = table.set_column(table.column_names.index("id"), "id", pc.cast(table["id"], pa.string()))
@@ -85,9 +95,69 @@ def first_caption(value: Any) -> Any:
     return value
 
 
-def missing_columns(names: list[str]) -> str | None:
+def hf_dataset_parts(fs: fsspec.AbstractFileSystem, root: str, path: str, key: str | None = None) -> list[str] | None:
+    """The Arrow files of a Hugging Face datasets folder written by `Dataset.save_to_disk`, in the
+    order its state.json lists them; None when `root` is no such folder. A DatasetDict's folder (a
+    folder per split) is refused, naming its splits: which one was trained on is not ours to guess.
+    Errors name `key`=path (the setting) when given, else the training manifest."""
+    subject = f"{key}={path}" if key else f"training manifest {path}"
+    state, splits = posixpath.join(root, HF_STATE), posixpath.join(root, HF_DICT)
+    if fs.exists(splits):
+        try:
+            names = json.loads(fs.cat_file(splits))["splits"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ManifestError(f"{subject}: {HF_DICT} is not a datasets split list ({type(e).__name__}: {e})") from e
+        raise ManifestError(f"{subject} is a Hugging Face DatasetDict (splits: {', '.join(names)}): give the folder of "
+                            f"the split the model was trained on, e.g. {posixpath.join(path, str(names[0]))}")
+    if not fs.exists(state):
+        return None
+    try:
+        files = [f["filename"] for f in json.loads(fs.cat_file(state))["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(f"{subject}: {HF_STATE} does not list the dataset's Arrow files ({type(e).__name__}: {e}); "
+                            "save it again with Dataset.save_to_disk") from e
+    parts = [posixpath.join(root, f) for f in files]
+    missing = [f for f in parts if not fs.exists(f)]
+    if missing or not parts:
+        raise ManifestError(f"{subject}: {HF_STATE} lists Arrow files that are missing ({', '.join(files) or 'none'}): "
+                            "an incomplete copy? copy the whole save_to_disk folder")
+    return parts
+
+
+def arrow_schema(fs: fsspec.AbstractFileSystem, part: str) -> pa.Schema:
+    """An Arrow stream's (or file's) schema: its first message, no rows read."""
+    with fs.open(part, "rb") as f:
+        try:
+            return pa.ipc.open_stream(f).schema
+        except pa.ArrowInvalid:
+            f.seek(0)
+            return pa.ipc.open_file(f).schema
+
+
+def _read_arrow(path: str, fs: fsspec.AbstractFileSystem, parts: list[str]) -> pa.Table:
+    """datasets writes Arrow IPC streams (its ArrowWriter); the Arrow file format is read too."""
+    tables = []
+    for part in parts:
+        try:
+            with fs.open(part, "rb") as f:
+                data = f.read()
+            try:
+                tables.append(pa.ipc.open_stream(data).read_all())
+            except pa.ArrowInvalid:
+                tables.append(pa.ipc.open_file(data).read_all())
+        except Exception as e:  # noqa: BLE001 - re-raised naming the file
+            raise ManifestError(f"training manifest {path}: {posixpath.basename(part)} is not readable Arrow: "
+                                f"{type(e).__name__}: {e}") from e
+    try:
+        return pa.concat_tables(tables)
+    except pa.ArrowInvalid as e:
+        raise ManifestError(f"training manifest {path}: its Arrow files have different columns ({e})") from e
+
+
+def missing_columns(names: list[str], hf: bool = False) -> str | None:
     """What a manifest with these columns lacks, with the fix, or None. img2dataset's Parquet
-    output (LAION's tooling) names them key and jpg; a Hugging Face dataset often has no id."""
+    output (LAION's tooling) names them key and jpg; a Hugging Face dataset often has no id
+    (`hf`: a save_to_disk folder, whose fix is the datasets call)."""
     names = list(names)
     if "id" in names and {"image", "uri"} & set(names):
         return None
@@ -97,6 +167,8 @@ def missing_columns(names: list[str]) -> str | None:
     if "key" in names and "id" not in names and "url" in names:  # its metadata beside .tar or image folders
         return (msg + ": this looks like img2dataset's metadata, whose images lie in the shards beside it; give "
                 "the folder of its .tar shards (WebDataset: read member by member), or a manifest of id and uri")
+    if "id" not in names and hf:
+        return msg + ": ids name the pictures in reports; " + HF_ID_FIX
     if "id" not in names:
         return (msg + ": ids name the pictures in reports; row numbers will do, "
                 "table.append_column('id', pa.array([str(i) for i in range(table.num_rows)]))")

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import shutil
 import uuid
 
 import fsspec
@@ -299,6 +300,54 @@ def test_webdataset_shards_are_read_member_by_member(tmp_path, where, request):
     fs.pipe_file(f"{root}/extra/a.png", encode_png(_img(9)))  # shards and loose images: which one is meant?
     with pytest.raises(IngestError, match=r"holds both .tar shards and image files \(.*extra/a.png\)"):
         list_training_set(path, opts)
+
+
+HF_DATA = os.path.join(os.path.dirname(__file__), "data", "hf_datasets")  # written by datasets 5.2.0 (its README)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_hugging_face_save_to_disk_folder_is_a_training_set(tmp_path, where, request):
+    """`Dataset.save_to_disk` writes Arrow streams listed by state.json, images as datasets' Image
+    struct {bytes, path}. It was "holds no images and no .parquet manifest". It reads as a manifest
+    now (the audit, memex train and memex mia); a DatasetDict names its splits, a dataset without ids
+    the datasets call that adds them, one Arrow file its folder."""
+    from memex.manifest import ManifestError, read_manifest
+    from memex.stages.audit import ConfigError, check_trainset
+
+    if where == "s3":
+        opts, b = request.getfixturevalue("s3_server"), request.getfixturevalue("bucket")
+        fs = fsspec.filesystem("s3", **opts)
+        fs.put(HF_DATA, f"{b}/hf", recursive=True)
+        root = f"s3://{b}/hf"
+    else:
+        opts, root = {}, HF_DATA
+    rng = np.random.default_rng(0)
+    originals = [rng.integers(0, 255, (12 + 2 * i, 16, 3), dtype=np.uint8) for i in range(4)]
+
+    t = list_training_set(f"{root}/with_ids", opts, "text")
+    assert t["id"].to_pylist() == [f"img-{i}" for i in range(4)]
+    assert t["caption"].to_pylist() == [f"a photo {i}" for i in range(4)]
+    dec = decode_rows(t, None, opts)
+    assert dec.quarantine.num_rows == 0 and all(np.array_equal(a, b) for a, b in zip(dec.images, originals))
+    assert read_manifest(f"{root}/with_ids", opts)["id"].to_pylist() == t["id"].to_pylist()  # memex train's reader
+    check_trainset(f"{root}/with_ids", opts, "text")  # the audit's preflight reads the schema alone
+    with pytest.raises(ConfigError, match=r"the dataset has no 'caption' column .* \(columns: \['id', 'image', 'text'"):
+        check_trainset(f"{root}/with_ids", opts, "caption")
+
+    for bad, match in [("no_ids", r"needs an 'id' column .* ds.add_column\('id', .*save_to_disk"),
+                       ("dict", r"is a Hugging Face DatasetDict \(splits: train, test\): give the folder of the "
+                                r"split .* e.g. .*dict/train")]:
+        with pytest.raises(IngestError, match=match):
+            list_training_set(f"{root}/{bad}", opts, "text")
+        with pytest.raises((ConfigError, ManifestError), match=r"^trainset.path=.*" + bad + ".*" + match):
+            check_trainset(f"{root}/{bad}", opts, "text")
+    with pytest.raises(IngestError, match=r"is one Arrow file: give the folder Dataset.save_to_disk wrote \(.*ids\)"):
+        list_training_set(f"{root}/with_ids/data-00000-of-00001.arrow", opts)
+    if where == "local":  # a copy that lost its Arrow file
+        shutil.copytree(f"{root}/with_ids", tmp_path / "partial")
+        os.remove(tmp_path / "partial" / "data-00000-of-00001.arrow")
+        with pytest.raises(IngestError, match=r"state.json lists Arrow files that are missing"):
+            list_training_set(str(tmp_path / "partial"), opts)
 
 
 def _parquet_bytes(t: pa.Table) -> bytes:

@@ -43,7 +43,7 @@ from memex.config import (
 from memex.embed import check_embedder
 from memex.layout import RunLayout
 from memex.lease import hold
-from memex.manifest import missing_columns
+from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, missing_columns
 from memex.models import check_kind, check_model_inputs
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
@@ -157,6 +157,20 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
     if not exists:
         raise ConfigError(f"trainset.path={path}: no such file or folder (give a Parquet manifest or an image folder)")
     manifest = None if is_dir else root
+    try:  # datasets' save_to_disk: its schema, no rows
+        hf = hf_dataset_parts(fs, root, path, "trainset.path") if is_dir else None
+    except ManifestError as e:
+        raise ConfigError(str(e)) from e
+    if hf:
+        try:
+            names = set(arrow_schema(fs, hf[0]).names)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the key
+            raise ConfigError(f"trainset.path={path}: {hf[0]} is not readable Arrow: {type(e).__name__}: {e}") from e
+        problem = missing_columns(sorted(names), hf=True)
+        if problem:
+            raise ConfigError(f"trainset.path={path}: the dataset {problem}")
+        check_caption_column(path, "dataset", names, caption_column)
+        return
     if is_dir:
         found, names = None, []
         for d, _, names in fs.walk(root):
@@ -187,11 +201,15 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
         problem = missing_columns(sorted(names))
         if problem:
             raise ConfigError(f"trainset.path={path}: the manifest {problem}")
-        if caption_column is not None and caption_column not in names:
-            raise ConfigError(f"trainset.path={path}: the manifest has no {caption_column!r} column "
-                              f"(trainset.caption_column) to rank as prompts (columns: {sorted(names)}): set "
-                              "trainset.caption_column=<column>, or give prompts=file (prompts=none for an "
-                              "unconditional model)")
+        check_caption_column(path, "manifest", names, caption_column)
+
+
+def check_caption_column(path: str, what: str, names: set[str], caption_column: str | None) -> None:
+    if caption_column is not None and caption_column not in names:
+        raise ConfigError(f"trainset.path={path}: the {what} has no {caption_column!r} column "
+                          f"(trainset.caption_column) to rank as prompts (columns: {sorted(names)}): set "
+                          "trainset.caption_column=<column>, or give prompts=file (prompts=none for an "
+                          "unconditional model)")
 
 
 def check_folder_captions(fs, path: str, root: str, first: str, names: list[str], caption_column: str) -> None:
