@@ -53,7 +53,7 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
     is_dir = fs.isdir(p)  # one request on object storage: asked once
     arrow = hf_dataset_parts(fs, p, path) if is_dir else None
     if arrow:
-        table = _read_arrow(path, fs, arrow)
+        table = read_arrow(f"training manifest {path}", fs, arrow)
     elif is_dir:
         files = fs.find(p)
         if not files:
@@ -107,8 +107,8 @@ def hf_dataset_parts(fs: fsspec.AbstractFileSystem, root: str, path: str, key: s
             names = json.loads(fs.cat_file(splits))["splits"]
         except (ValueError, KeyError, TypeError) as e:
             raise ManifestError(f"{subject}: {HF_DICT} is not a datasets split list ({type(e).__name__}: {e})") from e
-        raise ManifestError(f"{subject} is a Hugging Face DatasetDict (splits: {', '.join(names)}): give the folder of "
-                            f"the split the model was trained on, e.g. {posixpath.join(path, str(names[0]))}")
+        raise ManifestError(f"{subject} is a Hugging Face DatasetDict (splits: {', '.join(names)}): give one split's "
+                            f"folder, e.g. {posixpath.join(path, str(names[0]))}")
     if not fs.exists(state):
         return None
     try:
@@ -134,7 +134,7 @@ def arrow_schema(fs: fsspec.AbstractFileSystem, part: str) -> pa.Schema:
             return pa.ipc.open_file(f).schema
 
 
-def _read_arrow(path: str, fs: fsspec.AbstractFileSystem, parts: list[str]) -> pa.Table:
+def read_arrow(path: str, fs: fsspec.AbstractFileSystem, parts: list[str]) -> pa.Table:
     """datasets writes Arrow IPC streams (its ArrowWriter); the Arrow file format is read too."""
     tables = []
     for part in parts:
@@ -146,12 +146,12 @@ def _read_arrow(path: str, fs: fsspec.AbstractFileSystem, parts: list[str]) -> p
             except pa.ArrowInvalid:
                 tables.append(pa.ipc.open_file(data).read_all())
         except Exception as e:  # noqa: BLE001 - re-raised naming the file
-            raise ManifestError(f"training manifest {path}: {posixpath.basename(part)} is not readable Arrow: "
+            raise ManifestError(f"{path}: {posixpath.basename(part)} is not readable Arrow: "
                                 f"{type(e).__name__}: {e}") from e
     try:
         return pa.concat_tables(tables)
     except pa.ArrowInvalid as e:
-        raise ManifestError(f"training manifest {path}: its Arrow files have different columns ({e})") from e
+        raise ManifestError(f"{path}: its Arrow files have different columns ({e})") from e
 
 
 def missing_columns(names: list[str], hf: bool = False) -> str | None:

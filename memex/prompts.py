@@ -1,7 +1,8 @@
 """Prompt sources. Every prompt gets a stable id so a sample's seed and row can be found again.
 
-    file      .txt (one prompt per line), .csv (a header row), .jsonl or .parquet (field `prompts.column`)
-    captions  a training manifest (Parquet, caption column): captions ranked by how often the
+    file      .txt (one prompt per line), .csv (a header row), .jsonl or .parquet (field `prompts.column`),
+              or a datasets save_to_disk folder (its Arrow files)
+    captions  a training manifest (Parquet or a save_to_disk folder, caption column): captions ranked by how often the
               exact caption repeats, most duplicated first (the paper's prompt choice; near-
               duplicate image counts replace this once the membership index exists)
     none      unconditional models: one prompt with id "uncond" and empty text
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from memex.config import MemexError, PromptsConfig, PromptSource
 from memex.layout import PROMPTS_SCHEMA
-from memex.manifest import first_caption
+from memex.manifest import ManifestError, first_caption, hf_dataset_parts, read_arrow
 
 UNCONDITIONAL_ID = "uncond"
 
@@ -47,7 +48,11 @@ def _open_table(path: str, storage_options: dict[str, Any]) -> pa.Table:
         raise PromptError(f"prompts.path={path} does not exist")
     ext = posixpath.splitext(p)[1].lower()
     try:
-        if ext == ".parquet" or fs.isdir(p):
+        is_dir = fs.isdir(p)
+        parts = hf_dataset_parts(fs, p, path, "prompts.path") if is_dir else None
+        if parts:  # datasets' save_to_disk folder: its Arrow files
+            return read_arrow(f"prompts.path={path}", fs, parts)
+        if ext == ".parquet" or is_dir:
             return pq.read_table(p, filesystem=fs)
         with fs.open(p, "rb") as f:
             # utf-8-sig: a file saved with a byte-order mark (Windows editors) loses it; as "utf-8" the
@@ -55,6 +60,8 @@ def _open_table(path: str, storage_options: dict[str, Any]) -> pa.Table:
             raw = f.read().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise PromptError(f"prompts.path={path} is not UTF-8 text: {e}") from e
+    except ManifestError as e:  # a datasets folder's own message names the key and the fix
+        raise PromptError(str(e)) from e
     except Exception as e:  # noqa: BLE001 - re-raised naming the file
         raise PromptError(f"cannot read prompts.path={path}: {type(e).__name__}: {e}") from e
     if ext == ".jsonl":

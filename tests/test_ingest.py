@@ -335,14 +335,24 @@ def test_a_hugging_face_save_to_disk_folder_is_a_training_set(tmp_path, where, r
         check_trainset(f"{root}/with_ids", opts, "caption")
 
     for bad, match in [("no_ids", r"needs an 'id' column .* ds.add_column\('id', .*save_to_disk"),
-                       ("dict", r"is a Hugging Face DatasetDict \(splits: train, test\): give the folder of the "
-                                r"split .* e.g. .*dict/train")]:
+                       ("dict", r"is a Hugging Face DatasetDict \(splits: train, test\): give one split's folder, "
+                                r"e.g. .*dict/train")]:
         with pytest.raises(IngestError, match=match):
             list_training_set(f"{root}/{bad}", opts, "text")
         with pytest.raises((ConfigError, ManifestError), match=r"^trainset.path=.*" + bad + ".*" + match):
             check_trainset(f"{root}/{bad}", opts, "text")
     with pytest.raises(IngestError, match=r"is one Arrow file: give the folder Dataset.save_to_disk wrote \(.*ids\)"):
         list_training_set(f"{root}/with_ids/data-00000-of-00001.arrow", opts)
+    # its captions as prompts (prompts=captions), or a prompt dataset saved the same way (prompts=file)
+    from memex.config import PromptsConfig, PromptSource
+    from memex.prompts import PromptError, load_prompts
+
+    for source, column in [(PromptSource.captions, {"caption_column": "text"}),
+                           (PromptSource.file, {"column": "text"})]:
+        got = load_prompts(PromptsConfig(source=source, path=f"{root}/no_ids", **column), opts)
+        assert sorted(got["prompt"].to_pylist()) == [f"a photo {i}" for i in range(4)]
+    with pytest.raises(PromptError, match=r"^prompts.path=.*dict is a Hugging Face DatasetDict"):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=f"{root}/dict", column="text"), opts)
     if where == "local":  # a copy that lost its Arrow file
         shutil.copytree(f"{root}/with_ids", tmp_path / "partial")
         os.remove(tmp_path / "partial" / "data-00000-of-00001.arrow")
