@@ -121,7 +121,7 @@ def _pixels(img: Image.Image) -> np.ndarray:
     return _rgb(img)
 
 
-def decode(data: bytes, channels: int = 3) -> np.ndarray:
+def decode(data: bytes, channels: int = 3, min_side: int | None = None) -> np.ndarray:
     """Encoded image bytes (any format PIL reads) -> uint8 (H, W, 3) RGB, a writable copy (torch.from_numpy).
 
     The RGB a viewer shows (module docstring: orientation, alpha on white, 16-bit and float
@@ -130,10 +130,18 @@ def decode(data: bytes, channels: int = 3) -> np.ndarray:
     value for grayscale images. Raises UnidentifiedImageError (not an image), OSError (truncated
     or corrupt), DecompressionBombError (too many pixels), UnsupportedImageError (a mode or
     sample range with no display conversion); callers turn these into their own errors.
+
+    min_side: the caller shrinks the image to a min_side square next (the index's embedder input),
+    so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (its DCT's own reduction, PIL's draft), the
+    largest that keeps both sides >= min_side. A 2048x1536 JPEG decodes 3x faster for a 224 or
+    32 px input; after `fit` the pixels differ from a full decode's by ~1 level of 255 on average
+    (bench/RESULTS.md, JPEG decode). Other formats decode in full.
     """
     if channels not in (1, 3):
         raise ValueError(f"decode: channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     with _open(data) as img:
+        if min_side is not None and img.format == "JPEG":
+            img.draft(img.mode, (min_side, min_side))
         rgb = _pixels(img)
     if channels == 1:
         return np.array(Image.fromarray(rgb).convert("L"))[..., None]

@@ -333,7 +333,8 @@ def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str) 
     # raises DecompressionBombError (too many pixels), UnidentifiedImageError with a reproducible
     # message, OSError (truncated), UnsupportedImageError naming the mode: decode_rows turns each
     # into a quarantine reason
-    return decode(data) if size is None else fit(decode(data), size, preprocess)
+    # fitted to `size` next: a JPEG is decoded at the DCT scale that keeps both sides >= size (images.decode)
+    return decode(data) if size is None else fit(decode(data, min_side=size), size, preprocess)
 
 
 def decode_rows(rows: pa.Table, size: int | None, storage_options: dict[str, Any] | None = None,

@@ -250,6 +250,43 @@ def test_sideways_jpeg_is_shown_upright():
     assert got.shape == (32, 64, 3) and np.abs(got.astype(int) - upright).mean() < 2
 
 
+def test_a_jpeg_shrunk_for_the_index_is_decoded_at_its_dct_scale():
+    """The index fits each training image to its embedder's input (32-224 px). A large JPEG is decoded
+    at the reduced DCT scale that keeps both sides >= that input (3x faster at 2048 px, bench/RESULTS.md),
+    within about a level of 255 of the full decode once fitted; orientation still applies, other formats
+    decode in full, and the index's decode_rows takes this path."""
+    import pyarrow as pa
+
+    from memex.images import fit
+    from memex.ingest import decode_rows
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 2048)[None, :, None] * np.linspace(0.2, 1, 1536)[:, None, None]
+    photo = (ramp + rng.normal(0, 12, (1536, 2048, 3))).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    full = decode(jpeg)
+    assert full.shape == (1536, 2048, 3)
+    assert decode(jpeg, min_side=224).shape == (384, 512, 3)  # 1/4: 1/8 would give 192 < 224 rows
+    assert decode(jpeg, min_side=32).shape == (192, 256, 3)  # 1/8, the smallest the DCT gives
+    assert decode(jpeg, min_side=2000).shape == full.shape  # no reduction keeps 2000: a full decode
+    for side in (32, 224):
+        diff = np.abs(fit(decode(jpeg, min_side=side), side).astype(int) - fit(full, side))
+        assert diff.mean() < 1.5 and diff.max() <= 12, (side, diff.mean(), diff.max())
+    rows = pa.table({"id": ["a"], "image": [jpeg]})
+    got = decode_rows(rows, 224).images[0]
+    assert np.array_equal(got, fit(decode(jpeg, min_side=224), 224)) and not np.array_equal(got, fit(full, 224))
+    # a sideways phone JPEG is still turned upright, and a PNG decodes in full
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.rot90(photo, 1))).save(buf, format="JPEG", quality=90, exif=exif)
+    assert decode(buf.getvalue(), min_side=224).shape == (384, 512, 3)
+    png = encode_png(photo[:256, :512])
+    assert np.array_equal(decode(png, min_side=32), decode(png))
+
+
 def _tiff(img: Image.Image) -> bytes:
     return _saved(img, "TIFF")
 
