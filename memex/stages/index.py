@@ -42,7 +42,7 @@ log = logging.getLogger("memex.index")
 # Part of every index key: folders written by an older layout are never resumed into, only rebuilt.
 # 4: quarantine files in quarantine/ (were shards/quarantine-*.parquet, beside the FAISS files)
 # Not bumped when JPEGs began to be decoded at a reduced DCT scale (images.decode's min_side): an
-# index built before differs by <= 0.003 RMS a picture (under a tenth of index.dup_threshold), and a
+# index built before differs by <= 0.003 RMS a picture in pixels (bench/RESULTS.md, JPEG decode), and a
 # new key would rebuild every index and stop every unfinished run folder (its matches/ keep the key).
 LAYOUT_VERSION = 4
 
