@@ -3,7 +3,8 @@
 Three sources, on any fsspec URI (local path, s3://, memory://, ...):
   * a Parquet manifest (memex/manifest.py: id, image bytes or uri, optional caption);
   * a Hugging Face datasets folder (`Dataset.save_to_disk`: Arrow files + state.json), read as one;
-  * a folder of WebDataset .tar shards (LAION's layout, memex/shards.py): id = "<shard>/<member>",
+  * a folder of WebDataset .tar shards (LAION's layout, memex/shards.py), or a pattern naming some
+    (laion/{00000..00099}.tar, laion/0000*.tar): id = "<shard>/<member>",
     uri = `tar://<member>::<shard uri>`, caption = the sample's .txt member;
   * a folder of images (.png .jpg .jpeg .webp .bmp .gif, searched recursively): id = path relative
     to the folder ("a/b.png"), uri = full URI with protocol, caption = the image's row of a
@@ -45,7 +46,15 @@ from memex.config import MemexError
 from memex.images import decode, fit
 from memex.layout import QUARANTINE_SCHEMA
 from memex.manifest import HF_DICT, HF_STATE, ManifestError, first_caption, read_manifest
-from memex.shards import member_uri, read_uri, shard_samples
+from memex.shards import (
+    ShardPatternError,
+    expand_shards,
+    is_pattern,
+    member_uri,
+    pattern_root,
+    read_uri,
+    shard_samples,
+)
 
 __all__ = ["IMAGE_SUFFIXES", "QUARANTINE_SCHEMA", "TRAINING_SCHEMA", "DecodedBatch", "IngestError",
            "decode_rows", "iter_batches", "list_training_set"]
@@ -92,6 +101,8 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
     except Exception as e:  # noqa: BLE001 - bad credentials, unknown protocol, endpoint down
         raise IngestError(f"{key}={path} cannot be reached: {type(e).__name__}: {e} "
                           "(check the URI and storage options / credentials)") from e
+    if not exists and is_pattern(root):  # WebDataset's laion/{00000..00099}.tar, or a glob
+        return _from_pattern(path, fs, root, key)
     if not exists:
         raise IngestError(f"{key}={path} does not exist: give a Parquet manifest or a folder of images")
     # min, not sorted(): one pass over a listing that may hold millions of files, the same file named
@@ -225,6 +236,19 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
         raise IngestError(f"training images cannot be listed (for their sizes and versions): "
                           f"{type(e).__name__}: {e} (check the uris and storage options / credentials)") from e
     return out
+
+
+def _from_pattern(path: str, fs, pattern: str, key: str) -> pa.Table:
+    """The shards a pattern names (memex/shards.py: braces, then globs), ids relative to the folder
+    above its first wildcard, as that folder given whole would give them."""
+    if not pattern.endswith(".tar"):
+        raise IngestError(f"{key}={path} does not exist; as a pattern, memex reads only WebDataset shards "
+                          "(laion/{00000..00099}.tar, laion/0000*.tar): give a folder of images or a manifest whole")
+    try:
+        files = expand_shards(fs, pattern)
+    except ShardPatternError as e:
+        raise IngestError(f"{key}={path} {e}") from e
+    return _from_shards(path, fs, pattern_root(pattern), files, key)
 
 
 def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str) -> pa.Table:

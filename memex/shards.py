@@ -92,3 +92,73 @@ def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tu
             elif ext == "txt":
                 captions[key] = tf.extractfile(m).read().decode("utf-8", errors="replace").strip()
     return [(name, captions.get(key)) for key, name in sorted(images.items())]
+
+
+# ---- shard patterns --------------------------------------------------------------------------
+# WebDataset names a set of shards as `laion/{00000..00099}.tar` (its brace notation, as webdataset
+# and img2dataset's docs write it); shell-style globs (`laion/0000*.tar`) are fsspec's own.
+PATTERN_CHARS = re.compile(r"[*?\[{]")
+BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+class ShardPatternError(ValueError):
+    """A shard pattern that names nothing, or shards that are missing."""
+
+
+def is_pattern(path: str) -> bool:
+    return bool(PATTERN_CHARS.search(path))
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`{00000..00003}` -> 00000 00001 00002 00003 (zero-padded to the first bound's width when it
+    starts with 0), `{a,b}` -> a b; several groups give every combination, in order."""
+    m = BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    body = m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        if int(lo) > int(hi):
+            raise ShardPatternError(f"{{{body}}} counts down: write the smaller bound first")
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [x for item in items for x in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+
+
+def pattern_root(pattern: str) -> str:
+    """The folder above the pattern's first wildcard: shard ids are relative to it, as they are to a
+    folder given whole, so `laion/{00000..00009}.tar` and `laion/` give a shard the same ids."""
+    return posixpath.dirname(pattern[:PATTERN_CHARS.search(pattern).start()])
+
+
+def expand_shards(fs: Any, pattern: str) -> dict[str, dict]:
+    """Shard path -> fsspec info of every shard the pattern names: braces expanded, then each glob
+    listed. A shard named outright that does not exist, or a glob matching nothing, raises."""
+    found: dict[str, dict] = {}
+    missing: list[str] = []
+    listed: dict[str, dict[str, dict]] = {}  # folder -> its files: one listing, not a request a shard
+    for p in expand_braces(pattern):
+        if is_pattern(p):
+            hits = fs.glob(p, detail=True)
+            if not hits:
+                missing.append(p)
+            found.update({k: v for k, v in hits.items() if v.get("type") != "directory"})
+            continue
+        parent = posixpath.dirname(p)
+        if parent not in listed:
+            try:
+                listed[parent] = {posixpath.basename(i["name"].rstrip("/")): i for i in fs.ls(parent, detail=True)}
+            except FileNotFoundError:
+                listed[parent] = {}
+        info = listed[parent].get(posixpath.basename(p))
+        if info is None or info.get("type") == "directory":
+            missing.append(p)
+        else:
+            found[p] = info
+    if missing:
+        raise ShardPatternError(f"names {len(missing)} shard(s) that do not exist (e.g. {missing[0]}), of "
+                                f"{len(missing) + len(found)}: fix the pattern, or give the folder holding the shards")
+    return dict(sorted(found.items()))

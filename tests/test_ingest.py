@@ -302,6 +302,36 @@ def test_webdataset_shards_are_read_member_by_member(tmp_path, where, request):
         list_training_set(path, opts)
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_shards_named_by_a_pattern_are_the_training_set(tmp_path, where, request):
+    """WebDataset names a set of shards with braces (laion/{00000..00099}.tar), and a glob picks some.
+    Such a trainset.path was "does not exist". The shards it names are read, with the ids the folder
+    gives them; a shard it names that is missing, or a pattern of anything but shards, is named."""
+    from memex.stages.audit import ConfigError, check_trainset
+
+    if where == "s3":
+        opts, b = request.getfixturevalue("s3_server"), request.getfixturevalue("bucket")
+        fs, root, path = fsspec.filesystem("s3", **opts), f"{b}/laion", f"s3://{b}/laion"
+    else:
+        opts, fs, root = {}, fsspec.filesystem("file"), str(tmp_path / "laion")
+        fs.makedirs(root)
+        path = root
+    _write_shards(fs, root)
+    whole = list_training_set(path, opts)
+    for pattern in ("{00000..00001}.tar", "*.tar", "0000[01].tar", "{00000,00001}.tar"):
+        got = list_training_set(f"{path}/{pattern}", opts)
+        assert got.equals(whole), pattern
+        check_trainset(f"{path}/{pattern}", opts)  # the audit's preflight takes it too
+    one = list_training_set(f"{path}/{{00001..00001}}.tar", opts)
+    assert one["id"].to_pylist() == ["00001.tar/000000003.png", "00001.tar/000000004.png"]
+    with pytest.raises(IngestError, match=r"names 2 shard\(s\) that do not exist \(e.g. .*00002.tar\), of 4"):
+        list_training_set(f"{path}/{{00000..00003}}.tar", opts)
+    with pytest.raises(ConfigError, match=r"^trainset.path=.* names 1 shard\(s\) that do not exist .*9\*.tar"):
+        check_trainset(f"{path}/9*.tar", opts)
+    with pytest.raises(IngestError, match=r"as a pattern, memex reads only WebDataset shards"):
+        list_training_set(f"{path}/*.png", opts)
+
+
 HF_DATA = os.path.join(os.path.dirname(__file__), "data", "hf_datasets")  # written by datasets 5.2.0 (its README)
 
 

@@ -47,6 +47,7 @@ from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, missin
 from memex.models import check_kind, check_model_inputs
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
+from memex.shards import ShardPatternError, expand_shards, is_pattern
 from memex.storage import check_outside
 from memex.tracking import check as check_tracker
 from memex.tracking import log_audit
@@ -154,6 +155,16 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
     except Exception as e:  # noqa: BLE001 - bad credentials, unknown protocol, endpoint down
         raise ConfigError(f"trainset.path={path} cannot be reached: {type(e).__name__}: {e} "
                           "(check the URI and storage.options)") from e
+    if not exists and is_pattern(root):  # shards named by a pattern: each one there (memex/shards.py)
+        if not root.endswith(".tar"):
+            raise ConfigError(f"trainset.path={path}: no such file or folder; as a pattern, memex reads only "
+                              "WebDataset shards (laion/{00000..00099}.tar): give a folder of images or a "
+                              "manifest whole")
+        try:
+            expand_shards(fs, root)
+        except ShardPatternError as e:
+            raise ConfigError(f"trainset.path={path} {e}") from e
+        return
     if not exists:
         raise ConfigError(f"trainset.path={path}: no such file or folder (give a Parquet manifest or an image folder)")
     manifest = None if is_dir else root
