@@ -10,6 +10,9 @@ Three sources, on any fsspec URI (local path, s3://, memory://, ...):
     to the folder ("a/b.png"), uri = full URI with protocol, caption = the image's row of a
     Hugging Face imagefolder `metadata.jsonl` / `metadata.csv` (file_name + the caption column,
     what diffusers' fine-tuning scripts read), else the sidecar `<stem>.txt` beside it, else null.
+img2dataset's own layouts: its webdataset output is the shards above; its default output (files:
+<shard>/<key>.jpg + <key>.txt, a metadata .parquet per shard) an image folder; its parquet output
+(key, jpg) a manifest.
 Which one a path is: a folder with datasets' state.json (or dataset_dict.json, refused naming its
 splits) -> a datasets folder; a folder holding a `.tar` (at any depth) -> shards (img2dataset's metadata
 .parquet beside them is not read); it ends in `.parquet`, or it is a folder holding at least one
@@ -41,11 +44,19 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from memex.config import MemexError
 from memex.images import decode, fit
 from memex.layout import QUARANTINE_SCHEMA
-from memex.manifest import HF_DICT, HF_STATE, ManifestError, first_caption, read_manifest
+from memex.manifest import (
+    HF_DICT,
+    HF_STATE,
+    ManifestError,
+    first_caption,
+    is_img2dataset_metadata,
+    read_manifest,
+)
 from memex.shards import (
     ShardPatternError,
     expand_shards,
@@ -126,7 +137,10 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
             raise IngestError(f"{key}={path} holds both .tar shards and image files ({loose}): give a folder of "
                               "WebDataset shards or a folder of images")
         return _from_shards(path, fs, root, files, key)
-    if root.endswith(".parquet") or any(f.endswith(".parquet") for f in files):
+    parquet = root if root.endswith(".parquet") else min((f for f in files if f.endswith(".parquet")), default=None)
+    if parquet and is_dir and _img2dataset_files(fs, parquet, files):  # its default output_format=files
+        return _from_folder(path, fs, root, files, key, caption_column)
+    if parquet:
         return _from_manifest(path, opts, caption_column, key)
     if not is_dir:
         raise IngestError(f"{key}={path} is a file but not a .parquet manifest or a .tar shard: "
@@ -236,6 +250,18 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
         raise IngestError(f"training images cannot be listed (for their sizes and versions): "
                           f"{type(e).__name__}: {e} (check the uris and storage options / credentials)") from e
     return out
+
+
+def _img2dataset_files(fs, parquet: str, files: dict[str, dict]) -> bool:
+    """img2dataset's default output (output_format=files): <shard>/<key>.jpg with <key>.txt (the
+    caption, read as the image folder's sidecar) beside, and a metadata <shard>.parquet per shard
+    holding no image. Told from a manifest with images beside it by that Parquet's schema."""
+    if not any(f.lower().endswith(IMAGE_SUFFIXES) for f in files):
+        return False
+    try:
+        return is_img2dataset_metadata(pq.read_schema(parquet, filesystem=fs).names)
+    except Exception:  # noqa: BLE001 - not readable: the manifest reader names the file
+        return False
 
 
 def _from_pattern(path: str, fs, pattern: str, key: str) -> pa.Table:

@@ -9,7 +9,9 @@ A manifest is a Parquet file (or folder of Parquet files) on any fsspec URI with
     caption  string, optional (text-conditional models and caption-ranked prompts); a list of
              strings (COCO-style, several an image) gives its first (memex/ingest.py)
 A Hugging Face datasets folder (`Dataset.save_to_disk`: data-*.arrow Arrow streams, state.json,
-dataset_info.json) is read as the same table (`hf_dataset_parts`).
+dataset_info.json) is read as the same table (`hf_dataset_parts`), and so is img2dataset's Parquet
+output (output_format=parquet: key, jpg, caption, status, ...): key is the id, jpg the image, and
+its rows without an image (failed downloads) are left out (`img2dataset_rows`).
 LAION-style duplicates are simply several rows (different ids) holding the same picture.
 
 `expand_duplicates` applies a duplication schedule (e.g. 8 images x 32 copies, the rest once) to a
@@ -19,6 +21,7 @@ manifest of distinct images, the way the paper's small models were trained on du
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import random
 from typing import Any
@@ -34,6 +37,7 @@ from memex.config import DuplicationGroup, MemexError
 from memex.images import decode, resize
 from memex.shards import read_uri
 
+log = logging.getLogger("memex.manifest")
 MANIFEST_COLUMNS = ("id", "image", "uri", "caption")
 HF_STATE, HF_DICT = "state.json", "dataset_dict.json"  # datasets' save_to_disk: a Dataset, a DatasetDict
 HF_ID_FIX = ("ds.add_column('id', [str(i) for i in range(len(ds))]).save_to_disk(<new folder>) gives a "
@@ -74,6 +78,7 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
             raise ManifestError(f"training manifest {path} is not readable Parquet: {type(e).__name__}: {e}") from e
     if table.num_rows == 0:
         raise ManifestError(f"training manifest {path} holds no rows")
+    table = img2dataset_rows(path, table)
     problem = missing_columns(table.column_names, hf=bool(arrow))
     if problem:
         raise ManifestError(f"training manifest {path} {problem}")
@@ -154,19 +159,45 @@ def read_arrow(path: str, fs: fsspec.AbstractFileSystem, parts: list[str]) -> pa
         raise ManifestError(f"{path}: its Arrow files have different columns ({e})") from e
 
 
+def is_img2dataset_parquet(names: list[str]) -> bool:
+    """img2dataset's output_format=parquet: key and jpg (the image bytes), no id or image column."""
+    return {"key", "jpg"} <= set(names) and not {"id", "image"} & set(names)
+
+
+def is_img2dataset_metadata(names: list[str]) -> bool:
+    """The metadata .parquet img2dataset writes beside each shard of its other output formats (the
+    images are in the .tar, or in files beside it): key and url, and no image of its own."""
+    return {"key", "url"} <= set(names) and not {"id", "image", "uri", "jpg"} & set(names)
+
+
+def img2dataset_rows(path: str, table: pa.Table) -> pa.Table:
+    """img2dataset's Parquet output as a manifest: key -> id, jpg -> image, the rows whose download
+    failed (jpg null, status != success: ~10-40% of a LAION part) left out, as they were never
+    trained on. Any other table is returned as it is."""
+    if not is_img2dataset_parquet(table.column_names):
+        return table
+    kept = table if table["jpg"].null_count == 0 else table.filter(pc.is_valid(table["jpg"]))  # no copy if none
+    if kept.num_rows == 0:
+        raise ManifestError(f"training manifest {path} is img2dataset's output with no image: every one of its "
+                            f"{table.num_rows} rows failed to download (see its status column)")
+    if kept.num_rows < table.num_rows:
+        log.info("%s: %d of img2dataset's %d rows have no image (failed downloads) and are left out", path,
+                 table.num_rows - kept.num_rows, table.num_rows)
+    return kept.rename_columns([{"key": "id", "jpg": "image"}.get(c, c) for c in kept.column_names])
+
+
 def missing_columns(names: list[str], hf: bool = False) -> str | None:
     """What a manifest with these columns lacks, with the fix, or None. img2dataset's Parquet
     output (LAION's tooling) names them key and jpg; a Hugging Face dataset often has no id
     (`hf`: a save_to_disk folder, whose fix is the datasets call)."""
     names = list(names)
-    if "id" in names and {"image", "uri"} & set(names):
+    if ("id" in names and {"image", "uri"} & set(names)) or is_img2dataset_parquet(names):
         return None
     msg = f"needs an 'id' column and an 'image' or 'uri' column (columns: {sorted(names)})"
-    if "key" in names and "id" not in names and "jpg" in names:  # img2dataset's output_format=parquet
-        return msg + ": img2dataset's output names them key and jpg, rename them to id and image"
-    if "key" in names and "id" not in names and "url" in names:  # its metadata beside .tar or image folders
-        return (msg + ": this looks like img2dataset's metadata, whose images lie in the shards beside it; give "
-                "the folder of its .tar shards (WebDataset: read member by member), or a manifest of id and uri")
+    if is_img2dataset_metadata(names):  # the metadata beside its .tar shards or image files
+        return (msg + ": this looks like img2dataset's metadata, whose images are not in it; give the folder "
+                "img2dataset wrote, its .tar shards or image files with it (output_format webdataset or files), "
+                "or a manifest of id and uri")
     if "id" not in names and hf:
         return msg + ": ids name the pictures in reports; " + HF_ID_FIX
     if "id" not in names:

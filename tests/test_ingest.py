@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from memex.images import encode_png, resize
+from memex.images import decode, encode_png, resize
 from memex.ingest import QUARANTINE_SCHEMA, TRAINING_SCHEMA, IngestError, decode_rows, iter_batches, list_training_set
 from memex.synth import logo
 
@@ -330,6 +330,65 @@ def test_shards_named_by_a_pattern_are_the_training_set(tmp_path, where, request
         check_trainset(f"{path}/9*.tar", opts)
     with pytest.raises(IngestError, match=r"as a pattern, memex reads only WebDataset shards"):
         list_training_set(f"{path}/*.png", opts)
+
+
+def _img2dataset(fs, root: str, output_format: str) -> dict[str, np.ndarray]:
+    """What img2dataset (rom1504/img2dataset, LAION's downloader) writes for one shard of 4 urls, the
+    last of which failed to download: output_format=files puts 00000/<key>.jpg, .txt (caption) and
+    .json beside a metadata 00000.parquet; output_format=parquet writes 00000.parquet with the
+    metadata columns + jpg (null where the download failed). Both write 00000_stats.json."""
+    fs.makedirs(f"{root}/00000", exist_ok=True)
+    keys = [f"00000{k:04d}" for k in range(4)]
+    meta = {"key": keys, "url": [f"http://x/{k}.jpg" for k in keys], "caption": [f"a photo {k}" for k in range(4)],
+            "status": ["success"] * 3 + ["failed_to_download"], "error_message": [None] * 3 + ["timeout"],
+            "width": [16] * 3 + [None], "height": [12] * 3 + [None]}
+    originals, jpgs = {}, []
+    for k in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((12, 16, 3), 40 * k + 20, np.uint8)).save(buf, format="JPEG", quality=95)
+        jpgs.append(buf.getvalue())
+        originals[keys[k]] = decode(buf.getvalue())
+    if output_format == "files":
+        for k in range(3):
+            fs.pipe_file(f"{root}/00000/{keys[k]}.jpg", jpgs[k])
+            fs.pipe_file(f"{root}/00000/{keys[k]}.txt", f"a photo {k}".encode())
+            fs.pipe_file(f"{root}/00000/{keys[k]}.json", json.dumps({"key": keys[k]}).encode())
+        fs.pipe_file(f"{root}/00000.parquet", _parquet_bytes(pa.table(meta)))
+    else:
+        fs.pipe_file(f"{root}/00000.parquet", _parquet_bytes(pa.table({**meta, "jpg": jpgs + [None]})))
+    fs.pipe_file(f"{root}/00000_stats.json", json.dumps({"count": 4, "successes": 3}).encode())
+    return originals
+
+
+@pytest.mark.parametrize("output_format", ["files", "parquet"])
+def test_img2dataset_output_is_a_training_set(tmp_path, output_format):
+    """img2dataset's default output (files) was refused as "img2dataset's metadata, whose images lie
+    in the shards beside it", and its parquet output as "rename key and jpg to id and image". The
+    files are an image folder now (captions from <key>.txt), the parquet a manifest (key -> id,
+    jpg -> image), and its failed downloads are left out."""
+    from memex.stages.audit import ConfigError, check_trainset
+
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "laion")
+    originals = _img2dataset(fs, root, output_format)
+    t = list_training_set(root, {})
+    prefix = "00000/" if output_format == "files" else ""
+    suffix = ".jpg" if output_format == "files" else ""
+    assert t["id"].to_pylist() == [f"{prefix}{k}{suffix}" for k in sorted(originals)]
+    assert t["caption"].to_pylist() == [f"a photo {k}" for k in range(3)]
+    dec = decode_rows(t, None)
+    assert dec.quarantine.num_rows == 0 and all(np.array_equal(a, b) for a, b in zip(dec.images, originals.values()))
+    check_trainset(root, {}, "caption")  # the audit's preflight takes it, captions and all
+    if output_format == "files":  # the metadata without its images is still named as such
+        fs.rm(f"{root}/00000", recursive=True)
+        with pytest.raises(ConfigError, match=r"00000.parquet needs an 'id' column .* img2dataset's metadata"):
+            check_trainset(root, {}, "caption")
+        with pytest.raises(IngestError, match=r"looks like img2dataset's metadata, whose images are not in it"):
+            list_training_set(root, {})
+    else:  # a shard whose every download failed holds no training image
+        meta = pq.read_table(f"{root}/00000.parquet").drop(["jpg"])
+        pq.write_table(meta.append_column("jpg", pa.nulls(4, pa.binary())), f"{root}/00000.parquet")
+        with pytest.raises(IngestError, match=r"img2dataset's output with no image: every one of its 4 rows failed"):
+            list_training_set(root, {})
 
 
 HF_DATA = os.path.join(os.path.dirname(__file__), "data", "hf_datasets")  # written by datasets 5.2.0 (its README)

@@ -109,10 +109,11 @@ def test_bad_manifests_are_named(tmp_path):
     with pytest.raises(ManifestError, match="needs an 'id' column"):
         read_manifest(str(tmp_path / "c.parquet"))
     # the common sources of a manifest without ids get their fix: img2dataset (LAION's downloader)
-    # writes key and jpg, or key and url beside its shards; a Hugging Face dataset has no id
-    for columns, fix in [({"key": ["0"], "jpg": [b"x"], "caption": ["c"], "url": ["u"]}, "rename them to id and image"),
-                         ({"key": ["0"], "url": ["http://x/0.jpg"], "status": ["success"]},
-                          "looks like img2dataset's metadata, whose images lie in the shards beside it"),
+    # writes key and url beside its shards (its key + jpg output is read: tests/test_ingest.py); a
+    # Hugging Face dataset has no id
+    for columns, fix in [({"key": ["0"], "url": ["http://x/0.jpg"], "status": ["success"]},
+                          "looks like img2dataset's metadata, whose images are not in it; give the folder "
+                          "img2dataset wrote"),
                          ({"image": [b"x"], "text": ["c"]}, "row numbers will do, table.append_column('id'")]:
         pq.write_table(pa.table(columns), tmp_path / "c.parquet")
         with pytest.raises(ManifestError, match=re.escape(fix)):

@@ -43,7 +43,7 @@ from memex.config import (
 from memex.embed import check_embedder
 from memex.layout import RunLayout
 from memex.lease import hold
-from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, missing_columns
+from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, is_img2dataset_metadata, missing_columns
 from memex.models import check_kind, check_model_inputs
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
@@ -183,14 +183,23 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
         check_caption_column(path, "dataset", names, caption_column)
         return
     if is_dir:
-        found, names = None, []
+        found, names, metadata = None, [], None
         for d, _, names in fs.walk(root):
             # WebDataset shards first: img2dataset writes a metadata .parquet beside each .tar
             hit = next((f for f in sorted(names) if f.endswith(".tar")), None) or next(
                 (f for f in sorted(names) if f.lower().endswith((*IMAGE_SUFFIXES, ".parquet"))), None)
+            if hit and hit.endswith(".parquet") and metadata is None and _img2dataset_metadata(fs, d, hit):
+                # img2dataset's output_format=files: the images are files in its shard folders
+                metadata = posixpath.join(d, hit)
+                hit = next((f for f in sorted(names) if f.lower().endswith(IMAGE_SUFFIXES)), None)
+            elif hit and hit.endswith(".parquet") and metadata is not None:
+                continue  # the next shard's metadata
             if hit:
                 found = posixpath.join(d, hit)
                 break
+        if found is None and metadata is not None:
+            names = pq.read_schema(metadata, filesystem=fs).names
+            raise ConfigError(f"trainset.path={path}: {metadata} {missing_columns(sorted(names))}")
         if found is None:
             raise ConfigError(f"trainset.path={path}: the folder holds no images ({' '.join(IMAGE_SUFFIXES)}), "
                               "no .tar shards and no .parquet manifest")
@@ -221,6 +230,15 @@ def check_caption_column(path: str, what: str, names: set[str], caption_column: 
                           f"(trainset.caption_column) to rank as prompts (columns: {sorted(names)}): set "
                           "trainset.caption_column=<column>, or give prompts=file (prompts=none for an "
                           "unconditional model)")
+
+
+def _img2dataset_metadata(fs, folder: str, name: str) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        return is_img2dataset_metadata(pq.read_schema(posixpath.join(folder, name), filesystem=fs).names)
+    except Exception:  # noqa: BLE001 - not readable: the manifest check below names it
+        return False
 
 
 def check_folder_captions(fs, path: str, root: str, first: str, names: list[str], caption_column: str) -> None:
