@@ -1,6 +1,6 @@
 """Training-set ingestion for the audit: list the training images, then decode them batch by batch.
 
-Three sources, on any fsspec URI (local path, s3://, memory://, ...):
+Four sources, on any fsspec URI (local path, s3://, memory://, ...):
   * a Parquet manifest (memex/manifest.py: id, image bytes or uri, optional caption);
   * a Hugging Face datasets folder (`Dataset.save_to_disk`: Arrow files + state.json), read as one;
   * a folder of WebDataset .tar shards (LAION's layout, memex/shards.py), or a pattern naming some
@@ -15,9 +15,11 @@ img2dataset's own layouts: its webdataset output is the shards above; its defaul
 (key, jpg) a manifest.
 Which one a path is: a folder with datasets' state.json (or dataset_dict.json, refused naming its
 splits) -> a datasets folder; a folder holding a `.tar` (at any depth) -> shards (img2dataset's metadata
-.parquet beside them is not read); it ends in `.parquet`, or it is a folder holding at least one
-`*.parquet` file -> manifest; otherwise a folder of images. A folder mixing Parquet and other
-files is ambiguous and fails, naming the first non-Parquet file (Arrow reads every file there).
+.parquet beside them is not read); a folder of images whose .parquet files are img2dataset's
+metadata -> its files output, an image folder; it ends in `.parquet`, or it is a folder holding at
+least one `*.parquet` file -> manifest (its Parquet parts only: the images its relative uris name
+may lie beside them); otherwise a folder of images. A path that does not exist but holds a
+wildcard is a pattern of shards.
 
 Listing is cheap (no image is decoded), and it stamps each image file (column `stamp`: size +
 ETag where the store gives one, else size + mtime), so the index key (memex/stages/index.py)
