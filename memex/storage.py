@@ -236,6 +236,11 @@ class Store:
             raise StorageError(f"cannot write to {what} {self.uri}: {type(e).__name__}: {e}. Check {keys}.") from e
 
 
+# A stage folder's settings key to name in the refusal's sweep example: the run folder is named by
+# the generation settings only, so `-m match.threshold=0.1,0.15` reaches the same folder twice.
+SWEEP_EXAMPLE = {"candidates": "filter.edge_threshold", "matches": "match.threshold", "triage": "triage.seeds"}
+
+
 def unit_name(index: int, prefix: str = "shard") -> str:
     return f"{prefix}-{index:0{SHARD_DIGITS}d}"
 
@@ -321,5 +326,8 @@ class StageFolder:
 
     def claim(self, settings: dict, where: str) -> None:
         """This stage's settings (filter thresholds, match settings) in `where`, or refuse others."""
+        key = SWEEP_EXAMPLE.get(self.name)
+        sweep = (f" A sweep over these settings (memex audit -m) needs a run folder per value, each generated anew: "
+                 f"run.name='<name>-${{{key}}}'." if key else "")
         self.store.claim(self.settings_path, settings, f"{self.name}/ in {where}",
-                         f"Use another run.name, or delete {self.store.uri_of(self.path)} to redo the stage.")
+                         f"Use another run.name, or delete {self.store.uri_of(self.path)} to redo the stage.{sweep}")
