@@ -157,13 +157,18 @@ def _from_manifest(path: str, opts: dict[str, Any], caption_column: str, key: st
         raise IngestError(str(e)) from e
     n = t.num_rows
 
-    def column(name: str, typ: pa.DataType, what: str) -> pa.Array:
+    # Memory: a manifest with embedded images is held once as read, and once more only where its rows
+    # are not sorted by id (the sort's copy). Nothing else copies the image column, and no image
+    # becomes a Python object (bench/RESULTS.md, manifest memory: it was ~5x the image bytes).
+    def column(name: str, typ: pa.DataType, what: str) -> pa.ChunkedArray:
         if name not in t.column_names:
-            return pa.nulls(n, typ)
-        col = t[name].combine_chunks()
+            return pa.chunked_array([pa.nulls(n, typ)])
+        col = t[name]
         if name == caption_column and (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
             # several captions an image (COCO-style): its first one is its caption, as a prompt and in reports
-            col = pa.array([first_caption(v) for v in col.to_pylist()], pa.string())
+            col = pa.chunked_array([pa.array([first_caption(v) for v in col.to_pylist()], pa.string())])
+        if col.type == typ:
+            return col
         try:
             return pc.cast(col, typ)
         except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as e:  # Arrow's own words name neither
@@ -172,12 +177,19 @@ def _from_manifest(path: str, opts: dict[str, Any], caption_column: str, key: st
     image = column("image", pa.binary(), "encoded image bytes")
     uri = column("uri", pa.string(), "a file uri per row")
     # rows read by uri (no bytes: _decode reads a row's bytes when it has them): stamp their files
-    by_uri = [u if not b else None for b, u in zip(image.to_pylist(), uri.to_pylist())]
+    has_bytes = pc.fill_null(pc.greater(pc.binary_length(image), 0), False)
+    by_uri = pc.if_else(has_bytes, pa.scalar(None, pa.string()), uri).to_pylist()
     stamps = pa.array(_uri_stamps(by_uri, opts), pa.string())
     caption = column(caption_column, pa.string(), f"set {key.rsplit('.', 1)[0]}.caption_column to a text column")
-    out = pa.table([t["id"].combine_chunks(), image, uri, caption, stamps],
-                   schema=TRAINING_SCHEMA)
-    return out.sort_by("id")
+    out = pa.table([t["id"], image, uri, caption, stamps], schema=TRAINING_SCHEMA)
+    t = None  # the manifest's other columns (img2dataset's url, status, ...) are not kept
+    order = pc.sort_indices(out["id"])
+    if pc.all(pc.equal(order, pa.array(np.arange(n, dtype=np.uint64)))).as_py() is False:
+        out = out.take(order)  # else already in id order (a manifest written sorted): no copy
+    # Arrow's allocator keeps what the Parquet reader freed (~1-3x the image bytes) for reuse; the
+    # driver holds the listing for the whole audit, so that is handed back now
+    pa.default_memory_pool().release_unused()
+    return out
 
 
 def _stamp(info: dict) -> str:

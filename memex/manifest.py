@@ -73,7 +73,8 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
                                 "(demo/make_data.py writes one)")
     if not arrow:
         try:
-            table = pq.read_table(source, filesystem=fs)
+            # a local file is memory-mapped: its pages are the file's, not a second copy in the heap
+            table = pq.read_table(source, filesystem=fs, memory_map=_is_local(fs))
         except Exception as e:  # noqa: BLE001 - re-raised naming the file
             raise ManifestError(f"training manifest {path} is not readable Parquet: {type(e).__name__}: {e}") from e
     if table.num_rows == 0:
@@ -90,6 +91,10 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
         base = p if is_dir else posixpath.dirname(p)
         table = table.set_column(table.column_names.index("uri"), "uri", _resolved(table["uri"], fs, base))
     return table
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def first_caption(value: Any) -> Any:

@@ -63,14 +63,30 @@ def index_key(listing: pa.Table, cfg: AuditConfig) -> str:
     h = hashlib.sha256(f"layout {LAYOUT_VERSION}".encode())
     for col in ("id", "uri", "caption"):
         h.update(json.dumps(listing[col].to_pylist()).encode())
-    for b in listing["image"].to_pylist():  # bytes hash: a changed image changes the key
-        h.update(hashlib.sha256(b or b"").digest())
+    for b in _image_bytes(listing["image"]):  # bytes hash: a changed image changes the key
+        h.update(hashlib.sha256(b).digest())
     stamps = listing["stamp"]  # size + ETag/mtime of each uri's file: an overwritten file changes the key
     if stamps.null_count < len(stamps):  # none (all images as bytes, hashed above): nothing to add
         h.update(json.dumps(stamps.to_pylist()).encode())
     h.update(json.dumps({"embedder": plain(cfg.embedder), "index": plain(cfg.index),
                          "preprocess": cfg.trainset.preprocess.value}, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def _image_bytes(images: pa.ChunkedArray):
+    """Each row's bytes as a memoryview into Arrow's buffer (b"" for null): no Python copy of a
+    manifest's images, which may be most of the driver's memory (to_pylist() copied them all)."""
+    for chunk in images.chunks:
+        if chunk.type != pa.binary():
+            chunk = chunk.cast(pa.binary())
+        if len(chunk) == 0:
+            continue
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, np.int32, len(chunk) + 1, chunk.offset * 4)
+        data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        for i in range(len(chunk)):
+            yield data[offsets[i]:offsets[i + 1]] if valid[i] else b""
 
 
 def plan_index_shards(n: int, shards: int) -> list[tuple[int, int]]:
