@@ -127,6 +127,28 @@ def test_a_lora_that_does_not_fit_its_base_is_refused_before_any_work(tiny_model
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("suffixes, kind", [((".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"), "LoHa"),
+                                             ((".lokr_w1", ".lokr_w2"), "LoKr")])
+def test_a_lycoris_adapter_that_is_not_a_lora_is_named_before_any_work(tiny_models, tmp_path, suffixes, kind):
+    """LyCORIS's LoHa and LoKr files (kohya-style names, common on model hubs) passed the header check
+    and failed on every sampler actor with diffusers' "keys have not been correctly renamed". Named
+    before any work now, with the fix: merge it into the UNet, give model.unet."""
+    from diffusers import UNet2DConditionModel
+
+    base = tiny_models["latent_text"]
+    unet = UNet2DConditionModel.from_pretrained(base + "/unet")
+    linears = [(n, m) for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)][:3]
+    tensors = {}
+    for name, module in linears:
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors.update({key + s: torch.randn(module.weight.shape[0], 2) for s in suffixes})
+        tensors[key + ".alpha"] = torch.tensor(2.0)
+    save_file(tensors, tmp_path / f"{kind}.safetensors")
+    with pytest.raises(ModelError, match=rf"^model.lora=.*{kind}.safetensors: .* is a LyCORIS {kind} adapter, not a "
+                                         r"LoRA: diffusers cannot load it\. Merge it .* give that UNet as model.unet"):
+        check_model_inputs(base, lora=str(tmp_path / f"{kind}.safetensors"))
+
+
 def test_a_lora_that_changes_no_weight_is_refused_when_loaded(tiny_models, lora, tmp_path):
     """The load-time guard for what the header check cannot see (formats diffusers converts, hub
     ids): every up factor zero on the layers it was loaded into."""
