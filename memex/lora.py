@@ -32,7 +32,7 @@ COMPONENTS = ("unet", "text_encoder")  # the prefixes of diffusers' LoRA keys fo
 # diffusers' load_lora_weights cannot load ("The following keys have not been correctly renamed"),
 # which failed on every sampler actor after the run folder was claimed.
 LYCORIS = {".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".oft_blocks": "OFT",
-           ".oft_diag": "OFT", ".diff": "a full weight difference", ".diff_b": "a full weight difference"}
+           ".oft_diag": "OFT", ".diff": "full-difference", ".diff_b": "full-difference"}
 
 
 def is_local(lora: str) -> bool:

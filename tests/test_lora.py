@@ -128,7 +128,8 @@ def test_a_lora_that_does_not_fit_its_base_is_refused_before_any_work(tiny_model
 
 
 @pytest.mark.parametrize("suffixes, kind", [((".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"), "LoHa"),
-                                             ((".lokr_w1", ".lokr_w2"), "LoKr")])
+                                             ((".lokr_w1", ".lokr_w2"), "LoKr"), ((".oft_blocks",), "OFT"),
+                                             ((".diff",), "full-difference")])
 def test_a_lycoris_adapter_that_is_not_a_lora_is_named_before_any_work(tiny_models, tmp_path, suffixes, kind):
     """LyCORIS's LoHa and LoKr files (kohya-style names, common on model hubs) passed the header check
     and failed on every sampler actor with diffusers' "keys have not been correctly renamed". Named
