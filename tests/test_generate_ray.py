@@ -91,6 +91,22 @@ def test_other_settings_in_the_same_run_are_refused(tiny_models, prompt_file, tm
     assert RunLayout(str(tmp_path), "r").samples.read().num_rows == len(PROMPTS)
 
 
+def test_pngs_encoded_beside_the_next_batch_are_the_ones_encoded_in_turn(tiny_models, prompt_file, tmp_path,
+                                                                          monkeypatch):
+    """A batch's PNGs are encoded on a thread while the next batch samples (GenerateShards): rows,
+    bytes and order are those of encoding each batch in turn. Shards of 8 samples, batches of 4: the
+    thread always has a batch in flight when the next one starts."""
+    tables = {}
+    for threads in (0, 1):
+        monkeypatch.setattr(generate.GenerateShards, "encode_threads", threads)
+        cfg = compose(_overrides(tiny_models, prompt_file, tmp_path / f"t{threads}", "sampling.shard_size=8",
+                                 "resources.executor=local"))
+        _generate(cfg)
+        tables[threads] = RunLayout(str(tmp_path / f"t{threads}"), generate.prepare(cfg)).samples.read()
+    _check_rows(tables[1])
+    assert tables[1].equals(tables[0])
+
+
 def test_run_to_moto_s3(ray_head, tiny_models, prompt_file, s3_server, bucket):
     url = s3_server["client_kwargs"]["endpoint_url"]
     cfg = compose(_overrides(tiny_models, prompt_file, f"s3://{bucket}/runs", "storage=s3", "run.name=r1",
