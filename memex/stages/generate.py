@@ -112,8 +112,10 @@ class GenerateShards(RunSampler):
 
     A batch's PNGs are encoded on a thread of their own while the next batch samples: zlib and PIL
     release the GIL, and a GPU actor's CPU is otherwise idle while the UNet runs. PNG encoding is
-    ~30-55 ms an image at 512 px (level 1), ~10-20% of an SD 1.x sample's time on a fast GPU if
-    done in turn (bench/RESULTS.md, PNG encoding overlapped). `encode_threads = 0` encodes in turn."""
+    ~35-50 ms an image at 512 px (level 1); done in turn it was 1/10 of the stage's time on this CPU
+    with a core to spare (bench/RESULTS.md, PNG encoding overlapped), and a fast GPU's sample takes
+    less time, so the share there is larger (not measured: no GPU). `encode_threads = 0` encodes in
+    turn."""
 
     encode_threads = 1
 
