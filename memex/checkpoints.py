@@ -125,6 +125,7 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     pending: list[Path] = []  # checkpoints still being written (newer than settle_s)
     raw_only: list[Path] = []  # ema: checkpoint-<step>/unet folders with no unet_ema/ beside them
     ema_unused: list[Path] = []  # not ema: checkpoints whose unet_ema/ is left unaudited
+    lycoris: list[Path] = []  # LoHa/LoKr files: not LoRAs diffusers loads (memex/lora.py)
 
     def settled(p: Path) -> bool:
         if settle_s <= 0 or now - _newest_mtime(p) >= settle_s:
@@ -144,7 +145,7 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
                                         str(d), None))
             enclosing_pipeline = d
         else:
-            for f in _lora_files(d):
+            for f in _lora_files(d, lycoris):
                 b = base or (str(enclosing_pipeline) if enclosing_pipeline else None)
                 if b is None:
                     raise CheckpointError(f"{f} is a LoRA and no pipeline folder encloses it: set nightly.base_model "
@@ -190,6 +191,9 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
                 walk(child, depth + 1, enclosing_pipeline)
 
     walk(root, 0, None)
+    if lycoris:
+        log.info("%d LyCORIS adapter(s) that are no LoRA left out (e.g. %s): diffusers cannot load them; merge each "
+                 "into its base's UNet and save a diffusers folder", len(lycoris), lycoris[0])
     if raw_only:
         raise CheckpointError(
             f"nightly.ema=true audits checkpoint-<step>/unet_ema (diffusers' --use_ema), and {len(raw_only)} "
@@ -207,7 +211,7 @@ def _has_weights(folder: Path) -> bool:
     return folder.is_dir() and any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir())
 
 
-def _lora_files(d: Path) -> list[Path]:
+def _lora_files(d: Path, lycoris: list[Path]) -> list[Path]:
     """LoRAs saved as files of their own in `d`: diffusers' final pytorch_lora_weights.safetensors, and
     kohya's <name>-<step>.safetensors (sd-scripts' train_network.py), which model.lora reads too
     (diffusers converts its keys). Told from other weights by their safetensors header; a file
@@ -215,10 +219,13 @@ def _lora_files(d: Path) -> list[Path]:
     found = []
     for f in sorted(d.glob("*.safetensors")):
         try:
-            if f.is_file() and weights_file_kind(str(f)) == "lora":
-                found.append(f)
+            kind = weights_file_kind(str(f)) if f.is_file() else None
         except ModelError:
             continue
+        if kind == "lora":
+            found.append(f)
+        elif kind == "lycoris":  # told apart and named (discover logs them; alone, check_loose_weights fails)
+            lycoris.append(f)
     return found
 
 
@@ -242,6 +249,8 @@ def check_loose_weights(root: Path) -> None:
                             "model.path=<the file>` prints the command), or have training save diffusers folders",
              "lora": "LoRA files where nightly does not look for them (inside a pipeline's component folders, "
                      "or a checkpoint-<step>/ that holds a unet/)",
+             "lycoris": "LyCORIS adapters that are no LoRA (LoHa, LoKr, ...), which diffusers cannot load: merge "
+                        "each into its base's UNet once and save diffusers folders",
              "other": "weight files that are neither a pipeline folder's nor a LoRA",
              "unreadable": "files that are not readable safetensors"}
     what = "; ".join(f"{len(fs)} {fixes[k]} (e.g. {fs[0].relative_to(root)})" for k, fs in sorted(kinds.items()))

@@ -22,17 +22,12 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from memex.models import HUB_ID, ModelError, safetensors_shapes
+from memex.models import HUB_ID, LYCORIS, ModelError, safetensors_shapes
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # key suffix -> which factor: "down" is (rank, in_features[, k, k]), "up" is (out_features, rank[, 1, 1])
 _FACTORS = {".lora.down.weight": "down", ".lora_A.weight": "down", ".lora.up.weight": "up", ".lora_B.weight": "up"}
 COMPONENTS = ("unet", "text_encoder")  # the prefixes of diffusers' LoRA keys for an SD 1.x / IF pipeline
-# LyCORIS adapters other than LoRA, by a tensor-name suffix: kohya-style files (lora_unet_...) that
-# diffusers' load_lora_weights cannot load ("The following keys have not been correctly renamed"),
-# which failed on every sampler actor after the run folder was claimed.
-LYCORIS = {".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".oft_blocks": "OFT",
-           ".oft_diag": "OFT", ".diff": "full-difference", ".diff_b": "full-difference"}
 
 
 def is_local(lora: str) -> bool:
@@ -76,7 +71,7 @@ def check_lora(lora: str, shapes_of: Callable[[str], dict[str, tuple[int, ...]] 
     except ModelError as e:
         raise ModelError(f"model.lora={lora}: {e}") from e
     kinds = sorted({kind for k in tensors for suffix, kind in LYCORIS.items() if k.endswith(suffix)})
-    if kinds:
+    if kinds:  # it failed on every sampler actor, after the run folder was claimed
         raise ModelError(f"model.lora={lora}: {file} is a LyCORIS {' and '.join(kinds)} adapter, not a LoRA: "
                          "diffusers cannot load it. Merge it into the base's UNet once (LyCORIS's merge script, or "
                          "a model merge in ComfyUI or A1111, saved as a diffusers folder) and give that UNet as "

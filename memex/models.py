@@ -103,8 +103,15 @@ def _convert_hint(path: str, key: str) -> str:
             "the matching configs from the hub; offline, add config='<a diffusers folder of the same family>')")
 
 
+# LyCORIS adapters other than LoRA, by a tensor-name suffix: kohya-style files (lora_unet_...) that
+# diffusers' load_lora_weights cannot load ("The following keys have not been correctly renamed").
+LYCORIS = {".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".oft_blocks": "OFT",
+           ".oft_diag": "OFT", ".diff": "full-difference", ".diff_b": "full-difference"}
+
+
 def weights_file_kind(path: str) -> str:
-    """What a lone weights file holds, from its safetensors header (no tensor is read): "lora" (any
+    """What a lone weights file holds, from its safetensors header (no tensor is read): "lycoris" (a
+    LyCORIS adapter that is no LoRA: LoHa, LoKr, ...), "lora" (any
     LoRA format: diffusers', peft's, kohya's `lora_unet_*`), "single_file" (the original Stable
     Diffusion layout: `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), or
     "other"; a pickle (.ckpt, .pt, .bin) is not opened: "lora" by its name, else "single_file", what
@@ -112,6 +119,8 @@ def weights_file_kind(path: str) -> str:
     if not path.endswith(".safetensors"):
         return "lora" if "lora" in os.path.basename(path).lower() else "single_file"  # pytorch_lora_weights.bin
     keys = list(safetensors_shapes(path))
+    if any(k.endswith(tuple(LYCORIS)) for k in keys):
+        return "lycoris"
     if any("lora" in k.lower() for k in keys):
         return "lora"
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
@@ -146,6 +155,9 @@ def _file_instead_of_folder(path: str, key: str) -> str:
     if kind == "lora":
         return (f"{key}={path} is a LoRA file: set model.lora={path} and {key} to the model it was trained on "
                 "(memex fuses the LoRA into it)")
+    if kind == "lycoris":
+        return (f"{key}={path} is a LyCORIS adapter (LoHa, LoKr, ...), not {want}, nor a LoRA diffusers loads: merge "
+                "it into its base's UNet once, save a diffusers folder, and give that")
     if kind == "other":
         return f"{key}={path} is a weights file, not {want} (its tensors are not a Stable Diffusion checkpoint's)"
     return (f"{key}={path} is a single-file checkpoint (the original Stable Diffusion layout, as A1111, ComfyUI "

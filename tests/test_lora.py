@@ -148,6 +148,9 @@ def test_a_lycoris_adapter_that_is_not_a_lora_is_named_before_any_work(tiny_mode
     with pytest.raises(ModelError, match=rf"^model.lora=.*{kind}.safetensors: .* is a LyCORIS {kind} adapter, not a "
                                          r"LoRA: diffusers cannot load it\. Merge it .* give that UNet as model.unet"):
         check_model_inputs(base, lora=str(tmp_path / f"{kind}.safetensors"))
+    with pytest.raises(ModelError, match=r"^model.path=.* is a LyCORIS adapter \(LoHa, LoKr, \.\.\.\), not a diffusers "
+                                         r"pipeline folder, nor a LoRA diffusers loads: merge it"):
+        check_model_inputs(str(tmp_path / f"{kind}.safetensors"))
 
 
 def test_a_lora_that_changes_no_weight_is_refused_when_loaded(tiny_models, lora, tmp_path):

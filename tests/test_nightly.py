@@ -369,6 +369,17 @@ def test_a_location_of_weights_nightly_does_not_read_is_named(tmp_path):
                                               r"checkpoints .*from_single_file.*\(e\.g\. sd-000010") as e:
         discover(str(location))
     assert "neither" not in str(e.value) and "ignored" not in str(e.value)  # hidden folders are not looked in
+    # LyCORIS adapters that are no LoRA (LoHa): named alone, left out beside LoRAs (each was a checkpoint
+    # whose audit failed every night: diffusers cannot load them)
+    loha = {f"lora_unet_mid_block_attentions_0_proj_in.hada_w{i}_{ab}": torch.zeros(4, 2) for i in (1, 2)
+            for ab in "ab"}
+    (tmp_path / "lycoris").mkdir()
+    save_file(loha, tmp_path / "lycoris" / "style-000004.safetensors")
+    with pytest.raises(CheckpointError, match=r"but 1 LyCORIS adapters that are no LoRA \(LoHa, LoKr, \.\.\.\), "
+                                              r"which diffusers cannot load: merge each .*style-000004"):
+        discover(str(tmp_path / "lycoris"), str(BASE))
+    make_lora(str(BASE), tmp_path / "lycoris" / "run")  # a diffusers LoRA beside it: the one checkpoint
+    assert [Path(c.location).name for c in discover(str(tmp_path / "lycoris"), str(BASE))] == ["run"]
     (tmp_path / "empty").mkdir()
     assert discover(str(tmp_path / "empty")) == []  # a run not started yet: 0 found, no error
     shutil.copytree(DEMO_RUN / "checkpoint-1000", location / "checkpoint-1000", copy_function=shutil.copy)  # now
