@@ -350,7 +350,7 @@ def test_kohya_lora_files_are_checkpoints_a_series_per_name(tmp_path):
     assert max((fused[k] - reference[k]).abs().max().item() for k in fused) < 1e-6
 
 
-def test_a_location_of_weights_nightly_does_not_read_is_named(tmp_path):
+def test_a_location_of_weights_nightly_does_not_read_is_named(tmp_path, caplog):
     """Single-file checkpoints (A1111/kohya's layout) under nightly.location: nothing was found,
     quietly, every night (0 checkpoints, exit 0). Named now with the conversion they need;
     checkpoints still being written (settle_s) keep the quiet 0."""
@@ -379,7 +379,9 @@ def test_a_location_of_weights_nightly_does_not_read_is_named(tmp_path):
                                               r"which diffusers cannot load: merge each .*style-000004"):
         discover(str(tmp_path / "lycoris"), str(BASE))
     make_lora(str(BASE), tmp_path / "lycoris" / "run")  # a diffusers LoRA beside it: the one checkpoint
-    assert [Path(c.location).name for c in discover(str(tmp_path / "lycoris"), str(BASE))] == ["run"]
+    with caplog.at_level("INFO", logger="memex.checkpoints"):
+        assert [Path(c.location).name for c in discover(str(tmp_path / "lycoris"), str(BASE))] == ["run"]
+    assert "1 LyCORIS adapter(s) that are no LoRA left out (e.g. " in caplog.text
     (tmp_path / "empty").mkdir()
     assert discover(str(tmp_path / "empty")) == []  # a run not started yet: 0 found, no error
     shutil.copytree(DEMO_RUN / "checkpoint-1000", location / "checkpoint-1000", copy_function=shutil.copy)  # now
