@@ -260,19 +260,25 @@ def _write_shards(fs, root: str) -> dict[str, np.ndarray]:
     return originals
 
 
+def _laion_folder(where: str, tmp_path, request) -> tuple[dict, fsspec.AbstractFileSystem, str, str]:
+    """(storage options, filesystem, its path, the URI a user gives) of an empty laion/ folder, local
+    or in a moto bucket."""
+    if where == "s3":
+        opts, b = request.getfixturevalue("s3_server"), request.getfixturevalue("bucket")
+        return opts, fsspec.filesystem("s3", **opts), f"{b}/laion", f"s3://{b}/laion"
+    root = str(tmp_path / "laion")
+    fs = fsspec.filesystem("file")
+    fs.makedirs(root)
+    return {}, fs, root, root
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_webdataset_shards_are_read_member_by_member(tmp_path, where, request):
     """LAION's layout (img2dataset's webdataset output): a folder of .tar shards, a sample's image,
     caption (.txt) and metadata as members sharing a key. It was read as the manifest its metadata
     .parquet files make ("needs an 'id' column"). Each image member is a row, read on the decoder's
     threads with one ranged read of its shard (memex/shards.py)."""
-    if where == "s3":
-        opts, b = request.getfixturevalue("s3_server"), request.getfixturevalue("bucket")
-        fs, root, path = fsspec.filesystem("s3", **opts), f"{b}/laion", f"s3://{b}/laion"
-    else:
-        opts, fs, root = {}, fsspec.filesystem("file"), str(tmp_path / "laion")
-        fs.makedirs(root)
-        path = root
+    opts, fs, root, path = _laion_folder(where, tmp_path, request)
     originals = _write_shards(fs, root)
     t = list_training_set(path, opts)
     assert t["id"].to_pylist() == [f"00000.tar/{k:09d}.png" for k in range(3)] + \
@@ -309,13 +315,7 @@ def test_shards_named_by_a_pattern_are_the_training_set(tmp_path, where, request
     gives them; a shard it names that is missing, or a pattern of anything but shards, is named."""
     from memex.stages.audit import ConfigError, check_trainset
 
-    if where == "s3":
-        opts, b = request.getfixturevalue("s3_server"), request.getfixturevalue("bucket")
-        fs, root, path = fsspec.filesystem("s3", **opts), f"{b}/laion", f"s3://{b}/laion"
-    else:
-        opts, fs, root = {}, fsspec.filesystem("file"), str(tmp_path / "laion")
-        fs.makedirs(root)
-        path = root
+    opts, fs, root, path = _laion_folder(where, tmp_path, request)
     _write_shards(fs, root)
     whole = list_training_set(path, opts)
     for pattern in ("{00000..00001}.tar", "*.tar", "0000[01].tar", "{00000,00001}.tar"):
