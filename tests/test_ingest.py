@@ -361,7 +361,7 @@ def _img2dataset(fs, root: str, output_format: str) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("output_format", ["files", "parquet"])
-def test_img2dataset_output_is_a_training_set(tmp_path, output_format):
+def test_img2dataset_output_is_a_training_set(tmp_path, output_format, monkeypatch):
     """img2dataset's default output (files) was refused as "img2dataset's metadata, whose images lie
     in the shards beside it", and its parquet output as "rename key and jpg to id and image". The
     files are an image folder now (captions from <key>.txt), the parquet a manifest (key -> id,
@@ -378,6 +378,13 @@ def test_img2dataset_output_is_a_training_set(tmp_path, output_format):
     dec = decode_rows(t, None)
     assert dec.quarantine.num_rows == 0 and all(np.array_equal(a, b) for a, b in zip(dec.images, originals.values()))
     check_trainset(root, {}, "caption")  # the audit's preflight takes it, captions and all
+    if output_format == "files":  # captions from each shard's metadata .parquet: no request per <key>.txt
+        read = []
+        cat = fsspec.implementations.local.LocalFileSystem.cat_file
+        monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "cat_file",
+                            lambda self, p, *a, **k: read.append(p) or cat(self, p, *a, **k))
+        assert list_training_set(root, {}).equals(t) and not [p for p in read if p.endswith(".txt")]
+        monkeypatch.undo()
     if output_format == "files":  # the metadata without its images is still named as such
         fs.rm(f"{root}/00000", recursive=True)
         with pytest.raises(ConfigError, match=r"00000.parquet needs an 'id' column .* img2dataset's metadata"):
