@@ -1,5 +1,6 @@
-"""Decoding JPEG training images for the index: memex's `decode_rows` (a JPEG decoded at the reduced
-DCT scale that keeps both sides >= the embedder's input, images.decode's min_side) against the same
+"""Decoding JPEG training images for the index: memex's `decode_rows` (a JPEG decoded at a reduced DCT
+scale that keeps both sides >= max(2 x the embedder's input, 448 px): images.decode's min_side,
+memex/ingest.py's DRAFT_MIN_SIDE) against the same
 code with a full decode first (the plain way: PIL decodes every pixel, then `fit` crops and
 resizes), on the same bytes, in one process.
 
@@ -9,7 +10,8 @@ size class is timed at the two embedder inputs memex ships: pixels (32 px) and S
 Pixel differences are measured after `fit`, where the embedder reads them; for the pixel embedder,
 the largest per-image RMS in [0, 1], beside its near-duplicate threshold index.dup_threshold = 0.05.
 
-Then the whole index stage (`index.run`: list, decode, embed, FAISS shards, near-duplicate counts;
+Then how far apart each way puts one picture stored at two sizes (near-duplicate counts must still
+call them one), and the whole index stage (`index.run`: list, decode, embed, FAISS shards, near-duplicate counts;
 resources.executor=local, so both runs decode in this process) on a folder of those JPEGs, each
 way, into its own storage root.
 
@@ -81,7 +83,34 @@ def main() -> None:
             print(f"{w:>5}x{h:<4} {size:>5} | {full_s / args.images * 1e3:>11.1f} {memex_s / args.images * 1e3:>12.1f} "
                   f"{full_s / memex_s:>7.2f}x | {diff.mean():>9.2f} {diff.max():>8.0f} "
                   f"{'' if rms is None else f'{rms:.4f}':>9}")
+    resized_copies(args.workers)
     stage(args.stage_images)
+
+
+def resized_copies(workers: int) -> None:
+    """The same picture stored at two sizes and qualities (LAION's duplicates): how far apart the
+    index's input puts them, each way. Near-duplicate counts call them one picture within
+    index.dup_threshold (0.05 RMS for the pixel embedder)."""
+    from memex.synth import logo
+
+    pairs = [(2000, 95, 700, 60), (1600, 90, 400, 75), (3000, 95, 1000, 85), (800, 90, 500, 70)]
+
+    def stored(img: np.ndarray, side: int, quality: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(img).resize((side, side * 3 // 4), Image.BICUBIC).save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+
+    for size in (32, 224):
+        worst = {True: 0.0, False: 0.0}
+        for seed in range(8):
+            pic = logo(seed, 256)[0]
+            for a, qa, b, qb in pairs:
+                t = pa.table({"id": ["a", "b"], "image": [stored(pic, a, qa), stored(pic, b, qb)]})
+                for plain in (True, False):
+                    x, y = (im.astype(float) / 255 for im in timed_rows(t, size, workers, plain)[1])
+                    worst[plain] = max(worst[plain], float(np.sqrt(((x - y) ** 2).mean())))
+        print(f"resized copies of 8 logos (4 size/quality pairs) at {size} px: worst RMS apart, full decode "
+              f"{worst[True]:.4f}, memex {worst[False]:.4f}")
 
 
 def index_stage(folder: Path, root: Path, plain: bool) -> float:

@@ -131,11 +131,10 @@ def decode(data: bytes, channels: int = 3, min_side: int | None = None) -> np.nd
     or corrupt), DecompressionBombError (too many pixels), UnsupportedImageError (a mode or
     sample range with no display conversion); callers turn these into their own errors.
 
-    min_side: the caller shrinks the image to a min_side square next (the index's embedder input),
-    so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (its DCT's own reduction, PIL's draft), the
-    largest that keeps both sides >= min_side. A 2048x1536 JPEG decodes 3x faster for a 224 or
-    32 px input; after `fit` the pixels differ from a full decode's by ~1 level of 255 on average
-    (bench/RESULTS.md, JPEG decode). Other formats decode in full.
+    min_side: the caller shrinks the image next (the index, to its embedder's input), so a JPEG may
+    be decoded at 1/2, 1/4 or 1/8 scale (its DCT's own reduction, PIL's draft), the largest that
+    keeps both sides >= min_side: a fraction of the work (memex/ingest.py picks min_side, and
+    bench/RESULTS.md measures it). Other formats decode in full.
     """
     if channels not in (1, 3):
         raise ValueError(f"decode: channels must be 1 (grayscale) or 3 (RGB), got {channels}")

@@ -275,8 +275,22 @@ def test_a_jpeg_shrunk_for_the_index_is_decoded_at_its_dct_scale():
         diff = np.abs(fit(decode(jpeg, min_side=side), side).astype(int) - fit(full, side))
         assert diff.mean() < 1.5 and diff.max() <= 12, (side, diff.mean(), diff.max())
     rows = pa.table({"id": ["a"], "image": [jpeg]})
-    got = decode_rows(rows, 224).images[0]
-    assert np.array_equal(got, fit(decode(jpeg, min_side=224), 224)) and not np.array_equal(got, fit(full, 224))
+    got = decode_rows(rows, 224).images[0]  # the index reduces no further than DRAFT_MIN_SIDE (448): 1/2 here
+    assert np.array_equal(got, fit(decode(jpeg, min_side=448), 224)) and not np.array_equal(got, fit(full, 224))
+    # the same logo stored at 1600 and 400 px: reduced to 32 px each, 1/8 and 1/4 put them 0.065 RMS
+    # apart (past index.dup_threshold, 0.05); as decode_rows reduces them, as far apart as full decodes
+    from memex.synth import logo
+
+    def stored(side: int, quality: int) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(logo(1, 256)[0]).resize((side, side * 3 // 4), Image.BICUBIC).save(out, "JPEG",
+                                                                                       quality=quality)
+        return out.getvalue()
+
+    pair = pa.table({"id": ["big", "small"], "image": [stored(1600, 90), stored(400, 75)]})
+    rms = [np.sqrt((((a.astype(float) - b) / 255) ** 2).mean()) for a, b in
+           [decode_rows(pair, 32).images, [fit(decode(x), 32) for x in pair["image"].to_pylist()]]]
+    assert rms[0] <= rms[1] + 0.002, rms
     # a sideways phone JPEG is still turned upright, and a PNG decodes in full
     exif = Image.Exif()
     exif[0x0112] = 6

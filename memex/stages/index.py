@@ -41,9 +41,9 @@ from memex.storage import damaged, unit_name
 log = logging.getLogger("memex.index")
 # Part of every index key: folders written by an older layout are never resumed into, only rebuilt.
 # 4: quarantine files in quarantine/ (were shards/quarantine-*.parquet, beside the FAISS files)
-# Not bumped when JPEGs began to be decoded at a reduced DCT scale (images.decode's min_side): an
-# index built before differs by <= 0.003 RMS a picture in pixels (bench/RESULTS.md, JPEG decode), and a
-# new key would rebuild every index and stop every unfinished run folder (its matches/ keep the key).
+# Not bumped when JPEGs began to be decoded at a reduced DCT scale (ingest.DRAFT_MIN_SIDE): an index
+# built before differs by <= 0.001 RMS a picture in pixels (bench/RESULTS.md, JPEG decode), and a new
+# key would rebuild every index and stop every run folder rerun (its matches/ keep the key).
 LAYOUT_VERSION = 4
 
 
