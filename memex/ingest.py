@@ -56,7 +56,7 @@ from memex.manifest import (
     HF_STATE,
     ManifestError,
     first_caption,
-    is_img2dataset_metadata,
+    is_img2dataset_metadata_file,
     read_manifest,
 )
 from memex.shards import (
@@ -271,12 +271,7 @@ def _img2dataset_files(fs, parquet: str, files: dict[str, dict]) -> bool:
     """img2dataset's default output (output_format=files): <shard>/<key>.jpg with <key>.txt (the
     caption, read as the image folder's sidecar) beside, and a metadata <shard>.parquet per shard
     holding no image. Told from a manifest with images beside it by that Parquet's schema."""
-    if not any(f.lower().endswith(IMAGE_SUFFIXES) for f in files):
-        return False
-    try:
-        return is_img2dataset_metadata(pq.read_schema(parquet, filesystem=fs).names)
-    except Exception:  # noqa: BLE001 - not readable: the manifest reader names the file
-        return False
+    return any(f.lower().endswith(IMAGE_SUFFIXES) for f in files) and is_img2dataset_metadata_file(fs, parquet)
 
 
 def _img2dataset_captions(fs, files: dict[str, dict], caption_column: str) -> dict[str, Any]:
@@ -295,17 +290,23 @@ def _img2dataset_captions(fs, files: dict[str, dict], caption_column: str) -> di
     return out
 
 
-def _from_pattern(path: str, fs, pattern: str, key: str) -> pa.Table:
-    """The shards a pattern names (memex/shards.py: braces, then globs), ids relative to the folder
-    above its first wildcard, as that folder given whole would give them."""
+def pattern_shards(path: str, fs, pattern: str, key: str) -> dict[str, dict]:
+    """Shard path -> info of the shards a pattern names (memex/shards.py: braces, then globs); the
+    audit's preflight calls it too. A pattern of anything but .tar shards, or naming a missing
+    shard, raises naming `key`."""
     if not pattern.endswith(".tar"):
         raise IngestError(f"{key}={path} does not exist; as a pattern, memex reads only WebDataset shards "
                           "(laion/{00000..00099}.tar, laion/0000*.tar): give a folder of images or a manifest whole")
     try:
-        files = expand_shards(fs, pattern)
+        return expand_shards(fs, pattern)
     except ShardPatternError as e:
         raise IngestError(f"{key}={path} {e}") from e
-    return _from_shards(path, fs, pattern_root(pattern), files, key)
+
+
+def _from_pattern(path: str, fs, pattern: str, key: str) -> pa.Table:
+    """The shards a pattern names, ids relative to the folder above its first wildcard, as that
+    folder given whole would give them."""
+    return _from_shards(path, fs, pattern_root(pattern), pattern_shards(path, fs, pattern, key), key)
 
 
 def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str) -> pa.Table:

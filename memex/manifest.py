@@ -175,6 +175,15 @@ def is_img2dataset_metadata(names: list[str]) -> bool:
     return {"key", "url"} <= set(names) and not {"id", "image", "uri", "jpg"} & set(names)
 
 
+def is_img2dataset_metadata_file(fs: fsspec.AbstractFileSystem, parquet: str) -> bool:
+    """Whether a .parquet file is img2dataset's metadata (its footer alone is read); an unreadable
+    one is not: the manifest reader, which reads it next, names it."""
+    try:
+        return is_img2dataset_metadata(pq.read_schema(parquet, filesystem=fs).names)
+    except Exception:  # noqa: BLE001 - see above
+        return False
+
+
 def img2dataset_rows(path: str, table: pa.Table) -> pa.Table:
     """img2dataset's Parquet output as a manifest: key -> id, jpg -> image, the rows whose download
     failed (jpg null, status != success: ~10-40% of a LAION part) left out, as they were never

@@ -43,11 +43,11 @@ from memex.config import (
 from memex.embed import check_embedder
 from memex.layout import RunLayout
 from memex.lease import hold
-from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, is_img2dataset_metadata, missing_columns
+from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, is_img2dataset_metadata_file, missing_columns
 from memex.models import check_kind, check_model_inputs
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
-from memex.shards import ShardPatternError, expand_shards, is_pattern
+from memex.shards import is_pattern
 from memex.storage import check_outside
 from memex.tracking import check as check_tracker
 from memex.tracking import log_audit
@@ -146,7 +146,7 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
     import fsspec
     import pyarrow.parquet as pq
 
-    from memex.ingest import IMAGE_SUFFIXES
+    from memex.ingest import IMAGE_SUFFIXES, IngestError, pattern_shards
 
     try:
         fs, root = fsspec.core.url_to_fs(path, **storage_options)
@@ -156,14 +156,10 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
         raise ConfigError(f"trainset.path={path} cannot be reached: {type(e).__name__}: {e} "
                           "(check the URI and storage.options)") from e
     if not exists and is_pattern(root):  # shards named by a pattern: each one there (memex/shards.py)
-        if not root.endswith(".tar"):
-            raise ConfigError(f"trainset.path={path}: no such file or folder; as a pattern, memex reads only "
-                              "WebDataset shards (laion/{00000..00099}.tar): give a folder of images or a "
-                              "manifest whole")
         try:
-            expand_shards(fs, root)
-        except ShardPatternError as e:
-            raise ConfigError(f"trainset.path={path} {e}") from e
+            pattern_shards(path, fs, root, "trainset.path")
+        except IngestError as e:
+            raise ConfigError(str(e)) from e
         return
     if not exists:
         raise ConfigError(f"trainset.path={path}: no such file or folder (give a Parquet manifest or an image folder)")
@@ -188,7 +184,8 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
             # WebDataset shards first: img2dataset writes a metadata .parquet beside each .tar
             hit = next((f for f in sorted(names) if f.endswith(".tar")), None) or next(
                 (f for f in sorted(names) if f.lower().endswith((*IMAGE_SUFFIXES, ".parquet"))), None)
-            if hit and hit.endswith(".parquet") and metadata is None and _img2dataset_metadata(fs, d, hit):
+            if hit and hit.endswith(".parquet") and metadata is None and \
+                    is_img2dataset_metadata_file(fs, posixpath.join(d, hit)):
                 # img2dataset's output_format=files: the images are files in its shard folders
                 metadata = posixpath.join(d, hit)
                 hit = next((f for f in sorted(names) if f.lower().endswith(IMAGE_SUFFIXES)), None)
@@ -230,15 +227,6 @@ def check_caption_column(path: str, what: str, names: set[str], caption_column: 
                           f"(trainset.caption_column) to rank as prompts (columns: {sorted(names)}): set "
                           "trainset.caption_column=<column>, or give prompts=file (prompts=none for an "
                           "unconditional model)")
-
-
-def _img2dataset_metadata(fs, folder: str, name: str) -> bool:
-    import pyarrow.parquet as pq
-
-    try:
-        return is_img2dataset_metadata(pq.read_schema(posixpath.join(folder, name), filesystem=fs).names)
-    except Exception:  # noqa: BLE001 - not readable: the manifest check below names it
-        return False
 
 
 def check_folder_captions(fs, path: str, root: str, first: str, names: list[str], caption_column: str) -> None:
