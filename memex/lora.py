@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from memex.models import HUB_ID, LYCORIS, ModelError, safetensors_shapes
+from memex.models import HUB_ID, ModelError, lycoris_kinds, safetensors_shapes
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # key suffix -> which factor: "down" is (rank, in_features[, k, k]), "up" is (out_features, rank[, 1, 1])
@@ -70,7 +70,7 @@ def check_lora(lora: str, shapes_of: Callable[[str], dict[str, tuple[int, ...]] 
         tensors = safetensors_shapes(file)
     except ModelError as e:
         raise ModelError(f"model.lora={lora}: {e}") from e
-    kinds = sorted({kind for k in tensors for suffix, kind in LYCORIS.items() if k.endswith(suffix)})
+    kinds = lycoris_kinds(tensors)
     if kinds:  # it failed on every sampler actor, after the run folder was claimed
         raise ModelError(f"model.lora={lora}: {file} is a LyCORIS {' and '.join(kinds)} adapter, not a LoRA: "
                          "diffusers cannot load it. Merge it into the base's UNet once (LyCORIS's merge script, or "

@@ -109,6 +109,11 @@ LYCORIS = {".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".oft
            ".oft_diag": "OFT", ".diff": "full-difference", ".diff_b": "full-difference"}
 
 
+def lycoris_kinds(tensor_names) -> list[str]:
+    """The LyCORIS adapter kinds (LoHa, LoKr, ...) whose tensors a file names, sorted; [] for none."""
+    return sorted({kind for k in tensor_names for suffix, kind in LYCORIS.items() if k.endswith(suffix)})
+
+
 def weights_file_kind(path: str) -> str:
     """What a lone weights file holds, from its safetensors header (no tensor is read): "lycoris" (a
     LyCORIS adapter that is no LoRA: LoHa, LoKr, ...), "lora" (any
@@ -119,7 +124,7 @@ def weights_file_kind(path: str) -> str:
     if not path.endswith(".safetensors"):
         return "lora" if "lora" in os.path.basename(path).lower() else "single_file"  # pytorch_lora_weights.bin
     keys = list(safetensors_shapes(path))
-    if any(k.endswith(tuple(LYCORIS)) for k in keys):
+    if lycoris_kinds(keys):
         return "lycoris"
     if any("lora" in k.lower() for k in keys):
         return "lora"
