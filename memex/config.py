@@ -615,7 +615,16 @@ def validate_tracker(t: TrackerConfig) -> None:
 
 
 @dataclass
+class AuditRunConfig(RunConfig):
+    # a finished run's folder name under storage.root: match its generations again with this
+    # command's filter, match, embedder, index and training-set settings, generating nothing (a
+    # threshold sweep: memex/stages/rematch.py). None: generate.
+    samples_from: Optional[str] = None
+
+
+@dataclass
 class AuditConfig(GenerateConfig):
+    run: AuditRunConfig = field(default_factory=AuditRunConfig)
     triage: TriageConfig = field(default_factory=TriageConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -653,6 +662,13 @@ def validate_audit(cfg: AuditConfig) -> None:
                           f"filter.min_clique={f.min_clique}: no prompt could ever be flagged; "
                           "raise one or lower the other")
     validate_budget(cfg)
+    src = cfg.run.samples_from
+    if src is not None and ("/" in src or not src.strip()):
+        raise ConfigError(f"run.samples_from must be a run folder's name under storage.root (as memex audit "
+                          f"printed it), got {src!r}")
+    if src is not None and src == cfg.run.name:
+        raise ConfigError(f"run.name={src} is run.samples_from itself: a re-match writes a run folder of its "
+                          "own; give another run.name, or leave it out (<samples_from>-m<hash of the settings>)")
     if not cfg.trainset.path or cfg.trainset.path == "???":
         raise ConfigError("trainset.path is not set: give the training set (Parquet manifest or image folder) "
                           "to match against")
@@ -817,6 +833,9 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
             raise ConfigError(f"model.{key}: memex nightly takes each checkpoint's own from its folder "
                               "(checkpoint-<step>/unet, checkpoint-<step>/text_encoder, checkpoint-<step>/"
                               f"pytorch_lora_weights.safetensors) and loads it on nightly.base_model; drop model.{key}")
+    if cfg.run.samples_from is not None:
+        raise ConfigError("run.samples_from: memex nightly generates anew for each checkpoint; drop it (re-match "
+                          "one checkpoint's run folder with memex audit run.samples_from=<run>)")
     validate_audit(cfg)  # model.path/name and run.name are replaced per checkpoint
 
 

@@ -1,7 +1,8 @@
 """Where everything lives: the one place that defines paths, unit names and schemas.
 
     <storage.root>/<run name>/       one run folder per checkpoint x generation settings (RunLayout)
-        run.json                     generation settings; a rerun must match them
+        run.json                     generation settings; a rerun must match them (a re-match's:
+                                     its source run's, and samples_from, that run's name)
         prompts.parquet              prompt_id, prompt (PROMPTS_SCHEMA)
         index.json                   the membership index this run is matched against (audit only)
         rounds/round-000.json        the samples each budget round generates (memex/plan.py)
@@ -23,6 +24,10 @@
       triage/, candidates/, matches/, and the index's dups/ and quarantine/). Run folders written
       before summary.json moved out of matches/ are still read (`RunLayout.read_summary`,
       `matched_train_source`), but matches/ of such a folder holds two non-dataset files.
+      A re-match's run folder (`memex audit run.samples_from=<run>`, memex/stages/rematch.py) holds
+      run.json, index.json, candidates/, matches/, summary.json, matched_train_images.parquet,
+      report/ and logs/; prompts, rounds, triage, previews and samples are its source run's
+      (`RunLayout.generated`), read where they are and never written.
 
     <storage.root>/<run name>/mia/   `memex mia` (MiaLayout; an audit's run folder may hold one too)
         run.json                     model, image sets and attack settings; a rerun must match them
@@ -52,12 +57,17 @@ Reads, atomic writes and the marker convention are memex/storage.py's.
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from typing import Any
 
 import pyarrow as pa
 
 from memex.storage import StageFolder, StorageError, Store, unit_name  # noqa: F401 - StorageError: re-exported
+
+# run.json's key in a re-match's run folder: the run (a folder name under storage.root) whose
+# generations it matches (memex/stages/rematch.py)
+SAMPLES_FROM = "samples_from"
 
 PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())])
 
@@ -233,13 +243,39 @@ class RunLayout(_Folder):
     """Paths of one run folder `<root>/<run name>` on any fsspec filesystem (I/O: `layout.store`)."""
 
     def __init__(self, root: str, run_name: str, storage_options: dict[str, Any] | None = None):
-        self.store = Store(root.rstrip("/") + "/" + run_name, storage_options)
+        self.root = root.rstrip("/")
+        self.store = Store(self.root + "/" + run_name, storage_options)
         self.run_name = run_name
-        self.triage = StageFolder(self.store, "triage", schema=TRIAGE_SCHEMA)
-        self.previews = StageFolder(self.store, "previews", schema=PREVIEWS_SCHEMA)
-        self.samples = StageFolder(self.store, "samples", schema=SAMPLES_SCHEMA)
         self.candidates = StageFolder(self.store, "candidates", schema=CANDIDATES_SCHEMA)
         self.matches = StageFolder(self.store, "matches", schema=MATCHES_SCHEMA)
+
+    # ---- the generations: this folder's own, or a re-match's source run's --------------------
+    # A re-match (`memex audit run.samples_from=<run>`) matches another run's generations with other
+    # filter or match settings: its run.json names that run, and prompts, rounds, triage, previews
+    # and samples are read from there; candidates/, matches/, summary.json and report/ are its own.
+    @functools.cached_property
+    def samples_from(self) -> str | None:
+        """The run whose generations this folder matches (run.json's samples_from), or None: its own.
+        One read of run.json per layout, on first use."""
+        return (self.store.read_json(self.run_json) or {}).get(SAMPLES_FROM)
+
+    @functools.cached_property
+    def generated(self) -> Store:
+        """The folder that holds the generations: this one, or a re-match's source run folder."""
+        src = self.samples_from
+        return self.store if src is None else Store(self.root + "/" + src, self.store.options)
+
+    @functools.cached_property
+    def triage(self) -> StageFolder:
+        return StageFolder(self.generated, "triage", schema=TRIAGE_SCHEMA)
+
+    @functools.cached_property
+    def previews(self) -> StageFolder:
+        return StageFolder(self.generated, "previews", schema=PREVIEWS_SCHEMA)
+
+    @functools.cached_property
+    def samples(self) -> StageFolder:
+        return StageFolder(self.generated, "samples", schema=SAMPLES_SCHEMA)
 
     @classmethod
     def at(cls, run_uri: str, storage_options: dict[str, Any] | None = None) -> "RunLayout":
@@ -257,7 +293,7 @@ class RunLayout(_Folder):
 
     @property
     def prompts_path(self) -> str:
-        return self.join("prompts.parquet")
+        return self.generated.join("prompts.parquet")
 
     @property
     def index_json(self) -> str:

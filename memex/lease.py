@@ -385,6 +385,14 @@ class Lease:
                         type(e).__name__, e)
 
 
+def live_holder(store: Store, storage_cfg: Any, what: str) -> str | None:
+    """Who holds `<store>/_lease.json` now, described, or None when nobody live does (no lease, or a
+    stale one). Reads only: a re-match checks that no audit is still writing its source folder."""
+    lease = Lease(store, what, getattr(storage_cfg, "lease_timeout_s", DEFAULT_TIMEOUT_S))
+    rec, _ = lease._read()
+    return None if rec is None or lease._stale(rec) else lease.describe(rec)
+
+
 # leases this process holds, per folder and thread: a stage inside an audit re-enters the audit's
 _held: dict[tuple[str, int], list] = {}
 _held_lock = threading.Lock()

@@ -281,6 +281,10 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
            f'<p class="muted">model {esc(model["path"])}{" + UNet " + esc(unet) if unet else ""} &middot; run '
            f'{esc(redact_urls(summary["run"]))} &middot; report built '
            f'{esc(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}</p>']
+    if summary.get("samples_from"):  # a re-match (memex/stages/rematch.py): whose generations these are
+        out.append(f'<p class="muted">A re-match of the generations of run {esc(redact_urls(summary["samples_from"]))}'
+                   " with this page's filter and match settings: no generation was made for it, and its UNet "
+                   "evaluations are what that run spent on them.</p>")
     n_ext = summary["extracted_unique_train_images"]
     per_image = summary.get("unet_evaluations_per_extracted_image")
     out.append(_cards([

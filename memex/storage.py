@@ -237,7 +237,8 @@ class Store:
 
 
 # A stage folder's settings key to name in the refusal's sweep example: the run folder is named by
-# the generation settings only, so `-m match.threshold=0.1,0.15` reaches the same folder twice.
+# the generation settings only, so `-m match.threshold=0.1,0.15` reaches the same folder twice;
+# filter and match settings are swept over one run's generations with run.samples_from.
 SWEEP_EXAMPLE = {"candidates": "filter.edge_threshold", "matches": "match.threshold", "triage": "triage.seeds"}
 
 
@@ -326,8 +327,14 @@ class StageFolder:
 
     def claim(self, settings: dict, where: str) -> None:
         """This stage's settings (filter thresholds, match settings) in `where`, or refuse others."""
-        key = SWEEP_EXAMPLE.get(self.name)
-        sweep = (f" A sweep over these settings (memex audit -m) needs a run folder per value, each generated anew: "
-                 f"run.name='<name>-${{{key}}}'." if key else "")
+        key, run = SWEEP_EXAMPLE.get(self.name), posixpath.basename(self.store.path.rstrip("/"))
+        if key == "triage.seeds":  # decides the generations: a sweep generates anew
+            sweep = f" A sweep over it (memex audit -m) needs a run folder per value: run.name='<name>-${{{key}}}'."
+        elif key:  # match and filter settings: the generations of this run, re-matched (memex/stages/rematch.py)
+            sweep = (f" A sweep over these settings (memex audit -m) needs a run folder per value; "
+                     f"run.samples_from={run} matches this run's generations again without generating: "
+                     f"run.samples_from={run} run.name='{run}-${{{key}}}'.")
+        else:
+            sweep = ""
         self.store.claim(self.settings_path, settings, f"{self.name}/ in {where}",
                          f"Use another run.name, or delete {self.store.uri_of(self.path)} to redo the stage.{sweep}")

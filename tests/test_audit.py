@@ -93,10 +93,12 @@ def test_planted_copy_is_flagged_and_verified_distinct_is_not(world, ray_head):
     assert max(m["distance"].to_pylist()) < 0.02  # +-2/255 noise: RMS ~0.005 per tile
 
     # a rerun with other filter settings on the same run folder is refused, nothing overwritten
-    # (a Hydra sweep reaches this folder once a value: the message names run.name's interpolation)
+    # (a Hydra sweep reaches this folder once a value: the message names a re-match of this run's
+    # generations, run.name's interpolation included)
     with pytest.raises(StorageError, match=r"other settings \(edge_threshold: was 0.15, now 0.1\).* a run folder "
-                                           r"per value, each generated anew: run.name='<name>-\$\{filter.edge_"
-                                           r"threshold\}'"):
+                                           r"per value; run.samples_from=r-tiled matches this run's generations "
+                                           r"again without generating: run.samples_from=r-tiled "
+                                           r"run.name='r-tiled-\$\{filter.edge_threshold\}'"):
         filter_stage.run(_cfg(world, ray_head, "filter.edge_threshold=0.1", "match.candidates=cliques"), "r-tiled")
     filter_stage.run(cfg, "r-tiled")
     assert match.run(cfg, "r-tiled") == s

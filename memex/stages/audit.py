@@ -63,10 +63,16 @@ def run(cfg: AuditConfig) -> dict:
     # (headers and shapes, no weights read), the training set, the prompts (read now, unless the index ranks them)
     validate_audit(cfg)
     check_tracker(cfg.tracker)  # tracker=mlflow|tensorboard|wandb: its package is installed
-    declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
-                                  cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
-    check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
+    rematch_of = cfg.run.samples_from  # a re-match (memex/stages/rematch.py) loads no model: none is checked
+    if rematch_of is None:
+        declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
+                                      cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
+        check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
     prompts = check_shared_inputs(cfg)
+    if rematch_of is not None:  # its source's prompts and generations; its own run folder, claimed now
+        from memex.stages import rematch
+
+        run_name = rematch.prepare(cfg)
     if cfg.model.kind == ModelKind.unconditional and cfg.match.candidates == CandidateSource.cliques:
         log.warning("unconditional model with match.candidates=cliques: all samples share one prompt, so the "
                     "filter sees one graph; the paper compares every sample (match=relative)")
@@ -78,9 +84,10 @@ def run(cfg: AuditConfig) -> dict:
     # 2. index (and the prompts it ranks); the run folder records which index it is matched against
     info = index.run(cfg)
     log.info("index %s: %d training images indexed, %d quarantined", info.key, info.n_indexed, info.n_quarantined)
-    if prompts is None:
-        prompts = rank_by_near_duplicates(read_duplicates(info, cfg.storage.options), cfg.prompts.limit)
-    run_name = generate.prepare(cfg, prompts)
+    if rematch_of is None:
+        if prompts is None:
+            prompts = rank_by_near_duplicates(read_duplicates(info, cfg.storage.options), cfg.prompts.limit)
+        run_name = generate.prepare(cfg, prompts)
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     # one audit at a time in a run folder (<run>/_lease.json): a second one refuses, naming this one
     with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
@@ -96,23 +103,13 @@ def audit_run_folder(cfg: AuditConfig, run_name: str, layout: RunLayout) -> dict
     """Steps 3-7 in the prepared run folder (under its lease): triage, generate, filter, match, report."""
     from memex.report import build_report
     from memex.stages import filter as filter_stage
-    from memex.stages import generate, match
-    from memex.stages import triage as triage_stage
+    from memex.stages import match
 
     # 3. triage, 4. generate (+ match each round), 5. filter, 6. match: inputs from the run folder
-    first = None  # prompt rows of the first round: every prompt, or the top triage.keep
-    if triage_stage.needs_stage(cfg):  # else the samples' free first-step scores are the triage (prompt_scores)
-        triage_stage.run(cfg, run_name)
-        if cfg.triage.keep is not None:
-            first = top_by_triage(layout, cfg.triage.keep)
-    every = cfg.match.candidates == CandidateSource.all
-    if adaptive(cfg):
-        generate_in_rounds(cfg, run_name, layout, first)
+    if layout.samples_from is not None:  # a re-match: the source run's triage and generations, as they are
+        log.info("re-match: generations of run %s", layout.generated.uri)
     else:
-        generate.read_plan(cfg, layout, first)  # the fixed budget's one round, of the triage.keep prompts if set
-        generate.run(cfg, run_name)
-        if every:
-            match.match_shards(cfg, run_name)
+        triage_and_generate(cfg, run_name, layout)
     if cfg.prompts.source != PromptSource.none:
         filter_stage.run(cfg, run_name)
     else:  # one prompt: its N x N graph over every sample is unbounded, and match=all verifies them anyway
@@ -124,18 +121,40 @@ def audit_run_folder(cfg: AuditConfig, run_name: str, layout: RunLayout) -> dict
     return summary
 
 
+def triage_and_generate(cfg: AuditConfig, run_name: str, layout: RunLayout) -> None:
+    """Steps 3-4: triage (when needed before generation), then the generations of every round;
+    with match.candidates=all each round's are matched as soon as they exist."""
+    from memex.stages import generate, match
+    from memex.stages import triage as triage_stage
+
+    first = None  # prompt rows of the first round: every prompt, or the top triage.keep
+    if triage_stage.needs_stage(cfg):  # else the samples' free first-step scores are the triage (prompt_scores)
+        triage_stage.run(cfg, run_name)
+        if cfg.triage.keep is not None:
+            first = top_by_triage(layout, cfg.triage.keep)
+    if adaptive(cfg):
+        generate_in_rounds(cfg, run_name, layout, first)
+    else:
+        generate.read_plan(cfg, layout, first)  # the fixed budget's one round, of the triage.keep prompts if set
+        generate.run(cfg, run_name)
+        if cfg.match.candidates == CandidateSource.all:
+            match.match_shards(cfg, run_name)
+
+
 def check_shared_inputs(cfg: AuditConfig) -> pa.Table | None:
     """The inputs every checkpoint audited with one config shares: the training set, where the
     outputs go, the embedder, the prompts (memex nightly checks them once, before any checkpoint:
     each of them failing was one error row per checkpoint, every night). Returns the prompts, or
     None when the index ranks them."""
     ranks_captions = cfg.prompts.source == PromptSource.near_duplicates
+    rematch = getattr(cfg.run, "samples_from", None) is not None  # its prompts are its source run's
+    ranks_captions = ranks_captions and not rematch
     check_trainset(cfg.trainset.path, cfg.storage.options, cfg.trainset.caption_column if ranks_captions else None)
     for key, where in (("storage.root", cfg.storage.root), ("index.root", cfg.index.root)):
         if where:
             check_outside(key, where, "trainset.path", cfg.trainset.path, cfg.storage.options)
     check_embedder(cfg.embedder, cfg.storage.options)  # before an index folder is made for it
-    return None if ranks_captions else load_prompts(cfg.prompts, cfg.storage.options)
+    return None if ranks_captions or rematch else load_prompts(cfg.prompts, cfg.storage.options)
 
 
 def check_trainset(path: str, storage_options: dict, caption_column: str | None = None) -> None:
@@ -332,8 +351,12 @@ def format_summary(s: dict) -> str:
     ]
     if "unet_evaluations" in s:
         per = s.get("unet_evaluations_per_extracted_image")
-        lines.append(f"  {s['unet_evaluations']:,} UNet evaluations (triage {s.get('unet_evaluations_triage', 0):,})"
+        by = " by the source run" if s.get("samples_from") else ""
+        triage = s.get("unet_evaluations_triage", 0)
+        lines.append(f"  {s['unet_evaluations']:,} UNet evaluations{by} (triage {triage:,})"
                      + (f", {per:,} per extracted image" if per else ""))
+    if s.get("samples_from"):
+        lines.append(f"  a re-match of the generations of {s['samples_from']}: no UNet evaluation in this command")
     pictures = s.get("extracted_pictures", [])
     if pictures:
         shown = ", ".join(p["picture"] + (f" (+{len(p['rows']) - 1} copies)" if len(p["rows"]) > 1 else "")

@@ -95,7 +95,7 @@ def filter_chunk(chunk: int, layout: RunLayout, p0: int, p1: int, f: FilterConfi
 
     device = resolve_device(device)
     prompts = read_run_prompts(layout).slice(p0, p1 - p0)
-    plan = SamplePlan.read(layout.store)
+    plan = SamplePlan.read(layout.generated)
     rows = []
     for p, pid, text in zip(range(p0, p1), prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist()):
         if not plan.samples_of(p):

@@ -35,8 +35,8 @@ from memex.storage import StageFolder
 log = logging.getLogger("memex.generate")
 
 
-def run_settings(cfg: GenerateConfig, prompts: pa.Table) -> dict:
-    """Everything that decides the rows of a run; a rerun of the same run must match it exactly."""
+def model_and_sampling(cfg: GenerateConfig) -> dict:
+    """The model and sampling part of run.json: what decides each generation's pixels."""
     # batch_size stays in: it fixes the UNet batch shape, which decides the last float bit
     # (memex.sampling), so a resumed run must keep it to reproduce its rows byte for byte.
     s = plain(cfg.sampling)
@@ -44,12 +44,15 @@ def run_settings(cfg: GenerateConfig, prompts: pa.Table) -> dict:
         del s["channels_last"]
     if s["decode_batch_size"] is None:  # likewise: the whole batch, as every run before it decoded
         del s["decode_batch_size"]
+    return {"model": model_identity(cfg.model), "sampling": s}
+
+
+def run_settings(cfg: GenerateConfig, prompts: pa.Table) -> dict:
+    """Everything that decides the rows of a run; a rerun of the same run must match it exactly."""
     digest = hashlib.sha256()
     for pid, p in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist()):
         digest.update(f"{pid}\x1f{p}\x1e".encode())
-    model = model_identity(cfg.model)
-    return {"model": model, "sampling": s, "prompts_sha256": digest.hexdigest(),
-            "n_prompts": prompts.num_rows}
+    return {**model_and_sampling(cfg), "prompts_sha256": digest.hexdigest(), "n_prompts": prompts.num_rows}
 
 
 def default_run_name(cfg: GenerateConfig, settings: dict) -> str:

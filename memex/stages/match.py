@@ -328,7 +328,7 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     by_prompt: dict[str, list[dict]] = {}
     for row in ext.to_pylist():
         by_prompt.setdefault(row["prompt_id"], []).append(row)
-    plan = SamplePlan.read(layout.store)
+    plan = SamplePlan.read(layout.generated)
     per_prompt = []
     for k, p in enumerate(prompts):
         c, hits = cands.get(p["prompt_id"], {}), by_prompt.get(p["prompt_id"], [])
@@ -347,8 +347,11 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     undecided = (filter_summary or {}).get("undecided_prompt_ids", [])
     samples = layout.samples.success()
     evals = samples.get("unet_evaluations", 0) + ((layout.triage.success() or {}).get("unet_evaluations", 0))
+    # a re-match (memex/stages/rematch.py): the generations are that run's, and so is their cost
+    source = {"samples_from": redact_urls(layout.generated.uri)} if layout.samples_from is not None else {}
     return {
         "run": redact_urls(layout.uri),
+        **source,
         "model": redact({"name": cfg.model.name, "path": cfg.model.path}),
         "samples": samples["rows"],
         "prompts": len(prompts),

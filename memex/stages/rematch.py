@@ -1,0 +1,142 @@
+"""Re-matching: a finished run's generations filtered and matched again with other settings, no UNet call.
+
+    memex audit run.samples_from=demo-6eaeeb1e85 match.threshold=0.1
+    memex audit -m run.samples_from=demo-6eaeeb1e85 'run.name=demo-t${match.threshold}' match.threshold=0.1,0.15
+
+A run folder is named by its generation settings, so an audit at another match or filter setting
+reaches the same folder, which refuses it (StageFolder.claim), and a sweep without this generated
+every value anew: 38,400 UNet evaluations each on the demo, 2x500 per prompt on Stable Diffusion.
+A re-match writes a run folder of its own whose run.json is the source's plus `samples_from`; its
+prompts, rounds, triage, previews and samples are read from the source where they are
+(`RunLayout.generated`) and never written, and its candidates/, matches/, summary.json and report
+are its own. Its summary's UNet evaluations are the source's: what the generations it matched cost.
+
+    prepare(cfg) -> run name   1. the source: a finished run folder (summary.json, or a `memex
+                                  generate` run's complete samples/), no audit working in it;
+                               2. what made its generations (model.*, sampling.*; an audit's
+                                  prompts, budget and triage too) equal to this command's, or
+                                  refused naming each key that differs: the summary and report
+                                  state this command's config;
+                               3. the run folder: run.name, or <source>-m<hash of the settings a
+                                  re-match changes>; its run.json claimed (a rerun resumes, another
+                                  source is refused).
+Everything else (the index, filter, match, report) is the audit's own code on that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from memex.config import AuditConfig, ConfigError, PromptSource, plain
+from memex.layout import SAMPLES_FROM, RunLayout
+from memex.lease import live_holder
+from memex.redact import redact
+from memex.storage import _differences
+
+log = logging.getLogger("memex.rematch")
+
+# config sections a re-match changes (they name its default run folder); every other section that
+# decides generations must be the source's (GENERATION_SECTIONS), the rest (storage, resources,
+# tracker, run) say where and how it runs
+REMATCH_SECTIONS = ("filter", "match", "embedder", "index", "trainset")
+# decided the source's generations: compared with its summary.json's config (model and sampling
+# with its run.json, which a `memex generate` run has too)
+GENERATION_SECTIONS = ("prompts", "budget", "triage")
+
+
+def _json(obj) -> object:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def source_layout(cfg: AuditConfig, src: str | None = None) -> RunLayout:
+    """Step 1: the run folder run.samples_from (or `src`) names, finished and not being written; a
+    re-match's own source when that is itself a re-match (its generations are that run's)."""
+    src = src or cfg.run.samples_from
+    layout = RunLayout(cfg.storage.root, src, cfg.storage.options)
+    settings = layout.store.read_json(layout.run_json)
+    if settings is None:
+        raise ConfigError(f"run.samples_from={src}: {layout.uri} is not a run folder (no run.json): give the name of "
+                          f"a finished audit's run folder under storage.root={cfg.storage.root} (memex audit "
+                          "prints it: run folder: ...)")
+    if settings.get(SAMPLES_FROM):  # a re-match of a re-match: the generations are the first source's
+        return source_layout(cfg, settings[SAMPLES_FROM])
+    holder = live_holder(layout.store, cfg.storage, f"run folder {layout.uri}")
+    if holder is not None:
+        raise ConfigError(f"run.samples_from={src}: an audit works in {layout.uri} now ({holder}); re-match it "
+                          "once that audit has finished")
+    audited = layout.store.exists(layout.index_json)
+    if (layout.read_summary() if audited else layout.samples.success()) is None:
+        raise ConfigError(f"run.samples_from={src}: {layout.uri} has not finished its "
+                          f"{'audit (no summary.json)' if audited else 'generation (no samples/_SUCCESS.json)'}: "
+                          "run the command that started it again (it resumes), then re-match it")
+    return layout
+
+
+def check_same_generations(cfg: AuditConfig, source: RunLayout) -> None:
+    """Step 2: model.* and sampling.* equal to the source's run.json, and an audit's prompts.*,
+    budget.* and triage.* to its summary's config; else one refusal naming every key that differs."""
+    from memex.stages.generate import model_and_sampling
+
+    run_json = source.store.read_json(source.run_json)
+    now = _json(redact(model_and_sampling(cfg)))
+    was = {k: run_json[k] for k in now if k in run_json}
+    summary = source.read_summary()
+    if summary is not None:
+        mine, theirs = _json(redact(plain(cfg))), summary.get("config", {})
+        now.update({k: mine[k] for k in GENERATION_SECTIONS})
+        was.update({k: theirs[k] for k in GENERATION_SECTIONS if k in theirs})
+    else:  # a `memex generate` run: whether its model had prompts decides the filter
+        from memex.prompts import UNCONDITIONAL_ID, read_run_prompts
+
+        ids = read_run_prompts(source)["prompt_id"].to_pylist()
+        if (ids == [UNCONDITIONAL_ID]) != (cfg.prompts.source == PromptSource.none):
+            raise ConfigError(f"run.samples_from={cfg.run.samples_from}: its generations are "
+                              f"{'an unconditional model' if ids == [UNCONDITIONAL_ID] else 'prompted'}, and this "
+                              f"command says prompts={cfg.prompts.source.value}: set "
+                              f"{'prompts=none' if ids == [UNCONDITIONAL_ID] else 'the prompts it was generated with'}")
+    diffs = list(_differences(*_shared(was, now)))
+    if diffs:
+        detail = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, a, b in diffs[:8]) + \
+            (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise ConfigError(f"run.samples_from={cfg.run.samples_from}: its generations were made with other settings "
+                          f"({detail}). A re-match takes them as they were made: give the source's values (or drop "
+                          "those overrides), or leave out run.samples_from to generate anew")
+
+
+def _shared(was: dict, now: dict) -> tuple[dict, dict]:
+    """The keys both hold, at every depth: a source written before a key existed (or after one went)
+    is compared on what it recorded."""
+    keys = [k for k in was if k in now]
+    pairs = {k: _shared(was[k], now[k]) if isinstance(was[k], dict) and isinstance(now[k], dict) else (was[k], now[k])
+             for k in keys}
+    return {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}
+
+
+def rematch_name(cfg: AuditConfig, source: str) -> str:
+    """<source>-m<10 hex of the settings a re-match changes>: one folder per threshold of a sweep."""
+    mine = _json(redact(plain(cfg)))
+    h = hashlib.sha256(json.dumps({k: mine[k] for k in REMATCH_SECTIONS}, sort_keys=True).encode()).hexdigest()
+    return f"{source}-m{h[:10]}"
+
+
+def prepare(cfg: AuditConfig) -> str:
+    """Steps 1-3: check the source, claim the re-match's run folder; returns its name. Reads and
+    writes nothing of the source; no model is loaded (the checkpoint may be gone)."""
+    source = source_layout(cfg)
+    check_same_generations(cfg, source)
+    name = cfg.run.name or rematch_name(cfg, source.run_name)
+    layout = RunLayout(cfg.storage.root, name, cfg.storage.options)
+    existing = layout.store.read_json(layout.run_json)
+    if existing is not None and not existing.get(SAMPLES_FROM):
+        raise ConfigError(f"run.name={name}: {layout.uri} holds generations of its own; a re-match writes a run "
+                          "folder of its own: give another run.name (or leave it out)")
+    layout.store.check_writable("run folder", "storage.root (bucket name, folder permissions) and "
+                                "storage.options (endpoint_url, credentials)")
+    settings = {**source.store.read_json(source.run_json), SAMPLES_FROM: source.run_name}
+    layout.store.claim(layout.run_json, settings, f"run folder {layout.uri}",
+                       "Use another run.name for a re-match of another run.")
+    log.info("re-match of %s: its prompts, rounds and %d samples; no UNet evaluation here", source.uri,
+             (source.samples.success() or {}).get("rows", 0))
+    return name
