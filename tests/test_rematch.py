@@ -195,3 +195,24 @@ def test_a_rematch_folder_is_not_a_generation_folder(source, tmp_path):
     with pytest.raises(StorageError, match=r"other settings \(samples_from: was 'src', now None\)"):
         generate.prepare(compose([*gen, f"storage.root={runs}", "run.name=m05"]))
     assert _files(runs / "m05") == before
+
+
+def test_a_rematch_on_s3_reads_its_source_in_the_bucket(source, s3_server, bucket):
+    """storage=s3 (moto): the finished source copied into the bucket is re-matched there; the
+    generations are read from s3://<bucket>/runs/src, the re-match's folder is its own, the source's
+    objects are unchanged, and the pictures are the local re-match's."""
+    import s3fs
+
+    tmp, overrides, _ = source
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.put(str(tmp / "runs" / "src"), f"{bucket}/runs/src", recursive=True)
+    before = {p: fs.info(p)["ETag"] for p in fs.find(f"{bucket}/runs/src")}
+    url = s3_server["client_kwargs"]["endpoint_url"]
+    s3 = ["storage=s3", f"storage.root=s3://{bucket}/runs", "+storage.options.key=testing",
+          "+storage.options.secret=testing", f"storage.options.client_kwargs.endpoint_url={url}"]
+    s = _audit([*overrides, *s3, "run.samples_from=src", "match.threshold=0.02", "run.name=s3-t0.02"])
+    assert s["samples_from"] == f"s3://{bucket}/runs/src" and s["run"] == f"s3://{bucket}/runs/s3-t0.02"
+    assert {p["picture"] for p in s["extracted_pictures"]} == {f"a-{i}" for i in range(4)}
+    assert {p: fs.info(p)["ETag"] for p in fs.find(f"{bucket}/runs/src")} == before
+    own = {p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket}/runs/s3-t0.02")}
+    assert "samples" not in own and {"matches", "summary.json", "report"} <= own
