@@ -408,6 +408,10 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
                            "<storage.root>/<run name>, printed by `memex audit`)")
     if summary is None:
         raise StorageError(not_a_finished_run(layout))
+    if layout.samples_from is not None and layout.samples.success() is None:  # a re-match whose source went
+        raise StorageError(f"{layout.uri} re-matched the generations of {layout.generated.uri}, and they are gone "
+                           "(no samples/_SUCCESS.json there); the report shows them. This folder's summary.json and "
+                           "matches/ are as they were: restore that run folder to rebuild the report")
     candidates = layout.candidates.read()
     matches = layout.matches.read()
     ext = matches.filter(matches["extracted"]).sort_by("distance").slice(0, MAX_PAIRS) if matches.num_rows else matches

@@ -216,3 +216,21 @@ def test_a_rematch_on_s3_reads_its_source_in_the_bucket(source, s3_server, bucke
     assert {p: fs.info(p)["ETag"] for p in fs.find(f"{bucket}/runs/src")} == before
     own = {p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket}/runs/s3-t0.02")}
     assert "samples" not in own and {"matches", "summary.json", "report"} <= own
+
+
+def test_the_report_of_a_rematch_whose_source_is_gone_names_it(source, tmp_path):
+    """memex report on a re-match whose source run folder was deleted: the generations it shows are
+    gone, and the error says so, naming that folder; the re-match's own files are left as they were."""
+    from memex.report import build_report
+
+    tmp, overrides, _ = source
+    runs = tmp_path / "runs"
+    shutil.copytree(tmp / "runs" / "src", runs / "src")
+    s = _audit([*overrides, f"storage.root={runs}", "run.samples_from=src", "match.threshold=0.02", "run.name=m"])
+    assert build_report(s["run"]).endswith("report/index.html")  # rebuilt from the two folders
+    shutil.rmtree(runs / "src")
+    before = _files(runs / "m")
+    with pytest.raises(StorageError, match=r"re-matched the generations of .*runs/src, and they are gone .*restore "
+                                           r"that run folder"):
+        build_report(s["run"])
+    assert _files(runs / "m") == before
