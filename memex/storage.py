@@ -94,13 +94,13 @@ def unreachable_storage(root: str, shared_mount: bool, alive_nodes: int) -> str 
     return None
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+def differences(a: dict, b: dict, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
     """(dotted key, old, new) of every leaf that differs: `sampling.guidance_scale: was 7.5, now 3.0`
     rather than both whole sampling sections, ten keys each."""
     for k in sorted(set(a) | set(b)):
         x, y = a.get(k), b.get(k)
         if isinstance(x, dict) and isinstance(y, dict):
-            yield from _differences(x, y, f"{prefix}{k}.")
+            yield from differences(x, y, f"{prefix}{k}.")
         elif x != y:
             yield f"{prefix}{k}", x, y
 
@@ -212,7 +212,7 @@ class Store:
         if existing is None:
             self.write_json(path, settings)
         elif existing != settings:
-            detail = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, a, b in _differences(existing, settings))
+            detail = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, a, b in differences(existing, settings))
             raise StorageError(f"{what} was written with other settings ({detail}). Nothing was changed. {fix}")
 
     def check_reachable(self, what: str, keys: str) -> None:

@@ -33,7 +33,7 @@ from memex.config import AuditConfig, ConfigError, PromptSource, plain
 from memex.layout import SAMPLES_FROM, RunLayout
 from memex.lease import live_holder
 from memex.redact import redact
-from memex.storage import _differences
+from memex.storage import differences
 
 log = logging.getLogger("memex.rematch")
 
@@ -96,7 +96,7 @@ def check_same_generations(cfg: AuditConfig, source: RunLayout) -> None:
                               f"{'an unconditional model' if ids == [UNCONDITIONAL_ID] else 'prompted'}, and this "
                               f"command says prompts={cfg.prompts.source.value}: set "
                               f"{'prompts=none' if ids == [UNCONDITIONAL_ID] else 'the prompts it was generated with'}")
-    diffs = list(_differences(*_shared(was, now)))
+    diffs = list(differences(*_shared(was, now)))
     if diffs:
         detail = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, a, b in diffs[:8]) + \
             (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
@@ -122,8 +122,8 @@ def rematch_name(cfg: AuditConfig, source: str) -> str:
 
 
 def prepare(cfg: AuditConfig) -> str:
-    """Steps 1-3: check the source, claim the re-match's run folder; returns its name. Reads and
-    writes nothing of the source; no model is loaded (the checkpoint may be gone)."""
+    """Steps 1-3: check the source, claim the re-match's run folder; returns its name. Writes
+    nothing in the source; no model is loaded (the checkpoint may be gone)."""
     source = source_layout(cfg)
     check_same_generations(cfg, source)
     name = cfg.run.name or rematch_name(cfg, source.run_name)
