@@ -234,3 +234,13 @@ def test_the_report_of_a_rematch_whose_source_is_gone_names_it(source, tmp_path)
                                            r"that run folder"):
         build_report(s["run"])
     assert _files(runs / "m") == before
+
+
+def test_a_rematch_with_another_embedder_builds_its_own_index(source):
+    """A re-match with another embedder setting (pixels at 8 px, not 16) proposes neighbours from an
+    index of its own, then verifies on pixels as before: the source's pictures, another index key."""
+    tmp, overrides, src = source
+    s = _audit([*overrides, f"storage.root={tmp / 'runs'}", "run.samples_from=src", "embedder.size=8",
+                "run.name=e8"])
+    assert s["index"]["key"] != src["index"]["key"] and s["config"]["embedder"]["size"] == 8
+    assert [p["picture"] for p in s["extracted_pictures"]] == [p["picture"] for p in src["extracted_pictures"]]
