@@ -331,9 +331,9 @@ class StageFolder:
         if key == "triage.seeds":  # decides the generations: a sweep generates anew
             sweep = f" A sweep over it (memex audit -m) needs a run folder per value: run.name='<name>-${{{key}}}'."
         elif key:  # match and filter settings: the generations of this run, re-matched (memex/stages/rematch.py)
-            sweep = (f" A sweep over these settings (memex audit -m) needs a run folder per value; "
-                     f"run.samples_from={run} matches this run's generations again without generating: "
-                     f"run.samples_from={run} run.name='{run}-${{{key}}}'.")
+            sweep = (f" A sweep over these settings (memex audit -m) needs a run folder per value: add "
+                     f"run.samples_from={run}, which matches this run's generations again without generating, "
+                     f"in <run>-m<hash> per value (run.name='{run}-${{{key}}}' names them).")
         else:
             sweep = ""
         self.store.claim(self.settings_path, settings, f"{self.name}/ in {where}",

@@ -96,9 +96,9 @@ def test_planted_copy_is_flagged_and_verified_distinct_is_not(world, ray_head):
     # (a Hydra sweep reaches this folder once a value: the message names a re-match of this run's
     # generations, run.name's interpolation included)
     with pytest.raises(StorageError, match=r"other settings \(edge_threshold: was 0.15, now 0.1\).* a run folder "
-                                           r"per value; run.samples_from=r-tiled matches this run's generations "
-                                           r"again without generating: run.samples_from=r-tiled "
-                                           r"run.name='r-tiled-\$\{filter.edge_threshold\}'"):
+                                           r"per value: add run.samples_from=r-tiled, which matches this run's "
+                                           r"generations again without generating, in <run>-m<hash> per value "
+                                           r"\(run.name='r-tiled-\$\{filter.edge_threshold\}' names them\)"):
         filter_stage.run(_cfg(world, ray_head, "filter.edge_threshold=0.1", "match.candidates=cliques"), "r-tiled")
     filter_stage.run(cfg, "r-tiled")
     assert match.run(cfg, "r-tiled") == s

@@ -18,8 +18,9 @@
      (memex/tracking.py), beside the training run's loss curves.
 Every step skips the shards an earlier, interrupted audit finished; a round, once written, is
 generated as written (memex/plan.py), so a rerun decides nothing anew.
-The run folder is the generation run's folder: auditing the same samples with other filter or
-match settings is refused (StageFolder.claim) unless run.name says where the new results go.
+The run folder is the generation run's folder: auditing it again with other filter or match
+settings is refused (StageFolder.claim). run.samples_from=<run> re-matches a finished run's
+generations in a run folder of its own, skipping steps 3-4 (memex/stages/rematch.py).
 """
 
 from __future__ import annotations
