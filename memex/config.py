@@ -616,9 +616,9 @@ def validate_tracker(t: TrackerConfig) -> None:
 
 @dataclass
 class AuditRunConfig(RunConfig):
-    # a finished run's folder name under storage.root: match its generations again with this
-    # command's filter, match, embedder, index and training-set settings, generating nothing (a
-    # threshold sweep: memex/stages/rematch.py). None: generate.
+    # a finished run folder under storage.root (its name, or the path memex audit printed): match
+    # its generations again with this command's filter, match, embedder, index and training-set
+    # settings, generating nothing (a threshold sweep: memex/stages/rematch.py). None: generate.
     samples_from: Optional[str] = None
 
 
@@ -663,9 +663,9 @@ def validate_audit(cfg: AuditConfig) -> None:
                           "raise one or lower the other")
     validate_budget(cfg)
     src = cfg.run.samples_from
-    if src is not None and ("/" in src or not src.strip()):
-        raise ConfigError(f"run.samples_from must be a run folder's name under storage.root (as memex audit "
-                          f"printed it), got {src!r}")
+    if src is not None and not src.strip("/ "):
+        raise ConfigError(f"run.samples_from must name a finished run folder under storage.root (its name, or its "
+                          f"path as memex audit printed it), got {src!r}")
     if src is not None and src == cfg.run.name:
         raise ConfigError(f"run.name={src} is run.samples_from itself: a re-match writes a run folder of its "
                           "own; give another run.name, or leave it out (<samples_from>-m<hash of the settings>)")

@@ -129,6 +129,12 @@ def test_a_rematch_refuses_what_it_cannot_take_as_it_is(source, tmp_path):
 
     with pytest.raises(ConfigError, match=r"run.samples_from=nope: .*nope is not a run folder \(no run.json\)"):
         prepare(cfg("run.samples_from=nope"))
+    # the path memex audit printed (`run folder: ...`) names the same run; one outside storage.root is refused
+    assert prepare(cfg(f"run.samples_from={runs / 'src'}/", "run.name=by-path")) == "by-path"
+    assert RunLayout(str(runs), "by-path").samples_from == "src"
+    with pytest.raises(ConfigError, match=rf"run.samples_from={tmp_path}/src is not in storage.root={runs}: .*set "
+                                          rf"storage.root={tmp_path}$"):
+        prepare(cfg(f"run.samples_from={tmp_path / 'src'}"))
     # other generation settings: every key named, nothing written
     with pytest.raises(ConfigError, match=r"made with other settings \(sampling.num_inference_steps: was 3, now 4; "
                                           r"sampling.seed: was 0, now 1\)"):
@@ -210,7 +216,8 @@ def test_a_rematch_on_s3_reads_its_source_in_the_bucket(source, s3_server, bucke
     url = s3_server["client_kwargs"]["endpoint_url"]
     s3 = ["storage=s3", f"storage.root=s3://{bucket}/runs", "+storage.options.key=testing",
           "+storage.options.secret=testing", f"storage.options.client_kwargs.endpoint_url={url}"]
-    s = _audit([*overrides, *s3, "run.samples_from=src", "match.threshold=0.02", "run.name=s3-t0.02"])
+    s = _audit([*overrides, *s3, f"run.samples_from=s3://{bucket}/runs/src", "match.threshold=0.02",
+                "run.name=s3-t0.02"])
     assert s["samples_from"] == f"s3://{bucket}/runs/src" and s["run"] == f"s3://{bucket}/runs/s3-t0.02"
     assert {p["picture"] for p in s["extracted_pictures"]} == {f"a-{i}" for i in range(4)}
     assert {p: fs.info(p)["ETag"] for p in fs.find(f"{bucket}/runs/src")} == before

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import posixpath
 
 from memex.config import AuditConfig, ConfigError, PromptSource, plain
 from memex.layout import SAMPLES_FROM, RunLayout
@@ -50,10 +51,34 @@ def _json(obj) -> object:
     return json.loads(json.dumps(obj, default=str))
 
 
+def source_name(cfg: AuditConfig) -> str:
+    """run.samples_from as a run folder's name: a name as it is, or a path or URI (the `run folder:`
+    line memex audit prints) of a folder in storage.root. A re-match reads its source and writes its
+    own folder under one storage.root; a folder elsewhere is refused, naming the root to set."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    given = cfg.run.samples_from.rstrip("/")
+    if "/" not in given:
+        return given
+    opts = cfg.storage.options
+    try:
+        fs_root, root = fsspec.core.url_to_fs(cfg.storage.root, **opts)
+        fs_src, path = fsspec.core.url_to_fs(given, **opts)
+    except Exception as e:  # noqa: BLE001 - an unknown protocol: named with the key
+        raise ConfigError(f"run.samples_from={given}: {type(e).__name__}: {e}") from e
+    parent, name = posixpath.split(path.rstrip("/"))
+    if fs_src.protocol != fs_root.protocol or parent != root.rstrip("/"):
+        where = parent if isinstance(fs_src, LocalFileSystem) else fs_src.unstrip_protocol(parent)
+        raise ConfigError(f"run.samples_from={given} is not in storage.root={cfg.storage.root}: a re-match writes "
+                          f"its run folder beside its source; set storage.root={where}")
+    return name
+
+
 def source_layout(cfg: AuditConfig, src: str | None = None) -> RunLayout:
     """Step 1: the run folder run.samples_from (or `src`) names, finished and not being written; a
     re-match's own source when that is itself a re-match (its generations are that run's)."""
-    src = src or cfg.run.samples_from
+    src = src or source_name(cfg)
     layout = RunLayout(cfg.storage.root, src, cfg.storage.options)
     settings = layout.store.read_json(layout.run_json)
     if settings is None:
