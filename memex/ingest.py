@@ -23,7 +23,10 @@ wildcard is a pattern of shards.
 
 Listing is cheap (no image is decoded), and it stamps each image file (column `stamp`: size +
 ETag where the store gives one, else size + mtime), so the index key (memex/stages/index.py)
-changes when a file is overwritten in place; image bytes embedded in a manifest are hashed there.
+changes when a file is overwritten in place; image bytes embedded in a manifest are hashed there,
+or, for the index (`images=False`), as a Parquet manifest is read a batch at a time, and
+`iter_train_rows` reads them again into the index's train.parquet: the driver never holds them.
+Such a listing is in the manifest's own row order (file names, then rows), not sorted by id.
 `decode_rows` never raises for a bad image: unreadable,
 corrupt, truncated, missing, empty or oversized images (PIL's decompression-bomb limit), and those
 in a mode or sample range with no display conversion (images.decode: "UnsupportedImageError: mode
@@ -34,6 +37,7 @@ stop an index build.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import posixpath
@@ -55,8 +59,13 @@ from memex.manifest import (
     HF_DICT,
     HF_STATE,
     ManifestError,
+    check_ids,
     first_caption,
     is_img2dataset_metadata_file,
+    is_img2dataset_parquet,
+    iter_parquet_manifest,
+    manifest_sources,
+    missing_columns,
     read_manifest,
 )
 from memex.shards import (
@@ -71,6 +80,9 @@ from memex.shards import (
 
 __all__ = ["IMAGE_SUFFIXES", "QUARANTINE_SCHEMA", "TRAINING_SCHEMA", "DecodedBatch", "IngestError",
            "decode_rows", "iter_batches", "list_training_set"]
+# a streamed manifest's listing (list_training_set(images=False)): each row's sha256 of its image
+# bytes (of b"" for none), in place of the bytes, which stay in the manifest (iter_train_rows)
+IMAGE_SHA256 = "image_sha256"
 
 TRAINING_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("uri", pa.string()),
                              ("caption", pa.string()),
@@ -95,13 +107,18 @@ class DecodedBatch:
 
 # ---- listing ------------------------------------------------------------------------------
 def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
-                      caption_column: str = "caption", key: str = "trainset.path") -> pa.Table:
-    """The training set as a TRAINING_SCHEMA table (id, image, uri, caption, stamp), sorted by id.
+                      caption_column: str = "caption", key: str = "trainset.path", images: bool = True) -> pa.Table:
+    """The training set as a TRAINING_SCHEMA table (id, image, uri, caption, stamp), sorted by id
+    (images=False: see below).
 
     Extra manifest columns (source_id, copies, ...) are dropped; `caption_column` becomes
     `caption` (all null when the manifest has no such column). `stamp`: the version of each
     uri row's file (size + ETag or mtime), null for rows with image bytes and for missing files.
     `key`: the setting `path` came from, which errors name (memex mia reads members.path, ...).
+    `images=False` (the index): a Parquet manifest of embedded images is read a batch at a time,
+    and its listing holds each image's sha256 (column IMAGE_SHA256), not its bytes, in the
+    manifest's row order (`iter_train_rows` reads the bytes again in that order when the index
+    writes train.parquet; sorting by id would need them all at once).
     """
     opts = storage_options or {}
     try:
@@ -127,7 +144,7 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
                           "the training set): move that folder out of it")
     top = {posixpath.basename(f) for f in files if posixpath.dirname(f) == root.rstrip("/")}
     if HF_STATE in top or HF_DICT in top:  # datasets' save_to_disk (its Arrow files are the manifest)
-        return _from_manifest(path, opts, caption_column, key)
+        return _from_manifest(path, opts, caption_column, key, images)
     if not is_dir and root.endswith(".arrow"):
         raise IngestError(f"{key}={path} is one Arrow file: give the folder Dataset.save_to_disk wrote "
                           f"({posixpath.dirname(path) or '.'}), whose state.json lists its files")
@@ -144,53 +161,159 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         return _from_folder(path, fs, root, files, key, caption_column,
                             _img2dataset_captions(fs, files, caption_column))
     if parquet:
-        return _from_manifest(path, opts, caption_column, key)
+        return _from_manifest(path, opts, caption_column, key, images)
     if not is_dir:
         raise IngestError(f"{key}={path} is a file but not a .parquet manifest or a .tar shard: "
                           "give a Parquet manifest, a folder of images or WebDataset .tar shards")
     return _from_folder(path, fs, root, files, key, caption_column)
 
 
-def _from_manifest(path: str, opts: dict[str, Any], caption_column: str, key: str) -> pa.Table:
+def _from_manifest(path: str, opts: dict[str, Any], caption_column: str, key: str, images: bool = True) -> pa.Table:
+    if not images:
+        listing = _streamed_listing(path, opts, caption_column, key)
+        if listing is not None:
+            return listing
     try:
         t = read_manifest(path, opts)
     except ManifestError as e:  # one error type for callers of this module; message already names the path
         raise IngestError(str(e)) from e
-    n = t.num_rows
 
     # Memory: a manifest with embedded images is held once as read, and once more only where its rows
     # are not sorted by id (the sort's copy). Nothing else copies the image column, and no image
     # becomes a Python object (bench/RESULTS.md, manifest memory: it was ~5x the image bytes).
-    def column(name: str, typ: pa.DataType, what: str) -> pa.ChunkedArray:
-        if name not in t.column_names:
-            return pa.chunked_array([pa.nulls(n, typ)])
-        col = t[name]
-        if name == caption_column and (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
-            # several captions an image (COCO-style): its first one is its caption, as a prompt and in reports
-            col = pa.chunked_array([pa.array([first_caption(v) for v in col.to_pylist()], pa.string())])
-        if col.type == typ:
-            return col
-        try:
-            return pc.cast(col, typ)
-        except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as e:  # Arrow's own words name neither
-            raise IngestError(f"{key}={path}: column {name!r} holds {col.type}, not {typ} ({what})") from e
-
-    image = column("image", pa.binary(), "encoded image bytes")
-    uri = column("uri", pa.string(), "a file uri per row")
-    # rows read by uri (no bytes: _decode reads a row's bytes when it has them): stamp their files
-    has_bytes = pc.fill_null(pc.greater(pc.binary_length(image), 0), False)
-    by_uri = pc.if_else(has_bytes, pa.scalar(None, pa.string()), uri).to_pylist()
-    stamps = pa.array(_uri_stamps(by_uri, opts), pa.string())
-    caption = column(caption_column, pa.string(), f"set {key.rsplit('.', 1)[0]}.caption_column to a text column")
-    out = pa.table([t["id"], image, uri, caption, stamps], schema=TRAINING_SCHEMA)
+    image = _column(t, "image", pa.binary(), "encoded image bytes", path, key, caption_column)
+    out = _stamped(_listing(t, image, path, key, caption_column), _has_bytes(image), opts)
     t = None  # the manifest's other columns (img2dataset's url, status, ...) are not kept
     order = pc.sort_indices(out["id"])
-    if pc.all(pc.equal(order, pa.array(np.arange(n, dtype=np.uint64)))).as_py() is False:
+    if not _in_order(order):
         out = out.take(order)  # else already in id order (a manifest written sorted): no copy
     # Arrow's allocator keeps what the Parquet reader freed (~1-3x the image bytes) for reuse; the
-    # driver holds the listing for the whole audit, so that is handed back now
+    # driver holds the listing for the whole index stage, so that is handed back now
     pa.default_memory_pool().release_unused()
     return out
+
+
+def _column(t: pa.Table, name: str, typ: pa.DataType, what: str, path: str, key: str,
+            caption_column: str) -> pa.ChunkedArray:
+    """Column `name` of manifest rows as `typ` (nulls when absent); a list caption gives its first."""
+    if name not in t.column_names:
+        return pa.chunked_array([pa.nulls(t.num_rows, typ)])
+    col = t[name]
+    if name == caption_column and (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        # several captions an image (COCO-style): its first one is its caption, as a prompt and in reports
+        col = pa.chunked_array([pa.array([first_caption(v) for v in col.to_pylist()], pa.string())])
+    if col.type == typ:
+        return col
+    try:
+        return pc.cast(col, typ)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as e:  # Arrow's own words name neither
+        raise IngestError(f"{key}={path}: column {name!r} holds {col.type}, not {typ} ({what})") from e
+
+
+def _listing(t: pa.Table, image: pa.ChunkedArray, path: str, key: str, caption_column: str) -> pa.Table:
+    """TRAINING_SCHEMA rows of normalized manifest rows `t` whose image column is `image` (bytes,
+    or nulls for a streamed listing), their stamps not yet made (`_stamped`)."""
+    uri = _column(t, "uri", pa.string(), "a file uri per row", path, key, caption_column)
+    caption = _column(t, caption_column, pa.string(), f"set {key.rsplit('.', 1)[0]}.caption_column to a text column",
+                      path, key, caption_column)
+    return pa.table([t["id"], image, uri, caption, pa.nulls(t.num_rows, pa.string())], schema=TRAINING_SCHEMA)
+
+
+def _stamped(listing: pa.Table, has_bytes: pa.ChunkedArray, opts: dict[str, Any]) -> pa.Table:
+    """The listing with its uri rows' files stamped (rows with bytes: _decode reads those), in one
+    pass over the whole: `_uri_stamps` lists each folder once."""
+    by_uri = pc.if_else(has_bytes, pa.scalar(None, pa.string()), listing["uri"]).to_pylist()
+    return listing.set_column(listing.column_names.index("stamp"), "stamp",
+                              pa.array(_uri_stamps(by_uri, opts), pa.string()))
+
+
+def _has_bytes(image: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.fill_null(pc.greater(pc.binary_length(image), 0), False)
+
+
+def _in_order(order: pa.Array) -> bool:
+    return pc.all(pc.equal(order, pa.array(np.arange(len(order), dtype=np.uint64)))).as_py() is not False
+
+
+def image_bytes(images: pa.ChunkedArray) -> Iterator[memoryview | bytes]:
+    """Each row's bytes as a memoryview into Arrow's buffer (b"" for null): no Python copy of a
+    manifest's images, which may be most of the driver's memory (to_pylist() copied them all)."""
+    for chunk in images.chunks:
+        if chunk.type != pa.binary():
+            chunk = chunk.cast(pa.binary())
+        if len(chunk) == 0:
+            continue
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, np.int32, len(chunk) + 1, chunk.offset * 4)
+        data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        for i in range(len(chunk)):
+            yield data[offsets[i]:offsets[i + 1]] if valid[i] else b""
+
+
+def _digests(image: pa.ChunkedArray) -> pa.Array:
+    """sha256 of each row's image bytes (of b"" for none): the index key hashes these."""
+    return pa.array([hashlib.sha256(b).digest() for b in image_bytes(image)], pa.binary())
+
+
+def _streamed_listing(path: str, opts: dict[str, Any], caption_column: str, key: str) -> pa.Table | None:
+    """The listing of a Parquet manifest with embedded images, read `iter_parquet_manifest` batch by
+    batch: ids, uris, captions and each image's sha256 (IMAGE_SHA256), no bytes held, in the
+    manifest's row order. A 1M-image LAION part of ~40 GB was read whole onto the driver, and
+    img2dataset writes its rows in the order downloads finish, so sorting them by id would hold
+    them all again: the index's gids follow this order instead (its key does not: index_key sorts
+    by id first). None where the manifest is not such one: the whole read names what is wrong."""
+    try:
+        fs, _, _, source, arrow = manifest_sources(path, opts)
+        names = pq.read_schema(source[0], filesystem=fs).names if not arrow else []
+    except Exception:  # noqa: BLE001 - the whole read raises it, naming the file
+        return None
+    if is_img2dataset_parquet(names):
+        names = [{"key": "id", "jpg": "image"}.get(c, c) for c in names]
+    if arrow or "image" not in names or missing_columns(names):
+        return None  # a datasets folder (memory-mapped Arrow) or a manifest of uris: no image bytes to stream
+    parts: list[pa.Table] = []
+    try:
+        for t in iter_parquet_manifest(path, opts):
+            image = _column(t, "image", pa.binary(), "encoded image bytes", path, key, caption_column)
+            listing = _listing(t, pa.chunked_array([pa.nulls(t.num_rows, pa.binary())]), path, key, caption_column)
+            listing = listing.append_column(IMAGE_SHA256, _digests(image))
+            parts.append(listing.append_column("_bytes", _has_bytes(image)))  # for _stamped, dropped there
+    except ManifestError as e:
+        raise IngestError(str(e)) from e
+    except IngestError:
+        raise
+    except (pa.ArrowInvalid, KeyError, ValueError):
+        return None  # parts with other columns (a file without an id column): the whole read names them
+    if not parts:
+        return None  # no row (or no image at all): the whole read names which
+    out = pa.concat_tables(parts)
+    try:
+        check_ids(path, out["id"])
+    except ManifestError as e:
+        raise IngestError(str(e)) from e
+    return _stamped(out.drop_columns(["_bytes"]), out["_bytes"], opts)
+
+
+def iter_train_rows(path: str, opts: dict[str, Any], listing: pa.Table, batch_rows: int = 256) -> Iterator[pa.Table]:
+    """A streamed listing's rows with their images read again from the manifest, `batch_rows` at a
+    time: (gid, id, image, uri, caption) batches of train.parquet, gid = the row's place in the
+    listing (the manifest's order). A manifest changed since it was listed (another row, other
+    bytes) raises: the index key was made from the listing."""
+    gid = 0
+    for t in iter_parquet_manifest(path, opts, batch_rows):
+        want = listing.slice(gid, t.num_rows)
+        image = pc.cast(t["image"], pa.binary()) if t["image"].type != pa.binary() else t["image"]
+        if want.num_rows != t.num_rows or not want["id"].equals(t["id"]) or \
+                not _digests(image).equals(want[IMAGE_SHA256].combine_chunks()):
+            raise IngestError(f"trainset.path={path} changed while the index read it (rows from {gid} on differ "
+                              "from its listing): run the audit again once it is written")
+        yield pa.table({"gid": pa.array(np.arange(gid, gid + t.num_rows), pa.int64()), "id": want["id"],
+                        "image": image, "uri": want["uri"], "caption": want["caption"]})
+        gid += t.num_rows
+    if gid != listing.num_rows:
+        raise IngestError(f"trainset.path={path} changed while the index read it ({gid} rows, its listing has "
+                          f"{listing.num_rows}): run the audit again once it is written")
 
 
 def _stamp(info: dict) -> str:

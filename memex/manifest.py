@@ -24,7 +24,7 @@ import json
 import logging
 import posixpath
 import random
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 import numpy as np
@@ -48,49 +48,90 @@ class ManifestError(MemexError, ValueError):
     """The manifest is missing, empty or malformed, or one of its images cannot be read."""
 
 
-def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """Read and check a manifest: an `id` column with unique values and an `image` or `uri` column."""
+def manifest_sources(path: str, storage_options: dict[str, Any] | None = None) \
+        -> tuple[fsspec.AbstractFileSystem, str, bool, list[str], bool]:
+    """Where a manifest's rows are: (fs, its path, is a folder, its files, they are datasets' Arrow
+    files). A folder's Parquet parts are its .parquet files in name order."""
     fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
     if not fs.exists(p):
         raise ManifestError(f"training manifest {path} does not exist")
-    source: str | list[str] = p
     is_dir = fs.isdir(p)  # one request on object storage: asked once
     arrow = hf_dataset_parts(fs, p, path) if is_dir else None
     if arrow:
-        table = read_arrow(f"training manifest {path}", fs, arrow)
-    elif is_dir:
-        files = fs.find(p)
-        if not files:
-            raise ManifestError(f"training manifest {path} is an empty folder")
-        # the folder's Parquet parts only, as pyarrow's datasets skip _/. files: the images a
-        # manifest's relative uris point at may lie beside them (pyarrow read every file as Parquet)
-        source = sorted(f for f in files if f.endswith(".parquet") and not posixpath.basename(f).startswith(("_", ".")))
-        if not source:
-            # Arrow's own message: "Could not read schema from a.png. Is this a 'parquet' file?"
-            raise ManifestError(f"training manifest {path} is a folder without a .parquet file "
-                                f"({posixpath.basename(files[0])} is not one): give a Parquet manifest with columns "
-                                "id, image (encoded bytes) or uri, and caption for a text model "
-                                "(demo/make_data.py writes one)")
-    if not arrow:
+        return fs, p, is_dir, arrow, True
+    if not is_dir:
+        return fs, p, is_dir, [p], False
+    files = fs.find(p)
+    if not files:
+        raise ManifestError(f"training manifest {path} is an empty folder")
+    # the folder's Parquet parts only, as pyarrow's datasets skip _/. files: the images a
+    # manifest's relative uris point at may lie beside them (pyarrow read every file as Parquet)
+    source = sorted(f for f in files if f.endswith(".parquet") and not posixpath.basename(f).startswith(("_", ".")))
+    if not source:
+        # Arrow's own message: "Could not read schema from a.png. Is this a 'parquet' file?"
+        raise ManifestError(f"training manifest {path} is a folder without a .parquet file "
+                            f"({posixpath.basename(files[0])} is not one): give a Parquet manifest with columns "
+                            "id, image (encoded bytes) or uri, and caption for a text model "
+                            "(demo/make_data.py writes one)")
+    return fs, p, is_dir, source, False
+
+
+def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Read and check a manifest: an `id` column with unique values and an `image` or `uri` column."""
+    fs, p, is_dir, source, arrow = manifest_sources(path, storage_options)
+    if arrow:
+        table = read_arrow(f"training manifest {path}", fs, source)
+    else:
         try:
             # a local file is memory-mapped: its pages are the file's, not a second copy in the heap
-            table = pq.read_table(source, filesystem=fs, memory_map=_is_local(fs))
+            table = pq.read_table(source if is_dir else p, filesystem=fs, memory_map=_is_local(fs))
         except Exception as e:  # noqa: BLE001 - re-raised naming the file
             raise ManifestError(f"training manifest {path} is not readable Parquet: {type(e).__name__}: {e}") from e
     if table.num_rows == 0:
         raise ManifestError(f"training manifest {path} holds no rows")
     table = img2dataset_rows(path, table)
-    problem = missing_columns(table.column_names, hf=bool(arrow))
+    problem = missing_columns(table.column_names, hf=arrow)
     if problem:
         raise ManifestError(f"training manifest {path} {problem}")
+    table = normalized(path, table, fs, p if is_dir else posixpath.dirname(p))
+    check_ids(path, table["id"])
+    return table
+
+
+def normalized(path: str, table: pa.Table, fs: fsspec.AbstractFileSystem, base: str) -> pa.Table:
+    """A manifest's rows (img2dataset's already renamed) as memex reads them: id a string, image
+    bytes (datasets' Image struct: its bytes, its path as the uri), uris resolved against `base`."""
     table = table.set_column(table.column_names.index("id"), "id", pc.cast(table["id"], pa.string()))
-    _check_ids(path, table["id"])
     if "image" in table.column_names and pa.types.is_struct(table.schema.field("image").type):
         table = _image_struct(path, table)
     if "uri" in table.column_names:
-        base = p if is_dir else posixpath.dirname(p)
         table = table.set_column(table.column_names.index("uri"), "uri", _resolved(table["uri"], fs, base))
     return table
+
+
+def iter_parquet_manifest(path: str, storage_options: dict[str, Any] | None = None,
+                          batch_rows: int = 256) -> Iterator[pa.Table]:
+    """A Parquet manifest's rows, `batch_rows` at a time, in file then row order, as `read_manifest`
+    gives them (img2dataset's failed downloads left out, `normalized`), without holding them all:
+    the index reads a manifest of tens of GB of embedded images this way. The caller checks the
+    columns, the ids and emptiness over the whole (`read_manifest` does it on its table)."""
+    fs, p, is_dir, source, arrow = manifest_sources(path, storage_options)
+    if arrow:
+        raise ManifestError(f"training manifest {path} is a datasets folder, not Parquet")
+    base = p if is_dir else posixpath.dirname(p)
+    for f in source:
+        try:
+            # pre_buffer=False: with it, pyarrow buffers every row group's column chunks as the
+            # batches go by (RSS grew to the file's size: 600 MB for a 540 MB file of 96 row
+            # groups); without, one row group at a time (~60 MB). A file of one row group is read whole
+            batches = pq.ParquetFile(f, filesystem=fs, pre_buffer=False).iter_batches(batch_size=batch_rows)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the file
+            raise ManifestError(f"training manifest {path}: {f} is not readable Parquet: "
+                                f"{type(e).__name__}: {e}") from e
+        for batch in batches:
+            t = _img2dataset_kept(pa.Table.from_batches([batch]))
+            if t.num_rows:
+                yield normalized(path, t, fs, base)
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -190,13 +231,21 @@ def img2dataset_rows(path: str, table: pa.Table) -> pa.Table:
     trained on. Any other table is returned as it is."""
     if not is_img2dataset_parquet(table.column_names):
         return table
-    kept = table if table["jpg"].null_count == 0 else table.filter(pc.is_valid(table["jpg"]))  # no copy if none
+    kept = _img2dataset_kept(table)
     if kept.num_rows == 0:
         raise ManifestError(f"training manifest {path} is img2dataset's output with no image: every one of its "
                             f"{table.num_rows} rows failed to download (see its status column)")
     if kept.num_rows < table.num_rows:
         log.info("%s: %d of img2dataset's %d rows have no image (failed downloads) and are left out", path,
                  table.num_rows - kept.num_rows, table.num_rows)
+    return kept
+
+
+def _img2dataset_kept(table: pa.Table) -> pa.Table:
+    """img2dataset's rows with an image, key and jpg renamed id and image; any other table as it is."""
+    if not is_img2dataset_parquet(table.column_names):
+        return table
+    kept = table if table["jpg"].null_count == 0 else table.filter(pc.is_valid(table["jpg"]))  # no copy if none
     return kept.rename_columns([{"key": "id", "jpg": "image"}.get(c, c) for c in kept.column_names])
 
 
@@ -251,7 +300,7 @@ def _resolved(uris: pa.ChunkedArray, fs: fsspec.AbstractFileSystem, base: str) -
                      for u, rel in zip(uris.to_pylist(), relative.to_pylist())], pa.string())
 
 
-def _check_ids(path: str, ids: pa.ChunkedArray) -> None:
+def check_ids(path: str, ids: pa.ChunkedArray) -> None:
     """Every row needs its own id: matches, quarantine and the report name pictures by it. The
     message names the rows to fix (a 2B-row LAION manifest is not searched by hand)."""
     nulls = ids.null_count

@@ -204,6 +204,15 @@ class Store:
         with self.atomic(path) as tmp:
             pq.write_table(table, tmp, filesystem=self.fs, compression="zstd", row_group_size=row_group_size)
 
+    def write_batches(self, path: str, schema: pa.Schema, tables: Iterator[pa.Table],
+                      row_group_size: int | None = None) -> None:
+        """One Parquet file from tables made one after another (bounded memory), atomically: the
+        file appears complete or not at all, also when making a table raises."""
+        with self.atomic(path) as tmp:
+            with self.fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+                for t in tables:
+                    writer.write_table(t.cast(schema), row_group_size=row_group_size)
+
     def claim(self, path: str, settings: dict, what: str, fix: str) -> None:
         """Record the settings a folder is written with at `path`, or refuse other ones, changing
         nothing: resuming with different settings would mix two experiments in one dataset."""

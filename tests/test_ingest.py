@@ -532,7 +532,7 @@ def test_a_manifest_with_embedded_images_is_listed_without_copying_them(tmp_path
     stay), across chunks, a sliced chunk's offset, nulls and empty cells."""
     import hashlib
 
-    from memex.stages.index import _image_bytes
+    from memex.ingest import image_bytes
 
     imgs = [encode_png(logo(i, 8)[0]) for i in range(5)]
     pq.write_table(pa.table({"id": [f"{i}" for i in range(5)], "image": imgs}), tmp_path / "sorted.parquet")
@@ -545,9 +545,9 @@ def test_a_manifest_with_embedded_images_is_listed_without_copying_them(tmp_path
 
     cells = [imgs[0], None, b"", imgs[1], imgs[2], None, imgs[3]]
     chunked = pa.chunked_array([pa.array(cells[:3], pa.binary()), pa.array(cells, pa.binary()).slice(3)])
-    got = [bytes(b) for b in _image_bytes(chunked)]
+    got = [bytes(b) for b in image_bytes(chunked)]
     assert got == [c or b"" for c in cells]
-    assert [hashlib.sha256(b).digest() for b in _image_bytes(chunked)] == \
+    assert [hashlib.sha256(b).digest() for b in image_bytes(chunked)] == \
         [hashlib.sha256(c or b"").digest() for c in chunked.to_pylist()]
 
 
@@ -762,3 +762,102 @@ def test_uris_whose_filesystem_is_not_installed_are_refused_before_any_row_is_re
     dec = decode_rows(list_training_set(str(path)), None)
     assert dec.ids == ["a"] and dec.quarantine["id"].to_pylist() == ["b"]
     assert "foo" in dec.quarantine["reason"][0].as_py()
+
+
+@pytest.mark.parametrize("shape", ["memex", "img2dataset", "datasets_struct"])
+def test_the_index_streams_a_manifest_of_embedded_images_in_id_order(tmp_path, in_process_units, shape,
+                                                                     monkeypatch):
+    """A Parquet manifest of embedded images, in two files whose rows are in id order: the index's
+    listing (images=False) holds each image's sha256, not its bytes; its key equals the whole read's
+    (so indexes built before are reused), and train.parquet, written from the manifest a batch at
+    a time, equals the one the whole read writes. memex's own layout (a uri row among the images),
+    img2dataset's (key, jpg; failed downloads left out) and datasets' Image struct {bytes, path}."""
+    from memex.ingest import IMAGE_SHA256, iter_train_rows
+    from memex.layout import TRAIN_SCHEMA
+    from memex.stages import index
+
+    imgs = [encode_png(logo(i, 8)[0]) for i in range(9)]
+    (tmp_path / "loose.png").write_bytes(imgs[8])
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for part, rows in enumerate((range(0, 5), range(5, 9))):
+        ids = [f"{i:03d}" for i in rows]
+        caps = [f"c{i}" for i in rows]
+        if shape == "memex":
+            image = [None if i == 8 else imgs[i] for i in rows]
+            uri = [str(tmp_path / "loose.png") if i == 8 else None for i in rows]
+            t = pa.table({"id": ids, "image": pa.array(image, pa.binary()), "caption": caps,
+                          "uri": pa.array(uri, pa.string())})
+        elif shape == "img2dataset":  # row 3's download failed: no jpg
+            t = pa.table({"key": ids, "jpg": pa.array([None if i == 3 else imgs[i] for i in rows], pa.binary()),
+                          "caption": caps, "status": ["failed_to_download" if i == 3 else "success" for i in rows]})
+        else:
+            t = pa.table({"id": ids, "image": [{"bytes": imgs[i], "path": f"{i}.png"} for i in rows], "caption": caps})
+        pq.write_table(t, folder / f"part-{part}.parquet", row_group_size=2)
+    path = str(folder)
+
+    streamed = list_training_set(path, {}, images=False)
+    whole = list_training_set(path, {})
+    assert IMAGE_SHA256 in streamed.column_names and IMAGE_SHA256 not in whole.column_names
+    assert streamed["image"].null_count == streamed.num_rows == whole.num_rows == (8 if shape == "img2dataset" else 9)
+    assert streamed.drop_columns(["image", IMAGE_SHA256]).equals(whole.drop_columns(["image"]))
+    cfg = _audit_cfg(path, tmp_path / "runs")
+    assert index.index_key(streamed, cfg) == index.index_key(whole, cfg)
+    rows = pa.concat_tables(iter_train_rows(path, {}, streamed, batch_rows=3))
+    want = pa.table({"gid": pa.array(range(whole.num_rows), pa.int64()), "id": whole["id"], "image": whole["image"],
+                     "uri": whole["uri"], "caption": whole["caption"]}, schema=TRAIN_SCHEMA)
+    assert rows.cast(TRAIN_SCHEMA).equals(want)
+
+    import memex.ingest
+
+    streamed_batches = []  # the stage itself streams (its train.parquet is the whole read's)
+    monkeypatch.setattr(memex.ingest, "iter_train_rows", lambda *a, **k: (
+        streamed_batches.append(t) or t for t in iter_train_rows(*a, **k)))
+    info = index.run(cfg)
+    assert len(streamed_batches) >= 1
+    layout = info.layout({})
+    train = layout.store.read_table(layout.train_path)
+    assert train.equals(want) and info.n_indexed == whole.num_rows
+
+
+def test_a_streamed_manifest_out_of_id_order_or_changed_midway(tmp_path, in_process_units):
+    """Rows not in id order (img2dataset writes them as downloads finish): the streamed listing keeps
+    the manifest's order, and so do the gids of train.parquet, while the key is the whole read's
+    (sorted by id). A manifest rewritten between its listing and train.parquet's write is named."""
+    from memex.ingest import IMAGE_SHA256, IngestError, iter_train_rows
+    from memex.stages import index
+
+    imgs = [encode_png(logo(i, 8)[0]) for i in range(4)]
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["b", "a", "d", "c"], "image": [imgs[1], imgs[0], imgs[3], imgs[2]]}), path)
+    t = list_training_set(str(path), {}, images=False)
+    whole = list_training_set(str(path), {})
+    assert t["id"].to_pylist() == ["b", "a", "d", "c"] and IMAGE_SHA256 in t.column_names
+    assert whole["id"].to_pylist() == ["a", "b", "c", "d"]
+    cfg = _audit_cfg(str(path), tmp_path / "runs")
+    assert index.index_key(t, cfg) == index.index_key(whole, cfg)
+    info = index.run(cfg)
+    layout = info.layout({})
+    train = layout.store.read_table(layout.train_path)
+    assert train["gid"].to_pylist() == [0, 1, 2, 3] and train["id"].to_pylist() == ["b", "a", "d", "c"]
+    assert train["image"].to_pylist() == [imgs[1], imgs[0], imgs[3], imgs[2]]
+
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "image": imgs}), path)
+    listing = list_training_set(str(path), {}, images=False)
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "image": [imgs[0], imgs[2], imgs[2], imgs[3]]}), path)
+    with pytest.raises(IngestError, match=r"changed while the index read it \(rows from 0 on differ"):
+        list(iter_train_rows(str(path), {}, listing))
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "image": imgs[:3]}), path)
+    with pytest.raises(IngestError, match=r"changed while the index read it \(3 rows, its listing has 4\)"):
+        list(iter_train_rows(str(path), {}, listing))
+
+
+def test_a_manifest_whose_parts_differ_is_named_by_the_whole_read(tmp_path):
+    """Parts of a manifest folder with other columns (the second without an id): the index's
+    streamed listing leaves it to the whole read, whose error names the rows without an id."""
+    imgs = [encode_png(logo(i, 8)[0]) for i in range(4)]
+    (tmp_path / "m").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "image": imgs[:2]}), tmp_path / "m" / "p0.parquet")
+    pq.write_table(pa.table({"name": ["c", "d"], "image": imgs[2:]}), tmp_path / "m" / "p1.parquet")
+    with pytest.raises(IngestError, match=r"training manifest .*/m: 2 row\(s\) have no id \(null\), rows \[2, 3\]"):
+        list_training_set(str(tmp_path / "m"), {}, images=False)

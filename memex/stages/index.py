@@ -28,6 +28,7 @@ import zipfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from memex import runner
 from memex.config import AuditConfig, EmbedderConfig, IndexConfig, IndexKind, plain
@@ -55,38 +56,33 @@ def index_key(listing: pa.Table, cfg: AuditConfig) -> str:
 
     An image overwritten in place changes the key, and the whole index is rebuilt in a new folder.
     Reusing the shards whose rows did not change was weighed and left out, as neither simple nor
-    often useful: gids are row numbers of the sorted listing, so one added or removed file shifts
+    often useful: gids are row numbers of the listing, so one added or removed file shifts
     the range of every later shard; the IVF-PQ quantizer is trained on a sample of all shards, and
     every shard copies it; near-duplicate counts (dups/) search all shards, so they are all redone
     anyway; and it would need a way to find the earlier folder of the same settings. Only an
     in-place overwrite in a flat index would gain (the unchanged shards' decode + embed)."""
+    from memex.ingest import IMAGE_SHA256, image_bytes
+
+    # in id order, whatever the listing's (a streamed manifest's is the manifest's own: its gids
+    # follow it), so one training set has one key however it was read
+    order = pc.sort_indices(listing["id"])
+    if pc.any(pc.not_equal(order, pa.array(np.arange(listing.num_rows, dtype=np.uint64)))).as_py():
+        listing = listing.take(order)  # only a streamed listing gets here: it holds no image bytes
     h = hashlib.sha256(f"layout {LAYOUT_VERSION}".encode())
     for col in ("id", "uri", "caption"):
         h.update(json.dumps(listing[col].to_pylist()).encode())
-    for b in _image_bytes(listing["image"]):  # bytes hash: a changed image changes the key
-        h.update(hashlib.sha256(b).digest())
+    if IMAGE_SHA256 in listing.column_names:  # a streamed manifest's listing: the same hashes, made as it was read
+        for d in listing[IMAGE_SHA256].to_pylist():
+            h.update(d)
+    else:
+        for b in image_bytes(listing["image"]):  # bytes hash: a changed image changes the key
+            h.update(hashlib.sha256(b).digest())
     stamps = listing["stamp"]  # size + ETag/mtime of each uri's file: an overwritten file changes the key
     if stamps.null_count < len(stamps):  # none (all images as bytes, hashed above): nothing to add
         h.update(json.dumps(stamps.to_pylist()).encode())
     h.update(json.dumps({"embedder": plain(cfg.embedder), "index": plain(cfg.index),
                          "preprocess": cfg.trainset.preprocess.value}, sort_keys=True).encode())
     return h.hexdigest()[:16]
-
-
-def _image_bytes(images: pa.ChunkedArray):
-    """Each row's bytes as a memoryview into Arrow's buffer (b"" for null): no Python copy of a
-    manifest's images, which may be most of the driver's memory (to_pylist() copied them all)."""
-    for chunk in images.chunks:
-        if chunk.type != pa.binary():
-            chunk = chunk.cast(pa.binary())
-        if len(chunk) == 0:
-            continue
-        _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, np.int32, len(chunk) + 1, chunk.offset * 4)
-        data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
-        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
-        for i in range(len(chunk)):
-            yield data[offsets[i]:offsets[i + 1]] if valid[i] else b""
 
 
 def plan_index_shards(n: int, shards: int) -> list[tuple[int, int]]:
@@ -200,7 +196,8 @@ def run(cfg: AuditConfig) -> IndexInfo:
 
     opts = cfg.storage.options
     # 1. listing and key
-    listing = list_training_set(cfg.trainset.path, opts, cfg.trainset.caption_column)
+    # images=False: a manifest's embedded images are hashed as read, not held (memex/ingest.py)
+    listing = list_training_set(cfg.trainset.path, opts, cfg.trainset.caption_column, images=False)
     check_spec(cfg, listing.num_rows)
     key = index_key(listing, cfg)
     root = cfg.index.root or cfg.storage.root.rstrip("/") + "/_index"
@@ -253,15 +250,23 @@ def missing_units(layout: IndexLayout, n_shards: int, ivfpq: bool) -> list[str]:
 
 def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: IndexLayout) -> IndexInfo:
     """Steps 2-5 of `run`, under the index folder's lease."""
+    from memex.ingest import IMAGE_SHA256, iter_train_rows
+
     r = cfg.resources
 
     # 2. the training table with global ids (written once; a rerun finds it in place)
     plans = plan_index_shards(listing.num_rows, cfg.index.shards)
     if not layout.store.exists(layout.train_path):
-        train = pa.table({"gid": pa.array(np.arange(listing.num_rows), pa.int64()), "id": listing["id"],
-                          "image": listing["image"], "uri": listing["uri"], "caption": listing["caption"]},
-                         schema=TRAIN_SCHEMA)
-        layout.store.write_table(layout.train_path, train, row_group_size=max(64, cfg.index.decode_batch))
+        group = max(64, cfg.index.decode_batch)
+        if IMAGE_SHA256 in listing.column_names:  # a streamed manifest: its images read again, a batch at a
+            # time, in its own row order (the listing's: gid = row number, as for every listing)
+            rows = iter_train_rows(cfg.trainset.path, cfg.storage.options, listing, batch_rows=4 * group)
+            layout.store.write_batches(layout.train_path, TRAIN_SCHEMA, rows, row_group_size=group)
+        else:
+            train = pa.table({"gid": pa.array(np.arange(listing.num_rows), pa.int64()), "id": listing["id"],
+                              "image": listing["image"], "uri": listing["uri"], "caption": listing["caption"]},
+                             schema=TRAIN_SCHEMA)
+            layout.store.write_table(layout.train_path, train, row_group_size=group)
         layout.store.write_json(layout.info_json, redact({  # no credential in any output: memex/redact.py
             "trainset": cfg.trainset.path, "embedder": plain(cfg.embedder), "index": plain(cfg.index),
             "shards": plans, "n_train": listing.num_rows}))
