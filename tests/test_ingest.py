@@ -861,3 +861,27 @@ def test_a_manifest_whose_parts_differ_is_named_by_the_whole_read(tmp_path):
     pq.write_table(pa.table({"name": ["c", "d"], "image": imgs[2:]}), tmp_path / "m" / "p1.parquet")
     with pytest.raises(IngestError, match=r"training manifest .*/m: 2 row\(s\) have no id \(null\), rows \[2, 3\]"):
         list_training_set(str(tmp_path / "m"), {}, images=False)
+
+
+def test_a_manifest_on_s3_is_streamed_like_a_local_one(tmp_path, s3_server, bucket):
+    """The streamed listing and train.parquet's rows read a manifest on S3 (moto) as they read the
+    same files on disk: the same ids, hashes and rows."""
+    import s3fs
+
+    from memex.ingest import IMAGE_SHA256, iter_train_rows
+
+    imgs = [encode_png(logo(i, 8)[0]) for i in range(6)]
+    (tmp_path / "m").mkdir()
+    for part in range(2):
+        rows = range(3 * part, 3 * part + 3)
+        pq.write_table(pa.table({"id": [f"{i}" for i in rows][::-1], "image": [imgs[i] for i in rows][::-1],
+                                 "caption": [f"c{i}" for i in rows][::-1]}), tmp_path / "m" / f"p{part}.parquet")
+    s3fs.S3FileSystem(**s3_server).put(str(tmp_path / "m"), f"{bucket}/m", recursive=True)
+    local = list_training_set(str(tmp_path / "m"), {}, images=False)
+    remote = list_training_set(f"s3://{bucket}/m", s3_server, images=False)
+    assert remote["id"].to_pylist() == ["2", "1", "0", "5", "4", "3"]  # the manifest's order
+    assert remote.select(["id", "caption", IMAGE_SHA256]).equals(local.select(["id", "caption", IMAGE_SHA256]))
+    got = pa.concat_tables(iter_train_rows(f"s3://{bucket}/m", s3_server, remote, batch_rows=2))
+    want = pa.concat_tables(iter_train_rows(str(tmp_path / "m"), {}, local, batch_rows=2))
+    assert got.select(["gid", "id", "image", "caption"]).equals(want.select(["gid", "id", "image", "caption"]))
+    assert got["image"].to_pylist() == [imgs[i] for i in (2, 1, 0, 5, 4, 3)]
