@@ -185,7 +185,7 @@ def _from_manifest(path: str, opts: dict[str, Any], caption_column: str, key: st
     out = _stamped(_listing(t, image, path, key, caption_column), _has_bytes(image), opts)
     t = None  # the manifest's other columns (img2dataset's url, status, ...) are not kept
     order = pc.sort_indices(out["id"])
-    if not _in_order(order):
+    if not in_order(order):
         out = out.take(order)  # else already in id order (a manifest written sorted): no copy
     # Arrow's allocator keeps what the Parquet reader freed (~1-3x the image bytes) for reuse; the
     # driver holds the listing for the whole index stage, so that is handed back now
@@ -231,7 +231,7 @@ def _has_bytes(image: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.fill_null(pc.greater(pc.binary_length(image), 0), False)
 
 
-def _in_order(order: pa.Array) -> bool:
+def in_order(order: pa.Array) -> bool:
     return pc.all(pc.equal(order, pa.array(np.arange(len(order), dtype=np.uint64)))).as_py() is not False
 
 

@@ -61,12 +61,12 @@ def index_key(listing: pa.Table, cfg: AuditConfig) -> str:
     every shard copies it; near-duplicate counts (dups/) search all shards, so they are all redone
     anyway; and it would need a way to find the earlier folder of the same settings. Only an
     in-place overwrite in a flat index would gain (the unchanged shards' decode + embed)."""
-    from memex.ingest import IMAGE_SHA256, image_bytes
+    from memex.ingest import IMAGE_SHA256, image_bytes, in_order
 
     # in id order, whatever the listing's (a streamed manifest's is the manifest's own: its gids
     # follow it), so one training set has one key however it was read
     order = pc.sort_indices(listing["id"])
-    if pc.any(pc.not_equal(order, pa.array(np.arange(listing.num_rows, dtype=np.uint64)))).as_py():
+    if not in_order(order):
         listing = listing.take(order)  # only a streamed listing gets here: it holds no image bytes
     h = hashlib.sha256(f"layout {LAYOUT_VERSION}".encode())
     for col in ("id", "uri", "caption"):
