@@ -847,6 +847,13 @@ def test_a_streamed_manifest_out_of_id_order_or_changed_midway(tmp_path, in_proc
     pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "image": [imgs[0], imgs[2], imgs[2], imgs[3]]}), path)
     with pytest.raises(IngestError, match=r"changed while the index read it \(rows from 0 on differ"):
         list(iter_train_rows(str(path), {}, listing))
+    from memex.layout import TRAIN_SCHEMA
+    from memex.storage import Store
+
+    store = Store(str(tmp_path / "index"))  # as the index stage writes it: nothing, not a part of it
+    with pytest.raises(IngestError, match=r"changed while the index read it"):
+        store.write_batches(store.join("train.parquet"), TRAIN_SCHEMA, iter_train_rows(str(path), {}, listing))
+    assert not list((tmp_path / "index").iterdir())
     pq.write_table(pa.table({"id": ["a", "b", "c"], "image": imgs[:3]}), path)
     with pytest.raises(IngestError, match=r"changed while the index read it \(3 rows, its listing has 4\)"):
         list(iter_train_rows(str(path), {}, listing))
