@@ -11,6 +11,7 @@ worst case), written as one row group (pyarrow's default for a file this size) o
 of 100 rows (img2dataset's writer flushes every 100 samples).
 
     python bench/bench_manifest.py [--images 9600]
+    python bench/bench_manifest.py --path <a datasets save_to_disk folder, or any manifest>
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 CHILD = r"""
-import json, sys
+import glob, json, os, sys
 mode, path, out = sys.argv[1:4]
 def status(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 2**10
@@ -41,7 +42,11 @@ from memex.layout import TRAIN_SCHEMA
 from memex.stages.index import index_key
 from memex.storage import Store
 base = status("VmRSS")  # after the imports (torch, faiss come with memex)
-if mode == "plain":
+if mode == "plain" and os.path.isdir(path):  # a datasets folder: its Arrow streams, read whole
+    t = pa.concat_tables([pa.ipc.open_stream(open(f, "rb").read()).read_all()
+                          for f in sorted(glob.glob(os.path.join(path, "*.arrow")))])
+    rows = t.num_rows
+elif mode == "plain":
     t = pq.read_table(path)
     rows = t.num_rows
 else:  # what index.run does on the driver: list, key, write train.parquet (row groups of 64, as it does)
@@ -85,19 +90,21 @@ def measure(mode: str, path: Path, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=9600)
+    ap.add_argument("--path", default=None, help="measure this training set instead of generated ones")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for row_group in (None, 100):
-            path = manifest(tmp, args.images, row_group)
-            size = path.stat().st_size / 2**20
+        for row_group in ((None,) if args.path else (None, 100)):
+            path = Path(args.path) if args.path else manifest(tmp, args.images, row_group)
+            size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*"))) / 2**20
             plain, whole, streamed = (measure(m, path, tmp) for m in ("plain", "whole", "streamed"))
-            assert plain["rows"] == whole["rows"] == streamed["rows"] == args.images
+            assert plain["rows"] == whole["rows"] == streamed["rows"] == (plain["rows"] if args.path else args.images)
             same = pq.read_table(tmp / "whole.json.d" / "train.parquet").equals(
                 pq.read_table(tmp / "streamed.json.d" / "train.parquet"))
-            what = "one row group" if row_group is None else f"row groups of {row_group}"
-            print(f"{args.images} images, {size:.0f} MB ({what}); peak above imports:")
-            print(f"  {'read_table':<40} {plain['peak_mb']:6.0f} MB ({plain['peak_mb'] / size:.1f}x the file), "
+            what = path.name if args.path else "one row group" if row_group is None else f"row groups of {row_group}"
+            print(f"{plain['rows']} images, {size:.0f} MB ({what}); peak above imports:")
+            floor = "pyarrow, whole (read_table or IPC)"
+            print(f"  {floor:<40} {plain['peak_mb']:6.0f} MB ({plain['peak_mb'] / size:.1f}x the file), "
                   f"held after {plain['rss_mb']:.0f} MB")
             for name, r in (("whole (listing + key + train.parquet)", whole), ("streamed (the same)", streamed)):
                 print(f"  memex {name:<34} {r['peak_mb']:6.0f} MB ({r['peak_mb'] / size:.1f}x the file), "

@@ -24,7 +24,8 @@ wildcard is a pattern of shards.
 Listing is cheap (no image is decoded), and it stamps each image file (column `stamp`: size +
 ETag where the store gives one, else size + mtime), so the index key (memex/stages/index.py)
 changes when a file is overwritten in place; image bytes embedded in a manifest are hashed there,
-or, for the index (`images=False`), as a Parquet manifest is read a batch at a time, and
+or, for the index (`images=False`), as a manifest (Parquet, or a datasets folder's Arrow files) is
+read a batch at a time, and
 `iter_train_rows` reads them again into the index's train.parquet: the driver never holds them.
 Such a listing is in the manifest's own row order (file names, then rows), not sorted by id.
 `decode_rows` never raises for a bad image: unreadable,
@@ -59,11 +60,12 @@ from memex.manifest import (
     HF_DICT,
     HF_STATE,
     ManifestError,
+    arrow_schema,
     check_ids,
     first_caption,
     is_img2dataset_metadata_file,
     is_img2dataset_parquet,
-    iter_parquet_manifest,
+    iter_manifest,
     manifest_sources,
     missing_columns,
     read_manifest,
@@ -115,7 +117,8 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
     `caption` (all null when the manifest has no such column). `stamp`: the version of each
     uri row's file (size + ETag or mtime), null for rows with image bytes and for missing files.
     `key`: the setting `path` came from, which errors name (memex mia reads members.path, ...).
-    `images=False` (the index): a Parquet manifest of embedded images is read a batch at a time,
+    `images=False` (the index): a manifest of embedded images (Parquet, or a datasets folder) is
+    read a batch at a time,
     and its listing holds each image's sha256 (column IMAGE_SHA256), not its bytes, in the
     manifest's row order (`iter_train_rows` reads the bytes again in that order when the index
     writes train.parquet; sorting by id would need them all at once).
@@ -257,26 +260,29 @@ def _digests(image: pa.ChunkedArray) -> pa.Array:
 
 
 def _streamed_listing(path: str, opts: dict[str, Any], caption_column: str, key: str) -> pa.Table | None:
-    """The listing of a Parquet manifest with embedded images, read `iter_parquet_manifest` batch by
-    batch: ids, uris, captions and each image's sha256 (IMAGE_SHA256), no bytes held, in the
+    """The listing of a manifest with embedded images (Parquet, or a datasets folder), read
+    `iter_manifest` batch by batch: ids, uris, captions and each image's sha256 (IMAGE_SHA256), no bytes held, in the
     manifest's row order. A 1M-image LAION part of ~40 GB was read whole onto the driver, and
     img2dataset writes its rows in the order downloads finish, so sorting them by id would hold
     them all again: the index's gids follow this order instead (its key does not: index_key sorts
     by id first). None where the manifest is not such one: the whole read names what is wrong."""
     try:
         fs, _, _, source, arrow = manifest_sources(path, opts)
-        names = pq.read_schema(source[0], filesystem=fs).names if not arrow else []
+        names = (arrow_schema(fs, source[0]) if arrow else pq.read_schema(source[0], filesystem=fs)).names
     except Exception:  # noqa: BLE001 - the whole read raises it, naming the file
         return None
     if is_img2dataset_parquet(names):
         names = [{"key": "id", "jpg": "image"}.get(c, c) for c in names]
-    if arrow or "image" not in names or missing_columns(names):
-        return None  # a datasets folder (memory-mapped Arrow) or a manifest of uris: no image bytes to stream
+    if "image" not in names or missing_columns(names, hf=arrow):
+        return None  # a manifest of uris (no image bytes to stream), or one the whole read refuses
     parts: list[pa.Table] = []
     try:
-        for t in iter_parquet_manifest(path, opts):
+        for t in iter_manifest(path, opts):
             image = _column(t, "image", pa.binary(), "encoded image bytes", path, key, caption_column)
             listing = _listing(t, pa.chunked_array([pa.nulls(t.num_rows, pa.binary())]), path, key, caption_column)
+            # a copy of the small columns: an Arrow stream's batch is one buffer, images included, and
+            # its id column, kept as it is, kept the images too (663 MB held for a 543 MB folder)
+            listing = listing.take(pa.array(np.arange(listing.num_rows)))
             listing = listing.append_column(IMAGE_SHA256, _digests(image))
             parts.append(listing.append_column("_bytes", _has_bytes(image)))  # for _stamped, dropped there
     except ManifestError as e:
@@ -301,7 +307,7 @@ def iter_train_rows(path: str, opts: dict[str, Any], listing: pa.Table, batch_ro
     listing (the manifest's order). A manifest changed since it was listed (another row, other
     bytes) raises: the index key was made from the listing."""
     gid = 0
-    for t in iter_parquet_manifest(path, opts, batch_rows):
+    for t in iter_manifest(path, opts, batch_rows):
         want = listing.slice(gid, t.num_rows)
         image = pc.cast(t["image"], pa.binary()) if t["image"].type != pa.binary() else t["image"]
         if want.num_rows != t.num_rows or not want["id"].equals(t["id"]) or \

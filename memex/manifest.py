@@ -109,29 +109,47 @@ def normalized(path: str, table: pa.Table, fs: fsspec.AbstractFileSystem, base: 
     return table
 
 
-def iter_parquet_manifest(path: str, storage_options: dict[str, Any] | None = None,
-                          batch_rows: int = 256) -> Iterator[pa.Table]:
-    """A Parquet manifest's rows, `batch_rows` at a time, in file then row order, as `read_manifest`
+def iter_manifest(path: str, storage_options: dict[str, Any] | None = None,
+                  batch_rows: int = 256) -> Iterator[pa.Table]:
+    """A manifest's rows, about `batch_rows` at a time, in file then row order, as `read_manifest`
     gives them (img2dataset's failed downloads left out, `normalized`), without holding them all:
-    the index reads a manifest of tens of GB of embedded images this way. The caller checks the
-    columns, the ids and emptiness over the whole (`read_manifest` does it on its table)."""
+    the index reads a manifest of tens of GB of embedded images this way. Parquet files a row group
+    at a time; a datasets folder's Arrow files a record batch at a time (datasets writes ~100-1000
+    rows a batch). The caller checks the columns, the ids and emptiness over the whole
+    (`read_manifest` does it on its table)."""
     fs, p, is_dir, source, arrow = manifest_sources(path, storage_options)
-    if arrow:
-        raise ManifestError(f"training manifest {path} is a datasets folder, not Parquet")
     base = p if is_dir else posixpath.dirname(p)
     for f in source:
-        try:
-            # pre_buffer=False: with it, pyarrow buffers every row group's column chunks as the
-            # batches go by (RSS grew to the file's size: 600 MB for a 540 MB file of 96 row
-            # groups); without, one row group at a time (~60 MB). A file of one row group is read whole
-            batches = pq.ParquetFile(f, filesystem=fs, pre_buffer=False).iter_batches(batch_size=batch_rows)
-        except Exception as e:  # noqa: BLE001 - re-raised naming the file
-            raise ManifestError(f"training manifest {path}: {f} is not readable Parquet: "
-                                f"{type(e).__name__}: {e}") from e
-        for batch in batches:
+        for batch in (_arrow_batches(path, fs, f) if arrow else _parquet_batches(path, fs, f, batch_rows)):
             t = _img2dataset_kept(pa.Table.from_batches([batch]))
             if t.num_rows:
                 yield normalized(path, t, fs, base)
+
+
+def _parquet_batches(path: str, fs: fsspec.AbstractFileSystem, f: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    try:
+        # pre_buffer=False: with it, pyarrow buffers every row group's column chunks as the batches
+        # go by (RSS grew to the file's size: 600 MB for a 540 MB file of 96 row groups); without,
+        # one row group at a time (~60 MB). A file of one row group is read whole
+        yield from pq.ParquetFile(f, filesystem=fs, pre_buffer=False).iter_batches(batch_size=batch_rows)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise ManifestError(f"training manifest {path}: {f} is not readable Parquet: {type(e).__name__}: {e}") from e
+
+
+def _arrow_batches(path: str, fs: fsspec.AbstractFileSystem, part: str) -> Iterator[pa.RecordBatch]:
+    """An Arrow stream's (or file's) record batches, one at a time from the open file."""
+    try:
+        with fs.open(part, "rb") as f:
+            try:
+                batches = iter(pa.ipc.open_stream(f))
+            except pa.ArrowInvalid:  # the file format (random access), not datasets' stream
+                f.seek(0)
+                reader = pa.ipc.open_file(f)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            yield from batches
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise ManifestError(f"{path}: {posixpath.basename(part)} is not readable Arrow: "
+                            f"{type(e).__name__}: {e}") from e
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -426,6 +426,17 @@ def test_a_hugging_face_save_to_disk_folder_is_a_training_set(tmp_path, where, r
     dec = decode_rows(t, None, opts)
     assert dec.quarantine.num_rows == 0 and all(np.array_equal(a, b) for a, b in zip(dec.images, originals))
     assert read_manifest(f"{root}/with_ids", opts)["id"].to_pylist() == t["id"].to_pylist()  # memex train's reader
+    # the index's listing streams the Arrow file a record batch at a time: the same rows, key and train rows
+    from memex.ingest import IMAGE_SHA256, iter_train_rows
+    from memex.stages.index import index_key
+
+    streamed = list_training_set(f"{root}/with_ids", opts, "text", images=False)
+    assert IMAGE_SHA256 in streamed.column_names and streamed["image"].null_count == 4
+    assert streamed.drop_columns(["image", IMAGE_SHA256]).equals(t.drop_columns(["image"]))
+    cfg = _audit_cfg(f"{root}/with_ids", tmp_path / "runs")
+    assert index_key(streamed, cfg) == index_key(t, cfg)
+    rows = pa.concat_tables(iter_train_rows(f"{root}/with_ids", opts, streamed, batch_rows=3))
+    assert rows["image"].to_pylist() == t["image"].to_pylist() and rows["gid"].to_pylist() == [0, 1, 2, 3]
     check_trainset(f"{root}/with_ids", opts, "text")  # the audit's preflight reads the schema alone
     with pytest.raises(ConfigError, match=r"the dataset has no 'caption' column .* \(columns: \['id', 'image', 'text'"):
         check_trainset(f"{root}/with_ids", opts, "caption")
