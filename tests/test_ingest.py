@@ -788,6 +788,11 @@ def test_the_index_streams_a_manifest_of_embedded_images_in_id_order(tmp_path, i
     from memex.stages import index
 
     imgs = [encode_png(logo(i, 8)[0]) for i in range(9)]
+    rng = np.random.default_rng(2)  # two non-square pictures (LAION's are), a JPEG among them
+    imgs[2] = encode_png(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (30, 14, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    imgs[6] = buf.getvalue()
     (tmp_path / "loose.png").write_bytes(imgs[8])
     folder = tmp_path / "m"
     folder.mkdir()
