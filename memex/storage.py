@@ -105,6 +105,14 @@ def differences(a: dict, b: dict, prefix: str = "") -> Iterator[tuple[str, Any, 
             yield f"{prefix}{k}", x, y
 
 
+def differences_text(a: dict, b: dict, limit: int | None = None) -> str:
+    """`differences` as one line, "k: was x, now y; ...", the first `limit` of them and a count of the rest."""
+    diffs = list(differences(a, b))
+    shown = diffs if limit is None else diffs[:limit]
+    more = len(diffs) - len(shown)
+    return "; ".join(f"{k}: was {x!r}, now {y!r}" for k, x, y in shown) + (f"; and {more} more" if more else "")
+
+
 class Store:
     """A folder on any fsspec filesystem. Paths given to its methods are filesystem paths
     (`store.join(...)`, no protocol); `uri_of` turns one back into a URI a user can paste."""
@@ -221,7 +229,7 @@ class Store:
         if existing is None:
             self.write_json(path, settings)
         elif existing != settings:
-            detail = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, a, b in differences(existing, settings))
+            detail = differences_text(existing, settings)
             raise StorageError(f"{what} was written with other settings ({detail}). Nothing was changed. {fix}")
 
     def check_reachable(self, what: str, keys: str) -> None:

@@ -34,7 +34,7 @@ from memex.config import AuditConfig, ConfigError, PromptSource, plain
 from memex.layout import SAMPLES_FROM, RunLayout
 from memex.lease import live_holder
 from memex.redact import redact
-from memex.storage import differences
+from memex.storage import differences_text
 
 log = logging.getLogger("memex.rematch")
 
@@ -121,10 +121,8 @@ def check_same_generations(cfg: AuditConfig, source: RunLayout) -> None:
                               f"{'an unconditional model' if ids == [UNCONDITIONAL_ID] else 'prompted'}, and this "
                               f"command says prompts={cfg.prompts.source.value}: set "
                               f"{'prompts=none' if ids == [UNCONDITIONAL_ID] else 'the prompts it was generated with'}")
-    diffs = list(differences(*_shared(was, now)))
-    if diffs:
-        detail = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, a, b in diffs[:8]) + \
-            (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+    detail = differences_text(*_shared(was, now), limit=8)
+    if detail:
         raise ConfigError(f"run.samples_from={cfg.run.samples_from}: its generations were made with other settings "
                           f"({detail}). A re-match takes them as they were made: give the source's values (or drop "
                           "those overrides), or leave out run.samples_from to generate anew")
