@@ -1,10 +1,11 @@
 """Driver memory for a training manifest with embedded images (img2dataset's parquet output, a
 Hugging Face dataset, `memex train`'s manifests): the index stage's driver work (listing, index
-key, train.parquet) against the plain floor, `pyarrow.parquet.read_table` of the same file, each
-in a fresh process (peak RSS is per process). Two ways for memex: `whole` reads the images onto
-the driver (every manifest before; a datasets folder now), `streamed` hashes them as read and
-copies them into train.parquet a batch at a time (a Parquet manifest now). The bench's manifest
-is in id order, so both train.parquet files are equal (the bench checks it).
+key, train.parquet) against the plain floor, pyarrow's whole read of the same files
+(`read_table`, or the Arrow streams of a datasets folder), each in a fresh process (peak RSS is
+per process). Two ways for memex: `whole` reads the images onto the driver (what the index did
+before; `memex mia` still does), `streamed` hashes them as read and copies them into
+train.parquet a batch at a time (what the index does now). The bench's manifests are in id
+order, so both train.parquet files are equal (the bench checks it).
 
 The manifest: N random-noise 256x256 JPEGs (~55 kB each: photos compress better, noise is the
 worst case), written as one row group (pyarrow's default for a file this size) or as row groups
