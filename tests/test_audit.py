@@ -385,6 +385,15 @@ def test_preview_triage_extends_the_prompt_whose_previews_copy(tmp_path, ray_hea
     assert {k: v for k, v in here.items() if k not in drop} == {k: v for k, v in s.items() if k not in drop}
     assert here["index"]["key"] == s["index"]["key"] and here["run"] != s["run"]
 
+    # a re-match of it (run.samples_from) reads its previews, triage and rounds where they are
+    again = audit.run(compose([*overrides, f"run.samples_from={layout.run_name}", "run.name=rematch"],
+                              config_name="audit"))
+    assert [p["triage_distance"] for p in again["per_prompt"]] == [p["triage_distance"] for p in s["per_prompt"]]
+    assert [p["samples"] for p in again["per_prompt"]] == [6, 2, 2]
+    assert again["unet_evaluations"] == s["unet_evaluations"] and again["samples_from"] == s["run"]
+    assert "Previews matched to the training set" in (Path(layout.path).parent / "rematch" / "report" /
+                                                      "index.html").read_text()
+
 
 def assert_readable_by_pyarrow(layout: RunLayout, s: dict) -> None:
     """Every folder of the run and of its index that holds Parquet files is one dataset that
