@@ -25,9 +25,9 @@ Listing is cheap (no image is decoded), and it stamps each image file (column `s
 ETag where the store gives one, else size + mtime), so the index key (memex/stages/index.py)
 changes when a file is overwritten in place; image bytes embedded in a manifest are hashed there,
 or, for the index (`images=False`), as a manifest (Parquet, or a datasets folder's Arrow files) is
-read a batch at a time, and
-`iter_train_rows` reads them again into the index's train.parquet: the driver never holds them.
-Such a listing is in the manifest's own row order (file names, then rows), not sorted by id.
+read a batch at a time, and `iter_train_rows` reads them again into the index's train.parquet:
+the driver never holds them. Such a listing is in the manifest's own row order (file names, then
+rows), not sorted by id.
 `decode_rows` never raises for a bad image: unreadable,
 corrupt, truncated, missing, empty or oversized images (PIL's decompression-bomb limit), and those
 in a mode or sample range with no display conversion (images.decode: "UnsupportedImageError: mode
@@ -118,9 +118,8 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
     uri row's file (size + ETag or mtime), null for rows with image bytes and for missing files.
     `key`: the setting `path` came from, which errors name (memex mia reads members.path, ...).
     `images=False` (the index): a manifest of embedded images (Parquet, or a datasets folder) is
-    read a batch at a time,
-    and its listing holds each image's sha256 (column IMAGE_SHA256), not its bytes, in the
-    manifest's row order (`iter_train_rows` reads the bytes again in that order when the index
+    read a batch at a time, and its listing holds each image's sha256 (column IMAGE_SHA256), not
+    its bytes, in the manifest's row order (`iter_train_rows` reads the bytes again in that order when the index
     writes train.parquet; sorting by id would need them all at once).
     """
     opts = storage_options or {}
@@ -185,7 +184,8 @@ def _from_manifest(path: str, opts: dict[str, Any], caption_column: str, key: st
     # are not sorted by id (the sort's copy). Nothing else copies the image column, and no image
     # becomes a Python object (bench/RESULTS.md, manifest memory: it was ~5x the image bytes).
     image = _column(t, "image", pa.binary(), "encoded image bytes", path, key, caption_column)
-    out = _stamped(_listing(t, image, path, key, caption_column), _has_bytes(image), opts)
+    has_bytes = pc.fill_null(pc.greater(pc.binary_length(image), 0), False)
+    out = _stamped(_listing(t, image, path, key, caption_column), has_bytes, opts)
     t = None  # the manifest's other columns (img2dataset's url, status, ...) are not kept
     order = pc.sort_indices(out["id"])
     if not in_order(order):
@@ -230,10 +230,6 @@ def _stamped(listing: pa.Table, has_bytes: pa.ChunkedArray, opts: dict[str, Any]
                               pa.array(_uri_stamps(by_uri, opts), pa.string()))
 
 
-def _has_bytes(image: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.fill_null(pc.greater(pc.binary_length(image), 0), False)
-
-
 def in_order(order: pa.Array) -> bool:
     return pc.all(pc.equal(order, pa.array(np.arange(len(order), dtype=np.uint64)))).as_py() is not False
 
@@ -254,15 +250,18 @@ def image_bytes(images: pa.ChunkedArray) -> Iterator[memoryview | bytes]:
             yield data[offsets[i]:offsets[i + 1]] if valid[i] else b""
 
 
-def _digests(image: pa.ChunkedArray) -> pa.Array:
-    """sha256 of each row's image bytes (of b"" for none): the index key hashes these."""
+EMPTY_SHA256 = hashlib.sha256(b"").digest()  # a row without image bytes (null or empty)
+
+
+def image_digests(image: pa.ChunkedArray) -> pa.Array:
+    """sha256 of each row's image bytes (EMPTY_SHA256 for none): the index key hashes these."""
     return pa.array([hashlib.sha256(b).digest() for b in image_bytes(image)], pa.binary())
 
 
 def _streamed_listing(path: str, opts: dict[str, Any], caption_column: str, key: str) -> pa.Table | None:
     """The listing of a manifest with embedded images (Parquet, or a datasets folder), read
-    `iter_manifest` batch by batch: ids, uris, captions and each image's sha256 (IMAGE_SHA256), no bytes held, in the
-    manifest's row order. A 1M-image LAION part of ~40 GB was read whole onto the driver, and
+    `iter_manifest` batch by batch: ids, uris, captions and each image's sha256 (IMAGE_SHA256), no
+    bytes held, in the manifest's row order. A 1M-image LAION part of ~40 GB was read whole onto the driver, and
     img2dataset writes its rows in the order downloads finish, so sorting them by id would hold
     them all again: the index's gids follow this order instead (its key does not: index_key sorts
     by id first). None where the manifest is not such one: the whole read names what is wrong."""
@@ -283,8 +282,7 @@ def _streamed_listing(path: str, opts: dict[str, Any], caption_column: str, key:
             # a copy of the small columns: an Arrow stream's batch is one buffer, images included, and
             # its id column, kept as it is, kept the images too (663 MB held for a 543 MB folder)
             listing = listing.take(pa.array(np.arange(listing.num_rows)))
-            listing = listing.append_column(IMAGE_SHA256, _digests(image))
-            parts.append(listing.append_column("_bytes", _has_bytes(image)))  # for _stamped, dropped there
+            parts.append(listing.append_column(IMAGE_SHA256, image_digests(image)))
     except ManifestError as e:
         raise IngestError(str(e)) from e
     except IngestError:
@@ -298,7 +296,7 @@ def _streamed_listing(path: str, opts: dict[str, Any], caption_column: str, key:
         check_ids(path, out["id"])
     except ManifestError as e:
         raise IngestError(str(e)) from e
-    return _stamped(out.drop_columns(["_bytes"]), out["_bytes"], opts)
+    return _stamped(out, pc.not_equal(out[IMAGE_SHA256], pa.scalar(EMPTY_SHA256, pa.binary())), opts)
 
 
 def iter_train_rows(path: str, opts: dict[str, Any], listing: pa.Table, batch_rows: int = 256) -> Iterator[pa.Table]:
@@ -309,9 +307,9 @@ def iter_train_rows(path: str, opts: dict[str, Any], listing: pa.Table, batch_ro
     gid = 0
     for t in iter_manifest(path, opts, batch_rows):
         want = listing.slice(gid, t.num_rows)
-        image = pc.cast(t["image"], pa.binary()) if t["image"].type != pa.binary() else t["image"]
+        image = _column(t, "image", pa.binary(), "encoded image bytes", path, "trainset.path", "")
         if want.num_rows != t.num_rows or not want["id"].equals(t["id"]) or \
-                not _digests(image).equals(want[IMAGE_SHA256].combine_chunks()):
+                not image_digests(image).equals(want[IMAGE_SHA256].combine_chunks()):
             raise IngestError(f"trainset.path={path} changed while the index read it (rows from {gid} on differ "
                               "from its listing): run the audit again once it is written")
         yield pa.table({"gid": pa.array(np.arange(gid, gid + t.num_rows), pa.int64()), "id": want["id"],

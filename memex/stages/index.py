@@ -61,7 +61,7 @@ def index_key(listing: pa.Table, cfg: AuditConfig) -> str:
     every shard copies it; near-duplicate counts (dups/) search all shards, so they are all redone
     anyway; and it would need a way to find the earlier folder of the same settings. Only an
     in-place overwrite in a flat index would gain (the unchanged shards' decode + embed)."""
-    from memex.ingest import IMAGE_SHA256, image_bytes, in_order
+    from memex.ingest import IMAGE_SHA256, image_digests, in_order
 
     # in id order, whatever the listing's (a streamed manifest's is the manifest's own: its gids
     # follow it), so one training set has one key however it was read
@@ -71,12 +71,10 @@ def index_key(listing: pa.Table, cfg: AuditConfig) -> str:
     h = hashlib.sha256(f"layout {LAYOUT_VERSION}".encode())
     for col in ("id", "uri", "caption"):
         h.update(json.dumps(listing[col].to_pylist()).encode())
-    if IMAGE_SHA256 in listing.column_names:  # a streamed manifest's listing: the same hashes, made as it was read
-        for d in listing[IMAGE_SHA256].to_pylist():
-            h.update(d)
-    else:
-        for b in image_bytes(listing["image"]):  # bytes hash: a changed image changes the key
-            h.update(hashlib.sha256(b).digest())
+    # each image's sha256: a changed image changes the key (a streamed listing made them as it read)
+    digests = listing[IMAGE_SHA256] if IMAGE_SHA256 in listing.column_names else image_digests(listing["image"])
+    for d in digests.to_pylist():
+        h.update(d)
     stamps = listing["stamp"]  # size + ETag/mtime of each uri's file: an overwritten file changes the key
     if stamps.null_count < len(stamps):  # none (all images as bytes, hashed above): nothing to add
         h.update(json.dumps(stamps.to_pylist()).encode())
