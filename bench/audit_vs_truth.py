@@ -2,7 +2,7 @@
 
     python bench/memorization.py demo/models/demo-text --samples 16 --out /tmp/truth-demo.parquet
     python bench/audit_vs_truth.py --truth /tmp/truth-demo.parquet --model demo/models/demo-text \
-        --strategy today --strategy default --strategy adaptive [--strategy paper]
+        --strategy today --strategy default --strategy adaptive [--strategy paper] [--rematch 0.2]
 
 Truth (bench/memorization.py): every training caption prompted --samples times, each generation's
 exact nearest distinct training picture; a generation copies it at tiled l2 <= 0.15 and RMS <= 0.1
@@ -20,6 +20,8 @@ from conf/ with the strategy's overrides:
             the training index; a preview near a picture extends the prompt (`memex nightly`)
   ranked    every caption triaged by previews, the top 24 by preview distance get the fixed budget
             (prompts.limit=null triage=preview triage.keep=24): triage as prompt selection
+  <name>@t   with --rematch t: that strategy's generations re-matched at match.threshold=t
+            (run.samples_from: no UNet call; its UNet evaluations are the source's)
 
 Scored against the truth:
   recall     reproduced pictures the audit reports / reproduced pictures (truth)
@@ -123,6 +125,8 @@ def main() -> None:
     ap.add_argument("--model", default=str(REPO / "demo/models/demo-text"))
     ap.add_argument("--strategy", action="append", choices=list(STRATEGIES))
     ap.add_argument("--set", action="append", default=[], help="extra override for every strategy")
+    ap.add_argument("--rematch", type=float, action="append", default=[],
+                    help="also re-match each strategy's generations at this match.threshold (run.samples_from)")
     ap.add_argument("--root", default=None, help="storage root (default: a fresh temp folder); an existing "
                     "one resumes its finished audits, so the wall time is then the resume's")
     a = ap.parse_args()
@@ -136,55 +140,66 @@ def main() -> None:
     print(f"truth: {a.truth}: {n_truth} generations; {len(reproduced)} pictures reproduced "
           f"({', '.join(f'{p} x{n}' for p, n in sorted(reproduced.items()))}); "
           f"copied once: {', '.join(sorted(once))}")
-    print(f"{'strategy':<9} {'recall':>7} {'precision':>9} {'strict':>6} {'found':>5} {'UNet evals':>10} "
+    print(f"{'strategy':<12} {'recall':>7} {'precision':>9} {'strict':>6} {'found':>5} {'UNet evals':>10} "
           f"{'per found':>9} {'samples':>7} {'wall s':>7}")
+    label = reproducing_prompts(a.truth)
     for name in a.strategy or ["today", "default", "adaptive"]:
-        cfg = compose([f"model.path={a.model}", f"storage.root={root}/{name}", *STRATEGIES[name], *a.set])
+        overrides = [f"model.path={a.model}", f"storage.root={root}/{name}", *STRATEGIES[name], *a.set]
         t0 = time.perf_counter()
-        s = audit.run(cfg)
-        wall = time.perf_counter() - t0
-        layout = RunLayout.at(s["run"])
-        found = {p["picture"] for p in s["extracted_pictures"]}
-        ok = true_copies(layout, s, ids, train)
-        hit = found & set(reproduced)
-        recall = len(hit) / len(reproduced) if reproduced else float("nan")
-        emitted = {p for p in found if ok[p] or p in reproduced or p in once}
-        precision = len(emitted) / len(found) if found else float("nan")
-        strict = sum(ok.values()) / len(found) if found else float("nan")
-        per = s["unet_evaluations"] / len(hit) if hit else float("nan")
-        print(f"{name:<9} {recall:7.3f} {precision:9.3f} {strict:6.3f} {len(found):5d} {s['unet_evaluations']:10,d} "
-              f"{per:9,.0f} {s['samples']:7d} {wall:7.0f}")
-        missed = sorted(set(reproduced) - found)
-        if missed:
-            print("   missed: " + ", ".join(f"{p} ({distinct[p]['copies']} copies, truth x{reproduced[p]})"
-                                           for p in missed))
-        wrong = sorted(found - emitted)
-        if wrong:
-            print("   false alarms (no copy by the truth's standard, in the pool or the audit): " + ", ".join(wrong))
-        loose = sorted(p for p in emitted if not ok[p])
-        if loose:
-            print("   emitted (the pool copies them), but the audit's own generations are looser copies: "
-                  + ", ".join(loose))
-        extra = sorted(found - set(reproduced) - set(wrong))
-        if extra:
-            print("   reported, emitted, but copied fewer than 2 times in the pool: " + ", ".join(extra))
-        uncounted = s.get("uncounted_pictures", [])
-        if uncounted:
-            why = lambda p: ("not distinct, margin %.2f" % p["margin"] if not p.get("distinct", True)  # noqa: E731
-                             else "low complexity" if p.get("low_complexity") else "too few generations")
-            print("   not counted: " + ", ".join(f'{p["picture"]} ({why(p)})' for p in uncounted))
-        label = reproducing_prompts(a.truth)
-        scored = [(label[p["prompt_id"]], p["triage_score"]) for p in s["per_prompt"]
-                  if p["triage_score"] is not None and p["prompt_id"] in label]
-        if scored and 0 < sum(y for y, _ in scored) < len(scored):
-            import numpy as np
+        s = audit.run(compose(overrides))
+        report(name, s, time.perf_counter() - t0, reproduced, once, distinct, ids, train, label)
+        for t in a.rematch:
+            # the same generations matched at another threshold (run.samples_from: no UNet call); the
+            # UNet evaluations printed are the source's, which paid for the generations
+            t0 = time.perf_counter()
+            r = audit.run(compose([*overrides, f"run.samples_from={s['run']}", f"match.threshold={t}"]))
+            report(f"{name}@{t}", r, time.perf_counter() - t0, reproduced, once, distinct, ids, train, label)
 
-            y, sc = np.array([y for y, _ in scored]), np.array([v for _, v in scored])
-            print(f"   triage AUC {auc(y, sc):.3f} over {len(scored)} prompts ({int(y.sum())} reproduce); "
-                  f"triage {s.get('unet_evaluations_triage', 0):,} UNet evaluations")
-        sampled = [p for p in s["per_prompt"] if p["samples"]]
-        print(f"   {len(sampled)} prompts sampled; samples per prompt: "
-              f"{dict(sorted(Counter(p['samples'] for p in sampled).items()))}")
+
+def report(name: str, s: dict, wall: float, reproduced: Counter, once: Counter, distinct: dict,
+           ids: list[str], train: torch.Tensor, label: dict[str, bool]) -> None:
+    """One row of the table for a finished audit's summary, then what it missed and why."""
+    layout = RunLayout.at(s["run"])
+    found = {p["picture"] for p in s["extracted_pictures"]}
+    ok = true_copies(layout, s, ids, train)
+    hit = found & set(reproduced)
+    recall = len(hit) / len(reproduced) if reproduced else float("nan")
+    emitted = {p for p in found if ok[p] or p in reproduced or p in once}
+    precision = len(emitted) / len(found) if found else float("nan")
+    strict = sum(ok.values()) / len(found) if found else float("nan")
+    per = s["unet_evaluations"] / len(hit) if hit else float("nan")
+    print(f"{name:<12} {recall:7.3f} {precision:9.3f} {strict:6.3f} {len(found):5d} {s['unet_evaluations']:10,d} "
+          f"{per:9,.0f} {s['samples']:7d} {wall:7.0f}")
+    missed = sorted(set(reproduced) - found)
+    if missed:
+        print("   missed: " + ", ".join(f"{p} ({distinct[p]['copies']} copies, truth x{reproduced[p]})"
+                                       for p in missed))
+    wrong = sorted(found - emitted)
+    if wrong:
+        print("   false alarms (no copy by the truth's standard, in the pool or the audit): " + ", ".join(wrong))
+    loose = sorted(p for p in emitted if not ok[p])
+    if loose:
+        print("   emitted (the pool copies them), but the audit's own generations are looser copies: "
+              + ", ".join(loose))
+    extra = sorted(found - set(reproduced) - set(wrong))
+    if extra:
+        print("   reported, emitted, but copied fewer than 2 times in the pool: " + ", ".join(extra))
+    uncounted = s.get("uncounted_pictures", [])
+    if uncounted:
+        why = lambda p: ("not distinct, margin %.2f" % p["margin"] if not p.get("distinct", True)  # noqa: E731
+                         else "low complexity" if p.get("low_complexity") else "too few generations")
+        print("   not counted: " + ", ".join(f'{p["picture"]} ({why(p)})' for p in uncounted))
+    scored = [(label[p["prompt_id"]], p["triage_score"]) for p in s["per_prompt"]
+              if p["triage_score"] is not None and p["prompt_id"] in label]
+    if scored and 0 < sum(y for y, _ in scored) < len(scored):
+        import numpy as np
+
+        y, sc = np.array([y for y, _ in scored]), np.array([v for _, v in scored])
+        print(f"   triage AUC {auc(y, sc):.3f} over {len(scored)} prompts ({int(y.sum())} reproduce); "
+              f"triage {s.get('unet_evaluations_triage', 0):,} UNet evaluations")
+    sampled = [p for p in s["per_prompt"] if p["samples"]]
+    print(f"   {len(sampled)} prompts sampled; samples per prompt: "
+          f"{dict(sorted(Counter(p['samples'] for p in sampled).items()))}")
 
 
 if __name__ == "__main__":

@@ -721,7 +721,8 @@ def validate_budget(cfg: AuditConfig) -> None:
                                                                    or cfg.prompts.source == PromptSource.none):
         raise ConfigError(f"triage={t.kind.value} scores prompts, and an unconditional model has none: set "
                           "triage=auto or triage=none")
-    if t.kind == TriageKind.preview and cfg.match.distance != DistanceKind.tiled_l2:
+    if t.kind == TriageKind.preview and cfg.match.distance != DistanceKind.tiled_l2 and not cfg.run.samples_from:
+        # (a re-match generates nothing: no round is decided, and its source's previews are read as they are)
         raise ConfigError("triage=preview scores a prompt by its previews' tiled l2 to the training set, and "
                           "budget.continue_factor compares it with match.threshold: set match=tiled")
     if t.kind == TriageKind.none:  # a triage setting would be silently ignored: it fails here

@@ -68,6 +68,8 @@ from memex.storage import StageFolder, StorageError, Store, unit_name  # noqa: F
 # run.json's key in a re-match's run folder: the run (a folder name under storage.root) whose
 # generations it matches (memex/stages/rematch.py)
 SAMPLES_FROM = "samples_from"
+# and what those generations were when it was made (rows, shards, rounds, UNet evaluations)
+SOURCE_GENERATIONS = "source_generations"
 
 PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())])
 

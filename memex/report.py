@@ -387,6 +387,9 @@ def not_a_finished_run(layout: RunLayout) -> str:
         first = store.uri_of(layout.join(runs[0]))
         return (f"{layout.uri} holds {len(runs)} finished run folder(s) ({', '.join(runs[:5])}"
                 f"{', ...' if len(runs) > 5 else ''}): give one, e.g. memex report {first}")
+    if store.exists(layout.run_json) and layout.samples_from is not None:
+        return (f"{layout.uri} is a re-match of {layout.samples_from} that has not finished (no summary.json): run "
+                "the `memex audit run.samples_from=...` command that started it again; it resumes where it stopped")
     if store.exists(layout.run_json) and not store.exists(layout.index_json):
         return (f"{layout.uri} is a `memex generate` run (samples, no training-set matches): memex report reads an "
                 "audit's run folder (`memex audit` with the same settings)")

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from memex.config import ConfigError, validate_audit
 from memex.images import encode_png, resize
 from memex.layout import RunLayout, StorageError
 from memex.membership import load_shards, read_duplicates, read_quarantine
@@ -393,6 +394,14 @@ def test_preview_triage_extends_the_prompt_whose_previews_copy(tmp_path, ray_hea
     assert again["unet_evaluations"] == s["unet_evaluations"] and again["samples_from"] == s["run"]
     assert "Previews matched to the training set" in (Path(layout.path).parent / "rematch" / "report" /
                                                       "index.html").read_text()
+    # with match=relative: refused for an audit of a preview source (its rounds compare previews with
+    # match.threshold), taken by a re-match, which decides no round
+    with pytest.raises(ConfigError, match=r"triage=preview .* set match=tiled"):
+        validate_audit(compose([*overrides, "match=relative"], config_name="audit"))
+    rel = audit.run(compose([*overrides, f"run.samples_from={layout.run_name}", "run.name=rel", "match=relative"],
+                            config_name="audit"))
+    assert rel["config"]["match"]["distance"] == "relative_l2"
+    assert [p["samples"] for p in rel["per_prompt"]] == [6, 2, 2]
 
 
 def assert_readable_by_pyarrow(layout: RunLayout, s: dict) -> None:

@@ -198,7 +198,7 @@ def test_a_rematch_folder_is_not_a_generation_folder(source, tmp_path):
     s = _audit([*overrides, f"storage.root={runs}", "run.samples_from=src", "match.threshold=0.05", "run.name=m05"])
     before = _files(Path(RunLayout.at(s["run"]).path))
     gen = [o for o in overrides if not o.startswith(("trainset", "index", "embedder", "filter"))]
-    with pytest.raises(StorageError, match=r"other settings \(samples_from: was 'src', now None\)"):
+    with pytest.raises(StorageError, match=r"other settings \(samples_from: was 'src', now None; source_generations: "):
         generate.prepare(compose([*gen, f"storage.root={runs}", "run.name=m05"]))
     assert _files(runs / "m05") == before
 
@@ -251,3 +251,98 @@ def test_a_rematch_with_another_embedder_builds_its_own_index(source):
                 "run.name=e8"])
     assert s["index"]["key"] != src["index"]["key"] and s["config"]["embedder"]["size"] == 8
     assert [p["picture"] for p in s["extracted_pictures"]] == [p["picture"] for p in src["extracted_pictures"]]
+
+
+def test_a_rematch_compares_model_and_sampling_exactly(source, tmp_path):
+    """run.json leaves a key out at its default (model.lora, sampling.channels_last): a key on one
+    side only is a difference, as it is for a resume, not a key to skip. A LoRA source re-matched
+    without it (or the reverse) is refused, naming the key."""
+    from memex.stages.rematch import prepare
+
+    tmp, overrides, _ = source
+    runs = tmp_path / "runs"
+    shutil.copytree(tmp / "runs" / "src", runs / "src")
+    with pytest.raises(ConfigError, match=r"sampling.channels_last: was None, now True"):
+        prepare(compose([*overrides, f"storage.root={runs}", "run.samples_from=src", "sampling.channels_last=true"],
+                        config_name="audit"))
+    settings = json.loads((runs / "src" / "run.json").read_text())
+    settings["model"]["lora"] = "/loras/checkpoint-500"
+    (runs / "src" / "run.json").write_text(json.dumps(settings))
+    with pytest.raises(ConfigError, match=r"model.lora: was '/loras/checkpoint-500', now None"):
+        prepare(compose([*overrides, f"storage.root={runs}", "run.samples_from=src"], config_name="audit"))
+    assert sorted(p.name for p in runs.iterdir()) == ["src"]
+
+
+def test_a_rematch_refuses_a_source_whose_generations_are_gone(source, tmp_path):
+    """A finished audit whose samples/ (or a shard of it, or prompts.parquet) was removed to save
+    space: refused before any work, naming what is missing in the source, not the re-match's folder."""
+    from memex.stages.rematch import prepare
+
+    tmp, overrides, _ = source
+    runs = tmp_path / "runs"
+    for name, gone in (("no-shard", "samples/shard-000001.parquet"), ("no-prompts", "prompts.parquet"),
+                       ("no-samples", "samples")):
+        shutil.copytree(tmp / "runs" / "src", runs / name)
+        target = runs / name / gone
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        with pytest.raises(ConfigError, match=rf"{name} is finished, and its generations are not all there "
+                                              rf"\(missing: {'samples/_SUCCESS.json' if name == 'no-samples' else gone}"
+                                              r"\)\. A re-match reads them where they were made: restore"):
+            prepare(compose([*overrides, f"storage.root={runs}", f"run.samples_from={name}"], config_name="audit"))
+    assert not [p for p in runs.iterdir() if "-m" in p.name]
+
+
+def test_a_rematch_folder_of_a_source_generated_again_is_refused(source, tmp_path):
+    """The source deleted and audited again into the same folder with an adaptive budget (the same
+    run.json: model, sampling and prompts), then the sweep rerun with that budget: the old re-match
+    folder holds matches of the old generations, and resuming it returned them. Its run.json pins
+    the source's rows, so it is refused, naming them, and left as it was."""
+    tmp, overrides, _ = source
+    runs = tmp_path / "runs"
+    shutil.copytree(tmp / "runs" / "src", runs / "src")
+    _audit([*overrides, f"storage.root={runs}", "run.samples_from=src", "match.threshold=0.02", "run.name=m"])
+    before = _files(runs / "m")
+    shutil.rmtree(runs / "src")
+    adaptive = ["budget=adaptive", "budget.rounds=[2,8]"]
+    s = _audit([*overrides, f"storage.root={runs}", "run.name=src", *adaptive])
+    assert s["samples"] < 24
+    with pytest.raises(StorageError, match=rf"run folder .*m was written with other settings \("
+                                           rf"source_generations.rounds: was 1, now 2; source_generations.rows: was 24,"
+                                           rf" now {s['samples']}; .*for src generated again since, use another "
+                                           r"run.name"):
+        _audit([*overrides, f"storage.root={runs}", "run.samples_from=src", "match.threshold=0.02", "run.name=m",
+                *adaptive])
+    assert _files(runs / "m") == before
+    fresh = _audit([*overrides, f"storage.root={runs}", "run.samples_from=src", "match.threshold=0.02",
+                    "run.name=m2", *adaptive])
+    assert fresh["samples"] == s["samples"]
+
+
+def test_a_rematch_of_a_memex_generate_run(source, tmp_path):
+    """A `memex generate` run (no audit, no summary) re-matched: its generations matched to the
+    training set as an audit's are; a budget or triage selection it never had is refused, and a
+    re-match folder that has not finished is named as one by memex report."""
+    from memex.report import build_report
+    from memex.stages import generate
+    from memex.stages.rematch import prepare
+
+    tmp, overrides, src = source
+    runs = tmp_path / "runs"
+    gen = [o for o in overrides if not o.startswith(("trainset", "index", "embedder", "filter"))]
+    g = compose([*gen, f"storage.root={runs}", "run.name=gen"])
+    generate.run(g, generate.prepare(g))
+    s = _audit([*overrides, f"storage.root={runs}", "run.samples_from=gen", "run.name=g15"])
+    assert [p["picture"] for p in s["extracted_pictures"]] == [p["picture"] for p in src["extracted_pictures"]]
+    assert s["unet_evaluations"] == src["unet_evaluations"] and s["samples_from"] == str(runs / "gen")
+    for extra, says in ((["budget=adaptive", "budget.rounds=[2,8]"], "budget=adaptive: set budget=fixed"),
+                        (["triage.keep=2"], "triage.keep: drop it"),
+                        (["triage=preview"], "triage=preview: set triage=auto")):
+        with pytest.raises(ConfigError, match=rf"run.samples_from=gen is a `memex generate` run: .*this command says "
+                                              rf"{says}"):
+            prepare(compose([*overrides, f"storage.root={runs}", "run.samples_from=gen", "run.name=x", *extra],
+                            config_name="audit"))
+    assert not (runs / "x").exists()
+    prepare(compose([*overrides, f"storage.root={runs}", "run.samples_from=gen", "run.name=half"],
+                    config_name="audit"))
+    with pytest.raises(StorageError, match=r"half is a re-match of gen that has not finished \(no summary.json\)"):
+        build_report(str(runs / "half"))

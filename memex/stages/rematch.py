@@ -12,14 +12,17 @@ prompts, rounds, triage, previews and samples are read from the source where the
 are its own. Its summary's UNet evaluations are the source's: what the generations it matched cost.
 
     prepare(cfg) -> run name   1. the source: a finished run folder (summary.json, or a `memex
-                                  generate` run's complete samples/), no audit working in it;
-                               2. what made its generations (model.*, sampling.*; an audit's
-                                  prompts, budget and triage too) equal to this command's, or
+                                  generate` run's complete samples/), no audit working in it, its
+                                  prompts.parquet and every samples shard still there;
+                               2. what made its generations (model.*, sampling.* exactly; an audit's
+                                  prompts, budget and triage too; a `memex generate` run's: one
+                                  fixed round, no triage selection) equal to this command's, or
                                   refused naming each key that differs: the summary and report
                                   state this command's config;
                                3. the run folder: run.name, or <source>-m<hash of the settings a
-                                  re-match changes>; its run.json claimed (a rerun resumes, another
-                                  source is refused).
+                                  re-match changes>; its run.json claimed with the source's rows,
+                                  shards and rounds (a rerun resumes; another source, or the source
+                                  generated again since with other settings, is refused).
 Everything else (the index, filter, match, report) is the audit's own code on that folder.
 """
 
@@ -30,8 +33,8 @@ import json
 import logging
 import posixpath
 
-from memex.config import AuditConfig, ConfigError, PromptSource, plain
-from memex.layout import SAMPLES_FROM, RunLayout
+from memex.config import AuditConfig, BudgetKind, ConfigError, PromptSource, TriageKind, plain
+from memex.layout import SAMPLES_FROM, SOURCE_GENERATIONS, RunLayout
 from memex.lease import live_holder
 from memex.redact import redact
 from memex.storage import differences_text
@@ -96,7 +99,38 @@ def source_layout(cfg: AuditConfig, src: str | None = None) -> RunLayout:
         raise ConfigError(f"run.samples_from={src}: {layout.uri} has not finished its "
                           f"{'audit (no summary.json)' if audited else 'generation (no samples/_SUCCESS.json)'}: "
                           "run the command that started it again (it resumes), then re-match it")
+    gone = missing_generations(layout)
+    if gone:  # removed to save space, or a partial copy: a re-match reads them, it never writes them
+        raise ConfigError(f"run.samples_from={src}: {layout.uri} is finished, and its generations are not all there "
+                          f"(missing: {', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''}). A re-match reads them "
+                          "where they were made: restore that run folder, or leave out run.samples_from to generate "
+                          "anew")
     return layout
+
+
+def missing_generations(layout: RunLayout) -> list[str]:
+    """What a re-match reads of its source and the source lacks: prompts.parquet, samples/'s
+    _SUCCESS.json and each shard it counts (a glob each: one LIST on S3, not a request per shard)."""
+    done = layout.samples.success()
+    if done is None:
+        return ["samples/_SUCCESS.json"]
+    gone = [] if layout.store.exists(layout.prompts_path) else ["prompts.parquet"]
+    folder = layout.samples
+    marked = folder.complete()
+    files = {posixpath.basename(f) for f in folder.store.fs.glob(posixpath.join(folder.path, "shard-*.parquet"))}
+    gone += [f"samples/{posixpath.basename(folder.file(i))}" for i in marked
+             if posixpath.basename(folder.file(i)) not in files]
+    if len(marked) < done.get("shards", 0):
+        gone.append(f"samples/_markers ({len(marked)} of {done['shards']} shards marked)")
+    return gone
+
+
+def source_generations(layout: RunLayout) -> dict:
+    """What the source's generations are, from samples/_SUCCESS.json (its timings left out): claimed
+    in the re-match's run.json, so a re-match folder of a source generated again since, with other
+    settings, is refused instead of resumed with its old matches."""
+    done = layout.samples.success() or {}
+    return {k: done[k] for k in ("rows", "shards", "rounds", "unet_evaluations") if k in done}
 
 
 def check_same_generations(cfg: AuditConfig, source: RunLayout) -> None:
@@ -105,14 +139,24 @@ def check_same_generations(cfg: AuditConfig, source: RunLayout) -> None:
     from memex.stages.generate import model_and_sampling
 
     run_json = source.store.read_json(source.run_json)
+    # exactly as a resume compares them (Store.claim): run.json leaves a later key out at its
+    # default, so a key one side lacks is a difference (a LoRA on one side only)
     now = _json(redact(model_and_sampling(cfg)))
-    was = {k: run_json[k] for k in now if k in run_json}
+    was = {k: run_json.get(k) for k in now}
     summary = source.read_summary()
-    if summary is not None:
+    if summary is not None:  # sections a source written before one existed lacks: compared on what it has
         mine, theirs = _json(redact(plain(cfg))), summary.get("config", {})
-        now.update({k: mine[k] for k in GENERATION_SECTIONS})
-        was.update({k: theirs[k] for k in GENERATION_SECTIONS if k in theirs})
-    else:  # a `memex generate` run: whether its model had prompts decides the filter
+        shared = _shared({k: theirs[k] for k in GENERATION_SECTIONS if k in theirs},
+                         {k: mine[k] for k in GENERATION_SECTIONS})
+        was.update(shared[0])
+        now.update(shared[1])
+    else:  # a `memex generate` run: one fixed round for every prompt; whether it had prompts decides the filter
+        if cfg.budget.kind != BudgetKind.fixed or cfg.triage.keep is not None or cfg.triage.kind == TriageKind.preview:
+            key = ("budget=adaptive: set budget=fixed" if cfg.budget.kind != BudgetKind.fixed else
+                   "triage.keep: drop it" if cfg.triage.keep is not None else "triage=preview: set triage=auto")
+            raise ConfigError(f"run.samples_from={cfg.run.samples_from} is a `memex generate` run: every prompt had "
+                              f"one fixed round, no prompt selected or previewed by triage, and this command says "
+                              f"{key}")
         from memex.prompts import UNCONDITIONAL_ID, read_run_prompts
 
         ids = read_run_prompts(source)["prompt_id"].to_pylist()
@@ -121,7 +165,7 @@ def check_same_generations(cfg: AuditConfig, source: RunLayout) -> None:
                               f"{'an unconditional model' if ids == [UNCONDITIONAL_ID] else 'prompted'}, and this "
                               f"command says prompts={cfg.prompts.source.value}: set "
                               f"{'prompts=none' if ids == [UNCONDITIONAL_ID] else 'the prompts it was generated with'}")
-    detail = differences_text(*_shared(was, now), limit=8)
+    detail = differences_text(was, now, limit=8)
     if detail:
         raise ConfigError(f"run.samples_from={cfg.run.samples_from}: its generations were made with other settings "
                           f"({detail}). A re-match takes them as they were made: give the source's values (or drop "
@@ -157,9 +201,11 @@ def prepare(cfg: AuditConfig) -> str:
                           "folder of its own: give another run.name (or leave it out)")
     layout.store.check_writable("run folder", "storage.root (bucket name, folder permissions) and "
                                 "storage.options (endpoint_url, credentials)")
-    settings = {**source.store.read_json(source.run_json), SAMPLES_FROM: source.run_name}
+    settings = {**source.store.read_json(source.run_json), SAMPLES_FROM: source.run_name,
+                SOURCE_GENERATIONS: source_generations(source)}
     layout.store.claim(layout.run_json, settings, f"run folder {layout.uri}",
-                       "Use another run.name for a re-match of another run.")
+                       f"A re-match folder holds the matches of one source's generations: for another source, or "
+                       f"for {source.run_name} generated again since, use another run.name (or delete {layout.uri}).")
     log.info("re-match of %s: its prompts, rounds and %d samples; no UNet evaluation here", source.uri,
              (source.samples.success() or {}).get("rows", 0))
     return name
