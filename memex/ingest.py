@@ -60,7 +60,6 @@ from memex.manifest import (
     HF_DICT,
     HF_STATE,
     ManifestError,
-    arrow_schema,
     check_ids,
     first_caption,
     is_img2dataset_metadata_file,
@@ -68,6 +67,7 @@ from memex.manifest import (
     iter_manifest,
     manifest_sources,
     missing_columns,
+    part_columns,
     read_manifest,
 )
 from memex.shards import (
@@ -267,7 +267,9 @@ def _streamed_listing(path: str, opts: dict[str, Any], caption_column: str, key:
     by id first). None where the manifest is not such one: the whole read names what is wrong."""
     try:
         fs, _, _, source, arrow = manifest_sources(path, opts)
-        names = (arrow_schema(fs, source[0]) if arrow else pq.read_schema(source[0], filesystem=fs)).names
+        names = part_columns(path, fs, source, arrow)  # every part's: a part with other columns is named here
+    except ManifestError as e:
+        raise IngestError(str(e)) from e
     except Exception:  # noqa: BLE001 - the whole read raises it, naming the file
         return None
     if is_img2dataset_parquet(names):

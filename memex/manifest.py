@@ -66,7 +66,11 @@ def manifest_sources(path: str, storage_options: dict[str, Any] | None = None) \
         raise ManifestError(f"training manifest {path} is an empty folder")
     # the folder's Parquet parts only, as pyarrow's datasets skip _/. files: the images a
     # manifest's relative uris point at may lie beside them (pyarrow read every file as Parquet)
-    source = sorted(f for f in files if f.endswith(".parquet") and not posixpath.basename(f).startswith(("_", ".")))
+    # and in no _/. folder under it either, as pyarrow skips them: Spark's _temporary/ attempts, a
+    # Delta table's _delta_log/ checkpoints (read as rows, they duplicated ids or added stray ones)
+    root = p.rstrip("/") + "/"
+    source = sorted(f for f in files if f.endswith(".parquet")
+                    and not any(part.startswith(("_", ".")) for part in f[len(root):].split("/")))
     if not source:
         # Arrow's own message: "Could not read schema from a.png. Is this a 'parquet' file?"
         raise ManifestError(f"training manifest {path} is a folder without a .parquet file "
@@ -76,9 +80,39 @@ def manifest_sources(path: str, storage_options: dict[str, Any] | None = None) \
     return fs, p, is_dir, source, False
 
 
+def part_columns(path: str, fs: fsspec.AbstractFileSystem, source: list[str], arrow: bool) -> list[str]:
+    """The columns of a manifest's parts (each file's schema: a footer or first message, no rows),
+    which must all hold the same: pyarrow reads several Parquet files with the first one's schema,
+    so a later part's own columns (its images, its captions) were dropped without a word. Read 16
+    at a time: a LAION folder has hundreds of parts on object storage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def names(f: str) -> list[str]:
+        try:
+            return (arrow_schema(fs, f) if arrow else pq.read_schema(f, filesystem=fs)).names
+        except Exception as e:  # noqa: BLE001 - re-raised naming the file
+            raise ManifestError(f"training manifest {path}: {posixpath.basename(f)} is not readable "
+                                f"{'Arrow' if arrow else 'Parquet'}: {type(e).__name__}: {e}") from e
+
+    with ThreadPoolExecutor(min(16, len(source))) as pool:
+        found = list(pool.map(names, source))
+    for f, cols in zip(source[1:], found[1:]):
+        if set(cols) != set(found[0]):
+            lacks, adds = sorted(set(found[0]) - set(cols)), sorted(set(cols) - set(found[0]))
+            raise ManifestError(
+                f"training manifest {path}: its parts hold different columns: {posixpath.basename(f)} "
+                f"{'lacks ' + str(lacks) if lacks else ''}{' and ' if lacks and adds else ''}"
+                f"{'adds ' + str(adds) if adds else ''} against {posixpath.basename(source[0])} "
+                f"({sorted(found[0])}). Read as one table, one part's columns would be dropped or left empty: "
+                "write every part with the same columns, or give one part's file")
+    return found[0]
+
+
 def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
     """Read and check a manifest: an `id` column with unique values and an `image` or `uri` column."""
     fs, p, is_dir, source, arrow = manifest_sources(path, storage_options)
+    if len(source) > 1:
+        part_columns(path, fs, source, arrow)
     if arrow:
         table = read_arrow(f"training manifest {path}", fs, source)
     else:
@@ -101,8 +135,18 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> p
 def normalized(path: str, table: pa.Table, fs: fsspec.AbstractFileSystem, base: str) -> pa.Table:
     """A manifest's rows (img2dataset's already renamed) as memex reads them: id a string, image
     bytes (datasets' Image struct: its bytes, its path as the uri), uris resolved against `base`."""
-    table = table.set_column(table.column_names.index("id"), "id", pc.cast(table["id"], pa.string()))
-    if "image" in table.column_names and pa.types.is_struct(table.schema.field("image").type):
+    try:
+        table = table.set_column(table.column_names.index("id"), "id", pc.cast(table["id"], pa.string()))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:  # Arrow's words name neither column nor fix
+        raise ManifestError(f"training manifest {path}: column 'id' holds {table.schema.field('id').type} that is not "
+                            f"text ({e}): give ids as strings (or integers)") from e
+    image_type = table.schema.field("image").type if "image" in table.column_names else None
+    if image_type is not None and (pa.types.is_string(image_type) or pa.types.is_large_string(image_type)):
+        # a cast to binary succeeded, each "image" the path's text: every row quarantined after the build
+        raise ManifestError(f"training manifest {path}: column 'image' holds text (file paths or URLs?), not encoded "
+                            "image bytes: name that column 'uri' (a path relative to the manifest's folder, or any "
+                            "fsspec URI), or put the PNG/JPEG bytes in 'image'")
+    if image_type is not None and pa.types.is_struct(image_type):
         table = _image_struct(path, table)
     if "uri" in table.column_names:
         table = table.set_column(table.column_names.index("uri"), "uri", _resolved(table["uri"], fs, base))
@@ -339,7 +383,7 @@ def load_image(row: dict, size: int | None = None, storage_options: dict[str, An
     """Decode one manifest row to uint8 HxWx3 RGB, resized to size x size (bicubic) when given."""
     data = row.get("image")
     try:
-        if data is None:
+        if not data:  # null or empty bytes: the uri, as the index reads the row (ingest._decode)
             if not row.get("uri"):
                 raise ManifestError(f"image {row['id']!r} has neither image bytes nor a uri")
             data = read_uri(row["uri"], storage_options or {})

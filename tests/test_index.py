@@ -8,6 +8,7 @@ import uuid
 import faiss
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from memex import index as mi
@@ -429,3 +430,32 @@ def test_duplicate_counts_through_the_pixels_embedder():
     for i, gr in enumerate(group):
         first.setdefault(gr, i)
     np.testing.assert_array_equal(pictures, [first[gr] for gr in group])
+
+
+def test_a_shard_reads_its_training_rows_a_batch_at_a_time(tmp_path):
+    """train_batches: the rows of a gid range (and of a sample of gids, the quantizer's) a batch at
+    a time, from the row groups that reach it: the same rows as one filtered read of train.parquet,
+    no table over `batch` rows; rows out of gid order in the file are found by their gid; a
+    truncated train.parquet is named with its recovery."""
+    from memex.layout import TRAIN_SCHEMA, IndexLayout
+    from memex.stages.index import train_batches
+    from memex.storage import StorageError
+
+    layout = IndexLayout(str(tmp_path), "k")
+    n = 50
+    order = np.r_[0:20, 35:50, 20:35]  # one stretch written late: its row groups' statistics say so
+    train = pa.table({"gid": pa.array(order, pa.int64()), "id": [f"i{g}" for g in order],
+                      "image": [bytes([g]) * 100 for g in order], "uri": [None] * n,
+                      "caption": [f"c{g}" for g in order]}, schema=TRAIN_SCHEMA)
+    layout.store.write_table(layout.train_path, train, row_group_size=8)
+    for start, stop, gids in ((0, n, None), (5, 17, None), (18, 40, None), (0, 1, None),
+                              (3, 48, np.array([3, 9, 21, 22, 36, 47]))):
+        got = list(train_batches(layout, start, stop, 3, gids=gids))
+        assert got and all(0 < t.num_rows <= 3 for t in got)
+        want = [g for g in order if start <= g < stop and (gids is None or g in gids)]
+        assert pa.concat_tables(got)["gid"].to_pylist() == want
+        assert pa.concat_tables(got)["image"].to_pylist() == [bytes([g]) * 100 for g in want]
+    raw = (tmp_path / "k" / "train.parquet").read_bytes()
+    (tmp_path / "k" / "train.parquet").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(StorageError, match=r"train.parquet is not readable Parquet .*Remove it"):
+        list(train_batches(layout, 0, n, 3))

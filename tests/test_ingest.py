@@ -14,6 +14,7 @@ from PIL import Image
 
 from memex.images import decode, encode_png, resize
 from memex.ingest import QUARANTINE_SCHEMA, TRAINING_SCHEMA, IngestError, decode_rows, iter_batches, list_training_set
+from memex.manifest import ManifestError, read_manifest
 from memex.synth import logo
 
 
@@ -875,15 +876,44 @@ def test_a_streamed_manifest_out_of_id_order_or_changed_midway(tmp_path, in_proc
         list(iter_train_rows(str(path), {}, listing))
 
 
-def test_a_manifest_whose_parts_differ_is_named_by_the_whole_read(tmp_path):
-    """Parts of a manifest folder with other columns (the second without an id): the index's
-    streamed listing leaves it to the whole read, whose error names the rows without an id."""
+def test_a_manifest_whose_parts_differ_is_refused_naming_the_part(tmp_path):
+    """Parts of a manifest folder with other columns: pyarrow reads several files with the first
+    one's schema, so the second part's images and captions were dropped without a word (its rows
+    quarantined as "neither image bytes nor a uri"). Refused by the streamed listing and by the
+    whole read (memex train, memex mia), naming the part and the columns; a part without an id too."""
     imgs = [encode_png(logo(i, 8)[0]) for i in range(4)]
-    (tmp_path / "m").mkdir()
-    pq.write_table(pa.table({"id": ["a", "b"], "image": imgs[:2]}), tmp_path / "m" / "p0.parquet")
-    pq.write_table(pa.table({"name": ["c", "d"], "image": imgs[2:]}), tmp_path / "m" / "p1.parquet")
-    with pytest.raises(IngestError, match=r"training manifest .*/m: 2 row\(s\) have no id \(null\), rows \[2, 3\]"):
-        list_training_set(str(tmp_path / "m"), {}, images=False)
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "0.png").write_bytes(imgs[0])
+    pq.write_table(pa.table({"id": ["a"], "uri": ["0.png"]}), m / "p0.parquet")
+    pq.write_table(pa.table({"id": ["b", "c"], "image": imgs[1:3], "caption": ["x", "y"]}), m / "p1.parquet")
+    says = (r"training manifest .*/m: its parts hold different columns: p1.parquet lacks \['uri'\] and adds "
+            r"\['caption', 'image'\] against p0.parquet \(\['id', 'uri'\]\)\. Read as one table")
+    with pytest.raises(IngestError, match=says):
+        list_training_set(str(m), {}, images=False)
+    with pytest.raises(ManifestError, match=says):
+        read_manifest(str(m))
+    pq.write_table(pa.table({"id": ["a"], "image": imgs[:1]}), m / "p0.parquet")
+    pq.write_table(pa.table({"name": ["c", "d"], "image": imgs[2:]}), m / "p1.parquet")
+    with pytest.raises(IngestError, match=r"p1.parquet lacks \['id'\] and adds \['name'\] against p0.parquet"):
+        list_training_set(str(m), {}, images=False)
+
+
+def test_parquet_files_in_underscore_folders_are_not_manifest_rows(tmp_path):
+    """A Spark output folder's _temporary/ attempt and a Delta table's _delta_log/ checkpoint are
+    not rows of the manifest (pyarrow's datasets skip them too): their ids were counted twice
+    ("ids are not unique") or their columns named as the manifest's."""
+    imgs = [encode_png(logo(i, 8)[0]) for i in range(3)]
+    m = tmp_path / "m"
+    (m / "_temporary" / "0" / "task_1").mkdir(parents=True)
+    (m / "_delta_log").mkdir()
+    (m / ".cache").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "image": imgs[:2]}), m / "part-00000.parquet")
+    pq.write_table(pa.table({"id": ["b"], "image": imgs[1:2]}), m / "_temporary" / "0" / "task_1" / "part-0.parquet")
+    pq.write_table(pa.table({"add": ["x"], "metaData": ["y"]}), m / "_delta_log" / "00000.checkpoint.parquet")
+    pq.write_table(pa.table({"id": ["c"], "image": imgs[2:]}), m / ".cache" / "part.parquet")
+    assert read_manifest(str(m))["id"].to_pylist() == ["a", "b"]
+    assert list_training_set(str(m), {}, images=False)["id"].to_pylist() == ["a", "b"]
 
 
 def test_a_manifest_on_s3_is_streamed_like_a_local_one(tmp_path, s3_server, bucket):

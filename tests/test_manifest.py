@@ -147,6 +147,44 @@ def test_bad_manifests_are_named(tmp_path):
     assert sorted(read_manifest(str(parts))["id"].to_pylist()) == ["p0", "p1"]
 
 
+def test_an_id_or_image_column_of_the_wrong_kind_is_named(tmp_path):
+    """An id column that cannot be text (bytes that are not UTF-8, lists) and an image column of
+    text (paths put in 'image', a mix-up with 'uri') are named with the fix before any image is
+    read: Arrow raised "Invalid UTF8 payload", and text cast to bytes quarantined every row after
+    the index was built."""
+    from memex.ingest import IngestError, list_training_set
+
+    png = encode_png(logo(0, 16)[0])
+    for ids, typ in ((pa.array([b"\xff\xfe"], pa.binary()), "binary"), (pa.array([[1, 2]]), "list<element: int64>")):
+        pq.write_table(pa.table({"id": ids, "image": [png]}), tmp_path / "i.parquet")
+        with pytest.raises(ManifestError, match=rf"column 'id' holds {re.escape(typ)} that is not text .*give ids as "
+                                                r"strings"):
+            read_manifest(str(tmp_path / "i.parquet"))
+        with pytest.raises(IngestError, match=r"column 'id' holds"):
+            list_training_set(str(tmp_path / "i.parquet"), {}, images=False)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "0001.png").write_bytes(png)
+    pq.write_table(pa.table({"id": ["a"], "image": ["imgs/0001.png"]}), tmp_path / "s.parquet")
+    says = r"column 'image' holds text \(file paths or URLs\?\), not encoded image bytes: name that column 'uri'"
+    with pytest.raises(ManifestError, match=says):
+        read_manifest(str(tmp_path / "s.parquet"))
+    with pytest.raises(IngestError, match=says):
+        list_training_set(str(tmp_path / "s.parquet"), {}, images=False)
+    pq.write_table(pa.table({"id": ["a"], "uri": ["imgs/0001.png"]}), tmp_path / "s.parquet")  # the fix
+    uri = read_manifest(str(tmp_path / "s.parquet"))["uri"].to_pylist()[0]
+    assert uri.endswith(str(tmp_path / "imgs" / "0001.png"))
+
+
+def test_empty_image_bytes_read_the_uri(tmp_path):
+    """A row with empty image bytes and a uri is read from its uri by memex train, as the index
+    reads it (it said "cannot be decoded")."""
+    img = logo(0, 16)[0]
+    (tmp_path / "a.png").write_bytes(encode_png(img))
+    assert np.array_equal(load_image({"id": "a", "image": b"", "uri": str(tmp_path / "a.png")}), img)
+    with pytest.raises(ManifestError, match=r"image 'a' has neither image bytes nor a uri"):
+        load_image({"id": "a", "image": b"", "uri": None})
+
+
 def test_corrupt_image_names_its_id():
     good = encode_png(logo(0, 32)[0])
     with pytest.raises(ManifestError, match="'bad' cannot be decoded"):

@@ -25,10 +25,12 @@ import json
 import logging
 import time
 import zipfile
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from memex import runner
 from memex.config import AuditConfig, EmbedderConfig, IndexConfig, IndexKind, plain
@@ -91,14 +93,42 @@ def plan_index_shards(n: int, shards: int) -> list[tuple[int, int]]:
 
 
 # ---- unit functions (plain functions: run in Ray tasks by the runner, testable without one) ------
-def _embed_rows(rows: pa.Table, emb: EmbedderConfig, embedder, batch: int, storage_options: dict, preprocess: str):
-    """Decode, fit to the embedder's square input (trainset.preprocess) and embed rows `batch` at
-    a time -> (vectors (n, d), gids (n,), quarantine tables)."""
+def train_batches(layout: IndexLayout, start: int, stop: int, batch: int,
+                  gids: np.ndarray | None = None) -> Iterator[pa.Table]:
+    """Rows of train.parquet with start <= gid < stop (and gid in `gids`, sorted, when given),
+    `batch` rows a table: only the row groups whose gid statistics reach the range are read, one at a
+    time. A shard task read its whole range at once, encoded images included: ~10 GB a task for a
+    quarter of a 1M-image LAION part (~40 GB), 4 tasks at once on one node; the quantizer's sample
+    of up to 65,536 images ~2.6 GB (bench/bench_shard_read.py)."""
+    store = layout.store
+    try:
+        f = pq.ParquetFile(layout.train_path, filesystem=store.fs, pre_buffer=False)
+        md, col = f.metadata, f.schema_arrow.get_field_index("gid")
+        groups = []
+        for i in range(md.num_row_groups):
+            st = md.row_group(i).column(col).statistics
+            if st is None or not st.has_min_max or (st.min < stop and st.max >= start):
+                groups.append(i)
+        for b in f.iter_batches(batch_size=batch, row_groups=groups):
+            t = pa.Table.from_batches([b]).cast(TRAIN_SCHEMA)
+            g = t["gid"]
+            keep = pc.and_(pc.greater_equal(g, start), pc.less(g, stop))
+            if gids is not None:
+                keep = pc.and_(keep, pc.is_in(g, pa.array(gids, pa.int64())))
+            t = t.filter(keep)
+            if t.num_rows:
+                yield t
+    except (pa.ArrowInvalid, OSError) as e:  # truncated or removed since: named, with the recovery
+        raise StorageError(damaged(store.uri_of(layout.train_path), "Parquet", e)) from e
+
+
+def _embed_rows(batches: Iterable[pa.Table], emb: EmbedderConfig, embedder, storage_options: dict, preprocess: str):
+    """Decode, fit to the embedder's square input (trainset.preprocess) and embed training rows a
+    batch (index.decode_batch rows) at a time -> (vectors (n, d), gids (n,), quarantine tables)."""
     from memex.ingest import decode_rows
 
     vecs, gids, quarantine = [], [], []
-    for b in range(0, rows.num_rows, batch):  # bounded memory: `batch` decoded images at a time
-        part = rows.slice(b, batch)
+    for part in batches:  # bounded memory: one batch of encoded and decoded images at a time
         dec = decode_rows(part, emb.size, storage_options, preprocess=preprocess)
         quarantine.append(dec.quarantine)
         if dec.ids:
@@ -126,8 +156,8 @@ def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderC
     embedder = _embedder(emb, device, opts)
     spec = IndexSpec.from_config(idx, embedder.metric)
     pick = np.sort(np.random.default_rng(0).choice(n_train, min(n_train, spec.train_size), replace=False))
-    rows = layout.store.read_table(layout.train_path, schema=TRAIN_SCHEMA, filters=[("gid", "in", pick.tolist())])
-    x, _, _ = _embed_rows(rows, emb, embedder, idx.decode_batch, opts, preprocess)
+    rows = train_batches(layout, int(pick[0]), int(pick[-1]) + 1, idx.decode_batch, gids=pick)
+    x, _, _ = _embed_rows(rows, emb, embedder, opts, preprocess)
     save_index(train_index(x, spec), layout.store.uri_of(layout.quantizer_path), opts)
     return {"vectors": int(len(x))}
 
@@ -140,8 +170,8 @@ def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: Emb
 
     opts, store = layout.store.options, layout.store
     embedder = _embedder(emb, device, opts)
-    rows = store.read_table(layout.train_path, schema=TRAIN_SCHEMA, filters=[("gid", ">=", start), ("gid", "<", stop)])
-    x, ids, quarantine = _embed_rows(rows, emb, embedder, idx.decode_batch, opts, preprocess)
+    rows = train_batches(layout, start, stop, idx.decode_batch)
+    x, ids, quarantine = _embed_rows(rows, emb, embedder, opts, preprocess)
     trained = load_index(store.uri_of(layout.quantizer_path), opts) if idx.kind == IndexKind.ivfpq else None
     index = build_faiss_shard(x, ids, IndexSpec.from_config(idx, embedder.metric), trained=trained)
     save_index(index, store.uri_of(layout.faiss_path(shard)), opts)
