@@ -113,8 +113,10 @@ def train_batches(layout: IndexLayout, start: int, stop: int, batch: int,
             t = pa.Table.from_batches([b]).cast(TRAIN_SCHEMA)
             g = t["gid"]
             keep = pc.and_(pc.greater_equal(g, start), pc.less(g, stop))
-            if gids is not None:
-                keep = pc.and_(keep, pc.is_in(g, pa.array(gids, pa.int64())))
+            if gids is not None:  # the sample's gids within this batch's span: a small set to look up
+                span = pc.min_max(g)
+                lo, hi = np.searchsorted(gids, [span["min"].as_py(), span["max"].as_py() + 1])
+                keep = pc.and_(keep, pc.is_in(g, value_set=pa.array(gids[lo:hi], pa.int64())))
             t = t.filter(keep)
             if t.num_rows:
                 yield t
