@@ -13,13 +13,16 @@ These layouts are recognised, at any depth up to MAX_DEPTH below the location:
                                         audited as model.lora on the base (memex/lora.py)
     <run>/pytorch_lora_weights.safetensors   the final LoRA of those scripts (no step)
     <dir>/<name>-<step>.safetensors     kohya's LoRA files (sd-scripts' train_network.py), told
-                                        from other weights by their header; a series per <name>
+                                        from other weights by their header; a series per <name>,
+                                        its step the metadata's ss_steps; --save_state folders
+                                        (accelerate's state) are no checkpoints
 
 The base of a checkpoint-<step> folder is `base` when given (the model the run fine-tunes), else
 the nearest enclosing diffusers folder (memex train writes its pipeline beside checkpoints/),
 else discovery fails naming the missing setting. Folders whose name starts with `_` or `.` are
 skipped (memex writes `_tmp-...` first and renames when complete), as is a checkpoint whose
-newest file is younger than `settle_s` (a trainer may still be writing it).
+newest file is younger than `settle_s` (a trainer may still be writing it), and, with a warning,
+a folder this user cannot read or one deleted while walked.
 
 Why local paths only: loading a pipeline needs its files on a local disk anyway; nightly hosts
 mount the training bucket (s3fs-fuse, FSx, GCS FUSE) or sync it first.
@@ -46,6 +49,7 @@ from memex.models import (
     check_hub_model,
     check_local_checkpoint,
     check_sampled_pipeline,
+    safetensors_metadata,
     weights_file_kind,
 )
 
@@ -88,8 +92,40 @@ def _step_of_folder(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _kohya_step(f: Path, m: re.Match | None) -> int | None:
+    """A kohya LoRA file's training step: sd-scripts writes the global step into its metadata
+    (ss_steps). Its name's number is an epoch for epoch saves (<name>-000003) and a step for step
+    saves (<name>-step00001000), so one series mixed the two, and an epoch went to the tracker as a
+    step; the name's number is used only for a file saved without metadata (--no_metadata)."""
+    try:
+        return int(safetensors_metadata(str(f))["ss_steps"])
+    except (KeyError, ValueError, TypeError, ModelError, OSError):
+        return int(m.group(1)) if m else None
+
+
 def _newest_mtime(path: Path) -> float:
-    return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=path.stat().st_mtime)
+    """The newest mtime of the files under `path`; a file deleted while listed (a trainer rotating
+    its checkpoints) is skipped, and a gone `path` counts as just written (not settled: left alone)."""
+    newest = None
+    for f in path.rglob("*"):
+        try:
+            if f.is_file():
+                newest = max(newest or 0.0, f.stat().st_mtime)
+        except FileNotFoundError:
+            continue
+    if newest is not None:
+        return newest
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()
+
+
+def _is_training_state(d: Path) -> bool:
+    """accelerate's save_state folder (kohya's --save_state: <name>-000001-state/): the network's
+    weights as model.safetensors beside the optimizer and RNG states. Not a checkpoint to audit: the
+    same epoch's <name>-000001.safetensors is, and its state was audited as a second LoRA."""
+    return (d / "optimizer.bin").is_file() or any(d.glob("random_states_*.pkl"))
 
 
 def check_base_model(base: str) -> None:
@@ -134,9 +170,29 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
         return False
 
     def walk(d: Path, depth: int, enclosing_pipeline: Path | None) -> None:
-        components: set[str] = set()
-        if (d / "model_index.json").is_file():
-            components = {k for k in json.loads((d / "model_index.json").read_text()) if not k.startswith("_")}
+        try:
+            visit(d, depth, enclosing_pipeline)
+        except PermissionError as e:  # lost+found at a volume's root, another user's run: the rest is audited
+            log.warning("skipped %s: not readable by this user (%s)", d, e)
+        except FileNotFoundError as e:  # deleted while walked (checkpoint rotation): the next night sees
+            log.warning("skipped %s: removed while it was read (%s)", d, e)
+
+    def pipeline_components(d: Path) -> set[str] | None:
+        """model_index.json's components, or None: no such file, or one that is not JSON (a copy
+        still running, a full disk), which is skipped with a warning instead of failing every run."""
+        index = d / "model_index.json"
+        if not index.is_file():
+            return None
+        try:
+            return {k for k in json.loads(index.read_text()) if not k.startswith("_")}
+        except (ValueError, AttributeError) as e:
+            log.warning("skipped %s as a pipeline folder: its model_index.json is not a JSON object (%s); a copy "
+                        "still being written, or damaged (re-save the pipeline)", d, e)
+            return None
+
+    def visit(d: Path, depth: int, enclosing_pipeline: Path | None) -> None:
+        components = pipeline_components(d)
+        if components is not None:
             # a training output (pipeline + its checkpoints) is its own series; exported pipelines
             # side by side (step-1000/, step-2000/) are one series, their parent
             own = any(CKPT_DIR.match(p.name) for p in [*d.iterdir(), *(d / "checkpoints").glob("checkpoint-*")])
@@ -157,11 +213,18 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
                 else:  # kohya's <name>-<step>.safetensors: a series per name
                     m = TRAILING_STEP.search(f.stem)
                     name = f.stem[:m.start()] if m and m.start() else f.stem
-                    found.append(Checkpoint(str(f), str(d / name), int(m.group(1)) if m else None, b, None, str(f)))
+                    found.append(Checkpoint(str(f), str(d / name), _kohya_step(f, m), b, None, str(f)))
         if depth >= MAX_DEPTH:
             return
-        for child in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
-                            and p.name not in components):
+        def walked(p: Path) -> bool:
+            try:
+                return p.is_dir() and not p.name.startswith(("_", ".")) and p.name not in (components or ()) \
+                    and (CKPT_DIR.match(p.name) is not None or not _is_training_state(p))
+            except OSError as e:  # unreadable (lost+found), or gone since listed: the siblings are walked
+                log.warning("skipped %s: %s", p, e)
+                return False
+
+        for child in sorted(p for p in d.iterdir() if walked(p)):
             m = CKPT_DIR.match(child.name)
             lora = child / LORA_FILE if (child / LORA_FILE).is_file() else None
             if m and ((child / "unet").is_dir() or lora):
@@ -275,6 +338,9 @@ def _load_files(ckpt: Checkpoint) -> list[tuple[str, Path | None]]:
     """(name in the hash, file) for every weight file an audit of `ckpt` loads."""
     files: list[tuple[str, Path | None]] = []
     base = Path(ckpt.base)
+    for part in (ckpt.unet, ckpt.text_encoder, ckpt.lora):
+        if part and not Path(part).exists():  # rotated away since discovery: hashing the rest named another model
+            raise FileNotFoundError(f"{part} is gone (deleted since nightly found it)")
     if base.is_dir():
         replaced = {k for k in ("unet", "text_encoder") if getattr(ckpt, k)}
         files += [(f"base/{f.relative_to(base)}", f) for f in _weight_files(base, replaced)]

@@ -46,6 +46,9 @@ class Ledger:
     def read(self) -> pa.Table:
         """Every row, oldest first."""
         fs = self.store.fs
+        # s3fs (gcsfs, adlfs) cache a listing per process with no expiry: a job that read the ledger
+        # at its start saw none of the rows other jobs wrote while it audited for hours
+        fs.invalidate_cache(self.rows)
         files = [f for f in fs.glob(posixpath.join(self.rows, "*.parquet"))
                  if not posixpath.basename(f).startswith("_")]
         if not files:

@@ -303,9 +303,14 @@ def weight_files(folder: str, variant: str | None = None) -> tuple[str, list[str
     return "none", []
 
 
-def safetensors_shapes(file: str) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors header (8-byte little-endian length + JSON), after
-    checking that every tensor's bytes lie inside the file: a truncated file fails here, naming it."""
+def safetensors_metadata(file: str) -> dict[str, str]:
+    """A safetensors file's `__metadata__` (kohya's sd-scripts: ss_steps, ss_epoch, ...), {} for none."""
+    meta = _safetensors_header(file)[0].get("__metadata__")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _safetensors_header(file: str) -> tuple[dict, int, int]:
+    """(header, file size, header length): the 8-byte little-endian length and the JSON it gives."""
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         head = f.read(8)
@@ -324,6 +329,13 @@ def safetensors_shapes(file: str) -> dict[str, tuple[int, ...]]:
     except (UnicodeDecodeError, ValueError) as e:
         raise ModelError(f"{file} is not a safetensors file (unreadable header: {type(e).__name__}: {e}): "
                          "re-download or re-save it") from e
+    return header, size, n
+
+
+def safetensors_shapes(file: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (8-byte little-endian length + JSON), after
+    checking that every tensor's bytes lie inside the file: a truncated file fails here, naming it."""
+    header, size, n = _safetensors_header(file)
     data = size - 8 - n
     shapes, end = {}, 0
     for name, spec in header.items():

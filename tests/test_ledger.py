@@ -52,3 +52,18 @@ def test_concurrent_appends_on_s3_and_error_rows_are_not_audited(s3_server, buck
     done = ledger.audited("c" * 64)
     assert len(done) == 4 * (N // 4) and _row(9, 0)["weights_sha256"] not in done  # errors are retried
     assert ledger.audited("d" * 64) == {}
+
+
+def test_rows_another_job_wrote_since_are_read_on_s3(s3_server, bucket):
+    """s3fs keeps a listing per process with no expiry: a nightly job that read the ledger when it
+    started then saw none of the rows other jobs wrote while it audited for hours (plan mode: every
+    job starts at once), so the growth gate compared with an older step and a checkpoint another job
+    had finished was audited again. Each read lists the bucket anew."""
+    root = f"s3://{bucket}/_nightly_cache"
+    ledger = Ledger(root, s3_server)
+    ledger.append(_row(0, 0))
+    assert ledger.read().num_rows == 1  # the listing is now in this process's s3fs cache
+    other_job = Ledger(root, {**s3_server, "skip_instance_cache": True})  # another process's client
+    other_job.append(_row(1, 0))
+    assert ledger.read().num_rows == 2
+    assert _row(1, 0)["weights_sha256"] in ledger.audited("c" * 64)

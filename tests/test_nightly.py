@@ -468,3 +468,111 @@ def test_plan_gives_stable_submission_ids(tmp_path):
     with pytest.raises(nightly.MemexError, match="nightly.only"):
         nightly.run(compose(_overrides(tmp_path, REPO / "demo" / "checkpoints", "nightly.only=/elsewhere"),
                             config_name="nightly"))
+
+
+def test_a_checkpoint_deleted_held_or_audited_elsewhere_is_skipped_not_an_error(tmp_path, monkeypatch):
+    """Nights overlap and trainers rotate checkpoints. Between this job's plan and each audit, a
+    checkpoint may be deleted (checkpoints_total_limit), audited by another job (an overlapping
+    night's: a ledger row appears), or held by one now (its run folder's lease). Each is skipped with
+    its reason: no error row, exit status ok; they were error rows retried every night, or audited
+    twice. A checkpoint deleted while audited is skipped the same way; one whose files vanish between
+    discovery and hashing is left out of the plan (its weights hash was the base's alone)."""
+    from memex.layout import LEDGER_SCHEMA, RunLayout
+    from memex.lease import Lease
+    from memex.stages import audit
+
+    location = tmp_path / "watch" / "demo-text-run"
+    for step in STEPS:
+        shutil.copytree(DEMO_RUN / f"checkpoint-{step}", location / f"checkpoint-{step}")
+    cfg = compose(_overrides(tmp_path, tmp_path / "watch"), config_name="nightly")
+    real_plan, ledger = nightly.plan, Ledger(str(tmp_path / "runs" / "_nightly"))
+
+    def plan_then_the_world_moves(c):
+        res = real_plan(c)
+        by_step = {p.ckpt.step: p for p in res.pending}
+        shutil.rmtree(location / "checkpoint-1000")  # rotated away
+        other = {k: None for k in LEDGER_SCHEMA.names} | {  # another night's job finished it
+            "location": by_step[3000].ckpt.location, "series": by_step[3000].ckpt.series, "step": 3000, "base": "",
+            "weights_sha256": by_step[3000].weights, "files_signature": "", "config_sha256": res.config_sha256,
+            "run": "elsewhere", "report": "elsewhere", "samples": 1, "extracted": 0, "extracted_generations": 0,
+            "flagged_prompts": 0, "outcome": "ok", "message": ""}
+        ledger.append(other)
+        return res
+
+    monkeypatch.setattr(nightly, "plan", plan_then_the_world_moves)
+    before = real_plan(cfg)
+    name = before.pending[1].run_name(before.config_sha256)
+    with Lease(RunLayout(str(tmp_path / "runs"), name).store, "run folder"):  # another job audits step 2000
+        res = nightly.run(cfg)
+    assert res.rows == [] and res.status == "ok"
+    assert [(Path(s["location"]).name, s["reason"]) for s in res.skipped] == [
+        ("checkpoint-1000", "deleted before its audit began"),
+        ("checkpoint-2000", "another job audits it now (its run folder's lease)"),
+        ("checkpoint-3000", "audited by another job since")]
+    assert "skipped     " in nightly.format_result(res) and len(nightly.payload(res)["skipped"]) == 3
+    assert [r["outcome"] for r in ledger.read().to_pylist()] == ["ok"]  # the other job's row alone
+
+    # the next night: step 2000 rotated away while its audit ran
+    monkeypatch.setattr(nightly, "plan", real_plan)
+
+    def deleted_midway(acfg):
+        shutil.rmtree(location / "checkpoint-2000")
+        raise FileNotFoundError(f"{location / 'checkpoint-2000' / 'unet'}: no such file")
+
+    monkeypatch.setattr(audit, "run", deleted_midway)
+    res = nightly.run(cfg)
+    assert res.rows == [] and res.skipped == [{"location": str(location / "checkpoint-2000"),
+                                               "reason": "deleted while it was audited"}]
+
+    # files gone between discovery and hashing: left out of the plan, not hashed as the base alone
+    shutil.copytree(DEMO_RUN / "checkpoint-2000", location / "checkpoint-2000")
+    found = nightly.discover(str(tmp_path / "watch"), str(BASE))
+    monkeypatch.setattr(nightly, "discover", lambda *a, **k: found)
+    shutil.rmtree(location / "checkpoint-2000" / "unet")
+    assert nightly.plan(cfg).pending == []
+
+
+def test_kohya_steps_come_from_metadata_and_state_folders_are_skipped(tmp_path, monkeypatch, caplog):
+    """sd-scripts names epoch saves <name>-000003 and step saves <name>-step00001000, one series,
+    and writes the global step into each file's metadata (ss_steps): that is the step, so the
+    series is ordered by training step and the tracker gets steps, not epochs. Its --save_state
+    folders (<name>-000003-state/: the network as model.safetensors beside optimizer.bin and RNG
+    states) are not checkpoints (each epoch was audited twice). A folder this user cannot read
+    (lost+found at a volume's root) and a pipeline folder whose model_index.json is not JSON (a copy
+    still running) are skipped with a warning; the rest is found (the night stopped with a traceback)."""
+    import pathlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)}
+    out = tmp_path / "watch" / "kohya-out"
+    (out / "mychar-000003-state").mkdir(parents=True)
+    save_file(lora, out / "mychar-000003.safetensors", metadata={"ss_steps": "1500", "ss_epoch": "3"})
+    save_file(lora, out / "mychar-step00001000.safetensors", metadata={"ss_steps": "1000", "ss_epoch": "2"})
+    save_file(lora, out / "mychar-000001.safetensors")  # --no_metadata: the name's number is all there is
+    save_file(lora, out / "mychar-000003-state" / "model.safetensors")
+    (out / "mychar-000003-state" / "optimizer.bin").write_bytes(b"state")
+    (out / "mychar-000003-state" / "random_states_0.pkl").write_bytes(b"state")
+    found = discover(str(tmp_path / "watch"), str(BASE))
+    assert [(Path(c.location).name, c.step) for c in found] == [
+        ("mychar-000001.safetensors", 1), ("mychar-step00001000.safetensors", 1000),
+        ("mychar-000003.safetensors", 1500)]
+
+    (tmp_path / "watch" / "lost+found").mkdir()
+    (tmp_path / "watch" / "half-copied").mkdir()
+    (tmp_path / "watch" / "half-copied" / "model_index.json").write_text('{"_class_name": "StableDiff')
+    real_is_file, real_iterdir = pathlib.Path.is_file, pathlib.Path.iterdir
+
+    def unreadable(p):
+        if "lost+found" in p.parts:  # what a mode-700 folder owned by root gives another user (Python 3.11)
+            raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(pathlib.Path, "is_file", lambda p: unreadable(p) or real_is_file(p))
+    monkeypatch.setattr(pathlib.Path, "iterdir", lambda p: unreadable(p) or real_iterdir(p))
+    with caplog.at_level("WARNING", logger="memex.checkpoints"):
+        again = discover(str(tmp_path / "watch"), str(BASE))
+    assert again == found
+    assert "lost+found" in caplog.text and "Permission denied" in caplog.text
+    assert "half-copied as a pipeline folder: its model_index.json is not a JSON object" in caplog.text

@@ -25,6 +25,7 @@ import posixpath
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from memex import runner
 from memex.checkpoints import MAX_DEPTH, Checkpoint, discover, files_signature, weights_sha256
@@ -80,6 +81,9 @@ class NightlyResult:
     checkpoints: int  # found under nightly.location
     pending: list[Pending]
     rows: list[dict] = field(default_factory=list)  # ledger rows written by this run
+    # pending checkpoints not audited by this run, and why: audited by another job since it began,
+    # being audited by one now (its run folder's lease), or deleted (a trainer's rotation)
+    skipped: list[dict] = field(default_factory=list)
     trend: str | None = None  # URI of the trend page
     ledger: str | None = None
 
@@ -139,8 +143,12 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
     done, known, cache = ledger.audited(sha, rows), ledger.known_hashes(rows), {}
     pending = []
     for c in found:
-        sig = files_signature(c)
-        weights = known.get((redact_text(c.location), sig)) or weights_sha256(c, cache)  # rows are redacted
+        try:
+            sig = files_signature(c)
+            weights = known.get((redact_text(c.location), sig)) or weights_sha256(c, cache)  # rows are redacted
+        except FileNotFoundError as e:  # deleted since found (checkpoints_total_limit): nothing left to audit
+            log.warning("%s: left out, %s", redact_text(c.location), e)
+            continue
         if weights not in done:
             pending.append(Pending(c, weights, sig))
     return NightlyResult(sha, len(found), pending, ledger=ledger.uri)
@@ -168,8 +176,17 @@ def gate(row: dict, previous: dict | None, budget: int | None, margin: int | Non
     return outcome, "; ".join(msgs)
 
 
-def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> dict:
-    """Steps 3-5 for one checkpoint; returns the ledger row it appended."""
+def gone(c: Checkpoint) -> bool:
+    """Whether a checkpoint's files are no longer there (checkpoints_total_limit deleted it)."""
+    return not all(Path(p).exists() for p in (c.location, c.unet, c.lora, c.text_encoder) if p)
+
+
+def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> dict | str:
+    """Steps 3-5 for one checkpoint; returns the ledger row it appended, or why it wrote none: a
+    checkpoint deleted before or during its audit (no error to retry: it is gone), or one another
+    job holds now (nights overlap: plan mode submits a job per checkpoint each night, and a job
+    still queued or running from the night before takes it first)."""
+    from memex.lease import LeaseHeld
     from memex.stages import audit
 
     c = p.ckpt
@@ -184,6 +201,8 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
     row = redact(row)  # no credential in the ledger, the payload or the printout: memex/redact.py
     log.info("auditing %s (step %s, weights %s)", row["location"], c.step, p.weights[:12])
     tracker_error = None
+    if gone(c):
+        return "deleted before its audit began"
     try:
         try:
             s = audit.run(acfg)
@@ -191,7 +210,14 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
             if e.summary is None:
                 raise
             s, tracker_error = e.summary, e
+    except LeaseHeld as e:
+        log.info("%s: another job audits it now: %s", row["location"], e)
+        return "another job audits it now (its run folder's lease)"
     except Exception as e:  # noqa: BLE001 - recorded in the ledger and reported by the exit status
+        if gone(c):
+            log.warning("audit of %s stopped: the checkpoint was deleted meanwhile (%s)", row["location"], e)
+            runner.release_failed_pools()
+            return "deleted while it was audited"
         log.exception("audit of %s failed", row["location"])
         row.update(samples=0, extracted=0, extracted_generations=0, flagged_prompts=0, outcome="error",
                    message=redact_text(f"{type(e).__name__}: {e}"))
@@ -247,7 +273,8 @@ def payload(res: NightlyResult) -> dict:
     return redact({"event": "memex.nightly", "status": res.status, "config_sha256": res.config_sha256,
                    "checkpoints_found": res.checkpoints, "audited": res.rows, "ledger": res.ledger,
                    "trend": res.trend, "alarms": [f"{r['location']}: {r['message']}" for r in res.alarms],
-                   "errors": [f"{r['location']}: {r['message']}" for r in res.errors]})
+                   "errors": [f"{r['location']}: {r['message']}" for r in res.errors],
+                   "skipped": [f"{r['location']}: {r['reason']}" for r in res.skipped]})
 
 
 def run(cfg: NightlyAuditConfig) -> NightlyResult:
@@ -264,7 +291,16 @@ def run(cfg: NightlyAuditConfig) -> NightlyResult:
     log.info("%d checkpoints under %s, %d not yet audited with config %s", res.checkpoints,
              redact_text(cfg.nightly.location), len(res.pending), res.config_sha256[:12])
     for p in res.pending:
-        res.rows.append(audit_one(cfg, p, res.config_sha256, ledger))
+        # read again before each audit, which takes minutes to hours: another job (an overlapping
+        # night, plan mode's job per checkpoint) may have audited it since this one planned
+        if p.weights in ledger.audited(res.config_sha256):
+            res.skipped.append({"location": redact_text(p.ckpt.location), "reason": "audited by another job since"})
+            continue
+        out = audit_one(cfg, p, res.config_sha256, ledger)
+        if isinstance(out, str):
+            res.skipped.append({"location": redact_text(p.ckpt.location), "reason": out})
+            continue
+        res.rows.append(out)
         res.trend = write_trend(cfg, ledger)  # after every audit: a crash later still leaves it current
     if res.trend is None:
         res.trend = write_trend(cfg, ledger)
@@ -288,6 +324,8 @@ def format_result(res: NightlyResult) -> str:
         lines.append(f"  {r['outcome']:<11} step {r['step']}: {r['extracted']} training images extracted, "
                      f"{r['flagged_prompts']} prompts flagged  {r['location']}"
                      + (f"  -- {r['message']}" if r["message"] else ""))
+    for r in res.skipped:
+        lines.append(f"  skipped     {r['location']}: {r['reason']}")
     lines.append(f"  ledger: {res.ledger}")
     lines.append(f"  trend: {res.trend}")
     return redact_text("\n".join(lines))
