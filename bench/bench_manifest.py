@@ -68,14 +68,20 @@ json.dump({"peak_mb": status("VmHWM") - base, "rss_mb": status("VmRSS") - base, 
 """
 
 
-def manifest(folder: Path, n: int, row_group: int | None) -> Path:
+def noise_jpegs(n: int) -> list[bytes]:
+    """n 256x256 noise JPEGs (~55 kB each): 600 distinct pictures, repeated (the bench's ids differ)."""
     rng = np.random.default_rng(0)
     jpgs = []
-    for _ in range(min(n, 600)):  # 600 distinct pictures, repeated under distinct ids
+    for _ in range(min(n, 600)):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
         jpgs.append(buf.getvalue())
-    t = pa.table({"id": [f"img-{i:06d}" for i in range(n)], "image": [jpgs[i % len(jpgs)] for i in range(n)],
+    return [jpgs[i % len(jpgs)] for i in range(n)]
+
+
+def manifest(folder: Path, n: int, row_group: int | None) -> Path:
+    jpgs = noise_jpegs(n)
+    t = pa.table({"id": [f"img-{i:06d}" for i in range(n)], "image": jpgs,
                   "caption": [f"caption {i}" for i in range(n)]})
     path = folder / f"manifest-{row_group or 'one'}.parquet"
     pq.write_table(t, path, row_group_size=row_group)

@@ -17,7 +17,6 @@ train.parquet written as the index writes it (row groups of max(64, index.decode
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
@@ -27,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_manifest import noise_jpegs  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -57,14 +59,8 @@ def train_parquet(path: Path, n: int, row_group: int) -> None:
     from memex.layout import TRAIN_SCHEMA
     from memex.storage import Store
 
-    rng = np.random.default_rng(0)
-    jpgs = []
-    for _ in range(min(n, 600)):  # 600 distinct pictures, repeated under distinct ids
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
-        jpgs.append(buf.getvalue())
     t = pa.table({"gid": pa.array(np.arange(n), pa.int64()), "id": [f"img-{i:06d}" for i in range(n)],
-                  "image": [jpgs[i % len(jpgs)] for i in range(n)], "uri": [None] * n,
+                  "image": noise_jpegs(n), "uri": [None] * n,
                   "caption": [f"caption {i}" for i in range(n)]}, schema=TRAIN_SCHEMA)
     store = Store(str(path.parent))
     store.write_table(store.join(path.name), t, row_group_size=row_group)

@@ -199,10 +199,10 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
            "report": layout.store.uri_of(layout.report_path),
            "started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0)}
     row = redact(row)  # no credential in the ledger, the payload or the printout: memex/redact.py
-    log.info("auditing %s (step %s, weights %s)", row["location"], c.step, p.weights[:12])
-    tracker_error = None
     if gone(c):
         return "deleted before its audit began"
+    log.info("auditing %s (step %s, weights %s)", row["location"], c.step, p.weights[:12])
+    tracker_error = None
     try:
         try:
             s = audit.run(acfg)
