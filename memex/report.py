@@ -440,7 +440,7 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
 
 # ---- the nightly trend page ------------------------------------------------------------------
 def render_trend(ledger: pa.Table, link_of) -> str:
-    """Extracted images and flagged prompts against training step, per series, with run links.
+    """Extracted images and flagged prompts against training step, per series and config, with run links.
 
     `link_of(row) -> str | None`: the href of a row's report (relative when it can be)."""
     rows = sorted(ledger.to_pylist(), key=lambda r: (r["series"], r["step"] if r["step"] is not None else -1,
@@ -448,16 +448,25 @@ def render_trend(ledger: pa.Table, link_of) -> str:
     out = ["<h1>memex nightly: memorization by checkpoint</h1>",
            f'<p class="muted">{len(rows)} audits in the ledger &middot; built '
            f'{esc(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}</p>']
-    alarms = [r for r in rows if r["outcome"] != "ok"]
+    # an error that a later night's audit of the same weights and config finished is no longer open
+    done = {(r["weights_sha256"], r["config_sha256"]) for r in rows if r["outcome"] != "error"}
+    alarms = [r for r in rows if r["outcome"] in ("over_budget", "grew")
+              or r["outcome"] == "error" and (r["weights_sha256"], r["config_sha256"]) not in done]
     if alarms:
-        out.append(_cards([("audits with an alarm or error", len(alarms), True)]))
-    series: dict[str, list[dict]] = {}
+        out.append(_cards([("audits with an alarm or an error not since retried", len(alarms), True)]))
+    # a line per series and config: after a config change, two audits of one step are two results,
+    # and one line through both zig-zagged between them
+    series: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        series.setdefault(r["series"], []).append(r)
-    for name, rs in series.items():
+        series.setdefault((r["series"], r["config_sha256"]), []).append(r)
+    configs: dict[str, int] = {}
+    for name, _ in series:
+        configs[name] = configs.get(name, 0) + 1
+    for (name, sha), rs in series.items():
         ok = [r for r in rs if r["outcome"] != "error"]
         stepped = [r for r in ok if r["step"] is not None]
-        out.append(f"<h2>{esc(name)}</h2>")
+        tag = f' <span class="muted">config {esc(sha[:12])}</span>' if configs[name] > 1 else ""
+        out.append(f"<h2>{esc(name)}{tag}</h2>")
         out.append(line_chart_svg([r["step"] for r in stepped],
                                   {"training images extracted": [r["extracted"] for r in stepped],
                                    "prompts flagged": [r["flagged_prompts"] for r in stepped]}, "training step"))

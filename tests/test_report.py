@@ -340,3 +340,29 @@ def test_report_names_what_it_was_given_instead_of_a_run_folder(tmp_path, monkey
         err = capsys.readouterr().err
         assert e.value.code == 1 and line in err and "Traceback" not in err, (given, err)
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing written
+
+
+def test_the_trend_draws_a_line_per_series_and_config_and_counts_open_errors():
+    """After a config change, a series' steps are audited again: one line through both configs'
+    results zig-zagged between them, so each config gets its own chart. An error that a later
+    night's audit of the same weights finished is not counted as open (every past error was)."""
+    import datetime as dt
+
+    from memex.layout import LEDGER_SCHEMA
+    from memex.report import render_trend
+
+    def row(step, sha, outcome, extracted, weights=None, day=1):
+        t = dt.datetime(2026, 12, day, tzinfo=dt.timezone.utc)
+        return {k: None for k in LEDGER_SCHEMA.names} | {
+            "location": f"/runs/a/checkpoint-{step}", "series": "/runs/a", "step": step, "base": "",
+            "weights_sha256": weights or f"w{step}", "files_signature": "", "config_sha256": sha, "run": "r",
+            "report": "r/report/index.html", "samples": 8, "extracted": extracted, "extracted_generations": 0,
+            "flagged_prompts": 0, "started": t, "finished": t, "outcome": outcome, "message": ""}
+
+    rows = [row(1000, "a" * 64, "ok", 1), row(2000, "a" * 64, "error", 0), row(2000, "a" * 64, "ok", 2, day=2),
+            row(1000, "b" * 64, "ok", 9), row(2000, "b" * 64, "grew", 12), row(3000, "b" * 64, "error", 0)]
+    page = render_trend(pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA), lambda r: None)
+    assert page.count("<h2>") == 2 and "config aaaaaaaaaaaa" in page and "config bbbbbbbbbbbb" in page
+    assert page.count("<svg") == 2
+    # open: the alarm (grew) and step 3000's error; step 2000's error of config a was retried and finished
+    assert '<div class="card alarm"><b>2</b>audits with an alarm or an error not since retried</div>' in page
