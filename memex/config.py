@@ -873,8 +873,10 @@ class MiaSettings:
     secmi_k: int = 10  # DDIM inversion steps 0 -> secmi_timestep
     batch_size: int = 16  # rows per UNet call; the last batch is padded to this shape
     seed: int = 0  # with the image id, seeds each image's noise: a rerun scores identically
-    # how an image is brought to the model's square resolution; `memex train` squashes (resize)
-    preprocess: Preprocess = Preprocess.center_crop
+    # how an image is brought to the model's square resolution; None: as the model was trained,
+    # resize for a `memex train` model (it squashes; memex_train.json says so), else center_crop
+    # (Stable Diffusion's recipe). A member prepared otherwise is scored on pixels it never saw.
+    preprocess: Optional[Preprocess] = None
     images_per_unit: int = 256  # images per scoring unit (one Parquet shard, the unit of resume)
     # LiRA (Carlini et al. 2022): shadow models trained with `memex train` on random halves of
     # members + non-members, one Ray task each; 0 = off, else an even number >= 2 (16 in the paper)

@@ -406,6 +406,10 @@ def expand_duplicates(table: pa.Table, schedule: list[DuplicationGroup], seed: i
     copies = {i: 1 for i in ids}
     free = [i for i in ids]
     random.Random(seed).shuffle(free)
+    # every id a group names is kept from the random picks of the groups before it: a pick of one
+    # failed as "ids in two groups", which the schedule never said, for some seeds and not others
+    named = {i for g in schedule for i in g.ids}
+    free = [i for i in free if i not in named]
     scheduled: set[str] = set()  # ids a group already gave copies to
     for g in schedule:
         if g.copies < 1:
@@ -434,6 +438,11 @@ def expand_duplicates(table: pa.Table, schedule: list[DuplicationGroup], seed: i
             take.append(row)
             new_ids.append(i if k == 0 else f"{i}#{k}")
             src.append(i)
+    hashed = {i for i in ids if "#" in i}  # copy k of <id> is named <id>#k: a row already named so is another
+    taken = sorted(hashed.intersection(n for n, s in zip(new_ids, src) if n != s)) if hashed else []
+    if taken:
+        raise ManifestError(f"ids {taken[:5]} are the names the duplication schedule gives copies (<id>#<k>), and "
+                            "the manifest has rows of its own by those names: rename them (no '#' in an id)")
     out = table.take(pa.array(take))
     out = out.set_column(out.column_names.index("id"), "id", pa.array(new_ids, pa.string()))
     n = pa.array([copies[i] for i in src], pa.int32())

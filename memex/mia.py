@@ -231,7 +231,10 @@ class MiaScorer:
         for b in range(0, len(ids), bs):
             n = min(bs, len(ids) - b)
             rows = list(range(b, b + n)) + [b] * (bs - n)  # pad with copies of the first row
-            x0 = self._latents(to_model_images([images[i] for i in rows], self.size, self.channels, s.preprocess))
+            # (the stage resolves a None preprocess from the model, memex/stages/mia.py with_preprocess;
+            # called as a library, None is Stable Diffusion's centre crop)
+            x0 = self._latents(to_model_images([images[i] for i in rows], self.size, self.channels,
+                                               s.preprocess or "center_crop"))
             cond = self._embed([captions[i] for i in rows]) if self.conditional else None
             before = self.net.evaluations
             run = {"loss": lambda: loss_attack(self.net, x0, s.loss_timestep,
@@ -256,7 +259,7 @@ def check_settings(s: MiaSettings, num_timesteps: int = 1000) -> None:
     if not isinstance(s.secmi_timestep, int) or s.secmi_timestep < s.secmi_k:
         raise ConfigError(f"mia.secmi_timestep={s.secmi_timestep!r} must be an integer >= mia.secmi_k={s.secmi_k} "
                           "(k inversion steps of at least one timestep each)")
-    if s.preprocess not in PREPROCESS:
+    if s.preprocess is not None and s.preprocess not in PREPROCESS:
         raise ConfigError(f"mia.preprocess={s.preprocess!r} is not one of {PREPROCESS}")
 
 

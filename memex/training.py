@@ -37,7 +37,7 @@ from memex import tiny
 from memex.config import ArchConfig, ArchKind, ConfigError, TrainConfig, validate_train
 from memex.console import library_logs_to_file
 from memex.images import resize
-from memex.manifest import ManifestError, expand_duplicates, load_image, read_manifest
+from memex.manifest import ManifestError, expand_duplicates, first_caption, load_image, read_manifest
 from memex.redact import redact
 
 log = logging.getLogger("memex.train")
@@ -57,7 +57,7 @@ def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[st
             raise ManifestError(f"image {row['id']!r} is {img.shape[1]}x{img.shape[0]}, the model takes {r}x{r}: "
                                 "set data.resize=true or arch.resolution")
         images.append(resize(img, r))  # decoded once, resized only when data.resize allows it
-        cap = row.get(d.caption_column)
+        cap = first_caption(row.get(d.caption_column))  # several captions an image (COCO): its first, as the audit
         if cfg.arch.kind == ArchKind.pixel_text and cap is None:
             raise ManifestError(f"image {row['id']!r} has no {d.caption_column!r}: a text-conditional model needs "
                                 "captions (set data.caption_column, or arch=uncond_small)")

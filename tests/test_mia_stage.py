@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from memex import synth
 from memex.config import ArchConfig, ArchKind, DataConfig, MemexError, TrainConfig, TrainerConfig
@@ -225,3 +226,25 @@ def test_query_images_get_a_p_value_against_the_non_members_and_stay_out_of_the_
     assert out["attacks"]["loss"]["auc"] == 1.0  # the queries (one very member-like) are not counted
     p = {q["image_id"]: q["p_value"]["loss"] for q in out["queries"]}
     assert p == {"q-low": pytest.approx(1 / 4, abs=1e-4), "q-high": 1.0}  # loss 0.05: below all 3 non-members
+
+
+def test_a_memex_train_model_scores_its_members_prepared_as_it_was_trained(world, tiny_models):
+    """memex train squashes every image to its square resolution; memex mia's default centre crop
+    scored a 3:2 member on pixels the model never saw (~70/255 a pixel off), understating every
+    attack. mia.preprocess unset is now the model's own: resize for a memex train model
+    (memex_train.json), the centre crop for others; a value given is kept, and the resolved one is
+    what the run folder records."""
+    from memex.images import resize
+    from memex.mia import to_model_images
+
+    assert mia.with_preprocess(cfg_of(world)).mia.preprocess == "resize"
+    assert mia.with_preprocess(cfg_of(world, "mia.preprocess=center_crop")).mia.preprocess == "center_crop"
+    assert mia.with_preprocess(cfg_of(world, f"model.path={tiny_models['unconditional']}")).mia.preprocess == \
+        "center_crop"
+    wide = np.concatenate([synth.logo(1, 32, 0)[0], synth.logo(2, 32, 0)[0][:, :16]], axis=1)  # 48 x 32
+    trained_on = torch.from_numpy(resize(wide, SIZE)).permute(2, 0, 1).float()[None] / 127.5 - 1  # memex/training.py
+    scored = to_model_images([wide], SIZE, 3, mia.with_preprocess(cfg_of(world)).mia.preprocess)
+    assert torch.equal(scored, trained_on)
+    assert (to_model_images([wide], SIZE, 3, "center_crop") - trained_on).abs().mean() > 0.05
+    s = mia.run(cfg_of(world, "run.name=pre", "resources.executor=local", "mia.attacks=[loss]"))
+    assert json.loads((Path(s["run"]) / "mia" / "run.json").read_text())["mia"]["preprocess"] == "resize"

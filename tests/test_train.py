@@ -173,3 +173,20 @@ def test_cli_wrong_override_fails_before_training(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "stepz" in r.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_a_list_caption_trains_on_its_first_caption(tmp_path):
+    """COCO-style rows hold several captions an image. The audit and memex mia prompt with the
+    first; memex train gave the list to the tokenizer, which read two captions as a text pair
+    (trained on "cap1 cap2") and raised a bare TypeError for five."""
+    from memex.training import load_training_set
+
+    rows = [logo(i, 16) for i in range(4)]
+    path = tmp_path / "coco.parquet"
+    caps = [[c, f"another caption {k}", "a third", "a fourth", "a fifth"][: 2 + k] for k, (_, c) in enumerate(rows)]
+    pq.write_table(pa.table({"id": [f"i{k}" for k in range(4)], "image": [encode_png(im) for im, _ in rows],
+                             "caption": caps}), path)
+    _, _, captions, _ = load_training_set(_cfg(path, tmp_path / "out"))
+    assert captions == [c for _, c in rows]
+    folder = train(_cfg(path, tmp_path / "out"))
+    assert (folder / "model_index.json").is_file()

@@ -27,6 +27,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import fsspec
@@ -42,6 +43,7 @@ from memex.config import (
     ConfigError,
     DataConfig,
     MiaConfig,
+    Preprocess,
     TrainConfig,
     TrainerConfig,
     model_identity,
@@ -142,6 +144,17 @@ def is_text_model(path: str) -> bool | None:
     """True/False from the folder's model_index.json (a text encoder), None when it cannot be read."""
     index = _model_json(path, "model_index.json")
     return None if index is None else "text_encoder" in index
+
+
+def with_preprocess(cfg: MiaConfig) -> MiaConfig:
+    """mia.preprocess resolved (None: as the model was trained): `memex train` squashes every image to
+    its square resolution, so its members are scored squashed (a centre crop of a 3:2 member differed
+    from what the model saw by ~70/255 a pixel); any other model gets Stable Diffusion's centre crop.
+    The resolved value is what the run folder's settings record."""
+    if cfg.mia.preprocess is not None:
+        return cfg
+    made_by_memex = _model_json(cfg.model.path, "memex_train.json") is not None
+    return replace(cfg, mia=replace(cfg.mia, preprocess=Preprocess.resize if made_by_memex else Preprocess.center_crop))
 
 
 def shadow_recipe(model_path: str) -> dict:
@@ -297,6 +310,7 @@ def run(cfg: MiaConfig) -> dict:
     validate_mia(cfg)
     from memex.mia import check_settings
 
+    cfg = with_preprocess(cfg)
     check_settings(cfg.mia)
     check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision, cfg.model.variant,
                        cfg.model.lora, cfg.model.text_encoder)
