@@ -248,3 +248,25 @@ def test_a_memex_train_model_scores_its_members_prepared_as_it_was_trained(world
     assert (to_model_images([wide], SIZE, 3, "center_crop") - trained_on).abs().mean() > 0.05
     s = mia.run(cfg_of(world, "run.name=pre", "resources.executor=local", "mia.attacks=[loss]"))
     assert json.loads((Path(s["run"]) / "mia" / "run.json").read_text())["mia"]["preprocess"] == "resize"
+
+
+def test_one_picture_under_several_member_ids_is_one_member_with_its_copies(world, tmp_path):
+    """LAION-style duplicates: one picture stored under several ids. It counted as several members
+    (its weight in the TPR at low FPR multiplied, the by-copies table empty) and LiRA placed each
+    copy in shadows independently. Now the rows of one decoded picture are one member, its first
+    id, with their count as its copies; a duplicated non-member is one non-member."""
+    root, model, members, nonmembers = world
+    m, n = pq.read_table(members), pq.read_table(nonmembers)
+    dup = pa.concat_tables([m, m.slice(0, 1).set_column(0, "id", pa.array(["logo-00-again"])),
+                            m.slice(0, 1).set_column(0, "id", pa.array(["logo-00-third"]))])
+    pq.write_table(dup, tmp_path / "members.parquet")
+    held = pa.concat_tables([n, n.slice(0, 1).set_column(0, "id", pa.array(["zz-copy"]))])
+    pq.write_table(held, tmp_path / "heldout.parquet")
+    s = mia.run(cfg_of(world, f"members.path={tmp_path / 'members.parquet'}", "run.name=dups",
+                       f"nonmembers.path={tmp_path / 'heldout.parquet'}", "resources.executor=local",
+                       "mia.attacks=[loss]"))
+    assert (s["members"], s["nonmembers"]) == (N, N)
+    scores = MiaLayout(str(root / "runs"), "dups").scores.read().to_pylist()
+    copies = {r["image_id"]: r["copies"] for r in scores if r["member"]}
+    assert copies["logo-00"] == 3 and "logo-00-again" not in copies and "zz-copy" not in {r["image_id"] for r in scores}
+    assert sorted(c for c in copies.values() if c is not None) == [3]

@@ -112,7 +112,8 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
         pairs = ", ".join(f"{n} = {m}" for n, m in same[:5])
         raise ConfigError(f"{len(same)} non-member images are the same picture as a member ({pairs}): "
                           "non-members must be held out of training (nonmembers.path)")
-    ok = images.filter(pc.is_in(images["image_id"], pa.array(list(digest), pa.string())))
+    ok = one_row_per_picture(images.filter(pc.is_in(images["image_id"], pa.array(list(digest), pa.string()))),
+                             digest)
     for key, ids in (("members.path", members), ("nonmembers.path", nonmembers)):
         if not any(i in digest for i in ids):  # the side that has none is named, with a reason
             reason = quarantine.filter(pc.is_in(quarantine["id"], pa.array(ids, pa.string())))["reason"]
@@ -120,6 +121,33 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
                               f"{reason[0].as_py() if len(reason) else 'unknown'}): membership inference needs "
                               "at least one member and one non-member image")
     return ok, quarantine
+
+
+def one_row_per_picture(images: pa.Table, digest: dict[str, str]) -> pa.Table:
+    """Rows of one labelled set that hold the same decoded picture (LAION-style duplicates: several
+    ids, one image) as one image: its first row (smallest id), their copies summed (a row's copies
+    null counts 1). A picture stored k times counted k members (k x its weight in the TPR at low
+    FPR, and an empty by-copies table), and LiRA split its copies among shadows independently, so
+    half its out-shadows trained on it. Queries stay one row each: each gets its own p-value."""
+    ids, member, copies = (images[c].to_pylist() for c in ("image_id", "member", "copies"))
+    first: dict[tuple, int] = {}
+    keep, total, merged = [], [], 0
+    for j, (i, m, c) in enumerate(zip(ids, member, copies)):
+        key = (m, digest[i]) if m is not None else (None, i)
+        if key in first:
+            total[first[key]] += c or 1
+            merged += 1
+        else:
+            first[key] = len(keep)
+            keep.append(j)
+            total.append(c or 1)
+    if not merged:
+        return images
+    log.info("%d rows hold a picture an earlier row of their set holds: one image each, with its copies", merged)
+    out = images.take(pa.array(keep, pa.int64()))
+    alone = [copies[j] for j in keep]  # a picture on one row keeps its copies as given (null: not known)
+    n = [t if t != (alone[k] or 1) else alone[k] for k, t in enumerate(total)]
+    return out.set_column(out.column_names.index("copies"), "copies", pa.array(n, pa.int32()))
 
 
 def _rows(images: pa.Table) -> pa.Table:
