@@ -33,12 +33,22 @@ def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.permute(0, 3, 1, 2).float() / 255.0
 
 
+def common_size(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) at which two images are compared: the smaller of each, cut to the grid."""
+    h, w = min(a[0], b[0]), min(a[1], b[1])
+    return h - h % GRID, w - w % GRID
+
+
+def at_size(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, H, W) at `size` (antialiased bilinear, as every comparison resizes); as it is if already."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def _common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h, w = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
-    h, w = h - h % GRID, w - w % GRID
-    fix = lambda x: x if x.shape[-2:] == (h, w) else F.interpolate(x, size=(h, w), mode="bilinear", antialias=True,  # noqa: E731
-                                                                     align_corners=False)
-    return fix(a), fix(b)
+    size = common_size(a.shape[-2:], b.shape[-2:])
+    return at_size(a, size), at_size(b, size)
 
 
 def tiled_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

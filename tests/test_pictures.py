@@ -4,6 +4,7 @@ import pyarrow as pa
 import pytest
 
 from memex.config import MatchConfig
+from memex.images import encode_png
 from memex.layout import MATCHES_SCHEMA
 from memex.stages.match import count_pictures
 
@@ -116,3 +117,33 @@ def test_distinct_margin_skips_the_same_picture_and_its_near_duplicates():
     assert distinct_margin(d, [0, 3], int(np.argmin(d)), pixels, {}, mid.shape[:2], m, "center_crop", {}) > 0.9
     # nothing else among the neighbours: no margin
     assert distinct_margin(d[:1], [0], 0, pixels, {}, mid.shape[:2], m, "center_crop", {}) is None
+
+
+def test_detail_and_the_same_picture_test_are_measured_at_the_compared_size():
+    """A 256 px training photo against 32 px generations: the tiled l2 compares them at 32 px, where
+    its grain averages away. Its tile detail and the test that two stored rows are one picture were
+    measured at 256 px: a flat picture (16 tile colours + grain) was not low complexity (detail 0.19,
+    over the 0.15 threshold) and counted after one generation, and two copies of one photo with
+    their own grain were "another picture" (a real copy then failed the distinct-copy test)."""
+    import numpy as np
+
+    from memex.stages.match import distinct_margin, pixel_distances, verify_all
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(40, 215, (4, 4, 3))
+    flat = np.kron(tiles, np.ones((64, 64, 1))).astype(np.int64)  # 256 x 256, 16 flat tiles
+    photo = [np.clip(flat + rng.normal(0, 50, flat.shape), 0, 255).astype(np.uint8) for _ in range(2)]
+    gen = np.kron(tiles, np.ones((8, 8, 1))).astype(np.uint8)  # 32 x 32: the tile colours
+    m = MatchConfig()
+    samples = pa.table({"sample_id": ["p/0"], "prompt_id": ["p"], "prompt": ["x"], "image": [encode_png(gen)]})
+    row = verify_all(samples, np.array([[0.0, 0.1]]), np.array([[0, 1]]), {0: photo[0], 1: photo[1]},
+                     {0: ("a", "c"), 1: ("b", "c")}, m, "l2", "center_crop", {})[0]
+    assert row["extracted"] and row["distance"] < 0.15
+    assert row["train_detail"] < 0.06  # measured at 32 px (it was 0.19 at 256)
+    got = count_pictures(_ext([{"sample_id": "p/0", "train_gid": row["train_gid"], "train_id": "a",
+                                "train_detail": row["train_detail"], "distance": row["distance"]}]), {}, set(), m)
+    assert got[row["train_gid"]]["low_complexity"] and not got[row["train_gid"]]["counted"]
+    # the two grains of one photo: one picture at the compared size, so no margin against "another"
+    d = pixel_distances(gen, photo, m.distance, "center_crop")
+    assert distinct_margin(d, [0, 1], int(np.argmin(d)), dict(enumerate(photo)), {}, gen.shape[:2], m,
+                           "center_crop", {}) is None

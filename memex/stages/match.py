@@ -93,6 +93,21 @@ def pixel_distances(gen: np.ndarray, neighbors: list[np.ndarray], kind: Distance
                     dtype=np.float64)
 
 
+def as_compared(img: np.ndarray, shape: tuple[int, int], preprocess: str):
+    """A training image (H, W, C) uint8 as the distance compares it with a generation of `shape`:
+    cut to its aspect ratio (trainset.preprocess), at the pair's common size -> (1, C, h, w) in
+    [0, 1]. Its tile detail and the same-picture test were measured at the training image's own
+    size: a 256 px photo's grain, which a 32 px comparison averages away, made a low-complexity
+    picture count after one generation (detail 0.19 at 256 px, 0.04 at 32), and two stored copies
+    of one picture "another picture" (0.14-0.17 apart at 256 px, 0.01 at 32)."""
+    import torch
+
+    from memex.distances import at_size, common_size, to_unit
+
+    fitted = to_unit(torch.tensor(to_aspect(img, shape[0], shape[1], preprocess)[None]))
+    return at_size(fitted, common_size(tuple(shape), fitted.shape[-2:]))
+
+
 def relative_distance(l2: np.ndarray, pictures: list[int], n: int, alpha: float) -> tuple[float, int]:
     """The CIFAR-10 relative distance over the n nearest *distinct pictures* by exact pixel l2.
 
@@ -118,9 +133,8 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
 
     tiled_l2: the nearest of the k embedding neighbours by tiled l2. relative_l2: the embedding
     search proposes, pixels decide: relative_distance over the proposals' distinct pictures."""
-    import torch
 
-    from memex.distances import tile_detail, to_unit
+    from memex.distances import tile_detail
 
     rows, detail, same = [], {}, {}
     for j, (sid, pid, text, png) in enumerate(zip(*(samples[c].to_pylist()
@@ -136,9 +150,8 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
             best = int(np.argmin(d))
             dist = float(d[best])
         rank, g = nb[best]
-        if (g, gen.shape[:2]) not in detail:  # the training image as it was compared: cut to the generation's shape
-            fitted = to_aspect(pixels[g], gen.shape[0], gen.shape[1], preprocess)
-            detail[g, gen.shape[:2]] = float(tile_detail(to_unit(torch.tensor(fitted[None])))[0])
+        if (g, gen.shape[:2]) not in detail:  # the training image as it was compared: the generation's shape and size
+            detail[g, gen.shape[:2]] = float(tile_detail(as_compared(pixels[g], gen.shape[:2], preprocess))[0])
         ed = float(D[j, rank])
         margin = None
         if m.distance == DistanceKind.tiled_l2 and dist <= m.threshold:
@@ -166,9 +179,11 @@ def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, pic
         if j == best or picture.get(g, g) == mine:
             continue
         key = (gids[best], g, shape)
-        if key not in same:
-            matched = to_aspect(pixels[gids[best]], shape[0], shape[1], preprocess)
-            same[key] = bool(pixel_distances(matched, [pixels[g]], m.distance, preprocess)[0] <= m.threshold)
+        if key not in same:  # the two training images as the generation was compared with each
+            from memex.distances import tiled_l2
+
+            pair = (as_compared(pixels[x], shape, preprocess) for x in (gids[best], g))
+            same[key] = bool(float(tiled_l2(*pair)[0]) <= m.threshold)
         if same[key]:
             continue
         return float(d[best] / d[j]) if d[j] > 0 else 1.0
