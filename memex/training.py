@@ -97,7 +97,8 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
 
 
-def recipe(cfg: TrainConfig, images: torch.Tensor, captions: list[str], example_image: torch.Tensor) -> dict:
+def recipe(cfg: TrainConfig, images: torch.Tensor, captions: list[str], example_image: torch.Tensor,
+           processes: int = 1) -> dict:
     """What a checkpoint's weights depend on, written into it and compared when training resumes:
     the arch, the trainer less RESUME_SAFE, and a digest of the training set as decoded (pixels,
     captions, example -> image: the manifest, data.resize and the duplication schedule all land
@@ -111,8 +112,11 @@ def recipe(cfg: TrainConfig, images: torch.Tensor, captions: list[str], example_
     h = hashlib.sha256(memoryview(np.ascontiguousarray(images.detach().cpu().float().numpy())).cast("B"))
     h.update(json.dumps(captions).encode())
     h.update(example_image.cpu().numpy().astype(np.int64).tobytes())
-    return {"arch": plain["arch"], "trainer": {k: v for k, v in plain["trainer"].items() if k not in RESUME_SAFE},
-            "training_set_sha256": h.hexdigest()}
+    out = {"arch": plain["arch"], "trainer": {k: v for k, v in plain["trainer"].items() if k not in RESUME_SAFE},
+           "training_set_sha256": h.hexdigest()}
+    if processes > 1:  # accelerate launch --num_processes N: N x trainer.batch_size examples a step, other
+        out["processes"] = processes  # draws (left out at 1, so checkpoints of before still resume)
+    return out
 
 
 def _recipe_differences(saved: dict, now: dict) -> list[str]:
@@ -121,6 +125,9 @@ def _recipe_differences(saved: dict, now: dict) -> list[str]:
     for section in ("arch", "trainer"):
         a, b = saved.get(section, {}), now[section]
         out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if saved.get("processes", 1) != now.get("processes", 1):
+        out.append(f"the number of training processes (accelerate launch --num_processes: was "
+                   f"{saved.get('processes', 1)}, now {now.get('processes', 1)}; each draws its own batch)")
     if saved.get("training_set_sha256") != now["training_set_sha256"]:
         out.append("the training set (data.path's images or captions, data.duplication, data.duplication_seed, "
                    "data.resize)")
@@ -228,8 +235,9 @@ def train(cfg: TrainConfig) -> Path:
                           "writable folder") from e
     try:
         manifest, images, captions, example_image = load_training_set(cfg)
+        accel = Accelerator(mixed_precision=t.mixed_precision)
         # a checkpoint left in output/checkpoints is resumed only if this same recipe wrote it
-        made_by = recipe(cfg, images, captions, example_image)
+        made_by = recipe(cfg, images, captions, example_image, accel.num_processes)
         if (ck := latest_checkpoint(out / "checkpoints")) is not None:
             check_resumable(ck, made_by, t.steps)
     except BaseException:
@@ -238,7 +246,6 @@ def train(cfg: TrainConfig) -> Path:
                 p.rmdir()
         raise
 
-    accel = Accelerator(mixed_precision=t.mixed_precision)
     torch.manual_seed(t.seed)
 
     # 3. model (+ frozen text encoder: embeddings computed once per distinct caption)
@@ -313,6 +320,7 @@ def train(cfg: TrainConfig) -> Path:
 
         info = {"steps": t.steps, "resumed_from": start, "train_seconds_this_run": round(seconds, 1),
                 "seed": t.seed, "examples": manifest.num_rows, "distinct_images": len(images),
+                "processes": accel.num_processes,  # each drew trainer.batch_size examples a step
                 # data.storage_options' credentials redacted: memex/redact.py
                 "config": redact(json.loads(json.dumps(asdict(cfg), default=lambda v: getattr(v, "value", str(v)))))}
         (out / INFO_FILE).write_text(json.dumps(info, indent=2))

@@ -190,3 +190,30 @@ def test_a_list_caption_trains_on_its_first_caption(tmp_path):
     assert captions == [c for _, c in rows]
     folder = train(_cfg(path, tmp_path / "out"))
     assert (folder / "model_index.json").is_file()
+
+
+def test_the_number_of_training_processes_is_part_of_the_recipe(manifest, tmp_path, monkeypatch):
+    """`accelerate launch --num_processes 4` draws 4 x trainer.batch_size examples a step. A run
+    killed on 4 processes and resumed on 1 (or the reverse) was accepted, and its batches no longer
+    matched the uninterrupted run's. Recorded in the recipe (left out at 1: earlier checkpoints still
+    resume) and in memex_train.json, whose LiRA shadows, trained in one process, take the target's
+    examples a step as their batch. The process count is simulated: the loop runs in this one."""
+    import accelerate
+
+    from memex.stages.mia import shadow_recipe
+
+    out = tmp_path / "m"
+    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 4))
+    train(_cfg(manifest, out, "trainer.steps=3"))
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["processes"] == 4 and shadow_recipe(str(out))["trainer"]["batch_size"] == \
+        4 * info["config"]["trainer"]["batch_size"]
+    (out / INFO_FILE).unlink()  # as if killed before the final save
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"the number of training processes \(accelerate launch --num_processes: "
+                                          r"was 4, now 1"):
+        train(_cfg(manifest, out))
+    one = train(_cfg(manifest, tmp_path / "one", "trainer.steps=3"))
+    assert json.loads((one / INFO_FILE).read_text())["processes"] == 1
+    assert shadow_recipe(str(one))["trainer"]["batch_size"] == json.loads((one / INFO_FILE).read_text())[
+        "config"]["trainer"]["batch_size"]

@@ -191,7 +191,11 @@ def shadow_recipe(model_path: str) -> dict:
     if info is None:
         raise ConfigError(f"LiRA trains shadow models the way the target was trained, but {model_path} has no "
                           "memex_train.json (not made by `memex train`): set mia.shadow_models=0")
-    return info["config"]
+    config = info["config"]
+    processes = info.get("processes", 1)
+    if processes > 1:  # a shadow trains in one process: the target's examples a step are N x its batch
+        config = {**config, "trainer": {**config["trainer"], "batch_size": config["trainer"]["batch_size"] * processes}}
+    return config
 
 
 # ---- 3. scoring units (in the actors) --------------------------------------------------------
