@@ -147,6 +147,18 @@ def decode(data: bytes, channels: int = 3, min_side: int | None = None) -> np.nd
     return rgb
 
 
+def is_grayscale(data: bytes) -> bool:
+    """Whether encoded image bytes hold one channel (a grayscale model's "L" PNG); the header only."""
+    with _open(data) as img:
+        return img.mode in ("1", "L", "LA", "I", "I;16", "F")
+
+
+def luma_rgb(img: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> its ITU-R 601 luma in all three channels (decode(channels=1)'s gray, as an
+    RGB array): a colour training image as a grayscale model's generation can reproduce it."""
+    return np.repeat(np.asarray(Image.fromarray(img).convert("L"))[..., None], 3, axis=2)
+
+
 def resize(img: np.ndarray, size: int | None) -> np.ndarray:
     """uint8 (H, W, 3) -> (size, size, 3), bicubic; the same array when size is None or already matches."""
     if size is None or img.shape[:2] == (size, size):

@@ -147,3 +147,24 @@ def test_detail_and_the_same_picture_test_are_measured_at_the_compared_size():
     d = pixel_distances(gen, photo, m.distance, "center_crop")
     assert distinct_margin(d, [0, 1], int(np.argmin(d)), dict(enumerate(photo)), {}, gen.shape[:2], m,
                            "center_crop", {}) is None
+
+
+def test_a_grayscale_generation_is_compared_with_the_luma_of_colour_training_images():
+    """A 1-channel model trained on the luma of colour pictures reproduces their luma. Its "L" PNG
+    was decoded to gray in 3 channels and compared with the colour picture: ~0.4 tiled l2 for an
+    exact luma copy, never a copy. Now with the picture's luma (decode(channels=1)'s gray); an RGB
+    generation in the same shard is still compared with the colour picture."""
+    import numpy as np
+
+    from memex.images import decode, luma_rgb
+    from memex.stages.match import verify_all
+
+    rng = np.random.default_rng(1)
+    colour = np.kron(rng.integers(0, 256, (8, 8, 3)), np.ones((4, 4, 1))).astype(np.uint8)  # 32 px, blocky
+    gray = decode(encode_png(colour), channels=1)  # (32, 32, 1): the model's own channel
+    samples = pa.table({"sample_id": ["g/0", "c/0"], "prompt_id": ["g", "c"], "prompt": ["x", "x"],
+                        "image": [encode_png(gray), encode_png(colour)]})
+    rows = verify_all(samples, np.zeros((2, 1)), np.zeros((2, 1), np.int64), {0: colour}, {0: ("a", "c")},
+                      MatchConfig(), "l2", "center_crop", {})
+    assert [r["distance"] for r in rows] == [0.0, 0.0] and all(r["extracted"] for r in rows)
+    assert np.array_equal(luma_rgb(colour)[..., :1], gray)

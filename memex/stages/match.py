@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from memex import runner
 from memex.config import AuditConfig, CandidateSource, DistanceKind, MatchConfig, plain
-from memex.images import decode, encode_png, to_aspect
+from memex.images import decode, encode_png, is_grayscale, luma_rgb, to_aspect
 from memex.layout import MATCHED_TRAIN_SCHEMA, MATCHES_SCHEMA, RunLayout, StorageError
 from memex.membership import IndexInfo, fetch_train_rows, picture_rows, read_info, read_pictures
 from memex.prompts import read_run_prompts
@@ -136,14 +136,19 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
 
     from memex.distances import tile_detail
 
-    rows, detail, same = [], {}, {}
+    rows, luma = [], Luma(pixels)
+    caches: dict[bool, tuple[dict, dict]] = {False: ({}, {}), True: ({}, {})}  # tile detail, same picture
     for j, (sid, pid, text, png) in enumerate(zip(*(samples[c].to_pylist()
                                                     for c in ("sample_id", "prompt_id", "prompt", "image")))):
         nb = [(rank, int(g)) for rank, g in enumerate(I[j]) if g >= 0 and int(g) in pixels]
         if not nb:
             continue
         gen = decode(png)
-        d = pixel_distances(gen, [pixels[g] for _, g in nb], m.distance, preprocess)
+        # a grayscale model's generation against colour training images: compared with their luma
+        # (its gray copied into 3 channels was ~0.47 RMS from a pure red it reproduces exactly)
+        gray = is_grayscale(png)
+        px, (detail, same) = luma if gray else pixels, caches[gray]
+        d = pixel_distances(gen, [px[g] for _, g in nb], m.distance, preprocess)
         if m.distance == DistanceKind.relative_l2:
             dist, best = relative_distance(d, [picture.get(g, g) for _, g in nb], m.n_neighbors, m.alpha)
         else:
@@ -151,18 +156,30 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
             dist = float(d[best])
         rank, g = nb[best]
         if (g, gen.shape[:2]) not in detail:  # the training image as it was compared: the generation's shape and size
-            detail[g, gen.shape[:2]] = float(tile_detail(as_compared(pixels[g], gen.shape[:2], preprocess))[0])
+            detail[g, gen.shape[:2]] = float(tile_detail(as_compared(px[g], gen.shape[:2], preprocess))[0])
         ed = float(D[j, rank])
         margin = None
         if m.distance == DistanceKind.tiled_l2 and dist <= m.threshold:
-            margin = distinct_margin(d, [g for _, g in nb], best, pixels, picture, gen.shape[:2], m, preprocess,
-                                     same)
+            margin = distinct_margin(d, [g for _, g in nb], best, px, picture, gen.shape[:2], m, preprocess, same)
         rows.append({"sample_id": sid, "prompt_id": pid, "prompt": text, "train_gid": g, "train_id": meta[g][0],
                      "train_caption": meta[g][1], "distance": dist,
                      "embed_distance": float(np.sqrt(max(ed, 0.0))) if metric == "l2" else ed,
                      "neighbor_rank": rank, "extracted": bool(dist <= m.threshold),
                      "train_detail": detail[g, gen.shape[:2]], "margin": margin})
     return rows
+
+
+class Luma(dict):
+    """Training pixels (gid -> uint8 RGB) as a grayscale generation is compared with them: each one's
+    luma (memex/images.py luma_rgb), made on first use; gray training images are unchanged by it."""
+
+    def __init__(self, pixels: dict):
+        super().__init__()
+        self.pixels = pixels
+
+    def __missing__(self, gid: int) -> np.ndarray:
+        self[gid] = luma_rgb(self.pixels[gid])
+        return self[gid]
 
 
 def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, picture: dict[int, int],

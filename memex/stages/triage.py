@@ -94,8 +94,8 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
     prompt. Each preview's match.k nearest training images by embedding (the match stage's search),
     then exact tiled l2 on pixels; a prompt's distance is its closest preview's. Memory: one chunk's
     previews as PNGs, and sampling.shard_size previews' neighbours' pixels at a time."""
-    from memex.images import decode
-    from memex.stages.match import fetch_training_images, pixel_distances
+    from memex.images import decode, is_grayscale
+    from memex.stages.match import Luma, fetch_training_images, pixel_distances
 
     prev = layout.store.read_table(layout.previews.file(index))
     cost = (layout.previews.read_marker(index) or {}).get("unet_evaluations", 0)
@@ -106,12 +106,13 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
         part = prev.slice(j0, step)
         _, I = nearest(part["image"].to_pylist(), k)
         pixels, _ = fetch_training_images(info, I, cfg.storage.options)
+        luma = Luma(pixels)  # a grayscale model's previews against colour pictures: their luma, as match does
         for j, (pid, png) in enumerate(zip(part["prompt_id"].to_pylist(), part["image"].to_pylist())):
             nb = [int(g) for g in I[j] if g >= 0 and int(g) in pixels]
             if not nb:
                 continue
-            d = pixel_distances(decode(png), [pixels[g] for g in nb], DistanceKind.tiled_l2,
-                                cfg.trainset.preprocess.value)
+            px = luma if is_grayscale(png) else pixels
+            d = pixel_distances(decode(png), [px[g] for g in nb], DistanceKind.tiled_l2, cfg.trainset.preprocess.value)
             if pid not in best or d.min() < best[pid][0]:
                 best[pid] = (float(d.min()), nb[int(np.argmin(d))])
     ids = list(dict.fromkeys(prev["prompt_id"].to_pylist()))  # the chunk's prompts, in order
