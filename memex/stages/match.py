@@ -190,6 +190,8 @@ def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, pic
     (a near-duplicate the index did not group), so it is skipped. None: no other picture among the k.
     `same` caches that training-pair test across the generations of a shard (the many copies of one
     memorized picture share their neighbours): about one pixel distance per distinct pair."""
+    from memex.distances import tiled_l2
+
     mine = picture.get(gids[best], gids[best])
     for j in np.argsort(d, kind="stable"):
         g = gids[j]
@@ -197,8 +199,6 @@ def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, pic
             continue
         key = (gids[best], g, shape)
         if key not in same:  # the two training images as the generation was compared with each
-            from memex.distances import tiled_l2
-
             pair = (as_compared(pixels[x], shape, preprocess) for x in (gids[best], g))
             same[key] = bool(float(tiled_l2(*pair)[0]) <= m.threshold)
         if same[key]:
