@@ -242,7 +242,7 @@ def test_a_memex_train_model_scores_its_members_prepared_as_it_was_trained(world
     assert mia.with_preprocess(cfg_of(world, f"model.path={tiny_models['unconditional']}")).mia.preprocess == \
         "center_crop"
     wide = np.concatenate([synth.logo(1, 32, 0)[0], synth.logo(2, 32, 0)[0][:, :16]], axis=1)  # 48 x 32
-    trained_on = torch.from_numpy(resize(wide, SIZE)).permute(2, 0, 1).float()[None] / 127.5 - 1  # memex/training.py
+    trained_on = torch.tensor(resize(wide, SIZE)).permute(2, 0, 1).float()[None] / 127.5 - 1  # memex/training.py
     scored = to_model_images([wide], SIZE, 3, mia.with_preprocess(cfg_of(world)).mia.preprocess)
     assert torch.equal(scored, trained_on)
     assert (to_model_images([wide], SIZE, 3, "center_crop") - trained_on).abs().mean() > 0.05
