@@ -290,7 +290,7 @@ def _streamed_listing(path: str, opts: dict[str, Any], caption_column: str, key:
     except IngestError:
         raise
     except (pa.ArrowInvalid, KeyError, ValueError):
-        return None  # parts with other columns (a file without an id column): the whole read names them
+        return None  # a batch Arrow cannot take as manifest rows: the whole read names the problem
     if not parts:
         return None  # no row (or no image at all): the whole read names which
     out = pa.concat_tables(parts)

@@ -88,9 +88,7 @@ def pixel_distances(gen: np.ndarray, neighbors: list[np.ndarray], kind: Distance
 
     g = to_unit(torch.tensor(gen[None]))  # tensor(): copies read-only arrays
     fn = tiled_l2 if kind == DistanceKind.tiled_l2 else (lambda a, b: l2_pairwise(a, b)[:, 0])
-    h, w = gen.shape[:2]
-    return np.array([float(fn(g, to_unit(torch.tensor(to_aspect(n, h, w, preprocess)[None])))[0]) for n in neighbors],
-                    dtype=np.float64)
+    return np.array([float(fn(g, as_compared(n, gen.shape[:2], preprocess))[0]) for n in neighbors], dtype=np.float64)
 
 
 def as_compared(img: np.ndarray, shape: tuple[int, int], preprocess: str):

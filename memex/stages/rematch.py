@@ -207,5 +207,5 @@ def prepare(cfg: AuditConfig) -> str:
                        f"A re-match folder holds the matches of one source's generations: for another source, or "
                        f"for {source.run_name} generated again since, use another run.name (or delete {layout.uri}).")
     log.info("re-match of %s: its prompts, rounds and %d samples; no UNet evaluation here", source.uri,
-             (source.samples.success() or {}).get("rows", 0))
+             settings[SOURCE_GENERATIONS].get("rows", 0))
     return name
