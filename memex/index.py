@@ -327,7 +327,8 @@ class ShardedIndex:
                         start_k: int = 128, max_results: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
         """(q,) int64 counts: how many indexed vectors lie within `threshold` of each query (l2: sqrt(D) <=
         threshold, ip: D >= threshold, as in `duplicate_counts`), not counting the global id exclude[i] (-1:
-        none); and (q,) int64 the smallest such id (NO_ID when there is none).
+        none); and (m, 2) int64 links: the (node, root) pairs of `Components` over the edges (exclude[i], id
+        found) of the queries with an id (exclude[i] >= 0), which is how `near_duplicates` joins pictures.
 
         flat   faiss range_search on each shard, counts summed (the shards partition the ids). Exact, and
                no dearer than a search: one scan of every shard (n*d flops per query). Results are counted
@@ -348,20 +349,20 @@ class ShardedIndex:
             raise IndexSpecError(f"start_k={start_k!r} and max_results={max_results!r} must be positive integers.")
         if self.spec.kind != "flat":
             return _count_by_doubling(self.search, q, exclude, threshold, self.spec.metric, start_k, max_results)
-        counts, low = np.zeros(len(q), np.int64), np.full(len(q), NO_ID, np.int64)
+        counts, links = np.zeros(len(q), np.int64), Components()
         start, chunk = 0, max(1, max_results // start_k)
         while start < len(q):
             stop = min(start + chunk, len(q))
             most = 0
             for shard in self.shards:
-                found, shard_low, n_results = _range_count_shard(shard, q[start:stop], exclude[start:stop],
-                                                                 threshold, self.spec.metric)
+                found, edges, n_results = _range_count_shard(shard, q[start:stop], exclude[start:stop],
+                                                             threshold, self.spec.metric)
                 counts[start:stop] += found
-                low[start:stop] = np.minimum(low[start:stop], shard_low)
+                links.add(*edges)
                 most = max(most, n_results)
             per_query = max(most / (stop - start), 1.0)
             start, chunk = stop, int(max(1, min(4 * chunk, max_results // per_query)))
-        return counts, low
+        return counts, links.pairs()
 
 
 # ---- near-duplicates -------------------------------------------------------------------------
@@ -379,7 +380,6 @@ class ShardedIndex:
 DUP_THRESHOLDS: dict[str, tuple[float, float, float]] = {  # metric: (default, low, high)
     "l2": (0.05, 0.0, 0.5), "ip": (0.95, 0.5, 1.0)}
 EMBEDDER_METRIC = {"pixels": "l2", "sscd": "ip", "clip": "ip"}  # memex/embed.py: each Embedder's `metric`
-NO_ID = np.iinfo(np.int64).max  # "no near-duplicate": above every id, so np.minimum with an id keeps the id
 
 
 def resolve_dup_threshold(threshold: float | None, metric: str, embedder: str | None = None) -> float:
@@ -414,27 +414,26 @@ def _within(D: np.ndarray, threshold: float, metric: str) -> np.ndarray:
 
 
 def _range_count_shard(shard: faiss.Index, q: np.ndarray, exclude: np.ndarray, threshold: float,
-                       metric: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-query count of one flat shard's vectors within threshold (exclude[i] not counted), the smallest
-    id among them (int64 max when none), and how many results faiss returned. faiss keeps D < radius (l2) /
-    D > radius (ip): the radius is widened by 1e-5 (relative) and `_within` draws the exact, inclusive line,
-    the one `duplicate_counts` draws on top-k results."""
+                       metric: str) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], int]:
+    """Per-query count of one flat shard's vectors within threshold (exclude[i] not counted), the edges
+    (exclude[i], id) to them for the queries with an id, and how many results faiss returned. faiss keeps
+    D < radius (l2) / D > radius (ip): the radius is widened by 1e-5 (relative) and `_within` draws the exact,
+    inclusive line, the one `duplicate_counts` draws on top-k results."""
     radius = float(threshold) ** 2 * (1 + 1e-5) if metric == "l2" else float(threshold) - 1e-5 * abs(float(threshold))
     lims, D, I = shard.range_search(q, radius)
     row = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
     keep = _within(D, threshold, metric) & (I >= 0) & (I != exclude[row])
-    low = np.full(len(q), NO_ID, np.int64)
-    np.minimum.at(low, row[keep], I[keep])
-    return np.bincount(row[keep], minlength=len(q)), low, len(I)
+    edge = keep & (exclude[row] >= 0)
+    return np.bincount(row[keep], minlength=len(q)), (exclude[row[edge]], I[edge].astype(np.int64)), len(I)
 
 
 def _count_by_doubling(search_fn: Callable[[np.ndarray, int], SearchResult], q: np.ndarray, exclude: np.ndarray,
                        threshold: float, metric: str, k: int, max_results: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact counts (and the smallest id within threshold, as `_range_count_shard`) from top-k searches: a
+    """Exact counts (and the links of their edges, as `ShardedIndex.range_neighbors`) from top-k searches: a
     query whose k-th result is still within the threshold is searched again with 2k, until its last result
     lies beyond it (or is missing: the index has no more to give). Each search takes max(1, max_results // k)
     queries, so results stay near max_results entries."""
-    counts, low = np.zeros(len(q), np.int64), np.full(len(q), NO_ID, np.int64)
+    counts, links = np.zeros(len(q), np.int64), Components()
     todo = np.arange(len(q))
     while len(todo):
         again = []
@@ -445,10 +444,10 @@ def _count_by_doubling(search_fn: Callable[[np.ndarray, int], SearchResult], q: 
             near = _within(D, threshold, metric) & (I >= 0)
             other = near & (I != exclude[rows, None])
             counts[rows] = other.sum(axis=1)
-            low[rows] = np.where(other, I, NO_ID).min(axis=1)
+            links.add(*_edges(exclude[rows], I, other))
             again.append(rows[near.all(axis=1)])
         todo, k = np.concatenate(again), 2 * k
-    return counts, low
+    return counts, links.pairs()
 
 
 def duplicate_counts(search_fn: Callable[[np.ndarray, int], SearchResult], vectors: np.ndarray, ids: np.ndarray,
@@ -462,11 +461,13 @@ def near_duplicates(search_fn: Callable[[np.ndarray, int], SearchResult], vector
                     threshold: float | None = None, k: int = 64, batch: int = 4096, *, metric: str,
                     range_fn: Callable[[np.ndarray, float, np.ndarray], tuple] | None = None,
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(counts (n,) int32, pictures (n,) int64): for each training vector, how many OTHER indexed vectors lie
-    within `threshold`, and its picture: the smallest id among itself and them. Exact, not capped: an image
-    with 1,000 copies outranks one with 63 when captions are ranked by this count. The picture names one
-    image stored as several rows (LAION duplicates): the rows of a group of mutual near-duplicates all get
-    the group's smallest id; a chain (a ~ b ~ c, a !~ c) can split in two.
+    """(counts (n,) int32, links (m, 2) int64): for each training vector, how many OTHER indexed vectors lie
+    within `threshold`; and the links that join near-duplicates into pictures, `Components` pairs (node,
+    root) over every edge (vector, other vector within threshold) found. Counts are exact, not capped: an
+    image with 1,000 copies outranks one with 63 when captions are ranked by this count. A picture is one
+    image stored as several rows (LAION duplicates, re-encodings): a connected component of the edges, so
+    a chain a ~ b ~ c (a !~ c) is one picture. Links of several query sets (the index's shards, each its own
+    task) join with `Components` again; `pictures_of` reads one set's.
 
     `search_fn(queries, k) -> (D, I)` is the index's own search (e.g. ShardedIndex.search), so the counts see
     exactly what the audit's membership search sees. `threshold` (None: the metric's default, see
@@ -477,14 +478,15 @@ def near_duplicates(search_fn: Callable[[np.ndarray, int], SearchResult], vector
 
     Two passes. First a top-k search of every vector; most have their last result beyond the threshold and
     their count is read off it. The rest (k-th neighbour still within: at least k-1 near-duplicates) are
-    counted exactly by `range_fn(queries, threshold, exclude_ids) -> (counts, smallest ids)`
+    counted exactly by `range_fn(queries, threshold, exclude_ids) -> (counts, links)`
     (ShardedIndex.range_neighbors: range search on flat shards), or without one by top-k searches with k
     doubling until the last result lies
     beyond the threshold. Cost: one top-k search per vector, plus, for the vectors with >= k-1 near-duplicates
     (the duplicated images, usually few), a range search each (flat: the price of a search) or
     log2(count / k) + 1 searches each (doubling).
     Memory: queries go `batch` at a time, batch x k x 12 bytes of results (4096 x 64: 3 MiB); the doubling
-    search keeps to the same number of results; range_fn bounds its own (ShardedIndex: ~12 MiB).
+    search keeps to the same number of results; range_fn bounds its own (ShardedIndex: ~12 MiB); the links
+    are at most one pair per id that has a near-duplicate, plus a buffer of 4M edges (`Components`).
     """
     threshold = resolve_dup_threshold(threshold, metric)
     if not isinstance(k, (int, np.integer)) or not isinstance(batch, (int, np.integer)) or k < 2 or batch < 1:
@@ -493,24 +495,90 @@ def near_duplicates(search_fn: Callable[[np.ndarray, int], SearchResult], vector
     ids = np.asarray(ids, dtype=np.int64)
     if ids.shape != (len(x),):
         raise IndexSpecError(f"ids must have shape ({len(x)},) like the vectors, got {ids.shape}.")
-    counts, low = np.zeros(len(x), dtype=np.int64), np.full(len(x), NO_ID, np.int64)
+    counts, links = np.zeros(len(x), dtype=np.int64), Components()
     for start in range(0, len(x), batch):
         stop = min(start + batch, len(x))
         D, I = search_fn(x[start:stop], k)
         near = _within(D, threshold, metric) & (I >= 0)
         other = near & (I != ids[start:stop, None])
         counts[start:stop] = other.sum(axis=1)
-        low[start:stop] = np.where(other, I, NO_ID).min(axis=1)
+        links.add(*_edges(ids[start:stop], I, other))
         more = start + np.flatnonzero(near.all(axis=1))  # the k-th neighbour is within: there may be more
         if not len(more):
             continue
         if range_fn is not None:
-            exact, exact_low = (np.asarray(a) for a in range_fn(x[more], threshold, ids[more]))
-            if exact.shape != (len(more),) or exact_low.shape != (len(more),):
-                raise IndexSpecError(f"range_fn returned shapes {exact.shape}, {exact_low.shape} for "
-                                     f"{len(more)} queries.")
-            counts[more], low[more] = exact, exact_low
+            exact, more_links = (np.asarray(a) for a in range_fn(x[more], threshold, ids[more]))
+            if exact.shape != (len(more),) or more_links.ndim != 2 or more_links.shape[1] != 2:
+                raise IndexSpecError(f"range_fn returned shapes {exact.shape}, {more_links.shape} for "
+                                     f"{len(more)} queries (want ({len(more)},) and (m, 2)).")
         else:
-            counts[more], low[more] = _count_by_doubling(search_fn, x[more], ids[more], threshold, metric, 2 * k,
-                                                         batch * k)
-    return counts.astype(np.int32), np.minimum(low, ids)
+            exact, more_links = _count_by_doubling(search_fn, x[more], ids[more], threshold, metric, 2 * k,
+                                                   batch * k)
+        counts[more] = exact
+        links.add(more_links[:, 0], more_links[:, 1])
+    return counts.astype(np.int32), links.pairs()
+
+
+def _edges(ids: np.ndarray, I: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) int64: the edges (ids[i], I[i, j]) where mask[i, j], for rows with an id (>= 0)."""
+    rows, cols = np.nonzero(mask & (ids[:, None] >= 0))
+    return ids[rows].astype(np.int64), I[rows, cols].astype(np.int64)
+
+
+class Components:
+    """Connected components of a growing set of edges between ids (union-find by scipy's
+    connected_components, a well-kept C implementation, rather than a Python loop over pairs).
+
+    Edges are buffered and folded into a forest when the buffer passes `buffer` (default 4M pairs, 64 MiB):
+    a component of c ids is then c - 1 pairs (id, root), root its smallest id, whatever edges made it. So
+    an image stored 10,000 times, whose copies are each other's neighbours (10^8 edges), costs 10,000
+    pairs, not 10^8. `pairs()` gives the forest: (m, 2) int64 rows (id, root) for every id linked to a
+    smaller one; a root itself has no row. Forests of several sets of edges join by adding their pairs
+    to one Components."""
+
+    def __init__(self, buffer: int = 1 << 22):
+        self.buffer, self._a, self._b, self._n = buffer, [], [], 0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = np.asarray(a, np.int64).ravel(), np.asarray(b, np.int64).ravel()
+        if a.shape != b.shape:
+            raise IndexSpecError(f"edges need as many starts as ends, got {a.shape} and {b.shape}.")
+        self._a.append(a)
+        self._b.append(b)
+        self._n += len(a)
+        if self._n > self.buffer:
+            self._fold()
+
+    def _fold(self) -> None:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        a, b = np.concatenate(self._a or [np.zeros(0, np.int64)]), np.concatenate(self._b or [np.zeros(0, np.int64)])
+        nodes = np.unique(np.concatenate([a, b]))  # sorted: a component's first node is its smallest
+        if len(nodes):
+            m = len(nodes)
+            graph = coo_matrix((np.ones(len(a), np.int8), (np.searchsorted(nodes, a), np.searchsorted(nodes, b))),
+                               shape=(m, m))
+            _, label = connected_components(graph, directed=False)
+            first = np.full(label.max() + 1, m, np.int64)
+            np.minimum.at(first, label, np.arange(m))
+            root = nodes[first[label]]
+            a, b = nodes[root != nodes], root[root != nodes]
+        self._a, self._b, self._n = [a], [b], len(a)
+
+    def pairs(self) -> np.ndarray:
+        """(m, 2) int64: (id, the smallest id of its component) for every non-root id."""
+        self._fold()
+        return np.stack([self._a[0], self._b[0]], axis=1)
+
+
+def pictures_of(ids: np.ndarray, links: np.ndarray) -> np.ndarray:
+    """(n,) int64: each id's picture, the smallest id of its component in `links` (`Components.pairs`),
+    or the id itself when it has no near-duplicate."""
+    ids = np.asarray(ids, np.int64)
+    links = np.asarray(links, np.int64).reshape(-1, 2)
+    order = np.argsort(links[:, 0])
+    node, root = links[order, 0], links[order, 1]
+    at = np.minimum(np.searchsorted(node, ids), max(len(node) - 1, 0))
+    hit = (node[at] == ids) if len(node) else np.zeros(len(ids), bool)
+    return np.where(hit, root[at] if len(node) else ids, ids)

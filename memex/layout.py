@@ -49,6 +49,8 @@
         shards/vectors-shard-000000.npz      its vectors and gids (np.savez: the dups step re-searches them)
         quarantine/shard-000000.parquet  QUARANTINE rows of shard 0: unreadable training images and why
         dups/shard-000000.parquet    DUPS_SCHEMA: near-duplicate count per training image
+        links/shard-000000.parquet   LINKS_SCHEMA: the near-duplicate edges dups unit 0 found, as a forest
+        pictures.parquet             PICTURES_SCHEMA: every row with a near-duplicate and its picture
         _SUCCESS.json                IndexInfo (memex/stages/index.py), written when all of it is complete
         _lease.json                  while an audit builds it: who (memex/lease.py; others wait)
 
@@ -192,8 +194,13 @@ TRAIN_SCHEMA = pa.schema(
 )
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("reason", pa.string())])
 DUPS_SCHEMA = pa.schema([("gid", pa.int64()), ("id", pa.string()), ("caption", pa.string()),
-                         ("near_duplicates", pa.int32()),  # other rows within index.dup_threshold (exact)
-                         ("picture", pa.int64())])  # smallest gid among it and them: rows of one picture share it
+                         ("near_duplicates", pa.int32())])  # other rows within index.dup_threshold (exact)
+# (gid, root): the near-duplicate edges one dups unit found, folded to a forest (memex.index.Components)
+LINKS_SCHEMA = pa.schema([("gid", pa.int64()), ("root", pa.int64())])
+# every training row in a group of near-duplicates (rows of one image: LAION duplicates, re-encodings):
+# picture = the smallest gid of its connected component over all shards' links. A row not listed is a
+# picture of its own (its gid).
+PICTURES_SCHEMA = pa.schema([("gid", pa.int64()), ("id", pa.string()), ("picture", pa.int64())])
 
 
 # memex mia: raw attack values are lower = member (memex/mia.py); LiRA's ratios higher = member
@@ -351,6 +358,8 @@ class IndexLayout(_Folder):
         # written by the shards units (no markers of its own): kept apart from the FAISS files so that
         # pyarrow reads quarantine/ as one dataset
         self.quarantine = StageFolder(self.store, "quarantine", schema=QUARANTINE_SCHEMA)
+        # written by the dups units before their tables (no markers of its own), read once to join them
+        self.links = StageFolder(self.store, "links", schema=LINKS_SCHEMA)
 
     @property
     def info_json(self) -> str:
@@ -376,6 +385,13 @@ class IndexLayout(_Folder):
 
     def quarantine_path(self, shard: int) -> str:
         return self.quarantine.file(shard)
+
+    def links_path(self, shard: int) -> str:
+        return self.links.file(shard)
+
+    @property
+    def pictures_path(self) -> str:
+        return self.join("pictures.parquet")
 
 
 class MiaLayout(_Folder):

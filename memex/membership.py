@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from memex.config import IndexConfig
 from memex.index import IndexSpec, load_index
-from memex.layout import QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, RunLayout, StorageError
+from memex.layout import PICTURES_SCHEMA, QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, RunLayout, StorageError
 
 
 @dataclass
@@ -83,23 +83,30 @@ def read_duplicates(info: IndexInfo, storage_options: dict) -> pa.Table:
 
 
 def read_pictures(info: IndexInfo, storage_options: dict, gids) -> dict[int, int]:
-    """gid -> its picture: the near-duplicate group (DUPS_SCHEMA `picture`, the smallest gid within
-    index.dup_threshold of it) for the ids >= 0 in `gids`. Rows of one picture (LAION duplicates,
-    re-encodings) count once in relative l2's reference set and in the extracted count."""
+    """gid -> its picture for the ids >= 0 in `gids`: the smallest gid of its group of near-duplicates
+    (connected within index.dup_threshold, PICTURES_SCHEMA), or its own gid. Rows of one picture (LAION
+    duplicates, re-encodings) count once in relative l2's reference set and in the extracted count."""
     want = sorted({int(g) for g in np.asarray(gids).ravel() if g >= 0})
     if not want:
         return {}
-    t = info.layout(storage_options).dups.read(columns=["gid", "picture"], filters=[("gid", "in", want)])
-    return dict(zip(t["gid"].to_pylist(), t["picture"].to_pylist()))
+    t = _pictures(info, storage_options, ("gid", want))
+    return {g: g for g in want} | dict(zip(t["gid"].to_pylist(), t["picture"].to_pylist()))
 
 
 def picture_rows(info: IndexInfo, storage_options: dict, pictures: list[int]) -> dict[int, list[str]]:
-    """picture -> the ids of every training row of that picture (sorted, the picture's own first)."""
+    """picture -> the ids of every training row of that picture (sorted by gid, the picture's own first)."""
     if not pictures:
         return {}
-    t = info.layout(storage_options).dups.read(columns=["gid", "id", "picture"],
-                                               filters=[("picture", "in", sorted(pictures))])
+    t = _pictures(info, storage_options, ("picture", sorted(pictures)))
     out: dict[int, list[tuple[int, str]]] = {p: [] for p in pictures}
     for g, i, p in zip(*(t[c].to_pylist() for c in ("gid", "id", "picture"))):
         out[p].append((g, i))
+    single = [p for p, rows in out.items() if not rows]  # a picture of one row: its id from train.parquet
+    ids = fetch_train_rows(info.layout(storage_options), single, columns=["gid", "id"])
+    out.update({g: [(g, i)] for g, i in zip(ids["gid"].to_pylist(), ids["id"].to_pylist())})
     return {p: [i for _, i in sorted(rows)] or [str(p)] for p, rows in out.items()}
+
+
+def _pictures(info: IndexInfo, storage_options: dict, where: tuple[str, list[int]]) -> pa.Table:
+    layout = info.layout(storage_options)  # a lost or damaged file is named by read_table, with the fix
+    return layout.store.read_table(layout.pictures_path, schema=PICTURES_SCHEMA, filters=[(where[0], "in", where[1])])

@@ -419,7 +419,11 @@ def assert_readable_by_pyarrow(layout: RunLayout, s: dict) -> None:
     rows = {f: ds.dataset(f).count_rows() for f in folders}  # fails on any non-Parquet file in a folder
     assert rows == {run / "triage": s["prompts"], run / "samples": s["samples"],
                     run / "candidates": s["prompts_sampled"], run / "matches": s["candidates_verified"],
-                    index / "dups": s["index"]["indexed"], index / "quarantine": s["index"]["quarantined"]}
+                    index / "dups": s["index"]["indexed"], index / "quarantine": s["index"]["quarantined"],
+                    index / "links": rows[index / "links"]}  # each unit's forest of its edges (joined below)
+    # pictures.parquet: every row with a near-duplicate (and no other), as the dups counts say
+    duplicated = ds.dataset(index / "dups").to_table(filter=ds.field("near_duplicates") > 0).num_rows
+    assert ds.dataset(index / "pictures.parquet").count_rows() == duplicated
     # the single-file tables of the two roots
     assert ds.dataset(run / "prompts.parquet").count_rows() == s["prompts"]
     assert ds.dataset(index / "train.parquet").count_rows() == s["index"]["train_images"]

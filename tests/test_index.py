@@ -314,19 +314,55 @@ def test_duplicate_counts_are_exact_beyond_k(metric, kind, n_shards):
     np.testing.assert_array_equal(index.range_count(x[some], DUP_THRESHOLDS[metric][0], gids[some], start_k=4,
                                                     max_results=32), size[some] - 1)
     # each row's picture is its group's smallest gid (a single is its own picture), by either route
-    from memex.index import near_duplicates
+    from memex.index import near_duplicates, pictures_of
 
     expected = {}
     for g, c in zip(gids.tolist(), caption):
         expected[c] = min(expected.get(c, g), g)
     want = np.array([expected[c] for c in caption])
     for kw in ({"range_fn": index.range_neighbors}, {}):
-        _, pictures = near_duplicates(index.search, x, gids, None, k=64, batch=256, metric=metric, **kw)
-        np.testing.assert_array_equal(pictures, want)
+        _, links = near_duplicates(index.search, x, gids, None, k=64, batch=256, metric=metric, **kw)
+        np.testing.assert_array_equal(pictures_of(gids, links), want)
     # the planted image with the most copies is the first prompt
     dups = pa.table({"caption": caption, "near_duplicates": counts})
     assert rank_by_near_duplicates(dups, 3)["prompt"].to_pylist() == [
         "copy of image 300", "copy of image 100", "copy of image 10"]
+
+
+@pytest.mark.parametrize("ranged", [True, False])
+def test_a_chain_of_near_duplicates_is_one_picture(ranged):
+    """Pictures are connected components of the near-duplicate edges, as brute force finds them: rows
+    spaced 0.8 x threshold along a line (a ~ b ~ c, a !~ c) are one picture, however the gids interleave
+    the chains and however the rows split into shards, each shard's query set linked on its own (the
+    index stage's tasks) and joined afterwards. A row's smallest direct neighbour, the rule before this
+    one, split every such chain. k=2 sends the rows with 2+ neighbours through the range counts (or the
+    doubling top-k searches), and a 16-edge buffer folds the forest many times."""
+    from scipy.sparse.csgraph import connected_components
+
+    from memex.index import Components, near_duplicates, pictures_of
+
+    rng = np.random.default_rng(3)
+    t, d = 0.05, 16
+    rows = []
+    for length in (2, 5, 12, 30):  # chains
+        start, step = rng.normal(size=d), rng.normal(size=d)
+        step *= 0.8 * t / np.linalg.norm(step)
+        rows += [start + i * step for i in range(length)]
+    rows += list(rng.normal(size=(60, d)))  # singles, far apart (typical distance ~5.6)
+    x = np.asarray(rows, np.float32)
+    gids = rng.permutation(len(x)).astype(np.int64) * 3 + 7  # ids are not row numbers
+    truth_d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    _, label = connected_components(truth_d <= t, directed=False)
+    want = np.array([gids[label == label[i]].min() for i in range(len(x))])
+    index = ShardedIndex.build(x, 3, IndexSpec(kind="flat", metric="l2"), ids=gids)
+    joined = Components(buffer=16)
+    for part in np.array_split(rng.permutation(len(x)), 4):  # the index stage: one task per shard
+        counts, links = near_duplicates(index.search, x[part], gids[part], t, k=2, batch=7, metric="l2",
+                                        range_fn=index.range_neighbors if ranged else None)
+        np.testing.assert_array_equal(counts, (truth_d[part] <= t).sum(1) - 1)
+        joined.add(links[:, 0], links[:, 1])
+    np.testing.assert_array_equal(pictures_of(gids, joined.pairs()), want)
+    assert len(set(want)) == 4 + 60  # each chain is one picture
 
 
 def test_dup_threshold_defaults_and_ranges():
@@ -409,7 +445,7 @@ def test_duplicate_counts_through_the_pixels_embedder():
     picture is its group's smallest id."""
     from memex.config import EmbedderConfig
     from memex.embed import make_embedder
-    from memex.index import near_duplicates
+    from memex.index import near_duplicates, pictures_of
 
     rng = np.random.default_rng(5)
     bases = [np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((8, 8, 1))) for _ in range(3 + 200)]
@@ -423,7 +459,8 @@ def test_duplicate_counts_through_the_pixels_embedder():
     x = make_embedder(EmbedderConfig(kind="pixels", size=32))(np.stack(images).astype(np.uint8))
     gids = np.arange(len(x), dtype=np.int64)
     index = ShardedIndex.build(x, 3, IndexSpec(kind="flat", metric="l2"), ids=gids)
-    counts, pictures = near_duplicates(index.search, x, gids, None, k=64, metric="l2", range_fn=index.range_neighbors)
+    counts, links = near_duplicates(index.search, x, gids, None, k=64, metric="l2", range_fn=index.range_neighbors)
+    pictures = pictures_of(gids, links)
     size = np.bincount(group)[group]
     np.testing.assert_array_equal(counts, size - 1)  # 9, 99, 299 for the copies, 0 for the rest
     first = {}

@@ -728,6 +728,40 @@ def test_a_damaged_vectors_file_is_named_when_its_near_duplicates_are_redone(tmp
     assert index.run(cfg) == info and layout.dups.complete() == [0, 1]
 
 
+def test_a_chain_of_near_duplicates_across_shards_is_one_picture(tmp_path, in_process_units):
+    """p0 ~ p3 ~ p5 (each step 10 grey levels, RMS 0.04 under the 0.05 threshold; p0 to p5 is 0.08), in
+    two shards: one picture, named by p0 (gid 0), in read_pictures and picture_rows. Each row used to
+    take its smallest direct neighbour: p5 (whose only neighbour is p3) was a picture of its own. A lost
+    links file is named with its dups unit's marker, and the rebuild after removing that marker gives
+    the same pictures."""
+    from memex.membership import picture_rows, read_pictures
+    from memex.stages import index
+    from memex.storage import StorageError
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    base = (_img(0).astype(np.int16) * 7) // 10  # 0..178: the steps never clip
+    for i in range(6):
+        img = base + 10 * {0: 0, 3: 1, 5: 2}[i] if i in (0, 3, 5) else _img(i)
+        (pics / f"p{i}.png").write_bytes(encode_png(np.asarray(img, np.uint8)))
+    cfg = _audit_cfg(str(pics), tmp_path / "runs")
+    info = index.run(cfg)
+    assert [tuple(s) for s in info.shards] == [(0, 3), (3, 6)]
+    layout = info.layout({})
+    assert layout.dups.read().sort_by("gid")["near_duplicates"].to_pylist() == [1, 0, 0, 2, 0, 1]
+    assert read_pictures(info, {}, np.arange(6)) == {0: 0, 1: 1, 2: 2, 3: 0, 4: 4, 5: 0}
+    assert picture_rows(info, {}, [0, 4]) == {0: ["p0.png", "p3.png", "p5.png"], 4: ["p4.png"]}
+
+    lost = tmp_path / "runs" / "_index" / info.key / "links" / "shard-000001.parquet"
+    lost.unlink()
+    (tmp_path / "runs" / "_index" / info.key / "pictures.parquet").unlink()
+    marker = tmp_path / "runs" / "_index" / info.key / "dups" / "_markers" / "shard-000001.json"
+    with pytest.raises(StorageError, match=f"{lost} is not readable Parquet.*dups unit 1: its marker is {marker}"):
+        index.run(cfg)
+    marker.unlink()
+    assert index.run(cfg) == info and read_pictures(info, {}, [5]) == {5: 0}
+
+
 def test_ivfpq_settings_that_do_not_fit_the_data_are_refused_before_the_index_folder(tmp_path, in_process_units):
     """More IVF lists than training vectors, or a pq_m that does not divide the pixel dimension
     (3 x 16 x 16 = 768): the quantizer task raised it, after train.parquet (a copy of the training

@@ -34,7 +34,15 @@ import pyarrow.parquet as pq
 
 from memex import runner
 from memex.config import AuditConfig, EmbedderConfig, IndexConfig, IndexKind, plain
-from memex.layout import DUPS_SCHEMA, QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, StorageError
+from memex.layout import (
+    DUPS_SCHEMA,
+    LINKS_SCHEMA,
+    PICTURES_SCHEMA,
+    QUARANTINE_SCHEMA,
+    TRAIN_SCHEMA,
+    IndexLayout,
+    StorageError,
+)
 from memex.lease import hold
 from memex.membership import IndexInfo, fetch_train_rows, load_shards
 from memex.models import resolve_device
@@ -47,7 +55,9 @@ log = logging.getLogger("memex.index")
 # Not bumped when JPEGs began to be decoded at a reduced DCT scale (ingest.DRAFT_MIN_SIDE): an index
 # built before differs by <= 0.001 RMS a picture in pixels (bench/RESULTS.md, JPEG decode), and a new
 # key would rebuild every index and stop every run folder rerun (its matches/ keep the key).
-LAYOUT_VERSION = 4
+# 5: pictures are connected components of the near-duplicate edges (links/, pictures.parquet); dups/ lost
+#    its per-row `picture`, each row's smallest direct neighbour, which split chains a ~ b ~ c in two
+LAYOUT_VERSION = 5
 
 
 def index_key(listing: pa.Table, cfg: AuditConfig) -> str:
@@ -188,8 +198,8 @@ def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: Emb
 
 
 def count_duplicates(shard: int, layout: IndexLayout, n_shards: int, idx: IndexConfig, metric: str) -> pa.Table:
-    """Near-duplicate count and picture (smallest gid of its near-duplicate group) of each image of
-    `shard` among all shards -> DUPS_SCHEMA rows."""
+    """Near-duplicate count of each image of `shard` among all shards -> DUPS_SCHEMA rows; the edges found,
+    as a forest, go to links/ first (joined into pictures by `write_pictures` once every unit is done)."""
     from functools import partial
 
     from memex.index import IndexSpec, ShardedIndex, near_duplicates, resolve_dup_threshold
@@ -198,15 +208,42 @@ def count_duplicates(shard: int, layout: IndexLayout, n_shards: int, idx: IndexC
     x, gids = read_vectors(layout, shard)
     index = ShardedIndex(load_shards(layout, list(range(n_shards))), IndexSpec.from_config(idx, metric))
     # exact counts: top dup_k first, then range counts for the images with more near-duplicates than that
-    counts, pictures = near_duplicates(index.search, x, gids, threshold, metric=metric, k=idx.dup_k,
-                                       range_fn=partial(index.range_neighbors, start_k=2 * idx.dup_k),
-                                       ) if len(gids) else (np.zeros(0, np.int32), np.zeros(0, np.int64))
+    counts, links = near_duplicates(index.search, x, gids, threshold, metric=metric, k=idx.dup_k,
+                                    range_fn=partial(index.range_neighbors, start_k=2 * idx.dup_k),
+                                    ) if len(gids) else (np.zeros(0, np.int32), np.zeros((0, 2), np.int64))
+    layout.store.write_table(layout.links_path(shard), pa.table({"gid": links[:, 0], "root": links[:, 1]},
+                                                                schema=LINKS_SCHEMA))
     train = fetch_train_rows(layout, gids.tolist(), columns=["gid", "id", "caption"])
     meta = {g: (i, c) for g, i, c in zip(*(train[n].to_pylist() for n in ("gid", "id", "caption")))}
     return pa.table({"gid": gids, "id": [meta[g][0] for g in gids.tolist()],
-                     "caption": [meta[g][1] for g in gids.tolist()], "near_duplicates": counts.astype(np.int32),
-                     "picture": pictures},
+                     "caption": [meta[g][1] for g in gids.tolist()], "near_duplicates": counts.astype(np.int32)},
                     schema=DUPS_SCHEMA)
+
+
+def write_pictures(layout: IndexLayout, n_shards: int) -> int:
+    """Join every dups unit's links into pictures (connected components over all shards: a chain of
+    near-duplicates a ~ b ~ c is one picture however its rows fall into shards) -> pictures.parquet.
+    Returns how many rows belong to a picture of 2+ rows. In the driver: the links are about one pair per
+    duplicated row (1M rows, a third duplicated: ~5 MB)."""
+    from memex.index import Components
+
+    joined = Components()
+    for s in range(n_shards):
+        path = layout.links_path(s)
+        try:
+            t = layout.store.read_table(path, schema=LINKS_SCHEMA)
+        except StorageError as e:  # "not readable Parquet ... remove it and its marker": name the marker
+            raise StorageError(f"{e} These near-duplicate links are written by dups unit {s}: its marker is "
+                               f"{layout.store.uri_of(layout.dups.marker(s))}.") from e
+        joined.add(t["gid"].to_numpy(), t["root"].to_numpy())
+    pairs = joined.pairs()
+    gids = np.concatenate([pairs[:, 0], np.unique(pairs[:, 1])])  # the roots are rows of their pictures too
+    pictures = np.concatenate([pairs[:, 1], np.unique(pairs[:, 1])])
+    order = np.argsort(gids)
+    ids = fetch_train_rows(layout, gids.tolist(), columns=["gid", "id"]).sort_by("gid")
+    table = pa.table({"gid": gids[order], "id": ids["id"], "picture": pictures[order]}, schema=PICTURES_SCHEMA)
+    layout.store.write_table(layout.pictures_path, table)
+    return table.num_rows
 
 
 def read_vectors(layout: IndexLayout, shard: int) -> tuple[np.ndarray, np.ndarray]:
@@ -271,7 +308,8 @@ def missing_units(layout: IndexLayout, n_shards: int, ivfpq: bool) -> list[str]:
     Reusing such an index would silently leave their training images out of every audit (one
     glob per folder, so a few requests on S3). A unit whose file alone is gone fails where it is
     read, naming the file."""
-    out = [] if layout.store.exists(layout.train_path) else ["train.parquet"]
+    out = [name for name, path in (("train.parquet", layout.train_path), ("pictures.parquet", layout.pictures_path))
+           if not layout.store.exists(path)]
     for folder, n in ((layout.quantizer, int(ivfpq)), (layout.shards, n_shards), (layout.dups, n_shards)):
         have = set(folder.complete()) if n else set()
         out += [f"{folder.name}/{unit_name(i, folder.prefix)}" for i in range(n) if i not in have]
@@ -301,7 +339,7 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
             "trainset": cfg.trainset.path, "embedder": plain(cfg.embedder), "index": plain(cfg.index),
             "shards": plans, "n_train": listing.num_rows}))
 
-    # 3. one shared quantizer (IVF-PQ), 4. the shards, 5. near-duplicate counts
+    # 3. one shared quantizer (IVF-PQ), 4. the shards, 5. near-duplicate counts, 6. pictures
     t0 = time.perf_counter()
     common = {"layout": layout, "emb": cfg.embedder, "idx": cfg.index, "device": r.device,
               "preprocess": cfg.trainset.preprocess.value}
@@ -314,6 +352,9 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
     log.info("index %s: %d shards built in %.1fs", layout.uri, len(plans), time.perf_counter() - t0)
     runner.run_tasks(layout.dups, {s: {} for s in range(len(plans))}, count_duplicates, r, gpu=False,
                      layout=layout, n_shards=len(plans), idx=cfg.index, metric=metric)
+    # 6. pictures: the units' links joined (always redone here: cheap, and a rebuilt unit changes them)
+    in_groups = write_pictures(layout, len(plans))
+    log.info("index %s: %d rows are near-duplicates of another row", layout.uri, in_groups)
 
     info = IndexInfo(root=root, key=key, shards=plans, metric=metric, dim=metas[0]["dim"], n_train=listing.num_rows,
                      n_indexed=sum(m["indexed"] for m in metas), n_quarantined=sum(m["quarantined"] for m in metas))
