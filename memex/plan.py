@@ -110,6 +110,24 @@ class SamplePlan:
         self.rounds.append(rnd)
         return rnd
 
+    def check_budget(self, store: Store, bounds: list[int], first_rows: Optional[list[int]], keys: str) -> None:
+        """The rounds written agree with the budget this run asks for: round r holds samples
+        [bounds[r-1] (0 for round 0), bounds[r]) and round 0 the prompt rows `first_rows` (None: every
+        prompt). The budget is not part of run.json (a fixed and an adaptive audit of one model share
+        the default run name), so a resume with other bounds used the old rounds' prompts with the new
+        bounds: samples generated twice (byte-identical, distance 0: false cliques) or never."""
+        from memex.storage import StorageError
+
+        want = list(zip([0, *bounds[:-1]], bounds))
+        have = [(r.lo, r.hi) for r in self.rounds]
+        rows = None if first_rows is None else tuple(first_rows)
+        if len(have) > len(want) or have != want[:len(have)] or (self.rounds and self.rounds[0].prompt_rows != rows):
+            what = "" if have == want[:len(have)] else f"samples {have}, and this run asks for {want}"
+            what = what or "a first round of other prompts (triage.keep)"
+            raise StorageError(f"run folder {store.uri} holds rounds of {what} ({keys}). Resuming would generate "
+                               "some samples twice and leave others out. Nothing was changed. Use another "
+                               f"run.name, or the settings the run was started with (its rounds/*.json).")
+
     # ---- shards ----------------------------------------------------------------------------
     def shards(self, rounds: Optional[list[int]] = None) -> list[Shard]:
         out = []

@@ -256,7 +256,8 @@ class Store:
 # A stage folder's settings key to name in the refusal's sweep example: the run folder is named by
 # the generation settings only, so `-m match.threshold=0.1,0.15` reaches the same folder twice;
 # filter and match settings are swept over one run's generations with run.samples_from.
-SWEEP_EXAMPLE = {"candidates": "filter.edge_threshold", "matches": "match.threshold", "triage": "triage.seeds"}
+SWEEP_EXAMPLE = {"candidates": "filter.edge_threshold", "matches": "match.threshold", "triage": "triage.seeds",
+                 "previews": "triage.seeds"}
 
 
 def unit_name(index: int, prefix: str = "shard") -> str:

@@ -44,6 +44,69 @@ def test_rounds_add_samples_and_number_shards_after_the_last(tmp_path):
         SamplePlan(again.rounds[:1]).add_round(store, [3], 1, 2, 8, 4, 4)
 
 
+def test_an_audit_resumed_with_another_budget_is_refused_before_it_generates(tmp_path):
+    """The budget is not in run.json: a fixed and an adaptive audit of one model share the default run
+    name. A folder holding a fixed round [0, 16) resumed with budget.rounds=[4,16] went on to round 1,
+    samples [4, 16) again (byte-identical copies at distance 0, false cliques); rounds [16, 64] resumed
+    as [32, 64] never made samples [16, 32). Each is refused, naming the key, before generation (no
+    Ray here), as is another triage.keep; the budget the rounds were written with resumes."""
+    from memex.stages import audit
+
+    from conftest import compose
+
+    layout = RunLayout(str(tmp_path), "r")
+    SamplePlan.read(layout.store).add_round(layout.store, None, 3, 0, 16, 4, 4)
+    base = [f"storage.root={tmp_path}", "model.path=/planted", "triage=none", "sampling.samples_per_prompt=16"]
+    with pytest.raises(StorageError, match=r"samples \[\(0, 16\)\], and this run asks for \[\(0, 4\), \(4, 16\)\] "
+                       r"\(budget.rounds\)"):
+        audit.generate_in_rounds(compose(base + ["budget=adaptive", "budget.rounds=[4,16]"], config_name="audit"),
+                                 "r", layout)
+    SamplePlan.read(layout.store).check_budget(layout.store, [16], None, "budget=fixed")  # as written: resumes
+    with pytest.raises(StorageError, match=r"other prompts \(triage.keep\)"):
+        SamplePlan.read(layout.store).check_budget(layout.store, [16], [0, 2], "budget=fixed")
+
+    layout = RunLayout(str(tmp_path), "a")
+    plan = SamplePlan.read(layout.store)
+    plan.add_round(layout.store, None, 3, 0, 16, 4, 4)
+    plan.add_round(layout.store, [1], 3, 16, 64, 4, 4)
+    with pytest.raises(StorageError, match=r"\(16, 64\)\], and this run asks for \[\(0, 16\), \(16, 32\), "):
+        audit.generate_in_rounds(compose(base + ["budget=adaptive", "budget.rounds=[16,32,64]",
+                                                 "sampling.samples_per_prompt=64"], config_name="audit"), "a", layout)
+    with pytest.raises(StorageError, match=r"budget=fixed, sampling.samples_per_prompt"):
+        audit.triage_and_generate(compose(base + ["sampling.samples_per_prompt=64"], config_name="audit"), "a", layout)
+    assert len(SamplePlan.read(layout.store).rounds) == 2 and not layout.samples.complete()  # nothing changed
+
+
+def test_triage_resumed_with_another_chunk_size_or_preview_settings_is_refused(tmp_path):
+    """triage.prompts_per_task is triage's unit of resume (chunk c = prompts [c*step, (c+1)*step)), but
+    it was not recorded: chunks 0-4 of 100 prompts done at 10 and resumed at 20 counted as done, and
+    prompts 50-99 were never scored (with triage.keep, never generated). And previews/ had no settings
+    of its own: with triage/ deleted to redo it at other triage.steps, the old previews were reused.
+    Both refused before any work (no Ray here); the default chunk size is left out of the record, so
+    folders triaged before it was recorded resume."""
+    from memex.layout import PROMPTS_SCHEMA
+    from memex.stages import triage
+
+    from conftest import compose
+
+    for run in ("r", "p"):
+        layout = RunLayout(str(tmp_path), run)
+        layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ["a"], "prompt": ["x"]},
+                                                                schema=PROMPTS_SCHEMA))
+    layout = RunLayout(str(tmp_path), "r")
+    base = [f"storage.root={tmp_path}", "model.path=/planted", "triage.seeds=2", "triage.steps=1"]
+    layout.triage.claim({"triage": {"seeds": 2, "steps": 1}}, "a run folder")  # as an earlier triage left it
+    with pytest.raises(StorageError, match=r"triage/ .*prompts_per_task"):
+        triage.run(compose(base + ["triage.prompts_per_task=10"], config_name="audit"), "r")
+
+    preview = base + ["triage=preview", "budget=adaptive", "budget.rounds=[2,16]"]
+    layout = RunLayout(str(tmp_path), "p")
+    layout.previews.claim({"triage": {"kind": "preview", "seeds": 2, "steps": 2, "match_k": 8}}, "a run folder")
+    with pytest.raises(StorageError, match=r"previews/ .*steps"):
+        triage.run(compose(preview + ["triage.steps=1"], config_name="audit"), "p")
+    assert not layout.store.exists(layout.triage.settings_path)  # refused before triage/ was claimed
+
+
 def _table(n):
     cols = {f.name: pa.array([0] * n if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
                               else [b"x"] * n if pa.types.is_binary(f.type) else ["s"] * n, f.type)

@@ -136,7 +136,9 @@ def triage_and_generate(cfg: AuditConfig, run_name: str, layout: RunLayout) -> N
     if adaptive(cfg):
         generate_in_rounds(cfg, run_name, layout, first)
     else:
-        generate.read_plan(cfg, layout, first)  # the fixed budget's one round, of the triage.keep prompts if set
+        # the fixed budget's one round, of the triage.keep prompts if set
+        generate.read_plan(cfg, layout, first).check_budget(layout.store, [cfg.sampling.samples_per_prompt], first,
+                                                            "budget=fixed, sampling.samples_per_prompt")
         generate.run(cfg, run_name)
         if cfg.match.candidates == CandidateSource.all:
             match.match_shards(cfg, run_name)
@@ -293,6 +295,7 @@ def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout, first
 
     s, b = cfg.sampling, cfg.budget
     plan = SamplePlan.read(layout.store)
+    plan.check_budget(layout.store, list(b.rounds), first, "budget.rounds")
     n_prompts = read_run_prompts(layout).num_rows
     lo = 0
     for r, hi in enumerate(b.rounds):

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from memex import runner
-from memex.config import AuditConfig, BudgetKind, DistanceKind, PromptSource, SchedulerKind, TriageKind
+from memex.config import AuditConfig, BudgetKind, DistanceKind, PromptSource, SchedulerKind, TriageConfig, TriageKind
 from memex.layout import PREVIEWS_SCHEMA, TRIAGE_SCHEMA, RunLayout, StorageError
 from memex.plan import tie_shard_size
 from memex.prompts import read_run_prompts
@@ -133,8 +133,15 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     t = cfg.triage
     preview = t.kind == TriageKind.preview
     settings = {"seeds": t.seeds, "steps": t.steps}
+    if t.prompts_per_task != TriageConfig.prompts_per_task:
+        # the unit of resume: chunk c is prompts [c*step, (c+1)*step), so a resume with another step would
+        # take old chunks' markers for new ranges (prompts left unscored, or scored twice). Left out at
+        # the default, so run folders triaged before it was recorded resume.
+        settings["prompts_per_task"] = t.prompts_per_task
     if preview:  # noise_norm's settings as before: run folders triaged before previews existed resume
         settings = {"kind": t.kind.value, **settings, "match_k": cfg.match.k}
+        # previews/ is its own folder: deleting triage/ to redo it with other settings must not reuse it
+        layout.previews.claim({"triage": settings}, f"run folder {layout.uri}")
     layout.triage.claim({"triage": settings}, f"run folder {layout.uri}")
     n = read_run_prompts(layout).num_rows
     step = t.prompts_per_task
