@@ -2,7 +2,7 @@
 
 From a laptop against a cluster (Ray sets RAY_ADDRESS for the driver it starts):
     ray job submit --address http://<head>:8265 --working-dir . -- \
-        python jobs/audit.py model=local model.path=s3://b/ckpt/step-20000 trainset=manifest \
+        python jobs/audit.py model=local model.path=/fsx/ckpt/step-20000 trainset=manifest \
             trainset.path=s3://b/train.parquet storage=s3 resources=gpu index=ivfpq
 """
 

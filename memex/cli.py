@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from memex import config as C
-from memex.redact import install_log_redaction, redact_text
+from memex.redact import install_log_redaction, redact, redact_text
 from memex.storage import Store
 
 CONF_DIR = C.CONF_DIR
@@ -581,7 +581,11 @@ def common_defaults(stage: str, cfg: DictConfig) -> list[tuple[str, str]]:
         if OmegaConf.is_missing(cfg, key):
             out.append((key, "??? (required)"))
         else:
-            out.append((key, redact_text(format_default(OmegaConf.select(cfg, key, throw_on_missing=True)))))
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+            # by key, as every file memex writes does: a webhook's URL is its secret (redact_text alone cannot
+            # tell https://hooks.example.com/abc/SECRET from a plain URL)
+            value = redact({key.rsplit(".", 1)[-1]: value})[key.rsplit(".", 1)[-1]]
+            out.append((key, redact_text(format_default(value))))
     return out
 
 

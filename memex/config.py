@@ -236,6 +236,12 @@ def validate_generate(cfg: GenerateConfig) -> None:
     """Range and consistency checks that types cannot express. Raises ConfigError naming the key."""
     if not cfg.model.path or cfg.model.path == "???":
         raise ConfigError("model.path is not set: give a diffusers folder or hub id (model.path=...)")
+    for key in ("path", "unet", "lora", "text_encoder"):  # diffusers' from_pretrained reads a folder or a hub id
+        v = getattr(cfg.model, key)
+        if v and "://" in v:
+            raise ConfigError(f"model.{key}={v}: models are read from a local or mounted folder, or a hub id, not "
+                              "a URL: mount the bucket on every node (s3fs-fuse, Mountpoint for S3, FSx) or copy "
+                              "the model there first (aws s3 sync); the runs can still go to storage.root=s3://...")
     s = cfg.sampling
     _at_least("sampling.samples_per_prompt", s.samples_per_prompt, 1)
     _at_least("sampling.batch_size", s.batch_size, 1)
@@ -283,8 +289,17 @@ def validate_generate(cfg: GenerateConfig) -> None:
     check_protocol("prompts.path", p.path)
     _at_least("storage.lease_timeout_s", cfg.storage.lease_timeout_s, 1)
     _at_least("storage.lease_wait_s", cfg.storage.lease_wait_s, 0)
-    if cfg.run.name is not None and ("/" in cfg.run.name or not cfg.run.name.strip()):
-        raise ConfigError(f"run.name must be a plain folder name, got {cfg.run.name!r}")
+    check_run_name(cfg.run.name)
+
+
+def check_run_name(name: str | None) -> None:
+    """run.name is one folder under storage.root: `..` wrote the run into storage.root's parent (on
+    S3, keys with a literal `..`), `.` into storage.root itself beside `_index/`."""
+    if name is not None and ("/" in name or "\\" in name or not name.strip() or name.strip() in (".", "..")):
+        raise ConfigError(f"run.name must be a plain folder name (no / or \\, not . or ..), got {name!r}")
+    if name in RESERVED_NAMES:
+        raise ConfigError(f"run.name={name} is the folder memex keeps {RESERVED_NAMES[name]} in, "
+                          "under storage.root: give the run another name")
 
 
 # ---- memex train -------------------------------------------------------------------------
@@ -641,6 +656,12 @@ def adaptive(cfg: AuditConfig) -> bool:
     return cfg.budget.kind == BudgetKind.adaptive and cfg.prompts.source != PromptSource.none
 
 
+# folders memex writes under storage.root beside the run folders: a run of one of these names would write
+# its run.json, samples/ and report/ among them
+RESERVED_NAMES = {"_index": "the membership indexes (index.root's default)",
+                  "_nightly": "memex nightly's ledger and trend page (nightly.ledger's default)"}
+
+
 def _changed(section, keys: tuple[str, ...]) -> list[str]:
     """The keys of a config section (a dataclass) set away from the schema's defaults."""
     default = type(section)()
@@ -656,6 +677,7 @@ def validate_audit(cfg: AuditConfig) -> None:
                           f"got {f.edge_threshold}")
     _at_least("filter.min_clique", f.min_clique, 2)
     _at_least("filter.prompts_per_task", f.prompts_per_task, 1)
+    _at_least("filter.max_expansions", f.max_expansions, 0)  # the clique search raised it, after generation
     if (m.candidates == CandidateSource.cliques and cfg.budget.kind == BudgetKind.fixed
             and cfg.sampling.samples_per_prompt < f.min_clique):
         raise ConfigError(f"sampling.samples_per_prompt={cfg.sampling.samples_per_prompt} is below "
@@ -710,6 +732,13 @@ def validate_audit(cfg: AuditConfig) -> None:
         if m.threshold < 0.5:
             raise ConfigError(f"match.threshold={m.threshold} with relative_l2: the paper's threshold is 1.0, "
                               "memex's 0.9 (set match=relative, or match.threshold=0.9)")
+        # d = min l2 / (alpha x mean l2) <= 1 / alpha, as the minimum is at most the mean: from
+        # threshold >= 1 / alpha on, every generation is a copy of its nearest picture (the paper: 0.5, 1.0)
+        if not m.alpha > 0 or m.threshold * m.alpha >= 1:
+            why = (f"match.alpha={m.alpha} with match.threshold={m.threshold}: relative l2 is at most 1 / alpha, "
+                   "so every generation would count as a copy" if m.alpha > 0 else
+                   f"match.alpha={m.alpha} must be > 0 (relative l2 divides by alpha x the mean distance)")
+            raise ConfigError(f"{why}: keep alpha x threshold below 1 (the paper: alpha 0.5, threshold 1.0)")
     elif not 0 < m.threshold < 1:
         raise ConfigError(f"match.threshold must be in (0, 1) for tiled_l2 (paper: 0.15), got {m.threshold}")
 
@@ -764,6 +793,9 @@ def validate_budget(cfg: AuditConfig) -> None:
         raise ConfigError(f"sampling.samples_per_prompt={n}, but budget=adaptive gives a prompt at most its last "
                           f"round, budget.rounds[-1]={b.rounds[-1]} samples: make the two equal (e.g. {fix}), or "
                           "set budget=fixed")
+    if t.kind == TriageKind.none and _changed(b, ("continue_triage_z",)):
+        raise ConfigError("budget.continue_triage_z is set, and triage=none computes no triage score for it to "
+                          "compare: set triage=auto, or drop budget.continue_triage_z")
     if cfg.match.candidates == CandidateSource.cliques:
         raise ConfigError("budget=adaptive decides each round from the matches of the round before, and "
                           "match.candidates=cliques matches only after the last one: set match.candidates=all "
@@ -898,6 +930,7 @@ class MiaConfig:
 
 def validate_mia(cfg: MiaConfig) -> None:
     validate_resources(cfg.resources)
+    check_run_name(cfg.run.name)
     m = cfg.mia
     if not m.attacks:
         raise ConfigError(f"mia.attacks is empty: choose from {[a.value for a in MiaAttack]}")

@@ -63,7 +63,9 @@ PREFIX = "memex/"
 # settings that change per checkpoint or say where things go: not params (an MLflow param cannot change
 # once logged, and nightly logs every checkpoint of a training run into one run); summary.json has them all
 NOT_PARAMS = ("run", "storage", "resources", "nightly", "tracker")
-NOT_PARAMS_MODEL = ("name", "path", "unet", "lora", "allow_pickle", "revision")
+# per checkpoint in memex nightly (text_encoder: a DreamBooth --train_text_encoder checkpoint's own), so not a
+# param of the training run the nightly logs to (MLflow refuses a param's second value)
+NOT_PARAMS_MODEL = ("name", "path", "unet", "lora", "allow_pickle", "revision", "text_encoder")
 EXTRA = {TrackerKind.mlflow: "mlflow", TrackerKind.tensorboard: "tensorboard", TrackerKind.wandb: "wandb"}
 FIX = {
     TrackerKind.mlflow: "check tracker.tracking_uri (or $MLFLOW_TRACKING_URI), tracker.experiment and tracker.run_id",

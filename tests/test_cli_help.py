@@ -85,6 +85,14 @@ def test_stage_help_shows_the_values_the_overrides_give(monkeypatch, capsys):
     assert re.search(r"^  storage\.root\s+s3://", out, re.M)
 
 
+def test_stage_help_masks_a_webhook_url(monkeypatch, capsys):
+    """A webhook's URL is its secret: --help cut it as every file memex writes does (it printed it whole)."""
+    code, out, _ = _run(monkeypatch, capsys, "nightly", "nightly.webhook=https://hooks.example.com/abc/SECRET123",
+                        "--help")
+    assert code == 0 and "SECRET123" not in out
+    assert re.search(r"^  nightly\.webhook\s+https://hooks\.example\.com/\*\*\*$", out, re.M), out
+
+
 def test_stage_help_with_an_unknown_key_names_the_nearest(monkeypatch, capsys):
     code, out, err = _run(monkeypatch, capsys, "audit", "sampling.sample_per_prompt=1", "--help")
     assert code == 1 and out == ""

@@ -360,6 +360,18 @@ def test_dup_k_below_two_names_the_key():
     (["triage=none", "triage.seeds=8"], "triage.seeds is set"),  # ignored otherwise
     (["preset=paper", "triage.steps=2"], "triage.steps is set"),
     (["triage.keep=0"], "triage.keep"),
+    # relative l2 is at most 1 / alpha: every generation was a copy of its nearest picture
+    (["match=relative", "match.alpha=1.5"], "every generation would count as a copy"),
+    (["match=relative", "match.threshold=2.5"], "every generation would count as a copy"),
+    (["match=relative", "match.alpha=0"], "match.alpha=0.0 must be > 0"),
+    (["filter.max_expansions=-1"], "filter.max_expansions"),  # the clique search raised it after generation
+    (["budget=adaptive", "triage=none", "budget.continue_triage_z=1.5"], "budget.continue_triage_z is set, and "
+     "triage=none"),
+    (["model.path=s3://b/ckpt/step-20000"], "model.path=s3://b/ckpt/step-20000: models are read from a local"),
+    (["model.lora=s3://b/lora"], "model.lora=s3://b/lora: models are read"),  # was "no such folder" on each node
+    (["run.name=.."], "run.name must be a plain folder name"),  # wrote into storage.root's parent
+    (["run.name=."], "run.name must be a plain folder name"),
+    (["run.name=_index"], "run.name=_index is the folder memex keeps the membership indexes"),
 ])
 def test_triage_and_budget_settings_that_cannot_work_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:
@@ -591,3 +603,13 @@ def test_cli_names_an_uninstalled_protocol_in_one_line(tmp_path):
     assert r.stderr.startswith("memex: error: storage.root=gs://bucket/runs: gs:// needs a package"), r.stderr
     assert "gcsfs" in r.stderr and "Traceback" not in r.stderr and "HYDRA_FULL_ERROR" not in r.stderr
     assert not any(tmp_path.iterdir())  # nothing written, not even a log
+
+
+@pytest.mark.parametrize("config_name", ["generate", "audit", "mia"])
+def test_a_run_name_outside_storage_root_is_refused_by_every_command(config_name):
+    """run.name=.. wrote run.json, samples/ and report/ into storage.root's parent (the checkout, by
+    default); memex mia did not check run.name at all."""
+    extra = ["members.path=/d/m", "nonmembers.path=/d/n"] if config_name == "mia" else []
+    with pytest.raises(ConfigError, match="run.name must be a plain folder name"):
+        compose([*extra, "run.name=.."], config_name=config_name)
+    compose([*extra, "run.name=my-run"], config_name=config_name)
