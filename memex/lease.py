@@ -165,8 +165,11 @@ class Lease:
     def _stale(self, rec: dict, now: float | None = None) -> str | None:
         """Why `rec` may be taken over, or None while its owner lives."""
         age = (now or time.time()) - rec["heartbeat_unix"]
-        if age > self.timeout_s:
-            return f"no heartbeat for {age:.0f} s (storage.lease_timeout_s={self.timeout_s:g})"
+        # the holder's own timeout too: it beats every timeout / 5 (at most 60 s) of *its* timeout, so a job
+        # with a shorter one took over a live holder between its beats
+        timeout = max(self.timeout_s, float(rec.get("timeout_s") or 0))
+        if age > timeout:
+            return f"no heartbeat for {age:.0f} s (storage.lease_timeout_s={timeout:g}, the holder's or this job's)"
         if rec.get("machine") == _machine() and isinstance(rec.get("pid"), int):
             if not _pid_alive(rec["pid"]):
                 return f"its process {rec['pid']} on this machine is gone"

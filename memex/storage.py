@@ -291,11 +291,18 @@ class StageFolder:
         return posixpath.join(self.path, "_settings.json")
 
     # ---- completion (datatrove: is_rank_completed / mark_rank_as_completed) ------------
+    # Markers and _SUCCESS.json are written by other processes (Ray workers, another job), and s3fs & co
+    # answer exists() and glob() from listings cached per process with no expiry: each read below drops
+    # the cached listing of what it reads first (no request; a no-op on local disk).
+    def _fresh(self, path: str) -> str:
+        self.store.fs.invalidate_cache(path)
+        return path
+
     def is_complete(self, index: int) -> bool:
-        return self.store.exists(self.marker(index))
+        return self.store.exists(self._fresh(self.marker(index)))
 
     def read_marker(self, index: int) -> dict | None:
-        return self.store.read_json(self.marker(index))
+        return self.store.read_json(self._fresh(self.marker(index)))
 
     def count_start(self, index: int, command: str) -> int:
         """One more start of unit `index` by the command run `command` (a token per run); returns
@@ -315,13 +322,13 @@ class StageFolder:
 
     def complete(self) -> list[int]:
         """Indices of the complete units, ascending."""
-        pattern = posixpath.join(self.path, "_markers", f"{self.prefix}-*.json")
+        pattern = posixpath.join(self._fresh(posixpath.join(self.path, "_markers")), f"{self.prefix}-*.json")
         n = len(self.prefix) + 1
         return sorted(int(posixpath.basename(m)[n: n + SHARD_DIGITS]) for m in self.store.fs.glob(pattern))
 
     def success(self) -> dict | None:
         """The stage's summary once every unit is complete, else None."""
-        return self.store.read_json(self.success_path)
+        return self.store.read_json(self._fresh(self.success_path))
 
     def mark_success(self, summary: dict) -> None:
         self.store.write_json(self.success_path, summary)

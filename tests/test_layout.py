@@ -1,3 +1,5 @@
+import posixpath
+
 import pyarrow as pa
 import pytest
 
@@ -181,6 +183,25 @@ def test_s3_layout_roundtrip(s3_server, bucket):
     assert lay.samples.complete() == [2]
     assert lay.samples.read().num_rows == 4
     assert lay.uri == f"s3://{bucket}/runs/r1"
+
+
+def test_the_driver_sees_markers_ray_workers_wrote_after_it_listed_them_on_s3(s3_server, bucket):
+    """Markers and _SUCCESS.json are written by other processes (Ray workers), and s3fs answers exists()
+    from a listing it cached with no expiry: once the driver had listed _markers/ (a resumed stage's
+    complete(); every glob on fsspec < 2026.4), a unit a worker marked after that read as not complete,
+    and its marker as None (the stage failed "units did not complete", unet_work undercounted). Each
+    completion read now drops the cached listing first."""
+    driver = RunLayout(f"s3://{bucket}/runs", "r1", s3_server)
+    worker = RunLayout(f"s3://{bucket}/runs", "r1", {**s3_server, "skip_instance_cache": True})  # its own client
+    assert driver.store.fs is not worker.store.fs
+    worker.samples.write_shard(0, _table(2))
+    assert driver.samples.complete() == [0]
+    driver.store.fs.ls(posixpath.dirname(driver.samples.marker(0)))  # cached, as a glob on older fsspec does
+    driver.store.fs.ls(driver.samples.path)
+    worker.samples.write_shard(1, _table(3))
+    worker.samples.mark_success({"rows": 5})
+    assert driver.samples.is_complete(1) and driver.samples.read_marker(1)["rows"] == 3
+    assert driver.samples.complete() == [0, 1] and driver.samples.success() == {"rows": 5}
 
 
 def test_summary_and_matched_images_live_outside_matches_and_old_run_folders_are_read(tmp_path):

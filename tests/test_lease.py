@@ -24,12 +24,12 @@ class _Storage:  # the two StorageConfig keys hold() reads
     lease_wait_s: float = 0.0
 
 
-def _foreign(path, heartbeat_age: float, machine: str = "elsewhere/boot/pid:[1]", pid: int = 4242) -> None:
+def _foreign(path, heartbeat_age: float, machine: str = "elsewhere/boot/pid:[1]", pid: int = 4242, **more) -> None:
     """A lease written by another machine whose last heartbeat was `heartbeat_age` seconds ago."""
     t = time.time() - heartbeat_age
     path.write_text(json.dumps({"host": "gpu-node-7", "pid": pid, "machine": machine, "nonce": "theirs",
                                 "started": "2026-01-01 00:00:00 UTC", "started_unix": t, "heartbeat": "then",
-                                "heartbeat_unix": t, "command": "memex audit"}))
+                                "heartbeat_unix": t, "command": "memex audit", **more}))
 
 
 def test_second_holder_is_refused_naming_the_owner_and_the_lease_is_released(tmp_path):
@@ -57,6 +57,19 @@ def test_a_stale_lease_is_taken_over_and_a_fresh_one_is_not(tmp_path):
     with Lease(store, "run folder X", timeout_s=30) as lease:
         assert json.loads((tmp_path / "_lease.json").read_text())["nonce"] == lease.nonce
     assert not (tmp_path / "_lease.json").exists()
+
+
+def test_a_lease_is_stale_by_the_holders_timeout_not_only_the_challengers(tmp_path):
+    """The holder beats every min(60, its timeout / 5) s: at the default 300 s, every 60 s. A second job
+    with storage.lease_timeout_s=45 took the live lease over whenever the last beat was 45-60 s old; the
+    longer of the two timeouts decides now."""
+    store = Store(str(tmp_path))
+    _foreign(tmp_path / "_lease.json", heartbeat_age=50, timeout_s=300.0)
+    with pytest.raises(LeaseHeld, match="gpu-node-7"):
+        Lease(store, "run folder X", timeout_s=45).acquire()
+    _foreign(tmp_path / "_lease.json", heartbeat_age=301, timeout_s=300.0)  # past the holder's own: taken over
+    with Lease(store, "run folder X", timeout_s=45):
+        pass
 
 
 def test_a_dead_process_on_this_machine_is_taken_over_at_once(tmp_path):
