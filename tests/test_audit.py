@@ -104,6 +104,21 @@ def test_planted_copy_is_flagged_and_verified_distinct_is_not(world, ray_head):
     filter_stage.run(cfg, "r-tiled")
     assert match.run(cfg, "r-tiled") == s
 
+    # redone as that message says (candidates/ deleted, the filter run with the new value): the matches
+    # verified the old cliques' members, so match names matches/ to delete too (it returned the old
+    # summary, flagged count and cliques included); once deleted, the new cliques are matched
+    import shutil
+
+    shutil.rmtree(layout.candidates.path)
+    new = _cfg(world, ray_head, "run.name=r-tiled", "filter.edge_threshold=0.1", "match.candidates=cliques")
+    filter_stage.run(new, "r-tiled")
+    with pytest.raises(StorageError, match=r"candidates \(or triage/\) was redone .* delete .*/r-tiled/matches too"):
+        match.run(new, "r-tiled")
+    shutil.rmtree(layout.matches.path)
+    s2 = match.run(new, "r-tiled")
+    assert s2["config"]["filter"]["edge_threshold"] == 0.1 and s2["extracted_train_ids"] == ["t03"]
+    assert match.run(new, "r-tiled") == s2  # and a rerun returns it as it is
+
 
 def test_relative_l2_over_every_sample(world, ray_head):
     cfg = _cfg(world, ray_head, "match=relative", "match.n_neighbors=8")

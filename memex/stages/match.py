@@ -26,6 +26,8 @@ Memory: one samples shard's candidates and their neighbours' pixels at a time.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 import numpy as np
@@ -289,10 +291,18 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     """Match a generated (and, for candidates=cliques, filtered) run; returns the summary written
     to <run>/summary.json."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
-    if layout.matches.success() is not None and (done := layout.read_summary()) is not None and \
+    inputs = upstream(layout)
+    if (marker := layout.matches.success()) is not None and (done := layout.read_summary()) is not None and \
             set(layout.samples.complete()) <= set(layout.matches.complete()):
         claim_settings(cfg, layout, read_info(layout))
-        return done
+        if marker.get("inputs", inputs) == inputs:  # (a folder matched before "inputs" was recorded: as it is)
+            return done
+        if cfg.match.candidates == CandidateSource.cliques:
+            raise StorageError(f"{layout.store.uri_of(layout.candidates.path)} (or triage/) was redone since the "
+                               "matches were made, and match.candidates=cliques verified the old cliques' members: "
+                               f"delete {layout.store.uri_of(layout.matches.path)} too, and rerun to match the new "
+                               "ones. Nothing was changed.")
+        log.info("match: candidates/ or triage/ was redone since summary.json was written: summarizing again")
     # else parts lost after the matches completed (a partial copy of the folder, files removed by
     # hand): the missing matches units are redone and summary.json is written again from them all
     match_shards(cfg, run_name)
@@ -302,8 +312,18 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     keep_for_report(layout, info, cfg.storage.options)
     summary = summarize(cfg, layout, info, matches)
     layout.store.write_json(layout.summary_path, summary)
-    layout.matches.mark_success({"summary": "../summary.json", "extracted": summary["extracted_unique_train_images"]})
+    layout.matches.mark_success({"summary": "../summary.json", "extracted": summary["extracted_unique_train_images"],
+                                 "inputs": inputs})
     return summary
+
+
+def upstream(layout: RunLayout) -> str:
+    """A hash of what summary.json reads besides matches/: the filter's and triage's settings and
+    summaries. Deleting one of those folders to redo it with other settings (as a refusal's message
+    advises) changes it, and summary.json is then written again instead of being returned as it was."""
+    parts = [layout.store.read_json(f.settings_path) for f in (layout.candidates, layout.triage)]
+    parts += [layout.candidates.success(), layout.triage.success()]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str], m: MatchConfig) -> dict[int, dict]:
