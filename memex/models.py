@@ -625,6 +625,52 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
     return declared
 
 
+def check_unet_fits(path: str, unet: str | None, text_encoder: str | None, revision: str | None,
+                    height: int | None, width: int | None) -> None:
+    """The UNet against what it is loaded and sampled with, from config.json files before any cluster
+    work (each failed in every sampler, after the index build):
+      - the text encoder's width against the UNet's cross_attention_dim (encoder_hid_dim when the UNet
+        projects the states itself, as IF does): an SD 2.x fine-tuned UNet (1024) on an SD 1.5 base
+        (CLIP ViT-L: 768) failed with "mat1 and mat2 shapes cannot be multiplied";
+      - the VAE's latent_channels against the UNet's in_channels;
+      - a UNet saved without sample_size needs sampling.height and sampling.width;
+      - an unconditional UNet2DModel needs sides that divide by 2^(levels - 1) (the Sampler says why).
+    A hub id not cached here is checked by the Sampler once loaded."""
+    folder, index = _pipeline_index(path, revision)
+    if not folder:
+        return
+    u = _unet_config(unet or os.path.join(folder, "unet"))
+    te = _unet_config(text_encoder or os.path.join(folder, "text_encoder")) if index.get("text_encoder", [None])[0] \
+        or text_encoder else {}
+    unet_key = f"model.unet={unet}" if unet else f"model.path={path}"
+    te_key = f"model.text_encoder={text_encoder}" if text_encoder else f"model.path={path}"
+    states = te.get("hidden_size") or te.get("d_model")  # CLIPTextModel | T5EncoderModel (IF)
+    want = u.get("encoder_hid_dim") or u.get("cross_attention_dim")
+    dims = set(want) if isinstance(want, list) else {want} if want else set()
+    if states and dims and states not in dims:
+        raise ModelError(f"{unet_key}: the UNet takes text states of width {want} (cross_attention_dim), and the "
+                         f"text encoder of {te_key} gives {states}: the UNet was trained with another text "
+                         "encoder (SD 2.x: 1024, SD 1.x: 768); give the base it was fine-tuned from as model.path")
+    vae = _unet_config(os.path.join(folder, "vae")) if isinstance(index.get("vae"), list) and index["vae"][0] else {}
+    if vae.get("latent_channels") and u.get("in_channels") and vae["latent_channels"] != u["in_channels"]:
+        raise ModelError(f"{unet_key}: the UNet takes {u['in_channels']} input channels, and the VAE of "
+                         f"model.path={path} makes latents of {vae['latent_channels']}: give the base it was "
+                         "fine-tuned from as model.path")
+    if "sample_size" in u and u["sample_size"] is None and not (height and width):
+        raise ModelError(f"{unet_key}: the UNet's config has no sample_size, so memex cannot tell its image size: "
+                         "set sampling.height and sampling.width (SD 1.x: 512)")
+    levels = len(u.get("block_out_channels") or [])
+    native = u.get("sample_size")
+    if u.get("_class_name") == "UNet2DModel" and levels > 1:
+        h = height or (native if isinstance(native, int) else (native or [0, 0])[0])
+        w = width or (native if isinstance(native, int) else (native or [0, 0])[1])
+        unit = 2 ** (levels - 1)
+        if h % unit or w % unit:
+            raise ModelError(f"{unet_key}: image size {h}x{w}, and this UNet has {levels} levels (it halves the "
+                             f"image {levels - 1} times), so sampling.height and sampling.width must be multiples "
+                             f"of {unit}")
+
+
 def check_sampled_pipeline(path: str, folder: str, index: dict, key: str = "model.path") -> None:
     """The pipeline at `folder` (`key`=`path`) denoises with a UNet memex samples, from its configs."""
     pipeline = f"{key}={path} ({index.get('_class_name', 'a pipeline')})"

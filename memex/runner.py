@@ -86,6 +86,7 @@ def init(resources: ResourcesConfig, storage: StorageConfig | None = None) -> No
 
     if storage is not None:
         _UNCHECKED[:] = [storage]
+        _STORAGE[:] = [storage]
         if not ray.is_initialized():
             return  # no Ray before the first unit (preflight errors come first): checked when Ray starts
     if not ray.is_initialized():
@@ -97,6 +98,8 @@ def init(resources: ResourcesConfig, storage: StorageConfig | None = None) -> No
 
 # The storage a stage entry named (init(resources, storage)), checked once Ray is up, before any unit.
 _UNCHECKED: list[StorageConfig] = []
+# ... and kept: checked again when a node joins while check_fits waits (an autoscaler's first worker)
+_STORAGE: list[StorageConfig] = []
 
 
 def alive_nodes() -> int:
@@ -166,6 +169,10 @@ def check_fits(resources: ResourcesConfig, gpu: bool = True) -> None:
         pg = placement_group([request])
         try:
             if pg.wait(timeout_seconds=resources.start_timeout_s):
+                # a node joined: with min_workers 0 only the head was alive when the storage was checked,
+                # and a local storage.root passed; the units would write to the new node's own disk
+                if _STORAGE:
+                    check_storage_reachable(_STORAGE[-1].root, _STORAGE[-1].shared_mount)
                 return
         finally:
             remove_placement_group(pg)

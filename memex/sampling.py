@@ -37,7 +37,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from memex.config import ModelKind, SamplingConfig
+from memex.config import ConfigError, ModelKind, SamplingConfig
 from memex.models import LoadedModel, ModelError, make_scheduler
 
 EMBED_CACHE = 1024  # prompts; SD-1.x embeddings are 77x768 fp32 = 236 KB, so <= ~240 MB
@@ -107,14 +107,34 @@ class Sampler:
         self.device, self.dtype = self.unet.device, self.unet.dtype
         self.scheduler_name = type(self.scheduler).__name__
 
-        native = self.unet.config.sample_size  # an int, or (height, width) for a non-square model
-        native_h, native_w = (native, native) if isinstance(native, int) else native
+        # an int, (height, width) for a non-square model, or None (UNet2DConditionModel's default: a UNet
+        # built in code and saved without one), which needs sampling.height and sampling.width
+        native = self.unet.config.sample_size
+        native_h, native_w = (native, native) if isinstance(native, int) or native is None else native
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        if native is None and not (settings.height and settings.width):
+            raise ConfigError("the UNet's config has no sample_size, so memex cannot tell its image size: set "
+                              "sampling.height and sampling.width (SD 1.x: 512)")
         self.height = settings.height or native_h * self.vae_scale
         self.width = settings.width or native_w * self.vae_scale
         if self.height % self.vae_scale or self.width % self.vae_scale:
             raise ValueError(f"image size {self.height}x{self.width} must be a multiple of {self.vae_scale} "
                              "for this VAE")
+        # an unconditional UNet2DModel halves the image at each level but the last and concatenates the skips
+        # on the way up: each side must divide by 2^(levels - 1) (ddpm-celebahq-256, 6 levels: 32), or the
+        # first UNet call fails in every worker with "Sizes of tensors must match". (UNet2DConditionModel
+        # pads odd sizes itself.)
+        if self.kind == ModelKind.unconditional:
+            unit = 2 ** (len(self.unet.config.block_out_channels) - 1)
+            if self.height % unit or self.width % unit:
+                raise ConfigError(f"image size {self.height}x{self.width}: this UNet has "
+                                  f"{len(self.unet.config.block_out_channels)} levels, so sampling.height and "
+                                  f"sampling.width must be multiples of {unit}")
+        # IF-style UNets predict a variance beside the noise (out_channels = 2 x in_channels); a scheduler
+        # that reads it (DDPM with variance_type learned / learned_range, IF's own) gets it, others do not
+        # (a scheduler made from such a config keeps the key even where it does not take it: PNDM)
+        takes = "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters
+        self.learned_variance = takes and self.scheduler.config.get("variance_type") in ("learned", "learned_range")
         self.unet_channels = self.unet.config.in_channels  # what the noise and the UNet's sample have
         self.channels = image_channels(model)  # C of the (N, H, W, C) images: 1 or 3
         self.conditional = self.kind != ModelKind.unconditional
@@ -257,10 +277,13 @@ class Sampler:
             eps = self.unet(self.scheduler.scale_model_input(inp, t), t, encoder_hidden_states=cond).sample
             if both:
                 eps_uncond, eps_text = eps.chunk(2)
-                diff = (eps_text - eps_uncond)[:, : self.unet_channels]
-                eps = eps_uncond + self.settings.guidance_scale * (eps_text - eps_uncond)
+                c = self.unet_channels
+                diff = eps_text[:, :c] - eps_uncond[:, :c]
+                # guidance on the noise; a learned variance is the text branch's, as diffusers' IF pipeline does
+                eps = torch.cat([eps_uncond[:, :c] + self.settings.guidance_scale * diff, eps_text[:, c:]], dim=1)
         self.unet_evaluations += eps.shape[0] * (2 if both else 1)
-        return eps[:, : self.unet_channels], diff  # drop a learned-variance half (IF-style UNets)
+        # a learned-variance half (IF-style UNets) to the scheduler that reads it, else dropped
+        return (eps if self.learned_variance else eps[:, : self.unet_channels]), diff
 
     def _decode(self, x: torch.Tensor) -> np.ndarray:
         """(N, H, W, C) uint8 of final latents (pixels for a pixel model); a VAE decodes

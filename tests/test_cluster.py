@@ -157,6 +157,31 @@ def test_a_worker_no_node_fits_waits_until_a_node_joins_and_that_node_takes_the_
         cluster.remove(new)  # the lost-node test below counts on the module's two GPU nodes
 
 
+def test_a_local_root_is_refused_when_the_first_gpu_node_joins(tmp_path):
+    """cluster.yaml's min_workers: 0: when the job starts only the head is alive, so a local
+    storage.root passed the one-node check, the autoscaler then added a GPU worker, and the units wrote
+    to that worker's own disk (the driver found no markers: "units did not complete", on every rerun).
+    The check runs again when a node joins during the wait: refused before any unit runs."""
+    host = Host(gpu_nodes=0)  # a head alone, as a cluster.yaml cluster between jobs
+    try:
+        common = [f"resources.address={host.address}", *GPU, "resources.min_actors=1", "resources.max_actors=1",
+                  "run.name=auto", "sampling.samples_per_prompt=2", "sampling.num_inference_steps=4",
+                  "sampling.batch_size=2", "sampling.shard_size=2", f"storage.root={tmp_path}"]
+        proc = subprocess.Popen([str(BIN / "memex"), "generate", *common, "resources.start_timeout_s=300"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        waiting = proc.stderr.readline()
+        while waiting and "waiting up to 300s (resources.start_timeout_s)" not in waiting:
+            waiting = proc.stderr.readline()
+        assert waiting, proc.communicate(timeout=60)
+        host.add(1)  # the autoscaler's first GPU worker
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and f"storage.root={tmp_path} is a local path, but Ray has 2 nodes" in err, \
+            err[-3000:]
+        assert not (tmp_path / "auto" / "samples" / "_markers").exists()
+    finally:
+        host.close()
+
+
 def test_a_gpu_node_lost_mid_generation_leaves_every_sample_once(cluster, tmp_path):
     """Remove one of the two GPU nodes once 2 shards are written: its actor dies with the unit it
     held; Ray Data retries that unit on the surviving actor, and the unit's atomic write and

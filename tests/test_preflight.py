@@ -626,6 +626,49 @@ def _dit(folder: Path) -> Path:
     return folder
 
 
+def test_a_unet_that_does_not_fit_its_text_encoder_vae_or_image_size_is_refused_before_the_index(
+        tiny_models, tmp_path, inputs, no_index):
+    """Each passed the class checks, loaded, and failed in every sampler after the index build: an
+    override UNet trained with another text encoder (an SD 2.x fine-tune, 1024 wide, on an SD 1.5 base:
+    "mat1 and mat2 shapes cannot be multiplied"), one whose input channels are not the VAE's latents, a
+    UNet saved without sample_size and no sampling.height/width ("cannot unpack non-iterable NoneType"),
+    and a 5-level unconditional UNet at a size that does not halve 4 times ("Sizes of tensors must
+    match"). Now each is named, with the keys, before anything is written."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+    from memex.models import check_unet_fits
+    from memex.stages import audit
+
+    base = tiny_models["latent_text"]
+    config = UNet2DConditionModel.load_config(Path(base) / "unet")
+    wide = tmp_path / "sd2-unet"
+    UNet2DConditionModel.from_config({**config, "cross_attention_dim": 2 * config["cross_attention_dim"]}
+                                     ).save_pretrained(wide)
+    check_model_inputs(base, str(wide))  # the class checks pass it
+    with pytest.raises(ModelError, match=rf"model.unet={re.escape(str(wide))}: the UNet takes text states of "
+                                         r"width 64 .*gives 32.*give the base it was fine-tuned from"):
+        audit.run(_audit_cfg(tmp_path, base, *inputs, f"model.unet={wide}"))
+    latents = tmp_path / "latents-unet"
+    UNet2DConditionModel.from_config({**config, "in_channels": 8, "out_channels": 8}).save_pretrained(latents)
+    with pytest.raises(ModelError, match=r"takes 8 input channels, and the VAE .* latents of 4"):
+        check_unet_fits(base, str(latents), None, None, None, None)
+    nosize = _with_unet(base, tmp_path / "nosize", "UNet2DConditionModel", sample_size=None)
+    with pytest.raises(ModelError, match=r"no sample_size.*set sampling.height and sampling.width"):
+        audit.run(_audit_cfg(tmp_path, nosize, *inputs))
+    with pytest.raises(_IndexStarted):  # with them, it passes
+        audit.run(_audit_cfg(tmp_path, nosize, *inputs, "sampling.height=16", "sampling.width=16"))
+    deep = tmp_path / "deep"
+    DDPMPipeline(unet=UNet2DModel(sample_size=32, block_out_channels=(8,) * 5, layers_per_block=1,
+                                  down_block_types=("DownBlock2D",) * 5, up_block_types=("UpBlock2D",) * 5,
+                                  norm_num_groups=8), scheduler=DDPMScheduler()).save_pretrained(deep)
+    with pytest.raises(ModelError, match=r"image size 40x40, and this UNet has 5 levels .* multiples of 16"):
+        audit.run(compose(["model=local", f"model.path={deep}", "trainset=manifest", f"trainset.path={inputs[0]}",
+                           "prompts=none", "match=relative", f"storage.root={tmp_path / 'runs'}",
+                           "sampling.height=40", "sampling.width=40"], config_name="audit"))
+    check_unet_fits(str(deep), None, None, None, None, None)  # its own 32 px: fine
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_pipeline_memex_cannot_sample_is_refused_before_the_index(tiny_models, tmp_path, inputs, no_index,
                                                                     monkeypatch):
     """SDXL (its UNet needs pooled text and size embeddings), an inpainting UNet (9 input channels),

@@ -244,3 +244,51 @@ def test_triage_refuses_an_unconditional_model_and_too_many_steps(tiny_models):
         _sampler(tiny_models["unconditional"]).triage(["uncond"], [""], [0])
     with pytest.raises(ValueError, match="triage steps"):
         _sampler(tiny_models["pixel_text"]).triage(["p1"], ["a"], [0], steps=5)
+
+
+def _rebuilt_unet(src: str, dst, cls: str, scheduler_config: dict | None = None, **config) -> str:
+    """A copy of a tiny pipeline whose UNet is rebuilt with `config` changed (and its scheduler's config)."""
+    import json
+
+    import diffusers
+
+    shutil.copytree(src, dst)
+    unet = getattr(diffusers, cls).from_pretrained(dst / "unet")
+    shutil.rmtree(dst / "unet")
+    getattr(diffusers, cls).from_config({**unet.config, **config}).save_pretrained(dst / "unet")
+    if scheduler_config:
+        path = dst / "scheduler" / "scheduler_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **scheduler_config}))
+    return str(dst)
+
+
+@pytest.mark.parametrize("kind", ["pixel_text", "unconditional"])
+def test_a_learned_variance_reaches_the_scheduler_that_reads_it(tiny_models, tmp_path, kind):
+    """IF-style UNets predict a variance beside the noise (out_channels = 2 x in_channels), and IF ships
+    DDPMScheduler(variance_type="learned_range"), whose step reads it. The sampler cut it off, and the
+    step failed in every worker ("unsupported operand type(s) for +: 'NoneType' and 'int'"). Now the
+    guided noise goes with the text branch's variance, as diffusers' IF pipeline does; a scheduler that
+    does not read one (PNDM) still gets the noise alone."""
+    cls = "UNet2DModel" if kind == "unconditional" else "UNet2DConditionModel"
+    path = _rebuilt_unet(tiny_models[kind], tmp_path / "if", cls, {"variance_type": "learned_range"}, out_channels=6)
+    s = _sampler(path, scheduler=SchedulerKind.ddpm)
+    seen = []
+    step = s.scheduler.step
+    s.scheduler.step = lambda out, *a, **k: seen.append(out.shape[1]) or step(out, *a, **k)
+    ids, texts, seeds = (["uncond"], [""], [1]) if kind == "unconditional" else (["p1"], [PROMPTS["p1"]], [1])
+    images = s.generate(ids, texts, seeds)
+    assert images.shape == (1, 16, 16, 3) and set(seen) == {6}
+    pndm = _sampler(path, scheduler=SchedulerKind.pndm)
+    assert not pndm.learned_variance and pndm.generate(ids, texts, seeds).shape == (1, 16, 16, 3)
+
+
+def test_a_unet_without_sample_size_needs_the_image_size(tiny_models, tmp_path):
+    """UNet2DConditionModel's sample_size defaults to None: the sampler unpacked it ("cannot unpack
+    non-iterable NoneType") even with sampling.height and width set. Now those are used, and without
+    them the error names the keys."""
+    from memex.config import ConfigError
+
+    path = _rebuilt_unet(tiny_models["latent_text"], tmp_path / "nosize", "UNet2DConditionModel", sample_size=None)
+    with pytest.raises(ConfigError, match="no sample_size.*set sampling.height and sampling.width"):
+        _sampler(path)
+    assert _sampler(path, height=16, width=24).generate(["p1"], [PROMPTS["p1"]], [1]).shape == (1, 16, 24, 3)

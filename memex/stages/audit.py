@@ -45,7 +45,7 @@ from memex.embed import check_embedder
 from memex.layout import RunLayout
 from memex.lease import hold
 from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, is_img2dataset_metadata_file, missing_columns
-from memex.models import check_kind, check_model_inputs
+from memex.models import check_kind, check_model_inputs, check_unet_fits
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
 from memex.shards import is_pattern
@@ -69,6 +69,8 @@ def run(cfg: AuditConfig) -> dict:
         declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
                                       cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
         check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
+        check_unet_fits(cfg.model.path, cfg.model.unet, cfg.model.text_encoder, cfg.model.revision,
+                        cfg.sampling.height, cfg.sampling.width)
     prompts = check_shared_inputs(cfg)
     if rematch_of is not None:  # its source's prompts and generations; its own run folder, claimed now
         from memex.stages import rematch

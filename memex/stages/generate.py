@@ -26,7 +26,7 @@ from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, m
 from memex.images import encode_png
 from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
 from memex.lease import hold
-from memex.models import check_kind, check_model_inputs, resolve_device
+from memex.models import check_kind, check_model_inputs, check_unet_fits, resolve_device
 from memex.plan import SamplePlan, Shard
 from memex.prompts import load_prompts, read_run_prompts
 from memex.redact import redact
@@ -71,6 +71,8 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
     declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
                                   cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
     check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
+    check_unet_fits(cfg.model.path, cfg.model.unet, cfg.model.text_encoder, cfg.model.revision,
+                    cfg.sampling.height, cfg.sampling.width)
     if prompts is None:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
 
