@@ -432,14 +432,25 @@ def _nightly(cfg: DictConfig) -> Store | None:
 
     console.note_folder(Store(nightly.ledger_root(ncfg), ncfg.storage.options))  # the log: <ledger>/logs/
     print(nightly.format_result(res))
-    nightly.announce(ncfg, res)
+    # The alarm wins the exit code over failed audits and a failed webhook: its row is final (the
+    # checkpoint is not audited again), so a night with both exited 1 without the ALARM line, a CI that
+    # pages on 3 and retries 1 never paged, and the next night exited 0. Failed audits are retried then.
+    problems = []
+    try:
+        nightly.announce(ncfg, res)
+    except C.MemexError as e:
+        problems.append(str(e))
     if res.errors:
-        raise C.MemexError(f"{len(res.errors)} audits failed: " + "; ".join(
+        problems.insert(0, f"{len(res.errors)} audits failed: " + "; ".join(
             f"{r['location']}: {r['message']}" for r in res.errors) + " (they are retried on the next run)")
     if res.alarms:
+        for p in problems:
+            print(redact_text(f"memex: error: {p}"), file=sys.stderr)
         print(redact_text("memex nightly: ALARM: " + "; ".join(f"{r['location']}: {r['message']}" for r in res.alarms)),
               file=sys.stderr)
         raise SystemExit(GATE_EXIT)
+    if problems:
+        raise C.MemexError("; ".join(problems))
     return None
 
 

@@ -451,7 +451,7 @@ class Preprocess(str, Enum):
 
     center_crop = "center_crop"  # resize the shorter side, crop the centre: Stable Diffusion's recipe
     resize = "resize"  # squash height and width separately (trainers that ignore the aspect ratio)
-    pad = "pad"  # black borders to the aspect ratio (img2dataset's "border")
+    pad = "pad"  # white borders to the aspect ratio (img2dataset's resize_mode=border pads with 255)
 
 
 @dataclass

@@ -219,9 +219,7 @@ class Lease:
                     return False
                 if not _not_implemented(e):
                     raise
-                log.warning("%s: the store has no conditional writes (%s); the lease falls back to write and "
-                            "read back", self.store.uri, e)
-                self.conditional = False
+                self._no_conditional(e, "writes")
         if fs.exists(self.path):
             return False
         self.store.write_bytes(self.path, data)
@@ -237,9 +235,18 @@ class Lease:
             except Exception as e:  # noqa: BLE001 - classified below
                 if _precondition_failed(e) or isinstance(e, FileNotFoundError):
                     return False
-                raise
+                if not _not_implemented(e):
+                    raise
+                # a store with If-None-Match but not If-Match (some S3-compatible ones): every heartbeat
+                # failed, so the live lease went stale and was taken over, and the release failed too
+                self._no_conditional(e, "overwrite")
         self.store.write_bytes(self.path, data)
         return True
+
+    def _no_conditional(self, e: BaseException, what: str) -> None:
+        log.warning("%s: the store has no conditional %s (%s); the lease falls back to write and read back",
+                    self.store.uri, what, e)
+        self.conditional = False
 
     def _delete(self, etag: str | None) -> None:
         fs = self.store.fs
@@ -248,11 +255,16 @@ class Lease:
             with contextlib.suppress(FileNotFoundError):
                 try:
                     fs.call_s3("delete_object", Bucket=bucket, Key=key, **({"IfMatch": etag} if etag else {}))
+                    fs.invalidate_cache(self.path)
+                    return
                 except Exception as e:  # noqa: BLE001
-                    if not _precondition_failed(e):
+                    if _precondition_failed(e):
+                        fs.invalidate_cache(self.path)
+                        return
+                    if not _not_implemented(e):
                         raise
+                    self._no_conditional(e, "delete")
             fs.invalidate_cache(self.path)
-            return
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(self.path)
 

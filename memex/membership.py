@@ -32,13 +32,18 @@ class IndexInfo:
     n_train: int
     n_indexed: int
     n_quarantined: int
+    # True: embedded from each training image's luma (a grayscale model's audit: memex/stages/index.py)
+    luma: bool = False
 
     @classmethod
     def from_json(cls, d: dict) -> "IndexInfo":
         return cls(**{**d, "shards": [tuple(s) for s in d["shards"]]})
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["luma"]:  # left out unless set: a colour index's JSON is as it was before the field
+            del d["luma"]
+        return d
 
     def layout(self, storage_options: dict) -> IndexLayout:
         return IndexLayout(self.root, self.key, storage_options)

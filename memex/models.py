@@ -625,6 +625,21 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
     return declared
 
 
+def generated_channels(path: str, unet: str | None = None, revision: str | None = None) -> int | None:
+    """Channels of the images the model at `path` generates, from its config files (as
+    sampling.image_channels finds them on the loaded model): the VAE decoder's out_channels, else
+    the UNet's in_channels. None when they cannot be read here (a hub id not cached, a damaged config)."""
+    try:
+        folder, index = _pipeline_index(path, revision)
+    except ModelError:
+        return None
+    if not folder:
+        return None
+    if isinstance(index.get("vae"), list) and index["vae"][0]:
+        return _unet_config(os.path.join(folder, "vae")).get("out_channels")
+    return _unet_config(unet or os.path.join(folder, "unet")).get("in_channels")
+
+
 def check_unet_fits(path: str, unet: str | None, text_encoder: str | None, revision: str | None,
                     height: int | None, width: int | None) -> None:
     """The UNet against what it is loaded and sampled with, from config.json files before any cluster

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 from typing import Any
 
 import fsspec
@@ -64,9 +65,12 @@ def _open_table(path: str, storage_options: dict[str, Any]) -> pa.Table:
         raise PromptError(str(e)) from e
     except Exception as e:  # noqa: BLE001 - re-raised naming the file
         raise PromptError(f"cannot read prompts.path={path}: {type(e).__name__}: {e}") from e
+    # lines end at \n, \r\n or \r only: str.splitlines also breaks at U+0085 (NEL, common in caption
+    # mojibake), U+2028/9 and \x0c-\x1e, which split one prompt in two and broke JSON text holding them
+    lines = re.split(r"\r\n|\r|\n", raw)
     if ext == ".jsonl":
         rows = []
-        for n, line in enumerate(raw.splitlines(), 1):
+        for n, line in enumerate(lines, 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -74,10 +78,16 @@ def _open_table(path: str, storage_options: dict[str, Any]) -> pa.Table:
                     raise PromptError(f"{path} line {n} is not valid JSON: {e}") from e
         return pa.Table.from_pylist(rows) if rows else pa.table({})
     if ext in (".txt", ""):
-        lines = [ln.strip() for ln in raw.splitlines()]
+        lines = [ln.strip() for ln in lines]
         return pa.table({"prompt": [ln for ln in lines if ln]})
     if ext == ".csv":  # a header row names the columns (prompts.column, prompts.id_column)
-        rows = list(csv.DictReader(io.StringIO(raw)))
+        reader = csv.DictReader(io.StringIO(raw))
+        rows = list(reader)
+        for n, row in enumerate(rows, 2):
+            if None in row:  # more fields than the header: DictReader files the rest under None, silently
+                raise PromptError(f"{path} line {n} has more fields than its header {reader.fieldnames}: a prompt "
+                                  "holding a comma was cut at it (or an id took part of it); quote such fields "
+                                  '("a red car, parked at night")')
         return pa.Table.from_pylist(rows) if rows else pa.table({})
     raise PromptError(f"prompts.path={path}: unsupported extension {ext!r}; use .txt, .csv, .jsonl or .parquet")
 
@@ -94,6 +104,25 @@ def _column(table: pa.Table, name: str, path: str, key: str) -> list[str | None]
             raise PromptError(f"{path}: column {name!r} holds {table.schema.field(name).type}, not text; set "
                               f"{key}=<a text column>")
         out.append(None if v is None else str(v))
+    return out
+
+
+def _ids(table: pa.Table, name: str, path: str, texts: list[str]) -> list[str]:
+    """prompts.id_column as text ids, checked: a null id became "None" (every later null-id prompt was
+    then dropped as a repeat), a float column's 3 became "3.0", and a second text under one id was
+    dropped without a word."""
+    out, seen = [], {}
+    as_text = _column(table, name, path, "prompts.id_column")  # lists and bytes refused there
+    for n, (v, i, t) in enumerate(zip(table.column(name).to_pylist(), as_text, texts)):
+        if i is None or (isinstance(v, float) and v != v):
+            raise PromptError(f"{path}: row {n} has no id in prompts.id_column={name!r}; give every prompt an id, "
+                              "or drop prompts.id_column (ids are then hashes of the texts)")
+        if isinstance(v, float) and v.is_integer():  # an integer column read as float (NaN elsewhere in it)
+            i = str(int(v))
+        if t and seen.setdefault(i, t) != t:
+            raise PromptError(f"{path}: id {i!r} (prompts.id_column={name!r}) names two prompts, {seen[i]!r} and "
+                              f"{t!r}; ids must be unique per text")
+        out.append(i)
     return out
 
 
@@ -147,7 +176,7 @@ def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = No
             raise PromptError(f"prompts.path={cfg.path} holds no prompts")
         texts = [t.strip() if t is not None else "" for t in _column(table, cfg.column, cfg.path, "prompts.column")]
         if cfg.id_column:
-            ids = [str(i) for i in _column(table, cfg.id_column, cfg.path, "prompts.id_column")]
+            ids = _ids(table, cfg.id_column, cfg.path, texts)
         else:
             ids = [prompt_id(t) for t in texts]
         keep = [i for i, t in enumerate(texts) if t]

@@ -67,6 +67,10 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(thumbnail_png(png, THUMB)).decode()
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
 # ---- SVG charts ------------------------------------------------------------------------------
 def histogram_svg(values: Sequence[float], threshold: float | None, label: str, bins: int = 30,
                   width: int = 520, height: int = 180, x_max: float | None = None) -> str:
@@ -77,7 +81,7 @@ def histogram_svg(values: Sequence[float], threshold: float | None, label: str, 
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return f'<p class="muted">no {esc(label)} to plot</p>'
-    hi = x_max or max(max(vals), threshold or 0.0) * 1.05 or 1.0
+    hi = x_max if _finite(x_max) and x_max > 0 else max(max(vals), threshold or 0.0) * 1.05 or 1.0
     counts = [0] * bins
     for v in vals:
         counts[min(int(v / hi * bins), bins - 1)] += 1
@@ -187,7 +191,7 @@ def _cost(summary: dict) -> str:
 def _preview_triage(summary: dict) -> str:
     """triage=preview: per prompt, the tiled l2 of its closest short-schedule preview to the training
     set, for prompts with and without an extracted generation, and the 10 closest."""
-    scored = [p for p in summary["per_prompt"] if p.get("triage_distance") is not None]
+    scored = [p for p in summary["per_prompt"] if _finite(p.get("triage_distance"))]
     thr = summary.get("thresholds", {}).get("match_threshold")
     hit = [p["triage_distance"] for p in scored if p.get("extracted_samples", 0) > 0]
     rest = [p["triage_distance"] for p in scored if p.get("extracted_samples", 0) <= 0]
@@ -211,7 +215,8 @@ def _triage(summary: dict) -> str:
     triage=preview: their previews' distances to the training set instead."""
     if any(p.get("triage_distance") is not None for p in summary.get("per_prompt", [])):
         return _preview_triage(summary)
-    scored = [p for p in summary.get("per_prompt", []) if p.get("triage_score") is not None]
+    # finite scores only: a NaN (fp16 UNet outputs) won max() and failed the histogram, and the audit with it
+    scored = [p for p in summary.get("per_prompt", []) if _finite(p.get("triage_score"))]
     if not scored:
         return ""
     hit = [p["triage_score"] for p in scored if p.get("extracted_samples", 0) > 0]
@@ -251,21 +256,26 @@ def _pictures(summary: dict) -> str:
         out.append(_table(PICTURE_HEADER, [_picture_cells(p) for p in pictures], {1, 2, 3, 5}))
     uncounted = summary.get("uncounted_pictures", [])
     if uncounted:
-        def reason(p: dict) -> str:
-            g = p.get("generations")
-            if not p.get("distinct", True):
-                return (f'not distinct: its closest copy is {p["margin"]:.2f} of the way to the next training '
-                        f'picture; needs {t.get("max_margin")}')
-            if p.get("low_complexity"):
-                return (f"low complexity: {g} copying generation(s), none in a flagged clique or closer than "
-                        f'its tile mosaic; needs {t.get("low_detail_min_generations")}')
-            return f'{g} copying generation(s); needs {t.get("min_generations")}'
-
         out.append(f"<h2>Not counted ({len(uncounted)})</h2><p>Some generation came within the threshold of these "
                    "training pictures, but they do not count as extracted.</p>")
         out.append(_table(PICTURE_HEADER[:-1] + ["reason", PICTURE_HEADER[-1]],
-                          [(c := _picture_cells(p))[:-1] + [esc(reason(p)), c[-1]] for p in uncounted], {1, 2, 3, 5}))
+                          [(c := _picture_cells(p))[:-1] + [esc(uncounted_reason(p, t)), c[-1]] for p in uncounted],
+                          {1, 2, 3, 5}))
     return "\n".join(out)
+
+
+def uncounted_reason(p: dict, t: dict) -> str:
+    """Why a picture some generation came within the threshold of is not counted (match.py count_pictures),
+    in the order its rules apply: the distinct-copy test first, then the generations it needs."""
+    g = p.get("generations")
+    if not p.get("distinct", True):
+        return (f'not distinct: its closest copy is {p["margin"]:.2f} of the way to the next training '
+                f'picture; needs {t.get("max_margin")}')
+    if p.get("low_complexity"):  # it needs both counts (count_pictures: max of the two)
+        need = max(t.get("low_detail_min_generations") or 0, t.get("min_generations") or 0)
+        return (f"low complexity: {g} copying generation(s), none in a flagged clique or closer than "
+                f"its tile mosaic; needs {need}")
+    return f'{g} copying generation(s); needs {t.get("min_generations")}'
 
 
 def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample_png: dict[str, bytes],
@@ -302,9 +312,7 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
                f'to a training image (of its {t["match_k"]} nearest in the index) is &le; {t["match_threshold"]}.</p>')
     out.append(_cost(summary))
 
-    # extracted pairs, most certain (smallest distance) first
-    ext = matches.filter(matches["extracted"]).sort_by([("distance", "ascending"), ("sample_id", "ascending")]) \
-        if matches.num_rows else matches
+    ext = extracted_in_order(matches)
     out.append(f"<h2>Extracted generations ({ext.num_rows})</h2>")
     if not ext.num_rows:
         out.append('<p class="muted">No generation was verified as a copy of a training image.</p>')
@@ -400,6 +408,15 @@ def not_a_finished_run(layout: RunLayout) -> str:
             "or check the path)")
 
 
+def extracted_in_order(matches: pa.Table) -> pa.Table:
+    """Extracted pairs, most certain (smallest distance) first, ties by sample_id: one order for the
+    pairs the page shows and the generations build_report loads for them. (It loaded by distance alone:
+    tiled l2 of uint8 images takes few values, and at the cutoff a tied row showed "not stored".)"""
+    if not matches.num_rows:
+        return matches
+    return matches.filter(matches["extracted"]).sort_by([("distance", "ascending"), ("sample_id", "ascending")])
+
+
 def build_report(run: str | RunLayout, storage_options: dict | None = None) -> str:
     """(Re)build run/report/index.html from the run folder alone; returns its URI. With a
     mia/summary.json in the folder it includes the membership-inference section."""
@@ -417,7 +434,7 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
                            "matches/ are as they were: restore that run folder to rebuild the report")
     candidates = layout.candidates.read()
     matches = layout.matches.read()
-    ext = matches.filter(matches["extracted"]).sort_by("distance").slice(0, MAX_PAIRS) if matches.num_rows else matches
+    ext = extracted_in_order(matches).slice(0, MAX_PAIRS)  # the pairs render_report shows
     wanted = pa.array(ext["sample_id"].to_pylist(), pa.string())
     sample_png: dict[str, bytes] = {}
     if len(wanted):

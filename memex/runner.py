@@ -520,6 +520,13 @@ def do_unit(folder: StageFolder, index: int, fn: Callable[..., Any], kwargs: dic
     return meta
 
 
+def sweep(folder: StageFolder) -> None:
+    """Before a folder's units are dispatched: the temp files of a killed run's writes go (storage.py)."""
+    n = folder.sweep_temp()
+    if n:
+        log.info("%s: removed %d temp file(s) that writes of an interrupted run left", folder.name, n)
+
+
 def check_complete(folder: StageFolder, units: Sequence[int]) -> None:
     """Step 4: every unit has its marker (one listing, not one request per unit)."""
     missing = sorted(set(units) - set(folder.complete()))
@@ -541,6 +548,7 @@ def run_tasks(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callabl
 
         init(resources)
         check_fits(resources, gpu)
+        sweep(folder)
         console.note_folder(folder.store)
         label = STAGE_LABELS.get(folder.name, folder.name)
         task = ray.remote(**remote_options(resources, gpu))(do_unit)
@@ -604,6 +612,7 @@ def run_here(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callable
     done = set(folder.complete())
     todo = [i for i in units if i not in done]
     if todo:
+        sweep(folder)
         console.note_folder(folder.store)  # as run_tasks does: a failure's log goes to this run folder
         progress = console.Progress(STAGE_LABELS.get(folder.name, folder.name), len(todo), len(done & set(units)))
         try:
@@ -731,6 +740,7 @@ def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker
 
         init(resources)
         check_fits(resources)
+        sweep(folder)
         if console.log_file() is not None:
             _quiet_ray_data()
         console.note_folder(folder.store)

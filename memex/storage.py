@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mimetypes
 import posixpath
 import uuid
 from typing import Any, Iterator
@@ -203,7 +204,18 @@ class Store:
 
     def write_bytes(self, path: str, data: bytes) -> None:
         with self.atomic(path) as tmp:
-            self.fs.pipe_file(tmp, data)
+            self.fs.pipe_file(tmp, data, **self._content_type(path))
+
+    def _content_type(self, path: str) -> dict[str, str]:
+        """S3: the object's Content-Type from the final name (the move keeps the temp file's). s3fs's
+        pipe_file sets none, so S3 served report/index.html as binary/octet-stream and browsers (and a
+        static website on the bucket) downloaded the report instead of showing it."""
+        if self.protocol not in ("s3", "s3a"):
+            return {}
+        kind = mimetypes.guess_type(path)[0]
+        if kind is None:
+            return {}
+        return {"ContentType": kind + ("; charset=utf-8" if kind.startswith("text/") or kind.endswith("json") else "")}
 
     def write_json(self, path: str, obj: dict) -> None:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
@@ -297,6 +309,19 @@ class StageFolder:
     def _fresh(self, path: str) -> str:
         self.store.fs.invalidate_cache(path)
         return path
+
+    def sweep_temp(self) -> int:
+        """Remove the `_tmp-` files that writes of a killed process left in this folder, its _markers/
+        and _attempts/ (each up to a whole unit: a FAISS shard, a Parquet shard; nothing reads or reuses
+        them, and every kill left new ones). Returns how many. Only while no other process writes here:
+        the runner calls it before it dispatches the folder's units, under the folder's lease."""
+        fs = self.store.fs
+        found = [p for sub in ("", "_markers", "_attempts")
+                 for p in fs.glob(posixpath.join(self._fresh(posixpath.join(self.path, sub)), "_tmp-*"))]
+        for p in found:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(p)
+        return len(found)
 
     def is_complete(self, index: int) -> bool:
         return self.store.exists(self._fresh(self.marker(index)))

@@ -266,6 +266,7 @@ def test_grayscale_ddpm_audited_end_to_end(tmp_path):
     samples = layout.samples.read()
     assert samples.num_rows == 8 and all(PILImage.open(io.BytesIO(b)).mode == "L" for b in samples["image"].to_pylist())
     assert s["filter"].startswith("skipped") and s["candidates_verified"] == 8
+    assert s["index"]["luma"] is True  # a 1-channel model: searched among the training images' luma
     assert s["extracted_train_ids"] == [f"copy-{i}" for i in planted]
     m = {r["sample_id"]: r for r in layout.matches.read().to_pylist()}
     assert all(m[f"{UNCONDITIONAL_ID}/{i}"]["distance"] == 0 for i in planted)

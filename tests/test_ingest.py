@@ -752,6 +752,12 @@ def test_a_chain_of_near_duplicates_across_shards_is_one_picture(tmp_path, in_pr
     assert read_pictures(info, {}, np.arange(6)) == {0: 0, 1: 1, 2: 2, 3: 0, 4: 4, 5: 0}
     assert picture_rows(info, {}, [0, 4]) == {0: ["p0.png", "p3.png", "p5.png"], 4: ["p4.png"]}
 
+    # a killed build's copy of the training set is removed when train.parquet is written again
+    root = tmp_path / "runs" / "_index" / info.key
+    (root / "train.parquet").unlink()
+    (root / "_tmp-0a1b-train.parquet").write_bytes(b"cut short")
+    assert index.run(cfg) == info and not (root / "_tmp-0a1b-train.parquet").exists()
+
     lost = tmp_path / "runs" / "_index" / info.key / "links" / "shard-000001.parquet"
     lost.unlink()
     (tmp_path / "runs" / "_index" / info.key / "pictures.parquet").unlink()
@@ -760,6 +766,48 @@ def test_a_chain_of_near_duplicates_across_shards_is_one_picture(tmp_path, in_pr
         index.run(cfg)
     marker.unlink()
     assert index.run(cfg) == info and read_pictures(info, {}, [5]) == {5: 0}
+
+
+def test_a_grayscale_models_index_is_searched_among_the_training_images_luma(tmp_path, in_process_units):
+    """A grayscale model's generation that copies a colour training picture copies its luma. Searched in
+    a colour index, it lies the picture's chroma away from it (here RMS 0.2), so a gray picture 0.18 off
+    (not a copy) ranks first and the source is never verified (on the demo logos, an exact luma copy
+    missed the top 10 for 7% of them). The luma index (index.run(luma=True), a key of its own) ranks the
+    source first; the colour index of the same data is still there under its own key."""
+    from memex.images import decode, fit
+    from memex.stages import index
+    from memex.stages.nearest import NeighbourWorker
+
+    rng = np.random.default_rng(4)
+    gray = np.kron(rng.integers(80, 170, (4, 4)), np.ones((8, 8))).astype(np.uint8)  # the generation: (32, 32)
+    a = 55.0  # chroma: R and B up by a, G down so that the ITU-R 601 luma is unchanged
+    source = np.stack([gray + a, gray - a * (0.299 + 0.114) / 0.587, gray + a], axis=-1).round().astype(np.uint8)
+    decoy = np.where(gray < 128, gray + 46, gray - 46).astype(np.uint8)  # RMS 46/255 = 0.18: not a copy
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "source.png").write_bytes(encode_png(source))
+    (pics / "decoy.png").write_bytes(encode_png(decoy))
+    for i in range(4):
+        (pics / f"other{i}.png").write_bytes(encode_png(_img(i)))
+    cfg = _audit_cfg(str(pics), tmp_path / "runs")
+    query = [encode_png(gray)]  # an "L" PNG, as a grayscale model's generation
+    assert np.abs(fit(decode(encode_png(source)), 32, "center_crop").astype(float) @ [0.299, 0.587, 0.114]
+                  - gray).max() < 1  # the source's luma is the generation
+    top = {}
+    for luma in (False, True):
+        info = index.run(cfg, luma=luma)
+        worker = NeighbourWorker(info, cfg.embedder, cfg.index, "cpu", cfg.trainset.preprocess.value, {})
+        _, ids = worker(query, 1)
+        top[luma] = fetch_id(info, int(ids[0, 0]))
+        assert info.luma == luma
+    assert top == {False: "decoy.png", True: "source.png"}
+    assert len({p.name for p in (tmp_path / "runs" / "_index").iterdir()}) == 2  # two keys, both kept
+
+
+def fetch_id(info, gid: int) -> str:
+    from memex.membership import fetch_train_rows
+
+    return fetch_train_rows(info.layout({}), [gid], columns=["id"])["id"][0].as_py()
 
 
 def test_ivfpq_settings_that_do_not_fit_the_data_are_refused_before_the_index_folder(tmp_path, in_process_units):

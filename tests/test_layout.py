@@ -204,6 +204,22 @@ def test_the_driver_sees_markers_ray_workers_wrote_after_it_listed_them_on_s3(s3
     assert driver.samples.complete() == [0, 1] and driver.samples.success() == {"rows": 5}
 
 
+def test_pages_on_s3_are_served_as_html(s3_server, bucket):
+    """s3fs's pipe_file sets no Content-Type, and the move keeps the temp object's: report/index.html
+    was binary/octet-stream, so a browser (or a static website on the bucket) downloaded the report
+    instead of showing it."""
+    import boto3
+
+    lay = RunLayout(f"s3://{bucket}/runs", "r1", s3_server)
+    lay.store.write_bytes(lay.report_path, b"<!doctype html><p>report</p>")
+    lay.store.write_json(lay.summary_path, {"a": 1})
+    s3 = boto3.client("s3", endpoint_url=s3_server["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    head = s3.head_object(Bucket=bucket, Key="runs/r1/report/index.html")
+    assert head["ContentType"] == "text/html; charset=utf-8"
+    assert s3.head_object(Bucket=bucket, Key="runs/r1/summary.json")["ContentType"].startswith("application/json")
+
+
 def test_summary_and_matched_images_live_outside_matches_and_old_run_folders_are_read(tmp_path):
     """matches/ holds match shards only (pyarrow reads it as one dataset); a run folder written when
     summary.json and train_images.parquet were kept in matches/ is still read."""

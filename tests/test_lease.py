@@ -151,6 +151,40 @@ def test_s3_conditional_writes(s3_server, bucket):
     assert json.loads(store.fs.cat(store.join("_lease.json")))["nonce"] == "theirs"  # left to its owner
 
 
+def test_a_store_with_conditional_create_only_keeps_the_lease_by_write_and_read_back(s3_server, bucket,
+                                                                                   monkeypatch):
+    """Some S3-compatible stores take If-None-Match (the create) and answer 501 to If-Match. Only the
+    create fell back: every heartbeat failed (logged, retried), so the live lease went stale and another
+    job took it over while this one worked, and the release failed. Now the overwrite and the delete
+    fall back too, as the create does."""
+    import errno
+
+    store = Store(f"s3://{bucket}/runs/r1", s3_server)
+    lease = Lease(store, "run folder P", timeout_s=30).acquire()
+    assert lease.conditional
+    fs, pipe, call = store.fs, store.fs.pipe_file, store.fs.call_s3
+
+    def no_if_match(path, data, **kw):
+        if "IfMatch" in kw:
+            raise OSError(errno.ENOSYS, "501 Not Implemented: If-Match")
+        return pipe(path, data, **kw)
+
+    def no_conditional_delete(method, *a, **kw):
+        if method == "delete_object" and "IfMatch" in kw:
+            raise OSError(errno.ENOSYS, "501 Not Implemented: If-Match")
+        return call(method, *a, **kw)
+
+    monkeypatch.setattr(fs, "pipe_file", no_if_match)
+    assert lease.beat() and not lease.conditional  # it used to raise, every heartbeat
+    assert json.loads(fs.cat(store.join("_lease.json")))["nonce"] == lease.nonce
+    lease.release()
+    assert not store.exists(store.join("_lease.json"))
+    lease = Lease(store, "run folder P", timeout_s=30).acquire()  # create still conditional; delete is not
+    monkeypatch.setattr(fs, "call_s3", no_conditional_delete)
+    lease.release()
+    assert not store.exists(store.join("_lease.json"))
+
+
 @pytest.mark.slow
 def test_a_killed_holder_process_does_not_block_a_rerun(tmp_path):
     """A subprocess holds the run folder's lease: refused while it lives; after SIGKILL (no
@@ -185,6 +219,27 @@ def test_generate_run_refuses_a_run_folder_another_process_works_in(tmp_path):
     with pytest.raises(LeaseHeld, match=r"run folder .*r1 is in use by host gpu-node-7 pid 4242"):
         generate.run(cfg, "r1")
     assert not (tmp_path / "r1" / "samples").exists()
+
+
+def test_run_json_is_claimed_under_the_run_folders_lease(tmp_path, tiny_models):
+    """generate.prepare read run.json, then wrote it, outside the lease: two jobs starting one run.name
+    with other settings could both find none and both write theirs, the last one winning, and the job
+    holding the lease then generated under the other's settings. Now the claim waits for the lease:
+    a live holder is named and run.json is not written."""
+    from memex.stages import generate
+
+    from conftest import compose
+
+    (tmp_path / "r1").mkdir()
+    _foreign(tmp_path / "r1" / "_lease.json", heartbeat_age=1)  # another job, starting the same run name
+    cfg = compose(["model=local", f"model.path={tiny_models['latent_text']}", f"storage.root={tmp_path}",
+                   "run.name=r1"])
+    with pytest.raises(LeaseHeld, match=r"run folder .*r1 is in use by host gpu-node-7 pid 4242"):
+        generate.prepare(cfg)
+    assert not (tmp_path / "r1" / "run.json").exists() and not (tmp_path / "r1" / "prompts.parquet").exists()
+    (tmp_path / "r1" / "_lease.json").unlink()
+    assert generate.prepare(cfg) == "r1" and (tmp_path / "r1" / "run.json").exists()
+    assert not (tmp_path / "r1" / "_lease.json").exists()  # released
 
 
 def test_own_leases_are_recognised_after_a_lost_reply_or_a_failed_release(tmp_path):

@@ -576,3 +576,49 @@ def test_kohya_steps_come_from_metadata_and_state_folders_are_skipped(tmp_path, 
     assert again == found
     assert "lost+found" in caplog.text and "Permission denied" in caplog.text
     assert "half-copied as a pipeline folder: its model_index.json is not a JSON object" in caplog.text
+
+
+def test_an_alarm_wins_the_exit_code_over_failed_audits_and_webhook(tmp_path, monkeypatch, capsys):
+    """A night with a failed audit (or a failed webhook) and a checkpoint over the budget exited 1
+    without the ALARM line. The alarm's row is final, so the next night exited 0: a CI that pages on 3
+    and retries on 1 never paged. Now it exits 3, printing the ALARM line and the errors."""
+    from memex import cli
+    from memex.stages.nightly import NightlyError, NightlyResult
+
+    def row(loc, outcome, message):
+        return {"location": loc, "step": 1, "extracted": 2, "flagged_prompts": 0, "outcome": outcome,
+                "message": message}
+
+    res = NightlyResult("c" * 64, 2, [], rows=[row("/ck/a", "error", "boom"),
+                                               row("/ck/b", "over_budget", "2 > nightly.budget=0")])
+
+    def announce(cfg, result):
+        raise NightlyError("nightly.webhook=https://hooks.example/***: POST failed")
+
+    monkeypatch.setattr(nightly, "run", lambda cfg: res)
+    monkeypatch.setattr(nightly, "announce", announce)
+    monkeypatch.setattr(sys, "argv", ["memex", "nightly", f"storage.root={tmp_path}"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 3, err
+    assert "memex nightly: ALARM: /ck/b: 2 > nightly.budget=0" in err
+    assert "1 audits failed: /ck/a: boom" in err and "POST failed" in err
+    res.rows = res.rows[:1]  # errors alone: 1, as before
+    monkeypatch.setattr(sys, "argv", ["memex", "nightly", f"storage.root={tmp_path}"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "ALARM" not in err, err
+
+
+def test_trend_links_are_relative_only_within_one_bucket():
+    """The ledger in bucket A, the runs in bucket B: the relative link ../../../B/runs/... resolved
+    inside A on a bucket website. Absolute across buckets, relative within one (and on local disk)."""
+    from memex.stages.nightly import trend_link
+
+    page = "s3://a/_nightly/report"
+    assert trend_link("s3://a/runs/x/report/index.html", page) == "../../runs/x/report/index.html"
+    assert trend_link("s3://b/runs/x/report/index.html", page) == "s3://b/runs/x/report/index.html"
+    assert trend_link("/r/runs/x/report/index.html", "/r/_nightly/report") == "../../runs/x/report/index.html"
+    assert trend_link("gs://a/runs/x/report/index.html", page) == "gs://a/runs/x/report/index.html"

@@ -104,3 +104,32 @@ def test_missing_file_and_missing_column(tmp_path):
     pq.write_table(pa.table({"text": ["a"]}), p)
     with pytest.raises(PromptError, match="set prompts.column"):
         load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))
+
+
+def test_prompt_files_that_lost_prompts_silently_are_read_whole_or_refused(tmp_path):
+    """Three ways a prompt file lost prompts without a word: a CSV field with an unquoted comma was cut
+    at it (DictReader filed the rest under None); str.splitlines split a caption at U+0085 (NEL, caption
+    mojibake) or U+2028 and broke a .jsonl line holding one; prompts.id_column made a null id "None"
+    (every later null-id prompt dropped as a repeat), a float column's 3 "3.0", and dropped a second
+    text under one id."""
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text("id,prompt\n1,a red car, parked at night\n")
+    with pytest.raises(PromptError, match=r"line 2 has more fields than its header.*quote such fields"):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(csv_file)))
+    txt = tmp_path / "p.txt"
+    txt.write_text("café \x85 menu\nsecond\u2028line\n", encoding="utf-8")
+    assert load_prompts(PromptsConfig(source=PromptSource.file, path=str(txt)))["prompt"].to_pylist() == [
+        "café \x85 menu", "second\u2028line"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_prompts(PromptsConfig(source=PromptSource.file, path=str(jsonl)))["prompt"].to_pylist() == ["a\u2028b"]
+    ids = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"prompt": ["a cat", "a dog", "a fox"], "pid": [1.0, 3.0, None]}), ids)
+    with pytest.raises(PromptError, match=r"row 2 has no id in prompts.id_column='pid'"):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(ids), id_column="pid"))
+    pq.write_table(pa.table({"prompt": ["a cat", "a dog"], "pid": [1.0, 3.0]}), ids)
+    assert load_prompts(PromptsConfig(source=PromptSource.file, path=str(ids), id_column="pid")
+                        )["prompt_id"].to_pylist() == ["1", "3"]
+    pq.write_table(pa.table({"prompt": ["a cat", "a dog", "a cat"], "pid": ["1", "1", "2"]}), ids)
+    with pytest.raises(PromptError, match=r"id '1' .* names two prompts, 'a cat' and 'a dog'"):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(ids), id_column="pid"))

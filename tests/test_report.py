@@ -229,6 +229,10 @@ def test_triage_section_only_when_prompts_have_scores():
     unscored = [{**p, "triage_score": None} for p in per_prompt]
     for html in (_render(_summary(per_prompt=unscored)), _render(_summary())):
         assert "Triage" not in html and "triage score" not in html
+    # a NaN score (fp16 UNet outputs) first: it won max() and the histogram raised "cannot convert float
+    # NaN to integer", failing the audit at its last step; it is left out like a missing one
+    html = _render(_summary(per_prompt=[pp(0, float("nan"), 0)] + per_prompt[1:]))
+    assert "triage score of the other prompts (n = 10," in html and "nan" not in html.split("<h2>Triage")[1]
 
 
 def test_preview_triage_plots_the_previews_distances_against_the_threshold():
@@ -366,3 +370,38 @@ def test_the_trend_draws_a_line_per_series_and_config_and_counts_open_errors():
     assert page.count("<svg") == 2
     # open: the alarm (grew) and step 3000's error; step 2000's error of config a was retried and finished
     assert '<div class="card alarm"><b>2</b>audits with an alarm or an error not since retried</div>' in page
+
+
+def test_the_pairs_loaded_are_the_pairs_shown_when_distances_tie():
+    """build_report loaded the generations of the first MAX_PAIRS rows by distance alone (table order
+    breaking ties), the page showed them by (distance, sample_id): a tied row at the cutoff showed
+    "generation ... not stored". One order now serves both."""
+    import pyarrow as pa
+
+    from memex.report import extracted_in_order
+
+    m = pa.table({"sample_id": ["b/0", "a/1", "a/0", "c/0"], "distance": [0.1, 0.1, 0.1, 0.05],
+                  "extracted": [True, True, True, False]})
+    assert extracted_in_order(m)["sample_id"].to_pylist() == ["a/0", "a/1", "b/0"]
+
+
+def test_the_console_gives_each_uncounted_pictures_own_reason():
+    """The console said "fewer than <low_detail_min_generations> copying generations" for every
+    low-complexity picture, also one refused as not distinct, and left the other uncounted pictures
+    out (3 copies verified, 0 extracted, no word why); a low-complexity picture needs the larger of
+    match.min_generations and match.low_detail_min_generations."""
+    from memex.stages.audit import format_summary
+
+    s = _summary(index={"quarantined": 0, "uri": "/i"},
+                 thresholds={**_summary()["thresholds"], "min_generations": 3, "low_detail_min_generations": 2,
+                             "max_margin": 0.6},
+                 uncounted_pictures=[
+                     {"picture": "logo-7", "rows": ["logo-7"], "generations": 3, "low_complexity": True,
+                      "margin": 0.9, "distinct": False, "counted": False},
+                     {"picture": "sky", "rows": ["sky"], "generations": 2, "low_complexity": True, "counted": False},
+                     {"picture": "tri", "rows": ["tri"], "generations": 1, "low_complexity": False, "counted": False}])
+    line = next(x for x in format_summary(s).splitlines() if "not counted" in x)
+    assert line.startswith("  3 pictures within the threshold but not counted: logo-7 (not distinct: its closest "
+                           "copy is 0.90 of the way to the next training picture; needs 0.6)"), line
+    assert "sky (low complexity: 2 copying generation(s), none in a flagged clique or closer than its tile " \
+           "mosaic; needs 3)" in line and "tri (1 copying generation(s); needs 3)" in line

@@ -526,3 +526,24 @@ def test_worker_deaths_name_the_batch_size_when_ray_killed_workers_for_memory(tm
         monkeypatch.setattr(runner, "oom_kills", lambda: kills)
         err = runner.failed(deaths, "membership scores", Store(str(tmp_path / "run")))
         assert isinstance(err, runner.WorkerDeaths) and f"so it is not started again{end}" in str(err), str(err)
+
+
+def _one_row(index: int) -> pa.Table:
+    return pa.table({"x": [index]})
+
+
+def test_temp_files_a_killed_run_left_are_removed_before_its_units_run_again(tmp_path):
+    """Every SIGKILL mid-write leaves a `_tmp-<uuid>-` file (up to a whole unit: a FAISS shard, a
+    Parquet shard) that nothing reads and no rerun removed. The runner removes a folder's before it
+    dispatches its units (under the run folder's lease: no other process writes there); a folder
+    whose units are all complete is left alone."""
+    folder = StageFolder(Store(str(tmp_path)), "samples")
+    folder.write_shard(0, _one_row(0))
+    left = [tmp_path / "samples" / "_tmp-0a1b-shard-000001.parquet",
+            tmp_path / "samples" / "_markers" / "_tmp-2c3d-shard-000001.json"]
+    for p in left:
+        p.write_bytes(b"cut short")
+    assert runner.run_here(folder, {0: {}}, _one_row) == 0 and all(p.exists() for p in left)  # nothing to run
+    assert runner.run_here(folder, {0: {}, 1: {}}, _one_row) == 1
+    assert not any(p.exists() for p in left) and folder.complete() == [0, 1]
+    assert folder.read().num_rows == 2

@@ -45,7 +45,7 @@ from memex.embed import check_embedder
 from memex.layout import RunLayout
 from memex.lease import hold
 from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, is_img2dataset_metadata_file, missing_columns
-from memex.models import check_kind, check_model_inputs, check_unet_fits
+from memex.models import check_kind, check_model_inputs, check_unet_fits, generated_channels
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
 from memex.shards import is_pattern
@@ -84,8 +84,10 @@ def run(cfg: AuditConfig) -> dict:
     # refused here (storage.shared_mount=true for NFS), before any unit is written to one node's disk
     runner.init(cfg.resources, cfg.storage)
 
-    # 2. index (and the prompts it ranks); the run folder records which index it is matched against
-    info = index.run(cfg)
+    # 2. index (and the prompts it ranks); the run folder records which index it is matched against.
+    # A grayscale model's generations are searched among the training images' luma (its own key)
+    luma = gray_generations(cfg)
+    info = index.run(cfg, luma=luma)
     log.info("index %s: %d training images indexed, %d quarantined", info.key, info.n_indexed, info.n_quarantined)
     if rematch_of is None:
         if prompts is None:
@@ -122,6 +124,20 @@ def audit_run_folder(cfg: AuditConfig, run_name: str, layout: RunLayout) -> dict
     # 7. the report (rebuilt every time: cheap, and it picks up report code changes)
     summary["report"] = build_report(layout)
     return summary
+
+
+def gray_generations(cfg: AuditConfig) -> bool:
+    """Whether the audit's generations are grayscale: the model's config says so (memex/models.py
+    generated_channels); a re-match's source says which index it was matched against (its model may
+    be gone). Then the index is built from the training images' luma (memex/stages/index.py)."""
+    if cfg.run.samples_from is not None:
+        from memex.stages import rematch
+
+        source = rematch.source_layout(cfg)
+        matched = source.store.read_json(source.index_json)
+        if matched is not None:  # (a `memex generate` source has none: its model's config decides)
+            return bool(matched.get("luma", False))
+    return generated_channels(cfg.model.path, cfg.model.unet, cfg.model.revision) == 1
 
 
 def triage_and_generate(cfg: AuditConfig, run_name: str, layout: RunLayout) -> None:
@@ -368,12 +384,13 @@ def format_summary(s: dict) -> str:
         shown = ", ".join(p["picture"] + (f" (+{len(p['rows']) - 1} copies)" if len(p["rows"]) > 1 else "")
                           for p in sorted(pictures, key=lambda p: p["picture"])[:10])
         lines.append(f"  extracted: {shown}" + (" ..." if len(pictures) > 10 else ""))
-    low = [p for p in s.get("uncounted_pictures", []) if p.get("low_complexity")]
-    if low:
-        lines.append(f"  {len(low)} low-complexity pictures within the threshold but not counted "
-                     f"(fewer than {t.get('low_detail_min_generations')} copying generations, none in a clique or "
-                     "closer than the picture's own tile mosaic): "
-                     + ", ".join(p["picture"] for p in low[:5]) + (" ..." if len(low) > 5 else ""))
+    uncounted = s.get("uncounted_pictures", [])
+    if uncounted:  # each with its reason (it said "low complexity" for all, and left the others out)
+        from memex.report import uncounted_reason
+
+        lines.append(f"  {len(uncounted)} pictures within the threshold but not counted: "
+                     + "; ".join(f"{p['picture']} ({uncounted_reason(p, t)})" for p in uncounted[:5])
+                     + (" ..." if len(uncounted) > 5 else ""))
     if s.get("prompts_undecided"):
         lines.append(f"  {s['prompts_undecided']} prompts undecided: the clique search ran out of "
                      "filter.max_expansions (raise it to decide them)")

@@ -82,10 +82,13 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     layout.store.check_writable("run folder", "storage.root (bucket name, folder permissions) and "
                                 "storage.options (endpoint_url, credentials)")
-    layout.store.claim(layout.run_json, settings, f"run folder {layout.uri}",
-                       "Use another run.name (or storage.root) for a new experiment.")
-    if not layout.store.exists(layout.prompts_path):
-        layout.store.write_table(layout.prompts_path, prompts.cast(PROMPTS_SCHEMA))
+    # under the run folder's lease: claim reads, then writes, so two jobs starting one run.name with other
+    # settings could both find no run.json and both write theirs (the last one won)
+    with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
+        layout.store.claim(layout.run_json, settings, f"run folder {layout.uri}",
+                           "Use another run.name (or storage.root) for a new experiment.")
+        if not layout.store.exists(layout.prompts_path):
+            layout.store.write_table(layout.prompts_path, prompts.cast(PROMPTS_SCHEMA))
     return run_name
 
 

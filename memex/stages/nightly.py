@@ -242,18 +242,22 @@ def write_trend(cfg: NightlyAuditConfig, ledger: Ledger) -> str:
     from memex.report import render_trend
 
     page_dir = Store(ledger_root(cfg), cfg.storage.options).child("report")
+    page = render_trend(ledger.read(), lambda r: trend_link(r["report"], page_dir.uri))
+    page_dir.write_bytes(page_dir.join("index.html"), page.encode())
+    return page_dir.uri_of(page_dir.join("index.html"))
 
+
+def trend_link(report: str, page_dir: str) -> str:
+    """A run's report as the trend page in `page_dir` links it: relative on the same storage, so a
+    copied or synced folder (or a static website on the bucket) keeps working; absolute otherwise. An
+    object store's first path part is its bucket, which ../ cannot leave on a bucket website: the
+    ledger in bucket A and the runs in bucket B linked inside A."""
     def split(uri: str) -> tuple[str, str]:
         return tuple(uri.split("://", 1)) if "://" in uri else ("file", uri)
 
-    def link_of(r: dict) -> str | None:
-        # relative when the run's report is on the same storage, so a copied or synced folder
-        # (or a static website on the bucket) keeps working; absolute otherwise
-        (proto, path), (here_proto, here) = split(r["report"]), split(page_dir.uri)
-        return posixpath.relpath(path, here) if proto == here_proto else r["report"]
-
-    page_dir.write_bytes(page_dir.join("index.html"), render_trend(ledger.read(), link_of).encode())
-    return page_dir.uri_of(page_dir.join("index.html"))
+    (proto, path), (here_proto, here) = split(report), split(page_dir)
+    same = proto == here_proto and (proto == "file" or path.split("/", 1)[0] == here.split("/", 1)[0])
+    return posixpath.relpath(path, here) if same else report
 
 
 def post_webhook(url: str, payload: dict, timeout: float) -> None:

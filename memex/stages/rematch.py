@@ -35,7 +35,7 @@ import posixpath
 
 from memex.config import AuditConfig, BudgetKind, ConfigError, PromptSource, TriageKind, plain
 from memex.layout import SAMPLES_FROM, SOURCE_GENERATIONS, RunLayout
-from memex.lease import live_holder
+from memex.lease import hold, live_holder
 from memex.redact import redact
 from memex.storage import differences_text
 
@@ -203,9 +203,11 @@ def prepare(cfg: AuditConfig) -> str:
                                 "storage.options (endpoint_url, credentials)")
     settings = {**source.store.read_json(source.run_json), SAMPLES_FROM: source.run_name,
                 SOURCE_GENERATIONS: source_generations(source)}
-    layout.store.claim(layout.run_json, settings, f"run folder {layout.uri}",
-                       f"A re-match folder holds the matches of one source's generations: for another source, or "
-                       f"for {source.run_name} generated again since, use another run.name (or delete {layout.uri}).")
+    with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):  # claim reads, then writes: one job at a time
+        layout.store.claim(layout.run_json, settings, f"run folder {layout.uri}",
+                           f"A re-match folder holds the matches of one source's generations: for another source, "
+                           f"or for {source.run_name} generated again since, use another run.name (or delete "
+                           f"{layout.uri}).")
     log.info("re-match of %s: its prompts, rounds and %d samples; no UNet evaluation here", source.uri,
              settings[SOURCE_GENERATIONS].get("rows", 0))
     return name

@@ -192,13 +192,14 @@ def prompt_scores(cfg: AuditConfig, layout: RunLayout) -> dict[str, float]:
         return {}
     if layout.triage.success() is not None:
         return {r["prompt_id"]: r["score"] for r in layout.triage.read(columns=["prompt_id", "score"]).to_pylist()
-                if r["score"] is not None}
+                if r["score"] is not None and np.isfinite(r["score"])}
     t = layout.samples.read(columns=["prompt_id", "triage_score"], filters=[("sample_index", "<", cfg.triage.seeds)])
     by: dict[str, list[float]] = {}
     for pid, sc in zip(t["prompt_id"].to_pylist(), t["triage_score"].to_pylist()):
         if sc is not None:
             by.setdefault(pid, []).append(sc)
-    return {pid: float(np.mean(v)) for pid, v in by.items()}
+    # finite only: a NaN first step (fp16 UNet outputs) is no score, as a missing one (ranked last)
+    return {pid: m for pid, v in by.items() if np.isfinite(m := float(np.mean(v)))}
 
 
 def preview_distances(layout: RunLayout) -> dict[str, float]:
