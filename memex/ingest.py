@@ -545,7 +545,8 @@ def iter_batches(table: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
 DRAFT_MIN_SIDE = 448
 
 
-def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str) -> np.ndarray:
+def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str,
+            aspect: tuple[int, int] | None = None) -> np.ndarray:
     data = row.get("image")
     if not data:
         if not row.get("uri"):
@@ -559,13 +560,15 @@ def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str) 
     # fitted to `size` next: a JPEG is decoded at a reduced DCT scale (images.decode) that keeps both
     # sides >= max(2 x size, DRAFT_MIN_SIDE), whence bicubic makes the input as from a full decode
     return decode(data) if size is None else \
-        fit(decode(data, min_side=max(2 * size, DRAFT_MIN_SIDE)), size, preprocess)
+        fit(decode(data, min_side=max(2 * size, DRAFT_MIN_SIDE)), size, preprocess, aspect)
 
 
 def decode_rows(rows: pa.Table, size: int | None, storage_options: dict[str, Any] | None = None,
-                workers: int = 8, preprocess: str = "center_crop") -> DecodedBatch:
+                workers: int = 8, preprocess: str = "center_crop",
+                aspect: tuple[int, int] | None = None) -> DecodedBatch:
     """Decode rows (columns id and image and/or uri) to RGB uint8: size x size (images.fit with
-    `preprocess`: centre-cropped square, bicubic-resized), or as stored when size is None.
+    `preprocess` and the generations' `aspect`: centre-cropped square, bicubic-resized), or as stored
+    when size is None.
 
     Never raises for a bad image: it goes to `quarantine` and is skipped. Rows are fetched and
     decoded on `workers` threads (remote reads dominate on object stores; PIL releases the GIL
@@ -576,7 +579,7 @@ def decode_rows(rows: pa.Table, size: int | None, storage_options: dict[str, Any
 
     def one(row: dict) -> np.ndarray | str:
         try:
-            return _decode(row, size, opts, preprocess)
+            return _decode(row, size, opts, preprocess, aspect)
         except Exception as e:  # noqa: BLE001 - any failure of one image quarantines that image only
             return f"{type(e).__name__}: {e}"
 

@@ -34,6 +34,8 @@ class IndexInfo:
     n_quarantined: int
     # True: embedded from each training image's luma (a grayscale model's audit: memex/stages/index.py)
     luma: bool = False
+    # [height, width]: each training image cut to the generations' aspect first (non-square ones)
+    aspect: list[int] | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> "IndexInfo":
@@ -41,8 +43,9 @@ class IndexInfo:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        if not d["luma"]:  # left out unless set: a colour index's JSON is as it was before the field
-            del d["luma"]
+        for k in ("luma", "aspect"):  # left out unless set: a plain index's JSON is as it was before them
+            if not d[k]:
+                del d[k]
         return d
 
     def layout(self, storage_options: dict) -> IndexLayout:

@@ -640,6 +640,26 @@ def generated_channels(path: str, unet: str | None = None, revision: str | None 
     return _unet_config(unet or os.path.join(folder, "unet")).get("in_channels")
 
 
+def native_size(path: str, unet: str | None = None, revision: str | None = None) -> tuple[int, int] | None:
+    """(height, width) of the images the model at `path` makes by default, from its configs: the UNet's
+    sample_size (an int, or [height, width]) times the VAE's downscaling (2^(levels - 1)), as the
+    Sampler computes it. None when they cannot be read here."""
+    try:
+        folder, index = _pipeline_index(path, revision)
+    except ModelError:
+        return None
+    if not folder:
+        return None
+    native = _unet_config(unet or os.path.join(folder, "unet")).get("sample_size")
+    if native is None:
+        return None
+    h, w = (native, native) if isinstance(native, int) else native
+    scale = 1
+    if isinstance(index.get("vae"), list) and index["vae"][0]:
+        scale = 2 ** (len(_unet_config(os.path.join(folder, "vae")).get("block_out_channels") or [0]) - 1)
+    return h * scale, w * scale
+
+
 def check_unet_fits(path: str, unet: str | None, text_encoder: str | None, revision: str | None,
                     height: int | None, width: int | None) -> None:
     """The UNet against what it is loaded and sampled with, from config.json files before any cluster

@@ -804,6 +804,43 @@ def test_a_grayscale_models_index_is_searched_among_the_training_images_luma(tmp
     assert len({p.name for p in (tmp_path / "runs" / "_index").iterdir()}) == 2  # two keys, both kept
 
 
+def test_non_square_generations_are_searched_among_training_images_cut_to_their_aspect(tmp_path,
+                                                                                      in_process_units):
+    """A model trained on 96x128 pictures cut to 3:2 (height:width) makes portrait generations: an
+    exact copy's centre square is the source's middle 64x64, while the index held each picture's own
+    centre square, 96x96: a 1.5x zoom apart. A picture whose centre square happens to look like that
+    zoom (the decoy: the source's middle, upscaled, plus noise) ranked first, and the source was never
+    verified. Cut to the generations' aspect first (index.run(aspect=...), a key of its own), the
+    index ranks the source first; a square audit keeps the plain index's key."""
+    from PIL import Image as PILImage
+
+    from memex.images import to_aspect
+    from memex.stages import index
+    from memex.stages.nearest import NeighbourWorker
+
+    rng = np.random.default_rng(6)
+    source = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 96 x 128
+    gen = to_aspect(source, 3, 2, "center_crop")  # what the model saw and copies: 96 x 64
+    assert gen.shape == (96, 64, 3)
+    middle = np.asarray(PILImage.fromarray(source[16:80, 32:96]).resize((96, 96), PILImage.BICUBIC))
+    decoy = rng.integers(0, 256, (96, 128, 3)).astype(np.uint8)
+    decoy[:, 16:112] = np.clip(middle.astype(int) + rng.integers(-6, 7, middle.shape), 0, 255)
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "source.png").write_bytes(encode_png(source))
+    (pics / "decoy.png").write_bytes(encode_png(decoy))
+    for i in range(4):
+        (pics / f"other{i}.png").write_bytes(encode_png(_img(i, 96)))
+    cfg = _audit_cfg(str(pics), tmp_path / "runs")
+    top = {}
+    for aspect in (None, (96, 64)):
+        info = index.run(cfg, aspect=aspect)
+        worker = NeighbourWorker(info, cfg.embedder, cfg.index, "cpu", cfg.trainset.preprocess.value, {})
+        top[aspect] = fetch_id(info, int(worker([encode_png(gen)], 1)[1][0, 0]))
+    assert top == {None: "decoy.png", (96, 64): "source.png"}
+    assert info.aspect == [3, 2] and index.run(cfg, aspect=(64, 64)).key == index.run(cfg).key
+
+
 def fetch_id(info, gid: int) -> str:
     from memex.membership import fetch_train_rows
 

@@ -849,3 +849,18 @@ def test_webdataset_shards_pass_the_audits_checks(tiny_models, tmp_path, no_inde
             audit.run(compose(["model=local", f"model.path={tiny_models['pixel_text']}", "trainset=manifest",
                                f"trainset.path={given}", f"storage.root={tmp_path / 'runs'}",
                                "resources.address=127.0.0.1:1"], config_name="audit"))
+
+
+def test_the_audit_picks_the_index_its_generations_need(tiny_models):
+    """The index an audit searches follows its generations: the luma of the training images for a
+    1-channel model, the generations' aspect for non-square sampling (sampling.height/width, else the
+    UNet's native size); a square RGB audit keeps the plain index."""
+    from memex.stages.audit import generation_aspect, gray_generations
+
+    def cfg(model, *extra):
+        return compose(["model=local", f"model.path={model}", *extra], config_name="audit")
+
+    text = tiny_models["latent_text"]
+    assert generation_aspect(cfg(text)) is None and not gray_generations(cfg(text))
+    assert generation_aspect(cfg(text, "sampling.height=16", "sampling.width=24")) == (16, 24)
+    assert generation_aspect(cfg(text, "sampling.height=24")) == (24, 16)  # the width from the native 16

@@ -45,7 +45,7 @@ from memex.embed import check_embedder
 from memex.layout import RunLayout
 from memex.lease import hold
 from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, is_img2dataset_metadata_file, missing_columns
-from memex.models import check_kind, check_model_inputs, check_unet_fits, generated_channels
+from memex.models import check_kind, check_model_inputs, check_unet_fits, generated_channels, native_size
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
 from memex.shards import is_pattern
@@ -85,9 +85,10 @@ def run(cfg: AuditConfig) -> dict:
     runner.init(cfg.resources, cfg.storage)
 
     # 2. index (and the prompts it ranks); the run folder records which index it is matched against.
-    # A grayscale model's generations are searched among the training images' luma (its own key)
-    luma = gray_generations(cfg)
-    info = index.run(cfg, luma=luma)
+    # A grayscale model's generations are searched among the training images' luma, non-square ones
+    # among the training images cut to their aspect first (each an index of its own key)
+    luma, aspect = gray_generations(cfg), generation_aspect(cfg)
+    info = index.run(cfg, luma=luma, aspect=aspect)
     log.info("index %s: %d training images indexed, %d quarantined", info.key, info.n_indexed, info.n_quarantined)
     if rematch_of is None:
         if prompts is None:
@@ -124,6 +125,23 @@ def audit_run_folder(cfg: AuditConfig, run_name: str, layout: RunLayout) -> dict
     # 7. the report (rebuilt every time: cheap, and it picks up report code changes)
     summary["report"] = build_report(layout)
     return summary
+
+
+def generation_aspect(cfg: AuditConfig) -> tuple[int, int] | None:
+    """(height, width) of the audit's generations: sampling.height/width, else the model's native size
+    (memex/models.py native_size); a re-match's source says which it was matched with. None: unknown
+    (a hub id not cached here) or square, where the index is the plain one."""
+    if cfg.run.samples_from is not None:
+        from memex.stages import rematch
+
+        source = rematch.source_layout(cfg)
+        matched = source.store.read_json(source.index_json)
+        if matched is not None:
+            return tuple(matched["aspect"]) if matched.get("aspect") else None
+    s = cfg.sampling
+    native = None if s.height and s.width else native_size(cfg.model.path, cfg.model.unet, cfg.model.revision)
+    h, w = s.height or (native or (None, None))[0], s.width or (native or (None, None))[1]
+    return None if not h or not w or h == w else (h, w)
 
 
 def gray_generations(cfg: AuditConfig) -> bool:

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import posixpath
 import time
 import zipfile
@@ -62,7 +63,7 @@ log = logging.getLogger("memex.index")
 LAYOUT_VERSION = 5
 
 
-def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False) -> str:
+def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = None) -> str:
     """Hash of what decides the index content: the listing (ids, uris, captions and each image's
     content: a hash of its bytes, or its file's stamp, size + ETag or mtime, from the listing of
     memex/ingest.py), embedder, index settings and how training images are fitted to the
@@ -96,6 +97,8 @@ def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False) -> str:
                          "preprocess": cfg.trainset.preprocess.value}, sort_keys=True).encode())
     if luma:  # added only when set: the colour indexes built before it keep their keys
         h.update(b"luma")
+    if aspect is not None:  # likewise: square generations' indexes keep theirs
+        h.update(f"aspect {aspect[0]}:{aspect[1]}".encode())
     if cfg.trainset.preprocess.value == "pad":  # the borders were black before: such an index is not reused
         h.update(f"pad {PAD_VALUE}".encode())
     return h.hexdigest()[:16]
@@ -141,19 +144,19 @@ def train_batches(layout: IndexLayout, start: int, stop: int, batch: int,
 
 
 def _embed_rows(batches: Iterable[pa.Table], emb: EmbedderConfig, embedder, storage_options: dict, preprocess: str,
-                luma: bool = False):
+                luma: bool = False, aspect: tuple[int, int] | None = None):
     """Decode, fit to the embedder's square input (trainset.preprocess) and embed training rows a
     batch (index.decode_batch rows) at a time -> (vectors (n, d), gids (n,), quarantine tables).
     luma: each image's ITU-R 601 luma in its three channels, as a grayscale model's generation (an
     "L" PNG, decoded to RGB) reproduces it. Searched in a colour index, an exact luma copy of a
     demo logo ranked its source first for 70% of the logos, in the top 10 for 93%: the rest were
-    never verified."""
+    never verified. aspect (height, width): the generations', when not square (images.fit)."""
     from memex.images import luma_rgb
     from memex.ingest import decode_rows
 
     vecs, gids, quarantine = [], [], []
     for part in batches:  # bounded memory: one batch of encoded and decoded images at a time
-        dec = decode_rows(part, emb.size, storage_options, preprocess=preprocess)
+        dec = decode_rows(part, emb.size, storage_options, preprocess=preprocess, aspect=aspect)
         quarantine.append(dec.quarantine)
         if dec.ids:
             gid_of = dict(zip(part["id"].to_pylist(), part["gid"].to_pylist()))
@@ -172,7 +175,8 @@ def _embedder(emb: EmbedderConfig, device: str, storage_options: dict):
 
 
 def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderConfig, idx: IndexConfig,
-                    device: str, preprocess: str, luma: bool = False) -> dict:
+                    device: str, preprocess: str, luma: bool = False, aspect: tuple[int, int] | None = None
+                    ) -> dict:
     """IVF-PQ only: train one coarse quantizer + PQ codebook on a fixed random sample of the whole
     training set, so every shard shares it (memex/index.py train_index)."""
     from memex.index import IndexSpec, save_index, train_index
@@ -182,13 +186,13 @@ def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderC
     spec = IndexSpec.from_config(idx, embedder.metric)
     pick = np.sort(np.random.default_rng(0).choice(n_train, min(n_train, spec.train_size), replace=False))
     rows = train_batches(layout, int(pick[0]), int(pick[-1]) + 1, idx.decode_batch, gids=pick)
-    x, _, _ = _embed_rows(rows, emb, embedder, opts, preprocess, luma)
+    x, _, _ = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect)
     save_index(train_index(x, spec), layout.store.uri_of(layout.quantizer_path), opts)
     return {"vectors": int(len(x))}
 
 
 def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: EmbedderConfig, idx: IndexConfig,
-                device: str, preprocess: str, luma: bool = False) -> dict:
+                device: str, preprocess: str, luma: bool = False, aspect: tuple[int, int] | None = None) -> dict:
     """Shard `shard` = training rows [start, stop): FAISS shard, its vectors, its quarantine."""
     from memex.index import IndexSpec, load_index, save_index
     from memex.index import build_shard as build_faiss_shard
@@ -196,7 +200,7 @@ def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: Emb
     opts, store = layout.store.options, layout.store
     embedder = _embedder(emb, device, opts)
     rows = train_batches(layout, start, stop, idx.decode_batch)
-    x, ids, quarantine = _embed_rows(rows, emb, embedder, opts, preprocess, luma)
+    x, ids, quarantine = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect)
     trained = load_index(store.uri_of(layout.quantizer_path), opts) if idx.kind == IndexKind.ivfpq else None
     index = build_faiss_shard(x, ids, IndexSpec.from_config(idx, embedder.metric), trained=trained)
     save_index(index, store.uri_of(layout.faiss_path(shard)), opts)
@@ -270,9 +274,14 @@ def read_vectors(layout: IndexLayout, shard: int) -> tuple[np.ndarray, np.ndarra
 
 
 # ---- driver ------------------------------------------------------------------------------
-def run(cfg: AuditConfig, luma: bool = False) -> IndexInfo:
+def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = None) -> IndexInfo:
     """Build (or reuse) the index of cfg.trainset; returns where it is and its counts. luma: of the
-    training images' luma, for a grayscale model's audit (`_embed_rows`; a key of its own)."""
+    training images' luma, for a grayscale model's audit; aspect (height, width, reduced): the
+    generations' when not square, each training image cut to it first (`_embed_rows`, images.fit).
+    Each gives the index a key of its own."""
+    if aspect is not None:
+        g = math.gcd(*aspect)
+        aspect = None if aspect[0] == aspect[1] else (aspect[0] // g, aspect[1] // g)
     from memex.ingest import list_training_set
 
     opts = cfg.storage.options
@@ -280,7 +289,7 @@ def run(cfg: AuditConfig, luma: bool = False) -> IndexInfo:
     # images=False: a manifest's embedded images are hashed as read, not held (memex/ingest.py)
     listing = list_training_set(cfg.trainset.path, opts, cfg.trainset.caption_column, images=False)
     check_spec(cfg, listing.num_rows)
-    key = index_key(listing, cfg, luma)
+    key = index_key(listing, cfg, luma, aspect)
     root = cfg.index.root or cfg.storage.root.rstrip("/") + "/_index"
     layout = IndexLayout(root, key, opts)
     keys = "index.root / storage.root and storage.options (endpoint_url, credentials)"
@@ -300,7 +309,7 @@ def run(cfg: AuditConfig, luma: bool = False) -> IndexInfo:
         if done is not None and not missing_units(layout, len(done["shards"]), ivfpq):
             log.info("index %s was completed by another audit: reusing it", layout.uri)
             return IndexInfo.from_json(done)
-        return build(cfg, listing, key, root, layout, luma)
+        return build(cfg, listing, key, root, layout, luma, aspect)
 
 
 def check_spec(cfg: AuditConfig, n_rows: int) -> None:
@@ -331,7 +340,7 @@ def missing_units(layout: IndexLayout, n_shards: int, ivfpq: bool) -> list[str]:
 
 
 def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: IndexLayout,
-          luma: bool = False) -> IndexInfo:
+          luma: bool = False, aspect: tuple[int, int] | None = None) -> IndexInfo:
     """Steps 2-5 of `run`, under the index folder's lease."""
     from memex.ingest import IMAGE_SHA256, iter_train_rows
 
@@ -357,12 +366,12 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
             layout.store.write_table(layout.train_path, train, row_group_size=group)
         layout.store.write_json(layout.info_json, redact({  # no credential in any output: memex/redact.py
             "trainset": cfg.trainset.path, "embedder": plain(cfg.embedder), "index": plain(cfg.index), "luma": luma,
-            "shards": plans, "n_train": listing.num_rows}))
+            "aspect": aspect, "shards": plans, "n_train": listing.num_rows}))
 
     # 3. one shared quantizer (IVF-PQ), 4. the shards, 5. near-duplicate counts, 6. pictures
     t0 = time.perf_counter()
     common = {"layout": layout, "emb": cfg.embedder, "idx": cfg.index, "device": r.device,
-              "preprocess": cfg.trainset.preprocess.value, "luma": luma}
+              "preprocess": cfg.trainset.preprocess.value, "luma": luma, "aspect": aspect}
     if cfg.index.kind == IndexKind.ivfpq:
         runner.run_tasks(layout.quantizer, {0: {"n_train": listing.num_rows}}, train_quantizer, r, **common)
     runner.run_tasks(layout.shards, {s: {"start": a, "stop": b} for s, (a, b) in enumerate(plans)}, build_shard, r,
@@ -378,7 +387,7 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
 
     info = IndexInfo(root=root, key=key, shards=plans, metric=metric, dim=metas[0]["dim"], n_train=listing.num_rows,
                      n_indexed=sum(m["indexed"] for m in metas), n_quarantined=sum(m["quarantined"] for m in metas),
-                     luma=luma)
+                     luma=luma, aspect=None if aspect is None else list(aspect))
     if info.n_indexed == 0:
         raise StorageError(f"no training image of {cfg.trainset.path} could be read ({info.n_quarantined} quarantined, "
                            f"reasons in {layout.uri}/quarantine/)")

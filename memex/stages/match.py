@@ -433,7 +433,8 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
                        "max_margin": cfg.match.max_margin},
         "index": {"uri": redact_urls(info.layout(cfg.storage.options).uri), "key": info.key, "shards": len(info.shards),
                   "train_images": info.n_train, "indexed": info.n_indexed, "quarantined": info.n_quarantined,
-                  **({"luma": True} if info.luma else {})},  # searched among the training images' luma
+                  # searched among the training images' luma / cut to the generations' aspect
+                  **({"luma": True} if info.luma else {}), **({"aspect": info.aspect} if info.aspect else {})},
         "per_prompt": per_prompt,
         "config": redact(plain(cfg)),  # no credential in any output: memex/redact.py
     }
