@@ -307,9 +307,15 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
         *([("UNet evaluations", f'{summary["unet_evaluations"]:,}', False)] if "unet_evaluations" in summary else []),
         *([("UNet evaluations per extracted image", f"{per_image:,}", False)] if per_image is not None else []),
     ]))
-    out.append(f'<p>Filter: a prompt is flagged when {t["min_clique"]} of its generations form a clique at tiled l2 '
-               f'&le; {t["filter_edge_tiled_l2"]}. Match: a candidate is a copy when its {esc(t["match_distance"])} '
-               f'to a training image (of its {t["match_k"]} nearest in the index) is &le; {t["match_threshold"]}.</p>')
+    # what ran: the filter is skipped for an unconditional model's one prompt; relative l2 compares with the
+    # mean distance to the nearest distinct pictures, not the match.k nearest rows
+    ran = summary.get("filter", "ran") == "ran"
+    filt = (f'Filter: a prompt is flagged when {t["min_clique"]} of its generations form a clique at tiled l2 '
+            f'&le; {t["filter_edge_tiled_l2"]}. ' if ran else f'Filter: {esc(summary.get("filter"))}. ')
+    near = ("relative to its mean distance to the nearest distinct training pictures"
+            if t["match_distance"] == "relative_l2" else f'of its {t["match_k"]} nearest in the index')
+    out.append(f'<p>{filt}Match: a candidate is a copy when its {esc(t["match_distance"])} to a training image '
+               f'({near}) is &le; {t["match_threshold"]}.</p>')
     out.append(_cost(summary))
 
     ext = extracted_in_order(matches)
@@ -341,6 +347,8 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
     flagged = candidates.filter(candidates["flagged"]).sort_by(
         [("clique_size", "descending"), ("prompt_id", "ascending")]) if candidates.num_rows else candidates
     per = {p["prompt_id"]: p for p in summary.get("per_prompt", [])}
+    if not ran:  # no clique was searched: nothing to list (it said "No prompt reached the clique size")
+        flagged, candidates = candidates.slice(0, 0), candidates.slice(0, 0)
     out.append(f"<h2>Flagged prompts ({flagged.num_rows} of {candidates.num_rows})</h2>")
     rows = []
     for c in flagged.to_pylist():
@@ -349,7 +357,8 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
         rows.append([f'<span class="text">{esc(c["prompt"])}</span>', f'{c["clique_size"]}{bound}', esc(c["n_samples"]),
                      esc(p.get("extracted_samples", 0)), esc(", ".join(p.get("train_ids", [])))])
     out.append(_table(["prompt", "clique size", "samples", "extracted", "training images"], rows, {1, 2, 3})
-               if rows else '<p class="muted">No prompt reached the clique size.</p>')
+               if rows else '<p class="muted">' + ("No prompt reached the clique size." if ran
+                                                    else "The filter did not run.") + "</p>")
     undecided = set(summary.get("undecided_prompt_ids", []))
     if undecided:
         out.append(f'<h2>Undecided prompts ({len(undecided)})</h2><p>The clique search ran out of '

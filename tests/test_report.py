@@ -405,3 +405,16 @@ def test_the_console_gives_each_uncounted_pictures_own_reason():
                            "copy is 0.90 of the way to the next training picture; needs 0.6)"), line
     assert "sky (low complexity: 2 copying generation(s), none in a flagged clique or closer than its tile " \
            "mosaic; needs 3)" in line and "tri (1 copying generation(s); needs 3)" in line
+
+
+def test_the_page_says_what_ran_for_an_unconditional_model_with_relative_l2():
+    """An unconditional model's audit skips the filter and matches by relative l2: the page described
+    the clique filter ("No prompt reached the clique size") and "its 10 nearest in the index"."""
+    thresholds = {**_summary()["thresholds"], "match_distance": "relative_l2", "match_threshold": 0.9}
+    html = _render(_summary(thresholds=thresholds, filter="skipped: an unconditional model's samples share one "
+                                                          "prompt"))
+    assert "Filter: skipped: an unconditional model&#x27;s samples share one prompt." in html \
+        or "Filter: skipped: an unconditional model's samples share one prompt." in html, html
+    assert "relative to its mean distance to the nearest distinct training pictures" in html
+    assert "nearest in the index" not in html and "clique size" not in html and "The filter did not run." in html
+    assert "of its 10 nearest in the index" in _render(_summary())  # tiled l2: as before
