@@ -67,6 +67,12 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(thumbnail_png(png, THUMB)).decode()
 
 
+def _extracted(p: dict) -> int:
+    """A prompt's generations that copy a *counted* picture (summary.json per_prompt counted_samples;
+    a summary from before it: every generation within the threshold, extracted_samples)."""
+    return p.get("counted_samples", p.get("extracted_samples", 0))
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -193,8 +199,8 @@ def _preview_triage(summary: dict) -> str:
     set, for prompts with and without an extracted generation, and the 10 closest."""
     scored = [p for p in summary["per_prompt"] if _finite(p.get("triage_distance"))]
     thr = summary.get("thresholds", {}).get("match_threshold")
-    hit = [p["triage_distance"] for p in scored if p.get("extracted_samples", 0) > 0]
-    rest = [p["triage_distance"] for p in scored if p.get("extracted_samples", 0) <= 0]
+    hit = [p["triage_distance"] for p in scored if _extracted(p) > 0]
+    rest = [p["triage_distance"] for p in scored if _extracted(p) <= 0]
     x_max = max(max(p["triage_distance"] for p in scored), thr or 0.0) * 1.05 or None
     out = ['<h2>Triage</h2><p>Previews matched to the training set: per prompt, the tiled l2 of its closest '
            'short-schedule preview to its nearest training image. A memorizing prompt&#39;s previews already land '
@@ -206,7 +212,7 @@ def _preview_triage(summary: dict) -> str:
     out.append(f"<p>The {len(top)} prompts whose previews came closest:</p>")
     out.append(_table(["prompt", "closest preview (tiled l2)", "samples", "extracted"],
                       [[f'<span class="text">{esc(p.get("prompt"))}</span>', f'{p["triage_distance"]:.4g}',
-                        esc(p.get("samples", "")), esc(p.get("extracted_samples", 0))] for p in top], {1, 2, 3}))
+                        esc(p.get("samples", "")), esc(_extracted(p))] for p in top], {1, 2, 3}))
     return "".join(out)
 
 
@@ -219,8 +225,8 @@ def _triage(summary: dict) -> str:
     scored = [p for p in summary.get("per_prompt", []) if _finite(p.get("triage_score"))]
     if not scored:
         return ""
-    hit = [p["triage_score"] for p in scored if p.get("extracted_samples", 0) > 0]
-    rest = [p["triage_score"] for p in scored if p.get("extracted_samples", 0) <= 0]
+    hit = [p["triage_score"] for p in scored if _extracted(p) > 0]
+    rest = [p["triage_score"] for p in scored if _extracted(p) <= 0]
     x_max = max(p["triage_score"] for p in scored) * 1.05 or None  # one x scale for both histograms
     out = ['<h2>Triage</h2><p>Memorization score per prompt (Wen et al.): the RMS of eps(x_t, prompt) &minus; '
            'eps(x_t, "") over the first sampling step. Memorized prompts tend to score high.</p>',
@@ -231,7 +237,7 @@ def _triage(summary: dict) -> str:
     out.append(f"<p>Top {len(top)} prompts by triage score:</p>")
     out.append(_table(["prompt", "triage score", "samples", "extracted"],
                       [[f'<span class="text">{esc(p.get("prompt"))}</span>', f'{p["triage_score"]:.4g}',
-                        esc(p.get("samples", "")), esc(p.get("extracted_samples", 0))] for p in top], {1, 2, 3}))
+                        esc(p.get("samples", "")), esc(_extracted(p))] for p in top], {1, 2, 3}))
     return "".join(out)
 
 
@@ -355,7 +361,7 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
         p = per.get(c["prompt_id"], {})
         bound = "" if c["clique_exact"] else f' (&le; {c["clique_upper_bound"]})'
         rows.append([f'<span class="text">{esc(c["prompt"])}</span>', f'{c["clique_size"]}{bound}', esc(c["n_samples"]),
-                     esc(p.get("extracted_samples", 0)), esc(", ".join(p.get("train_ids", [])))])
+                     esc(_extracted(p)), esc(", ".join(p.get("counted_train_ids", p.get("train_ids", []))))])
     out.append(_table(["prompt", "clique size", "samples", "extracted", "training images"], rows, {1, 2, 3})
                if rows else '<p class="muted">' + ("No prompt reached the clique size." if ran
                                                     else "The filter did not run.") + "</p>")

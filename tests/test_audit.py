@@ -89,6 +89,9 @@ def test_planted_copy_is_flagged_and_verified_distinct_is_not(world, ray_head):
         {"picture": "t03", "rows": ["t03", "t03#1", "t03#2"], "generations": N_SAMPLES, "in_clique": N_SAMPLES,
          "counted": True}
     assert s["unet_evaluations"] == 0  # planted samples: no UNet ran
+    copied = next(p for p in s["per_prompt"] if p["prompt"] == PROMPTS[0])
+    assert copied["counted_samples"] == copied["extracted_samples"] == N_SAMPLES
+    assert copied["counted_train_ids"] == ["t03"]
     assert s["index"]["quarantined"] == 1
     m = layout.matches.read()
     assert max(m["distance"].to_pylist()) < 0.02  # +-2/255 noise: RMS ~0.005 per tile

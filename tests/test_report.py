@@ -418,3 +418,20 @@ def test_the_page_says_what_ran_for_an_unconditional_model_with_relative_l2():
     assert "relative to its mean distance to the nearest distinct training pictures" in html
     assert "nearest in the index" not in html and "clique size" not in html and "The filter did not run." in html
     assert "of its 10 nearest in the index" in _render(_summary())  # tiled l2: as before
+
+
+def test_a_prompt_whose_only_copies_were_not_counted_is_not_shown_as_extracting():
+    """per_prompt's extracted_samples holds every generation within the threshold, also of pictures not
+    counted (low complexity, a generic look-alike): the triage histograms split prompts by it, so a
+    prompt with no extracted picture was drawn among the extracting ones. counted_samples decides now
+    (an older summary without it: as before)."""
+    def pp(i, extracted, counted):
+        return {"prompt_id": f"p{i}", "prompt": f"prompt {i}", "samples": 4, "triage_score": 0.1 * (i + 1),
+                "extracted_samples": extracted, "counted_samples": counted, "flagged": False, "train_ids": ["sky"],
+                "counted_train_ids": []}
+
+    html = _render(_summary(per_prompt=[pp(0, 3, 0), pp(1, 0, 0)]))
+    assert "no triage score of prompts with an extracted generation to plot" in html
+    assert "triage score of the other prompts (n = 2," in html
+    old = [{k: v for k, v in pp(0, 3, 0).items() if not k.startswith("counted")}, pp(1, 0, 0)]
+    assert "triage score of the other prompts (n = 1," in _render(_summary(per_prompt=old))

@@ -378,18 +378,22 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     by_prompt: dict[str, list[dict]] = {}
     for row in ext.to_pylist():
         by_prompt.setdefault(row["prompt_id"], []).append(row)
+    # extracted *pictures*: rows of one picture (near-duplicates in the index) count once
+    picture = read_pictures(info, cfg.storage.options, ext["train_gid"].to_numpy() if ext.num_rows else [])
+    counts = count_pictures(ext, picture, clique_ids, cfg.match)
     plan = SamplePlan.read(layout.generated)
     per_prompt = []
     for k, p in enumerate(prompts):
         c, hits = cands.get(p["prompt_id"], {}), by_prompt.get(p["prompt_id"], [])
+        # extracted_samples: generations within the threshold; counted_*: those whose picture counts (not a
+        # low-complexity or generic look-alike one), what the report lists as a prompt's extractions
+        counted = [h for h in hits if counts[picture.get(h["train_gid"], h["train_gid"])]["counted"]]
         per_prompt.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "samples": plan.samples_of(k),
                            "triage_score": triage.get(p["prompt_id"]),
                            "triage_distance": previews.get(p["prompt_id"]), "flagged": c.get("flagged", False),
                            "clique_size": c.get("clique_size"), "extracted_samples": len(hits),
-                           "train_ids": sorted({h["train_id"] for h in hits})})
-    # extracted *pictures*: rows of one picture (near-duplicates in the index) count once
-    picture = read_pictures(info, cfg.storage.options, ext["train_gid"].to_numpy() if ext.num_rows else [])
-    counts = count_pictures(ext, picture, clique_ids, cfg.match)
+                           "train_ids": sorted({h["train_id"] for h in hits}), "counted_samples": len(counted),
+                           "counted_train_ids": sorted({h["train_id"] for h in counted})})
     rows = picture_rows(info, cfg.storage.options, list(counts))
     seen = sorted(({"picture": rows[p][0], "rows": rows[p], **counts[p]} for p in counts),
                   key=lambda x: (-x["generations"], x["picture"]))
