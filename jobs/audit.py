@@ -1,7 +1,8 @@
 """Audit job: `python jobs/audit.py key=value ...` (same overrides as `memex audit`).
 
-From a laptop against a cluster (Ray sets RAY_ADDRESS for the driver it starts):
-    ray job submit --address http://<head>:8265 --working-dir . -- \
+From a laptop against a cluster, through `ray dashboard cluster.yaml` (it forwards the head's
+:8265 here; the head's security group need not open it), Ray setting RAY_ADDRESS for the driver:
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/audit.py model=local model.path=/fsx/ckpt/step-20000 trainset=manifest \
             trainset.path=s3://b/train.parquet storage=s3 resources=gpu index=ivfpq
 """

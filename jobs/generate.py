@@ -1,7 +1,7 @@
 """Generation job: `python jobs/generate.py key=value ...` (same overrides as `memex generate`).
 
 From a laptop against a cluster:
-    ray job submit --address http://<head>:8265 --working-dir . -- \
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/generate.py model=sd15 prompts=captions prompts.path=s3://b/train.parquet \
             sampling=paper storage=s3 resources=gpu
 """

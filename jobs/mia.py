@@ -1,7 +1,8 @@
 """Membership-inference job: `python jobs/mia.py key=value ...` (same overrides as `memex mia`).
 
-From a laptop against a cluster (Ray sets RAY_ADDRESS for the driver it starts):
-    ray job submit --address http://<head>:8265 --working-dir . -- \
+From a laptop against a cluster, through `ray dashboard cluster.yaml` (it forwards the head's
+:8265 here; the head's security group need not open it), Ray setting RAY_ADDRESS for the driver:
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/mia.py model=local model.path=/ckpt/step-20000 members.path=s3://b/train.parquet \
             nonmembers.path=s3://b/heldout.parquet storage=s3 resources=gpu
 """

@@ -1,7 +1,7 @@
 """Nightly job: `python jobs/nightly.py key=value ...` (same overrides as `memex nightly`).
 
 One job for the night (audits every new checkpoint in turn):
-    ray job submit --address http://<head>:8265 --working-dir . \
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --submission-id memex-nightly-$(date +%Y%m%d) -- \
             python jobs/nightly.py nightly=default nightly.location=/mnt/train/sd15-ft ...
 One job per checkpoint (ids from `memex nightly nightly.action=plan`; Ray refuses a reused id):

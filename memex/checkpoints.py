@@ -82,12 +82,22 @@ class Checkpoint:
 
 
 def _step_of_folder(path: Path) -> int | None:
+    """A pipeline or final LoRA folder's training step: memex_train.json's; none for a training output
+    that holds its own checkpoint-<step>/ folders (the final model: not compared for growth), whose
+    name, `sd15-lora-512` or `lora_out_2`, is no step (it gave the final model step 512 or 2: out of
+    order in its series, gated against the wrong checkpoint, logged at that step); else the number its
+    name ends with (exports side by side: step-1000/, step-2000/)."""
+    if m := CKPT_DIR.match(path.name):  # a whole pipeline saved as checkpoint-<step>/: its step
+        return int(m.group(1))
     info = path / "memex_train.json"
     if info.is_file():
         try:
             return int(json.loads(info.read_text())["steps"])
         except (ValueError, KeyError, TypeError):
             pass
+    if any(CKPT_DIR.match(p.name) and p.is_dir()
+           for p in [*path.iterdir(), *(path / "checkpoints").glob("checkpoint-*")]):
+        return None
     m = TRAILING_STEP.search(path.name)
     return int(m.group(1)) if m else None
 
@@ -227,7 +237,9 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
         for child in sorted(p for p in d.iterdir() if walked(p)):
             m = CKPT_DIR.match(child.name)
             lora = child / LORA_FILE if (child / LORA_FILE).is_file() else None
-            if m and ((child / "unet").is_dir() or lora):
+            # a whole pipeline saved as checkpoint-<step>/ (pipe.save_pretrained) is a pipeline: walked, so
+            # that its own VAE and text encoder are audited (it was taken for a bare UNet on a base)
+            if m and not (child / "model_index.json").is_file() and ((child / "unet").is_dir() or lora):
                 unet = child / ("unet_ema" if ema and not lora else "unet")
                 if not lora and ema and not _has_weights(unet):
                     if settled(child):  # one still being written may get it yet

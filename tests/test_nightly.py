@@ -242,6 +242,20 @@ def test_the_final_lora_beside_its_checkpoints_is_a_checkpoint_too(tmp_path):
     with pytest.raises(nightly.MemexError, match=r"lora-run/pytorch_lora_weights\.safetensors is a LoRA and no "
                                                  r"pipeline folder encloses it: set nightly\.base_model"):
         discover(str(tmp_path / "watch"))
+    # an output folder whose name ends in digits: no step either (lora_out_2 made the final model step 2)
+    (tmp_path / "watch" / "lora-run").rename(tmp_path / "watch" / "lora_out_2")
+    assert [c.step for c in discover(str(tmp_path / "watch"), str(BASE))] == [None, 100]
+
+
+def test_a_pipeline_saved_as_a_checkpoint_folder_is_audited_whole(tmp_path):
+    """pipe.save_pretrained(f"{out}/checkpoint-{step}") writes a whole pipeline there: it was taken
+    for a bare UNet (refused without nightly.base_model: no checkpoint of the location was found; with
+    one, audited on the base's VAE and text encoder instead of its own)."""
+    out = tmp_path / "watch" / "run"
+    shutil.copytree(BASE, out / "checkpoint-100")
+    found = discover(str(tmp_path / "watch"))
+    assert [(c.location, c.series, c.step, c.base, c.unet) for c in found] == [
+        (str(out / "checkpoint-100"), str(out), 100, str(out / "checkpoint-100"), None)]
 
 
 def test_a_dreambooth_checkpoint_brings_its_text_encoder(tmp_path):
@@ -530,6 +544,31 @@ def test_a_checkpoint_deleted_held_or_audited_elsewhere_is_skipped_not_an_error(
     monkeypatch.setattr(nightly, "discover", lambda *a, **k: found)
     shutil.rmtree(location / "checkpoint-2000" / "unet")
     assert nightly.plan(cfg).pending == []
+
+
+def test_a_row_another_job_appends_after_the_check_is_seen_under_the_lease(tmp_path, monkeypatch):
+    """The ledger was read before each audit, outside the run folder's lease: a job that found no row
+    while another job's audit was finishing (lease released, row not yet appended) took the lease,
+    resumed the finished folder and appended a second row (its alarm announced twice). The check is
+    made again under the lease, which is held until the row is appended."""
+    from memex.layout import LEDGER_SCHEMA
+    from memex.stages import audit
+
+    location = tmp_path / "watch" / "demo-text-run"
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", location / "checkpoint-1000")
+    cfg = compose(_overrides(tmp_path, tmp_path / "watch"), config_name="nightly")
+    ncfg = cfg  # compose gives the typed config the stage takes
+    res = nightly.plan(ncfg)
+    (p,) = res.pending
+    ledger = Ledger(nightly.ledger_root(ncfg), ncfg.storage.options)
+    ledger.append({k: None for k in LEDGER_SCHEMA.names} | {  # the other job's row, just after our check
+        "location": p.ckpt.location, "series": p.ckpt.series, "step": 1000, "base": "", "weights_sha256": p.weights,
+        "files_signature": "", "config_sha256": res.config_sha256, "run": "elsewhere", "report": "elsewhere",
+        "samples": 1, "extracted": 3, "extracted_generations": 3, "flagged_prompts": 0, "outcome": "over_budget",
+        "message": "3 > nightly.budget=0"})
+    monkeypatch.setattr(audit, "run", lambda acfg: pytest.fail("audited a second time"))
+    assert nightly.audit_one(ncfg, p, res.config_sha256, ledger) == "audited by another job since"
+    assert len(ledger.read()) == 1
 
 
 def test_kohya_steps_come_from_metadata_and_state_folders_are_skipped(tmp_path, monkeypatch, caplog):

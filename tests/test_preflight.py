@@ -426,7 +426,7 @@ def no_index(monkeypatch):
     """index.run (the first cluster work) raises: an error raised before it is a preflight error."""
     from memex.stages import index
 
-    def refuse(cfg):
+    def refuse(cfg, **kw):
         raise _IndexStarted
 
     monkeypatch.setattr(index, "run", refuse)

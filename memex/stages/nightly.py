@@ -186,8 +186,7 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
     checkpoint deleted before or during its audit (no error to retry: it is gone), or one another
     job holds now (nights overlap: plan mode submits a job per checkpoint each night, and a job
     still queued or running from the night before takes it first)."""
-    from memex.lease import LeaseHeld
-    from memex.stages import audit
+    from memex.lease import LeaseHeld, hold
 
     c = p.ckpt
     acfg = replace(cfg, model=replace(cfg.model, name=c.name, path=c.base, unet=c.unet, lora=c.lora,
@@ -201,6 +200,24 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
     row = redact(row)  # no credential in the ledger, the payload or the printout: memex/redact.py
     if gone(c):
         return "deleted before its audit began"
+    # The run folder's lease from the ledger check to the row's append (audit.run takes it again,
+    # re-entrant): a job that found no row and took the lease the moment another job's audit released it
+    # resumed the finished folder and appended a second row (alarms announced twice).
+    try:
+        with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
+            if p.weights in ledger.audited(sha):
+                return "audited by another job since"
+            return _audit_and_record(cfg, acfg, c, p, row, sha, ledger)
+    except LeaseHeld as e:
+        log.info("%s: another job audits it now: %s", row["location"], e)
+        return "another job audits it now (its run folder's lease)"
+
+
+def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, sha: str, ledger: Ledger) -> dict | str:
+    """`audit_one` under the run folder's lease: the audit, the gate and the ledger row."""
+    from memex.lease import LeaseHeld
+    from memex.stages import audit
+
     log.info("auditing %s (step %s, weights %s)", row["location"], c.step, p.weights[:12])
     tracker_error = None
     try:
