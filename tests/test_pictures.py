@@ -38,6 +38,20 @@ def test_low_complexity_pictures_need_more_generations_or_a_clique():
     assert count_pictures(_ext(exact), picture, set(), MatchConfig())[9]["counted"]
 
 
+def test_closer_than_its_own_mosaic_is_judged_row_by_row():
+    """A picture stored as two rows (a re-encoding) whose details differ: a generation 0.08 from the
+    row of detail 0.1 is closer than that row's mosaic, and counts with match.low_detail_min_generations
+    above 1. The test took the picture's least detail (0.05, the other row's) against its best
+    distance (0.08), and it did not count; nor does a generation no closer than its own row's mosaic."""
+    rows = [{"sample_id": "d/0", "train_gid": 20, "train_id": "t20", "train_detail": 0.05, "distance": 0.12},
+            {"sample_id": "d/1", "train_gid": 21, "train_id": "t21", "train_detail": 0.1, "distance": 0.08}]
+    m = MatchConfig(low_detail_min_generations=3)
+    got = count_pictures(_ext(rows), {21: 20}, set(), m)[20]
+    assert got["low_complexity"] and got["counted"] and "closer" not in got
+    far = [rows[0], dict(rows[1], distance=0.11)]
+    assert not count_pictures(_ext(far), {21: 20}, set(), m)[20]["counted"]
+
+
 @pytest.mark.parametrize("min_generations,counted", [(1, {1, 5}), (2, {5}), (3, set())])
 def test_min_generations_applies_to_every_picture(min_generations, counted):
     m = MatchConfig(min_generations=min_generations, low_detail_min_generations=2)

@@ -337,7 +337,11 @@ def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str],
     for row in ext.to_pylist():
         p = picture.get(row["train_gid"], row["train_gid"])
         e = out.setdefault(p, {"generations": 0, "in_clique": 0, "detail": row["train_detail"],
-                               "best": row["distance"], "margin": None, "unmeasured": False})
+                               "best": row["distance"], "margin": None, "unmeasured": False, "closer": False})
+        # a generation closer to its own row than that row's tile mosaic: per row (rows of one picture,
+        # re-encodings, have details of their own; the picture's least detail and best distance could
+        # come from two rows)
+        e["closer"] |= row["train_detail"] is not None and row["distance"] < row["train_detail"]
         e["generations"] += 1
         e["in_clique"] += row["sample_id"] in clique_ids
         e["best"] = min(e["best"], row["distance"])
@@ -353,7 +357,7 @@ def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str],
         need = max(m.min_generations, m.low_detail_min_generations) if e["low_complexity"] else m.min_generations
         # a generation closer to the picture than the picture's own tile mosaic reproduces its detail,
         # not just its 16 tile colours: evidence enough on its own (an exact copy of a flat picture)
-        closer = e["low_complexity"] and e["best"] < e["detail"]
+        closer = e.pop("closer") and e["low_complexity"]  # (popped: internal, not a summary field)
         # and one copying generation must be distinct: at most max_margin of the way to the next picture
         unmeasured = e.pop("unmeasured")  # internal: not a summary field
         e["distinct"] = m.max_margin is None or unmeasured or e["margin"] <= m.max_margin
