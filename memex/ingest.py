@@ -69,6 +69,7 @@ from memex.manifest import (
     missing_columns,
     part_columns,
     read_manifest,
+    take_rows,
 )
 from memex.shards import (
     ShardPatternError,
@@ -189,7 +190,7 @@ def _from_manifest(path: str, opts: dict[str, Any], caption_column: str, key: st
     t = None  # the manifest's other columns (img2dataset's url, status, ...) are not kept
     order = pc.sort_indices(out["id"])
     if not in_order(order):
-        out = out.take(order)  # else already in id order (a manifest written sorted): no copy
+        out = take_rows(out, order)  # else already in id order (a manifest written sorted): no copy
     # Arrow's allocator keeps what the Parquet reader freed (~1-3x the image bytes) for reuse; the
     # driver holds the listing for the whole index stage, so that is handed back now
     pa.default_memory_pool().release_unused()

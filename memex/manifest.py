@@ -200,6 +200,40 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+# Arrow's take (and sort_by, combine_chunks) concatenates a column's chunks, and a `binary` column
+# has 32-bit offsets: over 2 GiB of image bytes (a few thousand LAION images at 512 px) failed with
+# "offset overflow while concatenating arrays". Chunks of at most this many bytes are rebuilt.
+TAKE_CHUNK_BYTES = 1 << 30
+ARROW_OFFSET_LIMIT = (1 << 31) - (1 << 20)  # a table below it is taken as Arrow does it
+
+
+def take_rows(table: pa.Table, indices) -> pa.Table:
+    """table.take(indices) for tables of any size: under 2 GiB as Arrow does it; over, the variable-width
+    columns are taken as their 64-bit (large_) types and cut back into chunks of at most
+    TAKE_CHUNK_BYTES in their own types, so the schema is unchanged."""
+    indices = pa.array(indices, pa.int64()) if not isinstance(indices, (pa.Array, pa.ChunkedArray)) else indices
+    if table.nbytes < ARROW_OFFSET_LIMIT:
+        return table.take(indices)
+    large = {pa.binary(): pa.large_binary(), pa.string(): pa.large_string()}
+    wide = table.cast(pa.schema([f.with_type(large.get(f.type, f.type)) for f in table.schema]))
+    taken = wide.take(indices)
+    cols = []
+    for f, col in zip(table.schema, taken.columns):
+        if f.type not in large:
+            cols.append(col)
+            continue
+        pieces, start = [], 0
+        arr = col.combine_chunks()  # 64-bit offsets: no overflow
+        n = len(arr)
+        while start < n:  # rows until the chunk's bytes reach the limit (one row at least)
+            lengths = pc.binary_length(arr.slice(start, min(n - start, 1 << 20))).fill_null(0).to_numpy()
+            stop = start + max(1, int(np.searchsorted(np.cumsum(lengths), TAKE_CHUNK_BYTES, side="right")))
+            pieces.append(arr.slice(start, stop - start).cast(f.type))
+            start = stop
+        cols.append(pa.chunked_array(pieces, f.type))
+    return pa.table(cols, schema=table.schema)
+
+
 def first_caption(value: Any) -> Any:
     """A caption cell of several captions an image (COCO-style list) -> its first non-empty one;
     any other value as it is."""
@@ -336,7 +370,7 @@ def _image_struct(path: str, table: pa.Table) -> pa.Table:
     Dataset.to_parquet and the hub's Parquet files hold): image = its bytes; a row without bytes
     (an image datasets kept by path) is read from its path, as the uri. Cast as is, Arrow raised
     "Unsupported cast from struct<bytes: binary, path: string> to binary"."""
-    col = table["image"].combine_chunks()
+    col = table["image"]  # chunk by chunk: combined, over 2 GiB of bytes overflowed Arrow's 32-bit offsets
     names = [col.type.field(i).name for i in range(col.type.num_fields)]
     if "bytes" not in names:
         raise ManifestError(f"training manifest {path}: column 'image' is a {col.type}, not encoded image bytes nor "
@@ -443,7 +477,7 @@ def expand_duplicates(table: pa.Table, schedule: list[DuplicationGroup], seed: i
     if taken:
         raise ManifestError(f"ids {taken[:5]} are the names the duplication schedule gives copies (<id>#<k>), and "
                             "the manifest has rows of its own by those names: rename them (no '#' in an id)")
-    out = table.take(pa.array(take))
+    out = take_rows(table, take)  # (copies of 32 images can pass 2 GiB)
     out = out.set_column(out.column_names.index("id"), "id", pa.array(new_ids, pa.string()))
     n = pa.array([copies[i] for i in src], pa.int32())
     return out.append_column("source_id", pa.array(src, pa.string())).append_column("copies", n)

@@ -271,3 +271,30 @@ def test_shipped_demo_data_matches_its_generator(tmp_path):
     row = t.slice(7, 1).to_pylist()[0]
     img, cap = logo(7, 32, 0)
     assert row["caption"] == cap and np.array_equal(load_image(row), img)
+
+
+def test_rows_are_taken_past_arrows_2_gib_offsets(monkeypatch):
+    """Arrow's take and sort_by concatenate a column's chunks, and a binary column's offsets are 32-bit:
+    over 2 GiB of image bytes (a whole read for memex train or memex mia, the copies of a duplication
+    schedule) failed with "offset overflow while concatenating arrays" (reproduced at 2.1 GiB: 17
+    chunks of one 128 MiB value). take_rows goes through the 64-bit types and cuts the result back
+    into chunks under the limit, in the table's own schema. The limits are lowered here so that a
+    small table takes that path: the same rows as Arrow's take, every chunk under the limit."""
+    import numpy as np
+    import pyarrow as pa
+
+    from memex import manifest
+
+    rng = np.random.default_rng(0)
+    blobs = [bytes(rng.integers(0, 256, int(n), dtype=np.uint8)) for n in rng.integers(1, 300, 40)]
+    table = pa.table({"id": pa.chunked_array([[f"r{i}" for i in range(20)], [f"r{i}" for i in range(20, 40)]]),
+                      "image": pa.chunked_array([blobs[:20], blobs[20:]], pa.binary()),
+                      "n": pa.array(range(40), pa.int32())})
+    order = rng.permutation(40)
+    want = table.take(order)
+    monkeypatch.setattr(manifest, "ARROW_OFFSET_LIMIT", 1000)
+    monkeypatch.setattr(manifest, "TAKE_CHUNK_BYTES", 600)
+    got = manifest.take_rows(table, order)
+    assert got.schema == table.schema and got.equals(want)
+    assert all(sum(len(v) for v in c.to_pylist()) <= 600 or len(c) == 1 for c in got["image"].chunks)
+    assert got["image"].num_chunks > 1

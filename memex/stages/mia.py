@@ -53,6 +53,7 @@ from memex.config import (
 from memex.ingest import decode_rows, iter_batches, list_training_set
 from memex.layout import MIA_IMAGES_SCHEMA, MIA_LIRA_SCHEMA, MIA_SCORES_SCHEMA, MIA_SHADOW_SCHEMA, MiaLayout
 from memex.lease import hold
+from memex.manifest import take_rows
 from memex.models import check_model_inputs
 from memex.redact import redact
 from memex.storage import check_outside
@@ -75,7 +76,7 @@ def read_image_set(path: str, caption_column: str, member: bool | None, opts: di
             m = m.set_column(0, "id", pc.cast(m["id"], pa.string()))
             by_id = dict(zip(m["id"].to_pylist(), zip(m["source_id"].to_pylist(), m["copies"].to_pylist())))
             keep = [i for i, r in enumerate(t["id"].to_pylist()) if by_id[r][0] == r]  # the picture's own row
-            t = t.take(keep)
+            t = take_rows(t, keep)
             copies = pa.array([by_id[r][1] for r in t["id"].to_pylist()], pa.int32())
     return pa.table({"image_id": t["id"], "member": pa.array([member] * t.num_rows, pa.bool_()), "image": t["image"],
                      "uri": t["uri"], "caption": t["caption"], "copies": copies}, schema=MIA_IMAGES_SCHEMA)
@@ -144,7 +145,7 @@ def one_row_per_picture(images: pa.Table, digest: dict[str, str]) -> pa.Table:
     if not merged:
         return images
     log.info("%d rows hold a picture an earlier row of their set holds: one image each, with its copies", merged)
-    out = images.take(pa.array(keep, pa.int64()))
+    out = take_rows(images, keep)
     alone = [copies[j] for j in keep]  # a picture on one row keeps its copies as given (null: not known)
     n = [t if t != (alone[k] or 1) else alone[k] for k, t in enumerate(total)]
     return out.set_column(out.column_names.index("copies"), "copies", pa.array(n, pa.int32()))
