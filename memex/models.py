@@ -629,27 +629,33 @@ def generated_channels(path: str, unet: str | None = None, revision: str | None 
     """Channels of the images the model at `path` generates, from its config files (as
     sampling.image_channels finds them on the loaded model): the VAE decoder's out_channels, else
     the UNet's in_channels. None when they cannot be read here (a hub id not cached, a damaged config)."""
+    found = _readable_index(path, revision)
+    if found is None:
+        return None
+    folder, index = found
+    if isinstance(index.get("vae"), list) and index["vae"][0]:
+        return _unet_config(os.path.join(folder, "vae")).get("out_channels")
+    return _unet_config(unet or os.path.join(folder, "unet")).get("in_channels")
+
+
+def _readable_index(path: str, revision: str | None) -> tuple[str, dict] | None:
+    """(folder, model_index.json) when this machine can read the model's configs, else None (a hub id
+    not cached here, a folder the checks refuse: they name it elsewhere)."""
     try:
         folder, index = _pipeline_index(path, revision)
     except ModelError:
         return None
-    if not folder:
-        return None
-    if isinstance(index.get("vae"), list) and index["vae"][0]:
-        return _unet_config(os.path.join(folder, "vae")).get("out_channels")
-    return _unet_config(unet or os.path.join(folder, "unet")).get("in_channels")
+    return (folder, index) if folder else None
 
 
 def native_size(path: str, unet: str | None = None, revision: str | None = None) -> tuple[int, int] | None:
     """(height, width) of the images the model at `path` makes by default, from its configs: the UNet's
     sample_size (an int, or [height, width]) times the VAE's downscaling (2^(levels - 1)), as the
     Sampler computes it. None when they cannot be read here."""
-    try:
-        folder, index = _pipeline_index(path, revision)
-    except ModelError:
+    found = _readable_index(path, revision)
+    if found is None:
         return None
-    if not folder:
-        return None
+    folder, index = found
     native = _unet_config(unet or os.path.join(folder, "unet")).get("sample_size")
     if native is None:
         return None

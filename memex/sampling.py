@@ -278,9 +278,12 @@ class Sampler:
             if both:
                 eps_uncond, eps_text = eps.chunk(2)
                 c = self.unet_channels
-                diff = eps_text[:, :c] - eps_uncond[:, :c]
-                # guidance on the noise; a learned variance is the text branch's, as diffusers' IF pipeline does
-                eps = torch.cat([eps_uncond[:, :c] + self.settings.guidance_scale * diff, eps_text[:, c:]], dim=1)
+                if eps.shape[1] == c:  # noise only (SD): no copy
+                    diff = eps_text - eps_uncond
+                    eps = eps_uncond + self.settings.guidance_scale * diff
+                else:  # guidance on the noise; the learned variance is the text branch's, as diffusers' IF does
+                    diff = eps_text[:, :c] - eps_uncond[:, :c]
+                    eps = torch.cat([eps_uncond[:, :c] + self.settings.guidance_scale * diff, eps_text[:, c:]], dim=1)
         self.unet_evaluations += eps.shape[0] * (2 if both else 1)
         # a learned-variance half (IF-style UNets) to the scheduler that reads it, else dropped
         return (eps if self.learned_variance else eps[:, : self.unet_channels]), diff

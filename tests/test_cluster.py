@@ -126,6 +126,18 @@ def test_local_storage_is_refused_on_a_cluster_unless_a_shared_mount(cluster, tm
     # the same root with storage.shared_mount=true runs: the lost-node test below
 
 
+def _generate_until_it_waits(overrides: list[str]) -> tuple[subprocess.Popen, str]:
+    """`memex generate` started in the background, read until it says it waits for a node (the
+    placement group an autoscaler answers); returns the process and that line."""
+    proc = subprocess.Popen([str(BIN / "memex"), "generate", *overrides, "resources.start_timeout_s=300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    waiting = proc.stderr.readline()
+    while waiting and "waiting up to 300s (resources.start_timeout_s)" not in waiting:
+        waiting = proc.stderr.readline()
+    assert waiting, proc.communicate(timeout=60)
+    return proc, waiting
+
+
 def test_a_worker_no_node_fits_waits_until_a_node_joins_and_that_node_takes_the_work(cluster, tmp_path):
     """resources.num_gpus=2: no node of this cluster has two GPUs. Ray would wait for one forever,
     silently; memex says on the console that it waits (its placement group is the demand an
@@ -138,12 +150,7 @@ def test_a_worker_no_node_fits_waits_until_a_node_joins_and_that_node_takes_the_
               "sampling.num_inference_steps=4", "sampling.batch_size=2", "sampling.shard_size=2",
               f"storage.root={tmp_path}", "storage.shared_mount=true"]
     fs = fsspec.filesystem("file")
-    proc = subprocess.Popen([str(BIN / "memex"), "generate", *common, "resources.start_timeout_s=300"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    waiting = proc.stderr.readline()
-    while waiting and "waiting up to 300s (resources.start_timeout_s)" not in waiting:
-        waiting = proc.stderr.readline()
-    assert waiting, proc.communicate(timeout=60)
+    proc, waiting = _generate_until_it_waits(common)
     assert ("resources.num_gpus=2 asks for 2 GPUs per worker, and no node of the Ray cluster has that (the largest: "
             "2 CPUs, 1 GPU) yet") in waiting, waiting
     assert not (tmp_path / "two-gpus" / "samples" / "_markers").exists()
@@ -167,12 +174,7 @@ def test_a_local_root_is_refused_when_the_first_gpu_node_joins(tmp_path):
         common = [f"resources.address={host.address}", *GPU, "resources.min_actors=1", "resources.max_actors=1",
                   "run.name=auto", "sampling.samples_per_prompt=2", "sampling.num_inference_steps=4",
                   "sampling.batch_size=2", "sampling.shard_size=2", f"storage.root={tmp_path}"]
-        proc = subprocess.Popen([str(BIN / "memex"), "generate", *common, "resources.start_timeout_s=300"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-        waiting = proc.stderr.readline()
-        while waiting and "waiting up to 300s (resources.start_timeout_s)" not in waiting:
-            waiting = proc.stderr.readline()
-        assert waiting, proc.communicate(timeout=60)
+        proc, _ = _generate_until_it_waits(common)
         host.add(1)  # the autoscaler's first GPU worker
         _, err = proc.communicate(timeout=300)
         assert proc.returncode != 0 and f"storage.root={tmp_path} is a local path, but Ray has 2 nodes" in err, \
