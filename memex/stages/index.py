@@ -254,8 +254,8 @@ def write_pictures(layout: IndexLayout, n_shards: int) -> int:
                                f"{layout.store.uri_of(layout.dups.marker(s))}.") from e
         joined.add(t["gid"].to_numpy(), t["root"].to_numpy())
     pairs = joined.pairs()
-    gids = np.concatenate([pairs[:, 0], np.unique(pairs[:, 1])])  # the roots are rows of their pictures too
-    pictures = np.concatenate([pairs[:, 1], np.unique(pairs[:, 1])])
+    roots = np.unique(pairs[:, 1])  # the roots are rows of their pictures too
+    gids, pictures = np.concatenate([pairs[:, 0], roots]), np.concatenate([pairs[:, 1], roots])
     order = np.argsort(gids)
     ids = fetch_train_rows(layout, gids.tolist(), columns=["gid", "id"]).sort_by("gid")
     table = pa.table({"gid": gids[order], "id": ids["id"], "picture": pictures[order]}, schema=PICTURES_SCHEMA)
