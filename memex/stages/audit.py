@@ -127,17 +127,22 @@ def audit_run_folder(cfg: AuditConfig, run_name: str, layout: RunLayout) -> dict
     return summary
 
 
+def source_index(cfg: AuditConfig) -> dict | None:
+    """A re-match's source's index.json (the index its generations were matched against), else None."""
+    if cfg.run.samples_from is None:
+        return None
+    from memex.stages import rematch
+
+    source = rematch.source_layout(cfg)
+    return source.store.read_json(source.index_json)
+
+
 def generation_aspect(cfg: AuditConfig) -> tuple[int, int] | None:
     """(height, width) of the audit's generations: sampling.height/width, else the model's native size
     (memex/models.py native_size); a re-match's source says which it was matched with. None: unknown
     (a hub id not cached here) or square, where the index is the plain one."""
-    if cfg.run.samples_from is not None:
-        from memex.stages import rematch
-
-        source = rematch.source_layout(cfg)
-        matched = source.store.read_json(source.index_json)
-        if matched is not None:
-            return tuple(matched["aspect"]) if matched.get("aspect") else None
+    if (matched := source_index(cfg)) is not None:
+        return tuple(matched["aspect"]) if matched.get("aspect") else None
     s = cfg.sampling
     native = None if s.height and s.width else native_size(cfg.model.path, cfg.model.unet, cfg.model.revision)
     h, w = s.height or (native or (None, None))[0], s.width or (native or (None, None))[1]
@@ -148,13 +153,8 @@ def gray_generations(cfg: AuditConfig) -> bool:
     """Whether the audit's generations are grayscale: the model's config says so (memex/models.py
     generated_channels); a re-match's source says which index it was matched against (its model may
     be gone). Then the index is built from the training images' luma (memex/stages/index.py)."""
-    if cfg.run.samples_from is not None:
-        from memex.stages import rematch
-
-        source = rematch.source_layout(cfg)
-        matched = source.store.read_json(source.index_json)
-        if matched is not None:  # (a `memex generate` source has none: its model's config decides)
-            return bool(matched.get("luma", False))
+    if (matched := source_index(cfg)) is not None:  # (a `memex generate` source has none: the model decides)
+        return bool(matched.get("luma", False))
     return generated_channels(cfg.model.path, cfg.model.unet, cfg.model.revision) == 1
 
 

@@ -213,9 +213,9 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
         return "another job audits it now (its run folder's lease)"
 
 
-def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, sha: str, ledger: Ledger) -> dict | str:
-    """`audit_one` under the run folder's lease: the audit, the gate and the ledger row."""
-    from memex.lease import LeaseHeld
+def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, sha: str, ledger: Ledger) -> dict:
+    """`audit_one` under the run folder's lease (audit.run's own is re-entrant: it cannot be refused
+    here): the audit, the gate and the ledger row."""
     from memex.stages import audit
 
     log.info("auditing %s (step %s, weights %s)", row["location"], c.step, p.weights[:12])
@@ -227,9 +227,6 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
             if e.summary is None:
                 raise
             s, tracker_error = e.summary, e
-    except LeaseHeld as e:
-        log.info("%s: another job audits it now: %s", row["location"], e)
-        return "another job audits it now (its run folder's lease)"
     except Exception as e:  # noqa: BLE001 - recorded in the ledger and reported by the exit status
         if gone(c):
             log.warning("audit of %s stopped: the checkpoint was deleted meanwhile (%s)", row["location"], e)
