@@ -21,6 +21,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
+CONSTRAINTS = REPO / "constraints.txt"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,19 @@ def test_docker_image_named(raw):
     assert docker["container_name"]
 
 
-def test_dockerfile_base_matches_installed_ray():
+def _constraint(name: str) -> str:
+    pins = dict(
+        line.split("#")[0].strip().split("==")
+        for line in CONSTRAINTS.read_text().splitlines()
+        if "==" in line.split("#")[0]
+    )
+    assert name in pins, f"{CONSTRAINTS.name} pins no {name}"
+    return pins[name]
+
+
+def test_dockerfile_base_matches_constraints_and_installed_ray():
+    # One Ray version for the image, the constraints CI installs with, and the Ray these tests ran
+    # on: a loose `ray>=` alone let a fresh CI pick up a new release the image does not have.
     froms = [
         line.split()[1]
         for line in DOCKERFILE.read_text().splitlines()
@@ -84,10 +97,25 @@ def test_dockerfile_base_matches_installed_ray():
     m = re.fullmatch(r"rayproject/ray:(?P<tag>\S+)", froms[0])
     assert m, f"base image is not rayproject/ray: {froms[0]}"
     tag = m["tag"]
-    assert tag.split("-")[0] == ray.__version__, (
-        f"Dockerfile base {froms[0]} does not match installed ray {ray.__version__}"
-    )
     assert tag.endswith("-gpu"), tag
+    pinned = _constraint("ray")
+    assert tag.split("-")[0] == pinned, f"Dockerfile base {froms[0]} != constraints.txt ray=={pinned}"
+    assert ray.__version__ == pinned, (
+        f"ray {ray.__version__} installed, constraints.txt pins {pinned}: "
+        "pip install -c constraints.txt -e '.[test]'"
+    )
+
+
+def test_every_install_uses_the_constraints():
+    # README's two commands, .ci/run and the image all install through constraints.txt.
+    readme = (REPO / "README.md").read_text()
+    installs = [ln for ln in readme.splitlines() if "pip install torch==2.13.0 " in ln and "-e '." in ln]
+    assert len(installs) == 2, installs
+    ci = (REPO / ".ci" / "run").read_text()
+    assert any(ln in ci for ln in installs), ".ci/run does not run README's test command"
+    docker_pip = [ln for ln in DOCKERFILE.read_text().splitlines() if ln.startswith("RUN") and "pip install" in ln]
+    for line in installs + docker_pip:
+        assert "constraints.txt" in line, line
 
 
 def test_every_key_is_commented():
