@@ -156,17 +156,25 @@ def main() -> None:
             report(f"{name}@{t}", r, time.perf_counter() - t0, reproduced, once, distinct, ids, train, label)
 
 
+def score(found: set[str], ok: dict[str, bool], reproduced: set[str], once: set[str]) -> tuple:
+    """(recall, precision, strict, found reproduced pictures, found emitted pictures) of the pictures an
+    audit reports, against the truth's reproduced and copied-once pictures; ok: per found picture, whether
+    one of the audit's own counted generations copies it by the truth's standard (true_copies)."""
+    hit = found & reproduced
+    recall = len(hit) / len(reproduced) if reproduced else float("nan")
+    emitted = {p for p in found if ok[p] or p in reproduced or p in once}
+    precision = len(emitted) / len(found) if found else float("nan")
+    strict = sum(ok[p] for p in found) / len(found) if found else float("nan")
+    return recall, precision, strict, hit, emitted
+
+
 def report(name: str, s: dict, wall: float, reproduced: Counter, once: Counter, distinct: dict,
            ids: list[str], train: torch.Tensor, label: dict[str, bool]) -> None:
     """One row of the table for a finished audit's summary, then what it missed and why."""
     layout = RunLayout.at(s["run"])
     found = {p["picture"] for p in s["extracted_pictures"]}
     ok = true_copies(layout, s, ids, train)
-    hit = found & set(reproduced)
-    recall = len(hit) / len(reproduced) if reproduced else float("nan")
-    emitted = {p for p in found if ok[p] or p in reproduced or p in once}
-    precision = len(emitted) / len(found) if found else float("nan")
-    strict = sum(ok.values()) / len(found) if found else float("nan")
+    recall, precision, strict, hit, emitted = score(found, ok, set(reproduced), set(once))
     per = s["unet_evaluations"] / len(hit) if hit else float("nan")
     print(f"{name:<12} {recall:7.3f} {precision:9.3f} {strict:6.3f} {len(found):5d} {s['unet_evaluations']:10,d} "
           f"{per:9,.0f} {s['samples']:7d} {wall:7.0f}")

@@ -80,6 +80,15 @@ def prompted(captions: list[str], samples: int) -> tuple[list[int], list[str], l
     return target, texts, pids, index
 
 
+def copy_labels(rms: torch.Tensor, tiled: torch.Tensor, copy_rms: float = COPY_RMS):
+    """(generations, pictures) RMS and tiled l2 distances -> (is_copy, (RMS to the nearest picture, its
+    index), (tiled l2 to the nearest, its index)). A generation copies a picture when that picture is its
+    nearest by both distances, within RMS copy_rms and tiled l2 TILED."""
+    rms_d, rms_k = rms.min(dim=1)
+    tiled_d, tiled_k = tiled.min(dim=1)
+    return (rms_d <= copy_rms) & (tiled_d <= TILED) & (rms_k == tiled_k), (rms_d, rms_k), (tiled_d, tiled_k)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -111,10 +120,7 @@ def main() -> None:
     gen = to_unit(torch.from_numpy(gen_u8))
     rms = l2_pairwise(gen, train)  # (generations, pictures): exact, every pair
     tiled = tiled_l2_pairwise(gen, train)
-    rms_d, rms_k = rms.min(dim=1)
-    tiled_d, tiled_k = tiled.min(dim=1)
-
-    is_copy = (rms_d <= a.copy_rms) & (tiled_d <= TILED) & (rms_k == tiled_k)
+    is_copy, (rms_d, rms_k), (tiled_d, tiled_k) = copy_labels(rms, tiled, a.copy_rms)
     copies: dict[str, int] = defaultdict(int)
     for j in range(len(gen)):
         if is_copy[j]:

@@ -43,7 +43,10 @@ def prompt_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _open_table(path: str, storage_options: dict[str, Any]) -> pa.Table:
+def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, str] | None = None) -> pa.Table:
+    """The prompt file as a table; a Parquet file or folder is read with only `columns` (column -> the
+    key that names it) (a training manifest with embedded images given as prompts.path: 5M rows x ~40 KB
+    of images were read whole into the driver for one caption column)."""
     fs, p = fsspec.core.url_to_fs(path, **storage_options)
     if not fs.exists(p):
         raise PromptError(f"prompts.path={path} does not exist")
@@ -54,7 +57,11 @@ def _open_table(path: str, storage_options: dict[str, Any]) -> pa.Table:
         if parts:  # datasets' save_to_disk folder: its Arrow files
             return read_arrow(f"prompts.path={path}", fs, parts)
         if ext == ".parquet" or is_dir:
-            return pq.read_table(p, filesystem=fs)
+            names = pq.ParquetDataset(p, filesystem=fs).schema.names if columns else None
+            for c, key in (columns or {}).items():
+                if c not in names:
+                    raise PromptError(f"{path} has no column {c!r} (columns: {names}); set {key}=<column>")
+            return pq.read_table(p, filesystem=fs, columns=list(columns) if columns else None)
         with fs.open(p, "rb") as f:
             # utf-8-sig: a file saved with a byte-order mark (Windows editors) loses it; as "utf-8" the
             # mark stayed in the first prompt (3 extra CLIP tokens) and failed a .jsonl's first line
@@ -63,6 +70,8 @@ def _open_table(path: str, storage_options: dict[str, Any]) -> pa.Table:
         raise PromptError(f"prompts.path={path} is not UTF-8 text: {e}") from e
     except ManifestError as e:  # a datasets folder's own message names the key and the fix
         raise PromptError(str(e)) from e
+    except PromptError:  # a missing column, named above
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised naming the file
         raise PromptError(f"cannot read prompts.path={path}: {type(e).__name__}: {e}") from e
     # lines end at \n, \r\n or \r only: str.splitlines also breaks at U+0085 (NEL, common in caption
@@ -165,7 +174,9 @@ def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = No
     if cfg.source == PromptSource.none:
         return pa.table({"prompt_id": [UNCONDITIONAL_ID], "prompt": [""]}, schema=PROMPTS_SCHEMA)
 
-    table = _open_table(cfg.path, opts)
+    wanted = {cfg.caption_column: "prompts.caption_column"} if cfg.source == PromptSource.captions else \
+        {cfg.column: "prompts.column", **({cfg.id_column: "prompts.id_column"} if cfg.id_column else {})}
+    table = _open_table(cfg.path, opts, wanted)
     if cfg.source == PromptSource.captions:
         col = _column(table, cfg.caption_column, cfg.path, "prompts.caption_column")
         ranked = rank_captions(pa.array([c.strip() if c is not None else None for c in col]))

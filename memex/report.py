@@ -453,7 +453,16 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
     wanted = pa.array(ext["sample_id"].to_pylist(), pa.string())
     sample_png: dict[str, bytes] = {}
     if len(wanted):
-        for i in layout.samples.complete():  # shard by shard: only the extracted rows' images stay in memory
+        from memex.plan import SamplePlan
+        from memex.prompts import read_run_prompts
+
+        # only the shards that hold the shown pairs' prompts (SamplePlan: where each prompt's samples lie),
+        # each read whole, then only the shown rows' images kept: every shard's image column was read, ~250 GB
+        # for the paper's 175M generations to show 200 pairs
+        row_of = {pid: k for k, pid in enumerate(read_run_prompts(layout)["prompt_id"].to_pylist())}
+        plan = SamplePlan.read(layout.generated)
+        shards = {s for pid in set(ext["prompt_id"].to_pylist()) for s in plan.shards_of(row_of[pid])}
+        for i in sorted(shards & set(layout.samples.complete())):
             t = store.read_table(layout.samples.file(i), columns=["sample_id", "image"])
             t = t.filter(pc.is_in(t["sample_id"], wanted))
             sample_png.update(zip(t["sample_id"].to_pylist(), t["image"].to_pylist()))

@@ -136,6 +136,18 @@ class Sampler:
         takes = "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters
         self.learned_variance = takes and self.scheduler.config.get("variance_type") in ("learned", "learned_range")
         self.unet_channels = self.unet.config.in_channels  # what the noise and the UNet's sample have
+        # the triage score is on eps (Wen et al.); a v- or x0-predicting UNet's text-minus-empty difference
+        # is turned into eps's with the step's abar (_eps_scale: x13 too large at SD 2's first step, abar 0.0058)
+        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        abar = getattr(self.scheduler, "alphas_cumprod", None)
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ModelError(f"scheduler prediction_type={self.prediction_type!r}: memex samples epsilon, "
+                             "v_prediction and sample models")
+        if self.prediction_type != "epsilon" and abar is None:
+            raise ModelError(f"scheduler {self.scheduler_name} has no alphas_cumprod, so the triage score of a "
+                             f"prediction_type={self.prediction_type} model cannot be put on eps: choose another "
+                             "sampling.scheduler (ddim, pndm, euler)")
+        self._abar = None if abar is None else abar.detach().cpu().double().numpy()
         self.channels = image_channels(model)  # C of the (N, H, W, C) images: 1 or 3
         self.conditional = self.kind != ModelKind.unconditional
         self.cfg = self.conditional and settings.guidance_scale > 1.0
@@ -284,9 +296,17 @@ class Sampler:
                 else:  # guidance on the noise; the learned variance is the text branch's, as diffusers' IF does
                     diff = eps_text[:, :c] - eps_uncond[:, :c]
                     eps = torch.cat([eps_uncond[:, :c] + self.settings.guidance_scale * diff, eps_text[:, c:]], dim=1)
+        if diff is not None and self.prediction_type != "epsilon":
+            diff = diff * self._eps_scale(t)
         self.unet_evaluations += eps.shape[0] * (2 if both else 1)
         # a learned-variance half (IF-style UNets) to the scheduler that reads it, else dropped
         return (eps if self.learned_variance else eps[:, : self.unet_channels]), diff
+
+    def _eps_scale(self, t: torch.Tensor) -> float:
+        """|d eps| / |d prediction| at timestep t, x_t fixed: v = sqrt(a) eps - sqrt(1-a) x0 and
+        x_t = sqrt(a) x0 + sqrt(1-a) eps give d eps = sqrt(a) d v; x0-prediction: d eps = -sqrt(a/(1-a)) d x0."""
+        a = float(self._abar[min(int(round(float(t))), len(self._abar) - 1)])  # Euler's timesteps are floats
+        return a**0.5 if self.prediction_type == "v_prediction" else (a / (1 - a)) ** 0.5
 
     def _decode(self, x: torch.Tensor) -> np.ndarray:
         """(N, H, W, C) uint8 of final latents (pixels for a pixel model); a VAE decodes

@@ -325,7 +325,8 @@ def test_adaptive_audit_samples_more_only_where_a_copy_shows(tmp_path, tiny_mode
     # cost: 12 samples x 3 steps x 2 (guidance) + padding rows + triage (3 prompts x 2 seeds x 1 step x 2,
     # in one batch of 4 rows and one padded one: 8 rows x 2)
     assert s["unet_evaluations_triage"] == 16
-    assert s["unet_evaluations"] == 12 * 3 * 2 + s["unet_evaluations_padding"] + 16
+    padding = layout.samples.success()["padded_evaluations"]  # generation's, and triage's 2 padded rows x 2
+    assert s["unet_evaluations"] == 12 * 3 * 2 + padding + 16 and s["unet_evaluations_padding"] == padding + 4
     assert s["unet_evaluations_per_extracted_image"] == round(s["unet_evaluations"] / 8)
     samples = layout.samples.read(columns=["sample_id", "round", "triage_score"]).to_pylist()
     assert sorted(r["round"] for r in samples) == [0] * 6 + [1] * 6 and all(r["triage_score"] > 0 for r in samples)
@@ -388,7 +389,8 @@ def test_preview_triage_extends_the_prompt_whose_previews_copy(tmp_path, ray_hea
     assert per[prompts[0]]["triage_distance"] == pytest.approx(tri[prompts[0]]["distance"])
     # cost: the previews (6 rows x 2 steps x 2, padded to 2 batches of 4: 8 rows) + 10 samples x 3 x 2 + padding
     assert s["unet_evaluations_triage"] == 8 * 2 * 2
-    assert s["unet_evaluations"] == 10 * 3 * 2 + s["unet_evaluations_padding"] + 32
+    padding = layout.samples.success()["padded_evaluations"]  # generation's, and the previews' 2 rows x 2 x 2
+    assert s["unet_evaluations"] == 10 * 3 * 2 + padding + 32 and s["unet_evaluations_padding"] == padding + 8
     assert "Previews matched to the training set" in (Path(layout.path) / "report" / "index.html").read_text()
 
     # the same audit with resources.executor=local (no Ray: each stage's units in this process, its
@@ -449,3 +451,38 @@ def assert_readable_by_pyarrow(layout: RunLayout, s: dict) -> None:
     matched = ds.dataset(run / "matched_train_images.parquet").to_table()
     assert set(matched["train_id"].to_pylist()) >= set(s["extracted_train_ids"])
     assert (run / "summary.json").exists() and not (run / "matches" / "summary.json").exists()
+
+
+def test_a_low_complexity_look_alike_is_matched_but_not_counted(tmp_path, ray_head):
+    """summary.json through match.run (not a hand-made summary): one generation lands on a flat
+    training picture (low complexity: it needs 3 copying generations), twelve copy a detailed one.
+    The flat picture is in uncounted_pictures, left out of the headline count and of its prompt's
+    counted_*; its extracted_samples still show the hit."""
+    rng = np.random.default_rng(3)
+    train = [blocky(rng) for _ in range(10)]
+    flat = np.full((SIZE, SIZE, 3), (90, 120, 200), np.uint8)  # a crop of sky: no detail at all
+    ids = [f"t{i:02d}" for i in range(10)] + ["sky"]
+    manifest = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"id": ids, "image": [encode_png(t) for t in [*train, flat]],
+                             "caption": [f"caption {i}" for i in range(11)]}), manifest)
+
+    def near(img):
+        return np.clip(img.astype(int) + rng.integers(-2, 3, img.shape), 0, 255).astype(np.uint8)
+
+    plant_run(tmp_path / "runs", "r", {"sky-ish": [near(flat)] + [blocky(rng) for _ in range(N_SAMPLES - 1)],
+                                       "a copy of t05": [near(train[5]) for _ in range(N_SAMPLES)]})
+    cfg = compose([f"trainset.path={manifest}", f"storage.root={tmp_path / 'runs'}", "model.path=/planted",
+                   f"sampling.samples_per_prompt={N_SAMPLES}", "sampling.shard_size=8", "index.shards=2",
+                   f"resources.address={ray_head.address}", "run.name=r", "match.candidates=all"],
+                  config_name="audit")
+    attach_index(RunLayout(cfg.storage.root, "r"), index.run(cfg))
+    s = match.run(cfg, "r")
+    assert s["extracted_generations"] == 1 + N_SAMPLES
+    assert [p["picture"] for p in s["extracted_pictures"]] == ["t05"] and s["extracted_unique_train_images"] == 1
+    assert s["extracted_train_ids"] == ["t05"]
+    (sky,) = s["uncounted_pictures"]
+    assert (sky["picture"], sky["generations"], sky["low_complexity"], sky["counted"]) == ("sky", 1, True, False)
+    pp = {p["prompt"]: p for p in s["per_prompt"]}
+    assert (pp["sky-ish"]["extracted_samples"], pp["sky-ish"]["train_ids"]) == (1, ["sky"])
+    assert (pp["sky-ish"]["counted_samples"], pp["sky-ish"]["counted_train_ids"]) == (0, [])
+    assert (pp["a copy of t05"]["counted_samples"], pp["a copy of t05"]["counted_train_ids"]) == (N_SAMPLES, ["t05"])

@@ -52,3 +52,52 @@ def test_split_half_ceiling_scores_the_first_half_against_labels_of_the_second(c
     # pairs ranked right: a>c, d>c; wrong: a<b, d<b -> AUC 0.5; reproduce: only a (two copies of pic-a)
     assert "AUC memorize 0.500 (2 prompts), reproduce 0.667 (1 prompts)" in out
     assert "first half does) = 0.50, | first half does not = 0.50" in out
+
+
+def test_a_copy_is_the_nearest_picture_by_both_distances_within_both_limits():
+    """bench/memorization.py's copy label, on hand-made distances (3 pictures): the standard every
+    recall and precision figure of bench/RESULTS.md is scored by."""
+    import torch
+
+    m = load_truth_script()
+    rms = torch.tensor([[0.30, 0.05, 0.40],   # nearest 1 by both, within both: a copy of 1
+                        [0.08, 0.20, 0.09],   # nearest 0 by RMS, 2 by tiled l2: no copy
+                        [0.12, 0.50, 0.60],   # RMS 0.12 > 0.1
+                        [0.50, 0.60, 0.02]])  # tiled l2 0.16 > 0.15
+    tiled = torch.tensor([[0.40, 0.10, 0.50],
+                          [0.14, 0.30, 0.12],
+                          [0.10, 0.60, 0.70],
+                          [0.60, 0.70, 0.16]])
+    is_copy, (rms_d, rms_k), (tiled_d, tiled_k) = m.copy_labels(rms, tiled)
+    assert is_copy.tolist() == [True, False, False, False]
+    assert rms_k.tolist() == [1, 0, 0, 2] and tiled_k.tolist() == [1, 2, 0, 2]
+    assert m.copy_labels(rms, tiled, copy_rms=0.15)[0].tolist() == [True, False, True, False]
+
+
+def test_truth_sets_and_the_score_of_an_audit(tmp_path):
+    """bench/audit_vs_truth.py: reproduced = copied by >= 2 pool generations; recall over those;
+    precision counts a reported picture as emitted when the pool copies it at all or the audit's own
+    generation copies it; strict only the latter. Fractions worked out by hand."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def row(pic, rms, tiled, tiled_id=None):
+        return {"nearest_id": pic, "nearest_rms": rms, "tiled_id": tiled_id or pic, "tiled_l2": tiled}
+
+    pool = [row("A", 0.05, 0.1), row("A", 0.02, 0.05), row("A", 0.09, 0.14),  # A: 3 copies
+            row("B", 0.05, 0.1),  # B: once
+            row("C", 0.05, 0.1), row("C", 0.05, 0.1, tiled_id="A"),  # C: once (the second is nearest A by tiled)
+            row("D", 0.05, 0.1), row("D", 0.05, 0.1),  # D: twice
+            row("E", 0.11, 0.1), row("E", 0.05, 0.2)]  # E: never (RMS, then tiled l2, too far)
+    path = tmp_path / "truth.parquet"
+    pq.write_table(pa.Table.from_pylist(pool), path)
+    avt = load_truth_script("audit_vs_truth")
+    reproduced, once, n = avt.truth_sets(str(path))
+    assert (dict(reproduced), dict(once), n) == ({"A": 3, "D": 2}, {"B": 1, "C": 1}, 10)
+
+    # the audit reports A (its own generation a copy), B (emitted: the pool copies it once, the audit's is
+    # looser) and X (neither: a false alarm); it misses D
+    found, ok = {"A", "B", "X"}, {"A": True, "B": False, "X": False}
+    recall, precision, strict, hit, emitted = avt.score(found, ok, set(reproduced), set(once))
+    assert (recall, precision, strict) == (1 / 2, 2 / 3, 1 / 3)
+    assert hit == {"A"} and emitted == {"A", "B"}

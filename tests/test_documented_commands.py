@@ -260,7 +260,7 @@ PAPER = {"prompts.source": "near_duplicates", "prompts.limit": 350000, "sampling
          "sampling.scheduler": "ddim", "sampling.num_inference_steps": 50, "sampling.guidance_scale": 7.5,
          "sampling.dtype": "float16", "filter.min_clique": 10, "filter.edge_threshold": 0.15,
          "match.candidates": "cliques", "match.distance": "tiled_l2", "match.threshold": 0.15,
-         "budget.kind": "fixed", "triage.kind": "none"}
+         "match.max_margin": None, "budget.kind": "fixed", "triage.kind": "none"}
 DEMO_AUDIT = {"prompts.source": "near_duplicates", "prompts.limit": 24, "sampling.samples_per_prompt": 16,
               "filter.min_clique": 5, "filter.edge_threshold": 0.15, "match.distance": "tiled_l2",
               "match.candidates": "all", "budget.kind": "fixed",

@@ -250,6 +250,28 @@ def test_sideways_jpeg_is_shown_upright():
     assert got.shape == (32, 64, 3) and np.abs(got.astype(int) - upright).mean() < 2
 
 
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_a_sideways_jpeg_shrunk_for_the_index_is_upright_before_the_crop(orientation):
+    """The index decodes a large JPEG at a reduced DCT scale (decode(min_side=...)), then fits it to the
+    embedder's square: the rotation must come first, the right way round (90 and 270 degrees both
+    tested: a gradient along the width turned the wrong way runs the other direction)."""
+    from memex.images import fit
+
+    x = np.linspace(0, 255, 1024)[None, :, None]
+    y = np.linspace(0, 120, 512)[:, None, None]
+    upright = np.clip(x * np.array([1.0, 0.5, 0.2]) + y, 0, 255).astype(np.uint8)  # 512x1024, no symmetry
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(_STORED[orientation](upright))).save(buf, format="JPEG", quality=95,
+                                                                             exif=exif)
+    got = fit(decode(buf.getvalue(), min_side=64), 64)
+    assert got.shape == (64, 64, 3)
+    assert np.abs(got.astype(int) - fit(upright, 64)).mean() < 2
+    wrong = fit(np.ascontiguousarray(upright[::-1, ::-1]), 64)  # what turning the wrong way round shows
+    assert np.abs(wrong.astype(int) - fit(upright, 64)).mean() > 20  # the test tells the two turns apart
+
+
 def test_a_jpeg_shrunk_for_the_index_is_decoded_at_its_dct_scale():
     """The index fits each training image to its embedder's input (32-224 px). A large JPEG is decoded
     at the reduced DCT scale that keeps both sides >= that input (3x faster at 2048 px, bench/RESULTS.md),

@@ -956,7 +956,7 @@ def test_the_index_streams_a_manifest_of_embedded_images_in_id_order(tmp_path, i
     assert train.equals(want) and info.n_indexed == whole.num_rows
 
 
-def test_a_streamed_manifest_out_of_id_order_or_changed_midway(tmp_path, in_process_units):
+def test_a_streamed_manifest_out_of_id_order_or_changed_midway(tmp_path, in_process_units, monkeypatch):
     """Rows not in id order (img2dataset writes them as downloads finish): the streamed listing keeps
     the manifest's order, and so do the gids of train.parquet, while the key is the whole read's
     (sorted by id). A manifest rewritten between its listing and train.parquet's write is named."""
@@ -993,6 +993,27 @@ def test_a_streamed_manifest_out_of_id_order_or_changed_midway(tmp_path, in_proc
     pq.write_table(pa.table({"id": ["a", "b", "c"], "image": imgs[:3]}), path)
     with pytest.raises(IngestError, match=r"changed while the index read it \(3 rows, its listing has 4\)"):
         list(iter_train_rows(str(path), {}, listing))
+
+    # through the index stage: rewritten after the listing (which made the key), before the copy
+    import memex.ingest
+
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "image": imgs}), path)
+    real = memex.ingest.iter_train_rows
+
+    def rewritten_first(*a, **k):
+        pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "image": [imgs[0], imgs[2], imgs[2], imgs[3]]}), path)
+        return real(*a, **k)
+
+    monkeypatch.setattr(memex.ingest, "iter_train_rows", rewritten_first)
+    cfg = _audit_cfg(str(path), tmp_path / "runs2")
+    before = index.index_key(list_training_set(str(path), {}, images=False), cfg)
+    with pytest.raises(IngestError, match=rf"^trainset.path={path} changed while the index read it"):
+        index.run(cfg)
+    assert not (tmp_path / "runs2" / "_index" / before / "train.parquet").exists()
+    monkeypatch.setattr(memex.ingest, "iter_train_rows", real)
+    again = index.run(cfg)  # the rerun lists the manifest anew: another key, and a whole index
+    assert again.key != before and again.n_indexed == 4
+    assert (tmp_path / "runs2" / "_index" / again.key / "train.parquet").exists()
 
 
 def test_a_manifest_whose_parts_differ_is_refused_naming_the_part(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -203,8 +204,14 @@ def test_pickle_with_a_payload_is_never_executed(tiny_models, tmp_path):
     with pytest.raises(ModelError, match=r"pytorch_model\.bin is refused: its pickle holds more than tensors"):
         load_model(str(path), allow_pickle=True)
     for loader in (diffusers_load, transformers_load):
-        with pytest.raises(Exception):  # noqa: B017 - any refusal will do; the marker is what matters
+        with pytest.raises(Exception) as e:  # noqa: B017 - diffusers wraps the refusal in an OSError
             loader(str(evil))
+        chain, x = [], e.value  # the refusal itself, not an earlier failure (a renamed argument, a missing file)
+        while x is not None:
+            chain.append(x)
+            x = x.__cause__ or x.__context__
+        assert any(isinstance(x, pickle.UnpicklingError) and "Weights only load failed" in str(x) for x in chain), \
+            f"{loader.__module__}: {chain}"
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the payload is live: plain unpickling runs it
     assert marker.is_dir()

@@ -133,3 +133,22 @@ def test_prompt_files_that_lost_prompts_silently_are_read_whole_or_refused(tmp_p
     pq.write_table(pa.table({"prompt": ["a cat", "a dog", "a cat"], "pid": ["1", "1", "2"]}), ids)
     with pytest.raises(PromptError, match=r"id '1' .* names two prompts, 'a cat' and 'a dog'"):
         load_prompts(PromptsConfig(source=PromptSource.file, path=str(ids), id_column="pid"))
+
+
+def test_a_manifest_as_prompts_reads_its_caption_column_only(tmp_path, monkeypatch):
+    """prompts=captions with prompts.path at a training manifest (as conf/prompts/captions.yaml suggests):
+    every column was read, embedded images included (5M x ~40 KB in the driver for one text column).
+    Now only the named columns; a missing one is still named with all the file's columns."""
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "image": [b"\x89PNG" * 1000] * 3,
+                             "caption": ["a cat", "a dog", "a cat"], "n": [1, 2, 3]}), path)
+    read = []
+    real = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: read.append(k.get("columns")) or real(*a, **k))
+    t = load_prompts(PromptsConfig(source=PromptSource.captions, path=str(path)))
+    assert t["prompt"].to_pylist() == ["a cat", "a dog"] and read == [["caption"]]
+    t = load_prompts(PromptsConfig(source=PromptSource.file, path=str(path), column="caption", id_column="n"))
+    assert t["prompt_id"].to_pylist() == ["1", "2", "3"] and read[-1] == ["caption", "n"]
+    with pytest.raises(PromptError, match=r"has no column 'text' \(columns: \['id', 'image', 'caption', 'n'\]\); "
+                                          r"set prompts.column=<column>"):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(path), column="text"))

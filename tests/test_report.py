@@ -435,3 +435,20 @@ def test_a_prompt_whose_only_copies_were_not_counted_is_not_shown_as_extracting(
     assert "triage score of the other prompts (n = 2," in html
     old = [{k: v for k, v in pp(0, 3, 0).items() if not k.startswith("counted")}, pp(1, 0, 0)]
     assert "triage score of the other prompts (n = 1," in _render(_summary(per_prompt=old))
+
+
+def test_the_report_reads_only_the_shards_of_the_shown_pairs(audited_run, monkeypatch):
+    """The report showed at most 200 pairs but read every samples shard's image column to find them
+    (~250 GB at the paper's 175M generations). Now only the shards holding the shown pairs' prompts
+    (20 samples in shards of 8: the copying prompt's lie in shards 0 and 1, the other's in 1 and 2)."""
+    from memex.storage import Store
+
+    layout, summary, _ = audited_run
+    read = []
+    real = Store.read_table
+    monkeypatch.setattr(Store, "read_table", lambda self, path, *a, **k: read.append(str(path)) or
+                        real(self, path, *a, **k))
+    html = Path(build_report(layout)).read_text()
+    shards = sorted(p for p in read if "/samples/" in p)
+    assert shards == [layout.samples.file(0), layout.samples.file(1)], shards
+    assert "not stored" not in html and html.count("data:image/png") >= 2 * min(N_SAMPLES, 8)

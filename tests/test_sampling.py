@@ -272,12 +272,30 @@ def test_a_learned_variance_reaches_the_scheduler_that_reads_it(tiny_models, tmp
     cls = "UNet2DModel" if kind == "unconditional" else "UNet2DConditionModel"
     path = _rebuilt_unet(tiny_models[kind], tmp_path / "if", cls, {"variance_type": "learned_range"}, out_channels=6)
     s = _sampler(path, scheduler=SchedulerKind.ddpm)
-    seen = []
-    step = s.scheduler.step
-    s.scheduler.step = lambda out, *a, **k: seen.append(out.shape[1]) or step(out, *a, **k)
+    seen, raw = [], []  # what the scheduler's step got; what the UNet returned
+    step, unet = s.scheduler.step, s.unet
+    s.scheduler.step = lambda out, *a, **k: seen.append(out.clone()) or step(out, *a, **k)
+
+    class Spy:  # the UNet, its outputs kept
+        def __getattr__(self, name):
+            return getattr(unet, name)
+
+        def __call__(self, *a, **k):
+            out = unet(*a, **k)
+            raw.append(out.sample.clone())
+            return out
+
+    s.unet = Spy()
     ids, texts, seeds = (["uncond"], [""], [1]) if kind == "unconditional" else (["p1"], [PROMPTS["p1"]], [1])
     images = s.generate(ids, texts, seeds)
-    assert images.shape == (1, 16, 16, 3) and set(seen) == {6}
+    assert images.shape == (1, 16, 16, 3) and {x.shape[1] for x in seen} == {6} and len(seen) == len(raw)
+    for got, out in zip(seen, raw):
+        if kind == "unconditional":
+            torch.testing.assert_close(got, out)
+        else:  # rows [uncond; text]: guided noise, the text branch's variance
+            u, t = out.chunk(2)
+            torch.testing.assert_close(got[:, :3], u[:, :3] + 3.0 * (t[:, :3] - u[:, :3]))
+            torch.testing.assert_close(got[:, 3:], t[:, 3:])
     pndm = _sampler(path, scheduler=SchedulerKind.pndm)
     assert not pndm.learned_variance and pndm.generate(ids, texts, seeds).shape == (1, 16, 16, 3)
 
@@ -292,3 +310,25 @@ def test_a_unet_without_sample_size_needs_the_image_size(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="no sample_size.*set sampling.height and sampling.width"):
         _sampler(path)
     assert _sampler(path, height=16, width=24).generate(["p1"], [PROMPTS["p1"]], [1]).shape == (1, 16, 24, 3)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_the_triage_score_is_on_eps_for_v_and_x0_predicting_models(tiny_models, tmp_path, prediction_type):
+    """Wen et al.'s score is ||eps(x_t, c) - eps(x_t, "")||. A v-prediction UNet (SD 2.x at 768 px) outputs v,
+    whose difference is the eps difference / sqrt(abar_t): 13x at SD 2's first step, so scores of a v and an
+    eps checkpoint could not be compared (the nightly trend). The same weights read as either: the score of
+    the one is the other's times sqrt(abar_t) (x0-prediction: sqrt(abar_t / (1 - abar_t)))."""
+    import json
+
+    shutil.copytree(tiny_models["pixel_text"], tmp_path / "v")  # the same weights; the scheduler reads them as v
+    sched = tmp_path / "v" / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": prediction_type}))
+    eps, other = _sampler(tiny_models["pixel_text"]), _sampler(tmp_path / "v")
+    ids, texts, seeds = _batch(n_per_prompt=1)
+    raw = eps.triage(ids, texts, seeds)
+    a = float(eps.scheduler.alphas_cumprod[int(eps.scheduler.timesteps[0])])  # the first step's (set by triage)
+    scale = a**0.5 if prediction_type == "v_prediction" else (a / (1 - a)) ** 0.5
+    want = raw * scale
+    np.testing.assert_allclose(other.triage(ids, texts, seeds), want, rtol=1e-5)
+    np.testing.assert_allclose(other.generate_scored(ids, texts, seeds)[1], want, rtol=1e-5)  # the free score too
+    assert scale < 0.5  # the tiny models' first timestep is near T: the raw difference was 2x or more off

@@ -419,7 +419,8 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
         # every UNet forward pass of the audit, one per batch row (guidance: 2), padding and triage included
         "unet_evaluations": evals,
         "unet_evaluations_triage": (layout.triage.success() or {}).get("unet_evaluations", 0),
-        "unet_evaluations_padding": samples.get("padded_evaluations", 0),
+        "unet_evaluations_padding": samples.get("padded_evaluations", 0)
+        + (layout.triage.success() or {}).get("padded_evaluations", 0),
         "unet_evaluations_per_extracted_image": round(evals / len(pictures)) if pictures else None,
         "filter": "ran" if filtered else "skipped: an unconditional model's samples share one prompt",
         "prompts_flagged": sum(bool(c["flagged"]) for c in cands.values()),

@@ -5,7 +5,8 @@
 
 A run folder is named by its generation settings, so an audit at another match or filter setting
 reaches the same folder, which refuses it (StageFolder.claim), and a sweep without this generated
-every value anew: 38,400 UNet evaluations each on the demo, 2x500 per prompt on Stable Diffusion.
+every value anew: 38,400 UNet evaluations each on the demo, 500 x 50 x 2 = 50,000 a prompt on Stable
+Diffusion (51,000 with PNDM's warm-up step).
 A re-match writes a run folder of its own whose run.json is the source's plus `samples_from`; its
 prompts, rounds, triage, previews and samples are read from the source where they are
 (`RunLayout.generated`) and never written, and its candidates/, matches/, summary.json and report

@@ -15,9 +15,10 @@ triage=preview asks the model directly: `triage.seeds` previews of a short DDIM 
 stage matches a generation (embedding search for match.k proposals, tiled l2 on pixels). A prompt's
 score is minus the smallest tiled l2 of its previews: a memorizing prompt's previews already land
 near the picture it copies. 8 previews x 10 steps x 2 = 160 UNet evaluations a prompt, a tenth of a
-16-sample prompt; on the demo it ranks reproducing prompts at AUC 0.96 where noise_norm reaches
-0.81 (bench/RESULTS.md), and the adaptive budget extends a prompt whose preview came within
-budget.continue_factor x match.threshold (memex/stages/audit.py continuing_prompts).
+16-sample prompt; on the demo it ranks reproducing prompts at AUC 0.980 where noise_norm reaches
+0.80 (against the truth corrected on 2026-12-04; 0.96 and 0.81 before: bench/RESULTS.md), and the
+adaptive budget extends a prompt whose preview came within budget.continue_factor x match.threshold
+(memex/stages/audit.py continuing_prompts).
 
 Units: chunks of `triage.prompts_per_task` prompts through the actor pool (one model per actor),
 like generation; the runner writes triage/shard-<chunk>.parquet and its marker. triage=preview:
@@ -70,7 +71,7 @@ class TriagePrompts(RunSampler):
         rows_texts = [p for p in texts for _ in range(t.seeds)]
         index_of = [j % t.seeds for j in range(len(rows_ids))]
         seeds = [sample_seed(s.seed, pid, i) for pid, i in zip(rows_ids, index_of)]
-        before = self.sampler.unet_evaluations
+        before, padded = self.sampler.unet_evaluations, self.sampler.padded_evaluations
         if t.kind == TriageKind.preview:
             # a shard's worth of whole batches at a time: 256 prompts x 8 previews at 512 px would be
             # 1.6 GB of pixels at once; PNGs are ~5x smaller
@@ -80,13 +81,18 @@ class TriagePrompts(RunSampler):
                 png += [encode_png(x, s.png_compress_level) for x in images]  # (H, W, C) uint8 each
             table = pa.table({"prompt_id": rows_ids, "prompt": rows_texts, "sample_index": index_of, "image": png},
                              schema=PREVIEWS_SCHEMA)
-            return table, {"unet_evaluations": self.sampler.unet_evaluations - before}
+            return table, self._cost(before, padded)
         scores = self.sampler.triage(rows_ids, rows_texts, seeds, t.steps).reshape(len(ids), t.seeds).mean(axis=1)
-        cost = self.sampler.unet_evaluations - before
         table = pa.table({"prompt_id": ids, "prompt": texts, "score": scores.astype(np.float32),
                           "unet_evaluations": [t.seeds * t.steps * 2] * len(ids), "distance": [None] * len(ids),
                           "train_gid": [None] * len(ids)}, schema=TRIAGE_SCHEMA)
-        return table, {"unet_evaluations": cost}
+        return table, self._cost(before, padded)
+
+    def _cost(self, before: int, padded: int) -> dict:
+        # the chunk's UNet work, and the part spent on the rows padding its last batch (summary.json's
+        # unet_evaluations_padding counts them beside generation's)
+        return {"unet_evaluations": self.sampler.unet_evaluations - before,
+                "padded_evaluations": self.sampler.padded_evaluations - padded}
 
 
 def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, nearest: Callable) -> tuple[pa.Table, dict]:
@@ -98,7 +104,8 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
     from memex.stages.match import Luma, fetch_training_images, pixel_distances
 
     prev = layout.store.read_table(layout.previews.file(index))
-    cost = (layout.previews.read_marker(index) or {}).get("unet_evaluations", 0)
+    marker = layout.previews.read_marker(index) or {}
+    cost = marker.get("unet_evaluations", 0)
     k = min(cfg.match.k, info.n_indexed)
     best: dict[str, tuple[float, int]] = {}  # prompt id -> (distance, gid) of its closest preview
     step = cfg.sampling.shard_size  # previews per search, like a samples shard: shard_size x k training images
@@ -122,7 +129,7 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
                       "score": [None if d is None else -d for d in dist],
                       "unet_evaluations": [cost // max(len(ids), 1)] * len(ids), "distance": dist,
                       "train_gid": [best.get(p, (None, None))[1] for p in ids]}, schema=TRIAGE_SCHEMA)
-    return table, {"unet_evaluations": cost}
+    return table, {"unet_evaluations": cost, "padded_evaluations": marker.get("padded_evaluations", 0)}
 
 
 def run(cfg: AuditConfig, run_name: str) -> dict:
@@ -159,7 +166,7 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     else:
         runner.run_actor_pool(layout.triage, chunks, TriagePrompts, work, cfg.resources)
     scores = layout.triage.read(columns=["score"])["score"].drop_null().to_numpy()
-    summary = {"prompts": n, "unet_evaluations": unet_work(layout.triage)["unet_evaluations"],
+    summary = {"prompts": n, **unet_work(layout.triage),
                "score_median": float(np.median(scores)) if len(scores) else None,
                "score_mad": float(np.median(np.abs(scores - np.median(scores)))) if len(scores) else None}
     layout.triage.mark_success(summary)
