@@ -182,3 +182,45 @@ def test_a_grayscale_generation_is_compared_with_the_luma_of_colour_training_ima
                       MatchConfig(), "l2", "center_crop", {})
     assert [r["distance"] for r in rows] == [0.0, 0.0] and all(r["extracted"] for r in rows)
     assert np.array_equal(luma_rgb(colour)[..., :1], gray)
+
+
+def test_training_images_are_cut_once_per_shape_and_luma_across_shards():
+    """match.Compared keeps each training image as compared (cut to the generation's aspect, at the
+    pair's size) across the stage's shards: the same rows as cutting it for every pair, each (image,
+    shape, luma) cut once, the luma kept apart from the colour, and the least recently used dropped
+    past its byte budget."""
+    import numpy as np
+
+    from memex.images import decode
+    from memex.stages.match import Compared, verify_all
+
+    rng = np.random.default_rng(2)
+    train = {g: rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for g in range(4)}  # non-square: a cut
+    meta = {g: (f"t{g}", "c") for g in train}
+    gens = [np.clip(train[j % 4][8:40, 16:48].astype(int) + rng.integers(-3, 4, (32, 32, 3)), 0, 255).astype(np.uint8)
+            for j in range(6)]
+    shard = pa.table({"sample_id": [f"p/{j}" for j in range(6)], "prompt_id": ["p"] * 6, "prompt": ["x"] * 6,
+                      "image": [encode_png(g) for g in gens]})
+    I = np.array([[j % 4, (j + 1) % 4, (j + 2) % 4] for j in range(6)])
+    D = np.zeros(I.shape)
+    m = MatchConfig()
+    plain = verify_all(shard, D, I, train, meta, m, "l2", "center_crop", {})
+    kept = Compared("center_crop")
+    assert verify_all(shard, D, I, train, meta, m, "l2", "center_crop", {}, kept) == plain
+    assert kept.made == 4 and kept.hits > 0
+    made = kept.made
+    assert verify_all(shard, D, I, train, meta, m, "l2", "center_crop", {}, kept) == plain  # the next shard
+    assert kept.made == made  # nothing cut again
+
+    # a grayscale generation of the same training image, with the same cache: compared with its luma
+    gray = pa.table({"sample_id": ["g/0"], "prompt_id": ["g"], "prompt": ["x"],
+                     "image": [encode_png(decode(encode_png(gens[0]), channels=1))]})
+    args = (np.zeros((1, 1)), np.zeros((1, 1), np.int64), train, meta, m, "l2", "center_crop", {})
+    (want,) = verify_all(gray, *args)
+    (colour,) = verify_all(shard.slice(0, 1), *args)
+    assert want["distance"] != colour["distance"]  # the luma and the colour comparisons differ
+    assert verify_all(gray, *args, kept) == [want] and kept.made == made + 1
+
+    small = Compared("center_crop", max_bytes=2 * 3 * 32 * 32 * 4)  # room for two 32 px images
+    assert verify_all(shard, D, I, train, meta, m, "l2", "center_crop", {}, small) == plain
+    assert small.nbytes <= small.max_bytes and len(small._d) == 2 and small.made > 4

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -496,6 +497,12 @@ def test_a_unit_whose_worker_dies_every_time_fails_the_stage_after_max_starts(ra
     line; Ray's state API says no worker was killed for memory here (a SIGKILL of its own). A rerun
     (a new command) counts afresh and finishes what is left."""
     _ship_this_module_by_value()
+    # the state API is served by the dashboard, which a loaded 2-core CI machine brings up late: the
+    # message below is the one of a dashboard that answers, so wait until it does (CI once got the
+    # "the log names why" fallback of one that did not answer within 10 s)
+    deadline = time.monotonic() + 120
+    while runner.oom_kills() is None and time.monotonic() < deadline:
+        time.sleep(2)
     units = {0: {}, 1: {}, 2: {}}
     with pytest.raises(runner.WorkerDeaths) as e:
         runner.run_actor_pool(folder, units, DiesOnUnitOne, {}, RES)

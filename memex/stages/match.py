@@ -29,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import OrderedDict
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -79,18 +81,51 @@ def fetch_training_images(info: IndexInfo, gids, storage_options: dict, known: d
 
 
 # 4. verification on pixels --------------------------------------------------------------------
-def pixel_distances(gen: np.ndarray, neighbors: list[np.ndarray], kind: DistanceKind, preprocess: str) -> np.ndarray:
+def pixel_distances(gen: np.ndarray, neighbors: list, kind: DistanceKind, preprocess: str) -> np.ndarray:
     """(k,) float64 distances of one generation (H, W, C) uint8 to each training image: tiled l2
     (the paper's), or plain l2 (RMS, the input of relative l2). Each training image is first cut to
     the generation's aspect ratio (trainset.preprocess), then each pair is compared at their smaller
-    common size. One pair at a time: training images keep their own sizes."""
+    common size. One pair at a time: training images keep their own sizes. A neighbour given as a
+    tensor is taken as already cut and sized (`Compared`)."""
     import torch
 
     from memex.distances import l2_pairwise, tiled_l2, to_unit
 
     g = to_unit(torch.tensor(gen[None]))  # tensor(): copies read-only arrays
     fn = tiled_l2 if kind == DistanceKind.tiled_l2 else (lambda a, b: l2_pairwise(a, b)[:, 0])
-    return np.array([float(fn(g, as_compared(n, gen.shape[:2], preprocess))[0]) for n in neighbors], dtype=np.float64)
+    return np.array([float(fn(g, n if isinstance(n, torch.Tensor) else as_compared(n, gen.shape[:2], preprocess))[0])
+                     for n in neighbors], dtype=np.float64)
+
+
+class Compared:
+    """Training images as the distances compare them with generations of one shape (`as_compared`), made
+    once and kept across a stage's shards, the least recently used dropped past max_bytes. Cutting and
+    resizing a 1024x768 training image for a 512 px generation takes ~25 ms, the pair's tiled l2 ~1.5 ms,
+    and a prompt's generations share most of their k neighbours (bench/bench_match.py measures it).
+    Keys: (gid, luma, shape): gids of one index."""
+
+    def __init__(self, preprocess: str, max_bytes: int = 1 << 30):
+        self.preprocess, self.max_bytes = preprocess, max_bytes
+        self._d: OrderedDict = OrderedDict()
+        self.nbytes = self.made = self.hits = 0
+
+    def get(self, gid: int, luma: bool, image: Callable[[], np.ndarray], shape: tuple[int, int]):
+        """The (1, C, h, w) training image gid as compared with a generation of `shape`; image() gives its
+        pixels (uint8, luma or not as the key says) when it is not kept."""
+        key = (gid, luma, tuple(shape))
+        t = self._d.get(key)
+        if t is not None:
+            self._d.move_to_end(key)
+            self.hits += 1
+            return t
+        t = as_compared(image(), shape, self.preprocess)  # (1, C, h, w) float32: 3 MB at 512 px
+        self.made += 1
+        self._d[key] = t
+        self.nbytes += t.numel() * t.element_size()
+        while self.nbytes > self.max_bytes and len(self._d) > 1:
+            _, old = self._d.popitem(last=False)
+            self.nbytes -= old.numel() * old.element_size()
+        return t
 
 
 def as_compared(img: np.ndarray, shape: tuple[int, int], preprocess: str):
@@ -128,15 +163,17 @@ def relative_distance(l2: np.ndarray, pictures: list[int], n: int, alpha: float)
 
 
 def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, meta: dict, m: MatchConfig,
-               metric: str, preprocess: str, picture: dict[int, int]) -> list[dict]:
+               metric: str, preprocess: str, picture: dict[int, int], compared: Compared | None = None) -> list[dict]:
     """One MATCHES_SCHEMA row per candidate that has a readable neighbour: its best match.
 
     tiled_l2: the nearest of the k embedding neighbours by tiled l2. relative_l2: the embedding
-    search proposes, pixels decide: relative_distance over the proposals' distinct pictures."""
+    search proposes, pixels decide: relative_distance over the proposals' distinct pictures.
+    compared: the stage's cache of training images as compared (None: one for this call)."""
 
     from memex.distances import tile_detail
 
     rows, luma = [], Luma(pixels)
+    compared = compared if compared is not None else Compared(preprocess)
     caches: dict[bool, tuple[dict, dict]] = {False: ({}, {}), True: ({}, {})}  # tile detail, same picture
     for j, (sid, pid, text, png) in enumerate(zip(*(samples[c].to_pylist()
                                                     for c in ("sample_id", "prompt_id", "prompt", "image")))):
@@ -148,7 +185,12 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
         # (its gray copied into 3 channels was ~0.47 RMS from a pure red it reproduces exactly)
         gray = is_grayscale(png)
         px, (detail, same) = luma if gray else pixels, caches[gray]
-        d = pixel_distances(gen, [px[g] for _, g in nb], m.distance, preprocess)
+        shape = gen.shape[:2]
+
+        def cut(x: int, px=px, gray=gray, shape=shape):  # training image x as compared with this generation
+            return compared.get(x, gray, lambda: px[x], shape)  # (Luma makes a luma image on first use)
+
+        d = pixel_distances(gen, [cut(g) for _, g in nb], m.distance, preprocess)
         if m.distance == DistanceKind.relative_l2:
             dist, best = relative_distance(d, [picture.get(g, g) for _, g in nb], m.n_neighbors, m.alpha)
         else:
@@ -156,11 +198,12 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
             dist = float(d[best])
         rank, g = nb[best]
         if (g, gen.shape[:2]) not in detail:  # the training image as it was compared: the generation's shape and size
-            detail[g, gen.shape[:2]] = float(tile_detail(as_compared(px[g], gen.shape[:2], preprocess))[0])
+            detail[g, gen.shape[:2]] = float(tile_detail(cut(g))[0])
         ed = float(D[j, rank])
         margin = None
         if m.distance == DistanceKind.tiled_l2 and dist <= m.threshold:
-            margin = distinct_margin(d, [g for _, g in nb], best, px, picture, gen.shape[:2], m, preprocess, same)
+            margin = distinct_margin(d, [g for _, g in nb], best, px, picture, gen.shape[:2], m, preprocess, same,
+                                     compare=cut)
         rows.append({"sample_id": sid, "prompt_id": pid, "prompt": text, "train_gid": g, "train_id": meta[g][0],
                      "train_caption": meta[g][1], "distance": dist,
                      "embed_distance": float(np.sqrt(max(ed, 0.0))) if metric == "l2" else ed,
@@ -183,7 +226,8 @@ class Luma(dict):
 
 
 def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, picture: dict[int, int],
-                    shape: tuple[int, int], m: MatchConfig, preprocess: str, same: dict) -> float | None:
+                    shape: tuple[int, int], m: MatchConfig, preprocess: str, same: dict,
+                    compare: Callable | None = None) -> float | None:
     """d[best] / the distance to the nearest neighbour of another picture: how distinctly the
     generation copies its match (Lowe's ratio test for image matching, 2004). A neighbour within
     match.threshold of the matched image itself is the same picture by the match's own standard
@@ -199,7 +243,7 @@ def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, pic
             continue
         key = (gids[best], g, shape)
         if key not in same:  # the two training images as the generation was compared with each
-            pair = (as_compared(pixels[x], shape, preprocess) for x in (gids[best], g))
+            pair = ((compare(x) if compare else as_compared(pixels[x], shape, preprocess)) for x in (gids[best], g))
             same[key] = bool(float(tiled_l2(*pair)[0]) <= m.threshold)
         if same[key]:
             continue
@@ -253,13 +297,14 @@ def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes], nearest: Nei
 
 
 def match_shard(shard: int, cfg: AuditConfig, layout: RunLayout, info: IndexInfo,
-                wanted: pa.Array | None, nearest: Neighbours) -> pa.Table:
+                wanted: pa.Array | None, nearest: Neighbours, compared: Compared | None = None) -> pa.Table:
     """The stage's unit: steps 1-4 for samples shard `shard` -> its MATCHES_SCHEMA table, by sample id."""
     samples = select_candidates(layout, shard, wanted)
     if not samples.num_rows:
         return MATCHES_SCHEMA.empty_table()
     D, I, pixels, meta, picture = propose(cfg, info, samples["image"].to_pylist(), nearest)
-    rows = verify_all(samples, D, I, pixels, meta, cfg.match, info.metric, cfg.trainset.preprocess.value, picture)
+    rows = verify_all(samples, D, I, pixels, meta, cfg.match, info.metric, cfg.trainset.preprocess.value, picture,
+                      compared)
     return pa.Table.from_pylist(sorted(rows, key=lambda r: r["sample_id"]), schema=MATCHES_SCHEMA)
 
 
@@ -281,9 +326,10 @@ def match_shards(cfg: AuditConfig, run_name: str) -> int:
     done = set(layout.matches.complete())
     todo = [k for k in layout.samples.complete() if k not in done]
     wanted = clique_members(layout) if cliques and todo else None
+    compared = Compared(cfg.trainset.preprocess.value)  # training images as compared, kept across the shards
     with Neighbours(cfg, info, store=layout.store) as nearest:  # embedder and index: loaded at the first unit
         runner.run_here(layout.matches, {k: {} for k in todo}, match_shard, cfg=cfg, layout=layout, info=info,
-                        wanted=wanted, nearest=nearest)  # one progress line
+                        wanted=wanted, nearest=nearest, compared=compared)  # one progress line
     return len(todo)
 
 
