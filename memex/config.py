@@ -479,6 +479,10 @@ class IndexConfig:
     nprobe: int = 32
     refine_k: int = 4
     decode_batch: int = 512  # training images decoded per step inside a shard task
+    # IVF-PQ's k-means sample (whole row groups of train.parquet, chosen at random); None: max(65,536,
+    # 39 x nlist), faiss's floor of 39 vectors a list (conf/index/ivfpq.yaml's 4,096 lists: 159,744; at
+    # 65,536 faiss only warned, and the lists were trained on 16 vectors each)
+    train_size: Optional[int] = None
     # near-duplicate threshold in the embedder's metric; None: the embedder's default (memex/index.py DUP_THRESHOLDS).
     # pixels: RMS pixel difference, in (0, 0.5], default 0.05; sscd/clip: cosine similarity, in [0.5, 1), default 0.95
     dup_threshold: Optional[float] = None
@@ -702,7 +706,8 @@ def validate_audit(cfg: AuditConfig) -> None:
     if cfg.embedder.kind == EmbedderKind.pixels and cfg.embedder.path:
         raise ConfigError("embedder.path is set, and embedder=pixels (resized pixels) loads no model: set "
                           "embedder=sscd or embedder=clip, or drop embedder.path")
-    unused = _changed(i, ("nlist", "pq_m", "pq_nbits", "nprobe", "refine_k")) if i.kind == IndexKind.flat else []
+    unused = _changed(i, ("nlist", "pq_m", "pq_nbits", "nprobe", "refine_k", "train_size")) \
+        if i.kind == IndexKind.flat else []
     if unused:
         raise ConfigError(f"index.{unused[0]} is set, and index=flat (exact search) does not read it (IVF-PQ's): "
                           f"set index=ivfpq, or drop index.{unused[0]}")
@@ -710,6 +715,8 @@ def validate_audit(cfg: AuditConfig) -> None:
     _at_least("embedder.batch_size", cfg.embedder.batch_size, 1)
     for key in ("shards", "nlist", "pq_m", "nprobe", "refine_k", "decode_batch"):
         _at_least(f"index.{key}", getattr(i, key), 1)
+    if i.train_size is not None:
+        _at_least("index.train_size", i.train_size, 1)
     _at_least("index.dup_k", i.dup_k, 2)  # the image itself takes one of the k results
     from memex.index import EMBEDDER_METRIC, resolve_dup_threshold  # here: memex.index imports this module
 

@@ -57,9 +57,10 @@ class IndexSpec(IndexConfig):
     training needs >= 2**pq_nbits vectors; IVF-PQ returns k*refine_k candidates, re-ranked exactly."""
 
     metric: str = field(kw_only=True)  # "l2" (squared L2 distances) | "ip" (inner product; cosine on unit vectors)
-    train_size: int = field(default=65536, kw_only=True)  # at most this many vectors (a fixed random sample)
 
     def __post_init__(self) -> None:
+        if self.train_size is None:  # at most this many vectors train IVF-PQ: faiss's 39 a list, and 65,536 at least
+            self.train_size = max(65536, 39 * self.nlist) if isinstance(self.nlist, int) else 65536
         self.validate()
 
     @classmethod
