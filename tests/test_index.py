@@ -545,3 +545,28 @@ def test_ivfpq_trains_on_at_least_39_vectors_a_list_by_default():
     assert IndexSpec.from_config(cfg.index, "ip").train_size == 200000
     with pytest.raises(ConfigError, match=r"index.train_size is set, and index=flat"):
         compose(["index.train_size=1000"], config_name="audit")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_shards_vectors_stream_to_storage_and_back(tmp_path, where, request):
+    """write_vectors streams the .npz into the file (S3: a multipart upload through s3fs), read_vectors
+    reads it from the file: the same arrays, and a truncated file is named."""
+    from memex.layout import IndexLayout
+    from memex.stages.index import read_vectors, write_vectors
+    from memex.storage import StorageError
+
+    if where == "s3":
+        opts, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("bucket")
+        layout = IndexLayout(f"s3://{bucket}/_index", "k", opts)
+    else:
+        layout = IndexLayout(str(tmp_path), "k")
+    x = np.random.default_rng(0).standard_normal((3000, 768)).astype(np.float32)  # 9 MB: several S3 parts
+    gids = np.arange(100, 3100, dtype=np.int64)
+    write_vectors(layout, 0, x, gids)
+    got_x, got_g = read_vectors(layout, 0)
+    assert np.array_equal(got_x, x) and np.array_equal(got_g, gids) and got_x.dtype == np.float32
+    path = layout.vectors_path(0)
+    raw = layout.store.read_bytes(path)
+    layout.store.write_bytes(path, raw[: len(raw) // 2])
+    with pytest.raises(StorageError, match=r"vectors \(\.npz\)"):
+        read_vectors(layout, 0)
