@@ -75,6 +75,8 @@ SOURCE_GENERATIONS = "source_generations"
 
 PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())])
 
+SAMPLES_ROW_GROUP = 64  # generations per Parquet row group of a samples shard (RunLayout.samples)
+
 SAMPLES_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),  # "<prompt_id>/<sample_index>"
@@ -284,7 +286,11 @@ class RunLayout(_Folder):
 
     @functools.cached_property
     def samples(self) -> StageFolder:
-        return StageFolder(self.generated, "samples", schema=SAMPLES_SCHEMA)
+        # row groups of 64 generations: a shard holds a prompt-major run of prompts (500 samples in shards of
+        # 512: most prompts span two), and a reader of one prompt's samples (the filter, the report) skips
+        # the groups whose prompt_id statistics exclude it; as one group, each shard was read whole by each
+        # of its prompts (2x the reads, and both shards' PNGs at the filter's peak)
+        return StageFolder(self.generated, "samples", schema=SAMPLES_SCHEMA, row_group_size=SAMPLES_ROW_GROUP)
 
     @classmethod
     def at(cls, run_uri: str, storage_options: dict[str, Any] | None = None) -> "RunLayout":

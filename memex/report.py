@@ -457,13 +457,15 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
         from memex.prompts import read_run_prompts
 
         # only the shards that hold the shown pairs' prompts (SamplePlan: where each prompt's samples lie),
-        # each read whole, then only the shown rows' images kept: every shard's image column was read, ~250 GB
-        # for the paper's 175M generations to show 200 pairs
+        # their prompts' row groups, then only the shown rows' images kept: every shard's image column was
+        # read, ~250 GB for the paper's 175M generations to show 200 pairs
         row_of = {pid: k for k, pid in enumerate(read_run_prompts(layout)["prompt_id"].to_pylist())}
         plan = SamplePlan.read(layout.generated)
-        shards = {s for pid in set(ext["prompt_id"].to_pylist()) for s in plan.shards_of(row_of[pid])}
-        for i in sorted(shards & set(layout.samples.complete())):
-            t = store.read_table(layout.samples.file(i), columns=["sample_id", "image"])
+        pids = sorted(set(ext["prompt_id"].to_pylist()))
+        shards = {s for pid in pids for s in plan.shards_of(row_of[pid])}
+        for i in sorted(shards & set(layout.samples.complete())):  # (their prompts' row groups: SAMPLES_ROW_GROUP)
+            t = store.read_table(layout.samples.file(i), columns=["sample_id", "image"],
+                                 filters=[("prompt_id", "in", pids)])
             t = t.filter(pc.is_in(t["sample_id"], wanted))
             sample_png.update(zip(t["sample_id"].to_pylist(), t["image"].to_pylist()))
     train_png: dict[int, bytes] = {}

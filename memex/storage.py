@@ -279,8 +279,10 @@ def unit_name(index: int, prefix: str = "shard") -> str:
 class StageFolder:
     """A stage's output folder of numbered units, each complete once its marker exists."""
 
-    def __init__(self, store: Store, name: str, prefix: str = "shard", schema: pa.Schema | None = None):
+    def __init__(self, store: Store, name: str, prefix: str = "shard", schema: pa.Schema | None = None,
+                 row_group_size: int | None = None):
         self.store, self.name, self.prefix, self.schema = store, name, prefix, schema
+        self.row_group_size = row_group_size  # of its Parquet units (None: pyarrow's, one group a unit)
         self.path = store.join(name)
 
     def file(self, index: int, suffix: str = ".parquet", kind: str = "") -> str:
@@ -361,7 +363,7 @@ class StageFolder:
     # ---- Parquet units ---------------------------------------------------------------------
     def write_shard(self, index: int, table: pa.Table, meta: dict | None = None) -> dict:
         """A one-table unit: the file atomically, then its marker; returns the marker."""
-        self.store.write_table(self.file(index), table)
+        self.store.write_table(self.file(index), table, row_group_size=self.row_group_size)
         marker = {"rows": table.num_rows, "file": posixpath.basename(self.file(index)), **(meta or {})}
         self.mark_complete(index, marker)
         return marker

@@ -233,3 +233,27 @@ def test_summary_and_matched_images_live_outside_matches_and_old_run_folders_are
     lay.store.write_json(lay.summary_path, {"old": False})
     lay.store.write_table(lay.matched_train_path, pa.table({"train_gid": [2]}))
     assert lay.read_summary() == {"old": False} and lay.matched_train_source() == lay.matched_train_path
+
+
+def test_a_samples_shard_keeps_each_prompts_generations_in_row_groups_of_their_own(tmp_path):
+    """500 samples a prompt in shards of 512: most prompts span two shards, and one shard holds the
+    tails of two prompts. As one row group a shard was read whole by each of its prompts (the filter
+    and the report read a prompt's samples with a prompt_id filter). In row groups of 64 generations,
+    a group's prompt_id statistics name its prompt, so a reader of one prompt skips the others'."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from memex.layout import SAMPLES_ROW_GROUP
+    from memex.prompts import prompt_id
+
+    from conftest import plant_run
+
+    n = SAMPLES_ROW_GROUP
+    img = np.zeros((4, 4, 3), np.uint8)
+    layout = plant_run(tmp_path, "r", {p: [img] * n for p in ("a", "b", "c")}, shard_size=2 * n)
+    md = pq.ParquetFile(layout.samples.file(0)).metadata  # prompts a and b
+    col = md.schema.to_arrow_schema().get_field_index("prompt_id")
+    stats = [md.row_group(i).column(col).statistics for i in range(md.num_row_groups)]
+    assert [(s.min, s.max) for s in stats] == [(prompt_id("a"),) * 2, (prompt_id("b"),) * 2]
+    got = layout.store.read_table(layout.samples.file(0), filters=[("prompt_id", "=", prompt_id("b"))])
+    assert got.num_rows == n and set(got["prompt_id"].to_pylist()) == {prompt_id("b")}
