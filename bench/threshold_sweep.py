@@ -4,7 +4,8 @@
     python bench/threshold_sweep.py --truth /tmp/truth-demo.parquet --model demo/models/demo-text
 
 Input: a truth pool (bench/memorization.py --out): every generation with its exact nearest distinct
-training picture by RMS, and whether it copies it (RMS <= 0.05, "a copy by any standard"). For
+training picture by RMS, and whether it copies it (its `copy` column, bench/memorization.py copy_labels:
+the nearest picture by RMS and by tiled l2, within RMS 0.1 and tiled l2 0.15). For
 each threshold the script recomputes, on the same pool, exactly what memex would decide:
 
   match, tiled l2 (text models): a generation is called a copy of its nearest picture by tiled l2

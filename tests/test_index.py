@@ -570,3 +570,44 @@ def test_a_shards_vectors_stream_to_storage_and_back(tmp_path, where, request):
     layout.store.write_bytes(path, raw[: len(raw) // 2])
     with pytest.raises(StorageError, match=r"vectors \(\.npz\)"):
         read_vectors(layout, 0)
+
+
+def test_a_dups_unit_counts_against_one_shard_at_a_time_as_against_all(tmp_path):
+    """count_duplicates searches the index shards one at a time (it held them all, the whole index in
+    every dups task): counts add up over disjoint shards, beyond dup_k too, and its links join the
+    copies that lie in other shards. Brute force is the truth."""
+    from memex.config import IndexConfig
+    from memex.index import IndexSpec, build_shard, pictures_of, save_index
+    from memex.layout import TRAIN_SCHEMA, IndexLayout
+    from memex.stages.index import count_duplicates, write_vectors
+
+    rng = np.random.default_rng(5)
+    n = 120
+    x = rng.standard_normal((n, 8)).astype(np.float32)
+    copies = np.r_[3:15, 50:62, 100:112]  # one image stored 36 times, in all 3 shards (> dup_k = 8)
+    x[copies] = x[3] + 0.001 * rng.standard_normal((len(copies), 8)).astype(np.float32)
+    x[41] = x[40] + 0.002  # a pair within shard 0... and one across shards 0 and 2
+    x[90] = x[20] + 0.002
+    layout = IndexLayout(str(tmp_path), "k")
+    layout.store.write_table(layout.train_path, pa.table(
+        {"gid": pa.array(np.arange(n), pa.int64()), "id": [f"i{g}" for g in range(n)], "image": [b""] * n,
+         "uri": [None] * n, "caption": [""] * n}, schema=TRAIN_SCHEMA))
+    idx = IndexConfig(shards=3, dup_threshold=0.05, dup_k=8)
+    spec = IndexSpec.from_config(idx, "l2")
+    ranges = [(0, 40), (40, 80), (80, 120)]
+    for s, (a, b) in enumerate(ranges):
+        gids = np.arange(a, b)
+        save_index(build_shard(x[a:b], gids, spec), layout.store.uri_of(layout.faiss_path(s)))
+        write_vectors(layout, s, x[a:b], gids)
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    truth = ((d <= 0.05).sum(1) - 1).astype(int)
+    links = []
+    for s, (a, b) in enumerate(ranges):
+        t = count_duplicates(s, layout, 3, idx, "l2")
+        assert t["gid"].to_pylist() == list(range(a, b))
+        assert t["near_duplicates"].to_pylist() == truth[a:b].tolist()
+        lk = layout.store.read_table(layout.links_path(s))
+        links.append(np.stack([lk["gid"].to_numpy(), lk["root"].to_numpy()], axis=1))
+    assert truth[3] == 35 and truth[90] == 1
+    pic = pictures_of(np.arange(n), np.concatenate(links))
+    assert len(set(pic[copies])) == 1 and pic[90] == pic[20] and pic[41] == pic[40] and pic[0] != pic[3]

@@ -250,15 +250,23 @@ def count_duplicates(shard: int, layout: IndexLayout, n_shards: int, idx: IndexC
     as a forest, go to links/ first (joined into pictures by `write_pictures` once every unit is done)."""
     from functools import partial
 
-    from memex.index import IndexSpec, ShardedIndex, near_duplicates, resolve_dup_threshold
+    from memex.index import Components, IndexSpec, ShardedIndex, near_duplicates, resolve_dup_threshold
 
     threshold = resolve_dup_threshold(idx.dup_threshold, metric)  # None: the metric's default; checked first
     x, gids = read_vectors(layout, shard)
-    index = ShardedIndex(load_shards(layout, list(range(n_shards))), IndexSpec.from_config(idx, metric))
-    # exact counts: top dup_k first, then range counts for the images with more near-duplicates than that
-    counts, links = near_duplicates(index.search, x, gids, threshold, metric=metric, k=idx.dup_k,
-                                    range_fn=partial(index.range_neighbors, start_k=2 * idx.dup_k),
-                                    ) if len(gids) else (np.zeros(0, np.int32), np.zeros((0, 2), np.int64))
+    spec, counts, joined = IndexSpec.from_config(idx, metric), np.zeros(len(gids), np.int64), Components()
+    # one index shard in memory at a time: counts within the threshold add up over disjoint shards, and
+    # the edges' forests join. All shards at once held the whole index in every dups task (IVF-PQ with
+    # RFlat keeps the float vectors: 15 GB for 5M CLIP rows, in each of the tasks a node runs at once)
+    for s in range(n_shards if len(gids) else 0):
+        index = ShardedIndex(load_shards(layout, [s]), spec)
+        # exact counts: top dup_k first, then range counts for the images with more near-duplicates than that
+        c, found = near_duplicates(index.search, x, gids, threshold, metric=metric, k=idx.dup_k,
+                                   range_fn=partial(index.range_neighbors, start_k=2 * idx.dup_k))
+        counts += c
+        joined.add(found[:, 0], found[:, 1])
+        del index
+    links = joined.pairs() if len(gids) else np.zeros((0, 2), np.int64)
     layout.store.write_table(layout.links_path(shard), pa.table({"gid": links[:, 0], "root": links[:, 1]},
                                                                 schema=LINKS_SCHEMA))
     train = fetch_train_rows(layout, gids.tolist(), columns=["gid", "id", "caption"])
