@@ -34,6 +34,18 @@ def plain(obj: Any) -> Any:
 
 
 ADDED_MODEL_KEYS = ("variant", "lora", "text_encoder")  # added after runs existed: in an identity only when set
+# likewise per section, for the hashes of a whole config (nightly's config_sha256, a re-match's folder
+# name, the index key): a key added later counts only when set, so ledgers and folders keep their names
+ADDED_KEYS = {"model": ADDED_MODEL_KEYS, "index": ("train_size",)}
+
+
+def drop_unset_added(c: dict) -> dict:
+    """A plain(config) dict (or one section of it, under its name) without the ADDED_KEYS left unset."""
+    for section, keys in ADDED_KEYS.items():
+        for k in keys:
+            if isinstance(c.get(section), dict) and c[section].get(k) is None:
+                c[section].pop(k, None)
+    return c
 
 
 def model_identity(model: Any) -> dict:
@@ -479,7 +491,7 @@ class IndexConfig:
     nprobe: int = 32
     refine_k: int = 4
     decode_batch: int = 512  # training images decoded per step inside a shard task
-    # IVF-PQ's k-means sample (whole row groups of train.parquet, chosen at random); None: max(65,536,
+    # IVF-PQ's k-means sample (rows of >= 1,024 evenly spaced row groups of train.parquet); None: max(65,536,
     # 39 x nlist), faiss's floor of 39 vectors a list (conf/index/ivfpq.yaml's 4,096 lists: 159,744; at
     # 65,536 faiss only warned, and the lists were trained on 16 vectors each)
     train_size: Optional[int] = None
@@ -730,6 +742,8 @@ def validate_audit(cfg: AuditConfig) -> None:
     # a setting of the other distance would be silently ignored: it fails here
     relative = m.distance == DistanceKind.relative_l2
     unused = _changed(m, ("max_margin", "low_detail_min_generations") if relative else ("alpha", "n_neighbors"))
+    if relative and m.max_margin is None:  # switched off (preset=paper's): nothing for relative l2 to ignore
+        unused = [k for k in unused if k != "max_margin"]
     if unused:
         raise ConfigError(f"match.{unused[0]} is set, and match.distance={m.distance.value} does not read it (it is "
                           f"for {'tiled_l2: match=tiled' if relative else 'relative_l2: match=relative'}): drop "

@@ -613,3 +613,10 @@ def test_a_run_name_outside_storage_root_is_refused_by_every_command(config_name
     with pytest.raises(ConfigError, match="run.name must be a plain folder name"):
         compose([*extra, "run.name=.."], config_name=config_name)
     compose([*extra, "run.name=my-run"], config_name=config_name)
+
+
+def test_preset_paper_composes_with_relative_l2():
+    """preset=paper switches the distinct-copy margin off (match.max_margin=null); with match=relative,
+    which never reads it, that is no setting to refuse (it was refused as "match.max_margin is set")."""
+    cfg = compose(["preset=paper", "match=relative"], config_name="audit")
+    assert cfg.match.max_margin is None and cfg.match.distance.value == "relative_l2"

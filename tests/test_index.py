@@ -500,23 +500,26 @@ def test_a_shard_reads_its_training_rows_a_batch_at_a_time(tmp_path):
 
 def test_the_quantizer_sample_reads_whole_row_groups_only(tmp_path, monkeypatch):
     """IVF-PQ's k-means sample: random rows reached nearly every row group of train.parquet (65,536 of
-    5M rows in groups of 512: 99.9% of a ~200 GB file read for 2.6 GB of images). Now whole row groups
-    chosen at random, about `size` rows, and train_batches reads only the groups that hold one."""
+    5M rows in groups of 512: 99.9% of a ~200 GB file read for 2.6 GB of images). Now `size` rows drawn
+    from a systematic sample of the groups (evenly spaced), so a training set in id order (an image
+    folder's classes one after another) is still met everywhere; train_batches reads only the groups
+    that hold one."""
     import pyarrow.parquet as pq
 
     from memex.layout import TRAIN_SCHEMA, IndexLayout
     from memex.stages.index import quantizer_sample, train_batches
 
     layout = IndexLayout(str(tmp_path), "k")
-    n, group = 2000, 50
-    train = pa.table({"gid": pa.array(np.arange(n), pa.int64()), "id": [f"i{g}" for g in range(n)],
+    n, group = 2000, 50  # 40 row groups; "classes" of 200 rows (4 groups each), one after another
+    train = pa.table({"gid": pa.array(np.arange(n), pa.int64()), "id": [f"c{g // 200}/{g}" for g in range(n)],
                       "image": [b"x" * 10] * n, "uri": [None] * n, "caption": [""] * n}, schema=TRAIN_SCHEMA)
     layout.store.write_table(layout.train_path, train, row_group_size=group)
-    pick = quantizer_sample(layout, n, 230)
-    assert 230 <= len(pick) < 230 + group and np.all(np.diff(pick) > 0)
-    groups = set(pick // group)
-    assert len(pick) == group * len(groups) and len(groups) < n // group  # whole groups, not all of them
-    assert np.array_equal(quantizer_sample(layout, n, 230), pick)  # a fixed sample: one index, one quantizer
+    pick = quantizer_sample(layout, n, 230, min_groups=10)
+    assert len(pick) == 230 and np.all(np.diff(pick) > 0)
+    groups = sorted(set((pick // group).tolist()))
+    assert len(groups) == 10 and set(np.diff(groups)) == {4}  # 10 of the 40, evenly spaced
+    assert set((pick // 200).tolist()) == set(range(10))  # every class met (a few whole groups met 5)
+    assert np.array_equal(quantizer_sample(layout, n, 230, min_groups=10), pick)  # one index, one quantizer
     assert np.array_equal(quantizer_sample(layout, n, 5000), np.arange(n))
 
     read = []
@@ -526,7 +529,7 @@ def test_the_quantizer_sample_reads_whole_row_groups_only(tmp_path, monkeypatch)
                                                                                                row_groups=row_groups,
                                                                                                **k))
     got = pa.concat_tables(train_batches(layout, int(pick[0]), int(pick[-1]) + 1, 64, gids=pick))
-    assert got["gid"].to_pylist() == pick.tolist() and sorted(read[0]) == sorted(int(g) for g in groups)
+    assert got["gid"].to_pylist() == pick.tolist() and sorted(read[0]) == groups
 
 
 def test_ivfpq_trains_on_at_least_39_vectors_a_list_by_default():
@@ -601,9 +604,18 @@ def test_a_dups_unit_counts_against_one_shard_at_a_time_as_against_all(tmp_path)
         write_vectors(layout, s, x[a:b], gids)
     d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
     truth = ((d <= 0.05).sum(1) - 1).astype(int)
+    import memex.stages.index as stage
+
+    loaded, real = [], stage.load_shards
+    stage.load_shards = lambda lay, shards: loaded.append(list(shards)) or real(lay, shards)
     links = []
+    try:
+        tables = [count_duplicates(s, layout, 3, idx, "l2") for s in range(3)]
+    finally:
+        stage.load_shards = real
+    assert loaded == [[0], [1], [2]] * 3  # one index shard at a time, each unit searching all three
     for s, (a, b) in enumerate(ranges):
-        t = count_duplicates(s, layout, 3, idx, "l2")
+        t = tables[s]
         assert t["gid"].to_pylist() == list(range(a, b))
         assert t["near_duplicates"].to_pylist() == truth[a:b].tolist()
         lk = layout.store.read_table(layout.links_path(s))

@@ -661,3 +661,19 @@ def test_trend_links_are_relative_only_within_one_bucket():
     assert trend_link("s3://b/runs/x/report/index.html", page) == "s3://b/runs/x/report/index.html"
     assert trend_link("/r/runs/x/report/index.html", "/r/_nightly/report") == "../../runs/x/report/index.html"
     assert trend_link("gs://a/runs/x/report/index.html", page) == "gs://a/runs/x/report/index.html"
+
+
+def test_a_config_key_added_later_leaves_the_ledgers_identity_alone():
+    """config_sha256 is a ledger row's identity: a setting added to memex later (index.train_size,
+    model.lora) left unset must not change it, or every checkpoint of every series is audited again
+    and the first night after the upgrade has nothing to gate against. The value below is the default
+    nightly config's hash before index.train_size existed (commit fb9f36f). A change that moves it on
+    purpose re-audits every ledger: say so in the README and update it here."""
+    from memex.config import ADDED_KEYS
+
+    cfg = compose(["nightly.location=/ckpts"], config_name="nightly")
+    assert "train_size" in ADDED_KEYS["index"] and cfg.index.train_size is None
+    assert nightly.config_sha256(cfg) == "c612d77fa3e1d058af17506de25092f5b5a19859d89270d5c0bffca5b588dbc6"
+    tuned = compose(["nightly.location=/ckpts", "index=ivfpq", "index.train_size=200000"], config_name="nightly")
+    assert nightly.config_sha256(tuned) != nightly.config_sha256(
+        compose(["nightly.location=/ckpts", "index=ivfpq"], config_name="nightly"))  # set, it counts

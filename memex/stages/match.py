@@ -101,7 +101,7 @@ class Compared:
     """Training images as the distances compare them with generations of one shape (`as_compared`), made
     once and kept across a stage's shards, the least recently used dropped past max_bytes. Cutting and
     resizing a 1024x768 training image for a 512 px generation takes ~25 ms, the pair's tiled l2 ~1.5 ms,
-    and a prompt's generations share most of their k neighbours (bench/bench_match.py measures it).
+    and a prompt's generations share most of their k neighbours (bench/bench_verify.py: 3.5x at the demo's reuse).
     Keys: (gid, luma, shape): gids of one index."""
 
     def __init__(self, preprocess: str, max_bytes: int = 1 << 30):

@@ -34,7 +34,7 @@ import json
 import logging
 import posixpath
 
-from memex.config import AuditConfig, BudgetKind, ConfigError, PromptSource, TriageKind, plain
+from memex.config import AuditConfig, BudgetKind, ConfigError, PromptSource, TriageKind, drop_unset_added, plain
 from memex.layout import SAMPLES_FROM, SOURCE_GENERATIONS, RunLayout
 from memex.lease import hold, live_holder
 from memex.redact import redact
@@ -184,7 +184,7 @@ def _shared(was: dict, now: dict) -> tuple[dict, dict]:
 
 def rematch_name(cfg: AuditConfig, source: str) -> str:
     """<source>-m<10 hex of the settings a re-match changes>: one folder per threshold of a sweep."""
-    mine = _json(redact(plain(cfg)))
+    mine = drop_unset_added(_json(redact(plain(cfg))))  # a later key, unset: the folders keep their names
     h = hashlib.sha256(json.dumps({k: mine[k] for k in REMATCH_SECTIONS}, sort_keys=True).encode()).hexdigest()
     return f"{source}-m{h[:10]}"
 
