@@ -14,8 +14,9 @@ units on the same local Ray, and must return the same ids:
          reads every shard once, at the first unit; each unit is one call.
 The index is synthetic (unit vectors; the embedder's dim and metric) written as real index shards
 (memex/index.py build_shard, save_index); the generations are smooth 512x512 PNGs. Times are
-wall clock for all units, memex's start-up included; memory is the peak RSS of the largest Ray
-worker and of all of them together while each side ran (psutil, every 0.2 s).
+wall clock for all units, memex's start-up included: medians of --repeats runs that alternate the
+order (their min-max printed); memory is the peak RSS of the largest Ray worker and of all of them
+together while each side ran (psutil, every 0.2 s).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=64, help="generations per samples shard (sampling.shard_size)")
     ap.add_argument("--k", type=int, default=10, help="neighbours per generation (match.k)")
     ap.add_argument("--s3", action="store_true", help="the index on moto S3 at 127.0.0.1 (not local disk)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating repeats (plain, memex, then memex, plain...)")
     a = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -176,21 +178,27 @@ def main() -> None:
 
         peaks = Peaks()
         peaks.start()
-        results, seconds, per_unit = {}, {}, {}
-        for side in ("plain", "memex"):
-            peaks.stage = side
-            results[side], per_unit[side] = [], []
-            t0 = time.perf_counter()
-            nearest = Neighbours(cfg, info)  # starts nothing until called: the plain side never calls it
-            for u in units:
-                t1 = time.perf_counter()
-                results[side].append(plain_unit(cfg, info, u, a.k) if side == "plain" else nearest(u, a.k))
-                per_unit[side].append(time.perf_counter() - t1)
-            nearest.close()
-            seconds[side] = time.perf_counter() - t0
-            print(f"{side}: {a.units} units in {seconds[side]:.1f} s", flush=True)
-            peaks.stage = "idle"
-            time.sleep(1.0)  # the sampler sees each side's workers before the next starts
+        results: dict = {}
+        seconds: dict[str, list[float]] = {"plain": [], "memex": []}
+        firsts: dict[str, list[float]] = {"plain": [], "memex": []}
+        laters: dict[str, list[float]] = {"plain": [], "memex": []}
+        for r in range(a.repeats):  # alternating: neither side always runs on the warmer machine
+            for side in (("plain", "memex") if r % 2 == 0 else ("memex", "plain")):
+                peaks.stage = side
+                results[side], per_unit = [], []
+                t0 = time.perf_counter()
+                nearest = Neighbours(cfg, info)  # a fresh one each repeat: its start-up counts every time
+                for u in units:
+                    t1 = time.perf_counter()
+                    results[side].append(plain_unit(cfg, info, u, a.k) if side == "plain" else nearest(u, a.k))
+                    per_unit.append(time.perf_counter() - t1)
+                nearest.close()
+                seconds[side].append(time.perf_counter() - t0)
+                firsts[side].append(per_unit[0])
+                laters[side].append(statistics.median(per_unit[1:] or per_unit))
+                print(f"repeat {r + 1}, {side}: {a.units} units in {seconds[side][-1]:.1f} s", flush=True)
+                peaks.stage = "idle"
+                time.sleep(1.0)  # the sampler sees each side's workers before the next starts
         peaks.stop.set()
         peaks.join()
         if server is not None:
@@ -202,16 +210,18 @@ def main() -> None:
     print(f"\nmatch search: {a.units} units x {a.shard_size} generations (512x512 PNG), k={a.k}, "
           f"{a.embedder} embedder, {a.n:,}-image {a.index} index in {a.shards} shards on "
           f"{'moto S3' if a.s3 else 'local disk'}, local Ray, num_cpus=2; the same ids on both sides")
-    print("(first unit: memex's includes starting its actor and loading the embedder and index; later: the "
-          "median of the other units)")
-    print(f"{'':8}{'total s':>9}{'first unit s':>14}{'later s / unit':>16}{'largest worker MiB':>20}"
+    print(f"(medians of {a.repeats} alternating repeats, min-max in brackets; first unit: memex's includes starting "
+          "its actor and loading the embedder and index; later: the median of the other units)")
+    print(f"{'':8}{'total s':>20}{'first unit s':>14}{'later s / unit':>16}{'largest worker MiB':>20}"
           f"{'all workers MiB':>17}")
-    later = {side: statistics.median(per_unit[side][1:] or per_unit[side]) for side in per_unit}
+    med = {side: {name: statistics.median(v[side]) for name, v in (("total", seconds), ("first", firsts),
+                                                                   ("later", laters))} for side in seconds}
     for side, pk in (("plain", p), ("memex", m)):
-        print(f"{side:8}{seconds[side]:>9.1f}{per_unit[side][0]:>14.2f}{later[side]:>16.2f}{pk['worker_max']:>20.0f}"
+        spread = f"{med[side]['total']:.1f} [{min(seconds[side]):.1f}-{max(seconds[side]):.1f}]"
+        print(f"{side:8}{spread:>20}{med[side]['first']:>14.2f}{med[side]['later']:>16.2f}{pk['worker_max']:>20.0f}"
               f"{pk['workers_total']:>17.0f}")
-    print(f"memex / plain: {seconds['plain'] / seconds['memex']:.2f}x faster in all, "
-          f"{later['plain'] / later['memex']:.2f}x a unit after the first; largest worker "
+    print(f"memex / plain: {med['plain']['total'] / med['memex']['total']:.2f}x faster in all, "
+          f"{med['plain']['later'] / med['memex']['later']:.2f}x a unit after the first; largest worker "
           f"{m['worker_max'] / p['worker_max']:.2f}x, all workers {m['workers_total'] / p['workers_total']:.2f}x "
           "the memory")
 

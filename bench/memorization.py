@@ -55,13 +55,22 @@ MIN_COPIES = 2
 
 
 def distinct_pictures(model: str) -> tuple[list[str], dict, np.ndarray]:
-    """(ids, {id: manifest row}, (P, H, W, C) uint8) of the checkpoint's distinct training pictures."""
+    """(ids, {id: manifest row, its caption under "caption"}, (P, R, R, C) uint8) of the checkpoint's
+    distinct training pictures as it was trained on them: squashed to its resolution (a non-square
+    picture crashed the stack, and compared at its own size it is no copy of anything), the caption from
+    its data.caption_column, a list's first (memex_train.json's recipe)."""
+    import json
+
+    from memex.manifest import first_caption
+
+    recipe = json.loads((Path(model) / "memex_train.json").read_text())["config"]
+    r, col, opts = recipe["arch"]["resolution"], recipe["data"]["caption_column"], recipe["data"]["storage_options"]
     table = pq.read_table(Path(model) / MANIFEST_FILE)
     distinct: dict[str, dict] = {}
     for row in table.to_pylist():
-        distinct.setdefault(row["source_id"], row)
+        distinct.setdefault(row["source_id"], {**row, "caption": first_caption(row.get(col))})
     ids = list(distinct)
-    return ids, distinct, np.stack([load_image(distinct[i]) for i in ids])
+    return ids, distinct, np.stack([load_image(distinct[i], r, opts) for i in ids])
 
 
 def prompted(captions: list[str], samples: int) -> tuple[list[int], list[str], list[str], list[int]]:

@@ -46,16 +46,18 @@ INFO_FILE = "memex_train.json"  # seed, steps, seconds, config
 
 
 # 1-2. data ---------------------------------------------------------------------------------
-def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[str], torch.Tensor]:
-    """(expanded manifest, distinct images (N, 3, R, R) in [-1, 1], their captions, example -> image)."""
+def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[str], torch.Tensor, int]:
+    """(expanded manifest, distinct images (N, 3, R, R) in [-1, 1], their captions, example -> image, how
+    many of them were non-square and squashed to R x R by data.resize)."""
     d, r = cfg.data, cfg.arch.resolution
     table = read_manifest(d.path, d.storage_options)
-    images, captions = [], []
+    images, captions, squashed = [], [], 0
     for row in table.to_pylist():
         img = load_image(row, None, d.storage_options)
         if img.shape[:2] != (r, r) and not d.resize:
             raise ManifestError(f"image {row['id']!r} is {img.shape[1]}x{img.shape[0]}, the model takes {r}x{r}: "
                                 "set data.resize=true or arch.resolution")
+        squashed += img.shape[0] != img.shape[1]
         images.append(resize(img, r))  # decoded once, resized only when data.resize allows it
         cap = first_caption(row.get(d.caption_column))  # several captions an image (COCO): its first, as the audit
         if cfg.arch.kind == ArchKind.pixel_text and cap is None:
@@ -65,7 +67,7 @@ def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[st
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     expanded = expand_duplicates(table, d.duplication, d.duplication_seed)
     index = {i: k for k, i in enumerate(table["id"].to_pylist())}
-    return expanded, x, captions, torch.tensor([index[s] for s in expanded["source_id"].to_pylist()])
+    return expanded, x, captions, torch.tensor([index[s] for s in expanded["source_id"].to_pylist()]), squashed
 
 
 # 3. model ----------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def train(cfg: TrainConfig) -> Path:
         raise ConfigError(f"output={out} cannot be created ({type(e).__name__}: {e.strerror or e}): give a "
                           "writable folder") from e
     try:
-        manifest, images, captions, example_image = load_training_set(cfg)
+        manifest, images, captions, example_image, squashed = load_training_set(cfg)
         accel = Accelerator(mixed_precision=t.mixed_precision)
         # a checkpoint left in output/checkpoints is resumed only if this same recipe wrote it
         made_by = recipe(cfg, images, captions, example_image, accel.num_processes)
@@ -320,6 +322,9 @@ def train(cfg: TrainConfig) -> Path:
 
         info = {"steps": t.steps, "resumed_from": start, "train_seconds_this_run": round(seconds, 1),
                 "seed": t.seed, "examples": manifest.num_rows, "distinct_images": len(images),
+                # non-square images squashed to the square resolution: an audit must compare with them
+                # squashed too (trainset.preprocess=resize; memex/stages/audit.py refuses another)
+                "squashed_images": int(squashed),
                 "processes": accel.num_processes,  # each drew trainer.batch_size examples a step
                 # data.storage_options' credentials redacted: memex/redact.py
                 "config": redact(json.loads(json.dumps(asdict(cfg), default=lambda v: getattr(v, "value", str(v)))))}

@@ -332,3 +332,32 @@ def test_bad_settings_and_attacks_refused(memorizer):
         scorer.score(ids, images, None, ["loss", "lira"])
     with pytest.raises(ValueError, match="8 ids but 2 images"):
         scorer.score(ids, images[:2], None, ["loss"])
+
+
+def test_lira_with_few_shadows_fits_one_variance_for_all_images():
+    """mia=lira trains 4 shadows: 2 in- and 2 out-losses an image. Its own standard deviation from 2 values
+    is often near 0, which gave random non-members huge ratios exactly where TPR at low FPR is read.
+    Below 64 shadows the stage fits LiRA's global variance; on a toy where membership lowers the loss
+    by 15%, that reads far higher at 1% FPR than the per-image fit."""
+    import pyarrow as pa
+
+    from memex.stages.mia import lira, lira_variance
+
+    rng = np.random.default_rng(1)
+    n, s = 2000, 4
+    ids = [str(i) for i in range(n)]
+    inside = shadow_splits(ids, s, seed=0)
+    hard = rng.uniform(0.2, 2.0, n)
+    loss = lambda member: hard * np.where(member, 0.85, 1.0) * rng.lognormal(0, 0.05, member.shape)  # noqa: E731
+    shadow_losses, member = loss(inside), rng.random(n) < 0.5
+    target = loss(member)
+    scores = pa.table({"image_id": ids, "loss": target.astype(np.float32)})
+    shadows = pa.Table.from_pylist([{"shadow": k, "image_id": i, "loss": float(shadow_losses[k, j]),
+                                     "in_training": bool(inside[k, j])} for k in range(s) for j, i in enumerate(ids)])
+    got = lira(scores, shadows, s)
+    assert lira_variance(s) == "global" and lira_variance(64) == "per-image"
+    want = lira_online(target.astype(np.float32), shadow_losses, inside, global_variance=True)
+    np.testing.assert_allclose(got["lira_online"].to_numpy(), want, rtol=1e-4)
+    own = lira_online(target.astype(np.float32), shadow_losses, inside)
+    at = lambda sc: tpr_at_fpr(member_score("lira_online", sc), member, 0.01).tpr  # noqa: E731
+    assert at(want) > at(own) + 0.1, (at(want), at(own))

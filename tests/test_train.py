@@ -186,7 +186,7 @@ def test_a_list_caption_trains_on_its_first_caption(tmp_path):
     caps = [[c, f"another caption {k}", "a third", "a fourth", "a fifth"][: 2 + k] for k, (_, c) in enumerate(rows)]
     pq.write_table(pa.table({"id": [f"i{k}" for k in range(4)], "image": [encode_png(im) for im, _ in rows],
                              "caption": caps}), path)
-    _, _, captions, _ = load_training_set(_cfg(path, tmp_path / "out"))
+    _, _, captions, _, _ = load_training_set(_cfg(path, tmp_path / "out"))
     assert captions == [c for _, c in rows]
     folder = train(_cfg(path, tmp_path / "out"))
     assert (folder / "model_index.json").is_file()
@@ -217,3 +217,29 @@ def test_the_number_of_training_processes_is_part_of_the_recipe(manifest, tmp_pa
     assert json.loads((one / INFO_FILE).read_text())["processes"] == 1
     assert shadow_recipe(str(one))["trainer"]["batch_size"] == json.loads((one / INFO_FILE).read_text())[
         "config"]["trainer"]["batch_size"]
+
+
+def test_non_square_images_squashed_in_training_are_audited_squashed(tmp_path):
+    """data.resize=true squashes a 24x16 picture to the model's 16x16: its copies are of the squashed
+    picture. memex_train.json now counts such images, and an audit with the centre crop (the default,
+    which compares with a picture the model never saw: a 3:2 exact copy is ~0.46 tiled l2 from it) is
+    refused naming trainset.preprocess=resize; a square-trained model (the demo) is not."""
+    import numpy as np
+
+    from memex.config import ConfigError
+    from memex.stages.audit import check_trained_shape
+
+    from conftest import compose
+
+    rows = [logo(i, 16) for i in range(4)]
+    wide = [np.concatenate([im, im[:, :8]], axis=1) for im, _ in rows[:3]] + [rows[3][0]]  # 3 of them 24x16
+    path = tmp_path / "wide.parquet"
+    pq.write_table(pa.table({"id": [f"i{k}" for k in range(4)], "image": [encode_png(im) for im in wide],
+                             "caption": [c for _, c in rows]}), path)
+    out = train(_cfg(path, tmp_path / "m", "data.resize=true", "trainer.steps=2", "data.duplication=[]"))
+    assert json.loads((out / INFO_FILE).read_text())["squashed_images"] == 3
+    audit = ["trainset.path=/data/train.parquet", f"model.path={out}", "model=local"]
+    with pytest.raises(ConfigError, match=r"on 3 non-square images squashed .*set trainset.preprocess=resize"):
+        check_trained_shape(compose(audit, config_name="audit"))
+    check_trained_shape(compose([*audit, "trainset.preprocess=resize"], config_name="audit"))
+    check_trained_shape(compose([], config_name="audit"))  # the demo: square logos, nothing squashed

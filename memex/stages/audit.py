@@ -71,6 +71,7 @@ def run(cfg: AuditConfig) -> dict:
         check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
         check_unet_fits(cfg.model.path, cfg.model.unet, cfg.model.text_encoder, cfg.model.revision,
                         cfg.sampling.height, cfg.sampling.width)
+        check_trained_shape(cfg)
     prompts = check_shared_inputs(cfg)
     if rematch_of is not None:  # its source's prompts and generations; its own run folder, claimed now
         from memex.stages import rematch
@@ -308,6 +309,28 @@ def check_folder_captions(fs, path: str, root: str, first: str, names: list[str]
         raise ConfigError(f"trainset.path={path}: the image folder has no captions to rank as prompts (no "
                           f"metadata.jsonl or metadata.csv, no <stem>.txt beside {first}): give prompts=file, or "
                           "prompts=none for an unconditional model")
+
+
+def check_trained_shape(cfg: AuditConfig) -> None:
+    """A `memex train` model trained on non-square images squashed them to its square resolution
+    (data.resize=true; memex_train.json counts them): its copies are of the squashed pictures, which only
+    trainset.preprocess=resize compares with (an exact copy of a 3:2 picture is ~0.46 tiled l2 from its
+    centre crop: missed). Any other model, or such a model trained on square images: nothing to check."""
+    import json
+    import os
+
+    info = os.path.join(cfg.model.path or "", "memex_train.json")
+    if not cfg.model.path or not os.path.isfile(info):
+        return
+    try:
+        n = int(json.loads(open(info).read()).get("squashed_images") or 0)
+    except (ValueError, TypeError, AttributeError):  # not memex's own file: nothing to go by
+        return
+    if n and cfg.trainset.preprocess.value != "resize":
+        raise ConfigError(f"model.path={cfg.model.path} was trained by `memex train` on {n} non-square images "
+                          f"squashed to its square resolution (data.resize=true, memex_train.json): its copies are "
+                          f"of the squashed pictures, which trainset.preprocess={cfg.trainset.preprocess.value} "
+                          "does not compare with; set trainset.preprocess=resize")
 
 
 def top_by_triage(layout: RunLayout, keep: int) -> list[int]:
