@@ -436,6 +436,12 @@ def expand_duplicates(table: pa.Table, schedule: list[DuplicationGroup], seed: i
     Copies keep the source row's columns; copy k > 0 gets id "<id>#<k>". Added columns:
     source_id (the original id) and copies (how many rows that image has).
     """
+    made = [c for c in ("source_id", "copies") if c in table.column_names]
+    if made:  # an expanded manifest (a model's training_manifest.parquet): its copies are already rows
+        raise ManifestError(f"the training manifest has {' and '.join(made)} columns: it is a manifest `memex train` "
+                            "expanded (a model's training_manifest.parquet), whose copies would each count as an image "
+                            "of their own and be duplicated again; train on its source manifest (data.path), or drop "
+                            "its copy rows (ids with #<k>) and those columns")
     ids = table["id"].to_pylist()
     copies = {i: 1 for i in ids}
     free = [i for i in ids]

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import shutil
+import string
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from memex.redact import redact
 log = logging.getLogger("memex.train")
 MANIFEST_FILE = "training_manifest.parquet"  # the exact training set, one row per example
 INFO_FILE = "memex_train.json"  # seed, steps, seconds, config
+TOKENIZER_CHARS = frozenset(string.printable)  # what memex/tiny.py's character-level tokenizer reads
 
 
 # 1-2. data ---------------------------------------------------------------------------------
@@ -63,6 +65,12 @@ def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[st
         if cfg.arch.kind == ArchKind.pixel_text and cap is None:
             raise ManifestError(f"image {row['id']!r} has no {d.caption_column!r}: a text-conditional model needs "
                                 "captions (set data.caption_column, or arch=uncond_small)")
+        unread = sorted(set(cap or "") - TOKENIZER_CHARS) if cfg.arch.kind == ArchKind.pixel_text else []
+        if unread:  # each would become the padding token: "日本の犬" and "猫のロゴ" trained as one caption
+            raise ManifestError(f"image {row['id']!r}: its caption {cap[:60]!r} has characters the tiny model's "
+                                f"tokenizer does not read ({''.join(unread[:10])!r}: it reads printable ASCII, and "
+                                "maps others to its padding, so captions that differ there train as one): "
+                                "transliterate the captions to ASCII")
         captions.append(cap or "")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     expanded = expand_duplicates(table, d.duplication, d.duplication_seed)
@@ -156,7 +164,9 @@ def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, 
 
 def checkpoints(folder: Path) -> list[Path]:
     """The complete checkpoint-<step> folders, oldest first (a `_tmp-` one is still being written)."""
-    return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    steps = {p: p.name.split("-", 1)[1] for p in folder.glob("checkpoint-*")}
+    # a name that is no step (checkpoint-3.bak, a copy by hand) is not one of them: it crashed the sort
+    return sorted((p for p, s in steps.items() if s.isdigit() and p.is_dir()), key=lambda p: int(steps[p]))
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

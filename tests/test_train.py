@@ -243,3 +243,28 @@ def test_non_square_images_squashed_in_training_are_audited_squashed(tmp_path):
         check_trained_shape(compose(audit, config_name="audit"))
     check_trained_shape(compose([*audit, "trainset.preprocess=resize"], config_name="audit"))
     check_trained_shape(compose([], config_name="audit"))  # the demo: square logos, nothing squashed
+
+
+def test_a_models_own_training_manifest_and_stray_checkpoint_names_are_named(manifest, tmp_path):
+    """Training on a model's training_manifest.parquet (memex train's expanded one: source_id and copies
+    columns, one row per copy) failed after decoding every image with Arrow's "Field source_id exists 2
+    times", and would have counted each copy as an image; it is refused naming the source manifest. A
+    checkpoint-3.bak beside the checkpoints (a copy by hand) crashed the resume's int() sort; it is no
+    checkpoint."""
+    from memex.training import checkpoints
+
+    out = train(_cfg(manifest, tmp_path / "m", "trainer.steps=3"))
+    with pytest.raises(ManifestError, match=r"source_id and copies columns: it is a manifest `memex train` expanded"):
+        train(_cfg(out / MANIFEST_FILE, tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
+    # captions the tiny tokenizer cannot read (it maps them to its padding: these two trained as one caption)
+    cjk = tmp_path / "cjk.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "image": [encode_png(logo(k, 16)[0]) for k in range(2)],
+                             "caption": ["日本の犬", "猫のロゴ"]}), cjk)
+    with pytest.raises(ManifestError, match=r"image 'a': its caption '日本の犬' has characters .*transliterate"):
+        train(_cfg(cjk, tmp_path / "cjk", "data.duplication=[]"))
+    run = tmp_path / "run"
+    for name in ("checkpoint-10", "checkpoint-2", "checkpoint-3.bak"):
+        (run / name).mkdir(parents=True)
+    (run / "checkpoint-notes.txt").write_text("x")
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-2", "checkpoint-10"]  # by step, not by name
