@@ -173,14 +173,22 @@ def exposed_members(scores: pa.Table, curves: dict[str, Scored]) -> str:
     """The members some attack scores above every non-member (its threshold at FPR 0): the images
     an attacker would name with no false alarm among these non-members. Ids and captions escaped."""
     found: dict[int, list[str]] = {}
+    chance = 0.0  # members an attack that ranks at random scores above its n0 non-members: n1 / (n0 + 1) each
     for a, c in curves.items():
         top = c.score[~c.member].max()
+        chance += int(c.member.sum()) / (int((~c.member).sum()) + 1)
         for r in c.row[c.member & (c.score > top)]:
             found.setdefault(int(r), []).append(a)
     head = "<h3>Members identified with no false positive</h3>"
+    # a useless attack still puts a member above every non-member with probability 1 / (n0 + 1): 1,000
+    # members and 256 non-members make ~3.9 such members per attack by chance, up to the sum over attacks
+    versus = ("no more than chance" if len(found) <= chance else
+              f"{len(found) / chance:,.1f}x that" if chance else "above it")
+    by_chance = (f"By chance alone (scores that rank at random) about {chance:,.1f} member(s) would be listed "
+                 f"here over these {len(curves)} attack(s): {len(found):,} is {versus}.")
     if not found:
         return (head + '<p class="muted">No attack scores any member above every non-member: at FPR 0, '
-                "no member is identified.</p>")
+                f"no member is identified. {by_chance}</p>")
     rows = sorted(found, key=lambda r: (-len(found[r]), r))
     table = scores.take(pa.array(rows[:MAX_EXPOSED], pa.int64()))
     col = {k: table[k].to_pylist() if k in table.column_names else [None] * table.num_rows
@@ -191,7 +199,7 @@ def exposed_members(scores: pa.Table, curves: dict[str, Scored]) -> str:
     more = (f'<p class="muted">{len(rows) - MAX_EXPOSED:,} more: their scores are in mia/scores/ of the run '
             "folder.</p>" if len(rows) > MAX_EXPOSED else "")
     return (head + f"<p>{len(rows):,} member(s) scored above every non-member by at least one attack (the "
-            "attack's TPR at FPR 0; with few non-members FPR 0 is a coarse bound):</p>"
+            f"attack's TPR at FPR 0; with few non-members FPR 0 is a coarse bound). {by_chance}</p>"
             + _table(["image", "caption", "copies", "attacks"], cells, {2}) + more)
 
 

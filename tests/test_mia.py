@@ -361,3 +361,16 @@ def test_lira_with_few_shadows_fits_one_variance_for_all_images():
     own = lira_online(target.astype(np.float32), shadow_losses, inside)
     at = lambda sc: tpr_at_fpr(member_score("lira_online", sc), member, 0.01).tpr  # noqa: E731
     assert at(want) > at(own) + 0.1, (at(want), at(own))
+
+
+def test_the_summary_keeps_the_fpr_each_threshold_reached():
+    """tpr_at_1pct_fpr with 150 non-members is read at 1 of them (0.67%), not 1%: the summary kept only
+    the TPR. It now records the FPR reached beside it."""
+    from memex.stages.mia import metrics
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(300, bool), np.zeros(150, bool)]
+    raw = np.where(labels, rng.normal(0.8, 0.2, 450), rng.normal(1.0, 0.2, 450))  # loss: lower = member
+    m = metrics(raw, labels, "loss")
+    assert m["fpr_at_1pct"] == round(1 / 150, 6) and m["resolved_1pct"]
+    assert m["fpr_at_0.1pct"] == 0.0 and not m["resolved_0.1pct"]

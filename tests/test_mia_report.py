@@ -149,6 +149,10 @@ def test_mia_page_is_self_contained_and_shows_every_attack(tmp_path):
     # every member is below every non-member on loss: all 60 named, 50 listed, escaped
     exposed = html.split("<h3>Members identified with no false positive</h3>", 1)[1].split("<h3>", 1)[0]
     assert "60 member(s) scored above every non-member" in exposed and "10 more" in exposed
+    # the chance baseline: an attack ranking at random puts n1 / (n0 + 1) members above all n0 non-members
+    # (60 / 61 each, over the 4 attacks with scores)
+    assert f"about {4 * 60 / 61:,.1f} member(s) would be listed" in exposed
+    assert f"60 is {60 / (4 * 60 / 61):,.1f}x that" in exposed
     assert exposed.count("<tr>") == 1 + 50 and "&lt;script&gt;" in exposed
     assert "n0" not in exposed  # no non-member listed
     assert "fall to chance" in html and "optimistic" in html
@@ -250,3 +254,23 @@ def test_questioned_images_are_listed_with_their_p_values_escaped():
     html = render_mia_section(summary, scores, None)
     assert "Questioned images" in html and "&lt;b&gt;q&lt;/b&gt;" in html and "<b>q</b>" not in html
     assert "Questioned images" not in render_mia_section({**summary, "queries": []}, scores, None)
+
+
+def test_members_above_every_non_member_are_set_against_chance():
+    """With 40 members and 7 non-members, an attack that ranks at random still puts about 40 / 8 = 5
+    members above every non-member: the page listed them as an attacker would name them, with no
+    baseline. Now it says how many chance gives, and whether the attacks found more."""
+    rng = np.random.default_rng(0)
+    member = np.r_[np.ones(40, bool), np.zeros(7, bool)]
+
+    def page(n_below: int) -> str:  # n_below members with a lower loss (higher member score) than any non-member
+        loss = np.r_[rng.uniform(0.1, 0.2, n_below), rng.uniform(0.4, 0.9, 40 - n_below), rng.uniform(0.3, 0.35, 7)]
+        scores = pa.table({"image_id": [f"i{k}" for k in range(47)], "member": member, "caption": [""] * 47,
+                           "copies": pa.array([1] * 47, pa.int32()), "loss": loss.astype(np.float32)})
+        html = render_mia_section({"members": 40, "nonmembers": 7, "attacks": {"loss": {"auc": 0.5}}}, scores, None)
+        return html.split("<h3>Members identified with no false positive</h3>", 1)[1]
+
+    few, many = page(3), page(20)
+    assert "about 5.0 member(s) would be listed here over these 1 attack(s)" in few
+    assert "3 member(s) scored above every non-member" in few and "3 is no more than chance" in few
+    assert "20 member(s) scored above every non-member" in many and "20 is 4.0x that" in many

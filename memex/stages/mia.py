@@ -313,9 +313,11 @@ def metrics(raw: np.ndarray, labels: np.ndarray, attack: str) -> dict:
 
     s = member_score(attack, raw)
     at1, at01 = tpr_at_fpr(s, labels, 0.01), tpr_at_fpr(s, labels, 0.001)
+    # fpr_at_*: the FPR the threshold reached (<= the target; with 150 non-members "1%" is 1 of them, 0.67%)
     return {"auc": round(roc_auc(s, labels), 4), "tpr_at_1pct_fpr": round(at1.tpr, 4),
             "tpr_at_0.1pct_fpr": round(at01.tpr, 4), "resolved_1pct": at1.resolved,
-            "resolved_0.1pct": at01.resolved, "balanced_accuracy": round(balanced_accuracy(s, labels), 4)}
+            "resolved_0.1pct": at01.resolved, "fpr_at_1pct": round(at1.fpr, 6), "fpr_at_0.1pct": round(at01.fpr, 6),
+            "balanced_accuracy": round(balanced_accuracy(s, labels), 4)}
 
 
 def summarize(scores: pa.Table, lira_table: pa.Table | None, attacks: list[str]) -> dict:
