@@ -326,8 +326,13 @@ def train(cfg: TrainConfig) -> Path:
             pipe = IFPipeline(tokenizer=tokenizer, text_encoder=encoder, unet=unet, scheduler=noise_sched,
                               safety_checker=None, feature_extractor=None, watermarker=None,
                               requires_safety_checker=False)
+        # the manifest first (atomically), the pipeline next (model_index.json its last file), memex_train.json
+        # last and atomically: a run killed in between leaves no folder that loads without its manifest, and
+        # no truncated memex_train.json that made every rerun refuse ("already holds a trained model")
+        tmp = out / f"_tmp-{MANIFEST_FILE}"
+        pq.write_table(manifest, tmp, compression="zstd")
+        tmp.replace(out / MANIFEST_FILE)
         pipe.save_pretrained(out, safe_serialization=True)
-        pq.write_table(manifest, out / MANIFEST_FILE, compression="zstd")
         from dataclasses import asdict
 
         info = {"steps": t.steps, "resumed_from": start, "train_seconds_this_run": round(seconds, 1),
@@ -338,6 +343,8 @@ def train(cfg: TrainConfig) -> Path:
                 "processes": accel.num_processes,  # each drew trainer.batch_size examples a step
                 # data.storage_options' credentials redacted: memex/redact.py
                 "config": redact(json.loads(json.dumps(asdict(cfg), default=lambda v: getattr(v, "value", str(v)))))}
-        (out / INFO_FILE).write_text(json.dumps(info, indent=2))
+        tmp = out / f"_tmp-{INFO_FILE}"
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(out / INFO_FILE)
         shutil.rmtree(out / "_tokenizer", ignore_errors=True)
     return out

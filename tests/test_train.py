@@ -268,3 +268,25 @@ def test_a_models_own_training_manifest_and_stray_checkpoint_names_are_named(man
         (run / name).mkdir(parents=True)
     (run / "checkpoint-notes.txt").write_text("x")
     assert [p.name for p in checkpoints(run)] == ["checkpoint-2", "checkpoint-10"]  # by step, not by name
+
+
+def test_a_run_killed_while_saving_leaves_no_finished_looking_folder(manifest, tmp_path, monkeypatch):
+    """The final save wrote the pipeline, then the manifest, then memex_train.json in place: a run killed
+    in between left a folder that loads without its training manifest, or a truncated memex_train.json
+    that made every rerun refuse. Now memex_train.json is written last and atomically: a save that fails
+    leaves none, and the rerun trains and finishes."""
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "m"
+    real = DiffusionPipeline.save_pretrained
+
+    def dies(self, *a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", dies)
+    with pytest.raises(OSError, match="disk full"):
+        train(_cfg(manifest, out, "trainer.steps=3"))
+    assert not (out / INFO_FILE).exists() and not list(out.glob("_tmp-*"))
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", real)
+    done = train(_cfg(manifest, out, "trainer.steps=3"))
+    assert json.loads((done / INFO_FILE).read_text())["steps"] == 3 and (done / MANIFEST_FILE).is_file()
