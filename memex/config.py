@@ -409,6 +409,15 @@ def validate_train(cfg: TrainConfig) -> None:
     for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
         _at_least(f"trainer.{key}", getattr(t, key), 1)
     _at_least("trainer.warmup_steps", t.warmup_steps, 0)
+    # the text encoder's (memex/tiny.py: 2 attention heads) and the noise schedule's: each failed in
+    # transformers or diffusers after the data was decoded, leaving _tokenizer/ behind
+    _at_least("arch.num_train_timesteps", a.num_train_timesteps, 2)
+    if a.kind != ArchKind.unconditional:
+        _at_least("arch.text_layers", a.text_layers, 1)
+        _at_least("arch.max_length", a.max_length, 3)  # start and end tokens, and one of text
+        if a.text_hidden < 2 or a.text_hidden % 2:
+            raise ConfigError(f"arch.text_hidden must be an even width >= 2 (its 2 attention heads split it), "
+                              f"got {a.text_hidden}")
     if not t.lr > 0:  # else torch's AdamW raises a traceback after the data is loaded
         raise ConfigError(f"trainer.lr must be > 0, got {t.lr}")
     if not 0 <= t.cond_dropout < 1:  # 1: every caption dropped, a text model that never sees text

@@ -290,3 +290,16 @@ def test_a_run_killed_while_saving_leaves_no_finished_looking_folder(manifest, t
     monkeypatch.setattr(DiffusionPipeline, "save_pretrained", real)
     done = train(_cfg(manifest, out, "trainer.steps=3"))
     assert json.loads((done / INFO_FILE).read_text())["steps"] == 3 and (done / MANIFEST_FILE).is_file()
+
+
+@pytest.mark.parametrize("override,key", [("arch.text_hidden=33", "arch.text_hidden must be an even width"),
+                                          ("arch.text_layers=0", "arch.text_layers"),
+                                          ("arch.max_length=2", "arch.max_length"),
+                                          ("arch.num_train_timesteps=1", "arch.num_train_timesteps")])
+def test_arch_settings_the_encoder_or_schedule_cannot_take_are_named_before_any_data(manifest, tmp_path,
+                                                                                     override, key):
+    """These failed in transformers' CLIP (a width its 2 heads cannot split) or diffusers after every image
+    was decoded, leaving _tokenizer/ in the output folder; now the config names the key."""
+    with pytest.raises(ConfigError, match=key):
+        _cfg(manifest, tmp_path / "o", override)
+    assert not (tmp_path / "o").exists()
