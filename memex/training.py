@@ -78,6 +78,12 @@ def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[st
     return expanded, x, captions, torch.tensor([index[s] for s in expanded["source_id"].to_pylist()]), squashed
 
 
+def draw_rows(example_image: torch.Tensor, batch: int, g: torch.Generator) -> torch.Tensor:
+    """(batch,) distinct-image rows of one step: examples drawn uniformly with replacement from the expanded
+    manifest (example -> image), so an image with c copies is drawn c times as often as a single one."""
+    return example_image[torch.randint(len(example_image), (batch,), generator=g)]
+
+
 # 3. model ----------------------------------------------------------------------------------
 def build_unet(a: ArchConfig, cross_dim: int | None):
     from diffusers import UNet2DConditionModel, UNet2DModel
@@ -289,7 +295,7 @@ def train(cfg: TrainConfig) -> Path:
     unet.train()
     for step in range(start, t.steps):
         g = torch.Generator().manual_seed(t.seed * 1_000_003 + step * 101 + accel.process_index)
-        rows = example_image[torch.randint(len(example_image), (t.batch_size,), generator=g)]
+        rows = draw_rows(example_image, t.batch_size, g)
         x0 = images[rows]
         noise = torch.randn(x0.shape, generator=g).to(accel.device)
         ts = torch.randint(0, a.num_train_timesteps, (t.batch_size,), generator=g).to(accel.device)

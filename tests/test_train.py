@@ -303,3 +303,28 @@ def test_arch_settings_the_encoder_or_schedule_cannot_take_are_named_before_any_
     with pytest.raises(ConfigError, match=key):
         _cfg(manifest, tmp_path / "o", override)
     assert not (tmp_path / "o").exists()
+
+
+def test_training_draws_each_image_as_often_as_its_copies(manifest, tmp_path, monkeypatch):
+    """Every recall claim rests on the duplication schedule being what the model saw: the draws of a
+    short run, recorded, give the image with 8 copies ~8 / 13 of them (13 examples: 8 + 5 singles)
+    and each single ~1 / 13. Which image gets the copies follows data.duplication_seed."""
+    import numpy as np
+
+    import memex.training as training
+
+    drawn = []
+    real = training.draw_rows
+    monkeypatch.setattr(training, "draw_rows", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    out = train(_cfg(manifest, tmp_path / "m", "trainer.steps=60", "trainer.batch_size=8",
+                     "data.duplication=[{copies: 8, count: 1}]", "trainer.checkpoint_every=60"))
+    used = pq.read_table(out / MANIFEST_FILE)
+    (dup,) = {s for s, c in zip(used["source_id"].to_pylist(), used["copies"].to_pylist()) if c == 8}
+    order = [f"i{k}" for k in range(6)]  # the distinct images in manifest order: draw_rows' rows index them
+    counts = np.bincount(torch.cat(drawn).numpy(), minlength=6) / (60 * 8)
+    assert abs(counts[order.index(dup)] - 8 / 13) < 0.08, counts
+    assert all(abs(c - 1 / 13) < 0.05 for k, c in enumerate(counts) if k != order.index(dup)), counts
+    other = train(_cfg(manifest, tmp_path / "s", "trainer.steps=2", "data.duplication=[{copies: 8, count: 1}]",
+                       "data.duplication_seed=5"))
+    t2 = pq.read_table(other / MANIFEST_FILE)
+    assert {s for s, c in zip(t2["source_id"].to_pylist(), t2["copies"].to_pylist()) if c == 8} != {dup}
