@@ -397,7 +397,7 @@ def test_lost_or_damaged_parts_are_named_and_a_rerun_restores_the_uninterrupted_
     pictures.parquet of the index (each with its marker where it has one). The rerun redoes just
     those (the index used to be reused as it was: its lost near-duplicate unit silently changed the
     prompts and the findings)
-    and ends equal to the uninterrupted audit. Then a samples shard damaged in place (a truncated
+    and ends equal to the uninterrupted audit. Then a samples shard the report reads, damaged in place (a truncated
     copy): the rerun fails in one line naming the file and how to recover, changes nothing, and
     once the file and its marker are removed as it says, the rerun again equals the clean audit."""
     import shutil
@@ -417,7 +417,15 @@ def test_lost_or_damaged_parts_are_named_and_a_rerun_restores_the_uninterrupted_
     assert all(p.exists() for p in lost)
     assert_same_results(root, clean)
 
-    shard = root / RUN / "samples" / "shard-000003.parquet"
+    # a shard the rerun reads: the report's, of a prompt with a shown pair (it reads no other since it
+    # stopped scanning every shard for at most 200 pairs)
+    from memex.layout import RunLayout
+    from memex.plan import SamplePlan
+
+    shown = [k for k, p in enumerate(json.loads((root / RUN / "summary.json").read_text())["per_prompt"])
+             if p["counted_samples"]]
+    unit = SamplePlan.read(RunLayout(str(root), RUN).store).shards_of(shown[0])[0]
+    shard = root / RUN / "samples" / f"shard-{unit:06d}.parquet"
     shard.write_bytes(shard.read_bytes()[:100])
     before = snapshot(root)
     r = subprocess.run(_audit_cmd(world, root, None), capture_output=True, text=True, timeout=400,
@@ -427,7 +435,7 @@ def test_lost_or_damaged_parts_are_named_and_a_rerun_restores_the_uninterrupted_
     assert f"{shard} is not readable Parquet" in line and "_markers/shard-000012.json" in line, line
     assert snapshot(root) == before
     shard.unlink()
-    (root / RUN / "samples" / "_markers" / "shard-000003.json").unlink()
+    (root / RUN / "samples" / "_markers" / f"shard-{unit:06d}.json").unlink()
     r = _run_to_completion(world, root, None)
     assert _units_left(r.stdout + r.stderr, "generate") == 1
     assert_same_results(root, clean)
