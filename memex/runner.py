@@ -511,12 +511,13 @@ def do_unit(folder: StageFolder, index: int, fn: Callable[..., Any], kwargs: dic
     else:
         meta = {**seconds, **(out or {})}
         folder.mark_complete(index, meta)
-    if command is not None:
-        try:
-            folder.clear_starts(index)  # marked: the count has done its job
-        except Exception as e:  # noqa: BLE001 - the unit is complete; a marked unit's count is never read
-            log.warning("unit %d is complete, but its start count %s could not be removed (%s: %s); it is "
-                        "harmless", index, folder.store.uri_of(folder.attempts(index)), type(e).__name__, e)
+    # marked: the count has done its job (also one a Ray run left before a local rerun did the unit: one
+    # request a unit, next to a whole shard written)
+    try:
+        folder.clear_starts(index)
+    except Exception as e:  # noqa: BLE001 - the unit is complete; a marked unit's count is never read
+        log.warning("unit %d is complete, but its start count %s could not be removed (%s: %s); it is "
+                    "harmless", index, folder.store.uri_of(folder.attempts(index)), type(e).__name__, e)
     return meta
 
 

@@ -315,11 +315,17 @@ class StageFolder:
     def sweep_temp(self) -> int:
         """Remove the `_tmp-` files that writes of a killed process left in this folder, its _markers/
         and _attempts/ (each up to a whole unit: a FAISS shard, a Parquet shard; nothing reads or reuses
-        them, and every kill left new ones). Returns how many. Only while no other process writes here:
-        the runner calls it before it dispatches the folder's units, under the folder's lease."""
+        them, and every kill left new ones), and the _attempts/ of marked units. Returns how many. Only
+        while no other process writes here: the runner calls it before it dispatches the folder's units,
+        under the folder's lease."""
         fs = self.store.fs
         found = [p for sub in ("", "_markers", "_attempts")
                  for p in fs.glob(posixpath.join(self._fresh(posixpath.join(self.path, sub)), "_tmp-*"))]
+        # and the start counts of units already marked: a kill between a unit's marker and its
+        # clear_starts left one, which no later run removed (the unit is never started again)
+        done = {unit_name(i, self.prefix) + ".json" for i in self.complete()}
+        found += [p for p in fs.glob(posixpath.join(self._fresh(posixpath.join(self.path, "_attempts")), "*.json"))
+                  if posixpath.basename(p) in done]
         for p in found:
             with contextlib.suppress(FileNotFoundError):
                 fs.rm_file(p)

@@ -554,3 +554,18 @@ def test_temp_files_a_killed_run_left_are_removed_before_its_units_run_again(tmp
     assert runner.run_here(folder, {0: {}, 1: {}}, _one_row) == 1
     assert not any(p.exists() for p in left) and folder.complete() == [0, 1]
     assert folder.read().num_rows == 2
+
+
+def test_a_start_count_left_by_a_kill_after_the_marker_is_removed_on_the_rerun(tmp_path):
+    """A kill between a unit's marker and the removal of its start count left _attempts/ behind for
+    good (the unit is complete: never started again), and the resumed folder differed from an
+    uninterrupted one (CI's kill-point test hit that window once). The sweep before dispatch removes
+    the start counts of marked units and keeps those of units still to run."""
+    folder = StageFolder(Store(str(tmp_path)), "candidates")
+    folder.write_shard(0, _one_row(0))
+    folder.count_start(0, "killed run")  # the marker is written, the count not yet cleared: killed here
+    folder.count_start(2, "killed run")  # a unit started and killed before its marker
+    assert runner.run_here(folder, {0: {}, 1: {}, 2: {}}, _one_row) == 2
+    assert folder.complete() == [0, 1, 2] and not list((tmp_path / "candidates" / "_attempts").glob("*"))
+    folder.count_start(1, "killed run")
+    assert folder.sweep_temp() == 1 and not (tmp_path / "candidates" / "_attempts" / "shard-000001.json").exists()
