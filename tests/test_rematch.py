@@ -346,3 +346,25 @@ def test_a_rematch_of_a_memex_generate_run(source, tmp_path):
                     config_name="audit"))
     with pytest.raises(StorageError, match=r"half is a re-match of gen that has not finished \(no summary.json\)"):
         build_report(str(runs / "half"))
+
+
+def test_a_rematch_is_named_alike_from_any_checkout(monkeypatch):
+    """The re-match folder's name hashed the demo trainset's absolute path (${memex_home:} resolved), so
+    the same sweep from a laptop's checkout and from its copy in a Ray job's working_dir made two
+    folders and matched twice. The path is hashed as the variable now, as nightly's config hash does."""
+    from dataclasses import replace
+
+    import memex.stages.rematch as rematch
+    from memex.config import MEMEX_HOME
+
+    from conftest import compose
+
+    cfg = compose(["run.samples_from=src"], config_name="audit")
+    assert cfg.trainset.path.startswith(MEMEX_HOME)
+    here = rematch.rematch_name(cfg, "src")
+    elsewhere = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_1234"
+    moved = replace(cfg, trainset=replace(cfg.trainset, path=cfg.trainset.path.replace(MEMEX_HOME, elsewhere)))
+    monkeypatch.setattr(rematch, "MEMEX_HOME", elsewhere)
+    assert rematch.rematch_name(moved, "src") == here
+    other = replace(cfg, match=replace(cfg.match, threshold=0.1))
+    assert rematch.rematch_name(other, "src") != here  # a setting still names its own folder

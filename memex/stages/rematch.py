@@ -34,7 +34,16 @@ import json
 import logging
 import posixpath
 
-from memex.config import AuditConfig, BudgetKind, ConfigError, PromptSource, TriageKind, drop_unset_added, plain
+from memex.config import (
+    MEMEX_HOME,
+    AuditConfig,
+    BudgetKind,
+    ConfigError,
+    PromptSource,
+    TriageKind,
+    drop_unset_added,
+    plain,
+)
 from memex.layout import SAMPLES_FROM, SOURCE_GENERATIONS, RunLayout
 from memex.lease import hold, live_holder
 from memex.redact import redact
@@ -185,7 +194,10 @@ def _shared(was: dict, now: dict) -> tuple[dict, dict]:
 def rematch_name(cfg: AuditConfig, source: str) -> str:
     """<source>-m<10 hex of the settings a re-match changes>: one folder per threshold of a sweep."""
     mine = drop_unset_added(_json(redact(plain(cfg))))  # a later key, unset: the folders keep their names
-    h = hashlib.sha256(json.dumps({k: mine[k] for k in REMATCH_SECTIONS}, sort_keys=True).encode()).hexdigest()
+    # ${memex_home:} paths (the demo's trainset) as the variable, as nightly's config hash: a checkout on a
+    # laptop and its copy in a Ray job's working_dir name one re-match alike
+    text = json.dumps({k: mine[k] for k in REMATCH_SECTIONS}, sort_keys=True).replace(MEMEX_HOME, "${memex_home:}")
+    h = hashlib.sha256(text.encode()).hexdigest()
     return f"{source}-m{h[:10]}"
 
 
