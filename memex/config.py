@@ -39,6 +39,13 @@ ADDED_MODEL_KEYS = ("variant", "lora", "text_encoder")  # added after runs exist
 ADDED_KEYS = {"model": ADDED_MODEL_KEYS, "index": ("train_size",)}
 
 
+def identity_text(c: dict) -> str:
+    """A config dict as the text its identity hashes are taken of: sorted keys, ${memex_home:} paths (the
+    demo's trainset) written back as the variable, so a checkout on a laptop and its copy in a Ray job's
+    working_dir give the same hash (nightly's config_sha256, a re-match's folder name)."""
+    return json.dumps(c, sort_keys=True).replace(MEMEX_HOME, "${memex_home:}")
+
+
 def drop_unset_added(c: dict) -> dict:
     """A plain(config) dict (or one section of it, under its name) without the ADDED_KEYS left unset."""
     for section, keys in ADDED_KEYS.items():

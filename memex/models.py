@@ -169,6 +169,19 @@ def _file_instead_of_folder(path: str, key: str) -> str:
             f"and kohya save them), not {want}: {_convert_hint(path, 'model.path' if component else key)}")
 
 
+def model_json(path: str, name: str) -> dict | None:
+    """`name` (a JSON file: model_index.json, memex_train.json) of the model folder at `path`, local or any
+    fsspec URI; None when absent or unreadable (or a hub id: the check is then left to the load)."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+        file = root.rstrip("/") + "/" + name
+        return json.loads(fs.cat_file(file)) if fs.exists(file) else None
+    except (OSError, ValueError):
+        return None
+
+
 def check_local_checkpoint(path: str, key: str = "model.path") -> dict:
     """Validate a local diffusers folder without loading weights; return its model_index.json.
     `key`: the setting `path` came from, which errors name (nightly.base_model too)."""

@@ -354,6 +354,7 @@ def test_a_rematch_is_named_alike_from_any_checkout(monkeypatch):
     folders and matched twice. The path is hashed as the variable now, as nightly's config hash does."""
     from dataclasses import replace
 
+    import memex.config
     import memex.stages.rematch as rematch
     from memex.config import MEMEX_HOME
 
@@ -364,7 +365,7 @@ def test_a_rematch_is_named_alike_from_any_checkout(monkeypatch):
     here = rematch.rematch_name(cfg, "src")
     elsewhere = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_1234"
     moved = replace(cfg, trainset=replace(cfg.trainset, path=cfg.trainset.path.replace(MEMEX_HOME, elsewhere)))
-    monkeypatch.setattr(rematch, "MEMEX_HOME", elsewhere)
+    monkeypatch.setattr(memex.config, "MEMEX_HOME", elsewhere)
     assert rematch.rematch_name(moved, "src") == here
     other = replace(cfg, match=replace(cfg.match, threshold=0.1))
     assert rematch.rematch_name(other, "src") != here  # a setting still names its own folder

@@ -45,7 +45,14 @@ from memex.embed import check_embedder
 from memex.layout import RunLayout
 from memex.lease import hold
 from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, is_img2dataset_metadata_file, missing_columns
-from memex.models import check_kind, check_model_inputs, check_unet_fits, generated_channels, native_size
+from memex.models import (
+    check_kind,
+    check_model_inputs,
+    check_unet_fits,
+    generated_channels,
+    model_json,
+    native_size,
+)
 from memex.plan import Round, SamplePlan
 from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompts
 from memex.shards import is_pattern
@@ -316,17 +323,9 @@ def check_trained_shape(cfg: AuditConfig) -> None:
     (data.resize=true; memex_train.json counts them): its copies are of the squashed pictures, which only
     trainset.preprocess=resize compares with (an exact copy of a 3:2 picture is ~0.46 tiled l2 from its
     centre crop: missed). Any other model, or such a model trained on square images: nothing to check."""
-    import json
-    import os
-
-    info = os.path.join(cfg.model.path or "", "memex_train.json")
-    if not cfg.model.path or not os.path.isfile(info):
-        return
-    try:
-        n = int(json.loads(open(info).read()).get("squashed_images") or 0)
-    except (ValueError, TypeError, AttributeError):  # not memex's own file: nothing to go by
-        return
-    if n and cfg.trainset.preprocess.value != "resize":
+    info = model_json(cfg.model.path, "memex_train.json") if cfg.model.path else None
+    n = info.get("squashed_images") if isinstance(info, dict) else None  # not memex's own file: nothing to go by
+    if isinstance(n, int) and n and cfg.trainset.preprocess.value != "resize":
         raise ConfigError(f"model.path={cfg.model.path} was trained by `memex train` on {n} non-square images "
                           f"squashed to its square resolution (data.resize=true, memex_train.json): its copies are "
                           f"of the squashed pictures, which trainset.preprocess={cfg.trainset.preprocess.value} "

@@ -54,7 +54,7 @@ from memex.ingest import decode_rows, iter_batches, list_training_set
 from memex.layout import MIA_IMAGES_SCHEMA, MIA_LIRA_SCHEMA, MIA_SCORES_SCHEMA, MIA_SHADOW_SCHEMA, MiaLayout
 from memex.lease import hold
 from memex.manifest import take_rows
-from memex.models import check_model_inputs
+from memex.models import check_model_inputs, model_json
 from memex.redact import redact
 from memex.storage import check_outside
 
@@ -161,22 +161,9 @@ def _rows(images: pa.Table) -> pa.Table:
     return images.select(["image_id", "image", "uri"]).rename_columns(["id", "image", "uri"])
 
 
-def _model_json(path: str, name: str) -> dict | None:
-    """`name` (a JSON file) of the model folder at `path`, local or any fsspec URI; None when absent
-    (or a hub id: the check is then left to the load)."""
-    import fsspec
-
-    try:
-        fs, root = fsspec.core.url_to_fs(path)
-        file = root.rstrip("/") + "/" + name
-        return json.loads(fs.cat_file(file)) if fs.exists(file) else None
-    except (OSError, ValueError):
-        return None
-
-
 def is_text_model(path: str) -> bool | None:
     """True/False from the folder's model_index.json (a text encoder), None when it cannot be read."""
-    index = _model_json(path, "model_index.json")
+    index = model_json(path, "model_index.json")
     return None if index is None else "text_encoder" in index
 
 
@@ -187,13 +174,13 @@ def with_preprocess(cfg: MiaConfig) -> MiaConfig:
     The resolved value is what the run folder's settings record."""
     if cfg.mia.preprocess is not None:
         return cfg
-    made_by_memex = _model_json(cfg.model.path, "memex_train.json") is not None
+    made_by_memex = model_json(cfg.model.path, "memex_train.json") is not None
     return replace(cfg, mia=replace(cfg.mia, preprocess=Preprocess.resize if made_by_memex else Preprocess.center_crop))
 
 
 def shadow_recipe(model_path: str) -> dict:
     """The target's `memex train` config (memex_train.json): shadows are trained the same way."""
-    info = _model_json(model_path, "memex_train.json")
+    info = model_json(model_path, "memex_train.json")
     if info is None:
         raise ConfigError(f"LiRA trains shadow models the way the target was trained, but {model_path} has no "
                           "memex_train.json (not made by `memex train`): set mia.shadow_models=0")

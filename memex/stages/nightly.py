@@ -30,11 +30,11 @@ from pathlib import Path
 from memex import runner
 from memex.checkpoints import MAX_DEPTH, Checkpoint, discover, files_signature, weights_sha256
 from memex.config import (
-    MEMEX_HOME,
     MemexError,
     NightlyAction,
     NightlyAuditConfig,
     drop_unset_added,
+    identity_text,
     plain,
     validate_nightly,
 )
@@ -111,7 +111,7 @@ def config_sha256(cfg: NightlyAuditConfig) -> str:
     drop_unset_added(c)  # keys added after ledgers existed (model.lora, index.train_size): count only when set
     # ${memex_home:} paths (the demo's trainset) are written back as the variable: the checkout on
     # a laptop and its copy in a Ray job's working_dir must give the same hash
-    text = json.dumps(c, sort_keys=True).replace(MEMEX_HOME, "${memex_home:}")
+    text = identity_text(c)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -35,13 +35,13 @@ import logging
 import posixpath
 
 from memex.config import (
-    MEMEX_HOME,
     AuditConfig,
     BudgetKind,
     ConfigError,
     PromptSource,
     TriageKind,
     drop_unset_added,
+    identity_text,
     plain,
 )
 from memex.layout import SAMPLES_FROM, SOURCE_GENERATIONS, RunLayout
@@ -194,10 +194,7 @@ def _shared(was: dict, now: dict) -> tuple[dict, dict]:
 def rematch_name(cfg: AuditConfig, source: str) -> str:
     """<source>-m<10 hex of the settings a re-match changes>: one folder per threshold of a sweep."""
     mine = drop_unset_added(_json(redact(plain(cfg))))  # a later key, unset: the folders keep their names
-    # ${memex_home:} paths (the demo's trainset) as the variable, as nightly's config hash: a checkout on a
-    # laptop and its copy in a Ray job's working_dir name one re-match alike
-    text = json.dumps({k: mine[k] for k in REMATCH_SECTIONS}, sort_keys=True).replace(MEMEX_HOME, "${memex_home:}")
-    h = hashlib.sha256(text.encode()).hexdigest()
+    h = hashlib.sha256(identity_text({k: mine[k] for k in REMATCH_SECTIONS}).encode()).hexdigest()
     return f"{source}-m{h[:10]}"
 
 
