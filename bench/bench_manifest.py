@@ -39,9 +39,9 @@ import pyarrow as pa, pyarrow.parquet as pq
 from memex import cli
 import numpy as np
 from memex.ingest import iter_train_rows, list_training_set
-from memex.layout import TRAIN_SCHEMA
+from memex.layout import TRAIN_SCHEMA, IndexLayout
 from memex.stages.index import index_key
-from memex.storage import Store
+from memex.train_rows import write
 base = status("VmRSS")  # after the imports (torch, faiss come with memex)
 if mode == "plain" and os.path.isdir(path):  # a datasets folder: its Arrow streams, read whole
     t = pa.concat_tables([pa.ipc.open_stream(open(f, "rb").read()).read_all()
@@ -55,15 +55,14 @@ else:  # what index.run does on the driver: list, key, write train.parquet (row 
     listing = list_training_set(path, {}, "caption", images=(mode == "whole"))
     index_key(listing, cfg)
     rows = listing.num_rows
-    store = Store(out + ".d")
+    layout = IndexLayout(out + ".d", "k")  # train.parquet + train.pack, as memex/train_rows.py writes them
     if mode == "whole":
         train = pa.table({"gid": pa.array(np.arange(rows), pa.int64()), "id": listing["id"], "image": listing["image"],
                           "uri": listing["uri"], "caption": listing["caption"]}, schema=TRAIN_SCHEMA)
-        store.write_table(store.join("train.parquet"), train, row_group_size=64)
+        write(layout.store, layout, [train], row_group_size=64)
         del train
     else:
-        store.write_batches(store.join("train.parquet"), TRAIN_SCHEMA, iter_train_rows(path, {}, listing, 256),
-                            row_group_size=64)
+        write(layout.store, layout, iter_train_rows(path, {}, listing, 256), row_group_size=64)
 json.dump({"peak_mb": status("VmHWM") - base, "rss_mb": status("VmRSS") - base, "rows": rows}, open(out, "w"))
 """
 
@@ -106,8 +105,9 @@ def main() -> None:
             size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*"))) / 2**20
             plain, whole, streamed = (measure(m, path, tmp) for m in ("plain", "whole", "streamed"))
             assert plain["rows"] == whole["rows"] == streamed["rows"] == (plain["rows"] if args.path else args.images)
-            same = pq.read_table(tmp / "whole.json.d" / "train.parquet").equals(
-                pq.read_table(tmp / "streamed.json.d" / "train.parquet"))
+            w, st = tmp / "whole.json.d" / "k", tmp / "streamed.json.d" / "k"
+            same = pq.read_table(w / "train.parquet").equals(pq.read_table(st / "train.parquet")) and \
+                (w / "train.pack").read_bytes() == (st / "train.pack").read_bytes()
             what = path.name if args.path else "one row group" if row_group is None else f"row groups of {row_group}"
             print(f"{plain['rows']} images, {size:.0f} MB ({what}); peak above imports:")
             floor = "pyarrow, whole (read_table or IPC)"
@@ -117,7 +117,7 @@ def main() -> None:
                 print(f"  memex {name:<34} {r['peak_mb']:6.0f} MB ({r['peak_mb'] / size:.1f}x the file), "
                       f"held after {r['rss_mb']:.0f} MB")
             print(f"  streamed / whole peak: {streamed['peak_mb'] / whole['peak_mb']:.2f}x; "
-                  f"train.parquet the same: {same}")
+                  f"train.parquet and train.pack the same: {same}")
 
 
 if __name__ == "__main__":

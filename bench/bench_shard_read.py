@@ -3,13 +3,14 @@
 The index's shard task (memex/stages/index.py build_shard) decodes, embeds and indexes the rows of
 its gid range of train.parquet. It read that range in one `read_table(filters=...)`: every encoded
 image of the shard at once, ~10 GB a task for a quarter of a 1M-image LAION part, with 4 tasks on
-one node. Now `train_batches` reads the row groups that reach the range one at a time, and the task
-holds index.decode_batch rows of images. Both ways run the real build_shard (the pixels embedder, a
-flat index) in a fresh process each (peak RSS is per process); `whole` swaps train_batches for the
-former read. The shards they write must be equal (the bench checks it).
+one node. Now `read_range` (memex/train_rows.py) reads the row groups that reach the range one at a
+time, and the task holds index.decode_batch rows of images. Both ways run the real build_shard (the
+pixels embedder, a flat index) in a fresh process each (peak RSS is per process); `whole` swaps
+read_range for the former read. The shards they write must be equal (the bench checks it).
 
-The training set: N random-noise 256x256 JPEGs (~55 kB each, photos compress better), in a
-train.parquet written as the index writes it (row groups of max(64, index.decode_batch) rows).
+The training set: N random-noise 256x256 JPEGs (~55 kB each, photos compress better), written as the
+index writes it (row groups of max(64, index.decode_batch) rows): `batched` reads train.parquet +
+train.pack, `whole` a train.parquet with the images inline (the layout before train.pack).
 
     python bench/bench_shard_read.py [--images 9600]
 """
@@ -45,7 +46,7 @@ if mode == "whole":  # the former read: the shard's whole gid range, then sliced
         rows = layout.store.read_table(layout.train_path, schema=TRAIN_SCHEMA,
                                        filters=[("gid", ">=", start), ("gid", "<", stop)])
         return (rows.slice(b, batch) for b in range(0, rows.num_rows, batch))
-    index.train_batches = whole
+    index.read_range = whole
 cfg = cli.to_audit_config(cli.compose_config("audit", []))
 layout = IndexLayout(root, mode)
 t0 = time.perf_counter()
@@ -55,15 +56,17 @@ json.dump({"peak_mb": status("VmHWM") - base, "seconds": time.perf_counter() - t
 """
 
 
-def train_parquet(path: Path, n: int, row_group: int) -> None:
-    from memex.layout import TRAIN_SCHEMA
-    from memex.storage import Store
+def train_parquet(root: Path, n: int, row_group: int) -> None:
+    """root/whole/train.parquet (images inline) and root/batched/train.parquet + train.pack."""
+    from memex import train_rows
+    from memex.layout import TRAIN_SCHEMA, IndexLayout
 
     t = pa.table({"gid": pa.array(np.arange(n), pa.int64()), "id": [f"img-{i:06d}" for i in range(n)],
                   "image": noise_jpegs(n), "uri": [None] * n,
                   "caption": [f"caption {i}" for i in range(n)]}, schema=TRAIN_SCHEMA)
-    store = Store(str(path.parent))
-    store.write_table(store.join(path.name), t, row_group_size=row_group)
+    whole, batched = IndexLayout(str(root), "whole"), IndexLayout(str(root), "batched")
+    whole.store.write_table(whole.train_path, t, row_group_size=row_group)
+    train_rows.write(batched.store, batched, [t], row_group_size=row_group)
 
 
 def main() -> None:
@@ -78,8 +81,7 @@ def main() -> None:
         root = Path(tmp)
         for mode in ("whole", "batched"):
             (root / mode).mkdir()
-        train_parquet(root / "whole" / "train.parquet", args.images, group)
-        (root / "batched" / "train.parquet").write_bytes((root / "whole" / "train.parquet").read_bytes())
+        train_parquet(root, args.images, group)
         size = (root / "whole" / "train.parquet").stat().st_size / 2**20
         got = {}
         for mode in ("whole", "batched"):
@@ -93,7 +95,7 @@ def main() -> None:
               f"(embedder {cfg.embedder.kind.value} {cfg.embedder.size} px, index.decode_batch "
               f"{cfg.index.decode_batch}); peak RSS above imports:")
         for mode, what in (("whole", "the shard's rows read whole (before)"),
-                           ("batched", "train_batches, a batch at a time (now)")):
+                           ("batched", "read_range, a batch at a time (now)")):
             r = got[mode]
             print(f"  {what:<40} {r['peak_mb']:7.0f} MB ({r['peak_mb'] / size:.2f}x the file)  "
                   f"{r['seconds']:6.1f} s  {r['indexed']} indexed")

@@ -43,7 +43,10 @@
 
     <index root>/<index key>/        the membership index of one training set (IndexLayout),
         index.json                   shared by every run on the same data, embedder and index settings
-        train.parquet                TRAIN_SCHEMA: the ingested training set, gid = row number
+        train.parquet                TRAIN_FILE_SCHEMA: the ingested training set, gid = row number, where
+                                     each row's image lies in train.pack (memex/train_rows.py; an index built
+                                     before train.pack holds TRAIN_SCHEMA here, its images inline)
+        train.pack                   the training images' encoded bytes end to end, in gid order
         quantizer/shard-000000.faiss IVF-PQ only: the trained, empty index every shard copies
         shards/shard-000000.faiss    FAISS shard (global ids)
         shards/vectors-shard-000000.npz      its vectors and gids (np.savez: the dups step re-searches them)
@@ -193,6 +196,12 @@ LEDGER_SCHEMA = pa.schema(
 
 TRAIN_SCHEMA = pa.schema(
     [("gid", pa.int64()), ("id", pa.string()), ("image", pa.binary()), ("uri", pa.string()), ("caption", pa.string())]
+)
+# train.parquet as written: the image bytes in train.pack (image_offset, image_length: null for a row whose
+# image is read from its uri), so that a row's image is one ranged read (memex/train_rows.py)
+TRAIN_FILE_SCHEMA = pa.schema(
+    [("gid", pa.int64()), ("id", pa.string()), ("uri", pa.string()), ("caption", pa.string()),
+     ("image_offset", pa.int64()), ("image_length", pa.int64())]
 )
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("reason", pa.string())])
 DUPS_SCHEMA = pa.schema([("gid", pa.int64()), ("id", pa.string()), ("caption", pa.string()),
@@ -374,6 +383,10 @@ class IndexLayout(_Folder):
     @property
     def train_path(self) -> str:
         return self.join("train.parquet")
+
+    @property
+    def pack_path(self) -> str:
+        return self.join("train.pack")
 
     @property
     def success_path(self) -> str:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from memex.config import IndexConfig
 from memex.index import IndexSpec, load_index
-from memex.layout import PICTURES_SCHEMA, QUARANTINE_SCHEMA, TRAIN_SCHEMA, IndexLayout, RunLayout, StorageError
+from memex.layout import PICTURES_SCHEMA, QUARANTINE_SCHEMA, IndexLayout, RunLayout, StorageError
 
 
 @dataclass
@@ -70,11 +70,11 @@ def load_shards(layout: IndexLayout, shards: list[int]) -> list[faiss.Index]:
 
 
 def fetch_train_rows(layout: IndexLayout, gids: list[int], columns: list[str] | None = None) -> pa.Table:
-    """Rows of train.parquet for the given global ids (the join of matches with training images)."""
-    if not gids:
-        return TRAIN_SCHEMA.empty_table().select(columns or TRAIN_SCHEMA.names)
-    return layout.store.read_table(layout.train_path, schema=TRAIN_SCHEMA, columns=columns,
-                                   filters=[("gid", "in", sorted(set(gids)))])
+    """Training rows for the given global ids, in gid order (the join of matches with training images;
+    images from train.pack, one ranged read each: memex/train_rows.py)."""
+    from memex.train_rows import read_gids
+
+    return read_gids(layout, gids, columns)
 
 
 def read_quarantine(info: IndexInfo, storage_options: dict) -> pa.Table:

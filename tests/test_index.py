@@ -469,14 +469,16 @@ def test_duplicate_counts_through_the_pixels_embedder():
     np.testing.assert_array_equal(pictures, [first[gr] for gr in group])
 
 
-def test_a_shard_reads_its_training_rows_a_batch_at_a_time(tmp_path):
-    """train_batches: the rows of a gid range (and of a sample of gids, the quantizer's) a batch at
-    a time, from the row groups that reach it: the same rows as one filtered read of train.parquet,
+@pytest.mark.parametrize("stored", ["pack", "inline"])
+def test_a_shard_reads_its_training_rows_a_batch_at_a_time(tmp_path, stored):
+    """read_range: the rows of a gid range (and of a sample of gids, the quantizer's) a batch at a
+    time, from the row groups that reach it: the same rows as one filtered read of train.parquet,
     no table over `batch` rows; rows out of gid order in the file are found by their gid; a
-    truncated train.parquet is named with its recovery."""
+    truncated train.parquet (or train.pack) is named with its recovery. Both layouts: the images in
+    train.pack, and inline in train.parquet (an index built before the pack, still read)."""
     from memex.layout import TRAIN_SCHEMA, IndexLayout
-    from memex.stages.index import train_batches
     from memex.storage import StorageError
+    from memex.train_rows import read_range, write
 
     layout = IndexLayout(str(tmp_path), "k")
     n = 50
@@ -484,18 +486,74 @@ def test_a_shard_reads_its_training_rows_a_batch_at_a_time(tmp_path):
     train = pa.table({"gid": pa.array(order, pa.int64()), "id": [f"i{g}" for g in order],
                       "image": [bytes([g]) * 100 for g in order], "uri": [None] * n,
                       "caption": [f"c{g}" for g in order]}, schema=TRAIN_SCHEMA)
-    layout.store.write_table(layout.train_path, train, row_group_size=8)
+    if stored == "pack":
+        write(layout.store, layout, [train.slice(0, 17), train.slice(17)], row_group_size=8)
+    else:
+        layout.store.write_table(layout.train_path, train, row_group_size=8)
+    assert (tmp_path / "k" / "train.pack").exists() == (stored == "pack")
     for start, stop, gids in ((0, n, None), (5, 17, None), (18, 40, None), (0, 1, None),
                               (3, 48, np.array([3, 9, 21, 22, 36, 47]))):
-        got = list(train_batches(layout, start, stop, 3, gids=gids))
-        assert got and all(0 < t.num_rows <= 3 for t in got)
+        got = list(read_range(layout, start, stop, 3, gids=gids))
+        assert got and all(0 < t.num_rows <= 3 and t.schema == TRAIN_SCHEMA for t in got)
         want = [g for g in order if start <= g < stop and (gids is None or g in gids)]
         assert pa.concat_tables(got)["gid"].to_pylist() == want
         assert pa.concat_tables(got)["image"].to_pylist() == [bytes([g]) * 100 for g in want]
+    if stored == "pack":
+        raw = (tmp_path / "k" / "train.pack").read_bytes()
+        (tmp_path / "k" / "train.pack").write_bytes(raw[:-150])
+        with pytest.raises(StorageError, match=r"train.pack is not readable image pack .*EOFError.*Remove it and "
+                                               r"train.parquet beside it"):
+            list(read_range(layout, 0, n, 3))
     raw = (tmp_path / "k" / "train.parquet").read_bytes()
     (tmp_path / "k" / "train.parquet").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(StorageError, match=r"train.parquet is not readable Parquet .*Remove it"):
-        list(train_batches(layout, 0, n, 3))
+        list(read_range(layout, 0, n, 3))
+
+
+def test_training_images_are_fetched_by_gid_with_ranged_reads(tmp_path, monkeypatch):
+    """The match stage's fetch of scattered neighbours reads each image's bytes from train.pack, not the
+    row groups that hold them (with the images in train.parquet, pyarrow read a whole row group's
+    image column for one row: 20 MB of 512 LAION images for one ~40 KB neighbour). Ranges within
+    PACK_GAP are one request, none longer than PACK_SPAN; rows without stored bytes (read from
+    their uri) and empty images come back as they were written; no image asked, none read."""
+    from memex import train_rows
+    from memex.layout import TRAIN_SCHEMA, IndexLayout
+    from memex.membership import fetch_train_rows
+
+    rng = np.random.default_rng(0)
+    n = 400
+    images = [rng.bytes(int(rng.integers(1000, 3000))) for _ in range(n)]
+    images[7], images[8] = None, b""  # an image read from its uri; an empty one (quarantined when decoded)
+    train = pa.table({"gid": pa.array(np.arange(n), pa.int64()), "id": [f"i{g}" for g in range(n)],
+                      "image": pa.array(images, pa.binary()), "uri": ["u7" if g == 7 else None for g in range(n)],
+                      "caption": [f"c{g}" for g in range(n)]}, schema=TRAIN_SCHEMA)
+    layout = IndexLayout(str(tmp_path), "k")
+    train_rows.write(layout.store, layout, (train.slice(a, 64) for a in range(0, n, 64)), row_group_size=64)
+    assert (tmp_path / "k" / "train.pack").stat().st_size == sum(len(b or b"") for b in images)
+
+    asked = []
+    real = type(layout.store.fs).cat_ranges
+    monkeypatch.setattr(type(layout.store.fs), "cat_ranges",
+                        lambda self, paths, starts, ends, **k: asked.append(list(zip(starts, ends))) or
+                        real(self, paths, starts, ends, **k))
+    gids = [390, 5, 200, 201, 7, 8, 64]
+    monkeypatch.setattr(train_rows, "PACK_GAP", 0)  # only touching ranges merge: 200 and 201
+    got = fetch_train_rows(layout, gids)
+    assert got["gid"].to_pylist() == sorted(gids) and got.schema == TRAIN_SCHEMA
+    assert got["image"].to_pylist() == [images[g] for g in sorted(gids)]
+    assert got["uri"].to_pylist()[1] == "u7" and got["caption"].to_pylist() == [f"c{g}" for g in sorted(gids)]
+    sizes = {g: len(images[g] or b"") for g in gids}
+    assert len(asked[-1]) == 5 and sum(e - s for s, e in asked[-1]) == sum(sizes.values())  # 8: no range
+
+    monkeypatch.setattr(train_rows, "PACK_GAP", 1 << 30)  # everything one request, but for PACK_SPAN
+    monkeypatch.setattr(train_rows, "PACK_SPAN", 200_000)
+    assert fetch_train_rows(layout, gids).equals(got)
+    assert len(asked[-1]) == 3 and all(e - s <= 200_000 for s, e in asked[-1])  # 5-64, 200-201, 390
+
+    calls = len(asked)
+    ids = fetch_train_rows(layout, gids, columns=["gid", "id"])
+    assert ids.column_names == ["gid", "id"] and len(asked) == calls  # no image asked, no pack read
+    assert fetch_train_rows(layout, []).num_rows == 0 and len(asked) == calls
 
 
 def test_the_quantizer_sample_reads_whole_row_groups_only(tmp_path, monkeypatch):
@@ -507,7 +565,8 @@ def test_the_quantizer_sample_reads_whole_row_groups_only(tmp_path, monkeypatch)
     import pyarrow.parquet as pq
 
     from memex.layout import TRAIN_SCHEMA, IndexLayout
-    from memex.stages.index import quantizer_sample, train_batches
+    from memex.stages.index import quantizer_sample
+    from memex.train_rows import read_range as train_batches
 
     layout = IndexLayout(str(tmp_path), "k")
     n, group = 2000, 50  # 40 row groups; "classes" of 200 rows (4 groups each), one after another

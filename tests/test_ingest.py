@@ -768,6 +768,44 @@ def test_a_chain_of_near_duplicates_across_shards_is_one_picture(tmp_path, in_pr
     assert index.run(cfg) == info and read_pictures(info, {}, [5]) == {5: 0}
 
 
+def test_a_lost_or_damaged_image_pack_is_named_and_written_again(tmp_path, in_process_units):
+    """train.pack (the manifest's image bytes, read by ranged reads) removed from a complete index: a fetch
+    of an image names it and says to rerun the audit, whose index stage makes the copy again,
+    train.parquet first (same gids, same bytes), and the shards are kept. Cut short:
+    the fetch of a training image names it and says to remove it with train.parquet, after which the
+    index is whole again. A killed copy's `_tmp-*-train.pack` is removed before the new one."""
+    from memex.membership import fetch_train_rows
+    from memex.stages import index
+    from memex.storage import StorageError
+
+    imgs = [encode_png(_img(i)) for i in range(6)]
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": [f"{i:02d}" for i in range(6)], "image": imgs}), path)
+    cfg = _audit_cfg(str(path), tmp_path / "runs")
+    info = index.run(cfg)
+    layout, root = info.layout({}), tmp_path / "runs" / "_index" / info.key
+    assert (root / "train.pack").read_bytes() == b"".join(imgs)
+    assert fetch_train_rows(layout, [4, 1])["image"].to_pylist() == [imgs[1], imgs[4]]
+    shard = (root / "shards" / "shard-000000.faiss").stat().st_mtime_ns
+
+    (root / "train.pack").unlink()
+    with pytest.raises(StorageError, match=r"train.pack is missing, the images of .*train.parquet.*rerun the audit"):
+        fetch_train_rows(layout, [1])
+    assert fetch_train_rows(layout, [1], columns=["id"])["id"].to_pylist() == ["01"]  # no image asked
+    (root / "_tmp-0a1b-train.pack").write_bytes(b"cut short")
+    assert index.run(cfg) == info and (root / "train.pack").read_bytes() == b"".join(imgs)
+    assert not (root / "_tmp-0a1b-train.pack").exists()
+    assert (root / "shards" / "shard-000000.faiss").stat().st_mtime_ns == shard  # only the copy was made again
+
+    (root / "train.pack").write_bytes(b"".join(imgs)[:-10])
+    with pytest.raises(StorageError, match=f"{root / 'train.pack'} is not readable image pack .*Remove it and "
+                                           "train.parquet beside it"):
+        fetch_train_rows(layout, [5])
+    (root / "train.pack").unlink()
+    (root / "train.parquet").unlink()
+    assert index.run(cfg) == info and fetch_train_rows(layout, [5])["image"].to_pylist() == [imgs[5]]
+
+
 def test_a_grayscale_models_index_is_searched_among_the_training_images_luma(tmp_path, in_process_units):
     """A grayscale model's generation that copies a colour training picture copies its luma. Searched in
     a colour index, it lies the picture's chroma away from it (here RMS 0.2), so a gray picture 0.18 off
@@ -952,7 +990,9 @@ def test_the_index_streams_a_manifest_of_embedded_images_in_id_order(tmp_path, i
     info = index.run(cfg)
     assert len(streamed_batches) >= 1
     layout = info.layout({})
-    train = layout.store.read_table(layout.train_path)
+    from memex.membership import fetch_train_rows
+
+    train = fetch_train_rows(layout, list(range(whole.num_rows)))  # (its images from train.pack)
     assert train.equals(want) and info.n_indexed == whole.num_rows
 
 
@@ -974,7 +1014,9 @@ def test_a_streamed_manifest_out_of_id_order_or_changed_midway(tmp_path, in_proc
     assert index.index_key(t, cfg) == index.index_key(whole, cfg)
     info = index.run(cfg)
     layout = info.layout({})
-    train = layout.store.read_table(layout.train_path)
+    from memex.membership import fetch_train_rows
+
+    train = fetch_train_rows(layout, [0, 1, 2, 3])
     assert train["gid"].to_pylist() == [0, 1, 2, 3] and train["id"].to_pylist() == ["b", "a", "d", "c"]
     assert train["image"].to_pylist() == [imgs[1], imgs[0], imgs[3], imgs[2]]
 
@@ -983,13 +1025,13 @@ def test_a_streamed_manifest_out_of_id_order_or_changed_midway(tmp_path, in_proc
     pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "image": [imgs[0], imgs[2], imgs[2], imgs[3]]}), path)
     with pytest.raises(IngestError, match=r"changed while the index read it \(rows from 0 on differ"):
         list(iter_train_rows(str(path), {}, listing))
-    from memex.layout import TRAIN_SCHEMA
-    from memex.storage import Store
+    from memex.layout import IndexLayout
+    from memex.train_rows import write
 
-    store = Store(str(tmp_path / "index"))  # as the index stage writes it: nothing, not a part of it
+    lay = IndexLayout(str(tmp_path / "index"), "k")  # as the index stage writes it: nothing, not a part of it
     with pytest.raises(IngestError, match=r"changed while the index read it"):
-        store.write_batches(store.join("train.parquet"), TRAIN_SCHEMA, iter_train_rows(str(path), {}, listing))
-    assert not list((tmp_path / "index").iterdir())
+        write(lay.store, lay, iter_train_rows(str(path), {}, listing), row_group_size=2)
+    assert not list((tmp_path / "index" / "k").iterdir())  # neither train.pack nor train.parquet
     pq.write_table(pa.table({"id": ["a", "b", "c"], "image": imgs[:3]}), path)
     with pytest.raises(IngestError, match=r"changed while the index read it \(3 rows, its listing has 4\)"):
         list(iter_train_rows(str(path), {}, listing))

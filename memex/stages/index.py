@@ -7,7 +7,8 @@ training-set listing, the embedder and the index settings), so every audit of ch
 on the same data shares it. Its steps are units of memex/runner.py, like every stage's:
   1. list the training set (memex/ingest.py: with each file's size + ETag/mtime) and hash it with
      the settings into the key (an image overwritten in place: a new key, a new index);
-  2. write train.parquet (gid = row number, the global id every shard and every match uses);
+  2. write train.parquet + train.pack (memex/train_rows.py; gid = row number, the global id every
+     shard and every match uses);
   3. IVF-PQ only: `train_quantizer`, one unit: a coarse quantizer + PQ codebook trained on a fixed
      random sample of the whole training set, which every shard copies;
   4. `build_shard`, one unit per shard: decode its gid range (unreadable images go to the shard's
@@ -26,14 +27,14 @@ import math
 import posixpath
 import time
 import zipfile
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from memex import runner
+from memex import runner, train_rows
 from memex.config import AuditConfig, EmbedderConfig, IndexConfig, IndexKind, drop_unset_added, plain
 from memex.images import PAD_VALUE
 from memex.layout import (
@@ -50,6 +51,7 @@ from memex.membership import IndexInfo, fetch_train_rows, load_shards
 from memex.models import resolve_device
 from memex.redact import redact
 from memex.storage import damaged, unit_name
+from memex.train_rows import read_range
 
 log = logging.getLogger("memex.index")
 # Part of every index key: folders written by an older layout are never resumed into, only rebuilt.
@@ -115,40 +117,6 @@ def plan_index_shards(n: int, shards: int) -> list[tuple[int, int]]:
 
 
 # ---- unit functions (plain functions: run in Ray tasks by the runner, testable without one) ------
-def train_batches(layout: IndexLayout, start: int, stop: int, batch: int,
-                  gids: np.ndarray | None = None) -> Iterator[pa.Table]:
-    """Rows of train.parquet with start <= gid < stop (and gid in `gids`, sorted, when given),
-    `batch` rows a table: only the row groups whose gid statistics reach the range are read, one at a
-    time. A shard task read its whole range at once, encoded images included: ~10 GB a task for a
-    quarter of a 1M-image LAION part (~40 GB), 4 tasks at once on one node; the quantizer's sample
-    of up to 65,536 images ~2.6 GB (bench/bench_shard_read.py)."""
-    store = layout.store
-    try:
-        f = pq.ParquetFile(layout.train_path, filesystem=store.fs, pre_buffer=False)
-        md, col = f.metadata, f.schema_arrow.get_field_index("gid")
-        groups = []
-        for i in range(md.num_row_groups):
-            st = md.row_group(i).column(col).statistics
-            if st is None or not st.has_min_max:
-                groups.append(i)
-            elif st.min < stop and st.max >= start and (
-                    gids is None or np.searchsorted(gids, st.max, "right") > np.searchsorted(gids, st.min)):
-                groups.append(i)  # (with gids: only a group that holds one of them)
-        for b in f.iter_batches(batch_size=batch, row_groups=groups):
-            t = pa.Table.from_batches([b]).cast(TRAIN_SCHEMA)
-            g = t["gid"]
-            keep = pc.and_(pc.greater_equal(g, start), pc.less(g, stop))
-            if gids is not None:  # the sample's gids within this batch's span: a small set to look up
-                span = pc.min_max(g)
-                lo, hi = np.searchsorted(gids, [span["min"].as_py(), span["max"].as_py() + 1])
-                keep = pc.and_(keep, pc.is_in(g, value_set=pa.array(gids[lo:hi], pa.int64())))
-            t = t.filter(keep)
-            if t.num_rows:
-                yield t
-    except (pa.ArrowInvalid, OSError) as e:  # truncated or removed since: named, with the recovery
-        raise StorageError(damaged(store.uri_of(layout.train_path), "Parquet", e)) from e
-
-
 def _embed_rows(batches: Iterable[pa.Table], emb: EmbedderConfig, embedder, storage_options: dict, preprocess: str,
                 luma: bool = False, aspect: tuple[int, int] | None = None):
     """Decode, fit to the embedder's square input (trainset.preprocess) and embed training rows a
@@ -222,7 +190,7 @@ def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderC
     embedder = _embedder(emb, device, opts)
     spec = IndexSpec.from_config(idx, embedder.metric)
     pick = quantizer_sample(layout, n_train, spec.train_size)
-    rows = train_batches(layout, int(pick[0]), int(pick[-1]) + 1, idx.decode_batch, gids=pick)
+    rows = read_range(layout, int(pick[0]), int(pick[-1]) + 1, idx.decode_batch, gids=pick)
     x, _, _ = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect)
     save_index(train_index(x, spec), layout.store.uri_of(layout.quantizer_path), opts)
     return {"vectors": int(len(x))}
@@ -236,7 +204,7 @@ def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: Emb
 
     opts, store = layout.store.options, layout.store
     embedder = _embedder(emb, device, opts)
-    rows = train_batches(layout, start, stop, idx.decode_batch)
+    rows = read_range(layout, start, stop, idx.decode_batch)
     x, ids, quarantine = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect)
     trained = load_index(store.uri_of(layout.quantizer_path), opts) if idx.kind == IndexKind.ivfpq else None
     index = build_faiss_shard(x, ids, IndexSpec.from_config(idx, embedder.metric), trained=trained)
@@ -379,12 +347,11 @@ def check_spec(cfg: AuditConfig, n_rows: int) -> None:
 
 
 def missing_units(layout: IndexLayout, n_shards: int, ivfpq: bool) -> list[str]:
-    """Parts of an index marked complete that are gone: unmarked units, a missing train.parquet.
+    """Parts of an index marked complete that are gone: unmarked units, a missing train.parquet or train.pack.
     Reusing such an index would silently leave their training images out of every audit (one
     glob per folder, so a few requests on S3). A unit whose file alone is gone fails where it is
     read, naming the file."""
-    out = [name for name, path in (("train.parquet", layout.train_path), ("pictures.parquet", layout.pictures_path))
-           if not layout.store.exists(path)]
+    out = train_rows.missing(layout) + (["pictures.parquet"] if not layout.store.exists(layout.pictures_path) else [])
     for folder, n in ((layout.quantizer, int(ivfpq)), (layout.shards, n_shards), (layout.dups, n_shards)):
         have = set(folder.complete()) if n else set()
         out += [f"{folder.name}/{unit_name(i, folder.prefix)}" for i in range(n) if i not in have]
@@ -400,9 +367,9 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
 
     # 2. the training table with global ids (written once; a rerun finds it in place)
     plans = plan_index_shards(listing.num_rows, cfg.index.shards)
-    if not layout.store.exists(layout.train_path):
-        # a killed build's copy of the training set (`_tmp-<uuid>-train.parquet`, its full size) is never
-        # reused: gone before the new copy (not another audit's write-probe, made outside the lease)
+    if train_rows.missing(layout):  # (train.pack gone: both written again, the same rows in the same order)
+        # a killed build's copy of the training set (`_tmp-<uuid>-train.parquet`, `-train.pack`, their full size)
+        # is never reused: gone before the new copy (not another audit's write-probe, made outside the lease)
         for p in layout.store.fs.glob(layout.store.join("_tmp-*")):
             if not posixpath.basename(p).startswith("_tmp-probe-"):
                 layout.store.fs.rm_file(p)
@@ -410,12 +377,12 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
         if IMAGE_SHA256 in listing.column_names:  # a streamed manifest: its images read again, a batch at a
             # time, in its own row order (the listing's: gid = row number, as for every listing)
             rows = iter_train_rows(cfg.trainset.path, cfg.storage.options, listing, batch_rows=4 * group)
-            layout.store.write_batches(layout.train_path, TRAIN_SCHEMA, rows, row_group_size=group)
         else:
-            train = pa.table({"gid": pa.array(np.arange(listing.num_rows), pa.int64()), "id": listing["id"],
-                              "image": listing["image"], "uri": listing["uri"], "caption": listing["caption"]},
-                             schema=TRAIN_SCHEMA)
-            layout.store.write_table(layout.train_path, train, row_group_size=group)
+            rows = pa.table({"gid": pa.array(np.arange(listing.num_rows), pa.int64()), "id": listing["id"],
+                             "image": listing["image"], "uri": listing["uri"], "caption": listing["caption"]},
+                            schema=TRAIN_SCHEMA).to_batches(max_chunksize=4 * group)
+            rows = (pa.Table.from_batches([b]) for b in rows)
+        train_rows.write(layout.store, layout, rows, row_group_size=group)
         layout.store.write_json(layout.info_json, redact({  # no credential in any output: memex/redact.py
             "trainset": cfg.trainset.path, "embedder": plain(cfg.embedder), "index": plain(cfg.index), "luma": luma,
             "aspect": aspect, "shards": plans, "n_train": listing.num_rows}))

@@ -1,0 +1,188 @@
+"""The index's copy of the training set: written once per index, read by gid range and by gid set.
+
+    train.parquet   TRAIN_FILE_SCHEMA: gid (= row number), id, uri, caption, image_offset, image_length
+    train.pack      the rows' encoded image bytes end to end, in row order (no container, never parsed)
+
+Readers get TRAIN_SCHEMA tables (gid, id, image, uri, caption) either way.
+
+Why a pack beside the table: the match stage fetches the pixels of each samples shard's distinct
+neighbours, 500-2,000 rows scattered over the whole training set, and pyarrow reads the column chunk of
+a row group whole for one row. With the images in train.parquet (row groups of 512 x ~40 KB), that was
+~20 MB read for each neighbour, 10-40 GB a samples shard at 5M training rows, again for every shard.
+From the pack, one ranged read an image (~40 KB; fsspec's cat_ranges sends them concurrently on S3):
+bench/bench_fetch.py. Lance reads rows by number too, but would be one more storage format for one column.
+
+Indexes built before the pack hold their images in train.parquet (an `image` column, no train.pack):
+they are read as they are (`inline`), so their keys, runs and re-matches stay valid; removing such an
+index folder rebuilds it, same key, in this layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from memex.layout import TRAIN_FILE_SCHEMA, TRAIN_SCHEMA, IndexLayout, StorageError
+from memex.storage import Store, damaged
+
+# Neighbouring ranges of one read are fetched as one request when fewer bytes than this lie between them
+# (an S3 GET's ~20-50 ms to first byte moves ~0.25-1 MB on one connection; the requests of one read go
+# out together), up to PACK_SPAN bytes a request (memory). A range of gids in row order (a shard's batch)
+# is one request; a match shard's neighbours (500-2,000 of 5M rows, ~100 MB apart) one request each.
+PACK_GAP = 256 << 10
+PACK_SPAN = 64 << 20
+
+
+def write(store: Store, layout: IndexLayout, tables: Iterable[pa.Table], row_group_size: int) -> None:
+    """train.pack, then train.parquet, from TRAIN_SCHEMA tables made one after another (bounded memory:
+    one table's images at a time). Each file appears complete or not at all; train.parquet, the one
+    whose presence says the copy is done, is moved into place last."""
+    with store.atomic(layout.train_path) as table_tmp:
+        with store.atomic(layout.pack_path) as pack_tmp:
+            with store.fs.open(pack_tmp, "wb") as pack, store.fs.open(table_tmp, "wb") as f, \
+                    pq.ParquetWriter(f, TRAIN_FILE_SCHEMA, compression="zstd") as writer:
+                at = 0
+                for t in tables:
+                    if t.num_rows:
+                        rows, at = _packed(t.cast(TRAIN_SCHEMA), pack, at)
+                        writer.write_table(rows, row_group_size=row_group_size)
+
+
+def _packed(t: pa.Table, pack, at: int) -> tuple[pa.Table, int]:
+    """Append the images of TRAIN_SCHEMA rows to the open pack file at byte `at` -> (their rows of
+    train.parquet, the pack's new end)."""
+    image = t["image"].combine_chunks()
+    valid = image.is_valid()
+    # null rows (an image read later from its uri) as empty values: the offsets then give the bytes of
+    # every row, and the values buffer holds the table's images end to end (written in one call)
+    bufs = pc.if_else(valid, image, pa.scalar(b"", pa.binary())).buffers()  # [validity, int32 offsets, values]
+    ends = np.frombuffer(bufs[1], np.int32)[:t.num_rows + 1].astype(np.int64)  # (if_else's result: offset 0)
+    size = int(ends[-1] - ends[0])
+    if size:
+        pack.write(bufs[2].slice(int(ends[0]), size))
+    null = ~valid.to_numpy(zero_copy_only=False)
+    rows = pa.table({"gid": t["gid"], "id": t["id"], "uri": t["uri"], "caption": t["caption"],
+                     "image_offset": pa.array(at + ends[:-1] - ends[0], pa.int64(), mask=null),
+                     "image_length": pa.array(np.diff(ends), pa.int64(), mask=null)}, schema=TRAIN_FILE_SCHEMA)
+    return rows, at + size
+
+
+def missing(layout: IndexLayout) -> list[str]:
+    """["train.parquet"] or ["train.pack"] when gone (a partial copy, a removal by hand), else []. A
+    missing pack is found before any read, and the copy made again (train.parquet goes first)."""
+    if not layout.store.exists(layout.train_path):
+        return ["train.parquet"]
+    return ["train.pack"] if not layout.store.exists(layout.pack_path) and not inline(layout) else []
+
+
+def inline(layout: IndexLayout) -> bool:
+    """Whether train.parquet holds its images itself (an index built before train.pack)."""
+    return "image" in _open(layout).schema_arrow.names
+
+
+def read_range(layout: IndexLayout, start: int, stop: int, batch: int,
+               gids: np.ndarray | None = None) -> Iterator[pa.Table]:
+    """Rows with start <= gid < stop (and gid in `gids`, sorted, when given), `batch` rows a table: only
+    the row groups whose gid statistics reach the range are read, one at a time, and each batch's images
+    in one request when their rows are consecutive. A shard task read its whole range at once: ~10 GB a
+    task for a quarter of a 1M-image LAION part (bench/bench_shard_read.py)."""
+    f = _open(layout)
+    try:
+        md, col = f.metadata, f.schema_arrow.get_field_index("gid")
+        groups = []
+        for i in range(md.num_row_groups):
+            st = md.row_group(i).column(col).statistics
+            if st is None or not st.has_min_max:
+                groups.append(i)
+            elif st.min < stop and st.max >= start and (
+                    gids is None or np.searchsorted(gids, st.max, "right") > np.searchsorted(gids, st.min)):
+                groups.append(i)  # (with gids: only a group that holds one of them)
+        for b in f.iter_batches(batch_size=batch, row_groups=groups):
+            t = pa.Table.from_batches([b])
+            g = t["gid"]
+            keep = pc.and_(pc.greater_equal(g, start), pc.less(g, stop))
+            if gids is not None:  # the sample's gids within this batch's span: a small set to look up
+                span = pc.min_max(g)
+                lo, hi = np.searchsorted(gids, [span["min"].as_py(), span["max"].as_py() + 1])
+                keep = pc.and_(keep, pc.is_in(g, value_set=pa.array(gids[lo:hi], pa.int64())))
+            t = t.filter(keep)
+            if t.num_rows:
+                yield _with_images(layout, t)
+    except (pa.ArrowInvalid, OSError) as e:  # truncated or removed since: named, with the recovery
+        raise StorageError(damaged(layout.store.uri_of(layout.train_path), "Parquet", e)) from e
+
+
+def read_gids(layout: IndexLayout, gids: list[int], columns: list[str] | None = None) -> pa.Table:
+    """The rows of these gids, in gid order (`columns` of TRAIN_SCHEMA; images fetched only when asked).
+    One read of train.parquet's footer (6-12 MB at 5M rows) and of the row groups holding the gids."""
+    columns = columns or TRAIN_SCHEMA.names
+    if not gids:
+        return TRAIN_SCHEMA.empty_table().select(columns)
+    packed = "image" in columns and layout.store.exists(layout.pack_path)
+    if "image" in columns and not packed and not inline(layout):  # (an index built before train.pack: inline)
+        raise StorageError(f"{layout.store.uri_of(layout.pack_path)} is missing, the images of "
+                           f"{layout.store.uri_of(layout.train_path)}. It was removed after memex wrote it (a partial "
+                           "copy or sync, a cleanup by hand): rerun the audit, whose index stage writes it again.")
+    read = [c for c in columns if not (packed and c == "image")] + (["image_offset", "image_length"] if packed else [])
+    t = layout.store.read_table(layout.train_path, columns=read, filters=[("gid", "in", sorted(set(gids)))])
+    return _with_images(layout, t).select(columns) if "image" in columns else t.select(columns)
+
+
+def _open(layout: IndexLayout) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(layout.train_path, filesystem=layout.store.fs, pre_buffer=False)
+    except (pa.ArrowInvalid, OSError) as e:  # truncated or removed since: named, with the recovery
+        raise StorageError(damaged(layout.store.uri_of(layout.train_path), "Parquet", e)) from e
+
+
+def _with_images(layout: IndexLayout, t: pa.Table) -> pa.Table:
+    """A TRAIN_SCHEMA table from rows of train.parquet: their images fetched from train.pack (an inline
+    table is cast as it is)."""
+    if "image" in t.column_names:
+        return t.cast(pa.schema([TRAIN_SCHEMA.field(c) for c in t.column_names]))
+    offset, length = (t[c].to_numpy(zero_copy_only=False) for c in ("image_offset", "image_length"))
+    valid = t["image_offset"].is_valid().to_numpy(zero_copy_only=False) if t["image_offset"].null_count else \
+        np.ones(t.num_rows, bool)
+    image = pa.array(read_pack(layout, offset[valid].astype(np.int64), length[valid].astype(np.int64)), pa.binary())
+    if not valid.all():  # back to one value a row, nulls where no image was stored
+        full = np.full(t.num_rows, -1)
+        full[valid] = np.arange(valid.sum())
+        image = image.take(pa.array(full, pa.int64(), mask=~valid))
+    cols = {c: t[c] for c in t.column_names if c not in ("image_offset", "image_length")} | {"image": image}
+    return pa.table([cols[c] for c in TRAIN_SCHEMA.names if c in cols],
+                    schema=pa.schema([f for f in TRAIN_SCHEMA if f.name in cols]))
+
+
+def read_pack(layout: IndexLayout, offset: np.ndarray, length: np.ndarray) -> list[bytes]:
+    """The byte ranges [offset, offset + length) of train.pack, in the order given; ranges near each
+    other fetched as one request (PACK_GAP), all of them at once (fsspec's cat_ranges: concurrent on S3)."""
+    store, path = layout.store, layout.pack_path
+    order = np.argsort(offset, kind="stable")
+    starts, ends, members = [], [], []  # one request each, and the ranges it holds
+    for i in order.tolist():
+        lo, hi = int(offset[i]), int(offset[i] + length[i])
+        if starts and lo - ends[-1] <= PACK_GAP and hi - starts[-1] <= PACK_SPAN:
+            ends[-1] = max(ends[-1], hi)
+            members[-1].append(i)
+        else:
+            starts.append(lo)
+            ends.append(hi)
+            members.append([i])
+    out: list[bytes] = [b""] * len(offset)
+    try:
+        got = store.fs.cat_ranges([path] * len(starts), starts, ends) if starts else []
+    except OSError as e:
+        raise StorageError(damaged(store.uri_of(path), "image pack", e)) from e
+    for blob, lo, hi, idx in zip(got, starts, ends, members):
+        if isinstance(blob, Exception) or len(blob) != hi - lo:  # removed, or shorter than train.parquet says
+            e = blob if isinstance(blob, Exception) else EOFError(f"bytes {lo}-{hi} asked, {len(blob)} read")
+            raise StorageError(damaged(store.uri_of(path), "image pack", e).replace(
+                "Remove it,", "Remove it and train.parquet beside it,"))
+        view = memoryview(blob)
+        for i in idx:
+            out[i] = bytes(view[int(offset[i]) - lo:int(offset[i] + length[i]) - lo])
+    return out
