@@ -59,8 +59,10 @@ def _packed(t: pa.Table, pack, at: int) -> tuple[pa.Table, int]:
     valid = image.is_valid()
     # null rows (an image read later from its uri) as empty values: the offsets then give the bytes of
     # every row, and the values buffer holds the table's images end to end (written in one call)
-    bufs = pc.if_else(valid, image, pa.scalar(b"", pa.binary())).buffers()  # [validity, int32 offsets, values]
-    ends = np.frombuffer(bufs[1], np.int32)[:t.num_rows + 1].astype(np.int64)  # (if_else's result: offset 0)
+    if image.null_count:  # (a copy of the table's images: only when some are null)
+        image = pc.if_else(valid, image, pa.scalar(b"", pa.binary()))
+    bufs = image.buffers()  # [validity, int32 offsets, values]
+    ends = np.frombuffer(bufs[1], np.int32)[image.offset:image.offset + t.num_rows + 1].astype(np.int64)
     size = int(ends[-1] - ends[0])
     if size:
         pack.write(bufs[2].slice(int(ends[0]), size))
