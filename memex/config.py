@@ -576,7 +576,8 @@ class BudgetKind(str, Enum):
 @dataclass
 class BudgetConfig:
     kind: BudgetKind = BudgetKind.fixed
-    # adaptive: cumulative samples per prompt at the end of each round; round 1 covers every prompt,
+    # adaptive: cumulative samples per prompt at the end of each round; the first (round-000) covers every
+    # prompt (or the triage.keep best),
     # each later one only the prompts with a sign of memorization after the rounds before it:
     #   a generation verified as a copy, or one within continue_factor x match.threshold of its
     #   nearest training picture (a near miss), or a triage score continue_triage_z robust

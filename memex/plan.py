@@ -5,7 +5,9 @@ of a prompt always has the seed sample_seed(run seed, prompt id, i), so a round 
 never redoes one). A fixed budget is one round: every prompt, [0, samples_per_prompt). The
 adaptive budget (memex/stages/audit.py) adds rounds for the prompts that show signs of
 memorization. Each round is written to <run>/rounds/round-NNN.json before its shards are
-generated, and read back on resume, so a rerun regenerates nothing and decides nothing anew.
+generated, and read back on resume, so a rerun regenerates nothing and decides nothing anew: a
+round's file keeps the rule that chose its prompts (`rule`: budget.continue_*), and a decision to
+stop is written too, as a round of no prompts.
 
 Shards: a round's (prompt, sample) units, prompt-major, cut into shards of `shard_size` units,
 numbered after the previous round's. `shard_size` is rounded up to a multiple of the UNet batch
@@ -39,6 +41,9 @@ class Round:
     shard_size: int  # tied to the batch (tie_shard_size)
     first_shard: int  # global index of the round's first shard
     n_prompts: int  # len(prompt_rows), or the run's prompt count when None
+    # the settings that chose a later round's prompts (budget.continue_factor, budget.continue_triage_z);
+    # None: round 0, a fixed budget, or a round written before it was kept
+    rule: Optional[dict] = None
 
     @property
     def units(self) -> int:
@@ -98,24 +103,29 @@ class SamplePlan:
         return cls([Round.from_json(store.read_json(p)) for p in paths])
 
     def add_round(self, store: Store, prompt_rows: Optional[list[int]], n_prompts: int, lo: int, hi: int,
-                  shard_size: int, batch_size: int) -> Round:
-        """Append round len(rounds) (written atomically), or return it when a rerun finds it written."""
+                  shard_size: int, batch_size: int, rule: Optional[dict] = None) -> Round:
+        """Append round len(rounds) (written atomically), or return it when a rerun finds it written.
+        prompt_rows []: the budget stops here (a round of no samples, so a rerun does not decide again)."""
         index = len(self.rounds)
         first = self.rounds[-1].first_shard + self.rounds[-1].n_shards if self.rounds else 0
         rnd = Round(index, None if prompt_rows is None else tuple(prompt_rows), lo, hi,
                     tie_shard_size(shard_size, batch_size), first,
-                    n_prompts if prompt_rows is None else len(prompt_rows))
+                    n_prompts if prompt_rows is None else len(prompt_rows), rule)
         store.claim(self.path(store, index), rnd.to_json(), f"round {index} of run folder {store.uri}",
                     "Use another run.name for a new experiment.")
         self.rounds.append(rnd)
         return rnd
 
-    def check_budget(self, store: Store, bounds: list[int], first_rows: Optional[list[int]], keys: str) -> None:
+    def check_budget(self, store: Store, bounds: list[int], first_rows: Optional[list[int]], keys: str,
+                     rule: Optional[dict] = None) -> None:
         """The rounds written agree with the budget this run asks for: round r holds samples
-        [bounds[r-1] (0 for round 0), bounds[r]) and round 0 the prompt rows `first_rows` (None: every
-        prompt). The budget is not part of run.json (a fixed and an adaptive audit of one model share
-        the default run name), so a resume with other bounds used the old rounds' prompts with the new
-        bounds: samples generated twice (byte-identical, distance 0: false cliques) or never."""
+        [bounds[r-1] (0 for round 0), bounds[r]), round 0 the prompt rows `first_rows` (None: every
+        prompt), and each later round was chosen by `rule` (where its file says). The budget is not
+        part of run.json (a fixed and an adaptive audit of one model share the default run name), so a
+        resume with other bounds used the old rounds' prompts with the new bounds: samples generated
+        twice (byte-identical, distance 0: false cliques) or never; with another rule, rounds chosen
+        by two rules in one folder, or a stop decided again and the new round's samples never filtered
+        (the filter's units were complete) while the old summary was returned."""
         from memex.storage import StorageError
 
         want = list(zip([0, *bounds[:-1]], bounds))
@@ -127,6 +137,14 @@ class SamplePlan:
             raise StorageError(f"run folder {store.uri} holds rounds of {what} ({keys}). Resuming would generate "
                                "some samples twice and leave others out. Nothing was changed. Use another "
                                f"run.name, or the settings the run was started with (its rounds/*.json).")
+        other = next((r for r in self.rounds if r.rule is not None and r.rule != rule), None)
+        if other is not None:
+            from memex.storage import differences_text
+
+            raise StorageError(f"run folder {store.uri} holds round {other.index}, whose prompts were chosen with "
+                               f"other settings ({differences_text(other.rule, rule or {})}). Resuming would mix "
+                               "two rules in one run's rounds. Nothing was changed. Use another run.name, or the "
+                               "settings the run was started with (its rounds/*.json).")
 
     # ---- shards ----------------------------------------------------------------------------
     def shards(self, rounds: Optional[list[int]] = None) -> list[Shard]:

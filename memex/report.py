@@ -188,7 +188,9 @@ def _cost(summary: dict) -> str:
     out.append("</p>")
     if budget.get("kind") == "adaptive":
         rounds = "".join(f'<li>round {r}: {_count(rd.get("prompts"))} prompts x samples '
-                         f'[{esc(rd["samples"][0])}, {esc(rd["samples"][1])})</li>'
+                         f'[{esc(rd["samples"][0])}, {esc(rd["samples"][1])})</li>' if rd.get("prompts") != 0 else
+                         f'<li>round {r}: no prompt showed a sign of memorization; the budget stopped at '
+                         f'{esc(rd["samples"][0])} samples</li>'
                          for r, rd in enumerate(budget.get("rounds", [])))
         out.append(f"<p>Adaptive budget, sampled in rounds:</p><ul>{rounds}</ul>")
     return "".join(out)

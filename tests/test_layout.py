@@ -46,6 +46,43 @@ def test_rounds_add_samples_and_number_shards_after_the_last(tmp_path):
         SamplePlan(again.rounds[:1]).add_round(store, [3], 1, 2, 8, 4, 4)
 
 
+def test_a_stop_is_written_and_a_rerun_with_another_rule_is_refused(tmp_path, monkeypatch):
+    """budget=adaptive: a decision to stop is written (a round of no prompts) with the rule that made it
+    (budget.continue_factor, continue_triage_z), as every later round's is. A rerun reads it and decides
+    nothing again; a rerun with another rule is refused, naming the key. It was neither: a finished run
+    whose round 1 stopped, rerun with a larger continue_factor, wrote round 1, generated and matched it,
+    never filtered it (the filter's units were complete) and returned the old summary."""
+    from memex.plan import SamplePlan
+    from memex.stages import audit, generate, match
+
+    from conftest import compose
+
+    calls = []
+    monkeypatch.setattr(generate, "run", lambda cfg, name: calls.append("generate"))
+    monkeypatch.setattr(match, "match_shards", lambda cfg, name: calls.append("match"))
+    monkeypatch.setattr(audit, "read_run_prompts", lambda layout: pa.table({"prompt_id": ["a", "b", "c"]}))
+    decided = []
+    monkeypatch.setattr(audit, "continuing_prompts", lambda cfg, layout, last: decided.append(last.index) or [])
+    base = [f"storage.root={tmp_path}", "model.path=/planted", "triage=none", "budget=adaptive",
+            "budget.rounds=[4,16]", "sampling.samples_per_prompt=16"]
+    layout = RunLayout(str(tmp_path), "r")
+    audit.generate_in_rounds(compose(base, config_name="audit"), "r", layout)
+    plan = SamplePlan.read(layout.store)
+    assert [(r.n_prompts, r.lo, r.hi) for r in plan.rounds] == [(3, 0, 4), (0, 4, 16)] and decided == [0]
+    assert plan.rounds[0].rule is None
+    assert plan.rounds[1].rule == {"continue_factor": 1.2, "continue_triage_z": 3.0}
+    assert calls == ["generate", "match"] and plan.shards() == plan.shards([0])  # the stop round has no shard
+
+    calls.clear()
+    audit.generate_in_rounds(compose(base, config_name="audit"), "r", layout)  # the same rule: read, not decided
+    assert decided == [0] and calls == ["generate", "match"] and len(SamplePlan.read(layout.store).rounds) == 2
+    calls.clear()
+    with pytest.raises(StorageError, match=r"round 1, whose prompts were chosen with other settings "
+                                           r"\(continue_factor: was 1.2, now 2.0\)"):
+        audit.generate_in_rounds(compose(base + ["budget.continue_factor=2.0"], config_name="audit"), "r", layout)
+    assert calls == [] and decided == [0] and len(SamplePlan.read(layout.store).rounds) == 2  # nothing changed
+
+
 def test_an_audit_resumed_with_another_budget_is_refused_before_it_generates(tmp_path):
     """The budget is not in run.json: a fixed and an adaptive audit of one model share the default run
     name. A folder holding a fixed round [0, 16) resumed with budget.rounds=[4,16] went on to round 1,

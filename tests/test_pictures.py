@@ -86,6 +86,13 @@ def test_triage_keep_takes_the_top_scores_in_prompt_order(tmp_path):
                                           schema=TRIAGE_SCHEMA))
     layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ids + ["p6"], "prompt": ids + ["p6"]}))
     assert top_by_triage(layout, 6) == list(range(6)) and top_by_triage(layout, 7) == list(range(7))
+    # a NaN score (an fp16 UNet output that overflowed) ranks last too: as a sort key it left the order
+    # arbitrary, and keep=2 of {1, NaN, 3, 2} kept the lowest score and the NaN, dropping the highest
+    layout.triage.write_shard(2, pa.table({"prompt_id": ["p7"], "prompt": ["p7"], "score": [float("nan")],
+                                           "unet_evaluations": [8], "distance": [None], "train_gid": [None]},
+                                          schema=TRIAGE_SCHEMA))
+    layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ["p7"] + ids, "prompt": ["p7"] + ids}))
+    assert top_by_triage(layout, 3) == [2, 4, 6] and top_by_triage(layout, 6) == list(range(1, 7))
     z = robust_z(pa.array(scores).to_numpy())
     assert z[1] == z[3] and z[1] > z[5] > z[0] and abs(sorted(z)[2] + sorted(z)[3]) < 1e-9  # centred on the median
 

@@ -338,7 +338,9 @@ def top_by_triage(layout: RunLayout, keep: int) -> list[int]:
 
     ids = read_run_prompts(layout)["prompt_id"].to_pylist()
     score = {r["prompt_id"]: r["score"] for r in layout.triage.read(columns=["prompt_id", "score"]).to_pylist()
-             if r["score"] is not None}  # None: a preview with no readable neighbour, ranked last
+             if r["score"] is not None and np.isfinite(r["score"])}
+    # None: a preview with no readable neighbour; NaN: a UNet output that overflowed (fp16): ranked last
+    # (a NaN key left sorted's order arbitrary: the lowest scores were kept, the highest dropped)
     best = sorted(range(len(ids)), key=lambda p: (-score.get(ids[p], -np.inf), p))[:keep]
     return sorted(best)
 
@@ -353,17 +355,19 @@ def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout, first
 
     s, b = cfg.sampling, cfg.budget
     plan = SamplePlan.read(layout.store)
-    plan.check_budget(layout.store, list(b.rounds), first, "budget.rounds")
+    rule = {"continue_factor": b.continue_factor, "continue_triage_z": b.continue_triage_z}
+    plan.check_budget(layout.store, list(b.rounds), first, "budget.rounds", rule)
     n_prompts = read_run_prompts(layout).num_rows
     lo = 0
     for r, hi in enumerate(b.rounds):
         if r >= len(plan.rounds):
             rows = first if r == 0 else continuing_prompts(cfg, layout, plan.rounds[-1])
-            if rows is not None and not rows:
-                log.info("round %d: no prompt shows a sign of memorization; the budget stops at %d samples", r, lo)
-                break
-            plan.add_round(layout.store, rows, n_prompts, lo, hi, s.shard_size, s.batch_size)
+            # a stop is written too (a round of no prompts): a rerun reads it, it never decides again
+            plan.add_round(layout.store, rows, n_prompts, lo, hi, s.shard_size, s.batch_size, rule if r else None)
         rnd = plan.rounds[r]
+        if not rnd.n_prompts:
+            log.info("round %d: no prompt shows a sign of memorization; the budget stops at %d samples", r, lo)
+            break
         log.info("round %d: %d prompts x samples [%d, %d)", r, rnd.n_prompts, rnd.lo, rnd.hi)
         generate.run(cfg, run_name)
         match.match_shards(cfg, run_name)

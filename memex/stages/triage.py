@@ -169,6 +169,7 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     else:
         runner.run_actor_pool(layout.triage, chunks, TriagePrompts, work, cfg.resources)
     scores = layout.triage.read(columns=["score"])["score"].drop_null().to_numpy()
+    scores = scores[np.isfinite(scores)]  # a NaN score (fp16 overflow) is no score: it made the median NaN
     summary = {"prompts": n, **unet_work(layout.triage),
                "score_median": float(np.median(scores)) if len(scores) else None,
                "score_mad": float(np.median(np.abs(scores - np.median(scores)))) if len(scores) else None}
@@ -225,4 +226,7 @@ def robust_z(scores: np.ndarray) -> np.ndarray:
     deviations of a normal with the same spread; insensitive to the few memorized outliers themselves."""
     med = np.median(scores)
     mad = 1.4826 * np.median(np.abs(scores - med))
+    if mad == 0 and len(scores):  # one prompt, or half of them tied: no spread to stand out of
+        log.warning("triage scores of %d prompts have no spread (median absolute deviation 0): "
+                    "budget.continue_triage_z extends no prompt in this run", len(scores))
     return (scores - med) / mad if mad > 0 else np.zeros_like(scores)
