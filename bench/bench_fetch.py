@@ -6,7 +6,7 @@ row groups (the layout before train.pack).
 For each samples shard, match (memex/stages/match.py fetch_training_images) fetches the pixels of its
 generations' distinct nearest training images: 500-2,000 rows scattered over the training set. With the
 images inline in train.parquet, pyarrow reads the image column of a whole row group (512 rows, as the
-index writes it) for one row. Now train.parquet holds where each image lies in train.pack, and each
+index writes it) for one row. Now train_rows.parquet holds where each image lies in train.pack, and each
 image is one ranged read (memex/train_rows.py). Both sides run memex.train_rows.read_gids on the same
 rows, written as the index writes them (row groups of max(64, index.decode_batch)), and must return
 the same table. Bytes read: /proc/self/io rchar (local files), or the bytes S3 sent (--s3: a moto server
@@ -68,7 +68,7 @@ def main() -> None:
     from memex.layout import TRAIN_SCHEMA, IndexLayout
 
     cfg = cli.to_audit_config(cli.compose_config("audit", []))
-    group = max(64, cfg.index.decode_batch)  # as memex/stages/index.py writes train.parquet
+    group = max(64, cfg.index.decode_batch)  # as memex/stages/index.py writes its tables
     n = args.rows
     t = pa.table({"gid": pa.array(np.arange(n), pa.int64()), "id": [f"img-{i:06d}" for i in range(n)],
                   "image": noise_jpegs(n), "uri": [None] * n, "caption": [f"caption {i}" for i in range(n)]},
@@ -79,7 +79,7 @@ def main() -> None:
         if args.s3:
             root, opts, server = s3_root(Path(tmp))
         inline, packed = IndexLayout(root, "inline", opts), IndexLayout(root, "packed", opts)
-        inline.store.write_table(inline.train_path, t, row_group_size=group)  # the layout before train.pack
+        inline.store.write_table(inline.inline_train_path, t, row_group_size=group)  # the layout before train.pack
         train_rows.write(packed.store, packed, [t], row_group_size=group)
         size = sum(len(b) for b in t["image"].to_pylist()) / 2**20
         if args.s3:  # count what S3 sends: every GET's body, through botocore's event hooks

@@ -1,11 +1,11 @@
 """Driver memory for a training manifest with embedded images (img2dataset's parquet output, a
 Hugging Face dataset, `memex train`'s manifests): the index stage's driver work (listing, index
-key, train.parquet) against the plain floor, pyarrow's whole read of the same files
+key, the index's copy) against the plain floor, pyarrow's whole read of the same files
 (`read_table`, or the Arrow streams of a datasets folder), each in a fresh process (peak RSS is
 per process). Two ways for memex: `whole` reads the images onto the driver (what the index did
 before; `memex mia` still does), `streamed` hashes them as read and copies them into
-train.parquet a batch at a time (what the index does now). The bench's manifests are in id
-order, so both train.parquet files are equal (the bench checks it).
+the index's copy (train_rows.parquet + train.pack) a batch at a time (what the index does now). The
+bench's manifests are in id order, so both copies are equal (the bench checks it).
 
 The manifest: N random-noise 256x256 JPEGs (~55 kB each: photos compress better, noise is the
 worst case), written as one row group (pyarrow's default for a file this size) or as row groups
@@ -50,12 +50,12 @@ if mode == "plain" and os.path.isdir(path):  # a datasets folder: its Arrow stre
 elif mode == "plain":
     t = pq.read_table(path)
     rows = t.num_rows
-else:  # what index.run does on the driver: list, key, write train.parquet (row groups of 64, as it does)
+else:  # what index.run does on the driver: list, key, write its copy (row groups of 64)
     cfg = cli.to_audit_config(cli.compose_config("audit", [f"trainset.path={path}", "trainset.caption_column=caption"]))
     listing = list_training_set(path, {}, "caption", images=(mode == "whole"))
     index_key(listing, cfg)
     rows = listing.num_rows
-    layout = IndexLayout(out + ".d", "k")  # train.parquet + train.pack, as memex/train_rows.py writes them
+    layout = IndexLayout(out + ".d", "k")  # train_rows.parquet + train.pack, as memex/train_rows.py writes them
     if mode == "whole":
         train = pa.table({"gid": pa.array(np.arange(rows), pa.int64()), "id": listing["id"], "image": listing["image"],
                           "uri": listing["uri"], "caption": listing["caption"]}, schema=TRAIN_SCHEMA)
@@ -106,18 +106,18 @@ def main() -> None:
             plain, whole, streamed = (measure(m, path, tmp) for m in ("plain", "whole", "streamed"))
             assert plain["rows"] == whole["rows"] == streamed["rows"] == (plain["rows"] if args.path else args.images)
             w, st = tmp / "whole.json.d" / "k", tmp / "streamed.json.d" / "k"
-            same = pq.read_table(w / "train.parquet").equals(pq.read_table(st / "train.parquet")) and \
+            same = pq.read_table(w / "train_rows.parquet").equals(pq.read_table(st / "train_rows.parquet")) and \
                 (w / "train.pack").read_bytes() == (st / "train.pack").read_bytes()
             what = path.name if args.path else "one row group" if row_group is None else f"row groups of {row_group}"
             print(f"{plain['rows']} images, {size:.0f} MB ({what}); peak above imports:")
             floor = "pyarrow, whole (read_table or IPC)"
             print(f"  {floor:<40} {plain['peak_mb']:6.0f} MB ({plain['peak_mb'] / size:.1f}x the file), "
                   f"held after {plain['rss_mb']:.0f} MB")
-            for name, r in (("whole (listing + key + train.parquet)", whole), ("streamed (the same)", streamed)):
+            for name, r in (("whole (listing + key + copy)", whole), ("streamed (the same)", streamed)):
                 print(f"  memex {name:<34} {r['peak_mb']:6.0f} MB ({r['peak_mb'] / size:.1f}x the file), "
                       f"held after {r['rss_mb']:.0f} MB")
             print(f"  streamed / whole peak: {streamed['peak_mb'] / whole['peak_mb']:.2f}x; "
-                  f"train.parquet and train.pack the same: {same}")
+                  f"train_rows.parquet and train.pack the same: {same}")
 
 
 if __name__ == "__main__":

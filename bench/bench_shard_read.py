@@ -43,7 +43,7 @@ from memex.stages import index
 base = status("VmRSS")  # after the imports (torch, faiss come with memex)
 if mode == "whole":  # the former read: the shard's whole gid range, then sliced a batch at a time
     def whole(layout, start, stop, batch, gids=None):
-        rows = layout.store.read_table(layout.train_path, schema=TRAIN_SCHEMA,
+        rows = layout.store.read_table(layout.inline_train_path, schema=TRAIN_SCHEMA,
                                        filters=[("gid", ">=", start), ("gid", "<", stop)])
         return (rows.slice(b, batch) for b in range(0, rows.num_rows, batch))
     index.read_range = whole
@@ -65,7 +65,7 @@ def train_parquet(root: Path, n: int, row_group: int) -> None:
                   "image": noise_jpegs(n), "uri": [None] * n,
                   "caption": [f"caption {i}" for i in range(n)]}, schema=TRAIN_SCHEMA)
     whole, batched = IndexLayout(str(root), "whole"), IndexLayout(str(root), "batched")
-    whole.store.write_table(whole.train_path, t, row_group_size=row_group)
+    whole.store.write_table(whole.inline_train_path, t, row_group_size=row_group)
     train_rows.write(batched.store, batched, [t], row_group_size=row_group)
 
 

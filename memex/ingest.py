@@ -25,7 +25,7 @@ Listing is cheap (no image is decoded), and it stamps each image file (column `s
 ETag where the store gives one, else size + mtime), so the index key (memex/stages/index.py)
 changes when a file is overwritten in place; image bytes embedded in a manifest are hashed there,
 or, for the index (`images=False`), as a manifest (Parquet, or a datasets folder's Arrow files) is
-read a batch at a time, and `iter_train_rows` reads them again into the index's train.parquet:
+read a batch at a time, and `iter_train_rows` reads them again into the index's train.pack:
 the driver never holds them. Such a listing is in the manifest's own row order (file names, then
 rows), not sorted by id.
 `decode_rows` never raises for a bad image: unreadable,
@@ -121,7 +121,7 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
     `images=False` (the index): a manifest of embedded images (Parquet, or a datasets folder) is
     read a batch at a time, and its listing holds each image's sha256 (column IMAGE_SHA256), not
     its bytes, in the manifest's row order (`iter_train_rows` reads the bytes again in that order when the index
-    writes train.parquet; sorting by id would need them all at once).
+    writes train.pack; sorting by id would need them all at once).
     """
     opts = storage_options or {}
     try:
@@ -304,7 +304,7 @@ def _streamed_listing(path: str, opts: dict[str, Any], caption_column: str, key:
 
 def iter_train_rows(path: str, opts: dict[str, Any], listing: pa.Table, batch_rows: int = 256) -> Iterator[pa.Table]:
     """A streamed listing's rows with their images read again from the manifest, `batch_rows` at a
-    time: (gid, id, image, uri, caption) batches of train.parquet, gid = the row's place in the
+    time: (gid, id, image, uri, caption) batches of the index's copy (memex/train_rows.py), gid = the row's place in the
     listing (the manifest's order). A manifest changed since it was listed (another row, other
     bytes) raises: the index key was made from the listing."""
     gid = 0

@@ -43,10 +43,10 @@
 
     <index root>/<index key>/        the membership index of one training set (IndexLayout),
         index.json                   shared by every run on the same data, embedder and index settings
-        train.parquet                TRAIN_FILE_SCHEMA: the ingested training set, gid = row number, where
-                                     each row's image lies in train.pack (memex/train_rows.py; an index built
-                                     before train.pack holds TRAIN_SCHEMA here, its images inline)
+        train_rows.parquet           TRAIN_FILE_SCHEMA: the ingested training set, gid = row number, and where
+                                     each row's image lies in train.pack (memex/train_rows.py)
         train.pack                   the training images' encoded bytes end to end, in gid order
+        train.parquet                TRAIN_SCHEMA, images inline: an index built before train.pack (read only)
         quantizer/shard-000000.faiss IVF-PQ only: the trained, empty index every shard copies
         shards/shard-000000.faiss    FAISS shard (global ids)
         shards/vectors-shard-000000.npz      its vectors and gids (np.savez: the dups step re-searches them)
@@ -381,12 +381,19 @@ class IndexLayout(_Folder):
         return self.join("index.json")
 
     @property
-    def train_path(self) -> str:
-        return self.join("train.parquet")
+    def rows_path(self) -> str:
+        """train_rows.parquet: the training rows and where each one's image lies in train.pack."""
+        return self.join("train_rows.parquet")
 
     @property
     def pack_path(self) -> str:
         return self.join("train.pack")
+
+    @property
+    def inline_train_path(self) -> str:
+        """train.parquet: an index built before train.pack holds its rows and their images here (read,
+        never written: memex/train_rows.py)."""
+        return self.join("train.parquet")
 
     @property
     def success_path(self) -> str:

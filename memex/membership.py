@@ -109,7 +109,7 @@ def picture_rows(info: IndexInfo, storage_options: dict, pictures: list[int]) ->
     out: dict[int, list[tuple[int, str]]] = {p: [] for p in pictures}
     for g, i, p in zip(*(t[c].to_pylist() for c in ("gid", "id", "picture"))):
         out[p].append((g, i))
-    single = [p for p, rows in out.items() if not rows]  # a picture of one row: its id from train.parquet
+    single = [p for p, rows in out.items() if not rows]  # a picture of one row: its id from train_rows.parquet
     ids = fetch_train_rows(info.layout(storage_options), single, columns=["gid", "id"])
     out.update({g: [(g, i)] for g, i in zip(ids["gid"].to_pylist(), ids["id"].to_pylist())})
     return {p: [i for _, i in sorted(rows)] or [str(p)] for p, rows in out.items()}

@@ -202,6 +202,31 @@ class Store:
                 raise StorageError(f"cannot write {self.uri_of(path)}: {type(e).__name__}: {e}") from e
             raise
 
+    @contextlib.contextmanager
+    def writing(self, path: str) -> Iterator[Any]:
+        """An open binary file for a large write made in parts, which appears whole or not at all. Local
+        disk (and memory://): a temp file moved into place (`atomic`). S3 and GCS: the final key itself,
+        whose upload in parts is visible only once completed, and discarded on error (s3fs aborts the
+        multipart upload). There atomic()'s move is a copy: s3fs copies an object over 5 GB in serial
+        50 MiB parts, ~4,000 requests for the 200 GB train.pack of 5M training images. A SIGKILL leaves
+        an incomplete upload, invisible (the bucket's lifecycle rule for incomplete uploads removes it)."""
+        if self.protocol not in ("s3", "s3a", "gs", "gcs"):
+            with self.atomic(path) as tmp, self.fs.open(tmp, "wb") as f:
+                yield f
+            return
+        f = self.fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original error matters more than the cleanup
+                f.discard()
+            f.closed = True  # close() would complete the upload with the part written so far
+            raise
+        try:
+            f.close()
+        except OSError as e:  # s3fs raises S3 errors that outlived its retries as OSError, unnamed
+            raise StorageError(f"cannot write {self.uri_of(path)}: {type(e).__name__}: {e}") from e
+
     def write_bytes(self, path: str, data: bytes) -> None:
         with self.atomic(path) as tmp:
             self.fs.pipe_file(tmp, data, **self._content_type(path))

@@ -1,20 +1,24 @@
 """The index's copy of the training set: written once per index, read by gid range and by gid set.
 
-    train.parquet   TRAIN_FILE_SCHEMA: gid (= row number), id, uri, caption, image_offset, image_length
-    train.pack      the rows' encoded image bytes end to end, in row order (no container, never parsed)
+    train_rows.parquet  TRAIN_FILE_SCHEMA: gid (= row number), id, uri, caption, image_offset, image_length
+    train.pack          the rows' encoded image bytes end to end, in row order (no container, never parsed)
 
 Readers get TRAIN_SCHEMA tables (gid, id, image, uri, caption) either way.
 
 Why a pack beside the table: the match stage fetches the pixels of each samples shard's distinct
 neighbours, 500-2,000 rows scattered over the whole training set, and pyarrow reads the column chunk of
-a row group whole for one row. With the images in train.parquet (row groups of 512 x ~40 KB), that was
+a row group whole for one row. With the images in the table (row groups of 512 x ~40 KB), that was
 ~20 MB read for each neighbour, 10-40 GB a samples shard at 5M training rows, again for every shard.
-From the pack, one ranged read an image (~40 KB; fsspec's cat_ranges sends them concurrently on S3):
-bench/bench_fetch.py. Lance reads rows by number too, but would be one more storage format for one column.
+From the pack, one ranged read an image (~40 KB; fsspec's cat_ranges sends a read's requests together,
+as many at once as botocore's connection pool holds on S3: 10 unless storage.options sets
+config_kwargs.max_pool_connections): bench/bench_fetch.py. Lance reads rows by number too, but would
+be one more storage format for one column.
 
-Indexes built before the pack hold their images in train.parquet (an `image` column, no train.pack):
-they are read as they are (`inline`), so their keys, runs and re-matches stay valid; removing such an
-index folder rebuilds it, same key, in this layout.
+Indexes built before the pack hold their rows and images in train.parquet (TRAIN_SCHEMA): they are
+read as they are, so their keys, runs and re-matches stay valid. The new table has another name so
+that memex from before the pack, given an index folder written by this one (one storage.root, two
+checkouts), finds no train.parquet and writes it, rather than reading no image from a table without
+them (every training image quarantined, an audit with no finding and no error).
 """
 
 from __future__ import annotations
@@ -38,23 +42,24 @@ PACK_SPAN = 64 << 20
 
 
 def write(store: Store, layout: IndexLayout, tables: Iterable[pa.Table], row_group_size: int) -> None:
-    """train.pack, then train.parquet, from TRAIN_SCHEMA tables made one after another (bounded memory:
-    one table's images at a time). Each file appears complete or not at all; train.parquet, the one
+    """train.pack, then train_rows.parquet, from TRAIN_SCHEMA tables made one after another (bounded
+    memory: one record batch's images at a time). Each file appears complete or not at all; the table,
     whose presence says the copy is done, is moved into place last."""
-    with store.atomic(layout.train_path) as table_tmp:
-        with store.atomic(layout.pack_path) as pack_tmp:
-            with store.fs.open(pack_tmp, "wb") as pack, store.fs.open(table_tmp, "wb") as f, \
-                    pq.ParquetWriter(f, TRAIN_FILE_SCHEMA, compression="zstd") as writer:
+    with store.atomic(layout.rows_path) as table_tmp:
+        with store.writing(layout.pack_path) as pack:  # (on S3 written in place: no copy of ~200 GB to move it)
+            with store.fs.open(table_tmp, "wb") as f, pq.ParquetWriter(f, TRAIN_FILE_SCHEMA, compression="zstd") \
+                    as writer:
                 at = 0
-                for t in tables:
-                    if t.num_rows:
-                        rows, at = _packed(t.cast(TRAIN_SCHEMA), pack, at)
-                        writer.write_table(rows, row_group_size=row_group_size)
+                for t in tables:  # a batch at a time: binary offsets are int32 (2 GiB), a table may be larger
+                    for b in t.cast(TRAIN_SCHEMA).to_batches():
+                        if b.num_rows:
+                            rows, at = _packed(pa.Table.from_batches([b]), pack, at)
+                            writer.write_table(rows, row_group_size=row_group_size)
 
 
 def _packed(t: pa.Table, pack, at: int) -> tuple[pa.Table, int]:
     """Append the images of TRAIN_SCHEMA rows to the open pack file at byte `at` -> (their rows of
-    train.parquet, the pack's new end)."""
+    train_rows.parquet, the pack's new end)."""
     image = t["image"].combine_chunks()
     valid = image.is_valid()
     # null rows (an image read later from its uri) as empty values: the offsets then give the bytes of
@@ -73,17 +78,23 @@ def _packed(t: pa.Table, pack, at: int) -> tuple[pa.Table, int]:
     return rows, at + size
 
 
+def table_path(layout: IndexLayout) -> tuple[str, bool]:
+    """(the Parquet file of the training rows, whether their images are in train.pack): train_rows.parquet,
+    or an older index's train.parquet (images inline). Neither there: train_rows.parquet, named where read."""
+    if layout.store.exists(layout.rows_path):
+        return layout.rows_path, True
+    if layout.store.exists(layout.inline_train_path):
+        return layout.inline_train_path, False
+    return layout.rows_path, True
+
+
 def missing(layout: IndexLayout) -> list[str]:
-    """["train.parquet"] or ["train.pack"] when gone (a partial copy, a removal by hand), else []. A
-    missing pack is found before any read, and the copy made again (train.parquet goes first)."""
-    if not layout.store.exists(layout.train_path):
-        return ["train.parquet"]
-    return ["train.pack"] if not layout.store.exists(layout.pack_path) and not inline(layout) else []
-
-
-def inline(layout: IndexLayout) -> bool:
-    """Whether train.parquet holds its images itself (an index built before train.pack)."""
-    return "image" in _open(layout).schema_arrow.names
+    """["train_rows.parquet"] or ["train.pack"] when gone (a partial copy, a removal by hand), else [].
+    Either one gone, the copy is made again (both files, the same rows)."""
+    path, packed = table_path(layout)
+    if not layout.store.exists(path):
+        return ["train_rows.parquet"]
+    return ["train.pack"] if packed and not layout.store.exists(layout.pack_path) else []
 
 
 def read_range(layout: IndexLayout, start: int, stop: int, batch: int,
@@ -92,7 +103,8 @@ def read_range(layout: IndexLayout, start: int, stop: int, batch: int,
     the row groups whose gid statistics reach the range are read, one at a time, and each batch's images
     in one request when their rows are consecutive. A shard task read its whole range at once: ~10 GB a
     task for a quarter of a 1M-image LAION part (bench/bench_shard_read.py)."""
-    f = _open(layout)
+    path, _ = table_path(layout)
+    f = open_table(layout, path)
     try:
         md, col = f.metadata, f.schema_arrow.get_field_index("gid")
         groups = []
@@ -115,35 +127,36 @@ def read_range(layout: IndexLayout, start: int, stop: int, batch: int,
             if t.num_rows:
                 yield _with_images(layout, t)
     except (pa.ArrowInvalid, OSError) as e:  # truncated or removed since: named, with the recovery
-        raise StorageError(damaged(layout.store.uri_of(layout.train_path), "Parquet", e)) from e
+        raise StorageError(damaged(layout.store.uri_of(path), "Parquet", e)) from e
 
 
 def read_gids(layout: IndexLayout, gids: list[int], columns: list[str] | None = None) -> pa.Table:
     """The rows of these gids, in gid order (`columns` of TRAIN_SCHEMA; images fetched only when asked).
-    One read of train.parquet's footer (6-12 MB at 5M rows) and of the row groups holding the gids."""
+    One read of the table's footer (6-12 MB at 5M rows) and of the row groups holding the gids."""
     columns = columns or TRAIN_SCHEMA.names
     if not gids:
         return TRAIN_SCHEMA.empty_table().select(columns)
-    packed = "image" in columns and layout.store.exists(layout.pack_path)
-    if "image" in columns and not packed and not inline(layout):  # (an index built before train.pack: inline)
+    path, packed = table_path(layout)
+    packed = packed and "image" in columns
+    if packed and not layout.store.exists(layout.pack_path):
         raise StorageError(f"{layout.store.uri_of(layout.pack_path)} is missing, the images of "
-                           f"{layout.store.uri_of(layout.train_path)}. It was removed after memex wrote it (a partial "
-                           "copy or sync, a cleanup by hand): rerun the audit, whose index stage writes it again.")
+                           f"{layout.store.uri_of(path)}. It was removed after memex wrote it (a partial copy or "
+                           "sync, a cleanup by hand): rerun the audit, whose index stage writes it again.")
     read = [c for c in columns if not (packed and c == "image")] + (["image_offset", "image_length"] if packed else [])
-    t = layout.store.read_table(layout.train_path, columns=read, filters=[("gid", "in", sorted(set(gids)))])
+    t = layout.store.read_table(path, columns=read, filters=[("gid", "in", sorted(set(gids)))])
     return _with_images(layout, t).select(columns) if "image" in columns else t.select(columns)
 
 
-def _open(layout: IndexLayout) -> pq.ParquetFile:
+def open_table(layout: IndexLayout, path: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(layout.train_path, filesystem=layout.store.fs, pre_buffer=False)
+        return pq.ParquetFile(path, filesystem=layout.store.fs, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as e:  # truncated or removed since: named, with the recovery
-        raise StorageError(damaged(layout.store.uri_of(layout.train_path), "Parquet", e)) from e
+        raise StorageError(damaged(layout.store.uri_of(path), "Parquet", e)) from e
 
 
 def _with_images(layout: IndexLayout, t: pa.Table) -> pa.Table:
-    """A TRAIN_SCHEMA table from rows of train.parquet: their images fetched from train.pack (an inline
-    table is cast as it is)."""
+    """A TRAIN_SCHEMA table from rows of train_rows.parquet: their images fetched from train.pack (rows of
+    an older index's train.parquet, images inline, are cast as they are)."""
     if "image" in t.column_names:
         return t.cast(pa.schema([TRAIN_SCHEMA.field(c) for c in t.column_names]))
     offset, length = (t[c].to_numpy(zero_copy_only=False) for c in ("image_offset", "image_length"))
@@ -161,12 +174,15 @@ def _with_images(layout: IndexLayout, t: pa.Table) -> pa.Table:
 
 def read_pack(layout: IndexLayout, offset: np.ndarray, length: np.ndarray) -> list[bytes]:
     """The byte ranges [offset, offset + length) of train.pack, in the order given; ranges near each
-    other fetched as one request (PACK_GAP), all of them at once (fsspec's cat_ranges: concurrent on S3)."""
+    other fetched as one request (PACK_GAP), the requests sent together (fsspec's cat_ranges: concurrent on
+    S3, up to botocore's connection pool). An empty range (an empty image) is no request."""
     store, path = layout.store, layout.pack_path
     order = np.argsort(offset, kind="stable")
     starts, ends, members = [], [], []  # one request each, and the ranges it holds
     for i in order.tolist():
         lo, hi = int(offset[i]), int(offset[i] + length[i])
+        if lo == hi:  # an empty image: no request (s3fs sends bytes=N-(N-1), which S3 answers with the whole file)
+            continue
         if starts and lo - ends[-1] <= PACK_GAP and hi - starts[-1] <= PACK_SPAN:
             ends[-1] = max(ends[-1], hi)
             members[-1].append(i)
@@ -180,10 +196,10 @@ def read_pack(layout: IndexLayout, offset: np.ndarray, length: np.ndarray) -> li
     except OSError as e:
         raise StorageError(damaged(store.uri_of(path), "image pack", e)) from e
     for blob, lo, hi, idx in zip(got, starts, ends, members):
-        if isinstance(blob, Exception) or len(blob) != hi - lo:  # removed, or shorter than train.parquet says
+        if isinstance(blob, Exception) or len(blob) != hi - lo:  # removed, or shorter than train_rows.parquet says
             e = blob if isinstance(blob, Exception) else EOFError(f"bytes {lo}-{hi} asked, {len(blob)} read")
             raise StorageError(damaged(store.uri_of(path), "image pack", e).replace(
-                "Remove it,", "Remove it and train.parquet beside it,"))
+                "Remove it,", "Remove it and train_rows.parquet beside it,"))
         view = memoryview(blob)
         for i in idx:
             out[i] = bytes(view[int(offset[i]) - lo:int(offset[i] + length[i]) - lo])

@@ -447,7 +447,7 @@ def assert_readable_by_pyarrow(layout: RunLayout, s: dict) -> None:
     assert ds.dataset(index / "pictures.parquet").count_rows() == duplicated
     # the single-file tables of the two roots
     assert ds.dataset(run / "prompts.parquet").count_rows() == s["prompts"]
-    assert ds.dataset(index / "train.parquet").count_rows() == s["index"]["train_images"]
+    assert ds.dataset(index / "train_rows.parquet").count_rows() == s["index"]["train_images"]
     matched = ds.dataset(run / "matched_train_images.parquet").to_table()
     assert set(matched["train_id"].to_pylist()) >= set(s["extracted_train_ids"])
     assert (run / "summary.json").exists() and not (run / "matches" / "summary.json").exists()

@@ -474,8 +474,8 @@ def test_a_shard_reads_its_training_rows_a_batch_at_a_time(tmp_path, stored):
     """read_range: the rows of a gid range (and of a sample of gids, the quantizer's) a batch at a
     time, from the row groups that reach it: the same rows as one filtered read of train.parquet,
     no table over `batch` rows; rows out of gid order in the file are found by their gid; a
-    truncated train.parquet (or train.pack) is named with its recovery. Both layouts: the images in
-    train.pack, and inline in train.parquet (an index built before the pack, still read)."""
+    truncated table (or train.pack) is named with its recovery. Both layouts: train_rows.parquet and
+    its images in train.pack, and train.parquet with its images inline (an index built before the pack)."""
     from memex.layout import TRAIN_SCHEMA, IndexLayout
     from memex.storage import StorageError
     from memex.train_rows import read_range, write
@@ -489,7 +489,7 @@ def test_a_shard_reads_its_training_rows_a_batch_at_a_time(tmp_path, stored):
     if stored == "pack":
         write(layout.store, layout, [train.slice(0, 17), train.slice(17)], row_group_size=8)
     else:
-        layout.store.write_table(layout.train_path, train, row_group_size=8)
+        layout.store.write_table(layout.inline_train_path, train, row_group_size=8)
     assert (tmp_path / "k" / "train.pack").exists() == (stored == "pack")
     for start, stop, gids in ((0, n, None), (5, 17, None), (18, 40, None), (0, 1, None),
                               (3, 48, np.array([3, 9, 21, 22, 36, 47]))):
@@ -502,11 +502,12 @@ def test_a_shard_reads_its_training_rows_a_batch_at_a_time(tmp_path, stored):
         raw = (tmp_path / "k" / "train.pack").read_bytes()
         (tmp_path / "k" / "train.pack").write_bytes(raw[:-150])
         with pytest.raises(StorageError, match=r"train.pack is not readable image pack .*EOFError.*Remove it and "
-                                               r"train.parquet beside it"):
+                                               r"train_rows.parquet beside it"):
             list(read_range(layout, 0, n, 3))
-    raw = (tmp_path / "k" / "train.parquet").read_bytes()
-    (tmp_path / "k" / "train.parquet").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(StorageError, match=r"train.parquet is not readable Parquet .*Remove it"):
+    table = tmp_path / "k" / ("train_rows.parquet" if stored == "pack" else "train.parquet")
+    raw = table.read_bytes()
+    table.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(StorageError, match=rf"{table.name} is not readable Parquet .*Remove it"):
         list(read_range(layout, 0, n, 3))
 
 
@@ -543,7 +544,9 @@ def test_training_images_are_fetched_by_gid_with_ranged_reads(tmp_path, monkeypa
     assert got["image"].to_pylist() == [images[g] for g in sorted(gids)]
     assert got["uri"].to_pylist()[1] == "u7" and got["caption"].to_pylist() == [f"c{g}" for g in sorted(gids)]
     sizes = {g: len(images[g] or b"") for g in gids}
-    assert len(asked[-1]) == 5 and sum(e - s for s, e in asked[-1]) == sum(sizes.values())  # 8: no range
+    # 8 (empty) and 7 (no bytes stored): no request (an empty range went to S3 as bytes=N-(N-1): the whole file)
+    assert len(asked[-1]) == 4 and sum(e - s for s, e in asked[-1]) == sum(sizes.values())
+    assert all(s < e for s, e in asked[-1])
 
     monkeypatch.setattr(train_rows, "PACK_GAP", 1 << 30)  # everything one request, but for PACK_SPAN
     monkeypatch.setattr(train_rows, "PACK_SPAN", 200_000)
@@ -554,6 +557,47 @@ def test_training_images_are_fetched_by_gid_with_ranged_reads(tmp_path, monkeypa
     ids = fetch_train_rows(layout, gids, columns=["gid", "id"])
     assert ids.column_names == ["gid", "id"] and len(asked) == calls  # no image asked, no pack read
     assert fetch_train_rows(layout, []).num_rows == 0 and len(asked) == calls
+
+
+def test_the_pack_is_written_in_place_on_s3_and_nothing_is_left_by_a_failed_copy(s3_server, bucket, monkeypatch):
+    """On S3 the pack is uploaded to its own key: a temp object moved into place is a server-side copy, in
+    serial 50 MiB parts over 5 GB (~4,000 requests for 5M training images). Its upload in parts is visible
+    only once completed: a copy that fails midway (here after two 5 MiB parts) aborts it and leaves no
+    object and no pending upload. What was written reads back through s3fs's concurrent ranged reads."""
+    import boto3
+    import fsspec
+
+    from memex import train_rows
+    from memex.layout import TRAIN_SCHEMA, IndexLayout
+    from memex.membership import fetch_train_rows
+    from memex.storage import StorageError
+
+    opts = {**s3_server, "default_block_size": 5 << 20}  # parts of 5 MiB (S3's least), so 12 MiB makes three
+    fsspec.filesystem("s3", **opts).invalidate_cache()
+    rng = np.random.default_rng(1)
+    n = 24
+    images = [rng.bytes(512 << 10) for _ in range(n)]  # 12 MiB
+    t = pa.table({"gid": pa.array(np.arange(n), pa.int64()), "id": [f"i{g}" for g in range(n)],
+                  "image": images, "uri": [None] * n, "caption": [""] * n}, schema=TRAIN_SCHEMA)
+    layout = IndexLayout(f"s3://{bucket}/idx", "k", opts)
+    moved = []
+    real = type(layout.store.fs).mv
+    monkeypatch.setattr(type(layout.store.fs), "mv", lambda self, a, b, **k: moved.append(b) or real(self, a, b, **k))
+    train_rows.write(layout.store, layout, [t.slice(0, 10), t.slice(10)], row_group_size=8)
+    assert [p.rsplit("/", 1)[1] for p in moved] == ["train_rows.parquet"]  # the pack was not moved
+    assert fetch_train_rows(layout, [20, 3, 11])["image"].to_pylist() == [images[3], images[11], images[20]]
+
+    def failing():
+        yield t.slice(0, 20)
+        raise OSError("the manifest's bucket went away")
+
+    broken = IndexLayout(f"s3://{bucket}/idx", "broken", opts)
+    with pytest.raises(StorageError, match="cannot write .*went away"):  # (atomic() names the table's path)
+        train_rows.write(broken.store, broken, failing(), row_group_size=8)
+    client = boto3.client("s3", endpoint_url=s3_server["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="idx/broken").get("Contents", [])]
+    assert keys == [] and not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 
 def test_the_quantizer_sample_reads_whole_row_groups_only(tmp_path, monkeypatch):
@@ -572,7 +616,7 @@ def test_the_quantizer_sample_reads_whole_row_groups_only(tmp_path, monkeypatch)
     n, group = 2000, 50  # 40 row groups; "classes" of 200 rows (4 groups each), one after another
     train = pa.table({"gid": pa.array(np.arange(n), pa.int64()), "id": [f"c{g // 200}/{g}" for g in range(n)],
                       "image": [b"x" * 10] * n, "uri": [None] * n, "caption": [""] * n}, schema=TRAIN_SCHEMA)
-    layout.store.write_table(layout.train_path, train, row_group_size=group)
+    layout.store.write_table(layout.inline_train_path, train, row_group_size=group)
     pick = quantizer_sample(layout, n, 230, min_groups=10)
     assert len(pick) == 230 and np.all(np.diff(pick) > 0)
     groups = sorted(set((pick // group).tolist()))
@@ -651,7 +695,7 @@ def test_a_dups_unit_counts_against_one_shard_at_a_time_as_against_all(tmp_path)
     x[41] = x[40] + 0.002  # a pair within shard 0... and one across shards 0 and 2
     x[90] = x[20] + 0.002
     layout = IndexLayout(str(tmp_path), "k")
-    layout.store.write_table(layout.train_path, pa.table(
+    layout.store.write_table(layout.inline_train_path, pa.table(
         {"gid": pa.array(np.arange(n), pa.int64()), "id": [f"i{g}" for g in range(n)], "image": [b""] * n,
          "uri": [None] * n, "caption": [""] * n}, schema=TRAIN_SCHEMA))
     idx = IndexConfig(shards=3, dup_threshold=0.05, dup_k=8)

@@ -593,7 +593,7 @@ def in_process_units(monkeypatch):
 def _indexed_vectors(info) -> dict[str, np.ndarray]:
     """id -> the vector the index holds for it."""
     layout = info.layout({})
-    ids = dict(zip(*(layout.store.read_table(layout.train_path)[c].to_pylist() for c in ("gid", "id"))))
+    ids = dict(zip(*(layout.store.read_table(layout.rows_path)[c].to_pylist() for c in ("gid", "id"))))
     out = {}
     for s in range(len(info.shards)):
         with np.load(io.BytesIO(layout.store.read_bytes(layout.vectors_path(s)))) as z:
@@ -752,11 +752,11 @@ def test_a_chain_of_near_duplicates_across_shards_is_one_picture(tmp_path, in_pr
     assert read_pictures(info, {}, np.arange(6)) == {0: 0, 1: 1, 2: 2, 3: 0, 4: 4, 5: 0}
     assert picture_rows(info, {}, [0, 4]) == {0: ["p0.png", "p3.png", "p5.png"], 4: ["p4.png"]}
 
-    # a killed build's copy of the training set is removed when train.parquet is written again
+    # a killed build's copy of the training set is removed when the copy is made again
     root = tmp_path / "runs" / "_index" / info.key
-    (root / "train.parquet").unlink()
-    (root / "_tmp-0a1b-train.parquet").write_bytes(b"cut short")
-    assert index.run(cfg) == info and not (root / "_tmp-0a1b-train.parquet").exists()
+    (root / "train_rows.parquet").unlink()
+    (root / "_tmp-0a1b-train_rows.parquet").write_bytes(b"cut short")
+    assert index.run(cfg) == info and not (root / "_tmp-0a1b-train_rows.parquet").exists()
 
     lost = tmp_path / "runs" / "_index" / info.key / "links" / "shard-000001.parquet"
     lost.unlink()
@@ -789,7 +789,8 @@ def test_a_lost_or_damaged_image_pack_is_named_and_written_again(tmp_path, in_pr
     shard = (root / "shards" / "shard-000000.faiss").stat().st_mtime_ns
 
     (root / "train.pack").unlink()
-    with pytest.raises(StorageError, match=r"train.pack is missing, the images of .*train.parquet.*rerun the audit"):
+    with pytest.raises(StorageError, match=r"train.pack is missing, the images of .*train_rows.parquet.*rerun the "
+                                           "audit"):
         fetch_train_rows(layout, [1])
     assert fetch_train_rows(layout, [1], columns=["id"])["id"].to_pylist() == ["01"]  # no image asked
     (root / "_tmp-0a1b-train.pack").write_bytes(b"cut short")
@@ -799,11 +800,40 @@ def test_a_lost_or_damaged_image_pack_is_named_and_written_again(tmp_path, in_pr
 
     (root / "train.pack").write_bytes(b"".join(imgs)[:-10])
     with pytest.raises(StorageError, match=f"{root / 'train.pack'} is not readable image pack .*Remove it and "
-                                           "train.parquet beside it"):
+                                           "train_rows.parquet beside it"):
         fetch_train_rows(layout, [5])
     (root / "train.pack").unlink()
-    (root / "train.parquet").unlink()
+    (root / "train_rows.parquet").unlink()
     assert index.run(cfg) == info and fetch_train_rows(layout, [5])["image"].to_pylist() == [imgs[5]]
+
+
+def test_an_index_built_before_the_pack_is_reused_as_it_is(tmp_path, in_process_units):
+    """An index folder written before train.pack holds train.parquet, its images inline. It keeps its key
+    and is reused as it is: no pack written, its images fetched and read by range from the table. A new
+    folder holds no train.parquet, so memex from before the pack (a second checkout on one storage.root)
+    writes its own copy there instead of reading a table without images (every training image
+    quarantined: an audit with no finding and no error)."""
+    from memex.layout import TRAIN_SCHEMA
+    from memex.membership import fetch_train_rows
+    from memex.stages import index
+    from memex.train_rows import read_range
+
+    imgs = [encode_png(_img(i)) for i in range(5)]
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": [f"{i:02d}" for i in range(5)], "image": imgs}), path)
+    cfg = _audit_cfg(str(path), tmp_path / "runs")
+    info = index.run(cfg)
+    layout, root = info.layout({}), tmp_path / "runs" / "_index" / info.key
+    assert not (root / "train.parquet").exists() and (root / "train_rows.parquet").exists()
+    rows = fetch_train_rows(layout, list(range(5)))
+    layout.store.write_table(layout.inline_train_path, rows.cast(TRAIN_SCHEMA), row_group_size=2)  # as before
+    (root / "train_rows.parquet").unlink()
+    (root / "train.pack").unlink()
+
+    assert index.run(cfg) == info
+    assert not (root / "train.pack").exists() and not (root / "train_rows.parquet").exists()
+    assert fetch_train_rows(layout, [3, 0])["image"].to_pylist() == [imgs[0], imgs[3]]
+    assert pa.concat_tables(read_range(layout, 1, 4, 2)).equals(rows.slice(1, 3))
 
 
 def test_a_grayscale_models_index_is_searched_among_the_training_images_luma(tmp_path, in_process_units):
@@ -1051,11 +1081,11 @@ def test_a_streamed_manifest_out_of_id_order_or_changed_midway(tmp_path, in_proc
     before = index.index_key(list_training_set(str(path), {}, images=False), cfg)
     with pytest.raises(IngestError, match=rf"^trainset.path={path} changed while the index read it"):
         index.run(cfg)
-    assert not (tmp_path / "runs2" / "_index" / before / "train.parquet").exists()
+    assert not (tmp_path / "runs2" / "_index" / before / "train_rows.parquet").exists()
     monkeypatch.setattr(memex.ingest, "iter_train_rows", real)
     again = index.run(cfg)  # the rerun lists the manifest anew: another key, and a whole index
     assert again.key != before and again.n_indexed == 4
-    assert (tmp_path / "runs2" / "_index" / again.key / "train.parquet").exists()
+    assert (tmp_path / "runs2" / "_index" / again.key / "train_rows.parquet").exists()
 
 
 def test_a_manifest_whose_parts_differ_is_refused_naming_the_part(tmp_path):

@@ -393,8 +393,8 @@ def test_audit_and_generate_into_a_missing_bucket_fail_naming_it_and_create_no_b
 @pytest.mark.slow
 def test_lost_or_damaged_parts_are_named_and_a_rerun_restores_the_uninterrupted_audit(world, clean, tmp_path):
     """A copy of the finished audit that lost parts, as a partial `aws s3 sync` or a hand cleanup
-    leaves it: summary.json, one matches unit, one near-duplicate unit, train.parquet and
-    pictures.parquet of the index (each with its marker where it has one). The rerun redoes just
+    leaves it: summary.json, one matches unit, one near-duplicate unit, train_rows.parquet, train.pack
+    and pictures.parquet of the index (each with its marker where it has one). The rerun redoes just
     those (the index used to be reused as it was: its lost near-duplicate unit silently changed the
     prompts and the findings)
     and ends equal to the uninterrupted audit. Then a samples shard the report reads, damaged in place (a truncated
@@ -407,7 +407,8 @@ def test_lost_or_damaged_parts_are_named_and_a_rerun_restores_the_uninterrupted_
     idx = _index_dir(root)
     lost = [root / RUN / "summary.json", root / RUN / "matches" / "shard-000002.parquet",
             root / RUN / "matches" / "_markers" / "shard-000002.json", idx / "dups" / "shard-000001.parquet",
-            idx / "dups" / "_markers" / "shard-000001.json", idx / "train.parquet", idx / "pictures.parquet"]
+            idx / "dups" / "_markers" / "shard-000001.json", idx / "train_rows.parquet", idx / "train.pack",
+            idx / "pictures.parquet"]
     for p in lost:
         p.unlink()
     r = _run_to_completion(world, root, None)

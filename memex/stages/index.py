@@ -7,8 +7,8 @@ training-set listing, the embedder and the index settings), so every audit of ch
 on the same data shares it. Its steps are units of memex/runner.py, like every stage's:
   1. list the training set (memex/ingest.py: with each file's size + ETag/mtime) and hash it with
      the settings into the key (an image overwritten in place: a new key, a new index);
-  2. write train.parquet + train.pack (memex/train_rows.py; gid = row number, the global id every
-     shard and every match uses);
+  2. write train_rows.parquet + train.pack (memex/train_rows.py; gid = row number, the global id
+     every shard and every match uses);
   3. IVF-PQ only: `train_quantizer`, one unit: a coarse quantizer + PQ codebook trained on a fixed
      random sample of the whole training set, which every shard copies;
   4. `build_shard`, one unit per shard: decode its gid range (unreadable images go to the shard's
@@ -32,7 +32,6 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from memex import runner, train_rows
 from memex.config import AuditConfig, EmbedderConfig, IndexConfig, IndexKind, drop_unset_added, plain
@@ -62,7 +61,7 @@ log = logging.getLogger("memex.index")
 # 5: pictures are connected components of the near-duplicate edges (links/, pictures.parquet); dups/ lost
 #    its per-row `picture`, each row's smallest direct neighbour, which split chains a ~ b ~ c in two
 LAYOUT_VERSION = 5
-QUANTIZER_GROUPS = 1024  # row groups of train.parquet the IVF-PQ sample is drawn from, at least (quantizer_sample)
+QUANTIZER_GROUPS = 1024  # row groups of train_rows.parquet the IVF-PQ sample is drawn from, at least (quantizer_sample)
 
 
 def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = None) -> str:
@@ -150,7 +149,7 @@ def _embedder(emb: EmbedderConfig, device: str, storage_options: dict):
 
 def quantizer_sample(layout: IndexLayout, n_train: int, size: int, seed: int = 0,
                      min_groups: int = QUANTIZER_GROUPS) -> np.ndarray:
-    """Sorted gids of `size` training rows for IVF-PQ's k-means, from a systematic sample of train.parquet's
+    """Sorted gids of `size` training rows for IVF-PQ's k-means, from a systematic sample of train_rows.parquet's
     row groups (evenly spaced from a random start: max(min_groups, the groups `size` rows fill) of them, or
     all), `size` rows drawn at random among theirs. Random rows reached nearly every row group, each read
     whole: 65,536 rows of 5M in groups of 512 read 99.9% of the file (~200 GB at ~40 KB an image) before
@@ -160,10 +159,7 @@ def quantizer_sample(layout: IndexLayout, n_train: int, size: int, seed: int = 0
     if size >= n_train:
         return np.arange(n_train, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    try:
-        md = pq.ParquetFile(layout.train_path, filesystem=layout.store.fs).metadata
-    except (pa.ArrowInvalid, OSError) as e:  # truncated or removed since: named, with the recovery
-        raise StorageError(damaged(layout.store.uri_of(layout.train_path), "Parquet", e)) from e
+    md = train_rows.open_table(layout, train_rows.table_path(layout)[0]).metadata
     col = md.schema.to_arrow_schema().get_field_index("gid")
     spans = []
     for i in range(md.num_row_groups):
@@ -335,7 +331,7 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
 def check_spec(cfg: AuditConfig, n_rows: int) -> None:
     """The index settings against the data, before anything is written: an IVF-PQ with more lists
     than training vectors, or (pixels, whose dimension the config gives) a pq_m that does not divide
-    it, failed in the quantizer task, after train.parquet (a copy of a manifest's image bytes) was
+    it, failed in the quantizer task, after train.pack (a copy of a manifest's image bytes) was
     in a new index folder. sscd/clip dimensions are known once the model loads: checked there."""
     from memex.embed import PixelEmbedder
     from memex.index import EMBEDDER_METRIC, IndexSpec
@@ -347,7 +343,7 @@ def check_spec(cfg: AuditConfig, n_rows: int) -> None:
 
 
 def missing_units(layout: IndexLayout, n_shards: int, ivfpq: bool) -> list[str]:
-    """Parts of an index marked complete that are gone: unmarked units, a missing train.parquet or train.pack.
+    """Parts of an index marked complete that are gone: unmarked units, a missing train_rows.parquet or train.pack.
     Reusing such an index would silently leave their training images out of every audit (one
     glob per folder, so a few requests on S3). A unit whose file alone is gone fails where it is
     read, naming the file."""
@@ -368,7 +364,7 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
     # 2. the training table with global ids (written once; a rerun finds it in place)
     plans = plan_index_shards(listing.num_rows, cfg.index.shards)
     if train_rows.missing(layout):  # (train.pack gone: both written again, the same rows in the same order)
-        # a killed build's copy of the training set (`_tmp-<uuid>-train.parquet`, `-train.pack`, their full size)
+        # a killed build's copy of the training set (`_tmp-<uuid>-train.pack`, its full size, and its table)
         # is never reused: gone before the new copy (not another audit's write-probe, made outside the lease)
         for p in layout.store.fs.glob(layout.store.join("_tmp-*")):
             if not posixpath.basename(p).startswith("_tmp-probe-"):

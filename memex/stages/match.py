@@ -13,7 +13,8 @@ skips matched shards. Units run in the driver through memex/runner.py `do_unit`;
   2. `propose`: their nearest training images by embedding (memex/stages/nearest.py: one resident
      worker holds the embedder and every index shard for the whole stage, GPU when resources ask;
      the same ids and order as one flat index over all vectors);
-  3. `fetch_training_images`: the pixels of every training image in some top k (train.parquet);
+  3. `fetch_training_images`: the pixels of every training image in some top k (train.pack: a ranged
+     read each, memex/train_rows.py);
   4. `verify`: each candidate against its k nearest training images with match.distance: tiled l2
      <= 0.15 (Stable Diffusion style), or relative l2 <= 0.9 (alpha = 0.5, n = 50; small
      unconditional models); the best (smallest) distance is the candidate's match, with the
