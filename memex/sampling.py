@@ -305,8 +305,22 @@ class Sampler:
     def _eps_scale(self, t: torch.Tensor) -> float:
         """|d eps| / |d prediction| at timestep t, x_t fixed: v = sqrt(a) eps - sqrt(1-a) x0 and
         x_t = sqrt(a) x0 + sqrt(1-a) eps give d eps = sqrt(a) d v; x0-prediction: d eps = -sqrt(a/(1-a)) d x0."""
-        a = float(self._abar[min(int(round(float(t))), len(self._abar) - 1)])  # Euler's timesteps are floats
+        a = self._abar_at(t)
         return a**0.5 if self.prediction_type == "v_prediction" else (a / (1 - a)) ** 0.5
+
+    def _abar_at(self, t: torch.Tensor) -> float:
+        """abar of the step whose timestep is t. A scheduler with sigmas (Euler, Heun, LMS, DPM-Solver) gives
+        the step's own: abar = 1 / (1 + sigma^2). Euler's timesteps are floats, and with
+        timestep_type=continuous (v-prediction EDM checkpoints) they are 0.25 ln(sigma), ~0.7 at the first
+        step: looked up in alphas_cumprod, that read abar ~0.999 for ~0.005 (a score 14x too large).
+        Others (DDIM, PNDM, DDPM): alphas_cumprod at t."""
+        sigmas, steps = getattr(self.scheduler, "sigmas", None), getattr(self.scheduler, "timesteps", None)
+        if isinstance(sigmas, torch.Tensor) and isinstance(steps, torch.Tensor):
+            hit = (steps.detach().cpu().double() == float(t)).nonzero()
+            if len(hit):
+                s = float(sigmas[int(hit[0])])
+                return 1.0 / (1.0 + s * s)
+        return float(self._abar[min(int(round(float(t))), len(self._abar) - 1)])
 
     def _decode(self, x: torch.Tensor) -> np.ndarray:
         """(N, H, W, C) uint8 of final latents (pixels for a pixel model); a VAE decodes

@@ -300,6 +300,32 @@ def test_a_learned_variance_reaches_the_scheduler_that_reads_it(tiny_models, tmp
     assert not pndm.learned_variance and pndm.generate(ids, texts, seeds).shape == (1, 16, 16, 3)
 
 
+@pytest.mark.parametrize("timestep_type", ["continuous", "discrete"])
+def test_the_eps_scale_of_an_euler_step_is_its_sigmas(tiny_models, tmp_path, timestep_type):
+    """A v-prediction checkpoint with EulerDiscreteScheduler(timestep_type=continuous) (EDM-style v models)
+    numbers its steps 0.25 ln(sigma): under 2 at the first step. Looked up in alphas_cumprod, that gave abar
+    ~0.9998 for the step's ~0.003 (1 / (1 + sigma^2)) here: a triage score 17x too large (0.057 is right).
+    The step's own sigma is used, which for discrete timesteps equals the alphas_cumprod of t."""
+    import json
+
+    shutil.copytree(tiny_models["pixel_text"], tmp_path / "v")
+    sched = tmp_path / "v" / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "v_prediction",
+                                 "timestep_type": timestep_type}))
+    sampler = _sampler(tmp_path / "v", scheduler=SchedulerKind.euler)  # from the checkpoint's config
+    ids, texts, seeds = _batch(n_per_prompt=1)
+    assert np.all(np.isfinite(sampler.triage(ids, texts, seeds)))  # sets the timesteps of one step
+    sc = sampler.scheduler
+    assert type(sc).__name__ == "EulerDiscreteScheduler"
+    t, sigma = sc.timesteps[0], float(sc.sigmas[0])
+    assert sampler._eps_scale(t) == pytest.approx((1 / (1 + sigma**2)) ** 0.5, rel=1e-6)
+    table = float(sc.alphas_cumprod[int(round(float(t)))])
+    if timestep_type == "continuous":
+        assert float(t) < 2 and table > 0.99 and sampler._eps_scale(t) < 0.1  # the table read ~1
+    else:
+        assert sampler._eps_scale(t) == pytest.approx(table**0.5, rel=1e-4)
+
+
 def test_a_unet_without_sample_size_needs_the_image_size(tiny_models, tmp_path):
     """UNet2DConditionModel's sample_size defaults to None: the sampler unpacked it ("cannot unpack
     non-iterable NoneType") even with sampling.height and width set. Now those are used, and without
