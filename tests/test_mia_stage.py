@@ -97,6 +97,53 @@ def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadow
     assert layout.scores.read().sort_by("image_id").equals(scores.sort_by("image_id"))
 
 
+def test_non_members_that_are_near_copies_of_a_member_are_left_out_and_named(tmp_path):
+    """A held-out image that is a re-encoding (JPEG q=70), a resize (3/4) or a 2-grey-level shift of a member is a
+    picture the model trained on; scored as a non-member it counts against the attack (LAION holds many such
+    copies). Only byte-identical pixels were refused. Now each is left out of scoring and quarantined with
+    its member and distance; distinct non-members (and the members) are kept."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+
+    def smooth():
+        return np.asarray(Image.fromarray(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)).resize((96, 64),
+                                                                                                  Image.BICUBIC))
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    members = [smooth() for _ in range(4)]
+    jpeg = io.BytesIO()
+    Image.fromarray(members[0]).save(jpeg, format="JPEG", quality=70)
+    near = [jpeg.getvalue(), png(np.asarray(Image.fromarray(members[1]).resize((72, 48), Image.BICUBIC))),
+            png(np.clip(members[2].astype(int) + 2, 0, 255).astype(np.uint8))]
+    others = [png(smooth()) for _ in range(3)]
+    rows = [("m0", png(members[0]), True), ("m1", png(members[1]), True), ("m2", png(members[2]), True),
+            ("m3", png(members[3]), True), ("n-jpeg", near[0], False), ("n-resized", near[1], False),
+            ("n-shifted", near[2], False)] + [(f"n-other{k}", o, False) for k, o in enumerate(others)]
+    images = pa.table({"image_id": [r[0] for r in rows], "image": [r[1] for r in rows], "uri": [None] * len(rows),
+                       "member": [r[2] for r in rows], "caption": [None] * len(rows), "copies": [None] * len(rows)},
+                      schema=pa.schema([("image_id", pa.string()), ("image", pa.binary()), ("uri", pa.string()),
+                                        ("member", pa.bool_()), ("caption", pa.string()), ("copies", pa.int32())]))
+    ok, quarantine = mia.check_sets(images, {})
+    assert sorted(ok["image_id"].to_pylist()) == ["m0", "m1", "m2", "m3", "n-other0", "n-other1", "n-other2"]
+    why = dict(zip(quarantine["id"].to_pylist(), quarantine["reason"].to_pylist()))
+    assert sorted(why) == ["n-jpeg", "n-resized", "n-shifted"]
+    for n, m in (("n-jpeg", "m0"), ("n-resized", "m1"), ("n-shifted", "m2")):
+        assert why[n].startswith(f"a near copy of member {m} (RMS 0.0")
+    rms = [float(why[n].split("RMS ")[1].split()[0]) for n in why]
+    assert max(rms) < mia.NEAR_COPY_RMS / 2  # well inside; the distinct pictures are far out:
+    t = {i: mia.thumb(np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))) for i, b, _ in rows}
+    far = min(np.sqrt(np.mean((t[o] - t[m]) ** 2)) for o in ("n-other0", "n-other1", "n-other2")
+              for m in ("m0", "m1", "m2", "m3"))
+    assert far > 5 * mia.NEAR_COPY_RMS
+
+
 def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
     """training_manifest.parquet holds one row per copy (source_id, copies): read as one image with its copies."""
     _, model, _, _ = world

@@ -66,6 +66,11 @@ LIRA = ("lira_online", "lira_offline")
 # AUC 0.82 and TPR@1% 0.05 per image, 0.96 and 0.32 global)
 LIRA_GLOBAL_BELOW = 64
 CHECK_BATCH = 256  # images decoded at a time by the input check
+# a non-member within this RMS of a member at 16x16 RGB (area average) is taken for a copy of it: a JPEG
+# re-encoding (q=70), a 3/4 resize or a 2-grey-level shift of one picture is 0.008-0.009 there, distinct
+# smooth pictures ~0.33 (tests/test_mia_stage.py); 0.02 is ~5 grey levels over the whole thumbnail
+NEAR_COPY_RMS = 0.02
+THUMB = 16
 
 
 # ---- 1. inputs ------------------------------------------------------------------------------
@@ -88,7 +93,8 @@ def read_image_set(path: str, caption_column: str, member: bool | None, opts: di
 
 
 def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
-    """(images that decode, quarantine); refuses overlapping sets, naming the ids."""
+    """(images that decode, quarantine); refuses overlapping sets, naming the ids. A non-member that is a
+    near copy of a member (a re-encoding, a resize: NEAR_COPY_RMS) joins the quarantine, with its member."""
     members = images.filter(pc.equal(images["member"], True))["image_id"].to_pylist()
     nonmembers = images.filter(pc.equal(images["member"], False))["image_id"].to_pylist()
     both = sorted(set(members) & set(nonmembers))
@@ -102,11 +108,13 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
                           "give the questioned images ids of their own")
     # every image decoded once, as stored, CHECK_BATCH at a time, keeping only a hash of its pixels
     # (~1 ms an image at 32 px; 10,000 512-px images would be 7.9 GB if kept)
-    digest, bad = {}, []
+    digest, thumbs, bad = {}, {}, []
+    labelled = set(members) | set(nonmembers)
     for batch in iter_batches(_rows(images), CHECK_BATCH):
         decoded = decode_rows(batch, None, opts)
         digest.update({i: hashlib.sha256(f"{img.shape}".encode() + img.tobytes()).hexdigest()
                        for i, img in zip(decoded.ids, decoded.images)})
+        thumbs.update({i: thumb(img) for i, img in zip(decoded.ids, decoded.images) if i in labelled})
         bad.append(decoded.quarantine)
     quarantine = pa.concat_tables(bad)
     seen: dict[str, str] = {}
@@ -118,6 +126,18 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
         pairs = ", ".join(f"{n} = {m}" for n, m in same[:5])
         raise ConfigError(f"{len(same)} non-member images are the same picture as a member ({pairs}): "
                           "non-members must be held out of training (nonmembers.path)")
+    near = near_copies(thumbs, [i for i in members if i in thumbs], [i for i in nonmembers if i in thumbs])
+    if near:  # held out by id, but the model trained on the picture: scored as non-members they count against
+        # the attack (LAION holds many re-encodings of one image). Left out of scoring, and named why.
+        log.warning("%d non-member images are near copies of a member (%s): left out, see quarantine.parquet",
+                    len(near), ", ".join(f"{n} ~ {m}" for n, m, _ in near[:5]))
+        uri = dict(zip(images["image_id"].to_pylist(), images["uri"].to_pylist()))
+        quarantine = pa.concat_tables([quarantine, pa.table({
+            "id": [n for n, _, _ in near], "uri": [uri.get(n) for n, _, _ in near],
+            "reason": [f"a near copy of member {m} (RMS {d:.4f} at {THUMB}x{THUMB} <= {NEAR_COPY_RMS}): a held-out "
+                       "image the model trained on, not scored" for _, m, d in near]}, schema=quarantine.schema)])
+        for n, _, _ in near:
+            digest.pop(n)
     ok = one_row_per_picture(images.filter(pc.is_in(images["image_id"], pa.array(list(digest), pa.string()))),
                              digest)
     for key, ids in (("members.path", members), ("nonmembers.path", nonmembers)):
@@ -127,6 +147,29 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
                               f"{reason[0].as_py() if len(reason) else 'unknown'}): membership inference needs "
                               "at least one member and one non-member image")
     return ok, quarantine
+
+
+def thumb(img: np.ndarray) -> np.ndarray:
+    """(THUMB * THUMB * 3,) float32 in [0, 1]: the picture's area average at THUMB x THUMB, RGB (gray: repeated)."""
+    from PIL import Image
+
+    rgb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
+    small = Image.fromarray(np.ascontiguousarray(rgb)).resize((THUMB, THUMB), Image.BOX)
+    return np.asarray(small, np.float32).reshape(-1) / 255
+
+
+def near_copies(thumbs: dict[str, np.ndarray], members: list[str], nonmembers: list[str]) -> list[tuple]:
+    """(non-member id, member id, RMS) for each non-member within NEAR_COPY_RMS of its nearest member's
+    thumbnail: exact, by a flat FAISS search (10,000 x 10,000 images: ~1 s)."""
+    import faiss
+
+    if not members or not nonmembers:
+        return []
+    index = faiss.IndexFlatL2(THUMB * THUMB * 3)
+    index.add(np.stack([thumbs[i] for i in members]))
+    d, j = index.search(np.stack([thumbs[i] for i in nonmembers]), 1)
+    rms = np.sqrt(np.maximum(d[:, 0], 0) / (THUMB * THUMB * 3))
+    return [(n, members[int(k)], float(r)) for n, k, r in zip(nonmembers, j[:, 0], rms) if r <= NEAR_COPY_RMS]
 
 
 def one_row_per_picture(images: pa.Table, digest: dict[str, str]) -> pa.Table:
