@@ -150,7 +150,12 @@ def _recipe_differences(saved: dict, now: dict) -> list[str]:
     return out
 
 
-def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, keep: int, made_by: dict) -> None:
+def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, keep: int, made_by: dict,
+                     scaler=None) -> None:
+    """checkpoint-<step>/: the UNet, the optimizer's tensors (safetensors) and the rest as JSON: its param
+    groups, the step, the recipe, and fp16's loss scale (accelerate's GradScaler: scale, growth tracker).
+    Without the scale a resumed fp16 run restarted at 65,536 and skipped steps until it backed off to where
+    the uninterrupted run was (each skip an overflow: a step with no update)."""
     from safetensors.torch import save_file
 
     tmp = folder / f"_tmp-checkpoint-{step}"
@@ -161,8 +166,9 @@ def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, 
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()
                if torch.is_tensor(v)}
     save_file(tensors, tmp / "optimizer.safetensors")
+    scale = scaler.state_dict() if scaler is not None else {}  # {} also before its first step
     (tmp / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "step": step,
-                                                    "recipe": made_by}))
+                                                    "recipe": made_by, **({"grad_scaler": scale} if scale else {})}))
     tmp.rename(folder / f"checkpoint-{step}")  # complete only once renamed
     for old in checkpoints(folder)[:-keep]:
         shutil.rmtree(old)
@@ -212,7 +218,9 @@ def _damaged_checkpoint(path: Path, e: Exception) -> str:
             f"to {back}, or choose another output folder")
 
 
-def _load_checkpoint(path: Path, unet, opt: torch.optim.Optimizer) -> int:
+def _load_checkpoint(path: Path, unet, opt: torch.optim.Optimizer, scaler=None) -> int:
+    """Load checkpoint-<step>/ into unet, opt and (fp16) the GradScaler; returns its step. A checkpoint of
+    an fp32 run (or written before the scale was kept) leaves the scaler as it starts."""
     from diffusers import UNet2DConditionModel, UNet2DModel
     from safetensors.torch import load_file
 
@@ -225,6 +233,8 @@ def _load_checkpoint(path: Path, unet, opt: torch.optim.Optimizer) -> int:
             i, k = key.split(".", 1)
             state.setdefault(int(i), {})[k] = v
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if scaler is not None and meta.get("grad_scaler"):
+            scaler.load_state_dict(meta["grad_scaler"])
     except Exception as e:  # noqa: BLE001 - any failure to load it: re-raised naming the checkpoint and the fix
         raise ConfigError(_damaged_checkpoint(path, e)) from e
     return int(meta["step"])
@@ -283,7 +293,7 @@ def train(cfg: TrainConfig) -> Path:
     ckpts = out / "checkpoints"
     start = 0
     if ck is not None:
-        start = _load_checkpoint(ck, unet, opt)
+        start = _load_checkpoint(ck, unet, opt, accel.scaler)  # (accel.scaler: fp16's GradScaler, else None)
         log.info("resuming from %s (step %d)", ck, start)
     unet, opt = accel.prepare(unet, opt)
     images = images.to(accel.device)
@@ -320,7 +330,7 @@ def train(cfg: TrainConfig) -> Path:
             log.info("step %d/%d loss %.4f (%.2f s/step)", done, t.steps, loss.item(),
                      (time.perf_counter() - t0) / (done - start))
         if accel.is_main_process and (done % t.checkpoint_every == 0 or done == t.steps):
-            _save_checkpoint(ckpts, done, accel.unwrap_model(unet), opt, t.keep_checkpoints, made_by)
+            _save_checkpoint(ckpts, done, accel.unwrap_model(unet), opt, t.keep_checkpoints, made_by, accel.scaler)
     seconds = time.perf_counter() - t0
 
     # 5. save the diffusers folder, the exact training set and how it was made

@@ -78,6 +78,39 @@ def test_resume_continues_from_the_checkpoint(manifest, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_an_fp16_runs_loss_scale_is_kept_in_its_checkpoint(tmp_path):
+    """fp16 training runs a GradScaler (accelerate's): its scale and growth tracker are part of where the run
+    is. They were not in the checkpoint, so a resumed fp16 run restarted at a scale of 65,536 and skipped
+    updates (overflows) until it backed off again: not the uninterrupted run. Saved in optimizer.json and
+    loaded on resume; a checkpoint with none (fp32, or written before) leaves a scaler as it starts. On CPU:
+    the same GradScaler class on the cpu device (fp16 autocast needs a GPU, so the run itself is not)."""
+    from memex import training
+    from memex.config import ArchConfig, ArchKind
+
+    unet = training.build_unet(ArchConfig(kind=ArchKind.unconditional, block_out_channels=[8, 16]), None)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    loss = unet(torch.randn(2, 3, 32, 32), torch.tensor([3, 7])).sample.float().pow(2).mean()
+    scaler.scale(loss).backward()
+    for p in unet.parameters():  # an overflow: the step is skipped and the scale backs off
+        if p.grad is not None:
+            p.grad.fill_(float("inf"))
+            break
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**15
+    training._save_checkpoint(tmp_path / "checkpoints", 5, unet, opt, 2, {"r": 1}, scaler)
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert training._load_checkpoint(tmp_path / "checkpoints" / "checkpoint-5", unet, opt, fresh) == 5
+    assert fresh.get_scale() == 2.0**15 and fresh.state_dict() == scaler.state_dict()
+
+    training._save_checkpoint(tmp_path / "fp32", 5, unet, opt, 2, {"r": 1})  # an fp32 run: no scaler
+    assert "grad_scaler" not in json.loads((tmp_path / "fp32" / "checkpoint-5" / "optimizer.json").read_text())
+    other = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    training._load_checkpoint(tmp_path / "fp32" / "checkpoint-5", unet, opt, other)
+    assert other.get_scale() == 2.0**16
+
+
 def test_resume_refuses_checkpoints_of_another_recipe(manifest, tmp_path):
     """A checkpoint left by another lr, seed or training set used to be resumed silently: the model
     mixed two runs and its memex_train.json described neither."""
