@@ -256,7 +256,7 @@ def render_mia_section(summary: dict, scores: pa.Table, lira: pa.Table | None) -
     shadows = summary.get("shadow_models") or 0
     out.append(_cards([("members", _count(summary.get("members")), False),
                        ("non-members", _count(summary.get("nonmembers")), False),
-                       *([("quarantined (unreadable)", _count(summary["quarantined"]), True)]
+                       *([("left out (unreadable, or a near copy of a member)", _count(summary["quarantined"]), True)]
                          if summary.get("quarantined") else []),
                        *([("LiRA shadow models", _count(shadows), False)] if shadows else []),
                        *([("UNet evaluations", _count(summary["unet_evaluations"]), False)]

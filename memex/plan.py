@@ -129,7 +129,8 @@ class SamplePlan:
         from memex.storage import StorageError
 
         want = list(zip([0, *bounds[:-1]], bounds))
-        have = [(r.lo, r.hi) for r in self.rounds]
+        # a stop (a round of no prompts) holds no samples: only where it stopped must agree
+        have = [(r.lo, r.hi if r.n_prompts or k >= len(want) else want[k][1]) for k, r in enumerate(self.rounds)]
         rows = None if first_rows is None else tuple(first_rows)
         if len(have) > len(want) or have != want[:len(have)] or (self.rounds and self.rounds[0].prompt_rows != rows):
             what = "" if have == want[:len(have)] else f"samples {have}, and this run asks for {want}"

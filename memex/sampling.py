@@ -312,13 +312,18 @@ class Sampler:
         """abar of the step whose timestep is t. A scheduler with sigmas (Euler, Heun, LMS, DPM-Solver) gives
         the step's own: abar = 1 / (1 + sigma^2). Euler's timesteps are floats, and with
         timestep_type=continuous (v-prediction EDM checkpoints) they are 0.25 ln(sigma), ~0.7 at the first
-        step: looked up in alphas_cumprod, that read abar ~0.999 for ~0.005 (a score 14x too large).
+        step: looked up in alphas_cumprod, that read abar ~0.999 for SD's ~0.005 (a score ~14x too large).
         Others (DDIM, PNDM, DDPM): alphas_cumprod at t."""
-        sigmas, steps = getattr(self.scheduler, "sigmas", None), getattr(self.scheduler, "timesteps", None)
+        sc = self.scheduler
+        sigmas, steps = getattr(sc, "sigmas", None), getattr(sc, "timesteps", None)
         if isinstance(sigmas, torch.Tensor) and isinstance(steps, torch.Tensor):
             hit = (steps.detach().cpu().double() == float(t)).nonzero()
             if len(hit):
                 s = float(sigmas[int(hit[0])])
+                # KDPM2's second evaluation of a step runs at the interpolated sigma, not sigmas[i]
+                if getattr(sc, "sigmas_interpol", None) is not None and getattr(sc, "state_in_first_order", True) \
+                        is False and getattr(sc, "step_index", None) is not None:
+                    s = float(sc.sigmas_interpol[sc.step_index])
                 return 1.0 / (1.0 + s * s)
         return float(self._abar[min(int(round(float(t))), len(self._abar) - 1)])
 

@@ -81,6 +81,10 @@ def test_a_stop_is_written_and_a_rerun_with_another_rule_is_refused(tmp_path, mo
                                            r"\(continue_factor: was 1.2, now 2.0\)"):
         audit.generate_in_rounds(compose(base + ["budget.continue_factor=2.0"], config_name="audit"), "r", layout)
     assert calls == [] and decided == [0] and len(SamplePlan.read(layout.store).rounds) == 2  # nothing changed
+    # a later bound changed after the stop: the stop holds no sample, so the run resumes (and stays stopped)
+    audit.generate_in_rounds(compose(base[:-2] + ["budget.rounds=[4,32]", "sampling.samples_per_prompt=32"],
+                                     config_name="audit"), "r", layout)
+    assert calls == ["generate", "match"] and decided == [0] and len(SamplePlan.read(layout.store).rounds) == 2
 
 
 def test_an_audit_resumed_with_another_budget_is_refused_before_it_generates(tmp_path):

@@ -326,6 +326,28 @@ def test_the_eps_scale_of_an_euler_step_is_its_sigmas(tiny_models, tmp_path, tim
         assert sampler._eps_scale(t) == pytest.approx(table**0.5, rel=1e-4)
 
 
+def test_kdpm2s_second_evaluation_of_a_step_is_scaled_at_its_interpolated_sigma(tiny_models, tmp_path):
+    """KDPM2 evaluates each step twice; the second runs the UNet at sigmas_interpol (its timestep between two
+    steps'), not at sigmas[i], which the sigma lookup read (an eps scale 1.36x too large on SD's schedule). Each
+    evaluation's abar is 1 / (1 + sigma^2) of the sigma its input was scaled with, which lies on the
+    alphas_cumprod curve at its timestep."""
+    import json
+
+    shutil.copytree(tiny_models["pixel_text"], tmp_path / "v")
+    sched = tmp_path / "v" / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "v_prediction"}))
+    sampler = _sampler(tmp_path / "v", scheduler=SchedulerKind.kdpm2)
+    seen, real = [], sampler._abar_at
+    sampler._abar_at = lambda t: seen.append((float(t), real(t))) or seen[-1][1]
+    ids, texts, seeds = _batch(n_per_prompt=1)
+    assert np.all(np.isfinite(sampler.triage(ids, texts, seeds, steps=2)))
+    table = sampler.scheduler.alphas_cumprod.double().numpy()
+    assert len(seen) >= 2 and seen[1][0] != seen[0][0]  # the second call: the interpolated timestep
+    for t, a in seen:
+        lo, hi = table[int(np.floor(t))], table[min(int(np.ceil(t)), len(table) - 1)]
+        assert min(lo, hi) * 0.97 <= a <= max(lo, hi) * 1.03, (t, a, lo, hi)
+
+
 def test_a_unet_without_sample_size_needs_the_image_size(tiny_models, tmp_path):
     """UNet2DConditionModel's sample_size defaults to None: the sampler unpacked it ("cannot unpack
     non-iterable NoneType") even with sampling.height and width set. Now those are used, and without

@@ -226,7 +226,7 @@ def robust_z(scores: np.ndarray) -> np.ndarray:
     deviations of a normal with the same spread; insensitive to the few memorized outliers themselves."""
     med = np.median(scores)
     mad = 1.4826 * np.median(np.abs(scores - med))
-    if mad == 0 and len(scores):  # one prompt, or half of them tied: no spread to stand out of
+    if mad == 0 and len(scores):  # one prompt, or more than half of them equal: no spread to stand out of
         log.warning("triage scores of %d prompts have no spread (median absolute deviation 0): "
                     "budget.continue_triage_z extends no prompt in this run", len(scores))
     return (scores - med) / mad if mad > 0 else np.zeros_like(scores)
