@@ -91,10 +91,10 @@ def table_path(layout: IndexLayout) -> tuple[str, bool]:
 def missing(layout: IndexLayout) -> list[str]:
     """["train_rows.parquet"] or ["train.pack"] when gone (a partial copy, a removal by hand), else [].
     Either one gone, the copy is made again (both files, the same rows)."""
-    path, packed = table_path(layout)
-    if not layout.store.exists(path):
-        return ["train_rows.parquet"]
-    return ["train.pack"] if packed and not layout.store.exists(layout.pack_path) else []
+    store = layout.store
+    if store.exists(layout.rows_path):
+        return [] if store.exists(layout.pack_path) else ["train.pack"]
+    return [] if store.exists(layout.inline_train_path) else ["train_rows.parquet"]
 
 
 def read_range(layout: IndexLayout, start: int, stop: int, batch: int,

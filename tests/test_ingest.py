@@ -768,22 +768,29 @@ def test_a_chain_of_near_duplicates_across_shards_is_one_picture(tmp_path, in_pr
     assert index.run(cfg) == info and read_pictures(info, {}, [5]) == {5: 0}
 
 
+def _manifest_index(tmp_path, n: int):
+    """An index of a manifest of n embedded PNGs -> (their bytes, cfg, IndexInfo, IndexLayout, its folder)."""
+    from memex.stages import index
+
+    imgs = [encode_png(_img(i)) for i in range(n)]
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": [f"{i:02d}" for i in range(n)], "image": imgs}), path)
+    cfg = _audit_cfg(str(path), tmp_path / "runs")
+    info = index.run(cfg)
+    return imgs, cfg, info, info.layout({}), tmp_path / "runs" / "_index" / info.key
+
+
 def test_a_lost_or_damaged_image_pack_is_named_and_written_again(tmp_path, in_process_units):
     """train.pack (the manifest's image bytes, read by ranged reads) removed from a complete index: a fetch
     of an image names it and says to rerun the audit, whose index stage makes the copy again,
     train.parquet first (same gids, same bytes), and the shards are kept. Cut short:
-    the fetch of a training image names it and says to remove it with train.parquet, after which the
+    the fetch of a training image names it and says to remove it with train_rows.parquet, after which the
     index is whole again. A killed copy's `_tmp-*-train.pack` is removed before the new one."""
     from memex.membership import fetch_train_rows
     from memex.stages import index
     from memex.storage import StorageError
 
-    imgs = [encode_png(_img(i)) for i in range(6)]
-    path = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"id": [f"{i:02d}" for i in range(6)], "image": imgs}), path)
-    cfg = _audit_cfg(str(path), tmp_path / "runs")
-    info = index.run(cfg)
-    layout, root = info.layout({}), tmp_path / "runs" / "_index" / info.key
+    imgs, cfg, info, layout, root = _manifest_index(tmp_path, 6)
     assert (root / "train.pack").read_bytes() == b"".join(imgs)
     assert fetch_train_rows(layout, [4, 1])["image"].to_pylist() == [imgs[1], imgs[4]]
     shard = (root / "shards" / "shard-000000.faiss").stat().st_mtime_ns
@@ -818,12 +825,7 @@ def test_an_index_built_before_the_pack_is_reused_as_it_is(tmp_path, in_process_
     from memex.stages import index
     from memex.train_rows import read_range
 
-    imgs = [encode_png(_img(i)) for i in range(5)]
-    path = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"id": [f"{i:02d}" for i in range(5)], "image": imgs}), path)
-    cfg = _audit_cfg(str(path), tmp_path / "runs")
-    info = index.run(cfg)
-    layout, root = info.layout({}), tmp_path / "runs" / "_index" / info.key
+    imgs, cfg, info, layout, root = _manifest_index(tmp_path, 5)
     assert not (root / "train.parquet").exists() and (root / "train_rows.parquet").exists()
     rows = fetch_train_rows(layout, list(range(5)))
     layout.store.write_table(layout.inline_train_path, rows.cast(TRAIN_SCHEMA), row_group_size=2)  # as before
