@@ -40,13 +40,14 @@ def status(key):
 from memex import cli
 from memex.layout import TRAIN_SCHEMA, IndexLayout
 from memex.stages import index
+from memex import train_rows
 base = status("VmRSS")  # after the imports (torch, faiss come with memex)
 if mode == "whole":  # the former read: the shard's whole gid range, then sliced a batch at a time
     def whole(layout, start, stop, batch, gids=None):
         rows = layout.store.read_table(layout.inline_train_path, schema=TRAIN_SCHEMA,
                                        filters=[("gid", ">=", start), ("gid", "<", stop)])
         return (rows.slice(b, batch) for b in range(0, rows.num_rows, batch))
-    index.read_range = whole
+    train_rows.read_range = whole  # (index calls it through the module)
 cfg = cli.to_audit_config(cli.compose_config("audit", []))
 layout = IndexLayout(root, mode)
 t0 = time.perf_counter()

@@ -18,6 +18,7 @@ import pyarrow as pa
 from memex.config import IndexConfig
 from memex.index import IndexSpec, load_index
 from memex.layout import PICTURES_SCHEMA, QUARANTINE_SCHEMA, IndexLayout, RunLayout, StorageError
+from memex.train_rows import read_gids
 
 
 @dataclass
@@ -72,8 +73,6 @@ def load_shards(layout: IndexLayout, shards: list[int]) -> list[faiss.Index]:
 def fetch_train_rows(layout: IndexLayout, gids: list[int], columns: list[str] | None = None) -> pa.Table:
     """Training rows for the given global ids, in gid order (the join of matches with training images;
     images from train.pack, one ranged read each: memex/train_rows.py)."""
-    from memex.train_rows import read_gids
-
     return read_gids(layout, gids, columns)
 
 

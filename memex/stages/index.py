@@ -50,7 +50,6 @@ from memex.membership import IndexInfo, fetch_train_rows, load_shards
 from memex.models import resolve_device
 from memex.redact import redact
 from memex.storage import damaged, unit_name
-from memex.train_rows import read_range
 
 log = logging.getLogger("memex.index")
 # Part of every index key: folders written by an older layout are never resumed into, only rebuilt.
@@ -186,7 +185,7 @@ def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderC
     embedder = _embedder(emb, device, opts)
     spec = IndexSpec.from_config(idx, embedder.metric)
     pick = quantizer_sample(layout, n_train, spec.train_size)
-    rows = read_range(layout, int(pick[0]), int(pick[-1]) + 1, idx.decode_batch, gids=pick)
+    rows = train_rows.read_range(layout, int(pick[0]), int(pick[-1]) + 1, idx.decode_batch, gids=pick)
     x, _, _ = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect)
     save_index(train_index(x, spec), layout.store.uri_of(layout.quantizer_path), opts)
     return {"vectors": int(len(x))}
@@ -200,7 +199,7 @@ def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: Emb
 
     opts, store = layout.store.options, layout.store
     embedder = _embedder(emb, device, opts)
-    rows = read_range(layout, start, stop, idx.decode_batch)
+    rows = train_rows.read_range(layout, start, stop, idx.decode_batch)
     x, ids, quarantine = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect)
     trained = load_index(store.uri_of(layout.quantizer_path), opts) if idx.kind == IndexKind.ivfpq else None
     index = build_faiss_shard(x, ids, IndexSpec.from_config(idx, embedder.metric), trained=trained)

@@ -75,6 +75,7 @@ THUMB = 16
 # matched: distinct pictures of that kind lie within NEAR_COPY_RMS of each other, and dropping them would
 # remove the low-loss non-members a loss attack ranks first (its TPR at low FPR read higher)
 NEAR_COPY_MIN_STD = 0.05
+NEAR_COPY_REASON = "a near copy of member"  # how quarantine.parquet names them (summary.json counts these rows)
 
 
 # ---- 1. inputs ------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
         uri = dict(zip(images["image_id"].to_pylist(), images["uri"].to_pylist()))
         quarantine = pa.concat_tables([quarantine, pa.table({
             "id": [n for n, _, _ in near], "uri": [uri.get(n) for n, _, _ in near],
-            "reason": [f"a near copy of member {m} (RMS {d:.4f} at {THUMB}x{THUMB} <= {NEAR_COPY_RMS}): a held-out "
+            "reason": [f"{NEAR_COPY_REASON} {m} (RMS {d:.4f} at {THUMB}x{THUMB} <= {NEAR_COPY_RMS}): a held-out "
                        "image the model trained on, not scored" for _, m, d in near]}, schema=quarantine.schema)])
         for n, _, _ in near:
             digest.pop(n)
@@ -154,11 +155,11 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
 
 
 def thumb(img: np.ndarray) -> np.ndarray:
-    """(THUMB * THUMB * 3,) float32 in [0, 1]: the picture's area average at THUMB x THUMB, RGB (gray: repeated)."""
+    """(THUMB * THUMB * 3,) float32 in [0, 1]: a decoded picture's (uint8 RGB, images.decode) area average at
+    THUMB x THUMB."""
     from PIL import Image
 
-    rgb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
-    small = Image.fromarray(np.ascontiguousarray(rgb)).resize((THUMB, THUMB), Image.BOX)
+    small = Image.fromarray(img).resize((THUMB, THUMB), Image.BOX)
     return np.asarray(small, np.float32).reshape(-1) / 255
 
 
@@ -429,7 +430,7 @@ def run(cfg: MiaConfig) -> dict:
             layout.store.write_table(layout.images_path, images)
             layout.store.write_table(layout.quarantine_path, quarantine)
         summary = _score_and_measure(cfg, name, layout, images, recipe)
-        near = int(pc.sum(pc.cast(pc.starts_with(quarantine["reason"], "a near copy of member"), pa.int64())).as_py()
+        near = int(pc.sum(pc.cast(pc.starts_with(quarantine["reason"], NEAR_COPY_REASON), pa.int64())).as_py()
                    or 0)
         summary.update({"run": layout.run.uri, "model": cfg.model.path, "quarantined": quarantine.num_rows,
                         "nonmembers_near_copies": near,
