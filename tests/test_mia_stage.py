@@ -60,7 +60,7 @@ def cfg_of(world, *extra):
 
 @pytest.mark.slow
 def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadows(world):
-    cfg = cfg_of(world, "mia=lira", "mia.shadow_models=2", f"mia.shadow_steps={STEPS}", "run.name=m",
+    cfg = cfg_of(world, "mia=lira", "mia.shadow_models=2", "run.name=m",
                  "resources.executor=local")  # the attacks, not Ray: no actor pool or task to start
     s = mia.run(cfg)
     assert (s["members"], s["nonmembers"], s["quarantined"], s["shadow_models"]) == (N, N, 1, 2)
@@ -85,6 +85,9 @@ def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadow
         data = pq.read_table(layout.store.uri_of(layout.shadow_data(k)))
         assert sorted(data["id"].to_pylist()) == inside and 0 < len(inside) < 2 * N
         assert Path(layout.store.uri_of(layout.shadow_model(k)), "model_index.json").exists()
+        # as many passes over its half as the target made over its N images in STEPS steps
+        steps = round(STEPS * len(inside) / N)
+        assert layout.shadows.read_marker(k)["training_steps"] == steps == s["shadow_training_steps"][k]
     assert Path(s["report"]).exists() and "<svg" in Path(s["report"]).read_text()
     on_disk = json.loads(Path(layout.store.uri_of(layout.summary_path)).read_text())
     assert on_disk["attacks"] == s["attacks"]
@@ -95,6 +98,27 @@ def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadow
     assert again["attacks"] == s["attacks"]
     assert {i: layout.scores.read_marker(i) for i in layout.scores.complete()} == markers
     assert layout.scores.read().sort_by("image_id").equals(scores.sort_by("image_id"))
+
+
+def test_a_shadow_trains_for_as_many_passes_over_its_half_as_the_target_made(tmp_path):
+    """The demo's target: 5,000 steps over 560 rows (its 256 logos with their copies). A shadow
+    holding 408 rows takes 3,643 steps, not 5,000 (which gave its images 1.37x the target's passes);
+    an explicit mia.shadow_steps is kept. Shadows a run of before trained another way are refused
+    on rerun, naming the folder to remove."""
+    from memex.storage import StageFolder, Store
+
+    recipe = {"trainer": {"steps": 5000, "batch_size": 32}, "examples": 560}
+    assert mia.shadow_steps(recipe, 408, None) == 3643
+    assert mia.shadow_steps(recipe, 560, None) == 5000 and mia.shadow_steps(recipe, 1, None) == 9
+    assert mia.shadow_steps(recipe, 408, 300) == 300
+    with pytest.raises(MemexError, match="set mia.shadow_steps"):
+        mia.shadow_steps({"trainer": {"steps": 5000}, "examples": None}, 408, None)
+
+    folder = StageFolder(Store(str(tmp_path)), "shadows")
+    folder.mark_complete(0, {"training_steps": 5000})
+    mia.check_trained_shadows(folder, {0: 5000, 1: 3643})  # shadow 1 not trained yet: nothing to compare
+    with pytest.raises(MemexError, match="shadow model 0 .* trained for 5000 steps and this run trains it for 3643"):
+        mia.check_trained_shadows(folder, {0: 3643, 1: 3643})
 
 
 def test_non_members_that_are_near_copies_of_a_member_are_left_out_and_named(tmp_path):

@@ -11,8 +11,9 @@ MiaLayout) and `<run>/report/mia.html`.
     2. claim the folder (mia/run.json: a rerun resumes, other settings are refused), images.parquet
     3. scores/: units of mia.images_per_unit images on the actor pool (model loaded once per actor)
     4. LiRA (mia.shadow_models > 0): one Ray task per shadow model: train it with `memex train` on
-       its half of members + non-members (the target's own recipe, memex_train.json), then its loss
-       on every image -> shadows/; the likelihood ratios -> lira.parquet
+       its half of members + non-members (the target's own recipe, memex_train.json, for as many
+       passes over the half as the target made over its set), then its loss on every image ->
+       shadows/; the likelihood ratios -> lira.parquet
     5. metrics per attack -> summary.json, and the report page
 
 A member manifest written by `memex train` (training_manifest.parquet: one row per copy, with
@@ -229,7 +230,9 @@ def with_preprocess(cfg: MiaConfig) -> MiaConfig:
 
 
 def shadow_recipe(model_path: str) -> dict:
-    """The target's `memex train` config (memex_train.json): shadows are trained the same way."""
+    """The target's `memex train` config (memex_train.json): shadows are trained the same way. Its
+    "examples" key is the number of rows the target trained on (copies counted), which sets each
+    shadow's steps (`shadow_steps`)."""
     info = model_json(model_path, "memex_train.json")
     if info is None:
         raise ConfigError(f"LiRA trains shadow models the way the target was trained, but {model_path} has no "
@@ -238,7 +241,34 @@ def shadow_recipe(model_path: str) -> dict:
     processes = info.get("processes", 1)
     if processes > 1:  # a shadow trains in one process: the target's examples a step are N x its batch
         config = {**config, "trainer": {**config["trainer"], "batch_size": config["trainer"]["batch_size"] * processes}}
-    return config
+    return {**config, "examples": info.get("examples")}
+
+
+def shadow_steps(recipe: dict, examples: int, override: int | None) -> int:
+    """Training steps for a shadow whose half holds `examples` rows (copies counted): as many passes
+    over them as the target made over its own set, at the target's examples a step. Same steps on
+    another number of rows would not be the target's recipe: the demo's 4 shadows hold 352-470 rows
+    against the target's 560, so 5,000 steps gave each image 1.2-1.6x the target's passes, and
+    LiRA's in-losses came from models that had seen their images more often than the target had."""
+    if override is not None:
+        return override
+    target = recipe.get("examples")
+    if not target:
+        raise ConfigError("LiRA trains each shadow for as many passes over its images as the target made, but the "
+                          "target's memex_train.json has no `examples` count: set mia.shadow_steps")
+    return max(1, round(recipe["trainer"]["steps"] * examples / target))
+
+
+def check_trained_shadows(folder, steps: dict[int, int]) -> None:
+    """A shadow finished by an earlier run (its marker) with another number of steps than this run
+    plans (memex before shadow_steps trained every shadow for the target's steps) is refused: its
+    losses would sit beside shadows trained another way."""
+    for s in folder.complete():
+        had = folder.read_marker(s).get("training_steps")
+        if s in steps and had != steps[s]:
+            raise ConfigError(f"shadow model {s} in {folder.store.uri_of(folder.path)} was trained for {had} steps "
+                              f"and this run trains it for {steps[s]} (as many passes over its images as the "
+                              f"target made): remove {folder.store.uri_of(folder.path)} to train the shadows again")
 
 
 # ---- 3. scoring units (in the actors) --------------------------------------------------------
@@ -278,9 +308,11 @@ def score_rows(scorer, rows: pa.Table, attacks: list[str], opts: dict) -> tuple[
 
 
 # ---- 4. LiRA shadow models (one Ray task each) ------------------------------------------------
-def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: dict, inside: list[bool]) -> tuple:
-    """Shadow model `index`: trained on the images with inside[i] (each repeated as often as the
-    target saw it), saved to shadow_models/, then its loss on every image (same noise as the target's)."""
+def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: dict, inside: list[bool],
+                           steps: int) -> tuple:
+    """Shadow model `index`: trained for `steps` on the images with inside[i] (each repeated as often
+    as the target saw it), saved to shadow_models/, then its loss on every image (same noise as the
+    target's)."""
     from memex.mia import MiaScorer
     from memex.models import load_model, resolve_device
     from memex.training import train
@@ -302,9 +334,7 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
         for k in ("text_hidden", "text_layers", "max_length"):
             arch.pop(k, None)
         trainer.pop("cond_dropout", None)
-    if cfg.mia.shadow_steps is not None:
-        steps = cfg.mia.shadow_steps
-        trainer.update(steps=steps, warmup_steps=min(trainer.get("warmup_steps", 0), steps))
+    trainer.update(steps=steps, warmup_steps=min(trainer.get("warmup_steps", 0), steps))
     trainer["checkpoint_every"] = trainer["steps"]  # one checkpoint: a retried task restarts the shadow
     data = DataConfig(path=layout.store.uri_of(layout.shadow_data(index)), caption_column="caption",
                       storage_options=cfg.storage.options)  # the manifest as stored: the record and the input
@@ -456,7 +486,11 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
 
         ids = images["image_id"].to_pylist()
         split = shadow_splits(ids, cfg.mia.shadow_models, cfg.mia.seed)
-        tasks = {s: {"inside": split[s].tolist()} for s in range(cfg.mia.shadow_models)}
+        rows = np.array([max(1, c or 1) for c in images["copies"].to_pylist()])  # a picture's copies are rows
+        tasks = {s: {"inside": split[s].tolist(), "steps": shadow_steps(recipe, int(rows[split[s]].sum()),
+                                                                         cfg.mia.shadow_steps)}
+                 for s in range(cfg.mia.shadow_models)}
+        check_trained_shadows(layout.shadows, {s: t["steps"] for s, t in tasks.items()})
         runner.run_tasks(layout.shadows, tasks, train_and_score_shadow, cfg.resources, cfg=cfg, run_name=name,
                          recipe=recipe)
         evals += sum(layout.shadows.read_marker(s).get("unet_evaluations", 0) for s in tasks)
@@ -472,7 +506,8 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
         m["unet_evaluations_per_image"] = (calls[a] if a in calls else
                                            cfg.mia.draws * (cfg.mia.shadow_models + 1))  # LiRA: the loss, S + 1 models
     return {"members": members, "nonmembers": nonmembers, "shadow_models": cfg.mia.shadow_models,
-            **({"lira_variance": lira_variance(cfg.mia.shadow_models)} if lira_table is not None else {}),
+            **({"lira_variance": lira_variance(cfg.mia.shadow_models),
+                "shadow_training_steps": [t["steps"] for t in tasks.values()]} if lira_table is not None else {}),
             "unet_evaluations": int(evals), **out}
 
 
