@@ -32,6 +32,25 @@ def member_score(attack: str, raw: np.ndarray) -> np.ndarray:
     return raw if HIGHER_IS_MEMBER[attack] else -raw
 
 
+def bh_q_values(p) -> np.ndarray:
+    """(M,) Benjamini-Hochberg q-values of M p-values: the smallest false-discovery rate at which
+    each would be called. q_(i) = min over j >= i of p_(j) M / j (p sorted ascending), capped at
+    1. It holds for independent or positively dependent p-values; the queries' share one set of
+    non-members, which makes them positively dependent."""
+    p = np.asarray(p, np.float64)
+    if p.ndim != 1 or np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise ValueError(f"bh_q_values takes (M,) p-values in [0, 1], got {p!r}")
+    m = len(p)
+    if not m:
+        return p.copy()
+    order = np.argsort(p, kind="stable")
+    q = p[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(q[::-1])[::-1]  # monotone: min over the larger p-values
+    out = np.empty(m)
+    out[order] = np.minimum(q, 1.0)
+    return out
+
+
 def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     s, y = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel()
     if s.shape != y.shape:

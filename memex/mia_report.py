@@ -236,11 +236,18 @@ def _queries(queries: list[dict]) -> str:
     if not queries:
         return ""
     attacks = _attack_order({a for q in queries for a in (q.get("p_value") or {})})
-    rows = [[esc(q.get("image_id")), *(_fmt((q.get("p_value") or {}).get(a)) for a in attacks)] for q in queries]
+    # q-values (summaries of before have none): shown when several images are questioned
+    q_cols = attacks if len(queries) > 1 and any(q.get("q_value") for q in queries) else []
+    rows = [[esc(q.get("image_id")), *(_fmt((q.get("p_value") or {}).get(a)) for a in attacks),
+             *(_fmt((q.get("q_value") or {}).get(a)) for a in q_cols)] for q in queries]
     return ("<h3>Questioned images</h3><p>Images of <code>queries.path</code>, kept out of the metrics. p-value: the "
             "share of non-members scoring at least as member-like (the image counted too). Small under an attack "
-            "with a high AUC: evidence of membership; under an attack at chance: none.</p>"
-            + _table(["image", *(f"p-value {a}" for a in attacks)], rows, set(range(1, len(attacks) + 1))))
+            "with a high AUC: evidence of membership; under an attack at chance: none."
+            + (" q-value: Benjamini-Hochberg over the questioned images; calling members those with q &le; 0.05 "
+               "makes ~5% of the calls wrong on average, where p &le; 0.05 alone would call ~5% of any "
+               "non-members." if q_cols else "") + "</p>"
+            + _table(["image", *(f"p-value {a}" for a in attacks), *(f"q-value {a}" for a in q_cols)], rows,
+                     set(range(1, len(attacks) + len(q_cols) + 1))))
 
 
 def render_mia_section(summary: dict, scores: pa.Table, lira: pa.Table | None) -> str:

@@ -29,7 +29,7 @@ from memex.mia import (
     secmi_timesteps,
     shadow_splits,
 )
-from memex.mia_metrics import balanced_accuracy, member_score, roc_auc, roc_curve, roc_svg, tpr_at_fpr
+from memex.mia_metrics import balanced_accuracy, bh_q_values, member_score, roc_auc, roc_curve, roc_svg, tpr_at_fpr
 from memex.models import ModelError, load_model
 
 
@@ -83,6 +83,31 @@ def test_metric_inputs_checked():
         roc_curve([0.1, 0.2], [True])
     with pytest.raises(ValueError, match="non-finite"):
         roc_auc([np.nan, 0.2], [True, False])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bh_q_values_are_the_smallest_fdr_at_which_the_step_up_rule_calls_each(seed):
+    """A q-value is the smallest FDR level alpha at which Benjamini-Hochberg's step-up rule (call the
+    k smallest, k the largest with p_(k) <= k alpha / M) calls that p-value: checked against the rule
+    run at each candidate alpha, on random p-values with ties, and on a hand case."""
+    assert bh_q_values([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5])
+    rng = np.random.default_rng(seed)
+    p = np.round(rng.uniform(0, 1, 12) ** 3, 2)  # skewed small, ties from the rounding
+    q = bh_q_values(p)
+    m = len(p)
+
+    def called(alpha):
+        s = np.sort(p)
+        k = max([i + 1 for i in range(m) if s[i] <= (i + 1) * alpha / m], default=0)
+        return p <= (s[k - 1] if k else -1)
+
+    for j in range(m):
+        levels = sorted({float(x) for x in np.sort(p) * m / np.arange(1, m + 1)} | {1.0})
+        first = min(a for a in levels if called(a + 1e-12)[j])
+        assert q[j] == pytest.approx(min(first, 1.0)), (p, q, j)
+    assert (q >= p).all() and (q <= 1).all()
+    with pytest.raises(ValueError, match="p-values in"):
+        bh_q_values([0.5, 1.5])
 
 
 def test_member_score_orientation():

@@ -254,6 +254,11 @@ def test_questioned_images_are_listed_with_their_p_values_escaped():
     html = render_mia_section(summary, scores, None)
     assert "Questioned images" in html and "&lt;b&gt;q&lt;/b&gt;" in html and "<b>q</b>" not in html
     assert "Questioned images" not in render_mia_section({**summary, "queries": []}, scores, None)
+    assert "q-value" not in html  # one image questioned: nothing to correct for
+    two = [{"image_id": "a", "p_value": {"loss": 0.02}, "q_value": {"loss": 0.04}},
+           {"image_id": "b", "p_value": {"loss": 0.5}, "q_value": {"loss": 0.5}}]
+    html = render_mia_section({**summary, "queries": two}, scores, None)
+    assert "q-value loss" in html and "Benjamini-Hochberg" in html
 
 
 def test_members_above_every_non_member_are_set_against_chance():

@@ -304,6 +304,12 @@ def test_query_images_get_a_p_value_against_the_non_members_and_stay_out_of_the_
     assert out["attacks"]["loss"]["auc"] == 1.0  # the queries (one very member-like) are not counted
     p = {q["image_id"]: q["p_value"]["loss"] for q in out["queries"]}
     assert p == {"q-low": pytest.approx(1 / 4, abs=1e-4), "q-high": 1.0}  # loss 0.05: below all 3 non-members
+    # Benjamini-Hochberg over the 2 queries: the smaller p-value x 2 / 1, the larger x 2 / 2
+    q = {r["image_id"]: r["q_value"]["loss"] for r in out["queries"]}
+    assert q == {"q-low": pytest.approx(1 / 2, abs=1e-4), "q-high": 1.0}
+    assert "q-value loss 0.500" in mia.format_summary({**out, "model": "m", "members": 2, "nonmembers": 3,
+                                                        "quarantined": 0, "unet_evaluations": 0, "shadow_models": 0,
+                                                        "run": "r"})
 
 
 def test_a_memex_train_model_scores_its_members_prepared_as_it_was_trained(world, tiny_models):

@@ -389,7 +389,7 @@ def metrics(raw: np.ndarray, labels: np.ndarray, attack: str) -> dict:
 
 def summarize(scores: pa.Table, lira_table: pa.Table | None, attacks: list[str]) -> dict:
     """Per attack: AUC, TPR at 1% and 0.1% FPR, balanced accuracy; AUC per number of copies."""
-    from memex.mia_metrics import member_score, roc_auc
+    from memex.mia_metrics import bh_q_values, member_score, roc_auc
 
     raw = {a: scores[a].to_numpy(zero_copy_only=False).astype(np.float64) for a in attacks}
     if lira_table is not None:
@@ -399,15 +399,17 @@ def summarize(scores: pa.Table, lira_table: pa.Table | None, attacks: list[str])
     known = pc.is_valid(scores["member"]).to_numpy(zero_copy_only=False)
     queries = {"ids": [i for i, k in zip(scores["image_id"].to_pylist(), known) if not k]}
     labels = scores["member"].to_numpy(zero_copy_only=False)[known].astype(bool)
+    qv = {}
     for a, v in raw.items():  # a query's p-value: the share of non-members scoring at least as member-like
         s = member_score(a, v)
         non = np.sort(s[known][~labels])
-        queries[a] = [round(float((1 + len(non) - np.searchsorted(non, q, "left")) / (1 + len(non))), 4)
-                      for q in s[~known]]
+        p = (1 + len(non) - np.searchsorted(non, s[~known], "left")) / (1 + len(non))
+        queries[a] = [round(float(x), 4) for x in p]
+        qv[a] = [round(float(x), 4) for x in bh_q_values(p)]  # over the queries: many questioned, some small by chance
     raw = {a: v[known] for a, v in raw.items()}
     out = {"attacks": {a: metrics(v, labels, a) for a, v in raw.items()}, "by_copies": {},
-           "queries": [{"image_id": i, "p_value": {a: queries[a][j] for a in raw}}
-                       for j, i in enumerate(queries["ids"])]}
+           "queries": [{"image_id": i, "p_value": {a: queries[a][j] for a in raw},
+                        "q_value": {a: qv[a][j] for a in raw}} for j, i in enumerate(queries["ids"])]}
     copies = [c for c, k in zip(scores["copies"].to_pylist(), known) if k]
     for c in sorted({c for c, m in zip(copies, labels) if m and c is not None}):
         keep = np.array([(not m) or cc == c for cc, m in zip(copies, labels)])
@@ -534,6 +536,9 @@ def format_summary(s: dict) -> str:
     for q in s.get("queries", [])[:20]:
         lines.append(f"  query {q['image_id']}: p-value " + ", ".join(f"{a} {v:.3f}" for a, v in q["p_value"].items())
                      + "  (share of non-members scoring at least as member-like)")
+        if len(s["queries"]) > 1 and q.get("q_value"):
+            lines.append(f"  {'':>{len(str(q['image_id'])) + 6}} q-value " + ", ".join(
+                f"{a} {v:.3f}" for a, v in q["q_value"].items()) + "  (Benjamini-Hochberg over the queries)")
     for c, b in s.get("by_copies", {}).items():
         lines.append(f"  members with {c} {'copy' if c == '1' else 'copies'} ({b['members']}): AUC " +
                      ", ".join(f"{a} {v:.3f}" for a, v in b["auc"].items()))
