@@ -785,7 +785,9 @@ def test_a_lost_or_damaged_image_pack_is_named_and_written_again(tmp_path, in_pr
     of an image names it and says to rerun the audit, whose index stage makes the copy again,
     train.parquet first (same gids, same bytes), and the shards are kept. Cut short:
     the fetch of a training image names it and says to remove it with train_rows.parquet, after which the
-    index is whole again. A killed copy's `_tmp-*-train.pack` is removed before the new one."""
+    index is whole again. A killed copy's `_tmp-*-train.pack` is removed before the new one, and a lost
+    pack's old table before the copy is made (else a kill between the pack's move and the table's left
+    a whole index with the new table's temp file beside it, never swept)."""
     from memex.membership import fetch_train_rows
     from memex.stages import index
     from memex.storage import StorageError
@@ -801,7 +803,17 @@ def test_a_lost_or_damaged_image_pack_is_named_and_written_again(tmp_path, in_pr
         fetch_train_rows(layout, [1])
     assert fetch_train_rows(layout, [1], columns=["id"])["id"].to_pylist() == ["01"]  # no image asked
     (root / "_tmp-0a1b-train.pack").write_bytes(b"cut short")
-    assert index.run(cfg) == info and (root / "train.pack").read_bytes() == b"".join(imgs)
+    table_there = []
+    write = index.train_rows.write
+
+    def watched(store, lay, *a, **k):
+        table_there.append(store.exists(lay.rows_path))
+        return write(store, lay, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(index.train_rows, "write", watched)
+        assert index.run(cfg) == info and (root / "train.pack").read_bytes() == b"".join(imgs)
+    assert table_there == [False]
     assert not (root / "_tmp-0a1b-train.pack").exists()
     assert (root / "shards" / "shard-000000.faiss").stat().st_mtime_ns == shard  # only the copy was made again
 

@@ -368,6 +368,11 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
         for p in layout.store.fs.glob(layout.store.join("_tmp-*")):
             if not posixpath.basename(p).startswith("_tmp-probe-"):
                 layout.store.fs.rm_file(p)
+        # a lost pack: its table goes first. The table is moved into place after the pack, so a kill between
+        # the two moves left the old table, the new pack and the new table's temp file, a whole index that
+        # never came back here to sweep it. Now such a kill leaves no table: the next run sweeps and copies.
+        if layout.store.exists(layout.rows_path):
+            layout.store.fs.rm_file(layout.rows_path)
         group = max(64, cfg.index.decode_batch)
         if IMAGE_SHA256 in listing.column_names:  # a streamed manifest: its images read again, a batch at a
             # time, in its own row order (the listing's: gid = row number, as for every listing)
