@@ -28,8 +28,9 @@
    (members repeated as often as the target saw them), saved, then its loss on all 512 images.
    memex.training.train's own per-step time (its last log line, loop only) gives seconds per step;
    the rest of the task (reading the data, saving, scoring) is fixed per shadow. Printed: the implied
-   shadows per hour at --at-steps training steps (default: 300, the README's `mia.shadow_steps=300`,
-   and the target's own 5000).
+   shadows per hour at --at-steps training steps (default: 300, the README's `mia.shadow_steps=300`;
+   3,643, the mean of the demo's 4 shadows with mia.shadow_steps unset: the target's 5,000 steps x a
+   half's rows / its 560 rows, memex.stages.mia.shadow_steps).
 
 --threads: torch threads (default 2). On cores another job holds, 2 threads collapse (the shadow's
 512 images scored in 312 s instead of 12 s with a test run on the other core; bench/bench_sampler.py
@@ -249,7 +250,9 @@ def shadow(a, loss_rate: float | None) -> None:
     training.train, MiaScorer.score = timed_train, timed_score
     try:
         t0 = time.perf_counter()
-        _, meta = stage.train_and_score_shadow(0, cfg, "bench", recipe, inside.tolist())
+        rows = sum(max(1, c or 1) for c, i in zip(images["copies"].to_pylist(), inside) if i)
+        _, meta = stage.train_and_score_shadow(0, cfg, "bench", recipe, inside.tolist(),
+                                               stage.shadow_steps(recipe, rows, cfg.mia.shadow_steps))
         task = time.perf_counter() - t0
     finally:
         training.train, MiaScorer.score = train, score
@@ -291,7 +294,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--shadow-steps", type=int, default=20)
-    p.add_argument("--at-steps", type=int, nargs="+", default=[300, 5000])
+    p.add_argument("--at-steps", type=int, nargs="+", default=[300, 3643])
     p.add_argument("--skip-sd", action="store_true")
     p.add_argument("--skip-shadow", action="store_true")
     a = p.parse_args()

@@ -10,7 +10,9 @@ cross-attention at 16x16 only). Training set: 64 LAION-style 512x768 pictures pl
 copies to find through trainset.preprocess=center_crop. The filter runs the paper's 500-sample
 clique search; match verifies every generation (match.candidates=all, tiled l2), the heaviest
 case. Each N runs in a fresh subprocess with its own local Ray, so peaks do not carry over:
-  driver  peak RSS of the process that runs the stages (resource.getrusage);
+  driver  peak RSS of the process that runs the stages (resource.getrusage), which includes the
+          bench's own setup (a Sampler in the driver makes the planted copies); so also the driver's
+          RSS while each stage ran (sampled every 0.2 s), and the peak before the stages (setup);
   workers peak RSS of the largest Ray worker and of all workers together while each stage ran
           (psutil, sampled every 0.2 s).
 Prints a table, then the ratios that matter: filter time / generation time, the filter's worker
@@ -44,7 +46,7 @@ def _smooth(h: int, w: int, rng) -> np.ndarray:
 
 
 class Peaks(threading.Thread):
-    """Samples the RSS of this process's Ray workers (children named ray::*) every 0.2 s."""
+    """Samples the RSS of this process (the driver) and of its Ray workers (children named ray::*) every 0.2 s."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -62,7 +64,8 @@ class Peaks(threading.Thread):
                         rss.append(p.memory_info().rss)
                 except Exception:  # noqa: BLE001 - a worker may exit between listing and reading
                     continue
-            pk = self.peaks.setdefault(self.stage, {"worker_max": 0.0, "workers_total": 0.0})
+            pk = self.peaks.setdefault(self.stage, {"worker_max": 0.0, "workers_total": 0.0, "driver": 0.0})
+            pk["driver"] = max(pk["driver"], self.me.memory_info().rss / 2**20)
             pk["worker_max"] = max(pk["worker_max"], max(rss, default=0) / 2**20)
             pk["workers_total"] = max(pk["workers_total"], sum(rss) / 2**20)
             time.sleep(0.2)
@@ -136,6 +139,7 @@ def one(n: int, steps: int, root: Path) -> dict:
                       storage=StorageConfig(root=str(root / "runs")), resources=ResourcesConfig(num_cpus=2),
                       run=RunConfig(name=f"scale-{n}"), trainset=TrainingDataConfig(path=str(manifest)),
                       index=IndexConfig(shards=2), match=MatchConfig(candidates=CandidateSource.all))
+    setup_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the planted Sampler's peak and so on
     peaks = Peaks()
     peaks.start()
     times = {}
@@ -158,7 +162,7 @@ def one(n: int, steps: int, root: Path) -> dict:
     peaks.stop.set()
     peaks.join()
     return {"n": n, "steps": steps, "times": times, "peaks": peaks.peaks, "worker_base_mib": base,
-            "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "driver_setup_mib": setup_mib,
             "extracted": summary["extracted_train_ids"], "candidates_verified": summary["candidates_verified"]}
 
 
@@ -184,16 +188,21 @@ def main() -> None:
             r = rows[-1]
             print(f"N={n}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["times"].items()), flush=True)
     print(f"\none prompt x N samples, 512x512, tiny SD-layout model, PNDM, {a.steps} steps, 2 CPU cores")
-    print(f"{'N':>5} {'generate s':>10} {'filter s':>9} {'match s':>8} {'driver MiB':>10} "
-          f"{'filter worker MiB':>17} {'gen worker MiB':>14} {'match worker MiB':>16}  extracted")
-    print("(worker MiB: peak RSS of the largest Ray worker while the stage ran; an idle worker that has imported "
-          f"torch and memex holds {rows[0]['worker_base_mib']:.0f} MiB)")
+    print(f"{'N':>5} {'generate s':>10} {'filter s':>9} {'match s':>8} {'driver MiB':>10} {'setup MiB':>9} "
+          f"{'match driver MiB':>16} {'filter worker MiB':>17} {'gen worker MiB':>14}  extracted")
+    print("(driver MiB: the driver's peak RSS, setup included; setup MiB: its peak before the stages; match driver "
+          "MiB: its RSS while match ran, where match runs; worker MiB: peak RSS of the largest Ray worker while the "
+          f"stage ran; an idle worker that has imported torch and memex holds {rows[0]['worker_base_mib']:.0f} MiB)")
     for r in rows:
         t, p = r["times"], r["peaks"]
         print(f"{r['n']:>5} {t['generate']:>10.1f} {t['filter']:>9.1f} {t['match']:>8.1f} "
-              f"{r['driver_peak_mib']:>10.0f} "
-              f"{p.get('filter', {}).get('worker_max', 0):>17.0f} {p.get('generate', {}).get('worker_max', 0):>14.0f} "
-              f"{p.get('match', {}).get('worker_max', 0):>16.0f}  {','.join(r['extracted'])}")
+              f"{r['driver_peak_mib']:>10.0f} {r['driver_setup_mib']:>9.0f} "
+              f"{p.get('match', {}).get('driver', 0):>16.0f} "
+              f"{p.get('filter', {}).get('worker_max', 0):>17.0f} {p.get('generate', {}).get('worker_max', 0):>14.0f}  "
+              f"{','.join(r['extracted'])}")
+    print("driver RSS by stage (MiB): " + "; ".join(
+        f"N={r['n']} " + ", ".join(f"{s} {v['driver']:.0f}" for s, v in r["peaks"].items() if s != "start")
+        for r in rows))
     base = rows[0]
     for r in rows:
         t = r["times"]

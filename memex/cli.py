@@ -505,8 +505,9 @@ SUMMARIES = {
 }
 DESCRIPTIONS = {
     "audit": "Indexes the training set (embeddings + near-duplicates), picks prompts, generates samples on Ray,\n"
-             "finds cliques of near-identical generations and matches them against the index. Writes one run\n"
-             "folder under storage.root: summary.json and report/index.html. With no overrides: the shipped demo.",
+             "finds cliques of near-identical generations, and matches every generation against the index (only\n"
+             "the cliques' with preset=paper). Writes one run folder under storage.root: summary.json and\n"
+             "report/index.html. With no overrides: the shipped demo.",
     "generate": "Samples every prompt sampling.samples_per_prompt times with the model, on a Ray actor pool,\n"
                 "and writes the samples as Parquet shards to <storage.root>/<run>/samples/. A rerun resumes.",
     "mia": "Scores every image of members.path (trained on) and nonmembers.path (held out, same distribution)\n"

@@ -11,8 +11,8 @@ task and reloaded every shard from storage in one task each, so the match stage 
 size in reads for every samples shard: see bench/bench_match.py and bench/RESULTS.md for that
 cost against this one. Only PNG bytes go in and (n, k) arrays come back.
 
-Memory: the worker holds the whole index, as the index stage's near-duplicate count already does
-(memex/stages/index.py count_duplicates): dim x 4 bytes + an 8-byte id a training image (512-d
+Memory: the worker holds the whole index, the only one that does (the index stage's near-duplicate
+count loads one shard at a time): dim x 4 bytes + an 8-byte id a training image (512-d
 CLIP/SSCD: 2 KB, so 1M images = 2 GB), flat or IVF-PQ alike (IVF-PQ keeps the float vectors to
 re-rank exactly: memex/index.py factory_string), where the per-unit tasks held one shard each.
 """
