@@ -316,6 +316,16 @@ def _inputs(target, shadow_losses, shadow_in) -> tuple[np.ndarray, np.ndarray, n
     return t, sl, si
 
 
+def lira_statistic(loss) -> np.ndarray:
+    """What LiRA fits its Gaussians to: the log of the loss attack's error (float64, same shape). An
+    image's error scales with how hard it is, so members and non-members differ by a factor, and one
+    pooled variance (below 64 shadows) fits on a log scale where it does not on the raw one; Carlini
+    et al. 2022 rescale a classifier's confidence (logit) for the same reason. Measured on the demo
+    (4 shadows of 300 steps, bench/lira_scale.py): offline AUC 0.947 and TPR 0.363 at 1% FPR on the
+    log, 0.750 and 0.070 on the raw error, from the same losses. Floored at 1e-30 (an exact 0)."""
+    return np.log(np.maximum(np.asarray(loss, np.float64), 1e-30))
+
+
 def _log_normal(x, mu, sd) -> np.ndarray:
     return -0.5 * ((x - mu) / sd) ** 2 - np.log(sd) - 0.5 * np.log(2 * np.pi)
 

@@ -121,6 +121,34 @@ def test_a_shadow_trains_for_as_many_passes_over_its_half_as_the_target_made(tmp
         mia.check_trained_shadows(folder, {0: 3643, 1: 3643})
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_lira_fits_its_gaussians_to_the_log_of_the_loss(seed):
+    """An image's error scales with how hard it is (the demo's losses span 0.009-0.13), and a member's
+    is a fraction of it. With 4 shadows LiRA pools one variance over all images: on the raw error that
+    variance is the hard images', and the easy ones' membership drowns in it (offline AUC ~0.95 here,
+    0.750 on the demo); on its log every image differs by the same step (~0.995 here, 0.947 on the demo:
+    bench/lira_scale.py)."""
+    from memex.mia import lira_offline, shadow_splits
+
+    rng = np.random.default_rng(seed)
+    n = 400
+    ids = [f"i{j:03d}" for j in range(n)]
+    inside = shadow_splits(ids, 4, seed=0)
+    hard = np.exp(rng.uniform(np.log(0.01), np.log(0.13), n))
+    loss = lambda m: hard * np.where(m, 0.8, 1.0) * np.exp(rng.normal(0, 0.05, m.shape))  # noqa: E731
+    member = rng.random(n) < 0.5
+    target, shadow_losses = loss(member), loss(inside)
+    scores = pa.table({"image_id": ids, "loss": pa.array(target, pa.float32())})
+    shadows = pa.table({"shadow": [s for s in range(4) for _ in ids], "image_id": ids * 4,
+                        "in_training": inside.ravel().tolist(), "loss": shadow_losses.ravel().astype(np.float32)})
+    table = mia.lira(scores, shadows, 4)
+    from memex.mia_metrics import roc_auc
+
+    on_log = roc_auc(table["lira_offline"].to_numpy(), member)
+    on_raw = roc_auc(lira_offline(target, shadow_losses, inside, global_variance=True), member)
+    assert on_log > 0.98 and on_log > on_raw + 0.03, (on_log, on_raw)
+
+
 def test_non_members_that_are_near_copies_of_a_member_are_left_out_and_named(tmp_path):
     """A held-out image that is a re-encoding (JPEG q=70), a resize (3/4) or a 2-grey-level shift of a member is a
     picture the model trained on; scored as a non-member it counts against the attack (LAION holds many such

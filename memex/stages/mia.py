@@ -358,7 +358,7 @@ def lira_variance(n_shadows: int) -> str:
 
 
 def lira(scores: pa.Table, shadows: pa.Table, n_shadows: int) -> pa.Table:
-    from memex.mia import lira_offline, lira_online
+    from memex.mia import lira_offline, lira_online, lira_statistic
 
     ids = scores["image_id"].to_pylist()
     col = {i: j for j, i in enumerate(ids)}
@@ -366,7 +366,8 @@ def lira(scores: pa.Table, shadows: pa.Table, n_shadows: int) -> pa.Table:
     for r in shadows.to_pylist():
         losses[r["shadow"], col[r["image_id"]]] = r["loss"]
         inside[r["shadow"], col[r["image_id"]]] = r["in_training"]
-    target = scores["loss"].to_numpy(zero_copy_only=False).astype(np.float64)
+    target = lira_statistic(scores["loss"].to_numpy(zero_copy_only=False))
+    losses = lira_statistic(losses)  # (the missing ones stay NaN, refused below as not finite)
     pooled = lira_variance(n_shadows) == "global"
     return pa.table({"image_id": ids,
                      "lira_online": lira_online(target, losses, inside, global_variance=pooled).astype(np.float32),
@@ -508,7 +509,7 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
         m["unet_evaluations_per_image"] = (calls[a] if a in calls else
                                            cfg.mia.draws * (cfg.mia.shadow_models + 1))  # LiRA: the loss, S + 1 models
     return {"members": members, "nonmembers": nonmembers, "shadow_models": cfg.mia.shadow_models,
-            **({"lira_variance": lira_variance(cfg.mia.shadow_models),
+            **({"lira_variance": lira_variance(cfg.mia.shadow_models), "lira_statistic": "log loss",
                 "shadow_training_steps": [t["steps"] for t in tasks.values()]} if lira_table is not None else {}),
             "unet_evaluations": int(evals), **out}
 
