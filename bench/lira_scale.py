@@ -50,7 +50,7 @@ def main() -> None:
     pooled = lira_variance(n_shadows) == "global"
     print(f"{run.name}: {int(labels.sum())} members, {int((~labels).sum())} non-members, {n_shadows} shadows "
           f"({lira_variance(n_shadows)} variance); loss range {target.min():.4g}-{target.max():.4g}")
-    groups = sorted({int(c) for c in copies[labels]})
+    groups = sorted({int(c) for c in copies[labels] if c > 0})  # (0: copies not known)
     print(f"{'scale':<6} {'attack':<13} {'AUC':>6} {'TPR@1%':>7}  " + "  ".join(f"AUC {c} cop." for c in groups))
     for scale, f in (("raw", lambda x: x), ("log", np.log)):
         for name, fn in (("lira_online", lira_online), ("lira_offline", lira_offline)):
