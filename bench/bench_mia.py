@@ -208,8 +208,9 @@ def shadow(a, loss_rate: float | None) -> None:
     from memex.stages import mia as stage
 
     recipe = stage.shadow_recipe(str(DEMO))
-    images = pa.concat_tables([stage.read_image_set(str(DEMO / "training_manifest.parquet"), "caption", True, {}),
-                               stage.read_image_set(str(HELDOUT), "caption", False, {})])
+    images = pa.concat_tables([stage.read_image_set(str(DEMO / "training_manifest.parquet"), "caption", True, {},
+                                                    "members.path"),
+                               stage.read_image_set(str(HELDOUT), "caption", False, {}, "nonmembers.path")])
     inside = shadow_splits(images["image_id"].to_pylist(), 2, 0)[0]
     root = tempfile.mkdtemp(prefix="bench-mia-")
     cfg = MiaConfig(model=ModelConfig(name="demo", path=str(DEMO)), members=ImageSetConfig(path="m"),
