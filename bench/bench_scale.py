@@ -189,17 +189,19 @@ def main() -> None:
             print(f"N={n}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["times"].items()), flush=True)
     print(f"\none prompt x N samples, 512x512, tiny SD-layout model, PNDM, {a.steps} steps, 2 CPU cores")
     print(f"{'N':>5} {'generate s':>10} {'filter s':>9} {'match s':>8} {'driver MiB':>10} {'setup MiB':>9} "
-          f"{'match driver MiB':>16} {'filter worker MiB':>17} {'gen worker MiB':>14}  extracted")
+          f"{'match driver MiB':>16} {'filter worker MiB':>17} {'gen worker MiB':>14} {'match worker MiB':>16}  "
+          "extracted")
     print("(driver MiB: the driver's peak RSS, setup included; setup MiB: its peak before the stages; match driver "
-          "MiB: its RSS while match ran, where match runs; worker MiB: peak RSS of the largest Ray worker while the "
+          "MiB: its RSS while match ran, where match verifies; worker MiB: peak RSS of the largest Ray worker (match: "
+          "the neighbour search, which holds the index) while the "
           f"stage ran; an idle worker that has imported torch and memex holds {rows[0]['worker_base_mib']:.0f} MiB)")
     for r in rows:
         t, p = r["times"], r["peaks"]
         print(f"{r['n']:>5} {t['generate']:>10.1f} {t['filter']:>9.1f} {t['match']:>8.1f} "
               f"{r['driver_peak_mib']:>10.0f} {r['driver_setup_mib']:>9.0f} "
               f"{p.get('match', {}).get('driver', 0):>16.0f} "
-              f"{p.get('filter', {}).get('worker_max', 0):>17.0f} {p.get('generate', {}).get('worker_max', 0):>14.0f}  "
-              f"{','.join(r['extracted'])}")
+              f"{p.get('filter', {}).get('worker_max', 0):>17.0f} {p.get('generate', {}).get('worker_max', 0):>14.0f} "
+              f"{p.get('match', {}).get('worker_max', 0):>16.0f}  {','.join(r['extracted'])}")
     print("driver RSS by stage (MiB): " + "; ".join(
         f"N={r['n']} " + ", ".join(f"{s} {v['driver']:.0f}" for s, v in r["peaks"].items() if s != "start")
         for r in rows))

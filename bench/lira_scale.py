@@ -2,9 +2,10 @@
 
     python bench/lira_scale.py runs/mia-demo-<key>      # a finished `memex mia mia=lira` folder
 
-LiRA fits a Gaussian to each side's shadow losses. memex fits them to the raw loss (a mean squared
-error: positive, skewed right); Carlini et al. 2022 rescale a classifier's confidence (logit) so the
-Gaussian fits better, and a log is the analogue for a positive error. This reads one finished run's
+LiRA fits a Gaussian to each side's shadow losses. memex fitted them to the raw loss (a mean squared
+error: positive, skewed right) and now fits them to its log (memex.mia.lira_statistic), chosen from
+this script's numbers; Carlini et al. 2022 rescale a classifier's confidence (logit) so the Gaussian
+fits better, and a log is the analogue for a positive error. This reads one finished run's
 target losses (scores/) and shadow losses (shadows/), computes memex's LiRA (memex.mia.lira_online,
 lira_offline, with the run's variance rule) on l and on log(l), and prints AUC, TPR at 1% FPR and the
 AUC per number of copies for each. Both sides use the same shadows, noise draws and labels: only the

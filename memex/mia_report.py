@@ -244,8 +244,9 @@ def _queries(queries: list[dict]) -> str:
             "share of non-members scoring at least as member-like (the image counted too). Small under an attack "
             "with a high AUC: evidence of membership; under an attack at chance: none."
             + (" q-value: Benjamini-Hochberg over the questioned images; calling members those with q &le; 0.05 "
-               "makes ~5% of the calls wrong on average, where p &le; 0.05 alone would call ~5% of any "
-               "non-members." if q_cols else "") + "</p>"
+               "makes at most ~5% of the calls wrong on average (if the questioned non-members come from the "
+               "non-members' distribution), where p &le; 0.05 alone would call ~5% of any non-members."
+               if q_cols else "") + "</p>"
             + _table(["image", *(f"p-value {a}" for a in attacks), *(f"q-value {a}" for a in q_cols)], rows,
                      set(range(1, len(attacks) + len(q_cols) + 1))))
 

@@ -117,8 +117,53 @@ def test_a_shadow_trains_for_as_many_passes_over_its_half_as_the_target_made(tmp
     folder = StageFolder(Store(str(tmp_path)), "shadows")
     folder.mark_complete(0, {"training_steps": 5000})
     mia.check_trained_shadows(folder, {0: 5000, 1: 3643})  # shadow 1 not trained yet: nothing to compare
-    with pytest.raises(MemexError, match="shadow model 0 .* trained for 5000 steps and this run trains it for 3643"):
+    with pytest.raises(MemexError, match="shadow model 0 .* trained for 5000 steps and this run trains it for 3643"
+                                          r".*remove .*shadows to train"):
         mia.check_trained_shadows(folder, {0: 3643, 1: 3643})
+
+
+def test_the_driver_gives_each_shadow_steps_by_the_rows_of_its_half(world, tmp_path, monkeypatch, caplog):
+    """The driver counts a shadow's rows as the shadow's training data holds them: a picture with 4
+    copies is 4 rows. logo-00 under 4 ids is one member with 4 copies; the target trained 300 steps on
+    its 6 rows, so a shadow holding logo-00 and k other pictures trains round(300 (4 + k) / 6). No shadow
+    trains the target's 300 here, the count of before. A set far smaller than the target's (a sample of
+    its training set) is said once in a warning that names mia.shadow_steps."""
+    root, model, members, nonmembers = world
+    m = pq.read_table(members)
+    extra = [m.slice(0, 1).set_column(0, "id", pa.array([f"logo-00-{k}"])) for k in range(3)]
+    pq.write_table(pa.concat_tables([m, *extra]), tmp_path / "members.parquet")
+    seen = {}
+
+    class Planned(Exception):
+        pass
+
+    def run_tasks(folder, units, fn, resources, **shared):
+        seen.update(units)
+        raise Planned
+
+    monkeypatch.setattr(mia.runner, "run_tasks", run_tasks)
+    with pytest.raises(Planned):
+        mia.run(cfg_of(world, f"members.path={tmp_path / 'members.parquet'}", "run.name=steps", "mia=lira",
+                       "mia.shadow_models=2", "mia.attacks=[loss]", "resources.executor=local"))
+    layout = MiaLayout(str(root / "runs"), "steps")
+    images = layout.store.read_table(layout.images_path)
+    ids = images["image_id"].to_pylist()
+    copies = dict(zip(ids, images["copies"].to_pylist()))
+    assert copies["logo-00"] == 4
+    for unit in seen.values():
+        rows = sum(max(1, copies[i] or 1) for i, inside in zip(ids, unit["inside"]) if inside)
+        assert unit["steps"] == round(STEPS * rows / N)
+    assert sorted(u["steps"] for u in seen.values()) != [STEPS, STEPS]
+    assert "LiRA's shadows hold" not in caplog.text  # halves of ~7 rows against the target's 6
+
+    recipe = {"trainer": {"steps": 5000, "warmup_steps": 100}, "examples": 560}
+    with caplog.at_level("WARNING", logger="memex.mia"):
+        mia.warn_small_shadows(recipe, [352, 470], None)
+        mia.warn_small_shadows(recipe, [60, 80], 300)  # steps given: the user's choice
+        assert "LiRA's shadows hold" not in caplog.text
+        mia.warn_small_shadows(recipe, [60, 80], None)
+    assert "hold 60-80 training rows each and the target trained on 560" in caplog.text
+    assert "train 536-714 steps" in caplog.text and "mia.shadow_steps" in caplog.text
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -338,6 +383,10 @@ def test_query_images_get_a_p_value_against_the_non_members_and_stay_out_of_the_
     assert "q-value loss 0.500" in mia.format_summary({**out, "model": "m", "members": 2, "nonmembers": 3,
                                                         "quarantined": 0, "unet_evaluations": 0, "shadow_models": 0,
                                                         "run": "r"})
+    # a query whose score is NaN sorted above every non-member: the smallest p-value, the strongest evidence
+    bad = scores.set_column(3, "loss", pa.array([0.1, 0.2, 0.5, 0.6, 0.7, float("nan"), 0.9], pa.float32()))
+    with pytest.raises(ValueError, match="query image q-low has a non-finite loss score"):
+        mia.summarize(bad, None, ["loss"])
 
 
 def test_a_memex_train_model_scores_its_members_prepared_as_it_was_trained(world, tiny_models):

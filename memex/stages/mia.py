@@ -259,12 +259,25 @@ def shadow_steps(recipe: dict, examples: int, override: int | None) -> int:
     return max(1, round(recipe["trainer"]["steps"] * examples / target))
 
 
+def warn_small_shadows(recipe: dict, rows: list[int], override: int | None) -> None:
+    """A shadow's half far smaller than the target's training set (members.path a sample of it) trains few
+    steps at the target's passes: a weak model beside the target, and LiRA drifts toward chance. Said once."""
+    target = recipe.get("examples") or 0
+    if override is not None or not target or min(rows) >= target / 4:
+        return
+    log.warning("LiRA's shadows hold %d-%d training rows each and the target trained on %d: at the target's passes "
+                "they train %d-%d steps (the target %d), far weaker models than the target. members.path is a sample "
+                "of the training set? Give the whole training set as members.path, or set mia.shadow_steps",
+                min(rows), max(rows), target, *(shadow_steps(recipe, r, None) for r in (min(rows), max(rows))),
+                recipe["trainer"]["steps"])
+
+
 def check_trained_shadows(folder, steps: dict[int, int]) -> None:
     """A shadow finished by an earlier run (its marker) with another number of steps than this run
     plans (memex before shadow_steps trained every shadow for the target's steps) is refused: its
     losses would sit beside shadows trained another way."""
     for s in folder.complete():
-        had = folder.read_marker(s).get("training_steps")
+        had = (folder.read_marker(s) or {}).get("training_steps")
         if s in steps and had != steps[s]:
             raise ConfigError(f"shadow model {s} in {folder.store.uri_of(folder.path)} was trained for {had} steps "
                               f"and this run trains it for {steps[s]} (as many passes over its images as the "
@@ -403,6 +416,10 @@ def summarize(scores: pa.Table, lira_table: pa.Table | None, attacks: list[str])
     qv = {}
     for a, v in raw.items():  # a query's p-value: the share of non-members scoring at least as member-like
         s = member_score(a, v)
+        if not np.isfinite(s[~known]).all():  # searchsorted puts NaN above every non-member: the smallest p
+            bad = queries["ids"][int(np.flatnonzero(~np.isfinite(s[~known]))[0])]
+            raise ValueError(f"query image {bad} has a non-finite {a} score: the model's output is not finite there "
+                             "(check the checkpoint), and its p-value would read as the strongest evidence")
         non = np.sort(s[known][~labels])
         p = (1 + len(non) - np.searchsorted(non, s[~known], "left")) / (1 + len(non))
         queries[a] = [round(float(x), 4) for x in p]
@@ -490,8 +507,9 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
         ids = images["image_id"].to_pylist()
         split = shadow_splits(ids, cfg.mia.shadow_models, cfg.mia.seed)
         rows = np.array([max(1, c or 1) for c in images["copies"].to_pylist()])  # a picture's copies are rows
-        tasks = {s: {"inside": split[s].tolist(), "steps": shadow_steps(recipe, int(rows[split[s]].sum()),
-                                                                         cfg.mia.shadow_steps)}
+        half = [int(rows[split[s]].sum()) for s in range(cfg.mia.shadow_models)]
+        warn_small_shadows(recipe, half, cfg.mia.shadow_steps)
+        tasks = {s: {"inside": split[s].tolist(), "steps": shadow_steps(recipe, half[s], cfg.mia.shadow_steps)}
                  for s in range(cfg.mia.shadow_models)}
         check_trained_shadows(layout.shadows, {s: t["steps"] for s, t in tasks.items()})
         runner.run_tasks(layout.shadows, tasks, train_and_score_shadow, cfg.resources, cfg=cfg, run_name=name,
@@ -538,7 +556,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"  query {q['image_id']}: p-value " + ", ".join(f"{a} {v:.3f}" for a, v in q["p_value"].items())
                      + "  (share of non-members scoring at least as member-like)")
         if len(s["queries"]) > 1 and q.get("q_value"):
-            lines.append(f"  {'':>{len(str(q['image_id'])) + 6}} q-value " + ", ".join(
+            lines.append(f"  {'':>{len(str(q['image_id'])) + 7}} q-value " + ", ".join(
                 f"{a} {v:.3f}" for a, v in q["q_value"].items()) + "  (Benjamini-Hochberg over the queries)")
     for c, b in s.get("by_copies", {}).items():
         lines.append(f"  members with {c} {'copy' if c == '1' else 'copies'} ({b['members']}): AUC " +
