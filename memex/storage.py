@@ -216,7 +216,7 @@ class Store:
             return
         f = self.fs.open(path, "wb")
         try:
-            yield f
+            yield _GrowingParts(f) if self.protocol in ("s3", "s3a") else f
         except BaseException:
             with contextlib.suppress(Exception):  # the original error matters more than the cleanup
                 f.discard()
@@ -299,6 +299,31 @@ SWEEP_EXAMPLE = {"candidates": "filter.edge_threshold", "matches": "match.thresh
 
 def unit_name(index: int, prefix: str = "shard") -> str:
     return f"{prefix}-{index:0{SHARD_DIGITS}d}"
+
+
+# S3 takes at most 10,000 parts an upload, and s3fs sends one each time its buffer passes the block size
+# (default_block_size, 50 MiB): a pack over ~488 GiB (12M LAION images at 40 KB; LAION-Aesthetics' 12M at
+# ~80 KB is ~1 TB) failed at its 10,001st part, after hours of copying. Parts need not be equal (only the
+# last may be under 5 MiB), so the block doubles every PARTS_PER_SIZE parts, four times: 2,000 parts of
+# each of 50, 100, 200, 400 and 800 MiB hold ~3 TiB; the buffer (the driver's memory) grows with it.
+PARTS_PER_SIZE = 2000
+SIZE_DOUBLINGS = 4
+
+
+class _GrowingParts:
+    """An s3fs file open for writing whose block size grows with its number of parts (above)."""
+
+    def __init__(self, f: Any):
+        self._f, self._first = f, f.blocksize
+
+    def write(self, data) -> int:
+        n = self._f.write(data)
+        parts = len(getattr(self._f, "parts", None) or ())  # (s3fs starts the list at its first part)
+        self._f.blocksize = self._first << min(parts // PARTS_PER_SIZE, SIZE_DOUBLINGS)
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 class StageFolder:

@@ -600,6 +600,31 @@ def test_the_pack_is_written_in_place_on_s3_and_nothing_is_left_by_a_failed_copy
     assert keys == [] and not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 
+def test_a_pack_upload_on_s3_grows_its_parts_past_the_10000_part_limit(s3_server, bucket, monkeypatch):
+    """S3 takes 10,000 parts an upload: at s3fs's 50 MiB block a pack over ~488 GiB (LAION-Aesthetics'
+    12M pictures are ~1 TB) failed at its 10,001st part. The block now doubles every PARTS_PER_SIZE parts
+    (2,000; here 2, with 5 MiB blocks): 40 MiB in 1 MiB writes go up as parts of 5, 5, 10, 10 and 10
+    MiB, not eight of 5, and S3 (moto) takes the unequal parts back as the same bytes."""
+    import fsspec
+
+    from memex import storage
+
+    monkeypatch.setattr(storage, "PARTS_PER_SIZE", 2)
+    monkeypatch.setattr(storage, "SIZE_DOUBLINGS", 2)
+    opts = {**s3_server, "default_block_size": 5 << 20}
+    fsspec.filesystem("s3", **opts).invalidate_cache()
+    store = storage.Store(f"s3://{bucket}/idx", opts)
+    data = np.random.default_rng(2).bytes(40 << 20)
+    sizes = []  # each part's size: the bytes s3fs had sent (its offset) when the part was added
+    with store.writing(store.join("train.pack")) as f:
+        for i in range(40):
+            f.write(data[i << 20:(i + 1) << 20])
+            if len(f.parts or ()) > len(sizes):
+                sizes.append(f.offset - sum(sizes))
+    assert [s >> 20 for s in sizes] == [5, 5, 10, 10]  # + the last 10 MiB, sent on close
+    assert store.fs.cat_file(store.join("train.pack")) == data
+
+
 def test_the_quantizer_sample_reads_whole_row_groups_only(tmp_path, monkeypatch):
     """IVF-PQ's k-means sample: random rows reached nearly every row group of train.parquet (65,536 of
     5M rows in groups of 512: 99.9% of a ~200 GB file read for 2.6 GB of images). Now `size` rows drawn
