@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memex.layout import MiaLayout  # noqa: E402
 from memex.mia import lira_offline, lira_online  # noqa: E402
 from memex.mia_metrics import roc_auc, tpr_at_fpr  # noqa: E402
-from memex.stages.mia import lira_variance  # noqa: E402
+from memex.stages.mia import lira_variance, shadow_losses  # noqa: E402
 
 
 def main() -> None:
@@ -37,12 +37,7 @@ def main() -> None:
     scores = layout.scores.read().sort_by("image_id")
     shadows = layout.shadows.read()
     n_shadows = len(set(shadows["shadow"].to_pylist()))
-    ids = scores["image_id"].to_pylist()
-    col = {i: j for j, i in enumerate(ids)}
-    losses, inside = np.full((n_shadows, len(ids)), np.nan), np.zeros((n_shadows, len(ids)), bool)
-    for r in shadows.to_pylist():
-        losses[r["shadow"], col[r["image_id"]]] = r["loss"]
-        inside[r["shadow"], col[r["image_id"]]] = r["in_training"]
+    losses, inside = shadow_losses(scores["image_id"].to_pylist(), shadows, n_shadows)  # as the stage reads them
     target = scores["loss"].to_numpy(zero_copy_only=False).astype(np.float64)
     member = scores["member"].to_pylist()
     known = np.array([m is not None for m in member])

@@ -370,15 +370,22 @@ def lira_variance(n_shadows: int) -> str:
     return "global" if n_shadows < LIRA_GLOBAL_BELOW else "per-image"
 
 
-def lira(scores: pa.Table, shadows: pa.Table, n_shadows: int) -> pa.Table:
-    from memex.mia import lira_offline, lira_online, lira_statistic
-
-    ids = scores["image_id"].to_pylist()
+def shadow_losses(ids: list[str], shadows: pa.Table, n_shadows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(S, N) raw losses (NaN where a shadow has none) and (S, N) in_training of shadows/ rows, columns in
+    the order of `ids`."""
     col = {i: j for j, i in enumerate(ids)}
     losses, inside = np.full((n_shadows, len(ids)), np.nan), np.zeros((n_shadows, len(ids)), bool)
     for r in shadows.to_pylist():
         losses[r["shadow"], col[r["image_id"]]] = r["loss"]
         inside[r["shadow"], col[r["image_id"]]] = r["in_training"]
+    return losses, inside
+
+
+def lira(scores: pa.Table, shadows: pa.Table, n_shadows: int) -> pa.Table:
+    from memex.mia import lira_offline, lira_online, lira_statistic
+
+    ids = scores["image_id"].to_pylist()
+    losses, inside = shadow_losses(ids, shadows, n_shadows)
     target = lira_statistic(scores["loss"].to_numpy(zero_copy_only=False))
     losses = lira_statistic(losses)  # (the missing ones stay NaN, refused below as not finite)
     pooled = lira_variance(n_shadows) == "global"
