@@ -204,6 +204,11 @@ class ResourcesConfig:
     # that has none: an autoscaler launching a GPU node takes ~3-10 min. A Ray instance memex starts
     # on this machine cannot grow, so there a worker that fits no node fails at once.
     start_timeout_s: float = 900.0
+    # The driver's cache of training images cut for pixel comparison (match, triage=preview), kept
+    # across samples shards: ~3 MB each at 512 px (float32), so the default holds ~340. Its hits are
+    # the speed of verification when a prompt's generations share neighbours (3.5x on the demo,
+    # bench/bench_verify.py); lower it on a driver short of memory.
+    pixel_cache_mb: int = 1024
 
 
 @dataclass
@@ -385,6 +390,7 @@ def validate_resources(r: ResourcesConfig) -> None:
     _at_least("resources.num_gpus", r.num_gpus, 0)
     _at_least("resources.num_cpus", r.num_cpus, 0)
     _at_least("resources.start_timeout_s", r.start_timeout_s, 0)
+    _at_least("resources.pixel_cache_mb", r.pixel_cache_mb, 0)
     if r.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"resources.device must be auto, cpu or cuda, got {r.device!r}")
     if r.executor == ExecutorKind.local and r.address:

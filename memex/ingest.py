@@ -509,8 +509,14 @@ def _from_folder(path: str, fs, root: str, files: dict[str, dict], key: str, cap
     if by_stem:
         metadata = {f: by_stem.get(posixpath.splitext(f)[0]) for f in images}
     for m in sorted(f for f in files if posixpath.basename(f) in METADATA_FILES):
-        for r in read_folder_metadata(fs, m):
-            metadata[posixpath.normpath(posixpath.join(posixpath.dirname(m), r["file_name"]))] = r.get(caption_column)
+        for n, r in enumerate(read_folder_metadata(fs, m), 1):
+            # several captions an image (a JSON list, COCO-style): the first, as for a manifest's list column
+            # (its Python repr, "['a red cat', 'a cat']", was the prompt)
+            text = first_caption(r.get(caption_column))
+            if isinstance(text, dict):
+                raise IngestError(f"{m} row {n}: {caption_column} is a JSON object, not a caption (text, or a list "
+                                  "of texts): set trainset.caption_column to the field that holds the caption")
+            metadata[posixpath.normpath(posixpath.join(posixpath.dirname(m), r["file_name"]))] = text
     sidecars = sorted({posixpath.splitext(f)[0] + ".txt" for f in images if metadata.get(f) is None} & set(files))
     # read on threads: one round trip each on an object store. (fs.cat(list) would glob "[...]" in names.)
     with ThreadPoolExecutor(8) as pool:
@@ -546,8 +552,8 @@ def iter_batches(table: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
 DRAFT_MIN_SIDE = 448
 
 
-def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str,
-            aspect: tuple[int, int] | None = None) -> np.ndarray:
+def row_bytes(row: dict, opts: dict[str, Any]) -> bytes:
+    """A row's encoded image: its bytes, or its uri's (raises IngestError naming the row's gap)."""
     data = row.get("image")
     if not data:
         if not row.get("uri"):
@@ -555,6 +561,38 @@ def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str,
         data = read_uri(row["uri"], opts)
         if not data:
             raise IngestError(f"{row['uri']} is an empty file")
+    return data
+
+
+def fetch_bytes(rows: pa.Table, storage_options: dict[str, Any] | None = None,
+                workers: int = 8) -> tuple[dict, pa.Table]:
+    """({id: encoded image}, QUARANTINE_SCHEMA table of the rows that could not be read) for rows with
+    columns id and image and/or uri: the images read from their uris on `workers` threads where the
+    row holds none. Nothing is decoded (match keeps a shard's neighbours encoded: memex/stages/match.py)."""
+    opts = storage_options or {}
+    records = rows.select([c for c in ("id", "image", "uri") if c in rows.column_names]).to_pylist()
+
+    def one(row: dict) -> bytes | str:
+        try:
+            return row_bytes(row, opts)
+        except Exception as e:  # noqa: BLE001 - any failure of one image sets that image aside only
+            return f"{type(e).__name__}: {e}"
+
+    remote = sum(not r.get("image") for r in records)
+    if workers > 1 and remote > 1:
+        with ThreadPoolExecutor(min(workers, remote)) as pool:
+            results = list(pool.map(one, records))
+    else:
+        results = [one(r) for r in records]
+    good = {r["id"]: res for r, res in zip(records, results) if not isinstance(res, str)}
+    bad = [{"id": r["id"], "uri": r.get("uri"), "reason": res}
+           for r, res in zip(records, results) if isinstance(res, str)]
+    return good, pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
+
+
+def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str,
+            aspect: tuple[int, int] | None = None) -> np.ndarray:
+    data = row_bytes(row, opts)
     # raises DecompressionBombError (too many pixels), UnidentifiedImageError with a reproducible
     # message, OSError (truncated), UnsupportedImageError naming the mode: decode_rows turns each
     # into a quarantine reason

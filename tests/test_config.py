@@ -106,6 +106,7 @@ def test_wrong_override_names_the_key(override, key):
     ("sampling.batch_size=0", "sampling.batch_size"),
     ("sampling.height=30", "sampling.height"),
     ("resources.max_actors=0", "resources.max_actors"),
+    ("resources.pixel_cache_mb=-1", "resources.pixel_cache_mb"),
     ("prompts.path=null", "prompts.path"),
     ("run.name=a/b", "run.name"),
     ("storage.lease_timeout_s=0", "storage.lease_timeout_s"),

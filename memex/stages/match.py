@@ -22,7 +22,8 @@ skips matched shards. Units run in the driver through memex/runner.py `do_unit`;
 then `keep_for_report` copies the matched training images into <run>/matched_train_images.parquet
 and `summarize` writes <run>/summary.json (outside matches/, which holds matches only), where a
 picture counts as extracted only with enough copying generations (`extracted_pictures`).
-Memory: one samples shard's candidates and their neighbours' pixels at a time.
+Memory: one samples shard's candidates and their neighbours' encoded images at a time, and the stage's
+`Compared` (resources.pixel_cache_mb of training images cut for comparison).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Callable
 
 import numpy as np
@@ -67,18 +69,79 @@ def select_candidates(layout: RunLayout, shard: int, wanted: pa.Array | None) ->
 
 
 # 3. training pixels ---------------------------------------------------------------------------
-def fetch_training_images(info: IndexInfo, gids, storage_options: dict, known: dict | None = None) -> tuple:
-    """({gid: (H, W, 3) uint8 training image}, {gid: (id, caption)}) for the ids >= 0 in `gids`
-    not already in `known` (pixels fetched by an earlier round)."""
-    from memex.ingest import decode_rows
+class TrainPixels(Mapping):
+    """gid -> (H, W, 3) uint8 training image, decoded from its stored bytes at each access and not kept.
+
+    The driver holds a shard's neighbours encoded: 64 generations x match.k = 10 are up to 640
+    training images, ~0.1-0.5 MB each as LAION's JPEGs against ~4.5 MB each decoded at 1.5 MP, 2.9 GB
+    a shard (bench/bench_match_memory.py). The stage's `Compared` keeps them cut, so an image is decoded
+    again only when its cut one was dropped. An image that no longer decodes (one read from its uri,
+    changed since the index was built) leaves the mapping at its first access, with a warning naming
+    it: its generations are compared with their other neighbours (`readable`)."""
+
+    def __init__(self, encoded: dict[int, bytes], names: dict[int, str]):
+        self.encoded, self.names = encoded, names  # gid -> bytes, gid -> "id (uri)" for messages
+
+    def __getitem__(self, gid: int) -> np.ndarray:
+        data = self.encoded[gid]  # KeyError: not fetched, or not readable
+        try:
+            return decode(data)
+        except Exception as e:  # noqa: BLE001 - one bad image leaves the mapping, named; the stage goes on
+            del self.encoded[gid]
+            unreadable(self.names.get(gid, f"gid {gid}"), f"{type(e).__name__}: {e}")
+            raise KeyError(gid) from e
+
+    def __contains__(self, gid) -> bool:
+        return gid in self.encoded
+
+    def __iter__(self):
+        return iter(self.encoded)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def merge(self, other: TrainPixels) -> None:
+        self.encoded.update(other.encoded)
+        self.names.update(other.names)
+
+
+def unreadable(name: str, reason: str) -> None:
+    log.warning("match: training image %s could not be read (%s): its generations are compared with their other "
+                "neighbours. Restore it, or rebuild the index without it (delete the index folder named in "
+                "summary.json's index.uri).", name, reason)
+
+
+def fetch_training_images(info: IndexInfo, gids, storage_options: dict,
+                          known: Mapping | None = None) -> tuple[TrainPixels, dict]:
+    """(TrainPixels of the ids >= 0 in `gids` not in `known` (fetched by an earlier round), {gid: (id,
+    caption)}). The bytes come from train.pack (or the rows' uris: read here, on threads)."""
+    from memex.ingest import fetch_bytes
 
     want = [int(g) for g in np.unique(np.asarray(gids)) if g >= 0 and int(g) not in (known or {})]
     train = fetch_train_rows(info.layout(storage_options), want)
-    dec = decode_rows(train, None, storage_options)
+    by_id, bad = fetch_bytes(train, storage_options)
     gid_of = dict(zip(train["id"].to_pylist(), train["gid"].to_pylist()))
-    pixels = {gid_of[i]: img for i, img in zip(dec.ids, dec.images)}
+    for b in bad.to_pylist():
+        unreadable(f"{b['id']} ({redact_urls(b['uri'] or '')})", b["reason"])
+    names = {g: f"{i} ({redact_urls(u)})" if u else str(i)
+             for g, i, u in zip(*(train[c].to_pylist() for c in ("gid", "id", "uri")))}
     meta = {g: (i, c) for g, i, c in zip(*(train[c].to_pylist() for c in ("gid", "id", "caption")))}
-    return pixels, meta
+    return TrainPixels({gid_of[i]: data for i, data in by_id.items()}, names), meta
+
+
+def readable(gids, image: Callable[[int], object]) -> tuple[list[tuple[int, int]], list]:
+    """([(rank, gid)], [image(gid)]) of the neighbours gids (a row of the search's I, -1 padded) whose
+    image can be had: image raises KeyError for one not fetched or not decodable (TrainPixels)."""
+    nb, got = [], []
+    for rank, g in enumerate(gids):
+        if g < 0:
+            continue
+        try:
+            got.append(image(int(g)))
+        except KeyError:
+            continue
+        nb.append((rank, int(g)))
+    return nb, got
 
 
 # 4. verification on pixels --------------------------------------------------------------------
@@ -178,9 +241,6 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
     caches: dict[bool, tuple[dict, dict]] = {False: ({}, {}), True: ({}, {})}  # tile detail, same picture
     for j, (sid, pid, text, png) in enumerate(zip(*(samples[c].to_pylist()
                                                     for c in ("sample_id", "prompt_id", "prompt", "image")))):
-        nb = [(rank, int(g)) for rank, g in enumerate(I[j]) if g >= 0 and int(g) in pixels]
-        if not nb:
-            continue
         gen = decode(png)
         # a grayscale model's generation against colour training images: compared with their luma
         # (its gray copied into 3 channels was ~0.47 RMS from a pure red it reproduces exactly)
@@ -189,9 +249,12 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
         shape = gen.shape[:2]
 
         def cut(x: int, px=px, gray=gray, shape=shape):  # training image x as compared with this generation
-            return compared.get(x, gray, lambda: px[x], shape)  # (Luma makes a luma image on first use)
+            return compared.get(x, gray, lambda: px[x], shape)  # (decoded, and its luma taken, on a miss)
 
-        d = pixel_distances(gen, [cut(g) for _, g in nb], m.distance, preprocess)
+        nb, cuts = readable(I[j], cut)
+        if not nb:
+            continue
+        d = pixel_distances(gen, cuts, m.distance, preprocess)
         if m.distance == DistanceKind.relative_l2:
             dist, best = relative_distance(d, [picture.get(g, g) for _, g in nb], m.n_neighbors, m.alpha)
         else:
@@ -213,17 +276,25 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
     return rows
 
 
-class Luma(dict):
+class Luma(Mapping):
     """Training pixels (gid -> uint8 RGB) as a grayscale generation is compared with them: each one's
-    luma (memex/images.py luma_rgb), made on first use; gray training images are unchanged by it."""
+    luma (memex/images.py luma_rgb), made at each access and not kept (`Compared` keeps the cut ones);
+    gray training images are unchanged by it."""
 
-    def __init__(self, pixels: dict):
-        super().__init__()
+    def __init__(self, pixels: Mapping):
         self.pixels = pixels
 
-    def __missing__(self, gid: int) -> np.ndarray:
-        self[gid] = luma_rgb(self.pixels[gid])
-        return self[gid]
+    def __getitem__(self, gid: int) -> np.ndarray:
+        return luma_rgb(self.pixels[gid])
+
+    def __contains__(self, gid) -> bool:
+        return gid in self.pixels
+
+    def __iter__(self):
+        return iter(self.pixels)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
 
 
 def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, picture: dict[int, int],
@@ -263,9 +334,13 @@ def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict) -
             + [r for r in by_distance if not r["extracted"]][:REPORT_NEAR_MISSES])
     matched = sorted({r["train_gid"]: r["train_id"] for r in keep}.items())
     pixels, _ = fetch_training_images(info, [g for g, _ in matched], storage_options)
-    layout.store.write_table(layout.matched_train_path, pa.Table.from_pylist(
-        [{"train_gid": g, "train_id": i, "image": encode_png(pixels[g])} for g, i in matched],
-        schema=MATCHED_TRAIN_SCHEMA))
+    rows = []
+    for g, i in matched:  # one decoded at a time: up to 200 near misses, ~4.5 MB each decoded at LAION's 1.5 MP
+        try:
+            rows.append({"train_gid": g, "train_id": i, "image": encode_png(pixels[g])})
+        except KeyError:  # not readable since the index was built: named in a warning, shown without its image
+            continue
+    layout.store.write_table(layout.matched_train_path, pa.Table.from_pylist(rows, schema=MATCHED_TRAIN_SCHEMA))
 
 
 def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes], nearest: Neighbours) -> tuple:
@@ -291,7 +366,7 @@ def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes], nearest: Nei
         I = np.pad(I, ((0, 0), (0, k - I.shape[1])), constant_values=-1)
         D[short], I[short] = D2, I2
         more_pixels, more_meta = fetch_training_images(info, I2, opts, known=pixels)
-        pixels.update(more_pixels)
+        pixels.merge(more_pixels)
         meta.update(more_meta)
         picture.update(read_pictures(info, opts, I2))
     return D, I, pixels, meta, picture
@@ -327,7 +402,8 @@ def match_shards(cfg: AuditConfig, run_name: str) -> int:
     done = set(layout.matches.complete())
     todo = [k for k in layout.samples.complete() if k not in done]
     wanted = clique_members(layout) if cliques and todo else None
-    compared = Compared(cfg.trainset.preprocess.value)  # training images as compared, kept across the shards
+    # training images as compared, kept across the shards (resources.pixel_cache_mb: ~3 MB each at 512 px)
+    compared = Compared(cfg.trainset.preprocess.value, cfg.resources.pixel_cache_mb << 20)
     with Neighbours(cfg, info, store=layout.store) as nearest:  # embedder and index: loaded at the first unit
         runner.run_here(layout.matches, {k: {} for k in todo}, match_shard, cfg=cfg, layout=layout, info=info,
                         wanted=wanted, nearest=nearest, compared=compared)  # one progress line

@@ -101,7 +101,7 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
     then exact tiled l2 on pixels; a prompt's distance is its closest preview's. Memory: one chunk's
     previews as PNGs, and sampling.shard_size previews' neighbours' pixels at a time."""
     from memex.images import decode, is_grayscale
-    from memex.stages.match import Compared, Luma, fetch_training_images, pixel_distances
+    from memex.stages.match import Compared, Luma, fetch_training_images, pixel_distances, readable
 
     prev = layout.store.read_table(layout.previews.file(index))
     marker = layout.previews.read_marker(index) or {}
@@ -109,22 +109,22 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
     k = min(cfg.match.k, info.n_indexed)
     best: dict[str, tuple[float, int]] = {}  # prompt id -> (distance, gid) of its closest preview
     step = cfg.sampling.shard_size  # previews per search, like a samples shard: shard_size x k training images
-    compared = Compared(cfg.trainset.preprocess.value)  # a prompt's previews share neighbours: each cut once
+    # a prompt's previews share neighbours: each cut once
+    compared = Compared(cfg.trainset.preprocess.value, cfg.resources.pixel_cache_mb << 20)
     for j0 in range(0, prev.num_rows, step):
         part = prev.slice(j0, step)
         _, I = nearest(part["image"].to_pylist(), k)
         pixels, _ = fetch_training_images(info, I, cfg.storage.options)
         luma = Luma(pixels)  # a grayscale model's previews against colour pictures: their luma, as match does
         for j, (pid, png) in enumerate(zip(part["prompt_id"].to_pylist(), part["image"].to_pylist())):
-            nb = [int(g) for g in I[j] if g >= 0 and int(g) in pixels]
-            if not nb:
-                continue
             gray = is_grayscale(png)
             px, gen = luma if gray else pixels, decode(png)
-            cut = [compared.get(g, gray, lambda g=g: px[g], gen.shape[:2]) for g in nb]
+            nb, cut = readable(I[j], lambda g: compared.get(g, gray, lambda: px[g], gen.shape[:2]))
+            if not nb:
+                continue
             d = pixel_distances(gen, cut, DistanceKind.tiled_l2, cfg.trainset.preprocess.value)
             if pid not in best or d.min() < best[pid][0]:
-                best[pid] = (float(d.min()), nb[int(np.argmin(d))])
+                best[pid] = (float(d.min()), nb[int(np.argmin(d))][1])
     ids = list(dict.fromkeys(prev["prompt_id"].to_pylist()))  # the chunk's prompts, in order
     texts = dict(zip(prev["prompt_id"].to_pylist(), prev["prompt"].to_pylist()))
     dist = [best.get(p, (None, None))[0] for p in ids]
