@@ -202,7 +202,8 @@ def check_local_checkpoint(path: str, key: str = "model.path") -> dict:
     except json.JSONDecodeError as e:
         raise ModelError(f"{index_file} is not valid JSON: {e}") from e
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+        # UNUSED_COMPONENTS are passed as None, never read: a folder trimmed of SD 1.5's 1.2 GB safety checker loads
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or name in UNUSED_COMPONENTS:
             continue
         sub = os.path.join(path, name)
         if not os.path.isdir(sub):

@@ -480,8 +480,11 @@ def node_id() -> str | None:
 # run (7 min, 4 kills a minute, when it was found). A unit this command started MAX_STARTS times
 # without finishing is not started again: the stage fails, naming the batch size to lower. A lost
 # node costs its units one start each, so 3 leaves room for two losses of the same unit.
+# The starts are counted per dispatch (a token each run_tasks / run_actor_pool call makes), not per process:
+# `memex nightly` audits every checkpoint in one process against one shared index, and a per-process
+# token carried one audit's starts of a unit (its ordinary failures too) into the next, which then
+# failed at once as "its worker died each time".
 MAX_STARTS = 3
-COMMAND = uuid.uuid4().hex  # this command run (the driver's): a rerun counts its starts afresh
 
 # the setting that sizes a unit's memory, by stage folder (memex/layout.py names the folders)
 BATCH_KEYS = {"samples": "sampling.batch_size (a latent model's VAE decode alone: sampling.decode_batch_size)",
@@ -494,7 +497,7 @@ def do_unit(folder: StageFolder, index: int, fn: Callable[..., Any], kwargs: dic
             command: str | None = None) -> dict:
     """One unit, in whatever process runs it: skipped when already complete (a retried task, a
     second driver), else done, its output written, then its marker. Returns the marker.
-    `command` (on Ray): the driver's COMMAND, under which the unit's starts are counted."""
+    `command` (on Ray): the dispatch's token, under which the unit's starts are counted."""
     done = folder.read_marker(index)
     if done is not None:
         return done
@@ -553,7 +556,8 @@ def run_tasks(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callabl
         console.note_folder(folder.store)
         label = STAGE_LABELS.get(folder.name, folder.name)
         task = ray.remote(**remote_options(resources, gpu))(do_unit)
-        pending = [task.remote(folder, i, fn, {**shared, **units[i]}, COMMAND) for i in todo]
+        command = uuid.uuid4().hex  # this dispatch: a rerun, or the next audit of a nightly, counts afresh
+        pending = [task.remote(folder, i, fn, {**shared, **units[i]}, command) for i in todo]
         with _watched(folder, label, len(todo), len(done & set(units))) as progress:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
@@ -749,7 +753,7 @@ def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             _ActorUnits,
             fn_constructor_kwargs={"folder": folder, "worker_cls": worker_cls, "worker_kwargs": worker_kwargs,
-                                   "command": COMMAND},
+                                   "command": uuid.uuid4().hex},  # this dispatch (see MAX_STARTS)
             batch_size=1,  # one unit per call: a unit is the unit of work and of resume
             compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
             **remote_options(resources),

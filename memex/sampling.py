@@ -175,14 +175,16 @@ class Sampler:
 
     def embeddings(self, prompt_ids: list[str], prompts: list[str]) -> torch.Tensor:
         """(B, L, D) conditional embeddings; each distinct prompt is encoded at most once."""
-        todo = {pid: p for pid, p in zip(prompt_ids, prompts) if pid not in self._embeds}
-        for pid, text in todo.items():  # one at a time: a fixed shape (see module doc), ~1 ms each
-            self._embeds[pid] = self._encode([text])[0]
-            if len(self._embeds) > EMBED_CACHE:
-                self._embeds.popitem(last=False)
-        for pid in prompt_ids:
+        batch = {}  # this batch's, taken before the cache drops any: a new prompt evicting the least recently
+        for pid, text in zip(prompt_ids, prompts):  # used one could drop a prompt of this very batch
+            if pid not in batch:  # one at a time: a fixed shape (see module doc), ~1 ms each
+                batch[pid] = self._embeds[pid] if pid in self._embeds else self._encode([text])[0]
+        for pid, e in batch.items():
+            self._embeds[pid] = e
             self._embeds.move_to_end(pid)
-        return torch.stack([self._embeds[pid] for pid in prompt_ids])
+        while len(self._embeds) > EMBED_CACHE:
+            self._embeds.popitem(last=False)
+        return torch.stack([batch[pid] for pid in prompt_ids])
 
     # 2. per-sample noise -----------------------------------------------------------------
     def _generators(self, seeds: list[int]) -> list[torch.Generator]:

@@ -36,7 +36,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from memex.config import ConfigError, MemexError
 
-SHARD_DIGITS = 6  # up to 1M units: 175M samples at 175 per shard
+SHARD_DIGITS = 6  # zero-padded to 1M units (more take more digits): 175M samples at 175 per shard
 
 
 class StorageError(MemexError, RuntimeError):
@@ -406,8 +406,8 @@ class StageFolder:
     def complete(self) -> list[int]:
         """Indices of the complete units, ascending."""
         pattern = posixpath.join(self._fresh(posixpath.join(self.path, "_markers")), f"{self.prefix}-*.json")
-        n = len(self.prefix) + 1
-        return sorted(int(posixpath.basename(m)[n: n + SHARD_DIGITS]) for m in self.store.fs.glob(pattern))
+        n = len(self.prefix) + 1  # the whole number: past 10**6 units unit_name writes 7 digits or more
+        return sorted(int(posixpath.basename(m)[n: -len(".json")]) for m in self.store.fs.glob(pattern))
 
     def success(self) -> dict | None:
         """The stage's summary once every unit is complete, else None."""

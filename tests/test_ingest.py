@@ -211,8 +211,17 @@ def test_an_imagefolder_metadata_file_gives_the_captions(tmp_path):
     # the metadata is part of the listing, so of the index key: a caption edited is a new index
     fs.pipe_file(f"{root}/extra/metadata.csv", b"file_name,text\n3.png,another caption\n")
     assert list_training_set(root, caption_column="text")["caption"][0].as_py() == "another caption"
+    # several captions an image (a JSON list): the first non-empty one, as a manifest's list column gives
+    fs.pipe_file(f"{root}/train/metadata.jsonl", "\n".join(json.dumps(r) for r in [
+        {"file_name": "0.png", "text": ["a red cat", "a cat"]}, {"file_name": "2.png", "text": ["", "a dog"]},
+        {"file_name": "sub/1.png", "text": []}]).encode())
+    t = list_training_set(root, caption_column="text")
+    got = dict(zip(t["id"].to_pylist(), t["caption"].to_pylist()))
+    assert [got[f"train/{f}"] for f in ("0.png", "2.png", "sub/1.png")] == ["a red cat", "a dog", None]
     for bad, message in [(b'{"file_name": "0.png"}\n{oops', "metadata.jsonl line 2 is not valid JSON"),
-                         (b'{"text": "no file"}', "metadata.jsonl row 1 has no file_name")]:
+                         (b'{"text": "no file"}', "metadata.jsonl row 1 has no file_name"),
+                         (b'{"file_name": "0.png", "text": {"en": "a cat"}}',
+                          r"metadata.jsonl row 1: text is a JSON object, not a caption .* trainset.caption_column")]:
         fs.pipe_file(f"{root}/train/metadata.jsonl", bad)
         with pytest.raises(IngestError, match=message):
             list_training_set(root, caption_column="text")

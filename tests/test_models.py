@@ -190,6 +190,16 @@ def test_the_safety_checker_is_neither_loaded_nor_read(tiny_models, tmp_path):
     plain = Sampler(load_model(tiny_models["latent_text"]), gen).generate(["p", "p"], ["a red logo"] * 2, [1, 2])
     assert all(np.array_equal(a, b) for a, b in zip(ours, plain))
 
+    # the checker's folders deleted (1.2 GB), model_index.json left listing them, as people trim SD 1.5:
+    # refused as "lists component 'safety_checker' but folder ... is missing", though nothing reads them
+    import shutil
+
+    for name in ("safety_checker", "feature_extractor"):
+        shutil.rmtree(tmp_path / "sd" / name)
+    assert check_model_inputs(path) == ModelKind.latent_text
+    trimmed = Sampler(load_model(path), gen).generate(["p", "p"], ["a red logo"] * 2, [1, 2])
+    assert all(np.array_equal(a, b) for a, b in zip(trimmed, plain))
+
 
 def test_a_hub_ids_unused_components_come_from_its_cached_index(tiny_models, tmp_path, monkeypatch):
     """A hub id: its cached model_index.json decides, as a folder's does; not downloaded yet, every

@@ -490,12 +490,12 @@ class DiesOnUnitOne:
         return pa.table({"unit": [index]})
 
 
-def test_a_unit_whose_worker_dies_every_time_fails_the_stage_after_max_starts(ray_head, folder, monkeypatch):
+def test_a_unit_whose_worker_dies_every_time_fails_the_stage_after_max_starts(ray_head, folder):
     """Ray Data restarts a dead actor and starts its unit again, without end (max_restarts=-1): a
     unit that ran its node out of memory every time left `memex generate` at "1 unit to run" for
     7 minutes, when it was stopped. After MAX_STARTS starts by one command the stage fails in one
-    line; Ray's state API says no worker was killed for memory here (a SIGKILL of its own). A rerun
-    (a new command) counts afresh and finishes what is left."""
+    line; Ray's state API says no worker was killed for memory here (a SIGKILL of its own). A second
+    dispatch counts afresh and finishes what is left."""
     _ship_this_module_by_value()
     # the state API is served by the dashboard, which a loaded 2-core CI machine brings up late: the
     # message below is the one of a dashboard that answers, so wait until it does (CI once got the
@@ -514,7 +514,8 @@ def test_a_unit_whose_worker_dies_every_time_fails_the_stage_after_max_starts(ra
     assert 1 not in folder.complete()
     assert folder.store.read_json(folder.attempts(1))["starts"] == runner.MAX_STARTS + 1
 
-    monkeypatch.setattr(runner, "COMMAND", "a rerun")  # the same command again, its worker fixed
+    # dispatched again in the same process, its worker fixed: a rerun, or `memex nightly`'s next checkpoint,
+    # whose audit shares the index folder (a per-process count made it fail at once, "died each time")
     assert runner.run_actor_pool(folder, units, DiesOnUnitOne, {"die": False}, RES) >= 1
     assert sorted(folder.complete()) == [0, 1, 2]
     assert not folder.store.exists(folder.attempts(1))  # a marked unit leaves no count behind
@@ -569,3 +570,13 @@ def test_a_start_count_left_by_a_kill_after_the_marker_is_removed_on_the_rerun(t
     assert folder.complete() == [0, 1, 2] and not list((tmp_path / "candidates" / "_attempts").glob("*"))
     folder.count_start(1, "killed run")
     assert folder.sweep_temp() == 1 and not (tmp_path / "candidates" / "_attempts" / "shard-000001.json").exists()
+
+
+def test_units_past_a_million_are_read_back_by_their_whole_number(folder):
+    """The paper's scale: 500 samples x 350k prompts at sampling.shard_size=64 is ~2.7M samples shards, and
+    unit_name writes 7 digits past 999,999. complete() read 6, so shard-1000000 came back as 100000: the
+    stage never completed (every rerun redid those units) and match skipped those samples shards."""
+    for i in (5, 999_999, 1_000_000, 1_234_567):
+        folder.mark_complete(i, {})
+    assert folder.complete() == [5, 999_999, 1_000_000, 1_234_567]
+    assert folder.marker(1_234_567).endswith("shard-1234567.json")

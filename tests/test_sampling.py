@@ -178,6 +178,22 @@ def test_text_is_encoded_once_per_prompt(tiny_models):
     assert s.prompts_encoded == 1 + len(PROMPTS)  # + the empty prompt, for classifier-free guidance
 
 
+def test_a_full_prompt_cache_keeps_the_prompts_of_the_batch_it_serves(tiny_models, monkeypatch):
+    """A long-lived actor past EMBED_CACHE prompts (adaptive rounds coming back to kept prompts, triage):
+    a new prompt evicting the least recently used one dropped a cached prompt of the same batch, and the
+    batch failed with a bare KeyError. Each row still gets its own prompt's embedding."""
+    import memex.sampling
+
+    monkeypatch.setattr(memex.sampling, "EMBED_CACHE", 3)
+    s = _sampler(tiny_models["latent_text"])
+    texts = {f"q{i}": f"prompt number {i}" for i in range(6)}
+    alone = {pid: s.embeddings([pid], [t])[0] for pid, t in texts.items()}  # each encoded once
+    ids = ["q3", "q0", "q1", "q0"]  # q3 the least recently used cached one; q0, q1 evicted, encoded again
+    got = s.embeddings(ids, [texts[i] for i in ids])
+    assert all(torch.equal(g, alone[i]) for g, i in zip(got, ids))
+    assert len(s._embeds) == 3 and list(s._embeds)[-2:] == ["q0", "q1"]
+
+
 def test_prompt_changes_the_image(tiny_models):
     s = _sampler(tiny_models["pixel_text"], guidance_scale=7.5)
     a = s.generate(["p1"], [PROMPTS["p1"]], [5])[0]
