@@ -39,6 +39,10 @@ from memex.config import ConfigError, MemexError
 SHARD_DIGITS = 6  # zero-padded to 1M units (more take more digits): 175M samples at 175 per shard
 
 
+# arrow's messages for a Parquet page whose bytes were changed (measured on pyarrow 26: zstd, snappy, gzip)
+CORRUPT_PAGE = ("corrupt", "decompress", "unexpected end of stream", "thrift", "codec failed")
+
+
 class StorageError(MemexError, RuntimeError):
     """Storage is unreachable, or holds something that conflicts with this run."""
 
@@ -168,7 +172,12 @@ class Store:
             if isinstance(path, list):
                 return pq.ParquetDataset(path, filesystem=self.fs, schema=schema, filters=filters).read(columns=columns)
             return pq.read_table(path, filesystem=self.fs, schema=schema, columns=columns, filters=filters)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, FileNotFoundError) as e:
+        except (pa.ArrowInvalid, pa.ArrowTypeError, FileNotFoundError, OSError) as e:
+            # bytes damaged inside a page come back as arrow's OSError ("Corrupt snappy compressed data",
+            # zstd's "Unexpected end of stream"), like a network failure read through fsspec: only the former
+            # is named as damaged, with its recovery (removing a file a timeout could not read would be wrong)
+            if type(e) is OSError and not any(w in str(e).lower() for w in CORRUPT_PAGE):
+                raise
             # arrow names the file it could not open; for one path name it ourselves
             where = self.uri_of(paths[0]) if len(paths) == 1 else f"one of {len(paths)} files under " \
                 f"{self.uri_of(posixpath.dirname(paths[0]))}"

@@ -1,5 +1,6 @@
 import posixpath
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -188,6 +189,36 @@ def test_damaged_or_missing_unit_files_are_named_with_the_fix(tmp_path):
     with pytest.raises(StorageError, match=r"_markers/shard-000000.json is not readable JSON \(JSONDecodeError"):
         lay.samples.read_marker(0)
     assert lay.store.read_json(lay.store.join("absent.json")) is None  # absent is not damaged
+
+
+@pytest.mark.parametrize("compression", ["zstd", "snappy", "gzip", "none"])
+def test_a_unit_damaged_inside_its_pages_is_named_but_a_read_failure_is_not(tmp_path, monkeypatch, compression):
+    """Bytes changed in the middle of a file (a bad disk, a partial sync over an old copy): arrow raises a bare
+    OSError ("Corrupt snappy compressed data", "Unexpected end of stream"), which escaped the message that
+    names the file and its recovery. A storage failure is an OSError too (a timeout read through fsspec),
+    and is not called damage: removing the file would be the wrong advice."""
+    import pyarrow.parquet as pq
+
+    from memex.storage import Store
+
+    store = Store(str(tmp_path))
+    path = store.join("u.parquet")
+    pq.write_table(pa.table({"x": np.arange(100_000), "y": [f"row {i}" for i in range(100_000)]}), path,
+                   compression=compression)
+    data = bytearray(open(path, "rb").read())
+    for i in range(len(data) // 4, len(data) // 2):
+        data[i] ^= 0x5A
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(StorageError, match=r"(?s)u.parquet is not readable Parquet \(OSError: .*Remove it"):
+        store.read_table(path)
+
+    def timeout(*a, **kw):
+        raise OSError("Read timeout on endpoint URL")
+
+    monkeypatch.setattr(pq, "read_table", timeout)
+    with pytest.raises(OSError, match="Read timeout") as e:
+        store.read_table(path)
+    assert not isinstance(e.value, StorageError)
 
 
 def _claim_run(lay, settings):

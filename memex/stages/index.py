@@ -20,6 +20,7 @@ Units are plain Ray tasks, not Ray Data: a unit is one function call that writes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -362,12 +363,20 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
 
     # 2. the training table with global ids (written once; a rerun finds it in place)
     plans = plan_index_shards(listing.num_rows, cfg.index.shards)
+    # what the folder holds, for people (nothing reads it back): written by every build, so a kill during the
+    # copy below does not leave a folder without it
+    layout.store.write_json(layout.info_json, redact({  # no credential in any output: memex/redact.py
+        "trainset": cfg.trainset.path, "embedder": plain(cfg.embedder), "index": plain(cfg.index), "luma": luma,
+        "aspect": aspect, "shards": plans, "n_train": listing.num_rows}))
     if train_rows.missing(layout):  # (train.pack gone: both written again, the same rows in the same order)
         # a killed build's copy of the training set (`_tmp-<uuid>-train.pack`, its full size, and its table)
         # is never reused: gone before the new copy (not another audit's write-probe, made outside the lease)
         for p in layout.store.fs.glob(layout.store.join("_tmp-*")):
-            if not posixpath.basename(p).startswith("_tmp-probe-"):
-                layout.store.fs.rm_file(p)
+            # not another audit's write-probe, nor a lease's temp file (this build's heartbeat, or an audit
+            # waiting on the lease: written and moved every few seconds, so it may be gone by now)
+            if not posixpath.basename(p).startswith("_tmp-probe-") and not p.endswith("_lease.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    layout.store.fs.rm_file(p)
         # a lost pack: its table goes first. The table is moved into place after the pack, so a kill between
         # the two moves left the old table, the new pack and the new table's temp file, a whole index that
         # never came back here to sweep it. Now such a kill leaves no table: the next run sweeps and copies.
@@ -383,9 +392,6 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
                             schema=TRAIN_SCHEMA).to_batches(max_chunksize=4 * group)
             rows = (pa.Table.from_batches([b]) for b in rows)
         train_rows.write(layout.store, layout, rows, row_group_size=group)
-        layout.store.write_json(layout.info_json, redact({  # no credential in any output: memex/redact.py
-            "trainset": cfg.trainset.path, "embedder": plain(cfg.embedder), "index": plain(cfg.index), "luma": luma,
-            "aspect": aspect, "shards": plans, "n_train": listing.num_rows}))
 
     # 3. one shared quantizer (IVF-PQ), 4. the shards, 5. near-duplicate counts, 6. pictures
     t0 = time.perf_counter()

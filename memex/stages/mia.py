@@ -483,9 +483,9 @@ def run(cfg: MiaConfig) -> dict:
     with hold(layout.store, cfg.storage, f"mia folder {layout.uri}"):
         layout.store.claim(layout.run_json, settings, f"mia folder {layout.uri}",
                            "Use another run.name (or storage.root) for a new experiment.")
-        if not layout.store.exists(layout.images_path):
-            layout.store.write_table(layout.images_path, images)
+        if not layout.store.exists(layout.images_path):  # quarantine first: images.parquet decides this branch
             layout.store.write_table(layout.quarantine_path, quarantine)
+            layout.store.write_table(layout.images_path, images)
         summary = _score_and_measure(cfg, name, layout, images, recipe)
         near = int(pc.sum(pc.cast(pc.starts_with(quarantine["reason"], NEAR_COPY_REASON), pa.int64())).as_py()
                    or 0)
