@@ -894,6 +894,16 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
     check_protocol("nightly.ledger", n.ledger)
     if n.webhook is not None and not n.webhook.startswith(("http://", "https://")):
         raise ConfigError(f"nightly.webhook must be an http:// or https:// URL, got {n.webhook!r}")
+    if n.webhook is not None:
+        from urllib.parse import urlsplit
+
+        try:  # a port that is not a number (https://host:abc/x) was found at the POST, after the night's audits
+            parts = urlsplit(n.webhook)
+            parts.port  # noqa: B018 - raises ValueError for such a port
+        except ValueError as e:
+            raise ConfigError(f"nightly.webhook is not a valid URL ({e}): give it as https://host[:port]/path") from e
+        if not parts.hostname:
+            raise ConfigError("nightly.webhook has no host: give it as https://host[:port]/path")
     # settings this action does not read fail instead of being ignored
     if n.night is not None and n.action != NightlyAction.plan:
         raise ConfigError("nightly.night names the night in nightly.action=plan's submission ids, and "

@@ -92,6 +92,8 @@ def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("override, key", [("nightly.budget=-1", "nightly.budget"),
                                            ("nightly.webhook=ftp://host/x", "nightly.webhook"),
+                                           ("nightly.webhook=https://host:abc/x", "nightly.webhook is not a valid URL"),
+                                           ("nightly.webhook=https:///x", "nightly.webhook has no host"),
                                            ("nightly.night=yesterday", "nightly.night"),
                                            ("nightly.location=???", "nightly.location"),
                                            # settings the action does not read, once silently ignored
@@ -649,6 +651,32 @@ def test_an_alarm_wins_the_exit_code_over_failed_audits_and_webhook(tmp_path, mo
         cli.main()
     err = capsys.readouterr().err
     assert e.value.code == 1 and "ALARM" not in err, err
+
+
+def test_a_webhook_that_answers_something_other_than_http_is_a_nightly_error():
+    """A server on the webhook's port that does not speak HTTP (a TLS port given as http://, a stray
+    service): http.client's BadStatusLine is no OSError, so it escaped as a traceback and exit 1, and an
+    alarm night printed no ALARM line. Now it is the webhook's NightlyError, which the exit code handles."""
+    import socket
+    import threading
+
+    from memex.stages.nightly import NightlyError, post_webhook
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def answer():
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/hook"
+    with pytest.raises(NightlyError, match=r"nightly.webhook=http://127.0.0.1.* could not be reached \(.*SSH-2.0"):
+        post_webhook(url, {"event": "memex.nightly"}, timeout=10)
+    srv.close()
 
 
 def test_trend_links_are_relative_only_within_one_bucket():

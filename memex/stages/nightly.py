@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import http.client
 import json
 import logging
 import posixpath
@@ -279,7 +280,9 @@ def post_webhook(url: str, payload: dict, timeout: float) -> None:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             if resp.status >= 300:
                 raise NightlyError(f"nightly.webhook={redact_url(url, strict=True)} answered HTTP {resp.status}")
-    except (urllib.error.URLError, OSError) as e:
+    # http.client.HTTPException: a server that answers something other than HTTP (BadStatusLine), which is no
+    # OSError and escaped as a traceback, exit 1, with no ALARM line on an alarm night
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         raise NightlyError(f"nightly.webhook={redact_url(url, strict=True)} could not be reached "
                            f"({redact_text(str(e))}); the ledger and reports are written, "
                            "only the announcement failed: check the URL") from e
