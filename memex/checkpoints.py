@@ -183,6 +183,9 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
         try:
             visit(d, depth, enclosing_pipeline)
         except PermissionError as e:  # lost+found at a volume's root, another user's run: the rest is audited
+            if depth == 0:  # the location itself: skipped, every night "found 0 checkpoints" and exited 0
+                raise CheckpointError(f"nightly.location={location}: not readable by this user ({e}): run the "
+                                      "nightly as a user who can list it, or give it read and execute access") from e
             log.warning("skipped %s: not readable by this user (%s)", d, e)
         except FileNotFoundError as e:  # deleted while walked (checkpoint rotation): the next night sees
             log.warning("skipped %s: removed while it was read (%s)", d, e)

@@ -619,6 +619,27 @@ def test_kohya_steps_come_from_metadata_and_state_folders_are_skipped(tmp_path, 
     assert "half-copied as a pipeline folder: its model_index.json is not a JSON object" in caplog.text
 
 
+def test_a_location_this_user_cannot_read_is_refused(tmp_path, monkeypatch):
+    """nightly.location itself unreadable (a mount owned by another user): its PermissionError was skipped
+    with a warning like an unreadable subfolder's, so every night found 0 checkpoints and exited 0."""
+    import pathlib
+
+    from memex.checkpoints import CheckpointError
+
+    (tmp_path / "watch").mkdir()
+    real_iterdir = pathlib.Path.iterdir
+
+    def iterdir(p):
+        if p.name == "watch":  # what a mode-700 folder owned by root gives another user (Python 3.11)
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_iterdir(p)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+    with pytest.raises(CheckpointError, match=r"nightly.location=.*/watch: not readable by this user "
+                                              r"\(\[Errno 13\] Permission denied.*run the nightly as a user"):
+        discover(str(tmp_path / "watch"), str(BASE))
+
+
 def test_an_alarm_wins_the_exit_code_over_failed_audits_and_webhook(tmp_path, monkeypatch, capsys):
     """A night with a failed audit (or a failed webhook) and a checkpoint over the budget exited 1
     without the ALARM line. The alarm's row is final, so the next night exited 0: a CI that pages on 3
