@@ -35,7 +35,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memex.config import MemexError
@@ -56,6 +56,9 @@ from memex.models import (
 MAX_DEPTH = 4
 CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
 TRAILING_STEP = re.compile(r"(?:^|[-_])(?:step-?)?(\d+)$")
+# sd-scripts' own save names: <output_name>-<epoch:06d> and <output_name>-step<step:08d> (and <output_name> last).
+# Any trailing number made one series of sd15_lora_512 and sd15_lora_768, two runs gated against each other.
+KOHYA_SAVE = re.compile(r"-(?:step(\d{8})|(\d{6}))$")
 log = logging.getLogger("memex.checkpoints")
 HASH_CHUNK = 8 << 20  # 8 MiB reads: sha256 runs at ~1 GB/s, a 3.4 GB SD UNet hashes in ~4 s
 
@@ -110,7 +113,7 @@ def _kohya_step(f: Path, m: re.Match | None) -> int | None:
     try:
         return int(safetensors_metadata(str(f))["ss_steps"])
     except (KeyError, ValueError, TypeError, ModelError, OSError):
-        return int(m.group(1)) if m else None
+        return int(m.group(1) or m.group(2)) if m else None
 
 
 def _newest_mtime(path: Path) -> float:
@@ -172,6 +175,7 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     raw_only: list[Path] = []  # ema: checkpoint-<step>/unet folders with no unet_ema/ beside them
     ema_unused: list[Path] = []  # not ema: checkpoints whose unet_ema/ is left unaudited
     lycoris: list[Path] = []  # LoHa/LoKr files: not LoRAs diffusers loads (memex/lora.py)
+    side_by_side: list[int] = []  # found[i]: exported pipelines side by side, a series per parent (see below)
 
     def settled(p: Path) -> bool:
         if settle_s <= 0 or now - _newest_mtime(p) >= settle_s:
@@ -212,6 +216,8 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
             if settled(d):
                 found.append(Checkpoint(str(d), str(d if own or d == root else d.parent), _step_of_folder(d),
                                         str(d), None))
+                if not (own or d == root):
+                    side_by_side.append(len(found) - 1)
             enclosing_pipeline = d
         else:
             for f in _lora_files(d, lycoris):
@@ -224,7 +230,7 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
                 if f.name == LORA_FILE:  # the final LoRA diffusers' LoRA scripts save beside their checkpoint-<step>/
                     found.append(Checkpoint(str(d), str(d), _step_of_folder(d), b, None, str(f)))
                 else:  # kohya's <name>-<step>.safetensors: a series per name
-                    m = TRAILING_STEP.search(f.stem)
+                    m = KOHYA_SAVE.search(f.stem)
                     name = f.stem[:m.start()] if m and m.start() else f.stem
                     found.append(Checkpoint(str(f), str(d / name), _kohya_step(f, m), b, None, str(f)))
         if depth >= MAX_DEPTH:
@@ -269,6 +275,7 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
                 walk(child, depth + 1, enclosing_pipeline)
 
     walk(root, 0, None)
+    found = split_series(found, side_by_side)
     if lycoris:
         log.info("%d LyCORIS adapter(s) that are no LoRA left out (e.g. %s): diffusers cannot load them; merge each "
                  "into its base's UNet and save a diffusers folder", len(lycoris), lycoris[0])
@@ -283,6 +290,25 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     if not found and not pending:
         check_loose_weights(root)
     return sorted(found, key=lambda c: (c.series, c.step if c.step is not None else -1, c.location))
+
+
+def split_series(found: list[Checkpoint], side_by_side: list[int]) -> list[Checkpoint]:
+    """Exported pipelines side by side (step-1000/, step-2000/) are one series, their parent; but runs
+    whose names differ before the step (dreambooth-dog-800/, dreambooth-cat-400/) were one series too,
+    each gated against the other's previous step. Where a parent holds several such names, each
+    numbered pipeline's series is <parent>/<name before its number>; one without a number stays the parent's."""
+    groups: dict[str, list[int]] = {}
+    for i in side_by_side:
+        groups.setdefault(found[i].series, []).append(i)
+    out = list(found)
+    for parent, idx in groups.items():
+        prefix = {i: m and Path(found[i].location).name[:m.start()]
+                  for i in idx for m in [TRAILING_STEP.search(Path(found[i].location).name)]}
+        if len({p for p in prefix.values() if p is not None}) > 1:
+            for i, p in prefix.items():
+                if p:  # "" (step-1000) and None (no number) stay in the parent's series
+                    out[i] = replace(found[i], series=str(Path(parent) / p))
+    return out
 
 
 def _has_weights(folder: Path) -> bool:

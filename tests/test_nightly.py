@@ -334,6 +334,24 @@ def test_nightly_ema_audits_the_ema_unet_beside_each_checkpoint(tmp_path, caplog
         discover(str(tmp_path / "watch"), str(BASE), ema=True)
 
 
+def test_pipelines_side_by_side_are_a_series_per_run_name(tmp_path):
+    """Exported pipelines side by side (step-1000/, step-2000/) are one series, their parent. Two runs in
+    one folder (dreambooth-dog-800/, dreambooth-cat-400/) were one series too: the dog gated against the
+    cat's step, both named loc-stepN, one tracker run. Each is now a series of its own; a pipeline with no
+    number beside them (final/) stays in the parent's."""
+    loc = tmp_path / "loc"
+    for name in ("step-1000", "step-2000", "dreambooth-dog-800", "dreambooth-cat-400", "final"):
+        shutil.copytree(BASE, loc / name, ignore=shutil.ignore_patterns("memex_train.json"))  # steps from names
+    got = {(Path(c.location).name, c.series, c.step) for c in discover(str(loc))}
+    assert got == {("step-1000", str(loc), 1000), ("step-2000", str(loc), 2000), ("final", str(loc), None),
+                   ("dreambooth-dog-800", str(loc / "dreambooth-dog"), 800),
+                   ("dreambooth-cat-400", str(loc / "dreambooth-cat"), 400)}
+    # one run's exports alone: one series, the parent, as before
+    for name in ("dreambooth-dog-800", "dreambooth-cat-400", "final"):
+        shutil.rmtree(loc / name)
+    assert {c.series for c in discover(str(loc))} == {str(loc)}
+
+
 def test_kohya_lora_files_are_checkpoints_a_series_per_name(tmp_path):
     """kohya's sd-scripts (train_network.py) save a LoRA as <name>-<epoch or step>.safetensors, and the
     last as <name>.safetensors, in one folder: each is a checkpoint, audited as model.lora on the base
@@ -354,14 +372,18 @@ def test_kohya_lora_files_are_checkpoints_a_series_per_name(tmp_path):
             kohya[f"{name}.alpha"] = torch.tensor(float(v.shape[0]))  # alpha = rank: scale 1, as diffusers'
     out = tmp_path / "watch" / "kohya-out"
     out.mkdir(parents=True)
-    for name in ("style-000001", "style-000002", "style", "face-step00000500"):
+    # two runs whose names end in a number that is no sd-scripts save suffix (-000003, -step00001000) are
+    # two series: any trailing number once made sd15_lora_512 and sd15_lora_768 one, gated against each other
+    for name in ("style-000001", "style-000002", "style", "face-step00000500", "sd15_lora_512", "sd15_lora_768"):
         save_file(kohya, out / f"{name}.safetensors")
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)}, out / "sd-base.safetensors")
     found = discover(str(tmp_path / "watch"), str(BASE))
     assert [(Path(c.location).name, Path(c.series).name, c.step, c.lora == c.location) for c in found] == [
-        ("face-step00000500.safetensors", "face", 500, True), ("style.safetensors", "style", None, True),
+        ("face-step00000500.safetensors", "face", 500, True),
+        ("sd15_lora_512.safetensors", "sd15_lora_512", None, True),
+        ("sd15_lora_768.safetensors", "sd15_lora_768", None, True), ("style.safetensors", "style", None, True),
         ("style-000001.safetensors", "style", 1, True), ("style-000002.safetensors", "style", 2, True)]
-    fused = load_model(str(BASE), lora=found[1].lora).pipe.unet.state_dict()
+    fused = load_model(str(BASE), lora=found[3].lora).pipe.unet.state_dict()
     reference = load_model(str(BASE), lora=str(src.parent)).pipe.unet.state_dict()
     assert max((fused[k] - reference[k]).abs().max().item() for k in fused) < 1e-6
 
