@@ -448,6 +448,11 @@ def _nightly(cfg: DictConfig) -> Store | None:
             print(redact_text(f"memex: error: {p}"), file=sys.stderr)
         print(redact_text("memex nightly: ALARM: " + "; ".join(f"{r['location']}: {r['message']}" for r in res.alarms)),
               file=sys.stderr)
+        try:  # (a night that ends before this line: the next one announces them)
+            nightly.mark_announced(ncfg, res)
+        except Exception as e:  # noqa: BLE001 - the alarm's exit code must stand; said, not swallowed
+            print(redact_text(f"memex: error: the alarms were not marked announced ({type(e).__name__}: {e}): the "
+                              "next night announces them again"), file=sys.stderr)
         raise SystemExit(GATE_EXIT)
     if problems:
         raise C.MemexError("; ".join(problems))

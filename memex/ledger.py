@@ -1,6 +1,8 @@
 """The nightly ledger: one row per audited checkpoint and config, on any fsspec storage.
 
     <ledger root>/rows/<finished>-<weights hash>-<config hash>-<uuid>.parquet   LEDGER_SCHEMA, one row
+    <ledger root>/announced/<weights hash>-<config hash>.json   an alarm row whose night printed its ALARM
+    <ledger root>/announced/_since.json   rows finished before it count as announced (ledgers older than this)
 
 Why one file per row: an object store has no append, and two audits that finish at once must not
 overwrite each other's rows. Each row is written to a `_tmp-` name and moved into place (the
@@ -55,6 +57,36 @@ class Ledger:
             return LEDGER_SCHEMA.empty_table()
         table = self.store.read_table(files, schema=LEDGER_SCHEMA)  # a damaged row file: named, with the fix
         return table.sort_by([("finished", "ascending"), ("location", "ascending")])
+
+    # ---- alarms announced ----------------------------------------------------------------------
+    # An alarm row is final (the checkpoint is not audited again), so a night that wrote one and then
+    # failed (a later audit's storage error, a kill by cron's timeout) never printed its ALARM nor called
+    # the webhook, and no later night did. A row's marker is written once its ALARM line is printed; a
+    # row without one is announced again by the next night of its config.
+    def _marker(self, row: dict) -> str:
+        return self.store.join("announced", f"{row['weights_sha256']}-{row['config_sha256']}.json")
+
+    def start_announcing(self) -> None:
+        """Rows finished before the first night that keeps markers count as announced (their nights did)."""
+        since = self.store.join("announced", "_since.json")
+        if self.store.read_json(since) is None:
+            self.store.write_json(since, {"since": dt.datetime.now(dt.timezone.utc).isoformat()})
+
+    def unannounced(self, config_sha256: str, rows: list[dict] | None = None) -> list[dict]:
+        """This config's alarm rows (over_budget, grew) that no night announced, oldest first."""
+        since = self.store.read_json(self.store.join("announced", "_since.json"))
+        if since is None:
+            return []
+        cut = dt.datetime.fromisoformat(since["since"])
+        rows = self.read().to_pylist() if rows is None else rows
+        alarms = [r for r in rows if r["config_sha256"] == config_sha256 and r["outcome"] in ("over_budget", "grew")
+                  and r["finished"] is not None and r["finished"] >= cut.replace(microsecond=0)]
+        return [r for r in alarms if not self.store.exists(self._marker(r))]
+
+    def mark_announced(self, rows: list[dict]) -> None:
+        for r in rows:
+            self.store.write_json(self._marker(r), redact({"location": r["location"], "announced":
+                                                           dt.datetime.now(dt.timezone.utc).isoformat()}))
 
     def known_hashes(self, rows: list[dict] | None = None) -> dict[tuple[str, str], str]:
         """(location, files signature) -> weights hash, from every row: a checkpoint whose files

@@ -671,7 +671,7 @@ def test_an_alarm_wins_the_exit_code_over_failed_audits_and_webhook(tmp_path, mo
 
     def row(loc, outcome, message):
         return {"location": loc, "step": 1, "extracted": 2, "flagged_prompts": 0, "outcome": outcome,
-                "message": message}
+                "message": message, "weights_sha256": loc[-1] * 64, "config_sha256": "c" * 64}
 
     res = NightlyResult("c" * 64, 2, [], rows=[row("/ck/a", "error", "boom"),
                                                row("/ck/b", "over_budget", "2 > nightly.budget=0")])
@@ -720,6 +720,50 @@ def test_a_webhook_that_answers_something_other_than_http_is_a_nightly_error():
     with pytest.raises(NightlyError, match=r"nightly.webhook=http://127.0.0.1.* could not be reached \(.*SSH-2.0"):
         post_webhook(url, {"event": "memex.nightly"}, timeout=10)
     srv.close()
+
+
+def test_an_alarm_a_night_ended_before_announcing_is_announced_by_the_next(tmp_path, monkeypatch, capsys):
+    """An alarm row is final: the checkpoint is not audited again. A night that wrote one and then failed
+    (a later audit's storage error, cron's timeout killing it) never printed its ALARM nor called the
+    webhook, and no later night did. Now a row is marked announced once its ALARM line is printed, and
+    the next night of the config announces the ones without a mark, once. Rows of a ledger older than
+    the marks (finished before the first night that keeps them) count as announced."""
+    import datetime as dt
+
+    from memex import cli
+
+    root = tmp_path / "runs"
+    ledger = Ledger(str(root / "_nightly"))
+    sha = "c" * 64
+
+    def row(weights, outcome, finished):
+        return {"location": f"/ck/{weights}", "series": "/ck", "step": 1, "base": "", "weights_sha256": weights * 64,
+                "files_signature": "", "config_sha256": sha, "run": str(root / weights),
+                "report": str(root / weights / "report" / "index.html"), "samples": 1, "extracted": 2,
+                "extracted_generations": 2, "flagged_prompts": 0, "started": finished, "finished": finished,
+                "outcome": outcome, "message": "2 > nightly.budget=0" if outcome != "ok" else ""}
+
+    old = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+    ledger.append(row("a", "over_budget", old))  # an old ledger's alarm: its night announced it
+    monkeypatch.setattr(nightly, "plan", lambda cfg: nightly.NightlyResult(sha, 2, [], ledger=ledger.uri))
+    def night():
+        monkeypatch.setattr(sys, "argv", ["memex", "nightly", f"storage.root={root}", f"nightly.location={tmp_path}"])
+        cli.main()
+
+    night()  # the first night that keeps marks: nothing to announce, exit 0
+    assert "ALARM" not in capsys.readouterr().err
+
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=1)
+    ledger.append(row("b", "grew", now))  # written, then that night died before its ALARM line
+    ledger.append(row("d", "ok", now))
+    with pytest.raises(SystemExit) as e:
+        night()
+    out = capsys.readouterr()
+    assert e.value.code == 3, out.err
+    assert "memex nightly: ALARM: /ck/b: 2 > nightly.budget=0 (found " in out.err and "/ck/a" not in out.err
+    assert "by a night that ended before announcing it" in out.out
+    night()  # announced once: the night after exits 0
+    assert "ALARM" not in capsys.readouterr().err
 
 
 def test_trend_links_are_relative_only_within_one_bucket():

@@ -87,10 +87,12 @@ class NightlyResult:
     skipped: list[dict] = field(default_factory=list)
     trend: str | None = None  # URI of the trend page
     ledger: str | None = None
+    # alarm rows of earlier nights that ended before announcing them (memex/ledger.py "alarms announced")
+    earlier_alarms: list[dict] = field(default_factory=list)
 
     @property
     def alarms(self) -> list[dict]:
-        return [r for r in self.rows if r["outcome"] in ("over_budget", "grew")]
+        return [r for r in self.rows if r["outcome"] in ("over_budget", "grew")] + self.earlier_alarms
 
     @property
     def errors(self) -> list[dict]:
@@ -307,6 +309,7 @@ def run(cfg: NightlyAuditConfig) -> NightlyResult:
 
         check_shared_inputs(cfg)
     ledger = Ledger(ledger_root(cfg), cfg.storage.options)
+    ledger.start_announcing()
     log.info("%d checkpoints under %s, %d not yet audited with config %s", res.checkpoints,
              redact_text(cfg.nightly.location), len(res.pending), res.config_sha256[:12])
     for p in res.pending:
@@ -323,7 +326,18 @@ def run(cfg: NightlyAuditConfig) -> NightlyResult:
         res.trend = write_trend(cfg, ledger)  # after every audit: a crash later still leaves it current
     if res.trend is None:
         res.trend = write_trend(cfg, ledger)
+    if cfg.nightly.only is None:  # (a job per checkpoint announces its own row; the whole night, every one)
+        mine = {(r["weights_sha256"], r["config_sha256"]) for r in res.rows}
+        res.earlier_alarms = [
+            {**r, "message": f"{r['message']} (found {r['finished']:%Y-%m-%d %H:%M} UTC by a night that ended "
+                             "before announcing it)"}
+            for r in ledger.unannounced(res.config_sha256) if (r["weights_sha256"], r["config_sha256"]) not in mine]
     return res
+
+
+def mark_announced(cfg: NightlyAuditConfig, res: NightlyResult) -> None:
+    """After the night's ALARM line is printed: its alarm rows are not announced again."""
+    Ledger(ledger_root(cfg), cfg.storage.options).mark_announced(res.alarms)
 
 
 def announce(cfg: NightlyAuditConfig, res: NightlyResult) -> None:
@@ -343,6 +357,9 @@ def format_result(res: NightlyResult) -> str:
         lines.append(f"  {r['outcome']:<11} step {r['step']}: {r['extracted']} training images extracted, "
                      f"{r['flagged_prompts']} prompts flagged  {r['location']}"
                      + (f"  -- {r['message']}" if r["message"] else ""))
+    for r in res.earlier_alarms:
+        lines.append(f"  {r['outcome']:<11} step {r['step']}: {r['extracted']} training images extracted  "
+                     f"{r['location']}  -- {r['message']}")
     for r in res.skipped:
         lines.append(f"  skipped     {r['location']}: {r['reason']}")
     lines.append(f"  ledger: {res.ledger}")
