@@ -274,14 +274,15 @@ def test_a_rematch_compares_model_and_sampling_exactly(source, tmp_path):
 
 
 def test_a_rematch_refuses_a_source_whose_generations_are_gone(source, tmp_path):
-    """A finished audit whose samples/ (or a shard of it, or prompts.parquet) was removed to save
-    space: refused before any work, naming what is missing in the source, not the re-match's folder."""
+    """A finished audit whose samples/ (or a shard of it, prompts.parquet, a round's plan) was removed to
+    save space: refused before any work, naming what is missing in the source, not the re-match's folder."""
     from memex.stages.rematch import prepare
 
     tmp, overrides, _ = source
     runs = tmp_path / "runs"
+    # rounds/: which samples each prompt has (without it the filter found none and flagged nothing, silently)
     for name, gone in (("no-shard", "samples/shard-000001.parquet"), ("no-prompts", "prompts.parquet"),
-                       ("no-samples", "samples")):
+                       ("no-samples", "samples"), ("no-rounds", "rounds/round-000.json")):
         shutil.copytree(tmp / "runs" / "src", runs / name)
         target = runs / name / gone
         shutil.rmtree(target) if target.is_dir() else target.unlink()

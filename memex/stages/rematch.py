@@ -46,6 +46,7 @@ from memex.config import (
 )
 from memex.layout import SAMPLES_FROM, SOURCE_GENERATIONS, RunLayout
 from memex.lease import hold, live_holder
+from memex.plan import SamplePlan
 from memex.redact import redact
 from memex.storage import differences_text
 
@@ -132,6 +133,13 @@ def missing_generations(layout: RunLayout) -> list[str]:
              if posixpath.basename(folder.file(i)) not in files]
     if len(marked) < done.get("shards", 0):
         gone.append(f"samples/_markers ({len(marked)} of {done['shards']} shards marked)")
+    # the rounds say which samples each prompt has: without them the filter found 0 samples a prompt and
+    # flagged none, and summary.json said 0 prompts sampled, without a word
+    rounds = {posixpath.basename(f) for f in layout.store.fs.glob(posixpath.join(layout.store.join("rounds"),
+                                                                                  "round-*.json"))}
+    gone += [f"rounds/{posixpath.basename(p)}" for p in (SamplePlan.path(layout.store, r)
+                                                         for r in range(done.get("rounds", 1)))
+             if posixpath.basename(p) not in rounds]
     return gone
 
 
