@@ -138,12 +138,16 @@ class SamplePlan:
             raise StorageError(f"run folder {store.uri} holds rounds of {what} ({keys}). Resuming would generate "
                                "some samples twice and leave others out. Nothing was changed. Use another "
                                f"run.name, or the settings the run was started with (its rounds/*.json).")
-        other = next((r for r in self.rounds if r.rule is not None and r.rule != rule), None)
+        # the keys a round's file holds (one written before the triage keys were recorded has none of them)
+        now = {k: (rule or {}).get(k) for r in self.rounds if r.rule is not None for k in r.rule}
+        other = next((r for r in self.rounds if r.rule is not None and any(r.rule[k] != now[k] for k in r.rule)),
+                     None)
         if other is not None:
             from memex.storage import differences_text
 
+            mine = {k: now[k] for k in other.rule}
             raise StorageError(f"run folder {store.uri} holds round {other.index}, whose prompts were chosen with "
-                               f"other settings ({differences_text(other.rule, rule or {})}). Resuming would mix "
+                               f"other settings ({differences_text(other.rule, mine)}). Resuming would mix "
                                "two rules in one run's rounds. Nothing was changed. Use another run.name, or the "
                                "settings the run was started with (its rounds/*.json).")
 

@@ -71,7 +71,8 @@ def test_a_stop_is_written_and_a_rerun_with_another_rule_is_refused(tmp_path, mo
     plan = SamplePlan.read(layout.store)
     assert [(r.n_prompts, r.lo, r.hi) for r in plan.rounds] == [(3, 0, 4), (0, 4, 16)] and decided == [0]
     assert plan.rounds[0].rule is None
-    assert plan.rounds[1].rule == {"continue_factor": 1.2, "continue_triage_z": 3.0}
+    assert plan.rounds[1].rule == {"continue_factor": 1.2, "continue_triage_z": 3.0, "triage": "none",
+                                   "triage_seeds": 4, "triage_steps": 1}
     assert calls == ["generate", "match"] and plan.shards() == plan.shards([0])  # the stop round has no shard
 
     calls.clear()
@@ -82,6 +83,18 @@ def test_a_stop_is_written_and_a_rerun_with_another_rule_is_refused(tmp_path, mo
                                            r"\(continue_factor: was 1.2, now 2.0\)"):
         audit.generate_in_rounds(compose(base + ["budget.continue_factor=2.0"], config_name="audit"), "r", layout)
     assert calls == [] and decided == [0] and len(SamplePlan.read(layout.store).rounds) == 2  # nothing changed
+    # triage's settings decide the rule's z-scores (and previews' distances): a resume with triage on (or
+    # off) planned another round, and nothing refused it (no triage/ folder was claimed)
+    with pytest.raises(StorageError, match=r"round 1, whose prompts were chosen with other settings "
+                                           r"\(triage: was 'none', now 'auto'\)"):
+        audit.generate_in_rounds(compose([b for b in base if b != "triage=none"], config_name="audit"), "r", layout)
+    # a round written before the triage keys were recorded is checked on the keys it holds
+    old = plan.rounds[1].to_json()
+    old["rule"] = {"continue_factor": 1.2, "continue_triage_z": 3.0}
+    layout.store.write_json(SamplePlan.path(layout.store, 1), old)
+    audit.generate_in_rounds(compose([b for b in base if b != "triage=none"], config_name="audit"), "r", layout)
+    assert decided == [0] and len(SamplePlan.read(layout.store).rounds) == 2
+    calls.clear()
     # a later bound changed after the stop: the stop holds no sample, so the run resumes (and stays stopped)
     audit.generate_in_rounds(compose(base[:-2] + ["budget.rounds=[4,32]", "sampling.samples_per_prompt=32"],
                                      config_name="audit"), "r", layout)

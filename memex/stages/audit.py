@@ -355,7 +355,11 @@ def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout, first
 
     s, b = cfg.sampling, cfg.budget
     plan = SamplePlan.read(layout.store)
-    rule = {"continue_factor": b.continue_factor, "continue_triage_z": b.continue_triage_z}
+    # the triage settings too: a resume with triage=none dropped the z-score rule from round 1, with
+    # triage=preview added the previews' distances, with other seeds averaged other samples' scores
+    t = cfg.triage
+    rule = {"continue_factor": b.continue_factor, "continue_triage_z": b.continue_triage_z,
+            "triage": getattr(t.kind, "value", t.kind), "triage_seeds": t.seeds, "triage_steps": t.steps}
     plan.check_budget(layout.store, list(b.rounds), first, "budget.rounds", rule)
     n_prompts = read_run_prompts(layout).num_rows
     lo = 0
