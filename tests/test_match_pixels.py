@@ -103,6 +103,7 @@ def test_a_training_image_unreadable_since_the_index_was_built_is_named_and_left
     with caplog.at_level("WARNING", logger="memex.match"):
         s = match.run(cfg, "r")
     assert "training image t05 " in caplog.text and "training image t07 " in caplog.text
+    assert caplog.text.count("training image t05 ") == 1  # once, though each of the 4 shards fetches it
     assert "Restore it, or rebuild the index" in caplog.text
     # A's copies found as before; B's generations compared with their other neighbours, none a copy
     assert s["extracted_train_ids"] == ["t03"] and s["candidates_verified"] == 2 * N_SAMPLES

@@ -105,7 +105,13 @@ class TrainPixels(Mapping):
         self.names.update(other.names)
 
 
+_WARNED: set[str] = set()  # the images warned of in this process: each shard that fetches one again stays quiet
+
+
 def unreadable(name: str, reason: str) -> None:
+    if name in _WARNED:
+        return
+    _WARNED.add(name)
     log.warning("match: training image %s could not be read (%s): its generations are compared with their other "
                 "neighbours. Restore it, or rebuild the index without it (delete the index folder named in "
                 "summary.json's index.uri).", name, reason)
