@@ -113,13 +113,15 @@ def params(cfg: AuditConfig) -> dict[str, str]:
     return _flatten(c, "", {})
 
 
-def at_checkpoint(t: TrackerConfig, step: int | None, series: str) -> TrackerConfig:
+def at_checkpoint(t: TrackerConfig, step: int | None, series: str, name: str | None = None) -> TrackerConfig:
     """memex nightly: tracker.step is the checkpoint's training step, and an mlflow or wandb run is
-    named after the training run (its series folder) unless tracker.run_name says otherwise."""
+    named after the training run (`name`, else its series folder's name) unless tracker.run_name says
+    otherwise."""
     if t.kind == TrackerKind.none:
         return t
     named = t.kind in (TrackerKind.mlflow, TrackerKind.wandb)
-    return replace(t, step=step, run_name=t.run_name or (posixpath.basename(series.rstrip("/")) if named else None))
+    name = name or posixpath.basename(series.rstrip("/"))
+    return replace(t, step=step, run_name=t.run_name or (name if named else None))
 
 
 def check(t: TrackerConfig) -> None:

@@ -113,6 +113,32 @@ def test_nightly_sets_the_step_itself_and_the_tracker_is_not_in_the_config_hash(
     assert (tb.step, tb.run_name) == (3000, None)
 
 
+def test_two_series_of_one_folder_name_log_to_two_tracker_runs(tmp_path):
+    """diffusers' default output_dir (sd-model-finetuned-lora) under two parents: both series were named
+    after the folder, so mlflow and wandb logged them into one run, each overwriting the other's metrics
+    at the same steps. Such series go by their path under nightly.location; a unique name is unchanged."""
+    import torch
+    from safetensors.torch import save_file
+
+    from memex.lora import LORA_FILE
+    from memex.stages import nightly
+
+    lora = {"unet.down_blocks.0.attentions.0.proj_in.lora.down.weight": torch.zeros(4, 8)}
+    for run in ("dog/sd-model-finetuned-lora", "cat/sd-model-finetuned-lora", "owl/owl-lora"):
+        for step in (500, 1000):
+            (tmp_path / "ck" / run / f"checkpoint-{step}").mkdir(parents=True)
+            save_file(lora, tmp_path / "ck" / run / f"checkpoint-{step}" / LORA_FILE)
+    base = REPO / "demo" / "models" / "demo-text"
+    cfg = compose([f"nightly.location={tmp_path / 'ck'}", f"nightly.base_model={base}", "tracker=mlflow",
+                   "tracker.tracking_uri=http://h", f"storage.root={tmp_path / 'runs'}"], config_name="nightly")
+    res = nightly.plan(cfg)
+    names = {p.ckpt.series: tracking.at_checkpoint(cfg.tracker, p.ckpt.step, p.ckpt.series, p.series_name).run_name
+             for p in res.pending}
+    assert names == {str(tmp_path / "ck" / "dog" / "sd-model-finetuned-lora"): "dog/sd-model-finetuned-lora",
+                     str(tmp_path / "ck" / "cat" / "sd-model-finetuned-lora"): "cat/sd-model-finetuned-lora",
+                     str(tmp_path / "ck" / "owl" / "owl-lora"): "owl-lora"}
+
+
 def test_metrics_and_params():
     s = _summary(Path("/runs/r"))
     m = tracking.metrics(s)

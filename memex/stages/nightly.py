@@ -63,6 +63,7 @@ class Pending:
     ckpt: Checkpoint
     weights: str  # sha256 of the weights (memex/checkpoints.py)
     signature: str  # of the weight files' names, sizes and mtimes
+    series_name: str | None = None  # the tracker's run name for its series (series_names)
 
     def run_name(self, config_sha: str) -> str:
         return f"{self.ckpt.name}-{self.weights[:8]}-{config_sha[:8]}"
@@ -131,6 +132,7 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
     validate_nightly(cfg)
     n = cfg.nightly
     found = discover(n.location, n.base_model, n.settle_minutes * 60, n.ema)
+    names = series_names({c.series for c in found}, n.location)  # before nightly.only: the same in every job
     if n.only is not None:
         # the plan prints locations redacted (memex/redact.py), so nightly.only may be one
         found = [c for c in found if posixpath.normpath(c.location) == posixpath.normpath(n.only)
@@ -151,8 +153,22 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
             log.warning("%s: left out, %s", redact_text(c.location), e)
             continue
         if weights not in done:
-            pending.append(Pending(c, weights, sig))
+            pending.append(Pending(c, weights, sig, names[c.series]))
     return NightlyResult(sha, len(found), pending, ledger=ledger.uri)
+
+
+def series_names(series: set[str], location: str) -> dict[str, str]:
+    """series folder -> the name its tracker run (mlflow, wandb) goes by: its folder's name, or where
+    two series share one (diffusers' default output_dir, sd-model-finetuned-lora, under two parents)
+    its path under nightly.location: by name alone both logged into one run, each overwriting the
+    other's metrics at the same steps."""
+    base = {s: posixpath.basename(s.rstrip("/")) for s in series}
+    shared = {b for b in base.values() if list(base.values()).count(b) > 1}
+    out = {}
+    for s, b in base.items():
+        rel = posixpath.relpath(s, location) if b in shared else b
+        out[s] = b if rel.startswith("..") or rel == "." else rel
+    return out
 
 
 def _previous(rows: list[dict], series: str, step: int | None, sha: str) -> dict | None:
@@ -192,7 +208,8 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
     c = p.ckpt
     acfg = replace(cfg, model=replace(cfg.model, name=c.name, path=c.base, unet=c.unet, lora=c.lora,
                                       text_encoder=c.text_encoder),
-                   run=replace(cfg.run, name=p.run_name(sha)), tracker=at_checkpoint(cfg.tracker, c.step, c.series))
+                   run=replace(cfg.run, name=p.run_name(sha)),
+                   tracker=at_checkpoint(cfg.tracker, c.step, c.series, p.series_name))
     layout = RunLayout(cfg.storage.root, p.run_name(sha), cfg.storage.options)
     row = {"location": c.location, "series": c.series, "step": c.step, "base": c.base if c.unet else "",
            "weights_sha256": p.weights, "files_signature": p.signature, "config_sha256": sha, "run": layout.uri,
