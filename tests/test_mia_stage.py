@@ -59,10 +59,15 @@ def cfg_of(world, *extra):
 
 
 @pytest.mark.slow
-def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadows(world):
+def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadows(world, monkeypatch):
     cfg = cfg_of(world, "mia=lira", "mia.shadow_models=2", "run.name=m",
                  "resources.executor=local")  # the attacks, not Ray: no actor pool or task to start
+    scored = []  # rows a call decodes: mia.images_per_unit (4) at most, shadows too (they decoded the whole set)
+    real = mia.score_rows
+    monkeypatch.setattr(mia, "score_rows",
+                        lambda scorer, rows, *a: scored.append(rows.num_rows) or real(scorer, rows, *a))
     s = mia.run(cfg)
+    assert max(scored) == 4 and sum(scored) == 3 * 2 * N  # the target's units and 2 shadows', 2N images each
     assert (s["members"], s["nonmembers"], s["quarantined"], s["shadow_models"]) == (N, N, 1, 2)
     assert set(s["attacks"]) == {"loss", "pia", "secmi", "lira_online", "lira_offline"}
     assert s["attacks"]["loss"]["auc"] >= 0.9, s["attacks"]  # memorized: loss tells them apart (measured 0.94)
@@ -262,7 +267,7 @@ def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["same_id", "same_picture", "same_path", "one_shadow", "odd_shadows",
-                                  "no_recipe", "no_captions", "empty_attacks", "query_clash",
+                                  "no_recipe", "no_captions", "query_without_caption", "empty_attacks", "query_clash",
                                   "unrun_attack_setting", "shadow_steps_without_lira",
                                   "query_column_without_queries", "missing_members", "empty_queries",
                                   "undecodable_nonmembers", "root_inside_nonmembers"])
@@ -290,7 +295,13 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
     elif case == "no_captions":  # a text model and a captionless set
         pq.write_table(pq.read_table(nonmembers).drop(["caption"]), tmp_path / "n.parquet")
         extra = [f"model.path={tiny_models['pixel_text']}", f"nonmembers.path={tmp_path / 'n.parquet'}"]
-        match = "has no caption: set members.caption_column / nonmembers.caption_column"
+        match = "of nonmembers.path has no caption: set nonmembers.caption_column to the column"
+    elif case == "query_without_caption":  # named members / nonmembers' keys for a query's
+        pq.write_table(pq.read_table(nonmembers).slice(0, 1).drop(["caption"]), tmp_path / "q.parquet")
+        q = pq.read_table(tmp_path / "q.parquet")
+        pq.write_table(q.set_column(0, "id", pa.array(["questioned"])), tmp_path / "q.parquet")
+        extra = [f"model.path={tiny_models['pixel_text']}", f"queries.path={tmp_path / 'q.parquet'}"]
+        match = "image questioned of queries.path has no caption: set queries.caption_column"
     elif case == "query_clash":  # a questioned image under a labelled image's id
         extra = [f"queries.path={write_set(tmp_path / 'q.parquet', [70], ['logo-07'])}"]
         match = "queries.path shares 1 ids with the labelled sets (logo-07)"

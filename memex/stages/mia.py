@@ -358,7 +358,14 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
             layout.store.write_bytes(layout.store.join(layout.shadow_model(index), str(f.relative_to(out))),
                                      f.read_bytes())
         scorer = MiaScorer(load_model(str(out), device=resolve_device(cfg.resources.device)), cfg.mia)
-        scores, meta = score_rows(scorer, images, ["loss"], cfg.storage.options)
+        # mia.images_per_unit at a time, as the target's units: score_rows decodes its rows at their stored size,
+        # and the whole set at once was ~7.9 GB a shadow task at 10k 512 px images (each image's noise is seeded
+        # by its id, so the losses are the same)
+        step = cfg.mia.images_per_unit
+        parts = [score_rows(scorer, images.slice(a, step), ["loss"], cfg.storage.options)
+                 for a in range(0, images.num_rows, step)]
+        scores = pa.concat_tables([t for t, _ in parts])
+        meta = {k: sum(m[k] for _, m in parts) for k in parts[0][1]}
     table = pa.table({"shadow": pa.array([index] * images.num_rows, pa.int32()), "image_id": images["image_id"],
                       "in_training": pa.array(inside), "loss": scores["loss"]}, schema=MIA_SHADOW_SCHEMA)
     return table, {**meta, "training_steps": trainer["steps"], "examples": manifest.num_rows}
@@ -464,9 +471,10 @@ def run(cfg: MiaConfig) -> dict:
                                               f"{n}.path") for n, member in sets])
     images, quarantine = check_sets(images, opts)
     if is_text_model(cfg.model.path) and images.filter(pc.is_null(images["caption"])).num_rows:
-        first = images.filter(pc.is_null(images["caption"]))["image_id"][0].as_py()
-        raise ConfigError(f"{cfg.model.path} is a text-conditional model and image {first} has no caption: "
-                          "set members.caption_column / nonmembers.caption_column")
+        first = images.filter(pc.is_null(images["caption"])).slice(0, 1).to_pylist()[0]
+        key = {True: "members", False: "nonmembers", None: "queries"}[first["member"]]
+        raise ConfigError(f"{cfg.model.path} is a text-conditional model and image {first['image_id']} of {key}.path "
+                          f"has no caption: set {key}.caption_column to the column that holds its captions")
 
     # 2. the folder: same settings resume, others are refused
     digest = hashlib.sha256()
