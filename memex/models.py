@@ -555,6 +555,18 @@ def _pipeline_index(path: str, revision: str | None = None) -> tuple[str | None,
         return folder, {}
 
 
+def scheduler_timesteps(path: str, revision: str | None = None) -> int:
+    """The training timesteps of the pipeline's scheduler (scheduler/scheduler_config.json's
+    num_train_timesteps): 1000 for Stable Diffusion, fewer for a `memex train arch.num_train_timesteps`
+    model; 1000, diffusers' default, where the folder does not say (a hub id not cached here)."""
+    folder, _ = _pipeline_index(path, revision)
+    try:
+        with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+            return int(json.load(f).get("num_train_timesteps", 1000))
+    except (TypeError, OSError, ValueError, AttributeError):
+        return 1000
+
+
 def check_text_encoder_folder(path: str, index: dict) -> str:
     """Validate a fine-tuned text encoder folder (model.text_encoder) against the base's own
     (model_index.json's text_encoder entry, when known); return its transformers class name."""

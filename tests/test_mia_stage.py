@@ -270,7 +270,7 @@ def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
                                   "no_recipe", "no_captions", "query_without_caption", "empty_attacks", "query_clash",
                                   "unrun_attack_setting", "shadow_steps_without_lira",
                                   "query_column_without_queries", "missing_members", "empty_queries",
-                                  "undecodable_nonmembers", "root_inside_nonmembers"])
+                                  "undecodable_nonmembers", "root_inside_nonmembers", "few_timesteps"])
 def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, case):
     root, model, members, nonmembers = world
     extra = []
@@ -329,6 +329,14 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
         (tmp_path / "held").mkdir()
         extra = [f"nonmembers.path={tmp_path / 'held'}", f"storage.root={tmp_path / 'held' / 'runs'}"]
         match = f"storage.root={tmp_path / 'held' / 'runs'} ({tmp_path / 'held' / 'runs'}) is inside nonmembers.path"
+    elif case == "few_timesteps":  # a 100-step model: found in the actors, after the folder was claimed
+        import shutil
+
+        shutil.copytree(world[1], tmp_path / "short")
+        conf = tmp_path / "short" / "scheduler" / "scheduler_config.json"
+        conf.write_text(json.dumps(json.loads(conf.read_text()) | {"num_train_timesteps": 100}))
+        extra = [f"model.path={tmp_path / 'short'}"]
+        match = "mia.loss_timestep=100 is outside the scheduler's timesteps 0..99"
     elif case == "shadow_steps_without_lira":
         extra = ["mia.shadow_steps=300"]
         match = "mia.shadow_steps is set, and LiRA is off"

@@ -55,7 +55,7 @@ from memex.ingest import decode_rows, iter_batches, list_training_set
 from memex.layout import MIA_IMAGES_SCHEMA, MIA_LIRA_SCHEMA, MIA_SCORES_SCHEMA, MIA_SHADOW_SCHEMA, MiaLayout
 from memex.lease import hold
 from memex.manifest import take_rows
-from memex.models import check_model_inputs, model_json
+from memex.models import check_model_inputs, model_json, scheduler_timesteps
 from memex.redact import redact
 from memex.storage import check_outside
 
@@ -463,6 +463,9 @@ def run(cfg: MiaConfig) -> dict:
     check_settings(cfg.mia)
     check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision, cfg.model.variant,
                        cfg.model.lora, cfg.model.text_encoder)
+    # the scheduler's own timesteps: a 100-step `memex train` model and the default mia.pia_timestep=200 failed
+    # in the actors, after the folder was claimed and images.parquet written
+    check_settings(cfg.mia, scheduler_timesteps(cfg.model.path, cfg.model.revision))
     recipe = shadow_recipe(cfg.model.path) if cfg.mia.shadow_models else None
     sets = [("members", True), ("nonmembers", False)] + ([("queries", None)] if cfg.queries.path else [])
     for n, _ in sets:
