@@ -98,9 +98,10 @@ def read_image_set(path: str, caption_column: str, member: bool | None, opts: di
                      "uri": t["uri"], "caption": t["caption"], "copies": copies}, schema=MIA_IMAGES_SCHEMA)
 
 
-def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
-    """(images that decode, quarantine); refuses overlapping sets, naming the ids. A non-member that is a
-    near copy of a member (a re-encoding, a resize: NEAR_COPY_RMS) joins the quarantine, with its member."""
+def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[str, str]]:
+    """(images that decode, quarantine, {query id: the image whose shadow split it takes}); refuses overlapping
+    sets, naming the ids. A non-member that is a near copy of a member (a re-encoding, a resize: NEAR_COPY_RMS)
+    joins the quarantine, with its member. A query holding the same picture as an earlier image takes its split."""
     members = images.filter(pc.equal(images["member"], True))["image_id"].to_pylist()
     nonmembers = images.filter(pc.equal(images["member"], False))["image_id"].to_pylist()
     both = sorted(set(members) & set(nonmembers))
@@ -146,13 +147,20 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table]:
             digest.pop(n)
     ok = one_row_per_picture(images.filter(pc.is_in(images["image_id"], pa.array(list(digest), pa.string()))),
                              digest)
+    # a questioned image that is the picture of a labelled one (or of another query) under its own id: LiRA puts
+    # both on one side of every shadow split, else half of the member's out-shadows trained on its picture
+    first: dict[str, str] = {}
+    for i in ok["image_id"].to_pylist():
+        first.setdefault(digest[i], i)
+    ok_ids = set(ok["image_id"].to_pylist())
+    split_as = {i: first[digest[i]] for i in queries if i in ok_ids and first[digest[i]] != i}
     for key, ids in (("members.path", members), ("nonmembers.path", nonmembers)):
         if not any(i in digest for i in ids):  # the side that has none is named, with a reason
             reason = quarantine.filter(pc.is_in(quarantine["id"], pa.array(ids, pa.string())))["reason"]
             raise ConfigError(f"none of the {len(ids)} images of {key} is left to score (first reason: "
                               f"{reason[0].as_py() if len(reason) else 'unknown'}): membership inference needs "
                               "at least one member and one non-member image")
-    return ok, quarantine
+    return ok, quarantine, split_as
 
 
 def thumb(img: np.ndarray) -> np.ndarray:
@@ -371,6 +379,17 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
     return table, {**meta, "training_steps": trainer["steps"], "examples": manifest.num_rows}
 
 
+def splits_of(ids: list[str], split_as: dict[str, str], n_shadows: int, seed: int) -> np.ndarray:
+    """(S, N) bool: shadow s trains on image j (memex.mia.shadow_splits), where an image in `split_as` (a query
+    holding another image's picture: check_sets) takes that image's row."""
+    from memex.mia import shadow_splits
+
+    keys = [split_as.get(i, i) for i in ids]
+    distinct = list(dict.fromkeys(keys))
+    col = {k: c for c, k in enumerate(distinct)}
+    return shadow_splits(distinct, n_shadows, seed)[:, [col[k] for k in keys]]
+
+
 def lira_variance(n_shadows: int) -> str:
     """How LiRA fits each side's spread: "global" (one for all images) below LIRA_GLOBAL_BELOW shadows, else
     "per-image"."""
@@ -472,7 +491,7 @@ def run(cfg: MiaConfig) -> dict:
         check_outside("storage.root", cfg.storage.root, f"{n}.path", getattr(cfg, n).path, opts)
     images = pa.concat_tables([read_image_set(getattr(cfg, n).path, getattr(cfg, n).caption_column, member, opts,
                                               f"{n}.path") for n, member in sets])
-    images, quarantine = check_sets(images, opts)
+    images, quarantine, split_as = check_sets(images, opts)
     if is_text_model(cfg.model.path) and images.filter(pc.is_null(images["caption"])).num_rows:
         first = images.filter(pc.is_null(images["caption"])).slice(0, 1).to_pylist()[0]
         key = {True: "members", False: "nonmembers", None: "queries"}[first["member"]]
@@ -497,7 +516,7 @@ def run(cfg: MiaConfig) -> dict:
         if not layout.store.exists(layout.images_path):  # quarantine first: images.parquet decides this branch
             layout.store.write_table(layout.quarantine_path, quarantine)
             layout.store.write_table(layout.images_path, images)
-        summary = _score_and_measure(cfg, name, layout, images, recipe)
+        summary = _score_and_measure(cfg, name, layout, images, recipe, split_as)
         near = int(pc.sum(pc.cast(pc.starts_with(quarantine["reason"], NEAR_COPY_REASON), pa.int64())).as_py()
                    or 0)
         summary.update({"run": layout.run.uri, "model": cfg.model.path, "quarantined": quarantine.num_rows,
@@ -508,7 +527,8 @@ def run(cfg: MiaConfig) -> dict:
     return summary
 
 
-def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.Table, recipe: dict | None) -> dict:
+def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.Table, recipe: dict | None,
+                       split_as: dict[str, str] | None = None) -> dict:
     # 3. scores on the actor pool
     n, per = images.num_rows, cfg.mia.images_per_unit
     units = {i: {"start": s, "stop": min(s + per, n)} for i, s in enumerate(range(0, n, per))}
@@ -520,10 +540,7 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
     # 4. LiRA: shadow models, one task each (resumed per shadow by its marker)
     lira_table = None
     if recipe is not None:
-        from memex.mia import shadow_splits
-
-        ids = images["image_id"].to_pylist()
-        split = shadow_splits(ids, cfg.mia.shadow_models, cfg.mia.seed)
+        split = splits_of(images["image_id"].to_pylist(), split_as or {}, cfg.mia.shadow_models, cfg.mia.seed)
         rows = np.array([max(1, c or 1) for c in images["copies"].to_pylist()])  # a picture's copies are rows
         half = [int(rows[split[s]].sum()) for s in range(cfg.mia.shadow_models)]
         warn_small_shadows(recipe, half, cfg.mia.shadow_steps)
