@@ -443,6 +443,11 @@ class MiaLayout(_Folder):
         return self.join("quarantine.parquet")
 
     @property
+    def pixels_path(self) -> str:
+        """{image id: sha256 of its decoded pixels} when the folder was first scored: a resume checks them."""
+        return self.join("pixels.json")
+
+    @property
     def lira_path(self) -> str:
         return self.join("lira.parquet")
 

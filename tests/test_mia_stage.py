@@ -236,7 +236,7 @@ def test_non_members_that_are_near_copies_of_a_member_are_left_out_and_named(tmp
                        "member": [r[2] for r in rows], "caption": [None] * len(rows), "copies": [None] * len(rows)},
                       schema=pa.schema([("image_id", pa.string()), ("image", pa.binary()), ("uri", pa.string()),
                                         ("member", pa.bool_()), ("caption", pa.string()), ("copies", pa.int32())]))
-    ok, quarantine, split_as = mia.check_sets(images, {})
+    ok, quarantine, split_as, _ = mia.check_sets(images, {})
     assert sorted(ok["image_id"].to_pylist()) == ["m-dark", "m0", "m1", "m2", "m3", "n-dark", "n-other0", "n-other1",
                                                   "n-other2", "q-copy"]
     # a questioned image holding a member's picture under its own id takes the member's shadow split: LiRA
@@ -257,6 +257,31 @@ def test_non_members_that_are_near_copies_of_a_member_are_left_out_and_named(tmp
     assert far > 5 * mia.NEAR_COPY_RMS
     dark_rms = np.sqrt(np.mean((t["n-dark"] - t["m-dark"]) ** 2))
     assert dark_rms < mia.NEAR_COPY_RMS and t["m-dark"].std() < mia.NEAR_COPY_MIN_STD  # kept only by the floor
+
+
+def test_a_resume_on_images_changed_under_the_same_ids_is_refused(world, tmp_path):
+    """The settings key covers ids, labels and captions: non-members written again under the same ids (an
+    image folder regenerated, a manifest's bytes replaced) resumed the folder, its finished units scored on
+    the old pixels and the rest on the new. The pixels are recorded at the first run; a resume on others is
+    refused, naming the images, and nothing is changed."""
+    _, _, _, nonmembers = world
+    held = tmp_path / "held.parquet"
+    t = pq.read_table(nonmembers)
+    pq.write_table(t, held)
+    cfg = cfg_of(world, f"nonmembers.path={held}", "mia.attacks=[loss]", "run.name=px", "resources.executor=local",
+                 f"storage.root={tmp_path / 'runs'}")
+    first = mia.run(cfg)
+    layout = MiaLayout(cfg.storage.root, "px")
+    scores = layout.scores.read()
+    other = pq.read_table(write_set(tmp_path / "other.parquet", [40]))["image"][0]
+    pq.write_table(t.set_column(t.column_names.index("image"), "image",
+                                pa.array([other.as_py()] + t["image"].to_pylist()[1:], pa.binary())), held)
+    with pytest.raises(MemexError, match=rf"1 images changed since mia folder .*px/mia scored them, under the same "
+                                         rf"ids \({t['id'][0].as_py()}\): resuming would mix"):
+        mia.run(cfg)
+    assert layout.scores.read().equals(scores)
+    pq.write_table(t, held)  # restored: resumes, the same
+    assert mia.run(cfg)["attacks"] == first["attacks"]
 
 
 def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):

@@ -98,8 +98,9 @@ def read_image_set(path: str, caption_column: str, member: bool | None, opts: di
                      "uri": t["uri"], "caption": t["caption"], "copies": copies}, schema=MIA_IMAGES_SCHEMA)
 
 
-def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[str, str]]:
-    """(images that decode, quarantine, {query id: the image whose shadow split it takes}); refuses overlapping
+def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[str, str], dict[str, str]]:
+    """(images that decode, quarantine, {query id: the image whose shadow split it takes}, {id: sha256 of its
+    pixels}); refuses overlapping
     sets, naming the ids. A non-member that is a near copy of a member (a re-encoding, a resize: NEAR_COPY_RMS)
     joins the quarantine, with its member. A query holding the same picture as an earlier image takes its split."""
     members = images.filter(pc.equal(images["member"], True))["image_id"].to_pylist()
@@ -160,7 +161,24 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[s
             raise ConfigError(f"none of the {len(ids)} images of {key} is left to score (first reason: "
                               f"{reason[0].as_py() if len(reason) else 'unknown'}): membership inference needs "
                               "at least one member and one non-member image")
-    return ok, quarantine, split_as
+    return ok, quarantine, split_as, {i: digest[i] for i in ok_ids}
+
+
+def check_pixels(layout: MiaLayout, pixels: dict[str, str]) -> None:
+    """The images' pixels as the folder was first scored with them (pixels.json), or refuse. The settings key
+    covers ids, labels and captions only: an image folder written again under the same file names (or a
+    manifest's bytes replaced) resumed, its finished units scored on the old pixels and the rest on the new.
+    A folder scored before pixels.json was kept takes today's as its record."""
+    was = layout.store.read_json(layout.pixels_path)
+    if was is None:
+        layout.store.write_json(layout.pixels_path, pixels)
+        return
+    changed = sorted(i for i in pixels if i in was and was[i] != pixels[i])
+    if changed:
+        raise ConfigError(f"{len(changed)} images changed since mia folder {layout.uri} scored them, under the same "
+                          f"ids ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}): resuming would mix "
+                          "scores of old and new pixels. Nothing was changed. Use another run.name (or delete the "
+                          "folder) to score the new images, or restore the old ones to resume.")
 
 
 def thumb(img: np.ndarray) -> np.ndarray:
@@ -491,7 +509,7 @@ def run(cfg: MiaConfig) -> dict:
         check_outside("storage.root", cfg.storage.root, f"{n}.path", getattr(cfg, n).path, opts)
     images = pa.concat_tables([read_image_set(getattr(cfg, n).path, getattr(cfg, n).caption_column, member, opts,
                                               f"{n}.path") for n, member in sets])
-    images, quarantine, split_as = check_sets(images, opts)
+    images, quarantine, split_as, pixels = check_sets(images, opts)
     if is_text_model(cfg.model.path) and images.filter(pc.is_null(images["caption"])).num_rows:
         first = images.filter(pc.is_null(images["caption"])).slice(0, 1).to_pylist()[0]
         key = {True: "members", False: "nonmembers", None: "queries"}[first["member"]]
@@ -513,6 +531,7 @@ def run(cfg: MiaConfig) -> dict:
     with hold(layout.store, cfg.storage, f"mia folder {layout.uri}"):
         layout.store.claim(layout.run_json, settings, f"mia folder {layout.uri}",
                            "Use another run.name (or storage.root) for a new experiment.")
+        check_pixels(layout, pixels)
         if not layout.store.exists(layout.images_path):  # quarantine first: images.parquet decides this branch
             layout.store.write_table(layout.quarantine_path, quarantine)
             layout.store.write_table(layout.images_path, images)
