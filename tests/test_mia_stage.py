@@ -170,6 +170,18 @@ def test_the_driver_gives_each_shadow_steps_by_the_rows_of_its_half(world, tmp_p
     assert "hold 60-80 training rows each and the target trained on 560" in caplog.text
     assert "train 536-714 steps" in caplog.text and "mia.shadow_steps" in caplog.text
 
+    # the target duplicated images, and members.path is the source manifest (no copies): said, naming the fix
+    caplog.clear()
+    source = images.set_column(images.column_names.index("copies"), "copies", pa.nulls(images.num_rows, pa.int32()))
+    with caplog.at_level("WARNING", logger="memex.mia"):
+        mia.warn_missing_copies({"data": {"duplication": []}}, source)
+        mia.warn_missing_copies({"data": {"duplication": [{"count": 2, "copies": 32}]}}, images)  # copies given
+        assert "members.path gives no copies" not in caplog.text
+        mia.warn_missing_copies({"data": {"duplication": [{"count": 2, "copies": 32}, {"count": 4, "copies": 8}]}},
+                                source)
+    assert "up to 32 copies of an image) and members.path gives no copies" in caplog.text
+    assert "training_manifest.parquet" in caplog.text
+
 
 @pytest.mark.parametrize("seed", range(3))
 def test_lira_fits_its_gaussians_to_the_log_of_the_loss(seed):

@@ -298,6 +298,20 @@ def warn_small_shadows(recipe: dict, rows: list[int], override: int | None) -> N
                 recipe["trainer"]["steps"])
 
 
+def warn_missing_copies(recipe: dict, images: pa.Table) -> None:
+    """The target trained on copies (data.duplication) and members.path gives none (the source manifest, not
+    the training_manifest.parquet `memex train` wrote): each shadow trains a member once where the target saw
+    it up to k times, and LiRA's in-losses come from models that saw the duplicated members far less. Said once."""
+    groups = (recipe.get("data") or {}).get("duplication") or []
+    members = images.filter(pc.equal(images["member"], True))
+    if not groups or members.num_rows == 0 or members["copies"].null_count < members.num_rows:
+        return
+    most = max(int(g.get("copies", 1)) for g in groups)
+    log.warning("the target was trained with data.duplication (up to %d copies of an image) and members.path gives no "
+                "copies: LiRA's shadows train each member once. Give the target's training_manifest.parquet (memex "
+                "train writes it beside the model) as members.path", most)
+
+
 def check_trained_shadows(folder, steps: dict[int, int]) -> None:
     """A shadow finished by an earlier run (its marker) with another number of steps than this run
     plans (memex before shadow_steps trained every shadow for the target's steps) is refused: its
@@ -563,6 +577,7 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
         rows = np.array([max(1, c or 1) for c in images["copies"].to_pylist()])  # a picture's copies are rows
         half = [int(rows[split[s]].sum()) for s in range(cfg.mia.shadow_models)]
         warn_small_shadows(recipe, half, cfg.mia.shadow_steps)
+        warn_missing_copies(recipe, images)
         tasks = {s: {"inside": split[s].tolist(), "steps": shadow_steps(recipe, half[s], cfg.mia.shadow_steps)}
                  for s in range(cfg.mia.shadow_models)}
         check_trained_shadows(layout.shadows, {s: t["steps"] for s, t in tasks.items()})
