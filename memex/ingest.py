@@ -90,7 +90,8 @@ IMAGE_SHA256 = "image_sha256"
 TRAINING_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("uri", pa.string()),
                              ("caption", pa.string()),
                              ("stamp", pa.string())])  # file version of a uri row (_stamp); null: bytes/missing
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+# what images.decode reads; .jfif is JPEG as browsers save it, .tif/.tiff scans (they were left out silently)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # files only memex writes (a stage's completion marker, a run or index folder's lease): memex/storage.py, lease.py
 MEMEX_MARKERS = ("_SUCCESS.json", "_lease.json")
 # Hugging Face's imagefolder: captions (and other columns) per file_name, beside the images

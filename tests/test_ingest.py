@@ -169,6 +169,22 @@ def test_local_folder(tmp_path):
     _check_folder(str(tmp_path / "imgs"), "file", originals)
 
 
+def test_tiff_and_jfif_files_of_an_image_folder_are_training_images(tmp_path):
+    """images.decode reads TIFF (scans, archives' masters) and .jfif is JPEG under another suffix (what
+    browsers save): an image folder's .tif/.tiff/.jfif files were left out of the listing without a word."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name, fmt in (("scan.tif", "TIFF"), ("master.TIFF", "TIFF"), ("saved.jfif", "JPEG"), ("a.png", "PNG")):
+        Image.fromarray(_img(len(name))).save(root / name, fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+    t = list_training_set(str(root))
+    assert t["id"].to_pylist() == ["a.png", "master.TIFF", "saved.jfif", "scan.tif"]
+    dec = decode_rows(t, None)
+    assert dec.quarantine.num_rows == 0
+    assert np.array_equal(dec.images[dec.ids.index("scan.tif")], _img(len("scan.tif")))  # TIFF: lossless
+
+
 def test_memory_folder():
     root = f"/memex-{uuid.uuid4().hex}"
     originals = _write_folder(fsspec.filesystem("memory"), root)
