@@ -183,6 +183,23 @@ class Store:
                 f"{self.uri_of(posixpath.dirname(paths[0]))}"
             raise StorageError(damaged(where, "Parquet", e)) from e
 
+    def sweep_temp(self, *folders: str, deep: bool = False) -> int:
+        """Remove the `_tmp-` files a killed process's writes left in these folders of the store ("" is its
+        root; deep: their sub-folders too), e.g. a shadow model's weights a kill cut short, which no run
+        read or removed. Not a write-probe, nor a lease's own temp file (its heartbeat writes one now).
+        Only under the folder's lease, while no other process writes there. Returns how many."""
+        fs, found = self.fs, []
+        for folder in folders:
+            where = self.join(folder) if folder else self.path
+            fs.invalidate_cache(where)
+            pattern = posixpath.join(where, "**", "_tmp-*") if deep else posixpath.join(where, "_tmp-*")
+            found += [p for p in fs.glob(pattern) if not posixpath.basename(p).startswith("_tmp-probe-")
+                      and not p.endswith("_lease.json")]
+        for p in found:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(p)
+        return len(found)
+
     # ---- atomic writes -------------------------------------------------------------------
     def delete(self, path: str) -> None:
         """Remove one file; one already gone is fine."""

@@ -342,3 +342,21 @@ def test_a_samples_shard_keeps_each_prompts_generations_in_row_groups_of_their_o
     assert [(s.min, s.max) for s in stats] == [(prompt_id("a"),) * 2, (prompt_id("b"),) * 2]
     got = layout.store.read_table(layout.samples.file(0), filters=[("prompt_id", "=", prompt_id("b"))])
     assert got.num_rows == n and set(got["prompt_id"].to_pylist()) == {prompt_id("b")}
+
+
+def test_temp_files_of_killed_writes_outside_stage_folders_are_swept(tmp_path):
+    """Writes a kill cut short left `_tmp-` files where no runner sweeps: a run folder's own files
+    (summary.json), the index's quarantine/ and links/, a mia folder's shadow_models/ (a model's weights
+    each kill). Swept under the folder's lease; a write-probe and a lease's own temp file are left alone."""
+    from memex.storage import Store
+
+    store = Store(str(tmp_path / "run"))
+    left = ["_tmp-1a-summary.json", "report/_tmp-2b-index.html", "shadow_models/shadow-000000/_tmp-3c-unet.safetensors"]
+    kept = ["_tmp-probe-9z", "_tmp-4d-_lease.json", "summary.json", "shadow_models/shadow-000000/unet.safetensors"]
+    for name in left + kept:
+        (tmp_path / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / name).write_bytes(b"x")
+    assert store.sweep_temp("") == 1  # the folder's own files, not its sub-folders'
+    assert store.sweep_temp("", deep=True) == 2
+    assert not any((tmp_path / "run" / n).exists() for n in left)
+    assert all((tmp_path / "run" / n).exists() for n in kept)

@@ -105,6 +105,9 @@ def run(cfg: AuditConfig) -> dict:
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     # one audit at a time in a run folder (<run>/_lease.json): a second one refuses, naming this one
     with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
+        # a killed audit's writes to the folder's own files (summary.json, ...): the stage folders sweep theirs
+        # (not report/: `memex mia` writes mia.html there under its own lease)
+        layout.store.sweep_temp("")
         layout.store.write_json(layout.index_json, info.to_json())
         summary = audit_run_folder(cfg, run_name, layout)
     # 8. the experiment tracker (memex/tracking.py), once the run folder is complete: a failure raises

@@ -399,6 +399,8 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
               "preprocess": cfg.trainset.preprocess.value, "luma": luma, "aspect": aspect}
     if cfg.index.kind == IndexKind.ivfpq:
         runner.run_tasks(layout.quantizer, {0: {"n_train": listing.num_rows}}, train_quantizer, r, **common)
+    for folder in (layout.quarantine, layout.links):  # written by the shard and dups units: the runner sweeps
+        folder.sweep_temp()                          # only the folders it dispatches
     runner.run_tasks(layout.shards, {s: {"start": a, "stop": b} for s, (a, b) in enumerate(plans)}, build_shard, r,
                      **common)
     metas = [layout.shards.read_marker(s) for s in range(len(plans))]

@@ -543,6 +543,8 @@ def run(cfg: MiaConfig) -> dict:
     layout.store.check_writable("mia folder", "storage.root and storage.options (endpoint_url, credentials)")
     runner.init(cfg.resources, cfg.storage)
     with hold(layout.store, cfg.storage, f"mia folder {layout.uri}"):
+        # a killed run's writes: a shadow's weights cut short (up to a model each kill), its data, the folder's files
+        layout.store.sweep_temp("", deep=True)
         layout.store.claim(layout.run_json, settings, f"mia folder {layout.uri}",
                            "Use another run.name (or storage.root) for a new experiment.")
         check_pixels(layout, pixels)
