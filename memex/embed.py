@@ -95,6 +95,48 @@ class PixelEmbedder(Embedder):
         return (x.reshape(len(x), -1) * self._scale).numpy()
 
 
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_stamp(e: EmbedderConfig, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The version of the embedder's weights, as the index key stamps training images' files: size + ETag
+    (object stores) or modification time, per weight file; a hub id's cached commit. None where there is
+    nothing to stamp (pixels, a hub id not cached here, a path that is not there: the load names it).
+    An index records it, and one reused with other weights at the same embedder.path is refused
+    (memex/stages/index.py): its vectors are in the old weights' space, the queries in the new."""
+    kind = getattr(e.kind, "value", e.kind)
+    if kind == "pixels" or not e.path:
+        return None
+    from memex.ingest import _stamp
+
+    try:
+        fs, path = fsspec.core.url_to_fs(e.path, **(storage_options or {}))
+        if fs.isfile(path):
+            return _stamp(fs.info(path))
+        if fs.isdir(path):
+            files = sorted(f for f in fs.find(path) if f.endswith(WEIGHT_FILES))
+            return "; ".join(f"{os.path.relpath(f, path)} {_stamp(fs.info(f))}" for f in files) or None
+    except (OSError, ValueError):
+        return None
+    if kind == "clip" and HUB_ID.match(e.path):  # a hub id: the commit of its cached snapshot
+        from memex.models import cached_snapshot
+
+        folder = _cached_config(e.path) or cached_snapshot(e.path)
+        return f"commit {os.path.basename(folder)}" if folder else None
+    return None
+
+
+def _cached_config(repo_id: str) -> str | None:
+    """The cached snapshot folder of a transformers hub id (its config.json), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        f = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - no cache, odd id
+        return None
+    return os.path.dirname(f) if isinstance(f, str) else None
+
+
 def _sscd_missing(path: str) -> str:
     return (f"embedder.path={path} does not exist: download an SSCD TorchScript file "
             "(facebookresearch/sscd-copy-detection, e.g. sscd_disc_mixup.torchscript.pt) and set embedder.path=<file>")

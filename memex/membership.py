@@ -37,6 +37,8 @@ class IndexInfo:
     luma: bool = False
     # [height, width]: each training image cut to the generations' aspect first (non-square ones)
     aspect: list[int] | None = None
+    # the embedder's weights when it was built (memex/embed.py weights_stamp): a reuse with others is refused
+    embedder_stamp: str | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> "IndexInfo":
@@ -44,7 +46,7 @@ class IndexInfo:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        for k in ("luma", "aspect"):  # left out unless set: a plain index's JSON is as it was before them
+        for k in ("luma", "aspect", "embedder_stamp"):  # left out unless set: a plain index's JSON is as before
             if not d[k]:
                 del d[k]
         return d

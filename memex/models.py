@@ -57,13 +57,32 @@ class LoadedModel:
     path: str = ""  # model.path: what error messages name
 
 
+def ray_gpus() -> list | None:
+    """The GPU ids Ray assigned this worker (a task or actor), or None outside one (the driver, no Ray)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    if not ray.is_initialized() or ray._private.worker.global_worker.mode != ray.WORKER_MODE:
+        return None
+    return list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
+
+
 def resolve_device(requested: str) -> str:
     """resources.device: "auto" -> cuda when a GPU is visible to this process, else cpu. "cuda" with
     none visible fails naming the key (it was torch's "Torch not compiled with CUDA enabled" from
-    the first .to()). Ray hides the GPUs from a worker that asked for none (CUDA_VISIBLE_DEVICES=""),
-    so on a GPU node too, resources.device=cuda needs resources.num_gpus > 0."""
+    the first .to()). A Ray worker that asked for no GPU (resources.num_gpus=0) runs on the CPU: Ray
+    2.60 no longer hides a node's GPUs from it (CUDA_VISIBLE_DEVICES is left as it was, ray #54868),
+    so "auto" took a GPU Ray had not reserved, several actors to one GPU, and ran it out of memory."""
     import torch
 
+    if ray_gpus() == []:  # a Ray worker given no GPU
+        if requested == "cuda":
+            raise ConfigError("resources.device=cuda, but Ray gave this worker no GPU (resources.num_gpus=0): set "
+                              "resources.num_gpus=1 (resources=gpu), or resources.device=auto to run on the CPU")
+        return "cpu"
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():

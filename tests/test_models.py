@@ -2,6 +2,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import pytest
 
@@ -143,6 +144,45 @@ def test_device_cuda_where_the_worker_sees_no_gpu_names_the_key_and_why(monkeypa
             resolve_device("cuda")
         assert str(e.value).startswith(f"resources.device=cuda, but this worker sees no GPU ({why}): {fix}")
         assert str(e.value).endswith("or set resources.device=auto (a GPU where one is visible, else the CPU)")
+
+
+def _device_in_a_worker_given_no_gpu(requested: str) -> str:
+    """resolve_device in a Ray task that asked for no GPU, on a node whose GPU it can see (Ray 2.60 no
+    longer hides it: ray #54868; torch.cuda.is_available is made True here, the node has none)."""
+    import torch
+
+    from memex.models import resolve_device
+
+    torch.cuda.is_available = lambda: True
+    try:
+        return resolve_device(requested)
+    except Exception as e:  # noqa: BLE001 - its message, back to the test
+        return f"{type(e).__name__}: {e}"
+
+
+def test_a_ray_worker_given_no_gpu_runs_on_the_cpu_though_it_sees_one(ray_head):
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES as it is for a worker that asked for num_gpus=0, so on a GPU node
+    resources.device=auto took the GPU Ray had not reserved (several actors to one GPU, out of memory), and
+    device=cuda with num_gpus=0 was not refused. A worker given no GPU now runs on the CPU; cuda is refused,
+    naming resources.num_gpus. Outside Ray (the driver, resources.executor=local) auto still finds the GPU."""
+    import ray
+    import torch
+    from ray import cloudpickle
+
+    from memex.models import resolve_device
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
+    task = ray.remote(num_gpus=0, num_cpus=0.5)(_device_in_a_worker_given_no_gpu)
+    assert ray.get(task.remote("auto")) == "cpu"
+    assert ray.get(task.remote("cuda")) == ("ConfigError: resources.device=cuda, but Ray gave this worker no GPU "
+                                            "(resources.num_gpus=0): set resources.num_gpus=1 (resources=gpu), or "
+                                            "resources.device=auto to run on the CPU")
+    real = torch.cuda.is_available
+    try:
+        torch.cuda.is_available = lambda: True  # the driver is no Ray worker: the GPU it sees is its own
+        assert resolve_device("auto") == "cuda"
+    finally:
+        torch.cuda.is_available = real
 
 
 def _with_safety_checker(src: str, dst) -> str:

@@ -120,3 +120,35 @@ def test_an_sscd_embedder_on_object_storage_gets_the_storage_options(tmp_path, s
     with nearest.Neighbours(cfg, info) as nb:
         S, I = nb([encode_png(blocky(np.random.default_rng(1)))], 3)  # the first training image, exactly
     assert I[0, 0] == 0 and S[0, 0] == pytest.approx(1.0, abs=1e-5)  # cosine similarity of a copy
+
+
+def test_an_index_reused_with_other_embedder_weights_at_the_same_path_is_refused(tmp_path):
+    """The index key holds embedder.path, not its weights: a descriptor replaced at the same path (a
+    fine-tuned CLIP saved over the old folder) reused the index, searching its vectors in the old
+    weights' space with queries in the new one. The index records the weights' version (size and
+    modification time, as training images' files are stamped); a reuse with others is refused, naming
+    the fix, and nothing is rebuilt or changed."""
+    import shutil
+
+    from memex.layout import StorageError
+
+    weights = tmp_path / "sscd.pt"
+    torch.manual_seed(0)
+    torch.jit.script(TinyDescriptor().eval()).save(str(weights))
+    shutil.copy2(weights, tmp_path / "kept.pt")  # (copy2 keeps the modification time)
+    cfg = compose([f"trainset.path={_world(tmp_path)}", f"storage.root={tmp_path / 'runs'}", "model.path=/planted",
+                   "index.shards=2", "embedder=sscd", f"embedder.path={weights}", "embedder.size=32",
+                   "resources.executor=local"], config_name="audit")
+    info = index.run(cfg)
+    assert info.embedder_stamp and index.run(cfg).key == info.key  # the same weights: reused
+    folder = tmp_path / "runs" / "_index" / info.key
+    before = sorted((p, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file() and p.name != "_lease.json")
+    torch.manual_seed(1)
+    torch.jit.script(TinyDescriptor().eval()).save(str(weights))  # fine-tuned, saved over it
+    with pytest.raises(StorageError, match=rf"embedder.path={weights} changed since index .*{info.key} was built "
+                                           r"with it .*Delete .* to rebuild it with the new weights"):
+        index.run(cfg)
+    after = sorted((p, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file() and p.name != "_lease.json")
+    assert after == before  # nothing rebuilt or changed
+    shutil.copy2(tmp_path / "kept.pt", weights)  # restored: reused
+    assert index.run(cfg) == info

@@ -311,7 +311,12 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
     keys = "index.root / storage.root and storage.options (endpoint_url, credentials)"
     layout.store.check_reachable("index folder", keys)  # the audit's first request to its storage
     ivfpq = cfg.index.kind == IndexKind.ivfpq
+    from memex.embed import weights_stamp
+
     done = layout.store.read_json(layout.success_path)
+    stamp = weights_stamp(cfg.embedder, opts)
+    if done is not None:
+        check_embedder(done, stamp, cfg, layout)
     if done is not None and not (lost := missing_units(layout, len(done["shards"]), ivfpq)):
         log.info("index %s is complete: reusing it", layout.uri)
         return IndexInfo.from_json(done)
@@ -323,9 +328,22 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
     with hold(layout.store, cfg.storage, f"index {layout.uri}", wait_s=None):
         done = layout.store.read_json(layout.success_path)
         if done is not None and not missing_units(layout, len(done["shards"]), ivfpq):
+            check_embedder(done, stamp, cfg, layout)
             log.info("index %s was completed by another audit: reusing it", layout.uri)
             return IndexInfo.from_json(done)
-        return build(cfg, listing, key, root, layout, luma, aspect)
+        return build(cfg, listing, key, root, layout, luma, aspect, stamp)
+
+
+def check_embedder(done: dict, stamp: str | None, cfg: AuditConfig, layout: IndexLayout) -> None:
+    """The embedder's weights as the index was built with them, or refuse: the key holds embedder.path, not
+    its weights, so a fine-tuned CLIP saved over the old folder (an SSCD file replaced) reused the index
+    and searched its old-space vectors with new-space queries, silently. (An index built before the stamp
+    was recorded, or a hub id not cached here, cannot be checked.)"""
+    was = done.get("embedder_stamp")
+    if was is not None and stamp is not None and was != stamp:
+        raise StorageError(f"embedder.path={cfg.embedder.path} changed since index {layout.uri} was built with it "
+                           f"(was: {was}; now: {stamp}): the index holds vectors of the old weights. Delete "
+                           f"{layout.uri} to rebuild it with the new weights, or restore the old ones.")
 
 
 def check_spec(cfg: AuditConfig, n_rows: int) -> None:
@@ -355,7 +373,7 @@ def missing_units(layout: IndexLayout, n_shards: int, ivfpq: bool) -> list[str]:
 
 
 def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: IndexLayout,
-          luma: bool = False, aspect: tuple[int, int] | None = None) -> IndexInfo:
+          luma: bool = False, aspect: tuple[int, int] | None = None, stamp: str | None = None) -> IndexInfo:
     """Steps 2-5 of `run`, under the index folder's lease."""
     from memex.ingest import IMAGE_SHA256, iter_train_rows
 
@@ -414,7 +432,7 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
 
     info = IndexInfo(root=root, key=key, shards=plans, metric=metric, dim=metas[0]["dim"], n_train=listing.num_rows,
                      n_indexed=sum(m["indexed"] for m in metas), n_quarantined=sum(m["quarantined"] for m in metas),
-                     luma=luma, aspect=None if aspect is None else list(aspect))
+                     luma=luma, aspect=None if aspect is None else list(aspect), embedder_stamp=stamp)
     if info.n_indexed == 0:
         raise StorageError(f"no training image of {cfg.trainset.path} could be read ({info.n_quarantined} quarantined, "
                            f"reasons in {layout.uri}/quarantine/)")
