@@ -1013,6 +1013,14 @@ def validate_mia(cfg: MiaConfig) -> None:
         path = getattr(cfg, key).path
         if not path or path == "???":
             raise ConfigError(f"{key}.path is not set: a Parquet manifest or image folder ({key}.path=...)")
+    demo = Path(MEMEX_HOME) / "demo"
+    if cfg.nonmembers.path == str(demo / "data" / "heldout.parquet") and \
+            cfg.model.path != str(demo / "models" / "demo-text"):
+        # conf/mia.yaml's default, the demo's held-out logos: against another model's members they are another
+        # distribution, and every attack read near-perfect
+        raise ConfigError(f"nonmembers.path is the demo's held-out logos (the default), and model.path="
+                          f"{cfg.model.path} is not the demo model: give the images held out of its training "
+                          "(nonmembers.path=...)")
     for key, path in (("members.path", cfg.members.path), ("nonmembers.path", cfg.nonmembers.path),
                       ("queries.path", cfg.queries.path), ("storage.root", cfg.storage.root)):
         check_protocol(key, path)

@@ -313,7 +313,8 @@ def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
                                   "no_recipe", "no_captions", "query_without_caption", "empty_attacks", "query_clash",
                                   "unrun_attack_setting", "shadow_steps_without_lira",
                                   "query_column_without_queries", "missing_members", "empty_queries",
-                                  "undecodable_nonmembers", "root_inside_nonmembers", "few_timesteps"])
+                                  "undecodable_nonmembers", "root_inside_nonmembers", "few_timesteps",
+                                  "demo_nonmembers_for_another_model"])
 def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, case):
     root, model, members, nonmembers = world
     extra = []
@@ -380,6 +381,11 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
         conf.write_text(json.dumps(json.loads(conf.read_text()) | {"num_train_timesteps": 100}))
         extra = [f"model.path={tmp_path / 'short'}"]
         match = "mia.loss_timestep=100 is outside the scheduler's timesteps 0..99"
+    elif case == "demo_nonmembers_for_another_model":  # conf/mia.yaml's default beside another model.path: another
+        from memex.config import MEMEX_HOME  # distribution than its members, every attack near-perfect
+
+        extra = [f"nonmembers.path={Path(MEMEX_HOME) / 'demo' / 'data' / 'heldout.parquet'}"]
+        match = f"nonmembers.path is the demo's held-out logos (the default), and model.path={model} is not the demo"
     elif case == "shadow_steps_without_lira":
         extra = ["mia.shadow_steps=300"]
         match = "mia.shadow_steps is set, and LiRA is off"
