@@ -206,7 +206,7 @@ def test_extractor_finds_the_documented_commands():
     cron = next(c for c in CHECKED if c.where.startswith("README.md") and "nightly.only=$ckpt" in c.overrides)
     assert cron.overrides == ["nightly=default", "nightly.location=/mnt/train/sd15-ft", "model=sd15",
                               "trainset=manifest", "trainset.path=s3://b/train.parquet", "storage=s3",
-                              "storage.root=s3://b/memex-runs", "nightly.only=$ckpt"]
+                              "storage.root=s3://b/memex-runs", "resources=gpu", "nightly.only=$ckpt"]
     cluster = next(c for c in CHECKED if c.where.startswith("jobs/audit.py") and c.overrides)
     assert cluster.overrides[-1] == "index=ivfpq" and "trainset.path=s3://b/train.parquet" in cluster.overrides
     assert next(c for c in CHECKED if c.text.startswith("memex audit --cfg job")).overrides == []
