@@ -13,8 +13,9 @@ report the base model's memorization as the fine-tune's. So `check_lora` compare
 file names (diffusers' `lora.down`/`lora.up` and peft's `lora_A`/`lora_B` keys) with the base's
 modules from their configs, before any cluster work, and `apply_lora` refuses a LoRA that left
 every layer it was loaded into unchanged (covering formats diffusers converts, e.g. kohya's).
-A LoRA of the text encoder (train_dreambooth_lora.py --train_text_encoder) loads through
-transformers' PEFT integration, which on transformers 5 needs peft >= 0.22: the load names that.
+A LoRA of the text encoder (train_dreambooth_lora.py --train_text_encoder) is loaded and fused the
+same way, onto the text encoder (peft 0.21 and transformers 5 load it; only transformers' own
+add_adapter, which training uses, asks for peft >= 0.22).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from typing import Any, Callable
 from memex.models import HUB_ID, ModelError, lycoris_kinds, safetensors_shapes
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-# key suffix -> which factor: "down" is (rank, in_features[, k, k]), "up" is (out_features, rank[, 1, 1])
-_FACTORS = {".lora.down.weight": "down", ".lora_A.weight": "down", ".lora.up.weight": "up", ".lora_B.weight": "up"}
+# key suffix -> which factor: "down" is (rank, in_features[, k, k]), "up" is (out_features, rank[, 1, 1]).
+# lora_linear_layer: diffusers' names for a text encoder's attention projections (convert_state_dict_to_diffusers),
+# what train_dreambooth_lora.py --train_text_encoder saves; they went unchecked
+_FACTORS = {".lora.down.weight": "down", ".lora_A.weight": "down", ".lora_linear_layer.down.weight": "down",
+            ".lora.up.weight": "up", ".lora_B.weight": "up", ".lora_linear_layer.up.weight": "up"}
 COMPONENTS = ("unet", "text_encoder")  # the prefixes of diffusers' LoRA keys for an SD 1.x / IF pipeline
 
 

@@ -258,22 +258,31 @@ def attach_index(layout, info) -> None:
     layout.store.write_json(layout.index_json, info.to_json())
 
 
-def make_lora(base: str, folder: Path, seed: int = 1, scale: float = 0.5) -> Path:
+def make_lora(base: str, folder: Path, seed: int = 1, scale: float = 0.5, text_encoder: bool = False) -> Path:
     """A LoRA of `base` made as diffusers' train_text_to_image_lora.py makes one (peft adapters on the
-    UNet's attention projections, save_lora_weights), with random up factors: it changes the samples."""
+    UNet's attention projections, save_lora_weights), with random up factors: it changes the samples.
+    text_encoder: also on the text encoder's attention projections, as train_dreambooth_lora.py
+    --train_text_encoder saves them (its text_encoder.add_adapter needs peft >= 0.22 on transformers 5,
+    newer than this machine's registry; peft's inject_adapter_in_model makes the same layers)."""
     import torch
     from diffusers import DiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     pipe = DiffusionPipeline.from_pretrained(base)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                      target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    te = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                            target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]),
+                                 pipe.text_encoder) if text_encoder else None
     torch.manual_seed(seed)
-    for name, p in pipe.unet.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, scale)
+    for model in (pipe.unet, te):
+        for name, p in (model.named_parameters() if model is not None else ()):
+            if "lora_B" in name:
+                p.data.normal_(0, scale)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    type(pipe).save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    text = convert_state_dict_to_diffusers(get_peft_model_state_dict(te)) if te is not None else None
+    type(pipe).save_lora_weights(folder, unet_lora_layers=layers, text_encoder_lora_layers=text,
+                                 safe_serialization=True)
     return folder

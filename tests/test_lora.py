@@ -51,27 +51,38 @@ def test_a_lora_is_fused_into_its_base_and_changes_the_samples(tiny_models, lora
     assert torch.equal(by_file.pipe.unet.state_dict()[f"{module}.weight"], after[f"{module}.weight"])
 
 
-def test_a_lora_of_the_text_encoder_too_is_checked(tiny_models, lora, tmp_path):
-    """train_dreambooth_lora.py --train_text_encoder writes text_encoder.* LoRA keys beside the
-    UNet's: checked against the base's text encoder the same way. (Only the header check here: on
-    transformers 5 a text encoder LoRA loads through transformers' PEFT integration, which needs
-    peft >= 0.22, newer than this machine's registry has; apply_lora names that error.)"""
+def test_a_lora_of_the_text_encoder_too_is_fused_and_checked(tiny_models, lora, tmp_path):
+    """train_dreambooth_lora.py --train_text_encoder saves text-encoder adapters beside the UNet's, under
+    diffusers' lora_linear_layer names. They are fused into the text encoder (each adapted projection
+    moves by up @ down, the samples change against the UNet-only LoRA), and checked against the base
+    before any work like the UNet's: those names went unchecked, so one of another base (a wider text
+    encoder) failed in every sampler actor. Made and loaded on peft 0.21 and transformers 5."""
     base_path = tiny_models["latent_text"]
-    unet_part = load_file(lora / "pytorch_lora_weights.safetensors")
+    both = make_lora(base_path, tmp_path / "both", text_encoder=True)
+    factors = load_file(both / "pytorch_lora_weights.safetensors")
+    te_keys = [k for k in factors if k.startswith("text_encoder.")]
+    assert te_keys and all(".lora_linear_layer." in k for k in te_keys)
+    assert check_model_inputs(base_path, lora=str(both)).value == "latent_text"
+    base, tuned = load_model(base_path), load_model(base_path, lora=str(both))
+    before, after = base.pipe.text_encoder.state_dict(), tuned.pipe.text_encoder.state_dict()
+    assert set(after) == set(before) and not any("lora" in k for k in after)
+    module = next(k for k in te_keys if k.endswith("down.weight"))[len("text_encoder."):-len(".lora_linear_layer.down"
+                                                                                              ".weight")]
+    down, up = (factors[f"text_encoder.{module}.lora_linear_layer.{f}.weight"] for f in ("down", "up"))
+    name = next(k for k in after if k.endswith(module.removeprefix("text_model.") + ".weight"))
+    torch.testing.assert_close(after[name], before[name] + up @ down)
+    assert sum(not torch.equal(before[k], after[k]) for k in before) == len(te_keys) // 2  # weights, not biases
+    assert not np.array_equal(_samples(tuned), _samples(load_model(base_path, lora=str(lora))))
 
-    def with_text_encoder(folder, layer):
-        hidden = 32  # tiny.build_text_encoder's width
-        text = {f"text_encoder.text_model.encoder.layers.{layer}.self_attn.{p}.lora.{f}.weight":
-                torch.randn(4, hidden) if f == "down" else torch.randn(hidden, 4)
-                for p in ("q_proj", "k_proj", "v_proj", "out_proj") for f in ("down", "up")}
-        folder.mkdir()
-        save_file({**unet_part, **text}, folder / "pytorch_lora_weights.safetensors")
-        return str(folder)
-
-    assert check_model_inputs(base_path, lora=with_text_encoder(tmp_path / "both", 1)).value == "latent_text"
-    with pytest.raises(ModelError, match=r"adapts 4 of its 4 text_encoder modules that model.path's text_encoder "
-                                         r"does not have \(first: 'text_model.encoder.layers.9.self_attn.k_proj'\)"):
-        check_model_inputs(base_path, lora=with_text_encoder(tmp_path / "deep", 9))
+    # a text-encoder LoRA of another base: its projections twice as wide
+    wide = {k: torch.cat([v, v], dim=1 if k.endswith("down.weight") else 0) if k.startswith("text_encoder.") else v
+            for k, v in factors.items()}
+    (tmp_path / "wide").mkdir()
+    save_file(wide, tmp_path / "wide" / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ModelError, match=r"model.lora=.*wide: tensor 'text_encoder\..*lora_linear_layer\.down\.weight' "
+                                         r"has shape \[4, 64\] but model.path's text_encoder .* is \[32, 32\]: a LoRA "
+                                         r"trained on another base model"):
+        check_model_inputs(base_path, lora=str(tmp_path / "wide"))
 
 
 def test_the_run_identity_carries_the_lora_only_when_set(tiny_models, lora):
