@@ -798,11 +798,15 @@ def validate_budget(cfg: AuditConfig) -> None:
         # (a re-match generates nothing: no round is decided, and its source's previews are read as they are)
         raise ConfigError("triage=preview scores a prompt by its previews' tiled l2 to the training set, and "
                           "budget.continue_factor compares it with match.threshold: set match=tiled")
-    if t.kind == TriageKind.none:  # a triage setting would be silently ignored: it fails here
+    unconditional = cfg.model.kind == ModelKind.unconditional or cfg.prompts.source == PromptSource.none
+    if t.kind == TriageKind.none or unconditional:  # a triage setting would be silently ignored: it fails here
         unused = _changed(t, ("keep", "seeds", "steps", "prompts_per_task"))
-        if unused:
+        if unused and t.kind == TriageKind.none:
             raise ConfigError(f"triage.{unused[0]} is set, and triage=none computes no triage score: set triage=auto "
                               f"(or triage=noise_norm, triage=preview) or drop triage.{unused[0]}")
+        if unused:  # triage=auto on an unconditional model (prompts=none): off, as it has no prompts to score
+            raise ConfigError(f"triage.{unused[0]} is set, and an unconditional model (prompts=none) has no prompts "
+                              f"to score, so triage is off: drop triage.{unused[0]}")
     if t.kind != TriageKind.none:
         _at_least("triage.seeds", t.seeds, 1)
         _at_least("triage.steps", t.steps, 1)
@@ -1013,14 +1017,6 @@ def validate_mia(cfg: MiaConfig) -> None:
         path = getattr(cfg, key).path
         if not path or path == "???":
             raise ConfigError(f"{key}.path is not set: a Parquet manifest or image folder ({key}.path=...)")
-    demo = Path(MEMEX_HOME) / "demo"
-    if cfg.nonmembers.path == str(demo / "data" / "heldout.parquet") and \
-            cfg.model.path != str(demo / "models" / "demo-text"):
-        # conf/mia.yaml's default, the demo's held-out logos: against another model's members they are another
-        # distribution, and every attack read near-perfect
-        raise ConfigError(f"nonmembers.path is the demo's held-out logos (the default), and model.path="
-                          f"{cfg.model.path} is not the demo model: give the images held out of its training "
-                          "(nonmembers.path=...)")
     for key, path in (("members.path", cfg.members.path), ("nonmembers.path", cfg.nonmembers.path),
                       ("queries.path", cfg.queries.path), ("storage.root", cfg.storage.root)):
         check_protocol(key, path)

@@ -359,6 +359,9 @@ def test_dup_k_below_two_names_the_key():
     (["match=relative", "match.max_margin=0.5"], "match.max_margin is set, and match.distance=relative_l2"),
     (["triage=none", "triage.keep=5"], "triage.keep"),
     (["triage=none", "triage.seeds=8"], "triage.seeds is set"),  # ignored otherwise
+    # triage=auto is off on an unconditional model: its settings were ignored without a word
+    (["model=demo_uncond", "prompts=none", "match=relative", "triage.keep=5"],
+     "triage.keep is set, and an unconditional model (prompts=none) has no prompts to score"),
     (["preset=paper", "triage.steps=2"], "triage.steps is set"),
     (["triage.keep=0"], "triage.keep"),
     # relative l2 is at most 1 / alpha: every generation was a copy of its nearest picture

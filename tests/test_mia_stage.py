@@ -385,7 +385,7 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
         from memex.config import MEMEX_HOME  # distribution than its members, every attack near-perfect
 
         extra = [f"nonmembers.path={Path(MEMEX_HOME) / 'demo' / 'data' / 'heldout.parquet'}"]
-        match = f"nonmembers.path is the demo's held-out logos (the default), and model.path={model} is not the demo"
+        match = f"nonmembers.path is the demo's held-out logos (the default), and model.path={model} is not a demo"
     elif case == "shadow_steps_without_lira":
         extra = ["mia.shadow_steps=300"]
         match = "mia.shadow_steps is set, and LiRA is off"

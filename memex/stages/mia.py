@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from memex import runner
 from memex.config import (
+    MEMEX_HOME,
     ArchConfig,
     ArchKind,
     ConfigError,
@@ -162,6 +163,18 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[s
                               f"{reason[0].as_py() if len(reason) else 'unknown'}): membership inference needs "
                               "at least one member and one non-member image")
     return ok, quarantine, split_as, {i: digest[i] for i in ok_ids}
+
+
+def check_demo_nonmembers(cfg: MiaConfig) -> None:
+    """conf/mia.yaml's default non-members are the demo's held-out logos (256-511 of the generator the demo
+    models trained on 0-255). Beside another model's members they are another distribution, and every attack
+    read near-perfect: refused, naming nonmembers.path."""
+    demo = Path(MEMEX_HOME) / "demo"
+    if cfg.nonmembers.path == str(demo / "data" / "heldout.parquet") and \
+            Path(cfg.model.path).resolve().parent != (demo / "models").resolve():
+        raise ConfigError(f"nonmembers.path is the demo's held-out logos (the default), and model.path="
+                          f"{cfg.model.path} is not a demo model: give the images held out of its training "
+                          "(nonmembers.path=...)")
 
 
 def check_pixels(layout: MiaLayout, pixels: dict[str, str]) -> None:
@@ -512,6 +525,7 @@ def run(cfg: MiaConfig) -> dict:
 
     cfg = with_preprocess(cfg)
     check_settings(cfg.mia)
+    check_demo_nonmembers(cfg)
     check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision, cfg.model.variant,
                        cfg.model.lora, cfg.model.text_encoder)
     # the scheduler's own timesteps: a 100-step `memex train` model and the default mia.pia_timestep=200 failed
