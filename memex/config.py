@@ -298,9 +298,12 @@ def validate_generate(cfg: GenerateConfig) -> None:
                PromptSource.captions: "it reads prompts.caption_column of a training manifest",
                PromptSource.near_duplicates: "it ranks the captions (trainset.caption_column) of trainset.path",
                PromptSource.none: "an unconditional model has one empty prompt"}[p.source]
+        # preset=paper sets prompts.limit over the prompts option: the option cannot reset it, an override can
+        drop = f"add prompts.{unused[0]}=null" if unused[0] == "limit" else f"drop prompts.{unused[0]}"
         raise ConfigError(f"prompts.{unused[0]} is set, and prompts.source={p.source.value} does not read it "
-                          f"({why}): drop prompts.{unused[0]}, or choose the prompts option that reads it "
-                          f"(prompts=file|captions|near_duplicates|none, which also resets the other keys)")
+                          f"({why}): {drop} (a preset, e.g. preset=paper, may set it), or choose the prompts "
+                          "option that reads it (prompts=file|captions|near_duplicates|none, which also resets the "
+                          "other keys)")
     if p.limit is not None:
         _at_least("prompts.limit", p.limit, 1)
     validate_resources(cfg.resources)

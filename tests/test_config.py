@@ -360,6 +360,8 @@ def test_dup_k_below_two_names_the_key():
     (["triage=none", "triage.keep=5"], "triage.keep"),
     (["triage=none", "triage.seeds=8"], "triage.seeds is set"),  # ignored otherwise
     # triage=auto is off on an unconditional model: its settings were ignored without a word
+    # preset=paper sets prompts.limit after the prompts option: the fix is an override, which the message names
+    (["preset=paper", "model=demo_uncond", "prompts=none", "match=relative"], "add prompts.limit=null (a preset"),
     (["model=demo_uncond", "prompts=none", "match=relative", "triage.keep=5"],
      "triage.keep is set, and an unconditional model (prompts=none) has no prompts to score"),
     (["preset=paper", "triage.steps=2"], "triage.steps is set"),
