@@ -125,9 +125,9 @@ def test_an_sscd_embedder_on_object_storage_gets_the_storage_options(tmp_path, s
 def test_an_index_reused_with_other_embedder_weights_at_the_same_path_is_refused(tmp_path):
     """The index key holds embedder.path, not its weights: a descriptor replaced at the same path (a
     fine-tuned CLIP saved over the old folder) reused the index, searching its vectors in the old
-    weights' space with queries in the new one. The index records the weights' version (size and
-    modification time, as training images' files are stamped); a reuse with others is refused, naming
-    the fix, and nothing is rebuilt or changed."""
+    weights' space with queries in the new one. The index records the weights' version (a local file's
+    sha256); a reuse with others is refused, naming the fix, and nothing is rebuilt or changed. A copy of
+    the same weights (a new modification time) is the same version."""
     import shutil
 
     from memex.layout import StorageError
@@ -135,7 +135,7 @@ def test_an_index_reused_with_other_embedder_weights_at_the_same_path_is_refused
     weights = tmp_path / "sscd.pt"
     torch.manual_seed(0)
     torch.jit.script(TinyDescriptor().eval()).save(str(weights))
-    shutil.copy2(weights, tmp_path / "kept.pt")  # (copy2 keeps the modification time)
+    shutil.copy(weights, tmp_path / "kept.pt")
     cfg = compose([f"trainset.path={_world(tmp_path)}", f"storage.root={tmp_path / 'runs'}", "model.path=/planted",
                    "index.shards=2", "embedder=sscd", f"embedder.path={weights}", "embedder.size=32",
                    "resources.executor=local"], config_name="audit")
@@ -150,5 +150,5 @@ def test_an_index_reused_with_other_embedder_weights_at_the_same_path_is_refused
         index.run(cfg)
     after = sorted((p, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file() and p.name != "_lease.json")
     assert after == before  # nothing rebuilt or changed
-    shutil.copy2(tmp_path / "kept.pt", weights)  # restored: reused
+    shutil.copy(tmp_path / "kept.pt", weights)  # restored, as a new copy (a new mtime): the same weights, reused
     assert index.run(cfg) == info
