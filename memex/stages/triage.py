@@ -99,7 +99,8 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
     """triage=preview, one chunk in the driver: previews/shard-<index> -> one TRIAGE_SCHEMA row per
     prompt. Each preview's match.k nearest training images by embedding (the match stage's search),
     then exact tiled l2 on pixels; a prompt's distance is its closest preview's. Memory: one chunk's
-    previews as PNGs, and sampling.shard_size previews' neighbours' pixels at a time."""
+    previews as PNGs, sampling.shard_size previews' neighbours (encoded: match.TrainPixels) at a time, and
+    resources.pixel_cache_mb of them cut for comparison."""
     from memex.images import decode, is_grayscale
     from memex.stages.match import Compared, Luma, fetch_training_images, pixel_distances, readable
 
