@@ -117,6 +117,28 @@ def test_gate_budget_and_growth():
     assert outcome == "grew" and "2 more than step 1000" in msg
 
 
+def test_growth_is_checked_when_the_later_step_finished_first():
+    """A night's jobs run side by side (a job per checkpoint), and a failed audit is retried the next night:
+    step 3000 finished before 2000, was compared with 1000 (or with nothing), and the growth from 2000 to
+    3000 was never checked. Now 2000's gate also compares it with the next step already in the ledger."""
+    sha, series = "c" * 64, "/ck/run"
+
+    def row(step, extracted, outcome="ok"):
+        return {"series": series, "config_sha256": sha, "step": step, "extracted": extracted, "outcome": outcome,
+                "finished": step}
+
+    rows = [row(1000, 1), row(3000, 3), row(4000, 30), row(2500, 0, "error")]
+    assert nightly._previous(rows, series, 2000, sha)["step"] == 1000
+    assert nightly._next(rows, series, 2000, sha)["step"] == 3000  # an error row is no step's result
+    mine = {"extracted": 1, "step": 2000}
+    assert nightly.gate(mine, rows[0], None, 1, rows[1]) == (
+        "grew", "step 3000, audited before this one, extracted 3 training images, 2 more than this step (1); growth "
+                "margin is 1")
+    assert nightly.gate(mine, rows[0], None, 2, rows[1]) == ("ok", "")
+    assert nightly.gate({"extracted": 5, "step": 2000}, rows[0], 4, 1, rows[1])[0] == "over_budget"  # kept, both said
+    assert nightly._next(rows, series, 4000, sha) is None and nightly._next(rows, "/other", 2000, sha) is None
+
+
 def test_three_nights_audit_each_checkpoint_once(tmp_path, browser, monkeypatch):
     location = tmp_path / "watch" / "demo-text-run"
     location.mkdir(parents=True)

@@ -180,8 +180,20 @@ def _previous(rows: list[dict], series: str, step: int | None, sha: str) -> dict
     return max(earlier, key=lambda r: (r["step"], r["finished"])) if earlier else None
 
 
-def gate(row: dict, previous: dict | None, budget: int | None, margin: int | None) -> tuple[str, str]:
-    """(outcome, message) of a finished audit's row."""
+def _next(rows: list[dict], series: str, step: int | None, sha: str) -> dict | None:
+    """The ledger's finished row of the same series and config with the smallest step above `step`."""
+    if step is None:
+        return None
+    later = [r for r in rows if r["series"] == series and r["config_sha256"] == sha and r["outcome"] in DONE
+             and r["step"] is not None and r["step"] > step]
+    return min(later, key=lambda r: (r["step"], r["finished"])) if later else None
+
+
+def gate(row: dict, previous: dict | None, budget: int | None, margin: int | None,
+         following: dict | None = None) -> tuple[str, str]:
+    """(outcome, message) of a finished audit's row. `following`: the next step's row where it finished
+    first (nights' jobs run side by side, and a failed audit is retried the next night): its gate compared
+    it with an earlier step, or with none, so the growth from this step to it is checked here."""
     msgs, outcome = [], "ok"
     if budget is not None and row["extracted"] > budget:
         outcome = "over_budget"
@@ -190,6 +202,11 @@ def gate(row: dict, previous: dict | None, budget: int | None, margin: int | Non
         outcome = "grew" if outcome == "ok" else outcome
         msgs.append(f"extracted {row['extracted']} training images, {row['extracted'] - previous['extracted']} more "
                     f"than step {previous['step']} ({previous['extracted']}); growth margin is {margin}")
+    if margin is not None and following is not None and following["extracted"] - row["extracted"] > margin:
+        outcome = "grew" if outcome == "ok" else outcome
+        msgs.append(f"step {following['step']}, audited before this one, extracted {following['extracted']} "
+                    f"training images, {following['extracted'] - row['extracted']} more than this step "
+                    f"({row['extracted']}); growth margin is {margin}")
     return outcome, "; ".join(msgs)
 
 
@@ -256,8 +273,9 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
     else:
         row.update(samples=s["samples"], extracted=s["extracted_unique_train_images"],
                    extracted_generations=s["extracted_generations"], flagged_prompts=s["prompts_flagged"])
-        prev = _previous(ledger.read().to_pylist(), row["series"], c.step, sha)
-        row["outcome"], row["message"] = gate(row, prev, cfg.nightly.budget, cfg.nightly.growth_margin)
+        rows = ledger.read().to_pylist()
+        prev, nxt = _previous(rows, row["series"], c.step, sha), _next(rows, row["series"], c.step, sha)
+        row["outcome"], row["message"] = gate(row, prev, cfg.nightly.budget, cfg.nightly.growth_margin, nxt)
         if tracker_error is not None:  # an error (retried next night: the audit resumes, the tracker is redone)
             log.error("audit of %s: %s", row["location"], tracker_error)
             gated = f"{row['outcome']}: {row['message']}" if row["message"] else row["outcome"]
