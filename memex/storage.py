@@ -176,7 +176,9 @@ class Store:
             # bytes damaged inside a page come back as arrow's OSError ("Corrupt snappy compressed data",
             # zstd's "Unexpected end of stream"), like a network failure read through fsspec: only the former
             # is named as damaged, with its recovery (removing a file a timeout could not read would be wrong)
-            if type(e) is OSError and not any(w in str(e).lower() for w in CORRUPT_PAGE):
+            # (PermissionError, TimeoutError, ConnectionResetError: a storage failure, whatever it says)
+            if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and (
+                    type(e) is not OSError or not any(w in str(e).lower() for w in CORRUPT_PAGE)):
                 raise
             # arrow names the file it could not open; for one path name it ourselves
             where = self.uri_of(paths[0]) if len(paths) == 1 else f"one of {len(paths)} files under " \
@@ -433,7 +435,8 @@ class StageFolder:
         """Indices of the complete units, ascending."""
         pattern = posixpath.join(self._fresh(posixpath.join(self.path, "_markers")), f"{self.prefix}-*.json")
         n = len(self.prefix) + 1  # the whole number: past 10**6 units unit_name writes 7 digits or more
-        return sorted(int(posixpath.basename(m)[n: -len(".json")]) for m in self.store.fs.glob(pattern))
+        names = (posixpath.basename(m)[n: -len(".json")] for m in self.store.fs.glob(pattern))
+        return sorted(int(d) for d in names if d.isdigit())  # (not a stray "shard-000001 (1).json" copy)
 
     def success(self) -> dict | None:
         """The stage's summary once every unit is complete, else None."""

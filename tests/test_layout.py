@@ -225,13 +225,16 @@ def test_a_unit_damaged_inside_its_pages_is_named_but_a_read_failure_is_not(tmp_
     with pytest.raises(StorageError, match=r"(?s)u.parquet is not readable Parquet \(OSError: .*Remove it"):
         store.read_table(path)
 
-    def timeout(*a, **kw):
-        raise OSError("Read timeout on endpoint URL")
+    for failure in (OSError("Read timeout on endpoint URL"), TimeoutError("timed out"),
+                    PermissionError(13, "Access Denied: the credentials expired"),
+                    ConnectionResetError(104, "Connection reset by peer")):
+        def fail(*a, failure=failure, **kw):
+            raise failure
 
-    monkeypatch.setattr(pq, "read_table", timeout)
-    with pytest.raises(OSError, match="Read timeout") as e:
-        store.read_table(path)
-    assert not isinstance(e.value, StorageError)
+        monkeypatch.setattr(pq, "read_table", fail)
+        with pytest.raises(OSError) as e:
+            store.read_table(path)
+        assert e.value is failure and not isinstance(e.value, StorageError)
 
 
 def _claim_run(lay, settings):
