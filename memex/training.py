@@ -241,8 +241,9 @@ def _load_checkpoint(path: Path, unet, opt: torch.optim.Optimizer, scaler=None) 
 
 
 # the whole job -----------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> Path:
-    """Train and save a diffusers folder at cfg.output; returns its path. Resumes if interrupted."""
+def train(cfg: TrainConfig, cpu: bool = False) -> Path:
+    """Train and save a diffusers folder at cfg.output; returns its path. Resumes if interrupted.
+    cpu: on the CPU though a GPU is visible (a Ray worker given none: memex/models.py resolve_device)."""
     library_logs_to_file()  # importing IFPipeline warns on transformers 5: to the log file, not the console
     from accelerate import Accelerator
     from diffusers import DDPMPipeline, DDPMScheduler, IFPipeline
@@ -263,7 +264,7 @@ def train(cfg: TrainConfig) -> Path:
                           "writable folder") from e
     try:
         manifest, images, captions, example_image, squashed = load_training_set(cfg)
-        accel = Accelerator(mixed_precision=t.mixed_precision)
+        accel = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu)
         # a checkpoint left in output/checkpoints is resumed only if this same recipe wrote it
         made_by = recipe(cfg, images, captions, example_image, accel.num_processes)
         if (ck := latest_checkpoint(out / "checkpoints")) is not None:

@@ -405,12 +405,15 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
     data = DataConfig(path=layout.store.uri_of(layout.shadow_data(index)), caption_column="caption",
                       storage_options=cfg.storage.options)  # the manifest as stored: the record and the input
     with tempfile.TemporaryDirectory(prefix="memex-shadow-") as tmp:
+        # the device the task was given: accelerate takes any GPU it sees, and Ray 2.60 shows a worker that asked
+        # for none (resources.num_gpus=0) the node's GPUs, which shadows then trained on side by side unreserved
+        device = resolve_device(cfg.resources.device)
         out = train(TrainConfig(arch=ArchConfig(**arch), data=data, trainer=TrainerConfig(**trainer),
-                                output=str(Path(tmp) / "model")))
+                                output=str(Path(tmp) / "model")), cpu=device == "cpu")
         for f in sorted(p for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts):
             layout.store.write_bytes(layout.store.join(layout.shadow_model(index), str(f.relative_to(out))),
                                      f.read_bytes())
-        scorer = MiaScorer(load_model(str(out), device=resolve_device(cfg.resources.device)), cfg.mia)
+        scorer = MiaScorer(load_model(str(out), device=device), cfg.mia)
         # mia.images_per_unit at a time, as the target's units: score_rows decodes its rows at their stored size,
         # and the whole set at once was ~7.9 GB a shadow task at 10k 512 px images (each image's noise is seeded
         # by its id, so the losses are the same)
