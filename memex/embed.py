@@ -118,11 +118,13 @@ def weights_stamp(e: EmbedderConfig, storage_options: dict[str, Any] | None = No
             return "; ".join(f"{os.path.relpath(f, path)} {_version(fs, f, _stamp)}" for f in files) or None
     except (OSError, ValueError):
         return None
-    if kind == "clip" and HUB_ID.match(e.path):  # a hub id: the commit of its cached snapshot
-        from memex.models import cached_snapshot
-
-        folder = _cached_config(e.path) or cached_snapshot(e.path)
-        return f"commit {os.path.basename(folder)}" if folder else None
+    if kind == "clip" and HUB_ID.match(e.path):  # a hub id: its cached weight files' blobs
+        folder = _cached_config(e.path)  # (the snapshot's commit moves with a model-card edit; a blob's name is
+        if folder is None:  # the sha256 of its content)
+            return None
+        files = sorted(f for f in os.listdir(folder) if f.endswith(WEIGHT_FILES))
+        return "; ".join(f"{f} blob {os.path.basename(os.path.realpath(os.path.join(folder, f)))[:16]}"
+                         for f in files) or None
     return None
 
 

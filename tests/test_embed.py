@@ -171,3 +171,38 @@ def test_errors_name_the_key(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(EmbedderError, match="set resources.device=cpu"):
             make_embedder(EmbedderConfig("pixels"), device="cuda")
+
+
+def test_the_weights_stamp_of_a_cached_hub_clip_follows_its_blobs_not_its_commit(tmp_path, monkeypatch):
+    """A CLIP hub id's version is its cached weight blobs (named by their content's sha256): a new commit that
+    edits only the model card leaves it, new weights change it. The index refuses a reuse on another."""
+    import os
+
+    import huggingface_hub.constants
+
+    from memex.embed import weights_stamp
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--some-org--clip"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    for blob in ("a" * 64, "b" * 64, "c" * 64):
+        (repo / "blobs" / blob).write_bytes(blob.encode())
+
+    def snapshot(commit: str, weights: str) -> None:
+        snap = repo / "snapshots" / commit
+        snap.mkdir(parents=True)
+        os.symlink(repo / "blobs" / ("c" * 64), snap / "config.json")
+        os.symlink(repo / "blobs" / weights, snap / "model.safetensors")
+        (repo / "refs" / "main").write_text(commit)
+
+    cfg = EmbedderConfig("clip", path="some-org/clip")
+    assert weights_stamp(cfg) is None  # not cached here: nothing to compare
+    snapshot("1" * 40, "a" * 64)
+    first = weights_stamp(cfg)
+    assert first == "model.safetensors blob " + "a" * 16
+    snapshot("2" * 40, "a" * 64)  # a model-card edit: a new commit, the same weights
+    assert weights_stamp(cfg) == first
+    snapshot("3" * 40, "b" * 64)  # new weights
+    assert weights_stamp(cfg) != first
+    assert weights_stamp(EmbedderConfig("pixels")) is None
