@@ -56,8 +56,7 @@ from memex.models import (
 MAX_DEPTH = 4
 CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
 TRAILING_STEP = re.compile(r"(?:^|[-_])(?:step-?)?(\d+)$")
-# sd-scripts' own save names: <output_name>-<epoch:06d> and <output_name>-step<step:08d> (and <output_name> last).
-# Any trailing number made one series of sd15_lora_512 and sd15_lora_768, two runs gated against each other.
+# sd-scripts' own save names: <output_name>-<epoch:06d> and <output_name>-step<step:08d> (and <output_name> last)
 KOHYA_SAVE = re.compile(r"-(?:step(\d{8})|(\d{6}))$")
 log = logging.getLogger("memex.checkpoints")
 HASH_CHUNK = 8 << 20  # 8 MiB reads: sha256 runs at ~1 GB/s, a 3.4 GB SD UNet hashes in ~4 s
@@ -105,15 +104,24 @@ def _step_of_folder(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _kohya_step(f: Path, m: re.Match | None) -> int | None:
-    """A kohya LoRA file's training step: sd-scripts writes the global step into its metadata
-    (ss_steps). Its name's number is an epoch for epoch saves (<name>-000003) and a step for step
-    saves (<name>-step00001000), so one series mixed the two, and an epoch went to the tracker as a
-    step; the name's number is used only for a file saved without metadata (--no_metadata)."""
+def _kohya_series(f: Path) -> tuple[str, int | None]:
+    """A LoRA file's (series name, training step). sd-scripts writes its run's name (ss_output_name) and the
+    global step (ss_steps) into the file's metadata: two runs whose names end in a number (sd15_lora_512,
+    sd15_lora_768) are two series, and an epoch save's number (<name>-000003) is not taken for a step. A
+    file without them (--no_metadata, other trainers: mylora-500, ai-toolkit's mylora_000000500) is named by
+    its stem less its trailing number (sd-scripts' -000003 / -step00001000 first), which is its step."""
     try:
-        return int(safetensors_metadata(str(f))["ss_steps"])
-    except (KeyError, ValueError, TypeError, ModelError, OSError):
-        return int(m.group(1) or m.group(2)) if m else None
+        meta = safetensors_metadata(str(f)) or {}
+    except (ModelError, OSError):
+        meta = {}
+    m = KOHYA_SAVE.search(f.stem) or TRAILING_STEP.search(f.stem)
+    number = int(next(g for g in m.groups() if g)) if m else None
+    name = meta.get("ss_output_name") or (f.stem[:m.start()] if m and m.start() else f.stem)
+    try:
+        step = int(meta["ss_steps"])
+    except (KeyError, ValueError, TypeError):
+        step = number
+    return name, step
 
 
 def _newest_mtime(path: Path) -> float:
@@ -230,9 +238,8 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
                 if f.name == LORA_FILE:  # the final LoRA diffusers' LoRA scripts save beside their checkpoint-<step>/
                     found.append(Checkpoint(str(d), str(d), _step_of_folder(d), b, None, str(f)))
                 else:  # kohya's <name>-<step>.safetensors: a series per name
-                    m = KOHYA_SAVE.search(f.stem)
-                    name = f.stem[:m.start()] if m and m.start() else f.stem
-                    found.append(Checkpoint(str(f), str(d / name), _kohya_step(f, m), b, None, str(f)))
+                    name, step = _kohya_series(f)
+                    found.append(Checkpoint(str(f), str(d / name), step, b, None, str(f)))
         if depth >= MAX_DEPTH:
             return
         def walked(p: Path) -> bool:

@@ -394,18 +394,21 @@ def test_kohya_lora_files_are_checkpoints_a_series_per_name(tmp_path):
             kohya[f"{name}.alpha"] = torch.tensor(float(v.shape[0]))  # alpha = rank: scale 1, as diffusers'
     out = tmp_path / "watch" / "kohya-out"
     out.mkdir(parents=True)
-    # two runs whose names end in a number that is no sd-scripts save suffix (-000003, -step00001000) are
-    # two series: any trailing number once made sd15_lora_512 and sd15_lora_768 one, gated against each other
-    for name in ("style-000001", "style-000002", "style", "face-step00000500", "sd15_lora_512", "sd15_lora_768"):
+    for name in ("style-000001", "style-000002", "style", "face-step00000500", "mylora-500", "mylora-1000"):
         save_file(kohya, out / f"{name}.safetensors")
+    # two sd-scripts runs whose names end in a number: their metadata names each run (ss_output_name), so two
+    # series; by the name alone they were one, sd15_lora, each gated against the other's steps
+    for name, steps in (("sd15_lora_512", "800"), ("sd15_lora_768", "900")):
+        save_file(kohya, out / f"{name}.safetensors", metadata={"ss_output_name": name, "ss_steps": steps})
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)}, out / "sd-base.safetensors")
     found = discover(str(tmp_path / "watch"), str(BASE))
     assert [(Path(c.location).name, Path(c.series).name, c.step, c.lora == c.location) for c in found] == [
         ("face-step00000500.safetensors", "face", 500, True),
-        ("sd15_lora_512.safetensors", "sd15_lora_512", None, True),
-        ("sd15_lora_768.safetensors", "sd15_lora_768", None, True), ("style.safetensors", "style", None, True),
+        ("mylora-500.safetensors", "mylora", 500, True), ("mylora-1000.safetensors", "mylora", 1000, True),
+        ("sd15_lora_512.safetensors", "sd15_lora_512", 800, True),
+        ("sd15_lora_768.safetensors", "sd15_lora_768", 900, True), ("style.safetensors", "style", None, True),
         ("style-000001.safetensors", "style", 1, True), ("style-000002.safetensors", "style", 2, True)]
-    fused = load_model(str(BASE), lora=found[3].lora).pipe.unet.state_dict()
+    fused = load_model(str(BASE), lora=found[5].lora).pipe.unet.state_dict()
     reference = load_model(str(BASE), lora=str(src.parent)).pipe.unet.state_dict()
     assert max((fused[k] - reference[k]).abs().max().item() for k in fused) < 1e-6
 
