@@ -427,6 +427,9 @@ def _nightly(cfg: DictConfig) -> Store | None:
         for p in res.pending:  # "<submission id> <checkpoint folder>", one per line, for a shell loop
             # redacted: nightly.only matches a redacted location too (memex/stages/nightly.py)
             print(p.submission_id(res.config_sha256, nightly.night_of(ncfg)), redact_text(p.ckpt.location))
+        if res.alarms:  # rows a killed job wrote and never announced: the shell loop's lines are all out first
+            sys.stdout.flush()
+            _alarm_exit(ncfg, res, [])
         return None
     from memex import console
 
@@ -444,19 +447,31 @@ def _nightly(cfg: DictConfig) -> Store | None:
         problems.insert(0, f"{len(res.errors)} audits failed: " + "; ".join(
             f"{r['location']}: {r['message']}" for r in res.errors) + " (they are retried on the next run)")
     if res.alarms:
-        for p in problems:
-            print(redact_text(f"memex: error: {p}"), file=sys.stderr)
-        print(redact_text("memex nightly: ALARM: " + "; ".join(f"{r['location']}: {r['message']}" for r in res.alarms)),
-              file=sys.stderr)
-        try:  # (a night that ends before this line: the next one announces them)
-            nightly.mark_announced(ncfg, res)
-        except Exception as e:  # noqa: BLE001 - the alarm's exit code must stand; said, not swallowed
-            print(redact_text(f"memex: error: the alarms were not marked announced ({type(e).__name__}: {e}): the "
-                              "next night announces them again"), file=sys.stderr)
-        raise SystemExit(GATE_EXIT)
+        _alarm_exit(ncfg, res, problems)
     if problems:
         raise C.MemexError("; ".join(problems))
     return None
+
+
+def _alarm_exit(ncfg, res, problems: list[str]) -> None:
+    """The night's errors, its ALARM line, the alarms marked announced, exit GATE_EXIT."""
+    from memex.stages import nightly
+
+    if ncfg.nightly.action == C.NightlyAction.plan:  # (a run's webhook was called before, with its result)
+        try:
+            nightly.announce(ncfg, res)
+        except C.MemexError as e:
+            problems.append(str(e))
+    for p in problems:
+        print(redact_text(f"memex: error: {p}"), file=sys.stderr)
+    print(redact_text("memex nightly: ALARM: " + "; ".join(f"{r['location']}: {r['message']}" for r in res.alarms)),
+          file=sys.stderr)
+    try:  # (a night that ends before this line: the next one announces them)
+        nightly.mark_announced(ncfg, res)
+    except Exception as e:  # noqa: BLE001 - the alarm's exit code must stand; said, not swallowed
+        print(redact_text(f"memex: error: the alarms were not marked announced ({type(e).__name__}: {e}): the "
+                          "next night announces them again"), file=sys.stderr)
+    raise SystemExit(GATE_EXIT)
 
 
 nightly_main = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="nightly")(_nightly)

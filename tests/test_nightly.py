@@ -790,6 +790,21 @@ def test_an_alarm_a_night_ended_before_announcing_is_announced_by_the_next(tmp_p
     night()  # announced once: the night after exits 0
     assert "ALARM" not in capsys.readouterr().err
 
+    # plan mode (a job per checkpoint, each with nightly.only): a job killed before its ALARM line leaves its
+    # row to the next night's plan, which prints its lines for the shell loop, then the ALARM, and exits 3
+    ledger.append(row("e", "over_budget", dt.datetime.now(dt.timezone.utc).replace(microsecond=0)))
+    for code in (3, None):
+        monkeypatch.setattr(sys, "argv", ["memex", "nightly", f"storage.root={root}", f"nightly.location={tmp_path}",
+                                          "nightly.action=plan"])
+        if code is None:
+            cli.main()
+            assert "ALARM" not in capsys.readouterr().err
+            continue
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        out = capsys.readouterr()
+        assert e.value.code == 3 and out.out == "" and "memex nightly: ALARM: /ck/e: 2 > nightly.budget=0" in out.err
+
 
 def test_trend_links_are_relative_only_within_one_bucket():
     """The ledger in bucket A, the runs in bucket B: the relative link ../../../B/runs/... resolved

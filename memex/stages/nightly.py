@@ -338,6 +338,9 @@ def run(cfg: NightlyAuditConfig) -> NightlyResult:
         check_tracker(cfg.tracker)  # its package, before any weights are hashed
     res = plan(cfg)
     if cfg.nightly.action == NightlyAction.plan:
+        # plan mode's jobs (nightly.only) announce their own rows: a job killed before its ALARM line leaves its
+        # row to the next night's plan, which announces it (its exit 3, the webhook)
+        res.earlier_alarms = earlier_alarms(Ledger(ledger_root(cfg), cfg.storage.options), res.config_sha256, [])
         return res
     if res.pending:  # a training set, prompts or output folder every audit would fail on: once, no error rows
         from memex.stages.audit import check_shared_inputs
@@ -361,13 +364,17 @@ def run(cfg: NightlyAuditConfig) -> NightlyResult:
         res.trend = write_trend(cfg, ledger)  # after every audit: a crash later still leaves it current
     if res.trend is None:
         res.trend = write_trend(cfg, ledger)
-    if cfg.nightly.only is None:  # (a job per checkpoint announces its own row; the whole night, every one)
-        mine = {(r["weights_sha256"], r["config_sha256"]) for r in res.rows}
-        res.earlier_alarms = [
-            {**r, "message": f"{r['message']} (found {r['finished']:%Y-%m-%d %H:%M} UTC by a night that ended "
-                             "before announcing it)"}
-            for r in ledger.unannounced(res.config_sha256) if (r["weights_sha256"], r["config_sha256"]) not in mine]
+    if cfg.nightly.only is None:  # (a job per checkpoint announces its own row; the plan, and a whole night, all)
+        res.earlier_alarms = earlier_alarms(ledger, res.config_sha256, res.rows)
     return res
+
+
+def earlier_alarms(ledger: Ledger, sha: str, mine: list[dict]) -> list[dict]:
+    """This config's alarm rows no night announced (memex/ledger.py), other than the rows `mine`."""
+    this = {(r["weights_sha256"], r["config_sha256"]) for r in mine}
+    return [{**r, "message": f"{r['message']} (found {r['finished']:%Y-%m-%d %H:%M} UTC by a night that ended "
+                             "before announcing it)"}
+            for r in ledger.unannounced(sha) if (r["weights_sha256"], r["config_sha256"]) not in this]
 
 
 def mark_announced(cfg: NightlyAuditConfig, res: NightlyResult) -> None:
