@@ -132,6 +132,16 @@ def test_a_shadow_trains_for_as_many_passes_over_its_half_as_the_target_made(tmp
                                           r".*remove .*shadows to train"):
         mia.check_trained_shadows(folder, {0: 3643, 1: 3643})
 
+    # trained on another half than this run plans (before a questioned copy of a member took the member's split)
+    from memex.layout import MIA_SHADOW_SCHEMA
+
+    folder.write_shard(0, pa.table({"shadow": [0, 0], "image_id": ["m3", "q-copy"], "in_training": [False, True],
+                                    "loss": [0.1, 0.1]}, schema=MIA_SHADOW_SCHEMA), {"training_steps": 5000})
+    mia.check_trained_shadows(folder, {0: 5000}, {0: {"m3": False, "q-copy": True}})  # the same half
+    with pytest.raises(MemexError, match=r"shadow model 0 .* was trained on another half of the images than this run "
+                                         r"plans \(1 differ, e.g. q-copy\): remove .*shadows to train"):
+        mia.check_trained_shadows(folder, {0: 5000}, {0: {"m3": False, "q-copy": False}})
+
 
 def test_the_driver_gives_each_shadow_steps_by_the_rows_of_its_half(world, tmp_path, monkeypatch, caplog):
     """The driver counts a shadow's rows as the shadow's training data holds them: a picture with 4

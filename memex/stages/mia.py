@@ -325,16 +325,25 @@ def warn_missing_copies(recipe: dict, images: pa.Table) -> None:
                 "train writes it beside the model) as members.path", most)
 
 
-def check_trained_shadows(folder, steps: dict[int, int]) -> None:
+def check_trained_shadows(folder, steps: dict[int, int], inside: dict[int, dict[str, bool]] | None = None) -> None:
     """A shadow finished by an earlier run (its marker) with another number of steps than this run
-    plans (memex before shadow_steps trained every shadow for the target's steps) is refused: its
-    losses would sit beside shadows trained another way."""
-    for s in folder.complete():
+    plans (memex before shadow_steps trained every shadow for the target's steps), or on other images
+    (`inside`: image id -> in its half; memex before a questioned copy of a member took the member's
+    split), is refused: its losses would sit beside shadows trained another way."""
+    done = folder.complete()
+    trained = folder.read(columns=["shadow", "image_id", "in_training"]).to_pylist() if inside and done else []
+    for s in done:
         had = (folder.read_marker(s) or {}).get("training_steps")
         if s in steps and had != steps[s]:
             raise ConfigError(f"shadow model {s} in {folder.store.uri_of(folder.path)} was trained for {had} steps "
                               f"and this run trains it for {steps[s]} (as many passes over its images as the "
                               f"target made): remove {folder.store.uri_of(folder.path)} to train the shadows again")
+        other = [r["image_id"] for r in trained if r["shadow"] == s and inside and s in inside
+                 and inside[s].get(r["image_id"], r["in_training"]) != r["in_training"]]
+        if other:
+            raise ConfigError(f"shadow model {s} in {folder.store.uri_of(folder.path)} was trained on another half of "
+                              f"the images than this run plans ({len(other)} differ, e.g. {other[0]}): remove "
+                              f"{folder.store.uri_of(folder.path)} to train the shadows again")
 
 
 # ---- 3. scoring units (in the actors) --------------------------------------------------------
@@ -599,7 +608,9 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
         warn_missing_copies(recipe, images)
         tasks = {s: {"inside": split[s].tolist(), "steps": shadow_steps(recipe, half[s], cfg.mia.shadow_steps)}
                  for s in range(cfg.mia.shadow_models)}
-        check_trained_shadows(layout.shadows, {s: t["steps"] for s, t in tasks.items()})
+        ids = images["image_id"].to_pylist()
+        check_trained_shadows(layout.shadows, {s: t["steps"] for s, t in tasks.items()},
+                              {s: dict(zip(ids, t["inside"])) for s, t in tasks.items()})
         runner.run_tasks(layout.shadows, tasks, train_and_score_shadow, cfg.resources, cfg=cfg, run_name=name,
                          recipe=recipe)
         evals += sum(layout.shadows.read_marker(s).get("unet_evaluations", 0) for s in tasks)
