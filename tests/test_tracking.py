@@ -116,7 +116,8 @@ def test_nightly_sets_the_step_itself_and_the_tracker_is_not_in_the_config_hash(
 def test_two_series_of_one_folder_name_log_to_two_tracker_runs(tmp_path):
     """diffusers' default output_dir (sd-model-finetuned-lora) under two parents: both series were named
     after the folder, so mlflow and wandb logged them into one run, each overwriting the other's metrics
-    at the same steps. Such series go by their path under nightly.location; a unique name is unchanged."""
+    at the same steps. Each series goes by its path under nightly.location (one directly under it: its folder
+    name, as before)."""
     import torch
     from safetensors.torch import save_file
 
@@ -136,7 +137,11 @@ def test_two_series_of_one_folder_name_log_to_two_tracker_runs(tmp_path):
              for p in res.pending}
     assert names == {str(tmp_path / "ck" / "dog" / "sd-model-finetuned-lora"): "dog/sd-model-finetuned-lora",
                      str(tmp_path / "ck" / "cat" / "sd-model-finetuned-lora"): "cat/sd-model-finetuned-lora",
-                     str(tmp_path / "ck" / "owl" / "owl-lora"): "owl-lora"}
+                     str(tmp_path / "ck" / "owl" / "owl-lora"): "owl/owl-lora"}
+    # from the path alone: a series keeps its name when the other series of its folder name go
+    assert nightly.series_names({str(tmp_path / "ck" / "dog" / "sd-model-finetuned-lora")}, str(tmp_path / "ck")) == \
+        {str(tmp_path / "ck" / "dog" / "sd-model-finetuned-lora"): "dog/sd-model-finetuned-lora"}
+    assert nightly.series_names({str(tmp_path / "ck")}, str(tmp_path / "ck")) == {str(tmp_path / "ck"): "ck"}
 
 
 def test_metrics_and_params():

@@ -158,16 +158,15 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
 
 
 def series_names(series: set[str], location: str) -> dict[str, str]:
-    """series folder -> the name its tracker run (mlflow, wandb) goes by: its folder's name, or where
-    two series share one (diffusers' default output_dir, sd-model-finetuned-lora, under two parents)
-    its path under nightly.location: by name alone both logged into one run, each overwriting the
-    other's metrics at the same steps."""
-    base = {s: posixpath.basename(s.rstrip("/")) for s in series}
-    shared = {b for b in base.values() if list(base.values()).count(b) > 1}
+    """series folder -> the name its tracker run (mlflow, wandb) goes by: its path under nightly.location
+    (sd15-ft/ for one directly under it; the location's own name for the location itself). By folder name
+    alone, two series of one name (diffusers' default output_dir, sd-model-finetuned-lora, under two
+    parents) logged into one run, each overwriting the other's metrics at the same steps. From the path
+    alone, a series keeps its name whatever other series appear or go."""
     out = {}
-    for s, b in base.items():
-        rel = posixpath.relpath(s, location) if b in shared else b
-        out[s] = b if rel.startswith("..") or rel == "." else rel
+    for s in series:
+        rel = posixpath.relpath(s, location)
+        out[s] = posixpath.basename(s.rstrip("/")) if rel.startswith("..") or rel == "." else rel
     return out
 
 
