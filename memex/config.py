@@ -625,7 +625,7 @@ class TrackerConfig:
     # curves and memex's numbers side by side). None: a run named run_name (mlflow: found by name in
     # the experiment, else created; wandb: a new run).
     run_id: Optional[str] = None
-    run_name: Optional[str] = None  # None: the audit's run folder name; nightly: the series' path under nightly.location
+    run_name: Optional[str] = None  # None: the audit's run folder name; nightly: the series' path under its location
     # mlflow
     tracking_uri: Optional[str] = None  # None: MLflow's own ($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)
     experiment: Optional[str] = None  # None: $MLFLOW_EXPERIMENT_NAME (or _ID), else MLflow's Default; created if new
