@@ -105,7 +105,7 @@ class TrainPixels(Mapping):
         self.names.update(other.names)
 
 
-_WARNED: set[str] = set()  # the images warned of in this process: each shard that fetches one again stays quiet
+_WARNED: set[str] = set()  # the images warned of in this stage run: each shard that fetches one again stays quiet
 
 
 def unreadable(name: str, reason: str) -> None:
@@ -401,6 +401,7 @@ def match_shards(cfg: AuditConfig, run_name: str) -> int:
     An adaptive audit calls this after each round, then `run` once at the end."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     info = read_info(layout)
+    _WARNED.clear()  # each audit's log names its unreadable images (nightly runs many audits in one process)
     cliques = cfg.match.candidates == CandidateSource.cliques
     if cliques and layout.candidates.success() is None:
         raise StorageError(f"run {layout.uri} has no complete candidates/: run the filter (memex audit) first")

@@ -102,7 +102,9 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
     previews as PNGs, sampling.shard_size previews' neighbours (encoded: match.TrainPixels) at a time, and
     resources.pixel_cache_mb of them cut for comparison."""
     from memex.images import decode, is_grayscale
-    from memex.stages.match import Compared, Luma, fetch_training_images, pixel_distances, readable
+    from memex.stages.match import _WARNED, Compared, Luma, fetch_training_images, pixel_distances, readable
+
+    _WARNED.clear()  # each chunk's log names its unreadable neighbours (see match_shards)
 
     prev = layout.store.read_table(layout.previews.file(index))
     marker = layout.previews.read_marker(index) or {}
