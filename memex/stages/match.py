@@ -69,7 +69,22 @@ def select_candidates(layout: RunLayout, shard: int, wanted: pa.Array | None) ->
 
 
 # 3. training pixels ---------------------------------------------------------------------------
-class TrainPixels(Mapping):
+class _Derived(Mapping):
+    """gid -> an image made from another mapping's entry at each access (`_keys` holds the gids)."""
+
+    _keys: Mapping
+
+    def __contains__(self, gid) -> bool:
+        return gid in self._keys
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class TrainPixels(_Derived):
     """gid -> (H, W, 3) uint8 training image, decoded from its stored bytes at each access and not kept.
 
     The driver holds a shard's neighbours encoded: 64 generations x match.k = 10 are up to 640
@@ -91,14 +106,9 @@ class TrainPixels(Mapping):
             unreadable(self.names.get(gid, f"gid {gid}"), f"{type(e).__name__}: {e}")
             raise KeyError(gid) from e
 
-    def __contains__(self, gid) -> bool:
-        return gid in self.encoded
-
-    def __iter__(self):
-        return iter(self.encoded)
-
-    def __len__(self) -> int:
-        return len(self.encoded)
+    @property
+    def _keys(self) -> Mapping:
+        return self.encoded
 
     def merge(self, other: TrainPixels) -> None:
         self.encoded.update(other.encoded)
@@ -282,7 +292,7 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
     return rows
 
 
-class Luma(Mapping):
+class Luma(_Derived):
     """Training pixels (gid -> uint8 RGB) as a grayscale generation is compared with them: each one's
     luma (memex/images.py luma_rgb), made at each access and not kept (`Compared` keeps the cut ones);
     gray training images are unchanged by it."""
@@ -293,14 +303,9 @@ class Luma(Mapping):
     def __getitem__(self, gid: int) -> np.ndarray:
         return luma_rgb(self.pixels[gid])
 
-    def __contains__(self, gid) -> bool:
-        return gid in self.pixels
-
-    def __iter__(self):
-        return iter(self.pixels)
-
-    def __len__(self) -> int:
-        return len(self.pixels)
+    @property
+    def _keys(self) -> Mapping:
+        return self.pixels
 
 
 def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, picture: dict[int, int],
