@@ -17,7 +17,7 @@ from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from memex import config as C
 from memex.redact import install_log_redaction, redact, redact_text
@@ -306,6 +306,10 @@ def to_audit_config(cfg: DictConfig) -> C.AuditConfig:
 
 
 def to_nightly_config(cfg: DictConfig) -> C.NightlyAuditConfig:
+    if OmegaConf.is_missing(cfg.model, "path"):  # model=local's ???: nightly replaces it per checkpoint
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.model.path = ""  # (unset: each checkpoint brings its own)
     return _typed(cfg, C.NightlyAuditConfig, C.validate_nightly)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -930,7 +930,10 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
     if cfg.run.samples_from is not None:
         raise ConfigError("run.samples_from: memex nightly generates anew for each checkpoint; drop it (re-match "
                           "one checkpoint's run folder with memex audit run.samples_from=<run>)")
-    validate_audit(cfg)  # model.path/name and run.name are replaced per checkpoint
+    # model.path/name and run.name are replaced per checkpoint: model=local (a base given as nightly.base_model,
+    # or pipelines found whole) needs no model.path of its own, which was demanded and then thrown away
+    unset = not cfg.model.path or cfg.model.path == "???"
+    validate_audit(replace(cfg, model=replace(cfg.model, path=n.location)) if unset else cfg)
 
 
 # ---- memex mia: membership inference (memex/mia.py, memex/stages/mia.py, docs/method.md) ----

@@ -106,6 +106,16 @@ def test_wrong_nightly_overrides_name_the_key(override, key):
         compose([override], config_name="nightly")
 
 
+def test_nightly_with_model_local_needs_no_model_path_of_its_own():
+    """memex nightly replaces model.path with each checkpoint's (its pipeline, or nightly.base_model under a
+    checkpoint-<step>/unet): model=local's model.path was demanded, then thrown away. The config hash
+    is the same with or without one."""
+    common = ["nightly=default", "nightly.location=/mnt/x", "trainset=manifest", "trainset.path=/data/t.parquet"]
+    bare = compose([*common, "model=local"], config_name="nightly")
+    given = compose([*common, "model=local", "model.path=/models/whatever"], config_name="nightly")
+    assert bare.model.path == "" and nightly.config_sha256(bare) == nightly.config_sha256(given)
+
+
 def test_gate_budget_and_growth():
     row = {"extracted": 3}
     assert nightly.gate(row, None, None, None) == ("ok", "")
