@@ -113,6 +113,8 @@ def config_sha256(cfg: NightlyAuditConfig) -> str:
     for k in NOT_IN_CONFIG_HASH_MODEL:
         c["model"].pop(k, None)
     drop_unset_added(c)  # keys added after ledgers existed (model.lora, index.train_size): count only when set
+    if cfg.nightly.ema:  # EMA weights are another series of results: gated against the raw UNet's rows they
+        c["nightly_ema"] = True  # read as growth or its absence (only when on: ledgers of before keep their hash)
     # ${memex_home:} paths (the demo's trainset) are written back as the variable: the checkout on
     # a laptop and its copy in a Ray job's working_dir must give the same hash
     text = identity_text(c)
