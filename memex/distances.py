@@ -16,6 +16,7 @@ Every function runs on the device its inputs are on (CPU or GPU) and returns ten
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -290,3 +291,10 @@ def relative_ratios(l2: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """
     denom = alpha * l2.mean(dim=1, keepdim=True)
     return torch.where(denom > 0, l2 / denom.clamp_min(torch.finfo(l2.dtype).tiny), torch.zeros_like(l2))
+
+
+def within(d: float, threshold: float) -> bool:
+    """d <= threshold at the distances' float32 precision, as the filter's adjacency compares (NumPy casts the
+    Python float threshold to the array's float32). A uint8 pair whose worst tile is exactly at 0.15 reads
+    0.15000000596 in float32: an edge in the filter, and no copy where match compared in float64."""
+    return bool(np.float32(d) <= np.float32(threshold))

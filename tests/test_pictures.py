@@ -231,3 +231,24 @@ def test_training_images_are_cut_once_per_shape_and_luma_across_shards():
     small = Compared("center_crop", max_bytes=2 * 3 * 32 * 32 * 4)  # room for two 32 px images
     assert verify_all(shard, D, I, train, meta, m, "l2", "center_crop", {}, small) == plain
     assert small.nbytes <= small.max_bytes and len(small._d) == 2 and small.made > 4
+
+
+def test_a_distance_exactly_at_the_threshold_is_an_edge_and_a_copy_alike():
+    """A uint8 pair whose worst tile is exactly at tiled l2 0.15 (51 in 84 of its 192 values) reads
+    0.15000000596 in float32. The filter's adjacency compares in float32 (an edge: "within 0.15"); match
+    compared its float64 copy and called it no copy. Both now compare at the distances' float32."""
+    import numpy as np
+    import torch
+
+    from memex.cliques import adjacency
+    from memex.distances import tiled_l2_pairwise
+    from memex.stages.match import verify_all
+
+    gen, train = np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)
+    train[:8, :8] = np.array([0] * 84 + [51] * 108, np.uint8).reshape(8, 8, 3)  # 108 x 51^2 = 0.0225 x 192 x 255^2
+    d = tiled_l2_pairwise(torch.tensor(np.stack([gen, train])), torch.tensor(np.stack([gen, train])))
+    assert float(d[0, 1]) > 0.15 and adjacency(d, 0.15)[0, 1]
+    samples = pa.table({"sample_id": ["p/0"], "prompt_id": ["p"], "prompt": ["x"], "image": [encode_png(gen)]})
+    row = verify_all(samples, np.array([[0.0]]), np.array([[0]]), {0: train}, {0: ("a", "c")}, MatchConfig(), "l2",
+                     "center_crop", {})[0]
+    assert row["distance"] == float(d[0, 1]) and row["extracted"]

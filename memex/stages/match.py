@@ -250,7 +250,7 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
     search proposes, pixels decide: relative_distance over the proposals' distinct pictures.
     compared: the stage's cache of training images as compared (None: one for this call)."""
 
-    from memex.distances import tile_detail
+    from memex.distances import tile_detail, within
 
     rows, luma = [], Luma(pixels)
     compared = compared if compared is not None else Compared(preprocess)
@@ -281,13 +281,13 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
             detail[g, gen.shape[:2]] = float(tile_detail(cut(g))[0])
         ed = float(D[j, rank])
         margin = None
-        if m.distance == DistanceKind.tiled_l2 and dist <= m.threshold:
+        if m.distance == DistanceKind.tiled_l2 and within(dist, m.threshold):
             margin = distinct_margin(d, [g for _, g in nb], best, px, picture, gen.shape[:2], m, preprocess, same,
                                      compare=cut)
         rows.append({"sample_id": sid, "prompt_id": pid, "prompt": text, "train_gid": g, "train_id": meta[g][0],
                      "train_caption": meta[g][1], "distance": dist,
                      "embed_distance": float(np.sqrt(max(ed, 0.0))) if metric == "l2" else ed,
-                     "neighbor_rank": rank, "extracted": bool(dist <= m.threshold),
+                     "neighbor_rank": rank, "extracted": within(dist, m.threshold),
                      "train_detail": detail[g, gen.shape[:2]], "margin": margin})
     return rows
 
@@ -317,7 +317,7 @@ def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, pic
     (a near-duplicate the index did not group), so it is skipped. None: no other picture among the k.
     `same` caches that training-pair test across the generations of a shard (the many copies of one
     memorized picture share their neighbours): about one pixel distance per distinct pair."""
-    from memex.distances import tiled_l2
+    from memex.distances import tiled_l2, within
 
     mine = picture.get(gids[best], gids[best])
     for j in np.argsort(d, kind="stable"):
@@ -327,7 +327,7 @@ def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, pic
         key = (gids[best], g, shape)
         if key not in same:  # the two training images as the generation was compared with each
             pair = ((compare(x) if compare else as_compared(pixels[x], shape, preprocess)) for x in (gids[best], g))
-            same[key] = bool(float(tiled_l2(*pair)[0]) <= m.threshold)
+            same[key] = within(float(tiled_l2(*pair)[0]), m.threshold)
         if same[key]:
             continue
         return float(d[best] / d[j]) if d[j] > 0 else 1.0
