@@ -48,6 +48,28 @@ TOKENIZER_CHARS = frozenset(string.printable)  # what memex/tiny.py's character-
 
 
 # 1-2. data ---------------------------------------------------------------------------------
+def check_captions_fit(captions: list[str], max_length: int) -> None:
+    """Captions that differ only past the tokens arch.max_length keeps would train as one caption (the tiny
+    tokenizer reads a character a token: the default 48 keeps ~46 characters, spaces aside; COCO and LAION
+    captions run longer). Refused, naming the setting and the length the longest caption needs."""
+    import tempfile
+
+    distinct = sorted(set(captions))
+    with tempfile.TemporaryDirectory(prefix="memex-tok-") as tmp:
+        tok = tiny.build_tokenizer(tmp, max_length=max_length)
+        full = tok(distinct, truncation=False).input_ids
+    cut: dict[tuple, list[int]] = {}
+    for k, ids in enumerate(full):
+        cut.setdefault(tuple(ids[:max_length - 1]), []).append(k)
+    clash = [g for g in cut.values() if len({tuple(full[k]) for k in g}) > 1]
+    if clash:
+        a, b = (distinct[k] for k in clash[0][:2])
+        raise ManifestError(f"{sum(len(g) for g in clash)} captions differ only past the {max_length - 2} tokens "
+                            f"arch.max_length={max_length} keeps, and would train as one (e.g. {a[:80]!r} and "
+                            f"{b[:80]!r}): set arch.max_length={max(len(ids) for ids in full)} (the longest caption's "
+                            "tokens) or shorten the captions")
+
+
 def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[str], torch.Tensor, int]:
     """(expanded manifest, distinct images (N, 3, R, R) in [-1, 1], their captions, example -> image, how
     many of them were non-square and squashed to R x R by data.resize)."""
@@ -72,6 +94,8 @@ def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[st
                                 "maps others to its padding, so captions that differ there train as one): "
                                 "transliterate the captions to ASCII")
         captions.append(cap or "")
+    if cfg.arch.kind == ArchKind.pixel_text:
+        check_captions_fit(captions, cfg.arch.max_length)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     expanded = expand_duplicates(table, d.duplication, d.duplication_seed)
     index = {i: k for k, i in enumerate(table["id"].to_pylist())}

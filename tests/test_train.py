@@ -296,6 +296,15 @@ def test_a_models_own_training_manifest_and_stray_checkpoint_names_are_named(man
                              "caption": ["日本の犬", "猫のロゴ"]}), cjk)
     with pytest.raises(ManifestError, match=r"image 'a': its caption '日本の犬' has characters .*transliterate"):
         train(_cfg(cjk, tmp_path / "cjk", "data.duplication=[]"))
+    # captions that differ only past what arch.max_length keeps (a character a token): they trained as one
+    long = tmp_path / "long.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "image": [encode_png(logo(k, 16)[0]) for k in range(2)],
+                             "caption": ["a skyline of the old harbour city at night", "a skyline of the old harbour "
+                                         "city at noon"]}), long)
+    with pytest.raises(ManifestError, match=r"2 captions differ only past the 30 tokens arch.max_length=32 keeps.*"
+                                            r"set arch.max_length=36 \(the longest caption's tokens\)"):
+        train(_cfg(long, tmp_path / "long", "data.duplication=[]", "arch.max_length=32"))
+    assert not (tmp_path / "long").exists()
     run = tmp_path / "run"
     for name in ("checkpoint-10", "checkpoint-2", "checkpoint-3.bak"):
         (run / name).mkdir(parents=True)
