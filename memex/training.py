@@ -388,4 +388,7 @@ def train(cfg: TrainConfig, cpu: bool = False) -> Path:
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(out / INFO_FILE)
         shutil.rmtree(out / "_tokenizer", ignore_errors=True)
+    # `accelerate launch --num_processes N`: the other processes returned at once and said "model saved" before
+    # the main one had written it; they wait for it now (one process: no-op)
+    accel.wait_for_everyone()
     return out
