@@ -175,17 +175,21 @@ def _recipe_differences(saved: dict, now: dict) -> list[str]:
 
 
 def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, keep: int, made_by: dict,
-                     scaler=None) -> None:
+                     scaler=None, encoder=None) -> None:
     """checkpoint-<step>/: the UNet, the optimizer's tensors (safetensors) and the rest as JSON: its param
     groups, the step, the recipe, and fp16's loss scale (accelerate's GradScaler: scale, growth tracker).
     Without the scale a resumed fp16 run restarted at 65,536 and skipped steps until it backed off to where
-    the uninterrupted run was (each skip an overflow: a step with no update)."""
+    the uninterrupted run was (each skip an overflow: a step with no update). A text model's frozen encoder
+    too (text_encoder/, ~1 MB at the tiny sizes): a resume rebuilt it from trainer.seed, and a torch or
+    transformers version that initialises it otherwise would have changed every caption's conditioning."""
     from safetensors.torch import save_file
 
     tmp = folder / f"_tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    if encoder is not None:
+        encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()
                if torch.is_tensor(v)}
@@ -307,6 +311,8 @@ def train(cfg: TrainConfig, cpu: bool = False) -> Path:
         tokenizer = tiny.build_tokenizer(out / "_tokenizer", max_length=a.max_length)
         encoder = tiny.build_text_encoder(len(tokenizer), a.max_length, hidden=a.text_hidden, seed=t.seed,
                                           layers=a.text_layers)
+        if ck is not None and (ck / "text_encoder").is_dir():  # the encoder the checkpoint's UNet trained with
+            encoder.load_state_dict(type(encoder).from_pretrained(ck / "text_encoder").state_dict())
         with torch.no_grad():
             tok = tokenizer(captions + [""], padding="max_length", max_length=a.max_length, truncation=True,
                             return_tensors="pt")
@@ -355,7 +361,8 @@ def train(cfg: TrainConfig, cpu: bool = False) -> Path:
             log.info("step %d/%d loss %.4f (%.2f s/step)", done, t.steps, loss.item(),
                      (time.perf_counter() - t0) / (done - start))
         if accel.is_main_process and (done % t.checkpoint_every == 0 or done == t.steps):
-            _save_checkpoint(ckpts, done, accel.unwrap_model(unet), opt, t.keep_checkpoints, made_by, accel.scaler)
+            _save_checkpoint(ckpts, done, accel.unwrap_model(unet), opt, t.keep_checkpoints, made_by, accel.scaler,
+                             encoder)
     seconds = time.perf_counter() - t0
 
     # 5. save the diffusers folder, the exact training set and how it was made

@@ -78,6 +78,26 @@ def test_resume_continues_from_the_checkpoint(manifest, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_a_resume_trains_on_the_text_encoder_its_checkpoint_trained_with(manifest, tmp_path, monkeypatch):
+    """A text model's frozen encoder was rebuilt from trainer.seed on resume: a torch or transformers version
+    that initialises it otherwise (stood in for here by another seed) changed every caption's conditioning
+    mid-run, and the model shipped the new encoder. The checkpoint holds the encoder now, and the resume
+    loads it: the same encoder, and UNet, as the uninterrupted run."""
+    from memex import tiny
+
+    full = train(_cfg(manifest, tmp_path / "full"))
+    train(_cfg(manifest, tmp_path / "resumed", "trainer.steps=3"))
+    (tmp_path / "resumed" / INFO_FILE).unlink()  # as if killed before the final save
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-3" / "text_encoder").is_dir()
+    build = tiny.build_text_encoder
+    monkeypatch.setattr(tiny, "build_text_encoder", lambda *a, seed=0, **kw: build(*a, seed=seed + 1, **kw))
+    resumed = train(_cfg(manifest, tmp_path / "resumed"))
+    for part in ("text_encoder", "unet"):
+        a = getattr(load_model(str(full)).pipe, part).state_dict()
+        b = getattr(load_model(str(resumed)).pipe, part).state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), part
+
+
 def test_an_fp16_runs_loss_scale_is_kept_in_its_checkpoint(tmp_path):
     """fp16 training runs a GradScaler (accelerate's): its scale and growth tracker are part of where the run
     is. They were not in the checkpoint, so a resumed fp16 run restarted at a scale of 65,536 and skipped
