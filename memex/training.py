@@ -7,8 +7,9 @@ module does the same with accelerate, so one code path runs on this CPU and on s
     1. check inputs (config ranges, manifest, every image decodable at the model's resolution)
     2. expand the manifest by the duplication schedule -> the exact training set, saved with the model
     3. build the model from config: UNet2DModel, or UNet2DConditionModel + frozen text encoder
-    4. train (epsilon prediction, DDPM noise schedule), checkpointing every N steps; resume from
-       the newest checkpoint, only if this same recipe (arch, trainer, training set) wrote it
+    4. train (epsilon prediction, DDPM noise schedule), checkpointing every N steps (the UNet, the
+       optimizer, a text model's frozen encoder); resume from the newest checkpoint, only if this same
+       recipe (arch, trainer, training set) wrote it
     5. save a standard diffusers folder (DDPMPipeline or IFPipeline layout, safetensors) that
        `memex generate` loads like any other model
 
