@@ -100,22 +100,20 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 def weights_stamp(e: EmbedderConfig, storage_options: dict[str, Any] | None = None) -> str | None:
     """The version of the embedder's weights: each weight file's sha256 (local) or size + ETag (object
-    stores, as the index key stamps training images' files); a hub id's cached commit. None where there is
+    stores, as the index key stamps training images' files); a cached hub id's weight blobs. None where there is
     nothing to stamp (pixels, a hub id not cached here, a path that is not there: the load names it).
     An index records it, and one reused with other weights at the same embedder.path is refused
     (memex/stages/index.py): its vectors are in the old weights' space, the queries in the new."""
     kind = getattr(e.kind, "value", e.kind)
     if kind == "pixels" or not e.path:
         return None
-    from memex.ingest import _stamp
-
     try:
         fs, path = fsspec.core.url_to_fs(e.path, **(storage_options or {}))
         if fs.isfile(path):
-            return _version(fs, path, _stamp)
+            return _version(fs, path)
         if fs.isdir(path):
             files = sorted(f for f in fs.find(path) if f.endswith(WEIGHT_FILES))
-            return "; ".join(f"{os.path.relpath(f, path)} {_version(fs, f, _stamp)}" for f in files) or None
+            return "; ".join(f"{os.path.relpath(f, path)} {_version(fs, f)}" for f in files) or None
     except (OSError, ValueError):
         return None
     if kind == "clip" and HUB_ID.match(e.path):  # a hub id: its cached weight files' blobs
@@ -131,13 +129,15 @@ def weights_stamp(e: EmbedderConfig, storage_options: dict[str, Any] | None = No
 _HASHED: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: nightly's audits of one process hash once
 
 
-def _version(fs, path: str, stamp) -> str:
+def _version(fs, path: str) -> str:
     """A local file's sha256 (a copy of the same weights, a new mtime from a rebuilt image, is the same
     version; ~0.2 s for SSCD's 100 MB, ~3 s for CLIP ViT-L's 1.7 GB, once a process); an object store's
     size + ETag (no download)."""
+    from memex.ingest import _stamp
+
     info = fs.info(path)
     if "file" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
-        return stamp(info)
+        return _stamp(info)
     import hashlib
 
     key = (path, info.get("size"), info.get("mtime"))

@@ -565,6 +565,21 @@ def row_bytes(row: dict, opts: dict[str, Any]) -> bytes:
     return data
 
 
+def _per_row(records: list[dict], fn, workers: int) -> list:
+    """fn(row) for each row, in order, on up to `workers` threads; a row whose fn raises gives its reason
+    ("TypeName: message") instead: any failure of one image sets that image aside only."""
+    def one(row: dict):
+        try:
+            return fn(row)
+        except Exception as e:  # noqa: BLE001 - the caller quarantines or names the row
+            return f"{type(e).__name__}: {e}"
+
+    if workers > 1 and len(records) > 1:
+        with ThreadPoolExecutor(min(workers, len(records))) as pool:
+            return list(pool.map(one, records))
+    return [one(r) for r in records]
+
+
 def fetch_bytes(rows: pa.Table, storage_options: dict[str, Any] | None = None,
                 workers: int = 8) -> tuple[dict, pa.Table]:
     """({id: encoded image}, QUARANTINE_SCHEMA table of the rows that could not be read) for rows with
@@ -572,19 +587,8 @@ def fetch_bytes(rows: pa.Table, storage_options: dict[str, Any] | None = None,
     row holds none. Nothing is decoded (match keeps a shard's neighbours encoded: memex/stages/match.py)."""
     opts = storage_options or {}
     records = rows.select([c for c in ("id", "image", "uri") if c in rows.column_names]).to_pylist()
-
-    def one(row: dict) -> bytes | str:
-        try:
-            return row_bytes(row, opts)
-        except Exception as e:  # noqa: BLE001 - any failure of one image sets that image aside only
-            return f"{type(e).__name__}: {e}"
-
-    remote = sum(not r.get("image") for r in records)
-    if workers > 1 and remote > 1:
-        with ThreadPoolExecutor(min(workers, remote)) as pool:
-            results = list(pool.map(one, records))
-    else:
-        results = [one(r) for r in records]
+    remote = sum(not r.get("image") for r in records)  # threads for the reads from uris only
+    results = _per_row(records, lambda row: row_bytes(row, opts), workers if remote > 1 else 1)
     good = {r["id"]: res for r, res in zip(records, results) if not isinstance(res, str)}
     bad = [{"id": r["id"], "uri": r.get("uri"), "reason": res}
            for r, res in zip(records, results) if isinstance(res, str)]
@@ -616,18 +620,7 @@ def decode_rows(rows: pa.Table, size: int | None, storage_options: dict[str, Any
     """
     opts = storage_options or {}
     records = rows.select([c for c in ("id", "image", "uri") if c in rows.column_names]).to_pylist()
-
-    def one(row: dict) -> np.ndarray | str:
-        try:
-            return _decode(row, size, opts, preprocess, aspect)
-        except Exception as e:  # noqa: BLE001 - any failure of one image quarantines that image only
-            return f"{type(e).__name__}: {e}"
-
-    if workers > 1 and len(records) > 1:
-        with ThreadPoolExecutor(min(workers, len(records))) as pool:
-            results = list(pool.map(one, records))
-    else:
-        results = [one(r) for r in records]
+    results = _per_row(records, lambda row: _decode(row, size, opts, preprocess, aspect), workers)
 
     ids, images, bad = [], [], []
     for row, res in zip(records, results):

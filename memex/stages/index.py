@@ -20,12 +20,10 @@ Units are plain Ray tasks, not Ray Data: a unit is one function call that writes
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
-import posixpath
 import time
 import zipfile
 from typing import Iterable
@@ -389,12 +387,8 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
     if train_rows.missing(layout):  # (train.pack gone: both written again, the same rows in the same order)
         # a killed build's copy of the training set (`_tmp-<uuid>-train.pack`, its full size, and its table)
         # is never reused: gone before the new copy (not another audit's write-probe, made outside the lease)
-        for p in layout.store.fs.glob(layout.store.join("_tmp-*")):
-            # not another audit's write-probe, nor a lease's temp file (this build's heartbeat, or an audit
-            # waiting on the lease: written and moved every few seconds, so it may be gone by now)
-            if not posixpath.basename(p).startswith("_tmp-probe-") and not p.endswith("_lease.json"):
-                with contextlib.suppress(FileNotFoundError):
-                    layout.store.fs.rm_file(p)
+        # (not another audit's write-probe, nor a lease's temp file: Store.sweep_temp spares both)
+        layout.store.sweep_temp("")
         # a lost pack: its table goes first. The table is moved into place after the pack, so a kill between
         # the two moves left the old table, the new pack and the new table's temp file, a whole index that
         # never came back here to sweep it. Now such a kill leaves no table: the next run sweeps and copies.

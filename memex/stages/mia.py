@@ -100,10 +100,10 @@ def read_image_set(path: str, caption_column: str, member: bool | None, opts: di
 
 
 def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[str, str], dict[str, str]]:
-    """(images that decode, quarantine, {query id: the image whose shadow split it takes}, {id: sha256 of its
-    pixels}); refuses overlapping
-    sets, naming the ids. A non-member that is a near copy of a member (a re-encoding, a resize: NEAR_COPY_RMS)
-    joins the quarantine, with its member. A query holding the same picture as an earlier image takes its split."""
+    """(images that decode, quarantine, {id: the image whose shadow split it takes}, {id: sha256 of its pixels});
+    refuses overlapping sets, naming the ids. A non-member that is a near copy of a member (a re-encoding, a
+    resize: NEAR_COPY_RMS) joins the quarantine, with its member. A query holding the same picture as an
+    earlier image, and a near copy of another image of its own set, take that image's split."""
     members = images.filter(pc.equal(images["member"], True))["image_id"].to_pylist()
     nonmembers = images.filter(pc.equal(images["member"], False))["image_id"].to_pylist()
     both = sorted(set(members) & set(nonmembers))
@@ -211,31 +211,32 @@ def near_copies(thumbs: dict[str, np.ndarray], members: list[str], nonmembers: l
     """(non-member id, member id, RMS) for each non-member within NEAR_COPY_RMS of its nearest member's
     thumbnail (members with enough detail only: NEAR_COPY_MIN_STD): exact, by a flat FAISS search
     (10,000 x 10,000 images: ~1 s)."""
-    import faiss
-
     members = [i for i in members if float(thumbs[i].std()) >= NEAR_COPY_MIN_STD]
     if not members or not nonmembers:
         return []
+    rms, j = thumb_search(thumbs, members, nonmembers, 1)
+    return [(n, members[int(k)], float(r)) for n, k, r in zip(nonmembers, j[:, 0], rms[:, 0]) if r <= NEAR_COPY_RMS]
+
+
+def thumb_search(thumbs: dict[str, np.ndarray], base: list[str], queries: list[str], k: int) -> tuple:
+    """(RMS (n, k), index into `base` (n, k)) of each query's k nearest base thumbnails: exact, a flat FAISS
+    search (10,000 x 10,000 images: ~1 s)."""
+    import faiss
+
     index = faiss.IndexFlatL2(THUMB * THUMB * 3)
-    index.add(np.stack([thumbs[i] for i in members]))
-    d, j = index.search(np.stack([thumbs[i] for i in nonmembers]), 1)
-    rms = np.sqrt(np.maximum(d[:, 0], 0) / (THUMB * THUMB * 3))
-    return [(n, members[int(k)], float(r)) for n, k, r in zip(nonmembers, j[:, 0], rms) if r <= NEAR_COPY_RMS]
+    index.add(np.stack([thumbs[i] for i in base]))
+    d, j = index.search(np.stack([thumbs[i] for i in queries]), k)
+    return np.sqrt(np.maximum(d, 0) / (THUMB * THUMB * 3)), j
 
 
 def near_groups(thumbs: dict[str, np.ndarray], ids: list[str]) -> dict[str, str]:
     """{id: the first id (in `ids` order) of its group} for the ids of one set in a group of near copies:
     thumbnails within NEAR_COPY_RMS of another's (with enough detail: NEAR_COPY_MIN_STD), joined through
     each image's 8 nearest (a flat FAISS search, ~1 s at 10,000 images)."""
-    import faiss
-
     cand = [i for i in ids if i in thumbs and float(thumbs[i].std()) >= NEAR_COPY_MIN_STD]
     if len(cand) < 2:
         return {}
-    x = np.stack([thumbs[i] for i in cand])
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    d, j = index.search(x, min(8, len(cand)))
+    rms, j = thumb_search(thumbs, cand, cand, min(8, len(cand)))
     parent = list(range(len(cand)))
 
     def root(a: int) -> int:
@@ -245,8 +246,8 @@ def near_groups(thumbs: dict[str, np.ndarray], ids: list[str]) -> dict[str, str]
         return a
 
     for a in range(len(cand)):
-        for dist, b in zip(d[a], j[a]):
-            if 0 <= b != a and np.sqrt(max(float(dist), 0.0) / x.shape[1]) <= NEAR_COPY_RMS:
+        for r, b in zip(rms[a], j[a]):
+            if 0 <= b != a and r <= NEAR_COPY_RMS:
                 parent[root(int(b))] = root(a)
     first: dict[int, str] = {}
     for a, i in enumerate(cand):
@@ -472,8 +473,8 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
 
 
 def splits_of(ids: list[str], split_as: dict[str, str], n_shadows: int, seed: int) -> np.ndarray:
-    """(S, N) bool: shadow s trains on image j (memex.mia.shadow_splits), where an image in `split_as` (a query
-    holding another image's picture: check_sets) takes that image's row."""
+    """(S, N) bool: shadow s trains on image j (memex.mia.shadow_splits), where an image in `split_as` (a copy
+    of another image: check_sets) takes that image's row."""
     from memex.mia import shadow_splits
 
     keys = [split_as.get(i, i) for i in ids]
