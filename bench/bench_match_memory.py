@@ -3,6 +3,7 @@ images held decoded (memex before) against held encoded and decoded on a cut mis
 
     python bench/bench_match_memory.py                       # 64 generations x k = 10, 640 distinct 1024x1536 JPEGs
     python bench/bench_match_memory.py --train-size 768x1024 --generations 32
+    python bench/bench_match_memory.py --grayscale           # a 1-channel model: "L" generations, luma compared
 
 A samples shard is 64 generations (sampling.shard_size); match verifies each against its k = 10
 nearest training images by embedding, so a shard needs up to 640 training images. Here every
@@ -15,7 +16,9 @@ resources.pixel_cache_mb), and must return the same rows (asserted):
 Each side runs in a fresh subprocess, one torch thread; memory is the process's peak RSS
 (resource.getrusage) above its RSS once its inputs are read, so what each side adds on top of the
 encoded table both share. Images are synthetic at the real shapes: smooth colour fields with
-grain, JPEG quality 90 (sizes printed), generations 512x512 PNGs.
+grain, JPEG quality 90 (sizes printed), generations 512x512 PNGs. --grayscale: the generations are
+"L" PNGs, as a 1-channel model's, so both sides compare them with the training images' luma
+(match.Luma over either side's pixels).
 """
 
 from __future__ import annotations
@@ -44,14 +47,14 @@ def picture(rng, h: int, w: int) -> np.ndarray:
     return np.clip(base + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def make_inputs(folder: Path, n_gen: int, k: int, size: tuple[int, int], seed: int = 0) -> dict:
+def make_inputs(folder: Path, n_gen: int, k: int, size: tuple[int, int], gray: bool = False, seed: int = 0) -> dict:
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from memex.images import encode_png
+    from memex.images import encode_png, luma_rgb
 
     rng = np.random.default_rng(seed)
     jpegs = []
@@ -61,7 +64,7 @@ def make_inputs(folder: Path, n_gen: int, k: int, size: tuple[int, int], seed: i
         jpegs.append(buf.getvalue())
     pq.write_table(pa.table({"id": [f"t{g}" for g in range(len(jpegs))], "gid": np.arange(len(jpegs)),
                              "image": pa.array(jpegs, pa.binary())}), folder / "train.parquet")
-    gens = [encode_png(picture(rng, 512, 512)) for _ in range(n_gen)]
+    gens = [encode_png(luma_rgb(p)[..., :1] if gray else p) for p in (picture(rng, 512, 512) for _ in range(n_gen))]
     pq.write_table(pa.table({"sample_id": [f"p{j // 8}/{j % 8}" for j in range(n_gen)],
                              "prompt_id": [f"p{j // 8}" for j in range(n_gen)],
                              "prompt": [f"prompt {j // 8}" for j in range(n_gen)],
@@ -113,6 +116,7 @@ def main() -> None:
     ap.add_argument("--train-size", default="1024x1536", help="training images HxW")
     ap.add_argument("--cache-mb", type=int, nargs="+", default=[1024, 256],
                     help="resources.pixel_cache_mb values run on the memex side (the plain side: the first)")
+    ap.add_argument("--grayscale", action="store_true", help="1-channel generations (a grayscale model's)")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -120,10 +124,12 @@ def main() -> None:
         return side(a.side, a.folder, a.k, a.cache_mb[0])
     h, w = (int(x) for x in a.train_size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
-        sizes = make_inputs(Path(tmp), a.generations, a.k, (h, w))
-        print(f"one samples shard: {a.generations} generations 512x512 x k = {a.k}: {a.generations * a.k} distinct "
-              f"training images {h}x{w}, JPEG {sizes['train_kb_each']:.0f} KB each ({sizes['train_mb']:.0f} MB "
-              f"encoded, {a.generations * a.k * h * w * 3 / 2**20:.0f} MiB decoded); one torch thread")
+        sizes = make_inputs(Path(tmp), a.generations, a.k, (h, w), a.grayscale)
+        kind = "grayscale " if a.grayscale else ""
+        print(f"one samples shard: {a.generations} {kind}generations 512x512 x k = {a.k}: "
+              f"{a.generations * a.k} distinct training images {h}x{w}, JPEG {sizes['train_kb_each']:.0f} KB each "
+              f"({sizes['train_mb']:.0f} MB encoded, {a.generations * a.k * h * w * 3 / 2**20:.0f} MiB decoded); "
+              "one torch thread")
         runs = [("plain", a.cache_mb[0])] + [("memex", c) for c in a.cache_mb]
         out = {}
         for kind, cache in runs:
