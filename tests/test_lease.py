@@ -68,8 +68,8 @@ def test_a_lease_is_stale_by_the_holders_timeout_not_only_the_challengers(tmp_pa
     with pytest.raises(LeaseHeld, match="gpu-node-7"):
         Lease(store, "run folder X", timeout_s=45).acquire()
     _foreign(tmp_path / "_lease.json", heartbeat_age=301, timeout_s=300.0)  # past the holder's own: taken over
-    with Lease(store, "run folder X", timeout_s=45):
-        pass
+    with Lease(store, "run folder X", timeout_s=45) as lease:
+        assert json.loads((tmp_path / "_lease.json").read_text())["nonce"] == lease.nonce
 
 
 def test_a_dead_process_on_this_machine_is_taken_over_at_once(tmp_path):

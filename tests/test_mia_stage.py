@@ -171,9 +171,13 @@ def test_the_driver_gives_each_shadow_steps_by_the_rows_of_its_half(world, tmp_p
     ids = images["image_id"].to_pylist()
     copies = dict(zip(ids, images["copies"].to_pylist()))
     assert copies["logo-00"] == 4
-    for unit in seen.values():
-        rows = sum(max(1, copies[i] or 1) for i, inside in zip(ids, unit["inside"]) if inside)
-        assert unit["steps"] == round(STEPS * rows / N)
+    assert sorted(seen) == [0, 1] and len(ids) == 2 * N  # one unit a shadow; logo-00's 3 extra ids are one image
+    rows_of = {0: 0, 1: 0}
+    for s, unit in seen.items():
+        # rows as built here: logo-00 is 4 rows (itself + 3 copies), every other image 1
+        rows_of[s] = sum(4 if i == "logo-00" else 1 for i, inside in zip(ids, unit["inside"]) if inside)
+        assert unit["steps"] == round(STEPS * rows_of[s] / N)
+    assert sum(rows_of.values()) == 2 * N + 3  # every image in exactly one of the two halves
     assert sorted(u["steps"] for u in seen.values()) != [STEPS, STEPS]
     assert "LiRA's shadows hold" not in caplog.text  # halves of ~7 rows against the target's 6
 

@@ -153,11 +153,14 @@ def _device_in_a_worker_given_no_gpu(requested: str) -> str:
 
     from memex.models import resolve_device
 
+    real = torch.cuda.is_available
     torch.cuda.is_available = lambda: True
     try:
         return resolve_device(requested)
     except Exception as e:  # noqa: BLE001 - its message, back to the test
         return f"{type(e).__name__}: {e}"
+    finally:  # the worker stays in the session's pool and runs other tests' tasks
+        torch.cuda.is_available = real
 
 
 def test_a_ray_worker_given_no_gpu_runs_on_the_cpu_though_it_sees_one(ray_head):
@@ -183,6 +186,27 @@ def test_a_ray_worker_given_no_gpu_runs_on_the_cpu_though_it_sees_one(ray_head):
         assert resolve_device("auto") == "cuda"
     finally:
         torch.cuda.is_available = real
+
+
+def _device_in_a_worker(requested: str) -> tuple[str, str | None]:
+    import os
+
+    from memex.models import resolve_device
+
+    return resolve_device(requested), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_node_a_ray_worker_gets_the_gpu_only_when_it_reserved_one(ray_head):
+    """The rule above on a real GPU node (the CPU test fakes torch.cuda.is_available): a worker that asked
+    for num_gpus=1 runs on the GPU Ray gave it, one that asked for none on the CPU, whatever it sees."""
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    given = ray.get(ray.remote(num_gpus=1, num_cpus=0.5)(_device_in_a_worker).remote("auto"))
+    assert given[0] == "cuda" and given[1] not in (None, ""), given
+    assert ray.get(ray.remote(num_gpus=0, num_cpus=0.5)(_device_in_a_worker).remote("auto"))[0] == "cpu"
 
 
 def _with_safety_checker(src: str, dst) -> str:

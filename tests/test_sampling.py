@@ -27,8 +27,13 @@ def _batch(n_per_prompt=3, run_seed=0):
     return ids, [PROMPTS[p] for p in ids], [sample_seed(run_seed, p, i) for p, i in zip(ids, idx)]
 
 
+PINNED_SEED = 5788409701804392049  # sample_seed(0, "p1", 0) since the first run folders
+
+
 def test_sample_seed_is_stable_and_distinct():
-    assert sample_seed(0, "p1", 0) == sample_seed(0, "p1", 0)
+    # pinned: a seed that moved (another hash, another byte order) would regenerate other images on resume
+    # and break byte-identical reruns of every existing run folder
+    assert sample_seed(0, "p1", 0) == PINNED_SEED
     seeds = {sample_seed(r, p, i) for r in range(3) for p in PROMPTS for i in range(50)}
     assert len(seeds) == 3 * len(PROMPTS) * 50
     assert all(0 <= s < 2**63 for s in seeds)
@@ -205,6 +210,11 @@ def test_guidance_off_skips_the_unconditional_pass(tiny_models):
     s = _sampler(tiny_models["pixel_text"], guidance_scale=1.0)
     assert not s.cfg and s.prompts_encoded == 0
     assert s.generate(["p1"], [PROMPTS["p1"]], [1]).shape == (1, 16, 16, 3)
+    # the prompt only (no empty prompt), and one pass a step over the padded batch of 4 (not 2 x 4 x 4)
+    assert s.prompts_encoded == 1 and s.unet_evaluations == 4 * 4
+    g = _sampler(tiny_models["pixel_text"], guidance_scale=3.0)
+    g.generate(["p1"], [PROMPTS["p1"]], [1])
+    assert g.prompts_encoded == 2 and g.unet_evaluations == 2 * 4 * 4  # guided: both passes
 
 
 def test_image_size_from_config(tiny_models):
