@@ -168,7 +168,7 @@ MATCHES_SCHEMA = pa.schema(
 )
 
 # <run>/matched_train_images.parquet: the training images the verified candidates matched, copied into
-# the run folder so its report can be rebuilt from the run folder alone (a few per flagged prompt)
+# the run folder so its report can be rebuilt from the run folder alone: those of the extracted matches
 MATCHED_TRAIN_SCHEMA = pa.schema([("train_gid", pa.int64()), ("train_id", pa.string()), ("image", pa.binary())])
 
 # The nightly ledger: one row per audited checkpoint and config (memex/ledger.py)

@@ -20,11 +20,12 @@ import math
 import posixpath
 from typing import Iterable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from memex.images import thumbnail_png
-from memex.layout import MATCHED_TRAIN_SCHEMA, RunLayout, StorageError
+from memex.layout import CANDIDATES_SCHEMA, MATCHED_TRAIN_SCHEMA, RunLayout, StorageError
 from memex.redact import redact, redact_urls
 
 THUMB = 256  # px: larger images are downscaled before embedding
@@ -84,13 +85,13 @@ def histogram_svg(values: Sequence[float], threshold: float | None, label: str, 
 
     `x_max`: the right end of the x axis (default: the largest value or threshold, plus 5%), so that
     two histograms can share one scale."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
+    # numpy, not a Python loop: at the paper's scale a histogram is of 175M generations' distances
+    vals = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
+    if not vals.size:
         return f'<p class="muted">no {esc(label)} to plot</p>'
-    hi = x_max if _finite(x_max) and x_max > 0 else max(max(vals), threshold or 0.0) * 1.05 or 1.0
-    counts = [0] * bins
-    for v in vals:
-        counts[min(int(v / hi * bins), bins - 1)] += 1
+    hi = x_max if _finite(x_max) and x_max > 0 else max(float(vals.max()), threshold or 0.0) * 1.05 or 1.0
+    counts = np.bincount(np.minimum((vals / hi * bins).astype(np.int64), bins - 1), minlength=bins).tolist()
     top, pad, plot_w, plot_h = max(counts), 30, width - 55, height - 30
     bar_w = plot_w / bins
     parts = [f'<svg role="img" aria-label="{esc(label)}" width="{width}" height="{height}" '
@@ -108,7 +109,7 @@ def histogram_svg(values: Sequence[float], threshold: float | None, label: str, 
     for f in (0, 0.5, 1):
         parts.append(f'<text x="{pad + plot_w * f:.1f}" y="{height - 5}" text-anchor="middle">{hi * f:.3g}</text>')
     parts.append("</svg>")
-    return (f'<figure class="hist">{"".join(parts)}<figcaption>{esc(label)} (n = {len(vals)}, tallest bar {top})'
+    return (f'<figure class="hist">{"".join(parts)}<figcaption>{esc(label)} (n = {vals.size}, tallest bar {top})'
             f"</figcaption></figure>")
 
 
@@ -200,7 +201,10 @@ def _preview_triage(summary: dict) -> str:
     """triage=preview: per prompt, the tiled l2 of its closest short-schedule preview to the training
     set, for prompts with and without an extracted generation, and the 10 closest."""
     scored = [p for p in summary["per_prompt"] if _finite(p.get("triage_distance"))]
-    thr = summary.get("thresholds", {}).get("match_threshold")
+    t = summary.get("thresholds", {})
+    # previews are matched by tiled l2; a re-match of their run by relative l2 (run.samples_from
+    # match=relative) has a threshold on another scale: no line for it on this axis
+    thr = t.get("match_threshold") if t.get("match_distance", "tiled_l2") == "tiled_l2" else None
     hit = [p["triage_distance"] for p in scored if _extracted(p) > 0]
     rest = [p["triage_distance"] for p in scored if _extracted(p) <= 0]
     x_max = max(max(p["triage_distance"] for p in scored), thr or 0.0) * 1.05 or None
@@ -287,9 +291,11 @@ def uncounted_reason(p: dict, t: dict) -> str:
 
 
 def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample_png: dict[str, bytes],
-                  train_png: dict[int, bytes], mia_section: str = "") -> str:
+                  train_png: dict[int, bytes], mia_section: str = "", distances: np.ndarray | None = None) -> str:
     """The report of one audit as an HTML string (inputs: what `build_report` reads from the run).
-    `mia_section`: the membership-inference section (memex/mia_report.py), placed before the config."""
+    `mia_section`: the membership-inference section (memex/mia_report.py), placed before the config.
+    `distances`: every verified candidate's distance, for its histogram (default: matches'; build_report
+    passes only the extracted rows as `matches`)."""
     # redacted again here: a summary.json written before memex/redact.py may still hold credentials
     t, cfg = summary["thresholds"], redact(summary.get("config", {}))
     model = redact(summary["model"])
@@ -326,10 +332,18 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
                f'({near}) is &le; {t["match_threshold"]}.</p>')
     out.append(_cost(summary))
 
-    ext = extracted_in_order(matches)
-    out.append(f"<h2>Extracted generations ({ext.num_rows})</h2>")
+    counted = set(summary.get("extracted_train_ids", []))
+    ext = extracted_in_order(matches, counted)
+    why = {i: uncounted_reason(p, t) for p in summary.get("uncounted_pictures", []) for i in p.get("rows", [])}
+    n_counted = int(pc.sum(pc.is_in(ext["train_id"], pa.array(sorted(counted), pa.string()))).as_py() or 0) \
+        if ext.num_rows else 0
+    out.append(f"<h2>Extracted generations ({ext.num_rows}: {n_counted} of counted pictures)</h2>")
     if not ext.num_rows:
         out.append('<p class="muted">No generation was verified as a copy of a training image.</p>')
+    elif n_counted < ext.num_rows:
+        out.append('<p class="muted">Generations within the threshold of a training picture; those of pictures that '
+                   "count as extracted come first, then those of pictures that do not count (low complexity, too few "
+                   "copying generations, or not distinct), each marked with its reason.</p>")
     def img(png: bytes | None, alt: str) -> str:
         return (f'<img alt="{esc(alt)}" src="{data_uri(png)}">' if png
                 else f'<span class="muted">{esc(alt)} not stored</span>')
@@ -344,6 +358,8 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
             f'{img(tr, "training image " + str(r["train_id"]))}<figcaption>training {esc(r["train_id"])}</figcaption>'
             f'</figure></div><div><b>{esc(t["match_distance"])} {r["distance"]:.4f}</b></div>'
             + (f'<div class="muted">training tile detail {detail}</div>' if detail else "")
+            + (f'<div class="muted"><b>not counted</b>: {esc(why.get(r["train_id"], "its picture does not count"))}'
+               "</div>" if r["train_id"] not in counted else "")
             + f'<div class="text">prompt: {esc(r["prompt"])}</div>'
             f'<div class="text muted">caption: {esc(r["train_caption"])}</div></div>')
     if cards:
@@ -381,11 +397,13 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
 
     # nearest-neighbour distance histograms
     out.append("<h2>Nearest-neighbour distances</h2>")
-    gen_nn = [v for col in (candidates["nearest_distances"].to_pylist() if candidates.num_rows else [])
-              for v in (col or [])]
+    gen_nn = (pc.list_flatten(candidates["nearest_distances"]).to_numpy(zero_copy_only=False)
+              if candidates.num_rows else np.zeros(0))
+    if distances is None:
+        distances = matches["distance"].to_numpy(zero_copy_only=False) if matches.num_rows else np.zeros(0)
     out.append('<div class="hists">' + histogram_svg(
         gen_nn, t["filter_edge_tiled_l2"], "tiled l2 of each generation to its nearest generation of the same prompt")
-        + histogram_svg(matches["distance"].to_pylist() if matches.num_rows else [], t["match_threshold"],
+        + histogram_svg(distances, t["match_threshold"],
                         f"{t['match_distance']} of each verified candidate to its nearest training image") + "</div>")
 
     out.append(mia_section)
@@ -425,13 +443,20 @@ def not_a_finished_run(layout: RunLayout) -> str:
             "or check the path)")
 
 
-def extracted_in_order(matches: pa.Table) -> pa.Table:
-    """Extracted pairs, most certain (smallest distance) first, ties by sample_id: one order for the
-    pairs the page shows and the generations build_report loads for them. (It loaded by distance alone:
-    tiled l2 of uint8 images takes few values, and at the cutoff a tied row showed "not stored".)"""
+def extracted_in_order(matches: pa.Table, counted: set[str] = frozenset()) -> pa.Table:
+    """Extracted pairs: those of counted pictures (`counted`: summary.json's extracted_train_ids) first,
+    then most certain (smallest distance) first, ties by sample_id: one order for the pairs the page
+    shows and the generations build_report loads for them. (It loaded by distance alone: tiled l2 of
+    uint8 images takes few values, and at the cutoff a tied row showed "not stored". By distance alone,
+    flat low-complexity pictures, which the smallest distances land on, filled all MAX_PAIRS pairs
+    with pictures that do not count.)"""
     if not matches.num_rows:
         return matches
-    return matches.filter(matches["extracted"]).sort_by([("distance", "ascending"), ("sample_id", "ascending")])
+    ext = matches.filter(matches["extracted"])
+    other = pc.invert(pc.is_in(ext["train_id"], pa.array(sorted(counted), pa.string())))
+    return (ext.append_column("_other", other)
+            .sort_by([("_other", "ascending"), ("distance", "ascending"), ("sample_id", "ascending")])
+            .drop_columns(["_other"]))
 
 
 def build_report(run: str | RunLayout, storage_options: dict | None = None) -> str:
@@ -449,9 +474,12 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
         raise StorageError(f"{layout.uri} re-matched the generations of {layout.generated.uri}, and they are gone "
                            "(no samples/_SUCCESS.json there); the report shows them. This folder's summary.json and "
                            "matches/ are as they were: restore that run folder to rebuild the report")
-    candidates = layout.candidates.read()
-    matches = layout.matches.read()
-    ext = extracted_in_order(matches).slice(0, MAX_PAIRS)  # the pairs render_report shows
+    # only what the page shows: at the paper's scale candidates/ holds 175M sample ids and matches/ a row a
+    # generation (candidates=all), of which the page needs the extracted rows and one distance column
+    candidates = layout.candidates.read(columns=[f.name for f in CANDIDATES_SCHEMA if f.name != "sample_ids"])
+    distances = layout.matches.read(columns=["distance"])["distance"].to_numpy(zero_copy_only=False)
+    matches = layout.matches.read(filters=[("extracted", "==", True)])
+    ext = extracted_in_order(matches, set(summary.get("extracted_train_ids", []))).slice(0, MAX_PAIRS)  # shown
     wanted = pa.array(ext["sample_id"].to_pylist(), pa.string())
     sample_png: dict[str, bytes] = {}
     if len(wanted):
@@ -472,13 +500,14 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
             sample_png.update(zip(t["sample_id"].to_pylist(), t["image"].to_pylist()))
     train_png: dict[int, bytes] = {}
     if (matched_train := layout.matched_train_source()) is not None:
-        t = store.read_table(matched_train, schema=MATCHED_TRAIN_SCHEMA)
+        t = store.read_table(matched_train, schema=MATCHED_TRAIN_SCHEMA,
+                             filters=[("train_gid", "in", sorted(set(ext["train_gid"].to_pylist())))])
         train_png = dict(zip(t["train_gid"].to_pylist(), t["image"].to_pylist()))
     from memex.mia_report import read_mia, render_mia_section  # it imports this module
 
     mia = read_mia(store)  # <run>/mia/summary.json: `memex mia` ran on this run folder too
     html_text = render_report(summary, candidates, matches, sample_png, train_png,
-                              render_mia_section(*mia) if mia is not None else "")
+                              render_mia_section(*mia) if mia is not None else "", distances)
     store.write_bytes(layout.report_path, html_text.encode())
     return store.uri_of(layout.report_path)
 

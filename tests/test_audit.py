@@ -450,6 +450,10 @@ def assert_readable_by_pyarrow(layout: RunLayout, s: dict) -> None:
     assert ds.dataset(index / "train_rows.parquet").count_rows() == s["index"]["train_images"]
     matched = ds.dataset(run / "matched_train_images.parquet").to_table()
     assert set(matched["train_id"].to_pylist()) >= set(s["extracted_train_ids"])
+    # only the extracted matches' images: the report shows no other (200 near misses were fetched for nothing)
+    within = ds.dataset(run / "matches").to_table(filter=ds.field("extracted"))
+    assert set(matched["train_gid"].to_pylist()) == set(within["train_gid"].to_pylist())
+    assert ds.dataset(run / "matches").count_rows() > within.num_rows  # there were non-copies to leave out
     assert (run / "summary.json").exists() and not (run / "matches" / "summary.json").exists()
 
 

@@ -111,3 +111,5 @@ def test_a_training_image_unreadable_since_the_index_was_built_is_named_and_left
     assert not {5, 7} & set(m["train_gid"].to_pylist())
     kept = pq.read_table(RunLayout(cfg.storage.root, "r").matched_train_path)
     assert 3 in kept["train_gid"].to_pylist() and not {5, 7} & set(kept["train_gid"].to_pylist())
+    # only the copies' training images: B's best other neighbours (no copies) are not fetched for the report
+    assert set(kept["train_gid"].to_pylist()) == {3} and set(m["train_gid"].to_pylist()) - {3}

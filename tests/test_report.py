@@ -380,9 +380,65 @@ def test_the_pairs_loaded_are_the_pairs_shown_when_distances_tie():
 
     from memex.report import extracted_in_order
 
-    m = pa.table({"sample_id": ["b/0", "a/1", "a/0", "c/0"], "distance": [0.1, 0.1, 0.1, 0.05],
+    m = pa.table({"sample_id": ["b/0", "a/1", "a/0", "c/0"], "train_id": ["t"] * 4, "distance": [0.1, 0.1, 0.1, 0.05],
                   "extracted": [True, True, True, False]})
     assert extracted_in_order(m)["sample_id"].to_pylist() == ["a/0", "a/1", "b/0"]
+    assert extracted_in_order(m, {"t"})["sample_id"].to_pylist() == ["a/0", "a/1", "b/0"]
+
+
+def _match_rows(rows: list[tuple[str, str, int, float, float]]):
+    """MATCHES_SCHEMA rows: (sample_id, train_id, train_gid, distance, train_detail), all extracted."""
+    from memex.layout import MATCHES_SCHEMA
+
+    return pa.Table.from_pylist([{"sample_id": s, "prompt_id": s.split("/")[0], "prompt": "p", "train_gid": g,
+                                  "train_id": t, "train_caption": "c", "distance": d, "embed_distance": 0.1,
+                                  "neighbor_rank": 0, "extracted": True, "train_detail": det, "margin": 0.1}
+                                 for s, t, g, d, det in rows], schema=MATCHES_SCHEMA)
+
+
+def test_pairs_of_counted_pictures_come_first_and_the_others_say_why_not(monkeypatch):
+    """The pairs were every generation within the threshold by distance alone, capped at MAX_PAIRS. With
+    candidates=all, flat low-complexity pictures (the smallest tiled l2) filled every slot and the counted
+    copies fell into "N more in matches/", unlabelled under "training images extracted: 1". Pairs of
+    counted pictures now come first, and each other pair names why its picture does not count."""
+    from memex import report
+    from memex.layout import CANDIDATES_SCHEMA
+
+    flat = [(f"f/{k}", "sky", 7, 0.01 + k / 1000, 0.05) for k in range(3)]  # nearer than any copy
+    logo = [(f"l/{k}", "logo", 3, 0.10 + k / 1000, 0.4) for k in range(2)]
+    summary = _summary(
+        extracted_generations=5, extracted_unique_train_images=1, extracted_train_ids=["logo"],
+        thresholds={**_summary()["thresholds"], "min_generations": 2, "low_detail_min_generations": 4},
+        extracted_pictures=[{"picture": "logo", "rows": ["logo"], "generations": 2, "counted": True}],
+        uncounted_pictures=[{"picture": "sky", "rows": ["sky"], "generations": 3, "low_complexity": True,
+                             "distinct": True, "counted": False, "detail": 0.05}])
+    matches = _match_rows(flat + logo)
+    monkeypatch.setattr(report, "MAX_PAIRS", 2)
+    html = report.render_report(summary, CANDIDATES_SCHEMA.empty_table(), matches, {}, {})
+    assert "<h2>Extracted generations (5: 2 of counted pictures)</h2>" in html
+    shown = [s.split("<")[0] for s in html.split("<figcaption>generation ")[1:]]
+    assert shown == ["l/0", "l/1"] and "<b>not counted</b>" not in html
+    monkeypatch.setattr(report, "MAX_PAIRS", 200)
+    html = report.render_report(summary, CANDIDATES_SCHEMA.empty_table(), matches, {}, {})
+    shown = [s.split("<")[0] for s in html.split("<figcaption>generation ")[1:]]
+    assert shown == ["l/0", "l/1", "f/0", "f/1", "f/2"]
+    assert html.count("<b>not counted</b>: low complexity: 3 copying generation(s), none in a flagged clique or "
+                      "closer than its tile mosaic; needs 4</div>") == 3
+
+
+def test_preview_triage_draws_no_threshold_of_another_distance():
+    """A re-match by relative l2 (run.samples_from=<a triage=preview run> match=relative) keeps the source's
+    preview distances (tiled l2) and has a relative-l2 threshold: the page drew "threshold 0.9" on the
+    tiled-l2 axis, stretched to 0.95, the previews squeezed into its left third."""
+    per = [{"prompt_id": f"p{k}", "prompt": f"p{k}", "samples": 4, "triage_distance": 0.05 + k / 100,
+            "counted_samples": int(k == 0)} for k in range(5)]
+    tiled = _render(_summary(per_prompt=per))
+    triage = tiled.split("<h2>Triage</h2>")[1].split("<h2>")[0]
+    assert "threshold 0.15" in triage
+    rel = _render(_summary(per_prompt=per, thresholds={**_summary()["thresholds"], "match_distance": "relative_l2",
+                                                         "match_threshold": 0.9}))
+    triage = rel.split("<h2>Triage</h2>")[1].split("<h2>")[0]
+    assert "threshold" not in triage.split("<p>The ")[0].split("</p>", 1)[1] and "0.945" not in triage
 
 
 def test_the_console_gives_each_uncounted_pictures_own_reason():

@@ -49,7 +49,6 @@ from memex.redact import redact, redact_urls
 from memex.stages.nearest import Neighbours
 
 log = logging.getLogger("memex.match")
-REPORT_NEAR_MISSES = 200  # closest non-copies whose training images are kept for the report
 
 
 # 1. candidates ---------------------------------------------------------------------------------
@@ -336,17 +335,15 @@ def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, pic
 
 # 5. the training images the report shows ------------------------------------------------------
 def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict) -> None:
-    """Every extracted match's training image, and the closest others up to REPORT_NEAR_MISSES
-    (candidates=all verifies every sample: 50k CIFAR-sized generations would otherwise copy 50k
-    training images here), into <run>/matched_train_images.parquet."""
-    rows = layout.matches.read(columns=["train_gid", "train_id", "distance", "extracted"]).to_pylist()
-    by_distance = sorted(rows, key=lambda r: r["distance"])
-    keep = ([r for r in by_distance if r["extracted"]]
-            + [r for r in by_distance if not r["extracted"]][:REPORT_NEAR_MISSES])
-    matched = sorted({r["train_gid"]: r["train_id"] for r in keep}.items())
+    """Every extracted match's training image (the report's pairs show them), into
+    <run>/matched_train_images.parquet. Only the extracted: candidates=all verifies every sample, and
+    50k CIFAR-sized generations would otherwise copy 50k training images here. (The 200 closest
+    non-copies were kept too, and no page ever showed them: 200 remote reads a run for nothing.)"""
+    rows = layout.matches.read(columns=["train_gid", "train_id"], filters=[("extracted", "==", True)]).to_pylist()
+    matched = sorted({r["train_gid"]: r["train_id"] for r in rows}.items())
     pixels, _ = fetch_training_images(info, [g for g, _ in matched], storage_options)
     rows = []
-    for g, i in matched:  # one decoded at a time: up to 200 near misses, ~4.5 MB each decoded at LAION's 1.5 MP
+    for g, i in matched:  # one decoded at a time: ~4.5 MB each decoded at LAION's 1.5 MP
         try:
             rows.append({"train_gid": g, "train_id": i, "image": encode_png(pixels[g])})
         except KeyError:  # not readable since the index was built: named in a warning, shown without its image
