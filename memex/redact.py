@@ -26,7 +26,8 @@ The rule (`redact(obj)` on nested dicts, lists and strings):
      post. Its value is cut to scheme://host/*** (the host says where the alarms go).
   3. Every other string has each URL in it redacted (`redact_url`):
        * user info: https://user:pass@host and https://<token>@host -> https://***@host (the user part
-         alone is masked too: tokens are passed as the user name, e.g. GitHub's and Sentry's);
+         alone is masked too: tokens are passed as the user name, e.g. GitHub's and Sentry's; a password
+         with a raw "/", "?" or "#" too, except digits then "/", which is host:port/path);
        * query and fragment parameters with a secret name (rule 1) or named sig, signature, code,
          hmac: ?token=, ?key=, ?sig= (Azure SAS), X-Amz-Signature / X-Amz-Credential /
          X-Amz-Security-Token (S3 presigned), X-Goog-Signature, ?code= (Azure Functions),
@@ -38,7 +39,8 @@ The rule (`redact(obj)` on nested dicts, lists and strings):
 
 `redact_text` is for free text (error messages, log lines, printouts): rule 3, plus `name=value`,
 `name: value` and `'name': 'value'` with a secret name (rule 1) -> name=*** (storage.options.secret=...,
-a dict's repr in an exception).
+a dict's repr in an exception); `Authorization: Bearer <token>` -> Authorization: Bearer *** (the
+credential after an auth scheme word: Bearer, Basic, Token, Digest, Negotiate, ApiKey).
 
 Why a constant "***" and not a fingerprint: settings written to a folder (run.json, _settings.json)
 are compared with a rerun's, and credentials never change a result, so a rotated key must still
@@ -80,6 +82,9 @@ _HOOK_HOSTS = {"hooks.slack.com": 1, "discord.com": 2, "discordapp.com": 2, "ptb
 
 _WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z]|\d|\b|_|$)|[A-Z]?[a-z]+|[A-Z]+|\d+")
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
+# Authorization: <scheme> <credential>: the word after one of these is masked too
+_AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest", "negotiate", "apikey"})
+_CREDENTIAL = re.compile(r"""[ \t]+[^\s'",;}&)\]]+""")  # the word after the scheme: _ASSIGN's bare value
 _ASSIGN = re.compile(r"""(?<![\w.\-/])(?P<name>[A-Za-z_][\w.\-]*)(?P<q>['"]?)(?P<sep>\s*[=:]\s*)"""
                      r"""(?:'(?P<sq>[^']*)'|"(?P<dq>[^"]*)"|(?P<bare>[^\s'",;}&)\]]+))""")
 
@@ -139,7 +144,11 @@ def redact_url(url: str, strict: bool = False) -> str:
     except ValueError:  # not a URL after all (e.g. an unbalanced IPv6 bracket)
         return url
     netloc = p.netloc
-    if "@" not in netloc and "@" in url and not _valid_port(p):  # a raw "/" in the password: u:pa/ss@host
+    # a raw "/", "?" or "#" in the password cuts the netloc short: u:pa/ss@host. When what is left looks
+    # like host:port (u:1234#ab@host), only "#" or "?" right after it tells: a "/" there starts a path,
+    # which may hold an "@" (host:8080/@scope/pkg)
+    cut = url[len(p.scheme) + 3 + len(netloc):][:1]
+    if "@" not in netloc and "@" in url and (not _valid_port(p) or (":" in netloc and cut in ("#", "?"))):
         at = url.find("@", len(p.scheme) + 3)
         return redact_url(f"{p.scheme}://{MASK}@{url[at + 1:]}", strict)
     if "@" in netloc:
@@ -177,6 +186,13 @@ def _assignments(text: str) -> str:
             continue
         head = text[pos:m.start()] + m.group("name") + m.group("q") + m.group("sep")
         quote = "'" if m.group("sq") is not None else '"' if m.group("dq") is not None else ""
+        bare = m.group("bare")
+        cred = _CREDENTIAL.match(text, m.end()) if bare is not None and bare.lower() in _AUTH_SCHEMES else None
+        if cred:
+            # `Authorization: Bearer <token>`: the scheme is no secret, the word after it is
+            out.append(f"{head}{bare} {MASK}")
+            pos = cred.end()
+            continue
         out.append(f"{head}{quote}{MASK}{quote}")
         pos = m.end()
     out.append(text[pos:])

@@ -108,6 +108,9 @@ def test_redact_masks_nested_secrets_and_keeps_everything_else():
     ("https://ghp_tok@github.com/o/r.git", "https://***@github.com/o/r.git"),
     ("https://u:pa/ss@host/x", "https://***@host/x"),  # a raw "/" in the password
     ("https://u:p@ss@host/x", "https://***@host/x"),
+    # a password of digits before a raw "#" or "?": the rest looked like host:port, and passed unmasked
+    ("https://user:1234#ab@host/x", "https://***@host/x"),
+    ("https://u:12?34@host/x", "https://***@host/x"),
     ("https://h/x?token=abc&v=2", "https://h/x?token=***&v=2"),
     ("https://h/x?key=abc&token=def", "https://h/x?key=***&token=***"),  # Google Chat webhooks
     ("https://a.blob.core.windows.net/c/b?sv=2022-11-02&se=2030-01-01&sp=r&sig=abc%3D",
@@ -123,6 +126,7 @@ def test_redact_masks_nested_secrets_and_keeps_everything_else():
     ("s3://bucket/runs/name", "s3://bucket/runs/name"),
     ("https://huggingface.co/org/model?revision=main#readme", "https://huggingface.co/org/model?revision=main#readme"),
     ("http://127.0.0.1:9000/path/key=3/x", "http://127.0.0.1:9000/path/key=3/x"),
+    ("https://registry:8443/@scope/pkg", "https://registry:8443/@scope/pkg"),  # an "@" in a path after a port
     ("https://hooks.slack.com/", "https://hooks.slack.com/"),
     # no host: urllib's urlunsplit wrote memory:/r/run, which a Store then took for a local folder
     ("memory:///r/run", "memory:///r/run"),
@@ -152,6 +156,16 @@ def test_redact_text_masks_urls_and_secret_assignments_in_free_text():
         assert redact_text(keep) == keep
     assert redact_text(out) == out
     assert redact_urls("see https://u:p@h/x and key=1") == "see https://***@h/x and key=1"  # URLs only
+
+
+def test_an_authorization_header_in_free_text_keeps_its_scheme_and_masks_its_credential():
+    """`Authorization: Bearer <token>` (a header in a requests/botocore error or a debug log line) became
+    `Authorization: *** <token>`: the scheme word was masked and the credential printed."""
+    for scheme in ("Bearer", "Basic", "token"):
+        out = redact_text(f"401 for url: headers Authorization: {scheme} {SECRET}, retrying")
+        assert SECRET not in out and out == f"401 for url: headers Authorization: {scheme} ***, retrying"
+        assert redact_text(out) == out
+    assert redact_text(f"authorization={SECRET}") == "authorization=***"  # no scheme word: the value itself
 
 
 def test_a_config_without_credentials_is_unchanged():
