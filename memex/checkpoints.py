@@ -418,14 +418,18 @@ def files_signature(ckpt: Checkpoint) -> str:
     return h.hexdigest()
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a file is read once a process
+
+
 def weights_sha256(ckpt: Checkpoint, cache: dict | None = None) -> str:
     """sha256 over every weight file the audit loads: the base's (minus its UNet when overridden)
     and the checkpoint's UNet, each as <relative name, bytes>. A renamed or copied checkpoint
     keeps its hash (so it is not audited twice); changed weights get a new one.
 
-    `cache` maps (path, size, mtime_ns) -> file digest, so the base shared by every checkpoint of
-    a run is read once per nightly invocation."""
-    cache = {} if cache is None else cache
+    `cache` maps (path, size, mtime_ns) -> file digest (default: this process's), so the base shared by
+    every checkpoint of a run is read once per nightly invocation, and the audit's own record of the
+    weights (claim_weights) reads none again."""
+    cache = _DIGESTS if cache is None else cache
     h = hashlib.sha256()
     for name, path in _load_files(ckpt):
         h.update(name.encode() + b"\0")
@@ -440,3 +444,36 @@ def weights_sha256(ckpt: Checkpoint, cache: dict | None = None) -> str:
                 cache[key] = fh.hexdigest()
             h.update(cache[key].encode())
     return h.hexdigest()
+
+
+def model_weights_sha256(path: str, unet: str | None = None, lora: str | None = None,
+                         text_encoder: str | None = None) -> str | None:
+    """weights_sha256 of the model an audit, a generation or `memex mia` loads (model.path, .unet, .lora,
+    .text_encoder); None for a hub id with nothing local (its name and revision are in the run's settings).
+    Magnitude: SD 1.5's ~2.7 GB of fp16 weights read in ~2-4 s, once a process."""
+    from memex.lora import lora_file
+
+    # a part given as a hub id (a LoRA on the hub) is named in the settings: only local files are hashed
+    unet, text_encoder = (p if p and Path(p).exists() else None for p in (unet, text_encoder))
+    lora = lora_file(lora) if lora and Path(lora).exists() else None
+    if not Path(path).is_dir() and not (unet or lora or text_encoder):
+        return None
+    return weights_sha256(Checkpoint(path, path, None, path, unet, lora, text_encoder))
+
+
+def claim_weights(store, where: str, sha: str | None, what: str, keys: str) -> None:
+    """The model's weights as the folder was first written with them (`where`: its weights.json), or refuse.
+    The folder's settings hold model.path and model.lora, not their weights: a LoRA retrained into the
+    same output_dir (diffusers' scripts overwrite pytorch_lora_weights.safetensors) resumed the old run
+    folder, found every shard done, and reported the old weights' extractions as the new ones'. A folder
+    written before weights.json was kept takes today's weights as its record."""
+    if sha is None:
+        return
+    was = store.read_json(where)
+    if was is None:
+        store.write_json(where, {"weights_sha256": sha})
+    elif was.get("weights_sha256") != sha:
+        raise CheckpointError(
+            f"the weights at {keys} changed since {what} was written with them (weights sha256 "
+            f"{str(was.get('weights_sha256'))[:12]}, now {sha[:12]}): its results are the old weights'. Nothing was "
+            "changed. Audit the new weights under another run.name (or storage.root), or delete the folder to redo it")

@@ -3,6 +3,8 @@
     <storage.root>/<run name>/       one run folder per checkpoint x generation settings (RunLayout)
         run.json                     generation settings; a rerun must match them (a re-match's:
                                      its source run's, and samples_from, that run's name)
+        weights.json                 sha256 of the model's weight files the samples were made with
+                                     (generate; a rerun with other weights at the same paths is refused)
         prompts.parquet              prompt_id, prompt (PROMPTS_SCHEMA)
         index.json                   the membership index this run is matched against (audit only)
         rounds/round-000.json        the samples each budget round generates (memex/plan.py)
@@ -31,6 +33,7 @@
 
     <storage.root>/<run name>/mia/   `memex mia` (MiaLayout; an audit's run folder may hold one too)
         run.json                     model, image sets and attack settings; a rerun must match them
+        weights.json                 sha256 of the model's weight files the scores are of (as the run folder's)
         images.parquet               MIA_IMAGES_SCHEMA: every scored image, its label (member) and source
         quarantine.parquet           QUARANTINE rows: images that did not decode (not scored)
         scores/shard-000000.parquet  MIA_SCORES_SCHEMA: raw attack values of images [i*unit, (i+1)*unit)
@@ -324,6 +327,11 @@ class RunLayout(_Folder):
         return self.join("index.json")
 
     @property
+    def weights_json(self) -> str:
+        """The model's weights as the samples were generated with them (checkpoints.claim_weights)."""
+        return self.join("weights.json")
+
+    @property
     def summary_path(self) -> str:
         return self.join("summary.json")
 
@@ -441,6 +449,11 @@ class MiaLayout(_Folder):
     @property
     def quarantine_path(self) -> str:
         return self.join("quarantine.parquet")
+
+    @property
+    def weights_json(self) -> str:
+        """The model's weights as the folder was scored with them (checkpoints.claim_weights)."""
+        return self.join("weights.json")
 
     @property
     def pixels_path(self) -> str:

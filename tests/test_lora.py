@@ -174,3 +174,32 @@ def test_a_lora_that_changes_no_weight_is_refused_when_loaded(tiny_models, lora,
     with pytest.raises(ModelError, match=r"model.lora=.*zero changes no weight of model.path=.*: its up \(B\) factor "
                                          r"is zero on every one of the 32 layers"):
         load_model(tiny_models["latent_text"], lora=str(tmp_path / "zero"))
+
+
+def test_a_lora_retrained_into_the_same_folder_is_refused_not_reported_as_the_old_ones(tiny_models, tmp_path):
+    """The run folder's settings hold model.lora's path, not its weights, and the default run name is taken
+    of them: a LoRA retrained into the same output_dir (diffusers' scripts overwrite
+    pytorch_lora_weights.safetensors) resumed the old folder, found every shard done, and reported the old
+    weights' extractions. weights.json records the weights; other weights there are refused, naming the fix,
+    and nothing is written. A folder from before weights.json takes today's weights as its record."""
+    from memex.checkpoints import CheckpointError
+    from memex.layout import RunLayout
+    from memex.stages import generate
+
+    lora = make_lora(tiny_models["latent_text"], tmp_path / "out", seed=1)
+    settings = ["model=local", f"model.path={tiny_models['latent_text']}", f"model.lora={lora}",
+                f"storage.root={tmp_path / 'runs'}"]
+    cfg = compose(settings)
+    name = generate.prepare(cfg)
+    layout = RunLayout(str(tmp_path / "runs"), name)
+    record = layout.store.read_json(layout.weights_json)
+    assert generate.prepare(cfg) == name  # the same weights: resumed
+    make_lora(tiny_models["latent_text"], tmp_path / "out", seed=2)  # retrained: the same file name, new weights
+    with pytest.raises(CheckpointError, match=rf"the weights at model.path=.*, model.lora={re.escape(str(lora))} "
+                                              rf"changed since run folder .*{name} was written with them .*Nothing was "
+                                              r"changed. Audit the new weights under another run.name"):
+        generate.prepare(cfg)
+    assert layout.store.read_json(layout.weights_json) == record
+    assert generate.prepare(compose([*settings, "run.name=retrained"])) == "retrained"
+    (tmp_path / "runs" / name / "weights.json").unlink()  # a folder written before the record was kept
+    assert generate.prepare(cfg) == name and layout.store.read_json(layout.weights_json) != record

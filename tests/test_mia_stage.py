@@ -319,6 +319,32 @@ def test_a_resume_on_images_changed_under_the_same_ids_is_refused(world, tmp_pat
     assert mia.run(cfg)["attacks"] == first["attacks"]
 
 
+def test_a_resume_with_other_weights_at_the_same_model_path_is_refused(world, tmp_path):
+    """The settings hold model.path, not its weights: a model trained again into the same folder resumed the
+    folder and mixed the old weights' scores with the new ones'. weights.json records them; a resume on
+    others is refused, naming the fix, and nothing is changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from memex.checkpoints import CheckpointError
+
+    model = tmp_path / "model"
+    shutil.copytree(world[1], model)
+    cfg = cfg_of(world, f"model.path={model}", "mia.attacks=[loss]", "run.name=w", "resources.executor=local",
+                 f"storage.root={tmp_path / 'runs'}")
+    mia.run(cfg)
+    layout = MiaLayout(cfg.storage.root, "w")
+    scores = layout.scores.read()
+    f = next((model / "unet").glob("*.safetensors"))
+    weights = load_file(f)
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in weights.items()}, f)  # trained again
+    with pytest.raises(CheckpointError, match=rf"the weights at model.path={model} changed since mia folder .*w/mia "
+                                              r"was written with them .*Nothing was changed"):
+        mia.run(cfg)
+    assert layout.scores.read().equals(scores)
+
+
 def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
     """training_manifest.parquet holds one row per copy (source_id, copies): read as one image with its copies."""
     _, model, _, _ = world

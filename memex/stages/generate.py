@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pyarrow as pa
 
 from memex import runner
+from memex.checkpoints import claim_weights, model_weights_sha256
 from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, model_identity, plain, validate_generate
 from memex.images import encode_png
 from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
@@ -29,7 +30,7 @@ from memex.lease import hold
 from memex.models import check_kind, check_model_inputs, check_unet_fits, resolve_device
 from memex.plan import SamplePlan, Shard
 from memex.prompts import load_prompts, read_run_prompts
-from memex.redact import redact
+from memex.redact import redact, redact_text
 from memex.storage import StageFolder
 
 log = logging.getLogger("memex.generate")
@@ -45,6 +46,12 @@ def model_and_sampling(cfg: GenerateConfig) -> dict:
     if s["decode_batch_size"] is None:  # likewise: the whole batch, as every run before it decoded
         del s["decode_batch_size"]
     return {"model": model_identity(cfg.model), "sampling": s}
+
+
+def weight_keys(model) -> str:
+    """The model.* settings that name the weights, as a refusal names them."""
+    return redact_text(", ".join(f"model.{k}={getattr(model, k)}" for k in ("path", "unet", "lora", "text_encoder")
+                                 if getattr(model, k)))
 
 
 def run_settings(cfg: GenerateConfig, prompts: pa.Table) -> dict:
@@ -76,7 +83,8 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
     if prompts is None:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
 
-    # 2. the run folder: same settings (resume) or refuse; its prompts are the stage's input
+    # 2. the run folder: same settings and weights (resume) or refuse; its prompts are the stage's input
+    weights = model_weights_sha256(cfg.model.path, cfg.model.unet, cfg.model.lora, cfg.model.text_encoder)
     settings = redact(run_settings(cfg, prompts))  # run.json holds no credential; a rotated one still resumes
     run_name = cfg.run.name or default_run_name(cfg, settings)
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
@@ -87,6 +95,7 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
     with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
         layout.store.claim(layout.run_json, settings, f"run folder {layout.uri}",
                            "Use another run.name (or storage.root) for a new experiment.")
+        claim_weights(layout.store, layout.weights_json, weights, f"run folder {layout.uri}", weight_keys(cfg.model))
         if not layout.store.exists(layout.prompts_path):
             layout.store.write_table(layout.prompts_path, prompts.cast(PROMPTS_SCHEMA))
     return run_name

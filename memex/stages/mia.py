@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memex import runner
+from memex.checkpoints import claim_weights, model_weights_sha256
 from memex.config import (
     MEMEX_HOME,
     ArchConfig,
@@ -58,6 +59,7 @@ from memex.lease import hold
 from memex.manifest import take_rows
 from memex.models import check_model_inputs, model_json, scheduler_timesteps
 from memex.redact import redact
+from memex.stages.generate import weight_keys
 from memex.storage import check_outside
 
 log = logging.getLogger("memex.mia")
@@ -592,7 +594,8 @@ def run(cfg: MiaConfig) -> dict:
         raise ConfigError(f"{cfg.model.path} is a text-conditional model and image {first['image_id']} of {key}.path "
                           f"has no caption: set {key}.caption_column to the column that holds its captions")
 
-    # 2. the folder: same settings resume, others are refused
+    # 2. the folder: same settings and weights resume, others are refused
+    weights = model_weights_sha256(cfg.model.path, cfg.model.unet, cfg.model.lora, cfg.model.text_encoder)
     digest = hashlib.sha256()
     for r in images.select(["image_id", "member", "caption", "copies"]).to_pylist():
         digest.update(json.dumps(r, sort_keys=True).encode())
@@ -609,6 +612,7 @@ def run(cfg: MiaConfig) -> dict:
         layout.store.sweep_temp("", deep=True)
         layout.store.claim(layout.run_json, settings, f"mia folder {layout.uri}",
                            "Use another run.name (or storage.root) for a new experiment.")
+        claim_weights(layout.store, layout.weights_json, weights, f"mia folder {layout.uri}", weight_keys(cfg.model))
         check_pixels(layout, pixels)
         if not layout.store.exists(layout.images_path):  # quarantine first: images.parquet decides this branch
             layout.store.write_table(layout.quarantine_path, quarantine)

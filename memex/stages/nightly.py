@@ -145,12 +145,12 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
     sha = config_sha256(cfg)
     ledger = Ledger(ledger_root(cfg), cfg.storage.options)
     rows = ledger.read().to_pylist()
-    done, known, cache = ledger.audited(sha, rows), ledger.known_hashes(rows), {}
+    done, known = ledger.audited(sha, rows), ledger.known_hashes(rows)
     pending = []
     for c in found:
         try:
             sig = files_signature(c)
-            weights = known.get((redact_text(c.location), sig)) or weights_sha256(c, cache)  # rows are redacted
+            weights = known.get((redact_text(c.location), sig)) or weights_sha256(c)  # rows are redacted
         except FileNotFoundError as e:  # deleted since found (checkpoints_total_limit): nothing left to audit
             log.warning("%s: left out, %s", redact_text(c.location), e)
             continue
