@@ -50,7 +50,8 @@ step() {  # step <name> <seconds> <command...>: run it under a limit, print and 
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/env.txt"
 
 # 1. the GPU-marked test (the filter's pairwise tiled l2 on the GPU equals the CPU's)
-step gpu_test 40 $PY -m pytest -q -n 0 -p no:cacheprovider -m gpu ../tests/test_distances.py
+#    (addopts cleared: pyproject's -n 2 needs pytest-xdist, which the device image may not have)
+step gpu_test 40 $PY -m pytest -q -o addopts= -p no:cacheprovider -m gpu ../tests/test_distances.py
 # 2. the UNet alone, as loaded vs channels_last, bf16 and (on CUDA) fp16, on the demo model's batch shape
 #    and on the SD 1.x layout's (torch.compile last, in step 5: its first call can take minutes)
 NOCOMPILE=cl,bf16$([ "$DEVICE" = cpu ] || echo ,fp16,fp16+cl)
