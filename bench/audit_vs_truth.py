@@ -24,7 +24,8 @@ from conf/ with the strategy's overrides:
             (run.samples_from: no UNet call; its UNet evaluations are the source's)
 
 Scored against the truth:
-  recall     reproduced pictures the audit reports / reproduced pictures (truth)
+  recall     reproduced pictures the audit reports / reproduced pictures (truth); `strict` (the
+             column after it) credits one only when the audit's own evidence copies it (below)
   precision  reported pictures the checkpoint truly emits / reported pictures. A reported picture
              is truly emitted when the truth pool copies it at least once, or when one of the
              generations the audit counted for it copies it by the truth's standard (computed
@@ -55,7 +56,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from memorization import COPY_RMS, MIN_COPIES, TILED, distinct_pictures  # noqa: E402
 from threshold_sweep import auc  # noqa: E402
 
-from memex.distances import l2_pairwise, tiled_l2, to_unit  # noqa: E402
+from memex.distances import l2_pairwise, tiled_l2_pairwise, to_unit  # noqa: E402
 from memex.images import decode  # noqa: E402
 from memex.layout import RunLayout  # noqa: E402
 
@@ -115,7 +116,8 @@ def true_copies(layout: RunLayout, summary: dict, ids: list[str], train: torch.T
         g = to_unit(torch.from_numpy(decode(png[r["sample_id"]])[None]))
         d = l2_pairwise(g, train)[0]
         k = int(d.argmin())
-        ok[pic] = bool(d[k] <= COPY_RMS) and ids[k] == pic and float(tiled_l2(g, train[k : k + 1])[0]) <= TILED
+        tiled = tiled_l2_pairwise(g, train)[0]  # the truth's rule: the nearest picture by RMS and by tiled l2 alike
+        ok[pic] = bool(d[k] <= COPY_RMS) and ids[k] == pic and int(tiled.argmin()) == k and float(tiled[k]) <= TILED
     return ok
 
 
@@ -125,6 +127,10 @@ def main() -> None:
     ap.add_argument("--model", default=str(REPO / "demo/models/demo-text"))
     ap.add_argument("--strategy", action="append", choices=list(STRATEGIES))
     ap.add_argument("--set", action="append", default=[], help="extra override for every strategy")
+    ap.add_argument("--audit-seed", type=int, default=1,
+                    help="the audits' sampling.seed. The truth pool is run seed 0's, so at 0 an audit's generations "
+                         "are the pool's own (byte-identical): recall then asks whether it prompts the right captions "
+                         "and agrees with brute force on those pixels, not whether its own draws find the copies")
     ap.add_argument("--rematch", type=float, action="append", default=[],
                     help="also re-match each strategy's generations at this match.threshold (run.samples_from)")
     ap.add_argument("--root", default=None, help="storage root (default: a fresh temp folder); an existing "
@@ -140,11 +146,13 @@ def main() -> None:
     print(f"truth: {a.truth}: {n_truth} generations; {len(reproduced)} pictures reproduced "
           f"({', '.join(f'{p} x{n}' for p, n in sorted(reproduced.items()))}); "
           f"copied once: {', '.join(sorted(once))}")
-    print(f"{'strategy':<12} {'recall':>7} {'precision':>9} {'strict':>6} {'found':>5} {'UNet evals':>10} "
-          f"{'per found':>9} {'samples':>7} {'wall s':>7}")
+    print(f"audits at sampling.seed={a.audit_seed} (the truth pool's noises are run seed 0's)")
+    print(f"{'strategy':<12} {'recall':>7} {'strict':>6} {'precision':>9} {'strict':>6} {'found':>5} "
+          f"{'UNet evals':>10} {'per found':>9} {'samples':>7} {'wall s':>7}")
     label = reproducing_prompts(a.truth)
     for name in a.strategy or ["today", "default", "adaptive"]:
-        overrides = [f"model.path={a.model}", f"storage.root={root}/{name}", *STRATEGIES[name], *a.set]
+        overrides = [f"model.path={a.model}", f"storage.root={root}/{name}", f"sampling.seed={a.audit_seed}",
+                     *STRATEGIES[name], *a.set]
         t0 = time.perf_counter()
         s = audit.run(compose(overrides))
         report(name, s, time.perf_counter() - t0, reproduced, once, distinct, ids, train, label)
@@ -157,15 +165,17 @@ def main() -> None:
 
 
 def score(found: set[str], ok: dict[str, bool], reproduced: set[str], once: set[str]) -> tuple:
-    """(recall, precision, strict, found reproduced pictures, found emitted pictures) of the pictures an
-    audit reports, against the truth's reproduced and copied-once pictures; ok: per found picture, whether
-    one of the audit's own counted generations copies it by the truth's standard (true_copies)."""
+    """(recall, strict recall, precision, strict, found reproduced pictures, found emitted pictures) of the
+    pictures an audit reports, against the truth's reproduced and copied-once pictures; ok: per found picture,
+    whether one of the audit's own counted generations copies it by the truth's standard (true_copies).
+    Strict recall credits a reproduced picture only when the audit's own evidence for it is such a copy."""
     hit = found & reproduced
     recall = len(hit) / len(reproduced) if reproduced else float("nan")
+    strict_recall = sum(ok[p] for p in hit) / len(reproduced) if reproduced else float("nan")
     emitted = {p for p in found if ok[p] or p in reproduced or p in once}
     precision = len(emitted) / len(found) if found else float("nan")
     strict = sum(ok[p] for p in found) / len(found) if found else float("nan")
-    return recall, precision, strict, hit, emitted
+    return recall, strict_recall, precision, strict, hit, emitted
 
 
 def report(name: str, s: dict, wall: float, reproduced: Counter, once: Counter, distinct: dict,
@@ -174,9 +184,10 @@ def report(name: str, s: dict, wall: float, reproduced: Counter, once: Counter, 
     layout = RunLayout.at(s["run"])
     found = {p["picture"] for p in s["extracted_pictures"]}
     ok = true_copies(layout, s, ids, train)
-    recall, precision, strict, hit, emitted = score(found, ok, set(reproduced), set(once))
+    recall, strict_recall, precision, strict, hit, emitted = score(found, ok, set(reproduced), set(once))
     per = s["unet_evaluations"] / len(hit) if hit else float("nan")
-    print(f"{name:<12} {recall:7.3f} {precision:9.3f} {strict:6.3f} {len(found):5d} {s['unet_evaluations']:10,d} "
+    print(f"{name:<12} {recall:7.3f} {strict_recall:6.3f} {precision:9.3f} {strict:6.3f} {len(found):5d} "
+          f"{s['unet_evaluations']:10,d} "
           f"{per:9,.0f} {s['samples']:7d} {wall:7.0f}")
     missed = sorted(set(reproduced) - found)
     if missed:

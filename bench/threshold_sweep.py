@@ -10,7 +10,10 @@ each threshold the script recomputes, on the same pool, exactly what memex would
 
   match, tiled l2 (text models): a generation is called a copy of its nearest picture by tiled l2
       when that distance <= t. Precision: called copies that are true copies of that picture;
-      recall: true copies called. Also per picture (what the summary counts).
+      recall: true copies called. Also per picture (what the summary counts). The pool's `copy` asks
+      tiled l2 <= 0.15 itself, so against it recall reaches 1.0 at 0.15 by construction, and every
+      call above 0.15 is a false alarm by definition: --truth-rms R defines a true copy by RMS alone
+      (nearest picture within R), independent of the swept distance.
   match, relative l2 (unconditional models): l2 to the nearest picture / (alpha x mean l2 to the
       n = 50 nearest distinct pictures), called a copy at <= t (memex/distances.py).
   filter edge (text models): per prompt, the largest clique of its generations at tiled l2 <= t
@@ -69,7 +72,7 @@ def triage_auc(a, t: list[dict], true: np.ndarray) -> None:
     text = {r["prompt_id"]: r["prompt"] for r in t}
     sampler = Sampler(load_model(a.model), SamplingConfig(guidance_scale=a.guidance, batch_size=64))
     rows = [p for p in pids for _ in range(a.triage_seeds)]
-    seeds = [sample_seed(0, p, j % a.triage_seeds) for j, p in enumerate(rows)]
+    seeds = [sample_seed(1, p, j % a.triage_seeds) for j, p in enumerate(rows)]  # not the pool's noises (run seed 0)
     score = sampler.triage(rows, [text[p] for p in rows], seeds).reshape(len(pids), a.triage_seeds).mean(axis=1)
     mem = np.array([bool(true[by_prompt[p]].any()) for p in pids])
     own = np.array([t[by_prompt[p][0]]["prompted_copies"] > 1 for p in pids])
@@ -123,6 +126,10 @@ def main() -> None:
     ap.add_argument("--n-neighbors", type=int, default=50)
     ap.add_argument("--triage-seeds", type=int, default=4)
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--truth-rms", type=float, default=None,
+                    help="a true copy by RMS alone: the generation's nearest picture within this RMS, tiled l2 not "
+                         "asked (default: the pool's `copy`, which asks tiled l2 <= 0.15 too, so a tiled-l2 sweep "
+                         "against it finds 0.15 by construction)")
     a = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -131,12 +138,17 @@ def main() -> None:
     train = to_unit(torch.from_numpy(train_u8))
     detail = dict(zip(ids, tile_detail(train).numpy()))
     gen = to_unit(torch.from_numpy(np.stack([decode(r["image"]) for r in t])))
-    true = np.array([r["copy"] for r in t])
+    if a.truth_rms is None:
+        true = np.array([r["copy"] for r in t])
+        standard = "the pool's copy: nearest by RMS and tiled l2, RMS <= 0.1, tiled l2 <= 0.15"
+    else:  # independent of the swept distance: RMS alone
+        true = np.array([r["nearest_rms"] <= a.truth_rms for r in t])
+        standard = f"RMS alone: the nearest picture within RMS {a.truth_rms} (tiled l2 not asked)"
     tiled = np.array([r["tiled_l2"] for r in t])
     same = np.array([r["tiled_id"] == r["nearest_id"] for r in t])  # tiled l2 and RMS agree on the picture
     conditional = t[0]["prompted_id"] is not None
     print(f"truth {a.truth}: {len(t)} generations, {true.sum()} true copies of "
-          f"{len({r['nearest_id'] for r in t if r['copy']})} pictures")
+          f"{len({r['nearest_id'] for r, c in zip(t, true) if c})} pictures; a true copy is {standard}")
 
     if conditional:
         print("\nmatch: tiled l2 <= t (generation called a copy of its nearest picture by tiled l2)")
@@ -144,7 +156,10 @@ def main() -> None:
               f"{'low-detail pictures':>19}")
         for th in (0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25):
             called = tiled <= th
-            p, r, n = pr(called, true & same)
+            # right when it names the true copy's picture (tiled l2's nearest is RMS's); every true copy counts
+            # for recall, also one whose tiled-l2 nearest is another picture (no threshold calls it right)
+            p, _, n = pr(called, true & same)
+            r = float((called & true & same).sum() / true.sum()) if true.sum() else float("nan")
             pics = defaultdict(list)
             for j in np.where(called)[0]:
                 pics[t[j]["tiled_id"]].append(bool(true[j] and same[j]))

@@ -14,6 +14,9 @@ afford (a few UNet calls a prompt), each against the truth's labels:
   nearest      minus the smallest tiled l2 from any preview to its nearest training picture, exactly
                (an audit has the training set indexed anyway).
 
+The scores' noises come from run seed --score-seed (1): the truth pool is run seed 0, and previews
+from its noises start where its first --seeds samples start, so a score would see its own label.
+
 Labels: a prompt *memorizes* when one of its truth generations copies a training picture; it
 *reproduces* when its generations copy one picture at least twice (--label-samples N: counted over
 its first N truth generations). Prints AUC and TPR at the lowest FPR for each score and label, the
@@ -63,6 +66,9 @@ def main() -> None:
     ap.add_argument("--label-samples", type=int, nargs="*", default=[],
                     help="also label each prompt from its first N truth generations only (label noise: 8 vs 16)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--score-seed", type=int, default=1,
+                    help="run seed of the scores' noises (sample_seed(run seed, prompt, j)); the truth pool's is 0, "
+                         "so 0 scores the very noises its first --seeds samples start from (labels leak into scores)")
     ap.add_argument("--ceiling-only", action="store_true", help="print the split-half ceiling (no UNet) and stop")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -80,7 +86,8 @@ def main() -> None:
     model = load_model(a.model)
     rows = [p for p in pids for _ in range(a.seeds)]
     texts = [x for x in text for _ in range(a.seeds)]
-    seeds = [sample_seed(0, p, j % a.seeds) for j, p in enumerate(rows)]
+    seeds = [sample_seed(a.score_seed, p, j % a.seeds) for j, p in enumerate(rows)]
+    print(f"scores from run seed {a.score_seed}'s noises (the truth pool's: run seed 0)")
     scores: dict[str, tuple[np.ndarray, int]] = {}
     s = Sampler(model, SamplingConfig(guidance_scale=a.guidance, batch_size=64))
     scores["noise_norm (1 step)"] = (s.triage(rows, texts, seeds).reshape(len(pids), a.seeds).mean(1), 2 * a.seeds)
