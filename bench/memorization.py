@@ -98,6 +98,38 @@ def copy_labels(rms: torch.Tensor, tiled: torch.Tensor, copy_rms: float = COPY_R
     return (rms_d <= copy_rms) & (tiled_d <= TILED) & (rms_k == tiled_k), (rms_d, rms_k), (tiled_d, tiled_k)
 
 
+def tables(ids: list[str], distinct: dict, prompted: list[str | None], nearest: list[str], is_copy: list[bool],
+           samples: int, min_copies: int) -> None:
+    """Per number of copies in training: pictures, how many are reproduced (copied by >= min_copies
+    generations of any prompt), and the share of the group's own generations (prompted with its pictures'
+    captions) that copy a picture of the caption they were prompted with. (That share counted copies of the
+    group's pictures by any prompt over the group's own generations: other captions' copies inflated it.)
+    Unconditional (no prompt to own a generation): the group's copies over its pictures x --samples, the
+    generations it would get if each picture drew its equal share."""
+    copies: dict[str, int] = defaultdict(int)
+    own: dict[str, int] = defaultdict(int)  # prompted picture -> its generations copying a picture of its caption
+    caption = {i: distinct[i]["caption"] for i in ids}
+    for p, n, c in zip(prompted, nearest, is_copy):
+        if c:
+            copies[n] += 1
+            if p is not None and caption[n] == caption[p]:
+                own[p] += 1
+    conditional = prompted[0] is not None
+    by_copies: dict[int, list[str]] = defaultdict(list)
+    for i in ids:
+        by_copies[distinct[i]["copies"]].append(i)
+    print(f"{'copies':>6} {'images':>6} {'reproduced':>10} {'gen. copying':>12}")  # copies: rows in training
+    for c in sorted(by_copies, reverse=True):
+        group = by_copies[c]
+        n_rep = sum(copies.get(i, 0) >= min_copies for i in group)
+        frac = (sum(own.get(i, 0) for i in group) / (len(group) * samples) if conditional
+                else sum(copies.get(i, 0) for i in group) / (len(group) * samples))
+        print(f"{c:>6} {len(group):>6} {n_rep:>10} {frac:>11.1%}")
+    for what, keep in (("reproduced", lambda n: n >= min_copies), ("copied once", lambda n: n < min_copies)):
+        print(f"{what}:", ", ".join(f"{i} ({distinct[i]['copies']} copies in training, {n} gen.)"
+                                    for i, n in sorted(copies.items()) if keep(n)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -109,9 +141,16 @@ def main() -> None:
     ap.add_argument("--min-copies", type=int, default=MIN_COPIES)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="write one row per generation here (Parquet)")
+    ap.add_argument("--from", dest="pool", help="print the tables of a pool --out wrote before (no generation)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
+    if a.pool:
+        ids, distinct, _ = distinct_pictures(a.model)
+        t = pq.read_table(a.pool, columns=["prompted_id", "nearest_id", "copy"]).to_pylist()
+        print(f"model={a.model}; {len(t)} generations of {a.pool}")
+        return tables(ids, distinct, [r["prompted_id"] for r in t], [r["nearest_id"] for r in t],
+                      [r["copy"] for r in t], len(t) // len(ids), a.min_copies)
     ids, distinct, train_u8 = distinct_pictures(a.model)
     train = to_unit(torch.from_numpy(train_u8))
     model = load_model(a.model)
@@ -130,26 +169,12 @@ def main() -> None:
     rms = l2_pairwise(gen, train)  # (generations, pictures): exact, every pair
     tiled = tiled_l2_pairwise(gen, train)
     is_copy, (rms_d, rms_k), (tiled_d, tiled_k) = copy_labels(rms, tiled, a.copy_rms)
-    copies: dict[str, int] = defaultdict(int)
-    for j in range(len(gen)):
-        if is_copy[j]:
-            copies[ids[int(rms_k[j])]] += 1
-    by_copies: dict[int, list[str]] = defaultdict(list)
-    for i in ids:
-        by_copies[distinct[i]["copies"]].append(i)
     kind = "text (prompted with each picture's caption)" if sampler.conditional else "unconditional"
     print(f"model={a.model} {kind}; {len(gen)} generations in {seconds:.0f} s, {a.steps} steps, "
           f"copy = nearest picture at tiled l2 <= {TILED} and RMS <= {a.copy_rms}; "
           f"reproduced = >= {a.min_copies} copies")
-    print(f"{'copies':>6} {'images':>6} {'reproduced':>10} {'gen. copying':>12}")  # copies: rows in training
-    for c in sorted(by_copies, reverse=True):
-        group = by_copies[c]
-        n_rep = sum(copies.get(i, 0) >= a.min_copies for i in group)
-        frac = sum(copies.get(i, 0) for i in group) / (len(group) * a.samples)
-        print(f"{c:>6} {len(group):>6} {n_rep:>10} {frac:>11.1%}")
-    for what, keep in (("reproduced", lambda n: n >= a.min_copies), ("copied once", lambda n: n < a.min_copies)):
-        print(f"{what}:", ", ".join(f"{i} ({distinct[i]['copies']} copies in training, {n} gen.)"
-                                    for i, n in sorted(copies.items()) if keep(n)))
+    tables(ids, distinct, [ids[k] if k >= 0 else None for k in target], [ids[int(k)] for k in rms_k],
+           is_copy.tolist(), a.samples, a.min_copies)
     if a.out:
         pq.write_table(pa.table({
             "prompt_id": pids, "prompt": texts, "sample_index": pa.array(index, pa.int32()),
