@@ -548,8 +548,10 @@ def render_trend(ledger: pa.Table, link_of) -> str:
         for r in rs:
             href = link_of(r) if r["outcome"] != "error" else None
             link = f'<a href="{esc(href)}">report</a>' if href else ""
-            table_rows.append([esc(r["step"]), f'<span class="text">{esc(r["location"])}</span>', esc(r["extracted"]),
-                               esc(r["flagged_prompts"]), esc(r["samples"]),
+            # a failed audit counted nothing: its row's zeros are no result (a clean checkpoint read "0 extracted")
+            counts = ["&ndash;"] * 3 if r["outcome"] == "error" else \
+                [esc(r["extracted"]), esc(r["flagged_prompts"]), esc(r["samples"])]
+            table_rows.append([esc(r["step"]), f'<span class="text">{esc(r["location"])}</span>', *counts,
                                f'<b>{esc(r["outcome"])}</b> <span class="text">{esc(r["message"])}</span>'
                                if r["outcome"] != "ok" else "ok",
                                esc(r["finished"].strftime("%Y-%m-%d %H:%M") if r["finished"] else ""), link])

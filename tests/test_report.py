@@ -370,6 +370,17 @@ def test_the_trend_draws_a_line_per_series_and_config_and_counts_open_errors():
     assert page.count("<svg") == 2
     # open: the alarm (grew) and step 3000's error; step 2000's error of config a was retried and finished
     assert '<div class="card alarm"><b>2</b>audits with an alarm or an error not since retried</div>' in page
+    # a failed audit's row counted nothing: no "0 extracted, 0 flagged, 8 samples" read as a clean checkpoint
+    cells = page.split("checkpoint-3000</span></td>")[1].split("</tr>")[0]
+    assert cells.startswith("<td class=num>&ndash;</td>" * 3 + "<td><b>error")
+    ok = page.split("checkpoint-2000</span></td>")[-1].split("</tr>")[0]
+    assert ok.startswith("<td class=num>12</td><td class=num>0</td><td class=num>8</td>")
+
+    from memex.stages.nightly import NightlyResult, format_result
+
+    text = format_result(NightlyResult("b" * 64, 3, [], rows=[rows[-1] | {"message": "OSError: gone"}, rows[-2]]))
+    assert "  error       step 3000:   /runs/a/checkpoint-3000  -- OSError: gone" in text
+    assert "  grew        step 2000: 12 training images extracted, 0 prompts flagged  /runs/a/checkpoint-2000" in text
 
 
 def test_the_pairs_loaded_are_the_pairs_shown_when_distances_tie():

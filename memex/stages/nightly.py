@@ -396,13 +396,14 @@ def format_result(res: NightlyResult) -> str:
         lines.append("  none under nightly.location: it looks for diffusers pipeline folders (model_index.json), "
                      "checkpoint-<step>/unet folders with weights, and LoRAs (checkpoint-<step>/pytorch_lora_weights"
                      f".safetensors, kohya's <name>-<step>.safetensors), up to {MAX_DEPTH} levels down")
-    for r in res.rows:
-        lines.append(f"  {r['outcome']:<11} step {r['step']}: {r['extracted']} training images extracted, "
-                     f"{r['flagged_prompts']} prompts flagged  {r['location']}"
+    for r in res.rows:  # a failed audit counted nothing: no "0 training images extracted" for it
+        counts = "" if r["outcome"] == "error" else \
+            f"{r['extracted']} training images extracted, {r['flagged_prompts']} prompts flagged"
+        lines.append(f"  {r['outcome']:<11} step {r['step']}: {counts}  {r['location']}"
                      + (f"  -- {r['message']}" if r["message"] else ""))
     for r in res.earlier_alarms:
-        lines.append(f"  {r['outcome']:<11} step {r['step']}: {r['extracted']} training images extracted  "
-                     f"{r['location']}  -- {r['message']}")
+        counts = "" if r["outcome"] == "error" else f"{r['extracted']} training images extracted"
+        lines.append(f"  {r['outcome']:<11} step {r['step']}: {counts}  {r['location']}  -- {r['message']}")
     for r in res.skipped:
         lines.append(f"  skipped     {r['location']}: {r['reason']}")
     lines.append(f"  ledger: {res.ledger}")
