@@ -48,6 +48,17 @@ class ManifestError(MemexError, ValueError):
     """The manifest is missing, empty or malformed, or one of its images cannot be read."""
 
 
+def parquet_parts(folder: str, files: list[str]) -> list[str]:
+    """A folder's Parquet parts among its `files` (fs.find), in name order: only .parquet files, as
+    pyarrow's datasets skip _/. files: the images a manifest's relative uris point at may lie beside
+    them (pyarrow read every file as Parquet), and in no _/. folder under it either, as pyarrow skips
+    them: Spark's _temporary/ attempts, a Delta table's _delta_log/ checkpoints (read as rows, they
+    duplicated ids or added stray ones)."""
+    root = folder.rstrip("/") + "/"
+    return sorted(f for f in files if f.endswith(".parquet")
+                  and not any(part.startswith(("_", ".")) for part in f[len(root):].split("/")))
+
+
 def manifest_sources(path: str, storage_options: dict[str, Any] | None = None) \
         -> tuple[fsspec.AbstractFileSystem, str, bool, list[str], bool]:
     """Where a manifest's rows are: (fs, its path, is a folder, its files, they are datasets' Arrow
@@ -64,13 +75,7 @@ def manifest_sources(path: str, storage_options: dict[str, Any] | None = None) \
     files = fs.find(p)
     if not files:
         raise ManifestError(f"training manifest {path} is an empty folder")
-    # the folder's Parquet parts only, as pyarrow's datasets skip _/. files: the images a
-    # manifest's relative uris point at may lie beside them (pyarrow read every file as Parquet)
-    # and in no _/. folder under it either, as pyarrow skips them: Spark's _temporary/ attempts, a
-    # Delta table's _delta_log/ checkpoints (read as rows, they duplicated ids or added stray ones)
-    root = p.rstrip("/") + "/"
-    source = sorted(f for f in files if f.endswith(".parquet")
-                    and not any(part.startswith(("_", ".")) for part in f[len(root):].split("/")))
+    source = parquet_parts(p, files)
     if not source:
         # Arrow's own message: "Could not read schema from a.png. Is this a 'parquet' file?"
         raise ManifestError(f"training manifest {path} is a folder without a .parquet file "

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from memex.config import MemexError, PromptsConfig, PromptSource
 from memex.layout import PROMPTS_SCHEMA
-from memex.manifest import ManifestError, first_caption, hf_dataset_parts, read_arrow
+from memex.manifest import ManifestError, first_caption, hf_dataset_parts, parquet_parts, read_arrow
 
 UNCONDITIONAL_ID = "uncond"
 
@@ -57,11 +57,17 @@ def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, s
         if parts:  # datasets' save_to_disk folder: its Arrow files
             return read_arrow(f"prompts.path={path}", fs, parts)
         if ext == ".parquet" or is_dir:
-            names = pq.ParquetDataset(p, filesystem=fs).schema.names if columns else None
+            # a folder: its Parquet parts only, as the training set's reader takes them (images or
+            # img2dataset's _stats.json beside them were read as Parquet and failed)
+            parts = parquet_parts(p, fs.find(p)) if is_dir else p
+            if is_dir and not parts:
+                raise PromptError(f"prompts.path={path} is a folder without a .parquet file: give a prompt file "
+                                  "(.txt, .jsonl, .csv, .parquet) or a folder of Parquet parts")
+            names = pq.ParquetDataset(parts, filesystem=fs).schema.names if columns else None
             for c, key in (columns or {}).items():
                 if c not in names:
                     raise PromptError(f"{path} has no column {c!r} (columns: {names}); set {key}=<column>")
-            return pq.read_table(p, filesystem=fs, columns=list(columns) if columns else None)
+            return pq.read_table(parts, filesystem=fs, columns=list(columns) if columns else None)
         with fs.open(p, "rb") as f:
             # utf-8-sig: a file saved with a byte-order mark (Windows editors) loses it; as "utf-8" the
             # mark stayed in the first prompt (3 extra CLIP tokens) and failed a .jsonl's first line
@@ -149,6 +155,9 @@ def rank_by_near_duplicates(dups: pa.Table, limit: int | None) -> pa.Table:
     index.py); a caption shared by several images keeps its best rank. Ties: by caption text.
     """
     t = dups.filter(pc.invert(pc.is_null(dups["caption"])))
+    # ties by the caption as it is prompted (stripped): " zebra" sorted before "apple", and at the
+    # prompts.limit cut-off a leading space decided which caption was kept
+    t = t.set_column(t.column_names.index("caption"), "caption", pc.utf8_trim_whitespace(t["caption"]))
     t = t.sort_by([("near_duplicates", "descending"), ("caption", "ascending")])
     seen: set[str] = set()
     rows = []

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -71,6 +72,39 @@ def test_parquet_prompts(tmp_path):
     p = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["one", "two"]}), p)
     assert load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))["prompt"].to_pylist() == ["one", "two"]
+
+
+def test_captions_of_a_manifest_folder_with_images_and_stats_beside_its_parts(tmp_path):
+    """prompts=captions on a Parquet manifest folder that the training set's reader takes (its relative uris'
+    images beside the parts, img2dataset's _stats.json, a Spark _temporary/ attempt) read every file as
+    Parquet: "Could not read schema from imgs/0.png". It reads the folder's Parquet parts, as the reader does."""
+    from memex.images import encode_png
+
+    m = tmp_path / "manifest"
+    (m / "imgs").mkdir(parents=True)
+    (m / "imgs" / "0.png").write_bytes(encode_png(np.zeros((4, 4, 3), np.uint8)))
+    (m / "00000_stats.json").write_text("{}")
+    (m / "_temporary").mkdir()
+    pq.write_table(pa.table({"id": ["x"], "caption": ["stray attempt"]}), m / "_temporary" / "part-9.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "uri": ["imgs/0.png"] * 2, "caption": ["a logo", "a cat"]}),
+                   m / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["c"], "uri": ["imgs/0.png"], "caption": ["a logo"]}), m / "part-1.parquet")
+    t = load_prompts(PromptsConfig(source=PromptSource.captions, path=str(m)))
+    assert t["prompt"].to_pylist() == ["a logo", "a cat"]
+    (m / "part-0.parquet").unlink()
+    (m / "part-1.parquet").unlink()
+    with pytest.raises(PromptError, match=r"is a folder without a .parquet file: give a prompt file"):
+        load_prompts(PromptsConfig(source=PromptSource.captions, path=str(m)))
+
+
+def test_near_duplicate_ties_are_broken_by_the_caption_as_prompted():
+    """Ties were broken by the raw caption: " zebra" sorted before "apple", so at the prompts.limit cut-off a
+    leading space decided which caption was kept. Now by the stripped text, the prompt itself."""
+    from memex.prompts import rank_by_near_duplicates
+
+    dups = pa.table({"caption": [" zebra", "apple", "mango", None], "near_duplicates": [3, 3, 5, 9]})
+    assert rank_by_near_duplicates(dups, 2)["prompt"].to_pylist() == ["mango", "apple"]
+    assert rank_by_near_duplicates(dups, None)["prompt"].to_pylist() == ["mango", "apple", "zebra"]
 
 
 def test_captions_ranked_by_duplicate_count(tmp_path):
