@@ -43,6 +43,12 @@ def prompt_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def _no_lone_surrogates(v):
+    """A JSON string with a lone surrogate escape ("\\ud83d") has no UTF-8: it becomes U+FFFD; other values
+    as they are."""
+    return v.encode("utf-16", "surrogatepass").decode("utf-16", "replace") if isinstance(v, str) else v
+
+
 def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, str] | None = None) -> pa.Table:
     """The prompt file as a table; a Parquet file or folder is read with only `columns` (column -> the
     key that names it) (a training manifest with embedded images given as prompts.path: 5M rows x ~40 KB
@@ -91,7 +97,16 @@ def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, s
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise PromptError(f"{path} line {n} is not valid JSON: {e}") from e
-        return pa.Table.from_pylist(rows) if rows else pa.table({})
+                if not isinstance(rows[-1], dict):
+                    raise PromptError(f"{path} line {n} is not a JSON object ({{\"prompt\": ...}} a line)")
+        # every line's keys (from_pylist took the first line's: a key it lacked was "no column"), and text
+        # with a lone surrogate escape ("\ud83d": an emoji cut in half, common in scraped captions) as U+FFFD
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        try:
+            return pa.table({k: [_no_lone_surrogates(r.get(k)) for r in rows] for k in keys})
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise PromptError(f"{path}: its lines do not form one table ({e}): a key must hold one type on every "
+                              "line (an id a string everywhere, or a number everywhere)") from e
     if ext in (".txt", ""):
         lines = [ln.strip() for ln in lines]
         return pa.table({"prompt": [ln for ln in lines if ln]})

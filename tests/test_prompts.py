@@ -97,6 +97,24 @@ def test_captions_of_a_manifest_folder_with_images_and_stats_beside_its_parts(tm
         load_prompts(PromptsConfig(source=PromptSource.captions, path=str(m)))
 
 
+def test_jsonl_prompts_with_keys_varying_by_line_cut_emojis_and_mixed_id_types(tmp_path):
+    """Three .jsonl files that escaped as raw errors or misread: the columns came from the first line only
+    (an id it lacked was "no column 'id'"), a lone surrogate escape (an emoji cut in half) was a
+    UnicodeEncodeError for the whole file, and ids of two types an ArrowInvalid."""
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "a \\ud83d cat"}\n{"prompt": "a dog", "pid": "d"}\n{"prompt": "a \\ud83d\\ude00"}\n')
+    t = load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))
+    assert t["prompt"].to_pylist() == ["a \ufffd cat", "a dog", "a \U0001f600"]
+    with pytest.raises(PromptError, match=r"row 0 has no id in prompts.id_column='pid'"):  # not "no column 'pid'"
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(p), id_column="pid"))
+    p.write_text('{"prompt": "a", "pid": 1}\n{"prompt": "b", "pid": "x"}\n')
+    with pytest.raises(PromptError, match=r"p.jsonl: its lines do not form one table .*a key must hold one type"):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(p), id_column="pid"))
+    p.write_text('["a list"]\n')
+    with pytest.raises(PromptError, match=r"p.jsonl line 1 is not a JSON object"):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))
+
+
 def test_near_duplicate_ties_are_broken_by_the_caption_as_prompted():
     """Ties were broken by the raw caption: " zebra" sorted before "apple", so at the prompts.limit cut-off a
     leading space decided which caption was kept. Now by the stripped text, the prompt itself."""
