@@ -661,6 +661,8 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
         def shapes_of(component: str) -> dict | None:
             if component == "unet" and unet is not None:
                 return model_shapes(unet, "diffusers", unet_cls)
+            if component == "text_encoder" and text_encoder is not None:  # the override is what loads
+                return model_shapes(text_encoder, "transformers", te_cls)
             spec = index.get(component)
             if not folder or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
                 return None

@@ -84,6 +84,17 @@ def test_a_lora_of_the_text_encoder_too_is_fused_and_checked(tiny_models, lora, 
                                          r"trained on another base model"):
         check_model_inputs(base_path, lora=str(tmp_path / "wide"))
 
+    # with model.text_encoder, the LoRA's text-encoder tensors are checked against the override, which is what
+    # loads (they were checked against the base's, and a LoRA of the base passed beside a wider override)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig.from_pretrained(f"{base_path}/text_encoder")
+    CLIPTextModel(CLIPTextConfig(**{**cfg.to_dict(), "hidden_size": 64, "intermediate_size": 64})).save_pretrained(
+        tmp_path / "te64")
+    with pytest.raises(ModelError, match=r"model.lora=.*both: tensor 'text_encoder\..*' has shape \[4, 32\] but "
+                                         r"model.path's text_encoder .* is \[64, 64\]"):
+        check_model_inputs(base_path, lora=str(both), text_encoder=str(tmp_path / "te64"))
+
 
 def test_the_run_identity_carries_the_lora_only_when_set(tiny_models, lora):
     import pyarrow as pa
