@@ -143,11 +143,15 @@ def _colour_sort(p: int, nbr: list[int], kmin: int) -> tuple[list[int], list[int
     return order, bounds
 
 
-def _search(nbr: list[int], p: int, floor: int, budget: int) -> tuple[list[int], int, int]:
+def _search(nbr: list[int], p: int, floor: int, budget: int,
+            stop_at: int | None = None) -> tuple[list[int], int, int]:
     """Largest clique of more than `floor` members inside the bitset p (MCQ, iterative).
 
     Returns (clique or [], bound, expansions used). bound is proven for cliques inside p, given
     that the caller knows of a clique of `floor` members or that none larger exists outside p.
+    `stop_at`: return as soon as a clique of that many members is found (the decision pass); the
+    bound returned is then the colour bound of the top-level branch in progress, as when the budget
+    runs out.
     """
     best: list[int] = []
     order, bounds = _colour_sort(p, nbr, floor)
@@ -170,6 +174,8 @@ def _search(nbr: list[int], p: int, floor: int, budget: int) -> tuple[list[int],
         if not left:
             if len(grown) > floor:
                 best, floor = grown, len(grown)
+                if stop_at is not None and floor >= stop_at:  # decided: the maximum is the next pass's
+                    return best, max(floor, top), used
         else:
             stack.append([grown, left, *_colour_sort(left, nbr, floor - len(grown))])
     return best, floor, used
@@ -203,7 +209,7 @@ def largest_clique(adj: np.ndarray, min_clique: int, max_expansions: int = 200_0
 
     budget = max_expansions
     if len(best) < min_clique <= upper:  # decide first: is there any clique of >= min_clique?
-        found, bound, used = _search(nbr, within(min_clique - 1), min_clique - 1, budget)
+        found, bound, used = _search(nbr, within(min_clique - 1), min_clique - 1, budget, stop_at=min_clique)
         budget -= used
         if found:
             best = perm[found].tolist()
