@@ -116,6 +116,9 @@ def main() -> None:
     ap.add_argument("--old-max", type=int, default=64, help="run the old implementation up to this N")
     ap.add_argument("--old-repeats", type=int, default=1, help="timed calls of the old one (seconds to minutes each)")
     ap.add_argument("--old-mem-gib", type=float, default=4.0, help="memory for the old one's temporaries")
+    ap.add_argument("--old-chunk", type=int, default=None,
+                    help="the old one's row chunk, instead of the largest --old-mem-gib holds (1: its least memory, "
+                         "so the memory ratio compares the algorithms and not the two budgets)")
     args = ap.parse_args()
     print(f"pairs of N x N images, {args.px}x{args.px} RGB uint8, threads={torch.get_num_threads()} "
           f"repeats={args.repeats} load average={os.getloadavg()[0]:.2f}")
@@ -127,7 +130,7 @@ def main() -> None:
             rows = {}
             impls = (["old"] if n <= args.old_max else []) + ["new-uint8", "new-float"]
             for impl in impls:
-                chunk = old_chunk(n, args.px, args.old_mem_gib) if impl == "old" else 0
+                chunk = (args.old_chunk or old_chunk(n, args.px, args.old_mem_gib)) if impl == "old" else 0
                 repeats = args.old_repeats if impl == "old" else args.repeats
                 r = run_case(impl, n, args.px, chunk, repeats, f"{tmp}/{impl}-{n}.npy")
                 name = f"old (chunk {chunk})" if impl == "old" else impl
