@@ -30,6 +30,9 @@ from memex.redact import redact, redact_urls
 
 THUMB = 256  # px: larger images are downscaled before embedding
 MAX_PAIRS = 200  # extracted pairs shown; the rest are counted (their rows are in matches/)
+# rows a table shows; the rest are counted: with match.candidates=all a large audit's uncounted pictures
+# run to tens of thousands, all in summary.json (and the prompts in candidates/)
+MAX_ROWS = 500
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 STYLE = """
@@ -265,15 +268,22 @@ def _pictures(summary: dict) -> str:
     pictures = summary.get("extracted_pictures", [])
     if pictures:
         out.append(f"<h2>Extracted training pictures ({len(pictures)})</h2>")
-        out.append(_table(PICTURE_HEADER, [_picture_cells(p) for p in pictures], {1, 2, 3, 5}))
+        out.append(_table(PICTURE_HEADER, [_picture_cells(p) for p in pictures[:MAX_ROWS]], {1, 2, 3, 5}))
+        out.append(_more(len(pictures), "extracted_pictures in summary.json"))
     uncounted = summary.get("uncounted_pictures", [])
     if uncounted:
         out.append(f"<h2>Not counted ({len(uncounted)})</h2><p>Some generation came within the threshold of these "
                    "training pictures, but they do not count as extracted.</p>")
         out.append(_table(PICTURE_HEADER[:-1] + ["reason", PICTURE_HEADER[-1]],
-                          [(c := _picture_cells(p))[:-1] + [esc(uncounted_reason(p, t)), c[-1]] for p in uncounted],
-                          {1, 2, 3, 5}))
+                          [(c := _picture_cells(p))[:-1] + [esc(uncounted_reason(p, t)), c[-1]]
+                           for p in uncounted[:MAX_ROWS]], {1, 2, 3, 5}))
+        out.append(_more(len(uncounted), "uncounted_pictures in summary.json"))
     return "\n".join(out)
+
+
+def _more(n: int, where: str) -> str:
+    """The line under a table cut at MAX_ROWS: how many rows it left out and where they are."""
+    return f'<p class="muted">{n - MAX_ROWS:,} more in {esc(where)}.</p>' if n > MAX_ROWS else ""
 
 
 def uncounted_reason(p: dict, t: dict) -> str:
@@ -375,7 +385,7 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
         flagged, candidates = candidates.slice(0, 0), candidates.slice(0, 0)
     out.append(f"<h2>Flagged prompts ({flagged.num_rows} of {candidates.num_rows})</h2>")
     rows = []
-    for c in flagged.to_pylist():
+    for c in flagged.slice(0, MAX_ROWS).to_pylist():
         p = per.get(c["prompt_id"], {})
         bound = "" if c["clique_exact"] else f' (&le; {c["clique_upper_bound"]})'
         rows.append([f'<span class="text">{esc(c["prompt"])}</span>', f'{c["clique_size"]}{bound}', esc(c["n_samples"]),
@@ -383,15 +393,17 @@ def render_report(summary: dict, candidates: pa.Table, matches: pa.Table, sample
     out.append(_table(["prompt", "clique size", "samples", "extracted", "training images"], rows, {1, 2, 3})
                if rows else '<p class="muted">' + ("No prompt reached the clique size." if ran
                                                     else "The filter did not run.") + "</p>")
+    out.append(_more(flagged.num_rows, "candidates/ of the run folder (flagged rows)"))
     undecided = set(summary.get("undecided_prompt_ids", []))
     if undecided:
         out.append(f'<h2>Undecided prompts ({len(undecided)})</h2><p>The clique search ran out of '
                    "filter.max_expansions before it could rule out a clique of the minimum size: these prompts "
                    "are neither flagged nor cleared (raise filter.max_expansions to decide them).</p>")
+        shown = candidates.filter(pc.is_in(candidates["prompt_id"], pa.array(sorted(undecided), pa.string())))
         out.append(_table(["prompt", "largest clique found", "proven bound"],
                           [[f'<span class="text">{esc(c["prompt"])}</span>', esc(c["clique_size"]),
-                            esc(c["clique_upper_bound"])] for c in candidates.to_pylist()
-                           if c["prompt_id"] in undecided], {1, 2}))
+                            esc(c["clique_upper_bound"])] for c in shown.slice(0, MAX_ROWS).to_pylist()], {1, 2}))
+        out.append(_more(shown.num_rows, "summary.json's undecided_prompt_ids"))
     out.append(_triage(summary))
     out.append(_pictures(summary))
 

@@ -519,3 +519,17 @@ def test_the_report_reads_only_the_shards_of_the_shown_pairs(audited_run, monkey
     shards = sorted(p for p in read if "/samples/" in p)
     assert shards == [layout.samples.file(0), layout.samples.file(1)], shards
     assert "not stored" not in html and html.count("data:image/png") >= 2 * min(N_SAMPLES, 8)
+
+
+def test_long_tables_are_cut_with_a_count_of_the_rest(monkeypatch):
+    """Pairs were capped at MAX_PAIRS, but the picture and prompt tables were not: with match.candidates=all
+    a large audit's "Not counted" table ran to tens of thousands of rows in one HTML file."""
+    from memex import report
+
+    monkeypatch.setattr(report, "MAX_ROWS", 2)
+    flat = {"generations": 1, "low_complexity": False, "distinct": True, "counted": False}
+    html = _render(_summary(thresholds={**_summary()["thresholds"], "min_generations": 2},
+                            uncounted_pictures=[{"picture": f"u{k}", "rows": [f"u{k}"], **flat} for k in range(5)]))
+    table = html.split("<h2>Not counted (5)</h2>")[1].split("</table>")[0]
+    assert table.count("<td>u") == 2 and "<td>u0</td>" in table and "<td>u2</td>" not in table
+    assert '<p class="muted">3 more in uncounted_pictures in summary.json.</p>' in html
