@@ -619,7 +619,8 @@ class TrackerConfig:
 
     kind: TrackerKind = TrackerKind.none
     # training step of the audited checkpoint: the x of every metric (None: 0). `memex nightly` sets
-    # it to each checkpoint's own step (checkpoint-<step>), so leave it unset there.
+    # it to each checkpoint's own step (checkpoint-<step>; a final model saved beside them: the last
+    # one's), so leave it unset there.
     step: Optional[int] = None
     # mlflow, wandb: the run to log into. run_id: an existing run (the training run's id: its loss
     # curves and memex's numbers side by side). None: a run named run_name (mlflow: found by name in

@@ -290,6 +290,15 @@ def test_the_final_lora_beside_its_checkpoints_is_a_checkpoint_too(tmp_path):
     (tmp_path / "watch" / "lora-run").rename(tmp_path / "watch" / "lora_out_2")
     assert [c.step for c in discover(str(tmp_path / "watch"), str(BASE))] == [None, 100]
 
+    # the tracker logs the final model at its series' last checkpoint step, the least it trained (it was
+    # logged at step 0: before training began, on the checkpoints' own curve); in every nightly.only job too
+    make_lora(str(BASE), tmp_path / "watch" / "lora_out_2" / "checkpoint-300", seed=4)
+    for only in (None, str(tmp_path / "watch" / "lora_out_2")):
+        cfg = compose(_overrides(tmp_path, tmp_path / "watch", f"nightly.base_model={BASE}",
+                                 *([f"nightly.only={only}"] if only else [])), config_name="nightly")
+        steps = {Path(p.ckpt.location).name: (p.ckpt.step, p.tracker_step) for p in nightly.plan(cfg).pending}
+        assert steps["lora_out_2"] == (None, 300) and (only or steps["checkpoint-100"] == (100, 100))
+
 
 def test_a_pipeline_saved_as_a_checkpoint_folder_is_audited_whole(tmp_path):
     """pipe.save_pretrained(f"{out}/checkpoint-{step}") writes a whole pipeline there: it was taken

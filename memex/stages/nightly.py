@@ -64,6 +64,9 @@ class Pending:
     weights: str  # sha256 of the weights (memex/checkpoints.py)
     signature: str  # of the weight files' names, sizes and mtimes
     series_name: str | None = None  # the tracker's run name for its series (series_names)
+    # the tracker's step: the checkpoint's, and for a final model (step None: a pipeline saved at the end
+    # of training) its series' last checkpoint step, the least it trained; None when it has none
+    tracker_step: int | None = None
 
     def run_name(self, config_sha: str) -> str:
         return f"{self.ckpt.name}-{self.weights[:8]}-{config_sha[:8]}"
@@ -135,6 +138,10 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
     n = cfg.nightly
     found = discover(n.location, n.base_model, n.settle_minutes * 60, n.ema)
     names = series_names({c.series for c in found}, n.location)  # before nightly.only: the same in every job
+    last: dict[str, int] = {}  # series -> its last checkpoint step (a final model is logged there), before .only too
+    for c in found:
+        if c.step is not None:
+            last[c.series] = max(last.get(c.series, c.step), c.step)
     if n.only is not None:
         # the plan prints locations redacted (memex/redact.py), so nightly.only may be one
         found = [c for c in found if posixpath.normpath(c.location) == posixpath.normpath(n.only)
@@ -155,7 +162,8 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
             log.warning("%s: left out, %s", redact_text(c.location), e)
             continue
         if weights not in done:
-            pending.append(Pending(c, weights, sig, names[c.series]))
+            pending.append(Pending(c, weights, sig, names[c.series],
+                                   c.step if c.step is not None else last.get(c.series)))
     return NightlyResult(sha, len(found), pending, ledger=ledger.uri)
 
 
@@ -227,7 +235,7 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
     acfg = replace(cfg, model=replace(cfg.model, name=c.name, path=c.base, unet=c.unet, lora=c.lora,
                                       text_encoder=c.text_encoder),
                    run=replace(cfg.run, name=p.run_name(sha)),
-                   tracker=at_checkpoint(cfg.tracker, c.step, c.series, p.series_name))
+                   tracker=at_checkpoint(cfg.tracker, p.tracker_step, c.series, p.series_name))
     layout = RunLayout(cfg.storage.root, p.run_name(sha), cfg.storage.options)
     row = {"location": c.location, "series": c.series, "step": c.step, "base": c.base if c.unet else "",
            "weights_sha256": p.weights, "files_signature": p.signature, "config_sha256": sha, "run": layout.uri,
