@@ -197,8 +197,9 @@ def test_training_images_are_cut_once_per_shape_and_luma_across_shards():
     shape, luma) cut once, the luma kept apart from the colour, and the least recently used dropped
     past its byte budget."""
     import numpy as np
+    import torch
 
-    from memex.images import decode
+    from memex.images import decode, luma_rgb
     from memex.stages.match import Compared, verify_all
 
     rng = np.random.default_rng(2)
@@ -227,6 +228,12 @@ def test_training_images_are_cut_once_per_shape_and_luma_across_shards():
     (colour,) = verify_all(shard.slice(0, 1), *args)
     assert want["distance"] != colour["distance"]  # the luma and the colour comparisons differ
     assert verify_all(gray, *args, kept) == [want] and kept.made == made + 1
+    # the luma is kept in one channel (its three are equal): a third of a colour image's bytes, the same numbers
+    before = kept.nbytes
+    luma = kept.get(1, True, lambda: luma_rgb(train[1]), (32, 32))
+    assert kept.nbytes - before == 32 * 32 * 4 and luma.shape == (1, 3, 32, 32)
+    full = Compared("center_crop").get(1, False, lambda: luma_rgb(train[1]), (32, 32))
+    assert torch.equal(luma, full)
 
     small = Compared("center_crop", max_bytes=2 * 3 * 32 * 32 * 4)  # room for two 32 px images
     assert verify_all(shard, D, I, train, meta, m, "l2", "center_crop", {}, small) == plain

@@ -196,15 +196,22 @@ class Compared:
         if t is not None:
             self._d.move_to_end(key)
             self.hits += 1
-            return t
+            return _as_rgb(t)
         t = as_compared(image(), shape, self.preprocess)  # (1, C, h, w) float32: 3 MB at 512 px
+        if luma:  # its three channels are equal (luma_rgb, resized alike): one is kept, a third of the bytes
+            t = t[:, :1].clone()
         self.made += 1
         self._d[key] = t
         self.nbytes += t.numel() * t.element_size()
         while self.nbytes > self.max_bytes and len(self._d) > 1:
             _, old = self._d.popitem(last=False)
             self.nbytes -= old.numel() * old.element_size()
-        return t
+        return _as_rgb(t)
+
+
+def _as_rgb(t):
+    """A kept one-channel luma (1, 1, h, w) as the (1, 3, h, w) the distances compare: a view, no copy."""
+    return t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t
 
 
 def as_compared(img: np.ndarray, shape: tuple[int, int], preprocess: str):
