@@ -259,3 +259,26 @@ def test_a_distance_exactly_at_the_threshold_is_an_edge_and_a_copy_alike():
     row = verify_all(samples, np.array([[0.0]]), np.array([[0]]), {0: train}, {0: ("a", "c")}, MatchConfig(), "l2",
                      "center_crop", {})[0]
     assert row["distance"] == float(d[0, 1]) and row["extracted"]
+
+
+def test_a_training_image_too_small_to_compare_is_skipped_and_named(caplog):
+    """A 1 px tracking GIF (or a 600x2 banner cut to a square) passes the index (upsampled to the embedder's
+    input) and lands among a flat generation's neighbours; match then failed the stage with F.interpolate's
+    "output (H: 0, W: 0)" on every rerun. It is skipped like an unreadable image, named in a warning."""
+    import numpy as np
+
+    from memex.stages import match
+    from memex.stages.match import verify_all
+
+    rng = np.random.default_rng(3)
+    train = {0: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), 1: np.zeros((1, 1, 3), np.uint8),
+             2: np.zeros((2, 600, 3), np.uint8)}
+    meta = {g: (f"t{g}", "c") for g in train}
+    shard = pa.table({"sample_id": ["p/0"], "prompt_id": ["p"], "prompt": ["x"], "image": [encode_png(train[0])]})
+    match._WARNED.clear()
+    with caplog.at_level("WARNING", logger="memex.match"):
+        (row,) = verify_all(shard, np.zeros((1, 3)), np.array([[1, 2, 0]]), train, meta, MatchConfig(), "l2",
+                            "center_crop", {})
+    assert (row["train_id"], row["distance"], row["neighbor_rank"]) == ("t0", 0.0, 2)
+    assert "training image t1 could not be read (1x1 px once cut to the generations' aspect: too small" in caplog.text
+    assert "training image t2 could not be read (2x2 px" in caplog.text

@@ -223,10 +223,18 @@ def as_compared(img: np.ndarray, shape: tuple[int, int], preprocess: str):
     of one picture "another picture" (0.14-0.17 apart at 256 px, 0.01 at 32)."""
     import torch
 
-    from memex.distances import at_size, common_size, to_unit
+    from memex.distances import GRID, at_size, common_size, to_unit
 
     fitted = to_unit(torch.tensor(to_aspect(img, shape[0], shape[1], preprocess)[None]))
+    if min(fitted.shape[-2:]) < GRID:  # a 1 px tracking GIF, a 600x2 banner's cut: no 4x4 grid of tiles
+        raise NotComparable(f"{fitted.shape[-2]}x{fitted.shape[-1]} px once cut to the generations' aspect: "
+                            f"too small to compare (the tiled l2 needs {GRID} px a side)")
     return at_size(fitted, common_size(tuple(shape), fitted.shape[-2:]))
+
+
+class NotComparable(KeyError):
+    """A training image too small to compare with a generation: skipped like an unreadable one
+    (`readable`), named in a warning, instead of failing the stage (F.interpolate to 0x0)."""
 
 
 def relative_distance(l2: np.ndarray, pictures: list[int], n: int, alpha: float) -> tuple[float, int]:
@@ -271,7 +279,11 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
         shape = gen.shape[:2]
 
         def cut(x: int, px=px, gray=gray, shape=shape):  # training image x as compared with this generation
-            return compared.get(x, gray, lambda: px[x], shape)  # (decoded, and its luma taken, on a miss)
+            try:
+                return compared.get(x, gray, lambda: px[x], shape)  # (decoded, and its luma taken, on a miss)
+            except NotComparable as e:  # KeyError: `readable` skips it
+                unreadable(str(meta[x][0]) if x in meta else f"gid {x}", e.args[0])
+                raise
 
         nb, cuts = readable(I[j], cut)
         if not nb:
