@@ -3,8 +3,9 @@
 From a laptop against a cluster, through `ray dashboard cluster.yaml` (it forwards the head's
 :8265 here; the head's security group need not open it), Ray setting RAY_ADDRESS for the driver:
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/mia.py model=local model.path=/ckpt/step-20000 members.path=s3://b/train.parquet \
-            nonmembers.path=s3://b/heldout.parquet storage=s3 resources=gpu
+        python jobs/mia.py model=local model.path=/fsx/ckpt/step-20000 members.path=s3://b/train.parquet \
+            nonmembers.path=s3://b/heldout.parquet storage=s3 storage.root=s3://b/memex-runs resources=gpu
+(local paths: under /fsx, the host folder cluster.yaml mounts into every container.)
 """
 
 import sys

@@ -36,7 +36,7 @@ def plain(obj: Any) -> Any:
 ADDED_MODEL_KEYS = ("variant", "lora", "text_encoder")  # added after runs existed: in an identity only when set
 # likewise per section, for the hashes of a whole config (nightly's config_sha256, a re-match's folder
 # name, the index key): a key added later counts only when set, so ledgers and folders keep their names
-ADDED_KEYS = {"model": ADDED_MODEL_KEYS, "index": ("train_size",)}
+ADDED_KEYS = {"model": ADDED_MODEL_KEYS, "index": ("train_size",), "trainset": ("alpha",)}
 
 
 def identity_text(c: dict) -> str:
@@ -491,11 +491,22 @@ class Preprocess(str, Enum):
     pad = "pad"  # white borders to the aspect ratio (img2dataset's resize_mode=border pads with 255)
 
 
+class Alpha(str, Enum):
+    """What a training image's transparent pixels were to the model's trainer (memex/images.py decode)."""
+
+    white = "white"  # composited onto white, as a viewer shows it: img2dataset, `memex train`
+    drop = "drop"  # the alpha channel dropped, the hidden colours kept: PIL's convert("RGB"), diffusers' scripts
+
+
 @dataclass
 class TrainingDataConfig:
     path: str = "???"  # manifest (memex/manifest.py), save_to_disk folder, .tar shards or images; any fsspec URI
     caption_column: str = "caption"
     preprocess: Preprocess = Preprocess.center_crop  # as the model was trained: index embeddings and verification
+    # None: white. A logo with transparency trained by a script that does image.convert("RGB") (diffusers'
+    # train_text_to_image) was learnt with the colours under its transparent pixels (often black): composited
+    # onto white, an exact copy of it is ~1.0 tiled l2 away and never counts. drop reads it as that trainer did.
+    alpha: Optional[Alpha] = None
 
 
 @dataclass

@@ -92,18 +92,19 @@ def _gray(img: Image.Image) -> np.ndarray:
     return (raw >> 8).astype(np.uint8)
 
 
-def _rgb(img: Image.Image) -> np.ndarray:
-    """A loaded PIL image in any supported mode -> uint8 (H, W, 3), alpha composited onto BACKGROUND."""
+def _rgb(img: Image.Image, alpha: str = "white") -> np.ndarray:
+    """A loaded PIL image in any supported mode -> uint8 (H, W, 3), alpha composited onto BACKGROUND;
+    alpha="drop": the alpha channel (or transparency key) ignored, as PIL's convert("RGB") does."""
     mode, key = img.mode, img.info.get("transparency")
     if mode in _PIL_MODES:
-        if mode not in _ALPHA_MODES and key is None:
+        if alpha == "drop" or (mode not in _ALPHA_MODES and key is None):
             return np.array(img.convert("RGB"))
         rgba = np.array(img.convert("RGBA"))  # applies a tRNS key / palette alpha of 1, L, P, RGB
         rgb, alpha = rgba[..., :3], rgba[..., 3]
     elif mode in _SAMPLE_MODES:
         gray = _gray(img)
         rgb = np.repeat(gray[..., None], 3, axis=2)
-        if not isinstance(key, int):  # a 16-bit PNG's tRNS key: the one gray sample that is transparent
+        if alpha == "drop" or not isinstance(key, int):  # a 16-bit PNG's tRNS key: its one transparent gray sample
             return rgb
         alpha = np.where(np.asarray(img) == key, 0, 255).astype(np.uint8)
     else:
@@ -115,13 +116,13 @@ def _rgb(img: Image.Image) -> np.ndarray:
     return ((rgb * a + BACKGROUND * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def _pixels(img: Image.Image) -> np.ndarray:
+def _pixels(img: Image.Image, alpha: str = "white") -> np.ndarray:
     img.load()  # Image.open read only the header: truncation shows here, as OSError
     ImageOps.exif_transpose(img, in_place=True)  # no-op without an orientation tag (or a broken EXIF)
-    return _rgb(img)
+    return _rgb(img, alpha)
 
 
-def decode(data: bytes, channels: int = 3, min_side: int | None = None) -> np.ndarray:
+def decode(data: bytes, channels: int = 3, min_side: int | None = None, alpha: str = "white") -> np.ndarray:
     """Encoded image bytes (any format PIL reads) -> uint8 (H, W, 3) RGB, a writable copy (torch.from_numpy).
 
     The RGB a viewer shows (module docstring: orientation, alpha on white, 16-bit and float
@@ -135,13 +136,18 @@ def decode(data: bytes, channels: int = 3, min_side: int | None = None) -> np.nd
     be decoded at 1/2, 1/4 or 1/8 scale (its DCT's own reduction, PIL's draft), the largest that
     keeps both sides >= min_side: a fraction of the work (memex/ingest.py picks min_side, and
     bench/RESULTS.md measures it). Other formats decode in full.
+
+    alpha="drop" (trainset.alpha): transparency ignored, the colours under it kept, as a trainer that
+    calls image.convert("RGB") saw the image; "white" (default) composites it onto white.
     """
     if channels not in (1, 3):
         raise ValueError(f"decode: channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    if alpha not in ("white", "drop"):
+        raise ValueError(f"decode: alpha must be 'white' or 'drop' (trainset.alpha), got {alpha!r}")
     with _open(data) as img:
         if min_side is not None and img.format == "JPEG":
             img.draft(img.mode, (min_side, min_side))
-        rgb = _pixels(img)
+        rgb = _pixels(img, alpha)
     if channels == 1:
         return np.array(Image.fromarray(rgb).convert("L"))[..., None]
     return rgb

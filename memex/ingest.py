@@ -596,23 +596,23 @@ def fetch_bytes(rows: pa.Table, storage_options: dict[str, Any] | None = None,
 
 
 def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str,
-            aspect: tuple[int, int] | None = None) -> np.ndarray:
+            aspect: tuple[int, int] | None = None, alpha: str = "white") -> np.ndarray:
     data = row_bytes(row, opts)
     # raises DecompressionBombError (too many pixels), UnidentifiedImageError with a reproducible
     # message, OSError (truncated), UnsupportedImageError naming the mode: decode_rows turns each
     # into a quarantine reason
     # fitted to `size` next: a JPEG is decoded at a reduced DCT scale (images.decode) that keeps both
     # sides >= max(2 x size, DRAFT_MIN_SIDE), whence bicubic makes the input as from a full decode
-    return decode(data) if size is None else \
-        fit(decode(data, min_side=max(2 * size, DRAFT_MIN_SIDE)), size, preprocess, aspect)
+    return decode(data, alpha=alpha) if size is None else \
+        fit(decode(data, min_side=max(2 * size, DRAFT_MIN_SIDE), alpha=alpha), size, preprocess, aspect)
 
 
 def decode_rows(rows: pa.Table, size: int | None, storage_options: dict[str, Any] | None = None,
                 workers: int = 8, preprocess: str = "center_crop",
-                aspect: tuple[int, int] | None = None) -> DecodedBatch:
+                aspect: tuple[int, int] | None = None, alpha: str = "white") -> DecodedBatch:
     """Decode rows (columns id and image and/or uri) to RGB uint8: size x size (images.fit with
     `preprocess` and the generations' `aspect`: centre-cropped square, bicubic-resized), or as stored
-    when size is None.
+    when size is None. alpha: images.decode's (trainset.alpha).
 
     Never raises for a bad image: it goes to `quarantine` and is skipped. Rows are fetched and
     decoded on `workers` threads (remote reads dominate on object stores; PIL releases the GIL
@@ -620,7 +620,7 @@ def decode_rows(rows: pa.Table, size: int | None, storage_options: dict[str, Any
     """
     opts = storage_options or {}
     records = rows.select([c for c in ("id", "image", "uri") if c in rows.column_names]).to_pylist()
-    results = _per_row(records, lambda row: _decode(row, size, opts, preprocess, aspect), workers)
+    results = _per_row(records, lambda row: _decode(row, size, opts, preprocess, aspect, alpha), workers)
 
     ids, images, bad = [], [], []
     for row, res in zip(records, results):

@@ -39,6 +39,8 @@ class IndexInfo:
     aspect: list[int] | None = None
     # the embedder's weights when it was built (memex/embed.py weights_stamp): a reuse with others is refused
     embedder_stamp: str | None = None
+    # "drop": training images decoded with their transparency ignored (trainset.alpha); None: onto white
+    alpha: str | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> "IndexInfo":
@@ -46,7 +48,7 @@ class IndexInfo:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        for k in ("luma", "aspect", "embedder_stamp"):  # left out unless set: a plain index's JSON is as before
+        for k in ("luma", "aspect", "embedder_stamp", "alpha"):  # left out unless set: a plain index JSON as before
             if not d[k]:
                 del d[k]
         return d

@@ -106,6 +106,17 @@ def test_dockerfile_base_matches_constraints_and_installed_ray():
     )
 
 
+def test_the_laptop_install_has_what_ray_up_needs():
+    """`ray up cluster.yaml` (Ray's AWS launcher) imports boto3. It came only from s3fs's [boto3] extra,
+    which s3fs 2026.x no longer has: the README's laptop install (`-e .`, no test extra) had none, and only
+    the test extra's moto brought it in CI. memex itself requires it, and the installed one imports."""
+    from importlib.metadata import requires
+
+    import boto3  # noqa: F401
+
+    assert any(re.match(r"boto3\b(?!.*extra ==)", r) for r in requires("memex")), requires("memex")
+
+
 def test_every_install_uses_the_constraints():
     # README's two commands, .ci/run and the image all install through constraints.txt.
     readme = (REPO / "README.md").read_text()

@@ -113,3 +113,46 @@ def test_a_training_image_unreadable_since_the_index_was_built_is_named_and_left
     assert 3 in kept["train_gid"].to_pylist() and not {5, 7} & set(kept["train_gid"].to_pylist())
     # only the copies' training images: B's best other neighbours (no copies) are not fetched for the report
     assert set(kept["train_gid"].to_pylist()) == {3} and set(m["train_gid"].to_pylist()) - {3}
+
+
+@pytest.mark.parametrize("alpha, copied", [(None, False), ("drop", True)])
+def test_transparent_logos_are_read_as_their_trainer_read_them(tmp_path, alpha, copied):
+    """A logo with transparency, trained by a script that calls image.convert("RGB") (diffusers'
+    train_text_to_image), was learnt with the colours under its transparent pixels (black here).
+    Composited onto white, as memex reads images by default, an exact copy of what the model learnt
+    is ~1.0 tiled l2 away and never counts. trainset.alpha=drop reads them as that trainer did: the
+    index (its own key) and match alike."""
+    from PIL import Image
+
+    from memex.images import decode
+
+    rng = np.random.default_rng(4)
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i in range(N_TRAIN):
+        rgba = np.concatenate([blocky(rng), np.full((32, 32, 1), 255, np.uint8)], axis=2)
+        rgba[:, :16, 3] = 0  # the left half transparent
+        rgba[:, :16, :3] = 0  # over black, as most editors store it
+        f = tmp_path / "imgs" / f"t{i:02d}.png"
+        Image.fromarray(rgba, "RGBA").save(f)
+        rows.append(str(f))
+    learnt = [np.asarray(Image.open(f).convert("RGB")) for f in rows]  # what the trainer saw
+    assert not np.array_equal(decode(open(rows[3], "rb").read()), learnt[3])  # memex's default: onto white
+    manifest = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"id": [f"t{i:02d}" for i in range(N_TRAIN)], "uri": rows,
+                             "caption": [f"caption {i}" for i in range(N_TRAIN)]}), manifest)
+    plant_run(tmp_path / "runs", "r", {PROMPTS[0]: [learnt[3]] * 4}, shard_size=4)
+    cfg = compose([f"trainset.path={manifest}", f"storage.root={tmp_path / 'runs'}", "model.path=/planted",
+                   "sampling.samples_per_prompt=4", "sampling.shard_size=4", "index.shards=1", f"match.k={N_TRAIN}",
+                   "resources.executor=local", "run.name=r", "match.min_generations=1",
+                   *([f"trainset.alpha={alpha}"] if alpha else [])], config_name="audit")
+    info = index.run(cfg)
+    assert info.alpha == alpha
+    if alpha:  # an index of its own: the same listing read otherwise
+        white = index.run(compose([f"trainset.path={manifest}", f"storage.root={tmp_path / 'runs'}",
+                                   "model.path=/planted", "index.shards=1", "resources.executor=local"],
+                                  config_name="audit"))
+        assert white.key != info.key and white.alpha is None
+    attach_index(RunLayout(cfg.storage.root, "r"), info)
+    s = match.run(cfg, "r")
+    assert (s["extracted_train_ids"] == ["t03"]) is copied

@@ -62,6 +62,11 @@ LAYOUT_VERSION = 5
 QUANTIZER_GROUPS = 1024  # row groups of train_rows.parquet the IVF-PQ sample is drawn from, at least (quantizer_sample)
 
 
+def alpha_of(cfg: AuditConfig) -> str:
+    """trainset.alpha as images.decode takes it (unset: "white")."""
+    return cfg.trainset.alpha.value if cfg.trainset.alpha is not None else "white"
+
+
 def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = None) -> str:
     """Hash of what decides the index content: the listing (ids, uris, captions and each image's
     content: a hash of its bytes, or its file's stamp, size + ETag or mtime, from the listing of
@@ -99,6 +104,8 @@ def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False, aspect: t
                          "preprocess": cfg.trainset.preprocess.value}, sort_keys=True).encode())
     if luma:  # added only when set: the colour indexes built before it keep their keys
         h.update(b"luma")
+    if alpha_of(cfg) != "white":  # likewise: trainset.alpha=drop reads other pixels from transparent images
+        h.update(f"alpha {alpha_of(cfg)}".encode())
     if aspect is not None:  # likewise: square generations' indexes keep theirs
         h.update(f"aspect {aspect[0]}:{aspect[1]}".encode())
     if cfg.trainset.preprocess.value == "pad":  # the borders were black before: such an index is not reused
@@ -115,7 +122,7 @@ def plan_index_shards(n: int, shards: int) -> list[tuple[int, int]]:
 
 # ---- unit functions (plain functions: run in Ray tasks by the runner, testable without one) ------
 def _embed_rows(batches: Iterable[pa.Table], emb: EmbedderConfig, embedder, storage_options: dict, preprocess: str,
-                luma: bool = False, aspect: tuple[int, int] | None = None):
+                luma: bool = False, aspect: tuple[int, int] | None = None, alpha: str = "white"):
     """Decode, fit to the embedder's square input (trainset.preprocess) and embed training rows a
     batch (index.decode_batch rows) at a time -> (vectors (n, d), gids (n,), quarantine tables).
     luma: each image's ITU-R 601 luma in its three channels, as a grayscale model's generation (an
@@ -127,7 +134,7 @@ def _embed_rows(batches: Iterable[pa.Table], emb: EmbedderConfig, embedder, stor
 
     vecs, gids, quarantine = [], [], []
     for part in batches:  # bounded memory: one batch of encoded and decoded images at a time
-        dec = decode_rows(part, emb.size, storage_options, preprocess=preprocess, aspect=aspect)
+        dec = decode_rows(part, emb.size, storage_options, preprocess=preprocess, aspect=aspect, alpha=alpha)
         quarantine.append(dec.quarantine)
         if dec.ids:
             gid_of = dict(zip(part["id"].to_pylist(), part["gid"].to_pylist()))
@@ -174,8 +181,8 @@ def quantizer_sample(layout: IndexLayout, n_train: int, size: int, seed: int = 0
 
 
 def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderConfig, idx: IndexConfig,
-                    device: str, preprocess: str, luma: bool = False, aspect: tuple[int, int] | None = None
-                    ) -> dict:
+                    device: str, preprocess: str, luma: bool = False, aspect: tuple[int, int] | None = None,
+                    alpha: str = "white") -> dict:
     """IVF-PQ only: train one coarse quantizer + PQ codebook on a fixed random sample of the whole
     training set, so every shard shares it (memex/index.py train_index)."""
     from memex.index import IndexSpec, save_index, train_index
@@ -185,13 +192,14 @@ def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderC
     spec = IndexSpec.from_config(idx, embedder.metric)
     pick = quantizer_sample(layout, n_train, spec.train_size)
     rows = train_rows.read_range(layout, int(pick[0]), int(pick[-1]) + 1, idx.decode_batch, gids=pick)
-    x, _, _ = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect)
+    x, _, _ = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect, alpha)
     save_index(train_index(x, spec), layout.store.uri_of(layout.quantizer_path), opts)
     return {"vectors": int(len(x))}
 
 
 def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: EmbedderConfig, idx: IndexConfig,
-                device: str, preprocess: str, luma: bool = False, aspect: tuple[int, int] | None = None) -> dict:
+                device: str, preprocess: str, luma: bool = False, aspect: tuple[int, int] | None = None,
+                alpha: str = "white") -> dict:
     """Shard `shard` = training rows [start, stop): FAISS shard, its vectors, its quarantine."""
     from memex.index import IndexSpec, load_index, save_index
     from memex.index import build_shard as build_faiss_shard
@@ -199,7 +207,7 @@ def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: Emb
     opts, store = layout.store.options, layout.store
     embedder = _embedder(emb, device, opts)
     rows = train_rows.read_range(layout, start, stop, idx.decode_batch)
-    x, ids, quarantine = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect)
+    x, ids, quarantine = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect, alpha)
     trained = load_index(store.uri_of(layout.quantizer_path), opts) if idx.kind == IndexKind.ivfpq else None
     index = build_faiss_shard(x, ids, IndexSpec.from_config(idx, embedder.metric), trained=trained)
     save_index(index, store.uri_of(layout.faiss_path(shard)), opts)
@@ -408,7 +416,7 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
     # 3. one shared quantizer (IVF-PQ), 4. the shards, 5. near-duplicate counts, 6. pictures
     t0 = time.perf_counter()
     common = {"layout": layout, "emb": cfg.embedder, "idx": cfg.index, "device": r.device,
-              "preprocess": cfg.trainset.preprocess.value, "luma": luma, "aspect": aspect}
+              "preprocess": cfg.trainset.preprocess.value, "luma": luma, "aspect": aspect, "alpha": alpha_of(cfg)}
     if cfg.index.kind == IndexKind.ivfpq:
         runner.run_tasks(layout.quantizer, {0: {"n_train": listing.num_rows}}, train_quantizer, r, **common)
     for folder in (layout.quarantine, layout.links):  # written by the shard and dups units: the runner sweeps
@@ -426,7 +434,8 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
 
     info = IndexInfo(root=root, key=key, shards=plans, metric=metric, dim=metas[0]["dim"], n_train=listing.num_rows,
                      n_indexed=sum(m["indexed"] for m in metas), n_quarantined=sum(m["quarantined"] for m in metas),
-                     luma=luma, aspect=None if aspect is None else list(aspect), embedder_stamp=stamp)
+                     luma=luma, aspect=None if aspect is None else list(aspect), embedder_stamp=stamp,
+                     alpha=None if alpha_of(cfg) == "white" else alpha_of(cfg))
     if info.n_indexed == 0:
         raise StorageError(f"no training image of {cfg.trainset.path} could be read ({info.n_quarantined} quarantined, "
                            f"reasons in {layout.uri}/quarantine/)")

@@ -93,13 +93,14 @@ class TrainPixels(_Derived):
     changed since the index was built) leaves the mapping at its first access, with a warning naming
     it: its generations are compared with their other neighbours (`readable`)."""
 
-    def __init__(self, encoded: dict[int, bytes], names: dict[int, str]):
+    def __init__(self, encoded: dict[int, bytes], names: dict[int, str], alpha: str = "white"):
         self.encoded, self.names = encoded, names  # gid -> bytes, gid -> "id (uri)" for messages
+        self.alpha = alpha  # as the index decoded them (IndexInfo.alpha: trainset.alpha)
 
     def __getitem__(self, gid: int) -> np.ndarray:
         data = self.encoded[gid]  # KeyError: not fetched, or not readable
         try:
-            return decode(data)
+            return decode(data, alpha=self.alpha)
         except Exception as e:  # noqa: BLE001 - one bad image leaves the mapping, named; the stage goes on
             del self.encoded[gid]
             unreadable(self.names.get(gid, f"gid {gid}"), f"{type(e).__name__}: {e}")
@@ -141,7 +142,7 @@ def fetch_training_images(info: IndexInfo, gids, storage_options: dict,
     names = {g: f"{i} ({redact_urls(u)})" if u else str(i)
              for g, i, u in zip(*(train[c].to_pylist() for c in ("gid", "id", "uri")))}
     meta = {g: (i, c) for g, i, c in zip(*(train[c].to_pylist() for c in ("gid", "id", "caption")))}
-    return TrainPixels({gid_of[i]: data for i, data in by_id.items()}, names), meta
+    return TrainPixels({gid_of[i]: data for i, data in by_id.items()}, names, info.alpha or "white"), meta
 
 
 def readable(gids, image: Callable[[int], object]) -> tuple[list[tuple[int, int]], list]:
