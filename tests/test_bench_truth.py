@@ -98,6 +98,8 @@ def test_truth_sets_and_the_score_of_an_audit(tmp_path):
     # the audit reports A (its own generation a copy), B (emitted: the pool copies it once, the audit's is
     # looser) and X (neither: a false alarm); it misses D
     found, ok = {"A", "B", "X"}, {"A": True, "B": False, "X": False}
-    recall, precision, strict, hit, emitted = avt.score(found, ok, set(reproduced), set(once))
-    assert (recall, precision, strict) == (1 / 2, 2 / 3, 1 / 3)
+    recall, strict_recall, precision, strict, hit, emitted = avt.score(found, ok, set(reproduced), set(once))
+    assert (recall, strict_recall, precision, strict) == (1 / 2, 1 / 2, 2 / 3, 1 / 3)
     assert hit == {"A"} and emitted == {"A", "B"}
+    # strict recall credits a reproduced picture only on the audit's own evidence: A found on a looser copy
+    assert avt.score(found, {**ok, "A": False}, set(reproduced), set(once))[:2] == (1 / 2, 0.0)
