@@ -426,39 +426,47 @@ def weights_sha256(ckpt: Checkpoint, cache: dict | None = None) -> str:
     and the checkpoint's UNet, each as <relative name, bytes>. A renamed or copied checkpoint
     keeps its hash (so it is not audited twice); changed weights get a new one.
 
-    `cache` maps (path, size, mtime_ns) -> file digest (default: this process's), so the base shared by
-    every checkpoint of a run is read once per nightly invocation, and the audit's own record of the
-    weights (claim_weights) reads none again."""
+    `cache` maps (path, size, mtime_ns) -> file digest (default: this process's, which
+    model_weights_sha256 shares), so the base shared by every checkpoint of a run is read once per
+    nightly invocation."""
     cache = _DIGESTS if cache is None else cache
     h = hashlib.sha256()
     for name, path in _load_files(ckpt):
         h.update(name.encode() + b"\0")
         if path is not None:
-            st = path.stat()
-            key = (str(path), st.st_size, st.st_mtime_ns)
-            if key not in cache:
-                fh = hashlib.sha256()
-                with open(path, "rb") as f:
-                    while chunk := f.read(HASH_CHUNK):
-                        fh.update(chunk)
-                cache[key] = fh.hexdigest()
-            h.update(cache[key].encode())
+            h.update(_digest(path, cache).encode())
     return h.hexdigest()
 
 
-def model_weights_sha256(path: str, unet: str | None = None, lora: str | None = None,
-                         text_encoder: str | None = None) -> str | None:
-    """weights_sha256 of the model an audit, a generation or `memex mia` loads (model.path, .unet, .lora,
-    .text_encoder); None for a hub id with nothing local (its name and revision are in the run's settings).
-    Magnitude: SD 1.5's ~2.7 GB of fp16 weights read in ~2-4 s, once a process."""
-    from memex.lora import lora_file
+def _digest(path: Path, cache: dict) -> str:
+    """sha256 of one file, kept by (path, size, mtime_ns) in `cache`: read once a process."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in cache:
+        fh = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                fh.update(chunk)
+        cache[key] = fh.hexdigest()
+    return cache[key]
 
-    # a part given as a hub id (a LoRA on the hub) is named in the settings: only local files are hashed
-    unet, text_encoder = (p if p and Path(p).exists() else None for p in (unet, text_encoder))
-    lora = lora_file(lora) if lora and Path(lora).exists() else None
-    if not Path(path).is_dir() and not (unet or lora or text_encoder):
+
+def model_weights_sha256(path: str, unet: str | None = None, lora: str | None = None,
+                         text_encoder: str | None = None, variant: str | None = None) -> str | None:
+    """sha256 over the weight files a load of this model reads (model.path, .unet, .lora, .text_encoder,
+    .variant: models.loaded_weight_files), each as <name, bytes>; None for a hub id with nothing local (its
+    name and revision are in the run's settings). Not nightly's weights_sha256, which covers every weight
+    file of the folders: an fp16 variant downloaded beside the weights, or a safety checker deleted, is no
+    other model. Magnitude: SD 1.5's fp32 UNet, VAE and text encoder, ~4 GB, in ~3-6 s, once a process."""
+    from memex.models import loaded_weight_files
+
+    files = loaded_weight_files(path, unet, lora, text_encoder, variant)
+    if not files:
         return None
-    return weights_sha256(Checkpoint(path, path, None, path, unet, lora, text_encoder))
+    h = hashlib.sha256()
+    for name, f in files:
+        h.update(name.encode() + b"\0" + _digest(Path(f), _DIGESTS).encode())
+    return h.hexdigest()
 
 
 def claim_weights(store, where: str, sha: str | None, what: str, keys: str) -> None:

@@ -336,6 +336,35 @@ def weight_files(folder: str, variant: str | None = None) -> tuple[str, list[str
     return "none", []
 
 
+def loaded_weight_files(path: str, unet: str | None = None, lora: str | None = None,
+                        text_encoder: str | None = None, variant: str | None = None) -> list[tuple[str, str]]:
+    """(name, file) of every weight file a load of this model reads, from local folders: each model_index.json
+    component's `weight_files` (the overrides' in place of the base's unet and text_encoder; UNUSED_COMPONENTS
+    never read), and the LoRA's file. A part given as a hub id is left out (its name is in the settings); []
+    when nothing is local."""
+    from memex.lora import lora_file
+
+    out: list[tuple[str, str]] = []
+    replaced = {k for k, v in (("unet", unet), ("text_encoder", text_encoder)) if v}
+    if os.path.isdir(path):
+        index = model_json(path, "model_index.json")
+        skip = {*UNUSED_COMPONENTS, *replaced}
+        parts = [k for k, spec in sorted(index.items()) if not k.startswith("_") and k not in skip
+                 and isinstance(spec, list) and spec[0] is not None] if index is not None else [""]
+        for k in parts:
+            folder = os.path.join(path, k)
+            if os.path.isdir(folder):
+                out += [("/".join(filter(None, ("base", k, os.path.basename(f)))), f)
+                        for f in weight_files(folder, variant)[1]]
+    for key, folder in (("unet", unet), ("text_encoder", text_encoder)):
+        if folder and os.path.isdir(folder):
+            out += [(f"{key}/{os.path.basename(f)}", f) for f in weight_files(folder, variant)[1]]
+    if lora and os.path.exists(lora):
+        f = lora_file(lora)
+        out.append((f"lora/{os.path.basename(f)}", f))
+    return out
+
+
 def safetensors_metadata(file: str) -> dict[str, str]:
     """A safetensors file's `__metadata__` (kohya's sd-scripts: ss_steps, ss_epoch, ...), {} for none."""
     meta = _safetensors_header(file)[0].get("__metadata__")

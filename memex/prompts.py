@@ -44,9 +44,15 @@ def prompt_id(text: str) -> str:
 
 
 def _no_lone_surrogates(v):
-    """A JSON string with a lone surrogate escape ("\\ud83d") has no UTF-8: it becomes U+FFFD; other values
-    as they are."""
-    return v.encode("utf-16", "surrogatepass").decode("utf-16", "replace") if isinstance(v, str) else v
+    """A JSON string with a lone surrogate escape ("\\ud83d") has no UTF-8: it becomes U+FFFD, in lists and
+    objects too (a list caption); other values as they are."""
+    if isinstance(v, str):
+        return v.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(v, list):
+        return [_no_lone_surrogates(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _no_lone_surrogates(x) for k, x in v.items()}
+    return v
 
 
 def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, str] | None = None) -> pa.Table:
@@ -99,14 +105,19 @@ def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, s
                     raise PromptError(f"{path} line {n} is not valid JSON: {e}") from e
                 if not isinstance(rows[-1], dict):
                     raise PromptError(f"{path} line {n} is not a JSON object ({{\"prompt\": ...}} a line)")
-        # every line's keys (from_pylist took the first line's: a key it lacked was "no column"), and text
-        # with a lone surrogate escape ("\ud83d": an emoji cut in half, common in scraped captions) as U+FFFD
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        try:
-            return pa.table({k: [_no_lone_surrogates(r.get(k)) for r in rows] for k in keys})
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise PromptError(f"{path}: its lines do not form one table ({e}): a key must hold one type on every "
-                              "line (an id a string everywhere, or a number everywhere)") from e
+        # the wanted keys found on any line (from_pylist took the first line's: a key it lacked was "no column";
+        # the others are not read: a stray key of two types fails nothing), and text with a lone surrogate
+        # escape ("\ud83d": an emoji cut in half, common in scraped captions) as U+FFFD
+        present = dict.fromkeys(k for r in rows for k in r)
+        keys = [k for k in columns if k in present] if columns else list(present)
+        out = {}
+        for k in keys:
+            try:
+                out[k] = pa.array([_no_lone_surrogates(r.get(k)) for r in rows])
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise PromptError(f"{path}: key {k!r} holds values of two types ({e}): give it one type on every "
+                                  "line (an id a string everywhere, or a number everywhere)") from e
+        return pa.table(out) if out else pa.table({})
     if ext in (".txt", ""):
         lines = [ln.strip() for ln in lines]
         return pa.table({"prompt": [ln for ln in lines if ln]})
@@ -170,9 +181,9 @@ def rank_by_near_duplicates(dups: pa.Table, limit: int | None) -> pa.Table:
     index.py); a caption shared by several images keeps its best rank. Ties: by caption text.
     """
     t = dups.filter(pc.invert(pc.is_null(dups["caption"])))
-    # ties by the caption as it is prompted (stripped): " zebra" sorted before "apple", and at the
-    # prompts.limit cut-off a leading space decided which caption was kept
-    t = t.set_column(t.column_names.index("caption"), "caption", pc.utf8_trim_whitespace(t["caption"]))
+    # ties by the caption as stored, leading spaces included (" zebra" before "apple"): by the stripped text
+    # would read better, but it would change the prompts, and so the names, of existing runs whose captions
+    # tie at prompts.limit (a nightly's run folders are then refused every night)
     t = t.sort_by([("near_duplicates", "descending"), ("caption", "ascending")])
     seen: set[str] = set()
     rows = []

@@ -84,7 +84,8 @@ _WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z]|\d|\b|_|$)|[A-Z]?[a-z]+|[A-Z]+|\d+")
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
 # Authorization: <scheme> <credential>: the word after one of these is masked too
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest", "negotiate", "apikey"})
-_CREDENTIAL = re.compile(r"""[ \t]+[^\s'",;}&)\]]+""")  # the word after the scheme: _ASSIGN's bare value
+# the word after the scheme, quoted pieces included (Rails' `Token token="<secret>"`): _ASSIGN's bare value
+_CREDENTIAL = re.compile(r"""[ \t]+(?:"[^"]*"|'[^']*'|[^\s'",;}&)\]])+""")
 _ASSIGN = re.compile(r"""(?<![\w.\-/])(?P<name>[A-Za-z_][\w.\-]*)(?P<q>['"]?)(?P<sep>\s*[=:]\s*)"""
                      r"""(?:'(?P<sq>[^']*)'|"(?P<dq>[^"]*)"|(?P<bare>[^\s'",;}&)\]]+))""")
 

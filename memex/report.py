@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memex.images import thumbnail_png
-from memex.layout import CANDIDATES_SCHEMA, MATCHED_TRAIN_SCHEMA, RunLayout, StorageError
+from memex.layout import CANDIDATES_SCHEMA, MATCHED_TRAIN_SCHEMA, MATCHES_SCHEMA, RunLayout, StorageError
 from memex.redact import redact, redact_urls
 
 THUMB = 256  # px: larger images are downscaled before embedding
@@ -455,6 +455,19 @@ def not_a_finished_run(layout: RunLayout) -> str:
             "or check the path)")
 
 
+def _extracted_and_distances(layout: RunLayout, units_per_read: int = 256) -> tuple[pa.Table, np.ndarray]:
+    """matches/ in one pass, a few hundred units at a time: its extracted rows, and every row's distance.
+    (Read whole, a candidates=all run's 175M rows of prompts and ids; a filtered read decodes every column
+    anyway, the row groups mixing extracted rows and others.)"""
+    units = [layout.matches.file(i) for i in layout.matches.complete()]
+    kept, dist = [MATCHES_SCHEMA.empty_table()], [np.zeros(0, np.float32)]
+    for k in range(0, len(units), units_per_read):
+        t = layout.store.read_table(units[k:k + units_per_read], schema=MATCHES_SCHEMA)
+        dist.append(t["distance"].to_numpy(zero_copy_only=False))
+        kept.append(t.filter(t["extracted"]))
+    return pa.concat_tables(kept), np.concatenate(dist)
+
+
 def extracted_in_order(matches: pa.Table, counted: set[str] = frozenset()) -> pa.Table:
     """Extracted pairs: those of counted pictures (`counted`: summary.json's extracted_train_ids) first,
     then most certain (smallest distance) first, ties by sample_id: one order for the pairs the page
@@ -489,8 +502,7 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
     # only what the page shows: at the paper's scale candidates/ holds 175M sample ids and matches/ a row a
     # generation (candidates=all), of which the page needs the extracted rows and one distance column
     candidates = layout.candidates.read(columns=[f.name for f in CANDIDATES_SCHEMA if f.name != "sample_ids"])
-    distances = layout.matches.read(columns=["distance"])["distance"].to_numpy(zero_copy_only=False)
-    matches = layout.matches.read(filters=[("extracted", "==", True)])
+    matches, distances = _extracted_and_distances(layout)
     ext = extracted_in_order(matches, set(summary.get("extracted_train_ids", []))).slice(0, MAX_PAIRS)  # shown
     wanted = pa.array(ext["sample_id"].to_pylist(), pa.string())
     sample_png: dict[str, bytes] = {}
@@ -560,8 +572,9 @@ def render_trend(ledger: pa.Table, link_of) -> str:
         for r in rs:
             href = link_of(r) if r["outcome"] != "error" else None
             link = f'<a href="{esc(href)}">report</a>' if href else ""
-            # a failed audit counted nothing: its row's zeros are no result (a clean checkpoint read "0 extracted")
-            counts = ["&ndash;"] * 3 if r["outcome"] == "error" else \
+            # a failed audit counted nothing: its row's zeros are no result (a clean checkpoint read "0 extracted");
+            # an audit that finished and whose tracker failed has its counts (samples > 0)
+            counts = ["&ndash;"] * 3 if r["outcome"] == "error" and not r["samples"] else \
                 [esc(r["extracted"]), esc(r["flagged_prompts"]), esc(r["samples"])]
             table_rows.append([esc(r["step"]), f'<span class="text">{esc(r["location"])}</span>', *counts,
                                f'<b>{esc(r["outcome"])}</b> <span class="text">{esc(r["message"])}</span>'

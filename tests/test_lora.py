@@ -193,18 +193,25 @@ def test_a_lora_retrained_into_the_same_folder_is_refused_not_reported_as_the_ol
     pytorch_lora_weights.safetensors) resumed the old folder, found every shard done, and reported the old
     weights' extractions. weights.json records the weights; other weights there are refused, naming the fix,
     and nothing is written. A folder from before weights.json takes today's weights as its record."""
+    import shutil
+
     from memex.checkpoints import CheckpointError
     from memex.layout import RunLayout
     from memex.stages import generate
 
-    lora = make_lora(tiny_models["latent_text"], tmp_path / "out", seed=1)
-    settings = ["model=local", f"model.path={tiny_models['latent_text']}", f"model.lora={lora}",
-                f"storage.root={tmp_path / 'runs'}"]
+    base = shutil.copytree(tiny_models["latent_text"], tmp_path / "base")
+    lora = make_lora(str(base), tmp_path / "out", seed=1)
+    settings = ["model=local", f"model.path={base}", f"model.lora={lora}", f"storage.root={tmp_path / 'runs'}"]
     cfg = compose(settings)
     name = generate.prepare(cfg)
     layout = RunLayout(str(tmp_path / "runs"), name)
     record = layout.store.read_json(layout.weights_json)
     assert generate.prepare(cfg) == name  # the same weights: resumed
+    # files no load reads are no other model: an fp16 variant downloaded beside the weights, a .bin copy
+    unet = base / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copy(unet, unet.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    shutil.copy(unet, unet.with_name("diffusion_pytorch_model.bin"))
+    assert generate.prepare(cfg) == name
     make_lora(tiny_models["latent_text"], tmp_path / "out", seed=2)  # retrained: the same file name, new weights
     with pytest.raises(CheckpointError, match=rf"the weights at model.path=.*, model.lora={re.escape(str(lora))} "
                                               rf"changed since run folder .*{name} was written with them .*Nothing was "

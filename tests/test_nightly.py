@@ -265,6 +265,9 @@ def test_lora_checkpoints_are_found_and_audited_on_the_base(tmp_path):
     assert [(r["step"], r["outcome"]) for r in res.rows] == [(100, "ok"), (200, "ok")]
     runs = [json.loads((Path(r["run"]) / "run.json").read_text()) for r in res.rows]
     assert [r["model"]["lora"] for r in runs] == [c.lora for c in found]
+    # no weights.json: the run folder's name holds the weights' hash, and the plan read them (or its ledger
+    # knew them); the audit read them again for its own record (350 GB a night at 100 SD checkpoints)
+    assert not any((Path(r["run"]) / "weights.json").exists() for r in res.rows)
     for key in ("unet", "lora"):
         with pytest.raises(nightly.MemexError, match=rf"^model.{key}: memex nightly takes each checkpoint's own"):
             nightly.run(compose(_overrides(tmp_path, location, f"nightly.base_model={BASE}", f"model.{key}=/x"),

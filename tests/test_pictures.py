@@ -280,5 +280,6 @@ def test_a_training_image_too_small_to_compare_is_skipped_and_named(caplog):
         (row,) = verify_all(shard, np.zeros((1, 3)), np.array([[1, 2, 0]]), train, meta, MatchConfig(), "l2",
                             "center_crop", {})
     assert (row["train_id"], row["distance"], row["neighbor_rank"]) == ("t0", 0.0, 2)
-    assert "training image t1 could not be read (1x1 px once cut to the generations' aspect: too small" in caplog.text
-    assert "training image t2 could not be read (2x2 px" in caplog.text
+    assert ("training image t1 is 1x1 px once cut to the generations' aspect: too small to compare (the tiled l2 "
+            "needs 4 px a side); it is skipped") in caplog.text
+    assert "training image t2 is 2x2 px" in caplog.text and "rebuild the index" not in caplog.text

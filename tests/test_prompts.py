@@ -108,21 +108,15 @@ def test_jsonl_prompts_with_keys_varying_by_line_cut_emojis_and_mixed_id_types(t
     with pytest.raises(PromptError, match=r"row 0 has no id in prompts.id_column='pid'"):  # not "no column 'pid'"
         load_prompts(PromptsConfig(source=PromptSource.file, path=str(p), id_column="pid"))
     p.write_text('{"prompt": "a", "pid": 1}\n{"prompt": "b", "pid": "x"}\n')
-    with pytest.raises(PromptError, match=r"p.jsonl: its lines do not form one table .*a key must hold one type"):
+    with pytest.raises(PromptError, match=r"p.jsonl: key 'pid' holds values of two types .*give it one type"):
         load_prompts(PromptsConfig(source=PromptSource.file, path=str(p), id_column="pid"))
+    assert load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))["prompt"].to_pylist() == ["a", "b"]
+    p.write_text('{"prompt": ["a \\ud83d cat", "another"], "w": 1}\n{"prompt": ["b"], "w": "x"}\n')  # list captions
+    assert load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))["prompt"].to_pylist() == [
+        "a \ufffd cat", "b"]  # its first caption; the unread key "w" of two types fails nothing
     p.write_text('["a list"]\n')
     with pytest.raises(PromptError, match=r"p.jsonl line 1 is not a JSON object"):
         load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))
-
-
-def test_near_duplicate_ties_are_broken_by_the_caption_as_prompted():
-    """Ties were broken by the raw caption: " zebra" sorted before "apple", so at the prompts.limit cut-off a
-    leading space decided which caption was kept. Now by the stripped text, the prompt itself."""
-    from memex.prompts import rank_by_near_duplicates
-
-    dups = pa.table({"caption": [" zebra", "apple", "mango", None], "near_duplicates": [3, 3, 5, 9]})
-    assert rank_by_near_duplicates(dups, 2)["prompt"].to_pylist() == ["mango", "apple"]
-    assert rank_by_near_duplicates(dups, None)["prompt"].to_pylist() == ["mango", "apple", "zebra"]
 
 
 def test_captions_ranked_by_duplicate_count(tmp_path):

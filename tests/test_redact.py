@@ -166,6 +166,8 @@ def test_an_authorization_header_in_free_text_keeps_its_scheme_and_masks_its_cre
         assert SECRET not in out and out == f"401 for url: headers Authorization: {scheme} ***, retrying"
         assert redact_text(out) == out
     assert redact_text(f"authorization={SECRET}") == "authorization=***"  # no scheme word: the value itself
+    out = redact_text(f'Authorization: Token token="{SECRET}", retrying')  # Rails' token auth: quoted inside
+    assert out == "Authorization: Token ***, retrying"
 
 
 def test_a_config_without_credentials_is_unchanged():

@@ -364,7 +364,8 @@ def test_the_trend_draws_a_line_per_series_and_config_and_counts_open_errors():
             "flagged_prompts": 0, "started": t, "finished": t, "outcome": outcome, "message": ""}
 
     rows = [row(1000, "a" * 64, "ok", 1), row(2000, "a" * 64, "error", 0), row(2000, "a" * 64, "ok", 2, day=2),
-            row(1000, "b" * 64, "ok", 9), row(2000, "b" * 64, "grew", 12), row(3000, "b" * 64, "error", 0)]
+            row(1000, "b" * 64, "ok", 9), row(2000, "b" * 64, "grew", 12),
+            row(3000, "b" * 64, "error", 0) | {"samples": 0}]  # as nightly writes a failed audit's row
     page = render_trend(pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA), lambda r: None)
     assert page.count("<h2>") == 2 and "config aaaaaaaaaaaa" in page and "config bbbbbbbbbbbb" in page
     assert page.count("<svg") == 2
@@ -381,6 +382,9 @@ def test_the_trend_draws_a_line_per_series_and_config_and_counts_open_errors():
     text = format_result(NightlyResult("b" * 64, 3, [], rows=[rows[-1] | {"message": "OSError: gone"}, rows[-2]]))
     assert "  error       step 3000:   /runs/a/checkpoint-3000  -- OSError: gone" in text
     assert "  grew        step 2000: 12 training images extracted, 0 prompts flagged  /runs/a/checkpoint-2000" in text
+    # an audit that finished and whose tracker failed (an error row with its samples): its counts are real
+    text = format_result(NightlyResult("b" * 64, 3, [], rows=[rows[-2] | {"outcome": "error", "message": "mlflow"}]))
+    assert "  error       step 2000: 12 training images extracted, 0 prompts flagged" in text
 
 
 def test_the_pairs_loaded_are_the_pairs_shown_when_distances_tie():
@@ -533,3 +537,15 @@ def test_long_tables_are_cut_with_a_count_of_the_rest(monkeypatch):
     table = html.split("<h2>Not counted (5)</h2>")[1].split("</table>")[0]
     assert table.count("<td>u") == 2 and "<td>u0</td>" in table and "<td>u2</td>" not in table
     assert '<p class="muted">3 more in uncounted_pictures in summary.json.</p>' in html
+
+
+def test_matches_are_read_in_one_pass_of_unit_batches(audited_run):
+    """build_report reads matches/ a few hundred units at a time: the extracted rows and every distance, the
+    same as reading it whole (here one unit a read)."""
+    from memex.report import _extracted_and_distances
+
+    layout, _, _ = audited_run
+    whole = layout.matches.read()
+    ext, dist = _extracted_and_distances(layout, units_per_read=1)
+    assert len(layout.matches.complete()) > 1 and ext.equals(whole.filter(whole["extracted"]))
+    assert np.array_equal(dist, whole["distance"].to_numpy()) and ext.num_rows < whole.num_rows

@@ -63,7 +63,8 @@ from memex.tracking import log_audit
 log = logging.getLogger("memex.audit")
 
 
-def run(cfg: AuditConfig) -> dict:
+def run(cfg: AuditConfig, weights: bool = True) -> dict:
+    """The whole audit (the numbered steps below); `weights`: generate.prepare's (memex nightly: False)."""
     from memex.membership import read_duplicates
     from memex.stages import generate, index
 
@@ -101,7 +102,7 @@ def run(cfg: AuditConfig) -> dict:
     if rematch_of is None:
         if prompts is None:
             prompts = rank_by_near_duplicates(read_duplicates(info, cfg.storage.options), cfg.prompts.limit)
-        run_name = generate.prepare(cfg, prompts)
+        run_name = generate.prepare(cfg, prompts, weights=weights)
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     # one audit at a time in a run folder (<run>/_lease.json): a second one refuses, naming this one
     with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):

@@ -67,11 +67,12 @@ def default_run_name(cfg: GenerateConfig, settings: dict) -> str:
     return f"{cfg.model.name}-{h}"
 
 
-def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
+def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool = True) -> str:
     """Check inputs before any cluster work, then claim the run folder; returns the run name.
 
     `prompts` (prompt_id, prompt) replaces cfg.prompts when given: the audit ranks training
-    captions by near-duplicate counts from its index and passes the result here.
+    captions by near-duplicate counts from its index and passes the result here. `weights`: record the
+    model's weights in weights.json, or refuse others (checkpoints.claim_weights).
     """
     # 1. inputs: config ranges, model folder, prompts
     validate_generate(cfg)
@@ -84,7 +85,10 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None) -> str:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
 
     # 2. the run folder: same settings and weights (resume) or refuse; its prompts are the stage's input
-    weights = model_weights_sha256(cfg.model.path, cfg.model.unet, cfg.model.lora, cfg.model.text_encoder)
+    # (memex nightly names its run folders by the weights' hash already, and its plan has read them or knows
+    # them from its ledger: `weights=False` spares reading them again)
+    weights = model_weights_sha256(cfg.model.path, cfg.model.unet, cfg.model.lora, cfg.model.text_encoder,
+                                   cfg.model.variant) if weights else None
     settings = redact(run_settings(cfg, prompts))  # run.json holds no credential; a rotated one still resumes
     run_name = cfg.run.name or default_run_name(cfg, settings)
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)

@@ -127,6 +127,16 @@ def unreadable(name: str, reason: str) -> None:
                 "summary.json's index.uri).", name, reason)
 
 
+def too_small(name: str, reason: str) -> None:
+    """Warn once per stage run of a training image too small to compare (NotComparable): it decodes, and a
+    rebuilt index would hold it again, so there is nothing to restore; it is skipped."""
+    if name in _WARNED:
+        return
+    _WARNED.add(name)
+    log.warning("match: training image %s is %s; it is skipped, and its generations are compared with their "
+                "other neighbours", name, reason)
+
+
 def fetch_training_images(info: IndexInfo, gids, storage_options: dict,
                           known: Mapping | None = None) -> tuple[TrainPixels, dict]:
     """(TrainPixels of the ids >= 0 in `gids` not in `known` (fetched by an earlier round), {gid: (id,
@@ -283,7 +293,7 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
             try:
                 return compared.get(x, gray, lambda: px[x], shape)  # (decoded, and its luma taken, on a miss)
             except NotComparable as e:  # KeyError: `readable` skips it
-                unreadable(str(meta[x][0]) if x in meta else f"gid {x}", e.args[0])
+                too_small(str(meta[x][0]) if x in meta else f"gid {x}", e.args[0])
                 raise
 
         nb, cuts = readable(I[j], cut)

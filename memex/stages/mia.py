@@ -595,7 +595,8 @@ def run(cfg: MiaConfig) -> dict:
                           f"has no caption: set {key}.caption_column to the column that holds its captions")
 
     # 2. the folder: same settings and weights resume, others are refused
-    weights = model_weights_sha256(cfg.model.path, cfg.model.unet, cfg.model.lora, cfg.model.text_encoder)
+    weights = model_weights_sha256(cfg.model.path, cfg.model.unet, cfg.model.lora, cfg.model.text_encoder,
+                                   cfg.model.variant)
     digest = hashlib.sha256()
     for r in images.select(["image_id", "member", "caption", "copies"]).to_pylist():
         digest.update(json.dumps(r, sort_keys=True).encode())

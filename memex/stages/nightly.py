@@ -266,7 +266,7 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
     tracker_error = None
     try:
         try:
-            s = audit.run(acfg)
+            s = audit.run(acfg, weights=False)  # the run folder's name holds the weights' hash
         except TrackerError as e:  # the audit finished and wrote its results; only the tracker failed
             if e.summary is None:
                 raise
@@ -404,13 +404,13 @@ def format_result(res: NightlyResult) -> str:
         lines.append("  none under nightly.location: it looks for diffusers pipeline folders (model_index.json), "
                      "checkpoint-<step>/unet folders with weights, and LoRAs (checkpoint-<step>/pytorch_lora_weights"
                      f".safetensors, kohya's <name>-<step>.safetensors), up to {MAX_DEPTH} levels down")
-    for r in res.rows:  # a failed audit counted nothing: no "0 training images extracted" for it
-        counts = "" if r["outcome"] == "error" else \
+    for r in res.rows:  # a failed audit counted nothing (no samples): no "0 training images extracted" for it
+        counts = "" if r["outcome"] == "error" and not r["samples"] else \
             f"{r['extracted']} training images extracted, {r['flagged_prompts']} prompts flagged"
         lines.append(f"  {r['outcome']:<11} step {r['step']}: {counts}  {r['location']}"
                      + (f"  -- {r['message']}" if r["message"] else ""))
     for r in res.earlier_alarms:
-        counts = "" if r["outcome"] == "error" else f"{r['extracted']} training images extracted"
+        counts = "" if r["outcome"] == "error" and not r["samples"] else f"{r['extracted']} training images extracted"
         lines.append(f"  {r['outcome']:<11} step {r['step']}: {counts}  {r['location']}  -- {r['message']}")
     for r in res.skipped:
         lines.append(f"  skipped     {r['location']}: {r['reason']}")
