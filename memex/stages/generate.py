@@ -87,8 +87,8 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool 
     # 2. the run folder: same settings and weights (resume) or refuse; its prompts are the stage's input
     # (memex nightly names its run folders by the weights' hash already, and its plan has read them or knows
     # them from its ledger: `weights=False` spares reading them again)
-    weights = model_weights_sha256(cfg.model.path, cfg.model.unet, cfg.model.lora, cfg.model.text_encoder,
-                                   cfg.model.variant) if weights else None
+    sha = model_weights_sha256(cfg.model.path, cfg.model.unet, cfg.model.lora, cfg.model.text_encoder,
+                               cfg.model.variant) if weights else None
     settings = redact(run_settings(cfg, prompts))  # run.json holds no credential; a rotated one still resumes
     run_name = cfg.run.name or default_run_name(cfg, settings)
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
@@ -99,7 +99,7 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool 
     with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
         layout.store.claim(layout.run_json, settings, f"run folder {layout.uri}",
                            "Use another run.name (or storage.root) for a new experiment.")
-        claim_weights(layout.store, layout.weights_json, weights, f"run folder {layout.uri}", weight_keys(cfg.model))
+        claim_weights(layout.store, layout.weights_json, sha, f"run folder {layout.uri}", weight_keys(cfg.model))
         if not layout.store.exists(layout.prompts_path):
             layout.store.write_table(layout.prompts_path, prompts.cast(PROMPTS_SCHEMA))
     return run_name
