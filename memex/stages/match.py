@@ -118,10 +118,17 @@ class TrainPixels(_Derived):
 _WARNED: set[str] = set()  # the images warned of in this stage run: each shard that fetches one again stays quiet
 
 
-def unreadable(name: str, reason: str) -> None:
+def _first_time(name: str) -> bool:
+    """Whether `name` is warned of for the first time in this stage run (and mark it)."""
     if name in _WARNED:
-        return
+        return False
     _WARNED.add(name)
+    return True
+
+
+def unreadable(name: str, reason: str) -> None:
+    if not _first_time(name):
+        return
     log.warning("match: training image %s could not be read (%s): its generations are compared with their other "
                 "neighbours. Restore it, or rebuild the index without it (delete the index folder named in "
                 "summary.json's index.uri).", name, reason)
@@ -130,9 +137,8 @@ def unreadable(name: str, reason: str) -> None:
 def too_small(name: str, reason: str) -> None:
     """Warn once per stage run of a training image too small to compare (NotComparable): it decodes, and a
     rebuilt index would hold it again, so there is nothing to restore; it is skipped."""
-    if name in _WARNED:
+    if not _first_time(name):
         return
-    _WARNED.add(name)
     log.warning("match: training image %s is %s; it is skipped, and its generations are compared with their "
                 "other neighbours", name, reason)
 
