@@ -610,7 +610,7 @@ def test_a_checkpoint_deleted_held_or_audited_elsewhere_is_skipped_not_an_error(
     # the next night: step 2000 rotated away while its audit ran
     monkeypatch.setattr(nightly, "plan", real_plan)
 
-    def deleted_midway(acfg):
+    def deleted_midway(acfg, **_):
         shutil.rmtree(location / "checkpoint-2000")
         raise FileNotFoundError(f"{location / 'checkpoint-2000' / 'unet'}: no such file")
 
@@ -647,7 +647,7 @@ def test_a_row_another_job_appends_after_the_check_is_seen_under_the_lease(tmp_p
         "files_signature": "", "config_sha256": res.config_sha256, "run": "elsewhere", "report": "elsewhere",
         "samples": 1, "extracted": 3, "extracted_generations": 3, "flagged_prompts": 0, "outcome": "over_budget",
         "message": "3 > nightly.budget=0"})
-    monkeypatch.setattr(audit, "run", lambda acfg: pytest.fail("audited a second time"))
+    monkeypatch.setattr(audit, "run", lambda acfg, **_: pytest.fail("audited a second time"))
     assert nightly.audit_one(ncfg, p, res.config_sha256, ledger) == "audited by another job since"
     assert len(ledger.read()) == 1
 

@@ -405,12 +405,13 @@ def format_result(res: NightlyResult) -> str:
                      "checkpoint-<step>/unet folders with weights, and LoRAs (checkpoint-<step>/pytorch_lora_weights"
                      f".safetensors, kohya's <name>-<step>.safetensors), up to {MAX_DEPTH} levels down")
     for r in res.rows:  # a failed audit counted nothing (no samples): no "0 training images extracted" for it
-        counts = "" if r["outcome"] == "error" and not r["samples"] else \
+        counts = "" if r["outcome"] == "error" and not r.get("samples") else \
             f"{r['extracted']} training images extracted, {r['flagged_prompts']} prompts flagged"
         lines.append(f"  {r['outcome']:<11} step {r['step']}: {counts}  {r['location']}"
                      + (f"  -- {r['message']}" if r["message"] else ""))
     for r in res.earlier_alarms:
-        counts = "" if r["outcome"] == "error" and not r["samples"] else f"{r['extracted']} training images extracted"
+        counts = "" if r["outcome"] == "error" and not r.get("samples") else \
+            f"{r['extracted']} training images extracted"
         lines.append(f"  {r['outcome']:<11} step {r['step']}: {counts}  {r['location']}  -- {r['message']}")
     for r in res.skipped:
         lines.append(f"  skipped     {r['location']}: {r['reason']}")
