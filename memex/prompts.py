@@ -117,7 +117,7 @@ def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, s
             except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
                 raise PromptError(f"{path}: key {k!r} holds values of two types ({e}): give it one type on every "
                                   "line (an id a string everywhere, or a number everywhere)") from e
-        return pa.table(out) if out else pa.table({})
+        return pa.table(out)
     if ext in (".txt", ""):
         lines = [ln.strip() for ln in lines]
         return pa.table({"prompt": [ln for ln in lines if ln]})

@@ -205,16 +205,22 @@ class Compared:
         self._d: OrderedDict = OrderedDict()
         self.nbytes = self.made = self.hits = 0
 
-    def get(self, gid: int, luma: bool, image: Callable[[], np.ndarray], shape: tuple[int, int]):
+    def get(self, gid: int, luma: bool, image: Callable[[], np.ndarray], shape: tuple[int, int],
+            name: str | None = None):
         """The (1, C, h, w) training image gid as compared with a generation of `shape`; image() gives its
-        pixels (uint8, luma or not as the key says) when it is not kept."""
+        pixels (uint8, luma or not as the key says) when it is not kept. One too small to compare raises
+        NotComparable (a KeyError: `readable` skips it), warned of once a stage run as `name` (else its gid)."""
         key = (gid, luma, tuple(shape))
         t = self._d.get(key)
         if t is not None:
             self._d.move_to_end(key)
             self.hits += 1
             return _as_rgb(t)
-        t = as_compared(image(), shape, self.preprocess)  # (1, C, h, w) float32: 3 MB at 512 px
+        try:
+            t = as_compared(image(), shape, self.preprocess)  # (1, C, h, w) float32: 3 MB at 512 px
+        except NotComparable as e:
+            too_small(name or f"gid {gid}", e.args[0])
+            raise
         if luma:  # its three channels are equal (luma_rgb, resized alike): one is kept, a third of the bytes
             t = t[:, :1].clone()
         self.made += 1
@@ -296,11 +302,8 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
         shape = gen.shape[:2]
 
         def cut(x: int, px=px, gray=gray, shape=shape):  # training image x as compared with this generation
-            try:
-                return compared.get(x, gray, lambda: px[x], shape)  # (decoded, and its luma taken, on a miss)
-            except NotComparable as e:  # KeyError: `readable` skips it
-                too_small(str(meta[x][0]) if x in meta else f"gid {x}", e.args[0])
-                raise
+            # (decoded, and its luma taken, on a miss)
+            return compared.get(x, gray, lambda: px[x], shape, str(meta[x][0]) if x in meta else None)
 
         nb, cuts = readable(I[j], cut)
         if not nb:

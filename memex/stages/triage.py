@@ -102,16 +102,7 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
     previews as PNGs, sampling.shard_size previews' neighbours (encoded: match.TrainPixels) at a time, and
     resources.pixel_cache_mb of them cut for comparison."""
     from memex.images import decode, is_grayscale
-    from memex.stages.match import (
-        _WARNED,
-        Compared,
-        Luma,
-        NotComparable,
-        fetch_training_images,
-        pixel_distances,
-        readable,
-        too_small,
-    )
+    from memex.stages.match import _WARNED, Compared, Luma, fetch_training_images, pixel_distances, readable
 
     _WARNED.clear()  # each chunk's log names its unreadable neighbours (see match_shards)
 
@@ -131,14 +122,7 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
         for j, (pid, png) in enumerate(zip(part["prompt_id"].to_pylist(), part["image"].to_pylist())):
             gray = is_grayscale(png)
             px, gen = luma if gray else pixels, decode(png)
-            def cut_of(g: int, px=px, gray=gray, shape=gen.shape[:2]):
-                try:
-                    return compared.get(g, gray, lambda: px[g], shape)
-                except NotComparable as e:  # a KeyError: `readable` skips it
-                    too_small(f"gid {g}", e.args[0])
-                    raise
-
-            nb, cut = readable(I[j], cut_of)
+            nb, cut = readable(I[j], lambda g: compared.get(g, gray, lambda: px[g], gen.shape[:2]))
             if not nb:
                 continue
             d = pixel_distances(gen, cut, DistanceKind.tiled_l2, cfg.trainset.preprocess.value)
