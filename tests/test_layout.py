@@ -164,6 +164,42 @@ def test_triage_resumed_with_another_chunk_size_or_preview_settings_is_refused(t
     assert not layout.store.exists(layout.triage.settings_path)  # refused before triage/ was claimed
 
 
+def test_preview_triage_against_another_index_is_refused(tmp_path, monkeypatch):
+    """triage=preview scores a prompt by its previews' distances to the index's pictures. A rerun of
+    the run folder against another index (trainset.alpha=drop, other training images) reused the old
+    distances: triage/ recorded no index key, where matches/ does. Refused before any work (the actor
+    pool is replaced by a sentinel: no Ray here), naming index_key; previews/ is not touched."""
+    from memex.layout import PROMPTS_SCHEMA
+    from memex.membership import IndexInfo
+    from memex.stages import triage
+
+    from conftest import compose
+
+    class PoolStarted(Exception):
+        pass
+
+    def pool(*a, **k):
+        raise PoolStarted
+
+    monkeypatch.setattr(triage.runner, "run_actor_pool", pool)
+    layout = RunLayout(str(tmp_path), "p")
+    layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ["a"], "prompt": ["x"]},
+                                                            schema=PROMPTS_SCHEMA))
+    cfg = compose([f"storage.root={tmp_path}", "model.path=/planted", "triage=preview", "triage.seeds=2",
+                   "triage.steps=2", "budget=adaptive", "budget.rounds=[2,16]"], config_name="audit")
+    for key in ("aaaa", "aaaa"):  # the first run (stopped at its actor pool), then a resume against the same index
+        layout.store.write_json(layout.index_json, IndexInfo(str(tmp_path / "_index"), key, [(0, 4)], "l2", 8, 4,
+                                                             4, 0).to_json())
+        with pytest.raises(PoolStarted):
+            triage.run(cfg, "p")
+    before = layout.store.read_json(layout.previews.settings_path)
+    layout.store.write_json(layout.index_json, IndexInfo(str(tmp_path / "_index"), "bbbb", [(0, 4)], "l2", 8, 4, 4,
+                                                         0).to_json())
+    with pytest.raises(StorageError, match=r"triage/ .*index_key"):
+        triage.run(cfg, "p")
+    assert layout.store.read_json(layout.previews.settings_path) == before
+
+
 def _table(n):
     cols = {f.name: pa.array([0] * n if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
                               else [b"x"] * n if pa.types.is_binary(f.type) else ["s"] * n, f.type)

@@ -15,8 +15,8 @@ triage=preview asks the model directly: `triage.seeds` previews of a short DDIM 
 stage matches a generation (embedding search for match.k proposals, tiled l2 on pixels). A prompt's
 score is minus the smallest tiled l2 of its previews: a memorizing prompt's previews already land
 near the picture it copies. 8 previews x 10 steps x 2 = 160 UNet evaluations a prompt, a tenth of a
-16-sample prompt; on the demo it ranks reproducing prompts at AUC 0.980 where noise_norm reaches
-0.80 (against the truth corrected on 2026-12-04; 0.96 and 0.81 before: bench/RESULTS.md), and the
+16-sample prompt; on the demo it ranks reproducing prompts at AUC 0.939 where noise_norm reaches
+0.80 (scored from noises the truth pool never used: bench/RESULTS.md), and the
 adaptive budget extends a prompt whose preview came within budget.continue_factor x match.threshold
 (memex/stages/audit.py continuing_prompts).
 
@@ -151,17 +151,25 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
         # take old chunks' markers for new ranges (prompts left unscored, or scored twice). Left out at
         # the default, so run folders triaged before it was recorded resume.
         settings["prompts_per_task"] = t.prompts_per_task
+    scored = {}
     if preview:  # noise_norm's settings as before: run folders triaged before previews existed resume
+        from memex.config import plain
+        from memex.membership import read_info
+        from memex.redact import redact
+
         settings = {"kind": t.kind.value, **settings, "match_k": cfg.match.k}
         # previews/ is its own folder: deleting triage/ to redo it with other settings must not reuse it
         layout.previews.claim({"triage": settings}, f"run folder {layout.uri}")
-    layout.triage.claim({"triage": settings}, f"run folder {layout.uri}")
+        # the previews' distances are to the index's pictures, proposed by the embedder: a rerun against
+        # another index (trainset.alpha=drop, other training images) reused distances to the old one,
+        # as matches/ refuses (its index_key). The previews themselves stand: deleting triage/ rescores them.
+        scored = redact({"index_key": read_info(layout).key, "embedder": plain(cfg.embedder)})
+    layout.triage.claim({"triage": settings, **scored}, f"run folder {layout.uri}")
     n = read_run_prompts(layout).num_rows
     step = t.prompts_per_task
     chunks = {c: {"p0": p0, "p1": min(p0 + step, n)} for c, p0 in enumerate(range(0, n, step))}
     work = {"cfg": cfg, "run_name": run_name}
     if preview:
-        from memex.membership import read_info
         from memex.stages.nearest import Neighbours
 
         runner.run_actor_pool(layout.previews, chunks, TriagePrompts, work, cfg.resources)
