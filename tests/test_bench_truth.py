@@ -103,3 +103,14 @@ def test_truth_sets_and_the_score_of_an_audit(tmp_path):
     assert hit == {"A"} and emitted == {"A", "B"}
     # strict recall credits a reproduced picture only on the audit's own evidence: A found on a looser copy
     assert avt.score(found, {**ok, "A": False}, set(reproduced), set(once))[:2] == (1 / 2, 0.0)
+
+
+def test_stop_when_found_gives_a_found_prompt_s_samples_to_the_others():
+    """bench/copy_rates.py: prompt q1 copies picture A at every sample, q2 copies B at 1 in 20. With
+    48 samples in rounds of 8, q1 stops after its first round and q2 takes the other 40: B is found
+    with probability 1 - 0.95^40 = 0.87 (0.71 had q2 kept only half the budget)."""
+    mod = load_truth_script("copy_rates")
+    rates = {"A": {"q1": (10, 10)}, "B": {"q2": (1, 20)}}
+    recall, every = mod.stop_when_found(rates, ["q1", "q2"], ["A", "B"], budget=48, step=8, trials=4000)
+    assert abs(every - (1 - 0.95 ** 40)) < 0.03, every
+    assert abs(recall - (1 + every) / 2) < 1e-9  # A is always found
