@@ -19,8 +19,10 @@ These layouts are recognised, at any depth up to MAX_DEPTH below the location:
 
 The base of a checkpoint-<step> folder is `base` when given (the model the run fine-tunes), else
 the nearest enclosing diffusers folder (memex train writes its pipeline beside checkpoints/),
-else discovery fails naming the missing setting. Folders whose name starts with `_` or `.` are
-skipped (memex writes `_tmp-...` first and renames when complete), as is a checkpoint whose
+else discovery fails naming the missing setting. A `memex train` run still training (checkpoints,
+no pipeline yet) is left out with a warning until it saves its pipeline, and its last
+checkpoint-<steps>/ is left out after: the pipeline holds the same weights. Folders whose name
+starts with `_` or `.` are skipped (memex writes `_tmp-...` first and renames when complete), as is a checkpoint whose
 newest file is younger than `settle_s` (a trainer may still be writing it), and, with a warning,
 a folder this user cannot read or one deleted while walked.
 
@@ -81,6 +83,15 @@ class Checkpoint:
         """A short, folder-safe name: <series folder>-<step or folder name>."""
         tail = f"step{self.step}" if self.step is not None else Path(self.location).name
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(self.series).name}-{tail}")[:80]
+
+
+def _memex_train_checkpoint(ckpt: Path) -> bool:
+    """checkpoint-<step>/ written by `memex train` (memex/training.py _save_checkpoint): its optimizer.json
+    holds the recipe. Unreadable or other JSON: not one."""
+    try:
+        return "recipe" in json.loads((ckpt / "optimizer.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _step_of_folder(path: Path) -> int | None:
@@ -183,6 +194,7 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     raw_only: list[Path] = []  # ema: checkpoint-<step>/unet folders with no unet_ema/ beside them
     ema_unused: list[Path] = []  # not ema: checkpoints whose unet_ema/ is left unaudited
     lycoris: list[Path] = []  # LoHa/LoKr files: not LoRAs diffusers loads (memex/lora.py)
+    training: list[Path] = []  # memex train checkpoints of a run still training (no pipeline saved yet)
     side_by_side: list[int] = []  # found[i]: exported pipelines side by side, a series per parent (see below)
 
     def settled(p: Path) -> bool:
@@ -256,6 +268,15 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
             # a whole pipeline saved as checkpoint-<step>/ (pipe.save_pretrained) is a pipeline: walked, so
             # that its own VAE and text encoder are audited (it was taken for a bare UNet on a base)
             if m and not (child / "model_index.json").is_file() and ((child / "unet").is_dir() or lora):
+                if not lora and _memex_train_checkpoint(child):
+                    if enclosing_pipeline is None and base is None:
+                        # a `memex train` run still training: its pipeline (scheduler, tokenizer) is saved at the
+                        # end. It failed discovery ("set nightly.base_model"), and with it every run's audit.
+                        training.append(child)
+                        continue
+                    if enclosing_pipeline is not None and _step_of_folder(enclosing_pipeline) == int(m.group(1)) \
+                            and (enclosing_pipeline / "memex_train.json").is_file():
+                        continue  # the final checkpoint: the same weights as the pipeline the run ended with
                 unet = child / ("unet_ema" if ema and not lora else "unet")
                 if not lora and ema and not _has_weights(unet):
                     if settled(child):  # one still being written may get it yet
@@ -283,6 +304,9 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
 
     walk(root, 0, None)
     found = split_series(found, side_by_side)
+    if training:
+        log.warning("%d checkpoint(s) of a `memex train` run still training left out (e.g. %s): audited once the run "
+                    "saves its pipeline beside checkpoints/", len(training), training[0])
     if lycoris:
         log.info("%d LyCORIS adapter(s) that are no LoRA left out (e.g. %s): diffusers cannot load them; merge each "
                  "into its base's UNet and save a diffusers folder", len(lycoris), lycoris[0])
@@ -294,7 +318,7 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     if ema_unused:
         log.info("%d checkpoint(s) also hold unet_ema/ (e.g. %s): their raw unet/ is audited; nightly.ema=true "
                  "audits the EMA weights, which the run's final pipeline ships", len(ema_unused), ema_unused[0])
-    if not found and not pending:
+    if not found and not pending and not training:
         check_loose_weights(root)
     return sorted(found, key=lambda c: (c.series, c.step if c.step is not None else -1, c.location))
 

@@ -864,3 +864,97 @@ def test_a_config_key_added_later_leaves_the_ledgers_identity_alone():
     tuned = compose(["nightly.location=/ckpts", "index=ivfpq", "index.train_size=200000"], config_name="nightly")
     assert nightly.config_sha256(tuned) != nightly.config_sha256(
         compose(["nightly.location=/ckpts", "index=ivfpq"], config_name="nightly"))  # set, it counts
+
+
+def test_a_checkpoint_whose_weights_cannot_be_hashed_is_skipped_not_the_night(tmp_path):
+    """A pipeline folder under the location with model_index.json and no weight files (an export that
+    failed part-way) raised from the plan's hashing, and the night stopped before any audit, every
+    night until someone fixed the folder. It is skipped with its reason; the rest is planned."""
+    location = tmp_path / "watch"
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", location / "run" / "checkpoint-1000")
+    broken = location / "export"
+    shutil.copytree(BASE, broken)
+    for f in broken.rglob("*"):
+        if f.suffix in (".safetensors", ".bin"):
+            f.unlink()
+    cfg = compose(_overrides(tmp_path, location, f"nightly.base_model={BASE}", "nightly.settle_minutes=0"),
+                  config_name="nightly")
+    res = nightly.plan(cfg)
+    assert [p.ckpt.step for p in res.pending] == [1000]
+    assert [s["location"] for s in res.skipped] == [str(broken)]
+    assert "no weight files" in res.skipped[0]["reason"]
+    assert "skipped     " in nightly.format_result(res)
+
+
+def test_a_tracker_failure_does_not_hide_the_gate_s_alarm(tmp_path, monkeypatch):
+    """The audit finished over nightly.budget and only the tracker failed: the row is an error (retried
+    next night, the tracker redone), and it was no alarm, so the night printed no ALARM line, exited 1
+    and the webhook's alarms were empty, for as long as the tracker kept failing. It is this night's
+    alarm too."""
+    from memex.stages import audit
+    from memex.tracking import TrackerError
+
+    location = tmp_path / "watch" / "demo-text-run"
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", location / "checkpoint-1000")
+    cfg = compose(_overrides(tmp_path, tmp_path / "watch", "nightly.budget=0"), config_name="nightly")
+    summary = {"samples": 32, "extracted_unique_train_images": 5, "extracted_generations": 7, "prompts_flagged": 1}
+
+    def tracker_down(acfg, **_):
+        raise TrackerError("tracker=mlflow could not log: connection refused", summary)
+
+    monkeypatch.setattr(audit, "run", tracker_down)
+    res = nightly.run(cfg)
+    (row,) = res.rows
+    assert row["outcome"] == "error" and "the gate said over_budget" in row["message"]
+    assert res.alarms == [row]
+    assert nightly.payload(res)["alarms"]
+    assert [r["outcome"] for r in Ledger(nightly.ledger_root(cfg)).read().to_pylist()] == ["error"]
+
+
+def test_a_row_another_job_appends_during_the_audit_is_kept_alone(tmp_path, monkeypatch):
+    """Another job took the run folder's lease over while this one was alive (its heartbeats stalled past
+    resources.lease_timeout_s: an outage, a stalled VM), audited the checkpoint and appended its row
+    while this job's audit ran. Both appended, and an alarm was announced twice. The ledger is read
+    again before the append: the other job's row stands alone."""
+    from memex.layout import LEDGER_SCHEMA
+    from memex.stages import audit
+
+    location = tmp_path / "watch" / "demo-text-run"
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", location / "checkpoint-1000")
+    cfg = compose(_overrides(tmp_path, tmp_path / "watch", "nightly.budget=0"), config_name="nightly")
+    (p,) = nightly.plan(cfg).pending
+    sha = nightly.config_sha256(cfg)
+    ledger = Ledger(nightly.ledger_root(cfg), cfg.storage.options)
+
+    def audited_meanwhile(acfg, **_):
+        ledger.append({k: None for k in LEDGER_SCHEMA.names} | {
+            "location": p.ckpt.location, "series": p.ckpt.series, "step": 1000, "base": "", "weights_sha256": p.weights,
+            "files_signature": "", "config_sha256": sha, "run": "elsewhere", "report": "elsewhere", "samples": 32,
+            "extracted": 5, "extracted_generations": 7, "flagged_prompts": 1, "outcome": "over_budget",
+            "message": "5 > nightly.budget=0"})
+        return {"samples": 32, "extracted_unique_train_images": 5, "extracted_generations": 7, "prompts_flagged": 1}
+
+    monkeypatch.setattr(audit, "run", audited_meanwhile)
+    res = nightly.run(cfg)
+    assert res.rows == [] and [s["reason"] for s in res.skipped] == ["audited by another job since"]
+    assert [r["run"] for r in ledger.read().to_pylist()] == ["elsewhere"]
+
+
+def test_a_memex_train_run_is_audited_once_per_step_and_not_before_it_saves_its_pipeline(tmp_path, caplog):
+    """While `memex train` trains, its output holds checkpoints/checkpoint-<step>/ and no pipeline: the
+    checkpoint failed discovery ("set nightly.base_model"), and every other run's audit with it. Once
+    finished, its last checkpoint-<steps>/ and the pipeline (the same weights) were two audits at one
+    step, two points on the trend. Now: left out with a warning while training; the final step once."""
+    out = tmp_path / "watch" / "trained"
+    for step in (1000, 2000):
+        ck = out / "checkpoints" / f"checkpoint-{step}"
+        shutil.copytree(DEMO_RUN / f"checkpoint-{step}", ck)
+        (ck / "optimizer.json").write_text(json.dumps({"param_groups": [], "step": step, "recipe": {"seed": 0}}))
+    with caplog.at_level("WARNING", logger="memex"):
+        assert discover(str(tmp_path / "watch")) == []
+    assert "still training left out" in caplog.text
+
+    shutil.copytree(BASE, out, dirs_exist_ok=True)  # the run ends: its pipeline, at trainer.steps=2000
+    (out / "memex_train.json").write_text(json.dumps({"steps": 2000}))
+    found = discover(str(tmp_path / "watch"))
+    assert [(c.step, Path(c.location).name) for c in found] == [(1000, "checkpoint-1000"), (2000, "trained")]

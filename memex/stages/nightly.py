@@ -29,11 +29,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from memex import runner
-from memex.checkpoints import MAX_DEPTH, Checkpoint, discover, files_signature, weights_sha256
+from memex.checkpoints import MAX_DEPTH, Checkpoint, CheckpointError, discover, files_signature, weights_sha256
 from memex.config import (
     MemexError,
     NightlyAction,
     NightlyAuditConfig,
+    check_actor_devices,
     drop_unset_added,
     identity_text,
     plain,
@@ -80,6 +81,9 @@ class Pending:
         return f"memex-{self.run_name(config_sha)}-{night.replace('-', '')}"
 
 
+ALARMS = ("over_budget", "grew")  # the gate's outcomes that page (cli: exit 3)
+
+
 @dataclass
 class NightlyResult:
     config_sha256: str
@@ -96,7 +100,7 @@ class NightlyResult:
 
     @property
     def alarms(self) -> list[dict]:
-        return [r for r in self.rows if r["outcome"] in ("over_budget", "grew")] + self.earlier_alarms
+        return [r for r in self.rows if r["outcome"] in ALARMS or r.get("gate_alarm")] + self.earlier_alarms
 
     @property
     def errors(self) -> list[dict]:
@@ -153,7 +157,7 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
     ledger = Ledger(ledger_root(cfg), cfg.storage.options)
     rows = ledger.read().to_pylist()
     done, known = ledger.audited(sha, rows), ledger.known_hashes(rows)
-    pending = []
+    pending, skipped = [], []
     for c in found:
         try:
             sig = files_signature(c)
@@ -161,10 +165,16 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
         except FileNotFoundError as e:  # deleted since found (checkpoints_total_limit): nothing left to audit
             log.warning("%s: left out, %s", redact_text(c.location), e)
             continue
+        except (CheckpointError, OSError) as e:
+            # one checkpoint's files (a pipeline folder with no weights, a file this user cannot read) stopped
+            # the plan, and with it every other checkpoint's audit, every night until someone fixed the folder
+            log.warning("%s: skipped, %s", redact_text(c.location), e)
+            skipped.append({"location": redact_text(c.location), "reason": redact_text(f"{type(e).__name__}: {e}")})
+            continue
         if weights not in done:
             pending.append(Pending(c, weights, sig, names[c.series],
                                    c.step if c.step is not None else last.get(c.series)))
-    return NightlyResult(sha, len(found), pending, ledger=ledger.uri)
+    return NightlyResult(sha, len(found), pending, ledger=ledger.uri, skipped=skipped)
 
 
 def series_names(series: set[str], location: str) -> dict[str, str]:
@@ -288,10 +298,18 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
         if tracker_error is not None:  # an error (retried next night: the audit resumes, the tracker is redone)
             log.error("audit of %s: %s", row["location"], tracker_error)
             gated = f"{row['outcome']}: {row['message']}" if row["message"] else row["outcome"]
+            if row["outcome"] in ALARMS:
+                # still this night's alarm (ALARM line, exit 3, the webhook's alarms): an error row alone hid it
+                # for as long as the tracker failed. Not a ledger column: the row's message says it.
+                row["gate_alarm"] = row["outcome"]
             row["outcome"], row["message"] = "error", redact_text(f"{tracker_error} (the gate said {gated})")
     if row["outcome"] == "error":
         runner.release_failed_pools()  # a failed audit's actors end before the next audit asks for GPUs
     row["finished"] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    # read again before the append: a job that took the run folder's lease over while this one was alive
+    # (its heartbeats stalled past resources.lease_timeout_s) audited it too, and its row is final
+    if p.weights in ledger.audited(sha):
+        return "audited by another job since"
     ledger.append(row)
     return row
 
@@ -354,6 +372,7 @@ def run(cfg: NightlyAuditConfig) -> NightlyResult:
     if res.pending:  # a training set, prompts or output folder every audit would fail on: once, no error rows
         from memex.stages.audit import check_shared_inputs
 
+        check_actor_devices(cfg.resources, cfg.sampling.dtype)
         check_shared_inputs(cfg)
     ledger = Ledger(ledger_root(cfg), cfg.storage.options)
     ledger.start_announcing()
