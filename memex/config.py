@@ -319,6 +319,22 @@ def validate_generate(cfg: GenerateConfig) -> None:
     check_run_name(cfg.run.name)
 
 
+def check_actor_devices(resources: "ResourcesConfig", dtype: "DType") -> None:
+    """Before any work of a command that samples: a Ray actor given no GPU (resources.num_gpus=0) runs on
+    the CPU (memex/models.py resolve_device), so float16 or resources.device=cuda failed at the first
+    actor, after the index was built (`preset=paper model=sd15` without resources=gpu). Not part of
+    validate_*: configs compose on a laptop for a GPU cluster; the run itself is refused."""
+    if resources.executor != ExecutorKind.ray or resources.num_gpus:
+        return
+    if resources.device == "cuda":
+        raise ConfigError("resources.device=cuda, and resources.num_gpus=0 gives each Ray actor no GPU: set "
+                          "resources.num_gpus=1 (resources=gpu), or resources.device=auto to run on the CPU")
+    if dtype == DType.float16:
+        raise ConfigError("sampling.dtype=float16 needs a GPU, and resources.num_gpus=0 gives each Ray actor none "
+                          "(they run on the CPU): set resources=gpu (resources.num_gpus=1), or sampling.dtype="
+                          "float32 (or bfloat16)")
+
+
 def check_run_name(name: str | None) -> None:
     """run.name is one folder under storage.root: `..` wrote the run into storage.root's parent (on
     S3, keys with a literal `..`), `.` into storage.root itself beside `_index/`."""
@@ -737,6 +753,12 @@ def validate_audit(cfg: AuditConfig) -> None:
         raise ConfigError(f"sampling.samples_per_prompt={cfg.sampling.samples_per_prompt} is below "
                           f"filter.min_clique={f.min_clique}: no prompt could ever be flagged; "
                           "raise one or lower the other")
+    if cfg.prompts.source == PromptSource.none and m.candidates == CandidateSource.cliques:
+        # the filter is skipped for one prompt (its N x N graph over every sample is unbounded): the audit
+        # generated every sample, then failed at match ("no complete candidates/"), and again on every rerun
+        raise ConfigError("match.candidates=cliques verifies the filter's cliques, and prompts=none (an unconditional "
+                          "model's one empty prompt) has no filter stage: set match.candidates=all (every sample "
+                          "matched, the paper's CIFAR-10 setting), e.g. after preset=paper")
     validate_budget(cfg)
     src = cfg.run.samples_from
     if src is not None and not src.strip("/ "):

@@ -365,6 +365,9 @@ def test_dup_k_below_two_names_the_key():
     (["model=demo_uncond", "prompts=none", "match=relative", "triage.keep=5"],
      "triage.keep is set, and an unconditional model (prompts=none) has no prompts to score"),
     (["preset=paper", "triage.steps=2"], "triage.steps is set"),
+    # the filter is skipped for one prompt: every sample was generated, then match failed on every rerun
+    (["preset=paper", "model=demo_uncond", "prompts=none", "prompts.limit=null", "match=relative"],
+     "match.candidates=cliques verifies the filter's cliques, and prompts=none"),
     (["triage.keep=0"], "triage.keep"),
     # relative l2 is at most 1 / alpha: every generation was a copy of its nearest picture
     (["match=relative", "match.alpha=1.5"], "every generation would count as a copy"),
@@ -626,3 +629,26 @@ def test_preset_paper_composes_with_relative_l2():
     which never reads it, that is no setting to refuse (it was refused as "match.max_margin is set")."""
     cfg = compose(["preset=paper", "match=relative"], config_name="audit")
     assert cfg.match.max_margin is None and cfg.match.distance.value == "relative_l2"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampling.dtype=float16", "resources.num_gpus=0 gives each Ray actor none"),
+    ("resources.device=cuda", "resources.device=cuda, and resources.num_gpus=0"),
+])
+def test_a_gpu_setting_with_ray_actors_given_no_gpu_is_refused_before_any_work(tmp_path, override, message):
+    """A Ray actor given no GPU (resources.num_gpus=0, the default resources) runs on the CPU, so
+    float16 sampling or resources.device=cuda failed at the first sampler actor, after the index was
+    built (`preset=paper model=sd15` without resources=gpu). Refused by the audit and by generate
+    before any work; nothing is written. The config itself still composes (a laptop composes configs
+    for a GPU cluster), and resources=gpu is accepted."""
+    from memex.stages import audit, generate
+
+    for stage, config_name in ((audit.run, "audit"), (generate.prepare, "generate")):
+        cfg = compose([f"storage.root={tmp_path / 'runs'}", override], config_name=config_name)
+        with pytest.raises(ConfigError, match=message):
+            stage(cfg)
+        assert not (tmp_path / "runs").exists()
+    ok = compose([f"storage.root={tmp_path / 'runs'}", override, "resources=gpu"], config_name="audit")
+    from memex.config import check_actor_devices
+
+    check_actor_devices(ok.resources, ok.sampling.dtype)

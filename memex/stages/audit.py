@@ -39,6 +39,7 @@ from memex.config import (
     ModelKind,
     PromptSource,
     adaptive,
+    check_actor_devices,
     validate_audit,
 )
 from memex.embed import check_embedder
@@ -74,6 +75,7 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
     check_tracker(cfg.tracker)  # tracker=mlflow|tensorboard|wandb: its package is installed
     rematch_of = cfg.run.samples_from  # a re-match (memex/stages/rematch.py) loads no model: none is checked
     if rematch_of is None:
+        check_actor_devices(cfg.resources, cfg.sampling.dtype)
         declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
                                       cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
         check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
@@ -87,7 +89,8 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
         run_name = rematch.prepare(cfg)
     if cfg.model.kind == ModelKind.unconditional and cfg.match.candidates == CandidateSource.cliques:
         log.warning("unconditional model with match.candidates=cliques: all samples share one prompt, so the "
-                    "filter sees one graph; the paper compares every sample (match=relative)")
+                    "filter sees one graph over every sample; the paper compares every sample (match=relative "
+                    "match.candidates=all)")
 
     # Ray, and storage every node reaches: a local storage.root on a cluster of several nodes is
     # refused here (storage.shared_mount=true for NFS), before any unit is written to one node's disk

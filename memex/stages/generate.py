@@ -23,7 +23,16 @@ import pyarrow as pa
 
 from memex import runner
 from memex.checkpoints import claim_weights, model_weights_sha256
-from memex.config import ConfigError, GenerateConfig, ModelKind, PromptSource, model_identity, plain, validate_generate
+from memex.config import (
+    ConfigError,
+    GenerateConfig,
+    ModelKind,
+    PromptSource,
+    check_actor_devices,
+    model_identity,
+    plain,
+    validate_generate,
+)
 from memex.images import encode_png
 from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
 from memex.lease import hold
@@ -76,6 +85,7 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool 
     """
     # 1. inputs: config ranges, model folder, prompts
     validate_generate(cfg)
+    check_actor_devices(cfg.resources, cfg.sampling.dtype)
     declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
                                   cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
     check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
