@@ -88,6 +88,12 @@ def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[st
         if cfg.arch.kind == ArchKind.pixel_text and cap is None:
             raise ManifestError(f"image {row['id']!r} has no {d.caption_column!r}: a text-conditional model needs "
                                 "captions (set data.caption_column, or arch=uncond_small)")
+        if cfg.arch.kind == ArchKind.pixel_text and not isinstance(cap, str):  # a class label (CIFAR's int `label`):
+            # label 0 trained as the empty (unconditional) caption, 1 raised a bare TypeError
+            raise ConfigError(f"data.caption_column={d.caption_column!r} holds {type(cap).__name__} values, not "
+                              f"caption text (image {row['id']!r}: {str(cap)[:40]}): a text-conditional model trains "
+                              "on strings. Point data.caption_column at a column of captions (map class labels to "
+                              "their names first), or train arch=uncond_small")
         unread = sorted(set(cap or "") - TOKENIZER_CHARS) if cfg.arch.kind == ArchKind.pixel_text else []
         if unread:  # each would become the padding token: "日本の犬" and "猫のロゴ" trained as one caption
             raise ManifestError(f"image {row['id']!r}: its caption {cap[:60]!r} has characters the tiny model's "
@@ -107,6 +113,43 @@ def draw_rows(example_image: torch.Tensor, batch: int, g: torch.Generator) -> to
     """(batch,) distinct-image rows of one step: examples drawn uniformly with replacement from the expanded
     manifest (example -> image), so an image with c copies is drawn c times as often as a single one."""
     return example_image[torch.randint(len(example_image), (batch,), generator=g)]
+
+
+# the noise schedule -------------------------------------------------------------------------
+MAX_FINAL_SIGNAL = 0.01  # the largest alphas_cumprod at the last timestep accepted: x_T must be ~pure noise
+
+
+def noise_schedule(timesteps: int):
+    """The DDPM schedule memex train trains with and saves in the model (diffusers' linear betas 1e-4..0.02)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=timesteps, variance_type="fixed_small")
+
+
+def _final_signal(timesteps: int) -> float:
+    return float(noise_schedule(timesteps).alphas_cumprod[-1])
+
+
+def check_schedule_reaches_noise(timesteps: int) -> None:
+    """The linear betas run 1e-4..0.02 whatever the number of timesteps, so few of them leave the image in
+    x_T (alphas_cumprod[-1]: 0.36 at 100, 0.08 at 250), and sampling, which starts from pure noise, starts
+    off the distribution the model learned. Refused, naming the fewest timesteps that reach noise; the
+    schedule itself is never changed, so the saved scheduler config is the one trained with."""
+    left = _final_signal(timesteps)
+    if left <= MAX_FINAL_SIGNAL:
+        return
+    lo, hi = timesteps + 1, max(timesteps + 1, 1000)
+    while _final_signal(hi) > MAX_FINAL_SIGNAL:
+        lo, hi = hi + 1, 2 * hi
+    while lo < hi:  # the fewest timesteps that do (more of them only lower it)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _final_signal(mid) <= MAX_FINAL_SIGNAL else (mid + 1, hi)
+    cfg = noise_schedule(timesteps).config
+    raise ConfigError(f"arch.num_train_timesteps={timesteps} leaves {left:.3f} of the image's signal "
+                      f"(alphas_cumprod) at the last timestep of the DDPM schedule (linear betas "
+                      f"{cfg.beta_start:g}..{cfg.beta_end:g}): x_T is not noise, and sampling, which starts from "
+                      f"pure noise, would start off what the model learned. Set arch.num_train_timesteps >= {lo} "
+                      f"(the fewest that leave <= {MAX_FINAL_SIGNAL}; 1000 leaves {_final_signal(1000):.0e})")
 
 
 # 3. model ----------------------------------------------------------------------------------
@@ -143,9 +186,13 @@ def recipe(cfg: TrainConfig, images: torch.Tensor, captions: list[str], example_
     """What a checkpoint's weights depend on, written into it and compared when training resumes:
     the arch, the trainer less RESUME_SAFE, and a digest of the training set as decoded (pixels,
     captions, example -> image: the manifest, data.resize and the duplication schedule all land
-    there; data.path and its credentials do not, so a copied manifest resumes). Hashes the tensor's
-    own memory (no copy): 0.4-0.5 s for 500 MB of float32 on a 2-core machine, 1.9x .tobytes()
-    (bench/bench_recipe_hash.py)."""
+    there; data.path and its credentials do not, so a copied manifest resumes). Hashes the images in
+    C order, so it copies them once: load_training_set's tensor is channels-last in memory (its permute),
+    and np.ascontiguousarray makes a transient float32 copy of its size (98 MB: 0.086 s against 0.065 s
+    for a contiguous one on a 2-core machine; bench/bench_recipe_hash.py measures a contiguous tensor).
+    It stays channels-last: that layout reaches the UNet, and a contiguous one changes its float
+    arithmetic (weights ~1e-3 apart after 6 steps), so a checkpoint written before would resume onto
+    other arithmetic than the run that wrote it."""
     import hashlib
     from dataclasses import asdict
 
@@ -247,6 +294,37 @@ def _damaged_checkpoint(path: Path, e: Exception) -> str:
             f"to {back}, or choose another output folder")
 
 
+def _not_written_here(out: Path) -> str:
+    """output holds a diffusers folder (model_index.json) and no memex_train.json: a model memex train did
+    not write (a downloaded one, a typo), which training would overwrite."""
+    return (f"output={out} holds a diffusers model (model_index.json) that memex train did not write (it has no "
+            f"{INFO_FILE}): training would overwrite its unet/, scheduler/ and model_index.json. Choose another "
+            "output folder (a memex train run killed while saving its model here finishes when rerun with the "
+            "same settings)")
+
+
+def _finished_here(ck: Path | None, made_by: dict | None, steps: int) -> bool:
+    """Whether ck is a checkpoint at `steps` written by the recipe made_by (None: the recipe is not known
+    yet, the step alone is checked): the mark of a run killed while saving its model, which may finish."""
+    if ck is None or int(ck.name.split("-", 1)[1]) != steps:  # (checkpoints(): only checkpoint-<digits>)
+        return False
+    if made_by is None:
+        return True
+    try:
+        saved = json.loads((ck / "optimizer.json").read_text())["recipe"]
+    except (OSError, ValueError, KeyError, TypeError):  # damaged, or no recipe: not known to be this run's
+        return False
+    return not _recipe_differences(saved, made_by)
+
+
+def _load_text_encoder(path: Path, encoder) -> None:
+    """The frozen text encoder a checkpoint's UNet trained with (its text_encoder/), into encoder."""
+    try:
+        encoder.load_state_dict(type(encoder).from_pretrained(path / "text_encoder").state_dict())
+    except Exception as e:  # noqa: BLE001 - a truncated safetensors, a missing config.json: named with the fix
+        raise ConfigError(_damaged_checkpoint(path, e)) from e
+
+
 def _load_checkpoint(path: Path, unet, opt: torch.optim.Optimizer, scaler=None) -> int:
     """Load checkpoint-<step>/ into unet, opt and (fp16) the GradScaler; returns its step. A checkpoint of
     an fp32 run (or written before the scale was kept) leaves the scaler as it starts."""
@@ -275,14 +353,21 @@ def train(cfg: TrainConfig, cpu: bool = False) -> Path:
     cpu: on the CPU though a GPU is visible (a Ray worker given none: memex/models.py resolve_device)."""
     library_logs_to_file()  # importing IFPipeline warns on transformers 5: to the log file, not the console
     from accelerate import Accelerator
-    from diffusers import DDPMPipeline, DDPMScheduler, IFPipeline
+    from diffusers import DDPMPipeline, IFPipeline
 
     # 1. check inputs before any training
     validate_train(cfg)
     a, t = cfg.arch, cfg.trainer
+    check_schedule_reaches_noise(a.num_train_timesteps)
+    noise_sched = noise_schedule(a.num_train_timesteps)
     out = Path(cfg.output)
-    if (out / "model_index.json").exists() and (out / INFO_FILE).exists():
+    # a diffusers folder memex train did not write (no memex_train.json) is refused too, unless a checkpoint at
+    # trainer.steps of this recipe (checked once the data is decoded) says a run was killed while saving it here
+    unfinished = (out / "model_index.json").exists()
+    if unfinished and (out / INFO_FILE).exists():
         raise ConfigError(f"output={out} already holds a trained model; choose another output folder")
+    if unfinished and not _finished_here(latest_checkpoint(out / "checkpoints"), None, t.steps):
+        raise ConfigError(_not_written_here(out))
     # an unwritable output fails in one line before the data is decoded, not in a traceback after it;
     # the folders made here are removed again if the input checks below fail
     new = [p for p in (out.absolute(), *out.absolute().parents) if not p.exists()]
@@ -296,7 +381,10 @@ def train(cfg: TrainConfig, cpu: bool = False) -> Path:
         accel = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu)
         # a checkpoint left in output/checkpoints is resumed only if this same recipe wrote it
         made_by = recipe(cfg, images, captions, example_image, accel.num_processes)
-        if (ck := latest_checkpoint(out / "checkpoints")) is not None:
+        ck = latest_checkpoint(out / "checkpoints")
+        if unfinished and not _finished_here(ck, made_by, t.steps):
+            raise ConfigError(_not_written_here(out))
+        if ck is not None:
             check_resumable(ck, made_by, t.steps)
     except BaseException:
         for p in new:  # deepest first; a folder something else wrote into stays
@@ -308,25 +396,28 @@ def train(cfg: TrainConfig, cpu: bool = False) -> Path:
 
     # 3. model (+ frozen text encoder: embeddings computed once per distinct caption)
     tokenizer = encoder = emb = empty = None
-    if a.kind == ArchKind.pixel_text:
-        tokenizer = tiny.build_tokenizer(out / "_tokenizer", max_length=a.max_length)
-        encoder = tiny.build_text_encoder(len(tokenizer), a.max_length, hidden=a.text_hidden, seed=t.seed,
-                                          layers=a.text_layers)
-        if ck is not None and (ck / "text_encoder").is_dir():  # the encoder the checkpoint's UNet trained with
-            encoder.load_state_dict(type(encoder).from_pretrained(ck / "text_encoder").state_dict())
-        with torch.no_grad():
-            tok = tokenizer(captions + [""], padding="max_length", max_length=a.max_length, truncation=True,
-                            return_tensors="pt")
-            all_emb = encoder(tok.input_ids)[0]
-        emb, empty = all_emb[:-1].to(accel.device), all_emb[-1:].to(accel.device)
-    unet = build_unet(a, a.text_hidden if a.kind == ArchKind.pixel_text else None)
-    noise_sched = DDPMScheduler(num_train_timesteps=a.num_train_timesteps, variance_type="fixed_small")
-    opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=0.0)
+    try:
+        if a.kind == ArchKind.pixel_text:
+            tokenizer = tiny.build_tokenizer(out / "_tokenizer", max_length=a.max_length)
+            encoder = tiny.build_text_encoder(len(tokenizer), a.max_length, hidden=a.text_hidden, seed=t.seed,
+                                              layers=a.text_layers)
+            if ck is not None and (ck / "text_encoder").is_dir():  # the encoder the checkpoint's UNet trained with
+                _load_text_encoder(ck, encoder)
+            with torch.no_grad():
+                tok = tokenizer(captions + [""], padding="max_length", max_length=a.max_length, truncation=True,
+                                return_tensors="pt")
+                all_emb = encoder(tok.input_ids)[0]
+            emb, empty = all_emb[:-1].to(accel.device), all_emb[-1:].to(accel.device)
+        unet = build_unet(a, a.text_hidden if a.kind == ArchKind.pixel_text else None)
+        opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=0.0)
+        start = 0
+        if ck is not None:
+            start = _load_checkpoint(ck, unet, opt, accel.scaler)  # (accel.scaler: fp16's GradScaler, else None)
+            log.info("resuming from %s (step %d)", ck, start)
+    except BaseException:  # a damaged checkpoint: refused with nothing of this run's left behind
+        shutil.rmtree(out / "_tokenizer", ignore_errors=True)
+        raise
     ckpts = out / "checkpoints"
-    start = 0
-    if ck is not None:
-        start = _load_checkpoint(ck, unet, opt, accel.scaler)  # (accel.scaler: fp16's GradScaler, else None)
-        log.info("resuming from %s (step %d)", ck, start)
     unet, opt = accel.prepare(unet, opt)
     images = images.to(accel.device)
     log.info("training %s: %d examples (%d distinct images), %.2fM params, steps %d..%d", a.kind.value,

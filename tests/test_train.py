@@ -48,6 +48,13 @@ def _cfg(manifest, out, *extra):
                      *text, "data.duplication=[{copies: 4, count: 2}]", *extra])
 
 
+def _killed_before_the_final_save(out):
+    """A finished run's folder made into one killed mid-run (steps ahead to go): the checkpoints, and no model
+    (model_index.json) or memex_train.json, which the final save writes."""
+    for name in (INFO_FILE, "model_index.json"):
+        (out / name).unlink()
+
+
 @pytest.mark.parametrize("arch", ["text_small", "uncond_small"])
 def test_short_run_saves_a_loadable_diffusers_folder(manifest, tmp_path, arch):
     out = train(_cfg(manifest, tmp_path / "model", f"arch={arch}"))
@@ -68,7 +75,7 @@ def test_resume_continues_from_the_checkpoint(manifest, tmp_path):
     # an interrupted run: stops after 3 steps, leaving checkpoint-3 and no final model
     part = _cfg(manifest, tmp_path / "resumed", "trainer.steps=3")
     train(part)
-    (tmp_path / "resumed" / INFO_FILE).unlink()  # as if killed before the final save
+    _killed_before_the_final_save(tmp_path / "resumed")
     assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "checkpoint-3"
     resumed = train(_cfg(manifest, tmp_path / "resumed"))
     assert json.loads((resumed / INFO_FILE).read_text())["resumed_from"] == 3
@@ -87,7 +94,7 @@ def test_a_resume_trains_on_the_text_encoder_its_checkpoint_trained_with(manifes
 
     full = train(_cfg(manifest, tmp_path / "full"))
     train(_cfg(manifest, tmp_path / "resumed", "trainer.steps=3"))
-    (tmp_path / "resumed" / INFO_FILE).unlink()  # as if killed before the final save
+    _killed_before_the_final_save(tmp_path / "resumed")
     assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-3" / "text_encoder").is_dir()
     build = tiny.build_text_encoder
     monkeypatch.setattr(tiny, "build_text_encoder", lambda *a, seed=0, **kw: build(*a, seed=seed + 1, **kw))
@@ -136,7 +143,7 @@ def test_resume_refuses_checkpoints_of_another_recipe(manifest, tmp_path):
     mixed two runs and its memex_train.json described neither."""
     out = tmp_path / "m"
     train(_cfg(manifest, out, "trainer.steps=3"))
-    (out / INFO_FILE).unlink()  # as if killed before the final save
+    _killed_before_the_final_save(out)
     ck = out / "checkpoints" / "checkpoint-3"
     before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file())
     for extra, match in [(["trainer.lr=5e-4"], "trainer.lr differ"),
@@ -166,7 +173,7 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from(manifest, tmp
     as it says resumes."""
     out = tmp_path / "m"
     train(_cfg(manifest, out, "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=2"))
-    (out / INFO_FILE).unlink()  # as if killed before the final save
+    _killed_before_the_final_save(out)
     ck = out / "checkpoints" / "checkpoint-4"
     weights, meta = ck / "unet" / "diffusion_pytorch_model.safetensors", ck / "optimizer.json"
     good = {p: p.read_bytes() for p in (weights, meta, ck / "optimizer.safetensors")}
@@ -261,7 +268,7 @@ def test_the_number_of_training_processes_is_part_of_the_recipe(manifest, tmp_pa
     info = json.loads((out / INFO_FILE).read_text())
     assert info["processes"] == 4 and shadow_recipe(str(out))["trainer"]["batch_size"] == \
         4 * info["config"]["trainer"]["batch_size"]
-    (out / INFO_FILE).unlink()  # as if killed before the final save
+    _killed_before_the_final_save(out)
     monkeypatch.undo()
     with pytest.raises(ConfigError, match=r"the number of training processes \(accelerate launch --num_processes: "
                                           r"was 4, now 1"):
@@ -390,3 +397,108 @@ def test_training_draws_each_image_as_often_as_its_copies(manifest, tmp_path, mo
                        "data.duplication_seed=5"))
     t2 = pq.read_table(other / MANIFEST_FILE)
     assert {s for s, c in zip(t2["source_id"].to_pylist(), t2["copies"].to_pylist()) if c == 8} != {dup}
+
+
+def _files(folder):
+    return sorted((p.relative_to(folder), p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*")
+                  if p.is_file())
+
+
+def test_an_output_holding_a_model_memex_did_not_write_is_refused_untouched(manifest, tmp_path, monkeypatch):
+    """`output=` at a diffusers folder memex train did not write (a downloaded model, a typo) was trained into,
+    and the final save overwrote its unet/, scheduler/ and model_index.json: only a folder that also held
+    memex_train.json was refused. Refused now, naming output and the fix, with nothing in it changed; also
+    beside checkpoints of another run, or of this one at another step. A run killed while saving its model
+    (model_index.json written, memex_train.json not, its checkpoint at trainer.steps) still finishes."""
+    from diffusers import DiffusionPipeline
+
+    from memex import tiny
+
+    theirs = tiny.build("latent_text", tmp_path / "sd")
+    refused = re.escape(f"output={theirs} holds a diffusers model (model_index.json) that memex train did not "
+                        f"write (it has no {INFO_FILE})") + ".*Choose another output folder"
+    before = _files(theirs)
+    for arch in ("text_small", "uncond_small"):
+        with pytest.raises(ConfigError, match=refused):
+            train(_cfg(manifest, theirs, f"arch={arch}"))
+    assert _files(theirs) == before
+    # checkpoints of another run beside it (output at a folder memex trained in before): another recipe at
+    # trainer.steps, or this recipe at another step
+    other = train(_cfg(manifest, tmp_path / "other", "trainer.steps=3"))
+    shutil.copytree(other / "checkpoints", theirs / "checkpoints")
+    before = _files(theirs)
+    for extra in (["trainer.steps=3", "trainer.lr=5e-4"], ["trainer.steps=6"]):
+        with pytest.raises(ConfigError, match=refused):
+            train(_cfg(manifest, theirs, *extra))
+    assert _files(theirs) == before
+
+    out = tmp_path / "m"
+    real = DiffusionPipeline.save_pretrained
+
+    def dies_after_writing(self, *a, **k):
+        real(self, *a, **k)
+        raise OSError("killed after the pipeline was saved (simulated)")
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", dies_after_writing)
+    with pytest.raises(OSError, match="killed after"):
+        train(_cfg(manifest, out, "trainer.steps=3"))
+    assert (out / "model_index.json").is_file() and not (out / INFO_FILE).exists()
+    monkeypatch.undo()
+    done = train(_cfg(manifest, out, "trainer.steps=3"))
+    info = json.loads((done / INFO_FILE).read_text())
+    assert info["steps"] == 3 and info["resumed_from"] == 3
+
+
+def test_a_schedule_too_short_to_reach_noise_is_refused_before_any_data(manifest, tmp_path):
+    """DDPM's linear betas run 1e-4..0.02 whatever arch.num_train_timesteps is, so few timesteps leave the image
+    in x_T (alphas_cumprod[-1] 0.36 at 100, 0.08 at 250): sampling from pure noise starts off what the model
+    learned. Refused before the data is read (data.path here does not exist), naming the fewest timesteps
+    that leave <= 0.01; at that number the saved scheduler is the one trained with, unchanged."""
+    from diffusers import DDPMScheduler
+
+    assert float(DDPMScheduler(num_train_timesteps=455).alphas_cumprod[-1]) > 0.01 >= \
+        float(DDPMScheduler(num_train_timesteps=456).alphas_cumprod[-1])
+    for steps, left in ((100, "0.364"), (250, "0.080"), (455, "0.010")):
+        with pytest.raises(ConfigError, match=re.escape(f"arch.num_train_timesteps={steps} leaves {left} of the "
+                                                        "image's signal") + ".*"
+                           + re.escape("Set arch.num_train_timesteps >= 456")):
+            train(_cfg(tmp_path / "missing.parquet", tmp_path / "o", f"arch.num_train_timesteps={steps}"))
+        assert not (tmp_path / "o").exists()
+    out = train(_cfg(manifest, tmp_path / "m", "arch=uncond_small", "arch.num_train_timesteps=456",
+                     "trainer.steps=1"))
+    saved = DDPMScheduler.from_pretrained(out / "scheduler")
+    assert saved.config.num_train_timesteps == 456 and saved.config.beta_end == 0.02
+    assert float(saved.alphas_cumprod[-1]) <= 0.01
+
+
+def test_a_caption_column_of_class_labels_is_refused(tmp_path):
+    """data.caption_column=label on a CIFAR-style manifest (integer class labels) with a text model: label 0
+    trained as the empty (unconditional) caption and label 1 raised a bare "'int' object is not iterable".
+    Refused naming the column, the type and the fix, and nothing is left in output."""
+    rows = [logo(i, 16) for i in range(4)]
+    path = tmp_path / "cifar.parquet"
+    pq.write_table(pa.table({"id": [f"i{k}" for k in range(4)], "image": [encode_png(im) for im, _ in rows],
+                             "label": [0, 1, 2, 3]}), path)
+    with pytest.raises(ConfigError, match=re.escape("data.caption_column='label' holds int values, not caption text "
+                                                    "(image 'i0': 0)") + ".*map class labels to their names"):
+        train(_cfg(path, tmp_path / "out", "data.caption_column=label", "data.duplication=[]"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_checkpoint_text_encoder_is_named_and_leaves_nothing_behind(manifest, tmp_path):
+    """A text model's checkpoint holds its frozen encoder (text_encoder/). Truncated weights or a missing
+    config.json there raised safetensors' or transformers' traceback, outside the damaged-checkpoint message,
+    and left _tokenizer/ in output; now the same one line as the UNet's, naming the checkpoint to resume from."""
+    out = tmp_path / "m"
+    train(_cfg(manifest, out, "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=2"))
+    _killed_before_the_final_save(out)
+    ck = out / "checkpoints" / "checkpoint-4"
+    weights, conf = ck / "text_encoder" / "model.safetensors", ck / "text_encoder" / "config.json"
+    good = {p: p.read_bytes() for p in (weights, conf)}
+    for path, data in ((weights, good[weights][:1000]), (conf, None)):
+        path.unlink() if data is None else path.write_bytes(data)
+        with pytest.raises(ConfigError, match=re.escape(f"{ck} is damaged or incomplete (") + ".*"
+                           + re.escape("Delete that folder and rerun to resume from checkpoint-2")):
+            train(_cfg(manifest, out, "trainer.steps=4", "trainer.checkpoint_every=2"))
+        assert not (out / "_tokenizer").exists()
+        path.write_bytes(good[path])
