@@ -32,7 +32,9 @@ rows), not sorted by id.
 corrupt, truncated, missing, empty or oversized images (PIL's decompression-bomb limit), and those
 in a mode or sample range with no display conversion (images.decode: "UnsupportedImageError: mode
 'LAB' ..."), go to a quarantine table with the reason, so one bad file out of millions does not
-stop an index build.
+stop an index build. A store that fails a read (anything but a missing file, on s3/gs/local/...:
+an outage, expired credentials) raises FetchError instead: the unit is retried, where a
+quarantined row was left out of the index for good. http(s) uris (the open web) are quarantined.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from memex.manifest import (
     read_manifest,
     take_rows,
 )
+from memex.redact import redact_urls
 from memex.shards import (
     ShardPatternError,
     expand_shards,
@@ -81,7 +84,7 @@ from memex.shards import (
     shard_samples,
 )
 
-__all__ = ["IMAGE_SUFFIXES", "QUARANTINE_SCHEMA", "TRAINING_SCHEMA", "DecodedBatch", "IngestError",
+__all__ = ["IMAGE_SUFFIXES", "QUARANTINE_SCHEMA", "TRAINING_SCHEMA", "DecodedBatch", "FetchError", "IngestError",
            "decode_rows", "iter_batches", "list_training_set"]
 # a streamed manifest's listing (list_training_set(images=False)): each row's sha256 of its image
 # bytes (of b"" for none), in place of the bytes, which stay in the manifest (iter_train_rows)
@@ -100,6 +103,16 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 class IngestError(MemexError, ValueError):
     """The training set is missing, unreachable, empty or malformed; the message names the path."""
+
+
+WEB = ("http://", "https://")
+
+
+class FetchError(IngestError):
+    """A training image's bytes could not be read from a store memex is pointed at (a connection reset,
+    throttling, expired credentials, a refused read): an outage, not a bad image. It fails the unit,
+    which is left unmarked and retried, where a quarantine row would have left the image out of an
+    index every later audit reuses."""
 
 
 @dataclass
@@ -559,7 +572,17 @@ def row_bytes(row: dict, opts: dict[str, Any]) -> bytes:
     if not data:
         if not row.get("uri"):
             raise IngestError("row has neither image bytes nor a uri")
-        data = read_uri(row["uri"], opts)
+        try:
+            data = read_uri(row["uri"], opts)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # gone, or no file: a bad row, quarantined
+            raise
+        except OSError as e:  # the store's I/O (fsspec maps S3's refusals, resets and throttling to OSError); a
+            # uri no filesystem reads (ValueError: "Protocol not known") stays the row's fault, quarantined
+            if row["uri"].startswith(WEB):  # the open web (a manifest of LAION URLs): dead links and refusals
+                raise  # are the images' own, as img2dataset treats them; quarantined
+            raise FetchError(f"cannot read training image {redact_urls(row['uri'])}: {type(e).__name__}: {e}. "
+                             "Nothing of this unit was kept: rerun to retry it (a storage outage, expired "
+                             "credentials), or grant read access to the object, or remove its row") from e
         if not data:
             raise IngestError(f"{row['uri']} is an empty file")
     return data
@@ -571,6 +594,8 @@ def _per_row(records: list[dict], fn, workers: int) -> list:
     def one(row: dict):
         try:
             return fn(row)
+        except FetchError:  # an outage: the unit fails and is retried (quarantined, it was left out for good)
+            raise
         except Exception as e:  # noqa: BLE001 - the caller quarantines or names the row
             return f"{type(e).__name__}: {e}"
 

@@ -68,8 +68,10 @@ def read_uri(uri: str, opts: dict[str, Any]) -> bytes:
     found = tar_members(m["tar"], opts).get(m["member"])
     if found is None:
         raise FileNotFoundError(f"{m['member']} is not a member of {m['tar']}")
-    fs, path = fsspec.core.url_to_fs(m["tar"], **opts)
     offset, size = found
+    if not size:  # a 0-byte member: a range of nothing, which S3 answers with the whole object (the shard)
+        return b""
+    fs, path = fsspec.core.url_to_fs(m["tar"], **opts)
     return fs.cat_file(path, start=offset, end=offset + size)
 
 

@@ -1194,3 +1194,59 @@ def test_a_manifest_on_s3_is_streamed_like_a_local_one(tmp_path, s3_server, buck
     want = pa.concat_tables(iter_train_rows(str(tmp_path / "m"), {}, local, batch_rows=2))
     assert got.select(["gid", "id", "image", "caption"]).equals(want.select(["gid", "id", "image", "caption"]))
     assert got["image"].to_pylist() == [imgs[i] for i in (2, 1, 0, 5, 4, 3)]
+
+
+def test_a_store_that_fails_a_read_fails_the_unit_instead_of_quarantining_the_image(monkeypatch):
+    """Credentials that expire mid-build, throttling after the client's retries, a connection reset:
+    each read error became a quarantine row, the shard was marked complete, and every later audit
+    reused an index without those images (the key does not change). A store's failed read now raises
+    FetchError naming the uri and the fix (the unit stays unmarked and is retried); a missing file is
+    still a bad row, and so is an http(s) uri's failure (the open web: dead links are the images' own)."""
+    import memex.ingest as ingest
+    from memex.ingest import FetchError, fetch_bytes
+
+    png = encode_png(_img(0))
+
+    def read(uri, opts):
+        if "reset" in uri:
+            raise ConnectionResetError("Connection reset by peer")
+        if "gone" in uri or uri.startswith("https://"):
+            raise FileNotFoundError(uri) if "gone" in uri else ConnectionError("timed out")
+        return png
+
+    monkeypatch.setattr(ingest, "read_uri", read)
+    rows = pa.table({"id": ["ok", "gone", "web", "reset"],
+                     "uri": ["s3://b/ok.png", "s3://b/gone.png", "https://example.org/x.png", "s3://b/reset.png"]})
+    for workers in (1, 4):
+        with pytest.raises(FetchError, match=r"s3://b/reset.png: ConnectionResetError.*rerun to retry"):
+            decode_rows(rows, 16, workers=workers)
+        with pytest.raises(FetchError, match="s3://b/reset.png"):
+            fetch_bytes(rows, workers=workers)
+    dec = decode_rows(rows.slice(0, 3), 16)
+    assert dec.ids == ["ok"] and dec.quarantine["id"].to_pylist() == ["gone", "web"]
+
+
+def test_an_empty_tar_member_is_no_range_read(tmp_path, monkeypatch):
+    """A 0-byte member asked for the byte range [o, o), which s3fs sends as `bytes=o-(o-1)`: S3 answers
+    an unsatisfiable range with the whole object, the shard (GBs, per empty member, on 8 threads)."""
+    import tarfile
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from memex.shards import member_uri, read_uri
+
+    tar = tmp_path / "s.tar"
+    with tarfile.open(tar, "w") as tf:
+        for name, data in (("a.png", encode_png(_img(0))), ("b.png", b"")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    real = LocalFileSystem.cat_file
+
+    def cat_file(self, path, start=None, end=None, **kw):
+        assert start is None or end is None or end > start, f"a range of nothing: [{start}, {end})"
+        return real(self, path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", cat_file)
+    assert read_uri(member_uri("b.png", str(tar)), {}) == b""
+    assert read_uri(member_uri("a.png", str(tar)), {}) == encode_png(_img(0))
