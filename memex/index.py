@@ -34,7 +34,7 @@ import fsspec
 import numpy as np
 
 from memex.config import ConfigError, IndexConfig
-from memex.storage import StorageError, Store
+from memex.storage import StorageError, Store, is_damage
 
 KINDS = ("flat", "ivfpq")
 METRICS = ("l2", "ip")
@@ -216,7 +216,14 @@ def load_index(uri: str, storage_options: dict[str, Any] | None = None) -> faiss
     try:
         with fs.open(path, "rb") as f:
             return faiss.read_index(faiss.PyCallbackIOReader(f.read))
+    except MemoryError as e:  # a good shard too large for this process: removing it would only rebuild it
+        raise MemoryError(f"reading index {uri} ({fs.size(path) / 2**30:.1f} GiB) ran out of memory: give the match "
+                          "stage a machine with more memory, or rebuild with more index.shards or index=ivfpq "
+                          "(PQ codes, ~1/30 of a flat shard)") from e
     except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix
+        if not is_damage(e):  # a storage failure (a reset, a refused read): the file is fine, retry
+            raise StorageError(f"cannot read index {uri}: {type(e).__name__}: {e}. Check the storage options "
+                               "(endpoint, credentials) and rerun; the file was not found damaged.") from e
         raise StorageError(f"cannot read index {uri}: {type(e).__name__}: {e}. The file is damaged or not "
                            "a faiss index: delete it and its marker so the index stage rebuilds it.") from e
 

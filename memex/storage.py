@@ -47,6 +47,19 @@ class StorageError(MemexError, RuntimeError):
     """Storage is unreachable, or holds something that conflicts with this run."""
 
 
+def is_damage(e: BaseException) -> bool:
+    """Whether reading a file memex wrote failed because the file is damaged or gone (named, with the
+    recovery: remove it and its marker), rather than because storage or memory failed (re-raised as it
+    is: removing a good file a timeout could not read, or that did not fit in memory, loses work).
+    Arrow reports bytes damaged inside a page as a plain OSError naming the corruption (CORRUPT_PAGE);
+    fsspec's I/O failures are OSError subclasses (PermissionError, TimeoutError, ConnectionResetError)."""
+    if isinstance(e, (MemoryError, FileNotFoundError)):
+        return not isinstance(e, MemoryError)
+    if isinstance(e, OSError):
+        return type(e) is OSError and any(w in str(e).lower() for w in CORRUPT_PAGE)
+    return True
+
+
 def damaged(where: str, kind: str, e: Exception) -> str:
     """The message for a file memex wrote that no longer reads: say which, and how to recover."""
     return (f"{where} is not readable {kind} ({type(e).__name__}: {e}). It was changed, truncated or removed after "
@@ -177,8 +190,7 @@ class Store:
             # zstd's "Unexpected end of stream"), like a network failure read through fsspec: only the former
             # is named as damaged, with its recovery (removing a file a timeout could not read would be wrong)
             # (PermissionError, TimeoutError, ConnectionResetError: a storage failure, whatever it says)
-            if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and (
-                    type(e) is not OSError or not any(w in str(e).lower() for w in CORRUPT_PAGE)):
+            if not is_damage(e):
                 raise
             # arrow names the file it could not open; for one path name it ourselves
             where = self.uri_of(paths[0]) if len(paths) == 1 else f"one of {len(paths)} files under " \

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memex.layout import TRAIN_FILE_SCHEMA, TRAIN_SCHEMA, IndexLayout, StorageError
-from memex.storage import Store, damaged
+from memex.storage import Store, damaged, is_damage
 
 # Neighbouring ranges of one read are fetched as one request when fewer bytes than this lie between them
 # (an S3 GET's ~20-50 ms to first byte moves ~0.25-1 MB on one connection; the requests of one read go
@@ -131,6 +131,8 @@ def read_range(layout: IndexLayout, start: int, stop: int, batch: int,
             if t.num_rows:
                 yield _with_images(layout, t)
     except (pa.ArrowInvalid, OSError) as e:  # truncated or removed since: named, with the recovery
+        if not is_damage(e):  # a storage failure (a reset, a refused read): re-raised, the table is fine
+            raise
         raise StorageError(damaged(layout.store.uri_of(path), "Parquet", e)) from e
 
 
@@ -155,6 +157,8 @@ def open_table(layout: IndexLayout, path: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path, filesystem=layout.store.fs, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as e:  # truncated or removed since: named, with the recovery
+        if not is_damage(e):  # a storage failure (a reset, a refused read): re-raised, the table is fine
+            raise
         raise StorageError(damaged(layout.store.uri_of(path), "Parquet", e)) from e
 
 

@@ -228,6 +228,57 @@ def test_load_errors_name_the_fix(tmp_path):
         load_index(str(tmp_path / "junk.faiss"))
 
 
+def test_a_storage_or_memory_failure_is_not_called_a_damaged_file(tmp_path, monkeypatch):
+    """load_index and train_rows.read_range named every failure "damaged ... delete it": a shard too
+    large for the match worker's memory, or a connection reset mid-read, and the user deleted a good
+    shard (or train_rows.parquet: the whole pack copied again) to meet the same error after the
+    rebuild. Each is named for what it is; only a file that does not read as its format is damaged."""
+    import memex.index as mi
+    import memex.train_rows as tr
+    from memex.layout import TRAIN_SCHEMA, IndexLayout
+    from memex.train_rows import read_range, write
+
+    uri = str(tmp_path / "shard.faiss")
+    index = faiss.IndexFlatL2(4)
+    index.add(np.random.default_rng(0).random((10, 4), dtype=np.float32))
+    save_index(index, uri)
+    real = mi.faiss.read_index
+
+    def out_of_memory(reader):
+        raise MemoryError("std::bad_alloc")
+
+    monkeypatch.setattr(mi.faiss, "read_index", out_of_memory)
+    with pytest.raises(MemoryError, match="ran out of memory: give the match stage a machine with more memory") as e:
+        load_index(uri)
+    assert "delete" not in str(e.value)
+
+    def reset(reader):
+        raise ConnectionResetError("Connection reset by peer")
+
+    monkeypatch.setattr(mi.faiss, "read_index", reset)
+    with pytest.raises(StorageError, match="ConnectionResetError.*rerun; the file was not found damaged"):
+        load_index(uri)
+    monkeypatch.setattr(mi.faiss, "read_index", real)
+    assert load_index(uri).ntotal == 10
+
+    layout = IndexLayout(str(tmp_path), "k")
+    train = pa.table({"gid": pa.array(range(4), pa.int64()), "id": [f"i{g}" for g in range(4)],
+                      "image": [b"x"] * 4, "uri": [None] * 4, "caption": ["c"] * 4}, schema=TRAIN_SCHEMA)
+    write(layout.store, layout, [train], row_group_size=2)
+    real_open = tr.open_table
+
+    class Reset:
+        def __init__(self, f):
+            self.metadata, self.schema_arrow = f.metadata, f.schema_arrow
+
+        def iter_batches(self, **kw):
+            raise ConnectionResetError("Connection reset by peer")
+
+    monkeypatch.setattr(tr, "open_table", lambda *a: Reset(real_open(*a)))
+    with pytest.raises(ConnectionResetError):
+        list(read_range(layout, 0, 4, 2))
+
+
 # ---- (4) near-duplicate counts ------------------------------------------------------------------
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_duplicate_counts_match_brute_force(metric):
