@@ -99,6 +99,9 @@ def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False, aspect: t
         h.update(json.dumps(stamps.to_pylist()).encode())
     # index.train_size unset: left out, so every index built before it keeps its key (an IVF-PQ one built
     # by older code, on 65,536 random rows, is reused as it is: its runs, prompts and names stay theirs)
+    # embedder.batch_size and index.decode_batch stay in: a learned embedder's (sscd, clip) float bits depend on
+    # its batch shape, as sampling.batch_size's do a generation's (memex/stages/generate.py); lowering one after
+    # an out-of-memory re-embeds the set. nprobe and refine_k decide the ivfpq near-duplicate counts (dups/).
     index = drop_unset_added({"index": plain(cfg.index)})["index"]
     h.update(json.dumps({"embedder": plain(cfg.embedder), "index": index,
                          "preprocess": cfg.trainset.preprocess.value}, sort_keys=True).encode())
