@@ -75,6 +75,7 @@ from memex.manifest import (
 )
 from memex.redact import redact_urls
 from memex.shards import (
+    TAR_URI,
     ShardPatternError,
     expand_shards,
     is_pattern,
@@ -366,6 +367,8 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
     for j, u in enumerate(uris):
         if not u:
             continue
+        if m := TAR_URI.match(u):  # a shard's member: the shard's version (fsspec's tar:// filesystem, made for
+            u = m["tar"]  # the first shard, stamped every row None: a shard overwritten in place kept its key)
         proto = fsspec.core.split_protocol(u)[0] or "file"
         if proto not in filesystems:
             try:
@@ -391,14 +394,17 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
         (proto, parent), members = item
         fs = filesystems[proto]
         fs.invalidate_cache(parent)  # a cached listing would give stale stamps
-        if len(members) < _LS_MIN_URIS:
-            return [(j, info(fs, p)) for j, p in members]
-        try:
-            entries = {e["name"].rstrip("/"): e for e in fs.ls(parent, detail=True)}
-        except FileNotFoundError:
-            return [(j, None) for j, _ in members]
-        # a name the listing spells otherwise (./, //) is looked up on its own rather than guessed
-        return [(j, _stamp(entries[p]) if p in entries else info(fs, p)) for j, p in members]
+        paths = sorted({p for _, p in members})  # once each: a tar shard's thousands of members are one file
+        if len(paths) < _LS_MIN_URIS:
+            got = {p: info(fs, p) for p in paths}
+        else:
+            try:
+                entries = {e["name"].rstrip("/"): e for e in fs.ls(parent, detail=True)}
+            except FileNotFoundError:
+                return [(j, None) for j, _ in members]
+            # a name the listing spells otherwise (./, //) is looked up on its own rather than guessed
+            got = {p: _stamp(entries[p]) if p in entries else info(fs, p) for p in paths}
+        return [(j, got[p]) for j, p in members]
 
     try:
         with ThreadPoolExecutor(16) as pool:

@@ -1250,3 +1250,35 @@ def test_an_empty_tar_member_is_no_range_read(tmp_path, monkeypatch):
     monkeypatch.setattr(LocalFileSystem, "cat_file", cat_file)
     assert read_uri(member_uri("b.png", str(tar)), {}) == b""
     assert read_uri(member_uri("a.png", str(tar)), {}) == encode_png(_img(0))
+
+
+def test_a_manifest_of_tar_member_uris_is_stamped_with_each_shard_s_version(tmp_path):
+    """Manifest rows whose uri is a member of a tar shard (tar://<member>::<shard>): fsspec's tar
+    filesystem, made for the first shard, stamped every row None, so a shard overwritten in place kept
+    the index key and a stale index was reused. Each row now carries its shard's stamp (read once per
+    shard), and rewriting one shard changes only its own rows' stamps."""
+    import tarfile
+    import time
+
+    from memex.shards import member_uri
+
+    def write_shard(path, seed):
+        with tarfile.open(path, "w") as tf:
+            for k in range(3):
+                data = encode_png(_img(seed + k))
+                info = tarfile.TarInfo(f"{k}.png")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+    shards = [tmp_path / "a.tar", tmp_path / "b.tar"]
+    for n, s in enumerate(shards):
+        write_shard(s, 10 * n)
+    rows = [(f"{s.stem}{k}", member_uri(f"{k}.png", str(s))) for s in shards for k in range(3)]
+    pq.write_table(pa.table({"id": [i for i, _ in rows], "uri": [u for _, u in rows]}), tmp_path / "m.parquet")
+    before = dict(zip(*(list_training_set(str(tmp_path / "m.parquet"))[c].to_pylist() for c in ("id", "stamp"))))
+    assert all(before.values()) and before["a0"] == before["a2"] != before["b0"]
+    time.sleep(0.01)
+    write_shard(shards[1], 50)  # b.tar rewritten in place with other images
+    os.utime(shards[1], (time.time() + 5, time.time() + 5))
+    after = dict(zip(*(list_training_set(str(tmp_path / "m.parquet"))[c].to_pylist() for c in ("id", "stamp"))))
+    assert {i for i in after if after[i] != before[i]} == {"b0", "b1", "b2"}
