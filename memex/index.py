@@ -1,6 +1,6 @@
 """Sharded FAISS membership index over training-set embeddings, stored on any fsspec filesystem.
 
-Every training vector has a global int64 id (`gid`, its row in the index's train.parquet). A shard
+Every training vector has a global int64 id (`gid`, its row in the index's train_rows.parquet). A shard
 holds any subset of the training set under those ids (faiss IndexIDMap2 around the inner index), so
 shard results carry global ids directly and merging shards needs no id bookkeeping. Shards must
 partition the ids: an id added to two shards is returned twice.
@@ -471,7 +471,8 @@ def near_duplicates(search_fn: Callable[[np.ndarray, int], SearchResult], vector
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(counts (n,) int32, links (m, 2) int64): for each training vector, how many OTHER indexed vectors lie
     within `threshold`; and the links that join near-duplicates into pictures, `Components` pairs (node,
-    root) over every edge (vector, other vector within threshold) found. Counts are exact, not capped: an
+    root) over every edge (vector, other vector within threshold) found. Counts are not capped (exact for a
+    flat index; ivfpq's are what its search finds at index.nprobe): an
     image with 1,000 copies outranks one with 63 when captions are ranked by this count. A picture is one
     image stored as several rows (LAION duplicates, re-encodings): a connected component of the edges, so
     a chain a ~ b ~ c (a !~ c) is one picture. Links of several query sets (the index's shards, each its own

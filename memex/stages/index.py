@@ -9,8 +9,8 @@ on the same data shares it. Its steps are units of memex/runner.py, like every s
      the settings into the key (an image overwritten in place: a new key, a new index);
   2. write train_rows.parquet + train.pack (memex/train_rows.py; gid = row number, the global id
      every shard and every match uses);
-  3. IVF-PQ only: `train_quantizer`, one unit: a coarse quantizer + PQ codebook trained on a fixed
-     random sample of the whole training set, which every shard copies;
+  3. IVF-PQ only: `train_quantizer`, one unit: a coarse quantizer + PQ codebook trained on a sample
+     of the whole training set (evenly spaced row groups, index.train_size rows), which every shard copies;
   4. `build_shard`, one unit per shard: decode its gid range (unreadable images go to the shard's
      quarantine table), embed, build the FAISS shard, write shard + vectors + quarantine;
   5. `count_duplicates`, one unit per shard: near-duplicate counts of its images, searched in all
@@ -397,8 +397,8 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
         "aspect": aspect, "shards": plans, "n_train": listing.num_rows}))
     if train_rows.missing(layout):  # (train.pack gone: both written again, the same rows in the same order)
         # a killed build's copy of the training set (`_tmp-<uuid>-train.pack`, its full size, and its table)
-        # is never reused: gone before the new copy (not another audit's write-probe, made outside the lease)
-        # (not another audit's write-probe, nor a lease's temp file: Store.sweep_temp spares both)
+        # is never reused: gone before the new copy (not another audit's write-probe, made outside the lease,
+        # nor a lease's temp file: Store.sweep_temp spares both)
         layout.store.sweep_temp("")
         # a lost pack: its table goes first. The table is moved into place after the pack, so a kill between
         # the two moves left the old table, the new pack and the new table's temp file, a whole index that
