@@ -399,3 +399,33 @@ def test_temp_files_of_killed_writes_outside_stage_folders_are_swept(tmp_path):
     assert store.sweep_temp("", deep=True) == 2
     assert not any((tmp_path / "run" / n).exists() for n in left)
     assert all((tmp_path / "run" / n).exists() for n in kept)
+
+
+def test_matches_of_cliques_record_the_filter_that_made_them(tmp_path):
+    """match.candidates=cliques (preset=paper), an audit killed part way through matching, the filter
+    then redone with other settings (candidates/ deleted, as its refusal advises): the units matched
+    against the old cliques were kept, the rest matched against the new ones, and the summary counted
+    both. matches/ now records the cliques' filter settings and refuses others; a folder matched before
+    they were recorded adopts them."""
+    from memex.membership import IndexInfo
+    from memex.stages.match import claim_settings
+
+    from conftest import compose
+
+    layout = RunLayout(str(tmp_path), "r")
+    cfg = compose([f"storage.root={tmp_path}", "model.path=/planted", "match.candidates=cliques"], config_name="audit")
+    info = IndexInfo(str(tmp_path / "_index"), "k", [(0, 4)], "l2", 8, 4, 4, 0)
+    layout.candidates.claim({"edge_threshold": 0.15, "min_clique": 5}, "a run folder")
+    claim_settings(cfg, layout, info)
+    recorded = layout.store.read_json(layout.matches.settings_path)
+    assert recorded["filter"] == {"edge_threshold": 0.15, "min_clique": 5}
+    layout.store.fs.rm(layout.candidates.path, recursive=True)  # the refusal's advice, then the filter redone
+    layout.candidates.claim({"edge_threshold": 0.1, "min_clique": 5}, "a run folder")
+    with pytest.raises(StorageError, match=r"matches/ .*edge_threshold"):
+        claim_settings(cfg, layout, info)
+    # a folder matched before the filter was recorded: adopts it, as it was
+    old = {k: v for k, v in recorded.items() if k != "filter"}
+    layout.store.write_json(layout.matches.settings_path, old)
+    claim_settings(cfg, layout, info)
+    adopted = layout.store.read_json(layout.matches.settings_path)
+    assert adopted["filter"]["edge_threshold"] == 0.1 and {k: v for k, v in adopted.items() if k != "filter"} == old

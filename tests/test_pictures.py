@@ -36,6 +36,12 @@ def test_low_complexity_pictures_need_more_generations_or_a_clique():
     # exact copy of a flat picture reproduces its detail, not only its tile colours
     exact = [dict(r, distance=0.04) if r["train_gid"] == 9 else r for r in ROWS]
     assert count_pictures(_ext(exact), picture, set(), MatchConfig())[9]["counted"]
+    # match.min_generations holds on those routes too: raised to cut false alarms, it let a flat picture
+    # (the risky kind) count on one clique generation or one "closer" generation, a detailed one not
+    strict = MatchConfig(min_generations=2)
+    assert not count_pictures(_ext(ROWS), picture, {"c/0"}, strict)[9]["counted"]
+    assert not count_pictures(_ext(exact), picture, set(), strict)[9]["counted"]
+    assert count_pictures(_ext(ROWS), picture, set(), strict)[5]["counted"]  # two generations: counts
 
 
 def test_closer_than_its_own_mosaic_is_judged_row_by_row():

@@ -293,6 +293,24 @@ def test_a_rematch_refuses_a_source_whose_generations_are_gone(source, tmp_path)
     assert not [p for p in runs.iterdir() if "-m" in p.name]
 
 
+def test_a_rematch_refuses_a_source_copied_without_the_triage_it_paid_for(source, tmp_path):
+    """A source whose summary counts triage UNet evaluations (triage=noise_norm or preview: a stage of
+    its own), copied without triage/: the re-match's UNet evaluations left that cost out and its
+    per-prompt triage scores went blank, without a word. Refused, naming triage/_SUCCESS.json."""
+    from memex.stages.rematch import prepare
+
+    tmp, overrides, _ = source
+    runs = tmp_path / "runs"
+    shutil.copytree(tmp / "runs" / "src", runs / "paid")
+    summary = json.loads((runs / "paid" / "summary.json").read_text())
+    (runs / "paid" / "summary.json").write_text(json.dumps({**summary, "unet_evaluations_triage": 960}))
+    shutil.rmtree(runs / "paid" / "triage", ignore_errors=True)
+    with pytest.raises(ConfigError, match=r"paid is finished, and its generations are not all there "
+                                          r"\(missing: triage/_SUCCESS.json\)"):
+        prepare(compose([*overrides, f"storage.root={runs}", "run.samples_from=paid"], config_name="audit"))
+    assert not [p for p in runs.iterdir() if "-m" in p.name]
+
+
 def test_a_rematch_folder_of_a_source_generated_again_is_refused(source, tmp_path):
     """The source deleted and audited again into the same folder with an adaptive budget (the same
     run.json: model, sampling and prompts), then the sweep rerun with that budget: the old re-match

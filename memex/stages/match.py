@@ -432,9 +432,19 @@ def match_shard(shard: int, cfg: AuditConfig, layout: RunLayout, info: IndexInfo
 
 
 def claim_settings(cfg: AuditConfig, layout: RunLayout, info: IndexInfo) -> None:
-    """The settings matches/ is written with (matches/_settings.json), or refuse others."""
-    layout.matches.claim(redact({"match": plain(cfg.match), "index_key": info.key, "embedder": plain(cfg.embedder)}),
-                         f"run folder {layout.uri}")
+    """The settings matches/ is written with (matches/_settings.json), or refuse others.
+    candidates=cliques: the cliques' filter settings too (candidates/_settings.json). A filter redone
+    with other settings (candidates/ deleted, as its refusal advises) while matches/ was part done kept
+    the units matched against the old cliques and matched the rest against the new ones, and the
+    summary counted both. A folder matched before they were recorded adopts them (as it was)."""
+    settings = redact({"match": plain(cfg.match), "index_key": info.key, "embedder": plain(cfg.embedder)})
+    if cfg.match.candidates == CandidateSource.cliques:
+        settings["filter"] = layout.store.read_json(layout.candidates.settings_path)
+        old = layout.store.read_json(layout.matches.settings_path)
+        if old is not None and "filter" not in old and old == json.loads(json.dumps(
+                {k: v for k, v in settings.items() if k != "filter"}, default=str)):
+            layout.store.write_json(layout.matches.settings_path, json.loads(json.dumps(settings, default=str)))
+    layout.matches.claim(settings, f"run folder {layout.uri}")
 
 
 def match_shards(cfg: AuditConfig, run_name: str) -> int:
@@ -499,10 +509,10 @@ def upstream(layout: RunLayout) -> str:
 
 def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str], m: MatchConfig) -> dict[int, dict]:
     """Per picture (near-duplicate group, memex/membership.py) its copying generations, and whether
-    it counts as extracted: >= match.min_generations of them, or for a low-complexity picture
-    (train_detail below match.threshold) >= match.low_detail_min_generations (and min_generations),
-    one in a flagged clique, or one closer to it than its own tile mosaic (distance < detail); and in
-    every case one copying generation with margin <= match.max_margin (tiled l2; distinct_margin).
+    it counts as extracted: >= match.min_generations of them, and for a low-complexity picture
+    (train_detail below match.threshold) also >= match.low_detail_min_generations, or one in a
+    flagged clique, or one closer to it than its own tile mosaic (distance < detail); and in every
+    case one copying generation with margin <= match.max_margin (tiled l2; distinct_margin).
     Rows of one picture count once (docs/method.md#3-extracted-pictures)."""
     out: dict[int, dict] = {}
     for row in ext.to_pylist():
@@ -532,8 +542,9 @@ def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str],
         # and one copying generation must be distinct: at most max_margin of the way to the next picture
         unmeasured = e.pop("unmeasured")  # internal: not a summary field
         e["distinct"] = m.max_margin is None or unmeasured or e["margin"] <= m.max_margin
-        e["counted"] = e["distinct"] and (e["generations"] >= need or (e["low_complexity"] and e["in_clique"] > 0)
-                                          or closer)
+        # min_generations holds on every route: the clique and "closer" routes waive only the low-detail count
+        e["counted"] = e["distinct"] and e["generations"] >= m.min_generations and (
+            e["generations"] >= need or (e["low_complexity"] and e["in_clique"] > 0) or closer)
     return out
 
 

@@ -140,6 +140,11 @@ def missing_generations(layout: RunLayout) -> list[str]:
     gone += [f"rounds/{posixpath.basename(p)}" for p in (SamplePlan.path(layout.store, r)
                                                          for r in range(done.get("rounds", 1)))
              if posixpath.basename(p) not in rounds]
+    # the triage the source paid for: without it the re-match's UNet evaluations left its cost out and its
+    # per-prompt triage scores went blank, without a word
+    summary = layout.read_summary() or {}
+    if summary.get("unet_evaluations_triage") and layout.triage.success() is None:
+        gone.append("triage/_SUCCESS.json")
     return gone
 
 
