@@ -644,6 +644,14 @@ def check_text_encoder_folder(path: str, index: dict) -> str:
     return cls
 
 
+def _base_has_variant(path: str, variant: str, unet: str | None, text_encoder: str | None) -> bool:
+    """Whether a component of the pipeline folder the load reads (the overrides' left out) holds `variant`."""
+    skip = ({"unet"} if unet is not None else set()) | ({"text_encoder"} if text_encoder is not None else set()) \
+        | set(UNUSED_COMPONENTS)
+    folder, index = _pipeline_index(path, None)
+    return bool(folder) and any(has_variant(sub, variant) for sub, _, _ in _components(folder, index, skip))
+
+
 def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = False,
                        revision: str | None = None, variant: str | None = None,
                        lora: str | None = None, text_encoder: str | None = None) -> ModelKind | None:
@@ -660,7 +668,9 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
         | set(UNUSED_COMPONENTS)
     folder, index = _pipeline_index(path, revision)
     components = _components(folder, index, skip) if folder else []
-    if variant and os.path.isdir(path) and not any(has_variant(sub, variant) for sub, _, _ in components):
+    overrides = [o for o in (unet, text_encoder) if o is not None and os.path.isdir(o)]  # they may hold it alone
+    if variant and os.path.isdir(path) and not any(has_variant(sub, variant) for sub, _, _ in components) \
+            and not any(has_variant(o, variant) for o in overrides):
         raise ModelError(f"model.variant={variant} but no component of model.path={path} has {variant} weights "
                          f"(files like diffusion_pytorch_model.{variant}.safetensors): leave model.variant unset, "
                          "or give the variant a component folder holds")
@@ -791,6 +801,12 @@ def check_unet_fits(path: str, unet: str | None, text_encoder: str | None, revis
 def check_sampled_pipeline(path: str, folder: str, index: dict, key: str = "model.path") -> None:
     """The pipeline at `folder` (`key`=`path`) denoises with a UNet memex samples, from its configs."""
     pipeline = f"{key}={path} ({index.get('_class_name', 'a pipeline')})"
+    decoder = next((k for k in ("vqvae", "movq") if isinstance(index.get(k), list) and index[k][0]), None)
+    if decoder is not None:  # LDMPipeline (CelebA-HQ LDM), LDMTextToImagePipeline, Kandinsky's MoVQ
+        # its UNet denoises latents that this decoder, not a `vae`, turns into pixels: sampled, memex saved the
+        # undecoded latents as the images (8x8 for 16x16), and the audit found nothing, without a word
+        raise ModelError(f"{pipeline} decodes its latents with a {decoder} (a VQ autoencoder), which memex does not "
+                         f"run; {SAMPLED}")
     if isinstance(index.get("unet"), list) and len(index["unet"]) == 2:
         check_sampled_unet(_unet_config(os.path.join(folder, "unet")), f"{pipeline}: its UNet")
     elif index:  # SD3, Flux, PixArt, DiT: a transformer denoises
@@ -832,6 +848,11 @@ def check_sampled_unet(config: dict, subject: str) -> None:
         if config.get(key) is not None:
             raise ModelError(f"{subject} is class-conditional ({key}={config[key]!r}) and memex passes no class "
                              f"labels; {SAMPLED}")
+    if config.get("time_cond_proj_dim") is not None:  # LCM / TCD distillation: the guidance scale is an input
+        # (a timestep_cond embedding); without it the UNet ran off what it learned, with CFG stacked on top
+        raise ModelError(f"{subject} is guidance-distilled (time_cond_proj_dim={config['time_cond_proj_dim']}: LCM, "
+                         f"TCD), and takes the guidance scale as an embedding memex does not pass: audit the model it "
+                         f"was distilled from ({SAMPLED})")
 
 
 def _unet_config(folder: str) -> dict:
@@ -974,7 +995,8 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
     dtype_kw = "dtype" if hasattr(importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype") \
         else "torch_dtype"
     kwargs: dict[str, Any] = {dtype_kw: getattr(torch, dtype), "use_safetensors": None if allow_pickle else True}
-    if variant:
+    if variant and (not local or _base_has_variant(path, variant, unet, text_encoder)):
+        # (a plain base with only an override saved as the variant: diffusers refuses a variant no component has)
         kwargs["variant"] = variant
     if not local and revision:
         kwargs["revision"] = revision

@@ -334,8 +334,17 @@ class Sampler:
         `decode_batch_size` rows at a time (None: all N), each chunk turned to uint8 at once."""
         if self.vae is None:
             return self._to_uint8(x)
-        chunk = self.settings.decode_batch_size or len(x)  # batches are never empty (_batched pads them)
-        return np.concatenate([self._to_uint8(self._vae_decode(c)) for c in x.split(chunk)])
+        chunk = min(self.settings.decode_batch_size or len(x), len(x))  # batches are never empty (_batched pads)
+        out = []
+        for c in x.split(chunk):
+            # every chunk decoded at one shape: a last, shorter chunk (decode_batch_size not dividing
+            # batch_size) gave its rows other conv arithmetic than the same rows at other positions, and a
+            # sample regenerated alone differed by 1/255 (the byte-identity promise); padded with copies
+            n = len(c)
+            if n < chunk:
+                c = torch.cat([c, c[-1:].expand(chunk - n, *c.shape[1:])])
+            out.append(self._to_uint8(self._vae_decode(c))[:n])
+        return np.concatenate(out)
 
     def _vae_decode(self, x: torch.Tensor) -> torch.Tensor:
         try:

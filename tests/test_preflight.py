@@ -676,6 +676,18 @@ def test_a_unet_that_does_not_fit_its_text_encoder_vae_or_image_size_is_refused_
     assert not (tmp_path / "runs").exists()
 
 
+def _ldm(path: Path) -> Path:
+    """A tiny real LDMPipeline: a UNet2DModel over the latents of a VQ autoencoder (its `vqvae`)."""
+    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
+
+    vq = VQModel(block_out_channels=(8,), norm_num_groups=8, latent_channels=3, num_vq_embeddings=16,
+                 down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=8)
+    LDMPipeline(vqvae=vq, unet=unet, scheduler=DDIMScheduler()).save_pretrained(path)
+    return path
+
+
 def test_a_pipeline_memex_cannot_sample_is_refused_before_the_index(tiny_models, tmp_path, inputs, no_index,
                                                                     monkeypatch):
     """SDXL (its UNet needs pooled text and size embeddings), an inpainting UNet (9 input channels),
@@ -692,6 +704,11 @@ def test_a_pipeline_memex_cannot_sample_is_refused_before_the_index(tiny_models,
         _with_unet(tiny_models["unconditional"], tmp_path / "classes", "UNet2DModel", num_class_embeds=10):
             r"\(DDPMPipeline\): its UNet is class-conditional \(num_class_embeds=10\)",
         _dit(tmp_path / "dit"): r"\(DiTPipeline\) has no unet component \(it holds scheduler, transformer, vae\)",
+        # an unconditional latent model (CompVis' CelebA-HQ LDM): its latents were saved as the images
+        _ldm(tmp_path / "ldm"): r"\(LDMPipeline\) decodes its latents with a vqvae",
+        # LCM / TCD: the guidance scale is an embedding input, run without it off what the UNet learned
+        _with_unet(tiny_models["latent_text"], tmp_path / "lcm", "UNet2DConditionModel", time_cond_proj_dim=32):
+            r"its UNet is guidance-distilled \(time_cond_proj_dim=32: LCM",
     }
     for path, message in cases.items():
         with pytest.raises(ModelError, match=rf"^model.path={re.escape(str(path))} .*{message}.*memex samples UNet"):
@@ -753,6 +770,14 @@ def test_a_folder_of_fp16_variant_weights_is_read_with_model_variant(tiny_models
     model = load_model(str(variant), unet=str(unet), variant="fp16")
     assert torch.equal(model.pipe.unet.state_dict()[next(iter(half))], load_file(
         unet / "diffusion_pytorch_model.safetensors")[next(iter(half))])
+    # the reverse: a plain base and a UNet saved with the variant alone. Unset, the UNet was refused ("set
+    # model.variant=fp16"); set, the base was ("no component of model.path has fp16 weights"): no way to load it
+    fp16_unet = tmp_path / "fp16-unet"
+    UNet2DConditionModel.from_pretrained(Path(src) / "unet").save_pretrained(fp16_unet, variant="fp16")
+    assert check_model_inputs(src, unet=str(fp16_unet), variant="fp16").value == "latent_text"
+    w = next(iter(half))
+    assert torch.equal(load_model(src, unet=str(fp16_unet), variant="fp16").pipe.unet.state_dict()[w],
+                       load_file(fp16_unet / "diffusion_pytorch_model.fp16.safetensors")[w].float())
     # identity: unset is absent, so runs made before the key resume under their names
     prompts = pa.table({"prompt_id": ["p1"], "prompt": ["a logo"]})
     cfg = GenerateConfig()

@@ -94,7 +94,7 @@ def test_channels_last_regenerates_byte_identically_and_is_part_of_the_run_ident
     assert run_settings(cfg, prompts)["sampling"]["channels_last"] is True
 
 
-def test_decode_batch_size_decodes_in_chunks_and_is_part_of_the_run_identity(tiny_models):
+def test_decode_batch_size_decodes_in_chunks_and_is_part_of_the_run_identity(tiny_models, tmp_path):
     """sampling.decode_batch_size caps the VAE decode's memory (SD 1.x's decoder holds ~0.8 GB an
     image at 512 px in float32: 12 GB for the default batch of 16): the decoder sees chunks of that
     many rows, the images are the same up to 1 of 255 (other conv batch shapes), and the run
@@ -111,8 +111,17 @@ def test_decode_batch_size_decodes_in_chunks_and_is_part_of_the_run_identity(tin
     rows, decode = [], s.vae.decode
     s.vae.decode = lambda z: rows.append(len(z)) or decode(z)
     chunked = s.generate(ids, texts, seeds)
-    assert rows == [3, 1] * 3  # each batch of 4: 3 rows, then 1
+    assert rows == [3, 3] * 3  # each batch of 4: 3 rows, then 1 padded to 3 (one shape for every chunk)
     assert chunked.shape == whole.shape and np.abs(chunked.astype(int) - whole).max() <= 1
+    # a sample regenerated alone is its row byte for byte, wherever the row sat in its chunks: the last,
+    # shorter chunk's rows were decoded at another shape, breaking that promise (on SD's VAE layout at
+    # 128 px: rows 3 and 7 of batches of 4 were 1-2 pixels off by 1/255)
+    from memex.tiny import build_sd15
+
+    sd = _sampler(str(build_sd15(tmp_path / "sd", image_size=128)), decode_batch_size=3)
+    chunked = sd.generate(ids, texts, seeds)
+    for j in (2, 3, 7):
+        assert np.array_equal(sd.generate([ids[j]], [texts[j]], [seeds[j]])[0], chunked[j]), j
 
     prompts = pa.table({"prompt_id": ["p1"], "prompt": ["a red apple"]})
     cfg = GenerateConfig()
