@@ -173,19 +173,23 @@ def exposed_members(scores: pa.Table, curves: dict[str, Scored]) -> str:
     """The members some attack scores above every non-member (its threshold at FPR 0): the images
     an attacker would name with no false alarm among these non-members. Ids and captions escaped."""
     found: dict[int, list[str]] = {}
-    chance = 0.0  # members an attack that ranks at random scores above its n0 non-members: n1 / (n0 + 1) each
+    each: list[str] = []  # per attack: its count against its own chance
     for a, c in curves.items():
         top = c.score[~c.member].max()
-        chance += int(c.member.sum()) / (int((~c.member).sum()) + 1)
-        for r in c.row[c.member & (c.score > top)]:
+        # a useless attack still puts a member above every non-member with probability 1 / (n0 + 1): 1,000
+        # members and 256 non-members make ~3.9 such members by chance. Set against each attack's own count:
+        # the union over attacks against the sum of their chances called real findings chance, the attacks
+        # (loss, LiRA's two, all from the same losses) naming the same members
+        chance = int(c.member.sum()) / (int((~c.member).sum()) + 1)
+        hits = c.row[c.member & (c.score > top)]
+        for r in hits:
             found.setdefault(int(r), []).append(a)
+        versus = ("no more than chance" if len(hits) <= chance else
+                  f"{len(hits) / chance:,.1f}x chance" if chance else "above chance")
+        each.append(f"{esc(a)} {len(hits):,} (chance {chance:,.1f}: {versus})")
     head = "<h3>Members identified with no false positive</h3>"
-    # a useless attack still puts a member above every non-member with probability 1 / (n0 + 1): 1,000
-    # members and 256 non-members make ~3.9 such members per attack by chance, up to the sum over attacks
-    versus = ("no more than chance" if len(found) <= chance else
-              f"{len(found) / chance:,.1f}x that" if chance else "above it")
-    by_chance = (f"By chance alone (scores that rank at random) about {chance:,.1f} member(s) would be listed "
-                 f"here over these {len(curves)} attack(s): {len(found):,} is {versus}.")
+    by_chance = ("By chance alone (scores that rank at random) an attack puts about members / (non-members + 1) above "
+                 f"every non-member. Per attack: {'; '.join(each)}.")
     if not found:
         return (head + '<p class="muted">No attack scores any member above every non-member: at FPR 0, '
                 f"no member is identified. {by_chance}</p>")
