@@ -548,3 +548,28 @@ def test_one_picture_under_several_member_ids_is_one_member_with_its_copies(worl
     copies = {r["image_id"]: r["copies"] for r in scores if r["member"]}
     assert copies["logo-00"] == 3 and "logo-00-again" not in copies and "zz-copy" not in {r["image_id"] for r in scores}
     assert sorted(c for c in copies.values() if c is not None) == [3]
+
+
+def test_non_finite_scores_are_named_before_any_shadow_trains(world, monkeypatch):
+    """A diverged checkpoint (NaN weights, float16 overflow) wrote NaN scores without a word; with LiRA
+    the run failed only after training every shadow ("losses must be finite"), without it at the metrics
+    with no attack or image named. Refused once the target's scores are in, naming both, before any
+    shadow is trained."""
+    from memex.mia import MiaScorer
+
+    real = MiaScorer.score
+
+    def diverged(self, ids, images, captions, attacks):
+        out = real(self, ids, images, captions, attacks)
+        out["loss"] = np.where(np.arange(len(ids)) == 0, np.nan, out["loss"])  # the first image of every unit
+        return out
+
+    def run_tasks(*a, **k):
+        raise AssertionError("a shadow was trained")
+
+    monkeypatch.setattr(MiaScorer, "score", diverged)
+    monkeypatch.setattr(mia.runner, "run_tasks", run_tasks)
+    with pytest.raises(ValueError, match=r"images have a non-finite loss score \(e\.g\. .*\): model.path=.* "
+                                         r"not finite there .*no shadow model was trained"):
+        mia.run(cfg_of(world, "run.name=diverged", "mia=lira", "mia.shadow_models=2", "mia.attacks=[loss]",
+                       "resources.executor=local"))

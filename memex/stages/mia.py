@@ -420,6 +420,21 @@ def score_rows(scorer, rows: pa.Table, attacks: list[str], opts: dict) -> tuple[
                    "padded_evaluations": scorer.padded_evaluations - padded}
 
 
+def check_finite(scores: pa.Table, attacks: list[str], model: str) -> None:
+    """Every image's score of every attack is a number, before any shadow is trained: a diverged checkpoint
+    (NaN weights, fp16 overflow) wrote NaN scores without a word, and the run failed only after training
+    every LiRA shadow ("losses must be finite"), or at the metrics with no attack or image named."""
+    ids = scores["image_id"].to_pylist()
+    for a in (a for a in attacks if a in scores.column_names):
+        v = scores[a].to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(v))
+        if len(bad):
+            raise ValueError(f"{len(bad):,} of {len(v):,} images have a non-finite {a} score (e.g. "
+                             f"{', '.join(ids[k] for k in bad[:3])}): model.path={model} gives noise predictions "
+                             "that are not finite there (a diverged checkpoint, NaN weights, float16 overflow). "
+                             "Check the checkpoint; no shadow model was trained")
+
+
 # ---- 4. LiRA shadow models (one Ray task each) ------------------------------------------------
 def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: dict, inside: list[bool],
                            steps: int) -> tuple:
@@ -638,6 +653,7 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
     scores = layout.scores.read().sort_by("image_id")
     evals = sum(layout.scores.read_marker(i).get("unet_evaluations", 0) for i in units)
     attacks = [a.value for a in cfg.mia.attacks]
+    check_finite(scores, attacks, cfg.model.path)
 
     # 4. LiRA: shadow models, one task each (resumed per shadow by its marker)
     lira_table = None
