@@ -265,17 +265,21 @@ def test_non_members_that_are_near_copies_of_a_member_are_left_out_and_named(tmp
             ("n-resized", near[1], False), ("n-shifted", near[2], False), ("n-dark", dark[1], False)] + \
         [(f"n-other{k}", o, False) for k, o in enumerate(others)] + [("q-copy", png(members[3]), None),
                                                                       ("m0-again", png(members[0] // 2 * 2), True)]
+    q_jpeg = io.BytesIO()
+    Image.fromarray(members[2]).save(q_jpeg, format="JPEG", quality=70)
+    rows += [("q-jpeg", q_jpeg.getvalue(), None)]  # "is my re-saved image in there?"
     images = pa.table({"image_id": [r[0] for r in rows], "image": [r[1] for r in rows], "uri": [None] * len(rows),
                        "member": [r[2] for r in rows], "caption": [None] * len(rows), "copies": [None] * len(rows)},
                       schema=pa.schema([("image_id", pa.string()), ("image", pa.binary()), ("uri", pa.string()),
                                         ("member", pa.bool_()), ("caption", pa.string()), ("copies", pa.int32())]))
     ok, quarantine, split_as, _ = mia.check_sets(images, {})
     assert sorted(ok["image_id"].to_pylist()) == ["m-dark", "m0", "m0-again", "m1", "m2", "m3", "n-dark", "n-other0",
-                                                  "n-other1", "n-other2", "q-copy"]
-    # a questioned image holding a member's picture under its own id, and a member that is a near copy of
-    # another (a JPEG re-encoding under its own id), take that image's shadow split: LiRA split them
-    # independently, so half the member's out-shadows trained on its picture
-    assert split_as == {"q-copy": "m3", "m0-again": "m0"}
+                                                  "n-other1", "n-other2", "q-copy", "q-jpeg"]
+    # a questioned image holding a member's picture under its own id, or a near copy of it (a JPEG re-save:
+    # it got a split of its own, so ~S/4 of the member's out-shadows trained on a near-identical picture),
+    # and a member that is a near copy of another (a JPEG re-encoding under its own id), take that image's
+    # shadow split: LiRA split them independently, so half the member's out-shadows trained on its picture
+    assert split_as == {"q-copy": "m3", "q-jpeg": "m2", "m0-again": "m0"}
     split = mia.splits_of(ok["image_id"].to_pylist(), split_as, 8, 0)
     col = {i: k for k, i in enumerate(ok["image_id"].to_pylist())}
     assert (split[:, col["q-copy"]] == split[:, col["m3"]]).all() and (split.sum(axis=0) == 4).all()

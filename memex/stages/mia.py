@@ -105,7 +105,8 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[s
     """(images that decode, quarantine, {id: the image whose shadow split it takes}, {id: sha256 of its pixels});
     refuses overlapping sets, naming the ids. A non-member that is a near copy of a member (a re-encoding, a
     resize: NEAR_COPY_RMS) joins the quarantine, with its member. A query holding the same picture as an
-    earlier image, and a near copy of another image of its own set, take that image's split."""
+    earlier image, or a near copy of a labelled one, and a near copy of another image of its own set,
+    take that image's split."""
     members = images.filter(pc.equal(images["member"], True))["image_id"].to_pylist()
     nonmembers = images.filter(pc.equal(images["member"], False))["image_id"].to_pylist()
     both = sorted(set(members) & set(nonmembers))
@@ -121,11 +122,12 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[s
     # (~1 ms an image at 32 px; 10,000 512-px images would be 7.9 GB if kept)
     digest, thumbs, bad = {}, {}, []
     labelled = set(members) | set(nonmembers)
+    thumbed = labelled | set(queries)  # a query's too: "is my re-saved image in there?" is the usual question
     for batch in iter_batches(_rows(images), CHECK_BATCH):
         decoded = decode_rows(batch, None, opts)
         digest.update({i: hashlib.sha256(f"{img.shape}".encode() + img.tobytes()).hexdigest()
                        for i, img in zip(decoded.ids, decoded.images)})
-        thumbs.update({i: thumb(img) for i, img in zip(decoded.ids, decoded.images) if i in labelled})
+        thumbs.update({i: thumb(img) for i, img in zip(decoded.ids, decoded.images) if i in thumbed})
         bad.append(decoded.quarantine)
     quarantine = pa.concat_tables(bad)
     seen: dict[str, str] = {}
@@ -158,9 +160,17 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[s
         first.setdefault(digest[i], i)
     ok_ids = set(ok["image_id"].to_pylist())
     copies_of = {i: first[digest[i]] for i in queries if i in ok_ids and first[digest[i]] != i}
-    # near copies within one labelled set (LAION's re-encodings under two member ids) likewise share a split
+    # a query that is a near copy of a labelled image (a JPEG re-save, a resize) likewise: its own split put
+    # ~S/4 of the member's out-shadows on a near-identical picture, biasing both toward non-member
+    rest = [i for i in queries if i in ok_ids and i not in copies_of]
+    near_q = dict((q, m) for q, m, _ in near_copies(thumbs, [i for i in ok["image_id"].to_pylist() if i in labelled],
+                                                     rest))
+    copies_of.update(near_q)
+    # near copies within one labelled set (LAION's re-encodings under two member ids), or among the queries,
+    # likewise share a split
     near_in = {**near_groups(thumbs, [i for i in members if i in ok_ids]),
-               **near_groups(thumbs, [i for i in nonmembers if i in ok_ids])}
+               **near_groups(thumbs, [i for i in nonmembers if i in ok_ids]),
+               **near_groups(thumbs, [i for i in rest if i not in near_q])}
     split_as = {**near_in, **{i: near_in.get(t, t) for i, t in copies_of.items()}}
     for key, ids in (("members.path", members), ("nonmembers.path", nonmembers)):
         if not any(i in digest for i in ids):  # the side that has none is named, with a reason
