@@ -114,3 +114,18 @@ def test_stop_when_found_gives_a_found_prompt_s_samples_to_the_others():
     recall, every = mod.stop_when_found(rates, ["q1", "q2"], ["A", "B"], budget=48, step=8, trials=4000)
     assert abs(every - (1 - 0.95 ** 40)) < 0.03, every
     assert abs(recall - (1 + every) / 2) < 1e-9  # A is always found
+
+
+def test_count_sweep_applies_min_generations_to_the_summary_s_pictures():
+    """bench/count_sweep.py: at g >= low_detail_min_generations a picture counts when it is distinct and
+    has g copying generations; at g = 1 the summary's own count (its clique and "closer" routes for a
+    low-complexity picture) stands; a look-alike (not distinct) never counts."""
+    mod = load_truth_script("count_sweep")
+    pic = lambda name, gens, **kw: {"picture": name, "generations": gens, "distinct": True, **kw}  # noqa: E731
+    summary = {"thresholds": {"min_generations": 1, "low_detail_min_generations": 2},
+               "extracted_pictures": [pic("a", 1), pic("b", 3), pic("c", 2), pic("flat-in-clique", 1,
+                                                                                  low_complexity=True)],
+               "uncounted_pictures": [pic("flat", 1, low_complexity=True), pic("generic", 4, distinct=False)]}
+    assert mod.counted_at(summary, 1) == {"a", "b", "c", "flat-in-clique"}
+    assert mod.counted_at(summary, 2) == {"b", "c"}
+    assert mod.counted_at(summary, 3) == {"b"}
