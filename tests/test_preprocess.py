@@ -110,3 +110,23 @@ def test_relative_l2_counts_a_picture_stored_33_times_once():
 
     naive = float(relative_ratios(torch.tensor(np.sort(l2)[:50])[None], 0.5)[0].min())  # rows, not pictures
     assert naive > 2 * once  # 33 copies in S shrink the mean: the old, stricter test
+
+
+def test_relative_l2_over_fewer_pictures_than_asked_says_so(caplog):
+    """An index of fewer distinct pictures than match.n_neighbors (a small training set), or
+    neighbours that could not be read: relative l2 divided by the mean of fewer pictures than the
+    setting says, without a word. It still does (nothing else to compare with), and warns once."""
+    from memex.stages import match
+    from memex.stages.match import relative_distance
+
+    match._WARNED.clear()
+    l2 = np.linspace(0.1, 0.5, 12)
+    with caplog.at_level("WARNING", logger="memex.match"):
+        relative_distance(l2, list(range(12)), n=50, alpha=0.5)
+        relative_distance(l2, list(range(12)), n=50, alpha=0.5)
+    assert caplog.text.count("mean of 12 distinct pictures, fewer than match.n_neighbors=50") == 1
+    caplog.clear()
+    match._WARNED.clear()
+    with caplog.at_level("WARNING", logger="memex.match"):
+        relative_distance(l2, list(range(12)), n=10, alpha=0.5)
+    assert "fewer than" not in caplog.text

@@ -275,6 +275,11 @@ def relative_distance(l2: np.ndarray, pictures: list[int], n: int, alpha: float)
     for j in np.argsort(l2, kind="stable"):
         best.setdefault(pictures[j], int(j))
     chosen = list(best.values())[:n]  # ascending l2: the n nearest distinct pictures
+    if len(chosen) < n and _first_time("relative l2 reference set"):  # a small index, unreadable neighbours
+        log.warning("match: relative l2 compared a generation with the mean of %d distinct pictures, fewer than "
+                    "match.n_neighbors=%d (the index holds fewer, or some neighbours were unreadable): its "
+                    "reference set is smaller than the setting says, and its ratios are not the paper's",
+                    len(chosen), n)
     r = relative_ratios(torch.tensor(l2[chosen], dtype=torch.float64)[None], alpha)[0]
     return float(r[0]), chosen[0]  # chosen[0] has the smallest l2, hence the smallest ratio
 
