@@ -269,9 +269,10 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
             # that its own VAE and text encoder are audited (it was taken for a bare UNet on a base)
             if m and not (child / "model_index.json").is_file() and ((child / "unet").is_dir() or lora):
                 if not lora and _memex_train_checkpoint(child):
-                    if enclosing_pipeline is None and base is None:
+                    if enclosing_pipeline is None:
                         # a `memex train` run still training: its pipeline (scheduler, tokenizer) is saved at the
-                        # end. It failed discovery ("set nightly.base_model"), and with it every run's audit.
+                        # end. It failed discovery ("set nightly.base_model"), and with it every run's audit; and no
+                        # nightly.base_model is its base (it trains from scratch: its UNet on an SD base fails).
                         training.append(child)
                         continue
                     if enclosing_pipeline is not None and _step_of_folder(enclosing_pipeline) == int(m.group(1)) \

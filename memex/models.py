@@ -644,12 +644,19 @@ def check_text_encoder_folder(path: str, index: dict) -> str:
     return cls
 
 
-def _base_has_variant(path: str, variant: str, unet: str | None, text_encoder: str | None) -> bool:
-    """Whether a component of the pipeline folder the load reads (the overrides' left out) holds `variant`."""
+def _base_components(path: str, revision: str | None, unet: str | None,
+                     text_encoder: str | None) -> tuple[str | None, dict, list]:
+    """(folder, model_index.json, [(component folder, library, class)]) of the pipeline a load reads: the
+    overrides replace the base's UNet and text encoder, and UNUSED_COMPONENTS are never loaded."""
     skip = ({"unet"} if unet is not None else set()) | ({"text_encoder"} if text_encoder is not None else set()) \
         | set(UNUSED_COMPONENTS)
-    folder, index = _pipeline_index(path, None)
-    return bool(folder) and any(has_variant(sub, variant) for sub, _, _ in _components(folder, index, skip))
+    folder, index = _pipeline_index(path, revision)
+    return folder, index, (_components(folder, index, skip) if folder else [])
+
+
+def _base_has_variant(path: str, variant: str, unet: str | None, text_encoder: str | None) -> bool:
+    """Whether a component of the pipeline folder the load reads (the overrides' left out) holds `variant`."""
+    return any(has_variant(sub, variant) for sub, _, _ in _base_components(path, None, unet, text_encoder)[2])
 
 
 def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = False,
@@ -663,11 +670,7 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
     the check is deferred to the load (this machine may have no network), which refuses
     pickle-only weights itself (use_safetensors=True)."""
     library_logs_to_file()  # before diffusers/transformers are imported: their warnings go to the log file
-    # the overrides replace the base's UNet and text encoder, and UNUSED_COMPONENTS are never loaded: none is read
-    skip = ({"unet"} if unet is not None else set()) | ({"text_encoder"} if text_encoder is not None else set()) \
-        | set(UNUSED_COMPONENTS)
-    folder, index = _pipeline_index(path, revision)
-    components = _components(folder, index, skip) if folder else []
+    folder, index, components = _base_components(path, revision, unet, text_encoder)
     overrides = [o for o in (unet, text_encoder) if o is not None and os.path.isdir(o)]  # they may hold it alone
     if variant and os.path.isdir(path) and not any(has_variant(sub, variant) for sub, _, _ in components) \
             and not any(has_variant(o, variant) for o in overrides):

@@ -348,9 +348,11 @@ def _load_checkpoint(path: Path, unet, opt: torch.optim.Optimizer, scaler=None) 
 
 
 # the whole job -----------------------------------------------------------------------------
-def train(cfg: TrainConfig, cpu: bool = False) -> Path:
+def train(cfg: TrainConfig, cpu: bool = False, check_schedule: bool = True) -> Path:
     """Train and save a diffusers folder at cfg.output; returns its path. Resumes if interrupted.
-    cpu: on the CPU though a GPU is visible (a Ray worker given none: memex/models.py resolve_device)."""
+    cpu: on the CPU though a GPU is visible (a Ray worker given none: memex/models.py resolve_device).
+    check_schedule: refuse a noise schedule too short to reach noise (check_schedule_reaches_noise); memex mia
+    turns it off for LiRA's shadows, which must copy their target's recipe as it was trained."""
     library_logs_to_file()  # importing IFPipeline warns on transformers 5: to the log file, not the console
     from accelerate import Accelerator
     from diffusers import DDPMPipeline, IFPipeline
@@ -358,7 +360,8 @@ def train(cfg: TrainConfig, cpu: bool = False) -> Path:
     # 1. check inputs before any training
     validate_train(cfg)
     a, t = cfg.arch, cfg.trainer
-    check_schedule_reaches_noise(a.num_train_timesteps)
+    if check_schedule:  # (off for LiRA's shadows: they copy a target's recipe, trained before the check existed)
+        check_schedule_reaches_noise(a.num_train_timesteps)
     noise_sched = noise_schedule(a.num_train_timesteps)
     out = Path(cfg.output)
     # a diffusers folder memex train did not write (no memex_train.json) is refused too, unless a checkpoint at

@@ -198,6 +198,12 @@ def test_preview_triage_against_another_index_is_refused(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match=r"triage/ .*index_key"):
         triage.run(cfg, "p")
     assert layout.store.read_json(layout.previews.settings_path) == before
+    # a folder triaged before the index was recorded: adopts it (as it was) and resumes
+    recorded = layout.store.read_json(layout.triage.settings_path)
+    layout.store.write_json(layout.triage.settings_path, {"triage": recorded["triage"]})
+    with pytest.raises(PoolStarted):
+        triage.run(cfg, "p")
+    assert layout.store.read_json(layout.triage.settings_path)["index_key"] == "bbbb"
 
 
 def _table(n):

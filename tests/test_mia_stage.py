@@ -506,7 +506,9 @@ def test_query_images_get_a_p_value_against_the_non_members_and_stay_out_of_the_
                                                         "run": "r"})
     # a query whose score is NaN sorted above every non-member: the smallest p-value, the strongest evidence
     bad = scores.set_column(3, "loss", pa.array([0.1, 0.2, 0.5, 0.6, 0.7, float("nan"), 0.9], pa.float32()))
-    with pytest.raises(ValueError, match="query image q-low has a non-finite loss score"):
+    from memex.models import ModelError
+
+    with pytest.raises(ModelError, match="query image q-low has a non-finite loss score"):  # a MemexError: one line
         mia.summarize(bad, None, ["loss"])
 
 
@@ -573,7 +575,9 @@ def test_non_finite_scores_are_named_before_any_shadow_trains(world, monkeypatch
 
     monkeypatch.setattr(MiaScorer, "score", diverged)
     monkeypatch.setattr(mia.runner, "run_tasks", run_tasks)
-    with pytest.raises(ValueError, match=r"images have a non-finite loss score \(e\.g\. .*\): model.path=.* "
+    from memex.models import ModelError
+
+    with pytest.raises(ModelError, match=r"images have a non-finite loss score \(e\.g\. .*\): model.path=.* "
                                          r"not finite there .*no shadow model was trained"):
         mia.run(cfg_of(world, "run.name=diverged", "mia=lira", "mia.shadow_models=2", "mia.attacks=[loss]",
                        "resources.executor=local"))

@@ -469,6 +469,11 @@ def test_a_schedule_too_short_to_reach_noise_is_refused_before_any_data(manifest
     saved = DDPMScheduler.from_pretrained(out / "scheduler")
     assert saved.config.num_train_timesteps == 456 and saved.config.beta_end == 0.02
     assert float(saved.alphas_cumprod[-1]) <= 0.01
+    # LiRA's shadows copy a target's recipe as it was trained (memex mia): one trained at 250 before this
+    # check existed still gets its shadows, with the target's schedule
+    out = train(_cfg(manifest, tmp_path / "shadow", "arch=uncond_small", "arch.num_train_timesteps=250",
+                     "trainer.steps=1"), check_schedule=False)
+    assert DDPMScheduler.from_pretrained(out / "scheduler").config.num_train_timesteps == 250
 
 
 def test_a_caption_column_of_class_labels_is_refused(tmp_path):

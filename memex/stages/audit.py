@@ -36,7 +36,6 @@ from memex.config import (
     AuditConfig,
     CandidateSource,
     ConfigError,
-    ModelKind,
     PromptSource,
     adaptive,
     check_actor_devices,
@@ -87,10 +86,6 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
         from memex.stages import rematch
 
         run_name = rematch.prepare(cfg)
-    if cfg.model.kind == ModelKind.unconditional and cfg.match.candidates == CandidateSource.cliques:
-        log.warning("unconditional model with match.candidates=cliques: all samples share one prompt, so the "
-                    "filter sees one graph over every sample; the paper compares every sample (match=relative "
-                    "match.candidates=all)")
 
     # Ray, and storage every node reaches: a local storage.root on a cluster of several nodes is
     # refused here (storage.shared_mount=true for NFS), before any unit is written to one node's disk

@@ -480,8 +480,10 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     inputs = upstream(layout)
     if (marker := layout.matches.success()) is not None and (done := layout.read_summary()) is not None and \
             set(layout.samples.complete()) <= set(layout.matches.complete()):
-        claim_settings(cfg, layout, read_info(layout))
-        if marker.get("inputs", inputs) == inputs:  # (a folder matched before "inputs" was recorded: as it is)
+        redone = marker.get("inputs", inputs) != inputs  # (a folder matched before "inputs" was recorded: as it is)
+        if not redone or cfg.match.candidates != CandidateSource.cliques:
+            claim_settings(cfg, layout, read_info(layout))  # (cliques: the filter redone is named below, first)
+        if not redone:
             return done
         if cfg.match.candidates == CandidateSource.cliques:
             raise StorageError(f"{layout.store.uri_of(layout.candidates.path)} (or triage/) was redone since the "

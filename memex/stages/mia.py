@@ -57,7 +57,7 @@ from memex.ingest import decode_rows, iter_batches, list_training_set
 from memex.layout import MIA_IMAGES_SCHEMA, MIA_LIRA_SCHEMA, MIA_SCORES_SCHEMA, MIA_SHADOW_SCHEMA, MiaLayout
 from memex.lease import hold
 from memex.manifest import take_rows
-from memex.models import check_model_inputs, model_json, scheduler_timesteps
+from memex.models import ModelError, check_model_inputs, model_json, scheduler_timesteps
 from memex.redact import redact
 from memex.stages.generate import weight_keys
 from memex.storage import check_outside
@@ -439,7 +439,7 @@ def check_finite(scores: pa.Table, attacks: list[str], model: str) -> None:
         v = scores[a].to_numpy(zero_copy_only=False).astype(np.float64)
         bad = np.flatnonzero(~np.isfinite(v))
         if len(bad):
-            raise ValueError(f"{len(bad):,} of {len(v):,} images have a non-finite {a} score (e.g. "
+            raise ModelError(f"{len(bad):,} of {len(v):,} images have a non-finite {a} score (e.g. "
                              f"{', '.join(ids[k] for k in bad[:3])}): model.path={model} gives noise predictions "
                              "that are not finite there (a diverged checkpoint, NaN weights, float16 overflow). "
                              "Check the checkpoint; no shadow model was trained")
@@ -481,7 +481,8 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
         # for none (resources.num_gpus=0) the node's GPUs, which shadows then trained on side by side unreserved
         device = resolve_device(cfg.resources.device)
         out = train(TrainConfig(arch=ArchConfig(**arch), data=data, trainer=TrainerConfig(**trainer),
-                                output=str(Path(tmp) / "model")), cpu=device == "cpu")
+                                output=str(Path(tmp) / "model")), cpu=device == "cpu",
+                    check_schedule=False)  # the target's recipe, as it was trained
         for f in sorted(p for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts):
             layout.store.write_bytes(layout.store.join(layout.shadow_model(index), str(f.relative_to(out))),
                                      f.read_bytes())
@@ -571,7 +572,7 @@ def summarize(scores: pa.Table, lira_table: pa.Table | None, attacks: list[str])
         s = member_score(a, v)
         if not np.isfinite(s[~known]).all():  # searchsorted puts NaN above every non-member: the smallest p
             bad = queries["ids"][int(np.flatnonzero(~np.isfinite(s[~known]))[0])]
-            raise ValueError(f"query image {bad} has a non-finite {a} score: the model's output is not finite there "
+            raise ModelError(f"query image {bad} has a non-finite {a} score: the model's output is not finite there "
                              "(check the checkpoint), and its p-value would read as the strongest evidence")
         non = np.sort(s[known][~labels])
         p = (1 + len(non) - np.searchsorted(non, s[~known], "left")) / (1 + len(non))

@@ -53,13 +53,9 @@ log = logging.getLogger("memex.nightly")
 NOT_IN_CONFIG_HASH = ("run", "storage", "resources", "nightly", "tracker")  # tracker: where the numbers are logged
 # model.unet, .lora and .text_encoder: each checkpoint's (discovery sets them); allow_pickle: whether it loads
 NOT_IN_CONFIG_HASH_MODEL = ("name", "path", "unet", "lora", "text_encoder", "allow_pickle")
-# Keys that decide no result, only where or in what pieces the work is done (index.root: where the index
-# lives; *.prompts_per_task: a unit's size; png_compress_level: PNG bytes of the same pixels). Hashed at
-# their defaults, so a ledger's hash stays what it was and changing one re-audits no checkpoint (it was
-# every checkpoint, GPU-hours, and the growth gate restarted). The embedder's and the index's batch
-# sizes stay in: a learned embedder's float bits depend on its batch shape, as the index key says.
-HASHED_AT_DEFAULT = {"index": ("root",), "filter": ("prompts_per_task",), "triage": ("prompts_per_task",),
-                     "sampling": ("png_compress_level",)}
+# index.root, *.prompts_per_task and sampling.png_compress_level decide no count, yet stay in: a run folder
+# (named by this hash) claims them (the index key, the stages' units of resume, run.json), so a checkpoint
+# retried into its folder under an unchanged hash would be refused every night.
 
 
 class NightlyError(MemexError, RuntimeError):
@@ -126,10 +122,6 @@ def config_sha256(cfg: NightlyAuditConfig) -> str:
         c.pop(k, None)
     for k in NOT_IN_CONFIG_HASH_MODEL:
         c["model"].pop(k, None)
-    default = plain(type(cfg)())
-    for section, keys in HASHED_AT_DEFAULT.items():
-        for k in keys:
-            c[section][k] = default[section][k]
     drop_unset_added(c)  # keys added after ledgers existed (model.lora, index.train_size): count only when set
     if cfg.nightly.ema:  # EMA weights are another series of results: gated against the raw UNet's rows they
         c["nightly_ema"] = True  # read as growth or its absence (only when on: ledgers of before keep their hash)
