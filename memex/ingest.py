@@ -21,7 +21,8 @@ least one `*.parquet` file -> manifest (its Parquet parts only: the images its r
 may lie beside them); otherwise a folder of images. A path that does not exist but holds a
 wildcard is a pattern of shards.
 
-Listing is cheap (no image is decoded), and it stamps each image file (column `stamp`: size +
+Listing decodes no image (a WebDataset shard is read whole to list it: once per shard version
+with a `shard_cache`, the index's), and it stamps each image file (column `stamp`: size +
 ETag where the store gives one, else size + mtime), so the index key (memex/stages/index.py)
 changes when a file is overwritten in place; image bytes embedded in a manifest are hashed there,
 or, for the index (`images=False`), as a manifest (Parquet, or a datasets folder's Arrow files) is
@@ -84,6 +85,7 @@ from memex.shards import (
     read_uri,
     shard_samples,
 )
+from memex.storage import StorageError, Store
 
 __all__ = ["IMAGE_SUFFIXES", "QUARANTINE_SCHEMA", "TRAINING_SCHEMA", "DecodedBatch", "FetchError", "IngestError",
            "decode_rows", "iter_batches", "list_training_set"]
@@ -125,7 +127,8 @@ class DecodedBatch:
 
 # ---- listing ------------------------------------------------------------------------------
 def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
-                      caption_column: str = "caption", key: str = "trainset.path", images: bool = True) -> pa.Table:
+                      caption_column: str = "caption", key: str = "trainset.path", images: bool = True,
+                      shard_cache: Store | None = None) -> pa.Table:
     """The training set as a TRAINING_SCHEMA table (id, image, uri, caption, stamp), sorted by id
     (images=False: see below).
 
@@ -137,6 +140,9 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
     read a batch at a time, and its listing holds each image's sha256 (column IMAGE_SHA256), not
     its bytes, in the manifest's row order (`iter_train_rows` reads the bytes again in that order when the index
     writes train.pack; sorting by id would need them all at once).
+    `shard_cache`: where each WebDataset shard's members and captions are kept, by the shard's URI and
+    version (size + ETag/mtime): listing a shard reads all of it (its captions lie between the
+    images), so without it every audit downloaded the whole set again (200 GB a night per checkpoint).
     """
     opts = storage_options or {}
     try:
@@ -150,7 +156,7 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         raise IngestError(f"{key}={path} cannot be reached: {type(e).__name__}: {e} "
                           "(check the URI and storage options / credentials)") from e
     if not exists and is_pattern(root):  # WebDataset's laion/{00000..00099}.tar, or a glob
-        return _from_pattern(path, fs, root, key)
+        return _from_pattern(path, fs, root, key, shard_cache)
     if not exists:
         raise IngestError(f"{key}={path} does not exist: give a Parquet manifest or a folder of images")
     # min, not sorted(): one pass over a listing that may hold millions of files, the same file named
@@ -167,13 +173,13 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         raise IngestError(f"{key}={path} is one Arrow file: give the folder Dataset.save_to_disk wrote "
                           f"({posixpath.dirname(path) or '.'}), whose state.json lists its files")
     if not is_dir and root.endswith(".tar"):  # one WebDataset shard: read as a folder holding only it
-        return _from_shards(path, fs, posixpath.dirname(root), {root: fs.info(root)}, key)
+        return _from_shards(path, fs, posixpath.dirname(root), {root: fs.info(root)}, key, shard_cache)
     if any(f.endswith(".tar") for f in files):  # WebDataset shards (their img2dataset .parquet is metadata)
         loose = min((f for f in files if f.lower().endswith(IMAGE_SUFFIXES)), default=None)
         if loose:  # which is the training set is not ours to guess
             raise IngestError(f"{key}={path} holds both .tar shards and image files ({loose}): give a folder of "
                               "WebDataset shards or a folder of images")
-        return _from_shards(path, fs, root, files, key)
+        return _from_shards(path, fs, root, files, key, shard_cache)
     parquet = root if root.endswith(".parquet") else min((f for f in files if f.endswith(".parquet")), default=None)
     if parquet and is_dir and _img2dataset_files(fs, parquet, files):  # its default output_format=files
         return _from_folder(path, fs, root, files, key, caption_column,
@@ -453,24 +459,43 @@ def pattern_shards(path: str, fs, pattern: str, key: str) -> dict[str, dict]:
         raise IngestError(f"{key}={path} {e}") from e
 
 
-def _from_pattern(path: str, fs, pattern: str, key: str) -> pa.Table:
+def _from_pattern(path: str, fs, pattern: str, key: str, shard_cache: Store | None = None) -> pa.Table:
     """The shards a pattern names, ids relative to the folder above its first wildcard, as that
     folder given whole would give them."""
-    return _from_shards(path, fs, pattern_root(pattern), pattern_shards(path, fs, pattern, key), key)
+    return _from_shards(path, fs, pattern_root(pattern), pattern_shards(path, fs, pattern, key), key, shard_cache)
 
 
-def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str) -> pa.Table:
+SHARD_LISTING_SCHEMA = pa.schema([("member", pa.string()), ("caption", pa.string())])
+
+
+def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
+                 shard_cache: Store | None = None) -> pa.Table:
     """A folder of WebDataset tar shards (memex/shards.py): a row per image member, id
-    "<shard>/<member>", its caption the sample's .txt, stamped with its shard's version."""
+    "<shard>/<member>", its caption the sample's .txt, stamped with its shard's version. A shard
+    whose version is in `shard_cache` is not read (see list_training_set)."""
     root = root.rstrip("/")
     tars = sorted(f for f in files if f.endswith(".tar"))
 
     def samples(tar: str) -> list[tuple[str, str | None]]:
+        stamp, cached = _stamp(files[tar]), None
+        if shard_cache is not None and stamp:  # no version (a store that gives none): read every time
+            name = hashlib.sha256(f"{fs.unstrip_protocol(tar)}\x1f{stamp}".encode()).hexdigest()[:32]
+            cached = shard_cache.join(f"{name}.parquet")
+            try:
+                if shard_cache.exists(cached):
+                    t = shard_cache.read_table(cached, schema=SHARD_LISTING_SCHEMA)
+                    return list(zip(t["member"].to_pylist(), t["caption"].to_pylist()))
+            except StorageError:  # damaged (a partial copy): listed again below, and rewritten
+                pass
         try:
-            return shard_samples(fs, tar, IMAGE_SUFFIXES)
+            got = shard_samples(fs, tar, IMAGE_SUFFIXES)
         except (tarfile.TarError, EOFError, OSError) as e:
             raise IngestError(f"{key}={path}: shard {fs.unstrip_protocol(tar)} is not a readable tar "
                               f"({type(e).__name__}: {e}): download it again, or move it out") from e
+        if cached is not None:  # atomic: a killed write leaves no listing a later audit trusts
+            shard_cache.write_table(cached, pa.table({"member": [m for m, _ in got], "caption": [c for _, c in got]},
+                                                     schema=SHARD_LISTING_SCHEMA))
+        return got
 
     with ThreadPoolExecutor(8) as pool:  # a sequential read of each shard, on threads
         found = list(pool.map(samples, tars))

@@ -59,6 +59,8 @@
         pictures.parquet             PICTURES_SCHEMA: every row with a near-duplicate and its picture
         _SUCCESS.json                IndexInfo (memex/stages/index.py), written when all of it is complete
         _lease.json                  while an audit builds it: who (memex/lease.py; others wait)
+    <index root>/_shard_listings/<hash>.parquet   a WebDataset shard's members and captions, by its URI and
+                                     version (memex/ingest.py: listing a shard reads all of it)
 
 Reads, atomic writes and the marker convention are memex/storage.py's.
 """
@@ -78,6 +80,7 @@ from memex.storage import StageFolder, StorageError, Store, unit_name  # noqa: F
 SAMPLES_FROM = "samples_from"
 # and what those generations were when it was made (rows, shards, rounds, UNet evaluations)
 SOURCE_GENERATIONS = "source_generations"
+SHARD_LISTINGS = "_shard_listings"  # under the index root: WebDataset shards' listings (memex/ingest.py)
 
 PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())])
 

@@ -1282,3 +1282,50 @@ def test_a_manifest_of_tar_member_uris_is_stamped_with_each_shard_s_version(tmp_
     os.utime(shards[1], (time.time() + 5, time.time() + 5))
     after = dict(zip(*(list_training_set(str(tmp_path / "m.parquet"))[c].to_pylist() for c in ("id", "stamp"))))
     assert {i for i in after if after[i] != before[i]} == {"b0", "b1", "b2"}
+
+
+def test_webdataset_shards_are_read_whole_once_per_version(tmp_path, monkeypatch):
+    """Listing a tar shard reads all of it (its captions lie between the images), and the index listed
+    the training set on every audit before it could find its finished index: a 200 GB set on S3 was
+    downloaded once per audit, once per checkpoint a night. Each shard's listing is kept under the
+    index root by the shard's URI and version: a second listing reads no shard, a shard rewritten in
+    place is read again (alone), and a damaged kept listing is made again. The listing is the same."""
+    import tarfile
+    import time
+
+    import memex.ingest as ingest
+    from memex.storage import Store
+
+    def write_shard(path, seed, n=3):
+        with tarfile.open(path, "w") as tf:
+            for k in range(n):
+                for name, data in ((f"{k:04d}.png", encode_png(_img(seed + k))),
+                                   (f"{k:04d}.txt", f"cap {seed + k}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for n in range(3):
+        write_shard(shards / f"{n:05d}.tar", 10 * n)
+    read = []
+    real = ingest.shard_samples
+    monkeypatch.setattr(ingest, "shard_samples", lambda fs, tar, suffixes: read.append(tar) or real(fs, tar, suffixes))
+    cache = Store(str(tmp_path / "_index" / "_shard_listings"))
+    plain = list_training_set(str(shards))
+    read.clear()
+    first = list_training_set(str(shards), shard_cache=cache)
+    assert len(read) == 3 and first.equals(plain)
+    read.clear()
+    assert list_training_set(str(shards), shard_cache=cache).equals(plain) and read == []
+    time.sleep(0.01)
+    write_shard(shards / "00001.tar", 50, n=4)  # rewritten in place: another version
+    os.utime(shards / "00001.tar", (time.time() + 5, time.time() + 5))
+    again = list_training_set(str(shards), shard_cache=cache)
+    assert [os.path.basename(t) for t in read] == ["00001.tar"] and again.num_rows == 10
+    assert again.equals(list_training_set(str(shards)))
+    for kept in (tmp_path / "_index" / "_shard_listings").glob("*.parquet"):
+        kept.write_bytes(b"not parquet")  # damaged kept listings: made again, not trusted
+    read.clear()
+    assert list_training_set(str(shards), shard_cache=cache).equals(again) and len(read) == 3

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import math
+import posixpath
 import time
 import zipfile
 from typing import Iterable
@@ -40,6 +41,7 @@ from memex.layout import (
     LINKS_SCHEMA,
     PICTURES_SCHEMA,
     QUARANTINE_SCHEMA,
+    SHARD_LISTINGS,
     TRAIN_SCHEMA,
     IndexLayout,
     StorageError,
@@ -48,7 +50,7 @@ from memex.lease import hold
 from memex.membership import IndexInfo, fetch_train_rows, load_shards
 from memex.models import resolve_device
 from memex.redact import redact
-from memex.storage import damaged, unit_name
+from memex.storage import Store, damaged, unit_name
 
 log = logging.getLogger("memex.index")
 # Part of every index key: folders written by an older layout are never resumed into, only rebuilt.
@@ -311,11 +313,13 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
 
     opts = cfg.storage.options
     # 1. listing and key
-    # images=False: a manifest's embedded images are hashed as read, not held (memex/ingest.py)
-    listing = list_training_set(cfg.trainset.path, opts, cfg.trainset.caption_column, images=False)
+    # images=False: a manifest's embedded images are hashed as read, not held (memex/ingest.py); WebDataset
+    # shards' listings kept under the index root by each shard's version (a shard is read whole to list it)
+    root = cfg.index.root or cfg.storage.root.rstrip("/") + "/_index"
+    listing = list_training_set(cfg.trainset.path, opts, cfg.trainset.caption_column, images=False,
+                                shard_cache=Store(posixpath.join(root.rstrip("/"), SHARD_LISTINGS), opts))
     check_spec(cfg, listing.num_rows)
     key = index_key(listing, cfg, luma, aspect)
-    root = cfg.index.root or cfg.storage.root.rstrip("/") + "/_index"
     layout = IndexLayout(root, key, opts)
     keys = "index.root / storage.root and storage.options (endpoint_url, credentials)"
     layout.store.check_reachable("index folder", keys)  # the audit's first request to its storage
