@@ -346,6 +346,14 @@ def _report_errors(fn):
         except KeyboardInterrupt:  # Ctrl-C: a page of Ray Data's frames said nothing a user needs
             print(f"memex: interrupted: {RESUMES[fn.__name__.lstrip('_')]}", file=sys.stderr)
             raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
+        except Exception as e:  # noqa: BLE001 - a bug, or a library's error memex does not know: its traceback,
+            # redacted (Hydra printed "Error executing job with overrides: [...]" with the raw command line, a
+            # webhook's or a URL's credentials included), and into the run's log file too
+            import traceback
+
+            logging.getLogger("memex").error("%s: %s", type(e).__name__, e, exc_info=True)  # (redacted: redact.py)
+            print(redact_text("".join(traceback.format_exception(e))), file=sys.stderr, end="")
+            raise SystemExit(1) from None
         finally:
             worked = ok or console.noted_folder() is not None
             where = console.finish(dest if ok else None, keep=worked)

@@ -311,7 +311,10 @@ def _wandb(t: TrackerConfig, values: dict, settings: dict, summary: dict, report
                      name=name, dir=t.dir, mode=t.mode.value, job_type="memex-audit",
                      resume="allow" if online and t.run_id else None,  # offline runs cannot resume (wandb)
                      config={"memex": settings}, allow_val_change=True,
-                     settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False))
+                     # x_disable_meta: wandb records sys.argv as the run's metadata, unredacted (a webhook's secret,
+                     # a URL's user:password@): the run's config above is memex's, redacted (memex/redact.py)
+                     settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False,
+                                             x_disable_meta=True))
     try:
         run.define_metric(PREFIX + "step")
         run.define_metric(PREFIX + "*", step_metric=PREFIX + "step")  # beside the training's own step, not _step

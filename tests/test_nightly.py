@@ -959,3 +959,22 @@ def test_a_memex_train_run_is_audited_once_per_step_and_not_before_it_saves_its_
     (out / "memex_train.json").write_text(json.dumps({"steps": 2000}))
     found = discover(str(tmp_path / "watch"))
     assert [(c.step, Path(c.location).name) for c in found] == [(1000, "checkpoint-1000"), (2000, "trained")]
+
+
+def test_an_unexpected_error_prints_its_traceback_without_credentials(tmp_path, monkeypatch, capsys):
+    """An error memex does not know (a bug, a library's): Hydra printed "Error executing job with
+    overrides: [...]" with the raw command line (a webhook's secret path included) and its traceback, none
+    of it redacted. Now the traceback is printed redacted, with exit status 1."""
+    from memex import cli
+
+    def boom(cfg):
+        raise RuntimeError("lost https://user:hunter2@storage.example/bucket")
+
+    monkeypatch.setattr(nightly, "run", boom)
+    monkeypatch.setattr(sys, "argv", ["memex", "nightly", f"storage.root={tmp_path}",
+                                      "nightly.webhook=https://hooks.slack.com/services/T0/B0/SECRETXYZ"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" in err and "RuntimeError: lost https://" in err, err
+    assert "hunter2" not in err and "SECRETXYZ" not in err and "Error executing job" not in err

@@ -359,11 +359,13 @@ def _history(records) -> list[dict]:
             for r in records if r.WhichOneof("record_type") == "history"]
 
 
-def test_wandb_offline_run_has_the_numbers_and_the_report(wandb_home):
+def test_wandb_offline_run_has_the_numbers_and_the_report(wandb_home, monkeypatch):
     tmp_path = wandb_home
     run, report = _run_folder(tmp_path, "demo-text-run-step2000-aa-bb")
     cfg = _cfg("tracker=wandb", f"tracker.dir={tmp_path / 'train'}", "tracker.project=sd-ft",
                "tracker.run_id=train123", "tracker.step=2000")
+    # the command line as the run was launched: wandb kept sys.argv as the run's metadata, unredacted
+    monkeypatch.setattr(sys, "argv", ["memex", "nightly", "nightly.webhook=https://hooks.example/services/SECRETXYZ"])
     where = log_audit(cfg, _summary(run), report, run.name)
     assert "train123" in where and "wandb sync" in where
     (run_dir,) = (tmp_path / "train" / "wandb").glob("offline-run-*-train123")
@@ -378,6 +380,7 @@ def test_wandb_offline_run_has_the_numbers_and_the_report(wandb_home):
     base = "memex/step-2000/demo-text-run-step2000-aa-bb"
     assert {f"{base}/report/index.html", f"{base}/summary.json"} <= saved
     assert (run_dir / "files" / base / "report" / "index.html").read_text() == "<html><body>memex report</body></html>"
+    assert not [f for f in run_dir.rglob("*") if f.is_file() and b"SECRETXYZ" in f.read_bytes()]
 
 
 # ---- end to end: memex nightly and memex audit on the demo checkpoints ------------------------------------------
