@@ -435,3 +435,44 @@ def test_matches_of_cliques_record_the_filter_that_made_them(tmp_path):
     claim_settings(cfg, layout, info)
     adopted = layout.store.read_json(layout.matches.settings_path)
     assert adopted["filter"]["edge_threshold"] == 0.1 and {k: v for k, v in adopted.items() if k != "filter"} == old
+
+
+def test_a_triage_left_by_another_audit_of_the_folder_is_not_read_as_this_one(tmp_path, monkeypatch):
+    """An adaptive audit finished with the default triage (scores from its samples), then rerun with
+    triage=preview: the whole preview stage ran (160 UNet evaluations a prompt) before the rounds' rule
+    refused it, and its triage/ stayed. The next rerun with the first settings read that triage/ as its
+    own: preview scores, distances and UNet evaluations the audit never had. Now the rounds' rule is
+    checked before the stage, and triage/ is read only by a config that runs the stage."""
+    from memex.layout import PROMPTS_SCHEMA, TRIAGE_SCHEMA
+    from memex.stages import audit
+    from memex.stages import triage as triage_stage
+
+    from conftest import compose
+
+    layout = RunLayout(str(tmp_path), "r")
+    layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ["a", "b"], "prompt": ["x", "y"]},
+                                                            schema=PROMPTS_SCHEMA))
+    base = [f"storage.root={tmp_path}", "model.path=/planted", "budget=adaptive", "budget.rounds=[4,16]"]
+    first = compose(base, config_name="audit")  # triage=auto: the samples' free scores
+    plan = SamplePlan([])
+    plan.add_round(layout.store, None, 2, 0, 4, 64, 16)
+    plan.add_round(layout.store, [0], 2, 4, 16, 64, 16, audit.round_rule(first))
+
+    class TriageRan(Exception):
+        pass
+
+    def stage(cfg, run_name):
+        raise TriageRan
+
+    monkeypatch.setattr(triage_stage, "run", stage)
+    with pytest.raises(StorageError, match=r"round 1, whose prompts were chosen with other settings \(triage"):
+        audit.triage_and_generate(compose([*base, "triage=preview"], config_name="audit"), "r", layout)
+
+    # a triage/ another config left (preview scores and distances): not this config's triage
+    layout.triage.write_shard(0, pa.table({"prompt_id": ["a", "b"], "prompt": ["x", "y"], "score": [-0.1, -0.5],
+                                           "unet_evaluations": [160, 160], "distance": [0.1, 0.5],
+                                           "train_gid": [3, 4]}, schema=TRIAGE_SCHEMA))
+    layout.triage.mark_success({"unet_evaluations": 320})
+    assert triage_stage.prompt_scores(first, layout) == {} and triage_stage.preview_distances(first, layout) == {}
+    preview = compose([*base, "triage=preview"], config_name="audit")
+    assert triage_stage.preview_distances(preview, layout) == {"a": pytest.approx(0.1), "b": 0.5}

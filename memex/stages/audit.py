@@ -175,6 +175,12 @@ def triage_and_generate(cfg: AuditConfig, run_name: str, layout: RunLayout) -> N
     from memex.stages import triage as triage_stage
 
     first = None  # prompt rows of the first round: every prompt, or the top triage.keep
+    if adaptive(cfg):  # rounds chosen by another rule (another triage) are refused before the triage stage runs
+        plan = SamplePlan.read(layout.store)
+        if plan.rounds:  # (its first round's prompts: checked once triage.keep has chosen them)
+            rows = plan.rounds[0].prompt_rows
+            plan.check_budget(layout.store, list(cfg.budget.rounds), None if rows is None else list(rows),
+                              "budget.rounds", round_rule(cfg))
     if triage_stage.needs_stage(cfg):  # else the samples' free first-step scores are the triage (prompt_scores)
         triage_stage.run(cfg, run_name)
         if cfg.triage.keep is not None:
@@ -359,9 +365,7 @@ def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout, first
     plan = SamplePlan.read(layout.store)
     # the triage settings too: a resume with triage=none dropped the z-score rule from round 1, with
     # triage=preview added the previews' distances, with other seeds averaged other samples' scores
-    t = cfg.triage
-    rule = {"continue_factor": b.continue_factor, "continue_triage_z": b.continue_triage_z,
-            "triage": getattr(t.kind, "value", t.kind), "triage_seeds": t.seeds, "triage_steps": t.steps}
+    rule = round_rule(cfg)
     plan.check_budget(layout.store, list(b.rounds), first, "budget.rounds", rule)
     n_prompts = read_run_prompts(layout).num_rows
     lo = 0
@@ -380,6 +384,13 @@ def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout, first
         lo = hi
 
 
+def round_rule(cfg: AuditConfig) -> dict:
+    """The settings that choose a later round's prompts, kept in its file (memex/plan.py Round.rule)."""
+    b, t = cfg.budget, cfg.triage
+    return {"continue_factor": b.continue_factor, "continue_triage_z": b.continue_triage_z,
+            "triage": getattr(t.kind, "value", t.kind), "triage_seeds": t.seeds, "triage_steps": t.steps}
+
+
 def continuing_prompts(cfg: AuditConfig, layout: RunLayout, last: Round) -> list[int]:
     """Prompt rows of round `last` that go on: a generation so far, or a triage preview
     (triage=preview), within budget.continue_factor x match.threshold of its nearest training
@@ -394,7 +405,7 @@ def continuing_prompts(cfg: AuditConfig, layout: RunLayout, last: Round) -> list
     rows = [last.row(q) for q in range(last.n_prompts)]
     near = layout.matches.read(columns=["prompt_id", "distance"])
     close = set(near.filter(pc.less_equal(near["distance"], b.continue_factor * m.threshold))["prompt_id"].to_pylist())
-    close |= {pid for pid, d in preview_distances(layout).items() if d <= b.continue_factor * m.threshold}
+    close |= {pid for pid, d in preview_distances(cfg, layout).items() if d <= b.continue_factor * m.threshold}
     outlying: set[str] = set()
     scores = prompt_scores(cfg, layout)
     if b.continue_triage_z is not None and scores:

@@ -566,7 +566,7 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     filtered = filter_summary is not None
     cands = {c["prompt_id"]: c for c in layout.candidates.read().to_pylist()} if filtered else {}
     clique_ids = {s for c in cands.values() if c["flagged"] for s in c["sample_ids"]}
-    triage, previews = prompt_scores(cfg, layout), preview_distances(layout)
+    triage, previews = prompt_scores(cfg, layout), preview_distances(cfg, layout)
     ext = matches.filter(matches["extracted"]) if matches.num_rows else matches
     by_prompt: dict[str, list[dict]] = {}
     for row in ext.to_pylist():

@@ -218,7 +218,9 @@ def prompt_scores(cfg: AuditConfig, layout: RunLayout) -> dict[str, float]:
     each prompt's samples 0..triage.seeds-1 generated so far (needs_stage). Empty when triage is off."""
     if not triage_on(cfg):
         return {}
-    if layout.triage.success() is not None:
+    # triage/ only when this config runs the stage (whose settings claim refuses other ones): one left by an
+    # earlier audit of the folder with other settings (a refused triage=preview rerun) was read as this one's
+    if needs_stage(cfg) and layout.triage.success() is not None:
         return {r["prompt_id"]: r["score"] for r in layout.triage.read(columns=["prompt_id", "score"]).to_pylist()
                 if r["score"] is not None and np.isfinite(r["score"])}
     t = layout.samples.read(columns=["prompt_id", "triage_score"], filters=[("sample_index", "<", cfg.triage.seeds)])
@@ -230,9 +232,10 @@ def prompt_scores(cfg: AuditConfig, layout: RunLayout) -> dict[str, float]:
     return {pid: m for pid, v in by.items() if np.isfinite(m := float(np.mean(v)))}
 
 
-def preview_distances(layout: RunLayout) -> dict[str, float]:
-    """prompt id -> its closest preview's tiled l2 to the training set (triage=preview); empty otherwise."""
-    if layout.triage.success() is None:
+def preview_distances(cfg: AuditConfig, layout: RunLayout) -> dict[str, float]:
+    """prompt id -> its closest preview's tiled l2 to the training set (triage=preview); empty otherwise,
+    also when triage/ holds another triage's previews (see prompt_scores)."""
+    if not (triage_on(cfg) and cfg.triage.kind == TriageKind.preview) or layout.triage.success() is None:
         return {}
     t = layout.triage.read(columns=["prompt_id", "distance"])
     return {p: d for p, d in zip(t["prompt_id"].to_pylist(), t["distance"].to_pylist()) if d is not None}
