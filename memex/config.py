@@ -889,6 +889,10 @@ def validate_budget(cfg: AuditConfig) -> None:
     if not b.continue_factor >= 1:
         raise ConfigError(f"budget.continue_factor must be >= 1 (a near miss is within that many times "
                           f"match.threshold), got {b.continue_factor}")
+    if b.continue_triage_z is not None and not b.continue_triage_z > 0:  # 0 or less: the median prompt stands out
+        raise ConfigError(f"budget.continue_triage_z must be > 0 (robust standard deviations above the median "
+                          f"score), got {b.continue_triage_z}: at 0 or below it extends half the prompts or more; "
+                          "null turns the rule off")
 
 
 # ---- memex nightly -------------------------------------------------------------------------

@@ -12,8 +12,9 @@ stop is written too, as a round of no prompts.
 Shards: a round's (prompt, sample) units, prompt-major, cut into shards of `shard_size` units,
 numbered after the previous round's. `shard_size` is rounded up to a multiple of the UNet batch
 (`tie_shard_size`): the sampler runs fixed-shape batches (memex/sampling.py), so a shard of 64
-at batch 256 would pad 192 rows of every shard, computing 4x the samples it keeps (measured:
-223 s against 62 s for 2,048 samples, bench/RESULTS.md). Tied, only a round's last shard pads.
+at batch 256 would pad 192 rows of every shard, computing 4x the samples it keeps (issue 13 measured
+223 s against 62 s for 2,048 samples; bench/RESULTS.md, "No wasted UNet work": 1,024 UNet rows to
+keep 256 before, the same evaluations as the plain loop after). Tied, only a round's last shard pads.
 """
 
 from __future__ import annotations

@@ -374,6 +374,8 @@ def test_dup_k_below_two_names_the_key():
     (["match=relative", "match.threshold=2.5"], "every generation would count as a copy"),
     (["match=relative", "match.alpha=0"], "match.alpha=0.0 must be > 0"),
     (["filter.max_expansions=-1"], "filter.max_expansions"),  # the clique search raised it after generation
+    # 0 or below extended half the prompts or more (and every prompt when the scores had no spread)
+    (["budget=adaptive", "budget.continue_triage_z=0"], "budget.continue_triage_z must be > 0"),
     (["budget=adaptive", "triage=none", "budget.continue_triage_z=1.5"], "budget.continue_triage_z is set, and "
      "triage=none"),
     (["model.path=s3://b/ckpt/step-20000"], "model.path=s3://b/ckpt/step-20000: models are read from a local"),

@@ -476,3 +476,28 @@ def test_a_triage_left_by_another_audit_of_the_folder_is_not_read_as_this_one(tm
     assert triage_stage.prompt_scores(first, layout) == {} and triage_stage.preview_distances(first, layout) == {}
     preview = compose([*base, "triage=preview"], config_name="audit")
     assert triage_stage.preview_distances(preview, layout) == {"a": pytest.approx(0.1), "b": 0.5}
+
+
+def test_a_copy_at_exactly_the_threshold_continues_at_continue_factor_one(tmp_path):
+    """match decides a copy in float32 (distances.within): a generation at exactly tiled l2 0.15 (a uint8
+    case) is extracted. The continue rule compared the float32 column with the float64 0.15, so at
+    budget.continue_factor=1.0 (the least allowed) that verified copy did not continue its prompt."""
+    from memex.layout import MATCHES_SCHEMA, PROMPTS_SCHEMA
+    from memex.stages import audit
+
+    from conftest import compose
+
+    layout = RunLayout(str(tmp_path), "r")
+    layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ["a", "b"], "prompt": ["x", "y"]},
+                                                            schema=PROMPTS_SCHEMA))
+    cfg = compose([f"storage.root={tmp_path}", "model.path=/planted", "budget=adaptive", "budget.rounds=[4,16]",
+                   "budget.continue_factor=1.0", "triage=none"], config_name="audit")
+    plan = SamplePlan([])
+    first = plan.add_round(layout.store, None, 2, 0, 4, 64, 16)
+    at = float(np.float32(0.15))  # what a uint8 pair's worst tile at 0.15 reads in float32
+    row = {"prompt": "x", "train_gid": 1, "train_id": "t1", "train_caption": "c", "embed_distance": 0.1,
+           "neighbor_rank": 0, "train_detail": 0.3, "margin": 0.2}
+    layout.matches.write_shard(0, pa.Table.from_pylist([
+        {**row, "sample_id": "a/0", "prompt_id": "a", "distance": at, "extracted": True},
+        {**row, "sample_id": "b/0", "prompt_id": "b", "distance": 0.16, "extracted": False}], schema=MATCHES_SCHEMA))
+    assert audit.continuing_prompts(cfg, layout, first) == [0]

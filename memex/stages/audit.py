@@ -404,8 +404,11 @@ def continuing_prompts(cfg: AuditConfig, layout: RunLayout, last: Round) -> list
     ids = read_run_prompts(layout)["prompt_id"].to_pylist()
     rows = [last.row(q) for q in range(last.n_prompts)]
     near = layout.matches.read(columns=["prompt_id", "distance"])
-    close = set(near.filter(pc.less_equal(near["distance"], b.continue_factor * m.threshold))["prompt_id"].to_pylist())
-    close |= {pid for pid, d in preview_distances(cfg, layout).items() if d <= b.continue_factor * m.threshold}
+    # compared in float32, as match's `within` decides a copy: a copy at exactly the threshold (a uint8
+    # case) is extracted, and at continue_factor=1.0 it did not continue (float32 0.15 > float64 0.15)
+    limit = np.float32(b.continue_factor * m.threshold)
+    close = set(near.filter(pc.less_equal(near["distance"], pa.scalar(limit, pa.float32())))["prompt_id"].to_pylist())
+    close |= {pid for pid, d in preview_distances(cfg, layout).items() if np.float32(d) <= limit}
     outlying: set[str] = set()
     scores = prompt_scores(cfg, layout)
     if b.continue_triage_z is not None and scores:
