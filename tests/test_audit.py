@@ -263,10 +263,12 @@ def test_grayscale_ddpm_audited_end_to_end(tmp_path):
                    "match=relative", "match.n_neighbors=8", "trainset=manifest", f"trainset.path={manifest}",
                    f"storage.root={tmp_path / 'runs'}", "sampling.samples_per_prompt=8",
                    "sampling.num_inference_steps=3", "sampling.batch_size=4", "sampling.shard_size=4",
-                   "index.shards=2", "embedder.size=16", "resources.executor=local"], config_name="audit")
+                   "index.shards=2", "embedder.size=16", "resources.executor=local",
+                   "budget=adaptive"], config_name="audit")  # (memex nightly's default: its one prompt keeps fixed)
     s = audit.run(cfg)
     layout = RunLayout(cfg.storage.root, s["run"].rsplit("/", 1)[1])
     samples = layout.samples.read()
+    assert s["budget"]["kind"] == "fixed"  # the budget that ran (it said adaptive: "sampled in rounds")
     assert samples.num_rows == 8 and all(PILImage.open(io.BytesIO(b)).mode == "L" for b in samples["image"].to_pylist())
     assert s["filter"].startswith("skipped") and s["candidates_verified"] == 8
     assert s["index"]["luma"] is True  # a 1-channel model: searched among the training images' luma

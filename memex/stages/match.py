@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memex import runner
-from memex.config import AuditConfig, CandidateSource, DistanceKind, MatchConfig, plain
+from memex.config import AuditConfig, CandidateSource, DistanceKind, MatchConfig, adaptive, plain
 from memex.images import decode, encode_png, is_grayscale, luma_rgb, to_aspect
 from memex.layout import MATCHED_TRAIN_SCHEMA, MATCHES_SCHEMA, RunLayout, StorageError
 from memex.membership import IndexInfo, fetch_train_rows, picture_rows, read_info, read_pictures
@@ -603,8 +603,10 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
         "samples": samples["rows"],
         "prompts": len(prompts),
         "prompts_sampled": sum(p["samples"] > 0 for p in per_prompt),
-        "budget": {"kind": cfg.budget.kind.value, "rounds": [{"prompts": r.n_prompts, "samples": [r.lo, r.hi]}
-                                                            for r in plan.rounds]},
+        # the budget that ran: an unconditional model's one prompt keeps the fixed one under budget=adaptive
+        # (memex nightly's default), which the report called "sampled in rounds"
+        "budget": {"kind": "adaptive" if adaptive(cfg) else "fixed",
+                   "rounds": [{"prompts": r.n_prompts, "samples": [r.lo, r.hi]} for r in plan.rounds]},
         # every UNet forward pass of the audit, one per batch row (guidance: 2), padding and triage included
         "unet_evaluations": evals,
         "unet_evaluations_triage": (layout.triage.success() or {}).get("unet_evaluations", 0),
