@@ -579,6 +579,9 @@ def _watched(folder: StageFolder, label: str, n: int, done_before: int):
     except _ray_errors() as e:
         progress.close(ok=False)
         raise failed(e, label, folder.store) from None
+    except BaseException:  # Ctrl-C, a MemexError: the ticker stopped (it redrew its line every second on)
+        progress.close(ok=False)
+        raise
     progress.close()
 
 

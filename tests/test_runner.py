@@ -581,3 +581,18 @@ def test_units_past_a_million_are_read_back_by_their_whole_number(folder):
     folder.store.write_json(folder.store.join("samples", "_markers", "shard-000005 (1).json"), {})  # a stray copy
     assert folder.complete() == [5, 999_999, 1_000_000, 1_234_567]
     assert folder.marker(1_234_567).endswith("shard-1234567.json")
+
+
+def test_ctrl_c_in_a_stage_stops_its_progress_line(tmp_path):
+    """Ctrl-C (or a MemexError) inside a Ray stage left the progress ticker running: on a terminal it
+    redrew "<stage>: k/N units, Ns" every second, and the `memex: log:` line and the shell prompt landed
+    on it. The line is closed on any exception, as a Ray failure closes it."""
+    from memex.layout import RunLayout
+    from memex.runner import _watched
+
+    folder = RunLayout(str(tmp_path), "r").samples
+    for error in (KeyboardInterrupt, ValueError):
+        with pytest.raises(error):
+            with _watched(folder, "generate", 3, 0) as progress:
+                raise error()
+        assert progress._stop.is_set()
