@@ -298,11 +298,17 @@ class Store:
                 for t in tables:
                     writer.write_table(t.cast(schema), row_group_size=row_group_size)
 
-    def claim(self, path: str, settings: dict, what: str, fix: str) -> None:
+    def claim(self, path: str, settings: dict, what: str, fix: str, added: tuple[str, ...] = ()) -> None:
         """Record the settings a folder is written with at `path`, or refuse other ones, changing
-        nothing: resuming with different settings would mix two experiments in one dataset."""
+        nothing: resuming with different settings would mix two experiments in one dataset.
+        `added`: keys recorded since folders existed; a folder written before them (none of them, the rest
+        equal) adopts them, as it was, so it still resumes."""
         settings = json.loads(json.dumps(settings, default=str))
         existing = self.read_json(path)
+        if existing is not None and any(k in settings for k in added) and not any(k in existing for k in added) \
+                and existing == {k: v for k, v in settings.items() if k not in added}:
+            self.write_json(path, settings)
+            existing = settings
         if existing is None:
             self.write_json(path, settings)
         elif existing != settings:
@@ -474,8 +480,9 @@ class StageFolder:
             return empty.select(columns) if columns else empty
         return self.store.read_table(paths, schema=self.schema, columns=columns, filters=filters)
 
-    def claim(self, settings: dict, where: str) -> None:
-        """This stage's settings (filter thresholds, match settings) in `where`, or refuse others."""
+    def claim(self, settings: dict, where: str, added: tuple[str, ...] = ()) -> None:
+        """This stage's settings (filter thresholds, match settings) in `where`, or refuse others
+        (`added`: Store.claim's)."""
         key, run = SWEEP_EXAMPLE.get(self.name), posixpath.basename(self.store.path.rstrip("/"))
         if key == "triage.seeds":  # decides the generations: a sweep generates anew
             sweep = f" A sweep over it (memex audit -m) needs a run folder per value: run.name='<name>-${{{key}}}'."
@@ -486,4 +493,5 @@ class StageFolder:
         else:
             sweep = ""
         self.store.claim(self.settings_path, settings, f"{self.name}/ in {where}",
-                         f"Use another run.name, or delete {self.store.uri_of(self.path)} to redo the stage.{sweep}")
+                         f"Use another run.name, or delete {self.store.uri_of(self.path)} to redo the stage.{sweep}",
+                         added)

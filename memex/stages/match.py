@@ -445,11 +445,7 @@ def claim_settings(cfg: AuditConfig, layout: RunLayout, info: IndexInfo) -> None
     settings = redact({"match": plain(cfg.match), "index_key": info.key, "embedder": plain(cfg.embedder)})
     if cfg.match.candidates == CandidateSource.cliques:
         settings["filter"] = layout.store.read_json(layout.candidates.settings_path)
-        old = layout.store.read_json(layout.matches.settings_path)
-        if old is not None and "filter" not in old and old == json.loads(json.dumps(
-                {k: v for k, v in settings.items() if k != "filter"}, default=str)):
-            layout.store.write_json(layout.matches.settings_path, json.loads(json.dumps(settings, default=str)))
-    layout.matches.claim(settings, f"run folder {layout.uri}")
+    layout.matches.claim(settings, f"run folder {layout.uri}", added=("filter",))
 
 
 def match_shards(cfg: AuditConfig, run_name: str) -> int:

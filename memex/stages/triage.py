@@ -29,7 +29,6 @@ writes triage/shard-<chunk>.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from typing import Callable
@@ -165,12 +164,8 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
         # another index (trainset.alpha=drop, other training images) reused distances to the old one,
         # as matches/ refuses (its index_key). The previews themselves stand: deleting triage/ rescores them.
         scored = redact({"index_key": read_info(layout).key, "embedder": plain(cfg.embedder)})
-        old = layout.store.read_json(layout.triage.settings_path)
-        if old is not None and "index_key" not in old and old == json.loads(json.dumps({"triage": settings})):
-            # triaged before the index was recorded: adopts it (as it was), so those folders still resume
-            layout.store.write_json(layout.triage.settings_path,
-                                    json.loads(json.dumps({"triage": settings, **scored}, default=str)))
-    layout.triage.claim({"triage": settings, **scored}, f"run folder {layout.uri}")
+    # a folder triaged before the index was recorded adopts it (as it was), so it still resumes
+    layout.triage.claim({"triage": settings, **scored}, f"run folder {layout.uri}", added=("index_key", "embedder"))
     n = read_run_prompts(layout).num_rows
     step = t.prompts_per_task
     chunks = {c: {"p0": p0, "p1": min(p0 + step, n)} for c, p0 in enumerate(range(0, n, step))}
