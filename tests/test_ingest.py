@@ -299,7 +299,7 @@ def _laion_folder(where: str, tmp_path, request) -> tuple[dict, fsspec.AbstractF
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_webdataset_shards_are_read_member_by_member(tmp_path, where, request):
+def test_webdataset_shards_are_read_member_by_member(tmp_path, where, request, monkeypatch):
     """LAION's layout (img2dataset's webdataset output): a folder of .tar shards, a sample's image,
     caption (.txt) and metadata as members sharing a key. It was read as the manifest its metadata
     .parquet files make ("needs an 'id' column"). Each image member is a row, read on the decoder's
@@ -312,6 +312,15 @@ def test_webdataset_shards_are_read_member_by_member(tmp_path, where, request):
     assert t["caption"].to_pylist() == ["caption 0", None, "caption 2", "caption 3", "caption 4"]
     assert t["uri"][0].as_py() == f"tar://000000000.png::{fs.unstrip_protocol(root + '/00000.tar')}"
     assert t["stamp"].null_count == 0
+    # the listings kept beside the index, in the same store (S3 here too): a second listing reads no shard
+    import memex.ingest as ingest
+    from memex.storage import Store
+
+    cache = Store(path.rsplit("/", 1)[0] + "/_index/_shard_listings", opts)
+    assert list_training_set(path, opts, shard_cache=cache).equals(t)
+    monkeypatch.setattr(ingest, "shard_samples", lambda *a: pytest.fail("a shard was read again"))
+    assert list_training_set(path, opts, shard_cache=cache).equals(t)
+    monkeypatch.undo()
     dec = decode_rows(t, None, opts)
     assert dec.ids == sorted(originals) and all(np.array_equal(a, originals[i]) for i, a in zip(dec.ids, dec.images))
     assert dec.quarantine["id"].to_pylist() == ["00001.tar/000000004.png"]
