@@ -183,7 +183,9 @@ def unparsable_override_message(text: str, error: Exception) -> str:
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     key, eq, value = text.partition("=")
     msg = f"cannot read the override {text}: {reason}"
-    if not eq or value[:1] in ("'", '"') or ('"' in value and "'" in value):
+    if not eq:  # `match.threshold 0.1`: the shell gave the key and its value as two arguments
+        return f"{msg}; give the setting and its value as one argument, {text}=<value> (no space around =)"
+    if value[:1] in ("'", '"') or ('"' in value and "'" in value):
         return f"{msg}; quote its value (https://hydra.cc/docs/advanced/override_grammar/basic/#quoted-values)"
     quote = "'" if '"' in value else '"'
     return f"{msg}; quote the value, and the override for the shell: {shlex.quote(f'{key}={quote}{value}{quote}')}"

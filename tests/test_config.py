@@ -574,6 +574,19 @@ def test_an_override_hydra_cannot_parse_is_named_with_its_quoted_form(stage, ove
     cli.check_overrides(fix, cli.SCHEMAS[stage])
 
 
+def test_a_key_and_value_given_as_two_arguments_are_named_as_such(monkeypatch, capsys):
+    """`memex audit match.threshold 0.1` (a space, not =): the fix said "quote its value", which does
+    not help. It names the one-argument form."""
+    monkeypatch.setattr(sys, "argv", ["memex", "audit", "match.threshold", "0.1"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 1 and len(err) == 1
+    assert err[0].startswith("memex: error: cannot read the override match.threshold: ")
+    assert err[0].endswith("give the setting and its value as one argument, match.threshold=<value> "
+                           "(no space around =)")
+
+
 def test_job_entry_point_refuses_an_added_unknown_key(tmp_path):
     r = subprocess.run([sys.executable, "jobs/audit.py", "+sampling.sample_per_prompt=5", f"storage.root={tmp_path}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
