@@ -219,7 +219,6 @@ def _report_text(summary: dict, report_uri: str | None, step: int | None) -> str
 # ---- mlflow ---------------------------------------------------------------------------------------
 def _mlflow(t: TrackerConfig, values: dict, settings: dict, summary: dict, report_dir: str | None,
             report_uri: str | None, step: int, label: str, name: str) -> str:
-    from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=t.tracking_uri)  # None: $MLFLOW_TRACKING_URI, else MLflow's default
@@ -233,6 +232,30 @@ def _mlflow(t: TrackerConfig, values: dict, settings: dict, summary: dict, repor
                                    order_by=["attributes.start_time DESC"])
         created = not found
         run = found[0] if found else client.create_run(exp, run_name=name, tags={"memex.created_by": "memex"})
+    rid = run.info.run_id
+    # a run memex made (by run name): ended by each audit that logs into it, FAILED when that audit could not
+    # (it stayed RUNNING for good); the training's own run (tracker.run_id) keeps the status it has
+    ours = created or run.data.tags.get("memex.created_by") == "memex"
+    try:
+        _mlflow_log(client, run, values, settings, summary, report_dir, report_uri, step, label)
+    except BaseException:
+        if ours:
+            try:
+                client.set_terminated(rid, status="FAILED")
+            except Exception as e:  # noqa: BLE001 - the logging's own error is the one raised
+                log.warning("tracker=mlflow: run %s could not be marked FAILED either: %s", rid, redact_text(str(e)))
+        raise
+    if ours:
+        client.set_terminated(rid)
+    artifacts = posixpath.join("memex", label)
+    return f"mlflow run {rid} (experiment {run.info.experiment_id}, artifacts {artifacts}/) at {client.tracking_uri}"
+
+
+def _mlflow_log(client, run, values: dict, settings: dict, summary: dict, report_dir: str | None,
+                report_uri: str | None, step: int, label: str) -> None:
+    """The metrics at `step`, the settings as params (the run's first values kept), tags, the report."""
+    from mlflow.entities import Metric, Param, RunTag
+
     rid = run.info.run_id
     now = int(time.time() * 1000)
     have = run.data.params
@@ -251,9 +274,6 @@ def _mlflow(t: TrackerConfig, values: dict, settings: dict, summary: dict, repor
     if report_dir is not None:
         client.log_artifacts(rid, report_dir, artifact_path=posixpath.join(artifacts, "report"))
     client.log_dict(rid, summary, posixpath.join(artifacts, "summary.json"))
-    if created:
-        client.set_terminated(rid)
-    return f"mlflow run {rid} (experiment {run.info.experiment_id}, artifacts {artifacts}/) at {client.tracking_uri}"
 
 
 def _mlflow_experiment(client, name: str | None) -> str:

@@ -259,6 +259,35 @@ def test_mlflow_default_store_run_by_name_in_an_experiment(tmp_path, monkeypatch
     assert {a.path for a in client.list_artifacts(r.info.run_id, "memex")} == {"memex/step-1000", "memex/step-2000"}
 
 
+def test_a_run_memex_made_is_marked_failed_when_its_logging_fails_and_finished_by_the_retry(tmp_path, monkeypatch):
+    """A run memex created by name, whose logging then failed (the artifact store down after the metrics
+    went in): it stayed RUNNING for good, and the retry, finding it by name, left it so. It is marked
+    FAILED, and the retry that logs ends it FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run, report = _run_folder(tmp_path, "ckpt-1000")
+    cfg = _cfg("tracker=mlflow", f"tracker.tracking_uri={uri}", "tracker.experiment=memex-audits",
+               "tracker.run_name=sd-ft-run", "tracker.step=1000")
+    real = MlflowClient.log_dict
+
+    def down(self, *a, **k):
+        raise ConnectionError("artifact store unreachable")
+
+    monkeypatch.setattr(MlflowClient, "log_dict", down)
+    with pytest.raises(TrackerError, match="artifact store unreachable"):
+        log_audit(cfg, _summary(run), report, run.name)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("memex-audits")
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.info.status == "FAILED"
+    monkeypatch.setattr(MlflowClient, "log_dict", real)
+    log_audit(cfg, _summary(run), report, run.name)  # the retry (the same command again)
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.info.status == "FINISHED"
+
+
 def test_mlflow_failure_names_the_tracker_and_keeps_the_summary(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     run, report = _run_folder(tmp_path)
