@@ -477,15 +477,14 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     if (marker := layout.matches.success()) is not None and (done := layout.read_summary()) is not None and \
             set(layout.samples.complete()) <= set(layout.matches.complete()):
         redone = marker.get("inputs", inputs) != inputs  # (a folder matched before "inputs" was recorded: as it is)
-        if not redone or cfg.match.candidates != CandidateSource.cliques:
-            claim_settings(cfg, layout, read_info(layout))  # (cliques: the filter redone is named below, first)
-        if not redone:
-            return done
-        if cfg.match.candidates == CandidateSource.cliques:
+        if redone and cfg.match.candidates == CandidateSource.cliques:  # named before the claim, which refuses too
             raise StorageError(f"{layout.store.uri_of(layout.candidates.path)} (or triage/) was redone since the "
                                "matches were made, and match.candidates=cliques verified the old cliques' members: "
                                f"delete {layout.store.uri_of(layout.matches.path)} too, and rerun to match the new "
                                "ones. Nothing was changed.")
+        claim_settings(cfg, layout, read_info(layout))
+        if not redone:
+            return done
         log.info("match: candidates/ or triage/ was redone since summary.json was written: summarizing again")
     # else parts lost after the matches completed (a partial copy of the folder, files removed by
     # hand): the missing matches units are redone and summary.json is written again from them all

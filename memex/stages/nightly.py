@@ -276,7 +276,7 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
     from memex.stages import audit
 
     log.info("auditing %s (step %s, weights %s)", row["location"], c.step, p.weights[:12])
-    tracker_error = None
+    tracker_error, rows = None, None
     try:
         try:
             s = audit.run(acfg, weights=False)  # the run folder's name holds the weights' hash
@@ -295,7 +295,7 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
     else:
         row.update(samples=s["samples"], extracted=s["extracted_unique_train_images"],
                    extracted_generations=s["extracted_generations"], flagged_prompts=s["prompts_flagged"])
-        rows = ledger.read().to_pylist()
+        rows = ledger.read().to_pylist()  # (read once after the audit: the gate's neighbours, and the check below)
         prev, nxt = _previous(rows, row["series"], c.step, sha), _next(rows, row["series"], c.step, sha)
         row["outcome"], row["message"] = gate(row, prev, cfg.nightly.budget, cfg.nightly.growth_margin, nxt)
         if tracker_error is not None:  # an error (retried next night: the audit resumes, the tracker is redone)
@@ -311,7 +311,7 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
     row["finished"] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     # read again before the append: a job that took the run folder's lease over while this one was alive
     # (its heartbeats stalled past resources.lease_timeout_s) audited it too, and its row is final
-    if p.weights in ledger.audited(sha):
+    if p.weights in ledger.audited(sha, rows):
         return "audited by another job since"
     ledger.append(row)
     return row

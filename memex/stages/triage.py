@@ -151,7 +151,7 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
         # take old chunks' markers for new ranges (prompts left unscored, or scored twice). Left out at
         # the default, so run folders triaged before it was recorded resume.
         settings["prompts_per_task"] = t.prompts_per_task
-    scored = {}
+    scored, info = {}, None
     if preview:  # noise_norm's settings as before: run folders triaged before previews existed resume
         from memex.config import plain
         from memex.membership import read_info
@@ -163,7 +163,8 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
         # the previews' distances are to the index's pictures, proposed by the embedder: a rerun against
         # another index (trainset.alpha=drop, other training images) reused distances to the old one,
         # as matches/ refuses (its index_key). The previews themselves stand: deleting triage/ rescores them.
-        scored = redact({"index_key": read_info(layout).key, "embedder": plain(cfg.embedder)})
+        info = read_info(layout)
+        scored = redact({"index_key": info.key, "embedder": plain(cfg.embedder)})
     # a folder triaged before the index was recorded adopts it (as it was), so it still resumes
     layout.triage.claim({"triage": settings, **scored}, f"run folder {layout.uri}", added=("index_key", "embedder"))
     n = read_run_prompts(layout).num_rows
@@ -174,7 +175,6 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
         from memex.stages.nearest import Neighbours
 
         runner.run_actor_pool(layout.previews, chunks, TriagePrompts, work, cfg.resources)
-        info = read_info(layout)
         with Neighbours(cfg, info, label="triage", store=layout.store) as nearest:  # loaded once, at the first chunk
             runner.run_here(layout.triage, {c: {} for c in chunks}, score_previews, cfg=cfg, layout=layout,
                             info=info, nearest=nearest)
