@@ -24,7 +24,8 @@ from memex.layout import LEDGER_SCHEMA
 from memex.redact import redact
 from memex.storage import Store
 
-DONE = ("ok", "over_budget", "grew")  # outcomes of a finished audit; "error" is retried next night
+ALARMS = ("over_budget", "grew")  # the gate's outcomes that page (cli: exit 3)
+DONE = ("ok", *ALARMS)  # outcomes of a finished audit; "error" is retried next night
 
 
 class Ledger:
@@ -79,7 +80,7 @@ class Ledger:
             return []
         cut = dt.datetime.fromisoformat(since["since"])
         rows = self.read().to_pylist() if rows is None else rows
-        alarms = [r for r in rows if r["config_sha256"] == config_sha256 and r["outcome"] in ("over_budget", "grew")
+        alarms = [r for r in rows if r["config_sha256"] == config_sha256 and r["outcome"] in ALARMS
                   and r["finished"] is not None and r["finished"] >= cut.replace(microsecond=0)]
         return [r for r in alarms if not self.store.exists(self._marker(r))]
 

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from memex.images import thumbnail_png
 from memex.layout import CANDIDATES_SCHEMA, MATCHED_TRAIN_SCHEMA, MATCHES_SCHEMA, RunLayout, StorageError
+from memex.ledger import ALARMS
 from memex.redact import redact, redact_urls
 
 THUMB = 256  # px: larger images are downscaled before embedding
@@ -548,7 +549,7 @@ def render_trend(ledger: pa.Table, link_of) -> str:
            f'{esc(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}</p>']
     # an error that a later night's audit of the same weights and config finished is no longer open
     done = {(r["weights_sha256"], r["config_sha256"]) for r in rows if r["outcome"] != "error"}
-    alarms = [r for r in rows if r["outcome"] in ("over_budget", "grew")
+    alarms = [r for r in rows if r["outcome"] in ALARMS
               or r["outcome"] == "error" and (r["weights_sha256"], r["config_sha256"]) not in done]
     if alarms:
         out.append(_cards([("audits with an alarm or an error not since retried", len(alarms), True)]))

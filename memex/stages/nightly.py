@@ -41,7 +41,7 @@ from memex.config import (
     validate_nightly,
 )
 from memex.layout import RunLayout
-from memex.ledger import DONE, Ledger
+from memex.ledger import ALARMS, DONE, Ledger
 from memex.redact import redact, redact_text, redact_url
 from memex.storage import Store
 from memex.tracking import TrackerError, at_checkpoint
@@ -82,9 +82,6 @@ class Pending:
         often cron fires; the night is in it so that a job that died is submitted again the next
         night (its ledger row is missing) instead of being refused forever."""
         return f"memex-{self.run_name(config_sha)}-{night.replace('-', '')}"
-
-
-ALARMS = ("over_budget", "grew")  # the gate's outcomes that page (cli: exit 3)
 
 
 @dataclass
