@@ -286,17 +286,25 @@ def arrow_schema(fs: fsspec.AbstractFileSystem, part: str) -> pa.Schema:
             return pa.ipc.open_file(f).schema
 
 
-def read_arrow(path: str, fs: fsspec.AbstractFileSystem, parts: list[str]) -> pa.Table:
-    """datasets writes Arrow IPC streams (its ArrowWriter); the Arrow file format is read too."""
+def read_arrow(path: str, fs: fsspec.AbstractFileSystem, parts: list[str],
+               columns: list[str] | None = None) -> pa.Table:
+    """datasets writes Arrow IPC streams (its ArrowWriter); the Arrow file format is read too. With
+    `columns`, only those are kept, one record batch at a time: a save_to_disk training set given as
+    prompts.path was read whole, embedded images included (~40 KB a row), for one caption column."""
     tables = []
     for part in parts:
         try:
             with fs.open(part, "rb") as f:
-                data = f.read()
-            try:
-                tables.append(pa.ipc.open_stream(data).read_all())
-            except pa.ArrowInvalid:
-                tables.append(pa.ipc.open_file(data).read_all())
+                try:
+                    reader = pa.ipc.open_stream(f)
+                    batches = iter(reader)
+                except pa.ArrowInvalid:
+                    f.seek(0)
+                    reader = pa.ipc.open_file(f)
+                    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                schema = reader.schema if columns is None else pa.schema([reader.schema.field(c) for c in columns])
+                tables.append(pa.Table.from_batches(
+                    [b if columns is None else b.select(columns) for b in batches], schema=schema))
         except Exception as e:  # noqa: BLE001 - re-raised naming the file
             raise ManifestError(f"{path}: {posixpath.basename(part)} is not readable Arrow: "
                                 f"{type(e).__name__}: {e}") from e

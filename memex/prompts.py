@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from memex.config import MemexError, PromptsConfig, PromptSource
 from memex.layout import PROMPTS_SCHEMA
-from memex.manifest import ManifestError, first_caption, hf_dataset_parts, parquet_parts, read_arrow
+from memex.manifest import ManifestError, arrow_schema, first_caption, hf_dataset_parts, parquet_parts, read_arrow
 
 UNCONDITIONAL_ID = "uncond"
 
@@ -66,8 +66,12 @@ def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, s
     try:
         is_dir = fs.isdir(p)
         parts = hf_dataset_parts(fs, p, path, "prompts.path") if is_dir else None
-        if parts:  # datasets' save_to_disk folder: its Arrow files
-            return read_arrow(f"prompts.path={path}", fs, parts)
+        if parts:  # datasets' save_to_disk folder: its Arrow files, only `columns` of them (as for Parquet)
+            names = arrow_schema(fs, parts[0]).names if columns else None
+            for c, key in (columns or {}).items():
+                if c not in names:
+                    raise PromptError(f"{path} has no column {c!r} (columns: {names}); set {key}=<column>")
+            return read_arrow(f"prompts.path={path}", fs, parts, list(columns) if columns else None)
         if ext == ".parquet" or is_dir:
             # a folder: its Parquet parts only, as the training set's reader takes them (images or
             # img2dataset's _stats.json beside them were read as Parquet and failed)
@@ -109,6 +113,9 @@ def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, s
         # the others are not read: a stray key of two types fails nothing), and text with a lone surrogate
         # escape ("\ud83d": an emoji cut in half, common in scraped captions) as U+FFFD
         present = dict.fromkeys(k for r in rows for k in r)
+        for c, key in (columns or {}).items():  # as for Parquet and CSV: the file's keys, and the one to set
+            if rows and c not in present:
+                raise PromptError(f"{path} has no column {c!r} (columns: {list(present)}); set {key}=<column>")
         keys = [k for k in columns if k in present] if columns else list(present)
         out = {}
         for k in keys:
@@ -155,7 +162,8 @@ def _ids(table: pa.Table, name: str, path: str, texts: list[str]) -> list[str]:
     out, seen = [], {}
     as_text = _column(table, name, path, "prompts.id_column")  # lists and bytes refused there
     for n, (v, i, t) in enumerate(zip(table.column(name).to_pylist(), as_text, texts)):
-        if i is None or (isinstance(v, float) and v != v):
+        # a blank CSV cell is "" (DictReader), not None: it was the id "" of a sample id "/0"
+        if i is None or not i.strip() or (isinstance(v, float) and v != v):
             raise PromptError(f"{path}: row {n} has no id in prompts.id_column={name!r}; give every prompt an id, "
                               "or drop prompts.id_column (ids are then hashes of the texts)")
         if isinstance(v, float) and v.is_integer():  # an integer column read as float (NaN elsewhere in it)

@@ -1,5 +1,7 @@
 import json
+import os
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -202,3 +204,37 @@ def test_a_manifest_as_prompts_reads_its_caption_column_only(tmp_path, monkeypat
     with pytest.raises(PromptError, match=r"has no column 'text' \(columns: \['id', 'image', 'caption', 'n'\]\); "
                                           r"set prompts.column=<column>"):
         load_prompts(PromptsConfig(source=PromptSource.file, path=str(path), column="text"))
+
+
+def test_prompt_files_name_a_missing_key_and_a_blank_id(tmp_path):
+    """A .jsonl of {"text": ...} lines (datasets' metadata.jsonl) with the default prompts.column was
+    "holds no prompts", not the key to set; a blank CSV id cell was the id "" (sample ids "/0")."""
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"text": "a cat"}\n{"text": "a dog", "id": "d"}\n')
+    with pytest.raises(PromptError, match=r"has no column 'prompt' \(columns: \['text', 'id'\]\); set prompts.column"):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(p)))
+    assert load_prompts(PromptsConfig(source=PromptSource.file, path=str(p), column="text"))["prompt"].to_pylist() == [
+        "a cat", "a dog"]
+    c = tmp_path / "p.csv"
+    c.write_text("id,prompt\n1,a cat\n ,a dog\n")
+    with pytest.raises(PromptError, match=r"row 1 has no id in prompts.id_column='id'"):
+        load_prompts(PromptsConfig(source=PromptSource.file, path=str(c), id_column="id"))
+
+
+def test_a_save_to_disk_folder_as_prompts_reads_its_caption_column_only(tmp_path, monkeypatch):
+    """prompts=captions at a datasets save_to_disk training set: every Arrow file was read whole, images
+    included, for one caption column, and a missing column was never named. Now only the named columns,
+    a record batch at a time."""
+    from memex import manifest
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "hf_datasets", "with_ids")
+    kept = []
+    real = manifest.read_arrow
+    monkeypatch.setattr("memex.prompts.read_arrow", lambda *a: kept.append(a[3]) or real(*a))
+    t = load_prompts(PromptsConfig(source=PromptSource.captions, path=folder, caption_column="text"))
+    assert t["prompt"].to_pylist() == [f"a photo {i}" for i in range(4)] and kept == [["text"]]
+    assert manifest.read_arrow("x", fsspec.filesystem("file"), manifest.hf_dataset_parts(
+        fsspec.filesystem("file"), folder, folder, "x"), ["id"]).column_names == ["id"]
+    with pytest.raises(PromptError, match=r"has no column 'caption' \(columns: \['image', 'text', 'id'\]\); "
+                                          r"set prompts.caption_column"):
+        load_prompts(PromptsConfig(source=PromptSource.captions, path=folder))
