@@ -21,9 +21,10 @@ add_adapter, which training uses, asks for peft >= 0.22).
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable
 
-from memex.models import HUB_ID, ModelError, lycoris_kinds, safetensors_shapes
+from memex.models import HUB_ID, WEIGHT_SUFFIXES, ModelError, _local_slip, lycoris_kinds, safetensors_shapes
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # key suffix -> which factor: "down" is (rank, in_features[, k, k]), "up" is (out_features, rank[, 1, 1]).
@@ -36,6 +37,18 @@ COMPONENTS = ("unet", "text_encoder")  # the prefixes of diffusers' LoRA keys fo
 
 def is_local(lora: str) -> bool:
     return os.path.exists(lora) or not HUB_ID.match(lora)
+
+
+def check_hub_shaped(lora: str) -> None:
+    """A model.lora that is no file or folder here but reads as a hub id (`out/checkpoint-5000`,
+    `runs/pytorch_lora_weights.safetensors`) was passed as one, and failed in every sampler actor
+    after the index build: refused when its first part is a folder here or it names a weights file."""
+    if is_local(lora):
+        return
+    slip = _local_slip(lora)
+    if slip or lora.endswith(WEIGHT_SUFFIXES):
+        raise ModelError(f"model.lora={lora}: no such file or folder{slip or ''} (a hub LoRA is <user>/<repo>, "
+                         f"without a file name; a local one is the folder holding {LORA_FILE}, or that file)")
 
 
 def lora_file(lora: str) -> str:
@@ -51,9 +64,14 @@ def lora_file(lora: str) -> str:
             raise ModelError(f"model.lora={lora} holds several .safetensors files ({', '.join(found[:4])}): give "
                              "model.lora=<the file>")
         pickled = [n for n in names if n.endswith(".bin")]
+        # a training run still going (or stopped early) has only its checkpoint-<step>/ folders
+        steps = sorted((int(n.split("-", 1)[1]), n) for n in names if re.fullmatch(r"checkpoint-\d+", n)
+                       and os.path.isfile(os.path.join(lora, n, LORA_FILE)))
         raise ModelError(f"model.lora={lora} holds no .safetensors file (diffusers' LoRA scripts write {LORA_FILE})"
                          + (f"; {pickled[0]} is pickle: convert it once with safetensors.torch.save_file"
-                            if pickled else ""))
+                            if pickled else "")
+                         + (f"; its checkpoint folders do ({', '.join(n for _, n in steps[-3:])}): set "
+                            f"model.lora={os.path.join(lora, steps[-1][1])}" if steps else ""))
     if os.path.isfile(lora):
         if not lora.endswith(".safetensors"):
             raise ModelError(f"model.lora={lora} is not a .safetensors file (pickle LoRA weights: convert them once "
@@ -63,10 +81,32 @@ def lora_file(lora: str) -> str:
                      f"{LORA_FILE})")
 
 
+KOHYA = ("lora_unet_", "lora_te")  # kohya's key prefixes: diffusers converts those itself
+
+
+def unprefixed(keys: Any) -> bool:
+    """Keys with no `unet.`/`text_encoder.` prefix: diffusers' format before 0.21 (unet.save_attn_procs:
+    `...attn1.processor.to_q_lora.down.weight`) or a raw peft state dict of a UNet. diffusers 0.42 loads
+    only prefixed keys: these were dropped with a log line, and the LoRA refused as changing nothing."""
+    keys = list(keys)
+    return any("lora" in k.lower() for k in keys) and not any(
+        k.startswith(tuple(c + "." for c in COMPONENTS)) or k.startswith(KOHYA) for k in keys)
+
+
+def from_unprefixed(key: str) -> str:
+    """An unprefixed UNet LoRA key in today's diffusers format:
+    `mid_block...attn1.processor.to_out_lora.up.weight` -> `unet.mid_block...attn1.to_out.0.lora.up.weight`."""
+    k = key.replace(".processor.", ".")
+    for proj in ("to_q", "to_k", "to_v"):
+        k = k.replace(f".{proj}_lora.", f".{proj}.lora.")
+    return "unet." + k.replace(".to_out_lora.", ".to_out.0.lora.")
+
+
 def check_lora(lora: str, shapes_of: Callable[[str], dict[str, tuple[int, ...]] | None]) -> None:
     """A local model.lora against the base, without reading weights: a readable safetensors header
     with LoRA tensors, each adapting a module the base has, with matching features.
     `shapes_of(component)`: that component's state-dict shapes, None where it cannot tell."""
+    check_hub_shaped(lora)
     if not is_local(lora):
         return  # a hub id: checked when loaded (this machine may not reach the hub)
     file = lora_file(lora)
@@ -83,6 +123,8 @@ def check_lora(lora: str, shapes_of: Callable[[str], dict[str, tuple[int, ...]] 
     if not any("lora" in k.lower() for k in tensors):
         raise ModelError(f"model.lora={lora}: {file} holds no LoRA tensors (no lora_A/lora_B or lora.down/lora.up "
                          "keys): a fully fine-tuned UNet goes in model.unet")
+    if unprefixed(tensors):
+        tensors = {from_unprefixed(k): v for k, v in tensors.items()}
     for comp in COMPONENTS:
         rows = [(k, k[len(comp) + 1: -len(s)], _FACTORS[s], shape) for k, shape in sorted(tensors.items())
                 for s in _FACTORS if k.startswith(comp + ".") and k.endswith(s)]
@@ -122,7 +164,12 @@ def apply_lora(pipe: Any, lora: str, path: str) -> None:
     try:
         if is_local(lora):
             file = lora_file(lora)
-            pipe.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file))
+            if unprefixed(safetensors_shapes(file)):  # given to diffusers with today's keys (unprefixed())
+                from safetensors.torch import load_file
+
+                pipe.load_lora_weights({from_unprefixed(k): v for k, v in load_file(file).items()})
+            else:
+                pipe.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file))
         else:
             pipe.load_lora_weights(lora)
     except ModelError:
@@ -131,9 +178,16 @@ def apply_lora(pipe: Any, lora: str, path: str) -> None:
         raise ModelError(f"could not load model.lora={lora} onto model.path={path} ({type(pipe).__name__}): "
                          f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
     layers = _lora_layers(pipe)
+    if not layers:
+        keys = sorted(safetensors_shapes(lora_file(lora))) if is_local(lora) else []
+        prefixes = sorted({k.split(".", 1)[0] for k in keys})
+        raise ModelError(f"model.lora={lora}: diffusers loaded none of its tensors into model.path={path}"
+                         + (f" (its keys begin {', '.join(prefixes[:5])}; diffusers reads unet.*, text_encoder.* "
+                            "and kohya's lora_unet_*/lora_te_*)" if prefixes else "")
+                         + ": a LoRA of another kind of model, or of another base")
     if not any(b.weight.detach().abs().sum() > 0 for m in layers for b in m.lora_B.values()):
         raise ModelError(f"model.lora={lora} changes no weight of model.path={path}: its up (B) factor is zero on "
-                         f"every one of the {len(layers)} layers it was loaded into (a LoRA of another base model "
-                         "matches none of them; or it was saved before any training step)")
+                         f"every one of the {len(layers)} layers it was loaded into (saved before any training "
+                         "step?)")
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go

@@ -221,3 +221,58 @@ def test_a_lora_retrained_into_the_same_folder_is_refused_not_reported_as_the_ol
     assert generate.prepare(compose([*settings, "run.name=retrained"])) == "retrained"
     (tmp_path / "runs" / name / "weights.json").unlink()  # a folder written before the record was kept
     assert generate.prepare(cfg) == name and layout.store.read_json(layout.weights_json) != record
+
+
+def _old_format(key: str) -> str:
+    """Today's `unet.<module>.to_q.lora.down.weight` as diffusers < 0.21 (unet.save_attn_procs) wrote it:
+    no component prefix, `<module>.processor.to_q_lora.down.weight`, `to_out.0` as `to_out_lora`."""
+    k = key.removeprefix("unet.").replace(".to_out.0.lora.", ".processor.to_out_lora.")
+    return re.sub(r"\.(to_[qkv])\.lora\.", r".processor.\1_lora.", k)
+
+
+def test_a_lora_in_diffusers_older_unprefixed_format_is_fused_and_checked(tiny_models, lora, tmp_path):
+    """diffusers before 0.21 saved a UNet LoRA without the `unet.` prefix (attn procs keys); diffusers 0.42
+    loads prefixed keys only, dropped every one with a log line, and memex refused the LoRA as "changes
+    no weight ... a LoRA of another base", after the index build, for the base it was made for. It is
+    read now, checked before any work like today's format, and fuses to the same weights."""
+    base_path = tiny_models["latent_text"]
+    factors = load_file(lora / "pytorch_lora_weights.safetensors")
+    (tmp_path / "old").mkdir()
+    save_file({_old_format(k): v for k, v in factors.items()}, tmp_path / "old" / "pytorch_lora_weights.safetensors")
+    assert any(".processor.to_out_lora.up.weight" in k for k in load_file(tmp_path / "old" / "pytorch_lora_weights"
+                                                                             ".safetensors"))
+    check_model_inputs(base_path, lora=str(tmp_path / "old"))
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    today = load_model(base_path, lora=str(lora)).pipe.unet.state_dict()[f"{module}.weight"]
+    old = load_model(base_path, lora=str(tmp_path / "old")).pipe.unet.state_dict()[f"{module}.weight"]
+    torch.testing.assert_close(old, today)
+    # one of another base, in that format, is refused before any work as the prefixed one is
+    wide = {k: torch.zeros(v.shape[0], v.shape[1] + 8) if k.endswith("to_k_lora.down.weight") else v
+            for k, v in load_file(tmp_path / "old" / "pytorch_lora_weights.safetensors").items()}
+    save_file(wide, tmp_path / "old" / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ModelError, match=r"has shape .* but model.path's unet .*to_k.weight is .*another base model"):
+        check_model_inputs(base_path, lora=str(tmp_path / "old"))
+
+
+def test_a_lora_path_that_reads_as_a_hub_id_or_holds_only_checkpoints_names_the_fix(tiny_models, lora, tmp_path,
+                                                                                    monkeypatch):
+    """`model.lora=out/checkpoint-5000` (a typo; out/ is here) and a relative path to a weights file from
+    another folder read as hub ids and failed on every sampler actor after the index build; a training
+    folder with only checkpoint-<step>/ folders said "holds no .safetensors file" without naming them."""
+    import shutil
+
+    base_path = tiny_models["latent_text"]
+    (tmp_path / "out").mkdir()
+    shutil.copytree(lora, tmp_path / "out" / "checkpoint-500")
+    shutil.copytree(lora, tmp_path / "out" / "checkpoint-1000")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=r"model.lora=out/checkpoint-5000: no such file or folder; out/ is a folder "
+                                         r"here: did you mean out/checkpoint-500"):
+        check_model_inputs(base_path, lora="out/checkpoint-5000")
+    with pytest.raises(ModelError, match=r"model.lora=runs/pytorch_lora_weights.safetensors: no such file or folder "
+                                         r"\(a hub LoRA is <user>/<repo>"):
+        check_model_inputs(base_path, lora="runs/pytorch_lora_weights.safetensors")
+    with pytest.raises(ModelError, match=r"model.lora=out holds no .safetensors file .*its checkpoint folders do "
+                                         r"\(checkpoint-500, checkpoint-1000\): set model.lora=out/checkpoint-1000"):
+        check_model_inputs(base_path, lora="out")
+    check_model_inputs(base_path, lora="out/checkpoint-500")
