@@ -16,6 +16,8 @@ Every function runs on the device its inputs are on (CPU or GPU) and returns ten
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -99,11 +101,17 @@ def _channels_last(x: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
     if x.ndim != 4:
         raise DistanceError(f"tiled_l2_pairwise needs 4-d images, (N, C, H, W) float or (N, H, W, C) | "
                             f"(N, C, H, W) uint8; {name} has shape {tuple(x.shape)}")
+    shape = tuple(x.shape)
     if x.dtype == torch.uint8:
-        return (x if x.shape[-1] in (1, 3) else x.permute(0, 2, 3, 1)), True
-    if not x.is_floating_point():
+        x, u8 = (x if x.shape[-1] in (1, 3) else x.permute(0, 2, 3, 1)), True
+    elif not x.is_floating_point():
         raise DistanceError(f"tiled_l2_pairwise needs float images in [0, 1] or uint8; {name} is {x.dtype}")
-    return x.permute(0, 2, 3, 1), False
+    else:
+        x, u8 = x.permute(0, 2, 3, 1), False
+    if x.shape[-1] not in (1, 3):  # RGBA (N, H, W, 4) uint8 was read as 16 channels: plausible, wrong distances
+        raise DistanceError(f"tiled_l2_pairwise needs 1 or 3 channels; {name} has shape {shape}, read as "
+                            f"{x.shape[-1]} channels: decode to RGB or L first (memex.images.decode)")
+    return x, u8
 
 
 def _largest(limit: int, fits) -> int:
@@ -247,7 +255,7 @@ def l2_pairwise(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Ten
     lose their digits to cancellation. Memory: chunk x M floats of output per step.
     """
     a, b = _common(a, b)
-    dim = a[0].numel()
+    dim = math.prod(a.shape[1:])  # a[0] of an empty batch was an IndexError
     fa, fb = a.reshape(a.shape[0], dim), b.reshape(b.shape[0], dim)
     out = [torch.cdist(fa[i : i + chunk], fb, compute_mode="donot_use_mm_for_euclid_dist")
            for i in range(0, fa.shape[0], chunk)]

@@ -166,6 +166,16 @@ def _sscd_missing(path: str) -> str:
             "(facebookresearch/sscd-copy-detection, e.g. sscd_disc_mixup.torchscript.pt) and set embedder.path=<file>")
 
 
+def _sscd_unreadable(path: str, e: OSError) -> str:
+    """A folder (the one holding the .pt) or a file this machine may not read: it was a raw IsADirectoryError
+    or PermissionError from the preflight, naming no setting."""
+    if isinstance(e, IsADirectoryError) or os.path.isdir(path):
+        found = sorted(n for n in os.listdir(path) if n.endswith(".pt"))[:3] if os.path.isdir(path) else []
+        return (f"embedder.path={path} is a folder: set it to the SSCD TorchScript file in it"
+                + (f" ({', '.join(found)})" if found else " (*.torchscript.pt)"))
+    return f"embedder.path={path} cannot be read ({type(e).__name__}: {e}): check the file and its permissions"
+
+
 class SSCDEmbedder(Embedder):
     """SSCD TorchScript descriptor: size x size input, ImageNet normalisation, L2-normalised output."""
 
@@ -180,6 +190,8 @@ class SSCDEmbedder(Embedder):
                 data = f.read()  # any fsspec URI; torch.jit.load reads from memory
         except FileNotFoundError:
             raise EmbedderError(_sscd_missing(path)) from None
+        except OSError as e:
+            raise EmbedderError(_sscd_unreadable(path, e)) from e
         try:
             self.model = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/ValueError for non-TorchScript files
@@ -282,6 +294,8 @@ def check_embedder(cfg: EmbedderConfig, storage_options: dict[str, Any] | None =
                 head = f.read(4)
         except FileNotFoundError:
             raise EmbedderError(_sscd_missing(path)) from None
+        except OSError as e:
+            raise EmbedderError(_sscd_unreadable(path, e)) from e
         if head != b"PK\x03\x04":
             raise EmbedderError(f"embedder.path={path} is not a TorchScript model (not a zip archive, as "
                                 "torch.jit.save writes them); SSCD publishes *.torchscript.pt files: set embedder.path "

@@ -247,3 +247,17 @@ def test_tile_detail_is_the_distance_to_the_own_tile_mosaic():
     assert d > 0.15  # the mark makes it a picture a generation must reproduce, not just match in colour
     gradient = torch.linspace(0, 0.3, 32).expand(1, 3, 32, 32)  # a soft sky: low complexity
     assert float(tile_detail(gradient)[0]) < 0.05
+
+
+def test_empty_batches_and_four_channel_images():
+    """l2_pairwise of an empty first batch was an IndexError (its empty branch unreachable); uint8 RGBA
+    (N, H, W, 4) was read as (N, C=H, ...) and gave plausible, wrong tiled l2 (0.57 for two images
+    differing in alpha only). It is refused, naming the fix."""
+    assert l2_pairwise(torch.zeros(0, 3, 8, 8), torch.rand(2, 3, 8, 8)).shape == (0, 2)
+    rgba = torch.zeros(2, 16, 16, 4, dtype=torch.uint8)
+    with pytest.raises(DistanceError, match=r"needs 1 or 3 channels; a has shape \(2, 16, 16, 4\).*decode to RGB"):
+        tiled_l2_pairwise(rgba, rgba)
+    with pytest.raises(DistanceError, match=r"needs 1 or 3 channels"):
+        tiled_l2_pairwise(torch.rand(2, 4, 16, 16), torch.rand(2, 4, 16, 16))
+    gray = torch.rand(2, 1, 16, 16)
+    assert tiled_l2_pairwise(gray, gray).shape == (2, 2)

@@ -82,6 +82,18 @@ def test_sscd_from_fsspec_uri_and_bad_files(tmp_path):
         make_embedder(EmbedderConfig("sscd", path=str(tmp_path / "absent.pt")))
 
 
+def test_an_sscd_path_at_its_folder_names_the_file_to_set(tmp_path):
+    """embedder.path at the folder holding the .pt: the preflight (and the load) raised a raw
+    IsADirectoryError naming no setting; now the file in it is named, at both."""
+    from memex.embed import check_embedder
+
+    torch.jit.script(TinyDescriptor().eval()).save(str(tmp_path / "sscd_disc_mixup.torchscript.pt"))
+    for call in (check_embedder, make_embedder):
+        with pytest.raises(EmbedderError, match=r"embedder.path=.* is a folder: set it to the SSCD TorchScript file "
+                                                r"in it \(sscd_disc_mixup.torchscript.pt\)"):
+            call(EmbedderConfig("sscd", path=str(tmp_path), size=16))
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
