@@ -4,7 +4,7 @@ From a laptop against a cluster, through `ray dashboard cluster.yaml` (it forwar
 :8265 here; the head's security group need not open it), Ray setting RAY_ADDRESS for the driver:
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/audit.py model=local model.path=/fsx/ckpt/step-20000 trainset=manifest \
-            trainset.path=s3://b/train.parquet storage=s3 resources=gpu index=ivfpq
+            trainset.path=s3://b/train.parquet storage=s3 storage.root=s3://b/memex-runs resources=gpu index=ivfpq
 """
 
 import sys

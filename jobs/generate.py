@@ -4,8 +4,8 @@ From a laptop against a cluster:
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/generate.py model=sd15 prompts=captions prompts.path=s3://b/train.parquet \
             sampling=paper storage=s3 storage.root=s3://b/memex-runs resources=gpu
-(storage=s3 alone writes to s3://$MEMEX_BUCKET/runs, read on the head: a job does not carry the laptop's
-environment, so give storage.root, or --runtime-env-json '{"env_vars": {"MEMEX_BUCKET": "b"}}'.)
+(storage=s3 alone reads s3://$MEMEX_BUCKET/runs on the head, and is refused there without it: a job does not
+carry the laptop's environment, so give storage.root, or --runtime-env-json '{"env_vars": {"MEMEX_BUCKET": "b"}}'.)
 """
 
 import sys

@@ -283,13 +283,16 @@ def _check_choice(key: str, override: Any, cls: type) -> str | None:
 
 
 def _typed(cfg: DictConfig, cls: type, validate):
-    from omegaconf.errors import MissingMandatoryValue
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
     check_schema(cfg, cls)
     try:
         obj = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:  # a ??? left in the config: name the key to set
         raise C.ConfigError(f"{e.full_key} is not set: add {e.full_key}=... to the command") from None
+    except InterpolationResolutionError as e:  # storage=s3 without storage.root or $MEMEX_BUCKET, say
+        raise C.ConfigError(f"{e.full_key} cannot be resolved ({str(e).splitlines()[0]}): add {e.full_key}=... to the "
+                            "command, or set the environment variable it reads where the driver runs") from None
     assert isinstance(obj, cls), type(obj)
     validate(obj)
     return obj
@@ -626,6 +629,8 @@ def common_defaults(stage: str, cfg: DictConfig) -> list[tuple[str, str]]:
     for key in COMMON_KEYS[stage]:
         if OmegaConf.is_missing(cfg, key):
             out.append((key, "??? (required)"))
+        elif _unresolvable(cfg, key):
+            out.append((key, f"{_unresolvable(cfg, key)} (unset: give {key}=...)"))
         else:
             value = OmegaConf.select(cfg, key, throw_on_missing=True)
             # by key, as every file memex writes does: a webhook's URL is its secret (redact_text alone cannot
@@ -633,6 +638,19 @@ def common_defaults(stage: str, cfg: DictConfig) -> list[tuple[str, str]]:
             value = redact({key.rsplit(".", 1)[-1]: value})[key.rsplit(".", 1)[-1]]
             out.append((key, redact_text(format_default(value))))
     return out
+
+
+def _unresolvable(cfg: DictConfig, key: str) -> str | None:
+    """The key's own text where it reads an unset environment variable (storage=s3's $MEMEX_BUCKET), else None."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        OmegaConf.select(cfg, key, throw_on_missing=True)
+    except InterpolationResolutionError:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return str(node._get_node(leaf)._value())
+    return None
 
 
 def stage_help(stage: str, overrides: list[str]) -> str:

@@ -124,7 +124,10 @@ def test_every_install_uses_the_constraints():
     assert len(installs) == 2, installs
     ci = (REPO / ".ci" / "run").read_text()
     assert any(ln in ci for ln in installs), ".ci/run does not run README's test command"
-    docker_pip = [ln for ln in DOCKERFILE.read_text().splitlines() if ln.startswith("RUN") and "pip install" in ln]
+    # a RUN's continuation lines joined: the main install is the `&& pip install` after a backslash
+    docker_pip = [ln for ln in DOCKERFILE.read_text().replace("\\\n", " ").splitlines()
+                  if ln.startswith("RUN") and "pip install" in ln]
+    assert len(docker_pip) == 2, docker_pip
     for line in installs + docker_pip:
         assert "constraints.txt" in line, line
 
@@ -157,3 +160,21 @@ def test_validator_rejects_broken_copies(raw, mutate):
     mutate(broken)
     with pytest.raises(jsonschema.ValidationError):
         _validate(broken)
+
+
+def test_the_image_has_every_tracker_and_no_mutable_tag_or_local_output():
+    """A cluster user cannot pip install a tracker's extra on the nodes, and tracker=mlflow|wandb write in
+    the working folder by default (its report artifacts would be baked into the image); cluster.yaml's
+    image was ghcr.io/memex-audit/memex:latest, someone else's mutable tag."""
+    docker = DOCKERFILE.read_text()
+    trackers = [p.stem for p in (REPO / "conf" / "tracker").glob("*.yaml") if p.stem != "none"]
+    assert trackers and all(f"'{t}'" in docker and t in docker.split("-e \"/opt/memex[")[1].split("]")[0]
+                            for t in trackers), trackers
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    def norm(e: str) -> str:
+        return e.removeprefix("**/").rstrip("/")
+
+    for entry in ("mlflow.db", "mlruns/", "wandb/", *(REPO / ".gitignore").read_text().split()):
+        assert norm(entry) in {norm(e) for e in ignored}, entry
+    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+    assert not raw["docker"]["image"].endswith(":latest") and "memex-audit" not in docker

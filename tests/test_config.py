@@ -82,12 +82,30 @@ def test_default_config_is_the_demo():
     assert cfg.storage.root == "runs" and cfg.resources.num_gpus == 0
 
 
+@pytest.fixture(autouse=True)
+def memex_bucket(monkeypatch):
+    """storage=s3 reads $MEMEX_BUCKET where no storage.root is given (conf/storage/s3.yaml)."""
+    monkeypatch.setenv("MEMEX_BUCKET", "test-bucket")
+
+
 def test_overrides_reach_typed_fields():
     cfg = compose(["sampling.samples_per_prompt=500", "sampling.scheduler=ddim", "model=sd15", "storage=s3"])
     assert cfg.sampling.samples_per_prompt == 500
     assert cfg.sampling.scheduler == SchedulerKind.ddim
     assert cfg.model.kind == ModelKind.latent_text
-    assert cfg.storage.root.startswith("s3://")
+    assert cfg.storage.root == "s3://test-bucket/runs"
+
+
+def test_storage_s3_without_a_root_or_bucket_is_refused(monkeypatch):
+    """storage=s3 without storage.root or $MEMEX_BUCKET fell back on s3://memex-runs/runs: a bucket of that
+    name is someone else's (S3 names are global), and a Ray job never carries the laptop's $MEMEX_BUCKET.
+    Now refused, naming the key; --help shows the key as unset instead of failing."""
+    monkeypatch.delenv("MEMEX_BUCKET")
+    with pytest.raises(ConfigError, match=r"^storage.root cannot be resolved \(.*MEMEX_BUCKET.*\): add storage.root="):
+        compose(["storage=s3"])
+    assert compose(["storage=s3", "storage.root=s3://mine/runs"]).storage.root == "s3://mine/runs"
+    pairs = dict(cli.common_defaults("audit", cli.compose_config("audit", ["storage=s3"])))
+    assert pairs["storage.root"] == "s3://${oc.env:MEMEX_BUCKET}/runs (unset: give storage.root=...)"
 
 
 @pytest.mark.parametrize("override,key", [

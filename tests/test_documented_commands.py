@@ -204,7 +204,7 @@ def test_extractor_finds_the_documented_commands():
     assert stages == {"generate", "audit", "nightly", "train", "mia"}
     # shell around the command is gone, continuation lines are joined, placeholders kept as values
     cron = next(c for c in CHECKED if c.where.startswith("README.md") and "nightly.only=$ckpt" in c.overrides)
-    assert cron.overrides == ["nightly=default", "nightly.location=/mnt/train/sd15-ft", "model=sd15",
+    assert cron.overrides == ["nightly=default", "nightly.location=/fsx/train/sd15-ft", "model=sd15",
                               "trainset=manifest", "trainset.path=s3://b/train.parquet", "storage=s3",
                               "storage.root=s3://b/memex-runs", "resources=gpu", "nightly.only=$ckpt"]
     cluster = next(c for c in CHECKED if c.where.startswith("jobs/audit.py") and c.overrides)
@@ -273,9 +273,10 @@ CLAIMS = [
     ("README.md", "`preset=paper` (`conf/preset/paper.yaml`) sets the paper's setting at once",
      "audit", ["preset=paper"], PAPER),
     ("README.md", "memex audit preset=paper model=sd15 trainset=manifest trainset.path=s3://b/train.parquet "
-     "resources=gpu storage=s3 # the paper's setting",
+     "resources=gpu storage=s3 storage.root=s3://b/memex-runs # the paper's setting",
      "audit", ["preset=paper", "model=sd15", "trainset=manifest", "trainset.path=s3://b/train.parquet",
-               "resources=gpu", "storage=s3"], {**PAPER, "model.kind": "latent_text", "resources.num_gpus": 1}),
+               "resources=gpu", "storage=s3", "storage.root=s3://b/memex-runs"],
+     {**PAPER, "model.kind": "latent_text", "resources.num_gpus": 1}),
     ("conf/preset/paper.yaml", "The paper's setting in one word", "nightly", ["preset=paper"], PAPER),
     ("README.md", "Overrides after it still win (`preset=paper sampling.samples_per_prompt=100`)",
      "audit", ["preset=paper", "sampling.samples_per_prompt=100"],
