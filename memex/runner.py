@@ -50,7 +50,7 @@ import pyarrow as pa
 
 from memex import console
 from memex.config import ConfigError, ExecutorKind, MemexError, ResourcesConfig, StorageConfig
-from memex.storage import StageFolder, StorageError, Store, unreachable_storage
+from memex.storage import RAY_JOB_CONFIG, StageFolder, StorageError, Store, in_job_working_dir, unreachable_storage
 
 log = logging.getLogger("memex.runner")
 
@@ -184,7 +184,8 @@ def check_fits(resources: ResourcesConfig, gpu: bool = True) -> None:
 def check_storage_reachable(root: str, shared_mount: bool = False) -> None:
     """Refuse a node-local storage.root on a cluster of more than one node (memex/storage.py
     `unreachable_storage`): ConfigError naming object storage or storage.shared_mount."""
-    why = unreachable_storage(root, shared_mount, alive_nodes())
+    why = (in_job_working_dir(root, "storage.root", os.environ.get(RAY_JOB_CONFIG), os.getcwd())
+           or unreachable_storage(root, shared_mount, alive_nodes()))
     if why:
         raise ConfigError(why)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import mimetypes
+import os
 import posixpath
 import uuid
 from typing import Any, Iterator
@@ -110,6 +111,31 @@ def unreachable_storage(root: str, shared_mount: bool, alive_nodes: int) -> str 
                 "storage.root=s3://bucket/runs), or, if every node mounts this path (NFS), set "
                 "storage.shared_mount=true")
     return None
+
+
+# set by Ray's job supervisor in a submitted job's driver: its runtime_env (working_dir) as JSON
+RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def in_job_working_dir(path: str | None, key: str, job_config: str | None, cwd: str) -> str | None:
+    """Why a local `path` is lost under `ray job submit --working-dir`, or None (pure: the caller passes
+    $RAY_JOB_CONFIG_JSON_ENV_VAR and the working folder). The job's driver runs in Ray's copy of the
+    working dir, which Ray deletes once the job is done: a relative path (storage.root's default `runs`,
+    MLflow's sqlite:///mlflow.db, wandb's ./wandb) lands in it, and the results with it. None: here."""
+    if not job_config or protocol_of(path or "") not in (None, "file", "local"):
+        return None
+    try:
+        working_dir = (json.loads(job_config).get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):
+        return None
+    if not working_dir:
+        return None
+    where = os.path.abspath(os.path.join(cwd, (path or ".").split("://", 1)[-1]))
+    if where != cwd and not where.startswith(cwd.rstrip("/") + "/"):
+        return None
+    return (f"{key}={path if path is not None else '(unset: this folder)'} is inside this Ray job's copy of its "
+            f"working_dir ({cwd}), which Ray deletes once the job is done: give object storage (s3://bucket/...) "
+            "or an absolute path outside it that the nodes share")
 
 
 def differences(a: dict, b: dict, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:

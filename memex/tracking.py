@@ -137,6 +137,22 @@ def check(t: TrackerConfig) -> None:
             import wandb  # noqa: F401
     except ImportError as e:
         raise ConfigError(_missing(t.kind, e)) from e
+    # under `ray job submit --working-dir`: a default location is Ray's copy of the working dir, deleted after the job
+    from memex.storage import RAY_JOB_CONFIG, in_job_working_dir
+
+    job, here = os.environ.get(RAY_JOB_CONFIG), os.getcwd()
+    where = {TrackerKind.mlflow: ("tracker.tracking_uri", t.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                  or "mlflow.db"),
+             TrackerKind.tensorboard: ("tracker.log_dir", t.log_dir),
+             TrackerKind.wandb: ("tracker.dir", t.dir or os.environ.get("WANDB_DIR"))}[t.kind]
+    path = where[1]
+    if t.kind == TrackerKind.mlflow and path.startswith("sqlite:///"):
+        path = path[len("sqlite:///"):]  # sqlite:///mlflow.db is relative; sqlite:////abs/mlflow.db absolute
+    elif t.kind == TrackerKind.mlflow and "://" in path:
+        return  # a tracking server, or object storage
+    why = in_job_working_dir(path, where[0], job, here) if path or t.kind == TrackerKind.wandb else None
+    if why:
+        raise ConfigError(why)
 
 
 def _missing(kind: TrackerKind, e: Exception) -> str:

@@ -226,6 +226,12 @@ def test_audit_job_on_the_shipped_demo_extracts_its_duplicated_images(tmp_path, 
     for p in summary["per_prompt"]:
         want = [r["triage_score"] for r in first if r["prompt_id"] == p["prompt_id"] and r["sample_index"] < 4]
         assert len(want) == 4 and p["triage_score"] == pytest.approx(sum(want) / 4, rel=1e-5)
+    # the default storage.root (`runs`, relative) is inside Ray's copy of the working dir, deleted after the job
+    out = subprocess.run([ray, "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO),
+                          "--submission-id", sid + "-relative", "--", "python", "jobs/audit.py", "prompts.limit=4",
+                          *FEWER_STEPS], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode != 0 and "storage.root=runs is inside this Ray job's copy of its working_dir" in (
+        out.stdout + out.stderr), (out.stdout + out.stderr)[-4000:]
 
 
 @pytest.mark.slow

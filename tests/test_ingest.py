@@ -1338,3 +1338,31 @@ def test_webdataset_shards_are_read_whole_once_per_version(tmp_path, monkeypatch
         kept.write_bytes(b"not parquet")  # damaged kept listings: made again, not trusted
     read.clear()
     assert list_training_set(str(shards), shard_cache=cache).equals(again) and len(read) == 3
+
+
+def test_an_index_is_read_from_where_it_was_found_after_a_move(tmp_path, in_process_units, monkeypatch):
+    """A reused index was read at the root recorded when it was built: one built with the relative
+    default (runs/, from one folder) and found later under an absolute storage.root from another folder
+    (cron from $HOME), or copied to another bucket, read its dups/ at a path that was not there (an empty
+    table: "the training set has no captions"). The root is now made absolute on the driver, and a reused
+    index is read where it was found."""
+    import shutil
+
+    from memex.membership import read_duplicates
+    from memex.stages import index
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i in range(6):
+        (pics / f"p{i}.png").write_bytes(encode_png(_img(i)))
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    info = index.run(_audit_cfg(str(pics), "runs"))
+    assert info.root == str(tmp_path / "a" / "runs" / "_index")  # absolute: Ray's workers may run elsewhere
+    shutil.move(tmp_path / "a" / "runs", tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    in_process_units.clear()
+    found = index.run(_audit_cfg(str(pics), str(tmp_path / "moved")))
+    assert in_process_units == [] and found.key == info.key  # reused, not rebuilt
+    assert found.root == str(tmp_path / "moved" / "_index")
+    assert read_duplicates(found, {}).num_rows == 6

@@ -115,3 +115,43 @@ def test_audit_against_an_endpoint_nobody_answers_fails_in_one_line_naming_the_k
     assert last.startswith("memex: error: cannot reach index folder s3://nowhere/runs/_index/"), r.stderr[-2000:]
     assert f"127.0.0.1:{port}" in last and "storage.options (endpoint_url, credentials)" in last
     assert list(tmp_path.iterdir()) == []  # no local run folder or log left behind
+
+
+def test_a_local_root_inside_a_ray_jobs_working_dir_copy_is_refused(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the driver in Ray's copy of the checkout, deleted once the
+    job is done: the default storage.root (`runs`, relative), MLflow's sqlite:///mlflow.db and wandb's
+    ./wandb landed in it, and the results went with it. Refused in a job (Ray's job supervisor sets
+    $RAY_JOB_CONFIG_JSON_ENV_VAR); an absolute path outside the copy, object storage or a tracking
+    server pass, and so does everything outside a job."""
+    import json
+
+    from memex import tracking
+    from memex.config import TrackerConfig, TrackerKind
+    from memex.storage import RAY_JOB_CONFIG, in_job_working_dir
+
+    job = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {}})
+    cwd = str(tmp_path / "_ray_pkg_abc")
+    why = in_job_working_dir("runs", "storage.root", job, cwd)
+    assert why and why.startswith(f"storage.root=runs is inside this Ray job's copy of its working_dir ({cwd})")
+    assert in_job_working_dir(f"{cwd}/out", "storage.root", job, cwd)
+    assert in_job_working_dir("/fsx/runs", "storage.root", job, cwd) is None
+    assert in_job_working_dir("s3://b/runs", "storage.root", job, cwd) is None
+    assert in_job_working_dir("runs", "storage.root", None, cwd) is None  # not a job
+    assert in_job_working_dir("runs", "storage.root", json.dumps({"runtime_env": {}}), cwd) is None  # no copy
+
+    (tmp_path / "_ray_pkg_abc").mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv(RAY_JOB_CONFIG, job)
+    for var in ("MLFLOW_TRACKING_URI", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=r"^storage.root=runs is inside this Ray job's copy"):
+        runner.check_storage_reachable("runs")
+    with pytest.raises(ConfigError, match=r"^tracker.tracking_uri=mlflow.db is inside this Ray job's copy"):
+        tracking.check(TrackerConfig(kind=TrackerKind.mlflow))
+    with pytest.raises(ConfigError, match=r"^tracker.dir=\(unset: this folder\) is inside this Ray job's copy"):
+        tracking.check(TrackerConfig(kind=TrackerKind.wandb))
+    tracking.check(TrackerConfig(kind=TrackerKind.mlflow, tracking_uri="http://mlflow:5000"))
+    tracking.check(TrackerConfig(kind=TrackerKind.mlflow, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    tracking.check(TrackerConfig(kind=TrackerKind.wandb, dir="/fsx/wandb"))
+    monkeypatch.delenv(RAY_JOB_CONFIG)
+    tracking.check(TrackerConfig(kind=TrackerKind.mlflow))  # a laptop's working folder is its own

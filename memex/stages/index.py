@@ -27,6 +27,7 @@ import math
 import posixpath
 import time
 import zipfile
+from dataclasses import replace
 from typing import Iterable
 
 import numpy as np
@@ -315,7 +316,8 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
     # 1. listing and key
     # images=False: a manifest's embedded images are hashed as read, not held (memex/ingest.py); WebDataset
     # shards' listings kept under the index root by each shard's version (a shard is read whole to list it)
-    root = cfg.index.root or cfg.storage.root.rstrip("/") + "/_index"
+    # a local root made absolute here, on the driver: Ray's workers (and a later audit) may run in another folder
+    root = Store(cfg.index.root or cfg.storage.root.rstrip("/") + "/_index", opts).uri
     listing = list_training_set(cfg.trainset.path, opts, cfg.trainset.caption_column, images=False,
                                 shard_cache=Store(posixpath.join(root.rstrip("/"), SHARD_LISTINGS), opts))
     check_spec(cfg, listing.num_rows)
@@ -332,7 +334,9 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
         check_embedder(done, stamp, cfg, layout)
     if done is not None and not (lost := missing_units(layout, len(done["shards"]), ivfpq)):
         log.info("index %s is complete: reusing it", layout.uri)
-        return IndexInfo.from_json(done)
+        # where it was found: the folder is named by its content, and the root it was built under may have
+        # been relative to another working folder, or a bucket it was copied from
+        return replace(IndexInfo.from_json(done), root=root)
     if done is not None:
         log.warning("index %s is marked complete but parts of it are gone (a partial copy, removed by hand): %s; "
                     "rebuilding only those", layout.uri, ", ".join(lost))
@@ -343,7 +347,7 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
         if done is not None and not missing_units(layout, len(done["shards"]), ivfpq):
             check_embedder(done, stamp, cfg, layout)
             log.info("index %s was completed by another audit: reusing it", layout.uri)
-            return IndexInfo.from_json(done)
+            return replace(IndexInfo.from_json(done), root=root)
         return build(cfg, listing, key, root, layout, luma, aspect, stamp)
 
 
