@@ -978,3 +978,49 @@ def test_an_unexpected_error_prints_its_traceback_without_credentials(tmp_path, 
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" in err and "RuntimeError: lost https://" in err, err
     assert "hunter2" not in err and "SECRETXYZ" not in err and "Error executing job" not in err
+
+
+def test_weights_rewritten_after_the_plan_are_not_recorded_under_the_planned_hash(tmp_path, monkeypatch):
+    """A whole-night job names each run folder and ledger row by the weights hashed at plan time, and audits
+    hours later: weights rewritten in place since (training restarted into the same output_dir; the files
+    keep their sizes) were audited and recorded as the planned ones. Now a checkpoint whose files changed
+    since the plan, or while it was audited, is skipped with no row, and the next night audits it under
+    its new hash."""
+    import os
+
+    from memex.stages import audit
+
+    location = tmp_path / "watch" / "demo-text-run"
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", location / "checkpoint-1000")
+    weights = next((location / "checkpoint-1000" / "unet").glob("*.safetensors"))
+    cfg = compose(_overrides(tmp_path, tmp_path / "watch"), config_name="nightly")
+    real_plan, real_audit = nightly.plan, audit.run
+
+    def rewrite():
+        data = bytearray(weights.read_bytes())
+        data[-64:] = bytes(64)  # new bytes, the same size: what a restarted training's save gives
+        weights.write_bytes(bytes(data))
+        st = weights.stat()
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    def plan_then_rewritten(c):
+        res = real_plan(c)
+        rewrite()
+        return res
+
+    audited = []
+    monkeypatch.setattr(nightly, "plan", plan_then_rewritten)
+    monkeypatch.setattr(audit, "run", lambda *a, **k: audited.append(1) or real_audit(*a, **k))
+    res = nightly.run(cfg)
+    assert res.rows == [] and audited == [] and res.skipped == [
+        {"location": str(location / "checkpoint-1000"), "reason": nightly.REWRITTEN}]
+
+    def rewritten_midway(acfg, **k):
+        rewrite()
+        return {"samples": 1, "extracted_unique_train_images": 0, "extracted_generations": 0, "prompts_flagged": 0}
+
+    monkeypatch.setattr(nightly, "plan", real_plan)
+    monkeypatch.setattr(audit, "run", rewritten_midway)
+    res = nightly.run(cfg)
+    assert res.rows == [] and [s["reason"] for s in res.skipped] == [nightly.REWRITTEN]
+    assert Ledger(str(tmp_path / "runs" / "_nightly")).read().num_rows == 0

@@ -234,6 +234,20 @@ def gone(c: Checkpoint) -> bool:
     return not all(Path(p).exists() for p in (c.location, c.unet, c.lora, c.text_encoder) if p)
 
 
+# the run folder and the row are named by the weights hashed at plan time (a whole-night job's last audit
+# starts hours later): weights rewritten in place since (training restarted into the same output_dir; an
+# SD checkpoint's files keep their sizes) were audited as the planned ones, under their hash
+REWRITTEN = "rewritten since it was planned (audited under its new weights the next night)"
+
+
+def rewritten(c: Checkpoint, p: "Pending") -> bool:
+    """Whether the checkpoint's weight files changed (names, sizes, mtimes: a stat each) since the plan."""
+    try:
+        return files_signature(c) != p.signature
+    except (OSError, CheckpointError):
+        return False  # gone or unreadable: the audit's own error, or gone(), says so
+
+
 def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> dict | str:
     """Steps 3-5 for one checkpoint; returns the ledger row it appended, or why it wrote none: a
     checkpoint deleted before or during its audit (no error to retry: it is gone), or one another
@@ -254,6 +268,8 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
     row = redact(row)  # no credential in the ledger, the payload or the printout: memex/redact.py
     if gone(c):
         return "deleted before its audit began"
+    if rewritten(c, p):
+        return REWRITTEN
     # The run folder's lease from the ledger check to the row's append (audit.run takes it again,
     # re-entrant): a job that found no row and took the lease the moment another job's audit released it
     # resumed the finished folder and appended a second row (alarms announced twice).
@@ -290,6 +306,10 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
         row.update(samples=0, extracted=0, extracted_generations=0, flagged_prompts=0, outcome="error",
                    message=redact_text(f"{type(e).__name__}: {e}"))
     else:
+        if rewritten(c, p):  # during the audit: its actors may have loaded either; no row, the next night redoes it
+            log.warning("%s: its weights were rewritten while it was audited; no ledger row (run folder %s holds "
+                        "an audit of unknown weights)", row["location"], row["run"])
+            return REWRITTEN
         row.update(samples=s["samples"], extracted=s["extracted_unique_train_images"],
                    extracted_generations=s["extracted_generations"], flagged_prompts=s["prompts_flagged"])
         rows = ledger.read().to_pylist()  # (read once after the audit: the gate's neighbours, and the check below)
