@@ -61,12 +61,21 @@ def is_damage(e: BaseException) -> bool:
     return True
 
 
-def damaged(where: str, kind: str, e: Exception) -> str:
-    """The message for a file memex wrote that no longer reads: say which, and how to recover."""
+def damaged(where: str, kind: str, e: Exception, markers: list[str] | None = None) -> str:
+    """The message for a file memex wrote that no longer reads: say which, and how to recover.
+    `markers`: the unit markers of the damaged files, named in the fix."""
+    fix = (f"Remove it and its marker{'s' if len(markers) > 1 else ''} ({', '.join(markers[:3])})" if markers else
+           "Remove it, and for a unit's file (shard-<n>.parquet) its marker (_markers/shard-<n>.json) too,")
     return (f"{where} is not readable {kind} ({type(e).__name__}: {e}). It was changed, truncated or removed after "
-            "memex wrote it (an interrupted copy or sync, an edit by hand). Remove it, and for a unit's file "
-            "(shard-000012.parquet) its marker (_markers/shard-000012.json) too, and rerun the command: what "
+            f"memex wrote it (an interrupted copy or sync, an edit by hand). {fix} and rerun the command: what "
             "was removed is written again and the rest is kept.")
+
+
+def marker_of(path: str) -> str | None:
+    """A unit file's marker (`.../samples/shard-000012.parquet` -> `.../samples/_markers/shard-000012.json`)."""
+    folder, name = posixpath.split(path)
+    stem, ext = posixpath.splitext(name)
+    return posixpath.join(folder, "_markers", stem + ".json") if ext == ".parquet" and "-" in stem else None
 
 
 def check_outside(out_key: str, out_uri: str, in_key: str, in_uri: str, options: dict[str, Any]) -> None:
@@ -218,10 +227,24 @@ class Store:
             # (PermissionError, TimeoutError, ConnectionResetError: a storage failure, whatever it says)
             if not is_damage(e):
                 raise
-            # arrow names the file it could not open; for one path name it ourselves
-            where = self.uri_of(paths[0]) if len(paths) == 1 else f"one of {len(paths)} files under " \
-                f"{self.uri_of(posixpath.dirname(paths[0]))}"
-            raise StorageError(damaged(where, "Parquet", e)) from e
+            # one path: named; several (a stage folder's units, the ledger's rows): each read alone to find which
+            # (at the paper's scale one of 100,000s of shards, and arrow names none for a page damaged inside)
+            bad = paths if len(paths) == 1 else self._damaged_files(paths, schema, columns)
+            where = (", ".join(self.uri_of(p) for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                     if bad else f"one of {len(paths)} files under {self.uri_of(posixpath.dirname(paths[0]))}")
+            markers = [self.uri_of(m) for m in map(marker_of, bad) if m and self.fs.exists(m)]
+            raise StorageError(damaged(where, "Parquet", e, markers)) from e
+
+    def _damaged_files(self, paths: list[str], schema: pa.Schema | None, columns: list[str] | None) -> list[str]:
+        """The files of `paths` that do not read (the error path of read_table: each read once more)."""
+        bad = []
+        for p in paths:
+            try:
+                pq.read_table(p, filesystem=self.fs, schema=schema, columns=columns)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+                if is_damage(e):
+                    bad.append(p)
+        return bad
 
     def sweep_temp(self, *folders: str, deep: bool = False) -> int:
         """Remove the `_tmp-` files a killed process's writes left in these folders of the store ("" is its
