@@ -604,7 +604,7 @@ def row_bytes(row: dict, opts: dict[str, Any]) -> bytes:
         if not row.get("uri"):
             raise IngestError("row has neither image bytes nor a uri")
         try:
-            data = read_uri(row["uri"], opts)
+            data = read_uri(row["uri"], opts, row.get("stamp"))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # gone, or no file: a bad row, quarantined
             raise
         except OSError as e:  # the store's I/O (fsspec maps S3's refusals, resets and throttling to OSError); a

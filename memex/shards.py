@@ -26,46 +26,50 @@ import fsspec
 
 TAR_URI = re.compile(r"^tar://(?P<member>.+?)::(?P<tar>.+)$")
 TAR_CACHE = 64  # shard indexes kept per process
-_index: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
+# by (shard uri, its version: the listing's stamp, size + ETag/mtime): a shard rewritten in place in a long-lived
+# process (a whole-night `memex nightly`) gave its members' old offsets, i.e. another member's bytes, without error
+_index: OrderedDict[tuple[str, str | None], dict[str, tuple[int, int]]] = OrderedDict()
 _lock = threading.Lock()  # guards _index and _scanning
-_scanning: dict[str, threading.Lock] = {}  # one scan per shard: the decoder's 8 threads ask at once
+_scanning: dict[tuple[str, str | None], threading.Lock] = {}  # one scan per shard: the decoder's 8 threads ask at once
 
 
 def member_uri(member: str, tar_uri: str) -> str:
     return f"tar://{member}::{tar_uri}"
 
 
-def tar_members(tar_uri: str, opts: dict[str, Any]) -> dict[str, tuple[int, int]]:
+def tar_members(tar_uri: str, opts: dict[str, Any], version: str | None = None) -> dict[str, tuple[int, int]]:
     """Member name -> (data offset, size) of the regular files of a tar shard, cached per process.
     One thread scans a shard while the others asking for it wait: without that, every thread asked
     before the first scan ended scanned it too (measured: 2,000 images in 4 shards decoded in 7.0-7.5 s
     against 5.3-5.5 s with the shards' indexes ready, bench/bench_shards.py)."""
+    key = (tar_uri, version)
     with _lock:
-        if tar_uri in _index:
-            _index.move_to_end(tar_uri)
-            return _index[tar_uri]
-        scan = _scanning.setdefault(tar_uri, threading.Lock())
+        if key in _index:
+            _index.move_to_end(key)
+            return _index[key]
+        scan = _scanning.setdefault(key, threading.Lock())
     with scan:
         with _lock:
-            if tar_uri in _index:
-                return _index[tar_uri]
+            if key in _index:
+                return _index[key]
         with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r:") as tf:
             members = {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
         with _lock:
-            _index[tar_uri] = members
-            _scanning.pop(tar_uri, None)
+            _index[key] = members
+            _scanning.pop(key, None)
             while len(_index) > TAR_CACHE:
                 _index.popitem(last=False)
     return members
 
 
-def read_uri(uri: str, opts: dict[str, Any]) -> bytes:
-    """The bytes of an image uri: a file on any fsspec filesystem, or a tar shard's member."""
+def read_uri(uri: str, opts: dict[str, Any], version: str | None = None) -> bytes:
+    """The bytes of an image uri: a file on any fsspec filesystem, or a tar shard's member. `version`:
+    the listing's stamp of the uri's file (a tar member's: its shard's), which keys the shard's offsets."""
     m = TAR_URI.match(uri)
     if m is None:
         with fsspec.open(uri, "rb", **opts) as f:
             return f.read()
-    found = tar_members(m["tar"], opts).get(m["member"])
+    found = tar_members(m["tar"], opts, version).get(m["member"])
     if found is None:
         raise FileNotFoundError(f"{m['member']} is not a member of {m['tar']}")
     offset, size = found

@@ -13,7 +13,15 @@ import pytest
 from PIL import Image
 
 from memex.images import decode, encode_png, resize
-from memex.ingest import QUARANTINE_SCHEMA, TRAINING_SCHEMA, IngestError, decode_rows, iter_batches, list_training_set
+from memex.ingest import (
+    QUARANTINE_SCHEMA,
+    TRAINING_SCHEMA,
+    IngestError,
+    decode_rows,
+    iter_batches,
+    list_training_set,
+    row_bytes,
+)
 from memex.manifest import ManifestError, read_manifest
 from memex.synth import logo
 
@@ -1366,3 +1374,34 @@ def test_an_index_is_read_from_where_it_was_found_after_a_move(tmp_path, in_proc
     assert in_process_units == [] and found.key == info.key  # reused, not rebuilt
     assert found.root == str(tmp_path / "moved" / "_index")
     assert read_duplicates(found, {}).num_rows == 6
+
+
+def test_a_tar_shard_rewritten_in_place_is_read_at_its_new_offsets(tmp_path):
+    """The offsets of a shard's members were cached by its uri alone for the process's life: a shard
+    rewritten in place (a new key, a new index) gave its old offsets in a long-lived process (a whole-night
+    nightly), i.e. another member's bytes, without error. They are kept per version of the shard (the
+    listing's stamp, which every row of it carries)."""
+    import tarfile
+    import time
+
+    from memex.shards import member_uri
+
+    tar = tmp_path / "s.tar"
+
+    def write_shard(names):
+        with tarfile.open(tar, "w") as tf:
+            for name, seed in names:
+                data = encode_png(_img(seed))
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+    write_shard([("1.png", 1)])
+    pq.write_table(pa.table({"id": ["one"], "uri": [member_uri("1.png", str(tar))]}), tmp_path / "m.parquet")
+    first = list_training_set(str(tmp_path / "m.parquet"))
+    assert row_bytes(first.to_pylist()[0], {}) == encode_png(_img(1))
+    write_shard([("0.png", 7), ("1.png", 2)])  # 1.png now further in, after another member
+    os.utime(tar, (time.time() + 5, time.time() + 5))
+    again = list_training_set(str(tmp_path / "m.parquet"))
+    assert again["stamp"][0].as_py() != first["stamp"][0].as_py()
+    assert row_bytes(again.to_pylist()[0], {}) == encode_png(_img(2))
