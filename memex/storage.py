@@ -71,6 +71,15 @@ def damaged(where: str, kind: str, e: Exception, markers: list[str] | None = Non
             "was removed is written again and the rest is kept.")
 
 
+def _fsync(path: str, directory: bool = False) -> None:
+    """Flush a local file's (or folder's: its entries) writes to the disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def marker_of(path: str) -> str | None:
     """A unit file's marker (`.../samples/shard-000012.parquet` -> `.../samples/_markers/shard-000012.json`)."""
     folder, name = posixpath.split(path)
@@ -282,7 +291,12 @@ class Store:
         tmp = posixpath.join(posixpath.dirname(path), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
         try:
             yield tmp
+            if self.protocol == "file":
+                _fsync(tmp)  # the bytes on disk before the name: else a power cut could keep the rename (and the
+                # marker written next) over a file whose blocks never reached the disk (ext4, xfs)
             self.fs.mv(tmp, path)
+            if self.protocol == "file":
+                _fsync(posixpath.dirname(path), directory=True)  # the rename itself
         except BaseException as e:
             with contextlib.suppress(Exception):  # the original error matters more than the cleanup
                 if self.fs.exists(tmp):

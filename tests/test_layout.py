@@ -505,3 +505,22 @@ def test_a_copy_at_exactly_the_threshold_continues_at_continue_factor_one(tmp_pa
         {**row, "sample_id": "a/0", "prompt_id": "a", "distance": at, "extracted": True},
         {**row, "sample_id": "b/0", "prompt_id": "b", "distance": 0.16, "extracted": False}], schema=MATCHES_SCHEMA))
     assert audit.continuing_prompts(cfg, layout, first) == [0]
+
+
+def test_a_unit_and_its_marker_reach_the_disk_before_their_names(tmp_path, monkeypatch):
+    """A unit file was renamed into place, then its marker written, with no fsync: after a power cut
+    (not a process crash) ext4 or xfs can keep both renames over a file whose blocks never reached the
+    disk, and the rerun skipped the unit as done. Each local write is now flushed before its rename,
+    and the folder after it: the data file's, then the marker's."""
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    lay = RunLayout(str(tmp_path), "r1")
+    lay.samples.write_shard(0, _table(2))
+    folder = str(tmp_path / "r1" / "samples")
+    names = [p.replace(folder, "<samples>") for p in synced]
+    data = next(i for i, n in enumerate(names) if n.startswith("<samples>/_tmp-") and n.endswith(shard_name(0)))
+    marker = next(i for i, n in enumerate(names) if n.startswith("<samples>/_markers/_tmp-"))
+    assert names[data + 1] == "<samples>" and data < marker and names[marker + 1] == "<samples>/_markers", names
