@@ -210,6 +210,10 @@ class Lease:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
         if self.conditional:
+            # a HEAD first: an S3-compatible store that ignores If-None-Match (no 412, no 501) let the PUT replace
+            # a live holder's lease, and both jobs worked in one folder; now no worse than the fallback below
+            if fs.exists(self.path):
+                return False
             try:
                 self.etag = fs.pipe_file(self.path, data, mode="create").get("ETag")
                 fs.invalidate_cache(self.path)

@@ -276,3 +276,17 @@ def test_s3_lease_survives_throttling_and_lost_replies(s3_server, bucket):
         assert {(status, fwd) for _, _, status, fwd in proxy.faults} == {(503, False), (500, False), (500, True)}
     finally:
         proxy.close()
+
+
+def test_a_store_that_ignores_conditional_writes_does_not_overwrite_a_live_lease(s3_server, bucket, monkeypatch):
+    """An S3-compatible store that silently ignores If-None-Match (no 412, no 501): the conditional create
+    replaced a live holder's lease, the second job read its own nonce back and worked in the same folder
+    (sweeping the first's temp files). A lease that is there is now seen before the PUT."""
+    store = Store(f"s3://{bucket}/runs/r1", s3_server)
+    pipe = store.fs.pipe_file
+    monkeypatch.setattr(store.fs, "pipe_file", lambda path, data, mode="overwrite", **kw: pipe(path, data))
+    first = Lease(store, "run folder I", timeout_s=30).acquire()
+    with pytest.raises(LeaseHeld, match=f"pid {os.getpid()}"):
+        Lease(Store(f"s3://{bucket}/runs/r1", s3_server), "run folder I", timeout_s=30).acquire()
+    assert json.loads(store.fs.cat(store.join("_lease.json")))["nonce"] == first.nonce
+    first.release()
