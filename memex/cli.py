@@ -674,6 +674,49 @@ def stage_help(stage: str, overrides: list[str]) -> str:
     return "\n".join(lines)  # the values are redacted (common_defaults); `key=value` is no credential
 
 
+def pin_mismatches(constraints: str, version_of) -> list[str]:
+    """`pkg==pinned` lines of a constraints file against the installed versions (`version_of(pkg)`: the
+    version, or None when it is not installed, e.g. faiss-cpu on a GPU node); a local tag (2.13.0+cu130)
+    is not a difference. Returns "pkg: pinned X, installed Y" for each package that differs."""
+    out = []
+    for line in constraints.splitlines():
+        name, sep, pinned = line.split("#", 1)[0].strip().partition("==")
+        if not sep:
+            continue
+        have = version_of(name.strip())
+        if have is not None and have.split("+", 1)[0] != pinned.strip():
+            out.append(f"{name.strip()}: pinned {pinned.strip()}, installed {have}")
+    return out
+
+
+def check_image_matches_checkout() -> None:
+    """Under `ray job submit --working-dir .` the checkout's code runs on the image's packages: a checkout
+    whose constraints.txt moved a pin (diffusers, transformers) ran on yesterday's image, and every actor
+    failed after the index build. Refused before any work, naming the packages; outside a job, nothing."""
+    import os
+    from importlib import metadata
+    from pathlib import Path
+
+    from memex.storage import RAY_JOB_CONFIG
+
+    pins = Path(C.MEMEX_HOME) / "constraints.txt"
+    if not os.environ.get(RAY_JOB_CONFIG) or not pins.is_file():
+        return
+
+    def version_of(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    differ = pin_mismatches(pins.read_text(), version_of)
+    if differ:
+        raise C.ConfigError(f"this checkout's {pins} pins other versions than this job's Python has ("
+                            f"{'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''}): rebuild the image from "
+                            "this checkout (README, On a cluster, step 0) and name its tag in cluster.yaml, or submit "
+                            "the checkout the image was built from")
+
+
 def main() -> None:
     from memex import console
 
@@ -702,6 +745,7 @@ def main() -> None:
     if stage in SCHEMAS:
         try:
             check_overrides(sys.argv[1:], SCHEMAS[stage])
+            check_image_matches_checkout()
         except C.ConfigError as e:
             print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)
             sys.exit(1)

@@ -106,3 +106,25 @@ def test_installed_memex_help_exits_0():
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert all(stage in r.stdout for stage in cli.STAGES)
+
+
+def test_a_ray_job_on_an_image_older_than_its_checkout_is_refused_naming_the_packages(monkeypatch, capsys,
+                                                                                         tmp_path):
+    """`ray job submit --working-dir .` runs the checkout's code on the image's packages: a checkout whose
+    constraints.txt moved a pin ran on yesterday's image, and every sampler actor failed after the index
+    build. In a job (Ray's $RAY_JOB_CONFIG_JSON_ENV_VAR) the pins are compared with what is installed, and
+    a difference refused before any work; a local tag (+cu130) is no difference, nor a package the node
+    lacks (faiss-cpu on a GPU image)."""
+    from memex import config as C
+    from memex.cli import pin_mismatches
+    from memex.storage import RAY_JOB_CONFIG
+
+    have = {"torch": "2.13.0+cu130", "diffusers": "0.42.1", "transformers": "5.24.0"}
+    pins = "# comment\ntorch==2.13.0\ndiffusers==0.42.1  # ok\ntransformers==5.25.0\nfaiss-cpu==1.15.1\n"
+    assert pin_mismatches(pins, have.get) == ["transformers: pinned 5.25.0, installed 5.24.0"]
+    (tmp_path / "constraints.txt").write_text("diffusers==0.0.1\n")
+    monkeypatch.setattr(C, "MEMEX_HOME", str(tmp_path))
+    monkeypatch.setenv(RAY_JOB_CONFIG, '{"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}')
+    code, _, err = _run(monkeypatch, capsys, "generate")
+    assert code == 1 and "pins other versions than this job's Python has (diffusers: pinned 0.0.1, installed " \
+        in err and "rebuild the image from this checkout" in err, err
