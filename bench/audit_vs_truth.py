@@ -14,8 +14,12 @@ from conf/ with the strategy's overrides:
             members verified (budget=fixed match.candidates=cliques triage=none)
   paper     the paper's fixed budget scaled to this machine: every caption x 16 samples, clique
             filter, clique members verified (4,096 generations: the truth pool's size)
-  default   the shipped `memex audit`: triage, every generation matched, fixed budget (24 x 16)
-  adaptive  the same with budget=adaptive (rounds [4, 16]), Wen et al.'s free first-step triage
+  default   the shipped `memex audit`: triage, every generation matched, fixed budget (24 x 80 at 10 DDPM
+            steps), a picture counted at 2 copying generations (sampling=audit_demo, match=demo)
+  default16 the shipped audit before "Fewer steps, more draws" (bench/RESULTS.md): 24 x 16 at the
+            checkpoint's 50 steps, counted at 1 copying generation (sampling=nightly_demo match=tiled)
+  adaptive  default16 with budget=adaptive (rounds [4, 16]), Wen et al.'s free first-step triage
+            (what `memex nightly` runs; every strategy but `default` samples as default16 does)
   preview   budget=adaptive with triage=preview: 8 previews x 10 DDIM steps a prompt, matched to
             the training index; a preview near a picture extends the prompt (`memex nightly`)
   ranked    every caption triaged by previews, the top 24 by preview distance get the fixed budget
@@ -60,13 +64,17 @@ from memex.distances import l2_pairwise, tiled_l2_pairwise, to_unit  # noqa: E40
 from memex.images import decode  # noqa: E402
 from memex.layout import RunLayout  # noqa: E402
 
+# every strategy but `default` keeps the sampling and counting it was measured with (bench/RESULTS.md): 16
+# samples a prompt at the checkpoint's 50 steps, a picture counted at one copying generation
+AT_16 = ["sampling=nightly_demo", "match=tiled"]
 STRATEGIES = {
-    "today": ["budget=fixed", "match.candidates=cliques", "triage=none"],
-    "paper": ["budget=fixed", "match.candidates=cliques", "triage=none", "prompts.limit=null"],
+    "today": [*AT_16, "budget=fixed", "match.candidates=cliques", "triage=none"],
+    "paper": [*AT_16, "budget=fixed", "match.candidates=cliques", "triage=none", "prompts.limit=null"],
     "default": [],  # the shipped defaults
-    "adaptive": ["budget=adaptive"],
-    "preview": ["budget=adaptive", "triage=preview"],
-    "ranked": ["prompts.limit=null", "triage=preview", "triage.keep=24"],
+    "default16": AT_16,
+    "adaptive": [*AT_16, "budget=adaptive"],
+    "preview": [*AT_16, "budget=adaptive", "triage=preview"],
+    "ranked": [*AT_16, "prompts.limit=null", "triage=preview", "triage.keep=24"],
 }
 
 

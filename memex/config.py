@@ -869,11 +869,15 @@ def validate_budget(cfg: AuditConfig) -> None:
         raise ConfigError("budget.rounds is empty: give the cumulative samples per prompt after each round, "
                           "e.g. budget.rounds=[4,16]")
     _at_least("budget.rounds[0]", b.rounds[0], 1)
+    n = cfg.sampling.samples_per_prompt
     for k in range(1, len(b.rounds)):
         if b.rounds[k] <= b.rounds[k - 1]:
+            # conf/budget/adaptive.yaml ends its rounds at sampling.samples_per_prompt: sampling=fast's 4 gives [4, 4]
+            hint = (f"; budget=adaptive's rounds end at sampling.samples_per_prompt={n}: sample more than "
+                    f"{b.rounds[k - 1]} a prompt, give budget.rounds of your own, or set budget=fixed"
+                    if k == len(b.rounds) - 1 and b.rounds[k] == n else "")
             raise ConfigError(f"budget.rounds must increase (each is the cumulative samples per prompt after "
-                              f"that round), got {list(b.rounds)}")
-    n = cfg.sampling.samples_per_prompt
+                              f"that round), got {list(b.rounds)}{hint}")
     if n != b.rounds[-1]:  # the last round is the most a prompt gets: samples_per_prompt would be ignored
         fix = f"budget.rounds=[{b.rounds[0]},{n}]" if n > b.rounds[0] else f"sampling.samples_per_prompt={b.rounds[-1]}"
         raise ConfigError(f"sampling.samples_per_prompt={n}, but budget=adaptive gives a prompt at most its last "

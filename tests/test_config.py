@@ -280,11 +280,13 @@ def test_every_option_converts_to_the_typed_config(primary, group, option):
         with pytest.raises(ConfigError, match=r"filter\.min_clique"):
             convert(_raw(primary, overrides + ["match.candidates=cliques", "budget=fixed"]))
     n = OmegaConf.load(CONF_DIR / group / f"{option}.yaml").get("samples_per_prompt") if group == "sampling" else None
-    if primary == "nightly" and n is not None and n != C.BudgetConfig().rounds[-1]:
-        # nightly samples in rounds: a sample count its last round does not reach is refused, naming the fix
-        with pytest.raises(ConfigError, match=r"budget\.rounds\[-1\]"):
+    if primary == "nightly" and n is not None and n <= 4:
+        # nightly samples in rounds that end at samples_per_prompt (conf/budget/adaptive.yaml): 4 gives [4, 4]
+        with pytest.raises(ConfigError, match=r"budget\.rounds must increase .*sampling\.samples_per_prompt=4"):
             convert(_raw(primary, overrides))
         overrides.append(f"budget.rounds=[1,{n}]")
+    elif primary == "nightly" and n is not None:
+        assert convert(_raw(primary, overrides)).budget.rounds == [4, n]
     if (group, option) in NEEDS_PATH:  # optional in the schema, required by this option: validation names it
         with pytest.raises(ConfigError, match=NEEDS_PATH[group, option].replace(".", r"\.")):
             convert(_raw(primary, overrides))
@@ -352,9 +354,10 @@ def test_dup_k_below_two_names_the_key():
     (["budget=adaptive", "match.candidates=cliques"], "match.candidates=all"),
     (["budget=adaptive", "budget.continue_factor=0.5"], "budget.continue_factor"),
     # adaptive on a text model: the last round is a prompt's budget, so a different samples_per_prompt
-    # would be ignored (memex nightly sampling=paper would sample 16, not 500)
-    (["budget=adaptive", "sampling.samples_per_prompt=500"], "budget.rounds=[4,500]"),
-    (["budget=adaptive", "sampling.samples_per_prompt=4"], "sampling.samples_per_prompt=16"),
+    # would be ignored (rounds of one's own that end elsewhere); conf/budget/adaptive.yaml's end at it
+    (["budget=adaptive", "budget.rounds=[4,16]", "sampling.samples_per_prompt=500"], "budget.rounds=[4,500]"),
+    (["budget=adaptive", "budget.rounds=[8,16]", "sampling.samples_per_prompt=4"], "sampling.samples_per_prompt=16"),
+    (["budget=adaptive", "sampling.samples_per_prompt=4"], "rounds end at sampling.samples_per_prompt=4"),
     # settings the budget in force does not read fail instead of being ignored
     (["budget.rounds=[4,2]"], "budget.rounds is set, but budget=fixed"),
     (["budget.rounds=[4,32]"], "add budget=adaptive"),
@@ -430,9 +433,11 @@ def test_prompt_settings_the_source_does_not_read_name_the_key(config_name, over
 
 
 def test_nightly_refuses_a_sample_count_its_adaptive_budget_would_ignore():
-    # memex nightly runs budget=adaptive: sampling=paper's 500 samples a prompt needs rounds ending at 500
+    # memex nightly runs budget=adaptive, whose rounds end at samples_per_prompt (conf/budget/adaptive.yaml):
+    # sampling=paper's 500 gives [4, 500]; rounds of one's own that end elsewhere are refused
+    assert compose(["sampling=paper", "resources.device=cuda"], config_name="nightly").budget.rounds == [4, 500]
     with pytest.raises(ConfigError, match=r"budget.rounds\[-1\]=16"):
-        compose(["sampling=paper", "resources.device=cuda"], config_name="nightly")
+        compose(["sampling=paper", "resources.device=cuda", "budget.rounds=[4,16]"], config_name="nightly")
     cfg = compose(["sampling=paper", "resources.device=cuda", "budget.rounds=[50,500]"], config_name="nightly")
     assert cfg.budget.rounds[-1] == cfg.sampling.samples_per_prompt == 500
     assert compose(["sampling=paper", "resources.device=cuda", "budget=fixed"], config_name="nightly")
@@ -457,7 +462,7 @@ def test_triage_auto_and_the_adaptive_budget_are_for_text_models():
     (["triage.keep=5"], True),  # prompts ranked before any generation
     (["triage.steps=2"], True),  # generation records the first step only
     (["sampling.guidance_scale=1"], True),  # no guidance: no free score
-    (["budget=adaptive", "budget.rounds=[2,16]"], True),  # fewer first-round samples than triage.seeds
+    (["budget=adaptive", "budget.rounds=[2,80]"], True),  # fewer first-round samples than triage.seeds
     (["triage=none"], False),
     (["triage=preview"], True),  # previews are not the run's samples
 ])
@@ -535,7 +540,7 @@ def test_cli_override_check_leaves_groups_hydra_and_options_to_hydra():
      "unconditional"),
     # a group option that does not exist (Hydra: twelve lines, the config search path included)
     ("audit", "sampling=fats", "sampling=fats is not an option of sampling: use one of audit_demo, default, fast, "
-     "paper", "fast"),
+     "nightly_demo, paper", "fast"),
     ("nightly", "+preset=papr", "preset=papr is not an option of preset: use one of paper", "paper"),
     # a value of the wrong type (Hydra: six lines of "Error merging override")
     ("audit", "sampling.samples_per_prompt=1.5", "sampling.samples_per_prompt=1.5 is not a whole number", "'16'"),

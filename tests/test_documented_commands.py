@@ -261,10 +261,14 @@ PAPER = {"prompts.source": "near_duplicates", "prompts.limit": 350000, "sampling
          "sampling.dtype": "float16", "filter.min_clique": 10, "filter.edge_threshold": 0.15,
          "match.candidates": "cliques", "match.distance": "tiled_l2", "match.threshold": 0.15,
          "match.max_margin": None, "budget.kind": "fixed", "triage.kind": "none"}
-DEMO_AUDIT = {"prompts.source": "near_duplicates", "prompts.limit": 24, "sampling.samples_per_prompt": 16,
+DEMO_AUDIT = {"prompts.source": "near_duplicates", "prompts.limit": 24, "sampling.samples_per_prompt": 80,
+              "sampling.num_inference_steps": 10, "sampling.scheduler": "default",
               "filter.min_clique": 5, "filter.edge_threshold": 0.15, "match.distance": "tiled_l2",
-              "match.candidates": "all", "budget.kind": "fixed",
+              "match.candidates": "all", "budget.kind": "fixed", "match.min_generations": 2,
               "match.threshold": 0.15}
+DEMO_NIGHTLY = {"prompts.limit": 24, "sampling.samples_per_prompt": 16, "sampling.num_inference_steps": 50,
+                "budget.kind": "adaptive", "budget.rounds": [4, 16], "filter.min_clique": 5,
+                "match.min_generations": 1}
 DEMO_RECIPE = {"arch.kind": "pixel_text", "trainer.steps": 5000, "trainer.batch_size": 32, "trainer.lr": 1e-3,
                "trainer.seed": 0, "data.duplication": [(32, 8), (8, 8)]}
 
@@ -285,17 +289,22 @@ CLAIMS = [
      "audit", ["preset=paper", "sampling=fast", "filter.min_clique=4"],
      {"sampling.samples_per_prompt": 4, "sampling.num_inference_steps": 10, "filter.min_clique": 4,
       "prompts.limit": 350000}),
-    ("README.md", "The defaults are the demo, sized for 2 CPU cores: the 24 most near-duplicated captions x 16 "
-     "samples, a clique of 5 within tiled l2 0.15, every generation verified at tiled l2 <= 0.15", "audit", [],
+    ("README.md", "The defaults are the demo, sized for 2 CPU cores: the 24 most near-duplicated captions x 80 "
+     "samples at 10 DDPM steps (`sampling=audit_demo`), a clique of 5 within tiled l2 0.15, every generation "
+     "verified at tiled l2 <= 0.15, a picture counted once 2 generations copy it (`match=demo`)", "audit", [],
      DEMO_AUDIT),
-    ("README.md", "`budget=adaptive` samples 4 per prompt first and goes on to 16 only", "audit",
-     ["budget=adaptive"], {"budget.kind": "adaptive", "budget.rounds": [4, 16]}),
-    ("README.md", "(what `memex nightly` runs)", "nightly", [], {"budget.kind": "adaptive", "budget.rounds": [4, 16],
-                                                                  "budget.continue_factor": 1.2}),
-    ("conf/audit.yaml", "memex audit # the demo: 24 prompts x 16 samples, clique of 5, tiled l2 0.15",
-     "audit", [], DEMO_AUDIT),
-    ("README.md", "5 of 16 in the demo, the paper's 10 of 500 with `preset=paper`", "audit", [], DEMO_AUDIT),
-    ("conf/filter/demo.yaml", "a clique of 5 of 16", "audit", [], DEMO_AUDIT),
+    ("README.md", "`memex nightly` samples in rounds (`budget=adaptive`: 4 per prompt first, then up to 16 only",
+     "nightly", [], {**DEMO_NIGHTLY, "budget.continue_factor": 1.2}),
+    ("conf/audit.yaml", "memex audit # the demo: 24 prompts x 80 samples at 10 steps, 2 copies of a picture within "
+     "tiled l2 0.15", "audit", [], DEMO_AUDIT),
+    ("README.md", "5 in the demo (of 80 samples; of 16 in `memex nightly`), the paper's 10 of 500 with "
+     "`preset=paper`", "audit", [], DEMO_AUDIT),
+    ("README.md", "5 in the demo (of 80 samples; of 16 in `memex nightly`)", "nightly", [], DEMO_NIGHTLY),
+    ("conf/filter/demo.yaml", "scaled to memex nightly's 16 samples per prompt: a clique of 5 of 16", "nightly", [],
+     DEMO_NIGHTLY),
+    ("conf/sampling/audit_demo.yaml", "80 samples per prompt at 10 DDPM steps", "audit", [], DEMO_AUDIT),
+    ("conf/sampling/nightly_demo.yaml", "16 samples per prompt at the checkpoint's 50 steps", "nightly", [],
+     DEMO_NIGHTLY),
     ("conf/filter/default.yaml", "The paper's filter: a prompt is flagged when >= 10", "audit",
      ["filter=default"], {"filter.min_clique": 10, "filter.edge_threshold": 0.15}),
     ("conf/sampling/paper.yaml", "500 samples per prompt, 50 DDIM steps, guidance 7.5, fp16", "generate",
