@@ -15,9 +15,9 @@ from conf/ with the strategy's overrides:
   paper     the paper's fixed budget scaled to this machine: every caption x 16 samples, clique
             filter, clique members verified (4,096 generations: the truth pool's size)
   default   the shipped `memex audit`: triage, every generation matched, fixed budget (24 x 80 at 10 DDPM
-            steps), a picture counted at 2 copying generations (sampling=audit_demo, match=demo)
+            steps), a picture counted at 2 copying generations (conf/tune/audit_demo.yaml)
   default16 the shipped audit before "Fewer steps, more draws" (bench/RESULTS.md): 24 x 16 at the
-            checkpoint's 50 steps, counted at 1 copying generation (sampling=nightly_demo match=tiled)
+            checkpoint's 50 steps, counted at 1 copying generation
   adaptive  default16 with budget=adaptive (rounds [4, 16]), Wen et al.'s free first-step triage
             (what `memex nightly` runs; every strategy but `default` samples as default16 does)
   preview   budget=adaptive with triage=preview: 8 previews x 10 DDIM steps a prompt, matched to
@@ -66,7 +66,7 @@ from memex.layout import RunLayout  # noqa: E402
 
 # every strategy but `default` keeps the sampling and counting it was measured with (bench/RESULTS.md): 16
 # samples a prompt at the checkpoint's 50 steps, a picture counted at one copying generation
-AT_16 = ["sampling=nightly_demo", "match=tiled"]
+AT_16 = ["sampling.samples_per_prompt=16", "sampling.num_inference_steps=50", "match.min_generations=1"]
 STRATEGIES = {
     "today": [*AT_16, "budget=fixed", "match.candidates=cliques", "triage=none"],
     "paper": [*AT_16, "budget=fixed", "match.candidates=cliques", "triage=none", "prompts.limit=null"],

@@ -42,11 +42,13 @@ def is_local(lora: str) -> bool:
 def check_hub_shaped(lora: str) -> None:
     """A model.lora that is no file or folder here but reads as a hub id (`out/checkpoint-5000`,
     `runs/pytorch_lora_weights.safetensors`) was passed as one, and failed in every sampler actor
-    after the index build: refused when its first part is a folder here or it names a weights file."""
+    after the index build: refused when its first part is a folder here holding a near name, or it names
+    a weights file. A folder of the same name alone is no proof (a local latent-consistency/ beside
+    the hub's latent-consistency/lcm-lora-sdv1-5): the load asks the hub then."""
     if is_local(lora):
         return
     slip = _local_slip(lora)
-    if slip or lora.endswith(WEIGHT_SUFFIXES):
+    if "did you mean" in slip or lora.endswith(WEIGHT_SUFFIXES):
         raise ModelError(f"model.lora={lora}: no such file or folder{slip or ''} (a hub LoRA is <user>/<repo>, "
                          f"without a file name; a local one is the folder holding {LORA_FILE}, or that file)")
 

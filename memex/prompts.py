@@ -162,6 +162,9 @@ def _ids(table: pa.Table, name: str, path: str, texts: list[str]) -> list[str]:
     out, seen = [], {}
     as_text = _column(table, name, path, "prompts.id_column")  # lists and bytes refused there
     for n, (v, i, t) in enumerate(zip(table.column(name).to_pylist(), as_text, texts)):
+        if not t:  # a row without text is dropped below (a spreadsheet's blank trailing rows): its id is not asked
+            out.append(i or "")
+            continue
         # a blank CSV cell is "" (DictReader), not None: it was the id "" of a sample id "/0"
         if i is None or not i.strip() or (isinstance(v, float) and v != v):
             raise PromptError(f"{path}: row {n} has no id in prompts.id_column={name!r}; give every prompt an id, "

@@ -23,6 +23,7 @@ only reads and writes. Any fsspec URI works (local paths, s3:// through s3fs, me
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mimetypes
 import os
@@ -72,12 +73,18 @@ def damaged(where: str, kind: str, e: Exception, markers: list[str] | None = Non
 
 
 def _fsync(path: str, directory: bool = False) -> None:
-    """Flush a local file's (or folder's: its entries) writes to the disk."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    """Flush a local file's (or folder's: its entries) writes to the disk. A filesystem that cannot
+    (some network and 9p/drvfs mounts refuse fsync on a folder: EINVAL, ENOTSUP) leaves it to its
+    own guarantees: the write itself already succeeded."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF, errno.EACCES, errno.EPERM):
+            raise
 
 
 def marker_of(path: str) -> str | None:
@@ -146,9 +153,13 @@ def in_job_working_dir(path: str | None, key: str, job_config: str | None, cwd: 
         working_dir = (json.loads(job_config).get("runtime_env") or {}).get("working_dir")
     except (ValueError, AttributeError):
         return None
-    if not working_dir:
+    # Ray unpacks the working dir under .../runtime_resources/working_dir_files/_ray_pkg_<hash>: an entrypoint
+    # that cd'ed elsewhere (bash -c "cd /fsx && python ...") writes there, not into the copy
+    if not working_dir or "_ray_pkg_" not in cwd:
         return None
-    where = os.path.abspath(os.path.join(cwd, (path or ".").split("://", 1)[-1]))
+    local = (path or ".").split("://", 1)[-1]
+    local = local[len("file:"):] if local.startswith("file:") else local  # MLflow's file:/abs/mlruns
+    where = os.path.abspath(os.path.join(cwd, os.path.expanduser(local)))
     if where != cwd and not where.startswith(cwd.rstrip("/") + "/"):
         return None
     return (f"{key}={path if path is not None else '(unset: this folder)'} is inside this Ray job's copy of its "
@@ -239,21 +250,30 @@ class Store:
             # one path: named; several (a stage folder's units, the ledger's rows): each read alone to find which
             # (at the paper's scale one of 100,000s of shards, and arrow names none for a page damaged inside)
             bad = paths if len(paths) == 1 else self._damaged_files(paths, schema, columns)
-            where = (", ".join(self.uri_of(p) for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            where = (", ".join(self.uri_of(p) for p in bad) + (" (and maybe more)" if len(bad) >= 3 else "")
                      if bad else f"one of {len(paths)} files under {self.uri_of(posixpath.dirname(paths[0]))}")
             markers = [self.uri_of(m) for m in map(marker_of, bad) if m and self.fs.exists(m)]
             raise StorageError(damaged(where, "Parquet", e, markers)) from e
 
-    def _damaged_files(self, paths: list[str], schema: pa.Schema | None, columns: list[str] | None) -> list[str]:
-        """The files of `paths` that do not read (the error path of read_table: each read once more)."""
-        bad = []
-        for p in paths:
-            try:
-                pq.read_table(p, filesystem=self.fs, schema=schema, columns=columns)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
-                if is_damage(e):
-                    bad.append(p)
-        return bad
+    def _damaged_files(self, paths: list[str], schema: pa.Schema | None, columns: list[str] | None,
+                       most: int = 3) -> list[str]:
+        """Up to `most` files of `paths` that do not read (the error path of read_table): first by their
+        footers (a few KB each: a truncated or cut file), then, when every footer reads, each file read
+        again with the same columns until `most` are found (a page damaged inside one)."""
+        def bad(read) -> list[str]:
+            found = []
+            for p in paths:
+                try:
+                    read(p)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+                    if is_damage(e):
+                        found.append(p)
+                        if len(found) >= most:
+                            break
+            return found
+
+        return (bad(lambda p: pq.read_metadata(p, filesystem=self.fs))
+                or bad(lambda p: pq.read_table(p, filesystem=self.fs, schema=schema, columns=columns)))
 
     def sweep_temp(self, *folders: str, deep: bool = False) -> int:
         """Remove the `_tmp-` files a killed process's writes left in these folders of the store ("" is its

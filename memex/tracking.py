@@ -148,8 +148,10 @@ def check(t: TrackerConfig) -> None:
     path = where[1]
     if t.kind == TrackerKind.mlflow and path.startswith("sqlite:///"):
         path = path[len("sqlite:///"):]  # sqlite:///mlflow.db is relative; sqlite:////abs/mlflow.db absolute
-    elif t.kind == TrackerKind.mlflow and "://" in path:
-        return  # a tracking server, or object storage
+    elif t.kind == TrackerKind.mlflow and ("://" in path or path.split(":", 1)[0] in ("databricks", "uc")):
+        return  # a tracking server, object storage, Databricks
+    if t.kind == TrackerKind.wandb and t.mode == WandbMode.online:
+        return  # its local folder only stages what it uploads as it goes
     why = in_job_working_dir(path, where[0], job, here) if path or t.kind == TrackerKind.wandb else None
     if why:
         raise ConfigError(why)

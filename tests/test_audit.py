@@ -222,7 +222,7 @@ def test_audit_job_on_the_shipped_demo_extracts_its_duplicated_images(tmp_path, 
     # (the triage's own seeds), so the audit spends no UNet evaluation on a triage stage
     assert summary["unet_evaluations_triage"] == 0 and not (Path(run) / "triage").exists()
     assert summary["unet_evaluations"] == 4 * 80 * 10 * 2 + summary["unet_evaluations_padding"]
-    assert all(p["generations"] >= 2 for p in summary["extracted_pictures"])  # match=demo: 2 copying generations
+    assert all(p["generations"] >= 2 for p in summary["extracted_pictures"])  # conf/tune/audit_demo.yaml
     first = pq.read_table(Path(run) / "samples", columns=["prompt_id", "sample_index", "triage_score"]).to_pylist()
     for p in summary["per_prompt"]:
         want = [r["triage_score"] for r in first if r["prompt_id"] == p["prompt_id"] and r["sample_index"] < 4]

@@ -201,10 +201,11 @@ def _options(group: str) -> list[str]:
     return [p.stem for p in sorted((CONF_DIR / group).glob("*.yaml"))]
 
 
-# conf/preset/ is the one group without a dataclass or default option: a preset (`# @package _global_`)
-# sets several groups at once (tests/test_documented_commands.py checks preset=paper's values).
+# conf/preset/ and conf/tune/ are the groups without a dataclass or default option: a preset or a model's
+# audit tuning (`# @package _global_`) sets several groups at once (tests/test_documented_commands.py
+# checks preset=paper's values and tune/audit_demo.yaml's).
 ALL_GROUPS = sorted(d.name for d in CONF_DIR.iterdir()
-                    if d.is_dir() and any(d.glob("*.yaml")) and d.name != "preset")
+                    if d.is_dir() and any(d.glob("*.yaml")) and d.name not in ("preset", "tune"))
 
 
 def test_every_group_has_a_default_option_and_a_dataclass():
@@ -222,7 +223,8 @@ def test_default_option_is_the_dataclass_defaults(group):
     for primary, (schema, _) in PRIMARIES.items():
         if group not in {f.name for f in dataclasses.fields(schema)}:
             continue
-        composed = _raw(primary, [f"{group}={option}"])[group]
+        # ~tune: the demo model's audit tuning (conf/tune/audit_demo.yaml) sets sampling and match keys on top
+        composed = _raw(primary, [f"{group}={option}", *(["~tune"] if primary == "audit" else [])])[group]
         assert (OmegaConf.to_container(composed, resolve=False)
                 == OmegaConf.to_container(expected, resolve=False)), primary
 
@@ -237,7 +239,9 @@ def test_option_lists_only_the_keys_it_changes(group, option):
     assert raw, f"{group}/{option}.yaml changes nothing: drop it or make it the default"
     for key, value in raw.items():
         assert key in defaults, f"{group}/{option}.yaml: unknown key {key}"
-        assert value != defaults[key], f"{group}/{option}.yaml restates {key}: {value!r} (the default)"
+        # sampling=paper states the paper's 50 steps: a model's audit tuning (conf/tune/) lowers the schema's
+        assert value != defaults[key] or (group, option, key) == ("sampling", "paper", "num_inference_steps"), \
+            f"{group}/{option}.yaml restates {key}: {value!r} (the default)"
         assert value != "???", f"{group}/{option}.yaml: {key}: ??? does nothing in an option"
 
 
@@ -540,7 +544,7 @@ def test_cli_override_check_leaves_groups_hydra_and_options_to_hydra():
      "unconditional"),
     # a group option that does not exist (Hydra: twelve lines, the config search path included)
     ("audit", "sampling=fats", "sampling=fats is not an option of sampling: use one of audit_demo, default, fast, "
-     "nightly_demo, paper", "fast"),
+     "paper", "fast"),
     ("nightly", "+preset=papr", "preset=papr is not an option of preset: use one of paper", "paper"),
     # a value of the wrong type (Hydra: six lines of "Error merging override")
     ("audit", "sampling.samples_per_prompt=1.5", "sampling.samples_per_prompt=1.5 is not a whole number", "'16'"),
@@ -690,3 +694,21 @@ def test_a_gpu_setting_with_ray_actors_given_no_gpu_is_refused_before_any_work(t
     from memex.config import check_actor_devices
 
     check_actor_devices(ok.resources, ok.sampling.dtype)
+
+
+def test_a_models_audit_tuning_is_its_own_and_yields_to_an_option_or_a_key():
+    """conf/tune/audit_<model>.yaml tunes the audit of that model only (audit.yaml's `optional tune:
+    audit_${model}`): the demo's 80 samples at 10 steps and 2 copying generations reached every
+    `memex audit` when they were the sampling and match defaults, a Stable Diffusion checkpoint's PNDM at
+    10 steps included. Another model keeps the groups' settings; a sampling option or preset, or a key,
+    wins over the tuning; memex nightly has none."""
+    def got(overrides, name="audit"):
+        c = compose(overrides, config_name=name)
+        return c.sampling.samples_per_prompt, c.sampling.num_inference_steps, c.match.min_generations
+
+    assert got([]) == (80, 10, 2)
+    assert got(["model=sd15"]) == got(["model=local", "model.path=/ckpt"]) == (16, 50, 1)
+    assert got(["model=demo_uncond", "prompts=none", "match=relative"]) == (16, 50, 1)
+    assert got(["preset=paper"]) == (500, 50, 1)
+    assert got(["sampling=fast"])[:2] == (4, 10) and got(["sampling.num_inference_steps=25"])[1] == 25
+    assert got([], "nightly") == (16, 50, 1)

@@ -290,8 +290,8 @@ CLAIMS = [
      {"sampling.samples_per_prompt": 4, "sampling.num_inference_steps": 10, "filter.min_clique": 4,
       "prompts.limit": 350000}),
     ("README.md", "The defaults are the demo, sized for 2 CPU cores: the 24 most near-duplicated captions x 80 "
-     "samples at 10 DDPM steps (`sampling=audit_demo`), a clique of 5 within tiled l2 0.15, every generation "
-     "verified at tiled l2 <= 0.15, a picture counted once 2 generations copy it (`match=demo`)", "audit", [],
+     "samples at 10 DDPM steps, a clique of 5 within tiled l2 0.15, every generation verified at tiled l2 "
+     "<= 0.15, a picture counted once 2 generations copy it (`conf/tune/audit_demo.yaml`", "audit", [],
      DEMO_AUDIT),
     ("README.md", "`memex nightly` samples in rounds (`budget=adaptive`: 4 per prompt first, then up to 16 only",
      "nightly", [], {**DEMO_NIGHTLY, "budget.continue_factor": 1.2}),
@@ -302,9 +302,12 @@ CLAIMS = [
     ("README.md", "5 in the demo (of 80 samples; of 16 in `memex nightly`)", "nightly", [], DEMO_NIGHTLY),
     ("conf/filter/demo.yaml", "scaled to memex nightly's 16 samples per prompt: a clique of 5 of 16", "nightly", [],
      DEMO_NIGHTLY),
-    ("conf/sampling/audit_demo.yaml", "80 samples per prompt at 10 DDPM steps", "audit", [], DEMO_AUDIT),
-    ("conf/sampling/nightly_demo.yaml", "16 samples per prompt at the checkpoint's 50 steps", "nightly", [],
-     DEMO_NIGHTLY),
+    ("conf/tune/audit_demo.yaml", "80 samples per prompt at 10 steps of the checkpoint's DDPM scheduler", "audit", [],
+     DEMO_AUDIT),
+    ("README.md", "another model keeps 16 samples at 50 steps and one generation", "audit", ["model=sd15"],
+     {"sampling.samples_per_prompt": 16, "sampling.num_inference_steps": 50, "match.min_generations": 1}),
+    ("conf/preset/paper.yaml", "The paper's setting in one word", "audit", ["preset=paper"],
+     {"sampling.samples_per_prompt": 500, "sampling.num_inference_steps": 50, "match.min_generations": 1}),
     ("conf/filter/default.yaml", "The paper's filter: a prompt is flagged when >= 10", "audit",
      ["filter=default"], {"filter.min_clique": 10, "filter.edge_threshold": 0.15}),
     ("conf/sampling/paper.yaml", "500 samples per prompt, 50 DDIM steps, guidance 7.5, fp16", "generate",

@@ -156,7 +156,7 @@ def test_triage_resumed_with_another_chunk_size_or_preview_settings_is_refused(t
     with pytest.raises(StorageError, match=r"triage/ .*prompts_per_task"):
         triage.run(compose(base + ["triage.prompts_per_task=10"], config_name="audit"), "r")
 
-    preview = base + ["triage=preview", "budget=adaptive", "budget.rounds=[2,16]"]
+    preview = base + ["triage=preview", "budget=adaptive", "budget.rounds=[2,16]", "sampling.samples_per_prompt=16"]
     layout = RunLayout(str(tmp_path), "p")
     layout.previews.claim({"triage": {"kind": "preview", "seeds": 2, "steps": 2, "match_k": 8}}, "a run folder")
     with pytest.raises(StorageError, match=r"previews/ .*steps"):
@@ -186,7 +186,8 @@ def test_preview_triage_against_another_index_is_refused(tmp_path, monkeypatch):
     layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ["a"], "prompt": ["x"]},
                                                             schema=PROMPTS_SCHEMA))
     cfg = compose([f"storage.root={tmp_path}", "model.path=/planted", "triage=preview", "triage.seeds=2",
-                   "triage.steps=2", "budget=adaptive", "budget.rounds=[2,16]"], config_name="audit")
+                   "triage.steps=2", "budget=adaptive", "budget.rounds=[2,16]", "sampling.samples_per_prompt=16"],
+                  config_name="audit")
     for key in ("aaaa", "aaaa"):  # the first run (stopped at its actor pool), then a resume against the same index
         layout.store.write_json(layout.index_json, IndexInfo(str(tmp_path / "_index"), key, [(0, 4)], "l2", 8, 4,
                                                              4, 0).to_json())
@@ -456,7 +457,8 @@ def test_a_triage_left_by_another_audit_of_the_folder_is_not_read_as_this_one(tm
     layout = RunLayout(str(tmp_path), "r")
     layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ["a", "b"], "prompt": ["x", "y"]},
                                                             schema=PROMPTS_SCHEMA))
-    base = [f"storage.root={tmp_path}", "model.path=/planted", "budget=adaptive", "budget.rounds=[4,16]"]
+    base = [f"storage.root={tmp_path}", "model.path=/planted", "budget=adaptive", "budget.rounds=[4,16]",
+            "sampling.samples_per_prompt=16"]
     first = compose(base, config_name="audit")  # triage=auto: the samples' free scores
     plan = SamplePlan([])
     plan.add_round(layout.store, None, 2, 0, 4, 64, 16)
@@ -495,6 +497,7 @@ def test_a_copy_at_exactly_the_threshold_continues_at_continue_factor_one(tmp_pa
     layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ["a", "b"], "prompt": ["x", "y"]},
                                                             schema=PROMPTS_SCHEMA))
     cfg = compose([f"storage.root={tmp_path}", "model.path=/planted", "budget=adaptive", "budget.rounds=[4,16]",
+                   "sampling.samples_per_prompt=16",
                    "budget.continue_factor=1.0", "triage=none"], config_name="audit")
     plan = SamplePlan([])
     first = plan.add_round(layout.store, None, 2, 0, 4, 64, 16)

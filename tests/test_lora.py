@@ -276,3 +276,5 @@ def test_a_lora_path_that_reads_as_a_hub_id_or_holds_only_checkpoints_names_the_
                                          r"\(checkpoint-500, checkpoint-1000\): set model.lora=out/checkpoint-1000"):
         check_model_inputs(base_path, lora="out")
     check_model_inputs(base_path, lora="out/checkpoint-500")
+    (tmp_path / "latent-consistency").mkdir()  # a folder of a hub user's name, with nothing near the repo's
+    check_model_inputs(base_path, lora="latent-consistency/lcm-lora-sdv1-5")  # left to the hub, as a hub id

@@ -219,6 +219,9 @@ def test_prompt_files_name_a_missing_key_and_a_blank_id(tmp_path):
     c.write_text("id,prompt\n1,a cat\n ,a dog\n")
     with pytest.raises(PromptError, match=r"row 1 has no id in prompts.id_column='id'"):
         load_prompts(PromptsConfig(source=PromptSource.file, path=str(c), id_column="id"))
+    c.write_text("id,prompt\n1,a cat\n2,a dog\n,\n,\n")  # a spreadsheet's blank trailing rows: dropped, not refused
+    assert load_prompts(PromptsConfig(source=PromptSource.file, path=str(c), id_column="id"))[
+        "prompt_id"].to_pylist() == ["1", "2"]
 
 
 def test_a_save_to_disk_folder_as_prompts_reads_its_caption_column_only(tmp_path, monkeypatch):

@@ -126,11 +126,11 @@ def test_a_local_root_inside_a_ray_jobs_working_dir_copy_is_refused(tmp_path, mo
     import json
 
     from memex import tracking
-    from memex.config import TrackerConfig, TrackerKind
+    from memex.config import TrackerConfig, TrackerKind, WandbMode
     from memex.storage import RAY_JOB_CONFIG, in_job_working_dir
 
     job = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {}})
-    cwd = str(tmp_path / "_ray_pkg_abc")
+    cwd = str(tmp_path / "working_dir_files" / "_ray_pkg_abc")
     why = in_job_working_dir("runs", "storage.root", job, cwd)
     assert why and why.startswith(f"storage.root=runs is inside this Ray job's copy of its working_dir ({cwd})")
     assert in_job_working_dir(f"{cwd}/out", "storage.root", job, cwd)
@@ -138,8 +138,11 @@ def test_a_local_root_inside_a_ray_jobs_working_dir_copy_is_refused(tmp_path, mo
     assert in_job_working_dir("s3://b/runs", "storage.root", job, cwd) is None
     assert in_job_working_dir("runs", "storage.root", None, cwd) is None  # not a job
     assert in_job_working_dir("runs", "storage.root", json.dumps({"runtime_env": {}}), cwd) is None  # no copy
+    assert in_job_working_dir("runs", "storage.root", job, "/fsx") is None  # the entrypoint cd'ed out of the copy
+    assert in_job_working_dir("~/runs", "storage.root", job, cwd) is None  # fsspec expands it: the home folder
+    assert in_job_working_dir("file:/fsx/mlruns", "tracker.tracking_uri", job, cwd) is None
 
-    (tmp_path / "_ray_pkg_abc").mkdir()
+    (tmp_path / "working_dir_files" / "_ray_pkg_abc").mkdir(parents=True)
     monkeypatch.chdir(cwd)
     monkeypatch.setenv(RAY_JOB_CONFIG, job)
     for var in ("MLFLOW_TRACKING_URI", "WANDB_DIR"):
@@ -153,5 +156,7 @@ def test_a_local_root_inside_a_ray_jobs_working_dir_copy_is_refused(tmp_path, mo
     tracking.check(TrackerConfig(kind=TrackerKind.mlflow, tracking_uri="http://mlflow:5000"))
     tracking.check(TrackerConfig(kind=TrackerKind.mlflow, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
     tracking.check(TrackerConfig(kind=TrackerKind.wandb, dir="/fsx/wandb"))
+    tracking.check(TrackerConfig(kind=TrackerKind.mlflow, tracking_uri="databricks"))
+    tracking.check(TrackerConfig(kind=TrackerKind.wandb, mode=WandbMode.online))  # uploads as it goes
     monkeypatch.delenv(RAY_JOB_CONFIG)
     tracking.check(TrackerConfig(kind=TrackerKind.mlflow))  # a laptop's working folder is its own
