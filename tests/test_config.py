@@ -712,3 +712,15 @@ def test_a_models_audit_tuning_is_its_own_and_yields_to_an_option_or_a_key():
     assert got(["preset=paper"]) == (500, 50, 1)
     assert got(["sampling=fast"])[:2] == (4, 10) and got(["sampling.num_inference_steps=25"])[1] == 25
     assert got([], "nightly") == (16, 50, 1)
+
+
+def test_nightly_on_an_unconditional_model_takes_any_sample_count():
+    """conf/budget/adaptive.yaml ends its rounds at sampling.samples_per_prompt; an unconditional model keeps
+    the fixed budget, and its check of keys it does not read took those rounds for the user's: memex
+    nightly on one was refused at any sample count but 16."""
+    cfg = compose(["model=demo_uncond", "prompts=none", "match=relative", "sampling.samples_per_prompt=8"],
+                  config_name="nightly")
+    assert cfg.budget.rounds == [4, 8] and cfg.sampling.samples_per_prompt == 8
+    with pytest.raises(ConfigError, match=r"budget.rounds is set, but an unconditional model"):
+        compose(["model=demo_uncond", "prompts=none", "match=relative", "budget.rounds=[2,8]",
+                 "sampling.samples_per_prompt=8"], config_name="nightly")

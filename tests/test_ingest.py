@@ -1224,7 +1224,7 @@ def test_a_store_that_fails_a_read_fails_the_unit_instead_of_quarantining_the_im
 
     png = encode_png(_img(0))
 
-    def read(uri, opts):
+    def read(uri, opts, version=None):
         if "reset" in uri:
             raise ConnectionResetError("Connection reset by peer")
         if "gone" in uri or uri.startswith("https://"):

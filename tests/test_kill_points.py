@@ -318,7 +318,8 @@ def test_path_like_training_ids_stay_data(ray_head, tmp_path):
     cwd_before = set(os.listdir("."))
     cfg = compose([f"trainset.path={manifest}", f"storage.root={root}", "model.path=/planted", "run.name=r",
                    f"sampling.samples_per_prompt={len(PATH_LIKE_IDS)}", "index.shards=3", "embedder.size=16",
-                   "filter.min_clique=2", f"resources.address={ray_head.address}"], config_name="audit")
+                   "filter.min_clique=2", "match.min_generations=1",  # one planted copy a picture (the demo's
+                   f"resources.address={ray_head.address}"], config_name="audit")  # tuning counts at 2)
     info = index.run(cfg)
     attach_index(layout, info)
     filter_stage.run(cfg, "r")

@@ -173,8 +173,8 @@ def test_an_authorization_header_in_free_text_keeps_its_scheme_and_masks_its_cre
 def test_a_config_without_credentials_is_unchanged():
     """The run folder names and nightly config hashes are taken over redacted settings: for every
     config without credentials they are what they were before redaction existed."""
-    cfg = compose(["model.path=/m", "trainset.path=s3://b/train.parquet", "storage=s3", "nightly.location=/ckpts",
-                   "nightly.webhook=http://127.0.0.1:9/x"], config_name="nightly")
+    cfg = compose(["model.path=/m", "trainset.path=s3://b/train.parquet", "storage=s3", "storage.root=s3://b/runs",
+                   "nightly.location=/ckpts", "nightly.webhook=http://127.0.0.1:9/x"], config_name="nightly")
     plain = C.plain(cfg)
     red = redact(plain)
     assert red["nightly"]["webhook"] == "http://127.0.0.1:9/***"

@@ -164,7 +164,7 @@ def test_metrics_and_params():
     p = tracking.params(a)
     assert "hunter2" not in json.dumps(p) and "abcdef" not in json.dumps(p)
     assert p["trainset.path"] == "https://***@data.example.com/train.parquet?X-Amz-Signature=***&v=1"
-    assert p["sampling.samples_per_prompt"] == "16" and p["budget.rounds"] == "[4, 16]"
+    assert p["sampling.samples_per_prompt"] == "80" and p["budget.rounds"] == "[4, 16]"  # the demo's audit tuning
     assert p == tracking.params(b)  # the same for every checkpoint of a config (an MLflow param cannot change)
     assert not any(k.split(".")[0] in ("storage", "run", "tracker", "resources") for k in p)
 
