@@ -629,8 +629,8 @@ def common_defaults(stage: str, cfg: DictConfig) -> list[tuple[str, str]]:
     for key in COMMON_KEYS[stage]:
         if OmegaConf.is_missing(cfg, key):
             out.append((key, "??? (required)"))
-        elif _unresolvable(cfg, key):
-            out.append((key, f"{_unresolvable(cfg, key)} (unset: give {key}=...)"))
+        elif unset := _unresolvable(cfg, key):
+            out.append((key, f"{unset} (unset: give {key}=...)"))
         else:
             value = OmegaConf.select(cfg, key, throw_on_missing=True)
             # by key, as every file memex writes does: a webhook's URL is its secret (redact_text alone cannot

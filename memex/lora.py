@@ -21,7 +21,6 @@ add_adapter, which training uses, asks for peft >= 0.22).
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Callable
 
 from memex.models import HUB_ID, WEIGHT_SUFFIXES, ModelError, _local_slip, lycoris_kinds, safetensors_shapes
@@ -67,7 +66,9 @@ def lora_file(lora: str) -> str:
                              "model.lora=<the file>")
         pickled = [n for n in names if n.endswith(".bin")]
         # a training run still going (or stopped early) has only its checkpoint-<step>/ folders
-        steps = sorted((int(n.split("-", 1)[1]), n) for n in names if re.fullmatch(r"checkpoint-\d+", n)
+        from memex.checkpoints import CKPT_DIR  # (here: memex.checkpoints imports this module)
+
+        steps = sorted((int(m[1]), n) for n in names if (m := CKPT_DIR.match(n))
                        and os.path.isfile(os.path.join(lora, n, LORA_FILE)))
         raise ModelError(f"model.lora={lora} holds no .safetensors file (diffusers' LoRA scripts write {LORA_FILE})"
                          + (f"; {pickled[0]} is pickle: convert it once with safetensors.torch.save_file"
