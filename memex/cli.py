@@ -340,7 +340,11 @@ def _report_errors(fn):
     def wrapper(cfg: DictConfig) -> None:
         from memex import console
 
-        console.setup(fn.__name__.lstrip("_"))
+        try:
+            console.setup(fn.__name__.lstrip("_"))
+        except console.LogDirError as e:
+            print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)
+            raise SystemExit(1) from None
         dest, ok = None, False
         try:
             dest = fn(cfg)
@@ -499,6 +503,7 @@ def report_main() -> None:
     import argparse
     import json
 
+    from memex.layout import RunLayout
     from memex.report import build_report
 
     ap = argparse.ArgumentParser(prog="memex report", description=report_main.__doc__)
@@ -515,9 +520,17 @@ def report_main() -> None:
                              f"'{{\"endpoint_url\": \"http://minio:9000\"}}': {e}"))
     try:
         C.check_protocol("run", a.run)  # gs:// without gcsfs: one line, not fsspec's ImportError
-        print(redact_text(f"memex report: {build_report(a.run, options)}"))
+        layout = RunLayout.at(a.run, options)
+        # an unreachable endpoint or refused credentials: one line, not botocore's 136-line traceback
+        layout.store.check_reachable("run folder", "the URI and --storage-options (endpoint_url, credentials)")
+        print(redact_text(f"memex report: {build_report(layout)}"))
     except C.MemexError as e:
         print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as e:  # noqa: BLE001 - a bug or a library's error: its traceback, redacted, as the stages print it
+        import traceback
+
+        print(redact_text("".join(traceback.format_exception(e))), file=sys.stderr, end="")
         raise SystemExit(1) from None
 
 

@@ -9,7 +9,8 @@ faiss's loader -- goes to the log file. `memex -v <stage> ...` (or MEMEX_VERBOSE
 on the console as well.
 
 The log file is written on local disk while the command runs (`$MEMEX_LOG_DIR`, default
-<tmp>/memex-logs/<stage>-<time>-<pid>.log), because the run folder may be on S3 and is only named
+<tmp>/memex-logs-<uid>/<stage>-<time>-<pid>.log: one folder a user, as a shared <tmp>/memex-logs made by the first
+user was not writable by the next), because the run folder may be on S3 and is only named
 once the run is prepared, and copied into the run folder when the command ends
 (`<run>/logs/<stage>-<time>.log`, memex/layout.py): `finish` returns where it is.
 """
@@ -79,8 +80,13 @@ class _ConsoleFormatter(logging.Formatter):
         return f"memex: {record.levelname.lower()}: {record.getMessage()}"
 
 
+class LogDirError(OSError):
+    """The command's log file cannot be made: raised before any work, naming $MEMEX_LOG_DIR."""
+
+
 def log_dir() -> Path:
-    return Path(os.environ.get("MEMEX_LOG_DIR") or Path(tempfile.gettempdir()) / "memex-logs")
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(os.environ.get("MEMEX_LOG_DIR") or Path(tempfile.gettempdir()) / f"memex-logs-{user}")
 
 
 def setup(stage: str) -> Path:
@@ -93,9 +99,13 @@ def setup(stage: str) -> Path:
             root.removeHandler(h)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     d = log_dir()
-    d.mkdir(parents=True, exist_ok=True)
     path = d / f"{stage}-{stamp}-{os.getpid()}.log"
-    file = logging.FileHandler(path, encoding="utf-8")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(path, encoding="utf-8")
+    except OSError as e:  # before any work: Hydra printed the raw command line (credentials too) and a traceback
+        raise LogDirError(f"cannot write this command's log file in {d} ({e.strerror or e}): set MEMEX_LOG_DIR "
+                          "to a folder you can write") from e
     file.setFormatter(logging.Formatter(FILE_FORMAT))
     file.setLevel(logging.INFO)  # not Ray Data's DEBUG dumps (they are in Ray's own session logs)
     console = _Stderr()

@@ -269,11 +269,15 @@ class RunLayout(_Folder):
     """Paths of one run folder `<root>/<run name>` on any fsspec filesystem (I/O: `layout.store`)."""
 
     def __init__(self, root: str, run_name: str, storage_options: dict[str, Any] | None = None):
-        self.root = root.rstrip("/")
-        self.store = Store(self.root + "/" + run_name, storage_options)
+        # root "s3://" (RunLayout.at of a bucket itself): "s3://" + name, not "s3:" + "/" + name (local disk)
+        self.root = root if root.endswith("://") else root.rstrip("/")
+        self.store = Store(self._under_root(run_name), storage_options)
         self.run_name = run_name
         self.candidates = StageFolder(self.store, "candidates", schema=CANDIDATES_SCHEMA)
         self.matches = StageFolder(self.store, "matches", schema=MATCHES_SCHEMA)
+
+    def _under_root(self, name: str) -> str:
+        return self.root + ("" if self.root.endswith("://") else "/") + name
 
     # ---- the generations: this folder's own, or a re-match's source run's --------------------
     # A re-match (`memex audit run.samples_from=<run>`) matches another run's generations with other
@@ -289,7 +293,7 @@ class RunLayout(_Folder):
     def generated(self) -> Store:
         """The folder that holds the generations: this one, or a re-match's source run folder."""
         src = self.samples_from
-        return self.store if src is None else Store(self.root + "/" + src, self.store.options)
+        return self.store if src is None else Store(self._under_root(src), self.store.options)
 
     @functools.cached_property
     def triage(self) -> StageFolder:
@@ -311,7 +315,9 @@ class RunLayout(_Folder):
     def at(cls, run_uri: str, storage_options: dict[str, Any] | None = None) -> "RunLayout":
         """The layout of an existing run folder given by its own URI (`memex report RUN`)."""
         run_uri = run_uri.rstrip("/")
-        return cls(posixpath.dirname(run_uri) or ".", posixpath.basename(run_uri), storage_options)
+        proto, sep, path = run_uri.rpartition("://")  # dirname("s3://bucket") is "s3:", a local folder
+        parent, name = posixpath.split(path)
+        return cls(f"{proto}{sep}{parent}" if sep else parent or ".", name, storage_options)
 
     @property
     def path(self) -> str:

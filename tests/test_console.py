@@ -4,6 +4,7 @@ file with everything else, copied into the run folder at the end (issue 14). No 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import pytest
@@ -108,6 +109,24 @@ def test_cli_config_error_is_one_line_and_leaves_no_log(log_dir, capsys):
     assert e.value.code == 1
     assert capsys.readouterr().err.splitlines() == ["memex: error: sampling.batch_size must be >= 1, got 0"]
     assert not list(log_dir.glob("*.log"))
+
+
+def test_a_log_folder_that_cannot_be_written_is_one_line_naming_memex_log_dir(log_dir, monkeypatch, capsys):
+    """A log folder memex cannot make or write (a shared <tmp>/memex-logs another user made): Hydra printed
+    "Error executing job with overrides: [...]" with the raw command line, a secret included, and a traceback.
+    The default folder is one a user (memex-logs-<uid>)."""
+    ran = []
+    blocker = log_dir.parent / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("MEMEX_LOG_DIR", str(blocker / "logs"))  # a folder under a file: mkdir fails
+    with pytest.raises(SystemExit) as e:
+        cli._report_errors(lambda cfg: ran.append(cfg))(None)
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 1 and not ran
+    assert len(err) == 1 and err[0].startswith(f"memex: error: cannot write this command's log file in {blocker}/logs")
+    assert err[0].endswith("set MEMEX_LOG_DIR to a folder you can write")
+    monkeypatch.delenv("MEMEX_LOG_DIR")
+    assert console.log_dir().name == f"memex-logs-{os.getuid()}"
 
 
 def test_verbose_flag_is_taken_off_the_command_line_before_hydra(monkeypatch, capsys):

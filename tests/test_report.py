@@ -24,7 +24,7 @@ from memex.report import build_report, esc, histogram_svg
 from memex.stages import filter as filter_stage
 from memex.stages import index, match
 
-from conftest import attach_index, blocky, compose, plant_run
+from conftest import attach_index, blocky, compose, free_port, plant_run
 
 N_TRAIN, N_SAMPLES = 12, 10
 EVIL_CAPTION = "<script>document.title='pwned';console.error('xss')</script> ACME & \"Co\" logo"
@@ -278,6 +278,25 @@ def test_uncounted_generic_picture_gives_its_margin():
     uncounted = _render(summary).split("<h2>Not counted (1)</h2>")[1].split("</table>")[0]
     assert ("<td class=num>0.64</td><td>not distinct: its closest copy is 0.64 of the way to the next training "
             "picture; needs 0.6</td>") in uncounted
+
+
+def test_generations_near_uncounted_pictures_are_not_shown_as_an_alarm():
+    """A clean audit (no counted picture) whose generations came within the threshold of a low-complexity
+    look-alike read "0 training images extracted" beside a red "7 extracted generations"."""
+    import re
+
+    def alarms(html):
+        return dict((k, v) for v, k in re.findall(r'<div class="card alarm"><b>(.*?)</b>(.*?)</div>', html))
+
+    pp = {"prompt_id": "p0", "prompt": "sky", "samples": 16, "extracted_samples": 7, "counted_samples": 0,
+          "flagged": False, "clique_size": None, "train_ids": ["sky-1"], "counted_train_ids": []}
+    clean = _render(_summary(extracted_unique_train_images=0, extracted_generations=7, counted_generations=0,
+                             per_prompt=[pp]))
+    assert alarms(clean) == {} and _cards(clean)["generations within the threshold"] == "7"
+    assert _cards(clean)["generations copying them"] == "0"
+    old = _render(_summary(extracted_unique_train_images=1, extracted_generations=7,  # no counted_generations key
+                           per_prompt=[pp | {"counted_samples": 3, "counted_train_ids": ["a"]}]))
+    assert alarms(old) == {"training images extracted": "1", "generations copying them": "3"}
 
 
 def test_old_summary_without_the_new_keys_still_renders():
@@ -549,3 +568,31 @@ def test_matches_are_read_in_one_pass_of_unit_batches(audited_run):
     ext, dist = _extracted_and_distances(layout, units_per_read=1)
     assert len(layout.matches.complete()) > 1 and ext.equals(whole.filter(whole["extracted"]))
     assert np.array_equal(dist, whole["distance"].to_numpy()) and ext.num_rows < whole.num_rows
+
+
+def test_report_on_a_bucket_root_and_an_unreachable_endpoint_says_so_in_one_line(s3_server, bucket, monkeypatch,
+                                                                                 capsys):
+    """`memex report s3://bucket` (storage.root a bucket itself) looked on local disk for ./s3:/bucket, and
+    an endpoint that refuses connections printed botocore's traceback, unredacted."""
+    import json
+
+    import s3fs
+
+    from memex import cli
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    for f in ("summary.json", "run.json", "index.json"):
+        fs.pipe_file(f"{bucket}/demo-a/{f}", b"{}")
+    dead = {**s3_server, "client_kwargs": {**s3_server["client_kwargs"], "endpoint_url": f"http://127.0.0.1:{free_port()}"},
+            "secret": "TOPSECRET-1234", "config_kwargs": {"retries": {"max_attempts": 1}}}
+    cases = [(s3_server, f"s3://{bucket} holds 1 finished run folder(s) (demo-a): give one, e.g. memex report "
+                         f"s3://{bucket}/demo-a"),
+             (dead, f"cannot reach run folder s3://{bucket}/demo-a")]
+    for options, line in cases:
+        target = f"s3://{bucket}" if options is s3_server else f"s3://{bucket}/demo-a"
+        monkeypatch.setattr(sys, "argv", ["memex", "report", target, "--storage-options", json.dumps(options)])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and line in err and "Traceback" not in err and "TOPSECRET" not in err, err
+        assert len(err.strip().splitlines()) == 1, err

@@ -614,7 +614,8 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
         "undecided_prompt_ids": undecided,
         "candidates": cfg.match.candidates.value,
         "candidates_verified": matches.num_rows,
-        "extracted_generations": ext.num_rows,
+        "extracted_generations": ext.num_rows,  # within the threshold, of any picture (counted or not)
+        "counted_generations": sum(p["counted_samples"] for p in per_prompt),  # copying a counted picture
         "extracted_unique_train_images": len(pictures),
         "extracted_pictures": pictures,
         # pictures some generation came within the threshold of, not counted: low complexity, too few copies
