@@ -41,11 +41,13 @@ quarantined row was left out of the index for good. http(s) uris (the open web) 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import json
 import posixpath
 import tarfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -489,9 +491,14 @@ def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
                 pass
         try:
             got = shard_samples(fs, tar, IMAGE_SUFFIXES)
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # the shard's bytes
             raise IngestError(f"{key}={path}: shard {fs.unstrip_protocol(tar)} is not a readable tar "
                               f"({type(e).__name__}: {e}): download it again, or move it out") from e
+        except Exception as e:  # the store's (a 503 after retries, a timeout, no read access): "move it out"
+            # would have dropped a sound shard's images from the audit
+            raise StorageError(f"{key}={path}: cannot read shard {fs.unstrip_protocol(tar)} ({type(e).__name__}: "
+                               f"{e}): a storage problem, not a damaged shard; rerun to retry it, or check read "
+                               "access and storage.options") from e
         if cached is not None:  # atomic: a killed write leaves no listing a later audit trusts
             shard_cache.write_table(cached, pa.table({"member": [m for m, _ in got], "caption": [c for _, c in got]},
                                                      schema=SHARD_LISTING_SCHEMA))
@@ -527,7 +534,9 @@ def read_folder_metadata(fs, file: str) -> list[dict]:
         rows = list(csv.DictReader(io.StringIO(text)))
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # "\n" only: str.splitlines also breaks at U+2028/U+2029 and \x85, which JSON strings may hold raw
+        # (json.dumps(ensure_ascii=False) of a LAION caption): the line was refused as "Unterminated string"
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -597,18 +606,27 @@ def iter_batches(table: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
 DRAFT_MIN_SIDE = 448
 
 
-def row_bytes(row: dict, opts: dict[str, Any]) -> bytes:
-    """A row's encoded image: its bytes, or its uri's (raises IngestError naming the row's gap)."""
+# what a row's image is read from: `stamp` (a listing's) keys a tar member's shard offsets (row_bytes)
+ROW_COLUMNS = ("id", "image", "uri", "stamp")
+
+
+def row_bytes(row: dict, opts: dict[str, Any], version: str | None = None) -> bytes:
+    """A row's encoded image: its bytes, or its uri's (raises IngestError naming the row's gap).
+    `version`: what keys a tar member's shard offsets when the row has no `stamp` (the index's rows:
+    its URI, whose key hashes the listing's stamps), so a shard rewritten in place is scanned again."""
     data = row.get("image")
     if not data:
         if not row.get("uri"):
             raise IngestError("row has neither image bytes nor a uri")
         try:
-            data = read_uri(row["uri"], opts, row.get("stamp"))
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # gone, or no file: a bad row, quarantined
+            data = read_uri(row["uri"], opts, row.get("stamp") or version)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError,  # gone, or no file: a bad row, quarantined
+                tarfile.TarError, EOFError, ValueError,  # a damaged shard; a uri no filesystem reads ("Protocol
+                MemoryError):  # not known"): the row's fault, quarantined; this process's memory: _per_row's
             raise
-        except OSError as e:  # the store's I/O (fsspec maps S3's refusals, resets and throttling to OSError); a
-            # uri no filesystem reads (ValueError: "Protocol not known") stays the row's fault, quarantined
+        except Exception as e:  # the store's I/O: fsspec maps S3's refusals, resets and throttling to OSError, and
+            # s3fs lets botocore's own through (EndpointConnectionError, NoCredentialsError: not OSError), which
+            # were quarantined for good, the index then built without them
             if row["uri"].startswith(WEB):  # the open web (a manifest of LAION URLs): dead links and refusals
                 raise  # are the images' own, as img2dataset treats them; quarantined
             raise FetchError(f"cannot read training image {redact_urls(row['uri'])}: {type(e).__name__}: {e}. "
@@ -625,8 +643,8 @@ def _per_row(records: list[dict], fn, workers: int) -> list:
     def one(row: dict):
         try:
             return fn(row)
-        except FetchError:  # an outage: the unit fails and is retried (quarantined, it was left out for good)
-            raise
+        except (FetchError, MemoryError):  # an outage, or this process's memory: the unit fails and is retried
+            raise  # (quarantined, the image was left out of the index for good)
         except Exception as e:  # noqa: BLE001 - the caller quarantines or names the row
             return f"{type(e).__name__}: {e}"
 
@@ -637,14 +655,15 @@ def _per_row(records: list[dict], fn, workers: int) -> list:
 
 
 def fetch_bytes(rows: pa.Table, storage_options: dict[str, Any] | None = None,
-                workers: int = 8) -> tuple[dict, pa.Table]:
+                workers: int = 8, version: str | None = None) -> tuple[dict, pa.Table]:
     """({id: encoded image}, QUARANTINE_SCHEMA table of the rows that could not be read) for rows with
     columns id and image and/or uri: the images read from their uris on `workers` threads where the
-    row holds none. Nothing is decoded (match keeps a shard's neighbours encoded: memex/stages/match.py)."""
+    row holds none. Nothing is decoded (match keeps a shard's neighbours encoded: memex/stages/match.py).
+    `version`: row_bytes's."""
     opts = storage_options or {}
-    records = rows.select([c for c in ("id", "image", "uri") if c in rows.column_names]).to_pylist()
+    records = rows.select([c for c in ROW_COLUMNS if c in rows.column_names]).to_pylist()
     remote = sum(not r.get("image") for r in records)  # threads for the reads from uris only
-    results = _per_row(records, lambda row: row_bytes(row, opts), workers if remote > 1 else 1)
+    results = _per_row(records, lambda row: row_bytes(row, opts, version), workers if remote > 1 else 1)
     good = {r["id"]: res for r, res in zip(records, results) if not isinstance(res, str)}
     bad = [{"id": r["id"], "uri": r.get("uri"), "reason": res}
            for r, res in zip(records, results) if isinstance(res, str)]
@@ -652,8 +671,8 @@ def fetch_bytes(rows: pa.Table, storage_options: dict[str, Any] | None = None,
 
 
 def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str,
-            aspect: tuple[int, int] | None = None, alpha: str = "white") -> np.ndarray:
-    data = row_bytes(row, opts)
+            aspect: tuple[int, int] | None = None, alpha: str = "white", version: str | None = None) -> np.ndarray:
+    data = row_bytes(row, opts, version)
     # raises DecompressionBombError (too many pixels), UnidentifiedImageError with a reproducible
     # message, OSError (truncated), UnsupportedImageError naming the mode: decode_rows turns each
     # into a quarantine reason
@@ -665,18 +684,19 @@ def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str,
 
 def decode_rows(rows: pa.Table, size: int | None, storage_options: dict[str, Any] | None = None,
                 workers: int = 8, preprocess: str = "center_crop",
-                aspect: tuple[int, int] | None = None, alpha: str = "white") -> DecodedBatch:
+                aspect: tuple[int, int] | None = None, alpha: str = "white",
+                version: str | None = None) -> DecodedBatch:
     """Decode rows (columns id and image and/or uri) to RGB uint8: size x size (images.fit with
     `preprocess` and the generations' `aspect`: centre-cropped square, bicubic-resized), or as stored
-    when size is None. alpha: images.decode's (trainset.alpha).
+    when size is None. alpha: images.decode's (trainset.alpha). version: row_bytes's.
 
     Never raises for a bad image: it goes to `quarantine` and is skipped. Rows are fetched and
     decoded on `workers` threads (remote reads dominate on object stores; PIL releases the GIL
     while decoding), and the output keeps the input order.
     """
     opts = storage_options or {}
-    records = rows.select([c for c in ("id", "image", "uri") if c in rows.column_names]).to_pylist()
-    results = _per_row(records, lambda row: _decode(row, size, opts, preprocess, aspect, alpha), workers)
+    records = rows.select([c for c in ROW_COLUMNS if c in rows.column_names]).to_pylist()
+    results = _per_row(records, lambda row: _decode(row, size, opts, preprocess, aspect, alpha, version), workers)
 
     ids, images, bad = [], [], []
     for row, res in zip(records, results):

@@ -31,10 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from memex.config import DuplicationGroup, MemexError
 from memex.images import decode, resize
+from memex.redact import redact_urls
 from memex.shards import read_uri
 
 log = logging.getLogger("memex.manifest")
@@ -433,12 +434,19 @@ def load_image(row: dict, size: int | None = None, storage_options: dict[str, An
         if not data:  # null or empty bytes: the uri, as the index reads the row (ingest._decode)
             if not row.get("uri"):
                 raise ManifestError(f"image {row['id']!r} has neither image bytes nor a uri")
-            data = read_uri(row["uri"], storage_options or {})
+            try:
+                data = read_uri(row["uri"], storage_options or {})
+            except (ImportError, FileNotFoundError, ValueError):
+                raise
+            except Exception as e:  # noqa: BLE001 - the store's (botocore's own errors are not OSError): its uri
+                raise ManifestError(f"image {row['id']!r}: cannot read {redact_urls(row['uri'])}: "
+                                    f"{type(e).__name__}: {e}. Rerun once the store answers, or check read "
+                                    "access and storage options") from e
         img = decode(data)
     except ImportError as e:  # fsspec's "Please install gcsfs to access Google Storage"
         raise ManifestError(f"image {row['id']!r} at {row.get('uri')} needs a package that is not installed: "
                             f"{e}") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:  # the bomb: > ~179 Mpx
         raise ManifestError(f"image {row['id']!r} cannot be decoded: {type(e).__name__}: {e}") from e
     return resize(img, size)
 

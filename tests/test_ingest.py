@@ -18,11 +18,13 @@ from memex.ingest import (
     TRAINING_SCHEMA,
     IngestError,
     decode_rows,
+    fetch_bytes,
     iter_batches,
     list_training_set,
     row_bytes,
 )
 from memex.manifest import ManifestError, read_manifest
+from memex.storage import StorageError
 from memex.synth import logo
 
 
@@ -222,14 +224,14 @@ def test_an_imagefolder_metadata_file_gives_the_captions(tmp_path):
     fs.makedirs(f"{root}/extra", exist_ok=True)
     for name in ("train/0.png", "train/sub/1.png", "train/2.png", "extra/3.png", "extra/4.png"):
         fs.pipe_file(f"{root}/{name}", encode_png(_img(len(name))))
-    fs.pipe_file(f"{root}/train/metadata.jsonl", "\n".join(json.dumps(r) for r in [
-        {"file_name": "0.png", "text": "a red logo"}, {"file_name": "sub/1.png", "text": " a blue logo "},
-        {"file_name": "2.png", "text": None}]).encode())
+    fs.pipe_file(f"{root}/train/metadata.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"file_name": "0.png", "text": "a red\u2028logo"}, {"file_name": "sub/1.png", "text": " a blue logo "},
+        {"file_name": "2.png", "text": None}]).encode())  # U+2028 raw in a JSON string: valid, and one line
     fs.pipe_file(f"{root}/train/2.txt", b"a sidecar caption")
     fs.pipe_file(f"{root}/extra/metadata.csv", "\ufefffile_name,text\n3.png,\"a green, round logo\"\n".encode())
     t = list_training_set(root, caption_column="text")
     assert dict(zip(t["id"].to_pylist(), t["caption"].to_pylist())) == {
-        "extra/3.png": "a green, round logo", "extra/4.png": None, "train/0.png": "a red logo",
+        "extra/3.png": "a green, round logo", "extra/4.png": None, "train/0.png": "a red\u2028logo",
         "train/2.png": "a sidecar caption", "train/sub/1.png": "a blue logo"}
     assert list_training_set(root)["caption"].to_pylist() == [None, None, None, "a sidecar caption", None]
     # the metadata is part of the listing, so of the index key: a caption edited is a new index
@@ -345,6 +347,16 @@ def test_webdataset_shards_are_read_member_by_member(tmp_path, where, request, m
     with pytest.raises(IngestError, match=r"shard .*00002.tar is not a readable tar"):
         list_training_set(path, opts)
     fs.rm(f"{root}/00002.tar")
+    import memex.ingest as ingest
+
+    def timed_out(*a):
+        raise TimeoutError("read timed out")
+
+    with monkeypatch.context() as m:  # the store's failure, not the shard's: no "move it out", which drops it
+        m.setattr(ingest, "shard_samples", timed_out)
+        with pytest.raises(StorageError, match=r"cannot read shard .*00001.tar \(TimeoutError: read timed out\): a "
+                                               r"storage problem, not a damaged shard; rerun to retry it"):
+            list_training_set(f"{path}/00001.tar", {**opts})
     fs.makedirs(f"{root}/extra", exist_ok=True)
     fs.pipe_file(f"{root}/extra/a.png", encode_png(_img(9)))  # shards and loose images: which one is meant?
     with pytest.raises(IngestError, match=r"holds both .tar shards and image files \(.*extra/a.png\)"):
@@ -1219,14 +1231,20 @@ def test_a_store_that_fails_a_read_fails_the_unit_instead_of_quarantining_the_im
     reused an index without those images (the key does not change). A store's failed read now raises
     FetchError naming the uri and the fix (the unit stays unmarked and is retried); a missing file is
     still a bad row, and so is an http(s) uri's failure (the open web: dead links are the images' own)."""
+    from botocore.exceptions import NoCredentialsError
+
     import memex.ingest as ingest
-    from memex.ingest import FetchError, fetch_bytes
+    from memex.ingest import FetchError
 
     png = encode_png(_img(0))
 
     def read(uri, opts, version=None):
         if "reset" in uri:
             raise ConnectionResetError("Connection reset by peer")
+        if "nocreds" in uri:  # botocore's, which s3fs lets through: not an OSError
+            raise NoCredentialsError()
+        if "oom" in uri:
+            raise MemoryError()
         if "gone" in uri or uri.startswith("https://"):
             raise FileNotFoundError(uri) if "gone" in uri else ConnectionError("timed out")
         return png
@@ -1241,6 +1259,10 @@ def test_a_store_that_fails_a_read_fails_the_unit_instead_of_quarantining_the_im
             fetch_bytes(rows, workers=workers)
     dec = decode_rows(rows.slice(0, 3), 16)
     assert dec.ids == ["ok"] and dec.quarantine["id"].to_pylist() == ["gone", "web"]
+    with pytest.raises(FetchError, match=r"s3://b/nocreds.png: NoCredentialsError.*rerun to retry"):
+        decode_rows(pa.table({"id": ["n"], "uri": ["s3://b/nocreds.png"]}), 16)
+    with pytest.raises(MemoryError):  # this process's memory, not the image's fault: not quarantined
+        fetch_bytes(pa.table({"id": ["m"], "uri": ["s3://b/oom.png"]}))
 
 
 def test_an_empty_tar_member_is_no_range_read(tmp_path, monkeypatch):
@@ -1405,3 +1427,14 @@ def test_a_tar_shard_rewritten_in_place_is_read_at_its_new_offsets(tmp_path):
     again = list_training_set(str(tmp_path / "m.parquet"))
     assert again["stamp"][0].as_py() != first["stamp"][0].as_py()
     assert row_bytes(again.to_pylist()[0], {}) == encode_png(_img(2))
+    # ... and through what reads them: decode_rows kept only id, image and uri, and the index's own rows
+    # (train.parquet) have no stamp, so both read at the offsets first cached (the other member's pixels)
+    assert np.array_equal(decode_rows(again, None).images[0], _img(2))
+    write_shard([("0.png", 7), ("9.png", 8), ("1.png", 3)])
+    os.utime(tar, (time.time() + 10, time.time() + 10))
+    third = list_training_set(str(tmp_path / "m.parquet"))
+    assert np.array_equal(decode_rows(third, None).images[0], _img(3))
+    no_stamp = third.select(["id", "uri"])  # as train.parquet's rows: the index's URI keys the offsets
+    assert fetch_bytes(no_stamp, version="index-a")[0]["one"] == encode_png(_img(3))
+    write_shard([("1.png", 4)])
+    assert fetch_bytes(no_stamp, version="index-b")[0]["one"] == encode_png(_img(4))

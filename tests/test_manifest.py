@@ -193,6 +193,26 @@ def test_corrupt_image_names_its_id():
         load_image({"id": "none", "image": None})
 
 
+def test_memex_train_names_a_decompression_bomb_and_a_store_error(monkeypatch):
+    """PIL's DecompressionBombError (an image over ~179 Mpx) and botocore's errors (not OSError) came out of
+    memex train as a traceback, where the audit quarantines the same image."""
+    from botocore.exceptions import EndpointConnectionError
+    from PIL import Image
+
+    import memex.manifest as manifest
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 = 1024 px > 2 x 100: PIL refuses it
+    with pytest.raises(ManifestError, match=r"'big' cannot be decoded: DecompressionBombError"):
+        load_image({"id": "big", "image": encode_png(logo(0, 32)[0])})
+
+    def unreachable(uri, opts, version=None):
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+    monkeypatch.setattr(manifest, "read_uri", unreachable)
+    with pytest.raises(ManifestError, match=r"image 'a': cannot read s3://b/a.png: EndpointConnectionError.*Rerun"):
+        load_image({"id": "a", "uri": "s3://b/a.png"})
+
+
 def test_a_uri_whose_filesystem_is_not_installed_is_named(monkeypatch):
     """memex train on gs:// uris without gcsfs: fsspec's ImportError came out as a Hydra traceback."""
     from fsspec.registry import known_implementations

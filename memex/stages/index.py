@@ -128,19 +128,23 @@ def plan_index_shards(n: int, shards: int) -> list[tuple[int, int]]:
 
 # ---- unit functions (plain functions: run in Ray tasks by the runner, testable without one) ------
 def _embed_rows(batches: Iterable[pa.Table], emb: EmbedderConfig, embedder, storage_options: dict, preprocess: str,
-                luma: bool = False, aspect: tuple[int, int] | None = None, alpha: str = "white"):
+                luma: bool = False, aspect: tuple[int, int] | None = None, alpha: str = "white",
+                version: str | None = None):
     """Decode, fit to the embedder's square input (trainset.preprocess) and embed training rows a
     batch (index.decode_batch rows) at a time -> (vectors (n, d), gids (n,), quarantine tables).
     luma: each image's ITU-R 601 luma in its three channels, as a grayscale model's generation (an
     "L" PNG, decoded to RGB) reproduces it. Searched in a colour index, an exact luma copy of a
     demo logo ranked its source first for 70% of the logos, in the top 10 for 93%: the rest were
-    never verified. aspect (height, width): the generations', when not square (images.fit)."""
+    never verified. aspect (height, width): the generations', when not square (images.fit). version: the
+    index's URI, whose key hashes the listing's stamps: a tar shard rewritten since is scanned again
+    (ingest.row_bytes; train.parquet's rows carry no stamp of their own)."""
     from memex.images import luma_rgb
     from memex.ingest import decode_rows
 
     vecs, gids, quarantine = [], [], []
     for part in batches:  # bounded memory: one batch of encoded and decoded images at a time
-        dec = decode_rows(part, emb.size, storage_options, preprocess=preprocess, aspect=aspect, alpha=alpha)
+        dec = decode_rows(part, emb.size, storage_options, preprocess=preprocess, aspect=aspect, alpha=alpha,
+                          version=version)
         quarantine.append(dec.quarantine)
         if dec.ids:
             gid_of = dict(zip(part["id"].to_pylist(), part["gid"].to_pylist()))
@@ -198,7 +202,7 @@ def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderC
     spec = IndexSpec.from_config(idx, embedder.metric)
     pick = quantizer_sample(layout, n_train, spec.train_size)
     rows = train_rows.read_range(layout, int(pick[0]), int(pick[-1]) + 1, idx.decode_batch, gids=pick)
-    x, _, _ = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect, alpha)
+    x, _, _ = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect, alpha, layout.uri)
     save_index(train_index(x, spec), layout.store.uri_of(layout.quantizer_path), opts)
     return {"vectors": int(len(x))}
 
@@ -213,7 +217,7 @@ def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: Emb
     opts, store = layout.store.options, layout.store
     embedder = _embedder(emb, device, opts)
     rows = train_rows.read_range(layout, start, stop, idx.decode_batch)
-    x, ids, quarantine = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect, alpha)
+    x, ids, quarantine = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect, alpha, layout.uri)
     trained = load_index(store.uri_of(layout.quantizer_path), opts) if idx.kind == IndexKind.ivfpq else None
     index = build_faiss_shard(x, ids, IndexSpec.from_config(idx, embedder.metric), trained=trained)
     save_index(index, store.uri_of(layout.faiss_path(shard)), opts)

@@ -150,8 +150,9 @@ def fetch_training_images(info: IndexInfo, gids, storage_options: dict,
     from memex.ingest import fetch_bytes
 
     want = [int(g) for g in np.unique(np.asarray(gids)) if g >= 0 and int(g) not in (known or {})]
-    train = fetch_train_rows(info.layout(storage_options), want)
-    by_id, bad = fetch_bytes(train, storage_options)
+    layout = info.layout(storage_options)
+    train = fetch_train_rows(layout, want)
+    by_id, bad = fetch_bytes(train, storage_options, version=layout.uri)  # tar offsets keyed by the index
     gid_of = dict(zip(train["id"].to_pylist(), train["gid"].to_pylist()))
     for b in bad.to_pylist():
         unreadable(f"{b['id']} ({redact_urls(b['uri'] or '')})", b["reason"])
