@@ -990,6 +990,12 @@ class MiaAttack(str, Enum):
     secmi = "secmi"  # DDIM t-error (Duan et al. 2023)
 
 
+# the attack each mia.* setting belongs to: set while that attack is off, it is refused (validate_mia); its
+# range is checked against the model's timesteps only when the attack runs (mia.check_settings)
+MIA_KEY_OWNERS = {"loss_timestep": MiaAttack.loss, "draws": MiaAttack.loss, "pia_timestep": MiaAttack.pia,
+                  "secmi_timestep": MiaAttack.secmi, "secmi_k": MiaAttack.secmi}
+
+
 @dataclass
 class ImageSetConfig:
     path: str = "???"  # manifest (memex/manifest.py), save_to_disk folder, .tar shards or images; any fsspec URI
@@ -1059,8 +1065,7 @@ def validate_mia(cfg: MiaConfig) -> None:
     if not m.shadow_models and m.shadow_steps is not None:
         raise ConfigError("mia.shadow_steps is set, and LiRA is off (mia.shadow_models=0) so no shadow is trained: "
                           "drop it, or set mia.shadow_models (mia=lira)")
-    owners = {"loss_timestep": MiaAttack.loss, "draws": MiaAttack.loss, "pia_timestep": MiaAttack.pia,
-              "secmi_timestep": MiaAttack.secmi, "secmi_k": MiaAttack.secmi}
+    owners = MIA_KEY_OWNERS
     unused = [k for k in _changed(m, tuple(owners)) if owners[k] not in m.attacks]
     if unused:  # else silently ignored
         raise ConfigError(f"mia.{unused[0]} is set, and it is a setting of the {owners[unused[0]].value} attack, "

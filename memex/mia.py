@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from memex.config import ConfigError, MiaSettings, ModelKind
+from memex.config import MIA_KEY_OWNERS, ConfigError, MiaAttack, MiaSettings, ModelKind
 from memex.images import PREPROCESS, fit
 from memex.models import LoadedModel, ModelError
 from memex.sampling import encode_text, image_channels, sample_seed
@@ -253,10 +253,12 @@ def check_settings(s: MiaSettings, num_timesteps: int = 1000) -> None:
         if not isinstance(getattr(s, key), int) or getattr(s, key) < low:
             raise ConfigError(f"mia.{key} must be an integer >= {low}, got {getattr(s, key)!r}")
     for key in ("loss_timestep", "pia_timestep", "secmi_timestep"):
-        if getattr(s, key) >= num_timesteps:
+        # an attack left out keeps its default, which a model of fewer timesteps (memex train's
+        # arch.num_train_timesteps=100) does not have: refused, and setting it refused as unused (validate_mia)
+        if MIA_KEY_OWNERS[key] in s.attacks and getattr(s, key) >= num_timesteps:
             raise ConfigError(f"mia.{key}={getattr(s, key)} is outside the scheduler's timesteps "
                               f"0..{num_timesteps - 1}")
-    if not isinstance(s.secmi_timestep, int) or s.secmi_timestep < s.secmi_k:
+    if MiaAttack.secmi in s.attacks and (not isinstance(s.secmi_timestep, int) or s.secmi_timestep < s.secmi_k):
         raise ConfigError(f"mia.secmi_timestep={s.secmi_timestep!r} must be an integer >= mia.secmi_k={s.secmi_k} "
                           "(k inversion steps of at least one timestep each)")
     if s.preprocess is not None and s.preprocess not in PREPROCESS:

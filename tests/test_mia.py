@@ -342,6 +342,22 @@ def test_text_models_condition_on_captions(tiny_models):
             scorer.score(ids, images, ["a", None, "c"], ["loss"])
 
 
+def test_a_model_of_few_timesteps_runs_the_attacks_it_is_given():
+    """A 100-timestep model (memex train's arch.num_train_timesteps=100) with mia.attacks=[loss]: the unused
+    pia_timestep default (200) was refused as outside its timesteps, and setting it refused as unused, so no
+    setting ran. A timestep is checked only for an attack that runs."""
+    from memex.config import MiaAttack
+    from memex.mia import check_settings
+
+    check_settings(MiaSettings(attacks=[MiaAttack.loss], loss_timestep=50), 100)
+    check_settings(MiaSettings(attacks=[MiaAttack.loss, MiaAttack.secmi], loss_timestep=50, secmi_timestep=50,
+                               secmi_k=5), 100)
+    with pytest.raises(ConfigError, match=r"mia.pia_timestep=200 is outside the scheduler's timesteps 0..99"):
+        check_settings(MiaSettings(attacks=[MiaAttack.loss, MiaAttack.pia], loss_timestep=50), 100)
+    with pytest.raises(ConfigError, match="mia.secmi_timestep=5 must be an integer >= mia.secmi_k=10"):
+        check_settings(MiaSettings(attacks=[MiaAttack.secmi], secmi_timestep=5), 1000)
+
+
 def test_bad_settings_and_attacks_refused(memorizer):
     model, images, ids, _ = memorizer
     with pytest.raises(ConfigError, match=r"mia.loss_timestep=1000 is outside the scheduler's timesteps 0..999"):
