@@ -324,6 +324,15 @@ def check_actor_devices(resources: "ResourcesConfig", dtype: "DType") -> None:
     the CPU (memex/models.py resolve_device), so float16 or resources.device=cuda failed at the first
     actor, after the index was built (`preset=paper model=sd15` without resources=gpu). Not part of
     validate_*: configs compose on a laptop for a GPU cluster; the run itself is refused."""
+    if resources.executor == ExecutorKind.local:  # this process samples: its own device decides
+        if dtype == DType.float16 or resources.device == "cuda":
+            from memex.models import resolve_device  # torch: only for these settings
+
+            if resolve_device(resources.device) == "cpu":  # (cuda with none visible raises there, naming the key)
+                raise ConfigError("sampling.dtype=float16 needs a GPU, and this machine has none "
+                                  "(resources.executor=local samples here): set sampling.dtype=float32 (or "
+                                  "bfloat16), or run on a GPU machine")
+        return
     if resources.executor != ExecutorKind.ray or resources.num_gpus:
         return
     if resources.device == "cuda":

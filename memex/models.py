@@ -929,6 +929,45 @@ def scheduler_kind(base_config: Any, kind: SchedulerKind, model_path: str) -> Sc
     return KIND_OF_CLASS[name]
 
 
+# diffusers' solvers that step an x0-predicting (prediction_type "sample") model; PNDM refuses it, Euler
+# ancestral and KDPM2 (ancestral) raise NotImplementedError, each from the first step of every sampler
+SAMPLE_PREDICTION = (SchedulerKind.ddim, SchedulerKind.ddpm, SchedulerKind.euler, SchedulerKind.heun,
+                     SchedulerKind.lms, SchedulerKind.dpm_multistep, SchedulerKind.dpm_singlestep,
+                     SchedulerKind.unipc, SchedulerKind.deis)
+PNDM_PRK_MIN_STEPS = 4  # PNDM's Runge-Kutta warm-up (skip_prk_steps false: a DDPM config) needs 4 steps
+
+
+def check_solver(base_config: Any, kind: SchedulerKind, steps: int, model_path: str = "?") -> SchedulerKind:
+    """The solver `kind` (default: the checkpoint's) against the checkpoint's scheduler config and the step
+    count, before any sampling: each of these failed in every sampler, with diffusers' words (an x0 model on
+    PNDM: "prediction_type given as sample must be one of epsilon or v_prediction"; PNDM at 2 steps on a
+    DDPM config: "operands could not be broadcast together"). Returns the kind."""
+    kind = scheduler_kind(base_config, kind, model_path)
+    if base_config.get("prediction_type") == "sample" and kind not in SAMPLE_PREDICTION:
+        raise ModelError(f"model.path={model_path} predicts x0 (its scheduler's prediction_type is sample), which "
+                         f"the {kind.value} solver cannot step: set sampling.scheduler to one of "
+                         f"{', '.join(k.value for k in SAMPLE_PREDICTION)}")
+    if kind == SchedulerKind.pndm and not base_config.get("skip_prk_steps", False) and steps < PNDM_PRK_MIN_STEPS:
+        raise ConfigError(f"sampling.num_inference_steps={steps}: PNDM on this checkpoint's scheduler config "
+                          f"(skip_prk_steps false, model.path={model_path}) needs at least {PNDM_PRK_MIN_STEPS} "
+                          "steps for its Runge-Kutta warm-up; set more steps, or another sampling.scheduler "
+                          "(ddim, ddpm)")
+    return kind
+
+
+def check_scheduler(path: str, revision: str | None, kind: SchedulerKind, steps: int) -> None:
+    """check_solver from the folder's scheduler/scheduler_config.json before any cluster work (a hub id
+    not cached here: checked by the Sampler once loaded)."""
+    folder, _ = _pipeline_index(path, revision)
+    try:
+        with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+            base = json.load(f)
+    except (TypeError, OSError, ValueError):  # none here: the load names what is missing
+        return
+    if isinstance(base, dict):
+        check_solver(base, kind, steps, path)
+
+
 def make_scheduler(base_config: Any, kind: SchedulerKind, model_path: str = "?") -> Any:
     """A fresh scheduler of `kind` built from the checkpoint's scheduler config (its betas, prediction type)."""
     import diffusers

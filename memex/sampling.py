@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from memex.config import ConfigError, ModelKind, SamplingConfig
-from memex.models import LoadedModel, ModelError, make_scheduler
+from memex.models import LoadedModel, ModelError, check_solver, make_scheduler
 
 EMBED_CACHE = 1024  # prompts; SD-1.x embeddings are 77x768 fp32 = 236 KB, so <= ~240 MB
 IMAGE_CHANNELS = (1, 3)  # grayscale or RGB: the PNG modes ("L", "RGB") memex stores generations in
@@ -101,6 +101,8 @@ class Sampler:
         self.vae = getattr(pipe, "vae", None) if self.kind == ModelKind.latent_text else None
         self.text_encoder = getattr(pipe, "text_encoder", None)
         self.tokenizer = getattr(pipe, "tokenizer", None)
+        check_solver(pipe.scheduler.config, settings.scheduler, settings.num_inference_steps,
+                     model.path or model.model_id)  # a hub id's, not checked before (models.check_scheduler)
         self.scheduler = make_scheduler(pipe.scheduler.config, settings.scheduler, model.path or model.model_id)
         self._step_generator = takes_generator(self.scheduler)
         self.settings = settings
@@ -146,7 +148,7 @@ class Sampler:
         if self.prediction_type != "epsilon" and abar is None:
             raise ModelError(f"scheduler {self.scheduler_name} has no alphas_cumprod, so the triage score of a "
                              f"prediction_type={self.prediction_type} model cannot be put on eps: choose another "
-                             "sampling.scheduler (ddim, pndm, euler)")
+                             "sampling.scheduler (ddim, ddpm, euler)")
         self._abar = None if abar is None else abar.detach().cpu().double().numpy()
         self.channels = image_channels(model)  # C of the (N, H, W, C) images: 1 or 3
         self.conditional = self.kind != ModelKind.unconditional

@@ -696,6 +696,21 @@ def test_a_gpu_setting_with_ray_actors_given_no_gpu_is_refused_before_any_work(t
     check_actor_devices(ok.resources, ok.sampling.dtype)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for a machine with no GPU")
+def test_float16_on_the_local_executor_of_a_machine_with_no_gpu_is_refused_before_any_work(tmp_path):
+    """resources.executor=local samples in this process: check_actor_devices let it through (it looked at
+    Ray actors only), and float16 failed at the sampler, after the index build and run.json."""
+    from memex.stages import audit, generate
+
+    for stage, config_name in ((audit.run, "audit"), (generate.prepare, "generate")):
+        cfg = compose([f"storage.root={tmp_path / 'runs'}", "resources.executor=local", "sampling.dtype=float16"],
+                      config_name=config_name)
+        with pytest.raises(ConfigError, match=r"sampling.dtype=float16 needs a GPU, and this machine has none "
+                                              r"\(resources.executor=local samples here\)"):
+            stage(cfg)
+        assert not (tmp_path / "runs").exists()
+
+
 def test_a_models_audit_tuning_is_its_own_and_yields_to_an_option_or_a_key():
     """conf/tune/audit_<model>.yaml tunes the audit of that model only (audit.yaml's `optional tune:
     audit_${model}`): the demo's 80 samples at 10 steps and 2 copying generations reached every

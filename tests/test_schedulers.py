@@ -156,3 +156,42 @@ def test_unknown_scheduler_class_is_refused_with_the_fix(tiny_models, tmp_path):
         Sampler(model, SamplingConfig(num_inference_steps=2))
     s = Sampler(model, SamplingConfig(scheduler=SchedulerKind.ddim, num_inference_steps=2))  # the fix works
     assert s.generate(["p1"], [PROMPT], [1]).shape == (1, 16, 16, 3)
+
+
+def test_solvers_a_checkpoint_cannot_step_are_refused_before_any_work(tiny_models, tmp_path):
+    """An x0-predicting model on PNDM, Euler ancestral or KDPM2, and PNDM under 4 steps on a DDPM config
+    (memex train's, an unconditional model's), failed in every sampler with diffusers' words ("prediction_type
+    given as sample must be one of epsilon or v_prediction", "operands could not be broadcast together"), after
+    the index was built and run.json written. Refused from the folder's scheduler config first."""
+    from memex.config import ConfigError
+    from memex.models import check_scheduler
+    from memex.stages import generate
+
+    from conftest import compose
+
+    x0 = str(shutil.copytree(tiny_models["pixel_text"], tmp_path / "x0"))
+    conf = os.path.join(x0, "scheduler", "scheduler_config.json")
+    with open(conf) as f:
+        base = json.load(f)
+    with open(conf, "w") as f:
+        json.dump(base | {"prediction_type": "sample"}, f)
+    for kind in (SchedulerKind.pndm, SchedulerKind.euler_ancestral, SchedulerKind.kdpm2):
+        with pytest.raises(ModelError, match=rf"predicts x0 .* the {kind.value} solver cannot step: set "
+                                             r"sampling.scheduler to one of ddim, ddpm"):
+            check_scheduler(x0, None, kind, 10)
+    check_scheduler(x0, None, SchedulerKind.ddim, 10)
+    ddpm_config = tiny_models["pixel_text"]
+    with pytest.raises(ConfigError, match=r"sampling.num_inference_steps=2: PNDM .* needs at least 4 steps"):
+        check_scheduler(ddpm_config, None, SchedulerKind.pndm, 2)
+    check_scheduler(ddpm_config, None, SchedulerKind.pndm, 4)
+    # the Sampler checks the same (a hub id is known only once loaded)
+    with pytest.raises(ModelError, match="the euler_ancestral solver cannot step"):
+        Sampler(load_model(x0), SamplingConfig(scheduler=SchedulerKind.euler_ancestral, num_inference_steps=2))
+    assert Sampler(load_model(x0), SamplingConfig(scheduler=SchedulerKind.euler, num_inference_steps=2)).generate(
+        ["p1"], [PROMPT], [1]).shape[0] == 1
+    # and memex generate refuses it before its run folder is claimed
+    cfg = compose([f"model.path={ddpm_config}", "sampling.scheduler=pndm", "sampling.num_inference_steps=2",
+                   f"storage.root={tmp_path / 'runs'}", "resources.executor=local"])
+    with pytest.raises(ConfigError, match="PNDM"):
+        generate.prepare(cfg)
+    assert not (tmp_path / "runs").exists()

@@ -48,6 +48,7 @@ from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, is_img
 from memex.models import (
     check_kind,
     check_model_inputs,
+    check_scheduler,
     check_unet_fits,
     generated_channels,
     model_json,
@@ -80,6 +81,7 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
         check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
         check_unet_fits(cfg.model.path, cfg.model.unet, cfg.model.text_encoder, cfg.model.revision,
                         cfg.sampling.height, cfg.sampling.width)
+        check_scheduler(cfg.model.path, cfg.model.revision, cfg.sampling.scheduler, cfg.sampling.num_inference_steps)
         check_trained_shape(cfg)
     prompts = check_shared_inputs(cfg)
     if rematch_of is not None:  # its source's prompts and generations; its own run folder, claimed now

@@ -36,7 +36,7 @@ from memex.config import (
 from memex.images import encode_png
 from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
 from memex.lease import hold
-from memex.models import check_kind, check_model_inputs, check_unet_fits, resolve_device
+from memex.models import check_kind, check_model_inputs, check_scheduler, check_unet_fits, resolve_device
 from memex.plan import SamplePlan, Shard
 from memex.prompts import load_prompts, read_run_prompts
 from memex.redact import redact, redact_text
@@ -91,6 +91,7 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool 
     check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
     check_unet_fits(cfg.model.path, cfg.model.unet, cfg.model.text_encoder, cfg.model.revision,
                     cfg.sampling.height, cfg.sampling.width)
+    check_scheduler(cfg.model.path, cfg.model.revision, cfg.sampling.scheduler, cfg.sampling.num_inference_steps)
     if prompts is None:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
 
