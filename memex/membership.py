@@ -9,7 +9,7 @@ and the quarantine of unreadable training images. No Ray, no model: plain reads.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import faiss
 import numpy as np
@@ -43,7 +43,16 @@ class IndexInfo:
     alpha: str | None = None
 
     @classmethod
-    def from_json(cls, d: dict) -> "IndexInfo":
+    def from_json(cls, d: dict, where: str = "index.json") -> "IndexInfo":
+        """`where`: the file `d` was read from, named when it is not an index this memex reads (keys of a
+        newer memex, or none of its own: a bare TypeError from the dataclass)."""
+        known = {f.name for f in fields(cls)}
+        unknown, lacking = sorted(set(d) - known), sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in d)
+        if unknown or lacking:
+            what = f"keys this memex does not know ({', '.join(unknown)})" if unknown else \
+                f"no {', '.join(lacking)}"
+            raise StorageError(f"{where} has {what}: it was written by another memex version, or is not an "
+                               "index's; run the memex that wrote it, or delete the index folder to build it again")
         return cls(**{**d, "shards": [tuple(s) for s in d["shards"]]})
 
     def to_json(self) -> dict:
@@ -66,7 +75,7 @@ def read_info(run: RunLayout) -> IndexInfo:
     if d is None:
         raise StorageError(f"run {run.uri} has no index.json: it was not made by `memex audit`, which builds the "
                            "membership index first; run `memex audit` with the same settings")
-    return IndexInfo.from_json(d)
+    return IndexInfo.from_json(d, run.store.uri_of(run.index_json))
 
 
 def load_shards(layout: IndexLayout, shards: list[int]) -> list[faiss.Index]:

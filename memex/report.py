@@ -568,7 +568,8 @@ def render_trend(ledger: pa.Table, link_of) -> str:
     for name, _ in series:
         configs[name] = configs.get(name, 0) + 1
     for (name, sha), rs in series.items():
-        ok = [r for r in rs if r["outcome"] != "error"]
+        # a result: every audit that finished, one whose tracker then failed included (error, samples > 0)
+        ok = [r for r in rs if r["outcome"] != "error" or r["samples"]]
         stepped = [r for r in ok if r["step"] is not None]
         tag = f' <span class="muted">config {esc(sha[:12])}</span>' if configs[name] > 1 else ""
         out.append(f"<h2>{esc(name)}{tag}</h2>")
@@ -577,7 +578,7 @@ def render_trend(ledger: pa.Table, link_of) -> str:
                                    "prompts flagged": [r["flagged_prompts"] for r in stepped]}, "training step"))
         table_rows = []
         for r in rs:
-            href = link_of(r) if r["outcome"] != "error" else None
+            href = link_of(r) if r["outcome"] != "error" or r["samples"] else None  # its report was written
             link = f'<a href="{esc(href)}">report</a>' if href else ""
             # a failed audit counted nothing: its row's zeros are no result (a clean checkpoint read "0 extracted");
             # an audit that finished and whose tracker failed has its counts (samples > 0)

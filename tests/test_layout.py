@@ -527,3 +527,18 @@ def test_a_unit_and_its_marker_reach_the_disk_before_their_names(tmp_path, monke
     data = next(i for i, n in enumerate(names) if n.startswith("<samples>/_tmp-") and n.endswith(shard_name(0)))
     marker = next(i for i, n in enumerate(names) if n.startswith("<samples>/_markers/_tmp-"))
     assert names[data + 1] == "<samples>" and data < marker and names[marker + 1] == "<samples>/_markers", names
+
+
+def test_an_index_json_of_another_memex_version_is_named(tmp_path):
+    """An index.json (or an index's _SUCCESS.json) with a key this memex does not know, written by a newer one,
+    or lacking one it needs: a bare TypeError from the dataclass, naming no file."""
+    from memex.membership import IndexInfo, read_info
+
+    good = IndexInfo(str(tmp_path / "_index"), "k", [(0, 4)], "l2", 8, 4, 4, 0).to_json()
+    assert IndexInfo.from_json(good).shards == [(0, 4)]
+    layout = RunLayout(str(tmp_path), "run")
+    for d, what in ((good | {"tiles": 16}, r"keys this memex does not know \(tiles\)"),
+                    ({k: v for k, v in good.items() if k != "dim"}, "no dim")):
+        layout.store.write_json(layout.index_json, d)
+        with pytest.raises(StorageError, match=rf"{tmp_path}/run/index.json has {what}: .*delete the index folder"):
+            read_info(layout)

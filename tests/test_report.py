@@ -596,3 +596,33 @@ def test_report_on_a_bucket_root_and_an_unreachable_endpoint_says_so_in_one_line
         err = capsys.readouterr().err
         assert e.value.code == 1 and line in err and "Traceback" not in err and "TOPSECRET" not in err, err
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_the_trend_links_and_draws_an_audit_whose_tracker_failed_after_it_finished(monkeypatch):
+    """A ledger row `error` with samples > 0 is an audit that finished, wrote its report, and then failed to
+    log to its tracker: its counts were shown, but not its report link, and the chart left it out."""
+    import datetime as dt
+
+    from memex.layout import LEDGER_SCHEMA
+    from memex.report import render_trend
+
+    t = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+    base = {k: None for k in LEDGER_SCHEMA.names} | {
+        "series": "/runs/a", "base": "", "files_signature": "", "config_sha256": "a" * 64, "run": "r",
+        "extracted_generations": 0, "flagged_prompts": 0, "started": t, "finished": t, "message": ""}
+    rows = [base | {"location": "/runs/a/checkpoint-1000", "step": 1000, "weights_sha256": "w1", "samples": 8,
+                    "extracted": 1, "outcome": "ok", "report": "r1/report/index.html"},
+            base | {"location": "/runs/a/checkpoint-2000", "step": 2000, "weights_sha256": "w2", "samples": 8,
+                    "extracted": 5, "outcome": "error", "message": "mlflow: no such run",
+                    "report": "r2/report/index.html"},
+            base | {"location": "/runs/a/checkpoint-3000", "step": 3000, "weights_sha256": "w3", "samples": 0,
+                    "extracted": 0, "outcome": "error", "message": "CUDA out of memory", "report": ""}]
+    import memex.report as report
+
+    drawn, real = [], report.line_chart_svg
+    monkeypatch.setattr(report, "line_chart_svg", lambda xs, ys, *a: drawn.append((xs, ys)) or real(xs, ys, *a))
+    page = render_trend(pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA), lambda r: r["report"] or None)
+    assert drawn[0][0] == [1000, 2000] and drawn[0][1]["training images extracted"] == [1, 5]
+    assert '<a href="r2/report/index.html">report</a>' in page and "r1/report/index.html" in page
+    cells = page.split("checkpoint-3000</span></td>")[1].split("</tr>")[0]
+    assert "report</a>" not in cells

@@ -340,7 +340,7 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
         log.info("index %s is complete: reusing it", layout.uri)
         # where it was found: the folder is named by its content, and the root it was built under may have
         # been relative to another working folder, or a bucket it was copied from
-        return replace(IndexInfo.from_json(done), root=root)
+        return replace(IndexInfo.from_json(done, layout.store.uri_of(layout.success_path)), root=root)
     if done is not None:
         log.warning("index %s is marked complete but parts of it are gone (a partial copy, removed by hand): %s; "
                     "rebuilding only those", layout.uri, ", ".join(lost))
@@ -351,7 +351,7 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
         if done is not None and not missing_units(layout, len(done["shards"]), ivfpq):
             check_embedder(done, stamp, cfg, layout)
             log.info("index %s was completed by another audit: reusing it", layout.uri)
-            return replace(IndexInfo.from_json(done), root=root)
+            return replace(IndexInfo.from_json(done, layout.store.uri_of(layout.success_path)), root=root)
         return build(cfg, listing, key, root, layout, luma, aspect, stamp)
 
 
