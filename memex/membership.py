@@ -47,7 +47,8 @@ class IndexInfo:
         """`where`: the file `d` was read from, named when it is not an index this memex reads (keys of a
         newer memex, or none of its own: a bare TypeError from the dataclass)."""
         known = {f.name for f in fields(cls)}
-        unknown, lacking = sorted(set(d) - known), sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in d)
+        unknown = sorted(set(d) - known)
+        lacking = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in d)
         if unknown or lacking:
             what = f"keys this memex does not know ({', '.join(unknown)})" if unknown else \
                 f"no {', '.join(lacking)}"
