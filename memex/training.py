@@ -248,6 +248,10 @@ def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, 
     tmp.rename(folder / f"checkpoint-{step}")  # complete only once renamed
     for old in checkpoints(folder)[:-keep]:
         shutil.rmtree(old)
+    # a save killed at another step left its full-size _tmp- folder (a UNet and its optimizer state each),
+    # which no later save of this run removed: one process saves (rank 0), so none is being written now
+    for stale in folder.glob("_tmp-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def checkpoints(folder: Path) -> list[Path]:

@@ -131,7 +131,9 @@ def test_an_fp16_runs_loss_scale_is_kept_in_its_checkpoint(tmp_path):
     assert training._load_checkpoint(tmp_path / "checkpoints" / "checkpoint-5", unet, opt, fresh) == 5
     assert fresh.get_scale() == 2.0**15 and fresh.state_dict() == scaler.state_dict()
 
+    (tmp_path / "fp32" / "_tmp-checkpoint-3" / "unet").mkdir(parents=True)  # a save killed at step 3
     training._save_checkpoint(tmp_path / "fp32", 5, unet, opt, 2, {"r": 1})  # an fp32 run: no scaler
+    assert sorted(p.name for p in (tmp_path / "fp32").iterdir()) == ["checkpoint-5"]  # the killed one's removed
     assert "grad_scaler" not in json.loads((tmp_path / "fp32" / "checkpoint-5" / "optimizer.json").read_text())
     other = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     training._load_checkpoint(tmp_path / "fp32" / "checkpoint-5", unet, opt, other)
