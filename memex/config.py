@@ -272,6 +272,9 @@ def validate_generate(cfg: GenerateConfig) -> None:
     _at_least("sampling.num_inference_steps", s.num_inference_steps, 1)
     _at_least("sampling.shard_size", s.shard_size, 1)
     _at_least("sampling.seed", s.seed, 0)
+    if not s.guidance_scale >= 0:  # NaN too: a negative scale ran as the text prediction alone, without a word
+        raise ConfigError(f"sampling.guidance_scale must be >= 0 (up to 1: the text prediction alone, no "
+                          f"classifier-free guidance), got {s.guidance_scale}")
     if s.decode_batch_size is not None:
         _at_least("sampling.decode_batch_size", s.decode_batch_size, 1)
     if not 0 <= s.png_compress_level <= 9:

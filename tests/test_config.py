@@ -373,6 +373,7 @@ def test_dup_k_below_two_names_the_key():
     (["triage=preview", "model=demo_uncond", "prompts=none"], "triage=auto"),
     (["triage=preview", "match=relative"], "match=tiled"),  # its distance is compared with match.threshold
     (["triage.steps=51"], "triage.steps"),
+    (["sampling.guidance_scale=-2"], "sampling.guidance_scale must be >= 0"),  # ran as no guidance, silently
     (["triage.seeds=0"], "triage.seeds"),
     (["match.min_generations=0"], "match.min_generations"),
     (["match.max_margin=1.5"], "match.max_margin"),
