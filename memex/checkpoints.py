@@ -321,7 +321,9 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
                  "audits the EMA weights, which the run's final pipeline ships", len(ema_unused), ema_unused[0])
     if not found and not pending and not training:
         check_loose_weights(root)
-    return sorted(found, key=lambda c: (c.series, c.step if c.step is not None else -1, c.location))
+    # a final model (step None) after its series' checkpoints: audited last, gated against the last one, and,
+    # where it holds the last checkpoint's very weights, that checkpoint keeps its own row and trend point
+    return sorted(found, key=lambda c: (c.series, c.step is None, c.step or 0, c.location))
 
 
 def split_series(found: list[Checkpoint], side_by_side: list[int]) -> list[Checkpoint]:

@@ -277,21 +277,30 @@ def test_lora_checkpoints_are_found_and_audited_on_the_base(tmp_path):
 def test_the_final_lora_beside_its_checkpoints_is_a_checkpoint_too(tmp_path):
     """diffusers' LoRA scripts save the trained LoRA at <output_dir>/pytorch_lora_weights.safetensors,
     beside their checkpoint-<step>/ folders: it was never found, so the model a team ships went
-    unaudited. It is a checkpoint of the same series (no step: not compared for growth)."""
+    unaudited. It is a checkpoint of the same series, after its checkpoints (no step of its own): audited
+    last and gated against the last one (it came first and was gated against nothing, so a jump from the
+    last checkpoint to the model that ships passed as ok)."""
     out = tmp_path / "watch" / "lora-run"
     make_lora(str(BASE), out / "checkpoint-100", seed=1)
     make_lora(str(BASE), out, seed=3)  # the final one, written by save_lora_weights(output_dir)
     found = discover(str(tmp_path / "watch"), str(BASE))
     assert [(Path(c.location).name, c.series, c.step, c.lora) for c in found] == [
-        ("lora-run", str(out), None, str(out / "pytorch_lora_weights.safetensors")),
-        ("checkpoint-100", str(out), 100, str(out / "checkpoint-100" / "pytorch_lora_weights.safetensors"))]
+        ("checkpoint-100", str(out), 100, str(out / "checkpoint-100" / "pytorch_lora_weights.safetensors")),
+        ("lora-run", str(out), None, str(out / "pytorch_lora_weights.safetensors"))]
     assert weights_sha256(found[0]) != weights_sha256(found[1])
+    sha, series = "c" * 64, str(out)
+    rows = [{"series": series, "config_sha256": sha, "step": st, "extracted": n, "outcome": o, "finished": st}
+            for st, n, o in ((100, 1, "ok"), (50, 0, "ok"), (150, 9, "error"))]
+    last = nightly._previous(rows, series, None, sha)
+    assert last["step"] == 100 and nightly._next(rows, series, None, sha) is None
+    assert nightly.gate({"extracted": 20, "step": None}, last, None, 2) == (
+        "grew", "extracted 20 training images, 19 more than step 100 (1); growth margin is 2")
     with pytest.raises(nightly.MemexError, match=r"lora-run/pytorch_lora_weights\.safetensors is a LoRA and no "
                                                  r"pipeline folder encloses it: set nightly\.base_model"):
         discover(str(tmp_path / "watch"))
     # an output folder whose name ends in digits: no step either (lora_out_2 made the final model step 2)
     (tmp_path / "watch" / "lora-run").rename(tmp_path / "watch" / "lora_out_2")
-    assert [c.step for c in discover(str(tmp_path / "watch"), str(BASE))] == [None, 100]
+    assert [c.step for c in discover(str(tmp_path / "watch"), str(BASE))] == [100, None]
 
     # the tracker logs the final model at its series' last checkpoint step, the least it trained (it was
     # logged at step 0: before training began, on the checkpoints' own curve); in every nightly.only job too

@@ -191,16 +191,17 @@ def series_names(series: set[str], location: str) -> dict[str, str]:
 
 
 def _previous(rows: list[dict], series: str, step: int | None, sha: str) -> dict | None:
-    """The ledger's finished row of the same series and config with the largest step below `step`."""
-    if step is None:
-        return None
+    """The ledger's finished row of the same series and config with the largest step below `step`. A final
+    model (step None: the pipeline or LoRA saved beside checkpoint-<step>/, the one that ships) comes after
+    every checkpoint: it was gated against nothing, and a jump from its last checkpoint passed as ok."""
     earlier = [r for r in rows if r["series"] == series and r["config_sha256"] == sha and r["outcome"] in DONE
-               and r["step"] is not None and r["step"] < step]
+               and r["step"] is not None and (step is None or r["step"] < step)]
     return max(earlier, key=lambda r: (r["step"], r["finished"])) if earlier else None
 
 
 def _next(rows: list[dict], series: str, step: int | None, sha: str) -> dict | None:
-    """The ledger's finished row of the same series and config with the smallest step above `step`."""
+    """The ledger's finished row of the same series and config with the smallest step above `step` (a final
+    model's, step None, is gated against the last checkpoint by _previous when it is audited, last)."""
     if step is None:
         return None
     later = [r for r in rows if r["series"] == series and r["config_sha256"] == sha and r["outcome"] in DONE
