@@ -447,9 +447,10 @@ def test_kohya_lora_files_are_checkpoints_a_series_per_name(tmp_path):
         ("face-step00000500.safetensors", "face", 500, True),
         ("mylora-500.safetensors", "mylora", 500, True), ("mylora-1000.safetensors", "mylora", 1000, True),
         ("sd15_lora_512.safetensors", "sd15_lora_512", 800, True),
-        ("sd15_lora_768.safetensors", "sd15_lora_768", 900, True), ("style.safetensors", "style", None, True),
-        ("style-000001.safetensors", "style", 1, True), ("style-000002.safetensors", "style", 2, True)]
-    fused = load_model(str(BASE), lora=found[5].lora).pipe.unet.state_dict()
+        ("sd15_lora_768.safetensors", "sd15_lora_768", 900, True),
+        ("style-000001.safetensors", "style", 1, True), ("style-000002.safetensors", "style", 2, True),
+        ("style.safetensors", "style", None, True)]  # the final one, after its series' steps
+    fused = load_model(str(BASE), lora=found[7].lora).pipe.unet.state_dict()
     reference = load_model(str(BASE), lora=str(src.parent)).pipe.unet.state_dict()
     assert max((fused[k] - reference[k]).abs().max().item() for k in fused) < 1e-6
 
