@@ -157,6 +157,24 @@ def check(t: TrackerConfig) -> None:
         raise ConfigError(why)
 
 
+def check_run(t: TrackerConfig) -> None:
+    """tracker.run_id names a run of the tracking store (mlflow; one request), before any audit work: a typo, or
+    a store that does not answer, failed only once the audit was done (memex nightly: an error row for every
+    checkpoint, every night until fixed). wandb makes a run of any id: nothing to check."""
+    if t.kind != TrackerKind.mlflow or not t.run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=t.tracking_uri)
+    try:
+        client.get_run(t.run_id)
+    except Exception as e:  # noqa: BLE001 - MlflowException (no such run), a connection error: named, with the fix
+        raise ConfigError(redact_text(
+            f"tracker.run_id={t.run_id} is not a run of {client.tracking_uri} ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]}): give the training run's id (tracker.tracking_uri its store), or "
+            "leave tracker.run_id unset to log into a run named tracker.run_name")) from e
+
+
 def _missing(kind: TrackerKind, e: Exception) -> str:
     return (f"tracker={kind.value} needs its package: pip install 'memex[{EXTRA[kind]}]' "
             f"({type(e).__name__}: {e}); or set tracker=none")

@@ -421,9 +421,10 @@ SMALL = SMALL_AUDIT
 @pytest.mark.slow
 def test_nightly_logs_each_checkpoint_at_its_step_into_the_training_run(tmp_path, monkeypatch):
     """Two checkpoints of the demo training run audited by `memex nightly` with tracker=mlflow into the
-    training's run. The first night's tracker fails (no such run): each ledger row is an error that keeps
-    the audit's numbers; the next night resumes the audits and logs them at steps 1000 and 2000, beside
-    the training's loss, equal to the ledger's."""
+    training's run. A tracker.run_id that is no run of the store is refused before any audit (it failed after
+    each, every night). The first night's tracker fails once the audits are done (the store stops answering):
+    each ledger row is an error that keeps the audit's numbers; the next night resumes the audits and logs
+    them at steps 1000 and 2000, beside the training's loss, equal to the ledger's."""
     from mlflow.tracking import MlflowClient
 
     from memex.ledger import Ledger
@@ -439,7 +440,17 @@ def test_nightly_logs_each_checkpoint_at_its_step_into_the_training_run(tmp_path
     common = [f"nightly.location={tmp_path / 'watch'}", f"storage.root={tmp_path / 'runs'}",
               "resources.executor=local", *SMALL, "tracker=mlflow", f"tracker.tracking_uri={uri}"]
 
-    res = nightly.run(compose([*common, "tracker.run_id=0123456789abcdef0123456789abcdef"], config_name="nightly"))
+    with pytest.raises(ConfigError, match=r"tracker.run_id=0123456789abcdef0123456789abcdef is not a run of sqlite"):
+        nightly.run(compose([*common, "tracker.run_id=0123456789abcdef0123456789abcdef"], config_name="nightly"))
+    assert not (tmp_path / "runs").exists()  # nothing audited, no ledger row
+
+    def down(*a, **k):
+        raise ConnectionError("the tracking server does not answer")
+
+    monkeypatch.setattr(tracking, "_mlflow_log", down)
+    res = nightly.run(compose([*common, f"tracker.run_id={rid}"], config_name="nightly"))
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     assert [(r["step"], r["outcome"]) for r in res.rows] == [(1000, "error"), (2000, "error")]
     for r in res.rows:
         assert r["message"].startswith("tracker=mlflow could not log the audit") and "the gate said" in r["message"]

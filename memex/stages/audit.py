@@ -59,6 +59,7 @@ from memex.prompts import load_prompts, rank_by_near_duplicates, read_run_prompt
 from memex.shards import is_pattern
 from memex.storage import check_outside
 from memex.tracking import check as check_tracker
+from memex.tracking import check_run as check_tracker_run
 from memex.tracking import log_audit
 
 log = logging.getLogger("memex.audit")
@@ -73,6 +74,7 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
     # (headers and shapes, no weights read), the training set, the prompts (read now, unless the index ranks them)
     validate_audit(cfg)
     check_tracker(cfg.tracker)  # tracker=mlflow|tensorboard|wandb: its package is installed
+    check_tracker_run(cfg.tracker)  # and tracker.run_id a run of its store (one request)
     rematch_of = cfg.run.samples_from  # a re-match (memex/stages/rematch.py) loads no model: none is checked
     if rematch_of is None:
         check_actor_devices(cfg.resources, cfg.sampling.dtype)

@@ -46,6 +46,7 @@ from memex.redact import redact, redact_text, redact_url
 from memex.storage import Store
 from memex.tracking import TrackerError, at_checkpoint
 from memex.tracking import check as check_tracker
+from memex.tracking import check_run as check_tracker_run
 
 log = logging.getLogger("memex.nightly")
 # Settings that do not change an audit's result, left out of the config hash: which checkpoint
@@ -384,6 +385,7 @@ def payload(res: NightlyResult) -> dict:
 def run(cfg: NightlyAuditConfig) -> NightlyResult:
     if cfg.nightly.action == NightlyAction.run:
         check_tracker(cfg.tracker)  # its package, before any weights are hashed
+        check_tracker_run(cfg.tracker)  # tracker.run_id a run of its store
     res = plan(cfg)
     if cfg.nightly.action == NightlyAction.plan:
         # plan mode's jobs (nightly.only) announce their own rows: a job killed before its ALARM line leaves its
