@@ -786,6 +786,11 @@ def check_unet_fits(path: str, unet: str | None, text_encoder: str | None, revis
         raise ModelError(f"{unet_key}: the UNet takes {u['in_channels']} input channels, and the VAE of "
                          f"model.path={path} makes latents of {vae['latent_channels']}: give the base it was "
                          "fine-tuned from as model.path")
+    # the images' channels (sampling.image_channels, from the loaded model in every sampler, after the index build)
+    where, n = ("VAE", vae.get("out_channels")) if vae else ("UNet", u.get("in_channels"))
+    if isinstance(n, int) and n not in (1, 3):
+        raise ModelError(f"{unet_key}: its {where} makes {n}-channel images; memex samples only 1-channel (grayscale) "
+                         "or 3-channel (RGB) models, the images a PNG holds and the training-set comparisons take")
     if "sample_size" in u and u["sample_size"] is None and not (height and width):
         raise ModelError(f"{unet_key}: the UNet's config has no sample_size, so memex cannot tell its image size: "
                          "set sampling.height and sampling.width (SD 1.x: 512)")

@@ -177,10 +177,16 @@ def test_grayscale_model_gives_one_channel_stored_as_l_png(gray_model):
 
 
 def test_four_channel_model_is_refused_when_the_sampler_is_built(tmp_path):
+    """... and before any work, from its configs (it was refused in every sampler, after the index build)."""
+    from memex.models import check_unet_fits
+
     path = str(tiny.build("unconditional", tmp_path / "rgba", channels=4))
     with pytest.raises(ModelError, match=r"model.path=.*rgba: its unet makes 4-channel images; memex samples only "
                                          r"1-channel \(grayscale\) or 3-channel \(RGB\)"):
         Sampler(load_model(path), SamplingConfig(num_inference_steps=2))
+    with pytest.raises(ModelError, match=r"model.path=.*rgba: its UNet makes 4-channel images; memex samples only"):
+        check_unet_fits(path, None, None, None, None, None)
+    check_unet_fits(str(tiny.build("unconditional", tmp_path / "gray", channels=1)), None, None, None, None, None)
 
 
 def test_text_is_encoded_once_per_prompt(tiny_models):
