@@ -41,13 +41,12 @@ quarantined row was left out of the index for good. http(s) uris (the open web) 
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import io
 import json
 import posixpath
+import re
 import tarfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -491,7 +490,7 @@ def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
                 pass
         try:
             got = shard_samples(fs, tar, IMAGE_SUFFIXES)
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # the shard's bytes
+        except (tarfile.TarError, EOFError) as e:  # the shard's bytes (read as an uncompressed stream, mode r|)
             raise IngestError(f"{key}={path}: shard {fs.unstrip_protocol(tar)} is not a readable tar "
                               f"({type(e).__name__}: {e}): download it again, or move it out") from e
         except Exception as e:  # the store's (a 503 after retries, a timeout, no read access): "move it out"
@@ -534,9 +533,10 @@ def read_folder_metadata(fs, file: str) -> list[dict]:
         rows = list(csv.DictReader(io.StringIO(text)))
     else:
         rows = []
-        # "\n" only: str.splitlines also breaks at U+2028/U+2029 and \x85, which JSON strings may hold raw
-        # (json.dumps(ensure_ascii=False) of a LAION caption): the line was refused as "Unterminated string"
-        for n, line in enumerate(text.split("\n"), 1):
+        # line ends only (\n, \r\n, \r; none can be raw inside a JSON string): str.splitlines also breaks at
+        # U+2028/U+2029 and \x85, which JSON strings may hold raw (json.dumps(ensure_ascii=False) of a LAION
+        # caption): the line was refused as "Unterminated string"
+        for n, line in enumerate(re.split(r"\r\n?|\n", text), 1):
             if not line.strip():
                 continue
             try:
@@ -606,6 +606,22 @@ def iter_batches(table: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
 DRAFT_MIN_SIDE = 448
 
 
+# clients whose errors are the store's or the network's, not the row's (s3fs passes botocore's on as they are;
+# gcsfs, adlfs raise their transports'), except a request the client refuses to send as malformed
+STORE_CLIENTS = ("botocore.", "aiobotocore.", "aiohttp.", "google.auth.", "google.api_core.", "azure.core.")
+MALFORMED = ("ParamValidationError", "InvalidS3AddressingStyleError", "InvalidRegionError")
+
+
+def _store_failure(e: BaseException) -> bool:
+    """Whether a failed read is the store's (an outage, throttling, credentials: retried by a rerun) rather than
+    the row's (quarantined). Matched by module, as botocore and the rest are optional imports here."""
+    if isinstance(e, (tarfile.TarError, EOFError, ValueError)):  # a damaged shard; a uri no filesystem reads
+        return False
+    if isinstance(e, OSError):  # fsspec's mapping of S3's refusals, resets and throttling; local disk's errors
+        return True
+    return type(e).__module__.startswith(STORE_CLIENTS) and type(e).__name__ not in MALFORMED
+
+
 # what a row's image is read from: `stamp` (a listing's) keys a tar member's shard offsets (row_bytes)
 ROW_COLUMNS = ("id", "image", "uri", "stamp")
 
@@ -620,15 +636,15 @@ def row_bytes(row: dict, opts: dict[str, Any], version: str | None = None) -> by
             raise IngestError("row has neither image bytes nor a uri")
         try:
             data = read_uri(row["uri"], opts, row.get("stamp") or version)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError,  # gone, or no file: a bad row, quarantined
-                tarfile.TarError, EOFError, ValueError,  # a damaged shard; a uri no filesystem reads ("Protocol
-                MemoryError):  # not known"): the row's fault, quarantined; this process's memory: _per_row's
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # gone, or no file: a bad row, quarantined
             raise
         except Exception as e:  # the store's I/O: fsspec maps S3's refusals, resets and throttling to OSError, and
             # s3fs lets botocore's own through (EndpointConnectionError, NoCredentialsError: not OSError), which
-            # were quarantined for good, the index then built without them
-            if row["uri"].startswith(WEB):  # the open web (a manifest of LAION URLs): dead links and refusals
-                raise  # are the images' own, as img2dataset treats them; quarantined
+            # were quarantined for good, the index then built without them. The row's own faults stay quarantined:
+            # a uri no filesystem reads (ValueError: "Protocol not known"), one botocore refuses as malformed
+            # (ParamValidationError: s3://bad bucket!/x), a damaged tar shard
+            if row["uri"].startswith(WEB) or not _store_failure(e):  # the open web (LAION URLs): dead links and
+                raise  # refusals are the images' own, as img2dataset treats them; quarantined
             raise FetchError(f"cannot read training image {redact_urls(row['uri'])}: {type(e).__name__}: {e}. "
                              "Nothing of this unit was kept: rerun to retry it (a storage outage, expired "
                              "credentials), or grant read access to the object, or remove its row") from e
@@ -643,8 +659,8 @@ def _per_row(records: list[dict], fn, workers: int) -> list:
     def one(row: dict):
         try:
             return fn(row)
-        except (FetchError, MemoryError):  # an outage, or this process's memory: the unit fails and is retried
-            raise  # (quarantined, the image was left out of the index for good)
+        except FetchError:  # an outage: the unit fails and is retried (quarantined, it was left out for good)
+            raise
         except Exception as e:  # noqa: BLE001 - the caller quarantines or names the row
             return f"{type(e).__name__}: {e}"
 

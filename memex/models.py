@@ -787,7 +787,10 @@ def check_unet_fits(path: str, unet: str | None, text_encoder: str | None, revis
                          f"model.path={path} makes latents of {vae['latent_channels']}: give the base it was "
                          "fine-tuned from as model.path")
     # the images' channels (sampling.image_channels, from the loaded model in every sampler, after the index build)
-    where, n = ("VAE", vae.get("out_channels")) if vae else ("UNet", u.get("in_channels"))
+    # a pipeline with a VAE: its decoder's, when its config is here (a hub cache made with vae= passed in has
+    # none: the UNet's 4 latent channels are no image's); without one, the UNet's input
+    has_vae = isinstance(index.get("vae"), list) and bool(index["vae"][0])
+    where, n = ("VAE", vae.get("out_channels")) if has_vae else ("UNet", u.get("in_channels"))
     if isinstance(n, int) and n not in (1, 3):
         raise ModelError(f"{unet_key}: its {where} makes {n}-channel images; memex samples only 1-channel (grayscale) "
                          "or 3-channel (RGB) models, the images a PNG holds and the training-set comparisons take")

@@ -548,7 +548,8 @@ def render_trend(ledger: pa.Table, link_of) -> str:
     """Extracted images and flagged prompts against training step, per series and config, with run links.
 
     `link_of(row) -> str | None`: the href of a row's report (relative when it can be)."""
-    rows = sorted(ledger.to_pylist(), key=lambda r: (r["series"], r["step"] if r["step"] is not None else -1,
+    # a final model (no step) after its series' checkpoints, as memex nightly audits it
+    rows = sorted(ledger.to_pylist(), key=lambda r: (r["series"], r["step"] is None, r["step"] or 0,
                                                       r["finished"] or dt.datetime.min.replace(tzinfo=dt.timezone.utc)))
     out = ["<h1>memex nightly: memorization by checkpoint</h1>",
            f'<p class="muted">{len(rows)} audits in the ledger &middot; built '
@@ -568,8 +569,10 @@ def render_trend(ledger: pa.Table, link_of) -> str:
     for name, _ in series:
         configs[name] = configs.get(name, 0) + 1
     for (name, sha), rs in series.items():
-        # a result: every audit that finished, one whose tracker then failed included (error, samples > 0)
-        ok = [r for r in rs if r["outcome"] != "error" or r["samples"]]
+        # a result: every audit that finished, one whose tracker then failed included (error, samples > 0) until
+        # a later night's retry of the same weights finished (its row is the result: one point a checkpoint)
+        ok = [r for r in rs if r["outcome"] != "error"
+              or r["samples"] and (r["weights_sha256"], r["config_sha256"]) not in done]
         stepped = [r for r in ok if r["step"] is not None]
         tag = f' <span class="muted">config {esc(sha[:12])}</span>' if configs[name] > 1 else ""
         out.append(f"<h2>{esc(name)}{tag}</h2>")

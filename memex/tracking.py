@@ -163,16 +163,21 @@ def check_run(t: TrackerConfig) -> None:
     checkpoint, every night until fixed). wandb makes a run of any id: nothing to check."""
     if t.kind != TrackerKind.mlflow or not t.run_id:
         return
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=t.tracking_uri)
     try:
         client.get_run(t.run_id)
     except Exception as e:  # noqa: BLE001 - MlflowException (no such run), a connection error: named, with the fix
+        why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        missing = isinstance(e, MlflowException) and e.error_code in ("RESOURCE_DOES_NOT_EXIST",
+                                                                       "INVALID_PARAMETER_VALUE")
         raise ConfigError(redact_text(
-            f"tracker.run_id={t.run_id} is not a run of {client.tracking_uri} ({type(e).__name__}: "
-            f"{' '.join(str(e).split())[:300]}): give the training run's id (tracker.tracking_uri its store), or "
-            "leave tracker.run_id unset to log into a run named tracker.run_name")) from e
+            f"tracker.run_id={t.run_id} is not a run of {client.tracking_uri} ({why}): give the training run's id "
+            "(tracker.tracking_uri its store), or leave tracker.run_id unset to log into a run named tracker.run_name"
+            if missing else f"tracker=mlflow: cannot read run {t.run_id} from {client.tracking_uri} ({why}): check "
+            "tracker.tracking_uri and the store's credentials, or set tracker=none")) from e
 
 
 def _missing(kind: TrackerKind, e: Exception) -> str:

@@ -623,6 +623,11 @@ def test_the_trend_links_and_draws_an_audit_whose_tracker_failed_after_it_finish
     monkeypatch.setattr(report, "line_chart_svg", lambda xs, ys, *a: drawn.append((xs, ys)) or real(xs, ys, *a))
     page = render_trend(pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA), lambda r: r["report"] or None)
     assert drawn[0][0] == [1000, 2000] and drawn[0][1]["training images extracted"] == [1, 5]
+    # the next night's retry of step 2000 finished (ok): one point for the step, not two
+    retry = rows[1] | {"outcome": "ok", "message": "", "finished": t + dt.timedelta(days=1)}
+    drawn.clear()
+    render_trend(pa.Table.from_pylist([*rows, retry], schema=LEDGER_SCHEMA), lambda r: r["report"] or None)
+    assert drawn[0][0] == [1000, 2000]
     assert '<a href="r2/report/index.html">report</a>' in page and "r1/report/index.html" in page
     cells = page.split("checkpoint-3000</span></td>")[1].split("</tr>")[0]
     assert "report</a>" not in cells

@@ -189,6 +189,21 @@ def test_four_channel_model_is_refused_when_the_sampler_is_built(tmp_path):
     check_unet_fits(str(tiny.build("unconditional", tmp_path / "gray", channels=1)), None, None, None, None, None)
 
 
+def test_a_latent_model_whose_vae_config_is_not_cached_is_not_called_four_channel(tiny_models, tmp_path, monkeypatch):
+    """A hub cache made by from_pretrained(id, vae=...) holds no vae/config.json: the check fell back to the
+    UNet's 4 latent channels and refused a Stable Diffusion model as making 4-channel images."""
+    import json
+    import shutil
+
+    from memex import models
+
+    folder = shutil.copytree(tiny_models["latent_text"], tmp_path / "cache")
+    (folder / "vae" / "config.json").unlink()
+    index = json.loads((folder / "model_index.json").read_text())
+    monkeypatch.setattr(models, "_pipeline_index", lambda path, revision=None: (str(folder), index))
+    models.check_unet_fits("org/sd-like", None, None, None, None, None)
+
+
 def test_text_is_encoded_once_per_prompt(tiny_models):
     s = _sampler(tiny_models["latent_text"])
     assert s.prompts_encoded == 0  # nothing before the first batch
