@@ -597,7 +597,7 @@ class TriageKind(str, Enum):
     none = "none"  # no triage
     noise_norm = "noise_norm"  # Wen et al. (ICLR 2024): ||eps(x_t, prompt) - eps(x_t, "")||, first step(s)
     # seeds previews of triage.steps DDIM steps, each matched to the training index like a generation:
-    # minus the smallest tiled l2 (AUC 0.94 on the demo, 0.72 on a weaker model, 8 x 10 steps: bench/RESULTS.md)
+    # minus the smallest tiled l2 (AUC 0.87-0.94 on the demo, 0.72 on a weaker model, 8 x 10 steps: bench/RESULTS.md)
     preview = "preview"
 
 

@@ -15,8 +15,9 @@ triage=preview asks the model directly: `triage.seeds` previews of a short DDIM 
 stage matches a generation (embedding search for match.k proposals, tiled l2 on pixels). A prompt's
 score is minus the smallest tiled l2 of its previews: a memorizing prompt's previews already land
 near the picture it copies. 8 previews x 10 steps x 2 = 160 UNet evaluations a prompt, a tenth of a
-16-sample prompt; on the demo it ranks reproducing prompts at AUC 0.939 where noise_norm reaches
-0.80 (scored from noises the truth pool never used: bench/RESULTS.md), and the
+16-sample prompt; on the demo it ranks reproducing prompts at AUC 0.87-0.94 over three preview seeds
+(mean 0.91) where noise_norm reaches 0.79-0.80 (scored from noises the truth pool never used:
+bench/RESULTS.md), and the
 adaptive budget extends a prompt whose preview came within budget.continue_factor x match.threshold
 (memex/stages/audit.py continuing_prompts).
 
