@@ -687,6 +687,33 @@ def stage_help(stage: str, overrides: list[str]) -> str:
     return "\n".join(lines)  # the values are redacted (common_defaults); `key=value` is no credential
 
 
+CFG_FLAGS = ("--cfg", "-c")
+
+
+def _cfg_flag(args: list[str]) -> str | None:
+    """The value of Hydra's --cfg / -c (job, hydra, all) among `args`, or None."""
+    for i, a in enumerate(args):
+        if a in CFG_FLAGS and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--cfg="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def print_config(stage: str, args: list[str], which: str) -> str:
+    """`memex <stage> ... --cfg job`: the composed config as YAML, credentials redacted (memex/redact.py), as
+    Hydra prints it (unresolved; `--resolve` resolves). memex prints the job's config whatever `which` asks:
+    Hydra's own (`hydra`, `all`) lists the raw command line among its overrides."""
+    if which not in ("job", "hydra", "all"):
+        raise C.ConfigError(f"--cfg {which}: one of job, hydra, all")
+    flags = {*CFG_FLAGS, "--resolve", which}
+    overrides = [a for a in args if a not in flags and not a.startswith(("--cfg=", "-"))]
+    cfg = compose_config(stage, overrides)
+    data = redact(OmegaConf.to_container(cfg, resolve="--resolve" in args))
+    note = "" if which == "job" else "# memex prints the job's config only (Hydra's lists the raw command line)\n"
+    return note + OmegaConf.to_yaml(OmegaConf.create(data)).rstrip("\n")
+
+
 def pin_mismatches(constraints: str, version_of) -> list[str]:
     """`pkg==pinned` lines of a constraints file against the installed versions (`version_of(pkg)`: the
     version, or None when it is not installed, e.g. faiss-cpu on a GPU node); a local tag (2.13.0+cu130)
@@ -753,6 +780,14 @@ def main() -> None:
             print(f"memex: error: {redact_text(str(e).splitlines()[0] if str(e) else repr(e))}", file=sys.stderr)
             sys.exit(1)
         print(text)
+        sys.exit(0)
+    if stage in SCHEMAS and (cfg_flag := _cfg_flag(sys.argv[1:])):
+        try:  # Hydra's own --cfg printed the config raw: a storage secret, a webhook URL (README: every printout)
+            check_overrides(sys.argv[1:], SCHEMAS[stage])
+            print(print_config(stage, sys.argv[1:], cfg_flag))
+        except Exception as e:  # noqa: BLE001 - a bad override: one line, as a run would say it
+            print(f"memex: error: {redact_text(str(e).splitlines()[0] if str(e) else repr(e))}", file=sys.stderr)
+            sys.exit(1)
         sys.exit(0)
     sys.argv[0] = f"memex {stage}"
     if stage in SCHEMAS:

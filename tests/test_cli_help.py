@@ -93,6 +93,23 @@ def test_stage_help_masks_a_webhook_url(monkeypatch, capsys):
     assert re.search(r"^  nightly\.webhook\s+https://hooks\.example\.com/\*\*\*$", out, re.M), out
 
 
+def test_cfg_job_prints_the_config_with_credentials_redacted(monkeypatch, capsys):
+    """`memex <stage> ... --cfg job`, which --help points to, was Hydra's own printout: a storage secret and a
+    webhook's secret path in plain text."""
+    import yaml
+
+    code, out, _ = _run(monkeypatch, capsys, "nightly", "+storage.options.secret=TOPSECRET", "sampling.seed=3",
+                        "nightly.webhook=https://hooks.example.com/abc/SECRET123", "--cfg", "job")
+    assert code == 0 and "TOPSECRET" not in out and "SECRET123" not in out
+    got = yaml.safe_load(out)
+    assert got["storage"]["options"]["secret"] == "***" and got["nightly"]["webhook"] == "https://hooks.example.com/***"
+    assert got["sampling"]["seed"] == 3 and "${" in out  # unresolved, as Hydra prints it
+    code, out, _ = _run(monkeypatch, capsys, "audit", "--cfg", "job", "--resolve")
+    assert code == 0 and "${" not in out and yaml.safe_load(out)["sampling"]["samples_per_prompt"] == 80
+    code, _, err = _run(monkeypatch, capsys, "audit", "sampling.sample_per_prompt=1", "--cfg", "job")
+    assert code == 1 and "did you mean sampling.samples_per_prompt" in err
+
+
 def test_stage_help_with_an_unknown_key_names_the_nearest(monkeypatch, capsys):
     code, out, err = _run(monkeypatch, capsys, "audit", "sampling.sample_per_prompt=1", "--help")
     assert code == 1 and out == ""
