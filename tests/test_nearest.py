@@ -152,3 +152,14 @@ def test_an_index_reused_with_other_embedder_weights_at_the_same_path_is_refused
     assert after == before  # nothing rebuilt or changed
     shutil.copy(tmp_path / "kept.pt", weights)  # restored, as a new copy (a new mtime): the same weights, reused
     assert index.run(cfg) == info
+    # a build killed after a shard, resumed with other weights at the same path: one index of two spaces
+    (folder / "_SUCCESS.json").unlink()
+    shutil.rmtree(folder / "shards")
+    (folder / "shards").mkdir()
+    torch.manual_seed(1)
+    torch.jit.script(TinyDescriptor().eval()).save(str(weights))
+    with pytest.raises(StorageError, match=rf"embedder.path={weights} changed since index .*{info.key} was begun "
+                                           r"with it .*Delete .* to build it with the new weights"):
+        index.run(cfg)
+    shutil.copy(tmp_path / "kept.pt", weights)  # the old weights: the build finishes as it began
+    assert index.run(cfg) == info

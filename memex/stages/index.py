@@ -402,11 +402,20 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
 
     # 2. the training table with global ids (written once; a rerun finds it in place)
     plans = plan_index_shards(listing.num_rows, cfg.index.shards)
-    # what the folder holds, for people (nothing reads it back): written by every build, so a kill during the
-    # copy below does not leave a folder without it
+    # a build resumed after the embedder's weights changed at the same path (the key holds the path): its
+    # finished shards (and IVF-PQ quantizer) hold vectors of the old weights, and the rest would be embedded
+    # with the new ones, one index of two spaces. check_embedder covers a finished index only.
+    was = (layout.store.read_json(layout.info_json) or {}).get("embedder_stamp")
+    if was is not None and stamp is not None and was != stamp:
+        raise StorageError(f"embedder.path={cfg.embedder.path} changed since index {layout.uri} was begun with it "
+                           f"(was: {was}; now: {stamp}): its finished shards hold vectors of the old weights. Delete "
+                           f"{layout.uri} to build it with the new weights, or restore the old ones to finish it.")
+    # what the folder holds, for people (and the weights' stamp, read above): written by every build, so a kill
+    # during the copy below does not leave a folder without it
     layout.store.write_json(layout.info_json, redact({  # no credential in any output: memex/redact.py
         "trainset": cfg.trainset.path, "embedder": plain(cfg.embedder), "index": plain(cfg.index), "luma": luma,
-        "aspect": aspect, "shards": plans, "n_train": listing.num_rows}))
+        "aspect": aspect, "shards": plans, "n_train": listing.num_rows,
+        **({"embedder_stamp": stamp} if stamp is not None else {})}))
     if train_rows.missing(layout):  # (train.pack gone: both written again, the same rows in the same order)
         # a killed build's copy of the training set (`_tmp-<uuid>-train.pack`, its full size, and its table)
         # is never reused: gone before the new copy (not another audit's write-probe, made outside the lease,
