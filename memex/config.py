@@ -1062,6 +1062,12 @@ class MiaConfig:
 def validate_mia(cfg: MiaConfig) -> None:
     validate_resources(cfg.resources)
     check_run_name(cfg.run.name)
+    # the storage checks of the other commands (a lease_timeout_s of 0 made the heartbeat thread rewrite
+    # _lease.json in a tight loop: on S3, a stream of PUTs)
+    if not cfg.storage.root:
+        raise ConfigError("storage.root is empty: give a folder or URI (storage.root=s3://bucket/runs)")
+    _at_least("storage.lease_timeout_s", cfg.storage.lease_timeout_s, 1)
+    _at_least("storage.lease_wait_s", cfg.storage.lease_wait_s, 0)
     m = cfg.mia
     if not m.attacks:
         raise ConfigError(f"mia.attacks is empty: choose from {[a.value for a in MiaAttack]}")

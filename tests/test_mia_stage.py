@@ -369,7 +369,7 @@ def test_copies_of_a_memex_train_manifest_are_one_image_each(world, tmp_path):
                                   "unrun_attack_setting", "shadow_steps_without_lira",
                                   "query_column_without_queries", "missing_members", "empty_queries",
                                   "undecodable_nonmembers", "root_inside_nonmembers", "few_timesteps",
-                                  "demo_nonmembers_for_another_model"])
+                                  "demo_nonmembers_for_another_model", "cuda_without_a_gpu", "lease_timeout_0"])
 def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, case):
     root, model, members, nonmembers = world
     extra = []
@@ -441,6 +441,12 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
 
         extra = [f"nonmembers.path={Path(MEMEX_HOME) / 'demo' / 'data' / 'heldout.parquet'}"]
         match = f"nonmembers.path is the demo's held-out logos (the default), and model.path={model} is not a demo"
+    elif case == "cuda_without_a_gpu":  # Ray actors given no GPU: refused as audit, generate and nightly refuse it
+        extra = ["resources.executor=ray", "resources.device=cuda"]
+        match = "resources.device=cuda, and resources.num_gpus=0"
+    elif case == "lease_timeout_0":  # the heartbeat rewrote _lease.json in a tight loop
+        extra = ["storage.lease_timeout_s=0"]
+        match = "storage.lease_timeout_s must be >= 1"
     elif case == "shadow_steps_without_lira":
         extra = ["mia.shadow_steps=300"]
         match = "mia.shadow_steps is set, and LiRA is off"

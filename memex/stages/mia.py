@@ -45,10 +45,12 @@ from memex.config import (
     ArchKind,
     ConfigError,
     DataConfig,
+    DType,
     MiaConfig,
     Preprocess,
     TrainConfig,
     TrainerConfig,
+    check_actor_devices,
     model_identity,
     plain,
     validate_mia,
@@ -597,6 +599,9 @@ def run(cfg: MiaConfig) -> dict:
     opts = cfg.storage.options
     # 1. inputs, each failing in seconds naming the key to fix
     validate_mia(cfg)
+    # resources.device=cuda with Ray actors given no GPU: refused before any work, as the other commands do (it
+    # claimed the folder, wrote images.parquet, then failed in every actor); the attacks score in float32
+    check_actor_devices(cfg.resources, DType.float32)
     from memex.mia import check_settings
 
     cfg = with_preprocess(cfg)
