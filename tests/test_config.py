@@ -726,6 +726,8 @@ def test_a_models_audit_tuning_is_its_own_and_yields_to_an_option_or_a_key():
     assert got(["model=sd15"]) == got(["model=local", "model.path=/ckpt"]) == (16, 50, 1)
     assert got(["model=demo_uncond", "prompts=none", "match=relative"]) == (16, 50, 1)
     assert got(["preset=paper"]) == (500, 50, 1)
+    assert got(["~tune"]) == (16, 50, 1)  # the tuning dropped (conf/README.md); an empty option keeps it
+    assert got(["sampling=default", "match=tiled"]) == (80, 10, 2)
     assert got(["sampling=fast"])[:2] == (4, 10) and got(["sampling.num_inference_steps=25"])[1] == 25
     assert got([], "nightly") == (16, 50, 1)
 
