@@ -131,6 +131,12 @@ def test_an_audit_resumed_with_another_budget_is_refused_before_it_generates(tmp
                                                  "sampling.samples_per_prompt=64"], config_name="audit"), "a", layout)
     with pytest.raises(StorageError, match=r"budget=fixed, sampling.samples_per_prompt"):
         audit.triage_and_generate(compose(base + ["sampling.samples_per_prompt=64"], config_name="audit"), "a", layout)
+    # ... and before a triage stage of its own runs (its previews were made and scored first, their cost then
+    # counted in the adaptive audit's summary)
+    preview = [b for b in base if b != "triage=none"] + ["triage=preview", "sampling.samples_per_prompt=64"]
+    with pytest.raises(StorageError, match=r"budget=fixed, sampling.samples_per_prompt"):
+        audit.triage_and_generate(compose(preview, config_name="audit"), "a", layout)
+    assert not layout.previews.complete() and not layout.triage.complete()
     assert len(SamplePlan.read(layout.store).rounds) == 2 and not layout.samples.complete()  # nothing changed
 
 

@@ -179,12 +179,18 @@ def triage_and_generate(cfg: AuditConfig, run_name: str, layout: RunLayout) -> N
     from memex.stages import triage as triage_stage
 
     first = None  # prompt rows of the first round: every prompt, or the top triage.keep
-    if adaptive(cfg):  # rounds chosen by another rule (another triage) are refused before the triage stage runs
-        plan = SamplePlan.read(layout.store)
-        if plan.rounds:  # (its first round's prompts: checked once triage.keep has chosen them)
-            rows = plan.rounds[0].prompt_rows
-            plan.check_budget(layout.store, list(cfg.budget.rounds), None if rows is None else list(rows),
-                              "budget.rounds", round_rule(cfg))
+    # rounds of another budget (another rule, another triage) are refused before the triage stage runs: a fixed
+    # audit's rerun over an adaptive one's folder (one default run name) made and scored every preview first,
+    # and their cost then counted in the adaptive audit's summary
+    plan = SamplePlan.read(layout.store)
+    if plan.rounds:  # (its first round's prompts: checked once triage.keep has chosen them)
+        rows = plan.rounds[0].prompt_rows
+        rows = None if rows is None else list(rows)
+        if adaptive(cfg):
+            plan.check_budget(layout.store, list(cfg.budget.rounds), rows, "budget.rounds", round_rule(cfg))
+        else:
+            plan.check_budget(layout.store, [cfg.sampling.samples_per_prompt], rows,
+                              "budget=fixed, sampling.samples_per_prompt")
     if triage_stage.needs_stage(cfg):  # else the samples' free first-step scores are the triage (prompt_scores)
         triage_stage.run(cfg, run_name)
         if cfg.triage.keep is not None:
