@@ -992,6 +992,10 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
     # model.path/name and run.name are replaced per checkpoint: model=local (a base given as nightly.base_model,
     # or pipelines found whole) needs no model.path of its own, which was demanded and then thrown away
     unset = not cfg.model.path or cfg.model.path == "???"
+    if "://" in n.location:  # discovery lists a folder (memex/checkpoints.py); unset model.path's message named it
+        raise ConfigError(f"nightly.location={n.location}: checkpoints are read from a local or mounted folder, not a "
+                          "URL: mount the bucket on every node (s3fs-fuse, Mountpoint for S3, FSx) or sync the "
+                          "checkpoints there first; the runs and the ledger can still go to storage.root=s3://...")
     validate_audit(replace(cfg, model=replace(cfg.model, path=n.location)) if unset else cfg)
 
 

@@ -96,6 +96,9 @@ def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):
                                            ("nightly.webhook=https:///x", "nightly.webhook has no host"),
                                            ("nightly.night=yesterday", "nightly.night"),
                                            ("nightly.location=???", "nightly.location"),
+                                           # a URL: named as nightly.location (it was "model.path=s3://...")
+                                           ("nightly.location=s3://b/ckpts", "^nightly.location=s3://b/ckpts: "
+                                            "checkpoints are read from a local or mounted folder"),
                                            # settings the action does not read, once silently ignored
                                            ("nightly.night=2026-11-29", "nightly.night names the night in"),
                                            ("nightly.webhook_timeout_s=30", "no nightly.webhook is")])
