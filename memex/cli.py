@@ -628,12 +628,13 @@ def format_default(value: Any) -> str:
     return str(value)
 
 
-def compose_config(stage: str, overrides: list[str]) -> DictConfig:
-    """The stage's config as Hydra would compose it for these overrides (no run, no output folder)."""
+def compose_config(stage: str, overrides: list[str], hydra: bool = False) -> DictConfig:
+    """The stage's config as Hydra would compose it for these overrides (no run, no output folder);
+    `hydra`: with Hydra's own node (hydra.runtime.choices: the option of each group in use)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose(config_name=stage, overrides=overrides)
+        return compose(config_name=stage, overrides=overrides, return_hydra_config=hydra)
 
 
 def common_defaults(stage: str, cfg: DictConfig) -> list[tuple[str, str]]:
@@ -668,16 +669,20 @@ def _unresolvable(cfg: DictConfig, key: str) -> str | None:
 
 def stage_help(stage: str, overrides: list[str]) -> str:
     """`memex <stage> --help`: what it does, its config groups (with the overrides' choices) and common keys."""
-    chosen = dict(a.lstrip("+~").split("=", 1) for a in overrides if "=" in a)
     cfg = compose_config(stage, overrides)
+    # the options in use as composed: a preset's `override /triage: none` and the like included (the command
+    # line's alone listed triage=auto under preset=paper, beside its common keys' paper values)
+    choices = dict(compose_config(stage, overrides, hydra=True).hydra.runtime.choices)
     lines = [f"usage: memex [-v] {stage} [key=value ...]   (Hydra overrides)", "",
              f"memex {stage}: {SUMMARIES[stage]}", "", DESCRIPTIONS[stage], "",
              "config groups (group=option in use; the other options in conf/<group>/):"]
     for group, option, options in config_groups(stage):
-        current = chosen.get(group, option)
+        current = choices.get(group, option)
         others = [o for o in options if o != current]
         lines.append(f"  {group}={current if current is not None else 'null'}"
                      + (f"   (also: {', '.join(others)})" if others else ""))
+    if (tune := choices.get("tune")) and (CONF_DIR / "tune" / f"{tune}.yaml").is_file():
+        lines.append(f"  tune={tune}   (this model's own tuning, conf/tune/; ~tune drops it)")
     pairs = common_defaults(stage, cfg)
     width = max(len(k) for k, _ in pairs)
     lines += ["", "common keys (set one with key=value; shown: its current value):"]

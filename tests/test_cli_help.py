@@ -93,6 +93,19 @@ def test_stage_help_masks_a_webhook_url(monkeypatch, capsys):
     assert re.search(r"^  nightly\.webhook\s+https://hooks\.example\.com/\*\*\*$", out, re.M), out
 
 
+def test_stage_help_lists_the_options_a_preset_chose_and_the_models_tuning(monkeypatch, capsys):
+    """--help listed the options named on the command line only: under preset=paper it said triage=auto,
+    sampling=audit_demo and filter=demo beside common keys at the paper's values; the demo's tuning
+    (conf/tune/, which sets 80 samples at 10 steps) was not listed at all."""
+    code, out, _ = _run(monkeypatch, capsys, "audit", "preset=paper", "model=sd15", "--help")
+    assert code == 0
+    for line in ("  triage=none   (", "  sampling=paper   (", "  filter=default   ("):
+        assert line in out, out
+    assert "tune=" not in out  # sd15 has no tuning of its own
+    code, out, _ = _run(monkeypatch, capsys, "audit", "--help")
+    assert code == 0 and "  tune=audit_demo   (this model's own tuning, conf/tune/; ~tune drops it)" in out
+
+
 def test_cfg_job_prints_the_config_with_credentials_redacted(monkeypatch, capsys):
     """`memex <stage> ... --cfg job`, which --help points to, was Hydra's own printout: a storage secret and a
     webhook's secret path in plain text."""
