@@ -480,12 +480,15 @@ def expand_duplicates(table: pa.Table, schedule: list[DuplicationGroup], seed: i
         unknown = [i for i in g.ids if i not in copies]
         if unknown:
             raise ManifestError(f"duplication ids not in the manifest: {unknown[:5]}")
-        twice = sorted({i for i in g.ids if i in scheduled or g.ids.count(i) > 1})
+        seen: dict[str, int] = {}  # (list.count per id, and a set rebuilt per free id below, were quadratic:
+        for i in g.ids:  # a group naming thousands of ids over a large manifest took minutes)
+            seen[i] = seen.get(i, 0) + 1
+        twice = sorted({i for i, n in seen.items() if i in scheduled or n > 1})
         if twice:  # a later group would silently overwrite the earlier group's copies
             raise ManifestError(f"duplication ids in two groups (or twice in one): {twice[:5]}; "
                                 "each image gets one number of copies")
         chosen = list(g.ids)
-        free = [i for i in free if i not in set(chosen)]
+        free = [i for i in free if i not in seen]
         if g.count > len(free):
             raise ManifestError(f"duplication asks for {g.count} more images but only {len(free)} are left")
         chosen += free[: g.count]
