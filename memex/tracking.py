@@ -167,6 +167,11 @@ def check_run(t: TrackerConfig) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=t.tracking_uri)
+    # one quick try: MLflow's own retries (7, backoff factor 2) held a dead server's check for ~4 min; the
+    # logging after the audit keeps them (a user's MLFLOW_HTTP_REQUEST_* settings win either way)
+    quick = {k: v for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"))
+             if k not in os.environ}
+    os.environ.update(quick)
     try:
         client.get_run(t.run_id)
     except Exception as e:  # noqa: BLE001 - MlflowException (no such run), a connection error: named, with the fix
@@ -178,6 +183,9 @@ def check_run(t: TrackerConfig) -> None:
             "(tracker.tracking_uri its store), or leave tracker.run_id unset to log into a run named tracker.run_name"
             if missing else f"tracker=mlflow: cannot read run {t.run_id} from {client.tracking_uri} ({why}): check "
             "tracker.tracking_uri and the store's credentials, or set tracker=none")) from e
+    finally:
+        for k in quick:
+            os.environ.pop(k, None)
 
 
 def _missing(kind: TrackerKind, e: Exception) -> str:

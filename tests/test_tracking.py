@@ -419,6 +419,19 @@ SMALL = SMALL_AUDIT
 
 
 @pytest.mark.slow
+def test_a_tracking_server_that_does_not_answer_is_named_before_any_work(monkeypatch):
+    """tracker.run_id checked against a server that refuses connections: named as unreachable (not as "no
+    such run"), with one quick try (MLflow's 7 retries held it ~4 min), the user's own settings left as they were."""
+    from conftest import free_port
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    t = tracking.TrackerConfig(kind=TrackerKind.mlflow, run_id="abc", tracking_uri=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ConfigError, match=r"tracker=mlflow: cannot read run abc from http://127.0.0.1:\d+ .*check "
+                                          r"tracker.tracking_uri"):
+        tracking.check_run(t)
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # restored
+
+
 def test_nightly_logs_each_checkpoint_at_its_step_into_the_training_run(tmp_path, monkeypatch):
     """Two checkpoints of the demo training run audited by `memex nightly` with tracker=mlflow into the
     training's run. A tracker.run_id that is no run of the store is refused before any audit (it failed after
