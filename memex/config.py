@@ -992,6 +992,12 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
     # model.path/name and run.name are replaced per checkpoint: model=local (a base given as nightly.base_model,
     # or pipelines found whole) needs no model.path of its own, which was demanded and then thrown away
     unset = not cfg.model.path or cfg.model.path == "???"
+    if unset and cfg.trainset.path in ("/training_manifest.parquet", "training_manifest.parquet"):
+        # trainset=demo (the default) is ${model.path}/training_manifest.parquet: with model=local's path unset it
+        # read "/training_manifest.parquet: no such file", a path the user never wrote
+        raise ConfigError("trainset=demo reads the model folder's own training_manifest.parquet, and memex nightly "
+                          "with model=local has no model.path: give the training set, trainset=manifest "
+                          "trainset.path=<manifest or folder>")
     if "://" in n.location:  # discovery lists a folder (memex/checkpoints.py); unset model.path's message named it
         raise ConfigError(f"nightly.location={n.location}: checkpoints are read from a local or mounted folder, not a "
                           "URL: mount the bucket on every node (s3fs-fuse, Mountpoint for S3, FSx) or sync the "

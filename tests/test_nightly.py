@@ -117,6 +117,11 @@ def test_nightly_with_model_local_needs_no_model_path_of_its_own():
     bare = compose([*common, "model=local"], config_name="nightly")
     given = compose([*common, "model=local", "model.path=/models/whatever"], config_name="nightly")
     assert bare.model.path == "" and nightly.config_sha256(bare) == nightly.config_sha256(given)
+    from memex.config import ConfigError  # the default trainset=demo derives from the model.path left unset
+
+    with pytest.raises(ConfigError, match=r"^trainset=demo reads the model folder's own training_manifest.parquet, "
+                                          r"and memex nightly with model=local has no model.path"):
+        compose(["nightly=default", "nightly.location=/mnt/x", "model=local"], config_name="nightly")
 
 
 def test_nightly_ema_is_its_own_config():
