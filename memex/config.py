@@ -313,13 +313,19 @@ def validate_generate(cfg: GenerateConfig) -> None:
     if s.dtype == DType.float16 and cfg.resources.device == "cpu":  # else found only when the model loads
         raise ConfigError("sampling.dtype=float16 needs a GPU, and resources.device=cpu runs the model on the CPU: "
                           "set sampling.dtype=float32 (or bfloat16), or resources.device=auto")
-    if not cfg.storage.root:
-        raise ConfigError("storage.root is empty: give a folder or URI (storage.root=s3://bucket/runs)")
-    check_protocol("storage.root", cfg.storage.root)
+    validate_storage(cfg.storage)
     check_protocol("prompts.path", p.path)
-    _at_least("storage.lease_timeout_s", cfg.storage.lease_timeout_s, 1)
-    _at_least("storage.lease_wait_s", cfg.storage.lease_wait_s, 0)
     check_run_name(cfg.run.name)
+
+
+def validate_storage(storage: "StorageConfig") -> None:
+    """Where every command writes (generate, audit, nightly, mia): a root, a filesystem that reads it, and lease
+    timings that work (a lease_timeout_s of 0 made the heartbeat thread rewrite _lease.json in a tight loop)."""
+    if not storage.root:
+        raise ConfigError("storage.root is empty: give a folder or URI (storage.root=s3://bucket/runs)")
+    check_protocol("storage.root", storage.root)
+    _at_least("storage.lease_timeout_s", storage.lease_timeout_s, 1)
+    _at_least("storage.lease_wait_s", storage.lease_wait_s, 0)
 
 
 def check_actor_devices(resources: "ResourcesConfig", dtype: "DType") -> None:
@@ -1072,12 +1078,7 @@ class MiaConfig:
 def validate_mia(cfg: MiaConfig) -> None:
     validate_resources(cfg.resources)
     check_run_name(cfg.run.name)
-    # the storage checks of the other commands (a lease_timeout_s of 0 made the heartbeat thread rewrite
-    # _lease.json in a tight loop: on S3, a stream of PUTs)
-    if not cfg.storage.root:
-        raise ConfigError("storage.root is empty: give a folder or URI (storage.root=s3://bucket/runs)")
-    _at_least("storage.lease_timeout_s", cfg.storage.lease_timeout_s, 1)
-    _at_least("storage.lease_wait_s", cfg.storage.lease_wait_s, 0)
+    validate_storage(cfg.storage)  # (not checked here before: a lease_timeout_s of 0 made a stream of PUTs on S3)
     m = cfg.mia
     if not m.attacks:
         raise ConfigError(f"mia.attacks is empty: choose from {[a.value for a in MiaAttack]}")
@@ -1104,7 +1105,7 @@ def validate_mia(cfg: MiaConfig) -> None:
         if not path or path == "???":
             raise ConfigError(f"{key}.path is not set: a Parquet manifest or image folder ({key}.path=...)")
     for key, path in (("members.path", cfg.members.path), ("nonmembers.path", cfg.nonmembers.path),
-                      ("queries.path", cfg.queries.path), ("storage.root", cfg.storage.root)):
+                      ("queries.path", cfg.queries.path)):
         check_protocol(key, path)
     if cfg.queries.path is None and _changed(cfg.queries, ("caption_column",)):
         raise ConfigError("queries.caption_column is set, and no queries.path is: give the images to question "
