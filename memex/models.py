@@ -603,15 +603,25 @@ def _pipeline_index(path: str, revision: str | None = None) -> tuple[str | None,
         return folder, {}
 
 
-def scheduler_timesteps(path: str, revision: str | None = None) -> int:
-    """The training timesteps of the pipeline's scheduler (scheduler/scheduler_config.json's
-    num_train_timesteps): 1000 for Stable Diffusion, fewer for a `memex train arch.num_train_timesteps`
-    model; 1000, diffusers' default, where the folder does not say (a hub id not cached here)."""
+def scheduler_config(path: str, revision: str | None = None) -> dict | None:
+    """The pipeline's scheduler/scheduler_config.json, or None where this machine cannot read it (a hub id
+    not cached here, a folder without one, a damaged file: the load names what is missing)."""
     folder, _ = _pipeline_index(path, revision)
     try:
         with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
-            return int(json.load(f).get("num_train_timesteps", 1000))
-    except (TypeError, OSError, ValueError, AttributeError):
+            base = json.load(f)
+    except (TypeError, OSError, ValueError):
+        return None
+    return base if isinstance(base, dict) else None
+
+
+def scheduler_timesteps(path: str, revision: str | None = None) -> int:
+    """The training timesteps of the pipeline's scheduler (scheduler_config.json's num_train_timesteps): 1000
+    for Stable Diffusion, fewer for a `memex train arch.num_train_timesteps` model; 1000, diffusers' default,
+    where the folder does not say (a hub id not cached here)."""
+    try:
+        return int((scheduler_config(path, revision) or {}).get("num_train_timesteps", 1000))
+    except (TypeError, ValueError):
         return 1000
 
 
@@ -964,15 +974,9 @@ def check_solver(base_config: Any, kind: SchedulerKind, steps: int, model_path: 
 
 
 def check_scheduler(path: str, revision: str | None, kind: SchedulerKind, steps: int) -> None:
-    """check_solver from the folder's scheduler/scheduler_config.json before any cluster work (a hub id
-    not cached here: checked by the Sampler once loaded)."""
-    folder, _ = _pipeline_index(path, revision)
-    try:
-        with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
-            base = json.load(f)
-    except (TypeError, OSError, ValueError):  # none here: the load names what is missing
-        return
-    if isinstance(base, dict):
+    """check_solver from the folder's scheduler config before any cluster work (a hub id not cached here:
+    checked by the Sampler once loaded)."""
+    if (base := scheduler_config(path, revision)) is not None:
         check_solver(base, kind, steps, path)
 
 
