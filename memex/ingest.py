@@ -85,6 +85,7 @@ from memex.shards import (
     pattern_root,
     read_uri,
     shard_samples,
+    store_failure,
 )
 from memex.storage import StorageError, Store
 
@@ -606,22 +607,6 @@ def iter_batches(table: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
 DRAFT_MIN_SIDE = 448
 
 
-# clients whose errors are the store's or the network's, not the row's (s3fs passes botocore's on as they are;
-# gcsfs, adlfs raise their transports'), except a request the client refuses to send as malformed
-STORE_CLIENTS = ("botocore.", "aiobotocore.", "aiohttp.", "google.auth.", "google.api_core.", "azure.core.")
-MALFORMED = ("ParamValidationError", "InvalidS3AddressingStyleError", "InvalidRegionError")
-
-
-def _store_failure(e: BaseException) -> bool:
-    """Whether a failed read is the store's (an outage, throttling, credentials: retried by a rerun) rather than
-    the row's (quarantined). Matched by module, as botocore and the rest are optional imports here."""
-    if isinstance(e, (tarfile.TarError, EOFError, ValueError)):  # a damaged shard; a uri no filesystem reads
-        return False
-    if isinstance(e, OSError):  # fsspec's mapping of S3's refusals, resets and throttling; local disk's errors
-        return True
-    return type(e).__module__.startswith(STORE_CLIENTS) and type(e).__name__ not in MALFORMED
-
-
 # what a row's image is read from: `stamp` (a listing's) keys a tar member's shard offsets (row_bytes)
 ROW_COLUMNS = ("id", "image", "uri", "stamp")
 
@@ -636,14 +621,11 @@ def row_bytes(row: dict, opts: dict[str, Any], version: str | None = None) -> by
             raise IngestError("row has neither image bytes nor a uri")
         try:
             data = read_uri(row["uri"], opts, row.get("stamp") or version)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # gone, or no file: a bad row, quarantined
-            raise
-        except Exception as e:  # the store's I/O: fsspec maps S3's refusals, resets and throttling to OSError, and
-            # s3fs lets botocore's own through (EndpointConnectionError, NoCredentialsError: not OSError), which
-            # were quarantined for good, the index then built without them. The row's own faults stay quarantined:
-            # a uri no filesystem reads (ValueError: "Protocol not known"), one botocore refuses as malformed
-            # (ParamValidationError: s3://bad bucket!/x), a damaged tar shard
-            if row["uri"].startswith(WEB) or not _store_failure(e):  # the open web (LAION URLs): dead links and
+        except Exception as e:  # the store's I/O (shards.store_failure: fsspec's OSErrors, and botocore's own,
+            # which s3fs lets through and which were quarantined for good, the index then built without them)
+            # fails the unit; the row's own faults stay quarantined: a missing file, a uri no filesystem reads,
+            # one botocore refuses as malformed (s3://bad bucket!/x), a damaged tar shard
+            if row["uri"].startswith(WEB) or not store_failure(e):  # the open web (LAION URLs): dead links and
                 raise  # refusals are the images' own, as img2dataset treats them; quarantined
             raise FetchError(f"cannot read training image {redact_urls(row['uri'])}: {type(e).__name__}: {e}. "
                              "Nothing of this unit was kept: rerun to retry it (a storage outage, expired "

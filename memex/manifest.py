@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from memex.config import DuplicationGroup, MemexError
 from memex.images import decode, resize
 from memex.redact import redact_urls
-from memex.shards import read_uri
+from memex.shards import read_uri, store_failure
 
 log = logging.getLogger("memex.manifest")
 MANIFEST_COLUMNS = ("id", "image", "uri", "caption")
@@ -436,9 +436,9 @@ def load_image(row: dict, size: int | None = None, storage_options: dict[str, An
                 raise ManifestError(f"image {row['id']!r} has neither image bytes nor a uri")
             try:
                 data = read_uri(row["uri"], storage_options or {})
-            except (ImportError, FileNotFoundError, ValueError):
-                raise
-            except Exception as e:  # noqa: BLE001 - the store's (botocore's own errors are not OSError): its uri
+            except Exception as e:  # the store's (botocore's own errors are not OSError): named with its uri
+                if not store_failure(e):
+                    raise
                 raise ManifestError(f"image {row['id']!r}: cannot read {redact_urls(row['uri'])}: "
                                     f"{type(e).__name__}: {e}. Rerun once the store answers, or check read "
                                     "access and storage options") from e
