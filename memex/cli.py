@@ -345,16 +345,16 @@ def _report_errors(fn):
         except console.LogDirError as e:
             print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)
             raise SystemExit(1) from None
-        dest, ok = None, False
+        dest, ok, failed = None, False, False
         try:
             dest = fn(cfg)
             ok = True
         except C.MemexError as e:
             print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)  # no credential: memex/redact.py
-            raise SystemExit(1) from None
+            failed = True
         except KeyboardInterrupt:  # Ctrl-C: a page of Ray Data's frames said nothing a user needs
             print(f"memex: interrupted: {RESUMES[fn.__name__.lstrip('_')]}", file=sys.stderr)
-            raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
+            raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it (a sweep stops too)
         except Exception as e:  # noqa: BLE001 - a bug, or a library's error memex does not know: its traceback,
             # redacted (Hydra printed "Error executing job with overrides: [...]" with the raw command line, a
             # webhook's or a URL's credentials included), and into the run's log file too
@@ -362,15 +362,36 @@ def _report_errors(fn):
 
             logging.getLogger("memex").error("%s: %s", type(e).__name__, e, exc_info=True)  # (redacted: redact.py)
             print(redact_text("".join(traceback.format_exception(e))), file=sys.stderr, end="")
-            raise SystemExit(1) from None
+            failed = True
         finally:
             worked = ok or console.noted_folder() is not None
             where = console.finish(dest if ok else None, keep=worked)
             if worked and where:
                 print(redact_text(f"memex: log: {where}"), file=sys.stderr)
+        if failed and (job := _sweep_job()) is not None:  # a -m sweep goes on to its next job: SystemExit ended
+            SWEEP_FAILURES.append(job)  # the whole sweep at the first refused value; main() exits 1 at its end
+        elif failed:
+            raise SystemExit(1)
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
+
+
+SWEEP_FAILURES: list[str] = []  # the failed jobs of this process's -m sweep ("#<n> <overrides>", redacted)
+
+
+def _sweep_job() -> str | None:
+    """This job's number and overrides when it is one of a `-m` sweep's jobs, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        return redact_text(f"#{hc.job.num} {' '.join(hc.overrides.task)}")
+    except Exception:  # noqa: BLE001 - not under Hydra's run (a test calling the stage): no sweep
+        return None
 
 
 @_report_errors
@@ -805,3 +826,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     install_log_redaction()  # every log record of this process, whatever handlers Hydra sets up later
     STAGES[stage]()
+    if SWEEP_FAILURES:  # each printed its error as it ran; the other jobs ran on
+        print(f"memex: {len(SWEEP_FAILURES)} job(s) of the sweep failed: {'; '.join(SWEEP_FAILURES)}", file=sys.stderr)
+        sys.exit(1)

@@ -106,6 +106,32 @@ def test_stage_help_lists_the_options_a_preset_chose_and_the_models_tuning(monke
     assert code == 0 and "  tune=audit_demo   (this model's own tuning, conf/tune/; ~tune drops it)" in out
 
 
+def test_a_sweep_runs_every_job_and_fails_at_its_end(tmp_path, monkeypatch, capsys):
+    """`memex <stage> -m a=1,2`: a refused value ended the whole sweep (SystemExit from its first job), the
+    later values never ran and nothing said so. Each job now prints its own error, the others run, and the
+    command exits 1 at the end naming the failed jobs."""
+    monkeypatch.chdir(tmp_path)  # Hydra's multirun/ folder
+    monkeypatch.setenv("MEMEX_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(cli, "SWEEP_FAILURES", [])
+    import logging
+
+    from memex import console
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        code, _, err = _run(monkeypatch, capsys, "train", "-m", "trainer.lr=0,-1", f"output={tmp_path / 'm'}")
+    finally:  # a command's logging set up in this process (the console's, Hydra's per job): as it was
+        console.finish(keep=False)
+        logging.captureWarnings(False)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert code == 1
+    assert "trainer.lr must be > 0, got 0.0" in err and "trainer.lr must be > 0, got -1.0" in err  # both ran
+    assert "memex: 2 job(s) of the sweep failed: #0 trainer.lr=0 " in err and "; #1 trainer.lr=-1 " in err
+    assert "Error executing job with overrides" not in err
+
+
 def test_cfg_job_prints_the_config_with_credentials_redacted(monkeypatch, capsys):
     """`memex <stage> ... --cfg job`, which --help points to, was Hydra's own printout: a storage secret and a
     webhook's secret path in plain text."""
