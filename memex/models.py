@@ -791,15 +791,16 @@ def check_unet_fits(path: str, unet: str | None, text_encoder: str | None, revis
         raise ModelError(f"{unet_key}: the UNet takes text states of width {want} (cross_attention_dim), and the "
                          f"text encoder of {te_key} gives {states}: the UNet was trained with another text "
                          "encoder (SD 2.x: 1024, SD 1.x: 768); give the base it was fine-tuned from as model.path")
-    vae = _unet_config(os.path.join(folder, "vae")) if isinstance(index.get("vae"), list) and index["vae"][0] else {}
+    has_vae = isinstance(index.get("vae"), list) and bool(index["vae"][0])
+    vae = _unet_config(os.path.join(folder, "vae")) if has_vae else {}
     if vae.get("latent_channels") and u.get("in_channels") and vae["latent_channels"] != u["in_channels"]:
         raise ModelError(f"{unet_key}: the UNet takes {u['in_channels']} input channels, and the VAE of "
                          f"model.path={path} makes latents of {vae['latent_channels']}: give the base it was "
                          "fine-tuned from as model.path")
     # the images' channels (sampling.image_channels, from the loaded model in every sampler, after the index build)
     # a pipeline with a VAE: its decoder's, when its config is here (a hub cache made with vae= passed in has
-    # none: the UNet's 4 latent channels are no image's); without one, the UNet's input
-    has_vae = isinstance(index.get("vae"), list) and bool(index["vae"][0])
+    # none: the UNet's 4 latent channels are no image's); without one, the UNet's input (as generated_channels
+    # finds them, here from the configs read above)
     where, n = ("VAE", vae.get("out_channels")) if has_vae else ("UNet", u.get("in_channels"))
     if isinstance(n, int) and n not in (1, 3):
         raise ModelError(f"{unet_key}: its {where} makes {n}-channel images; memex samples only 1-channel (grayscale) "
