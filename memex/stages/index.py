@@ -355,16 +355,21 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
         return build(cfg, listing, key, root, layout, luma, aspect, stamp)
 
 
-def check_embedder(done: dict, stamp: str | None, cfg: AuditConfig, layout: IndexLayout) -> None:
+def check_embedder(done: dict, stamp: str | None, cfg: AuditConfig, layout: IndexLayout, begun: bool = False) -> None:
     """The embedder's weights as the index was built with them, or refuse: the key holds embedder.path, not
     its weights, so a fine-tuned CLIP saved over the old folder (an SSCD file replaced) reused the index
     and searched its old-space vectors with new-space queries, silently. (An index built before the stamp
-    was recorded, or a hub id not cached here, cannot be checked.)"""
+    was recorded, or a hub id not cached here, cannot be checked.) `begun`: `done` is the _info.json of a
+    build not finished (its finished shards, and IVF-PQ quantizer, hold vectors of the old weights, and the
+    rest would be embedded with the new ones: one index of two spaces)."""
     was = done.get("embedder_stamp")
     if was is not None and stamp is not None and was != stamp:
-        raise StorageError(f"embedder.path={cfg.embedder.path} changed since index {layout.uri} was built with it "
-                           f"(was: {was}; now: {stamp}): the index holds vectors of the old weights. Delete "
-                           f"{layout.uri} to rebuild it with the new weights, or restore the old ones.")
+        holds, fix = (("its finished shards hold",
+                       "build it with the new weights, or restore the old ones to finish it") if begun else
+                      ("the index holds", "rebuild it with the new weights, or restore the old ones"))
+        raise StorageError(f"embedder.path={cfg.embedder.path} changed since index {layout.uri} was "
+                           f"{'begun' if begun else 'built'} with it (was: {was}; now: {stamp}): {holds} vectors of "
+                           f"the old weights. Delete {layout.uri} to {fix}.")
 
 
 def check_spec(cfg: AuditConfig, n_rows: int) -> None:
@@ -402,14 +407,8 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
 
     # 2. the training table with global ids (written once; a rerun finds it in place)
     plans = plan_index_shards(listing.num_rows, cfg.index.shards)
-    # a build resumed after the embedder's weights changed at the same path (the key holds the path): its
-    # finished shards (and IVF-PQ quantizer) hold vectors of the old weights, and the rest would be embedded
-    # with the new ones, one index of two spaces. check_embedder covers a finished index only.
-    was = (layout.store.read_json(layout.info_json) or {}).get("embedder_stamp")
-    if was is not None and stamp is not None and was != stamp:
-        raise StorageError(f"embedder.path={cfg.embedder.path} changed since index {layout.uri} was begun with it "
-                           f"(was: {was}; now: {stamp}): its finished shards hold vectors of the old weights. Delete "
-                           f"{layout.uri} to build it with the new weights, or restore the old ones to finish it.")
+    # a build resumed after the embedder's weights changed at the same path (the key holds the path)
+    check_embedder(layout.store.read_json(layout.info_json) or {}, stamp, cfg, layout, begun=True)
     # what the folder holds, for people (and the weights' stamp, read above): written by every build, so a kill
     # during the copy below does not leave a folder without it
     layout.store.write_json(layout.info_json, redact({  # no credential in any output: memex/redact.py
