@@ -38,7 +38,6 @@ from memex.config import (
     ConfigError,
     PromptSource,
     adaptive,
-    check_actor_devices,
     validate_audit,
 )
 from memex.embed import check_embedder
@@ -46,10 +45,6 @@ from memex.layout import RunLayout
 from memex.lease import hold
 from memex.manifest import ManifestError, arrow_schema, hf_dataset_parts, is_img2dataset_metadata_file, missing_columns
 from memex.models import (
-    check_kind,
-    check_model_inputs,
-    check_scheduler,
-    check_unet_fits,
     generated_channels,
     model_json,
     native_size,
@@ -77,13 +72,7 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
     check_tracker_run(cfg.tracker)  # and tracker.run_id a run of its store (one request)
     rematch_of = cfg.run.samples_from  # a re-match (memex/stages/rematch.py) loads no model: none is checked
     if rematch_of is None:
-        check_actor_devices(cfg.resources, cfg.sampling.dtype)
-        declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
-                                      cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
-        check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
-        check_unet_fits(cfg.model.path, cfg.model.unet, cfg.model.text_encoder, cfg.model.revision,
-                        cfg.sampling.height, cfg.sampling.width)
-        check_scheduler(cfg.model.path, cfg.model.revision, cfg.sampling.scheduler, cfg.sampling.num_inference_steps)
+        generate.check_model(cfg)
         check_trained_shape(cfg)
     prompts = check_shared_inputs(cfg)
     if rematch_of is not None:  # its source's prompts and generations; its own run folder, claimed now

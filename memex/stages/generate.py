@@ -85,13 +85,7 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool 
     """
     # 1. inputs: config ranges, model folder, prompts
     validate_generate(cfg)
-    check_actor_devices(cfg.resources, cfg.sampling.dtype)
-    declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
-                                  cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
-    check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
-    check_unet_fits(cfg.model.path, cfg.model.unet, cfg.model.text_encoder, cfg.model.revision,
-                    cfg.sampling.height, cfg.sampling.width)
-    check_scheduler(cfg.model.path, cfg.model.revision, cfg.sampling.scheduler, cfg.sampling.num_inference_steps)
+    check_model(cfg)
     if prompts is None:
         prompts = load_prompts(cfg.prompts, cfg.storage.options)
 
@@ -114,6 +108,19 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool 
         if not layout.store.exists(layout.prompts_path):
             layout.store.write_table(layout.prompts_path, prompts.cast(PROMPTS_SCHEMA))
     return run_name
+
+
+def check_model(cfg: GenerateConfig) -> None:
+    """The model and how it is sampled, from its config files and the resources, before any work (each
+    failed in every sampler actor, after an audit's index build): the devices the actors get, the weights'
+    files and headers, its kind, the UNet against its text encoder, VAE and image size, the solver."""
+    check_actor_devices(cfg.resources, cfg.sampling.dtype)
+    declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
+                                  cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
+    check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
+    check_unet_fits(cfg.model.path, cfg.model.unet, cfg.model.text_encoder, cfg.model.revision,
+                    cfg.sampling.height, cfg.sampling.width)
+    check_scheduler(cfg.model.path, cfg.model.revision, cfg.sampling.scheduler, cfg.sampling.num_inference_steps)
 
 
 class RunSampler:
