@@ -133,3 +133,14 @@ def test_bad_input_fails_before_work(ray_head, tiny_models, tmp_path):
     with pytest.raises(PromptError, match="holds no prompts"):
         _generate(compose(_overrides(tiny_models, empty, tmp_path / "runs")))
     assert not (tmp_path / "runs").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("scale, recorded", [(0.5, 1.0), (1.0, 1.0), (2.5, 2.5)])
+def test_samples_record_the_guidance_they_were_made_at(tiny_models, prompt_file, tmp_path, scale, recorded):
+    """A scale up to 1 samples the text prediction alone (no unconditional pass): the rows say 1.0, the
+    scale their pixels were made at, not the configured 0.5 that a reader would take for weaker guidance."""
+    cfg = compose(_overrides(tiny_models, prompt_file, tmp_path, f"sampling.guidance_scale={scale}",
+                             "sampling.samples_per_prompt=1", "resources.executor=local"))
+    _generate(cfg)
+    table = RunLayout(str(tmp_path), generate.prepare(cfg)).samples.read()
+    assert set(table["guidance_scale"].to_pylist()) == {recorded}

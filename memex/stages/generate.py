@@ -200,7 +200,9 @@ class GenerateShards(RunSampler):
         cols["model_id"] = [self.model_id] * n
         cols["scheduler"] = [sampler.scheduler_name] * n
         cols["num_inference_steps"] = [s.num_inference_steps] * n
-        cols["guidance_scale"] = [s.guidance_scale if sampler.conditional else 0.0] * n
+        # the scale the samples were made at: up to 1 is the text prediction alone (diffusers' rule too), so 1.0;
+        # an unconditional model has none
+        cols["guidance_scale"] = [(s.guidance_scale if sampler.cfg else 1.0) if sampler.conditional else 0.0] * n
         cols["dtype"] = [s.dtype.value] * n
         cols["batch_size"] = [s.batch_size] * n
         cols["round"] = [round] * n
