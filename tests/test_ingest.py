@@ -664,6 +664,38 @@ def _files_state(folder) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
+def test_an_index_copied_to_another_index_root_is_reused_there(tmp_path, in_process_units):
+    """index.root says where the folder lies, not what it holds: an index copied to another root (another
+    bucket, a shared volume) is found there, with no unit run again. One built when the key held index.root
+    as given is still found under that key, so its run folders (whose matches/ name it) resume."""
+    from memex.stages import index
+    from memex.stages.index import index_key
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i in range(6):
+        (pics / f"p{i}.png").write_bytes(encode_png(_img(i)))
+    a = _audit_cfg(str(pics), tmp_path / "runs")
+    a.index.root = str(tmp_path / "a")
+    info = index.run(a)
+    assert [todo for name, todo in in_process_units if name == "shards"] == [[0, 1]]
+
+    b = _audit_cfg(str(pics), tmp_path / "runs")
+    b.index.root = str(tmp_path / "b")
+    shutil.copytree(tmp_path / "a" / info.key, tmp_path / "b" / info.key)
+    in_process_units.clear()
+    assert index.run(b).key == info.key and in_process_units == []
+
+    # the folder an earlier memex made: the same index under the key that hashed index.root=<a>
+    old = index_key(list_training_set(str(pics)), a, root_in_key=True)
+    assert old != info.key
+    os.rename(tmp_path / "a" / info.key, tmp_path / "a" / old)
+    success = tmp_path / "a" / old / "_SUCCESS.json"
+    success.write_text(json.dumps({**json.loads(success.read_text()), "key": old}))  # as that memex wrote it
+    state = _files_state(tmp_path / "a")
+    assert index.run(a).key == old and in_process_units == [] and _files_state(tmp_path / "a") == state
+
+
 @pytest.mark.parametrize("source", ["folder", "uri_manifest"])
 def test_image_overwritten_in_place_rebuilds_the_index(tmp_path, in_process_units, source):
     """9 images in one folder (a uri manifest stamps them with one listing of it) + 1 in another

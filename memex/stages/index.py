@@ -70,7 +70,8 @@ def alpha_of(cfg: AuditConfig) -> str:
     return cfg.trainset.alpha.value if cfg.trainset.alpha is not None else "white"
 
 
-def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = None) -> str:
+def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = None,
+              root_in_key: bool = False) -> str:
     """Hash of what decides the index content: the listing (ids, uris, captions and each image's
     content: a hash of its bytes, or its file's stamp, size + ETag or mtime, from the listing of
     memex/ingest.py), embedder, index settings and how training images are fitted to the
@@ -82,7 +83,11 @@ def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False, aspect: t
     the range of every later shard; the IVF-PQ quantizer is trained on a sample of all shards, and
     every shard copies it; near-duplicate counts (dups/) search all shards, so they are all redone
     anyway; and it would need a way to find the earlier folder of the same settings. Only an
-    in-place overwrite in a flat index would gain (the unchanged shards' decode + embed)."""
+    in-place overwrite in a flat index would gain (the unchanged shards' decode + embed).
+
+    index.root is where the folder lies, not what it holds: it is hashed as unset, so an index copied to
+    another root is found there. `root_in_key`: the key as memex made it before (index.root as given),
+    which index.run falls back to for an index built then (earlier_key)."""
     from memex.ingest import IMAGE_SHA256, image_digests, in_order
 
     # in id order, whatever the listing's (a streamed manifest's is the manifest's own: its gids
@@ -105,7 +110,7 @@ def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False, aspect: t
     # embedder.batch_size and index.decode_batch stay in: a learned embedder's (sscd, clip) float bits depend on
     # its batch shape, as sampling.batch_size's do a generation's (memex/stages/generate.py); lowering one after
     # an out-of-memory re-embeds the set. nprobe and refine_k decide the ivfpq near-duplicate counts (dups/).
-    index = drop_unset_added({"index": plain(cfg.index)})["index"]
+    index = drop_unset_added({"index": {**plain(cfg.index), **({} if root_in_key else {"root": None})}})["index"]
     h.update(json.dumps({"embedder": plain(cfg.embedder), "index": index,
                          "preprocess": cfg.trainset.preprocess.value}, sort_keys=True).encode())
     if luma:  # added only when set: the colour indexes built before it keep their keys
@@ -329,6 +334,9 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
     layout = IndexLayout(root, key, opts)
     keys = "index.root / storage.root and storage.options (endpoint_url, credentials)"
     layout.store.check_reachable("index folder", keys)  # the audit's first request to its storage
+    if (earlier := earlier_key(listing, cfg, luma, aspect, layout, root)) is not None:
+        log.info("index %s: begun under the key that held index.root (memex before 2026-12-07): using it", earlier)
+        key, layout = earlier, IndexLayout(root, earlier, opts)
     ivfpq = cfg.index.kind == IndexKind.ivfpq
     from memex.embed import weights_stamp
 
@@ -353,6 +361,18 @@ def run(cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = N
             log.info("index %s was completed by another audit: reusing it", layout.uri)
             return replace(IndexInfo.from_json(done, layout.store.uri_of(layout.success_path)), root=root)
         return build(cfg, listing, key, root, layout, luma, aspect, stamp)
+
+
+def earlier_key(listing: pa.Table, cfg: AuditConfig, luma: bool, aspect: tuple[int, int] | None, layout: IndexLayout,
+                root: str) -> str | None:
+    """The key an index of this set was built under when the key held index.root (as given), where nothing is
+    begun under today's key and that index is: its run folders' matches/ name that key, so they resume
+    against it. None otherwise (index.root unset: the two keys are one)."""
+    if cfg.index.root is None or any(layout.store.exists(p) for p in (layout.success_path, layout.info_json)):
+        return None
+    key = index_key(listing, cfg, luma, aspect, root_in_key=True)
+    old = IndexLayout(root, key, layout.store.options)
+    return key if any(old.store.exists(p) for p in (old.success_path, old.info_json)) else None
 
 
 def check_embedder(done: dict, stamp: str | None, cfg: AuditConfig, layout: IndexLayout, begun: bool = False) -> None:
