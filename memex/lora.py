@@ -172,6 +172,8 @@ def apply_lora(pipe: Any, lora: str, path: str) -> None:
 
                 pipe.load_lora_weights({from_unprefixed(k): v for k, v in load_file(file).items()})
             else:
+                # a bare file name's dirname is "": diffusers then reads it as a hub id (absolute: its folder)
+                file = os.path.abspath(file)
                 pipe.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file))
         else:
             pipe.load_lora_weights(lora)

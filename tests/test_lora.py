@@ -51,6 +51,18 @@ def test_a_lora_is_fused_into_its_base_and_changes_the_samples(tiny_models, lora
     assert torch.equal(by_file.pipe.unet.state_dict()[f"{module}.weight"], after[f"{module}.weight"])
 
 
+def test_a_lora_file_named_from_its_own_folder_loads(tiny_models, lora, monkeypatch):
+    """`model.lora=pytorch_lora_weights.safetensors` run in the LoRA's folder (and a kohya file found at the
+    top of `nightly.location=.`): the file's folder is "", which diffusers took for a hub id, so the
+    preflight passed and every sampler failed on "couldn't connect to huggingface.co"."""
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    want = load_model(tiny_models["latent_text"], lora=str(lora)).pipe.unet.state_dict()[f"{module}.weight"]
+    monkeypatch.chdir(lora)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    got = load_model(tiny_models["latent_text"], lora="pytorch_lora_weights.safetensors")
+    assert torch.equal(got.pipe.unet.state_dict()[f"{module}.weight"], want)
+
+
 def test_a_lora_of_the_text_encoder_too_is_fused_and_checked(tiny_models, lora, tmp_path):
     """train_dreambooth_lora.py --train_text_encoder saves text-encoder adapters beside the UNet's, under
     diffusers' lora_linear_layer names. They are fused into the text encoder (each adapted projection
