@@ -173,6 +173,21 @@ def check_overrides(args: list[str], cls: type) -> None:
             check_key(key, cls) or _check_list(key, o, cls) or _check_choice(key, o, cls) or _check_scalar(key, o, cls)
         if msg:
             raise C.ConfigError(msg)
+    if msg := _kind_without_its_option(overrides):
+        raise C.ConfigError(msg)
+
+
+def _kind_without_its_option(overrides: list) -> str | None:
+    """embedder.kind=sscd (or clip) without the option embedder=sscd: the pixels embedder's size, 32, was kept,
+    and SSCD takes a 32 px input without a word (a ResNet pools it to one cell): an index of near-useless
+    descriptors, and matches, triage previews and near-duplicate ranking that find almost nothing."""
+    given = {o.key_or_group: _value(o) for o in overrides if not o.is_delete()}
+    kind = given.get("embedder.kind")
+    if kind in ("sscd", "clip") and "embedder" not in given and "embedder.size" not in given:
+        side = {"sscd": 288, "clip": 224}[kind]
+        return (f"embedder.kind={kind} keeps the pixels embedder's embedder.size of 32 ({kind} takes {side} px): "
+                f"choose the option embedder={kind}, which sets its size and batch, or set embedder.size")
+    return None
 
 
 def unparsable_override_message(text: str, error: Exception) -> str:

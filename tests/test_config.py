@@ -538,6 +538,16 @@ def test_cli_override_check_leaves_groups_hydra_and_options_to_hydra():
                          "+storage.options.key=abc", "model.path=/m", "data.duplication=[]"], C.AuditConfig)
 
 
+@pytest.mark.parametrize("kind", ["sscd", "clip"])
+def test_an_embedder_kind_without_its_option_is_refused_naming_the_option(kind):
+    """`embedder.kind=sscd` kept the pixels embedder's size 32: SSCD embedded 32 px images without a word."""
+    with pytest.raises(C.ConfigError, match=rf"^embedder.kind={kind} keeps the pixels embedder's embedder.size of 32 "
+                                            rf".*choose the option embedder={kind}"):
+        cli.check_overrides([f"embedder.kind={kind}", "embedder.path=/m/e.pt"], C.AuditConfig)
+    for fine in ([f"embedder={kind}", "embedder.path=/m/e.pt"], [f"embedder.kind={kind}", "embedder.size=288"]):
+        cli.check_overrides(fine, C.AuditConfig)
+
+
 @pytest.mark.parametrize("stage, override, message, good", [
     ("audit", "index.kind=foo", "index.kind=foo is not a choice: use one of flat, ivfpq", "ivfpq"),
     ("mia", "mia.attacks=[loss,bar]", "mia.attacks=bar is not a choice: use one of loss, pia, secmi", "[loss,pia]"),
