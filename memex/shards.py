@@ -62,12 +62,6 @@ def tar_members(tar_uri: str, opts: dict[str, Any], version: str | None = None) 
     return members
 
 
-# clients whose errors are the store's or the network's, not the row's (s3fs passes botocore's on as they are;
-# gcsfs, adlfs raise their transports'), except a request the client refuses to send as malformed
-STORE_CLIENTS = ("botocore.", "aiobotocore.", "aiohttp.", "google.auth.", "google.api_core.", "azure.core.")
-MALFORMED = ("ParamValidationError", "InvalidS3AddressingStyleError", "InvalidRegionError")
-
-
 def store_failure(e: BaseException) -> bool:
     """Whether a failed read_uri is the store's (an outage, throttling, credentials: retried by a rerun) rather
     than the row's (a bad row: quarantined, or named). Matched by module, as botocore and the rest are optional
@@ -77,7 +71,9 @@ def store_failure(e: BaseException) -> bool:
         return False
     if isinstance(e, OSError):  # fsspec's mapping of S3's refusals, resets and throttling; local disk's errors
         return True
-    return type(e).__module__.startswith(STORE_CLIENTS) and type(e).__name__ not in MALFORMED
+    from memex.storage import client_error
+
+    return client_error(e)
 
 
 def read_uri(uri: str, opts: dict[str, Any], version: str | None = None) -> bytes:

@@ -49,17 +49,30 @@ class StorageError(MemexError, RuntimeError):
     """Storage is unreachable, or holds something that conflicts with this run."""
 
 
+# clients whose errors are the store's or the network's, not the file's or the row's (s3fs passes botocore's on as
+# they are: EndpointConnectionError, ResponseStreamingError; gcsfs, adlfs raise their transports'), except a request
+# the client refuses to send as malformed
+STORE_CLIENTS = ("botocore.", "aiobotocore.", "aiohttp.", "google.auth.", "google.api_core.", "azure.core.")
+MALFORMED = ("ParamValidationError", "InvalidS3AddressingStyleError", "InvalidRegionError")
+
+
+def client_error(e: BaseException) -> bool:
+    """An error of a store's client library (matched by module: they are optional imports), not a malformed request."""
+    return type(e).__module__.startswith(STORE_CLIENTS) and type(e).__name__ not in MALFORMED
+
+
 def is_damage(e: BaseException) -> bool:
     """Whether reading a file memex wrote failed because the file is damaged or gone (named, with the
     recovery: remove it and its marker), rather than because storage or memory failed (re-raised as it
     is: removing a good file a timeout could not read, or that did not fit in memory, loses work).
     Arrow reports bytes damaged inside a page as a plain OSError naming the corruption (CORRUPT_PAGE);
-    fsspec's I/O failures are OSError subclasses (PermissionError, TimeoutError, ConnectionResetError)."""
+    fsspec's I/O failures are OSError subclasses (PermissionError, TimeoutError, ConnectionResetError),
+    and s3fs passes botocore's and aiohttp's own (a dropped connection, a cut stream) on as they are."""
     if isinstance(e, (MemoryError, FileNotFoundError)):
         return not isinstance(e, MemoryError)
     if isinstance(e, OSError):
         return type(e) is OSError and any(w in str(e).lower() for w in CORRUPT_PAGE)
-    return True
+    return not client_error(e)
 
 
 def damaged(where: str, kind: str, e: Exception, markers: list[str] | None = None) -> str:

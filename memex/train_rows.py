@@ -199,16 +199,26 @@ def read_pack(layout: IndexLayout, offset: np.ndarray, length: np.ndarray) -> li
             ends.append(hi)
             members.append([i])
     out: list[bytes] = [b""] * len(offset)
-    try:
+    try:  # fsspec returns a range's failure in its place (on_error="return"): each is looked at below
         got = store.fs.cat_ranges([path] * len(starts), starts, ends) if starts else []
-    except OSError as e:
-        raise StorageError(damaged(store.uri_of(path), "image pack", e)) from e
+    except Exception as e:  # noqa: BLE001 - named: the file's damage, or the store's failure to retry
+        raise _pack_error(store, path, e) from e
     for blob, lo, hi, idx in zip(got, starts, ends, members):
         if isinstance(blob, Exception) or len(blob) != hi - lo:  # removed, or shorter than train_rows.parquet says
             e = blob if isinstance(blob, Exception) else EOFError(f"bytes {lo}-{hi} asked, {len(blob)} read")
-            raise StorageError(damaged(store.uri_of(path), "image pack", e).replace(
-                "Remove it,", "Remove it and train_rows.parquet beside it,"))
+            raise _pack_error(store, path, e) from (e if isinstance(blob, Exception) else None)
         view = memoryview(blob)
         for i in idx:
             out[i] = bytes(view[int(offset[i]) - lo:int(offset[i] + length[i]) - lo])
     return out
+
+
+def _pack_error(store: Store, path: str, e: BaseException) -> StorageError:
+    """A range of train.pack that did not read: gone or short (damaged: the pack and its rows are written again),
+    or a storage failure (a 503 after s3fs's retries, a reset: the pack is fine, and deleting it would copy the
+    whole training set again, ~200 GB at LAION scale, for a network blip)."""
+    if not is_damage(e):
+        return StorageError(f"cannot read {store.uri_of(path)}: {type(e).__name__}: {e}. Check the storage options "
+                            "(endpoint, credentials) and rerun; the file was not found damaged.")
+    return StorageError(damaged(store.uri_of(path), "image pack", e).replace(
+        "Remove it,", "Remove it and train_rows.parquet beside it,"))

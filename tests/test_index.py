@@ -279,6 +279,51 @@ def test_a_storage_or_memory_failure_is_not_called_a_damaged_file(tmp_path, monk
         list(read_range(layout, 0, 4, 2))
 
 
+def test_a_store_clients_own_error_or_a_failed_pack_range_is_not_called_damage(tmp_path, monkeypatch):
+    """s3fs passes botocore's and aiohttp's own errors on as they are (a dropped connection, a cut stream):
+    is_damage called them damage, and load_index said to delete a good FAISS shard. A range of train.pack that
+    fsspec returned as a reset (its on_error="return") was "damaged: remove it and train_rows.parquet", the
+    whole training set copied again for a network blip. A range that is gone or short is still damage."""
+    import aiohttp
+    import botocore.exceptions as be
+
+    import memex.index as mi
+    from memex import train_rows
+    from memex.layout import TRAIN_SCHEMA, IndexLayout
+    from memex.storage import is_damage
+
+    store_side = [be.EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+                  be.ResponseStreamingError(error="cut"), aiohttp.ClientPayloadError("cut")]
+    assert not any(map(is_damage, store_side))
+    assert is_damage(pa.ArrowInvalid("bad footer")) and is_damage(FileNotFoundError("x"))
+
+    uri = str(tmp_path / "shard.faiss")
+    save_index(faiss.IndexFlatL2(4), uri)
+
+    def dropped(reader):
+        raise store_side[0]
+
+    monkeypatch.setattr(mi.faiss, "read_index", dropped)
+    with pytest.raises(StorageError, match="EndpointConnectionError.*rerun; the file was not found damaged"):
+        load_index(uri)
+
+    layout = IndexLayout(str(tmp_path), "k")
+    train = pa.table({"gid": pa.array(range(4), pa.int64()), "id": [f"i{g}" for g in range(4)],
+                      "image": [b"abc"] * 4, "uri": [None] * 4, "caption": ["c"] * 4}, schema=TRAIN_SCHEMA)
+    train_rows.write(layout.store, layout, [train], row_group_size=2)
+    offset, length = np.array([0, 3]), np.array([3, 3])
+    for failure, says in [(ConnectionResetError("reset by peer"), "not found damaged"),
+                          (be.ResponseStreamingError(error="cut"), "not found damaged"),
+                          (FileNotFoundError("gone"), "Remove it and train_rows.parquet beside it")]:
+        monkeypatch.setattr(type(layout.store.fs), "cat_ranges", lambda self, p, s, e, **k: [failure])
+        with pytest.raises(StorageError, match=says) as e:
+            train_rows.read_pack(layout, offset, length)
+        assert ("Remove it" in str(e.value)) == (says != "not found damaged")
+    monkeypatch.setattr(type(layout.store.fs), "cat_ranges", lambda self, p, s, e, **k: [b"abcab"])  # short
+    with pytest.raises(StorageError, match="EOFError.*Remove it and train_rows.parquet"):
+        train_rows.read_pack(layout, offset, length)
+
+
 # ---- (4) near-duplicate counts ------------------------------------------------------------------
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_duplicate_counts_match_brute_force(metric):
