@@ -162,12 +162,16 @@ class Lease:
                    "nonce": None, "unreadable": True}
         return rec, etag
 
+    def _timeout(self, rec: dict) -> float:
+        """Seconds without a heartbeat before `rec` may be taken over: the longer of this job's and its holder's."""
+        return max(self.timeout_s, float(rec.get("timeout_s") or 0))
+
     def _stale(self, rec: dict, now: float | None = None) -> str | None:
         """Why `rec` may be taken over, or None while its owner lives."""
         age = (now or time.time()) - rec["heartbeat_unix"]
         # the holder's own timeout too: it beats every timeout / 5 (at most 60 s) of *its* timeout, so a job
         # with a shorter one took over a live holder between its beats
-        timeout = max(self.timeout_s, float(rec.get("timeout_s") or 0))
+        timeout = self._timeout(rec)
         if age > timeout:
             return f"no heartbeat for {age:.0f} s (storage.lease_timeout_s={timeout:g}, the holder's or this job's)"
         if rec.get("machine") == _machine() and isinstance(rec.get("pid"), int):
@@ -339,7 +343,8 @@ class Lease:
     def _refusal(self, rec: dict) -> str:
         return (f"{self.what} is in use by {self.describe(rec)}: another audit works in it. Wait for it to "
                 "finish (storage.lease_wait_s=SECONDS waits), or use another run.name. If that process is gone, "
-                f"its lease is taken over {self.timeout_s:g} s after its last heartbeat (storage.lease_timeout_s), "
+                f"its lease is taken over {self._timeout(rec):g} s after its last heartbeat (storage.lease_timeout_s, "
+                "the holder's or this job's, the longer), "
                 f"at once on its own machine; to take over now, delete {self.store.uri_of(self.path)}.")
 
     def beat(self) -> bool:
