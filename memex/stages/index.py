@@ -307,7 +307,9 @@ def read_vectors(layout: IndexLayout, shard: int) -> tuple[np.ndarray, np.ndarra
         with layout.store.fs.open(path, "rb") as f, np.load(f) as z:
             return z["vectors"], z["gids"]
     except (FileNotFoundError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise StorageError(damaged(layout.store.uri_of(path), "vectors (.npz)", e)) from e
+        # its shards unit's marker too: the file alone removed, the unit stayed complete and nothing wrote it again
+        raise StorageError(damaged(layout.store.uri_of(path), "vectors (.npz)", e,
+                                   [layout.store.uri_of(layout.shards.marker(shard))])) from e
 
 
 # ---- driver ------------------------------------------------------------------------------
