@@ -235,7 +235,10 @@ class CLIPEmbedder(Embedder):
                 # with projection_dim != 512 failed to load as a size mismatch of visual_projection
                 config = top.vision_config
                 config.projection_dim = top.projection_dim
-            self.model = CLIPVisionModelWithProjection.from_pretrained(path, config=config).to(self.device).eval()
+            # float32 whatever the folder was saved in: transformers 5 loads a half-precision save as such ("auto"),
+            # and its bf16 (8-bit mantissa) cosines blur the near-duplicate cut, and ran slowly on CPU
+            self.model = CLIPVisionModelWithProjection.from_pretrained(path, config=config, dtype=torch.float32
+                                                                       ).to(self.device).eval()
         except Exception as e:  # noqa: BLE001 - OSError (not found / offline), ValueError (not a CLIP checkpoint)
             raise EmbedderError(f"embedder.path={path} is not a loadable CLIP checkpoint ({type(e).__name__}: {e}); "
                                 "set embedder.path to a local transformers folder or a reachable hub id") from e

@@ -122,6 +122,20 @@ def test_clip_embedder_from_local_folder(tiny_clip, folder):
     assert not np.allclose(v[0], v[1], atol=1e-3)
 
 
+def test_a_clip_saved_in_half_precision_embeds_in_float32(tiny_clip, tmp_path):
+    """transformers 5 loads a folder in the dtype it was saved in: a bf16 save ran the whole tower in bf16,
+    whose cosines are coarser than the near-duplicate cut (0.95). It embeds as its float32 self does."""
+    from transformers import CLIPVisionModelWithProjection
+
+    CLIPVisionModelWithProjection.from_pretrained(tiny_clip / "bare").to(torch.bfloat16).save_pretrained(tmp_path)
+    half = make_embedder(EmbedderConfig("clip", path=str(tmp_path), size=32))
+    assert {p.dtype for p in half.model.parameters()} == {torch.float32}
+    rounded = CLIPVisionModelWithProjection.from_pretrained(tmp_path, dtype=torch.float32)
+    want = make_embedder(EmbedderConfig("clip", path=str(tiny_clip / "bare"), size=32))
+    want.model = rounded.eval()  # the same bf16-rounded weights, run in float32
+    np.testing.assert_allclose(half(_images(3)), want(_images(3)), atol=1e-6)
+
+
 def test_clip_embedder_reads_the_image_tower_of_a_whole_clip_model(tmp_path):
     """embedder.path at a whole CLIPModel (image and text towers: what openai/clip-vit-large-patch14 is).
     One saved by transformers 5 with a projection width other than 512 failed to load ("ignore_mismatched_
