@@ -195,6 +195,7 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     ema_unused: list[Path] = []  # not ema: checkpoints whose unet_ema/ is left unaudited
     lycoris: list[Path] = []  # LoHa/LoKr files: not LoRAs diffusers loads (memex/lora.py)
     training: list[Path] = []  # memex train checkpoints of a run still training (no pipeline saved yet)
+    too_deep: list[Path] = []  # folders below MAX_DEPTH: not searched (a whole bucket's tree would be)
     side_by_side: list[int] = []  # found[i]: exported pipelines side by side, a series per parent (see below)
 
     def settled(p: Path) -> bool:
@@ -252,8 +253,6 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
                 else:  # kohya's <name>-<step>.safetensors: a series per name
                     name, step = _kohya_series(f)
                     found.append(Checkpoint(str(f), str(d / name), step, b, None, str(f)))
-        if depth >= MAX_DEPTH:
-            return
         def walked(p: Path) -> bool:
             try:
                 return p.is_dir() and not p.name.startswith(("_", ".")) and p.name not in (components or ()) \
@@ -300,10 +299,15 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
                 te = str(te) if not lora and _has_weights(te) else None
                 found.append(Checkpoint(str(child), str(series), int(m.group(1)), b,
                                         None if lora else str(unet), str(lora) if lora else None, te))
-            else:
+            elif depth < MAX_DEPTH:
                 walk(child, depth + 1, enclosing_pipeline)
+            else:  # at the limit a folder's checkpoint-<step>/ children are still read (above), not its subfolders
+                too_deep.append(child)
 
     walk(root, 0, None)
+    if too_deep:  # a run's checkpoints/ one level lower was left out without a word: its series had no steps
+        log.warning("%d folder(s) more than %d levels below nightly.location=%s not searched (e.g. %s): give a "
+                    "location closer to the training runs", len(too_deep), MAX_DEPTH + 1, location, too_deep[0])
     found = split_series(found, side_by_side)
     if training:
         log.warning("%d checkpoint(s) of a `memex train` run still training left out (e.g. %s): audited once the run "

@@ -8,6 +8,7 @@ fails part-way is finished by the next, the budget gate fails the run, the webho
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -39,6 +40,21 @@ def _overrides(tmp: Path, location: Path, *extra: str) -> list[str]:
     the same results)."""
     return [f"nightly.location={location}", f"storage.root={tmp / 'runs'}", "resources.executor=local", *SMALL,
             *extra]
+
+
+def test_a_runs_checkpoints_at_the_depth_limit_are_found_and_deeper_folders_named(tmp_path, caplog):
+    """A `memex train` run three levels down (team/project/run/) keeps its checkpoint-<step>/ folders in
+    checkpoints/, at the depth limit: they were never looked at, the final pipeline alone was audited, and
+    the series had no steps for the growth gate, without a word. Below the limit, folders are named."""
+    out = tmp_path / "team" / "project" / "run"
+    shutil.copytree(BASE, out)
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", out / "checkpoints" / "checkpoint-1000")
+    assert [(c.step, c.unet is None) for c in discover(str(tmp_path))] == [(1000, False), (5000, True)]
+    deeper = tmp_path / "a" / "b" / "c" / "d" / "e" / "run"
+    shutil.copytree(BASE, deeper)
+    with caplog.at_level(logging.WARNING, logger="memex"):
+        assert len(discover(str(tmp_path))) == 2
+    assert "more than 5 levels below nightly.location" in caplog.text and str(tmp_path / "a/b/c/d/e") in caplog.text
 
 
 def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):
