@@ -3,8 +3,8 @@
 One job for the night (audits every new checkpoint in turn):
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --submission-id memex-nightly-$(date +%Y%m%d) -- \
-            python jobs/nightly.py nightly=default nightly.location=/fsx/train/sd15-ft storage=s3 \
-                storage.root=s3://b/memex-runs resources=gpu ...
+            python jobs/nightly.py nightly=default nightly.location=/fsx/train/sd15-ft \
+                nightly.base_model=/fsx/models/sd15 storage=s3 storage.root=s3://b/memex-runs resources=gpu ...
 (nightly.location under /fsx, the host folder cluster.yaml mounts into every container; storage.root on S3:
 without it the ledger lands in the job's working_dir, which Ray deletes, and every night audits all again.)
 One job per checkpoint (ids from `memex nightly nightly.action=plan`; Ray refuses a reused id):

@@ -204,7 +204,8 @@ def test_extractor_finds_the_documented_commands():
     assert stages == {"generate", "audit", "nightly", "train", "mia"}
     # shell around the command is gone, continuation lines are joined, placeholders kept as values
     cron = next(c for c in CHECKED if c.where.startswith("README.md") and "nightly.only=$ckpt" in c.overrides)
-    assert cron.overrides == ["nightly=default", "nightly.location=/fsx/train/sd15-ft", "model=sd15",
+    assert cron.overrides == ["nightly=default", "nightly.location=/fsx/train/sd15-ft",
+                              "nightly.base_model=/fsx/models/sd15", "model=sd15",
                               "trainset=manifest", "trainset.path=s3://b/train.parquet", "storage=s3",
                               "storage.root=s3://b/memex-runs", "resources=gpu", "nightly.only=$ckpt"]
     cluster = next(c for c in CHECKED if c.where.startswith("jobs/audit.py") and c.overrides)
