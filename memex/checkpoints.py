@@ -56,6 +56,7 @@ from memex.models import (
 )
 
 MAX_DEPTH = 4
+PICKLED_LORA = "pytorch_lora_weights.bin"  # diffusers' LoRA file saved with safe_serialization=False
 CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
 TRAILING_STEP = re.compile(r"(?:^|[-_])(?:step-?)?(\d+)$")
 # sd-scripts' own save names: <output_name>-<epoch:06d> and <output_name>-step<step:08d> (and <output_name> last)
@@ -195,6 +196,7 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     ema_unused: list[Path] = []  # not ema: checkpoints whose unet_ema/ is left unaudited
     lycoris: list[Path] = []  # LoHa/LoKr files: not LoRAs diffusers loads (memex/lora.py)
     training: list[Path] = []  # memex train checkpoints of a run still training (no pipeline saved yet)
+    pickled: list[Path] = []  # pytorch_lora_weights.bin: a LoRA series memex does not read (pickle)
     too_deep: list[Path] = []  # folders below MAX_DEPTH: not searched (a whole bucket's tree would be)
     side_by_side: list[int] = []  # found[i]: exported pipelines side by side, a series per parent (see below)
 
@@ -241,6 +243,8 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
                     side_by_side.append(len(found) - 1)
             enclosing_pipeline = d
         else:
+            if (d / PICKLED_LORA).is_file() and not (d / LORA_FILE).is_file():
+                pickled.append(d / PICKLED_LORA)  # diffusers' LoRA scripts with safe_serialization=False
             for f in _lora_files(d, lycoris):
                 b = base or (str(enclosing_pipeline) if enclosing_pipeline else None)
                 if b is None:
@@ -312,6 +316,10 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     if training:
         log.warning("%d checkpoint(s) of a `memex train` run still training left out (e.g. %s): audited once the run "
                     "saves its pipeline beside checkpoints/", len(training), training[0])
+    if pickled and (found or pending or training):  # alone, check_loose_weights names them and fails
+        log.warning("%d LoRA(s) saved as pickle left out (e.g. %s): memex reads %s; convert each once with "
+                    "safetensors.torch.save_file(torch.load(f), ...), or train with safe_serialization=True",
+                    len(pickled), pickled[0], LORA_FILE)
     if lycoris:
         log.info("%d LyCORIS adapter(s) that are no LoRA left out (e.g. %s): diffusers cannot load them; merge each "
                  "into its base's UNet and save a diffusers folder", len(lycoris), lycoris[0])

@@ -298,6 +298,22 @@ def test_lora_checkpoints_are_found_and_audited_on_the_base(tmp_path):
                                 config_name="nightly"))
 
 
+def test_a_pickled_lora_series_beside_others_is_named_not_left_out_silently(tmp_path, caplog):
+    """A LoRA run saved with safe_serialization=False (pytorch_lora_weights.bin in each checkpoint-<step>/ and
+    beside them) matched nothing: alone, check_loose_weights names it, but beside another series it was left
+    out every night without a word. Now a console line names it with the conversion."""
+    location = tmp_path / "watch"
+    make_lora(str(BASE), location / "lora-run" / "checkpoint-100", seed=1)
+    for d in (location / "old-run" / "checkpoint-100", location / "old-run"):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "pytorch_lora_weights.bin").write_bytes(b"pickle")
+    with caplog.at_level(logging.WARNING, logger="memex"):
+        found = discover(str(location), str(BASE))
+    assert [Path(c.location).parent.name for c in found] == ["lora-run"]
+    assert "2 LoRA(s) saved as pickle left out" in caplog.text and "old-run" in caplog.text
+    assert "safetensors.torch.save_file" in caplog.text
+
+
 def test_the_final_lora_beside_its_checkpoints_is_a_checkpoint_too(tmp_path):
     """diffusers' LoRA scripts save the trained LoRA at <output_dir>/pytorch_lora_weights.safetensors,
     beside their checkpoint-<step>/ folders: it was never found, so the model a team ships went
