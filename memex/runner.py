@@ -102,6 +102,13 @@ _UNCHECKED: list[StorageConfig] = []
 _STORAGE: list[StorageConfig] = []
 
 
+def ray_client() -> bool:
+    """Whether this driver is connected through Ray Client (a ray:// address): it runs off the cluster."""
+    from ray.util.client import ray as client
+
+    return client.is_connected()
+
+
 def alive_nodes() -> int:
     """How many nodes the connected Ray cluster has alive."""
     import ray
@@ -185,7 +192,7 @@ def check_storage_reachable(root: str, shared_mount: bool = False) -> None:
     """Refuse a node-local storage.root on a cluster of more than one node (memex/storage.py
     `unreachable_storage`): ConfigError naming object storage or storage.shared_mount."""
     why = (in_job_working_dir(root, "storage.root", os.environ.get(RAY_JOB_CONFIG), os.getcwd())
-           or unreachable_storage(root, shared_mount, alive_nodes()))
+           or unreachable_storage(root, shared_mount, alive_nodes(), client=ray_client()))
     if why:
         raise ConfigError(why)
 

@@ -46,6 +46,24 @@ def test_memory_under_ray_is_refused_whatever_the_nodes_and_flag(shared, nodes):
     assert msg and "s3://" in msg and "memory" in msg and "resources.executor=local" in msg
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_a_local_root_under_ray_client_is_refused_on_any_cluster(nodes, monkeypatch):
+    """resources.address=ray://head:10001 on a one-node cluster: the units wrote to the head's disk at the
+    laptop's path, the driver saw no marker ("did not complete; rerun"), and every rerun redid them all."""
+    msg = unreachable_storage("runs", False, nodes, client=True)
+    assert msg and "Ray Client" in msg and "s3://" in msg and "ray job submit" in msg
+    assert unreachable_storage("s3://b/runs", False, nodes, client=True) is None
+    assert unreachable_storage("runs", True, nodes, client=True) is None
+    _fake_nodes(monkeypatch, [True])
+    monkeypatch.setattr(runner, "ray_client", lambda: True)
+    with pytest.raises(ConfigError, match="Ray Client"):
+        runner.check_storage_reachable("runs", False)
+
+
+def test_ray_client_is_not_connected_here():
+    assert runner.ray_client() is False
+
+
 def test_protocol_of():
     assert protocol_of("s3://b/x") == "s3"
     assert protocol_of("file:///x") == "file"
