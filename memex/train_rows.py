@@ -201,6 +201,8 @@ def read_pack(layout: IndexLayout, offset: np.ndarray, length: np.ndarray) -> li
     out: list[bytes] = [b""] * len(offset)
     try:  # fsspec returns a range's failure in its place (on_error="return"): each is looked at below
         got = store.fs.cat_ranges([path] * len(starts), starts, ends) if starts else []
+    except MemoryError:
+        raise
     except Exception as e:  # noqa: BLE001 - named: the file's damage, or the store's failure to retry
         raise _pack_error(store, path, e) from e
     for blob, lo, hi, idx in zip(got, starts, ends, members):
