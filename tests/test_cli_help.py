@@ -95,7 +95,7 @@ def test_stage_help_masks_a_webhook_url(monkeypatch, capsys):
 
 def test_stage_help_lists_the_options_a_preset_chose_and_the_models_tuning(monkeypatch, capsys):
     """--help listed the options named on the command line only: under preset=paper it said triage=auto,
-    sampling=audit_demo and filter=demo beside common keys at the paper's values; the demo's tuning
+    sampling=default and filter=demo beside common keys at the paper's values; the demo's tuning
     (conf/tune/, which sets 80 samples at 10 steps) was not listed at all."""
     code, out, _ = _run(monkeypatch, capsys, "audit", "preset=paper", "model=sd15", "--help")
     assert code == 0

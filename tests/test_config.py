@@ -223,8 +223,9 @@ def test_default_option_is_the_dataclass_defaults(group):
     for primary, (schema, _) in PRIMARIES.items():
         if group not in {f.name for f in dataclasses.fields(schema)}:
             continue
-        # ~tune: the demo model's audit tuning (conf/tune/audit_demo.yaml) sets sampling and match keys on top
-        composed = _raw(primary, [f"{group}={option}", *(["~tune"] if primary == "audit" else [])])[group]
+        # ~tune: the demo model's tuning (conf/tune/audit_demo.yaml, nightly_demo.yaml) sets sampling and match
+        # keys on top
+        composed = _raw(primary, [f"{group}={option}", *(["~tune"] if primary in ("audit", "nightly") else [])])[group]
         assert (OmegaConf.to_container(composed, resolve=False)
                 == OmegaConf.to_container(expected, resolve=False)), primary
 
@@ -239,8 +240,9 @@ def test_option_lists_only_the_keys_it_changes(group, option):
     assert raw, f"{group}/{option}.yaml changes nothing: drop it or make it the default"
     for key, value in raw.items():
         assert key in defaults, f"{group}/{option}.yaml: unknown key {key}"
-        # sampling=paper states the paper's 50 steps: a model's audit tuning (conf/tune/) lowers the schema's
-        assert value != defaults[key] or (group, option, key) == ("sampling", "paper", "num_inference_steps"), \
+        # sampling=paper states the paper's 50 steps and guidance 7.5: a model's tuning (conf/tune/) changes them
+        assert value != defaults[key] or (group, option, key) in (("sampling", "paper", "num_inference_steps"),
+                                                                 ("sampling", "paper", "guidance_scale")), \
             f"{group}/{option}.yaml restates {key}: {value!r} (the default)"
         assert value != "???", f"{group}/{option}.yaml: {key}: ??? does nothing in an option"
 
@@ -554,7 +556,7 @@ def test_an_embedder_kind_without_its_option_is_refused_naming_the_option(kind):
     ("train", "arch.kind=unconditionl", "arch.kind=unconditionl is not a choice: use one of unconditional, pixel_text",
      "unconditional"),
     # a group option that does not exist (Hydra: twelve lines, the config search path included)
-    ("audit", "sampling=fats", "sampling=fats is not an option of sampling: use one of audit_demo, default, fast, "
+    ("audit", "sampling=fats", "sampling=fats is not an option of sampling: use one of default, fast, "
      "paper", "fast"),
     ("nightly", "+preset=papr", "preset=papr is not an option of preset: use one of paper", "paper"),
     # a value of the wrong type (Hydra: six lines of "Error merging override")
