@@ -1,7 +1,7 @@
 """The match stage's pixel check at real shapes: training images cut once (match.Compared) against
 cut for every pair.
 
-    python bench/bench_verify.py --run runs/demo-6eaeeb1e85        # a finished `memex audit` (the demo's)
+    python bench/bench_verify.py --run runs/demo-342d6d154f        # a finished `memex audit` (the demo's)
 
 Verification (memex/stages/match.py verify_all) compares each generation with its k nearest training
 images by embedding: each training image is cut to the generation's aspect and resized to the pair's

@@ -1,7 +1,7 @@
 """Re-matching: a finished run's generations filtered and matched again with other settings, no UNet call.
 
-    memex audit run.samples_from=demo-6eaeeb1e85 match.threshold=0.1
-    memex audit -m run.samples_from=demo-6eaeeb1e85 'run.name=demo-t${match.threshold}' match.threshold=0.1,0.15
+    memex audit run.samples_from=demo-342d6d154f match.threshold=0.1
+    memex audit -m run.samples_from=demo-342d6d154f 'run.name=demo-t${match.threshold}' match.threshold=0.1,0.15
 
 A run folder is named by its generation settings, so an audit at another match or filter setting
 reaches the same folder, which refuses it (StageFolder.claim), and a sweep without this generated
