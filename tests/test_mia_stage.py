@@ -59,6 +59,7 @@ def cfg_of(world, *extra):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="asserts shadows train on CPU: no GPU here")
 def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadows(world, monkeypatch):
     cfg = cfg_of(world, "mia=lira", "mia.shadow_models=2", "run.name=m",
                  "resources.executor=local")  # the attacks, not Ray: no actor pool or task to start

@@ -407,6 +407,10 @@ def test_shortfall_names_the_keys_no_node_meets():
     assert runner.shortfall({"GPU": 1.0}, []) == "resources.num_gpus=1 asks for 1 GPU per worker"
 
 
+# these refusals are for a machine whose Ray has no GPU (the session's head detects any it has)
+NO_GPU = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a refusal for a machine with no GPU")
+
+
 def _count_waits(monkeypatch) -> list[tuple[float, bool]]:
     """(timeout_seconds, ready) of every wait for a worker's placement group (runner.check_fits's wait for an
     autoscaler's node): what a refusal waited for, counted instead of timed."""
@@ -422,6 +426,7 @@ def _count_waits(monkeypatch) -> list[tuple[float, bool]]:
     return waits
 
 
+@NO_GPU
 def test_a_worker_no_node_fits_is_refused_at_once_on_an_instance_memex_started(ray_head, folder, monkeypatch):
     """The session's Ray has 4 CPUs and no GPU. Started by memex itself (no resources.address: this
     machine alone, no autoscaler), a GPU worker or a 5-CPU one can never run: refused before any
@@ -443,6 +448,7 @@ def test_a_worker_no_node_fits_is_refused_at_once_on_an_instance_memex_started(r
     assert runner.call_all(twice, [{"x": 3}], gpu, gpu=False) == [6]  # no GPU asked: it runs
 
 
+@NO_GPU
 def test_on_a_cluster_a_worker_no_node_fits_is_waited_for_then_refused(ray_head, folder, monkeypatch):
     """Connected to a cluster (an autoscaler may launch the node): waited for up to
     resources.start_timeout_s, then refused naming the keys; 0 refuses at once, and so does a
@@ -465,6 +471,7 @@ def test_on_a_cluster_a_worker_no_node_fits_is_waited_for_then_refused(ray_head,
     assert all(p["state"] == "REMOVED" for p in placement_group_table().values())  # no demand left behind
 
 
+@NO_GPU
 @pytest.mark.slow
 def test_cli_resources_gpu_on_a_machine_without_one_fails_in_one_line_before_any_unit(tmp_path):
     """`memex generate resources=gpu` on this GPU-less machine, no resources.address: memex starts
