@@ -107,8 +107,15 @@ def test_report_is_rebuilt_from_the_run_folder_alone(audited_run, tmp_path):
     copy = tmp_path / "elsewhere" / "planted"
     shutil.copytree(layout.path, copy)
     (copy / "report").exists() and shutil.rmtree(copy / "report")
-    out = subprocess.run([str(Path(sys.executable).parent / "memex"), "report", str(copy)], capture_output=True,
-                         text=True, timeout=120, cwd=tmp_path)
+    gone = [root / "runs" / "_index", root / "train.parquet"]  # moved away for the rebuild, then back (module-scoped)
+    for p in gone:
+        p.rename(p.with_name(p.name + ".away"))
+    try:
+        out = subprocess.run([str(Path(sys.executable).parent / "memex"), "report", str(copy)], capture_output=True,
+                             text=True, timeout=120, cwd=tmp_path)
+    finally:
+        for p in gone:
+            p.with_name(p.name + ".away").rename(p)
     assert out.returncode == 0, out.stderr
     html = (copy / "report" / "index.html").read_text()
     assert html.count('class="pair"') == N_SAMPLES
