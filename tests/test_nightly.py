@@ -698,7 +698,12 @@ def test_a_row_another_job_appends_after_the_check_is_seen_under_the_lease(tmp_p
         "samples": 1, "extracted": 3, "extracted_generations": 3, "flagged_prompts": 0, "outcome": "over_budget",
         "message": "3 > nightly.budget=0"})
     monkeypatch.setattr(audit, "run", lambda acfg, **_: pytest.fail("audited a second time"))
+    # the check itself is made under the run folder's lease: its _lease.json exists when the ledger is read
+    lease = Path(ncfg.storage.root) / p.run_name(res.config_sha256) / "_lease.json"
+    under_lease, real = [], ledger.audited
+    monkeypatch.setattr(ledger, "audited", lambda sha, rows=None: under_lease.append(lease.exists()) or real(sha, rows))
     assert nightly.audit_one(ncfg, p, res.config_sha256, ledger) == "audited by another job since"
+    assert under_lease == [True] and not lease.exists()  # checked under the lease, and the lease released
     assert len(ledger.read()) == 1
 
 
