@@ -266,12 +266,12 @@ def test_grayscale_ddpm_audited_end_to_end(tmp_path):
     manifest = tmp_path / "gray.parquet"
     pq.write_table(pa.table({"id": ids, "image": images}), manifest)
 
-    cfg = compose(["model=local", f"model.path={model_dir}", "model.kind=unconditional", "prompts=none",
-                   "match=relative", "match.n_neighbors=8", "trainset=manifest", f"trainset.path={manifest}",
-                   f"storage.root={tmp_path / 'runs'}", "sampling.samples_per_prompt=8",
-                   "sampling.num_inference_steps=3", "sampling.batch_size=4", "sampling.shard_size=4",
-                   "index.shards=2", "embedder.size=16", "resources.executor=local",
-                   "budget=adaptive"], config_name="audit")  # (memex nightly's default: its one prompt keeps fixed)
+    cfg_overrides = ["model=local", f"model.path={model_dir}", "model.kind=unconditional", "prompts=none",
+                     "match=relative", "match.n_neighbors=8", "trainset=manifest", f"trainset.path={manifest}",
+                     f"storage.root={tmp_path / 'runs'}", "sampling.samples_per_prompt=8",
+                     "sampling.num_inference_steps=3", "sampling.batch_size=4", "sampling.shard_size=4",
+                     "index.shards=2", "embedder.size=16", "resources.executor=local"]
+    cfg = compose([*cfg_overrides, "budget=adaptive"], config_name="audit")  # (nightly's: one prompt keeps fixed)
     s = audit.run(cfg)
     layout = RunLayout(cfg.storage.root, s["run"].rsplit("/", 1)[1])
     samples = layout.samples.read()
@@ -282,6 +282,20 @@ def test_grayscale_ddpm_audited_end_to_end(tmp_path):
     assert s["extracted_train_ids"] == [f"copy-{i}" for i in planted]
     m = {r["sample_id"]: r for r in layout.matches.read().to_pylist()}
     assert all(m[f"{UNCONDITIONAL_ID}/{i}"]["distance"] == 0 for i in planted)
+
+    # the same generations made by `memex generate` (no index.json) and re-matched once the model is gone (moved,
+    # a hub id not cached here): their PNGs say they are gray, so the luma index is searched again (the model's
+    # config could not be read, and the colour index was searched, without a word)
+    from memex.stages import generate
+
+    gen = ["model=local", f"model.path={model_dir}", "model.kind=unconditional", "prompts=none",
+           f"storage.root={tmp_path / 'runs'}", "sampling.samples_per_prompt=8", "sampling.num_inference_steps=3",
+           "sampling.batch_size=4", "sampling.shard_size=4", "resources.executor=local", "run.name=gen"]
+    g = compose(gen)
+    generate.run(g, generate.prepare(g))
+    model_dir.rename(tmp_path / "gone")
+    again = audit.run(compose([*cfg_overrides, "run.samples_from=gen", "run.name=gen-rematch"], config_name="audit"))
+    assert again["index"]["luma"] is True and again["extracted_train_ids"] == [f"copy-{i}" for i in planted]
 
 
 @pytest.mark.slow

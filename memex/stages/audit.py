@@ -140,12 +140,37 @@ def source_index(cfg: AuditConfig) -> dict | None:
     return source.store.read_json(source.index_json)
 
 
+def source_sample_shape(cfg: AuditConfig) -> tuple[int, int, int] | None:
+    """(height, width, channels) of a re-match source's first stored generation, or None (no re-match, none
+    stored). A `memex generate` source has no index.json: its generations themselves say whether they are
+    gray and of which aspect, where the model (moved, a hub id not cached here) may no longer say it."""
+    if cfg.run.samples_from is None:
+        return None
+    import io
+
+    from PIL import Image
+
+    from memex.stages import rematch
+
+    samples = rematch.source_layout(cfg).samples
+    done = samples.complete()
+    if not done:
+        return None
+    row = samples.store.read_table(samples.file(done[0]), columns=["height", "width", "image"]).slice(0, 1)
+    if not row.num_rows:
+        return None
+    mode = Image.open(io.BytesIO(row["image"][0].as_py())).mode  # read from the header: no decode
+    return row["height"][0].as_py(), row["width"][0].as_py(), 1 if mode in ("L", "I;16", "I") else 3
+
+
 def generation_aspect(cfg: AuditConfig) -> tuple[int, int] | None:
     """(height, width) of the audit's generations: sampling.height/width, else the model's native size
-    (memex/models.py native_size); a re-match's source says which it was matched with. None: unknown
-    (a hub id not cached here) or square, where the index is the plain one."""
+    (memex/models.py native_size); a re-match's source says which it was matched with, or its stored
+    generations do. None: unknown (a hub id not cached here) or square, where the index is the plain one."""
     if (matched := source_index(cfg)) is not None:
         return tuple(matched["aspect"]) if matched.get("aspect") else None
+    if (shape := source_sample_shape(cfg)) is not None:
+        return None if shape[0] == shape[1] else (shape[0], shape[1])
     s = cfg.sampling
     native = None if s.height and s.width else native_size(cfg.model.path, cfg.model.unet, cfg.model.revision)
     h, w = s.height or (native or (None, None))[0], s.width or (native or (None, None))[1]
@@ -156,8 +181,10 @@ def gray_generations(cfg: AuditConfig) -> bool:
     """Whether the audit's generations are grayscale: the model's config says so (memex/models.py
     generated_channels); a re-match's source says which index it was matched against (its model may
     be gone). Then the index is built from the training images' luma (memex/stages/index.py)."""
-    if (matched := source_index(cfg)) is not None:  # (a `memex generate` source has none: the model decides)
+    if (matched := source_index(cfg)) is not None:  # (a `memex generate` source has none: its samples decide)
         return bool(matched.get("luma", False))
+    if (shape := source_sample_shape(cfg)) is not None:
+        return shape[2] == 1
     return generated_channels(cfg.model.path, cfg.model.unet, cfg.model.revision) == 1
 
 
