@@ -310,8 +310,8 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
 
     walk(root, 0, None)
     if too_deep:  # a run's checkpoints/ one level lower was left out without a word: its series had no steps
-        log.warning("%d folder(s) more than %d levels below nightly.location=%s not searched (e.g. %s): give a "
-                    "location closer to the training runs", len(too_deep), MAX_DEPTH + 1, location, too_deep[0])
+        log.warning("%d folder(s) %d levels below nightly.location=%s not searched (e.g. %s): give a location "
+                    "closer to the training runs", len(too_deep), MAX_DEPTH + 1, location, too_deep[0])
     found = split_series(found, side_by_side)
     if training:
         log.warning("%d checkpoint(s) of a `memex train` run still training left out (e.g. %s): audited once the run "

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memex.layout import TRAIN_FILE_SCHEMA, TRAIN_SCHEMA, IndexLayout, StorageError
-from memex.storage import Store, damaged, is_damage
+from memex.storage import Store, client_error, damaged, is_damage
 
 # Neighbouring ranges of one read are fetched as one request when fewer bytes than this lie between them
 # (an S3 GET's ~20-50 ms to first byte moves ~0.25-1 MB on one connection; the requests of one read go
@@ -201,11 +201,13 @@ def read_pack(layout: IndexLayout, offset: np.ndarray, length: np.ndarray) -> li
     out: list[bytes] = [b""] * len(offset)
     try:  # fsspec returns a range's failure in its place (on_error="return"): each is looked at below
         got = store.fs.cat_ranges([path] * len(starts), starts, ends) if starts else []
-    except MemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - named: the file's damage, or the store's failure to retry
+    except Exception as e:  # noqa: BLE001 - an I/O or store failure named (damage, or a rerun); the rest as itself
+        if not _io_failure(e):
+            raise
         raise _pack_error(store, path, e) from e
     for blob, lo, hi, idx in zip(got, starts, ends, members):
+        if isinstance(blob, Exception) and not _io_failure(blob):
+            raise blob
         if isinstance(blob, Exception) or len(blob) != hi - lo:  # removed, or shorter than train_rows.parquet says
             e = blob if isinstance(blob, Exception) else EOFError(f"bytes {lo}-{hi} asked, {len(blob)} read")
             raise _pack_error(store, path, e) from (e if isinstance(blob, Exception) else None)
@@ -213,6 +215,12 @@ def read_pack(layout: IndexLayout, offset: np.ndarray, length: np.ndarray) -> li
         for i in idx:
             out[i] = bytes(view[int(offset[i]) - lo:int(offset[i] + length[i]) - lo])
     return out
+
+
+def _io_failure(e: BaseException) -> bool:
+    """A failure of reading the file (fsspec's OSErrors, a store client's own errors), which _pack_error names; a
+    MemoryError or a bug (TypeError, fsspec's loop) is raised as itself, not called damage."""
+    return isinstance(e, OSError) or client_error(e)
 
 
 def _pack_error(store: Store, path: str, e: BaseException) -> StorageError:

@@ -319,6 +319,9 @@ def test_a_store_clients_own_error_or_a_failed_pack_range_is_not_called_damage(t
         with pytest.raises(StorageError, match=says) as e:
             train_rows.read_pack(layout, offset, length)
         assert ("Remove it" in str(e.value)) == (says != "not found damaged")
+    monkeypatch.setattr(type(layout.store.fs), "cat_ranges", lambda self, p, s, e, **k: [RuntimeError("loop")])
+    with pytest.raises(RuntimeError, match="^loop$"):  # no I/O failure (fsspec's loop, a bug): raised as itself
+        train_rows.read_pack(layout, offset, length)
     monkeypatch.setattr(type(layout.store.fs), "cat_ranges", lambda self, p, s, e, **k: [b"abcab"])  # short
     with pytest.raises(StorageError, match="EOFError.*Remove it and train_rows.parquet"):
         train_rows.read_pack(layout, offset, length)

@@ -54,7 +54,7 @@ def test_a_runs_checkpoints_at_the_depth_limit_are_found_and_deeper_folders_name
     shutil.copytree(BASE, deeper)
     with caplog.at_level(logging.WARNING, logger="memex"):
         assert len(discover(str(tmp_path))) == 2
-    assert "more than 5 levels below nightly.location" in caplog.text and str(tmp_path / "a/b/c/d/e") in caplog.text
+    assert "5 levels below nightly.location" in caplog.text and str(tmp_path / "a/b/c/d/e") in caplog.text
 
 
 def test_discovery_finds_pipelines_and_unet_checkpoints(tmp_path):

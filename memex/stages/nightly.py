@@ -55,8 +55,9 @@ NOT_IN_CONFIG_HASH = ("run", "storage", "resources", "nightly", "tracker")  # tr
 # model.unet, .lora and .text_encoder: each checkpoint's (discovery sets them); allow_pickle: whether it loads
 NOT_IN_CONFIG_HASH_MODEL = ("name", "path", "unet", "lora", "text_encoder", "allow_pickle")
 # index.root, *.prompts_per_task and sampling.png_compress_level decide no count, yet stay in: a run folder
-# (named by this hash) claims them (the index key, the stages' units of resume, run.json), so a checkpoint
-# retried into its folder under an unchanged hash would be refused every night.
+# (named by this hash) claims them (the stages' units of resume, run.json; index.root was in the index key
+# before 2026-12-07, and ledgers hold hashes made with it), so a checkpoint retried into its folder under an
+# unchanged hash would be refused every night.
 
 
 class NightlyError(MemexError, RuntimeError):
@@ -445,7 +446,8 @@ def format_result(res: NightlyResult) -> str:
     if res.checkpoints == 0:  # a new training run, or a wrong nightly.location: say what is looked for
         lines.append("  none under nightly.location: it looks for diffusers pipeline folders (model_index.json), "
                      "checkpoint-<step>/unet folders with weights, and LoRAs (checkpoint-<step>/pytorch_lora_weights"
-                     f".safetensors, kohya's <name>-<step>.safetensors), up to {MAX_DEPTH} levels down")
+                     f".safetensors, kohya's <name>-<step>.safetensors), up to {MAX_DEPTH} levels down "
+                     "(checkpoint-<step>/ folders one more)")
     for r in res.rows:  # a failed audit counted nothing (no samples): no "0 training images extracted" for it
         counts = "" if r["outcome"] == "error" and not r.get("samples") else \
             f"{r['extracted']} training images extracted, {r['flagged_prompts']} prompts flagged"
