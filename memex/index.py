@@ -34,7 +34,7 @@ import fsspec
 import numpy as np
 
 from memex.config import ConfigError, IndexConfig
-from memex.storage import StorageError, Store, is_damage
+from memex.storage import StorageError, Store, is_damage, unreadable
 
 KINDS = ("flat", "ivfpq")
 METRICS = ("l2", "ip")
@@ -222,8 +222,7 @@ def load_index(uri: str, storage_options: dict[str, Any] | None = None) -> faiss
                           "(PQ codes, ~1/30 of a flat shard)") from e
     except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix
         if not is_damage(e):  # a storage failure (a reset, a refused read): the file is fine, retry
-            raise StorageError(f"cannot read index {uri}: {type(e).__name__}: {e}. Check the storage options "
-                               "(endpoint, credentials) and rerun; the file was not found damaged.") from e
+            raise StorageError(unreadable(f"index {uri}", e)) from e
         raise StorageError(f"cannot read index {uri}: {type(e).__name__}: {e}. The file is damaged or not "
                            "a faiss index: delete it and its marker so the index stage rebuilds it.") from e
 

@@ -75,6 +75,12 @@ def is_damage(e: BaseException) -> bool:
     return not client_error(e)
 
 
+def unreadable(where: str, e: BaseException) -> str:
+    """The message for a file memex wrote that storage failed to serve (is_damage: no): it is kept; rerun."""
+    return (f"cannot read {where}: {type(e).__name__}: {e}. Check the storage options (endpoint, credentials) "
+            "and rerun; the file was not found damaged.")
+
+
 def damaged(where: str, kind: str, e: Exception, markers: list[str] | None = None) -> str:
     """The message for a file memex wrote that no longer reads: say which, and how to recover.
     `markers`: the unit markers of the damaged files, named in the fix."""

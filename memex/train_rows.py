@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memex.layout import TRAIN_FILE_SCHEMA, TRAIN_SCHEMA, IndexLayout, StorageError
-from memex.storage import Store, client_error, damaged, is_damage
+from memex.storage import Store, client_error, damaged, is_damage, unreadable
 
 # Neighbouring ranges of one read are fetched as one request when fewer bytes than this lie between them
 # (an S3 GET's ~20-50 ms to first byte moves ~0.25-1 MB on one connection; the requests of one read go
@@ -228,7 +228,6 @@ def _pack_error(store: Store, path: str, e: BaseException) -> StorageError:
     or a storage failure (a 503 after s3fs's retries, a reset: the pack is fine, and deleting it would copy the
     whole training set again, ~200 GB at LAION scale, for a network blip)."""
     if not is_damage(e):
-        return StorageError(f"cannot read {store.uri_of(path)}: {type(e).__name__}: {e}. Check the storage options "
-                            "(endpoint, credentials) and rerun; the file was not found damaged.")
+        return StorageError(unreadable(store.uri_of(path), e))
     return StorageError(damaged(store.uri_of(path), "image pack", e).replace(
         "Remove it,", "Remove it and train_rows.parquet beside it,"))
