@@ -18,8 +18,10 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import posixpath
 import re
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import fsspec
@@ -32,6 +34,10 @@ from memex.layout import PROMPTS_SCHEMA
 from memex.manifest import ManifestError, arrow_schema, first_caption, hf_dataset_parts, parquet_parts, read_arrow
 
 UNCONDITIONAL_ID = "uncond"
+# texts -> one key a text, equal where the model reads the same tokens (models.conditioning_keys)
+Keys = Callable[[list[str]], list[Hashable]]
+_CHUNK = 8192  # captions tokenized at a time (~0.4 s)
+log = logging.getLogger("memex.prompts")
 
 
 class PromptError(MemexError, ValueError):
@@ -178,6 +184,35 @@ def _ids(table: pa.Table, name: str, path: str, texts: list[str]) -> list[str]:
     return out
 
 
+class _Distinct:
+    """Prompts in order, each text once and, where `same` is given, each conditioning once: the first kept.
+    A repeat's budget would go to a prompt already sampled (with other noises, so no error shows it)."""
+
+    def __init__(self, same: Keys | None):
+        self.same, self.rows, self.merged = same, [], []
+        self._texts: set[str] = set()
+        self._keys: dict[Hashable, str] = {}
+
+    def add(self, texts: Iterable[str], ids: Iterable[str] | None = None) -> None:
+        texts = list(texts)
+        new = [(i, t) for i, t in zip(ids if ids is not None else [None] * len(texts), texts)
+               if t and t not in self._texts and not self._texts.add(t)]
+        keys = self.same([t for _, t in new]) if self.same and new else [t for _, t in new]
+        for (i, t), k in zip(new, keys):
+            if k in self._keys:
+                self.merged.append((t, self._keys[k]))
+            else:
+                self._keys[k] = t
+                self.rows.append((i if i is not None else prompt_id(t), t))
+
+    def log_merged(self) -> None:
+        if self.merged:
+            shown = "; ".join(f"{a!r} as {b!r}" for a, b in self.merged[:3])
+            log.info("%d prompts are read by the model's tokenizer as the same tokens as an earlier prompt (case, "
+                     "spacing, or text past its token limit), and are sampled once, as that prompt: %s%s",
+                     len(self.merged), shown, "; ..." if len(self.merged) > 3 else "")
+
+
 def rank_captions(captions: pa.Array | pa.ChunkedArray) -> pa.Table:
     """Distinct captions with their exact-duplicate counts, most duplicated first (ties: by text)."""
     counts = pa.table({"caption": captions}).group_by("caption").aggregate([("caption", "count")])
@@ -185,35 +220,39 @@ def rank_captions(captions: pa.Array | pa.ChunkedArray) -> pa.Table:
     return counts.sort_by([("caption_count", "descending"), ("caption", "ascending")])
 
 
-def rank_by_near_duplicates(dups: pa.Table, limit: int | None) -> pa.Table:
+def rank_by_near_duplicates(dups: pa.Table, limit: int | None, same: Keys | None = None) -> pa.Table:
     """Captions of the most near-duplicated training images first (the paper's prompt choice).
 
     `dups` has one row per training image with `caption` and `near_duplicates` (memex/stages/
     index.py); a caption shared by several images keeps its best rank. Ties: by caption text.
+    `same` (models.conditioning_keys): a caption the model reads as an earlier one's tokens is that
+    prompt, and does not take a place of the `limit`.
     """
     t = dups.filter(pc.invert(pc.is_null(dups["caption"])))
     # ties by the caption as stored, leading spaces included (" zebra" before "apple"): by the stripped text
     # would read better, but it would change the prompts, and so the names, of existing runs whose captions
     # tie at prompts.limit (a nightly's run folders are then refused every night)
     t = t.sort_by([("near_duplicates", "descending"), ("caption", "ascending")])
-    seen: set[str] = set()
-    rows = []
-    for c in t["caption"].to_pylist():
-        c = c.strip()
-        if c and c not in seen:
-            seen.add(c)
-            rows.append((prompt_id(c), c))
-            if limit is not None and len(rows) >= limit:
-                break
+    picked = _Distinct(same)
+    captions = t["caption"]
+    for start in range(0, len(captions), _CHUNK):  # tokenized a chunk at a time: the top 24 of 5M read ~8,192
+        picked.add(c.strip() for c in captions.slice(start, _CHUNK).to_pylist())
+        if limit is not None and len(picked.rows) >= limit:
+            break
+    rows = picked.rows[:limit] if limit is not None else picked.rows
     if not rows:
         raise PromptError("the training set has no captions to use as prompts (trainset.caption_column is empty "
                           "or null on every row, or an image folder has neither a metadata.jsonl with that column "
                           "nor a <stem>.txt beside its images): give prompts=file, or prompts=none for an "
                           "unconditional model")
+    picked.log_merged()
     return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows]}, schema=PROMPTS_SCHEMA)
 
 
-def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = None) -> pa.Table:
+def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = None, same: Keys | None = None
+                 ) -> pa.Table:
+    """The prompts of cfg, in order, each text once; `same` (models.conditioning_keys): each conditioning once.
+    With prompts.id_column, a text under a second id is sampled once, under its first id."""
     opts = storage_options or {}
     if cfg.source == PromptSource.near_duplicates:
         raise PromptError("prompts.source=near_duplicates is resolved by `memex audit` from its index")
@@ -239,13 +278,15 @@ def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = No
         keep = [i for i, t in enumerate(texts) if t]
         texts, ids = [texts[i] for i in keep], [ids[i] for i in keep]
 
-    # Same id twice (repeated text): keep the first; generating it twice would duplicate rows.
-    seen: set[str] = set()
-    rows = [(i, t) for i, t in zip(ids, texts) if not (i in seen or seen.add(i))]
-    if cfg.limit is not None:
-        rows = rows[: cfg.limit]
+    picked = _Distinct(same)
+    for start in range(0, len(texts), _CHUNK):
+        picked.add(texts[start:start + _CHUNK], ids[start:start + _CHUNK])
+        if cfg.limit is not None and len(picked.rows) >= cfg.limit:
+            break
+    rows = picked.rows[: cfg.limit] if cfg.limit is not None else picked.rows
     if not rows:
         raise PromptError(f"prompts.path={cfg.path} holds no prompts (after dropping empty lines)")
+    picked.log_merged()
     return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows]}, schema=PROMPTS_SCHEMA)
 
 

@@ -200,7 +200,7 @@ def test_a_manifest_as_prompts_reads_its_caption_column_only(tmp_path, monkeypat
     t = load_prompts(PromptsConfig(source=PromptSource.captions, path=str(path)))
     assert t["prompt"].to_pylist() == ["a cat", "a dog"] and read == [["caption"]]
     t = load_prompts(PromptsConfig(source=PromptSource.file, path=str(path), column="caption", id_column="n"))
-    assert t["prompt_id"].to_pylist() == ["1", "2", "3"] and read[-1] == ["caption", "n"]
+    assert t["prompt_id"].to_pylist() == ["1", "2"] and read[-1] == ["caption", "n"]  # "a cat" once, as id 1
     with pytest.raises(PromptError, match=r"has no column 'text' \(columns: \['id', 'image', 'caption', 'n'\]\); "
                                           r"set prompts.column=<column>"):
         load_prompts(PromptsConfig(source=PromptSource.file, path=str(path), column="text"))
@@ -241,3 +241,90 @@ def test_a_save_to_disk_folder_as_prompts_reads_its_caption_column_only(tmp_path
     with pytest.raises(PromptError, match=r"has no column 'caption' \(columns: \['image', 'text', 'id'\]\); "
                                           r"set prompts.caption_column"):
         load_prompts(PromptsConfig(source=PromptSource.captions, path=folder))
+
+
+def test_a_text_under_two_ids_is_sampled_once_under_its_first_id(tmp_path):
+    """prompts.id_column: one text under two ids (two images with one caption) was generated twice, as two
+    prompts of the budget with the same conditioning; it is one prompt, under its first id."""
+    path = tmp_path / "p.csv"
+    path.write_text("pid,prompt\nimg-9,a red car\nimg-2,a blue car\nimg-5,a red car\nimg-7,a green car\n")
+    t = load_prompts(PromptsConfig(source=PromptSource.file, path=str(path), id_column="pid", limit=3))
+    assert t["prompt_id"].to_pylist() == ["img-9", "img-2", "img-7"]
+    assert t["prompt"].to_pylist() == ["a red car", "a blue car", "a green car"]
+
+
+def test_prompts_the_models_tokenizer_reads_as_one_are_sampled_once(tmp_path, tiny_models, caplog):
+    """CLIP lowercases, collapses whitespace and cuts at model_max_length tokens (77; the tiny model's 16):
+    "A Red  car" is "a red car" to the text encoder, so sampling both spent two prompts' budget on one
+    conditioning, and under prompts.limit kept a distinct prompt out. The model's own tokenizer decides."""
+    from memex.models import conditioning_keys
+
+    same = conditioning_keys(tiny_models["pixel_text"])
+    assert conditioning_keys(tiny_models["unconditional"]) is None  # no text, nothing to merge
+    long_a, long_b = "the same long beginning, then a", "the same long beginning, then b"  # cut at 14 characters
+    assert same(["A Red  car"]) == same(["a red car"]) and same(["a red car"]) != same(["a red car."])
+    assert same([long_a]) == same([long_b])
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(["a red car", "A Red  car", long_a, "a blue car", long_b, "a red car.", "a cat"]))
+    cfg = PromptsConfig(source=PromptSource.file, path=str(path), limit=4)
+    with caplog.at_level("INFO", logger="memex.prompts"):
+        t = load_prompts(cfg, same=same)
+    assert t["prompt"].to_pylist() == ["a red car", long_a, "a blue car", "a red car."]
+    assert "2 prompts are read by the model's tokenizer as the same tokens" in caplog.text
+    assert load_prompts(cfg)["prompt"].to_pylist() == ["a red car", "A Red  car", long_a, "a blue car"]  # text alone
+
+    # the near-duplicate ranking: the limit counts distinct conditionings, the best-ranked text kept
+    from memex.prompts import rank_by_near_duplicates
+
+    dups = pa.table({"caption": ["A Red  car", "a red car", long_b, long_a, "a dog"],
+                     "near_duplicates": [9, 8, 7, 6, 5]})
+    assert rank_by_near_duplicates(dups, 3, same)["prompt"].to_pylist() == ["A Red  car", long_b, "a dog"]
+    assert rank_by_near_duplicates(dups, 3)["prompt"].to_pylist() == ["A Red  car", "a red car", long_b]
+
+
+def test_a_run_started_before_the_tokenizer_merged_its_prompts_resumes_with_them(tmp_path, tiny_models, monkeypatch):
+    """A run folder claimed with prompts the tokenizer now merges (started before 2026-12-07) resumes with its
+    own prompts, under an explicit run.name (a nightly's) and a default one, instead of being refused or
+    restarted in a new folder; a new run gets the merged ones."""
+    from memex.layout import RunLayout
+    from memex.stages import generate
+
+    from conftest import compose
+
+    path = tmp_path / "p.txt"
+    path.write_text("a red car\nA Red  car\na blue car\n")
+
+    def cfg(root, *extra):
+        return compose(["model=local", f"model.path={tiny_models['pixel_text']}", "prompts=file",
+                        f"prompts.path={path}", f"storage.root={root}", *extra], "generate")
+
+    def prompts(root, name):
+        layout = RunLayout(str(root), name)
+        return layout.store.read_table(layout.prompts_path)["prompt"].to_pylist()
+
+    merged = generate.prepare(cfg(tmp_path / "new"))
+    assert prompts(tmp_path / "new", merged) == ["a red car", "a blue car"]
+    names = []
+    for extra in ([], ["run.name=nightly-abc"]):
+        root = tmp_path / f"old{len(extra)}"
+        with monkeypatch.context() as m:  # the code before: prompts merged by their text alone
+            m.setattr(generate, "prompt_keys", lambda c: None)
+            before = generate.prepare(cfg(root, *extra))
+        assert prompts(root, before) == ["a red car", "A Red  car", "a blue car"]
+        assert generate.prepare(cfg(root, *extra)) == before  # resumed, not refused, not a new folder
+        assert prompts(root, before) == ["a red car", "A Red  car", "a blue car"]
+        names.append(before)
+    assert names[0] != merged and names[1] == "nightly-abc"  # the default name of the old prompts: its own folder
+
+
+def test_a_hub_ids_tokenizer_out_of_reach_leaves_the_prompts_to_their_text(monkeypatch, caplog):
+    """A hub id not cached on a driver that cannot reach the hub is loaded by the actors (check_hub_model
+    defers); its tokenizer then merges nothing, with a warning, instead of refusing the audit."""
+    from memex import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "cached_snapshot", lambda *a, **k: None)
+    monkeypatch.setattr(models, "check_hub_model", lambda *a, **k: None)  # no request leaves this machine
+    with caplog.at_level("WARNING", logger="memex.models"):
+        assert models.conditioning_keys("memex-tests/not-a-cached-model") is None
+    assert "its tokenizer is neither cached here nor reachable" in caplog.text

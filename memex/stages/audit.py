@@ -71,10 +71,12 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
     check_tracker(cfg.tracker)  # tracker=mlflow|tensorboard|wandb: its package is installed
     check_tracker_run(cfg.tracker)  # and tracker.run_id a run of its store (one request)
     rematch_of = cfg.run.samples_from  # a re-match (memex/stages/rematch.py) loads no model: none is checked
+    same = None  # the model's tokenizer: prompts it reads as one are sampled once
     if rematch_of is None:
         generate.check_model(cfg)
         check_trained_shape(cfg)
-    prompts = check_shared_inputs(cfg)
+        same = generate.prompt_keys(cfg)
+    prompts = check_shared_inputs(cfg, same)
     if rematch_of is not None:  # its source's prompts and generations; its own run folder, claimed now
         from memex.stages import rematch
 
@@ -91,9 +93,14 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
     info = index.run(cfg, luma=luma, aspect=aspect)
     log.info("index %s: %d training images indexed, %d quarantined", info.key, info.n_indexed, info.n_quarantined)
     if rematch_of is None:
+        unmerged = None  # the prompts as read before the tokenizer merged them: a run started then resumes with them
         if prompts is None:
-            prompts = rank_by_near_duplicates(read_duplicates(info, cfg.storage.options), cfg.prompts.limit)
-        run_name = generate.prepare(cfg, prompts, weights=weights)
+            dups = read_duplicates(info, cfg.storage.options)
+            prompts = rank_by_near_duplicates(dups, cfg.prompts.limit, same)
+            unmerged = lambda: rank_by_near_duplicates(dups, cfg.prompts.limit)  # noqa: E731
+        elif same is not None:
+            unmerged = lambda: load_prompts(cfg.prompts, cfg.storage.options)  # noqa: E731
+        run_name = generate.prepare(cfg, prompts, weights=weights, unmerged=unmerged if same else None)
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     # one audit at a time in a run folder (<run>/_lease.json): a second one refuses, naming this one
     with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
@@ -222,11 +229,11 @@ def triage_and_generate(cfg: AuditConfig, run_name: str, layout: RunLayout) -> N
             match.match_shards(cfg, run_name)
 
 
-def check_shared_inputs(cfg: AuditConfig) -> pa.Table | None:
+def check_shared_inputs(cfg: AuditConfig, same=None) -> pa.Table | None:
     """The inputs every checkpoint audited with one config shares: the training set, where the
     outputs go, the embedder, the prompts (memex nightly checks them once, before any checkpoint:
     each of them failing was one error row per checkpoint, every night). Returns the prompts, or
-    None when the index ranks them."""
+    None when the index ranks them; `same`: load_prompts'."""
     ranks_captions = cfg.prompts.source == PromptSource.near_duplicates
     rematch = getattr(cfg.run, "samples_from", None) is not None  # its prompts are its source run's
     ranks_captions = ranks_captions and not rematch
@@ -235,7 +242,7 @@ def check_shared_inputs(cfg: AuditConfig) -> pa.Table | None:
         if where:
             check_outside(key, where, "trainset.path", cfg.trainset.path, cfg.storage.options)
     check_embedder(cfg.embedder, cfg.storage.options)  # before an index folder is made for it
-    return None if ranks_captions or rematch else load_prompts(cfg.prompts, cfg.storage.options)
+    return None if ranks_captions or rematch else load_prompts(cfg.prompts, cfg.storage.options, same)
 
 
 def check_trainset(path: str, storage_options: dict, caption_column: str | None = None) -> None:

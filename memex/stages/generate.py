@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
@@ -36,7 +37,14 @@ from memex.config import (
 from memex.images import encode_png
 from memex.layout import PROMPTS_SCHEMA, SAMPLES_SCHEMA, RunLayout, StorageError
 from memex.lease import hold
-from memex.models import check_kind, check_model_inputs, check_scheduler, check_unet_fits, resolve_device
+from memex.models import (
+    check_kind,
+    check_model_inputs,
+    check_scheduler,
+    check_unet_fits,
+    conditioning_keys,
+    resolve_device,
+)
 from memex.plan import SamplePlan, Shard
 from memex.prompts import load_prompts, read_run_prompts
 from memex.redact import redact, redact_text
@@ -76,18 +84,23 @@ def default_run_name(cfg: GenerateConfig, settings: dict) -> str:
     return f"{cfg.model.name}-{h}"
 
 
-def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool = True) -> str:
+def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool = True,
+            unmerged: Callable[[], pa.Table] | None = None) -> str:
     """Check inputs before any cluster work, then claim the run folder; returns the run name.
 
     `prompts` (prompt_id, prompt) replaces cfg.prompts when given: the audit ranks training
     captions by near-duplicate counts from its index and passes the result here. `weights`: record the
-    model's weights in weights.json, or refuse others (checkpoints.claim_weights).
+    model's weights in weights.json, or refuse others (checkpoints.claim_weights). `unmerged`: the same
+    prompts read without the model's tokenizer (memex.prompts), which a run folder started before they
+    were merged by it resumes with.
     """
     # 1. inputs: config ranges, model folder, prompts
     validate_generate(cfg)
     check_model(cfg)
     if prompts is None:
-        prompts = load_prompts(cfg.prompts, cfg.storage.options)
+        same = prompt_keys(cfg)
+        prompts = load_prompts(cfg.prompts, cfg.storage.options, same)
+        unmerged = (lambda: load_prompts(cfg.prompts, cfg.storage.options)) if same else None
 
     # 2. the run folder: same settings and weights (resume) or refuse; its prompts are the stage's input
     # (memex nightly names its run folders by the weights' hash already, and its plan has read them or knows
@@ -95,6 +108,7 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool 
     sha = model_weights_sha256(cfg.model.path, cfg.model.unet, cfg.model.lora, cfg.model.text_encoder,
                                cfg.model.variant) if weights else None
     settings = redact(run_settings(cfg, prompts))  # run.json holds no credential; a rotated one still resumes
+    prompts, settings = started_unmerged(cfg, prompts, settings, unmerged)
     run_name = cfg.run.name or default_run_name(cfg, settings)
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     layout.store.check_writable("run folder", "storage.root (bucket name, folder permissions) and "
@@ -108,6 +122,35 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool 
         if not layout.store.exists(layout.prompts_path):
             layout.store.write_table(layout.prompts_path, prompts.cast(PROMPTS_SCHEMA))
     return run_name
+
+
+def started_unmerged(cfg: GenerateConfig, prompts: pa.Table, settings: dict,
+                     unmerged: Callable[[], pa.Table] | None) -> tuple[pa.Table, dict]:
+    """(prompts, settings) of the run folder to claim: a run started before prompts the model reads as the
+    same tokens were merged (2026-12-07) keeps its prompts, so it resumes (a nightly's, named by the weights
+    and the config, was otherwise refused every night); a new run gets the merged ones."""
+    if unmerged is None or _holds(cfg, cfg.run.name or default_run_name(cfg, settings), settings):
+        return prompts, settings
+    old = unmerged()
+    old_settings = redact(run_settings(cfg, old))
+    if old_settings != settings and _holds(cfg, cfg.run.name or default_run_name(cfg, old_settings), old_settings):
+        log.info("the run folder was started before prompts read as the same tokens were merged: it resumes with "
+                 "its %d prompts (a new run gets %d)", old.num_rows, prompts.num_rows)
+        return old, old_settings
+    return prompts, settings
+
+
+def _holds(cfg: GenerateConfig, run_name: str, settings: dict) -> bool:
+    """Whether the run folder's run.json records exactly these settings."""
+    layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
+    return layout.store.read_json(layout.run_json) == json.loads(json.dumps(settings, default=str))
+
+
+def prompt_keys(cfg: GenerateConfig):
+    """The model's reading of a prompt (models.conditioning_keys), after check_model; None without prompts."""
+    if cfg.prompts.source == PromptSource.none:
+        return None
+    return conditioning_keys(cfg.model.path, cfg.model.revision)
 
 
 def check_model(cfg: GenerateConfig) -> None:
