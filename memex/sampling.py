@@ -37,7 +37,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from memex.config import ConfigError, ModelKind, SamplingConfig
+from memex.config import ConfigError, MemexError, ModelKind, SamplingConfig
 from memex.models import LoadedModel, ModelError, check_solver, make_scheduler
 
 EMBED_CACHE = 1024  # prompts; SD-1.x embeddings are 77x768 fp32 = 236 KB, so <= ~240 MB
@@ -83,6 +83,11 @@ def encode_text(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
     dev = text_encoder.device
     mask = tok.attention_mask.to(dev) if text_encoder.config.model_type == "t5" else None
     return text_encoder(tok.input_ids.to(dev), attention_mask=mask)[0]
+
+
+class NonFiniteImages(MemexError, RuntimeError):
+    """Generations holding NaN or infinite pixels: as uint8 they were all-black images, every pair of them
+    identical, which the filter read as a memorized prompt's clique (a false alarm) and nothing refused."""
 
 
 class NamedOutOfMemory(torch.OutOfMemoryError):
@@ -268,7 +273,16 @@ class Sampler:
             if i == 0 and diff is not None:
                 score = noise_norm(diff)
             x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
-        return self._decode(x), score
+        try:
+            return self._decode(x), score
+        except NonFiniteImages as e:
+            bad = sorted({p for p, ok in zip(prompts, e.args[1]) if not ok})
+            dtype = str(self.dtype).removeprefix("torch.")
+            fix = (f"sampling.dtype={dtype} overflows in this model's UNet or VAE: set sampling.dtype=float32 (or "
+                   "bfloat16)" if self.dtype != torch.float32 else "In float32 this is the checkpoint itself (NaN "
+                   "weights, or a diverged fine-tune): check it with memex generate on one prompt")
+            raise NonFiniteImages(f"{e.args[0]}, of prompts {bad[:3]}{' ...' if len(bad) > 3 else ''}. {fix}"
+                                  + ". Nothing of this shard was written.") from None
 
     @torch.no_grad()
     def _triage_batch(self, prompt_ids: list[str], prompts: list[str], seeds: list[int], steps: int) -> np.ndarray:
@@ -360,5 +374,10 @@ class Sampler:
 
     @staticmethod
     def _to_uint8(x: torch.Tensor) -> np.ndarray:
-        x = (x.float() / 2 + 0.5).clamp(0, 1)
+        x = x.float()
+        ok = torch.isfinite(x).flatten(1).all(1)
+        if not bool(ok.all()):  # clamp keeps NaN, and NaN cast to uint8 is 0: a black image, silently
+            raise NonFiniteImages(f"{int((~ok).sum())} of {len(x)} generations of a batch hold NaN or infinite "
+                                  "pixels", ok.tolist())
+        x = (x / 2 + 0.5).clamp(0, 1)
         return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)

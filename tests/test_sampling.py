@@ -436,3 +436,33 @@ def test_the_triage_score_is_on_eps_for_v_and_x0_predicting_models(tiny_models, 
     np.testing.assert_allclose(other.triage(ids, texts, seeds), want, rtol=1e-5)
     np.testing.assert_allclose(other.generate_scored(ids, texts, seeds)[1], want, rtol=1e-5)  # the free score too
     assert scale < 0.5  # the tiny models' first timestep is near T: the raw difference was 2x or more off
+
+
+@pytest.mark.parametrize("kind", ["pixel_text", "latent_text"])
+def test_generations_with_nan_pixels_are_refused_not_saved_black(tiny_models, kind, monkeypatch):
+    """A float16 overflow (UNet or VAE) gives NaN pixels; clamp kept them and the uint8 cast made them 0: every
+    such generation of a prompt was the same black image, which the filter reads as a memorized prompt's clique.
+    They are refused, naming the prompts and sampling.dtype, before anything is written."""
+    from memex.sampling import NonFiniteImages
+
+    s = _sampler(tiny_models[kind])
+    ids, prompts, seeds = _batch(2)
+    target = s.vae if kind == "latent_text" else s.unet  # where the NaN comes from: the decoder, or the UNet
+    name = "decode" if target is s.vae else "forward"
+    forward = getattr(target, name)
+
+    def poisoned(*a, **k):  # p2's rows only (rows 2-3 of the 6; with guidance the UNet sees each twice)
+        out = forward(*a, **k)
+        x = out.sample
+        rows = torch.zeros(len(x), dtype=torch.bool)
+        n = len(x) // (2 if target is s.unet else 1)
+        rows[[i for i in range(len(x)) if 2 <= i % max(n, 1) < 4]] = True
+        x[rows] = float("nan")
+        return out
+
+    with pytest.raises(NonFiniteImages, match=r"2 of 4 generations of a batch hold NaN .*of prompts \['a lighthouse "
+                                              r"at dusk'\]\. In float32 this is the checkpoint itself"):
+        monkeypatch.setattr(target, name, poisoned)
+        s.generate(ids, prompts, seeds)
+    monkeypatch.setattr(target, name, forward)
+    assert s.generate(ids, prompts, seeds).shape[0] == 6  # the same batch, finite, is generated
