@@ -308,12 +308,15 @@ class Sampler:
             if both:
                 eps_uncond, eps_text = eps.chunk(2)
                 c = self.unet_channels
+                # guidance off (guidance_scale <= 1: the text prediction alone, as generation runs it), the triage
+                # of a no-guidance model steps along the text trajectory: gs 0 stepped along the unconditional one
+                gs = self.settings.guidance_scale if self.cfg else 1.0
                 if eps.shape[1] == c:  # noise only (SD): no copy
                     diff = eps_text - eps_uncond
-                    eps = eps_uncond + self.settings.guidance_scale * diff
+                    eps = eps_uncond + gs * diff
                 else:  # guidance on the noise; the learned variance is the text branch's, as diffusers' IF does
                     diff = eps_text[:, :c] - eps_uncond[:, :c]
-                    eps = torch.cat([eps_uncond[:, :c] + self.settings.guidance_scale * diff, eps_text[:, c:]], dim=1)
+                    eps = torch.cat([eps_uncond[:, :c] + gs * diff, eps_text[:, c:]], dim=1)
         if diff is not None and self.prediction_type != "epsilon":
             diff = diff * self._eps_scale(t)
         self.unet_evaluations += eps.shape[0] * (2 if both else 1)

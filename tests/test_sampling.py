@@ -466,3 +466,17 @@ def test_generations_with_nan_pixels_are_refused_not_saved_black(tiny_models, ki
         s.generate(ids, prompts, seeds)
     monkeypatch.setattr(target, name, forward)
     assert s.generate(ids, prompts, seeds).shape[0] == 6  # the same batch, finite, is generated
+
+
+@pytest.mark.parametrize("kind", ["pixel_text", "latent_text"])
+def test_triage_of_a_model_sampled_without_guidance_follows_the_text_trajectory(tiny_models, kind):
+    """guidance_scale <= 1 generates from the text prediction alone; a triage of several steps stepped with
+    eps_uncond + guidance_scale * diff, so at 0 it followed the unconditional trajectory and at 0.5 one in between,
+    averaging its scores along a path no generation takes. Any scale <= 1 now gives the scale-1 scores."""
+    ids, prompts, seeds = _batch(2)
+    at = {gs: _sampler(tiny_models[kind], guidance_scale=gs).triage(ids, prompts, seeds, steps=3)
+          for gs in (0.0, 0.5, 1.0)}
+    np.testing.assert_array_equal(at[0.0], at[1.0])
+    np.testing.assert_array_equal(at[0.5], at[1.0])
+    guided = _sampler(tiny_models[kind], guidance_scale=3.0).triage(ids, prompts, seeds, steps=3)
+    assert not np.allclose(guided, at[1.0])  # a guided model's triage still steps along its guided trajectory
