@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from memex.config import ConfigError, validate_audit
-from memex.images import encode_png, resize
+from memex.images import decode, encode_png, resize
 from memex.layout import RunLayout, StorageError
 from memex.membership import load_shards, read_duplicates, read_quarantine
 from memex.prompts import rank_by_near_duplicates
@@ -513,3 +513,36 @@ def test_a_low_complexity_look_alike_is_matched_but_not_counted(tmp_path, ray_he
     assert (pp["sky-ish"]["extracted_samples"], pp["sky-ish"]["train_ids"]) == (1, ["sky"])
     assert (pp["sky-ish"]["counted_samples"], pp["sky-ish"]["counted_train_ids"]) == (0, [])
     assert (pp["a copy of t05"]["counted_samples"], pp["a copy of t05"]["counted_train_ids"]) == (N_SAMPLES, ["t05"])
+
+
+def test_the_summary_counts_and_reads_only_the_triage_its_config_runs(world, ray_head):
+    """A triage=preview audit stopped after its triage stage left triage/ (320 UNet evaluations here); the rerun
+    without it read no preview score but counted the preview's cost in unet_evaluations, and a rerun of a finished
+    audit with other triage settings returned the old summary (its scores, cost and config). The summary now
+    counts the triage the config reads, and is written again when the triage settings change."""
+    from memex.layout import TRIAGE_SCHEMA
+    from memex.prompts import prompt_id
+
+    root, manifest = world
+    t03 = pq.read_table(manifest).to_pylist()[3]
+    copy = decode(t03["image"])
+    layout = plant_run(root / "runs", "r-triage", {PROMPTS[0]: [copy] * 6, PROMPTS[1]: [copy[::-1]] * 6})
+    pids = [prompt_id(p) for p in PROMPTS]
+    layout.triage.write_shard(0, pa.table({"prompt_id": pids, "prompt": PROMPTS, "score": [-0.01, -0.4],
+                                           "unet_evaluations": [160, 160], "distance": [0.01, 0.4],
+                                           "train_gid": [3, 4]}, schema=TRIAGE_SCHEMA))
+    layout.triage.mark_success({"unet_evaluations": 320, "padded_evaluations": 0})
+    plain_cfg = _cfg(world, ray_head, "run.name=r-triage", "sampling.samples_per_prompt=6")
+    preview = _cfg(world, ray_head, "run.name=r-triage", "sampling.samples_per_prompt=6", "triage=preview")
+    attach_index(layout, index.run(plain_cfg))
+    filter_stage.run(plain_cfg, "r-triage")
+
+    s = match.run(plain_cfg, "r-triage")
+    assert (s["unet_evaluations"], s["unet_evaluations_triage"]) == (0, 0)  # planted: no UNet ran for this config
+    assert all(p["triage_distance"] is None for p in s["per_prompt"])
+    s2 = match.run(preview, "r-triage")  # the config that reads triage/: its scores and its cost
+    assert (s2["unet_evaluations"], s2["unet_evaluations_triage"]) == (320, 320)
+    assert {p["prompt_id"]: p["triage_distance"] for p in s2["per_prompt"]} == {pids[0]: pytest.approx(0.01),
+                                                                                 pids[1]: pytest.approx(0.4)}
+    assert s2["config"]["triage"]["kind"] == "preview" and s2["extracted_train_ids"] == s["extracted_train_ids"]
+    assert match.run(plain_cfg, "r-triage") == s  # back: written again, equal to the first

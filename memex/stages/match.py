@@ -474,7 +474,7 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     """Match a generated (and, for candidates=cliques, filtered) run; returns the summary written
     to <run>/summary.json."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
-    inputs = upstream(layout)
+    inputs, read_as = upstream(layout), triage_read(cfg)
     if (marker := layout.matches.success()) is not None and (done := layout.read_summary()) is not None and \
             set(layout.samples.complete()) <= set(layout.matches.complete()):
         redone = marker.get("inputs", inputs) != inputs  # (a folder matched before "inputs" was recorded: as it is)
@@ -484,9 +484,12 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
                                f"delete {layout.store.uri_of(layout.matches.path)} too, and rerun to match the new "
                                "ones. Nothing was changed.")
         claim_settings(cfg, layout, read_info(layout))
-        if not redone:
+        # the triage settings are claimed only by a triage stage that runs: a rerun with others (triage=none,
+        # triage.seeds=8) read the old summary's scores and cost (a folder summarized before: as it is)
+        if not redone and marker.get("triage", read_as) == read_as:
             return done
-        log.info("match: candidates/ or triage/ was redone since summary.json was written: summarizing again")
+        log.info("match: candidates/, triage/ or the triage settings changed since summary.json was written: "
+                 "summarizing again")
     # else parts lost after the matches completed (a partial copy of the folder, files removed by
     # hand): the missing matches units are redone and summary.json is written again from them all
     match_shards(cfg, run_name)
@@ -497,8 +500,15 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     summary = summarize(cfg, layout, info, matches)
     layout.store.write_json(layout.summary_path, summary)
     layout.matches.mark_success({"summary": "../summary.json", "extracted": summary["extracted_unique_train_images"],
-                                 "inputs": inputs})
+                                 "inputs": inputs, "triage": read_as})
     return summary
+
+
+def triage_read(cfg: AuditConfig) -> dict:
+    """How summarize reads the triage: its settings, and whether from triage/ (needs_stage) or the samples."""
+    from memex.stages.triage import needs_stage
+
+    return json.loads(json.dumps({**plain(cfg.triage), "stage": needs_stage(cfg)}, default=str))
 
 
 def upstream(layout: RunLayout) -> str:
@@ -555,7 +565,7 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     """<run>/summary.json: the headline numbers (extracted pictures, UNet evaluations), the
     pictures, per-prompt results, config."""
     from memex.plan import SamplePlan
-    from memex.stages.triage import preview_distances, prompt_scores
+    from memex.stages.triage import needs_stage, preview_distances, prompt_scores
 
     prompts = read_run_prompts(layout).to_pylist()
     filter_summary = layout.candidates.success()  # None: the filter was skipped (unconditional)
@@ -589,7 +599,10 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     pictures = [x for x in seen if x["counted"]]
     undecided = (filter_summary or {}).get("undecided_prompt_ids", [])
     samples = layout.samples.success()
-    evals = samples.get("unet_evaluations", 0) + ((layout.triage.success() or {}).get("unet_evaluations", 0))
+    # the triage this config read (prompt_scores' rule): a triage/ left by another config's audit of the folder
+    # (a triage=preview run stopped, rerun without it) cost this audit nothing, and its scores are not read
+    ran = (layout.triage.success() or {}) if needs_stage(cfg) else {}
+    evals = samples.get("unet_evaluations", 0) + ran.get("unet_evaluations", 0)
     # a re-match (memex/stages/rematch.py): the generations are that run's, and so is their cost
     source = {"samples_from": redact_urls(layout.generated.uri)} if layout.samples_from is not None else {}
     return {
@@ -605,9 +618,8 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
                    "rounds": [{"prompts": r.n_prompts, "samples": [r.lo, r.hi]} for r in plan.rounds]},
         # every UNet forward pass of the audit, one per batch row (guidance: 2), padding and triage included
         "unet_evaluations": evals,
-        "unet_evaluations_triage": (layout.triage.success() or {}).get("unet_evaluations", 0),
-        "unet_evaluations_padding": samples.get("padded_evaluations", 0)
-        + (layout.triage.success() or {}).get("padded_evaluations", 0),
+        "unet_evaluations_triage": ran.get("unet_evaluations", 0),
+        "unet_evaluations_padding": samples.get("padded_evaluations", 0) + ran.get("padded_evaluations", 0),
         "unet_evaluations_per_extracted_image": round(evals / len(pictures)) if pictures else None,
         "filter": "ran" if filtered else "skipped: an unconditional model's samples share one prompt",
         "prompts_flagged": sum(bool(c["flagged"]) for c in cands.values()),
