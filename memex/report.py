@@ -294,6 +294,8 @@ def uncounted_reason(p: dict, t: dict) -> str:
     if not p.get("distinct", True):
         return (f'not distinct: its closest copy is {p["margin"]:.2f} of the way to the next training '
                 f'picture; needs {t.get("max_margin")}')
+    if g is not None and g < (t.get("min_generations") or 0):  # every picture needs these, clique or not
+        return f'{g} copying generation(s); needs {t.get("min_generations")}'
     if p.get("low_complexity"):  # it needs both counts (count_pictures: max of the two)
         need = max(t.get("low_detail_min_generations") or 0, t.get("min_generations") or 0)
         return (f"low complexity: {g} copying generation(s), none in a flagged clique or closer than "

@@ -486,11 +486,12 @@ def test_the_console_gives_each_uncounted_pictures_own_reason():
     """The console said "fewer than <low_detail_min_generations> copying generations" for every
     low-complexity picture, also one refused as not distinct, and left the other uncounted pictures
     out (3 copies verified, 0 extracted, no word why); a low-complexity picture needs the larger of
-    match.min_generations and match.low_detail_min_generations."""
+    match.min_generations and match.low_detail_min_generations (short of min_generations: that count,
+    tests/test_report.py::test_a_low_complexity_picture_short_of_min_generations_is_told_that_not_the_clique_rule)."""
     from memex.stages.audit import format_summary
 
     s = _summary(index={"quarantined": 0, "uri": "/i"},
-                 thresholds={**_summary()["thresholds"], "min_generations": 3, "low_detail_min_generations": 2,
+                 thresholds={**_summary()["thresholds"], "min_generations": 2, "low_detail_min_generations": 3,
                              "max_margin": 0.6},
                  uncounted_pictures=[
                      {"picture": "logo-7", "rows": ["logo-7"], "generations": 3, "low_complexity": True,
@@ -501,7 +502,7 @@ def test_the_console_gives_each_uncounted_pictures_own_reason():
     assert line.startswith("  3 pictures within the threshold but not counted: logo-7 (not distinct: its closest "
                            "copy is 0.90 of the way to the next training picture; needs 0.6)"), line
     assert "sky (low complexity: 2 copying generation(s), none in a flagged clique or closer than its tile " \
-           "mosaic; needs 3)" in line and "tri (1 copying generation(s); needs 3)" in line
+           "mosaic; needs 3)" in line and "tri (1 copying generation(s); needs 2)" in line
 
 
 def test_the_page_says_what_ran_for_an_unconditional_model_with_relative_l2():
@@ -638,3 +639,17 @@ def test_the_trend_links_and_draws_an_audit_whose_tracker_failed_after_it_finish
     assert '<a href="r2/report/index.html">report</a>' in page and "r1/report/index.html" in page
     cells = page.split("checkpoint-3000</span></td>")[1].split("</tr>")[0]
     assert "report</a>" not in cells
+
+
+def test_a_low_complexity_picture_short_of_min_generations_is_told_that_not_the_clique_rule():
+    """count_pictures asks match.min_generations of every picture; a low-complexity one with 1 copying generation
+    inside a flagged clique (demo: min 2) read "none in a flagged clique ...; needs 3" beside its own
+    "in a clique 1", and "needs 3" where 2 would do. Its reason is now the count it lacks."""
+    from memex.report import uncounted_reason
+
+    t = {"min_generations": 2, "low_detail_min_generations": 3}
+    one = {"picture": "sky", "generations": 1, "in_clique": 1, "low_complexity": True, "counted": False}
+    assert uncounted_reason(one, t) == "1 copying generation(s); needs 2"
+    two = {**one, "generations": 2, "in_clique": 0}  # past min_generations, short of the low-detail count
+    assert uncounted_reason(two, t) == ("low complexity: 2 copying generation(s), none in a flagged clique or closer "
+                                        "than its tile mosaic; needs 3")
