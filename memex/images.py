@@ -4,9 +4,9 @@ Every image in memex is a uint8 (H, W, 3) RGB numpy array in memory and PNG byte
 (generations, matched training images, report thumbnails). The one exception: a grayscale model's
 generations are (H, W, 1) and stored as 8-bit grayscale PNGs (mode "L"); `decode` reads them
 back as RGB with the gray value in all three channels, so they compare with grayscale and RGB
-training images alike. Training images arrive as any format
-PIL reads (PNG/JPEG/WebP/BMP/GIF/TIFF/PGM) and are decoded here, so the stages, training, ingestion and
-the report all see the same pixels for the same bytes.
+training images alike. Training images arrive as any format PIL reads (ingest.IMAGE_SUFFIXES:
+PNG/APNG/JPEG/WebP/AVIF/BMP/GIF/TIFF/Netpbm) and are decoded here, so the stages, training, ingestion
+and the report all see the same pixels for the same bytes.
 
 `decode` gives the RGB a viewer shows, whatever mode PIL opens the bytes in:
   * EXIF orientation applied (a phone JPEG stored sideways is shown upright);

@@ -6,10 +6,11 @@ Four sources, on any fsspec URI (local path, s3://, memory://, ...):
   * a folder of WebDataset .tar shards (LAION's layout, memex/shards.py), or a pattern naming some
     (laion/{00000..00099}.tar, laion/0000*.tar): id = "<shard>/<member>",
     uri = `tar://<member>::<shard uri>`, caption = the sample's .txt member;
-  * a folder of images (.png .jpg .jpeg .webp .bmp .gif, searched recursively): id = path relative
-    to the folder ("a/b.png"), uri = full URI with protocol, caption = the image's row of a
-    Hugging Face imagefolder `metadata.jsonl` / `metadata.csv` (file_name + the caption column,
-    what diffusers' fine-tuning scripts read), else the sidecar `<stem>.txt` beside it, else null.
+  * a folder of images (IMAGE_SUFFIXES, searched recursively; hidden and tool files are skipped,
+    shards.is_hidden): id = path relative to the folder ("a/b.png"), uri = full URI with protocol,
+    caption = the image's row of a Hugging Face imagefolder `metadata.jsonl` / `metadata.csv`
+    (file_name + the caption column, what diffusers' fine-tuning scripts read), else the sidecar
+    `<stem>.txt` beside it, else null.
 img2dataset's own layouts: its webdataset output is the shards above; its default output (files:
 <shard>/<key>.jpg + <key>.txt, a metadata .parquet per shard) an image folder; its parquet output
 (key, jpg) a manifest.
@@ -79,7 +80,9 @@ from memex.redact import redact_urls
 from memex.shards import (
     TAR_URI,
     ShardPatternError,
+    ShardSampleError,
     expand_shards,
+    is_hidden,
     is_pattern,
     member_uri,
     pattern_root,
@@ -98,8 +101,12 @@ IMAGE_SHA256 = "image_sha256"
 TRAINING_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("uri", pa.string()),
                              ("caption", pa.string()),
                              ("stamp", pa.string())])  # file version of a uri row (_stamp); null: bytes/missing
-# what images.decode reads; .jfif is JPEG as browsers save it, .tif/.tiff scans (they were left out silently)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# what images.decode reads, the one list of them (image folders, WebDataset fields, the audit's preflight):
+# .jfif/.jpe are JPEG, .apng PNG, .pbm/.pgm/.ppm/.pnm Netpbm, .avif AVIF (Pillow >= 11.2's wheels); each of
+# these was left out of a listing without a word. Pillow reads more (.jp2, .qoi, .tga, .ico, .psd, ...), not
+# listed: formats of icons and layers, not of training images
+IMAGE_SUFFIXES = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif",
+                  ".tiff", ".pbm", ".pgm", ".ppm", ".pnm")
 # files only memex writes (a stage's completion marker, a run or index folder's lease): memex/storage.py, lease.py
 MEMEX_MARKERS = ("_SUCCESS.json", "_lease.json")
 # Hugging Face's imagefolder: captions (and other columns) per file_name, beside the images
@@ -168,6 +175,9 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         where = root if top == posixpath.basename(ours) else posixpath.join(root.rstrip("/"), top)
         raise IngestError(f"{key}={path} holds memex's own outputs under {where} (a storage.root that was inside "
                           "the training set): move that folder out of it")
+    # hidden and tools' files are no training images (.ipynb_checkpoints/a-checkpoint.jpg: a near-duplicate of
+    # a.jpg; macOS's ._a.jpg and __MACOSX/: AppleDouble metadata, quarantined as unreadable): parts below root only
+    files = {f: i for f, i in files.items() if not is_hidden(f[len(root.rstrip("/")) + 1:])}
     top = {posixpath.basename(f) for f in files if posixpath.dirname(f) == root.rstrip("/")}
     if HF_STATE in top or HF_DICT in top:  # datasets' save_to_disk (its Arrow files are the manifest)
         return _from_manifest(path, opts, caption_column, key, images)
@@ -468,6 +478,11 @@ def _from_pattern(path: str, fs, pattern: str, key: str, shard_cache: Store | No
 
 
 SHARD_LISTING_SCHEMA = pa.schema([("member", pa.string()), ("caption", pa.string())])
+# in the name of each kept shard listing: raised when the rules of shards.shard_samples change, so a listing kept
+# under the earlier ones (its name: the shard's URI and version only) is not served for an unchanged shard.
+# 2: a sample's image is its member whose whole field is an image suffix (0001.depth.png was 0001's), a tar with
+# no such field a tar of plain files, hidden members skipped, AVIF/Netpbm/APNG/.jpe fields listed
+SHARD_LISTING_VERSION = 2
 
 
 def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
@@ -481,7 +496,8 @@ def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
     def samples(tar: str) -> list[tuple[str, str | None]]:
         stamp, cached = _stamp(files[tar]), None
         if shard_cache is not None and stamp:  # no version (a store that gives none): read every time
-            name = hashlib.sha256(f"{fs.unstrip_protocol(tar)}\x1f{stamp}".encode()).hexdigest()[:32]
+            name = hashlib.sha256(f"{fs.unstrip_protocol(tar)}\x1f{stamp}\x1fv{SHARD_LISTING_VERSION}"
+                                  .encode()).hexdigest()[:32]
             cached = shard_cache.join(f"{name}.parquet")
             try:
                 if shard_cache.exists(cached):
@@ -491,6 +507,8 @@ def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
                 pass
         try:
             got = shard_samples(fs, tar, IMAGE_SUFFIXES)
+        except ShardSampleError as e:  # a sample of two images: the shard's content, not the store's
+            raise IngestError(f"{key}={path}: {e}") from e
         except (tarfile.TarError, EOFError) as e:  # the shard's bytes (read as an uncompressed stream, mode r|)
             raise IngestError(f"{key}={path}: shard {fs.unstrip_protocol(tar)} is not a readable tar "
                               f"({type(e).__name__}: {e}): download it again, or move it out") from e

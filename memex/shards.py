@@ -15,6 +15,7 @@ last TAR_CACHE shards: ~100 bytes a member, ~1 MB for a shard of 10k samples.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
 import tarfile
@@ -24,6 +25,7 @@ from typing import Any
 
 import fsspec
 
+log = logging.getLogger("memex.shards")
 TAR_URI = re.compile(r"^tar://(?P<member>.+?)::(?P<tar>.+)$")
 TAR_CACHE = 64  # shard indexes kept per process
 # by (shard uri, its version: the listing's stamp, size + ETag/mtime): a shard rewritten in place in a long-lived
@@ -31,6 +33,14 @@ TAR_CACHE = 64  # shard indexes kept per process
 _index: OrderedDict[tuple[str, str | None], dict[str, tuple[int, int]]] = OrderedDict()
 _lock = threading.Lock()  # guards _index and _scanning
 _scanning: dict[tuple[str, str | None], threading.Lock] = {}  # one scan per shard: the decoder's 8 threads ask at once
+
+
+def is_hidden(rel: str) -> bool:
+    """Whether a path relative to a training set's root (a tar member's name) lies in a hidden or tool's part:
+    one starting with "." (.ipynb_checkpoints/, macOS's ._a.jpg AppleDouble files, .DS_Store) or named
+    __MACOSX (a zip's AppleDouble folder), as pyarrow skips a Parquet dataset's _/. parts. "." alone (a tar
+    member ./0001.jpg) is no hidden part; the root's own name is not in `rel` (a user's ~/.cache/... set)."""
+    return any((p.startswith(".") and p != ".") or p == "__MACOSX" for p in rel.split("/"))
 
 
 def member_uri(member: str, tar_uri: str) -> str:
@@ -93,25 +103,57 @@ def read_uri(uri: str, opts: dict[str, Any], version: str | None = None) -> byte
     return fs.cat_file(path, start=offset, end=offset + size)
 
 
+class ShardSampleError(ValueError):
+    """A shard sample whose image is not one member (two image fields): which one a trainer read is not ours to
+    guess."""
+
+
 def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tuple[str, str | None]]:
     """(image member, caption) of every sample of one shard, in one sequential read of it (the
     captions are small members between the images: reading them is reading the shard, ~its size).
-    A sample's key is its member name up to the first dot of the basename (WebDataset's rule);
-    its caption is its .txt member, else None."""
-    images: dict[str, str] = {}
-    captions: dict[str, str] = {}
+
+    WebDataset's rule: a member's key is its name up to the first dot of its basename, its field the
+    rest; a sample's image is the member whose whole field is an image suffix (0001.jpg, not the
+    0001.depth.png beside it, which a trainer's to_tuple("jpg") never reads), its caption its .txt
+    member, else None. A sample with two image fields (0001.jpg and 0001.png: img2dataset writes one
+    of jpg/png/webp) raises ShardSampleError naming it. A sample with no image field is left out, as one
+    with only .txt/.json members always was, including one with only a dotted image field (0003.depth.png):
+    logged as a warning, since a plain file with a dot in its name looks the same.
+    A tar with no image field at all is no WebDataset shard but a tar of plain files (photo.2021.01.jpg,
+    photo.2021.02.jpg: under the rule above one key "photo" with no image): each image file is a
+    sample of its own, its caption the <name>.txt beside it, as in an image folder."""
+    fields: dict[str, dict[str, str]] = {}  # key -> field -> member name
+    texts: dict[str, str] = {}  # .txt member -> its text
     with fs.open(tar, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
         for m in tf:
-            if not m.isfile():
-                continue
+            if not m.isfile() or is_hidden(m.name):  # a tar made on macOS holds ._0001.jpg; a folder tarred whole,
+                continue  # its .ipynb_checkpoints/0001-checkpoint.jpg (key and field of a sample of its own)
             folder, base = posixpath.split(m.name)
-            stem, _, ext = base.partition(".")
-            key = posixpath.join(folder, stem)
-            if ("." + ext.lower()).endswith(image_suffixes) and key not in images:
-                images[key] = m.name
-            elif ext == "txt":
-                captions[key] = tf.extractfile(m).read().decode("utf-8", errors="replace").strip()
-    return [(name, captions.get(key)) for key, name in sorted(images.items())]
+            stem, _, field = base.partition(".")
+            fields.setdefault(posixpath.join(folder, stem), {})[field] = m.name
+            if m.name.endswith(".txt"):
+                texts[m.name] = tf.extractfile(m).read().decode("utf-8", errors="replace").strip()
+    suffixes = {s.lstrip(".") for s in image_suffixes}
+    images = {key: sorted(f for f in got if f.lower() in suffixes) for key, got in fields.items()}
+    if not any(images.values()):  # a tar of plain files
+        return sorted(((name, texts.get(posixpath.splitext(name)[0] + ".txt")) for got in fields.values()
+                       for name in got.values() if name.lower().endswith(image_suffixes)), key=lambda r: r[0])
+    out, imageless = [], []
+    for key in sorted(fields):
+        got = fields[key]
+        if len(images[key]) > 1:
+            raise ShardSampleError(f"shard {fs.unstrip_protocol(tar)}: sample {key} has several images "
+                                   f"({', '.join(images[key])}): a WebDataset sample holds one image (img2dataset "
+                                   "writes one of jpg/png/webp); remove the others from the shard")
+        if images[key]:
+            out.append((got[images[key][0]], texts.get(got["txt"]) if "txt" in got else None))
+        elif any(name.lower().endswith(image_suffixes) for name in got.values()):
+            imageless.append(f"{key} ({', '.join(sorted(got))})")
+    if imageless:
+        log.warning("shard %s: %d sample(s) with no image field left out, e.g. %s (WebDataset: key = a name up to "
+                    "its first dot; a plain file with dots in its name is read as such a field)",
+                    fs.unstrip_protocol(tar), len(imageless), imageless[0])
+    return out
 
 
 # ---- shard patterns --------------------------------------------------------------------------
@@ -156,13 +198,15 @@ def pattern_root(pattern: str) -> str:
 
 def expand_shards(fs: Any, pattern: str) -> dict[str, dict]:
     """Shard path -> fsspec info of every shard the pattern names: braces expanded, then each glob
-    listed. A shard named outright that does not exist, or a glob matching nothing, raises."""
+    listed (hidden files it matches skipped: is_hidden). A shard named outright that does not exist, or a
+    glob matching nothing, raises."""
     found: dict[str, dict] = {}
     missing: list[str] = []
     listed: dict[str, dict[str, dict]] = {}  # folder -> its files: one listing, not a request a shard
     for p in expand_braces(pattern):
         if is_pattern(p):
-            hits = fs.glob(p, detail=True)
+            top = pattern_root(p)  # what a glob matched below it: a hidden one (macOS's ._00000.tar) is no shard
+            hits = {k: v for k, v in fs.glob(p, detail=True).items() if not is_hidden(k[len(top):].lstrip("/"))}
             if not hits:
                 missing.append(p)
             found.update({k: v for k, v in hits.items() if v.get("type") != "directory"})

@@ -254,6 +254,7 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
     import pyarrow.parquet as pq
 
     from memex.ingest import IMAGE_SUFFIXES, IngestError, pattern_shards
+    from memex.shards import is_hidden
 
     try:
         fs, root = fsspec.core.url_to_fs(path, **storage_options)
@@ -288,6 +289,9 @@ def check_trainset(path: str, storage_options: dict, caption_column: str | None 
     if is_dir:
         found, names, metadata = None, [], None
         for d, _, names in fs.walk(root):
+            if is_hidden(d[len(root.rstrip("/")):].lstrip("/")):  # as the listing skips them (.ipynb_checkpoints/)
+                continue
+            names = [n for n in names if not is_hidden(n)]
             # WebDataset shards first: img2dataset writes a metadata .parquet beside each .tar
             hit = next((f for f in sorted(names) if f.endswith(".tar")), None) or next(
                 (f for f in sorted(names) if f.lower().endswith((*IMAGE_SUFFIXES, ".parquet"))), None)

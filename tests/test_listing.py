@@ -1,0 +1,175 @@
+"""Which files of a training set are its images: WebDataset samples' image fields, the image formats
+Pillow reads, and the hidden and tool files beside the images (memex/ingest.py, memex/shards.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image, features
+
+from memex.images import decode, encode_png
+from memex.ingest import IngestError, decode_rows, list_training_set
+from memex.storage import Store
+from memex.synth import logo
+
+
+def _img(i: int, size: int = 32) -> np.ndarray:
+    return logo(i, size)[0]
+
+
+def _encoded(img: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _tar(path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of `members` (name, bytes), in that order."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def _shards(tmp_path, members: list[tuple[str, bytes]], name: str = "00000.tar"):
+    root = tmp_path / "shards"
+    root.mkdir(exist_ok=True)
+    _tar(root / name, members)
+    return root
+
+
+def test_a_webdataset_sample_s_image_is_its_image_field_not_a_dotted_one(tmp_path, caplog):
+    """WebDataset's rule: key = a member's basename up to its first dot, field = the rest. A member was the
+    sample's image when its name ended in an image suffix, the first one kept: `0001.depth.png` (field
+    depth.png) before `0001.jpg` made the depth map the indexed training image, paired with 0001.txt's
+    caption. The image is the member whose whole field is an image suffix; a sample with only a dotted
+    image field (0003.depth.png) has no image, and is left out, as a sample without an image always was."""
+    depth = np.repeat(np.arange(32, dtype=np.uint8)[None, :, None] * 8, 32, axis=0).repeat(3, axis=2)
+    root = _shards(tmp_path, [("0001.depth.png", encode_png(depth)), ("0001.jpg", _encoded(_img(1), "JPEG")),
+                              ("0001.txt", b"a red logo"), ("0002.png", encode_png(_img(2))),
+                              ("0002.seg.png", encode_png(depth)), ("0002.txt", b"a blue logo"),
+                              ("0003.depth.png", encode_png(depth)), ("0003.txt", b"no image")])
+    with caplog.at_level(logging.WARNING, logger="memex"):
+        t = list_training_set(str(root))
+    assert t["id"].to_pylist() == ["00000.tar/0001.jpg", "00000.tar/0002.png"]
+    assert t["caption"].to_pylist() == ["a red logo", "a blue logo"]
+    dec = decode_rows(t, None)
+    assert np.array_equal(dec.images[1], _img(2))
+    assert np.abs(dec.images[0].astype(int) - _img(1)).mean() < 8  # the JPEG of logo 1, not the depth ramp
+    # the sample left out is named (a plain file with a dot in its name looks the same)
+    assert "0003" in caplog.text and "depth.png" in caplog.text
+
+
+def test_a_webdataset_sample_with_two_image_fields_is_refused_naming_shard_and_key(tmp_path):
+    """`0001.jpg` and `0001.png` in one sample: which one a trainer read is its own choice
+    (img2dataset writes one of jpg/png/webp a sample); one of them was kept without a word."""
+    root = _shards(tmp_path, [("0000.jpg", _encoded(_img(0), "JPEG")), ("0001.jpg", _encoded(_img(1), "JPEG")),
+                              ("0001.png", encode_png(_img(1))), ("0001.txt", b"x")])
+    with pytest.raises(IngestError, match=r"shard .*00000\.tar: sample 0001 has several images \(jpg, png\)"):
+        list_training_set(str(root))
+
+
+def test_a_plain_tar_of_dotted_file_names_lists_each_image(tmp_path):
+    """A tar of plain files whose names hold dots (photo.2021.01.jpg, photo.2021.02.jpg) is one WebDataset
+    key (photo) with fields 2021.01.jpg, ...: it listed one row for them all. A tar with no image field
+    at all is no WebDataset shard: each image file is a row, captioned by its <name>.txt, as in a folder."""
+    root = _shards(tmp_path, [("photo.2021.01.jpg", _encoded(_img(1), "JPEG")), ("photo.2021.01.txt", b"january"),
+                              ("photo.2021.02.jpg", _encoded(_img(2), "JPEG")),
+                              ("photo.2021.03.png", encode_png(_img(3)))])
+    t = list_training_set(str(root))
+    assert t["id"].to_pylist() == ["00000.tar/photo.2021.01.jpg", "00000.tar/photo.2021.02.jpg",
+                                   "00000.tar/photo.2021.03.png"]
+    assert t["caption"].to_pylist() == ["january", None, None]
+    assert decode_rows(t, None).quarantine.num_rows == 0
+
+
+def test_a_shard_listing_kept_under_earlier_rules_is_not_reused(tmp_path):
+    """Shard listings are kept by the shard's URI and version (`shard_cache`): one kept under the earlier
+    rules (a depth map as the sample's image) would have been served as it was, the shard unchanged."""
+    root = _shards(tmp_path, [("0001.depth.png", encode_png(_img(9))), ("0001.jpg", _encoded(_img(1), "JPEG"))])
+    tar = str(root / "00000.tar")
+    import fsspec
+
+    from memex.ingest import SHARD_LISTING_SCHEMA, _stamp
+
+    fs = fsspec.filesystem("file")
+    cache = Store(str(tmp_path / "_index" / "_shard_listings"))
+    old = hashlib.sha256(f"{fs.unstrip_protocol(tar)}\x1f{_stamp(fs.info(tar))}".encode()).hexdigest()[:32]
+    cache.write_table(cache.join(f"{old}.parquet"),
+                      pa.table({"member": ["0001.depth.png"], "caption": [None]}, schema=SHARD_LISTING_SCHEMA))
+    assert list_training_set(str(root), shard_cache=cache)["id"].to_pylist() == ["00000.tar/0001.jpg"]
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow reads no AVIF")
+def test_avif_pnm_apng_and_jpe_images_are_training_images(tmp_path):
+    """Pillow reads AVIF, PGM/PPM/PNM/PBM, APNG and .jpe (JPEG), and images.decode decodes them: an image
+    folder's or a shard's such files were left out of the listing without a word."""
+    made = {"a.avif": ("AVIF", "RGB"), "b.pgm": ("PPM", "L"), "c.ppm": ("PPM", "RGB"), "d.pnm": ("PPM", "RGB"),
+            "e.pbm": ("PPM", "1"), "f.apng": ("PNG", "RGB"), "g.jpe": ("JPEG", "RGB")}
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    members = []
+    for i, (name, (fmt, mode)) in enumerate(made.items()):
+        pic = Image.fromarray(_img(i)).convert(mode)
+        buf = io.BytesIO()
+        pic.save(buf, fmt)
+        (folder / name).write_bytes(buf.getvalue())
+        members.append((f"{i:04d}.{name.split('.')[1]}", buf.getvalue()))
+        ref, got = np.asarray(pic.convert("RGB")), decode(buf.getvalue())
+        lossless = fmt in ("PPM", "PNG")
+        assert np.array_equal(got, ref) if lossless else np.abs(got.astype(int) - ref).mean() < 8, name
+    t = list_training_set(str(folder))
+    assert t["id"].to_pylist() == sorted(made)
+    assert decode_rows(t, None).quarantine.num_rows == 0
+    s = list_training_set(str(_shards(tmp_path, members)))
+    assert s["id"].to_pylist() == [f"00000.tar/{m}" for m, _ in members]
+    assert decode_rows(s, None).quarantine.num_rows == 0
+
+
+def test_hidden_and_tool_files_are_not_training_images(tmp_path):
+    """Jupyter's `.ipynb_checkpoints/a-checkpoint.jpg` (a spurious near-duplicate of a.jpg), macOS's
+    AppleDouble `._a.jpg` and `__MACOSX/._a.jpg` (quarantined as unreadable images) and other hidden files
+    were training images. A path with a part (below the folder given) starting with "." or named __MACOSX
+    is skipped, as the Parquet reader skips _/. parts; the folder given may itself be hidden (~/.cache)."""
+    folder = tmp_path / ".cache" / "imgs"
+    for sub in (".ipynb_checkpoints", "__MACOSX", "sub/.thumbs", "sub"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    apple_double = b"\x00\x05\x16\x07" + b"\x00" * 60
+    for name, data in (("a.jpg", _encoded(_img(1), "JPEG")), ("sub/b.png", encode_png(_img(2))),
+                       (".ipynb_checkpoints/a-checkpoint.jpg", _encoded(_img(1), "JPEG")),
+                       ("__MACOSX/._a.jpg", apple_double), ("._a.jpg", apple_double),
+                       ("sub/.thumbs/b.png", encode_png(_img(2))), (".hidden.png", encode_png(_img(3))),
+                       (".DS_Store", b"\x00\x00\x00\x01Bud1")):
+        (folder / name).write_bytes(data)
+    t = list_training_set(str(folder))
+    assert t["id"].to_pylist() == ["a.jpg", "sub/b.png"]
+    assert decode_rows(t, None).quarantine.num_rows == 0
+    # a shard's members: a tar made on macOS holds ._ files; a folder tarred whole holds a checkpoint folder;
+    # and the AppleDouble file of a shard beside it was read as a damaged shard
+    root = _shards(tmp_path, [("./0001.jpg", _encoded(_img(1), "JPEG")), ("./._0001.jpg", apple_double),
+                              ("./0001.txt", b"cap"), ("./.ipynb_checkpoints/0001-checkpoint.jpg",
+                                                       _encoded(_img(1), "JPEG"))])
+    (root / "__MACOSX").mkdir()
+    (root / "__MACOSX" / "._00000.tar").write_bytes(apple_double)
+    (root / "._00000.tar").write_bytes(apple_double)
+    s = list_training_set(str(root))
+    assert s["id"].to_pylist() == ["00000.tar/./0001.jpg"] and s["caption"].to_pylist() == ["cap"]
+    assert list_training_set(str(root / "*.tar"))["id"].to_pylist() == ["00000.tar/./0001.jpg"]
+    # the audit's preflight walks the folder as the listing does: hidden images are not its "first image"
+    from memex.config import ConfigError
+    from memex.stages.audit import check_trainset
+
+    only_hidden = tmp_path / "only-hidden"
+    (only_hidden / ".ipynb_checkpoints").mkdir(parents=True)
+    (only_hidden / ".ipynb_checkpoints" / "a-checkpoint.jpg").write_bytes(_encoded(_img(1), "JPEG"))
+    (only_hidden / "._a.jpg").write_bytes(apple_double)
+    with pytest.raises(ConfigError, match="the folder holds no images"):
+        check_trainset(str(only_hidden), {})
+    check_trainset(str(folder), {})
