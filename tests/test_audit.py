@@ -546,3 +546,35 @@ def test_the_summary_counts_and_reads_only_the_triage_its_config_runs(world, ray
                                                                                  pids[1]: pytest.approx(0.4)}
     assert s2["config"]["triage"]["kind"] == "preview" and s2["extracted_train_ids"] == s["extracted_train_ids"]
     assert match.run(plain_cfg, "r-triage") == s  # back: written again, equal to the first
+
+
+def test_the_reports_training_images_are_kept_a_chunk_at_a_time_and_restored_when_lost(world, ray_head,
+                                                                                        monkeypatch):
+    """keep_for_report fetched and re-encoded every extracted picture's training image at once (tens of thousands
+    with candidates=all at LAION's 1.5 MP: the driver out of memory, on every rerun); now `chunk` at a time, the
+    same file. A finished run folder that lost matched_train_images.parquet (a partial copy) returned early and
+    never wrote it again: the report said "not stored" for every pair. A rerun now restores it."""
+    root, manifest = world
+    train = {r["id"]: decode(r["image"]) for r in pq.read_table(manifest).to_pylist() if r["id"] != "bad"}
+    # prompt A copies t05, prompt B copies t07 and t09 (half each): three pictures extracted
+    layout = plant_run(root / "runs", "r-keep", {PROMPTS[0]: [train["t05"]] * 6,
+                                                 PROMPTS[1]: [train["t07"]] * 3 + [train["t09"]] * 3})
+    cfg = _cfg(world, ray_head, "run.name=r-keep", "sampling.samples_per_prompt=6")
+    info = index.run(cfg)
+    attach_index(layout, info)
+    filter_stage.run(cfg, "r-keep")
+    s = match.run(cfg, "r-keep")
+    assert sorted(s["extracted_train_ids"]) == ["t05", "t07", "t09"]
+    whole = pq.read_table(layout.matched_train_path)
+    assert sorted(whole["train_id"].to_pylist()) == ["t05", "t07", "t09"]
+
+    asked = []
+    real = match.fetch_training_images
+    monkeypatch.setattr(match, "fetch_training_images", lambda info, gids, *a, **k: asked.append(len(gids)) or
+                        real(info, gids, *a, **k))
+    match.keep_for_report(layout, info, {}, chunk=2)
+    assert asked == [2, 1] and pq.read_table(layout.matched_train_path).equals(whole)
+
+    Path(layout.matched_train_path).unlink()
+    assert match.run(cfg, "r-keep") == s  # the summary as it was, and the lost file written again
+    assert pq.read_table(layout.matched_train_path).equals(whole)

@@ -1475,3 +1475,36 @@ def test_a_tar_shard_rewritten_in_place_is_read_at_its_new_offsets(tmp_path):
     assert fetch_bytes(no_stamp, version="index-a")[0]["one"] == encode_png(_img(3))
     write_shard([("1.png", 4)])
     assert fetch_bytes(no_stamp, version="index-b")[0]["one"] == encode_png(_img(4))
+
+
+def test_a_lost_copy_of_a_manifest_rewritten_in_another_order_is_refused_not_misaligned(tmp_path, in_process_units):
+    """A streamed manifest's gids are its row numbers, but the index key hashes its rows in id order: the same
+    rows written again in another order have the same key. With train_rows.parquet in place that is harmless
+    (the copy decides the gids); but a lost copy (train.pack) was written again in the new order beside the
+    shards built with the old one, pairing every vector with another row's image and caption. It is refused,
+    naming the folder to delete, and nothing is changed; restored, the index is reused as it was."""
+    from memex.membership import fetch_train_rows
+    from memex.stages import index
+    from memex.storage import StorageError
+
+    imgs = [encode_png(_img(i)) for i in range(6)]
+    path = tmp_path / "m.parquet"
+    ids = [f"{i:02d}" for i in range(6)]
+    pq.write_table(pa.table({"id": ids, "image": imgs, "caption": [f"c{i}" for i in range(6)]}), path)
+    cfg = _audit_cfg(str(path), tmp_path / "runs")
+    info = index.run(cfg)
+    root = tmp_path / "runs" / "_index" / info.key
+    pack, table = (root / "train.pack").read_bytes(), (root / "train_rows.parquet").read_bytes()
+
+    order = [3, 0, 5, 1, 4, 2]  # the same rows, exported again in another order: the same index
+    pq.write_table(pa.table({"id": [ids[i] for i in order], "image": [imgs[i] for i in order],
+                             "caption": [f"c{i}" for i in order]}), path)
+    assert index.run(cfg) == info  # the copy in place decides the gids
+    (root / "train.pack").unlink()
+    with pytest.raises(StorageError, match=rf"index .*{info.key} lost train.pack, and trainset.path lists its rows "
+                                           r"in another order .* Delete .* to rebuild it, or restore the lost file"):
+        index.run(cfg)
+    assert (root / "train_rows.parquet").read_bytes() == table and not (root / "train.pack").exists()
+    (root / "train.pack").write_bytes(pack)
+    assert index.run(cfg) == info
+    assert fetch_train_rows(info.layout({}), [3])["image"].to_pylist() == [imgs[3]]  # gid 3 is still row "03"

@@ -394,6 +394,25 @@ def check_embedder(done: dict, stamp: str | None, cfg: AuditConfig, layout: Inde
                            f"the old weights. Delete {layout.uri} to {fix}.")
 
 
+def check_gid_order(done: dict, listing: pa.Table, lost: list[str], layout: IndexLayout) -> str | None:
+    """The sha256 of the training ids in gid order (the listing's), recorded in _info.json when the rows are
+    copied; returns what to record. The key hashes the rows in id order, so a streamed manifest written again
+    in another row order has the same key, and its gids (row numbers) are other rows: harmless while
+    train_rows.parquet holds the gids the shards were built with, but a lost copy rewritten from the new
+    order would pair every vector in shards/ and dups/ with another row's image and caption, silently."""
+    order = hashlib.sha256(json.dumps(listing["id"].to_pylist()).encode()).hexdigest()
+    was = done.get("gid_order")
+    if not lost:  # the copy in place decides the gids: what was recorded stays (None: an index of before)
+        return was
+    if was is not None and was != order and (layout.shards.complete() or layout.dups.complete()):
+        raise StorageError(f"index {layout.uri} lost {' and '.join(lost)}, and trainset.path lists its rows in "
+                           "another order than when the index was built (a manifest written again in another "
+                           "row order): copied again in this order, its rows would not be the ones its built "
+                           f"shards' vectors hold. Delete {layout.uri} to rebuild it, or restore the lost file. "
+                           "Nothing was changed.")
+    return order
+
+
 def check_spec(cfg: AuditConfig, n_rows: int) -> None:
     """The index settings against the data, before anything is written: an IVF-PQ with more lists
     than training vectors, or (pixels, whose dimension the config gives) a pq_m that does not divide
@@ -430,14 +449,17 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
     # 2. the training table with global ids (written once; a rerun finds it in place)
     plans = plan_index_shards(listing.num_rows, cfg.index.shards)
     # a build resumed after the embedder's weights changed at the same path (the key holds the path)
-    check_embedder(layout.store.read_json(layout.info_json) or {}, stamp, cfg, layout, begun=True)
+    done = layout.store.read_json(layout.info_json) or {}
+    check_embedder(done, stamp, cfg, layout, begun=True)
+    lost = train_rows.missing(layout)
+    order = check_gid_order(done, listing, lost, layout)
     # what the folder holds, for people (and the weights' stamp, read above): written by every build, so a kill
     # during the copy below does not leave a folder without it
     layout.store.write_json(layout.info_json, redact({  # no credential in any output: memex/redact.py
         "trainset": cfg.trainset.path, "embedder": plain(cfg.embedder), "index": plain(cfg.index), "luma": luma,
-        "aspect": aspect, "shards": plans, "n_train": listing.num_rows,
+        "aspect": aspect, "shards": plans, "n_train": listing.num_rows, "gid_order": order,
         **({"embedder_stamp": stamp} if stamp is not None else {})}))
-    if train_rows.missing(layout):  # (train.pack gone: both written again, the same rows in the same order)
+    if lost:  # (train.pack gone: both written again, the same rows in the same order: check_gid_order)
         # a killed build's copy of the training set (`_tmp-<uuid>-train.pack`, its full size, and its table)
         # is never reused: gone before the new copy (not another audit's write-probe, made outside the lease,
         # nor a lease's temp file: Store.sweep_temp spares both)

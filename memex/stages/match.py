@@ -379,21 +379,30 @@ def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, pic
 
 
 # 5. the training images the report shows ------------------------------------------------------
-def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict) -> None:
+def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict, chunk: int = 64) -> None:
     """Every extracted match's training image (the report's pairs show them), into
     <run>/matched_train_images.parquet. Only the extracted: candidates=all verifies every sample, and
     50k CIFAR-sized generations would otherwise copy 50k training images here. (The 200 closest
-    non-copies were kept too, and no page ever showed them: 200 remote reads a run for nothing.)"""
+    non-copies were kept too, and no page ever showed them: 200 remote reads a run for nothing.)
+    `chunk` images are fetched, re-encoded and written at a time: held all at once, the rows of tens of
+    thousands of extracted pictures (uncounted look-alikes included) at LAION's 1.5 MP, ~3 MB a PNG, ran
+    the driver out of memory on every rerun."""
     rows = layout.matches.read(columns=["train_gid", "train_id"], filters=[("extracted", "==", True)]).to_pylist()
     matched = sorted({r["train_gid"]: r["train_id"] for r in rows}.items())
-    pixels, _ = fetch_training_images(info, [g for g, _ in matched], storage_options)
-    rows = []
-    for g, i in matched:  # one decoded at a time: ~4.5 MB each decoded at LAION's 1.5 MP
-        try:
-            rows.append({"train_gid": g, "train_id": i, "image": encode_png(pixels[g])})
-        except KeyError:  # not readable since the index was built: named in a warning, shown without its image
-            continue
-    layout.store.write_table(layout.matched_train_path, pa.Table.from_pylist(rows, schema=MATCHED_TRAIN_SCHEMA))
+
+    def tables():
+        for start in range(0, len(matched), chunk):
+            part = matched[start:start + chunk]
+            pixels, _ = fetch_training_images(info, [g for g, _ in part], storage_options)
+            out = []
+            for g, i in part:  # one decoded at a time: ~4.5 MB each decoded at LAION's 1.5 MP
+                try:
+                    out.append({"train_gid": g, "train_id": i, "image": encode_png(pixels[g])})
+                except KeyError:  # not readable since the index was built: named in a warning, shown without it
+                    continue
+            yield pa.Table.from_pylist(out, schema=MATCHED_TRAIN_SCHEMA)
+
+    layout.store.write_batches(layout.matched_train_path, MATCHED_TRAIN_SCHEMA, tables())
 
 
 def propose(cfg: AuditConfig, info: IndexInfo, images: list[bytes], nearest: Neighbours) -> tuple:
@@ -487,6 +496,8 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
         # the triage settings are claimed only by a triage stage that runs: a rerun with others (triage=none,
         # triage.seeds=8) read the old summary's scores and cost (a folder summarized before: as it is)
         if not redone and marker.get("triage", read_as) == read_as:
+            if layout.matched_train_source() is None:  # lost (a partial copy of the folder): the report's images
+                keep_for_report(layout, read_info(layout), cfg.storage.options)
             return done
         log.info("match: candidates/, triage/ or the triage settings changed since summary.json was written: "
                  "summarizing again")
