@@ -133,6 +133,13 @@ def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tu
             fields.setdefault(posixpath.join(folder, stem), {})[field] = m.name
             if m.name.endswith(".txt"):
                 texts[m.name] = tf.extractfile(m).read().decode("utf-8", errors="replace").strip()
+        # tarfile reads a header of no bytes at all as the archive's end, so a shard cut at a member boundary (a
+        # writer killed between members, a sync stopped on a block) listed its first samples and no error; a
+        # whole tar ends with zero blocks (1,024 bytes, padded to 10,240 by tarfile and GNU tar) after them
+        size = getattr(f, "size", None)
+        if size is not None and tf.offset >= size:
+            raise tarfile.ReadError(f"it ends after {len(fields)} samples without tar's end-of-archive blocks: cut "
+                                    "short at a member boundary")
     suffixes = {s.lstrip(".") for s in image_suffixes}
     images = {key: sorted(f for f in got if f.lower() in suffixes) for key, got in fields.items()}
     if not any(images.values()):  # a tar of plain files

@@ -173,3 +173,35 @@ def test_hidden_and_tool_files_are_not_training_images(tmp_path):
     with pytest.raises(ConfigError, match="the folder holds no images"):
         check_trainset(str(only_hidden), {})
     check_trainset(str(folder), {})
+
+
+def test_a_shard_cut_at_a_member_boundary_is_refused_not_listed_in_part(tmp_path):
+    """tarfile reads a missing header as the end of the archive: a shard cut at a 512-byte boundary between
+    members (a writer killed between samples, a sync stopped on a block) listed its first samples with no
+    error. Cut anywhere, it is now named as not a readable tar; whole, all its samples are listed."""
+    members = []
+    for i in range(5):
+        members += [(f"{i:04d}.jpg", _encoded(_img(i), "JPEG")), (f"{i:04d}.txt", f"caption {i}".encode())]
+    root = _shards(tmp_path, members)
+    assert len(list_training_set(str(root))) == 5
+    raw = (root / "00000.tar").read_bytes()
+    with tarfile.open(root / "00000.tar") as tf:
+        tf.getmembers()
+        end = tf.offset  # where the end-of-archive blocks begin (then zeros to 10,240 bytes)
+    cuts = list(range(512, end + 1, 512))  # every block boundary up to the end-of-archive blocks
+    boundary = 0
+    for n, cut in enumerate(cuts):
+        part = tmp_path / f"cut{n}"
+        part.mkdir()
+        (part / "00000.tar").write_bytes(raw[:cut])
+        try:
+            t = list_training_set(str(part))
+        except IngestError as e:
+            assert "is not a readable tar" in str(e) and "download it again" in str(e)
+            boundary += "end-of-archive" in str(e)
+        else:
+            raise AssertionError(f"a shard cut at byte {cut} of {len(raw)} listed {t.num_rows} samples, no error")
+    assert boundary >= 10  # the cuts between members, and the one just before the end-of-archive blocks
+    (tmp_path / "padding-cut").mkdir()  # cut within the zero padding after those blocks: whole, listed
+    (tmp_path / "padding-cut" / "00000.tar").write_bytes(raw[:end + 1024])
+    assert len(list_training_set(str(tmp_path / "padding-cut"))) == 5
