@@ -45,8 +45,10 @@ import csv
 import hashlib
 import io
 import json
+import os
 import posixpath
 import re
+import stat
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -161,6 +163,8 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         is_dir = exists and fs.isdir(root)
         # one recursive listing with details: sizes and mtimes/ETags of every file at no extra request
         files = fs.find(root, detail=True) if is_dir else {}
+        if any(i.get("islink") for i in files.values()):  # a local folder of symlinks (DVC, git-annex, a pool)
+            files = _through_links(files)
     except Exception as e:  # noqa: BLE001 - bad credentials, unknown protocol, endpoint down
         raise IngestError(f"{key}={path} cannot be reached: {type(e).__name__}: {e} "
                           "(check the URI and storage options / credentials)") from e
@@ -356,10 +360,44 @@ def iter_train_rows(path: str, opts: dict[str, Any], listing: pa.Table, batch_ro
                           f"{listing.num_rows}): run the audit again once it is written")
 
 
+def _through_links(files: dict[str, dict]) -> dict[str, dict]:
+    """A local listing (fsspec's find) with its symlinks followed: fsspec lists a linked folder as one entry of
+    type "other" and does not descend (its images were left out, silently), and a linked file with its target's
+    size but the link's mtime (_stamp follows it). Each linked folder's files are listed under the link's path,
+    as if they were there; a folder reached twice (a link to an ancestor) once."""
+    out, seen = {}, set()
+    for name, info in files.items():
+        if not (info.get("islink") and os.path.isdir(name)):
+            out[name] = info
+            continue
+        for d, dirs, names in os.walk(name, followlinks=True):
+            real = os.path.realpath(d)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            for n in names:
+                path = posixpath.join(d, n)
+                try:
+                    st = os.stat(path)
+                except OSError:  # a dangling link: no file (the folder's own dangling links are listed as they are)
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    out[path] = {"name": path, "size": st.st_size, "type": "file", "mtime": st.st_mtime, "islink": True}
+    return out
+
+
 def _stamp(info: dict) -> str:
     """A file's version from its fsspec listing entry: size + ETag (S3, GCS, Azure: changes with
     the content) where the store gives one, else size + modification time (local "mtime", s3
-    "LastModified", memory "created")."""
+    "LastModified", memory "created"). A local symlink's is its target's: the link's own mtime stayed the
+    same when the file it points at was written over (a shared image pool), and the old index was reused."""
+    if info.get("islink") and info.get("name"):
+        try:
+            st = os.stat(info["name"])
+            info = {**info, "size": st.st_size, "mtime": st.st_mtime}
+        except OSError:  # dangling: as listed (the decoder quarantines it)
+            pass
     for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated", "created"):
         if info.get(k) is not None:
             return f"{info.get('size')} {k}={info[k]}"

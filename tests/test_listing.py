@@ -205,3 +205,32 @@ def test_a_shard_cut_at_a_member_boundary_is_refused_not_listed_in_part(tmp_path
     (tmp_path / "padding-cut").mkdir()  # cut within the zero padding after those blocks: whole, listed
     (tmp_path / "padding-cut" / "00000.tar").write_bytes(raw[:end + 1024])
     assert len(list_training_set(str(tmp_path / "padding-cut"))) == 5
+
+
+def test_a_folder_of_symlinks_lists_linked_folders_and_stamps_the_files_linked_to(tmp_path):
+    """fsspec's local listing gives a linked folder as one entry and does not descend (its images were left out,
+    silently), and a linked file with the link's mtime (its target written over with other pixels of the same
+    size kept the stamp, so the old index was reused). DVC's and git-annex's caches and shared image pools are
+    folders of links. Linked folders are now listed under the link's path, a link to an ancestor once, and a
+    linked file is stamped by the file it points at."""
+    import os
+
+    real = tmp_path / "pool" / "sub"
+    real.mkdir(parents=True)
+    for i in range(3):
+        (real / f"b{i}.png").write_bytes(encode_png(_img(i)))
+    os.symlink(tmp_path / "pool", real / "up")  # a link to an ancestor: a cycle
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode_png(_img(5)))
+    os.symlink(real, folder / "linked")
+    os.symlink(real / "b0.png", folder / "c.png")
+    t = list_training_set(str(folder))
+    assert t["id"].to_pylist() == ["a.png", "c.png", "linked/b0.png", "linked/b1.png", "linked/b2.png"]
+    assert decode_rows(t, None).quarantine.num_rows == 0
+    stamp = dict(zip(t["id"].to_pylist(), t["stamp"].to_pylist()))["c.png"]
+    st = os.stat(real / "b0.png")
+    (real / "b0.png").write_bytes(encode_png(_img(0))[::-1])  # other bytes, the same size, a second later
+    os.utime(real / "b0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = list_training_set(str(folder))
+    assert dict(zip(again["id"].to_pylist(), again["stamp"].to_pylist()))["c.png"] != stamp
