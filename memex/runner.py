@@ -73,33 +73,38 @@ class RayStartError(MemexError):
     """Ray could not be started or reached."""
 
 
-def init(resources: ResourcesConfig, storage: StorageConfig | None = None) -> None:
+def init(resources: ResourcesConfig, storage: StorageConfig | None = None, index_root: str | None = None) -> None:
     """Connect to resources.address ($RAY_ADDRESS under `ray job submit`), or start a new local Ray, once.
 
     None and no $RAY_ADDRESS means a new local instance, as documented (memex/config.py), and not
     Ray's own default of joining whatever `ray start` left on this machine (/tmp/ray/ray_current_cluster),
     which hangs when that one is gone. With `storage` (a stage's entry): `check_storage_reachable`
-    once Ray is up: now if it already is, else when the first unit starts it (still before any write)."""
+    once Ray is up: now if it already is, else when the first unit starts it (still before any write);
+    `index_root` (index.root, the audit's): the same for where the index units write."""
     if resources.executor == ExecutorKind.local:
         return  # no Ray: one process on one machine, so any storage.root it can write to will do
     import ray
 
     if storage is not None:
-        _UNCHECKED[:] = [storage]
-        _STORAGE[:] = [storage]
+        roots = [("storage.root", storage.root, storage.shared_mount)]
+        if index_root:
+            roots.append(("index.root", index_root, storage.shared_mount))
+        _UNCHECKED[:] = roots
+        _STORAGE[:] = roots
         if not ray.is_initialized():
             return  # no Ray before the first unit (preflight errors come first): checked when Ray starts
     if not ray.is_initialized():
         _start(resources)
-    if _UNCHECKED:
-        s = _UNCHECKED.pop()
-        check_storage_reachable(s.root, s.shared_mount)
+    while _UNCHECKED:
+        key, root, shared = _UNCHECKED.pop(0)
+        check_storage_reachable(root, shared, key)
 
 
-# The storage a stage entry named (init(resources, storage)), checked once Ray is up, before any unit.
-_UNCHECKED: list[StorageConfig] = []
+# The storage a stage entry named (init(resources, storage, index_root)), as (key, root, shared_mount), checked
+# once Ray is up, before any unit.
+_UNCHECKED: list[tuple[str, str, bool]] = []
 # ... and kept: checked again when a node joins while check_fits waits (an autoscaler's first worker)
-_STORAGE: list[StorageConfig] = []
+_STORAGE: list[tuple[str, str, bool]] = []
 
 
 def ray_client() -> bool:
@@ -178,8 +183,8 @@ def check_fits(resources: ResourcesConfig, gpu: bool = True) -> None:
             if pg.wait(timeout_seconds=resources.start_timeout_s):
                 # a node joined: with min_workers 0 only the head was alive when the storage was checked,
                 # and a local storage.root passed; the units would write to the new node's own disk
-                if _STORAGE:
-                    check_storage_reachable(_STORAGE[-1].root, _STORAGE[-1].shared_mount)
+                for key, root, shared in _STORAGE:
+                    check_storage_reachable(root, shared, key)
                 return
         finally:
             remove_placement_group(pg)
@@ -188,11 +193,11 @@ def check_fits(resources: ResourcesConfig, gpu: bool = True) -> None:
                       f"{resources.start_timeout_s:g}: {fix}, or add a node type of that size (cluster.yaml)")
 
 
-def check_storage_reachable(root: str, shared_mount: bool = False) -> None:
-    """Refuse a node-local storage.root on a cluster of more than one node (memex/storage.py
+def check_storage_reachable(root: str, shared_mount: bool = False, key: str = "storage.root") -> None:
+    """Refuse a node-local storage.root (or index.root: `key`) on a cluster of more than one node (memex/storage.py
     `unreachable_storage`): ConfigError naming object storage or storage.shared_mount."""
-    why = (in_job_working_dir(root, "storage.root", os.environ.get(RAY_JOB_CONFIG), os.getcwd())
-           or unreachable_storage(root, shared_mount, alive_nodes(), client=ray_client()))
+    why = (in_job_working_dir(root, key, os.environ.get(RAY_JOB_CONFIG), os.getcwd())
+           or unreachable_storage(root, shared_mount, alive_nodes(), client=ray_client(), key=key))
     if why:
         raise ConfigError(why)
 

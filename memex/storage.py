@@ -136,31 +136,33 @@ def protocol_of(uri: str) -> str | None:
     return head.lower() if sep and len(head) > 1 else None
 
 
-def unreachable_storage(root: str, shared_mount: bool, alive_nodes: int, client: bool = False) -> str | None:
+def unreachable_storage(root: str, shared_mount: bool, alive_nodes: int, client: bool = False,
+                        key: str = "storage.root") -> str | None:
     """Why the nodes of a Ray cluster cannot share `root`, or None when they can (pure: the runner
     passes the count of alive nodes). One node: anything goes. More: a local path (no protocol,
     file://, local://) is each node's own disk, so units written on a worker never reach the driver,
     unless `shared_mount` says every node mounts it (NFS). memory:// is one process's only, and Ray's
     tasks and actors are other processes even on one node: refused whatever the count. `client`: the
     driver is connected through Ray Client (resources.address=ray://...), off the cluster: a local path is
-    then the laptop's disk for the driver and a node's for the units, whatever the count."""
+    then the laptop's disk for the driver and a node's for the units, whatever the count. `key`: the setting
+    that names `root` (storage.root, or index.root, where the index units write)."""
     proto = protocol_of(root)
     if proto == "memory":  # was "train.parquet is not readable" from the driver after the index stage
-        return (f"storage.root={root} is in one process's memory, and Ray runs the units in other processes "
-                "(the driver would never see what they write): use a folder, object storage (storage=s3 "
-                "storage.root=s3://bucket/runs), or resources.executor=local (no Ray, one process)")
+        return (f"{key}={root} is in one process's memory, and Ray runs the units in other processes "
+                f"(the driver would never see what they write): use a folder, object storage (storage=s3 "
+                f"{key}=s3://bucket/runs), or resources.executor=local (no Ray, one process)")
     local = proto in (None, "file", "local") and not shared_mount
     if client and local:  # every unit wrote to the cluster's disk, and the driver found no marker, rerun after rerun
-        return (f"storage.root={root} is a local path, and the driver runs off the cluster (Ray Client, a ray:// "
+        return (f"{key}={root} is a local path, and the driver runs off the cluster (Ray Client, a ray:// "
                 "address): the units would write to the cluster's disks and the driver would read its own. Use "
-                "object storage (storage=s3 storage.root=s3://bucket/runs), submit the command as a job (ray job "
+                f"object storage (storage=s3 {key}=s3://bucket/runs), submit the command as a job (ray job "
                 "submit), or, if this machine and every node mount this path, set storage.shared_mount=true")
     if alive_nodes <= 1:
         return None
     if local:
-        return (f"storage.root={root} is a local path, but Ray has {alive_nodes} nodes: each would write its "
+        return (f"{key}={root} is a local path, but Ray has {alive_nodes} nodes: each would write its "
                 "units to its own disk and the shards would be lost. Use object storage (storage=s3 "
-                "storage.root=s3://bucket/runs), or, if every node mounts this path (NFS), set "
+                f"{key}=s3://bucket/runs), or, if every node mounts this path (NFS), set "
                 "storage.shared_mount=true")
     return None
 

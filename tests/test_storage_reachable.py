@@ -178,3 +178,28 @@ def test_a_local_root_inside_a_ray_jobs_working_dir_copy_is_refused(tmp_path, mo
     tracking.check(TrackerConfig(kind=TrackerKind.wandb, mode=WandbMode.online))  # uploads as it goes
     monkeypatch.delenv(RAY_JOB_CONFIG)
     tracking.check(TrackerConfig(kind=TrackerKind.mlflow))  # a laptop's working folder is its own
+
+
+def test_a_local_index_root_is_refused_like_a_local_storage_root(monkeypatch):
+    """index.root is where the index units write train.pack, shards/ and dups/: the audit checked only
+    storage.root, so with storage.root on S3 and index.root a local path, under Ray Client (or on several
+    nodes) the units wrote the index to the cluster's disks and the driver read its own. Both are checked."""
+    import ray
+
+    from memex.config import ResourcesConfig
+
+    monkeypatch.setattr(runner, "_UNCHECKED", [])
+    monkeypatch.setattr(runner, "_STORAGE", [])
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    _fake_nodes(monkeypatch, [True])
+    monkeypatch.setattr(runner, "ray_client", lambda: True)
+    s3 = StorageConfig(root="s3://b/runs")
+    with pytest.raises(ConfigError, match=r"index.root=/data/index is a local path, and the driver runs off the "
+                                          r"cluster .* \(storage=s3 index.root=s3://bucket/runs\)"):
+        runner.init(ResourcesConfig(), s3, "/data/index")
+    runner.init(ResourcesConfig(), s3, "s3://b/index")  # both on object storage: fine
+    runner.init(ResourcesConfig(), s3)  # index.root unset: under storage.root
+    _fake_nodes(monkeypatch, [True, True])
+    monkeypatch.setattr(runner, "ray_client", lambda: False)
+    with pytest.raises(ConfigError, match=r"index.root=/data/index is a local path, but Ray has 2 nodes"):
+        runner.init(ResourcesConfig(), s3, "/data/index")

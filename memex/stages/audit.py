@@ -84,7 +84,7 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
 
     # Ray, and storage every node reaches: a local storage.root on a cluster of several nodes is
     # refused here (storage.shared_mount=true for NFS), before any unit is written to one node's disk
-    runner.init(cfg.resources, cfg.storage)
+    runner.init(cfg.resources, cfg.storage, cfg.index.root)  # and index.root, where the index units write
 
     # 2. index (and the prompts it ranks); the run folder records which index it is matched against.
     # A grayscale model's generations are searched among the training images' luma, non-square ones
