@@ -199,13 +199,13 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
     parquet = root if root.endswith(".parquet") else min((f for f in files if f.endswith(".parquet")), default=None)
     if parquet and is_dir and _img2dataset_files(fs, parquet, files):  # its default output_format=files
         return _from_folder(path, fs, root, files, key, caption_column,
-                            _img2dataset_captions(fs, files, caption_column))
+                            _img2dataset_captions(fs, files, caption_column), shard_cache)
     if parquet:
         return _from_manifest(path, opts, caption_column, key, images)
     if not is_dir:
         raise IngestError(f"{key}={path} is a file but not a .parquet manifest or a .tar shard: "
                           "give a Parquet manifest, a folder of images or WebDataset .tar shards")
-    return _from_folder(path, fs, root, files, key, caption_column)
+    return _from_folder(path, fs, root, files, key, caption_column, cache=shard_cache)
 
 
 def _from_manifest(path: str, opts: dict[str, Any], caption_column: str, key: str, images: bool = True) -> pa.Table:
@@ -608,9 +608,10 @@ def read_folder_metadata(fs, file: str) -> list[dict]:
 
 
 def _from_folder(path: str, fs, root: str, files: dict[str, dict], key: str, caption_column: str,
-                 by_stem: dict[str, Any] | None = None) -> pa.Table:
+                 by_stem: dict[str, Any] | None = None, cache: Store | None = None) -> pa.Table:
     """A folder of images; `by_stem`: captions already known by image path without extension
-    (img2dataset's metadata), whose sidecar .txt files are then not read."""
+    (img2dataset's metadata), whose sidecar .txt files are then not read; `cache`: where the sidecars'
+    texts are kept, a file per folder (_sidecar_texts)."""
     root = root.rstrip("/")
     images = sorted(f for f in files if f.lower().endswith(IMAGE_SUFFIXES))
     if not images:
@@ -629,9 +630,7 @@ def _from_folder(path: str, fs, root: str, files: dict[str, dict], key: str, cap
                                   "of texts): set trainset.caption_column to the field that holds the caption")
             metadata[posixpath.normpath(posixpath.join(posixpath.dirname(m), r["file_name"]))] = text
     sidecars = sorted({posixpath.splitext(f)[0] + ".txt" for f in images if metadata.get(f) is None} & set(files))
-    # read on threads: one round trip each on an object store. (fs.cat(list) would glob "[...]" in names.)
-    with ThreadPoolExecutor(8) as pool:
-        texts = dict(zip(sidecars, pool.map(fs.cat_file, sidecars)))
+    texts = _sidecar_texts(fs, sidecars, files, cache)
 
     def caption(f: str) -> str | None:
         if metadata.get(f) is not None:
@@ -645,6 +644,45 @@ def _from_folder(path: str, fs, root: str, files: dict[str, dict], key: str, cap
                     "stamp": [_stamp(files[f]) for f in images]},
                    schema=TRAINING_SCHEMA)
     return out.sort_by("id")
+
+
+SIDECAR_SCHEMA = pa.schema([("file", pa.string()), ("text", pa.binary())])
+
+
+def _sidecar_texts(fs, sidecars: list[str], files: dict[str, dict], cache: Store | None) -> dict[str, bytes]:
+    """Sidecar .txt path -> its bytes. Each folder's are kept in `cache` (the index's, beside the shard
+    listings) under the hash of its sidecars' names and versions (size + ETag/mtime), so an audit reads a
+    folder's captions in one request while none of them changed: the listing runs on every audit (every
+    checkpoint of a nightly), and read one GET a file that was ~1M requests for a 1M-image S3 folder.
+    A folder with a changed, added or removed sidecar is read again whole."""
+    by_dir: dict[str, list[str]] = {}
+    for f in sidecars:
+        by_dir.setdefault(posixpath.dirname(f), []).append(f)
+    out: dict[str, bytes] = {}
+    todo: list[tuple[list[str], str | None]] = []
+    for d, names in by_dir.items():
+        stamps = [_stamp(files[n]) for n in names]
+        kept = None
+        if cache is not None:
+            sig = json.dumps([fs.unstrip_protocol(d), names, stamps])
+            kept = cache.join(f"captions-{hashlib.sha256(sig.encode()).hexdigest()[:32]}.parquet")
+            try:
+                if cache.exists(kept):
+                    t = cache.read_table(kept, schema=SIDECAR_SCHEMA)
+                    out.update(zip(t["file"].to_pylist(), t["text"].to_pylist()))
+                    continue
+            except StorageError:  # damaged (a partial copy): read again below, and rewritten
+                pass
+        todo.append((names, kept))
+    # read on threads: one round trip each on an object store. (fs.cat(list) would glob "[...]" in names.)
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(zip((n for names, _ in todo for n in names),
+                       pool.map(fs.cat_file, [n for names, _ in todo for n in names])))
+    out.update(got)
+    for names, kept in todo:
+        if kept is not None:  # atomic: a killed write leaves no file a later audit trusts
+            cache.write_table(kept, pa.table({"file": names, "text": pa.array([got[n] for n in names], pa.binary())}))
+    return out
 
 
 def iter_batches(table: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
