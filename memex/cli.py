@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import enum
 import logging
+import re
 import shlex
 import sys
 import typing
@@ -140,6 +141,15 @@ def check_schema(cfg: DictConfig, cls: type) -> None:
     if bad:
         key, candidates = bad[0]
         raise C.ConfigError(unknown_key_message(key, candidates or valid_keys(cls)))
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as one Hydra override value that parses back to exactly it: single-quoted, its quotes and `${`
+    escaped, and the backslashes that precede a quote or end it doubled (Hydra reads the others as they are).
+    Unquoted, a path with `=`, `,`, brackets, parentheses, `#`, spaces or non-ASCII letters (a sweep's
+    .../lr=1e-4/checkpoint-500) was refused by the grammar, or split as a sweep."""
+    out = re.sub(r"\\+(?='|$)", lambda m: m.group(0) * 2, value).replace("'", "\\'").replace("${", "\\${")
+    return f"'{out}'"
 
 
 def check_overrides(args: list[str], cls: type) -> None:
@@ -477,13 +487,15 @@ def _nightly(cfg: DictConfig) -> Store | None:
     from memex.stages import nightly
 
     if cfg.nightly.action == C.NightlyAction.plan.value:
-        _logs_to_stderr()  # stdout is read by `... | while read id ckpt`: only those lines, no log line (faiss')
+        _logs_to_stderr()  # stdout is read by `... | while read -r id ckpt`: only those lines, no log line (faiss')
     ncfg = to_nightly_config(cfg)
     res = nightly.run(ncfg)
     if ncfg.nightly.action == C.NightlyAction.plan:
         for p in res.pending:  # "<submission id> <checkpoint folder>", one per line, for a shell loop
-            # redacted: nightly.only matches a redacted location too (memex/stages/nightly.py)
-            print(p.submission_id(res.config_sha256, nightly.night_of(ncfg)), redact_text(p.ckpt.location))
+            # redacted: nightly.only matches a redacted location too (memex/stages/nightly.py); quoted for
+            # Hydra, since the loop passes it on as nightly.only="$ckpt" (hydra_quoted)
+            print(p.submission_id(res.config_sha256, nightly.night_of(ncfg)),
+                  hydra_quoted(redact_text(p.ckpt.location)))
         if res.alarms:  # rows a killed job wrote and never announced: the shell loop's lines are all out first
             sys.stdout.flush()
             _alarm_exit(ncfg, res, [])

@@ -567,7 +567,7 @@ def test_budget_gate_fails_the_job_and_the_webhook_hears_it(tmp_path, ray_head):
         assert plan.returncode == 0, plan.stderr[-3000:]
         (line,) = plan.stdout.strip().splitlines()
         sid, ckpt = line.split(" ", 1)
-        assert ckpt == str(location / "demo-text")
+        assert ckpt == f"'{location / 'demo-text'}'"  # quoted for Hydra (cli.hydra_quoted)
         submit = [str(bin_ / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO),
                   "--submission-id", sid, "--", "python", "jobs/nightly.py", *common, f"nightly.only={ckpt}",
                   f"nightly.webhook={url}"]
@@ -578,7 +578,7 @@ def test_budget_gate_fails_the_job_and_the_webhook_hears_it(tmp_path, ray_head):
         assert ctype == "application/json" and body["status"] == "alarm"
         (row,) = body["audited"]
         assert row["outcome"] == "over_budget" and row["step"] == 5000 and row["extracted"] >= 1
-        assert Path(body["trend"]).is_file() and body["alarms"][0].startswith(ckpt)
+        assert Path(body["trend"]).is_file() and body["alarms"][0].startswith(str(location / "demo-text"))
         ledger = Ledger(str(tmp_path / "runs" / "_nightly")).read().to_pylist()
         assert [r["outcome"] for r in ledger] == ["over_budget"]
 
@@ -1079,3 +1079,22 @@ def test_weights_rewritten_after_the_plan_are_not_recorded_under_the_planned_has
     res = nightly.run(cfg)
     assert res.rows == [] and [s["reason"] for s in res.skipped] == [nightly.REWRITTEN]
     assert Ledger(str(tmp_path / "runs" / "_nightly")).read().num_rows == 0
+
+
+def test_the_plan_prints_checkpoints_quoted_so_nightly_only_takes_any_path(tmp_path, monkeypatch, capsys):
+    """The plan's lines go to `nightly.only="$ckpt"` (README's cron line, jobs/nightly.py). A sweep's checkpoint
+    path (.../lr=1e-4,bs8 (v2)/checkpoint-1000) was printed as it is, and Hydra's grammar refused it (or split it
+    as a sweep): the job exited 1 every night and the checkpoint was never audited, while a whole night audited it.
+    The plan now prints it quoted for Hydra, and that value finds exactly that checkpoint."""
+    from memex import cli
+
+    location = tmp_path / "sweep" / "lr=1e-4,bs8 (v2) été"
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", location / "checkpoint-1000")
+    over = _overrides(tmp_path, tmp_path / "sweep")
+    monkeypatch.setattr(sys, "argv", ["memex", "nightly", *over, "nightly.action=plan"])
+    cli.main()
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    _, ckpt = line.split(" ", 1)  # as `while read -r id ckpt` splits it
+    cli.check_overrides([f"nightly.only={ckpt}"], nightly.NightlyAuditConfig)  # the job's first check
+    only = nightly.plan(compose([*over, f"nightly.only={ckpt}"], config_name="nightly"))
+    assert [p.ckpt.location for p in only.pending] == [str(location / "checkpoint-1000")]
