@@ -1098,3 +1098,66 @@ def test_the_plan_prints_checkpoints_quoted_so_nightly_only_takes_any_path(tmp_p
     cli.check_overrides([f"nightly.only={ckpt}"], nightly.NightlyAuditConfig)  # the job's first check
     only = nightly.plan(compose([*over, f"nightly.only={ckpt}"], config_name="nightly"))
     assert [p.ckpt.location for p in only.pending] == [str(location / "checkpoint-1000")]
+
+
+def test_a_webhook_that_redirects_is_an_error_naming_the_new_url(tmp_path):
+    """urllib follows a 301/302/303 answer to a POST with a GET without the body: the alarm's payload never
+    reached the receiver (an http -> https redirect, a moved hook), and the night read the GET's 200 as sent.
+    A redirect is now an error naming the URL to give instead, and nothing is sent elsewhere."""
+    seen = []
+
+    class Moved(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(("POST", self.path))
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path == "/old":
+                self.send_response(301)
+                self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/new")
+            else:
+                self.send_response(200)
+            self.end_headers()
+
+        def do_GET(self):
+            seen.append(("GET", self.path))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", free_port()), Moved)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        # (its path redacted, as the webhook's own: a Slack or Teams hook's path is its secret)
+        with pytest.raises(nightly.NightlyError, match=rf"answered HTTP 301 \(a redirect to {base}/\*\*\*: give that "
+                                                       r"URL as nightly.webhook\)"):
+            nightly.post_webhook(f"{base}/old", {"status": "alarm"}, 10)
+        assert seen == [("POST", "/old")]
+        nightly.post_webhook(f"{base}/new", {"status": "alarm"}, 10)  # the URL it names: delivered
+        assert seen[-1] == ("POST", "/new")
+    finally:
+        server.shutdown()
+
+
+def test_a_planned_checkpoint_rotated_away_before_its_job_ran_is_skipped_not_failed(tmp_path, monkeypatch, capsys):
+    """Plan mode: the plan lists checkpoint-1000, its job waits in Ray's queue, and the trainer deletes it
+    (checkpoints_total_limit). The job failed with "nightly.only=... is not a checkpoint" (exit 1, a FAILED job
+    every such night); a checkpoint deleted during a whole night is skipped. It is skipped the same way now;
+    a nightly.only elsewhere, or one that is there and no checkpoint, is still refused."""
+    from memex import cli
+
+    location = tmp_path / "watch" / "run"
+    shutil.copytree(DEMO_RUN / "checkpoint-2000", location / "checkpoint-2000")
+    over = _overrides(tmp_path, tmp_path / "watch")
+    gone = str(location / "checkpoint-1000")
+    res = nightly.run(compose([*over, f"nightly.only={gone}"], config_name="nightly"))
+    assert res.rows == [] and res.pending == [] and res.status == "ok"
+    assert res.skipped == [{"location": gone, "reason": "deleted before its audit began"}]
+    monkeypatch.setattr(sys, "argv", ["memex", "nightly", *over, f"nightly.only={gone}"])
+    cli.main()  # exit 0: no SystemExit
+    assert "deleted before its audit began" in capsys.readouterr().out
+    (location / "notes").mkdir()
+    for wrong in ("/elsewhere/checkpoint-1000", str(location / "notes")):
+        with pytest.raises(nightly.MemexError, match="is not a checkpoint under nightly.location"):
+            nightly.run(compose([*over, f"nightly.only={wrong}"], config_name="nightly"))

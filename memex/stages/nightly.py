@@ -28,6 +28,8 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import fsspec
+
 from memex import runner
 from memex.checkpoints import MAX_DEPTH, Checkpoint, CheckpointError, discover, files_signature, weights_sha256
 from memex.config import (
@@ -138,6 +140,21 @@ def ledger_root(cfg: NightlyAuditConfig) -> str:
     return cfg.nightly.ledger or posixpath.join(cfg.storage.root.rstrip("/"), "_nightly")
 
 
+def rotated(only: str, location: str) -> bool:
+    """Whether nightly.only names a path under nightly.location that is gone: a checkpoint the plan listed
+    and the trainer deleted (checkpoints_total_limit) while its job waited in Ray's queue, which is skipped
+    like one deleted during a whole night, not a failed job; a path elsewhere, or one that is there, is a
+    wrong nightly.only (refused)."""
+    a, b = posixpath.normpath(only), posixpath.normpath(location).rstrip("/")
+    if not a.startswith(b + "/"):
+        return False
+    try:
+        fs, path = fsspec.core.url_to_fs(only)
+        return not fs.exists(path)
+    except Exception:  # noqa: BLE001 - cannot tell: refused as a wrong nightly.only, naming it
+        return False
+
+
 def plan(cfg: NightlyAuditConfig) -> NightlyResult:
     """Steps 1-2: the checkpoints under nightly.location not yet audited with this config."""
     validate_nightly(cfg)
@@ -152,6 +169,9 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
         # the plan prints locations redacted (memex/redact.py), so nightly.only may be one
         found = [c for c in found if posixpath.normpath(c.location) == posixpath.normpath(n.only)
                  or posixpath.normpath(redact_text(c.location)) == posixpath.normpath(n.only)]
+        if not found and rotated(n.only, n.location):  # planned, then deleted while its job queued
+            return NightlyResult(config_sha256(cfg), 0, [], skipped=[{
+                "location": redact_text(n.only), "reason": "deleted before its audit began"}])
         if not found:
             raise NightlyError(redact_text(f"nightly.only={n.only} is not a checkpoint under "
                                            f"nightly.location={n.location}"))
@@ -360,13 +380,27 @@ def trend_link(report: str, page_dir: str) -> str:
     return posixpath.relpath(path, here) if same else report
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib follows a 301/302/303 answer to a POST with a GET without the body: the alarm never reached the
+    receiver (an http -> https redirect, a moved hook) and the night read the GET's 200 as delivered."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None  # the 3xx is raised as an HTTPError, named below
+
+
 def post_webhook(url: str, payload: dict, timeout: float) -> None:
     req = urllib.request.Request(url, data=json.dumps(payload, default=str).encode(), method="POST",
                                  headers={"Content-Type": "application/json", "User-Agent": "memex-nightly"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.build_opener(_NoRedirect).open(req, timeout=timeout) as resp:
             if resp.status >= 300:
                 raise NightlyError(f"nightly.webhook={redact_url(url, strict=True)} answered HTTP {resp.status}")
+    except urllib.error.HTTPError as e:
+        where = e.headers.get("Location") if e.headers else None
+        moved = f" (a redirect to {redact_url(where, strict=True)}: give that URL as nightly.webhook)" \
+            if 300 <= e.code < 400 and where else ""
+        raise NightlyError(f"nightly.webhook={redact_url(url, strict=True)} answered HTTP {e.code}{moved}; the "
+                           "ledger and reports are written, only the announcement failed") from e
     # http.client.HTTPException: a server that answers something other than HTTP (BadStatusLine), which is no
     # OSError and escaped as a traceback, exit 1, with no ALARM line on an alarm night
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
