@@ -562,8 +562,15 @@ def test_the_reports_training_images_are_kept_a_chunk_at_a_time_and_restored_whe
     cfg = _cfg(world, ray_head, "run.name=r-keep", "sampling.samples_per_prompt=6")
     info = index.run(cfg)
     attach_index(layout, info)
+    from memex.storage import StageFolder
+
+    read, real_read = [], StageFolder.read  # the candidates' summaries read no per-sample distances (500 floats a
+    monkeypatch.setattr(StageFolder, "read", lambda self, *a, **k: read.append((self.name, k.get("columns")))
+                        or real_read(self, *a, **k))  # prompt: ~5.5 GB as Python objects at 350,000 prompts)
     filter_stage.run(cfg, "r-keep")
     s = match.run(cfg, "r-keep")
+    assert [c for n, c in read if n == "candidates"] and \
+        all(c is not None and "nearest_distances" not in c for n, c in read if n == "candidates")
     assert sorted(s["extracted_train_ids"]) == ["t05", "t07", "t09"]
     whole = pq.read_table(layout.matched_train_path)
     assert sorted(whole["train_id"].to_pylist()) == ["t05", "t07", "t09"]

@@ -548,3 +548,29 @@ def test_an_index_json_of_another_memex_version_is_named(tmp_path):
         layout.store.write_json(layout.index_json, d)
         with pytest.raises(StorageError, match=rf"{tmp_path}/run/index.json has {what}: .*delete the index folder"):
             read_info(layout)
+
+
+def test_a_stop_round_does_not_change_the_generations_summary_of_a_rerun(tmp_path, monkeypatch):
+    """samples/_SUCCESS.json counted every round file: the first run generated before its stop round was written
+    (rounds 1), a rerun of the finished audit counted the stop too (rounds 2), and the re-matches of the run,
+    which record its generations' summary, were refused ("rounds: was 1, now 2") though nothing was generated
+    again. It counts the rounds that sample."""
+    from memex.layout import PROMPTS_SCHEMA
+    from memex.plan import SamplePlan
+    from memex.stages import generate, rematch
+
+    from conftest import compose
+
+    monkeypatch.setattr(generate.runner, "run_actor_pool", lambda *a, **k: 0)
+    cfg = compose([f"storage.root={tmp_path}", "model.path=/planted", "sampling.samples_per_prompt=16"],
+                  config_name="audit")
+    layout = RunLayout(str(tmp_path), "r")
+    layout.store.write_table(layout.prompts_path, pa.table({"prompt_id": ["a", "b"], "prompt": ["x", "y"]},
+                                                            schema=PROMPTS_SCHEMA))
+    SamplePlan([]).add_round(layout.store, None, 2, 0, 4, 8, 4)
+    first = generate.generate_all(cfg, "r", layout)
+    before = rematch.source_generations(layout)
+    plan = SamplePlan.read(layout.store)
+    plan.add_round(layout.store, [], 2, 4, 16, 8, 4, {"continue_factor": 1.2})  # the decision to stop
+    again = generate.generate_all(cfg, "r", layout)
+    assert first["rounds"] == again["rounds"] == 1 and rematch.source_generations(layout) == before

@@ -122,14 +122,17 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
               for c, p0 in enumerate(range(0, n_prompts, f.prompts_per_task))}
     runner.run_tasks(layout.candidates, chunks, filter_chunk, cfg.resources, layout=layout, f=f,
                      device=cfg.resources.device)
-    summary = summarize_candidates(layout.candidates.read(), f)
+    summary = summarize_candidates(layout.candidates.read(columns=SUMMARY_COLUMNS), f)  # not the distances
     layout.candidates.mark_success(summary)
     return summary
 
 
+SUMMARY_COLUMNS = ["prompt_id", "flagged", "clique_size", "clique_upper_bound", "clique_exact"]
+
+
 def summarize_candidates(candidates: pa.Table, f: FilterConfig) -> dict:
     """candidates/_SUCCESS.json: prompts, flagged, and the undecided ones (logged: they need a budget)."""
-    rows = candidates.select(["prompt_id", "flagged", "clique_size", "clique_upper_bound", "clique_exact"]).to_pylist()
+    rows = candidates.select(SUMMARY_COLUMNS).to_pylist()
     open_ids = [r["prompt_id"] for r in rows
                 if undecided(r["clique_size"], r["clique_upper_bound"], r["clique_exact"], f.min_clique)]
     if open_ids:

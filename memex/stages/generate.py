@@ -287,7 +287,10 @@ def generate_all(cfg: GenerateConfig, run_name: str, layout: RunLayout) -> dict:
                                       {p.index: {"round": p.round, "start": p.start, "stop": p.stop} for p in shards},
                                       GenerateShards, {"cfg": cfg, "run_name": run_name}, cfg.resources)
     summary = {"run": layout.uri, "run_name": run_name, "shards": len(shards), "generated_shards": generated,
-               "rounds": len(plan.rounds), "rows": sum(p.stop - p.start for p in shards),
+               # the rounds that sample: an adaptive run's decision to stop is a round of no prompts, written after
+               # the first run's generation and counted by a rerun's, which changed this file and so refused the
+               # re-matches of the run (rematch.source_generations) though nothing was generated again
+               "rounds": sum(1 for r in plan.rounds if r.n_prompts), "rows": sum(p.stop - p.start for p in shards),
                "seconds": round(time.perf_counter() - t0, 2), **unet_work(layout.samples)}
     layout.samples.mark_success(summary)
     return summary

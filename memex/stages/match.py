@@ -581,7 +581,10 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     prompts = read_run_prompts(layout).to_pylist()
     filter_summary = layout.candidates.success()  # None: the filter was skipped (unconditional)
     filtered = filter_summary is not None
-    cands = {c["prompt_id"]: c for c in layout.candidates.read().to_pylist()} if filtered else {}
+    # the columns read here only: every prompt's nearest_distances (500 floats each) as Python objects was ~5.5 GB
+    # in the driver at the paper's 350,000 prompts (~16 bytes of Arrow a float became ~100)
+    cands = {c["prompt_id"]: c for c in layout.candidates.read(
+        columns=["prompt_id", "flagged", "clique_size", "sample_ids"]).to_pylist()} if filtered else {}
     clique_ids = {s for c in cands.values() if c["flagged"] for s in c["sample_ids"]}
     triage, previews = prompt_scores(cfg, layout), preview_distances(cfg, layout)
     ext = matches.filter(matches["extracted"]) if matches.num_rows else matches
