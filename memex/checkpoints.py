@@ -457,6 +457,13 @@ def files_signature(ckpt: Checkpoint) -> str:
     return h.hexdigest()
 
 
+def written_at(ckpt: Checkpoint) -> float | None:
+    """When the checkpoint's weights were last written (the newest mtime of the files an audit loads), or None
+    when none is there."""
+    times = [p.stat().st_mtime for _, p in _load_files(ckpt) if p is not None and p.exists()]
+    return max(times) if times else None
+
+
 _DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a file is read once a process
 
 

@@ -1161,3 +1161,34 @@ def test_a_planned_checkpoint_rotated_away_before_its_job_ran_is_skipped_not_fai
     for wrong in ("/elsewhere/checkpoint-1000", str(location / "notes")):
         with pytest.raises(nightly.MemexError, match="is not a checkpoint under nightly.location"):
             nightly.run(compose([*over, f"nightly.only={wrong}"], config_name="nightly"))
+
+
+def test_a_restarted_runs_steps_are_not_gated_against_the_earlier_runs_later_steps(tmp_path):
+    """Training restarted into the same output_dir: the earlier run's rows at steps 1000 and 1500 stay in the
+    ledger, and each new step was gated against the old run's next step ("step 1000, audited before this one,
+    extracted 3 ... more than this step": a false "grew" every night). A later step's row counts only when it
+    finished after this checkpoint was written (a later step of this run audited first); the old run's
+    finished before it existed."""
+    import datetime as dt
+
+    from memex.checkpoints import written_at
+
+    sha, series = "c" * 64, "/ck/run"
+    t = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+
+    def row(step, extracted, finished):
+        return {"series": series, "config_sha256": sha, "step": step, "extracted": extracted, "outcome": "ok",
+                "finished": finished}
+
+    old = [row(500, 1, t), row(1000, 3, t + dt.timedelta(hours=1)), row(1500, 5, t + dt.timedelta(hours=2))]
+    written = (t + dt.timedelta(days=2)).timestamp()  # the restarted run's checkpoint-500, two days later
+    assert nightly._next(old, series, 500, sha)["step"] == 1000  # without the time: the old run's next step
+    assert nightly._next(old, series, 500, sha, written) is None
+    mine = row(1000, 0, t + dt.timedelta(days=3))  # this run's step 1000, audited before its 500 (a retry)
+    assert nightly._next([*old, mine], series, 500, sha, written) is mine
+
+    location = tmp_path / "run"
+    shutil.copytree(DEMO_RUN / "checkpoint-1000", location / "checkpoint-1000")
+    (c,) = discover(str(location), str(BASE), 0)
+    newest = max(p.stat().st_mtime for p in (location / "checkpoint-1000").rglob("*") if p.is_file())
+    assert written_at(c) >= newest - 1e-3

@@ -31,7 +31,15 @@ from pathlib import Path
 import fsspec
 
 from memex import runner
-from memex.checkpoints import MAX_DEPTH, Checkpoint, CheckpointError, discover, files_signature, weights_sha256
+from memex.checkpoints import (
+    MAX_DEPTH,
+    Checkpoint,
+    CheckpointError,
+    discover,
+    files_signature,
+    weights_sha256,
+    written_at,
+)
 from memex.config import (
     MemexError,
     NightlyAction,
@@ -221,14 +229,26 @@ def _previous(rows: list[dict], series: str, step: int | None, sha: str) -> dict
     return max(earlier, key=lambda r: (r["step"], r["finished"])) if earlier else None
 
 
-def _next(rows: list[dict], series: str, step: int | None, sha: str) -> dict | None:
+def _next(rows: list[dict], series: str, step: int | None, sha: str, written: float | None = None) -> dict | None:
     """The ledger's finished row of the same series and config with the smallest step above `step` (a final
-    model's, step None, is gated against the last checkpoint by _previous when it is audited, last)."""
+    model's, step None, is gated against the last checkpoint by _previous when it is audited, last), among
+    the rows that finished after this checkpoint was written (`written`, epoch seconds): a later step audited
+    first is one of this training run's; one that finished before this checkpoint existed is an earlier run's
+    (training restarted into the same output_dir), and gated every new step against the old run's next one
+    (a false "grew" each night)."""
     if step is None:
         return None
     later = [r for r in rows if r["series"] == series and r["config_sha256"] == sha and r["outcome"] in DONE
-             and r["step"] is not None and r["step"] > step]
+             and r["step"] is not None and r["step"] > step
+             and (written is None or r["finished"] is None or _epoch(r["finished"]) > written)]
     return min(later, key=lambda r: (r["step"], r["finished"])) if later else None
+
+
+def _epoch(t) -> float:
+    """A ledger time (a datetime, UTC; naive ones are UTC) as epoch seconds."""
+    if isinstance(t, dt.datetime):
+        return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
+    return float(t)
 
 
 def gate(row: dict, previous: dict | None, budget: int | None, margin: int | None,
@@ -336,7 +356,11 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
         row.update(samples=s["samples"], extracted=s["extracted_unique_train_images"],
                    extracted_generations=s["extracted_generations"], flagged_prompts=s["prompts_flagged"])
         rows = ledger.read().to_pylist()  # (read once after the audit: the gate's neighbours, and the check below)
-        prev, nxt = _previous(rows, row["series"], c.step, sha), _next(rows, row["series"], c.step, sha)
+        try:
+            written = written_at(c)
+        except OSError:  # deleted since the audit: no later step is told from an earlier run's
+            written = None
+        prev, nxt = _previous(rows, row["series"], c.step, sha), _next(rows, row["series"], c.step, sha, written)
         row["outcome"], row["message"] = gate(row, prev, cfg.nightly.budget, cfg.nightly.growth_margin, nxt)
         if tracker_error is not None:  # an error (retried next night: the audit resumes, the tracker is redone)
             log.error("audit of %s: %s", row["location"], tracker_error)
