@@ -84,6 +84,10 @@ class Ledger:
                   and r["finished"] is not None and r["finished"] >= cut.replace(microsecond=0)]
         return [r for r in alarms if not self.store.exists(self._marker(r))]
 
+    def announced(self, row: dict) -> bool:
+        """Whether a night printed this row's alarm (its weights and config: a retried row is the same alarm)."""
+        return self.store.exists(self._marker(row))
+
     def mark_announced(self, rows: list[dict]) -> None:
         for r in rows:
             self.store.write_json(self._marker(r), redact({"location": r["location"], "announced":

@@ -965,6 +965,14 @@ def test_a_tracker_failure_does_not_hide_the_gate_s_alarm(tmp_path, monkeypatch)
     assert nightly.payload(res)["alarms"]
     assert [r["outcome"] for r in Ledger(nightly.ledger_root(cfg)).read().to_pylist()] == ["error"]
 
+    # announced (cli: the ALARM line, then the markers); the next night's retry logs, and its row is the same
+    # alarm: it was paged again (ALARM, exit 3, the webhook), every night the tracker had stayed down
+    nightly.mark_announced(cfg, res)
+    monkeypatch.setattr(audit, "run", lambda acfg, **_: summary)
+    again = nightly.run(cfg)
+    (row,) = again.rows
+    assert row["outcome"] == "over_budget" and again.alarms == [] and not nightly.payload(again)["alarms"]
+
 
 def test_a_row_another_job_appends_during_the_audit_is_kept_alone(tmp_path, monkeypatch):
     """Another job took the run folder's lease over while this one was alive (its heartbeats stalled past

@@ -110,9 +110,13 @@ class NightlyResult:
     # alarm rows of earlier nights that ended before announcing them (memex/ledger.py "alarms announced")
     earlier_alarms: list[dict] = field(default_factory=list)
 
+    # (weights, config) of this night's alarm rows an earlier night announced already (Ledger.announced)
+    announced: set[tuple[str, str]] = field(default_factory=set)
+
     @property
     def alarms(self) -> list[dict]:
-        return [r for r in self.rows if r["outcome"] in ALARMS or r.get("gate_alarm")] + self.earlier_alarms
+        return [r for r in self.rows if (r["outcome"] in ALARMS or r.get("gate_alarm"))
+                and (r["weights_sha256"], r["config_sha256"]) not in self.announced] + self.earlier_alarms
 
     @property
     def errors(self) -> list[dict]:
@@ -470,6 +474,10 @@ def run(cfg: NightlyAuditConfig) -> NightlyResult:
         if isinstance(out, str):
             res.skipped.append({"location": redact_text(p.ckpt.location), "reason": out})
             continue
+        if (out["outcome"] in ALARMS or out.get("gate_alarm")) and ledger.announced(out):
+            # its alarm was announced by the night whose tracker failed (an error row that kept the gate's
+            # alarm): this retry's row is the same alarm, paged again every night the tracker stayed down
+            res.announced.add((out["weights_sha256"], out["config_sha256"]))
         res.rows.append(out)
         res.trend = write_trend(cfg, ledger)  # after every audit: a crash later still leaves it current
     if res.trend is None:
