@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import logging
 import re
 import shlex
@@ -183,20 +184,87 @@ def check_overrides(args: list[str], cls: type) -> None:
             check_key(key, cls) or _check_list(key, o, cls) or _check_choice(key, o, cls) or _check_scalar(key, o, cls)
         if msg:
             raise C.ConfigError(msg)
-    if msg := _kind_without_its_option(overrides):
+    if msg := _kind_without_its_option(overrides, cls):
         raise C.ConfigError(msg)
 
 
-def _kind_without_its_option(overrides: list) -> str | None:
-    """embedder.kind=sscd (or clip) without the option embedder=sscd: the pixels embedder's size, 32, was kept,
+# The key of a config group that picks its kind. An option of the group (conf/<group>/<option>.yaml) that sets
+# it may set other values of that kind with it: the key set alone kept the other values of the option in force
+# (`memex audit triage.kind=preview`: triage=auto's 4 seeds x 1 step, where triage=preview takes 8 x 10;
+# `prompts.source=captions`: generate's unlimited prompts or the audit's 24, where prompts=captions takes 1000).
+KIND_KEYS = {"embedder": "kind", "triage": "kind", "budget": "kind", "index": "kind", "match": "distance",
+             "prompts": "source", "tracker": "kind", "arch": "kind"}
+# values such an option sets that the kind key may go without: speed alone, or what validation asks for anyway
+# (embedder=clip's path: unset, embedder.kind=clip is refused naming embedder.path)
+INCIDENTAL = {"embedder": ("batch_size", "path")}
+
+
+@functools.lru_cache(maxsize=None)
+def kind_options(group: str) -> dict[str, tuple[str, dict]]:
+    """A group's kind value -> (the option that sets it, the other values that option sets), for each option
+    of conf/<group>/ that sets its KIND_KEYS key with values that depend on it."""
+    import yaml
+
+    key, out = KIND_KEYS[group], {}
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        others = {k: v for k, v in raw.items() if k != key and k not in INCIDENTAL.get(group, ())}
+        if key in raw and others:
+            out.setdefault(str(raw[key]), (path.stem, others))
+    return out
+
+
+def options_in_force(cls: type, given: dict) -> dict[str, str]:
+    """group -> the option the stage's defaults list picks for it, after the preset the command line names, if
+    any (its `override /group: option` entries); empty for a schema of no stage."""
+    import yaml
+
+    stage = next((s for s, c in SCHEMAS.items() if c is cls), None)
+    if stage is None:
+        return {}
+    chosen = {group: option for group, option, _ in config_groups(stage) if isinstance(option, str)}
+    preset = given.get("preset")
+    if isinstance(preset, str) and (CONF_DIR / "preset" / f"{preset}.yaml").is_file():
+        for entry in (yaml.safe_load((CONF_DIR / "preset" / f"{preset}.yaml").read_text()) or {}).get("defaults", []):
+            for k, v in (entry.items() if isinstance(entry, dict) else ()):
+                chosen[k.removeprefix("override").strip().lstrip("/")] = v
+    return chosen
+
+
+def _spelled(value: Any) -> str:
+    """A YAML value as `key=value` spells it: [4, ${sampling.samples_per_prompt}], null, true."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_spelled, value)) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _kind_without_its_option(overrides: list, cls: type) -> str | None:
+    """`<group>.<kind key>=<value>` without the group's option that sets that kind (KIND_KEYS): refused, naming the
+    option, where that option sets other values too and neither they nor the option are on the command line, and
+    the option is not the one in force already. embedder.kind=sscd (or clip) kept the pixels embedder's size, 32,
     and SSCD takes a 32 px input without a word (a ResNet pools it to one cell): an index of near-useless
     descriptors, and matches, triage previews and near-duplicate ranking that find almost nothing."""
     given = {o.key_or_group: _value(o) for o in overrides if not o.is_delete()}
-    kind = given.get("embedder.kind")
-    if kind in ("sscd", "clip") and "embedder" not in given and "embedder.size" not in given:
-        side = {"sscd": 288, "clip": 224}[kind]
-        return (f"embedder.kind={kind} keeps the pixels embedder's embedder.size of 32 ({kind} takes {side} px): "
-                f"choose the option embedder={kind}, which sets its size and batch, or set embedder.size")
+    in_force = None
+    for group, key in KIND_KEYS.items():
+        value = given.get(f"{group}.{key}")
+        if not isinstance(value, str) or group in given or value not in kind_options(group):
+            continue
+        option, others = kind_options(group)[value]
+        missing = [k for k in others if f"{group}.{k}" not in given]
+        in_force = options_in_force(cls, given) if in_force is None else in_force
+        if not missing or in_force.get(group) == option:
+            continue
+        if group == "embedder":
+            return (f"embedder.kind={value} keeps the pixels embedder's embedder.size of 32 ({value} takes "
+                    f"{others['size']} px): choose the option embedder={value}, which sets its size and batch, or set "
+                    "embedder.size")
+        sets = ", ".join(f"{group}.{k}={_spelled(v)}" for k, v in others.items())
+        keys = [f"{group}.{k}" for k in missing]
+        keys = ", ".join(keys[:-1]) + " and " + keys[-1] if len(keys) > 1 else keys[0]
+        return (f"{group}.{key}={value} keeps the other {group} settings of the option in force, and the option "
+                f"{group}={option} also sets {sets}: choose the option {group}={option} (any {group}.* key after "
+                f"it still wins), or set {keys} too")
     return None
 
 

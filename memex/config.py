@@ -14,6 +14,7 @@ comes first in each primary config's defaults list, so it supplies every key an 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -226,9 +227,14 @@ class GenerateConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def _at_least(key: str, value, low) -> None:
-    if value is None or value < low:
-        raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+def _at_least(key: str, value, low, finite: bool = True) -> None:
+    """value >= low. NaN fails too: every comparison with it is False, so `value < low` let it through (a NaN
+    settle time, lease timeout or GPU count ran as no setting at all). So does inf, unless the key takes it as
+    "no limit" (finite=False: storage.lease_wait_s=inf waits for a run folder as long as it takes)."""
+    if value is None or not value >= low:
+        raise ConfigError(f"{key} must be {'a number ' if value != value else ''}>= {low}, got {value!r}")
+    if finite and math.isinf(value):
+        raise ConfigError(f"{key} must be a finite number >= {low}, got {value!r}")
 
 
 def check_protocol(key: str, uri: Optional[str]) -> None:
@@ -260,6 +266,7 @@ def validate_generate(cfg: GenerateConfig) -> None:
     """Range and consistency checks that types cannot express. Raises ConfigError naming the key."""
     if not cfg.model.path or cfg.model.path == "???":
         raise ConfigError("model.path is not set: give a diffusers folder or hub id (model.path=...)")
+    check_model_name(cfg.model.name)
     for key in ("path", "unet", "lora", "text_encoder"):  # diffusers' from_pretrained reads a folder or a hub id
         v = getattr(cfg.model, key)
         if v and "://" in v:
@@ -272,8 +279,9 @@ def validate_generate(cfg: GenerateConfig) -> None:
     _at_least("sampling.num_inference_steps", s.num_inference_steps, 1)
     _at_least("sampling.shard_size", s.shard_size, 1)
     _at_least("sampling.seed", s.seed, 0)
-    if not s.guidance_scale >= 0:  # NaN too: a negative scale ran as the text prediction alone, without a word
-        raise ConfigError(f"sampling.guidance_scale must be >= 0 (up to 1: the text prediction alone, no "
+    if not s.guidance_scale >= 0 or math.isinf(s.guidance_scale):  # NaN too: a negative scale ran as the text
+        # prediction alone, without a word; inf made every pixel NaN
+        raise ConfigError(f"sampling.guidance_scale must be >= 0 and finite (up to 1: the text prediction alone, no "
                           f"classifier-free guidance), got {s.guidance_scale}")
     if s.decode_batch_size is not None:
         _at_least("sampling.decode_batch_size", s.decode_batch_size, 1)
@@ -324,8 +332,10 @@ def validate_storage(storage: "StorageConfig") -> None:
     if not storage.root:
         raise ConfigError("storage.root is empty: give a folder or URI (storage.root=s3://bucket/runs)")
     check_protocol("storage.root", storage.root)
+    # finite: a lease whose holder was killed would hold the run folder for good (and inf is no JSON number)
     _at_least("storage.lease_timeout_s", storage.lease_timeout_s, 1)
-    _at_least("storage.lease_wait_s", storage.lease_wait_s, 0)
+    # inf waits for the run folder as long as it takes (memex/lease.py polls towards a deadline of inf)
+    _at_least("storage.lease_wait_s", storage.lease_wait_s, 0, finite=False)
 
 
 def check_actor_devices(resources: "ResourcesConfig", dtype: "DType") -> None:
@@ -351,6 +361,18 @@ def check_actor_devices(resources: "ResourcesConfig", dtype: "DType") -> None:
         raise ConfigError("sampling.dtype=float16 needs a GPU, and resources.num_gpus=0 gives each Ray actor none "
                           "(they run on the CPU): set resources=gpu (resources.num_gpus=1), or sampling.dtype="
                           "float32 (or bfloat16)")
+
+
+def check_model_name(name: str | None) -> None:
+    """model.name names run folders under storage.root: `memex generate`'s and the audit's <model.name>-<hash>
+    (memex/stages/generate.py default_run_name), `memex mia`'s mia-<model.name>-<key>. A hub id's `/`
+    (stabilityai/sd-2-1) nested the run one folder down; `..` (../../tmp/escape) wrote it outside storage.root."""
+    if name is not None and "/" not in name and "\\" not in name and name.strip() not in ("", ".", ".."):
+        return
+    parts = [p.strip() for p in re.split(r"[/\\]", name or "") if p.strip() not in ("", ".", "..")]
+    raise ConfigError(f"model.name={name!r} must be a plain folder name (no / or \\, not . or ..): it names the run "
+                      f"folder under storage.root (<model.name>-<hash>): give a short name, e.g. "
+                      f"model.name={parts[-1] if parts else 'my-model'}")
 
 
 def check_run_name(name: str | None) -> None:
@@ -426,6 +448,7 @@ def validate_resources(r: ResourcesConfig) -> None:
     _at_least("resources.max_actors", r.max_actors, r.min_actors)
     _at_least("resources.num_gpus", r.num_gpus, 0)
     _at_least("resources.num_cpus", r.num_cpus, 0)
+    # finite: Ray's placement group wait takes whole milliseconds (inf overflows it, after the index build)
     _at_least("resources.start_timeout_s", r.start_timeout_s, 0)
     _at_least("resources.pixel_cache_mb", r.pixel_cache_mb, 0)
     if r.device not in ("auto", "cpu", "cuda"):
@@ -470,6 +493,8 @@ def validate_train(cfg: TrainConfig) -> None:
                               f"got {a.text_hidden}")
     if not t.lr > 0:  # else torch's AdamW raises a traceback after the data is loaded
         raise ConfigError(f"trainer.lr must be > 0, got {t.lr}")
+    if math.isinf(t.lr):  # every weight NaN after the first step
+        raise ConfigError(f"trainer.lr must be a finite number, got {t.lr}")
     if not 0 <= t.cond_dropout < 1:  # 1: every caption dropped, a text model that never sees text
         raise ConfigError(f"trainer.cond_dropout must be in [0, 1) (the share of captions dropped), "
                           f"got {t.cond_dropout}")
@@ -767,11 +792,6 @@ def validate_audit(cfg: AuditConfig) -> None:
     _at_least("filter.min_clique", f.min_clique, 2)
     _at_least("filter.prompts_per_task", f.prompts_per_task, 1)
     _at_least("filter.max_expansions", f.max_expansions, 0)  # the clique search raised it, after generation
-    if (m.candidates == CandidateSource.cliques and cfg.budget.kind == BudgetKind.fixed
-            and cfg.sampling.samples_per_prompt < f.min_clique):
-        raise ConfigError(f"sampling.samples_per_prompt={cfg.sampling.samples_per_prompt} is below "
-                          f"filter.min_clique={f.min_clique}: no prompt could ever be flagged; "
-                          "raise one or lower the other")
     if cfg.prompts.source == PromptSource.none and m.candidates == CandidateSource.cliques:
         # the filter is skipped for one prompt (its N x N graph over every sample is unbounded): the audit
         # generated every sample, then failed at match ("no complete candidates/"), and again on every rerun
@@ -779,6 +799,7 @@ def validate_audit(cfg: AuditConfig) -> None:
                           "model's one empty prompt) has no filter stage: set match.candidates=all (every sample "
                           "matched, the paper's CIFAR-10 setting), e.g. after preset=paper")
     validate_budget(cfg)
+    check_clique_reachable(cfg)
     src = cfg.run.samples_from
     if src is not None and not src.strip("/ "):
         raise ConfigError(f"run.samples_from must name a finished run folder under storage.root (its name, or its "
@@ -829,7 +850,7 @@ def validate_audit(cfg: AuditConfig) -> None:
                           f"match.{unused[0]} or change the distance")
     if relative:
         _at_least("match.n_neighbors", m.n_neighbors, 2)
-        if m.threshold < 0.5:
+        if not m.threshold >= 0.5:  # NaN too: it passed this and the alpha x threshold test below
             raise ConfigError(f"match.threshold={m.threshold} with relative_l2: the paper's threshold is 1.0, "
                               "memex's 0.9 (set match=relative, or match.threshold=0.9)")
         # d = min l2 / (alpha x mean l2) <= 1 / alpha, as the minimum is at most the mean: from
@@ -841,6 +862,26 @@ def validate_audit(cfg: AuditConfig) -> None:
             raise ConfigError(f"{why}: keep alpha x threshold below 1 (the paper: alpha 0.5, threshold 1.0)")
     elif not 0 < m.threshold < 1:
         raise ConfigError(f"match.threshold must be in (0, 1) for tiled_l2 (paper: 0.15), got {m.threshold}")
+
+
+def check_clique_reachable(cfg: AuditConfig) -> None:
+    """The filter (every audit with prompts, whatever match.candidates) flags a prompt whose generations hold a
+    clique of filter.min_clique: a prompt given fewer samples can never be flagged. It was refused only with
+    match.candidates=cliques; with candidates=all (the default) the audit ran, flagged nothing, and a
+    low-complexity picture's route through a flagged clique (one copying generation in it) never applied."""
+    f, n = cfg.filter, cfg.sampling.samples_per_prompt
+    if cfg.prompts.source == PromptSource.none:  # one prompt: no filter stage (validate_audit)
+        return
+    if adaptive(cfg):  # the last round is the most a prompt gets (validate_budget: it equals samples_per_prompt)
+        most, what = cfg.budget.rounds[-1], f"budget=adaptive's last round, budget.rounds[-1]={cfg.budget.rounds[-1]}"
+    else:
+        most, what = n, "budget=fixed"
+    if most < f.min_clique:
+        raise ConfigError(f"sampling.samples_per_prompt={n} is below filter.min_clique={f.min_clique}: a prompt gets "
+                          f"at most {most} samples ({what}), so no prompt can be flagged by the filter, nor a "
+                          "low-complexity picture counted by one copy in a flagged clique: set "
+                          f"filter.min_clique={most} (or lower), or sampling.samples_per_prompt={f.min_clique} "
+                          "(or more)")
 
 
 def validate_budget(cfg: AuditConfig) -> None:
@@ -894,7 +935,7 @@ def validate_budget(cfg: AuditConfig) -> None:
     n = cfg.sampling.samples_per_prompt
     for k in range(1, len(b.rounds)):
         if b.rounds[k] <= b.rounds[k - 1]:
-            # conf/budget/adaptive.yaml ends its rounds at sampling.samples_per_prompt: sampling=fast's 4 gives [4, 4]
+            # conf/budget/adaptive.yaml ends its rounds at sampling.samples_per_prompt: 4 samples give [4, 4]
             hint = (f"; budget=adaptive's rounds end at sampling.samples_per_prompt={n}: sample more than "
                     f"{b.rounds[k - 1]} a prompt, give budget.rounds of your own, or set budget=fixed"
                     if k == len(b.rounds) - 1 and b.rounds[k] == n else "")
@@ -912,6 +953,8 @@ def validate_budget(cfg: AuditConfig) -> None:
         raise ConfigError("budget=adaptive decides each round from the matches of the round before, and "
                           "match.candidates=cliques matches only after the last one: set match.candidates=all "
                           "(or budget=fixed)")
+    # NaN fails; inf is kept: every generation is then a near miss and every prompt gets every round (the fixed
+    # budget, in rounds), as continue_triage_z=inf extends no prompt by its score (null's effect)
     if not b.continue_factor >= 1:
         raise ConfigError(f"budget.continue_factor must be >= 1 (a near miss is within that many times "
                           f"match.threshold), got {b.continue_factor}")
@@ -958,9 +1001,9 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
     for key in ("budget", "growth_margin"):
         if getattr(n, key) is not None:
             _at_least(f"nightly.{key}", getattr(n, key), 0)
-    _at_least("nightly.settle_minutes", n.settle_minutes, 0)
-    if not n.webhook_timeout_s > 0:
-        raise ConfigError(f"nightly.webhook_timeout_s must be > 0, got {n.webhook_timeout_s}")
+    _at_least("nightly.settle_minutes", n.settle_minutes, 0)  # finite: at inf no checkpoint would ever settle
+    if not n.webhook_timeout_s > 0 or math.isinf(n.webhook_timeout_s):  # inf: the socket's OverflowError, at the POST
+        raise ConfigError(f"nightly.webhook_timeout_s must be > 0 and finite, got {n.webhook_timeout_s}")
     if n.night is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", n.night):
         raise ConfigError(f"nightly.night must be a date YYYY-MM-DD, got {n.night!r}")
     check_protocol("nightly.ledger", n.ledger)
@@ -1078,6 +1121,7 @@ class MiaConfig:
 def validate_mia(cfg: MiaConfig) -> None:
     validate_resources(cfg.resources)
     check_run_name(cfg.run.name)
+    check_model_name(cfg.model.name)  # the run folder's default name: mia-<model.name>-<key>
     validate_storage(cfg.storage)  # (not checked here before: a lease_timeout_s of 0 made a stream of PUTs on S3)
     m = cfg.mia
     if not m.attacks:

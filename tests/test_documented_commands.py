@@ -288,7 +288,7 @@ CLAIMS = [
      {**PAPER, "sampling.samples_per_prompt": 100}),
     ("conf/preset/paper.yaml", "Any override on the command line still wins",  # a group choice too
      "audit", ["preset=paper", "sampling=fast", "filter.min_clique=4"],
-     {"sampling.samples_per_prompt": 4, "sampling.num_inference_steps": 10, "filter.min_clique": 4,
+     {"sampling.samples_per_prompt": 8, "sampling.num_inference_steps": 10, "filter.min_clique": 4,
       "prompts.limit": 350000}),
     ("README.md", "The defaults are the demo, sized for 2 CPU cores: the 24 most near-duplicated captions x 80 "
      "samples at 10 DDPM steps, a clique of 5 within tiled l2 0.15, every generation verified at tiled l2 "
