@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from memex import synth
-from memex.config import ArchConfig, ArchKind, DataConfig, MemexError, TrainConfig, TrainerConfig
+from memex.config import ArchConfig, ArchKind, ConfigError, DataConfig, MemexError, TrainConfig, TrainerConfig
 from memex.images import encode_png
 from memex.layout import MiaLayout
 from memex.stages import mia
@@ -590,3 +590,58 @@ def test_non_finite_scores_are_named_before_any_shadow_trains(world, monkeypatch
                                          r"not finite there .*no shadow model was trained"):
         mia.run(cfg_of(world, "run.name=diverged", "mia=lira", "mia.shadow_models=2", "mia.attacks=[loss]",
                        "resources.executor=local"))
+
+
+def test_a_picture_stored_in_two_tight_clusters_is_one_group_of_near_copies():
+    """near_groups joined images through each one's 8 nearest thumbnails: a picture stored 20 times as two
+    clusters of re-encodings (two sizes, 0.012 RMS apart, under NEAR_COPY_RMS = 0.02) had every image's 8
+    nearest in its own cluster, so it was two groups, each with its own shadow split, and an out-shadow of one
+    trained on the other's near-identical picture. Every pair within the threshold joins now; a picture
+    further away than it stays apart."""
+    from memex.stages.mia import THUMB, near_groups
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, THUMB * THUMB * 3).astype(np.float32)
+    other = rng.uniform(0, 1, THUMB * THUMB * 3).astype(np.float32)
+    jitter = lambda: rng.normal(0, 0.001, base.shape).astype(np.float32)  # noqa: E731
+    thumbs = {**{f"a{i}": base + jitter() for i in range(10)}, **{f"b{i}": base + 0.012 + jitter() for i in range(10)},
+              "c0": other, "c1": other + 0.03}  # 0.03 apart: not near copies
+    groups = near_groups(thumbs, list(thumbs))
+    assert {i: groups.get(i, i) for i in thumbs} == {**{f"a{i}": "a0" for i in range(10)},
+                                                     **{f"b{i}": "a0" for i in range(10)}, "c0": "c0", "c1": "c1"}
+
+
+def test_a_grayscale_models_sets_are_checked_in_the_luma_it_scores():
+    """A 1-channel model scores every image's luma (memex.mia.to_model_images): a colour member and its
+    black-and-white copy are one input to it. The set checks compared RGB, so such a copy held out as a
+    non-member was neither refused nor left out, and was scored as a non-member the model trained on. With
+    gray=True it is refused as the member's picture; an RGB model's sets are checked in RGB, as before (and
+    the pixels recorded for a resume stay the stored RGB's either way)."""
+    import io
+
+    from PIL import Image
+
+    from memex.images import luma_rgb
+
+    rng = np.random.default_rng(3)
+    member = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64),
+                                                                                                   Image.BICUBIC))
+    other = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64),
+                                                                                                  Image.BICUBIC))
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rows = [("m0", png(member), True), ("n-gray", png(luma_rgb(member)), False), ("n1", png(other), False)]
+    images = pa.table({"image_id": [r[0] for r in rows], "image": [r[1] for r in rows], "uri": [None] * 3,
+                       "member": [r[2] for r in rows], "caption": [None] * 3, "copies": [None] * 3},
+                      schema=pa.schema([("image_id", pa.string()), ("image", pa.binary()), ("uri", pa.string()),
+                                        ("member", pa.bool_()), ("caption", pa.string()), ("copies", pa.int32())]))
+    ok, quarantine, _, pixels = mia.check_sets(images, {})  # RGB: two pictures
+    assert sorted(ok["image_id"].to_pylist()) == ["m0", "n-gray", "n1"]
+    with pytest.raises(ConfigError, match=r"1 non-member images are the same picture as a member \(n-gray = m0\)"):
+        mia.check_sets(images, {}, gray=True)
+    kept = images.filter(pa.array([r[0] != "n-gray" for r in rows]))
+    assert mia.check_sets(kept, {}, gray=True)[3] == {i: pixels[i] for i in ("m0", "n1")}  # RGB digests recorded

@@ -55,11 +55,12 @@ from memex.config import (
     plain,
     validate_mia,
 )
+from memex.images import luma_rgb
 from memex.ingest import decode_rows, iter_batches, list_training_set
 from memex.layout import MIA_IMAGES_SCHEMA, MIA_LIRA_SCHEMA, MIA_SCORES_SCHEMA, MIA_SHADOW_SCHEMA, MiaLayout
 from memex.lease import hold
 from memex.manifest import take_rows
-from memex.models import ModelError, check_model_inputs, model_json, scheduler_timesteps
+from memex.models import ModelError, check_model_inputs, generated_channels, model_json, scheduler_timesteps
 from memex.redact import redact
 from memex.stages.generate import weight_keys
 from memex.storage import check_outside
@@ -103,7 +104,8 @@ def read_image_set(path: str, caption_column: str, member: bool | None, opts: di
                      "uri": t["uri"], "caption": t["caption"], "copies": copies}, schema=MIA_IMAGES_SCHEMA)
 
 
-def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[str, str], dict[str, str]]:
+def check_sets(images: pa.Table, opts: dict, gray: bool = False
+               ) -> tuple[pa.Table, pa.Table, dict[str, str], dict[str, str]]:
     """(images that decode, quarantine, {id: the image whose shadow split it takes}, {id: sha256 of its pixels});
     refuses overlapping sets, naming the ids. A non-member that is a near copy of a member (a re-encoding, a
     resize: NEAR_COPY_RMS) joins the quarantine, with its member. A query holding the same picture as an
@@ -125,11 +127,17 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[s
     digest, thumbs, bad = {}, {}, []
     labelled = set(members) | set(nonmembers)
     thumbed = labelled | set(queries)  # a query's too: "is my re-saved image in there?" is the usual question
+    pixels: dict[str, str] = {}  # the stored pixels' hash (pixels.json: a resume's check), RGB either way
     for batch in iter_batches(_rows(images), CHECK_BATCH):
         decoded = decode_rows(batch, None, opts)
-        digest.update({i: hashlib.sha256(f"{img.shape}".encode() + img.tobytes()).hexdigest()
-                       for i, img in zip(decoded.ids, decoded.images)})
-        thumbs.update({i: thumb(img) for i, img in zip(decoded.ids, decoded.images) if i in thumbed})
+        for i, img in zip(decoded.ids, decoded.images):
+            pixels[i] = hashlib.sha256(f"{img.shape}".encode() + img.tobytes()).hexdigest()
+            # what the model sees: a 1-channel model scores the luma (memex.mia.to_model_images), so a colour
+            # member and its black-and-white copy are one picture to it, and were neither refused nor grouped
+            seen = luma_rgb(img) if gray else img
+            digest[i] = hashlib.sha256(f"{seen.shape}".encode() + seen.tobytes()).hexdigest() if gray else pixels[i]
+            if i in thumbed:
+                thumbs[i] = thumb(seen)
         bad.append(decoded.quarantine)
     quarantine = pa.concat_tables(bad)
     seen: dict[str, str] = {}
@@ -180,7 +188,7 @@ def check_sets(images: pa.Table, opts: dict) -> tuple[pa.Table, pa.Table, dict[s
             raise ConfigError(f"none of the {len(ids)} images of {key} is left to score (first reason: "
                               f"{reason[0].as_py() if len(reason) else 'unknown'}): membership inference needs "
                               "at least one member and one non-member image")
-    return ok, quarantine, split_as, {i: digest[i] for i in ok_ids}
+    return ok, quarantine, split_as, {i: pixels[i] for i in ok_ids}
 
 
 def check_demo_nonmembers(cfg: MiaConfig) -> None:
@@ -246,11 +254,18 @@ def thumb_search(thumbs: dict[str, np.ndarray], base: list[str], queries: list[s
 def near_groups(thumbs: dict[str, np.ndarray], ids: list[str]) -> dict[str, str]:
     """{id: the first id (in `ids` order) of its group} for the ids of one set in a group of near copies:
     thumbnails within NEAR_COPY_RMS of another's (with enough detail: NEAR_COPY_MIN_STD), joined through
-    each image's 8 nearest (a flat FAISS search, ~1 s at 10,000 images)."""
+    every pair within it (a flat FAISS range search, ~1 s at 10,000 images). Joined through each image's 8
+    nearest, a picture stored 9 or more times in two tight clusters (re-encodings at two sizes) was two
+    groups, each with its own shadow split: an out-shadow of one trained on the other, near identical."""
+    import faiss
+
     cand = [i for i in ids if i in thumbs and float(thumbs[i].std()) >= NEAR_COPY_MIN_STD]
     if len(cand) < 2:
         return {}
-    rms, j = thumb_search(thumbs, cand, cand, min(8, len(cand)))
+    x = np.ascontiguousarray(np.stack([thumbs[i] for i in cand]), dtype=np.float32)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    lims, d, j = index.range_search(x, float(NEAR_COPY_RMS ** 2 * x.shape[1]) * (1 + 1e-6))
     parent = list(range(len(cand)))
 
     def root(a: int) -> int:
@@ -260,8 +275,9 @@ def near_groups(thumbs: dict[str, np.ndarray], ids: list[str]) -> dict[str, str]
         return a
 
     for a in range(len(cand)):
-        for r, b in zip(rms[a], j[a]):
-            if 0 <= b != a and r <= NEAR_COPY_RMS:
+        for dist, b in zip(d[lims[a]:lims[a + 1]], j[lims[a]:lims[a + 1]]):
+            # the same test as before, on the RMS (the radius above is its square, a hair wider for float error)
+            if b != a and np.sqrt(max(float(dist), 0.0) / x.shape[1]) <= NEAR_COPY_RMS:
                 parent[root(int(b))] = root(a)
     first: dict[int, str] = {}
     for a, i in enumerate(cand):
@@ -618,7 +634,8 @@ def run(cfg: MiaConfig) -> dict:
         check_outside("storage.root", cfg.storage.root, f"{n}.path", getattr(cfg, n).path, opts)
     images = pa.concat_tables([read_image_set(getattr(cfg, n).path, getattr(cfg, n).caption_column, member, opts,
                                               f"{n}.path") for n, member in sets])
-    images, quarantine, split_as, pixels = check_sets(images, opts)
+    images, quarantine, split_as, pixels = check_sets(
+        images, opts, generated_channels(cfg.model.path, cfg.model.unet, cfg.model.revision) == 1)
     if is_text_model(cfg.model.path) and images.filter(pc.is_null(images["caption"])).num_rows:
         first = images.filter(pc.is_null(images["caption"])).slice(0, 1).to_pylist()[0]
         key = {True: "members", False: "nonmembers", None: "queries"}[first["member"]]
