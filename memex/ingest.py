@@ -164,7 +164,7 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         # one recursive listing with details: sizes and mtimes/ETags of every file at no extra request
         files = fs.find(root, detail=True) if is_dir else {}
         if any(i.get("islink") for i in files.values()):  # a local folder of symlinks (DVC, git-annex, a pool)
-            files = _through_links(files)
+            files = _through_links(files, root)
     except Exception as e:  # noqa: BLE001 - bad credentials, unknown protocol, endpoint down
         raise IngestError(f"{key}={path} cannot be reached: {type(e).__name__}: {e} "
                           "(check the URI and storage options / credentials)") from e
@@ -360,11 +360,13 @@ def iter_train_rows(path: str, opts: dict[str, Any], listing: pa.Table, batch_ro
                           f"{listing.num_rows}): run the audit again once it is written")
 
 
-def _through_links(files: dict[str, dict]) -> dict[str, dict]:
+def _through_links(files: dict[str, dict], root: str) -> dict[str, dict]:
     """A local listing (fsspec's find) with its symlinks followed: fsspec lists a linked folder as one entry of
     type "other" and does not descend (its images were left out, silently), and a linked file with its target's
-    size but the link's mtime (_stamp follows it). Each linked folder's files are listed under the link's path,
-    as if they were there; a folder reached twice (a link to an ancestor) once."""
+    size but the link's mtime (_stamp follows it). Each linked folder outside `root` has its files listed under
+    the link's path, as if they were there, once; a link to a folder inside `root` (latest -> v3, a link to an
+    ancestor) is skipped, as before: its files are listed under their own paths."""
+    top = os.path.realpath(root)
     out, seen = {}, set()
     for name, info in files.items():
         if not (info.get("islink") and os.path.isdir(name)):
@@ -372,7 +374,7 @@ def _through_links(files: dict[str, dict]) -> dict[str, dict]:
             continue
         for d, dirs, names in os.walk(name, followlinks=True):
             real = os.path.realpath(d)
-            if real in seen:
+            if real in seen or real == top or real.startswith(top.rstrip("/") + "/"):
                 dirs[:] = []
                 continue
             seen.add(real)
@@ -393,9 +395,10 @@ def _stamp(info: dict) -> str:
     "LastModified", memory "created"). A local symlink's is its target's: the link's own mtime stayed the
     same when the file it points at was written over (a shared image pool), and the old index was reused."""
     if info.get("islink") and info.get("name"):
-        try:
+        try:  # the later of the link's and its target's: a link made after its target (DVC, git-annex: the
+            # usual case) keeps the stamp it had, and so its index key; a target written since changes it
             st = os.stat(info["name"])
-            info = {**info, "size": st.st_size, "mtime": st.st_mtime}
+            info = {**info, "size": st.st_size, "mtime": max(st.st_mtime, info.get("mtime") or 0)}
         except OSError:  # dangling: as listed (the decoder quarantines it)
             pass
     for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated", "created"):
@@ -649,39 +652,54 @@ def _from_folder(path: str, fs, root: str, files: dict[str, dict], key: str, cap
 SIDECAR_SCHEMA = pa.schema([("file", pa.string()), ("text", pa.binary())])
 
 
+# a folder with fewer sidecars is read as before, a GET each: its kept file costs ~5 requests to find and read
+# (~8 more to write), so a few captions gain nothing; img2dataset's folders hold 10,000
+_KEEP_MIN_SIDECARS = 64
+
+
 def _sidecar_texts(fs, sidecars: list[str], files: dict[str, dict], cache: Store | None) -> dict[str, bytes]:
     """Sidecar .txt path -> its bytes. Each folder's are kept in `cache` (the index's, beside the shard
     listings) under the hash of its sidecars' names and versions (size + ETag/mtime), so an audit reads a
-    folder's captions in one request while none of them changed: the listing runs on every audit (every
+    folder's captions in a few requests while none of them changed: the listing runs on every audit (every
     checkpoint of a nightly), and read one GET a file that was ~1M requests for a 1M-image S3 folder.
-    A folder with a changed, added or removed sidecar is read again whole."""
+    A folder with a changed, added or removed sidecar is read again whole; one with fewer than
+    _KEEP_MIN_SIDECARS, or on a store that gives no version (size alone would serve an edit of the same
+    length from the kept file), is read every time."""
     by_dir: dict[str, list[str]] = {}
     for f in sidecars:
         by_dir.setdefault(posixpath.dirname(f), []).append(f)
-    out: dict[str, bytes] = {}
-    todo: list[tuple[list[str], str | None]] = []
-    for d, names in by_dir.items():
+
+    def kept_file(d: str, names: list[str]) -> str | None:
         stamps = [_stamp(files[n]) for n in names]
-        kept = None
-        if cache is not None:
-            sig = json.dumps([fs.unstrip_protocol(d), names, stamps])
-            kept = cache.join(f"captions-{hashlib.sha256(sig.encode()).hexdigest()[:32]}.parquet")
+        if cache is None or len(names) < _KEEP_MIN_SIDECARS or not all("=" in st for st in stamps):
+            return None
+        sig = json.dumps([fs.unstrip_protocol(d), names, stamps])
+        return cache.join(f"captions-{hashlib.sha256(sig.encode()).hexdigest()[:32]}.parquet")
+
+    def look(item) -> tuple[list[str], str | None, dict | None]:
+        d, names = item
+        kept = kept_file(d, names)
+        if kept is not None:
             try:
                 if cache.exists(kept):
                     t = cache.read_table(kept, schema=SIDECAR_SCHEMA)
-                    out.update(zip(t["file"].to_pylist(), t["text"].to_pylist()))
-                    continue
+                    return names, kept, dict(zip(t["file"].to_pylist(), t["text"].to_pylist()))
             except StorageError:  # damaged (a partial copy): read again below, and rewritten
                 pass
-        todo.append((names, kept))
-    # read on threads: one round trip each on an object store. (fs.cat(list) would glob "[...]" in names.)
+        return names, kept, None
+
+    # on threads, as the GETs: one round trip each on an object store. (fs.cat(list) would glob "[...]" in names.)
     with ThreadPoolExecutor(8) as pool:
-        got = dict(zip((n for names, _ in todo for n in names),
-                       pool.map(fs.cat_file, [n for names, _ in todo for n in names])))
-    out.update(got)
-    for names, kept in todo:
-        if kept is not None:  # atomic: a killed write leaves no file a later audit trusts
-            cache.write_table(kept, pa.table({"file": names, "text": pa.array([got[n] for n in names], pa.binary())}))
+        looked = list(pool.map(look, by_dir.items()))
+        out: dict[str, bytes] = {}
+        for _, _, got in looked:
+            out.update(got or {})
+        todo = [n for names, _, got in looked if got is None for n in names]
+        out.update(zip(todo, pool.map(fs.cat_file, todo)))
+        write = [(names, kept) for names, kept, got in looked if got is None and kept is not None]
+        # atomic: a killed write leaves no file a later audit trusts
+        list(pool.map(lambda w: cache.write_table(w[1], pa.table({"file": w[0], "text": pa.array(
+            [out[n] for n in w[0]], pa.binary())})), write))
     return out
 
 

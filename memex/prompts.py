@@ -188,16 +188,19 @@ class _Distinct:
     """Prompts in order, each text once and, where `same` is given, each conditioning once: the first kept.
     A repeat's budget would go to a prompt already sampled (with other noises, so no error shows it)."""
 
-    def __init__(self, same: Keys | None):
-        self.same, self.rows, self.merged = same, [], []
+    def __init__(self, same: Keys | None, by_text: bool = True):
+        self.same, self.rows, self.merged, self.by_text = same, [], [], by_text
         self._texts: set[str] = set()
         self._keys: dict[Hashable, str] = {}
 
     def add(self, texts: Iterable[str], ids: Iterable[str] | None = None) -> None:
         texts = list(texts)
+        # by_text=False: each id once, as memex read prompts before 2026-12-07 (one text under two ids twice),
+        # which a run folder started then resumes with (generate.started_unmerged)
         new = [(i, t) for i, t in zip(ids if ids is not None else [None] * len(texts), texts)
-               if t and t not in self._texts and not self._texts.add(t)]
-        keys = self.same([t for _, t in new]) if self.same and new else [t for _, t in new]
+               if t and (k := t if self.by_text or i is None else i) not in self._texts and not self._texts.add(k)]
+        keys = self.same([t for _, t in new]) if self.same and new else \
+            [t if self.by_text or i is None else i for i, t in new]
         for (i, t), k in zip(new, keys):
             if k in self._keys:
                 self.merged.append((t, self._keys[k]))
@@ -249,10 +252,11 @@ def rank_by_near_duplicates(dups: pa.Table, limit: int | None, same: Keys | None
     return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows]}, schema=PROMPTS_SCHEMA)
 
 
-def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = None, same: Keys | None = None
-                 ) -> pa.Table:
+def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = None, same: Keys | None = None,
+                 by_text: bool = True) -> pa.Table:
     """The prompts of cfg, in order, each text once; `same` (models.conditioning_keys): each conditioning once.
-    With prompts.id_column, a text under a second id is sampled once, under its first id."""
+    With prompts.id_column, a text under a second id is sampled once, under its first id (by_text=False: each
+    id once, as before 2026-12-07)."""
     opts = storage_options or {}
     if cfg.source == PromptSource.near_duplicates:
         raise PromptError("prompts.source=near_duplicates is resolved by `memex audit` from its index")
@@ -278,7 +282,7 @@ def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = No
         keep = [i for i, t in enumerate(texts) if t]
         texts, ids = [texts[i] for i in keep], [ids[i] for i in keep]
 
-    picked = _Distinct(same)
+    picked = _Distinct(same, by_text)
     for start in range(0, len(texts), _CHUNK):
         picked.add(texts[start:start + _CHUNK], ids[start:start + _CHUNK])
         if cfg.limit is not None and len(picked.rows) >= cfg.limit:

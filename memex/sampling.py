@@ -90,6 +90,15 @@ class NonFiniteImages(MemexError, RuntimeError):
     identical, which the filter read as a memorized prompt's clique (a false alarm) and nothing refused."""
 
 
+def _finite(x: torch.Tensor | None, ok: torch.Tensor | None = None) -> None:
+    """Raise NonFiniteImages(message, per-row ok) when a row of the batch's images (x, or its rows' `ok`) holds
+    NaN or inf: clamp keeps NaN, and NaN cast to uint8 is 0, a black image, silently."""
+    ok = torch.isfinite(x.float()).flatten(1).all(1) if ok is None else ok
+    if not bool(ok.all()):
+        raise NonFiniteImages(f"{int((~ok).sum())} of {len(ok)} generations of a batch hold NaN or infinite pixels",
+                              ok.tolist())
+
+
 class NamedOutOfMemory(torch.OutOfMemoryError):
     """torch's out-of-memory error, reworded to name the memex setting to lower."""
 
@@ -352,9 +361,10 @@ class Sampler:
         """(N, H, W, C) uint8 of final latents (pixels for a pixel model); a VAE decodes
         `decode_batch_size` rows at a time (None: all N), each chunk turned to uint8 at once."""
         if self.vae is None:
+            _finite(x)
             return self._to_uint8(x)
         chunk = min(self.settings.decode_batch_size or len(x), len(x))  # batches are never empty (_batched pads)
-        out = []
+        out, ok = [], []
         for c in x.split(chunk):
             # every chunk decoded at one shape: a last, shorter chunk (decode_batch_size not dividing
             # batch_size) gave its rows other conv arithmetic than the same rows at other positions, and a
@@ -362,7 +372,10 @@ class Sampler:
             n = len(c)
             if n < chunk:
                 c = torch.cat([c, c[-1:].expand(chunk - n, *c.shape[1:])])
-            out.append(self._to_uint8(self._vae_decode(c))[:n])
+            img = self._vae_decode(c)[:n]
+            ok.append(torch.isfinite(img.float()).flatten(1).all(1))
+            out.append(self._to_uint8(img))
+        _finite(None, torch.cat(ok))  # the batch's rows, whichever chunk held them
         return np.concatenate(out)
 
     def _vae_decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,10 +390,5 @@ class Sampler:
 
     @staticmethod
     def _to_uint8(x: torch.Tensor) -> np.ndarray:
-        x = x.float()
-        ok = torch.isfinite(x).flatten(1).all(1)
-        if not bool(ok.all()):  # clamp keeps NaN, and NaN cast to uint8 is 0: a black image, silently
-            raise NonFiniteImages(f"{int((~ok).sum())} of {len(x)} generations of a batch hold NaN or infinite "
-                                  "pixels", ok.tolist())
-        x = (x / 2 + 0.5).clamp(0, 1)
+        x = (x.float() / 2 + 0.5).clamp(0, 1)
         return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)

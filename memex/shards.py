@@ -115,13 +115,13 @@ def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tu
     WebDataset's rule: a member's key is its name up to the first dot of its basename, its field the
     rest; a sample's image is the member whose whole field is an image suffix (0001.jpg, not the
     0001.depth.png beside it, which a trainer's to_tuple("jpg") never reads), its caption its .txt
-    member, else None. A sample with two image fields (0001.jpg and 0001.png: img2dataset writes one
-    of jpg/png/webp) raises ShardSampleError naming it. A sample with no image field is left out, as one
-    with only .txt/.json members always was, including one with only a dotted image field (0003.depth.png):
-    logged as a warning, since a plain file with a dot in its name looks the same.
-    A tar with no image field at all is no WebDataset shard but a tar of plain files (photo.2021.01.jpg,
-    photo.2021.02.jpg: under the rule above one key "photo" with no image): each image file is a
-    sample of its own, its caption the <name>.txt beside it, as in an image folder."""
+    member, else None. A sample with two such fields (0001.jpg and 0001.png: img2dataset writes one of
+    jpg/png/webp) raises ShardSampleError naming it. A sample with none:
+      * one image member with a dotted field (0001.image.png, 0003.depth.png) is its image, its caption
+        the sample's .txt, as before;
+      * several (photo.2021.01.jpg, photo.2021.02.jpg: plain files with dots in their names, one "key"
+        under the rule above) are each a row of its own, captioned by its <name>.txt, as in a folder, with
+        a warning naming the sample (which one a trainer read, if any, is not ours to guess)."""
     fields: dict[str, dict[str, str]] = {}  # key -> field -> member name
     texts: dict[str, str] = {}  # .txt member -> its text
     with fs.open(tar, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
@@ -141,26 +141,26 @@ def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tu
             raise tarfile.ReadError(f"it ends after {len(fields)} samples without tar's end-of-archive blocks: cut "
                                     "short at a member boundary")
     suffixes = {s.lstrip(".") for s in image_suffixes}
-    images = {key: sorted(f for f in got if f.lower() in suffixes) for key, got in fields.items()}
-    if not any(images.values()):  # a tar of plain files
-        return sorted(((name, texts.get(posixpath.splitext(name)[0] + ".txt")) for got in fields.values()
-                       for name in got.values() if name.lower().endswith(image_suffixes)), key=lambda r: r[0])
-    out, imageless = [], []
+    out, split = [], []
     for key in sorted(fields):
         got = fields[key]
-        if len(images[key]) > 1:
+        whole = sorted(f for f in got if f.lower() in suffixes)
+        dotted = sorted(f for f in got if f.lower() not in suffixes and got[f].lower().endswith(image_suffixes))
+        caption = texts.get(got["txt"]) if "txt" in got else None
+        if len(whole) > 1:
             raise ShardSampleError(f"shard {fs.unstrip_protocol(tar)}: sample {key} has several images "
-                                   f"({', '.join(images[key])}): a WebDataset sample holds one image (img2dataset "
+                                   f"({', '.join(whole)}): a WebDataset sample holds one image (img2dataset "
                                    "writes one of jpg/png/webp); remove the others from the shard")
-        if images[key]:
-            out.append((got[images[key][0]], texts.get(got["txt"]) if "txt" in got else None))
-        elif any(name.lower().endswith(image_suffixes) for name in got.values()):
-            imageless.append(f"{key} ({', '.join(sorted(got))})")
-    if imageless:
-        log.warning("shard %s: %d sample(s) with no image field left out, e.g. %s (WebDataset: key = a name up to "
-                    "its first dot; a plain file with dots in its name is read as such a field)",
-                    fs.unstrip_protocol(tar), len(imageless), imageless[0])
-    return out
+        if whole or len(dotted) == 1:
+            out.append((got[whole[0] if whole else dotted[0]], caption))
+        elif dotted:
+            split.append(f"{key} ({', '.join(dotted)})")
+            out += [(got[f], texts.get(posixpath.splitext(got[f])[0] + ".txt")) for f in dotted]
+    if split:
+        log.warning("shard %s: %d sample(s) hold several images with dots in their names and no plain image field, "
+                    "listed as a row each, e.g. %s (WebDataset: key = a name up to its first dot)",
+                    fs.unstrip_protocol(tar), len(split), split[0])
+    return sorted(out, key=lambda r: r[0])
 
 
 # ---- shard patterns --------------------------------------------------------------------------

@@ -579,8 +579,11 @@ def test_the_reports_training_images_are_kept_a_chunk_at_a_time_and_restored_whe
     real = match.fetch_training_images
     monkeypatch.setattr(match, "fetch_training_images", lambda info, gids, *a, **k: asked.append(len(gids)) or
                         real(info, gids, *a, **k))
-    match.keep_for_report(layout, info, {}, chunk=2)
+    match.keep_for_report(layout, info, {}, chunk=2, group=2)
     assert asked == [2, 1] and pq.read_table(layout.matched_train_path).equals(whole)
+    asked.clear()
+    match.keep_for_report(layout, info, {}, chunk=2)  # fetched in one group (one read of the rows' footer)
+    assert asked == [3] and pq.read_table(layout.matched_train_path).equals(whole)
 
     Path(layout.matched_train_path).unlink()
     assert match.run(cfg, "r-keep") == s  # the summary as it was, and the lost file written again

@@ -49,22 +49,23 @@ def test_a_webdataset_sample_s_image_is_its_image_field_not_a_dotted_one(tmp_pat
     """WebDataset's rule: key = a member's basename up to its first dot, field = the rest. A member was the
     sample's image when its name ended in an image suffix, the first one kept: `0001.depth.png` (field
     depth.png) before `0001.jpg` made the depth map the indexed training image, paired with 0001.txt's
-    caption. The image is the member whose whole field is an image suffix; a sample with only a dotted
-    image field (0003.depth.png) has no image, and is left out, as a sample without an image always was."""
+    caption. The image is the member whose whole field is an image suffix; a sample whose one image member
+    has a dotted field (0003.image.png) keeps it, with its caption; several dotted ones are a row each."""
     depth = np.repeat(np.arange(32, dtype=np.uint8)[None, :, None] * 8, 32, axis=0).repeat(3, axis=2)
     root = _shards(tmp_path, [("0001.depth.png", encode_png(depth)), ("0001.jpg", _encoded(_img(1), "JPEG")),
                               ("0001.txt", b"a red logo"), ("0002.png", encode_png(_img(2))),
                               ("0002.seg.png", encode_png(depth)), ("0002.txt", b"a blue logo"),
-                              ("0003.depth.png", encode_png(depth)), ("0003.txt", b"no image")])
+                              ("0003.image.png", encode_png(_img(3))), ("0003.txt", b"a green logo"),
+                              ("0004.rgb.png", encode_png(_img(4))), ("0004.depth.png", encode_png(depth))])
     with caplog.at_level(logging.WARNING, logger="memex"):
         t = list_training_set(str(root))
-    assert t["id"].to_pylist() == ["00000.tar/0001.jpg", "00000.tar/0002.png"]
-    assert t["caption"].to_pylist() == ["a red logo", "a blue logo"]
+    assert t["id"].to_pylist() == ["00000.tar/0001.jpg", "00000.tar/0002.png", "00000.tar/0003.image.png",
+                                   "00000.tar/0004.depth.png", "00000.tar/0004.rgb.png"]
+    assert t["caption"].to_pylist() == ["a red logo", "a blue logo", "a green logo", None, None]
     dec = decode_rows(t, None)
-    assert np.array_equal(dec.images[1], _img(2))
+    assert np.array_equal(dec.images[1], _img(2)) and np.array_equal(dec.images[2], _img(3))
     assert np.abs(dec.images[0].astype(int) - _img(1)).mean() < 8  # the JPEG of logo 1, not the depth ramp
-    # the sample left out is named (a plain file with a dot in its name looks the same)
-    assert "0003" in caplog.text and "depth.png" in caplog.text
+    assert "0004 (depth.png, rgb.png)" in caplog.text  # the sample split in rows is named
 
 
 def test_a_webdataset_sample_with_two_image_fields_is_refused_naming_shard_and_key(tmp_path):
@@ -211,8 +212,9 @@ def test_a_folder_of_symlinks_lists_linked_folders_and_stamps_the_files_linked_t
     """fsspec's local listing gives a linked folder as one entry and does not descend (its images were left out,
     silently), and a linked file with the link's mtime (its target written over with other pixels of the same
     size kept the stamp, so the old index was reused). DVC's and git-annex's caches and shared image pools are
-    folders of links. Linked folders are now listed under the link's path, a link to an ancestor once, and a
-    linked file is stamped by the file it points at."""
+    folders of links. Linked folders outside it are now listed under the link's path (a cycle once; a link to a
+    folder inside it skipped, as before: its files are listed by their own paths), and a linked file is stamped
+    by the later of the link and the file it points at (a link made after its target keeps its stamp)."""
     import os
 
     real = tmp_path / "pool" / "sub"
@@ -225,10 +227,16 @@ def test_a_folder_of_symlinks_lists_linked_folders_and_stamps_the_files_linked_t
     (folder / "a.png").write_bytes(encode_png(_img(5)))
     os.symlink(real, folder / "linked")
     os.symlink(real / "b0.png", folder / "c.png")
+    (folder / "v3").mkdir()
+    (folder / "v3" / "d.png").write_bytes(encode_png(_img(6)))
+    os.symlink(folder / "v3", folder / "latest")  # links inside the folder: its files are listed once, by their
+    os.symlink(folder, folder / "v3" / "parent")  # own paths (a link to an ancestor too)
     t = list_training_set(str(folder))
-    assert t["id"].to_pylist() == ["a.png", "c.png", "linked/b0.png", "linked/b1.png", "linked/b2.png"]
+    assert t["id"].to_pylist() == ["a.png", "c.png", "linked/b0.png", "linked/b1.png", "linked/b2.png", "v3/d.png"]
     assert decode_rows(t, None).quarantine.num_rows == 0
     stamp = dict(zip(t["id"].to_pylist(), t["stamp"].to_pylist()))["c.png"]
+    # made after its target: the stamp it had before links were followed (the link's mtime), so its index key
+    assert stamp == f"{os.stat(real / 'b0.png').st_size} mtime={os.lstat(folder / 'c.png').st_mtime}"
     st = os.stat(real / "b0.png")
     (real / "b0.png").write_bytes(encode_png(_img(0))[::-1])  # other bytes, the same size, a second later
     os.utime(real / "b0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -245,10 +253,13 @@ def test_sidecar_captions_are_read_once_a_folder_while_none_changes(tmp_path, mo
 
     from fsspec.implementations.local import LocalFileSystem
 
+    import memex.ingest
+
+    monkeypatch.setattr(memex.ingest, "_KEEP_MIN_SIDECARS", 3)  # (64: a few captions gain nothing from a kept file)
     folder = tmp_path / "imgs"
-    for d in ("a", "b"):
+    for d, n in (("a", 3), ("b", 3), ("c", 2)):
         (folder / d).mkdir(parents=True)
-        for i in range(3):
+        for i in range(n):
             (folder / d / f"{i}.png").write_bytes(encode_png(_img(i)))
             (folder / d / f"{i}.txt").write_text(f"caption {d}{i}")
     read = []
@@ -256,13 +267,22 @@ def test_sidecar_captions_are_read_once_a_folder_while_none_changes(tmp_path, mo
     monkeypatch.setattr(LocalFileSystem, "cat_file", lambda self, p, *a, **k: read.append(p) or real(self, p, *a, **k))
     cache = Store(str(tmp_path / "cache"))
     first = list_training_set(str(folder), shard_cache=cache)
-    assert first["caption"].to_pylist() == [f"caption {d}{i}" for d in "ab" for i in range(3)] and len(read) == 6
+    assert first["caption"].to_pylist() == [f"caption {d}{i}" for d in "ab" for i in range(3)] + \
+        ["caption c0", "caption c1"] and len(read) == 8
     read.clear()
-    assert list_training_set(str(folder), shard_cache=cache).equals(first) and read == []
+    assert list_training_set(str(folder), shard_cache=cache).equals(first)
+    assert sorted(read) == [str(folder / "c" / "0.txt"), str(folder / "c" / "1.txt")]  # below the minimum: read
+    read.clear()
     st = os.stat(folder / "b" / "1.txt")
     (folder / "b" / "1.txt").write_text("a new caption")
     os.utime(folder / "b" / "1.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     again = list_training_set(str(folder), shard_cache=cache)
-    assert sorted(os.path.basename(os.path.dirname(p)) for p in read) == ["b"] * 3  # folder b alone, whole
+    assert sorted(os.path.basename(os.path.dirname(p)) for p in read) == ["b"] * 3 + ["c"] * 2  # b whole, c
     assert again["caption"].to_pylist()[4] == "a new caption"
+    # a store that gives no version (size alone): never kept, an edit of the same length would be served stale
+    kept = sorted(os.listdir(tmp_path / "cache"))
+    names = [str(folder / "a" / f"{i}.txt") for i in range(3)]
+    got = memex.ingest._sidecar_texts(LocalFileSystem(), names, {n: {"size": 9} for n in names}, cache)
+    assert got == {n: f"caption a{i}".encode() for i, n in enumerate(names)}
+    assert sorted(os.listdir(tmp_path / "cache")) == kept
     assert list_training_set(str(folder))["caption"].equals(again["caption"])  # without a cache: the same rows

@@ -316,6 +316,21 @@ def test_a_run_started_before_the_tokenizer_merged_its_prompts_resumes_with_them
         names.append(before)
     assert names[0] != merged and names[1] == "nightly-abc"  # the default name of the old prompts: its own folder
 
+    # a text under two ids of prompts.id_column: each id was a prompt then; the run resumes with both
+    ids = tmp_path / "ids.csv"
+    ids.write_text("pid,prompt\nimg-9,a red car\nimg-2,a blue car\nimg-5,a red car\n")
+    with_ids = lambda root, *extra: cfg(root, *extra)  # noqa: E731
+    real = generate.load_prompts
+    for extra in ([], ["run.name=nightly-ids"]):
+        root = tmp_path / f"ids{len(extra)}"
+        over = [f"prompts.path={ids}", "prompts.id_column=pid", *extra]
+        with monkeypatch.context() as m:  # the code before: each id once
+            m.setattr(generate, "load_prompts", lambda c, o, same=None, by_text=True: real(c, o, by_text=False))
+            before = generate.prepare(with_ids(root, *over))
+        assert generate.prepare(with_ids(root, *over)) == before
+        layout = RunLayout(str(root), before)
+        assert layout.store.read_table(layout.prompts_path)["prompt_id"].to_pylist() == ["img-9", "img-2", "img-5"]
+
 
 def test_a_hub_ids_tokenizer_out_of_reach_leaves_the_prompts_to_their_text(monkeypatch, caplog):
     """A hub id not cached on a driver that cannot reach the hub is loaded by the actors (check_hub_model

@@ -480,3 +480,27 @@ def test_triage_of_a_model_sampled_without_guidance_follows_the_text_trajectory(
     np.testing.assert_array_equal(at[0.5], at[1.0])
     guided = _sampler(tiny_models[kind], guidance_scale=3.0).triage(ids, prompts, seeds, steps=3)
     assert not np.allclose(guided, at[1.0])  # a guided model's triage still steps along its guided trajectory
+
+
+def test_nan_generations_are_named_by_their_prompt_whatever_the_decode_chunk(tiny_models, monkeypatch):
+    """With sampling.decode_batch_size the VAE decodes a batch in chunks: the check ran per chunk and zipped the
+    chunk's rows with the whole batch's prompts, naming another prompt (and counting padding). It names the
+    batch's own rows now."""
+    from memex.sampling import NonFiniteImages
+
+    s = _sampler(tiny_models["latent_text"], decode_batch_size=2)
+    ids, prompts, seeds = ["p1", "p1", "p2", "p3"], [PROMPTS["p1"]] * 2 + [PROMPTS["p2"], PROMPTS["p3"]], [1, 2, 3, 4]
+    decode = s.vae.decode
+    calls = []
+
+    def poisoned(*a, **k):  # the second chunk's second row: p3's sample
+        out = decode(*a, **k)
+        calls.append(len(out.sample))
+        if len(calls) == 2:
+            out.sample[1] = float("nan")
+        return out
+
+    monkeypatch.setattr(s.vae, "decode", poisoned)
+    with pytest.raises(NonFiniteImages, match=r"1 of 4 generations of a batch hold NaN .*of prompts \['blue logo'\]"):
+        s.generate(ids, prompts, seeds)
+    assert calls == [2, 2]

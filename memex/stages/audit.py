@@ -99,8 +99,8 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
             prompts = rank_by_near_duplicates(dups, cfg.prompts.limit, same)
             unmerged = lambda: rank_by_near_duplicates(dups, cfg.prompts.limit)  # noqa: E731
         elif same is not None:
-            unmerged = lambda: load_prompts(cfg.prompts, cfg.storage.options)  # noqa: E731
-        run_name = generate.prepare(cfg, prompts, weights=weights, unmerged=unmerged if same else None)
+            unmerged = lambda: load_prompts(cfg.prompts, cfg.storage.options, by_text=False)  # noqa: E731
+        run_name = generate.prepare(cfg, prompts, weights=weights, unmerged=unmerged)
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     # one audit at a time in a run folder (<run>/_lease.json): a second one refuses, naming this one
     with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):

@@ -100,7 +100,7 @@ def prepare(cfg: GenerateConfig, prompts: pa.Table | None = None, weights: bool 
     if prompts is None:
         same = prompt_keys(cfg)
         prompts = load_prompts(cfg.prompts, cfg.storage.options, same)
-        unmerged = (lambda: load_prompts(cfg.prompts, cfg.storage.options)) if same else None
+        unmerged = lambda: load_prompts(cfg.prompts, cfg.storage.options, by_text=False)  # noqa: E731
 
     # 2. the run folder: same settings and weights (resume) or refuse; its prompts are the stage's input
     # (memex nightly names its run folders by the weights' hash already, and its plan has read them or knows

@@ -379,28 +379,32 @@ def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, pic
 
 
 # 5. the training images the report shows ------------------------------------------------------
-def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict, chunk: int = 64) -> None:
+def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict, chunk: int = 64,
+                    group: int = 1024) -> None:
     """Every extracted match's training image (the report's pairs show them), into
     <run>/matched_train_images.parquet. Only the extracted: candidates=all verifies every sample, and
     50k CIFAR-sized generations would otherwise copy 50k training images here. (The 200 closest
     non-copies were kept too, and no page ever showed them: 200 remote reads a run for nothing.)
-    `chunk` images are fetched, re-encoded and written at a time: held all at once, the rows of tens of
-    thousands of extracted pictures (uncounted look-alikes included) at LAION's 1.5 MP, ~3 MB a PNG, ran
-    the driver out of memory on every rerun."""
+    `chunk` images are re-encoded and written at a time, fetched `group` at a time (held encoded, ~0.3 MB
+    each at 1.5 MP): held all at once, the rows of tens of thousands of extracted pictures (uncounted
+    look-alikes included), ~3 MB a PNG, ran the driver out of memory on every rerun; fetched 64 at a time,
+    each fetch read train_rows.parquet's footer again (6-12 MB at 5M rows)."""
     rows = layout.matches.read(columns=["train_gid", "train_id"], filters=[("extracted", "==", True)]).to_pylist()
     matched = sorted({r["train_gid"]: r["train_id"] for r in rows}.items())
 
     def tables():
-        for start in range(0, len(matched), chunk):
-            part = matched[start:start + chunk]
-            pixels, _ = fetch_training_images(info, [g for g, _ in part], storage_options)
-            out = []
-            for g, i in part:  # one decoded at a time: ~4.5 MB each decoded at LAION's 1.5 MP
-                try:
-                    out.append({"train_gid": g, "train_id": i, "image": encode_png(pixels[g])})
-                except KeyError:  # not readable since the index was built: named in a warning, shown without it
-                    continue
-            yield pa.Table.from_pylist(out, schema=MATCHED_TRAIN_SCHEMA)
+        for start in range(0, len(matched), group):
+            fetched = matched[start:start + group]
+            pixels, _ = fetch_training_images(info, [g for g, _ in fetched], storage_options)
+            for at in range(0, len(fetched), chunk):
+                out = []
+                for g, i in fetched[at:at + chunk]:  # one decoded at a time: ~4.5 MB each decoded at 1.5 MP
+                    try:
+                        out.append({"train_gid": g, "train_id": i, "image": encode_png(pixels[g])})
+                    except KeyError:  # not readable since the index was built: named in a warning, shown without
+                        continue
+                yield pa.Table.from_pylist(out, schema=MATCHED_TRAIN_SCHEMA)
+            del pixels
 
     layout.store.write_batches(layout.matched_train_path, MATCHED_TRAIN_SCHEMA, tables())
 
