@@ -116,7 +116,7 @@ class NightlyResult:
     @property
     def alarms(self) -> list[dict]:
         return [r for r in self.rows if (r["outcome"] in ALARMS or r.get("gate_alarm"))
-                and (r["weights_sha256"], r["config_sha256"]) not in self.announced] + self.earlier_alarms
+                and (r.get("weights_sha256"), r.get("config_sha256")) not in self.announced] + self.earlier_alarms
 
     @property
     def errors(self) -> list[dict]:
