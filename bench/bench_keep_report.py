@@ -56,6 +56,7 @@ def make_inputs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> f
 def side(kind: str, folder: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from bench_match_memory import rss_mib
 
     from memex.stages import match
     from memex.storage import Store
@@ -76,11 +77,6 @@ def side(kind: str, folder: str) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "peak_mib": peak - base,
                       "mb": Path(layout.matched_train_path).stat().st_size / 2**20}))
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def main() -> None:
