@@ -94,7 +94,7 @@ def test_gpu_actors_land_on_gpu_nodes_and_audit_completes_on_s3(cluster, s3_serv
     import s3fs
 
     r = memex("audit", f"resources.address={cluster.address}", *GPU, *SMALL, *s3_overrides(s3_server, bucket),
-              "prompts.limit=4", "sampling.samples_per_prompt=4", "index.shards=2",
+              "prompts.limit=4", "sampling.samples_per_prompt=4", "filter.min_clique=4", "index.shards=2",
               "triage=none", "run.name=on-cluster")  # triage=none: one actor pool less, ~35 s
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     fs = s3fs.S3FileSystem(**s3_server)

@@ -143,7 +143,8 @@ def test_transparent_logos_are_read_as_their_trainer_read_them(tmp_path, alpha, 
                              "caption": [f"caption {i}" for i in range(N_TRAIN)]}), manifest)
     plant_run(tmp_path / "runs", "r", {PROMPTS[0]: [learnt[3]] * 4}, shard_size=4)
     cfg = compose([f"trainset.path={manifest}", f"storage.root={tmp_path / 'runs'}", "model.path=/planted",
-                   "sampling.samples_per_prompt=4", "sampling.shard_size=4", "index.shards=1", f"match.k={N_TRAIN}",
+                   "sampling.samples_per_prompt=4", "filter.min_clique=4", "sampling.shard_size=4", "index.shards=1",
+                   f"match.k={N_TRAIN}",
                    "resources.executor=local", "run.name=r", "match.min_generations=1",
                    *([f"trainset.alpha={alpha}"] if alpha else [])], config_name="audit")
     info = index.run(cfg)
