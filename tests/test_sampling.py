@@ -504,3 +504,22 @@ def test_nan_generations_are_named_by_their_prompt_whatever_the_decode_chunk(tin
     with pytest.raises(NonFiniteImages, match=r"1 of 4 generations of a batch hold NaN .*of prompts \['blue logo'\]"):
         s.generate(ids, prompts, seeds)
     assert calls == [2, 2]
+
+
+@pytest.mark.parametrize("kind", ["pixel_text", "unconditional"])
+def test_decode_batch_size_on_a_model_without_a_vae_is_refused(tiny_models, kind):
+    """sampling.decode_batch_size chunks the VAE decode; a pixel model has none, so the key did nothing, yet it is
+    part of run.json: set, it named a new run folder for the same pixels (or refused an explicit run.name's
+    resume). It is refused before any work, naming the key; a latent model takes it."""
+    from memex.config import ConfigError
+    from memex.stages import generate
+
+    from conftest import compose
+
+    prompts = [] if kind == "pixel_text" else ["prompts=none"]
+    over = ["model=local", f"model.path={tiny_models[kind]}", *prompts, "sampling.decode_batch_size=2"]
+    with pytest.raises(ConfigError, match=rf"sampling.decode_batch_size=2 is set, and model.path=.* is a {kind} "
+                                          r"model with no VAE to decode with: drop the key"):
+        generate.check_model(compose(over))
+    generate.check_model(compose(["model=local", f"model.path={tiny_models['latent_text']}",
+                                  "sampling.decode_batch_size=2"]))

@@ -161,6 +161,11 @@ def check_model(cfg: GenerateConfig) -> None:
     declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
                                   cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
     check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
+    if cfg.sampling.decode_batch_size is not None and declared in (ModelKind.pixel_text, ModelKind.unconditional):
+        # it decodes nothing there (the UNet's output is the image), yet it is part of the run's identity: set, it
+        # named a new run folder for the same pixels, or refused the resume of an explicit run.name
+        raise ConfigError(f"sampling.decode_batch_size={cfg.sampling.decode_batch_size} is set, and model.path="
+                          f"{cfg.model.path} is a {declared.value} model with no VAE to decode with: drop the key")
     check_unet_fits(cfg.model.path, cfg.model.unet, cfg.model.text_encoder, cfg.model.revision,
                     cfg.sampling.height, cfg.sampling.width)
     check_scheduler(cfg.model.path, cfg.model.revision, cfg.sampling.scheduler, cfg.sampling.num_inference_steps)
