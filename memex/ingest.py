@@ -521,8 +521,8 @@ def _from_pattern(path: str, fs, pattern: str, key: str, shard_cache: Store | No
 SHARD_LISTING_SCHEMA = pa.schema([("member", pa.string()), ("caption", pa.string())])
 # in the name of each kept shard listing: raised when the rules of shards.shard_samples change, so a listing kept
 # under the earlier ones (its name: the shard's URI and version only) is not served for an unchanged shard.
-# 2: a sample's image is its member whose whole field is an image suffix (0001.depth.png was 0001's), a tar with
-# no such field a tar of plain files, hidden members skipped, AVIF/Netpbm/APNG/.jpe fields listed
+# 2: a sample's image is its member whose whole field is an image suffix (0001.depth.png was 0001's), several
+# dotted image members of one key a row each, hidden members skipped, AVIF/Netpbm/APNG/.jpe fields listed
 SHARD_LISTING_VERSION = 2
 
 

@@ -190,23 +190,22 @@ class _Distinct:
 
     def __init__(self, same: Keys | None, by_text: bool = True):
         self.same, self.rows, self.merged, self.by_text = same, [], [], by_text
-        self._texts: set[str] = set()
-        self._keys: dict[Hashable, str] = {}
+        self._seen: set[str] = set()  # texts (ids, by_text=False) taken or dropped
+        self._keys: dict[Hashable, str] = {}  # conditioning -> the text that holds it (with `same`)
 
     def add(self, texts: Iterable[str], ids: Iterable[str] | None = None) -> None:
         texts = list(texts)
         # by_text=False: each id once, as memex read prompts before 2026-12-07 (one text under two ids twice),
         # which a run folder started then resumes with (generate.started_unmerged)
         new = [(i, t) for i, t in zip(ids if ids is not None else [None] * len(texts), texts)
-               if t and (k := t if self.by_text or i is None else i) not in self._texts and not self._texts.add(k)]
-        keys = self.same([t for _, t in new]) if self.same and new else \
-            [t if self.by_text or i is None else i for i, t in new]
-        for (i, t), k in zip(new, keys):
-            if k in self._keys:
+               if t and (k := t if self.by_text or i is None else i) not in self._seen and not self._seen.add(k)]
+        for (i, t), k in zip(new, self.same([t for _, t in new]) if self.same and new else [None] * len(new)):
+            if k is not None and k in self._keys:
                 self.merged.append((t, self._keys[k]))
-            else:
+                continue
+            if k is not None:
                 self._keys[k] = t
-                self.rows.append((i if i is not None else prompt_id(t), t))
+            self.rows.append((i if i is not None else prompt_id(t), t))
 
     def log_merged(self) -> None:
         if self.merged:

@@ -90,10 +90,14 @@ class NonFiniteImages(MemexError, RuntimeError):
     identical, which the filter read as a memorized prompt's clique (a false alarm) and nothing refused."""
 
 
-def _finite(x: torch.Tensor | None, ok: torch.Tensor | None = None) -> None:
-    """Raise NonFiniteImages(message, per-row ok) when a row of the batch's images (x, or its rows' `ok`) holds
-    NaN or inf: clamp keeps NaN, and NaN cast to uint8 is 0, a black image, silently."""
-    ok = torch.isfinite(x.float()).flatten(1).all(1) if ok is None else ok
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: whether each row of a batch of images holds no NaN or inf."""
+    return torch.isfinite(x.float()).flatten(1).all(1)
+
+
+def _check_finite(ok: torch.Tensor) -> None:
+    """Raise NonFiniteImages(message, per-row ok) when a row of the batch (`ok`: _finite_rows) holds NaN or inf:
+    clamp keeps NaN, and NaN cast to uint8 is 0, a black image, silently."""
     if not bool(ok.all()):
         raise NonFiniteImages(f"{int((~ok).sum())} of {len(ok)} generations of a batch hold NaN or infinite pixels",
                               ok.tolist())
@@ -361,7 +365,7 @@ class Sampler:
         """(N, H, W, C) uint8 of final latents (pixels for a pixel model); a VAE decodes
         `decode_batch_size` rows at a time (None: all N), each chunk turned to uint8 at once."""
         if self.vae is None:
-            _finite(x)
+            _check_finite(_finite_rows(x))
             return self._to_uint8(x)
         chunk = min(self.settings.decode_batch_size or len(x), len(x))  # batches are never empty (_batched pads)
         out, ok = [], []
@@ -373,9 +377,9 @@ class Sampler:
             if n < chunk:
                 c = torch.cat([c, c[-1:].expand(chunk - n, *c.shape[1:])])
             img = self._vae_decode(c)[:n]
-            ok.append(torch.isfinite(img.float()).flatten(1).all(1))
+            ok.append(_finite_rows(img))
             out.append(self._to_uint8(img))
-        _finite(None, torch.cat(ok))  # the batch's rows, whichever chunk held them
+        _check_finite(torch.cat(ok))  # the batch's rows, whichever chunk held them
         return np.concatenate(out)
 
     def _vae_decode(self, x: torch.Tensor) -> torch.Tensor:
