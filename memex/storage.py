@@ -215,6 +215,12 @@ def differences_text(a: dict, b: dict, limit: int | None = None) -> str:
     return "; ".join(f"{k}: was {x!r}, now {y!r}" for k, x, y in shown) + (f"; and {more} more" if more else "")
 
 
+def as_recorded(settings: dict) -> dict:
+    """Settings as a settings file records them (json: tuples become lists, enums and paths strings), so a
+    comparison with one read back is exact."""
+    return json.loads(json.dumps(settings, default=str))
+
+
 class Store:
     """A folder on any fsspec filesystem. Paths given to its methods are filesystem paths
     (`store.join(...)`, no protocol); `uri_of` turns one back into a URI a user can paste."""
@@ -410,12 +416,16 @@ class Store:
                 for t in tables:
                     writer.write_table(t.cast(schema), row_group_size=row_group_size)
 
+    def holds(self, path: str, settings: dict) -> bool:
+        """Whether `path` records exactly these settings, as claim would compare them."""
+        return self.read_json(path) == as_recorded(settings)
+
     def claim(self, path: str, settings: dict, what: str, fix: str, added: tuple[str, ...] = ()) -> None:
         """Record the settings a folder is written with at `path`, or refuse other ones, changing
         nothing: resuming with different settings would mix two experiments in one dataset.
         `added`: keys recorded since folders existed; a folder written before them (none of them, the rest
         equal) adopts them, as it was, so it still resumes."""
-        settings = json.loads(json.dumps(settings, default=str))
+        settings = as_recorded(settings)
         existing = self.read_json(path)
         if existing is not None and any(k in settings for k in added) and not any(k in existing for k in added) \
                 and existing == {k: v for k, v in settings.items() if k not in added}:

@@ -143,7 +143,7 @@ def started_unmerged(cfg: GenerateConfig, prompts: pa.Table, settings: dict,
 def _holds(cfg: GenerateConfig, run_name: str, settings: dict) -> bool:
     """Whether the run folder's run.json records exactly these settings."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
-    return layout.store.read_json(layout.run_json) == json.loads(json.dumps(settings, default=str))
+    return layout.store.holds(layout.run_json, settings)
 
 
 def prompt_keys(cfg: GenerateConfig):
