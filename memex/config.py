@@ -13,6 +13,7 @@ comes first in each primary config's defaults list, so it supplies every key an 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -456,6 +457,26 @@ def validate_resources(r: ResourcesConfig) -> None:
     if r.executor == ExecutorKind.local and r.address:
         raise ConfigError(f"resources.address={r.address} names a Ray cluster, but resources.executor=local "
                           "starts no Ray: drop one of the two")
+    if r.executor == ExecutorKind.local:  # a setting of Ray's workers, silently ignored in this process: it fails here
+        unused = _changed(r, tuple(RAY_ONLY_RESOURCES))
+        if unused:
+            k = unused[0]
+            gpu = (" (resources=gpu sets it: for this machine's GPU, give resources.device=cuda instead)"
+                   if k == "num_gpus" else "")
+            raise ConfigError(f"resources.{k}={getattr(r, k):g} is set, and it is a setting of Ray's workers "
+                              f"({RAY_ONLY_RESOURCES[k]}): resources.executor=local runs every unit in this process, "
+                              f"with no Ray, and would ignore it: drop resources.{k}{gpu}, or run on Ray "
+                              "(resources.executor=ray)")
+
+
+# the resources.* keys only Ray's workers read (memex/runner.py remote_options, check_fits, the actor pool): with
+# resources.executor=local every unit runs in the command's own process, on resources.device (auto: a GPU where one
+# is visible) with torch's own threads; resources.device and resources.pixel_cache_mb (the driver's cache) still apply
+RAY_ONLY_RESOURCES = {"num_gpus": "the GPUs each one is given",
+                      "num_cpus": "the CPUs, and so the torch threads, each one is given",
+                      "min_actors": "how many of them an actor pool starts with",
+                      "max_actors": "how many of them an actor pool grows to",
+                      "start_timeout_s": "how long a stage waits for a node that fits one to join"}
 
 
 def validate_train(cfg: TrainConfig) -> None:
@@ -782,10 +803,40 @@ def _changed(section, keys: tuple[str, ...]) -> list[str]:
     return [k for k in keys if getattr(section, k) != getattr(default, k)]
 
 
+@functools.lru_cache(maxsize=None)
+def _shipped_values(group: str) -> dict[str, tuple]:
+    """key -> the values the shipped options of conf/<group>/ set for it (filter=demo: min_clique 5)."""
+    import yaml  # here: read once, and only by the checks that need it
+
+    out: dict[str, tuple] = {}
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        for k, v in (yaml.safe_load(path.read_text()) or {}).items():
+            out[k] = out.get(k, ()) + (v,)
+    return out
+
+
+def _set_by_user(section, keys: tuple[str, ...], group: str) -> list[str]:
+    """_changed, less the values a shipped option of conf/<group>/ sets: conf/audit.yaml and conf/nightly.yaml pick
+    filter=demo (min_clique 5) for every model, which is no setting of the user's. (The option's value given as an
+    override is let through with it: the config does not say where a value came from.)"""
+    shipped = _shipped_values(group)
+    return [k for k in _changed(section, keys) if getattr(section, k) not in shipped.get(k, ())]
+
+
 def validate_audit(cfg: AuditConfig) -> None:
     validate_generate(cfg)
     validate_tracker(cfg.tracker)
     f, i, m = cfg.filter, cfg.index, cfg.match
+    unused = _set_by_user(f, ("min_clique", "edge_threshold", "max_expansions", "prompts_per_task"), "filter")
+    if unused and (cfg.model.kind == ModelKind.unconditional or cfg.prompts.source == PromptSource.none):
+        # the filter stage runs only for prompted audits (memex/stages/audit.py): a filter setting on an unconditional
+        # model was silently ignored, the user believing the audit changed
+        k = unused[0]
+        raise ConfigError(f"filter.{k}={getattr(f, k)} is set, and an unconditional model (prompts=none) runs no "
+                          "clique filter: the filter groups the generations of one prompt, and such a model has no "
+                          f"prompts (its samples share one empty one), so filter.{k} would be ignored: drop "
+                          f"filter.{k}; every sample is matched to the training set, so tune that with match.* "
+                          "(match.threshold, match.min_generations)")
     if not 0 < f.edge_threshold < 1:
         raise ConfigError(f"filter.edge_threshold must be in (0, 1) (tiled l2 of [0, 1] images), "
                           f"got {f.edge_threshold}")
