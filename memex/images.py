@@ -31,8 +31,8 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["BACKGROUND", "PREPROCESS", "UnsupportedImageError", "decode", "encode_png", "fit", "resize",
-           "thumbnail_png", "to_aspect"]
+__all__ = ["BACKGROUND", "PREPROCESS", "UnsupportedImageError", "decode", "decode_fit", "decoded_pixels", "encode_png",
+           "fit", "resize", "thumbnail_png", "to_aspect"]
 
 
 def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
@@ -116,10 +116,54 @@ def _rgb(img: Image.Image, alpha: str = "white") -> np.ndarray:
     return ((rgb * a + BACKGROUND * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def _pixels(img: Image.Image, alpha: str = "white") -> np.ndarray:
+# Above this many pixels an image is converted a strip of rows (about this many pixels) at a time, into
+# the one array it ends in. The whole image at once held, beside PIL's loaded image (4 bytes a pixel),
+# convert's copy (4 more), tobytes' chunks and their join (3 + 3) before np.array's copy (3): ~16 bytes
+# a pixel in all (a 12000x8000 PNG: 1.5 GB), against ~7 now. Per-pixel conversions (convert, the alpha
+# composite): the same pixels either way (tests/test_huge_images.py).
+_STRIP_PIXELS = 1 << 20
+
+
+def _rgb_box(img: Image.Image, box: tuple[int, int, int, int], alpha: str = "white") -> np.ndarray:
+    """_rgb(img, alpha)[top:bottom, left:right] for box (left, top, right, bottom), the pixels outside
+    it never converted; an image over _STRIP_PIXELS is converted a strip of rows at a time. Sample
+    modes (16-bit, I, F) are converted whole: their range is checked over the whole image, as ever."""
+    left, top, right, bottom = box
+    if img.mode in _SAMPLE_MODES or img.width * img.height <= _STRIP_PIXELS:
+        rgb = _rgb(img, alpha)
+        return rgb if box == (0, 0, img.width, img.height) else rgb[top:bottom, left:right]
+    out = np.empty((bottom - top, right - left, 3), np.uint8)
+    rows = max(1, _STRIP_PIXELS // max(1, right - left))
+    for y in range(top, bottom, rows):  # crop keeps the mode, palette and transparency key (info)
+        out[y - top: y - top + rows] = _rgb(img.crop((left, y, right, min(bottom, y + rows))), alpha)
+    return out
+
+
+def _loaded(img: Image.Image) -> Image.Image:
     img.load()  # Image.open read only the header: truncation shows here, as OSError
     ImageOps.exif_transpose(img, in_place=True)  # no-op without an orientation tag (or a broken EXIF)
-    return _rgb(img, alpha)
+    return img
+
+
+def _pixels(img: Image.Image, alpha: str = "white") -> np.ndarray:
+    _loaded(img)
+    return _rgb_box(img, (0, 0, img.width, img.height), alpha)
+
+
+def _opened(data: bytes, min_side: int | None = None) -> Image.Image:
+    """_open, and a JPEG set to decode at the smallest DCT scale (1/2, 1/4, 1/8) keeping both sides >= min_side."""
+    img = _open(data)
+    if min_side is not None and img.format == "JPEG":
+        img.draft(img.mode, (min_side, min_side))
+    return img
+
+
+def decoded_pixels(data: bytes, min_side: int | None = None) -> int:
+    """Width x height of the image decode(data, min_side=min_side) loads (a JPEG at its DCT scale), from
+    the header alone: what a caller bounding its decodes' memory counts. Raises as decode does on a
+    header (UnidentifiedImageError, DecompressionBombError)."""
+    with _opened(data, min_side) as img:
+        return img.width * img.height
 
 
 def decode(data: bytes, channels: int = 3, min_side: int | None = None, alpha: str = "white") -> np.ndarray:
@@ -144,9 +188,7 @@ def decode(data: bytes, channels: int = 3, min_side: int | None = None, alpha: s
         raise ValueError(f"decode: channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     if alpha not in ("white", "drop"):
         raise ValueError(f"decode: alpha must be 'white' or 'drop' (trainset.alpha), got {alpha!r}")
-    with _open(data) as img:
-        if min_side is not None and img.format == "JPEG":
-            img.draft(img.mode, (min_side, min_side))
+    with _opened(data, min_side) as img:
         rgb = _pixels(img, alpha)
     if channels == 1:
         return np.array(Image.fromarray(rgb).convert("L"))[..., None]
@@ -196,6 +238,15 @@ PREPROCESS = ("center_crop", "resize", "pad")
 PAD_VALUE = 255  # trainset.preprocess=pad's borders: img2dataset's (part of the index key: memex/stages/index.py)
 
 
+def _centre_crop(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, rows, columns) of the centre cut of an h x w image to the aspect height:width."""
+    if h * width > w * height:  # too tall: keep the full width
+        ch, cw = max(1, round(w * height / width)), w
+    else:  # too wide: keep the full height
+        ch, cw = h, max(1, round(h * width / height))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
 def to_aspect(img: np.ndarray, height: int, width: int, mode: str = "center_crop") -> np.ndarray:
     """uint8 (H, W, C) -> the same pixels cut (center_crop) or padded (pad: white borders, centred)
     to the aspect ratio height:width, at their own resolution; resize: unchanged (the distance
@@ -208,11 +259,7 @@ def to_aspect(img: np.ndarray, height: int, width: int, mode: str = "center_crop
     if mode == "resize" or h * width == w * height:
         return img
     if mode == "center_crop":
-        if h * width > w * height:  # too tall: keep the full width
-            ch, cw = max(1, round(w * height / width)), w
-        else:  # too wide: keep the full height
-            ch, cw = h, max(1, round(h * width / height))
-        top, left = (h - ch) // 2, (w - cw) // 2
+        top, left, ch, cw = _centre_crop(h, w, height, width)
         return img[top: top + ch, left: left + cw]
     if h * width > w * height:  # pad: widen
         ph, pw = h, round(h * width / height)
@@ -235,3 +282,37 @@ def fit(img: np.ndarray, size: int, mode: str = "center_crop", aspect: tuple[int
     if aspect is not None:
         img = to_aspect(img, aspect[0], aspect[1], mode)
     return resize(to_aspect(img, 1, 1, mode), size)
+
+
+def _fit_box(h: int, w: int, mode: str, aspect: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the pixels of an h x w image that fit(..., mode, aspect) resizes:
+    its to_aspect cuts (center_crop) one after the other; the whole image for resize."""
+    top = left = 0
+    for height, width in ([aspect] if aspect is not None else []) + [(1, 1)]:
+        if mode == "center_crop" and h * width != w * height:
+            t, u, h, w = _centre_crop(h, w, height, width)
+            top, left = top + t, left + u
+    return left, top, left + w, top + h
+
+
+def _fit_part(data: bytes, mode: str, aspect: tuple[int, int] | None, min_side: int | None,
+              alpha: str) -> tuple[np.ndarray, bool]:
+    """(pixels, cut): the decoded pixels fit keeps (cut), or the whole image (pad). PIL's loaded image is
+    freed when this returns, before the resize; the whole image's RGB is never made (fit after decode
+    held it through the cut and the resize, beside a copy of the cut)."""
+    with _opened(data, min_side) as img:
+        _loaded(img)
+        if mode == "pad":
+            return _rgb_box(img, (0, 0, img.width, img.height), alpha), False
+        return _rgb_box(img, _fit_box(img.height, img.width, mode, aspect), alpha), True
+
+
+def decode_fit(data: bytes, size: int, mode: str = "center_crop", aspect: tuple[int, int] | None = None,
+               min_side: int | None = None, alpha: str = "white") -> np.ndarray:
+    """fit(decode(data, min_side=min_side, alpha=alpha), size, mode, aspect): the same pixels, with less
+    held on the way: only the pixels the cut keeps are converted to RGB (a strip at a time on a large
+    image, _rgb_box), and the loaded image is freed before the resize. Raises as decode does."""
+    if mode not in PREPROCESS:
+        raise ValueError(f"trainset.preprocess={mode!r} is not one of {PREPROCESS}")
+    part, cut = _fit_part(data, mode, aspect, min_side, alpha)
+    return resize(part, size) if cut else fit(part, size, mode, aspect)

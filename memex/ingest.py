@@ -42,6 +42,8 @@ quarantined row was left out of the index for good. http(s) uris (the open web) 
 from __future__ import annotations
 
 import csv
+import ctypes
+import functools
 import hashlib
 import io
 import json
@@ -50,18 +52,21 @@ import posixpath
 import re
 import stat
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import Image
 
 from memex.config import MemexError
-from memex.images import decode, fit
+from memex.images import decode, decode_fit, decoded_pixels
 from memex.layout import QUARANTINE_SCHEMA
 from memex.manifest import (
     HF_DICT,
@@ -747,7 +752,7 @@ def row_bytes(row: dict, opts: dict[str, Any], version: str | None = None) -> by
     return data
 
 
-def _per_row(records: list[dict], fn, workers: int) -> list:
+def _per_row(records: Sequence, fn, workers: int) -> list:
     """fn(row) for each row, in order, on up to `workers` threads; a row whose fn raises gives its reason
     ("TypeName: message") instead: any failure of one image sets that image aside only."""
     def one(row: dict):
@@ -780,33 +785,104 @@ def fetch_bytes(rows: pa.Table, storage_options: dict[str, Any] | None = None,
     return good, pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
 
 
+# Decoded pixels one decode_rows call holds at once over its threads (images.decoded_pixels: width x
+# height from the header, a JPEG's at its DCT scale). A decode holds ~7 bytes a pixel at its peak
+# (images._rgb_box), so ~450 MB here; an image over the budget is decoded alone. LAION's images (~0.3 MP,
+# a few MP at most) never wait: 8 threads of them are far below it. Eight 24 MP PNGs decoded at once
+# added 2.7 GB (bench/bench_huge_images.py): eight 96 MP ones, ~11 GB, enough to OOM-kill a worker.
+DECODE_PIXEL_BUDGET = 64 << 20
+
+
+# glibc's malloc hands a thread's freed blocks of 128 KiB to 32 MiB (PIL's 16 MiB image blocks, a strip's
+# arrays) back to that thread's own heap, not to the system, once a block that size was freed: 8 threads
+# that each decoded one huge image, one after another, kept up to 8 images' worth resident (24 MP PNGs
+# decoded one at a time on 8 threads peaked 0.66 GB higher). malloc_trim(0) after each decode this large
+# returns them before the next starts (0.2-2 ms). A no-op where the C library has none (macOS, musl).
+TRIM_PIXELS = 4 << 20
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+class PixelBudget:
+    """A count of decoded pixels shared by threads: hold(n) waits until n more fit under `limit`, or
+    until nothing else is held (an image over the limit is decoded alone, never refused)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        with self._cond:
+            self._cond.wait_for(lambda: self.held == 0 or self.held + pixels <= self.limit)
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= pixels
+                self._cond.notify_all()
+
+
 def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str,
-            aspect: tuple[int, int] | None = None, alpha: str = "white", version: str | None = None) -> np.ndarray:
-    data = row_bytes(row, opts, version)
-    # raises DecompressionBombError (too many pixels), UnidentifiedImageError with a reproducible
-    # message, OSError (truncated), UnsupportedImageError naming the mode: decode_rows turns each
-    # into a quarantine reason
+            aspect: tuple[int, int] | None = None, alpha: str = "white", version: str | None = None,
+            budget: PixelBudget | None = None) -> np.ndarray:
+    data = row_bytes(row, opts, version)  # read before the budget's wait: reads from a store stay concurrent
     # fitted to `size` next: a JPEG is decoded at a reduced DCT scale (images.decode) that keeps both
     # sides >= max(2 x size, DRAFT_MIN_SIDE), whence bicubic makes the input as from a full decode
-    return decode(data, alpha=alpha) if size is None else \
-        fit(decode(data, min_side=max(2 * size, DRAFT_MIN_SIDE), alpha=alpha), size, preprocess, aspect)
+    min_side = None if size is None else max(2 * size, DRAFT_MIN_SIDE)
+    # raises DecompressionBombError (too many pixels: from the header, before any pixel is decoded),
+    # UnidentifiedImageError with a reproducible message, OSError (truncated), UnsupportedImageError
+    # naming the mode: decode_rows turns each into a quarantine reason
+    try:
+        pixels = decoded_pixels(data, min_side)
+    except Image.DecompressionBombError as e:
+        raise Image.DecompressionBombError(
+            f"{e} PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS pixels; this one is left out (quarantined): "
+            "to have it read, store it downscaled below that") from None
+    with budget.hold(pixels) if budget is not None else nullcontext():
+        try:
+            return decode(data, alpha=alpha) if size is None else \
+                decode_fit(data, size, preprocess, aspect, min_side, alpha)
+        finally:
+            if pixels >= TRIM_PIXELS:  # before the next decode may start: _trim_heap says why
+                _trim_heap()
 
 
 def decode_rows(rows: pa.Table, size: int | None, storage_options: dict[str, Any] | None = None,
                 workers: int = 8, preprocess: str = "center_crop",
                 aspect: tuple[int, int] | None = None, alpha: str = "white",
-                version: str | None = None) -> DecodedBatch:
+                version: str | None = None, pixel_budget: int | None = None) -> DecodedBatch:
     """Decode rows (columns id and image and/or uri) to RGB uint8: size x size (images.fit with
     `preprocess` and the generations' `aspect`: centre-cropped square, bicubic-resized), or as stored
     when size is None. alpha: images.decode's (trainset.alpha). version: row_bytes's.
 
     Never raises for a bad image: it goes to `quarantine` and is skipped. Rows are fetched and
     decoded on `workers` threads (remote reads dominate on object stores; PIL releases the GIL
-    while decoding), and the output keeps the input order.
+    while decoding), and the output keeps the input order. pixel_budget (DECODE_PIXEL_BUDGET when
+    None): the most decoded pixels the threads hold at once (PixelBudget; an image over it alone), so a
+    batch of huge images is decoded a few at a time.
     """
     opts = storage_options or {}
-    records = rows.select([c for c in ROW_COLUMNS if c in rows.column_names]).to_pylist()
-    results = _per_row(records, lambda row: _decode(row, size, opts, preprocess, aspect, alpha, version), workers)
+    table = rows.select([c for c in ROW_COLUMNS if c in rows.column_names])
+    budget = PixelBudget(DECODE_PIXEL_BUDGET if pixel_budget is None else pixel_budget)
+    # a row's encoded bytes copied out of the table by the thread that decodes it (the whole batch's
+    # to_pylist held every image's bytes twice, the table's and Python's, for the whole batch)
+    results = _per_row(range(table.num_rows), lambda i: _decode(
+        table.slice(i, 1).to_pylist()[0], size, opts, preprocess, aspect, alpha, version, budget), workers)
+    records = table.select([c for c in ("id", "uri") if c in table.column_names]).to_pylist()
 
     ids, images, bad = [], [], []
     for row, res in zip(records, results):
