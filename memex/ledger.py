@@ -3,6 +3,9 @@
     <ledger root>/rows/<finished>-<weights hash>-<config hash>-<uuid>.parquet   LEDGER_SCHEMA, one row
     <ledger root>/announced/<weights hash>-<config hash>.json   an alarm row whose night printed its ALARM
     <ledger root>/announced/_since.json   rows finished before it count as announced (ledgers older than this)
+    <ledger root>/announcing/<weights hash>-<config hash>.json   the job that pages an alarm row (its id)
+    <ledger root>/announcing/_lease.json   held while a job claims rows (memex/lease.py), seconds
+    <ledger root>/jobs/<job id>/_lease.json   a nightly job that claimed alarm rows, while it lives
 
 Why one file per row: an object store has no append, and two audits that finish at once must not
 overwrite each other's rows. Each row is written to a `_tmp-` name and moved into place (the
@@ -14,13 +17,16 @@ checkpoints is ~3,650 files, one listing and a few seconds to read.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import posixpath
 import uuid
+from typing import Any, Iterator
 
 import pyarrow as pa
 
 from memex.layout import LEDGER_SCHEMA
+from memex.lease import Lease, hold, live_holder
 from memex.redact import redact
 from memex.storage import Store
 
@@ -92,6 +98,44 @@ class Ledger:
         for r in rows:
             self.store.write_json(self._marker(r), redact({"location": r["location"], "announced":
                                                            dt.datetime.now(dt.timezone.utc).isoformat()}))
+
+    # ---- who pages an alarm row (nights overlap) ---------------------------------------------------
+    # A whole night's job audits for hours, and the next night's job starts meanwhile: it read the first
+    # one's alarm rows as "ended before announcing them" and paged them, and then their own night paged
+    # them again. Each alarm row is claimed by the job that pages it (announcing/<key>.json holds its id,
+    # written before the row is appended), and that job holds jobs/<id>/_lease.json (heartbeat) from its
+    # first claim until its alarms are marked. Another job takes a row over only when no live job claims
+    # it: its night ended, or died, before its ALARM line. Claims are checked and written under
+    # announcing/_lease.json, so two live nights never both take one dead night's row.
+    def _claim(self, row: dict) -> str:
+        return self.store.join("announcing", f"{row['weights_sha256']}-{row['config_sha256']}.json")
+
+    @contextlib.contextmanager
+    def claiming(self, storage_cfg: Any, wait_s: float = 120.0) -> Iterator[None]:
+        """Hold the claims' lease for a block of checks and claims (raises LeaseHeld after `wait_s`)."""
+        with hold(self.store.child("announcing"), storage_cfg, f"the alarm claims of ledger {self.uri}", wait_s):
+            yield
+
+    def job_lease(self, job: str, storage_cfg: Any) -> Lease:
+        """The lease that says job `job` lives (acquire it before its first claim; release it once its
+        alarms are marked announced)."""
+        return Lease(self.store.child("jobs", job), f"nightly job {job} of ledger {self.uri}",
+                     getattr(storage_cfg, "lease_timeout_s", 300.0), wait_s=0)
+
+    def claimed_by_other(self, row: dict, job: str, storage_cfg: Any) -> str | None:
+        """The id of the live job other than `job` that claims this row's alarm (it pages it), else None."""
+        self.store.fs.invalidate_cache(self._claim(row))  # s3fs: a listing cached before another job claimed it
+        claim = self.store.read_json(self._claim(row))
+        other = (claim or {}).get("job")
+        if not other or other == job:
+            return None
+        alive = live_holder(self.store.child("jobs", other), storage_cfg, f"nightly job {other}")
+        return other if alive else None
+
+    def claim(self, row: dict, job: str) -> None:
+        """Record that job `job` pages this row's alarm (its weights and config: a retried row is the same alarm)."""
+        self.store.write_json(self._claim(row), redact({"job": job, "location": row["location"], "claimed":
+                                                        dt.datetime.now(dt.timezone.utc).isoformat()}))
 
     def known_hashes(self, rows: list[dict] | None = None) -> dict[tuple[str, str], str]:
         """(location, files signature) -> weights hash, from every row: a checkpoint whose files

@@ -13,6 +13,15 @@ with tracker.step set to its training step, so the numbers line up with the trai
                                run), else the run named        training's log dir)         (id tracker.run_id, if
                                run_name in the experiment                                  set), `wandb sync` uploads
 
+`memex nightly` (`at_checkpoint`) gives each series of results its own curve: a series is one training
+run's checkpoints (its path under nightly.location) audited with one kind of weights, the raw UNet or,
+with nightly.ema=true, its EMA copy (unet_ema/, a config hash of its own). Its name is the series' path,
+plus "-ema" for the EMA weights: the mlflow or wandb run name (tracker.run_name, or tracker.run_id's run,
+wins when set), and TensorBoard's run, the subfolder tracker.log_dir/<name>/ (the raw weights and the EMA
+ones of one run, and two training runs, drew points at the same steps into one curve of tracker.log_dir).
+Two nightlies that differ in another setting and log into one experiment (project, log dir) share a run:
+give them their own tracker.experiment, tracker.project or tracker.log_dir.
+
 The tracker packages are optional extras, imported here only, inside their kind's branch; `check`
 (called before any audit work) names the extra to install. Every setting logged goes through
 `memex.redact.redact`, and messages through `redact_text`. A tracker that fails raises
@@ -113,15 +122,21 @@ def params(cfg: AuditConfig) -> dict[str, str]:
     return _flatten(c, "", {})
 
 
-def at_checkpoint(t: TrackerConfig, step: int | None, series: str, name: str | None = None) -> TrackerConfig:
-    """memex nightly: tracker.step is the checkpoint's training step, and an mlflow or wandb run is
-    named after the training run (`name`, else its series folder's name) unless tracker.run_name says
-    otherwise."""
+def at_checkpoint(t: TrackerConfig, step: int | None, series: str, name: str | None = None,
+                  weights: str | None = None) -> TrackerConfig:
+    """memex nightly: tracker.step is the checkpoint's training step, and the series' results are a run of
+    their own: named after the training run (`name`, else its series folder's name), plus "-<weights>" for
+    weights other than the raw UNet's (`weights`: "ema" under nightly.ema=true). An mlflow or wandb run goes
+    by that name unless tracker.run_name (or tracker.run_id) says otherwise; TensorBoard's run is the
+    subfolder tracker.log_dir/<name>/ (TensorBoard lists each folder of event files as a run)."""
     if t.kind == TrackerKind.none:
         return t
-    named = t.kind in (TrackerKind.mlflow, TrackerKind.wandb)
     name = name or posixpath.basename(series.rstrip("/"))
-    return replace(t, step=step, run_name=t.run_name or (name if named else None))
+    if weights:
+        name = f"{name}-{weights}"
+    if t.kind == TrackerKind.tensorboard:
+        return replace(t, step=step, log_dir=posixpath.join(t.log_dir.rstrip("/"), name) if t.log_dir else t.log_dir)
+    return replace(t, step=step, run_name=t.run_name or name)
 
 
 def check(t: TrackerConfig) -> None:
@@ -151,10 +166,34 @@ def check(t: TrackerConfig) -> None:
     elif t.kind == TrackerKind.mlflow and ("://" in path or path.split(":", 1)[0] in ("databricks", "uc")):
         return  # a tracking server, object storage, Databricks
     if t.kind == TrackerKind.wandb and t.mode == WandbMode.online:
+        _check_wandb_key()  # (it failed only once the audit was done: nightly, an error row a checkpoint)
         return  # its local folder only stages what it uploads as it goes
     why = in_job_working_dir(path, where[0], job, here) if path or t.kind == TrackerKind.wandb else None
     if why:
         raise ConfigError(why)
+
+
+def _check_wandb_key() -> None:
+    """tracker.mode=online: wandb finds an API key for its host, by its own lookup and without the network
+    (WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE, the host's entry in the netrc file, wandb's settings);
+    raises ConfigError naming the ways to give one. A wandb without that lookup is left to say it itself."""
+    try:
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth  # what wandb.init's login asks (wandb 0.31)
+    except ImportError:
+        return
+    host = wandb_setup.singleton().settings.base_url
+    try:
+        auth = wbauth.authenticate_session(host=host, source="memex", prompt=False, update_session=False)
+    except Exception as e:  # noqa: BLE001 - AuthenticationError: a key of the wrong form (it is not echoed)
+        raise ConfigError(redact_text(f"tracker=wandb with tracker.mode=online: wandb refuses its API key for "
+                                      f"{host} ({type(e).__name__}: {e}); set a valid WANDB_API_KEY or run "
+                                      "`wandb login --relogin`, or set tracker.mode=offline")) from e
+    if auth is None:
+        raise ConfigError(redact_text(
+            f"tracker=wandb with tracker.mode=online needs a W&B API key, and wandb finds none for {host} "
+            "(no WANDB_API_KEY, no netrc entry for its host): set WANDB_API_KEY, or run `wandb login` on this "
+            "machine, or set tracker.mode=offline (`wandb sync` uploads the run later)"))
 
 
 def check_run(t: TrackerConfig) -> None:

@@ -9,6 +9,9 @@
      when it extracts more than nightly.growth_margin over the previous step of its series;
   5. append its ledger row (memex/ledger.py), then rebuild the trend page;
   6. POST the night's result to nightly.webhook, if set.
+An alarm row is paged once: by the job that wrote it, or, when that job ended before its ALARM line, by a
+later night; nights overlap, so a job claims each alarm row it pages (Ledger.claim) while it holds its job
+lease, and a row a live job claims is left to that job (`earlier_alarms`).
 An audit that raises is recorded with outcome "error" (retried next night) and the others go on; so
 is one whose tracker (tracker=mlflow|tensorboard|wandb, at the checkpoint's step) failed, its numbers kept.
 `nightly.action=plan` stops after 2 and returns one deterministic `ray job submit` id per pending
@@ -17,16 +20,21 @@ checkpoint: memex-<checkpoint name>-<weights hash>-<config hash>-<night>.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime as dt
 import hashlib
 import http.client
 import json
 import logging
+import os
 import posixpath
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import fsspec
 
@@ -110,8 +118,13 @@ class NightlyResult:
     # alarm rows of earlier nights that ended before announcing them (memex/ledger.py "alarms announced")
     earlier_alarms: list[dict] = field(default_factory=list)
 
-    # (weights, config) of this night's alarm rows an earlier night announced already (Ledger.announced)
+    # (weights, config) of this night's alarm rows an earlier night announced already (Ledger.announced), or
+    # that another job, alive now, claimed first (Ledger.claimed_by_other): that job pages them
     announced: set[tuple[str, str]] = field(default_factory=set)
+    # this job's id in the ledger's alarm claims, and its lease (memex/ledger.py "who pages an alarm row"):
+    # taken at its first claim, given back once its alarms are marked announced (or it has none)
+    job: str = field(default_factory=lambda: uuid.uuid4().hex)
+    job_lease: Any = field(default=None, repr=False, compare=False)
 
     @property
     def alarms(self) -> list[dict]:
@@ -295,18 +308,22 @@ def rewritten(c: Checkpoint, p: "Pending") -> bool:
         return False  # gone or unreadable: the audit's own error, or gone(), says so
 
 
-def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> dict | str:
+def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger,
+              claim: Callable[[dict], None] | None = None) -> dict | str:
     """Steps 3-5 for one checkpoint; returns the ledger row it appended, or why it wrote none: a
     checkpoint deleted before or during its audit (no error to retry: it is gone), or one another
     job holds now (nights overlap: plan mode submits a job per checkpoint each night, and a job
-    still queued or running from the night before takes it first)."""
+    still queued or running from the night before takes it first). `claim`: called with an alarm
+    row just before it is appended (run: this job claims it, so no other night pages it)."""
     from memex.lease import LeaseHeld, hold
 
     c = p.ckpt
     acfg = replace(cfg, model=replace(cfg.model, name=c.name, path=c.base, unet=c.unet, lora=c.lora,
                                       text_encoder=c.text_encoder),
                    run=replace(cfg.run, name=p.run_name(sha)),
-                   tracker=at_checkpoint(cfg.tracker, p.tracker_step, c.series, p.series_name))
+                   # a run per series and kind of weights: raw and EMA audits of one training run are two curves
+                   tracker=at_checkpoint(cfg.tracker, p.tracker_step, c.series, p.series_name,
+                                         "ema" if cfg.nightly.ema else None))
     layout = RunLayout(cfg.storage.root, p.run_name(sha), cfg.storage.options)
     row = {"location": c.location, "series": c.series, "step": c.step, "base": c.base if c.unet else "",
            "weights_sha256": p.weights, "files_signature": p.signature, "config_sha256": sha, "run": layout.uri,
@@ -324,13 +341,14 @@ def audit_one(cfg: NightlyAuditConfig, p: Pending, sha: str, ledger: Ledger) -> 
         with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
             if p.weights in ledger.audited(sha):
                 return "audited by another job since"
-            return _audit_and_record(cfg, acfg, c, p, row, sha, ledger)
+            return _audit_and_record(cfg, acfg, c, p, row, sha, ledger, claim)
     except LeaseHeld as e:
         log.info("%s: another job audits it now: %s", row["location"], e)
         return "another job audits it now (its run folder's lease)"
 
 
-def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, sha: str, ledger: Ledger) -> dict:
+def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, sha: str, ledger: Ledger,
+                      claim: Callable[[dict], None] | None = None) -> dict:
     """`audit_one` under the run folder's lease (audit.run's own is re-entrant: it cannot be refused
     here): the audit, the gate and the ledger row."""
     from memex.stages import audit
@@ -381,6 +399,8 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
     # (its heartbeats stalled past resources.lease_timeout_s) audited it too, and its row is final
     if p.weights in ledger.audited(sha, rows):
         return "audited by another job since"
+    if claim is not None and (row["outcome"] in ALARMS or row.get("gate_alarm")):
+        claim(row)  # before the append: a night that reads the row finds it claimed by a live job
     ledger.append(row)
     return row
 
@@ -453,7 +473,9 @@ def run(cfg: NightlyAuditConfig) -> NightlyResult:
     if cfg.nightly.action == NightlyAction.plan:
         # plan mode's jobs (nightly.only) announce their own rows: a job killed before its ALARM line leaves its
         # row to the next night's plan, which announces it (its exit 3, the webhook)
-        res.earlier_alarms = earlier_alarms(Ledger(ledger_root(cfg), cfg.storage.options), res.config_sha256, [])
+        res.earlier_alarms = earlier_alarms(cfg, Ledger(ledger_root(cfg), cfg.storage.options), res)
+        if not res.alarms:
+            release_job(res)
         return res
     if res.pending:  # a training set, prompts or output folder every audit would fail on: once, no error rows
         from memex.stages.audit import check_shared_inputs
@@ -464,40 +486,88 @@ def run(cfg: NightlyAuditConfig) -> NightlyResult:
     ledger.start_announcing()
     log.info("%d checkpoints under %s, %d not yet audited with config %s", res.checkpoints,
              redact_text(cfg.nightly.location), len(res.pending), res.config_sha256[:12])
+
+    def claim(row: dict) -> None:
+        if ledger.announced(row) or not claim_alarm(cfg, res, ledger, row):
+            # its alarm was announced by the night whose tracker failed (an error row that kept the gate's
+            # alarm): this retry's row is the same alarm, paged again every night the tracker stayed down;
+            # or a live job (a night still running) claimed it first, and pages it
+            res.announced.add((row["weights_sha256"], row["config_sha256"]))
+
     for p in res.pending:
         # read again before each audit, which takes minutes to hours: another job (an overlapping
         # night, plan mode's job per checkpoint) may have audited it since this one planned
         if p.weights in ledger.audited(res.config_sha256):
             res.skipped.append({"location": redact_text(p.ckpt.location), "reason": "audited by another job since"})
             continue
-        out = audit_one(cfg, p, res.config_sha256, ledger)
+        out = audit_one(cfg, p, res.config_sha256, ledger, claim)
         if isinstance(out, str):
             res.skipped.append({"location": redact_text(p.ckpt.location), "reason": out})
             continue
-        if (out["outcome"] in ALARMS or out.get("gate_alarm")) and ledger.announced(out):
-            # its alarm was announced by the night whose tracker failed (an error row that kept the gate's
-            # alarm): this retry's row is the same alarm, paged again every night the tracker stayed down
-            res.announced.add((out["weights_sha256"], out["config_sha256"]))
         res.rows.append(out)
         res.trend = write_trend(cfg, ledger)  # after every audit: a crash later still leaves it current
     if res.trend is None:
         res.trend = write_trend(cfg, ledger)
     if cfg.nightly.only is None:  # (a job per checkpoint announces its own row; the plan, and a whole night, all)
-        res.earlier_alarms = earlier_alarms(ledger, res.config_sha256, res.rows)
+        res.earlier_alarms = earlier_alarms(cfg, ledger, res)
+    if not res.alarms:  # nothing for this job to page: no other night waits on it
+        release_job(res)
     return res
 
 
-def earlier_alarms(ledger: Ledger, sha: str, mine: list[dict]) -> list[dict]:
-    """This config's alarm rows no night announced (memex/ledger.py), other than the rows `mine`."""
-    this = {(r["weights_sha256"], r["config_sha256"]) for r in mine}
+def claim_alarm(cfg: NightlyAuditConfig, res: NightlyResult, ledger: Ledger, row: dict) -> bool:
+    """Claim `row`'s alarm for this job, which then pages it; False when another job, alive now, claims it
+    (a night still running, or one announcing). The job's lease is taken before its first claim."""
+    from memex.lease import LeaseHeld
+
+    def check_and_claim() -> bool:
+        if ledger.claimed_by_other(row, res.job, cfg.storage):
+            return False
+        if res.job_lease is None:
+            res.job_lease = ledger.job_lease(res.job, cfg.storage).acquire()
+            atexit.register(_release, res.job_lease)  # a job that fails before its ALARM line: its claims lapse
+        ledger.claim(row, res.job)
+        return True
+
+    try:
+        with ledger.claiming(cfg.storage, wait_s=2 * cfg.storage.lease_timeout_s):
+            return check_and_claim()
+    except LeaseHeld as e:  # a claimer stuck for longer than a stale lease lasts: paged here rather than never
+        log.warning("the ledger's alarm claims are locked (%s): claiming %s without the lock", e, row["location"])
+        return check_and_claim()
+
+
+def _release(lease) -> None:
+    try:
+        lease.release()
+        if lease.local:  # its folder, jobs/<id>/, empty now (object stores have no folders)
+            with contextlib.suppress(OSError):
+                os.rmdir(lease.store.path)
+    except Exception as e:  # noqa: BLE001 - a lease left behind goes stale: its claims lapse then
+        log.warning("could not release the nightly job's lease (%s: %s)", type(e).__name__, redact_text(str(e)))
+
+
+def release_job(res: NightlyResult) -> None:
+    """This job pages nothing more: another night may take over its unannounced alarm rows."""
+    if res.job_lease is not None:
+        _release(res.job_lease)
+        res.job_lease = None
+
+
+def earlier_alarms(cfg: NightlyAuditConfig, ledger: Ledger, res: NightlyResult) -> list[dict]:
+    """This config's alarm rows no night announced (memex/ledger.py), other than this night's own rows, and
+    of those the ones no live job claims (its night still runs, and pages them itself): claimed here."""
+    this = {(r["weights_sha256"], r["config_sha256"]) for r in res.rows}
     return [{**r, "message": f"{r['message']} (found {r['finished']:%Y-%m-%d %H:%M} UTC by a night that ended "
                              "before announcing it)"}
-            for r in ledger.unannounced(sha) if (r["weights_sha256"], r["config_sha256"]) not in this]
+            for r in ledger.unannounced(res.config_sha256)
+            if (r["weights_sha256"], r["config_sha256"]) not in this and claim_alarm(cfg, res, ledger, r)]
 
 
 def mark_announced(cfg: NightlyAuditConfig, res: NightlyResult) -> None:
-    """After the night's ALARM line is printed: its alarm rows are not announced again."""
+    """After the night's ALARM line is printed: its alarm rows are not announced again, and its claims end."""
     Ledger(ledger_root(cfg), cfg.storage.options).mark_announced(res.alarms)
+    release_job(res)
 
 
 def announce(cfg: NightlyAuditConfig, res: NightlyResult) -> None:
