@@ -9,7 +9,8 @@ MiaLayout) and `<run>/report/mia.html`.
        ones quarantined) so that overlapping sets (same id, or the same picture under two ids) are
        refused before any model work; captions present for a text model
     2. claim the folder (mia/run.json: a rerun resumes, other settings are refused), images.parquet
-    3. scores/: units of mia.images_per_unit images on the actor pool (model loaded once per actor)
+    3. scores/: units of mia.images_per_unit images on the actor pool (model loaded once per actor); images.parquet
+       holds a unit a row group, and each unit reads its own (read_image_rows), as a shadow task reads its images
     4. LiRA (mia.shadow_models > 0): one Ray task per shadow model: train it with `memex train` on
        its half of members + non-members (the target's own recipe, memex_train.json, for as many
        passes over the half as the target made over its set), then its loss on every image ->
@@ -63,7 +64,7 @@ from memex.manifest import take_rows
 from memex.models import ModelError, check_model_inputs, generated_channels, model_json, scheduler_timesteps
 from memex.redact import redact
 from memex.stages.generate import weight_keys
-from memex.storage import check_outside
+from memex.storage import StorageError, Store, check_outside, damaged, is_damage
 
 log = logging.getLogger("memex.mia")
 LIRA = ("lira_online", "lira_offline")
@@ -82,6 +83,9 @@ THUMB = 16
 # matched: distinct pictures of that kind lie within NEAR_COPY_RMS of each other, and dropping them would
 # remove the low-loss non-members a loss attack ranks first (its TPR at low FPR read higher)
 NEAR_COPY_MIN_STD = 0.05
+# a shadow model's training data (shadow_data/): its half's rows, a picture's copies as rows of their own
+SHADOW_DATA_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("uri", pa.string()),
+                                ("caption", pa.string())])
 NEAR_COPY_REASON = "a near copy of member"  # how quarantine.parquet names them (summary.json counts these rows)
 
 
@@ -312,6 +316,41 @@ def one_row_per_picture(images: pa.Table, digest: dict[str, str]) -> pa.Table:
     return out.set_column(out.column_names.index("copies"), "copies", pa.array(n, pa.int32()))
 
 
+def read_image_rows(store: Store, path: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of images.parquet (MIA_IMAGES_SCHEMA): only the row groups that hold them are read
+    (the file is written mia.images_per_unit rows a group, so a unit reads one). Each scoring actor and each
+    LiRA shadow task read the whole file, every image's bytes, to score its part of it: ~5 GB each at 50,000
+    LAION images of 100 KB, times the actors and tasks of a node (bench/bench_mia_memory.py)."""
+    try:
+        with pq.ParquetFile(path, filesystem=store.fs, pre_buffer=False) as f:
+            md, groups, first, at = f.metadata, [], 0, 0
+            for g in range(md.num_row_groups):
+                n = md.row_group(g).num_rows
+                if at < stop and at + n > start:
+                    first = at if not groups else first
+                    groups.append(g)
+                at += n
+            if not groups:
+                return f.schema_arrow.empty_table()
+            t = f.read_row_groups(groups)
+    except (pa.ArrowInvalid, OSError) as e:  # truncated or removed since: named, with the recovery
+        if not is_damage(e):  # a storage failure (a reset, a refused read): re-raised, the table is fine
+            raise
+        raise StorageError(damaged(store.uri_of(path), "Parquet", e)) from e
+    return t.slice(start - first, stop - start)  # (first <= start: the first group read holds row `start`)
+
+
+def regroup_images(layout: MiaLayout, per: int) -> None:
+    """An images.parquet written before it was kept mia.images_per_unit rows a row group (one group for the
+    whole set) is written again so, the same rows, once: else each unit of a resume read the whole file."""
+    md = pq.read_metadata(layout.images_path, filesystem=layout.store.fs)
+    if max((md.row_group(g).num_rows for g in range(md.num_row_groups)), default=0) > per:
+        log.info("images.parquet written again %d rows a row group: each unit reads its own rows", per)
+        layout.store.write_table(layout.images_path, layout.store.read_table(layout.images_path,
+                                                                             schema=MIA_IMAGES_SCHEMA),
+                                 row_group_size=per)
+
+
 def _rows(images: pa.Table) -> pa.Table:
     """images.parquet rows as memex.ingest.decode_rows reads them (id, image, uri)."""
     return images.select(["image_id", "image", "uri"]).rename_columns(["id", "image", "uri"])
@@ -414,21 +453,21 @@ def check_trained_shadows(folder, steps: dict[int, int], inside: dict[int, dict[
 
 # ---- 3. scoring units (in the actors) --------------------------------------------------------
 class ScoreImages:
-    """One actor: the model and a MiaScorer, loaded once; a unit scores rows [start, stop) of images.parquet."""
+    """One actor: the model and a MiaScorer, loaded once; a unit reads and scores rows [start, stop) of
+    images.parquet, and no other image (read_image_rows)."""
 
     def __init__(self, cfg: MiaConfig, run_name: str):
         from memex.mia import MiaScorer
         from memex.models import load_model, resolve_device
 
         self.cfg, self.layout = cfg, MiaLayout(cfg.storage.root, run_name, cfg.storage.options)
-        self.images = self.layout.store.read_table(self.layout.images_path, schema=MIA_IMAGES_SCHEMA)
         m = cfg.model
         model = load_model(m.path, m.kind, "float32", resolve_device(cfg.resources.device), m.revision, m.unet,
                            m.allow_pickle, m.variant, m.lora, m.text_encoder)
         self.scorer = MiaScorer(model, cfg.mia)
 
     def __call__(self, index: int, start: int, stop: int) -> tuple[pa.Table, dict]:
-        rows = self.images.slice(start, stop - start)
+        rows = read_image_rows(self.layout.store, self.layout.images_path, start, stop)
         return score_rows(self.scorer, rows, [a.value for a in self.cfg.mia.attacks], self.cfg.storage.options)
 
 
@@ -474,16 +513,24 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
     from memex.training import train
 
     layout = MiaLayout(cfg.storage.root, run_name, cfg.storage.options)
-    images = layout.store.read_table(layout.images_path, schema=MIA_IMAGES_SCHEMA)
-    half = images.filter(pa.array(inside))
-    ids, image, uri, caption = [], [], [], []
-    for r in half.to_pylist():
-        for k in range(max(1, r["copies"] or 1)):
-            ids.append(r["image_id"] if k == 0 else f"{r['image_id']}#{k}")
-            image.append(r["image"]), uri.append(r["uri"]), caption.append(r["caption"])
-    manifest = pa.table({"id": ids, "image": pa.array(image, pa.binary()), "uri": pa.array(uri, pa.string()),
-                         "caption": pa.array(caption, pa.string())})
-    layout.store.write_table(layout.shadow_data(index), manifest)
+    # ids and copies of every image; their bytes mia.images_per_unit rows at a time (read_image_rows), for the half's
+    # training data and then for the losses (the task held every image's bytes throughout: ~5 GB a task at 50,000
+    # LAION images)
+    path, step = layout.images_path, cfg.mia.images_per_unit
+    images = layout.store.read_table(path, columns=["image_id", "copies"])
+    examples = sum(max(1, c or 1) for c, i in zip(images["copies"].to_pylist(), inside) if i)
+
+    def half():
+        for a in range(0, images.num_rows, step):
+            ids, image, uri, caption = [], [], [], []
+            for r in read_image_rows(layout.store, path, a, a + step).filter(pa.array(inside[a:a + step])).to_pylist():
+                for k in range(max(1, r["copies"] or 1)):
+                    ids.append(r["image_id"] if k == 0 else f"{r['image_id']}#{k}")
+                    image.append(r["image"]), uri.append(r["uri"]), caption.append(r["caption"])
+            if ids:
+                yield pa.table({"id": ids, "image": image, "uri": uri, "caption": caption}, schema=SHADOW_DATA_SCHEMA)
+
+    layout.store.write_batches(layout.shadow_data(index), SHADOW_DATA_SCHEMA, half())
     arch = dict(recipe["arch"], kind=ArchKind(recipe["arch"]["kind"]))
     trainer = dict(recipe["trainer"], seed=recipe["trainer"].get("seed", 0) * 1000 + index + 1)
     if arch["kind"] == ArchKind.unconditional:  # text keys it never read: memex train now refuses them set
@@ -508,14 +555,13 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
         # mia.images_per_unit at a time, as the target's units: score_rows decodes its rows at their stored size,
         # and the whole set at once was ~7.9 GB a shadow task at 10k 512 px images (each image's noise is seeded
         # by its id, so the losses are the same)
-        step = cfg.mia.images_per_unit
-        parts = [score_rows(scorer, images.slice(a, step), ["loss"], cfg.storage.options)
+        parts = [score_rows(scorer, read_image_rows(layout.store, path, a, a + step), ["loss"], cfg.storage.options)
                  for a in range(0, images.num_rows, step)]
         scores = pa.concat_tables([t for t, _ in parts])
         meta = {k: sum(m[k] for _, m in parts) for k in parts[0][1]}
     table = pa.table({"shadow": pa.array([index] * images.num_rows, pa.int32()), "image_id": images["image_id"],
                       "in_training": pa.array(inside), "loss": scores["loss"]}, schema=MIA_SHADOW_SCHEMA)
-    return table, {**meta, "training_steps": trainer["steps"], "examples": manifest.num_rows}
+    return table, {**meta, "training_steps": trainer["steps"], "examples": examples}
 
 
 def splits_of(ids: list[str], split_as: dict[str, str], n_shadows: int, seed: int) -> np.ndarray:
@@ -665,7 +711,10 @@ def run(cfg: MiaConfig) -> dict:
         check_pixels(layout, pixels)
         if not layout.store.exists(layout.images_path):  # quarantine first: images.parquet decides this branch
             layout.store.write_table(layout.quarantine_path, quarantine)
-            layout.store.write_table(layout.images_path, images)
+            # a unit's rows are one row group: each actor and shadow task reads only the groups it scores
+            layout.store.write_table(layout.images_path, images, row_group_size=cfg.mia.images_per_unit)
+        else:
+            regroup_images(layout, cfg.mia.images_per_unit)
         summary = _score_and_measure(cfg, name, layout, images, recipe, split_as)
         near = int(pc.sum(pc.cast(pc.starts_with(quarantine["reason"], NEAR_COPY_REASON), pa.int64())).as_py()
                    or 0)
