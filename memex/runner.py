@@ -12,9 +12,11 @@ writes the unit's marker afterwards (memex/storage.py StageFolder), the same con
 folders and the index. `run_tasks` / `run_actor_pool` are datatrove's executor loop on Ray:
 
   1. skip units whose marker exists (`is_rank_completed`);
-  2. dispatch the rest: one Ray task each, or a Ray Data actor pool (model in `__init__`);
+  2. dispatch the rest: one Ray task each (a window of them in flight, `window_for`), or a Ray Data
+     actor pool (model in `__init__`);
   3. each unit, when done, writes its files then its marker (`mark_rank_as_completed`);
-  4. check that none is missing: a unit that did not complete fails the stage, naming the fix.
+  4. check that none is missing (a unit whose task returned its marker counts without a listing): a unit
+     that did not complete fails the stage, naming the fix.
 The stage writes its own `_SUCCESS.json` (its summary) after that; it knows what to count.
 `resources.executor=local` swaps step 2 for a loop in this process (`run_here`; an actor pool's
 worker built once): the same units, files and markers, and no Ray (datatrove's local executor).
@@ -36,6 +38,7 @@ full traceback written to <run folder>/logs/ (memex/layout.py `log_path`): `Unit
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 import re
@@ -44,7 +47,7 @@ import time
 import traceback
 import uuid
 from contextlib import contextmanager
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 
@@ -544,22 +547,84 @@ def sweep(folder: StageFolder) -> None:
         log.info("%s: removed %d temp file(s) that writes of an interrupted run left", folder.name, n)
 
 
-def check_complete(folder: StageFolder, units: Sequence[int]) -> None:
-    """Step 4: every unit has its marker (one listing, not one request per unit)."""
-    missing = sorted(set(units) - set(folder.complete()))
+def check_complete(folder: StageFolder, units: Sequence[int], returned: Iterable[int] = ()) -> None:
+    """Step 4: every unit has its marker. A unit whose task `returned` its marker (written before do_unit
+    returns it) counts as marked; the others are looked up in one listing, not one request per unit, and
+    only when there are any. Not a listing alone: where listings are cached (NFS with
+    storage.shared_mount=true, an object store's listing cache) the markers other nodes wrote last can be
+    missing from one taken right after their tasks returned, and a finished stage was reported incomplete."""
+    missing = set(units) - set(returned)
+    if missing:
+        missing -= set(folder.complete())
+    missing = sorted(missing)
     if missing:
         raise StorageError(f"{folder.name} units {missing[:10]} of {folder.store.uri_of(folder.path)} did not "
                            "complete; rerun the same command to resume")
 
 
+# run_tasks keeps a window of a stage's tasks in flight, not all of them: WINDOW_PER_SLOT x how many of
+# its tasks the alive nodes hold at once (at least MIN_WINDOW), topped up as tasks finish. Submitting every
+# unit at once made each ray.wait (Ray 2.60) loop in Python over every pending ref (29 ms a call at 100k
+# refs: ~25 min of driver CPU for a 100k-unit stage), and a failed stage left all its other units
+# running (the note below _watched). Twice the slots keeps each slot's next task queued at its node
+# while the driver tops up, and shows an autoscaler pending demand; the window is sized again every
+# WINDOW_REFRESH_S seconds (a node that joined).
+WINDOW_PER_SLOT = 2
+MIN_WINDOW = 4
+WINDOW_REFRESH_S = 10.0
+
+
+def window_for(request: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many tasks asking `request` ({"CPU": 1.0, "GPU": 1.0}) run_tasks keeps in flight on alive
+    nodes of these total resources: WINDOW_PER_SLOT x the tasks they hold at once, at least MIN_WINDOW.
+    A task that asks for nothing: per CPU."""
+    request = request or {"CPU": 1.0}
+    slots = sum(int(min(n.get(k, 0.0) / v for k, v in request.items()) + 1e-9) for n in nodes)
+    return max(WINDOW_PER_SLOT * slots, MIN_WINDOW)
+
+
+def _window(request: dict[str, float]) -> int:
+    import ray
+
+    nodes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in ray.nodes() if n.get("Alive")]
+    return window_for(request, nodes)
+
+
+def windowed(submit: Callable[[int], Any], todo: Iterable[int], size: Callable[[], int]) -> Iterator[list[int]]:
+    """Each unit of `todo` as `submit(unit)` (a Ray task: its ObjectRef), at most `size()` of them in flight (sized
+    again every WINDOW_REFRESH_S seconds), topped up as they finish; yields the units that finished, as they
+    finish. A task that failed raises its error (`ray.get`); the tasks still in flight are left to run."""
+    import ray
+
+    window, sized = size(), time.monotonic()
+    queue = iter(todo)
+    in_flight: dict[Any, int] = {}  # task ref -> unit
+    while True:
+        if time.monotonic() - sized > WINDOW_REFRESH_S:
+            window, sized = size(), time.monotonic()
+        for i in itertools.islice(queue, max(window - len(in_flight), 0)):
+            in_flight[submit(i)] = i
+        if not in_flight:
+            return
+        refs = list(in_flight)
+        # every task of the window finished by now, one call for all; else the next one to finish
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if not ready:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=WINDOW_REFRESH_S)
+        if ready:
+            ray.get(ready)  # their markers (do_unit's); the first failure raises
+            yield [in_flight.pop(r) for r in ready]
+
+
 def run_tasks(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callable[..., Any],
               resources: ResourcesConfig, gpu: bool = True, **shared: Any) -> int:
-    """Each unit `index -> kwargs` not yet complete as one Ray task `fn(index, **kwargs, **shared)`.
-    Returns how many units ran now."""
+    """Each unit `index -> kwargs` not yet complete as one Ray task `fn(index, **kwargs, **shared)`,
+    a window of them in flight at a time (`window_for`). Returns how many units ran now."""
     if resources.executor == ExecutorKind.local:
         return run_here(folder, units, fn, **shared)
     done = set(folder.complete())
     todo = [i for i in units if i not in done]
+    returned: set[int] = set()  # units whose task returned their marker
     if todo:
         import ray
 
@@ -570,15 +635,15 @@ def run_tasks(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callabl
         label = STAGE_LABELS.get(folder.name, folder.name)
         task = ray.remote(**remote_options(resources, gpu))(do_unit)
         command = uuid.uuid4().hex  # this dispatch: a rerun, or the next audit of a nightly, counts afresh
-        pending = [task.remote(folder, i, fn, {**shared, **units[i]}, command) for i in todo]
+        request = worker_request(resources, gpu)
         with _watched(folder, label, len(todo), len(done & set(units))) as progress:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                ray.get(ready)
-                progress.update(len(ready))
+            for finished in windowed(lambda i: task.remote(folder, i, fn, {**shared, **units[i]}, command), todo,
+                                     lambda: _window(request)):
+                returned.update(finished)
+                progress.update(len(finished))
     else:
         _all_complete(folder, units)
-    check_complete(folder, list(units))
+    check_complete(folder, list(units), returned)
     return len(todo)
 
 
@@ -609,7 +674,10 @@ def _all_complete(folder: StageFolder, units) -> None:
 # TaskManager::CompletePendingTask; the race of ray-project/ray#54798): it killed a pytest worker
 # of this suite, where units of one stage fail together, as they do in production (a corrupt
 # model, a full disk). Left alone, each finishes or fails its own unit (written atomically, marked
-# only when complete), and a `memex` command's exit ends its job's tasks anyway.
+# only when complete), and a `memex` command's exit ends its job's tasks anyway. What is left is at
+# most run_tasks' window (WINDOW_PER_SLOT x the cluster's slots for the task): the stage's units past
+# it were never submitted, so a driver that goes on (`memex nightly`'s next audit) finds the cluster
+# free within about two units' time, not after every unit of the failed stage.
 
 
 def release_failed_pools() -> None:
@@ -632,6 +700,7 @@ def run_here(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callable
     Returns how many units ran now."""
     done = set(folder.complete())
     todo = [i for i in units if i not in done]
+    returned: set[int] = set()
     if todo:
         sweep(folder)
         console.note_folder(folder.store)  # as run_tasks does: a failure's log goes to this run folder
@@ -639,6 +708,7 @@ def run_here(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callable
         try:
             for i in todo:
                 do_unit(folder, i, fn, {**shared, **units[i]})
+                returned.add(i)
                 progress.update()
         except BaseException:
             progress.close(ok=False)
@@ -646,7 +716,7 @@ def run_here(folder: StageFolder, units: dict[int, dict[str, Any]], fn: Callable
         progress.close()
     else:
         _all_complete(folder, units)
-    check_complete(folder, list(units))
+    check_complete(folder, list(units), returned)
     return len(todo)
 
 
@@ -737,8 +807,10 @@ class _ActorUnits:
     def __call__(self, batch: dict) -> dict:
         rows = [{k: getattr(v[j], "item", lambda: v[j])() for k, v in batch.items()}
                 for j in range(len(batch["index"]))]
-        metas = [do_unit(self.folder, r.pop("index"), self.worker, r, self.command) for r in rows]
-        return {"rows": [m.get("rows", 0) for m in metas], "seconds": [m.get("seconds", 0.0) for m in metas]}
+        index = [r.pop("index") for r in rows]
+        metas = [do_unit(self.folder, i, self.worker, r, self.command) for i, r in zip(index, rows)]
+        return {"index": index, "rows": [m.get("rows", 0) for m in metas],
+                "seconds": [m.get("seconds", 0.0) for m in metas]}
 
 
 def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker_cls: type,
@@ -753,6 +825,7 @@ def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker
     resources.executor=local: one worker in this process does the units in order."""
     done = set(folder.complete())
     todo = [{"index": i, **units[i]} for i in units if i not in done]
+    returned: set[int] = set()  # units whose actor returned (after their marker was written)
     if resources.executor == ExecutorKind.local:  # no worker built when every unit is complete already
         return run_here(folder, units, worker_cls(**worker_kwargs) if todo else None)
     if todo:
@@ -777,8 +850,9 @@ def run_actor_pool(folder: StageFolder, units: dict[int, dict[str, Any]], worker
         with _watched(folder, label, len(todo), len(done & set(units))) as progress:
             for row in ds.iter_rows():  # tiny summary rows only; images never reach the driver
                 log.info("%s: unit done, %d rows in %.1fs", label, row["rows"], row["seconds"])
+                returned.add(int(row["index"]))  # its marker written (check_complete)
                 progress.update()
     else:
         _all_complete(folder, units)
-    check_complete(folder, list(units))
+    check_complete(folder, list(units), returned)
     return len(todo)
