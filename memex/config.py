@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -333,6 +334,7 @@ def validate_storage(storage: "StorageConfig") -> None:
     if not storage.root:
         raise ConfigError("storage.root is empty: give a folder or URI (storage.root=s3://bucket/runs)")
     check_protocol("storage.root", storage.root)
+    check_folder_path("storage.root", storage.root)
     # finite: a lease whose holder was killed would hold the run folder for good (and inf is no JSON number)
     _at_least("storage.lease_timeout_s", storage.lease_timeout_s, 1)
     # inf waits for the run folder as long as it takes (memex/lease.py polls towards a deadline of inf)
@@ -364,10 +366,45 @@ def check_actor_devices(resources: "ResourcesConfig", dtype: "DType") -> None:
                           "float32 (or bfloat16)")
 
 
+# fsspec's glob wildcards. memex finds a folder's files by pattern (a stage's units and markers, its rounds, the
+# ledger's rows): a folder path holding one is read as a pattern too, so `runs/sd[ema]` (a character class) matched
+# nothing and every stage "did not complete; rerun", and s3fs's move of each atomic write found no temp file
+GLOB_CHARS = "[]*?"
+
+
+def glob_chars(text: str) -> str:
+    """The glob wildcards in `text`, in GLOB_CHARS order ("" for none)."""
+    return "".join(c for c in GLOB_CHARS if c in (text or ""))
+
+
+def _without_glob(name: str) -> str:
+    """`sd[ema]` -> `sd-ema`: the example a refusal gives."""
+    return re.sub(r"-*/-*", "/", re.sub(r"[\[\]*?]+", "-", name)).strip("-") or "my-run"
+
+
+def check_folder_path(key: str, uri: Optional[str]) -> None:
+    """A folder memex writes under (storage.root, index.root, nightly.ledger) whose path, a relative one as it
+    resolves here, holds a glob wildcard: refused (see GLOB_CHARS)."""
+    if not uri:
+        return
+    where = uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+    found = glob_chars(where)
+    if found:
+        shown, fix = (uri, f"e.g. {key}={_without_glob(uri)}") if where == uri or glob_chars(uri) else \
+            (f"{uri} ({where})", "e.g. an absolute path, or run from another folder")
+        raise ConfigError(f"{key}={shown} holds {' '.join(found)}, which memex's file listings read as wildcards "
+                          f"(its runs would not find their own files): use a folder whose path has none of "
+                          f"{' '.join(GLOB_CHARS)}, {fix}")
+
+
 def check_model_name(name: str | None) -> None:
     """model.name names run folders under storage.root: `memex generate`'s and the audit's <model.name>-<hash>
     (memex/stages/generate.py default_run_name), `memex mia`'s mia-<model.name>-<key>. A hub id's `/`
     (stabilityai/sd-2-1) nested the run one folder down; `..` (../../tmp/escape) wrote it outside storage.root."""
+    if name is not None and glob_chars(name):
+        raise ConfigError(f"model.name={name} holds {' '.join(glob_chars(name))}: it names the run folder under "
+                          "storage.root (<model.name>-<hash>), whose files memex lists by pattern, where these are "
+                          f"wildcards: give a name without them, e.g. model.name={_without_glob(name)}")
     if name is not None and "/" not in name and "\\" not in name and name.strip() not in ("", ".", ".."):
         return
     parts = [p.strip() for p in re.split(r"[/\\]", name or "") if p.strip() not in ("", ".", "..")]
@@ -381,6 +418,10 @@ def check_run_name(name: str | None) -> None:
     S3, keys with a literal `..`), `.` into storage.root itself beside `_index/`."""
     if name is not None and ("/" in name or "\\" in name or not name.strip() or name.strip() in (".", "..")):
         raise ConfigError(f"run.name must be a plain folder name (no / or \\, not . or ..), got {name!r}")
+    if name is not None and glob_chars(name):
+        raise ConfigError(f"run.name={name} holds {' '.join(glob_chars(name))}: it names the run folder under "
+                          "storage.root, whose files memex lists by pattern, where these are wildcards: give a name "
+                          f"without them, e.g. run.name={_without_glob(name)}")
     if name in RESERVED_NAMES:
         raise ConfigError(f"run.name={name} is the folder memex keeps {RESERVED_NAMES[name]} in, "
                           "under storage.root: give the run another name")
@@ -863,6 +904,7 @@ def validate_audit(cfg: AuditConfig) -> None:
                           "to match against")
     check_protocol("trainset.path", cfg.trainset.path)
     check_protocol("index.root", i.root)
+    check_folder_path("index.root", i.root)
     if cfg.embedder.kind != EmbedderKind.pixels and not cfg.embedder.path:
         raise ConfigError(f"embedder.kind={cfg.embedder.kind.value} needs embedder.path "
                           "(a local file/folder or hub id)")
@@ -1058,6 +1100,7 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
     if n.night is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", n.night):
         raise ConfigError(f"nightly.night must be a date YYYY-MM-DD, got {n.night!r}")
     check_protocol("nightly.ledger", n.ledger)
+    check_folder_path("nightly.ledger", n.ledger)
     if n.webhook is not None and not n.webhook.startswith(("http://", "https://")):
         raise ConfigError(f"nightly.webhook must be an http:// or https:// URL, got {n.webhook!r}")
     if n.webhook is not None:

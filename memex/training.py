@@ -4,7 +4,8 @@ The paper trains many small models to see what makes them memorize (duplication,
 module does the same with accelerate, so one code path runs on this CPU and on several GPUs
 (`accelerate launch jobs/train.py ...`).
 
-    1. check inputs (config ranges, manifest, every image decodable at the model's resolution)
+    1. check inputs (config ranges, seed and precision on this device, manifest, every image decodable at
+       the model's resolution: every row checked, one error for all) and take output's lease
     2. expand the manifest by the duplication schedule -> the exact training set, saved with the model
     3. build the model from config: UNet2DModel, or UNet2DConditionModel + frozen text encoder
     4. train (epsilon prediction, DDPM noise schedule), checkpointing every N steps (the UNet, the
@@ -13,14 +14,16 @@ module does the same with accelerate, so one code path runs on this CPU and on s
     5. save a standard diffusers folder (DDPMPipeline or IFPipeline layout, safetensors) that
        `memex generate` loads like any other model
 
-Why no DataLoader: the training sets this is for (thousands of 32 px images) fit in memory, and
-drawing each step's batch from a generator seeded by (seed, step, process) makes a resumed run
-draw exactly the batches the uninterrupted run would have. Why not accelerate.save_state:
-it pickles the optimizer and RNG state; memex checkpoints are safetensors + JSON only.
+Why no DataLoader: the training sets this is for (thousands of 32 px images) fit in memory (as uint8
+on the CPU, a batch converted to float on the device), and drawing each step's batch from a generator
+seeded by (seed, step, process) makes a resumed run draw exactly the batches the uninterrupted run
+would have. Why not accelerate.save_state: it pickles the optimizer and RNG state; memex checkpoints
+are safetensors + JSON only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +31,7 @@ import shutil
 import string
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +45,7 @@ from memex.console import library_logs_to_file
 from memex.images import resize
 from memex.manifest import ManifestError, expand_duplicates, first_caption, load_image, read_manifest
 from memex.redact import redact
+from memex.storage import Store, store_failure
 
 log = logging.getLogger("memex.train")
 MANIFEST_FILE = "training_manifest.parquet"  # the exact training set, one row per example
@@ -71,42 +76,128 @@ def check_captions_fit(captions: list[str], max_length: int) -> None:
                             "tokens) or shorten the captions")
 
 
-def load_training_set(cfg: TrainConfig) -> tuple[pa.Table, torch.Tensor, list[str], torch.Tensor, int]:
-    """(expanded manifest, distinct images (N, 3, R, R) in [-1, 1], their captions, example -> image, how
-    many of them were non-square and squashed to R x R by data.resize)."""
+SHOWN_PROBLEMS = 10  # rows named in a refused training set's message; all of them go to PROBLEMS_FILE
+PROBLEMS_FILE = "_unusable_rows.tsv"  # in output: id <tab> reason, one row a line, when more than that
+
+
+def _float_lut() -> torch.Tensor:
+    """(256,) float32: each uint8 value as training sees it, in [-1, 1]. Computed the way the whole set was
+    converted before it was kept as uint8 (float32, / 127.5, - 1), so a batch looked up in it holds the same
+    bits on any device (CUDA divides by a scalar through its reciprocal: one ulp off, some values)."""
+    return torch.arange(256, dtype=torch.uint8).float() / 127.5 - 1
+
+
+def to_float(batch: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """A uint8 batch (B, 3, R, R) -> float32 in [-1, 1] on lut's device, with the batch's strides: channels-last
+    from load_training_set, the layout the UNet always got (a contiguous one changes its float arithmetic)."""
+    return lut[batch.to(lut.device).long()]
+
+
+def _environment_failure(e: ManifestError) -> bool:
+    """A row's error that every row would hit (a store that does not answer, a filesystem package not
+    installed): raised at once, not collected row by row (each row would wait on the store again). load_image
+    wraps its store error in a ManifestError, and that one again: the whole chain of causes is read."""
+    cause = e.__cause__
+    while cause is not None:
+        if isinstance(cause, ImportError) or store_failure(cause):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def load_training_set(cfg: TrainConfig, report_to: Path | None = None
+                      ) -> tuple[pa.Table, torch.Tensor, list[str], torch.Tensor, int]:
+    """(expanded manifest, distinct images (N, 3, R, R) uint8 (a channels-last view of one (N, R, R, 3) array,
+    filled as they decode; training converts each batch with to_float), their captions, example -> image, how
+    many of them were non-square and squashed to R x R by data.resize).
+
+    Every row is checked before any is refused: one error names how many rows cannot be trained on, the first
+    SHOWN_PROBLEMS with their reasons and the fixes; with more, report_to (a folder) gets PROBLEMS_FILE, all
+    of them. A missing caption column or one of non-text values is refused before any image is decoded."""
     d, r = cfg.data, cfg.arch.resolution
     table = read_manifest(d.path, d.storage_options)
-    images, captions, squashed = [], [], 0
-    for row in table.to_pylist():
-        img = load_image(row, None, d.storage_options)
-        if img.shape[:2] != (r, r) and not d.resize:
-            raise ManifestError(f"image {row['id']!r} is {img.shape[1]}x{img.shape[0]}, the model takes {r}x{r}: "
-                                "set data.resize=true or arch.resolution")
-        squashed += img.shape[0] != img.shape[1]
-        images.append(resize(img, r))  # decoded once, resized only when data.resize allows it
-        cap = first_caption(row.get(d.caption_column))  # several captions an image (COCO): its first, as the audit
-        if cfg.arch.kind == ArchKind.pixel_text and cap is None:
-            raise ManifestError(f"image {row['id']!r} has no {d.caption_column!r}: a text-conditional model needs "
-                                "captions (set data.caption_column, or arch=uncond_small)")
-        if cfg.arch.kind == ArchKind.pixel_text and not isinstance(cap, str):  # a class label (CIFAR's int `label`):
-            # label 0 trained as the empty (unconditional) caption, 1 raised a bare TypeError
-            raise ConfigError(f"data.caption_column={d.caption_column!r} holds {type(cap).__name__} values, not "
-                              f"caption text (image {row['id']!r}: {str(cap)[:40]}): a text-conditional model trains "
-                              "on strings. Point data.caption_column at a column of captions (map class labels to "
-                              "their names first), or train arch=uncond_small")
-        unread = sorted(set(cap or "") - TOKENIZER_CHARS) if cfg.arch.kind == ArchKind.pixel_text else []
-        if unread:  # each would become the padding token: "日本の犬" and "猫のロゴ" trained as one caption
-            raise ManifestError(f"image {row['id']!r}: its caption {cap[:60]!r} has characters the tiny model's "
-                                f"tokenizer does not read ({''.join(unread[:10])!r}: it reads printable ASCII, and "
-                                "maps others to its padding, so captions that differ there train as one): "
-                                "transliterate the captions to ASCII")
-        captions.append(cap or "")
-    if cfg.arch.kind == ArchKind.pixel_text:
+    text = cfg.arch.kind == ArchKind.pixel_text
+    col = d.caption_column
+    if text and col not in table.column_names:
+        raise ManifestError(f"the training manifest {d.path} has no {col!r} column (it has "
+                            f"{', '.join(table.column_names)}): a text-conditional model needs captions (set "
+                            "data.caption_column, or arch=uncond_small)")
+    # several captions an image (COCO): its first, as the audit
+    caps = [first_caption(c) for c in table[col].to_pylist()] if col in table.column_names else [None] * len(table)
+    ids = table["id"].to_pylist()
+    wrong = next((k for k, c in enumerate(caps) if c is not None and not isinstance(c, str)), None)
+    if text and wrong is not None:  # a class label (CIFAR's int `label`): a column's type, not a row's problem;
+        # label 0 trained as the empty (unconditional) caption, 1 raised a bare TypeError
+        cap = caps[wrong]
+        raise ConfigError(f"data.caption_column={col!r} holds {type(cap).__name__} values, not caption text "
+                          f"(image {ids[wrong]!r}: {str(cap)[:40]}): a text-conditional model trains "
+                          "on strings. Point data.caption_column at a column of captions (map class labels to "
+                          "their names first), or train arch=uncond_small")
+    images = np.empty((len(table), r, r, 3), np.uint8)  # the only copy of the pixels, filled in place
+    problems: list[tuple[str, str, str]] = []  # (id, reason, kind)
+    squashed, k = 0, 0
+    for start in range(0, len(table), 256):  # the rows' bytes as Python objects a slice at a time
+        for row in table.slice(start, 256).to_pylist():
+            cap = caps[k]
+            if text and cap is None:
+                problems.append((row["id"], f"image {row['id']!r} has no {col!r}", "caption"))
+            unread = sorted(set(cap or "") - TOKENIZER_CHARS) if text else []
+            if unread:  # each would become the padding token: "日本の犬" and "猫のロゴ" trained as one caption
+                problems.append((row["id"], f"image {row['id']!r}: its caption {cap[:60]!r} has characters the tiny "
+                                 f"model's tokenizer does not read ({''.join(unread[:10])!r})", "chars"))
+            try:
+                img = load_image(row, None, d.storage_options)
+            except ManifestError as e:
+                if _environment_failure(e):
+                    raise
+                problems.append((row["id"], str(e), "decode"))
+                k += 1
+                continue
+            if img.shape[:2] != (r, r) and not d.resize:
+                problems.append((row["id"], f"image {row['id']!r} is {img.shape[1]}x{img.shape[0]}, the model "
+                                 f"takes {r}x{r}", "size"))
+            else:
+                squashed += img.shape[0] != img.shape[1]
+                images[k] = resize(img, r)  # decoded once, resized only when data.resize allows it
+            k += 1
+    if problems:
+        raise ManifestError(_problems_message(cfg, problems, len(table), report_to))
+    if report_to is not None:  # a list left by an earlier refused run: these rows are fixed now
+        (report_to / PROBLEMS_FILE).unlink(missing_ok=True)
+    captions = [c or "" for c in caps]
+    if text:
         check_captions_fit(captions, cfg.arch.max_length)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
     expanded = expand_duplicates(table, d.duplication, d.duplication_seed)
-    index = {i: k for k, i in enumerate(table["id"].to_pylist())}
+    index = {i: k for k, i in enumerate(ids)}
     return expanded, x, captions, torch.tensor([index[s] for s in expanded["source_id"].to_pylist()]), squashed
+
+
+# each kind of row problem's fix, named once in the message
+FIXES = {"decode": "repair or drop the images that do not decode",
+         "size": "set data.resize=true (or arch.resolution) for the images of another size",
+         "caption": "give those images captions (a text-conditional model needs them: set data.caption_column, or "
+                    "arch=uncond_small)",
+         "chars": "transliterate the captions to ASCII (the tokenizer reads printable ASCII and maps others to its "
+                  "padding, so captions that differ there train as one)"}
+
+
+def _problems_message(cfg: TrainConfig, problems: list[tuple[str, str, str]], rows: int,
+                      report_to: Path | None) -> str:
+    """One refusal for every row that cannot be trained on: the count, the first SHOWN_PROBLEMS, the fixes, and
+    where the full list is (report_to/PROBLEMS_FILE, written when more rows than shown are refused)."""
+    shown = "; ".join(reason for _, reason, _ in problems[:SHOWN_PROBLEMS])
+    more = len(problems) - SHOWN_PROBLEMS
+    if more > 0 and report_to is not None:
+        listed = report_to / PROBLEMS_FILE
+        listed.write_text("id\treason\n" + "".join(f"{i}\t{' '.join(why.split())}\n" for i, why, _ in problems))
+        shown += f"; and {more} more (all {len(problems)} listed in {listed})"
+    elif more > 0:
+        shown += f"; and {more} more"
+    fixes = "; ".join(FIXES[kind] for kind in FIXES if any(p[2] == kind for p in problems))
+    bad = len({i for i, _, _ in problems})
+    return (f"{bad} of {rows} rows of the training manifest {cfg.data.path} cannot be trained on "
+            f"({len(problems)} problems): {shown}. To train: {fixes}, then rerun (every row was checked)")
 
 
 def draw_rows(example_image: torch.Tensor, batch: int, g: torch.Generator) -> torch.Tensor:
@@ -181,23 +272,37 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 RESUME_SAFE = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
 
 
+HASH_CHUNK_BYTES = 32 << 20  # float32 bytes of the training set converted at a time to be hashed
+
+
+def _hashed_chunk(part: torch.Tensor) -> np.ndarray:
+    """Rows of the training set as recipe() hashes them: float32 (n, 3, R, R) in [-1, 1], C order. uint8: the
+    whole set's conversion of before (_float_lut's values), on these rows, in place."""
+    part = part.detach().cpu().contiguous()  # C order: the float made from it is, with no second copy
+    return (part.float().div_(127.5).sub_(1) if part.dtype == torch.uint8 else part.float()).numpy()
+
+
 def recipe(cfg: TrainConfig, images: torch.Tensor, captions: list[str], example_image: torch.Tensor,
            processes: int = 1) -> dict:
     """What a checkpoint's weights depend on, written into it and compared when training resumes:
     the arch, the trainer less RESUME_SAFE, and a digest of the training set as decoded (pixels,
     captions, example -> image: the manifest, data.resize and the duplication schedule all land
-    there; data.path and its credentials do not, so a copied manifest resumes). Hashes the images in
-    C order, so it copies them once: load_training_set's tensor is channels-last in memory (its permute),
-    and np.ascontiguousarray makes a transient float32 copy of its size (98 MB: 0.086 s against 0.065 s
-    for a contiguous one on a 2-core machine; bench/bench_recipe_hash.py measures a contiguous tensor).
-    It stays channels-last: that layout reaches the UNet, and a contiguous one changes its float
-    arithmetic (weights ~1e-3 apart after 6 steps), so a checkpoint written before would resume onto
-    other arithmetic than the run that wrote it."""
+    there; data.path and its credentials do not, so a copied manifest resumes).
+
+    The pixels are hashed as the float32 (N, 3, R, R) C-order bytes training sees (to_float's values),
+    the digest of before, when the whole set was held as float: converted HASH_CHUNK_BYTES at a time from
+    the uint8 images load_training_set keeps, so no float copy of the set is made (it was a transient one
+    the size of the float set, beside the float set itself: bench/bench_train_memory.py). A float tensor
+    (N, 3, R, R) in [-1, 1] is hashed the same way, a chunk at a time. (The in-place division is the same
+    float32 operation as the out-of-place one of before: bit for bit, on the CPU.)"""
     import hashlib
     from dataclasses import asdict
 
     plain = json.loads(json.dumps(asdict(cfg), default=lambda v: getattr(v, "value", str(v))))
-    h = hashlib.sha256(memoryview(np.ascontiguousarray(images.detach().cpu().float().numpy())).cast("B"))
+    h = hashlib.sha256()
+    per = max(1, HASH_CHUNK_BYTES // max(1, 4 * images[0].numel())) if len(images) else 1
+    for a in range(0, len(images), per):  # (one chunk's float alive at a time: each freed after its update)
+        h.update(memoryview(_hashed_chunk(images[a:a + per])).cast("B"))
     h.update(json.dumps(captions).encode())
     h.update(example_image.cpu().numpy().astype(np.int64).tobytes())
     out = {"arch": plain["arch"], "trainer": {k: v for k, v in plain["trainer"].items() if k not in RESUME_SAFE},
@@ -247,9 +352,15 @@ def _save_checkpoint(folder: Path, step: int, unet, opt: torch.optim.Optimizer, 
                                                     "recipe": made_by, **({"grad_scaler": scale} if scale else {})}))
     tmp.rename(folder / f"checkpoint-{step}")  # complete only once renamed
     for old in checkpoints(folder)[:-keep]:
-        shutil.rmtree(old)
+        # out of checkpoints() first, by one rename: a run killed while rmtree deleted its files left a
+        # checkpoint-N with some of them, which the resume took for complete (the newest, after a save failed)
+        gone = folder / f"_tmp-{old.name}"
+        shutil.rmtree(gone, ignore_errors=True)
+        old.rename(gone)
+        shutil.rmtree(gone)
     # a save killed at another step left its full-size _tmp- folder (a UNet and its optimizer state each),
-    # which no later save of this run removed: one process saves (rank 0), so none is being written now
+    # which no later save of this run removed (or a prune killed mid-delete, its _tmp-checkpoint-N): one
+    # process saves (rank 0), and train holds output's lease, so none is being written now
     for stale in folder.glob("_tmp-checkpoint-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -352,29 +463,114 @@ def _load_checkpoint(path: Path, unet, opt: torch.optim.Optimizer, scaler=None) 
 
 
 # the whole job -----------------------------------------------------------------------------
-def train(cfg: TrainConfig, cpu: bool = False, check_schedule: bool = True) -> Path:
+# each step's batch generator is seeded with trainer.seed x SEED_STRIDE + step x STEP_STRIDE + process index
+SEED_STRIDE, STEP_STRIDE = 1_000_003, 101
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
+def _step_seed(seed: int, step: int, process: int) -> int:
+    return seed * SEED_STRIDE + step * STEP_STRIDE + process
+
+
+def seed_range(steps: int, processes: int = 1) -> tuple[int, int]:
+    """The trainer.seed values whose every step's generator seed (_step_seed) torch takes."""
+    return -(-SEED_MIN // SEED_STRIDE), (SEED_MAX - _step_seed(0, steps - 1, processes - 1)) // SEED_STRIDE
+
+
+def check_run_inputs(cfg: TrainConfig, device: str, processes: int, copies_a_recipe: bool = False) -> TrainConfig:
+    """Checks of the settings against the machine the run trains on, before output is touched or any image is
+    decoded (validate_train checks the values alone). Returns cfg, changed only for copies_a_recipe (below).
+
+    * trainer.seed: each step's batch generator is seeded with seed x 1,000,003 + step x 101 + process, which
+      torch takes as a 64-bit integer; a seed past ~1.8e13 (a nanosecond timestamp) overflowed it with a
+      traceback at step 0, after every image was decoded. Refused, naming the range.
+    * trainer.mixed_precision=fp16 on the CPU: accelerate runs no fp16 there (no autocast, no GradScaler), so the
+      run trained in float32 while its recipe and memex_train.json said fp16. Refused, naming bf16 and no.
+      copies_a_recipe (LiRA's shadows, trained with the target's recipe: train's copies_recipe=True): the
+      target trained fp16 on a GPU, and the shadow on a CPU worker trains in float32, as it did before,
+      recorded as trainer.mixed_precision=no, with a warning."""
+    from dataclasses import replace
+
+    t = cfg.trainer
+    lo, hi = seed_range(t.steps, processes)
+    if not lo <= t.seed <= hi:
+        raise ConfigError(f"trainer.seed={t.seed} is outside {lo}..{hi}: each training step draws its batch from a "
+                          f"torch generator seeded with trainer.seed x {SEED_STRIDE:,} + step x {STEP_STRIDE} + "
+                          f"process, a 64-bit integer this seed overflows (at trainer.steps={t.steps}). Give a seed "
+                          "in that range (a timestamp in seconds fits; one in nanoseconds does not)")
+    if t.mixed_precision == "fp16" and device == "cpu":
+        if copies_a_recipe:
+            log.warning("trainer.mixed_precision=fp16 (the copied recipe's) on the CPU: accelerate runs no fp16 "
+                        "there; training in float32 (trainer.mixed_precision=no), as before")
+            return replace(cfg, trainer=replace(t, mixed_precision="no"))
+        raise ConfigError("trainer.mixed_precision=fp16 on the CPU: accelerate runs no fp16 there (no autocast, no "
+                          "loss scaling), so the run would train in float32 and record fp16. Set "
+                          "trainer.mixed_precision=bf16 (on a CPU that has it) or trainer.mixed_precision=no, or "
+                          "train on a GPU")
+    return cfg
+
+
+def _in_use(out: Path, store) -> str:
+    from memex.config import StorageConfig
+    from memex.lease import LEASE_NAME, live_holder
+
+    who = live_holder(store, StorageConfig(), f"output={out}") or "another process (it just let go: rerun)"
+    return (f"output={out} is in use by {who}: another memex train writes its checkpoints and model there (a "
+            "requeued or twice-launched job), and two runs in one folder delete each other's checkpoints. Wait for "
+            "it to finish, or choose another output folder. If that process is gone, its lease is taken over "
+            f"{StorageConfig().lease_timeout_s:g} s after its last heartbeat, at once on its own machine; to take "
+            f"over now, delete {out / LEASE_NAME}")
+
+
+@contextlib.contextmanager
+def _output_lease(out: Path, state) -> Iterator[None]:
+    """output/_lease.json (memex/lease.py, storage's default timeout, no wait) for the whole run, so a second run
+    into the same output refuses, naming the first, instead of deleting its checkpoints (_save_checkpoint's
+    prune and stale-folder cleanup). `accelerate launch`: the main process holds it, and every process stops
+    if it could not take it."""
+    from accelerate.utils import broadcast_object_list
+
+    from memex.config import StorageConfig
+    from memex.lease import LeaseHeld, hold
+
+    store = Store(str(out.absolute()))
+    with contextlib.ExitStack() as stack:
+        err: BaseException | None = None
+        if state.is_main_process:
+            try:
+                stack.enter_context(hold(store, StorageConfig(), f"output={out}", wait_s=0))
+            except LeaseHeld:
+                err = ConfigError(_in_use(out, store))
+            except Exception as e:  # noqa: BLE001 - told to the other processes first (they would wait for it)
+                err = e
+        if state.num_processes > 1:
+            told = broadcast_object_list([None if err is None else str(err)])[0]
+            if told is not None and err is None:
+                err = ConfigError(f"the main training process did not take output={out}: {told}")
+        if err is not None:
+            raise err
+        yield
+
+
+def train(cfg: TrainConfig, cpu: bool = False, copies_recipe: bool = False) -> Path:
     """Train and save a diffusers folder at cfg.output; returns its path. Resumes if interrupted.
     cpu: on the CPU though a GPU is visible (a Ray worker given none: memex/models.py resolve_device).
-    check_schedule: refuse a noise schedule too short to reach noise (check_schedule_reaches_noise); memex mia
-    turns it off for LiRA's shadows, which must copy their target's recipe as it was trained."""
+    copies_recipe: a LiRA shadow of memex mia, which must copy its target's recipe as it was trained: no
+    refusal of a noise schedule too short to reach noise (check_schedule_reaches_noise), and on a CPU a
+    target's fp16 recipe is trained in float32 (check_run_inputs).
+    The whole run holds output's lease (_output_lease): a second run into the same folder is refused."""
     library_logs_to_file()  # importing IFPipeline warns on transformers 5: to the log file, not the console
-    from accelerate import Accelerator
-    from diffusers import DDPMPipeline, IFPipeline
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     # 1. check inputs before any training
     validate_train(cfg)
-    a, t = cfg.arch, cfg.trainer
-    if check_schedule:  # (off for LiRA's shadows: they copy a target's recipe, trained before the check existed)
-        check_schedule_reaches_noise(a.num_train_timesteps)
-    noise_sched = noise_schedule(a.num_train_timesteps)
+    # the device and processes accelerate trains with (Accelerator reads ACCELERATE_USE_CPU, then this state)
+    state = PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    cfg = check_run_inputs(cfg, state.device.type, state.num_processes, copies_a_recipe=copies_recipe)
+    if not copies_recipe:  # (off for LiRA's shadows: they copy a target's recipe, trained before the check existed)
+        check_schedule_reaches_noise(cfg.arch.num_train_timesteps)
     out = Path(cfg.output)
-    # a diffusers folder memex train did not write (no memex_train.json) is refused too, unless a checkpoint at
-    # trainer.steps of this recipe (checked once the data is decoded) says a run was killed while saving it here
-    unfinished = (out / "model_index.json").exists()
-    if unfinished and (out / INFO_FILE).exists():
-        raise ConfigError(f"output={out} already holds a trained model; choose another output folder")
-    if unfinished and not _finished_here(latest_checkpoint(out / "checkpoints"), None, t.steps):
-        raise ConfigError(_not_written_here(out))
     # an unwritable output fails in one line before the data is decoded, not in a traceback after it;
     # the folders made here are removed again if the input checks below fail
     new = [p for p in (out.absolute(), *out.absolute().parents) if not p.exists()]
@@ -384,20 +580,40 @@ def train(cfg: TrainConfig, cpu: bool = False, check_schedule: bool = True) -> P
         raise ConfigError(f"output={out} cannot be created ({type(e).__name__}: {e.strerror or e}): give a "
                           "writable folder") from e
     try:
-        manifest, images, captions, example_image, squashed = load_training_set(cfg)
-        accel = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu)
-        # a checkpoint left in output/checkpoints is resumed only if this same recipe wrote it
-        made_by = recipe(cfg, images, captions, example_image, accel.num_processes)
-        ck = latest_checkpoint(out / "checkpoints")
-        if unfinished and not _finished_here(ck, made_by, t.steps):
-            raise ConfigError(_not_written_here(out))
-        if ck is not None:
-            check_resumable(ck, made_by, t.steps)
+        with _output_lease(out, state):
+            return _train_here(cfg, cpu, out, new)
     except BaseException:
-        for p in new:  # deepest first; a folder something else wrote into stays
+        for p in new:  # deepest first; a folder something else wrote into stays (the lease is let go by now)
             if p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
         raise
+
+
+def _train_here(cfg: TrainConfig, cpu: bool, out: Path, new: list[Path]) -> Path:
+    """train, in output (made, its lease held); `new`: the folders made for it, removed by train if an input
+    check fails."""
+    from accelerate import Accelerator
+    from diffusers import DDPMPipeline, IFPipeline
+
+    a, t = cfg.arch, cfg.trainer
+    noise_sched = noise_schedule(a.num_train_timesteps)
+    # a diffusers folder memex train did not write (no memex_train.json) is refused too, unless a checkpoint at
+    # trainer.steps of this recipe (checked once the data is decoded) says a run was killed while saving it here
+    unfinished = (out / "model_index.json").exists()
+    if unfinished and (out / INFO_FILE).exists():
+        raise ConfigError(f"output={out} already holds a trained model; choose another output folder")
+    if unfinished and not _finished_here(latest_checkpoint(out / "checkpoints"), None, t.steps):
+        raise ConfigError(_not_written_here(out))
+    manifest, images, captions, example_image, squashed = load_training_set(cfg, report_to=out)
+    accel = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu)
+    # a checkpoint left in output/checkpoints is resumed only if this same recipe wrote it
+    made_by = recipe(cfg, images, captions, example_image, accel.num_processes)
+    ck = latest_checkpoint(out / "checkpoints")
+    if unfinished and not _finished_here(ck, made_by, t.steps):
+        raise ConfigError(_not_written_here(out))
+    if ck is not None:
+        check_resumable(ck, made_by, t.steps)
+    new.clear()  # the input checks passed: what was made for output stays, as before, whatever fails next
 
     torch.manual_seed(t.seed)
 
@@ -426,7 +642,7 @@ def train(cfg: TrainConfig, cpu: bool = False, check_schedule: bool = True) -> P
         raise
     ckpts = out / "checkpoints"
     unet, opt = accel.prepare(unet, opt)
-    images = images.to(accel.device)
+    lut = _float_lut().to(accel.device)  # images stay uint8 on the CPU: a batch goes to the device, float there
     log.info("training %s: %d examples (%d distinct images), %.2fM params, steps %d..%d", a.kind.value,
              manifest.num_rows, len(images), sum(p.numel() for p in unet.parameters()) / 1e6, start, t.steps)
 
@@ -434,9 +650,9 @@ def train(cfg: TrainConfig, cpu: bool = False, check_schedule: bool = True) -> P
     t0 = time.perf_counter()
     unet.train()
     for step in range(start, t.steps):
-        g = torch.Generator().manual_seed(t.seed * 1_000_003 + step * 101 + accel.process_index)
+        g = torch.Generator().manual_seed(_step_seed(t.seed, step, accel.process_index))
         rows = draw_rows(example_image, t.batch_size, g)
-        x0 = images[rows]
+        x0 = to_float(images[rows], lut)
         noise = torch.randn(x0.shape, generator=g).to(accel.device)
         ts = torch.randint(0, a.num_train_timesteps, (t.batch_size,), generator=g).to(accel.device)
         xt = noise_sched.add_noise(x0, noise, ts)

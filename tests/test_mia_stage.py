@@ -70,10 +70,10 @@ def test_members_of_a_memorizing_model_are_told_apart_and_lira_trains_its_shadow
     import memex.training
 
     on_cpu = []  # each shadow trains on the device its task was given (accelerate took any GPU it saw)
-    checked = []  # and with its target's schedule as trained (no check_schedule refusal for older targets)
+    checked = []  # and with its target's schedule as trained (no short-schedule refusal for older targets)
     real_train = memex.training.train
-    monkeypatch.setattr(memex.training, "train", lambda c, cpu=False, check_schedule=True: on_cpu.append(cpu) or
-                        checked.append(check_schedule) or real_train(c, cpu=cpu, check_schedule=check_schedule))
+    monkeypatch.setattr(memex.training, "train", lambda c, cpu=False, copies_recipe=False: on_cpu.append(cpu) or
+                        checked.append(not copies_recipe) or real_train(c, cpu=cpu, copies_recipe=copies_recipe))
     s = mia.run(cfg)
     assert max(scored) == 4 and sum(scored) == 3 * 2 * N  # the target's units and 2 shadows', 2N images each
     assert on_cpu == [True, True] and checked == [False, False]  # resources.device=auto and no GPU here

@@ -175,6 +175,7 @@ def test_a_local_root_inside_a_ray_jobs_working_dir_copy_is_refused(tmp_path, mo
     tracking.check(TrackerConfig(kind=TrackerKind.mlflow, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
     tracking.check(TrackerConfig(kind=TrackerKind.wandb, dir="/fsx/wandb"))
     tracking.check(TrackerConfig(kind=TrackerKind.mlflow, tracking_uri="databricks"))
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # online needs a key (tracking._check_wandb_key): a made-up one
     tracking.check(TrackerConfig(kind=TrackerKind.wandb, mode=WandbMode.online))  # uploads as it goes
     monkeypatch.delenv(RAY_JOB_CONFIG)
     tracking.check(TrackerConfig(kind=TrackerKind.mlflow))  # a laptop's working folder is its own

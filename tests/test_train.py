@@ -474,7 +474,7 @@ def test_a_schedule_too_short_to_reach_noise_is_refused_before_any_data(manifest
     # LiRA's shadows copy a target's recipe as it was trained (memex mia): one trained at 250 before this
     # check existed still gets its shadows, with the target's schedule
     out = train(_cfg(manifest, tmp_path / "shadow", "arch=uncond_small", "arch.num_train_timesteps=250",
-                     "trainer.steps=1"), check_schedule=False)
+                     "trainer.steps=1"), copies_recipe=True)
     assert DDPMScheduler.from_pretrained(out / "scheduler").config.num_train_timesteps == 250
 
 

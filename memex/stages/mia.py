@@ -547,7 +547,7 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
         device = resolve_device(cfg.resources.device)
         out = train(TrainConfig(arch=ArchConfig(**arch), data=data, trainer=TrainerConfig(**trainer),
                                 output=str(Path(tmp) / "model")), cpu=device == "cpu",
-                    check_schedule=False)  # the target's recipe, as it was trained
+                    copies_recipe=True)  # the target's recipe, as it was trained
         for f in sorted(p for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts):
             layout.store.write_bytes(layout.store.join(layout.shadow_model(index), str(f.relative_to(out))),
                                      f.read_bytes())
