@@ -105,6 +105,11 @@ def _environment_failure(e: ManifestError) -> bool:
     return False
 
 
+# the rows load_training_set checks past the first unusable ones: it stops once this many are found (a fault of
+# every row, such as another size with data.resize=false, found at row 1 of 5M, was ~10 hours of decoding away)
+MAX_PROBLEMS = 1000
+
+
 def load_training_set(cfg: TrainConfig, report_to: Path | None = None
                       ) -> tuple[pa.Table, torch.Tensor, list[str], torch.Tensor, int]:
     """(expanded manifest, distinct images (N, 3, R, R) uint8 (a channels-last view of one (N, R, R, 3) array,
@@ -138,6 +143,8 @@ def load_training_set(cfg: TrainConfig, report_to: Path | None = None
     squashed, k = 0, 0
     for start in range(0, len(table), 256):  # the rows' bytes as Python objects a slice at a time
         for row in table.slice(start, 256).to_pylist():
+            if len(problems) >= MAX_PROBLEMS:  # a fault of every row (the wrong size): not hours of decoding to say so
+                break
             cap = caps[k]
             if text and cap is None:
                 problems.append((row["id"], f"image {row['id']!r} has no {col!r}", "caption"))
@@ -196,8 +203,11 @@ def _problems_message(cfg: TrainConfig, problems: list[tuple[str, str, str]], ro
         shown += f"; and {more} more"
     fixes = "; ".join(FIXES[kind] for kind in FIXES if any(p[2] == kind for p in problems))
     bad = len({i for i, _, _ in problems})
-    return (f"{bad} of {rows} rows of the training manifest {cfg.data.path} cannot be trained on "
-            f"({len(problems)} problems): {shown}. To train: {fixes}, then rerun (every row was checked)")
+    checked = "every row was checked" if len(problems) < MAX_PROBLEMS else \
+        f"the check stopped at {MAX_PROBLEMS} problems: more rows may have them"
+    return (f"{'at least ' if len(problems) >= MAX_PROBLEMS else ''}{bad} of {rows} rows of the training manifest "
+            f"{cfg.data.path} cannot be trained on ({len(problems)} problems): {shown}. To train: {fixes}, then "
+            f"rerun ({checked})")
 
 
 def draw_rows(example_image: torch.Tensor, batch: int, g: torch.Generator) -> torch.Tensor:
@@ -522,9 +532,15 @@ def _in_use(out: Path, store) -> str:
             f"over now, delete {out / LEASE_NAME}")
 
 
+# how long a run waits for the output's lease: a requeued job's predecessor, killed on another node, holds it
+# until its heartbeat is storage's lease_timeout_s (300 s) old, and the requeued job then resumes, as before
+# the lease; a second live run is refused after it
+OUTPUT_LEASE_WAIT_S = 360.0
+
+
 @contextlib.contextmanager
 def _output_lease(out: Path, state) -> Iterator[None]:
-    """output/_lease.json (memex/lease.py, storage's default timeout, no wait) for the whole run, so a second run
+    """output/_lease.json (memex/lease.py, storage's default timeout) for the whole run, so a second run
     into the same output refuses, naming the first, instead of deleting its checkpoints (_save_checkpoint's
     prune and stale-folder cleanup). `accelerate launch`: the main process holds it, and every process stops
     if it could not take it."""
@@ -538,7 +554,9 @@ def _output_lease(out: Path, state) -> Iterator[None]:
         err: BaseException | None = None
         if state.is_main_process:
             try:
-                stack.enter_context(hold(store, StorageConfig(), f"output={out}", wait_s=0))
+                # a requeued job on another node finds its killed predecessor's lease: it waits for it to go
+                # stale (no heartbeat for lease_timeout_s) and resumes, as before the lease; a live run is refused
+                stack.enter_context(hold(store, StorageConfig(), f"output={out}", wait_s=OUTPUT_LEASE_WAIT_S))
             except LeaseHeld:
                 err = ConfigError(_in_use(out, store))
             except Exception as e:  # noqa: BLE001 - told to the other processes first (they would wait for it)

@@ -115,6 +115,24 @@ def test_a_dead_nights_alarm_is_paged_once_by_the_nights_after_it(tmp_path, monk
     assert not list(Path(nightly.ledger_root(cfg)).rglob("jobs/*/_lease.json"))  # every night's job lease ended
 
 
+def test_an_alarm_announced_between_a_nights_read_and_its_claim_is_not_paged_again(tmp_path, monkeypatch):
+    """Night Y reads the ledger's unannounced alarm rows, then claims each; night X, which claimed a row, prints
+    its ALARM line, marks the row announced and ends in between. X's claim then reads as a dead job's, and Y
+    claimed the row and paged it a second time. The claim now reads the announced mark again first."""
+    _checkpoints(tmp_path, 1000)
+    cfg = _cfg(tmp_path, "nightly.budget=0")
+    monkeypatch.setattr(audit, "run", lambda acfg, **_: _summary(5))
+    x = nightly.run(cfg)  # night X: its alarm row written and claimed
+    assert len(x.alarms) == 1
+    ledger = Ledger(nightly.ledger_root(cfg))
+    stale = ledger.unannounced(x.config_sha256)  # what night Y read, before X announced
+    assert [r["location"] for r in stale] == [x.alarms[0]["location"]]
+    nightly.mark_announced(cfg, x)  # X pages it, marks it and ends (its job lease released)
+    monkeypatch.setattr(Ledger, "unannounced", lambda self, sha: stale)
+    res = nightly.run(cfg)  # night Y: nothing pending, and the row it read is X's, announced since
+    assert res.earlier_alarms == [] and res.alarms == []
+
+
 def test_raw_and_ema_audits_of_one_run_are_two_tensorboard_runs_and_two_mlflow_run_names(tmp_path, monkeypatch):
     """nightly.ema=true audits a run's EMA weights under a config hash of its own, beside a nightly of the raw
     weights. With tracker=tensorboard both wrote into tracker.log_dir itself, with every other series of the

@@ -157,11 +157,33 @@ time.sleep(600)
 """
 
 
+def test_a_fault_of_every_row_is_refused_without_decoding_them_all(tmp_path, monkeypatch):
+    """A fault every row has (another size with data.resize=false) stopped at row 1 before every row was checked;
+    checked to the end it was hours of decoding at 5M rows before the error. The check stops at MAX_PROBLEMS
+    and says so ("at least")."""
+    from memex import training
+
+    monkeypatch.setattr(training, "MAX_PROBLEMS", 3)
+    path = _manifest(tmp_path / "big.parquet", [logo(k, 24)[0] for k in range(12)], [f"big {k}" for k in range(12)])
+    decoded = []
+    real = training.load_image
+    monkeypatch.setattr(training, "load_image", lambda *a: decoded.append(1) or real(*a))
+    with pytest.raises(ManifestError) as e:
+        train(_cfg(path, tmp_path / "o", "data.resize=false"))
+    msg = str(e.value)
+    assert msg.startswith(f"at least 3 of 12 rows of the training manifest {path} cannot be trained on"), msg
+    assert "the check stopped at 3 problems: more rows may have them" in msg
+    assert len(decoded) == 3  # not the other 9
+
+
 def test_a_second_run_into_the_same_output_is_refused_naming_the_first(manifest, tmp_path, monkeypatch):
     """Nothing stopped two runs in one output folder (a requeued job, a double launch): one run's save removed
     the other's _tmp-checkpoint-N mid-write (its stale-folder cleanup) and pruned its checkpoints. The run holds
     output/_lease.json now (memex/lease.py): a second one refuses before anything is read or written, naming the
     holder, and once the holder is gone (its pid, on this machine) the lease is taken over."""
+    import memex.training
+
+    monkeypatch.setattr(memex.training, "OUTPUT_LEASE_WAIT_S", 0.0)  # (a requeue's wait: the test below)
     out = tmp_path / "m"
     (out / "checkpoints" / "_tmp-checkpoint-9" / "unet").mkdir(parents=True)  # the first run's save, mid-write
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
@@ -191,6 +213,31 @@ def test_a_second_run_into_the_same_output_is_refused_naming_the_first(manifest,
                                                     ": in use by X")):
         train(_cfg(manifest, tmp_path / "n"))
     assert not (tmp_path / "n").exists()
+
+
+def test_a_requeued_run_waits_for_its_killed_predecessors_lease_and_resumes(manifest, tmp_path, caplog):
+    """A requeued job (SLURM --requeue, a Kubernetes retry) starts on another node within the lease's timeout of
+    its predecessor's kill: that lease is not stale yet, and no pid on this machine says it is gone. It was
+    refused at once (the predecessor's checkpoints unresumed); it now waits for the lease to go stale, then
+    takes it over and trains."""
+    import os
+    import socket
+
+    from memex.config import StorageConfig
+
+    out = tmp_path / "m"
+    out.mkdir()
+    timeout = StorageConfig().lease_timeout_s
+    (out / "_lease.json").write_text(json.dumps({  # another node's run, killed: its last heartbeat ~timeout ago
+        "host": "node-7", "pid": os.getpid() + 12345, "machine": f"node-7/{socket.gethostname()}-other",
+        "started": "2026-12-07T00:00:00+00:00", "heartbeat_unix": time.time() - timeout + 10,
+        "nonce": "f" * 32, "timeout_s": timeout, "command": "memex"}))
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="memex.lease"):
+        done = train(_cfg(manifest, out))
+    assert (done / INFO_FILE).is_file() and not (done / "_lease.json").exists()
+    assert time.monotonic() - started >= 3  # it waited for the heartbeat to go stale, then took it over
+    assert "is in use by host node-7" in caplog.text and "waiting up to" in caplog.text
 
 
 def test_fp16_on_the_cpu_is_refused_before_any_data(manifest, tmp_path):

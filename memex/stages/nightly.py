@@ -517,10 +517,15 @@ def run(cfg: NightlyAuditConfig) -> NightlyResult:
 
 def claim_alarm(cfg: NightlyAuditConfig, res: NightlyResult, ledger: Ledger, row: dict) -> bool:
     """Claim `row`'s alarm for this job, which then pages it; False when another job, alive now, claims it
-    (a night still running, or one announcing). The job's lease is taken before its first claim."""
+    (a night still running, or one announcing), or a night announced it since it was read. The job's lease is
+    taken before its first claim."""
     from memex.lease import LeaseHeld
 
     def check_and_claim() -> bool:
+        # announced since the caller read it unannounced: its job printed the ALARM line, marked it and released
+        # its lease, so it reads as nobody's (mark_announced writes the marks before it releases the lease)
+        if ledger.announced(row):
+            return False
         if ledger.claimed_by_other(row, res.job, cfg.storage):
             return False
         if res.job_lease is None:
