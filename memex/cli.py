@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import enum
 import functools
+import itertools
 import logging
 import re
 import shlex
@@ -22,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from memex import config as C
-from memex.redact import install_log_redaction, redact, redact_text
+from memex.redact import install_log_redaction, redact, redact_override, redact_text
 from memex.storage import Store
 
 CONF_DIR = C.CONF_DIR
@@ -174,7 +175,9 @@ def check_overrides(args: list[str], cls: type) -> None:
             raise C.ConfigError(unparsable_override_message(text, e)) from e
         if overrides[-1].is_sweep_override() and not parsed.multirun:  # Hydra's answer: six lines, no key
             key, _, value = text.partition("=")
-            raise C.ConfigError(f"{text} is a sweep (one run per value): add --multirun (-m) to run them all; a "
+            shown = redact_override(text)  # a credential's or a webhook's value is not repeated (memex/redact.py)
+            value = value if shown == text else "..."
+            raise C.ConfigError(f"{shown} is a sweep (one run per value): add --multirun (-m) to run them all; a "
                                 f"list is {key}=[{value}], a string with commas is quoted: {key}='{value}'")
     for o in overrides:
         key = o.key_or_group
@@ -184,8 +187,65 @@ def check_overrides(args: list[str], cls: type) -> None:
             check_key(key, cls) or _check_list(key, o, cls) or _check_choice(key, o, cls) or _check_scalar(key, o, cls)
         if msg:
             raise C.ConfigError(msg)
-    if msg := _kind_without_its_option(overrides, cls):
+    if msg := _kind_without_its_option(overrides, cls) or _absent_free_form_key(overrides, cls):
         raise C.ConfigError(msg)
+
+
+def _below_free_form(key: str, cls: type) -> bool:
+    """Is the dotted `key` strictly below a Dict field of `cls` (storage.options.secret, data.storage_options.x)?"""
+    node, parts = cls, key.split(".")
+    for i, part in enumerate(parts):
+        fields = _fields(node) if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return False
+        if _free_form(fields[part]):
+            return i < len(parts) - 1
+        node = _unwrap(fields[part])
+    return False
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    """Does the composed `cfg` hold the dotted `key` (a value, null or ??? included)? Nothing is resolved."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or node._is_missing() or node._is_none() or part not in node.keys():
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def _absent_free_form_key(overrides: list, cls: type) -> str | None:
+    """A plain `key=value` (no +) below a Dict field, for a key the composed config lacks (none of the shipped
+    storage options sets storage.options.secret): Hydra refused it with "To append to your config use
+    +storage.options.secret=<the value>", printed to stderr by Hydra itself, unredacted (and kept in a Ray
+    job's log). Refused here, naming +key=... without the value. The config is composed with the command
+    line's group options (each value of a -m sweep over one) and its +/++ keys below Dict fields."""
+    from hydra.core.override_parser.types import OverrideType
+
+    plain = [o.key_or_group for o in overrides if o.type == OverrideType.CHANGE and o.package is None
+             and _below_free_form(o.key_or_group, cls)]
+    stage = next((s for s, c in SCHEMAS.items() if c is cls), None)
+    if not plain or stage is None:
+        return None
+    fixed, sweeps = [], []
+    for o in overrides:
+        if o.package is not None or o.key_or_group.split("/")[0] == "hydra":
+            continue
+        if (CONF_DIR / o.key_or_group).is_dir() and o.is_sweep_override():
+            sweeps.append([f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()])
+        elif (CONF_DIR / o.key_or_group).is_dir() or (o.type != OverrideType.CHANGE and not o.is_sweep_override()
+                                                        and _below_free_form(o.key_or_group, cls)):
+            fixed.append(o.input_line)
+    for combo in list(itertools.product(*sweeps))[:16]:
+        try:
+            cfg = compose_config(stage, [*fixed, *combo])
+        except Exception:  # noqa: BLE001 - another problem of the command line: Hydra's to report
+            return None
+        if missing := next((k for k in plain if not _has_key(cfg, k)), None):
+            where = f" with {' '.join(combo)}" if combo else ""
+            return (f"{missing} is not in the config{where}, so there is nothing to override: put a + before it "
+                    f"to add it (+{missing}=...; the value is not repeated here)")
+    return None
 
 
 # The key of a config group that picks its kind. An option of the group (conf/<group>/<option>.yaml) that sets
@@ -275,6 +335,9 @@ def unparsable_override_message(text: str, error: Exception) -> str:
     override nor the fix; a quoted value takes any of them."""
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     key, eq, value = text.partition("=")
+    if eq and redact_override(text) != text:  # a credential or a webhook: neither it nor the parser's quote of it
+        return (f"cannot read the override {key}=... (its value is not repeated here: a credential): quote its value, "
+                f"and the override for the shell: '{key}=\"...\"' (a \" inside it as \\\")")
     msg = f"cannot read the override {text}: {reason}"
     if not eq:  # `match.threshold 0.1`: the shell gave the key and its value as two arguments
         return f"{msg}; give the setting and its value as one argument, {text}=<value> (no space around =)"
@@ -443,7 +506,9 @@ def _report_errors(fn):
             dest = fn(cfg)
             ok = True
         except C.MemexError as e:
-            print(f"memex: error: {redact_text(str(e))}", file=sys.stderr)  # no credential: memex/redact.py
+            message = redact_text(str(e))  # no credential: memex/redact.py
+            _to_log_file(f"{type(e).__name__}: {message}")  # why the command failed, in <run>/logs/ too
+            print(f"memex: error: {message}", file=sys.stderr)
             failed = True
         except KeyboardInterrupt:  # Ctrl-C: a page of Ray Data's frames said nothing a user needs
             print(f"memex: interrupted: {RESUMES[fn.__name__.lstrip('_')]}", file=sys.stderr)
@@ -470,6 +535,16 @@ def _report_errors(fn):
     return wrapper
 
 
+def _to_log_file(message: str) -> None:
+    """An error line for this command's log file(s) only: the console gets it from the caller's print (memex's
+    ERROR records are shown on the console too, memex/console.py, and it would read twice)."""
+    log = logging.getLogger("memex.cli")
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
 SWEEP_FAILURES: list[str] = []  # the failed jobs of this process's -m sweep ("#<n> <overrides>", redacted)
 
 
@@ -482,7 +557,7 @@ def _sweep_job() -> str | None:
         hc = HydraConfig.get()
         if hc.mode != RunMode.MULTIRUN:
             return None
-        return redact_text(f"#{hc.job.num} {' '.join(hc.overrides.task)}")
+        return f"#{hc.job.num} {' '.join(map(redact_override, hc.overrides.task))}"  # each: `key=a b` is one value
     except Exception:  # noqa: BLE001 - not under Hydra's run (a test calling the stage): no sweep
         return None
 

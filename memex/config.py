@@ -1101,8 +1101,14 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
         raise ConfigError(f"nightly.night must be a date YYYY-MM-DD, got {n.night!r}")
     check_protocol("nightly.ledger", n.ledger)
     check_folder_path("nightly.ledger", n.ledger)
-    if n.webhook is not None and not n.webhook.startswith(("http://", "https://")):
-        raise ConfigError(f"nightly.webhook must be an http:// or https:// URL, got {n.webhook!r}")
+    if n.webhook is not None and not n.webhook.lower().startswith(("http://", "https://")):  # (HTTPS:// too)
+        # the value is not repeated: a webhook's URL is its capability (memex/redact.py); a host it starts with is
+        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.\-]{0,19})://", n.webhook)
+        host = re.match(r"[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}(?=[/:?#]|$)", n.webhook)
+        got = (f"the scheme {scheme.group(1)}://" if scheme else
+               f"no scheme (it starts with the host {host.group(0)})" if host else "no scheme")
+        raise ConfigError(f"nightly.webhook must be an http:// or https:// URL, got {got}: give it as "
+                          "https://host/path (the value is not repeated here: it is a credential)")
     if n.webhook is not None:
         from urllib.parse import urlsplit
 

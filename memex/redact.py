@@ -38,9 +38,15 @@ The rule (`redact(obj)` on nested dicts, lists and strings):
   redacting a setting that is not secret hides what a run did, which is a bug too.
 
 `redact_text` is for free text (error messages, log lines, printouts): rule 3, plus `name=value`,
-`name: value` and `'name': 'value'` with a secret name (rule 1) -> name=*** (storage.options.secret=...,
-a dict's repr in an exception); `Authorization: Bearer <token>` -> Authorization: Bearer *** (the
-credential after an auth scheme word: Bearer, Basic, Token, Digest, Negotiate, ApiKey).
+`name: value` and `'name': 'value'` with a secret name (rule 1; for a dotted name, the whole or its last
+part: storage.options.key) -> name=*** (storage.options.secret=..., a dict's repr in an exception; a quoted
+value up to its closing quote, \' inside it included; a bare one up to a space, quote, `,` `;` or bracket);
+a URL right after a name with the word webhook (nightly.webhook=https://..., `webhook: https://...`) as
+rule 2 (scheme://host/***); `Authorization: Bearer <token>` -> Authorization: Bearer *** (the credential
+after an auth scheme word: Bearer, Basic, Token, Digest, Negotiate, ApiKey). A URL ends before `;Name=`
+(an Azure connection string's next field: BlobEndpoint=https://...;AccountKey=...). Prose is left alone
+where the value is an article and a word (`credentials: an expired token`). `redact_override` is for one
+command-line override, whose value is all that follows the first `=`, spaces included.
 
 Why a constant "***" and not a fingerprint: settings written to a folder (run.json, _settings.json)
 are compared with a rerun's, and credentials never change a result, so a rotated key must still
@@ -81,13 +87,26 @@ _HOOK_HOSTS = {"hooks.slack.com": 1, "discord.com": 2, "discordapp.com": 2, "ptb
                "outlook.office365.com": 1}
 
 _WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z]|\d|\b|_|$)|[A-Z]?[a-z]+|[A-Z]+|\d+")
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
+# A URL ends at whitespace, a quote or a bracket; before its query, also at `;Name=`: the next field of an
+# Azure connection string (BlobEndpoint=https://acct.blob.core.windows.net/;AccountKey=...), which the text
+# rules then read as an assignment (a `;` in the query is a parameter separator, `_params`)
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://(?:[^\s'\"<>`?#;]|;(?![A-Za-z_][\w.\-]*=))+"
+                  r"(?:[?#][^\s'\"<>`]*)?")
 # Authorization: <scheme> <credential>: the word after one of these is masked too
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest", "negotiate", "apikey"})
 # the word after the scheme, quoted pieces included (Rails' `Token token="<secret>"`): _ASSIGN's bare value
 _CREDENTIAL = re.compile(r"""[ \t]+(?:"[^"]*"|'[^']*'|[^\s'",;}&)\]])+""")
+# name, separator, value: quoted (a backslash-escaped quote inside, as Hydra's grammar and Python's repr write
+# it: 'ab\\'cd'; else up to the next quote; a quote never closed: up to the next space) or bare (up to a space,
+# quote, `,`, `;` or closing bracket: a SAS's `sv=...&sig=...` is one value)
 _ASSIGN = re.compile(r"""(?<![\w.\-/])(?P<name>[A-Za-z_][\w.\-]*)(?P<q>['"]?)(?P<sep>\s*[=:]\s*)"""
-                     r"""(?:'(?P<sq>[^']*)'|"(?P<dq>[^"]*)"|(?P<bare>[^\s'",;}&)\]]+))""")
+                     r"""(?:'(?P<sq>(?:\\.|[^'\\])*|[^']*)'|"(?P<dq>(?:\\.|[^"\\])*|[^"]*)"|(?P<open>['"])[^\s'"]*"""
+                     r"""|(?P<bare>[^\s'",;})\]]+))""")
+# a webhook's URL after its name (nightly.webhook=https://..., `webhook: https://...` in YAML): the URL is the
+# capability, so only scheme://host/*** is kept, as rule 2 does for a dict
+_NAME_BEFORE = re.compile(r"""(?<![\w.\-/])(?P<name>[A-Za-z_][\w.\-]*)['"]?\s*[=:]\s*[\['"]?$""")
+# `credentials: an expired token`: prose, not a credential (an article, then another word)
+_PROSE = re.compile(r"(?:an?|the)[ \t]+[A-Za-z]")
 
 
 def words(name: str) -> list[str]:
@@ -100,7 +119,8 @@ def is_secret_name(name: str) -> bool:
     w = words(name)
     if not w:
         return False
-    if "secret" in w or w[-1] in _SECRET_LAST or {tuple(w[-2:]), (w[-1],)} & _CONNECTION_STRINGS:
+    if "secret" in w or w[-1] in _SECRET_LAST or {tuple(w[-2:]), (w[-1],)} & _CONNECTION_STRINGS \
+            or w[-2:] == ["access", "signature"]:  # an Azure connection string's SharedAccessSignature=sv=..&sig=..
         return True
     i = len(w) - 2 if len(w) >= 2 and w[-1] == "id" and w[-2] == "key" else len(w) - 1
     return w[i] == "key" and (i == 0 or w[i - 1] in _KEY_QUALIFIERS)
@@ -116,10 +136,10 @@ def _params(part: str) -> str:
     if "=" not in part:
         return part
     out = []
-    for item in part.split("&"):
+    for item in re.split(r"([&;])", part):  # `;` separates parameters too (a=1;token=x)
         name, eq, value = item.partition("=")
         out.append(f"{name}={MASK}" if eq and value and _secret_param(name) else item)
-    return "&".join(out)
+    return "".join(out)
 
 
 def _hook_segments(host: str) -> int | None:
@@ -177,17 +197,28 @@ def redact_urls(text: str) -> str:
     return _URL.sub(lambda m: redact_url(m.group(0)), text) if "://" in text else text
 
 
+def _secret_assignment(name: str) -> bool:
+    """A name in free text holds a credential: as a whole, or its last dotted part (a config key:
+    storage.options.key, data.storage_options.key, whose whole name ends in `options key`)."""
+    return is_secret_name(name) or ("." in name and is_secret_name(name.rsplit(".", 1)[1]))
+
+
 def _assignments(text: str) -> str:
     """`name=value`, `name: value`, `'name': 'value'` with a secret name -> the value masked."""
     out, pos = [], 0
     while (m := _ASSIGN.search(text, pos)) is not None:
-        if not is_secret_name(m.group("name")):  # go on right after the name: `Error: token=x` has one
-            out.append(text[pos:m.end("name")])
+        bare = m.group("bare")
+        if not _secret_assignment(m.group("name")) or (  # go on right after the name: `Error: token=x` has one
+                bare is not None and ":" in m.group("sep") and _PROSE.match(text, m.start("bare"))):
+            out.append(text[pos:m.end("name")])  # (prose: `credentials: an expired token`)
             pos = m.end("name")
             continue
         head = text[pos:m.start()] + m.group("name") + m.group("q") + m.group("sep")
+        if m.group("open") is not None:  # a quote never closed: the word after it
+            out.append(f"{head}{m.group('open')}{MASK}")
+            pos = m.end()
+            continue
         quote = "'" if m.group("sq") is not None else '"' if m.group("dq") is not None else ""
-        bare = m.group("bare")
         cred = _CREDENTIAL.match(text, m.end()) if bare is not None and bare.lower() in _AUTH_SCHEMES else None
         if cred:
             # `Authorization: Bearer <token>`: the scheme is no secret, the word after it is
@@ -206,10 +237,27 @@ def redact_text(text: str) -> str:
         text = str(text)
     pieces, last = [], 0
     for m in _URL.finditer(text):  # assignments outside URLs; a URL's own parameters are rule 3's
-        pieces += [_assignments(text[last:m.start()]), redact_url(m.group(0))]
+        before = _NAME_BEFORE.search(text[max(last, m.start() - 200):m.start()])
+        hook = before is not None and any(w.startswith("webhook") for w in words(before.group("name")))
+        pieces += [_assignments(text[last:m.start()]), redact_url(m.group(0), strict=hook)]
         last = m.end()
     pieces.append(_assignments(text[last:]))
     return "".join(pieces)
+
+
+def redact_override(text: str) -> str:
+    """One command-line override, `[+|++|~]key=value`, redacted: its value is everything after the first `=`
+    (Hydra reads `key=abc def` as one value, where `redact_text` would stop at the space), masked whole when
+    the key's name (or its last dotted part) is secret, cut to scheme://host/*** for a webhook's; any other
+    override through `redact_text`."""
+    key, eq, value = text.partition("=")
+    name = key.lstrip("+~")
+    if eq and value not in ("", "null") and _secret_assignment(name):
+        return f"{key}={MASK}"
+    if eq and any(w.startswith("webhook") for w in words(name)) and "://" in value:
+        url = value.strip("'\"")
+        return f"{key}={redact_url(url, strict=True)}"
+    return redact_text(text)
 
 
 def _mask(value: Any) -> Any:
