@@ -343,13 +343,9 @@ class Store:
             # (PermissionError, TimeoutError, ConnectionResetError: a storage failure, whatever it says)
             if not is_damage(e):
                 raise
-            # one path: named; several (a stage folder's units, the ledger's rows): each read alone to find which
-            # (at the paper's scale one of 100,000s of shards, and arrow names none for a page damaged inside)
-            bad = paths if len(paths) == 1 else self._damaged_files(paths, schema, columns)
-            where = (", ".join(self.uri_of(p) for p in bad) + (" (and maybe more)" if len(bad) >= 3 else "")
-                     if bad else f"one of {len(paths)} files under {self.uri_of(posixpath.dirname(paths[0]))}")
-            markers = [self.uri_of(m) for m in map(marker_of, bad) if m and self.fs.exists(m)]
-            raise StorageError(damaged(where, "Parquet", e, markers)) from e
+            # one path (several are read one each by _read_files, which names the damaged ones: _Damaged above)
+            markers = [self.uri_of(m) for m in map(marker_of, paths) if m and self.fs.exists(m)]
+            raise StorageError(damaged(", ".join(map(self.uri_of, paths)), "Parquet", e, markers)) from e
         except Exception as e:
             if client_error(e):  # botocore's own (an unreachable endpoint, an expired token): not OSError
                 where = self.uri_of(paths[0] if len(paths) == 1 else posixpath.dirname(paths[0]))
@@ -399,26 +395,6 @@ class Store:
         if bad:
             raise _Damaged(bad, first)
         return pa.concat_tables(tables)
-
-    def _damaged_files(self, paths: list[str], schema: pa.Schema | None, columns: list[str] | None,
-                       most: int = 3) -> list[str]:
-        """Up to `most` files of `paths` that do not read (the error path of read_table): first by their
-        footers (a few KB each: a truncated or cut file), then, when every footer reads, each file read
-        again with the same columns until `most` are found (a page damaged inside one)."""
-        def bad(read) -> list[str]:
-            found = []
-            for p in paths:
-                try:
-                    read(p)
-                except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
-                    if is_damage(e):
-                        found.append(p)
-                        if len(found) >= most:
-                            break
-            return found
-
-        return (bad(lambda p: pq.read_metadata(p, filesystem=self.fs))
-                or bad(lambda p: pq.read_table(p, filesystem=self.fs, schema=schema, columns=columns)))
 
     def sweep_temp(self, *folders: str, deep: bool = False) -> int:
         """Remove the `_tmp-` files a killed process's writes left in these folders of the store ("" is its
