@@ -142,6 +142,8 @@ def load_training_set(cfg: TrainConfig, report_to: Path | None = None
     problems: list[tuple[str, str, str]] = []  # (id, reason, kind)
     squashed, k = 0, 0
     for start in range(0, len(table), 256):  # the rows' bytes as Python objects a slice at a time
+        if len(problems) >= MAX_PROBLEMS:  # (below: the rest of the slice; here: the slices left, unread)
+            break
         for row in table.slice(start, 256).to_pylist():
             if len(problems) >= MAX_PROBLEMS:  # a fault of every row (the wrong size): not hours of decoding to say so
                 break
