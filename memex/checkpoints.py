@@ -425,7 +425,10 @@ def _load_files(ckpt: Checkpoint) -> list[tuple[str, Path | None]]:
     """(name in the hash, file) for every weight file an audit of `ckpt` loads."""
     files: list[tuple[str, Path | None]] = []
     base = Path(ckpt.base)
-    for part in (ckpt.unet, ckpt.text_encoder, ckpt.lora):
+    # the location too (discover takes local paths only): a pipeline folder is its own base, and once deleted it read
+    # as a hub id with no weight files, a CheckpointError, not a deletion: the plan skipped it as unreadable, and a
+    # folder rotated away as its audit ended stopped the night, the audit's row lost
+    for part in (ckpt.location, ckpt.unet, ckpt.text_encoder, ckpt.lora):
         if part and not Path(part).exists():  # rotated away since discovery: hashing the rest named another model
             raise FileNotFoundError(f"{part} is gone (deleted since nightly found it)")
     if base.is_dir():

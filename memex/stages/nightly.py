@@ -52,6 +52,7 @@ from memex.config import (
     MemexError,
     NightlyAction,
     NightlyAuditConfig,
+    NightlyConfig,
     check_actor_devices,
     drop_unset_added,
     identity_text,
@@ -91,6 +92,9 @@ class Pending:
     # the tracker's step: the checkpoint's, and for a final model (step None: a pipeline saved at the end
     # of training) its series' last checkpoint step, the least it trained; None when it has none
     tracker_step: int | None = None
+    # its series' checkpoints found by the plan, by location as ledger rows hold it (redacted): _previous asks when
+    # an earlier step's checkpoint was written, to tell this training run's row from an earlier run's
+    series_checkpoints: dict[str, Checkpoint] = field(default_factory=dict, repr=False, compare=False)
 
     def run_name(self, config_sha: str) -> str:
         return f"{self.ckpt.name}-{self.weights[:8]}-{config_sha[:8]}"
@@ -137,7 +141,8 @@ class NightlyResult:
 
     @property
     def status(self) -> str:
-        return "error" if self.errors else "alarm" if self.alarms else "ok"
+        """The webhook's status, as the exit code ranks them (memex/cli.py): an alarm exits 3 over failed audits."""
+        return "alarm" if self.alarms else "error" if self.errors else "ok"
 
 
 def config_sha256(cfg: NightlyAuditConfig) -> str:
@@ -187,9 +192,11 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
     found = discover(n.location, n.base_model, n.settle_minutes * 60, n.ema)
     names = series_names({c.series for c in found}, n.location)  # before nightly.only: the same in every job
     last: dict[str, int] = {}  # series -> its last checkpoint step (a final model is logged there), before .only too
+    by_series: dict[str, dict[str, Checkpoint]] = {}  # series -> location -> checkpoint, before .only too
     for c in found:
         if c.step is not None:
             last[c.series] = max(last.get(c.series, c.step), c.step)
+        by_series.setdefault(c.series, {})[redact(c.location)] = c  # as its ledger rows hold it
     if n.only is not None:
         # the plan prints locations redacted (memex/redact.py), so nightly.only may be one
         found = [c for c in found if posixpath.normpath(c.location) == posixpath.normpath(n.only)
@@ -220,7 +227,7 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
             continue
         if weights not in done:
             pending.append(Pending(c, weights, sig, names[c.series],
-                                   c.step if c.step is not None else last.get(c.series)))
+                                   c.step if c.step is not None else last.get(c.series), by_series[c.series]))
     return NightlyResult(sha, len(found), pending, ledger=ledger.uri, skipped=skipped)
 
 
@@ -237,28 +244,41 @@ def series_names(series: set[str], location: str) -> dict[str, str]:
     return out
 
 
-def _previous(rows: list[dict], series: str, step: int | None, sha: str) -> dict | None:
+def _previous(rows: list[dict], series: str, step: int | None, sha: str,
+              written_of: Callable[[dict], float | None] | None = None) -> dict | None:
     """The ledger's finished row of the same series and config with the largest step below `step`. A final
     model (step None: the pipeline or LoRA saved beside checkpoint-<step>/, the one that ships) comes after
-    every checkpoint: it was gated against nothing, and a jump from its last checkpoint passed as ok."""
-    earlier = [r for r in rows if r["series"] == series and r["config_sha256"] == sha and r["outcome"] in DONE
-               and r["step"] is not None and (step is None or r["step"] < step)]
-    return max(earlier, key=lambda r: (r["step"], r["finished"])) if earlier else None
+    every checkpoint: it was gated against nothing, and a jump from its last checkpoint passed as ok.
+    `written_of(row)`: when the checkpoint at that row's location was last written (epoch seconds, None: not
+    known). A row whose checkpoint was written again after the row finished audited an earlier training run's
+    weights (training restarted into the same output_dir): it is passed over, as _next passes over an earlier
+    run's later steps; it gated a new step, audited before its retried previous one, against the old run's."""
+    earlier = sorted((r for r in rows if r["series"] == series and r["config_sha256"] == sha and r["outcome"] in DONE
+                      and r["step"] is not None and (step is None or r["step"] < step)),
+                     key=lambda r: (r["step"], r["finished"]), reverse=True)
+    return next((r for r in earlier if written_of is None or _finished_after(r, written_of(r))), None)
 
 
 def _next(rows: list[dict], series: str, step: int | None, sha: str, written: float | None = None) -> dict | None:
-    """The ledger's finished row of the same series and config with the smallest step above `step` (a final
-    model's, step None, is gated against the last checkpoint by _previous when it is audited, last), among
-    the rows that finished after this checkpoint was written (`written`, epoch seconds): a later step audited
-    first is one of this training run's; one that finished before this checkpoint existed is an earlier run's
-    (training restarted into the same output_dir), and gated every new step against the old run's next one
-    (a false "grew" each night)."""
+    """The ledger's finished row of the same series and config with the smallest step above `step`, a final
+    model's (step None) after every step: its job may finish first (plan mode), and the last checkpoints audited
+    after it are gated against it here (they were compared with nothing after them, and a jump to the model that
+    ships passed as ok). Only among the rows that finished after this checkpoint was written (`written`, epoch
+    seconds): a later step audited first is one of this training run's; one that finished before this checkpoint
+    existed is an earlier run's (training restarted into the same output_dir), and gated every new step against
+    the old run's next one (a false "grew" each night). A final model has no next (step None: None)."""
     if step is None:
         return None
     later = [r for r in rows if r["series"] == series and r["config_sha256"] == sha and r["outcome"] in DONE
-             and r["step"] is not None and r["step"] > step
-             and (written is None or r["finished"] is None or _epoch(r["finished"]) > written)]
-    return min(later, key=lambda r: (r["step"], r["finished"])) if later else None
+             and (r["step"] is None or r["step"] > step) and _finished_after(r, written)]
+    return min(later, key=lambda r: (r["step"] is None, r["step"] or 0, r["finished"])) if later else None
+
+
+def _finished_after(row: dict, written: float | None) -> bool:
+    """Whether a ledger row finished after a checkpoint was written (epoch seconds; None: not known, counted as
+    yes). The ledger keeps whole seconds (`finished` is cut to its second): a checkpoint written within the
+    second its row finished counts as written before it, not as rewritten since."""
+    return written is None or row["finished"] is None or _epoch(row["finished"]) + 1 > written
 
 
 def _epoch(t) -> float:
@@ -268,22 +288,75 @@ def _epoch(t) -> float:
     return float(t)
 
 
+def _written_of(checkpoints: dict[str, Checkpoint]) -> Callable[[dict], float | None]:
+    """row -> when the checkpoint at its location was last written (written_at), among the checkpoints the plan
+    found; None for one not found or gone since (rotated away): nothing then tells its row from an earlier
+    training run's, and the row counts, as before."""
+    def of(row: dict) -> float | None:
+        c = checkpoints.get(row["location"])
+        if c is None:
+            return None
+        try:
+            return written_at(c)
+        except (OSError, CheckpointError):
+            return None
+    return of
+
+
+def _paged_already(rows: list[dict], previous: dict | None, following: dict | None, sha: str, margin: int | None,
+                   written_of: Callable[[dict], float | None] | None = None) -> bool:
+    """Whether the growth from `previous` to `following`, the rows a step audited late falls between (a retried
+    failure, plan mode's jobs finishing out of order), was paged already: it is over the margin, and whichever
+    of the two finished second was gated against the other (as its previous step, or as its next one audited
+    first), with nothing between them finished yet. Two rows finished in the same second: not known, so no."""
+    if margin is None or previous is None or following is None \
+            or following["extracted"] - previous["extracted"] <= margin \
+            or previous["finished"] is None or following["finished"] is None \
+            or _epoch(previous["finished"]) == _epoch(following["finished"]):
+        return False
+    first, second = sorted((previous, following), key=lambda r: _epoch(r["finished"]))
+    before = [r for r in rows if r["finished"] is not None and _epoch(r["finished"]) < _epoch(second["finished"])]
+    if second is following:
+        seen = _previous(before, following["series"], following["step"], sha, written_of)
+    else:
+        seen = _next(before, previous["series"], previous["step"], sha, written_of(previous) if written_of else None)
+    return seen is first
+
+
+def _named(row: dict) -> str:
+    return "the final model" if row["step"] is None else f"step {row['step']}"
+
+
 def gate(row: dict, previous: dict | None, budget: int | None, margin: int | None,
-         following: dict | None = None) -> tuple[str, str]:
+         following: dict | None = None, paged: bool = False) -> tuple[str, str]:
     """(outcome, message) of a finished audit's row. `following`: the next step's row where it finished
     first (nights' jobs run side by side, and a failed audit is retried the next night): its gate compared
-    it with an earlier step, or with none, so the growth from this step to it is checked here."""
+    it with an earlier step, or with none, so the growth from this step to it is checked here.
+
+    `paged` (_paged_already): the growth from `previous` to `following` was checked, over the margin, and paged
+    when the later of the two finished. This step lies inside that jump, and each growth is paged once: the
+    growth from this step to `following` is part of it (not checked), and the growth from `previous` to this
+    step is paged only where this step peaks beyond `following` by more than the margin (and so beyond
+    `previous` too): a level the page did not tell. Without it, step 2000 retried after 3000 paged the jump
+    from 1000 that 3000 had paged the night before."""
     msgs, outcome = [], "ok"
     if budget is not None and row["extracted"] > budget:
         outcome = "over_budget"
         msgs.append(f"extracted {row['extracted']} training images, budget is {budget}")
-    if margin is not None and previous is not None and row["extracted"] - previous["extracted"] > margin:
+    grew = margin is not None and previous is not None and row["extracted"] - previous["extracted"] > margin
+    if paged:
+        grew = grew and row["extracted"] - following["extracted"] > margin
+    if grew:
         outcome = "grew" if outcome == "ok" else outcome
+        peak = (f" and {row['extracted'] - following['extracted']} more than {_named(following)} "
+                f"({following['extracted']}), audited before this one, whose growth over step {previous['step']} "
+                "was paged then") if paged else ""
         msgs.append(f"extracted {row['extracted']} training images, {row['extracted'] - previous['extracted']} more "
-                    f"than step {previous['step']} ({previous['extracted']}); growth margin is {margin}")
-    if margin is not None and following is not None and following["extracted"] - row["extracted"] > margin:
+                    f"than step {previous['step']} ({previous['extracted']}){peak}; growth margin is {margin}")
+    if not paged and margin is not None and following is not None \
+            and following["extracted"] - row["extracted"] > margin:
         outcome = "grew" if outcome == "ok" else outcome
-        msgs.append(f"step {following['step']}, audited before this one, extracted {following['extracted']} "
+        msgs.append(f"{_named(following)}, audited before this one, extracted {following['extracted']} "
                     f"training images, {following['extracted'] - row['extracted']} more than this step "
                     f"({row['extracted']}); growth margin is {margin}")
     return outcome, "; ".join(msgs)
@@ -378,12 +451,7 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
         row.update(samples=s["samples"], extracted=s["extracted_unique_train_images"],
                    extracted_generations=s["extracted_generations"], flagged_prompts=s["prompts_flagged"])
         rows = ledger.read().to_pylist()  # (read once after the audit: the gate's neighbours, and the check below)
-        try:
-            written = written_at(c)
-        except OSError:  # deleted since the audit: no later step is told from an earlier run's
-            written = None
-        prev, nxt = _previous(rows, row["series"], c.step, sha), _next(rows, row["series"], c.step, sha, written)
-        row["outcome"], row["message"] = gate(row, prev, cfg.nightly.budget, cfg.nightly.growth_margin, nxt)
+        row["outcome"], row["message"] = _gate_among(rows, row, c, p, sha, cfg.nightly)
         if tracker_error is not None:  # an error (retried next night: the audit resumes, the tracker is redone)
             log.error("audit of %s: %s", row["location"], tracker_error)
             gated = f"{row['outcome']}: {row['message']}" if row["message"] else row["outcome"]
@@ -403,6 +471,22 @@ def _audit_and_record(cfg: NightlyAuditConfig, acfg, c, p: Pending, row: dict, s
         claim(row)  # before the append: a night that reads the row finds it claimed by a live job
     ledger.append(row)
     return row
+
+
+def _gate_among(rows: list[dict], row: dict, c: Checkpoint, p: Pending, sha: str,
+                n: NightlyConfig) -> tuple[str, str]:
+    """gate() of a finished audit's row against its series' neighbours among the ledger's `rows`."""
+    try:
+        written = written_at(c)
+    # deleted since the audit: no later step is told from an earlier run's. CheckpointError too: a rotation that
+    # is still deleting the folder leaves it without weight files (a traceback ended the night, and its row)
+    except (OSError, CheckpointError):
+        written = None
+    written_of = _written_of(p.series_checkpoints)
+    prev = _previous(rows, row["series"], c.step, sha, written_of)
+    nxt = _next(rows, row["series"], c.step, sha, written)
+    paged = _paged_already(rows, prev, nxt, sha, n.growth_margin, written_of)
+    return gate(row, prev, n.budget, n.growth_margin, nxt, paged)
 
 
 def write_trend(cfg: NightlyAuditConfig, ledger: Ledger) -> str:
