@@ -217,14 +217,38 @@ def load_index(uri: str, storage_options: dict[str, Any] | None = None) -> faiss
         with fs.open(path, "rb") as f:
             return faiss.read_index(faiss.PyCallbackIOReader(f.read))
     except MemoryError as e:  # a good shard too large for this process: removing it would only rebuild it
-        raise MemoryError(f"reading index {uri} ({fs.size(path) / 2**30:.1f} GiB) ran out of memory: give the match "
-                          "stage a machine with more memory, or rebuild with more index.shards or index=ivfpq "
-                          "(PQ codes, ~1/30 of a flat shard)") from e
+        size, n, held = fs.size(path), *_folder_size(fs, path)
+        # Neither rebuild helps, so neither is advised: the match worker (memex/stages/nearest.py) loads every
+        # shard into one process, so more index.shards hold the same total; and ivfpq's RFlat keeps the float
+        # vectors for exact re-ranking, so an ivfpq shard is ~1.04x a flat one (20,000 x 512-d: 40.6 vs 39.2 MiB).
+        raise MemoryError(
+            f"reading index {uri} ({_size(size)}) ran out of memory: give the match stage a machine with "
+            f"more memory. Its worker holds every shard at once, {n} .faiss file(s) of {_size(held)} in all "
+            "(at least that in memory: ~2 KiB a 512-d image), in one process: with resources.executor=local the memex "
+            "command itself, under Ray one actor on a node of the cluster at resources.address. memex sets no memory "
+            "of its own (resources.* gives the worker CPUs and GPUs only): it has what its machine has free, so run "
+            "it where more than that is free. More index.shards hold the same total, and index=ivfpq keeps the float "
+            "vectors to re-rank exactly (~1.04x a flat index): neither lowers it") from e
     except Exception as e:  # noqa: BLE001 - re-raised with the URI and the fix
         if not is_damage(e):  # a storage failure (a reset, a refused read): the file is fine, retry
             raise StorageError(unreadable(f"index {uri}", e)) from e
         raise StorageError(f"cannot read index {uri}: {type(e).__name__}: {e}. The file is damaged or not "
                            "a faiss index: delete it and its marker so the index stage rebuilds it.") from e
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 // 10 else f"{n / 2**20:.1f} MiB"  # 0.0 GiB told nothing
+
+
+def _folder_size(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, int]:
+    """(how many .faiss files, their bytes in all) in `path`'s folder: a shard's siblings, which the match
+    worker loads with it. Only for an error message: a failed listing gives the file alone."""
+    try:
+        found = fs.glob(posixpath.join(posixpath.dirname(path), "*.faiss"), detail=True)
+        sizes = [int(info["size"]) for p, info in found.items() if not posixpath.basename(p).startswith("_tmp-")]
+    except Exception:  # noqa: BLE001 - the message names the file's own size then
+        sizes = []
+    return (len(sizes), sum(sizes)) if sizes else (1, int(fs.size(path)))
 
 
 # ---- search ----------------------------------------------------------------------------------
@@ -340,7 +364,8 @@ class ShardedIndex:
         flat   faiss range_search on each shard, counts summed (the shards partition the ids). Exact, and
                no dearer than a search: one scan of every shard (n*d flops per query). Results are counted
                and dropped chunk by chunk; a chunk holds as many queries as keep one shard's results near
-               `max_results` entries of 12 bytes (1M: 12 MiB), re-sized from the last chunk's result sizes.
+               `max_results` entries of 12 bytes (1M: 12 MiB): the first as if each query found the whole
+               largest shard, the next re-sized from the last chunk's result sizes (at most x4).
         ivfpq  top-k searches with k doubling from `start_k` until the k-th result lies beyond the threshold,
                at most ~max_results results per search. Not range_search: IndexRefine has one only since
                faiss 1.10, and its meaning changed in 1.15 (base radius * k_factor, which for inner product
@@ -357,7 +382,13 @@ class ShardedIndex:
         if self.spec.kind != "flat":
             return _count_by_doubling(self.search, q, exclude, threshold, self.spec.metric, start_k, max_results)
         counts, links = np.zeros(len(q), np.int64), Components()
-        start, chunk = 0, max(1, max_results // start_k)
+        # The first chunk assumes the worst, every vector of the largest shard a result of each query: near_duplicates
+        # sends exactly the most duplicated images, and sized for start_k results a query, one chunk of 781 copies of
+        # an image stored 6,000 times returned 4.7M results (54 MiB) for max_results=100,000. Later chunks are sized
+        # from the results seen, growing at most x4 a chunk (1, 4, 16, ... queries where a shard holds max_results or
+        # more): a few more scans of the shard (10 queries, 1M x 128-d: 3 calls, 1.0 s against 0.44 s for one), small
+        # beside the top-k search of the 4,096-query batch that sent them.
+        start, chunk = 0, max(1, max_results // max(start_k, max(s.ntotal for s in self.shards)))
         while start < len(q):
             stop = min(start + chunk, len(q))
             most = 0
@@ -537,16 +568,21 @@ class Components:
     """Connected components of a growing set of edges between ids (union-find by scipy's
     connected_components, a well-kept C implementation, rather than a Python loop over pairs).
 
-    Edges are buffered and folded into a forest when the buffer passes `buffer` (default 4M pairs, 64 MiB):
-    a component of c ids is then c - 1 pairs (id, root), root its smallest id, whatever edges made it. So
-    an image stored 10,000 times, whose copies are each other's neighbours (10^8 edges), costs 10,000
-    pairs, not 10^8. 1M edges among 333k duplicated rows (a third of a 1M-image set) fold in 1.1 s on
-    one core. `pairs()` gives the forest: (m, 2) int64 rows (id, root) for every id linked to a
+    Edges are buffered and folded into a forest when more than `buffer` (default 4M pairs, 64 MiB) were added
+    since the last fold: a component of c ids is then c - 1 pairs (id, root), root its smallest id, whatever
+    edges made it. So an image stored 10,000 times, whose copies are each other's neighbours (10^8 edges),
+    costs 10,000 pairs, not 10^8. 1M edges among 333k duplicated rows (a third of a 1M-image set) fold in
+    1.1 s on one core. The buffer counts the edges since the last fold, not the forest: counted with it, a
+    forest past `buffer` pairs was folded again at every later add (near_duplicates adds once per 4,096-query
+    batch; a 5M-pair forest: ~2 s a fold on 2 cores, 13 s with np.unique), quadratic in the batches
+    (bench/bench_components.py).
+    `pairs()` gives the forest: (m, 2) int64 rows (id, root) for every id linked to a
     smaller one; a root itself has no row. Forests of several sets of edges join by adding their pairs
     to one Components."""
 
     def __init__(self, buffer: int = 1 << 22):
         self.buffer, self._a, self._b, self._n = buffer, [], [], 0
+        self._limit = buffer  # fold once _n passes it: the forest's size after the last fold + buffer
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
         a, b = np.asarray(a, np.int64).ravel(), np.asarray(b, np.int64).ravel()
@@ -555,7 +591,7 @@ class Components:
         self._a.append(a)
         self._b.append(b)
         self._n += len(a)
-        if self._n > self.buffer:
+        if self._n > self._limit:
             self._fold()
 
     def _fold(self) -> None:
@@ -563,7 +599,9 @@ class Components:
         from scipy.sparse.csgraph import connected_components
 
         a, b = np.concatenate(self._a or [np.zeros(0, np.int64)]), np.concatenate(self._b or [np.zeros(0, np.int64)])
-        nodes = np.unique(np.concatenate([a, b]))  # sorted: a component's first node is its smallest
+        nodes = np.sort(np.concatenate([a, b]))  # sorted: a component's first node is its smallest
+        # sort + mask, not np.unique: numpy 2.4's unique took 0.54 s for 880k int64 ids here, the sort 0.05 s
+        nodes = nodes[np.r_[True, nodes[1:] != nodes[:-1]]] if len(nodes) else nodes
         if len(nodes):
             m = len(nodes)
             graph = coo_matrix((np.ones(len(a), np.int8), (np.searchsorted(nodes, a), np.searchsorted(nodes, b))),
@@ -574,6 +612,7 @@ class Components:
             root = nodes[first[label]]
             a, b = nodes[root != nodes], root[root != nodes]
         self._a, self._b, self._n = [a], [b], len(a)
+        self._limit = len(a) + self.buffer  # each fold costs O(forest + buffer), paid once per `buffer` new edges
 
     def pairs(self) -> np.ndarray:
         """(m, 2) int64: (id, the smallest id of its component) for every non-root id."""

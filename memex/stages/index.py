@@ -28,7 +28,7 @@ import posixpath
 import time
 import zipfile
 from dataclasses import replace
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +52,9 @@ from memex.membership import IndexInfo, fetch_train_rows, load_shards
 from memex.models import resolve_device
 from memex.redact import redact
 from memex.storage import Store, damaged, unit_name
+
+if TYPE_CHECKING:
+    from memex.index import IndexSpec
 
 log = logging.getLogger("memex.index")
 # Part of every index key: folders written by an older layout are never resumed into, only rebuilt.
@@ -207,9 +210,32 @@ def train_quantizer(unit: int, layout: IndexLayout, n_train: int, emb: EmbedderC
     spec = IndexSpec.from_config(idx, embedder.metric)
     pick = quantizer_sample(layout, n_train, spec.train_size)
     rows = train_rows.read_range(layout, int(pick[0]), int(pick[-1]) + 1, idx.decode_batch, gids=pick)
-    x, _, _ = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect, alpha, layout.uri)
+    x, _, quarantine = _embed_rows(rows, emb, embedder, opts, preprocess, luma, aspect, alpha, layout.uri)
+    check_quantizer_sample(len(x), len(pick), quarantine, spec, layout)
     save_index(train_index(x, spec), layout.store.uri_of(layout.quantizer_path), opts)
     return {"vectors": int(len(x))}
+
+
+def check_quantizer_sample(n_read: int, n_sampled: int, quarantine: list[pa.Table], spec: IndexSpec,
+                           layout: IndexLayout, shown: int = 3) -> None:
+    """Too few of the sampled images read to train IVF-PQ: a StorageError naming how many were quarantined and
+    the first reasons, as a flat index's "no training image could be read". The sample's quarantine was
+    dropped and train_index said "got 0 training vectors: lower index.nlist", a setting that was never the
+    fault (a moved image folder, unreadable files). check_spec has seen that the set itself has enough rows."""
+    need = max(spec.nlist, 2 ** spec.pq_nbits)
+    bad = (pa.concat_tables([t.cast(QUARANTINE_SCHEMA) for t in quarantine]) if quarantine
+           else QUARANTINE_SCHEMA.empty_table())
+    if n_read >= need or not bad.num_rows:
+        return
+    rows = bad.slice(0, shown).to_pylist()  # no quarantine/ file yet: the shards, which write it, come after
+    reasons = "; ".join(f"{r['id']} ({r['uri'] or 'image bytes'}): {(r['reason'] or '')[:200]}" for r in rows)
+    what = "no training image" if not n_read else f"only {n_read} of the {n_sampled} training images"
+    raise StorageError(
+        f"{what} sampled to train the IVF-PQ quantizer of index {layout.uri} could be read ({bad.num_rows} "
+        f"quarantined; the first {len(rows)} reasons: {reasons}), and it needs at least max(index.nlist, "
+        f"2**index.pq_nbits) = {need}. Fix what the reasons name (the images, trainset.path or storage.options)"
+        + ("" if not n_read else "; if these are all the readable images, lower index.nlist / index.pq_nbits "
+           "or use index.kind=flat") + ".")
 
 
 def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: EmbedderConfig, idx: IndexConfig,
