@@ -67,7 +67,7 @@ from PIL import Image
 
 from memex.config import MemexError
 from memex.images import decode, decode_fit, decoded_pixels
-from memex.layout import QUARANTINE_SCHEMA
+from memex.layout import QUARANTINE_SCHEMA, SHARD_LISTINGS
 from memex.manifest import (
     HF_DICT,
     HF_STATE,
@@ -85,7 +85,6 @@ from memex.manifest import (
 )
 from memex.redact import redact_urls
 from memex.shards import (
-    TAR_URI,
     ShardPatternError,
     ShardSampleError,
     expand_shards,
@@ -95,6 +94,7 @@ from memex.shards import (
     pattern_root,
     read_uri,
     shard_samples,
+    split_member_uri,
     store_failure,
 )
 from memex.storage import StorageError, Store
@@ -431,8 +431,8 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
     for j, u in enumerate(uris):
         if not u:
             continue
-        if m := TAR_URI.match(u):  # a shard's member: the shard's version (fsspec's tar:// filesystem, made for
-            u = m["tar"]  # the first shard, stamped every row None: a shard overwritten in place kept its key)
+        if split := split_member_uri(u):  # a shard's member: the shard's version (fsspec's tar:// filesystem,
+            u = split[1]  # made for the first shard, stamped every row None: a shard overwritten in place kept its key)
         proto = fsspec.core.split_protocol(u)[0] or "file"
         if proto not in filesystems:
             try:
@@ -523,12 +523,32 @@ def _from_pattern(path: str, fs, pattern: str, key: str, shard_cache: Store | No
     return _from_shards(path, fs, pattern_root(pattern), pattern_shards(path, fs, pattern, key), key, shard_cache)
 
 
-SHARD_LISTING_SCHEMA = pa.schema([("member", pa.string()), ("caption", pa.string())])
+SHARD_LISTING_SCHEMA = pa.schema([("member", pa.string()), ("caption", pa.string())])  # what a listing is read as
+# as written: each image member's data offset and size in the shard too, which its one sequential read sees for
+# free, so that a member is later read by one ranged read without a scan of the shard's headers (~the whole
+# shard through s3fs: shards.kept_offsets). A listing kept before has none: it lists as it did, and reads of its
+# shard's members scan. Not in SHARD_LISTING_VERSION: raising it would read every shard of every set again
+SHARD_LISTING_FILE_SCHEMA = pa.schema([("member", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+                                       ("caption", pa.string())])
 # in the name of each kept shard listing: raised when the rules of shards.shard_samples change, so a listing kept
 # under the earlier ones (its name: the shard's URI and version only) is not served for an unchanged shard.
 # 2: a sample's image is its member whose whole field is an image suffix (0001.depth.png was 0001's), several
 # dotted image members of one key a row each, hidden members skipped, AVIF/Netpbm/APNG/.jpe fields listed
 SHARD_LISTING_VERSION = 2
+
+
+def shard_listing_name(tar_uri: str, stamp: str) -> str:
+    """The file a shard's listing is kept in under the listings folder: by its URI, version (_stamp) and
+    SHARD_LISTING_VERSION."""
+    return hashlib.sha256(f"{tar_uri}\x1f{stamp}\x1fv{SHARD_LISTING_VERSION}".encode()).hexdigest()[:32] + ".parquet"
+
+
+def index_listings(index_uri: str | None) -> str | None:
+    """The shard listings folder of an index folder's URI (<root>/<key> -> <root>/_shard_listings, where
+    stages/index.py keeps them), which the index's own rows (uris, no stamps) read tar members' offsets from."""
+    if not index_uri or "/" not in index_uri:
+        return None
+    return posixpath.join(posixpath.dirname(index_uri.rstrip("/")), SHARD_LISTINGS)
 
 
 def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
@@ -542,9 +562,7 @@ def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
     def samples(tar: str) -> list[tuple[str, str | None]]:
         stamp, cached = _stamp(files[tar]), None
         if shard_cache is not None and stamp:  # no version (a store that gives none): read every time
-            name = hashlib.sha256(f"{fs.unstrip_protocol(tar)}\x1f{stamp}\x1fv{SHARD_LISTING_VERSION}"
-                                  .encode()).hexdigest()[:32]
-            cached = shard_cache.join(f"{name}.parquet")
+            cached = shard_cache.join(shard_listing_name(fs.unstrip_protocol(tar), stamp))
             try:
                 if shard_cache.exists(cached):
                     t = shard_cache.read_table(cached, schema=SHARD_LISTING_SCHEMA)
@@ -564,9 +582,10 @@ def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
                                f"{e}): a storage problem, not a damaged shard; rerun to retry it, or check read "
                                "access and storage.options") from e
         if cached is not None:  # atomic: a killed write leaves no listing a later audit trusts
-            shard_cache.write_table(cached, pa.table({"member": [m for m, _ in got], "caption": [c for _, c in got]},
-                                                     schema=SHARD_LISTING_SCHEMA))
-        return got
+            shard_cache.write_table(cached, pa.table(dict(zip(("member", "caption", "offset", "size"), zip(*got))),
+                                                     schema=SHARD_LISTING_FILE_SCHEMA) if got else
+                                    SHARD_LISTING_FILE_SCHEMA.empty_table())
+        return [(m, c) for m, c, *_ in got]
 
     with ThreadPoolExecutor(8) as pool:  # a sequential read of each shard, on threads
         found = list(pool.map(samples, tars))
@@ -730,14 +749,17 @@ ROW_COLUMNS = ("id", "image", "uri", "stamp")
 
 def row_bytes(row: dict, opts: dict[str, Any], version: str | None = None) -> bytes:
     """A row's encoded image: its bytes, or its uri's (raises IngestError naming the row's gap).
-    `version`: what keys a tar member's shard offsets when the row has no `stamp` (the index's rows:
-    its URI, whose key hashes the listing's stamps), so a shard rewritten in place is scanned again."""
+    `version`: the index's URI, for its rows (stages/index.py, match.py): it keys a tar member's shard
+    offsets when the row has no `stamp` (the index's key hashes the listing's stamps), so a shard rewritten in
+    place is looked up again, and it locates the index root's kept shard listings, whose offsets make a member
+    one ranged read with no scan of its shard (index_listings, shards.kept_offsets)."""
     data = row.get("image")
     if not data:
         if not row.get("uri"):
             raise IngestError("row has neither image bytes nor a uri")
         try:
-            data = read_uri(row["uri"], opts, row.get("stamp") or version)
+            key, listings = row.get("stamp") or version, index_listings(version)
+            data = read_uri(row["uri"], opts, key, listings=listings) if listings else read_uri(row["uri"], opts, key)
         except Exception as e:  # the store's I/O (shards.store_failure: fsspec's OSErrors, and botocore's own,
             # which s3fs lets through and which were quarantined for good, the index then built without them)
             # fails the unit; the row's own faults stay quarantined: a missing file, a uri no filesystem reads,

@@ -8,9 +8,16 @@ chained form, `tar://000000123.jpg::s3://b/laion/00000.tar`, which any fsspec us
 Why not fsspec.open on that uri: its TarFileSystem shares one file handle per shard, and the
 decoder reads rows on threads (memex/ingest.py), so members would be read through one seek
 position at once. `read_uri` reads a member as one ranged read of the shard at the member's offset
-(one request on object storage, as for a file of its own), from an index of the shard's headers
-built once per process (tarfile seeks over the data: ~one read per 5 MB block) and kept for the
-last TAR_CACHE shards: ~100 bytes a member, ~1 MB for a shard of 10k samples.
+(one request on object storage, as for a file of its own), from the shard's offsets (member ->
+data offset, size), kept in memory for the last TAR_CACHE shards (~100 bytes a member, ~1 MB for a
+shard of 10k samples). Where the offsets come from, per shard and process:
+  * the shard's kept listing (`<index root>/_shard_listings/`, memex/ingest.py), which records each
+    member's offset and size as the listing's one sequential read of the shard saw them: one HEAD of
+    the shard (its version names the listing: a shard rewritten since has none) and one GET of the
+    listing (~0.5 MB for 10k LAION samples, captions included; ~1/1000 of the shard);
+  * else a scan of the shard's headers (a listing kept before offsets were, a set listed without
+    an index, a manifest of tar:// uris). tarfile seeks over the data, but through s3fs's readahead
+    file that reads the whole shard (~400 MB for a LAION shard) for one member.
 """
 
 from __future__ import annotations
@@ -24,15 +31,26 @@ from collections import OrderedDict
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 log = logging.getLogger("memex.shards")
-TAR_URI = re.compile(r"^tar://(?P<member>.+?)::(?P<tar>.+)$")
+# tar://<member>::<shard>: split at the last "::" that a URI (protocol://) follows, else an absolute path, else the
+# first: a member named img::1.jpg is that member (the first "::" made it member "img" of a shard "1.jpg::s3://..",
+# no such file). memex writes the shard's part with fs.unstrip_protocol (always a protocol); tests write plain paths
+TAR_URI = re.compile(r"^tar://(?P<member>.+)::(?P<tar>[A-Za-z][A-Za-z0-9+.-]*://.*)$")
+_TAR_URI_PATH = re.compile(r"^tar://(?P<member>.+)::(?P<tar>/.*)$")
+_TAR_URI_ANY = re.compile(r"^tar://(?P<member>.+?)::(?P<tar>.+)$")
 TAR_CACHE = 64  # shard indexes kept per process
 # by (shard uri, its version: the listing's stamp, size + ETag/mtime): a shard rewritten in place in a long-lived
 # process (a whole-night `memex nightly`) gave its members' old offsets, i.e. another member's bytes, without error
-_index: OrderedDict[tuple[str, str | None], dict[str, tuple[int, int]]] = OrderedDict()
+# (and by whether a kept listing was asked: its offsets are of image members only) -> (offsets, from a listing)
+_index: OrderedDict[tuple[str, str | None, bool], tuple[dict[str, tuple[int, int]], bool]] = OrderedDict()
 _lock = threading.Lock()  # guards _index and _scanning
-_scanning: dict[tuple[str, str | None], threading.Lock] = {}  # one scan per shard: the decoder's 8 threads ask at once
+# one look-up per shard: the decoder's 8 threads ask at once
+_scanning: dict[tuple[str, str | None, bool], threading.Lock] = {}
+_unkept: set[str] = set()  # listing folders already named as holding no offsets (logged once each)
+OFFSET_COLUMNS = ["member", "offset", "size"]  # of a kept listing (memex/ingest.py SHARD_LISTING_FILE_SCHEMA)
 
 
 def is_hidden(rel: str) -> bool:
@@ -47,12 +65,27 @@ def member_uri(member: str, tar_uri: str) -> str:
     return f"tar://{member}::{tar_uri}"
 
 
+def split_member_uri(uri: str) -> tuple[str, str] | None:
+    """(member, shard URI) of a tar member's uri (member_uri), or None for any other uri."""
+    m = TAR_URI.match(uri) or _TAR_URI_PATH.match(uri) or _TAR_URI_ANY.match(uri)
+    return None if m is None else (m["member"], m["tar"])
+
+
 def tar_members(tar_uri: str, opts: dict[str, Any], version: str | None = None) -> dict[str, tuple[int, int]]:
-    """Member name -> (data offset, size) of the regular files of a tar shard, cached per process.
-    One thread scans a shard while the others asking for it wait: without that, every thread asked
+    """Member name -> (data offset, size) of the regular files of a tar shard, from a scan of its headers,
+    cached per process (see _offsets)."""
+    return _offsets(tar_uri, opts, version, None)[0]
+
+
+def _offsets(tar_uri: str, opts: dict[str, Any], version: str | None,
+             listings: str | None) -> tuple[dict[str, tuple[int, int]], bool]:
+    """(member name -> (data offset, size), whether from a kept listing: its image members only), cached per
+    process by (shard, version, whether a listing was asked for). From the shard's listing under `listings`
+    where one of its current version holds offsets (kept_offsets), else from a scan of all its headers.
+    One thread looks a shard up while the others asking for it wait: without that, every thread asked
     before the first scan ended scanned it too (measured: 2,000 images in 4 shards decoded in 7.0-7.5 s
     against 5.3-5.5 s with the shards' indexes ready, bench/bench_shards.py)."""
-    key = (tar_uri, version)
+    key = (tar_uri, version, listings is not None)
     with _lock:
         if key in _index:
             _index.move_to_end(key)
@@ -62,14 +95,62 @@ def tar_members(tar_uri: str, opts: dict[str, Any], version: str | None = None) 
         with _lock:
             if key in _index:
                 return _index[key]
-        with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            members = {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
+        members = kept_offsets(tar_uri, opts, listings) if listings else None
+        got = (members, True) if members is not None else (_scan(tar_uri, opts), False)
         with _lock:
-            _index[key] = members
+            _index[key] = got
             _scanning.pop(key, None)
             while len(_index) > TAR_CACHE:
                 _index.popitem(last=False)
-    return members
+    return got
+
+
+def _scan(tar_uri: str, opts: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Every header of the shard: through s3fs's readahead file, the whole shard is read."""
+    with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        return {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
+
+
+def kept_offsets(tar_uri: str, opts: dict[str, Any], listings: str) -> dict[str, tuple[int, int]] | None:
+    """The shard's image members' offsets from its listing kept under `listings` (memex/ingest.py _from_shards),
+    or None: no listing there of the shard's version now (none kept: the set listed without an index, or under
+    another root; the shard rewritten since: its old offsets would give other bytes), or one kept before
+    listings held offsets (then logged once: the scan reads every such shard whole).
+
+    Why the listing, and not the index's train_rows.parquet (which the neighbour fetch reads anyway): the listing
+    is written where the shard is read (its offsets are there for free), it is keyed by exactly what makes
+    offsets valid (the shard's URI and version), and a set listed before is upgraded by listing it again, with
+    no index rebuilt; offsets in train_rows.parquet would need its schema and every index built before to change.
+    Cost: a HEAD of the shard for its version (asked of the store, not of this process's listing cache, which
+    may predate a rewrite) and one GET of the listing whole (captions too: ~0.5 MB for 10k LAION samples, one
+    request; its three columns alone, ~0.1 MB, were 3 requests, size, footer then pages, each ~20-50 ms on S3,
+    where 0.4 MB more is ~4 ms at S3's ~100 MB/s a connection)."""
+    from memex.ingest import _stamp, shard_listing_name  # (memex.ingest imports this module)
+    from memex.storage import is_damage
+
+    fs, path = fsspec.core.url_to_fs(tar_uri, **opts)
+    fs.invalidate_cache(path)
+    name = posixpath.join(listings.rstrip("/"), shard_listing_name(tar_uri, _stamp(fs.info(path))))
+    lfs, lpath = fsspec.core.url_to_fs(name, **opts)
+    try:
+        t = pq.read_table(pa.BufferReader(lfs.cat_file(lpath, start=0)))  # (a range: s3fs sends no HEAD first)
+    except FileNotFoundError:
+        return None
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:  # a damaged listing: the listing pass makes it again
+        if isinstance(e, OSError) and not is_damage(e):  # the store's failure: raised, as the scan's would be
+            raise
+        return None
+    if not set(OFFSET_COLUMNS) <= set(t.column_names):
+        with _lock:
+            first = listings not in _unkept
+            _unkept.add(listings)
+        if first:
+            log.warning("shard listings kept under %s hold no member offsets (kept before memex read members by "
+                        "them): each tar shard a training image is read from is read whole to find it, once per "
+                        "process. Delete that folder to have the next audit list each shard again (reading it "
+                        "whole, once) with its offsets; the index stays as it is", listings)
+        return None
+    return {m: (o, n) for m, o, n in zip(*(t[c].to_pylist() for c in OFFSET_COLUMNS))}
 
 
 def store_failure(e: BaseException) -> bool:
@@ -86,20 +167,26 @@ def store_failure(e: BaseException) -> bool:
     return client_error(e)
 
 
-def read_uri(uri: str, opts: dict[str, Any], version: str | None = None) -> bytes:
+def read_uri(uri: str, opts: dict[str, Any], version: str | None = None, listings: str | None = None) -> bytes:
     """The bytes of an image uri: a file on any fsspec filesystem, or a tar shard's member. `version`:
-    the listing's stamp of the uri's file (a tar member's: its shard's), which keys the shard's offsets."""
-    m = TAR_URI.match(uri)
-    if m is None:
+    the listing's stamp of the uri's file (a tar member's: its shard's), which keys the shard's offsets.
+    `listings`: the folder of kept shard listings to take a shard's offsets from (kept_offsets), else its
+    headers are scanned."""
+    split = split_member_uri(uri)
+    if split is None:
         with fsspec.open(uri, "rb", **opts) as f:
             return f.read()
-    found = tar_members(m["tar"], opts, version).get(m["member"])
+    member, tar = split
+    members, listed = _offsets(tar, opts, version, listings)
+    found = members.get(member)
+    if found is None and listed:  # a member the listing has no row of (a caption, a hidden file): its headers
+        found = tar_members(tar, opts, version).get(member)
     if found is None:
-        raise FileNotFoundError(f"{m['member']} is not a member of {m['tar']}")
+        raise FileNotFoundError(f"{member} is not a member of {tar}")
     offset, size = found
     if not size:  # a 0-byte member: a range of nothing, which S3 answers with the whole object (the shard)
         return b""
-    fs, path = fsspec.core.url_to_fs(m["tar"], **opts)
+    fs, path = fsspec.core.url_to_fs(tar, **opts)
     return fs.cat_file(path, start=offset, end=offset + size)
 
 
@@ -108,9 +195,11 @@ class ShardSampleError(ValueError):
     guess."""
 
 
-def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tuple[str, str | None]]:
-    """(image member, caption) of every sample of one shard, in one sequential read of it (the
-    captions are small members between the images: reading them is reading the shard, ~its size).
+def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tuple[str, str | None, int, int]]:
+    """(image member, caption, its data's offset in the shard, its size) of every sample of one shard, in one
+    sequential read of it (the captions are small members between the images: reading them is reading the
+    shard, ~its size). The offsets, kept with the listing, let a member be read later without that read
+    (kept_offsets).
 
     WebDataset's rule: a member's key is its name up to the first dot of its basename, its field the
     rest; a sample's image is the member whose whole field is an image suffix (0001.jpg, not the
@@ -124,6 +213,7 @@ def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tu
         a warning naming the sample (which one a trainer read, if any, is not ours to guess)."""
     fields: dict[str, dict[str, str]] = {}  # key -> field -> member name
     texts: dict[str, str] = {}  # .txt member -> its text
+    where: dict[str, tuple[int, int]] = {}  # member -> (data offset, size): as tarfile.getmembers would give
     with fs.open(tar, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
         for m in tf:
             if not m.isfile() or is_hidden(m.name):  # a tar made on macOS holds ._0001.jpg; a folder tarred whole,
@@ -131,6 +221,7 @@ def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tu
             folder, base = posixpath.split(m.name)
             stem, _, field = base.partition(".")
             fields.setdefault(posixpath.join(folder, stem), {})[field] = m.name
+            where[m.name] = (m.offset_data, m.size)
             if m.name.endswith(".txt"):
                 texts[m.name] = tf.extractfile(m).read().decode("utf-8", errors="replace").strip()
         # tarfile reads a header of no bytes at all as the archive's end, so a shard cut at a member boundary (a
@@ -152,10 +243,11 @@ def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tu
                                    f"({', '.join(whole)}): a WebDataset sample holds one image (img2dataset "
                                    "writes one of jpg/png/webp); remove the others from the shard")
         if whole or len(dotted) == 1:
-            out.append((got[whole[0] if whole else dotted[0]], caption))
+            image = got[whole[0] if whole else dotted[0]]
+            out.append((image, caption, *where[image]))
         elif dotted:
             split.append(f"{key} ({', '.join(dotted)})")
-            out += [(got[f], texts.get(posixpath.splitext(got[f])[0] + ".txt")) for f in dotted]
+            out += [(got[f], texts.get(posixpath.splitext(got[f])[0] + ".txt"), *where[got[f]]) for f in dotted]
     if split:
         log.warning("shard %s: %d sample(s) hold several images with dots in their names and no plain image field, "
                     "listed as a row each, e.g. %s (WebDataset: key = a name up to its first dot)",
