@@ -59,8 +59,9 @@
         pictures.parquet             PICTURES_SCHEMA: every row with a near-duplicate and its picture
         _SUCCESS.json                IndexInfo (memex/stages/index.py), written when all of it is complete
         _lease.json                  while an audit builds it: who (memex/lease.py; others wait)
-    <index root>/_shard_listings/<hash>.parquet   a WebDataset shard's members and captions, by its URI and
-                                     version (memex/ingest.py: listing a shard reads all of it)
+    <index root>/_shard_listings/<hash>.parquet   a WebDataset shard's image members, their offsets and sizes,
+                                     and captions, by its URI and version (memex/ingest.py: listing a shard
+                                     reads all of it; memex/shards.py reads a member at its offset)
 
 Reads, atomic writes and the marker convention are memex/storage.py's.
 """

@@ -178,7 +178,9 @@ def quantizer_sample(layout: IndexLayout, n_train: int, size: int, seed: int = 0
     whole: 65,536 rows of 5M in groups of 512 read 99.9% of the file (~200 GB at ~40 KB an image) before
     any shard could start. Evenly spaced groups keep the sample spread over a training set in id order
     (an image folder's ids are its paths: one class after another), which a few whole groups were not:
-    1,024 groups of a 1.28M-image ImageNet folder meet every one of its 1,000 classes, for ~1/10 of it read."""
+    1,024 groups of a 1.28M-image ImageNet folder meet every one of its 1,000 classes, for ~1/10 of it read.
+    A WebDataset set's sampled images (not in train.pack) are ranged reads at the offsets its kept shard listings
+    record (memex/shards.py kept_offsets); listings kept before they held offsets scan every shard the sample meets."""
     if size >= n_train:
         return np.arange(n_train, dtype=np.int64)
     rng = np.random.default_rng(seed)
