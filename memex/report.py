@@ -89,13 +89,28 @@ def histogram_svg(values: Sequence[float], threshold: float | None, label: str, 
 
     `x_max`: the right end of the x axis (default: the largest value or threshold, plus 5%), so that
     two histograms can share one scale."""
-    # numpy, not a Python loop: at the paper's scale a histogram is of 175M generations' distances
-    vals = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64)
-    vals = vals[np.isfinite(vals)]
-    if not vals.size:
+    # numpy, not a Python loop: at the paper's scale a histogram is of 175M generations' distances (float32,
+    # 700 MB), counted HIST_CHUNK values at a time: a float64 copy of them all and its temporaries were ~24 bytes a
+    # value more, 3.9 GB in the driver (bench/bench_match_memory.py)
+    vals = values if isinstance(values, np.ndarray) else np.asarray(list(values), dtype=np.float64)
+    vals = vals.reshape(-1)
+    n, top_value = 0, -np.inf
+    for part in _finite_parts(vals):
+        n += part.size
+        top_value = max(top_value, float(part.max())) if part.size else top_value
+        del part  # (not held while the next one is made)
+    if not n:
         return f'<p class="muted">no {esc(label)} to plot</p>'
-    hi = x_max if _finite(x_max) and x_max > 0 else max(float(vals.max()), threshold or 0.0) * 1.05 or 1.0
-    counts = np.bincount(np.minimum((vals / hi * bins).astype(np.int64), bins - 1), minlength=bins).tolist()
+    hi = x_max if _finite(x_max) and x_max > 0 else max(top_value, threshold or 0.0) * 1.05 or 1.0
+    total = np.zeros(bins, np.int64)
+    for part in _finite_parts(vals):
+        part /= hi  # in place, in the order (v / hi) * bins: the same bins as the whole array's
+        part *= bins
+        idx = part.astype(np.int64)
+        np.minimum(idx, bins - 1, out=idx)
+        total += np.bincount(idx, minlength=bins)
+        del part, idx
+    counts = total.tolist()
     top, pad, plot_w, plot_h = max(counts), 30, width - 55, height - 30
     bar_w = plot_w / bins
     parts = [f'<svg role="img" aria-label="{esc(label)}" width="{width}" height="{height}" '
@@ -113,8 +128,19 @@ def histogram_svg(values: Sequence[float], threshold: float | None, label: str, 
     for f in (0, 0.5, 1):
         parts.append(f'<text x="{pad + plot_w * f:.1f}" y="{height - 5}" text-anchor="middle">{hi * f:.3g}</text>')
     parts.append("</svg>")
-    return (f'<figure class="hist">{"".join(parts)}<figcaption>{esc(label)} (n = {vals.size}, tallest bar {top})'
+    return (f'<figure class="hist">{"".join(parts)}<figcaption>{esc(label)} (n = {n}, tallest bar {top})'
             f"</figcaption></figure>")
+
+
+HIST_CHUNK = 1 << 21  # values histogram_svg converts at a time: ~17 bytes each held while one is counted, ~35 MB
+
+
+def _finite_parts(vals: np.ndarray):
+    """The finite values of a 1-D array, HIST_CHUNK at a time, each a float64 copy of its own (to change in place)."""
+    for start in range(0, vals.size, HIST_CHUNK):
+        part = vals[start:start + HIST_CHUNK].astype(np.float64)
+        part = part[np.isfinite(part)]  # (rebound: the unfiltered copy is not held while the caller counts)
+        yield part
 
 
 def line_chart_svg(xs: Sequence[float], series: dict[str, Sequence[float]], xlabel: str,

@@ -23,7 +23,8 @@ then `keep_for_report` copies the matched training images into <run>/matched_tra
 and `summarize` writes <run>/summary.json (outside matches/, which holds matches only), where a
 picture counts as extracted only with enough copying generations (`extracted_pictures`).
 Memory: one samples shard's candidates and their neighbours' encoded images at a time, and the stage's
-`Compared` (resources.pixel_cache_mb of training images cut for comparison).
+`Compared` (resources.pixel_cache_mb of training images cut for comparison); a huge neighbour is decoded and cut
+no larger than the comparison needs (COMPARE_FULL_PIXELS); the summary holds matches/'s extracted rows only.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import pyarrow.compute as pc
 
 from memex import runner
 from memex.config import AuditConfig, CandidateSource, DistanceKind, MatchConfig, adaptive, plain
-from memex.images import decode, encode_png, is_grayscale, luma_rgb, to_aspect
+from memex.images import decode, decoded_pixels, encode_png, is_grayscale, luma_rgb, to_aspect
 from memex.layout import MATCHED_TRAIN_SCHEMA, MATCHES_SCHEMA, RunLayout, StorageError
 from memex.membership import IndexInfo, fetch_train_rows, picture_rows, read_info, read_pictures
 from memex.prompts import read_run_prompts
@@ -89,7 +90,8 @@ class TrainPixels(_Derived):
     The driver holds a shard's neighbours encoded: 64 generations x match.k = 10 are up to 640
     training images, ~0.1-0.5 MB each as LAION's JPEGs against ~4.5 MB each decoded at 1.5 MP, 2.9 GB
     a shard (bench/bench_match_memory.py). The stage's `Compared` keeps them cut, so an image is decoded
-    again only when its cut one was dropped. An image that no longer decodes (one read from its uri,
+    again only when its cut one was dropped, and one over COMPARE_FULL_PIXELS no larger than the comparison
+    needs (`for_shape`: an 8000x12000 JPEG at 1/4 scale). An image that no longer decodes (one read from its uri,
     changed since the index was built) leaves the mapping at its first access, with a warning naming
     it: its generations are compared with their other neighbours (`readable`)."""
 
@@ -98,9 +100,21 @@ class TrainPixels(_Derived):
         self.alpha = alpha  # as the index decoded them (IndexInfo.alpha: trainset.alpha)
 
     def __getitem__(self, gid: int) -> np.ndarray:
+        return self._decode(gid)
+
+    def for_shape(self, gid: int, shape: tuple[int, int]) -> np.ndarray:
+        """The training image gid as a comparison with a generation of `shape` needs it (`pixels_for`): one over
+        COMPARE_FULL_PIXELS decoded at the smallest JPEG DCT scale (1/2, 1/4, 1/8) keeping both its sides at least
+        HEADROOM x the generation's longer side, which `as_compared` cuts and sizes to the generation's; others
+        whole, as [gid] decodes them."""
+        return self._decode(gid, shape)
+
+    def _decode(self, gid: int, shape: tuple[int, int] | None = None) -> np.ndarray:
         data = self.encoded[gid]  # KeyError: not fetched, or not readable
         try:
-            return decode(data, alpha=self.alpha)
+            # the header alone: ~0.1 ms, against ~1 s to decode an 8000x12000 JPEG whole
+            side = HEADROOM * max(shape) if shape is not None and decoded_pixels(data) > COMPARE_FULL_PIXELS else None
+            return decode(data, alpha=self.alpha, min_side=side)
         except Exception as e:  # noqa: BLE001 - one bad image leaves the mapping, named; the stage goes on
             del self.encoded[gid]
             unreadable(self.names.get(gid, f"gid {gid}"), f"{type(e).__name__}: {e}")
@@ -160,6 +174,13 @@ def fetch_training_images(info: IndexInfo, gids, storage_options: dict,
              for g, i, u in zip(*(train[c].to_pylist() for c in ("gid", "id", "uri")))}
     meta = {g: (i, c) for g, i, c in zip(*(train[c].to_pylist() for c in ("gid", "id", "caption")))}
     return TrainPixels({gid_of[i]: data for i, data in by_id.items()}, names, info.alpha or "white"), meta
+
+
+def pixels_for(pixels: Mapping, gid: int, shape: tuple[int, int]) -> np.ndarray:
+    """pixels[gid] as a comparison with a generation of `shape` needs it: a large one bounded in the decode
+    (TrainPixels.for_shape, and Luma's over it), else pixels[gid] (a dict of arrays)."""
+    sized = getattr(pixels, "for_shape", None)
+    return sized(gid, shape) if sized is not None else pixels[gid]
 
 
 def readable(gids, image: Callable[[int], object]) -> tuple[list[tuple[int, int]], list]:
@@ -244,16 +265,67 @@ def as_compared(img: np.ndarray, shape: tuple[int, int], preprocess: str):
     [0, 1]. Its tile detail and the same-picture test were measured at the training image's own
     size: a 256 px photo's grain, which a 32 px comparison averages away, made a low-complexity
     picture count after one generation (detail 0.19 at 256 px, 0.04 at 32), and two stored copies
-    of one picture "another picture" (0.14-0.17 apart at 256 px, 0.01 at 32)."""
+    of one picture "another picture" (0.14-0.17 apart at 256 px, 0.01 at 32). An image over
+    COMPARE_FULL_PIXELS is averaged over blocks first, to HEADROOM x the common size (`_reduction`)."""
     import torch
 
     from memex.distances import GRID, at_size, common_size, to_unit
 
-    fitted = to_unit(torch.tensor(to_aspect(img, shape[0], shape[1], preprocess)[None]))
+    if preprocess == "pad":  # averaged before its white borders are added: their edges stay sharp where the
+        # blocks would straddle them (0.05 off on the border's pixels), and no full-size padded copy is made
+        r = _reduction(img.shape[:2], img.shape[:2], shape)
+        cut = to_aspect(_box_reduced(img, r) if r > 1 else img, shape[0], shape[1], preprocess)
+    else:
+        cut = to_aspect(img, shape[0], shape[1], preprocess)
+        r = _reduction(img.shape[:2], cut.shape[:2], shape)
+        cut = _box_reduced(cut, r) if r > 1 else cut
+    if r > 1:  # a large image, averaged a strip at a time: its float32 levels (an array of its own) to [0, 1]
+        cut /= 255
+        fitted = torch.from_numpy(cut).permute(2, 0, 1)[None]
+    else:
+        fitted = to_unit(torch.tensor(cut[None]))
     if min(fitted.shape[-2:]) < GRID:  # a 1 px tracking GIF, a 600x2 banner's cut: no 4x4 grid of tiles
         raise NotComparable(f"{fitted.shape[-2]}x{fitted.shape[-1]} px once cut to the generations' aspect: "
                             f"too small to compare (the tiled l2 needs {GRID} px a side)")
     return at_size(fitted, common_size(tuple(shape), fitted.shape[-2:]))
+
+
+# A training image is compared at the generation's size (distances.common_size: the smaller of the two). One over
+# COMPARE_FULL_PIXELS is first brought down to no less than HEADROOM x that size on each side: decoded at a JPEG's DCT
+# scale (TrainPixels.for_shape), then averaged over r x r blocks a strip of rows at a time (`_box_reduced`), before
+# the float32 copies the comparison makes of its cut (12 bytes a pixel, two while to_unit converts). Decoded whole
+# and cut in float32, one 8000x12000 neighbour held ~1.7 GB in the driver for a 512 px comparison, against ~0.12 GB
+# as a JPEG now, ~0.65 GB as a PNG (decoded whole; bench/bench_match_memory.py --driver). Images up to it (LAION's
+# are ~0.3-1.5 MP) are compared exactly as before; a larger one's distances move by ~1e-3 tiled l2
+# (tests/test_match_memory.py).
+COMPARE_FULL_PIXELS = 1 << 22  # 4 Mi px, a 2048x2048 image: ~120 MB on its way to the comparison
+HEADROOM = 2  # the reduced cut's sides, in the comparison's: its antialiased resize still averages 2x2 or more
+
+
+def _reduction(image: tuple[int, int], cut: tuple[int, int], shape: tuple[int, int]) -> int:
+    """The block side r an image of size `image`, cut to `cut`, is averaged over before its comparison with a
+    generation of `shape` (1: none, an image up to COMPARE_FULL_PIXELS, or one cut near the comparison's size)."""
+    from memex.distances import common_size
+
+    if image[0] * image[1] <= COMPARE_FULL_PIXELS:
+        return 1
+    h, w = common_size(tuple(shape), tuple(cut))
+    if h <= 0 or w <= 0:
+        return 1
+    return max(1, min(cut[0] // (HEADROOM * h), cut[1] // (HEADROOM * w)))
+
+
+def _box_reduced(img: np.ndarray, r: int) -> np.ndarray:
+    """(H, W, C) uint8 -> (H // r, W // r, C) float32 levels (0-255), each pixel the mean of an r x r block (the
+    H % r rows and W % r columns left over split between the edges), ~1 Mi values converted at a time."""
+    h, w, c = img.shape[0] // r, img.shape[1] // r, img.shape[2]
+    top, left = img.shape[0] % r // 2, img.shape[1] % r // 2
+    out = np.empty((h, w, c), np.float32)
+    step = max(1, (1 << 20) // (w * r * r * c))  # output rows a strip
+    for y in range(0, h, step):
+        rows = img[top + y * r: top + min(h, y + step) * r, left: left + w * r].astype(np.float32)
+        out[y: y + step] = rows.reshape(-1, r, w, r, c).mean(axis=(1, 3))
+    return out
 
 
 class NotComparable(KeyError):
@@ -309,7 +381,8 @@ def verify_all(samples: pa.Table, D: np.ndarray, I: np.ndarray, pixels: dict, me
 
         def cut(x: int, px=px, gray=gray, shape=shape):  # training image x as compared with this generation
             # (decoded, and its luma taken, on a miss)
-            return compared.get(x, gray, lambda: px[x], shape, str(meta[x][0]) if x in meta else None)
+            return compared.get(x, gray, lambda: pixels_for(px, x, shape), shape,
+                                str(meta[x][0]) if x in meta else None)
 
         nb, cuts = readable(I[j], cut)
         if not nb:
@@ -347,6 +420,9 @@ class Luma(_Derived):
     def __getitem__(self, gid: int) -> np.ndarray:
         return luma_rgb(self.pixels[gid])
 
+    def for_shape(self, gid: int, shape: tuple[int, int]) -> np.ndarray:
+        return luma_rgb(pixels_for(self.pixels, gid, shape))
+
     @property
     def _keys(self) -> Mapping:
         return self.pixels
@@ -380,7 +456,7 @@ def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, pic
 
 # 5. the training images the report shows ------------------------------------------------------
 def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict, chunk: int = 64,
-                    group: int = 1024) -> None:
+                    group: int = 1024, extracted: pa.Table | None = None) -> None:
     """Every extracted match's training image (the report's pairs show them), into
     <run>/matched_train_images.parquet. Only the extracted: candidates=all verifies every sample, and
     50k CIFAR-sized generations would otherwise copy 50k training images here. (The 200 closest
@@ -388,8 +464,10 @@ def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict, c
     `chunk` images are re-encoded and written at a time, fetched `group` at a time (held encoded, ~0.3 MB
     each at 1.5 MP): held all at once, the rows of tens of thousands of extracted pictures (uncounted
     look-alikes included), ~3 MB a PNG, ran the driver out of memory on every rerun; fetched 64 at a time,
-    each fetch read train_rows.parquet's footer again (6-12 MB at 5M rows)."""
-    rows = layout.matches.read(columns=["train_gid", "train_id"], filters=[("extracted", "==", True)]).to_pylist()
+    each fetch read train_rows.parquet's footer again (6-12 MB at 5M rows). `extracted`: matches/'s extracted rows
+    when the caller holds them (`extracted_matches`), else read here."""
+    rows = (extracted.select(["train_gid", "train_id"]) if extracted is not None else layout.matches.read(
+        columns=["train_gid", "train_id"], filters=[("extracted", "==", True)])).to_pylist()
     matched = sorted({r["train_gid"]: r["train_id"] for r in rows}.items())
 
     def tables():
@@ -509,14 +587,36 @@ def run(cfg: AuditConfig, run_name: str) -> dict:
     # hand): the missing matches units are redone and summary.json is written again from them all
     match_shards(cfg, run_name)
     info = read_info(layout)
-    matches = layout.matches.read()
-    log.info("match: %d candidates verified against %d indexed training images", matches.num_rows, info.n_indexed)
-    keep_for_report(layout, info, cfg.storage.options)
-    summary = summarize(cfg, layout, info, matches)
+    ext, verified = extracted_matches(layout)
+    log.info("match: %d candidates verified against %d indexed training images", verified, info.n_indexed)
+    keep_for_report(layout, info, cfg.storage.options, extracted=ext)
+    summary = summarize(cfg, layout, info, ext, verified)
     layout.store.write_json(layout.summary_path, summary)
     layout.matches.mark_success({"summary": "../summary.json", "extracted": summary["extracted_unique_train_images"],
                                  "inputs": inputs, "triage": read_as})
     return summary
+
+
+# matches/ units read at a time by `extracted_matches`: 256 units of 500 generations (sampling=paper) at ~250 bytes a
+# row decoded (prompts, ids, captions) are ~32 MB, whatever the run's size
+UNITS_PER_READ = 256
+
+
+def extracted_matches(layout: RunLayout, units_per_read: int | None = None) -> tuple[pa.Table, int]:
+    """(matches/'s extracted rows, in unit order, how many rows matches/ holds): what `summarize` reads, in one pass
+    of `units_per_read` units at a time. matches/ read whole held every row's prompt, ids and captions, ~250 bytes
+    a row: 240 MB in the driver for 1M generations, ~43 GB for candidates=all at the paper's 175M. (A filtered
+    read decodes every column anyway, the units' row groups mixing extracted rows and others; and the rows counted
+    from the tables read cost no request more, where the units' markers are one each.)"""
+    units = [layout.matches.file(i) for i in layout.matches.complete()]
+    step = units_per_read or UNITS_PER_READ
+    kept, rows = [MATCHES_SCHEMA.empty_table()], 0
+    for k in range(0, len(units), step):
+        t = layout.store.read_table(units[k:k + step], schema=MATCHES_SCHEMA)
+        rows += t.num_rows
+        kept.append(t.filter(t["extracted"]))
+        del t
+    return pa.concat_tables(kept), rows
 
 
 def triage_read(cfg: AuditConfig) -> dict:
@@ -542,6 +642,8 @@ def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str],
     flagged clique, or one closer to it than its own tile mosaic (distance < detail); and in every
     case one copying generation with margin <= match.max_margin (tiled l2; distinct_margin).
     Rows of one picture count once (docs/method.md#3-extracted-pictures)."""
+    from memex.distances import within
+
     out: dict[int, dict] = {}
     for row in ext.to_pylist():
         p = picture.get(row["train_gid"], row["train_gid"])
@@ -569,16 +671,20 @@ def count_pictures(ext: pa.Table, picture: dict[int, int], clique_ids: set[str],
         closer = e.pop("closer") and e["low_complexity"]  # (popped: internal, not a summary field)
         # and one copying generation must be distinct: at most max_margin of the way to the next picture
         unmeasured = e.pop("unmeasured")  # internal: not a summary field
-        e["distinct"] = m.max_margin is None or unmeasured or e["margin"] <= m.max_margin
+        # at the margin's float32 precision, as matches/ stores it (and `within` the threshold): a margin of
+        # 0.6 reads 0.60000002 in float32, which max_margin=0.6 refused in float64
+        e["distinct"] = m.max_margin is None or unmeasured or within(e["margin"], m.max_margin)
         # min_generations holds on every route: the clique and "closer" routes waive only the low-detail count
         e["counted"] = e["distinct"] and e["generations"] >= m.min_generations and (
             e["generations"] >= need or (e["low_complexity"] and e["in_clique"] > 0) or closer)
     return out
 
 
-def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.Table) -> dict:
+def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.Table,
+              verified: int | None = None) -> dict:
     """<run>/summary.json: the headline numbers (extracted pictures, UNet evaluations), the
-    pictures, per-prompt results, config."""
+    pictures, per-prompt results, config. `matches`: matches/'s rows, or only its extracted ones with
+    `verified` the number of rows matches/ holds (`extracted_matches`: what `run` passes)."""
     from memex.plan import SamplePlan
     from memex.stages.triage import needs_stage, preview_distances, prompt_scores
 
@@ -592,6 +698,7 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
     clique_ids = {s for c in cands.values() if c["flagged"] for s in c["sample_ids"]}
     triage, previews = prompt_scores(cfg, layout), preview_distances(cfg, layout)
     ext = matches.filter(matches["extracted"]) if matches.num_rows else matches
+    verified = matches.num_rows if verified is None else verified
     by_prompt: dict[str, list[dict]] = {}
     for row in ext.to_pylist():
         by_prompt.setdefault(row["prompt_id"], []).append(row)
@@ -644,7 +751,7 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
         "prompts_undecided": len(undecided),
         "undecided_prompt_ids": undecided,
         "candidates": cfg.match.candidates.value,
-        "candidates_verified": matches.num_rows,
+        "candidates_verified": verified,
         "extracted_generations": ext.num_rows,  # within the threshold, of any picture (counted or not)
         "counted_generations": sum(p["counted_samples"] for p in per_prompt),  # copying a counted picture
         "extracted_unique_train_images": len(pictures),

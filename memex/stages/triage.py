@@ -103,7 +103,7 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
     previews as PNGs, sampling.shard_size previews' neighbours (encoded: match.TrainPixels) at a time, and
     resources.pixel_cache_mb of them cut for comparison."""
     from memex.images import decode, is_grayscale
-    from memex.stages.match import _WARNED, Compared, Luma, fetch_training_images, pixel_distances, readable
+    from memex.stages.match import _WARNED, Compared, Luma, fetch_training_images, pixel_distances, pixels_for, readable
 
     _WARNED.clear()  # each chunk's log names its unreadable neighbours (see match_shards)
 
@@ -123,7 +123,9 @@ def score_previews(index: int, cfg: AuditConfig, layout: RunLayout, info, neares
         for j, (pid, png) in enumerate(zip(part["prompt_id"].to_pylist(), part["image"].to_pylist())):
             gray = is_grayscale(png)
             px, gen = luma if gray else pixels, decode(png)
-            nb, cut = readable(I[j], lambda g: compared.get(g, gray, lambda: px[g], gen.shape[:2]))
+            # (a huge neighbour decoded no larger than the comparison needs, as match does: pixels_for)
+            nb, cut = readable(I[j], lambda g: compared.get(g, gray, lambda: pixels_for(px, g, gen.shape[:2]),
+                                                            gen.shape[:2]))
             if not nb:
                 continue
             d = pixel_distances(gen, cut, DistanceKind.tiled_l2, cfg.trainset.preprocess.value)
