@@ -16,7 +16,9 @@ Why not call `pipeline(prompt, ...)` per prompt? The attack generates ~500 sampl
     and a batch of 9 can differ in the last float bit, and ~1 pixel in 10^3 then rounds to a
     different uint8 (measured on the tiny pixel model with Euler ancestral). With one shape, a
     row's result does not depend on its neighbours or its position, so a sample regenerated
-    alone at the same batch_size on the same kind of device is byte-identical. Padding costs at
+    alone at the same batch_size on the same kind of device is byte-identical (on a CPU, with the same
+    torch thread count too: the threads split the reductions; 1 against 2 threads moved 46 of 1.5M values
+    by 1 at 512 px, 0 at a fixed count, whatever the batch position). Padding costs at
     most one partial batch per shard. The UNet's memory format (`sampling.channels_last`) changes
     kernels too, so it is part of the run identity like batch_size.
 The loop is the standard diffusers one (scale_model_input -> UNet -> classifier-free guidance ->
