@@ -19,7 +19,6 @@ keep 256 before, the same evaluations as the plain loop after). Tied, only a rou
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
@@ -100,7 +99,7 @@ class SamplePlan:
 
     @classmethod
     def read(cls, store: Store) -> "SamplePlan":
-        paths = sorted(store.fs.glob(posixpath.join(store.join("rounds"), "round-*.json")))
+        paths = store.listing(store.join("rounds"), "round-*.json")  # (a store failure named, as other listings)
         return cls([Round.from_json(store.read_json(p)) for p in paths])
 
     def add_round(self, store: Store, prompt_rows: Optional[list[int]], n_prompts: int, lo: int, hi: int,
