@@ -234,6 +234,12 @@ def check_local_checkpoint(path: str, key: str = "model.path") -> dict:
                 raise ModelError(f"component {name!r} in {sub} has no config.json")
             if not any(f.endswith(WEIGHT_SUFFIXES) for f in files):
                 raise ModelError(f"component {name!r} in {sub} has no weights (*.safetensors)")
+        if name == "scheduler" and "scheduler_config.json" not in files:
+            # the noise schedule the model was trained with: without it every pre-cluster scheduler check
+            # passed silently (check_scheduler reads no config) and every sampler's load failed
+            raise ModelError(f"{key}={path}: component 'scheduler' in {sub} has no scheduler_config.json (the "
+                             "model's noise schedule): copy it from where the model came from, or re-save the "
+                             "pipeline with save_pretrained")
     return index
 
 
@@ -505,13 +511,23 @@ def check_component_weights(folder: str, library: str, class_name: str, key: str
         return
     # Only tensors both sides name: loaders rename legacy keys (old attention blocks, prefixes) and
     # report missing ones themselves; a wrong shape is what they only notice after reading everything.
-    wrong = [(k, found[k], expected[k]) for k in sorted(found) if k in expected and found[k] != expected[k]]
+    # A text encoder saved with transformers 4 names text_model.encoder..., which transformers 5 builds
+    # as encoder...: compared without that prefix (as lora._module does), else no name met and no shape
+    # was compared at all.
+    expected = {_unprefixed(k): v for k, v in expected.items()}
+    wrong = [(k, found[k], expected[_unprefixed(k)]) for k in sorted(found)
+             if _unprefixed(k) in expected and found[k] != expected[_unprefixed(k)]]
     if wrong:
         k, got, want = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise ModelError(f"{key}: tensor {k!r} in {where[k]} has shape {list(got)} but {folder}/config.json makes "
                          f"a {class_name} that needs {list(want)}{more}: the weights and config.json are from "
                          "different models (re-save the component with save_pretrained)")
+
+
+def _unprefixed(name: str) -> str:
+    """A CLIP text encoder's tensor name either way: text_model.encoder... (transformers 4), encoder... (5)."""
+    return name.removeprefix("text_model.")
 
 
 def _components(path: str, index: dict, skip: set[str]) -> list[tuple[str, str, str]]:
@@ -523,6 +539,13 @@ def _components(path: str, index: dict, skip: set[str]) -> list[tuple[str, str, 
         if os.path.isdir(os.path.join(path, name)):
             out.append((os.path.join(path, name), spec[0], spec[1]))
     return out
+
+
+def _hub_offline() -> bool:
+    """Whether loads read the Hugging Face cache only (HF_HUB_OFFLINE, as huggingface_hub read it)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def cached_snapshot(repo_id: str, revision: str | None = None) -> str | None:
@@ -580,6 +603,13 @@ def check_hub_model(repo_id: str, key: str = "model.path", revision: str | None 
     names = [s.rfilename for s in info.siblings or []]
     if info.siblings is not None and "model_index.json" not in names:
         single = [n for n in names if "/" not in n and n.endswith((".safetensors", ".ckpt"))]
+        # a LoRA by its name, as weights_file_kind tells a file it cannot open (diffusers' LoRA scripts push
+        # pytorch_lora_weights.safetensors): it was called a single-file checkpoint, to convert
+        lora = next((n for n in single if n.endswith(".safetensors") and "lora" in n.lower()), None)
+        if lora is not None:
+            raise ModelError(f"{key}={repo_id}: the hub model has no model_index.json, so it is not a diffusers "
+                             f"pipeline; its {lora} is a LoRA: set model.lora={repo_id} and {key} to its base "
+                             "model, the one it was trained on (memex fuses the LoRA into it)")
         raise ModelError(f"{key}={repo_id}: the hub model has no model_index.json, so it is not a diffusers "
                          "pipeline" + (f"; its {single[0]} is a single-file checkpoint: download it and "
                                        f"{_convert_hint(single[0], key)}" if single else
@@ -664,9 +694,11 @@ def _base_components(path: str, revision: str | None, unet: str | None,
     return folder, index, (_components(folder, index, skip) if folder else [])
 
 
-def _base_has_variant(path: str, variant: str, unet: str | None, text_encoder: str | None) -> bool:
-    """Whether a component of the pipeline folder the load reads (the overrides' left out) holds `variant`."""
-    return any(has_variant(sub, variant) for sub, _, _ in _base_components(path, None, unet, text_encoder)[2])
+def _base_has_variant(path: str, variant: str, unet: str | None, text_encoder: str | None,
+                      revision: str | None = None) -> bool:
+    """Whether a component of the pipeline folder the load reads (the overrides' left out; a hub id's cached
+    snapshot) holds `variant`."""
+    return any(has_variant(sub, variant) for sub, _, _ in _base_components(path, revision, unet, text_encoder)[2])
 
 
 def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = False,
@@ -682,11 +714,18 @@ def check_model_inputs(path: str, unet: str | None = None, allow_pickle: bool = 
     library_logs_to_file()  # before diffusers/transformers are imported: their warnings go to the log file
     folder, index, components = _base_components(path, revision, unet, text_encoder)
     overrides = [o for o in (unet, text_encoder) if o is not None and os.path.isdir(o)]  # they may hold it alone
-    if variant and os.path.isdir(path) and not any(has_variant(sub, variant) for sub, _, _ in components) \
+    # `folder`: the local folder, or a hub id's cached snapshot where the load reads only the cache (HF_HUB_OFFLINE):
+    # online, a snapshot cached without the variant's files is completed by the load from the hub, which decides;
+    # a hub id not cached here is left to the load
+    judged = folder and (folder == path or _hub_offline())
+    if variant and judged and not any(has_variant(sub, variant) for sub, _, _ in components) \
             and not any(has_variant(o, variant) for o in overrides):
+        cached = "" if folder == path else (
+            f" (its snapshot cached at {folder}; to read the hub's {variant} files, download them into the cache "
+            f"once: DiffusionPipeline.download('{path}', variant='{variant}'))")
         raise ModelError(f"model.variant={variant} but no component of model.path={path} has {variant} weights "
-                         f"(files like diffusion_pytorch_model.{variant}.safetensors): leave model.variant unset, "
-                         "or give the variant a component folder holds")
+                         f"(files like diffusion_pytorch_model.{variant}.safetensors){cached}: leave model.variant "
+                         "unset, or give the variant a component folder holds")
     for sub, library, cls in components:
         check_component_weights(sub, library, cls, f"model.path={path}", allow_pickle, variant)
     unet_cls = None
@@ -820,15 +859,23 @@ def check_unet_fits(path: str, unet: str | None, text_encoder: str | None, revis
                              f"of {unit}")
 
 
+VQ_DECODERS = ("vqvae", "movq")
+
+
+def vq_decoder_refusal(pipeline: str, decoder: str) -> ModelError:
+    """The refusal of a pipeline (`pipeline`: "model.path=... (LDMPipeline)") whose latents a VQ `decoder` decodes:
+    its UNet denoises latents that this decoder, not a `vae`, turns into pixels; sampled, memex saved the
+    undecoded latents as the images (8x8 for 16x16), and the audit found nothing, without a word."""
+    return ModelError(f"{pipeline} decodes its latents with a {decoder} (a VQ autoencoder), which memex does not "
+                      f"run; {SAMPLED}")
+
+
 def check_sampled_pipeline(path: str, folder: str, index: dict, key: str = "model.path") -> None:
     """The pipeline at `folder` (`key`=`path`) denoises with a UNet memex samples, from its configs."""
     pipeline = f"{key}={path} ({index.get('_class_name', 'a pipeline')})"
-    decoder = next((k for k in ("vqvae", "movq") if isinstance(index.get(k), list) and index[k][0]), None)
+    decoder = next((k for k in VQ_DECODERS if isinstance(index.get(k), list) and index[k][0]), None)
     if decoder is not None:  # LDMPipeline (CelebA-HQ LDM), LDMTextToImagePipeline, Kandinsky's MoVQ
-        # its UNet denoises latents that this decoder, not a `vae`, turns into pixels: sampled, memex saved the
-        # undecoded latents as the images (8x8 for 16x16), and the audit found nothing, without a word
-        raise ModelError(f"{pipeline} decodes its latents with a {decoder} (a VQ autoencoder), which memex does not "
-                         f"run; {SAMPLED}")
+        raise vq_decoder_refusal(pipeline, decoder)
     if isinstance(index.get("unet"), list) and len(index["unet"]) == 2:
         check_sampled_unet(_unet_config(os.path.join(folder, "unet")), f"{pipeline}: its UNet")
     elif index:  # SD3, Flux, PixArt, DiT: a transformer denoises
@@ -870,6 +917,13 @@ def check_sampled_unet(config: dict, subject: str) -> None:
         if config.get(key) is not None:
             raise ModelError(f"{subject} is class-conditional ({key}={config[key]!r}) and memex passes no class "
                              f"labels; {SAMPLED}")
+    if config.get("time_embedding_type") == "fourier":  # Score-SDE VE: NCSN++ (google/ncsnpp-*)
+        # it takes the noise level sigma (0.01 to ~1348 with ScoreSdeVeScheduler, no betas), not a DDPM timestep:
+        # every solver memex builds from that config ran diffusers' default linear betas, NaN images blamed on
+        # the weights (ddpm, ddim, euler) or noise saved without a word (dpm_multistep)
+        raise ModelError(f"{subject} is a score-SDE variance-exploding model (time_embedding_type='fourier': "
+                         "NCSN++), conditioned on noise levels, not DDPM timesteps: memex samples DDPM-family "
+                         f"(variance-preserving) models only; {SAMPLED}")
     if config.get("time_cond_proj_dim") is not None:  # LCM / TCD distillation: the guidance scale is an input
         # (a timestep_cond embedding); without it the UNet ran off what it learned, with CFG stacked on top
         raise ModelError(f"{subject} is guidance-distilled (time_cond_proj_dim={config['time_cond_proj_dim']}: LCM, "
@@ -935,16 +989,33 @@ SCHEDULERS = {
 KIND_OF_CLASS = {name: kind for kind, name in SCHEDULERS.items()}
 
 
+# A scheduler config's noise schedule: betas (DDPM-family, variance-preserving: every class in SCHEDULERS, LCM,
+# TCD), or noise levels sigma with no betas (ScoreSdeVeScheduler, CMStochasticIterativeScheduler, EDM*)
+BETA_KEYS = ("beta_start", "beta_schedule", "trained_betas")
+SIGMA_KEYS = ("sigma_min", "sigma_max", "sigma_data")
+
+
 def scheduler_kind(base_config: Any, kind: SchedulerKind, model_path: str) -> SchedulerKind:
-    """`kind`, or for `default` the kind of the checkpoint's scheduler class; unknown classes are refused."""
+    """`kind`, or for `default` the kind of the checkpoint's scheduler class; unknown classes are refused,
+    and so is a schedule of noise levels without betas (VE, EDM, consistency), whatever `kind`."""
+    name = base_config.get("_class_name")
+    betas = any(k in base_config for k in BETA_KEYS)
+    if name not in KIND_OF_CLASS and not betas and any(k in base_config for k in SIGMA_KEYS):
+        # a solver built from this config gets diffusers' default linear betas, not the model's schedule: NaN
+        # images blamed on the weights (ddpm, ddim, euler) or noise saved without a word (dpm_multistep)
+        raise ModelError(f"model.path={model_path}: its scheduler config names {name!r}, a variance-exploding, EDM or "
+                         "consistency schedule (noise levels sigma_min..sigma_max, no betas), which memex cannot "
+                         "sample, with any sampling.scheduler (each would run default betas, not the model's); memex "
+                         "samples DDPM-family (variance-preserving) models only: audit one of those")
     if kind != SchedulerKind.default:
         return kind
-    name = base_config.get("_class_name")
     if name not in KIND_OF_CLASS:
         choices = ", ".join(k.value for k in SCHEDULERS)
+        kept = ("the model's noise schedule is kept, only the solver changes" if betas else
+                "its config names no betas, so the solver runs diffusers' default ones: check they are the model's")
         raise ModelError(f"model.path={model_path}: its scheduler config names {name!r}, which memex does not "
                          f"sample with (sampling.scheduler=default); set sampling.scheduler=<kind>, one of {choices} "
-                         "(the model's noise schedule is kept, only the solver changes)")
+                         f"({kept})")
     return KIND_OF_CLASS[name]
 
 
@@ -1050,8 +1121,11 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
     dtype_kw = "dtype" if hasattr(importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype") \
         else "torch_dtype"
     kwargs: dict[str, Any] = {dtype_kw: getattr(torch, dtype), "use_safetensors": None if allow_pickle else True}
-    if variant and (not local or _base_has_variant(path, variant, unet, text_encoder)):
-        # (a plain base with only an override saved as the variant: diffusers refuses a variant no component has)
+    # a plain base with only an override saved as the variant: diffusers refuses a variant no component has.
+    # Offline, a hub id is judged by its cached snapshot, all the load reads (it was asked for the variant
+    # always, and failed in every actor); online, or not cached here, it is asked for it, the hub deciding
+    if variant and ((not local and (not _hub_offline() or cached_snapshot(path, revision) is None))
+                    or _base_has_variant(path, variant, unet, text_encoder, revision)):
         kwargs["variant"] = variant
     if not local and revision:
         kwargs["revision"] = revision
@@ -1081,6 +1155,11 @@ def load_model(path: str, kind: ModelKind = ModelKind.auto, dtype: str = "float3
         where = "local folder" if local else "hub id (needs network access and, if gated, HF_TOKEN)"
         hint = "" if allow_pickle or "safetensors" not in str(e) else f" (if it has only .bin weights: {PICKLE_FIX})"
         raise ModelError(f"could not load model.path={path} as a {where}: {type(e).__name__}: {e}{hint}") from e
+    # check_sampled_pipeline reads model_index.json, which a hub id not cached before this load (the driver's
+    # check, and this one's above) does not have: its UNet2DModel passed as `unconditional`
+    decoder = next((k for k in VQ_DECODERS if pipe.components.get(k) is not None), None)
+    if decoder is not None:
+        raise vq_decoder_refusal(f"model.path={path} ({type(pipe).__name__})", decoder)
     found = _detect_kind(pipe)
     check_kind(path, kind, found, False, type(pipe).__name__)
     check_sampled_unet(dict(pipe.unet.config), f"model.path={path} ({type(pipe).__name__}): its UNet")
