@@ -12,6 +12,7 @@ with tracker.step set to its training step, so the numbers line up with the trai
   which run                    tracker.run_id (the training's  tracker.log_dir (the        offline: a new local run
                                run), else the run named        training's log dir)         (id tracker.run_id, if
                                run_name in the experiment                                  set), `wandb sync` uploads
+                               (its oldest, if several)
 
 `memex nightly` (`at_checkpoint`) gives each series of results its own curve: a series is one training
 run's checkpoints (its path under nightly.location) audited with one kind of weights, the raw UNet or,
@@ -314,12 +315,7 @@ def _mlflow(t: TrackerConfig, values: dict, settings: dict, summary: dict, repor
     if t.run_id:
         run = client.get_run(t.run_id)  # the training's run: logged into, its status left as it is
     else:
-        exp = _mlflow_experiment(client, t.experiment)
-        quoted = f'"{name}"' if "'" in name else f"'{name}'"
-        found = client.search_runs([exp], filter_string=f"attributes.run_name = {quoted}", max_results=1,
-                                   order_by=["attributes.start_time DESC"])
-        created = not found
-        run = found[0] if found else client.create_run(exp, run_name=name, tags={"memex.created_by": "memex"})
+        run, created = _mlflow_run_by_name(client, _mlflow_experiment(client, t.experiment), name)
     rid = run.info.run_id
     # a run memex made (by run name): ended by each audit that logs into it, FAILED when that audit could not
     # (it stayed RUNNING for good); the training's own run (tracker.run_id) keeps the status it has
@@ -339,10 +335,60 @@ def _mlflow(t: TrackerConfig, values: dict, settings: dict, summary: dict, repor
     return f"mlflow run {rid} (experiment {run.info.experiment_id}, artifacts {artifacts}/) at {client.tracking_uri}"
 
 
+# how long a run memex finds or creates by name must have existed before an audit logs into it: the window in
+# which another job's run of the same name, created at the same moment, can still land (memex/lease.py's settle_s)
+MLFLOW_SETTLE_S = 1.0
+
+
+def _mlflow_run_by_name(client, exp: str, name: str):
+    """The run named `name` in experiment `exp`, created when there is none; returns (run, created by this call).
+
+    MLflow has no "create if absent": plan mode's jobs of a new series (one per checkpoint, side by side) each
+    found no run and each created one, and the series' curve was split between them. So every job takes the
+    same one: the OLDEST active run of the name, by start_time, then run_id (a total order every job computes
+    alike). A run younger than MLFLOW_SETTLE_S is not taken at once, whether this job created it or found it:
+    the job waits until it is that old and searches again, so the runs its rivals created meanwhile are seen and
+    all of them pick the same oldest. A job whose own run lost deletes it, if nothing was logged into it, and
+    logs into the winner. A lease around the create (memex/lease.py) would need the lock on memex's storage,
+    which the tracking server is not. Holds while the jobs' clocks (start_time is the client's) agree within
+    MLFLOW_SETTLE_S, as the lease's do, and no job stalls longer than that between its search and its create.
+    Runs of one name left by memex before this (or made by hand) are not merged: the oldest gets the points."""
+    quoted = f'"{name}"' if "'" in name else f"'{name}'"
+
+    def oldest():
+        found = client.search_runs([exp], filter_string=f"attributes.run_name = {quoted}", max_results=100,
+                                   order_by=["attributes.start_time ASC"])
+        return min(found, key=lambda r: (r.info.start_time or 0, r.info.run_id), default=None)
+
+    run = oldest()
+    mine = None
+    if run is None:
+        mine = run = client.create_run(exp, run_name=name, tags={"memex.created_by": "memex"})
+    age_s = time.time() - (run.info.start_time or 0) / 1000
+    if age_s < MLFLOW_SETTLE_S:
+        time.sleep(min(MLFLOW_SETTLE_S - max(age_s, 0.0), MLFLOW_SETTLE_S))
+        run = oldest() or run  # (a store that does not list a run it just made yet: this job's own)
+    if mine is None or run.info.run_id == mine.info.run_id:
+        return run, mine is not None
+    # another job's run of this name is older: it is the series' run, and this job's own goes
+    try:
+        data = client.get_run(mine.info.run_id).data
+        if data.metrics or data.params:  # a job logged into it (clocks further apart than the settle time)
+            log.warning("tracker=mlflow: run %s (%s) has numbers logged; kept beside the older run %s of that name",
+                        mine.info.run_id, redact_text(name), run.info.run_id)
+        else:
+            client.delete_run(mine.info.run_id)
+    except Exception as e:  # noqa: BLE001 - an empty run left behind is harmless; logging goes on into the winner
+        log.warning("tracker=mlflow: empty run %s of %s could not be deleted: %s", mine.info.run_id,
+                    redact_text(name), redact_text(str(e)))
+    return run, False
+
+
 def _mlflow_log(client, run, values: dict, settings: dict, summary: dict, report_dir: str | None,
                 report_uri: str | None, step: int, label: str) -> None:
     """The metrics at `step`, the settings as params (the run's first values kept), tags, the report."""
     from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
 
     rid = run.info.run_id
     now = int(time.time() * 1000)
@@ -351,13 +397,24 @@ def _mlflow_log(client, run, values: dict, settings: dict, summary: dict, report
     if changed:  # an MLflow param cannot change: the run keeps its first values; summary.json has this audit's
         log.warning("tracker=mlflow: run %s already has other values for %s; kept (this audit's settings are in its "
                     "summary.json artifact)", rid, ", ".join("memex." + k for k in changed[:5]))
-    new = [Param("memex." + k, v[:500]) for k, v in sorted(settings.items()) if "memex." + k not in have]
     tags = [RunTag("memex.run_folder", str(summary.get("run", ""))), RunTag("memex.step", str(step))]
     if report_uri:
         tags.append(RunTag("memex.report", report_uri))
-    client.log_batch(rid, metrics=[Metric(k, v, now, step) for k, v in values.items()], params=new[:100], tags=tags)
-    for i in range(100, len(new), 100):  # log_batch takes 100 params at a time
-        client.log_batch(rid, params=new[i:i + 100])
+    client.log_batch(rid, metrics=[Metric(k, v, now, step) for k, v in values.items()], tags=tags)
+    # the params apart, after the metrics: the jobs of a new series that converge on one run
+    # (`_mlflow_run_by_name`) each find it without params and log them at the same moment, and the store refuses
+    # the second insert of a key (a database's unique key: an IntegrityError); this job then reads the run's params
+    # again and logs only the keys still missing (a key logged meanwhile with another value is kept, as above)
+    for retry in (False, True):
+        new = [Param("memex." + k, v[:500]) for k, v in sorted(settings.items()) if "memex." + k not in have]
+        try:
+            for i in range(0, len(new), 100):  # log_batch takes 100 params at a time
+                client.log_batch(rid, params=new[i:i + 100])
+            break
+        except MlflowException:
+            if retry:
+                raise
+            have = client.get_run(rid).data.params
     artifacts = posixpath.join("memex", label)
     if report_dir is not None:
         client.log_artifacts(rid, report_dir, artifact_path=posixpath.join(artifacts, "report"))
