@@ -75,13 +75,20 @@ class TriagePrompts(RunSampler):
         before, padded = self.sampler.unet_evaluations, self.sampler.padded_evaluations
         if t.kind == TriageKind.preview:
             # a shard's worth of whole batches at a time: 256 prompts x 8 previews at 512 px would be
-            # 1.6 GB of pixels at once; PNGs are ~5x smaller
-            step, png = tie_shard_size(s.shard_size, s.batch_size), []
+            # 1.6 GB of pixels at once. Their PNGs are only 1.2-1.9x smaller at level 1 (~420 kB a real
+            # generation, ~630 kB a noise-like one, against 786 kB raw): 0.9-1.3 GB a chunk. So each step's
+            # PNGs go into Arrow as soon as they are encoded, and their Python bytes are dropped; the column
+            # is the steps' arrays as one ChunkedArray (no copy). The chunk's bytes kept in a list for one
+            # pa.table were held twice, plus the copy's buffer growing by doubling: a peak of 3.0x the PNGs
+            # above the actor's start, against 1.1x now (bench/bench_preview_memory.py, RESULTS.md).
+            step, parts = tie_shard_size(s.shard_size, s.batch_size), []
             for j in range(0, len(rows_ids), step):
                 images = self.sampler.generate(rows_ids[j:j + step], rows_texts[j:j + step], seeds[j:j + step])
-                png += [encode_png(x, s.png_compress_level) for x in images]  # (H, W, C) uint8 each
-            table = pa.table({"prompt_id": rows_ids, "prompt": rows_texts, "sample_index": index_of, "image": png},
-                             schema=PREVIEWS_SCHEMA)
+                # images: (step, H, W, C) uint8, dropped before the next step's are sampled beside them
+                parts.append(pa.array([encode_png(x, s.png_compress_level) for x in images], pa.binary()))
+                del images
+            table = pa.table({"prompt_id": rows_ids, "prompt": rows_texts, "sample_index": index_of,
+                              "image": pa.chunked_array(parts, pa.binary())}, schema=PREVIEWS_SCHEMA)
             return table, self._cost(before, padded)
         scores = self.sampler.triage(rows_ids, rows_texts, seeds, t.steps).reshape(len(ids), t.seeds).mean(axis=1)
         table = pa.table({"prompt_id": ids, "prompt": texts, "score": scores.astype(np.float32),
