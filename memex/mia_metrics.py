@@ -51,6 +51,14 @@ def bh_q_values(p) -> np.ndarray:
     return out
 
 
+def p_text(v: float) -> str:
+    """A p- or q-value for a table or the console: 3 decimals from 0.01 up (0.500, as it always read), 3
+    significant figures below, so a positive value never reads 0 (with 30,000 non-members the smallest
+    p-value, 1/30,001 = 3.33e-05, printed as 0.000: "no chance at all", where docs/method.md says at
+    least 1/(n0+1))."""
+    return f"{v:.3f}" if v >= 0.01 or v == 0 else f"{v:.3g}"
+
+
 def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     s, y = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel()
     if s.shape != y.shape:

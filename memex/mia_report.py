@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memex.layout import RunLayout
-from memex.mia_metrics import HIGHER_IS_MEMBER, member_score, roc_auc, roc_curve, roc_svg
+from memex.mia_metrics import HIGHER_IS_MEMBER, member_score, p_text, roc_auc, roc_curve, roc_svg
 from memex.redact import redact, redact_urls
 from memex.report import _cards, _table, esc, page
 from memex.storage import StageFolder, StorageError, Store
@@ -86,6 +86,12 @@ def _finite(v) -> bool:
 
 def _fmt(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if _finite(v) else '<span class="muted">n/a</span>'
+
+
+def _fmt_p(v) -> str:
+    """A p- or q-value (mia_metrics.p_text): never 0.000 for a positive one, as _fmt's 3 decimals printed
+    the smallest p-value of 2,000 non-members or more."""
+    return p_text(float(v)) if _finite(v) else '<span class="muted">n/a</span>'
 
 
 def _count(v) -> str:
@@ -242,8 +248,8 @@ def _queries(queries: list[dict]) -> str:
     attacks = _attack_order({a for q in queries for a in (q.get("p_value") or {})})
     # q-values (summaries of before have none): shown when several images are questioned
     q_cols = attacks if len(queries) > 1 and any(q.get("q_value") for q in queries) else []
-    rows = [[esc(q.get("image_id")), *(_fmt((q.get("p_value") or {}).get(a)) for a in attacks),
-             *(_fmt((q.get("q_value") or {}).get(a)) for a in q_cols)] for q in queries]
+    rows = [[esc(q.get("image_id")), *(_fmt_p((q.get("p_value") or {}).get(a)) for a in attacks),
+             *(_fmt_p((q.get("q_value") or {}).get(a)) for a in q_cols)] for q in queries]
     return ("<h3>Questioned images</h3><p>Images of <code>queries.path</code>, kept out of the metrics. p-value: the "
             "share of non-members scoring at least as member-like (the image counted too). Small under an attack "
             "with a high AUC: evidence of membership; under an attack at chance: none."

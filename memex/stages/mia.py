@@ -14,7 +14,8 @@ MiaLayout) and `<run>/report/mia.html`.
     4. LiRA (mia.shadow_models > 0): one Ray task per shadow model: train it with `memex train` on
        its half of members + non-members (the target's own recipe, memex_train.json, for as many
        passes over the half as the target made over its set), then its loss on every image ->
-       shadows/; the likelihood ratios -> lira.parquet
+       shadows/; the likelihood ratios -> lira.parquet. The halves, steps and seeds are planned and checked
+       before step 3, and a shadow with non-finite losses is named before LiRA
     5. metrics per attack -> summary.json, and the report page
 
 A member manifest written by `memex train` (training_manifest.parquet: one row per copy, with
@@ -56,7 +57,7 @@ from memex.config import (
     plain,
     validate_mia,
 )
-from memex.images import luma_rgb
+from memex.images import luma_rgb, to_aspect
 from memex.ingest import decode_rows, iter_batches, list_training_set
 from memex.layout import MIA_IMAGES_SCHEMA, MIA_LIRA_SCHEMA, MIA_SCORES_SCHEMA, MIA_SHADOW_SCHEMA, MiaLayout
 from memex.lease import hold
@@ -64,7 +65,7 @@ from memex.manifest import take_rows
 from memex.models import ModelError, check_model_inputs, generated_channels, model_json, scheduler_timesteps
 from memex.redact import redact
 from memex.stages.generate import weight_keys
-from memex.storage import StorageError, Store, check_outside, damaged, is_damage
+from memex.storage import StorageError, Store, check_outside, damaged, is_damage, unit_name
 
 log = logging.getLogger("memex.mia")
 LIRA = ("lira_online", "lira_offline")
@@ -108,13 +109,13 @@ def read_image_set(path: str, caption_column: str, member: bool | None, opts: di
                      "uri": t["uri"], "caption": t["caption"], "copies": copies}, schema=MIA_IMAGES_SCHEMA)
 
 
-def check_sets(images: pa.Table, opts: dict, gray: bool = False
+def check_sets(images: pa.Table, opts: dict, gray: bool = False, preprocess: str | None = None
                ) -> tuple[pa.Table, pa.Table, dict[str, str], dict[str, str]]:
     """(images that decode, quarantine, {id: the image whose shadow split it takes}, {id: sha256 of its pixels});
     refuses overlapping sets, naming the ids. A non-member that is a near copy of a member (a re-encoding, a
-    resize: NEAR_COPY_RMS) joins the quarantine, with its member. A query holding the same picture as an
-    earlier image, or a near copy of a labelled one, and a near copy of another image of its own set,
-    take that image's split."""
+    resize: NEAR_COPY_RMS) joins the quarantine, with its member: near as stored, or as the model sees both
+    (`preprocess`, mia.preprocess: None is the centre crop, as MiaScorer's). Images joined by copies (a query
+    holding another image's picture, near copies within a set or across a query) take one split: split_groups."""
     members = images.filter(pc.equal(images["member"], True))["image_id"].to_pylist()
     nonmembers = images.filter(pc.equal(images["member"], False))["image_id"].to_pylist()
     both = sorted(set(members) & set(nonmembers))
@@ -129,8 +130,12 @@ def check_sets(images: pa.Table, opts: dict, gray: bool = False
     # every image decoded once, as stored, CHECK_BATCH at a time, keeping only a hash of its pixels
     # (~1 ms an image at 32 px; 10,000 512-px images would be 7.9 GB if kept)
     digest, thumbs, bad = {}, {}, []
-    labelled = set(members) | set(nonmembers)
-    thumbed = labelled | set(queries)  # a query's too: "is my re-saved image in there?" is the usual question
+    # the thumbnails of what the model is given (to_aspect 1:1 as images.fit cuts or pads, before its resize), where
+    # that is not the whole stored picture (not square, mia.preprocess not resize): a held-out centre square of a
+    # wide member is the very input the model trained on under center_crop, yet 0.28 from it as squashed thumbnails.
+    # Thumbnails only (an exact digest of each fitted image would cost a resize of every image at the model's size)
+    mode = str(getattr(preprocess, "value", preprocess) or "center_crop")
+    views: dict[str, np.ndarray] = {}
     pixels: dict[str, str] = {}  # the stored pixels' hash (pixels.json: a resume's check), RGB either way
     for batch in iter_batches(_rows(images), CHECK_BATCH):
         decoded = decode_rows(batch, None, opts)
@@ -140,9 +145,14 @@ def check_sets(images: pa.Table, opts: dict, gray: bool = False
             # member and its black-and-white copy are one picture to it, and were neither refused nor grouped
             seen = luma_rgb(img) if gray else img
             digest[i] = hashlib.sha256(f"{seen.shape}".encode() + seen.tobytes()).hexdigest() if gray else pixels[i]
-            if i in thumbed:
-                thumbs[i] = thumb(seen)
+            # every image's, a query's too: "is my re-saved image in there?" is the usual question
+            thumbs[i] = thumb(seen)
+            if mode != "resize" and seen.shape[0] != seen.shape[1]:
+                views[i] = thumb(to_aspect(seen, 1, 1, mode))
         bad.append(decoded.quarantine)
+    # the views compared: as stored, and as the model sees them where that differs (the same arrays elsewhere)
+    spaces = [("", thumbs)] + ([(f" of the model's input (mia.preprocess={mode})", {**thumbs, **views})]
+                               if views else [])
     quarantine = pa.concat_tables(bad)
     seen: dict[str, str] = {}
     for i in members:
@@ -153,39 +163,29 @@ def check_sets(images: pa.Table, opts: dict, gray: bool = False
         pairs = ", ".join(f"{n} = {m}" for n, m in same[:5])
         raise ConfigError(f"{len(same)} non-member images are the same picture as a member ({pairs}): "
                           "non-members must be held out of training (nonmembers.path)")
-    near = near_copies(thumbs, [i for i in members if i in thumbs], [i for i in nonmembers if i in thumbs])
+    near, matched = [], set()
+    for view, th in spaces:  # near as stored first (its reason as before), then as the model sees them
+        for n, m, d in near_copies(th, [i for i in members if i in th],
+                                   [i for i in nonmembers if i in th and i not in matched]):
+            near.append((n, m, d, view))
+            matched.add(n)
     if near:  # held out by id, but the model trained on the picture: scored as non-members they count against
         # the attack (LAION holds many re-encodings of one image). Left out of scoring, and named why.
         log.warning("%d non-member images are near copies of a member (%s): left out, see quarantine.parquet",
-                    len(near), ", ".join(f"{n} ~ {m}" for n, m, _ in near[:5]))
+                    len(near), ", ".join(f"{n} ~ {m}" for n, m, _, _ in near[:5]))
         uri = dict(zip(images["image_id"].to_pylist(), images["uri"].to_pylist()))
         quarantine = pa.concat_tables([quarantine, pa.table({
-            "id": [n for n, _, _ in near], "uri": [uri.get(n) for n, _, _ in near],
-            "reason": [f"{NEAR_COPY_REASON} {m} (RMS {d:.4f} at {THUMB}x{THUMB} <= {NEAR_COPY_RMS}): a held-out "
-                       "image the model trained on, not scored" for _, m, d in near]}, schema=quarantine.schema)])
-        for n, _, _ in near:
+            "id": [n for n, _, _, _ in near], "uri": [uri.get(n) for n, _, _, _ in near],
+            "reason": [f"{NEAR_COPY_REASON} {m} (RMS {d:.4f} at {THUMB}x{THUMB}{view} <= {NEAR_COPY_RMS}): a "
+                       "held-out image the model trained on, not scored" for _, m, d, view in near]},
+            schema=quarantine.schema)])
+        for n, _, _, _ in near:
             digest.pop(n)
     ok = one_row_per_picture(images.filter(pc.is_in(images["image_id"], pa.array(list(digest), pa.string()))),
                              digest)
-    # a questioned image that is the picture of a labelled one (or of another query) under its own id: LiRA puts
-    # both on one side of every shadow split, else half of the member's out-shadows trained on its picture
-    first: dict[str, str] = {}
-    for i in ok["image_id"].to_pylist():
-        first.setdefault(digest[i], i)
-    ok_ids = set(ok["image_id"].to_pylist())
-    copies_of = {i: first[digest[i]] for i in queries if i in ok_ids and first[digest[i]] != i}
-    # a query that is a near copy of a labelled image (a JPEG re-save, a resize) likewise: its own split put
-    # ~S/4 of the member's out-shadows on a near-identical picture, biasing both toward non-member
-    rest = [i for i in queries if i in ok_ids and i not in copies_of]
-    near_q = dict((q, m) for q, m, _ in near_copies(thumbs, [i for i in ok["image_id"].to_pylist() if i in labelled],
-                                                     rest))
-    copies_of.update(near_q)
-    # near copies within one labelled set (LAION's re-encodings under two member ids), or among the queries,
-    # likewise share a split
-    near_in = {**near_groups(thumbs, [i for i in members if i in ok_ids]),
-               **near_groups(thumbs, [i for i in nonmembers if i in ok_ids]),
-               **near_groups(thumbs, [i for i in rest if i not in near_q])}
-    split_as = {**near_in, **{i: near_in.get(t, t) for i, t in copies_of.items()}}
+    ok_ids = ok["image_id"].to_pylist()
+    labels = dict(zip(ok_ids, ok["member"].to_pylist()))
+    split_as = split_groups(ok_ids, labels, digest, [th for _, th in spaces])
     for key, ids in (("members.path", members), ("nonmembers.path", nonmembers)):
         if not any(i in digest for i in ids):  # the side that has none is named, with a reason
             reason = quarantine.filter(pc.is_in(quarantine["id"], pa.array(ids, pa.string())))["reason"]
@@ -255,38 +255,83 @@ def thumb_search(thumbs: dict[str, np.ndarray], base: list[str], queries: list[s
     return np.sqrt(np.maximum(d, 0) / (THUMB * THUMB * 3)), j
 
 
-def near_groups(thumbs: dict[str, np.ndarray], ids: list[str]) -> dict[str, str]:
-    """{id: the first id (in `ids` order) of its group} for the ids of one set in a group of near copies:
-    thumbnails within NEAR_COPY_RMS of another's (with enough detail: NEAR_COPY_MIN_STD), joined through
-    every pair within it (a flat FAISS range search, ~1 s at 10,000 images). Joined through each image's 8
-    nearest, a picture stored 9 or more times in two tight clusters (re-encodings at two sizes) was two
-    groups, each with its own shadow split: an out-shadow of one trained on the other, near identical."""
+def near_pairs(thumbs: dict[str, np.ndarray], ids: list[str], loose: set[str] | frozenset = frozenset(),
+               anchors: set[str] | None = None) -> list[tuple[str, str]]:
+    """(a, b) for the ids whose thumbnails are within NEAR_COPY_RMS of each other, both with enough detail
+    (NEAR_COPY_MIN_STD), every such pair (a flat FAISS range search, ~1 s at 10,000 images); and an id of `loose`
+    with less detail (a questioned image) within it of one of `anchors` with enough (a labelled image: "is my
+    re-saved dark picture in there?"). Pairs, not each image's 8 nearest: a picture stored 9 or more times in
+    two tight clusters (re-encodings at two sizes) was two groups."""
     import faiss
 
     cand = [i for i in ids if i in thumbs and float(thumbs[i].std()) >= NEAR_COPY_MIN_STD]
-    if len(cand) < 2:
-        return {}
+    low = [i for i in ids if i in loose and i in thumbs and float(thumbs[i].std()) < NEAR_COPY_MIN_STD]
+    if not cand or len(cand) + len(low) < 2:
+        return []
     x = np.ascontiguousarray(np.stack([thumbs[i] for i in cand]), dtype=np.float32)
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(x)
-    lims, d, j = index.range_search(x, float(NEAR_COPY_RMS ** 2 * x.shape[1]) * (1 + 1e-6))
-    parent = list(range(len(cand)))
+    out = []
+    for ask, keep in ((cand, lambda b: True), (low, lambda b: anchors is None or cand[b] in anchors)):
+        if not ask:
+            continue
+        q = x if ask is cand else np.ascontiguousarray(np.stack([thumbs[i] for i in ask]), dtype=np.float32)
+        lims, d, j = index.range_search(q, float(NEAR_COPY_RMS ** 2 * x.shape[1]) * (1 + 1e-6))
+        for a in range(len(ask)):
+            for dist, b in zip(d[lims[a]:lims[a + 1]], j[lims[a]:lims[a + 1]]):
+                # the same test as near_copies', on the RMS (the radius above is its square, a hair wider for
+                # float error)
+                if cand[b] != ask[a] and keep(int(b)) and np.sqrt(max(float(dist), 0.0) / x.shape[1]) <= NEAR_COPY_RMS:
+                    out.append((ask[a], cand[int(b)]))
+    return out
 
-    def root(a: int) -> int:
+
+def _roots(ids: list[str], edges, rank) -> dict[str, str]:
+    """{id: its group's root} for the ids joined by `edges` (union-find), the root the group's smallest rank(id);
+    only the ids whose root is another id."""
+    parent = {i: i for i in ids}
+
+    def root(a: str) -> str:
         while parent[a] != a:
             parent[a] = parent[parent[a]]
             a = parent[a]
         return a
 
-    for a in range(len(cand)):
-        for dist, b in zip(d[lims[a]:lims[a + 1]], j[lims[a]:lims[a + 1]]):
-            # the same test as before, on the RMS (the radius above is its square, a hair wider for float error)
-            if b != a and np.sqrt(max(float(dist), 0.0) / x.shape[1]) <= NEAR_COPY_RMS:
-                parent[root(int(b))] = root(a)
-    first: dict[int, str] = {}
-    for a, i in enumerate(cand):
-        first.setdefault(root(a), i)
-    return {i: first[root(a)] for a, i in enumerate(cand) if first[root(a)] != i}
+    for a, b in edges:
+        if a in parent and b in parent:
+            ra, rb = root(a), root(b)
+            if ra != rb:
+                parent[max(ra, rb, key=rank)] = min(ra, rb, key=rank)
+    return {i: root(i) for i in ids if root(i) != i}
+
+
+def near_groups(thumbs: dict[str, np.ndarray], ids: list[str]) -> dict[str, str]:
+    """{id: the first id (in `ids` order) of its group} for the ids of one set in a group of near copies:
+    thumbnails within NEAR_COPY_RMS of another's (with enough detail: NEAR_COPY_MIN_STD), joined through
+    every pair within it (near_pairs)."""
+    order = {i: k for k, i in enumerate(ids)}
+    return _roots(ids, near_pairs(thumbs, ids), order.__getitem__)
+
+
+def split_groups(ids: list[str], member: dict[str, bool | None], digest: dict[str, str],
+                 views: list[dict[str, np.ndarray]]) -> dict[str, str]:
+    """{id: the image whose LiRA shadow split it takes} for the images (labelled and questioned, `ids` in
+    images.parquet order) joined, through any chain, by the same picture (`digest`: a query under its own id) or a
+    near copy in any of `views` (thumbnails as stored, as the model sees them; a questioned image of little
+    detail joins a labelled one with enough). Each group takes its root's split: its first member, else its first
+    non-member, else its first query, as before, so a folder with no chain keeps its splits (check_trained_shadows
+    compares them). Queries were grouped among themselves only when neither matched a labelled image: q1 near a
+    member and q2 near q1 alone split the picture, and out-shadows of the member and q1 trained on q2."""
+    rank = {i: ({True: 0, False: 1}.get(member.get(i), 2), k) for k, i in enumerate(ids)}
+    queries = {i for i in ids if member.get(i) is None}
+    labelled = set(ids) - queries
+    first: dict[str, str] = {}
+    edges = []
+    for i in ids:  # the same picture: a query's, or a labelled image's (one_row_per_picture merged a set's own)
+        edges.append((i, first.setdefault(digest[i], i)))
+    for th in views:
+        edges += near_pairs(th, ids, loose=queries, anchors=labelled)
+    return _roots(ids, edges, rank.__getitem__)
 
 
 def one_row_per_picture(images: pa.Table, digest: dict[str, str]) -> pa.Table:
@@ -502,6 +547,32 @@ def check_finite(scores: pa.Table, attacks: list[str], model: str) -> None:
                              "Check the checkpoint; no shadow model was trained")
 
 
+def check_finite_shadows(losses: np.ndarray, ids: list[str], layout: MiaLayout | None = None) -> None:
+    """Every shadow's loss (losses: (S, N), shadow_losses) on every image is a number, before LiRA fits anything:
+    a shadow that diverged in training (NaN weights) failed LiRA with a bare "losses must be finite" after every
+    shadow had trained, naming none, and its marker stayed, so a rerun failed the same way. Names the shadows,
+    and (with the layout) what to delete to train them again, as check_finite names the target's images."""
+    bad = [s for s in range(losses.shape[0]) if not np.isfinite(losses[s]).all()]
+    if not bad:
+        return
+    k = np.flatnonzero(~np.isfinite(losses[bad[0]]))
+    them = "them" if len(bad) > 1 else "it"
+    if layout is not None:
+        uri = layout.store.uri_of
+        delete = [p for s in bad for p in (uri(layout.shadows.marker(s)), uri(layout.shadows.file(s)),
+                                           uri(layout.shadow_model(s)))]
+    else:  # called as a library: the entries as the mia folder names them
+        delete = [p for s in bad for p in (f"shadows/_markers/{unit_name(s)}.json", f"shadows/{unit_name(s)}.parquet",
+                                           f"shadow_models/{unit_name(s, 'shadow')}")]
+    fix = (f"Delete {', '.join(delete)} and rerun to train {them} again (the other shadows and the target's "
+           "scores are kept; the same seed and recipe may diverge again: then another run.name with other "
+           "mia.shadow_steps, or mia.shadow_models=0 for the other attacks)")
+    raise ModelError(f"LiRA: shadow model{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of "
+                     f"{losses.shape[0]} gave non-finite losses (shadow {bad[0]}: {len(k):,} of {len(ids):,} images, "
+                     f"e.g. {', '.join(ids[j] for j in k[:3])}): the shadow diverged in training (NaN weights; it "
+                     f"trains with the target's memex_train.json recipe) or has no loss there. {fix}")
+
+
 # ---- 4. LiRA shadow models (one Ray task each) ------------------------------------------------
 def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: dict, inside: list[bool],
                            steps: int) -> tuple:
@@ -532,13 +603,10 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
 
     layout.store.write_batches(layout.shadow_data(index), SHADOW_DATA_SCHEMA, half())
     arch = dict(recipe["arch"], kind=ArchKind(recipe["arch"]["kind"]))
-    trainer = dict(recipe["trainer"], seed=recipe["trainer"].get("seed", 0) * 1000 + index + 1)
+    trainer = shadow_trainer(recipe, index, steps)
     if arch["kind"] == ArchKind.unconditional:  # text keys it never read: memex train now refuses them set
         for k in ("text_hidden", "text_layers", "max_length"):
             arch.pop(k, None)
-        trainer.pop("cond_dropout", None)
-    trainer.update(steps=steps, warmup_steps=min(trainer.get("warmup_steps", 0), steps))
-    trainer["checkpoint_every"] = trainer["steps"]  # one checkpoint: a retried task restarts the shadow
     data = DataConfig(path=layout.store.uri_of(layout.shadow_data(index)), caption_column="caption",
                       storage_options=cfg.storage.options)  # the manifest as stored: the record and the input
     with tempfile.TemporaryDirectory(prefix="memex-shadow-") as tmp:
@@ -562,6 +630,44 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
     table = pa.table({"shadow": pa.array([index] * images.num_rows, pa.int32()), "image_id": images["image_id"],
                       "in_training": pa.array(inside), "loss": scores["loss"]}, schema=MIA_SHADOW_SCHEMA)
     return table, {**meta, "training_steps": trainer["steps"], "examples": examples}
+
+
+def shadow_seed(target_seed: int, index: int, steps: int) -> int:
+    """trainer.seed of shadow model `index` (training `steps` steps): target_seed x 1000 + index + 1, what every
+    shadow was seeded with before (a resumed folder's shadows keep theirs), where memex train takes it
+    (training.seed_range); else 31 bits of a hash of (target seed, "shadow", index). A target trained with a
+    millisecond timestamp as its seed (1.7e12, which memex train takes) gave its shadows 1.7e15, past the range:
+    every shadow task failed with a ConfigError after the target was scored."""
+    from memex.sampling import sample_seed
+    from memex.training import seed_range
+
+    lo, hi = seed_range(steps)
+    seed = target_seed * 1000 + index + 1
+    return seed if lo <= seed <= hi else sample_seed(target_seed, "shadow", index) % 2**31
+
+
+def shadow_trainer(recipe: dict, index: int, steps: int) -> dict:
+    """The trainer settings of shadow model `index`: the target's (memex_train.json), with the shadow's own seed
+    (shadow_seed), its steps and one checkpoint at the end."""
+    trainer = dict(recipe["trainer"], seed=shadow_seed(recipe["trainer"].get("seed", 0), index, steps))
+    if ArchKind(recipe["arch"]["kind"]) == ArchKind.unconditional:  # a text key it never read: memex train
+        trainer.pop("cond_dropout", None)  # now refuses it set
+    trainer.update(steps=steps, warmup_steps=min(trainer.get("warmup_steps", 0), steps))
+    trainer["checkpoint_every"] = trainer["steps"]  # one checkpoint: a retried task restarts the shadow
+    return trainer
+
+
+def check_shadow_seeds(recipe: dict, steps: dict[int, int]) -> None:
+    """Every shadow's trainer.seed is one memex train takes at its steps (training.seed_range), before the target
+    is scored: a seed out of range failed every shadow task, after the scoring, naming no shadow."""
+    from memex.training import seed_range
+
+    for s, n in steps.items():
+        seed, (lo, hi) = shadow_trainer(recipe, s, n)["seed"], seed_range(n)
+        if not lo <= seed <= hi:
+            raise ConfigError(f"LiRA's shadow model {s} would train with trainer.seed={seed}, outside {lo}..{hi} at "
+                              f"{n} steps (the target's memex_train.json seed is {recipe['trainer'].get('seed')}): "
+                              "retrain the target with a seed in that range, or set mia.shadow_models=0")
 
 
 def splits_of(ids: list[str], split_as: dict[str, str], n_shadows: int, seed: int) -> np.ndarray:
@@ -592,13 +698,16 @@ def shadow_losses(ids: list[str], shadows: pa.Table, n_shadows: int) -> tuple[np
     return losses, inside
 
 
-def lira(scores: pa.Table, shadows: pa.Table, n_shadows: int) -> pa.Table:
+def lira(scores: pa.Table, shadows: pa.Table, n_shadows: int, layout: MiaLayout | None = None) -> pa.Table:
+    """LiRA's scores from the target's losses and the shadows' (a shadow with a non-finite or missing loss is
+    refused naming it, and with `layout` the files to delete: check_finite_shadows)."""
     from memex.mia import lira_offline, lira_online, lira_statistic
 
     ids = scores["image_id"].to_pylist()
     losses, inside = shadow_losses(ids, shadows, n_shadows)
+    check_finite_shadows(losses, ids, layout)
     target = lira_statistic(scores["loss"].to_numpy(zero_copy_only=False))
-    losses = lira_statistic(losses)  # (the missing ones stay NaN, refused below as not finite)
+    losses = lira_statistic(losses)
     pooled = lira_variance(n_shadows) == "global"
     return pa.table({"image_id": ids,
                      "lira_online": lira_online(target, losses, inside, global_variance=pooled).astype(np.float32),
@@ -640,8 +749,10 @@ def summarize(scores: pa.Table, lira_table: pa.Table | None, attacks: list[str])
                              "(check the checkpoint), and its p-value would read as the strongest evidence")
         non = np.sort(s[known][~labels])
         p = (1 + len(non) - np.searchsorted(non, s[~known], "left")) / (1 + len(non))
-        queries[a] = [round(float(x), 4) for x in p]
-        qv[a] = [round(float(x), 4) for x in bh_q_values(p)]  # over the queries: many questioned, some small by chance
+        # 4 significant figures, not 4 decimals: past 20,000 non-members the smallest p-value, 1/(n0+1), was
+        # stored as 0.0 (docs/method.md: at least 1/(n0+1))
+        queries[a] = [float(f"{x:.4g}") for x in p]
+        qv[a] = [float(f"{x:.4g}") for x in bh_q_values(p)]  # over the queries: many questioned, some small by chance
     raw = {a: v[known] for a, v in raw.items()}
     out = {"attacks": {a: metrics(v, labels, a) for a, v in raw.items()}, "by_copies": {},
            "queries": [{"image_id": i, "p_value": {a: queries[a][j] for a in raw},
@@ -681,7 +792,7 @@ def run(cfg: MiaConfig) -> dict:
     images = pa.concat_tables([read_image_set(getattr(cfg, n).path, getattr(cfg, n).caption_column, member, opts,
                                               f"{n}.path") for n, member in sets])
     images, quarantine, split_as, pixels = check_sets(
-        images, opts, generated_channels(cfg.model.path, cfg.model.unet, cfg.model.revision) == 1)
+        images, opts, generated_channels(cfg.model.path, cfg.model.unet, cfg.model.revision) == 1, cfg.mia.preprocess)
     if is_text_model(cfg.model.path) and images.filter(pc.is_null(images["caption"])).num_rows:
         first = images.filter(pc.is_null(images["caption"])).slice(0, 1).to_pylist()[0]
         key = {True: "members", False: "nonmembers", None: "queries"}[first["member"]]
@@ -728,6 +839,22 @@ def run(cfg: MiaConfig) -> dict:
 
 def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.Table, recipe: dict | None,
                        split_as: dict[str, str] | None = None) -> dict:
+    # LiRA's shadows planned (halves, steps, seeds) and checked against those trained before, before the target is
+    # scored: a shadow that cannot train (a seed out of range) failed each task only once the scoring was done
+    tasks: dict[int, dict] = {}
+    if recipe is not None:
+        split = splits_of(images["image_id"].to_pylist(), split_as or {}, cfg.mia.shadow_models, cfg.mia.seed)
+        rows = np.array([max(1, c or 1) for c in images["copies"].to_pylist()])  # a picture's copies are rows
+        half = [int(rows[split[s]].sum()) for s in range(cfg.mia.shadow_models)]
+        warn_small_shadows(recipe, half, cfg.mia.shadow_steps)
+        warn_missing_copies(recipe, images)
+        tasks = {s: {"inside": split[s].tolist(), "steps": shadow_steps(recipe, half[s], cfg.mia.shadow_steps)}
+                 for s in range(cfg.mia.shadow_models)}
+        check_shadow_seeds(recipe, {s: t["steps"] for s, t in tasks.items()})
+        ids = images["image_id"].to_pylist()
+        check_trained_shadows(layout.shadows, {s: t["steps"] for s, t in tasks.items()},
+                              {s: dict(zip(ids, t["inside"])) for s, t in tasks.items()})
+
     # 3. scores on the actor pool
     n, per = images.num_rows, cfg.mia.images_per_unit
     units = {i: {"start": s, "stop": min(s + per, n)} for i, s in enumerate(range(0, n, per))}
@@ -740,20 +867,10 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
     # 4. LiRA: shadow models, one task each (resumed per shadow by its marker)
     lira_table = None
     if recipe is not None:
-        split = splits_of(images["image_id"].to_pylist(), split_as or {}, cfg.mia.shadow_models, cfg.mia.seed)
-        rows = np.array([max(1, c or 1) for c in images["copies"].to_pylist()])  # a picture's copies are rows
-        half = [int(rows[split[s]].sum()) for s in range(cfg.mia.shadow_models)]
-        warn_small_shadows(recipe, half, cfg.mia.shadow_steps)
-        warn_missing_copies(recipe, images)
-        tasks = {s: {"inside": split[s].tolist(), "steps": shadow_steps(recipe, half[s], cfg.mia.shadow_steps)}
-                 for s in range(cfg.mia.shadow_models)}
-        ids = images["image_id"].to_pylist()
-        check_trained_shadows(layout.shadows, {s: t["steps"] for s, t in tasks.items()},
-                              {s: dict(zip(ids, t["inside"])) for s, t in tasks.items()})
         runner.run_tasks(layout.shadows, tasks, train_and_score_shadow, cfg.resources, cfg=cfg, run_name=name,
                          recipe=recipe)
         evals += sum(layout.shadows.read_marker(s).get("unet_evaluations", 0) for s in tasks)
-        lira_table = lira(scores, layout.shadows.read(), cfg.mia.shadow_models)
+        lira_table = lira(scores, layout.shadows.read(), cfg.mia.shadow_models, layout)
         layout.store.write_table(layout.lira_path, lira_table)
 
     # 5. metrics
@@ -790,12 +907,15 @@ def format_summary(s: dict) -> str:
                      f"{m['tpr_at_0.1pct_fpr']:>8.3f}{flag('0.1pct'):1} {m['balanced_accuracy']:>8.3f}")
     if any(not m["resolved_0.1pct"] for m in s["attacks"].values()):
         lines.append(f"  * fewer non-members than 1/FPR: only FPR 0 measurable ({s['nonmembers']} non-members)")
+    from memex.mia_metrics import p_text  # 3 significant figures below 0.01: 3.33e-05 read 0.000
+
     for q in s.get("queries", [])[:20]:
-        lines.append(f"  query {q['image_id']}: p-value " + ", ".join(f"{a} {v:.3f}" for a, v in q["p_value"].items())
+        lines.append(f"  query {q['image_id']}: p-value " + ", ".join(f"{a} {p_text(v)}" for a, v in
+                                                                      q["p_value"].items())
                      + "  (share of non-members scoring at least as member-like)")
         if len(s["queries"]) > 1 and q.get("q_value"):
             lines.append(f"  {'':>{len(str(q['image_id'])) + 7}} q-value " + ", ".join(
-                f"{a} {v:.3f}" for a, v in q["q_value"].items()) + "  (Benjamini-Hochberg over the queries)")
+                f"{a} {p_text(v)}" for a, v in q["q_value"].items()) + "  (Benjamini-Hochberg over the queries)")
     for c, b in s.get("by_copies", {}).items():
         lines.append(f"  members with {c} {'copy' if c == '1' else 'copies'} ({b['members']}): AUC " +
                      ", ".join(f"{a} {v:.3f}" for a, v in b["auc"].items()))
