@@ -162,6 +162,27 @@ def test_a_restarted_runs_step_audited_before_its_retried_previous_one_is_not_ga
     assert [(r["step"], r["outcome"]) for r in res.rows] == [(1000, "ok")] and res.alarms == []
 
 
+def test_an_earlier_steps_files_copied_again_with_the_same_bytes_still_gate_the_next_step(tmp_path, monkeypatch):
+    """A checkpoint folder copied again without its mtimes (cp -r, rsync without -t, a mirror synced again) holds
+    the same weights: its row is still the next step's previous one. Judged by the files' times, every earlier
+    row looked rewritten, and the next step was compared with nothing (a missed "grew")."""
+    import os
+
+    location = tmp_path / "watch" / "run"
+    _steps(location, (1000,))
+    cfg = _cfg(tmp_path, "nightly.growth_margin=2")
+    _fake_audit(monkeypatch, {"checkpoint-1000": 0, "checkpoint-2000": 9})
+    assert [r["outcome"] for r in _night(cfg).rows] == ["ok"]
+    time.sleep(1.1)  # the ledger keeps whole seconds: the copy comes after the row's second
+    for f in (location / "checkpoint-1000").rglob("*"):
+        if f.is_file():
+            os.utime(f, None)  # the same bytes, written now
+    _steps(location, (2000,))
+    res = _night(cfg)
+    assert [(r["step"], r["outcome"]) for r in res.rows] == [(2000, "grew")], res.rows
+    assert "9 more than step 1000 (0)" in res.rows[0]["message"]
+
+
 def test_a_pipeline_checkpoint_deleted_as_its_audit_ends_keeps_its_row_and_the_night_goes_on(tmp_path, monkeypatch):
     """Pipelines exported side by side (step-1000/, step-2000/), the trainer rotating them: step-1000/ deleted
     just as its audit returned. written_at read the gone folder as a hub id with no weight files and raised a

@@ -319,9 +319,12 @@ def split_groups(ids: list[str], member: dict[str, bool | None], digest: dict[st
     images.parquet order) joined, through any chain, by the same picture (`digest`: a query under its own id) or a
     near copy in any of `views` (thumbnails as stored, as the model sees them; a questioned image of little
     detail joins a labelled one with enough). Each group takes its root's split: its first member, else its first
-    non-member, else its first query, as before, so a folder with no chain keeps its splits (check_trained_shadows
-    compares them). Queries were grouped among themselves only when neither matched a labelled image: q1 near a
-    member and q2 near q1 alone split the picture, and out-shadows of the member and q1 trained on q2."""
+    non-member, else its first query, as before, so a folder with no chain and no near copy seen only as the
+    model sees it keeps its splits (check_trained_shadows compares them; one written before with such near
+    copies, non-square images under center_crop or pad, is refused on resume, naming the shadows to train
+    again, and its quarantine changes its settings key). Queries were grouped among themselves only when
+    neither matched a labelled image: q1 near a member and q2 near q1 alone split the picture, and out-shadows
+    of the member and q1 trained on q2."""
     rank = {i: ({True: 0, False: 1}.get(member.get(i), 2), k) for k, i in enumerate(ids)}
     queries = {i for i in ids if member.get(i) is None}
     labelled = set(ids) - queries

@@ -245,18 +245,18 @@ def series_names(series: set[str], location: str) -> dict[str, str]:
 
 
 def _previous(rows: list[dict], series: str, step: int | None, sha: str,
-              written_of: Callable[[dict], float | None] | None = None) -> dict | None:
+              rewritten: Callable[[dict], bool] | None = None) -> dict | None:
     """The ledger's finished row of the same series and config with the largest step below `step`. A final
     model (step None: the pipeline or LoRA saved beside checkpoint-<step>/, the one that ships) comes after
     every checkpoint: it was gated against nothing, and a jump from its last checkpoint passed as ok.
-    `written_of(row)`: when the checkpoint at that row's location was last written (epoch seconds, None: not
-    known). A row whose checkpoint was written again after the row finished audited an earlier training run's
-    weights (training restarted into the same output_dir): it is passed over, as _next passes over an earlier
-    run's later steps; it gated a new step, audited before its retried previous one, against the old run's."""
+    `rewritten(row)` (_rewritten): whether the checkpoint at that row's location now holds other weights than
+    the row audited. Such a row audited an earlier training run's weights (training restarted into the same
+    output_dir): it is passed over, as _next passes over an earlier run's later steps; it gated a new step,
+    audited before its retried previous one, against the old run's."""
     earlier = sorted((r for r in rows if r["series"] == series and r["config_sha256"] == sha and r["outcome"] in DONE
                       and r["step"] is not None and (step is None or r["step"] < step)),
                      key=lambda r: (r["step"], r["finished"]), reverse=True)
-    return next((r for r in earlier if written_of is None or _finished_after(r, written_of(r))), None)
+    return next((r for r in earlier if rewritten is None or not rewritten(r)), None)
 
 
 def _next(rows: list[dict], series: str, step: int | None, sha: str, written: float | None = None) -> dict | None:
@@ -290,8 +290,7 @@ def _epoch(t) -> float:
 
 def _written_of(checkpoints: dict[str, Checkpoint]) -> Callable[[dict], float | None]:
     """row -> when the checkpoint at its location was last written (written_at), among the checkpoints the plan
-    found; None for one not found or gone since (rotated away): nothing then tells its row from an earlier
-    training run's, and the row counts, as before."""
+    found; None for one not found or gone since (rotated away)."""
     def of(row: dict) -> float | None:
         c = checkpoints.get(row["location"])
         if c is None:
@@ -303,7 +302,29 @@ def _written_of(checkpoints: dict[str, Checkpoint]) -> Callable[[dict], float | 
     return of
 
 
+def _rewritten(checkpoints: dict[str, Checkpoint]) -> Callable[[dict], bool]:
+    """row -> whether the checkpoint at its location, among those the plan found, holds other weights than the
+    row audited: its files' signature (names, sizes, mtimes) differs from the row's and so does its weights hash.
+    By the hash, not by the files' times: a copy that does not keep mtimes (cp -r, rsync without -t, a mirror
+    synced again) or a base folder refreshed in place made every earlier row look rewritten, and each new step
+    was compared with nothing (a missed "grew"). The hash is read only when the signature differs (rare: ~a
+    minute for an SD UNet), and once a process (checkpoints._DIGESTS). One not found or gone since (rotated
+    away), or unreadable: not known, and the row counts, as before."""
+    def of(row: dict) -> bool:
+        c = checkpoints.get(row["location"])
+        if c is None:
+            return False
+        try:
+            if row.get("files_signature") and files_signature(c) == row["files_signature"]:
+                return False
+            return weights_sha256(c) != row["weights_sha256"]
+        except (OSError, CheckpointError):
+            return False
+    return of
+
+
 def _paged_already(rows: list[dict], previous: dict | None, following: dict | None, sha: str, margin: int | None,
+                   rewritten: Callable[[dict], bool] | None = None,
                    written_of: Callable[[dict], float | None] | None = None) -> bool:
     """Whether the growth from `previous` to `following`, the rows a step audited late falls between (a retried
     failure, plan mode's jobs finishing out of order), was paged already: it is over the margin, and whichever
@@ -317,7 +338,7 @@ def _paged_already(rows: list[dict], previous: dict | None, following: dict | No
     first, second = sorted((previous, following), key=lambda r: _epoch(r["finished"]))
     before = [r for r in rows if r["finished"] is not None and _epoch(r["finished"]) < _epoch(second["finished"])]
     if second is following:
-        seen = _previous(before, following["series"], following["step"], sha, written_of)
+        seen = _previous(before, following["series"], following["step"], sha, rewritten)
     else:
         seen = _next(before, previous["series"], previous["step"], sha, written_of(previous) if written_of else None)
     return seen is first
@@ -482,10 +503,10 @@ def _gate_among(rows: list[dict], row: dict, c: Checkpoint, p: Pending, sha: str
     # is still deleting the folder leaves it without weight files (a traceback ended the night, and its row)
     except (OSError, CheckpointError):
         written = None
-    written_of = _written_of(p.series_checkpoints)
-    prev = _previous(rows, row["series"], c.step, sha, written_of)
+    rewritten = _rewritten(p.series_checkpoints)
+    prev = _previous(rows, row["series"], c.step, sha, rewritten)
     nxt = _next(rows, row["series"], c.step, sha, written)
-    paged = _paged_already(rows, prev, nxt, sha, n.growth_margin, written_of)
+    paged = _paged_already(rows, prev, nxt, sha, n.growth_margin, rewritten, _written_of(p.series_checkpoints))
     return gate(row, prev, n.budget, n.growth_margin, nxt, paged)
 
 
