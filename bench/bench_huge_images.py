@@ -13,6 +13,14 @@ table is read, so what decoding adds on top of the encoded images both hold.
   plain  table.to_pylist(), then on 8 threads fit(decode(image)): PIL's image, convert's copy,
          tobytes' chunks and join, np.array's copy of the whole image, then fit (the code before)
   memex  ingest.decode_rows: ingest.DECODE_PIXEL_BUDGET (64 Mi pixels: two of these images at a time)
+
+    python bench/bench_huge_images.py --preprocess pad --images 8 --train-size 1000x8000   # panoramas
+
+trainset.preprocess=pad pads the whole decoded image to a white square of its long side before the
+resize (a 1000x8000 panorama: a 64 Mpx canvas for its 8 Mpx), so the budget is charged those canvases
+too (images.fit_pixels). With --preprocess pad both sides run ingest.decode_rows(preprocess=pad):
+  header  the budget charged each image's header pixels only, as before (fit_pixels patched to them)
+  memex   the budget charged the image and its padded canvases
 """
 
 from __future__ import annotations
@@ -86,15 +94,19 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def side(kind: str, folder: str, size: int) -> None:
+def side(kind: str, folder: str, size: int, preprocess: str = "center_crop") -> None:
     import pyarrow.parquet as pq
 
-    from memex.ingest import decode_rows
+    from memex import ingest
+    from memex.images import decoded_pixels
 
+    if kind == "header":  # the budget as it was charged: the header's pixels, whatever fit pads them onto
+        ingest.fit_pixels = lambda data, min_side, *_: decoded_pixels(data, min_side)
     table = pq.read_table(f"{folder}/train.parquet")
     base = rss_mib()
     t0 = time.perf_counter()
-    out = plain_decode_rows(table, size) if kind == "plain" else decode_rows(table, size).images
+    out = plain_decode_rows(table, size) if kind == "plain" else \
+        ingest.decode_rows(table, size, preprocess=preprocess).images
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     np.save(f"{folder}/{kind}.npy", out)
@@ -106,31 +118,36 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8, help="training images in the batch")
     ap.add_argument("--train-size", default="4000x6000", help="training images HxW")
     ap.add_argument("--input", type=int, default=224, help="the embedder's input (embedder.size)")
+    ap.add_argument("--preprocess", default="center_crop", choices=["center_crop", "pad"],
+                    help="trainset.preprocess; pad compares the budget's accounting before (header) and now")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.side:
-        return side(a.side, a.folder, a.input)
+        return side(a.side, a.folder, a.input, a.preprocess)
 
     h, w = (int(x) for x in a.train_size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         mb = make_inputs(Path(tmp), a.images, (h, w))
         print(f"{a.images} training images {h}x{w} PNG ({h * w / 1e6:.0f} MP, {h * w * 3 / 2**20:.0f} MiB as RGB; "
-              f"{mb:.0f} MB encoded) -> {a.input} px, 8 threads")
+              f"{mb:.0f} MB encoded) -> {a.input} px, 8 threads, preprocess={a.preprocess}")
+        if a.preprocess == "pad":
+            print(f"  each padded to a {max(h, w)}x{max(h, w)} canvas ({max(h, w) ** 2 / 1e6:.0f} MP)")
+        kinds = ("header", "memex") if a.preprocess == "pad" else ("plain", "memex")
         out = {}
-        for kind in ("plain", "memex"):
-            r = subprocess.run([sys.executable, __file__, "--side", kind, "--folder", tmp, "--input", str(a.input)],
-                               capture_output=True, text=True)
+        for kind in kinds:
+            r = subprocess.run([sys.executable, __file__, "--side", kind, "--folder", tmp, "--input", str(a.input),
+                                "--preprocess", a.preprocess], capture_output=True, text=True)
             if r.returncode:
                 sys.exit(f"the {kind} side failed:\n{r.stderr}")
             out[kind] = json.loads(r.stdout.strip().splitlines()[-1])
-        same = np.array_equal(np.load(f"{tmp}/plain.npy"), np.load(f"{tmp}/memex.npy"))
+        same = np.array_equal(np.load(f"{tmp}/{kinds[0]}.npy"), np.load(f"{tmp}/memex.npy"))
     assert same, "the sides decoded different pixels"
     print(f"{'side':<6} {'peak MiB above inputs':>22} {'seconds':>8}")
     for kind, o in out.items():
         print(f"{kind:<6} {o['peak_mib']:>22.0f} {o['seconds']:>8.1f}")
-    p, m = out["plain"], out["memex"]
-    print(f"memex / plain: {m['peak_mib'] / p['peak_mib']:.2f}x the memory ({p['peak_mib'] / m['peak_mib']:.1f}x "
+    p, m = out[kinds[0]], out["memex"]
+    print(f"memex / {kinds[0]}: {m['peak_mib'] / p['peak_mib']:.2f}x the memory ({p['peak_mib'] / m['peak_mib']:.1f}x "
           f"less), {p['seconds'] / m['seconds']:.2f}x the speed; equal pixels")
 
 

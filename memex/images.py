@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["BACKGROUND", "PREPROCESS", "UnsupportedImageError", "decode", "decode_fit", "decoded_pixels", "encode_png",
-           "fit", "resize", "thumbnail_png", "to_aspect"]
+           "fit", "fit_pixels", "resize", "thumbnail_png", "to_aspect"]
 
 
 def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
@@ -139,21 +139,51 @@ def _rgb_box(img: Image.Image, box: tuple[int, int, int, int], alpha: str = "whi
     return out
 
 
-def _loaded(img: Image.Image) -> Image.Image:
+def _rgb16_keyed(img: Image.Image, data: bytes | None) -> Image.Image | None:
+    """A 16-bit RGB PNG with a tRNS key (not yet loaded) as an RGBA image whose alpha is 0 exactly where
+    all 48 bits equal the key; None for any other image. PIL decodes such a PNG to 8-bit RGB (each
+    sample's high byte) and compares the 16-bit key with those 8 bits: a key over 255 matched no pixel,
+    and a key under 256 matched every pixel whose high bytes were 0. The low bytes come from a second
+    decode of the same rows with the little-endian unpacker (RGB;16L takes each sample's second byte,
+    which in PNG's big-endian order is the low one); the rows' filters, interlace included, are the
+    same. A rare image: it costs a second decode."""
+    key = img.info.get("transparency")
+    if data is None or img.format != "PNG" or img.mode != "RGB" or not isinstance(key, tuple) or len(key) != 3 \
+            or [t.args for t in img.tile] != ["RGB;16B"]:
+        return None
+    with _open(data) as low:
+        low.tile = [t._replace(args="RGB;16L") for t in low.tile]
+        low.load()
+        lo = np.asarray(low)
+    img.load()
+    hi = np.asarray(img)
+    k = np.array(key, np.uint16)
+    transparent = ((hi == (k >> 8)) & (lo == (k & 255))).all(axis=2)
+    out = Image.fromarray(np.dstack([hi, np.where(transparent, 0, 255).astype(np.uint8)]), "RGBA")
+    out.info = {name: v for name, v in img.info.items() if name != "transparency"}  # EXIF orientation, ICC kept
+    return out
+
+
+def _loaded(img: Image.Image, data: bytes | None = None) -> Image.Image:
+    """img loaded and turned upright; `data`, the bytes it was opened from: a 16-bit RGB PNG's tRNS key is
+    applied exactly (_rgb16_keyed), to a new image that is returned."""
+    img = _rgb16_keyed(img, data) or img
     img.load()  # Image.open read only the header: truncation shows here, as OSError
     ImageOps.exif_transpose(img, in_place=True)  # no-op without an orientation tag (or a broken EXIF)
     return img
 
 
-def _pixels(img: Image.Image, alpha: str = "white") -> np.ndarray:
-    _loaded(img)
+def _pixels(img: Image.Image, alpha: str = "white", data: bytes | None = None) -> np.ndarray:
+    img = _loaded(img, data)
     return _rgb_box(img, (0, 0, img.width, img.height), alpha)
 
 
 def _opened(data: bytes, min_side: int | None = None) -> Image.Image:
-    """_open, and a JPEG set to decode at the smallest DCT scale (1/2, 1/4, 1/8) keeping both sides >= min_side."""
+    """_open, and a JPEG set to decode at the smallest DCT scale (1/2, 1/4, 1/8) keeping both sides >= min_side.
+    MPO is a JPEG too: a phone's photo with an MPF segment (a depth map, a preview) opens as format "MPO",
+    its first picture a plain baseline JPEG (a 4000x3000 one was decoded whole: 12 Mpx, not 0.75)."""
     img = _open(data)
-    if min_side is not None and img.format == "JPEG":
+    if min_side is not None and img.format in ("JPEG", "MPO"):
         img.draft(img.mode, (min_side, min_side))
     return img
 
@@ -164,6 +194,34 @@ def decoded_pixels(data: bytes, min_side: int | None = None) -> int:
     header (UnidentifiedImageError, DecompressionBombError)."""
     with _opened(data, min_side) as img:
         return img.width * img.height
+
+
+def _pad_canvases(h: int, w: int, aspect: tuple[int, int] | None) -> int:
+    """Pixels of the white canvases fit(..., "pad", aspect) builds for an h x w image: one padded to
+    `aspect`, then its square (to_aspect's sizes); 0 where the image already has that shape."""
+    total = 0
+    for height, width in ([aspect] if aspect is not None else []) + [(1, 1)]:
+        if h * width == w * height:
+            continue
+        h, w = (h, round(h * width / height)) if h * width > w * height else (round(w * height / width), w)
+        total += h * w
+    return total
+
+
+def fit_pixels(data: bytes, min_side: int | None = None, mode: str = "center_crop",
+               aspect: tuple[int, int] | None = None) -> int:
+    """What decode_fit(data, size, mode, aspect, min_side) holds at its peak, in decoded_pixels' units,
+    from the header alone: the decoded image, and for mode pad the white canvases fit pads it onto
+    as well (to `aspect`, then square), held with it and the square's copy for the resize. A 16000x2000
+    panorama's square is 16000^2 px, 8x its own 32 Mpx: counted by their headers, eight 1000x8000 ones
+    were decoded at once under ingest's budget and held 3.8 GB, against 0.7 GB counted so
+    (bench/RESULTS.md). Both ways up, as an EXIF orientation may turn the image (PIL reads a PNG's
+    only by loading it)."""
+    with _opened(data, min_side) as img:
+        h, w = img.height, img.width
+    if mode != "pad":
+        return h * w
+    return h * w + max(_pad_canvases(h, w, aspect), _pad_canvases(w, h, aspect))
 
 
 def decode(data: bytes, channels: int = 3, min_side: int | None = None, alpha: str = "white") -> np.ndarray:
@@ -189,7 +247,7 @@ def decode(data: bytes, channels: int = 3, min_side: int | None = None, alpha: s
     if alpha not in ("white", "drop"):
         raise ValueError(f"decode: alpha must be 'white' or 'drop' (trainset.alpha), got {alpha!r}")
     with _opened(data, min_side) as img:
-        rgb = _pixels(img, alpha)
+        rgb = _pixels(img, alpha, data)
     if channels == 1:
         return np.array(Image.fromarray(rgb).convert("L"))[..., None]
     return rgb
@@ -223,7 +281,7 @@ def thumbnail_png(png: bytes, max_side: int) -> bytes:
     with _open(png) as img:
         if max(img.size) <= max_side:
             return png
-        rgb = Image.fromarray(_pixels(img))  # the pixels decode gives
+        rgb = Image.fromarray(_pixels(img, data=png))  # the pixels decode gives
         rgb.info["icc_profile"] = img.info.get("icc_profile")  # kept, as convert("RGB") did
     rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     return _save_png(rgb, compress_level=6)
@@ -300,8 +358,8 @@ def _fit_part(data: bytes, mode: str, aspect: tuple[int, int] | None, min_side: 
     """(pixels, cut): the decoded pixels fit keeps (cut), or the whole image (pad). PIL's loaded image is
     freed when this returns, before the resize; the whole image's RGB is never made (fit after decode
     held it through the cut and the resize, beside a copy of the cut)."""
-    with _opened(data, min_side) as img:
-        _loaded(img)
+    with _opened(data, min_side) as opened:
+        img = _loaded(opened, data)
         if mode == "pad":
             return _rgb_box(img, (0, 0, img.width, img.height), alpha), False
         return _rgb_box(img, _fit_box(img.height, img.width, mode, aspect), alpha), True

@@ -66,7 +66,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from memex.config import MemexError
-from memex.images import decode, decode_fit, decoded_pixels
+from memex.images import decode, decode_fit, decoded_pixels, fit_pixels
 from memex.layout import QUARANTINE_SCHEMA, SHARD_LISTINGS
 from memex.manifest import (
     HF_DICT,
@@ -79,6 +79,7 @@ from memex.manifest import (
     iter_manifest,
     manifest_sources,
     missing_columns,
+    no_lone_surrogates,
     part_columns,
     read_manifest,
     take_rows,
@@ -624,7 +625,9 @@ def read_folder_metadata(fs, file: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                # a lone surrogate escape ("\ud83d": an emoji cut in half, common in scraped captions) as
+                # U+FFFD, as in a prompt file: Arrow refused the whole listing with a bare UnicodeEncodeError
+                rows.append(no_lone_surrogates(json.loads(line)))
             except json.JSONDecodeError as e:
                 raise IngestError(f"{file} line {n} is not valid JSON: {e}") from e
     for n, r in enumerate(rows, 1):
@@ -808,10 +811,11 @@ def fetch_bytes(rows: pa.Table, storage_options: dict[str, Any] | None = None,
 
 
 # Decoded pixels one decode_rows call holds at once over its threads (images.decoded_pixels: width x
-# height from the header, a JPEG's at its DCT scale). A decode holds ~7 bytes a pixel at its peak
-# (images._rgb_box), so ~450 MB here; an image over the budget is decoded alone. LAION's images (~0.3 MP,
-# a few MP at most) never wait: 8 threads of them are far below it. Eight 24 MP PNGs decoded at once
-# added 2.7 GB (bench/bench_huge_images.py): eight 96 MP ones, ~11 GB, enough to OOM-kill a worker.
+# height from the header, a JPEG's at its DCT scale; images.fit_pixels adds preprocess=pad's canvases). A
+# decode holds ~7 bytes a pixel at its peak (images._rgb_box), so ~450 MB here; an image over the budget
+# is decoded alone. LAION's images (~0.3 MP, a few MP at most) never wait: 8 threads of them are far below
+# it. Eight 24 MP PNGs decoded at once added 2.7 GB (bench/bench_huge_images.py): eight 96 MP ones, ~11 GB,
+# enough to OOM-kill a worker.
 DECODE_PIXEL_BUDGET = 64 << 20
 
 
@@ -869,7 +873,8 @@ def _decode(row: dict, size: int | None, opts: dict[str, Any], preprocess: str,
     # UnidentifiedImageError with a reproducible message, OSError (truncated), UnsupportedImageError
     # naming the mode: decode_rows turns each into a quarantine reason
     try:
-        pixels = decoded_pixels(data, min_side)
+        # fitted: with preprocess=pad its white canvases too (a 16000x2000 PNG's square is 8x its pixels)
+        pixels = decoded_pixels(data, min_side) if size is None else fit_pixels(data, min_side, preprocess, aspect)
     except Image.DecompressionBombError as e:
         raise Image.DecompressionBombError(
             f"{e} PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS pixels; this one is left out (quarantined): "

@@ -86,22 +86,29 @@ def manifest_sources(path: str, storage_options: dict[str, Any] | None = None) \
     return fs, p, is_dir, source, False
 
 
-def part_columns(path: str, fs: fsspec.AbstractFileSystem, source: list[str], arrow: bool) -> list[str]:
-    """The columns of a manifest's parts (each file's schema: a footer or first message, no rows),
-    which must all hold the same: pyarrow reads several Parquet files with the first one's schema,
-    so a later part's own columns (its images, its captions) were dropped without a word. Read 16
-    at a time: a LAION folder has hundreds of parts on object storage."""
+def read_schemas(subject: str, fs: fsspec.AbstractFileSystem, files: list[str], arrow: bool = False) -> list[pa.Schema]:
+    """Each file's schema (a Parquet footer, or an Arrow stream's first message: no rows), 16 files at a
+    time: a LAION folder has hundreds of parts on object storage. An unreadable one is named after
+    `subject`."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def names(f: str) -> list[str]:
+    def schema(f: str) -> pa.Schema:
         try:
-            return (arrow_schema(fs, f) if arrow else pq.read_schema(f, filesystem=fs)).names
+            return arrow_schema(fs, f) if arrow else pq.read_schema(f, filesystem=fs)
         except Exception as e:  # noqa: BLE001 - re-raised naming the file
-            raise ManifestError(f"training manifest {path}: {posixpath.basename(f)} is not readable "
+            raise ManifestError(f"{subject}: {posixpath.basename(f)} is not readable "
                                 f"{'Arrow' if arrow else 'Parquet'}: {type(e).__name__}: {e}") from e
 
-    with ThreadPoolExecutor(min(16, len(source))) as pool:
-        found = list(pool.map(names, source))
+    with ThreadPoolExecutor(min(16, len(files))) as pool:
+        return list(pool.map(schema, files))
+
+
+def part_schemas(path: str, fs: fsspec.AbstractFileSystem, source: list[str], arrow: bool) -> list[pa.Schema]:
+    """The schemas of a manifest's parts, which must all hold the same columns: pyarrow reads several
+    Parquet files with the first one's schema, so a later part's own columns (its images, its captions)
+    were dropped without a word."""
+    schemas = read_schemas(f"training manifest {path}", fs, source, arrow)
+    found = [s.names for s in schemas]
     for f, cols in zip(source[1:], found[1:]):
         if set(cols) != set(found[0]):
             lacks, adds = sorted(set(found[0]) - set(cols)), sorted(set(cols) - set(found[0]))
@@ -111,20 +118,68 @@ def part_columns(path: str, fs: fsspec.AbstractFileSystem, source: list[str], ar
                 f"{'adds ' + str(adds) if adds else ''} against {posixpath.basename(source[0])} "
                 f"({sorted(found[0])}). Read as one table, one part's columns would be dropped or left empty: "
                 "write every part with the same columns, or give one part's file")
-    return found[0]
+    return schemas
+
+
+def part_columns(path: str, fs: fsspec.AbstractFileSystem, source: list[str], arrow: bool) -> list[str]:
+    """The columns of a manifest's parts, which must all hold the same (`part_schemas`)."""
+    return part_schemas(path, fs, source, arrow)[0].names
+
+
+def unified_schema(subject: str, source: list[str], schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema to read Parquet parts `source` (their `schemas`) as one table. pyarrow reads a list of
+    files with the first one's schema, casting the others to it: a caption column pandas wrote all-None
+    (type null) in the first part refused every later part's text ("Unsupported cast from string to
+    null"). Here a null column takes its type from the other parts, and widths and units are widened
+    (int32 and int64, timestamp[us] and [ns]); a dictionary (a pandas category) reads as its values.
+    Two types no cast joins (int ids in one part, string ids in another: cast to the first's, "007"
+    became 7) are refused naming the column and both parts. `subject` starts each message."""
+    try:
+        return pa.unify_schemas(schemas)  # the usual case: identical, or a null column beside its typed ones
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    plain = [pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in s],
+                       metadata=s.metadata) for s in schemas]
+    try:
+        return pa.unify_schemas(plain, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    first: dict[str, tuple[str, pa.Field]] = {}  # column -> the first part giving it a type (not null), that field
+    for part, s in zip(source, plain):
+        for field in s:
+            if pa.types.is_null(field.type):
+                continue
+            if field.name not in first:
+                first[field.name] = (part, field)
+                continue
+            other, was = first[field.name]
+            try:
+                pa.unify_schemas([pa.schema([was]), pa.schema([field])], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                raise ManifestError(
+                    f"{subject}: its parts hold column {field.name!r} as different types: {was.type} in "
+                    f"{posixpath.basename(other)}, {field.type} in {posixpath.basename(part)}; read as one table "
+                    "a column has one type: write every part with the same type (ids as strings everywhere: "
+                    "table.set_column(table.column_names.index('id'), 'id', pc.cast(table['id'], pa.string())))"
+                ) from None
+    raise ManifestError(f"{subject}: its parts' schemas cannot be read as one table: write every part with the same "
+                        "column types")
 
 
 def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
     """Read and check a manifest: an `id` column with unique values and an `image` or `uri` column."""
     fs, p, is_dir, source, arrow = manifest_sources(path, storage_options)
+    schema = None
     if len(source) > 1:
-        part_columns(path, fs, source, arrow)
+        schemas = part_schemas(path, fs, source, arrow)
+        if not arrow:  # (datasets writes every Arrow file of a dataset with one schema)
+            schema = unified_schema(f"training manifest {path}", source, schemas)
     if arrow:
         table = read_arrow(f"training manifest {path}", fs, source)
     else:
         try:
             # a local file is memory-mapped: its pages are the file's, not a second copy in the heap
-            table = pq.read_table(source if is_dir else p, filesystem=fs, memory_map=_is_local(fs))
+            table = pq.read_table(source if is_dir else p, filesystem=fs, memory_map=_is_local(fs), schema=schema)
         except Exception as e:  # noqa: BLE001 - re-raised naming the file
             raise ManifestError(f"training manifest {path} is not readable Parquet: {type(e).__name__}: {e}") from e
     if table.num_rows == 0:
@@ -213,12 +268,40 @@ TAKE_CHUNK_BYTES = 1 << 30
 ARROW_OFFSET_LIMIT = (1 << 31) - (1 << 20)  # a table below it is taken as Arrow does it
 
 
+def _taken_bytes(table: pa.Table, indices: pa.Array | pa.ChunkedArray) -> int:
+    """The most bytes one binary or string column of table.take(indices) holds, from each row's length
+    (4 bytes a row): the output's size, not the input's. A duplication schedule repeats rows (32 copies
+    of 40 1 MiB images beside 960 others: a 1 GiB manifest, 2.2 GiB taken), and Arrow's take, chosen by
+    the input's size, failed with "Take operation overflowed binary array capacity"."""
+    most = 0
+    for f, col in zip(table.schema, table.columns):
+        if f.type in (pa.binary(), pa.string()) and len(col):
+            most = max(most, pc.sum(pc.take(pc.binary_length(col), indices)).as_py() or 0)
+    return most
+
+
+def _narrowed(arr: pa.Array, typ: pa.DataType, start: int, stop: int) -> pa.Array:
+    """Rows start:stop of a large_binary or large_string array as `typ` (binary, string: 32-bit offsets,
+    counted from the piece's first byte), its bytes shared, not copied. Cast as a slice, a piece past
+    the array's first 2 GiB kept its 64-bit offsets and failed ("Failed casting from large_binary to
+    binary: input array too large")."""
+    n = stop - start
+    off = np.frombuffer(arr.buffers()[1], np.int64, n + 1, (arr.offset + start) * 8)
+    piece = arr.slice(start, n)
+    validity = pc.is_valid(piece).buffers()[1] if piece.null_count else None  # a bitmap from the piece's row 0
+    data = arr.buffers()[2]
+    data = data.slice(int(off[0]), int(off[-1] - off[0])) if data is not None else pa.py_buffer(b"")
+    return pa.Array.from_buffers(typ, n, [validity, pa.py_buffer((off - off[0]).astype(np.int32)), data],
+                                 null_count=piece.null_count)
+
+
 def take_rows(table: pa.Table, indices) -> pa.Table:
-    """table.take(indices) for tables of any size: under 2 GiB as Arrow does it; over, the variable-width
-    columns are taken as their 64-bit (large_) types and cut back into chunks of at most
-    TAKE_CHUNK_BYTES in their own types, so the schema is unchanged."""
+    """table.take(indices) for tables of any size: where the input and each variable-width column of the
+    output are under 2 GiB, as Arrow does it; else the variable-width columns are taken as their 64-bit
+    (large_) types and cut back into chunks of at most TAKE_CHUNK_BYTES in their own types, so the
+    schema is unchanged."""
     indices = pa.array(indices, pa.int64()) if not isinstance(indices, (pa.Array, pa.ChunkedArray)) else indices
-    if table.nbytes < ARROW_OFFSET_LIMIT:
+    if table.nbytes < ARROW_OFFSET_LIMIT and _taken_bytes(table, indices) < ARROW_OFFSET_LIMIT:
         return table.take(indices)
     large = {pa.binary(): pa.large_binary(), pa.string(): pa.large_string()}
     wide = table.cast(pa.schema([f.with_type(large.get(f.type, f.type)) for f in table.schema]))
@@ -234,10 +317,24 @@ def take_rows(table: pa.Table, indices) -> pa.Table:
         while start < n:  # rows until the chunk's bytes reach the limit (one row at least)
             lengths = pc.binary_length(arr.slice(start, min(n - start, 1 << 20))).fill_null(0).to_numpy()
             stop = start + max(1, int(np.searchsorted(np.cumsum(lengths), TAKE_CHUNK_BYTES, side="right")))
-            pieces.append(arr.slice(start, stop - start).cast(f.type))
+            pieces.append(_narrowed(arr, f.type, start, stop))
             start = stop
         cols.append(pa.chunked_array(pieces, f.type))
     return pa.table(cols, schema=table.schema)
+
+
+def no_lone_surrogates(v: Any) -> Any:
+    """A JSON string with a lone surrogate escape ("\\ud83d": an emoji cut in half, common in scraped
+    captions) has no UTF-8, and Arrow refused it with a bare UnicodeEncodeError: it becomes U+FFFD, in
+    lists and objects too (a list caption); other values as they are. Prompt files and imagefolder
+    metadata.jsonl files are read through it."""
+    if isinstance(v, str):
+        return v.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(v, list):
+        return [no_lone_surrogates(x) for x in v]
+    if isinstance(v, dict):
+        return {k: no_lone_surrogates(x) for k, x in v.items()}
+    return v
 
 
 def first_caption(value: Any) -> Any:

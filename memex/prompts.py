@@ -31,7 +31,17 @@ import pyarrow.parquet as pq
 
 from memex.config import MemexError, PromptsConfig, PromptSource
 from memex.layout import PROMPTS_SCHEMA
-from memex.manifest import ManifestError, arrow_schema, first_caption, hf_dataset_parts, parquet_parts, read_arrow
+from memex.manifest import (
+    ManifestError,
+    arrow_schema,
+    first_caption,
+    hf_dataset_parts,
+    no_lone_surrogates,
+    parquet_parts,
+    read_arrow,
+    read_schemas,
+    unified_schema,
+)
 
 UNCONDITIONAL_ID = "uncond"
 # texts -> one key a text, equal where the model reads the same tokens (models.conditioning_keys)
@@ -47,18 +57,6 @@ class PromptError(MemexError, ValueError):
 def prompt_id(text: str) -> str:
     """Stable 16-hex id from the prompt text (same text, same id, on every machine)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _no_lone_surrogates(v):
-    """A JSON string with a lone surrogate escape ("\\ud83d") has no UTF-8: it becomes U+FFFD, in lists and
-    objects too (a list caption); other values as they are."""
-    if isinstance(v, str):
-        return v.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(v, list):
-        return [_no_lone_surrogates(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _no_lone_surrogates(x) for k, x in v.items()}
-    return v
 
 
 def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, str] | None = None) -> pa.Table:
@@ -85,11 +83,15 @@ def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, s
             if is_dir and not parts:
                 raise PromptError(f"prompts.path={path} is a folder without a .parquet file: give a prompt file "
                                   "(.txt, .jsonl, .csv, .parquet) or a folder of Parquet parts")
-            names = pq.ParquetDataset(parts, filesystem=fs).schema.names if columns else None
+            # one schema for all the parts: read with the first one's, a caption column pandas wrote all-None
+            # there (type null) refused the later parts' captions ("Unsupported cast from string to null")
+            schema = unified_schema(f"prompts.path={path}", parts, read_schemas(f"prompts.path={path}", fs, parts)) \
+                if is_dir and len(parts) > 1 else None
+            names = (schema or pq.ParquetDataset(parts, filesystem=fs).schema).names if columns else None
             for c, key in (columns or {}).items():
                 if c not in names:
                     raise PromptError(f"{path} has no column {c!r} (columns: {names}); set {key}=<column>")
-            return pq.read_table(parts, filesystem=fs, columns=list(columns) if columns else None)
+            return pq.read_table(parts, filesystem=fs, columns=list(columns) if columns else None, schema=schema)
         with fs.open(p, "rb") as f:
             # utf-8-sig: a file saved with a byte-order mark (Windows editors) loses it; as "utf-8" the
             # mark stayed in the first prompt (3 extra CLIP tokens) and failed a .jsonl's first line
@@ -126,7 +128,7 @@ def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, s
         out = {}
         for k in keys:
             try:
-                out[k] = pa.array([_no_lone_surrogates(r.get(k)) for r in rows])
+                out[k] = pa.array([no_lone_surrogates(r.get(k)) for r in rows])
             except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
                 raise PromptError(f"{path}: key {k!r} holds values of two types ({e}): give it one type on every "
                                   "line (an id a string everywhere, or a number everywhere)") from e
