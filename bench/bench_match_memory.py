@@ -202,7 +202,7 @@ def summary_side(kind: str, root: str) -> None:
 
 def histogram_before(values, threshold, label, bins=30, width=520, height=180, x_max=None):
     """report.histogram_svg before: a float64 copy of every value, then its mask and bin indices."""
-    from memex.report import _finite, esc
+    from memex.report import _finite, esc, histogram_drawn
 
     vals = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64)
     vals = vals[np.isfinite(vals)]
@@ -210,25 +210,7 @@ def histogram_before(values, threshold, label, bins=30, width=520, height=180, x
         return f'<p class="muted">no {esc(label)} to plot</p>'
     hi = x_max if _finite(x_max) and x_max > 0 else max(float(vals.max()), threshold or 0.0) * 1.05 or 1.0
     counts = np.bincount(np.minimum((vals / hi * bins).astype(np.int64), bins - 1), minlength=bins).tolist()
-    top, pad, plot_w, plot_h = max(counts), 30, width - 55, height - 30
-    bar_w = plot_w / bins
-    parts = [f'<svg role="img" aria-label="{esc(label)}" width="{width}" height="{height}" '
-             f'xmlns="http://www.w3.org/2000/svg">']
-    for i, c in enumerate(counts):
-        h = plot_h * c / top
-        parts.append(f'<rect x="{pad + i * bar_w:.1f}" y="{10 + plot_h - h:.1f}" width="{bar_w - 1:.1f}" '
-                     f'height="{h:.1f}" fill="#6b8fd6"><title>{c}</title></rect>')
-    if threshold is not None:
-        tx = pad + plot_w * threshold / hi
-        parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="6" y2="{10 + plot_h}" stroke="#d93025" '
-                     'stroke-width="2"/>')
-        parts.append(f'<text x="{tx + 4:.1f}" y="16" style="fill:#d93025">threshold {threshold:g}</text>')
-    parts.append(f'<line x1="{pad}" x2="{pad + plot_w}" y1="{10 + plot_h}" y2="{10 + plot_h}" stroke="#889"/>')
-    for f in (0, 0.5, 1):
-        parts.append(f'<text x="{pad + plot_w * f:.1f}" y="{height - 5}" text-anchor="middle">{hi * f:.3g}</text>')
-    parts.append("</svg>")
-    return (f'<figure class="hist">{"".join(parts)}<figcaption>{esc(label)} (n = {vals.size}, tallest bar {top})'
-            f"</figcaption></figure>")
+    return histogram_drawn(counts, hi, vals.size, threshold, label, width, height)
 
 
 def histogram_bench(n: int) -> None:

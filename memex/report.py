@@ -110,7 +110,13 @@ def histogram_svg(values: Sequence[float], threshold: float | None, label: str, 
         np.minimum(idx, bins - 1, out=idx)
         total += np.bincount(idx, minlength=bins)
         del part, idx
-    counts = total.tolist()
+    return histogram_drawn(total.tolist(), hi, n, threshold, label, width, height)
+
+
+def histogram_drawn(counts: list[int], hi: float, n: int, threshold: float | None, label: str, width: int = 520,
+                    height: int = 180) -> str:
+    """The SVG figure of histogram_svg's `counts` (equal bins over [0, hi]) of `n` values."""
+    bins = len(counts)
     top, pad, plot_w, plot_h = max(counts), 30, width - 55, height - 30
     bar_w = plot_w / bins
     parts = [f'<svg role="img" aria-label="{esc(label)}" width="{width}" height="{height}" '
