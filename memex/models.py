@@ -601,6 +601,11 @@ def check_hub_model(repo_id: str, key: str = "model.path", revision: str | None 
         raise ModelError(f"{key}={repo_id} is gated on the hub: accept its license on its page and set HF_TOKEN "
                          "(or `hf auth login`) on the driver and the cluster")
     names = [s.rfilename for s in info.siblings or []]
+    # a VQ-decoded pipeline (LDM: vqvae/, Kandinsky: movq/) is told by its folders, before any download: refused
+    # here, not only once every worker has downloaded and loaded it (load_model's own check)
+    decoder = next((k for k in VQ_DECODERS if any(n.startswith(k + "/") for n in names)), None)
+    if decoder is not None and "model_index.json" in names:
+        raise vq_decoder_refusal(f"{key}={repo_id}", decoder)
     if info.siblings is not None and "model_index.json" not in names:
         single = [n for n in names if "/" not in n and n.endswith((".safetensors", ".ckpt"))]
         # a LoRA by its name, as weights_file_kind tells a file it cannot open (diffusers' LoRA scripts push

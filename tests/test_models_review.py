@@ -212,6 +212,22 @@ def test_a_hub_lora_repo_as_model_path_is_named_a_lora(tmp_path, monkeypatch):
         check_model_inputs("someone/single")
 
 
+def test_an_uncached_hub_vq_pipeline_is_refused_from_its_file_list(tmp_path, monkeypatch):
+    """An LDM pipeline (a vqvae/ folder) asked of the hub is refused by its file list, before any download: it
+    was refused only when each worker had downloaded and loaded it."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    _cache(monkeypatch, tmp_path / "hub")  # nothing cached: the hub is asked
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    files = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"]
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, **k: SimpleNamespace(
+        gated=False, siblings=[SimpleNamespace(rfilename=n) for n in files]))
+    with pytest.raises(ModelError, match=r"^model.path=org/ldm-celebahq decodes its latents with a vqvae"):
+        check_model_inputs("org/ldm-celebahq")
+
+
 def test_a_pipeline_folder_without_its_scheduler_config_is_refused_naming_it(tiny_models, tmp_path):
     """scheduler/ without scheduler_config.json passed every check before the cluster work (the scheduler
     checks read no config and said nothing); every sampler's load failed. Refused, naming the file."""
