@@ -482,17 +482,30 @@ def check_trained_shadows(folder, steps: dict[int, int], inside: dict[int, dict[
     """A shadow finished by an earlier run (its marker) with another number of steps than this run
     plans (memex before shadow_steps trained every shadow for the target's steps), or on other images
     (`inside`: image id -> in its half; memex before a questioned copy of a member took the member's
-    split), is refused: its losses would sit beside shadows trained another way."""
+    split), is refused: its losses would sit beside shadows trained another way. shadows/ is read once and
+    its rows grouped by shadow (each shadow scanned every row: 2e8 rows looked at on each resume at 64
+    shadows of 50,000 images, ~20 s; bench/bench_mia_resume.py)."""
     done = folder.complete()
-    trained = folder.read(columns=["shadow", "image_id", "in_training"]).to_pylist() if inside and done else []
+    rows: dict[int, list[int]] = {}  # shadow -> its rows of shadows/, in file order
+    ids: list[str] = []
+    was: list[bool] = []
+    if inside and done:
+        t = folder.read(columns=["shadow", "image_id", "in_training"])
+        ids, was = t["image_id"].to_pylist(), t["in_training"].to_pylist()
+        shadow = t["shadow"].to_numpy(zero_copy_only=False)
+        order = np.argsort(shadow, kind="stable")
+        keys, starts = np.unique(shadow[order], return_index=True)
+        rows = {int(k): order[a:b].tolist() for k, a, b in zip(keys, starts, [*starts[1:], len(order)])}
     for s in done:
         had = (folder.read_marker(s) or {}).get("training_steps")
         if s in steps and had != steps[s]:
             raise ConfigError(f"shadow model {s} in {folder.store.uri_of(folder.path)} was trained for {had} steps "
                               f"and this run trains it for {steps[s]} (as many passes over its images as the "
                               f"target made): remove {folder.store.uri_of(folder.path)} to train the shadows again")
-        other = [r["image_id"] for r in trained if r["shadow"] == s and inside and s in inside
-                 and inside[s].get(r["image_id"], r["in_training"]) != r["in_training"]]
+        if not inside or s not in inside:
+            continue
+        plan = inside[s]
+        other = [ids[j] for j in rows.get(s, ()) if plan.get(ids[j], was[j]) != was[j]]
         if other:
             raise ConfigError(f"shadow model {s} in {folder.store.uri_of(folder.path)} was trained on another half of "
                               f"the images than this run plans ({len(other)} differ, e.g. {other[0]}): remove "
@@ -599,7 +612,7 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
             ids, image, uri, caption = [], [], [], []
             for r in read_image_rows(layout.store, path, a, a + step).filter(pa.array(inside[a:a + step])).to_pylist():
                 for k in range(max(1, r["copies"] or 1)):
-                    ids.append(r["image_id"] if k == 0 else f"{r['image_id']}#{k}")
+                    ids.append(copy_name(r["image_id"], k))
                     image.append(r["image"]), uri.append(r["uri"]), caption.append(r["caption"])
             if ids:
                 yield pa.table({"id": ids, "image": image, "uri": uri, "caption": caption}, schema=SHADOW_DATA_SCHEMA)
@@ -633,6 +646,30 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
     table = pa.table({"shadow": pa.array([index] * images.num_rows, pa.int32()), "image_id": images["image_id"],
                       "in_training": pa.array(inside), "loss": scores["loss"]}, schema=MIA_SHADOW_SCHEMA)
     return table, {**meta, "training_steps": trainer["steps"], "examples": examples}
+
+
+def copy_name(image_id: str, k: int) -> str:
+    """The id of copy k of an image in a shadow's training data (shadow_data/): the image's own id, then
+    <id>#<k>, as memex train names a duplication schedule's copies."""
+    return image_id if k == 0 else f"{image_id}#{k}"
+
+
+def check_copy_names(images: pa.Table) -> None:
+    """No image is named as another image's extra copy in a shadow's training data (copy_name: <id>#<k>): a
+    non-member `a#1` beside a member `a` of 2 copies gave the shadow data two rows `a#1`, and every shadow task
+    failed in memex train ("ids are not unique") after the target was scored. Refused before, naming both."""
+    ids, member, copies = (images[c].to_pylist() for c in ("image_id", "member", "copies"))
+    hashed = {i: m for i, m in zip(ids, member) if "#" in i}
+    if not hashed:  # (no id holds the separator: the usual case, and nothing to look up)
+        return
+    taken = [(n, i) for i, c in zip(ids, copies) for k in range(1, max(1, c or 1)) if (n := copy_name(i, k)) in hashed]
+    if taken:
+        n, i = taken[0]
+        key = {True: "members", False: "nonmembers", None: "queries"}[hashed[n]]
+        raise ConfigError(f"LiRA's shadow models train on each image's copies named <id>#<k>, and image {n} of "
+                          f"{key}.path has the name of copy {n.rsplit('#', 1)[1]} of image {i} ({len(taken)} such "
+                          f"ids): rename {'it' if len(taken) == 1 else 'them'} in {key}.path (no '#' in an id), "
+                          "or set mia.shadow_models=0")
 
 
 def shadow_seed(target_seed: int, index: int, steps: int) -> int:
@@ -761,6 +798,11 @@ def summarize(scores: pa.Table, lira_table: pa.Table | None, attacks: list[str])
            "queries": [{"image_id": i, "p_value": {a: queries[a][j] for a in raw},
                         "q_value": {a: qv[a][j] for a in raw}} for j, i in enumerate(queries["ids"])]}
     copies = [c for c, k in zip(scores["copies"].to_pylist(), known) if k]
+    # a plain manifest's copies are known only where one_row_per_picture merged rows holding one picture (their
+    # count); its other members are then single copies (else by_copies read "2" and no "1"). A `memex train`
+    # manifest gives every member's copies; a set with none known has no by_copies
+    if any(c is not None for c, m in zip(copies, labels) if m):
+        copies = [1 if c is None else c for c in copies]
     for c in sorted({c for c, m in zip(copies, labels) if m and c is not None}):
         keep = np.array([(not m) or cc == c for cc, m in zip(copies, labels)])
         out["by_copies"][str(c)] = {"members": int((labels & keep).sum()),
@@ -851,6 +893,7 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
         half = [int(rows[split[s]].sum()) for s in range(cfg.mia.shadow_models)]
         warn_small_shadows(recipe, half, cfg.mia.shadow_steps)
         warn_missing_copies(recipe, images)
+        check_copy_names(images)
         tasks = {s: {"inside": split[s].tolist(), "steps": shadow_steps(recipe, half[s], cfg.mia.shadow_steps)}
                  for s in range(cfg.mia.shadow_models)}
         check_shadow_seeds(recipe, {s: t["steps"] for s, t in tasks.items()})
