@@ -168,6 +168,9 @@ def check_overrides(args: list[str], cls: type) -> None:
     modes = [m for m in ("run", "multirun", "cfg", "info", "shell_completion") if getattr(parsed, m, None)]
     if len(modes) > 1:  # Hydra's ValueError, as a traceback
         raise C.ConfigError(f"{' and '.join('--' + m.replace('_', '-') for m in modes)} cannot be combined: give one")
+    if getattr(parsed, "resolve", False) and not parsed.cfg and not parsed.help:  # Hydra's ValueError: a traceback
+        raise C.ConfigError("--resolve goes with --cfg job: it resolves the printed config (memex <stage> ... "
+                            "--cfg job --resolve); drop --resolve to run")
     for text in parsed.overrides:
         try:
             overrides.append(parser.parse_override(text))
@@ -179,12 +182,15 @@ def check_overrides(args: list[str], cls: type) -> None:
             value = value if shown == text else "..."
             raise C.ConfigError(f"{shown} is a sweep (one run per value): add --multirun (-m) to run them all; a "
                                 f"list is {key}=[{value}], a string with commas is quoted: {key}='{value}'")
+    stage = next((s for s, c in SCHEMAS.items() if c is cls), None)
     for o in overrides:
         key = o.key_or_group
         if o.is_delete() or o.package is not None or key.split(".")[0].split("/")[0] == "hydra":
             continue
-        msg = _check_option(key, o) if (CONF_DIR / key).is_dir() else \
-            check_key(key, cls) or _check_list(key, o, cls) or _check_choice(key, o, cls) or _check_scalar(key, o, cls)
+        if (CONF_DIR / key).is_dir():
+            msg = _check_group(stage, key, o) or next(filter(None, (_check_option(key, v) for v in _values(o))), None)
+        else:  # each value of a -m sweep too: Hydra's error came after it had written multirun/<date>/<time>/
+            msg = check_key(key, cls) or next(filter(None, (_check_value(key, v, cls) for v in _values(o))), None)
         if msg:
             raise C.ConfigError(msg)
     if msg := _kind_without_its_option(overrides, cls) or _absent_free_form_key(overrides, cls):
@@ -361,10 +367,69 @@ def _value(override: Any) -> Any:
     return _UNKNOWN if isinstance(value, str) and "${" in value else value
 
 
-def _check_option(group: str, override: Any) -> str | None:
+def _values(override: Any) -> list[Any]:
+    """Each value the override gives: its one value, or each of a -m sweep's choices (a=x,y; choice(x,y);
+    range(1,4)); _UNKNOWN for an interval() or a glob() sweep and an interpolation, Hydra's to resolve."""
+    from hydra.core.override_parser.types import ValueType
+
+    if not override.is_sweep_override():
+        return [_value(override)]
+    if override.value_type not in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.RANGE_SWEEP):
+        return [_UNKNOWN]
+    try:  # (a range's values are all numbers of one kind: its first ones tell)
+        values = list(itertools.islice(override.sweep_iterator(), 1000))
+    except Exception:  # noqa: BLE001
+        return [_UNKNOWN]
+    return [_UNKNOWN if isinstance(v, str) and "${" in v else v for v in map(_unquoted, values)]
+
+
+def _unquoted(value: Any) -> Any:
+    """A sweep's element as its value: a quoted choice ('16') is Hydra's QuotedString until it is applied."""
+    from hydra.core.override_parser.types import QuotedString
+
+    if isinstance(value, QuotedString):
+        return value.text
+    if isinstance(value, list):
+        return [_unquoted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _unquoted(v) for k, v in value.items()}
+    return value
+
+
+# a group of one stage given to another: train's data is the audit's trainset
+GROUP_ALIASES = {"data": "trainset", "trainset": "data"}
+
+
+@functools.lru_cache(maxsize=None)
+def stage_groups(stage: str) -> tuple[str, ...]:
+    """The config groups conf/<stage>.yaml's defaults list names (`optional tune: ...` included)."""
+    import yaml
+
+    out = []
+    for entry in yaml.safe_load((CONF_DIR / f"{stage}.yaml").read_text()).get("defaults", []):
+        for group in (entry if isinstance(entry, dict) else {}):
+            group = group.removeprefix("optional").strip()
+            if (CONF_DIR / group).is_dir():
+                out.append(group)
+    return tuple(out)
+
+
+def _check_group(stage: str | None, group: str, override: Any) -> str | None:
+    """A config group of another stage (memex audit given train's group data, memex generate given triage):
+    Hydra advised adding it with a +, which then failed composing with a ConfigKeyError."""
+    if stage is None or group in stage_groups(stage):
+        return None
+    groups = stage_groups(stage)
+    near = GROUP_ALIASES.get(group) if GROUP_ALIASES.get(group) in groups else \
+        next(iter(difflib.get_close_matches(group, groups, n=1)), None)
+    return (f"{group} is not a config group of memex {stage}"
+            + (f": did you mean {near}=...?" if near else "")
+            + f" (its groups: {', '.join(groups)}; memex {stage} --help lists their options)")
+
+
+def _check_option(group: str, value: Any) -> str | None:
     """A group option that does not exist (sampling=fats): one line, where Hydra's spans twelve
     (the config search path included)."""
-    value = _value(override)
     if not isinstance(value, str) or (CONF_DIR / group / f"{value}.yaml").exists():
         return None
     options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
@@ -386,32 +451,87 @@ _SCALARS = {int: ("IntegerNode", "a whole number"), float: ("FloatNode", "a numb
             bool: ("BooleanNode", "true or false")}
 
 
-def _check_scalar(key: str, override: Any, cls: type) -> str | None:
-    """A value of the wrong type (sampling.samples_per_prompt=abc, or 1.5): one line, where Hydra's
-    merge error spans six."""
+def _expects(tp: Any) -> str:
+    """What a field of type `tp` takes, in words: "a whole number", "one of flat, ivfpq", "a list in brackets"."""
+    tp = _unwrap(tp)
+    if tp in _SCALARS:
+        return _SCALARS[tp][1]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return f"one of {', '.join(m.name for m in tp)}"
+    if _list_item(tp) is not None:
+        return "a list in brackets, [a,b]"
+    if dataclasses.is_dataclass(tp):
+        return f"its keys ({', '.join(_fields(tp))})"
+    if _free_form(tp):
+        return "a mapping in braces, {key: value}"
+    return "a value"
+
+
+def _check_value(key: str, value: Any, cls: type) -> str | None:
+    """One value of an override of the schema's `key` (each value of a -m sweep in turn): null where the field
+    is not Optional, a list where it takes one value, a list's items, an enum's choices, a scalar's type. Each was
+    Hydra's six-line merge error ("field 'index.kind' is not Optional", "Cannot convert 'list' to string")."""
+    tp = _field_type(key, cls)
+    if tp is None or value is _UNKNOWN:
+        return None
+    if value is None:
+        optional = tp is Any or type(None) in typing.get_args(tp)
+        return None if optional else f"{key} cannot be null: give {_expects(tp)}"
+    if isinstance(value, (list, dict)) and _list_item(tp) is None and not _free_form(tp) \
+            and not dataclasses.is_dataclass(_unwrap(tp)):
+        what, takes = "a list" if isinstance(value, list) else "a mapping", _expects(tp)
+        takes = "" if takes == "a value" else f" ({takes})"
+        return (f"{key}={_spelled(value)} is {what}, and {key} takes one value{takes}: give one, "
+                f"and quote a value with commas or brackets, {key}='a,b'")
+    return _check_list(key, value, cls) or _check_choice(key, value, cls) or _check_scalar(key, value, cls)
+
+
+def _scalar_error(key: str, tp: Any, value: Any) -> str | None:
+    """Why `value` is not a value of the scalar field type `tp` (int, float, bool), or None."""
     import omegaconf
     from omegaconf.errors import ValidationError
 
-    tp = _field_type(key, cls)
     kind = _SCALARS.get(_unwrap(tp))
-    value = _value(override)
-    if kind is None or value is _UNKNOWN:
+    if kind is None:
         return None
     if value is None:
         return None if _unwrap(tp) is not tp else f"{key} cannot be null: give {kind[1]}"
+    if isinstance(value, (list, dict)):
+        return f"{key}={_spelled(value)} is not {kind[1]}"
     try:
         getattr(omegaconf, kind[0])(value=value)
     except ValidationError:
-        return f"{key}={value} is not {kind[1]}"
+        return f"{key}={_spelled(value)} is not {kind[1]}"
     return None
 
 
-def _check_list(key: str, override: Any, cls: type) -> str | None:
-    """A single value for a list-typed key (budget.rounds=4, mia.attacks=loss): one line naming the
-    bracket form, where Hydra's "Invalid value assigned: int is not a ListConfig" spans six."""
+def _check_scalar(key: str, value: Any, cls: type) -> str | None:
+    """A value of the wrong type (sampling.samples_per_prompt=abc, or 1.5): one line, where Hydra's
+    merge error spans six."""
     tp = _field_type(key, cls)
-    value = _value(override)
-    if tp is None or _list_item(tp) is None or value is _UNKNOWN or value is None or isinstance(value, list):
+    if value is _UNKNOWN or tp is None:
+        return None
+    return _scalar_error(key, tp, value)
+
+
+def _check_list(key: str, value: Any, cls: type) -> str | None:
+    """A single value for a list-typed key (budget.rounds=4, mia.attacks=loss): one line naming the
+    bracket form, where Hydra's "Invalid value assigned: int is not a ListConfig" spans six. A list's items
+    of the wrong type (budget.rounds=[4,abc]): named too."""
+    tp = _field_type(key, cls)
+    if tp is None or _list_item(tp) is None or value is _UNKNOWN or value is None:
+        return None
+    if isinstance(value, list):  # each item as its own scalar node takes it (an enum's: _check_choice)
+        item_tp = _list_item(tp)
+        for item in value:
+            if isinstance(item, str) and "${" in item:
+                continue
+            if item is None and _unwrap(item_tp) is item_tp:
+                return f"{key}={_spelled(value)}: an item is null; each is {_expects(item_tp)}"
+            if isinstance(item, (list, dict)) and not dataclasses.is_dataclass(_unwrap(item_tp)):
+                return f"{key}={_spelled(value)}: the item {_spelled(item)} is not {_expects(item_tp)}"
+            if _scalar_error(key, item_tp, item):
+                return f"{key}={_spelled(value)}: the item {_spelled(item)} is not {_SCALARS[_unwrap(item_tp)][1]}"
         return None
     item = _unwrap(_list_item(tp))
     if dataclasses.is_dataclass(item):  # data.duplication: a list of mappings
@@ -420,22 +540,34 @@ def _check_list(key: str, override: Any, cls: type) -> str | None:
     return f"{key}={value} is not a list: give it in brackets, {key}=[{value}] (or more items, comma-separated)"
 
 
-def _check_choice(key: str, override: Any, cls: type) -> str | None:
+def _check_choice(key: str, value: Any, cls: type) -> str | None:
     """For an enum-typed key (or a list of them), a value that is none of its choices, named in one
-    line; Hydra's own message spans five lines and ends on HYDRA_FULL_ERROR."""
+    line; Hydra's own message spans five lines and ends on HYDRA_FULL_ERROR. A number or a boolean
+    (index.kind=1) is none of them either."""
+    from omegaconf import EnumNode
+    from omegaconf.errors import ValidationError
+
     tp = _field_type(key, cls)
-    if tp is None:
+    if tp is None or value is _UNKNOWN:
         return None
     choice = _unwrap(_list_item(tp) or tp)
     if not (isinstance(choice, type) and issubclass(choice, enum.Enum)):
         return None
-    value = _value(override)
-    if value is _UNKNOWN:
-        return None
     names = [m.name for m in choice]
-    bad = [v for v in (value if isinstance(value, list) else [value])
-           if isinstance(v, str) and "${" not in v and v not in names and v not in [str(m.value) for m in choice]]
-    return f"{key}={bad[0]} is not a choice: use one of {', '.join(names)}" if bad else None
+
+    def bad(v: Any) -> bool:
+        if v is None:
+            return False  # a null: the null check's (an Optional choice takes it)
+        if isinstance(v, str):
+            return "${" not in v and v not in names and v not in [str(m.value) for m in choice]
+        try:
+            EnumNode(enum_type=choice, value=v)
+        except ValidationError:
+            return True
+        return False
+
+    wrong = [v for v in (value if isinstance(value, list) else [value]) if bad(v)]
+    return f"{key}={_spelled(wrong[0])} is not a choice: use one of {', '.join(names)}" if wrong else None
 
 
 def _typed(cfg: DictConfig, cls: type, validate):
@@ -896,6 +1028,31 @@ def _cfg_flag(args: list[str]) -> str | None:
     return None
 
 
+def help_overrides(args: list[str]) -> tuple[list[str], str]:
+    """The overrides `memex <stage> ... --help` composes with, and a note for its end: Hydra's flags and their
+    arguments dropped (`--cfg job --help` read `job` as an override), a -m sweep's first value (its jobs differ
+    only by it: "Ambiguous value for argument" was the answer)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, out, swept = OverridesParser.create(), [], []
+    for text in get_args_parser().parse_known_args(args)[0].overrides:
+        o = parser.parse_override(text)
+        if not o.is_sweep_override():
+            out.append(text)
+            continue
+        try:
+            first = next(iter(o.sweep_string_iterator()))
+        except Exception:  # noqa: BLE001 - interval() or glob(): no first value to show
+            swept.append(f"{o.get_key_element()} (left out)")
+            continue
+        out.append(f"{o.get_key_element()}={first}")
+        swept.append(out[-1])
+    note = (f"\n\na -m sweep: shown for its first job, {', '.join(swept)}; each job differs only by the swept "
+            "values" if swept else "")
+    return out, note
+
+
 def print_config(stage: str, args: list[str], which: str) -> str:
     """`memex <stage> ... --cfg job`: the composed config as YAML, credentials redacted (memex/redact.py), as
     Hydra prints it (unresolved; `--resolve` resolves). memex prints the job's config whatever `which` asks:
@@ -971,7 +1128,8 @@ def main() -> None:
     if stage in SCHEMAS and any(a in HELP_FLAGS for a in sys.argv[1:]):
         try:
             check_overrides(sys.argv[1:], SCHEMAS[stage])  # an unknown key: named with the nearest one
-            text = stage_help(stage, [a for a in sys.argv[1:] if a not in HELP_FLAGS and not a.startswith("-")])
+            overrides, note = help_overrides(sys.argv[1:])
+            text = stage_help(stage, overrides) + note
         except Exception as e:  # noqa: BLE001 - a bad override: one line, as a run would say it
             print(f"memex: error: {redact_text(str(e).splitlines()[0] if str(e) else repr(e))}", file=sys.stderr)
             sys.exit(1)

@@ -1135,6 +1135,9 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
             raise ConfigError(f"model.{key}: memex nightly takes each checkpoint's own from its folder "
                               "(checkpoint-<step>/unet, checkpoint-<step>/text_encoder, checkpoint-<step>/"
                               f"pytorch_lora_weights.safetensors) and loads it on nightly.base_model; drop model.{key}")
+    if cfg.run.name is not None:  # replaced per checkpoint, and run is not in the config hash: ignored silently
+        raise ConfigError("run.name: memex nightly names each checkpoint's run folder <checkpoint>-<weights hash>-"
+                          "<config hash>; drop run.name")
     if cfg.run.samples_from is not None:
         raise ConfigError("run.samples_from: memex nightly generates anew for each checkpoint; drop it (re-match "
                           "one checkpoint's run folder with memex audit run.samples_from=<run>)")
