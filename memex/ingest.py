@@ -762,7 +762,7 @@ def row_bytes(row: dict, opts: dict[str, Any], version: str | None = None) -> by
             raise IngestError("row has neither image bytes nor a uri")
         try:
             key, listings = row.get("stamp") or version, index_listings(version)
-            data = read_uri(row["uri"], opts, key, listings=listings) if listings else read_uri(row["uri"], opts, key)
+            data = read_uri(row["uri"], opts, key, listings)
         except Exception as e:  # the store's I/O (shards.store_failure: fsspec's OSErrors, and botocore's own,
             # which s3fs lets through and which were quarantined for good, the index then built without them)
             # fails the unit; the row's own faults stay quarantined: a missing file, a uri no filesystem reads,

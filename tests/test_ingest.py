@@ -1275,7 +1275,7 @@ def test_a_store_that_fails_a_read_fails_the_unit_instead_of_quarantining_the_im
 
     png = encode_png(_img(0))
 
-    def read(uri, opts, version=None):
+    def read(uri, opts, version=None, listings=None):
         if "reset" in uri:
             raise ConnectionResetError("Connection reset by peer")
         if "nocreds" in uri:  # botocore's, which s3fs lets through: not an OSError
