@@ -16,38 +16,13 @@ of Python a request (in a process of its own, one GIL), and aiobotocore keeps 10
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def serve(port: int, served, delay, ready) -> None:
-    """moto's S3 on 127.0.0.1:`port`, each request counted in `served` and answered `delay` seconds late (the
-    server's threads sleep in parallel: latency, not a queue)."""
-    import logging
-
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    answer = DomainDispatcherApplication.__call__
-
-    def slow(app, environ, start_response):
-        with served.get_lock():
-            served.value += 1
-        time.sleep(delay.value)
-        return answer(app, environ, start_response)
-
-    DomainDispatcherApplication.__call__ = slow
-    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
-    ready.set()
-    threading.Event().wait()
 
 
 def main() -> None:
@@ -58,26 +33,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
 
-    import multiprocessing as mp
-
     import boto3
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from slow_s3 import SlowS3
 
     from memex.storage import READ_THREADS, StageFolder, Store
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # the server in a process of its own: in this one its ~10 ms of Python a request competed with the reads for
-    # the GIL, and measured moto
-    served, delay, ready = mp.Value("i", 0), mp.Value("d", 0.0), mp.Event()
-    server = mp.get_context("fork").Process(target=serve, args=(port, served, delay, ready), daemon=True)
-    server.start()
-    ready.wait(60)
-    url = f"http://127.0.0.1:{port}"
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"}}
+    server = SlowS3()
+    served, delay, url, opts = server.served, server.delay, server.url, server.opts
     boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
                  aws_secret_access_key="testing").create_bucket(Bucket="runs")
 
@@ -106,7 +71,7 @@ def main() -> None:
     delay.value = a.latency_ms / 1000
     old = [timed(before) for _ in range(a.repeats)]
     new = [timed(folder.read) for _ in range(a.repeats)]
-    server.terminate()
+    server.stop()
     assert all(r[2].equals(old[0][2]) for r in (*old, *new)), "the sides read different tables"
     assert old[0][2].num_rows == a.shards * a.rows
     med = lambda rs: statistics.median(r[0] for r in rs)  # noqa: E731

@@ -22,52 +22,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
 import statistics
 import sys
 import tarfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def serve(port: int, served, delay, rate, ready) -> None:
-    """moto's S3 on 127.0.0.1:`port`, each request counted in `served`, answered `delay` seconds late and its
-    body sent at `rate` bytes a second (0: as fast as it goes)."""
-    import logging
-
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    answer = DomainDispatcherApplication.__call__
-
-    def slow(app, environ, start_response):
-        with served.get_lock():
-            served.value += 1
-        time.sleep(delay.value)
-        body = answer(app, environ, start_response)
-        if rate.value <= 0:
-            return body
-
-        def paced():
-            try:
-                for chunk in body:
-                    time.sleep(len(chunk) / rate.value)
-                    yield chunk
-            finally:
-                getattr(body, "close", lambda: None)()
-
-        return paced()
-
-    DomainDispatcherApplication.__call__ = slow
-    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
-    ready.set()
-    threading.Event().wait()
 
 
 def main() -> None:
@@ -81,27 +44,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
 
-    import multiprocessing as mp
-
     import boto3
     import fsspec
     import numpy as np
     import pyarrow as pa
     import s3fs
+    from slow_s3 import SlowS3
 
     from memex import shards
     from memex.ingest import fetch_bytes, list_training_set
     from memex.storage import Store
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    served, delay, rate, ready = mp.Value("i", 0), mp.Value("d", 0.0), mp.Value("d", 0.0), mp.Event()
-    server = mp.get_context("fork").Process(target=serve, args=(port, served, delay, rate, ready), daemon=True)
-    server.start()
-    ready.wait(60)
-    url = f"http://127.0.0.1:{port}"
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"}}
+    server = SlowS3()
+    served, delay, rate, url, opts = server.served, server.delay, server.rate, server.url, server.opts
     boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
                  aws_secret_access_key="testing").create_bucket(Bucket="bench")
     fs = fsspec.filesystem("s3", **opts)
@@ -175,7 +130,7 @@ def main() -> None:
     sides = [("memex (kept listing's offsets)", memex(index_uri)), ("memex, header scan (before)", memex(None)),
              ("plain tarfile, a shard a thread", plain)]
     results = {name: [timed(read) for _ in range(a.repeats)] for name, read in sides}
-    server.terminate()
+    server.stop()
     truth = results[sides[0][0]][0][3]
     assert all(r[3] == truth for rs in results.values() for r in rs), "the sides read different bytes"
     member_bytes = sum(len(v) for v in truth.values())
