@@ -8,7 +8,7 @@ grouped by shadow once.
 Both sides get the same shadows/ table (shadow, image_id, in_training, loss: S x N rows, each shadow a random half)
 through a stand-in for layout.shadows (complete, read, read_marker), the same planned steps and halves, and must
 give the same verdict (asserted: none, the plan is the one trained; then one shadow's half changed, named the same).
-  old    the function as it was (copied here)
+  old    the function as it was (copied here; tests/test_mia_resume.py takes its verdicts as the reference)
   memex  memex.stages.mia.check_trained_shadows
 """
 
