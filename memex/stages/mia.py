@@ -287,22 +287,20 @@ def near_pairs(thumbs: dict[str, np.ndarray], ids: list[str], loose: set[str] | 
 
 
 def _roots(ids: list[str], edges, rank) -> dict[str, str]:
-    """{id: its group's root} for the ids joined by `edges` (union-find), the root the group's smallest rank(id);
-    only the ids whose root is another id."""
-    parent = {i: i for i in ids}
+    """{id: its group's root} for the ids joined by `edges` (pairs of ids), the root the group's smallest rank(id);
+    only the ids whose root is another id, in `ids` order. The components are index.Components' (the index's
+    near-duplicate pictures): its root is the smallest number, so each id is numbered by its rank."""
+    from memex.index import Components
 
-    def root(a: str) -> str:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in edges:
-        if a in parent and b in parent:
-            ra, rb = root(a), root(b)
-            if ra != rb:
-                parent[max(ra, rb, key=rank)] = min(ra, rb, key=rank)
-    return {i: root(i) for i in ids if root(i) != i}
+    by_rank = sorted(ids, key=rank)
+    number = {i: k for k, i in enumerate(by_rank)}
+    pairs = np.array([(number[a], number[b]) for a, b in edges if a in number and b in number], np.int64)
+    if not len(pairs):
+        return {}
+    components = Components()
+    components.add(pairs[:, 0], pairs[:, 1])
+    root = dict(components.pairs().tolist())
+    return {i: by_rank[root[number[i]]] for i in ids if number[i] in root}
 
 
 def near_groups(thumbs: dict[str, np.ndarray], ids: list[str]) -> dict[str, str]:
