@@ -88,6 +88,7 @@ from memex.redact import redact_urls
 from memex.shards import (
     ShardPatternError,
     ShardSampleError,
+    caption_text,
     expand_shards,
     is_hidden,
     is_pattern,
@@ -567,7 +568,9 @@ def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
             try:
                 if shard_cache.exists(cached):
                     t = shard_cache.read_table(cached, schema=SHARD_LISTING_SCHEMA)
-                    return list(zip(t["member"].to_pylist(), t["caption"].to_pylist()))
+                    # kept before captions lost their byte order mark: the same text as a fresh listing's
+                    return [(m, None if c is None else caption_text(c))
+                            for m, c in zip(t["member"].to_pylist(), t["caption"].to_pylist())]
             except StorageError:  # damaged (a partial copy): listed again below, and rewritten
                 pass
         try:
@@ -666,7 +669,7 @@ def _from_folder(path: str, fs, root: str, files: dict[str, dict], key: str, cap
         if metadata.get(f) is not None:
             return str(metadata[f]).strip()
         data = texts.get(posixpath.splitext(f)[0] + ".txt")
-        return None if data is None else data.decode("utf-8", errors="replace").strip()
+        return None if data is None else caption_text(data)
 
     ids = [f[len(root) + 1:] for f in images]
     out = pa.table({"id": ids, "image": pa.nulls(len(images), pa.binary()),

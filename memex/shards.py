@@ -223,7 +223,7 @@ def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tu
             fields.setdefault(posixpath.join(folder, stem), {})[field] = m.name
             where[m.name] = (m.offset_data, m.size)
             if m.name.endswith(".txt"):
-                texts[m.name] = tf.extractfile(m).read().decode("utf-8", errors="replace").strip()
+                texts[m.name] = caption_text(tf.extractfile(m).read())
         # tarfile reads a header of no bytes at all as the archive's end, so a shard cut at a member boundary (a
         # writer killed between members, a sync stopped on a block) listed its first samples and no error; a
         # whole tar ends with zero blocks (1,024 bytes, padded to 10,240 by tarfile and GNU tar) after them
@@ -253,6 +253,15 @@ def shard_samples(fs: Any, tar: str, image_suffixes: tuple[str, ...]) -> list[tu
                     "listed as a row each, e.g. %s (WebDataset: key = a name up to its first dot)",
                     fs.unstrip_protocol(tar), len(split), split[0])
     return sorted(out, key=lambda r: r[0])
+
+
+def caption_text(text: bytes | str) -> str:
+    """A sidecar caption (.txt) as its text: UTF-8, undecodable bytes as U+FFFD, outer whitespace and one leading
+    byte order mark dropped (Windows Notepad and PowerShell write one: it was kept, so the prompt was another text
+    than the same caption in a manifest, with its own prompt id). `text` already decoded: a listing kept before."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return text.strip().removeprefix("\ufeff").strip()
 
 
 # ---- shard patterns --------------------------------------------------------------------------
