@@ -11,7 +11,8 @@ GPU). Three kinds, built by `make_embedder(embedder config, device)`:
     as TorchScript files (e.g. sscd_disc_mixup.torchscript.pt, 512-d); the reference input is
     288 px (embedder=sscd sets size 288). Cosine similarity (metric "ip" on unit vectors).
   * clip: a CLIP image tower (transformers CLIPVisionModelWithProjection) from a local folder or
-    a hub id, with the folder's CLIPImageProcessor when it has one. Cosine similarity.
+    a hub id, with the folder's CLIPImageProcessor when it has one. Cosine similarity. A folder that
+    lacks weights of that tower (a CLIPVisionModel save: no projection) is refused, not filled at random.
 """
 
 from __future__ import annotations
@@ -217,6 +218,55 @@ class SSCDEmbedder(Embedder):
         return F.normalize(self.model(x).float(), dim=1).cpu().numpy()
 
 
+def _no_projection(path: str) -> str:
+    return (f"embedder.path={path} is a CLIP vision tower saved without its projection "
+            "(a CLIPVisionModel folder: no visual_projection weights), which transformers would "
+            "fill with new random weights at every load: save the tower with its projection "
+            "(CLIPVisionModelWithProjection.from_pretrained(<the whole CLIP>).save_pretrained(...)) "
+            "or set embedder.path to the whole CLIPModel (e.g. openai/clip-vit-large-patch14)")
+
+
+def _saved_keys(folder: str) -> set[str] | None:
+    """The weight names a local transformers folder's safetensors hold, from the headers (or the shards'
+    index) alone; None where there are none to read so cheaply (.bin files: the load tells)."""
+    import json
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    try:
+        if os.path.exists(index):
+            with open(index) as f:
+                return set(json.load(f)["weight_map"])
+        single = os.path.join(folder, "model.safetensors")
+        if os.path.exists(single):
+            from safetensors import safe_open
+
+            with safe_open(single, "pt") as f:
+                return set(f.keys())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an unreadable file: the load names it
+    return None
+
+
+def _check_loaded(path: str, model_type: str, info: dict[str, Any]) -> None:
+    """Refuse a CLIP load that left weights out of the folder: transformers initialises them at random
+    on every load (its MISSING report goes only to the log file), so the index, built by one load, and the
+    queries, embedded by another, would be in different random spaces and the search silently wrong."""
+    gaps = sorted(info.get("missing_keys") or ()) + sorted(str(k[0] if isinstance(k, tuple) else k)
+                                                           for k in info.get("mismatched_keys") or ())
+    if not gaps:
+        return
+    if model_type == "clip_vision_model" and all(k.startswith("visual_projection.") for k in gaps):
+        # A CLIPVisionModel save: the tower without its projection. Its pooler_output (the CLS token before
+        # the projection) would be deterministic, but it is not the CLIP image embedding that copy detection
+        # and its published thresholds use (image_embeds, CLIPModel.get_image_features), nor an established
+        # stand-in for it: refused, as is the folder that lacks any other weight.
+        raise EmbedderError(_no_projection(path))
+    raise EmbedderError(f"embedder.path={path} lacks {len(gaps)} weight(s) of the CLIP image tower "
+                        f"({', '.join(gaps[:4])}{', ...' if len(gaps) > 4 else ''}), which transformers would fill "
+                        "with new random weights at every load: set embedder.path to a complete CLIPModel or "
+                        "CLIPVisionModelWithProjection folder or hub id")
+
+
 class CLIPEmbedder(Embedder):
     """CLIP image tower: image_embeds (projection_dim) L2-normalised; cosine similarity."""
 
@@ -237,11 +287,13 @@ class CLIPEmbedder(Embedder):
                 config.projection_dim = top.projection_dim
             # float32 whatever the folder was saved in: transformers 5 loads a half-precision save as such ("auto"),
             # and its bf16 (8-bit mantissa) cosines blur the near-duplicate cut, and ran slowly on CPU
-            self.model = CLIPVisionModelWithProjection.from_pretrained(path, config=config, dtype=torch.float32
-                                                                       ).to(self.device).eval()
+            model, info = CLIPVisionModelWithProjection.from_pretrained(path, config=config, dtype=torch.float32,
+                                                                        output_loading_info=True)
         except Exception as e:  # noqa: BLE001 - OSError (not found / offline), ValueError (not a CLIP checkpoint)
             raise EmbedderError(f"embedder.path={path} is not a loadable CLIP checkpoint ({type(e).__name__}: {e}); "
                                 "set embedder.path to a local transformers folder or a reachable hub id") from e
+        _check_loaded(path, top.model_type, info)
+        self.model = model.to(self.device).eval()
         try:
             self.processor = CLIPImageProcessor.from_pretrained(path)
         except OSError:  # no preprocessor_config.json: square resize + OpenAI CLIP mean/std below
@@ -260,6 +312,16 @@ class CLIPEmbedder(Embedder):
                 x = _normalise(_to_float(batch, self.side, self.device), CLIP_MEAN, CLIP_STD)
             emb = self.model(pixel_values=x).image_embeds
         return F.normalize(emb.float(), dim=1).cpu().numpy()
+
+
+def _model_type(folder: str) -> str | None:
+    import json
+
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # the load names it
 
 
 def make_embedder(cfg: EmbedderConfig, device: str = "cpu", storage_options: dict[str, Any] | None = None) -> Embedder:
@@ -288,8 +350,8 @@ def check_embedder(cfg: EmbedderConfig, storage_options: dict[str, Any] | None =
     """What can be told of embedder.path without loading it, for the audit's preflight: the index
     stage loads the model only after writing the training table into a new index folder (a copy of
     the training set's bytes for a manifest that embeds them). An sscd file exists and is a zip
-    archive, as TorchScript files are; a local CLIP folder has a config.json; a hub id is left to
-    the load."""
+    archive, as TorchScript files are; a local CLIP folder has a config.json, and a lone image tower's
+    safetensors hold its projection; a hub id is left to the load."""
     kind, path = getattr(cfg.kind, "value", cfg.kind), cfg.path
     if kind == "sscd" and path:
         try:
@@ -307,6 +369,10 @@ def check_embedder(cfg: EmbedderConfig, storage_options: dict[str, Any] | None =
         if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
             raise EmbedderError(f"embedder.path={path} has no config.json: not a transformers CLIP folder "
                                 "(save one with CLIPVisionModelWithProjection.save_pretrained, or give a hub id)")
+        if os.path.isdir(path) and _model_type(path) == "clip_vision_model":
+            keys = _saved_keys(path)
+            if keys is not None and not any(k.startswith("visual_projection.") for k in keys):
+                raise EmbedderError(_no_projection(path))
         if not os.path.exists(path) and not HUB_ID.match(path):
             raise EmbedderError(f"embedder.path={path} is neither an existing local folder nor a hub id (org/name): "
                                 "set embedder.path=... to one")
