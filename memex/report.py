@@ -540,6 +540,10 @@ def build_report(run: str | RunLayout, storage_options: dict | None = None) -> s
         raise StorageError(f"{layout.uri} re-matched the generations of {layout.generated.uri}, and they are gone "
                            "(no samples/_SUCCESS.json there); the report shows them. This folder's summary.json and "
                            "matches/ are as they were: restore that run folder to rebuild the report")
+    if layout.samples_from is not None:  # and still the ones it matched, not a run generated again under its name
+        from memex.stages.rematch import check_source_unchanged
+
+        check_source_unchanged(layout)
     # only what the page shows: at the paper's scale candidates/ holds 175M sample ids and matches/ a row a
     # generation (candidates=all), of which the page needs the extracted rows and one distance column
     candidates = layout.candidates.read(columns=[f.name for f in CANDIDATES_SCHEMA if f.name != "sample_ids"])

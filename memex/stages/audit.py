@@ -74,8 +74,11 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
     same = None  # the model's tokenizer: prompts it reads as one are sampled once
     if rematch_of is None:
         generate.check_model(cfg)
-        check_trained_shape(cfg)
         same = generate.prompt_keys(cfg)
+    # a re-match's too: it may set trainset.* (trainset.preprocess among them) apart from its source, and missed
+    # the copies of a model trained on squashed pictures (~0.46 tiled l2 for an exact copy). It reads only
+    # memex_train.json: a model folder gone since the source was generated leaves nothing to check
+    check_trained_shape(cfg)
     prompts = check_shared_inputs(cfg, same)
     if rematch_of is not None:  # its source's prompts and generations; its own run folder, claimed now
         from memex.stages import rematch
@@ -368,7 +371,10 @@ def check_trained_shape(cfg: AuditConfig) -> None:
     (data.resize=true; memex_train.json counts them): its copies are of the squashed pictures, which only
     trainset.preprocess=resize compares with (an exact copy of a 3:2 picture is ~0.46 tiled l2 from its
     centre crop: missed). Any other model, or such a model trained on square images: nothing to check."""
-    info = model_json(cfg.model.path, "memex_train.json") if cfg.model.path else None
+    try:
+        info = model_json(cfg.model.path, "memex_train.json") if cfg.model.path else None
+    except ImportError:  # a re-match's model.path on a filesystem whose package is not installed here: never loaded
+        info = None
     n = info.get("squashed_images") if isinstance(info, dict) else None  # not memex's own file: nothing to go by
     if isinstance(n, int) and n and cfg.trainset.preprocess.value != "resize":
         raise ConfigError(f"model.path={cfg.model.path} was trained by `memex train` on {n} non-square images "

@@ -19,11 +19,14 @@ are its own. Its summary's UNet evaluations are the source's: what the generatio
                                   prompts, budget and triage too; a `memex generate` run's: one
                                   fixed round, no triage selection) equal to this command's, or
                                   refused naming each key that differs: the summary and report
-                                  state this command's config;
+                                  state this command's config (but for WORK_SPLITTING_KEYS, which
+                                  change no generation; paths in the checkout, the demo's, compared
+                                  as ${memex_home:}, as from another checkout they differ);
                                3. the run folder: run.name, or <source>-m<hash of the settings a
                                   re-match changes>; its run.json claimed with the source's rows,
                                   shards and rounds (a rerun resumes; another source, or the source
-                                  generated again since with other settings, is refused).
+                                  generated again since with other settings, is refused, and so is
+                                  `memex report` of the folder: check_source_unchanged).
 Everything else (the index, filter, match, report) is the audit's own code on that folder.
 """
 
@@ -34,6 +37,7 @@ import json
 import logging
 import posixpath
 
+import memex.config as config
 from memex.config import (
     AuditConfig,
     BudgetKind,
@@ -48,7 +52,7 @@ from memex.layout import SAMPLES_FROM, SOURCE_GENERATIONS, RunLayout
 from memex.lease import hold, live_holder
 from memex.plan import SamplePlan
 from memex.redact import redact
-from memex.storage import differences_text
+from memex.storage import StorageError, as_recorded, differences_text
 
 log = logging.getLogger("memex.rematch")
 
@@ -59,6 +63,14 @@ REMATCH_SECTIONS = ("filter", "match", "embedder", "index", "trainset")
 # decided the source's generations: compared with its summary.json's config (model and sampling
 # with its run.json, which a `memex generate` run has too)
 GENERATION_SECTIONS = ("prompts", "budget", "triage")
+# keys of the compared sections that only cut the generations into units of work, or encode them: at one
+# sampling.batch_size a row's pixels do not depend on its batch neighbours or position (memex/sampling.py), a
+# sample's seed on neither (sample_seed), and PNG is lossless at any zlib level. A re-match runs none of that
+# work, so other values (a cluster's own triage.prompts_per_task) are no reason to refuse it. Not
+# sampling.decode_batch_size: it moves a few pixels by 1 of 255 (other conv batch shapes)
+WORK_SPLITTING_KEYS = (("sampling", "shard_size"), ("sampling", "png_compress_level"), ("triage", "prompts_per_task"))
+# identity_text's spelling of the checkout's folder
+MEMEX_HOME_VAR = "${memex_home:}"
 
 
 def _json(obj) -> object:
@@ -158,7 +170,8 @@ def source_generations(layout: RunLayout) -> dict:
 
 def check_same_generations(cfg: AuditConfig, source: RunLayout) -> None:
     """Step 2: model.* and sampling.* equal to the source's run.json, and an audit's prompts.*,
-    budget.* and triage.* to its summary's config; else one refusal naming every key that differs."""
+    budget.* and triage.* to its summary's config (WORK_SPLITTING_KEYS left out, each side's checkout
+    written as ${memex_home:}); else one refusal naming every key that differs."""
     from memex.stages.generate import model_and_sampling
 
     run_json = source.store.read_json(source.run_json)
@@ -188,11 +201,46 @@ def check_same_generations(cfg: AuditConfig, source: RunLayout) -> None:
                               f"{'an unconditional model' if ids == [UNCONDITIONAL_ID] else 'prompted'}, and this "
                               f"command says prompts={cfg.prompts.source.value}: set "
                               f"{'prompts=none' if ids == [UNCONDITIONAL_ID] else 'the prompts it was generated with'}")
-    detail = differences_text(was, now, limit=8)
+    for section, key in WORK_SPLITTING_KEYS:
+        for side in (was, now):
+            if isinstance(side.get(section), dict):
+                side[section].pop(key, None)
+    detail = differences_text(*_checkout_free(was, now), limit=8)
     if detail:
         raise ConfigError(f"run.samples_from={cfg.run.samples_from}: its generations were made with other settings "
                           f"({detail}). A re-match takes them as they were made: give the source's values (or drop "
                           "those overrides), or leave out run.samples_from to generate anew")
+
+
+def _checkout_free(was: dict, now: dict) -> tuple[dict, dict]:
+    """Both sides as identity_text writes them, the checkout's folder as ${memex_home:}: the demo's
+    model.path and prompts.path lie in it, and a source audited from a laptop's checkout recorded them
+    resolved there, so its re-match from the copy in a Ray job's working_dir was refused over model.path.
+    The source's checkout is read off its paths: where this command's value is <MEMEX_HOME>/<rel> and the
+    source's <folder>/<rel>, that folder (one for all such keys, else none is taken)."""
+    home, theirs = config.MEMEX_HOME, set()
+    for key, n in _leaves(now):
+        w = _at(was, key)
+        if isinstance(n, str) and n.startswith(home + "/") and isinstance(w, str) and w != n:
+            rel = n[len(home):]
+            if len(w) > len(rel) and w.endswith(rel):
+                theirs.add(w[:-len(rel)])
+    if len(theirs) == 1:  # as JSON spells it, as identity_text replaces MEMEX_HOME in JSON text
+        was = json.loads(json.dumps(was).replace(json.dumps(theirs.pop())[1:-1], MEMEX_HOME_VAR))
+    return json.loads(identity_text(was)), json.loads(identity_text(now))
+
+
+def _leaves(d: dict, key: tuple = ()):
+    """(key path, value) of each value that is no dict, at every depth."""
+    for k, v in d.items():
+        yield from _leaves(v, (*key, k)) if isinstance(v, dict) else [((*key, k), v)]
+
+
+def _at(d: object, key: tuple) -> object:
+    """The value at a key path, or None where a level is missing."""
+    for k in key:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
 
 
 def _shared(was: dict, now: dict) -> tuple[dict, dict]:
@@ -211,6 +259,31 @@ def rematch_name(cfg: AuditConfig, source: str) -> str:
     return f"{source}-m{h[:10]}"
 
 
+def rematch_settings(source: RunLayout) -> dict:
+    """A re-match folder's run.json: its source's, the source named (samples_from) and its generations'
+    rows, shards and rounds pinned (source_generations), as run.json records them."""
+    return as_recorded({**(source.store.read_json(source.run_json) or {}), SAMPLES_FROM: source.run_name,
+                        SOURCE_GENERATIONS: source_generations(source)})
+
+
+def check_source_unchanged(layout: RunLayout) -> None:
+    """A re-match folder's source still holds the generations it matched: its run.json and samples/ as
+    rematch_settings recorded them, else StorageError naming what changed (the source deleted and
+    generated again under its name, with other settings: the report showed the new generations beside
+    the old matches). A folder written before source_generations was pinned is compared on the rest."""
+    recorded = layout.store.read_json(layout.run_json) or {}
+    source = RunLayout(layout.root, layout.samples_from, layout.store.options)
+    now = rematch_settings(source)
+    if SOURCE_GENERATIONS not in recorded:
+        now.pop(SOURCE_GENERATIONS)
+    if now != recorded:
+        raise StorageError(f"{layout.uri} re-matched the generations of {source.uri}, and that run folder was "
+                           f"generated again since, with other settings ({differences_text(recorded, now, limit=8)}):"
+                           f" this folder's matches are of the old generations. Nothing was changed. Re-match it "
+                           f"again under another run.name (or delete {layout.uri} and rerun its command), or "
+                           "restore the source as it was")
+
+
 def prepare(cfg: AuditConfig) -> str:
     """Steps 1-3: check the source, claim the re-match's run folder; returns its name. Writes
     nothing in the source; no model is loaded (the checkpoint may be gone)."""
@@ -224,8 +297,7 @@ def prepare(cfg: AuditConfig) -> str:
                           "folder of its own: give another run.name (or leave it out)")
     layout.store.check_writable("run folder", "storage.root (bucket name, folder permissions) and "
                                 "storage.options (endpoint_url, credentials)")
-    settings = {**source.store.read_json(source.run_json), SAMPLES_FROM: source.run_name,
-                SOURCE_GENERATIONS: source_generations(source)}
+    settings = rematch_settings(source)
     with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):  # claim reads, then writes: one job at a time
         layout.store.claim(layout.run_json, settings, f"run folder {layout.uri}",
                            f"A re-match folder holds the matches of one source's generations: for another source, "
