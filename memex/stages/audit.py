@@ -428,10 +428,14 @@ def generate_in_rounds(cfg: AuditConfig, run_name: str, layout: RunLayout, first
 
 
 def round_rule(cfg: AuditConfig) -> dict:
-    """The settings that choose a later round's prompts, kept in its file (memex/plan.py Round.rule)."""
-    b, t = cfg.budget, cfg.triage
+    """The settings that choose a later round's prompts, kept in its file (memex/plan.py Round.rule). The match's
+    threshold and distance too: a near miss is continue_factor x match.threshold away (continuing_prompts), and a
+    resume after matches/ was deleted to redo it at another threshold (as its refusal advises) kept the rounds
+    the old one chose. A round written before they were kept is compared on the keys it holds."""
+    b, t, m = cfg.budget, cfg.triage, cfg.match
     return {"continue_factor": b.continue_factor, "continue_triage_z": b.continue_triage_z,
-            "triage": getattr(t.kind, "value", t.kind), "triage_seeds": t.seeds, "triage_steps": t.steps}
+            "triage": getattr(t.kind, "value", t.kind), "triage_seeds": t.seeds, "triage_steps": t.steps,
+            "match_threshold": m.threshold, "match_distance": getattr(m.distance, "value", m.distance)}
 
 
 def continuing_prompts(cfg: AuditConfig, layout: RunLayout, last: Round) -> list[int]:
