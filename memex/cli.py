@@ -699,7 +699,7 @@ def _generate(cfg: DictConfig) -> Store | None:
     from memex.stages import generate
 
     gcfg = to_generate_config(cfg)
-    summary = generate.run(gcfg, generate.prepare(gcfg))
+    summary = generate.run(gcfg, generate.prepare(gcfg), fixed=True)  # an audit's rounds are refused, not resumed
     print(redact_text(f"memex generate: {summary['rows']} samples in {summary['shards']} shards "
                       f"({summary['generated_shards']} generated now) -> {summary['run']}"))
     return Store(summary["run"], gcfg.storage.options)  # the log goes to <run>/logs/

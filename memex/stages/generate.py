@@ -161,6 +161,8 @@ def check_model(cfg: GenerateConfig) -> None:
     declared = check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision,
                                   cfg.model.variant, cfg.model.lora, cfg.model.text_encoder)
     check_kind(cfg.model.path, cfg.model.kind, declared, cfg.prompts.source != PromptSource.none)
+    check_guidance(cfg.model.path, declared or cfg.model.kind, cfg.prompts.source != PromptSource.none,
+                   cfg.sampling.guidance_scale, "prompts=none gives")
     if cfg.sampling.decode_batch_size is not None and declared in (ModelKind.pixel_text, ModelKind.unconditional):
         # it decodes nothing there (the UNet's output is the image), yet it is part of the run's identity: set, it
         # named a new run folder for the same pixels, or refused the resume of an explicit run.name
@@ -169,6 +171,18 @@ def check_model(cfg: GenerateConfig) -> None:
     check_unet_fits(cfg.model.path, cfg.model.unet, cfg.model.text_encoder, cfg.model.revision,
                     cfg.sampling.height, cfg.sampling.width)
     check_scheduler(cfg.model.path, cfg.model.revision, cfg.sampling.scheduler, cfg.sampling.num_inference_steps)
+
+
+def check_guidance(path: str, kind: ModelKind, prompted: bool, guidance_scale: float, what: str) -> None:
+    """A text model sampled with the empty prompt alone (`prompted` False) and guidance on: guidance runs the
+    empty prompt against itself, two identical UNet rows a sample and step whose difference is 0, so twice the
+    UNet evaluations for the images of the text prediction alone, and a triage score of 0.0 stored for every
+    sample. `kind` auto (a hub id not read yet): RunSampler checks the loaded model."""
+    if kind in (ModelKind.pixel_text, ModelKind.latent_text) and not prompted and guidance_scale > 1.0:
+        raise ConfigError(f"{what} model.path={path}, a {kind.value} model, only the empty prompt, and "
+                          f"sampling.guidance_scale={guidance_scale} would guide it against the empty prompt: twice "
+                          "the UNet evaluations for the same images. Set sampling.guidance_scale=1, or give it "
+                          "prompts (prompts=file prompts.path=...)")
 
 
 class RunSampler:
@@ -190,6 +204,8 @@ class RunSampler:
                            cfg.model.unet, cfg.model.allow_pickle, cfg.model.variant, cfg.model.lora,
                            cfg.model.text_encoder)
         check_kind(cfg.model.path, ModelKind.auto, model.kind, any(self.prompts))  # a hub id checked only now
+        check_guidance(cfg.model.path, model.kind, any(self.prompts), cfg.sampling.guidance_scale,
+                       "every prompt of the run is empty, which gives")
         self.sampler = Sampler(model, cfg.sampling)
         self.model_id = model.model_id
 
@@ -270,21 +286,30 @@ def read_plan(cfg: GenerateConfig, layout: RunLayout, prompt_rows: list[int] | N
     return plan
 
 
-def run(cfg: GenerateConfig, run_name: str) -> dict:
+def run(cfg: GenerateConfig, run_name: str, fixed: bool = False) -> dict:
     """Generate every shard of every round of a prepared run; returns the summary written to
-    samples/_SUCCESS.json (rewritten when a later round is added and generated)."""
+    samples/_SUCCESS.json (rewritten when a later round is added and generated).
+
+    `fixed`: the run is `memex generate`'s, the fixed budget (samples_per_prompt of every prompt), and rounds
+    another budget wrote are refused. An adaptive or triage.keep audit of the same model, sampling and prompts
+    shares the default run name, and its rounds were resumed as they stood: some prompts at the first round's
+    samples, the command reporting success. An audit checks its own budget and calls this once a round."""
     layout = RunLayout(cfg.storage.root, run_name, cfg.storage.options)
     if not layout.store.exists(layout.run_json):
         raise StorageError(f"{layout.uri} is not a prepared run folder (no run.json): call generate.prepare first")
     runner.init(cfg.resources, cfg.storage)  # refuses a local storage.root on a multi-node cluster
     # one process at a time in a run folder (<run>/_lease.json); inside an audit, the audit's lease
     with hold(layout.store, cfg.storage, f"run folder {layout.uri}"):
-        return generate_all(cfg, run_name, layout)
+        return generate_all(cfg, run_name, layout, fixed)
 
 
-def generate_all(cfg: GenerateConfig, run_name: str, layout: RunLayout) -> dict:
+def generate_all(cfg: GenerateConfig, run_name: str, layout: RunLayout, fixed: bool = False) -> dict:
     """`run` under the run folder's lease."""
     plan = read_plan(cfg, layout)
+    if fixed:
+        n = cfg.sampling.samples_per_prompt
+        plan.check_budget(layout.store, [n], None, f"memex generate: sampling.samples_per_prompt={n} of every "
+                          "prompt; an audit's rounds, budget=adaptive or triage.keep, resume with memex audit")
     shards = plan.shards()
     log.info("run %s: %d shards in %d round(s)", layout.uri, len(shards), len(plan.rounds))
     t0 = time.perf_counter()
