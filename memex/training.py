@@ -24,12 +24,14 @@ are safetensors + JSON only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import shutil
 import string
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -43,7 +45,7 @@ from memex import tiny
 from memex.config import ArchConfig, ArchKind, ConfigError, TrainConfig, validate_train
 from memex.console import library_logs_to_file
 from memex.images import resize
-from memex.manifest import ManifestError, expand_duplicates, first_caption, load_image, read_manifest
+from memex.manifest import ManifestError, expand_duplicates, first_caption, load_image, read_manifest, take_rows
 from memex.redact import redact
 from memex.storage import Store, store_failure
 
@@ -110,15 +112,54 @@ def _environment_failure(e: ManifestError) -> bool:
 MAX_PROBLEMS = 1000
 
 
+@dataclass
+class Examples:
+    """The training examples, one row each: the expanded manifest's id, source_id and copies columns (its other
+    columns, the encoded images among them, are the source rows' and are written by write_training_manifest
+    at the end: held here for every copy, 19 MiB of images x 40 copies was 752 MiB for the whole run), and a
+    digest of the source manifest's rows as they were read (rows_digest), which that write checks."""
+
+    table: pa.Table
+    source_sha256: str
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+
+def _hash_rows(h, rows: list[dict]) -> None:
+    """Add manifest rows (Table.to_pylist's dicts) to the hash h: bytes as they are, other values by repr."""
+    for row in rows:
+        for v in row.values():
+            h.update(v if isinstance(v, bytes) else repr(v).encode())
+        h.update(b"\x00")
+
+
+def _schema_text(table: pa.Table) -> bytes:
+    return table.schema.to_string(show_field_metadata=True, show_schema_metadata=True,
+                                  truncate_metadata=False).encode()
+
+
+def rows_digest(table: pa.Table) -> str:
+    """sha256 of a manifest's schema and rows, 256 rows at a time (load_training_set hashes them so as it
+    decodes them)."""
+    h = hashlib.sha256(_schema_text(table))
+    for start in range(0, len(table), 256):
+        _hash_rows(h, table.slice(start, 256).to_pylist())
+    return h.hexdigest()
+
+
 def load_training_set(cfg: TrainConfig, report_to: Path | None = None
-                      ) -> tuple[pa.Table, torch.Tensor, list[str], torch.Tensor, int]:
-    """(expanded manifest, distinct images (N, 3, R, R) uint8 (a channels-last view of one (N, R, R, 3) array,
-    filled as they decode; training converts each batch with to_float), their captions, example -> image, how
-    many of them were non-square and squashed to R x R by data.resize).
+                      ) -> tuple[Examples, torch.Tensor, list[str], torch.Tensor, int]:
+    """(the training examples (id, source_id, copies: Examples), distinct images (N, 3, R, R) uint8 (a
+    channels-last view of one (N, R, R, 3) array, filled as they decode; training converts each batch with
+    to_float), their captions, example -> image (the manifest row each example takes), how many of them were
+    non-square and squashed to R x R by data.resize).
 
     Every row is checked before any is refused: one error names how many rows cannot be trained on, the first
     SHOWN_PROBLEMS with their reasons and the fixes; with more, report_to (a folder) gets PROBLEMS_FILE, all
-    of them. A missing caption column or one of non-text values is refused before any image is decoded."""
+    of them. A missing caption column, one of non-text values, or captions that would train as one
+    (check_captions_fit) are refused before any image is decoded."""
     d, r = cfg.data, cfg.arch.resolution
     table = read_manifest(d.path, d.storage_options)
     text = cfg.arch.kind == ArchKind.pixel_text
@@ -138,13 +179,20 @@ def load_training_set(cfg: TrainConfig, report_to: Path | None = None
                           f"(image {ids[wrong]!r}: {str(cap)[:40]}): a text-conditional model trains "
                           "on strings. Point data.caption_column at a column of captions (map class labels to "
                           "their names first), or train arch=uncond_small")
+    captions = [c or "" for c in caps]
+    # a fault of the captions alone, refused before any image is fetched and decoded (it came after all of them)
+    if text:
+        check_captions_fit(captions, cfg.arch.max_length)
+    digest = hashlib.sha256(_schema_text(table))  # rows_digest(table), computed as the rows are read
     images = np.empty((len(table), r, r, 3), np.uint8)  # the only copy of the pixels, filled in place
     problems: list[tuple[str, str, str]] = []  # (id, reason, kind)
     squashed, k = 0, 0
     for start in range(0, len(table), 256):  # the rows' bytes as Python objects a slice at a time
         if len(problems) >= MAX_PROBLEMS:  # (below: the rest of the slice; here: the slices left, unread)
             break
-        for row in table.slice(start, 256).to_pylist():
+        rows = table.slice(start, 256).to_pylist()
+        _hash_rows(digest, rows)
+        for row in rows:
             if len(problems) >= MAX_PROBLEMS:  # a fault of every row (the wrong size): not hours of decoding to say so
                 break
             cap = caps[k]
@@ -173,13 +221,49 @@ def load_training_set(cfg: TrainConfig, report_to: Path | None = None
         raise ManifestError(_problems_message(cfg, problems, len(table), report_to))
     if report_to is not None:  # a list left by an earlier refused run: these rows are fixed now
         (report_to / PROBLEMS_FILE).unlink(missing_ok=True)
-    captions = [c or "" for c in caps]
-    if text:
-        check_captions_fit(captions, cfg.arch.max_length)
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    expanded = expand_duplicates(table, d.duplication, d.duplication_seed)
+    # the duplication schedule reads the ids alone (and refuses an expanded manifest by its columns): the rows'
+    # other columns are not copied per example here (write_training_manifest writes them at the end)
+    examples = expand_duplicates(table.select([c for c in ("id", "source_id", "copies") if c in table.column_names]),
+                                 d.duplication, d.duplication_seed)
     index = {i: k for k, i in enumerate(ids)}
-    return expanded, x, captions, torch.tensor([index[s] for s in expanded["source_id"].to_pylist()]), squashed
+    example_image = torch.tensor([index[s] for s in examples["source_id"].to_pylist()])
+    return Examples(examples, digest.hexdigest()), x, captions, example_image, squashed
+
+
+WRITE_ROWS, WRITE_BYTES = 4096, 64 << 20  # the most examples, and about the most bytes, written at a time
+
+
+def write_training_manifest(cfg: TrainConfig, examples: Examples, example_image: torch.Tensor, path: Path) -> None:
+    """path: the expanded manifest (expand_duplicates(manifest): every column of each example's source row, its
+    own id, source_id and copies), read again from data.path and written WRITE_ROWS examples (about WRITE_BYTES)
+    at a time, so the copies' images are never all in memory. A manifest whose rows changed since training read
+    them (rows_digest) is refused: the file would not be the training set."""
+    d = cfg.data
+    table = read_manifest(d.path, d.storage_options)
+    if rows_digest(table) != examples.source_sha256:
+        raise ManifestError(f"the training manifest {d.path} changed while the model trained (its rows differ from "
+                            f"those trained on), so its {MANIFEST_FILE} cannot be written: put back the manifest "
+                            "trained on and rerun with the same settings (the run resumes from its last checkpoint "
+                            "to save the model), or train again on the new one in another output folder")
+    take = example_image.cpu().numpy().astype(np.int64)
+    per = max(1, min(WRITE_ROWS, WRITE_BYTES * table.num_rows // max(1, table.nbytes)))
+    writer = None
+    try:
+        for a in range(0, len(take), per):
+            idx = take[a:a + per]
+            lo = int(idx.min())  # (the rows of a slice of examples: a run of the manifest's, in order)
+            part = take_rows(table.slice(lo, int(idx.max()) + 1 - lo), idx - lo)
+            ids = examples.table.slice(a, len(idx))
+            # as expand_duplicates makes them: id replaced by the copy's, source_id and copies appended
+            part = part.set_column(part.column_names.index("id"), "id", ids["id"])
+            part = part.append_column("source_id", ids["source_id"]).append_column("copies", ids["copies"])
+            if writer is None:
+                writer = pq.ParquetWriter(path, part.schema, compression="zstd")
+            writer.write_table(part)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 # each kind of row problem's fix, named once in the message
@@ -216,6 +300,27 @@ def draw_rows(example_image: torch.Tensor, batch: int, g: torch.Generator) -> to
     """(batch,) distinct-image rows of one step: examples drawn uniformly with replacement from the expanded
     manifest (example -> image), so an image with c copies is drawn c times as often as a single one."""
     return example_image[torch.randint(len(example_image), (batch,), generator=g)]
+
+
+ENCODE_CHUNK = 1024  # captions through the frozen text encoder at a time
+
+
+def encode_captions(tokenizer, encoder, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the text encoder's embedding of each distinct caption (U + 1, max_length, hidden) float32 on the CPU, the
+    last one the empty caption's (cond_dropout's); image -> its caption's row (N,) int64). Encoded ENCODE_CHUNK
+    captions at a time, without gradients. The encoder ran once over one caption an image, all of them at
+    once: N x max_length x hidden floats kept, and its activations a few times that at its peak, for a set
+    whose images share a few captions (bench/bench_train_memory.py --captions)."""
+    row: dict[str, int] = {}
+    caption_of = torch.tensor([row.setdefault(c, len(row)) for c in captions], dtype=torch.int64)
+    distinct = [*row, ""]
+    parts = []
+    with torch.no_grad():
+        for a in range(0, len(distinct), ENCODE_CHUNK):
+            tok = tokenizer(distinct[a:a + ENCODE_CHUNK], padding="max_length", max_length=max_length,
+                            truncation=True, return_tensors="pt")
+            parts.append(encoder(tok.input_ids)[0])
+    return torch.cat(parts), caption_of
 
 
 # the noise schedule -------------------------------------------------------------------------
@@ -307,7 +412,6 @@ def recipe(cfg: TrainConfig, images: torch.Tensor, captions: list[str], example_
     the size of the float set, beside the float set itself: bench/bench_train_memory.py). A float tensor
     (N, 3, R, R) in [-1, 1] is hashed the same way, a chunk at a time. (The in-place division is the same
     float32 operation as the out-of-place one of before: bit for bit, on the CPU.)"""
-    import hashlib
     from dataclasses import asdict
 
     plain = json.loads(json.dumps(asdict(cfg), default=lambda v: getattr(v, "value", str(v))))
@@ -315,7 +419,9 @@ def recipe(cfg: TrainConfig, images: torch.Tensor, captions: list[str], example_
     per = max(1, HASH_CHUNK_BYTES // max(1, 4 * images[0].numel())) if len(images) else 1
     for a in range(0, len(images), per):  # (one chunk's float alive at a time: each freed after its update)
         h.update(memoryview(_hashed_chunk(images[a:a + per])).cast("B"))
-    h.update(json.dumps(captions).encode())
+    # default=repr: an unconditional model's captions that are no JSON (a binary column: bytes) raised a bare
+    # TypeError; a digest of captions that are JSON is the same as before
+    h.update(json.dumps(captions, default=repr).encode())
     h.update(example_image.cpu().numpy().astype(np.int64).tobytes())
     out = {"arch": plain["arch"], "trainer": {k: v for k, v in plain["trainer"].items() if k not in RESUME_SAFE},
            "training_set_sha256": h.hexdigest()}
@@ -624,7 +730,7 @@ def _train_here(cfg: TrainConfig, cpu: bool, out: Path, new: list[Path]) -> Path
         raise ConfigError(f"output={out} already holds a trained model; choose another output folder")
     if unfinished and not _finished_here(latest_checkpoint(out / "checkpoints"), None, t.steps):
         raise ConfigError(_not_written_here(out))
-    manifest, images, captions, example_image, squashed = load_training_set(cfg, report_to=out)
+    examples, images, captions, example_image, squashed = load_training_set(cfg, report_to=out)
     accel = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu)
     # a checkpoint left in output/checkpoints is resumed only if this same recipe wrote it
     made_by = recipe(cfg, images, captions, example_image, accel.num_processes)
@@ -638,7 +744,7 @@ def _train_here(cfg: TrainConfig, cpu: bool, out: Path, new: list[Path]) -> Path
     torch.manual_seed(t.seed)
 
     # 3. model (+ frozen text encoder: embeddings computed once per distinct caption)
-    tokenizer = encoder = emb = empty = None
+    tokenizer = encoder = emb = empty = caption_of = None
     try:
         if a.kind == ArchKind.pixel_text:
             tokenizer = tiny.build_tokenizer(out / "_tokenizer", max_length=a.max_length)
@@ -646,11 +752,8 @@ def _train_here(cfg: TrainConfig, cpu: bool, out: Path, new: list[Path]) -> Path
                                               layers=a.text_layers)
             if ck is not None and (ck / "text_encoder").is_dir():  # the encoder the checkpoint's UNet trained with
                 _load_text_encoder(ck, encoder)
-            with torch.no_grad():
-                tok = tokenizer(captions + [""], padding="max_length", max_length=a.max_length, truncation=True,
-                                return_tensors="pt")
-                all_emb = encoder(tok.input_ids)[0]
-            emb, empty = all_emb[:-1].to(accel.device), all_emb[-1:].to(accel.device)
+            emb, caption_of = encode_captions(tokenizer, encoder, captions, a.max_length)
+            empty = emb[-1:].to(accel.device)
         unet = build_unet(a, a.text_hidden if a.kind == ArchKind.pixel_text else None)
         opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=0.0)
         start = 0
@@ -664,7 +767,7 @@ def _train_here(cfg: TrainConfig, cpu: bool, out: Path, new: list[Path]) -> Path
     unet, opt = accel.prepare(unet, opt)
     lut = _float_lut().to(accel.device)  # images stay uint8 on the CPU: a batch goes to the device, float there
     log.info("training %s: %d examples (%d distinct images), %.2fM params, steps %d..%d", a.kind.value,
-             manifest.num_rows, len(images), sum(p.numel() for p in unet.parameters()) / 1e6, start, t.steps)
+             examples.num_rows, len(images), sum(p.numel() for p in unet.parameters()) / 1e6, start, t.steps)
 
     # 4. train
     t0 = time.perf_counter()
@@ -682,7 +785,7 @@ def _train_here(cfg: TrainConfig, cpu: bool, out: Path, new: list[Path]) -> Path
             if emb is None:
                 pred = unet(xt, ts).sample
             else:
-                cond = emb[rows.to(accel.device)].clone()
+                cond = emb[caption_of[rows]].to(accel.device)  # (a batch's: emb stays on the CPU)
                 cond[(torch.rand(t.batch_size, generator=g) < t.cond_dropout).to(accel.device)] = empty
                 pred = unet(xt, ts, encoder_hidden_states=cond).sample
             loss = F.mse_loss(pred.float(), noise)
@@ -713,13 +816,13 @@ def _train_here(cfg: TrainConfig, cpu: bool, out: Path, new: list[Path]) -> Path
         # last and atomically: a run killed in between leaves no folder that loads without its manifest, and
         # no truncated memex_train.json that made every rerun refuse ("already holds a trained model")
         tmp = out / f"_tmp-{MANIFEST_FILE}"
-        pq.write_table(manifest, tmp, compression="zstd")
+        write_training_manifest(cfg, examples, example_image, tmp)
         tmp.replace(out / MANIFEST_FILE)
         pipe.save_pretrained(out, safe_serialization=True)
         from dataclasses import asdict
 
         info = {"steps": t.steps, "resumed_from": start, "train_seconds_this_run": round(seconds, 1),
-                "seed": t.seed, "examples": manifest.num_rows, "distinct_images": len(images),
+                "seed": t.seed, "examples": examples.num_rows, "distinct_images": len(images),
                 # non-square images squashed to the square resolution: an audit must compare with them
                 # squashed too (trainset.preprocess=resize; memex/stages/audit.py refuses another)
                 "squashed_images": int(squashed),
