@@ -47,11 +47,11 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 from fsspec.implementations.local import LocalFileSystem
 
-from memex.storage import StorageError, Store
+from memex.storage import StorageError, Store, client_error, store_failed
 
 log = logging.getLogger("memex.lease")
 LEASE_NAME = "_lease.json"
@@ -149,6 +149,8 @@ class Lease:
             data = self.store.read_bytes(self.path)
         except FileNotFoundError:
             return None, None
+        except Exception as e:
+            self._raise_refused("read", e)
         etag = info.get("ETag") if self.conditional else None
         try:
             rec = json.loads(data)
@@ -190,33 +192,28 @@ class Lease:
                 f"(last heartbeat {age:.0f} s ago)")
 
     # ---- storage primitives ------------------------------------------------------------------
+    def _raise_refused(self, verb: str, e: Exception) -> NoReturn:
+        """Raise `e` (being handled) as a StorageError naming the lease file when the folder or the store refused
+        the request: a read-only folder or mount, another user's folder (EACCES, EPERM, EROFS), an S3 error past
+        its retries. They were raised raw: `memex train` into a read-only output folder printed a 39-line traceback
+        where every Store write names the folder and what to check. A lease there or not (FileExistsError,
+        FileNotFoundError) is the caller's to tell, and is raised as it is."""
+        if isinstance(e, (FileExistsError, FileNotFoundError)) or not (isinstance(e, OSError) or client_error(e)):
+            raise e
+        raise StorageError(store_failed(verb, self.store.uri_of(self.path), e)) from e
+
     def _create(self, data: bytes) -> bool:
         """Create the lease file if absent, atomically where the filesystem allows; True if created."""
-        fs = self.store.fs
         if self.local:
-            self.store.mkdirs(self.store.path)
-            tmp = self.store.join(f"_tmp-{uuid.uuid4().hex}{LEASE_NAME}")
-            with open(tmp, "wb") as f:
-                f.write(data)
             try:
-                os.link(tmp, self.path)
-                return True
-            except FileExistsError:
-                return False
-            except OSError:  # no hard links here (some network filesystems): exclusive open
-                try:
-                    with open(self.path, "xb") as f:
-                        f.write(data)
-                    return True
-                except FileExistsError:
-                    return False
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                return self._create_local(data)
+            except OSError as e:
+                self._raise_refused("write", e)
+        fs = self.store.fs
         if self.conditional:
             # a HEAD first: an S3-compatible store that ignores If-None-Match (no 412, no 501) let the PUT replace
             # a live holder's lease, and both jobs worked in one folder; now no worse than the fallback below
-            if fs.exists(self.path):
+            if self.store.exists(self.path):
                 return False
             try:
                 self.etag = fs.pipe_file(self.path, data, mode="create").get("ETag")
@@ -226,12 +223,34 @@ class Lease:
                 if _precondition_failed(e):
                     return False
                 if not _not_implemented(e):
-                    raise
+                    self._raise_refused("write", e)
                 self._no_conditional(e, "writes")
-        if fs.exists(self.path):
+        if self.store.exists(self.path):
             return False
         self.store.write_bytes(self.path, data)
         return True
+
+    def _create_local(self, data: bytes) -> bool:
+        """_create on local disk: the record written to a temp file, hard-linked to the lease name."""
+        self.store.mkdirs(self.store.path)
+        tmp = self.store.join(f"_tmp-{uuid.uuid4().hex}{LEASE_NAME}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (some network filesystems): exclusive open
+            try:
+                with open(self.path, "xb") as f:
+                    f.write(data)
+                return True
+            except FileExistsError:
+                return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def _replace(self, data: bytes, etag: str | None) -> bool:
         """Overwrite the lease (a takeover or a heartbeat): on S3 only if it still has `etag`."""
@@ -244,7 +263,7 @@ class Lease:
                 if _precondition_failed(e) or isinstance(e, FileNotFoundError):
                     return False
                 if not _not_implemented(e):
-                    raise
+                    self._raise_refused("write", e)
                 # a store with If-None-Match but not If-Match (some S3-compatible ones): every heartbeat
                 # failed, so the live lease went stale and was taken over, and the release failed too
                 self._no_conditional(e, "overwrite")
@@ -270,11 +289,15 @@ class Lease:
                         fs.invalidate_cache(self.path)
                         return
                     if not _not_implemented(e):
-                        raise
+                        self._raise_refused("delete", e)
                     self._no_conditional(e, "delete")
             fs.invalidate_cache(self.path)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self._raise_refused("delete", e)
 
     def _mine(self) -> bool:
         if not self.conditional and not self.local:

@@ -53,13 +53,13 @@ class Ledger:
         return name
 
     def read(self) -> pa.Table:
-        """Every row, oldest first."""
-        fs = self.store.fs
+        """Every row, oldest first; rows/ that cannot be listed (refused, a stale NFS handle) is a StorageError."""
         # s3fs (gcsfs, adlfs) cache a listing per process with no expiry: a job that read the ledger
         # at its start saw none of the rows other jobs wrote while it audited for hours
-        fs.invalidate_cache(self.rows)
-        files = [f for f in fs.glob(posixpath.join(self.rows, "*.parquet"))
-                 if not posixpath.basename(f).startswith("_")]
+        self.store.fs.invalidate_cache(self.rows)
+        # Store.listing, not fs.glob: glob answers [] when local disk or NFS refuses the listing (EACCES, ESTALE), and
+        # an empty ledger re-audited every checkpoint and left the growth gate with no earlier row
+        files = [f for f in self.store.listing(self.rows, "*.parquet") if not posixpath.basename(f).startswith("_")]
         if not files:
             return LEDGER_SCHEMA.empty_table()
         table = self.store.read_table(files, schema=LEDGER_SCHEMA)  # a damaged row file: named, with the fix

@@ -68,8 +68,8 @@ def client_error(e: BaseException) -> bool:
 
 def is_damage(e: BaseException) -> bool:
     """Whether reading a file memex wrote failed because the file is damaged or gone (named, with the
-    recovery: remove it and its marker), rather than because storage or memory failed (re-raised as it
-    is: removing a good file a timeout could not read, or that did not fit in memory, loses work).
+    recovery: remove it and its marker), rather than because storage or memory failed (never called damage:
+    removing a good file a timeout could not read, or that did not fit in memory, loses work).
     Arrow reports bytes damaged inside a page as a plain OSError naming the corruption (CORRUPT_PAGE);
     fsspec's I/O failures are OSError subclasses (PermissionError, TimeoutError, ConnectionResetError),
     and s3fs passes botocore's and aiohttp's own (a dropped connection, a cut stream) on as they are."""
@@ -90,6 +90,19 @@ def store_failure(e: BaseException) -> bool:
     """The store or the network failed (not the file): a client library's error (botocore's EndpointConnectionError,
     an expired token's ClientError), or fsspec's OSError for a refusal or a timeout."""
     return client_error(e) or isinstance(e, (PermissionError, ConnectionError, TimeoutError))
+
+
+# a path's own errors, not the store's: nothing there, or a file where a folder is (or the reverse)
+MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def request_failure(e: BaseException) -> bool:
+    """A Store request (exists, a read, a listing) that the store failed: store_failure, or any other OSError but a
+    missing path (MISSING). s3fs raises the S3 errors it has no class for as a plain OSError with an errno: an expired
+    STS token's 400 on a HEAD, which has no body to name it, is OSError(22) "Bad Request", and a 503 or 500 that
+    outlived its retries OSError(16) or OSError(121); local disk and NFS give ESTALE, EIO. Not in store_failure:
+    there the OSError may be a decoder's about the file (PIL's UnidentifiedImageError is one)."""
+    return store_failure(e) or (isinstance(e, OSError) and not isinstance(e, MISSING))
 
 
 def store_failed(verb: str, uri: str, e: BaseException) -> str:
@@ -281,7 +294,7 @@ class Store:
         try:
             return self.fs.exists(path)
         except Exception as e:
-            if store_failure(e):
+            if request_failure(e):
                 raise StorageError(store_failed("reach", self.uri_of(path), e)) from e
             raise
 
@@ -291,7 +304,7 @@ class Store:
             with self.fs.open(path, "rb") as f:
                 return f.read()
         except Exception as e:
-            if store_failure(e):
+            if request_failure(e):
                 raise StorageError(store_failed("read", self.uri_of(path), e)) from e
             raise
 
@@ -315,7 +328,7 @@ class Store:
         except FileNotFoundError:
             return []
         except Exception as e:
-            if store_failure(e):
+            if request_failure(e):
                 raise StorageError(store_failed("list", self.uri_of(folder), e)) from e
             raise
         top = folder.rstrip("/")
@@ -325,8 +338,11 @@ class Store:
     def read_table(self, path: str | list[str], schema: pa.Schema | None = None, columns: list[str] | None = None,
                    filters=None) -> pa.Table:
         """One Parquet file, or several read as one dataset (`schema` unifies them). A file that is
-        not Parquet, or is missing though a marker lists it, raises a StorageError naming it."""
+        not Parquet, or is missing though a marker lists it, raises a StorageError naming it and its
+        recovery; a store that fails to serve it (is_damage: no), a StorageError naming what to check,
+        the original error its __cause__."""
         paths = path if isinstance(path, list) else [path]
+        where = self.uri_of(paths[0] if len(paths) == 1 else posixpath.dirname(paths[0])) if paths else self.uri
         try:
             if isinstance(path, list):
                 return self._read_files(path, schema, columns, filters)
@@ -340,15 +356,15 @@ class Store:
             # bytes damaged inside a page come back as arrow's OSError ("Corrupt snappy compressed data",
             # zstd's "Unexpected end of stream"), like a network failure read through fsspec: only the former
             # is named as damaged, with its recovery (removing a file a timeout could not read would be wrong)
-            # (PermissionError, TimeoutError, ConnectionResetError: a storage failure, whatever it says)
+            # (PermissionError, TimeoutError, ConnectionResetError, s3fs's OSError(22) of an expired token: a storage
+            # failure, whatever it says: it was raised raw, a traceback at the CLI)
             if not is_damage(e):
-                raise
+                raise StorageError(store_failed("read", where, e)) from e
             # one path (several are read one each by _read_files, which names the damaged ones: _Damaged above)
             markers = [self.uri_of(m) for m in map(marker_of, paths) if m and self.fs.exists(m)]
             raise StorageError(damaged(", ".join(map(self.uri_of, paths)), "Parquet", e, markers)) from e
         except Exception as e:
             if client_error(e):  # botocore's own (an unreachable endpoint, an expired token): not OSError
-                where = self.uri_of(paths[0] if len(paths) == 1 else posixpath.dirname(paths[0]))
                 raise StorageError(store_failed("read", where, e)) from e
             raise
 
@@ -358,7 +374,7 @@ class Store:
         `schema`, else the first file's), each file read by one of READ_THREADS threads. ParquetDataset opened them
         one after another, ~3 requests each (info, footer, pages): on S3, 40 shards at 100 ms took 10 s, 100,000
         ~100 minutes. A damaged file raises _Damaged naming every damaged one; a store failure is raised as it is,
-        at once (the reads not started are dropped)."""
+        at once (the reads not started are dropped), for read_table to name."""
         if not paths:
             return pq.ParquetDataset(paths, filesystem=self.fs, schema=schema, filters=filters).read(columns=columns)
         if schema is None:  # ParquetDataset's: the first file's (each file is cast to it)

@@ -72,7 +72,8 @@ def test_a_stop_is_written_and_a_rerun_with_another_rule_is_refused(tmp_path, mo
     assert [(r.n_prompts, r.lo, r.hi) for r in plan.rounds] == [(3, 0, 4), (0, 4, 16)] and decided == [0]
     assert plan.rounds[0].rule is None
     assert plan.rounds[1].rule == {"continue_factor": 1.2, "continue_triage_z": 3.0, "triage": "none",
-                                   "triage_seeds": 4, "triage_steps": 1}
+                                   "triage_seeds": 4, "triage_steps": 1, "match_threshold": 0.15,
+                                   "match_distance": "tiled_l2"}
     assert calls == ["generate", "match"] and plan.shards() == plan.shards([0])  # the stop round has no shard
 
     calls.clear()
@@ -262,7 +263,8 @@ def test_a_unit_damaged_inside_its_pages_is_named_but_a_read_failure_is_not(tmp_
     """Bytes changed in the middle of a file (a bad disk, a partial sync over an old copy): arrow raises a bare
     OSError ("Corrupt snappy compressed data", "Unexpected end of stream"), which escaped the message that
     names the file and its recovery. A storage failure is an OSError too (a timeout read through fsspec),
-    and is not called damage: removing the file would be the wrong advice."""
+    and is not called damage: removing the file would be the wrong advice. It is a StorageError naming the file and
+    what to check (it was raised raw: a traceback at the CLI), the original error its cause."""
     import pyarrow.parquet as pq
 
     from memex.storage import Store
@@ -285,9 +287,11 @@ def test_a_unit_damaged_inside_its_pages_is_named_but_a_read_failure_is_not(tmp_
             raise failure
 
         monkeypatch.setattr(pq, "read_table", fail)
-        with pytest.raises(OSError) as e:
+        with pytest.raises(StorageError) as e:
             store.read_table(path)
-        assert e.value is failure and not isinstance(e.value, StorageError)
+        assert e.value.__cause__ is failure, e.value
+        assert str(e.value).startswith(f"cannot read {path}: {type(failure).__name__}") and \
+            "storage.options" in str(e.value) and "not readable" not in str(e.value) and "Remove" not in str(e.value)
 
 
 def _claim_run(lay, settings):
