@@ -191,6 +191,9 @@ def check_overrides(args: list[str], cls: type) -> None:
             msg = _check_group(stage, key, o) or next(filter(None, (_check_option(key, v) for v in _values(o))), None)
         else:  # each value of a -m sweep too: Hydra's error came after it had written multirun/<date>/<time>/
             msg = check_key(key, cls) or next(filter(None, (_check_value(key, v, cls) for v in _values(o))), None)
+        # a mapping's keys too (storage={secret: ...}): Hydra's "To append to your config use +<the override>"
+        # repeated its value on stderr
+        msg = msg or next(filter(None, (check_key(k, cls) for k in _mapping_keys(key, _values(o)))), None)
         if msg:
             raise C.ConfigError(msg)
     if msg := _kind_without_its_option(overrides, cls) or _absent_free_form_key(overrides, cls):
@@ -210,6 +213,24 @@ def _below_free_form(key: str, cls: type) -> bool:
     return False
 
 
+def _mapping_keys(key: str, values: list[Any]) -> list[str]:
+    """The dotted keys a mapping value sets, down to its last mapping (`storage={options: {secret: x}}` ->
+    storage.options.secret; an empty one, the key itself), for each mapping among `values` (one, or a -m sweep's)."""
+    def flat(prefix: str, value: Any) -> list[str]:
+        if not isinstance(value, dict) or not value:
+            return [prefix]
+        return [k for name, v in value.items() for k in flat(f"{prefix}.{name}", v)]
+
+    return [k for v in values if isinstance(v, dict) for k in flat(key, v)]
+
+
+def _free_form_override(override: Any, cls: type) -> bool:
+    """Does the override set a key below a Dict field of `cls`: dotted (storage.options.secret=x), or with a mapping
+    given to the field or one above it (storage.options={secret: x}, storage={options: {secret: x}})?"""
+    return any(_below_free_form(k, cls) for k in [override.key_or_group, *_mapping_keys(override.key_or_group,
+                                                                                         _values(override))])
+
+
 def _has_key(cfg: DictConfig, key: str) -> bool:
     """Does the composed `cfg` hold the dotted `key` (a value, null or ??? included)? Nothing is resolved."""
     node = cfg
@@ -220,16 +241,36 @@ def _has_key(cfg: DictConfig, key: str) -> bool:
     return True
 
 
+def _absent_merged_key(cfg: DictConfig, key: str, value: dict) -> str | None:
+    """The first dotted key that merging the mapping `value` into `cfg`'s `key` adds, which Hydra refuses for a
+    plain override (struct mode). Below a null or a scalar there is none: the merge replaces it whole."""
+    node = cfg
+    for part in key.split("."):
+        node = node._get_node(part)
+    if not isinstance(node, DictConfig) or node._is_missing() or node._is_none():
+        return None
+    for name, v in value.items():
+        sub = f"{key}.{name}"
+        if not _has_key(cfg, sub):
+            return sub
+        if isinstance(v, dict) and (missing := _absent_merged_key(cfg, sub, v)):
+            return missing
+    return None
+
+
 def _absent_free_form_key(overrides: list, cls: type) -> str | None:
     """A plain `key=value` (no +) below a Dict field, for a key the composed config lacks (none of the shipped
     storage options sets storage.options.secret): Hydra refused it with "To append to your config use
     +storage.options.secret=<the value>", printed to stderr by Hydra itself, unredacted (and kept in a Ray
-    job's log). Refused here, naming +key=... without the value. The config is composed with the command
-    line's group options (each value of a -m sweep over one) and its +/++ keys below Dict fields."""
+    job's log). Refused here, naming +key=... without the value. A mapping given to a Dict field or one above
+    it (storage.options={key: ..., secret: ...}, storage={options: {...}}, data.storage_options={token: ...})
+    is refused the same way when it sets such a key; one whose keys the config has is merged by Hydra as it is.
+    The config is composed with the command line's group options (each value of a -m sweep over one) and its
+    +/++ overrides below Dict fields."""
     from hydra.core.override_parser.types import OverrideType
 
-    plain = [o.key_or_group for o in overrides if o.type == OverrideType.CHANGE and o.package is None
-             and _below_free_form(o.key_or_group, cls)]
+    plain = [o for o in overrides if o.type == OverrideType.CHANGE and o.package is None
+             and _free_form_override(o, cls)]
     stage = next((s for s, c in SCHEMAS.items() if c is cls), None)
     if not plain or stage is None:
         return None
@@ -237,20 +278,27 @@ def _absent_free_form_key(overrides: list, cls: type) -> str | None:
     for o in overrides:
         if o.package is not None or o.key_or_group.split("/")[0] == "hydra":
             continue
-        if (CONF_DIR / o.key_or_group).is_dir() and o.is_sweep_override():
+        # a group option (storage=s3); storage={...} sets values, and is checked below
+        group = (CONF_DIR / o.key_or_group).is_dir() and not any(isinstance(v, dict) for v in _values(o))
+        if group and o.is_sweep_override():
             sweeps.append([f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()])
-        elif (CONF_DIR / o.key_or_group).is_dir() or (o.type != OverrideType.CHANGE and not o.is_sweep_override()
-                                                        and _below_free_form(o.key_or_group, cls)):
+        elif group or (o.type != OverrideType.CHANGE and not o.is_sweep_override() and _free_form_override(o, cls)):
             fixed.append(o.input_line)
     for combo in list(itertools.product(*sweeps))[:16]:
         try:
             cfg = compose_config(stage, [*fixed, *combo])
         except Exception:  # noqa: BLE001 - another problem of the command line: Hydra's to report
             return None
-        if missing := next((k for k in plain if not _has_key(cfg, k)), None):
-            where = f" with {' '.join(combo)}" if combo else ""
-            return (f"{missing} is not in the config{where}, so there is nothing to override: put a + before it "
-                    f"to add it (+{missing}=...; the value is not repeated here)")
+        where = f" with {' '.join(combo)}" if combo else ""
+        for o in plain:
+            key = o.key_or_group
+            if _below_free_form(key, cls) and not _has_key(cfg, key):
+                return (f"{key} is not in the config{where}, so there is nothing to override: put a + before it "
+                        f"to add it (+{key}=...; the value is not repeated here)")
+            for value in (v for v in _values(o) if isinstance(v, dict)):
+                if missing := _has_key(cfg, key) and _absent_merged_key(cfg, key, value):
+                    return (f"{missing} is not in the config{where}, so {key}={{...}} has nothing to override there: "
+                            f"put a + before it to add it (+{key}={{...}}; the value is not repeated here)")
     return None
 
 
@@ -1120,9 +1168,15 @@ def main() -> None:
         print(stage_list())  # asked for: stdout, exit 0
         sys.exit(0)
     if len(sys.argv) < 2 or sys.argv[1] not in STAGES:  # no stage, or not one: usage error, as argparse (exit 2)
-        if len(sys.argv) >= 2:
-            print(f"memex: error: {sys.argv[1]!r} is not a stage", file=sys.stderr)
-        print(stage_list(), file=sys.stderr)
+        later = next((a for a in sys.argv[2:] if a in STAGES), None)
+        if len(sys.argv) >= 2 and "=" in sys.argv[1]:  # an override before the stage: its value may be a credential
+            key = redact_text(sys.argv[1].partition("=")[0])
+            print(f"memex: error: {key}=... comes before the stage: the stage comes first, memex {later or '<stage>'} "
+                  "key=value ... (the value is not repeated here)", file=sys.stderr)
+        elif len(sys.argv) >= 2:
+            print(f"memex: error: {redact_text(repr(sys.argv[1]))} is not a stage", file=sys.stderr)
+        if later is None:
+            print(stage_list(), file=sys.stderr)
         sys.exit(2)
     stage = sys.argv.pop(1)
     if stage in SCHEMAS and any(a in HELP_FLAGS for a in sys.argv[1:]):
