@@ -224,23 +224,31 @@ def rank_captions(captions: pa.Array | pa.ChunkedArray) -> pa.Table:
     return counts.sort_by([("caption_count", "descending"), ("caption", "ascending")])
 
 
-def rank_by_near_duplicates(dups: pa.Table, limit: int | None, same: Keys | None = None) -> pa.Table:
+def rank_by_near_duplicates(dups: pa.Table | Any, limit: int | None, same: Keys | None = None) -> pa.Table:
     """Captions of the most near-duplicated training images first (the paper's prompt choice).
 
     `dups` has one row per training image with `caption` and `near_duplicates` (memex/stages/
-    index.py); a caption shared by several images keeps its best rank. Ties: by caption text.
+    index.py), or is a memex.membership.NearDuplicates, read a page at a time until `limit` prompts
+    are found (the audit's: the whole table held every training row in the driver, ~300 bytes each);
+    a caption shared by several images keeps its best rank. Ties: by caption text.
     `same` (models.conditioning_keys): a caption the model reads as an earlier one's tokens is that
     prompt, and does not take a place of the `limit`.
     """
-    t = dups.filter(pc.invert(pc.is_null(dups["caption"])))
-    # ties by the caption as stored, leading spaces included (" zebra" before "apple"): by the stripped text
-    # would read better, but it would change the prompts, and so the names, of existing runs whose captions
-    # tie at prompts.limit (a nightly's run folders are then refused every night)
-    t = t.sort_by([("near_duplicates", "descending"), ("caption", "ascending")])
+    # a first page of twice the limit (a chunk at least): a caption of several top images, or one `same` merges,
+    # takes no place of the limit
+    pages = [dups] if isinstance(dups, pa.Table) else dups.pages(None if limit is None else max(2 * limit, _CHUNK))
     picked = _Distinct(same)
-    captions = t["caption"]
-    for start in range(0, len(captions), _CHUNK):  # tokenized a chunk at a time: the top 24 of 5M read ~8,192
-        picked.add(c.strip() for c in captions.slice(start, _CHUNK).to_pylist())
+    for page in pages:
+        t = page.filter(pc.invert(pc.is_null(page["caption"])))
+        # ties by the caption as stored, leading spaces included (" zebra" before "apple"): by the stripped text
+        # would read better, but it would change the prompts, and so the names, of existing runs whose captions
+        # tie at prompts.limit (a nightly's run folders are then refused every night)
+        t = t.sort_by([("near_duplicates", "descending"), ("caption", "ascending")])
+        captions = t["caption"]
+        for start in range(0, len(captions), _CHUNK):  # tokenized a chunk at a time: the top 24 of 5M read ~8,192
+            picked.add(c.strip() for c in captions.slice(start, _CHUNK).to_pylist())
+            if limit is not None and len(picked.rows) >= limit:
+                break
         if limit is not None and len(picked.rows) >= limit:
             break
     rows = picked.rows[:limit] if limit is not None else picked.rows

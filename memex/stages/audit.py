@@ -62,7 +62,7 @@ log = logging.getLogger("memex.audit")
 
 def run(cfg: AuditConfig, weights: bool = True) -> dict:
     """The whole audit (the numbered steps below); `weights`: generate.prepare's (memex nightly: False)."""
-    from memex.membership import read_duplicates
+    from memex.membership import NearDuplicates
     from memex.stages import generate, index
 
     # 1. inputs, each failing in seconds naming the key to fix: config ranges, the model's weights
@@ -98,7 +98,7 @@ def run(cfg: AuditConfig, weights: bool = True) -> dict:
     if rematch_of is None:
         unmerged = None  # the prompts as read before the tokenizer merged them: a run started then resumes with them
         if prompts is None:
-            dups = read_duplicates(info, cfg.storage.options)
+            dups = NearDuplicates(info, cfg.storage.options)  # pages up to prompts.limit, not every training row
             prompts = rank_by_near_duplicates(dups, cfg.prompts.limit, same)
             unmerged = lambda: rank_by_near_duplicates(dups, cfg.prompts.limit)  # noqa: E731
         elif same is not None:
