@@ -343,3 +343,33 @@ def test_a_hub_ids_tokenizer_out_of_reach_leaves_the_prompts_to_their_text(monke
     with caplog.at_level("WARNING", logger="memex.models"):
         assert models.conditioning_keys("memex-tests/not-a-cached-model") is None
     assert "its tokenizer is neither cached here nor reachable" in caplog.text
+
+
+def test_a_first_run_reads_its_prompts_once(tmp_path, tiny_models, monkeypatch):
+    """The prompts as read before the tokenizer merged them are read only where a run folder may hold them: a
+    first run (no folder of the model's default names, or no run.json under run.name) read and ranked its prompts
+    twice, the whole caption column of a prompts=captions manifest each time."""
+    from memex.stages import generate
+
+    from conftest import compose
+
+    path = tmp_path / "p.txt"
+    path.write_text("a red car\nA Red  car\na blue car\n")
+    reads = []
+    real = generate.load_prompts
+    monkeypatch.setattr(generate, "load_prompts", lambda *a, **k: reads.append(k.get("by_text", True)) or real(*a, **k))
+
+    def cfg(*extra):
+        return compose(["model=local", f"model.path={tiny_models['pixel_text']}", "prompts=file",
+                        f"prompts.path={path}", f"storage.root={tmp_path / 'runs'}", *extra], "generate")
+
+    first = generate.prepare(cfg())
+    assert reads == [True]  # once: no run folder of this model existed
+    reads.clear()
+    assert generate.prepare(cfg()) == first and reads == [True]  # the folder holds the merged prompts: resumed
+    reads.clear()
+    generate.prepare(cfg("sampling.seed=7"))  # another default name of the model: its folders are looked at
+    assert reads == [True, False]
+    reads.clear()
+    generate.prepare(cfg("run.name=nightly-x"))  # run.name with no run.json yet: nothing to resume
+    assert reads == [True]

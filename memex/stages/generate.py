@@ -13,6 +13,7 @@ and checks none is missing.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -48,7 +49,7 @@ from memex.models import (
 from memex.plan import SamplePlan, Shard
 from memex.prompts import load_prompts, read_run_prompts
 from memex.redact import redact, redact_text
-from memex.storage import StageFolder
+from memex.storage import StageFolder, Store
 
 log = logging.getLogger("memex.generate")
 
@@ -129,7 +130,8 @@ def started_unmerged(cfg: GenerateConfig, prompts: pa.Table, settings: dict,
     """(prompts, settings) of the run folder to claim: a run started before prompts the model reads as the
     same tokens were merged (2026-12-07) keeps its prompts, so it resumes (a nightly's, named by the weights
     and the config, was otherwise refused every night); a new run gets the merged ones."""
-    if unmerged is None or _holds(cfg, cfg.run.name or default_run_name(cfg, settings), settings):
+    if unmerged is None or _holds(cfg, cfg.run.name or default_run_name(cfg, settings), settings) \
+            or not _may_be_started(cfg):
         return prompts, settings
     old = unmerged()
     old_settings = redact(run_settings(cfg, old))
@@ -138,6 +140,18 @@ def started_unmerged(cfg: GenerateConfig, prompts: pa.Table, settings: dict,
                  "its %d prompts (a new run gets %d)", old.num_rows, prompts.num_rows)
         return old, old_settings
     return prompts, settings
+
+
+def _may_be_started(cfg: GenerateConfig) -> bool:
+    """Whether a run folder this command may resume exists at all: run.name's (its run.json), else one of the
+    model's default names (<model.name>-*, one listing of storage.root). Else no folder holds the unmerged
+    prompts, and they are not read: a first run read (and ranked) its prompts twice, the whole caption column of a
+    prompts=captions manifest each time."""
+    if cfg.run.name:
+        layout = RunLayout(cfg.storage.root, cfg.run.name, cfg.storage.options)
+        return layout.store.exists(layout.run_json)
+    root = Store(cfg.storage.root, cfg.storage.options)
+    return bool(root.listing(root.path, glob.escape(cfg.model.name) + "-*"))
 
 
 def _holds(cfg: GenerateConfig, run_name: str, settings: dict) -> bool:
