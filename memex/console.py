@@ -32,7 +32,8 @@ SHOWN = {PROGRESS, "memex.train"}
 FILE_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 VERBOSE = False  # set by `memex -v` (memex/cli.py main)
-_state: dict = {"log": None, "handlers": [], "stage": None, "started": None, "folder": None}
+_state: dict = {"log": None, "handlers": [], "stage": None, "started": None, "folder": None,
+                "progress": None}  # the live Progress (a line redrawn in place) now on the console
 
 
 def verbose() -> bool:
@@ -60,6 +61,19 @@ class _Stderr(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Under a live progress line, the record on a line of its own and the progress line drawn again
+        below it: written as is, a warning mid-stage was glued to the end of the progress line."""
+        live = _state["progress"]
+        if live is None:
+            return super().emit(record)
+        with live._lock:  # not between the ticker's \r and its line
+            if live._stop.is_set():
+                return super().emit(record)
+            self.stream.write("\r\033[K")
+            super().emit(record)
+            live._write()
 
 
 class _ConsoleFilter(logging.Filter):
@@ -207,8 +221,10 @@ class Progress:
         self.live = interactive() and not verbose() and _state["log"] is not None
         earlier = f" ({done_before} complete from an earlier run)" if done_before else ""
         self._log(f"{label}: {units(total)} to run{earlier}")
-        self._lock, self._stop = threading.Lock(), threading.Event()
+        # reentrant: a record logged while the line is drawn (a signal handler's) waits for no one
+        self._lock, self._stop = threading.RLock(), threading.Event()
         if self.live:
+            _state["progress"] = self
             self._draw()
             threading.Thread(target=self._tick, name="memex-progress", daemon=True).start()
 
@@ -226,9 +242,12 @@ class Progress:
         with self._lock:
             if self._stop.is_set() and not end:
                 return
-            sys.stderr.write(f"\r{self.label}: {self.done}/{units(self.total)}, "
-                             f"{time.perf_counter() - self.t0:.0f}s\033[K{end}")
-            sys.stderr.flush()
+            self._write(end)
+
+    def _write(self, end: str = "") -> None:
+        sys.stderr.write(f"\r{self.label}: {self.done}/{units(self.total)}, "
+                         f"{time.perf_counter() - self.t0:.0f}s\033[K{end}")
+        sys.stderr.flush()
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -238,6 +257,8 @@ class Progress:
         secs = time.perf_counter() - self.t0
         self._stop.set()
         self._draw("\n")
+        if _state["progress"] is self:
+            _state["progress"] = None
         if ok:
             self._log(f"{self.label}: {units(self.total)} done in {secs:.1f}s")
         else:

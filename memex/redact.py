@@ -27,7 +27,9 @@ The rule (`redact(obj)` on nested dicts, lists and strings):
   3. Every other string has each URL in it redacted (`redact_url`):
        * user info: https://user:pass@host and https://<token>@host -> https://***@host (the user part
          alone is masked too: tokens are passed as the user name, e.g. GitHub's and Sentry's; a password
-         with a raw "/", "?" or "#" too, except digits then "/", which is host:port/path);
+         with a raw "/", "?" or "#" too, except digits then "/", which is host:port/path); except an Azure
+         URL's container (abfs, abfss, az, adl, wasb, wasbs: abfs://<container>@<account>.dfs.core.windows.net/),
+         kept when no password follows it (abfs://c:<password>@... -> abfs://***@...);
        * query and fragment parameters with a secret name (rule 1) or named sig, signature, code,
          hmac: ?token=, ?key=, ?sig= (Azure SAS), X-Amz-Signature / X-Amz-Credential /
          X-Amz-Security-Token (S3 presigned), X-Goog-Signature, ?code= (Azure Functions),
@@ -53,7 +55,8 @@ are compared with a rerun's, and credentials never change a result, so a rotated
 resume the same run; a fingerprint would refuse it, and would tell a reader whether two runs used
 the same (possibly low-entropy, brute-forceable) secret. The same holds for the hashes memex names
 run folders and nightly configs by: they are taken over the redacted settings, so a config without
-credentials hashes exactly as before. redact(redact(x)) == redact(x).
+credentials hashes exactly as before (but for an Azure URL's container: masked as a credential
+before, a config naming one hashed anew once). redact(redact(x)) == redact(x).
 
 Not covered (Hydra's, Ray's and the shell's outputs, not memex's): `--cfg job` prints the config as
 typed, `-m` (multirun) saves Hydra's multirun.yaml with the raw overrides, Hydra's own override parse
@@ -80,6 +83,7 @@ _KEY_QUALIFIERS = frozenset({"access", "secret", "api", "account", "private", "c
                              "signing", "session", "sse", "customer", "storage", "shared", "subscription", "service",
                              "app", "auth", "license"})
 _CONNECTION_STRINGS = frozenset({("connection", "string"), ("conn", "str"), ("connectionstring",)})
+_CONTAINER_SCHEMES = frozenset({"abfs", "abfss", "az", "adl", "wasb", "wasbs"})  # user part = container (adlfs)
 _URL_PARAMS = frozenset({"sig", "signature", "code", "hmac"})  # secret as URL parameters only
 # host (exact, or a suffix when it starts with ".") -> path segments kept before the secret part
 _HOOK_HOSTS = {"hooks.slack.com": 1, "discord.com": 2, "discordapp.com": 2, "ptb.discord.com": 2,
@@ -89,19 +93,26 @@ _HOOK_HOSTS = {"hooks.slack.com": 1, "discord.com": 2, "discordapp.com": 2, "ptb
 _WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z]|\d|\b|_|$)|[A-Z]?[a-z]+|[A-Z]+|\d+")
 # A URL ends at whitespace, a quote or a bracket; before its query, also at `;Name=`: the next field of an
 # Azure connection string (BlobEndpoint=https://acct.blob.core.windows.net/;AccountKey=...), which the text
-# rules then read as an assignment (a `;` in the query is a parameter separator, `_params`)
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://(?:[^\s'\"<>`?#;]|;(?![A-Za-z_][\w.\-]*=))+"
-                  r"(?:[?#][^\s'\"<>`]*)?")
+# rules then read as an assignment (a `;` in the query is a parameter separator, `_params`).
+# The URL is the group `url`, from the first letter after a word boundary in a run of scheme characters. The
+# match starts at the run's start, whose lookahead reads the run once and rejects it unless `://` and a URL
+# character end it: `\b[A-Za-z][A-Za-z0-9+.\-]*://` alone was tried again from each `.` or `-` of a run, each
+# time to its end (a 50K-char a.a.a... took 3 s, and every log record goes through here)
+_URL_CHAR = r"""(?:[^\s'"<>`?#;]|;(?![A-Za-z_][\w.\-]*=))"""
+_URL = re.compile(r"(?<![A-Za-z0-9+.\-])(?=[A-Za-z0-9+.\-]*://" + _URL_CHAR + r")[A-Za-z0-9+.\-]*?"
+                  r"(?P<url>\b[A-Za-z][A-Za-z0-9+.\-]*://" + _URL_CHAR + r"""+(?:[?#][^\s'"<>`]*)?)""")
 # Authorization: <scheme> <credential>: the word after one of these is masked too
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest", "negotiate", "apikey"})
-# the word after the scheme, quoted pieces included (Rails' `Token token="<secret>"`): _ASSIGN's bare value
+# the word after the scheme, quoted pieces included (Rails' `Token token="<secret>"`): _VALUE's bare value
 _CREDENTIAL = re.compile(r"""[ \t]+(?:"[^"]*"|'[^']*'|[^\s'",;}&)\]])+""")
-# name, separator, value: quoted (a backslash-escaped quote inside, as Hydra's grammar and Python's repr write
-# it: 'ab\\'cd'; else up to the next quote; a quote never closed: up to the next space) or bare (up to a space,
-# quote, `,`, `;` or closing bracket: a SAS's `sv=...&sig=...` is one value)
-_ASSIGN = re.compile(r"""(?<![\w.\-/])(?P<name>[A-Za-z_][\w.\-]*)(?P<q>['"]?)(?P<sep>\s*[=:]\s*)"""
-                     r"""(?:'(?P<sq>(?:\\.|[^'\\])*|[^']*)'|"(?P<dq>(?:\\.|[^"\\])*|[^"]*)"|(?P<open>['"])[^\s'"]*"""
-                     r"""|(?P<bare>[^\s'",;})\]]+))""")
+# name and separator (_HEAD), then, for a secret name only, its value (_VALUE): quoted (a backslash-escaped
+# quote inside, as Hydra's grammar and Python's repr write it: 'ab\\'cd'; else up to the next quote; a quote
+# never closed: up to the next space) or bare (up to a space, quote, `,`, `;` or closing bracket: a SAS's
+# `sv=...&sig=...` is one value). Not one pattern: each name's bare value ran to the text's end on a run like
+# a:a:a:... (no space, quote or comma) and the search went on right after the name, quadratic (50K chars: 10 s)
+_HEAD = re.compile(r"""(?<![\w.\-/])(?P<name>[A-Za-z_][\w.\-]*)(?P<q>['"]?)(?P<sep>\s*[=:]\s*)""")
+_VALUE = re.compile(r"""'(?P<sq>(?:\\.|[^'\\])*|[^']*)'|"(?P<dq>(?:\\.|[^"\\])*|[^"]*)"|(?P<open>['"])[^\s'"]*"""
+                    r"""|(?P<bare>[^\s'",;})\]]+)""")
 # a webhook's URL after its name (nightly.webhook=https://..., `webhook: https://...` in YAML): the URL is the
 # capability, so only scheme://host/*** is kept, as rule 2 does for a dict
 _NAME_BEFORE = re.compile(r"""(?<![\w.\-/])(?P<name>[A-Za-z_][\w.\-]*)['"]?\s*[=:]\s*[\['"]?$""")
@@ -173,7 +184,13 @@ def redact_url(url: str, strict: bool = False) -> str:
         at = url.find("@", len(p.scheme) + 3)
         return redact_url(f"{p.scheme}://{MASK}@{url[at + 1:]}", strict)
     if "@" in netloc:
-        netloc = MASK + "@" + netloc.rsplit("@", 1)[1]
+        user, host = netloc.rsplit("@", 1)
+        # Azure's user part is the container: masked, two training sets in two containers read the same,
+        # and a nightly job took the second's checkpoints for audited (the same config_sha256). Kept since
+        # this release, so the nightly config hash (and run folder name) of such a setting changes once:
+        # its series is audited again from its first checkpoint
+        if p.scheme.lower() not in _CONTAINER_SCHEMES or ":" in unquote(user):
+            netloc = MASK + "@" + host
     if strict:
         return _unsplit(p.scheme, netloc, "/" + MASK if p.path.strip("/") or p.query or p.fragment else p.path,
                         "", "")
@@ -194,7 +211,9 @@ def _unsplit(scheme: str, netloc: str, path: str, query: str, fragment: str) -> 
 
 def redact_urls(text: str) -> str:
     """Every URL in `text` through `redact_url`; the rest of the text unchanged."""
-    return _URL.sub(lambda m: redact_url(m.group(0)), text) if "://" in text else text
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: text[m.start():m.start("url")] + redact_url(m.group("url")), text)
 
 
 def _secret_assignment(name: str) -> bool:
@@ -206,14 +225,16 @@ def _secret_assignment(name: str) -> bool:
 def _assignments(text: str) -> str:
     """`name=value`, `name: value`, `'name': 'value'` with a secret name -> the value masked."""
     out, pos = [], 0
-    while (m := _ASSIGN.search(text, pos)) is not None:
-        bare = m.group("bare")
-        if not _secret_assignment(m.group("name")) or (  # go on right after the name: `Error: token=x` has one
-                bare is not None and ":" in m.group("sep") and _PROSE.match(text, m.start("bare"))):
-            out.append(text[pos:m.end("name")])  # (prose: `credentials: an expired token`)
-            pos = m.end("name")
+    while (h := _HEAD.search(text, pos)) is not None:
+        # a name without a value after it (`key=,`) is no assignment; a name that is not secret neither:
+        # go on right after the name (`Error: token=x` has one), without reading its value
+        m = _VALUE.match(text, h.end()) if _secret_assignment(h.group("name")) else None
+        bare = m.group("bare") if m else None
+        if m is None or (bare is not None and ":" in h.group("sep") and _PROSE.match(text, m.start("bare"))):
+            out.append(text[pos:h.end("name")])  # (prose: `credentials: an expired token`)
+            pos = h.end("name")
             continue
-        head = text[pos:m.start()] + m.group("name") + m.group("q") + m.group("sep")
+        head = text[pos:h.end()]
         if m.group("open") is not None:  # a quote never closed: the word after it
             out.append(f"{head}{m.group('open')}{MASK}")
             pos = m.end()
@@ -236,10 +257,11 @@ def redact_text(text: str) -> str:
     if not isinstance(text, str):
         text = str(text)
     pieces, last = [], 0
-    for m in _URL.finditer(text):  # assignments outside URLs; a URL's own parameters are rule 3's
-        before = _NAME_BEFORE.search(text[max(last, m.start() - 200):m.start()])
+    for m in _URL.finditer(text) if "://" in text else ():  # assignments outside URLs; a URL's own
+        start = m.start("url")  # parameters are rule 3's
+        before = _NAME_BEFORE.search(text[max(last, start - 200):start])
         hook = before is not None and any(w.startswith("webhook") for w in words(before.group("name")))
-        pieces += [_assignments(text[last:m.start()]), redact_url(m.group(0), strict=hook)]
+        pieces += [_assignments(text[last:start]), redact_url(m.group("url"), strict=hook)]
         last = m.end()
     pieces.append(_assignments(text[last:]))
     return "".join(pieces)
