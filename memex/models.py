@@ -456,6 +456,12 @@ def pickle_shapes(file: str) -> dict[str, tuple[int, ...]]:
 def model_shapes(folder: str, library: str, class_name: str) -> dict[str, tuple[int, ...]] | None:
     """State-dict shapes of `class_name` built from `folder`'s config.json on the `meta` device
     (accelerate.init_empty_weights: no memory, no weights). None for a class memex cannot name."""
+    model = _meta_model(folder, library, class_name)
+    return None if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _meta_model(folder: str, library: str, class_name: str) -> Any:
+    """`class_name` built from `folder`'s config.json on the `meta` device, or None for a class memex cannot name."""
     from accelerate import init_empty_weights
 
     if library == "diffusers":
@@ -476,17 +482,17 @@ def model_shapes(folder: str, library: str, class_name: str) -> dict[str, tuple[
         return None
     try:
         with init_empty_weights():
-            model = build()
+            return build()
     except Exception as e:  # noqa: BLE001 - re-raised naming the config
         raise ModelError(f"{folder}/config.json does not build a {class_name}: {type(e).__name__}: "
                          f"{' '.join(str(e).split())[:300]}") from e
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def check_component_weights(folder: str, library: str, class_name: str, key: str,
                             allow_pickle: bool = False, variant: str | None = None) -> None:
-    """One component folder (unet, vae, text_encoder, ...): its weight files readable and shaped as
-    its config says. `key` (model.path=..., model.unet=...) is what the messages name."""
+    """One component folder (unet, vae, text_encoder, ...): its weight files readable, shaped as its
+    config says and holding every tensor it needs. `key` (model.path=..., model.unet=...) is what the
+    messages name."""
     try:
         fmt, files = weight_files(folder, variant)
     except ModelError as e:
@@ -504,17 +510,15 @@ def check_component_weights(folder: str, library: str, class_name: str, key: str
             shapes = read(f)
             found.update(shapes)
             where.update(dict.fromkeys(shapes, f))
-        expected = model_shapes(folder, library, class_name)
+        model = _meta_model(folder, library, class_name)
     except ModelError as e:  # the message names the file; the key says which setting points at it
         raise ModelError(f"{key}: {e}") from e
-    if expected is None:
+    if model is None:
         return
-    # Only tensors both sides name: loaders rename legacy keys (old attention blocks, prefixes) and
-    # report missing ones themselves; a wrong shape is what they only notice after reading everything.
-    # A text encoder saved with transformers 4 names text_model.encoder..., which transformers 5 builds
-    # as encoder...: compared without that prefix (as lora._module does), else no name met and no shape
-    # was compared at all.
-    expected = {_unprefixed(k): v for k, v in expected.items()}
+    # Shapes over the tensors both sides name. A text encoder saved with transformers 4 names
+    # text_model.encoder..., which transformers 5 builds as encoder...: compared without that prefix
+    # (as lora._module does), else no name met and no shape was compared at all.
+    expected = {_unprefixed(k): tuple(v.shape) for k, v in model.state_dict().items()}
     wrong = [(k, found[k], expected[_unprefixed(k)]) for k in sorted(found)
              if _unprefixed(k) in expected and found[k] != expected[_unprefixed(k)]]
     if wrong:
@@ -523,6 +527,91 @@ def check_component_weights(folder: str, library: str, class_name: str, key: str
         raise ModelError(f"{key}: tensor {k!r} in {where[k]} has shape {list(got)} but {folder}/config.json makes "
                          f"a {class_name} that needs {list(want)}{more}: the weights and config.json are from "
                          "different models (re-save the component with save_pretrained)")
+    # Then the tensors the class needs that no file holds: transformers gave them fresh random values
+    # on every load, logging it only (each sampler actor a different text encoder), diffusers failed
+    # in every actor with "Cannot copy out of meta tensor", naming nothing.
+    missing = _missing_tensors(model, library, list(found))
+    if missing:
+        names = ", ".join(repr(k) for k in missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3
+                                                            else "")
+        held = ", ".join(os.path.basename(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        effect = ("transformers fills them with fresh random values on every load, so each sampler differs" if
+                  library == "transformers" else "the load fails in every sampler")
+        raise ModelError(f"{key}: {folder}'s weights ({held}) lack {len(missing)} of the {len(model.state_dict())} "
+                         f"tensors its config.json's {class_name} needs: {names} ({effect}): an incomplete copy or "
+                         "download? re-download it, or re-save the component with save_pretrained")
+
+
+def _missing_tensors(model: Any, library: str, names: list[str]) -> list[str]:
+    """The state-dict names of `model` (built on `meta`) that a from_pretrained would not fill from checkpoint
+    tensors named `names`, after the renames the installed loader makes, less what it derives or may lack."""
+    expected = model.state_dict()
+    # a missing buffer keeps the value the class computes (init_empty_weights puts parameters alone on
+    # `meta`; transformers recomputes position_ids, inv_freq): only parameters count
+    params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+    if library == "diffusers":
+        # old checkpoints' attention blocks (query/key/value/proj_attn, diffusers < 0.15) are renamed to
+        # to_q/to_k/to_v/to_out.0 at load (diffusers does it for an unsharded checkpoint; renamed here for
+        # any, leniently: a sharded one under the old names is left to the load, as before)
+        held = dict.fromkeys(names)
+        fix = getattr(model, "_fix_state_dict_keys_on_load", None) or getattr(
+            model, "_convert_deprecated_attention_blocks", None)
+        if fix is not None:
+            fix(held)
+        return sorted(k for k in expected if k in params and k not in held)
+    have = _transformers_names(model, names, expected)
+    # tied weights (T5's encoder.embed_tokens.weight is shared.weight) are set from whichever of the group
+    # the checkpoint holds; transformers 5 maps target -> source, transformers 4 lists the targets
+    tied = getattr(model, "all_tied_weights_keys", None)
+    optional = set()
+    if isinstance(tied, dict):
+        groups: dict[str, set[str]] = {}
+        for target, source in tied.items():
+            groups.setdefault(source, {source}).add(target)
+        for group in groups.values():
+            if group & have:
+                have |= group
+    else:
+        optional |= {k for k in expected for pat in getattr(model, "_tied_weights_keys", None) or ()
+                     if re.search(pat, k)}
+    optional |= {k for k in expected for pat in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()
+                 if re.search(pat, k)}
+    return sorted(k for k in expected if k in params and k not in have and k not in optional)
+
+
+def _transformers_names(model: Any, names: list[str], expected: dict) -> set[str]:
+    """The model names transformers loads checkpoint tensors `names` into: transformers 5's conversion
+    mapping (text_model. prefixes, LayerNorm gamma/beta, ...) and base_model_prefix, as
+    convert_and_load_state_dict_in_model renames them; where that API is not there (transformers 4),
+    the same renames by hand, leniently (a name either way counts)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        out = set()
+        for name in names:
+            renamed, _ = rename_source_key(name, renamings, converters, prefix, expected)
+            if renamed not in expected and name in expected:
+                renamed, _ = rename_source_key(name, [], [], base_model_prefix=prefix, meta_state_dict=expected)
+            out.add(renamed)
+        return out
+    except Exception:  # noqa: BLE001 - transformers 4 (no conversion mapping) or a changed API
+        pass
+    forms = {_loose_name(k, prefix): k for k in expected}
+    return {forms[n] for n in (_loose_name(n, prefix) for n in names) if n in forms}
+
+
+def _loose_name(name: str, prefix: str) -> str:
+    """A tensor name with the renames transformers 4 makes at load undone both ways: LayerNorm gamma/beta,
+    the base model prefix, a CLIP text encoder's text_model."""
+    name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    if prefix:
+        name = name.removeprefix(prefix + ".")
+    return _unprefixed(name)
 
 
 def _unprefixed(name: str) -> str:
