@@ -12,6 +12,7 @@ import enum
 import functools
 import itertools
 import logging
+import os
 import re
 import shlex
 import sys
@@ -1101,6 +1102,16 @@ def help_overrides(args: list[str]) -> tuple[list[str], str]:
     return out, note
 
 
+def print_out(text: str) -> None:
+    """Print a command's text (--help, --cfg) to stdout. A reader that stops early (`memex audit --cfg job | head`)
+    closes the pipe: that is no error (it printed "memex: error: [Errno 32] Broken pipe"); the rest is dropped, as
+    Python's docs advise (stdout pointed at devnull, so the flush at exit raises nothing either)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def print_config(stage: str, args: list[str], which: str) -> str:
     """`memex <stage> ... --cfg job`: the composed config as YAML, credentials redacted (memex/redact.py), as
     Hydra prints it (unresolved; `--resolve` resolves). memex prints the job's config whatever `which` asks:
@@ -1187,15 +1198,16 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - a bad override: one line, as a run would say it
             print(f"memex: error: {redact_text(str(e).splitlines()[0] if str(e) else repr(e))}", file=sys.stderr)
             sys.exit(1)
-        print(text)
+        print_out(text)
         sys.exit(0)
     if stage in SCHEMAS and (cfg_flag := _cfg_flag(sys.argv[1:])):
         try:  # Hydra's own --cfg printed the config raw: a storage secret, a webhook URL (README: every printout)
             check_overrides(sys.argv[1:], SCHEMAS[stage])
-            print(print_config(stage, sys.argv[1:], cfg_flag))
+            text = print_config(stage, sys.argv[1:], cfg_flag)
         except Exception as e:  # noqa: BLE001 - a bad override: one line, as a run would say it
             print(f"memex: error: {redact_text(str(e).splitlines()[0] if str(e) else repr(e))}", file=sys.stderr)
             sys.exit(1)
+        print_out(text)
         sys.exit(0)
     sys.argv[0] = f"memex {stage}"
     if stage in SCHEMAS:
