@@ -196,7 +196,8 @@ def check_guidance(path: str, kind: ModelKind, prompted: bool, guidance_scale: f
         raise ConfigError(f"{what} model.path={path}, a {kind.value} model, only the empty prompt, and "
                           f"sampling.guidance_scale={guidance_scale} would guide it against the empty prompt: twice "
                           "the UNet evaluations for the same images. Set sampling.guidance_scale=1, or give it "
-                          "prompts (prompts=file prompts.path=...)")
+                          "prompts (prompts=file prompts.path=...). A run folder generated so before is kept: "
+                          "match its samples again with run.samples_from=<its run name> (no generation)")
 
 
 class RunSampler:
