@@ -21,10 +21,11 @@ import json
 import logging
 import posixpath
 import re
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -47,6 +48,13 @@ UNCONDITIONAL_ID = "uncond"
 # texts -> one key a text, equal where the model reads the same tokens (models.conditioning_keys)
 Keys = Callable[[list[str]], list[Hashable]]
 _CHUNK = 8192  # captions tokenized at a time (~0.4 s)
+_BATCH = 1 << 16  # prompts=captions: caption rows read, stripped and counted at a time (~4 MB of text)
+_FOLD = 1 << 18  # batches' distinct captions held before they are folded into the counts so far, at least (~16 MB)
+# str.strip()'s whitespace exactly, for Arrow's utf8_trim: the 29 characters str.isspace() holds (\x1c-\x1f and
+# \x85 among them, which Unicode does not call whitespace); utf8_trim_whitespace follows Arrow's own table.
+# tests/test_caption_prompts_memory.py checks it against every code point and utf8_trim against str.strip
+_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+               "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 log = logging.getLogger("memex.prompts")
 
 
@@ -59,10 +67,13 @@ def prompt_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, str] | None = None) -> pa.Table:
+def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, str] | None = None,
+                batches: bool = False) -> pa.Table | Iterator[pa.Array]:
     """The prompt file as a table; a Parquet file or folder is read with only `columns` (column -> the
     key that names it) (a training manifest with embedded images given as prompts.path: 5M rows x ~40 KB
-    of images were read whole into the driver for one caption column)."""
+    of images were read whole into the driver for one caption column). With `batches` (one column), a
+    Parquet file or folder and a datasets folder give that column's arrays a record batch at a time, once
+    the column is checked (prompts=captions over a whole training manifest); the text formats a table."""
     fs, p = fsspec.core.url_to_fs(path, **storage_options)
     if not fs.exists(p):
         raise PromptError(f"prompts.path={path} does not exist")
@@ -75,6 +86,8 @@ def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, s
             for c, key in (columns or {}).items():
                 if c not in names:
                     raise PromptError(f"{path} has no column {c!r} (columns: {names}); set {key}=<column>")
+            if batches:
+                return _reading(path, _arrow_column(f"prompts.path={path}", fs, parts, *columns))
             return read_arrow(f"prompts.path={path}", fs, parts, list(columns) if columns else None)
         if ext == ".parquet" or is_dir:
             # a folder: its Parquet parts only, as the training set's reader takes them (images or
@@ -85,12 +98,18 @@ def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, s
                                   "(.txt, .jsonl, .csv, .parquet) or a folder of Parquet parts")
             # one schema for all the parts: read with the first one's, a caption column pandas wrote all-None
             # there (type null) refused the later parts' captions ("Unsupported cast from string to null")
-            schema = unified_schema(f"prompts.path={path}", parts, read_schemas(f"prompts.path={path}", fs, parts)) \
-                if is_dir and len(parts) > 1 else None
+            schemas = read_schemas(f"prompts.path={path}", fs, parts) if is_dir and len(parts) > 1 else None
+            schema = unified_schema(f"prompts.path={path}", parts, schemas) if schemas else None
             names = (schema or pq.ParquetDataset(parts, filesystem=fs).schema).names if columns else None
             for c, key in (columns or {}).items():
                 if c not in names:
                     raise PromptError(f"{path} has no column {c!r} (columns: {names}); set {key}=<column>")
+            if batches:
+                (c,) = columns
+                # a part without the column: nulls, as pq.read_table gives it under the unified schema
+                return _reading(path, _parquet_column(fs, [pt for n, pt in enumerate(parts if is_dir else [p])
+                                                          if schemas is None or c in schemas[n].names],
+                                                      c, schema.field(c).type if schema else None))
             return pq.read_table(parts, filesystem=fs, columns=list(columns) if columns else None, schema=schema)
         with fs.open(p, "rb") as f:
             # utf-8-sig: a file saved with a byte-order mark (Windows editors) loses it; as "utf-8" the
@@ -148,11 +167,66 @@ def _open_table(path: str, storage_options: dict[str, Any], columns: dict[str, s
     raise PromptError(f"prompts.path={path}: unsupported extension {ext!r}; use .txt, .csv, .jsonl or .parquet")
 
 
+def _reading(path: str, arrays: Iterator[pa.Array]) -> Iterator[pa.Array]:
+    """`arrays`, its read errors named as _open_table names them."""
+    try:
+        yield from arrays
+    except ManifestError as e:  # a datasets folder's own message names the part
+        raise PromptError(str(e)) from e
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise PromptError(f"cannot read prompts.path={path}: {type(e).__name__}: {e}") from e
+
+
+def _parquet_column(fs: fsspec.AbstractFileSystem, parts: list[str], column: str,
+                    typ: pa.DataType | None) -> Iterator[pa.Array]:
+    """A column of Parquet `parts`, a batch at a time, cast to `typ` (the parts' unified type) where given.
+    pre_buffer=False: one row group's column chunk held at a time (manifest._parquet_batches)."""
+    for part in parts:
+        with pq.ParquetFile(part, filesystem=fs, pre_buffer=False) as f:
+            for batch in f.iter_batches(batch_size=_BATCH, columns=[column]):
+                arr = batch.column(0)
+                yield arr if typ is None or arr.type == typ else arr.cast(typ)
+
+
+def _arrow_column(path: str, fs: fsspec.AbstractFileSystem, parts: list[str], column: str) -> Iterator[pa.Array]:
+    """A column of a datasets folder's Arrow `parts`, a record batch at a time (read_arrow's, which held
+    the whole column); a part whose column has another type is refused as read_arrow refuses it."""
+    typ = None
+    for part in parts:
+        try:
+            with fs.open(part, "rb") as f:
+                try:
+                    reader = pa.ipc.open_stream(f)
+                    batches = iter(reader)
+                except pa.ArrowInvalid:
+                    f.seek(0)
+                    reader = pa.ipc.open_file(f)
+                    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                field = reader.schema.field(column)
+                typ = field.type if typ is None else typ
+                if field.type != typ:
+                    raise ManifestError(f"{path}: its Arrow files have different columns ({column!r} is {typ} in "
+                                        f"{posixpath.basename(parts[0])}, {field.type} in "
+                                        f"{posixpath.basename(part)})")
+                for b in batches:
+                    yield b.column(column)
+        except ManifestError:
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised naming the file
+            raise ManifestError(f"{path}: {posixpath.basename(part)} is not readable Arrow: "
+                                f"{type(e).__name__}: {e}") from e
+
+
+def _has_column(table: pa.Table, name: str, path: str, key: str) -> None:
+    """A missing column refused naming the table's columns and the key to set."""
+    if name not in table.column_names:
+        raise PromptError(f"{path} has no column {name!r} (columns: {table.column_names}); set {key}=<column>")
+
+
 def _column(table: pa.Table, name: str, path: str, key: str) -> list[str | None]:
     """The column's cells as text: a string; a list of strings (several captions an image,
     COCO-style) gives its first, where str() made "['a', 'b']" a prompt; a number its digits."""
-    if name not in table.column_names:
-        raise PromptError(f"{path} has no column {name!r} (columns: {table.column_names}); set {key}=<column>")
+    _has_column(table, name, path, key)
     out: list[str | None] = []
     for v in table.column(name).to_pylist():
         v = first_caption(v)
@@ -224,6 +298,65 @@ def rank_captions(captions: pa.Array | pa.ChunkedArray) -> pa.Table:
     return counts.sort_by([("caption_count", "descending"), ("caption", "ascending")])
 
 
+def _stripped(arr: pa.Array, path: str, column: str) -> pa.Array:
+    """A batch of the caption column as stripped text (large_string: no 2 GB offset limit once counted),
+    as _column and str.strip() make it: text in Arrow; other types (a list of captions, numbers) a batch of
+    Python values at a time, through _column."""
+    typ = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ):
+        return pc.utf8_trim(arr.cast(pa.large_string()), characters=_WHITESPACE)
+    texts = _column(pa.table({column: arr}), column, path, "prompts.caption_column")
+    return pa.array([t.strip() if t is not None else None for t in texts], pa.large_string())
+
+
+def _caption_counts(arrays: Iterable[pa.Array], path: str, column: str) -> tuple[pa.Array, np.ndarray]:
+    """The stripped captions of `arrays`, each once, in ascending order (Arrow's, as rank_captions' ties), and
+    their exact-duplicate counts; empty and null ones left out. Counted a batch at a time and the partial counts
+    folded together: what is held follows the distinct captions, not the rows (a Python str a row over the whole
+    column peaked at ~330 bytes a row: a 3M-row manifest +948 MiB, whatever prompts.limit)."""
+    captions, counts = pa.array([], pa.large_string()), np.zeros(0, np.int64)  # folded so far
+    partial: list[tuple[pa.Array, np.ndarray]] = []  # batches' (distinct captions, counts), not yet folded
+    rows = 0
+
+    def fold() -> None:
+        # sorted, a caption's partial counts lie side by side and are summed: the captions held about twice at the
+        # peak (2.7M distinct, 177 MB: Arrow's pool +230 MB; dictionary_encode + bincount +600 MB, its hash table
+        # and memo growing by doubling; Acero's group_by(...).sum more)
+        nonlocal captions, counts, rows
+        # one array: a chunked array's take concatenates its chunks first (a third copy)
+        values = pa.concat_arrays([captions, *(v for v, _ in partial)])
+        weights = np.concatenate([counts, *(c for _, c in partial)])
+        partial.clear()
+        captions = None
+        order = pc.sort_indices(values)
+        values, weights = values.take(order), weights[order.to_numpy()]
+        del order
+        first = np.ones(len(values), bool)
+        if len(values) > 1:
+            first[1:] = pc.not_equal(values.slice(1), values.slice(0, len(values) - 1)).to_numpy(zero_copy_only=False)
+        if first.all():
+            captions, counts = values, weights
+        else:
+            captions, counts = values.filter(first), np.add.reduceat(weights, np.flatnonzero(first))
+        rows = 0
+
+    for arr in arrays:
+        if pa.types.is_null(arr.type) or len(arr) == arr.null_count:
+            continue
+        text = _stripped(arr, path, column)
+        text = text.filter(pc.greater(pc.binary_length(text), 0))  # a null's length is null: dropped too
+        if not len(text):
+            continue
+        vc = pc.value_counts(text)
+        partial.append((vc.field("values"), vc.field("counts").to_numpy()))
+        rows += len(vc)
+        if rows >= max(_FOLD, len(captions)):  # each fold sorts the folded captions again: as often as they double
+            fold()
+    if partial:
+        fold()
+    return captions, counts
+
+
 def rank_by_near_duplicates(dups: pa.Table | Any, limit: int | None, same: Keys | None = None) -> pa.Table:
     """Captions of the most near-duplicated training images first (the paper's prompt choice).
 
@@ -261,6 +394,13 @@ def rank_by_near_duplicates(dups: pa.Table | Any, limit: int | None, same: Keys 
     return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows]}, schema=PROMPTS_SCHEMA)
 
 
+def _text_chunks(texts: pa.Array, order: pa.Array) -> Iterator[tuple[list[str], list[str]]]:
+    """`texts` in `order` and their prompt ids, _CHUNK at a time (a sorted copy of all the texts is not made)."""
+    for start in range(0, len(order), _CHUNK):
+        chunk = texts.take(order.slice(start, _CHUNK)).to_pylist()
+        yield chunk, [prompt_id(t) for t in chunk]
+
+
 def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = None, same: Keys | None = None,
                  by_text: bool = True) -> pa.Table:
     """The prompts of cfg, in order, each text once; `same` (models.conditioning_keys): each conditioning once.
@@ -272,15 +412,19 @@ def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = No
     if cfg.source == PromptSource.none:
         return pa.table({"prompt_id": [UNCONDITIONAL_ID], "prompt": [""]}, schema=PROMPTS_SCHEMA)
 
-    wanted = {cfg.caption_column: "prompts.caption_column"} if cfg.source == PromptSource.captions else \
-        {cfg.column: "prompts.column", **({cfg.id_column: "prompts.id_column"} if cfg.id_column else {})}
-    table = _open_table(cfg.path, opts, wanted)
     if cfg.source == PromptSource.captions:
-        col = _column(table, cfg.caption_column, cfg.path, "prompts.caption_column")
-        ranked = rank_captions(pa.array([c.strip() if c is not None else None for c in col]))
-        texts = [t for t in ranked["caption"].to_pylist() if t]
-        ids = [prompt_id(t) for t in texts]
+        key = "prompts.caption_column"
+        source = _open_table(cfg.path, opts, {cfg.caption_column: key}, batches=True)
+        if isinstance(source, pa.Table):  # a text file, read whole
+            _has_column(source, cfg.caption_column, cfg.path, key)
+            source = iter(source.column(cfg.caption_column).chunks)
+        captions, counts = _caption_counts(source, cfg.path, cfg.caption_column)
+        # ranked as rank_captions ranks (count descending, ties by caption: the captions' own order, kept by the
+        # stable sort); Python strs a chunk at a time (the top 24 of 5M distinct captions: 8,192 made)
+        chunks = _text_chunks(captions, pa.array(np.argsort(-counts, kind="stable")))
     else:
+        wanted = {cfg.column: "prompts.column", **({cfg.id_column: "prompts.id_column"} if cfg.id_column else {})}
+        table = _open_table(cfg.path, opts, wanted)
         if table.num_rows == 0:
             raise PromptError(f"prompts.path={cfg.path} holds no prompts")
         texts = [t.strip() if t is not None else "" for t in _column(table, cfg.column, cfg.path, "prompts.column")]
@@ -290,10 +434,11 @@ def load_prompts(cfg: PromptsConfig, storage_options: dict[str, Any] | None = No
             ids = [prompt_id(t) for t in texts]
         keep = [i for i, t in enumerate(texts) if t]
         texts, ids = [texts[i] for i in keep], [ids[i] for i in keep]
+        chunks = ((texts[start:start + _CHUNK], ids[start:start + _CHUNK]) for start in range(0, len(texts), _CHUNK))
 
     picked = _Distinct(same, by_text)
-    for start in range(0, len(texts), _CHUNK):
-        picked.add(texts[start:start + _CHUNK], ids[start:start + _CHUNK])
+    for chunk, chunk_ids in chunks:  # not texts, ids: the file source's generator reads those
+        picked.add(chunk, chunk_ids)
         if cfg.limit is not None and len(picked.rows) >= cfg.limit:
             break
     rows = picked.rows[: cfg.limit] if cfg.limit is not None else picked.rows

@@ -194,11 +194,13 @@ def test_a_manifest_as_prompts_reads_its_caption_column_only(tmp_path, monkeypat
     path = tmp_path / "train.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c"], "image": [b"\x89PNG" * 1000] * 3,
                              "caption": ["a cat", "a dog", "a cat"], "n": [1, 2, 3]}), path)
-    read = []
-    real = pq.read_table
+    read, streamed = [], []
+    real, real_batches = pq.read_table, pq.ParquetFile.iter_batches
     monkeypatch.setattr(pq, "read_table", lambda *a, **k: read.append(k.get("columns")) or real(*a, **k))
-    t = load_prompts(PromptsConfig(source=PromptSource.captions, path=str(path)))
-    assert t["prompt"].to_pylist() == ["a cat", "a dog"] and read == [["caption"]]
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
+                        lambda self, **k: streamed.append(k.get("columns")) or real_batches(self, **k))
+    t = load_prompts(PromptsConfig(source=PromptSource.captions, path=str(path)))  # a batch at a time since 2026-12
+    assert t["prompt"].to_pylist() == ["a cat", "a dog"] and streamed == [["caption"]] and read == []
     t = load_prompts(PromptsConfig(source=PromptSource.file, path=str(path), column="caption", id_column="n"))
     assert t["prompt_id"].to_pylist() == ["1", "2"] and read[-1] == ["caption", "n"]  # "a cat" once, as id 1
     with pytest.raises(PromptError, match=r"has no column 'text' \(columns: \['id', 'image', 'caption', 'n'\]\); "
@@ -228,14 +230,17 @@ def test_a_save_to_disk_folder_as_prompts_reads_its_caption_column_only(tmp_path
     """prompts=captions at a datasets save_to_disk training set: every Arrow file was read whole, images
     included, for one caption column, and a missing column was never named. Now only the named columns,
     a record batch at a time."""
-    from memex import manifest
+    from memex import manifest, prompts
 
     folder = os.path.join(os.path.dirname(__file__), "data", "hf_datasets", "with_ids")
-    kept = []
-    real = manifest.read_arrow
+    kept, streamed = [], []
+    real, real_column = manifest.read_arrow, prompts._arrow_column
     monkeypatch.setattr("memex.prompts.read_arrow", lambda *a: kept.append(a[3]) or real(*a))
+    monkeypatch.setattr("memex.prompts._arrow_column", lambda *a: streamed.append(a[3]) or real_column(*a))
     t = load_prompts(PromptsConfig(source=PromptSource.captions, path=folder, caption_column="text"))
-    assert t["prompt"].to_pylist() == [f"a photo {i}" for i in range(4)] and kept == [["text"]]
+    assert t["prompt"].to_pylist() == [f"a photo {i}" for i in range(4)] and streamed == ["text"] and kept == []
+    assert load_prompts(PromptsConfig(source=PromptSource.file, path=folder, column="text"))[
+        "prompt"].to_pylist() == [f"a photo {i}" for i in range(4)] and kept == [["text"]]
     assert manifest.read_arrow("x", fsspec.filesystem("file"), manifest.hf_dataset_parts(
         fsspec.filesystem("file"), folder, folder, "x"), ["id"]).column_names == ["id"]
     with pytest.raises(PromptError, match=r"has no column 'caption' \(columns: \['image', 'text', 'id'\]\); "
