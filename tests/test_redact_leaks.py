@@ -128,8 +128,10 @@ def test_a_quoted_value_with_an_escaped_quote_and_an_override_with_a_space_are_m
     out = redact_text(f"storage.options.secret='ab\\'cd{SECRET}'")
     assert SECRET not in out and out == "storage.options.secret='***'", out
     assert R.redact_override(f"storage.options.token=abc {SECRET}") == "storage.options.token=***"
-    assert R.redact_override("storage.options.endpoint_url=http://127.0.0.1:9") == \
-        "storage.options.endpoint_url=http://127.0.0.1:9"
+    # URL-valued overrides that are no webhook's are kept whole, path included (only a webhook's is cut)
+    for kept in ("storage.options.endpoint_url=http://127.0.0.1:9", "trainset.path=s3://bucket/laion/train.parquet",
+                 "storage.options.endpoint_url=https://minio.example.org:9000/s3"):
+        assert R.redact_override(kept) == kept
 
 
 def test_memex_own_storage_hint_is_not_masked_as_a_credential():

@@ -181,14 +181,13 @@ def test_a_resident_worker_is_built_once_called_many_times_and_released(ray_head
     assert len({o[3] for o in out}) == 1 and out[0][3] != os.getpid()  # in one Ray worker, not here
     assert w._worker is None
     # leaving the block killed it (and freed its resources). ray.kill is asynchronous: a call sent
-    # right after it can still reach the actor first (seen once in CI), so the death is waited for
-    deadline = time.monotonic() + 60
+    # right after it can still reach the actor first (seen once in CI), so the death is waited for (a worker
+    # that never dies hangs here until pytest-timeout fails the test)
     while True:
         try:
             ray.get(actor.__call__.remote(0), timeout=60)
         except ray.exceptions.RayActorError:
             break
-        assert time.monotonic() < deadline, "the worker still answers 60 s after the block was left"
         time.sleep(0.2)
     assert runner.Resident(Loaded, {"data": "x"}, RES)._worker is None  # nothing is started before a call
 

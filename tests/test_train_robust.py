@@ -232,29 +232,35 @@ def test_a_requeued_run_waits_for_its_killed_predecessors_lease_and_resumes(mani
         "host": "node-7", "pid": os.getpid() + 12345, "machine": f"node-7/{socket.gethostname()}-other",
         "started": "2026-12-07T00:00:00+00:00", "heartbeat_unix": time.time() - timeout + 10,
         "nonce": "f" * 32, "timeout_s": timeout, "command": "memex"}))
-    started = time.monotonic()
     with caplog.at_level("WARNING", logger="memex.lease"):
         done = train(_cfg(manifest, out))
     assert (done / INFO_FILE).is_file() and not (done / "_lease.json").exists()
-    assert time.monotonic() - started >= 3  # it waited for the heartbeat to go stale, then took it over
     assert "is in use by host node-7" in caplog.text and "waiting up to" in caplog.text
+    # it waited for the heartbeat to go stale, then took it over: the takeover names the heartbeat's age then
+    took_over = re.findall(r"taking over the lease of host node-7 .*: no heartbeat for (\d+) s", caplog.text)
+    assert len(took_over) == 1 and int(took_over[0]) >= timeout, caplog.text
 
 
-def test_fp16_on_the_cpu_is_refused_before_any_data(manifest, tmp_path):
+def test_fp16_on_the_cpu_is_refused_before_any_data(manifest, tmp_path, monkeypatch):
     """trainer.mixed_precision=fp16 on the CPU: accelerate runs no fp16 there (no autocast, no GradScaler), and
     the run trained in float32 with fp16 in its recipe and memex_train.json, without a word. Refused before the
     data is read, naming bf16 and no. LiRA's shadows copy a target's recipe (train's copies_recipe=True): a
     target trained fp16 on a GPU still gets its shadows on CPU workers, trained in float32 as before and
     recorded so."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    # accelerate's device is the process's, fixed by its first train (state shared by every instance): on a GPU
+    # host an earlier test's train took the GPU, and cpu=True was then ignored. A fresh state, as in a new process
+    for shared in (PartialState, AcceleratorState, GradientState):
+        monkeypatch.setattr(shared, "_shared_state", {})
     cfg = _cfg(tmp_path / "missing.parquet", tmp_path / "o", "trainer.mixed_precision=fp16")
     refusal = r"trainer.mixed_precision=fp16 on the CPU.*trainer.mixed_precision=bf16.*trainer.mixed_precision=no"
-    if not torch.cuda.is_available():  # trains on the CPU: accelerate's device is this process's
-        with pytest.raises(ConfigError, match=refusal):
-            train(cfg, cpu=True)
-        assert not (tmp_path / "o").exists()
-        out = train(_cfg(manifest, tmp_path / "shadow", "arch=uncond_small", "trainer.mixed_precision=fp16",
-                         "trainer.steps=1"), cpu=True, copies_recipe=True)
-        assert json.loads((out / INFO_FILE).read_text())["config"]["trainer"]["mixed_precision"] == "no"
+    with pytest.raises(ConfigError, match=refusal):
+        train(cfg, cpu=True)
+    assert not (tmp_path / "o").exists()
+    out = train(_cfg(manifest, tmp_path / "shadow", "arch=uncond_small", "trainer.mixed_precision=fp16",
+                     "trainer.steps=1"), cpu=True, copies_recipe=True)
+    assert json.loads((out / INFO_FILE).read_text())["config"]["trainer"]["mixed_precision"] == "no"
     from memex.training import check_run_inputs
 
     with pytest.raises(ConfigError, match=refusal):
