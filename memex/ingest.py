@@ -560,6 +560,7 @@ def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
     whose version is in `shard_cache` is not read (see list_training_set)."""
     root = root.rstrip("/")
     tars = sorted(f for f in files if f.endswith(".tar"))
+    check_utf8_names(tars, f"{key}={path}", "shard file name(s)", f"rename them to UTF-8 ({CONVMV} {path})")
 
     def samples(tar: str) -> list[tuple[str, str | None]]:
         stamp, cached = _stamp(files[tar]), None
@@ -585,6 +586,10 @@ def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
             raise StorageError(f"{key}={path}: cannot read shard {fs.unstrip_protocol(tar)} ({type(e).__name__}: "
                                f"{e}): a storage problem, not a damaged shard; rerun to retry it, or check read "
                                "access and storage.options") from e
+        # tarfile reads a name that is not UTF-8 (a Latin-1 tar) as surrogate escapes, which Arrow cannot hold
+        check_utf8_names([m for m, *_ in got], f"{key}={path}: shard {fs.unstrip_protocol(tar)}",
+                         "member name(s)", f"pack it again with UTF-8 names (extract it, {CONVMV} <that folder>, "
+                         "tar it again)")
         if cached is not None:  # atomic: a killed write leaves no listing a later audit trusts
             shard_cache.write_table(cached, pa.table(dict(zip(("member", "caption", "offset", "size"), zip(*got))),
                                                      schema=SHARD_LISTING_FILE_SCHEMA) if got else
@@ -650,6 +655,8 @@ def _from_folder(path: str, fs, root: str, files: dict[str, dict], key: str, cap
     if not images:
         raise IngestError(f"{key}={path} holds no images ({' '.join(IMAGE_SUFFIXES)}) "
                           "and no .parquet manifest")
+    # before their sidecars' names (the same stems) are read or kept
+    check_utf8_names(images, f"{key}={path}", "image file name(s)", f"rename them to UTF-8 ({CONVMV} {path})")
     metadata: dict[str, Any] = {}  # image file -> its metadata row's caption (None: the row has none)
     if by_stem:
         metadata = {f: by_stem.get(posixpath.splitext(f)[0]) for f in images}
@@ -677,6 +684,34 @@ def _from_folder(path: str, fs, root: str, files: dict[str, dict], key: str, cap
                     "stamp": [_stamp(files[f]) for f in images]},
                    schema=TRAINING_SCHEMA)
     return out.sort_by("id")
+
+
+# renames a folder's Latin-1 file names (an old archive's, a Windows share's) to UTF-8, in place
+CONVMV = "convmv -f latin1 -t utf-8 -r --notest"
+
+
+def shown_name(name: str) -> str:
+    """A file name as text any log or terminal holds: bytes that are not UTF-8 (Python's surrogate escapes of
+    them, os.fsdecode) as \\xNN, "caf\\xe9.png"."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file system gives (not an escaped byte)
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_utf8_names(names: Sequence[str], where: str, what: str, fix: str) -> None:
+    """Refuse file names that are not UTF-8 (a local file or a tar member named in Latin-1, read by Python as
+    surrogate escapes): Arrow's string columns cannot hold them, and the index stopped with a bare
+    UnicodeEncodeError naming no file. Names the first few, escaped (shown_name)."""
+    bad = []
+    for n in names:  # (~0.1 s for 1M names)
+        try:
+            n.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(n)
+    if bad:
+        raise IngestError(f"{shown_name(where)}: {len(bad)} {what} are not UTF-8, which memex's tables cannot hold "
+                          f"(e.g. {', '.join(shown_name(n) for n in bad[:3])}): {shown_name(fix)}")
 
 
 SIDECAR_SCHEMA = pa.schema([("file", pa.string()), ("text", pa.binary())])

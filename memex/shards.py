@@ -71,6 +71,19 @@ def split_member_uri(uri: str) -> tuple[str, str] | None:
     return None if m is None else (m["member"], m["tar"])
 
 
+def uri_fs(uri: str, opts: dict[str, Any]) -> tuple[Any, str]:
+    """(filesystem, path) of a uri, as fsspec.core.url_to_fs gives them, but "::" in a file's name is part of its
+    name: fsspec reads every "::" as a link of a chain (simplecache::s3://b/x.png, zip://a.png::s3://b/a.zip), so
+    file:///pics/g::h.png opened the file /pics/g (the image quarantined as missing, under another file's name).
+    A uri is a chain only where each part after the first is a URI of its own or a protocol's name."""
+    parts = uri.split("::")
+    if len(parts) == 1 or all("://" in p or p in fsspec.available_protocols() for p in parts[1:]):
+        return fsspec.core.url_to_fs(uri, **opts)
+    # the same filesystem and options (a protocol's nested ones too) from the uri with no "::", then its own path
+    fs, _ = fsspec.core.url_to_fs(uri.replace("::", "__"), **opts)
+    return fs, fs._strip_protocol(uri)
+
+
 def tar_members(tar_uri: str, opts: dict[str, Any], version: str | None = None) -> dict[str, tuple[int, int]]:
     """Member name -> (data offset, size) of the regular files of a tar shard, from a scan of its headers,
     cached per process (see _offsets)."""
@@ -107,7 +120,8 @@ def _offsets(tar_uri: str, opts: dict[str, Any], version: str | None,
 
 def _scan(tar_uri: str, opts: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """Every header of the shard: through s3fs's readahead file, the whole shard is read."""
-    with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+    fs, path = uri_fs(tar_uri, opts)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
         return {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
 
 
@@ -128,7 +142,7 @@ def kept_offsets(tar_uri: str, opts: dict[str, Any], listings: str) -> dict[str,
     from memex.ingest import _stamp, shard_listing_name  # (memex.ingest imports this module)
     from memex.storage import is_damage
 
-    fs, path = fsspec.core.url_to_fs(tar_uri, **opts)
+    fs, path = uri_fs(tar_uri, opts)
     fs.invalidate_cache(path)
     name = posixpath.join(listings.rstrip("/"), shard_listing_name(tar_uri, _stamp(fs.info(path))))
     lfs, lpath = fsspec.core.url_to_fs(name, **opts)
@@ -174,7 +188,8 @@ def read_uri(uri: str, opts: dict[str, Any], version: str | None = None, listing
     headers are scanned."""
     split = split_member_uri(uri)
     if split is None:
-        with fsspec.open(uri, "rb", **opts) as f:
+        fs, path = uri_fs(uri, opts)
+        with fs.open(path, "rb") as f:
             return f.read()
     member, tar = split
     members, listed = _offsets(tar, opts, version, listings)
@@ -186,7 +201,7 @@ def read_uri(uri: str, opts: dict[str, Any], version: str | None = None, listing
     offset, size = found
     if not size:  # a 0-byte member: a range of nothing, which S3 answers with the whole object (the shard)
         return b""
-    fs, path = fsspec.core.url_to_fs(tar, **opts)
+    fs, path = uri_fs(tar, opts)
     return fs.cat_file(path, start=offset, end=offset + size)
 
 

@@ -473,6 +473,12 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
     from memex.ingest import IMAGE_SHA256, iter_train_rows
 
     r = cfg.resources
+    # the temp files of a killed build's writes in the index folder, never reused: its copy of the training set
+    # (`_tmp-<uuid>-train.pack`, its full size, and its table), a pictures.parquet (a row per duplicated image: tens
+    # of MB at LAION scale), an index.json or _SUCCESS.json. Swept only with a lost pack, the others stayed for
+    # good (a finished index never comes back here). Not another audit's write-probe (made outside the lease),
+    # nor a lease's temp file: Store.sweep_temp spares both
+    layout.store.sweep_temp("")
 
     # 2. the training table with global ids (written once; a rerun finds it in place)
     plans = plan_index_shards(listing.num_rows, cfg.index.shards)
@@ -488,10 +494,6 @@ def build(cfg: AuditConfig, listing: pa.Table, key: str, root: str, layout: Inde
         "aspect": aspect, "shards": plans, "n_train": listing.num_rows, "gid_order": order,
         **({"embedder_stamp": stamp} if stamp is not None else {})}))
     if lost:  # (train.pack gone: both written again, the same rows in the same order: check_gid_order)
-        # a killed build's copy of the training set (`_tmp-<uuid>-train.pack`, its full size, and its table)
-        # is never reused: gone before the new copy (not another audit's write-probe, made outside the lease,
-        # nor a lease's temp file: Store.sweep_temp spares both)
-        layout.store.sweep_temp("")
         # a lost pack: its table goes first. The table is moved into place after the pack, so a kill between
         # the two moves left the old table, the new pack and the new table's temp file, a whole index that
         # never came back here to sweep it. Now such a kill leaves no table: the next run sweeps and copies.
