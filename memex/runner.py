@@ -435,18 +435,25 @@ def failed(exc: BaseException, label: str, store: Store | None) -> MemexError:
     return UnitFailed(line)
 
 
-def oom_kills() -> int | None:
+def oom_kills(tries: int = 3) -> int | None:
     """Workers Ray's memory monitor killed (exit type NODE_OUT_OF_MEMORY) since this command
     started, on the whole cluster (Ray's state API lists workers by node, not by job); None where
-    the state API does not answer (it is served by the dashboard)."""
+    the state API does not answer (it is served by the dashboard). Asked up to `tries` times, 10 s each: a
+    dashboard on a loaded node (a 2-core CI machine running a stage's workers) can miss one 10 s window, and the
+    stage's one failure line then said only "the log names why"; ~30 s at most, once, for a stage that failed."""
     try:
         from ray.util.state import list_workers
-
-        dead = list_workers(filters=[("exit_type", "=", "NODE_OUT_OF_MEMORY")], detail=True, limit=10_000,
-                            raise_on_missing_output=False, timeout=10)  # a slow dashboard: not 30 s more
-    except Exception:  # noqa: BLE001 - no dashboard, an older Ray: the message says where to look instead
+    except Exception:  # noqa: BLE001 - an older Ray: the message says where to look instead
         return None
-    return sum(1 for w in dead if (w.end_time_ms or 0) >= _STARTED_MS)
+    for attempt in range(tries):
+        try:
+            dead = list_workers(filters=[("exit_type", "=", "NODE_OUT_OF_MEMORY")], detail=True, limit=10_000,
+                                raise_on_missing_output=False, timeout=10)
+            return sum(1 for w in dead if (w.end_time_ms or 0) >= _STARTED_MS)
+        except Exception:  # noqa: BLE001 - no dashboard, or a slow one: asked again, then the log is named
+            if attempt + 1 < tries:
+                time.sleep(1)
+    return None
 
 
 def _why_workers_died(key: str | None) -> str:
