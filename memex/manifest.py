@@ -245,13 +245,7 @@ def _arrow_batches(path: str, fs: fsspec.AbstractFileSystem, part: str) -> Itera
     """An Arrow stream's (or file's) record batches, one at a time from the open file."""
     try:
         with fs.open(part, "rb") as f:
-            try:
-                batches = iter(pa.ipc.open_stream(f))
-            except pa.ArrowInvalid:  # the file format (random access), not datasets' stream
-                f.seek(0)
-                reader = pa.ipc.open_file(f)
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            yield from batches
+            yield from open_arrow(f)[1]
     except Exception as e:  # noqa: BLE001 - re-raised naming the file
         raise ManifestError(f"{path}: {posixpath.basename(part)} is not readable Arrow: "
                             f"{type(e).__name__}: {e}") from e
@@ -384,6 +378,18 @@ def arrow_schema(fs: fsspec.AbstractFileSystem, part: str) -> pa.Schema:
             return pa.ipc.open_file(f).schema
 
 
+def open_arrow(f) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """(schema, record batches) of an open Arrow file: datasets' IPC stream (its ArrowWriter), else the Arrow
+    file format (random access), the batches read one at a time."""
+    try:
+        reader = pa.ipc.open_stream(f)
+        return reader.schema, iter(reader)
+    except pa.ArrowInvalid:  # the file format, not datasets' stream
+        f.seek(0)
+        reader = pa.ipc.open_file(f)
+        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+
+
 def read_arrow(path: str, fs: fsspec.AbstractFileSystem, parts: list[str],
                columns: list[str] | None = None) -> pa.Table:
     """datasets writes Arrow IPC streams (its ArrowWriter); the Arrow file format is read too. With
@@ -393,14 +399,8 @@ def read_arrow(path: str, fs: fsspec.AbstractFileSystem, parts: list[str],
     for part in parts:
         try:
             with fs.open(part, "rb") as f:
-                try:
-                    reader = pa.ipc.open_stream(f)
-                    batches = iter(reader)
-                except pa.ArrowInvalid:
-                    f.seek(0)
-                    reader = pa.ipc.open_file(f)
-                    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-                schema = reader.schema if columns is None else pa.schema([reader.schema.field(c) for c in columns])
+                whole, batches = open_arrow(f)
+                schema = whole if columns is None else pa.schema([whole.field(c) for c in columns])
                 tables.append(pa.Table.from_batches(
                     [b if columns is None else b.select(columns) for b in batches], schema=schema))
         except Exception as e:  # noqa: BLE001 - re-raised naming the file

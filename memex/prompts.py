@@ -38,6 +38,7 @@ from memex.manifest import (
     first_caption,
     hf_dataset_parts,
     no_lone_surrogates,
+    open_arrow,
     parquet_parts,
     read_arrow,
     read_schemas,
@@ -195,14 +196,8 @@ def _arrow_column(path: str, fs: fsspec.AbstractFileSystem, parts: list[str], co
     for part in parts:
         try:
             with fs.open(part, "rb") as f:
-                try:
-                    reader = pa.ipc.open_stream(f)
-                    batches = iter(reader)
-                except pa.ArrowInvalid:
-                    f.seek(0)
-                    reader = pa.ipc.open_file(f)
-                    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-                field = reader.schema.field(column)
+                schema, batches = open_arrow(f)
+                field = schema.field(column)
                 typ = field.type if typ is None else typ
                 if field.type != typ:
                     raise ManifestError(f"{path}: its Arrow files have different columns ({column!r} is {typ} in "
