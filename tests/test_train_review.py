@@ -14,29 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_robust import _cfg  # tests/test_train.py's tiny run: 16 px, two UNet levels, a few steps
 
 from memex import tiny
 from memex.images import encode_png
 from memex.manifest import ManifestError, expand_duplicates, read_manifest
 from memex.synth import logo
 from memex.training import MANIFEST_FILE, train
-
-
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-
-    from memex.cli import CONF_DIR, to_train_config
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return to_train_config(compose(config_name="train", overrides=overrides))
-
-
-def _cfg(manifest, out, *extra):
-    """tests/test_train.py's tiny run: 16 px, two UNet levels, a few steps."""
-    text = [] if "arch=uncond_small" in extra else ["arch.max_length=24"]
-    return _compose([f"data.path={manifest}", f"output={out}", "trainer=quick", "trainer.steps=3",
-                     "trainer.checkpoint_every=3", "arch.resolution=16", "arch.block_out_channels=[8,16]",
-                     *text, "data.duplication=[]", *extra])
 
 
 def _manifest(path, n=12, captions=None, **columns):
