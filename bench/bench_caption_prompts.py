@@ -23,40 +23,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+BENCH = str(Path(__file__).resolve().parent)
 CHILD = r"""
 import json, sys, time
 mode, path, warm, limit, out = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+sys.path.insert(0, sys.argv[6])  # bench/, for references.py: the old side
 def status(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 2**10
-import pyarrow as pa
-from memex import prompts
+import references
 from memex.config import PromptsConfig, PromptSource
-from memex.prompts import _Distinct, load_prompts, prompt_id, rank_captions
-
-def old(cfg):  # memex/prompts.py load_prompts' prompts=captions before the batched read
-    key = "prompts.caption_column"
-    table = prompts._open_table(cfg.path, {}, {cfg.caption_column: key})
-    col = prompts._column(table, cfg.caption_column, cfg.path, key)
-    ranked = rank_captions(pa.array([c.strip() if c is not None else None for c in col]))
-    texts = [t for t in ranked["caption"].to_pylist() if t]
-    ids = [prompt_id(t) for t in texts]
-    picked = _Distinct(None)
-    for start in range(0, len(texts), prompts._CHUNK):
-        picked.add(texts[start:start + prompts._CHUNK], ids[start:start + prompts._CHUNK])
-        if len(picked.rows) >= cfg.limit:
-            break
-    return picked.rows[:cfg.limit]
+from memex.prompts import load_prompts
 
 def way(path):
     cfg = PromptsConfig(source=PromptSource.captions, path=path, limit=limit)
-    if mode == "old":
-        return old(cfg)
-    return [tuple(r.values()) for r in load_prompts(cfg).to_pylist()]
+    way = references.caption_prompts if mode == "old" else load_prompts
+    return [tuple(r.values()) for r in way(cfg).to_pylist()]
 # warm-up on a 1,000-row manifest: Arrow's readers, kernels and thread pools are not counted as the manifest's
 way(warm)
 base, t0 = status("VmRSS"), time.perf_counter()
@@ -100,7 +87,7 @@ def main() -> None:
                 got = {}
                 for mode in ("old", "new"):
                     out = f"{root}/{mode}.json"
-                    subprocess.run([sys.executable, "-c", CHILD, mode, path, warm, str(limit), out], check=True)
+                    subprocess.run([sys.executable, "-c", CHILD, mode, path, warm, str(limit), out, BENCH], check=True)
                     got[mode] = json.load(open(out))
                     print(f"{'':>32} {limit:>8,} {mode:>4} {got[mode]['peak_mib']:>12.0f} MiB {got[mode]['s']:>7.1f}s")
                 same = got["old"]["rows"] == got["new"]["rows"]

@@ -25,36 +25,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+BENCH = str(Path(__file__).resolve().parent)
 CHILD = r"""
 import json, sys, time
 mode, root, n, limit, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+sys.path.insert(0, sys.argv[6])  # bench/, for references.py: the old side
 def status(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 2**10
-import pyarrow as pa, pyarrow.compute as pc
-from memex import prompts
+import references
 from memex.membership import IndexInfo, NearDuplicates, read_duplicates
-from memex.prompts import _Distinct, rank_by_near_duplicates
-
-def old(dups, limit):  # memex/prompts.py rank_by_near_duplicates before the pages, on read_duplicates' table
-    t = dups.filter(pc.invert(pc.is_null(dups["caption"])))
-    t = t.sort_by([("near_duplicates", "descending"), ("caption", "ascending")])
-    picked = _Distinct(None)
-    captions = t["caption"]
-    for start in range(0, len(captions), prompts._CHUNK):
-        picked.add(c.strip() for c in captions.slice(start, prompts._CHUNK).to_pylist())
-        if len(picked.rows) >= limit:
-            break
-    return [r[1] for r in picked.rows[:limit]]
+from memex.prompts import rank_by_near_duplicates
 
 def info(root, n):
     return IndexInfo(root=root, key="k", shards=[(0, n)], metric="l2", dim=8, n_train=n, n_indexed=n, n_quarantined=0)
 def way(root, n):
     if mode == "old":
-        return old(read_duplicates(info(root, n), {}), limit)
+        return references.rank_near_duplicates(read_duplicates(info(root, n), {}), limit)["prompt"].to_pylist()
     return rank_by_near_duplicates(NearDuplicates(info(root, n), {}), limit)["prompt"].to_pylist()
 # warm-up on the 1,000-row folder: Arrow's readers, kernels and thread pools (~100 MB of RSS either way) are
 # not counted as the training set's
@@ -96,7 +87,8 @@ def main() -> None:
             got = {}
             for mode in ("old", "new"):
                 out = f"{root}/{mode}.json"
-                subprocess.run([sys.executable, "-c", CHILD, mode, root, str(args.rows), str(limit), out], check=True)
+                argv = [mode, root, str(args.rows), str(limit), out, BENCH]
+                subprocess.run([sys.executable, "-c", CHILD, *argv], check=True)
                 got[mode] = json.load(open(out))
                 print(f"{limit:>8,} {mode:>4} {got[mode]['peak_mib']:>12.0f} MiB {got[mode]['s']:>7.1f}s")
             same = got["old"]["prompts"] == got["new"]["prompts"]

@@ -14,6 +14,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package): e.g. references, the code before a
+    memory change that its bench and its test both compare the new code with."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 # A scaled-down audit of the demo model for the end-to-end tests of what wraps an audit (nightly,
 # trackers): the 4 most duplicated captions x 8 samples, 10 DDIM steps instead of the checkpoint's 50
 # DDPM ones (5x fewer UNet calls; its memorized logos still come out within tiled l2 0.15), no triage

@@ -1,6 +1,7 @@
 """prompts=captions over a whole training manifest: the caption column is read, stripped and counted a batch at a
 time (it was read whole, then a Python str made a row: ~330 bytes a row at peak, a 3M-row manifest +948 MiB), with
-the same prompts, in the same order, under the same ids as the whole-column read below (`_reference`)."""
+the same prompts, in the same order, under the same ids as the whole-column read it replaced
+(bench/references.py caption_prompts, also the old side of bench/bench_caption_prompts.py)."""
 
 import json
 import os
@@ -14,34 +15,17 @@ import pytest
 
 from memex import prompts
 from memex.config import PromptsConfig, PromptSource
-from memex.layout import PROMPTS_SCHEMA
-from memex.prompts import PromptError, load_prompts, prompt_id, rank_captions
+from memex.prompts import PromptError, load_prompts
+
+from conftest import load_bench
+
+references = load_bench("references")
 
 # leading/trailing/inner whitespace of str.strip() that Unicode does not call whitespace (\x1c-\x1f, \x85) and
 # that it does (\xa0, \u2028, \u3000), and look-alikes str.strip() keeps (zero-width space, BOM, U+180E)
 _PIECES = [" ", "\t", "\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\xa0", "\u1680", "\u2000",
            "\u200a", "\u2028", "\u2029", "\u202f", "\u205f", "\u3000", "\u200b", "\ufeff", "\u180e", "\x00", "a", "B",
            "é", "z", "A", "\U0001f600", "logo", "cat"]
-
-
-def _reference(cfg: PromptsConfig, same=None) -> pa.Table:
-    """load_prompts' prompts=captions before the batched read (memex/prompts.py before 2026-12-08): the whole
-    column as Python strs, stripped, ranked by rank_captions, picked _CHUNK at a time."""
-    key = "prompts.caption_column"
-    table = prompts._open_table(cfg.path, {}, {cfg.caption_column: key})
-    col = prompts._column(table, cfg.caption_column, cfg.path, key)
-    ranked = rank_captions(pa.array([c.strip() if c is not None else None for c in col]))
-    texts = [t for t in ranked["caption"].to_pylist() if t]
-    ids = [prompt_id(t) for t in texts]
-    picked = prompts._Distinct(same)
-    for start in range(0, len(texts), prompts._CHUNK):
-        picked.add(texts[start:start + prompts._CHUNK], ids[start:start + prompts._CHUNK])
-        if cfg.limit is not None and len(picked.rows) >= cfg.limit:
-            break
-    rows = picked.rows[: cfg.limit] if cfg.limit is not None else picked.rows
-    if not rows:
-        raise PromptError(f"prompts.path={cfg.path} holds no prompts (after dropping empty lines)")
-    return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows]}, schema=PROMPTS_SCHEMA)
 
 
 def _captions(rng: random.Random, n: int) -> list[str | None]:
@@ -132,20 +116,22 @@ def test_batched_caption_counts_give_the_whole_column_reads_prompts(tmp_path, mo
         monkeypatch.setattr(prompts, "_FOLD", 11)
         monkeypatch.setattr(prompts, "_CHUNK", 4)  # several pick chunks, each cut at the limit
     for path, column in _manifests(tmp_path, seed):
-        distinct = len(_reference(PromptsConfig(source=PromptSource.captions, path=path, caption_column=column)))
+        whole = PromptsConfig(source=PromptSource.captions, path=path, caption_column=column)
+        distinct = len(references.caption_prompts(whole))
         for limit in (None, 1, 3, distinct - 1, distinct, distinct + 50):
             cfg = PromptsConfig(source=PromptSource.captions, path=path, caption_column=column, limit=limit)
-            want = _reference(cfg)
+            want = references.caption_prompts(cfg)
             assert load_prompts(cfg).to_pylist() == want.to_pylist(), (path, limit)
             same = lambda ts: [t.lower() for t in ts]  # noqa: E731 - the tokenizer's merge (case), as models does
-            assert load_prompts(cfg, same=same).to_pylist() == _reference(cfg, same).to_pylist(), (path, limit)
+            want_same = references.caption_prompts(cfg, same).to_pylist()
+            assert load_prompts(cfg, same=same).to_pylist() == want_same, (path, limit)
         assert distinct >= 5 and len(set(want["prompt"].to_pylist())) == len(want)
 
 
 def test_the_real_save_to_disk_folder_gives_the_same_prompts():
     folder = os.path.join(os.path.dirname(__file__), "data", "hf_datasets", "with_ids")
     cfg = PromptsConfig(source=PromptSource.captions, path=folder, caption_column="text", limit=3)
-    assert load_prompts(cfg).to_pylist() == _reference(cfg).to_pylist()
+    assert load_prompts(cfg).to_pylist() == references.caption_prompts(cfg).to_pylist()
 
 
 def test_bad_caption_columns_are_refused_as_before(tmp_path):
@@ -159,7 +145,7 @@ def test_bad_caption_columns_are_refused_as_before(tmp_path):
                          (hf, "text")]:
         cfg = PromptsConfig(source=PromptSource.captions, path=str(path), caption_column=column)
         with pytest.raises(PromptError) as want:
-            _reference(cfg)
+            references.caption_prompts(cfg)
         # a part of another type: the same refusal, Arrow's words for the types aside
         match = str(want.value).split(" (")[0] if "different columns" in str(want.value) else str(want.value)
         with pytest.raises(PromptError) as got:

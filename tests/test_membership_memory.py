@@ -9,30 +9,18 @@ import re
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 
 import memex.membership as membership
 import memex.prompts as prompts
 from memex.layout import DUPS_SCHEMA, IndexLayout, StorageError
 from memex.membership import IndexInfo, NearDuplicates, read_duplicates
-from memex.prompts import PromptError, _Distinct, rank_by_near_duplicates
+from memex.prompts import PromptError, rank_by_near_duplicates
 
+from conftest import load_bench
 
-def old_rank(dups: pa.Table, limit: int | None, same=None) -> pa.Table:
-    """rank_by_near_duplicates before the pages, as the audit called it on read_duplicates' whole table."""
-    t = dups.filter(pc.invert(pc.is_null(dups["caption"])))
-    t = t.sort_by([("near_duplicates", "descending"), ("caption", "ascending")])
-    picked = _Distinct(same)
-    captions = t["caption"]
-    for start in range(0, len(captions), prompts._CHUNK):
-        picked.add(c.strip() for c in captions.slice(start, prompts._CHUNK).to_pylist())
-        if limit is not None and len(picked.rows) >= limit:
-            break
-    rows = picked.rows[:limit] if limit is not None else picked.rows
-    if not rows:
-        raise PromptError("no captions")
-    return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows]})
+# the whole-table ranking before the pages (also the old side of bench/bench_dups_memory.py)
+references = load_bench("references")
 
 
 def lowered(texts: list[str]) -> list[str]:
@@ -84,7 +72,7 @@ def test_pages_rank_the_prompts_of_the_whole_table(tmp_path, monkeypatch, seed):
     for limit in (1, 2, 3, 5, 11, 40, 97, 10_000, None):
         for same in (None, lowered):
             try:
-                want = old_rank(whole, limit, same).to_pylist()
+                want = references.rank_near_duplicates(whole, limit, same).to_pylist()
             except PromptError:
                 with pytest.raises(PromptError, match="no captions to use as prompts"):
                     rank_by_near_duplicates(NearDuplicates(info, {}), limit, same)
@@ -109,7 +97,7 @@ def test_a_page_holds_its_own_rows_not_the_training_set(tmp_path, monkeypatch):
     real_pages = dups.pages
     dups.pages = lambda n: (pages.append(p.num_rows) or p for p in real_pages(n))
     got = rank_by_near_duplicates(dups, 5)
-    assert got.to_pylist() == old_rank(read_duplicates(info, {}), 5).to_pylist()
+    assert got.to_pylist() == references.rank_near_duplicates(read_duplicates(info, {}), 5).to_pylist()
     assert pages == [8192]
     assert max(held) <= 2 * 8192 + 1000
 

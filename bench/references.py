@@ -1,0 +1,56 @@
+"""The code before a memory change, kept once: the bench that measures the change side by side runs it as the
+"before" side, and the test that checks the new code gives the same answer compares with it. A copy in each
+drifted apart (the test's took `same` and limit=None, the bench's did not); here both read one.
+
+Each function is the replaced code as it was, on today's helpers (memex.prompts' _Distinct, _CHUNK,
+rank_captions), so the comparison is of the reading strategy alone."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from memex import prompts
+from memex.config import PromptsConfig
+from memex.layout import PROMPTS_SCHEMA
+from memex.prompts import PromptError, prompt_id, rank_captions
+
+
+def _table(rows: list[tuple[str, str]], limit: int | None, why: str) -> pa.Table:
+    rows = rows[:limit] if limit is not None else rows
+    if not rows:
+        raise PromptError(why)
+    return pa.table({"prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows]}, schema=PROMPTS_SCHEMA)
+
+
+def caption_prompts(cfg: PromptsConfig, same=None) -> pa.Table:
+    """load_prompts' prompts=captions before the batched read (memex/prompts.py before 2026-12-08): the whole
+    caption column as Python strs (a 3,000,000-row manifest: 1,846 MiB of RSS growth), stripped, ranked by
+    rank_captions, picked _CHUNK at a time. bench/bench_caption_prompts.py, tests/test_caption_prompts_memory.py."""
+    key = "prompts.caption_column"
+    table = prompts._open_table(cfg.path, {}, {cfg.caption_column: key})
+    col = prompts._column(table, cfg.caption_column, cfg.path, key)
+    ranked = rank_captions(pa.array([c.strip() if c is not None else None for c in col]))
+    texts = [t for t in ranked["caption"].to_pylist() if t]
+    ids = [prompt_id(t) for t in texts]
+    picked = prompts._Distinct(same)
+    for start in range(0, len(texts), prompts._CHUNK):
+        picked.add(texts[start:start + prompts._CHUNK], ids[start:start + prompts._CHUNK])
+        if cfg.limit is not None and len(picked.rows) >= cfg.limit:
+            break
+    return _table(picked.rows, cfg.limit, f"prompts.path={cfg.path} holds no prompts (after dropping empty lines)")
+
+
+def rank_near_duplicates(dups: pa.Table, limit: int | None, same=None) -> pa.Table:
+    """rank_by_near_duplicates before the pages (memex/prompts.py before 2026-12-08), on read_duplicates'
+    whole table as the audit called it (every training row's caption and count at once: 630 MiB of RSS
+    growth for 2,000,000 rows). bench/bench_dups_memory.py, tests/test_membership_memory.py."""
+    t = dups.filter(pc.invert(pc.is_null(dups["caption"])))
+    t = t.sort_by([("near_duplicates", "descending"), ("caption", "ascending")])
+    picked = prompts._Distinct(same)
+    captions = t["caption"]
+    for start in range(0, len(captions), prompts._CHUNK):
+        picked.add(c.strip() for c in captions.slice(start, prompts._CHUNK).to_pylist())
+        if limit is not None and len(picked.rows) >= limit:
+            break
+    return _table(picked.rows, limit, "no captions")
