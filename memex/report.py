@@ -215,6 +215,8 @@ def _cost(summary: dict) -> str:
            f"forward pass (classifier-free guidance counts 2 per row): triage "
            f'{_count(summary.get("unet_evaluations_triage", 0))}, padding (batch rows filled past the last sample) '
            f'{_count(summary.get("unet_evaluations_padding", 0))} included.']
+    if summary.get("samples_made_on"):
+        out.append(f' Samples made on {esc("; ".join(summary["samples_made_on"]))}.')
     budget = summary.get("budget") or {}
     if "prompts_sampled" in summary:
         out.append(f' {_count(summary["prompts_sampled"])} of {_count(summary["prompts"])} prompts sampled.')

@@ -109,6 +109,18 @@ class NamedOutOfMemory(torch.OutOfMemoryError):
     """torch's out-of-memory error, reworded to name the memex setting to lower."""
 
 
+def made_on(device: torch.device) -> str:
+    """What a sample's bytes depend on besides its seed and settings (the module docstring): the device
+    model on a GPU, the torch thread count on a CPU, e.g. "cpu, 2 torch threads" or "cuda, NVIDIA H100 80GB
+    HBM3". Kept in each samples/ shard's marker, so regenerating one sample byte-identically can be set up."""
+    if device.type == "cuda":
+        return f"cuda, {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        n = torch.get_num_threads()
+        return f"cpu, {n} torch thread{'s' if n != 1 else ''}"
+    return device.type
+
+
 class Sampler:
     """Generates uint8 images for (prompt id, prompt, seed) triples with one model."""
 

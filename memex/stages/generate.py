@@ -251,7 +251,7 @@ class GenerateShards(RunSampler):
     def __call__(self, index: int, round: int, start: int, stop: int) -> tuple[pa.Table, dict]:
         """Units [start, stop) of a round (prompt-major) as one SAMPLES_SCHEMA table, and the UNet
         evaluations they took (the marker keeps them: summaries add them up)."""
-        from memex.sampling import sample_seed
+        from memex.sampling import made_on, sample_seed
 
         s, sampler = self.cfg.sampling, self.sampler
         evals0, padded0 = sampler.unet_evaluations, sampler.padded_evaluations
@@ -286,7 +286,8 @@ class GenerateShards(RunSampler):
         cols["batch_size"] = [s.batch_size] * n
         cols["round"] = [round] * n
         cost = {"unet_evaluations": sampler.unet_evaluations - evals0,
-                "padded_evaluations": sampler.padded_evaluations - padded0}
+                "padded_evaluations": sampler.padded_evaluations - padded0,
+                "made_on": made_on(sampler.device)}  # the device model or CPU thread count: the bytes depend on it
         return pa.table(cols, schema=SAMPLES_SCHEMA), cost
 
 
@@ -343,7 +344,10 @@ def generate_all(cfg: GenerateConfig, run_name: str, layout: RunLayout, fixed: b
 
 def unet_work(folder: StageFolder) -> dict:
     """UNet evaluations (batch rows through the UNet, guidance counting 2) of every complete unit of
-    a model stage (samples/, triage/), from their markers, and the part spent on padding rows."""
+    a model stage (samples/, triage/), from their markers, and the part spent on padding rows; `made_on`:
+    the devices (or CPU thread counts) its samples' units ran on, more than one for a run resumed elsewhere."""
     marks = [folder.read_marker(i) or {} for i in folder.complete()]
-    return {"unet_evaluations": sum(m.get("unet_evaluations", 0) for m in marks),
+    work = {"unet_evaluations": sum(m.get("unet_evaluations", 0) for m in marks),
             "padded_evaluations": sum(m.get("padded_evaluations", 0) for m in marks)}
+    made = sorted({m["made_on"] for m in marks if "made_on" in m})  # none in markers written before it was kept
+    return {**work, "made_on": made} if made else work

@@ -745,6 +745,9 @@ def summarize(cfg: AuditConfig, layout: RunLayout, info: IndexInfo, matches: pa.
         "unet_evaluations": evals,
         "unet_evaluations_triage": ran.get("unet_evaluations", 0),
         "unet_evaluations_padding": samples.get("padded_evaluations", 0) + ran.get("padded_evaluations", 0),
+        # the device model or CPU thread count the samples were made with (their bytes depend on it; a run resumed
+        # elsewhere lists two); absent for a run whose shards were written before markers kept it
+        **({"samples_made_on": samples["made_on"]} if samples.get("made_on") else {}),
         "unet_evaluations_per_extracted_image": round(evals / len(pictures)) if pictures else None,
         "filter": "ran" if filtered else "skipped: an unconditional model's samples share one prompt",
         "prompts_flagged": sum(bool(c["flagged"]) for c in cands.values()),
