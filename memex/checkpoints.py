@@ -12,6 +12,8 @@ These layouts are recognised, at any depth up to MAX_DEPTH below the location:
                                         a LoRA training output (diffusers' *_lora.py scripts):
                                         audited as model.lora on the base (memex/lora.py)
     <run>/pytorch_lora_weights.safetensors   the final LoRA of those scripts (no step)
+    <run>/checkpoint-<step>-<suffix>/   a user's export of a step's other weights (checkpoint-1000-ema/, a
+                                        pipeline or unet/): its step, a series of its own (<run>/<run>-<suffix>)
     <dir>/<name>-<step>.safetensors     kohya's LoRA files (sd-scripts' train_network.py), told
                                         from other weights by their header; a series per <name>,
                                         its step the metadata's ss_steps; --save_state folders
@@ -21,10 +23,11 @@ The base of a checkpoint-<step> folder is `base` when given (the model the run f
 the nearest enclosing diffusers folder (memex train writes its pipeline beside checkpoints/),
 else discovery fails naming the missing setting. A `memex train` run still training (checkpoints,
 no pipeline yet) is left out with a warning until it saves its pipeline, and its last
-checkpoint-<steps>/ is left out after: the pipeline holds the same weights. Folders whose name
+checkpoint-<steps>/ is left out after: the pipeline holds the same weights (nightly's plan does the like for
+other trainers' final models, keeping the checkpoint: once_per_model). Folders whose name
 starts with `_` or `.` are skipped (memex writes `_tmp-...` first and renames when complete), as is a checkpoint whose
 newest file is younger than `settle_s` (a trainer may still be writing it), and, with a warning,
-a folder this user cannot read or one deleted while walked.
+a folder this user cannot read or one deleted while walked (a checkpoint-<step>/ alone, not its run).
 
 Why local paths only: loading a pipeline needs its files on a local disk anyway; nightly hosts
 mount the training bucket (s3fs-fuse, FSx, GCS FUSE) or sync it first.
@@ -47,10 +50,12 @@ from memex.models import (
     SINGLE_FILE_SUFFIXES,
     WEIGHT_SUFFIXES,
     ModelError,
+    _safetensors_header,
     cached_snapshot,
     check_hub_model,
     check_local_checkpoint,
     check_sampled_pipeline,
+    loaded_weight_files,
     safetensors_metadata,
     weights_file_kind,
 )
@@ -58,6 +63,13 @@ from memex.models import (
 MAX_DEPTH = 4
 PICKLED_LORA = "pytorch_lora_weights.bin"  # diffusers' LoRA file saved with safe_serialization=False
 CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
+# checkpoint-<step>-<suffix>/: a user's export of one step's other weights (checkpoint-1000-ema: its EMA UNet).
+# Its step is the name's, its series its own, <run>/<run>-<suffix>: EMA (or pruned, fp16) weights are another
+# model than the raw checkpoint of that step; read as the series' step-less final model, checkpoint-1000-ema was
+# gated against checkpoint-2000 (a "grew" between two kinds of weights), and in the raw series at its step it
+# would sit beside the raw checkpoint-1000, each gated against the other kind (why nightly.ema is a config of
+# its own). A series per suffix compares like with like, in step order.
+CKPT_SUFFIXED = re.compile(r"^checkpoint-(\d+)-([A-Za-z][\w.-]*)$")
 TRAILING_STEP = re.compile(r"(?:^|[-_])(?:step-?)?(\d+)$")
 # sd-scripts' own save names: <output_name>-<epoch:06d> and <output_name>-step<step:08d> (and <output_name> last)
 KOHYA_SAVE = re.compile(r"-(?:step(\d{8})|(\d{6}))$")
@@ -101,7 +113,7 @@ def _step_of_folder(path: Path) -> int | None:
     name, `sd15-lora-512` or `lora_out_2`, is no step (it gave the final model step 512 or 2: out of
     order in its series, gated against the wrong checkpoint, logged at that step); else the number its
     name ends with (exports side by side: step-1000/, step-2000/)."""
-    if m := CKPT_DIR.match(path.name):  # a whole pipeline saved as checkpoint-<step>/: its step
+    if m := CKPT_DIR.match(path.name) or CKPT_SUFFIXED.match(path.name):  # a whole pipeline saved as checkpoint-<step>/
         return int(m.group(1))
     info = path / "memex_train.json"
     if info.is_file():
@@ -178,7 +190,8 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     `ema` (nightly.ema): a checkpoint-<step>/ is audited with its unet_ema/, the exponential moving
     average diffusers' train_text_to_image --use_ema saves beside unet/. The run's final pipeline
     holds those weights, so an EMA run's series compares like with like; unet/ holds the raw weights
-    training resumes from. A checkpoint-<step>/unet without unet_ema/ then fails discovery, naming it."""
+    training resumes from. A run whose checkpoint-<step>/ hold unet/ and no unet_ema/ then fails discovery, naming
+    one; where the run's other checkpoints hold unet_ema/, those without are left out with a warning."""
     root = Path(location)
     if "://" in location:
         raise CheckpointError(f"nightly.location={location}: checkpoints must be on a local or mounted path "
@@ -192,11 +205,13 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     now = time.time()
 
     pending: list[Path] = []  # checkpoints still being written (newer than settle_s)
-    raw_only: list[Path] = []  # ema: checkpoint-<step>/unet folders with no unet_ema/ beside them
+    raw_only: list[tuple[str, Path]] = []  # ema: (series, checkpoint-<step>/) holding unet/ with no unet_ema/ beside it
+    ema_series: set[str] = set()  # ema: the series with a checkpoint holding unet_ema/
     ema_unused: list[Path] = []  # not ema: checkpoints whose unet_ema/ is left unaudited
     lycoris: list[Path] = []  # LoHa/LoKr files: not LoRAs diffusers loads (memex/lora.py)
     training: list[Path] = []  # memex train checkpoints of a run still training (no pipeline saved yet)
     pickled: list[Path] = []  # pytorch_lora_weights.bin: a LoRA series memex does not read (pickle)
+    vanished: list[Path] = []  # folders deleted while walked (a trainer's checkpoint rotation)
     too_deep: list[Path] = []  # folders below MAX_DEPTH: not searched (a whole bucket's tree would be)
     side_by_side: list[int] = []  # found[i]: exported pipelines side by side, a series per parent (see below)
 
@@ -216,6 +231,7 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
             log.warning("skipped %s: not readable by this user (%s)", d, e)
         except FileNotFoundError as e:  # deleted while walked (checkpoint rotation): the next night sees
             log.warning("skipped %s: removed while it was read (%s)", d, e)
+            vanished.append(d)
 
     def pipeline_components(d: Path) -> set[str] | None:
         """model_index.json's components, or None: no such file, or one that is not JSON (a copy
@@ -236,7 +252,11 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
             # a training output (pipeline + its checkpoints) is its own series; exported pipelines
             # side by side (step-1000/, step-2000/) are one series, their parent
             own = any(CKPT_DIR.match(p.name) for p in [*d.iterdir(), *(d / "checkpoints").glob("checkpoint-*")])
-            if settled(d):
+            suffixed = CKPT_SUFFIXED.match(d.name) if not (own or d == root) else None
+            if settled(d) and suffixed:
+                found.append(Checkpoint(str(d), str(d.parent / f"{d.parent.name}-{suffixed.group(2)}"),
+                                        _step_of_folder(d), str(d), None))
+            elif settled(d):
                 found.append(Checkpoint(str(d), str(d if own or d == root else d.parent), _step_of_folder(d),
                                         str(d), None))
                 if not (own or d == root):
@@ -266,47 +286,55 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
                 return False
 
         for child in sorted(p for p in d.iterdir() if walked(p)):
-            m = CKPT_DIR.match(child.name)
-            lora = child / LORA_FILE if (child / LORA_FILE).is_file() else None
-            # a whole pipeline saved as checkpoint-<step>/ (pipe.save_pretrained) is a pipeline: walked, so
-            # that its own VAE and text encoder are audited (it was taken for a bare UNet on a base)
-            if m and not (child / "model_index.json").is_file() and ((child / "unet").is_dir() or lora):
-                if not lora and _memex_train_checkpoint(child):
-                    if enclosing_pipeline is None:
-                        # a `memex train` run still training: its pipeline (scheduler, tokenizer) is saved at the
-                        # end. It failed discovery ("set nightly.base_model"), and with it every run's audit; and no
-                        # nightly.base_model is its base (it trains from scratch: its UNet on an SD base fails).
-                        training.append(child)
+            try:
+                m = CKPT_DIR.match(child.name) or CKPT_SUFFIXED.match(child.name)
+                suffix = m.group(2) if m and m.re is CKPT_SUFFIXED else None  # its unet/ is the export's: no unet_ema
+                lora = child / LORA_FILE if (child / LORA_FILE).is_file() else None
+                # a whole pipeline saved as checkpoint-<step>/ (pipe.save_pretrained) is a pipeline: walked, so
+                # that its own VAE and text encoder are audited (it was taken for a bare UNet on a base)
+                if m and not (child / "model_index.json").is_file() and ((child / "unet").is_dir() or lora):
+                    if not lora and not suffix and _memex_train_checkpoint(child):
+                        if enclosing_pipeline is None:
+                            # a `memex train` run still training: its pipeline (scheduler, tokenizer) is saved at the
+                            # end. It failed discovery ("set nightly.base_model"), and with it every run's audit; and no
+                            # nightly.base_model is its base (it trains from scratch: its UNet on an SD base fails).
+                            training.append(child)
+                            continue
+                        if enclosing_pipeline is not None and _step_of_folder(enclosing_pipeline) == int(m.group(1)) \
+                                and (enclosing_pipeline / "memex_train.json").is_file():
+                            continue  # the final checkpoint: the same weights as the pipeline the run ended with
+                    unet = child / ("unet_ema" if ema and not lora and not suffix else "unet")
+                    series = d.parent if d.name == "checkpoints" else d
+                    series = series / f"{series.name}-{suffix}" if suffix else series
+                    if not lora and not suffix and ema and not _has_weights(unet):
+                        if settled(child):  # one still being written may get it yet
+                            raw_only.append((str(series), child))
                         continue
-                    if enclosing_pipeline is not None and _step_of_folder(enclosing_pipeline) == int(m.group(1)) \
-                            and (enclosing_pipeline / "memex_train.json").is_file():
-                        continue  # the final checkpoint: the same weights as the pipeline the run ended with
-                unet = child / ("unet_ema" if ema and not lora else "unet")
-                if not lora and ema and not _has_weights(unet):
-                    if settled(child):  # one still being written may get it yet
-                        raw_only.append(child)
-                    continue
-                if not lora and not ema and _has_weights(child / "unet_ema"):
-                    ema_unused.append(child)
-                weights = [lora] if lora else \
-                    [f for f in unet.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
-                if not weights or not settled(child):
-                    continue  # still being written
-                series = d.parent if d.name == "checkpoints" else d
-                b = base or (str(enclosing_pipeline) if enclosing_pipeline else None)
-                if b is None:
-                    what = "a LoRA" if lora else "a UNet"
-                    raise CheckpointError(
-                        f"{child} holds only {what} and no pipeline folder encloses it: set nightly.base_model to "
-                        "the pipeline it was fine-tuned from (a diffusers folder or hub id)")
-                te = child / "text_encoder"  # DreamBooth's --train_text_encoder saves it beside unet/
-                te = str(te) if not lora and _has_weights(te) else None
-                found.append(Checkpoint(str(child), str(series), int(m.group(1)), b,
-                                        None if lora else str(unet), str(lora) if lora else None, te))
-            elif depth < MAX_DEPTH:
-                walk(child, depth + 1, enclosing_pipeline)
-            else:  # at the limit a folder's checkpoint-<step>/ children are still read (above), not its subfolders
-                too_deep.append(child)
+                    if not lora and not suffix and ema:
+                        ema_series.add(str(series))
+                    if not lora and not suffix and not ema and _has_weights(child / "unet_ema"):
+                        ema_unused.append(child)
+                    weights = [lora] if lora else \
+                        [f for f in unet.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
+                    if not weights or not settled(child):
+                        continue  # still being written
+                    b = base or (str(enclosing_pipeline) if enclosing_pipeline else None)
+                    if b is None:
+                        what = "a LoRA" if lora else "a UNet"
+                        raise CheckpointError(
+                            f"{child} holds only {what} and no pipeline folder encloses it: set nightly.base_model to "
+                            "the pipeline it was fine-tuned from (a diffusers folder or hub id)")
+                    te = child / "text_encoder"  # DreamBooth's --train_text_encoder saves it beside unet/
+                    te = str(te) if not lora and _has_weights(te) else None
+                    found.append(Checkpoint(str(child), str(series), int(m.group(1)), b,
+                                            None if lora else str(unet), str(lora) if lora else None, te))
+                elif depth < MAX_DEPTH:
+                    walk(child, depth + 1, enclosing_pipeline)
+                else:  # at the limit a folder's checkpoint-<step>/ children are still read (above), not its subfolders
+                    too_deep.append(child)
+            except FileNotFoundError as e:  # rotated away while read (checkpoints_total_limit): that checkpoint only
+                log.warning("skipped %s: removed while it was read (%s)", child, e)  # (its run's others were dropped)
+                vanished.append(child)
 
     walk(root, 0, None)
     if too_deep:  # a run's checkpoints/ one level lower was left out without a word: its series had no steps
@@ -323,6 +351,13 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     if lycoris:
         log.info("%d LyCORIS adapter(s) that are no LoRA left out (e.g. %s): diffusers cannot load them; merge each "
                  "into its base's UNet and save a diffusers folder", len(lycoris), lycoris[0])
+    # a checkpoint of an EMA run without unet_ema/ (one a crash cut short, a copy or a sync that has not brought it
+    # yet): left out, the rest of its run audited (the whole night stopped); a run with none was trained without it
+    partial = [c for s, c in raw_only if s in ema_series]
+    if partial:
+        log.warning("%d checkpoint(s) of an EMA run left out: they have unet/ and no unet_ema/ (e.g. %s), which "
+                    "nightly.ema=true audits (a checkpoint cut short, or copied without it)", len(partial), partial[0])
+    raw_only = [c for s, c in raw_only if s not in ema_series]
     if raw_only:
         raise CheckpointError(
             f"nightly.ema=true audits checkpoint-<step>/unet_ema (diffusers' --use_ema), and {len(raw_only)} "
@@ -331,7 +366,9 @@ def discover(location: str, base: str | None = None, settle_s: float = 0.0, ema:
     if ema_unused:
         log.info("%d checkpoint(s) also hold unet_ema/ (e.g. %s): their raw unet/ is audited; nightly.ema=true "
                  "audits the EMA weights, which the run's final pipeline ships", len(ema_unused), ema_unused[0])
-    if not found and not pending and not training:
+    # nothing found because checkpoints vanished mid-walk: their runs' files left (another checkpoint, a
+    # half-deleted one) were named as weights memex does not read, and the night failed; the next night sees them
+    if not found and not pending and not training and not vanished:
         check_loose_weights(root)
     # a final model (step None) after its series' checkpoints: audited last, gated against the last one, and,
     # where it holds the last checkpoint's very weights, that checkpoint keeps its own row and trend point
@@ -498,6 +535,49 @@ def _digest(path: Path, cache: dict) -> str:
                 fh.update(chunk)
         cache[key] = fh.hexdigest()
     return cache[key]
+
+
+def is_final(ckpt: Checkpoint) -> bool:
+    """Whether `ckpt` is the model its training saved at the end, beside its checkpoints: one with no step (a
+    pipeline or pytorch_lora_weights.safetensors in output_dir), or kohya's <output_name>.safetensors (its
+    step the metadata's ss_steps, the last checkpoint's)."""
+    return ckpt.step is None or (ckpt.lora == ckpt.location and Path(ckpt.location).stem == Path(ckpt.series).name)
+
+
+def loaded_model_sha256(ckpt: Checkpoint, variant: str | None = None) -> str | None:
+    """sha256 of the model an audit of `ckpt` loads, by what it holds, not where: each weight file a load reads
+    (models.loaded_weight_files) named by its component and file, the base's and the checkpoint's alike, and a
+    LoRA by its tensors alone (sd-scripts stamps each save's time into its metadata). So checkpoint-<step>/unet
+    on its base and the final pipeline train_text_to_image saves with that UNet give one sha, where
+    weights_sha256 (base/unet/... against unet/...) gives two; that one keys the ledgers, so it stays as it is.
+    None when nothing is local (a hub base not in the cache, no weights of its own)."""
+    base = ckpt.base if Path(ckpt.base).is_dir() else cached_snapshot(ckpt.base) or ckpt.base
+    files = loaded_weight_files(base, ckpt.unet, ckpt.lora, ckpt.text_encoder, variant)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for name, f in sorted(("lora" if n.startswith("lora/") else n.removeprefix("base/"), f) for n, f in files):
+        tensors = name == "lora" and f.endswith(".safetensors")
+        digest = _tensors_digest(Path(f)) if tensors else _digest(Path(f), _DIGESTS)
+        h.update(f"{name}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def _tensors_digest(path: Path) -> str:
+    """sha256 of a safetensors file's tensors: its header less __metadata__, then its data (whose offsets count
+    from the header's end: a longer metadata moves none). Read once a process, like _digest."""
+    st = path.stat()
+    key = ("tensors", str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        header, _, n = _safetensors_header(str(path))
+        header.pop("__metadata__", None)
+        fh = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+        with open(path, "rb") as f:
+            f.seek(8 + n)
+            while chunk := f.read(HASH_CHUNK):
+                fh.update(chunk)
+        _DIGESTS[key] = fh.hexdigest()
+    return _DIGESTS[key]
 
 
 def model_weights_sha256(path: str, unet: str | None = None, lora: str | None = None,

@@ -2,7 +2,8 @@
 
   1. check inputs (config, the checkpoint location, the ledger's storage);
   2. list checkpoints (memex/checkpoints.py) and hash their weights; a checkpoint is pending when
-     the ledger has no finished row with its weights hash and this config's hash;
+     the ledger has no finished row with its weights hash and this config's hash, and no other checkpoint
+     of its series holds its model (a final model saved with its last checkpoint's weights: once_per_model);
   3. audit each pending one (memex/stages/audit.py) in a run folder named by checkpoint, weights
      and config, so a night that crashes part-way resumes the same folders the next time;
   4. gate: over_budget when it extracts more unique training images than nightly.budget, grew
@@ -45,6 +46,8 @@ from memex.checkpoints import (
     CheckpointError,
     discover,
     files_signature,
+    is_final,
+    loaded_model_sha256,
     weights_sha256,
     written_at,
 )
@@ -228,7 +231,51 @@ def plan(cfg: NightlyAuditConfig) -> NightlyResult:
         if weights not in done:
             pending.append(Pending(c, weights, sig, names[c.series],
                                    c.step if c.step is not None else last.get(c.series), by_series[c.series]))
+    pending = once_per_model(pending, last, cfg.model.variant)
     return NightlyResult(sha, len(found), pending, ledger=ledger.uri, skipped=skipped)
+
+
+def once_per_model(pending: list[Pending], last: dict[str, int], variant: str | None = None) -> list[Pending]:
+    """`pending` less the checkpoints that hold another candidate's model in their series: audited once, as the
+    checkpoint-<step> one, whose step orders the gate. diffusers' scripts save checkpoint-<last step>/ and then
+    the final pipeline (or pytorch_lora_weights.safetensors) with the same weights, and kohya's sd-scripts
+    <name>-step<N>.safetensors and then <name>.safetensors: each was audited twice (two rows, the gate
+    comparing a model with itself; plan mode ran both jobs at once). A final model is compared with its
+    series' checkpoint at its own step, or at the last step when it has none (loaded_model_sha256); two others
+    of one series by their weights hash. Its cost: a final model left out has no row to know its files by, so
+    each night hashes it, and its checkpoint too where the ledger knew that one's hash (~5 s each for SD 1.5's
+    ~4 GB, once a process). The series' candidates are the plan's before nightly.only: a job for the final
+    model alone leaves it out too."""
+    out: list[Pending] = []
+    seen: dict[tuple[str, str], Checkpoint] = {}
+    for p in pending:  # in discovery's order: a final model after its series' checkpoints
+        c = p.ckpt
+        twin = seen.get((c.series, p.weights)) or _twin(p, last.get(c.series), variant)
+        if twin is not None:
+            log.info("%s: left out, it holds the weights of %s (audited as that one, whose step orders the "
+                     "gate)", redact_text(c.location), redact_text(twin.location))
+            continue
+        seen[(c.series, p.weights)] = c
+        out.append(p)
+    return out
+
+
+def _twin(p: Pending, last_step: int | None, variant: str | None) -> Checkpoint | None:
+    """The checkpoint of `p`'s series that holds the very model `p` does, where `p` is a final model (is_final)
+    and the series has a checkpoint at its step (its last step when it has none), or None. Either unreadable
+    (deleted since, a variant-only folder): None, and both are audited as before."""
+    c = p.ckpt
+    step = c.step if c.step is not None else last_step
+    if not is_final(c) or step is None:
+        return None
+    for t in p.series_checkpoints.values():
+        if t.step == step and not is_final(t):
+            try:
+                if (mine := loaded_model_sha256(c, variant)) is not None and mine == loaded_model_sha256(t, variant):
+                    return t
+            except (OSError, MemexError) as e:
+                log.debug("%s: not compared with %s (%s)", redact_text(c.location), redact_text(t.location), e)
+    return None
 
 
 def series_names(series: set[str], location: str) -> dict[str, str]:
