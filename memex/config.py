@@ -39,7 +39,7 @@ def plain(obj: Any) -> Any:
 ADDED_MODEL_KEYS = ("variant", "lora", "text_encoder")  # added after runs existed: in an identity only when set
 # likewise per section, for the hashes of a whole config (nightly's config_sha256, a re-match's folder
 # name, the index key): a key added later counts only when set, so ledgers and folders keep their names
-ADDED_KEYS = {"model": ADDED_MODEL_KEYS, "index": ("train_size",), "trainset": ("alpha",)}
+ADDED_KEYS = {"model": ADDED_MODEL_KEYS, "index": ("train_size",), "trainset": ("alpha",), "mia": ("alpha",)}
 
 
 def identity_text(c: dict) -> str:
@@ -1200,6 +1200,11 @@ class MiaSettings:
     # resize for a `memex train` model (it squashes; memex_train.json says so), else center_crop
     # (Stable Diffusion's recipe). A member prepared otherwise is scored on pixels it never saw.
     preprocess: Optional[Preprocess] = None
+    # what the trainer made of a transparent image's hidden pixels (trainset.alpha's choices). None: white, as
+    # a viewer, img2dataset and `memex train` composite them; drop: the colours under them kept, as diffusers'
+    # train_text_to_image (image.convert("RGB")) trained on them: a red disc on black under alpha 0, composited
+    # onto white, is 167 grey levels a pixel from what such a model saw, and its loss read as a non-member's
+    alpha: Optional[Alpha] = None
     images_per_unit: int = 256  # images per scoring unit (one Parquet shard, the unit of resume)
     # LiRA (Carlini et al. 2022): shadow models trained with `memex train` on random halves of
     # members + non-members, one Ray task each; 0 = off, else an even number >= 2 (16 in the paper)

@@ -53,6 +53,7 @@ from memex.config import (
     TrainConfig,
     TrainerConfig,
     check_actor_devices,
+    drop_unset_added,
     model_identity,
     plain,
     validate_mia,
@@ -109,13 +110,40 @@ def read_image_set(path: str, caption_column: str, member: bool | None, opts: di
                      "uri": t["uri"], "caption": t["caption"], "copies": copies}, schema=MIA_IMAGES_SCHEMA)
 
 
-def check_sets(images: pa.Table, opts: dict, gray: bool = False, preprocess: str | None = None
-               ) -> tuple[pa.Table, pa.Table, dict[str, str], dict[str, str]]:
+def is_image_folder(t: pa.Table) -> bool:
+    """A set read from a folder of image files (ingest's listing: no bytes, each id its file's path under the
+    folder): its ids are file names, not names of pictures."""
+    return t.num_rows > 0 and t["image"].null_count == t.num_rows and all(
+        u is not None and u.endswith("/" + i) for i, u in zip(t["image_id"].to_pylist(), t["uri"].to_pylist()))
+
+
+def distinct_folder_ids(sets: list[tuple[str, pa.Table]]) -> list[tuple[str, pa.Table]]:
+    """(key, MIA_IMAGES_SCHEMA rows) of each set, where two image folders that name files alike (members/ and
+    nonmembers/ both 0000.png, 0001.png, ...: a camera's or an export's numbering) have every id prefixed by
+    their set, members/0000.png and nonmembers/0000.png: the file names say nothing of the pictures, and such
+    folders were refused as sharing ids. check_sets then compares the pictures: one in both sets is still
+    refused. A manifest's ids name its images, and one shared with another set is still refused by id."""
+    ids = {n: set(t["image_id"].to_pylist()) for n, t in sets}
+    folder = {n: is_image_folder(t) for n, t in sets}
+    renamed = {n for n, _ in sets for m, _ in sets if m != n and folder[n] and folder[m] and ids[n] & ids[m]}
+    out = []
+    for n, t in sets:
+        if n in renamed:
+            log.info("%s.path and another image folder name files alike (%s): ids read as %s/<file>", n,
+                     min(ids[n] & set().union(*(ids[m] for m in renamed if m != n))), n)
+            t = t.set_column(0, "image_id", pa.array([f"{n}/{i}" for i in t["image_id"].to_pylist()], pa.string()))
+        out.append((n, t))
+    return out
+
+
+def check_sets(images: pa.Table, opts: dict, gray: bool = False, preprocess: str | None = None,
+               alpha: str = "white") -> tuple[pa.Table, pa.Table, dict[str, str], dict[str, str]]:
     """(images that decode, quarantine, {id: the image whose shadow split it takes}, {id: sha256 of its pixels});
     refuses overlapping sets, naming the ids. A non-member that is a near copy of a member (a re-encoding, a
     resize: NEAR_COPY_RMS) joins the quarantine, with its member: near as stored, or as the model sees both
     (`preprocess`, mia.preprocess: None is the centre crop, as MiaScorer's). Images joined by copies (a query
-    holding another image's picture, near copies within a set or across a query) take one split: split_groups."""
+    holding another image's picture, near copies within a set or across a query) take one split: split_groups.
+    `alpha`: transparent pixels as the model is given them (mia.alpha: alpha_of), the pictures compared so."""
     members = images.filter(pc.equal(images["member"], True))["image_id"].to_pylist()
     nonmembers = images.filter(pc.equal(images["member"], False))["image_id"].to_pylist()
     both = sorted(set(members) & set(nonmembers))
@@ -138,7 +166,7 @@ def check_sets(images: pa.Table, opts: dict, gray: bool = False, preprocess: str
     views: dict[str, np.ndarray] = {}
     pixels: dict[str, str] = {}  # the stored pixels' hash (pixels.json: a resume's check), RGB either way
     for batch in iter_batches(_rows(images), CHECK_BATCH):
-        decoded = decode_rows(batch, None, opts)
+        decoded = decode_rows(batch, None, opts, alpha=alpha)
         for i, img in zip(decoded.ids, decoded.images):
             pixels[i] = hashlib.sha256(f"{img.shape}".encode() + img.tobytes()).hexdigest()
             # what the model sees: a 1-channel model scores the luma (memex.mia.to_model_images), so a colour
@@ -408,6 +436,21 @@ def is_text_model(path: str) -> bool | None:
     return None if index is None else "text_encoder" in index
 
 
+def alpha_of(cfg: MiaConfig) -> str:
+    """mia.alpha as images.decode takes it (unset: "white")."""
+    return cfg.mia.alpha.value if cfg.mia.alpha is not None else "white"
+
+
+def check_alpha(cfg: MiaConfig) -> None:
+    """mia.alpha=drop on a `memex train` model (its memex_train.json) is refused: memex train composites
+    transparent images onto white, so drop scored its members on pixels it never saw, and LiRA's shadows (memex
+    train too) were trained on other pixels than they were scored on."""
+    if alpha_of(cfg) != "white" and model_json(cfg.model.path, "memex_train.json") is not None:
+        raise ConfigError(f"mia.alpha={alpha_of(cfg)} reads transparent images as a trainer that drops the alpha "
+                          f"channel (diffusers' image.convert(\"RGB\")), and model.path={cfg.model.path} was trained "
+                          "by `memex train`, which composites them onto white: leave mia.alpha unset")
+
+
 def with_preprocess(cfg: MiaConfig) -> MiaConfig:
     """mia.preprocess resolved (None: as the model was trained): `memex train` squashes every image to
     its square resolution, so its members are scored squashed (a centre crop of a 3:2 member differed
@@ -527,11 +570,13 @@ class ScoreImages:
 
     def __call__(self, index: int, start: int, stop: int) -> tuple[pa.Table, dict]:
         rows = read_image_rows(self.layout.store, self.layout.images_path, start, stop)
-        return score_rows(self.scorer, rows, [a.value for a in self.cfg.mia.attacks], self.cfg.storage.options)
+        return score_rows(self.scorer, rows, [a.value for a in self.cfg.mia.attacks], self.cfg.storage.options,
+                          alpha_of(self.cfg))
 
 
-def score_rows(scorer, rows: pa.Table, attacks: list[str], opts: dict) -> tuple[pa.Table, dict]:
-    decoded = decode_rows(_rows(rows), None, opts)
+def score_rows(scorer, rows: pa.Table, attacks: list[str], opts: dict, alpha: str = "white") -> tuple[pa.Table, dict]:
+    """The scores of images.parquet rows, decoded as stored, transparent pixels as `alpha` says (mia.alpha)."""
+    decoded = decode_rows(_rows(rows), None, opts, alpha=alpha)
     if decoded.quarantine.num_rows:  # they decoded in step 1: the files changed since
         bad = decoded.quarantine.to_pylist()[0]
         raise ConfigError(f"image {bad['id']} no longer decodes ({bad['reason']}): rerun to re-check the sets")
@@ -591,8 +636,8 @@ def check_finite_shadows(losses: np.ndarray, ids: list[str], layout: MiaLayout |
 def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: dict, inside: list[bool],
                            steps: int) -> tuple:
     """Shadow model `index`: trained for `steps` on the images with inside[i] (each repeated as often
-    as the target saw it), saved to shadow_models/, then its loss on every image (same noise as the
-    target's)."""
+    as the target saw it; a picture another image holds, once: repeated_pictures), saved to shadow_models/,
+    then its loss on every image (same noise as the target's)."""
     from memex.mia import MiaScorer
     from memex.models import load_model, resolve_device
     from memex.training import train
@@ -602,13 +647,18 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
     # training data and then for the losses (the task held every image's bytes throughout: ~5 GB a task at 50,000
     # LAION images)
     path, step = layout.images_path, cfg.mia.images_per_unit
-    images = layout.store.read_table(path, columns=["image_id", "copies"])
-    examples = sum(max(1, c or 1) for c, i in zip(images["copies"].to_pylist(), inside) if i)
+    images = layout.store.read_table(path, columns=["image_id", "member", "copies"])
+    repeated = repeated_pictures(layout.store.read_json(layout.pixels_path), images["image_id"].to_pylist(),
+                                 images["member"].to_pylist())
+    examples = sum(max(1, c or 1) for c, i, k in zip(images["copies"].to_pylist(), inside,
+                                                     images["image_id"].to_pylist()) if i and k not in repeated)
 
     def half():
         for a in range(0, images.num_rows, step):
             ids, image, uri, caption = [], [], [], []
             for r in read_image_rows(layout.store, path, a, a + step).filter(pa.array(inside[a:a + step])).to_pylist():
+                if r["image_id"] in repeated:  # another image's rows train its picture
+                    continue
                 for k in range(max(1, r["copies"] or 1)):
                     ids.append(copy_name(r["image_id"], k))
                     image.append(r["image"]), uri.append(r["uri"]), caption.append(r["caption"])
@@ -637,8 +687,8 @@ def train_and_score_shadow(index: int, cfg: MiaConfig, run_name: str, recipe: di
         # mia.images_per_unit at a time, as the target's units: score_rows decodes its rows at their stored size,
         # and the whole set at once was ~7.9 GB a shadow task at 10k 512 px images (each image's noise is seeded
         # by its id, so the losses are the same)
-        parts = [score_rows(scorer, read_image_rows(layout.store, path, a, a + step), ["loss"], cfg.storage.options)
-                 for a in range(0, images.num_rows, step)]
+        parts = [score_rows(scorer, read_image_rows(layout.store, path, a, a + step), ["loss"], cfg.storage.options,
+                            alpha_of(cfg)) for a in range(0, images.num_rows, step)]
         scores = pa.concat_tables([t for t, _ in parts])
         meta = {k: sum(m[k] for _, m in parts) for k in parts[0][1]}
     table = pa.table({"shadow": pa.array([index] * images.num_rows, pa.int32()), "image_id": images["image_id"],
@@ -650,6 +700,24 @@ def copy_name(image_id: str, k: int) -> str:
     """The id of copy k of an image in a shadow's training data (shadow_data/): the image's own id, then
     <id>#<k>, as memex train names a duplication schedule's copies."""
     return image_id if k == 0 else f"{image_id}#{k}"
+
+
+def repeated_pictures(pixels: dict[str, str] | None, ids: list[str], member: list[bool | None]) -> set[str]:
+    """The ids whose stored pixels another image holds (pixels: pixels.json, {id: its pixels' sha256}): a
+    questioned image with a member's exact pixels ("is my re-saved picture in there?"), or another query's. A
+    shadow trains each picture once, on its labelled image's rows (with their copies), else its first query's:
+    the member's row and the query's gave an in-shadow the picture twice where the target trained on it once.
+    They take that image's split (split_groups), so it is in every half they are. None (a folder scored before
+    pixels.json was kept, read as a library): none."""
+    if not pixels:
+        return set()
+    first: dict[str, str] = {}
+    # labelled first (two labelled images never share pixels: one_row_per_picture merged a set's, and a
+    # non-member with a member's is refused)
+    for i, _ in sorted(zip(ids, member), key=lambda r: r[1] is None):
+        if i in pixels:
+            first.setdefault(pixels[i], i)
+    return {i for i in ids if i in pixels and first[pixels[i]] != i}
 
 
 def check_copy_names(images: pa.Table) -> None:
@@ -717,6 +785,21 @@ def splits_of(ids: list[str], split_as: dict[str, str], n_shadows: int, seed: in
     distinct = list(dict.fromkeys(keys))
     col = {k: c for c, k in enumerate(distinct)}
     return shadow_splits(distinct, n_shadows, seed)[:, [col[k] for k in keys]]
+
+
+def check_halves(split: np.ndarray, pictures: int, seed: int) -> None:
+    """Every shadow's half holds an image, or refuse naming the fix. Each picture is in a random half of the
+    shadows, so a shadow is empty with probability 2^-pictures (3 pictures: 1 in 8; 30: 1e-9): memex train then
+    failed on its empty data, after the target was scored. Refused, not redrawn: a picture's split depends on
+    (mia.seed, its id) alone, as a resumed folder's shadows and check_trained_shadows expect, and a redraw would
+    tie it to the other images."""
+    empty = [s for s in range(split.shape[0]) if not split[s].any()]  # (S, N) of splits_of
+    if empty:
+        raise ConfigError(f"LiRA's shadow model {empty[0]} of {split.shape[0]} would train on none of the "
+                          f"{pictures} pictures (each picture is in a random half of the shadows, drawn by "
+                          f"mia.seed={seed}: with {pictures} a shadow is empty with probability 1 in "
+                          f"{2 ** pictures:,}): give more images, another mia.seed, or fewer mia.shadow_models "
+                          "(mia.shadow_models=0: the attacks without LiRA)")
 
 
 def lira_variance(n_shadows: int) -> str:
@@ -823,6 +906,7 @@ def run(cfg: MiaConfig) -> dict:
     cfg = with_preprocess(cfg)
     check_settings(cfg.mia)
     check_demo_nonmembers(cfg)
+    check_alpha(cfg)
     check_model_inputs(cfg.model.path, cfg.model.unet, cfg.model.allow_pickle, cfg.model.revision, cfg.model.variant,
                        cfg.model.lora, cfg.model.text_encoder)
     # the scheduler's own timesteps: a 100-step `memex train` model and the default mia.pia_timestep=200 failed
@@ -832,15 +916,22 @@ def run(cfg: MiaConfig) -> dict:
     sets = [("members", True), ("nonmembers", False)] + ([("queries", None)] if cfg.queries.path else [])
     for n, _ in sets:
         check_outside("storage.root", cfg.storage.root, f"{n}.path", getattr(cfg, n).path, opts)
-    images = pa.concat_tables([read_image_set(getattr(cfg, n).path, getattr(cfg, n).caption_column, member, opts,
-                                              f"{n}.path") for n, member in sets])
+    images = pa.concat_tables([t for _, t in distinct_folder_ids(
+        [(n, read_image_set(getattr(cfg, n).path, getattr(cfg, n).caption_column, member, opts, f"{n}.path"))
+         for n, member in sets])])
     images, quarantine, split_as, pixels = check_sets(
-        images, opts, generated_channels(cfg.model.path, cfg.model.unet, cfg.model.revision) == 1, cfg.mia.preprocess)
+        images, opts, generated_channels(cfg.model.path, cfg.model.unet, cfg.model.revision) == 1, cfg.mia.preprocess,
+        alpha_of(cfg))
     if is_text_model(cfg.model.path) and images.filter(pc.is_null(images["caption"])).num_rows:
         first = images.filter(pc.is_null(images["caption"])).slice(0, 1).to_pylist()[0]
         key = {True: "members", False: "nonmembers", None: "queries"}[first["member"]]
         raise ConfigError(f"{cfg.model.path} is a text-conditional model and image {first['image_id']} of {key}.path "
                           f"has no caption: set {key}.caption_column to the column that holds its captions")
+
+    if recipe is not None:  # LiRA's halves, before the folder is claimed: the fix (another mia.seed) is a new setting
+        ids = images["image_id"].to_pylist()
+        check_halves(splits_of(ids, split_as, cfg.mia.shadow_models, cfg.mia.seed),
+                     len({split_as.get(i, i) for i in ids}), cfg.mia.seed)
 
     # 2. the folder: same settings and weights resume, others are refused
     weights = model_weights_sha256(cfg.model.path, cfg.model.unet, cfg.model.lora, cfg.model.text_encoder,
@@ -849,7 +940,8 @@ def run(cfg: MiaConfig) -> dict:
     for r in images.select(["image_id", "member", "caption", "copies"]).to_pylist():
         digest.update(json.dumps(r, sort_keys=True).encode())
     settings = redact({"model": model_identity(cfg.model),
-                       "mia": plain(cfg.mia), "images_sha256": digest.hexdigest(),
+                       # mia.alpha unset is left out: the folders written before it resume
+                       "mia": drop_unset_added({"mia": plain(cfg.mia)})["mia"], "images_sha256": digest.hexdigest(),
                        "members": cfg.members.path, "nonmembers": cfg.nonmembers.path, "queries": cfg.queries.path})
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     name = cfg.run.name or f"mia-{cfg.model.name}-{key}"
@@ -886,8 +978,11 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
     # scored: a shadow that cannot train (a seed out of range) failed each task only once the scoring was done
     tasks: dict[int, dict] = {}
     if recipe is not None:
-        split = splits_of(images["image_id"].to_pylist(), split_as or {}, cfg.mia.shadow_models, cfg.mia.seed)
-        rows = np.array([max(1, c or 1) for c in images["copies"].to_pylist()])  # a picture's copies are rows
+        ids = images["image_id"].to_pylist()
+        split = splits_of(ids, split_as or {}, cfg.mia.shadow_models, cfg.mia.seed)
+        repeated = repeated_pictures(layout.store.read_json(layout.pixels_path), ids, images["member"].to_pylist())
+        # a picture's copies are rows, and a picture another image holds trains on that image's (repeated_pictures)
+        rows = np.array([0 if i in repeated else max(1, c or 1) for i, c in zip(ids, images["copies"].to_pylist())])
         half = [int(rows[split[s]].sum()) for s in range(cfg.mia.shadow_models)]
         warn_small_shadows(recipe, half, cfg.mia.shadow_steps)
         warn_missing_copies(recipe, images)
@@ -895,7 +990,6 @@ def _score_and_measure(cfg: MiaConfig, name: str, layout: MiaLayout, images: pa.
         tasks = {s: {"inside": split[s].tolist(), "steps": shadow_steps(recipe, half[s], cfg.mia.shadow_steps)}
                  for s in range(cfg.mia.shadow_models)}
         check_shadow_seeds(recipe, {s: t["steps"] for s, t in tasks.items()})
-        ids = images["image_id"].to_pylist()
         check_trained_shadows(layout.shadows, {s: t["steps"] for s, t in tasks.items()},
                               {s: dict(zip(ids, t["inside"])) for s, t in tasks.items()})
 
