@@ -10,9 +10,10 @@ Why the checks: a LoRA of another base model loads without a word from diffusers
 nothing. Its module names match no module of this UNet; measured on the tiny SD layouts
 (memex/tiny.py), 0 of the UNet's tensors changed and no warning was logged. An audit of it would
 report the base model's memorization as the fine-tune's. So `check_lora` compares the tensors the
-file names (diffusers' `lora.down`/`lora.up` and peft's `lora_A`/`lora_B` keys) with the base's
-modules from their configs, before any cluster work, and `apply_lora` refuses a LoRA that left
-every layer it was loaded into unchanged (covering formats diffusers converts, e.g. kohya's).
+file names, under the names diffusers' load gives them (`diffusers_names`: kohya's lora_unet_*,
+diffusers < 0.21's attn-processor names, today's `lora.down` and peft's `lora_A` keys), with the base's
+modules from their configs, before any cluster work; `apply_lora` refuses a LoRA some of whose modules
+the load dropped (a hub LoRA, a hub base: unchecked before), or that left every layer unchanged.
 A LoRA of the text encoder (train_dreambooth_lora.py --train_text_encoder) is loaded and fused the
 same way, onto the text encoder (peft 0.21 and transformers 5 load it; only transformers' own
 add_adapter, which training uses, asks for peft >= 0.22).
@@ -89,7 +90,8 @@ KOHYA = ("lora_unet_", "lora_te")  # kohya's key prefixes: diffusers converts th
 
 def unprefixed(keys: Any) -> bool:
     """Keys with no `unet.`/`text_encoder.` prefix: diffusers' format before 0.21 (unet.save_attn_procs:
-    `...attn1.processor.to_q_lora.down.weight`) or a raw peft state dict of a UNet. diffusers 0.42 loads
+    `...attn1.processor.to_q_lora.down.weight`), a raw peft state dict of a UNet (unet.save_lora_adapter),
+    or peft's PeftModel.save_pretrained of one (`base_model.model.<module>.lora_A.weight`). diffusers 0.42 loads
     only prefixed keys: these were dropped with a log line, and the LoRA refused as changing nothing."""
     keys = list(keys)
     return any("lora" in k.lower() for k in keys) and not any(
@@ -98,11 +100,92 @@ def unprefixed(keys: Any) -> bool:
 
 def from_unprefixed(key: str) -> str:
     """An unprefixed UNet LoRA key in today's diffusers format:
-    `mid_block...attn1.processor.to_out_lora.up.weight` -> `unet.mid_block...attn1.to_out.0.lora.up.weight`."""
-    k = key.replace(".processor.", ".")
+    `mid_block...attn1.processor.to_out_lora.up.weight` -> `unet.mid_block...attn1.to_out.0.lora.up.weight`;
+    peft's PeftModel.save_pretrained keys lose their `base_model.model.` (the UNet's own module names follow)."""
+    k = key.removeprefix("base_model.model.").replace(".processor.", ".")
     for proj in ("to_q", "to_k", "to_v"):
         k = k.replace(f".{proj}_lora.", f".{proj}.lora.")
     return "unet." + k.replace(".to_out_lora.", ".to_out.0.lora.")
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained writes it beside adapter_model.safetensors
+
+
+def adapter_config(file: str) -> dict[str, Any] | None:
+    """The LoraConfig an unprefixed LoRA was trained with (as a dict, diffusers' `metadata=`): its scale,
+    lora_alpha / r (2.0 for r=4, lora_alpha=8), is in no key. diffusers' save_lora_adapter keeps it in the
+    file's metadata (lora_adapter_metadata), peft's save_pretrained in adapter_config.json beside the file.
+    None where neither is: the scale is 1, as diffusers loads such keys."""
+    import json
+
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as f:
+        raw = (f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
+    if raw:
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise ModelError(f"{file}: its {LORA_ADAPTER_METADATA_KEY} metadata is not JSON ({e}): re-save the "
+                             "adapter") from e
+    folder = os.path.dirname(os.path.abspath(file))
+    if not os.path.isfile(os.path.join(folder, ADAPTER_CONFIG)):
+        return None
+    from peft import LoraConfig
+
+    try:
+        return LoraConfig.from_pretrained(folder).to_dict()
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise ModelError(f"{os.path.join(folder, ADAPTER_CONFIG)} beside {os.path.basename(file)} is no peft "
+                         f"LoraConfig ({type(e).__name__}: {' '.join(str(e).split())[:200]}): it holds the LoRA's "
+                         "scale (lora_alpha / r); fix it, or move the weights file away from it") from e
+
+
+def diffusers_names(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A LoRA state dict under the names diffusers' load_lora_weights loads it by, renamed by diffusers' own
+    conversions as that load renames it: kohya's lora_unet_*/lora_te_* (StableDiffusionLoraLoaderMixin.
+    lora_state_dict), diffusers < 0.21's `processor.to_q_lora.down` names, today's `lora.down` and
+    `lora_linear_layer.down`: all to `<component>.<module>.lora_A.weight` / `.lora_B.weight` (kohya's alphas go).
+    The values only move (a kohya `.alpha` is read with .item()). Raises diffusers' ValueError for keys it
+    cannot rename: the load raises it too."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if unprefixed(state_dict):
+        state_dict = {from_unprefixed(k): v for k, v in state_dict.items()}
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(dict(state_dict))
+    out = {k: v for k, v in state_dict.items() if not k.startswith(tuple(c + "." for c in COMPONENTS))}
+    for comp in COMPONENTS:
+        part = {k[len(comp) + 1:]: v for k, v in state_dict.items() if k.startswith(comp + ".")}
+        if not part:
+            continue
+        part = (convert_unet_state_dict_to_peft(part) if comp == "unet"
+                else convert_state_dict_to_peft(convert_state_dict_to_diffusers(part)))
+        out.update({f"{comp}.{k}": v for k, v in part.items()})
+    return out
+
+
+def _factor(key: str) -> bool:
+    """A LoRA factor's key in any of diffusers' spellings: lora_A, lora.down, lora_linear_layer.down,
+    to_q_lora.down (and their up/B)."""
+    return "lora" in key and key.endswith(("_A.weight", "_B.weight", "down.weight", "up.weight"))
+
+
+def _adapted_modules(names: Any) -> list[str]:
+    """`<component>.<module>` of each module the (diffusers_names) keys adapt: a lora_A or lora_B weight."""
+    return sorted({_module_key(k.rsplit(".lora_", 1)[0]) for k in names if k.endswith((".lora_A.weight",
+                                                                                        ".lora_B.weight"))})
+
+
+def _module_key(name: str) -> str:
+    """`<component>.<module>` with the text encoder's module named either way (_module)."""
+    comp, _, module = name.partition(".")
+    return f"{comp}.{_module(module)}"
 
 
 def check_lora(lora: str, shapes_of: Callable[[str], dict[str, tuple[int, ...]] | None]) -> None:
@@ -126,10 +209,31 @@ def check_lora(lora: str, shapes_of: Callable[[str], dict[str, tuple[int, ...]] 
     if not any("lora" in k.lower() for k in tensors):
         raise ModelError(f"model.lora={lora}: {file} holds no LoRA tensors (no lora_A/lora_B or lora.down/lora.up "
                          "keys): a fully fine-tuned UNet goes in model.unet")
+    # the names the load gives them: kohya's and diffusers < 0.21's went unchecked (no _FACTORS suffix), and
+    # one of another base loaded its few modules whose names matched (8 of 32 on the tiny layouts), or failed
+    # only in every sampler actor. A value: (the file's key, its shape); a kohya alpha its number for .item()
+    import torch
+
+    try:
+        named = diffusers_names({k: torch.zeros(shape) if k.endswith(".alpha") else (k, shape)
+                                 for k, shape in tensors.items()})
+    except ValueError as e:
+        raise ModelError(f"model.lora={lora}: diffusers cannot read {file}'s keys ({' '.join(str(e).split())[:200]}): "
+                         "not a LoRA format diffusers loads") from e
+    named = {k: v for k, v in named.items() if isinstance(v, tuple)}
     if unprefixed(tensors):
-        tensors = {from_unprefixed(k): v for k, v in tensors.items()}
+        try:  # read before any work: its scale
+            adapter_config(file)
+        except ModelError as e:
+            raise ModelError(f"model.lora={lora}: {e}") from e
+    other = sorted((k.split(".", 1)[0], key) for k, (key, _) in named.items()
+                   if not k.startswith(tuple(c + "." for c in COMPONENTS)) and _factor(k))
+    if other:  # e.g. SDXL's text_encoder_2: load_lora_weights of an SD 1.x / IF pipeline drops them unsaid
+        raise ModelError(f"model.lora={lora} adapts modules of {other[0][0]} (first tensor: {other[0][1]!r}), which "
+                         f"model.path's pipeline does not have (it loads LoRAs of {' and '.join(COMPONENTS)} only): a "
+                         "LoRA of another kind of model (SDXL?); give model.path the base it was trained on")
     for comp in COMPONENTS:
-        rows = [(k, k[len(comp) + 1: -len(s)], _FACTORS[s], shape) for k, shape in sorted(tensors.items())
+        rows = [(key, k[len(comp) + 1: -len(s)], _FACTORS[s], shape) for k, (key, shape) in sorted(named.items())
                 for s in _FACTORS if k.startswith(comp + ".") and k.endswith(s)]
         have = shapes_of(comp) if rows else None
         if not have:
@@ -170,19 +274,39 @@ def apply_lora(pipe: Any, lora: str, path: str) -> None:
             if unprefixed(safetensors_shapes(file)):  # given to diffusers with today's keys (unprefixed())
                 from safetensors.torch import load_file
 
-                pipe.load_lora_weights({from_unprefixed(k): v for k, v in load_file(file).items()})
+                # as load_lora_weights loads a UNet's part, with the scale the file's metadata or its
+                # adapter_config.json give (a dict carries no metadata: these fused at scale 1, not lora_alpha / r)
+                config = adapter_config(file)
+                pipe.load_lora_into_unet({from_unprefixed(k): v for k, v in load_file(file).items()},
+                                         network_alphas=None, unet=pipe.unet, _pipeline=pipe,
+                                         metadata=None if config is None else {f"unet.{k}": v for k, v in
+                                                                               config.items()})
             else:
                 # a bare file name's dirname is "": diffusers then reads it as a hub id (absolute: its folder)
                 file = os.path.abspath(file)
                 pipe.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file))
         else:
             pipe.load_lora_weights(lora)
+            hub_keys = list(type(pipe).lora_state_dict(lora)[0])  # its file, from the cache the load just filled
     except ModelError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised naming both settings
         raise ModelError(f"could not load model.lora={lora} onto model.path={path} ({type(pipe).__name__}): "
                          f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
     layers = _lora_layers(pipe)
+    if layers:  # every module the file adapts: one of another base loaded the few whose names matched (8 of 32)
+        import torch
+
+        names = safetensors_shapes(lora_file(lora)) if is_local(lora) else hub_keys
+        wanted = _adapted_modules(diffusers_names({k: torch.zeros(()) for k in names}))  # (kohya's alpha: .item())
+        loaded = {_module_key(f"{c}.{n}") for c in COMPONENTS if getattr(pipe, c, None) is not None
+                  for n, m in getattr(pipe, c).named_modules() if len(getattr(m, "lora_B", ())) > 0}
+        dropped = [m for m in wanted if m not in loaded]
+        if dropped:
+            raise ModelError(f"model.lora={lora}: diffusers loaded {len(wanted) - len(dropped)} of the {len(wanted)} "
+                             f"modules it adapts into model.path={path}; the others are no module of it (first: "
+                             f"{dropped[0]!r}): a LoRA trained on another base model, whose audit would report "
+                             "mostly the base's memorization; give model.path the base it was trained on")
     if not layers:
         keys = sorted(safetensors_shapes(lora_file(lora))) if is_local(lora) else []
         prefixes = sorted({k.split(".", 1)[0] for k in keys})
