@@ -54,3 +54,16 @@ def rank_near_duplicates(dups: pa.Table, limit: int | None, same=None) -> pa.Tab
         if limit is not None and len(picked.rows) >= limit:
             break
     return _table(picked.rows, limit, "no captions")
+
+
+def parquet_batches(path: str, fs, f: str, batch_rows: int):
+    """memex.manifest._parquet_batches before buffer_size: a Parquet part of one row group (pq.write_table's
+    default) had its image column read whole at once."""
+    import pyarrow.parquet as pq
+
+    from memex.manifest import ManifestError
+
+    try:
+        yield from pq.ParquetFile(f, filesystem=fs, pre_buffer=False).iter_batches(batch_size=batch_rows)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise ManifestError(f"training manifest {path}: {f} is not readable Parquet: {type(e).__name__}: {e}") from e

@@ -127,6 +127,7 @@ class IngestError(MemexError, ValueError):
 
 
 WEB = ("http://", "https://")
+WEB_PROTOCOLS = ("http", "https")  # fsspec's split_protocol of a WEB uri
 
 
 class FetchError(IngestError):
@@ -152,7 +153,8 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
 
     Extra manifest columns (source_id, copies, ...) are dropped; `caption_column` becomes
     `caption` (all null when the manifest has no such column). `stamp`: the version of each
-    uri row's file (size + ETag or mtime), null for rows with image bytes and for missing files.
+    uri row's file (size + ETag or mtime), null for rows with image bytes, for missing files and for
+    http(s) images (_uri_stamps).
     `key`: the setting `path` came from, which errors name (memex mia reads members.path, ...).
     `images=False` (the index): a manifest of embedded images (Parquet, or a datasets folder) is
     read a batch at a time, and its listing holds each image's sha256 (column IMAGE_SHA256), not
@@ -202,6 +204,11 @@ def list_training_set(path: str, storage_options: dict[str, Any] | None = None,
         if loose:  # which is the training set is not ours to guess
             raise IngestError(f"{key}={path} holds both .tar shards and image files ({loose}): give a folder of "
                               "WebDataset shards or a folder of images")
+        if manifest := _manifest_beside_shards(fs, files):  # was ignored: every shard image listed, raw captions
+            raise IngestError(f"{key}={path} holds both .tar shards and a Parquet file that is not img2dataset's "
+                              f"metadata ({fs.unstrip_protocol(manifest)}): which is the training set is not ours to "
+                              f"guess. Set {key}={fs.unstrip_protocol(manifest)} if it lists the images trained on "
+                              "(the shards' members as its uris), else move it out of the shards' folder")
         return _from_shards(path, fs, root, files, key, shard_cache)
     parquet = root if root.endswith(".parquet") else min((f for f in files if f.endswith(".parquet")), default=None)
     if parquet and is_dir and _img2dataset_files(fs, parquet, files):  # its default output_format=files
@@ -372,7 +379,9 @@ def _through_links(files: dict[str, dict], root: str) -> dict[str, dict]:
     type "other" and does not descend (its images were left out, silently), and a linked file with its target's
     size but the link's mtime (_stamp follows it). Each linked folder outside `root` has its files listed under
     the link's path, as if they were there, once; a link to a folder inside `root` (latest -> v3, a link to an
-    ancestor) is skipped, as before: its files are listed under their own paths."""
+    ancestor inside it) is skipped, as before: its files are listed under their own paths. So is a link to `root`'s
+    own ancestor (parent -> ..): it walked the ancestor's other folders (a held-out set beside train/) into the
+    training images."""
     top = os.path.realpath(root)
     out, seen = {}, set()
     for name, info in files.items():
@@ -381,7 +390,8 @@ def _through_links(files: dict[str, dict], root: str) -> dict[str, dict]:
             continue
         for d, dirs, names in os.walk(name, followlinks=True):
             real = os.path.realpath(d)
-            if real in seen or real == top or real.startswith(top.rstrip("/") + "/"):
+            if (real in seen or real == top or real.startswith(top.rstrip("/") + "/")
+                    or top.startswith(real.rstrip("/") + "/")):  # root's ancestor (or "/")
                 dirs[:] = []
                 continue
             seen.add(real)
@@ -399,8 +409,9 @@ def _through_links(files: dict[str, dict], root: str) -> dict[str, dict]:
 def _stamp(info: dict) -> str:
     """A file's version from its fsspec listing entry: size + ETag (S3, GCS, Azure: changes with
     the content) where the store gives one, else size + modification time (local "mtime", s3
-    "LastModified", memory "created"). A local symlink's is its target's: the link's own mtime stayed the
-    same when the file it points at was written over (a shared image pool), and the old index was reused."""
+    "LastModified", memory "created"), else size + a content id (hf://'s "blob_id"), else the size alone.
+    A local symlink's is its target's: the link's own mtime stayed the same when the file it points at was
+    written over (a shared image pool), and the old index was reused."""
     if info.get("islink") and info.get("name"):
         try:  # the later of the link's and its target's: a link made after its target (DVC, git-annex: the
             # usual case) keeps the stamp it had, and so its index key; a target written since changes it
@@ -411,6 +422,16 @@ def _stamp(info: dict) -> str:
     for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated", "created"):
         if info.get(k) is not None:
             return f"{info.get('size')} {k}={info[k]}"
+    # after those, so no file that has one is stamped otherwise (its index key stays the same): Hugging Face's
+    # hf:// gives none of them but its blob's git id (an LFS file's pointer holds the content's sha256), its LFS
+    # sha256, its last commit. By size alone a tar shard rewritten in place (tar pads to 10,240-byte records)
+    # kept its stamp, and so its kept listing and its index
+    for k, field in (("blob_id", None), ("lfs", "sha256"), ("last_commit", "oid")):
+        v = info.get(k)
+        if field is not None and v is not None:  # huggingface_hub's BlobLfsInfo, LastCommitInfo: dicts, or not
+            v = v.get(field) if isinstance(v, dict) else getattr(v, field, None)
+        if v is not None:
+            return f"{info.get('size')} {k}={v}"
     return f"{info.get('size')}"
 
 
@@ -426,6 +447,15 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
     LAION-style manifest of 1M uris in img2dataset folders of 10k files on S3: 100 folders x 10
     LIST pages = ~1k requests (seconds), against 1M HEAD requests for one `info()` per file
     (~10-40 min at 8-32 requests in flight). Folders with < _LS_MIN_URIS of the uris use info().
+
+    An http(s) image (LAION's url column as the uri) is left unstamped (None): a web server lists no
+    folders (most answer 403, which failed the whole listing, where a dead link is quarantined at its
+    decode), and one HEAD per image every audit was 1M requests to other people's hosts for 1M URLs.
+    The index key still hashes each URL, so what is lost is noticing a changed picture at the same URL:
+    the index built from its earlier picture is reused. The right trade: a web image is seldom replaced
+    at its URL (a new one gets a new URL), and telling would cost a request an image an audit.
+    A tar shard on the web (an http(s) uri's member) is still stamped, one HEAD a shard (few), never
+    listed: its version keys its members' offsets (row_bytes), which a rewritten shard moves.
     """
     out: list[str | None] = [None] * len(uris)
     filesystems: dict[str, Any] = {}
@@ -436,6 +466,8 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
         if split := split_member_uri(u):  # a shard's member: the shard's version (fsspec's tar:// filesystem,
             u = split[1]  # made for the first shard, stamped every row None: a shard overwritten in place kept its key)
         proto = fsspec.core.split_protocol(u)[0] or "file"
+        if proto in WEB_PROTOCOLS and not split:  # see above: the URL itself is its key
+            continue
         if proto not in filesystems:
             try:
                 filesystems[proto] = fsspec.core.url_to_fs(u, **opts)[0]
@@ -461,7 +493,7 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
         fs = filesystems[proto]
         fs.invalidate_cache(parent)  # a cached listing would give stale stamps
         paths = sorted({p for _, p in members})  # once each: a tar shard's thousands of members are one file
-        if len(paths) < _LS_MIN_URIS:
+        if len(paths) < _LS_MIN_URIS or proto in WEB_PROTOCOLS:  # a web server lists no folders (403)
             got = {p: info(fs, p) for p in paths}
         else:
             try:
@@ -481,6 +513,15 @@ def _uri_stamps(uris: list[str | None], opts: dict[str, Any]) -> list[str | None
         raise IngestError(f"training images cannot be listed (for their sizes and versions): "
                           f"{type(e).__name__}: {e} (check the uris and storage options / credentials)") from e
     return out
+
+
+def _manifest_beside_shards(fs, files: dict[str, dict]) -> str | None:
+    """The first .parquet among .tar shards that is not img2dataset's metadata (a user's manifest), or None.
+    img2dataset writes <shard>.parquet beside each <shard>.tar: those are taken as its metadata unread (a
+    footer read each is ~10k requests an audit for a LAION part on S3); only the others' footers are read."""
+    tars = {f[:-len(".tar")] for f in files if f.endswith(".tar")}
+    return min((f for f in files if f.endswith(".parquet") and f[:-len(".parquet")] not in tars
+                and not is_img2dataset_metadata_file(fs, f)), default=None)
 
 
 def _img2dataset_files(fs, parquet: str, files: dict[str, dict]) -> bool:
@@ -564,7 +605,10 @@ def _from_shards(path: str, fs, root: str, files: dict[str, dict], key: str,
 
     def samples(tar: str) -> list[tuple[str, str | None]]:
         stamp, cached = _stamp(files[tar]), None
-        if shard_cache is not None and stamp:  # no version (a store that gives none): read every time
+        # a stamp of the size alone (a store that gives no version) is none: tar pads a shard to 10,240-byte
+        # records, so one rewritten in place (other captions) kept its size, and its stale listing was served.
+        # Read every time, as _sidecar_texts does
+        if shard_cache is not None and "=" in stamp:
             cached = shard_cache.join(shard_listing_name(fs.unstrip_protocol(tar), stamp))
             try:
                 if shard_cache.exists(cached):
@@ -817,12 +861,20 @@ def row_bytes(row: dict, opts: dict[str, Any], version: str | None = None) -> by
 
 def _per_row(records: Sequence, fn, workers: int) -> list:
     """fn(row) for each row, in order, on up to `workers` threads; a row whose fn raises gives its reason
-    ("TypeName: message") instead: any failure of one image sets that image aside only."""
+    ("TypeName: message") instead: any failure of one image sets that image aside only, but an outage
+    (FetchError) and a MemoryError, which are not the image's, raise."""
     def one(row: dict):
         try:
             return fn(row)
         except FetchError:  # an outage: the unit fails and is retried (quarantined, it was left out for good)
             raise
+        except MemoryError as e:  # this process's memory, not the image's fault: quarantined, it was left out of
+            # the index for good (every later audit reuses the index); failed, the unit is retried on a rerun
+            raise MemoryError(f"reading or decoding a training image ran out of memory ({e or 'MemoryError'}): "
+                              "nothing of this unit was kept, and a rerun retries it. Lower index.decode_batch "
+                              "(the training images a step of an index shard holds) or run the workers where "
+                              "more memory is free (memex sets none of its own: resources.* gives CPUs and GPUs "
+                              "only)") from e
         except Exception as e:  # noqa: BLE001 - the caller quarantines or names the row
             return f"{type(e).__name__}: {e}"
 

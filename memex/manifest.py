@@ -231,12 +231,21 @@ def iter_manifest(path: str, storage_options: dict[str, Any] | None = None,
                 yield normalized(path, t, fs, base)
 
 
+# pyarrow's read buffer for one column chunk of a Parquet manifest: the image column's pages are read
+# through it as the batches need them (a page is ~1 MiB), where unbuffered a row group's whole column chunk
+# was read at once (bench/bench_rowgroup_memory.py)
+PARQUET_BUFFER = 8 << 20
+
+
 def _parquet_batches(path: str, fs: fsspec.AbstractFileSystem, f: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
     try:
         # pre_buffer=False: with it, pyarrow buffers every row group's column chunks as the batches
         # go by (RSS grew to the file's size: 600 MB for a 540 MB file of 96 row groups); without,
-        # one row group at a time (~60 MB). A file of one row group is read whole
-        yield from pq.ParquetFile(f, filesystem=fs, pre_buffer=False).iter_batches(batch_size=batch_rows)
+        # one row group at a time (~60 MB). buffer_size: else a file of one row group (pq.write_table's and
+        # pandas' default, up to 1Mi rows: a whole 100k-image part) was read whole, peak RSS ~1.2x the file
+        # (+739 MB for a 572 MB file), where buffered it is ~+250 MB
+        yield from pq.ParquetFile(f, filesystem=fs, pre_buffer=False,
+                                  buffer_size=PARQUET_BUFFER).iter_batches(batch_size=batch_rows)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file
         raise ManifestError(f"training manifest {path}: {f} is not readable Parquet: {type(e).__name__}: {e}") from e
 
