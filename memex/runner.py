@@ -83,7 +83,16 @@ def init(resources: ResourcesConfig, storage: StorageConfig | None = None, index
     Ray's own default of joining whatever `ray start` left on this machine (/tmp/ray/ray_current_cluster),
     which hangs when that one is gone. With `storage` (a stage's entry): `check_storage_reachable`
     once Ray is up: now if it already is, else when the first unit starts it (still before any write);
-    `index_root` (index.root, the audit's): the same for where the index units write."""
+    `index_root` (index.root, the audit's): the same for where the index units write.
+    A root inside a Ray job's working_dir copy is refused first, executor=local too: Ray deletes the copy once
+    the job is done (`ray job submit --working-dir . -- memex generate resources.executor=local` wrote its
+    run folder into it and exited 0)."""
+    if storage is not None:
+        job = os.environ.get(RAY_JOB_CONFIG)
+        for key, root in (("storage.root", storage.root), ("index.root", index_root)):
+            why = in_job_working_dir(root, key, job, os.getcwd()) if root else None
+            if why:
+                raise ConfigError(why)
     if resources.executor == ExecutorKind.local:
         return  # no Ray: one process on one machine, so any storage.root it can write to will do
     import ray

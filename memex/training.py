@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import string
 import time
@@ -47,7 +48,7 @@ from memex.console import library_logs_to_file
 from memex.images import resize
 from memex.manifest import ManifestError, expand_duplicates, first_caption, load_image, read_manifest, take_rows
 from memex.redact import redact
-from memex.storage import Store, store_failure
+from memex.storage import RAY_JOB_CONFIG, Store, in_job_working_dir, store_failure
 
 log = logging.getLogger("memex.train")
 MANIFEST_FILE = "training_manifest.parquet"  # the exact training set, one row per example
@@ -691,6 +692,11 @@ def train(cfg: TrainConfig, cpu: bool = False, copies_recipe: bool = False) -> P
 
     # 1. check inputs before any training
     validate_train(cfg)
+    # under `ray job submit --working-dir .` a relative output (README's output=models/logos) is saved into Ray's
+    # copy of the working dir, which Ray deletes once the job is done: the model was lost with exit 0
+    why = in_job_working_dir(cfg.output, "output", os.environ.get(RAY_JOB_CONFIG), os.getcwd())
+    if why:
+        raise ConfigError(why)
     # the device and processes accelerate trains with (Accelerator reads ACCELERATE_USE_CPU, then this state)
     state = PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     cfg = check_run_inputs(cfg, state.device.type, state.num_processes, copies_a_recipe=copies_recipe)

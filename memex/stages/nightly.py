@@ -52,6 +52,7 @@ from memex.checkpoints import (
     written_at,
 )
 from memex.config import (
+    ConfigError,
     MemexError,
     NightlyAction,
     NightlyAuditConfig,
@@ -65,7 +66,7 @@ from memex.config import (
 from memex.layout import RunLayout
 from memex.ledger import ALARMS, DONE, Ledger
 from memex.redact import redact, redact_text, redact_url
-from memex.storage import Store
+from memex.storage import RAY_JOB_CONFIG, Store, in_job_working_dir
 from memex.tracking import TrackerError, at_checkpoint
 from memex.tracking import check as check_tracker
 from memex.tracking import check_run as check_tracker_run
@@ -618,6 +619,12 @@ def payload(res: NightlyResult) -> dict:
 
 
 def run(cfg: NightlyAuditConfig) -> NightlyResult:
+    # under `ray job submit --working-dir .` a relative ledger root is Ray's copy of the working dir, deleted once
+    # the job is done: every night's ledger rows (and so which checkpoints were audited) went with it
+    key, root = ("nightly.ledger", cfg.nightly.ledger) if cfg.nightly.ledger else ("storage.root", cfg.storage.root)
+    why = in_job_working_dir(root, key, os.environ.get(RAY_JOB_CONFIG), os.getcwd())
+    if why:
+        raise ConfigError(why)
     if cfg.nightly.action == NightlyAction.run:
         check_tracker(cfg.tracker)  # its package, before any weights are hashed
         check_tracker_run(cfg.tracker)  # tracker.run_id a run of its store
