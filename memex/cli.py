@@ -353,34 +353,103 @@ def _spelled(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+@functools.lru_cache(maxsize=None)
+def _option_values(group: str, option: str) -> dict:
+    """The values conf/<group>/<option>.yaml sets ({} for an option that adds nothing, or none of that name)."""
+    import yaml
+
+    path = CONF_DIR / group / f"{option}.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _kind_default(group: str, cls: type) -> str | None:
+    """The schema's default of the group's KIND_KEYS key (triage.kind: auto): the kind of an option that does not
+    set it (triage=auto, prompts=demo)."""
+    node = _unwrap(_field_type(group, cls)) if group in _fields(cls) else None
+    if not dataclasses.is_dataclass(node):
+        return None
+    default = next((f.default for f in dataclasses.fields(node) if f.name == KIND_KEYS[group]), None)
+    return str(default.value if isinstance(default, enum.Enum) else default)
+
+
+def _option_of_kind(group: str, value: str, cls: type) -> str | None:
+    """The option of conf/<group>/ whose kind is `value`: the one that sets the fewest other values (prompts.source
+    file: prompts=file, not prompts=demo, which sets a path), the one named after the kind first."""
+    key, default = KIND_KEYS[group], _kind_default(group, cls)
+    found = [(len(_option_values(group, p.stem)), p.stem != value, p.stem)
+             for p in sorted((CONF_DIR / group).glob("*.yaml"))
+             if str(_option_values(group, p.stem).get(key, default)) == value]
+    return min(found)[2] if found else None
+
+
+def _preset_keys(given: dict) -> set[str]:
+    """The dotted keys the body of the preset the command line names sets (preset=paper: prompts.limit), after the
+    groups: no option's value there is kept by a kind key."""
+    import yaml
+
+    preset = given.get("preset")
+    path = CONF_DIR / "preset" / f"{preset}.yaml"
+    if not isinstance(preset, str) or not path.is_file():
+        return set()
+    raw = yaml.safe_load(path.read_text()) or {}
+    return {f"{g}.{k}" for g, body in raw.items() if g != "defaults" and isinstance(body, dict) for k in body}
+
+
 def _kind_without_its_option(overrides: list, cls: type) -> str | None:
     """`<group>.<kind key>=<value>` without the group's option that sets that kind (KIND_KEYS): refused, naming the
     option, where that option sets other values too and neither they nor the option are on the command line, and
     the option is not the one in force already. embedder.kind=sscd (or clip) kept the pixels embedder's size, 32,
     and SSCD takes a 32 px input without a word (a ResNet pools it to one cell): an index of near-useless
-    descriptors, and matches, triage previews and near-duplicate ranking that find almost nothing."""
+    descriptors, and matches, triage previews and near-duplicate ranking that find almost nothing.
+    Refused too where the option in force (the command line's, else the defaults list's or the preset's) is of
+    another kind and sets values beyond its kind that the command line does not: they were kept for the new kind
+    (the audit's prompts.source=file: prompts=near_duplicates' limit of 24, the first 24 prompts of the file
+    audited; match=relative's threshold 0.9 for match.distance=tiled_l2, where tiled l2 takes 0.15)."""
     given = {o.key_or_group: _value(o) for o in overrides if not o.is_delete()}
     in_force = None
     for group, key in KIND_KEYS.items():
         value = given.get(f"{group}.{key}")
-        if not isinstance(value, str) or group in given or value not in kind_options(group):
-            continue
-        option, others = kind_options(group)[value]
-        missing = [k for k in others if f"{group}.{k}" not in given]
+        if not isinstance(value, str) or (group in given and not isinstance(given[group], str)):
+            continue  # (a -m sweep over the group's options, or a mapping: Hydra's to compose)
         in_force = options_in_force(cls, given) if in_force is None else in_force
-        if not missing or in_force.get(group) == option:
+        old = given.get(group, in_force.get(group))
+        if value in kind_options(group):
+            option, others = kind_options(group)[value]
+            missing = [k for k in others if f"{group}.{k}" not in given]
+            if missing and old != option:
+                return _kind_message(group, value, option, others, missing, old)
+        if not isinstance(old, str) or group not in _fields(cls):
             continue
-        if group == "embedder":
-            return (f"embedder.kind={value} keeps the pixels embedder's embedder.size of 32 ({value} takes "
-                    f"{others['size']} px): choose the option embedder={value}, which sets its size and batch, or set "
-                    "embedder.size")
-        sets = ", ".join(f"{group}.{k}={_spelled(v)}" for k, v in others.items())
-        keys = [f"{group}.{k}" for k in missing]
-        keys = ", ".join(keys[:-1]) + " and " + keys[-1] if len(keys) > 1 else keys[0]
-        return (f"{group}.{key}={value} keeps the other {group} settings of the option in force, and the option "
-                f"{group}={option} also sets {sets}: choose the option {group}={option} (any {group}.* key after "
-                f"it still wins), or set {keys} too")
+        old_values = _option_values(group, old)
+        preset = _preset_keys(given)
+        kept = {k: v for k, v in old_values.items() if k != key and k not in INCIDENTAL.get(group, ())
+                and f"{group}.{k}" not in given and f"{group}.{k}" not in preset}
+        if not kept or str(old_values.get(key, _kind_default(group, cls))) == value:
+            continue
+        option = _option_of_kind(group, value, cls)
+        sets = ", ".join(f"{group}.{k}={_spelled(v)}" for k, v in kept.items())
+        where = " on the command line" if group in given else ""
+        fix = (f"choose the option {group}={option}{' in its place' if group in given else ''} (any {group}.* key "
+               f"after it still wins)" if option else f"set {', '.join(f'{group}.{k}' for k in kept)} too")
+        return (f"{group}.{key}={value} keeps {sets}, which the option in force{where}, {group}={old}, sets for "
+                f"its own kind: {fix}")
     return None
+
+
+def _kind_message(group: str, value: str, option: str, others: dict, missing: list[str], old: Any) -> str:
+    """The refusal of a kind key whose own option sets values the command line does not."""
+    key = KIND_KEYS[group]
+    if group == "embedder":
+        size = _option_values(group, old).get("size", 32) if isinstance(old, str) else 32
+        return (f"embedder.kind={value} keeps the {old if isinstance(old, str) else 'pixels'} embedder's embedder.size "
+                f"of {size} ({value} takes {others['size']} px): choose the option embedder={value}, which sets its "
+                "size and batch, or set embedder.size")
+    sets = ", ".join(f"{group}.{k}={_spelled(v)}" for k, v in others.items())
+    keys = [f"{group}.{k}" for k in missing]
+    keys = ", ".join(keys[:-1]) + " and " + keys[-1] if len(keys) > 1 else keys[0]
+    return (f"{group}.{key}={value} keeps the other {group} settings of the option in force, and the option "
+            f"{group}={option} also sets {sets}: choose the option {group}={option} (any {group}.* key after "
+            f"it still wins), or set {keys} too")
 
 
 def unparsable_override_message(text: str, error: Exception) -> str:
@@ -572,13 +641,17 @@ def _check_list(key: str, value: Any, cls: type) -> str | None:
         return None
     if isinstance(value, list):  # each item as its own scalar node takes it (an enum's: _check_choice)
         item_tp = _list_item(tp)
-        for item in value:
+        for i, item in enumerate(value):
             if isinstance(item, str) and "${" in item:
                 continue
             if item is None and _unwrap(item_tp) is item_tp:
                 return f"{key}={_spelled(value)}: an item is null; each is {_expects(item_tp)}"
             if isinstance(item, (list, dict)) and not dataclasses.is_dataclass(_unwrap(item_tp)):
                 return f"{key}={_spelled(value)}: the item {_spelled(item)} is not {_expects(item_tp)}"
+            if isinstance(item, dict) and dataclasses.is_dataclass(_unwrap(item_tp)):
+                if msg := _check_item(f"{key}[{i}]", item, _unwrap(item_tp)):
+                    return msg
+                continue
             if _scalar_error(key, item_tp, item):
                 return f"{key}={_spelled(value)}: the item {_spelled(item)} is not {_SCALARS[_unwrap(item_tp)][1]}"
         return None
@@ -587,6 +660,22 @@ def _check_list(key: str, value: Any, cls: type) -> str | None:
         return (f"{key}={value} is not a list: give a list of entries with keys {', '.join(_fields(item))}, "
                 f"quoted for the shell, e.g. \"{key}=[{{{', '.join(f'{n}: ...' for n in list(_fields(item))[:2])}}}]\"")
     return f"{key}={value} is not a list: give it in brackets, {key}=[{value}] (or more items, comma-separated)"
+
+
+def _check_item(key: str, item: dict, cls: type) -> str | None:
+    """A mapping item of a list of config entries (data.duplication=[{copies: 32, cnt: 8}]): a key its dataclass
+    lacks, named with the nearest one, and its values checked as the field's. Hydra's seven lines advised
+    +data.duplication=..., which failed again ("Error merging override")."""
+    fields = _fields(cls)
+    for name, v in item.items():
+        if name not in fields:
+            near = difflib.get_close_matches(str(name), list(fields), n=1)
+            return (f"{key}.{name} is not a setting; did you mean {key}.{near[0]}?" if near else
+                    f"{key}.{name} is not a setting: an item of {key.rsplit('[', 1)[0]} takes {', '.join(fields)}")
+        if v is not _UNKNOWN and not (isinstance(v, str) and "${" in v) and (
+                msg := _check_value(name, v, cls)):
+            return f"{key}.{msg}"
+    return None
 
 
 def _check_choice(key: str, value: Any, cls: type) -> str | None:

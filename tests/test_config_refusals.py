@@ -124,8 +124,10 @@ def test_the_kind_keys_refused_did_keep_the_other_options_values():
     (C.AuditConfig, ["triage.kind=noise_norm"]),  # its option sets nothing else
     (C.AuditConfig, ["triage.kind=none"]),
     (C.GenerateConfig, ["prompts.source=none", "prompts.path=null"]),
-    (C.GenerateConfig, ["prompts.source=file"]),
-    (C.NightlyAuditConfig, ["budget.kind=fixed"]),
+    (C.GenerateConfig, ["prompts.source=file"]),  # generate's prompts=demo is of kind file (it sets the path)
+    (C.AuditConfig, ["budget.kind=fixed"]),  # (nightly's budget=adaptive sets rounds: refused, below)
+    (C.TrainConfig, ["arch=uncond_small", "arch.kind=pixel_text"]),  # uncond_small sets its kind alone
+    (C.AuditConfig, ["preset=paper", "prompts.source=file", "prompts.path=/d/p.txt"]),  # the preset's limit
     # the option in force already sets that kind (nightly's budget=adaptive, the audit's prompts=near_duplicates)
     (C.NightlyAuditConfig, ["budget.kind=adaptive"]),
     (C.AuditConfig, ["prompts.source=near_duplicates"]),
@@ -145,6 +147,61 @@ def test_the_kind_keys_refused_did_keep_the_other_options_values():
 ])
 def test_a_kind_key_whose_option_sets_nothing_else_or_with_its_values_passes(schema, overrides):
     cli.check_overrides(overrides, schema)
+
+
+# the option in force (the command line's, or the stage's) of another kind, whose other values were kept
+@pytest.mark.parametrize("config_name, overrides, kept, option", [
+    ("audit", ["prompts.source=file", "prompts.path=/d/p.txt"], "prompts.limit=24", "prompts=file"),
+    ("nightly", ["prompts.source=file", "prompts.path=/d/p.txt"], "prompts.limit=24", "prompts=file"),
+    ("audit", ["triage=preview", "triage.kind=noise_norm"], "triage.seeds=8, triage.steps=10", "triage=noise_norm"),
+    ("audit", ["match=relative", "match.distance=tiled_l2"], "match.threshold=0.9", "match=tiled"),
+    ("audit", ["embedder=sscd", "embedder.path=/m/s.pt", "embedder.kind=pixels", "embedder.path=null"],
+     "embedder.size=288", "embedder=pixels"),
+    ("audit", ["index=ivfpq", "index.kind=flat"], "index.shards=16", "index=flat"),
+    # nightly's budget=adaptive: its rounds [4, samples_per_prompt] were refused by validation at any sample count
+    # but 16 as "budget.rounds is set ... drop budget.rounds", a key the command line never set
+    ("nightly", ["budget.kind=fixed", "sampling.samples_per_prompt=32"], "budget.rounds=[4, ", "budget=fixed"),
+    ("nightly", ["budget.kind=fixed"], "budget.rounds=[4, ", "budget=fixed"),
+    ("generate", ["prompts.source=none"], "prompts.path=", "prompts=none"),  # prompts=demo's path
+])
+def test_a_kind_key_over_an_option_of_another_kind_is_refused_naming_the_option(config_name, overrides, kept,
+                                                                                option):
+    """`memex audit prompts.source=file prompts.path=...` kept prompts=near_duplicates' limit of 24: the first 24
+    prompts of the file audited (prompts=file: all of them). Only the new kind's own option's values were checked."""
+    group = option.split("=")[0]
+    kind = next(o for o in overrides if o.startswith(f"{group}.{cli.KIND_KEYS[group]}="))
+    with pytest.raises(ConfigError) as e:
+        cli.check_overrides(overrides, cli.SCHEMAS[config_name])
+    msg = str(e.value)
+    assert msg.startswith(f"{kind} keeps {kept}"), msg
+    assert f"choose the option {option}" in msg, msg
+    fixed = [option if o.startswith(f"{group}=") else o for o in overrides if o != kind]
+    fixed = fixed if option in fixed else [option, *fixed]
+    cli.check_overrides(fixed, cli.SCHEMAS[config_name])
+    compose(fixed, config_name=config_name)
+
+
+@pytest.mark.parametrize("overrides, start, option", [
+    (["embedder=clip", "embedder.kind=sscd"], "embedder.kind=sscd keeps the clip embedder's embedder.size of 224",
+     "embedder=sscd"),
+    (["triage=noise_norm", "triage.kind=preview"], "triage.kind=preview keeps the other triage settings",
+     "triage=preview"),
+])
+def test_a_kind_key_after_another_option_on_the_command_line_is_refused_too(overrides, start, option):
+    """The group's option on the command line was taken for the kind's own: embedder=clip embedder.kind=sscd fed
+    SSCD 224 px images (it takes 288), triage=noise_norm triage.kind=preview previewed 4 seeds x 1 step (8 x 10)."""
+    with pytest.raises(ConfigError) as e:
+        cli.check_overrides(overrides, C.AuditConfig)
+    assert str(e.value).startswith(start) and f"choose the option {option}" in str(e.value), str(e.value)
+    cli.check_overrides([option], C.AuditConfig)
+
+
+def test_the_kind_keys_over_another_kinds_option_did_keep_its_values():
+    path = ["prompts.path=/d/p.txt"]
+    assert compose(["prompts.source=file", *path], config_name="audit").prompts.limit == 24
+    assert compose(["prompts=file", *path], config_name="audit").prompts.limit is None
+    assert compose(["match=relative", "match.distance=tiled_l2"], config_name="audit").match.threshold == 0.9
+    assert compose(["match=tiled"], config_name="audit").match.threshold == 0.15
 
 
 def test_the_cli_refuses_a_kind_key_without_its_option_in_one_line(monkeypatch, capsys, tmp_path):
