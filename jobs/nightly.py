@@ -4,9 +4,11 @@ One job for the night (audits every new checkpoint in turn):
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --submission-id memex-nightly-$(date +%Y%m%d) -- \
             python jobs/nightly.py nightly=default nightly.location=/fsx/train/sd15-ft \
-                nightly.base_model=/fsx/models/sd15 storage=s3 storage.root=s3://b/memex-runs resources=gpu ...
+                nightly.base_model=/fsx/models/sd15 model=sd15 trainset=manifest trainset.path=s3://b/train.parquet \
+                storage=s3 storage.root=s3://b/memex-runs resources=gpu ...
 (nightly.location under /fsx, the host folder cluster.yaml mounts into every container; storage.root on S3:
-without it the ledger lands in the job's working_dir, which Ray deletes, and every night audits all again.)
+without it the ledger lands in the job's working_dir, which Ray deletes, and every night audits all again;
+model= gives the checkpoints' kind, and trainset.path their training set: the defaults are the demo's.)
 One job per checkpoint (ids from `memex nightly nightly.action=plan`; Ray refuses a reused id):
     ray job submit ... --submission-id <id> --no-wait -- python jobs/nightly.py nightly.only=<checkpoint> ...
 Exit status: 0 ok, 1 an audit or the webhook failed, 3 a checkpoint crossed nightly.budget or

@@ -864,8 +864,57 @@ def _set_by_user(section, keys: tuple[str, ...], group: str) -> list[str]:
     return [k for k in _changed(section, keys) if getattr(section, k) not in shipped.get(k, ())]
 
 
+@functools.lru_cache(maxsize=None)
+def _shipped_options(group: str) -> dict[str, dict]:
+    """option -> what conf/<group>/<option>.yaml sets, as written (${memex_home:} paths unresolved)."""
+    import yaml  # here: read once, and only by the checks that need it
+
+    return {p.stem: yaml.safe_load(p.read_text()) or {} for p in sorted((CONF_DIR / group).glob("*.yaml"))}
+
+
+def _at_home(value: str) -> str:
+    """A shipped option's ${memex_home:} path in this checkout (MEMEX_HOME read now: a Ray job's working_dir)."""
+    return value.replace("${memex_home:}", MEMEX_HOME)
+
+
+def _local_path(path: str) -> str:
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def _names_a_model(path: str) -> bool:
+    """A local folder, or a hub id (org/name); a local path with nothing there is left to the preflight's
+    "model.path=...: no such folder" (and an audit of planted samples loads no model)."""
+    return os.path.isdir(os.path.expanduser(path)) or not path.startswith(("/", "~", "."))
+
+
+def demo_models() -> dict[str, dict]:
+    """The shipped demo models' options (model=demo, model=demo_uncond: the ones whose path is in the checkout)
+    -> their name, kind and path (resolved)."""
+    return {o: {**v, "path": _at_home(v["path"])} for o, v in _shipped_options("model").items()
+            if "${memex_home:}" in str(v.get("path", ""))}
+
+
+def check_demo_option(cfg: AuditConfig) -> None:
+    """model.path pointed at another model while the model option is still a shipped demo's (model=demo, the
+    default): the demo's kind, name and tuning (conf/tune/audit_demo.yaml: 80 samples x 10 steps, guidance 3,
+    2 copies of a picture) were applied to it without a word, and the preflight's kind refusal led to
+    model.kind=... on top of them. Refused, naming model=local."""
+    m = cfg.model
+    for option, demo in demo_models().items():
+        if m.name != demo["name"] or not m.path or "://" in m.path or not _names_a_model(m.path) \
+                or _local_path(m.path) == _local_path(demo["path"]):
+            continue
+        raise ConfigError(f"model.path={m.path} is set, and the model option is still model={option}, the shipped "
+                          f"demo's (model=demo is the default): its name ({demo['name']}), kind (model.kind="
+                          f"{m.kind.value}) and tuning (conf/tune/*_{option}.yaml: the demo's samples, steps, guidance "
+                          f"and batch) are the shipped demo model's, and would be applied to {m.path}: add model=local "
+                          "(any diffusers folder or hub id: model.kind=auto, the schema's sampling), or the model's "
+                          "own option (model=sd15, model=sd21, ...)")
+
+
 def validate_audit(cfg: AuditConfig) -> None:
     validate_generate(cfg)
+    check_demo_option(cfg)
     validate_tracker(cfg.tracker)
     f, i, m = cfg.filter, cfg.index, cfg.match
     unused = _set_by_user(f, ("min_clique", "edge_threshold", "max_expansions", "prompts_per_task"), "filter")
@@ -1150,11 +1199,47 @@ def validate_nightly(cfg: NightlyAuditConfig) -> None:
         raise ConfigError("trainset=demo reads the model folder's own training_manifest.parquet, and memex nightly "
                           "with model=local has no model.path: give the training set, trainset=manifest "
                           "trainset.path=<manifest or folder>")
+    check_nightly_trainset(cfg)
     if "://" in n.location:  # discovery lists a folder (memex/checkpoints.py); unset model.path's message named it
         raise ConfigError(f"nightly.location={n.location}: checkpoints are read from a local or mounted folder, not a "
                           "URL: mount the bucket on every node (s3fs-fuse, Mountpoint for S3, FSx) or sync the "
                           "checkpoints there first; the runs and the ledger can still go to storage.root=s3://...")
     validate_audit(replace(cfg, model=replace(cfg.model, path=n.location)) if unset else cfg)
+
+
+def check_nightly_trainset(cfg: NightlyAuditConfig) -> None:
+    """memex nightly replaces model.* per checkpoint, never trainset.path. The defaults (model=demo, trainset=demo)
+    kept the demo's training set for any nightly.location: every checkpoint was matched against the demo's 256
+    logos (~0 extracted: the gate passed). And trainset=demo under another model option derived a path from a
+    model.path the nightly throws away (model=sd15's: stable-diffusion-v1-5/stable-diffusion-v1-5/
+    training_manifest.parquet, relative), failing each checkpoint's audit on a path the user never wrote."""
+    n, m, path = cfg.nightly, cfg.model, cfg.trainset.path
+    if "://" in path or "://" in n.location:
+        return
+    demos = demo_models()
+    demo_paths = {_local_path(d["path"]) for d in demos.values()}
+    demo_ckpts = _local_path(_at_home(_shipped_options("nightly")["demo"]["location"]))
+    location = _local_path(n.location)
+    # the demo's checkpoints: nightly=demo's folder (and below it), or checkpoint-<step>/unet folders on a demo model
+    ours = location == demo_ckpts or location.startswith(demo_ckpts + os.sep) or \
+        (n.base_model is not None and "://" not in n.base_model and _local_path(n.base_model) in demo_paths)
+    manifests = {_local_path(os.path.join(d["path"], "training_manifest.parquet")): o for o, d in demos.items()}
+    if _local_path(path) in manifests and not ours:
+        raise ConfigError(f"trainset.path={path} is the demo's training set (model={manifests[_local_path(path)]}'s, "
+                          f"what trainset=demo, the default, reads), and nightly.location={n.location} is not the "
+                          f"demo's checkpoints ({demo_ckpts}, or fine-tunes with nightly.base_model a demo model): "
+                          "its checkpoints would each be matched against the demo's logos (~0 extracted: the gate "
+                          "passes). Give the model and the training set of these checkpoints: model=local (or their "
+                          "option, e.g. model=sd15) trainset=manifest trainset.path=<the training set of these "
+                          "checkpoints>")
+    if m.path and path == f"{m.path}/training_manifest.parquet" and _local_path(m.path) not in demo_paths \
+            and not os.path.exists(os.path.expanduser(path)):
+        hub = not m.path.startswith(("/", "~", ".")) and not os.path.isdir(os.path.expanduser(m.path))
+        raise ConfigError(f"trainset.path={path} does not exist: trainset=demo (the default) reads the "
+                          "training_manifest.parquet that `memex train` saves beside its model, in model.path="
+                          f"{m.path}, {'a hub id' if hub else 'which holds none'} (memex nightly audits the weights "
+                          "found under nightly.location; model= gives their kind): give the training set of these "
+                          "checkpoints, trainset=manifest trainset.path=<manifest or folder>")
 
 
 # ---- memex mia: membership inference (memex/mia.py, memex/stages/mia.py, docs/method.md) ----

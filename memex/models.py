@@ -1043,7 +1043,17 @@ def check_kind(path: str, requested: ModelKind, declared: ModelKind | None, take
         fix = f"model.kind={declared.value} (or auto)" + (" with prompts=none" if declared == ModelKind.unconditional
                                                           else "")
         article = "an" if declared.value[0] in "aeiou" else "a"
-        raise ModelError(f"model.kind={requested.value} but {path} holds {article} {declared.value} model "
+        from memex.config import demo_models
+
+        # a kind nobody set is a shipped demo option's (model=demo, the default): model.kind=... alone kept the
+        # demo's name and tuning on the other model (80 samples x 10 steps, guidance 3)
+        demo = next((o for o, d in demo_models().items() if d["kind"] == requested.value
+                     and not os.path.abspath(path).startswith(os.path.dirname(os.path.abspath(d["path"])) + os.sep)),
+                    None)
+        option = (f" (the kind of model={demo}, a shipped demo's option, unless you set it; model=demo is the "
+                  "default: for a model other than the shipped demo give model=local, or its own option such as "
+                  "model=sd15, which drops the demo's name and tuning too)") if demo else ""
+        raise ModelError(f"model.kind={requested.value}{option} but {path} holds {article} {declared.value} model "
                          f"({source}): set {fix}")
     if (declared or requested) == ModelKind.unconditional and takes_prompts:
         raise ConfigError(f"model.path={path} holds an unconditional model, which takes no prompts: set prompts=none")

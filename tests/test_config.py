@@ -293,6 +293,16 @@ def test_every_option_converts_to_the_typed_config(primary, group, option):
         overrides.append(f"budget.rounds=[1,{n}]")
     elif primary == "nightly" and n is not None:
         assert convert(_raw(primary, overrides)).budget.rounds == [4, n]
+    if (primary, group) == ("nightly", "model") and not option.startswith("demo"):
+        # trainset=demo derives its path from a model.path that nightly replaces per checkpoint: refused
+        with pytest.raises(ConfigError, match=r"does not exist: trainset=demo \(the default\) reads"):
+            convert(_raw(primary, overrides))
+        overrides += ["trainset=manifest", "trainset.path=/some/train.parquet"]
+    if (primary, group, option) == ("nightly", "nightly", "default"):
+        # the demo's training set (trainset=demo, the default) for checkpoints that are not the demo's: refused
+        with pytest.raises(ConfigError, match=r"is the demo's training set .* trainset=manifest"):
+            convert(_raw(primary, overrides))
+        overrides += ["trainset=manifest", "trainset.path=/some/train.parquet"]
     if (group, option) in NEEDS_PATH:  # optional in the schema, required by this option: validation names it
         with pytest.raises(ConfigError, match=NEEDS_PATH[group, option].replace(".", r"\.")):
             convert(_raw(primary, overrides))

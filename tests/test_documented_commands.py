@@ -309,7 +309,8 @@ CLAIMS = [
      "audit", ["model=sd15"], {"sampling.samples_per_prompt": 16, "sampling.num_inference_steps": 50,
                                "match.min_generations": 1, "sampling.guidance_scale": 7.5, "sampling.batch_size": 16}),
     ("conf/tune/nightly_demo.yaml", "another model has no such file and keeps the groups' settings (the schema's "
-     "batch of 16 and guidance 7.5", "nightly", ["model=sd15", "nightly.base_model=/m"],
+     "batch of 16 and guidance 7.5", "nightly", ["model=sd15", "nightly.base_model=/m",
+                                                       "trainset=manifest", "trainset.path=/t"],
      {"sampling.guidance_scale": 7.5, "sampling.batch_size": 16, "sampling.samples_per_prompt": 16}),
     ("conf/tune/nightly_demo.yaml", "batch_size: 32", "nightly", [],
      {"sampling.guidance_scale": 3.0, "sampling.batch_size": 32}),

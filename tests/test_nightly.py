@@ -144,7 +144,7 @@ def test_nightly_ema_is_its_own_config():
     """nightly.ema audits checkpoint-<step>/unet_ema, the raw unet/ otherwise: toggled on, an EMA step was gated
     against the raw UNet's row of the step before (one config hash). Now ema=true is a config of its own; off,
     the hash is the one ledgers of before hold."""
-    common = ["nightly=default", "nightly.location=/mnt/x"]
+    common = ["nightly=default", "nightly.location=/mnt/x", "trainset=manifest", "trainset.path=/data/t.parquet"]
     off, on = (compose([*common, f"nightly.ema={v}"], config_name="nightly") for v in ("false", "true"))
     assert nightly.config_sha256(off) == nightly.config_sha256(compose(common, config_name="nightly"))
     assert nightly.config_sha256(on) != nightly.config_sha256(off)
