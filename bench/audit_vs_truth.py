@@ -88,6 +88,18 @@ def reproducing_prompts(path: str) -> dict[str, bool]:
     return out
 
 
+def as_the_demo(model: str) -> list[str]:
+    """The overrides that audit `model` as the demo is audited (its tuning, conf/tune/audit_demo.yaml): the
+    strategies are the demo's. The demo's own folder under model=demo; another `memex train` model (the held-out
+    second model) under model=local with tune=audit_demo, as model.path under model=demo is refused for users
+    (memex/config.py check_demo_option): the same settings, the model's kind read from its folder."""
+    from memex.config import demo_models
+
+    if any(os.path.abspath(model) == os.path.abspath(d["path"]) for d in demo_models().values()):
+        return [f"model.path={model}"]
+    return ["model=local", f"model.path={model}", "tune=audit_demo"]
+
+
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -159,7 +171,7 @@ def main() -> None:
           f"{'UNet evals':>10} {'per found':>9} {'samples':>7} {'wall s':>7}")
     label = reproducing_prompts(a.truth)
     for name in a.strategy or ["today", "default", "adaptive"]:
-        overrides = [f"model.path={a.model}", f"storage.root={root}/{name}", f"sampling.seed={a.audit_seed}",
+        overrides = [*as_the_demo(a.model), f"storage.root={root}/{name}", f"sampling.seed={a.audit_seed}",
                      *STRATEGIES[name], *a.set]
         t0 = time.perf_counter()
         s = audit.run(compose(overrides))
