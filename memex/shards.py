@@ -9,8 +9,8 @@ Why not fsspec.open on that uri: its TarFileSystem shares one file handle per sh
 decoder reads rows on threads (memex/ingest.py), so members would be read through one seek
 position at once. `read_uri` reads a member as one ranged read of the shard at the member's offset
 (one request on object storage, as for a file of its own), from the shard's offsets (member ->
-data offset, size), kept in memory for the last TAR_CACHE shards (~100 bytes a member, ~1 MB for a
-shard of 10k samples). Where the offsets come from, per shard and process:
+data offset, size), kept in memory for the shards last read, up to TAR_CACHE_BYTES (as Arrow arrays:
+~33 bytes a member, ~0.33 MB for a shard of 10k samples). Where the offsets come from, per shard and process:
   * the shard's kept listing (`<index root>/_shard_listings/`, memex/ingest.py), which records each
     member's offset and size as the listing's one sequential read of the shard saw them: one HEAD of
     the shard (its version names the listing: a shard rewritten since has none) and one GET of the
@@ -31,7 +31,9 @@ from collections import OrderedDict
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 log = logging.getLogger("memex.shards")
@@ -41,16 +43,44 @@ log = logging.getLogger("memex.shards")
 TAR_URI = re.compile(r"^tar://(?P<member>.+)::(?P<tar>[A-Za-z][A-Za-z0-9+.-]*://.*)$")
 _TAR_URI_PATH = re.compile(r"^tar://(?P<member>.+)::(?P<tar>/.*)$")
 _TAR_URI_ANY = re.compile(r"^tar://(?P<member>.+?)::(?P<tar>.+)$")
-TAR_CACHE = 64  # shard indexes kept per process
+# The shards' offsets kept per process, by bytes: ~770 LAION shards of 10k samples (~0.33 MB each as Arrow arrays).
+# A match shard's ~640 neighbours (64 generations x match.k=10) lie in ~640 shards of a LAION-size set, and each
+# shard looked up again costs a HEAD of it and a GET of its kept listing (~0.5 MB) before the member's read: with
+# the 64 shards kept before (as dicts, ~1.9 MB a shard, 125 MB), each samples shard looked up nearly every one of
+# its shards again (321 of 331 in a set of 400 shards). A set of up to ~770 shards (7.7M images) is now looked up
+# once a process; past that (LAION-2B: 231k shards) a neighbour's shard is rarely one kept, and only offsets kept
+# with the index's rows would spare those requests (bench/bench_gid_reads.py --tars).
+TAR_CACHE_BYTES = 256 << 20
 # by (shard uri, its version: the listing's stamp, size + ETag/mtime): a shard rewritten in place in a long-lived
 # process (a whole-night `memex nightly`) gave its members' old offsets, i.e. another member's bytes, without error
 # (and by whether a kept listing was asked: its offsets are of image members only) -> (offsets, from a listing)
-_index: OrderedDict[tuple[str, str | None, bool], tuple[dict[str, tuple[int, int]], bool]] = OrderedDict()
+_index: OrderedDict[tuple[str, str | None, bool], tuple[Offsets, bool]] = OrderedDict()
 _lock = threading.Lock()  # guards _index and _scanning
 # one look-up per shard: the decoder's 8 threads ask at once
 _scanning: dict[tuple[str, str | None, bool], threading.Lock] = {}
 _unkept: set[str] = set()  # listing folders already named as holding no offsets (logged once each)
 OFFSET_COLUMNS = ["member", "offset", "size"]  # of a kept listing (memex/ingest.py SHARD_LISTING_FILE_SCHEMA)
+
+
+class Offsets:
+    """A tar shard's member name -> (data offset, size), as Arrow arrays: ~33 bytes a LAION member (a name of
+    13 characters), where a dict of str -> (int, int) held ~195. `get` finds a name by a scan of the names
+    (~30-100 us for 10k members, against the member's read, a request of ~20-50 ms on S3). A name twice (a tar
+    appended to) is its last member, as tarfile and a dict give it."""
+
+    def __init__(self, members: list[str] | pa.Array, offsets, sizes):
+        members, offsets, sizes = (v.cast(t) if isinstance(v, pa.Array) else pa.array(v, t)
+                                   for v, t in ((members, pa.string()), (offsets, pa.int64()), (sizes, pa.int64())))
+        last = np.arange(len(members) - 1, -1, -1)  # reversed: pc.index finds the first, i.e. the last member
+        self.members, self.offsets, self.sizes = members.take(last), offsets.take(last), sizes.take(last)
+        self.nbytes = self.members.nbytes + self.offsets.nbytes + self.sizes.nbytes
+
+    def get(self, member: str) -> tuple[int, int] | None:
+        i = pc.index(self.members, pa.scalar(member, pa.string())).as_py()
+        return None if i < 0 else (self.offsets[i].as_py(), self.sizes[i].as_py())
+
+    def __len__(self) -> int:
+        return len(self.members)
 
 
 def is_hidden(rel: str) -> bool:
@@ -84,14 +114,14 @@ def uri_fs(uri: str, opts: dict[str, Any]) -> tuple[Any, str]:
     return fs, fs._strip_protocol(uri)
 
 
-def tar_members(tar_uri: str, opts: dict[str, Any], version: str | None = None) -> dict[str, tuple[int, int]]:
+def tar_members(tar_uri: str, opts: dict[str, Any], version: str | None = None) -> Offsets:
     """Member name -> (data offset, size) of the regular files of a tar shard, from a scan of its headers,
     cached per process (see _offsets)."""
     return _offsets(tar_uri, opts, version, None)[0]
 
 
 def _offsets(tar_uri: str, opts: dict[str, Any], version: str | None,
-             listings: str | None) -> tuple[dict[str, tuple[int, int]], bool]:
+             listings: str | None) -> tuple[Offsets, bool]:
     """(member name -> (data offset, size), whether from a kept listing: its image members only), cached per
     process by (shard, version, whether a listing was asked for). From the shard's listing under `listings`
     where one of its current version holds offsets (kept_offsets), else from a scan of all its headers.
@@ -113,19 +143,22 @@ def _offsets(tar_uri: str, opts: dict[str, Any], version: str | None,
         with _lock:
             _index[key] = got
             _scanning.pop(key, None)
-            while len(_index) > TAR_CACHE:
-                _index.popitem(last=False)
+            # (summed anew: a few hundred entries, once a shard looked up, i.e. a request of ~20-50 ms)
+            held = sum(m.nbytes for m, _ in _index.values())
+            while held > TAR_CACHE_BYTES and len(_index) > 1:  # (the shard just read is kept, whatever its size)
+                held -= _index.popitem(last=False)[1][0].nbytes
     return got
 
 
-def _scan(tar_uri: str, opts: dict[str, Any]) -> dict[str, tuple[int, int]]:
+def _scan(tar_uri: str, opts: dict[str, Any]) -> Offsets:
     """Every header of the shard: through s3fs's readahead file, the whole shard is read."""
     fs, path = uri_fs(tar_uri, opts)
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        return {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
+        files = [m for m in tf.getmembers() if m.isfile()]
+    return Offsets([m.name for m in files], [m.offset_data for m in files], [m.size for m in files])
 
 
-def kept_offsets(tar_uri: str, opts: dict[str, Any], listings: str) -> dict[str, tuple[int, int]] | None:
+def kept_offsets(tar_uri: str, opts: dict[str, Any], listings: str) -> Offsets | None:
     """The shard's image members' offsets from its listing kept under `listings` (memex/ingest.py _from_shards),
     or None: no listing there of the shard's version now (none kept: the set listed without an index, or under
     another root; the shard rewritten since: its old offsets would give other bytes), or one kept before
@@ -164,7 +197,7 @@ def kept_offsets(tar_uri: str, opts: dict[str, Any], listings: str) -> dict[str,
                         "process. Delete that folder to have the next audit list each shard again (reading it "
                         "whole, once) with its offsets; the index stays as it is", listings)
         return None
-    return {m: (o, n) for m, o, n in zip(*(t[c].to_pylist() for c in OFFSET_COLUMNS))}
+    return Offsets(*(t[c].combine_chunks() for c in OFFSET_COLUMNS))
 
 
 def store_failure(e: BaseException) -> bool:

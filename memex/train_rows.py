@@ -23,6 +23,7 @@ them (every training image quarantined, an audit with no finding and no error).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -31,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memex.layout import TRAIN_FILE_SCHEMA, TRAIN_SCHEMA, IndexLayout, StorageError
-from memex.storage import Store, client_error, damaged, is_damage, unreadable
+from memex.storage import Store, client_error, damaged, is_damage, store_failed, unreadable
 
 # Neighbouring ranges of one read are fetched as one request when fewer bytes than this lie between them
 # (an S3 GET's ~20-50 ms to first byte moves ~0.25-1 MB on one connection; the requests of one read go
@@ -39,6 +40,10 @@ from memex.storage import Store, client_error, damaged, is_damage, unreadable
 # is one request; a match shard's neighbours (500-2,000 of 5M rows, ~100 MB apart) one request each.
 PACK_GAP = 256 << 10
 PACK_SPAN = 64 << 20
+# read_in fetches the chosen row groups' column chunks this many bytes at a time, each batch's requests sent
+# together: all of a match shard's ~640 groups of train_rows.parquet at once (~25 KB each at 256 rows), ~12 groups
+# at a time of an older index's train.parquet, whose image column is ~20 MB a group (640 of them: 12.8 GB held)
+READ_BATCH = 256 << 20
 
 
 def write(store: Store, layout: IndexLayout, tables: Iterable[pa.Table], row_group_size: int) -> None:
@@ -136,11 +141,12 @@ def read_range(layout: IndexLayout, start: int, stop: int, batch: int,
         raise StorageError(damaged(layout.store.uri_of(path), "Parquet", e)) from e
 
 
-def read_gids(layout: IndexLayout, gids: list[int], columns: list[str] | None = None) -> pa.Table:
-    """The rows of these gids, in gid order (`columns` of TRAIN_SCHEMA; images fetched only when asked).
-    One read of the table's footer (6-12 MB at 5M rows) and of the row groups holding the gids."""
+def read_gids(layout: IndexLayout, gids, columns: list[str] | None = None) -> pa.Table:
+    """The rows of these gids (a list or an array), in gid order (`columns` of TRAIN_SCHEMA; images fetched
+    only when asked). One read of the table's footer (6-12 MB at 5M rows) and of the row groups holding the
+    gids (read_in)."""
     columns = columns or TRAIN_SCHEMA.names
-    if not gids:
+    if not len(gids):
         return TRAIN_SCHEMA.empty_table().select(columns)
     path, packed = table_path(layout)
     packed = packed and "image" in columns
@@ -149,8 +155,117 @@ def read_gids(layout: IndexLayout, gids: list[int], columns: list[str] | None = 
                            f"{layout.store.uri_of(path)}. It was removed after memex wrote it (a partial copy or "
                            "sync, a cleanup by hand): rerun the audit, whose index stage writes it again.")
     read = [c for c in columns if not (packed and c == "image")] + (["image_offset", "image_length"] if packed else [])
-    t = layout.store.read_table(path, columns=read, filters=[("gid", "in", sorted(set(gids)))])
+    t = read_in(layout.store, path, "gid", gids, read)
     return _with_images(layout, t).select(columns) if "image" in columns else t.select(columns)
+
+
+def read_in(store: Store, path: str, column: str, values, columns: list[str] | None = None,
+            schema: pa.Schema | None = None) -> pa.Table:
+    """The rows of one Parquet file whose int `column` holds one of `values`, in file order (`columns` of them,
+    cast to `schema`'s fields when given): only the row groups whose min/max statistics of `column` reach one
+    of the values are read, their column chunks fetched together, READ_BATCH bytes at a time (ranges within
+    PACK_GAP as one request, as read_pack). pyarrow's ("in", values) filter prunes row groups only for a few
+    values (<~100 in pyarrow 26): the ~640 neighbours of a match shard read all 3,907 groups of a 1M-row
+    train_rows.parquet (8x the time; bench/bench_gid_reads.py), a pictures.parquet whole for each samples
+    shard. Nor is pyarrow given the file to read the chunks itself: through fsspec it reads them one after
+    another, and on S3 each one past s3fs's read-ahead fetches its 50 MiB block (at LAION scale the whole file
+    again). A file that is gone or damaged, or a store that fails to serve it, is named as Store.read_table
+    names it."""
+    want = np.unique(np.asarray(values, np.int64))
+    try:
+        with store.fs.open(path, "rb") as raw:  # its footer, and its size (the file's info, which s3fs's open gets)
+            size = raw.size
+            md = pq.ParquetFile(raw, pre_buffer=False).metadata
+        schema_arrow = md.schema.to_arrow_schema()
+        col = schema_arrow.get_field_index(column)
+        lo, hi, known = (np.zeros(md.num_row_groups, np.int64) for _ in range(3))
+        for i in range(md.num_row_groups):
+            st = md.row_group(i).column(col).statistics
+            if st is not None and st.has_min_max:
+                lo[i], hi[i], known[i] = st.min, st.max, 1
+        # a group holds a value when one lies in its [min, max]; one without statistics is read
+        groups = np.flatnonzero((known == 0) | (np.searchsorted(want, hi, "right") > np.searchsorted(want, lo)))
+        read = schema_arrow.names if columns is None else columns + [column] * (column not in columns)
+        at = {md.schema.column(c).path: c for c in range(md.num_columns)}
+        value_set = pa.array(want, schema_arrow.field(column).type)
+        tables, batch, ranges, held = [], [], [], 0
+        for k, g in enumerate(groups.tolist()):
+            for name in read:
+                c = md.row_group(g).column(at[name])
+                first = c.data_page_offset  # where pyarrow starts a chunk (an empty one's data page offset is 0)
+                if c.has_dictionary_page and 0 < c.dictionary_page_offset < first:
+                    first = c.dictionary_page_offset
+                ranges.append((first, first + c.total_compressed_size))
+                held += c.total_compressed_size
+            batch.append(g)
+            if held >= READ_BATCH or k == len(groups) - 1:  # (an old index's inline images: ~20 MB a group)
+                parts = _Parts(store, path, size, sorted(ranges))
+                t = pq.ParquetFile(pa.PythonFile(parts, mode="r"), metadata=md, pre_buffer=False).read_row_groups(
+                    batch, columns=read)
+                tables.append(t.filter(pc.is_in(t[column], value_set=value_set)))
+                batch, ranges, held = [], [], 0
+        t = pa.concat_tables(tables) if tables else schema_arrow.empty_table().select(read)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:  # as Store.read_table: damage named with its fix
+        if not is_damage(e):
+            raise StorageError(store_failed("read", store.uri_of(path), e)) from e
+        raise StorageError(damaged(store.uri_of(path), "Parquet", e)) from e
+    except Exception as e:
+        if client_error(e):  # botocore's own (an unreachable endpoint, an expired token): not OSError
+            raise StorageError(store_failed("read", store.uri_of(path), e)) from e
+        raise
+    t = t if columns is None else t.select(columns)
+    return t.cast(pa.schema([schema.field(c) for c in t.column_names])) if schema is not None else t
+
+
+class _Parts:
+    """A Parquet file as pyarrow reads it in read_in: the byte ranges it will read (sorted (start, end)),
+    fetched at once (fsspec's cat_ranges: concurrent on S3); a read outside them is fetched when made."""
+
+    closed = False
+
+    def __init__(self, store: Store, path: str, size: int, ranges: list[tuple[int, int]]):
+        self.store, self.path, self.size, self.pos = store, path, size, 0
+        starts, ends = [], []
+        for a, b in ranges:
+            if starts and a - ends[-1] <= PACK_GAP and b - starts[-1] <= PACK_SPAN:
+                ends[-1] = max(ends[-1], b)
+            else:
+                starts.append(a)
+                ends.append(b)
+        got = store.fs.cat_ranges([path] * len(starts), starts, ends) if starts else []
+        for blob in got:
+            if isinstance(blob, Exception):  # (fsspec returns a range's failure in its place)
+                raise blob
+        self.starts, self.blobs = starts, got
+
+    def read(self, n: int = -1) -> bytes:
+        i = bisect.bisect_right(self.starts, self.pos) - 1
+        end = self.size if n < 0 else self.pos + n
+        if i >= 0 and end <= self.starts[i] + len(self.blobs[i]):
+            out = self.blobs[i][self.pos - self.starts[i]:end - self.starts[i]]
+        else:
+            out = self.store.fs.cat_file(self.path, start=self.pos, end=min(end, self.size))  # (s3fs: version_id 2nd)
+        self.pos += len(out)
+        return out
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos + (self.pos if whence == 1 else self.size if whence == 2 else 0)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def open_table(layout: IndexLayout, path: str) -> pq.ParquetFile:

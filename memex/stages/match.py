@@ -455,13 +455,36 @@ def distinct_margin(d: np.ndarray, gids: list[int], best: int, pixels: dict, pic
 
 
 # 5. the training images the report shows ------------------------------------------------------
+# The report's training images are kept at most REPORT_SIDE px on their long side: the page shows THUMB (256 px)
+# thumbnails of them (memex/report.py), and 1024 px keeps a generation's own size (Stable Diffusion: 512-1024) for
+# a reader of the file. Nothing compares with them (re-matches fetch from the index). Kept whole, a 24 MP camera
+# photo (LAION holds many of 10-50 MP) was a 46 MB PNG in 2.8 s, 64 of them 2.9 GiB a chunk, past the 2 GiB a
+# binary column holds. A chunk is also cut at REPORT_CHUNK_BYTES of PNGs (~20 such 1024 px photos).
+REPORT_SIDE = 1024
+REPORT_CHUNK_BYTES = 64 << 20
+
+
+def report_png(pixels: Mapping, gid: int) -> bytes:
+    """The training image gid as keep_for_report stores it: a PNG at most REPORT_SIDE px on its long side (a
+    large JPEG decoded at its DCT scale first, as the comparison decodes it). KeyError: not readable."""
+    from PIL import Image
+
+    image = pixels_for(pixels, gid, (REPORT_SIDE // HEADROOM,) * 2)  # (for_shape: HEADROOM x the side asked)
+    if max(image.shape[:2]) > REPORT_SIDE:
+        small = Image.fromarray(image)
+        small.thumbnail((REPORT_SIDE, REPORT_SIDE), Image.Resampling.BICUBIC)  # (as the report's thumbnails)
+        image = np.asarray(small)
+    return encode_png(image)
+
+
 def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict, chunk: int = 64,
                     group: int = 1024, extracted: pa.Table | None = None) -> None:
     """Every extracted match's training image (the report's pairs show them), into
     <run>/matched_train_images.parquet. Only the extracted: candidates=all verifies every sample, and
     50k CIFAR-sized generations would otherwise copy 50k training images here. (The 200 closest
     non-copies were kept too, and no page ever showed them: 200 remote reads a run for nothing.)
-    `chunk` images are re-encoded and written at a time, fetched `group` at a time (held encoded, ~0.3 MB
+    Each is stored at most REPORT_SIDE px on its long side (report_png). `chunk` images (or REPORT_CHUNK_BYTES
+    of PNGs, fewer) are re-encoded and written at a time, fetched `group` at a time (held encoded, ~0.3 MB
     each at 1.5 MP): held all at once, the rows of tens of thousands of extracted pictures (uncounted
     look-alikes included), ~3 MB a PNG, ran the driver out of memory on every rerun; fetched 64 at a time,
     each fetch read train_rows.parquet's footer again (6-12 MB at 5M rows). `extracted`: matches/'s extracted rows
@@ -474,14 +497,17 @@ def keep_for_report(layout: RunLayout, info: IndexInfo, storage_options: dict, c
         for start in range(0, len(matched), group):
             fetched = matched[start:start + group]
             pixels, _ = fetch_training_images(info, [g for g, _ in fetched], storage_options)
-            for at in range(0, len(fetched), chunk):
-                out = []
-                for g, i in fetched[at:at + chunk]:  # one decoded at a time: ~4.5 MB each decoded at 1.5 MP
-                    try:
-                        out.append({"train_gid": g, "train_id": i, "image": encode_png(pixels[g])})
-                    except KeyError:  # not readable since the index was built: named in a warning, shown without
-                        continue
-                yield pa.Table.from_pylist(out, schema=MATCHED_TRAIN_SCHEMA)
+            out, size = [], 0
+            for k, (g, i) in enumerate(fetched):  # one decoded at a time: ~4.5 MB each decoded at 1.5 MP
+                try:
+                    png = report_png(pixels, g)
+                    out.append({"train_gid": g, "train_id": i, "image": png})
+                    size += len(png)
+                except KeyError:  # not readable since the index was built: named in a warning, shown without
+                    pass
+                if len(out) >= chunk or size >= REPORT_CHUNK_BYTES or k + 1 == len(fetched):
+                    yield pa.Table.from_pylist(out, schema=MATCHED_TRAIN_SCHEMA)
+                    out, size = [], 0
             del pixels
 
     layout.store.write_batches(layout.matched_train_path, MATCHED_TRAIN_SCHEMA, tables())
