@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # references.py: the old side
 
 import references  # noqa: E402
+from fs_reads import record_reads  # noqa: E402
 
 from memex import train_rows  # noqa: E402
 from memex.layout import PICTURES_SCHEMA, TRAIN_SCHEMA, IndexLayout  # noqa: E402
@@ -70,36 +71,7 @@ class Counted:
             with open(p, "rb") as f:
                 fs.pipe_file(self.layout.store.join(Path(p).name), f.read())
         self.reads: list[tuple[str, int, int]] = []
-        real, reads = fs.open, self.reads
-
-        class Seen:
-            def __init__(self, f, path):
-                self._f, self._path = f, path
-
-            def read(self, n=-1):
-                at = self._f.tell()
-                data = self._f.read(n)
-                reads.append((self._path, at, at + len(data)))
-                return data
-
-            def __getattr__(self, name):
-                return getattr(self._f, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *a):
-                self._f.close()
-
-        fs.open = lambda path, *a, **k: Seen(real(path, *a, **k), fs._strip_protocol(path))
-        cat = fs.cat_file  # (fsspec's cat_ranges reads through it)
-
-        def cat_file(path, start=None, end=None, **k):
-            data = cat(path, start=start, end=end, **k)
-            reads.append((fs._strip_protocol(path), start or 0, (start or 0) + len(data)))
-            return data
-
-        fs.cat_file = cat_file
+        record_reads(fs, self.reads)
         self.fs = fs
 
     def take(self, path: str) -> tuple[int, int, int]:

@@ -297,3 +297,32 @@ def make_lora(base: str, folder: Path, seed: int = 1, scale: float = 0.5, text_e
     type(pipe).save_lora_weights(folder, unet_lora_layers=layers, text_encoder_lora_layers=text,
                                  safe_serialization=True)
     return folder
+
+
+def logo_set(path: Path, indices, ids: list[str] | None = None, size: int = 8) -> Path:
+    """An image set for `memex mia` (members, non-members, queries): synthetic logos (memex/synth.py) at
+    `size` px as id, PNG image and caption, ids logo-<i> unless given."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from memex import synth
+    from memex.images import encode_png
+
+    rows = [synth.logo(i, size, 0) for i in indices]
+    pq.write_table(pa.table({"id": ids or [f"logo-{i:02d}" for i in indices],
+                             "image": [encode_png(r[0]) for r in rows], "caption": [r[1] for r in rows]}), path)
+    return path
+
+
+def tiny_uncond(members: Path, output: Path, steps: int = 10, warmup: int = 2, seed: int | None = None,
+                size: int = 8) -> Path:
+    """A `memex train` unconditional model of `members` at `size` px, two levels of 8 and 16 channels and no
+    attention: 10 steps train it in seconds (its scores need not separate anything); 300 memorize 6 logos."""
+    from memex.config import ArchConfig, ArchKind, DataConfig, TrainConfig, TrainerConfig
+    from memex.training import train
+
+    trainer = TrainerConfig(steps=steps, batch_size=8, lr=5e-3, warmup_steps=warmup, checkpoint_every=steps,
+                            log_every=min(steps, 100), **({} if seed is None else {"seed": seed}))
+    return train(TrainConfig(arch=ArchConfig(kind=ArchKind.unconditional, resolution=size,
+                                             block_out_channels=[8, 16], attention_levels=0),
+                             data=DataConfig(path=str(members)), trainer=trainer, output=str(output)))

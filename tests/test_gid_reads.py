@@ -19,6 +19,8 @@ from memex.membership import IndexInfo, fetch_train_rows, picture_rows, read_pic
 from memex.storage import StorageError
 from memex.train_rows import write
 
+from conftest import load_bench
+
 N, GROUP = 6000, 100  # 60 row groups of ~25 KB each (captions of random hex): past pre_buffer's 8 KB hole limit
 
 
@@ -44,36 +46,7 @@ def counted(monkeypatch):
     layout.root = root
     monkeypatch.setattr(train_rows, "PACK_GAP", 0)  # only touching chunks fetched as one (else groups between too)
     fs, reads = layout.store.fs, []
-    real = fs.open
-
-    class Seen:
-        def __init__(self, f, path):
-            self._f, self._path = f, path
-
-        def read(self, n=-1):
-            at = self._f.tell()
-            data = self._f.read(n)
-            reads.append((self._path, at, at + len(data)))
-            return data
-
-        def __getattr__(self, name):
-            return getattr(self._f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self._f.close()
-
-    monkeypatch.setattr(fs, "open", lambda path, *a, **k: Seen(real(path, *a, **k), fs._strip_protocol(path)))
-    cat = fs.cat_file  # (fsspec's cat_ranges reads through it)
-
-    def cat_file(path, start=None, end=None, **k):
-        data = cat(path, start, end, **k)
-        reads.append((fs._strip_protocol(path), start or 0, (start or 0) + len(data)))
-        return data
-
-    monkeypatch.setattr(fs, "cat_file", cat_file)
+    load_bench("fs_reads").record_reads(fs, reads, monkeypatch.setattr)
 
     def groups_read(path: str) -> list[int]:
         path = fs._strip_protocol(path)

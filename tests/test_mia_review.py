@@ -11,43 +11,28 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from memex import synth
-from memex.config import ArchConfig, ArchKind, ConfigError, DataConfig, TrainConfig, TrainerConfig
+from memex.config import ConfigError
 from memex.images import encode_png
 from memex.layout import MIA_IMAGES_SCHEMA, MiaLayout
 from memex.models import ModelError
 from memex.stages import mia
 
-from conftest import compose
+from conftest import compose, logo_set, tiny_uncond
 
 N, SIZE = 6, 8
 SEED = 1_700_000_000_000  # a millisecond timestamp: memex train takes it as trainer.seed
 
 
-def write_set(path: Path, indices) -> Path:
-    rows = [synth.logo(i, SIZE, 0) for i in indices]
-    pq.write_table(pa.table({"id": [f"logo-{i:02d}" for i in indices], "image": [encode_png(r[0]) for r in rows],
-                             "caption": [r[1] for r in rows]}), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny 8 px model trained a few steps with a timestamp seed (its scores need not separate anything)."""
-    from memex.training import train
-
     root = tmp_path_factory.mktemp("mia-review")
-    members = write_set(root / "members.parquet", range(N))
-    nonmembers = write_set(root / "heldout.parquet", range(N, 2 * N))
-    model = train(TrainConfig(arch=ArchConfig(kind=ArchKind.unconditional, resolution=SIZE, block_out_channels=[8, 16],
-                                              attention_levels=0),
-                              data=DataConfig(path=str(members)),
-                              trainer=TrainerConfig(steps=10, batch_size=8, lr=5e-3, warmup_steps=2,
-                                                    checkpoint_every=10, log_every=10, seed=SEED),
-                              output=str(root / "model")))
+    members = logo_set(root / "members.parquet", range(N))
+    nonmembers = logo_set(root / "heldout.parquet", range(N, 2 * N))
+    model = tiny_uncond(members, root / "model", seed=SEED)
     return root, model, members, nonmembers
 
 

@@ -12,37 +12,23 @@ import pyarrow.parquet as pq
 import pytest
 
 from memex import synth
-from memex.config import ArchConfig, ArchKind, ConfigError, DataConfig, TrainConfig, TrainerConfig
+from memex.config import ConfigError
 from memex.images import encode_png
 from memex.mia import shadow_splits
 from memex.stages import mia
 
-from conftest import compose
+from conftest import compose, logo_set, tiny_uncond
 
 N, SIZE = 6, 8
-
-
-def write_set(path: Path, indices, ids=None) -> Path:
-    rows = [synth.logo(i, SIZE, 0) for i in indices]
-    pq.write_table(pa.table({"id": ids or [f"logo-{i:02d}" for i in indices],
-                             "image": [encode_png(r[0]) for r in rows], "caption": [r[1] for r in rows]}), path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny 8 px model trained a few steps (its scores need not separate anything)."""
-    from memex.training import train
-
     root = tmp_path_factory.mktemp("mia-review2")
-    members = write_set(root / "members.parquet", range(N))
-    nonmembers = write_set(root / "heldout.parquet", range(N, 2 * N))
-    model = train(TrainConfig(arch=ArchConfig(kind=ArchKind.unconditional, resolution=SIZE, block_out_channels=[8, 16],
-                                              attention_levels=0),
-                              data=DataConfig(path=str(members)),
-                              trainer=TrainerConfig(steps=10, batch_size=8, lr=5e-3, warmup_steps=2,
-                                                    checkpoint_every=10, log_every=10),
-                              output=str(root / "model")))
+    members = logo_set(root / "members.parquet", range(N))
+    nonmembers = logo_set(root / "heldout.parquet", range(N, 2 * N))
+    model = tiny_uncond(members, root / "model")
     return root, model, members, nonmembers
 
 
@@ -60,7 +46,7 @@ def test_a_lira_shadow_whose_half_holds_no_image_is_refused_before_the_folder_is
     (another mia.seed) was then refused as other settings of that folder. Refused now at the splits, before the
     folder, naming the fixes."""
     root = world[0]
-    members, nonmembers = write_set(root / "two.parquet", range(2)), write_set(root / "one.parquet", [2])
+    members, nonmembers = logo_set(root / "two.parquet", range(2)), logo_set(root / "one.parquet", [2])
     assert not shadow_splits(["logo-00", "logo-01", "logo-02"], 2, 1)[0].any()  # shadow 0: no picture
 
     def scored(*a, **k):
@@ -106,7 +92,7 @@ def test_a_questioned_copy_of_a_member_is_trained_once_by_the_shadows_that_train
     from memex.images import decode
 
     root, model, members, _ = world
-    query = write_set(root / "query.parquet", [1], ids=["my-copy-of-logo-01"])  # logo-01's exact pixels
+    query = logo_set(root / "query.parquet", [1], ids=["my-copy-of-logo-01"])  # logo-01's exact pixels
     target = pq.read_table(Path(model) / "training_manifest.parquet")["source_id"].to_pylist().count("logo-01")
     seed = next(k for k in range(20) if shadow_splits(["logo-01"], 2, k)[0, 0])  # shadow 0 trains logo-01
     data, steps = [], []
@@ -151,7 +137,7 @@ def test_mia_alpha_drop_scores_transparent_images_as_a_trainer_that_drops_alpha_
     Image.fromarray(rgba, "RGBA").save(buf, "PNG")
     trained = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))  # what the trainer saw
     pq.write_table(pa.table({"id": ["logo"], "image": [buf.getvalue()]}), tmp_path / "m.parquet")
-    nonmembers = write_set(tmp_path / "n.parquet", [20, 21])
+    nonmembers = logo_set(tmp_path / "n.parquet", [20, 21])
     seen = {}
     real = MiaScorer.score
 

@@ -15,39 +15,24 @@ import pytest
 import torch
 
 from memex import synth
-from memex.config import ArchConfig, ArchKind, ConfigError, DataConfig, MemexError, TrainConfig, TrainerConfig
-from memex.images import encode_png
+from memex.config import ConfigError, MemexError
 from memex.layout import MiaLayout
 from memex.stages import mia
 
-from conftest import compose
+from conftest import compose, logo_set, tiny_uncond
 
 N, SIZE, STEPS = 6, 8, 300  # 300 Adam steps: the model memorizes its 6 logos
 
 
-def write_set(path: Path, indices, ids=None) -> Path:
-    rows = [synth.logo(i, SIZE, 0) for i in indices]
-    pq.write_table(pa.table({"id": ids or [f"logo-{i:02d}" for i in indices],
-                             "image": [encode_png(r[0]) for r in rows], "caption": [r[1] for r in rows]}), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from memex.training import train
-
     root = tmp_path_factory.mktemp("mia")
-    members = write_set(root / "members.parquet", range(N))
-    nonmembers = write_set(root / "heldout.parquet", range(N, 2 * N))
+    members = logo_set(root / "members.parquet", range(N))
+    nonmembers = logo_set(root / "heldout.parquet", range(N, 2 * N))
     t = pq.read_table(nonmembers)  # + one corrupt image: quarantined, the rest scored
     pq.write_table(pa.concat_tables([t, pa.table({"id": ["broken"], "image": [b"\x89PNG\r\n\x1a\n cut"],
                                                   "caption": ["a broken logo"]}, schema=t.schema)]), nonmembers)
-    model = train(TrainConfig(arch=ArchConfig(kind=ArchKind.unconditional, resolution=SIZE, block_out_channels=[8, 16],
-                                              attention_levels=0),
-                              data=DataConfig(path=str(members)),
-                              trainer=TrainerConfig(steps=STEPS, batch_size=8, lr=5e-3, warmup_steps=10,
-                                                    checkpoint_every=STEPS, log_every=100),
-                              output=str(root / "model")))
+    model = tiny_uncond(members, root / "model", steps=STEPS, warmup=10)
     return root, model, members, nonmembers
 
 
@@ -315,7 +300,7 @@ def test_a_resume_on_images_changed_under_the_same_ids_is_refused(world, tmp_pat
     first = mia.run(cfg)
     layout = MiaLayout(cfg.storage.root, "px")
     scores = layout.scores.read()
-    other = pq.read_table(write_set(tmp_path / "other.parquet", [40]))["image"][0]
+    other = pq.read_table(logo_set(tmp_path / "other.parquet", [40]))["image"][0]
     pq.write_table(t.set_column(t.column_names.index("image"), "image",
                                 pa.array([other.as_py()] + t["image"].to_pylist()[1:], pa.binary())), held)
     with pytest.raises(MemexError, match=rf"1 images changed since mia folder .*px/mia scored them, under the same "
@@ -375,10 +360,10 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
     root, model, members, nonmembers = world
     extra = []
     if case == "same_id":  # a non-member listed under a member's id
-        extra = [f"nonmembers.path={write_set(tmp_path / 'n.parquet', [50], ['logo-00'])}"]
+        extra = [f"nonmembers.path={logo_set(tmp_path / 'n.parquet', [50], ['logo-00'])}"]
         match = "share 1 ids (logo-00)"
     elif case == "same_picture":  # a member's picture under another id
-        extra = [f"nonmembers.path={write_set(tmp_path / 'n.parquet', [2, 60], ['other', 'x'])}"]
+        extra = [f"nonmembers.path={logo_set(tmp_path / 'n.parquet', [2, 60], ['other', 'x'])}"]
         match = "same picture as a member (other = logo-02)"
     elif case == "same_path":
         extra = [f"nonmembers.path={members}"]
@@ -403,7 +388,7 @@ def test_bad_inputs_are_refused_before_any_work(world, tmp_path, tiny_models, ca
         extra = [f"model.path={tiny_models['pixel_text']}", f"queries.path={tmp_path / 'q.parquet'}"]
         match = "image questioned of queries.path has no caption: set queries.caption_column"
     elif case == "query_clash":  # a questioned image under a labelled image's id
-        extra = [f"queries.path={write_set(tmp_path / 'q.parquet', [70], ['logo-07'])}"]
+        extra = [f"queries.path={logo_set(tmp_path / 'q.parquet', [70], ['logo-07'])}"]
         match = "queries.path shares 1 ids with the labelled sets (logo-07)"
     elif case == "unrun_attack_setting":  # a setting of an attack that does not run used to be ignored
         extra = ["mia.attacks=[loss,pia]", "mia.secmi_k=5"]
