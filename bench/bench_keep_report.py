@@ -12,8 +12,11 @@ train_id) and the training images' encoded bytes (what fetch_training_images ret
 patched in here to serve them from memory, as the same TrainPixels), and must write equal tables
 (asserted). Each side runs in a fresh subprocess; memory is its peak RSS (resource.getrusage) above its
 RSS once the inputs are read, so what the function adds on top of the encoded images both hold.
-  plain  chunk = every picture: one fetch, every re-encoded PNG held, one table (the code before)
-  memex  chunk = 64: fetched, re-encoded and written 64 at a time (Store.write_batches)
+  plain  chunk = every picture: one fetch, every re-encoded PNG held whole-size, one table (the code before)
+  memex  today's keep_for_report: 64 at a time (or 64 MB of PNGs), each at most match.REPORT_SIDE px on its
+         long side (since 2026-12-08), written as row groups (Store.write_batches)
+The sides write the same rows; where a training image's long side is past REPORT_SIDE, memex's PNG is the
+plain one's pixels made smaller (checked: its size, and the same picture at 64 px), else equal bytes.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ def side(kind: str, folder: str) -> None:
     out = Path(folder) / kind
     layout = SimpleNamespace(matches=SimpleNamespace(read=lambda **k: extracted), store=Store(str(out)),
                              matched_train_path=str(out / "matched_train_images.parquet"))
+    if kind == "plain":  # the code before: every PNG at its full size, no cut by bytes
+        match.report_png = lambda pixels, g: match.encode_png(pixels[g])
+        match.REPORT_CHUNK_BYTES = float("inf")
     base = rss_mib()
     t0 = time.perf_counter()
     match.keep_for_report(layout, None, {}, chunk=len(encoded) if kind == "plain" else 64)
@@ -77,6 +83,29 @@ def side(kind: str, folder: str) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "peak_mib": peak - base,
                       "mb": Path(layout.matched_train_path).stat().st_size / 2**20}))
+
+
+def same_pictures(plain, memex) -> bool:
+    """The same rows, each memex image the plain one's (equal bytes at most REPORT_SIDE px, else its thumbnail's
+    size and the same picture: 64 px versions within 2 grey levels on average)."""
+    from PIL import Image
+
+    from memex.stages.match import REPORT_SIDE
+
+    if plain.drop_columns(["image"]).to_pylist() != memex.drop_columns(["image"]).to_pylist():
+        return False
+    for a, b in zip(plain["image"].to_pylist(), memex["image"].to_pylist()):
+        big, small = Image.open(io.BytesIO(a)), Image.open(io.BytesIO(b))
+        if max(big.size) <= REPORT_SIDE:
+            if a != b:
+                return False
+            continue
+        want = big.copy()
+        want.thumbnail((REPORT_SIDE, REPORT_SIDE))
+        tiny = [np.asarray(x.convert("RGB").resize((64, 64)), np.float32) for x in (big, small)]
+        if small.size != want.size or np.abs(tiny[0] - tiny[1]).mean() > 2:
+            return False
+    return True
 
 
 def main() -> None:
@@ -99,15 +128,15 @@ def main() -> None:
             r = subprocess.run([sys.executable, __file__, "--side", kind, "--folder", tmp], capture_output=True,
                                text=True, check=True)
             out[kind] = json.loads(r.stdout.strip().splitlines()[-1])
-        same = pq.read_table(f"{tmp}/plain/matched_train_images.parquet").equals(
-            pq.read_table(f"{tmp}/memex/matched_train_images.parquet"))
-    assert same, "the sides wrote different tables"
+        plain, memex = (pq.read_table(f"{tmp}/{k}/matched_train_images.parquet") for k in ("plain", "memex"))
+        same = same_pictures(plain, memex)
+    assert same, "the sides wrote different pictures"
     print(f"{'side':<6} {'peak MiB above inputs':>22} {'seconds':>8} {'file MB':>8}")
     for kind, o in out.items():
         print(f"{kind:<6} {o['peak_mib']:>22.0f} {o['seconds']:>8.1f} {o['mb']:>8.0f}")
     p, m = out["plain"], out["memex"]
     print(f"memex / plain: {m['peak_mib'] / p['peak_mib']:.2f}x the memory ({p['peak_mib'] / m['peak_mib']:.1f}x "
-          f"less), {p['seconds'] / m['seconds']:.2f}x the speed; equal tables")
+          f"less), {p['seconds'] / m['seconds']:.2f}x the speed, {p['mb'] / m['mb']:.1f}x fewer bytes; same pictures")
 
 
 if __name__ == "__main__":
