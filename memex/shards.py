@@ -64,20 +64,32 @@ OFFSET_COLUMNS = ["member", "offset", "size"]  # of a kept listing (memex/ingest
 
 class Offsets:
     """A tar shard's member name -> (data offset, size), as Arrow arrays: ~33 bytes a LAION member (a name of
-    13 characters), where a dict of str -> (int, int) held ~195. `get` finds a name by a scan of the names
-    (~30-100 us for 10k members, against the member's read, a request of ~20-50 ms on S3). A name twice (a tar
-    appended to) is its last member, as tarfile and a dict give it."""
+    13 characters), where a dict of str -> (int, int) held ~195. The names are sorted and `get` bisects them
+    (~17 steps for 100k members): a scan of them per lookup made reading a whole shard quadratic (the index
+    build reads every member: 61 s for a 100k-member shard). A name twice (a tar appended to) is its last
+    member, as tarfile and a dict give it."""
 
     def __init__(self, members: list[str] | pa.Array, offsets, sizes):
         members, offsets, sizes = (v.cast(t) if isinstance(v, pa.Array) else pa.array(v, t)
                                    for v, t in ((members, pa.string()), (offsets, pa.int64()), (sizes, pa.int64())))
-        last = np.arange(len(members) - 1, -1, -1)  # reversed: pc.index finds the first, i.e. the last member
-        self.members, self.offsets, self.sizes = members.take(last), offsets.take(last), sizes.take(last)
+        # reversed, then a stable sort by name (UTF-8 bytes: Python's str order): of equal names the last member
+        # comes first, where get's bisection lands
+        order = np.arange(len(members) - 1, -1, -1)
+        order = order[pc.sort_indices(members.take(order)).to_numpy()]
+        self.members, self.offsets, self.sizes = members.take(order), offsets.take(order), sizes.take(order)
         self.nbytes = self.members.nbytes + self.offsets.nbytes + self.sizes.nbytes
 
     def get(self, member: str) -> tuple[int, int] | None:
-        i = pc.index(self.members, pa.scalar(member, pa.string())).as_py()
-        return None if i < 0 else (self.offsets[i].as_py(), self.sizes[i].as_py())
+        lo, hi = 0, len(self.members)
+        while lo < hi:  # the first name >= member
+            mid = (lo + hi) // 2
+            if self.members[mid].as_py() < member:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == len(self.members) or self.members[lo].as_py() != member:
+            return None
+        return self.offsets[lo].as_py(), self.sizes[lo].as_py()
 
     def __len__(self) -> int:
         return len(self.members)

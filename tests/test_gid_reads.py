@@ -202,6 +202,25 @@ def test_a_shards_offsets_answer_as_the_dict_they_replace():
     assert empty.get("a.jpg") is None
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_shards_offsets_find_every_name_as_a_dict_does(seed):
+    """Names bisected in their sorted order (a scan per lookup made a whole shard's reads quadratic): random
+    names, non-ASCII ones (UTF-8 order is Python's), prefixes of one another and names twice, each found as the
+    dict of the tar's members (the last of a name) finds it; names not there, and before or after all, None."""
+    from memex.shards import Offsets
+
+    rng = np.random.default_rng(seed)
+    pool = ["a", "a.jpg", "a.jpg.txt", "ab", "b", "é.jpg", "z", "\U0001f600.png", "0001.jpg", "A.jpg", "a b.jpg"]
+    names = [pool[i] if rng.random() < 0.3 else f"{rng.integers(0, 10**6):06d}{rng.choice(['.jpg', '.txt'])}"
+             for i in rng.integers(0, len(pool), int(rng.integers(1, 400)))]
+    offsets, sizes = rng.integers(0, 10**9, len(names)), rng.integers(0, 10**6, len(names))
+    want = {m: (int(o), int(z)) for m, o, z in zip(names, offsets, sizes)}
+    got = Offsets(names, offsets, sizes)
+    assert all(got.get(m) == want[m] for m in want)
+    for absent in ("", " ", "0", "a.jp", "a.jpgz", "zz", "\uffff", "999999.jpg0"):
+        assert got.get(absent) == want.get(absent)
+
+
 # ---- the report's training images, at most REPORT_SIDE px (memex/stages/match.py keep_for_report) -----------
 def test_the_reports_training_images_are_kept_bounded_and_chunked_by_bytes(tmp_path, monkeypatch):
     """keep_for_report stored each extracted match's training image as a PNG of its whole pixels: a 24 MP photo a
