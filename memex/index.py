@@ -95,7 +95,7 @@ class IndexSpec(IndexConfig):
                 raise IndexSpecError(
                     f"IVF-PQ needs at least max(index.nlist={self.nlist}, 2**index.pq_nbits={2 ** self.pq_nbits})"
                     f" = {need} training vectors, got {n_train}: lower index.nlist / index.pq_nbits, "
-                    f"use index.kind=flat for a set this small, or train on more vectors.")
+                    f"use index=flat for a set this small, or train on more vectors.")
             if self.train_size < need:
                 raise IndexSpecError(f"train_size={self.train_size} is below the {need} training vectors "
                                      "IVF-PQ needs (index.nlist, 2**index.pq_nbits): raise train_size.")

@@ -237,7 +237,7 @@ def check_quantizer_sample(n_read: int, n_sampled: int, quarantine: list[pa.Tabl
         f"quarantined; the first {len(rows)} reasons: {reasons}), and it needs at least max(index.nlist, "
         f"2**index.pq_nbits) = {need}. Fix what the reasons name (the images, trainset.path or storage.options)"
         + ("" if not n_read else "; if these are all the readable images, lower index.nlist / index.pq_nbits "
-           "or use index.kind=flat") + ".")
+           "or use index=flat") + ".")
 
 
 def build_shard(shard: int, layout: IndexLayout, start: int, stop: int, emb: EmbedderConfig, idx: IndexConfig,
