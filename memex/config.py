@@ -898,8 +898,12 @@ def check_demo_option(cfg: AuditConfig) -> None:
     """model.path pointed at another model while the model option is still a shipped demo's (model=demo, the
     default): the demo's kind, name and tuning (conf/tune/audit_demo.yaml: 80 samples x 10 steps, guidance 3,
     2 copies of a picture) were applied to it without a word, and the preflight's kind refusal led to
-    model.kind=... on top of them. Refused, naming model=local."""
+    model.kind=... on top of them. Refused, naming model=local. Not for a re-match (run.samples_from): it loads no
+    model, and its model.* must equal its source's, which a run folder written so before (or by memex generate,
+    which has no demo tuning and allows it) recorded under the demo's name."""
     m = cfg.model
+    if cfg.run.samples_from:
+        return
     for option, demo in demo_models().items():
         if m.name != demo["name"] or not m.path or "://" in m.path or not _names_a_model(m.path) \
                 or _local_path(m.path) == _local_path(demo["path"]):

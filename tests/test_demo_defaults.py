@@ -72,6 +72,18 @@ def test_audit_model_path_under_the_demo_option_is_refused(tmp_path):
     compose(["model=demo_uncond", "prompts=none", "match=relative"], config_name="audit")
 
 
+def test_a_rematch_of_a_run_made_under_the_demo_option_with_another_path_is_not_refused(tmp_path):
+    """A run folder memex generate made with model.path=<another model> under model=demo (it allows that: it has no
+    demo tuning), or an audit made so before the refusal, records model.name=demo. Its re-match loads no model
+    and must give the source's model.*: the refusal left no override that could, and stranded the generations."""
+    (tmp_path / "m").mkdir()
+    source = compose([f"model.path={tmp_path / 'm'}", "model.kind=latent_text"])  # memex generate, as it recorded
+    again = compose(["run.samples_from=demo-x", f"model.path={tmp_path / 'm'}", "model.kind=latent_text",
+                     "trainset=manifest", "trainset.path=s3://b/train.parquet"], config_name="audit")
+    assert (again.model.name, again.model.path) == (source.model.name, source.model.path) == ("demo",
+                                                                                             str(tmp_path / "m"))
+
+
 def test_the_kind_refusal_names_model_local_when_the_kind_is_the_demos():
     """The preflight's kind refusal said only `set model.kind=latent_text`: under model=demo (the default) that
     kept the demo's name and tuning on the other model."""
