@@ -18,18 +18,15 @@ words; --dup 0.1: 10% of the rows repeat another row's caption (0: every caption
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from sides import old_and_new  # bench/sides.py: bench/ is the folder of this script
 
-BENCH = str(Path(__file__).resolve().parent)
 CHILD = r"""
 import json, sys, time
 mode, path, warm, limit, out = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -84,11 +81,8 @@ def main() -> None:
             name = f"{args.rows:,} rows, {dup:.0%} duplicated"
             print(f"{name:>32} (written in {time.perf_counter() - t0:.0f} s)")
             for limit in limits:
-                got = {}
-                for mode in ("old", "new"):
-                    out = f"{root}/{mode}.json"
-                    subprocess.run([sys.executable, "-c", CHILD, mode, path, warm, str(limit), out, BENCH], check=True)
-                    got[mode] = json.load(open(out))
+                got = old_and_new(CHILD, root, path, warm, str(limit))
+                for mode in got:
                     print(f"{'':>32} {limit:>8,} {mode:>4} {got[mode]['peak_mib']:>12.0f} MiB {got[mode]['s']:>7.1f}s")
                 same = got["old"]["rows"] == got["new"]["rows"]
                 print(f"{'':>32} same {len(got['new']['rows']):,} prompts and ids in the same order: {same}")

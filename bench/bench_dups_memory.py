@@ -20,17 +20,14 @@ rest 0 (so a limit past the duplicated rows' captions reads into the 0s, which a
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from sides import old_and_new  # bench/sides.py: bench/ is the folder of this script
 
-BENCH = str(Path(__file__).resolve().parent)
 CHILD = r"""
 import json, sys, time
 mode, root, n, limit, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -84,12 +81,8 @@ def main() -> None:
         print(f"dups folder: {args.rows:,} rows in {args.shards} shards ({time.perf_counter() - t0:.0f} s to write)")
         print(f"{'limit':>8} {'way':>4} {'peak RSS growth':>16} {'time':>8}")
         for limit in limits:
-            got = {}
-            for mode in ("old", "new"):
-                out = f"{root}/{mode}.json"
-                argv = [mode, root, str(args.rows), str(limit), out, BENCH]
-                subprocess.run([sys.executable, "-c", CHILD, *argv], check=True)
-                got[mode] = json.load(open(out))
+            got = old_and_new(CHILD, root, root, str(args.rows), str(limit))
+            for mode in got:
                 print(f"{limit:>8,} {mode:>4} {got[mode]['peak_mib']:>12.0f} MiB {got[mode]['s']:>7.1f}s")
             same = got["old"]["prompts"] == got["new"]["prompts"]
             print(f"{'':>8} same {len(got['new']['prompts']):,} prompts in the same order: {same}")

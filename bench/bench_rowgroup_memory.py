@@ -15,18 +15,15 @@ listings are the same.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from sides import old_and_new  # bench/sides.py: bench/ is the folder of this script
 
-BENCH = str(Path(__file__).resolve().parent)
 CHILD = r"""
 import hashlib, json, sys, time
 mode, root, out = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -70,11 +67,8 @@ def main() -> None:
         groups = pq.ParquetFile(f"{root}/m.parquet").metadata.num_row_groups
         print(f"manifest: {args.images:,} images of {args.kb} kB, {os.path.getsize(f'{root}/m.parquet') / 2**20:.0f} "
               f"MiB, {groups} row group(s)")
-        got = {}
-        for mode in ("old", "new"):
-            out = f"{root}/{mode}.json"
-            subprocess.run([sys.executable, "-c", CHILD, mode, root, out, BENCH], check=True)
-            got[mode] = json.load(open(out))
+        got = old_and_new(CHILD, root, root)
+        for mode in got:
             print(f"{mode:>4} peak RSS growth {got[mode]['peak_mib']:>6.0f} MiB {got[mode]['s']:>6.1f}s "
                   f"({got[mode]['rows']:,} rows)")
         print(f"ratio old/new: {got['old']['peak_mib'] / max(got['new']['peak_mib'], 1):.1f}x")
