@@ -318,29 +318,24 @@ INCIDENTAL = {"embedder": ("batch_size", "path")}
 def kind_options(group: str) -> dict[str, tuple[str, dict]]:
     """A group's kind value -> (the option that sets it, the other values that option sets), for each option
     of conf/<group>/ that sets its KIND_KEYS key with values that depend on it."""
-    import yaml
-
     key, out = KIND_KEYS[group], {}
-    for path in sorted((CONF_DIR / group).glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text()) or {}
+    for option, raw in C.shipped_options(group).items():
         others = {k: v for k, v in raw.items() if k != key and k not in INCIDENTAL.get(group, ())}
         if key in raw and others:
-            out.setdefault(str(raw[key]), (path.stem, others))
+            out.setdefault(str(raw[key]), (option, others))
     return out
 
 
 def options_in_force(cls: type, given: dict) -> dict[str, str]:
     """group -> the option the stage's defaults list picks for it, after the preset the command line names, if
     any (its `override /group: option` entries); empty for a schema of no stage."""
-    import yaml
-
     stage = next((s for s, c in SCHEMAS.items() if c is cls), None)
     if stage is None:
         return {}
     chosen = {group: option for group, option, _ in config_groups(stage) if isinstance(option, str)}
     preset = given.get("preset")
-    if isinstance(preset, str) and (CONF_DIR / "preset" / f"{preset}.yaml").is_file():
-        for entry in (yaml.safe_load((CONF_DIR / "preset" / f"{preset}.yaml").read_text()) or {}).get("defaults", []):
+    if isinstance(preset, str) and preset in C.shipped_options("preset"):
+        for entry in C.shipped_options("preset")[preset].get("defaults", []):
             for k, v in (entry.items() if isinstance(entry, dict) else ()):
                 chosen[k.removeprefix("override").strip().lstrip("/")] = v
     return chosen
@@ -353,13 +348,9 @@ def _spelled(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-@functools.lru_cache(maxsize=None)
 def _option_values(group: str, option: str) -> dict:
     """The values conf/<group>/<option>.yaml sets ({} for an option that adds nothing, or none of that name)."""
-    import yaml
-
-    path = CONF_DIR / group / f"{option}.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return C.shipped_options(group).get(option, {})
 
 
 def _kind_default(group: str, cls: type) -> str | None:
@@ -376,22 +367,16 @@ def _option_of_kind(group: str, value: str, cls: type) -> str | None:
     """The option of conf/<group>/ whose kind is `value`: the one that sets the fewest other values (prompts.source
     file: prompts=file, not prompts=demo, which sets a path), the one named after the kind first."""
     key, default = KIND_KEYS[group], _kind_default(group, cls)
-    found = [(len(_option_values(group, p.stem)), p.stem != value, p.stem)
-             for p in sorted((CONF_DIR / group).glob("*.yaml"))
-             if str(_option_values(group, p.stem).get(key, default)) == value]
+    found = [(len(values), option != value, option) for option, values in C.shipped_options(group).items()
+             if str(values.get(key, default)) == value]
     return min(found)[2] if found else None
 
 
 def _preset_keys(given: dict) -> set[str]:
     """The dotted keys the body of the preset the command line names sets (preset=paper: prompts.limit), after the
     groups: no option's value there is kept by a kind key."""
-    import yaml
-
     preset = given.get("preset")
-    path = CONF_DIR / "preset" / f"{preset}.yaml"
-    if not isinstance(preset, str) or not path.is_file():
-        return set()
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = C.shipped_options("preset").get(preset, {}) if isinstance(preset, str) else {}
     return {f"{g}.{k}" for g, body in raw.items() if g != "defaults" and isinstance(body, dict) for k in body}
 
 

@@ -845,13 +845,20 @@ def _changed(section, keys: tuple[str, ...]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _shipped_values(group: str) -> dict[str, tuple]:
-    """key -> the values the shipped options of conf/<group>/ set for it (filter=demo: min_clique 5)."""
+def shipped_options(group: str) -> dict[str, dict]:
+    """option -> what conf/<group>/<option>.yaml sets, as written (${memex_home:} paths unresolved), in name
+    order: the one reader of the shipped option files (the checks here, memex/cli.py's kind-key checks)."""
     import yaml  # here: read once, and only by the checks that need it
 
+    return {p.stem: yaml.safe_load(p.read_text()) or {} for p in sorted((CONF_DIR / group).glob("*.yaml"))}
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_values(group: str) -> dict[str, tuple]:
+    """key -> the values the shipped options of conf/<group>/ set for it (filter=demo: min_clique 5)."""
     out: dict[str, tuple] = {}
-    for path in sorted((CONF_DIR / group).glob("*.yaml")):
-        for k, v in (yaml.safe_load(path.read_text()) or {}).items():
+    for values in shipped_options(group).values():
+        for k, v in values.items():
             out[k] = out.get(k, ()) + (v,)
     return out
 
@@ -862,14 +869,6 @@ def _set_by_user(section, keys: tuple[str, ...], group: str) -> list[str]:
     override is let through with it: the config does not say where a value came from.)"""
     shipped = _shipped_values(group)
     return [k for k in _changed(section, keys) if getattr(section, k) not in shipped.get(k, ())]
-
-
-@functools.lru_cache(maxsize=None)
-def _shipped_options(group: str) -> dict[str, dict]:
-    """option -> what conf/<group>/<option>.yaml sets, as written (${memex_home:} paths unresolved)."""
-    import yaml  # here: read once, and only by the checks that need it
-
-    return {p.stem: yaml.safe_load(p.read_text()) or {} for p in sorted((CONF_DIR / group).glob("*.yaml"))}
 
 
 def _at_home(value: str) -> str:
@@ -890,7 +889,7 @@ def _names_a_model(path: str) -> bool:
 def demo_models() -> dict[str, dict]:
     """The shipped demo models' options (model=demo, model=demo_uncond: the ones whose path is in the checkout)
     -> their name, kind and path (resolved)."""
-    return {o: {**v, "path": _at_home(v["path"])} for o, v in _shipped_options("model").items()
+    return {o: {**v, "path": _at_home(v["path"])} for o, v in shipped_options("model").items()
             if "${memex_home:}" in str(v.get("path", ""))}
 
 
@@ -1222,7 +1221,7 @@ def check_nightly_trainset(cfg: NightlyAuditConfig) -> None:
         return
     demos = demo_models()
     demo_paths = {_local_path(d["path"]) for d in demos.values()}
-    demo_ckpts = _local_path(_at_home(_shipped_options("nightly")["demo"]["location"]))
+    demo_ckpts = _local_path(_at_home(shipped_options("nightly")["demo"]["location"]))
     location = _local_path(n.location)
     # the demo's checkpoints: nightly=demo's folder (and below it), or checkpoint-<step>/unet folders on a demo model
     ours = location == demo_ckpts or location.startswith(demo_ckpts + os.sep) or \
