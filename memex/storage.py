@@ -352,21 +352,25 @@ class Store:
             where = ", ".join(self.uri_of(p) for p in bad[:3]) + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "")
             markers = [self.uri_of(m) for m in map(marker_of, bad[:3]) if m and self.fs.exists(m)]
             raise StorageError(damaged(where, "Parquet", e, markers)) from e
-        except (pa.ArrowInvalid, pa.ArrowTypeError, FileNotFoundError, OSError) as e:
-            # bytes damaged inside a page come back as arrow's OSError ("Corrupt snappy compressed data",
-            # zstd's "Unexpected end of stream"), like a network failure read through fsspec: only the former
-            # is named as damaged, with its recovery (removing a file a timeout could not read would be wrong)
-            # (PermissionError, TimeoutError, ConnectionResetError, s3fs's OSError(22) of an expired token: a storage
-            # failure, whatever it says: it was raised raw, a traceback at the CLI)
-            if not is_damage(e):
-                raise StorageError(store_failed("read", where, e)) from e
-            # one path (several are read one each by _read_files, which names the damaged ones: _Damaged above)
-            markers = [self.uri_of(m) for m in map(marker_of, paths) if m and self.fs.exists(m)]
-            raise StorageError(damaged(", ".join(map(self.uri_of, paths)), "Parquet", e, markers)) from e
         except Exception as e:
-            if client_error(e):  # botocore's own (an unreachable endpoint, an expired token): not OSError
-                raise StorageError(store_failed("read", where, e)) from e
-            raise
+            if (failure := self.read_failure(paths, where, e)) is None:
+                raise
+            raise failure from e
+
+    def read_failure(self, paths: list[str], where: str, e: Exception) -> StorageError | None:
+        """The StorageError a failed read of Parquet `paths` raises, or None for an error that is no storage's
+        (raised as it is). Bytes damaged inside a page come back as arrow's OSError ("Corrupt snappy compressed
+        data", zstd's "Unexpected end of stream"), like a network failure read through fsspec: only the former is
+        named as damaged, with its recovery (removing a file a timeout could not read would be wrong).
+        PermissionError, TimeoutError, ConnectionResetError, s3fs's OSError(22) of an expired token, botocore's
+        own errors: a storage failure, whatever it says (raised raw, it was a traceback at the CLI)."""
+        if isinstance(e, (pa.ArrowInvalid, pa.ArrowTypeError, OSError)):
+            if not is_damage(e):
+                return StorageError(store_failed("read", where, e))
+            # one path (several are read one each by _read_files, which names the damaged ones: _Damaged)
+            markers = [self.uri_of(m) for m in map(marker_of, paths) if m and self.fs.exists(m)]
+            return StorageError(damaged(", ".join(map(self.uri_of, paths)), "Parquet", e, markers))
+        return StorageError(store_failed("read", where, e)) if client_error(e) else None
 
     def _read_files(self, paths: list[str], schema: pa.Schema | None, columns: list[str] | None,
                     filters) -> pa.Table:

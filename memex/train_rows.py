@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memex.layout import TRAIN_FILE_SCHEMA, TRAIN_SCHEMA, IndexLayout, StorageError
-from memex.storage import Store, client_error, damaged, is_damage, store_failed, unreadable
+from memex.storage import Store, client_error, damaged, is_damage, unreadable
 
 # Neighbouring ranges of one read are fetched as one request when fewer bytes than this lie between them
 # (an S3 GET's ~20-50 ms to first byte moves ~0.25-1 MB on one connection; the requests of one read go
@@ -205,14 +205,10 @@ def read_in(store: Store, path: str, column: str, values, columns: list[str] | N
                 tables.append(t.filter(pc.is_in(t[column], value_set=value_set)))
                 batch, ranges, held = [], [], 0
         t = pa.concat_tables(tables) if tables else schema_arrow.empty_table().select(read)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:  # as Store.read_table: damage named with its fix
-        if not is_damage(e):
-            raise StorageError(store_failed("read", store.uri_of(path), e)) from e
-        raise StorageError(damaged(store.uri_of(path), "Parquet", e)) from e
-    except Exception as e:
-        if client_error(e):  # botocore's own (an unreachable endpoint, an expired token): not OSError
-            raise StorageError(store_failed("read", store.uri_of(path), e)) from e
-        raise
+    except Exception as e:  # as Store.read_table names it: damage with its fix, a store's failure to serve it
+        if (failure := store.read_failure([path], store.uri_of(path), e)) is None:
+            raise
+        raise failure from e
     t = t if columns is None else t.select(columns)
     return t.cast(pa.schema([schema.field(c) for c in t.column_names])) if schema is not None else t
 
