@@ -619,6 +619,12 @@ class Alpha(str, Enum):
     drop = "drop"  # the alpha channel dropped, the hidden colours kept: PIL's convert("RGB"), diffusers' scripts
 
 
+def alpha_name(alpha: Alpha | None) -> str:
+    """trainset.alpha or mia.alpha as images.decode takes it: unset is white (Optional so that configs hashed
+    before the key existed keep their hash: ADDED_KEYS)."""
+    return alpha.value if alpha is not None else Alpha.white.value
+
+
 @dataclass
 class TrainingDataConfig:
     path: str = "???"  # manifest (memex/manifest.py), save_to_disk folder, .tar shards or images; any fsspec URI

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memex import runner, train_rows
-from memex.config import AuditConfig, EmbedderConfig, IndexConfig, IndexKind, drop_unset_added, plain
+from memex.config import AuditConfig, EmbedderConfig, IndexConfig, IndexKind, alpha_name, drop_unset_added, plain
 from memex.images import PAD_VALUE
 from memex.layout import (
     DUPS_SCHEMA,
@@ -70,7 +70,7 @@ QUANTIZER_GROUPS = 1024  # row groups of train_rows.parquet the IVF-PQ sample is
 
 def alpha_of(cfg: AuditConfig) -> str:
     """trainset.alpha as images.decode takes it (unset: "white")."""
-    return cfg.trainset.alpha.value if cfg.trainset.alpha is not None else "white"
+    return alpha_name(cfg.trainset.alpha)
 
 
 def index_key(listing: pa.Table, cfg: AuditConfig, luma: bool = False, aspect: tuple[int, int] | None = None,

@@ -52,6 +52,7 @@ from memex.config import (
     Preprocess,
     TrainConfig,
     TrainerConfig,
+    alpha_name,
     check_actor_devices,
     drop_unset_added,
     model_identity,
@@ -438,7 +439,7 @@ def is_text_model(path: str) -> bool | None:
 
 def alpha_of(cfg: MiaConfig) -> str:
     """mia.alpha as images.decode takes it (unset: "white")."""
-    return cfg.mia.alpha.value if cfg.mia.alpha is not None else "white"
+    return alpha_name(cfg.mia.alpha)
 
 
 def check_alpha(cfg: MiaConfig) -> None:
