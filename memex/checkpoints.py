@@ -545,22 +545,12 @@ def is_final(ckpt: Checkpoint) -> bool:
 
 
 def loaded_model_sha256(ckpt: Checkpoint, variant: str | None = None) -> str | None:
-    """sha256 of the model an audit of `ckpt` loads, by what it holds, not where: each weight file a load reads
-    (models.loaded_weight_files) named by its component and file, the base's and the checkpoint's alike, and a
-    LoRA by its tensors alone (sd-scripts stamps each save's time into its metadata). So checkpoint-<step>/unet
-    on its base and the final pipeline train_text_to_image saves with that UNet give one sha, where
-    weights_sha256 (base/unet/... against unet/...) gives two; that one keys the ledgers, so it stays as it is.
-    None when nothing is local (a hub base not in the cache, no weights of its own)."""
+    """sha256 of the model an audit of `ckpt` loads, by what it holds, not where (model_weights_sha256's
+    by_content): checkpoint-<step>/unet on its base and the final pipeline train_text_to_image saves with that UNet
+    give one sha, where weights_sha256 (base/unet/... against unet/...) gives two; that one keys the ledgers, so it
+    stays as it is. None when nothing is local (a hub base not in the cache, no weights of its own)."""
     base = ckpt.base if Path(ckpt.base).is_dir() else cached_snapshot(ckpt.base) or ckpt.base
-    files = loaded_weight_files(base, ckpt.unet, ckpt.lora, ckpt.text_encoder, variant)
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for name, f in sorted(("lora" if n.startswith("lora/") else n.removeprefix("base/"), f) for n, f in files):
-        tensors = name == "lora" and f.endswith(".safetensors")
-        digest = _tensors_digest(Path(f)) if tensors else _digest(Path(f), _DIGESTS)
-        h.update(f"{name}\0{digest}\n".encode())
-    return h.hexdigest()
+    return model_weights_sha256(base, ckpt.unet, ckpt.lora, ckpt.text_encoder, variant, by_content=True)
 
 
 def _tensors_digest(path: Path) -> str:
@@ -581,20 +571,25 @@ def _tensors_digest(path: Path) -> str:
 
 
 def model_weights_sha256(path: str, unet: str | None = None, lora: str | None = None,
-                         text_encoder: str | None = None, variant: str | None = None) -> str | None:
+                         text_encoder: str | None = None, variant: str | None = None,
+                         by_content: bool = False) -> str | None:
     """sha256 over the weight files a load of this model reads (model.path, .unet, .lora, .text_encoder,
     .variant: models.loaded_weight_files), each as <name, bytes>; None for a hub id with nothing local (its
     name and revision are in the run's settings). Not nightly's weights_sha256, which covers every weight
     file of the folders: an fp16 variant downloaded beside the weights, or a safety checker deleted, is no
-    other model. Magnitude: SD 1.5's fp32 UNet, VAE and text encoder, ~4 GB, in ~3-6 s, once a process."""
-    from memex.models import loaded_weight_files
-
+    other model. Magnitude: SD 1.5's fp32 UNet, VAE and text encoder, ~4 GB, in ~3-6 s, once a process.
+    `by_content` (loaded_model_sha256): each file named by its component and file alone, the base's and an
+    override's alike, and a LoRA by its tensors (sd-scripts stamps each save's time into its metadata); the
+    names as they are key the run folders' weights.json (claim_weights), so they stay the default."""
     files = loaded_weight_files(path, unet, lora, text_encoder, variant)
     if not files:
         return None
+    if by_content:
+        files = sorted(("lora" if n.startswith("lora/") else n.removeprefix("base/"), f) for n, f in files)
     h = hashlib.sha256()
     for name, f in files:
-        h.update(name.encode() + b"\0" + _digest(Path(f), _DIGESTS).encode())
+        tensors = by_content and name == "lora" and f.endswith(".safetensors")
+        h.update(name.encode() + b"\0" + (_tensors_digest(Path(f)) if tensors else _digest(Path(f), _DIGESTS)).encode())
     return h.hexdigest()
 
 
